@@ -1,0 +1,360 @@
+//! Frame encoding and decoding: `u32 length | u8 kind | u64 cookie | body`, big-endian.
+//!
+//! The length counts everything after itself and is checked against the negotiated limit
+//! before a single byte of the frame is buffered; every count inside a body is checked against
+//! the bytes actually present before anything is allocated. Data payloads are zero-copy slices
+//! of the receive buffer.
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use tokio_util::codec::{Decoder, Encoder};
+
+use crate::message::{BlockState, DiskInfo, ErrorCode, Extent, Message, Reply, Request};
+use crate::{ProtocolError, FRAME_SLACK, MAX_PAYLOAD_LIMIT};
+
+/// Bytes before the body: length, kind, cookie.
+pub const HEADER_LEN: usize = 4 + 1 + 8;
+
+mod kind {
+    pub const LIST_DISKS: u8 = 0x01;
+    pub const OPEN: u8 = 0x02;
+    pub const READ: u8 = 0x03;
+    pub const WRITE: u8 = 0x04;
+    pub const FLUSH: u8 = 0x05;
+    pub const DISCARD: u8 = 0x06;
+    pub const BLOCK_STATUS: u8 = 0x07;
+    pub const CLOSE: u8 = 0x08;
+    pub const DISKS: u8 = 0x81;
+    pub const OPENED: u8 = 0x82;
+    pub const DATA: u8 = 0x83;
+    pub const DONE: u8 = 0x84;
+    pub const STATUS: u8 = 0x85;
+    pub const ERROR: u8 = 0xff;
+}
+
+/// Encoded size of one extent in a Status reply.
+const EXTENT_LEN: usize = 9;
+/// Smallest encoded DiskInfo (all strings empty).
+const MIN_DISK_INFO_LEN: usize = 2 + 8 + 4 + 4 + 2 + 2 + 1 + 1;
+
+/// The frame codec. `max_frame` bounds the length field of incoming frames.
+#[derive(Debug, Clone)]
+pub struct FrameCodec {
+    max_frame: u32,
+}
+
+impl FrameCodec {
+    /// A codec accepting data payloads up to `max_payload` bytes (clamped to the hard limit).
+    pub fn new(max_payload: u32) -> Self {
+        let max_payload = max_payload.min(MAX_PAYLOAD_LIMIT);
+        FrameCodec { max_frame: max_payload + FRAME_SLACK }
+    }
+
+    /// Largest value the length field may hold.
+    pub fn max_frame(&self) -> u32 {
+        self.max_frame
+    }
+}
+
+impl Decoder for FrameCodec {
+    type Item = Message;
+    type Error = ProtocolError;
+
+    fn decode(&mut self, src: &mut BytesMut) -> Result<Option<Message>, ProtocolError> {
+        if src.len() < 4 {
+            return Ok(None);
+        }
+        let len = u32::from_be_bytes([src[0], src[1], src[2], src[3]]);
+        if len > self.max_frame {
+            return Err(ProtocolError::FrameTooLarge { len: len.into(), max: self.max_frame.into() });
+        }
+        if (len as usize) < HEADER_LEN - 4 {
+            return Err(ProtocolError::malformed(format!("frame length {len} is below the header size")));
+        }
+        let total = 4 + len as usize;
+        if src.len() < total {
+            // `total` is bounded by max_frame, so this reservation is bounded too.
+            src.reserve(total - src.len());
+            return Ok(None);
+        }
+        let mut frame = src.split_to(total).freeze();
+        frame.advance(4);
+        decode_frame(frame).map(Some)
+    }
+
+    fn decode_eof(&mut self, buf: &mut BytesMut) -> Result<Option<Message>, ProtocolError> {
+        match self.decode(buf)? {
+            Some(msg) => Ok(Some(msg)),
+            None if buf.is_empty() => Ok(None),
+            None => Err(ProtocolError::Truncated),
+        }
+    }
+}
+
+impl Encoder<&Message> for FrameCodec {
+    type Error = ProtocolError;
+
+    fn encode(&mut self, msg: &Message, dst: &mut BytesMut) -> Result<(), ProtocolError> {
+        if let Some(payload) = encode_head(msg, dst, self.max_frame)? {
+            dst.extend_from_slice(&payload);
+        }
+        Ok(())
+    }
+}
+
+/// Writes everything of `msg` except its data payload, which is returned so the caller can
+/// send it without copying. The length field already accounts for the payload.
+pub fn encode_head(msg: &Message, dst: &mut BytesMut, max_frame: u32) -> Result<Option<Bytes>, ProtocolError> {
+    let start = dst.len();
+    dst.put_u32(0); // patched below
+    let payload = match msg {
+        Message::Request { cookie, request } => {
+            encode_request(*cookie, request, dst)?;
+            match request {
+                Request::Write { data, .. } => Some(data.clone()),
+                _ => None,
+            }
+        }
+        Message::Reply { cookie, reply } => {
+            encode_reply(*cookie, reply, dst)?;
+            match reply {
+                Reply::Data(data) => Some(data.clone()),
+                _ => None,
+            }
+        }
+    };
+    let body_len = dst.len() - start - 4 + payload.as_ref().map_or(0, Bytes::len);
+    if body_len > max_frame as usize {
+        dst.truncate(start);
+        return Err(ProtocolError::FrameTooLarge { len: body_len as u64, max: max_frame.into() });
+    }
+    dst[start..start + 4].copy_from_slice(&(body_len as u32).to_be_bytes());
+    Ok(payload)
+}
+
+fn put_str(dst: &mut BytesMut, s: &str) -> Result<(), ProtocolError> {
+    let len = u16::try_from(s.len()).map_err(|_| ProtocolError::malformed("string longer than 65535 bytes"))?;
+    dst.put_u16(len);
+    dst.put_slice(s.as_bytes());
+    Ok(())
+}
+
+fn encode_request(cookie: u64, request: &Request, dst: &mut BytesMut) -> Result<(), ProtocolError> {
+    let kind = match request {
+        Request::ListDisks => kind::LIST_DISKS,
+        Request::Open { .. } => kind::OPEN,
+        Request::Read { .. } => kind::READ,
+        Request::Write { .. } => kind::WRITE,
+        Request::Flush { .. } => kind::FLUSH,
+        Request::Discard { .. } => kind::DISCARD,
+        Request::BlockStatus { .. } => kind::BLOCK_STATUS,
+        Request::Close { .. } => kind::CLOSE,
+    };
+    dst.put_u8(kind);
+    dst.put_u64(cookie);
+    match request {
+        Request::ListDisks => {}
+        Request::Open { disk, writable } => {
+            put_str(dst, disk)?;
+            dst.put_u8(u8::from(*writable));
+        }
+        Request::Read { handle, offset, len } => {
+            dst.put_u32(*handle);
+            dst.put_u64(*offset);
+            dst.put_u32(*len);
+        }
+        Request::Write { handle, offset, .. } => {
+            dst.put_u32(*handle);
+            dst.put_u64(*offset);
+        }
+        Request::Flush { handle } | Request::Close { handle } => dst.put_u32(*handle),
+        Request::Discard { handle, offset, len } | Request::BlockStatus { handle, offset, len } => {
+            dst.put_u32(*handle);
+            dst.put_u64(*offset);
+            dst.put_u64(*len);
+        }
+    }
+    Ok(())
+}
+
+fn encode_reply(cookie: u64, reply: &Reply, dst: &mut BytesMut) -> Result<(), ProtocolError> {
+    let kind = match reply {
+        Reply::Disks(_) => kind::DISKS,
+        Reply::Opened { .. } => kind::OPENED,
+        Reply::Data(_) => kind::DATA,
+        Reply::Done => kind::DONE,
+        Reply::Status(_) => kind::STATUS,
+        Reply::Error { .. } => kind::ERROR,
+    };
+    dst.put_u8(kind);
+    dst.put_u64(cookie);
+    match reply {
+        Reply::Disks(disks) => {
+            dst.put_u32(disks.len() as u32);
+            for d in disks {
+                put_str(dst, &d.name)?;
+                dst.put_u64(d.size);
+                dst.put_u32(d.logical_sector);
+                dst.put_u32(d.physical_sector);
+                put_str(dst, &d.model)?;
+                put_str(dst, &d.serial)?;
+                dst.put_u8(u8::from(d.rotational));
+                dst.put_u8(u8::from(d.read_only));
+            }
+        }
+        Reply::Opened { handle, size, logical_sector, physical_sector, read_only } => {
+            dst.put_u32(*handle);
+            dst.put_u64(*size);
+            dst.put_u32(*logical_sector);
+            dst.put_u32(*physical_sector);
+            dst.put_u8(u8::from(*read_only));
+        }
+        Reply::Data(_) | Reply::Done => {}
+        Reply::Status(extents) => {
+            dst.put_u32(extents.len() as u32);
+            for e in extents {
+                dst.put_u64(e.len);
+                dst.put_u8(match e.state {
+                    BlockState::Data => 0,
+                    BlockState::Zero => 1,
+                    BlockState::Unknown => 2,
+                });
+            }
+        }
+        Reply::Error { code, message } => {
+            dst.put_u16(code.to_u16());
+            put_str(dst, message)?;
+        }
+    }
+    Ok(())
+}
+
+/// A bounds-checked reader over one frame's bytes.
+struct Body {
+    buf: Bytes,
+}
+
+impl Body {
+    fn need(&self, n: usize, what: &str) -> Result<(), ProtocolError> {
+        if self.buf.remaining() < n {
+            return Err(ProtocolError::malformed(format!("frame ends inside {what}")));
+        }
+        Ok(())
+    }
+    fn u8(&mut self, what: &str) -> Result<u8, ProtocolError> {
+        self.need(1, what)?;
+        Ok(self.buf.get_u8())
+    }
+    fn bool(&mut self, what: &str) -> Result<bool, ProtocolError> {
+        match self.u8(what)? {
+            0 => Ok(false),
+            1 => Ok(true),
+            n => Err(ProtocolError::malformed(format!("{what} must be 0 or 1, got {n}"))),
+        }
+    }
+    fn u16(&mut self, what: &str) -> Result<u16, ProtocolError> {
+        self.need(2, what)?;
+        Ok(self.buf.get_u16())
+    }
+    fn u32(&mut self, what: &str) -> Result<u32, ProtocolError> {
+        self.need(4, what)?;
+        Ok(self.buf.get_u32())
+    }
+    fn u64(&mut self, what: &str) -> Result<u64, ProtocolError> {
+        self.need(8, what)?;
+        Ok(self.buf.get_u64())
+    }
+    fn string(&mut self, what: &str) -> Result<String, ProtocolError> {
+        let len = self.u16(what)? as usize;
+        self.need(len, what)?;
+        let raw = self.buf.split_to(len);
+        String::from_utf8(raw.to_vec()).map_err(|_| ProtocolError::malformed(format!("{what} is not UTF-8")))
+    }
+    /// A count of records of at least `min_len` bytes each, checked against what is present.
+    fn count(&mut self, min_len: usize, what: &str) -> Result<usize, ProtocolError> {
+        let n = self.u32(what)? as usize;
+        if n.saturating_mul(min_len) > self.buf.remaining() {
+            return Err(ProtocolError::malformed(format!("{what}: {n} entries cannot fit in the frame")));
+        }
+        Ok(n)
+    }
+    fn rest(&mut self) -> Bytes {
+        std::mem::take(&mut self.buf)
+    }
+    fn finish(self, what: &str) -> Result<(), ProtocolError> {
+        if self.buf.has_remaining() {
+            return Err(ProtocolError::malformed(format!("{} trailing bytes after {what}", self.buf.remaining())));
+        }
+        Ok(())
+    }
+}
+
+fn decode_frame(buf: Bytes) -> Result<Message, ProtocolError> {
+    let mut b = Body { buf };
+    let kind = b.u8("kind")?;
+    let cookie = b.u64("cookie")?;
+    let msg = if kind < 0x80 {
+        let request = match kind {
+            kind::LIST_DISKS => Request::ListDisks,
+            kind::OPEN => Request::Open { disk: b.string("disk name")?, writable: b.bool("open mode")? },
+            kind::READ => Request::Read { handle: b.u32("handle")?, offset: b.u64("offset")?, len: b.u32("length")? },
+            kind::WRITE => Request::Write { handle: b.u32("handle")?, offset: b.u64("offset")?, data: b.rest() },
+            kind::FLUSH => Request::Flush { handle: b.u32("handle")? },
+            kind::DISCARD => Request::Discard { handle: b.u32("handle")?, offset: b.u64("offset")?, len: b.u64("length")? },
+            kind::BLOCK_STATUS => {
+                Request::BlockStatus { handle: b.u32("handle")?, offset: b.u64("offset")?, len: b.u64("length")? }
+            }
+            kind::CLOSE => Request::Close { handle: b.u32("handle")? },
+            other => return Err(ProtocolError::UnknownKind(other)),
+        };
+        Message::Request { cookie, request }
+    } else {
+        let reply = match kind {
+            kind::DISKS => {
+                let n = b.count(MIN_DISK_INFO_LEN, "disk list")?;
+                let mut disks = Vec::with_capacity(n);
+                for _ in 0..n {
+                    disks.push(DiskInfo {
+                        name: b.string("disk name")?,
+                        size: b.u64("disk size")?,
+                        logical_sector: b.u32("logical sector size")?,
+                        physical_sector: b.u32("physical sector size")?,
+                        model: b.string("model")?,
+                        serial: b.string("serial")?,
+                        rotational: b.bool("rotational flag")?,
+                        read_only: b.bool("read-only flag")?,
+                    });
+                }
+                Reply::Disks(disks)
+            }
+            kind::OPENED => Reply::Opened {
+                handle: b.u32("handle")?,
+                size: b.u64("size")?,
+                logical_sector: b.u32("logical sector size")?,
+                physical_sector: b.u32("physical sector size")?,
+                read_only: b.bool("read-only flag")?,
+            },
+            kind::DATA => Reply::Data(b.rest()),
+            kind::DONE => Reply::Done,
+            kind::STATUS => {
+                let n = b.count(EXTENT_LEN, "extent list")?;
+                let mut extents = Vec::with_capacity(n);
+                for _ in 0..n {
+                    let len = b.u64("extent length")?;
+                    let state = match b.u8("extent state")? {
+                        0 => BlockState::Data,
+                        1 => BlockState::Zero,
+                        2 => BlockState::Unknown,
+                        s => return Err(ProtocolError::malformed(format!("unknown extent state {s}"))),
+                    };
+                    extents.push(Extent { len, state });
+                }
+                Reply::Status(extents)
+            }
+            kind::ERROR => Reply::Error { code: ErrorCode::from_u16(b.u16("error code")?), message: b.string("error message")? },
+            other => return Err(ProtocolError::UnknownKind(other)),
+        };
+        Message::Reply { cookie, reply }
+    };
+    b.finish("the message")?;
+    Ok(msg)
+}

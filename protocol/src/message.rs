@@ -1,0 +1,162 @@
+//! The messages of the block protocol: requests from the server, replies from the client.
+//!
+//! Every request carries a 64-bit cookie chosen by the requester; the reply echoes it. Replies
+//! may arrive in any order, so many requests can be in flight on one connection.
+
+use bytes::Bytes;
+
+/// One frame on the wire.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Message {
+    Request { cookie: u64, request: Request },
+    Reply { cookie: u64, reply: Reply },
+}
+
+/// What the imaging server asks of a client. Offsets and lengths are in bytes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Request {
+    /// Describe every disk the client serves.
+    ListDisks,
+    /// Open a disk by name; the reply carries a handle for the other requests.
+    Open { disk: String, writable: bool },
+    Read { handle: u32, offset: u64, len: u32 },
+    Write { handle: u32, offset: u64, data: Bytes },
+    /// Make previous writes durable.
+    Flush { handle: u32 },
+    /// The range's contents are no longer needed (reads may then return zeros).
+    Discard { handle: u32, offset: u64, len: u64 },
+    /// Which parts of the range are known to be zero, cheaply.
+    BlockStatus { handle: u32, offset: u64, len: u64 },
+    Close { handle: u32 },
+}
+
+/// What a client answers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Reply {
+    Disks(Vec<DiskInfo>),
+    Opened { handle: u32, size: u64, logical_sector: u32, physical_sector: u32, read_only: bool },
+    Data(Bytes),
+    /// Success without data (Write, Flush, Discard, Close).
+    Done,
+    /// Consecutive extents starting at the requested offset. They may cover less than was
+    /// asked (the requester asks again from where they end), never more.
+    Status(Vec<Extent>),
+    Error { code: ErrorCode, message: String },
+}
+
+/// A disk as the client sees it.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct DiskInfo {
+    /// The path as given to the client, or as in /dev (e.g. `/dev/sda`).
+    pub name: String,
+    pub size: u64,
+    pub logical_sector: u32,
+    pub physical_sector: u32,
+    pub model: String,
+    pub serial: String,
+    pub rotational: bool,
+    pub read_only: bool,
+}
+
+/// A run of bytes with one known state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Extent {
+    pub len: u64,
+    pub state: BlockState,
+}
+
+/// What the client knows about a range without reading it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BlockState {
+    /// Allocated: may hold anything, must be read.
+    Data,
+    /// Reads as zeros (a hole, or discarded).
+    Zero,
+    /// The client cannot tell cheaply (e.g. a raw block device).
+    Unknown,
+}
+
+/// Why a request failed. Unknown codes from newer peers are kept as `Other`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorCode {
+    /// No disk by that name.
+    NotFound,
+    /// The client, the disk or the handle is read-only.
+    ReadOnly,
+    /// Offset or length beyond the end of the disk.
+    OutOfRange,
+    /// A length above the negotiated maximum payload.
+    TooLarge,
+    /// The operating system reported an I/O error.
+    Io,
+    /// No open disk has that handle.
+    BadHandle,
+    /// The operation is not possible on this disk.
+    Unsupported,
+    /// Access denied by the operating system.
+    PermissionDenied,
+    Other(u16),
+}
+
+impl ErrorCode {
+    pub fn to_u16(self) -> u16 {
+        match self {
+            ErrorCode::NotFound => 1,
+            ErrorCode::ReadOnly => 2,
+            ErrorCode::OutOfRange => 3,
+            ErrorCode::TooLarge => 4,
+            ErrorCode::Io => 5,
+            ErrorCode::BadHandle => 6,
+            ErrorCode::Unsupported => 7,
+            ErrorCode::PermissionDenied => 8,
+            ErrorCode::Other(n) => n,
+        }
+    }
+
+    pub fn from_u16(n: u16) -> Self {
+        match n {
+            1 => ErrorCode::NotFound,
+            2 => ErrorCode::ReadOnly,
+            3 => ErrorCode::OutOfRange,
+            4 => ErrorCode::TooLarge,
+            5 => ErrorCode::Io,
+            6 => ErrorCode::BadHandle,
+            7 => ErrorCode::Unsupported,
+            8 => ErrorCode::PermissionDenied,
+            n => ErrorCode::Other(n),
+        }
+    }
+}
+
+impl std::fmt::Display for ErrorCode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ErrorCode::NotFound => f.write_str("not found"),
+            ErrorCode::ReadOnly => f.write_str("read-only"),
+            ErrorCode::OutOfRange => f.write_str("out of range"),
+            ErrorCode::TooLarge => f.write_str("too large"),
+            ErrorCode::Io => f.write_str("I/O error"),
+            ErrorCode::BadHandle => f.write_str("bad handle"),
+            ErrorCode::Unsupported => f.write_str("unsupported"),
+            ErrorCode::PermissionDenied => f.write_str("permission denied"),
+            ErrorCode::Other(n) => write!(f, "error {n}"),
+        }
+    }
+}
+
+impl Message {
+    pub fn cookie(&self) -> u64 {
+        match self {
+            Message::Request { cookie, .. } | Message::Reply { cookie, .. } => *cookie,
+        }
+    }
+
+    /// Bytes of data payload this message carries (Read reply or Write request).
+    pub fn payload_len(&self) -> usize {
+        match self {
+            Message::Request { request: Request::Write { data, .. }, .. } => data.len(),
+            Message::Reply { reply: Reply::Data(data), .. } => data.len(),
+            _ => 0,
+        }
+    }
+}

@@ -1,0 +1,154 @@
+//! Async frame halves over a tokio connection: [`FrameReader`] and [`FrameWriter`], plaintext or
+//! encrypted depending on the [`Session`]. The halves are independent so a connection can read
+//! and write from two tasks.
+
+use std::collections::VecDeque;
+
+use bytes::{Bytes, BytesMut};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio_util::codec::Decoder;
+
+use crate::codec::{encode_head, FrameCodec};
+use crate::record::{Opener, Sealer};
+use crate::{Message, ProtocolError, Session};
+
+/// How much to ask the socket for per read.
+const READ_CHUNK: usize = 256 << 10;
+/// Payloads at least this large are sent without copying in plaintext mode.
+const ZERO_COPY_MIN: usize = 64 << 10;
+
+/// Splits an established session into its reading and writing halves.
+pub fn split<R, W>(session: Session, reader: R, writer: W) -> (FrameReader<R>, FrameWriter<W>) {
+    let codec = FrameCodec::new(session.max_payload);
+    let (sealer, opener) = match session.cipher {
+        Some((s, o)) => (Some(s), Some(o)),
+        None => (None, None),
+    };
+    (
+        FrameReader { io: reader, raw: BytesMut::new(), plain: BytesMut::new(), opener, codec: codec.clone() },
+        FrameWriter {
+            io: writer,
+            head: BytesMut::new(),
+            out: BytesMut::new(),
+            queue: VecDeque::new(),
+            queued: 0,
+            sealer,
+            max_frame: codec.max_frame(),
+        },
+    )
+}
+
+/// Receives frames.
+#[derive(Debug)]
+pub struct FrameReader<R> {
+    io: R,
+    raw: BytesMut,
+    plain: BytesMut,
+    opener: Option<Opener>,
+    codec: FrameCodec,
+}
+
+impl<R: AsyncRead + Unpin> FrameReader<R> {
+    /// The next frame, or `None` when the peer closed the connection between frames.
+    pub async fn next(&mut self) -> Result<Option<Message>, ProtocolError> {
+        loop {
+            if let Some(msg) = self.codec.decode(&mut self.plain)? {
+                return Ok(Some(msg));
+            }
+            let target = if self.opener.is_some() { &mut self.raw } else { &mut self.plain };
+            target.reserve(READ_CHUNK);
+            let n = self.io.read_buf(target).await?;
+            if n == 0 {
+                if self.raw.is_empty() && self.plain.is_empty() {
+                    return Ok(None);
+                }
+                return Err(ProtocolError::Truncated);
+            }
+            if let Some(opener) = &mut self.opener {
+                opener.open(&mut self.raw, &mut self.plain)?;
+            }
+        }
+    }
+}
+
+/// Sends frames: [`FrameWriter::queue`] several, then [`FrameWriter::flush`] once.
+#[derive(Debug)]
+pub struct FrameWriter<W> {
+    io: W,
+    head: BytesMut,
+    out: BytesMut,
+    /// Plaintext mode: buffers waiting to be written, in order.
+    queue: VecDeque<Bytes>,
+    queued: usize,
+    sealer: Option<Sealer>,
+    max_frame: u32,
+}
+
+impl<W: AsyncWrite + Unpin> FrameWriter<W> {
+    /// Encodes `msg` into the outgoing buffer (encrypting it when the session is encrypted).
+    pub fn queue(&mut self, msg: &Message) -> Result<(), ProtocolError> {
+        match &mut self.sealer {
+            Some(sealer) => {
+                self.head.clear();
+                let payload = encode_head(msg, &mut self.head, self.max_frame)?;
+                sealer.push(&self.head, &mut self.out)?;
+                if let Some(p) = payload {
+                    sealer.push(&p, &mut self.out)?;
+                }
+            }
+            None => {
+                let payload = encode_head(msg, &mut self.out, self.max_frame)?;
+                if let Some(p) = payload {
+                    if p.len() >= ZERO_COPY_MIN {
+                        self.push_out();
+                        self.queued += p.len();
+                        self.queue.push_back(p);
+                    } else {
+                        self.out.extend_from_slice(&p);
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Bytes queued but not yet written.
+    pub fn pending(&self) -> usize {
+        self.queued + self.out.len()
+    }
+
+    /// Writes everything queued.
+    pub async fn flush(&mut self) -> Result<(), ProtocolError> {
+        if let Some(sealer) = &mut self.sealer {
+            sealer.finish(&mut self.out)?;
+        }
+        self.push_out();
+        while let Some(buf) = self.queue.pop_front() {
+            self.io.write_all(&buf).await?;
+        }
+        self.queued = 0;
+        self.io.flush().await?;
+        Ok(())
+    }
+
+    /// Queues and flushes one message.
+    pub async fn send(&mut self, msg: &Message) -> Result<(), ProtocolError> {
+        self.queue(msg)?;
+        self.flush().await
+    }
+
+    /// Shuts the write side down (the peer sees end of stream).
+    pub async fn shutdown(&mut self) -> Result<(), ProtocolError> {
+        self.flush().await?;
+        self.io.shutdown().await?;
+        Ok(())
+    }
+
+    fn push_out(&mut self) {
+        if !self.out.is_empty() {
+            let chunk = self.out.split().freeze();
+            self.queued += chunk.len();
+            self.queue.push_back(chunk);
+        }
+    }
+}

@@ -1,0 +1,202 @@
+//! Frame codec: round trips under every split, and hostile input that must be rejected.
+
+use bytes::{BufMut, Bytes, BytesMut};
+use diskferry_protocol::{BlockState, DiskInfo, ErrorCode, Extent, FrameCodec, Message, ProtocolError, Reply, Request};
+use rand::{Rng, SeedableRng};
+use tokio_util::codec::{Decoder, Encoder};
+
+fn samples() -> Vec<Message> {
+    let data: Bytes = (0..200_000u32).map(|i| (i * 7 % 251) as u8).collect::<Vec<_>>().into();
+    vec![
+        Message::Request { cookie: 1, request: Request::ListDisks },
+        Message::Request { cookie: 2, request: Request::Open { disk: "/dev/nvme0n1".into(), writable: true } },
+        Message::Request { cookie: 3, request: Request::Read { handle: 7, offset: 1 << 40, len: 4 << 20 } },
+        Message::Request { cookie: 4, request: Request::Write { handle: 7, offset: 512, data: data.clone() } },
+        Message::Request { cookie: 5, request: Request::Flush { handle: 7 } },
+        Message::Request { cookie: 6, request: Request::Discard { handle: 7, offset: 4096, len: 1 << 30 } },
+        Message::Request { cookie: 7, request: Request::BlockStatus { handle: 7, offset: 0, len: u64::MAX } },
+        Message::Request { cookie: u64::MAX, request: Request::Close { handle: 7 } },
+        Message::Reply {
+            cookie: 1,
+            reply: Reply::Disks(vec![
+                DiskInfo {
+                    name: "/dev/sda".into(),
+                    size: 500 << 30,
+                    logical_sector: 512,
+                    physical_sector: 4096,
+                    model: "Samsung SSD 870".into(),
+                    serial: "S5Y1NX0R".into(),
+                    rotational: false,
+                    read_only: true,
+                },
+                DiskInfo::default(),
+            ]),
+        },
+        Message::Reply {
+            cookie: 2,
+            reply: Reply::Opened { handle: 7, size: 1 << 33, logical_sector: 4096, physical_sector: 4096, read_only: false },
+        },
+        Message::Reply { cookie: 3, reply: Reply::Data(data) },
+        Message::Reply { cookie: 4, reply: Reply::Done },
+        Message::Reply {
+            cookie: 5,
+            reply: Reply::Status(vec![
+                Extent { len: 1 << 20, state: BlockState::Data },
+                Extent { len: 1 << 30, state: BlockState::Zero },
+                Extent { len: 4096, state: BlockState::Unknown },
+            ]),
+        },
+        Message::Reply { cookie: 6, reply: Reply::Error { code: ErrorCode::ReadOnly, message: "read-only client".into() } },
+        Message::Reply { cookie: 7, reply: Reply::Error { code: ErrorCode::Other(999), message: String::new() } },
+    ]
+}
+
+fn encode_all(msgs: &[Message]) -> BytesMut {
+    let mut codec = FrameCodec::new(1 << 20);
+    let mut out = BytesMut::new();
+    for m in msgs {
+        codec.encode(m, &mut out).unwrap();
+    }
+    out
+}
+
+/// Feeds `wire` to a decoder in pieces whose sizes come from `next_len`.
+fn decode_in_pieces(wire: &[u8], mut next_len: impl FnMut() -> usize) -> Result<Vec<Message>, ProtocolError> {
+    let mut codec = FrameCodec::new(1 << 20);
+    let mut buf = BytesMut::new();
+    let mut out = Vec::new();
+    let mut pos = 0;
+    while pos < wire.len() {
+        let n = next_len().clamp(1, wire.len() - pos);
+        buf.extend_from_slice(&wire[pos..pos + n]);
+        pos += n;
+        while let Some(m) = codec.decode(&mut buf)? {
+            out.push(m);
+        }
+    }
+    if let Some(m) = codec.decode_eof(&mut buf)? {
+        out.push(m);
+    }
+    Ok(out)
+}
+
+#[test]
+fn every_message_round_trips_whole() {
+    let msgs = samples();
+    let wire = encode_all(&msgs);
+    assert_eq!(decode_in_pieces(&wire, || usize::MAX).unwrap(), msgs);
+}
+
+#[test]
+fn byte_by_byte_decoding_yields_the_same_messages() {
+    let msgs = samples();
+    let wire = encode_all(&msgs);
+    assert_eq!(decode_in_pieces(&wire, || 1).unwrap(), msgs);
+}
+
+#[test]
+fn random_splits_yield_the_same_messages() {
+    let msgs = samples();
+    let wire = encode_all(&msgs);
+    let mut rng = rand::rngs::StdRng::seed_from_u64(0xd15c);
+    for _ in 0..200 {
+        let max = rng.gen_range(1..70_000);
+        assert_eq!(decode_in_pieces(&wire, || rng.gen_range(1..=max)).unwrap(), msgs);
+    }
+}
+
+#[test]
+fn oversized_length_is_rejected_before_buffering() {
+    let mut codec = FrameCodec::new(1 << 20);
+    let mut buf = BytesMut::new();
+    buf.put_u32(u32::MAX);
+    buf.put_u8(0x83);
+    let capacity_before = buf.capacity();
+    match codec.decode(&mut buf) {
+        Err(ProtocolError::FrameTooLarge { len, max }) => {
+            assert_eq!(len, u64::from(u32::MAX));
+            assert_eq!(max, u64::from(codec.max_frame()));
+        }
+        other => panic!("expected FrameTooLarge, got {other:?}"),
+    }
+    assert_eq!(buf.capacity(), capacity_before, "nothing may be reserved for a rejected frame");
+}
+
+#[test]
+fn encoder_refuses_payloads_above_the_limit() {
+    let mut codec = FrameCodec::new(64 << 10);
+    let data = Bytes::from(vec![1u8; 200 << 10]);
+    let mut out = BytesMut::new();
+    let err = codec.encode(&Message::Reply { cookie: 1, reply: Reply::Data(data) }, &mut out).unwrap_err();
+    assert!(matches!(err, ProtocolError::FrameTooLarge { .. }), "{err}");
+    assert!(out.is_empty(), "a refused frame leaves nothing half-written");
+}
+
+#[test]
+fn truncated_stream_is_an_error_not_a_message() {
+    let msgs = samples();
+    let wire = encode_all(&msgs[..3]);
+    for cut in [1, 4, 12, wire.len() - 1] {
+        let err = decode_in_pieces(&wire[..cut], || 3).unwrap_err();
+        assert!(matches!(err, ProtocolError::Truncated), "cut at {cut}: {err}");
+    }
+}
+
+fn frame(kind: u8, body: &[u8]) -> BytesMut {
+    let mut b = BytesMut::new();
+    b.put_u32((1 + 8 + body.len()) as u32);
+    b.put_u8(kind);
+    b.put_u64(42);
+    b.put_slice(body);
+    b
+}
+
+fn decode_one(mut b: BytesMut) -> Result<Option<Message>, ProtocolError> {
+    FrameCodec::new(1 << 20).decode(&mut b)
+}
+
+#[test]
+fn malformed_frames_are_errors() {
+    // Unknown kinds, requests and replies.
+    assert!(matches!(decode_one(frame(0x42, &[])), Err(ProtocolError::UnknownKind(0x42))));
+    assert!(matches!(decode_one(frame(0x99, &[])), Err(ProtocolError::UnknownKind(0x99))));
+    // Read with a body cut short.
+    assert!(matches!(decode_one(frame(0x03, &[0, 0, 0, 1, 0])), Err(ProtocolError::Malformed(_))));
+    // Trailing garbage after a complete Flush.
+    assert!(matches!(decode_one(frame(0x05, &[0, 0, 0, 1, 9])), Err(ProtocolError::Malformed(_))));
+    // A string longer than the frame.
+    assert!(matches!(decode_one(frame(0x02, &[0xff, 0xff, b'a'])), Err(ProtocolError::Malformed(_))));
+    // A string that is not UTF-8.
+    assert!(matches!(decode_one(frame(0x02, &[0, 2, 0xc3, 0x28, 0])), Err(ProtocolError::Malformed(_))));
+    // A boolean that is neither 0 nor 1.
+    assert!(matches!(decode_one(frame(0x02, &[0, 1, b'a', 7])), Err(ProtocolError::Malformed(_))));
+    // A disk list claiming four billion entries in a few bytes: refused before allocating.
+    assert!(matches!(decode_one(frame(0x81, &[0xff, 0xff, 0xff, 0xff, 0, 0])), Err(ProtocolError::Malformed(_))));
+    // An extent list claiming more entries than fit.
+    assert!(matches!(decode_one(frame(0x85, &[0, 0, 0, 2, 0, 0, 0, 0, 0, 0, 0, 1, 0])), Err(ProtocolError::Malformed(_))));
+    // An unknown extent state.
+    assert!(matches!(decode_one(frame(0x85, &[0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 1, 9])), Err(ProtocolError::Malformed(_))));
+    // A length shorter than the header.
+    let mut b = BytesMut::new();
+    b.put_u32(3);
+    b.put_slice(&[0, 0, 0]);
+    assert!(matches!(decode_one(b), Err(ProtocolError::Malformed(_))));
+}
+
+#[test]
+fn random_garbage_never_panics() {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+    let wire = encode_all(&samples());
+    for _ in 0..5_000 {
+        let mut bytes = wire[..rng.gen_range(0..wire.len().min(4096))].to_vec();
+        for _ in 0..rng.gen_range(1..8) {
+            if !bytes.is_empty() {
+                let i = rng.gen_range(0..bytes.len());
+                bytes[i] = rng.gen();
+            }
+        }
+        let mut codec = FrameCodec::new(1 << 20);
+        let mut buf = BytesMut::from(&bytes[..]);
+        while let Ok(Some(_)) = codec.decode(&mut buf) {}
+    }
+}

@@ -1,0 +1,150 @@
+//! Handshake and record layer over real in-memory duplex streams.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use diskferry_protocol::handshake::{initiate, respond};
+use diskferry_protocol::stream::split;
+use diskferry_protocol::{Message, ProtocolError, Psk, Reply, Request, Role, SessionOptions};
+
+fn opts(role: Role, secret: &str) -> SessionOptions {
+    SessionOptions::new(role, Psk::from_secret(secret.as_bytes()))
+}
+
+async fn pair(
+    a: SessionOptions,
+    b: SessionOptions,
+) -> (Result<diskferry_protocol::Session, ProtocolError>, Result<diskferry_protocol::Session, ProtocolError>, tokio::io::DuplexStream, tokio::io::DuplexStream)
+{
+    let (mut x, mut y) = tokio::io::duplex(1 << 20);
+    let (ra, rb) = tokio::join!(initiate(&mut x, &a), respond(&mut y, &b));
+    (ra, rb, x, y)
+}
+
+#[tokio::test]
+async fn same_key_authenticates_and_carries_frames_encrypted() {
+    let (ra, rb, x, y) = pair(opts(Role::Controller, "0123456789abcdef-key"), opts(Role::Agent, "0123456789abcdef-key")).await;
+    let (sa, sb) = (ra.unwrap(), rb.unwrap());
+    assert!(!sa.plaintext && !sb.plaintext, "encryption is the default");
+    assert_eq!(sa.peer_role, Role::Agent);
+    assert_eq!(sb.peer_role, Role::Controller);
+
+    let (xr, xw) = tokio::io::split(x);
+    let (yr, yw) = tokio::io::split(y);
+    let (_, mut wa) = split(sa, xr, xw);
+    let (mut rb, _) = split(sb, yr, yw);
+    let big: Bytes = (0..3_000_000u32).map(|i| (i % 253) as u8).collect::<Vec<_>>().into();
+    let msgs = vec![
+        Message::Request { cookie: 1, request: Request::ListDisks },
+        Message::Reply { cookie: 2, reply: Reply::Data(big) },
+        Message::Request { cookie: 3, request: Request::Close { handle: 1 } },
+    ];
+    let sent = msgs.clone();
+    let writer = tokio::spawn(async move {
+        for m in &sent {
+            wa.queue(m).unwrap();
+        }
+        wa.shutdown().await.unwrap();
+    });
+    let mut got = Vec::new();
+    while let Some(m) = rb.next().await.unwrap() {
+        got.push(m);
+    }
+    writer.await.unwrap();
+    assert_eq!(got, msgs);
+}
+
+#[tokio::test]
+async fn wrong_key_fails_on_both_sides_with_authentication_error() {
+    let (ra, rb, _, _) = pair(opts(Role::Controller, "the-right-key-0123"), opts(Role::Agent, "the-wrong-key-0123")).await;
+    assert!(matches!(ra, Err(ProtocolError::AuthenticationFailed)), "{ra:?}");
+    assert!(matches!(rb, Err(ProtocolError::AuthenticationFailed)), "{rb:?}");
+}
+
+#[tokio::test]
+async fn plaintext_only_when_both_sides_ask() {
+    let mut a = opts(Role::Controller, "0123456789abcdef-key");
+    a.plaintext = true;
+    let b = opts(Role::Agent, "0123456789abcdef-key");
+    let (ra, rb, _, _) = pair(a.clone(), b.clone()).await;
+    assert!(!ra.unwrap().plaintext && !rb.unwrap().plaintext);
+    let mut b2 = b;
+    b2.plaintext = true;
+    let (ra, rb, _, _) = pair(a, b2).await;
+    assert!(ra.unwrap().plaintext && rb.unwrap().plaintext);
+}
+
+#[tokio::test]
+async fn max_payload_is_the_smaller_of_both() {
+    let mut a = opts(Role::Controller, "0123456789abcdef-key");
+    a.max_payload = 1 << 20;
+    let mut b = opts(Role::Agent, "0123456789abcdef-key");
+    b.max_payload = u32::MAX; // clamped to the hard limit
+    let (ra, rb, _, _) = pair(a, b).await;
+    assert_eq!(ra.unwrap().max_payload, 1 << 20);
+    assert_eq!(rb.unwrap().max_payload, 1 << 20);
+}
+
+#[tokio::test]
+async fn two_agents_refuse_each_other() {
+    let (ra, _, _, _) = pair(opts(Role::Agent, "0123456789abcdef-key"), opts(Role::Agent, "0123456789abcdef-key")).await;
+    assert!(matches!(ra, Err(ProtocolError::RoleConflict(Role::Agent))), "{ra:?}");
+}
+
+#[tokio::test]
+async fn a_non_diskferry_peer_is_refused() {
+    let (mut x, mut y) = tokio::io::duplex(4096);
+    use tokio::io::AsyncWriteExt;
+    x.write_all(b"GET / HTTP/1.1\r\n\r\n").await.unwrap();
+    let err = respond(&mut y, &opts(Role::Agent, "0123456789abcdef-key")).await.unwrap_err();
+    assert!(matches!(err, ProtocolError::BadMagic), "{err}");
+}
+
+#[tokio::test]
+async fn a_silent_peer_times_out() {
+    let (_x, mut y) = tokio::io::duplex(4096);
+    let mut o = opts(Role::Agent, "0123456789abcdef-key");
+    o.timeout = Duration::from_millis(100);
+    let err = respond(&mut y, &o).await.unwrap_err();
+    assert!(matches!(err, ProtocolError::HandshakeTimeout(_)), "{err}");
+}
+
+#[tokio::test]
+async fn tampered_ciphertext_is_detected() {
+    let (ra, rb, x, y) = pair(opts(Role::Controller, "0123456789abcdef-key"), opts(Role::Agent, "0123456789abcdef-key")).await;
+    let (xr, xw) = tokio::io::split(x);
+    let (_, mut wa) = split(ra.unwrap(), xr, xw);
+    // Interpose: copy the ciphertext, flip one byte, deliver to the reader.
+    let (mut tap_in, tap_out) = tokio::io::duplex(1 << 20);
+    wa.queue(&Message::Request { cookie: 9, request: Request::ListDisks }).unwrap();
+    wa.flush().await.unwrap();
+    drop(wa);
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (mut yr, yw) = tokio::io::split(y);
+    let mut cipher = vec![0u8; 2 + 16 + 13];
+    yr.read_exact(&mut cipher).await.unwrap();
+    cipher[5] ^= 1;
+    tap_in.write_all(&cipher).await.unwrap();
+    drop(tap_in);
+    let (tr, tw) = tokio::io::split(tap_out);
+    let (mut rb, _) = split(rb.unwrap(), tr, tw);
+    drop(yw);
+    let err = rb.next().await.unwrap_err();
+    assert!(matches!(err, ProtocolError::Decrypt), "{err}");
+}
+
+#[test]
+fn key_files_are_validated() {
+    let dir = std::env::temp_dir().join(format!("dfkey-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let short = dir.join("short");
+    std::fs::write(&short, "abc\n").unwrap();
+    let err = Psk::from_file(&short).unwrap_err().to_string();
+    assert!(err.contains("at least 16"), "{err}");
+    let good = dir.join("good");
+    std::fs::write(&good, Psk::generate_secret()).unwrap();
+    Psk::from_file(&good).unwrap();
+    let missing = Psk::from_file(&dir.join("missing")).unwrap_err().to_string();
+    assert!(missing.contains("cannot read key file"), "{missing}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
