@@ -1,1 +1,96 @@
-fn main() {}
+//! `diskferry-client`: the tiny agent that runs from memory on a PXE-booted machine and serves
+//! the raw sectors of its disks to a diskferry server. It never decodes a filesystem.
+//!
+//! One runtime thread (tokio current-thread) accepts connections and speaks the protocol; disk
+//! I/O runs on a small blocking pool so several requests reach the disk at once.
+
+mod args;
+mod disks;
+mod serve;
+
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use diskferry_protocol::{Psk, Role, SessionOptions};
+use tokio::net::TcpListener;
+
+/// Prints one line to stderr with the client's name in front.
+macro_rules! log {
+    ($($arg:tt)*) => { eprintln!("diskferry-client: {}", format_args!($($arg)*)) };
+}
+
+fn main() -> ExitCode {
+    let args = match args::parse(std::env::args_os().skip(1)) {
+        Ok(args::Command::Run(a)) => a,
+        Ok(args::Command::Help) => {
+            print!("{}", args::HELP);
+            return ExitCode::SUCCESS;
+        }
+        Ok(args::Command::Version) => {
+            println!("diskferry-client {}", env!("CARGO_PKG_VERSION"));
+            return ExitCode::SUCCESS;
+        }
+        Err(e) => {
+            log!("{e}\nTry 'diskferry-client --help'.");
+            return ExitCode::from(2);
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().max_blocking_threads(16).build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            log!("cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(args)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            log!("{e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(args: args::Args) -> Result<(), String> {
+    let psk = Psk::from_file(&args.key_file).map_err(|e| e.to_string())?;
+    let disks = disks::discover(&args.disks);
+    if disks.is_empty() {
+        log!("warning: no disks found to serve (none in /sys/block; name some with --disk)");
+    }
+    for d in &disks {
+        match disks::describe(d, args.allow_write) {
+            Ok(info) => log!("serving {} ({} bytes{})", info.name, info.size, if info.read_only { ", read-only" } else { "" }),
+            Err(e) => log!("warning: {} cannot be described: {e}", d.name),
+        }
+    }
+    let mut session = SessionOptions::new(Role::Agent, psk);
+    session.plaintext = args.plaintext;
+    let config = Arc::new(serve::Config { disks, allow_write: args.allow_write, session, max_inflight: args.max_inflight });
+
+    let listener = TcpListener::bind(&args.listen).await.map_err(|e| format!("cannot listen on {}: {e}", args.listen))?;
+    let local = listener.local_addr().map_err(|e| e.to_string())?;
+    // Scripts wait for this exact line on stdout.
+    println!("listening on {local}");
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).map_err(|e| e.to_string())?;
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => {
+                let (stream, peer) = match accepted {
+                    Ok(a) => a,
+                    Err(e) => { log!("accept failed: {e}"); continue; }
+                };
+                let _ = stream.set_nodelay(true);
+                let config = Arc::clone(&config);
+                tokio::spawn(async move {
+                    log!("{peer}: connected");
+                    match serve::serve(stream, config).await {
+                        Ok(()) => log!("{peer}: disconnected"),
+                        Err(e) => log!("{peer}: {e}"),
+                    }
+                });
+            }
+            _ = tokio::signal::ctrl_c() => { log!("interrupted; exiting"); return Ok(()); }
+            _ = term.recv() => { log!("terminated; exiting"); return Ok(()); }
+        }
+    }
+}

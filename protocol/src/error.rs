@@ -35,7 +35,7 @@ pub enum ProtocolError {
 }
 
 impl ProtocolError {
-    pub(crate) fn malformed(what: impl Into<String>) -> Self {
+    pub fn malformed(what: impl Into<String>) -> Self {
         ProtocolError::Malformed(what.into())
     }
 }

@@ -1,0 +1,193 @@
+//! The disks this client serves: discovery (sysfs or `--disk` paths) and positional sector I/O.
+//!
+//! Nothing here understands a filesystem. The I/O itself is positional (see `diskferry_localdisk`),
+//! so any number of requests can run on one open disk at once.
+
+use std::io;
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::path::{Path, PathBuf};
+
+use diskferry_localdisk::{LocalDisk, Region};
+use diskferry_protocol::{BlockState, DiskInfo, ErrorCode, Extent};
+
+/// Most extents one BlockStatus reply carries; the requester asks again for the rest.
+const MAX_STATUS_EXTENTS: usize = 4096;
+
+/// A disk the client was told (or found) to serve.
+#[derive(Debug, Clone)]
+pub struct DiskSpec {
+    pub path: PathBuf,
+    /// The name announced to the server: the path as given, or `/dev/NAME`.
+    pub name: String,
+}
+
+/// The disks to serve: exactly the `--disk` paths, or every whole disk in /sys/block.
+pub fn discover(explicit: &[PathBuf]) -> Vec<DiskSpec> {
+    if !explicit.is_empty() {
+        return explicit.iter().map(|p| DiskSpec { path: p.clone(), name: p.display().to_string() }).collect();
+    }
+    let mut found = Vec::new();
+    let Ok(entries) = std::fs::read_dir("/sys/block") else { return found };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if ["loop", "ram", "zram"].iter().any(|p| name.starts_with(p)) {
+            continue;
+        }
+        // Empty drives (no medium, unconfigured nbd) report size 0: nothing to serve.
+        if read_sys(&entry.path().join("size")).and_then(|s| s.parse::<u64>().ok()).unwrap_or(0) == 0 {
+            continue;
+        }
+        found.push(DiskSpec { path: PathBuf::from(format!("/dev/{name}")), name: format!("/dev/{name}") });
+    }
+    found.sort_by(|a, b| a.name.cmp(&b.name));
+    found
+}
+
+fn read_sys(path: &Path) -> Option<String> {
+    std::fs::read_to_string(path).ok().map(|s| s.trim().to_string())
+}
+
+/// Describes a disk without opening it for I/O. `allow_write` is the client's own setting.
+pub fn describe(spec: &DiskSpec, allow_write: bool) -> io::Result<DiskInfo> {
+    let meta = std::fs::metadata(&spec.path)?;
+    let mut info = DiskInfo {
+        name: spec.name.clone(),
+        logical_sector: 512,
+        physical_sector: 512,
+        read_only: !allow_write || meta.permissions().readonly(),
+        ..DiskInfo::default()
+    };
+    if meta.file_type().is_block_device() {
+        let sys = PathBuf::from(format!(
+            "/sys/dev/block/{}:{}",
+            rustix::fs::major(meta.rdev()),
+            rustix::fs::minor(meta.rdev())
+        ));
+        let num = |rel: &str| read_sys(&sys.join(rel)).and_then(|s| s.parse::<u64>().ok());
+        info.size = match num("size") {
+            Some(sectors) => sectors * 512,
+            None => LocalDisk::open(&spec.path, false)?.size(),
+        };
+        info.logical_sector = num("queue/logical_block_size").unwrap_or(512) as u32;
+        info.physical_sector = num("queue/physical_block_size").unwrap_or(512) as u32;
+        info.rotational = num("queue/rotational") == Some(1);
+        info.read_only |= num("ro") == Some(1);
+        info.model = read_sys(&sys.join("device/model")).unwrap_or_default();
+        info.serial = read_sys(&sys.join("device/serial"))
+            .or_else(|| read_sys(&sys.join("device/wwid")))
+            .unwrap_or_default();
+    } else if meta.file_type().is_file() {
+        info.size = meta.len();
+        info.model = "regular file".into();
+    } else {
+        return Err(io::Error::new(io::ErrorKind::InvalidInput, "neither a block device nor a regular file"));
+    }
+    Ok(info)
+}
+
+/// An opened disk, shared between concurrent requests.
+#[derive(Debug)]
+pub struct OpenDisk {
+    disk: LocalDisk,
+    pub size: u64,
+    pub writable: bool,
+}
+
+/// An error answered to the requester.
+#[derive(Debug)]
+pub struct DiskError {
+    pub code: ErrorCode,
+    pub message: String,
+}
+
+impl DiskError {
+    fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        DiskError { code, message: message.into() }
+    }
+
+    /// The one place where OS errors become wire error codes.
+    fn io(op: &str, offset: u64, e: io::Error) -> Self {
+        let code = match e.kind() {
+            io::ErrorKind::PermissionDenied => ErrorCode::PermissionDenied,
+            io::ErrorKind::Unsupported => ErrorCode::Unsupported,
+            _ if e.raw_os_error() == Some(rustix::io::Errno::OPNOTSUPP.raw_os_error()) => ErrorCode::Unsupported,
+            _ => ErrorCode::Io,
+        };
+        DiskError::new(code, format!("{op} at offset {offset}: {e}"))
+    }
+}
+
+impl OpenDisk {
+    pub fn open(spec: &DiskSpec, writable: bool) -> Result<OpenDisk, DiskError> {
+        let disk = LocalDisk::open(&spec.path, writable).map_err(|e| DiskError::io("open", 0, e))?;
+        Ok(OpenDisk { size: disk.size(), writable, disk })
+    }
+
+    fn check_range(&self, offset: u64, len: u64) -> Result<(), DiskError> {
+        match offset.checked_add(len) {
+            Some(end) if end <= self.size => Ok(()),
+            _ => Err(DiskError::new(
+                ErrorCode::OutOfRange,
+                format!("range {offset}+{len} is beyond the end of the disk ({} bytes)", self.size),
+            )),
+        }
+    }
+
+    fn check_writable(&self) -> Result<(), DiskError> {
+        if self.writable {
+            Ok(())
+        } else {
+            Err(DiskError::new(ErrorCode::ReadOnly, "disk is open read-only"))
+        }
+    }
+
+    /// Validates a read before the caller allocates its buffer.
+    pub fn check_read(&self, offset: u64, len: u32) -> Result<(), DiskError> {
+        self.check_range(offset, len.into())
+    }
+
+    pub fn read(&self, offset: u64, len: u32) -> Result<Vec<u8>, DiskError> {
+        self.check_read(offset, len)?;
+        let mut buf = vec![0u8; len as usize];
+        self.disk.read_exact_at(&mut buf, offset).map_err(|e| DiskError::io("read", offset, e))?;
+        Ok(buf)
+    }
+
+    pub fn write(&self, offset: u64, data: &[u8]) -> Result<(), DiskError> {
+        self.check_writable()?;
+        self.check_range(offset, data.len() as u64)?;
+        self.disk.write_all_at(data, offset).map_err(|e| DiskError::io("write", offset, e))
+    }
+
+    pub fn flush(&self) -> Result<(), DiskError> {
+        if !self.writable {
+            return Ok(());
+        }
+        self.disk.sync().map_err(|e| DiskError::io("flush", 0, e))
+    }
+
+    pub fn discard(&self, offset: u64, len: u64) -> Result<(), DiskError> {
+        self.check_writable()?;
+        self.check_range(offset, len)?;
+        self.disk.punch_hole(offset, len).map_err(|e| DiskError::io("discard", offset, e))
+    }
+
+    /// Which parts of `offset..offset+len` are holes, as far as the OS tells cheaply.
+    pub fn block_status(&self, offset: u64, len: u64) -> Result<Vec<Extent>, DiskError> {
+        if offset >= self.size {
+            return Err(DiskError::new(ErrorCode::OutOfRange, format!("offset {offset} is at or beyond the end of the disk")));
+        }
+        let regions = self.disk.regions(offset, len, MAX_STATUS_EXTENTS).map_err(|e| DiskError::io("seek", offset, e))?;
+        Ok(regions
+            .into_iter()
+            .map(|(len, r)| Extent {
+                len,
+                state: match r {
+                    Region::Data => BlockState::Data,
+                    Region::Zero => BlockState::Zero,
+                    Region::Unknown => BlockState::Unknown,
+                },
+            })
+            .collect())
+    }
+}
