@@ -1,1 +1,7 @@
-//! x
+//! The diskferry imaging server library: block devices (local and remote), and the jobs that
+//! move sectors between them. The `diskferry` binary is a thin CLI over this.
+
+pub mod blockdev;
+pub mod pipeline;
+pub mod progress;
+pub mod source;

@@ -1,1 +1,181 @@
-//! x
+//! Helpers for end-to-end scenarios: build and locate the real binaries, start a
+//! `diskferry-client` on a free loopback port, generate disk fixtures with data and holes.
+
+use std::io::{BufRead, BufReader, Read};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+
+/// The directory holding this build's binaries (target/debug or target/release).
+pub fn bin_dir() -> &'static Path {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        // This test runs from <target>/<profile>/deps/<test>-<hash>.
+        let exe = std::env::current_exe().expect("current_exe");
+        let profile_dir = exe.parent().and_then(Path::parent).expect("test binary lives in <target>/<profile>/deps");
+        build_binaries(profile_dir);
+        profile_dir.to_path_buf()
+    })
+}
+
+/// Builds the binaries under test so a plain `cargo nextest run` never tests stale ones.
+fn build_binaries(profile_dir: &Path) {
+    let target_dir = profile_dir.parent().expect("profile dir has a parent");
+    let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    cmd.args(["build", "--quiet", "--bins", "-p", "diskferry", "-p", "diskferry-client"]);
+    if profile_dir.file_name().is_some_and(|n| n == "release") {
+        cmd.arg("--release");
+    }
+    cmd.env("CARGO_TARGET_DIR", target_dir);
+    let status = cmd.status().expect("cannot run cargo to build the binaries under test");
+    assert!(status.success(), "building diskferry and diskferry-client failed");
+}
+
+/// Path of one of the project's binaries.
+pub fn bin(name: &str) -> PathBuf {
+    bin_dir().join(name)
+}
+
+/// A running `diskferry-client`, killed when dropped.
+pub struct Client {
+    pub child: Child,
+    pub addr: String,
+    stderr: Option<std::process::ChildStderr>,
+}
+
+impl Client {
+    /// Starts the client on 127.0.0.1:0 with the given extra arguments and waits for its
+    /// `listening on` line.
+    pub fn start(key: &Path, extra: &[&str]) -> Result<Client> {
+        let mut child = Command::new(bin("diskferry-client"))
+            .args(["--listen", "127.0.0.1:0", "--key-file"])
+            .arg(key)
+            .args(extra)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("spawn diskferry-client")?;
+        let stdout = child.stdout.take().context("client stdout")?;
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut line = String::new();
+            let _ = BufReader::new(stdout).read_line(&mut line);
+            let _ = tx.send(line);
+        });
+        let line = rx.recv_timeout(Duration::from_secs(20)).context("client did not report its address")?;
+        let Some(addr) = line.trim().strip_prefix("listening on ") else {
+            let _ = child.kill();
+            bail!("unexpected first line from the client: {line:?}");
+        };
+        let stderr = child.stderr.take();
+        Ok(Client { addr: addr.to_string(), child, stderr })
+    }
+
+    /// `DISK@ADDR` for a disk served by this client.
+    pub fn source(&self, disk: &Path) -> String {
+        format!("{}@{}", disk.display(), self.addr)
+    }
+
+    /// Stops the client and returns what it logged.
+    pub fn stop(mut self) -> String {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let mut log = String::new();
+        if let Some(mut e) = self.stderr.take() {
+            let _ = e.read_to_string(&mut log);
+        }
+        log
+    }
+}
+
+impl Drop for Client {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Writes a fresh key file.
+pub fn make_key(dir: &Path, name: &str) -> PathBuf {
+    let path = dir.join(name);
+    let status = Command::new(bin("diskferry")).arg("keygen").arg(&path).stderr(Stdio::null()).status().expect("keygen");
+    assert!(status.success());
+    path
+}
+
+/// Fills `buf` with deterministic, incompressible-looking bytes derived from `seed`.
+pub fn pattern(buf: &mut [u8], seed: u64) {
+    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    for chunk in buf.chunks_mut(8) {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        let b = x.to_le_bytes();
+        chunk.copy_from_slice(&b[..chunk.len()]);
+    }
+}
+
+/// Creates a sparse disk image of `size` bytes with pattern data at each `(offset, len)`.
+pub fn make_disk(path: &Path, size: u64, data: &[(u64, u64)]) -> Result<()> {
+    let f = std::fs::File::create(path)?;
+    f.set_len(size)?;
+    let mut buf = vec![0u8; 4 << 20];
+    for (i, &(offset, len)) in data.iter().enumerate() {
+        let mut done = 0;
+        while done < len {
+            let n = (len - done).min(buf.len() as u64) as usize;
+            pattern(&mut buf[..n], (i as u64) << 32 | done);
+            f.write_all_at(&buf[..n], offset + done)?;
+            done += n as u64;
+        }
+    }
+    Ok(())
+}
+
+/// Compares two files byte for byte, reporting the first difference.
+pub fn assert_same_bytes(a: &Path, b: &Path) {
+    let (fa, fb) = (std::fs::File::open(a).unwrap(), std::fs::File::open(b).unwrap());
+    let (la, lb) = (fa.metadata().unwrap().len(), fb.metadata().unwrap().len());
+    assert_eq!(la, lb, "{} and {} differ in size", a.display(), b.display());
+    let (mut ba, mut bb) = (vec![0u8; 8 << 20], vec![0u8; 8 << 20]);
+    let mut off = 0;
+    while off < la {
+        let n = (la - off).min(ba.len() as u64) as usize;
+        fa.read_exact_at(&mut ba[..n], off).unwrap();
+        fb.read_exact_at(&mut bb[..n], off).unwrap();
+        if ba[..n] != bb[..n] {
+            let i = ba[..n].iter().zip(&bb[..n]).position(|(x, y)| x != y).unwrap();
+            panic!("{} and {} differ at byte {}", a.display(), b.display(), off + i as u64);
+        }
+        off += n as u64;
+    }
+}
+
+/// Bytes actually allocated on disk for a file.
+pub fn allocated(path: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(path).unwrap().blocks() * 512
+}
+
+/// Runs `diskferry` with arguments; returns (success, stderr).
+pub fn diskferry(args: &[&std::ffi::OsStr]) -> (bool, String, String) {
+    let out = Command::new(bin("diskferry")).args(args).stdin(Stdio::null()).output().expect("run diskferry");
+    (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+/// Waits until `cond` holds or `limit` passes; returns whether it held.
+pub fn wait_for(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let start = Instant::now();
+    while start.elapsed() < limit {
+        if cond() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    cond()
+}

@@ -1,1 +1,230 @@
-fn main() {}
+//! `diskferry`: the imaging server's command line.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use diskferry::blockdev::Connection;
+use diskferry::pipeline::capture_sectors_raw;
+use diskferry::progress::{Progress, Silent, TerminalBar};
+use diskferry::source::{open_source, SourceSpec};
+use diskferry_protocol::{Psk, Role, SessionOptions};
+
+#[derive(Parser)]
+#[command(name = "diskferry", version, about = "Network disk imaging: capture machines served by diskferry-client into images")]
+#[command(long_about = "Network disk imaging. A machine booted into diskferry-client serves its raw disks over an \
+authenticated, encrypted block protocol; diskferry reads them as if they were local and writes images.\n\n\
+Remote disks are named DISK@HOST:PORT, e.g. /dev/sda@192.0.2.10:7700. Both sides need the same key file \
+(create one with `diskferry keygen`).")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// List the disks a diskferry-client serves
+    Disks {
+        /// The client's address, HOST:PORT
+        addr: String,
+        #[command(flatten)]
+        conn: ConnArgs,
+    },
+    /// Copy a disk into an image file
+    Capture(CaptureArgs),
+    /// Write a new random key file for the client and the server to share
+    Keygen {
+        /// Where to write the key (created with mode 0600; never overwritten)
+        file: PathBuf,
+    },
+}
+
+#[derive(Args)]
+struct ConnArgs {
+    /// Pre-shared key file, the same one the client uses
+    #[arg(long, env = "DISKFERRY_KEY_FILE", value_name = "FILE")]
+    key_file: Option<PathBuf>,
+    /// Ask for an unencrypted transport after authentication (the client must allow it too);
+    /// only for trusted links
+    #[arg(long)]
+    plaintext: bool,
+}
+
+#[derive(Args)]
+struct CaptureArgs {
+    /// What to capture: DISK@HOST:PORT for a client's disk, or a local file or block device
+    source: String,
+    /// The image to write (written as OUT.partial and renamed when complete)
+    out: PathBuf,
+    /// How to copy: `sectors` copies every sector that is not zero
+    #[arg(long, value_enum, default_value_t = Mode::Sectors)]
+    mode: Mode,
+    /// Image format of OUT: `raw` is a sparse file
+    #[arg(long, value_enum, default_value_t = Format::Raw)]
+    format: Format,
+    /// Progress display: a bar on a terminal, or nothing
+    #[arg(long, value_enum, default_value_t = ProgressKind::Bar)]
+    progress: ProgressKind,
+    /// Replace OUT if it exists
+    #[arg(long)]
+    force: bool,
+    #[command(flatten)]
+    conn: ConnArgs,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Mode {
+    /// Every non-zero sector at its own offset
+    Sectors,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Format {
+    /// A sparse raw disk image
+    Raw,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum ProgressKind {
+    Bar,
+    None,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("diskferry: error: {}", error_chain(&e));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// The error and its causes, skipping causes whose text the message already includes (our
+/// library errors embed their source so they read well on their own, too).
+fn error_chain(e: &anyhow::Error) -> String {
+    let mut out = e.to_string();
+    for cause in e.chain().skip(1) {
+        let text = cause.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+    }
+    out
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Keygen { file } => keygen(&file),
+        Command::Disks { addr, conn } => disks(&addr, &conn),
+        Command::Capture(args) => capture(args),
+    }
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread().enable_all().build().context("cannot start the async runtime")
+}
+
+fn session(conn: &ConnArgs) -> Result<SessionOptions> {
+    let Some(path) = &conn.key_file else {
+        bail!("a key is needed to talk to a client: pass --key-file FILE or set DISKFERRY_KEY_FILE")
+    };
+    let mut opts = SessionOptions::new(Role::Controller, Psk::from_file(path)?);
+    opts.plaintext = conn.plaintext;
+    Ok(opts)
+}
+
+fn keygen(file: &Path) -> Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(file)
+        .with_context(|| format!("cannot create key file {} (it must not exist yet)", file.display()))?;
+    f.write_all(Psk::generate_secret().as_bytes())?;
+    f.sync_all()?;
+    eprintln!("wrote a new key to {}; copy it to the client side too", file.display());
+    Ok(())
+}
+
+fn disks(addr: &str, conn: &ConnArgs) -> Result<()> {
+    let opts = session(conn)?;
+    let rt = runtime()?;
+    let list = rt.block_on(async {
+        let c = Connection::connect(addr, &opts).await?;
+        anyhow::Ok(c.list_disks().await?)
+    })?;
+    println!("{:<24} {:>12} {:>8} {:>8} {:<24} {:<20} FLAGS", "NAME", "SIZE", "LOGICAL", "PHYSICAL", "MODEL", "SERIAL");
+    for d in list {
+        let mut flags = Vec::new();
+        if d.read_only {
+            flags.push("ro");
+        }
+        if d.rotational {
+            flags.push("rotational");
+        }
+        println!(
+            "{:<24} {:>12} {:>8} {:>8} {:<24} {:<20} {}",
+            d.name,
+            human_bytes(d.size),
+            d.logical_sector,
+            d.physical_sector,
+            d.model,
+            d.serial,
+            flags.join(",")
+        );
+    }
+    Ok(())
+}
+
+fn capture(args: CaptureArgs) -> Result<()> {
+    let (Mode::Sectors, Format::Raw) = (args.mode, args.format);
+    let spec = SourceSpec::parse(&args.source);
+    let opts = match &spec {
+        SourceSpec::Remote { .. } => Some(session(&args.conn)?),
+        SourceSpec::Local(_) => None,
+    };
+    let rt = runtime()?;
+    let src = open_source(&spec, rt.handle(), opts.as_ref())?;
+    let bar = match args.progress {
+        ProgressKind::Bar => TerminalBar::if_terminal(),
+        ProgressKind::None => None,
+    };
+    let progress: &dyn Progress = match &bar {
+        Some(b) => b,
+        None => &Silent,
+    };
+    let stats = capture_sectors_raw(src.as_ref(), &args.out, args.force, progress)?;
+    let secs = stats.elapsed.as_secs_f64().max(1e-9);
+    eprintln!(
+        "captured {} into {}: {} read ({} skipped as zero by the client), {} written, {:.1} s, {:.0} MB/s",
+        human_bytes(stats.size),
+        args.out.display(),
+        human_bytes(stats.read),
+        human_bytes(stats.skipped_by_status),
+        human_bytes(stats.written),
+        secs,
+        stats.read as f64 / secs / 1e6
+    );
+    Ok(())
+}
+
+fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
+    let mut v = n as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u < UNITS.len() - 1 {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
+}

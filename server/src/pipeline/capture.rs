@@ -1,0 +1,115 @@
+//! Capture: copy a source disk into an image. This first mode is `sectors` into `raw`: every
+//! sector that is not zero, at its own offset, into a sparse file.
+//!
+//! The source is mapped first (block status: ranges known to be zero never cross the wire),
+//! then the remaining ranges are read in disk order with many requests in flight; blocks that
+//! turn out to be all zeros are not written, so the output stays sparse.
+
+use std::ops::Range;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use super::output::{OutputError, PartialOutput};
+use super::zero::nonzero_runs;
+use crate::blockdev::{map_device, BlockDevice, BlockError, Region};
+use crate::progress::Progress;
+
+/// What a capture did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CaptureStats {
+    /// Size of the source (and virtual size of the output).
+    pub size: u64,
+    /// Bytes the source reported as zero without being read.
+    pub skipped_by_status: u64,
+    /// Bytes read from the source.
+    pub read: u64,
+    /// Bytes written to the output (read bytes minus all-zero blocks).
+    pub written: u64,
+    pub elapsed: Duration,
+}
+
+/// Why a capture failed. The output then exists only as `OUT.partial`, if at all.
+#[derive(Debug, thiserror::Error)]
+pub enum CaptureError {
+    #[error(transparent)]
+    Output(#[from] OutputError),
+    #[error("reading the source failed: {source} (incomplete output left at {partial})")]
+    Source { source: BlockError, partial: PathBuf },
+    #[error("writing {path} failed at offset {offset}: {source} (is the disk full?)")]
+    Write { path: PathBuf, offset: u64, source: std::io::Error },
+}
+
+/// Copies every non-zero sector of `src` into a sparse raw file at `out`.
+pub fn capture_sectors_raw(
+    src: &dyn BlockDevice,
+    out: &Path,
+    overwrite: bool,
+    progress: &dyn Progress,
+) -> Result<CaptureStats, CaptureError> {
+    let started = Instant::now();
+    let output = PartialOutput::create(out, overwrite)?;
+    let partial = output.partial_path().to_path_buf();
+    let size = src.size();
+    output.file().set_len(size).map_err(|source| CaptureError::Write { path: partial.clone(), offset: size, source })?;
+
+    let source_err = |source| CaptureError::Source { source, partial: partial.clone() };
+    let ranges: Vec<Range<u64>> = map_device(src)
+        .map_err(source_err)?
+        .into_iter()
+        .filter(|e| e.region != Region::Zero)
+        .map(|e| e.offset..e.end())
+        .collect();
+    let to_read: u64 = ranges.iter().map(|r| r.end - r.start).sum();
+    let mut stats = CaptureStats { size, skipped_by_status: size - to_read, ..CaptureStats::default() };
+
+    progress.start("sectors", to_read);
+    let mut write_error = None;
+    let result = src.read_ranges(&ranges, &mut |offset, data| {
+        for run in nonzero_runs(data) {
+            let at = offset + run.start as u64;
+            if let Err(e) = output.file().write_all_at(&data[run.clone()], at) {
+                write_error = Some((at, e));
+                return Err(BlockError::Protocol("local write failed".into()));
+            }
+            stats.written += run.len() as u64;
+        }
+        stats.read += data.len() as u64;
+        progress.advance(data.len() as u64);
+        Ok(())
+    });
+    progress.finish();
+    if let Some((offset, source)) = write_error {
+        return Err(CaptureError::Write { path: partial, offset, source });
+    }
+    result.map_err(source_err)?;
+    output.commit()?;
+    stats.elapsed = started.elapsed();
+    Ok(stats)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::blockdev::MemoryDevice;
+    use crate::progress::Silent;
+    use std::os::unix::fs::MetadataExt;
+
+    #[test]
+    fn copies_data_skips_zeros_and_renames_only_when_done() {
+        let mut data = vec![0u8; 8 << 20];
+        data[100..200].fill(0xab);
+        data[(5 << 20)..(5 << 20) + 4096].fill(0xcd);
+        let src = MemoryDevice::read_only(data.clone());
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("disk.raw");
+        let stats = capture_sectors_raw(&src, &out, false, &Silent).unwrap();
+        assert_eq!(std::fs::read(&out).unwrap(), data);
+        assert_eq!(stats.read, 8 << 20, "memory devices know no holes: everything is read");
+        assert_eq!(stats.written, 8192, "only the two non-zero blocks are written");
+        assert!(std::fs::metadata(&out).unwrap().blocks() * 512 <= 64 << 10, "the output is sparse");
+        assert!(!dir.path().join("disk.raw.partial").exists());
+        // A second capture to the same name is refused without overwrite.
+        assert!(matches!(capture_sectors_raw(&src, &out, false, &Silent), Err(CaptureError::Output(OutputError::Exists(_)))));
+    }
+}

@@ -1,0 +1,11 @@
+//! Jobs that move data between block devices: capture (source → image) today; deploy and
+//! verify join later. Jobs are synchronous and run on blocking threads, reporting through
+//! [`crate::progress::Progress`].
+
+pub mod capture;
+mod output;
+mod zero;
+
+pub use capture::{capture_sectors_raw, CaptureError, CaptureStats};
+pub use output::{OutputError, PartialOutput};
+pub use zero::nonzero_runs;
