@@ -53,12 +53,19 @@ pub fn parse(mut it: impl Iterator<Item = OsString>) -> Result<Command, String> 
     let mut plaintext = false;
     let mut max_inflight: u32 = 64 << 20;
     while let Some(arg) = it.next() {
-        let arg = arg.into_string().map_err(|a| format!("argument {a:?} is not UTF-8"))?;
+        let arg = arg
+            .into_string()
+            .map_err(|a| format!("argument {a:?} is not UTF-8"))?;
         let (flag, inline) = match arg.split_once('=') {
             Some((f, v)) if f.starts_with("--") => (f.to_string(), Some(OsString::from(v))),
             _ => (arg.clone(), None),
         };
-        let mut value = |name: &str| inline.clone().or_else(|| it.next()).ok_or_else(|| format!("{name} needs a value"));
+        let mut value = |name: &str| {
+            inline
+                .clone()
+                .or_else(|| it.next())
+                .ok_or_else(|| format!("{name} needs a value"))
+        };
         match flag.as_str() {
             "-h" | "--help" => return Ok(Command::Help),
             "-V" | "--version" => return Ok(Command::Version),
@@ -80,5 +87,12 @@ pub fn parse(mut it: impl Iterator<Item = OsString>) -> Result<Command, String> 
     }
     let listen = listen.ok_or("--listen ADDR:PORT is required")?;
     let key_file = key_file.ok_or("--key-file FILE (or DISKFERRY_KEY_FILE) is required")?;
-    Ok(Command::Run(Args { listen, key_file, disks, allow_write, plaintext, max_inflight }))
+    Ok(Command::Run(Args {
+        listen,
+        key_file,
+        disks,
+        allow_write,
+        plaintext,
+        max_inflight,
+    }))
 }

@@ -24,27 +24,44 @@ pub struct DiskSpec {
 /// The disks to serve: exactly the `--disk` paths, or every whole disk in /sys/block.
 pub fn discover(explicit: &[PathBuf]) -> Vec<DiskSpec> {
     if !explicit.is_empty() {
-        return explicit.iter().map(|p| DiskSpec { path: p.clone(), name: p.display().to_string() }).collect();
+        return explicit
+            .iter()
+            .map(|p| DiskSpec {
+                path: p.clone(),
+                name: p.display().to_string(),
+            })
+            .collect();
     }
     let mut found = Vec::new();
-    let Ok(entries) = std::fs::read_dir("/sys/block") else { return found };
+    let Ok(entries) = std::fs::read_dir("/sys/block") else {
+        return found;
+    };
     for entry in entries.flatten() {
         let name = entry.file_name().to_string_lossy().into_owned();
         if ["loop", "ram", "zram"].iter().any(|p| name.starts_with(p)) {
             continue;
         }
         // Empty drives (no medium, unconfigured nbd) report size 0: nothing to serve.
-        if read_sys(&entry.path().join("size")).and_then(|s| s.parse::<u64>().ok()).unwrap_or(0) == 0 {
+        if read_sys(&entry.path().join("size"))
+            .and_then(|s| s.parse::<u64>().ok())
+            .unwrap_or(0)
+            == 0
+        {
             continue;
         }
-        found.push(DiskSpec { path: PathBuf::from(format!("/dev/{name}")), name: format!("/dev/{name}") });
+        found.push(DiskSpec {
+            path: PathBuf::from(format!("/dev/{name}")),
+            name: format!("/dev/{name}"),
+        });
     }
     found.sort_by(|a, b| a.name.cmp(&b.name));
     found
 }
 
 fn read_sys(path: &Path) -> Option<String> {
-    std::fs::read_to_string(path).ok().map(|s| s.trim().to_string())
+    std::fs::read_to_string(path)
+        .ok()
+        .map(|s| s.trim().to_string())
 }
 
 /// Describes a disk without opening it for I/O. `allow_write` is the client's own setting.
@@ -80,7 +97,10 @@ pub fn describe(spec: &DiskSpec, allow_write: bool) -> io::Result<DiskInfo> {
         info.size = meta.len();
         info.model = "regular file".into();
     } else {
-        return Err(io::Error::new(io::ErrorKind::InvalidInput, "neither a block device nor a regular file"));
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "neither a block device nor a regular file",
+        ));
     }
     Ok(info)
 }
@@ -102,7 +122,10 @@ pub struct DiskError {
 
 impl DiskError {
     fn new(code: ErrorCode, message: impl Into<String>) -> Self {
-        DiskError { code, message: message.into() }
+        DiskError {
+            code,
+            message: message.into(),
+        }
     }
 
     /// The one place where OS errors become wire error codes.
@@ -110,7 +133,9 @@ impl DiskError {
         let code = match e.kind() {
             io::ErrorKind::PermissionDenied => ErrorCode::PermissionDenied,
             io::ErrorKind::Unsupported => ErrorCode::Unsupported,
-            _ if e.raw_os_error() == Some(rustix::io::Errno::OPNOTSUPP.raw_os_error()) => ErrorCode::Unsupported,
+            _ if e.raw_os_error() == Some(rustix::io::Errno::OPNOTSUPP.raw_os_error()) => {
+                ErrorCode::Unsupported
+            }
             _ => ErrorCode::Io,
         };
         DiskError::new(code, format!("{op} at offset {offset}: {e}"))
@@ -119,8 +144,13 @@ impl DiskError {
 
 impl OpenDisk {
     pub fn open(spec: &DiskSpec, writable: bool) -> Result<OpenDisk, DiskError> {
-        let disk = LocalDisk::open(&spec.path, writable).map_err(|e| DiskError::io("open", 0, e))?;
-        Ok(OpenDisk { size: disk.size(), writable, disk })
+        let disk =
+            LocalDisk::open(&spec.path, writable).map_err(|e| DiskError::io("open", 0, e))?;
+        Ok(OpenDisk {
+            size: disk.size(),
+            writable,
+            disk,
+        })
     }
 
     fn check_range(&self, offset: u64, len: u64) -> Result<(), DiskError> {
@@ -128,7 +158,10 @@ impl OpenDisk {
             Some(end) if end <= self.size => Ok(()),
             _ => Err(DiskError::new(
                 ErrorCode::OutOfRange,
-                format!("range {offset}+{len} is beyond the end of the disk ({} bytes)", self.size),
+                format!(
+                    "range {offset}+{len} is beyond the end of the disk ({} bytes)",
+                    self.size
+                ),
             )),
         }
     }
@@ -137,7 +170,10 @@ impl OpenDisk {
         if self.writable {
             Ok(())
         } else {
-            Err(DiskError::new(ErrorCode::ReadOnly, "disk is open read-only"))
+            Err(DiskError::new(
+                ErrorCode::ReadOnly,
+                "disk is open read-only",
+            ))
         }
     }
 
@@ -149,14 +185,18 @@ impl OpenDisk {
     pub fn read(&self, offset: u64, len: u32) -> Result<Vec<u8>, DiskError> {
         self.check_read(offset, len)?;
         let mut buf = vec![0u8; len as usize];
-        self.disk.read_exact_at(&mut buf, offset).map_err(|e| DiskError::io("read", offset, e))?;
+        self.disk
+            .read_exact_at(&mut buf, offset)
+            .map_err(|e| DiskError::io("read", offset, e))?;
         Ok(buf)
     }
 
     pub fn write(&self, offset: u64, data: &[u8]) -> Result<(), DiskError> {
         self.check_writable()?;
         self.check_range(offset, data.len() as u64)?;
-        self.disk.write_all_at(data, offset).map_err(|e| DiskError::io("write", offset, e))
+        self.disk
+            .write_all_at(data, offset)
+            .map_err(|e| DiskError::io("write", offset, e))
     }
 
     pub fn flush(&self) -> Result<(), DiskError> {
@@ -169,15 +209,23 @@ impl OpenDisk {
     pub fn discard(&self, offset: u64, len: u64) -> Result<(), DiskError> {
         self.check_writable()?;
         self.check_range(offset, len)?;
-        self.disk.punch_hole(offset, len).map_err(|e| DiskError::io("discard", offset, e))
+        self.disk
+            .punch_hole(offset, len)
+            .map_err(|e| DiskError::io("discard", offset, e))
     }
 
     /// Which parts of `offset..offset+len` are holes, as far as the OS tells cheaply.
     pub fn block_status(&self, offset: u64, len: u64) -> Result<Vec<Extent>, DiskError> {
         if offset >= self.size {
-            return Err(DiskError::new(ErrorCode::OutOfRange, format!("offset {offset} is at or beyond the end of the disk")));
+            return Err(DiskError::new(
+                ErrorCode::OutOfRange,
+                format!("offset {offset} is at or beyond the end of the disk"),
+            ));
         }
-        let regions = self.disk.regions(offset, len, MAX_STATUS_EXTENTS).map_err(|e| DiskError::io("seek", offset, e))?;
+        let regions = self
+            .disk
+            .regions(offset, len, MAX_STATUS_EXTENTS)
+            .map_err(|e| DiskError::io("seek", offset, e))?;
         Ok(regions
             .into_iter()
             .map(|(len, r)| Extent {

@@ -75,11 +75,17 @@ where
         let reply = |reply: Reply| (Message::Reply { cookie, reply }, None);
         match request {
             Request::ListDisks => {
-                let list = config.disks.iter().filter_map(|d| disks::describe(d, config.allow_write).ok()).collect();
+                let list = config
+                    .disks
+                    .iter()
+                    .filter_map(|d| disks::describe(d, config.allow_write).ok())
+                    .collect();
                 let _ = tx.send(reply(Reply::Disks(list)));
             }
             Request::Open { disk, writable } => {
-                let _ = tx.send(reply(open(&config, &disk, writable, &mut handles, &mut next_handle).await));
+                let _ = tx.send(reply(
+                    open(&config, &disk, writable, &mut handles, &mut next_handle).await,
+                ));
             }
             Request::Close { handle } => {
                 let r = match handles.remove(&handle) {
@@ -88,7 +94,11 @@ where
                 };
                 let _ = tx.send(reply(r));
             }
-            Request::Read { handle, offset, len } => {
+            Request::Read {
+                handle,
+                offset,
+                len,
+            } => {
                 let Some(disk) = handles.get(&handle).cloned() else {
                     let _ = tx.send(reply(bad_handle(handle)));
                     continue;
@@ -96,7 +106,9 @@ where
                 if len > max_payload {
                     let _ = tx.send(reply(error(DiskError {
                         code: ErrorCode::TooLarge,
-                        message: format!("read of {len} bytes exceeds the negotiated maximum of {max_payload}"),
+                        message: format!(
+                            "read of {len} bytes exceeds the negotiated maximum of {max_payload}"
+                        ),
                     })));
                     continue;
                 }
@@ -105,32 +117,63 @@ where
                     continue;
                 }
                 // Bounded allocation: wait for budget before the buffer exists.
-                let Ok(permit) = Arc::clone(&budget).acquire_many_owned(len.max(1)).await else { break Ok(()) };
-                run(&tx, cookie, Some(permit), move || disk.read(offset, len).map(|v| Reply::Data(Bytes::from(v))));
+                let Ok(permit) = Arc::clone(&budget).acquire_many_owned(len.max(1)).await else {
+                    break Ok(());
+                };
+                run(&tx, cookie, Some(permit), move || {
+                    disk.read(offset, len).map(|v| Reply::Data(Bytes::from(v)))
+                });
             }
-            Request::Write { handle, offset, data } => {
+            Request::Write {
+                handle,
+                offset,
+                data,
+            } => {
                 let Some(disk) = handles.get(&handle).cloned() else {
                     let _ = tx.send(reply(bad_handle(handle)));
                     continue;
                 };
-                let Ok(permit) = Arc::clone(&budget).acquire_many_owned((data.len() as u32).max(1)).await else {
+                let Ok(permit) = Arc::clone(&budget)
+                    .acquire_many_owned((data.len() as u32).max(1))
+                    .await
+                else {
                     break Ok(());
                 };
-                run(&tx, cookie, Some(permit), move || disk.write(offset, &data).map(|()| Reply::Done));
+                run(&tx, cookie, Some(permit), move || {
+                    disk.write(offset, &data).map(|()| Reply::Done)
+                });
             }
-            Request::Flush { handle } => with_disk(&tx, cookie, &handles, handle, |d| d.flush().map(|()| Reply::Done)),
-            Request::Discard { handle, offset, len } => {
-                with_disk(&tx, cookie, &handles, handle, move |d| d.discard(offset, len).map(|()| Reply::Done))
-            }
-            Request::BlockStatus { handle, offset, len } => {
-                with_disk(&tx, cookie, &handles, handle, move |d| d.block_status(offset, len).map(Reply::Status))
-            }
+            Request::Flush { handle } => with_disk(&tx, cookie, &handles, handle, |d| {
+                d.flush().map(|()| Reply::Done)
+            }),
+            Request::Discard {
+                handle,
+                offset,
+                len,
+            } => with_disk(&tx, cookie, &handles, handle, move |d| {
+                d.discard(offset, len).map(|()| Reply::Done)
+            }),
+            Request::BlockStatus {
+                handle,
+                offset,
+                len,
+            } => with_disk(&tx, cookie, &handles, handle, move |d| {
+                d.block_status(offset, len).map(Reply::Status)
+            }),
         }
     };
     drop(tx);
     // In-flight operations finish and their replies are sent before the connection closes.
-    let written = writer_task.await.unwrap_or_else(|e| Err(ProtocolError::Io(std::io::Error::other(e))));
-    result.and(written.or_else(|e| if matches!(e, ProtocolError::Io(_)) { Ok(()) } else { Err(e) }))
+    let written = writer_task
+        .await
+        .unwrap_or_else(|e| Err(ProtocolError::Io(std::io::Error::other(e))));
+    result.and(written.or_else(|e| {
+        if matches!(e, ProtocolError::Io(_)) {
+            Ok(())
+        } else {
+            Err(e)
+        }
+    }))
 }
 
 async fn open(
@@ -143,11 +186,15 @@ async fn open(
     if writable && !config.allow_write {
         return error(DiskError {
             code: ErrorCode::ReadOnly,
-            message: "this client is read-only; start it with --allow-write to permit writes".into(),
+            message: "this client is read-only; start it with --allow-write to permit writes"
+                .into(),
         });
     }
     let Some(spec) = config.disks.iter().find(|d| d.name == name).cloned() else {
-        return error(DiskError { code: ErrorCode::NotFound, message: format!("no disk named {name:?} is served here") });
+        return error(DiskError {
+            code: ErrorCode::NotFound,
+            message: format!("no disk named {name:?} is served here"),
+        });
     };
     let info = disks::describe(&spec, config.allow_write);
     let opened = tokio::task::spawn_blocking(move || OpenDisk::open(&spec, writable)).await;
@@ -158,11 +205,23 @@ async fn open(
             let read_only = !disk.writable;
             let size = disk.size;
             handles.insert(handle, Arc::new(disk));
-            Reply::Opened { handle, size, logical_sector: info.logical_sector, physical_sector: info.physical_sector, read_only }
+            Reply::Opened {
+                handle,
+                size,
+                logical_sector: info.logical_sector,
+                physical_sector: info.physical_sector,
+                read_only,
+            }
         }
         (Ok(Err(e)), _) => error(e),
-        (_, Err(e)) => error(DiskError { code: ErrorCode::Io, message: format!("cannot describe {name}: {e}") }),
-        (Err(e), _) => error(DiskError { code: ErrorCode::Io, message: format!("open task failed: {e}") }),
+        (_, Err(e)) => error(DiskError {
+            code: ErrorCode::Io,
+            message: format!("cannot describe {name}: {e}"),
+        }),
+        (Err(e), _) => error(DiskError {
+            code: ErrorCode::Io,
+            message: format!("open task failed: {e}"),
+        }),
     }
 }
 
@@ -176,7 +235,13 @@ fn with_disk(
     match handles.get(&handle).cloned() {
         Some(disk) => run(tx, cookie, None, move || op(&disk)),
         None => {
-            let _ = tx.send((Message::Reply { cookie, reply: bad_handle(handle) }, None));
+            let _ = tx.send((
+                Message::Reply {
+                    cookie,
+                    reply: bad_handle(handle),
+                },
+                None,
+            ));
         }
     }
 }
@@ -196,9 +261,15 @@ fn run(
 }
 
 fn error(e: DiskError) -> Reply {
-    Reply::Error { code: e.code, message: e.message }
+    Reply::Error {
+        code: e.code,
+        message: e.message,
+    }
 }
 
 fn bad_handle(handle: u32) -> Reply {
-    Reply::Error { code: ErrorCode::BadHandle, message: format!("no open disk has handle {handle}") }
+    Reply::Error {
+        code: ErrorCode::BadHandle,
+        message: format!("no open disk has handle {handle}"),
+    }
 }

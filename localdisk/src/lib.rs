@@ -49,9 +49,17 @@ impl LocalDisk {
         } else if meta.file_type().is_block_device() {
             rustix::fs::seek(&file, SeekFrom::End(0))?
         } else {
-            return Err(io::Error::new(io::ErrorKind::InvalidInput, "neither a block device nor a regular file"));
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "neither a block device nor a regular file",
+            ));
         };
-        Ok(LocalDisk { file, size, writable, is_file })
+        Ok(LocalDisk {
+            file,
+            size,
+            writable,
+            is_file,
+        })
     }
 
     pub fn size(&self) -> u64 {
@@ -83,7 +91,12 @@ impl LocalDisk {
 
     /// Deallocates a range; it then reads as zeros (files) or as the device decides.
     pub fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()> {
-        rustix::fs::fallocate(&self.file, FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE, offset, len)?;
+        rustix::fs::fallocate(
+            &self.file,
+            FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE,
+            offset,
+            len,
+        )?;
         Ok(())
     }
 
@@ -100,11 +113,19 @@ impl LocalDisk {
         let mut out: Vec<(u64, Region)> = Vec::new();
         let mut pos = offset;
         while pos < end && out.len() < max.max(1) {
-            let data = self.seek(SeekFrom::Data(pos as i64))?.unwrap_or(self.size).min(end);
+            let data = self
+                .seek(SeekFrom::Data(pos as i64))?
+                .unwrap_or(self.size)
+                .min(end);
             let (region, next) = if data > pos {
                 (Region::Zero, data)
             } else {
-                (Region::Data, self.seek(SeekFrom::Hole(pos as i64))?.unwrap_or(self.size).clamp(pos + 1, end))
+                (
+                    Region::Data,
+                    self.seek(SeekFrom::Hole(pos as i64))?
+                        .unwrap_or(self.size)
+                        .clamp(pos + 1, end),
+                )
             };
             match out.last_mut() {
                 Some((n, r)) if *r == region => *n += next - pos,
@@ -145,7 +166,10 @@ mod tests {
         assert_eq!(r[1], (1 << 20, Region::Data));
         assert_eq!(r.last().unwrap().1, Region::Data);
         // A window inside the data run.
-        assert_eq!(d.regions((4 << 20) + 10, 100, 100).unwrap(), vec![(100, Region::Data)]);
+        assert_eq!(
+            d.regions((4 << 20) + 10, 100, 100).unwrap(),
+            vec![(100, Region::Data)]
+        );
         // The cap on the number of regions is honoured.
         assert_eq!(d.regions(0, u64::MAX, 1).unwrap().len(), 1);
     }
@@ -161,6 +185,13 @@ mod tests {
         d.read_exact_at(&mut buf, 2 << 20).unwrap();
         assert!(buf.iter().all(|&b| b == 0));
         let r = d.regions(0, u64::MAX, 10).unwrap();
-        assert_eq!(r, vec![(1 << 20, Region::Data), (2 << 20, Region::Zero), (5 << 20, Region::Data)]);
+        assert_eq!(
+            r,
+            vec![
+                (1 << 20, Region::Data),
+                (2 << 20, Region::Zero),
+                (5 << 20, Region::Data)
+            ]
+        );
     }
 }

@@ -46,7 +46,9 @@ impl FrameCodec {
     /// A codec accepting data payloads up to `max_payload` bytes (clamped to the hard limit).
     pub fn new(max_payload: u32) -> Self {
         let max_payload = max_payload.min(MAX_PAYLOAD_LIMIT);
-        FrameCodec { max_frame: max_payload + FRAME_SLACK }
+        FrameCodec {
+            max_frame: max_payload + FRAME_SLACK,
+        }
     }
 
     /// Largest value the length field may hold.
@@ -65,10 +67,15 @@ impl Decoder for FrameCodec {
         }
         let len = u32::from_be_bytes([src[0], src[1], src[2], src[3]]);
         if len > self.max_frame {
-            return Err(ProtocolError::FrameTooLarge { len: len.into(), max: self.max_frame.into() });
+            return Err(ProtocolError::FrameTooLarge {
+                len: len.into(),
+                max: self.max_frame.into(),
+            });
         }
         if (len as usize) < HEADER_LEN - 4 {
-            return Err(ProtocolError::malformed(format!("frame length {len} is below the header size")));
+            return Err(ProtocolError::malformed(format!(
+                "frame length {len} is below the header size"
+            )));
         }
         let total = 4 + len as usize;
         if src.len() < total {
@@ -103,7 +110,11 @@ impl Encoder<&Message> for FrameCodec {
 
 /// Writes everything of `msg` except its data payload, which is returned so the caller can
 /// send it without copying. The length field already accounts for the payload.
-pub fn encode_head(msg: &Message, dst: &mut BytesMut, max_frame: u32) -> Result<Option<Bytes>, ProtocolError> {
+pub fn encode_head(
+    msg: &Message,
+    dst: &mut BytesMut,
+    max_frame: u32,
+) -> Result<Option<Bytes>, ProtocolError> {
     let start = dst.len();
     dst.put_u32(0); // patched below
     let payload = match msg {
@@ -125,14 +136,18 @@ pub fn encode_head(msg: &Message, dst: &mut BytesMut, max_frame: u32) -> Result<
     let body_len = dst.len() - start - 4 + payload.as_ref().map_or(0, Bytes::len);
     if body_len > max_frame as usize {
         dst.truncate(start);
-        return Err(ProtocolError::FrameTooLarge { len: body_len as u64, max: max_frame.into() });
+        return Err(ProtocolError::FrameTooLarge {
+            len: body_len as u64,
+            max: max_frame.into(),
+        });
     }
     dst[start..start + 4].copy_from_slice(&(body_len as u32).to_be_bytes());
     Ok(payload)
 }
 
 fn put_str(dst: &mut BytesMut, s: &str) -> Result<(), ProtocolError> {
-    let len = u16::try_from(s.len()).map_err(|_| ProtocolError::malformed("string longer than 65535 bytes"))?;
+    let len = u16::try_from(s.len())
+        .map_err(|_| ProtocolError::malformed("string longer than 65535 bytes"))?;
     dst.put_u16(len);
     dst.put_slice(s.as_bytes());
     Ok(())
@@ -157,7 +172,11 @@ fn encode_request(cookie: u64, request: &Request, dst: &mut BytesMut) -> Result<
             put_str(dst, disk)?;
             dst.put_u8(u8::from(*writable));
         }
-        Request::Read { handle, offset, len } => {
+        Request::Read {
+            handle,
+            offset,
+            len,
+        } => {
             dst.put_u32(*handle);
             dst.put_u64(*offset);
             dst.put_u32(*len);
@@ -167,7 +186,16 @@ fn encode_request(cookie: u64, request: &Request, dst: &mut BytesMut) -> Result<
             dst.put_u64(*offset);
         }
         Request::Flush { handle } | Request::Close { handle } => dst.put_u32(*handle),
-        Request::Discard { handle, offset, len } | Request::BlockStatus { handle, offset, len } => {
+        Request::Discard {
+            handle,
+            offset,
+            len,
+        }
+        | Request::BlockStatus {
+            handle,
+            offset,
+            len,
+        } => {
             dst.put_u32(*handle);
             dst.put_u64(*offset);
             dst.put_u64(*len);
@@ -201,7 +229,13 @@ fn encode_reply(cookie: u64, reply: &Reply, dst: &mut BytesMut) -> Result<(), Pr
                 dst.put_u8(u8::from(d.read_only));
             }
         }
-        Reply::Opened { handle, size, logical_sector, physical_sector, read_only } => {
+        Reply::Opened {
+            handle,
+            size,
+            logical_sector,
+            physical_sector,
+            read_only,
+        } => {
             dst.put_u32(*handle);
             dst.put_u64(*size);
             dst.put_u32(*logical_sector);
@@ -236,7 +270,9 @@ struct Body {
 impl Body {
     fn need(&self, n: usize, what: &str) -> Result<(), ProtocolError> {
         if self.buf.remaining() < n {
-            return Err(ProtocolError::malformed(format!("frame ends inside {what}")));
+            return Err(ProtocolError::malformed(format!(
+                "frame ends inside {what}"
+            )));
         }
         Ok(())
     }
@@ -248,7 +284,9 @@ impl Body {
         match self.u8(what)? {
             0 => Ok(false),
             1 => Ok(true),
-            n => Err(ProtocolError::malformed(format!("{what} must be 0 or 1, got {n}"))),
+            n => Err(ProtocolError::malformed(format!(
+                "{what} must be 0 or 1, got {n}"
+            ))),
         }
     }
     fn u16(&mut self, what: &str) -> Result<u16, ProtocolError> {
@@ -267,13 +305,16 @@ impl Body {
         let len = self.u16(what)? as usize;
         self.need(len, what)?;
         let raw = self.buf.split_to(len);
-        String::from_utf8(raw.to_vec()).map_err(|_| ProtocolError::malformed(format!("{what} is not UTF-8")))
+        String::from_utf8(raw.to_vec())
+            .map_err(|_| ProtocolError::malformed(format!("{what} is not UTF-8")))
     }
     /// A count of records of at least `min_len` bytes each, checked against what is present.
     fn count(&mut self, min_len: usize, what: &str) -> Result<usize, ProtocolError> {
         let n = self.u32(what)? as usize;
         if n.saturating_mul(min_len) > self.buf.remaining() {
-            return Err(ProtocolError::malformed(format!("{what}: {n} entries cannot fit in the frame")));
+            return Err(ProtocolError::malformed(format!(
+                "{what}: {n} entries cannot fit in the frame"
+            )));
         }
         Ok(n)
     }
@@ -282,7 +323,10 @@ impl Body {
     }
     fn finish(self, what: &str) -> Result<(), ProtocolError> {
         if self.buf.has_remaining() {
-            return Err(ProtocolError::malformed(format!("{} trailing bytes after {what}", self.buf.remaining())));
+            return Err(ProtocolError::malformed(format!(
+                "{} trailing bytes after {what}",
+                self.buf.remaining()
+            )));
         }
         Ok(())
     }
@@ -295,15 +339,36 @@ fn decode_frame(buf: Bytes) -> Result<Message, ProtocolError> {
     let msg = if kind < 0x80 {
         let request = match kind {
             kind::LIST_DISKS => Request::ListDisks,
-            kind::OPEN => Request::Open { disk: b.string("disk name")?, writable: b.bool("open mode")? },
-            kind::READ => Request::Read { handle: b.u32("handle")?, offset: b.u64("offset")?, len: b.u32("length")? },
-            kind::WRITE => Request::Write { handle: b.u32("handle")?, offset: b.u64("offset")?, data: b.rest() },
-            kind::FLUSH => Request::Flush { handle: b.u32("handle")? },
-            kind::DISCARD => Request::Discard { handle: b.u32("handle")?, offset: b.u64("offset")?, len: b.u64("length")? },
-            kind::BLOCK_STATUS => {
-                Request::BlockStatus { handle: b.u32("handle")?, offset: b.u64("offset")?, len: b.u64("length")? }
-            }
-            kind::CLOSE => Request::Close { handle: b.u32("handle")? },
+            kind::OPEN => Request::Open {
+                disk: b.string("disk name")?,
+                writable: b.bool("open mode")?,
+            },
+            kind::READ => Request::Read {
+                handle: b.u32("handle")?,
+                offset: b.u64("offset")?,
+                len: b.u32("length")?,
+            },
+            kind::WRITE => Request::Write {
+                handle: b.u32("handle")?,
+                offset: b.u64("offset")?,
+                data: b.rest(),
+            },
+            kind::FLUSH => Request::Flush {
+                handle: b.u32("handle")?,
+            },
+            kind::DISCARD => Request::Discard {
+                handle: b.u32("handle")?,
+                offset: b.u64("offset")?,
+                len: b.u64("length")?,
+            },
+            kind::BLOCK_STATUS => Request::BlockStatus {
+                handle: b.u32("handle")?,
+                offset: b.u64("offset")?,
+                len: b.u64("length")?,
+            },
+            kind::CLOSE => Request::Close {
+                handle: b.u32("handle")?,
+            },
             other => return Err(ProtocolError::UnknownKind(other)),
         };
         Message::Request { cookie, request }
@@ -344,13 +409,20 @@ fn decode_frame(buf: Bytes) -> Result<Message, ProtocolError> {
                         0 => BlockState::Data,
                         1 => BlockState::Zero,
                         2 => BlockState::Unknown,
-                        s => return Err(ProtocolError::malformed(format!("unknown extent state {s}"))),
+                        s => {
+                            return Err(ProtocolError::malformed(format!(
+                                "unknown extent state {s}"
+                            )))
+                        }
                     };
                     extents.push(Extent { len, state });
                 }
                 Reply::Status(extents)
             }
-            kind::ERROR => Reply::Error { code: ErrorCode::from_u16(b.u16("error code")?), message: b.string("error message")? },
+            kind::ERROR => Reply::Error {
+                code: ErrorCode::from_u16(b.u16("error code")?),
+                message: b.string("error message")?,
+            },
             other => return Err(ProtocolError::UnknownKind(other)),
         };
         Message::Reply { cookie, reply }

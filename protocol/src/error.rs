@@ -21,7 +21,12 @@ pub enum ProtocolError {
     #[error("not a diskferry peer (bad magic in hello)")]
     BadMagic,
     #[error("no common protocol version: we speak {our_min}..={our_max}, the peer {peer_min}..={peer_max}")]
-    VersionMismatch { our_min: u16, our_max: u16, peer_min: u16, peer_max: u16 },
+    VersionMismatch {
+        our_min: u16,
+        our_max: u16,
+        peer_min: u16,
+        peer_max: u16,
+    },
     #[error("authentication failed: the peer does not hold the same key (check --key-file on both sides)")]
     AuthenticationFailed,
     #[error("both peers claim the role {0:?}; one must serve disks and the other use them")]

@@ -48,7 +48,13 @@ pub struct SessionOptions {
 
 impl SessionOptions {
     pub fn new(role: Role, psk: Psk) -> Self {
-        SessionOptions { role, psk, plaintext: false, max_payload: crate::DEFAULT_MAX_PAYLOAD, timeout: Duration::from_secs(15) }
+        SessionOptions {
+            role,
+            psk,
+            plaintext: false,
+            max_payload: crate::DEFAULT_MAX_PAYLOAD,
+            timeout: Duration::from_secs(15),
+        }
     }
 }
 
@@ -84,7 +90,9 @@ async fn with_timeout<T>(
     limit: Duration,
     fut: impl std::future::Future<Output = Result<T, ProtocolError>>,
 ) -> Result<T, ProtocolError> {
-    tokio::time::timeout(limit, fut).await.map_err(|_| ProtocolError::HandshakeTimeout(limit.as_secs()))?
+    tokio::time::timeout(limit, fut)
+        .await
+        .map_err(|_| ProtocolError::HandshakeTimeout(limit.as_secs()))?
 }
 
 fn hello() -> [u8; 12] {
@@ -117,10 +125,14 @@ where
         });
     }
     let prologue = [&ours[..], &theirs[..]].concat();
-    let mut noise = builder(&opts.psk, &prologue)?.build_initiator().map_err(noise_err)?;
+    let mut noise = builder(&opts.psk, &prologue)?
+        .build_initiator()
+        .map_err(noise_err)?;
 
     let mut buf = vec![0u8; 256];
-    let n = noise.write_message(&encode_params(opts), &mut buf).map_err(noise_err)?;
+    let n = noise
+        .write_message(&encode_params(opts), &mut buf)
+        .map_err(noise_err)?;
     write_handshake_msg(io, &buf[..n]).await?;
 
     let msg = read_handshake_msg(io).await?;
@@ -128,7 +140,9 @@ where
         return Err(ProtocolError::AuthenticationFailed);
     }
     let mut payload = vec![0u8; msg.len()];
-    let n = noise.read_message(&msg, &mut payload).map_err(|_| ProtocolError::AuthenticationFailed)?;
+    let n = noise
+        .read_message(&msg, &mut payload)
+        .map_err(|_| ProtocolError::AuthenticationFailed)?;
     let peer = decode_params(&payload[..n])?;
     finish(noise, version, opts, peer)
 }
@@ -145,7 +159,11 @@ where
     let peer_min = u16::from_be_bytes([theirs[8], theirs[9]]);
     let peer_max = u16::from_be_bytes([theirs[10], theirs[11]]);
     let common = VERSION_MAX.min(peer_max);
-    let version = if common >= VERSION_MIN.max(peer_min) { common } else { 0 };
+    let version = if common >= VERSION_MIN.max(peer_min) {
+        common
+    } else {
+        0
+    };
     let mut ours = [0u8; 14];
     ours[..8].copy_from_slice(MAGIC);
     ours[8..10].copy_from_slice(&version.to_be_bytes());
@@ -154,10 +172,17 @@ where
     io.write_all(&ours).await?;
     io.flush().await?;
     if version == 0 {
-        return Err(ProtocolError::VersionMismatch { our_min: VERSION_MIN, our_max: VERSION_MAX, peer_min, peer_max });
+        return Err(ProtocolError::VersionMismatch {
+            our_min: VERSION_MIN,
+            our_max: VERSION_MAX,
+            peer_min,
+            peer_max,
+        });
     }
     let prologue = [&theirs[..], &ours[..]].concat();
-    let mut noise = builder(&opts.psk, &prologue)?.build_responder().map_err(noise_err)?;
+    let mut noise = builder(&opts.psk, &prologue)?
+        .build_responder()
+        .map_err(noise_err)?;
 
     let msg = read_handshake_msg(io).await?;
     let mut payload = vec![0u8; msg.len()];
@@ -171,7 +196,9 @@ where
         }
     };
     let mut buf = vec![0u8; 256];
-    let n = noise.write_message(&encode_params(opts), &mut buf).map_err(noise_err)?;
+    let n = noise
+        .write_message(&encode_params(opts), &mut buf)
+        .map_err(noise_err)?;
     write_handshake_msg(io, &buf[..n]).await?;
     finish(noise, version, opts, peer)
 }
@@ -189,13 +216,21 @@ fn encode_params(opts: &SessionOptions) -> [u8; PARAMS_LEN] {
         Role::Controller => 2,
     };
     p[1] = u8::from(opts.plaintext);
-    p[2..6].copy_from_slice(&opts.max_payload.clamp(MIN_PAYLOAD, MAX_PAYLOAD_LIMIT).to_be_bytes());
+    p[2..6].copy_from_slice(
+        &opts
+            .max_payload
+            .clamp(MIN_PAYLOAD, MAX_PAYLOAD_LIMIT)
+            .to_be_bytes(),
+    );
     p
 }
 
 fn decode_params(p: &[u8]) -> Result<Params, ProtocolError> {
     if p.len() != PARAMS_LEN {
-        return Err(ProtocolError::malformed(format!("handshake parameters of {} bytes", p.len())));
+        return Err(ProtocolError::malformed(format!(
+            "handshake parameters of {} bytes",
+            p.len()
+        )));
     }
     let role = match p[0] {
         1 => Role::Agent,
@@ -204,12 +239,23 @@ fn decode_params(p: &[u8]) -> Result<Params, ProtocolError> {
     };
     let max_payload = u32::from_be_bytes([p[2], p[3], p[4], p[5]]);
     if !(MIN_PAYLOAD..=MAX_PAYLOAD_LIMIT).contains(&max_payload) {
-        return Err(ProtocolError::malformed(format!("advertised payload limit {max_payload} is out of bounds")));
+        return Err(ProtocolError::malformed(format!(
+            "advertised payload limit {max_payload} is out of bounds"
+        )));
     }
-    Ok(Params { role, plaintext: p[1] == 1, max_payload })
+    Ok(Params {
+        role,
+        plaintext: p[1] == 1,
+        max_payload,
+    })
 }
 
-fn finish(noise: snow::HandshakeState, version: u16, opts: &SessionOptions, peer: Params) -> Result<Session, ProtocolError> {
+fn finish(
+    noise: snow::HandshakeState,
+    version: u16,
+    opts: &SessionOptions,
+    peer: Params,
+) -> Result<Session, ProtocolError> {
     if peer.role == opts.role {
         return Err(ProtocolError::RoleConflict(peer.role));
     }
@@ -217,12 +263,16 @@ fn finish(noise: snow::HandshakeState, version: u16, opts: &SessionOptions, peer
     let cipher = if plaintext {
         None
     } else {
-        Some(record::split(noise.into_stateless_transport_mode().map_err(noise_err)?))
+        Some(record::split(
+            noise.into_stateless_transport_mode().map_err(noise_err)?,
+        ))
     };
     Ok(Session {
         version,
         plaintext,
-        max_payload: peer.max_payload.min(opts.max_payload.clamp(MIN_PAYLOAD, MAX_PAYLOAD_LIMIT)),
+        max_payload: peer
+            .max_payload
+            .min(opts.max_payload.clamp(MIN_PAYLOAD, MAX_PAYLOAD_LIMIT)),
         peer_role: peer.role,
         cipher,
     })
@@ -230,7 +280,11 @@ fn finish(noise: snow::HandshakeState, version: u16, opts: &SessionOptions, peer
 
 fn builder<'a>(psk: &'a Psk, prologue: &'a [u8]) -> Result<snow::Builder<'a>, ProtocolError> {
     let params = NOISE_PARAMS.parse().map_err(noise_err)?;
-    snow::Builder::new(params).psk(0, psk.bytes()).map_err(noise_err)?.prologue(prologue).map_err(noise_err)
+    snow::Builder::new(params)
+        .psk(0, psk.bytes())
+        .map_err(noise_err)?
+        .prologue(prologue)
+        .map_err(noise_err)
 }
 
 fn noise_err(e: snow::Error) -> ProtocolError {
@@ -245,7 +299,10 @@ async fn read_exact<S: AsyncRead + Unpin>(io: &mut S, buf: &mut [u8]) -> Result<
     }
 }
 
-async fn write_handshake_msg<S: AsyncWrite + Unpin>(io: &mut S, msg: &[u8]) -> Result<(), ProtocolError> {
+async fn write_handshake_msg<S: AsyncWrite + Unpin>(
+    io: &mut S,
+    msg: &[u8],
+) -> Result<(), ProtocolError> {
     io.write_all(&(msg.len() as u16).to_be_bytes()).await?;
     io.write_all(msg).await?;
     io.flush().await?;
@@ -258,9 +315,20 @@ async fn read_handshake_msg<S: AsyncRead + Unpin>(io: &mut S) -> Result<Vec<u8>,
     read_exact(io, &mut len).await?;
     let len = u16::from_be_bytes(len) as usize;
     if len > 256 {
-        return Err(ProtocolError::FrameTooLarge { len: len as u64, max: 256 });
+        return Err(ProtocolError::FrameTooLarge {
+            len: len as u64,
+            max: 256,
+        });
     }
     let mut msg = vec![0u8; len];
     read_exact(io, &mut msg).await?;
     Ok(msg)
+}
+
+impl Session {
+    /// The record-layer halves of an encrypted session (`None` in plaintext mode), for callers
+    /// that run their own I/O instead of [`crate::stream::split`].
+    pub fn into_record_halves(self) -> Option<(Sealer, Opener)> {
+        self.cipher
+    }
 }

@@ -19,7 +19,10 @@ pub struct Psk([u8; 32]);
 #[derive(Debug, thiserror::Error)]
 pub enum KeyError {
     #[error("cannot read key file {path}: {source}")]
-    Read { path: String, source: std::io::Error },
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
     #[error("key file {path} is larger than {MAX_KEY_FILE} bytes; it should hold one line (see `diskferry keygen`)")]
     TooLarge { path: String },
     #[error("key file {path} holds {len} characters; use at least {MIN_KEY_CHARS} (generate one with `diskferry keygen FILE`)")]
@@ -38,17 +41,26 @@ impl Psk {
     /// Loads a key file: its trimmed contents are the secret.
     pub fn from_file(path: &Path) -> Result<Psk, KeyError> {
         let shown = path.display().to_string();
-        let file = std::fs::File::open(path).map_err(|source| KeyError::Read { path: shown.clone(), source })?;
+        let file = std::fs::File::open(path).map_err(|source| KeyError::Read {
+            path: shown.clone(),
+            source,
+        })?;
         let mut raw = Vec::new();
         file.take(MAX_KEY_FILE + 1)
             .read_to_end(&mut raw)
-            .map_err(|source| KeyError::Read { path: shown.clone(), source })?;
+            .map_err(|source| KeyError::Read {
+                path: shown.clone(),
+                source,
+            })?;
         if raw.len() as u64 > MAX_KEY_FILE {
             return Err(KeyError::TooLarge { path: shown });
         }
         let secret = raw.trim_ascii();
         if secret.len() < MIN_KEY_CHARS {
-            return Err(KeyError::TooShort { path: shown, len: secret.len() });
+            return Err(KeyError::TooShort {
+                path: shown,
+                len: secret.len(),
+            });
         }
         Ok(Psk::from_secret(secret))
     }

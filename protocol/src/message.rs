@@ -18,30 +18,62 @@ pub enum Request {
     /// Describe every disk the client serves.
     ListDisks,
     /// Open a disk by name; the reply carries a handle for the other requests.
-    Open { disk: String, writable: bool },
-    Read { handle: u32, offset: u64, len: u32 },
-    Write { handle: u32, offset: u64, data: Bytes },
+    Open {
+        disk: String,
+        writable: bool,
+    },
+    Read {
+        handle: u32,
+        offset: u64,
+        len: u32,
+    },
+    Write {
+        handle: u32,
+        offset: u64,
+        data: Bytes,
+    },
     /// Make previous writes durable.
-    Flush { handle: u32 },
+    Flush {
+        handle: u32,
+    },
     /// The range's contents are no longer needed (reads may then return zeros).
-    Discard { handle: u32, offset: u64, len: u64 },
+    Discard {
+        handle: u32,
+        offset: u64,
+        len: u64,
+    },
     /// Which parts of the range are known to be zero, cheaply.
-    BlockStatus { handle: u32, offset: u64, len: u64 },
-    Close { handle: u32 },
+    BlockStatus {
+        handle: u32,
+        offset: u64,
+        len: u64,
+    },
+    Close {
+        handle: u32,
+    },
 }
 
 /// What a client answers.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Reply {
     Disks(Vec<DiskInfo>),
-    Opened { handle: u32, size: u64, logical_sector: u32, physical_sector: u32, read_only: bool },
+    Opened {
+        handle: u32,
+        size: u64,
+        logical_sector: u32,
+        physical_sector: u32,
+        read_only: bool,
+    },
     Data(Bytes),
     /// Success without data (Write, Flush, Discard, Close).
     Done,
     /// Consecutive extents starting at the requested offset. They may cover less than was
     /// asked (the requester asks again from where they end), never more.
     Status(Vec<Extent>),
-    Error { code: ErrorCode, message: String },
+    Error {
+        code: ErrorCode,
+        message: String,
+    },
 }
 
 /// A disk as the client sees it.
@@ -154,8 +186,14 @@ impl Message {
     /// Bytes of data payload this message carries (Read reply or Write request).
     pub fn payload_len(&self) -> usize {
         match self {
-            Message::Request { request: Request::Write { data, .. }, .. } => data.len(),
-            Message::Reply { reply: Reply::Data(data), .. } => data.len(),
+            Message::Request {
+                request: Request::Write { data, .. },
+                ..
+            } => data.len(),
+            Message::Reply {
+                reply: Reply::Data(data),
+                ..
+            } => data.len(),
             _ => 0,
         }
     }

@@ -35,20 +35,28 @@ pub struct Opener {
 pub fn split(state: StatelessTransportState) -> (Sealer, Opener) {
     let state = Arc::new(state);
     (
-        Sealer { state: Arc::clone(&state), nonce: 0, pending: Vec::with_capacity(MAX_RECORD_PLAINTEXT) },
+        Sealer {
+            state: Arc::clone(&state),
+            nonce: 0,
+            pending: Vec::with_capacity(MAX_RECORD_PLAINTEXT),
+        },
         Opener { state, nonce: 0 },
     )
 }
 
 impl std::fmt::Debug for Sealer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Sealer").field("nonce", &self.nonce).finish_non_exhaustive()
+        f.debug_struct("Sealer")
+            .field("nonce", &self.nonce)
+            .finish_non_exhaustive()
     }
 }
 
 impl std::fmt::Debug for Opener {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Opener").field("nonce", &self.nonce).finish_non_exhaustive()
+        f.debug_struct("Opener")
+            .field("nonce", &self.nonce)
+            .finish_non_exhaustive()
     }
 }
 
@@ -100,7 +108,9 @@ impl Sealer {
             .write_message(self.nonce, plain, &mut out[start..])
             .map_err(|e| ProtocolError::Encrypt(e.to_string()))?;
         if written != len {
-            return Err(ProtocolError::Encrypt(format!("sealed {written} bytes, expected {len}")));
+            return Err(ProtocolError::Encrypt(format!(
+                "sealed {written} bytes, expected {len}"
+            )));
         }
         self.nonce += 1;
         Ok(())
@@ -114,7 +124,9 @@ impl Opener {
         while raw.len() >= 2 {
             let len = u16::from_be_bytes([raw[0], raw[1]]) as usize;
             if len < TAG_LEN {
-                return Err(ProtocolError::malformed(format!("encrypted record of {len} bytes is shorter than its tag")));
+                return Err(ProtocolError::malformed(format!(
+                    "encrypted record of {len} bytes is shorter than its tag"
+                )));
             }
             if raw.len() < 2 + len {
                 raw.reserve(2 + len - raw.len());

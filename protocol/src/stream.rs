@@ -25,7 +25,13 @@ pub fn split<R, W>(session: Session, reader: R, writer: W) -> (FrameReader<R>, F
         None => (None, None),
     };
     (
-        FrameReader { io: reader, raw: BytesMut::new(), plain: BytesMut::new(), opener, codec: codec.clone() },
+        FrameReader {
+            io: reader,
+            raw: BytesMut::new(),
+            plain: BytesMut::new(),
+            opener,
+            codec: codec.clone(),
+        },
         FrameWriter {
             io: writer,
             head: BytesMut::new(),
@@ -55,7 +61,11 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
             if let Some(msg) = self.codec.decode(&mut self.plain)? {
                 return Ok(Some(msg));
             }
-            let target = if self.opener.is_some() { &mut self.raw } else { &mut self.plain };
+            let target = if self.opener.is_some() {
+                &mut self.raw
+            } else {
+                &mut self.plain
+            };
             target.reserve(READ_CHUNK);
             let n = self.io.read_buf(target).await?;
             if n == 0 {

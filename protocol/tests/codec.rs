@@ -1,21 +1,69 @@
 //! Frame codec: round trips under every split, and hostile input that must be rejected.
 
 use bytes::{BufMut, Bytes, BytesMut};
-use diskferry_protocol::{BlockState, DiskInfo, ErrorCode, Extent, FrameCodec, Message, ProtocolError, Reply, Request};
+use diskferry_protocol::{
+    BlockState, DiskInfo, ErrorCode, Extent, FrameCodec, Message, ProtocolError, Reply, Request,
+};
 use rand::{Rng, SeedableRng};
 use tokio_util::codec::{Decoder, Encoder};
 
 fn samples() -> Vec<Message> {
-    let data: Bytes = (0..200_000u32).map(|i| (i * 7 % 251) as u8).collect::<Vec<_>>().into();
+    let data: Bytes = (0..200_000u32)
+        .map(|i| (i * 7 % 251) as u8)
+        .collect::<Vec<_>>()
+        .into();
     vec![
-        Message::Request { cookie: 1, request: Request::ListDisks },
-        Message::Request { cookie: 2, request: Request::Open { disk: "/dev/nvme0n1".into(), writable: true } },
-        Message::Request { cookie: 3, request: Request::Read { handle: 7, offset: 1 << 40, len: 4 << 20 } },
-        Message::Request { cookie: 4, request: Request::Write { handle: 7, offset: 512, data: data.clone() } },
-        Message::Request { cookie: 5, request: Request::Flush { handle: 7 } },
-        Message::Request { cookie: 6, request: Request::Discard { handle: 7, offset: 4096, len: 1 << 30 } },
-        Message::Request { cookie: 7, request: Request::BlockStatus { handle: 7, offset: 0, len: u64::MAX } },
-        Message::Request { cookie: u64::MAX, request: Request::Close { handle: 7 } },
+        Message::Request {
+            cookie: 1,
+            request: Request::ListDisks,
+        },
+        Message::Request {
+            cookie: 2,
+            request: Request::Open {
+                disk: "/dev/nvme0n1".into(),
+                writable: true,
+            },
+        },
+        Message::Request {
+            cookie: 3,
+            request: Request::Read {
+                handle: 7,
+                offset: 1 << 40,
+                len: 4 << 20,
+            },
+        },
+        Message::Request {
+            cookie: 4,
+            request: Request::Write {
+                handle: 7,
+                offset: 512,
+                data: data.clone(),
+            },
+        },
+        Message::Request {
+            cookie: 5,
+            request: Request::Flush { handle: 7 },
+        },
+        Message::Request {
+            cookie: 6,
+            request: Request::Discard {
+                handle: 7,
+                offset: 4096,
+                len: 1 << 30,
+            },
+        },
+        Message::Request {
+            cookie: 7,
+            request: Request::BlockStatus {
+                handle: 7,
+                offset: 0,
+                len: u64::MAX,
+            },
+        },
+        Message::Request {
+            cookie: u64::MAX,
+            request: Request::Close { handle: 7 },
+        },
         Message::Reply {
             cookie: 1,
             reply: Reply::Disks(vec![
@@ -34,20 +82,53 @@ fn samples() -> Vec<Message> {
         },
         Message::Reply {
             cookie: 2,
-            reply: Reply::Opened { handle: 7, size: 1 << 33, logical_sector: 4096, physical_sector: 4096, read_only: false },
+            reply: Reply::Opened {
+                handle: 7,
+                size: 1 << 33,
+                logical_sector: 4096,
+                physical_sector: 4096,
+                read_only: false,
+            },
         },
-        Message::Reply { cookie: 3, reply: Reply::Data(data) },
-        Message::Reply { cookie: 4, reply: Reply::Done },
+        Message::Reply {
+            cookie: 3,
+            reply: Reply::Data(data),
+        },
+        Message::Reply {
+            cookie: 4,
+            reply: Reply::Done,
+        },
         Message::Reply {
             cookie: 5,
             reply: Reply::Status(vec![
-                Extent { len: 1 << 20, state: BlockState::Data },
-                Extent { len: 1 << 30, state: BlockState::Zero },
-                Extent { len: 4096, state: BlockState::Unknown },
+                Extent {
+                    len: 1 << 20,
+                    state: BlockState::Data,
+                },
+                Extent {
+                    len: 1 << 30,
+                    state: BlockState::Zero,
+                },
+                Extent {
+                    len: 4096,
+                    state: BlockState::Unknown,
+                },
             ]),
         },
-        Message::Reply { cookie: 6, reply: Reply::Error { code: ErrorCode::ReadOnly, message: "read-only client".into() } },
-        Message::Reply { cookie: 7, reply: Reply::Error { code: ErrorCode::Other(999), message: String::new() } },
+        Message::Reply {
+            cookie: 6,
+            reply: Reply::Error {
+                code: ErrorCode::ReadOnly,
+                message: "read-only client".into(),
+            },
+        },
+        Message::Reply {
+            cookie: 7,
+            reply: Reply::Error {
+                code: ErrorCode::Other(999),
+                message: String::new(),
+            },
+        },
     ]
 }
 
@@ -61,7 +142,10 @@ fn encode_all(msgs: &[Message]) -> BytesMut {
 }
 
 /// Feeds `wire` to a decoder in pieces whose sizes come from `next_len`.
-fn decode_in_pieces(wire: &[u8], mut next_len: impl FnMut() -> usize) -> Result<Vec<Message>, ProtocolError> {
+fn decode_in_pieces(
+    wire: &[u8],
+    mut next_len: impl FnMut() -> usize,
+) -> Result<Vec<Message>, ProtocolError> {
     let mut codec = FrameCodec::new(1 << 20);
     let mut buf = BytesMut::new();
     let mut out = Vec::new();
@@ -101,7 +185,10 @@ fn random_splits_yield_the_same_messages() {
     let mut rng = rand::rngs::StdRng::seed_from_u64(0xd15c);
     for _ in 0..200 {
         let max = rng.gen_range(1..70_000);
-        assert_eq!(decode_in_pieces(&wire, || rng.gen_range(1..=max)).unwrap(), msgs);
+        assert_eq!(
+            decode_in_pieces(&wire, || rng.gen_range(1..=max)).unwrap(),
+            msgs
+        );
     }
 }
 
@@ -119,7 +206,11 @@ fn oversized_length_is_rejected_before_buffering() {
         }
         other => panic!("expected FrameTooLarge, got {other:?}"),
     }
-    assert_eq!(buf.capacity(), capacity_before, "nothing may be reserved for a rejected frame");
+    assert_eq!(
+        buf.capacity(),
+        capacity_before,
+        "nothing may be reserved for a rejected frame"
+    );
 }
 
 #[test]
@@ -127,9 +218,20 @@ fn encoder_refuses_payloads_above_the_limit() {
     let mut codec = FrameCodec::new(64 << 10);
     let data = Bytes::from(vec![1u8; 200 << 10]);
     let mut out = BytesMut::new();
-    let err = codec.encode(&Message::Reply { cookie: 1, reply: Reply::Data(data) }, &mut out).unwrap_err();
+    let err = codec
+        .encode(
+            &Message::Reply {
+                cookie: 1,
+                reply: Reply::Data(data),
+            },
+            &mut out,
+        )
+        .unwrap_err();
     assert!(matches!(err, ProtocolError::FrameTooLarge { .. }), "{err}");
-    assert!(out.is_empty(), "a refused frame leaves nothing half-written");
+    assert!(
+        out.is_empty(),
+        "a refused frame leaves nothing half-written"
+    );
 }
 
 #[test]
@@ -138,7 +240,10 @@ fn truncated_stream_is_an_error_not_a_message() {
     let wire = encode_all(&msgs[..3]);
     for cut in [1, 4, 12, wire.len() - 1] {
         let err = decode_in_pieces(&wire[..cut], || 3).unwrap_err();
-        assert!(matches!(err, ProtocolError::Truncated), "cut at {cut}: {err}");
+        assert!(
+            matches!(err, ProtocolError::Truncated),
+            "cut at {cut}: {err}"
+        );
     }
 }
 
@@ -158,24 +263,54 @@ fn decode_one(mut b: BytesMut) -> Result<Option<Message>, ProtocolError> {
 #[test]
 fn malformed_frames_are_errors() {
     // Unknown kinds, requests and replies.
-    assert!(matches!(decode_one(frame(0x42, &[])), Err(ProtocolError::UnknownKind(0x42))));
-    assert!(matches!(decode_one(frame(0x99, &[])), Err(ProtocolError::UnknownKind(0x99))));
+    assert!(matches!(
+        decode_one(frame(0x42, &[])),
+        Err(ProtocolError::UnknownKind(0x42))
+    ));
+    assert!(matches!(
+        decode_one(frame(0x99, &[])),
+        Err(ProtocolError::UnknownKind(0x99))
+    ));
     // Read with a body cut short.
-    assert!(matches!(decode_one(frame(0x03, &[0, 0, 0, 1, 0])), Err(ProtocolError::Malformed(_))));
+    assert!(matches!(
+        decode_one(frame(0x03, &[0, 0, 0, 1, 0])),
+        Err(ProtocolError::Malformed(_))
+    ));
     // Trailing garbage after a complete Flush.
-    assert!(matches!(decode_one(frame(0x05, &[0, 0, 0, 1, 9])), Err(ProtocolError::Malformed(_))));
+    assert!(matches!(
+        decode_one(frame(0x05, &[0, 0, 0, 1, 9])),
+        Err(ProtocolError::Malformed(_))
+    ));
     // A string longer than the frame.
-    assert!(matches!(decode_one(frame(0x02, &[0xff, 0xff, b'a'])), Err(ProtocolError::Malformed(_))));
+    assert!(matches!(
+        decode_one(frame(0x02, &[0xff, 0xff, b'a'])),
+        Err(ProtocolError::Malformed(_))
+    ));
     // A string that is not UTF-8.
-    assert!(matches!(decode_one(frame(0x02, &[0, 2, 0xc3, 0x28, 0])), Err(ProtocolError::Malformed(_))));
+    assert!(matches!(
+        decode_one(frame(0x02, &[0, 2, 0xc3, 0x28, 0])),
+        Err(ProtocolError::Malformed(_))
+    ));
     // A boolean that is neither 0 nor 1.
-    assert!(matches!(decode_one(frame(0x02, &[0, 1, b'a', 7])), Err(ProtocolError::Malformed(_))));
+    assert!(matches!(
+        decode_one(frame(0x02, &[0, 1, b'a', 7])),
+        Err(ProtocolError::Malformed(_))
+    ));
     // A disk list claiming four billion entries in a few bytes: refused before allocating.
-    assert!(matches!(decode_one(frame(0x81, &[0xff, 0xff, 0xff, 0xff, 0, 0])), Err(ProtocolError::Malformed(_))));
+    assert!(matches!(
+        decode_one(frame(0x81, &[0xff, 0xff, 0xff, 0xff, 0, 0])),
+        Err(ProtocolError::Malformed(_))
+    ));
     // An extent list claiming more entries than fit.
-    assert!(matches!(decode_one(frame(0x85, &[0, 0, 0, 2, 0, 0, 0, 0, 0, 0, 0, 1, 0])), Err(ProtocolError::Malformed(_))));
+    assert!(matches!(
+        decode_one(frame(0x85, &[0, 0, 0, 2, 0, 0, 0, 0, 0, 0, 0, 1, 0])),
+        Err(ProtocolError::Malformed(_))
+    ));
     // An unknown extent state.
-    assert!(matches!(decode_one(frame(0x85, &[0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 1, 9])), Err(ProtocolError::Malformed(_))));
+    assert!(matches!(
+        decode_one(frame(0x85, &[0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 1, 9])),
+        Err(ProtocolError::Malformed(_))
+    ));
     // A length shorter than the header.
     let mut b = BytesMut::new();
     b.put_u32(3);

@@ -14,8 +14,12 @@ fn opts(role: Role, secret: &str) -> SessionOptions {
 async fn pair(
     a: SessionOptions,
     b: SessionOptions,
-) -> (Result<diskferry_protocol::Session, ProtocolError>, Result<diskferry_protocol::Session, ProtocolError>, tokio::io::DuplexStream, tokio::io::DuplexStream)
-{
+) -> (
+    Result<diskferry_protocol::Session, ProtocolError>,
+    Result<diskferry_protocol::Session, ProtocolError>,
+    tokio::io::DuplexStream,
+    tokio::io::DuplexStream,
+) {
     let (mut x, mut y) = tokio::io::duplex(1 << 20);
     let (ra, rb) = tokio::join!(initiate(&mut x, &a), respond(&mut y, &b));
     (ra, rb, x, y)
@@ -23,7 +27,11 @@ async fn pair(
 
 #[tokio::test]
 async fn same_key_authenticates_and_carries_frames_encrypted() {
-    let (ra, rb, x, y) = pair(opts(Role::Controller, "0123456789abcdef-key"), opts(Role::Agent, "0123456789abcdef-key")).await;
+    let (ra, rb, x, y) = pair(
+        opts(Role::Controller, "0123456789abcdef-key"),
+        opts(Role::Agent, "0123456789abcdef-key"),
+    )
+    .await;
     let (sa, sb) = (ra.unwrap(), rb.unwrap());
     assert!(!sa.plaintext && !sb.plaintext, "encryption is the default");
     assert_eq!(sa.peer_role, Role::Agent);
@@ -33,11 +41,23 @@ async fn same_key_authenticates_and_carries_frames_encrypted() {
     let (yr, yw) = tokio::io::split(y);
     let (_, mut wa) = split(sa, xr, xw);
     let (mut rb, _) = split(sb, yr, yw);
-    let big: Bytes = (0..3_000_000u32).map(|i| (i % 253) as u8).collect::<Vec<_>>().into();
+    let big: Bytes = (0..3_000_000u32)
+        .map(|i| (i % 253) as u8)
+        .collect::<Vec<_>>()
+        .into();
     let msgs = vec![
-        Message::Request { cookie: 1, request: Request::ListDisks },
-        Message::Reply { cookie: 2, reply: Reply::Data(big) },
-        Message::Request { cookie: 3, request: Request::Close { handle: 1 } },
+        Message::Request {
+            cookie: 1,
+            request: Request::ListDisks,
+        },
+        Message::Reply {
+            cookie: 2,
+            reply: Reply::Data(big),
+        },
+        Message::Request {
+            cookie: 3,
+            request: Request::Close { handle: 1 },
+        },
     ];
     let sent = msgs.clone();
     let writer = tokio::spawn(async move {
@@ -56,9 +76,19 @@ async fn same_key_authenticates_and_carries_frames_encrypted() {
 
 #[tokio::test]
 async fn wrong_key_fails_on_both_sides_with_authentication_error() {
-    let (ra, rb, _, _) = pair(opts(Role::Controller, "the-right-key-0123"), opts(Role::Agent, "the-wrong-key-0123")).await;
-    assert!(matches!(ra, Err(ProtocolError::AuthenticationFailed)), "{ra:?}");
-    assert!(matches!(rb, Err(ProtocolError::AuthenticationFailed)), "{rb:?}");
+    let (ra, rb, _, _) = pair(
+        opts(Role::Controller, "the-right-key-0123"),
+        opts(Role::Agent, "the-wrong-key-0123"),
+    )
+    .await;
+    assert!(
+        matches!(ra, Err(ProtocolError::AuthenticationFailed)),
+        "{ra:?}"
+    );
+    assert!(
+        matches!(rb, Err(ProtocolError::AuthenticationFailed)),
+        "{rb:?}"
+    );
 }
 
 #[tokio::test]
@@ -87,8 +117,15 @@ async fn max_payload_is_the_smaller_of_both() {
 
 #[tokio::test]
 async fn two_agents_refuse_each_other() {
-    let (ra, _, _, _) = pair(opts(Role::Agent, "0123456789abcdef-key"), opts(Role::Agent, "0123456789abcdef-key")).await;
-    assert!(matches!(ra, Err(ProtocolError::RoleConflict(Role::Agent))), "{ra:?}");
+    let (ra, _, _, _) = pair(
+        opts(Role::Agent, "0123456789abcdef-key"),
+        opts(Role::Agent, "0123456789abcdef-key"),
+    )
+    .await;
+    assert!(
+        matches!(ra, Err(ProtocolError::RoleConflict(Role::Agent))),
+        "{ra:?}"
+    );
 }
 
 #[tokio::test]
@@ -96,7 +133,9 @@ async fn a_non_diskferry_peer_is_refused() {
     let (mut x, mut y) = tokio::io::duplex(4096);
     use tokio::io::AsyncWriteExt;
     x.write_all(b"GET / HTTP/1.1\r\n\r\n").await.unwrap();
-    let err = respond(&mut y, &opts(Role::Agent, "0123456789abcdef-key")).await.unwrap_err();
+    let err = respond(&mut y, &opts(Role::Agent, "0123456789abcdef-key"))
+        .await
+        .unwrap_err();
     assert!(matches!(err, ProtocolError::BadMagic), "{err}");
 }
 
@@ -111,12 +150,20 @@ async fn a_silent_peer_times_out() {
 
 #[tokio::test]
 async fn tampered_ciphertext_is_detected() {
-    let (ra, rb, x, y) = pair(opts(Role::Controller, "0123456789abcdef-key"), opts(Role::Agent, "0123456789abcdef-key")).await;
+    let (ra, rb, x, y) = pair(
+        opts(Role::Controller, "0123456789abcdef-key"),
+        opts(Role::Agent, "0123456789abcdef-key"),
+    )
+    .await;
     let (xr, xw) = tokio::io::split(x);
     let (_, mut wa) = split(ra.unwrap(), xr, xw);
     // Interpose: copy the ciphertext, flip one byte, deliver to the reader.
     let (mut tap_in, tap_out) = tokio::io::duplex(1 << 20);
-    wa.queue(&Message::Request { cookie: 9, request: Request::ListDisks }).unwrap();
+    wa.queue(&Message::Request {
+        cookie: 9,
+        request: Request::ListDisks,
+    })
+    .unwrap();
     wa.flush().await.unwrap();
     drop(wa);
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -144,7 +191,9 @@ fn key_files_are_validated() {
     let good = dir.join("good");
     std::fs::write(&good, Psk::generate_secret()).unwrap();
     Psk::from_file(&good).unwrap();
-    let missing = Psk::from_file(&dir.join("missing")).unwrap_err().to_string();
+    let missing = Psk::from_file(&dir.join("missing"))
+        .unwrap_err()
+        .to_string();
     assert!(missing.contains("cannot read key file"), "{missing}");
     std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -6,13 +6,18 @@ use std::sync::Arc;
 
 use diskferry_protocol::SessionOptions;
 
-use crate::blockdev::{BlockDevice, BlockError, ConnectError, Connection, FileDevice, RemoteOptions};
+use crate::blockdev::{
+    BlockDevice, BlockError, ConnectError, Connection, FileDevice, RemoteOptions,
+};
 
 /// A parsed SOURCE argument.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SourceSpec {
     /// A disk of a remote client: its name there, and the client's address.
-    Remote { disk: String, addr: String },
+    Remote {
+        disk: String,
+        addr: String,
+    },
     Local(PathBuf),
 }
 
@@ -21,9 +26,14 @@ impl SourceSpec {
     /// else is a local path.
     pub fn parse(s: &str) -> SourceSpec {
         if let Some((disk, addr)) = s.rsplit_once('@') {
-            let port_ok = addr.rsplit_once(':').is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok());
+            let port_ok = addr
+                .rsplit_once(':')
+                .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok());
             if !disk.is_empty() && port_ok {
-                return SourceSpec::Remote { disk: disk.to_string(), addr: addr.to_string() };
+                return SourceSpec::Remote {
+                    disk: disk.to_string(),
+                    addr: addr.to_string(),
+                };
             }
         }
         SourceSpec::Local(PathBuf::from(s))
@@ -54,14 +64,20 @@ pub fn open_source(
             let conn = rt.block_on(Connection::connect(addr, session))?;
             let remote = rt
                 .block_on(conn.open(disk, false, RemoteOptions::default()))
-                .map_err(|source| SourceError::Open { what: format!("{disk} on {addr}"), source })?;
+                .map_err(|source| SourceError::Open {
+                    what: format!("{disk} on {addr}"),
+                    source,
+                })?;
             Ok(Arc::new(remote))
         }
     }
 }
 
 fn open_local(path: &Path) -> Result<Arc<dyn BlockDevice>, SourceError> {
-    let dev = FileDevice::open(path, false).map_err(|source| SourceError::Open { what: path.display().to_string(), source })?;
+    let dev = FileDevice::open(path, false).map_err(|source| SourceError::Open {
+        what: path.display().to_string(),
+        source,
+    })?;
     Ok(Arc::new(dev))
 }
 
@@ -73,14 +89,29 @@ mod tests {
     fn parses_remote_and_local_sources() {
         assert_eq!(
             SourceSpec::parse("/dev/sda@10.0.0.5:7700"),
-            SourceSpec::Remote { disk: "/dev/sda".into(), addr: "10.0.0.5:7700".into() }
+            SourceSpec::Remote {
+                disk: "/dev/sda".into(),
+                addr: "10.0.0.5:7700".into()
+            }
         );
         assert_eq!(
             SourceSpec::parse("/tmp/disk@x.img@[::1]:9"),
-            SourceSpec::Remote { disk: "/tmp/disk@x.img".into(), addr: "[::1]:9".into() }
+            SourceSpec::Remote {
+                disk: "/tmp/disk@x.img".into(),
+                addr: "[::1]:9".into()
+            }
         );
-        assert_eq!(SourceSpec::parse("/images/a@b.qcow2"), SourceSpec::Local("/images/a@b.qcow2".into()));
-        assert_eq!(SourceSpec::parse("disk.img"), SourceSpec::Local("disk.img".into()));
-        assert_eq!(SourceSpec::parse("@host:1"), SourceSpec::Local("@host:1".into()));
+        assert_eq!(
+            SourceSpec::parse("/images/a@b.qcow2"),
+            SourceSpec::Local("/images/a@b.qcow2".into())
+        );
+        assert_eq!(
+            SourceSpec::parse("disk.img"),
+            SourceSpec::Local("disk.img".into())
+        );
+        assert_eq!(
+            SourceSpec::parse("@host:1"),
+            SourceSpec::Local("@host:1".into())
+        );
     }
 }

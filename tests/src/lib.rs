@@ -16,7 +16,10 @@ pub fn bin_dir() -> &'static Path {
     DIR.get_or_init(|| {
         // This test runs from <target>/<profile>/deps/<test>-<hash>.
         let exe = std::env::current_exe().expect("current_exe");
-        let profile_dir = exe.parent().and_then(Path::parent).expect("test binary lives in <target>/<profile>/deps");
+        let profile_dir = exe
+            .parent()
+            .and_then(Path::parent)
+            .expect("test binary lives in <target>/<profile>/deps");
         build_binaries(profile_dir);
         profile_dir.to_path_buf()
     })
@@ -26,13 +29,26 @@ pub fn bin_dir() -> &'static Path {
 fn build_binaries(profile_dir: &Path) {
     let target_dir = profile_dir.parent().expect("profile dir has a parent");
     let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
-    cmd.args(["build", "--quiet", "--bins", "-p", "diskferry", "-p", "diskferry-client"]);
+    cmd.args([
+        "build",
+        "--quiet",
+        "--bins",
+        "-p",
+        "diskferry",
+        "-p",
+        "diskferry-client",
+    ]);
     if profile_dir.file_name().is_some_and(|n| n == "release") {
         cmd.arg("--release");
     }
     cmd.env("CARGO_TARGET_DIR", target_dir);
-    let status = cmd.status().expect("cannot run cargo to build the binaries under test");
-    assert!(status.success(), "building diskferry and diskferry-client failed");
+    let status = cmd
+        .status()
+        .expect("cannot run cargo to build the binaries under test");
+    assert!(
+        status.success(),
+        "building diskferry and diskferry-client failed"
+    );
 }
 
 /// Path of one of the project's binaries.
@@ -67,13 +83,19 @@ impl Client {
             let _ = BufReader::new(stdout).read_line(&mut line);
             let _ = tx.send(line);
         });
-        let line = rx.recv_timeout(Duration::from_secs(20)).context("client did not report its address")?;
+        let line = rx
+            .recv_timeout(Duration::from_secs(20))
+            .context("client did not report its address")?;
         let Some(addr) = line.trim().strip_prefix("listening on ") else {
             let _ = child.kill();
             bail!("unexpected first line from the client: {line:?}");
         };
         let stderr = child.stderr.take();
-        Ok(Client { addr: addr.to_string(), child, stderr })
+        Ok(Client {
+            addr: addr.to_string(),
+            child,
+            stderr,
+        })
     }
 
     /// `DISK@ADDR` for a disk served by this client.
@@ -103,7 +125,12 @@ impl Drop for Client {
 /// Writes a fresh key file.
 pub fn make_key(dir: &Path, name: &str) -> PathBuf {
     let path = dir.join(name);
-    let status = Command::new(bin("diskferry")).arg("keygen").arg(&path).stderr(Stdio::null()).status().expect("keygen");
+    let status = Command::new(bin("diskferry"))
+        .arg("keygen")
+        .arg(&path)
+        .stderr(Stdio::null())
+        .status()
+        .expect("keygen");
     assert!(status.success());
     path
 }
@@ -139,7 +166,10 @@ pub fn make_disk(path: &Path, size: u64, data: &[(u64, u64)]) -> Result<()> {
 
 /// Compares two files byte for byte, reporting the first difference.
 pub fn assert_same_bytes(a: &Path, b: &Path) {
-    let (fa, fb) = (std::fs::File::open(a).unwrap(), std::fs::File::open(b).unwrap());
+    let (fa, fb) = (
+        std::fs::File::open(a).unwrap(),
+        std::fs::File::open(b).unwrap(),
+    );
     let (la, lb) = (fa.metadata().unwrap().len(), fb.metadata().unwrap().len());
     assert_eq!(la, lb, "{} and {} differ in size", a.display(), b.display());
     let (mut ba, mut bb) = (vec![0u8; 8 << 20], vec![0u8; 8 << 20]);
@@ -149,8 +179,17 @@ pub fn assert_same_bytes(a: &Path, b: &Path) {
         fa.read_exact_at(&mut ba[..n], off).unwrap();
         fb.read_exact_at(&mut bb[..n], off).unwrap();
         if ba[..n] != bb[..n] {
-            let i = ba[..n].iter().zip(&bb[..n]).position(|(x, y)| x != y).unwrap();
-            panic!("{} and {} differ at byte {}", a.display(), b.display(), off + i as u64);
+            let i = ba[..n]
+                .iter()
+                .zip(&bb[..n])
+                .position(|(x, y)| x != y)
+                .unwrap();
+            panic!(
+                "{} and {} differ at byte {}",
+                a.display(),
+                b.display(),
+                off + i as u64
+            );
         }
         off += n as u64;
     }
@@ -164,8 +203,16 @@ pub fn allocated(path: &Path) -> u64 {
 
 /// Runs `diskferry` with arguments; returns (success, stderr).
 pub fn diskferry(args: &[&std::ffi::OsStr]) -> (bool, String, String) {
-    let out = Command::new(bin("diskferry")).args(args).stdin(Stdio::null()).output().expect("run diskferry");
-    (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+    let out = Command::new(bin("diskferry"))
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run diskferry");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }
 
 /// Waits until `cond` holds or `limit` passes; returns whether it held.

@@ -7,13 +7,21 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use diskferry::blockdev::{BlockDevice, BlockError, Connection, RemoteOptions};
-use diskferry_e2e::{allocated, assert_same_bytes, diskferry, make_disk, make_key, wait_for, Client};
+use diskferry_e2e::{
+    allocated, assert_same_bytes, diskferry, make_disk, make_key, wait_for, Client,
+};
 use diskferry_protocol::{ErrorCode, Psk, Role, SessionOptions};
 
 const MIB: u64 = 1 << 20;
 
 fn capture(src: &str, out: &Path, key: &Path, extra: &[&str]) -> (bool, String) {
-    let mut args: Vec<&OsStr> = vec!["capture".as_ref(), src.as_ref(), out.as_os_str(), "--key-file".as_ref(), key.as_os_str()];
+    let mut args: Vec<&OsStr> = vec![
+        "capture".as_ref(),
+        src.as_ref(),
+        out.as_os_str(),
+        "--key-file".as_ref(),
+        key.as_os_str(),
+    ];
     args.extend(extra.iter().map(OsStr::new));
     let (ok, _, stderr) = diskferry(&args);
     (ok, stderr)
@@ -25,7 +33,12 @@ fn encrypted_capture_of_a_sparse_disk_is_byte_identical_and_sparse() {
     let key = make_key(dir.path(), "key");
     let disk = dir.path().join("disk.img");
     // 384 MiB with data at the start, in the middle, odd-sized, and in the very last sector.
-    let layout = [(0, 3 * MIB), (100 * MIB, 150 * MIB + 4096 * 3), (300 * MIB + 512, 7 * 4096), (384 * MIB - 512, 512)];
+    let layout = [
+        (0, 3 * MIB),
+        (100 * MIB, 150 * MIB + 4096 * 3),
+        (300 * MIB + 512, 7 * 4096),
+        (384 * MIB - 512, 512),
+    ];
     make_disk(&disk, 384 * MIB, &layout).unwrap();
     let client = Client::start(&key, &["--disk", disk.to_str().unwrap()]).unwrap();
 
@@ -34,8 +47,15 @@ fn encrypted_capture_of_a_sparse_disk_is_byte_identical_and_sparse() {
     assert!(ok, "capture failed: {stderr}");
     assert_same_bytes(&disk, &out);
     let data: u64 = layout.iter().map(|l| l.1).sum();
-    assert!(allocated(&out) <= data + 2 * MIB, "output should hold about the data only: {} allocated", allocated(&out));
-    assert!(stderr.contains("skipped as zero"), "the summary reports what was skipped: {stderr}");
+    assert!(
+        allocated(&out) <= data + 2 * MIB,
+        "output should hold about the data only: {} allocated",
+        allocated(&out)
+    );
+    assert!(
+        stderr.contains("skipped as zero"),
+        "the summary reports what was skipped: {stderr}"
+    );
     assert!(!dir.path().join("copy.raw.partial").exists());
     client.stop();
 }
@@ -66,14 +86,31 @@ fn wrong_key_is_a_clear_error_with_no_output() {
     let (ok, stderr) = capture(&client.source(&disk), &out, &other, &[]);
     assert!(!ok, "a capture with the wrong key must fail");
     assert!(stderr.contains("authentication failed"), "{stderr}");
-    assert!(stderr.contains("--key-file"), "the error says what to check: {stderr}");
-    assert!(!out.exists() && !dir.path().join("copy.raw.partial").exists(), "no output of any kind");
+    assert!(
+        stderr.contains("--key-file"),
+        "the error says what to check: {stderr}"
+    );
+    assert!(
+        !out.exists() && !dir.path().join("copy.raw.partial").exists(),
+        "no output of any kind"
+    );
 
-    let (ok, stdout, stderr) = diskferry(&["disks".as_ref(), client.addr.as_ref(), "--key-file".as_ref(), other.as_os_str()]);
-    assert!(!ok && stdout.is_empty(), "the disk list is not revealed: {stdout}");
+    let (ok, stdout, stderr) = diskferry(&[
+        "disks".as_ref(),
+        client.addr.as_ref(),
+        "--key-file".as_ref(),
+        other.as_os_str(),
+    ]);
+    assert!(
+        !ok && stdout.is_empty(),
+        "the disk list is not revealed: {stdout}"
+    );
     assert!(stderr.contains("authentication failed"), "{stderr}");
     let log = client.stop();
-    assert!(log.contains("authentication failed"), "the client logs the refusal: {log}");
+    assert!(
+        log.contains("authentication failed"),
+        "the client logs the refusal: {log}"
+    );
 }
 
 #[test]
@@ -83,12 +120,30 @@ fn disks_lists_what_the_client_serves() {
     let (a, b) = (dir.path().join("a.img"), dir.path().join("b.img"));
     make_disk(&a, 10 * MIB, &[]).unwrap();
     make_disk(&b, 3 * MIB + 512, &[]).unwrap();
-    let client = Client::start(&key, &["--disk", a.to_str().unwrap(), "--disk", b.to_str().unwrap()]).unwrap();
-    let (ok, stdout, stderr) = diskferry(&["disks".as_ref(), client.addr.as_ref(), "--key-file".as_ref(), key.as_os_str()]);
+    let client = Client::start(
+        &key,
+        &["--disk", a.to_str().unwrap(), "--disk", b.to_str().unwrap()],
+    )
+    .unwrap();
+    let (ok, stdout, stderr) = diskferry(&[
+        "disks".as_ref(),
+        client.addr.as_ref(),
+        "--key-file".as_ref(),
+        key.as_os_str(),
+    ]);
     assert!(ok, "{stderr}");
-    assert!(stdout.contains(a.to_str().unwrap()) && stdout.contains("10.0 MiB"), "{stdout}");
-    assert!(stdout.contains(b.to_str().unwrap()) && stdout.contains("3.0 MiB"), "{stdout}");
-    assert!(stdout.lines().skip(1).all(|l| l.ends_with("ro")), "a client without --allow-write is read-only: {stdout}");
+    assert!(
+        stdout.contains(a.to_str().unwrap()) && stdout.contains("10.0 MiB"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains(b.to_str().unwrap()) && stdout.contains("3.0 MiB"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.lines().skip(1).all(|l| l.ends_with("ro")),
+        "a client without --allow-write is read-only: {stdout}"
+    );
 }
 
 fn session(key: &Path) -> SessionOptions {
@@ -105,18 +160,33 @@ fn read_only_client_refuses_writes_and_changes_nothing() {
     let client = Client::start(&key, &["--disk", disk.to_str().unwrap()]).unwrap();
 
     let rt = tokio::runtime::Runtime::new().unwrap();
-    let conn = rt.block_on(Connection::connect(&client.addr, &session(&key))).unwrap();
+    let conn = rt
+        .block_on(Connection::connect(&client.addr, &session(&key)))
+        .unwrap();
     let name = disk.to_str().unwrap();
     match rt.block_on(conn.open(name, true, RemoteOptions::default())) {
-        Err(BlockError::Remote { code: ErrorCode::ReadOnly, message, .. }) => assert!(message.contains("--allow-write"), "{message}"),
+        Err(BlockError::Remote {
+            code: ErrorCode::ReadOnly,
+            message,
+            ..
+        }) => assert!(message.contains("--allow-write"), "{message}"),
         other => panic!("opening for write must be refused, got {other:?}"),
     }
-    let ro = rt.block_on(conn.open(name, false, RemoteOptions::default())).unwrap();
+    let ro = rt
+        .block_on(conn.open(name, false, RemoteOptions::default()))
+        .unwrap();
     assert!(ro.is_read_only());
-    assert!(matches!(ro.write_at(&[1u8; 4096], 0), Err(BlockError::ReadOnly)));
+    assert!(matches!(
+        ro.write_at(&[1u8; 4096], 0),
+        Err(BlockError::ReadOnly)
+    ));
     assert!(matches!(ro.discard(0, 4096), Err(BlockError::ReadOnly)));
     drop(ro);
-    assert_eq!(std::fs::read(&disk).unwrap(), before, "the disk is unchanged");
+    assert_eq!(
+        std::fs::read(&disk).unwrap(),
+        before,
+        "the disk is unchanged"
+    );
 }
 
 #[test]
@@ -127,8 +197,13 @@ fn writable_client_applies_writes_and_discards() {
     make_disk(&disk, 16 * MIB, &[(0, 16 * MIB)]).unwrap();
     let client = Client::start(&key, &["--disk", disk.to_str().unwrap(), "--allow-write"]).unwrap();
     let rt = tokio::runtime::Runtime::new().unwrap();
-    let conn = rt.block_on(Connection::connect(&client.addr, &session(&key))).unwrap();
-    let dev: Arc<dyn BlockDevice> = Arc::new(rt.block_on(conn.open(disk.to_str().unwrap(), true, RemoteOptions::default())).unwrap());
+    let conn = rt
+        .block_on(Connection::connect(&client.addr, &session(&key)))
+        .unwrap();
+    let dev: Arc<dyn BlockDevice> = Arc::new(
+        rt.block_on(conn.open(disk.to_str().unwrap(), true, RemoteOptions::default()))
+            .unwrap(),
+    );
 
     // Read through the cache first, so the write must invalidate it.
     let mut buf = vec![0u8; 8192];
@@ -142,8 +217,16 @@ fn writable_client_applies_writes_and_discards() {
     assert!(back == payload, "reads after a write see the write");
     let on_disk = std::fs::read(&disk).unwrap();
     assert!(on_disk[(3 * MIB + 7) as usize..][..payload.len()] == payload[..]);
-    assert!(on_disk[(12 * MIB) as usize..(13 * MIB) as usize].iter().all(|&b| b == 0), "discarded range reads as zeros");
-    assert!(matches!(dev.read_at(&mut buf, 16 * MIB - 100), Err(BlockError::OutOfRange { .. })));
+    assert!(
+        on_disk[(12 * MIB) as usize..(13 * MIB) as usize]
+            .iter()
+            .all(|&b| b == 0),
+        "discarded range reads as zeros"
+    );
+    assert!(matches!(
+        dev.read_at(&mut buf, 16 * MIB - 100),
+        Err(BlockError::OutOfRange { .. })
+    ));
 }
 
 #[test]
@@ -164,12 +247,22 @@ fn killed_client_mid_capture_is_a_clear_error_and_leaves_no_complete_output() {
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    assert!(wait_for(Duration::from_secs(30), || partial.exists() && allocated(&partial) > 0), "capture never started writing");
+    assert!(
+        wait_for(Duration::from_secs(30), || partial.exists()
+            && allocated(&partial) > 0),
+        "capture never started writing"
+    );
     client.child.kill().unwrap();
     let output = capture.wait_with_output().unwrap();
     let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(!output.status.success(), "the capture must fail when the client dies");
-    assert!(stderr.contains("connection") && stderr.contains(".partial"), "the error names the cause and the leftover: {stderr}");
+    assert!(
+        !output.status.success(),
+        "the capture must fail when the client dies"
+    );
+    assert!(
+        stderr.contains("connection") && stderr.contains(".partial"),
+        "the error names the cause and the leftover: {stderr}"
+    );
     assert!(!out.exists(), "nothing may look complete");
 }
 
@@ -181,7 +274,9 @@ fn one_client_serves_several_connections_at_once() {
     make_disk(&disk, 96 * MIB, &[(0, 90 * MIB)]).unwrap();
     let client = Client::start(&key, &["--disk", disk.to_str().unwrap()]).unwrap();
     let src = client.source(&disk);
-    let outs: Vec<_> = (0..3).map(|i| dir.path().join(format!("copy{i}.raw"))).collect();
+    let outs: Vec<_> = (0..3)
+        .map(|i| dir.path().join(format!("copy{i}.raw")))
+        .collect();
     std::thread::scope(|s| {
         for out in &outs {
             let (src, key) = (&src, &key);
@@ -202,11 +297,21 @@ fn client_exits_cleanly_on_sigterm_and_explains_bad_arguments() {
     let key = make_key(dir.path(), "key");
     let mut client = Client::start(&key, &["--disk", "/nonexistent-disk"]).unwrap();
     let pid = client.child.id().to_string();
-    assert!(std::process::Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+    assert!(std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap()
+        .success());
     let status = client.child.wait().unwrap();
-    assert!(status.success(), "SIGTERM ends the client cleanly: {status:?}");
+    assert!(
+        status.success(),
+        "SIGTERM ends the client cleanly: {status:?}"
+    );
 
-    let out = std::process::Command::new(diskferry_e2e::bin("diskferry-client")).arg("--listen").output().unwrap();
+    let out = std::process::Command::new(diskferry_e2e::bin("diskferry-client"))
+        .arg("--listen")
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("--listen needs a value"));
 }

@@ -24,11 +24,23 @@ impl FileDevice {
             device: path.display().to_string(),
             source,
         })?;
-        Ok(FileDevice { disk, path: path.to_path_buf() })
+        Ok(FileDevice {
+            disk,
+            path: path.to_path_buf(),
+        })
     }
 
-    fn io_err(&self, op: &'static str, offset: u64) -> impl FnOnce(std::io::Error) -> BlockError + '_ {
-        move |source| BlockError::Io { op, offset, device: self.path.display().to_string(), source }
+    fn io_err(
+        &self,
+        op: &'static str,
+        offset: u64,
+    ) -> impl FnOnce(std::io::Error) -> BlockError + '_ {
+        move |source| BlockError::Io {
+            op,
+            offset,
+            device: self.path.display().to_string(),
+            source,
+        }
     }
 }
 
@@ -43,7 +55,9 @@ impl BlockDevice for FileDevice {
 
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         check_range(self.size(), offset, buf.len() as u64)?;
-        self.disk.read_exact_at(buf, offset).map_err(self.io_err("read", offset))
+        self.disk
+            .read_exact_at(buf, offset)
+            .map_err(self.io_err("read", offset))
     }
 
     fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
@@ -51,7 +65,9 @@ impl BlockDevice for FileDevice {
             return Err(BlockError::ReadOnly);
         }
         check_range(self.size(), offset, buf.len() as u64)?;
-        self.disk.write_all_at(buf, offset).map_err(self.io_err("write", offset))
+        self.disk
+            .write_all_at(buf, offset)
+            .map_err(self.io_err("write", offset))
     }
 
     fn flush(&self) -> Result<()> {
@@ -69,16 +85,25 @@ impl BlockDevice for FileDevice {
         if !self.disk.is_regular_file() {
             return Ok(());
         }
-        self.disk.punch_hole(offset, len).map_err(self.io_err("discard", offset))
+        self.disk
+            .punch_hole(offset, len)
+            .map_err(self.io_err("discard", offset))
     }
 
     fn block_status(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {
-        let regions = self.disk.regions(offset, len, MAX_EXTENTS).map_err(self.io_err("seek", offset))?;
+        let regions = self
+            .disk
+            .regions(offset, len, MAX_EXTENTS)
+            .map_err(self.io_err("seek", offset))?;
         let mut pos = offset;
         Ok(regions
             .into_iter()
             .map(|(len, region)| {
-                let e = Extent { offset: pos, len, region };
+                let e = Extent {
+                    offset: pos,
+                    len,
+                    region,
+                };
                 pos += len;
                 e
             })

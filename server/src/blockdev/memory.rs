@@ -14,12 +14,18 @@ pub struct MemoryDevice {
 impl MemoryDevice {
     /// A zero-filled writable device of `size` bytes.
     pub fn new(size: usize) -> Self {
-        MemoryDevice { data: RwLock::new(vec![0; size]), read_only: false }
+        MemoryDevice {
+            data: RwLock::new(vec![0; size]),
+            read_only: false,
+        }
     }
 
     /// A read-only device holding `data`.
     pub fn read_only(data: Vec<u8>) -> Self {
-        MemoryDevice { data: RwLock::new(data), read_only: true }
+        MemoryDevice {
+            data: RwLock::new(data),
+            read_only: true,
+        }
     }
 
     /// A copy of the contents.

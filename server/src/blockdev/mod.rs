@@ -40,13 +40,23 @@ impl Extent {
 #[derive(Debug, thiserror::Error)]
 pub enum BlockError {
     #[error("{op} at offset {offset} on {device}: {source}")]
-    Io { op: &'static str, offset: u64, device: String, source: std::io::Error },
+    Io {
+        op: &'static str,
+        offset: u64,
+        device: String,
+        source: std::io::Error,
+    },
     #[error("range {offset}+{len} is beyond the end of the device ({size} bytes)")]
     OutOfRange { offset: u64, len: u64, size: u64 },
     #[error("the device is read-only")]
     ReadOnly,
     #[error("the client refused {op} at offset {offset}: {message} ({code})")]
-    Remote { op: &'static str, offset: u64, code: diskferry_protocol::ErrorCode, message: String },
+    Remote {
+        op: &'static str,
+        offset: u64,
+        code: diskferry_protocol::ErrorCode,
+        message: String,
+    },
     #[error("lost the connection to the client: {0}")]
     Disconnected(String),
     #[error("the client broke the protocol: {0}")]
@@ -107,12 +117,20 @@ pub trait BlockDevice: Send + Sync {
         if offset >= end {
             return Ok(Vec::new());
         }
-        Ok(vec![Extent { offset, len: end - offset, region: Region::Unknown }])
+        Ok(vec![Extent {
+            offset,
+            len: end - offset,
+            region: Region::Unknown,
+        }])
     }
 
     /// Reads many ranges, handing each piece to `sink` in order. Remote devices override this
     /// to keep many requests in flight; sinks must accept pieces of any size.
-    fn read_ranges(&self, ranges: &[Range<u64>], sink: &mut dyn FnMut(u64, &[u8]) -> Result<()>) -> Result<()> {
+    fn read_ranges(
+        &self,
+        ranges: &[Range<u64>],
+        sink: &mut dyn FnMut(u64, &[u8]) -> Result<()>,
+    ) -> Result<()> {
         let mut buf = Vec::new();
         for r in ranges {
             let mut pos = r.start;
@@ -136,11 +154,15 @@ pub fn map_device(dev: &dyn BlockDevice) -> Result<Vec<Extent>> {
     while pos < size {
         let extents = dev.block_status(pos, size - pos)?;
         if extents.is_empty() {
-            return Err(BlockError::Protocol(format!("block status at offset {pos} returned nothing")));
+            return Err(BlockError::Protocol(format!(
+                "block status at offset {pos} returned nothing"
+            )));
         }
         for e in extents {
             if e.offset != pos || e.len == 0 || e.end() > size {
-                return Err(BlockError::Protocol(format!("block status extent {e:?} does not continue at offset {pos}")));
+                return Err(BlockError::Protocol(format!(
+                    "block status extent {e:?} does not continue at offset {pos}"
+                )));
             }
             pos = e.end();
             match out.last_mut() {

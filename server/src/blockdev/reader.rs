@@ -14,7 +14,9 @@ pub struct BlockReader {
 
 impl std::fmt::Debug for BlockReader {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("BlockReader").field("pos", &self.pos).finish_non_exhaustive()
+        f.debug_struct("BlockReader")
+            .field("pos", &self.pos)
+            .finish_non_exhaustive()
     }
 }
 
@@ -30,7 +32,9 @@ impl Read for BlockReader {
         if n == 0 {
             return Ok(0);
         }
-        self.dev.read_at(&mut buf[..n], self.pos).map_err(io::Error::other)?;
+        self.dev
+            .read_at(&mut buf[..n], self.pos)
+            .map_err(io::Error::other)?;
         self.pos += n as u64;
         Ok(n)
     }
@@ -40,9 +44,14 @@ impl Write for BlockReader {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         let n = (self.dev.size().saturating_sub(self.pos)).min(buf.len() as u64) as usize;
         if n == 0 && !buf.is_empty() {
-            return Err(io::Error::new(io::ErrorKind::WriteZero, "write past the end of the device"));
+            return Err(io::Error::new(
+                io::ErrorKind::WriteZero,
+                "write past the end of the device",
+            ));
         }
-        self.dev.write_at(&buf[..n], self.pos).map_err(io::Error::other)?;
+        self.dev
+            .write_at(&buf[..n], self.pos)
+            .map_err(io::Error::other)?;
         self.pos += n as u64;
         Ok(n)
     }
@@ -59,7 +68,12 @@ impl Seek for BlockReader {
             SeekFrom::End(d) => self.dev.size().checked_add_signed(d),
             SeekFrom::Current(d) => self.pos.checked_add_signed(d),
         };
-        let target = target.ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "seek before the start of the device"))?;
+        let target = target.ok_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "seek before the start of the device",
+            )
+        })?;
         self.pos = target;
         Ok(target)
     }
@@ -73,7 +87,8 @@ mod tests {
     #[test]
     fn reads_seeks_and_writes_through_a_slice() {
         let mem: Arc<dyn BlockDevice> = Arc::new(MemoryDevice::new(4096));
-        let slice: Arc<dyn BlockDevice> = Arc::new(SliceDevice::new(mem.clone(), 1024, 2048).unwrap());
+        let slice: Arc<dyn BlockDevice> =
+            Arc::new(SliceDevice::new(mem.clone(), 1024, 2048).unwrap());
         let mut r = BlockReader::new(slice);
         r.seek(SeekFrom::End(-4)).unwrap();
         r.write_all(b"tail").unwrap();

@@ -14,7 +14,10 @@ pub struct SliceDevice {
 
 impl std::fmt::Debug for SliceDevice {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("SliceDevice").field("start", &self.start).field("len", &self.len).finish_non_exhaustive()
+        f.debug_struct("SliceDevice")
+            .field("start", &self.start)
+            .field("len", &self.len)
+            .finish_non_exhaustive()
     }
 }
 
@@ -66,16 +69,28 @@ impl BlockDevice for SliceDevice {
             .filter_map(|e| {
                 let start = e.offset.max(self.start + offset);
                 let end = e.end().min(self.start + offset + len);
-                (start < end).then(|| Extent { offset: start - self.start, len: end - start, region: e.region })
+                (start < end).then(|| Extent {
+                    offset: start - self.start,
+                    len: end - start,
+                    region: e.region,
+                })
             })
             .collect())
     }
 
-    fn read_ranges(&self, ranges: &[Range<u64>], sink: &mut dyn FnMut(u64, &[u8]) -> Result<()>) -> Result<()> {
+    fn read_ranges(
+        &self,
+        ranges: &[Range<u64>],
+        sink: &mut dyn FnMut(u64, &[u8]) -> Result<()>,
+    ) -> Result<()> {
         for r in ranges {
             check_range(self.len, r.start, r.end.saturating_sub(r.start))?;
         }
-        let shifted: Vec<Range<u64>> = ranges.iter().map(|r| r.start + self.start..r.end + self.start).collect();
-        self.inner.read_ranges(&shifted, &mut |off, data| sink(off - self.start, data))
+        let shifted: Vec<Range<u64>> = ranges
+            .iter()
+            .map(|r| r.start + self.start..r.end + self.start)
+            .collect();
+        self.inner
+            .read_ranges(&shifted, &mut |off, data| sink(off - self.start, data))
     }
 }

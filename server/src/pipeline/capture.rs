@@ -35,9 +35,16 @@ pub enum CaptureError {
     #[error(transparent)]
     Output(#[from] OutputError),
     #[error("reading the source failed: {source} (incomplete output left at {partial})")]
-    Source { source: BlockError, partial: PathBuf },
+    Source {
+        source: BlockError,
+        partial: PathBuf,
+    },
     #[error("writing {path} failed at offset {offset}: {source} (is the disk full?)")]
-    Write { path: PathBuf, offset: u64, source: std::io::Error },
+    Write {
+        path: PathBuf,
+        offset: u64,
+        source: std::io::Error,
+    },
 }
 
 /// Copies every non-zero sector of `src` into a sparse raw file at `out`.
@@ -51,9 +58,19 @@ pub fn capture_sectors_raw(
     let output = PartialOutput::create(out, overwrite)?;
     let partial = output.partial_path().to_path_buf();
     let size = src.size();
-    output.file().set_len(size).map_err(|source| CaptureError::Write { path: partial.clone(), offset: size, source })?;
+    output
+        .file()
+        .set_len(size)
+        .map_err(|source| CaptureError::Write {
+            path: partial.clone(),
+            offset: size,
+            source,
+        })?;
 
-    let source_err = |source| CaptureError::Source { source, partial: partial.clone() };
+    let source_err = |source| CaptureError::Source {
+        source,
+        partial: partial.clone(),
+    };
     let ranges: Vec<Range<u64>> = map_device(src)
         .map_err(source_err)?
         .into_iter()
@@ -61,7 +78,11 @@ pub fn capture_sectors_raw(
         .map(|e| e.offset..e.end())
         .collect();
     let to_read: u64 = ranges.iter().map(|r| r.end - r.start).sum();
-    let mut stats = CaptureStats { size, skipped_by_status: size - to_read, ..CaptureStats::default() };
+    let mut stats = CaptureStats {
+        size,
+        skipped_by_status: size - to_read,
+        ..CaptureStats::default()
+    };
 
     progress.start("sectors", to_read);
     let mut write_error = None;
@@ -80,7 +101,11 @@ pub fn capture_sectors_raw(
     });
     progress.finish();
     if let Some((offset, source)) = write_error {
-        return Err(CaptureError::Write { path: partial, offset, source });
+        return Err(CaptureError::Write {
+            path: partial,
+            offset,
+            source,
+        });
     }
     result.map_err(source_err)?;
     output.commit()?;
@@ -105,11 +130,24 @@ mod tests {
         let out = dir.path().join("disk.raw");
         let stats = capture_sectors_raw(&src, &out, false, &Silent).unwrap();
         assert_eq!(std::fs::read(&out).unwrap(), data);
-        assert_eq!(stats.read, 8 << 20, "memory devices know no holes: everything is read");
-        assert_eq!(stats.written, 8192, "only the two non-zero blocks are written");
-        assert!(std::fs::metadata(&out).unwrap().blocks() * 512 <= 64 << 10, "the output is sparse");
+        assert_eq!(
+            stats.read,
+            8 << 20,
+            "memory devices know no holes: everything is read"
+        );
+        assert_eq!(
+            stats.written, 8192,
+            "only the two non-zero blocks are written"
+        );
+        assert!(
+            std::fs::metadata(&out).unwrap().blocks() * 512 <= 64 << 10,
+            "the output is sparse"
+        );
         assert!(!dir.path().join("disk.raw.partial").exists());
         // A second capture to the same name is refused without overwrite.
-        assert!(matches!(capture_sectors_raw(&src, &out, false, &Silent), Err(CaptureError::Output(OutputError::Exists(_)))));
+        assert!(matches!(
+            capture_sectors_raw(&src, &out, false, &Silent),
+            Err(CaptureError::Output(OutputError::Exists(_)))
+        ));
     }
 }

@@ -10,7 +10,11 @@ pub enum OutputError {
     #[error("{0} already exists; choose another name or pass --force to replace it")]
     Exists(PathBuf),
     #[error("cannot {op} {path}: {source}")]
-    Io { op: &'static str, path: PathBuf, source: std::io::Error },
+    Io {
+        op: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
 }
 
 /// An output being written under its temporary name.
@@ -36,8 +40,16 @@ impl PartialOutput {
             .create(true)
             .truncate(true)
             .open(&partial_path)
-            .map_err(|source| OutputError::Io { op: "create", path: partial_path.clone(), source })?;
-        Ok(PartialOutput { final_path: final_path.to_path_buf(), partial_path, file })
+            .map_err(|source| OutputError::Io {
+                op: "create",
+                path: partial_path.clone(),
+                source,
+            })?;
+        Ok(PartialOutput {
+            final_path: final_path.to_path_buf(),
+            partial_path,
+            file,
+        })
     }
 
     pub fn file(&self) -> &File {
@@ -54,13 +66,18 @@ impl PartialOutput {
             let path = path.to_path_buf();
             move |source| OutputError::Io { op, path, source }
         };
-        self.file.sync_all().map_err(io("sync", &self.partial_path))?;
-        std::fs::rename(&self.partial_path, &self.final_path).map_err(io("rename", &self.partial_path))?;
+        self.file
+            .sync_all()
+            .map_err(io("sync", &self.partial_path))?;
+        std::fs::rename(&self.partial_path, &self.final_path)
+            .map_err(io("rename", &self.partial_path))?;
         let dir = match self.final_path.parent() {
             Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
             _ => PathBuf::from("."),
         };
-        File::open(&dir).and_then(|d| d.sync_all()).map_err(io("sync directory", &dir))?;
+        File::open(&dir)
+            .and_then(|d| d.sync_all())
+            .map_err(io("sync directory", &dir))?;
         Ok(self.final_path)
     }
 }

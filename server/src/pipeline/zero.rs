@@ -6,7 +6,9 @@ pub const ZERO_BLOCK: usize = 4096;
 /// True when every byte is zero. Written so the compiler vectorizes it.
 pub fn is_zero(buf: &[u8]) -> bool {
     let mut chunks = buf.chunks_exact(64);
-    let all = chunks.by_ref().all(|c| c.iter().fold(0u8, |acc, &b| acc | b) == 0);
+    let all = chunks
+        .by_ref()
+        .all(|c| c.iter().fold(0u8, |acc, &b| acc | b) == 0);
     all && chunks.remainder().iter().all(|&b| b == 0)
 }
 
@@ -41,7 +43,11 @@ mod tests {
         buf[10 * ZERO_BLOCK + 99] = 3;
         assert_eq!(
             nonzero_runs(&buf),
-            vec![ZERO_BLOCK..3 * ZERO_BLOCK, 7 * ZERO_BLOCK..8 * ZERO_BLOCK, 10 * ZERO_BLOCK..10 * ZERO_BLOCK + 100]
+            vec![
+                ZERO_BLOCK..3 * ZERO_BLOCK,
+                7 * ZERO_BLOCK..8 * ZERO_BLOCK,
+                10 * ZERO_BLOCK..10 * ZERO_BLOCK + 100
+            ]
         );
         assert!(!is_zero(&[0, 0, 1]));
         assert!(is_zero(&[]));

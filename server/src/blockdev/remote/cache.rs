@@ -51,7 +51,12 @@ impl ChunkCache {
             chunk,
             readahead,
             capacity,
-            state: Mutex::new(State { slots: HashMap::new(), tick: 0, next_generation: 0, last_end: u64::MAX }),
+            state: Mutex::new(State {
+                slots: HashMap::new(),
+                tick: 0,
+                next_generation: 0,
+                last_end: u64::MAX,
+            }),
             filled: Condvar::new(),
         })
     }
@@ -65,7 +70,13 @@ impl ChunkCache {
     }
 
     /// Fills `buf` from `offset` (already range-checked against `size`).
-    pub fn read(self: &Arc<Self>, buf: &mut [u8], offset: u64, size: u64, fetch: Fetch<'_>) -> Result<()> {
+    pub fn read(
+        self: &Arc<Self>,
+        buf: &mut [u8],
+        offset: u64,
+        size: u64,
+        fetch: Fetch<'_>,
+    ) -> Result<()> {
         let chunk = u64::from(self.chunk);
         let first = offset / chunk;
         let last = (offset + buf.len() as u64 - 1) / chunk;
@@ -91,17 +102,29 @@ impl ChunkCache {
             loop {
                 st.tick += 1;
                 let tick = st.tick;
-                match st.slots.get_mut(&idx).map(|s| (&mut s.data, &mut s.last_used)) {
+                match st
+                    .slots
+                    .get_mut(&idx)
+                    .map(|s| (&mut s.data, &mut s.last_used))
+                {
                     Some((SlotData::Ready(data), used)) => {
                         *used = tick;
                         let at = (from - chunk_start) as usize;
                         dst.copy_from_slice(&data[at..at + dst.len()]);
                         break;
                     }
-                    Some((SlotData::Loading, _)) => st = self.filled.wait(st).unwrap_or_else(|e| e.into_inner()),
+                    Some((SlotData::Loading, _)) => {
+                        st = self.filled.wait(st).unwrap_or_else(|e| e.into_inner())
+                    }
                     Some((SlotData::Failed(_), _)) => {
-                        let Some(Slot { data: SlotData::Failed(e), .. }) = st.slots.remove(&idx) else { unreachable!() };
-                        return Err(e);
+                        // Report the failure once; the slot goes so a later read retries.
+                        if let Some(Slot {
+                            data: SlotData::Failed(e),
+                            ..
+                        }) = st.slots.remove(&idx)
+                        {
+                            return Err(e);
+                        }
                     }
                     None => {
                         // Invalidated or evicted while we waited: fetch it again.
@@ -138,7 +161,14 @@ impl ChunkCache {
                 let generation = st.next_generation;
                 st.next_generation += 1;
                 let tick = st.tick;
-                st.slots.insert(idx, Slot { generation, data: SlotData::Loading, last_used: tick });
+                st.slots.insert(
+                    idx,
+                    Slot {
+                        generation,
+                        data: SlotData::Loading,
+                        last_used: tick,
+                    },
+                );
                 to_fetch.push((idx, generation));
             }
         }
@@ -147,7 +177,13 @@ impl ChunkCache {
             let off = idx * chunk;
             let len = (size - off).min(chunk) as u32;
             let cache = Arc::clone(self);
-            fetch(off, len, Box::new(move |reply| cache.complete(idx, generation, expect_data(reply, off, len as usize))));
+            fetch(
+                off,
+                len,
+                Box::new(move |reply| {
+                    cache.complete(idx, generation, expect_data(reply, off, len as usize))
+                }),
+            );
         }
     }
 

@@ -27,8 +27,13 @@ pub type Completion = Box<dyn FnOnce(Result<Reply, BlockError>) + Send>;
 /// Why a connection could not be established.
 #[derive(Debug, thiserror::Error)]
 pub enum ConnectError {
-    #[error("cannot connect to {addr}: {source} (is diskferry-client running and listening there?)")]
-    Connect { addr: String, source: std::io::Error },
+    #[error(
+        "cannot connect to {addr}: {source} (is diskferry-client running and listening there?)"
+    )]
+    Connect {
+        addr: String,
+        source: std::io::Error,
+    },
     #[error("handshake with {addr} failed: {source}")]
     Handshake { addr: String, source: ProtocolError },
 }
@@ -77,7 +82,9 @@ pub struct Connection {
 
 impl std::fmt::Debug for Connection {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Connection").field("peer", &self.shared.peer).finish_non_exhaustive()
+        f.debug_struct("Connection")
+            .field("peer", &self.shared.peer)
+            .finish_non_exhaustive()
     }
 }
 
@@ -85,19 +92,38 @@ impl Connection {
     /// Connects to a listening client and authenticates. Must run inside a tokio runtime.
     pub async fn connect(addr: &str, opts: &SessionOptions) -> Result<Connection, ConnectError> {
         let mut stream =
-            TcpStream::connect(addr).await.map_err(|source| ConnectError::Connect { addr: addr.to_string(), source })?;
+            TcpStream::connect(addr)
+                .await
+                .map_err(|source| ConnectError::Connect {
+                    addr: addr.to_string(),
+                    source,
+                })?;
         let _ = stream.set_nodelay(true);
         let session =
-            initiate(&mut stream, opts).await.map_err(|source| ConnectError::Handshake { addr: addr.to_string(), source })?;
+            initiate(&mut stream, opts)
+                .await
+                .map_err(|source| ConnectError::Handshake {
+                    addr: addr.to_string(),
+                    source,
+                })?;
         Ok(Connection::start(stream, session, addr.to_string()))
     }
 
     /// Authenticates a client that connected to us (dial-back mode).
-    pub async fn accept<S>(mut io: S, opts: &SessionOptions, peer: String) -> Result<Connection, ConnectError>
+    pub async fn accept<S>(
+        mut io: S,
+        opts: &SessionOptions,
+        peer: String,
+    ) -> Result<Connection, ConnectError>
     where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
-        let session = respond(&mut io, opts).await.map_err(|source| ConnectError::Handshake { addr: peer.clone(), source })?;
+        let session = respond(&mut io, opts)
+            .await
+            .map_err(|source| ConnectError::Handshake {
+                addr: peer.clone(),
+                source,
+            })?;
         Ok(Connection::start(io, session, peer))
     }
 
@@ -106,7 +132,10 @@ impl Connection {
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
         let shared = Arc::new(Shared {
-            state: Mutex::new(State { pending: HashMap::new(), closed: None }),
+            state: Mutex::new(State {
+                pending: HashMap::new(),
+                closed: None,
+            }),
             next_cookie: AtomicU64::new(1),
             max_payload: session.max_payload,
             peer,
@@ -147,7 +176,9 @@ impl Connection {
                             None => break format!("{} answered unknown request {cookie}", rs.peer),
                         }
                     }
-                    Ok(Some(Message::Request { .. })) => break format!("{} sent a request; it must only answer", rs.peer),
+                    Ok(Some(Message::Request { .. })) => {
+                        break format!("{} sent a request; it must only answer", rs.peer)
+                    }
                     Ok(None) => break format!("{} closed the connection", rs.peer),
                     Err(e) => break format!("{}: {e}", rs.peer),
                 }
@@ -199,7 +230,9 @@ impl Connection {
 
     /// Sends a request and waits for its reply, from async code.
     pub async fn call(&self, request: Request) -> Result<Reply, BlockError> {
-        self.request(request).await.unwrap_or_else(|_| Err(BlockError::Disconnected("request dropped".into())))
+        self.request(request)
+            .await
+            .unwrap_or_else(|_| Err(BlockError::Disconnected("request dropped".into())))
     }
 
     /// Sends a request and waits for its reply, from a blocking thread (never on the runtime).
@@ -216,11 +249,34 @@ impl Connection {
     }
 
     /// Opens a disk by name.
-    pub async fn open(&self, disk: &str, writable: bool, opts: RemoteOptions) -> Result<RemoteDisk, BlockError> {
-        match self.call(Request::Open { disk: disk.to_string(), writable }).await? {
-            Reply::Opened { handle, size, logical_sector, read_only, .. } => {
-                Ok(RemoteDisk::new(self.clone(), disk.to_string(), handle, size, logical_sector, read_only, opts))
-            }
+    pub async fn open(
+        &self,
+        disk: &str,
+        writable: bool,
+        opts: RemoteOptions,
+    ) -> Result<RemoteDisk, BlockError> {
+        match self
+            .call(Request::Open {
+                disk: disk.to_string(),
+                writable,
+            })
+            .await?
+        {
+            Reply::Opened {
+                handle,
+                size,
+                logical_sector,
+                read_only,
+                ..
+            } => Ok(RemoteDisk::new(
+                self.clone(),
+                disk.to_string(),
+                handle,
+                size,
+                logical_sector,
+                read_only,
+                opts,
+            )),
             other => Err(unexpected("open", 0, other)),
         }
     }
@@ -228,13 +284,19 @@ impl Connection {
 
 /// Blocks the current (non-runtime) thread until a reply arrives.
 pub(super) fn wait(rx: oneshot::Receiver<Result<Reply, BlockError>>) -> Result<Reply, BlockError> {
-    rx.blocking_recv().unwrap_or_else(|_| Err(BlockError::Disconnected("request dropped".into())))
+    rx.blocking_recv()
+        .unwrap_or_else(|_| Err(BlockError::Disconnected("request dropped".into())))
 }
 
 /// Turns an error reply, or a reply of the wrong kind, into an error.
 pub(super) fn unexpected(op: &'static str, offset: u64, reply: Reply) -> BlockError {
     match reply {
-        Reply::Error { code, message } => BlockError::Remote { op, offset, code, message },
+        Reply::Error { code, message } => BlockError::Remote {
+            op,
+            offset,
+            code,
+            message,
+        },
         other => {
             let kind = match other {
                 Reply::Disks(_) => "disk list",

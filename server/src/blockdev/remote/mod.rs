@@ -38,7 +38,13 @@ pub struct RemoteOptions {
 
 impl Default for RemoteOptions {
     fn default() -> Self {
-        RemoteOptions { chunk_size: 1 << 20, readahead: 16, cache_chunks: 64, request_size: 2 << 20, depth: 16 }
+        RemoteOptions {
+            chunk_size: 1 << 20,
+            readahead: 16,
+            cache_chunks: 64,
+            request_size: 2 << 20,
+            depth: 16,
+        }
     }
 }
 
@@ -57,7 +63,10 @@ pub struct RemoteDisk {
 
 impl std::fmt::Debug for RemoteDisk {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("RemoteDisk").field("name", &self.name).field("size", &self.size).finish_non_exhaustive()
+        f.debug_struct("RemoteDisk")
+            .field("name", &self.name)
+            .field("size", &self.size)
+            .finish_non_exhaustive()
     }
 }
 
@@ -81,7 +90,11 @@ impl RemoteDisk {
             read_only,
             request_size: opts.request_size.clamp(4096, max),
             depth: opts.depth.max(1),
-            cache: ChunkCache::new(chunk, opts.readahead, opts.cache_chunks.max(opts.readahead + 2)),
+            cache: ChunkCache::new(
+                chunk,
+                opts.readahead,
+                opts.cache_chunks.max(opts.readahead + 2),
+            ),
             conn,
         }
     }
@@ -93,7 +106,11 @@ impl RemoteDisk {
 
     /// Submits a read whose reply lands in a oneshot.
     fn read_request(&self, offset: u64, len: u32) -> tokio::sync::oneshot::Receiver<Result<Reply>> {
-        self.conn.request(Request::Read { handle: self.handle, offset, len })
+        self.conn.request(Request::Read {
+            handle: self.handle,
+            offset,
+            len,
+        })
     }
 }
 
@@ -101,7 +118,10 @@ impl RemoteDisk {
 fn expect_data(reply: Result<Reply>, offset: u64, len: usize) -> Result<Bytes> {
     match reply? {
         Reply::Data(d) if d.len() == len => Ok(d),
-        Reply::Data(d) => Err(BlockError::Protocol(format!("asked {len} bytes at offset {offset}, got {}", d.len()))),
+        Reply::Data(d) => Err(BlockError::Protocol(format!(
+            "asked {len} bytes at offset {offset}, got {}",
+            d.len()
+        ))),
         other => Err(unexpected("read", offset, other)),
     }
 }
@@ -134,15 +154,24 @@ impl BlockDevice for RemoteDisk {
         if buf.len() as u64 > self.cache.capacity_bytes() / 2 {
             // Too big to stage in the cache: a pipelined bulk read straight into the buffer.
             let mut pos = 0usize;
-            return self.read_ranges(&[offset..offset + buf.len() as u64], &mut |_, data| {
+            let whole = offset..offset + buf.len() as u64;
+            return self.read_ranges(std::slice::from_ref(&whole), &mut |_, data| {
                 buf[pos..pos + data.len()].copy_from_slice(data);
                 pos += data.len();
                 Ok(())
             });
         }
-        self.cache.read(buf, offset, self.size, &|chunk_off, len, done| {
-            self.conn.submit(Request::Read { handle: self.handle, offset: chunk_off, len }, done)
-        })
+        self.cache
+            .read(buf, offset, self.size, &|chunk_off, len, done| {
+                self.conn.submit(
+                    Request::Read {
+                        handle: self.handle,
+                        offset: chunk_off,
+                        len,
+                    },
+                    done,
+                )
+            })
     }
 
     fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
@@ -158,7 +187,14 @@ impl BlockDevice for RemoteDisk {
                 let n = (buf.len() - pos).min(self.request_size as usize);
                 let off = offset + pos as u64;
                 let data = Bytes::copy_from_slice(&buf[pos..pos + n]);
-                inflight.push_back((off, self.conn.request(Request::Write { handle: self.handle, offset: off, data })));
+                inflight.push_back((
+                    off,
+                    self.conn.request(Request::Write {
+                        handle: self.handle,
+                        offset: off,
+                        data,
+                    }),
+                ));
                 pos += n;
                 continue;
             }
@@ -170,7 +206,13 @@ impl BlockDevice for RemoteDisk {
     }
 
     fn flush(&self) -> Result<()> {
-        expect_done(self.conn.call_blocking(Request::Flush { handle: self.handle }), "flush", 0)
+        expect_done(
+            self.conn.call_blocking(Request::Flush {
+                handle: self.handle,
+            }),
+            "flush",
+            0,
+        )
     }
 
     fn discard(&self, offset: u64, len: u64) -> Result<()> {
@@ -179,7 +221,15 @@ impl BlockDevice for RemoteDisk {
         }
         check_range(self.size, offset, len)?;
         self.cache.invalidate(offset, len);
-        expect_done(self.conn.call_blocking(Request::Discard { handle: self.handle, offset, len }), "discard", offset)
+        expect_done(
+            self.conn.call_blocking(Request::Discard {
+                handle: self.handle,
+                offset,
+                len,
+            }),
+            "discard",
+            offset,
+        )
     }
 
     fn block_status(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {
@@ -187,32 +237,51 @@ impl BlockDevice for RemoteDisk {
         if offset >= end {
             return Ok(Vec::new());
         }
-        let reply = self.conn.call_blocking(Request::BlockStatus { handle: self.handle, offset, len: end - offset })?;
-        let Reply::Status(extents) = reply else { return Err(unexpected("block status", offset, reply)) };
+        let reply = self.conn.call_blocking(Request::BlockStatus {
+            handle: self.handle,
+            offset,
+            len: end - offset,
+        })?;
+        let Reply::Status(extents) = reply else {
+            return Err(unexpected("block status", offset, reply));
+        };
         let mut pos = offset;
         let mut out = Vec::with_capacity(extents.len());
         for e in extents {
             if e.len == 0 || e.len > end - pos {
-                return Err(BlockError::Protocol(format!("block status extent of {} bytes at {pos} overruns {end}", e.len)));
+                return Err(BlockError::Protocol(format!(
+                    "block status extent of {} bytes at {pos} overruns {end}",
+                    e.len
+                )));
             }
             let region = match e.state {
                 BlockState::Data => Region::Data,
                 BlockState::Zero => Region::Zero,
                 BlockState::Unknown => Region::Unknown,
             };
-            out.push(Extent { offset: pos, len: e.len, region });
+            out.push(Extent {
+                offset: pos,
+                len: e.len,
+                region,
+            });
             pos += e.len;
         }
         Ok(out)
     }
 
-    fn read_ranges(&self, ranges: &[Range<u64>], sink: &mut dyn FnMut(u64, &[u8]) -> Result<()>) -> Result<()> {
+    fn read_ranges(
+        &self,
+        ranges: &[Range<u64>],
+        sink: &mut dyn FnMut(u64, &[u8]) -> Result<()>,
+    ) -> Result<()> {
         for r in ranges {
             check_range(self.size, r.start, r.end.saturating_sub(r.start))?;
         }
         let mut pieces = ranges.iter().flat_map(|r| {
             let step = u64::from(self.request_size);
-            (r.start..r.end).step_by(step as usize).map(move |off| (off, (r.end - off).min(step) as u32))
+            (r.start..r.end)
+                .step_by(step as usize)
+                .map(move |off| (off, (r.end - off).min(step) as u32))
         });
         let mut inflight = VecDeque::with_capacity(self.depth);
         loop {
@@ -222,7 +291,9 @@ impl BlockDevice for RemoteDisk {
                     None => break,
                 }
             }
-            let Some((off, len, rx)) = inflight.pop_front() else { return Ok(()) };
+            let Some((off, len, rx)) = inflight.pop_front() else {
+                return Ok(());
+            };
             let data = expect_data(wait(rx), off, len as usize)?;
             sink(off, &data)?;
         }
@@ -231,6 +302,11 @@ impl BlockDevice for RemoteDisk {
 
 impl Drop for RemoteDisk {
     fn drop(&mut self) {
-        self.conn.submit(Request::Close { handle: self.handle }, Box::new(|_| {}));
+        self.conn.submit(
+            Request::Close {
+                handle: self.handle,
+            },
+            Box::new(|_| {}),
+        );
     }
 }
