@@ -34,50 +34,49 @@ head -c $((size_mib << 20)) /dev/urandom > "$work/disk.img"
 "$diskferry" keygen "$work/key" 2>/dev/null
 
 now() { date +%s.%N; }
-best=()
-measure() { # name, command...
+start_client() { # name, extra args...; prints the port
   local name=$1; shift
-  local t_best=""
-  for _ in $(seq "$runs"); do
-    rm -f "$work/out.raw"
-    local t0 t1; t0=$(now); "$@" >/dev/null 2>&1; t1=$(now)
-    local t; t=$(echo "$t1 - $t0" | bc -l)
-    if [ -z "$t_best" ] || [ "$(echo "$t < $t_best" | bc -l)" = 1 ]; then t_best=$t; fi
-  done
-  local mbs; mbs=$(echo "($size_mib * 1048576) / $t_best / 1000000" | bc -l)
-  printf '%-40s %7.2f s  %7.0f MB/s\n' "$name" "$t_best" "$mbs" >&2
-  best+=("$name|$t_best|$mbs")
-}
-
-start_client() { # extra args...; sets port, client_pid
   "$client" --listen 127.0.0.1:0 --key-file "$work/key" --disk "$work/disk.img" "$@" \
-    > "$work/client.out" 2>/dev/null &
-  client_pid=$!; pids+=("$client_pid")
-  for _ in $(seq 100); do grep -q listening "$work/client.out" 2>/dev/null && break; sleep 0.05; done
-  port=$(sed -n 's/.*127.0.0.1://p' "$work/client.out")
+    > "$work/$name.out" 2>/dev/null &
+  pids+=("$!"); echo "$!" > "$work/$name.pid"
+  for _ in $(seq 100); do grep -q listening "$work/$name.out" 2>/dev/null && break; sleep 0.05; done
+  sed -n 's/.*127.0.0.1://p' "$work/$name.out"
 }
-
-cat "$work/disk.img" > /dev/null # warm the page cache for everyone
-measure "cat FILE > /dev/null (limit)" cat "$work/disk.img"
-
-start_client
-measure "diskferry capture (encrypted)" \
-  "$diskferry" capture "$work/disk.img@127.0.0.1:$port" "$work/out.raw" --key-file "$work/key" --force --progress none
-rss_kib=$(sed -n 's/^VmHWM:[[:space:]]*\([0-9]*\).*/\1/p' "/proc/$client_pid/status")
-cmp "$work/disk.img" "$work/out.raw" || { echo "diskferry output differs!" >&2; exit 1; }
-kill "$client_pid"
-
-start_client --plaintext
-measure "diskferry capture --plaintext" \
-  "$diskferry" capture "$work/disk.img@127.0.0.1:$port" "$work/out.raw" --key-file "$work/key" --force --progress none --plaintext
-kill "$client_pid"
-
+enc_port=$(start_client enc)
+plain_port=$(start_client plain --plaintext)
 nbd_port=$((20000 + RANDOM % 20000))
 qemu-nbd --read-only --persistent --format raw --export-name disk --bind 127.0.0.1 --port "$nbd_port" "$work/disk.img" &
 pids+=("$!"); sleep 1
-measure "qemu-img convert nbd:// (peer)" \
-  qemu-img convert -f raw -O raw "nbd://127.0.0.1:$nbd_port/disk" "$work/out.raw"
-cmp "$work/disk.img" "$work/out.raw" || { echo "qemu-img output differs!" >&2; exit 1; }
+
+names=("cat FILE > /dev/null (limit)" "diskferry capture (encrypted)" "diskferry capture --plaintext" "qemu-img convert nbd:// (peer)")
+run_tool() { # index
+  case $1 in
+    0) cat "$work/disk.img" ;;
+    1) "$diskferry" capture "$work/disk.img@127.0.0.1:$enc_port" "$work/out.raw" --key-file "$work/key" --force --progress none ;;
+    2) "$diskferry" capture "$work/disk.img@127.0.0.1:$plain_port" "$work/out.raw" --key-file "$work/key" --force --progress none --plaintext ;;
+    3) qemu-img convert -f raw -O raw "nbd://127.0.0.1:$nbd_port/disk" "$work/out.raw" ;;
+  esac
+}
+declare -a t_best
+cat "$work/disk.img" > /dev/null # warm the page cache for everyone
+# Round-robin: one run of each tool per round, so drift on a shared machine hits all alike.
+for round in $(seq "$runs"); do
+  for i in 0 1 2 3; do
+    rm -f "$work/out.raw"
+    t0=$(now); run_tool "$i" >/dev/null 2>&1; t1=$(now)
+    t=$(echo "$t1 - $t0" | bc -l)
+    if [ -z "${t_best[$i]:-}" ] || [ "$(echo "$t < ${t_best[$i]}" | bc -l)" = 1 ]; then t_best[$i]=$t; fi
+    if [ "$i" != 0 ] && ! cmp -s "$work/disk.img" "$work/out.raw"; then echo "${names[$i]}: output differs!" >&2; exit 1; fi
+  done
+  echo "round $round done" >&2
+done
+rss_kib=$(sed -n 's/^VmHWM:[[:space:]]*\([0-9]*\).*/\1/p' "/proc/$(cat "$work/enc.pid")/status")
+best=()
+for i in 0 1 2 3; do
+  mbs=$(echo "($size_mib * 1048576) / ${t_best[$i]} / 1000000" | bc -l)
+  printf '%-40s %7.2f s  %7.0f MB/s\n' "${names[$i]}" "${t_best[$i]}" "$mbs" >&2
+  best+=("${names[$i]}|${t_best[$i]}|$mbs")
+done
 
 mbs_of() { for b in "${best[@]}"; do if [[ $b == "$1|"* ]]; then echo "${b##*|}"; fi; done; }
 enc=$(mbs_of "diskferry capture (encrypted)")

@@ -251,7 +251,7 @@ fn decode_params(p: &[u8]) -> Result<Params, ProtocolError> {
 }
 
 fn finish(
-    noise: snow::HandshakeState,
+    mut noise: snow::HandshakeState,
     version: u16,
     opts: &SessionOptions,
     peer: Params,
@@ -260,22 +260,36 @@ fn finish(
         return Err(ProtocolError::RoleConflict(peer.role));
     }
     let plaintext = opts.plaintext && peer.plaintext;
+    let max_payload = peer
+        .max_payload
+        .min(opts.max_payload.clamp(MIN_PAYLOAD, MAX_PAYLOAD_LIMIT));
     let cipher = if plaintext {
         None
     } else {
-        Some(record::split(
-            noise.into_stateless_transport_mode().map_err(noise_err)?,
-        ))
+        if !noise.is_handshake_finished() {
+            return Err(ProtocolError::malformed("handshake ended early"));
+        }
+        // Noise's split: k1 protects initiator → responder, k2 the other way.
+        let (k1, k2) = noise.dangerously_get_raw_split();
+        let (send, recv) = if noise.is_initiator() {
+            (k1, k2)
+        } else {
+            (k2, k1)
+        };
+        Some(record::halves(&send, &recv, record_limit(max_payload)))
     };
     Ok(Session {
         version,
         plaintext,
-        max_payload: peer
-            .max_payload
-            .min(opts.max_payload.clamp(MIN_PAYLOAD, MAX_PAYLOAD_LIMIT)),
+        max_payload,
         peer_role: peer.role,
         cipher,
     })
+}
+
+/// Largest record plaintext for a payload limit: one maximal frame with its length prefix.
+pub(crate) fn record_limit(max_payload: u32) -> usize {
+    crate::FrameCodec::new(max_payload).max_frame() as usize + 4
 }
 
 fn builder<'a>(psk: &'a Psk, prologue: &'a [u8]) -> Result<snow::Builder<'a>, ProtocolError> {

@@ -1,53 +1,67 @@
-//! The encrypted record layer: after the handshake, the byte stream of frames is cut into Noise
-//! transport messages of at most 65535 bytes, each sent as `u16 length | ciphertext+tag`.
+//! The encrypted record layer used after the Noise handshake.
 //!
-//! Each direction has its own nonce counter, so the sending and receiving halves of a
-//! connection work independently (two tasks, no lock).
-
-use std::sync::Arc;
+//! The handshake's final split yields one AES-256-GCM key per direction. Each record is
+//! `u32 length | ciphertext | 16-byte tag` and holds one or more *whole* frames; nonces count
+//! records per direction and are encoded as in Noise (4 zero bytes, then the counter
+//! big-endian). Noise's own transport messages stop at 64 KiB, which would force every 2 MiB
+//! data frame to be cut up and stitched back together; records here go up to one maximal frame,
+//! so the receiver decrypts in place and hands frame payloads on without copying them.
+//!
+//! The length is checked against the negotiated frame limit before anything is reserved.
 
 use bytes::{Buf, BufMut, BytesMut};
-use snow::StatelessTransportState;
+use ring::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_256_GCM};
 
 use crate::ProtocolError;
 
-/// Largest Noise message.
-pub const MAX_RECORD: usize = 65535;
 /// AEAD tag appended to every record.
 pub const TAG_LEN: usize = 16;
-/// Plaintext carried by a full record.
-pub const MAX_RECORD_PLAINTEXT: usize = MAX_RECORD - TAG_LEN;
+/// The record length field.
+pub const LEN_BYTES: usize = 4;
 
-/// Encrypts outgoing bytes into records.
+fn key(raw: &[u8; 32]) -> LessSafeKey {
+    // AES-256 takes any 32-byte key: this cannot fail.
+    LessSafeKey::new(UnboundKey::new(&AES_256_GCM, raw).expect("a 32-byte AES-256 key"))
+}
+
+fn nonce(counter: u64) -> Nonce {
+    let mut n = [0u8; 12];
+    n[4..].copy_from_slice(&counter.to_be_bytes());
+    Nonce::assume_unique_for_key(n)
+}
+
+/// Encrypts outgoing records.
 pub struct Sealer {
-    state: Arc<StatelessTransportState>,
-    nonce: u64,
-    pending: Vec<u8>,
+    key: LessSafeKey,
+    counter: u64,
 }
 
 /// Decrypts incoming records.
 pub struct Opener {
-    state: Arc<StatelessTransportState>,
-    nonce: u64,
+    key: LessSafeKey,
+    counter: u64,
+    max_plain: usize,
 }
 
-/// The two halves of an established encrypted channel.
-pub fn split(state: StatelessTransportState) -> (Sealer, Opener) {
-    let state = Arc::new(state);
+/// Both halves from the handshake's keys; `max_plain` bounds a record's plaintext.
+pub(crate) fn halves(send: &[u8; 32], recv: &[u8; 32], max_plain: usize) -> (Sealer, Opener) {
     (
         Sealer {
-            state: Arc::clone(&state),
-            nonce: 0,
-            pending: Vec::with_capacity(MAX_RECORD_PLAINTEXT),
+            key: key(send),
+            counter: 0,
         },
-        Opener { state, nonce: 0 },
+        Opener {
+            key: key(recv),
+            counter: 0,
+            max_plain,
+        },
     )
 }
 
 impl std::fmt::Debug for Sealer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Sealer")
-            .field("nonce", &self.nonce)
+            .field("counter", &self.counter)
             .finish_non_exhaustive()
     }
 }
@@ -55,93 +69,63 @@ impl std::fmt::Debug for Sealer {
 impl std::fmt::Debug for Opener {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Opener")
-            .field("nonce", &self.nonce)
+            .field("counter", &self.counter)
             .finish_non_exhaustive()
     }
 }
 
 impl Sealer {
-    /// Appends `piece` to the outgoing stream. Full records are sealed into `out` at once; a
-    /// tail shorter than a record waits for more bytes or [`Sealer::finish`].
-    pub fn push(&mut self, mut piece: &[u8], out: &mut BytesMut) -> Result<(), ProtocolError> {
-        while !piece.is_empty() {
-            if self.pending.is_empty() && piece.len() >= MAX_RECORD_PLAINTEXT {
-                let (chunk, rest) = piece.split_at(MAX_RECORD_PLAINTEXT);
-                self.seal_record(chunk, out)?;
-                piece = rest;
-                continue;
-            }
-            let take = (MAX_RECORD_PLAINTEXT - self.pending.len()).min(piece.len());
-            self.pending.extend_from_slice(&piece[..take]);
-            piece = &piece[take..];
-            if self.pending.len() == MAX_RECORD_PLAINTEXT {
-                self.flush_pending(out)?;
-            }
-        }
-        Ok(())
-    }
-
-    /// Seals whatever is pending, so everything pushed so far can be sent.
-    pub fn finish(&mut self, out: &mut BytesMut) -> Result<(), ProtocolError> {
-        if !self.pending.is_empty() {
-            self.flush_pending(out)?;
-        }
-        Ok(())
-    }
-
-    fn flush_pending(&mut self, out: &mut BytesMut) -> Result<(), ProtocolError> {
-        let pending = std::mem::take(&mut self.pending);
-        let result = self.seal_record(&pending, out);
-        self.pending = pending;
-        self.pending.clear();
-        result
-    }
-
-    fn seal_record(&mut self, plain: &[u8], out: &mut BytesMut) -> Result<(), ProtocolError> {
-        let len = plain.len() + TAG_LEN;
-        out.reserve(2 + len);
-        out.put_u16(len as u16);
+    /// Starts a record at the end of `out`; the plaintext is whatever is appended after it
+    /// until [`Sealer::seal`]. Returns where the record starts.
+    pub fn begin(&self, out: &mut BytesMut) -> usize {
         let start = out.len();
-        out.resize(start + len, 0);
-        let written = self
-            .state
-            .write_message(self.nonce, plain, &mut out[start..])
-            .map_err(|e| ProtocolError::Encrypt(e.to_string()))?;
-        if written != len {
-            return Err(ProtocolError::Encrypt(format!(
-                "sealed {written} bytes, expected {len}"
-            )));
-        }
-        self.nonce += 1;
+        out.put_u32(0);
+        start
+    }
+
+    /// Encrypts, in place, the record begun at `start`, and appends its tag.
+    pub fn seal(&mut self, out: &mut BytesMut, start: usize) -> Result<(), ProtocolError> {
+        let body = start + LEN_BYTES;
+        let tag = self
+            .key
+            .seal_in_place_separate_tag(nonce(self.counter), Aad::empty(), &mut out[body..])
+            .map_err(|_| ProtocolError::Encrypt("AES-GCM refused the record".into()))?;
+        self.counter += 1;
+        out.extend_from_slice(tag.as_ref());
+        let len = u32::try_from(out.len() - body)
+            .map_err(|_| ProtocolError::Encrypt("record over 4 GiB".into()))?;
+        out[start..body].copy_from_slice(&len.to_be_bytes());
         Ok(())
     }
 }
 
 impl Opener {
-    /// Decrypts every complete record at the front of `raw` and appends the plaintext to
-    /// `plain`. An incomplete record stays in `raw` for the next call.
-    pub fn open(&mut self, raw: &mut BytesMut, plain: &mut BytesMut) -> Result<(), ProtocolError> {
-        while raw.len() >= 2 {
-            let len = u16::from_be_bytes([raw[0], raw[1]]) as usize;
-            if len < TAG_LEN {
-                return Err(ProtocolError::malformed(format!(
-                    "encrypted record of {len} bytes is shorter than its tag"
-                )));
-            }
-            if raw.len() < 2 + len {
-                raw.reserve(2 + len - raw.len());
-                return Ok(());
-            }
-            let start = plain.len();
-            plain.resize(start + len - TAG_LEN, 0);
-            let n = self
-                .state
-                .read_message(self.nonce, &raw[2..2 + len], &mut plain[start..])
-                .map_err(|_| ProtocolError::Decrypt)?;
-            plain.truncate(start + n);
-            self.nonce += 1;
-            raw.advance(2 + len);
+    /// Takes the first complete record off `raw` and returns its plaintext, decrypted in
+    /// place. `None` when the record is incomplete: room for the rest is then reserved.
+    pub fn open(&mut self, raw: &mut BytesMut) -> Result<Option<BytesMut>, ProtocolError> {
+        if raw.len() < LEN_BYTES {
+            return Ok(None);
         }
-        Ok(())
+        let len = u32::from_be_bytes([raw[0], raw[1], raw[2], raw[3]]) as usize;
+        if len < TAG_LEN || len - TAG_LEN > self.max_plain {
+            return Err(ProtocolError::FrameTooLarge {
+                len: len as u64,
+                max: (self.max_plain + TAG_LEN) as u64,
+            });
+        }
+        if raw.len() < LEN_BYTES + len {
+            raw.reserve(LEN_BYTES + len - raw.len());
+            return Ok(None);
+        }
+        let mut record = raw.split_to(LEN_BYTES + len);
+        record.advance(LEN_BYTES);
+        let plain_len = self
+            .key
+            .open_in_place(nonce(self.counter), Aad::empty(), &mut record[..])
+            .map_err(|_| ProtocolError::Decrypt)?
+            .len();
+        self.counter += 1;
+        record.truncate(plain_len);
+        Ok(Some(record))
     }
 }

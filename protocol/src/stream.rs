@@ -1,6 +1,11 @@
 //! Async frame halves over a tokio connection: [`FrameReader`] and [`FrameWriter`], plaintext or
 //! encrypted depending on the [`Session`]. The halves are independent so a connection can read
 //! and write from two tasks.
+//!
+//! Encrypted, the writer packs whole frames into records (see [`crate::record`]) and the
+//! reader decrypts each record in place and decodes frames straight out of it: data payloads
+//! reach the caller as slices of the receive buffer. Plaintext, large payloads are written from
+//! the caller's buffer without a copy.
 
 use std::collections::VecDeque;
 
@@ -9,10 +14,11 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio_util::codec::Decoder;
 
 use crate::codec::{encode_head, FrameCodec};
-use crate::record::{Opener, Sealer};
+use crate::handshake::record_limit;
+use crate::record::{Opener, Sealer, LEN_BYTES};
 use crate::{Message, ProtocolError, Session};
 
-/// How much to ask the socket for per read.
+/// Minimum free room to offer the socket per read.
 const READ_CHUNK: usize = 256 << 10;
 /// Payloads at least this large are sent without copying in plaintext mode.
 const ZERO_COPY_MIN: usize = 64 << 10;
@@ -20,6 +26,7 @@ const ZERO_COPY_MIN: usize = 64 << 10;
 /// Splits an established session into its reading and writing halves.
 pub fn split<R, W>(session: Session, reader: R, writer: W) -> (FrameReader<R>, FrameWriter<W>) {
     let codec = FrameCodec::new(session.max_payload);
+    let record_limit = record_limit(session.max_payload);
     let (sealer, opener) = match session.cipher {
         Some((s, o)) => (Some(s), Some(o)),
         None => (None, None),
@@ -39,6 +46,8 @@ pub fn split<R, W>(session: Session, reader: R, writer: W) -> (FrameReader<R>, F
             queue: VecDeque::new(),
             queued: 0,
             sealer,
+            open_record: None,
+            record_limit,
             max_frame: codec.max_frame(),
         },
     )
@@ -48,7 +57,9 @@ pub fn split<R, W>(session: Session, reader: R, writer: W) -> (FrameReader<R>, F
 #[derive(Debug)]
 pub struct FrameReader<R> {
     io: R,
+    /// Encrypted bytes not yet forming a whole record.
     raw: BytesMut,
+    /// Decrypted (or plaintext) bytes not yet forming a whole frame.
     plain: BytesMut,
     opener: Option<Opener>,
     codec: FrameCodec,
@@ -61,21 +72,28 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
             if let Some(msg) = self.codec.decode(&mut self.plain)? {
                 return Ok(Some(msg));
             }
-            let target = if self.opener.is_some() {
-                &mut self.raw
-            } else {
-                &mut self.plain
+            let target = match &mut self.opener {
+                Some(opener) => {
+                    if let Some(record) = opener.open(&mut self.raw)? {
+                        if self.plain.is_empty() {
+                            self.plain = record; // the usual case: no copy
+                        } else {
+                            self.plain.extend_from_slice(&record);
+                        }
+                        continue;
+                    }
+                    &mut self.raw
+                }
+                None => &mut self.plain,
             };
-            target.reserve(READ_CHUNK);
-            let n = self.io.read_buf(target).await?;
-            if n == 0 {
+            if target.capacity() - target.len() < READ_CHUNK {
+                target.reserve(READ_CHUNK);
+            }
+            if self.io.read_buf(target).await? == 0 {
                 if self.raw.is_empty() && self.plain.is_empty() {
                     return Ok(None);
                 }
                 return Err(ProtocolError::Truncated);
-            }
-            if let Some(opener) = &mut self.opener {
-                opener.open(&mut self.raw, &mut self.plain)?;
             }
         }
     }
@@ -87,23 +105,37 @@ pub struct FrameWriter<W> {
     io: W,
     head: BytesMut,
     out: BytesMut,
-    /// Plaintext mode: buffers waiting to be written, in order.
+    /// Buffers waiting to be written, in order.
     queue: VecDeque<Bytes>,
     queued: usize,
     sealer: Option<Sealer>,
+    /// Where the record being filled starts in `out`.
+    open_record: Option<usize>,
+    record_limit: usize,
     max_frame: u32,
 }
 
 impl<W: AsyncWrite + Unpin> FrameWriter<W> {
-    /// Encodes `msg` into the outgoing buffer (encrypting it when the session is encrypted).
+    /// Encodes `msg` into the outgoing buffer (inside a record when the session is encrypted).
     pub fn queue(&mut self, msg: &Message) -> Result<(), ProtocolError> {
         match &mut self.sealer {
             Some(sealer) => {
                 self.head.clear();
                 let payload = encode_head(msg, &mut self.head, self.max_frame)?;
-                sealer.push(&self.head, &mut self.out)?;
+                let size = self.head.len() + payload.as_ref().map_or(0, Bytes::len);
+                if let Some(start) = self.open_record {
+                    if self.out.len() - start - LEN_BYTES + size > self.record_limit {
+                        sealer.seal(&mut self.out, start)?;
+                        self.open_record = None;
+                    }
+                }
+                if self.open_record.is_none() {
+                    self.out.reserve(LEN_BYTES + size + crate::record::TAG_LEN);
+                    self.open_record = Some(sealer.begin(&mut self.out));
+                }
+                self.out.extend_from_slice(&self.head);
                 if let Some(p) = payload {
-                    sealer.push(&p, &mut self.out)?;
+                    self.out.extend_from_slice(&p);
                 }
             }
             None => {
@@ -129,8 +161,8 @@ impl<W: AsyncWrite + Unpin> FrameWriter<W> {
 
     /// Writes everything queued.
     pub async fn flush(&mut self) -> Result<(), ProtocolError> {
-        if let Some(sealer) = &mut self.sealer {
-            sealer.finish(&mut self.out)?;
+        if let (Some(sealer), Some(start)) = (&mut self.sealer, self.open_record.take()) {
+            sealer.seal(&mut self.out, start)?;
         }
         self.push_out();
         while let Some(buf) = self.queue.pop_front() {

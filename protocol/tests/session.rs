@@ -168,7 +168,7 @@ async fn tampered_ciphertext_is_detected() {
     drop(wa);
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let (mut yr, yw) = tokio::io::split(y);
-    let mut cipher = vec![0u8; 2 + 16 + 13];
+    let mut cipher = vec![0u8; 4 + 13 + 16];
     yr.read_exact(&mut cipher).await.unwrap();
     cipher[5] ^= 1;
     tap_in.write_all(&cipher).await.unwrap();
