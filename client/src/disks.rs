@@ -7,7 +7,9 @@ use std::io;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 
+use bytes::BytesMut;
 use diskferry_localdisk::{LocalDisk, Region};
+use diskferry_protocol::stream::{data_reply_buffer, DATA_HEADROOM};
 use diskferry_protocol::{BlockState, DiskInfo, ErrorCode, Extent};
 
 /// Most extents one BlockStatus reply carries; the requester asks again for the rest.
@@ -182,11 +184,12 @@ impl OpenDisk {
         self.check_range(offset, len.into())
     }
 
-    pub fn read(&self, offset: u64, len: u32) -> Result<Vec<u8>, DiskError> {
+    /// Reads straight into a data-reply buffer, so the payload is never copied again.
+    pub fn read_reply(&self, offset: u64, len: u32) -> Result<BytesMut, DiskError> {
         self.check_read(offset, len)?;
-        let mut buf = vec![0u8; len as usize];
+        let mut buf = data_reply_buffer(len as usize);
         self.disk
-            .read_exact_at(&mut buf, offset)
+            .read_exact_at(&mut buf[DATA_HEADROOM..], offset)
             .map_err(|e| DiskError::io("read", offset, e))?;
         Ok(buf)
     }

@@ -5,12 +5,11 @@
 //! I/O runs on a small blocking pool so several requests reach the disk at once.
 
 mod args;
-mod disks;
-mod serve;
 
 use std::process::ExitCode;
 use std::sync::Arc;
 
+use diskferry_client::{accept_loop, disks, Config};
 use diskferry_protocol::{Psk, Role, SessionOptions};
 use tokio::net::TcpListener;
 
@@ -79,11 +78,12 @@ async fn run(args: args::Args) -> Result<(), String> {
     }
     let mut session = SessionOptions::new(Role::Agent, psk);
     session.plaintext = args.plaintext;
-    let config = Arc::new(serve::Config {
+    let config = Arc::new(Config {
         disks,
         allow_write: args.allow_write,
         session,
         max_inflight: args.max_inflight,
+        quiet: false,
     });
 
     let listener = TcpListener::bind(&args.listen)
@@ -94,25 +94,9 @@ async fn run(args: args::Args) -> Result<(), String> {
     println!("listening on {local}");
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .map_err(|e| e.to_string())?;
-    loop {
-        tokio::select! {
-            accepted = listener.accept() => {
-                let (stream, peer) = match accepted {
-                    Ok(a) => a,
-                    Err(e) => { log!("accept failed: {e}"); continue; }
-                };
-                let _ = stream.set_nodelay(true);
-                let config = Arc::clone(&config);
-                tokio::spawn(async move {
-                    log!("{peer}: connected");
-                    match serve::serve(stream, config).await {
-                        Ok(()) => log!("{peer}: disconnected"),
-                        Err(e) => log!("{peer}: {e}"),
-                    }
-                });
-            }
-            _ = tokio::signal::ctrl_c() => { log!("interrupted; exiting"); return Ok(()); }
-            _ = term.recv() => { log!("terminated; exiting"); return Ok(()); }
-        }
+    tokio::select! {
+        () = accept_loop(listener, config) => Ok(()),
+        _ = tokio::signal::ctrl_c() => { log!("interrupted; exiting"); Ok(()) }
+        _ = term.recv() => { log!("terminated; exiting"); Ok(()) }
     }
 }

@@ -8,7 +8,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use bytes::Bytes;
+use bytes::BytesMut;
 use diskferry_protocol::handshake::respond;
 use diskferry_protocol::stream::split;
 use diskferry_protocol::{ErrorCode, Message, ProtocolError, Reply, Request, SessionOptions};
@@ -28,9 +28,21 @@ pub struct Config {
     pub session: SessionOptions,
     /// Most payload bytes in flight per connection.
     pub max_inflight: u32,
+    /// Log nothing (for in-process use).
+    pub quiet: bool,
 }
 
-type Outgoing = (Message, Option<OwnedSemaphorePermit>);
+/// What the writer task sends, with the in-flight budget it releases once written.
+enum Outgoing {
+    Reply(Message),
+    /// A read's payload, built in place (see `data_reply_buffer`).
+    Data {
+        cookie: u64,
+        buf: BytesMut,
+    },
+}
+
+type Queued = (Outgoing, Option<OwnedSemaphorePermit>);
 
 /// Serves one accepted connection to completion.
 pub async fn serve<S>(mut io: S, config: Arc<Config>) -> Result<(), ProtocolError>
@@ -42,13 +54,16 @@ where
     let (r, w) = tokio::io::split(io);
     let (mut reader, mut writer) = split(session, r, w);
 
-    let (tx, mut rx) = mpsc::unbounded_channel::<Outgoing>();
+    let (tx, mut rx) = mpsc::unbounded_channel::<Queued>();
     let writer_task = tokio::spawn(async move {
         while let Some(first) = rx.recv().await {
             let mut permits = Vec::new();
             let mut next = Some(first);
-            while let Some((msg, permit)) = next.take() {
-                writer.queue(&msg)?;
+            while let Some((out, permit)) = next.take() {
+                match out {
+                    Outgoing::Reply(msg) => writer.queue(&msg)?,
+                    Outgoing::Data { cookie, buf } => writer.queue_data_reply(cookie, buf)?,
+                }
                 permits.extend(permit);
                 if writer.pending() < WRITE_BATCH {
                     next = rx.try_recv().ok();
@@ -72,7 +87,7 @@ where
         let Message::Request { cookie, request } = msg else {
             break Err(ProtocolError::malformed("a reply was sent to the client"));
         };
-        let reply = |reply: Reply| (Message::Reply { cookie, reply }, None);
+        let reply = |reply: Reply| (Outgoing::Reply(Message::Reply { cookie, reply }), None);
         match request {
             Request::ListDisks => {
                 let list = config
@@ -120,8 +135,16 @@ where
                 let Ok(permit) = Arc::clone(&budget).acquire_many_owned(len.max(1)).await else {
                     break Ok(());
                 };
-                run(&tx, cookie, Some(permit), move || {
-                    disk.read(offset, len).map(|v| Reply::Data(Bytes::from(v)))
+                let tx = tx.clone();
+                tokio::task::spawn_blocking(move || {
+                    let out = match disk.read_reply(offset, len) {
+                        Ok(buf) => Outgoing::Data { cookie, buf },
+                        Err(e) => Outgoing::Reply(Message::Reply {
+                            cookie,
+                            reply: error(e),
+                        }),
+                    };
+                    let _ = tx.send((out, Some(permit)));
                 });
             }
             Request::Write {
@@ -226,7 +249,7 @@ async fn open(
 }
 
 fn with_disk(
-    tx: &mpsc::UnboundedSender<Outgoing>,
+    tx: &mpsc::UnboundedSender<Queued>,
     cookie: u64,
     handles: &HashMap<u32, Arc<OpenDisk>>,
     handle: u32,
@@ -236,10 +259,10 @@ fn with_disk(
         Some(disk) => run(tx, cookie, None, move || op(&disk)),
         None => {
             let _ = tx.send((
-                Message::Reply {
+                Outgoing::Reply(Message::Reply {
                     cookie,
                     reply: bad_handle(handle),
-                },
+                }),
                 None,
             ));
         }
@@ -248,7 +271,7 @@ fn with_disk(
 
 /// Runs blocking disk I/O off the runtime thread; the reply goes to the writer task.
 fn run(
-    tx: &mpsc::UnboundedSender<Outgoing>,
+    tx: &mpsc::UnboundedSender<Queued>,
     cookie: u64,
     permit: Option<OwnedSemaphorePermit>,
     op: impl FnOnce() -> Result<Reply, DiskError> + Send + 'static,
@@ -256,7 +279,7 @@ fn run(
     let tx = tx.clone();
     tokio::task::spawn_blocking(move || {
         let reply = op().unwrap_or_else(error);
-        let _ = tx.send((Message::Reply { cookie, reply }, permit));
+        let _ = tx.send((Outgoing::Reply(Message::Reply { cookie, reply }), permit));
     });
 }
 

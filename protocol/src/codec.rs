@@ -108,6 +108,26 @@ impl Encoder<&Message> for FrameCodec {
     }
 }
 
+/// The frame header of a Data reply carrying `len` bytes, for replies built in place.
+pub fn data_reply_header(
+    cookie: u64,
+    len: usize,
+    max_frame: u32,
+) -> Result<[u8; HEADER_LEN], ProtocolError> {
+    let body = HEADER_LEN - 4 + len;
+    if body > max_frame as usize {
+        return Err(ProtocolError::FrameTooLarge {
+            len: body as u64,
+            max: max_frame.into(),
+        });
+    }
+    let mut h = [0u8; HEADER_LEN];
+    h[..4].copy_from_slice(&(body as u32).to_be_bytes());
+    h[4] = kind::DATA;
+    h[5..].copy_from_slice(&cookie.to_be_bytes());
+    Ok(h)
+}
+
 /// Writes everything of `msg` except its data payload, which is returned so the caller can
 /// send it without copying. The length field already accounts for the payload.
 pub fn encode_head(

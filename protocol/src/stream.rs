@@ -13,15 +13,28 @@ use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio_util::codec::Decoder;
 
-use crate::codec::{encode_head, FrameCodec};
+use crate::codec::{data_reply_header, encode_head, FrameCodec, HEADER_LEN};
 use crate::handshake::record_limit;
-use crate::record::{Opener, Sealer, LEN_BYTES};
+use crate::record::{Opener, Sealer, LEN_BYTES, TAG_LEN};
 use crate::{Message, ProtocolError, Session};
 
 /// Minimum free room to offer the socket per read.
 const READ_CHUNK: usize = 256 << 10;
 /// Payloads at least this large are sent without copying in plaintext mode.
 const ZERO_COPY_MIN: usize = 64 << 10;
+
+/// Room a data reply built in place needs in front of its payload: a record length and a
+/// frame header.
+pub const DATA_HEADROOM: usize = LEN_BYTES + HEADER_LEN;
+
+/// A buffer for a data reply of `len` bytes built in place: fill `buf[DATA_HEADROOM..]`, then
+/// hand it to [`FrameWriter::queue_data_reply`]. It has room for the record's tag, so an
+/// encrypted reply is sealed where it lies and a plaintext one is sent as is.
+pub fn data_reply_buffer(len: usize) -> BytesMut {
+    let mut buf = BytesMut::with_capacity(DATA_HEADROOM + len + TAG_LEN);
+    buf.resize(DATA_HEADROOM + len, 0);
+    buf
+}
 
 /// Splits an established session into its reading and writing halves.
 pub fn split<R, W>(session: Session, reader: R, writer: W) -> (FrameReader<R>, FrameWriter<W>) {
@@ -151,6 +164,35 @@ impl<W: AsyncWrite + Unpin> FrameWriter<W> {
                 }
             }
         }
+        Ok(())
+    }
+
+    /// Queues a data reply built with [`data_reply_buffer`], without copying its payload.
+    pub fn queue_data_reply(
+        &mut self,
+        cookie: u64,
+        mut buf: BytesMut,
+    ) -> Result<(), ProtocolError> {
+        let len = buf
+            .len()
+            .checked_sub(DATA_HEADROOM)
+            .ok_or_else(|| ProtocolError::malformed("data reply buffer without headroom"))?;
+        let header = data_reply_header(cookie, len, self.max_frame)?;
+        buf[LEN_BYTES..DATA_HEADROOM].copy_from_slice(&header);
+        let frame = match &mut self.sealer {
+            Some(sealer) => {
+                // Records hold whole frames in order: close the one being filled first.
+                if let Some(start) = self.open_record.take() {
+                    sealer.seal(&mut self.out, start)?;
+                }
+                sealer.seal(&mut buf, 0)?;
+                buf
+            }
+            None => buf.split_off(LEN_BYTES),
+        };
+        self.push_out();
+        self.queued += frame.len();
+        self.queue.push_back(frame.freeze());
         Ok(())
     }
 

@@ -197,3 +197,85 @@ fn key_files_are_validated() {
     assert!(missing.contains("cannot read key file"), "{missing}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[tokio::test]
+async fn data_replies_built_in_place_interleave_with_other_frames() {
+    use diskferry_protocol::stream::{data_reply_buffer, DATA_HEADROOM};
+    for plaintext in [false, true] {
+        let mut a = opts(Role::Agent, "0123456789abcdef-key");
+        let mut b = opts(Role::Controller, "0123456789abcdef-key");
+        a.plaintext = plaintext;
+        b.plaintext = plaintext;
+        let (ra, rb, x, y) = pair(a, b).await;
+        let (xr, xw) = tokio::io::split(x);
+        let (yr, yw) = tokio::io::split(y);
+        let (_, mut wa) = split(ra.unwrap(), xr, xw);
+        let (mut rb, _) = split(rb.unwrap(), yr, yw);
+        let payload: Vec<u8> = (0..(2 << 20) + 17).map(|i| (i % 241) as u8).collect();
+        let writer = tokio::spawn({
+            let payload = payload.clone();
+            async move {
+                wa.queue(&Message::Reply {
+                    cookie: 1,
+                    reply: Reply::Done,
+                })
+                .unwrap();
+                let mut buf = data_reply_buffer(payload.len());
+                buf[DATA_HEADROOM..].copy_from_slice(&payload);
+                wa.queue_data_reply(2, buf).unwrap();
+                wa.queue(&Message::Reply {
+                    cookie: 3,
+                    reply: Reply::Done,
+                })
+                .unwrap();
+                wa.queue_data_reply(4, data_reply_buffer(0)).unwrap();
+                wa.shutdown().await.unwrap();
+            }
+        });
+        let mut got = Vec::new();
+        while let Some(m) = rb.next().await.unwrap() {
+            got.push(m);
+        }
+        writer.await.unwrap();
+        assert_eq!(
+            got,
+            vec![
+                Message::Reply {
+                    cookie: 1,
+                    reply: Reply::Done
+                },
+                Message::Reply {
+                    cookie: 2,
+                    reply: Reply::Data(payload.into())
+                },
+                Message::Reply {
+                    cookie: 3,
+                    reply: Reply::Done
+                },
+                Message::Reply {
+                    cookie: 4,
+                    reply: Reply::Data(Bytes::new())
+                },
+            ],
+            "plaintext: {plaintext}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_hostile_record_length_is_refused_before_reserving() {
+    use tokio::io::AsyncWriteExt;
+    let (ra, rb, x, y) = pair(
+        opts(Role::Controller, "0123456789abcdef-key"),
+        opts(Role::Agent, "0123456789abcdef-key"),
+    )
+    .await;
+    drop(ra);
+    let (mut xr, mut xw) = tokio::io::split(x);
+    xw.write_all(&u32::MAX.to_be_bytes()).await.unwrap();
+    let (yr, yw) = tokio::io::split(y);
+    let (mut reader, _) = split(rb.unwrap(), yr, yw);
+    let err = reader.next().await.unwrap_err();
+    assert!(matches!(err, ProtocolError::FrameTooLarge { .. }), "{err}");
+    let _ = &mut xr;
+}

@@ -30,6 +30,20 @@ impl FileDevice {
         })
     }
 
+    /// Wraps a file already open (for example an output being written under a temporary name).
+    pub fn from_file(file: std::fs::File, path: &Path, writable: bool) -> Result<FileDevice> {
+        let disk = LocalDisk::from_file(file, writable).map_err(|source| BlockError::Io {
+            op: "open",
+            offset: 0,
+            device: path.display().to_string(),
+            source,
+        })?;
+        Ok(FileDevice {
+            disk,
+            path: path.to_path_buf(),
+        })
+    }
+
     fn io_err(
         &self,
         op: &'static str,

@@ -15,6 +15,8 @@ mod slice;
 
 use std::ops::Range;
 
+use bytes::Bytes;
+
 pub use diskferry_localdisk::Region;
 pub use file::FileDevice;
 pub use memory::MemoryDevice;
@@ -124,21 +126,21 @@ pub trait BlockDevice: Send + Sync {
         }])
     }
 
-    /// Reads many ranges, handing each piece to `sink` in order. Remote devices override this
-    /// to keep many requests in flight; sinks must accept pieces of any size.
+    /// Reads many ranges, handing each piece to `sink` in order, as owned buffers the sink
+    /// may pass to other threads. Remote devices override this to keep many requests in
+    /// flight; sinks must accept pieces of any size.
     fn read_ranges(
         &self,
         ranges: &[Range<u64>],
-        sink: &mut dyn FnMut(u64, &[u8]) -> Result<()>,
+        sink: &mut dyn FnMut(u64, Bytes) -> Result<()>,
     ) -> Result<()> {
-        let mut buf = Vec::new();
         for r in ranges {
             let mut pos = r.start;
             while pos < r.end {
                 let n = (r.end - pos).min(DEFAULT_RANGE_CHUNK) as usize;
-                buf.resize(n, 0);
+                let mut buf = vec![0u8; n];
                 self.read_at(&mut buf, pos)?;
-                sink(pos, &buf)?;
+                sink(pos, Bytes::from(buf))?;
                 pos += n as u64;
             }
         }

@@ -3,6 +3,8 @@
 use std::ops::Range;
 use std::sync::Arc;
 
+use bytes::Bytes;
+
 use super::{check_range, BlockDevice, Extent, Result};
 
 /// Bytes `start..start+len` of an inner device, addressed from 0.
@@ -81,7 +83,7 @@ impl BlockDevice for SliceDevice {
     fn read_ranges(
         &self,
         ranges: &[Range<u64>],
-        sink: &mut dyn FnMut(u64, &[u8]) -> Result<()>,
+        sink: &mut dyn FnMut(u64, Bytes) -> Result<()>,
     ) -> Result<()> {
         for r in ranges {
             check_range(self.len, r.start, r.end.saturating_sub(r.start))?;

@@ -6,13 +6,13 @@
 //! turn out to be all zeros are not written, so the output stays sparse.
 
 use std::ops::Range;
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::output::{OutputError, PartialOutput};
-use super::zero::nonzero_runs;
-use crate::blockdev::{map_device, BlockDevice, BlockError, Region};
+use super::writer::SparseWriter;
+use crate::blockdev::{map_device, BlockDevice, BlockError, FileDevice, Region};
 use crate::progress::Progress;
 
 /// What a capture did.
@@ -39,13 +39,13 @@ pub enum CaptureError {
         source: BlockError,
         partial: PathBuf,
     },
-    #[error("writing {path} failed at offset {offset}: {source} (is the disk full?)")]
-    Write {
-        path: PathBuf,
-        offset: u64,
-        source: std::io::Error,
-    },
+    #[error("writing {path} failed: {source} (is the disk full?)")]
+    Write { path: PathBuf, source: BlockError },
 }
+
+/// Output writer threads. Buffered writes to one file serialise in the kernel, so one thread
+/// (decoupled from reading) is as fast as more: see `writer`.
+const WRITER_THREADS: usize = 1;
 
 /// Copies every non-zero sector of `src` into a sparse raw file at `out`.
 pub fn capture_sectors_raw(
@@ -57,15 +57,29 @@ pub fn capture_sectors_raw(
     let started = Instant::now();
     let output = PartialOutput::create(out, overwrite)?;
     let partial = output.partial_path().to_path_buf();
+    let write_err = |source| CaptureError::Write {
+        path: partial.clone(),
+        source,
+    };
     let size = src.size();
-    output
-        .file()
-        .set_len(size)
-        .map_err(|source| CaptureError::Write {
-            path: partial.clone(),
+    output.file().set_len(size).map_err(|source| {
+        write_err(BlockError::Io {
+            op: "resize",
             offset: size,
+            device: partial.display().to_string(),
             source,
-        })?;
+        })
+    })?;
+    let file = output.file().try_clone().map_err(|source| {
+        write_err(BlockError::Io {
+            op: "reopen",
+            offset: 0,
+            device: partial.display().to_string(),
+            source,
+        })
+    })?;
+    let device: Arc<dyn BlockDevice> =
+        Arc::new(FileDevice::from_file(file, &partial, true).map_err(write_err)?);
 
     let source_err = |source| CaptureError::Source {
         source,
@@ -78,39 +92,34 @@ pub fn capture_sectors_raw(
         .map(|e| e.offset..e.end())
         .collect();
     let to_read: u64 = ranges.iter().map(|r| r.end - r.start).sum();
-    let mut stats = CaptureStats {
-        size,
-        skipped_by_status: size - to_read,
-        ..CaptureStats::default()
-    };
 
     progress.start("sectors", to_read);
-    let mut write_error = None;
-    let result = src.read_ranges(&ranges, &mut |offset, data| {
-        for run in nonzero_runs(data) {
-            let at = offset + run.start as u64;
-            if let Err(e) = output.file().write_all_at(&data[run.clone()], at) {
-                write_error = Some((at, e));
-                return Err(BlockError::Protocol("local write failed".into()));
-            }
-            stats.written += run.len() as u64;
-        }
-        stats.read += data.len() as u64;
-        progress.advance(data.len() as u64);
+    let mut writer = SparseWriter::new(device, WRITER_THREADS);
+    let mut write_failed = None;
+    let read = src.read_ranges(&ranges, &mut |offset, data| {
+        let len = data.len() as u64;
+        writer.submit(offset, data).map_err(|e| {
+            write_failed = Some(e);
+            BlockError::Protocol("stopped: the output could not be written".into())
+        })?;
+        progress.advance(len);
         Ok(())
     });
+    let written = writer.finish();
     progress.finish();
-    if let Some((offset, source)) = write_error {
-        return Err(CaptureError::Write {
-            path: partial,
-            offset,
-            source,
-        });
+    if let Some(e) = write_failed {
+        return Err(write_err(e));
     }
-    result.map_err(source_err)?;
+    read.map_err(source_err)?;
+    let written = written.map_err(write_err)?;
     output.commit()?;
-    stats.elapsed = started.elapsed();
-    Ok(stats)
+    Ok(CaptureStats {
+        size,
+        skipped_by_status: size - to_read,
+        read: written.submitted,
+        written: written.written,
+        elapsed: started.elapsed(),
+    })
 }
 
 #[cfg(test)]

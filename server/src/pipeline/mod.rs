@@ -4,8 +4,10 @@
 
 pub mod capture;
 mod output;
+mod writer;
 mod zero;
 
 pub use capture::{capture_sectors_raw, CaptureError, CaptureStats};
 pub use output::{OutputError, PartialOutput};
+pub use writer::{SparseWriter, WriteStats};
 pub use zero::nonzero_runs;

@@ -155,8 +155,8 @@ impl BlockDevice for RemoteDisk {
             // Too big to stage in the cache: a pipelined bulk read straight into the buffer.
             let mut pos = 0usize;
             let whole = offset..offset + buf.len() as u64;
-            return self.read_ranges(std::slice::from_ref(&whole), &mut |_, data| {
-                buf[pos..pos + data.len()].copy_from_slice(data);
+            return self.read_ranges(std::slice::from_ref(&whole), &mut |_, data: Bytes| {
+                buf[pos..pos + data.len()].copy_from_slice(&data);
                 pos += data.len();
                 Ok(())
             });
@@ -272,7 +272,7 @@ impl BlockDevice for RemoteDisk {
     fn read_ranges(
         &self,
         ranges: &[Range<u64>],
-        sink: &mut dyn FnMut(u64, &[u8]) -> Result<()>,
+        sink: &mut dyn FnMut(u64, Bytes) -> Result<()>,
     ) -> Result<()> {
         for r in ranges {
             check_range(self.size, r.start, r.end.saturating_sub(r.start))?;
@@ -295,7 +295,7 @@ impl BlockDevice for RemoteDisk {
                 return Ok(());
             };
             let data = expect_data(wait(rx), off, len as usize)?;
-            sink(off, &data)?;
+            sink(off, data)?;
         }
     }
 }

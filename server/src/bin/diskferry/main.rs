@@ -1,5 +1,7 @@
 //! `diskferry`: the imaging server's command line.
 
+mod demo;
+
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
@@ -9,7 +11,7 @@ use diskferry::blockdev::Connection;
 use diskferry::pipeline::capture_sectors_raw;
 use diskferry::progress::{Progress, Silent, TerminalBar};
 use diskferry::source::{open_source, SourceSpec};
-use diskferry_protocol::{Psk, Role, SessionOptions};
+use diskferry_protocol::{DiskInfo, Psk, Role, SessionOptions};
 
 /// Large receive buffers are allocated and freed per request; mimalloc keeps that memory
 /// mapped instead of returning it to the OS and faulting it back in (measured in bench/).
@@ -44,6 +46,15 @@ enum Command {
     },
     /// Copy a disk into an image file
     Capture(CaptureArgs),
+    /// Show the main job end to end on this machine: serve a sample disk, capture it, verify it
+    Demo {
+        /// Work (and keep the files) here instead of a temporary directory
+        #[arg(long, value_name = "DIR")]
+        dir: Option<PathBuf>,
+        /// Size of the sample disk in MiB
+        #[arg(long, default_value_t = 512, value_name = "MIB")]
+        size_mib: u64,
+    },
     /// Write a new random key file for the client and the server to share
     Keygen {
         /// Where to write the key (created with mode 0600; never overwritten)
@@ -130,6 +141,7 @@ fn error_chain(e: &anyhow::Error) -> String {
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Keygen { file } => keygen(&file),
+        Command::Demo { dir, size_mib } => demo::run(dir, size_mib),
         Command::Disks { addr, conn } => disks(&addr, &conn),
         Command::Capture(args) => capture(args),
     }
@@ -181,8 +193,15 @@ fn disks(addr: &str, conn: &ConnArgs) -> Result<()> {
         let c = Connection::connect(addr, &opts).await?;
         anyhow::Ok(c.list_disks().await?)
     })?;
+    print_disks(&list);
+    Ok(())
+}
+
+/// Prints a client's disks as a table.
+fn print_disks(list: &[DiskInfo]) {
+    let w = list.iter().map(|d| d.name.len()).max().unwrap_or(0).max(4);
     println!(
-        "{:<24} {:>12} {:>8} {:>8} {:<24} {:<20} FLAGS",
+        "{:<w$} {:>10} {:>8} {:>8} {:<24} {:<20} FLAGS",
         "NAME", "SIZE", "LOGICAL", "PHYSICAL", "MODEL", "SERIAL"
     );
     for d in list {
@@ -194,7 +213,7 @@ fn disks(addr: &str, conn: &ConnArgs) -> Result<()> {
             flags.push("rotational");
         }
         println!(
-            "{:<24} {:>12} {:>8} {:>8} {:<24} {:<20} {}",
+            "{:<w$} {:>10} {:>8} {:>8} {:<24} {:<20} {}",
             d.name,
             human_bytes(d.size),
             d.logical_sector,
@@ -204,7 +223,6 @@ fn disks(addr: &str, conn: &ConnArgs) -> Result<()> {
             flags.join(",")
         );
     }
-    Ok(())
 }
 
 fn capture(args: CaptureArgs) -> Result<()> {
