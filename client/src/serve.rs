@@ -114,9 +114,12 @@ where
                 offset,
                 len,
             } => {
-                let Some(disk) = handles.get(&handle).cloned() else {
-                    let _ = tx.send(reply(bad_handle(handle)));
-                    continue;
+                let disk = match open_disk(&handles, handle) {
+                    Ok(d) => d,
+                    Err(r) => {
+                        let _ = tx.send(reply(r));
+                        continue;
+                    }
                 };
                 if len > max_payload {
                     let _ = tx.send(reply(error(DiskError {
@@ -152,9 +155,12 @@ where
                 offset,
                 data,
             } => {
-                let Some(disk) = handles.get(&handle).cloned() else {
-                    let _ = tx.send(reply(bad_handle(handle)));
-                    continue;
+                let disk = match open_disk(&handles, handle) {
+                    Ok(d) => d,
+                    Err(r) => {
+                        let _ = tx.send(reply(r));
+                        continue;
+                    }
                 };
                 let Ok(permit) = Arc::clone(&budget)
                     .acquire_many_owned((data.len() as u32).max(1))
@@ -255,18 +261,20 @@ fn with_disk(
     handle: u32,
     op: impl FnOnce(&OpenDisk) -> Result<Reply, DiskError> + Send + 'static,
 ) {
-    match handles.get(&handle).cloned() {
-        Some(disk) => run(tx, cookie, None, move || op(&disk)),
-        None => {
-            let _ = tx.send((
-                Outgoing::Reply(Message::Reply {
-                    cookie,
-                    reply: bad_handle(handle),
-                }),
-                None,
-            ));
+    match open_disk(handles, handle) {
+        Ok(disk) => run(tx, cookie, None, move || op(&disk)),
+        Err(reply) => {
+            let _ = tx.send((Outgoing::Reply(Message::Reply { cookie, reply }), None));
         }
     }
+}
+
+/// The disk behind a handle, or the error reply for an unknown handle.
+fn open_disk(handles: &HashMap<u32, Arc<OpenDisk>>, handle: u32) -> Result<Arc<OpenDisk>, Reply> {
+    handles
+        .get(&handle)
+        .cloned()
+        .ok_or_else(|| bad_handle(handle))
 }
 
 /// Runs blocking disk I/O off the runtime thread; the reply goes to the writer task.

@@ -18,16 +18,17 @@ pub struct FileDevice {
 
 impl FileDevice {
     pub fn open(path: &Path, writable: bool) -> Result<FileDevice> {
-        let disk = LocalDisk::open(path, writable).map_err(|source| BlockError::Io {
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(writable)
+            .open(path);
+        let file = file.map_err(|source| BlockError::Io {
             op: "open",
             offset: 0,
             device: path.display().to_string(),
             source,
         })?;
-        Ok(FileDevice {
-            disk,
-            path: path.to_path_buf(),
-        })
+        FileDevice::from_file(file, path, writable)
     }
 
     /// Wraps a file already open (for example an output being written under a temporary name).

@@ -227,3 +227,116 @@ fn evict_one(st: &mut State, pinned: &std::ops::RangeInclusive<u64>) {
         st.slots.remove(&idx);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use diskferry_protocol::Reply;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    const CHUNK: u32 = 4096;
+
+    /// A disk of `size` bytes whose byte at offset `o` is `o % 251`, served by a fetch that
+    /// completes at once; counts fetches and can fail the next one.
+    struct Fake {
+        fetches: AtomicUsize,
+        fail_next: std::sync::atomic::AtomicBool,
+    }
+
+    impl Fake {
+        fn fetch(&self, off: u64, len: u32, done: Completion) {
+            self.fetches.fetch_add(1, Ordering::SeqCst);
+            if self.fail_next.swap(false, Ordering::SeqCst) {
+                return done(Err(BlockError::Disconnected("test".into())));
+            }
+            let data: Vec<u8> = (off..off + u64::from(len))
+                .map(|o| (o % 251) as u8)
+                .collect();
+            done(Ok(Reply::Data(data.into())));
+        }
+    }
+
+    fn expected(off: u64, len: usize) -> Vec<u8> {
+        (off..off + len as u64).map(|o| (o % 251) as u8).collect()
+    }
+
+    #[test]
+    fn sequential_reads_fetch_ahead_and_stay_bounded() {
+        let size = 64 * u64::from(CHUNK);
+        let cache = ChunkCache::new(CHUNK, 4, 8);
+        let fake = Fake {
+            fetches: AtomicUsize::new(0),
+            fail_next: false.into(),
+        };
+        let fetch = |o, l, d| fake.fetch(o, l, d);
+        let mut buf = vec![0u8; 1000];
+        let mut off = 0;
+        // First read: one chunk. Second read continues it: readahead of 4 chunks starts.
+        cache.read(&mut buf, off, size, &fetch).unwrap();
+        assert_eq!(buf, expected(off, 1000));
+        assert_eq!(fake.fetches.load(Ordering::SeqCst), 1);
+        off += 1000;
+        cache.read(&mut buf, off, size, &fetch).unwrap();
+        assert_eq!(
+            fake.fetches.load(Ordering::SeqCst),
+            5,
+            "the next 4 chunks were requested ahead"
+        );
+        // Reading on through the disk: every chunk fetched once, never more than capacity held.
+        while off + 1000 <= size {
+            cache.read(&mut buf, off, size, &fetch).unwrap();
+            assert_eq!(buf, expected(off, 1000));
+            assert!(
+                cache.lock().slots.len() <= 8 + 1,
+                "cache grew to {}",
+                cache.lock().slots.len()
+            );
+            off += 1000;
+        }
+        assert_eq!(
+            fake.fetches.load(Ordering::SeqCst),
+            64,
+            "each chunk fetched exactly once"
+        );
+    }
+
+    #[test]
+    fn a_failed_fetch_is_reported_once_then_retried() {
+        let size = 16 * u64::from(CHUNK);
+        let cache = ChunkCache::new(CHUNK, 2, 8);
+        let fake = Fake {
+            fetches: AtomicUsize::new(0),
+            fail_next: true.into(),
+        };
+        let fetch = |o, l, d| fake.fetch(o, l, d);
+        let mut buf = vec![0u8; 100];
+        assert!(matches!(
+            cache.read(&mut buf, 5000, size, &fetch),
+            Err(BlockError::Disconnected(_))
+        ));
+        cache.read(&mut buf, 5000, size, &fetch).unwrap();
+        assert_eq!(buf, expected(5000, 100));
+    }
+
+    #[test]
+    fn invalidation_forgets_overlapping_chunks() {
+        let size = 16 * u64::from(CHUNK);
+        let cache = ChunkCache::new(CHUNK, 0, 8);
+        let fake = Fake {
+            fetches: AtomicUsize::new(0),
+            fail_next: false.into(),
+        };
+        let fetch = |o, l, d| fake.fetch(o, l, d);
+        let mut buf = vec![0u8; 10];
+        cache.read(&mut buf, 0, size, &fetch).unwrap();
+        cache.read(&mut buf, 0, size, &fetch).unwrap();
+        assert_eq!(
+            fake.fetches.load(Ordering::SeqCst),
+            1,
+            "a cached chunk is not fetched again"
+        );
+        cache.invalidate(4000, 200); // touches chunks 0 and 1
+        cache.read(&mut buf, 0, size, &fetch).unwrap();
+        assert_eq!(fake.fetches.load(Ordering::SeqCst), 2);
+    }
+}
