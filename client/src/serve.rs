@@ -79,6 +79,10 @@ where
     let mut handles: HashMap<u32, Arc<OpenDisk>> = HashMap::new();
     let mut next_handle: u32 = 1;
     let result = loop {
+        if tx.is_closed() {
+            // The writer stopped (the socket failed): nothing more can be answered.
+            break Ok(());
+        }
         let msg = match reader.next().await {
             Ok(Some(msg)) => msg,
             Ok(None) => break Ok(()),
@@ -196,13 +200,12 @@ where
     let written = writer_task
         .await
         .unwrap_or_else(|e| Err(ProtocolError::Io(std::io::Error::other(e))));
-    result.and(written.or_else(|e| {
-        if matches!(e, ProtocolError::Io(_)) {
-            Ok(())
-        } else {
-            Err(e)
-        }
-    }))
+    match (result, written) {
+        (Err(e), _) => Err(e),
+        // The peer hanging up while replies were still being sent is an ordinary end.
+        (Ok(()), Ok(()) | Err(ProtocolError::Io(_))) => Ok(()),
+        (Ok(()), Err(e)) => Err(e),
+    }
 }
 
 async fn open(

@@ -315,3 +315,42 @@ fn client_exits_cleanly_on_sigterm_and_explains_bad_arguments() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("--listen needs a value"));
 }
+
+#[test]
+fn the_key_can_come_from_the_environment_on_both_sides() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = make_key(dir.path(), "key");
+    let disk = dir.path().join("disk.img");
+    make_disk(&disk, 4 * MIB, &[]).unwrap();
+    let mut child = std::process::Command::new(diskferry_e2e::bin("diskferry-client"))
+        .args(["--listen", "127.0.0.1:0", "--disk", disk.to_str().unwrap()])
+        .env("DISKFERRY_KEY_FILE", &key)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(child.stdout.take().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    let addr = line
+        .trim()
+        .strip_prefix("listening on ")
+        .expect("listening line")
+        .to_string();
+    let out = std::process::Command::new(diskferry_e2e::bin("diskferry"))
+        .args(["disks", &addr])
+        .env("DISKFERRY_KEY_FILE", &key)
+        .output()
+        .unwrap();
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains(disk.to_str().unwrap()));
+}

@@ -24,7 +24,7 @@ impl FileDevice {
             .open(path);
         let file = file.map_err(|source| BlockError::Io {
             op: "open",
-            offset: 0,
+            offset: None,
             device: path.display().to_string(),
             source,
         })?;
@@ -35,7 +35,7 @@ impl FileDevice {
     pub fn from_file(file: std::fs::File, path: &Path, writable: bool) -> Result<FileDevice> {
         let disk = LocalDisk::from_file(file, writable).map_err(|source| BlockError::Io {
             op: "open",
-            offset: 0,
+            offset: None,
             device: path.display().to_string(),
             source,
         })?;
@@ -48,7 +48,7 @@ impl FileDevice {
     fn io_err(
         &self,
         op: &'static str,
-        offset: u64,
+        offset: Option<u64>,
     ) -> impl FnOnce(std::io::Error) -> BlockError + '_ {
         move |source| BlockError::Io {
             op,
@@ -72,7 +72,7 @@ impl BlockDevice for FileDevice {
         check_range(self.size(), offset, buf.len() as u64)?;
         self.disk
             .read_exact_at(buf, offset)
-            .map_err(self.io_err("read", offset))
+            .map_err(self.io_err("read", Some(offset)))
     }
 
     fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
@@ -82,14 +82,14 @@ impl BlockDevice for FileDevice {
         check_range(self.size(), offset, buf.len() as u64)?;
         self.disk
             .write_all_at(buf, offset)
-            .map_err(self.io_err("write", offset))
+            .map_err(self.io_err("write", Some(offset)))
     }
 
     fn flush(&self) -> Result<()> {
         if !self.disk.is_writable() {
             return Ok(());
         }
-        self.disk.sync().map_err(self.io_err("flush", 0))
+        self.disk.sync().map_err(self.io_err("flush", None))
     }
 
     fn discard(&self, offset: u64, len: u64) -> Result<()> {
@@ -102,14 +102,14 @@ impl BlockDevice for FileDevice {
         }
         self.disk
             .punch_hole(offset, len)
-            .map_err(self.io_err("discard", offset))
+            .map_err(self.io_err("discard", Some(offset)))
     }
 
     fn block_status(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {
         let regions = self
             .disk
             .regions(offset, len, MAX_EXTENTS)
-            .map_err(self.io_err("seek", offset))?;
+            .map_err(self.io_err("seek", Some(offset)))?;
         let mut pos = offset;
         Ok(regions
             .into_iter()

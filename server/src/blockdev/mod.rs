@@ -41,10 +41,10 @@ impl Extent {
 /// Why a block operation failed. Carries enough context to act on.
 #[derive(Debug, thiserror::Error)]
 pub enum BlockError {
-    #[error("{op} at offset {offset} on {device}: {source}")]
+    #[error("{op}{} on {device}: {source}", at(*offset))]
     Io {
         op: &'static str,
-        offset: u64,
+        offset: Option<u64>,
         device: String,
         source: std::io::Error,
     },
@@ -52,10 +52,10 @@ pub enum BlockError {
     OutOfRange { offset: u64, len: u64, size: u64 },
     #[error("the device is read-only")]
     ReadOnly,
-    #[error("the client refused {op} at offset {offset}: {message} ({code})")]
+    #[error("the client refused {op}{}: {message} ({code})", at(*offset))]
     Remote {
         op: &'static str,
-        offset: u64,
+        offset: Option<u64>,
         code: diskferry_protocol::ErrorCode,
         message: String,
     },
@@ -63,6 +63,13 @@ pub enum BlockError {
     Disconnected(String),
     #[error("the client broke the protocol: {0}")]
     Protocol(String),
+}
+
+/// " at offset N" where an operation has one.
+fn at(offset: Option<u64>) -> String {
+    offset
+        .map(|o| format!(" at offset {o}"))
+        .unwrap_or_default()
 }
 
 /// Result of block operations.

@@ -65,7 +65,7 @@ pub fn capture_sectors_raw(
     output.file().set_len(size).map_err(|source| {
         write_err(BlockError::Io {
             op: "resize",
-            offset: size,
+            offset: None,
             device: partial.display().to_string(),
             source,
         })
@@ -73,7 +73,7 @@ pub fn capture_sectors_raw(
     let file = output.file().try_clone().map_err(|source| {
         write_err(BlockError::Io {
             op: "reopen",
-            offset: 0,
+            offset: None,
             device: partial.display().to_string(),
             source,
         })

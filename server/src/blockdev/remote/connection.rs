@@ -56,16 +56,19 @@ impl Shared {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Marks the connection dead and fails everything pending.
+    /// Marks the connection dead and fails everything pending (with the first reason given).
     fn close(&self, reason: String) {
-        let drained: Vec<Completion> = {
+        let (reason, drained) = {
             let mut st = self.lock();
-            if st.closed.is_none() {
-                st.closed = Some(reason.clone());
-            }
-            st.pending.drain().map(|(_, c)| c).collect()
+            let reason = st.closed.get_or_insert(reason).clone();
+            (
+                reason,
+                st.pending
+                    .drain()
+                    .map(|(_, c)| c)
+                    .collect::<Vec<Completion>>(),
+            )
         };
-        let reason = self.lock().closed.clone().unwrap_or(reason);
         for c in drained {
             c(Err(BlockError::Disconnected(reason.clone())));
         }
@@ -244,7 +247,7 @@ impl Connection {
     pub async fn list_disks(&self) -> Result<Vec<DiskInfo>, BlockError> {
         match self.call(Request::ListDisks).await? {
             Reply::Disks(d) => Ok(d),
-            other => Err(unexpected("list disks", 0, other)),
+            other => Err(unexpected("list disks", None, other)),
         }
     }
 
@@ -277,7 +280,7 @@ impl Connection {
                 read_only,
                 opts,
             )),
-            other => Err(unexpected("open", 0, other)),
+            other => Err(unexpected("open", None, other)),
         }
     }
 }
@@ -289,7 +292,7 @@ pub(super) fn wait(rx: oneshot::Receiver<Result<Reply, BlockError>>) -> Result<R
 }
 
 /// Turns an error reply, or a reply of the wrong kind, into an error.
-pub(super) fn unexpected(op: &'static str, offset: u64, reply: Reply) -> BlockError {
+pub(super) fn unexpected(op: &'static str, offset: Option<u64>, reply: Reply) -> BlockError {
     match reply {
         Reply::Error { code, message } => BlockError::Remote {
             op,

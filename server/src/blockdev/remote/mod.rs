@@ -122,11 +122,11 @@ fn expect_data(reply: Result<Reply>, offset: u64, len: usize) -> Result<Bytes> {
             "asked {len} bytes at offset {offset}, got {}",
             d.len()
         ))),
-        other => Err(unexpected("read", offset, other)),
+        other => Err(unexpected("read", Some(offset), other)),
     }
 }
 
-fn expect_done(reply: Result<Reply>, op: &'static str, offset: u64) -> Result<()> {
+fn expect_done(reply: Result<Reply>, op: &'static str, offset: Option<u64>) -> Result<()> {
     match reply? {
         Reply::Done => Ok(()),
         other => Err(unexpected(op, offset, other)),
@@ -199,7 +199,7 @@ impl BlockDevice for RemoteDisk {
                 continue;
             }
             if let Some((off, rx)) = inflight.pop_front() {
-                expect_done(wait(rx), "write", off)?;
+                expect_done(wait(rx), "write", Some(off))?;
             }
         }
         Ok(())
@@ -211,7 +211,7 @@ impl BlockDevice for RemoteDisk {
                 handle: self.handle,
             }),
             "flush",
-            0,
+            None,
         )
     }
 
@@ -228,7 +228,7 @@ impl BlockDevice for RemoteDisk {
                 len,
             }),
             "discard",
-            offset,
+            Some(offset),
         )
     }
 
@@ -243,7 +243,7 @@ impl BlockDevice for RemoteDisk {
             len: end - offset,
         })?;
         let Reply::Status(extents) = reply else {
-            return Err(unexpected("block status", offset, reply));
+            return Err(unexpected("block status", Some(offset), reply));
         };
         let mut pos = offset;
         let mut out = Vec::with_capacity(extents.len());
