@@ -5,3 +5,4 @@ pub mod blockdev;
 pub mod pipeline;
 pub mod progress;
 pub mod source;
+pub mod vdisk;

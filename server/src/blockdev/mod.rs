@@ -63,6 +63,8 @@ pub enum BlockError {
     Disconnected(String),
     #[error("the client broke the protocol: {0}")]
     Protocol(String),
+    #[error("{0}")]
+    Format(String),
 }
 
 /// " at offset N" where an operation has one.

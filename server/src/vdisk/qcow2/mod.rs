@@ -1,0 +1,344 @@
+//! qcow2 images (versions 2 and 3) as read-only [`BlockDevice`]s.
+//!
+//! Opening validates the header and the L1 table against the file; every L2 table and every
+//! entry is validated when first used, so a hostile image yields a clear error naming the
+//! file and the problem — never a panic, never an allocation beyond one cluster or the L1
+//! table's bounded size. Data clusters, explicit zero clusters, unallocated clusters and
+//! zlib-compressed clusters are read; backing files, zstd and writing come next.
+
+mod header;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+pub use header::{Compression, Header};
+
+use super::{ImageError, Mapping};
+use crate::blockdev::{check_range, BlockDevice, BlockError, Extent, Region, Result};
+
+/// Offset bits of L1 and standard L2 entries (bits 9..=55).
+const OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
+const OFLAG_COPIED: u64 = 1 << 63;
+const OFLAG_COMPRESSED: u64 = 1 << 62;
+/// Version 3: the cluster reads as zeros.
+const OFLAG_ZERO: u64 = 1;
+/// L2 tables kept in memory.
+const L2_CACHE_TABLES: usize = 64;
+/// Most extents one `block_status` call returns.
+const MAX_EXTENTS: usize = 4096;
+
+/// An open qcow2 image.
+pub struct Qcow2 {
+    file: Arc<dyn BlockDevice>,
+    path: PathBuf,
+    header: Header,
+    l1: Vec<u64>,
+    l2_cache: Mutex<L2Cache>,
+    /// The last decompressed cluster: sequential reads of a compressed image hit it.
+    last_compressed: Mutex<Option<(u64, Arc<Vec<u8>>)>>,
+}
+
+#[derive(Default)]
+struct L2Cache {
+    tables: HashMap<u64, (Arc<Vec<u64>>, u64)>,
+    tick: u64,
+}
+
+impl std::fmt::Debug for Qcow2 {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Qcow2")
+            .field("path", &self.path)
+            .field("size", &self.header.size)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Qcow2 {
+    /// Opens the image held by `file` (whose name `path` is used in errors).
+    pub fn open(file: Arc<dyn BlockDevice>, path: &Path) -> std::result::Result<Qcow2, ImageError> {
+        let io = |source| ImageError::Io {
+            path: path.to_path_buf(),
+            source,
+        };
+        let file_len = file.size();
+        let mut raw = vec![0u8; file_len.min(512) as usize];
+        file.read_at(&mut raw, 0).map_err(io)?;
+        let header = Header::parse(&raw, file_len, path)?;
+        if header.backing_file_offset != 0 {
+            let mut name = vec![0u8; header.backing_file_size as usize];
+            file.read_at(&mut name, header.backing_file_offset)
+                .map_err(io)?;
+            return Err(ImageError::Unsupported {
+                path: path.to_path_buf(),
+                feature: format!(
+                    "the backing file {:?} (overlays cannot be read yet)",
+                    String::from_utf8_lossy(&name)
+                ),
+            });
+        }
+        if header.compression == Compression::Zstd {
+            return Err(ImageError::Unsupported {
+                path: path.to_path_buf(),
+                feature: "zstd compression".into(),
+            });
+        }
+        // Bounded by MAX_L1_ENTRIES in Header::parse, and present in the file.
+        let mut l1_raw = vec![0u8; header.l1_size as usize * 8];
+        file.read_at(&mut l1_raw, header.l1_table_offset)
+            .map_err(io)?;
+        let l1: Vec<u64> = l1_raw
+            .chunks_exact(8)
+            .map(|c| u64::from_be_bytes(c.try_into().unwrap_or([0; 8])))
+            .collect();
+        let cluster = header.cluster_size();
+        for (i, e) in l1.iter().enumerate() {
+            let l2 = e & OFFSET_MASK;
+            if e & !(OFFSET_MASK | OFLAG_COPIED) != 0 {
+                return Err(invalid(
+                    path,
+                    format!("L1 entry {i} has reserved bits set ({e:#x})"),
+                ));
+            }
+            if l2 != 0 && (l2 % cluster != 0 || l2.saturating_add(cluster) > file_len) {
+                return Err(invalid(
+                    path,
+                    format!("L1 entry {i} points to {l2}, outside the file or misaligned"),
+                ));
+            }
+        }
+        Ok(Qcow2 {
+            file,
+            path: path.to_path_buf(),
+            header,
+            l1,
+            l2_cache: Mutex::new(L2Cache::default()),
+            last_compressed: Mutex::new(None),
+        })
+    }
+
+    pub fn header(&self) -> &Header {
+        &self.header
+    }
+
+    /// Where the virtual bytes `offset..offset+max` (up to the end of their cluster) live.
+    pub fn map(&self, offset: u64, max: u64) -> std::result::Result<Mapping, ImageError> {
+        let h = &self.header;
+        let cluster = h.cluster_size();
+        let in_cluster = offset % cluster;
+        let len = (cluster - in_cluster)
+            .min(max)
+            .min(h.size.saturating_sub(offset));
+        let l1_index = (offset / cluster / h.l2_entries()) as usize;
+        let l2_offset = self.l1.get(l1_index).map_or(0, |e| e & OFFSET_MASK);
+        if l2_offset == 0 {
+            return Ok(Mapping::Unallocated { len });
+        }
+        let table = self.l2_table(l2_offset)?;
+        let index = ((offset / cluster) % h.l2_entries()) as usize;
+        let e = table[index];
+        if e & OFLAG_COMPRESSED != 0 {
+            let x = 62 - (h.cluster_bits - 8);
+            let host = e & ((1 << x) - 1);
+            let sectors = (e >> x) & ((1 << (h.cluster_bits - 8)) - 1);
+            let stored =
+                ((sectors + 1) * 512 - (host & 511)).min(self.file.size().saturating_sub(host));
+            return Ok(Mapping::Compressed {
+                host,
+                stored,
+                in_cluster,
+                len,
+            });
+        }
+        if e & !(OFFSET_MASK | OFLAG_COPIED | OFLAG_ZERO) != 0 {
+            return Err(self.invalid(format!(
+                "L2 entry for offset {offset} has reserved bits set ({e:#x})"
+            )));
+        }
+        if h.version >= 3 && e & OFLAG_ZERO != 0 {
+            return Ok(Mapping::Zero { len });
+        }
+        let host = e & OFFSET_MASK;
+        if host == 0 {
+            return Ok(Mapping::Unallocated { len });
+        }
+        if host % cluster != 0 || host.saturating_add(cluster) > self.file.size() {
+            return Err(self.invalid(format!(
+                "data cluster for offset {offset} at {host} is outside the file or misaligned"
+            )));
+        }
+        Ok(Mapping::Data {
+            host: host + in_cluster,
+            len,
+        })
+    }
+
+    fn invalid(&self, problem: String) -> ImageError {
+        invalid(&self.path, problem)
+    }
+
+    fn l2_table(&self, offset: u64) -> std::result::Result<Arc<Vec<u64>>, ImageError> {
+        {
+            let mut cache = self.l2_cache.lock().unwrap_or_else(|e| e.into_inner());
+            cache.tick += 1;
+            let tick = cache.tick;
+            if let Some((table, used)) = cache.tables.get_mut(&offset) {
+                *used = tick;
+                return Ok(Arc::clone(table));
+            }
+        }
+        let mut raw = vec![0u8; self.header.cluster_size() as usize];
+        self.file
+            .read_at(&mut raw, offset)
+            .map_err(|source| ImageError::Io {
+                path: self.path.clone(),
+                source,
+            })?;
+        let table: Arc<Vec<u64>> = Arc::new(
+            raw.chunks_exact(8)
+                .map(|c| u64::from_be_bytes(c.try_into().unwrap_or([0; 8])))
+                .collect(),
+        );
+        let mut cache = self.l2_cache.lock().unwrap_or_else(|e| e.into_inner());
+        if cache.tables.len() >= L2_CACHE_TABLES {
+            if let Some(victim) = cache
+                .tables
+                .iter()
+                .min_by_key(|(_, (_, used))| *used)
+                .map(|(k, _)| *k)
+            {
+                cache.tables.remove(&victim);
+            }
+        }
+        let tick = cache.tick;
+        cache.tables.insert(offset, (Arc::clone(&table), tick));
+        Ok(table)
+    }
+
+    /// The whole cluster that decompresses from `stored` bytes at `host`.
+    fn decompressed(
+        &self,
+        host: u64,
+        stored: u64,
+    ) -> std::result::Result<Arc<Vec<u8>>, ImageError> {
+        if let Some((at, data)) = &*self
+            .last_compressed
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+        {
+            if *at == host {
+                return Ok(Arc::clone(data));
+            }
+        }
+        let cluster = self.header.cluster_size() as usize;
+        // `stored` is bounded by the entry's sector count (at most about one cluster).
+        let mut input = vec![0u8; stored as usize];
+        self.file
+            .read_at(&mut input, host)
+            .map_err(|source| ImageError::Io {
+                path: self.path.clone(),
+                source,
+            })?;
+        let mut out = vec![0u8; cluster];
+        let mut inflater = flate2::Decompress::new(false);
+        let status = inflater.decompress(&input, &mut out, flate2::FlushDecompress::Finish);
+        if status.is_err() || inflater.total_out() != cluster as u64 {
+            return Err(self.invalid(format!(
+                "compressed cluster at {host} does not inflate to one cluster"
+            )));
+        }
+        let out = Arc::new(out);
+        *self
+            .last_compressed
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = Some((host, Arc::clone(&out)));
+        Ok(out)
+    }
+}
+
+fn invalid(path: &Path, problem: String) -> ImageError {
+    ImageError::Invalid {
+        path: path.to_path_buf(),
+        problem,
+    }
+}
+
+impl From<ImageError> for BlockError {
+    fn from(e: ImageError) -> Self {
+        match e {
+            ImageError::Io { source, .. } => source,
+            other => BlockError::Format(other.to_string()),
+        }
+    }
+}
+
+impl BlockDevice for Qcow2 {
+    fn size(&self) -> u64 {
+        self.header.size
+    }
+
+    fn is_read_only(&self) -> bool {
+        true
+    }
+
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        check_range(self.header.size, offset, buf.len() as u64)?;
+        let mut done = 0usize;
+        while done < buf.len() {
+            let pos = offset + done as u64;
+            let m = self.map(pos, (buf.len() - done) as u64)?;
+            let n = m.len() as usize;
+            if n == 0 {
+                return Err(BlockError::Format(format!(
+                    "{}: empty mapping at {pos}",
+                    self.path.display()
+                )));
+            }
+            let dst = &mut buf[done..done + n];
+            match m {
+                Mapping::Data { host, .. } => self.file.read_at(dst, host)?,
+                Mapping::Zero { .. } | Mapping::Unallocated { .. } => dst.fill(0),
+                Mapping::Compressed {
+                    host,
+                    stored,
+                    in_cluster,
+                    ..
+                } => {
+                    let cluster = self.decompressed(host, stored)?;
+                    dst.copy_from_slice(&cluster[in_cluster as usize..in_cluster as usize + n]);
+                }
+            }
+            done += n;
+        }
+        Ok(())
+    }
+
+    fn block_status(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {
+        let end = offset.saturating_add(len).min(self.header.size);
+        let mut out: Vec<Extent> = Vec::new();
+        let mut pos = offset;
+        while pos < end && out.len() < MAX_EXTENTS {
+            let m = self.map(pos, end - pos)?;
+            if m.is_empty() {
+                return Err(BlockError::Format(format!(
+                    "{}: empty mapping at {pos}",
+                    self.path.display()
+                )));
+            }
+            let region = match m {
+                Mapping::Data { .. } | Mapping::Compressed { .. } => Region::Data,
+                Mapping::Zero { .. } | Mapping::Unallocated { .. } => Region::Zero,
+            };
+            match out.last_mut() {
+                Some(last) if last.region == region => last.len += m.len(),
+                _ => out.push(Extent {
+                    offset: pos,
+                    len: m.len(),
+                    region,
+                }),
+            }
+            pos += m.len();
+        }
+        Ok(out)
+    }
+}
