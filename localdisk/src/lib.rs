@@ -10,6 +10,7 @@ use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::unix::fs::{FileExt, FileTypeExt};
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use rustix::fs::{FallocateFlags, SeekFrom};
 
@@ -28,7 +29,8 @@ pub enum Region {
 #[derive(Debug)]
 pub struct LocalDisk {
     file: File,
-    size: u64,
+    /// Fixed at open, except through [`LocalDisk::set_len`] on regular files.
+    size: AtomicU64,
     writable: bool,
     is_file: bool,
 }
@@ -56,14 +58,27 @@ impl LocalDisk {
         };
         Ok(LocalDisk {
             file,
-            size,
+            size: AtomicU64::new(size),
             writable,
             is_file,
         })
     }
 
     pub fn size(&self) -> u64 {
-        self.size
+        self.size.load(Ordering::Acquire)
+    }
+
+    /// Grows or shrinks a regular file (new space reads as zeros and takes no disk space).
+    pub fn set_len(&self, len: u64) -> io::Result<()> {
+        if !self.is_file {
+            return Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                "a block device cannot change size",
+            ));
+        }
+        self.file.set_len(len)?;
+        self.size.store(len, Ordering::Release);
+        Ok(())
     }
 
     pub fn is_writable(&self) -> bool {
@@ -103,7 +118,7 @@ impl LocalDisk {
     /// The regions of `offset..offset+len` (clipped to the size), merged, at most `max` of
     /// them: they may end before the requested range does.
     pub fn regions(&self, offset: u64, len: u64, max: usize) -> io::Result<Vec<(u64, Region)>> {
-        let end = offset.saturating_add(len).min(self.size);
+        let end = offset.saturating_add(len).min(self.size());
         if offset >= end {
             return Ok(Vec::new());
         }
@@ -115,7 +130,7 @@ impl LocalDisk {
         while pos < end && out.len() < max.max(1) {
             let data = self
                 .seek(SeekFrom::Data(pos as i64))?
-                .unwrap_or(self.size)
+                .unwrap_or(self.size())
                 .min(end);
             let (region, next) = if data > pos {
                 (Region::Zero, data)
@@ -123,7 +138,7 @@ impl LocalDisk {
                 (
                     Region::Data,
                     self.seek(SeekFrom::Hole(pos as i64))?
-                        .unwrap_or(self.size)
+                        .unwrap_or(self.size())
                         .clamp(pos + 1, end),
                 )
             };

@@ -92,6 +92,15 @@ impl BlockDevice for FileDevice {
         self.disk.sync().map_err(self.io_err("flush", None))
     }
 
+    fn resize(&self, new_size: u64) -> Result<()> {
+        if !self.disk.is_writable() {
+            return Err(BlockError::ReadOnly);
+        }
+        self.disk
+            .set_len(new_size)
+            .map_err(self.io_err("resize", Some(new_size)))
+    }
+
     fn discard(&self, offset: u64, len: u64) -> Result<()> {
         if !self.disk.is_writable() {
             return Err(BlockError::ReadOnly);

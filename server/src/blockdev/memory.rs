@@ -50,6 +50,29 @@ impl BlockDevice for MemoryDevice {
         Ok(())
     }
 
+    fn resize(&self, new_size: u64) -> Result<()> {
+        if self.read_only {
+            return Err(BlockError::ReadOnly);
+        }
+        let new_size = usize::try_from(new_size)
+            .map_err(|_| BlockError::Unsupported("hold that much in memory"))?;
+        self.data
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .resize(new_size, 0);
+        Ok(())
+    }
+
+    fn discard(&self, offset: u64, len: u64) -> Result<()> {
+        if self.read_only {
+            return Err(BlockError::ReadOnly);
+        }
+        let mut data = self.data.write().unwrap_or_else(|e| e.into_inner());
+        check_range(data.len() as u64, offset, len)?;
+        data[offset as usize..(offset + len) as usize].fill(0);
+        Ok(())
+    }
+
     fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
         if self.read_only {
             return Err(BlockError::ReadOnly);

@@ -65,6 +65,8 @@ pub enum BlockError {
     Protocol(String),
     #[error("{0}")]
     Format(String),
+    #[error("this device cannot {0}")]
+    Unsupported(&'static str),
 }
 
 /// " at offset N" where an operation has one.
@@ -112,6 +114,11 @@ pub trait BlockDevice: Send + Sync {
     /// Makes previous writes durable.
     fn flush(&self) -> Result<()> {
         Ok(())
+    }
+
+    /// Changes the size (image containers grow as they allocate). Fixed-size devices refuse.
+    fn resize(&self, _new_size: u64) -> Result<()> {
+        Err(BlockError::Unsupported("change size"))
     }
 
     /// Declares a range unneeded. Devices that cannot deallocate ignore it; afterwards the

@@ -10,4 +10,4 @@ mod zero;
 pub use capture::{capture_sectors_raw, CaptureError, CaptureStats};
 pub use output::{OutputError, PartialOutput};
 pub use writer::{SparseWriter, WriteStats};
-pub use zero::nonzero_runs;
+pub use zero::{is_zero, nonzero_runs};

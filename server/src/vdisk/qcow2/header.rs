@@ -46,6 +46,7 @@ pub struct Header {
     pub l1_table_offset: u64,
     pub refcount_table_offset: u64,
     pub refcount_table_clusters: u32,
+    pub nb_snapshots: u32,
     pub incompatible: u64,
     pub refcount_order: u32,
     pub header_length: u32,
@@ -68,6 +69,36 @@ impl Header {
     /// Entries per L2 table (one cluster of 8-byte entries).
     pub fn l2_entries(&self) -> u64 {
         self.cluster_size() / 8
+    }
+
+    /// Offset of the incompatible-features field (version 3), rewritten to set the dirty bit.
+    pub const INCOMPATIBLE_OFFSET: u64 = 72;
+
+    /// A version 3 header with no extensions (terminated by an end marker), as we write it.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut b = Vec::with_capacity(120);
+        b.extend_from_slice(MAGIC);
+        b.extend_from_slice(&3u32.to_be_bytes());
+        b.extend_from_slice(&0u64.to_be_bytes()); // backing file offset
+        b.extend_from_slice(&0u32.to_be_bytes()); // backing file size
+        b.extend_from_slice(&self.cluster_bits.to_be_bytes());
+        b.extend_from_slice(&self.size.to_be_bytes());
+        b.extend_from_slice(&0u32.to_be_bytes()); // no encryption
+        b.extend_from_slice(&self.l1_size.to_be_bytes());
+        b.extend_from_slice(&self.l1_table_offset.to_be_bytes());
+        b.extend_from_slice(&self.refcount_table_offset.to_be_bytes());
+        b.extend_from_slice(&self.refcount_table_clusters.to_be_bytes());
+        b.extend_from_slice(&0u32.to_be_bytes()); // snapshots
+        b.extend_from_slice(&0u64.to_be_bytes()); // snapshots offset
+        b.extend_from_slice(&self.incompatible.to_be_bytes());
+        b.extend_from_slice(&0u64.to_be_bytes()); // compatible features
+        b.extend_from_slice(&0u64.to_be_bytes()); // autoclear features
+        b.extend_from_slice(&4u32.to_be_bytes()); // refcount order: 16-bit
+        b.extend_from_slice(&112u32.to_be_bytes()); // header length
+        b.push(0); // compression type: zlib
+        b.extend_from_slice(&[0; 7]);
+        b.extend_from_slice(&[0; 8]); // end of header extensions
+        b
     }
 
     /// Parses and validates the first bytes of an image of `file_len` bytes.
@@ -99,6 +130,7 @@ impl Header {
             l1_table_offset: be64(raw, 40),
             refcount_table_offset: be64(raw, 48),
             refcount_table_clusters: be32(raw, 56),
+            nb_snapshots: be32(raw, 60),
             incompatible: 0,
             refcount_order: 4,
             header_length: V2_HEADER_LEN as u32,

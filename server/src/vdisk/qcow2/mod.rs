@@ -1,13 +1,19 @@
-//! qcow2 images (versions 2 and 3) as read-only [`BlockDevice`]s.
+//! qcow2 images (versions 2 and 3) as [`BlockDevice`]s: read any, create and write version 3.
 //!
 //! Opening validates the header and the L1 table against the file; every L2 table and every
 //! entry is validated when first used, so a hostile image yields a clear error naming the
 //! file and the problem — never a panic, never an allocation beyond one cluster or the L1
 //! table's bounded size. Data clusters, explicit zero clusters, unallocated clusters and
-//! zlib-compressed clusters are read; backing files, zstd and writing come next.
+//! zlib-compressed clusters are read. Writing lives in `write.rs`. Backing files and zstd
+//! come next.
+//!
+//! The L1 table and the L2 tables in use live in [`Meta`] under one lock, shared by reads and
+//! writes: a write's table updates are visible to reads at once and reach the file at flush.
 
 mod header;
+mod write;
 
+use std::collections::hash_map::Entry;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -33,16 +39,26 @@ pub struct Qcow2 {
     file: Arc<dyn BlockDevice>,
     path: PathBuf,
     header: Header,
-    l1: Vec<u64>,
-    l2_cache: Mutex<L2Cache>,
+    meta: Mutex<Meta>,
     /// The last decompressed cluster: sequential reads of a compressed image hit it.
     last_compressed: Mutex<Option<(u64, Arc<Vec<u8>>)>>,
 }
 
-#[derive(Default)]
-struct L2Cache {
-    tables: HashMap<u64, (Arc<Vec<u64>>, u64)>,
+/// The mutable metadata: tables as the image should be, ahead of the file until a flush.
+struct Meta {
+    l1: Vec<u64>,
+    l1_dirty: bool,
+    /// L2 tables by their offset in the file.
+    l2: HashMap<u64, L2Table>,
     tick: u64,
+    /// Present when the image is open for writing.
+    write: Option<write::WriteState>,
+}
+
+struct L2Table {
+    entries: Vec<u64>,
+    dirty: bool,
+    used: u64,
 }
 
 impl std::fmt::Debug for Qcow2 {
@@ -111,8 +127,13 @@ impl Qcow2 {
             file,
             path: path.to_path_buf(),
             header,
-            l1,
-            l2_cache: Mutex::new(L2Cache::default()),
+            meta: Mutex::new(Meta {
+                l1,
+                l1_dirty: false,
+                l2: HashMap::new(),
+                tick: 0,
+                write: None,
+            }),
             last_compressed: Mutex::new(None),
         })
     }
@@ -129,14 +150,20 @@ impl Qcow2 {
         let len = (cluster - in_cluster)
             .min(max)
             .min(h.size.saturating_sub(offset));
-        let l1_index = (offset / cluster / h.l2_entries()) as usize;
-        let l2_offset = self.l1.get(l1_index).map_or(0, |e| e & OFFSET_MASK);
-        if l2_offset == 0 {
-            return Ok(Mapping::Unallocated { len });
-        }
-        let table = self.l2_table(l2_offset)?;
-        let index = ((offset / cluster) % h.l2_entries()) as usize;
-        let e = table[index];
+        let e = self.l2_entry(&mut self.lock(), offset)?.unwrap_or(0);
+        self.decode_entry(e, offset, len)
+    }
+
+    /// What an L2 entry means for `len` bytes at virtual `offset` (within one cluster).
+    fn decode_entry(
+        &self,
+        e: u64,
+        offset: u64,
+        len: u64,
+    ) -> std::result::Result<Mapping, ImageError> {
+        let h = &self.header;
+        let cluster = h.cluster_size();
+        let in_cluster = offset % cluster;
         if e & OFLAG_COMPRESSED != 0 {
             let x = 62 - (h.cluster_bits - 8);
             let host = e & ((1 << x) - 1);
@@ -177,41 +204,76 @@ impl Qcow2 {
         invalid(&self.path, problem)
     }
 
-    fn l2_table(&self, offset: u64) -> std::result::Result<Arc<Vec<u64>>, ImageError> {
-        {
-            let mut cache = self.l2_cache.lock().unwrap_or_else(|e| e.into_inner());
-            cache.tick += 1;
-            let tick = cache.tick;
-            if let Some((table, used)) = cache.tables.get_mut(&offset) {
-                *used = tick;
-                return Ok(Arc::clone(table));
-            }
+    fn lock(&self) -> std::sync::MutexGuard<'_, Meta> {
+        self.meta.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The L2 entry for virtual `offset`, or `None` when its L2 table is unallocated.
+    fn l2_entry(
+        &self,
+        meta: &mut Meta,
+        offset: u64,
+    ) -> std::result::Result<Option<u64>, ImageError> {
+        let (l1_index, l2_index) = self.indexes(offset);
+        let table = meta.l1.get(l1_index).map_or(0, |e| e & OFFSET_MASK);
+        if table == 0 {
+            return Ok(None);
         }
-        let mut raw = vec![0u8; self.header.cluster_size() as usize];
-        self.file
-            .read_at(&mut raw, offset)
-            .map_err(|source| ImageError::Io {
-                path: self.path.clone(),
-                source,
-            })?;
-        let table: Arc<Vec<u64>> = Arc::new(
-            raw.chunks_exact(8)
-                .map(|c| u64::from_be_bytes(c.try_into().unwrap_or([0; 8])))
-                .collect(),
-        );
-        let mut cache = self.l2_cache.lock().unwrap_or_else(|e| e.into_inner());
-        if cache.tables.len() >= L2_CACHE_TABLES {
-            if let Some(victim) = cache
-                .tables
+        Ok(Some(self.l2(meta, table)?.entries[l2_index]))
+    }
+
+    /// L1 and L2 indexes of a virtual offset.
+    fn indexes(&self, offset: u64) -> (usize, usize) {
+        let cluster_index = offset >> self.header.cluster_bits;
+        let per_table = self.header.l2_entries();
+        (
+            (cluster_index / per_table) as usize,
+            (cluster_index % per_table) as usize,
+        )
+    }
+
+    /// The L2 table at `offset` in the file, loaded on first use. Clean tables beyond the
+    /// cache size are dropped; dirty ones stay until a flush writes them.
+    fn l2<'m>(
+        &self,
+        meta: &'m mut Meta,
+        offset: u64,
+    ) -> std::result::Result<&'m mut L2Table, ImageError> {
+        meta.tick += 1;
+        let tick = meta.tick;
+        if !meta.l2.contains_key(&offset) && meta.l2.len() >= L2_CACHE_TABLES {
+            let victim = meta
+                .l2
                 .iter()
-                .min_by_key(|(_, (_, used))| *used)
-                .map(|(k, _)| *k)
-            {
-                cache.tables.remove(&victim);
+                .filter(|(_, t)| !t.dirty)
+                .min_by_key(|(_, t)| t.used)
+                .map(|(k, _)| *k);
+            if let Some(victim) = victim {
+                meta.l2.remove(&victim);
             }
         }
-        let tick = cache.tick;
-        cache.tables.insert(offset, (Arc::clone(&table), tick));
+        let table = match meta.l2.entry(offset) {
+            Entry::Occupied(o) => o.into_mut(),
+            Entry::Vacant(v) => {
+                let mut raw = vec![0u8; self.header.cluster_size() as usize];
+                self.file
+                    .read_at(&mut raw, offset)
+                    .map_err(|source| ImageError::Io {
+                        path: self.path.clone(),
+                        source,
+                    })?;
+                let entries = raw
+                    .chunks_exact(8)
+                    .map(|c| u64::from_be_bytes(c.try_into().unwrap_or([0; 8])))
+                    .collect();
+                v.insert(L2Table {
+                    entries,
+                    dirty: false,
+                    used: tick,
+                })
+            }
+        };
+        table.used = tick;
         Ok(table)
     }
 
@@ -263,6 +325,13 @@ fn invalid(path: &Path, problem: String) -> ImageError {
     }
 }
 
+impl Drop for Qcow2 {
+    /// Best effort: call [`BlockDevice::flush`] to see errors.
+    fn drop(&mut self) {
+        let _ = self.flush_all();
+    }
+}
+
 impl From<ImageError> for BlockError {
     fn from(e: ImageError) -> Self {
         match e {
@@ -278,7 +347,20 @@ impl BlockDevice for Qcow2 {
     }
 
     fn is_read_only(&self) -> bool {
-        true
+        self.lock().write.is_none()
+    }
+
+    fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
+        self.write(buf, offset)
+    }
+
+    fn discard(&self, offset: u64, len: u64) -> Result<()> {
+        self.discard_range(offset, len)
+    }
+
+    /// Writes all changed metadata in crash-safe order and marks the image clean.
+    fn flush(&self) -> Result<()> {
+        self.flush_all()
     }
 
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
