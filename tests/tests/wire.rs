@@ -354,3 +354,49 @@ fn the_key_can_come_from_the_environment_on_both_sides() {
     );
     assert!(String::from_utf8_lossy(&out.stdout).contains(disk.to_str().unwrap()));
 }
+
+#[test]
+fn capture_into_qcow2_passes_qemu_img_check_and_compares_equal() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = make_key(dir.path(), "key");
+    let disk = dir.path().join("disk.img");
+    let layout = [(0, MIB), (40 * MIB + 512, 30 * MIB), (127 * MIB, MIB)];
+    make_disk(&disk, 128 * MIB, &layout).unwrap();
+    let client = Client::start(&key, &["--disk", disk.to_str().unwrap()]).unwrap();
+    let out = dir.path().join("copy.qcow2");
+    let (ok, stderr) = capture(&client.source(&disk), &out, &key, &[]);
+    assert!(ok, "capture failed: {stderr}");
+    assert!(
+        stderr.contains("(qcow2)"),
+        "the format follows the extension: {stderr}"
+    );
+
+    let check = std::process::Command::new("qemu-img")
+        .args(["check", "-f", "qcow2"])
+        .arg(&out)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&check.stdout);
+    assert!(
+        check.status.success() && text.contains("No errors were found"),
+        "qemu-img check:\n{text}"
+    );
+    let compare = std::process::Command::new("qemu-img")
+        .args(["compare", "-f", "qcow2", "-F", "raw"])
+        .arg(&out)
+        .arg(&disk)
+        .output()
+        .unwrap();
+    assert!(
+        compare.status.success(),
+        "qemu-img compare: {}",
+        String::from_utf8_lossy(&compare.stdout)
+    );
+    // Compact: about the data plus the format's metadata.
+    let data: u64 = layout.iter().map(|l| l.1).sum();
+    let size = std::fs::metadata(&out).unwrap().len();
+    assert!(
+        size <= data + data / 20 + 2 * MIB,
+        "qcow2 of {size} bytes for {data} bytes of data"
+    );
+}

@@ -1,5 +1,5 @@
-//! Capture: copy a source disk into an image. This first mode is `sectors` into `raw`: every
-//! sector that is not zero, at its own offset, into a sparse file.
+//! Capture: copy a source disk into an image. This first mode is `sectors`: every sector that
+//! is not zero, at its own offset, into a raw or qcow2 image.
 //!
 //! The source is mapped first (block status: ranges known to be zero never cross the wire),
 //! then the remaining ranges are read in disk order with many requests in flight; blocks that
@@ -12,8 +12,9 @@ use std::time::{Duration, Instant};
 
 use super::output::{OutputError, PartialOutput};
 use super::writer::SparseWriter;
-use crate::blockdev::{map_device, BlockDevice, BlockError, FileDevice, Region};
+use crate::blockdev::{map_device, BlockDevice, BlockError, Region};
 use crate::progress::Progress;
+use crate::vdisk::{create_image, ImageFormat};
 
 /// What a capture did.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -47,10 +48,11 @@ pub enum CaptureError {
 /// (decoupled from reading) is as fast as more: see `writer`.
 const WRITER_THREADS: usize = 1;
 
-/// Copies every non-zero sector of `src` into a sparse raw file at `out`.
-pub fn capture_sectors_raw(
+/// Copies every non-zero sector of `src`, at its own offset, into a new image at `out`.
+pub fn capture_sectors(
     src: &dyn BlockDevice,
     out: &Path,
+    format: ImageFormat,
     overwrite: bool,
     progress: &dyn Progress,
 ) -> Result<CaptureStats, CaptureError> {
@@ -62,14 +64,6 @@ pub fn capture_sectors_raw(
         source,
     };
     let size = src.size();
-    output.file().set_len(size).map_err(|source| {
-        write_err(BlockError::Io {
-            op: "resize",
-            offset: None,
-            device: partial.display().to_string(),
-            source,
-        })
-    })?;
     let file = output.file().try_clone().map_err(|source| {
         write_err(BlockError::Io {
             op: "reopen",
@@ -78,8 +72,7 @@ pub fn capture_sectors_raw(
             source,
         })
     })?;
-    let device: Arc<dyn BlockDevice> =
-        Arc::new(FileDevice::from_file(file, &partial, true).map_err(write_err)?);
+    let device = create_image(format, file, &partial, size).map_err(|e| write_err(e.into()))?;
 
     let source_err = |source| CaptureError::Source {
         source,
@@ -94,7 +87,7 @@ pub fn capture_sectors_raw(
     let to_read: u64 = ranges.iter().map(|r| r.end - r.start).sum();
 
     progress.start("sectors", to_read);
-    let mut writer = SparseWriter::new(device, WRITER_THREADS);
+    let mut writer = SparseWriter::new(Arc::clone(&device), WRITER_THREADS);
     let mut write_failed = None;
     let read = src.read_ranges(&ranges, &mut |offset, data| {
         let len = data.len() as u64;
@@ -112,6 +105,8 @@ pub fn capture_sectors_raw(
     }
     read.map_err(source_err)?;
     let written = written.map_err(write_err)?;
+    device.flush().map_err(write_err)?;
+    drop(device);
     output.commit()?;
     Ok(CaptureStats {
         size,
@@ -137,7 +132,7 @@ mod tests {
         let src = MemoryDevice::read_only(data.clone());
         let dir = tempfile::tempdir().unwrap();
         let out = dir.path().join("disk.raw");
-        let stats = capture_sectors_raw(&src, &out, false, &Silent).unwrap();
+        let stats = capture_sectors(&src, &out, ImageFormat::Raw, false, &Silent).unwrap();
         assert_eq!(std::fs::read(&out).unwrap(), data);
         assert_eq!(
             stats.read,
@@ -155,7 +150,7 @@ mod tests {
         assert!(!dir.path().join("disk.raw.partial").exists());
         // A second capture to the same name is refused without overwrite.
         assert!(matches!(
-            capture_sectors_raw(&src, &out, false, &Silent),
+            capture_sectors(&src, &out, ImageFormat::Raw, false, &Silent),
             Err(CaptureError::Output(OutputError::Exists(_)))
         ));
     }

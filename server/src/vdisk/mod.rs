@@ -2,11 +2,86 @@
 //! range X live?" with a [`Mapping`], and a separate step performs the I/O — so metadata
 //! logic is testable without files, and locks on metadata stay short.
 //!
-//! Today: the qcow2 reader. The qcow2 writer, overlays, VHDX and raw images follow.
+//! Today: raw images and qcow2 (read any, write version 3). Overlays and VHDX follow.
 
 pub mod qcow2;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use crate::blockdev::{BlockDevice, FileDevice};
+
+/// Cluster size of the qcow2 images we create (qemu's default).
+pub const QCOW2_CLUSTER_BITS: u32 = 16;
+
+/// The image formats diskferry writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ImageFormat {
+    /// A sparse file holding the disk byte for byte.
+    Raw,
+    /// qcow2 version 3, 64 KiB clusters.
+    Qcow2,
+}
+
+impl ImageFormat {
+    /// The format an output name suggests: `.qcow2` is qcow2, anything else raw.
+    pub fn from_extension(path: &Path) -> ImageFormat {
+        match path
+            .extension()
+            .and_then(|e| e.to_str())
+            .map(str::to_ascii_lowercase)
+            .as_deref()
+        {
+            Some("qcow2") => ImageFormat::Qcow2,
+            _ => ImageFormat::Raw,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            ImageFormat::Raw => "raw",
+            ImageFormat::Qcow2 => "qcow2",
+        }
+    }
+}
+
+/// Creates an image of `size` virtual bytes in the empty, writable `file` (named `path` in
+/// errors) and returns it as a writable block device. Call `flush` before using the file.
+pub fn create_image(
+    format: ImageFormat,
+    file: std::fs::File,
+    path: &Path,
+    size: u64,
+) -> Result<Arc<dyn BlockDevice>, ImageError> {
+    let io = |source| ImageError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    match format {
+        ImageFormat::Raw => {
+            file.set_len(size).map_err(|source| {
+                io(crate::blockdev::BlockError::Io {
+                    op: "resize",
+                    offset: None,
+                    device: path.display().to_string(),
+                    source,
+                })
+            })?;
+            Ok(Arc::new(
+                FileDevice::from_file(file, path, true).map_err(io)?,
+            ))
+        }
+        ImageFormat::Qcow2 => {
+            let container = Arc::new(FileDevice::from_file(file, path, true).map_err(io)?);
+            Ok(Arc::new(qcow2::Qcow2::create(
+                container,
+                path,
+                size,
+                QCOW2_CLUSTER_BITS,
+            )?))
+        }
+    }
+}
 
 /// Where a piece of the virtual disk lives.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -8,9 +8,10 @@ use std::process::ExitCode;
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use diskferry::blockdev::Connection;
-use diskferry::pipeline::capture_sectors_raw;
+use diskferry::pipeline::capture_sectors;
 use diskferry::progress::{Progress, Silent, TerminalBar};
 use diskferry::source::{open_source, SourceSpec};
+use diskferry::vdisk::ImageFormat;
 use diskferry_protocol::{DiskInfo, Psk, Role, SessionOptions};
 
 /// Large receive buffers are allocated and freed per request; mimalloc keeps that memory
@@ -82,9 +83,10 @@ struct CaptureArgs {
     /// How to copy: `sectors` copies every sector that is not zero
     #[arg(long, value_enum, default_value_t = Mode::Sectors)]
     mode: Mode,
-    /// Image format of OUT: `raw` is a sparse file
-    #[arg(long, value_enum, default_value_t = Format::Raw)]
-    format: Format,
+    /// Image format of OUT: `raw` (a sparse file) or `qcow2` [default: from OUT's extension,
+    /// `.qcow2` → qcow2, anything else raw]
+    #[arg(long, value_enum)]
+    format: Option<Format>,
     /// Progress display: a bar on a terminal, or nothing
     #[arg(long, value_enum, default_value_t = ProgressKind::Bar)]
     progress: ProgressKind,
@@ -105,6 +107,17 @@ enum Mode {
 enum Format {
     /// A sparse raw disk image
     Raw,
+    /// qcow2 version 3 (64 KiB clusters), sparse
+    Qcow2,
+}
+
+impl From<Format> for ImageFormat {
+    fn from(f: Format) -> Self {
+        match f {
+            Format::Raw => ImageFormat::Raw,
+            Format::Qcow2 => ImageFormat::Qcow2,
+        }
+    }
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -226,7 +239,10 @@ fn print_disks(list: &[DiskInfo]) {
 }
 
 fn capture(args: CaptureArgs) -> Result<()> {
-    let (Mode::Sectors, Format::Raw) = (args.mode, args.format);
+    let Mode::Sectors = args.mode;
+    let format = args
+        .format
+        .map_or_else(|| ImageFormat::from_extension(&args.out), ImageFormat::from);
     let spec = SourceSpec::parse(&args.source);
     let opts = match &spec {
         SourceSpec::Remote { .. } => Some(session(&args.conn)?),
@@ -242,12 +258,13 @@ fn capture(args: CaptureArgs) -> Result<()> {
         Some(b) => b,
         None => &Silent,
     };
-    let stats = capture_sectors_raw(src.as_ref(), &args.out, args.force, progress)?;
+    let stats = capture_sectors(src.as_ref(), &args.out, format, args.force, progress)?;
     let secs = stats.elapsed.as_secs_f64().max(1e-9);
     eprintln!(
-        "captured {} into {}: {} read ({} skipped as zero by the client), {} written, {:.1} s, {:.0} MB/s",
+        "captured {} into {} ({}): {} read ({} skipped as zero by the client), {} written, {:.1} s, {:.0} MB/s",
         human_bytes(stats.size),
         args.out.display(),
+        format.name(),
         human_bytes(stats.read),
         human_bytes(stats.skipped_by_status),
         human_bytes(stats.written),
