@@ -1,14 +1,13 @@
 //! What a SOURCE argument names, and opening it as a block device: `DISK@HOST:PORT` for a disk
-//! of a listening diskferry-client, anything else a local file or block device.
+//! of a listening diskferry-client, anything else a local file or block device — read through
+//! its image format (qcow2) when it has one.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use diskferry_protocol::SessionOptions;
 
-use crate::blockdev::{
-    BlockDevice, BlockError, ConnectError, Connection, FileDevice, RemoteOptions,
-};
+use crate::blockdev::{BlockDevice, BlockError, ConnectError, Connection, RemoteOptions};
 
 /// A parsed SOURCE argument.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -47,6 +46,8 @@ pub enum SourceError {
     NeedKey(String),
     #[error(transparent)]
     Connect(#[from] ConnectError),
+    #[error(transparent)]
+    Image(#[from] crate::vdisk::ImageError),
     #[error("cannot open {what}: {source}")]
     Open { what: String, source: BlockError },
 }
@@ -74,11 +75,7 @@ pub fn open_source(
 }
 
 fn open_local(path: &Path) -> Result<Arc<dyn BlockDevice>, SourceError> {
-    let dev = FileDevice::open(path, false).map_err(|source| SourceError::Open {
-        what: path.display().to_string(),
-        source,
-    })?;
-    Ok(Arc::new(dev))
+    Ok(crate::vdisk::open_image(path)?.1)
 }
 
 #[cfg(test)]

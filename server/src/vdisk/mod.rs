@@ -45,6 +45,57 @@ impl ImageFormat {
     }
 }
 
+/// What a file holds, judged by its first bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Detected {
+    Qcow2,
+    /// A VHDX image: recognised, not readable yet.
+    Vhdx,
+    /// Anything else is taken as a raw disk.
+    Raw,
+}
+
+impl Detected {
+    pub fn name(self) -> &'static str {
+        match self {
+            Detected::Qcow2 => "qcow2",
+            Detected::Vhdx => "vhdx",
+            Detected::Raw => "raw",
+        }
+    }
+}
+
+/// Recognises image formats by their magic bytes.
+pub fn detect(file: &dyn BlockDevice) -> Result<Detected, crate::blockdev::BlockError> {
+    let mut magic = [0u8; 8];
+    let n = file.size().min(8) as usize;
+    file.read_at(&mut magic[..n], 0)?;
+    Ok(if n >= 4 && &magic[..4] == qcow2::MAGIC {
+        Detected::Qcow2
+    } else if n == 8 && &magic == b"vhdxfile" {
+        Detected::Vhdx
+    } else {
+        Detected::Raw
+    })
+}
+
+/// Opens a local file or device for reading, through its image format when it has one.
+pub fn open_image(path: &Path) -> Result<(Detected, Arc<dyn BlockDevice>), ImageError> {
+    let io = |source| ImageError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let file: Arc<dyn BlockDevice> = Arc::new(FileDevice::open(path, false).map_err(io)?);
+    match detect(file.as_ref()).map_err(io)? {
+        Detected::Qcow2 => Ok((Detected::Qcow2, Arc::new(qcow2::Qcow2::open(file, path)?))),
+        Detected::Vhdx => Err(ImageError::Unsupported {
+            path: path.to_path_buf(),
+            feature: "reading VHDX (coming)".into(),
+        }),
+        Detected::Raw => Ok((Detected::Raw, file)),
+    }
+}
+
 /// Creates an image of `size` virtual bytes in the empty, writable `file` (named `path` in
 /// errors) and returns it as a writable block device. Call `flush` before using the file.
 pub fn create_image(

@@ -12,14 +12,13 @@ use std::sync::Arc;
 use anyhow::{ensure, Context, Result};
 use diskferry::blockdev::{BlockDevice, Connection, FileDevice};
 use diskferry::pipeline::capture_sectors;
-use diskferry::progress::{Progress, Silent, TerminalBar};
 use diskferry::source::{open_source, SourceSpec};
 use diskferry::vdisk::qcow2::Qcow2;
 use diskferry::vdisk::ImageFormat;
 use diskferry_client::disks::DiskSpec;
 use diskferry_protocol::{Psk, Role, SessionOptions};
 
-use crate::{human_bytes, print_disks};
+use crate::{human_bytes, print_disks, progress_for, ProgressKind};
 
 const MIB: u64 = 1 << 20;
 
@@ -84,17 +83,13 @@ fn demo(base: &Path, size: u64) -> Result<()> {
         rt.handle(),
         Some(&session),
     )?;
-    let bar = TerminalBar::if_terminal();
-    let progress: &dyn Progress = match &bar {
-        Some(b) => b,
-        None => &Silent,
-    };
+    let progress = progress_for(ProgressKind::Bar);
     let stats = capture_sectors(
         src.as_ref(),
         &out,
         ImageFormat::from_extension(&out),
         true,
-        progress,
+        progress.as_ref(),
     )?;
     let secs = stats.elapsed.as_secs_f64().max(1e-9);
     println!(

@@ -1,6 +1,7 @@
 //! `diskferry`: the imaging server's command line.
 
 mod demo;
+mod images;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -55,6 +56,40 @@ enum Command {
         /// Size of the sample disk in MiB
         #[arg(long, default_value_t = 512, value_name = "MIB")]
         size_mib: u64,
+    },
+    /// Describe an image: format, virtual size, space used on disk, format details
+    Info {
+        image: PathBuf,
+        /// One JSON object instead of text
+        #[arg(long)]
+        json: bool,
+    },
+    /// Create an empty sparse image
+    Create {
+        out: PathBuf,
+        /// Virtual size: bytes, or with a unit (K, M, G, T; binary)
+        #[arg(long)]
+        size: String,
+        /// raw or qcow2 [default: from OUT's extension]
+        #[arg(long, value_enum)]
+        format: Option<Format>,
+        /// Replace OUT if it exists
+        #[arg(long)]
+        force: bool,
+    },
+    /// Convert an image (raw or qcow2) into another, keeping it sparse
+    Convert {
+        input: PathBuf,
+        out: PathBuf,
+        /// raw or qcow2 [default: from OUT's extension]
+        #[arg(long, value_enum)]
+        format: Option<Format>,
+        /// Progress display: a bar on a terminal, or nothing
+        #[arg(long, value_enum, default_value_t = ProgressKind::Bar)]
+        progress: ProgressKind,
+        /// Replace OUT if it exists
+        #[arg(long)]
+        force: bool,
     },
     /// Write a new random key file for the client and the server to share
     Keygen {
@@ -121,7 +156,7 @@ impl From<Format> for ImageFormat {
 }
 
 #[derive(Clone, Copy, ValueEnum)]
-enum ProgressKind {
+pub(crate) enum ProgressKind {
     Bar,
     None,
 }
@@ -155,6 +190,20 @@ fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Keygen { file } => keygen(&file),
         Command::Demo { dir, size_mib } => demo::run(dir, size_mib),
+        Command::Info { image, json } => images::info(&image, json),
+        Command::Create {
+            out,
+            size,
+            format,
+            force,
+        } => images::create(&out, &size, format.map(Into::into), force),
+        Command::Convert {
+            input,
+            out,
+            format,
+            progress,
+            force,
+        } => images::convert(&input, &out, format.map(Into::into), force, progress),
         Command::Disks { addr, conn } => disks(&addr, &conn),
         Command::Capture(args) => capture(args),
     }
@@ -210,6 +259,14 @@ fn disks(addr: &str, conn: &ConnArgs) -> Result<()> {
     Ok(())
 }
 
+/// A progress bar when asked for and stderr is a terminal; silence otherwise.
+pub(crate) fn progress_for(kind: ProgressKind) -> Box<dyn Progress> {
+    match (kind, TerminalBar::if_terminal()) {
+        (ProgressKind::Bar, Some(bar)) => Box::new(bar),
+        _ => Box::new(Silent),
+    }
+}
+
 /// Prints a client's disks as a table.
 fn print_disks(list: &[DiskInfo]) {
     let w = list.iter().map(|d| d.name.len()).max().unwrap_or(0).max(4);
@@ -250,15 +307,14 @@ fn capture(args: CaptureArgs) -> Result<()> {
     };
     let rt = runtime()?;
     let src = open_source(&spec, rt.handle(), opts.as_ref())?;
-    let bar = match args.progress {
-        ProgressKind::Bar => TerminalBar::if_terminal(),
-        ProgressKind::None => None,
-    };
-    let progress: &dyn Progress = match &bar {
-        Some(b) => b,
-        None => &Silent,
-    };
-    let stats = capture_sectors(src.as_ref(), &args.out, format, args.force, progress)?;
+    let progress = progress_for(args.progress);
+    let stats = capture_sectors(
+        src.as_ref(),
+        &args.out,
+        format,
+        args.force,
+        progress.as_ref(),
+    )?;
     let secs = stats.elapsed.as_secs_f64().max(1e-9);
     eprintln!(
         "captured {} into {} ({}): {} read ({} skipped as zero by the client), {} written, {:.1} s, {:.0} MB/s",

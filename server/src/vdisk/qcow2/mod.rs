@@ -18,7 +18,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
-pub use header::{Compression, Header};
+pub use header::{Compression, Header, MAGIC};
 
 use super::{ImageError, Mapping};
 use crate::blockdev::{check_range, BlockDevice, BlockError, Extent, Region, Result};

@@ -1,0 +1,149 @@
+//! `diskferry create`, `info` and `convert` on real files, checked with qemu-img.
+
+use std::ffi::OsStr;
+use std::path::Path;
+use std::process::Command;
+
+use diskferry_e2e::{allocated, assert_same_bytes, diskferry, make_disk};
+
+const MIB: u64 = 1 << 20;
+
+fn df(args: &[&OsStr]) -> (String, String) {
+    let (ok, out, err) = diskferry(args);
+    assert!(ok, "diskferry {args:?} failed: {err}");
+    (out, err)
+}
+
+fn qemu_img_ok(args: &[&str]) -> String {
+    let out = Command::new("qemu-img")
+        .args(args)
+        .output()
+        .expect("qemu-img (install qemu-utils)");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "qemu-img {args:?}: {text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    text
+}
+
+fn p(path: &Path) -> &OsStr {
+    path.as_os_str()
+}
+
+#[test]
+fn create_info_and_convert_round_trip_through_qcow2() {
+    let dir = tempfile::tempdir().unwrap();
+    let empty = dir.path().join("empty.qcow2");
+    df(&[
+        "create".as_ref(),
+        p(&empty),
+        "--size".as_ref(),
+        "20G".as_ref(),
+    ]);
+    assert!(qemu_img_ok(&["check", empty.to_str().unwrap()]).contains("No errors"));
+    let (json, _) = df(&["info".as_ref(), "--json".as_ref(), p(&empty)]);
+    assert!(
+        json.contains("\"format\":\"qcow2\"") && json.contains("\"virtual_size\":21474836480"),
+        "{json}"
+    );
+    assert!(
+        allocated(&empty) < MIB,
+        "an empty 20 GiB image takes almost no space"
+    );
+
+    // A raw disk with data and holes → qcow2 → raw again.
+    let raw = dir.path().join("disk.raw");
+    make_disk(
+        &raw,
+        256 * MIB,
+        &[
+            (0, 4 * MIB),
+            (100 * MIB + 512, 33 * MIB),
+            (256 * MIB - 4096, 4096),
+        ],
+    )
+    .unwrap();
+    let q = dir.path().join("disk.qcow2");
+    let (_, err) = df(&["convert".as_ref(), p(&raw), p(&q)]);
+    assert!(
+        err.contains("(raw) into") && err.contains("(qcow2)"),
+        "{err}"
+    );
+    assert!(qemu_img_ok(&["check", q.to_str().unwrap()]).contains("No errors"));
+    qemu_img_ok(&[
+        "compare",
+        "-f",
+        "raw",
+        "-F",
+        "qcow2",
+        raw.to_str().unwrap(),
+        q.to_str().unwrap(),
+    ]);
+    let back = dir.path().join("back.img");
+    df(&["convert".as_ref(), p(&q), p(&back)]);
+    assert_same_bytes(&raw, &back);
+    assert!(allocated(&back) <= 40 * MIB, "the raw output stays sparse");
+}
+
+#[test]
+fn convert_reads_qemu_img_compressed_images() {
+    let dir = tempfile::tempdir().unwrap();
+    let raw = dir.path().join("disk.raw");
+    let text: Vec<u8> = b"a line of text that compresses. "
+        .iter()
+        .copied()
+        .cycle()
+        .take(32 << 20)
+        .collect();
+    std::fs::write(&raw, &text).unwrap();
+    let c = dir.path().join("c.qcow2");
+    qemu_img_ok(&[
+        "convert",
+        "-c",
+        "-f",
+        "raw",
+        "-O",
+        "qcow2",
+        raw.to_str().unwrap(),
+        c.to_str().unwrap(),
+    ]);
+    let out = dir.path().join("out.qcow2");
+    df(&["convert".as_ref(), p(&c), p(&out)]);
+    assert!(qemu_img_ok(&["check", out.to_str().unwrap()]).contains("No errors"));
+    qemu_img_ok(&[
+        "compare",
+        "-f",
+        "raw",
+        "-F",
+        "qcow2",
+        raw.to_str().unwrap(),
+        out.to_str().unwrap(),
+    ]);
+}
+
+#[test]
+fn bad_inputs_are_clear_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ok, _, err) = diskferry(&[
+        "create".as_ref(),
+        p(&dir.path().join("x.qcow2")),
+        "--size".as_ref(),
+        "lots".as_ref(),
+    ]);
+    assert!(!ok && err.contains("not a size"), "{err}");
+    let fake = dir.path().join("fake.qcow2");
+    std::fs::write(&fake, b"QFI\xfb\0\0\0\x03 and then nonsense").unwrap();
+    let (ok, _, err) = diskferry(&["info".as_ref(), p(&fake)]);
+    assert!(
+        !ok && err.contains("fake.qcow2"),
+        "the error names the file: {err}"
+    );
+    let (ok, _, err) = diskferry(&["convert".as_ref(), p(&fake), p(&dir.path().join("o.raw"))]);
+    assert!(!ok && err.contains("fake.qcow2"), "{err}");
+    assert!(
+        !dir.path().join("o.raw").exists(),
+        "no output for a bad input"
+    );
+}
