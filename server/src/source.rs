@@ -2,7 +2,7 @@
 //! of a listening diskferry-client, anything else a local file or block device — read through
 //! its image format (qcow2) when it has one.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use diskferry_protocol::SessionOptions;
@@ -52,14 +52,16 @@ pub enum SourceError {
     Open { what: String, source: BlockError },
 }
 
-/// Opens a source for reading. Remote sources connect on `rt` and need `session`.
+/// Opens a source for reading. Remote sources connect on `rt` and need `session`; local
+/// overlays read through their backing files only with `follow_backing`.
 pub fn open_source(
     spec: &SourceSpec,
     rt: &tokio::runtime::Handle,
     session: Option<&SessionOptions>,
+    follow_backing: bool,
 ) -> Result<Arc<dyn BlockDevice>, SourceError> {
     match spec {
-        SourceSpec::Local(path) => open_local(path),
+        SourceSpec::Local(path) => Ok(crate::vdisk::open_image(path, follow_backing)?.1),
         SourceSpec::Remote { disk, addr } => {
             let session = session.ok_or_else(|| SourceError::NeedKey(format!("{disk}@{addr}")))?;
             let conn = rt.block_on(Connection::connect(addr, session))?;
@@ -72,10 +74,6 @@ pub fn open_source(
             Ok(Arc::new(remote))
         }
     }
-}
-
-fn open_local(path: &Path) -> Result<Arc<dyn BlockDevice>, SourceError> {
-    Ok(crate::vdisk::open_image(path)?.1)
 }
 
 #[cfg(test)]

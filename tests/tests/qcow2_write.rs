@@ -111,7 +111,7 @@ fn our_images_pass_qemu_img_check_and_compare_across_reopens() {
     drop(image);
     assert_checks_clean_and_equals(&img, &raw);
 
-    let image = Qcow2::open_writable(device(&img), &img).unwrap();
+    let image = Qcow2::open_writable(device(&img), &img, None).unwrap();
     scribble(&image, &reference, size, 400, 2);
     image.flush().unwrap();
     drop(image);
@@ -152,7 +152,7 @@ fn we_write_into_images_qemu_img_made() {
     ]);
     assert!(ok, "{out}");
     let reference = std::fs::OpenOptions::new().write(true).open(&raw).unwrap();
-    let image = Qcow2::open_writable(device(&img), &img).unwrap();
+    let image = Qcow2::open_writable(device(&img), &img, None).unwrap();
     scribble(&image, &reference, size, 300, 4);
     image.flush().unwrap();
     drop(image);
@@ -184,7 +184,7 @@ fn compressed_images_are_rewritten_cluster_by_cluster() {
     ]);
     assert!(ok, "{out}");
     let reference = std::fs::OpenOptions::new().write(true).open(&raw).unwrap();
-    let image = Qcow2::open_writable(device(&img), &img).unwrap();
+    let image = Qcow2::open_writable(device(&img), &img, None).unwrap();
     scribble(&image, &reference, size, 200, 5);
     image.flush().unwrap();
     drop(image);

@@ -79,21 +79,99 @@ pub fn detect(file: &dyn BlockDevice) -> Result<Detected, crate::blockdev::Block
     })
 }
 
-/// Opens a local file or device for reading, through its image format when it has one.
-pub fn open_image(path: &Path) -> Result<(Detected, Arc<dyn BlockDevice>), ImageError> {
+/// Longest chain of backing files followed.
+pub const MAX_BACKING_DEPTH: u32 = 16;
+
+/// Opens a local file or device for reading, through its image format when it has one. An
+/// overlay's backing file is opened only when `follow_backing` allows it (relative names are
+/// resolved from the overlay's directory), up to [`MAX_BACKING_DEPTH`] levels.
+pub fn open_image(
+    path: &Path,
+    follow_backing: bool,
+) -> Result<(Detected, Arc<dyn BlockDevice>), ImageError> {
+    open_chain(path, follow_backing, MAX_BACKING_DEPTH)
+}
+
+fn open_chain(
+    path: &Path,
+    follow: bool,
+    depth: u32,
+) -> Result<(Detected, Arc<dyn BlockDevice>), ImageError> {
     let io = |source| ImageError::Io {
         path: path.to_path_buf(),
         source,
     };
     let file: Arc<dyn BlockDevice> = Arc::new(FileDevice::open(path, false).map_err(io)?);
     match detect(file.as_ref()).map_err(io)? {
-        Detected::Qcow2 => Ok((Detected::Qcow2, Arc::new(qcow2::Qcow2::open(file, path)?))),
+        Detected::Qcow2 => {
+            let image = qcow2::Qcow2::inspect(Arc::clone(&file), path)?;
+            let Some(name) = image.backing_name().map(str::to_string) else {
+                return Ok((Detected::Qcow2, Arc::new(image)));
+            };
+            if !follow {
+                return Err(ImageError::Unsupported {
+                    path: path.to_path_buf(),
+                    feature: format!("reading this overlay without its backing file {name:?}; pass --follow-backing to read through it"),
+                });
+            }
+            if depth == 0 {
+                return Err(ImageError::Invalid {
+                    path: path.to_path_buf(),
+                    problem: format!(
+                        "backing chain is longer than {MAX_BACKING_DEPTH} images (a loop?)"
+                    ),
+                });
+            }
+            let base_path = path.parent().unwrap_or(Path::new(".")).join(&name);
+            let (_, base) = open_chain(&base_path, follow, depth - 1)?;
+            drop(image);
+            Ok((
+                Detected::Qcow2,
+                Arc::new(qcow2::Qcow2::open_with_backing(file, path, base)?),
+            ))
+        }
         Detected::Vhdx => Err(ImageError::Unsupported {
             path: path.to_path_buf(),
             feature: "reading VHDX (coming)".into(),
         }),
         Detected::Raw => Ok((Detected::Raw, file)),
     }
+}
+
+/// Creates a qcow2 overlay at `out` (an empty writable file) on the image at `base`: the
+/// overlay names `base` by its absolute path, so it can be moved independently.
+pub fn create_overlay(
+    file: std::fs::File,
+    out: &Path,
+    base: &Path,
+) -> Result<Arc<dyn BlockDevice>, ImageError> {
+    let io = |source| ImageError::Io {
+        path: out.to_path_buf(),
+        source,
+    };
+    let absolute = std::fs::canonicalize(base).map_err(|source| ImageError::Io {
+        path: base.to_path_buf(),
+        source: crate::blockdev::BlockError::Io {
+            op: "resolve",
+            offset: None,
+            device: base.display().to_string(),
+            source,
+        },
+    })?;
+    let name = absolute.to_str().ok_or_else(|| ImageError::Invalid {
+        path: base.to_path_buf(),
+        problem: "the path is not UTF-8 and cannot be stored in a qcow2 header".into(),
+    })?;
+    let (detected, base_device) = open_image(&absolute, true)?;
+    let container = Arc::new(FileDevice::from_file(file, out, true).map_err(io)?);
+    Ok(Arc::new(qcow2::Qcow2::create_overlay(
+        container,
+        out,
+        base_device,
+        name,
+        detected.name(),
+        QCOW2_CLUSTER_BITS,
+    )?))
 }
 
 /// Creates an image of `size` virtual bytes in the empty, writable `file` (named `path` in

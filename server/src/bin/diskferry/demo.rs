@@ -82,6 +82,7 @@ fn demo(base: &Path, size: u64) -> Result<()> {
         },
         rt.handle(),
         Some(&session),
+        false,
     )?;
     let progress = progress_for(ProgressKind::Bar);
     let stats = capture_sectors(

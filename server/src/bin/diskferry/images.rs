@@ -8,7 +8,7 @@ use anyhow::{bail, Context, Result};
 use diskferry::blockdev::{BlockDevice, FileDevice};
 use diskferry::pipeline::{capture_sectors, PartialOutput};
 use diskferry::vdisk::qcow2::Qcow2;
-use diskferry::vdisk::{create_image, detect, open_image, Detected, ImageFormat};
+use diskferry::vdisk::{create_image, create_overlay, detect, open_image, Detected, ImageFormat};
 
 use crate::{human_bytes, progress_for, ProgressKind};
 
@@ -43,7 +43,7 @@ pub fn info(path: &Path, json: bool) -> Result<()> {
     let mut fields: Vec<(&str, String)> = vec![("file", path.display().to_string())];
     match detected {
         Detected::Qcow2 => {
-            let image = Qcow2::open(Arc::clone(&file), path)?;
+            let image = Qcow2::inspect(Arc::clone(&file), path)?;
             let h = image.header();
             fields.push(("format", "qcow2".into()));
             fields.push(("virtual_size", h.size.to_string()));
@@ -52,7 +52,10 @@ pub fn info(path: &Path, json: bool) -> Result<()> {
             fields.push(("version", h.version.to_string()));
             fields.push(("refcount_bits", (1u32 << h.refcount_order).to_string()));
             fields.push(("dirty", (h.incompatible & 1 != 0).to_string()));
-            fields.push(("backing_file", "none".into()));
+            fields.push((
+                "backing_file",
+                image.backing_name().unwrap_or("none").to_string(),
+            ));
         }
         Detected::Vhdx => bail!(
             "{}: a VHDX image; reading VHDX is not supported yet",
@@ -119,8 +122,9 @@ pub fn convert(
     format: Option<ImageFormat>,
     force: bool,
     progress: ProgressKind,
+    follow_backing: bool,
 ) -> Result<()> {
-    let (detected, src) = open_image(input)?;
+    let (detected, src) = open_image(input, follow_backing)?;
     let format = format.unwrap_or_else(|| ImageFormat::from_extension(out));
     let bar = progress_for(progress);
     let stats = capture_sectors(src.as_ref(), out, format, force, bar.as_ref())?;
@@ -135,6 +139,20 @@ pub fn convert(
         human_bytes(stats.skipped_by_status),
         human_bytes(stats.written),
         secs
+    );
+    Ok(())
+}
+
+pub fn overlay(base: &Path, out: &Path, force: bool) -> Result<()> {
+    let output = PartialOutput::create(out, force)?;
+    let image = create_overlay(output.file().try_clone()?, output.partial_path(), base)?;
+    image.flush()?;
+    drop(image);
+    output.commit()?;
+    eprintln!(
+        "created {}: a qcow2 overlay on {} (which stays unchanged)",
+        out.display(),
+        base.display()
     );
     Ok(())
 }

@@ -90,6 +90,19 @@ enum Command {
         /// Replace OUT if it exists
         #[arg(long)]
         force: bool,
+        /// Read a qcow2 overlay through its backing file(s) (never done implicitly)
+        #[arg(long)]
+        follow_backing: bool,
+    },
+    /// Create a qcow2 overlay on BASE: reads come from BASE until written; BASE is never changed
+    Overlay {
+        /// The image to build on (raw or qcow2; referenced by its absolute path)
+        base: PathBuf,
+        /// The overlay to create (qcow2)
+        out: PathBuf,
+        /// Replace OUT if it exists
+        #[arg(long)]
+        force: bool,
     },
     /// Write a new random key file for the client and the server to share
     Keygen {
@@ -128,6 +141,9 @@ struct CaptureArgs {
     /// Replace OUT if it exists
     #[arg(long)]
     force: bool,
+    /// Read a local qcow2 overlay through its backing file(s) (never done implicitly)
+    #[arg(long)]
+    follow_backing: bool,
     #[command(flatten)]
     conn: ConnArgs,
 }
@@ -203,7 +219,16 @@ fn run(cli: Cli) -> Result<()> {
             format,
             progress,
             force,
-        } => images::convert(&input, &out, format.map(Into::into), force, progress),
+            follow_backing,
+        } => images::convert(
+            &input,
+            &out,
+            format.map(Into::into),
+            force,
+            progress,
+            follow_backing,
+        ),
+        Command::Overlay { base, out, force } => images::overlay(&base, &out, force),
         Command::Disks { addr, conn } => disks(&addr, &conn),
         Command::Capture(args) => capture(args),
     }
@@ -306,7 +331,7 @@ fn capture(args: CaptureArgs) -> Result<()> {
         SourceSpec::Local(_) => None,
     };
     let rt = runtime()?;
-    let src = open_source(&spec, rt.handle(), opts.as_ref())?;
+    let src = open_source(&spec, rt.handle(), opts.as_ref(), args.follow_backing)?;
     let progress = progress_for(args.progress);
     let stats = capture_sectors(
         src.as_ref(),

@@ -9,6 +9,9 @@ pub const MAGIC: &[u8; 4] = b"QFI\xfb";
 const V2_HEADER_LEN: usize = 72;
 const V3_MIN_HEADER_LEN: u32 = 104;
 
+/// Header extension naming the backing file's format.
+const BACKING_FORMAT_EXTENSION: u32 = 0xe279_2aca;
+
 /// Incompatible feature bits (version 3).
 pub const INCOMPAT_DIRTY: u64 = 1 << 0;
 pub const INCOMPAT_CORRUPT: u64 = 1 << 1;
@@ -74,13 +77,27 @@ impl Header {
     /// Offset of the incompatible-features field (version 3), rewritten to set the dirty bit.
     pub const INCOMPATIBLE_OFFSET: u64 = 72;
 
-    /// A version 3 header with no extensions (terminated by an end marker), as we write it.
-    pub fn encode(&self) -> Vec<u8> {
-        let mut b = Vec::with_capacity(120);
+    /// A version 3 header as we write it: for an overlay, followed by the backing format
+    /// extension, the end marker and the backing file name (all within the first cluster).
+    pub fn encode(&self, backing: Option<(&str, &str)>) -> Vec<u8> {
+        let mut ext = Vec::new();
+        if let Some((_, format)) = backing {
+            ext.extend_from_slice(&BACKING_FORMAT_EXTENSION.to_be_bytes());
+            ext.extend_from_slice(&(format.len() as u32).to_be_bytes());
+            ext.extend_from_slice(format.as_bytes());
+            ext.resize(ext.len().next_multiple_of(8), 0);
+        }
+        ext.extend_from_slice(&[0; 8]); // end of header extensions
+        let name_offset = 112 + ext.len() as u64;
+        let (name_offset, name_len) = match backing {
+            Some((name, _)) => (name_offset, name.len() as u32),
+            None => (0, 0),
+        };
+        let mut b = Vec::with_capacity(120 + name_len as usize);
         b.extend_from_slice(MAGIC);
         b.extend_from_slice(&3u32.to_be_bytes());
-        b.extend_from_slice(&0u64.to_be_bytes()); // backing file offset
-        b.extend_from_slice(&0u32.to_be_bytes()); // backing file size
+        b.extend_from_slice(&name_offset.to_be_bytes());
+        b.extend_from_slice(&name_len.to_be_bytes());
         b.extend_from_slice(&self.cluster_bits.to_be_bytes());
         b.extend_from_slice(&self.size.to_be_bytes());
         b.extend_from_slice(&0u32.to_be_bytes()); // no encryption
@@ -97,7 +114,10 @@ impl Header {
         b.extend_from_slice(&112u32.to_be_bytes()); // header length
         b.push(0); // compression type: zlib
         b.extend_from_slice(&[0; 7]);
-        b.extend_from_slice(&[0; 8]); // end of header extensions
+        b.extend_from_slice(&ext);
+        if let Some((name, _)) = backing {
+            b.extend_from_slice(name.as_bytes());
+        }
         b
     }
 

@@ -39,6 +39,10 @@ pub struct Qcow2 {
     file: Arc<dyn BlockDevice>,
     path: PathBuf,
     header: Header,
+    /// The backing file named in the header (an overlay), as written there.
+    backing_name: Option<String>,
+    /// The image an overlay reads its unallocated clusters from, when the caller gave it.
+    backing: Option<Arc<dyn BlockDevice>>,
     meta: Mutex<Meta>,
     /// The last decompressed cluster: sequential reads of a compressed image hit it.
     last_compressed: Mutex<Option<(u64, Arc<Vec<u8>>)>>,
@@ -71,8 +75,43 @@ impl std::fmt::Debug for Qcow2 {
 }
 
 impl Qcow2 {
-    /// Opens the image held by `file` (whose name `path` is used in errors).
+    /// Opens the image held by `file` (whose name `path` is used in errors). Overlays are
+    /// refused: their backing file is never opened implicitly (see [`Qcow2::open_with_backing`]).
     pub fn open(file: Arc<dyn BlockDevice>, path: &Path) -> std::result::Result<Qcow2, ImageError> {
+        let image = Qcow2::inspect(file, path)?;
+        if let Some(name) = &image.backing_name {
+            return Err(ImageError::Unsupported {
+                path: path.to_path_buf(),
+                feature: format!("reading an overlay without its backing file {name:?} (allow following it, e.g. --follow-backing)"),
+            });
+        }
+        Ok(image)
+    }
+
+    /// Opens an overlay, reading its unallocated clusters from `backing` (which the caller
+    /// found and opened from [`Qcow2::backing_name`]).
+    pub fn open_with_backing(
+        file: Arc<dyn BlockDevice>,
+        path: &Path,
+        backing: Arc<dyn BlockDevice>,
+    ) -> std::result::Result<Qcow2, ImageError> {
+        let mut image = Qcow2::inspect(file, path)?;
+        if image.backing_name.is_none() {
+            return Err(invalid(
+                path,
+                "a backing image was given but this image has no backing file".into(),
+            ));
+        }
+        image.backing = Some(backing);
+        Ok(image)
+    }
+
+    /// Opens an image to look at it, following nothing: an overlay opened this way fails to
+    /// read its unallocated clusters rather than invent zeros.
+    pub fn inspect(
+        file: Arc<dyn BlockDevice>,
+        path: &Path,
+    ) -> std::result::Result<Qcow2, ImageError> {
         let io = |source| ImageError::Io {
             path: path.to_path_buf(),
             source,
@@ -81,18 +120,18 @@ impl Qcow2 {
         let mut raw = vec![0u8; file_len.min(512) as usize];
         file.read_at(&mut raw, 0).map_err(io)?;
         let header = Header::parse(&raw, file_len, path)?;
-        if header.backing_file_offset != 0 {
+        let backing_name = if header.backing_file_offset != 0 {
+            // Bounded to 1023 bytes by Header::parse.
             let mut name = vec![0u8; header.backing_file_size as usize];
             file.read_at(&mut name, header.backing_file_offset)
                 .map_err(io)?;
-            return Err(ImageError::Unsupported {
-                path: path.to_path_buf(),
-                feature: format!(
-                    "the backing file {:?} (overlays cannot be read yet)",
-                    String::from_utf8_lossy(&name)
-                ),
-            });
-        }
+            Some(
+                String::from_utf8(name)
+                    .map_err(|_| invalid(path, "the backing file name is not UTF-8".into()))?,
+            )
+        } else {
+            None
+        };
         if header.compression == Compression::Zstd {
             return Err(ImageError::Unsupported {
                 path: path.to_path_buf(),
@@ -127,6 +166,8 @@ impl Qcow2 {
             file,
             path: path.to_path_buf(),
             header,
+            backing_name,
+            backing: None,
             meta: Mutex::new(Meta {
                 l1,
                 l1_dirty: false,
@@ -140,6 +181,32 @@ impl Qcow2 {
 
     pub fn header(&self) -> &Header {
         &self.header
+    }
+
+    /// The backing file named in the header, if this image is an overlay.
+    pub fn backing_name(&self) -> Option<&str> {
+        self.backing_name.as_deref()
+    }
+
+    /// Fills `buf` with what an unallocated range reads: the backing image's bytes (zeros past
+    /// its end), or zeros for an image without one.
+    fn read_unallocated(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        match (&self.backing, &self.backing_name) {
+            (Some(backing), _) => {
+                let available =
+                    backing.size().saturating_sub(offset).min(buf.len() as u64) as usize;
+                buf[available..].fill(0);
+                backing.read_at(&mut buf[..available], offset)
+            }
+            (None, Some(name)) => Err(BlockError::Format(format!(
+                "{}: an overlay of {name:?} opened without it cannot read offset {offset}",
+                self.path.display()
+            ))),
+            (None, None) => {
+                buf.fill(0);
+                Ok(())
+            }
+        }
     }
 
     /// Where the virtual bytes `offset..offset+max` (up to the end of their cluster) live.
@@ -379,7 +446,8 @@ impl BlockDevice for Qcow2 {
             let dst = &mut buf[done..done + n];
             match m {
                 Mapping::Data { host, .. } => self.file.read_at(dst, host)?,
-                Mapping::Zero { .. } | Mapping::Unallocated { .. } => dst.fill(0),
+                Mapping::Zero { .. } => dst.fill(0),
+                Mapping::Unallocated { .. } => self.read_unallocated(dst, pos)?,
                 Mapping::Compressed {
                     host,
                     stored,
@@ -409,6 +477,8 @@ impl BlockDevice for Qcow2 {
             }
             let region = match m {
                 Mapping::Data { .. } | Mapping::Compressed { .. } => Region::Data,
+                // An overlay's unallocated clusters hold the backing image's data.
+                Mapping::Unallocated { .. } if self.backing_name.is_some() => Region::Data,
                 Mapping::Zero { .. } | Mapping::Unallocated { .. } => Region::Zero,
             };
             match out.last_mut() {

@@ -64,6 +64,43 @@ impl Qcow2 {
         size: u64,
         cluster_bits: u32,
     ) -> std::result::Result<Qcow2, ImageError> {
+        Qcow2::create_inner(file, path, size, cluster_bits, None)
+    }
+
+    /// Creates an overlay on `base`: every cluster reads from `base` until written. The header
+    /// names the base `base_name` (resolved by readers relative to the overlay's directory)
+    /// with format `base_format` (`qcow2` or `raw`).
+    pub fn create_overlay(
+        file: Arc<dyn BlockDevice>,
+        path: &Path,
+        base: Arc<dyn BlockDevice>,
+        base_name: &str,
+        base_format: &str,
+        cluster_bits: u32,
+    ) -> std::result::Result<Qcow2, ImageError> {
+        if base_name.is_empty() || base_name.len() > 1023 {
+            return Err(invalid(
+                path,
+                "the backing file name must be 1 to 1023 bytes".into(),
+            ));
+        }
+        let size = base.size();
+        Qcow2::create_inner(
+            file,
+            path,
+            size,
+            cluster_bits,
+            Some((base_name, base_format, base)),
+        )
+    }
+
+    fn create_inner(
+        file: Arc<dyn BlockDevice>,
+        path: &Path,
+        size: u64,
+        cluster_bits: u32,
+        backing: Option<(&str, &str, Arc<dyn BlockDevice>)>,
+    ) -> std::result::Result<Qcow2, ImageError> {
         let io = |source| ImageError::Io {
             path: path.to_path_buf(),
             source,
@@ -110,11 +147,24 @@ impl Qcow2 {
         };
         let first_free = header.l1_table_offset + l1_clusters * cluster;
         file.resize(first_free).map_err(io)?;
-        file.write_at(&header.encode(), 0).map_err(io)?;
+        let encoded = header.encode(backing.as_ref().map(|(name, format, _)| (*name, *format)));
+        if encoded.len() as u64 > cluster {
+            return Err(invalid(
+                path,
+                "the header with its backing file name does not fit one cluster".into(),
+            ));
+        }
+        file.write_at(&encoded, 0).map_err(io)?;
         file.flush().map_err(io)?;
+        let (backing_name, backing) = match backing {
+            Some((name, _, base)) => (Some(name.to_string()), Some(base)),
+            None => (None, None),
+        };
         let image = Qcow2 {
             file,
             path: path.to_path_buf(),
+            backing_name,
+            backing,
             meta: Mutex::new(Meta {
                 l1: vec![0; l1_entries as usize],
                 l1_dirty: true,
@@ -144,12 +194,16 @@ impl Qcow2 {
         Ok(image)
     }
 
-    /// Opens an existing image for reading and writing.
+    /// Opens an existing image for reading and writing; an overlay needs its `backing`.
     pub fn open_writable(
         file: Arc<dyn BlockDevice>,
         path: &Path,
+        backing: Option<Arc<dyn BlockDevice>>,
     ) -> std::result::Result<Qcow2, ImageError> {
-        let image = Qcow2::open(file, path)?;
+        let image = match backing {
+            Some(b) => Qcow2::open_with_backing(file, path, b)?,
+            None => Qcow2::open(file, path)?,
+        };
         let h = &image.header;
         let refuse = |why: &str| {
             Err(ImageError::Unsupported {
@@ -369,10 +423,12 @@ impl Qcow2 {
         let in_cluster = offset % cluster;
         let whole = in_cluster == 0 && data.len() as u64 == cluster;
         let zero = is_zero(data);
+        // In an overlay, unallocated means "the base's bytes", not zeros.
+        let unallocated_is_zero = self.backing_name.is_none();
         let (l1_index, l2_index) = self.indexes(offset);
         let mut table = meta.l1[l1_index] & OFFSET_MASK;
         if table == 0 {
-            if zero {
+            if zero && unallocated_is_zero {
                 return Ok(()); // unallocated space already reads as zeros
             }
             table = self.allocate(meta)?;
@@ -394,7 +450,8 @@ impl Qcow2 {
         let current = self.decode_entry(entry, offset, data.len() as u64)?;
         let in_place = matches!(current, Mapping::Data { .. }) && entry & OFLAG_COPIED != 0;
         let new_entry = match current {
-            Mapping::Zero { .. } | Mapping::Unallocated { .. } if zero => return Ok(()),
+            Mapping::Zero { .. } if zero => return Ok(()),
+            Mapping::Unallocated { .. } if zero && unallocated_is_zero => return Ok(()),
             Mapping::Data { host, .. } if in_place && !(zero && whole) => {
                 self.file.write_at(data, host)?;
                 return Ok(());
@@ -405,11 +462,14 @@ impl Qcow2 {
             }
             _ => {
                 let host = self.allocate(meta)?;
-                if whole || matches!(current, Mapping::Zero { .. } | Mapping::Unallocated { .. }) {
+                let fresh_reads_right = whole
+                    || matches!(current, Mapping::Zero { .. })
+                    || (matches!(current, Mapping::Unallocated { .. }) && unallocated_is_zero);
+                if fresh_reads_right {
                     // Fresh space reads as zeros: only the new bytes need writing.
                     self.file.write_at(data, host + in_cluster)?;
                 } else {
-                    // Shared or compressed: copy the old contents, then apply the write.
+                    // Shared, compressed or the base's: copy the old contents, then apply the write.
                     let start = offset - in_cluster;
                     let mut full = vec![0u8; cluster.min(self.header.size - start) as usize];
                     self.read_cluster(meta, start, &mut full)?;
@@ -432,10 +492,11 @@ impl Qcow2 {
         let entry = self.l2_entry(meta, start)?.unwrap_or(0);
         match self.decode_entry(entry, start, buf.len() as u64)? {
             Mapping::Data { host, .. } => self.file.read_at(buf, host),
-            Mapping::Zero { .. } | Mapping::Unallocated { .. } => {
+            Mapping::Zero { .. } => {
                 buf.fill(0);
                 Ok(())
             }
+            Mapping::Unallocated { .. } => self.read_unallocated(buf, start),
             Mapping::Compressed { host, stored, .. } => {
                 let data = self.decompressed(host, stored)?;
                 buf.copy_from_slice(&data[..buf.len()]);
@@ -552,13 +613,32 @@ mod tests {
     }
 
     /// Random writes (data and zeros) and discards against an in-memory reference; flushed,
-    /// reopened and written again.
-    fn model(cluster_bits: u32, size: usize, ops: usize, seed: u64) {
+    /// reopened and written again. With `overlay`, the image is an overlay on a random base.
+    fn model(cluster_bits: u32, size: usize, ops: usize, seed: u64, overlay: bool) {
         let mut file = Arc::new(MemoryDevice::new(0));
         let path = Path::new("model.qcow2");
-        let mut reference = vec![0u8; size];
         let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-        let mut image = Qcow2::create(file.clone(), path, size as u64, cluster_bits).unwrap();
+        let base: Option<Arc<dyn BlockDevice>> = overlay.then(|| {
+            Arc::new(MemoryDevice::read_only(
+                (0..size).map(|_| rng.gen()).collect(),
+            )) as _
+        });
+        let mut reference = vec![0u8; size];
+        let mut image = match &base {
+            Some(b) => {
+                b.read_at(&mut reference, 0).unwrap();
+                Qcow2::create_overlay(
+                    file.clone(),
+                    path,
+                    b.clone(),
+                    "base.raw",
+                    "raw",
+                    cluster_bits,
+                )
+                .unwrap()
+            }
+            None => Qcow2::create(file.clone(), path, size as u64, cluster_bits).unwrap(),
+        };
         for round in 0..2 {
             for i in 0..ops {
                 let len = match rng.gen_range(0..10) {
@@ -594,7 +674,7 @@ mod tests {
             copy.resize(file.size()).unwrap();
             copy.write_at(&file.contents(), 0).unwrap();
             file = copy;
-            image = Qcow2::open_writable(file.clone(), path)
+            image = Qcow2::open_writable(file.clone(), path, base.clone())
                 .unwrap_or_else(|e| panic!("round {round}: {e}"));
             check_equal(&image, &reference);
         }
@@ -602,12 +682,47 @@ mod tests {
 
     #[test]
     fn random_writes_zeros_and_discards_match_a_reference_4k_clusters() {
-        model(12, 24 << 20, 3000, 1);
+        model(12, 24 << 20, 3000, 1, false);
+    }
+
+    #[test]
+    fn an_overlay_reads_through_to_its_base_and_copies_on_write() {
+        model(12, 8 << 20, 3000, 3, true);
+        model(16, 16 << 20, 1500, 4, true);
+    }
+
+    #[test]
+    fn an_overlay_needs_its_base_to_be_read() {
+        let base: Arc<dyn BlockDevice> = Arc::new(MemoryDevice::read_only(vec![7u8; 1 << 20]));
+        let file = Arc::new(MemoryDevice::new(0));
+        let overlay = Qcow2::create_overlay(
+            file.clone(),
+            Path::new("o.qcow2"),
+            base,
+            "base.raw",
+            "raw",
+            16,
+        )
+        .unwrap();
+        let mut buf = [0u8; 16];
+        overlay.read_at(&mut buf, 100).unwrap();
+        assert_eq!(buf, [7u8; 16]);
+        drop(overlay);
+        let err = Qcow2::open(file.clone(), Path::new("o.qcow2"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("base.raw"), "{err}");
+        let inspected = Qcow2::inspect(file, Path::new("o.qcow2")).unwrap();
+        assert_eq!(inspected.backing_name(), Some("base.raw"));
+        assert!(
+            inspected.read_at(&mut buf, 0).is_err(),
+            "no invented zeros without the base"
+        );
     }
 
     #[test]
     fn random_writes_zeros_and_discards_match_a_reference_64k_clusters() {
-        model(16, 64 << 20, 2000, 2);
+        model(16, 64 << 20, 2000, 2, false);
     }
 
     #[test]
