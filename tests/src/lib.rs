@@ -226,3 +226,42 @@ pub fn wait_for(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
     }
     cond()
 }
+
+/// Runs a checker tool (qemu-img, qemu-io, ...) that must succeed; returns stdout and stderr.
+pub fn run_ok(cmd: &str, args: &[&str]) -> String {
+    let out = Command::new(cmd)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("{cmd}: {e} (install qemu-utils)"));
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "{cmd} {args:?} failed:\n{text}");
+    text
+}
+
+/// qemu-img finds no errors and no leaks in `image`, and it reads the same as the raw `reference`.
+pub fn assert_qcow2_clean_and_equal(image: &Path, reference: &Path) {
+    let check = run_ok(
+        "qemu-img",
+        &["check", "-f", "qcow2", image.to_str().unwrap()],
+    );
+    assert!(
+        check.contains("No errors were found") && !check.contains("leaked"),
+        "qemu-img check:\n{check}"
+    );
+    run_ok(
+        "qemu-img",
+        &[
+            "compare",
+            "-f",
+            "qcow2",
+            "-F",
+            "raw",
+            image.to_str().unwrap(),
+            reference.to_str().unwrap(),
+        ],
+    );
+}

@@ -2,9 +2,8 @@
 
 use std::ffi::OsStr;
 use std::path::Path;
-use std::process::Command;
 
-use diskferry_e2e::{allocated, assert_same_bytes, diskferry, make_disk};
+use diskferry_e2e::{allocated, assert_same_bytes, diskferry, make_disk, run_ok};
 
 const MIB: u64 = 1 << 20;
 
@@ -12,20 +11,6 @@ fn df(args: &[&OsStr]) -> (String, String) {
     let (ok, out, err) = diskferry(args);
     assert!(ok, "diskferry {args:?} failed: {err}");
     (out, err)
-}
-
-fn qemu_img_ok(args: &[&str]) -> String {
-    let out = Command::new("qemu-img")
-        .args(args)
-        .output()
-        .expect("qemu-img (install qemu-utils)");
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(
-        out.status.success(),
-        "qemu-img {args:?}: {text}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    text
 }
 
 fn p(path: &Path) -> &OsStr {
@@ -42,7 +27,7 @@ fn create_info_and_convert_round_trip_through_qcow2() {
         "--size".as_ref(),
         "20G".as_ref(),
     ]);
-    assert!(qemu_img_ok(&["check", empty.to_str().unwrap()]).contains("No errors"));
+    assert!(run_ok("qemu-img", &["check", empty.to_str().unwrap()]).contains("No errors"));
     let (json, _) = df(&["info".as_ref(), "--json".as_ref(), p(&empty)]);
     assert!(
         json.contains("\"format\":\"qcow2\"") && json.contains("\"virtual_size\":21474836480"),
@@ -71,16 +56,19 @@ fn create_info_and_convert_round_trip_through_qcow2() {
         err.contains("(raw) into") && err.contains("(qcow2)"),
         "{err}"
     );
-    assert!(qemu_img_ok(&["check", q.to_str().unwrap()]).contains("No errors"));
-    qemu_img_ok(&[
-        "compare",
-        "-f",
-        "raw",
-        "-F",
-        "qcow2",
-        raw.to_str().unwrap(),
-        q.to_str().unwrap(),
-    ]);
+    assert!(run_ok("qemu-img", &["check", q.to_str().unwrap()]).contains("No errors"));
+    run_ok(
+        "qemu-img",
+        &[
+            "compare",
+            "-f",
+            "raw",
+            "-F",
+            "qcow2",
+            raw.to_str().unwrap(),
+            q.to_str().unwrap(),
+        ],
+    );
     let back = dir.path().join("back.img");
     df(&["convert".as_ref(), p(&q), p(&back)]);
     assert_same_bytes(&raw, &back);
@@ -99,28 +87,34 @@ fn convert_reads_qemu_img_compressed_images() {
         .collect();
     std::fs::write(&raw, &text).unwrap();
     let c = dir.path().join("c.qcow2");
-    qemu_img_ok(&[
-        "convert",
-        "-c",
-        "-f",
-        "raw",
-        "-O",
-        "qcow2",
-        raw.to_str().unwrap(),
-        c.to_str().unwrap(),
-    ]);
+    run_ok(
+        "qemu-img",
+        &[
+            "convert",
+            "-c",
+            "-f",
+            "raw",
+            "-O",
+            "qcow2",
+            raw.to_str().unwrap(),
+            c.to_str().unwrap(),
+        ],
+    );
     let out = dir.path().join("out.qcow2");
     df(&["convert".as_ref(), p(&c), p(&out)]);
-    assert!(qemu_img_ok(&["check", out.to_str().unwrap()]).contains("No errors"));
-    qemu_img_ok(&[
-        "compare",
-        "-f",
-        "raw",
-        "-F",
-        "qcow2",
-        raw.to_str().unwrap(),
-        out.to_str().unwrap(),
-    ]);
+    assert!(run_ok("qemu-img", &["check", out.to_str().unwrap()]).contains("No errors"));
+    run_ok(
+        "qemu-img",
+        &[
+            "compare",
+            "-f",
+            "raw",
+            "-F",
+            "qcow2",
+            raw.to_str().unwrap(),
+            out.to_str().unwrap(),
+        ],
+    );
 }
 
 #[test]

@@ -3,27 +3,17 @@
 
 use std::ffi::OsStr;
 use std::os::unix::fs::FileExt;
-use std::process::Command;
 use std::sync::Arc;
 
 use diskferry::blockdev::{BlockDevice, FileDevice};
 use diskferry::vdisk::open_image;
 use diskferry::vdisk::qcow2::Qcow2;
-use diskferry_e2e::{assert_same_bytes, diskferry, make_disk};
+use diskferry_e2e::{
+    assert_qcow2_clean_and_equal, assert_same_bytes, diskferry, make_disk, run_ok,
+};
 use rand::{Rng, SeedableRng};
 
 const MIB: u64 = 1 << 20;
-
-fn qemu(cmd: &str, args: &[&str]) -> String {
-    let out = Command::new(cmd).args(args).output().expect("qemu-utils");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(out.status.success(), "{cmd} {args:?}: {text}");
-    text
-}
 
 #[test]
 fn our_overlay_keeps_the_base_and_passes_qemu_img_check_and_compare() {
@@ -31,7 +21,7 @@ fn our_overlay_keeps_the_base_and_passes_qemu_img_check_and_compare() {
     let raw = dir.path().join("base.raw");
     make_disk(&raw, 64 * MIB, &[(0, 10 * MIB), (30 * MIB, 20 * MIB)]).unwrap();
     let base = dir.path().join("base.qcow2");
-    qemu(
+    run_ok(
         "qemu-img",
         &[
             "convert",
@@ -48,12 +38,12 @@ fn our_overlay_keeps_the_base_and_passes_qemu_img_check_and_compare() {
     let top = dir.path().join("top.qcow2");
     let (ok, _, err) = diskferry(&["overlay".as_ref(), base.as_os_str(), top.as_os_str()]);
     assert!(ok, "{err}");
-    let info = qemu("qemu-img", &["info", top.to_str().unwrap()]);
+    let info = run_ok("qemu-img", &["info", top.to_str().unwrap()]);
     assert!(
         info.contains("backing file") && info.contains("base.qcow2"),
         "{info}"
     );
-    assert!(qemu("qemu-img", &["check", top.to_str().unwrap()]).contains("No errors"));
+    assert!(run_ok("qemu-img", &["check", top.to_str().unwrap()]).contains("No errors"));
 
     // Write into the overlay through the library, mirroring into a reference copy of the base.
     let reference_path = dir.path().join("reference.raw");
@@ -79,19 +69,7 @@ fn our_overlay_keeps_the_base_and_passes_qemu_img_check_and_compare() {
     }
     image.flush().unwrap();
     drop(image);
-    assert!(qemu("qemu-img", &["check", top.to_str().unwrap()]).contains("No errors"));
-    qemu(
-        "qemu-img",
-        &[
-            "compare",
-            "-f",
-            "qcow2",
-            "-F",
-            "raw",
-            top.to_str().unwrap(),
-            reference_path.to_str().unwrap(),
-        ],
-    );
+    assert_qcow2_clean_and_equal(&top, &reference_path);
     assert!(
         std::fs::read(&base).unwrap() == base_before,
         "the base is never written"
@@ -104,7 +82,7 @@ fn qemu_overlays_read_through_only_when_asked() {
     let raw = dir.path().join("base.raw");
     make_disk(&raw, 32 * MIB, &[(0, 32 * MIB)]).unwrap();
     let base = dir.path().join("base.qcow2");
-    qemu(
+    run_ok(
         "qemu-img",
         &[
             "convert",
@@ -118,7 +96,7 @@ fn qemu_overlays_read_through_only_when_asked() {
     );
     let top = dir.path().join("top.qcow2");
     // A relative backing name: resolved from the overlay's directory.
-    qemu(
+    run_ok(
         "qemu-img",
         &[
             "create",
@@ -131,7 +109,7 @@ fn qemu_overlays_read_through_only_when_asked() {
             top.to_str().unwrap(),
         ],
     );
-    qemu(
+    run_ok(
         "qemu-io",
         &[
             "-f",
@@ -145,7 +123,7 @@ fn qemu_overlays_read_through_only_when_asked() {
     );
 
     let expected = dir.path().join("expected.raw");
-    qemu(
+    run_ok(
         "qemu-img",
         &[
             "convert",
@@ -172,11 +150,11 @@ fn a_backing_loop_is_a_clear_error() {
     let dir = tempfile::tempdir().unwrap();
     let a = dir.path().join("a.qcow2");
     let b = dir.path().join("b.qcow2");
-    qemu(
+    run_ok(
         "qemu-img",
         &["create", "-f", "qcow2", a.to_str().unwrap(), "8M"],
     );
-    qemu(
+    run_ok(
         "qemu-img",
         &[
             "create",
@@ -190,7 +168,7 @@ fn a_backing_loop_is_a_clear_error() {
         ],
     );
     // Point a at b: a loop qemu-img itself would refuse to create.
-    qemu(
+    run_ok(
         "qemu-img",
         &[
             "rebase",

@@ -3,27 +3,14 @@
 
 use std::os::unix::fs::FileExt;
 use std::path::Path;
-use std::process::Command;
 use std::sync::Arc;
 
 use diskferry::blockdev::{map_device, BlockDevice, FileDevice, Region};
 use diskferry::vdisk::qcow2::Qcow2;
 use diskferry::vdisk::ImageError;
-use diskferry_e2e::make_disk;
+use diskferry_e2e::{make_disk, run_ok};
 
 const MIB: u64 = 1 << 20;
-
-fn run(cmd: &str, args: &[&str]) {
-    let out = Command::new(cmd)
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("{cmd}: {e} (install qemu-utils)"));
-    assert!(
-        out.status.success(),
-        "{cmd} {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
 
 fn open(path: &Path) -> Result<Qcow2, ImageError> {
     let file: Arc<dyn BlockDevice> = Arc::new(FileDevice::open(path, false).unwrap());
@@ -103,7 +90,7 @@ fn images_written_by_qemu_img_read_identically() {
         let mut args = vec!["convert", "-f", "raw", "-O", "qcow2"];
         args.extend_from_slice(opts);
         args.extend_from_slice(&[r, out.to_str().unwrap()]);
-        run("qemu-img", &args);
+        run_ok("qemu-img", &args);
         assert_reads_like(&out, &raw);
         if name == "compressed.qcow2" {
             let m = open(&out).unwrap().map(30 * MIB, 4096).unwrap();
@@ -120,7 +107,7 @@ fn zero_clusters_and_rewrites_from_qemu_io_read_identically() {
     let dir = tempfile::tempdir().unwrap();
     let raw = raw_source(dir.path());
     let q = dir.path().join("edited.qcow2");
-    run(
+    run_ok(
         "qemu-img",
         &[
             "convert",
@@ -134,7 +121,7 @@ fn zero_clusters_and_rewrites_from_qemu_io_read_identically() {
     );
     // Explicit zero clusters over data, and a partial overwrite, applied to both.
     let qs = q.to_str().unwrap();
-    run(
+    run_ok(
         "qemu-io",
         &[
             "-f",
@@ -191,7 +178,7 @@ fn damaged_images_give_clear_errors_naming_the_file() {
     let dir = tempfile::tempdir().unwrap();
     let raw = raw_source(dir.path());
     let good = dir.path().join("good.qcow2");
-    run(
+    run_ok(
         "qemu-img",
         &[
             "convert",
@@ -283,11 +270,11 @@ fn an_overlay_is_refused_clearly_until_backing_files_are_supported() {
     let dir = tempfile::tempdir().unwrap();
     let base = dir.path().join("base.qcow2");
     let top = dir.path().join("top.qcow2");
-    run(
+    run_ok(
         "qemu-img",
         &["create", "-f", "qcow2", base.to_str().unwrap(), "16M"],
     );
-    run(
+    run_ok(
         "qemu-img",
         &[
             "create",

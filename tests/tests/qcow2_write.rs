@@ -3,49 +3,14 @@
 
 use std::os::unix::fs::FileExt;
 use std::path::Path;
-use std::process::Command;
 use std::sync::Arc;
 
 use diskferry::blockdev::{BlockDevice, FileDevice};
 use diskferry::vdisk::qcow2::Qcow2;
+use diskferry_e2e::{assert_qcow2_clean_and_equal, run_ok};
 use rand::{Rng, SeedableRng};
 
 const MIB: u64 = 1 << 20;
-
-fn qemu_img(args: &[&str]) -> (bool, String) {
-    let out = Command::new("qemu-img")
-        .args(args)
-        .output()
-        .expect("qemu-img (install qemu-utils)");
-    (
-        out.status.success(),
-        format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        ),
-    )
-}
-
-fn assert_checks_clean_and_equals(image: &Path, reference: &Path) {
-    let (ok, out) = qemu_img(&["check", "-f", "qcow2", image.to_str().unwrap()]);
-    assert!(
-        ok && out.contains("No errors were found"),
-        "qemu-img check {}:\n{out}",
-        image.display()
-    );
-    assert!(!out.contains("leaked"), "leaked clusters:\n{out}");
-    let (ok, out) = qemu_img(&[
-        "compare",
-        "-f",
-        "qcow2",
-        "-F",
-        "raw",
-        image.to_str().unwrap(),
-        reference.to_str().unwrap(),
-    ]);
-    assert!(ok && out.contains("identical"), "qemu-img compare:\n{out}");
-}
 
 fn device(path: &Path) -> Arc<dyn BlockDevice> {
     Arc::new(FileDevice::open(path, true).unwrap())
@@ -109,13 +74,13 @@ fn our_images_pass_qemu_img_check_and_compare_across_reopens() {
         "a flush leaves the image clean"
     );
     drop(image);
-    assert_checks_clean_and_equals(&img, &raw);
+    assert_qcow2_clean_and_equal(&img, &raw);
 
     let image = Qcow2::open_writable(device(&img), &img, None).unwrap();
     scribble(&image, &reference, size, 400, 2);
     image.flush().unwrap();
     drop(image);
-    assert_checks_clean_and_equals(&img, &raw);
+    assert_qcow2_clean_and_equal(&img, &raw);
 }
 
 #[test]
@@ -131,7 +96,7 @@ fn small_clusters_span_many_tables_and_refcount_blocks() {
     scribble(&image, &reference, size, 600, 3);
     image.flush().unwrap();
     drop(image);
-    assert_checks_clean_and_equals(&img, &raw);
+    assert_qcow2_clean_and_equal(&img, &raw);
 }
 
 #[test]
@@ -141,22 +106,24 @@ fn we_write_into_images_qemu_img_made() {
     let raw = dir.path().join("reference.raw");
     let img = dir.path().join("theirs.qcow2");
     diskferry_e2e::make_disk(&raw, size, &[(0, 5 * MIB), (20 * MIB, 7 * MIB + 4096)]).unwrap();
-    let (ok, out) = qemu_img(&[
-        "convert",
-        "-f",
-        "raw",
-        "-O",
-        "qcow2",
-        raw.to_str().unwrap(),
-        img.to_str().unwrap(),
-    ]);
-    assert!(ok, "{out}");
+    run_ok(
+        "qemu-img",
+        &[
+            "convert",
+            "-f",
+            "raw",
+            "-O",
+            "qcow2",
+            raw.to_str().unwrap(),
+            img.to_str().unwrap(),
+        ],
+    );
     let reference = std::fs::OpenOptions::new().write(true).open(&raw).unwrap();
     let image = Qcow2::open_writable(device(&img), &img, None).unwrap();
     scribble(&image, &reference, size, 300, 4);
     image.flush().unwrap();
     drop(image);
-    assert_checks_clean_and_equals(&img, &raw);
+    assert_qcow2_clean_and_equal(&img, &raw);
 }
 
 #[test]
@@ -172,21 +139,23 @@ fn compressed_images_are_rewritten_cluster_by_cluster() {
         .take(size as usize)
         .collect();
     std::fs::write(&raw, &text).unwrap();
-    let (ok, out) = qemu_img(&[
-        "convert",
-        "-c",
-        "-f",
-        "raw",
-        "-O",
-        "qcow2",
-        raw.to_str().unwrap(),
-        img.to_str().unwrap(),
-    ]);
-    assert!(ok, "{out}");
+    run_ok(
+        "qemu-img",
+        &[
+            "convert",
+            "-c",
+            "-f",
+            "raw",
+            "-O",
+            "qcow2",
+            raw.to_str().unwrap(),
+            img.to_str().unwrap(),
+        ],
+    );
     let reference = std::fs::OpenOptions::new().write(true).open(&raw).unwrap();
     let image = Qcow2::open_writable(device(&img), &img, None).unwrap();
     scribble(&image, &reference, size, 200, 5);
     image.flush().unwrap();
     drop(image);
-    assert_checks_clean_and_equals(&img, &raw);
+    assert_qcow2_clean_and_equal(&img, &raw);
 }

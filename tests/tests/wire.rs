@@ -8,7 +8,8 @@ use std::time::Duration;
 
 use diskferry::blockdev::{BlockDevice, BlockError, Connection, RemoteOptions};
 use diskferry_e2e::{
-    allocated, assert_same_bytes, diskferry, make_disk, make_key, wait_for, Client,
+    allocated, assert_qcow2_clean_and_equal, assert_same_bytes, diskferry, make_disk, make_key,
+    wait_for, Client,
 };
 use diskferry_protocol::{ErrorCode, Psk, Role, SessionOptions};
 
@@ -371,27 +372,7 @@ fn capture_into_qcow2_passes_qemu_img_check_and_compares_equal() {
         "the format follows the extension: {stderr}"
     );
 
-    let check = std::process::Command::new("qemu-img")
-        .args(["check", "-f", "qcow2"])
-        .arg(&out)
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&check.stdout);
-    assert!(
-        check.status.success() && text.contains("No errors were found"),
-        "qemu-img check:\n{text}"
-    );
-    let compare = std::process::Command::new("qemu-img")
-        .args(["compare", "-f", "qcow2", "-F", "raw"])
-        .arg(&out)
-        .arg(&disk)
-        .output()
-        .unwrap();
-    assert!(
-        compare.status.success(),
-        "qemu-img compare: {}",
-        String::from_utf8_lossy(&compare.stdout)
-    );
+    assert_qcow2_clean_and_equal(&out, &disk);
     // Compact: about the data plus the format's metadata.
     let data: u64 = layout.iter().map(|l| l.1).sum();
     let size = std::fs::metadata(&out).unwrap().len();

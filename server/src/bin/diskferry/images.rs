@@ -119,13 +119,12 @@ pub fn create(out: &Path, size: &str, format: Option<ImageFormat>, force: bool) 
 pub fn convert(
     input: &Path,
     out: &Path,
-    format: Option<ImageFormat>,
+    format: ImageFormat,
     force: bool,
     progress: ProgressKind,
     follow_backing: bool,
 ) -> Result<()> {
     let (detected, src) = open_image(input, follow_backing)?;
-    let format = format.unwrap_or_else(|| ImageFormat::from_extension(out));
     let bar = progress_for(progress);
     let stats = capture_sectors(src.as_ref(), out, format, force, bar.as_ref())?;
     let secs = stats.elapsed.as_secs_f64().max(1e-9);

@@ -80,19 +80,10 @@ enum Command {
     /// Convert an image (raw or qcow2) into another, keeping it sparse
     Convert {
         input: PathBuf,
+        /// The image to write (written as OUT.partial and renamed when complete)
         out: PathBuf,
-        /// raw or qcow2 [default: from OUT's extension]
-        #[arg(long, value_enum)]
-        format: Option<Format>,
-        /// Progress display: a bar on a terminal, or nothing
-        #[arg(long, value_enum, default_value_t = ProgressKind::Bar)]
-        progress: ProgressKind,
-        /// Replace OUT if it exists
-        #[arg(long)]
-        force: bool,
-        /// Read a qcow2 overlay through its backing file(s) (never done implicitly)
-        #[arg(long)]
-        follow_backing: bool,
+        #[command(flatten)]
+        output: OutputArgs,
     },
     /// Create a qcow2 overlay on BASE: reads come from BASE until written; BASE is never changed
     Overlay {
@@ -131,6 +122,15 @@ struct CaptureArgs {
     /// How to copy: `sectors` copies every sector that is not zero
     #[arg(long, value_enum, default_value_t = Mode::Sectors)]
     mode: Mode,
+    #[command(flatten)]
+    output: OutputArgs,
+    #[command(flatten)]
+    conn: ConnArgs,
+}
+
+/// How `capture` and `convert` write their output and read image sources.
+#[derive(Args)]
+struct OutputArgs {
     /// Image format of OUT: `raw` (a sparse file) or `qcow2` [default: from OUT's extension,
     /// `.qcow2` → qcow2, anything else raw]
     #[arg(long, value_enum)]
@@ -144,8 +144,14 @@ struct CaptureArgs {
     /// Read a local qcow2 overlay through its backing file(s) (never done implicitly)
     #[arg(long)]
     follow_backing: bool,
-    #[command(flatten)]
-    conn: ConnArgs,
+}
+
+impl OutputArgs {
+    /// The explicit format, or the one OUT's extension suggests.
+    fn format_for(&self, out: &Path) -> ImageFormat {
+        self.format
+            .map_or_else(|| ImageFormat::from_extension(out), ImageFormat::from)
+    }
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -213,20 +219,13 @@ fn run(cli: Cli) -> Result<()> {
             format,
             force,
         } => images::create(&out, &size, format.map(Into::into), force),
-        Command::Convert {
-            input,
-            out,
-            format,
-            progress,
-            force,
-            follow_backing,
-        } => images::convert(
+        Command::Convert { input, out, output } => images::convert(
             &input,
             &out,
-            format.map(Into::into),
-            force,
-            progress,
-            follow_backing,
+            output.format_for(&out),
+            output.force,
+            output.progress,
+            output.follow_backing,
         ),
         Command::Overlay { base, out, force } => images::overlay(&base, &out, force),
         Command::Disks { addr, conn } => disks(&addr, &conn),
@@ -322,22 +321,25 @@ fn print_disks(list: &[DiskInfo]) {
 
 fn capture(args: CaptureArgs) -> Result<()> {
     let Mode::Sectors = args.mode;
-    let format = args
-        .format
-        .map_or_else(|| ImageFormat::from_extension(&args.out), ImageFormat::from);
+    let format = args.output.format_for(&args.out);
     let spec = SourceSpec::parse(&args.source);
     let opts = match &spec {
         SourceSpec::Remote { .. } => Some(session(&args.conn)?),
         SourceSpec::Local(_) => None,
     };
     let rt = runtime()?;
-    let src = open_source(&spec, rt.handle(), opts.as_ref(), args.follow_backing)?;
-    let progress = progress_for(args.progress);
+    let src = open_source(
+        &spec,
+        rt.handle(),
+        opts.as_ref(),
+        args.output.follow_backing,
+    )?;
+    let progress = progress_for(args.output.progress);
     let stats = capture_sectors(
         src.as_ref(),
         &args.out,
         format,
-        args.force,
+        args.output.force,
         progress.as_ref(),
     )?;
     let secs = stats.elapsed.as_secs_f64().max(1e-9);
