@@ -266,7 +266,7 @@ fn damaged_images_give_clear_errors_naming_the_file() {
 }
 
 #[test]
-fn an_overlay_is_refused_clearly_until_backing_files_are_supported() {
+fn an_overlay_is_refused_without_its_backing_file() {
     let dir = tempfile::tempdir().unwrap();
     let base = dir.path().join("base.qcow2");
     let top = dir.path().join("top.qcow2");
