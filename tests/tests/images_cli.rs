@@ -141,3 +141,63 @@ fn bad_inputs_are_clear_errors() {
         "no output for a bad input"
     );
 }
+
+#[test]
+fn convert_compress_writes_compressed_clusters_qemu_img_accepts() {
+    let dir = tempfile::tempdir().unwrap();
+    let raw = dir.path().join("disk.raw");
+    make_disk(&raw, 64 * MIB, &[(40 * MIB, 4 * MIB)]).unwrap(); // incompressible part
+    let text: Vec<u8> = b"text compresses well, noise does not. "
+        .iter()
+        .copied()
+        .cycle()
+        .take(30 << 20)
+        .collect();
+    std::os::unix::fs::FileExt::write_all_at(
+        &std::fs::OpenOptions::new().write(true).open(&raw).unwrap(),
+        &text,
+        0,
+    )
+    .unwrap();
+    let small = dir.path().join("small.qcow2");
+    df(&[
+        "convert".as_ref(),
+        p(&raw),
+        p(&small),
+        "--compress".as_ref(),
+    ]);
+    let check = run_ok("qemu-img", &["check", small.to_str().unwrap()]);
+    assert!(
+        check.contains("No errors") && check.contains("compressed clusters"),
+        "{check}"
+    );
+    run_ok(
+        "qemu-img",
+        &[
+            "compare",
+            "-f",
+            "raw",
+            "-F",
+            "qcow2",
+            raw.to_str().unwrap(),
+            small.to_str().unwrap(),
+        ],
+    );
+    let size = std::fs::metadata(&small).unwrap().len();
+    assert!(
+        size < 6 * MIB,
+        "30 MiB of text + 4 MiB of noise compress to {size} bytes"
+    );
+
+    let (ok, _, err) = diskferry(&[
+        "convert".as_ref(),
+        p(&raw),
+        p(&dir.path().join("x.raw")),
+        "--compress".as_ref(),
+    ]);
+    assert!(!ok && err.contains("cannot be compressed"), "{err}");
+    assert!(
+        !dir.path().join("x.raw.partial").exists(),
+        "a refused option leaves nothing behind"
+    );
+}

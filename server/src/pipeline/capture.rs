@@ -40,8 +40,20 @@ pub enum CaptureError {
         source: BlockError,
         partial: PathBuf,
     },
-    #[error("writing {path} failed: {source} (is the disk full?)")]
+    #[error("{0}")]
+    Options(String),
+    #[error("writing {path} failed: {source}")]
     Write { path: PathBuf, source: BlockError },
+}
+
+/// How a capture writes its image.
+#[derive(Debug, Clone, Copy)]
+pub struct OutputOptions {
+    pub format: ImageFormat,
+    /// Store data compressed where the format can (qcow2).
+    pub compress: bool,
+    /// Replace an existing output.
+    pub overwrite: bool,
 }
 
 /// Output writer threads. Buffered writes to one file serialise in the kernel, so one thread
@@ -52,10 +64,19 @@ const WRITER_THREADS: usize = 1;
 pub fn capture_sectors(
     src: &dyn BlockDevice,
     out: &Path,
-    format: ImageFormat,
-    overwrite: bool,
+    output: OutputOptions,
     progress: &dyn Progress,
 ) -> Result<CaptureStats, CaptureError> {
+    let OutputOptions {
+        format,
+        compress,
+        overwrite,
+    } = output;
+    if compress && format == ImageFormat::Raw {
+        return Err(CaptureError::Options(
+            "raw images cannot be compressed: write a .qcow2 (or pass --format qcow2)".into(),
+        ));
+    }
     let started = Instant::now();
     let output = PartialOutput::create(out, overwrite)?;
     let partial = output.partial_path().to_path_buf();
@@ -72,7 +93,8 @@ pub fn capture_sectors(
             source,
         })
     })?;
-    let device = create_image(format, file, &partial, size).map_err(|e| write_err(e.into()))?;
+    let device =
+        create_image(format, file, &partial, size, compress).map_err(|e| write_err(e.into()))?;
 
     let source_err = |source| CaptureError::Source {
         source,
@@ -132,7 +154,17 @@ mod tests {
         let src = MemoryDevice::read_only(data.clone());
         let dir = tempfile::tempdir().unwrap();
         let out = dir.path().join("disk.raw");
-        let stats = capture_sectors(&src, &out, ImageFormat::Raw, false, &Silent).unwrap();
+        let stats = capture_sectors(
+            &src,
+            &out,
+            OutputOptions {
+                format: ImageFormat::Raw,
+                compress: false,
+                overwrite: false,
+            },
+            &Silent,
+        )
+        .unwrap();
         assert_eq!(std::fs::read(&out).unwrap(), data);
         assert_eq!(
             stats.read,
@@ -150,7 +182,16 @@ mod tests {
         assert!(!dir.path().join("disk.raw.partial").exists());
         // A second capture to the same name is refused without overwrite.
         assert!(matches!(
-            capture_sectors(&src, &out, ImageFormat::Raw, false, &Silent),
+            capture_sectors(
+                &src,
+                &out,
+                OutputOptions {
+                    format: ImageFormat::Raw,
+                    compress: false,
+                    overwrite: false
+                },
+                &Silent
+            ),
             Err(CaptureError::Output(OutputError::Exists(_)))
         ));
     }

@@ -7,7 +7,7 @@ mod output;
 mod writer;
 mod zero;
 
-pub use capture::{capture_sectors, CaptureError, CaptureStats};
+pub use capture::{capture_sectors, CaptureError, CaptureStats, OutputOptions};
 pub use output::{OutputError, PartialOutput};
 pub use writer::{SparseWriter, WriteStats};
 pub use zero::{is_zero, nonzero_runs};

@@ -175,18 +175,24 @@ pub fn create_overlay(
 }
 
 /// Creates an image of `size` virtual bytes in the empty, writable `file` (named `path` in
-/// errors) and returns it as a writable block device. Call `flush` before using the file.
+/// errors) and returns it as a writable block device. With `compress`, whole data clusters are
+/// stored compressed where that saves space (qcow2 only). Call `flush` before using the file.
 pub fn create_image(
     format: ImageFormat,
     file: std::fs::File,
     path: &Path,
     size: u64,
+    compress: bool,
 ) -> Result<Arc<dyn BlockDevice>, ImageError> {
     let io = |source| ImageError::Io {
         path: path.to_path_buf(),
         source,
     };
     match format {
+        ImageFormat::Raw if compress => Err(ImageError::Unsupported {
+            path: path.to_path_buf(),
+            feature: "compression in raw images (use qcow2)".into(),
+        }),
         ImageFormat::Raw => {
             file.set_len(size).map_err(|source| {
                 io(crate::blockdev::BlockError::Io {
@@ -202,12 +208,9 @@ pub fn create_image(
         }
         ImageFormat::Qcow2 => {
             let container = Arc::new(FileDevice::from_file(file, path, true).map_err(io)?);
-            Ok(Arc::new(qcow2::Qcow2::create(
-                container,
-                path,
-                size,
-                QCOW2_CLUSTER_BITS,
-            )?))
+            let image = qcow2::Qcow2::create(container, path, size, QCOW2_CLUSTER_BITS)?;
+            image.set_compress(compress).map_err(io)?;
+            Ok(Arc::new(image))
         }
     }
 }

@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use anyhow::{ensure, Context, Result};
 use diskferry::blockdev::{BlockDevice, Connection, FileDevice};
-use diskferry::pipeline::capture_sectors;
+use diskferry::pipeline::{capture_sectors, OutputOptions};
 use diskferry::source::{open_source, SourceSpec};
 use diskferry::vdisk::qcow2::Qcow2;
 use diskferry::vdisk::ImageFormat;
@@ -85,13 +85,12 @@ fn demo(base: &Path, size: u64) -> Result<()> {
         false,
     )?;
     let progress = progress_for(ProgressKind::Bar);
-    let stats = capture_sectors(
-        src.as_ref(),
-        &out,
-        ImageFormat::from_extension(&out),
-        true,
-        progress.as_ref(),
-    )?;
+    let output = OutputOptions {
+        format: ImageFormat::from_extension(&out),
+        compress: false,
+        overwrite: true,
+    };
+    let stats = capture_sectors(src.as_ref(), &out, output, progress.as_ref())?;
     let secs = stats.elapsed.as_secs_f64().max(1e-9);
     println!(
         "   {} read over the wire ({} never sent: the agent reported them as holes), {} written, {:.2} s, {:.0} MB/s",

@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 use diskferry::blockdev::{BlockDevice, FileDevice};
-use diskferry::pipeline::{capture_sectors, PartialOutput};
+use diskferry::pipeline::{capture_sectors, OutputOptions, PartialOutput};
 use diskferry::vdisk::qcow2::Qcow2;
 use diskferry::vdisk::{create_image, create_overlay, detect, open_image, Detected, ImageFormat};
 
@@ -103,6 +103,7 @@ pub fn create(out: &Path, size: &str, format: Option<ImageFormat>, force: bool) 
         output.file().try_clone()?,
         output.partial_path(),
         size,
+        false,
     )?;
     image.flush()?;
     drop(image);
@@ -119,14 +120,14 @@ pub fn create(out: &Path, size: &str, format: Option<ImageFormat>, force: bool) 
 pub fn convert(
     input: &Path,
     out: &Path,
-    format: ImageFormat,
-    force: bool,
+    output: OutputOptions,
     progress: ProgressKind,
     follow_backing: bool,
 ) -> Result<()> {
     let (detected, src) = open_image(input, follow_backing)?;
+    let format = output.format;
     let bar = progress_for(progress);
-    let stats = capture_sectors(src.as_ref(), out, format, force, bar.as_ref())?;
+    let stats = capture_sectors(src.as_ref(), out, output, bar.as_ref())?;
     let secs = stats.elapsed.as_secs_f64().max(1e-9);
     eprintln!(
         "converted {} ({}) into {} ({}): {} of data, {} holes skipped, {} written, {:.1} s",

@@ -9,7 +9,7 @@ use std::process::ExitCode;
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use diskferry::blockdev::Connection;
-use diskferry::pipeline::capture_sectors;
+use diskferry::pipeline::{capture_sectors, OutputOptions};
 use diskferry::progress::{Progress, Silent, TerminalBar};
 use diskferry::source::{open_source, SourceSpec};
 use diskferry::vdisk::ImageFormat;
@@ -144,9 +144,20 @@ struct OutputArgs {
     /// Read a local qcow2 overlay through its backing file(s) (never done implicitly)
     #[arg(long)]
     follow_backing: bool,
+    /// Store data clusters compressed (qcow2 only): smaller archives, slower to write
+    #[arg(long)]
+    compress: bool,
 }
 
 impl OutputArgs {
+    fn options(&self, format: ImageFormat) -> OutputOptions {
+        OutputOptions {
+            format,
+            compress: self.compress,
+            overwrite: self.force,
+        }
+    }
+
     /// The explicit format, or the one OUT's extension suggests.
     fn format_for(&self, out: &Path) -> ImageFormat {
         self.format
@@ -222,8 +233,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Convert { input, out, output } => images::convert(
             &input,
             &out,
-            output.format_for(&out),
-            output.force,
+            output.options(output.format_for(&out)),
             output.progress,
             output.follow_backing,
         ),
@@ -338,8 +348,7 @@ fn capture(args: CaptureArgs) -> Result<()> {
     let stats = capture_sectors(
         src.as_ref(),
         &args.out,
-        format,
-        args.output.force,
+        args.output.options(format),
         progress.as_ref(),
     )?;
     let secs = stats.elapsed.as_secs_f64().max(1e-9);

@@ -19,7 +19,7 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 
 use super::header::{Header, INCOMPAT_DIRTY, MAX_VIRTUAL_SIZE};
-use super::{Meta, Qcow2, OFFSET_MASK, OFLAG_COPIED, OFLAG_ZERO};
+use super::{Meta, Qcow2, OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_COPIED, OFLAG_ZERO};
 use crate::blockdev::{BlockDevice, BlockError, Result};
 use crate::pipeline::is_zero;
 use crate::vdisk::{ImageError, Mapping};
@@ -41,6 +41,11 @@ pub(super) struct WriteState {
     dirty_on_disk: bool,
     /// One cluster of zeros, for discards.
     zeros: Arc<Vec<u8>>,
+    /// Store whole new data clusters deflate-compressed when that saves space.
+    compress: bool,
+    /// Where the next compressed cluster goes: a byte offset inside a host cluster that holds
+    /// compressed data, or `None` before the first.
+    compressed_cursor: Option<u64>,
 }
 
 struct RefBlock {
@@ -177,6 +182,8 @@ impl Qcow2 {
                     next_free: first_free,
                     dirty_on_disk: true,
                     zeros: Arc::new(vec![0; cluster as usize]),
+                    compress: false,
+                    compressed_cursor: None,
                 }),
             }),
             header,
@@ -265,6 +272,8 @@ impl Qcow2 {
             next_free: file_len.div_ceil(cluster) * cluster,
             dirty_on_disk: false,
             zeros: Arc::new(vec![0; cluster as usize]),
+            compress: false,
+            compressed_cursor: None,
         });
         Ok(image)
     }
@@ -460,6 +469,14 @@ impl Qcow2 {
                 self.release_entry(meta, entry, offset)?;
                 OFLAG_ZERO
             }
+            Mapping::Zero { .. } | Mapping::Unallocated { .. }
+                if whole && self.state(meta)?.compress =>
+            {
+                match self.append_compressed(meta, data)? {
+                    Some(compressed) => compressed,
+                    None => self.write_fresh(meta, data)?,
+                }
+            }
             _ => {
                 let host = self.allocate(meta)?;
                 let fresh_reads_right = whole
@@ -484,6 +501,47 @@ impl Qcow2 {
         let table = self.l2(meta, table).map_err(BlockError::from)?;
         table.entries[l2_index] = new_entry;
         table.dirty = true;
+        Ok(())
+    }
+
+    /// Writes one whole cluster of data into a fresh cluster; returns its L2 entry.
+    fn write_fresh(&self, meta: &mut Meta, data: &[u8]) -> Result<u64> {
+        let host = self.allocate(meta)?;
+        self.file.write_at(data, host)?;
+        Ok(host | OFLAG_COPIED)
+    }
+
+    /// Stores one whole cluster deflate-compressed, packed after the previous compressed
+    /// cluster (never across a host cluster boundary); returns its L2 entry, or `None` when
+    /// compression would not save at least one sector.
+    fn append_compressed(&self, meta: &mut Meta, data: &[u8]) -> Result<Option<u64>> {
+        let cluster = self.header.cluster_size();
+        let mut out = vec![0u8; cluster as usize - 512];
+        let mut deflater = flate2::Compress::new(flate2::Compression::default(), false);
+        match deflater.compress(data, &mut out, flate2::FlushCompress::Finish) {
+            Ok(flate2::Status::StreamEnd) => {}
+            _ => return Ok(None), // did not fit: not worth it
+        }
+        let len = deflater.total_out();
+        let start = match self.state(meta)?.compressed_cursor {
+            Some(c) if c % cluster + len <= cluster => c,
+            _ => self.take_cluster(meta)?,
+        };
+        self.file.write_at(&out[..len as usize], start)?;
+        let host_cluster = start / cluster * cluster;
+        let count = self.refcount(meta, host_cluster)?;
+        self.set_refcount(meta, host_cluster, count + 1)?;
+        self.state(meta)?.compressed_cursor = Some(start + len);
+        // The entry counts 512-byte sectors from the one holding `start`, minus one.
+        let sectors = ((start % 512) + len).div_ceil(512);
+        let shift = 62 - (self.header.cluster_bits - 8);
+        Ok(Some(OFLAG_COMPRESSED | ((sectors - 1) << shift) | start))
+    }
+
+    /// From now on, store whole new data clusters compressed when that saves space (for
+    /// archives; compressed clusters are rewritten uncompressed when partly overwritten).
+    pub fn set_compress(&self, on: bool) -> Result<()> {
+        self.state(&mut self.lock())?.compress = on;
         Ok(())
     }
 
@@ -723,6 +781,46 @@ mod tests {
     #[test]
     fn random_writes_zeros_and_discards_match_a_reference_64k_clusters() {
         model(16, 64 << 20, 2000, 2, false);
+    }
+
+    #[test]
+    fn compressed_clusters_read_back_survive_overwrites_and_save_space() {
+        let file = Arc::new(MemoryDevice::new(0));
+        let path = Path::new("c.qcow2");
+        let size = 16usize << 20;
+        let image = Qcow2::create(file.clone(), path, size as u64, 16).unwrap();
+        image.set_compress(true).unwrap();
+        let text: Vec<u8> = b"sixteen bytes ok"
+            .iter()
+            .copied()
+            .cycle()
+            .take(size)
+            .collect();
+        let mut reference = text.clone();
+        image.write_at(&text, 0).unwrap();
+        image.flush().unwrap();
+        assert!(
+            file.size() < 2 << 20,
+            "16 MiB of text compresses: the file holds {} bytes",
+            file.size()
+        );
+        // Incompressible clusters are stored plainly; partial overwrites rewrite clusters.
+        let mut rng = rand::rngs::StdRng::seed_from_u64(9);
+        let noise: Vec<u8> = (0..(1 << 20)).map(|_| rng.gen()).collect();
+        image.write_at(&noise, 5 << 20).unwrap();
+        reference[5 << 20..6 << 20].copy_from_slice(&noise);
+        for _ in 0..200 {
+            let len = rng.gen_range(1..100_000);
+            let offset = rng.gen_range(0..size - len);
+            let data: Vec<u8> = (0..len).map(|_| rng.gen()).collect();
+            image.write_at(&data, offset as u64).unwrap();
+            reference[offset..offset + len].copy_from_slice(&data);
+        }
+        check_equal(&image, &reference);
+        image.flush().unwrap();
+        drop(image);
+        let reopened = Qcow2::open(file.clone(), path).unwrap();
+        check_equal(&reopened, &reference);
     }
 
     #[test]
