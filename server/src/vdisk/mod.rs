@@ -2,9 +2,11 @@
 //! range X live?" with a [`Mapping`], and a separate step performs the I/O — so metadata
 //! logic is testable without files, and locks on metadata stay short.
 //!
-//! Today: raw images and qcow2 (read any, write version 3). Overlays and VHDX follow.
+//! Today: raw images, qcow2 (read any, write version 3, overlays) and VHDX (read). Writing
+//! VHDX follows.
 
 pub mod qcow2;
+pub mod vhdx;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -49,7 +51,7 @@ impl ImageFormat {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Detected {
     Qcow2,
-    /// A VHDX image: recognised, not readable yet.
+    /// A VHDX image (read-only for now).
     Vhdx,
     /// Anything else is taken as a raw disk.
     Raw,
@@ -72,7 +74,7 @@ pub fn detect(file: &dyn BlockDevice) -> Result<Detected, crate::blockdev::Block
     file.read_at(&mut magic[..n], 0)?;
     Ok(if n >= 4 && &magic[..4] == qcow2::MAGIC {
         Detected::Qcow2
-    } else if n == 8 && &magic == b"vhdxfile" {
+    } else if n == 8 && &magic == vhdx::MAGIC {
         Detected::Vhdx
     } else {
         Detected::Raw
@@ -130,10 +132,7 @@ fn open_chain(
                 Arc::new(qcow2::Qcow2::open_with_backing(file, path, base)?),
             ))
         }
-        Detected::Vhdx => Err(ImageError::Unsupported {
-            path: path.to_path_buf(),
-            feature: "reading VHDX (coming)".into(),
-        }),
+        Detected::Vhdx => Ok((Detected::Vhdx, Arc::new(vhdx::Vhdx::open(file, path)?))),
         Detected::Raw => Ok((Detected::Raw, file)),
     }
 }

@@ -83,7 +83,7 @@ pub fn info(path: &Path, json: bool) -> Result<()> {
     } else {
         for (k, v) in fields {
             let shown = match (k, v.parse::<u64>()) {
-                ("virtual_size" | "allocated_on_disk" | "cluster_size", Ok(n)) => {
+                ("virtual_size" | "allocated_on_disk" | "cluster_size" | "block_size", Ok(n)) => {
                     format!("{} ({n} bytes)", human_bytes(n))
                 }
                 _ => v,

@@ -1,0 +1,364 @@
+//! VHDX images (dynamic and fixed), read-only, as [`BlockDevice`]s.
+//!
+//! Opening checks the file identifier, picks the current header (valid CRC32C, highest
+//! sequence number), checks a region table (CRC32C), reads the metadata items it needs and the
+//! BAT. Payload BAT entries are interleaved with sector-bitmap entries: after every
+//! `chunk_ratio` payload entries comes one bitmap entry, so block `b` is entry
+//! `b + b / chunk_ratio`. Everything read from the file is bounded and checked before use.
+//! Images with a log still to replay and differencing images are refused with the reason.
+//! Writing VHDX comes next.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use super::{ImageError, Mapping};
+use crate::blockdev::{check_range, BlockDevice, BlockError, Extent, Region, Result};
+
+pub const MAGIC: &[u8; 8] = b"vhdxfile";
+const KIB: u64 = 1024;
+const MIB: u64 = 1024 * KIB;
+const HEADER_OFFSETS: [u64; 2] = [64 * KIB, 128 * KIB];
+const REGION_TABLE_OFFSETS: [u64; 2] = [192 * KIB, 256 * KIB];
+const REGION_TABLE_LEN: usize = 64 * KIB as usize;
+/// Largest metadata region and BAT accepted (a BAT of 256 MiB maps petabytes).
+const MAX_METADATA: u64 = MIB;
+const MAX_BAT: u64 = 256 * MIB;
+
+// GUIDs as stored on disk (first three fields little-endian).
+const BAT_REGION: [u8; 16] = guid(
+    0x2DC2_7766,
+    0xF623,
+    0x4200,
+    [0x9D, 0x64, 0x11, 0x5E, 0x9B, 0xFD, 0x4A, 0x08],
+);
+const METADATA_REGION: [u8; 16] = guid(
+    0x8B7C_A206,
+    0x4790,
+    0x4B9A,
+    [0xB8, 0xFE, 0x57, 0x5F, 0x05, 0x0F, 0x88, 0x6E],
+);
+const FILE_PARAMETERS: [u8; 16] = guid(
+    0xCAA1_6737,
+    0xFA36,
+    0x4D43,
+    [0xB3, 0xB6, 0x33, 0xF0, 0xAA, 0x44, 0xE7, 0x6B],
+);
+const VIRTUAL_DISK_SIZE: [u8; 16] = guid(
+    0x2FA5_4224,
+    0xCD1B,
+    0x4876,
+    [0xB2, 0x11, 0x5D, 0xBE, 0xD8, 0x3B, 0xF4, 0xB8],
+);
+const LOGICAL_SECTOR_SIZE: [u8; 16] = guid(
+    0x8141_BF1D,
+    0xA96F,
+    0x4709,
+    [0xBA, 0x47, 0xF2, 0x33, 0xA8, 0xFA, 0xAB, 0x5F],
+);
+
+const fn guid(d1: u32, d2: u16, d3: u16, d4: [u8; 8]) -> [u8; 16] {
+    let a = d1.to_le_bytes();
+    let b = d2.to_le_bytes();
+    let c = d3.to_le_bytes();
+    [
+        a[0], a[1], a[2], a[3], b[0], b[1], c[0], c[1], d4[0], d4[1], d4[2], d4[3], d4[4], d4[5],
+        d4[6], d4[7],
+    ]
+}
+
+/// BAT payload block states.
+const BLOCK_NOT_PRESENT: u64 = 0;
+const BLOCK_UNDEFINED: u64 = 1;
+const BLOCK_ZERO: u64 = 2;
+const BLOCK_UNMAPPED: u64 = 3;
+const BLOCK_FULLY_PRESENT: u64 = 6;
+const BLOCK_PARTIALLY_PRESENT: u64 = 7;
+
+fn le16(b: &[u8], at: usize) -> u16 {
+    u16::from_le_bytes([b[at], b[at + 1]])
+}
+fn le32(b: &[u8], at: usize) -> u32 {
+    u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
+}
+fn le64(b: &[u8], at: usize) -> u64 {
+    u64::from(le32(b, at)) | (u64::from(le32(b, at + 4)) << 32)
+}
+
+/// CRC32C of `data` with the 4-byte checksum field at `at` taken as zero.
+fn checksum(data: &[u8], at: usize) -> u32 {
+    let c = crc32c::crc32c(&data[..at]);
+    let c = crc32c::crc32c_append(c, &[0; 4]);
+    crc32c::crc32c_append(c, &data[at + 4..])
+}
+
+/// An open VHDX image.
+pub struct Vhdx {
+    file: Arc<dyn BlockDevice>,
+    path: PathBuf,
+    size: u64,
+    block_size: u64,
+    logical_sector: u32,
+    chunk_ratio: u64,
+    bat: Vec<u64>,
+}
+
+impl std::fmt::Debug for Vhdx {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Vhdx")
+            .field("path", &self.path)
+            .field("size", &self.size)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Vhdx {
+    pub fn open(file: Arc<dyn BlockDevice>, path: &Path) -> std::result::Result<Vhdx, ImageError> {
+        let bad = |problem: String| ImageError::Invalid {
+            path: path.to_path_buf(),
+            problem,
+        };
+        let io = |source| ImageError::Io {
+            path: path.to_path_buf(),
+            source,
+        };
+        let read = |len: usize, at: u64| -> std::result::Result<Vec<u8>, ImageError> {
+            if at.saturating_add(len as u64) > file.size() {
+                return Err(bad(format!(
+                    "structure at {at} ({len} bytes) is beyond the end of the file"
+                )));
+            }
+            let mut buf = vec![0u8; len];
+            file.read_at(&mut buf, at).map_err(io)?;
+            Ok(buf)
+        };
+        if read(8, 0)?.as_slice() != MAGIC {
+            return Err(bad("not a VHDX image (no vhdxfile identifier)".into()));
+        }
+        // The current header: a valid checksum and the highest sequence number.
+        let mut current: Option<Vec<u8>> = None;
+        for at in HEADER_OFFSETS {
+            let h = read(4096, at)?;
+            if &h[..4] != b"head" || le32(&h, 4) != checksum(&h, 4) {
+                continue;
+            }
+            if current.as_ref().is_none_or(|c| le64(&h, 8) > le64(c, 8)) {
+                current = Some(h);
+            }
+        }
+        let header = current
+            .ok_or_else(|| bad("neither header is valid (bad signature or checksum)".into()))?;
+        if header[48..64].iter().any(|&b| b != 0) {
+            return Err(ImageError::Unsupported {
+                path: path.to_path_buf(),
+                feature: "an image whose log has not been replayed (open it once with Hyper-V or `qemu-img check -r all`)".into(),
+            });
+        }
+        let regions = REGION_TABLE_OFFSETS
+            .iter()
+            .map(|&at| read(REGION_TABLE_LEN, at))
+            .collect::<std::result::Result<Vec<_>, _>>()?
+            .into_iter()
+            .find(|t| &t[..4] == b"regi" && le32(t, 4) == checksum(t, 4))
+            .ok_or_else(|| {
+                bad("neither region table is valid (bad signature or checksum)".into())
+            })?;
+        let count = le32(&regions, 8) as usize;
+        if count > (REGION_TABLE_LEN - 16) / 32 {
+            return Err(bad(format!("region table claims {count} entries")));
+        }
+        let (mut bat_region, mut meta_region) = (None, None);
+        for i in 0..count {
+            let e = &regions[16 + i * 32..16 + (i + 1) * 32];
+            let (offset, len, required) =
+                (le64(e, 16), u64::from(le32(e, 24)), le32(e, 28) & 1 != 0);
+            if offset % MIB != 0 || len % MIB != 0 || offset.saturating_add(len) > file.size() {
+                return Err(bad(format!(
+                    "region {i} at {offset} (+{len}) is misaligned or beyond the file"
+                )));
+            }
+            match &e[..16] {
+                g if g == BAT_REGION => bat_region = Some((offset, len)),
+                g if g == METADATA_REGION => meta_region = Some((offset, len)),
+                _ if required => return Err(bad(format!("unknown required region {i}"))),
+                _ => {}
+            }
+        }
+        let (meta_at, meta_len) = meta_region.ok_or_else(|| bad("no metadata region".into()))?;
+        let (bat_at, bat_len) = bat_region.ok_or_else(|| bad("no BAT region".into()))?;
+        if meta_len > MAX_METADATA || bat_len > MAX_BAT {
+            return Err(bad("metadata region or BAT is absurdly large".into()));
+        }
+        let meta = read(meta_len as usize, meta_at)?;
+        if &meta[..8] != b"metadata" {
+            return Err(bad("metadata region has no metadata signature".into()));
+        }
+        let entries = le16(&meta, 10) as usize;
+        if entries > 2047 || 32 + entries * 32 > meta.len() {
+            return Err(bad(format!("metadata table claims {entries} entries")));
+        }
+        let item = |id: &[u8; 16], len: usize| -> std::result::Result<&[u8], ImageError> {
+            for i in 0..entries {
+                let e = &meta[32 + i * 32..64 + i * 32];
+                if &e[..16] == id {
+                    let (off, l) = (le32(e, 16) as usize, le32(e, 20) as usize);
+                    if l < len || off.saturating_add(len) > meta.len() {
+                        return Err(bad(format!("metadata item {i} is out of range")));
+                    }
+                    return Ok(&meta[off..off + len]);
+                }
+            }
+            Err(bad("a required metadata item is missing".into()))
+        };
+        let params = item(&FILE_PARAMETERS, 8)?;
+        let block_size = u64::from(le32(params, 0));
+        if le32(params, 4) & 2 != 0 {
+            return Err(ImageError::Unsupported {
+                path: path.to_path_buf(),
+                feature: "differencing VHDX (has a parent)".into(),
+            });
+        }
+        let size = le64(item(&VIRTUAL_DISK_SIZE, 8)?, 0);
+        let logical_sector = le32(item(&LOGICAL_SECTOR_SIZE, 4)?, 0);
+        if !(MIB..=256 * MIB).contains(&block_size) || !block_size.is_power_of_two() {
+            return Err(bad(format!(
+                "block size {block_size} is not a power of two in 1..=256 MiB"
+            )));
+        }
+        if logical_sector != 512 && logical_sector != 4096 {
+            return Err(bad(format!(
+                "logical sector size {logical_sector} is neither 512 nor 4096"
+            )));
+        }
+        if size == 0 || size > 64 << 40 || size % u64::from(logical_sector) != 0 {
+            return Err(bad(format!("virtual size {size} is out of range")));
+        }
+        let chunk_ratio = ((1u64 << 23) * u64::from(logical_sector)) / block_size;
+        let blocks = size.div_ceil(block_size);
+        let needed = blocks + (blocks - 1) / chunk_ratio + 1;
+        if needed * 8 > bat_len {
+            return Err(bad(format!(
+                "BAT of {bat_len} bytes cannot map {blocks} blocks"
+            )));
+        }
+        let raw = read((needed * 8) as usize, bat_at)?;
+        let bat: Vec<u64> = raw.chunks_exact(8).map(|c| le64(c, 0)).collect();
+        Ok(Vhdx {
+            file,
+            path: path.to_path_buf(),
+            size,
+            block_size,
+            logical_sector,
+            chunk_ratio,
+            bat,
+        })
+    }
+
+    pub fn block_size(&self) -> u64 {
+        self.block_size
+    }
+
+    /// Where `offset..offset+max` (up to the end of its block) lives.
+    pub fn map(&self, offset: u64, max: u64) -> std::result::Result<Mapping, ImageError> {
+        let block = offset / self.block_size;
+        let in_block = offset % self.block_size;
+        let len = (self.block_size - in_block)
+            .min(max)
+            .min(self.size.saturating_sub(offset));
+        let entry = self
+            .bat
+            .get((block + block / self.chunk_ratio) as usize)
+            .copied()
+            .unwrap_or(0);
+        match entry & 7 {
+            BLOCK_FULLY_PRESENT => {
+                let host = (entry >> 20) * MIB;
+                if host < MIB || host.saturating_add(self.block_size) > self.file.size() {
+                    return Err(ImageError::Invalid {
+                        path: self.path.clone(),
+                        problem: format!("block {block} at {host} is outside the file"),
+                    });
+                }
+                Ok(Mapping::Data {
+                    host: host + in_block,
+                    len,
+                })
+            }
+            BLOCK_ZERO | BLOCK_UNMAPPED => Ok(Mapping::Zero { len }),
+            BLOCK_NOT_PRESENT | BLOCK_UNDEFINED => Ok(Mapping::Unallocated { len }),
+            BLOCK_PARTIALLY_PRESENT => Err(ImageError::Unsupported {
+                path: self.path.clone(),
+                feature: "partially present blocks (differencing images)".into(),
+            }),
+            state => Err(ImageError::Invalid {
+                path: self.path.clone(),
+                problem: format!("block {block} has unknown state {state}"),
+            }),
+        }
+    }
+}
+
+impl BlockDevice for Vhdx {
+    fn size(&self) -> u64 {
+        self.size
+    }
+
+    fn logical_sector_size(&self) -> u32 {
+        self.logical_sector
+    }
+
+    fn is_read_only(&self) -> bool {
+        true
+    }
+
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        check_range(self.size, offset, buf.len() as u64)?;
+        let mut done = 0usize;
+        while done < buf.len() {
+            let pos = offset + done as u64;
+            let m = self.map(pos, (buf.len() - done) as u64)?;
+            let n = m.len() as usize;
+            if n == 0 {
+                return Err(BlockError::Format(format!(
+                    "{}: empty mapping at {pos}",
+                    self.path.display()
+                )));
+            }
+            match m {
+                Mapping::Data { host, .. } => self.file.read_at(&mut buf[done..done + n], host)?,
+                _ => buf[done..done + n].fill(0),
+            }
+            done += n;
+        }
+        Ok(())
+    }
+
+    fn block_status(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {
+        let end = offset.saturating_add(len).min(self.size);
+        let mut out: Vec<Extent> = Vec::new();
+        let mut pos = offset;
+        while pos < end && out.len() < 4096 {
+            let m = self.map(pos, end - pos)?;
+            if m.is_empty() {
+                return Err(BlockError::Format(format!(
+                    "{}: empty mapping at {pos}",
+                    self.path.display()
+                )));
+            }
+            let region = if matches!(m, Mapping::Data { .. }) {
+                Region::Data
+            } else {
+                Region::Zero
+            };
+            match out.last_mut() {
+                Some(last) if last.region == region => last.len += m.len(),
+                _ => out.push(Extent {
+                    offset: pos,
+                    len: m.len(),
+                    region,
+                }),
+            }
+            pos += m.len();
+        }
+        Ok(out)
+    }
+}
