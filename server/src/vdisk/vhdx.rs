@@ -234,7 +234,8 @@ impl Vhdx {
         }
         let chunk_ratio = ((1u64 << 23) * u64::from(logical_sector)) / block_size;
         let blocks = size.div_ceil(block_size);
-        let needed = blocks + (blocks - 1) / chunk_ratio + 1;
+        // Block b is entry b + b / chunk_ratio, so the last block needs this many entries.
+        let needed = blocks + (blocks - 1) / chunk_ratio;
         if needed * 8 > bat_len {
             return Err(bad(format!(
                 "BAT of {bat_len} bytes cannot map {blocks} blocks"
