@@ -124,3 +124,46 @@ fn damaged_vhdx_gives_clear_errors() {
         "beyond the end",
     );
 }
+
+#[test]
+fn our_vhdx_reads_identically_in_qemu_img_past_the_first_bitmap_entry() {
+    let dir = tempfile::tempdir().unwrap();
+    let raw = dir.path().join("disk.raw");
+    make_disk(
+        &raw,
+        6 * GIB,
+        &[
+            (0, 3 * MIB),
+            (100 * MIB + 512, 5 * MIB),
+            (4 * GIB + 7 * MIB, 9 * MIB),
+            (6 * GIB - MIB, MIB),
+        ],
+    )
+    .unwrap();
+    let vhdx = dir.path().join("ours.vhdx");
+    let (ok, _, err) = diskferry(&["convert".as_ref(), raw.as_os_str(), vhdx.as_os_str()]);
+    assert!(ok && err.contains("(vhdx)"), "{err}");
+    let info = run_ok("qemu-img", &["info", vhdx.to_str().unwrap()]);
+    assert!(
+        info.contains("file format: vhdx") && info.contains("6 GiB"),
+        "{info}"
+    );
+    run_ok(
+        "qemu-img",
+        &[
+            "compare",
+            "-f",
+            "raw",
+            "-F",
+            "vhdx",
+            raw.to_str().unwrap(),
+            vhdx.to_str().unwrap(),
+        ],
+    );
+    // Sparse: only the data's blocks are allocated on disk.
+    let on_disk = diskferry_e2e::allocated(&vhdx);
+    assert!(
+        on_disk < 40 * MIB,
+        "{on_disk} bytes on disk for 18 MiB of data"
+    );
+}

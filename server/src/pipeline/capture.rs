@@ -72,10 +72,11 @@ pub fn capture_sectors(
         compress,
         overwrite,
     } = output;
-    if compress && format == ImageFormat::Raw {
-        return Err(CaptureError::Options(
-            "raw images cannot be compressed: write a .qcow2 (or pass --format qcow2)".into(),
-        ));
+    if compress && format != ImageFormat::Qcow2 {
+        return Err(CaptureError::Options(format!(
+            "{} images cannot be compressed: write a .qcow2 (or pass --format qcow2)",
+            format.name()
+        )));
     }
     let started = Instant::now();
     let output = PartialOutput::create(out, overwrite)?;

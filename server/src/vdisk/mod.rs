@@ -13,6 +13,9 @@ use std::sync::Arc;
 
 use crate::blockdev::{BlockDevice, FileDevice};
 
+/// Block size of the VHDX images we create (Hyper-V's default).
+pub const VHDX_BLOCK_SIZE: u64 = 32 << 20;
+
 /// Cluster size of the qcow2 images we create (qemu's default).
 pub const QCOW2_CLUSTER_BITS: u32 = 16;
 
@@ -23,10 +26,12 @@ pub enum ImageFormat {
     Raw,
     /// qcow2 version 3, 64 KiB clusters.
     Qcow2,
+    /// Dynamic VHDX, 32 MiB blocks, 512-byte sectors.
+    Vhdx,
 }
 
 impl ImageFormat {
-    /// The format an output name suggests: `.qcow2` is qcow2, anything else raw.
+    /// The format an output name suggests: `.qcow2` is qcow2, `.vhdx` VHDX, anything else raw.
     pub fn from_extension(path: &Path) -> ImageFormat {
         match path
             .extension()
@@ -35,6 +40,7 @@ impl ImageFormat {
             .as_deref()
         {
             Some("qcow2") => ImageFormat::Qcow2,
+            Some("vhdx") => ImageFormat::Vhdx,
             _ => ImageFormat::Raw,
         }
     }
@@ -43,6 +49,7 @@ impl ImageFormat {
         match self {
             ImageFormat::Raw => "raw",
             ImageFormat::Qcow2 => "qcow2",
+            ImageFormat::Vhdx => "vhdx",
         }
     }
 }
@@ -188,10 +195,19 @@ pub fn create_image(
         source,
     };
     match format {
-        ImageFormat::Raw if compress => Err(ImageError::Unsupported {
+        ImageFormat::Raw | ImageFormat::Vhdx if compress => Err(ImageError::Unsupported {
             path: path.to_path_buf(),
-            feature: "compression in raw images (use qcow2)".into(),
+            feature: "compression outside qcow2".into(),
         }),
+        ImageFormat::Vhdx => {
+            let container = Arc::new(FileDevice::from_file(file, path, true).map_err(io)?);
+            Ok(Arc::new(vhdx::Vhdx::create(
+                container,
+                path,
+                size,
+                VHDX_BLOCK_SIZE,
+            )?))
+        }
         ImageFormat::Raw => {
             file.set_len(size).map_err(|source| {
                 io(crate::blockdev::BlockError::Io {

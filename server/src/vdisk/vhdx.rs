@@ -6,10 +6,14 @@
 //! `chunk_ratio` payload entries comes one bitmap entry, so block `b` is entry
 //! `b + b / chunk_ratio`. Everything read from the file is bounded and checked before use.
 //! Images with a log still to replay and differencing images are refused with the reason.
-//! Writing VHDX comes next.
+//!
+//! Writing (images we create): payload blocks are appended at the end of the file, 1 MiB
+//! aligned; all-zero writes never allocate (whole blocks become the ZERO state and their space
+//! is punched out); the BAT reaches the file at flush, after the data is synced. Our images
+//! always have an empty log.
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use super::{ImageError, Mapping};
 use crate::blockdev::{check_range, BlockDevice, BlockError, Extent, Region, Result};
@@ -23,6 +27,22 @@ const REGION_TABLE_LEN: usize = 64 * KIB as usize;
 /// Largest metadata region and BAT accepted (a BAT of 256 MiB maps petabytes).
 const MAX_METADATA: u64 = MIB;
 const MAX_BAT: u64 = 256 * MIB;
+/// Where our images put the log (always empty), the metadata region and the BAT.
+const LOG_OFFSET: u64 = MIB;
+const METADATA_OFFSET: u64 = 2 * MIB;
+const BAT_OFFSET: u64 = 3 * MIB;
+const PHYSICAL_SECTOR_SIZE: [u8; 16] = guid(
+    0xCDA3_48C7,
+    0x445D,
+    0x4471,
+    [0x9C, 0xC9, 0xE9, 0x88, 0x52, 0x51, 0xC5, 0x56],
+);
+const VIRTUAL_DISK_ID: [u8; 16] = guid(
+    0xBECA_12AB,
+    0xB2E6,
+    0x4523,
+    [0x93, 0xEF, 0xC3, 0x09, 0xE0, 0x00, 0xC7, 0x46],
+);
 
 // GUIDs as stored on disk (first three fields little-endian).
 const BAT_REGION: [u8; 16] = guid(
@@ -99,7 +119,16 @@ pub struct Vhdx {
     block_size: u64,
     logical_sector: u32,
     chunk_ratio: u64,
+    bat_offset: u64,
+    state: Mutex<State>,
+    writable: bool,
+}
+
+/// The BAT (ahead of the file until a flush when writing) and where the next block goes.
+struct State {
     bat: Vec<u64>,
+    dirty: bool,
+    next_free: u64,
 }
 
 impl std::fmt::Debug for Vhdx {
@@ -243,6 +272,7 @@ impl Vhdx {
         }
         let raw = read((needed * 8) as usize, bat_at)?;
         let bat: Vec<u64> = raw.chunks_exact(8).map(|c| le64(c, 0)).collect();
+        let next_free = file.size().div_ceil(MIB) * MIB;
         Ok(Vhdx {
             file,
             path: path.to_path_buf(),
@@ -250,8 +280,197 @@ impl Vhdx {
             block_size,
             logical_sector,
             chunk_ratio,
-            bat,
+            bat_offset: bat_at,
+            state: Mutex::new(State {
+                bat,
+                dirty: false,
+                next_free,
+            }),
+            writable: false,
         })
+    }
+
+    /// Creates a dynamic VHDX of `size` bytes (a multiple of 512) with `block_size` blocks
+    /// (a power of two, 1..=256 MiB) and 512-byte logical sectors, in the empty `file`.
+    pub fn create(
+        file: Arc<dyn BlockDevice>,
+        path: &Path,
+        size: u64,
+        block_size: u64,
+    ) -> std::result::Result<Vhdx, ImageError> {
+        let bad = |problem: String| ImageError::Invalid {
+            path: path.to_path_buf(),
+            problem,
+        };
+        let io = |source| ImageError::Io {
+            path: path.to_path_buf(),
+            source,
+        };
+        if !(MIB..=256 * MIB).contains(&block_size) || !block_size.is_power_of_two() {
+            return Err(bad(format!(
+                "block size {block_size} is not a power of two in 1..=256 MiB"
+            )));
+        }
+        if size == 0 || size > 64 << 40 || size % 512 != 0 {
+            return Err(bad(format!(
+                "virtual size {size} must be a non-zero multiple of 512 up to 64 TiB"
+            )));
+        }
+        if file.size() != 0 {
+            return Err(bad("the file to create the image in is not empty".into()));
+        }
+        let logical_sector = 512u32;
+        let chunk_ratio = ((1u64 << 23) * u64::from(logical_sector)) / block_size;
+        let blocks = size.div_ceil(block_size);
+        let entries = blocks + (blocks - 1) / chunk_ratio;
+        let bat_len = (entries * 8).div_ceil(MIB) * MIB;
+        let first_block = BAT_OFFSET + bat_len;
+        file.resize(first_block).map_err(io)?;
+
+        let mut ident = vec![0u8; 64 * KIB as usize];
+        ident[..8].copy_from_slice(MAGIC);
+        for (i, unit) in "diskferry".encode_utf16().enumerate() {
+            ident[8 + 2 * i..10 + 2 * i].copy_from_slice(&unit.to_le_bytes());
+        }
+        file.write_at(&ident, 0).map_err(io)?;
+
+        let mut random = [0u8; 48];
+        getrandom::fill(&mut random).map_err(|e| bad(format!("no random source: {e}")))?;
+        for (i, at) in HEADER_OFFSETS.iter().enumerate() {
+            let mut h = vec![0u8; 4096];
+            h[..4].copy_from_slice(b"head");
+            h[8..16].copy_from_slice(&(i as u64).to_le_bytes()); // sequence number
+            h[16..48].copy_from_slice(&random[..32]); // file and data write GUIDs; the log GUID stays zero
+            h[66..68].copy_from_slice(&1u16.to_le_bytes()); // version
+            h[68..72].copy_from_slice(&(MIB as u32).to_le_bytes()); // log length
+            h[72..80].copy_from_slice(&LOG_OFFSET.to_le_bytes());
+            let crc = checksum(&h, 4);
+            h[4..8].copy_from_slice(&crc.to_le_bytes());
+            file.write_at(&h, *at).map_err(io)?;
+        }
+
+        let mut regions = vec![0u8; REGION_TABLE_LEN];
+        regions[..4].copy_from_slice(b"regi");
+        regions[8..12].copy_from_slice(&2u32.to_le_bytes());
+        for (i, (id, offset, len)) in [
+            (BAT_REGION, BAT_OFFSET, bat_len),
+            (METADATA_REGION, METADATA_OFFSET, MIB),
+        ]
+        .iter()
+        .enumerate()
+        {
+            let e = &mut regions[16 + i * 32..48 + i * 32];
+            e[..16].copy_from_slice(id);
+            e[16..24].copy_from_slice(&offset.to_le_bytes());
+            e[24..28].copy_from_slice(&(*len as u32).to_le_bytes());
+            e[28..32].copy_from_slice(&1u32.to_le_bytes()); // required
+        }
+        let crc = checksum(&regions, 4);
+        regions[4..8].copy_from_slice(&crc.to_le_bytes());
+        for at in REGION_TABLE_OFFSETS {
+            file.write_at(&regions, at).map_err(io)?;
+        }
+
+        // Metadata: a table of five items, their values from 64 KiB into the region.
+        let mut meta = vec![0u8; 64 * KIB as usize + 4096];
+        meta[..8].copy_from_slice(b"metadata");
+        let mut params = [0u8; 8];
+        params[..4].copy_from_slice(&(block_size as u32).to_le_bytes());
+        let items: [([u8; 16], Vec<u8>, u32); 5] = [
+            (FILE_PARAMETERS, params.to_vec(), 4),
+            (VIRTUAL_DISK_SIZE, size.to_le_bytes().to_vec(), 6),
+            (VIRTUAL_DISK_ID, random[32..48].to_vec(), 6),
+            (
+                LOGICAL_SECTOR_SIZE,
+                logical_sector.to_le_bytes().to_vec(),
+                6,
+            ),
+            (PHYSICAL_SECTOR_SIZE, 4096u32.to_le_bytes().to_vec(), 6),
+        ];
+        meta[10..12].copy_from_slice(&(items.len() as u16).to_le_bytes());
+        let mut value_at = 64 * KIB as usize;
+        for (i, (id, value, flags)) in items.iter().enumerate() {
+            let e = &mut meta[32 + i * 32..64 + i * 32];
+            e[..16].copy_from_slice(id);
+            e[16..20].copy_from_slice(&(value_at as u32).to_le_bytes());
+            e[20..24].copy_from_slice(&(value.len() as u32).to_le_bytes());
+            e[24..28].copy_from_slice(&flags.to_le_bytes()); // bit 1: virtual disk, bit 2: required
+            meta[value_at..value_at + value.len()].copy_from_slice(value);
+            value_at += value.len().next_multiple_of(8);
+        }
+        file.write_at(&meta, METADATA_OFFSET).map_err(io)?;
+        file.flush().map_err(io)?;
+        Ok(Vhdx {
+            file,
+            path: path.to_path_buf(),
+            size,
+            block_size,
+            logical_sector,
+            chunk_ratio,
+            bat_offset: BAT_OFFSET,
+            state: Mutex::new(State {
+                bat: vec![0; entries as usize],
+                dirty: true,
+                next_free: first_block,
+            }),
+            writable: true,
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Writes `data` at `offset`, all within one block.
+    fn write_piece(&self, st: &mut State, offset: u64, data: &[u8]) -> Result<()> {
+        let block = offset / self.block_size;
+        let in_block = offset % self.block_size;
+        let index = (block + block / self.chunk_ratio) as usize;
+        let entry = st.bat[index];
+        let zero = crate::pipeline::is_zero(data);
+        let whole = in_block == 0 && data.len() as u64 == self.block_size;
+        if entry & 7 == BLOCK_FULLY_PRESENT {
+            let host = (entry >> 20) * MIB;
+            if zero && whole {
+                self.file.discard(host, self.block_size)?;
+                st.bat[index] = BLOCK_ZERO;
+                st.dirty = true;
+                return Ok(());
+            }
+            return self.file.write_at(data, host + in_block);
+        }
+        if zero {
+            return Ok(()); // not present, zero or unmapped: reads as zeros already
+        }
+        let host = st.next_free;
+        st.next_free += self.block_size;
+        self.file.resize(st.next_free)?;
+        self.file.write_at(data, host + in_block)?;
+        st.bat[index] = BLOCK_FULLY_PRESENT | ((host / MIB) << 20);
+        st.dirty = true;
+        Ok(())
+    }
+
+    /// Applies `op` to each block-sized piece of `offset..offset+len`.
+    fn for_each_piece(
+        &self,
+        offset: u64,
+        len: u64,
+        mut op: impl FnMut(&mut State, u64, u64, usize) -> Result<()>,
+    ) -> Result<()> {
+        if !self.writable {
+            return Err(BlockError::ReadOnly);
+        }
+        check_range(self.size, offset, len)?;
+        let mut st = self.lock();
+        let mut done = 0u64;
+        while done < len {
+            let pos = offset + done;
+            let n = (self.block_size - pos % self.block_size).min(len - done);
+            op(&mut st, pos, n, done as usize)?;
+            done += n;
+        }
+        Ok(())
     }
 
     pub fn block_size(&self) -> u64 {
@@ -266,6 +485,7 @@ impl Vhdx {
             .min(max)
             .min(self.size.saturating_sub(offset));
         let entry = self
+            .lock()
             .bat
             .get((block + block / self.chunk_ratio) as usize)
             .copied()
@@ -298,6 +518,13 @@ impl Vhdx {
     }
 }
 
+impl Drop for Vhdx {
+    /// Best effort: call [`BlockDevice::flush`] to see errors.
+    fn drop(&mut self) {
+        let _ = self.flush();
+    }
+}
+
 impl BlockDevice for Vhdx {
     fn size(&self) -> u64 {
         self.size
@@ -308,7 +535,36 @@ impl BlockDevice for Vhdx {
     }
 
     fn is_read_only(&self) -> bool {
-        true
+        !self.writable
+    }
+
+    fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
+        self.for_each_piece(offset, buf.len() as u64, |st, pos, n, at| {
+            self.write_piece(st, pos, &buf[at..at + n as usize])
+        })
+    }
+
+    fn discard(&self, offset: u64, len: u64) -> Result<()> {
+        let zeros = vec![0u8; self.block_size.min(len) as usize];
+        self.for_each_piece(offset, len, |st, pos, n, _| {
+            self.write_piece(st, pos, &zeros[..n as usize])
+        })
+    }
+
+    /// Data → fsync → BAT → fsync.
+    fn flush(&self) -> Result<()> {
+        if !self.writable {
+            return Ok(());
+        }
+        let mut st = self.lock();
+        self.file.flush()?;
+        if st.dirty {
+            let raw: Vec<u8> = st.bat.iter().flat_map(|e| e.to_le_bytes()).collect();
+            self.file.write_at(&raw, self.bat_offset)?;
+            self.file.flush()?;
+            st.dirty = false;
+        }
+        Ok(())
     }
 
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
@@ -361,5 +617,58 @@ impl BlockDevice for Vhdx {
             pos += m.len();
         }
         Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::blockdev::MemoryDevice;
+    use rand::{Rng, SeedableRng};
+
+    #[test]
+    fn random_writes_zeros_and_discards_match_a_reference_and_reopen() {
+        let size = 40usize << 20;
+        let file = Arc::new(MemoryDevice::new(0));
+        let path = Path::new("m.vhdx");
+        let image = Vhdx::create(file.clone(), path, size as u64, MIB).unwrap();
+        let mut reference = vec![0u8; size];
+        let mut rng = rand::rngs::StdRng::seed_from_u64(21);
+        for _ in 0..2000 {
+            let len = if rng.gen_bool(0.2) {
+                MIB as usize
+            } else {
+                rng.gen_range(1..300_000)
+            };
+            let offset = if len == MIB as usize {
+                rng.gen_range(0..40) * MIB as usize
+            } else {
+                rng.gen_range(0..size - len)
+            };
+            let len = len.min(size - offset);
+            match rng.gen_range(0..10) {
+                0..=6 => {
+                    let data: Vec<u8> = (0..len).map(|_| rng.gen()).collect();
+                    image.write_at(&data, offset as u64).unwrap();
+                    reference[offset..offset + len].copy_from_slice(&data);
+                }
+                7 => {
+                    image.write_at(&vec![0; len], offset as u64).unwrap();
+                    reference[offset..offset + len].fill(0);
+                }
+                _ => {
+                    image.discard(offset as u64, len as u64).unwrap();
+                    reference[offset..offset + len].fill(0);
+                }
+            }
+        }
+        let mut got = vec![0u8; size];
+        image.read_at(&mut got, 0).unwrap();
+        assert!(got == reference, "in-memory view differs");
+        image.flush().unwrap();
+        drop(image);
+        let reopened = Vhdx::open(file, path).unwrap();
+        reopened.read_at(&mut got, 0).unwrap();
+        assert!(got == reference, "reopened image differs");
     }
 }

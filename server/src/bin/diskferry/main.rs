@@ -131,8 +131,8 @@ struct CaptureArgs {
 /// How `capture` and `convert` write their output and read image sources.
 #[derive(Args)]
 struct OutputArgs {
-    /// Image format of OUT: `raw` (a sparse file) or `qcow2` [default: from OUT's extension,
-    /// `.qcow2` → qcow2, anything else raw]
+    /// Image format of OUT: `raw` (a sparse file), `qcow2` or `vhdx` [default: from OUT's
+    /// extension, `.qcow2` → qcow2, `.vhdx` → vhdx, anything else raw]
     #[arg(long, value_enum)]
     format: Option<Format>,
     /// Progress display: a bar on a terminal, or nothing
@@ -177,6 +177,8 @@ enum Format {
     Raw,
     /// qcow2 version 3 (64 KiB clusters), sparse
     Qcow2,
+    /// Dynamic VHDX (32 MiB blocks), sparse: what Hyper-V boots
+    Vhdx,
 }
 
 impl From<Format> for ImageFormat {
@@ -184,6 +186,7 @@ impl From<Format> for ImageFormat {
         match f {
             Format::Raw => ImageFormat::Raw,
             Format::Qcow2 => ImageFormat::Qcow2,
+            Format::Vhdx => ImageFormat::Vhdx,
         }
     }
 }
