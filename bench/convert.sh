@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Converts a 4 GiB raw disk that is 50% data (random, in 64 MiB runs alternating with holes)
-# into qcow2 with `diskferry convert` and with `qemu-img convert -O qcow2` (the peer), in one
-# run, round-robin, best of ROUNDS. Also reports the sparseness figure: a 4 GiB raw holding
+# into qcow2 and into VHDX with `diskferry convert` and with `qemu-img convert` (the peer), in
+# one run, round-robin, best of ROUNDS. Also reports the sparseness figure: a 4 GiB raw holding
 # 200 MiB of data converted by both tools, file size against data. Outputs are checked with
 # qemu-img check and compare. Files live on tmpfs.
 #
@@ -29,32 +29,43 @@ head -c $((8 << 20)) /dev/urandom | dd of="$work/sparse.raw" bs=1M seek=4000 con
 cat "$work/half.raw" "$work/sparse.raw" > /dev/null
 
 now() { date +%s.%N; }
-best_df=""; best_q=""
+declare -A best
+time_it() { # key, command...
+  local key=$1; shift
+  local t0 t1 t; t0=$(now); "$@" >/dev/null 2>&1; t1=$(now)
+  t=$(echo "$t1 - $t0" | bc -l)
+  if [ -z "${best[$key]:-}" ] || [ "$(echo "$t < ${best[$key]}" | bc -l)" = 1 ]; then best[$key]=$t; fi
+}
 for round in $(seq "$rounds"); do
-  rm -f "$work/df.qcow2"; t0=$(now); "$diskferry" convert "$work/half.raw" "$work/df.qcow2" --progress none 2>/dev/null; t1=$(now)
-  t=$(echo "$t1 - $t0" | bc -l); if [ -z "$best_df" ] || [ "$(echo "$t < $best_df" | bc -l)" = 1 ]; then best_df=$t; fi
-  rm -f "$work/q.qcow2"; t0=$(now); qemu-img convert -f raw -O qcow2 "$work/half.raw" "$work/q.qcow2"; t1=$(now)
-  t=$(echo "$t1 - $t0" | bc -l); if [ -z "$best_q" ] || [ "$(echo "$t < $best_q" | bc -l)" = 1 ]; then best_q=$t; fi
+  for fmt in qcow2 vhdx; do
+    rm -f "$work/df.$fmt"; time_it "df-$fmt" "$diskferry" convert "$work/half.raw" "$work/df.$fmt" --progress none
+    rm -f "$work/q.$fmt"; time_it "q-$fmt" qemu-img convert -f raw -O "$fmt" "$work/half.raw" "$work/q.$fmt"
+  done
   echo "   round $round/$rounds" >&2
 done
-qemu-img check "$work/df.qcow2" | grep -q "No errors" || { echo "qemu-img check failed" >&2; exit 1; }
-qemu-img compare -q -f raw -F qcow2 "$work/half.raw" "$work/df.qcow2" || { echo "compare failed" >&2; exit 1; }
-
-rm -f "$work/df-s.qcow2" "$work/q-s.qcow2"
-"$diskferry" convert "$work/sparse.raw" "$work/df-s.qcow2" --progress none 2>/dev/null
-qemu-img convert -f raw -O qcow2 "$work/sparse.raw" "$work/q-s.qcow2"
-qemu-img compare -q -f raw -F qcow2 "$work/sparse.raw" "$work/df-s.qcow2" || { echo "compare failed" >&2; exit 1; }
+for fmt in qcow2 vhdx; do
+  qemu-img check -f "$fmt" "$work/df.$fmt" | grep -q "No errors" || { echo "qemu-img check $fmt failed" >&2; exit 1; }
+  qemu-img compare -q -f raw -F "$fmt" "$work/half.raw" "$work/df.$fmt" || { echo "compare $fmt failed" >&2; exit 1; }
+  rm -f "$work/df-s.$fmt" "$work/q-s.$fmt"
+  "$diskferry" convert "$work/sparse.raw" "$work/df-s.$fmt" --progress none 2>/dev/null
+  qemu-img convert -f raw -O "$fmt" "$work/sparse.raw" "$work/q-s.$fmt"
+  qemu-img compare -q -f raw -F "$fmt" "$work/sparse.raw" "$work/df-s.$fmt" || { echo "compare $fmt failed" >&2; exit 1; }
+done
 data=$(( (6 * 32 + 8) << 20 ))
 mkdir -p bench/out
 {
-  echo "| convert 4 GiB raw, 50% data → qcow2 (best of $rounds) | seconds |"
-  echo "|---|---:|"
-  printf '| diskferry convert | %.2f |\n| qemu-img convert -O qcow2 (peer) | %.2f |\n' "$best_df" "$best_q"
-  printf '\ndiskferry / qemu-img time: %.2fx\n\n' "$(echo "$best_df / $best_q" | bc -l)"
-  echo "| 4 GiB raw holding $((data >> 20)) MiB of data → qcow2 | file size | on disk | size / data |"
+  echo "| convert 4 GiB raw, 50% data (best of $rounds) | diskferry s | qemu-img s | diskferry / qemu-img |"
   echo "|---|---:|---:|---:|"
-  for f in df-s q-s; do
-    sz=$(stat -c %s "$work/$f.qcow2"); du=$(( $(stat -c %b "$work/$f.qcow2") * 512 ))
-    printf '| %s | %d | %d | %.3f |\n' "$([ $f = df-s ] && echo diskferry || echo qemu-img)" "$sz" "$du" "$(echo "$sz / $data" | bc -l)"
+  for fmt in qcow2 vhdx; do
+    printf '| → %s | %.2f | %.2f | %.2fx |\n' "$fmt" "${best[df-$fmt]}" "${best[q-$fmt]}" "$(echo "${best[df-$fmt]} / ${best[q-$fmt]}" | bc -l)"
+  done
+  echo
+  echo "| 4 GiB raw holding $((data >> 20)) MiB of data → | file size | on disk | on disk / data |"
+  echo "|---|---:|---:|---:|"
+  for fmt in qcow2 vhdx; do
+    for who in df q; do
+      f="$work/$who-s.$fmt"; sz=$(stat -c %s "$f"); du=$(( $(stat -c %b "$f") * 512 ))
+      printf '| %s by %s | %d | %d | %.3f |\n' "$fmt" "$([ $who = df ] && echo diskferry || echo qemu-img)" "$sz" "$du" "$(echo "$du / $data" | bc -l)"
+    done
   done
 } | tee bench/out/convert.md
