@@ -94,8 +94,15 @@ pub fn capture_sectors(
             source,
         })
     })?;
-    let device =
-        create_image(format, file, &partial, size, compress).map_err(|e| write_err(e.into()))?;
+    let device = create_image(
+        format,
+        file,
+        &partial,
+        size,
+        compress,
+        src.logical_sector_size(),
+    )
+    .map_err(|e| write_err(e.into()))?;
 
     let source_err = |source| CaptureError::Source {
         source,

@@ -182,13 +182,16 @@ pub fn create_overlay(
 
 /// Creates an image of `size` virtual bytes in the empty, writable `file` (named `path` in
 /// errors) and returns it as a writable block device. With `compress`, whole data clusters are
-/// stored compressed where that saves space (qcow2 only). Call `flush` before using the file.
+/// stored compressed where that saves space (qcow2 only); `logical_sector` (512 or 4096) is
+/// recorded where the format has it (VHDX) — captures pass the source disk's. Call `flush`
+/// before using the file.
 pub fn create_image(
     format: ImageFormat,
     file: std::fs::File,
     path: &Path,
     size: u64,
     compress: bool,
+    logical_sector: u32,
 ) -> Result<Arc<dyn BlockDevice>, ImageError> {
     let io = |source| ImageError::Io {
         path: path.to_path_buf(),
@@ -206,6 +209,7 @@ pub fn create_image(
                 path,
                 size,
                 VHDX_BLOCK_SIZE,
+                logical_sector,
             )?))
         }
         ImageFormat::Raw => {

@@ -290,13 +290,14 @@ impl Vhdx {
         })
     }
 
-    /// Creates a dynamic VHDX of `size` bytes (a multiple of 512) with `block_size` blocks
-    /// (a power of two, 1..=256 MiB) and 512-byte logical sectors, in the empty `file`.
+    /// Creates a dynamic VHDX of `size` bytes with `block_size` blocks (a power of two,
+    /// 1..=256 MiB) and 512- or 4096-byte logical sectors, in the empty `file`.
     pub fn create(
         file: Arc<dyn BlockDevice>,
         path: &Path,
         size: u64,
         block_size: u64,
+        logical_sector: u32,
     ) -> std::result::Result<Vhdx, ImageError> {
         let bad = |problem: String| ImageError::Invalid {
             path: path.to_path_buf(),
@@ -311,15 +312,19 @@ impl Vhdx {
                 "block size {block_size} is not a power of two in 1..=256 MiB"
             )));
         }
-        if size == 0 || size > 64 << 40 || size % 512 != 0 {
+        if logical_sector != 512 && logical_sector != 4096 {
             return Err(bad(format!(
-                "virtual size {size} must be a non-zero multiple of 512 up to 64 TiB"
+                "logical sector size {logical_sector} is neither 512 nor 4096"
+            )));
+        }
+        if size == 0 || size > 64 << 40 || size % u64::from(logical_sector) != 0 {
+            return Err(bad(format!(
+                "virtual size {size} must be a non-zero multiple of the {logical_sector}-byte sector up to 64 TiB"
             )));
         }
         if file.size() != 0 {
             return Err(bad("the file to create the image in is not empty".into()));
         }
-        let logical_sector = 512u32;
         let chunk_ratio = ((1u64 << 23) * u64::from(logical_sector)) / block_size;
         let blocks = size.div_ceil(block_size);
         let entries = blocks + (blocks - 1) / chunk_ratio;
@@ -631,7 +636,7 @@ mod tests {
         let size = 40usize << 20;
         let file = Arc::new(MemoryDevice::new(0));
         let path = Path::new("m.vhdx");
-        let image = Vhdx::create(file.clone(), path, size as u64, MIB).unwrap();
+        let image = Vhdx::create(file.clone(), path, size as u64, MIB, 4096).unwrap();
         let mut reference = vec![0u8; size];
         let mut rng = rand::rngs::StdRng::seed_from_u64(21);
         for _ in 0..2000 {

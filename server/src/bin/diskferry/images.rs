@@ -57,10 +57,17 @@ pub fn info(path: &Path, json: bool) -> Result<()> {
                 image.backing_name().unwrap_or("none").to_string(),
             ));
         }
-        Detected::Vhdx => bail!(
-            "{}: a VHDX image; reading VHDX is not supported yet",
-            path.display()
-        ),
+        Detected::Vhdx => {
+            let image = diskferry::vdisk::vhdx::Vhdx::open(Arc::clone(&file), path)?;
+            fields.push(("format", "vhdx".into()));
+            fields.push(("virtual_size", image.size().to_string()));
+            fields.push(("allocated_on_disk", on_disk.to_string()));
+            fields.push(("block_size", image.block_size().to_string()));
+            fields.push((
+                "logical_sector_size",
+                image.logical_sector_size().to_string(),
+            ));
+        }
         Detected::Raw => {
             fields.push(("format", "raw".into()));
             fields.push(("virtual_size", file.size().to_string()));
@@ -88,13 +95,19 @@ pub fn info(path: &Path, json: bool) -> Result<()> {
                 }
                 _ => v,
             };
-            println!("{:<18} {shown}", format!("{}:", k.replace('_', " ")));
+            println!("{:<21} {shown}", format!("{}:", k.replace('_', " ")));
         }
     }
     Ok(())
 }
 
-pub fn create(out: &Path, size: &str, format: Option<ImageFormat>, force: bool) -> Result<()> {
+pub fn create(
+    out: &Path,
+    size: &str,
+    format: Option<ImageFormat>,
+    sector_size: u32,
+    force: bool,
+) -> Result<()> {
     let size = parse_size(size)?;
     let format = format.unwrap_or_else(|| ImageFormat::from_extension(out));
     let output = PartialOutput::create(out, force)?;
@@ -104,6 +117,7 @@ pub fn create(out: &Path, size: &str, format: Option<ImageFormat>, force: bool) 
         output.partial_path(),
         size,
         false,
+        sector_size,
     )?;
     image.flush()?;
     drop(image);

@@ -70,14 +70,17 @@ enum Command {
         /// Virtual size: bytes, or with a unit (K, M, G, T; binary)
         #[arg(long)]
         size: String,
-        /// raw or qcow2 [default: from OUT's extension]
+        /// raw, qcow2 or vhdx [default: from OUT's extension]
         #[arg(long, value_enum)]
         format: Option<Format>,
+        /// Logical sector size recorded in the image (VHDX): 512 or 4096
+        #[arg(long, default_value_t = 512, value_parser = parse_sector_size)]
+        sector_size: u32,
         /// Replace OUT if it exists
         #[arg(long)]
         force: bool,
     },
-    /// Convert an image (raw or qcow2) into another, keeping it sparse
+    /// Convert an image (raw, qcow2 or VHDX) into another, keeping it sparse
     Convert {
         input: PathBuf,
         /// The image to write (written as OUT.partial and renamed when complete)
@@ -231,8 +234,9 @@ fn run(cli: Cli) -> Result<()> {
             out,
             size,
             format,
+            sector_size,
             force,
-        } => images::create(&out, &size, format.map(Into::into), force),
+        } => images::create(&out, &size, format.map(Into::into), sector_size, force),
         Command::Convert { input, out, output } => images::convert(
             &input,
             &out,
@@ -294,6 +298,15 @@ fn disks(addr: &str, conn: &ConnArgs) -> Result<()> {
     })?;
     print_disks(&list);
     Ok(())
+}
+
+/// Accepts the two logical sector sizes disks and images use.
+fn parse_sector_size(s: &str) -> Result<u32, String> {
+    match s {
+        "512" => Ok(512),
+        "4096" => Ok(4096),
+        _ => Err(format!("{s} is not a logical sector size: use 512 or 4096")),
+    }
 }
 
 /// A progress bar when asked for and stderr is a terminal; silence otherwise.
