@@ -79,11 +79,12 @@ fn images_written_by_qemu_img_read_identically() {
     let dir = tempfile::tempdir().unwrap();
     let raw = raw_source(dir.path());
     let r = raw.to_str().unwrap();
-    let variants: [(&str, &[&str]); 4] = [
+    let variants: [(&str, &[&str]); 5] = [
         ("default.qcow2", &[]),
         ("small-clusters.qcow2", &["-o", "cluster_size=4096"]),
         ("v2.qcow2", &["-o", "compat=0.10"]),
         ("compressed.qcow2", &["-c"]),
+        ("zstd.qcow2", &["-c", "-o", "compression_type=zstd"]),
     ];
     for (name, opts) in variants {
         let out = dir.path().join(name);
@@ -92,7 +93,7 @@ fn images_written_by_qemu_img_read_identically() {
         args.extend_from_slice(&[r, out.to_str().unwrap()]);
         run_ok("qemu-img", &args);
         assert_reads_like(&out, &raw);
-        if name == "compressed.qcow2" {
+        if name == "compressed.qcow2" || name == "zstd.qcow2" {
             let m = open(&out).unwrap().map(30 * MIB, 4096).unwrap();
             assert!(
                 matches!(m, diskferry::vdisk::Mapping::Compressed { .. }),

@@ -4,8 +4,7 @@
 //! entry is validated when first used, so a hostile image yields a clear error naming the
 //! file and the problem — never a panic, never an allocation beyond one cluster or the L1
 //! table's bounded size. Data clusters, explicit zero clusters, unallocated clusters and
-//! zlib-compressed clusters are read. Writing lives in `write.rs`. Backing files and zstd
-//! come next.
+//! zlib- and zstd-compressed clusters are read. Writing lives in `write.rs`.
 //!
 //! The L1 table and the L2 tables in use live in [`Meta`] under one lock, shared by reads and
 //! writes: a write's table updates are visible to reads at once and reach the file at flush.
@@ -132,12 +131,6 @@ impl Qcow2 {
         } else {
             None
         };
-        if header.compression == Compression::Zstd {
-            return Err(ImageError::Unsupported {
-                path: path.to_path_buf(),
-                feature: "zstd compression".into(),
-            });
-        }
         // Bounded by MAX_L1_ENTRIES in Header::parse, and present in the file.
         let mut l1_raw = vec![0u8; header.l1_size as usize * 8];
         file.read_at(&mut l1_raw, header.l1_table_offset)
@@ -368,12 +361,24 @@ impl Qcow2 {
                 path: self.path.clone(),
                 source,
             })?;
+        // The output is exactly one cluster: nothing decompresses beyond it.
         let mut out = vec![0u8; cluster];
-        let mut inflater = flate2::Decompress::new(false);
-        let status = inflater.decompress(&input, &mut out, flate2::FlushDecompress::Finish);
-        if status.is_err() || inflater.total_out() != cluster as u64 {
+        let whole = match self.header.compression {
+            Compression::Zlib => {
+                let mut inflater = flate2::Decompress::new(false);
+                let status = inflater.decompress(&input, &mut out, flate2::FlushDecompress::Finish);
+                status.is_ok() && inflater.total_out() == cluster as u64
+            }
+            Compression::Zstd => {
+                use std::io::Read;
+                // One frame; the sector-rounded input may carry bytes after it.
+                ruzstd::decoding::StreamingDecoder::new(&input[..])
+                    .is_ok_and(|mut d| d.read_exact(&mut out).is_ok())
+            }
+        };
+        if !whole {
             return Err(self.invalid(format!(
-                "compressed cluster at {host} does not inflate to one cluster"
+                "compressed cluster at {host} does not decompress to one cluster"
             )));
         }
         let out = Arc::new(out);

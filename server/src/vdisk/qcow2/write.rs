@@ -541,6 +541,10 @@ impl Qcow2 {
     /// From now on, store whole new data clusters compressed when that saves space (for
     /// archives; compressed clusters are rewritten uncompressed when partly overwritten).
     pub fn set_compress(&self, on: bool) -> Result<()> {
+        if on && self.header.compression != super::Compression::Zlib {
+            return Err(self
+                .format_err("compressed writes into a zstd-typed image are not supported".into()));
+        }
         self.state(&mut self.lock())?.compress = on;
         Ok(())
     }
