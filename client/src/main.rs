@@ -87,17 +87,20 @@ async fn run(args: args::Args) -> Result<(), String> {
         quiet: false,
     });
 
+    // Signal handlers exist before anyone is told we are ready: a SIGTERM right after the
+    // "listening on" line must still end the client cleanly.
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).map_err(|e| e.to_string())?;
+    let mut interrupt = signal(SignalKind::interrupt()).map_err(|e| e.to_string())?;
     let listener = TcpListener::bind(&args.listen)
         .await
         .map_err(|e| format!("cannot listen on {}: {e}", args.listen))?;
     let local = listener.local_addr().map_err(|e| e.to_string())?;
     // Scripts wait for this exact line on stdout.
     println!("listening on {local}");
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .map_err(|e| e.to_string())?;
     tokio::select! {
         () = accept_loop(listener, config) => Ok(()),
-        _ = tokio::signal::ctrl_c() => { log!("interrupted; exiting"); Ok(()) }
+        _ = interrupt.recv() => { log!("interrupted; exiting"); Ok(()) }
         _ = term.recv() => { log!("terminated; exiting"); Ok(()) }
     }
 }
