@@ -11,7 +11,7 @@ pub mod vhdx;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use crate::blockdev::{BlockDevice, FileDevice};
+use crate::blockdev::{BlockDevice, BlockError, Extent, FileDevice, Region};
 
 /// Block size of the VHDX images we create (Hyper-V's default).
 pub const VHDX_BLOCK_SIZE: u64 = 32 << 20;
@@ -232,6 +232,69 @@ pub fn create_image(
             Ok(Arc::new(image))
         }
     }
+}
+
+/// Fills `buf` from virtual `offset` (already range-checked) piece by piece: `map` says where
+/// each piece lives, `fill` performs its I/O into the piece's part of `buf`.
+pub(crate) fn read_mapped(
+    path: &Path,
+    buf: &mut [u8],
+    offset: u64,
+    map: impl Fn(u64, u64) -> Result<Mapping, ImageError>,
+    mut fill: impl FnMut(Mapping, u64, &mut [u8]) -> Result<(), BlockError>,
+) -> Result<(), BlockError> {
+    let mut done = 0usize;
+    while done < buf.len() {
+        let pos = offset + done as u64;
+        let m = map(pos, (buf.len() - done) as u64)?;
+        let n = m.len() as usize;
+        if n == 0 {
+            return Err(BlockError::Format(format!(
+                "{}: empty mapping at {pos}",
+                path.display()
+            )));
+        }
+        fill(m, pos, &mut buf[done..done + n])?;
+        done += n;
+    }
+    Ok(())
+}
+
+/// Block status from mappings: stored data is `Data`, zero pieces `Zero`, unallocated pieces
+/// `unallocated` (zeros, or the backing image's data for an overlay). At most 4096 extents.
+pub(crate) fn status_mapped(
+    path: &Path,
+    offset: u64,
+    end: u64,
+    unallocated: Region,
+    map: impl Fn(u64, u64) -> Result<Mapping, ImageError>,
+) -> Result<Vec<Extent>, BlockError> {
+    let mut out: Vec<Extent> = Vec::new();
+    let mut pos = offset;
+    while pos < end && out.len() < 4096 {
+        let m = map(pos, end - pos)?;
+        if m.is_empty() {
+            return Err(BlockError::Format(format!(
+                "{}: empty mapping at {pos}",
+                path.display()
+            )));
+        }
+        let region = match m {
+            Mapping::Data { .. } | Mapping::Compressed { .. } => Region::Data,
+            Mapping::Zero { .. } => Region::Zero,
+            Mapping::Unallocated { .. } => unallocated,
+        };
+        match out.last_mut() {
+            Some(last) if last.region == region => last.len += m.len(),
+            _ => out.push(Extent {
+                offset: pos,
+                len: m.len(),
+                region,
+            }),
+        }
+        pos += m.len();
+    }
+    Ok(out)
 }
 
 /// Where a piece of the virtual disk lives.

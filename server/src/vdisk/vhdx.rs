@@ -15,7 +15,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use super::{ImageError, Mapping};
+use super::{read_mapped, status_mapped, ImageError, Mapping};
 use crate::blockdev::{check_range, BlockDevice, BlockError, Extent, Region, Result};
 
 pub const MAGIC: &[u8; 8] = b"vhdxfile";
@@ -574,54 +574,26 @@ impl BlockDevice for Vhdx {
 
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         check_range(self.size, offset, buf.len() as u64)?;
-        let mut done = 0usize;
-        while done < buf.len() {
-            let pos = offset + done as u64;
-            let m = self.map(pos, (buf.len() - done) as u64)?;
-            let n = m.len() as usize;
-            if n == 0 {
-                return Err(BlockError::Format(format!(
-                    "{}: empty mapping at {pos}",
-                    self.path.display()
-                )));
-            }
-            match m {
-                Mapping::Data { host, .. } => self.file.read_at(&mut buf[done..done + n], host)?,
-                _ => buf[done..done + n].fill(0),
-            }
-            done += n;
-        }
-        Ok(())
+        read_mapped(
+            &self.path,
+            buf,
+            offset,
+            |pos, max| self.map(pos, max),
+            |m, _, dst| match m {
+                Mapping::Data { host, .. } => self.file.read_at(dst, host),
+                _ => {
+                    dst.fill(0);
+                    Ok(())
+                }
+            },
+        )
     }
 
     fn block_status(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {
         let end = offset.saturating_add(len).min(self.size);
-        let mut out: Vec<Extent> = Vec::new();
-        let mut pos = offset;
-        while pos < end && out.len() < 4096 {
-            let m = self.map(pos, end - pos)?;
-            if m.is_empty() {
-                return Err(BlockError::Format(format!(
-                    "{}: empty mapping at {pos}",
-                    self.path.display()
-                )));
-            }
-            let region = if matches!(m, Mapping::Data { .. }) {
-                Region::Data
-            } else {
-                Region::Zero
-            };
-            match out.last_mut() {
-                Some(last) if last.region == region => last.len += m.len(),
-                _ => out.push(Extent {
-                    offset: pos,
-                    len: m.len(),
-                    region,
-                }),
-            }
-            pos += m.len();
-        }
-        Ok(out)
+        status_mapped(&self.path, offset, end, Region::Zero, |pos, max| {
+            self.map(pos, max)
+        })
     }
 }
 

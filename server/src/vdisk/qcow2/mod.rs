@@ -19,7 +19,7 @@ use std::sync::{Arc, Mutex};
 
 pub use header::{Compression, Header, MAGIC};
 
-use super::{ImageError, Mapping};
+use super::{read_mapped, status_mapped, ImageError, Mapping};
 use crate::blockdev::{check_range, BlockDevice, BlockError, Extent, Region, Result};
 
 /// Offset bits of L1 and standard L2 entries (bits 9..=55).
@@ -30,8 +30,6 @@ const OFLAG_COMPRESSED: u64 = 1 << 62;
 const OFLAG_ZERO: u64 = 1;
 /// L2 tables kept in memory.
 const L2_CACHE_TABLES: usize = 64;
-/// Most extents one `block_status` call returns.
-const MAX_EXTENTS: usize = 4096;
 
 /// An open qcow2 image.
 pub struct Qcow2 {
@@ -437,22 +435,18 @@ impl BlockDevice for Qcow2 {
 
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         check_range(self.header.size, offset, buf.len() as u64)?;
-        let mut done = 0usize;
-        while done < buf.len() {
-            let pos = offset + done as u64;
-            let m = self.map(pos, (buf.len() - done) as u64)?;
-            let n = m.len() as usize;
-            if n == 0 {
-                return Err(BlockError::Format(format!(
-                    "{}: empty mapping at {pos}",
-                    self.path.display()
-                )));
-            }
-            let dst = &mut buf[done..done + n];
-            match m {
-                Mapping::Data { host, .. } => self.file.read_at(dst, host)?,
-                Mapping::Zero { .. } => dst.fill(0),
-                Mapping::Unallocated { .. } => self.read_unallocated(dst, pos)?,
+        read_mapped(
+            &self.path,
+            buf,
+            offset,
+            |pos, max| self.map(pos, max),
+            |m, pos, dst| match m {
+                Mapping::Data { host, .. } => self.file.read_at(dst, host),
+                Mapping::Zero { .. } => {
+                    dst.fill(0);
+                    Ok(())
+                }
+                Mapping::Unallocated { .. } => self.read_unallocated(dst, pos),
                 Mapping::Compressed {
                     host,
                     stored,
@@ -460,42 +454,25 @@ impl BlockDevice for Qcow2 {
                     ..
                 } => {
                     let cluster = self.decompressed(host, stored)?;
-                    dst.copy_from_slice(&cluster[in_cluster as usize..in_cluster as usize + n]);
+                    dst.copy_from_slice(
+                        &cluster[in_cluster as usize..in_cluster as usize + dst.len()],
+                    );
+                    Ok(())
                 }
-            }
-            done += n;
-        }
-        Ok(())
+            },
+        )
     }
 
     fn block_status(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {
         let end = offset.saturating_add(len).min(self.header.size);
-        let mut out: Vec<Extent> = Vec::new();
-        let mut pos = offset;
-        while pos < end && out.len() < MAX_EXTENTS {
-            let m = self.map(pos, end - pos)?;
-            if m.is_empty() {
-                return Err(BlockError::Format(format!(
-                    "{}: empty mapping at {pos}",
-                    self.path.display()
-                )));
-            }
-            let region = match m {
-                Mapping::Data { .. } | Mapping::Compressed { .. } => Region::Data,
-                // An overlay's unallocated clusters hold the backing image's data.
-                Mapping::Unallocated { .. } if self.backing_name.is_some() => Region::Data,
-                Mapping::Zero { .. } | Mapping::Unallocated { .. } => Region::Zero,
-            };
-            match out.last_mut() {
-                Some(last) if last.region == region => last.len += m.len(),
-                _ => out.push(Extent {
-                    offset: pos,
-                    len: m.len(),
-                    region,
-                }),
-            }
-            pos += m.len();
-        }
-        Ok(out)
+        // An overlay's unallocated clusters hold the backing image's data.
+        let unallocated = if self.backing_name.is_some() {
+            Region::Data
+        } else {
+            Region::Zero
+        };
+        status_mapped(&self.path, offset, end, unallocated, |pos, max| {
+            self.map(pos, max)
+        })
     }
 }
