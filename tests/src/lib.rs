@@ -265,3 +265,17 @@ pub fn assert_qcow2_clean_and_equal(image: &Path, reference: &Path) {
         ],
     );
 }
+
+/// Writes `dir/name`: a copy of `original` with `edit` applied (for damaged-image tests).
+pub fn damaged_copy(
+    dir: &Path,
+    name: &str,
+    original: &[u8],
+    edit: impl FnOnce(&mut Vec<u8>),
+) -> PathBuf {
+    let mut bytes = original.to_vec();
+    edit(&mut bytes);
+    let path = dir.join(name);
+    std::fs::write(&path, bytes).unwrap();
+    path
+}

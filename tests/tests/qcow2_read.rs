@@ -8,7 +8,7 @@ use std::sync::Arc;
 use diskferry::blockdev::{map_device, BlockDevice, FileDevice, Region};
 use diskferry::vdisk::qcow2::Qcow2;
 use diskferry::vdisk::ImageError;
-use diskferry_e2e::{make_disk, run_ok};
+use diskferry_e2e::{damaged_copy, make_disk, run_ok};
 
 const MIB: u64 = 1 << 20;
 
@@ -192,13 +192,8 @@ fn damaged_images_give_clear_errors_naming_the_file() {
         ],
     );
     let bytes = std::fs::read(&good).unwrap();
-    let damaged = |name: &str, edit: &dyn Fn(&mut Vec<u8>)| {
-        let mut b = bytes.clone();
-        edit(&mut b);
-        let p = dir.path().join(name);
-        std::fs::write(&p, b).unwrap();
-        p
-    };
+    let damaged =
+        |name: &str, edit: &dyn Fn(&mut Vec<u8>)| damaged_copy(dir.path(), name, &bytes, edit);
     let be64 = |b: &[u8], at: usize| u64::from_be_bytes(b[at..at + 8].try_into().unwrap());
 
     expect_error(&damaged("magic", &|b| b[0] = b'X'), "not a qcow2 image");

@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use diskferry::blockdev::{BlockDevice, FileDevice};
 use diskferry::vdisk::vhdx::Vhdx;
-use diskferry_e2e::{diskferry, make_disk, run_ok};
+use diskferry_e2e::{damaged_copy, diskferry, make_disk, run_ok};
 
 const MIB: u64 = 1 << 20;
 const GIB: u64 = 1 << 30;
@@ -88,13 +88,8 @@ fn damaged_vhdx_gives_clear_errors() {
         ],
     );
     let bytes = std::fs::read(&good).unwrap();
-    let damaged = |name: &str, edit: &dyn Fn(&mut Vec<u8>)| {
-        let mut b = bytes.clone();
-        edit(&mut b);
-        let p = dir.path().join(name);
-        std::fs::write(&p, b).unwrap();
-        p
-    };
+    let damaged =
+        |name: &str, edit: &dyn Fn(&mut Vec<u8>)| damaged_copy(dir.path(), name, &bytes, edit);
     let expect = |p: &Path, needle: &str| {
         let err = open(p)
             .expect_err("a damaged image must not open")
