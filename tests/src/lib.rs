@@ -279,3 +279,18 @@ pub fn damaged_copy(
     std::fs::write(&path, bytes).unwrap();
     path
 }
+
+/// `qemu-img convert [extra] -f raw -O format src dst`, which must succeed.
+pub fn qemu_img_convert(src: &Path, dst: &Path, format: &str, extra: &[&str]) {
+    let mut args = vec!["convert"];
+    args.extend_from_slice(extra);
+    args.extend_from_slice(&[
+        "-f",
+        "raw",
+        "-O",
+        format,
+        src.to_str().unwrap(),
+        dst.to_str().unwrap(),
+    ]);
+    run_ok("qemu-img", &args);
+}

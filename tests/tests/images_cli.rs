@@ -3,7 +3,7 @@
 use std::ffi::OsStr;
 use std::path::Path;
 
-use diskferry_e2e::{allocated, assert_same_bytes, diskferry, make_disk, run_ok};
+use diskferry_e2e::{allocated, assert_same_bytes, diskferry, make_disk, qemu_img_convert, run_ok};
 
 const MIB: u64 = 1 << 20;
 
@@ -87,19 +87,7 @@ fn convert_reads_qemu_img_compressed_images() {
         .collect();
     std::fs::write(&raw, &text).unwrap();
     let c = dir.path().join("c.qcow2");
-    run_ok(
-        "qemu-img",
-        &[
-            "convert",
-            "-c",
-            "-f",
-            "raw",
-            "-O",
-            "qcow2",
-            raw.to_str().unwrap(),
-            c.to_str().unwrap(),
-        ],
-    );
+    qemu_img_convert(&raw, &c, "qcow2", &["-c"]);
     let out = dir.path().join("out.qcow2");
     df(&["convert".as_ref(), p(&c), p(&out)]);
     assert!(run_ok("qemu-img", &["check", out.to_str().unwrap()]).contains("No errors"));

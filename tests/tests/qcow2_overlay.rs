@@ -9,7 +9,7 @@ use diskferry::blockdev::{BlockDevice, FileDevice};
 use diskferry::vdisk::open_image;
 use diskferry::vdisk::qcow2::Qcow2;
 use diskferry_e2e::{
-    assert_qcow2_clean_and_equal, assert_same_bytes, diskferry, make_disk, run_ok,
+    assert_qcow2_clean_and_equal, assert_same_bytes, diskferry, make_disk, qemu_img_convert, run_ok,
 };
 use rand::{Rng, SeedableRng};
 
@@ -21,18 +21,7 @@ fn our_overlay_keeps_the_base_and_passes_qemu_img_check_and_compare() {
     let raw = dir.path().join("base.raw");
     make_disk(&raw, 64 * MIB, &[(0, 10 * MIB), (30 * MIB, 20 * MIB)]).unwrap();
     let base = dir.path().join("base.qcow2");
-    run_ok(
-        "qemu-img",
-        &[
-            "convert",
-            "-f",
-            "raw",
-            "-O",
-            "qcow2",
-            raw.to_str().unwrap(),
-            base.to_str().unwrap(),
-        ],
-    );
+    qemu_img_convert(&raw, &base, "qcow2", &[]);
     let base_before = std::fs::read(&base).unwrap();
 
     let top = dir.path().join("top.qcow2");
@@ -82,18 +71,7 @@ fn qemu_overlays_read_through_only_when_asked() {
     let raw = dir.path().join("base.raw");
     make_disk(&raw, 32 * MIB, &[(0, 32 * MIB)]).unwrap();
     let base = dir.path().join("base.qcow2");
-    run_ok(
-        "qemu-img",
-        &[
-            "convert",
-            "-f",
-            "raw",
-            "-O",
-            "qcow2",
-            raw.to_str().unwrap(),
-            base.to_str().unwrap(),
-        ],
-    );
+    qemu_img_convert(&raw, &base, "qcow2", &[]);
     let top = dir.path().join("top.qcow2");
     // A relative backing name: resolved from the overlay's directory.
     run_ok(

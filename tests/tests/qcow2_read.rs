@@ -8,7 +8,7 @@ use std::sync::Arc;
 use diskferry::blockdev::{map_device, BlockDevice, FileDevice, Region};
 use diskferry::vdisk::qcow2::Qcow2;
 use diskferry::vdisk::ImageError;
-use diskferry_e2e::{damaged_copy, make_disk, run_ok};
+use diskferry_e2e::{damaged_copy, make_disk, qemu_img_convert, run_ok};
 
 const MIB: u64 = 1 << 20;
 
@@ -108,18 +108,7 @@ fn zero_clusters_and_rewrites_from_qemu_io_read_identically() {
     let dir = tempfile::tempdir().unwrap();
     let raw = raw_source(dir.path());
     let q = dir.path().join("edited.qcow2");
-    run_ok(
-        "qemu-img",
-        &[
-            "convert",
-            "-f",
-            "raw",
-            "-O",
-            "qcow2",
-            raw.to_str().unwrap(),
-            q.to_str().unwrap(),
-        ],
-    );
+    qemu_img_convert(&raw, &q, "qcow2", &[]);
     // Explicit zero clusters over data, and a partial overwrite, applied to both.
     let qs = q.to_str().unwrap();
     run_ok(
@@ -179,18 +168,7 @@ fn damaged_images_give_clear_errors_naming_the_file() {
     let dir = tempfile::tempdir().unwrap();
     let raw = raw_source(dir.path());
     let good = dir.path().join("good.qcow2");
-    run_ok(
-        "qemu-img",
-        &[
-            "convert",
-            "-f",
-            "raw",
-            "-O",
-            "qcow2",
-            raw.to_str().unwrap(),
-            good.to_str().unwrap(),
-        ],
-    );
+    qemu_img_convert(&raw, &good, "qcow2", &[]);
     let bytes = std::fs::read(&good).unwrap();
     let damaged =
         |name: &str, edit: &dyn Fn(&mut Vec<u8>)| damaged_copy(dir.path(), name, &bytes, edit);

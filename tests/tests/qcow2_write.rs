@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use diskferry::blockdev::{BlockDevice, FileDevice};
 use diskferry::vdisk::qcow2::Qcow2;
-use diskferry_e2e::{assert_qcow2_clean_and_equal, run_ok};
+use diskferry_e2e::{assert_qcow2_clean_and_equal, qemu_img_convert};
 use rand::{Rng, SeedableRng};
 
 const MIB: u64 = 1 << 20;
@@ -99,63 +99,37 @@ fn small_clusters_span_many_tables_and_refcount_blocks() {
     assert_qcow2_clean_and_equal(&img, &raw);
 }
 
+/// qemu-img turns `raw` into a qcow2 (with `extra` options); we write into it while mirroring
+/// the writes into `raw`; qemu-img must find the result clean and equal to `raw`.
+fn rewrite_their_image(dir: &Path, raw: &Path, size: u64, extra: &[&str], ops: usize, seed: u64) {
+    let img = dir.join("theirs.qcow2");
+    qemu_img_convert(raw, &img, "qcow2", extra);
+    let reference = std::fs::OpenOptions::new().write(true).open(raw).unwrap();
+    let image = Qcow2::open_writable(device(&img), &img, None).unwrap();
+    scribble(&image, &reference, size, ops, seed);
+    image.flush().unwrap();
+    drop(image);
+    assert_qcow2_clean_and_equal(&img, raw);
+}
+
 #[test]
 fn we_write_into_images_qemu_img_made() {
     let dir = tempfile::tempdir().unwrap();
-    let size = 64 * MIB;
     let raw = dir.path().join("reference.raw");
-    let img = dir.path().join("theirs.qcow2");
-    diskferry_e2e::make_disk(&raw, size, &[(0, 5 * MIB), (20 * MIB, 7 * MIB + 4096)]).unwrap();
-    run_ok(
-        "qemu-img",
-        &[
-            "convert",
-            "-f",
-            "raw",
-            "-O",
-            "qcow2",
-            raw.to_str().unwrap(),
-            img.to_str().unwrap(),
-        ],
-    );
-    let reference = std::fs::OpenOptions::new().write(true).open(&raw).unwrap();
-    let image = Qcow2::open_writable(device(&img), &img, None).unwrap();
-    scribble(&image, &reference, size, 300, 4);
-    image.flush().unwrap();
-    drop(image);
-    assert_qcow2_clean_and_equal(&img, &raw);
+    diskferry_e2e::make_disk(&raw, 64 * MIB, &[(0, 5 * MIB), (20 * MIB, 7 * MIB + 4096)]).unwrap();
+    rewrite_their_image(dir.path(), &raw, 64 * MIB, &[], 300, 4);
 }
 
 #[test]
 fn compressed_images_are_rewritten_cluster_by_cluster() {
     let dir = tempfile::tempdir().unwrap();
-    let size = 16 * MIB;
     let raw = dir.path().join("reference.raw");
-    let img = dir.path().join("compressed.qcow2");
     let text: Vec<u8> = b"compressible line of text. "
         .iter()
         .copied()
         .cycle()
-        .take(size as usize)
+        .take(16 << 20)
         .collect();
     std::fs::write(&raw, &text).unwrap();
-    run_ok(
-        "qemu-img",
-        &[
-            "convert",
-            "-c",
-            "-f",
-            "raw",
-            "-O",
-            "qcow2",
-            raw.to_str().unwrap(),
-            img.to_str().unwrap(),
-        ],
-    );
-    let reference = std::fs::OpenOptions::new().write(true).open(&raw).unwrap();
-    let image = Qcow2::open_writable(device(&img), &img, None).unwrap();
-    scribble(&image, &reference, size, 200, 5);
-    image.flush().unwrap();
-    drop(image);
-    assert_qcow2_clean_and_equal(&img, &raw);
+    rewrite_their_image(dir.path(), &raw, 16 * MIB, &["-c"], 200, 5);
 }

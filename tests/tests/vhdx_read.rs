@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use diskferry::blockdev::{BlockDevice, FileDevice};
 use diskferry::vdisk::vhdx::Vhdx;
-use diskferry_e2e::{damaged_copy, diskferry, make_disk, run_ok};
+use diskferry_e2e::{damaged_copy, diskferry, make_disk, qemu_img_convert, run_ok};
 
 const MIB: u64 = 1 << 20;
 const GIB: u64 = 1 << 30;
@@ -75,18 +75,7 @@ fn damaged_vhdx_gives_clear_errors() {
     let raw = dir.path().join("disk.raw");
     make_disk(&raw, 64 * MIB, &[(0, 8 * MIB)]).unwrap();
     let good = dir.path().join("good.vhdx");
-    run_ok(
-        "qemu-img",
-        &[
-            "convert",
-            "-f",
-            "raw",
-            "-O",
-            "vhdx",
-            raw.to_str().unwrap(),
-            good.to_str().unwrap(),
-        ],
-    );
+    qemu_img_convert(&raw, &good, "vhdx", &[]);
     let bytes = std::fs::read(&good).unwrap();
     let damaged =
         |name: &str, edit: &dyn Fn(&mut Vec<u8>)| damaged_copy(dir.path(), name, &bytes, edit);
