@@ -172,26 +172,59 @@ pub fn assert_same_bytes(a: &Path, b: &Path) {
     );
     let (la, lb) = (fa.metadata().unwrap().len(), fb.metadata().unwrap().len());
     assert_eq!(la, lb, "{} and {} differ in size", a.display(), b.display());
-    let (mut ba, mut bb) = (vec![0u8; 8 << 20], vec![0u8; 8 << 20]);
+    assert_same_stream(
+        &a.display().to_string(),
+        fa,
+        &b.display().to_string(),
+        fb,
+        la,
+    );
+}
+
+/// Reads `len` bytes from both readers and reports the first difference.
+fn assert_same_stream(name_a: &str, mut a: impl Read, name_b: &str, mut b: impl Read, len: u64) {
+    let (mut ba, mut bb) = (vec![0u8; 4 << 20], vec![0u8; 4 << 20]);
     let mut off = 0;
-    while off < la {
-        let n = (la - off).min(ba.len() as u64) as usize;
-        fa.read_exact_at(&mut ba[..n], off).unwrap();
-        fb.read_exact_at(&mut bb[..n], off).unwrap();
-        if ba[..n] != bb[..n] {
-            let i = ba[..n]
-                .iter()
-                .zip(&bb[..n])
-                .position(|(x, y)| x != y)
-                .unwrap();
-            panic!(
-                "{} and {} differ at byte {}",
-                a.display(),
-                b.display(),
-                off + i as u64
-            );
+    while off < len {
+        let n = (len - off).min(ba.len() as u64) as usize;
+        a.read_exact(&mut ba[..n])
+            .unwrap_or_else(|e| panic!("{name_a} at byte {off}: {e}"));
+        b.read_exact(&mut bb[..n])
+            .unwrap_or_else(|e| panic!("{name_b} at byte {off}: {e}"));
+        if let Some(i) = ba[..n].iter().zip(&bb[..n]).position(|(x, y)| x != y) {
+            panic!("{name_a} and {name_b} differ at byte {}", off + i as u64);
         }
         off += n as u64;
+    }
+}
+
+/// A second, independent reader — the `qcow` crate for `.qcow2`, the `vhdx` crate for `.vhdx`
+/// (chosen by extension) — reads `image` the same as the raw `reference`, over the
+/// reference's whole length. Images with a backing file are left to qemu-img: the `qcow`
+/// crate reads unallocated clusters of an overlay as zeros instead of from the backing file.
+pub fn assert_crate_reads_equal(image: &Path, reference: &Path) {
+    let len = std::fs::metadata(reference).unwrap().len();
+    let raw = std::io::BufReader::new(std::fs::File::open(reference).unwrap());
+    let name = image.display().to_string();
+    let what = format!("{} (raw reference)", reference.display());
+    match image.extension().and_then(|e| e.to_str()) {
+        Some("qcow2") => {
+            let qcow =
+                qcow::open(image).unwrap_or_else(|e| panic!("qcow crate cannot open {name}: {e}"));
+            if qcow.backing_file().is_some() {
+                return;
+            }
+            let qcow = qcow.unwrap_qcow2();
+            let mut file = std::io::BufReader::new(std::fs::File::open(image).unwrap());
+            let reader = qcow.reader(&mut file);
+            assert_same_stream(&format!("{name} (qcow crate)"), reader, &what, raw, len);
+        }
+        Some("vhdx") => {
+            let mut disk = vhdx::Vhdx::load(image);
+            let reader = disk.reader();
+            assert_same_stream(&format!("{name} (vhdx crate)"), reader, &what, raw, len);
+        }
+        other => panic!("no second reader for {other:?} images"),
     }
 }
 
@@ -264,6 +297,7 @@ pub fn assert_qcow2_clean_and_equal(image: &Path, reference: &Path) {
             reference.to_str().unwrap(),
         ],
     );
+    assert_crate_reads_equal(image, reference);
 }
 
 /// Writes `dir/name`: a copy of `original` with `edit` applied (for damaged-image tests).

@@ -5,7 +5,8 @@
 //! BAT. Payload BAT entries are interleaved with sector-bitmap entries: after every
 //! `chunk_ratio` payload entries comes one bitmap entry, so block `b` is entry
 //! `b + b / chunk_ratio`. Everything read from the file is bounded and checked before use.
-//! Images with a log still to replay and differencing images are refused with the reason.
+//! A log still to replay is replayed in memory (see [`log`]); differencing images are refused
+//! with the reason.
 //!
 //! Writing (images we create): payload blocks are appended at the end of the file, 1 MiB
 //! aligned; all-zero writes never allocate (whole blocks become the ZERO state and their space
@@ -14,6 +15,8 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
+
+mod log;
 
 use super::{read_mapped, status_mapped, ImageError, Mapping};
 use crate::blockdev::{check_range, BlockDevice, BlockError, Extent, Region, Result};
@@ -141,6 +144,8 @@ impl std::fmt::Debug for Vhdx {
 }
 
 impl Vhdx {
+    /// Opens an image read-only. A log left by a writer that stopped before applying it is
+    /// replayed in memory (the file is not changed).
     pub fn open(file: Arc<dyn BlockDevice>, path: &Path) -> std::result::Result<Vhdx, ImageError> {
         let bad = |problem: String| ImageError::Invalid {
             path: path.to_path_buf(),
@@ -150,7 +155,10 @@ impl Vhdx {
             path: path.to_path_buf(),
             source,
         };
-        let read = |len: usize, at: u64| -> std::result::Result<Vec<u8>, ImageError> {
+        let read_from = |file: &dyn BlockDevice,
+                         len: usize,
+                         at: u64|
+         -> std::result::Result<Vec<u8>, ImageError> {
             if at.saturating_add(len as u64) > file.size() {
                 return Err(bad(format!(
                     "structure at {at} ({len} bytes) is beyond the end of the file"
@@ -160,13 +168,13 @@ impl Vhdx {
             file.read_at(&mut buf, at).map_err(io)?;
             Ok(buf)
         };
-        if read(8, 0)?.as_slice() != MAGIC {
+        if read_from(&*file, 8, 0)?.as_slice() != MAGIC {
             return Err(bad("not a VHDX image (no vhdxfile identifier)".into()));
         }
         // The current header: a valid checksum and the highest sequence number.
         let mut current: Option<Vec<u8>> = None;
         for at in HEADER_OFFSETS {
-            let h = read(4096, at)?;
+            let h = read_from(&*file, 4096, at)?;
             if &h[..4] != b"head" || le32(&h, 4) != checksum(&h, 4) {
                 continue;
             }
@@ -176,12 +184,30 @@ impl Vhdx {
         }
         let header = current
             .ok_or_else(|| bad("neither header is valid (bad signature or checksum)".into()))?;
-        if header[48..64].iter().any(|&b| b != 0) {
-            return Err(ImageError::Unsupported {
-                path: path.to_path_buf(),
-                feature: "an image whose log has not been replayed (open it once with Hyper-V or `qemu-img check -r all`)".into(),
-            });
-        }
+        let file = if header[48..64].iter().any(|&b| b != 0) {
+            let (log_len, log_at) = (u64::from(le32(&header, 68)), le64(&header, 72));
+            if log_len == 0 || log_len % MIB != 0 || log_at % MIB != 0 || log_len > log::MAX_LOG {
+                return Err(bad(format!(
+                    "the log ({log_len} bytes at {log_at}) is misplaced or absurdly large"
+                )));
+            }
+            let log = read_from(&*file, log_len as usize, log_at)?;
+            match log::replay(&log, &header[48..64]).map_err(bad)? {
+                Some(replay) if replay.flushed_file_offset > file.size() => {
+                    return Err(bad(format!(
+                        "the file ends at {} but its log says {} bytes were flushed (truncated?)",
+                        file.size(),
+                        replay.flushed_file_offset
+                    )));
+                }
+                Some(replay) => Arc::new(log::Replayed::new(file, replay)),
+                // A log GUID with no valid entries: nothing was logged that needs replaying.
+                None => file,
+            }
+        } else {
+            file
+        };
+        let read = |len: usize, at: u64| read_from(&*file, len, at);
         let regions = REGION_TABLE_OFFSETS
             .iter()
             .map(|&at| read(REGION_TABLE_LEN, at))
