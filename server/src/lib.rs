@@ -2,6 +2,9 @@
 //! move sectors between them. The `diskferry` binary is a thin CLI over this.
 
 pub mod blockdev;
+pub mod fs;
+pub mod inspect;
+pub mod partition;
 pub mod pipeline;
 pub mod progress;
 pub mod source;

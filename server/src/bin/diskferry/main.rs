@@ -1,5 +1,6 @@
 //! `diskferry`: the imaging server's command line.
 
+mod browse;
 mod demo;
 mod images;
 
@@ -98,6 +99,50 @@ enum Command {
         #[arg(long)]
         force: bool,
     },
+    /// Show what a disk holds: partition table, filesystems (type, label, UUID, space used)
+    /// and the operating system found in their files
+    Inspect {
+        /// DISK@HOST:PORT (a client's disk), a local file or block device, or a qcow2/VHDX image
+        source: String,
+        /// Pretty-printed JSON instead of a table
+        #[arg(long)]
+        json: bool,
+        /// Read a local qcow2 overlay through its backing file(s) (never done implicitly)
+        #[arg(long)]
+        follow_backing: bool,
+        #[command(flatten)]
+        conn: ConnArgs,
+    },
+    /// List a directory inside a disk's filesystem (nothing is mounted)
+    Ls {
+        #[command(flatten)]
+        target: browse::Target,
+        /// Directory or file inside the filesystem
+        #[arg(default_value = "/")]
+        path: String,
+        /// Long format: type, mode, links, owner, size, modification time (UTC), link target
+        #[arg(short = 'l')]
+        long: bool,
+        /// Everything below PATH
+        #[arg(short = 'R')]
+        recursive: bool,
+    },
+    /// Write a file from inside a disk's filesystem to standard output
+    Cat {
+        #[command(flatten)]
+        target: browse::Target,
+        /// File inside the filesystem
+        path: String,
+    },
+    /// Copy a file or a whole directory tree out of a disk's filesystem, keeping modes and times
+    Get {
+        #[command(flatten)]
+        target: browse::Target,
+        /// File or directory inside the filesystem
+        path: String,
+        /// Where to write it (an existing directory receives a file under its own name)
+        dest: PathBuf,
+    },
     /// Write a new random key file for the client and the server to share
     Keygen {
         /// Where to write the key (created with mode 0600; never overwritten)
@@ -106,7 +151,7 @@ enum Command {
 }
 
 #[derive(Args)]
-struct ConnArgs {
+pub(crate) struct ConnArgs {
     /// Pre-shared key file, the same one the client uses
     #[arg(long, env = "DISKFERRY_KEY_FILE", value_name = "FILE")]
     key_file: Option<PathBuf>,
@@ -246,18 +291,32 @@ fn run(cli: Cli) -> Result<()> {
         ),
         Command::Overlay { base, out, force } => images::overlay(&base, &out, force),
         Command::Disks { addr, conn } => disks(&addr, &conn),
+        Command::Inspect {
+            source,
+            json,
+            follow_backing,
+            conn,
+        } => browse::inspect(&source, follow_backing, &conn, json),
+        Command::Ls {
+            target,
+            path,
+            long,
+            recursive,
+        } => browse::ls(&target, &path, long, recursive),
+        Command::Cat { target, path } => browse::cat(&target, &path),
+        Command::Get { target, path, dest } => browse::get(&target, &path, &dest),
         Command::Capture(args) => capture(args),
     }
 }
 
-fn runtime() -> Result<tokio::runtime::Runtime> {
+pub(crate) fn runtime() -> Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .context("cannot start the async runtime")
 }
 
-fn session(conn: &ConnArgs) -> Result<SessionOptions> {
+pub(crate) fn session(conn: &ConnArgs) -> Result<SessionOptions> {
     let Some(path) = &conn.key_file else {
         bail!("a key is needed to talk to a client: pass --key-file FILE or set DISKFERRY_KEY_FILE")
     };
@@ -382,7 +441,7 @@ fn capture(args: CaptureArgs) -> Result<()> {
     Ok(())
 }
 
-fn human_bytes(n: u64) -> String {
+pub(crate) fn human_bytes(n: u64) -> String {
     const UNITS: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
     let mut v = n as f64;
     let mut u = 0;

@@ -1,0 +1,292 @@
+//! Filesystems on block devices: detection by on-disk signature ([`detect`]), and one
+//! [`Filesystem`] trait over the readers (ext2/3/4 now; FAT and NTFS next) that the capture,
+//! browse and inspect code uses without knowing which filesystem it walks.
+//!
+//! Everything a filesystem says is hostile input: a corrupt record is an error for that entry
+//! (the walk goes on), lengths are bounded before allocation, walks are bounded.
+
+pub mod detect;
+pub mod ext4;
+pub mod tree;
+
+use std::sync::Arc;
+
+use crate::blockdev::{BlockDevice, BlockError};
+pub use detect::{detect, FsKind};
+
+#[derive(Debug, thiserror::Error)]
+pub enum FsError {
+    #[error(transparent)]
+    Io(#[from] BlockError),
+    #[error("{0}: corrupt filesystem: {1}")]
+    Corrupt(String, String),
+    #[error("{0}: no such file or directory")]
+    NotFound(String),
+    #[error("{0}: not a directory")]
+    NotADirectory(String),
+    #[error("{0}")]
+    Unsupported(String),
+}
+
+pub type Result<T, E = FsError> = std::result::Result<T, E>;
+
+/// A filesystem's own identifier for a file (ext4 inode number, NTFS MFT record number).
+pub type NodeId = u64;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum FileKind {
+    File,
+    Dir,
+    Symlink,
+    CharDevice,
+    BlockDevice,
+    Fifo,
+    Socket,
+}
+
+impl FileKind {
+    /// The letter `ls -l` shows.
+    pub fn letter(self) -> char {
+        match self {
+            FileKind::File => '-',
+            FileKind::Dir => 'd',
+            FileKind::Symlink => 'l',
+            FileKind::CharDevice => 'c',
+            FileKind::BlockDevice => 'b',
+            FileKind::Fifo => 'p',
+            FileKind::Socket => 's',
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            FileKind::File => "file",
+            FileKind::Dir => "dir",
+            FileKind::Symlink => "symlink",
+            FileKind::CharDevice => "char-device",
+            FileKind::BlockDevice => "block-device",
+            FileKind::Fifo => "fifo",
+            FileKind::Socket => "socket",
+        }
+    }
+}
+
+/// A point in time at the filesystem's precision: seconds since the Unix epoch and
+/// nanoseconds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Timestamp {
+    pub secs: i64,
+    pub nanos: u32,
+}
+
+/// One directory entry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DirEntry {
+    pub name: Vec<u8>,
+    pub node: NodeId,
+    pub kind: FileKind,
+}
+
+impl DirEntry {
+    pub fn name_lossy(&self) -> String {
+        String::from_utf8_lossy(&self.name).into_owned()
+    }
+}
+
+/// What a filesystem records about a file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Metadata {
+    pub node: NodeId,
+    pub kind: FileKind,
+    pub size: u64,
+    /// Permission bits (including setuid/setgid/sticky), without the file type.
+    pub mode: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub links: u32,
+    pub atime: Option<Timestamp>,
+    pub mtime: Option<Timestamp>,
+    pub ctime: Option<Timestamp>,
+    pub crtime: Option<Timestamp>,
+    /// Character and block devices: (major, minor).
+    pub device: Option<(u32, u32)>,
+    /// ext4 inode flags (immutable, append-only, ...), NTFS/FAT file attributes.
+    pub flags: u32,
+    /// Bytes the file occupies on disk.
+    pub allocated: u64,
+}
+
+/// A run of a file's bytes on the disk: file offset, disk offset (relative to the
+/// filesystem's start) and length, in bytes. Holes have no extent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FileExtent {
+    pub file_offset: u64,
+    pub disk_offset: u64,
+    pub len: u64,
+    /// Allocated but reads as zeros (ext4 unwritten extents).
+    pub unwritten: bool,
+}
+
+/// Volume-level facts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VolumeInfo {
+    pub kind: FsKind,
+    pub label: String,
+    /// UUID or volume serial, as the filesystem's own tools print it.
+    pub uuid: String,
+    pub block_size: u32,
+    pub total_bytes: u64,
+    pub used_bytes: u64,
+}
+
+/// Which blocks (clusters) of the volume are in use: `runs` of (first block, count), sorted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AllocationMap {
+    pub block_size: u32,
+    pub runs: Vec<(u64, u64)>,
+}
+
+impl AllocationMap {
+    pub fn used_blocks(&self) -> u64 {
+        self.runs.iter().map(|r| r.1).sum()
+    }
+}
+
+/// A filesystem opened for reading.
+pub trait Filesystem: Send + Sync {
+    fn info(&self) -> VolumeInfo;
+
+    fn root(&self) -> NodeId;
+
+    fn metadata(&self, node: NodeId) -> Result<Metadata>;
+
+    /// The entries of a directory, without `.` and `..`.
+    fn read_dir(&self, dir: NodeId) -> Result<Vec<DirEntry>>;
+
+    /// Reads up to `buf.len()` bytes at `offset`; returns how many (0 at the end).
+    fn read_at(&self, node: NodeId, offset: u64, buf: &mut [u8]) -> Result<usize>;
+
+    /// A symbolic link's target, as stored.
+    fn read_link(&self, node: NodeId) -> Result<Vec<u8>>;
+
+    /// Extended attributes (ext4: every namespace, full names such as `user.x`; NTFS: alternate
+    /// data streams are reported elsewhere).
+    fn xattrs(&self, node: NodeId) -> Result<Vec<(String, Vec<u8>)>>;
+
+    /// Where the file's bytes are on disk, in file order.
+    fn extents(&self, node: NodeId) -> Result<Vec<FileExtent>>;
+
+    /// The blocks in use.
+    fn allocation_map(&self) -> Result<AllocationMap>;
+
+    /// Finds `path` (`/`-separated, from the root; symlinks are not followed).
+    fn lookup(&self, path: &str) -> Result<NodeId> {
+        let mut node = self.root();
+        for part in path.split('/').filter(|p| !p.is_empty() && *p != ".") {
+            let meta = self.metadata(node)?;
+            if meta.kind != FileKind::Dir {
+                return Err(FsError::NotADirectory(path.to_string()));
+            }
+            node = self
+                .read_dir(node)?
+                .into_iter()
+                .find(|e| e.name == part.as_bytes())
+                .map(|e| e.node)
+                .ok_or_else(|| FsError::NotFound(path.to_string()))?;
+        }
+        Ok(node)
+    }
+
+    /// Finds `path` following symbolic links in every component, as opening a file would
+    /// (absolute targets start again from this filesystem's root; at most 40 links).
+    fn resolve(&self, path: &str) -> Result<NodeId> {
+        let mut pending: Vec<String> = components(path);
+        pending.reverse();
+        let mut stack: Vec<NodeId> = vec![self.root()];
+        let mut hops = 0;
+        while let Some(part) = pending.pop() {
+            let dir = *stack.last().expect("the root is never popped");
+            if part == ".." {
+                if stack.len() > 1 {
+                    stack.pop();
+                }
+                continue;
+            }
+            if self.metadata(dir)?.kind != FileKind::Dir {
+                return Err(FsError::NotADirectory(path.to_string()));
+            }
+            let entry = self
+                .read_dir(dir)?
+                .into_iter()
+                .find(|e| e.name == part.as_bytes())
+                .ok_or_else(|| FsError::NotFound(path.to_string()))?;
+            if entry.kind == FileKind::Symlink {
+                hops += 1;
+                if hops > 40 {
+                    return Err(FsError::Corrupt(
+                        path.to_string(),
+                        "too many levels of symbolic links".into(),
+                    ));
+                }
+                let target = String::from_utf8_lossy(&self.read_link(entry.node)?).into_owned();
+                if target.starts_with('/') {
+                    stack.truncate(1);
+                }
+                pending.extend(components(&target).into_iter().rev());
+                continue;
+            }
+            stack.push(entry.node);
+        }
+        Ok(*stack.last().expect("the root is never popped"))
+    }
+
+    /// The whole content of a (small) file, refusing more than `limit` bytes.
+    fn read_all(&self, node: NodeId, limit: u64) -> Result<Vec<u8>> {
+        let size = self.metadata(node)?.size;
+        if size > limit {
+            return Err(FsError::Unsupported(format!(
+                "file of {size} bytes is larger than the {limit} bytes asked for"
+            )));
+        }
+        let mut out = vec![0u8; size as usize];
+        let mut done = 0;
+        while done < out.len() {
+            let n = self.read_at(node, done as u64, &mut out[done..])?;
+            if n == 0 {
+                break;
+            }
+            done += n;
+        }
+        out.truncate(done);
+        Ok(out)
+    }
+}
+
+/// The non-empty, non-`.` components of a `/`-separated path.
+fn components(path: &str) -> Vec<String> {
+    path.split('/')
+        .filter(|p| !p.is_empty() && *p != ".")
+        .map(String::from)
+        .collect()
+}
+
+/// Opens the filesystem on `dev` if we have a reader for it. Panics inside readers are caught
+/// here and become errors.
+pub fn open(dev: Arc<dyn BlockDevice>) -> Result<Box<dyn Filesystem>> {
+    let kind = detect(&*dev)?;
+    let opened = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| match kind {
+        FsKind::Ext2 | FsKind::Ext3 | FsKind::Ext4 => {
+            ext4::Ext4::open(dev).map(|fs| Box::new(fs) as Box<dyn Filesystem>)
+        }
+        other => Err(FsError::Unsupported(format!(
+            "{} filesystems cannot be read yet",
+            other.name()
+        ))),
+    }));
+    opened.unwrap_or_else(|_| {
+        Err(FsError::Corrupt(
+            "filesystem".into(),
+            "the reader failed on malformed structures".into(),
+        ))
+    })
+}

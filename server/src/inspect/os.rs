@@ -1,0 +1,109 @@
+//! Static configuration analysis: which operating system a filesystem holds, read from its
+//! files alone — Linux: os-release, hostname, kernels, fstab; boot loaders on any volume (EFI
+//! System Partition files, GRUB, syslinux, bootmgr).
+
+use serde::Serialize;
+
+use crate::fs::Filesystem;
+
+/// Small configuration files are read whole up to this size.
+const MAX_CONFIG: u64 = 1 << 20;
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct OsInfo {
+    /// "linux" or "windows"; empty when only boot files were found.
+    pub family: String,
+    pub name: Option<String>,
+    pub version: Option<String>,
+    pub pretty_name: Option<String>,
+    pub hostname: Option<String>,
+    pub kernels: Vec<String>,
+    pub module_dirs: Vec<String>,
+    /// fstab lines (comments and blank lines left out).
+    pub fstab: Vec<String>,
+    pub bootloaders: Vec<String>,
+}
+
+fn read_text(fs: &dyn Filesystem, path: &str) -> Option<String> {
+    let node = fs.resolve(path).ok()?;
+    String::from_utf8(fs.read_all(node, MAX_CONFIG).ok()?).ok()
+}
+
+fn names_in(fs: &dyn Filesystem, dir: &str) -> Vec<String> {
+    let Ok(node) = fs.resolve(dir) else {
+        return Vec::new();
+    };
+    let mut names: Vec<String> = fs
+        .read_dir(node)
+        .map(|entries| entries.iter().map(|e| e.name_lossy()).collect())
+        .unwrap_or_default();
+    names.sort();
+    names
+}
+
+/// `KEY=value` lines of os-release, unquoted.
+fn os_release_field(text: &str, key: &str) -> Option<String> {
+    text.lines().find_map(|line| {
+        let (k, v) = line.split_once('=')?;
+        (k.trim() == key).then(|| v.trim().trim_matches('"').trim_matches('\'').to_string())
+    })
+}
+
+/// What the files of `fs` say about the system on it; `None` when nothing is recognised.
+pub fn detect(fs: &dyn Filesystem) -> Option<OsInfo> {
+    let mut info = OsInfo::default();
+    let release = read_text(fs, "/etc/os-release").or_else(|| read_text(fs, "/usr/lib/os-release"));
+    if let Some(text) = &release {
+        info.family = "linux".into();
+        info.name = os_release_field(text, "NAME");
+        info.version = os_release_field(text, "VERSION_ID");
+        info.pretty_name = os_release_field(text, "PRETTY_NAME");
+        info.hostname = read_text(fs, "/etc/hostname")
+            .map(|h| h.trim().to_string())
+            .filter(|h| !h.is_empty());
+        info.kernels = names_in(fs, "/boot")
+            .into_iter()
+            .filter(|n| {
+                n.starts_with("vmlinuz") || n.starts_with("vmlinux") || n.starts_with("bzImage")
+            })
+            .collect();
+        info.module_dirs = names_in(fs, "/lib/modules");
+        if info.module_dirs.is_empty() {
+            info.module_dirs = names_in(fs, "/usr/lib/modules");
+        }
+        info.fstab = read_text(fs, "/etc/fstab")
+            .map(|t| {
+                t.lines()
+                    .map(str::trim)
+                    .filter(|l| !l.is_empty() && !l.starts_with('#'))
+                    .map(String::from)
+                    .collect()
+            })
+            .unwrap_or_default();
+    }
+    info.bootloaders = bootloaders(fs);
+    (release.is_some() || !info.bootloaders.is_empty()).then_some(info)
+}
+
+/// Boot loaders whose files are on this volume.
+fn bootloaders(fs: &dyn Filesystem) -> Vec<String> {
+    let mut found = Vec::new();
+    let exists = |p: &str| fs.lookup(p).is_ok();
+    if exists("/boot/grub/grub.cfg") || exists("/boot/grub2/grub.cfg") || exists("/grub/grub.cfg") {
+        found.push("grub".to_string());
+    }
+    if exists("/boot/syslinux") || exists("/syslinux") || exists("/ldlinux.sys") {
+        found.push("syslinux".to_string());
+    }
+    if exists("/bootmgr") {
+        found.push("bootmgr".to_string());
+    }
+    for vendor in names_in(fs, "/EFI") {
+        for file in names_in(fs, &format!("/EFI/{vendor}")) {
+            if file.to_ascii_lowercase().ends_with(".efi") {
+                found.push(format!("efi:/EFI/{vendor}/{file}"));
+            }
+        }
+    }
+    found
+}
