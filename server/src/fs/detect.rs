@@ -43,7 +43,16 @@ impl FsKind {
 
     /// Whether diskferry can read files from it.
     pub fn readable(self) -> bool {
-        matches!(self, FsKind::Ext2 | FsKind::Ext3 | FsKind::Ext4)
+        matches!(
+            self,
+            FsKind::Ext2
+                | FsKind::Ext3
+                | FsKind::Ext4
+                | FsKind::Fat12
+                | FsKind::Fat16
+                | FsKind::Fat32
+                | FsKind::Ntfs
+        )
     }
 }
 

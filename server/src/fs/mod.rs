@@ -1,5 +1,5 @@
 //! Filesystems on block devices: detection by on-disk signature ([`detect`]), and one
-//! [`Filesystem`] trait over the readers (ext2/3/4 now; FAT and NTFS next) that the capture,
+//! [`Filesystem`] trait over the readers (ext2/3/4 and FAT of our own, NTFS through the `ntfs` crate) that the capture,
 //! browse and inspect code uses without knowing which filesystem it walks.
 //!
 //! Everything a filesystem says is hostile input: a corrupt record is an error for that entry
@@ -7,6 +7,8 @@
 
 pub mod detect;
 pub mod ext4;
+pub mod fat;
+pub mod ntfs;
 pub mod tree;
 
 use std::sync::Arc;
@@ -278,6 +280,10 @@ pub fn open(dev: Arc<dyn BlockDevice>) -> Result<Box<dyn Filesystem>> {
         FsKind::Ext2 | FsKind::Ext3 | FsKind::Ext4 => {
             ext4::Ext4::open(dev).map(|fs| Box::new(fs) as Box<dyn Filesystem>)
         }
+        FsKind::Fat12 | FsKind::Fat16 | FsKind::Fat32 => {
+            fat::Fat::open(dev).map(|fs| Box::new(fs) as Box<dyn Filesystem>)
+        }
+        FsKind::Ntfs => ntfs::NtfsFs::open(dev).map(|fs| Box::new(fs) as Box<dyn Filesystem>),
         other => Err(FsError::Unsupported(format!(
             "{} filesystems cannot be read yet",
             other.name()
