@@ -175,6 +175,11 @@ pub trait Filesystem: Send + Sync {
     /// data streams are reported elsewhere).
     fn xattrs(&self, node: NodeId) -> Result<Vec<(String, Vec<u8>)>>;
 
+    /// The file's Windows security descriptor (NTFS), when the filesystem keeps one for it.
+    fn security_descriptor(&self, _node: NodeId) -> Result<Option<Vec<u8>>> {
+        Ok(None)
+    }
+
     /// Where the file's bytes are on disk, in file order.
     fn extents(&self, node: NodeId) -> Result<Vec<FileExtent>>;
 

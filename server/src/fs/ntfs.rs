@@ -341,6 +341,38 @@ impl Filesystem for NtfsFs {
         Ok(out)
     }
 
+    /// The record's own `$SECURITY_DESCRIPTOR` attribute (NTFS 1.x style, and what ntfs-3g
+    /// writes for new files); descriptors shared through `$Secure` are not looked up yet.
+    fn security_descriptor(&self, node: NodeId) -> Result<Option<Vec<u8>>> {
+        guarded("security descriptor", || {
+            let mut r = self.reader();
+            let file = self.file(&mut r, node)?;
+            let mut attrs = file.attributes();
+            while let Some(item) = attrs.next(&mut r) {
+                let item = item.map_err(|e| err("attributes", e))?;
+                let attr = item.to_attribute().map_err(|e| err("attributes", e))?;
+                if attr.ty().ok() != Some(NtfsAttributeType::SecurityDescriptor) {
+                    continue;
+                }
+                let len = attr.value_length();
+                if len > 1 << 16 {
+                    return Err(err("$SECURITY_DESCRIPTOR", format!("{len} bytes")));
+                }
+                let value = attr
+                    .value(&mut r)
+                    .map_err(|e| err("$SECURITY_DESCRIPTOR", e))?;
+                let mut bytes = Vec::with_capacity(len as usize);
+                value
+                    .attach(&mut r)
+                    .take(len)
+                    .read_to_end(&mut bytes)
+                    .map_err(|e| err("$SECURITY_DESCRIPTOR", e))?;
+                return Ok(Some(bytes));
+            }
+            Ok(None)
+        })
+    }
+
     fn extents(&self, node: NodeId) -> Result<Vec<FileExtent>> {
         guarded("extents", || {
             let mut r = self.reader();

@@ -1,0 +1,238 @@
+//! Filesystem and disk fixtures made at test time with Debian tools, so their content is
+//! known: ext4 populated through the kernel (a read-write loop mount and `cp -a`, which keep
+//! nanosecond times, xattrs and ACLs), FAT with mkfs.vfat + mtools, NTFS with mkntfs + ntfscp,
+//! and partitioned disks with sgdisk (GPT) and sfdisk (MBR).
+
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use crate::run_ok;
+
+const MIB: u64 = 1 << 20;
+
+fn sh(script: &str) {
+    let out = Command::new("sh")
+        .args(["-ec", script])
+        .output()
+        .expect("run sh");
+    assert!(
+        out.status.success(),
+        "{script}\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn p(path: &Path) -> &str {
+    path.to_str().unwrap()
+}
+
+/// A Linux root tree in `dir/tree`: os-release (through a relative symlink, as Debian has it),
+/// hostname, fstab, a kernel, module directory, and files exercising every kind of metadata:
+/// owners, setuid and sticky modes, nanosecond times, hard links, fast and slow symlinks,
+/// a FIFO, a character device, a sparse file, user/trusted/security xattrs (one too large
+/// for the inode), a POSIX ACL and a default ACL.
+pub fn linux_tree(dir: &Path) -> PathBuf {
+    let t = dir.join("tree");
+    let long_target = "a/".repeat(40) + "target";
+    sh(&format!(
+        r#"
+        t={t}
+        mkdir -p $t/etc $t/usr/lib $t/boot $t/lib/modules/6.1.0-21-amd64/kernel $t/home/alice/docs $t/var/empty $t/srv/shared
+        printf 'PRETTY_NAME="Debian GNU/Linux 12 (bookworm)"\nNAME="Debian GNU/Linux"\nVERSION_ID="12"\nID=debian\n' > $t/usr/lib/os-release
+        ln -s ../usr/lib/os-release $t/etc/os-release
+        echo fixture-host > $t/etc/hostname
+        printf '# static file system information\nUUID=1234 / ext4 errors=remount-ro 0 1\n' > $t/etc/fstab
+        head -c 70000 /dev/urandom > $t/boot/vmlinuz-6.1.0-21-amd64
+        head -c 5000 /dev/urandom > $t/lib/modules/6.1.0-21-amd64/kernel/virtio.ko
+        head -c 1500000 /dev/urandom > $t/home/alice/docs/report.bin
+        printf 'hello\n' > $t/home/alice/hello.txt
+        : > $t/home/alice/empty
+        ln $t/home/alice/docs/report.bin $t/home/alice/report-link.bin
+        ln -s hello.txt $t/home/alice/fast-link
+        ln -s {long_target} $t/home/alice/slow-link
+        mkfifo $t/home/alice/pipe
+        mknod $t/home/alice/null-dev c 1 3
+        truncate -s 5000000 $t/home/alice/sparse.img
+        printf 'middle' | dd of=$t/home/alice/sparse.img bs=1 seek=2500000 conv=notrunc status=none
+        chown -R 1000:1000 $t/home/alice
+        chown 1234:5678 $t/home/alice/hello.txt
+        chmod 4755 $t/home/alice/docs/report.bin
+        chmod 1777 $t/srv/shared
+        chmod 0640 $t/home/alice/hello.txt
+        setfattr -n user.comment -v 'a note' $t/home/alice/hello.txt
+        setfattr -n trusted.origin -v fixture $t/home/alice/hello.txt
+        setfattr -n security.selinux -v 'system_u:object_r:user_home_t:s0' $t/home/alice/hello.txt
+        setfattr -n user.big -v "$(head -c 3000 /dev/zero | tr '\0' 'x')" $t/home/alice/docs/report.bin
+        setfacl -m u:2000:rw,g:3000:r $t/home/alice/hello.txt
+        setfacl -d -m u:2000:rwx $t/srv/shared
+        touch -m -d '2001-02-03 04:05:06.123456789' $t/home/alice/hello.txt
+        touch -a -d '2002-03-04 05:06:07.987654321' $t/home/alice/hello.txt
+        touch -h -m -d '2003-04-05 06:07:08.5' $t/home/alice/fast-link
+        "#,
+        t = p(&t)
+    ));
+    t
+}
+
+/// An ext4 image of `size_mib` holding a copy of `tree`, written by the kernel.
+pub fn ext4_image(tree: &Path, image: &Path, size_mib: u64, label: &str) {
+    let mnt = image.with_extension("mnt");
+    std::fs::create_dir_all(&mnt).unwrap();
+    sh(&format!(
+        r#"
+        truncate -s {size}M {img}
+        mkfs.ext4 -q -b 4096 -L {label} {img}
+        mount -o loop {img} {mnt}
+        trap 'umount {mnt}' EXIT
+        cp -a {tree}/. {mnt}/
+        "#,
+        size = size_mib,
+        img = p(image),
+        mnt = p(&mnt),
+        tree = p(tree),
+    ));
+}
+
+/// A FAT image (`bits` 12, 16 or 32) with a known set of files, directories and attributes.
+pub fn fat_image(image: &Path, bits: u32, size_mib: u64, label: &str) {
+    let src = image.with_extension("src");
+    std::fs::create_dir_all(&src).unwrap();
+    sh(&format!(
+        r#"
+        export MTOOLS_SKIP_CHECK=1
+        cd {src}
+        printf 'efi binary' > bootx64.efi
+        head -c 300000 /dev/urandom > data.bin
+        printf 'x' > short.txt
+        truncate -s {size}M {img}
+        mkfs.vfat -F {bits} -n {label} {img} >/dev/null
+        mmd -i {img} ::/EFI ::/EFI/BOOT ::/Empty
+        mcopy -i {img} bootx64.efi ::/EFI/BOOT/BOOTX64.EFI
+        mcopy -i {img} data.bin "::/A Long File Name.bin"
+        mcopy -i {img} short.txt ::/SHORT.TXT
+        : > empty; mcopy -i {img} empty ::/Empty/zero.txt
+        mattrib -i {img} +h +s "::/A Long File Name.bin"
+        mattrib -i {img} +r ::/SHORT.TXT
+        "#,
+        src = p(&src),
+        img = p(image),
+        size = size_mib,
+        bits = bits,
+        label = label,
+    ));
+}
+
+/// An NTFS image with files, a directory, and an alternate data stream.
+pub fn ntfs_image(image: &Path, size_mib: u64, label: &str) {
+    let src = image.with_extension("src");
+    std::fs::create_dir_all(&src).unwrap();
+    sh(&format!(
+        r#"
+        cd {src}
+        head -c 2000000 /dev/urandom > big.bin
+        printf 'hello ntfs\n' > hello.txt
+        printf 'hidden stream\n' > stream.txt
+        truncate -s {size}M {img}
+        mkntfs -q -F -Q -L {label} {img} 2>/dev/null
+        ntfscp {img} big.bin 'Big File.bin'
+        ntfscp {img} hello.txt hello.txt
+        ntfscp -N Zone.Identifier {img} stream.txt hello.txt
+        "#,
+        src = p(&src),
+        img = p(image),
+        size = size_mib,
+        label = label,
+    ));
+}
+
+/// Copies the raw filesystem `image` into `disk` at byte `offset`, sparsely.
+pub fn place(disk: &Path, offset: u64, image: &Path) {
+    let src = std::fs::File::open(image).unwrap();
+    let dst = std::fs::OpenOptions::new().write(true).open(disk).unwrap();
+    let len = src.metadata().unwrap().len();
+    let mut buf = vec![0u8; MIB as usize];
+    let mut at = 0;
+    while at < len {
+        let n = (len - at).min(MIB) as usize;
+        src.read_exact_at(&mut buf[..n], at).unwrap();
+        if buf[..n].iter().any(|&b| b != 0) {
+            dst.write_all_at(&buf[..n], offset + at).unwrap();
+        }
+        at += n as u64;
+    }
+}
+
+/// A GPT disk: `parts` are (size in MiB, sgdisk type code, name); returns each partition's
+/// byte offset. Partitions start at 1 MiB and follow each other.
+pub fn gpt_disk(disk: &Path, size_mib: u64, parts: &[(u64, &str, &str)]) -> Vec<u64> {
+    std::fs::File::create(disk)
+        .unwrap()
+        .set_len(size_mib * MIB)
+        .unwrap();
+    let mut args = vec![
+        "-U".to_string(),
+        "11111111-2222-3333-4444-555555555555".into(),
+    ];
+    let mut offsets = Vec::new();
+    let mut start = MIB / 512;
+    for (i, (mib, code, name)) in parts.iter().enumerate() {
+        let n = i + 1;
+        let end = start + mib * MIB / 512 - 1;
+        args.push(format!("-n{n}:{start}:{end}"));
+        args.push(format!("-t{n}:{code}"));
+        args.push(format!("-c{n}:{name}"));
+        offsets.push(start * 512);
+        start = end + 1;
+    }
+    args.push(p(disk).to_string());
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    run_ok("sgdisk", &args);
+    offsets
+}
+
+/// An MBR disk with signature 0x12345678: two primaries, then an extended partition with
+/// two logical ones; `sizes` are the four filesystem partitions in MiB and `ids` their
+/// types. Returns their offsets (partitions 1, 2, 5, 6).
+pub fn mbr_disk(disk: &Path, size_mib: u64, sizes: [u64; 4], ids: [&str; 4]) -> Vec<u64> {
+    std::fs::File::create(disk)
+        .unwrap()
+        .set_len(size_mib * MIB)
+        .unwrap();
+    let s = sizes.map(|m| m * MIB / 512);
+    let mut script = "label: dos\nlabel-id: 0x12345678\n".to_string();
+    let mut at = MIB / 512;
+    let mut offsets = Vec::new();
+    for i in 0..2 {
+        script.push_str(&format!("start={at}, size={}, type={}\n", s[i], ids[i]));
+        offsets.push(at * 512);
+        at += s[i];
+    }
+    let ext_size = s[2] + s[3] + 4 * MIB / 512;
+    script.push_str(&format!("start={at}, size={ext_size}, type=5\n"));
+    let mut logical = at + MIB / 512;
+    for i in 2..4 {
+        script.push_str(&format!(
+            "start={logical}, size={}, type={}\n",
+            s[i], ids[i]
+        ));
+        offsets.push(logical * 512);
+        logical += s[i] + MIB / 512;
+    }
+    let mut child = Command::new("sfdisk")
+        .args(["-q", p(disk)])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("sfdisk (install fdisk)");
+    use std::io::Write;
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(script.as_bytes())
+        .unwrap();
+    assert!(child.wait().unwrap().success(), "sfdisk failed:\n{script}");
+    offsets
+}

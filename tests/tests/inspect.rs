@@ -1,0 +1,710 @@
+//! Seeing inside disks: partition tables, ext4/FAT/NTFS readers and `inspect`/`ls`/`cat`/`get`,
+//! against fixtures made with Debian tools (the kernel writes the ext4 content; mtools the
+//! FAT; ntfs-3g the NTFS) and checked against what was put in and what those tools report.
+
+use std::collections::HashMap;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use diskferry::blockdev::{BlockDevice, FileDevice, SliceDevice};
+use diskferry::fs::{self, FileKind, Filesystem};
+use diskferry_e2e::fixtures::{self, ext4_image, fat_image, gpt_disk, mbr_disk, ntfs_image, place};
+use diskferry_e2e::{diskferry, make_key, run_ok, Client};
+
+const MIB: u64 = 1 << 20;
+
+/// Fixtures shared by the tests of this file (built once per process).
+struct Fixtures {
+    _dir: tempfile::TempDir,
+    dir: PathBuf,
+    tree: PathBuf,
+    ext4: PathBuf,
+    fat32: PathBuf,
+    fat16: PathBuf,
+    ntfs: PathBuf,
+    gpt: PathBuf,
+    gpt_offsets: Vec<u64>,
+}
+
+fn fixtures() -> &'static Fixtures {
+    static F: OnceLock<Fixtures> = OnceLock::new();
+    F.get_or_init(|| {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path().to_path_buf();
+        let tree = fixtures::linux_tree(&d);
+        let ext4 = d.join("root.ext4");
+        ext4_image(&tree, &ext4, 48, "rootfs");
+        let fat32 = d.join("esp.fat32");
+        fat_image(&fat32, 32, 40, "ESP");
+        let fat16 = d.join("data.fat16");
+        fat_image(&fat16, 16, 16, "DATA16");
+        let ntfs = d.join("win.ntfs");
+        ntfs_image(&ntfs, 24, "WINDOWS");
+        let gpt = d.join("gpt.img");
+        let gpt_offsets = gpt_disk(
+            &gpt,
+            120,
+            &[
+                (40, "ef00", "EFI system partition"),
+                (48, "8300", "root"),
+                (24, "0700", "windows"),
+                (4, "8300", "mystery"),
+            ],
+        );
+        place(&gpt, gpt_offsets[0], &fat32);
+        place(&gpt, gpt_offsets[1], &ext4);
+        place(&gpt, gpt_offsets[2], &ntfs);
+        // The unknown partition holds random bytes.
+        let noise: Vec<u8> = (0..MIB as usize)
+            .map(|i| (i * 7919 % 251) as u8 | 1)
+            .collect();
+        std::os::unix::fs::FileExt::write_all_at(
+            &std::fs::OpenOptions::new().write(true).open(&gpt).unwrap(),
+            &noise,
+            gpt_offsets[3],
+        )
+        .unwrap();
+        Fixtures {
+            dir: d,
+            _dir: dir,
+            tree,
+            ext4,
+            fat32,
+            fat16,
+            ntfs,
+            gpt,
+            gpt_offsets,
+        }
+    })
+}
+
+fn open_fs(image: &Path) -> Box<dyn Filesystem> {
+    let dev: Arc<dyn BlockDevice> = Arc::new(FileDevice::open(image, false).unwrap());
+    fs::open(dev).unwrap()
+}
+
+fn inspect_json(source: &str, extra: &[&str]) -> serde_json::Value {
+    let mut args: Vec<&std::ffi::OsStr> =
+        vec!["inspect".as_ref(), source.as_ref(), "--json".as_ref()];
+    args.extend(extra.iter().map(|a| std::ffi::OsStr::new(*a)));
+    let (ok, out, err) = diskferry(&args);
+    assert!(ok, "inspect {source} failed: {err}");
+    serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"))
+}
+
+/// (block count − free blocks) × block size, as dumpe2fs reports them.
+fn ext4_used(image: &Path) -> u64 {
+    let out = run_ok("dumpe2fs", &["-h", image.to_str().unwrap()]);
+    let field = |name: &str| -> u64 {
+        out.lines()
+            .find_map(|l| l.strip_prefix(name))
+            .map(|v| v.trim().parse().unwrap())
+            .unwrap_or_else(|| panic!("{name} not in dumpe2fs output"))
+    };
+    (field("Block count:") - field("Free blocks:")) * field("Block size:")
+}
+
+/// Clusters in use × cluster size, from `fsck.fat -n -v`.
+fn fat_used(image: &Path) -> u64 {
+    let out = std::process::Command::new("fsck.fat")
+        .args(["-n", "-v", image.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let cluster: u64 = text
+        .lines()
+        .find_map(|l| l.trim().strip_suffix(" bytes per cluster"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    // "... N files, USED/TOTAL clusters"
+    let used: u64 = text
+        .lines()
+        .find_map(|l| {
+            l.split(", ")
+                .nth(1)?
+                .strip_suffix(" clusters")?
+                .split('/')
+                .next()?
+                .parse()
+                .ok()
+        })
+        .unwrap();
+    used * cluster
+}
+
+/// Volume size − free space, from ntfscluster.
+fn ntfs_used(image: &Path) -> u64 {
+    let out = run_ok("ntfscluster", &[image.to_str().unwrap()]);
+    let field = |name: &str| -> u64 {
+        out.lines()
+            .find_map(|l| l.strip_prefix(name)?.trim().strip_prefix(':'))
+            .map(|v| v.trim().parse().unwrap())
+            .unwrap_or_else(|| panic!("{name} not in ntfscluster output:\n{out}"))
+    };
+    field("bytes per volume") - field("bytes of free space")
+}
+
+#[test]
+fn inspect_names_every_partition_of_a_gpt_disk_locally_in_a_vhdx_and_remotely() {
+    let f = fixtures();
+    let gpt = f.gpt.to_str().unwrap();
+    let report = inspect_json(gpt, &[]);
+    assert_eq!(report["table"], "gpt");
+    assert_eq!(report["disk_guid"], "11111111-2222-3333-4444-555555555555");
+    let parts = report["partitions"].as_array().unwrap();
+    assert_eq!(parts.len(), 4);
+    let expect = [
+        ("EFI System", "fat32", "ESP", fat_used(&f.fat32)),
+        ("Linux filesystem", "ext4", "rootfs", ext4_used(&f.ext4)),
+        (
+            "Microsoft basic data",
+            "ntfs",
+            "WINDOWS",
+            ntfs_used(&f.ntfs),
+        ),
+    ];
+    for (i, (ty, fs_name, label, used)) in expect.iter().enumerate() {
+        let p = &parts[i];
+        assert_eq!(p["number"], i + 1);
+        assert_eq!(p["start"], f.gpt_offsets[i]);
+        assert_eq!(p["type_name"], *ty, "{p}");
+        assert_eq!(p["filesystem"], *fs_name, "{p}");
+        assert_eq!(p["label"], *label, "{p}");
+        assert_eq!(p["used_bytes"], *used, "partition {}: {p}", i + 1);
+    }
+    assert_eq!(parts[3]["filesystem"], "unknown");
+    assert_eq!(parts[3]["name"], "mystery");
+    // The UUIDs are the ones the filesystems' own tools print.
+    let blkid = |img: &Path| {
+        run_ok(
+            "blkid",
+            &["-s", "UUID", "-o", "value", img.to_str().unwrap()],
+        )
+    };
+    assert_eq!(parts[0]["uuid"], blkid(&f.fat32).trim());
+    assert_eq!(parts[1]["uuid"], blkid(&f.ext4).trim());
+    assert_eq!(parts[2]["uuid"], blkid(&f.ntfs).trim());
+    // The Linux OS on partition 2, the EFI loader on partition 1.
+    let os = &parts[1]["os"];
+    assert_eq!(os["family"], "linux");
+    assert_eq!(os["pretty_name"], "Debian GNU/Linux 12 (bookworm)");
+    assert_eq!(os["version"], "12");
+    assert_eq!(os["hostname"], "fixture-host");
+    assert_eq!(os["kernels"][0], "vmlinuz-6.1.0-21-amd64");
+    assert_eq!(os["module_dirs"][0], "6.1.0-21-amd64");
+    assert_eq!(os["fstab"][0], "UUID=1234 / ext4 errors=remount-ro 0 1");
+    assert_eq!(
+        parts[0]["os"]["bootloaders"][0],
+        "efi:/EFI/BOOT/BOOTX64.EFI"
+    );
+
+    // The same disk inside a VHDX, and served by a client, reads the same.
+    let vhdx = f.dir.join("gpt.vhdx");
+    let (ok, _, err) = diskferry(&["convert".as_ref(), f.gpt.as_os_str(), vhdx.as_os_str()]);
+    assert!(ok, "{err}");
+    let mut from_vhdx = inspect_json(vhdx.to_str().unwrap(), &[]);
+    from_vhdx["sector_size"] = report["sector_size"].clone();
+    assert_eq!(from_vhdx, report);
+
+    let keydir = tempfile::tempdir().unwrap();
+    let key = make_key(keydir.path(), "key");
+    let client = Client::start(&key, &["--disk", gpt]).unwrap();
+    let remote = inspect_json(
+        &client.source(&f.gpt),
+        &["--key-file", key.to_str().unwrap()],
+    );
+    assert_eq!(remote, report);
+}
+
+#[test]
+fn inspect_reads_mbr_disks_with_logical_partitions() {
+    let f = fixtures();
+    let disk = f.dir.join("mbr.img");
+    let offsets = mbr_disk(&disk, 150, [48, 16, 24, 4], ["83", "e", "7", "83"]);
+    place(&disk, offsets[0], &f.ext4);
+    place(&disk, offsets[1], &f.fat16);
+    place(&disk, offsets[2], &f.ntfs);
+    let report = inspect_json(disk.to_str().unwrap(), &[]);
+    assert_eq!(report["table"], "mbr");
+    assert_eq!(report["mbr_signature"], "12345678");
+    // sfdisk, the independent reader, agrees on numbers, starts and sizes.
+    let dump: serde_json::Value =
+        serde_json::from_str(&run_ok("sfdisk", &["-J", disk.to_str().unwrap()])).unwrap();
+    let theirs: Vec<(String, u64, u64)> = dump["partitiontable"]["partitions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|p| p["type"] != "5")
+        .map(|p| {
+            let node = p["node"].as_str().unwrap();
+            let number = node.trim_start_matches(disk.to_str().unwrap()).to_string();
+            (
+                number,
+                p["start"].as_u64().unwrap() * 512,
+                p["size"].as_u64().unwrap() * 512,
+            )
+        })
+        .collect();
+    let ours: Vec<(String, u64, u64)> = report["partitions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| {
+            (
+                p["number"].to_string(),
+                p["start"].as_u64().unwrap(),
+                p["size"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(ours, theirs);
+    let fs_names: Vec<&str> = report["partitions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["filesystem"].as_str().unwrap())
+        .collect();
+    assert_eq!(fs_names, ["ext4", "fat16", "ntfs", "unknown"]);
+    assert_eq!(report["partitions"][0]["os"]["hostname"], "fixture-host");
+    assert_eq!(report["partitions"][1]["label"], "DATA16");
+}
+
+#[test]
+fn a_damaged_primary_gpt_falls_back_to_the_backup_and_both_damaged_is_a_clear_error() {
+    let f = fixtures();
+    let disk = f.dir.join("damaged-gpt.img");
+    std::fs::copy(&f.gpt, &disk).unwrap();
+    let file = std::fs::OpenOptions::new().write(true).open(&disk).unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&file, b"garbage!", 512 + 24).unwrap();
+    let report = inspect_json(disk.to_str().unwrap(), &[]);
+    assert_eq!(report["partitions"].as_array().unwrap().len(), 4);
+    assert!(
+        report["warnings"][0]
+            .as_str()
+            .unwrap()
+            .contains("primary GPT header is unusable"),
+        "{report}"
+    );
+    let last = file.metadata().unwrap().len() - 512;
+    std::os::unix::fs::FileExt::write_all_at(&file, b"garbage!", last + 24).unwrap();
+    let (ok, _, err) = diskferry(&["inspect".as_ref(), disk.as_os_str()]);
+    assert!(!ok);
+    assert!(
+        err.contains("neither GPT header is valid") || err.contains("primary GPT"),
+        "{err}"
+    );
+}
+
+/// Host files below `root` (relative path → metadata), symlinks not followed.
+fn host_tree(root: &Path) -> HashMap<String, std::fs::Metadata> {
+    let mut out = HashMap::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        for e in std::fs::read_dir(&dir).unwrap() {
+            let e = e.unwrap();
+            let meta = std::fs::symlink_metadata(e.path()).unwrap();
+            let rel = e
+                .path()
+                .strip_prefix(root)
+                .unwrap()
+                .to_str()
+                .unwrap()
+                .to_string();
+            if meta.is_dir() {
+                stack.push(e.path());
+            }
+            out.insert(rel, meta);
+        }
+    }
+    out
+}
+
+/// Every xattr of a host file, as getfattr reports them (name → value).
+fn host_xattrs(path: &Path) -> Vec<(String, Vec<u8>)> {
+    let out = run_ok(
+        "getfattr",
+        &[
+            "-h",
+            "-d",
+            "-m",
+            "-",
+            "-e",
+            "hex",
+            "--absolute-names",
+            path.to_str().unwrap(),
+        ],
+    );
+    let mut attrs: Vec<(String, Vec<u8>)> = out
+        .lines()
+        .filter_map(|l| l.split_once("=0x"))
+        .map(|(name, hex)| {
+            let bytes = (0..hex.len() / 2)
+                .map(|i| u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).unwrap())
+                .collect();
+            (name.to_string(), bytes)
+        })
+        .collect();
+    attrs.sort();
+    attrs
+}
+
+fn check_ext4_tree(fs: &dyn Filesystem, tree: &Path) {
+    let host = host_tree(tree);
+    let mut seen = HashMap::new();
+    let mut nodes: HashMap<u64, Vec<String>> = HashMap::new();
+    fs::tree::walk(
+        fs,
+        fs.root(),
+        &mut |path, e| {
+            seen.insert(path.to_string(), e.node);
+            nodes.entry(e.node).or_default().push(path.to_string());
+            Ok(())
+        },
+        &mut |p, e| panic!("{p}: {e}"),
+    )
+    .unwrap();
+    seen.remove("lost+found");
+    let mut ours: Vec<&String> = seen.keys().collect();
+    let mut theirs: Vec<&String> = host.keys().collect();
+    ours.sort();
+    theirs.sort();
+    assert_eq!(ours, theirs, "the same names");
+    for (path, h) in &host {
+        let node = seen[path];
+        let m = fs.metadata(node).unwrap();
+        assert_eq!(m.mode, h.mode() & 0o7777, "{path}: mode");
+        assert_eq!((m.uid, m.gid), (h.uid(), h.gid()), "{path}: owner");
+        assert_eq!(m.links as u64, h.nlink(), "{path}: links");
+        let mtime = m.mtime.unwrap();
+        assert_eq!(
+            (mtime.secs, mtime.nanos as i64),
+            (h.mtime(), h.mtime_nsec()),
+            "{path}: mtime"
+        );
+        // Access times move on the host as the test reads the tree; the one set is known.
+        if path == "home/alice/hello.txt" {
+            let atime = m.atime.unwrap();
+            // 2002-03-04 05:06:07.987654321 UTC
+            assert_eq!(
+                (atime.secs, atime.nanos),
+                (1_015_218_367, 987_654_321),
+                "{path}: atime"
+            );
+        }
+        let full = tree.join(path);
+        let ft = h.file_type();
+        if ft.is_symlink() {
+            assert_eq!(m.kind, FileKind::Symlink);
+            let target = std::fs::read_link(&full).unwrap();
+            assert_eq!(
+                fs.read_link(node).unwrap(),
+                target.to_str().unwrap().as_bytes(),
+                "{path}"
+            );
+        } else if ft.is_file() {
+            assert_eq!(m.kind, FileKind::File);
+            assert_eq!(m.size, h.len(), "{path}: size");
+            assert_eq!(
+                fs.read_all(node, 1 << 30).unwrap(),
+                std::fs::read(&full).unwrap(),
+                "{path}: bytes"
+            );
+            assert_eq!(
+                fs.xattrs(node).unwrap().len(),
+                host_xattrs(&full).len(),
+                "{path}: xattr count"
+            );
+            let mut x = fs.xattrs(node).unwrap();
+            x.sort();
+            assert_eq!(x, host_xattrs(&full), "{path}: xattrs");
+        } else if ft.is_dir() {
+            assert_eq!(m.kind, FileKind::Dir);
+            let mut x = fs.xattrs(node).unwrap();
+            x.sort();
+            assert_eq!(x, host_xattrs(&full), "{path}: xattrs");
+        } else {
+            use std::os::unix::fs::FileTypeExt;
+            if ft.is_fifo() {
+                assert_eq!(m.kind, FileKind::Fifo);
+            } else if ft.is_char_device() {
+                assert_eq!(m.kind, FileKind::CharDevice);
+                assert_eq!(m.device, Some((1, 3)), "{path}");
+            }
+        }
+    }
+    // Hard links: one inode under two names.
+    let report = seen["home/alice/docs/report.bin"];
+    assert_eq!(seen["home/alice/report-link.bin"], report);
+    assert_eq!(nodes[&report].len(), 2);
+    // Holes stay holes: the sparse file's extents cover far less than its size.
+    let sparse = seen["home/alice/sparse.img"];
+    let mapped: u64 = fs.extents(sparse).unwrap().iter().map(|e| e.len).sum();
+    assert!(mapped <= 8192, "sparse file maps {mapped} bytes");
+    // Extents point at the file's bytes on the device.
+    let ext = fs.extents(report).unwrap();
+    assert!(!ext.is_empty());
+}
+
+#[test]
+fn ext4_names_modes_owners_times_links_xattrs_acls_and_bytes_read_back_as_put_in() {
+    let f = fixtures();
+    check_ext4_tree(&*open_fs(&f.ext4), &f.tree);
+    // The same filesystem inside a partition of a VHDX.
+    let vhdx = f.dir.join("ext4-gpt.vhdx");
+    let (ok, _, err) = diskferry(&["convert".as_ref(), f.gpt.as_os_str(), vhdx.as_os_str()]);
+    assert!(ok || err.contains("exists"), "{err}");
+    let (_, disk) = diskferry::vdisk::open_image(&vhdx, false).unwrap();
+    let part = SliceDevice::new(disk, f.gpt_offsets[1], 48 * MIB).unwrap();
+    check_ext4_tree(&*fs::open(Arc::new(part)).unwrap(), &f.tree);
+}
+
+#[test]
+fn ext4_volume_info_and_allocation_map_match_e2fsprogs() {
+    let f = fixtures();
+    let fs = open_fs(&f.ext4);
+    let info = fs.info();
+    assert_eq!(info.label, "rootfs");
+    assert_eq!(info.used_bytes, ext4_used(&f.ext4));
+    // The allocation map counts what the block bitmaps mark (the free-block ranges dumpe2fs
+    // lists per group are the complement).
+    let map = fs.allocation_map().unwrap();
+    let total = info.total_bytes / u64::from(map.block_size);
+    let out = run_ok("dumpe2fs", &[f.ext4.to_str().unwrap()]);
+    let free: u64 = out
+        .lines()
+        .filter_map(|l| l.strip_prefix("  Free blocks: "))
+        .flat_map(|ranges| {
+            ranges
+                .split(", ")
+                .filter(|r| !r.is_empty())
+                .map(String::from)
+                .collect::<Vec<_>>()
+        })
+        .map(|r| match r.split_once('-') {
+            Some((a, b)) => b.parse::<u64>().unwrap() - a.parse::<u64>().unwrap() + 1,
+            None => 1,
+        })
+        .sum();
+    assert_eq!(map.used_blocks(), total - free);
+}
+
+#[test]
+fn fat_names_attributes_times_and_bytes_read_back() {
+    let f = fixtures();
+    for (image, kind, label) in [(&f.fat32, "fat32", "ESP"), (&f.fat16, "fat16", "DATA16")] {
+        let fs = open_fs(image);
+        let info = fs.info();
+        assert_eq!((info.kind.name(), info.label.as_str()), (kind, label));
+        assert_eq!(info.used_bytes, fat_used(image));
+        let root: Vec<String> = fs
+            .read_dir(fs.root())
+            .unwrap()
+            .iter()
+            .map(|e| e.name_lossy())
+            .collect();
+        assert_eq!(root, ["EFI", "Empty", "A Long File Name.bin", "SHORT.TXT"]);
+        let src = image.with_extension("src");
+        let long = fs.lookup("/A Long File Name.bin").unwrap();
+        assert_eq!(
+            fs.read_all(long, 1 << 20).unwrap(),
+            std::fs::read(src.join("data.bin")).unwrap()
+        );
+        let m = fs.metadata(long).unwrap();
+        assert_eq!(m.flags & 0x06, 0x06, "hidden and system");
+        let short = fs.metadata(fs.lookup("/SHORT.TXT").unwrap()).unwrap();
+        assert_eq!(short.flags & 1, 1, "read-only");
+        assert_eq!(short.mode, 0o444);
+        // mtools stamps the source file's modification time (2-second resolution).
+        let host = std::fs::metadata(src.join("short.txt")).unwrap();
+        let mtime = short.mtime.unwrap().secs;
+        assert!(
+            (mtime - host.mtime()).abs() <= 2,
+            "{mtime} vs {}",
+            host.mtime()
+        );
+        let efi = fs.lookup("/EFI/BOOT/BOOTX64.EFI").unwrap();
+        assert_eq!(fs.read_all(efi, 100).unwrap(), b"efi binary");
+        let zero = fs.metadata(fs.lookup("/Empty/zero.txt").unwrap()).unwrap();
+        assert_eq!((zero.kind, zero.size), (FileKind::File, 0));
+    }
+}
+
+#[test]
+fn ntfs_names_streams_security_and_bytes_read_back() {
+    let f = fixtures();
+    let fs = open_fs(&f.ntfs);
+    let info = fs.info();
+    assert_eq!(info.label, "WINDOWS");
+    assert_eq!(info.used_bytes, ntfs_used(&f.ntfs));
+    let mut names: Vec<String> = fs
+        .read_dir(fs.root())
+        .unwrap()
+        .iter()
+        .map(|e| e.name_lossy())
+        .collect();
+    names.sort();
+    assert_eq!(names, ["Big File.bin", "hello.txt"]);
+    let src = f.ntfs.with_extension("src");
+    let big = fs.lookup("/Big File.bin").unwrap();
+    assert_eq!(
+        fs.read_all(big, 1 << 22).unwrap(),
+        std::fs::read(src.join("big.bin")).unwrap()
+    );
+    let extents = fs.extents(big).unwrap();
+    assert_eq!(extents.iter().map(|e| e.len).sum::<u64>(), 2_000_000);
+    let hello = fs.lookup("/hello.txt").unwrap();
+    assert_eq!(
+        fs.xattrs(hello).unwrap(),
+        [(
+            "ntfs.stream.Zone.Identifier".to_string(),
+            b"hidden stream\n".to_vec()
+        )]
+    );
+    let sd = fs
+        .security_descriptor(hello)
+        .unwrap()
+        .expect("ntfscp writes one");
+    assert_eq!(sd[0], 1, "security descriptor revision 1");
+    let m = fs.metadata(hello).unwrap();
+    assert_eq!((m.size, m.links), (11, 1));
+}
+
+#[test]
+fn ls_cat_and_get_work_on_a_partition_through_the_cli() {
+    let f = fixtures();
+    let gpt = f.gpt.as_os_str();
+    let (ok, out, err) = diskferry(&[
+        "ls".as_ref(),
+        gpt,
+        "-p".as_ref(),
+        "2".as_ref(),
+        "/home/alice".as_ref(),
+        "-l".as_ref(),
+    ]);
+    assert!(ok, "{err}");
+    assert!(
+        out.contains("lrwxrwxrwx") && out.contains("fast-link -> hello.txt"),
+        "{out}"
+    );
+    assert!(out.contains("-rwsr-xr-x"), "setuid shown: {out}");
+    let (ok, out, _) = diskferry(&[
+        "cat".as_ref(),
+        gpt,
+        "/etc/os-release".as_ref(),
+        "-p".as_ref(),
+        "2".as_ref(),
+    ]);
+    assert!(ok && out.contains("VERSION_ID=\"12\""), "{out}");
+    // Without -p: the first readable filesystem (the ESP).
+    let (ok, out, _) = diskferry(&["ls".as_ref(), gpt, "-R".as_ref()]);
+    assert!(ok && out.contains("EFI/BOOT/BOOTX64.EFI"), "{out}");
+    let (ok, _, err) = diskferry(&["ls".as_ref(), gpt, "-p".as_ref(), "9".as_ref()]);
+    assert!(
+        !ok && err.contains("no partition 9") && err.contains("2 (ext4)"),
+        "{err}"
+    );
+    // get: the whole home directory, with modes and nanosecond mtimes.
+    let out_dir = f.dir.join("got");
+    let (ok, _, err) = diskferry(&[
+        "get".as_ref(),
+        gpt,
+        "-p".as_ref(),
+        "2".as_ref(),
+        "/home/alice".as_ref(),
+        out_dir.as_os_str(),
+    ]);
+    assert!(ok || err.contains("is not copied out"), "{err}");
+    for rel in [
+        "hello.txt",
+        "docs/report.bin",
+        "report-link.bin",
+        "sparse.img",
+        "empty",
+    ] {
+        let (a, b) = (f.tree.join("home/alice").join(rel), out_dir.join(rel));
+        assert_eq!(
+            std::fs::read(&a).unwrap(),
+            std::fs::read(&b).unwrap(),
+            "{rel}"
+        );
+        let (ma, mb) = (
+            std::fs::metadata(&a).unwrap(),
+            std::fs::metadata(&b).unwrap(),
+        );
+        assert_eq!(
+            ma.permissions().mode() & 0o7777,
+            mb.permissions().mode() & 0o7777,
+            "{rel}: mode"
+        );
+        assert_eq!(
+            (ma.mtime(), ma.mtime_nsec()),
+            (mb.mtime(), mb.mtime_nsec()),
+            "{rel}: mtime"
+        );
+    }
+    assert_eq!(
+        std::fs::read_link(out_dir.join("fast-link")).unwrap(),
+        Path::new("hello.txt")
+    );
+}
+
+/// Flips random bytes in the first MiB of `image` (where the metadata lives) and walks the
+/// result on a thread: it must finish in bounded time and never panic.
+fn fuzz_walk(image: &Path, rounds: u64) {
+    use rand::{Rng, SeedableRng};
+    let original = std::fs::read(image).unwrap();
+    for seed in 0..rounds {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        let mut bytes = original.clone();
+        for _ in 0..rng.gen_range(1..40) {
+            let at = rng.gen_range(0..MIB as usize);
+            bytes[at] = rng.gen();
+        }
+        let dev: Arc<dyn BlockDevice> =
+            Arc::new(diskferry::blockdev::MemoryDevice::read_only(bytes));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let handle = std::thread::spawn(move || {
+            if let Ok(fs) = fs::open(dev) {
+                let _ = fs.allocation_map();
+                let _ = fs::tree::walk(
+                    &*fs,
+                    fs.root(),
+                    &mut |_, e| {
+                        if let Ok(m) = fs.metadata(e.node) {
+                            if m.kind == FileKind::File {
+                                let _ = fs.read_all(e.node, 16 << 20);
+                            }
+                        }
+                        let _ = fs.xattrs(e.node);
+                        let _ = fs.read_link(e.node);
+                        Ok(())
+                    },
+                    &mut |_, _| {},
+                );
+            }
+            let _ = tx.send(());
+        });
+        assert!(
+            rx.recv_timeout(Duration::from_secs(60)).is_ok() || handle.is_finished(),
+            "{}: seed {seed} did not finish within a minute",
+            image.display()
+        );
+        assert!(
+            handle.join().is_ok(),
+            "{}: seed {seed} panicked",
+            image.display()
+        );
+    }
+}
+
+#[test]
+fn random_byte_flips_give_errors_never_panics_or_hangs() {
+    let f = fixtures();
+    for image in [&f.ext4, &f.fat32, &f.fat16, &f.ntfs] {
+        fuzz_walk(image, 40);
+    }
+}
