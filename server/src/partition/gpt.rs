@@ -203,6 +203,8 @@ pub fn read(disk: &dyn BlockDevice, sector: u32) -> Result<Option<PartitionTable
         disk_guid: Some(header.disk_guid),
         mbr_signature: None,
         partitions,
+        gpt_entries: (header.entries.len() / header.entry_size) as u32,
+        mbr_extended: None,
         warnings,
     }))
 }

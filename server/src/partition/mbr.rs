@@ -93,7 +93,8 @@ pub fn read(disk: &dyn BlockDevice, mbr: &Mbr) -> Result<PartitionTable> {
             bootable: e.status == 0x80,
         });
     };
-    let mut extended = None;
+    let mut extended: Option<(u32, Entry)> = None;
+    let mut mbr_extended = None;
     for (i, e) in mbr.entries.iter().enumerate() {
         if e.system_id == 0 {
             continue;
@@ -104,12 +105,13 @@ pub fn read(disk: &dyn BlockDevice, mbr: &Mbr) -> Result<PartitionTable> {
                     "the MBR has more than one extended partition".into(),
                 ));
             }
-            extended = Some(*e);
+            extended = Some((i as u32 + 1, *e));
             continue;
         }
         push(&mut partitions, i as u32 + 1, e, 0);
     }
-    if let Some(ext) = extended {
+    if let Some((slot, ext)) = extended {
+        let mut ebrs = Vec::new();
         let ext_start = u64::from(ext.first_lba);
         let ext_end = ext_start + u64::from(ext.sectors);
         let mut seen = HashSet::new();
@@ -135,7 +137,11 @@ pub fn read(disk: &dyn BlockDevice, mbr: &Mbr) -> Result<PartitionTable> {
             }
             let (logical, next) = (entry(&buf, 0), entry(&buf, 1));
             if logical.system_id != 0 {
+                let before = partitions.len();
                 push(&mut partitions, number, &logical, ebr_at);
+                if partitions.len() > before {
+                    ebrs.push(ebr_at * sector);
+                }
                 number += 1;
             }
             if next.system_id == 0 || next.first_lba == 0 {
@@ -143,6 +149,13 @@ pub fn read(disk: &dyn BlockDevice, mbr: &Mbr) -> Result<PartitionTable> {
             }
             ebr_at = ext_start + u64::from(next.first_lba);
         }
+        mbr_extended = Some(super::MbrExtended {
+            slot,
+            start: ext_start * sector,
+            size: u64::from(ext.sectors) * sector,
+            system_id: ext.system_id,
+            ebrs,
+        });
     }
     Ok(PartitionTable {
         scheme: Scheme::Mbr,
@@ -150,6 +163,8 @@ pub fn read(disk: &dyn BlockDevice, mbr: &Mbr) -> Result<PartitionTable> {
         disk_guid: None,
         mbr_signature: Some(mbr.signature),
         partitions,
+        gpt_entries: 0,
+        mbr_extended,
         warnings,
     })
 }

@@ -9,12 +9,14 @@
 pub mod gpt;
 pub mod mbr;
 mod types;
+mod write;
 
 use std::sync::Arc;
 
 use crate::blockdev::{BlockDevice, BlockError, SliceDevice};
 pub use gpt::Guid;
 pub use types::{gpt_types, is_bios_boot, type_name};
+pub use write::write_table;
 
 #[derive(Debug, thiserror::Error)]
 pub enum PartitionError {
@@ -94,8 +96,23 @@ pub struct PartitionTable {
     /// MBR disk signature (bytes 440..444).
     pub mbr_signature: Option<u32>,
     pub partitions: Vec<Partition>,
+    /// GPT: how many entries the entry array holds (usually 128).
+    pub gpt_entries: u32,
+    /// MBR: the extended partition holding the logical ones, if any.
+    pub mbr_extended: Option<MbrExtended>,
     /// Things a user should know: a damaged primary GPT, skipped entries.
     pub warnings: Vec<String>,
+}
+
+/// An MBR's extended partition: where it lies, its system ID, and the byte offset of the
+/// extended boot record before each logical partition (in partition order).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MbrExtended {
+    pub slot: u32,
+    pub start: u64,
+    pub size: u64,
+    pub system_id: u8,
+    pub ebrs: Vec<u64>,
 }
 
 /// Reads the partition table of `disk`. A disk with no recognisable table gives
@@ -143,6 +160,8 @@ fn none(disk: &dyn BlockDevice) -> PartitionTable {
         disk_guid: None,
         mbr_signature: None,
         partitions: Vec::new(),
+        gpt_entries: 0,
+        mbr_extended: None,
         warnings: Vec::new(),
     }
 }
