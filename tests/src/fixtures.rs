@@ -124,10 +124,60 @@ pub fn fat_image(image: &Path, bits: u32, size_mib: u64, label: &str) {
     ));
 }
 
-/// An NTFS image with files, a directory, and an alternate data stream.
+/// The SOFTWARE and SYSTEM hives of a Windows 10 Pro 22H2 machine named WIN-FIXTURE
+/// (only the keys Windows detection reads).
+pub fn windows_hives() -> (Vec<u8>, Vec<u8>) {
+    use crate::hive::{hive, key, leaf, Value};
+    let software = hive(&key(
+        "ROOT",
+        vec![key(
+            "Microsoft",
+            vec![key(
+                "Windows NT",
+                vec![leaf(
+                    "CurrentVersion",
+                    vec![
+                        ("ProductName", Value::Sz("Windows 10 Pro")),
+                        ("EditionID", Value::Sz("Professional")),
+                        ("DisplayVersion", Value::Sz("22H2")),
+                        ("CurrentBuild", Value::Sz("19045")),
+                    ],
+                )],
+            )],
+        )],
+    ));
+    let system = hive(&key(
+        "ROOT",
+        vec![
+            leaf("Select", vec![("Current", Value::Dword(2))]),
+            key(
+                "ControlSet002",
+                vec![key(
+                    "Control",
+                    vec![key(
+                        "ComputerName",
+                        vec![leaf(
+                            "ComputerName",
+                            vec![("ComputerName", Value::Sz("WIN-FIXTURE"))],
+                        )],
+                    )],
+                )],
+            ),
+        ],
+    ));
+    (software, system)
+}
+
+/// An NTFS image with files, an alternate data stream, a hard link, and a Windows
+/// directory with registry hives (created through an ntfs-3g FUSE mount).
 pub fn ntfs_image(image: &Path, size_mib: u64, label: &str) {
     let src = image.with_extension("src");
     std::fs::create_dir_all(&src).unwrap();
+    let (software, system) = windows_hives();
+    std::fs::write(src.join("SOFTWARE"), software).unwrap();
+    std::fs::write(src.join("SYSTEM"), system).unwrap();
+    let mnt = image.with_extension("mnt");
+    std::fs::create_dir_all(&mnt).unwrap();
     sh(&format!(
         r#"
         cd {src}
@@ -139,7 +189,13 @@ pub fn ntfs_image(image: &Path, size_mib: u64, label: &str) {
         ntfscp {img} big.bin 'Big File.bin'
         ntfscp {img} hello.txt hello.txt
         ntfscp -N Zone.Identifier {img} stream.txt hello.txt
+        ntfs-3g {img} {mnt}
+        trap 'umount {mnt}' EXIT
+        mkdir -p {mnt}/Windows/System32/config
+        cp SOFTWARE SYSTEM {mnt}/Windows/System32/config/
+        ln '{mnt}/Big File.bin' {mnt}/Windows/big-link.bin
         "#,
+        mnt = p(&mnt),
         src = p(&src),
         img = p(image),
         size = size_mib,

@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 
 pub mod fixtures;
+pub mod hive;
 
 /// The directory holding this build's binaries (target/debug or target/release).
 pub fn bin_dir() -> &'static Path {

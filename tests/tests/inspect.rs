@@ -201,6 +201,14 @@ fn inspect_names_every_partition_of_a_gpt_disk_locally_in_a_vhdx_and_remotely() 
         parts[0]["os"]["bootloaders"][0],
         "efi:/EFI/BOOT/BOOTX64.EFI"
     );
+    // Windows on partition 3, from its registry hives.
+    let win = &parts[2]["os"];
+    assert_eq!(win["family"], "windows", "{win}");
+    assert_eq!(win["name"], "Windows 10 Pro");
+    assert_eq!(win["edition"], "Professional");
+    assert_eq!(win["display_version"], "22H2");
+    assert_eq!(win["build"], "19045");
+    assert_eq!(win["hostname"], "WIN-FIXTURE");
 
     // The same disk inside a VHDX, and served by a client, reads the same.
     let vhdx = f.dir.join("gpt.vhdx");
@@ -547,7 +555,11 @@ fn ntfs_names_streams_security_and_bytes_read_back() {
         .map(|e| e.name_lossy())
         .collect();
     names.sort();
-    assert_eq!(names, ["Big File.bin", "hello.txt"]);
+    assert_eq!(names, ["Big File.bin", "Windows", "hello.txt"]);
+    // A hard link made through ntfs-3g: one record under two names, link count 2.
+    let link = fs.lookup("/Windows/big-link.bin").unwrap();
+    assert_eq!(link, fs.lookup("/Big File.bin").unwrap());
+    assert_eq!(fs.metadata(link).unwrap().links, 2);
     let src = f.ntfs.with_extension("src");
     let big = fs.lookup("/Big File.bin").unwrap();
     assert_eq!(
