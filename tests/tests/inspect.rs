@@ -226,6 +226,60 @@ fn inspect_names_every_partition_of_a_gpt_disk_locally_in_a_vhdx_and_remotely() 
         &["--key-file", key.to_str().unwrap()],
     );
     assert_eq!(remote, report);
+
+    // Every file of every filesystem lists the same (long format, recursive) from the raw
+    // disk, the VHDX and the client, and a file's bytes arrive the same over the wire.
+    let listing = |source: &str, part: &str| {
+        let (ok, out, err) = diskferry(&[
+            "ls".as_ref(),
+            source.as_ref(),
+            "-l".as_ref(),
+            "-R".as_ref(),
+            "-p".as_ref(),
+            part.as_ref(),
+            "--key-file".as_ref(),
+            key.as_os_str(),
+        ]);
+        assert!(ok, "ls -p {part} {source}: {err}");
+        out
+    };
+    let remote_source = client.source(&f.gpt);
+    for part in ["1", "2", "3"] {
+        let local = listing(gpt, part);
+        assert!(local.lines().count() >= 4, "{local}");
+        assert_eq!(
+            listing(vhdx.to_str().unwrap(), part),
+            local,
+            "partition {part} in the VHDX"
+        );
+        assert_eq!(
+            listing(&remote_source, part),
+            local,
+            "partition {part} over the wire"
+        );
+    }
+    let out = std::process::Command::new(diskferry_e2e::bin("diskferry"))
+        .args([
+            "cat",
+            &remote_source,
+            "/Big File.bin",
+            "-p",
+            "3",
+            "--key-file",
+        ])
+        .arg(&key)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let expected = std::fs::read(f.ntfs.with_extension("src").join("big.bin")).unwrap();
+    assert!(
+        out.stdout == expected,
+        "cat over the wire returned different bytes"
+    );
 }
 
 #[test]
