@@ -614,6 +614,40 @@ fn ntfs_names_streams_security_and_bytes_read_back() {
     let link = fs.lookup("/Windows/big-link.bin").unwrap();
     assert_eq!(link, fs.lookup("/Big File.bin").unwrap());
     assert_eq!(fs.metadata(link).unwrap().links, 2);
+    // A file's own descriptor is the one the ntfs-3g driver gives as system.ntfs_acl.
+    let hive = fs.lookup("/Windows/System32/config/SOFTWARE").unwrap();
+    let sd = fs.security_descriptor(hive).unwrap().expect("a descriptor");
+    let mnt = f.dir.join("ntfs-ro");
+    std::fs::create_dir_all(&mnt).unwrap();
+    run_ok(
+        "ntfs-3g",
+        &["-o", "ro", f.ntfs.to_str().unwrap(), mnt.to_str().unwrap()],
+    );
+    let acl = std::process::Command::new("getfattr")
+        .args(["-n", "system.ntfs_acl", "-e", "hex", "--absolute-names"])
+        .arg(mnt.join("Windows/System32/config/SOFTWARE"))
+        .output()
+        .unwrap();
+    run_ok("umount", &[mnt.to_str().unwrap()]);
+    let hex: String = sd.iter().map(|b| format!("{b:02x}")).collect();
+    let theirs = String::from_utf8_lossy(&acl.stdout)
+        .lines()
+        .find_map(|l| l.strip_prefix("system.ntfs_acl=").map(String::from))
+        .unwrap_or_default();
+    assert_eq!(theirs, format!("0x{hex}"));
+    // $MFTMirr (record 1) has no descriptor of its own, only security ID 256 (ntfsinfo says
+    // so): it comes from $Secure:$SDS, a self-relative descriptor.
+    let info = run_ok("ntfsinfo", &["-v", "-i", "1", f.ntfs.to_str().unwrap()]);
+    assert!(
+        info.contains("Security ID:\t\t 256") && !info.contains("$SECURITY_DESCRIPTOR (0x50)"),
+        "{info}"
+    );
+    let shared = fs
+        .security_descriptor(1)
+        .unwrap()
+        .expect("the descriptor of ID 256");
+    let control = u16::from_le_bytes([shared[2], shared[3]]);
+    assert!(shared[0] == 1 && control & 0x8000 != 0, "{shared:?}");
     let src = f.ntfs.with_extension("src");
     let big = fs.lookup("/Big File.bin").unwrap();
     assert_eq!(

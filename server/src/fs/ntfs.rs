@@ -1,8 +1,9 @@
 //! NTFS read through the `ntfs` crate: directories from the `$I30` indexes (DOS-only names
 //! skipped, metafiles hidden), metadata from `$STANDARD_INFORMATION` (100 ns times, file
 //! attributes), hard links counted from `$FILE_NAME` attributes, contents and physical extents
-//! from the unnamed `$DATA` attribute, alternate data streams from the named ones, the volume
-//! label, serial number, and the cluster bitmap (`$Bitmap`) as the allocation map.
+//! from the unnamed `$DATA` attribute, alternate data streams from the named ones, security
+//! descriptors (the file's own or the shared one in `$Secure:$SDS`), the volume label, serial
+//! number, and the cluster bitmap (`$Bitmap`) as the allocation map.
 //!
 //! A node is an MFT record number. Every call into the crate runs under `catch_unwind`: a
 //! panic on hostile structures becomes an error for that call.
@@ -21,6 +22,9 @@ use crate::blockdev::{BlockDevice, BlockReader};
 
 const ROOT: NodeId = 5;
 const BITMAP: NodeId = 6;
+const SECURE: NodeId = 9;
+/// Largest `$Secure:$SDS` stream read (a busy server's is a few MiB).
+const MAX_SDS: u64 = 256 << 20;
 /// Records below this are NTFS metafiles ($MFT, $Bitmap, $Extend, ...), hidden from listings.
 const FIRST_USER_RECORD: u64 = 16;
 /// Largest cluster bitmap read (covers 8 TiB at 4 KiB clusters).
@@ -33,6 +37,8 @@ pub struct NtfsFs {
     dev: Arc<dyn BlockDevice>,
     ntfs: ntfs::Ntfs,
     label: String,
+    /// `$Secure:$SDS` by security ID, read on first use.
+    descriptors: std::sync::OnceLock<std::collections::HashMap<u32, Vec<u8>>>,
 }
 
 fn err(context: &str, e: impl std::fmt::Display) -> FsError {
@@ -67,7 +73,12 @@ impl NtfsFs {
                 Some(Err(e)) => return Err(err("$Volume", e)),
                 None => String::new(),
             };
-            Ok(NtfsFs { dev, ntfs, label })
+            Ok(NtfsFs {
+                dev,
+                ntfs,
+                label,
+                descriptors: std::sync::OnceLock::new(),
+            })
         })
     }
 
@@ -188,6 +199,57 @@ impl NtfsFs {
             }
             Ok(done)
         })
+    }
+
+    /// Every descriptor in `$Secure:$SDS` by security ID, read once. The stream is a series of
+    /// 256 KiB blocks, each mirrored by the next; an entry is a 20-byte header (hash, ID,
+    /// offset, length) and the descriptor, 16-byte aligned, never crossing a block.
+    fn shared_descriptors(&self) -> Result<&std::collections::HashMap<u32, Vec<u8>>> {
+        if let Some(map) = self.descriptors.get() {
+            return Ok(map);
+        }
+        const BLOCK: u64 = 256 << 10;
+        let mut map = std::collections::HashMap::new();
+        let mut r = self.reader();
+        let secure = self.file(&mut r, SECURE)?;
+        let len = match self.data_layout(&mut r, &secure, "$SDS", SECURE)? {
+            Some((len, _)) => len,
+            None => 0,
+        };
+        if len > MAX_SDS {
+            return Err(err("$Secure:$SDS", format!("{len} bytes")));
+        }
+        let mut sds = vec![0u8; len as usize];
+        let mut done = 0;
+        while done < sds.len() {
+            let n = self.read_stream(SECURE, "$SDS", done as u64, &mut sds[done..])?;
+            if n == 0 {
+                break;
+            }
+            done += n;
+        }
+        sds.truncate(done);
+        let le32 =
+            |b: &[u8], at: usize| u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]]);
+        let mut at = 0u64;
+        while at + 20 <= sds.len() as u64 {
+            // Odd blocks mirror the even ones before them.
+            if (at / BLOCK) % 2 == 1 {
+                at = (at / BLOCK + 1) * BLOCK;
+                continue;
+            }
+            let e = &sds[at as usize..];
+            let (id, entry_len) = (le32(e, 4), u64::from(le32(e, 16)));
+            let block_end = (at / BLOCK + 1) * BLOCK;
+            if entry_len < 20 || at + entry_len > block_end.min(sds.len() as u64) {
+                at = block_end;
+                continue;
+            }
+            map.entry(id)
+                .or_insert_with(|| e[20..entry_len as usize].to_vec());
+            at += entry_len.next_multiple_of(16);
+        }
+        Ok(self.descriptors.get_or_init(|| map))
     }
 
     /// Names and sizes of a file's alternate data streams.
@@ -341,12 +403,14 @@ impl Filesystem for NtfsFs {
         Ok(out)
     }
 
-    /// The record's own `$SECURITY_DESCRIPTOR` attribute (NTFS 1.x style, and what ntfs-3g
-    /// writes for new files); descriptors shared through `$Secure` are not looked up yet.
+    /// The record's own `$SECURITY_DESCRIPTOR` attribute when it has one (NTFS 1.x style, and
+    /// what ntfscp writes), otherwise the descriptor its security ID names in `$Secure:$SDS`
+    /// (how Windows and the ntfs-3g driver store them).
     fn security_descriptor(&self, node: NodeId) -> Result<Option<Vec<u8>>> {
         guarded("security descriptor", || {
             let mut r = self.reader();
             let file = self.file(&mut r, node)?;
+            let shared_id = file.info().ok().and_then(|i| i.security_id());
             let mut attrs = file.attributes();
             while let Some(item) = attrs.next(&mut r) {
                 let item = item.map_err(|e| err("attributes", e))?;
@@ -369,7 +433,10 @@ impl Filesystem for NtfsFs {
                     .map_err(|e| err("$SECURITY_DESCRIPTOR", e))?;
                 return Ok(Some(bytes));
             }
-            Ok(None)
+            match shared_id {
+                Some(id) if id != 0 => Ok(self.shared_descriptors()?.get(&id).cloned()),
+                _ => Ok(None),
+            }
         })
     }
 
