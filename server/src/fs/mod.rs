@@ -8,6 +8,8 @@
 pub mod detect;
 pub mod ext4;
 pub mod fat;
+pub mod fat_write;
+pub mod host;
 pub mod ntfs;
 pub mod tree;
 

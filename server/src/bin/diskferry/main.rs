@@ -3,6 +3,7 @@
 mod browse;
 mod demo;
 mod images;
+mod mkfs;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -142,6 +143,31 @@ enum Command {
         path: String,
         /// Where to write it (an existing directory receives a file under its own name)
         dest: PathBuf,
+    },
+    /// Build a filesystem image from a directory of this machine (raw, or qcow2/VHDX by the
+    /// name's extension)
+    Mkfs {
+        /// The filesystem to build
+        #[arg(value_enum)]
+        fs: mkfs::FsType,
+        /// The image to write (written as OUT.partial and renamed when complete)
+        out: PathBuf,
+        /// The directory whose contents go into the filesystem
+        #[arg(long, value_name = "DIR")]
+        from: PathBuf,
+        /// Filesystem size: bytes, or with a unit (K, M, G, T; binary) [default: what the tree
+        /// needs plus 10%]
+        #[arg(long)]
+        size: Option<String>,
+        /// Volume label (FAT: up to 11 characters)
+        #[arg(long)]
+        label: Option<String>,
+        /// Volume identifier (FAT: the serial, XXXX-XXXX)
+        #[arg(long)]
+        uuid: Option<String>,
+        /// Replace OUT if it exists
+        #[arg(long)]
+        force: bool,
     },
     /// Write a new random key file for the client and the server to share
     Keygen {
@@ -290,6 +316,23 @@ fn run(cli: Cli) -> Result<()> {
             output.follow_backing,
         ),
         Command::Overlay { base, out, force } => images::overlay(&base, &out, force),
+        Command::Mkfs {
+            fs,
+            out,
+            from,
+            size,
+            label,
+            uuid,
+            force,
+        } => mkfs::mkfs(mkfs::MkfsArgs {
+            fs,
+            out: &out,
+            from: &from,
+            size: size.as_deref(),
+            label,
+            uuid,
+            force,
+        }),
         Command::Disks { addr, conn } => disks(&addr, &conn),
         Command::Inspect {
             source,
