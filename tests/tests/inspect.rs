@@ -2,7 +2,6 @@
 //! against fixtures made with Debian tools (the kernel writes the ext4 content; mtools the
 //! FAT; ntfs-3g the NTFS) and checked against what was put in and what those tools report.
 
-use std::collections::HashMap;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
@@ -11,6 +10,7 @@ use std::time::Duration;
 use diskferry::blockdev::{BlockDevice, FileDevice, SliceDevice};
 use diskferry::fs::{self, FileKind, Filesystem};
 use diskferry_e2e::fixtures::{self, ext4_image, fat_image, gpt_disk, mbr_disk, ntfs_image, place};
+use diskferry_e2e::trees::assert_fs_matches_host;
 use diskferry_e2e::{diskferry, make_key, run_ok, Client};
 
 const MIB: u64 = 1 << 20;
@@ -361,167 +361,17 @@ fn a_damaged_primary_gpt_falls_back_to_the_backup_and_both_damaged_is_a_clear_er
     );
 }
 
-/// Host files below `root` (relative path → metadata), symlinks not followed.
-fn host_tree(root: &Path) -> HashMap<String, std::fs::Metadata> {
-    let mut out = HashMap::new();
-    let mut stack = vec![root.to_path_buf()];
-    while let Some(dir) = stack.pop() {
-        for e in std::fs::read_dir(&dir).unwrap() {
-            let e = e.unwrap();
-            let meta = std::fs::symlink_metadata(e.path()).unwrap();
-            let rel = e
-                .path()
-                .strip_prefix(root)
-                .unwrap()
-                .to_str()
-                .unwrap()
-                .to_string();
-            if meta.is_dir() {
-                stack.push(e.path());
-            }
-            out.insert(rel, meta);
-        }
-    }
-    out
-}
-
-/// Every xattr of a host file, as getfattr reports them (name → value).
-fn host_xattrs(path: &Path) -> Vec<(String, Vec<u8>)> {
-    let out = run_ok(
-        "getfattr",
-        &[
-            "-h",
-            "-d",
-            "-m",
-            "-",
-            "-e",
-            "hex",
-            "--absolute-names",
-            path.to_str().unwrap(),
-        ],
-    );
-    let mut attrs: Vec<(String, Vec<u8>)> = out
-        .lines()
-        .filter_map(|l| l.split_once("=0x"))
-        .map(|(name, hex)| {
-            let bytes = (0..hex.len() / 2)
-                .map(|i| u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).unwrap())
-                .collect();
-            (name.to_string(), bytes)
-        })
-        .collect();
-    attrs.sort();
-    attrs
-}
-
-fn check_ext4_tree(fs: &dyn Filesystem, tree: &Path) {
-    let host = host_tree(tree);
-    let mut seen = HashMap::new();
-    let mut nodes: HashMap<u64, Vec<String>> = HashMap::new();
-    fs::tree::walk(
-        fs,
-        fs.root(),
-        &mut |path, e| {
-            seen.insert(path.to_string(), e.node);
-            nodes.entry(e.node).or_default().push(path.to_string());
-            Ok(())
-        },
-        &mut |p, e| panic!("{p}: {e}"),
-    )
-    .unwrap();
-    seen.remove("lost+found");
-    let mut ours: Vec<&String> = seen.keys().collect();
-    let mut theirs: Vec<&String> = host.keys().collect();
-    ours.sort();
-    theirs.sort();
-    assert_eq!(ours, theirs, "the same names");
-    for (path, h) in &host {
-        let node = seen[path];
-        let m = fs.metadata(node).unwrap();
-        assert_eq!(m.mode, h.mode() & 0o7777, "{path}: mode");
-        assert_eq!((m.uid, m.gid), (h.uid(), h.gid()), "{path}: owner");
-        assert_eq!(m.links as u64, h.nlink(), "{path}: links");
-        let mtime = m.mtime.unwrap();
-        assert_eq!(
-            (mtime.secs, mtime.nanos as i64),
-            (h.mtime(), h.mtime_nsec()),
-            "{path}: mtime"
-        );
-        // Access times move on the host as the test reads the tree; the one set is known.
-        if path == "home/alice/hello.txt" {
-            let atime = m.atime.unwrap();
-            // 2002-03-04 05:06:07.987654321 UTC
-            assert_eq!(
-                (atime.secs, atime.nanos),
-                (1_015_218_367, 987_654_321),
-                "{path}: atime"
-            );
-        }
-        let full = tree.join(path);
-        let ft = h.file_type();
-        if ft.is_symlink() {
-            assert_eq!(m.kind, FileKind::Symlink);
-            let target = std::fs::read_link(&full).unwrap();
-            assert_eq!(
-                fs.read_link(node).unwrap(),
-                target.to_str().unwrap().as_bytes(),
-                "{path}"
-            );
-        } else if ft.is_file() {
-            assert_eq!(m.kind, FileKind::File);
-            assert_eq!(m.size, h.len(), "{path}: size");
-            assert_eq!(
-                fs.read_all(node, 1 << 30).unwrap(),
-                std::fs::read(&full).unwrap(),
-                "{path}: bytes"
-            );
-            assert_eq!(
-                fs.xattrs(node).unwrap().len(),
-                host_xattrs(&full).len(),
-                "{path}: xattr count"
-            );
-            let mut x = fs.xattrs(node).unwrap();
-            x.sort();
-            assert_eq!(x, host_xattrs(&full), "{path}: xattrs");
-        } else if ft.is_dir() {
-            assert_eq!(m.kind, FileKind::Dir);
-            let mut x = fs.xattrs(node).unwrap();
-            x.sort();
-            assert_eq!(x, host_xattrs(&full), "{path}: xattrs");
-        } else {
-            use std::os::unix::fs::FileTypeExt;
-            if ft.is_fifo() {
-                assert_eq!(m.kind, FileKind::Fifo);
-            } else if ft.is_char_device() {
-                assert_eq!(m.kind, FileKind::CharDevice);
-                assert_eq!(m.device, Some((1, 3)), "{path}");
-            }
-        }
-    }
-    // Hard links: one inode under two names.
-    let report = seen["home/alice/docs/report.bin"];
-    assert_eq!(seen["home/alice/report-link.bin"], report);
-    assert_eq!(nodes[&report].len(), 2);
-    // Holes stay holes: the sparse file's extents cover far less than its size.
-    let sparse = seen["home/alice/sparse.img"];
-    let mapped: u64 = fs.extents(sparse).unwrap().iter().map(|e| e.len).sum();
-    assert!(mapped <= 8192, "sparse file maps {mapped} bytes");
-    // Extents point at the file's bytes on the device.
-    let ext = fs.extents(report).unwrap();
-    assert!(!ext.is_empty());
-}
-
 #[test]
 fn ext4_names_modes_owners_times_links_xattrs_acls_and_bytes_read_back_as_put_in() {
     let f = fixtures();
-    check_ext4_tree(&*open_fs(&f.ext4), &f.tree);
+    assert_fs_matches_host(&*open_fs(&f.ext4), &f.tree);
     // The same filesystem inside a partition of a VHDX.
     let vhdx = f.dir.join("ext4-gpt.vhdx");
     let (ok, _, err) = diskferry(&["convert".as_ref(), f.gpt.as_os_str(), vhdx.as_os_str()]);
     assert!(ok || err.contains("exists"), "{err}");
     let (_, disk) = diskferry::vdisk::open_image(&vhdx, false).unwrap();
     let part = SliceDevice::new(disk, f.gpt_offsets[1], 48 * MIB).unwrap();
-    check_ext4_tree(&*fs::open(Arc::new(part)).unwrap(), &f.tree);
+    assert_fs_matches_host(&*fs::open(Arc::new(part)).unwrap(), &f.tree);
 }
 
 #[test]

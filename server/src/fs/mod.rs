@@ -185,6 +185,17 @@ pub trait Filesystem: Send + Sync {
     /// Where the file's bytes are on disk, in file order.
     fn extents(&self, node: NodeId) -> Result<Vec<FileExtent>>;
 
+    /// The byte ranges of the file that hold data, sorted; the rest reads as zeros (holes,
+    /// unwritten extents). By default, the written extents.
+    fn data_ranges(&self, node: NodeId) -> Result<Vec<(u64, u64)>> {
+        Ok(self
+            .extents(node)?
+            .into_iter()
+            .filter(|e| !e.unwritten)
+            .map(|e| (e.file_offset, e.len))
+            .collect())
+    }
+
     /// The blocks in use.
     fn allocation_map(&self) -> Result<AllocationMap>;
 

@@ -440,6 +440,30 @@ impl Filesystem for NtfsFs {
         })
     }
 
+    /// Resident data (small files kept inside the MFT record) has no extents but is all data.
+    fn data_ranges(&self, node: NodeId) -> Result<Vec<(u64, u64)>> {
+        guarded("data ranges", || {
+            let mut r = self.reader();
+            let file = self.file(&mut r, node)?;
+            Ok(match self.data_layout(&mut r, &file, "", node)? {
+                Some((len, extents)) if extents.is_empty() && len > 0 => {
+                    let resident = file
+                        .data(&mut r, "")
+                        .and_then(|i| i.ok())
+                        .and_then(|i| i.to_attribute().ok().map(|a| a.is_resident()))
+                        .unwrap_or(false);
+                    if resident {
+                        vec![(0, len)]
+                    } else {
+                        Vec::new()
+                    }
+                }
+                Some((_, extents)) => extents.iter().map(|e| (e.file_offset, e.len)).collect(),
+                None => Vec::new(),
+            })
+        })
+    }
+
     fn extents(&self, node: NodeId) -> Result<Vec<FileExtent>> {
         guarded("extents", || {
             let mut r = self.reader();

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use anyhow::{bail, Context, Result};
 use clap::ValueEnum;
 use diskferry::blockdev::BlockDevice;
+use diskferry::fs::ext4::write::{default_journal_blocks, write_ext4, Ext4Options};
 use diskferry::fs::fat_write::{write_fat, FatOptions};
 use diskferry::fs::host::HostFs;
 use diskferry::fs::{tree, FileKind, Filesystem};
@@ -18,6 +19,8 @@ use crate::images::parse_size;
 
 #[derive(Clone, Copy, ValueEnum)]
 pub enum FsType {
+    /// ext4 with 4 KiB blocks, 256-byte inodes, a journal, extents, flex_bg and metadata_csum
+    Ext4,
     /// FAT12/16/32 (the type follows the size)
     Fat,
 }
@@ -44,6 +47,28 @@ fn tree_needs(src: &dyn Filesystem) -> Result<(u64, u64)> {
     Ok((bytes, entries))
 }
 
+/// What either writer reports.
+struct Report {
+    files: u64,
+    dirs: u64,
+    bytes: u64,
+    skipped: Vec<(String, String)>,
+}
+
+/// A UUID in its usual text form.
+fn parse_uuid(s: &str) -> Result<[u8; 16]> {
+    let hex: String = s.chars().filter(|&c| c != '-').collect();
+    if hex.len() != 32 {
+        bail!("{s} is not a UUID (xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx)");
+    }
+    let mut out = [0u8; 16];
+    for (i, b) in out.iter_mut().enumerate() {
+        *b = u8::from_str_radix(&hex[2 * i..2 * i + 2], 16)
+            .with_context(|| format!("{s} is not a UUID"))?;
+    }
+    Ok(out)
+}
+
 pub struct MkfsArgs<'a> {
     pub fs: FsType,
     pub out: &'a Path,
@@ -66,8 +91,17 @@ fn parse_serial(s: &str) -> Result<u32> {
 pub fn mkfs(a: MkfsArgs<'_>) -> Result<()> {
     let src = HostFs::open(a.from).with_context(|| format!("cannot read {}", a.from.display()))?;
     let (data, entries) = tree_needs(&src)?;
-    // Room for the data, 32 bytes per entry (long names take more), the FATs and slack.
-    let needed = data + entries * 256 + data / 32 + (1 << 20);
+    let needed = match a.fs {
+        // Data, an inode and a directory entry per entry, inode tables (one inode per 16 KiB),
+        // group metadata, and the journal mke2fs would give that size.
+        FsType::Ext4 => {
+            let base = data + entries * 512;
+            let base = base + base / 64 + (4 << 20);
+            base + default_journal_blocks(base / 4096) * 4096
+        }
+        // Room for the data, 256 bytes per entry (long names), the FATs and slack.
+        FsType::Fat => data + entries * 256 + data / 32 + (1 << 20),
+    };
     let size = match a.size {
         Some(s) => parse_size(s)?,
         None => (needed + needed / 10)
@@ -93,15 +127,40 @@ pub fn mkfs(a: MkfsArgs<'_>) -> Result<()> {
         512,
     )?;
     let report = match a.fs {
-        FsType::Fat => write_fat(
-            Arc::clone(&image),
-            &src,
-            &FatOptions {
-                label: a.label,
-                serial: a.uuid.as_deref().map(parse_serial).transpose()?,
-                ..FatOptions::default()
-            },
-        )?,
+        FsType::Ext4 => {
+            let r = write_ext4(
+                Arc::clone(&image),
+                &src,
+                &Ext4Options {
+                    label: a.label,
+                    uuid: a.uuid.as_deref().map(parse_uuid).transpose()?,
+                    ..Ext4Options::default()
+                },
+            )?;
+            Report {
+                files: r.files + r.symlinks + r.special,
+                dirs: r.dirs,
+                bytes: r.bytes,
+                skipped: r.skipped,
+            }
+        }
+        FsType::Fat => {
+            let r = write_fat(
+                Arc::clone(&image),
+                &src,
+                &FatOptions {
+                    label: a.label,
+                    serial: a.uuid.as_deref().map(parse_serial).transpose()?,
+                    ..FatOptions::default()
+                },
+            )?;
+            Report {
+                files: r.files,
+                dirs: r.dirs,
+                bytes: r.bytes,
+                skipped: r.skipped,
+            }
+        }
     };
     image.flush()?;
     drop(image);

@@ -9,6 +9,7 @@
 //! `meta_bg`, `bigalloc`, inline data, encrypted and compressed files.
 
 mod inode;
+pub mod write;
 
 use std::sync::Arc;
 

@@ -1,0 +1,256 @@
+//! Where an ext4 filesystem's metadata goes: block groups, superblock backups (sparse_super),
+//! the group descriptor table, and — with flex_bg — each flex group's block bitmaps, inode
+//! bitmaps and inode tables packed at the start of its first group. Then a block allocator that
+//! hands out the rest in ascending order, so a file's blocks are contiguous and directories sit
+//! right before their files.
+
+use super::super::super::{FsError, Result};
+
+/// The geometry of a filesystem to write.
+#[derive(Debug, Clone)]
+pub struct Geometry {
+    pub block_size: u64,
+    pub blocks: u64,
+    pub first_data_block: u64,
+    pub blocks_per_group: u64,
+    pub groups: u64,
+    pub inodes_per_group: u64,
+    pub inode_size: u64,
+    pub desc_size: u64,
+    pub gdt_blocks: u64,
+    pub log_groups_per_flex: u32,
+    /// Per group: block bitmap, inode bitmap, inode table.
+    pub block_bitmap: Vec<u64>,
+    pub inode_bitmap: Vec<u64>,
+    pub inode_table: Vec<u64>,
+}
+
+/// Whether group `g` holds a superblock backup (sparse_super: 0, 1, powers of 3, 5, 7).
+pub fn has_super(g: u64) -> bool {
+    if g <= 1 {
+        return true;
+    }
+    [3u64, 5, 7].iter().any(|&b| {
+        let mut p = b;
+        while p < g {
+            p *= b;
+        }
+        p == g
+    })
+}
+
+impl Geometry {
+    /// Lays out a filesystem of `blocks` blocks with at least `min_inodes` inodes.
+    pub fn new(
+        block_size: u64,
+        blocks: u64,
+        inode_size: u64,
+        min_inodes: u64,
+        bytes_per_inode: u64,
+    ) -> Result<Geometry> {
+        let unsupported = |why: String| FsError::Unsupported(why);
+        if ![1024, 2048, 4096].contains(&block_size) {
+            return Err(unsupported(format!(
+                "block size {block_size} (use 1024, 2048 or 4096)"
+            )));
+        }
+        if !(128..=block_size).contains(&inode_size)
+            || !inode_size.is_power_of_two()
+            || inode_size < 256
+        {
+            return Err(unsupported(format!(
+                "inode size {inode_size} (use 256 up to the block size)"
+            )));
+        }
+        let first_data_block = u64::from(block_size == 1024);
+        let blocks_per_group = 8 * block_size;
+        if blocks < 64 + first_data_block {
+            return Err(unsupported(format!(
+                "{blocks} blocks is too small for ext4"
+            )));
+        }
+        let mut blocks = blocks;
+        let mut groups = (blocks - first_data_block).div_ceil(blocks_per_group);
+        // A last group too small to hold its own metadata is dropped, as mke2fs does.
+        let last = blocks - first_data_block - (groups - 1) * blocks_per_group;
+        if groups > 1 && last < 512 {
+            groups -= 1;
+            blocks = first_data_block + groups * blocks_per_group;
+        }
+        let inodes_per_block = block_size / inode_size;
+        let wanted = min_inodes.max(blocks * block_size / bytes_per_inode.max(1024));
+        let mut ipg = wanted.div_ceil(groups).max(16);
+        ipg = ipg
+            .next_multiple_of(inodes_per_block.max(8))
+            .next_multiple_of(8);
+        if ipg > 8 * block_size {
+            return Err(unsupported(format!(
+                "{min_inodes} inodes do not fit {groups} groups of {} blocks: give a larger size",
+                blocks_per_group
+            )));
+        }
+        let desc_size = 64;
+        let gdt_blocks = (groups * desc_size).div_ceil(block_size);
+        let mut geo = Geometry {
+            block_size,
+            blocks,
+            first_data_block,
+            blocks_per_group,
+            groups,
+            inodes_per_group: ipg,
+            inode_size,
+            desc_size,
+            gdt_blocks,
+            log_groups_per_flex: 4,
+            block_bitmap: Vec::new(),
+            inode_bitmap: Vec::new(),
+            inode_table: Vec::new(),
+        };
+        // Smaller flex groups when a flex group's metadata would not fit its first group.
+        while !geo.place() {
+            if geo.log_groups_per_flex == 0 {
+                return Err(unsupported(
+                    "the inode tables do not fit the block groups: give a larger size or fewer inodes"
+                        .into(),
+                ));
+            }
+            geo.log_groups_per_flex -= 1;
+        }
+        Ok(geo)
+    }
+
+    /// Places each flex group's bitmaps and inode tables after its first group's backup;
+    /// false when they do not fit that group.
+    fn place(&mut self) -> bool {
+        self.block_bitmap.clear();
+        self.inode_bitmap.clear();
+        self.inode_table.clear();
+        let flex = 1u64 << self.log_groups_per_flex;
+        let itable = self.itable_blocks();
+        for g0 in (0..self.groups).step_by(flex as usize) {
+            let members = flex.min(self.groups - g0);
+            let start = self.group_start(g0) + self.backup_len(g0);
+            if start + members * (2 + itable) > self.group_start(g0) + self.group_len(g0) {
+                return false;
+            }
+            self.block_bitmap.extend((0..members).map(|i| start + i));
+            self.inode_bitmap
+                .extend((0..members).map(|i| start + members + i));
+            self.inode_table
+                .extend((0..members).map(|i| start + 2 * members + i * itable));
+        }
+        true
+    }
+
+    pub fn group_start(&self, g: u64) -> u64 {
+        self.first_data_block + g * self.blocks_per_group
+    }
+
+    pub fn group_len(&self, g: u64) -> u64 {
+        self.blocks_per_group.min(self.blocks - self.group_start(g))
+    }
+
+    /// Blocks a group's superblock backup and descriptor table take (0 without a backup).
+    pub fn backup_len(&self, g: u64) -> u64 {
+        if has_super(g) {
+            1 + self.gdt_blocks
+        } else {
+            0
+        }
+    }
+
+    pub fn itable_blocks(&self) -> u64 {
+        self.inodes_per_group * self.inode_size / self.block_size
+    }
+
+    pub fn inodes(&self) -> u64 {
+        self.groups * self.inodes_per_group
+    }
+
+    /// A bitmap of the blocks metadata occupies.
+    pub fn metadata_bitmap(&self) -> Vec<bool> {
+        let mut used = vec![false; self.blocks as usize];
+        let mut mark = |from: u64, n: u64| {
+            for b in from..from + n {
+                used[b as usize] = true;
+            }
+        };
+        mark(0, self.first_data_block);
+        for g in 0..self.groups {
+            mark(self.group_start(g), self.backup_len(g));
+            mark(self.block_bitmap[g as usize], 1);
+            mark(self.inode_bitmap[g as usize], 1);
+            mark(self.inode_table[g as usize], self.itable_blocks());
+        }
+        used
+    }
+}
+
+/// Hands out free blocks in ascending order.
+pub struct Allocator {
+    used: Vec<bool>,
+    next: u64,
+}
+
+impl Allocator {
+    pub fn new(used: Vec<bool>) -> Allocator {
+        Allocator { used, next: 0 }
+    }
+
+    /// `n` blocks as runs of (first block, count), as contiguous as the metadata allows.
+    pub fn alloc(&mut self, n: u64) -> Result<Vec<(u64, u64)>> {
+        let mut runs: Vec<(u64, u64)> = Vec::new();
+        let mut left = n;
+        while left > 0 {
+            while (self.next as usize) < self.used.len() && self.used[self.next as usize] {
+                self.next += 1;
+            }
+            if self.next as usize >= self.used.len() {
+                return Err(FsError::Unsupported(
+                    "the filesystem is full: give a larger size".into(),
+                ));
+            }
+            let b = self.next;
+            self.used[b as usize] = true;
+            self.next += 1;
+            left -= 1;
+            match runs.last_mut() {
+                Some(r) if r.0 + r.1 == b => r.1 += 1,
+                _ => runs.push((b, 1)),
+            }
+        }
+        Ok(runs)
+    }
+
+    /// One block.
+    pub fn one(&mut self) -> Result<u64> {
+        Ok(self.alloc(1)?[0].0)
+    }
+
+    pub fn into_used(self) -> Vec<bool> {
+        self.used
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backups_live_in_groups_0_1_and_powers_of_3_5_7() {
+        let with: Vec<u64> = (0..50).filter(|&g| has_super(g)).collect();
+        assert_eq!(with, [0, 1, 3, 5, 7, 9, 25, 27, 49]);
+    }
+
+    #[test]
+    fn flex_metadata_is_packed_and_never_overlaps() {
+        let geo = Geometry::new(4096, 300_000, 256, 1000, 16384).unwrap();
+        assert_eq!(geo.groups, 10);
+        assert_eq!(geo.block_bitmap[1], geo.block_bitmap[0] + 1);
+        let used = geo.metadata_bitmap();
+        let count = used.iter().filter(|&&u| u).count() as u64;
+        let expect: u64 = (0..geo.groups).map(|g| geo.backup_len(g)).sum::<u64>()
+            + geo.groups * (2 + geo.itable_blocks());
+        assert_eq!(count, expect);
+    }
+}
