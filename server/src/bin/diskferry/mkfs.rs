@@ -7,7 +7,7 @@ use std::sync::Arc;
 use anyhow::{bail, Context, Result};
 use clap::ValueEnum;
 use diskferry::blockdev::BlockDevice;
-use diskferry::fs::ext4::write::{default_journal_blocks, write_ext4, Ext4Options};
+use diskferry::fs::ext4::write::{suggested_size, write_ext4, Ext4Options};
 use diskferry::fs::fat_write::{write_fat, FatOptions};
 use diskferry::fs::host::HostFs;
 use diskferry::fs::{tree, FileKind, Filesystem};
@@ -92,13 +92,7 @@ pub fn mkfs(a: MkfsArgs<'_>) -> Result<()> {
     let src = HostFs::open(a.from).with_context(|| format!("cannot read {}", a.from.display()))?;
     let (data, entries) = tree_needs(&src)?;
     let needed = match a.fs {
-        // Data, an inode and a directory entry per entry, inode tables (one inode per 16 KiB),
-        // group metadata, and the journal mke2fs would give that size.
-        FsType::Ext4 => {
-            let base = data + entries * 512;
-            let base = base + base / 64 + (4 << 20);
-            base + default_journal_blocks(base / 4096) * 4096
-        }
+        FsType::Ext4 => suggested_size(data, entries) * 10 / 11,
         // Room for the data, 256 bytes per entry (long names), the FATs and slack.
         FsType::Fat => data + entries * 256 + data / 32 + (1 << 20),
     };

@@ -13,10 +13,11 @@
 //!    (metadata_csum, [`csum`]) included.
 //!
 //! Features: has_journal, ext_attr, dir_index, filetype, extents, 64bit, flex_bg,
-//! sparse_super, large_file, huge_file, dir_nlink, extra_isize, metadata_csum. Directories
-//! are written linearly (no htree index yet).
+//! sparse_super, large_file, huge_file, dir_nlink, extra_isize, metadata_csum. A directory
+//! that needs more than one block gets a hash index ([`htree`]).
 
 pub mod csum;
+pub mod htree;
 pub mod layout;
 pub mod xattr;
 
@@ -33,6 +34,7 @@ const JOURNAL_INO: u32 = 8;
 const LOST_FOUND_INO: u32 = 11;
 const FIRST_INO: u32 = 11;
 const EXTENTS_FL: u32 = 0x0008_0000;
+const INDEX_FL: u32 = 0x0000_1000;
 /// The longest initialized extent.
 const MAX_EXTENT: u64 = 32768;
 /// Inode flags carried over from an ext4 source (immutable, append-only, nodump, noatime,
@@ -98,6 +100,19 @@ pub fn default_journal_blocks(blocks: u64) -> u64 {
     }
 }
 
+/// A filesystem size (bytes) that holds `data` bytes of file data (each file rounded up to a
+/// block) and `entries` files and directories with room to spare, with the default options:
+/// the data, a directory entry per entry, inode tables for one inode per 16 KiB (at least
+/// `entries`, and a block group per 32,768 inodes), and mke2fs's journal for that size.
+pub fn suggested_size(data: u64, entries: u64) -> u64 {
+    let base = data + entries * 512;
+    let base = base + base / 64 + (4 << 20);
+    let groups_for_inodes = (entries + 64).div_ceil(32768);
+    let base = base.max(groups_for_inodes * (128 << 20) + (8 << 20));
+    let with_journal = base + default_journal_blocks(base / 4096) * 4096;
+    (with_journal + with_journal / 10).next_multiple_of(1 << 20)
+}
+
 /// One inode to write.
 struct Item {
     src: NodeId,
@@ -115,6 +130,8 @@ struct Item {
     tree: TreeBlocks,
     xattr_block: Option<(u64, Vec<u8>)>,
     inline_attrs: bool,
+    /// A hashed (htree) directory.
+    indexed: bool,
     size: u64,
 }
 
@@ -133,6 +150,7 @@ impl Item {
             tree: Vec::new(),
             xattr_block: None,
             inline_attrs: true,
+            indexed: false,
             size: 0,
         }
     }
@@ -544,6 +562,20 @@ pub fn write_ext4(
         uuid[8] = (uuid[8] & 0x3F) | 0x80;
     }
     let seed = csum::fs_seed(&uuid);
+    let mut hash_seed = opts.hash_seed.unwrap_or_default();
+    if opts.hash_seed.is_none() {
+        getrandom::fill(&mut hash_seed)
+            .map_err(|e| FsError::Unsupported(format!("no random source: {e}")))?;
+    }
+    let seed_words: [u32; 4] = std::array::from_fn(|i| {
+        u32::from_le_bytes([
+            hash_seed[4 * i],
+            hash_seed[4 * i + 1],
+            hash_seed[4 * i + 2],
+            hash_seed[4 * i + 3],
+        ])
+    });
+    let mut indexed_dirs = std::collections::HashSet::new();
     let mut alloc = Allocator::new(geo.metadata_bitmap());
 
     // The journal first, contiguous.
@@ -569,7 +601,24 @@ pub fn write_ext4(
             (b"..".to_vec(), item.parent, FileKind::Dir),
         ];
         entries.extend(item.entries.iter().cloned());
-        let blocks = dir_blocks(&entries, bs as usize, csum::inode_seed(seed, d, 0));
+        let dseed = csum::inode_seed(seed, d, 0);
+        let mut blocks = dir_blocks(&entries, bs as usize, dseed);
+        if blocks.len() > 1 {
+            let typed: Vec<(Vec<u8>, u32, u8)> = entries[2..]
+                .iter()
+                .map(|(n, i, k)| (n.clone(), *i, file_type(*k)))
+                .collect();
+            match htree::indexed_dir(d, item.parent, &typed, bs as usize, dseed, seed_words) {
+                Some(indexed) => {
+                    blocks = indexed;
+                    indexed_dirs.insert(d);
+                }
+                None => report.skipped.push((
+                    format!("directory inode {d}"),
+                    "too large for a two-level hash index; written unindexed".into(),
+                )),
+            }
+        }
         let n = blocks.len() as u64;
         dir_data.insert(d, blocks);
         let children: Vec<(u32, FileKind)> = item.entries.iter().map(|e| (e.1, e.2)).collect();
@@ -599,6 +648,11 @@ pub fn write_ext4(
                 }
                 order.push(ino);
             }
+        }
+    }
+    for d in &indexed_dirs {
+        if let Some(item) = items.get_mut(d) {
+            item.indexed = true;
         }
     }
     // Extent trees and xattr blocks, after the data.
@@ -653,6 +707,7 @@ pub fn write_ext4(
         &geo,
         opts,
         &uuid,
+        &hash_seed,
         seed,
         &mut items,
         &order,
@@ -665,12 +720,11 @@ pub fn write_ext4(
     Ok(report)
 }
 
-/// Writes `data` at block `block`, skipping 4 KiB pieces that are all zeros.
+/// Writes `data` at byte `at`, leaving out 4 KiB pieces that are all zeros (one write per run
+/// of non-zero pieces).
 fn write_sparse(dev: &dyn BlockDevice, data: &[u8], at: u64) -> Result<()> {
-    for (i, chunk) in data.chunks(4096).enumerate() {
-        if !crate::pipeline::is_zero(chunk) {
-            dev.write_at(chunk, at + (i * 4096) as u64)?;
-        }
+    for run in crate::pipeline::nonzero_runs(data) {
+        dev.write_at(&data[run.clone()], at + run.start as u64)?;
     }
     Ok(())
 }
@@ -682,6 +736,7 @@ fn write_all(
     geo: &Geometry,
     opts: &Ext4Options,
     uuid: &[u8; 16],
+    hash_seed: &[u8; 16],
     seed: u32,
     items: &mut HashMap<u32, Item>,
     order: &[u32],
@@ -758,6 +813,11 @@ fn write_all(
             || (item.kind == FileKind::Symlink && item.target.len() >= 60)
         {
             flags |= EXTENTS_FL;
+        }
+        if item.indexed {
+            flags |= INDEX_FL;
+        } else {
+            flags &= !INDEX_FL;
         }
         let mut raw = inode_bytes(geo, item, &i_blocks[&ino], data_blocks * bs / 512, flags);
         csum::set_inode(seed, ino, &mut raw);
@@ -943,19 +1003,14 @@ fn write_all(
         s32(&mut sb, 0x10C + 15 * 4, jsize >> 32);
         s32(&mut sb, 0x10C + 16 * 4, jsize);
     }
-    let mut hash_seed = opts.hash_seed.unwrap_or_default();
-    if opts.hash_seed.is_none() {
-        getrandom::fill(&mut hash_seed)
-            .map_err(|e| FsError::Unsupported(format!("no random source: {e}")))?;
-    }
-    sb[0xEC..0xFC].copy_from_slice(&hash_seed);
+    sb[0xEC..0xFC].copy_from_slice(hash_seed);
     sb[0xFC] = 1; // half_md4
     put16(&mut sb, 0xFE, geo.desc_size as u16);
     s32(&mut sb, 0x100, 0x0C); // default mount options: user_xattr, acl
     s32(&mut sb, 0x108, t.secs as u64);
     put16(&mut sb, 0x15C, 32);
     put16(&mut sb, 0x15E, 32);
-    s32(&mut sb, 0x160, 0x1); // signed directory hash
+    s32(&mut sb, 0x160, 0x2); // unsigned directory hash (what htree.rs computes)
     sb[0x174] = geo.log_groups_per_flex as u8;
     sb[0x175] = 1; // crc32c
     for g in 0..geo.groups {
