@@ -104,6 +104,7 @@ fn mkfs_ext4_from_a_tree_passes_e2fsck_and_the_kernel_sees_the_same_tree() {
         echo hi > "$t/srv/Ünïcödé ✓ 日本語/ファイル.txt"
         mkdir $t/srv/many
         for i in $(seq 1 3000); do : > $t/srv/many/entry-with-a-longer-name-$i; done
+        chattr +A $t/etc/fstab
         "#,
         t = tree.display()
     ));
@@ -180,6 +181,8 @@ fn mkfs_ext4_from_a_tree_passes_e2fsck_and_the_kernel_sees_the_same_tree() {
             assert_eq!(a, &a2, "{}: atime", path.display());
             assert_eq!(c, &c2, "{}: ctime", path.display());
         }
+        let flags = run_ok("lsattr", &[mnt.join("etc/fstab").to_str().unwrap()]);
+        assert!(flags.starts_with("-------A"), "noatime flag kept: {flags}");
         let sparse = std::fs::metadata(mnt.join("var/disk.img")).unwrap();
         assert_eq!(sparse.len(), 5 * GIB);
         assert!(sparse.blocks() * 512 <= 8192, "the hole stays a hole");

@@ -1,7 +1,8 @@
 //! A directory of this machine seen through the [`Filesystem`] trait, so the filesystem
 //! writers take a host tree (`diskferry mkfs --from DIR`) exactly as they take a captured
 //! filesystem. Nodes are inode numbers (hard links share one), metadata comes from `lstat`
-//! (nanosecond times, birth time where the kernel reports it), extended attributes from
+//! (nanosecond times, birth time where the kernel reports it; inode flags from
+//! `FS_IOC_GETFLAGS`), extended attributes from
 //! `llistxattr`/`lgetxattr` (POSIX ACLs arrive in the VFS form), and a file's data ranges from
 //! `SEEK_DATA`/`SEEK_HOLE`, so holes stay holes. The tree must live on one filesystem: a mount
 //! point inside it is reported as an error for that entry, not crossed.
@@ -33,6 +34,18 @@ fn io_err(path: &Path, e: std::io::Error) -> FsError {
         device: path.display().to_string(),
         source: e,
     })
+}
+
+/// The file's inode flags (`FS_IOC_GETFLAGS`); 0 where the filesystem has none.
+fn inode_flags(path: &Path) -> u32 {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags((rustix::fs::OFlags::NOFOLLOW | rustix::fs::OFlags::NONBLOCK).bits() as i32)
+        .open(path)
+        .ok()
+        .and_then(|f| rustix::fs::ioctl_getflags(&f).ok())
+        .map_or(0, |f| f.bits())
 }
 
 fn kind_of(ft: std::fs::FileType) -> FileKind {
@@ -96,6 +109,10 @@ impl Filesystem for HostFs {
         self.root_node
     }
 
+    fn flags_are_linux_inode_flags(&self) -> bool {
+        true
+    }
+
     fn metadata(&self, node: NodeId) -> Result<Metadata> {
         let path = self.path(node)?;
         let m = std::fs::symlink_metadata(&path).map_err(|e| io_err(&path, e))?;
@@ -132,7 +149,11 @@ impl Filesystem for HostFs {
             ctime: ts(m.ctime(), m.ctime_nsec()),
             crtime,
             device,
-            flags: 0,
+            flags: if matches!(kind, FileKind::File | FileKind::Dir) {
+                inode_flags(&path)
+            } else {
+                0
+            },
             allocated: m.blocks() * 512,
         })
     }

@@ -185,6 +185,13 @@ pub trait Filesystem: Send + Sync {
     /// Where the file's bytes are on disk, in file order.
     fn extents(&self, node: NodeId) -> Result<Vec<FileExtent>>;
 
+    /// Whether `Metadata::flags` are Linux inode flags (`FS_IOC_GETFLAGS`: immutable,
+    /// append-only, noatime, ...), as ext2/3/4 and host trees give them; FAT and NTFS put their
+    /// file attributes there instead.
+    fn flags_are_linux_inode_flags(&self) -> bool {
+        false
+    }
+
     /// The byte ranges of the file that hold data, sorted; the rest reads as zeros (holes,
     /// unwritten extents). By default, the written extents.
     fn data_ranges(&self, node: NodeId) -> Result<Vec<(u64, u64)>> {

@@ -25,7 +25,8 @@ pub enum FsType {
     Fat,
 }
 
-/// What a tree needs: bytes of file data (each file rounded up to 4 KiB), and entries.
+/// What a tree needs: bytes of file data (each file's allocated bytes rounded up to 4 KiB),
+/// and entries.
 fn tree_needs(src: &dyn Filesystem) -> Result<(u64, u64)> {
     let (mut bytes, mut entries) = (0u64, 0u64);
     let mut errors = Vec::new();
@@ -35,7 +36,9 @@ fn tree_needs(src: &dyn Filesystem) -> Result<(u64, u64)> {
         &mut |_, e| {
             entries += 1;
             if e.kind == FileKind::File {
-                bytes += src.metadata(e.node)?.size.next_multiple_of(4096);
+                // Sparse files need only their allocated blocks.
+                let m = src.metadata(e.node)?;
+                bytes += m.size.min(m.allocated).next_multiple_of(4096);
             }
             Ok(())
         },

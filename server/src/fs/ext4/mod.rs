@@ -373,6 +373,10 @@ impl Filesystem for Ext4 {
         ROOT
     }
 
+    fn flags_are_linux_inode_flags(&self) -> bool {
+        true
+    }
+
     fn metadata(&self, node: NodeId) -> Result<Metadata> {
         let ino = self.inode(node)?;
         let kind = self.kind_of(node, &ino)?;

@@ -24,7 +24,7 @@ pub mod xattr;
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use super::super::{FileKind, Filesystem, FsError, FsKind, Metadata, NodeId, Result, Timestamp};
+use super::super::{FileKind, Filesystem, FsError, Metadata, NodeId, Result, Timestamp};
 use crate::blockdev::BlockDevice;
 use layout::{Allocator, Geometry};
 use xattr::Attr;
@@ -108,7 +108,7 @@ pub fn suggested_size(data: u64, entries: u64) -> u64 {
     let base = data + entries * 512;
     let base = base + base / 64 + (4 << 20);
     let groups_for_inodes = (entries + 64).div_ceil(32768);
-    let base = base.max(groups_for_inodes * (128 << 20) + (8 << 20));
+    let base = base.max((groups_for_inodes - 1) * (128 << 20) + (8 << 20));
     let with_journal = base + default_journal_blocks(base / 4096) * 4096;
     (with_journal + with_journal / 10).next_multiple_of(1 << 20)
 }
@@ -532,10 +532,7 @@ pub fn write_ext4(
     opts: &Ext4Options,
 ) -> Result<Ext4Report> {
     let mut report = Ext4Report::default();
-    let from_ext4 = matches!(
-        source.info().kind,
-        FsKind::Ext2 | FsKind::Ext3 | FsKind::Ext4
-    );
+    let from_ext4 = source.flags_are_linux_inode_flags();
     let Plan {
         mut items,
         next_ino,
