@@ -31,7 +31,7 @@ fn p(path: &Path) -> &str {
 /// A Linux root tree in `dir/tree`: os-release (through a relative symlink, as Debian has it),
 /// hostname, fstab, a kernel, module directory, and files exercising every kind of metadata:
 /// owners, setuid and sticky modes, nanosecond times, hard links, fast and slow symlinks,
-/// a FIFO, a character device, a sparse file, user/trusted/security xattrs (one too large
+/// a FIFO, a character device, a socket, a sparse file, user/trusted/security xattrs (one too large
 /// for the inode), a POSIX ACL and a default ACL.
 pub fn linux_tree(dir: &Path) -> PathBuf {
     let t = dir.join("tree");
@@ -54,6 +54,7 @@ pub fn linux_tree(dir: &Path) -> PathBuf {
         ln -s {long_target} $t/home/alice/slow-link
         mkfifo $t/home/alice/pipe
         mknod $t/home/alice/null-dev c 1 3
+        python3 -c "import socket,sys; socket.socket(socket.AF_UNIX).bind(sys.argv[1])" $t/home/alice/agent.sock
         truncate -s 5000000 $t/home/alice/sparse.img
         printf 'middle' | dd of=$t/home/alice/sparse.img bs=1 seek=2500000 conv=notrunc status=none
         chown -R 1000:1000 $t/home/alice

@@ -12,7 +12,7 @@ use std::sync::Arc;
 
 use diskferry::blockdev::{BlockDevice, FileDevice};
 use diskferry::fs;
-use diskferry::fs::ext4::write::{write_ext4, Ext4Options};
+use diskferry::fs::ext4::write::write_ext4;
 use diskferry_e2e::fixtures::{ext4_image, linux_tree};
 use diskferry_e2e::trees::assert_fs_matches_host;
 use diskferry_e2e::{diskferry, run_ok};
@@ -192,8 +192,29 @@ fn mkfs_ext4_from_a_tree_passes_e2fsck_and_the_kernel_sees_the_same_tree() {
     assert_fs_matches_host(&*fs, &tree);
 }
 
+/// dumpe2fs's view of the parameters a copy must keep.
+fn identity(image: &Path) -> Vec<String> {
+    let header = run_ok("dumpe2fs", &["-h", image.to_str().unwrap()]);
+    header
+        .lines()
+        .filter(|l| {
+            [
+                "Filesystem UUID:",
+                "Filesystem volume name:",
+                "Directory Hash Seed:",
+                "Block size:",
+                "Inode size:",
+                "Total journal size:",
+            ]
+            .iter()
+            .any(|k| l.starts_with(k))
+        })
+        .map(String::from)
+        .collect()
+}
+
 #[test]
-fn an_ext4_copied_through_the_writer_keeps_inode_flags_and_passes_e2fsck() {
+fn an_ext4_copied_through_the_writer_keeps_identity_and_inode_flags_at_any_size_that_fits() {
     let dir = tempfile::tempdir().unwrap();
     let tree = linux_tree(dir.path());
     let original = dir.path().join("orig.ext4");
@@ -206,35 +227,44 @@ fn an_ext4_copied_through_the_writer_keeps_inode_flags_and_passes_e2fsck() {
         img = original.display(),
         m = mnt.display()
     ));
-    let source = fs::open(Arc::new(FileDevice::open(&original, false).unwrap())).unwrap();
-    let copy = dir.path().join("copy.ext4");
-    std::fs::File::create(&copy)
-        .unwrap()
-        .set_len(64 << 20)
-        .unwrap();
-    let dev: Arc<dyn BlockDevice> = Arc::new(FileDevice::open(&copy, true).unwrap());
-    let report = write_ext4(Arc::clone(&dev), &*source, &Ext4Options::default()).unwrap();
-    assert!(report.skipped.is_empty(), "{:?}", report.skipped);
-    drop(dev);
-    e2fsck_clean(&copy);
-    let lsattr = run_ok(
-        "debugfs",
-        &["-R", "stat /etc/hostname", copy.to_str().unwrap()],
-    );
-    assert!(
-        lsattr.contains("Flags: 0x80010"),
-        "immutable + extents:\n{lsattr}"
-    );
-    let lsattr = run_ok(
-        "debugfs",
-        &["-R", "stat /etc/fstab", copy.to_str().unwrap()],
-    );
-    assert!(
-        lsattr.contains("Flags: 0x80020"),
-        "append-only + extents:\n{lsattr}"
-    );
-    let copied = fs::open(Arc::new(FileDevice::open(&copy, false).unwrap())).unwrap();
-    assert_fs_matches_host(&*copied, &tree);
+    let dev: Arc<dyn BlockDevice> = Arc::new(FileDevice::open(&original, false).unwrap());
+    let source = diskferry::fs::ext4::Ext4::open(dev).unwrap();
+    let want = identity(&original);
+    assert_eq!(want.len(), 6, "{want:?}");
+    // Smaller, equal and larger than the source: capacity matching.
+    for mib in [24u64, 64, 200] {
+        let copy = dir.path().join(format!("copy-{mib}.ext4"));
+        std::fs::File::create(&copy)
+            .unwrap()
+            .set_len(mib << 20)
+            .unwrap();
+        let dev: Arc<dyn BlockDevice> = Arc::new(FileDevice::open(&copy, true).unwrap());
+        let mut opts = source.format_options();
+        opts.min_inodes = opts.min_inodes.min((mib << 20) / 16384);
+        let report = write_ext4(Arc::clone(&dev), &source, &opts).unwrap();
+        assert!(report.skipped.is_empty(), "{:?}", report.skipped);
+        drop(dev);
+        e2fsck_clean(&copy);
+        assert_eq!(identity(&copy), want, "{mib} MiB copy");
+        let stat = run_ok(
+            "debugfs",
+            &["-R", "stat /etc/hostname", copy.to_str().unwrap()],
+        );
+        assert!(
+            stat.contains("Flags: 0x80010"),
+            "immutable + extents:\n{stat}"
+        );
+        let stat = run_ok(
+            "debugfs",
+            &["-R", "stat /etc/fstab", copy.to_str().unwrap()],
+        );
+        assert!(
+            stat.contains("Flags: 0x80020"),
+            "append-only + extents:\n{stat}"
+        );
+        let copied = fs::open(Arc::new(FileDevice::open(&copy, false).unwrap())).unwrap();
+        assert_fs_matches_host(&*copied, &tree);
+    }
 }
 
 #[test]

@@ -7,7 +7,7 @@ use std::process::Command;
 use std::sync::Arc;
 
 use diskferry::blockdev::{BlockDevice, FileDevice};
-use diskferry::fs::fat_write::{write_fat, FatOptions};
+use diskferry::fs::fat_write::write_fat;
 use diskferry::fs::{self, FileKind, FsKind};
 use diskferry_e2e::fixtures::fat_image;
 use diskferry_e2e::{diskferry, run_ok};
@@ -147,17 +147,14 @@ fn a_fat_volume_copied_through_the_writer_keeps_names_attributes_and_times() {
         .set_len(16 << 20)
         .unwrap();
     let dev: Arc<dyn BlockDevice> = Arc::new(FileDevice::open(&copy, true).unwrap());
-    let report = write_fat(
-        Arc::clone(&dev),
-        &*source,
-        &FatOptions {
-            kind: Some(FsKind::Fat16),
-            label: Some(source.info().label),
-            serial: Some(u32::from_str_radix(&source.info().uuid.replace('-', ""), 16).unwrap()),
-            cluster_size: Some(source.info().block_size),
-        },
-    )
-    .unwrap();
+    let opts = match diskferry::fs::fat::Fat::open(Arc::new(
+        FileDevice::open(&original, false).unwrap(),
+    )) {
+        Ok(fat) => fat.format_options(),
+        Err(e) => panic!("{e}"),
+    };
+    assert_eq!(opts.kind, Some(FsKind::Fat16));
+    let report = write_fat(Arc::clone(&dev), &*source, &opts).unwrap();
     assert!(report.skipped.is_empty(), "{:?}", report.skipped);
     drop(dev);
     fsck_clean(&copy);

@@ -166,6 +166,17 @@ impl Fat {
         Ok(fat)
     }
 
+    /// Options that make the FAT writer produce a volume with this one's type, label,
+    /// serial number and cluster size.
+    pub fn format_options(&self) -> super::fat_write::FatOptions {
+        super::fat_write::FatOptions {
+            kind: Some(self.kind),
+            label: Some(self.label.clone()).filter(|l| !l.is_empty()),
+            serial: Some(self.serial),
+            cluster_size: Some(self.cluster_size as u32),
+        }
+    }
+
     fn corrupt(&self, what: impl Into<String>) -> FsError {
         FsError::Corrupt(format!("{} volume", self.kind.name()), what.into())
     }

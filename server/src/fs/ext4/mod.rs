@@ -61,6 +61,8 @@ pub struct Ext4 {
     groups: Vec<Group>,
     uuid: [u8; 16],
     label: String,
+    hash_seed: [u8; 16],
+    journal_blocks: u64,
 }
 
 impl Ext4 {
@@ -195,7 +197,36 @@ impl Ext4 {
             groups,
             uuid,
             label: String::from_utf8_lossy(&label_bytes).into_owned(),
+            hash_seed: {
+                let mut h = [0u8; 16];
+                h.copy_from_slice(&sb[0xEC..0xFC]);
+                h
+            },
+            // The journal's size from the superblock's backup of the journal inode (its i_size).
+            journal_blocks: if le32(&sb, 0x5C) & 0x4 != 0 && sb[0xFD] == 1 {
+                (u64::from(le32(&sb, 0x10C + 16 * 4))
+                    | (u64::from(le32(&sb, 0x10C + 15 * 4)) << 32))
+                    / block_size
+            } else {
+                0
+            },
         })
+    }
+
+    /// Options that make the writer produce a filesystem with this one's parameters and
+    /// identity: block and inode size, UUID, label, directory hash seed, journal size, and at
+    /// least as many inodes.
+    pub fn format_options(&self) -> write::Ext4Options {
+        write::Ext4Options {
+            block_size: self.block_size,
+            inode_size: self.inode_size.max(256),
+            label: Some(self.label.clone()).filter(|l| !l.is_empty()),
+            uuid: Some(self.uuid),
+            hash_seed: Some(self.hash_seed),
+            journal_blocks: Some(self.journal_blocks),
+            min_inodes: self.inodes,
+            ..write::Ext4Options::default()
+        }
     }
 
     fn corrupt(&self, node: NodeId, what: impl Into<String>) -> FsError {
