@@ -58,3 +58,80 @@ impl Progress for TerminalBar {
         self.bar.finish_and_clear();
     }
 }
+
+/// One JSON object per line on stderr — `{"phase":…,"done":…,"total":…,"rate":…,"eta_s":…}` —
+/// at most twice a second and at the end of each phase, for programs (the web UI) to follow.
+#[derive(Debug)]
+pub struct JsonLines {
+    state: std::sync::Mutex<JsonState>,
+}
+
+#[derive(Debug)]
+struct JsonState {
+    phase: String,
+    total: u64,
+    done: u64,
+    started: std::time::Instant,
+    last: std::time::Instant,
+}
+
+impl Default for JsonLines {
+    fn default() -> Self {
+        let now = std::time::Instant::now();
+        JsonLines {
+            state: std::sync::Mutex::new(JsonState {
+                phase: String::new(),
+                total: 0,
+                done: 0,
+                started: now,
+                last: now,
+            }),
+        }
+    }
+}
+
+impl JsonLines {
+    fn emit(s: &JsonState) {
+        let secs = s.started.elapsed().as_secs_f64().max(1e-6);
+        let rate = s.done as f64 / secs;
+        let eta = if s.total > s.done && rate > 0.0 {
+            format!("{:.1}", (s.total - s.done) as f64 / rate)
+        } else {
+            "null".into()
+        };
+        eprintln!(
+            "{{\"phase\":{},\"done\":{},\"total\":{},\"rate\":{:.0},\"eta_s\":{eta}}}",
+            serde_json::to_string(&s.phase).unwrap_or_else(|_| "\"\"".into()),
+            s.done,
+            s.total,
+            rate
+        );
+    }
+}
+
+impl Progress for JsonLines {
+    fn start(&self, phase: &str, total: u64) {
+        let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let now = std::time::Instant::now();
+        *s = JsonState {
+            phase: phase.to_string(),
+            total,
+            done: 0,
+            started: now,
+            last: now,
+        };
+        Self::emit(&s);
+    }
+    fn advance(&self, bytes: u64) {
+        let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        s.done += bytes;
+        if s.last.elapsed() >= std::time::Duration::from_millis(500) {
+            s.last = std::time::Instant::now();
+            Self::emit(&s);
+        }
+    }
+    fn finish(&self) {
+        let s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        Self::emit(&s);
+    }
+}

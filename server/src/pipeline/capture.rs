@@ -108,33 +108,16 @@ pub fn capture_sectors(
         source,
         partial: partial.clone(),
     };
-    let ranges: Vec<Range<u64>> = map_device(src)
-        .map_err(source_err)?
-        .into_iter()
-        .filter(|e| e.region != Region::Zero)
-        .map(|e| e.offset..e.end())
-        .collect();
+    let ranges = data_ranges(src).map_err(source_err)?;
     let to_read: u64 = ranges.iter().map(|r| r.end - r.start).sum();
-
     progress.start("sectors", to_read);
-    let mut writer = SparseWriter::new(Arc::clone(&device), WRITER_THREADS);
-    let mut write_failed = None;
-    let read = src.read_ranges(&ranges, &mut |offset, data| {
-        let len = data.len() as u64;
-        writer.submit(offset, data).map_err(|e| {
-            write_failed = Some(e);
-            BlockError::Protocol("stopped: the output could not be written".into())
-        })?;
-        progress.advance(len);
-        Ok(())
-    });
-    let written = writer.finish();
+    let copied = copy_ranges(src, &device, &ranges, progress);
     progress.finish();
-    if let Some(e) = write_failed {
-        return Err(write_err(e));
-    }
-    read.map_err(source_err)?;
-    let written = written.map_err(write_err)?;
+    let written = match copied {
+        Ok(w) => w,
+        Err(CopyError::Read(e)) => return Err(source_err(e)),
+        Err(CopyError::Write(e)) => return Err(write_err(e)),
+    };
     device.flush().map_err(write_err)?;
     drop(device);
     output.commit()?;
@@ -145,6 +128,49 @@ pub fn capture_sectors(
         written: written.written,
         elapsed: started.elapsed(),
     })
+}
+
+/// The byte ranges of `src` that may hold data (its block status says what is zero).
+pub fn data_ranges(src: &dyn BlockDevice) -> Result<Vec<Range<u64>>, BlockError> {
+    Ok(map_device(src)?
+        .into_iter()
+        .filter(|e| e.region != Region::Zero)
+        .map(|e| e.offset..e.end())
+        .collect())
+}
+
+/// Which side of a copy failed.
+#[derive(Debug)]
+pub enum CopyError {
+    Read(BlockError),
+    Write(BlockError),
+}
+
+/// Copies `ranges` of `src` to the same offsets of `dst`: reads in the given (disk) order with
+/// many requests in flight, all-zero blocks not written. Advances `progress` by bytes read.
+pub fn copy_ranges(
+    src: &dyn BlockDevice,
+    dst: &Arc<dyn BlockDevice>,
+    ranges: &[Range<u64>],
+    progress: &dyn Progress,
+) -> Result<super::writer::WriteStats, CopyError> {
+    let mut writer = SparseWriter::new(Arc::clone(dst), WRITER_THREADS);
+    let mut write_failed = None;
+    let read = src.read_ranges(ranges, &mut |offset, data| {
+        let len = data.len() as u64;
+        writer.submit(offset, data).map_err(|e| {
+            write_failed = Some(e);
+            BlockError::Protocol("stopped: the output could not be written".into())
+        })?;
+        progress.advance(len);
+        Ok(())
+    });
+    let written = writer.finish();
+    if let Some(e) = write_failed {
+        return Err(CopyError::Write(e));
+    }
+    read.map_err(CopyError::Read)?;
+    written.map_err(CopyError::Write)
 }
 
 #[cfg(test)]

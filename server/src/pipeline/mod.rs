@@ -3,11 +3,14 @@
 //! [`crate::progress::Progress`].
 
 pub mod capture;
+pub mod disk;
 mod output;
+pub mod verify;
 mod writer;
 mod zero;
 
 pub use capture::{capture_sectors, CaptureError, CaptureStats, OutputOptions};
+pub use disk::{capture_disk, DiskReport, Mode, PartitionReport};
 pub use output::{OutputError, PartialOutput};
 pub use writer::{SparseWriter, WriteStats};
 pub use zero::{is_zero, nonzero_runs};

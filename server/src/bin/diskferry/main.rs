@@ -7,11 +7,12 @@ mod mkfs;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use diskferry::blockdev::Connection;
-use diskferry::pipeline::{capture_sectors, OutputOptions};
+use diskferry::pipeline::{capture_disk, capture_sectors, Mode as DiskMode, OutputOptions};
 use diskferry::progress::{Progress, Silent, TerminalBar};
 use diskferry::source::{open_source, SourceSpec};
 use diskferry::vdisk::ImageFormat;
@@ -169,6 +170,17 @@ enum Command {
         #[arg(long)]
         force: bool,
     },
+    /// Compare two disks (or images) partition by partition: every file's content and
+    /// metadata where both hold a readable filesystem, the bytes elsewhere; exit non-zero on
+    /// any difference
+    Verify {
+        /// The reference: DISK@HOST:PORT, a local file or device, or an image
+        a: String,
+        /// The disk to check against it
+        b: String,
+        #[command(flatten)]
+        conn: ConnArgs,
+    },
     /// Write a new random key file for the client and the server to share
     Keygen {
         /// Where to write the key (created with mode 0600; never overwritten)
@@ -193,9 +205,17 @@ struct CaptureArgs {
     source: String,
     /// The image to write (written as OUT.partial and renamed when complete)
     out: PathBuf,
-    /// How to copy: `sectors` copies every sector that is not zero
-    #[arg(long, value_enum, default_value_t = Mode::Sectors)]
+    /// How to copy each partition
+    #[arg(long, value_enum, default_value_t = Mode::Auto)]
     mode: Mode,
+    /// Size of the output disk (bytes, or K/M/G/T): the last partition grows or shrinks to
+    /// fit when it is recreated file by file [default: the source's size]
+    #[arg(long)]
+    size: Option<String>,
+    /// Afterwards, compare every file (content and metadata) and every copied range of the
+    /// source with the output; exit non-zero on any difference
+    #[arg(long)]
+    verify: bool,
     #[command(flatten)]
     output: OutputArgs,
     #[command(flatten)]
@@ -241,7 +261,13 @@ impl OutputArgs {
 
 #[derive(Clone, Copy, ValueEnum)]
 enum Mode {
-    /// Every non-zero sector at its own offset
+    /// files for ext4 and FAT, blocks for NTFS, sectors otherwise (per partition)
+    Auto,
+    /// Recreate each ext4/FAT filesystem with the same identity, file by file (compact)
+    Files,
+    /// Copy the clusters each filesystem marks used, at their offsets (the exact filesystem)
+    Blocks,
+    /// The whole disk, every non-zero sector at its own offset (an exact clone)
     Sectors,
 }
 
@@ -267,7 +293,10 @@ impl From<Format> for ImageFormat {
 
 #[derive(Clone, Copy, ValueEnum)]
 pub(crate) enum ProgressKind {
+    /// A bar on a terminal (nothing otherwise)
     Bar,
+    /// One JSON object per line on stderr (phase, done, total, rate, eta_s)
+    Json,
     None,
 }
 
@@ -349,6 +378,19 @@ fn run(cli: Cli) -> Result<()> {
         Command::Cat { target, path } => browse::cat(&target, &path),
         Command::Get { target, path, dest } => browse::get(&target, &path, &dest),
         Command::Capture(args) => capture(args),
+        Command::Verify { a, b, conn } => {
+            let rt = runtime()?;
+            let open = |s: &str| -> Result<Arc<dyn diskferry::blockdev::BlockDevice>> {
+                let spec = SourceSpec::parse(s);
+                let opts = match &spec {
+                    SourceSpec::Remote { .. } => Some(session(&conn)?),
+                    SourceSpec::Local(_) => None,
+                };
+                open_source(&spec, rt.handle(), opts.as_ref(), false)
+                    .with_context(|| format!("cannot open {s}"))
+            };
+            verify_and_report(&open(&a)?, &open(&b)?)
+        }
     }
 }
 
@@ -415,6 +457,7 @@ fn parse_sector_size(s: &str) -> Result<u32, String> {
 pub(crate) fn progress_for(kind: ProgressKind) -> Box<dyn Progress> {
     match (kind, TerminalBar::if_terminal()) {
         (ProgressKind::Bar, Some(bar)) => Box::new(bar),
+        (ProgressKind::Json, _) => Box::new(diskferry::progress::JsonLines::default()),
         _ => Box::new(Silent),
     }
 }
@@ -448,7 +491,6 @@ fn print_disks(list: &[DiskInfo]) {
 }
 
 fn capture(args: CaptureArgs) -> Result<()> {
-    let Mode::Sectors = args.mode;
     let format = args.output.format_for(&args.out);
     let spec = SourceSpec::parse(&args.source);
     let opts = match &spec {
@@ -463,23 +505,116 @@ fn capture(args: CaptureArgs) -> Result<()> {
         args.output.follow_backing,
     )?;
     let progress = progress_for(args.output.progress);
-    let stats = capture_sectors(
-        src.as_ref(),
-        &args.out,
-        args.output.options(format),
-        progress.as_ref(),
-    )?;
-    let secs = stats.elapsed.as_secs_f64().max(1e-9);
+    let size = args.size.as_deref().map(images::parse_size).transpose()?;
+    let has_table = diskferry::partition::read_table(&*src)
+        .map(|t| t.scheme != diskferry::partition::Scheme::None)
+        .unwrap_or(false);
+    let mode = match args.mode {
+        Mode::Sectors => None,
+        _ if !has_table => {
+            eprintln!(
+                "diskferry: the source has no partition table: copying every non-zero sector"
+            );
+            None
+        }
+        Mode::Auto => Some(DiskMode::Auto),
+        Mode::Files => Some(DiskMode::Files),
+        Mode::Blocks => Some(DiskMode::Blocks),
+    };
+    match mode {
+        None => {
+            if size.is_some_and(|s| s != src.size()) {
+                bail!("--size needs a partitioned source and --mode auto, files or blocks");
+            }
+            let stats = capture_sectors(
+                src.as_ref(),
+                &args.out,
+                args.output.options(format),
+                progress.as_ref(),
+            )?;
+            let secs = stats.elapsed.as_secs_f64().max(1e-9);
+            eprintln!(
+                "captured {} into {} ({}): {} read ({} skipped as zero by the client), {} written, {:.1} s, {:.0} MB/s",
+                human_bytes(stats.size),
+                args.out.display(),
+                format.name(),
+                human_bytes(stats.read),
+                human_bytes(stats.skipped_by_status),
+                human_bytes(stats.written),
+                secs,
+                stats.read as f64 / secs / 1e6
+            );
+        }
+        Some(mode) => {
+            let report = capture_disk(
+                Arc::clone(&src),
+                &args.out,
+                args.output.options(format),
+                mode,
+                size,
+                progress.as_ref(),
+            )?;
+            let read: u64 = report.partitions.iter().map(|p| p.read).sum();
+            for p in &report.partitions {
+                eprintln!(
+                    "  partition {}: {} ({}), {} read{}",
+                    p.number,
+                    p.filesystem,
+                    p.mode.name(),
+                    human_bytes(p.read),
+                    p.note
+                        .as_deref()
+                        .map(|n| format!(" — {n}"))
+                        .unwrap_or_default()
+                );
+            }
+            let on_disk = std::fs::metadata(&args.out)
+                .map(|m| {
+                    use std::os::unix::fs::MetadataExt;
+                    m.blocks() * 512
+                })
+                .unwrap_or(0);
+            eprintln!(
+                "captured {} ({} table) into {} ({}, {} virtual, {} on disk): {} read, {:.1} s",
+                human_bytes(report.source_size),
+                report.scheme,
+                args.out.display(),
+                format.name(),
+                human_bytes(report.output_size),
+                human_bytes(on_disk),
+                human_bytes(read + report.boot_bytes),
+                report.elapsed.as_secs_f64()
+            );
+        }
+    }
+    if args.verify {
+        let (_, copy) = diskferry::vdisk::open_image(&args.out, false)?;
+        verify_and_report(&src, &copy)?;
+    }
+    Ok(())
+}
+
+/// Runs the verification, prints what differs, and fails if anything does.
+fn verify_and_report(
+    a: &Arc<dyn diskferry::blockdev::BlockDevice>,
+    b: &Arc<dyn diskferry::blockdev::BlockDevice>,
+) -> Result<()> {
+    let report = diskferry::pipeline::verify::verify_disks(a, b)?;
+    for d in &report.listed {
+        eprintln!("  differs: {d}");
+    }
+    if report.differences > 0 {
+        bail!(
+            "verify: {} differences ({} files, {} compared)",
+            report.differences,
+            report.files_compared,
+            human_bytes(report.bytes_compared)
+        );
+    }
     eprintln!(
-        "captured {} into {} ({}): {} read ({} skipped as zero by the client), {} written, {:.1} s, {:.0} MB/s",
-        human_bytes(stats.size),
-        args.out.display(),
-        format.name(),
-        human_bytes(stats.read),
-        human_bytes(stats.skipped_by_status),
-        human_bytes(stats.written),
-        secs,
-        stats.read as f64 / secs / 1e6
+        "verify: no differences ({} files, {} compared)",
+        report.files_compared,
+        human_bytes(report.bytes_compared)
     );
     Ok(())
 }

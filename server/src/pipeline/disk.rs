@@ -1,0 +1,363 @@
+//! Capture of a whole disk, partition by partition: the destination gets an equivalent
+//! partition table (same identifiers; the last partition resized with `--size` when it is
+//! recreated file by file), the bytes outside partitions that boot needs (boot code in sector 0,
+//! the gap before the first partition where GRUB lives), and each partition by mode:
+//!
+//! - **files**: the same filesystem type recreated with the source's parameters and identity
+//!   through our writers (ext2/3/4 → ext4 writer, FAT → FAT writer);
+//! - **blocks**: the clusters the filesystem's allocation map marks used, at their offsets;
+//! - **sectors**: every range the source does not report as zero;
+//! - **auto**: files for ext4 and FAT, blocks for NTFS, sectors otherwise (BIOS boot,
+//!   unknown, swap, ...).
+//!
+//! Verification ([`verify`]) compares each partition of the source and the output afterwards.
+
+use std::ops::Range;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::capture::{copy_ranges, data_ranges, CaptureError, CopyError, OutputOptions};
+use super::output::PartialOutput;
+use crate::blockdev::{BlockDevice, BlockError, SliceDevice};
+use crate::fs::{self, FsKind};
+use crate::partition::{self, Partition, PartitionTable, Scheme};
+use crate::progress::Progress;
+use crate::vdisk::create_image;
+
+/// How partitions are copied.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    Auto,
+    Files,
+    Blocks,
+    Sectors,
+}
+
+impl Mode {
+    pub fn name(self) -> &'static str {
+        match self {
+            Mode::Auto => "auto",
+            Mode::Files => "files",
+            Mode::Blocks => "blocks",
+            Mode::Sectors => "sectors",
+        }
+    }
+}
+
+/// What happened to one partition.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PartitionReport {
+    pub number: u32,
+    pub filesystem: &'static str,
+    pub mode: Mode,
+    /// Bytes read from the source for it.
+    pub read: u64,
+    pub note: Option<String>,
+}
+
+/// What a disk capture did.
+#[derive(Debug, Clone, Default)]
+pub struct DiskReport {
+    pub source_size: u64,
+    pub output_size: u64,
+    pub scheme: &'static str,
+    pub partitions: Vec<PartitionReport>,
+    pub boot_bytes: u64,
+    pub elapsed: Duration,
+}
+
+/// The mode a partition gets: what was asked, or for auto what its filesystem allows; files
+/// falls back to blocks for NTFS (no writer) and to sectors for unreadable contents.
+fn mode_for(asked: Mode, kind: FsKind, bios_boot: bool) -> (Mode, Option<String>) {
+    let files_ok = matches!(
+        kind,
+        FsKind::Ext2 | FsKind::Ext3 | FsKind::Ext4 | FsKind::Fat12 | FsKind::Fat16 | FsKind::Fat32
+    );
+    let blocks_ok = files_ok || kind == FsKind::Ntfs;
+    match asked {
+        _ if bios_boot => (Mode::Sectors, None),
+        Mode::Sectors => (Mode::Sectors, None),
+        Mode::Auto | Mode::Files if files_ok => (Mode::Files, None),
+        Mode::Auto if blocks_ok => (Mode::Blocks, None),
+        Mode::Files if blocks_ok => (
+            Mode::Blocks,
+            Some(format!(
+                "{} has no writer yet: copied its used blocks",
+                kind.name()
+            )),
+        ),
+        Mode::Blocks if blocks_ok => (Mode::Blocks, None),
+        Mode::Auto => (Mode::Sectors, None),
+        _ => (
+            Mode::Sectors,
+            Some(format!(
+                "{} cannot be read as a filesystem: copied every non-zero sector",
+                kind.name()
+            )),
+        ),
+    }
+}
+
+fn err(partial: &Path) -> impl Fn(BlockError) -> CaptureError + '_ {
+    move |source| CaptureError::Write {
+        path: partial.to_path_buf(),
+        source,
+    }
+}
+
+/// The byte ranges outside partitions that boot needs: sector 0's boot code (the table itself
+/// is rewritten) and the gap between the table and the first partition.
+fn boot_ranges(table: &PartitionTable, disk_size: u64) -> Vec<Range<u64>> {
+    let sector = u64::from(table.sector_size);
+    let first = table
+        .partitions
+        .iter()
+        .map(|p| p.start)
+        .min()
+        .unwrap_or(disk_size)
+        .min(disk_size);
+    let table_end = match table.scheme {
+        Scheme::Gpt => {
+            (2 + (u64::from(table.gpt_entries.max(128)) * 128).div_ceil(sector)) * sector
+        }
+        _ => sector,
+    };
+    let boot_code: Range<u64> = 0..440.min(disk_size);
+    let mut out = Vec::from([boot_code]);
+    if table_end < first {
+        out.push(table_end..first);
+    }
+    out
+}
+
+/// Captures `src` into a new image at `out`, partition by partition.
+pub fn capture_disk(
+    src: Arc<dyn BlockDevice>,
+    out: &Path,
+    output: OutputOptions,
+    mode: Mode,
+    size: Option<u64>,
+    progress: &dyn Progress,
+) -> Result<DiskReport, CaptureError> {
+    let started = Instant::now();
+    let source_err = |source| CaptureError::Source {
+        source,
+        partial: out.with_extension("partial"),
+    };
+    let mut table = partition::read_table(&*src)
+        .map_err(|e| CaptureError::Options(format!("reading the source's partition table: {e}")))?;
+    let out_size = size.unwrap_or(src.size());
+    // Decide every partition's mode first: resizing depends on them.
+    let mut plans = Vec::new();
+    for p in &table.partitions {
+        let dev: Arc<dyn BlockDevice> =
+            Arc::new(SliceDevice::new(Arc::clone(&src), p.start, p.size).map_err(source_err)?);
+        let kind = fs::detect(&*dev).map_err(source_err)?;
+        let (m, note) = mode_for(mode, kind, partition::is_bios_boot(&p.kind));
+        plans.push((p.clone(), dev, kind, m, note));
+    }
+    if table.scheme == Scheme::None {
+        return Err(CaptureError::Options(
+            "the source has no partition table: capture it with --mode sectors".into(),
+        ));
+    }
+    if size.is_some() {
+        let last = table
+            .partitions
+            .iter()
+            .max_by_key(|p| p.end())
+            .map(|p| p.number);
+        let last_files = plans
+            .iter()
+            .any(|(p, _, _, m, _)| Some(p.number) == last && *m == Mode::Files);
+        let (_, usable_end) = table.usable_range(out_size);
+        let fits = table.partitions.iter().all(|p| p.end() <= usable_end);
+        if last_files {
+            table
+                .resize_last(usable_end)
+                .map_err(|e| CaptureError::Options(format!("cannot fit --size: {e}")))?;
+        } else if !fits {
+            return Err(CaptureError::Options(format!(
+                "--size {out_size} cuts into a partition that is not recreated file by file (the last one must be ext4 or FAT in files or auto mode to shrink)"
+            )));
+        }
+    }
+
+    let output_file = PartialOutput::create(out, output.overwrite)?;
+    let partial = output_file.partial_path().to_path_buf();
+    let werr = err(&partial);
+    let file = output_file.file().try_clone().map_err(|source| {
+        werr(BlockError::Io {
+            op: "reopen",
+            offset: None,
+            device: partial.display().to_string(),
+            source,
+        })
+    })?;
+    let dst = create_image(
+        output.format,
+        file,
+        &partial,
+        out_size,
+        output.compress,
+        src.logical_sector_size(),
+    )
+    .map_err(|e| werr(e.into()))?;
+
+    // Boot bytes, then the table (which keeps sector 0's boot code).
+    let boot = boot_ranges(&table, src.size());
+    let boot_bytes: u64 = boot.iter().map(|r| r.end - r.start).sum();
+    copy_ranges(&*src, &dst, &boot, progress).map_err(|e| match e {
+        CopyError::Read(e) => source_err(e),
+        CopyError::Write(e) => werr(e),
+    })?;
+    partition::write_table(&*dst, &table)
+        .map_err(|e| CaptureError::Options(format!("writing the partition table: {e}")))?;
+
+    let mut reports = Vec::new();
+    for (p, sdev, kind, m, note) in plans {
+        let target = table
+            .partitions
+            .iter()
+            .find(|t| t.number == p.number)
+            .cloned()
+            .unwrap_or(p.clone());
+        let ddev: Arc<dyn BlockDevice> =
+            Arc::new(SliceDevice::new(Arc::clone(&dst), target.start, target.size).map_err(&werr)?);
+        let read = capture_partition(&p, &sdev, &ddev, kind, m, progress).map_err(|e| match e {
+            PartError::Read(e) => source_err(e),
+            PartError::Write(e) => werr(e),
+            PartError::Fs(e) => CaptureError::Options(format!("partition {}: {e}", p.number)),
+        })?;
+        reports.push(PartitionReport {
+            number: p.number,
+            filesystem: kind.name(),
+            mode: m,
+            read,
+            note,
+        });
+    }
+    dst.flush().map_err(&werr)?;
+    drop(dst);
+    output_file.commit()?;
+    Ok(DiskReport {
+        source_size: src.size(),
+        output_size: out_size,
+        scheme: table.scheme.name(),
+        partitions: reports,
+        boot_bytes,
+        elapsed: started.elapsed(),
+    })
+}
+
+enum PartError {
+    Read(BlockError),
+    Write(BlockError),
+    Fs(fs::FsError),
+}
+
+impl From<CopyError> for PartError {
+    fn from(e: CopyError) -> Self {
+        match e {
+            CopyError::Read(e) => PartError::Read(e),
+            CopyError::Write(e) => PartError::Write(e),
+        }
+    }
+}
+
+/// Copies one partition in mode `m`; returns the bytes read from the source.
+fn capture_partition(
+    p: &Partition,
+    src: &Arc<dyn BlockDevice>,
+    dst: &Arc<dyn BlockDevice>,
+    kind: FsKind,
+    m: Mode,
+    progress: &dyn Progress,
+) -> Result<u64, PartError> {
+    let phase = format!("part {}", p.number);
+    match m {
+        Mode::Files => {
+            progress.start(&phase, 0);
+            let counting = Arc::new(CountingDevice::new(Arc::clone(src)));
+            let source: Arc<dyn BlockDevice> = counting.clone();
+            match kind {
+                FsKind::Fat12 | FsKind::Fat16 | FsKind::Fat32 => {
+                    let fat = fs::fat::Fat::open(source).map_err(PartError::Fs)?;
+                    fs::fat_write::write_fat(Arc::clone(dst), &fat, &fat.format_options())
+                        .map_err(PartError::Fs)?;
+                }
+                _ => {
+                    let ext = fs::ext4::Ext4::open(source).map_err(PartError::Fs)?;
+                    let mut opts = ext.format_options();
+                    // A smaller destination gets as many inodes as fit.
+                    opts.min_inodes = opts.min_inodes.min(dst.size() / 16384);
+                    fs::ext4::write::write_ext4(Arc::clone(dst), &ext, &opts)
+                        .map_err(PartError::Fs)?;
+                }
+            }
+            progress.finish();
+            Ok(counting.read())
+        }
+        Mode::Blocks => {
+            let fs = fs::open(Arc::clone(src)).map_err(PartError::Fs)?;
+            let map = fs.allocation_map().map_err(PartError::Fs)?;
+            let bs = u64::from(map.block_size);
+            let ranges: Vec<Range<u64>> = map
+                .runs
+                .iter()
+                .map(|&(b, n)| b * bs..((b + n) * bs).min(src.size()))
+                .filter(|r| r.start < r.end)
+                .collect();
+            let total: u64 = ranges.iter().map(|r| r.end - r.start).sum();
+            progress.start(&phase, total);
+            copy_ranges(&**src, dst, &ranges, progress)?;
+            progress.finish();
+            Ok(total)
+        }
+        Mode::Sectors | Mode::Auto => {
+            let ranges = data_ranges(&**src).map_err(PartError::Read)?;
+            let total: u64 = ranges.iter().map(|r| r.end - r.start).sum();
+            progress.start(&phase, total);
+            copy_ranges(&**src, dst, &ranges, progress)?;
+            progress.finish();
+            Ok(total)
+        }
+    }
+}
+
+/// A device that counts the bytes read through it.
+struct CountingDevice {
+    inner: Arc<dyn BlockDevice>,
+    read: std::sync::atomic::AtomicU64,
+}
+
+impl CountingDevice {
+    fn new(inner: Arc<dyn BlockDevice>) -> CountingDevice {
+        CountingDevice {
+            inner,
+            read: std::sync::atomic::AtomicU64::new(0),
+        }
+    }
+
+    fn read(&self) -> u64 {
+        self.read.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+impl BlockDevice for CountingDevice {
+    fn size(&self) -> u64 {
+        self.inner.size()
+    }
+    fn logical_sector_size(&self) -> u32 {
+        self.inner.logical_sector_size()
+    }
+    fn is_read_only(&self) -> bool {
+        true
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> crate::blockdev::Result<()> {
+        self.read
+            .fetch_add(buf.len() as u64, std::sync::atomic::Ordering::Relaxed);
+        self.inner.read_at(buf, offset)
+    }
+}
