@@ -293,3 +293,67 @@ pub fn mbr_disk(disk: &Path, size_mib: u64, sizes: [u64; 4], ids: [&str; 4]) -> 
     assert!(child.wait().unwrap().success(), "sfdisk failed:\n{script}");
     offsets
 }
+
+/// A GPT disk with four partitions — a FAT32 ESP, an ext4 root holding [`linux_tree`], an NTFS
+/// volume with Windows hives, and one of random bytes — plus a FAT16 volume for MBR disks, all
+/// in a temporary directory that lives as long as the value.
+pub struct SampleDisk {
+    _dir: tempfile::TempDir,
+    pub dir: PathBuf,
+    pub tree: PathBuf,
+    pub ext4: PathBuf,
+    pub fat32: PathBuf,
+    pub fat16: PathBuf,
+    pub ntfs: PathBuf,
+    pub gpt: PathBuf,
+    pub gpt_offsets: Vec<u64>,
+}
+
+impl SampleDisk {
+    pub fn build() -> SampleDisk {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path().to_path_buf();
+        let tree = linux_tree(&d);
+        let ext4 = d.join("root.ext4");
+        ext4_image(&tree, &ext4, 48, "rootfs");
+        let fat32 = d.join("esp.fat32");
+        fat_image(&fat32, 32, 40, "ESP");
+        let fat16 = d.join("data.fat16");
+        fat_image(&fat16, 16, 16, "DATA16");
+        let ntfs = d.join("win.ntfs");
+        ntfs_image(&ntfs, 24, "WINDOWS");
+        let gpt = d.join("gpt.img");
+        let gpt_offsets = gpt_disk(
+            &gpt,
+            120,
+            &[
+                (40, "ef00", "EFI system partition"),
+                (48, "8300", "root"),
+                (24, "0700", "windows"),
+                (4, "8300", "mystery"),
+            ],
+        );
+        place(&gpt, gpt_offsets[0], &fat32);
+        place(&gpt, gpt_offsets[1], &ext4);
+        place(&gpt, gpt_offsets[2], &ntfs);
+        let file = std::fs::OpenOptions::new().write(true).open(&gpt).unwrap();
+        // The unknown partition holds noise, and so does the gap after the GPT (where a boot
+        // loader's core image would be).
+        let noise: Vec<u8> = (0..MIB as usize)
+            .map(|i| (i * 7919 % 251) as u8 | 1)
+            .collect();
+        file.write_all_at(&noise, gpt_offsets[3]).unwrap();
+        file.write_all_at(&noise[..64 << 10], 64 << 10).unwrap();
+        SampleDisk {
+            dir: d,
+            _dir: dir,
+            tree,
+            ext4,
+            fat32,
+            fat16,
+            ntfs,
+            gpt,
+            gpt_offsets,
+        }
+    }
+}

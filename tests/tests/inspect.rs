@@ -3,81 +3,22 @@
 //! FAT; ntfs-3g the NTFS) and checked against what was put in and what those tools report.
 
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use diskferry::blockdev::{BlockDevice, FileDevice, SliceDevice};
 use diskferry::fs::{self, FileKind, Filesystem};
-use diskferry_e2e::fixtures::{self, ext4_image, fat_image, gpt_disk, mbr_disk, ntfs_image, place};
+use diskferry_e2e::fixtures::{mbr_disk, place, SampleDisk};
 use diskferry_e2e::trees::assert_fs_matches_host;
 use diskferry_e2e::{diskferry, make_key, run_ok, Client};
 
 const MIB: u64 = 1 << 20;
 
 /// Fixtures shared by the tests of this file (built once per process).
-struct Fixtures {
-    _dir: tempfile::TempDir,
-    dir: PathBuf,
-    tree: PathBuf,
-    ext4: PathBuf,
-    fat32: PathBuf,
-    fat16: PathBuf,
-    ntfs: PathBuf,
-    gpt: PathBuf,
-    gpt_offsets: Vec<u64>,
-}
-
-fn fixtures() -> &'static Fixtures {
-    static F: OnceLock<Fixtures> = OnceLock::new();
-    F.get_or_init(|| {
-        let dir = tempfile::tempdir().unwrap();
-        let d = dir.path().to_path_buf();
-        let tree = fixtures::linux_tree(&d);
-        let ext4 = d.join("root.ext4");
-        ext4_image(&tree, &ext4, 48, "rootfs");
-        let fat32 = d.join("esp.fat32");
-        fat_image(&fat32, 32, 40, "ESP");
-        let fat16 = d.join("data.fat16");
-        fat_image(&fat16, 16, 16, "DATA16");
-        let ntfs = d.join("win.ntfs");
-        ntfs_image(&ntfs, 24, "WINDOWS");
-        let gpt = d.join("gpt.img");
-        let gpt_offsets = gpt_disk(
-            &gpt,
-            120,
-            &[
-                (40, "ef00", "EFI system partition"),
-                (48, "8300", "root"),
-                (24, "0700", "windows"),
-                (4, "8300", "mystery"),
-            ],
-        );
-        place(&gpt, gpt_offsets[0], &fat32);
-        place(&gpt, gpt_offsets[1], &ext4);
-        place(&gpt, gpt_offsets[2], &ntfs);
-        // The unknown partition holds random bytes.
-        let noise: Vec<u8> = (0..MIB as usize)
-            .map(|i| (i * 7919 % 251) as u8 | 1)
-            .collect();
-        std::os::unix::fs::FileExt::write_all_at(
-            &std::fs::OpenOptions::new().write(true).open(&gpt).unwrap(),
-            &noise,
-            gpt_offsets[3],
-        )
-        .unwrap();
-        Fixtures {
-            dir: d,
-            _dir: dir,
-            tree,
-            ext4,
-            fat32,
-            fat16,
-            ntfs,
-            gpt,
-            gpt_offsets,
-        }
-    })
+fn fixtures() -> &'static SampleDisk {
+    static F: OnceLock<SampleDisk> = OnceLock::new();
+    F.get_or_init(SampleDisk::build)
 }
 
 fn open_fs(image: &Path) -> Box<dyn Filesystem> {

@@ -218,7 +218,7 @@ pub fn write_fat(
         }
         dev.write_at(&raw, entry)?;
         if meta.kind == FileKind::Dir {
-            fix_dot_entries(&*dev, &ours, entry, &raw)?;
+            fix_dot_entries(&*dev, &ours, entry, &raw, !path.contains('/'))?;
         }
     }
     dev.flush()?;
@@ -226,13 +226,16 @@ pub fn write_fat(
 }
 
 /// `fatfs` 0.3 writes a long-name entry before `.` and before `..`, which fsck.fat rejects
-/// (the dot entries must be the first two slots). Moves them into slots 0 and 1, marks the
-/// two slots after them deleted, and gives them the directory's own times.
+/// (the dot entries must be the first two slots), and on FAT32 points a top-level
+/// directory's `..` at the root's cluster instead of 0. Moves the dot entries into slots 0 and
+/// 1, marks the two slots after them deleted, fixes `..`, and gives them the directory's own
+/// times.
 fn fix_dot_entries(
     dev: &dyn BlockDevice,
     ours: &super::fat::Fat,
     entry: NodeId,
     dir_entry: &[u8; 32],
+    parent_is_root: bool,
 ) -> Result<()> {
     let Some(first) = ours.extents(entry)?.first().copied() else {
         return Ok(());
@@ -250,6 +253,12 @@ fn fix_dot_entries(
     for e in [&mut dot, &mut dotdot] {
         e[13..20].copy_from_slice(&dir_entry[13..20]);
         e[22..26].copy_from_slice(&dir_entry[22..26]);
+    }
+    if parent_is_root {
+        // `..` of a top-level directory names cluster 0, even on FAT32 whose root has a
+        // cluster of its own (fatfs 0.3 writes the root's cluster).
+        dotdot[20..22].fill(0);
+        dotdot[26..28].fill(0);
     }
     let mut fixed = [0u8; 128];
     fixed[..32].copy_from_slice(&dot);
