@@ -53,7 +53,8 @@ enum Command {
     Capture(CaptureArgs),
     /// Show the main job end to end on this machine: serve a sample disk, capture it, verify it
     Demo {
-        /// Work (and keep the files) here instead of a temporary directory
+        /// Work here instead of a new directory under the system's temporary directory (the
+        /// files are kept either way; the last lines say where)
         #[arg(long, value_name = "DIR")]
         dir: Option<PathBuf>,
         /// Size of the sample disk in MiB
