@@ -52,13 +52,18 @@ pub enum SourceError {
     Open { what: String, source: BlockError },
 }
 
-/// Opens a source for reading. Remote sources connect on `rt` and need `session`; local
-/// overlays read through their backing files only with `follow_backing`.
+/// How long a remote source may be away before a job gives up on it.
+pub const DEFAULT_RECONNECT: std::time::Duration = std::time::Duration::from_secs(300);
+
+/// Opens a source for reading. Remote sources connect on `rt` and need `session`; if their
+/// client goes away they are reconnected for up to `reconnect`. Local overlays read through
+/// their backing files only with `follow_backing`.
 pub fn open_source(
     spec: &SourceSpec,
     rt: &tokio::runtime::Handle,
     session: Option<&SessionOptions>,
     follow_backing: bool,
+    reconnect: std::time::Duration,
 ) -> Result<Arc<dyn BlockDevice>, SourceError> {
     match spec {
         SourceSpec::Local(path) => Ok(crate::vdisk::open_image(path, follow_backing)?.1),
@@ -71,7 +76,14 @@ pub fn open_source(
                     what: format!("{disk} on {addr}"),
                     source,
                 })?;
-            Ok(Arc::new(remote))
+            Ok(Arc::new(crate::blockdev::ReconnectingDisk::new(
+                remote,
+                addr,
+                session.clone(),
+                RemoteOptions::default(),
+                rt.clone(),
+                reconnect,
+            )))
         }
     }
 }

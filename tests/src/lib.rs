@@ -71,8 +71,13 @@ impl Client {
     /// Starts the client on 127.0.0.1:0 with the given extra arguments and waits for its
     /// `listening on` line.
     pub fn start(key: &Path, extra: &[&str]) -> Result<Client> {
+        Client::start_at("127.0.0.1:0", key, extra)
+    }
+
+    /// Starts the client listening on `listen` (e.g. the address of one that was stopped).
+    pub fn start_at(listen: &str, key: &Path, extra: &[&str]) -> Result<Client> {
         let mut child = Command::new(bin("diskferry-client"))
-            .args(["--listen", "127.0.0.1:0", "--key-file"])
+            .args(["--listen", listen, "--key-file"])
             .arg(key)
             .args(extra)
             .stdin(Stdio::null())

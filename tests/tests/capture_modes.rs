@@ -183,3 +183,44 @@ fn an_mbr_disk_captures_and_shrinks_in_files_mode() {
     let f = extract(&raw, offsets[1], 16 * MIB, &disk.dir.join("p2.fat"));
     clean("fsck.fat", &["-n", f.to_str().unwrap()]);
 }
+
+/// The client is killed in the middle of a capture and started again on the same port: the
+/// capture reconnects, resumes, completes, and verifies.
+#[test]
+fn a_capture_survives_the_client_being_restarted() {
+    let dir = tempfile::tempdir().unwrap();
+    let disk = dir.path().join("disk.img");
+    // 1.5 GiB of data so the capture is still running when the client goes.
+    diskferry_e2e::make_disk(&disk, 2 << 30, &[(0, 1536 * MIB)]).unwrap();
+    let key = make_key(dir.path(), "key");
+    let client = Client::start(&key, &["--disk", disk.to_str().unwrap()]).unwrap();
+    let addr = client.addr.clone();
+    let source = client.source(&disk);
+    let out = dir.path().join("out.qcow2");
+    let capture = std::process::Command::new(diskferry_e2e::bin("diskferry"))
+        .args([
+            "capture",
+            &source,
+            out.to_str().unwrap(),
+            "--mode",
+            "sectors",
+            "--verify",
+        ])
+        .arg("--key-file")
+        .arg(&key)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(400));
+    drop(client.stop());
+    std::thread::sleep(std::time::Duration::from_millis(700));
+    let _again = Client::start_at(&addr, &key, &["--disk", disk.to_str().unwrap()]).unwrap();
+    let result = capture.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&result.stderr);
+    assert!(result.status.success(), "{err}");
+    assert!(
+        err.contains("reconnecting") && err.contains("reconnected"),
+        "{err}"
+    );
+    assert!(err.contains("verify: no differences"), "{err}");
+}

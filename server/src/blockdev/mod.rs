@@ -21,7 +21,7 @@ pub use diskferry_localdisk::Region;
 pub use file::FileDevice;
 pub use memory::MemoryDevice;
 pub use reader::BlockReader;
-pub use remote::{ConnectError, Connection, RemoteDisk, RemoteOptions};
+pub use remote::{ConnectError, Connection, ReconnectingDisk, RemoteDisk, RemoteOptions};
 pub use slice::SliceDevice;
 
 /// A run of bytes with one known [`Region`] state, at an absolute offset.

@@ -43,8 +43,14 @@ fn open_disk(source: &str, follow_backing: bool, conn: &ConnArgs) -> Result<Open
         SourceSpec::Remote { .. } => Some(crate::session(conn)?),
         SourceSpec::Local(_) => None,
     };
-    let disk = open_source(&spec, rt.handle(), session.as_ref(), follow_backing)
-        .with_context(|| format!("cannot open {source}"))?;
+    let disk = open_source(
+        &spec,
+        rt.handle(),
+        session.as_ref(),
+        follow_backing,
+        conn.reconnect(),
+    )
+    .with_context(|| format!("cannot open {source}"))?;
     Ok(Opened { disk, _rt: rt })
 }
 

@@ -79,6 +79,7 @@ fn demo(base: &Path, size: u64) -> Result<()> {
         rt.handle(),
         Some(&session),
         false,
+        diskferry::source::DEFAULT_RECONNECT,
     )?;
     let report = diskferry::inspect::inspect(&src)?;
     let used: u64 = report.partitions.iter().filter_map(|p| p.used_bytes).sum();

@@ -198,6 +198,16 @@ pub(crate) struct ConnArgs {
     /// only for trusted links
     #[arg(long)]
     plaintext: bool,
+    /// If the client goes away mid-job (restarted, network blip), keep reconnecting for this
+    /// many seconds and resume
+    #[arg(long, default_value_t = 300, value_name = "SECONDS")]
+    reconnect_for: u64,
+}
+
+impl ConnArgs {
+    pub(crate) fn reconnect(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(self.reconnect_for)
+    }
 }
 
 #[derive(Args)]
@@ -387,7 +397,7 @@ fn run(cli: Cli) -> Result<()> {
                     SourceSpec::Remote { .. } => Some(session(&conn)?),
                     SourceSpec::Local(_) => None,
                 };
-                open_source(&spec, rt.handle(), opts.as_ref(), false)
+                open_source(&spec, rt.handle(), opts.as_ref(), false, conn.reconnect())
                     .with_context(|| format!("cannot open {s}"))
             };
             verify_and_report(&open(&a)?, &open(&b)?)
@@ -504,6 +514,7 @@ fn capture(args: CaptureArgs) -> Result<()> {
         rt.handle(),
         opts.as_ref(),
         args.output.follow_backing,
+        args.conn.reconnect(),
     )?;
     let progress = progress_for(args.output.progress);
     let size = args.size.as_deref().map(images::parse_size).transpose()?;

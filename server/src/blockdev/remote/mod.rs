@@ -7,6 +7,7 @@
 
 mod cache;
 mod connection;
+mod reconnect;
 
 use std::collections::VecDeque;
 use std::ops::Range;
@@ -16,6 +17,7 @@ use bytes::Bytes;
 use diskferry_protocol::{BlockState, Reply, Request};
 
 pub use connection::{Completion, ConnectError, Connection};
+pub use reconnect::ReconnectingDisk;
 
 use self::cache::ChunkCache;
 use self::connection::{unexpected, wait};
