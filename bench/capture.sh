@@ -53,7 +53,8 @@ EOF
 make_disk() { # path, disk size, partition size
   local disk=$1 size=$2 part=$3
   truncate -s "$size" "$disk"
-  sgdisk -q -n1:2048:+"$part" -t1:8300 "$disk"
+  sgdisk -n1:2048:+"$part" -t1:8300 "$disk" >/dev/null
+  sgdisk -p "$disk" | grep -q '^   1 ' || { echo "sgdisk made no partition on $disk" >&2; exit 1; }
   truncate -s "$part" "$work/part.ext4"
   mkfs.ext4 -q -F -d "$work/tree" "$work/part.ext4"
   dd if="$work/part.ext4" of="$disk" bs=1M seek=1 conv=notrunc,sparse status=none
@@ -75,22 +76,23 @@ port_big=$(start_client "$work/big.img")
 
 now() { date +%s.%N; }
 declare -A best size
-time_it() { # key, output file, command...
+time_it() { # key, output file (- for none), command...
   local key=$1 out=$2; shift 2
-  rm -f "$out"
+  [ "$out" = - ] || rm -f "$out"
   local t0 t1 t; t0=$(now); "$@" >/dev/null 2>&1; t1=$(now)
   t=$(echo "$t1 - $t0" | bc -l)
   if [ -z "${best[$key]:-}" ] || [ "$(echo "$t < ${best[$key]}" | bc -l)" = 1 ]; then best[$key]=$t; fi
-  if [ -e "$out" ]; then size[$key]=$(( $(stat -c %b "$out") * 512 )); else size[$key]=0; fi
+  if [ "$out" != - ] && [ -e "$out" ]; then size[$key]=$(( $(stat -c %b "$out") * 512 )); else size[$key]=$used; fi
 }
 k=(--key-file "$work/key")
+"$diskferry" inspect "$work/disk.img" | grep -q "partition table: gpt" || { echo "no GPT on the source" >&2; exit 1; }
 for round in $(seq "$rounds"); do
   time_it files "$work/f.vhdx" "$diskferry" capture "$work/disk.img@127.0.0.1:$port" "$work/f.vhdx" --mode files "${k[@]}"
   time_it blocks "$work/b.vhdx" "$diskferry" capture "$work/disk.img@127.0.0.1:$port" "$work/b.vhdx" --mode blocks "${k[@]}"
   time_it files16 "$work/f16.vhdx" "$diskferry" capture "$work/big.img@127.0.0.1:$port_big" "$work/f16.vhdx" --mode files "${k[@]}"
   time_it qemu "$work/q.vhdx" qemu-img convert -f raw -O vhdx "$work/disk.img" "$work/q.vhdx"
   time_it partclone "$work/p.img" partclone.ext4 -c -q -s "$work/part.ext4" -o "$work/p.img"
-  time_it local /dev/null dd if="$work/part.ext4" of=/dev/null bs=4M count=$((used / (4 << 20)))
+  time_it local - dd if="$work/part.ext4" of=/dev/null bs=4M count=$((used / (4 << 20)))
   echo "   round $round/$rounds" >&2
 done
 "$diskferry" verify "$work/disk.img" "$work/f.vhdx" >/dev/null 2>&1 || { echo "files capture does not verify" >&2; exit 1; }
