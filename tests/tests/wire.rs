@@ -230,6 +230,8 @@ fn writable_client_applies_writes_and_discards() {
     ));
 }
 
+/// A client that dies and stays away: after the reconnect window (2 s here) the capture fails
+/// with the cause and leaves only `OUT.partial`.
 #[test]
 fn killed_client_mid_capture_is_a_clear_error_and_leaves_no_complete_output() {
     let dir = tempfile::tempdir().unwrap();
@@ -245,6 +247,7 @@ fn killed_client_mid_capture_is_a_clear_error_and_leaves_no_complete_output() {
         .arg(&out)
         .arg("--key-file")
         .arg(&key)
+        .args(["--reconnect-for", "2"])
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
@@ -261,7 +264,9 @@ fn killed_client_mid_capture_is_a_clear_error_and_leaves_no_complete_output() {
         "the capture must fail when the client dies"
     );
     assert!(
-        stderr.contains("connection") && stderr.contains(".partial"),
+        stderr.contains("connection")
+            && stderr.contains("gave up reconnecting after 2 s")
+            && stderr.contains(".partial"),
         "the error names the cause and the leftover: {stderr}"
     );
     assert!(!out.exists(), "nothing may look complete");
