@@ -278,26 +278,51 @@ fn capture_partition(
     let phase = format!("part {}", p.number);
     match m {
         Mode::Files => {
-            progress.start(&phase, 0);
             let counting = Arc::new(CountingDevice::new(Arc::clone(src)));
             let source: Arc<dyn BlockDevice> = counting.clone();
-            match kind {
-                FsKind::Fat12 | FsKind::Fat16 | FsKind::Fat32 => {
-                    let fat = fs::fat::Fat::open(source).map_err(PartError::Fs)?;
-                    fs::fat_write::write_fat(Arc::clone(dst), &fat, &fat.format_options())
-                        .map_err(PartError::Fs)?;
+            // The bytes read from the source drive the progress; the filesystem's used bytes
+            // are the (upper-bound) total.
+            let write = || -> Result<(), PartError> {
+                match kind {
+                    FsKind::Fat12 | FsKind::Fat16 | FsKind::Fat32 => {
+                        let fat = fs::fat::Fat::open(source).map_err(PartError::Fs)?;
+                        progress.start(&phase, fs::Filesystem::info(&fat).used_bytes);
+                        fs::fat_write::write_fat(Arc::clone(dst), &fat, &fat.format_options())
+                            .map_err(PartError::Fs)?;
+                    }
+                    _ => {
+                        let ext = fs::ext4::Ext4::open(source).map_err(PartError::Fs)?;
+                        progress.start(&phase, fs::Filesystem::info(&ext).used_bytes);
+                        let mut opts = ext.format_options();
+                        // A smaller destination gets as many inodes as fit.
+                        opts.min_inodes = opts.min_inodes.min(dst.size() / 16384);
+                        fs::ext4::write::write_ext4(Arc::clone(dst), &ext, &opts)
+                            .map_err(PartError::Fs)?;
+                    }
                 }
-                _ => {
-                    let ext = fs::ext4::Ext4::open(source).map_err(PartError::Fs)?;
-                    let mut opts = ext.format_options();
-                    // A smaller destination gets as many inodes as fit.
-                    opts.min_inodes = opts.min_inodes.min(dst.size() / 16384);
-                    fs::ext4::write::write_ext4(Arc::clone(dst), &ext, &opts)
-                        .map_err(PartError::Fs)?;
-                }
-            }
+                Ok(())
+            };
+            let done = std::sync::atomic::AtomicBool::new(false);
+            let result = std::thread::scope(|s| {
+                s.spawn(|| {
+                    let mut reported = 0;
+                    loop {
+                        let stop = done.load(std::sync::atomic::Ordering::Acquire);
+                        let now = counting.read();
+                        progress.advance(now.saturating_sub(reported));
+                        reported = now;
+                        if stop {
+                            break;
+                        }
+                        std::thread::sleep(Duration::from_millis(200));
+                    }
+                });
+                let r = write();
+                done.store(true, std::sync::atomic::Ordering::Release);
+                r
+            });
             progress.finish();
-            Ok(counting.read())
+            result.map(|()| counting.read())
         }
         Mode::Blocks => {
             let fs = fs::open(Arc::clone(src)).map_err(PartError::Fs)?;
