@@ -571,6 +571,10 @@ impl Filesystem for Fat {
         Ok(out)
     }
 
+    fn device(&self) -> Option<Arc<dyn BlockDevice>> {
+        Some(Arc::clone(&self.dev))
+    }
+
     fn allocation_map(&self) -> Result<AllocationMap> {
         let spc = self.cluster_size / self.bytes_per_sector;
         let mut runs: Vec<(u64, u64)> = vec![(0, self.data_start / self.bytes_per_sector)];

@@ -206,6 +206,12 @@ pub trait Filesystem: Send + Sync {
     /// The blocks in use.
     fn allocation_map(&self) -> Result<AllocationMap>;
 
+    /// The device the filesystem lives on, which [`FileExtent::disk_offset`]s address — for
+    /// bulk, disk-ordered reads of file data. `None` for sources without one (host trees).
+    fn device(&self) -> Option<Arc<dyn BlockDevice>> {
+        None
+    }
+
     /// Finds `path` (`/`-separated, from the root; symlinks are not followed).
     fn lookup(&self, path: &str) -> Result<NodeId> {
         let mut node = self.root();

@@ -385,4 +385,25 @@ impl BlockDevice for CountingDevice {
             .fetch_add(buf.len() as u64, std::sync::atomic::Ordering::Relaxed);
         self.inner.read_at(buf, offset)
     }
+
+    fn block_status(
+        &self,
+        offset: u64,
+        len: u64,
+    ) -> crate::blockdev::Result<Vec<crate::blockdev::Extent>> {
+        self.inner.block_status(offset, len)
+    }
+
+    /// Forwarded, so bulk reads keep the inner device's pipelining.
+    fn read_ranges(
+        &self,
+        ranges: &[Range<u64>],
+        sink: &mut dyn FnMut(u64, bytes::Bytes) -> crate::blockdev::Result<()>,
+    ) -> crate::blockdev::Result<()> {
+        self.inner.read_ranges(ranges, &mut |off, data| {
+            self.read
+                .fetch_add(data.len() as u64, std::sync::atomic::Ordering::Relaxed);
+            sink(off, data)
+        })
+    }
 }

@@ -574,6 +574,10 @@ impl Filesystem for Ext4 {
             .collect())
     }
 
+    fn device(&self) -> Option<Arc<dyn BlockDevice>> {
+        Some(Arc::clone(&self.dev))
+    }
+
     fn allocation_map(&self) -> Result<AllocationMap> {
         let mut used = vec![false; 0];
         used.resize(self.blocks as usize, false);

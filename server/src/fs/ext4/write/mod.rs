@@ -717,6 +717,89 @@ pub fn write_ext4(
     Ok(report)
 }
 
+/// One run of file data: where it is on the source device, how long, where it goes.
+struct Run {
+    src: u64,
+    len: u64,
+    dst: u64,
+}
+
+/// Copies every file's data. With a source device, the runs of all files are sorted by their
+/// place on it and read in that order with many requests in flight (a remote source streams);
+/// without one (a host tree), file by file through `read_at`.
+fn copy_file_data(
+    dev: &dyn BlockDevice,
+    source: &dyn Filesystem,
+    items: &HashMap<u32, Item>,
+    order: &[u32],
+    bs: u64,
+    buf: &mut [u8],
+) -> Result<()> {
+    let files: Vec<&Item> = order
+        .iter()
+        .map(|ino| &items[ino])
+        .filter(|i| i.kind == FileKind::File && !i.extents.is_empty())
+        .collect();
+    let runs = source.device().and_then(|src_dev| {
+        let mut runs = Vec::new();
+        for item in &files {
+            let extents = source.extents(item.src).ok()?;
+            for e in extents.iter().filter(|e| !e.unwritten) {
+                // Our extents map the same file offsets (block-rounded): split the source
+                // extent wherever our allocation is not contiguous.
+                let mut off = e.file_offset;
+                let end = e.file_offset + e.len;
+                while off < end {
+                    let block = off / bs;
+                    let (l, p, n) = *item
+                        .extents
+                        .iter()
+                        .find(|x| block >= x.0 && block < x.0 + x.2)?;
+                    let piece_end = end.min((l + n) * bs);
+                    runs.push(Run {
+                        src: e.disk_offset + (off - e.file_offset),
+                        len: piece_end - off,
+                        dst: p * bs + (off - l * bs),
+                    });
+                    off = piece_end;
+                }
+            }
+        }
+        runs.sort_unstable_by_key(|r| r.src);
+        Some((src_dev, runs))
+    });
+    if let Some((src_dev, runs)) = runs {
+        let ranges: Vec<std::ops::Range<u64>> = runs.iter().map(|r| r.src..r.src + r.len).collect();
+        return src_dev
+            .read_ranges(&ranges, &mut |off, data| {
+                let i = runs.partition_point(|r| r.src + r.len <= off);
+                let r = &runs[i];
+                write_sparse(dev, &data, r.dst + (off - r.src)).map_err(|e| match e {
+                    FsError::Io(e) => e,
+                    other => crate::blockdev::BlockError::Format(other.to_string()),
+                })
+            })
+            .map_err(FsError::from);
+    }
+    for item in files {
+        for &(logical, physical, count) in &item.extents {
+            let start = logical * bs;
+            let end = ((logical + count) * bs).min(item.size);
+            let mut pos = start;
+            while pos < end {
+                let n = ((end - pos) as usize).min(buf.len());
+                let got = source.read_at(item.src, pos, &mut buf[..n])?;
+                if got < n {
+                    buf[got..n].fill(0);
+                }
+                write_sparse(dev, &buf[..n], (physical * bs) + (pos - start))?;
+                pos += n as u64;
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Writes `data` at byte `at`, leaving out 4 KiB pieces that are all zeros (one write per run
 /// of non-zero pieces).
 fn write_sparse(dev: &dyn BlockDevice, data: &[u8], at: u64) -> Result<()> {
@@ -749,23 +832,9 @@ fn write_all(
     let mut dirs_per_group = vec![0u64; geo.groups as usize];
     for &ino in order {
         let item = items.get(&ino).expect("planned");
-        // Contents.
+        // Contents (file data is copied afterwards, in the source's disk order).
         match item.kind {
             FileKind::File => {
-                for &(logical, physical, count) in &item.extents {
-                    let start = logical * bs;
-                    let end = ((logical + count) * bs).min(item.size);
-                    let mut pos = start;
-                    while pos < end {
-                        let n = ((end - pos) as usize).min(buf.len());
-                        let got = source.read_at(item.src, pos, &mut buf[..n])?;
-                        if got < n {
-                            buf[got..n].fill(0);
-                        }
-                        write_sparse(&**dev, &buf[..n], (physical * bs) + (pos - start))?;
-                        pos += n as u64;
-                    }
-                }
                 report.files += 1;
                 report.bytes += item.size;
             }
@@ -820,6 +889,7 @@ fn write_all(
         csum::set_inode(seed, ino, &mut raw);
         inodes.insert(ino, raw);
     }
+    copy_file_data(&**dev, source, items, order, bs, &mut buf)?;
     // The journal inode and its superblock.
     let mut journal_ib = [0u8; 60];
     if !journal_extents.is_empty() {
