@@ -224,3 +224,38 @@ fn a_capture_survives_the_client_being_restarted() {
     );
     assert!(err.contains("verify: no differences"), "{err}");
 }
+
+/// The output's filesystem fills up: a clear error that says so, and only `OUT.partial` left.
+#[test]
+fn a_full_output_disk_is_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let small = dir.path().join("small");
+    std::fs::create_dir(&small).unwrap();
+    run_ok(
+        "mount",
+        &[
+            "-t",
+            "tmpfs",
+            "-o",
+            "size=8M",
+            "tmpfs",
+            small.to_str().unwrap(),
+        ],
+    );
+    let disk = dir.path().join("disk.img");
+    diskferry_e2e::make_disk(&disk, 64 * MIB, &[(0, 32 * MIB)]).unwrap();
+    let out = small.join("out.qcow2");
+    let (ok, _, err) = diskferry(&["capture".as_ref(), disk.as_os_str(), out.as_os_str()]);
+    let leftovers: Vec<String> = std::fs::read_dir(&small)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    run_ok("umount", &[small.to_str().unwrap()]);
+    assert!(!ok);
+    assert!(
+        err.contains("No space left on device")
+            && err.contains("the disk holding the output is full"),
+        "{err}"
+    );
+    assert_eq!(leftovers, ["out.qcow2.partial"]);
+}

@@ -316,7 +316,13 @@ fn main() -> ExitCode {
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("diskferry: error: {}", error_chain(&e));
+            let text = error_chain(&e);
+            eprintln!("diskferry: error: {text}");
+            if text.contains("No space left on device") {
+                eprintln!(
+                    "diskferry: the disk holding the output is full: free space there or write the output elsewhere"
+                );
+            }
             ExitCode::FAILURE
         }
     }
