@@ -213,3 +213,41 @@ fn a_source_larger_than_size_is_refused_before_anything_is_written() {
     );
     assert!(!img.exists() && !dir.path().join("small.img.partial").exists());
 }
+
+/// A damaged FAT source copied through the writer: errors, never a panic or a hang.
+#[test]
+fn damaged_fat_sources_give_errors_never_panics_when_copied() {
+    use rand::{Rng, SeedableRng};
+    let dir = tempfile::tempdir().unwrap();
+    let original = dir.path().join("orig.fat");
+    fat_image(&original, 16, 16, "DATA16");
+    let bytes = std::fs::read(&original).unwrap();
+    for seed in 0..40u64 {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        let mut damaged = bytes.clone();
+        for _ in 0..rng.gen_range(1..30) {
+            let at = rng.gen_range(0..(256 << 10));
+            damaged[at] = rng.gen();
+        }
+        let (tx, rx) = std::sync::mpsc::channel();
+        let worker = std::thread::spawn(move || {
+            let src: Arc<dyn BlockDevice> =
+                Arc::new(diskferry::blockdev::MemoryDevice::read_only(damaged));
+            if let Ok(source) = diskferry::fs::fat::Fat::open(src) {
+                let dst: Arc<dyn BlockDevice> =
+                    Arc::new(diskferry::blockdev::MemoryDevice::new(16 << 20));
+                let _ = write_fat(
+                    dst,
+                    &source,
+                    &diskferry::fs::fat_write::FatOptions::default(),
+                );
+            }
+            let _ = tx.send(());
+        });
+        assert!(
+            rx.recv_timeout(std::time::Duration::from_secs(60)).is_ok() || worker.is_finished(),
+            "seed {seed}: the copy did not finish within a minute"
+        );
+        assert!(worker.join().is_ok(), "seed {seed}: the copy panicked");
+    }
+}

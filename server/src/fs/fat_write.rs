@@ -123,7 +123,9 @@ pub fn write_fat(
     // (path in the new volume, source node) of everything written, for the patching pass.
     let mut written: Vec<(String, NodeId)> = Vec::new();
     let mut walk_errors = Vec::new();
-    {
+    // fatfs is third-party code fed names and sizes from a possibly damaged source: a panic
+    // in it becomes an error here.
+    let populated = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| -> Result<()> {
         let fs = fatfs::FileSystem::new(
             BlockReader::new(Arc::clone(&dev)),
             fatfs::FsOptions::new().update_accessed_date(false),
@@ -181,8 +183,13 @@ pub fn write_fat(
             &mut |path, err| walk_errors.push((path.to_string(), err.to_string())),
         )?;
         fs.unmount().map_err(|e| fat_err("unmount", e))?;
-        report.skipped.extend(walk_errors);
+        Ok(())
+    }));
+    match populated {
+        Ok(r) => r?,
+        Err(_) => return Err(fat_err("populate", "fatfs panicked on this input")),
     }
+    report.skipped.extend(walk_errors);
 
     // Finish each entry: attributes and times.
     let ours = super::fat::Fat::open(Arc::clone(&dev))?;
