@@ -10,6 +10,8 @@ pub trait Progress: Send + Sync {
     fn start(&self, phase: &str, total: u64);
     fn advance(&self, bytes: u64);
     fn finish(&self);
+    /// Files (entries) done out of those known so far, for jobs that copy file by file.
+    fn files(&self, _done: u64, _total: u64) {}
 }
 
 /// Reports nothing.
@@ -57,9 +59,16 @@ impl Progress for TerminalBar {
     fn finish(&self) {
         self.bar.finish_and_clear();
     }
+    fn files(&self, done: u64, total: u64) {
+        let phase = self.bar.message();
+        let phase = phase.split(" (").next().unwrap_or_default().to_string();
+        self.bar
+            .set_message(format!("{phase} ({done}/{total} files)"));
+    }
 }
 
-/// One JSON object per line on stderr — `{"phase":…,"done":…,"total":…,"rate":…,"eta_s":…}` —
+/// One JSON object per line on stderr — `{"phase":…,"done":…,"total":…,"rate":…,"eta_s":…}`,
+/// plus `files_done`/`files_total` in file-by-file phases —
 /// at most twice a second and at the end of each phase, for programs (the web UI) to follow.
 #[derive(Debug)]
 pub struct JsonLines {
@@ -71,6 +80,7 @@ struct JsonState {
     phase: String,
     total: u64,
     done: u64,
+    files: Option<(u64, u64)>,
     started: std::time::Instant,
     last: std::time::Instant,
 }
@@ -83,6 +93,7 @@ impl Default for JsonLines {
                 phase: String::new(),
                 total: 0,
                 done: 0,
+                files: None,
                 started: now,
                 last: now,
             }),
@@ -99,8 +110,12 @@ impl JsonLines {
         } else {
             "null".into()
         };
+        let files = s
+            .files
+            .map(|(d, t)| format!(",\"files_done\":{d},\"files_total\":{t}"))
+            .unwrap_or_default();
         eprintln!(
-            "{{\"phase\":{},\"done\":{},\"total\":{},\"rate\":{:.0},\"eta_s\":{eta}}}",
+            "{{\"phase\":{},\"done\":{},\"total\":{},\"rate\":{:.0},\"eta_s\":{eta}{files}}}",
             serde_json::to_string(&s.phase).unwrap_or_else(|_| "\"\"".into()),
             s.done,
             s.total,
@@ -117,6 +132,7 @@ impl Progress for JsonLines {
             phase: phase.to_string(),
             total,
             done: 0,
+            files: None,
             started: now,
             last: now,
         };
@@ -133,5 +149,9 @@ impl Progress for JsonLines {
     fn finish(&self) {
         let s = self.state.lock().unwrap_or_else(|e| e.into_inner());
         Self::emit(&s);
+    }
+    fn files(&self, done: u64, total: u64) {
+        let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        s.files = Some((done, total));
     }
 }

@@ -161,9 +161,24 @@ fn an_mbr_disk_captures_and_shrinks_in_files_mode() {
         "--size".as_ref(),
         "200M".as_ref(),
         "--verify".as_ref(),
+        "--progress".as_ref(),
+        "json".as_ref(),
     ]);
     assert!(ok, "{err}");
     assert!(err.contains("verify: no differences"), "{err}");
+    // --progress json: one object per line, per partition, with files counted in files mode.
+    let events: Vec<serde_json::Value> = err
+        .lines()
+        .filter(|l| l.starts_with('{'))
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect();
+    assert!(events.iter().any(|e| e["phase"] == "part 1"), "{err}");
+    assert!(
+        events
+            .iter()
+            .any(|e| e["phase"] == "part 1" && e["files_done"].as_u64().unwrap_or(0) > 10),
+        "{err}"
+    );
     let raw = disk.dir.join("mbr-small.raw");
     run_ok(
         "qemu-img",

@@ -174,6 +174,7 @@ impl Fat {
             label: Some(self.label.clone()).filter(|l| !l.is_empty()),
             serial: Some(self.serial),
             cluster_size: Some(self.cluster_size as u32),
+            counters: None,
         }
     }
 

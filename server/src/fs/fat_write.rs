@@ -27,6 +27,8 @@ pub struct FatOptions {
     pub serial: Option<u32>,
     /// Bytes per cluster (a power of two from 512 to 32 KiB).
     pub cluster_size: Option<u32>,
+    /// Kept up to date with entries found and written, when given.
+    pub counters: Option<Arc<super::WriteCounters>>,
 }
 
 /// What was written.
@@ -136,6 +138,10 @@ pub fn write_fat(
             source,
             source.root(),
             &mut |path, e| {
+                if let Some(c) = &opts.counters {
+                    c.plan(1);
+                    c.wrote(1);
+                }
                 let fail = |report: &mut FatReport, why: String| {
                     report.skipped.push((path.to_string(), why));
                 };

@@ -156,6 +156,32 @@ impl AllocationMap {
     }
 }
 
+/// Counters a filesystem writer keeps up to date while it works, for progress displays:
+/// entries it plans to write (it may still discover more) and entries written.
+#[derive(Debug, Default)]
+pub struct WriteCounters {
+    pub planned: std::sync::atomic::AtomicU64,
+    pub written: std::sync::atomic::AtomicU64,
+}
+
+impl WriteCounters {
+    pub fn plan(&self, n: u64) {
+        self.planned
+            .fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+    }
+    pub fn wrote(&self, n: u64) {
+        self.written
+            .fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+    }
+    /// (written, planned).
+    pub fn get(&self) -> (u64, u64) {
+        (
+            self.written.load(std::sync::atomic::Ordering::Relaxed),
+            self.planned.load(std::sync::atomic::Ordering::Relaxed),
+        )
+    }
+}
+
 /// A filesystem opened for reading.
 pub trait Filesystem: Send + Sync {
     fn info(&self) -> VolumeInfo;

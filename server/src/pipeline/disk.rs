@@ -282,12 +282,15 @@ fn capture_partition(
             let source: Arc<dyn BlockDevice> = counting.clone();
             // The bytes read from the source drive the progress; the filesystem's used bytes
             // are the (upper-bound) total.
+            let counters = Arc::new(fs::WriteCounters::default());
             let write = || -> Result<(), PartError> {
                 match kind {
                     FsKind::Fat12 | FsKind::Fat16 | FsKind::Fat32 => {
                         let fat = fs::fat::Fat::open(source).map_err(PartError::Fs)?;
                         progress.start(&phase, fs::Filesystem::info(&fat).used_bytes);
-                        fs::fat_write::write_fat(Arc::clone(dst), &fat, &fat.format_options())
+                        let mut opts = fat.format_options();
+                        opts.counters = Some(Arc::clone(&counters));
+                        fs::fat_write::write_fat(Arc::clone(dst), &fat, &opts)
                             .map_err(PartError::Fs)?;
                     }
                     _ => {
@@ -296,6 +299,7 @@ fn capture_partition(
                         let mut opts = ext.format_options();
                         // A smaller destination gets as many inodes as fit.
                         opts.min_inodes = opts.min_inodes.min(dst.size() / 16384);
+                        opts.counters = Some(Arc::clone(&counters));
                         fs::ext4::write::write_ext4(Arc::clone(dst), &ext, &opts)
                             .map_err(PartError::Fs)?;
                     }
@@ -311,6 +315,10 @@ fn capture_partition(
                         let now = counting.read();
                         progress.advance(now.saturating_sub(reported));
                         reported = now;
+                        let (done, planned) = counters.get();
+                        if planned > 0 {
+                            progress.files(done, planned);
+                        }
                         if stop {
                             break;
                         }

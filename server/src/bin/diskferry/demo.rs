@@ -268,6 +268,7 @@ fn build_sample_disk(base: &Path, path: &Path, size: u64) -> Result<()> {
             label: Some("ESP".into()),
             cluster_size: Some(512),
             serial: Some(0x1234_abcd),
+            counters: None,
         },
     )?;
     write_ext4(

@@ -56,6 +56,8 @@ pub struct Ext4Options {
     pub bytes_per_inode: u64,
     /// Blocks reserved for root, in percent.
     pub reserved_percent: u64,
+    /// Kept up to date with entries planned and written, when given.
+    pub counters: Option<Arc<super::super::WriteCounters>>,
 }
 
 impl Default for Ext4Options {
@@ -70,6 +72,7 @@ impl Default for Ext4Options {
             min_inodes: 0,
             bytes_per_inode: 16384,
             reserved_percent: 5,
+            counters: None,
         }
     }
 }
@@ -537,6 +540,9 @@ pub fn write_ext4(
         mut items,
         next_ino,
     } = plan(source, &mut report, from_ext4)?;
+    if let Some(c) = &opts.counters {
+        c.plan(items.len() as u64);
+    }
     let bs = opts.block_size;
     let geo = Geometry::new(
         bs,
@@ -888,6 +894,9 @@ fn write_all(
         let mut raw = inode_bytes(geo, item, &i_blocks[&ino], data_blocks * bs / 512, flags);
         csum::set_inode(seed, ino, &mut raw);
         inodes.insert(ino, raw);
+        if let Some(c) = &opts.counters {
+            c.wrote(1);
+        }
     }
     copy_file_data(&**dev, source, items, order, bs, &mut buf)?;
     // The journal inode and its superblock.
