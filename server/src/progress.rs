@@ -12,6 +12,8 @@ pub trait Progress: Send + Sync {
     fn finish(&self);
     /// Files (entries) done out of those known so far, for jobs that copy file by file.
     fn files(&self, _done: u64, _total: u64) {}
+    /// The whole job's bytes done and expected, for jobs made of several phases.
+    fn overall(&self, _done: u64, _total: u64) {}
 }
 
 /// Reports nothing.
@@ -68,7 +70,8 @@ impl Progress for TerminalBar {
 }
 
 /// One JSON object per line on stderr — `{"phase":…,"done":…,"total":…,"rate":…,"eta_s":…}`,
-/// plus `files_done`/`files_total` in file-by-file phases —
+/// plus `files_done`/`files_total` in file-by-file phases and `overall_done`/`overall_total`
+/// across a job's phases —
 /// at most twice a second and at the end of each phase, for programs (the web UI) to follow.
 #[derive(Debug)]
 pub struct JsonLines {
@@ -81,6 +84,7 @@ struct JsonState {
     total: u64,
     done: u64,
     files: Option<(u64, u64)>,
+    overall: Option<(u64, u64)>,
     started: std::time::Instant,
     last: std::time::Instant,
 }
@@ -94,6 +98,7 @@ impl Default for JsonLines {
                 total: 0,
                 done: 0,
                 files: None,
+                overall: None,
                 started: now,
                 last: now,
             }),
@@ -114,8 +119,12 @@ impl JsonLines {
             .files
             .map(|(d, t)| format!(",\"files_done\":{d},\"files_total\":{t}"))
             .unwrap_or_default();
+        let overall = s
+            .overall
+            .map(|(d, t)| format!(",\"overall_done\":{d},\"overall_total\":{t}"))
+            .unwrap_or_default();
         eprintln!(
-            "{{\"phase\":{},\"done\":{},\"total\":{},\"rate\":{:.0},\"eta_s\":{eta}{files}}}",
+            "{{\"phase\":{},\"done\":{},\"total\":{},\"rate\":{:.0},\"eta_s\":{eta}{files}{overall}}}",
             serde_json::to_string(&s.phase).unwrap_or_else(|_| "\"\"".into()),
             s.done,
             s.total,
@@ -128,11 +137,13 @@ impl Progress for JsonLines {
     fn start(&self, phase: &str, total: u64) {
         let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
         let now = std::time::Instant::now();
+        let overall = s.overall;
         *s = JsonState {
             phase: phase.to_string(),
             total,
             done: 0,
             files: None,
+            overall,
             started: now,
             last: now,
         };
@@ -153,5 +164,9 @@ impl Progress for JsonLines {
     fn files(&self, done: u64, total: u64) {
         let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
         s.files = Some((done, total));
+    }
+    fn overall(&self, done: u64, total: u64) {
+        let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        s.overall = Some((done, total));
     }
 }

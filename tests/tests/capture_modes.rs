@@ -176,6 +176,16 @@ fn an_mbr_disk_captures_and_shrinks_in_files_mode() {
     assert!(
         events
             .iter()
+            .all(|e| e["overall_total"].as_u64().is_none_or(|t| t > 0)),
+        "{err}"
+    );
+    assert!(
+        events.iter().any(|e| e["overall_done"].as_u64().is_some()),
+        "{err}"
+    );
+    assert!(
+        events
+            .iter()
             .any(|e| e["phase"] == "part 1" && e["files_done"].as_u64().unwrap_or(0) > 10),
         "{err}"
     );

@@ -215,6 +215,12 @@ pub fn capture_disk(
     partition::write_table(&*dst, &table)
         .map_err(|e| CaptureError::Options(format!("writing the partition table: {e}")))?;
 
+    // The whole job's expected bytes, so progress can show an overall figure.
+    let grand_total: u64 = plans
+        .iter()
+        .map(|(_, dev, _, m, _)| expected_bytes(dev, *m))
+        .sum();
+    let progress = &Overall::new(progress, grand_total);
     let mut reports = Vec::new();
     for (p, sdev, kind, m, note) in plans {
         let target = table
@@ -249,6 +255,61 @@ pub fn capture_disk(
         boot_bytes,
         elapsed: started.elapsed(),
     })
+}
+
+/// Roughly the bytes a partition's copy reads: the filesystem's used bytes (files), its
+/// allocated blocks (blocks), or the ranges holding data (sectors). 0 when unknown.
+fn expected_bytes(dev: &Arc<dyn BlockDevice>, m: Mode) -> u64 {
+    match m {
+        Mode::Files => fs::open(Arc::clone(dev)).map_or(0, |f| f.info().used_bytes),
+        Mode::Blocks => fs::open(Arc::clone(dev))
+            .and_then(|f| f.allocation_map())
+            .map_or(0, |map| map.used_blocks() * u64::from(map.block_size)),
+        Mode::Sectors | Mode::Auto => {
+            data_ranges(&**dev).map_or(0, |r| r.iter().map(|r| r.end - r.start).sum())
+        }
+    }
+}
+
+/// Forwards to a [`Progress`] and adds the job's overall bytes done and total.
+struct Overall<'a> {
+    inner: &'a dyn Progress,
+    total: u64,
+    finished_phases: std::sync::atomic::AtomicU64,
+    in_phase: std::sync::atomic::AtomicU64,
+}
+
+impl<'a> Overall<'a> {
+    fn new(inner: &'a dyn Progress, total: u64) -> Overall<'a> {
+        Overall {
+            inner,
+            total,
+            finished_phases: Default::default(),
+            in_phase: Default::default(),
+        }
+    }
+}
+
+impl Progress for Overall<'_> {
+    fn start(&self, phase: &str, total: u64) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let before = self.in_phase.swap(0, Relaxed);
+        self.finished_phases.fetch_add(before, Relaxed);
+        self.inner.start(phase, total);
+    }
+    fn advance(&self, bytes: u64) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let now = self.in_phase.fetch_add(bytes, Relaxed) + bytes;
+        self.inner
+            .overall(self.finished_phases.load(Relaxed) + now, self.total);
+        self.inner.advance(bytes);
+    }
+    fn finish(&self) {
+        self.inner.finish();
+    }
+    fn files(&self, done: u64, total: u64) {
+        self.inner.files(done, total);
+    }
 }
 
 enum PartError {
