@@ -21,9 +21,21 @@ fn read(path: &Path, offset: u64, len: u64) -> Vec<u8> {
     buf
 }
 
-/// `len` bytes at `offset` of `raw` as a file of their own.
+/// `len` bytes at `offset` of `raw` as a file of their own (streamed, holes kept).
 fn extract(raw: &Path, offset: u64, len: u64, to: &Path) -> std::path::PathBuf {
-    std::fs::write(to, read(raw, offset, len)).unwrap();
+    let src = std::fs::File::open(raw).unwrap();
+    let dst = std::fs::File::create(to).unwrap();
+    dst.set_len(len).unwrap();
+    let mut buf = vec![0u8; 4 << 20];
+    let mut at = 0;
+    while at < len {
+        let n = (len - at).min(buf.len() as u64) as usize;
+        src.read_exact_at(&mut buf[..n], offset + at).unwrap();
+        if buf[..n].iter().any(|&b| b != 0) {
+            dst.write_all_at(&buf[..n], at).unwrap();
+        }
+        at += n as u64;
+    }
     to.to_path_buf()
 }
 
@@ -283,4 +295,86 @@ fn a_full_output_disk_is_a_clear_error() {
         "{err}"
     );
     assert_eq!(leftovers, ["out.qcow2.partial"]);
+}
+
+/// An 8 GiB disk with 1 GiB used, captured in files mode into a 2 GiB disk: the ext4 is
+/// recreated smaller, passes e2fsck, and verifies file by file.
+#[test]
+fn an_8_gib_disk_with_1_gib_used_shrinks_into_2_gib() {
+    let dir = tempfile::tempdir().unwrap();
+    let tree = dir.path().join("tree");
+    std::fs::create_dir(&tree).unwrap();
+    for i in 0..8 {
+        diskferry_e2e::make_disk(
+            &tree.join(format!("big{i}.bin")),
+            128 * MIB,
+            &[(0, 128 * MIB)],
+        )
+        .unwrap();
+    }
+    std::fs::write(tree.join("small.txt"), b"small\n").unwrap();
+    let disk = dir.path().join("disk.img");
+    std::fs::File::create(&disk)
+        .unwrap()
+        .set_len(8 << 30)
+        .unwrap();
+    run_ok(
+        "sgdisk",
+        &["-n1:2048:0", "-t1:8300", disk.to_str().unwrap()],
+    );
+    let part_size = (8 << 30) - 2 * MIB - 17 * 1024;
+    run_ok(
+        "mkfs.ext4",
+        &[
+            "-q",
+            "-F",
+            "-E",
+            "offset=1048576",
+            "-d",
+            tree.to_str().unwrap(),
+            disk.to_str().unwrap(),
+            &format!("{}k", part_size / 1024),
+        ],
+    );
+    let out = dir.path().join("small.qcow2");
+    let (ok, _, err) = diskferry(&[
+        "capture".as_ref(),
+        disk.as_os_str(),
+        out.as_os_str(),
+        "--mode".as_ref(),
+        "files".as_ref(),
+        "--size".as_ref(),
+        "2G".as_ref(),
+        "--verify".as_ref(),
+    ]);
+    assert!(ok, "{err}");
+    assert!(err.contains("verify: no differences"), "{err}");
+    let check = run_ok("qemu-img", &["check", "-f", "qcow2", out.to_str().unwrap()]);
+    assert!(check.contains("No errors were found"), "{check}");
+    let raw = dir.path().join("small.raw");
+    run_ok(
+        "qemu-img",
+        &[
+            "convert",
+            "-O",
+            "raw",
+            out.to_str().unwrap(),
+            raw.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(std::fs::metadata(&raw).unwrap().len(), 2 << 30);
+    let verify = run_ok("sgdisk", &["-v", raw.to_str().unwrap()]);
+    assert!(verify.contains("No problems found"), "{verify}");
+    let info = run_ok("sgdisk", &["-i", "1", raw.to_str().unwrap()]);
+    let last: u64 = info
+        .lines()
+        .find_map(|l| l.strip_prefix("Last sector: "))
+        .and_then(|v| v.split_whitespace().next())
+        .unwrap()
+        .parse()
+        .unwrap();
+    let len = (last + 1 - 2048) * 512;
+    let part = extract(&raw, MIB, len, &dir.path().join("p1.ext4"));
+    std::fs::remove_file(&raw).unwrap();
+    clean("e2fsck", &["-fn", part.to_str().unwrap()]);
 }
