@@ -41,6 +41,52 @@ pub struct NtfsFs {
     descriptors: std::sync::OnceLock<std::collections::HashMap<u32, Vec<u8>>>,
 }
 
+/// The volume as `Read + Seek` for the `ntfs` crate, reading zeros past its end: the crate
+/// panics (an "unreachable" binrw error) when a structure it reads is cut short, while zeros
+/// just fail its signature checks.
+struct Padded {
+    inner: BlockReader,
+    size: u64,
+    pos: u64,
+}
+
+impl Padded {
+    fn new(dev: Arc<dyn BlockDevice>) -> Padded {
+        Padded {
+            size: dev.size(),
+            inner: BlockReader::new(dev),
+            pos: 0,
+        }
+    }
+}
+
+impl Read for Padded {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        if self.pos >= self.size {
+            buf.fill(0);
+            self.pos += buf.len() as u64;
+            return Ok(buf.len());
+        }
+        let n = self.inner.read(buf)?;
+        self.pos += n as u64;
+        Ok(n)
+    }
+}
+
+impl std::io::Seek for Padded {
+    fn seek(&mut self, to: std::io::SeekFrom) -> std::io::Result<u64> {
+        let target = match to {
+            std::io::SeekFrom::Start(p) => p,
+            std::io::SeekFrom::End(d) => self.size.saturating_add_signed(d),
+            std::io::SeekFrom::Current(d) => self.pos.saturating_add_signed(d),
+        };
+        self.pos = target;
+        self.inner
+            .seek(std::io::SeekFrom::Start(target.min(self.size)))?;
+        Ok(target)
+    }
+}
+
 fn err(context: &str, e: impl std::fmt::Display) -> FsError {
     FsError::Corrupt(format!("NTFS {context}"), e.to_string())
 }
@@ -64,7 +110,7 @@ fn nt_time(t: ntfs::NtfsTime) -> Timestamp {
 impl NtfsFs {
     pub fn open(dev: Arc<dyn BlockDevice>) -> Result<NtfsFs> {
         guarded("boot sector", || {
-            let mut r = BlockReader::new(Arc::clone(&dev));
+            let mut r = Padded::new(Arc::clone(&dev));
             let mut ntfs = ntfs::Ntfs::new(&mut r).map_err(|e| err("boot sector", e))?;
             ntfs.read_upcase_table(&mut r)
                 .map_err(|e| err("$UpCase", e))?;
@@ -82,11 +128,11 @@ impl NtfsFs {
         })
     }
 
-    fn reader(&self) -> BlockReader {
-        BlockReader::new(Arc::clone(&self.dev))
+    fn reader(&self) -> Padded {
+        Padded::new(Arc::clone(&self.dev))
     }
 
-    fn file<'n>(&'n self, r: &mut BlockReader, node: NodeId) -> Result<NtfsFile<'n>> {
+    fn file<'n>(&'n self, r: &mut Padded, node: NodeId) -> Result<NtfsFile<'n>> {
         self.ntfs
             .file(r, node)
             .map_err(|e| err(&format!("file record {node}"), e))
@@ -95,7 +141,7 @@ impl NtfsFs {
     /// The unnamed (or named) `$DATA` attribute's value length and extents.
     fn data_layout(
         &self,
-        r: &mut BlockReader,
+        r: &mut Padded,
         file: &NtfsFile<'_>,
         stream: &str,
         node: NodeId,
@@ -140,7 +186,7 @@ impl NtfsFs {
     }
 
     /// The names (namespace other than DOS) in a file's `$FILE_NAME` attributes.
-    fn link_count(&self, r: &mut BlockReader, file: &NtfsFile<'_>) -> Result<u32> {
+    fn link_count(&self, r: &mut Padded, file: &NtfsFile<'_>) -> Result<u32> {
         let mut count = 0;
         let mut attrs = file.attributes();
         while let Some(item) = attrs.next(r) {
