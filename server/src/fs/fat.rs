@@ -331,6 +331,32 @@ impl Fat {
         Ok(out)
     }
 
+    /// Where an entry's bytes are: its cluster chain, cut at its size (files).
+    fn extents_of(&self, e: &RawEntry) -> Result<Vec<FileExtent>> {
+        if e.first_cluster == 0 {
+            return Ok(Vec::new());
+        }
+        let is_dir = e.attr & ATTR_DIRECTORY != 0;
+        let mut left = if is_dir { u64::MAX } else { u64::from(e.size) };
+        let mut out = Vec::new();
+        let mut file_offset = 0;
+        for (c, n) in self.chain(e.first_cluster)? {
+            if left == 0 {
+                break;
+            }
+            let len = (u64::from(n) * self.cluster_size).min(left);
+            out.push(FileExtent {
+                file_offset,
+                disk_offset: self.cluster_offset(c),
+                len,
+                unwritten: false,
+            });
+            file_offset += len;
+            left -= len;
+        }
+        Ok(out)
+    }
+
     fn kind_of(attr: u8) -> FileKind {
         if attr & ATTR_DIRECTORY != 0 {
             FileKind::Dir
@@ -501,18 +527,23 @@ impl Filesystem for Fat {
     }
 
     fn read_at(&self, node: NodeId, offset: u64, buf: &mut [u8]) -> Result<usize> {
-        let meta = self.metadata(node)?;
-        if meta.kind == FileKind::Dir {
+        let entry = if node == ROOT {
+            None
+        } else {
+            Some(self.entry_at(node)?)
+        };
+        let Some(entry) = entry.filter(|e| e.attr & ATTR_DIRECTORY == 0) else {
             return Err(FsError::Unsupported(format!(
                 "FAT entry at {node} is a directory"
             )));
-        }
-        if offset >= meta.size || buf.is_empty() {
+        };
+        let size = u64::from(entry.size);
+        if offset >= size || buf.is_empty() {
             return Ok(0);
         }
-        let want = (buf.len() as u64).min(meta.size - offset) as usize;
+        let want = (buf.len() as u64).min(size - offset) as usize;
         let mut done = 0usize;
-        for e in self.extents(node)? {
+        for e in self.extents_of(&entry)? {
             let pos = offset + done as u64;
             if done == want {
                 break;
@@ -547,29 +578,7 @@ impl Filesystem for Fat {
         if node == ROOT {
             return Ok(Vec::new());
         }
-        let e = self.entry_at(node)?;
-        if e.first_cluster == 0 {
-            return Ok(Vec::new());
-        }
-        let is_dir = e.attr & ATTR_DIRECTORY != 0;
-        let mut left = if is_dir { u64::MAX } else { u64::from(e.size) };
-        let mut out = Vec::new();
-        let mut file_offset = 0;
-        for (c, n) in self.chain(e.first_cluster)? {
-            if left == 0 {
-                break;
-            }
-            let len = (u64::from(n) * self.cluster_size).min(left);
-            out.push(FileExtent {
-                file_offset,
-                disk_offset: self.cluster_offset(c),
-                len,
-                unwritten: false,
-            });
-            file_offset += len;
-            left -= len;
-        }
-        Ok(out)
+        self.extents_of(&self.entry_at(node)?)
     }
 
     fn device(&self) -> Option<Arc<dyn BlockDevice>> {

@@ -197,18 +197,31 @@ pub fn write_fat(
     }
     report.skipped.extend(walk_errors);
 
-    // Finish each entry: attributes and times.
+    // Finish each entry: attributes and times. Our reader finds every entry in one walk.
     let ours = super::fat::Fat::open(Arc::clone(&dev))?;
+    let mut entries = std::collections::HashMap::new();
+    super::tree::walk(
+        &ours,
+        super::Filesystem::root(&ours),
+        &mut |path, e| {
+            entries.insert(path.to_string(), e.node);
+            Ok(())
+        },
+        &mut |_, _| {},
+    )?;
+    let attributes_are_dos = matches!(
+        source.info().kind,
+        FsKind::Fat12 | FsKind::Fat16 | FsKind::Fat32 | FsKind::Ntfs
+    );
     for (path, node) in written {
         let meta = source.metadata(node)?;
-        let entry = ours.lookup(&path)?;
+        let entry = *entries
+            .get(&path)
+            .ok_or_else(|| FsError::NotFound(format!("{path} in the new volume")))?;
         let mut raw = [0u8; 32];
         dev.read_at(&mut raw, entry)?;
         let dir_bit = raw[11] & 0x10;
-        let source_attrs = if matches!(
-            source.info().kind,
-            FsKind::Fat12 | FsKind::Fat16 | FsKind::Fat32 | FsKind::Ntfs
-        ) {
+        let source_attrs = if attributes_are_dos {
             (meta.flags & 0x27) as u8
         } else if meta.kind == FileKind::File {
             // From a Unix tree: archive set (a new file), read-only when no one may write.

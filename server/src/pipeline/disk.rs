@@ -216,13 +216,19 @@ pub fn capture_disk(
         .map_err(|e| CaptureError::Options(format!("writing the partition table: {e}")))?;
 
     // The whole job's expected bytes, so progress can show an overall figure.
-    let grand_total: u64 = plans
-        .iter()
-        .map(|(_, dev, _, m, _)| expected_bytes(dev, *m))
-        .sum();
+    let part_err = |e: PartError, number: u32| match e {
+        PartError::Read(e) => source_err(e),
+        PartError::Write(e) => werr(e),
+        PartError::Fs(e) => CaptureError::Options(format!("partition {number}: {e}")),
+    };
+    let mut copies = Vec::with_capacity(plans.len());
+    for (p, dev, _, m, _) in &plans {
+        copies.push(copy_plan(dev, *m).map_err(|e| part_err(e, p.number))?);
+    }
+    let grand_total: u64 = copies.iter().map(|c| c.1).sum();
     let progress = &Overall::new(progress, grand_total);
     let mut reports = Vec::new();
-    for (p, sdev, kind, m, note) in plans {
+    for ((p, sdev, kind, m, note), (ranges, _)) in plans.into_iter().zip(copies) {
         let target = table
             .partitions
             .iter()
@@ -231,11 +237,8 @@ pub fn capture_disk(
             .unwrap_or(p.clone());
         let ddev: Arc<dyn BlockDevice> =
             Arc::new(SliceDevice::new(Arc::clone(&dst), target.start, target.size).map_err(&werr)?);
-        let read = capture_partition(&p, &sdev, &ddev, kind, m, progress).map_err(|e| match e {
-            PartError::Read(e) => source_err(e),
-            PartError::Write(e) => werr(e),
-            PartError::Fs(e) => CaptureError::Options(format!("partition {}: {e}", p.number)),
-        })?;
+        let read = capture_partition(&p, &sdev, &ddev, kind, ranges, progress)
+            .map_err(|e| part_err(e, p.number))?;
         reports.push(PartitionReport {
             number: p.number,
             filesystem: kind.name(),
@@ -257,18 +260,32 @@ pub fn capture_disk(
     })
 }
 
-/// Roughly the bytes a partition's copy reads: the filesystem's used bytes (files), its
-/// allocated blocks (blocks), or the ranges holding data (sectors). 0 when unknown.
-fn expected_bytes(dev: &Arc<dyn BlockDevice>, m: Mode) -> u64 {
-    match m {
-        Mode::Files => fs::open(Arc::clone(dev)).map_or(0, |f| f.info().used_bytes),
-        Mode::Blocks => fs::open(Arc::clone(dev))
-            .and_then(|f| f.allocation_map())
-            .map_or(0, |map| map.used_blocks() * u64::from(map.block_size)),
-        Mode::Sectors | Mode::Auto => {
-            data_ranges(&**dev).map_or(0, |r| r.iter().map(|r| r.end - r.start).sum())
+/// Ranges to copy (`None`: file by file) and the bytes expected to be read.
+type CopyPlan = (Option<Vec<Range<u64>>>, u64);
+
+/// What a partition's copy will read: for blocks and sectors the byte ranges (the allocated
+/// blocks, or the ranges holding data), for files the filesystem's used bytes as an estimate.
+/// Worked out once, before the copy, so the job knows its overall size.
+fn copy_plan(dev: &Arc<dyn BlockDevice>, m: Mode) -> Result<CopyPlan, PartError> {
+    let ranges = match m {
+        Mode::Files => {
+            let used = fs::open(Arc::clone(dev)).map_or(0, |f| f.info().used_bytes);
+            return Ok((None, used));
         }
-    }
+        Mode::Blocks => {
+            let fs = fs::open(Arc::clone(dev)).map_err(PartError::Fs)?;
+            let map = fs.allocation_map().map_err(PartError::Fs)?;
+            let bs = u64::from(map.block_size);
+            map.runs
+                .iter()
+                .map(|&(b, n)| b * bs..((b + n) * bs).min(dev.size()))
+                .filter(|r| r.start < r.end)
+                .collect()
+        }
+        Mode::Sectors | Mode::Auto => data_ranges(&**dev).map_err(PartError::Read)?,
+    };
+    let total = ranges.iter().map(|r: &Range<u64>| r.end - r.start).sum();
+    Ok((Some(ranges), total))
 }
 
 /// Forwards to a [`Progress`] and adds the job's overall bytes done and total.
@@ -327,18 +344,19 @@ impl From<CopyError> for PartError {
     }
 }
 
-/// Copies one partition in mode `m`; returns the bytes read from the source.
+/// Copies one partition — file by file when it has no `ranges`, else those ranges — and
+/// returns the bytes read from the source.
 fn capture_partition(
     p: &Partition,
     src: &Arc<dyn BlockDevice>,
     dst: &Arc<dyn BlockDevice>,
     kind: FsKind,
-    m: Mode,
+    ranges: Option<Vec<Range<u64>>>,
     progress: &dyn Progress,
 ) -> Result<u64, PartError> {
     let phase = format!("part {}", p.number);
-    match m {
-        Mode::Files => {
+    match ranges {
+        None => {
             let counting = Arc::new(CountingDevice::new(Arc::clone(src)));
             let source: Arc<dyn BlockDevice> = counting.clone();
             // The bytes read from the source drive the progress; the filesystem's used bytes
@@ -393,24 +411,8 @@ fn capture_partition(
             progress.finish();
             result.map(|()| counting.read())
         }
-        Mode::Blocks => {
-            let fs = fs::open(Arc::clone(src)).map_err(PartError::Fs)?;
-            let map = fs.allocation_map().map_err(PartError::Fs)?;
-            let bs = u64::from(map.block_size);
-            let ranges: Vec<Range<u64>> = map
-                .runs
-                .iter()
-                .map(|&(b, n)| b * bs..((b + n) * bs).min(src.size()))
-                .filter(|r| r.start < r.end)
-                .collect();
-            let total: u64 = ranges.iter().map(|r| r.end - r.start).sum();
-            progress.start(&phase, total);
-            copy_ranges(&**src, dst, &ranges, progress)?;
-            progress.finish();
-            Ok(total)
-        }
-        Mode::Sectors | Mode::Auto => {
-            let ranges = data_ranges(&**src).map_err(PartError::Read)?;
+        // Blocks and sectors: the ranges were worked out in the plan.
+        Some(ranges) => {
             let total: u64 = ranges.iter().map(|r| r.end - r.start).sum();
             progress.start(&phase, total);
             copy_ranges(&**src, dst, &ranges, progress)?;

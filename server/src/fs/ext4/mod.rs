@@ -348,6 +348,25 @@ impl Ext4 {
             .ok_or_else(|| self.corrupt(node, format!("unknown file type in mode {:o}", ino.mode)))
     }
 
+    /// A file's extents in bytes, from its already-read inode.
+    fn extents_of(&self, node: NodeId, ino: &Inode) -> Result<Vec<FileExtent>> {
+        if self.kind_of(node, ino)? == FileKind::Symlink && self.is_fast_symlink(ino) {
+            return Ok(Vec::new());
+        }
+        let bs = self.block_size;
+        Ok(self
+            .raw_extents(node, ino)?
+            .into_iter()
+            .filter(|e| e.logical * bs < ino.size)
+            .map(|e| FileExtent {
+                file_offset: e.logical * bs,
+                disk_offset: e.physical * bs,
+                len: (e.len * bs).min(ino.size - e.logical * bs),
+                unwritten: e.unwritten,
+            })
+            .collect())
+    }
+
     /// Whether a symlink keeps its target in `i_block` (a "fast" symlink).
     fn is_fast_symlink(&self, ino: &Inode) -> bool {
         let xattr_blocks = if ino.file_acl != 0 {
@@ -505,7 +524,7 @@ impl Filesystem for Ext4 {
         let want = (buf.len() as u64).min(ino.size - offset) as usize;
         let buf = &mut buf[..want];
         buf.fill(0);
-        for e in self.extents(node)? {
+        for e in self.extents_of(node, &ino)? {
             let (start, end) = (
                 e.file_offset.max(offset),
                 (e.file_offset + e.len).min(offset + want as u64),
@@ -557,21 +576,7 @@ impl Filesystem for Ext4 {
 
     fn extents(&self, node: NodeId) -> Result<Vec<FileExtent>> {
         let ino = self.inode(node)?;
-        if self.kind_of(node, &ino)? == FileKind::Symlink && self.is_fast_symlink(&ino) {
-            return Ok(Vec::new());
-        }
-        let bs = self.block_size;
-        Ok(self
-            .raw_extents(node, &ino)?
-            .into_iter()
-            .filter(|e| e.logical * bs < ino.size)
-            .map(|e| FileExtent {
-                file_offset: e.logical * bs,
-                disk_offset: e.physical * bs,
-                len: (e.len * bs).min(ino.size - e.logical * bs),
-                unwritten: e.unwritten,
-            })
-            .collect())
+        self.extents_of(node, &ino)
     }
 
     fn device(&self) -> Option<Arc<dyn BlockDevice>> {
