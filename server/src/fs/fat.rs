@@ -421,22 +421,17 @@ fn dos_time(date: u16, time: u16, centis: u8) -> Option<Timestamp> {
     if !(1..=12).contains(&month) || day == 0 {
         return None;
     }
-    // Days from the civil date (Howard Hinnant's algorithm).
-    let y = if month <= 2 { year - 1 } else { year };
-    let era = y.div_euclid(400);
-    let yoe = y - era * 400;
-    let mp = (month + 9) % 12;
-    let doy = (153 * mp + 2) / 5 + day - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    let days = era * 146_097 + doe - 719_468;
     let secs = i64::from(time >> 11) * 3600
         + i64::from((time >> 5) & 0x3F) * 60
         + i64::from(time & 0x1F) * 2
         + i64::from(centis / 100);
-    Some(Timestamp {
-        secs: days * 86_400 + secs,
-        nanos: u32::from(centis % 100) * 10_000_000,
-    })
+    Some(Timestamp::from_civil(
+        year,
+        month,
+        day,
+        secs,
+        u32::from(centis % 100) * 10_000_000,
+    ))
 }
 
 impl Filesystem for Fat {

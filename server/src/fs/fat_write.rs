@@ -48,17 +48,7 @@ fn fat_err(what: &str, e: impl std::fmt::Display) -> FsError {
 /// A timestamp as DOS date and time (2-second resolution) and the creation time's extra
 /// hundredths; `None` outside 1980..=2107.
 fn dos_time(t: Timestamp) -> Option<(u16, u16, u8)> {
-    let days = t.secs.div_euclid(86_400);
-    let secs = t.secs.rem_euclid(86_400);
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
+    let (year, month, day, secs) = t.to_civil();
     if !(1980..=2107).contains(&year) {
         return None;
     }

@@ -83,6 +83,39 @@ pub struct Timestamp {
     pub nanos: u32,
 }
 
+impl Timestamp {
+    /// The UTC calendar date and the seconds into that day: (year, month, day, seconds).
+    pub fn to_civil(self) -> (i64, i64, i64, i64) {
+        // Howard Hinnant's days-to-civil algorithm.
+        let days = self.secs.div_euclid(86_400);
+        let z = days + 719_468;
+        let era = z.div_euclid(146_097);
+        let doe = z.rem_euclid(146_097);
+        let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+        let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+        let mp = (5 * doy + 2) / 153;
+        let day = doy - (153 * mp + 2) / 5 + 1;
+        let month = if mp < 10 { mp + 3 } else { mp - 9 };
+        let year = yoe + era * 400 + i64::from(month <= 2);
+        (year, month, day, self.secs.rem_euclid(86_400))
+    }
+
+    /// The instant of a UTC calendar date (month 1–12) plus `secs` into the day.
+    pub fn from_civil(year: i64, month: i64, day: i64, secs: i64, nanos: u32) -> Timestamp {
+        let y = if month <= 2 { year - 1 } else { year };
+        let era = y.div_euclid(400);
+        let yoe = y - era * 400;
+        let mp = (month + 9) % 12;
+        let doy = (153 * mp + 2) / 5 + day - 1;
+        let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+        let days = era * 146_097 + doe - 719_468;
+        Timestamp {
+            secs: days * 86_400 + secs,
+            nanos,
+        }
+    }
+}
+
 /// One directory entry.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DirEntry {

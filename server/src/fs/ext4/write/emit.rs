@@ -5,11 +5,11 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use super::super::super::{FileKind, Filesystem, FsError, Metadata, Result, Timestamp};
+use super::super::super::{FileKind, Filesystem, FsError, Result, Timestamp};
 use super::layout::{self, Allocator, Geometry};
 use super::{
-    csum, extent_tree, mode_bits, now, put16, put32, xattr, Ext4Options, Ext4Report, Item,
-    COPIED_FLAGS, EXTENTS_FL, FIRST_INO, INDEX_FL, JOURNAL_INO, LOST_FOUND_INO,
+    csum, extent_tree, mode_bits, now, own_metadata, put16, put32, xattr, Ext4Options, Ext4Report,
+    Item, COPIED_FLAGS, EXTENTS_FL, FIRST_INO, INDEX_FL, JOURNAL_INO, LOST_FOUND_INO,
 };
 use crate::blockdev::BlockDevice;
 
@@ -242,23 +242,7 @@ pub(super) fn write_all(
         }
         journal_ib = ib;
         let jblocks: u64 = journal_extents.iter().map(|e| e.2).sum();
-        let t = now();
-        let meta = Metadata {
-            node: 0,
-            kind: FileKind::File,
-            size: jblocks * bs,
-            mode: 0o600,
-            uid: 0,
-            gid: 0,
-            links: 1,
-            atime: Some(t),
-            mtime: Some(t),
-            ctime: Some(t),
-            crtime: Some(t),
-            device: None,
-            flags: 0,
-            allocated: 0,
-        };
+        let meta = own_metadata(FileKind::File, 0o600, jblocks * bs, 1);
         let mut j = Item::new(0, meta, 0);
         j.size = jblocks * bs;
         let mut raw = inode_bytes(geo, &j, &ib, jblocks * bs / 512, EXTENTS_FL);

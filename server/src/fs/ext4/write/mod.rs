@@ -185,6 +185,28 @@ fn mode_bits(kind: FileKind) -> u16 {
     }
 }
 
+/// Metadata for an inode the writer makes itself (lost+found, the journal): root's, created
+/// now.
+fn own_metadata(kind: FileKind, mode: u32, size: u64, links: u32) -> Metadata {
+    let t = Some(now());
+    Metadata {
+        node: 0,
+        kind,
+        size,
+        mode,
+        uid: 0,
+        gid: 0,
+        links,
+        atime: t,
+        mtime: t,
+        ctime: t,
+        crtime: t,
+        device: None,
+        flags: 0,
+        allocated: 0,
+    }
+}
+
 fn now() -> Timestamp {
     let d = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)

@@ -4,9 +4,9 @@
 
 use std::collections::HashMap;
 
-use super::super::super::{FileKind, Filesystem, Metadata, NodeId, Result};
+use super::super::super::{FileKind, Filesystem, NodeId, Result};
 use super::xattr::{self, Attr};
-use super::{now, Ext4Report, Item, Plan, FIRST_INO, LOST_FOUND_INO, ROOT_INO};
+use super::{own_metadata, Ext4Report, Item, Plan, FIRST_INO, LOST_FOUND_INO, ROOT_INO};
 
 pub(super) fn plan(
     source: &dyn Filesystem,
@@ -97,23 +97,7 @@ pub(super) fn plan(
     )?;
     report.skipped.extend(walk_errors);
     if let std::collections::hash_map::Entry::Vacant(slot) = items.entry(LOST_FOUND_INO) {
-        let t = now();
-        let meta = Metadata {
-            node: 0,
-            kind: FileKind::Dir,
-            size: 0,
-            mode: 0o700,
-            uid: 0,
-            gid: 0,
-            links: 2,
-            atime: Some(t),
-            mtime: Some(t),
-            ctime: Some(t),
-            crtime: Some(t),
-            device: None,
-            flags: 0,
-            allocated: 0,
-        };
+        let meta = own_metadata(FileKind::Dir, 0o700, 0, 2);
         slot.insert(Item::new(0, meta, ROOT_INO));
         if let Some(root) = items.get_mut(&ROOT_INO) {
             root.entries
