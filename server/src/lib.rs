@@ -4,6 +4,7 @@
 pub mod blockdev;
 pub mod fs;
 pub mod inspect;
+pub mod le;
 pub mod partition;
 pub mod pipeline;
 pub mod progress;

@@ -2,6 +2,7 @@
 //! label and UUID where the signature block carries them.
 
 use crate::blockdev::{BlockDevice, Result};
+use crate::le::{le16, le32};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum FsKind {
@@ -54,13 +55,6 @@ impl FsKind {
                 | FsKind::Ntfs
         )
     }
-}
-
-fn le16(b: &[u8], at: usize) -> u16 {
-    u16::from_le_bytes([b[at], b[at + 1]])
-}
-fn le32(b: &[u8], at: usize) -> u32 {
-    u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
 }
 
 /// Names what `dev` holds by the signatures in its first 68 KiB.

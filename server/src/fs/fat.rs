@@ -17,6 +17,7 @@ use super::{
     Result, Timestamp, VolumeInfo,
 };
 use crate::blockdev::BlockDevice;
+use crate::le::{le16, le32};
 
 const ROOT: NodeId = 0;
 /// Most clusters accepted (FAT32 allows 2^28).
@@ -28,13 +29,6 @@ const ATTR_READ_ONLY: u8 = 0x01;
 const ATTR_VOLUME_ID: u8 = 0x08;
 const ATTR_DIRECTORY: u8 = 0x10;
 const ATTR_LFN: u8 = 0x0F;
-
-fn le16(b: &[u8], at: usize) -> u16 {
-    u16::from_le_bytes([b[at], b[at + 1]])
-}
-fn le32(b: &[u8], at: usize) -> u32 {
-    u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
-}
 
 /// A FAT volume opened for reading.
 pub struct Fat {

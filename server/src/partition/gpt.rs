@@ -3,6 +3,7 @@
 
 use super::{Partition, PartitionTable, PartitionType, Result, Scheme};
 use crate::blockdev::BlockDevice;
+use crate::le::{le32, le64};
 
 /// Largest partition entry array accepted (the usual one is 128 × 128 bytes = 16 KiB).
 const MAX_ENTRY_ARRAY: u64 = 4 << 20;
@@ -50,13 +51,6 @@ impl std::fmt::Debug for Guid {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "{self}")
     }
-}
-
-fn le32(b: &[u8], at: usize) -> u32 {
-    u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
-}
-fn le64(b: &[u8], at: usize) -> u64 {
-    u64::from(le32(b, at)) | (u64::from(le32(b, at + 4)) << 32)
 }
 
 fn crc32_with_zero_field(data: &[u8], at: usize) -> u32 {

@@ -6,6 +6,7 @@ use std::collections::HashSet;
 
 use super::{Partition, PartitionError, PartitionTable, PartitionType, Result, Scheme};
 use crate::blockdev::BlockDevice;
+use crate::le::le32;
 
 /// Most logical partitions followed in an EBR chain.
 pub const MAX_LOGICAL: usize = 128;
@@ -27,10 +28,6 @@ pub struct Mbr {
     /// The sector is a filesystem's boot sector (FAT, NTFS, exFAT) rather than a partition
     /// table: a disk formatted without partitions.
     pub looks_like_boot_sector: bool,
-}
-
-fn le32(b: &[u8], at: usize) -> u32 {
-    u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
 }
 
 fn entry(b: &[u8], i: usize) -> Entry {

@@ -11,13 +11,7 @@
 
 use super::{Partition, PartitionError, PartitionTable, PartitionType, Result, Scheme};
 use crate::blockdev::BlockDevice;
-
-fn put32(b: &mut [u8], at: usize, v: u32) {
-    b[at..at + 4].copy_from_slice(&v.to_le_bytes());
-}
-fn put64(b: &mut [u8], at: usize, v: u64) {
-    b[at..at + 8].copy_from_slice(&v.to_le_bytes());
-}
+use crate::le::{put32, put64};
 
 fn invalid(why: String) -> PartitionError {
     PartitionError::Damaged(why)

@@ -2,17 +2,11 @@
 //! trees or the classic block map), and extended attributes stored in the inode.
 
 use super::super::{FileKind, Timestamp};
+pub(super) use crate::le::{le16, le32};
 
 pub const EXTENTS_FL: u32 = 0x0008_0000;
 pub const INLINE_DATA_FL: u32 = 0x1000_0000;
 pub const HUGE_FILE_FL: u32 = 0x0004_0000;
-
-pub(super) fn le16(b: &[u8], at: usize) -> u16 {
-    u16::from_le_bytes([b[at], b[at + 1]])
-}
-pub(super) fn le32(b: &[u8], at: usize) -> u32 {
-    u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
-}
 
 /// An inode's raw bytes (the on-disk inode size) and what we read from them.
 pub struct Inode {

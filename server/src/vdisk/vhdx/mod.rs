@@ -20,6 +20,7 @@ mod log;
 
 use super::{read_mapped, status_mapped, ImageError, Mapping};
 use crate::blockdev::{check_range, BlockDevice, BlockError, Extent, Region, Result};
+use crate::le::{le16, le32, le64};
 
 pub const MAGIC: &[u8; 8] = b"vhdxfile";
 const KIB: u64 = 1024;
@@ -96,16 +97,6 @@ const BLOCK_ZERO: u64 = 2;
 const BLOCK_UNMAPPED: u64 = 3;
 const BLOCK_FULLY_PRESENT: u64 = 6;
 const BLOCK_PARTIALLY_PRESENT: u64 = 7;
-
-fn le16(b: &[u8], at: usize) -> u16 {
-    u16::from_le_bytes([b[at], b[at + 1]])
-}
-fn le32(b: &[u8], at: usize) -> u32 {
-    u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
-}
-fn le64(b: &[u8], at: usize) -> u64 {
-    u64::from(le32(b, at)) | (u64::from(le32(b, at + 4)) << 32)
-}
 
 /// CRC32C of `data` with the 4-byte checksum field at `at` taken as zero.
 fn checksum(data: &[u8], at: usize) -> u32 {

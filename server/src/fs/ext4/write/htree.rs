@@ -4,6 +4,7 @@
 //! block carries a dx tail checksum and every leaf the usual directory tail (metadata_csum).
 
 use super::csum;
+use crate::le::{put16, put32};
 
 /// `(hash, minor hash)` of `name` under `seed` (the superblock's s_hash_seed words; all zero
 /// means the default seed).
@@ -94,13 +95,6 @@ fn transform(buf: &mut [u32; 4], x: &[u32; 8]) {
     buf[1] = buf[1].wrapping_add(b);
     buf[2] = buf[2].wrapping_add(c);
     buf[3] = buf[3].wrapping_add(d);
-}
-
-fn put16(b: &mut [u8], at: usize, v: u16) {
-    b[at..at + 2].copy_from_slice(&v.to_le_bytes());
-}
-fn put32(b: &mut [u8], at: usize, v: u32) {
-    b[at..at + 4].copy_from_slice(&v.to_le_bytes());
 }
 
 /// Sets the dx tail checksum of an index block whose count/limit header is at `count_at`.

@@ -28,6 +28,7 @@ use std::sync::Arc;
 
 use super::super::{FileKind, Filesystem, FsError, Metadata, NodeId, Result, Timestamp};
 use crate::blockdev::BlockDevice;
+use crate::le::{put16, put32};
 use layout::{Allocator, Geometry};
 use xattr::Attr;
 
@@ -215,13 +216,6 @@ fn now() -> Timestamp {
         secs: d.as_secs() as i64,
         nanos: d.subsec_nanos(),
     }
-}
-
-fn put16(b: &mut [u8], at: usize, v: u16) {
-    b[at..at + 2].copy_from_slice(&v.to_le_bytes());
-}
-fn put32(b: &mut [u8], at: usize, v: u32) {
-    b[at..at + 4].copy_from_slice(&v.to_le_bytes());
 }
 
 /// The tree to write, with inode numbers.
