@@ -7,22 +7,9 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use crate::run_ok;
+use crate::{run_ok, sh};
 
 const MIB: u64 = 1 << 20;
-
-fn sh(script: &str) {
-    let out = Command::new("sh")
-        .args(["-ec", script])
-        .output()
-        .expect("run sh");
-    assert!(
-        out.status.success(),
-        "{script}\n{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
 
 fn p(path: &Path) -> &str {
     path.to_str().unwrap()
@@ -356,4 +343,14 @@ impl SampleDisk {
             gpt_offsets,
         }
     }
+}
+
+/// The last sector of GPT partition `n` of `disk`, as sgdisk reports it.
+pub fn sgdisk_last_sector(disk: &Path, n: u32) -> u64 {
+    let info = run_ok("sgdisk", &["-i", &n.to_string(), disk.to_str().unwrap()]);
+    info.lines()
+        .find_map(|l| l.strip_prefix("Last sector: "))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no last sector in:\n{info}"))
 }

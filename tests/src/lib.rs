@@ -337,3 +337,45 @@ pub fn qemu_img_convert(src: &Path, dst: &Path, format: &str, extra: &[&str]) {
     ]);
     run_ok("qemu-img", &args);
 }
+
+/// Runs a shell script (`sh -e`) that must succeed; its output is shown if it does not.
+pub fn sh(script: &str) {
+    let out = Command::new("sh")
+        .args(["-ec", script])
+        .output()
+        .expect("run sh");
+    assert!(
+        out.status.success(),
+        "{script}\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A copy of `original` with 1 to `max_flips` random bytes (seeded) changed within its first
+/// `region` bytes — where filesystems keep their metadata.
+pub fn flip_bytes(original: &[u8], seed: u64, max_flips: usize, region: usize) -> Vec<u8> {
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let mut bytes = original.to_vec();
+    let region = region.min(bytes.len());
+    for _ in 0..rng.gen_range(1..max_flips) {
+        let at = rng.gen_range(0..region);
+        bytes[at] = rng.gen();
+    }
+    bytes
+}
+
+/// Runs `work` on its own thread: it must finish within a minute and must not panic.
+pub fn assert_finishes_without_panic(what: &str, work: impl FnOnce() + Send + 'static) {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let worker = std::thread::spawn(move || {
+        work();
+        let _ = tx.send(());
+    });
+    assert!(
+        rx.recv_timeout(Duration::from_secs(60)).is_ok() || worker.is_finished(),
+        "{what} did not finish within a minute"
+    );
+    assert!(worker.join().is_ok(), "{what} panicked");
+}

@@ -7,7 +7,7 @@
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::Path;
 
-use diskferry_e2e::fixtures::{mbr_disk, place, SampleDisk};
+use diskferry_e2e::fixtures::{mbr_disk, place, sgdisk_last_sector, SampleDisk};
 use diskferry_e2e::{diskferry, make_key, run_ok, Client};
 
 const MIB: u64 = 1 << 20;
@@ -37,16 +37,6 @@ fn extract(raw: &Path, offset: u64, len: u64, to: &Path) -> std::path::PathBuf {
         at += n as u64;
     }
     to.to_path_buf()
-}
-
-fn clean(cmd: &str, args: &[&str]) {
-    let out = std::process::Command::new(cmd).args(args).output().unwrap();
-    assert!(
-        out.status.success(),
-        "{cmd} {args:?}:\n{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
 }
 
 #[test]
@@ -120,9 +110,9 @@ fn every_mode_into_vhdx_and_qcow2_over_the_wire_passes_the_filesystem_checkers()
             assert!(verify.contains("No problems found"), "{verify}");
             let tmp = disk.dir.join("part");
             let fat = extract(&raw, parts[0].0, parts[0].1, &tmp.with_extension("fat"));
-            clean("fsck.fat", &["-n", fat.to_str().unwrap()]);
+            run_ok("fsck.fat", &["-n", fat.to_str().unwrap()]);
             let ext = extract(&raw, parts[1].0, parts[1].1, &tmp.with_extension("ext4"));
-            clean("e2fsck", &["-fn", ext.to_str().unwrap()]);
+            run_ok("e2fsck", &["-fn", ext.to_str().unwrap()]);
             let ntfs = extract(&raw, parts[2].0, parts[2].1, &tmp.with_extension("ntfs"));
             let listing = |img: &Path| run_ok("ntfsls", &["-R", "-l", img.to_str().unwrap()]);
             assert_eq!(
@@ -216,9 +206,9 @@ fn an_mbr_disk_captures_and_shrinks_in_files_mode() {
     let dump = run_ok("sfdisk", &["-d", raw.to_str().unwrap()]);
     assert!(dump.contains("label-id: 0x12345678"), "{dump}");
     let e = extract(&raw, offsets[0], 48 * MIB, &disk.dir.join("p1.ext4"));
-    clean("e2fsck", &["-fn", e.to_str().unwrap()]);
+    run_ok("e2fsck", &["-fn", e.to_str().unwrap()]);
     let f = extract(&raw, offsets[1], 16 * MIB, &disk.dir.join("p2.fat"));
-    clean("fsck.fat", &["-n", f.to_str().unwrap()]);
+    run_ok("fsck.fat", &["-n", f.to_str().unwrap()]);
 }
 
 /// The client is killed in the middle of a capture and started again on the same port: the
@@ -365,16 +355,9 @@ fn an_8_gib_disk_with_1_gib_used_shrinks_into_2_gib() {
     assert_eq!(std::fs::metadata(&raw).unwrap().len(), 2 << 30);
     let verify = run_ok("sgdisk", &["-v", raw.to_str().unwrap()]);
     assert!(verify.contains("No problems found"), "{verify}");
-    let info = run_ok("sgdisk", &["-i", "1", raw.to_str().unwrap()]);
-    let last: u64 = info
-        .lines()
-        .find_map(|l| l.strip_prefix("Last sector: "))
-        .and_then(|v| v.split_whitespace().next())
-        .unwrap()
-        .parse()
-        .unwrap();
+    let last = sgdisk_last_sector(&raw, 1);
     let len = (last + 1 - 2048) * 512;
     let part = extract(&raw, MIB, len, &dir.path().join("p1.ext4"));
     std::fs::remove_file(&raw).unwrap();
-    clean("e2fsck", &["-fn", part.to_str().unwrap()]);
+    run_ok("e2fsck", &["-fn", part.to_str().unwrap()]);
 }

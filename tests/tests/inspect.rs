@@ -5,13 +5,14 @@
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::Path;
 use std::sync::{Arc, OnceLock};
-use std::time::Duration;
 
 use diskferry::blockdev::{BlockDevice, FileDevice, SliceDevice};
 use diskferry::fs::{self, FileKind, Filesystem};
 use diskferry_e2e::fixtures::{mbr_disk, place, SampleDisk};
 use diskferry_e2e::trees::assert_fs_matches_host;
-use diskferry_e2e::{diskferry, make_key, run_ok, Client};
+use diskferry_e2e::{
+    assert_finishes_without_panic, diskferry, flip_bytes, make_key, run_ok, Client,
+};
 
 const MIB: u64 = 1 << 20;
 
@@ -546,19 +547,13 @@ fn ls_cat_and_get_work_on_a_partition_through_the_cli() {
 /// Flips random bytes in the first MiB of `image` (where the metadata lives) and walks the
 /// result on a thread: it must finish in bounded time and never panic.
 fn fuzz_walk(image: &Path, rounds: u64) {
-    use rand::{Rng, SeedableRng};
     let original = std::fs::read(image).unwrap();
     for seed in 0..rounds {
-        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-        let mut bytes = original.clone();
-        for _ in 0..rng.gen_range(1..40) {
-            let at = rng.gen_range(0..MIB as usize);
-            bytes[at] = rng.gen();
-        }
+        let bytes = flip_bytes(&original, seed, 40, MIB as usize);
         let dev: Arc<dyn BlockDevice> =
             Arc::new(diskferry::blockdev::MemoryDevice::read_only(bytes));
-        let (tx, rx) = std::sync::mpsc::channel();
-        let handle = std::thread::spawn(move || {
+        let what = format!("walking {} with seed {seed}", image.display());
+        assert_finishes_without_panic(&what, move || {
             if let Ok(fs) = fs::open(dev) {
                 let _ = fs.allocation_map();
                 let _ = fs::tree::walk(
@@ -577,18 +572,7 @@ fn fuzz_walk(image: &Path, rounds: u64) {
                     &mut |_, _| {},
                 );
             }
-            let _ = tx.send(());
         });
-        assert!(
-            rx.recv_timeout(Duration::from_secs(60)).is_ok() || handle.is_finished(),
-            "{}: seed {seed} did not finish within a minute",
-            image.display()
-        );
-        assert!(
-            handle.join().is_ok(),
-            "{}: seed {seed} panicked",
-            image.display()
-        );
     }
 }
 

@@ -6,7 +6,7 @@ use std::path::Path;
 
 use diskferry::blockdev::{BlockDevice, FileDevice};
 use diskferry::partition::{read_table, write_table};
-use diskferry_e2e::fixtures::{gpt_disk, mbr_disk};
+use diskferry_e2e::fixtures::{gpt_disk, mbr_disk, sgdisk_last_sector};
 use diskferry_e2e::run_ok;
 
 const MIB: u64 = 1 << 20;
@@ -82,15 +82,12 @@ fn gpt_tables_are_rewritten_equivalently_and_the_last_partition_can_grow() {
     drop(dev);
     let verify = run_ok("sgdisk", &["-v", big.to_str().unwrap()]);
     assert!(verify.contains("No problems found"), "{verify}");
-    let info = run_ok("sgdisk", &["-i", "3", big.to_str().unwrap()]);
-    let last: u64 = info
-        .lines()
-        .find_map(|l| l.strip_prefix("Last sector: "))
-        .and_then(|v| v.split_whitespace().next())
-        .unwrap()
-        .parse()
-        .unwrap();
-    assert_eq!(last, 300 * MIB / 512 - 34, "{info}");
+    let last = sgdisk_last_sector(&big, 3);
+    assert_eq!(
+        last,
+        300 * MIB / 512 - 34,
+        "the last partition ends where the usable area does"
+    );
     // Too small a disk is refused with the reason.
     let small = dir.path().join("small.img");
     let dev = blank(&small, 50 * MIB);
