@@ -338,6 +338,21 @@ pub fn qemu_img_convert(src: &Path, dst: &Path, format: &str, extra: &[&str]) {
     run_ok("qemu-img", &args);
 }
 
+/// `qemu-img convert -O raw image raw` (the image's format detected by qemu-img), which must
+/// succeed: the independent reader's view of an image as a plain disk.
+pub fn qemu_img_to_raw(image: &Path, raw: &Path) {
+    run_ok(
+        "qemu-img",
+        &[
+            "convert",
+            "-O",
+            "raw",
+            image.to_str().unwrap(),
+            raw.to_str().unwrap(),
+        ],
+    );
+}
+
 /// Runs a shell script (`sh -e`) that must succeed; its output is shown if it does not.
 pub fn sh(script: &str) {
     let out = Command::new("sh")

@@ -8,7 +8,7 @@ use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::Path;
 
 use diskferry_e2e::fixtures::{mbr_disk, place, sgdisk_last_sector, SampleDisk};
-use diskferry_e2e::{diskferry, make_key, run_ok, Client};
+use diskferry_e2e::{diskferry, make_key, qemu_img_to_raw, run_ok, Client};
 
 const MIB: u64 = 1 << 20;
 
@@ -93,18 +93,7 @@ fn every_mode_into_vhdx_and_qcow2_over_the_wire_passes_the_filesystem_checkers()
                 );
             }
             let raw = disk.dir.join(format!("{mode}-{format}.raw"));
-            run_ok(
-                "qemu-img",
-                &[
-                    "convert",
-                    "-f",
-                    format,
-                    "-O",
-                    "raw",
-                    out.to_str().unwrap(),
-                    raw.to_str().unwrap(),
-                ],
-            );
+            qemu_img_to_raw(&out, &raw);
             assert_eq!(std::fs::metadata(&raw).unwrap().len(), size);
             let verify = run_ok("sgdisk", &["-v", raw.to_str().unwrap()]);
             assert!(verify.contains("No problems found"), "{verify}");
@@ -192,16 +181,7 @@ fn an_mbr_disk_captures_and_shrinks_in_files_mode() {
         "{err}"
     );
     let raw = disk.dir.join("mbr-small.raw");
-    run_ok(
-        "qemu-img",
-        &[
-            "convert",
-            "-O",
-            "raw",
-            out.to_str().unwrap(),
-            raw.to_str().unwrap(),
-        ],
-    );
+    qemu_img_to_raw(&out, &raw);
     assert_eq!(std::fs::metadata(&raw).unwrap().len(), 200 * MIB);
     let dump = run_ok("sfdisk", &["-d", raw.to_str().unwrap()]);
     assert!(dump.contains("label-id: 0x12345678"), "{dump}");
@@ -342,16 +322,7 @@ fn an_8_gib_disk_with_1_gib_used_shrinks_into_2_gib() {
     let check = run_ok("qemu-img", &["check", "-f", "qcow2", out.to_str().unwrap()]);
     assert!(check.contains("No errors were found"), "{check}");
     let raw = dir.path().join("small.raw");
-    run_ok(
-        "qemu-img",
-        &[
-            "convert",
-            "-O",
-            "raw",
-            out.to_str().unwrap(),
-            raw.to_str().unwrap(),
-        ],
-    );
+    qemu_img_to_raw(&out, &raw);
     assert_eq!(std::fs::metadata(&raw).unwrap().len(), 2 << 30);
     let verify = run_ok("sgdisk", &["-v", raw.to_str().unwrap()]);
     assert!(verify.contains("No problems found"), "{verify}");

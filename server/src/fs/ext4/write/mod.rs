@@ -36,7 +36,7 @@ const ROOT_INO: u32 = 2;
 const JOURNAL_INO: u32 = 8;
 const LOST_FOUND_INO: u32 = 11;
 const FIRST_INO: u32 = 11;
-const EXTENTS_FL: u32 = 0x0008_0000;
+use super::inode::EXTENTS_FL;
 const INDEX_FL: u32 = 0x0000_1000;
 /// The longest initialized extent.
 const MAX_EXTENT: u64 = 32768;
