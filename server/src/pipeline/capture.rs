@@ -1,5 +1,6 @@
-//! Capture: copy a source disk into an image. This first mode is `sectors`: every sector that
-//! is not zero, at its own offset, into a raw or qcow2 image.
+//! Whole-disk sector capture (`--mode sectors`, and sources without a partition table): every
+//! sector that is not zero, at its own offset, into a raw, qcow2 or VHDX image; and
+//! [`copy_ranges`], the pipelined sparse copy every capture mode uses.
 //!
 //! The source is mapped first (block status: ranges known to be zero never cross the wire),
 //! then the remaining ranges are read in disk order with many requests in flight; blocks that

@@ -1,5 +1,6 @@
-//! Jobs that move data between block devices: capture (source → image) today; deploy and
-//! verify join later. Jobs are synchronous and run on blocking threads, reporting through
+//! Jobs that move data between block devices: capture (source → image: whole-disk sectors in
+//! [`capture`], partition by partition in [`disk`]) and [`verify`]; deploy joins later. Jobs
+//! are synchronous and run on blocking threads, reporting through
 //! [`crate::progress::Progress`].
 
 pub mod capture;
