@@ -13,7 +13,7 @@ rounds=${1:-5}
 work=$(mktemp -d /var/tmp/diskferry-browse.XXXXXX)
 mnt="$work/mnt"
 trap 'umount "$mnt" 2>/dev/null || true; rm -rf "$work"' EXIT
-cargo build --release --quiet -p diskferry
+cargo build --release --quiet -p diskferry-cli
 diskferry=target/release/diskferry
 
 echo "== generating 100,000 files in 1,000 directories" >&2

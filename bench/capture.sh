@@ -20,7 +20,7 @@ for tool in qemu-img partclone.ext4 mkfs.ext4 sgdisk bc; do
   command -v "$tool" >/dev/null || { echo "missing $tool" >&2; exit 1; }
 done
 echo "== $(qemu-img --version | head -1); $(partclone.ext4 -v 2>&1 | head -1); $(nproc) cores" >&2
-cargo build --release --quiet -p diskferry
+cargo build --release --quiet -p diskferry-cli
 deploy/build-client.sh "$work/bin" >&2
 client="$work/bin/diskferry-client"
 diskferry=target/release/diskferry

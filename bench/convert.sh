@@ -12,7 +12,7 @@ rounds=${1:-5}
 work=$(mktemp -d /dev/shm/diskferry-convert.XXXXXX)
 trap 'rm -rf "$work"' EXIT
 echo "== $(qemu-img --version | head -1); $(nproc) cores" >&2
-cargo build --release --quiet -p diskferry
+cargo build --release --quiet -p diskferry-cli
 diskferry=target/release/diskferry
 
 make_raw() { # path, data MiB per 128 MiB stripe (of 32 stripes)

@@ -10,7 +10,7 @@ cd "$(dirname "$0")/.."
 rounds=${1:-3}
 work=$(mktemp -d /dev/shm/diskferry-mkfs.XXXXXX)
 trap 'rm -rf "$work"' EXIT
-cargo build --release --quiet -p diskferry
+cargo build --release --quiet -p diskferry-cli
 diskferry=target/release/diskferry
 echo "== $(mke2fs -V 2>&1 | head -1); $(nproc) cores" >&2
 

@@ -30,7 +30,7 @@ done
 echo "== $(qemu-img --version | head -1); $(nproc) cores" >&2
 
 echo "== building (release, static client)" >&2
-cargo build --release --quiet -p diskferry
+cargo build --release --quiet -p diskferry-cli
 deploy/build-client.sh "$work/bin" >&2
 client="$work/bin/diskferry-client"
 diskferry=target/release/diskferry

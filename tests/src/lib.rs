@@ -38,7 +38,7 @@ fn build_binaries(profile_dir: &Path) {
         "--quiet",
         "--bins",
         "-p",
-        "diskferry",
+        "diskferry-cli",
         "-p",
         "diskferry-client",
     ]);
