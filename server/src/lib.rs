@@ -2,6 +2,7 @@
 //! move sectors between them. The `diskferry` binary is a thin CLI over this.
 
 pub mod blockdev;
+pub mod catalog;
 pub mod fs;
 pub mod inspect;
 pub mod le;

@@ -7,7 +7,7 @@ pub mod os;
 
 use std::sync::Arc;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::blockdev::BlockDevice;
 use crate::fs::{self, FsKind};
@@ -15,11 +15,11 @@ use crate::partition::{self, Partition, PartitionTable, Scheme};
 pub use os::OsInfo;
 
 /// What `inspect` reports about a disk.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct DiskReport {
     pub size: u64,
     pub sector_size: u32,
-    pub table: &'static str,
+    pub table: String,
     pub disk_guid: Option<String>,
     pub mbr_signature: Option<String>,
     pub partitions: Vec<VolumeReport>,
@@ -27,7 +27,7 @@ pub struct DiskReport {
 }
 
 /// One partition (or the whole disk when it has no table).
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct VolumeReport {
     /// 1-based as in the table; 0 for a whole disk without a table.
     pub number: u32,
@@ -38,7 +38,7 @@ pub struct VolumeReport {
     pub partition_guid: Option<String>,
     pub name: String,
     pub bootable: bool,
-    pub filesystem: &'static str,
+    pub filesystem: String,
     pub label: Option<String>,
     pub uuid: Option<String>,
     pub block_size: Option<u32>,
@@ -89,7 +89,7 @@ pub fn inspect(disk: &Arc<dyn BlockDevice>) -> Result<DiskReport, partition::Par
     Ok(DiskReport {
         size: disk.size(),
         sector_size: table.sector_size,
-        table: table.scheme.name(),
+        table: table.scheme.name().to_string(),
         disk_guid: table.disk_guid.map(|g| g.to_string()),
         mbr_signature: table.mbr_signature.map(|s| format!("{s:08x}")),
         partitions,
@@ -112,7 +112,7 @@ fn volume_report(p: &Partition, dev: Arc<dyn BlockDevice>) -> VolumeReport {
         partition_guid: p.guid.map(|g| g.to_string()),
         name: p.name.clone(),
         bootable: p.bootable,
-        filesystem: FsKind::Unknown.name(),
+        filesystem: FsKind::Unknown.name().to_string(),
         label: None,
         uuid: None,
         block_size: None,
@@ -121,7 +121,7 @@ fn volume_report(p: &Partition, dev: Arc<dyn BlockDevice>) -> VolumeReport {
         note: None,
     };
     if partition::is_bios_boot(&p.kind) {
-        report.filesystem = "bios-boot";
+        report.filesystem = "bios-boot".to_string();
         return report;
     }
     let kind = match fs::detect(&*dev) {
@@ -131,7 +131,7 @@ fn volume_report(p: &Partition, dev: Arc<dyn BlockDevice>) -> VolumeReport {
             return report;
         }
     };
-    report.filesystem = kind.name();
+    report.filesystem = kind.name().to_string();
     if !kind.readable() {
         if kind != FsKind::Unknown {
             report.note = Some(format!("{} is not readable by diskferry yet", kind.name()));

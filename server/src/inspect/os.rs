@@ -3,7 +3,7 @@
 //! registry hives (read with `nt-hive`); boot loaders on any volume (EFI System Partition
 //! files, GRUB, syslinux, bootmgr).
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::fs::Filesystem;
 
@@ -12,7 +12,7 @@ const MAX_CONFIG: u64 = 1 << 20;
 /// Largest registry hive read (a SOFTWARE hive of a long-lived system is some 100 MiB).
 const MAX_HIVE: u64 = 512 << 20;
 
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct OsInfo {
     /// "linux" or "windows"; empty when only boot files were found.
     pub family: String,

@@ -1,0 +1,196 @@
+//! The catalog: what the server knows between restarts — captures (images under
+//! `DATA_DIR/captures` and their cached analysis), jobs (captures and deploys with their progress
+//! and log) and machines — in one embedded SQLite database, `DATA_DIR/catalog.sqlite`.
+//!
+//! One connection behind a mutex: every statement is short, and slow work (analysing an image)
+//! runs without holding it. The schema is versioned with `PRAGMA user_version`.
+
+mod captures;
+mod jobs;
+mod machines;
+
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, MutexGuard};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use rusqlite::Connection;
+
+pub use captures::{CaptureRecord, RefreshReport};
+pub use jobs::{JobRecord, JobState};
+pub use machines::MachineRecord;
+
+/// Why a catalog operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum CatalogError {
+    #[error("catalog database {path}: {source}")]
+    Sql {
+        path: PathBuf,
+        #[source]
+        source: rusqlite::Error,
+    },
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("catalog database {path} has schema version {found}, newer than this diskferry knows ({known}); use a newer diskferry")]
+    TooNew {
+        path: PathBuf,
+        found: i64,
+        known: i64,
+    },
+}
+
+/// The catalog of one data directory.
+pub struct Catalog {
+    db: Mutex<Connection>,
+    db_path: PathBuf,
+    data_dir: PathBuf,
+}
+
+impl std::fmt::Debug for Catalog {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Catalog")
+            .field("db_path", &self.db_path)
+            .finish()
+    }
+}
+
+/// Schema migrations, in order; `user_version` counts how many have run.
+const MIGRATIONS: &[&str] = &[
+    // 1: captures, jobs, machines and the hardware they share.
+    "CREATE TABLE captures (
+        id INTEGER PRIMARY KEY,
+        path TEXT NOT NULL UNIQUE,
+        format TEXT NOT NULL,
+        virtual_size INTEGER NOT NULL,
+        allocated_size INTEGER NOT NULL,
+        file_size INTEGER NOT NULL,
+        mtime_ns INTEGER NOT NULL,
+        analysis TEXT,
+        analysis_error TEXT,
+        source_machine TEXT,
+        added_at INTEGER NOT NULL
+     );
+     CREATE TABLE jobs (
+        id INTEGER PRIMARY KEY,
+        kind TEXT NOT NULL,
+        state TEXT NOT NULL,
+        params TEXT NOT NULL,
+        created_at INTEGER NOT NULL,
+        started_at INTEGER,
+        finished_at INTEGER,
+        progress TEXT,
+        log TEXT NOT NULL DEFAULT '',
+        error TEXT
+     );
+     CREATE TABLE hardware (
+        id INTEGER PRIMARY KEY,
+        fingerprint TEXT NOT NULL UNIQUE,
+        info TEXT NOT NULL
+     );
+     CREATE TABLE machines (
+        id INTEGER PRIMARY KEY,
+        name TEXT UNIQUE,
+        macs TEXT NOT NULL,
+        hardware_id INTEGER REFERENCES hardware(id),
+        state TEXT NOT NULL,
+        last_seen INTEGER,
+        created_at INTEGER NOT NULL
+     );",
+];
+
+impl Catalog {
+    /// Opens (creating on first use) the catalog of `data_dir`, and its `captures` directory.
+    pub fn open(data_dir: &Path) -> Result<Catalog, CatalogError> {
+        let io = |path: &Path| {
+            let path = path.to_path_buf();
+            move |source| CatalogError::Io { path, source }
+        };
+        std::fs::create_dir_all(data_dir.join("captures"))
+            .map_err(io(&data_dir.join("captures")))?;
+        let db_path = data_dir.join("catalog.sqlite");
+        let sql = |source| CatalogError::Sql {
+            path: db_path.clone(),
+            source,
+        };
+        let conn = Connection::open(&db_path).map_err(sql)?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))
+            .map_err(sql)?;
+        conn.pragma_update(None, "journal_mode", "WAL")
+            .map_err(sql)?;
+        conn.pragma_update(None, "foreign_keys", true)
+            .map_err(sql)?;
+        let version: i64 = conn
+            .pragma_query_value(None, "user_version", |r| r.get(0))
+            .map_err(sql)?;
+        let known = MIGRATIONS.len() as i64;
+        if version > known {
+            return Err(CatalogError::TooNew {
+                path: db_path,
+                found: version,
+                known,
+            });
+        }
+        for (i, m) in MIGRATIONS.iter().enumerate().skip(version as usize) {
+            conn.execute_batch(&format!(
+                "BEGIN; {m}; PRAGMA user_version = {}; COMMIT;",
+                i + 1
+            ))
+            .map_err(sql)?;
+        }
+        Ok(Catalog {
+            db: Mutex::new(conn),
+            db_path,
+            data_dir: data_dir.to_path_buf(),
+        })
+    }
+
+    /// The data directory.
+    pub fn data_dir(&self) -> &Path {
+        &self.data_dir
+    }
+
+    /// Where captures live: every image under it is in the catalog.
+    pub fn captures_dir(&self) -> PathBuf {
+        self.data_dir.join("captures")
+    }
+
+    fn db(&self) -> MutexGuard<'_, Connection> {
+        // A panic while holding the lock cannot leave SQLite half-written (statements are
+        // atomic), so a poisoned lock is still usable.
+        self.db.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn sql(&self, source: rusqlite::Error) -> CatalogError {
+        CatalogError::Sql {
+            path: self.db_path.clone(),
+            source,
+        }
+    }
+}
+
+/// Seconds since the Unix epoch, now.
+pub fn unix_now() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn opens_twice_and_refuses_a_newer_schema() {
+        let dir = tempfile::tempdir().unwrap();
+        Catalog::open(dir.path()).unwrap();
+        let c = Catalog::open(dir.path()).unwrap();
+        assert!(c.captures_dir().is_dir());
+        c.db().pragma_update(None, "user_version", 99).unwrap();
+        drop(c);
+        let err = Catalog::open(dir.path()).unwrap_err();
+        assert!(err.to_string().contains("newer diskferry"), "{err}");
+    }
+}
