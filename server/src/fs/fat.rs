@@ -238,7 +238,8 @@ impl Fat {
 
     /// The short entry stored at byte `offset`.
     fn entry_at(&self, offset: NodeId) -> Result<RawEntry> {
-        if offset % 32 != 0 || offset < self.root_dir.0 || offset + 32 > self.total_bytes {
+        if !offset.is_multiple_of(32) || offset < self.root_dir.0 || offset + 32 > self.total_bytes
+        {
             return Err(self.corrupt(format!("no directory entry can be at byte {offset}")));
         }
         let mut raw = [0u8; 32];

@@ -229,7 +229,7 @@ impl Header {
             )));
         }
         let within = |offset: u64, len: u64| {
-            offset % cluster == 0 && offset.checked_add(len).is_some_and(|e| e <= file_len)
+            offset.is_multiple_of(cluster) && offset.checked_add(len).is_some_and(|e| e <= file_len)
         };
         if h.l1_size > 0 && !within(h.l1_table_offset, u64::from(h.l1_size) * 8) {
             return Err(bad(format!(

@@ -146,7 +146,7 @@ impl Qcow2 {
                     format!("L1 entry {i} has reserved bits set ({e:#x})"),
                 ));
             }
-            if l2 != 0 && (l2 % cluster != 0 || l2.saturating_add(cluster) > file_len) {
+            if l2 != 0 && (!l2.is_multiple_of(cluster) || l2.saturating_add(cluster) > file_len) {
                 return Err(invalid(
                     path,
                     format!("L1 entry {i} points to {l2}, outside the file or misaligned"),
@@ -247,7 +247,7 @@ impl Qcow2 {
         if host == 0 {
             return Ok(Mapping::Unallocated { len });
         }
-        if host % cluster != 0 || host.saturating_add(cluster) > self.file.size() {
+        if !host.is_multiple_of(cluster) || host.saturating_add(cluster) > self.file.size() {
             return Err(self.invalid(format!(
                 "data cluster for offset {offset} at {host} is outside the file or misaligned"
             )));

@@ -100,7 +100,7 @@ fn parse_entry(log: &[u8], at: u64, guid: &[u8]) -> Option<Entry> {
         match &d[..4] {
             b"zero" => {
                 let zero_len = le64(d, 8);
-                if zero_len % SECTOR != 0 || offset.checked_add(zero_len).is_none() {
+                if !zero_len.is_multiple_of(SECTOR) || offset.checked_add(zero_len).is_none() {
                     return None;
                 }
                 updates.push(Update::Zero {

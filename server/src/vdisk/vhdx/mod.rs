@@ -275,7 +275,7 @@ impl Vhdx {
                 "logical sector size {logical_sector} is neither 512 nor 4096"
             )));
         }
-        if size == 0 || size > 64 << 40 || size % u64::from(logical_sector) != 0 {
+        if size == 0 || size > 64 << 40 || !size.is_multiple_of(u64::from(logical_sector)) {
             return Err(bad(format!("virtual size {size} is out of range")));
         }
         let chunk_ratio = ((1u64 << 23) * u64::from(logical_sector)) / block_size;
@@ -334,7 +334,7 @@ impl Vhdx {
                 "logical sector size {logical_sector} is neither 512 nor 4096"
             )));
         }
-        if size == 0 || size > 64 << 40 || size % u64::from(logical_sector) != 0 {
+        if size == 0 || size > 64 << 40 || !size.is_multiple_of(u64::from(logical_sector)) {
             return Err(bad(format!(
                 "virtual size {size} must be a non-zero multiple of the {logical_sector}-byte sector up to 64 TiB"
             )));

@@ -49,7 +49,10 @@ pub fn split(full: &str, value: &[u8]) -> Result<Attr, String> {
 /// A POSIX ACL in the VFS form (version 2, 8 bytes per entry) in ext4's form (version 1; no
 /// id for the owner, owning group, mask and other entries).
 fn acl_to_ext4(v: &[u8]) -> Result<Vec<u8>, String> {
-    if v.len() < 4 || u32::from_le_bytes([v[0], v[1], v[2], v[3]]) != 2 || (v.len() - 4) % 8 != 0 {
+    if v.len() < 4
+        || u32::from_le_bytes([v[0], v[1], v[2], v[3]]) != 2
+        || !(v.len() - 4).is_multiple_of(8)
+    {
         return Err("a POSIX ACL is not in the VFS version 2 form".into());
     }
     let mut out = 1u32.to_le_bytes().to_vec();
