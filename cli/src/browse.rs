@@ -235,42 +235,12 @@ fn print_entry(
         out,
         "{}{} {:>3} {:>5} {:>5} {:>12} {} {name}{target}",
         m.kind.letter(),
-        mode_string(m.mode),
+        fs::mode_string(m.mode),
         m.links,
         m.uid,
         m.gid,
         size,
-        m.mtime.map_or("-".into(), format_time),
-    )
-}
-
-/// `rwxr-xr-x` with setuid/setgid/sticky shown as ls does.
-fn mode_string(mode: u32) -> String {
-    let mut s: Vec<char> = "rwxrwxrwx"
-        .chars()
-        .enumerate()
-        .map(|(i, c)| if mode & (0o400 >> i) != 0 { c } else { '-' })
-        .collect();
-    for (bit, at, set, unset) in [
-        (0o4000, 2, 's', 'S'),
-        (0o2000, 5, 's', 'S'),
-        (0o1000, 8, 't', 'T'),
-    ] {
-        if mode & bit != 0 {
-            s[at] = if s[at] == '-' { unset } else { set };
-        }
-    }
-    s.into_iter().collect()
-}
-
-/// `YYYY-MM-DD HH:MM:SS` in UTC.
-fn format_time(t: Timestamp) -> String {
-    let (year, month, day, secs) = t.to_civil();
-    format!(
-        "{year:04}-{month:02}-{day:02} {:02}:{:02}:{:02}",
-        secs / 3600,
-        secs % 3600 / 60,
-        secs % 60
+        m.mtime.map_or("-".into(), Timestamp::utc_string),
     )
 }
 

@@ -4,6 +4,7 @@ mod browse;
 mod demo;
 mod images;
 mod mkfs;
+mod serve;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -15,6 +16,7 @@ use diskferry::blockdev::Connection;
 use diskferry::pipeline::{capture_disk, capture_sectors, Mode as DiskMode, OutputOptions};
 use diskferry::progress::{Progress, Silent, TerminalBar};
 use diskferry::source::{open_source, SourceSpec};
+pub(crate) use diskferry::units::human_bytes;
 use diskferry::vdisk::ImageFormat;
 use diskferry_protocol::{DiskInfo, Psk, Role, SessionOptions};
 
@@ -51,6 +53,8 @@ enum Command {
     },
     /// Copy a disk into an image file
     Capture(CaptureArgs),
+    /// Run the server: web UI and JSON API for the captures in DATA_DIR, jobs, machines
+    Serve(serve::ServeArgs),
     /// Show the main job end to end on this machine: serve a sample disk, capture it, verify it
     Demo {
         /// Work here instead of a new directory under the system's temporary directory (the
@@ -346,6 +350,7 @@ fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Keygen { file } => keygen(&file),
         Command::Demo { dir, size_mib } => demo::run(dir, size_mib),
+        Command::Serve(args) => serve::run(&args),
         Command::Info { image, json } => images::info(&image, json),
         Command::Create {
             out,
@@ -635,19 +640,4 @@ fn verify_and_report(
         human_bytes(report.bytes_compared)
     );
     Ok(())
-}
-
-pub(crate) fn human_bytes(n: u64) -> String {
-    const UNITS: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
-    let mut v = n as f64;
-    let mut u = 0;
-    while v >= 1024.0 && u < UNITS.len() - 1 {
-        v /= 1024.0;
-        u += 1;
-    }
-    if u == 0 {
-        format!("{n} B")
-    } else {
-        format!("{v:.1} {}", UNITS[u])
-    }
 }

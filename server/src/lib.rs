@@ -10,4 +10,5 @@ pub mod partition;
 pub mod pipeline;
 pub mod progress;
 pub mod source;
+pub mod units;
 pub mod vdisk;

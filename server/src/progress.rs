@@ -73,9 +73,16 @@ impl Progress for TerminalBar {
 /// plus `files_done`/`files_total` in file-by-file phases and `overall_done`/`overall_total`
 /// across a job's phases —
 /// at most twice a second and at the end of each phase, for programs (the web UI) to follow.
-#[derive(Debug)]
+/// Lines go to stderr, or to any sink ([`JsonLines::with_sink`]).
 pub struct JsonLines {
     state: std::sync::Mutex<JsonState>,
+    sink: Box<dyn Fn(&str) + Send + Sync>,
+}
+
+impl std::fmt::Debug for JsonLines {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("JsonLines").finish_non_exhaustive()
+    }
 }
 
 #[derive(Debug)]
@@ -91,6 +98,13 @@ struct JsonState {
 
 impl Default for JsonLines {
     fn default() -> Self {
+        JsonLines::with_sink(|line| eprintln!("{line}"))
+    }
+}
+
+impl JsonLines {
+    /// Progress lines handed to `sink` (one JSON object each, without a newline).
+    pub fn with_sink(sink: impl Fn(&str) + Send + Sync + 'static) -> Self {
         let now = std::time::Instant::now();
         JsonLines {
             state: std::sync::Mutex::new(JsonState {
@@ -102,12 +116,11 @@ impl Default for JsonLines {
                 started: now,
                 last: now,
             }),
+            sink: Box::new(sink),
         }
     }
-}
 
-impl JsonLines {
-    fn emit(s: &JsonState) {
+    fn emit(&self, s: &JsonState) {
         let secs = s.started.elapsed().as_secs_f64().max(1e-6);
         let rate = s.done as f64 / secs;
         let eta = if s.total > s.done && rate > 0.0 {
@@ -123,13 +136,13 @@ impl JsonLines {
             .overall
             .map(|(d, t)| format!(",\"overall_done\":{d},\"overall_total\":{t}"))
             .unwrap_or_default();
-        eprintln!(
+        (self.sink)(&format!(
             "{{\"phase\":{},\"done\":{},\"total\":{},\"rate\":{:.0},\"eta_s\":{eta}{files}{overall}}}",
             serde_json::to_string(&s.phase).unwrap_or_else(|_| "\"\"".into()),
             s.done,
             s.total,
             rate
-        );
+        ));
     }
 }
 
@@ -147,19 +160,19 @@ impl Progress for JsonLines {
             started: now,
             last: now,
         };
-        Self::emit(&s);
+        self.emit(&s);
     }
     fn advance(&self, bytes: u64) {
         let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
         s.done += bytes;
         if s.last.elapsed() >= std::time::Duration::from_millis(500) {
             s.last = std::time::Instant::now();
-            Self::emit(&s);
+            self.emit(&s);
         }
     }
     fn finish(&self) {
         let s = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        Self::emit(&s);
+        self.emit(&s);
     }
     fn files(&self, done: u64, total: u64) {
         let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());

@@ -39,6 +39,8 @@ pub fn linux_tree(dir: &Path) -> PathBuf {
         ln $t/home/alice/docs/report.bin $t/home/alice/report-link.bin
         ln -s hello.txt $t/home/alice/fast-link
         ln -s {long_target} $t/home/alice/slow-link
+        ln -s ../../../../../../etc/shadow $t/home/alice/escape
+        ln -s /etc/hostname $t/home/alice/abs-link
         mkfifo $t/home/alice/pipe
         mknod $t/home/alice/null-dev c 1 3
         python3 -c "import socket,sys; socket.socket(socket.AF_UNIX).bind(sys.argv[1])" $t/home/alice/agent.sock

@@ -12,6 +12,7 @@ use anyhow::{bail, Context, Result};
 
 pub mod fixtures;
 pub mod hive;
+pub mod http;
 pub mod trees;
 
 /// The directory holding this build's binaries (target/debug or target/release).

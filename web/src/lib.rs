@@ -1,6 +1,200 @@
-//! diskferry's web UI and JSON API: axum routes, templates and static assets. The only crate
-//! that will know HTTP.
+//! diskferry's web side (axum): server-rendered pages to browse captures, run and watch jobs
+//! and see machines, and the JSON API under `/api` (described by `/api/openapi.json`) that the
+//! pages' small scripts and other programs use. The only crate that knows HTTP.
 //!
-//! Empty on purpose for now: the workspace reserves the crate so the layout matches
-//! ARCHITECTURE.md; the web UI issue fills it in on top of the `diskferry` library.
+//! Every route but the login page, static assets and the OpenAPI file needs a browser session
+//! or the API token ([`auth`]); every mutating request from a browser carries the session's
+//! CSRF token; request bodies are bounded.
 #![forbid(unsafe_code)]
+
+pub mod api;
+pub mod auth;
+pub mod browse;
+pub mod error;
+pub mod innerpath;
+pub mod jobs;
+pub mod pages;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::extract::{DefaultBodyLimit, Request, State};
+use axum::http::{header, Method, StatusCode};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Redirect, Response};
+use axum::Router;
+use diskferry::catalog::Catalog;
+
+use crate::auth::{Auth, Identity};
+use crate::error::Failure;
+
+/// Largest request body accepted (forms and JSON are small).
+pub const MAX_BODY: usize = 64 << 10;
+
+/// Everything a request handler may need.
+pub struct AppState {
+    pub catalog: Arc<Catalog>,
+    pub auth: Auth,
+    pub volumes: browse::Volumes,
+    pub jobs: Arc<jobs::Jobs>,
+    /// When the captures directory was last rescanned.
+    pub refreshed: std::sync::Mutex<Option<std::time::Instant>>,
+}
+
+pub type SharedState = Arc<AppState>;
+
+/// What `diskferry serve` learns while starting, to tell the operator.
+#[derive(Debug)]
+pub struct Startup {
+    /// The admin password when this start generated it (print it once).
+    pub new_password: Option<String>,
+    pub password_file: PathBuf,
+    pub token_file: PathBuf,
+    /// The key clients must hold for captures started here.
+    pub key_file: PathBuf,
+    pub key_created: bool,
+    pub captures: usize,
+    pub interrupted_jobs: usize,
+}
+
+/// Opens the data directory: catalog (registering every capture), secrets, job state.
+pub fn open(data_dir: &Path) -> Result<(SharedState, Startup), String> {
+    std::fs::create_dir_all(data_dir)
+        .map_err(|e| format!("cannot create data directory {}: {e}", data_dir.display()))?;
+    let catalog = Arc::new(Catalog::open(data_dir).map_err(|e| e.to_string())?);
+    let interrupted_jobs = catalog
+        .interrupt_unfinished_jobs()
+        .map_err(|e| e.to_string())?;
+    catalog.refresh_captures().map_err(|e| e.to_string())?;
+    let captures = catalog.captures().map_err(|e| e.to_string())?.len();
+    let secret = |name: &str, generate: fn() -> String| {
+        let path = data_dir.join(name);
+        auth::secret_file(&path, generate)
+            .map(|s| (s, path.clone()))
+            .map_err(|e| format!("{}: {e}", path.display()))
+    };
+    let (password, password_file) = secret("admin-password", || auth::random_hex(12))?;
+    let (token, token_file) = secret("api-token", || auth::random_hex(32))?;
+    let (key, key_file) = secret("agent.key", || {
+        diskferry_protocol::Psk::generate_secret()
+            .trim()
+            .to_string()
+    })?;
+    let state = Arc::new(AppState {
+        jobs: Arc::new(jobs::Jobs::new(Arc::clone(&catalog), key_file.clone())),
+        catalog,
+        auth: Auth::new(password.value.clone(), token.value),
+        volumes: browse::Volumes::default(),
+        refreshed: std::sync::Mutex::new(Some(std::time::Instant::now())),
+    });
+    Ok((
+        state,
+        Startup {
+            new_password: password.created.then_some(password.value),
+            password_file,
+            token_file,
+            key_file,
+            key_created: key.created,
+            captures,
+            interrupted_jobs,
+        },
+    ))
+}
+
+/// The whole application.
+pub fn router(state: SharedState) -> Router {
+    Router::new()
+        .merge(pages::routes())
+        .nest("/api", api::routes())
+        .layer(axum::middleware::from_fn_with_state(
+            Arc::clone(&state),
+            require_auth,
+        ))
+        .layer(DefaultBodyLimit::max(MAX_BODY))
+        .with_state(state)
+}
+
+/// Serves `router(state)` on `listener` until the process ends.
+pub async fn serve(listener: tokio::net::TcpListener, state: SharedState) -> std::io::Result<()> {
+    axum::serve(listener, router(state)).await
+}
+
+/// Paths anyone may fetch.
+fn is_public(path: &str) -> bool {
+    path == "/login" || path.starts_with("/static/") || path == "/api/openapi.json"
+}
+
+/// Lets a request through only with a session or the API token, and a browser's mutation only
+/// with the session's CSRF token (header `X-CSRF-Token`, or a `csrf` form field).
+async fn require_auth(State(state): State<SharedState>, req: Request, next: Next) -> Response {
+    let path = req.uri().path().to_string();
+    let api = path.starts_with("/api/");
+    if is_public(&path) {
+        return next.run(req).await;
+    }
+    let Some(identity) = state.auth.identify(req.headers()) else {
+        return if api {
+            Failure::new(
+                StatusCode::UNAUTHORIZED,
+                "log in first: send `Authorization: Bearer TOKEN` with the token from DATA_DIR/api-token",
+            )
+            .into_response()
+        } else {
+            let next_url = req
+                .uri()
+                .path_and_query()
+                .map_or("/".to_string(), |p| p.to_string());
+            Redirect::to(&format!(
+                "/login?next={}",
+                pages::layout::encode_query(&next_url)
+            ))
+            .into_response()
+        };
+    };
+    let mutating = !matches!(*req.method(), Method::GET | Method::HEAD | Method::OPTIONS);
+    let mut req = req;
+    if mutating {
+        // Bodies are read here, bounded, so an oversized one gets a clear answer.
+        let (parts, body) = req.into_parts();
+        let Ok(bytes) = axum::body::to_bytes(body, MAX_BODY).await else {
+            return Failure::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!("request body is larger than {MAX_BODY} bytes"),
+            )
+            .into_response();
+        };
+        if let Identity::Browser { csrf, .. } = &identity {
+            let from_header = parts
+                .headers
+                .get("x-csrf-token")
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string);
+            let is_form = parts
+                .headers
+                .get(header::CONTENT_TYPE)
+                .and_then(|v| v.to_str().ok())
+                .is_some_and(|t| t.starts_with("application/x-www-form-urlencoded"));
+            let from_form = is_form.then(|| form_field(&bytes, "csrf")).flatten();
+            let ok = from_header
+                .or(from_form)
+                .is_some_and(|t| auth::same_secret(&t, csrf));
+            if !ok {
+                return Failure::new(
+                    StatusCode::FORBIDDEN,
+                    "missing or wrong CSRF token: reload the page and try again",
+                )
+                .into_response();
+            }
+        }
+        req = Request::from_parts(parts, Body::from(bytes));
+    }
+    req.extensions_mut().insert(identity);
+    next.run(req).await
+}
+
+/// One field of an `application/x-www-form-urlencoded` body.
+fn form_field(body: &[u8], name: &str) -> Option<String> {
+    let pairs: Vec<(String, String)> = serde_urlencoded::from_bytes(body).ok()?;
+    pairs.into_iter().find(|(k, _)| k == name).map(|(_, v)| v)
+}

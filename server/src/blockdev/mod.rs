@@ -7,6 +7,7 @@
 //! implementation bridges to the async connection internally. [`BlockReader`] adapts any device
 //! to `Read + Write + Seek` with a position of its own.
 
+mod cancel;
 mod file;
 mod memory;
 mod reader;
@@ -17,6 +18,7 @@ use std::ops::Range;
 
 use bytes::Bytes;
 
+pub use cancel::{CancelFlag, CancellableDevice};
 pub use diskferry_localdisk::Region;
 pub use file::FileDevice;
 pub use memory::MemoryDevice;
@@ -67,6 +69,8 @@ pub enum BlockError {
     Format(String),
     #[error("this device cannot {0}")]
     Unsupported(&'static str),
+    #[error("cancelled")]
+    Cancelled,
 }
 
 /// " at offset N" where an operation has one.

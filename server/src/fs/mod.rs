@@ -30,6 +30,8 @@ pub enum FsError {
     NotADirectory(String),
     #[error("{0}")]
     Unsupported(String),
+    #[error("{0}: leads outside the volume")]
+    Escapes(String),
 }
 
 pub type Result<T, E = FsError> = std::result::Result<T, E>;
@@ -84,6 +86,17 @@ pub struct Timestamp {
 }
 
 impl Timestamp {
+    /// `YYYY-MM-DD HH:MM:SS` in UTC.
+    pub fn utc_string(self) -> String {
+        let (year, month, day, secs) = self.to_civil();
+        format!(
+            "{year:04}-{month:02}-{day:02} {:02}:{:02}:{:02}",
+            secs / 3600,
+            secs % 3600 / 60,
+            secs % 60
+        )
+    }
+
     /// The UTC calendar date and the seconds into that day: (year, month, day, seconds).
     pub fn to_civil(self) -> (i64, i64, i64, i64) {
         // Howard Hinnant's days-to-civil algorithm.
@@ -290,46 +303,17 @@ pub trait Filesystem: Send + Sync {
     }
 
     /// Finds `path` following symbolic links in every component, as opening a file would
-    /// (absolute targets start again from this filesystem's root; at most 40 links).
+    /// (absolute targets start again from this filesystem's root; at most 40 links; `..` at
+    /// the root stays at the root).
     fn resolve(&self, path: &str) -> Result<NodeId> {
-        let mut pending: Vec<String> = components(path);
-        pending.reverse();
-        let mut stack: Vec<NodeId> = vec![self.root()];
-        let mut hops = 0;
-        while let Some(part) = pending.pop() {
-            let dir = *stack.last().expect("the root is never popped");
-            if part == ".." {
-                if stack.len() > 1 {
-                    stack.pop();
-                }
-                continue;
-            }
-            if self.metadata(dir)?.kind != FileKind::Dir {
-                return Err(FsError::NotADirectory(path.to_string()));
-            }
-            let entry = self
-                .read_dir(dir)?
-                .into_iter()
-                .find(|e| e.name == part.as_bytes())
-                .ok_or_else(|| FsError::NotFound(path.to_string()))?;
-            if entry.kind == FileKind::Symlink {
-                hops += 1;
-                if hops > 40 {
-                    return Err(FsError::Corrupt(
-                        path.to_string(),
-                        "too many levels of symbolic links".into(),
-                    ));
-                }
-                let target = String::from_utf8_lossy(&self.read_link(entry.node)?).into_owned();
-                if target.starts_with('/') {
-                    stack.truncate(1);
-                }
-                pending.extend(components(&target).into_iter().rev());
-                continue;
-            }
-            stack.push(entry.node);
-        }
-        Ok(*stack.last().expect("the root is never popped"))
+        resolve_path(self, path, false)
+    }
+
+    /// Like [`Filesystem::resolve`], but a `..` — in `path` or in a link's target — that would
+    /// climb above the root is an [`FsError::Escapes`] instead of staying at the root: for
+    /// callers (the web UI) that must tell a path leaving the volume apart from one inside it.
+    fn resolve_within(&self, path: &str) -> Result<NodeId> {
+        resolve_path(self, path, true)
     }
 
     /// The whole content of a (small) file, refusing more than `limit` bytes.
@@ -352,6 +336,69 @@ pub trait Filesystem: Send + Sync {
         out.truncate(done);
         Ok(out)
     }
+}
+
+/// Path resolution shared by `resolve` and `resolve_within`.
+fn resolve_path<F: Filesystem + ?Sized>(fs: &F, path: &str, strict: bool) -> Result<NodeId> {
+    let mut pending: Vec<String> = components(path);
+    pending.reverse();
+    let mut stack: Vec<NodeId> = vec![fs.root()];
+    let mut hops = 0;
+    while let Some(part) = pending.pop() {
+        let dir = *stack.last().expect("the root is never popped");
+        if part == ".." {
+            if stack.len() > 1 {
+                stack.pop();
+            } else if strict {
+                return Err(FsError::Escapes(path.to_string()));
+            }
+            continue;
+        }
+        if fs.metadata(dir)?.kind != FileKind::Dir {
+            return Err(FsError::NotADirectory(path.to_string()));
+        }
+        let entry = fs
+            .read_dir(dir)?
+            .into_iter()
+            .find(|e| e.name == part.as_bytes())
+            .ok_or_else(|| FsError::NotFound(path.to_string()))?;
+        if entry.kind == FileKind::Symlink {
+            hops += 1;
+            if hops > 40 {
+                return Err(FsError::Corrupt(
+                    path.to_string(),
+                    "too many levels of symbolic links".into(),
+                ));
+            }
+            let target = String::from_utf8_lossy(&fs.read_link(entry.node)?).into_owned();
+            if target.starts_with('/') {
+                stack.truncate(1);
+            }
+            pending.extend(components(&target).into_iter().rev());
+            continue;
+        }
+        stack.push(entry.node);
+    }
+    Ok(*stack.last().expect("the root is never popped"))
+}
+
+/// `rwxr-xr-x` for permission bits, with setuid/setgid/sticky shown as `ls` does.
+pub fn mode_string(mode: u32) -> String {
+    let mut s: Vec<char> = "rwxrwxrwx"
+        .chars()
+        .enumerate()
+        .map(|(i, c)| if mode & (0o400 >> i) != 0 { c } else { '-' })
+        .collect();
+    for (bit, at, set, unset) in [
+        (0o4000, 2, 's', 'S'),
+        (0o2000, 5, 's', 'S'),
+        (0o1000, 8, 't', 'T'),
+    ] {
+        if mode & bit != 0 {
+            s[at] = if s[at] == '-' { unset } else { set };
+        }
+    }
+    s.into_iter().collect()
 }
 
 /// The non-empty, non-`.` components of a `/`-separated path.

@@ -1,0 +1,57 @@
+//! `diskferry serve`: the long-running server — the web UI and JSON API over the catalog in
+//! DATA_DIR (captures under DATA_DIR/captures, jobs, machines).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use clap::Args;
+
+#[derive(Args)]
+pub struct ServeArgs {
+    /// Where the catalog, the captures (DATA_DIR/captures) and the secrets live; created if
+    /// missing
+    #[arg(long, value_name = "DIR", env = "DISKFERRY_DATA_DIR")]
+    data_dir: PathBuf,
+    /// Address of the web UI and API (localhost only unless you say otherwise)
+    #[arg(long, default_value = "127.0.0.1:8080", value_name = "ADDR:PORT")]
+    listen: SocketAddr,
+}
+
+pub fn run(args: &ServeArgs) -> Result<()> {
+    let rt = crate::runtime()?;
+    rt.block_on(async {
+        let data_dir = args.data_dir.clone();
+        let (state, startup) = tokio::task::spawn_blocking(move || diskferry_web::open(&data_dir))
+            .await?
+            .map_err(anyhow::Error::msg)?;
+        let listener = tokio::net::TcpListener::bind(args.listen)
+            .await
+            .with_context(|| format!("cannot listen on {} (in use? try --listen)", args.listen))?;
+        let addr = listener.local_addr()?;
+        if let Some(pw) = &startup.new_password {
+            eprintln!(
+                "generated the admin password: {pw}  (kept in {})",
+                startup.password_file.display()
+            );
+        }
+        eprintln!(
+            "API token in {}; clients must hold the key in {}{}",
+            startup.token_file.display(),
+            startup.key_file.display(),
+            if startup.key_created { " (new)" } else { "" }
+        );
+        if startup.interrupted_jobs > 0 {
+            eprintln!(
+                "{} job(s) were running when the server last stopped: marked interrupted",
+                startup.interrupted_jobs
+            );
+        }
+        eprintln!("{} capture(s) in the catalog", startup.captures);
+        // Tests and scripts wait for this line.
+        eprintln!("listening on http://{addr}");
+        diskferry_web::serve(listener, state)
+            .await
+            .context("the web server stopped")
+    })
+}

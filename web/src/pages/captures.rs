@@ -1,0 +1,409 @@
+//! Capture pages: the list (search and filters), one capture (partition layout and allocated
+//! vs virtual size as proportional bars, partitions), the file browser inside a partition, a
+//! file's view (text inline), and the comparison of two captures.
+
+use std::collections::HashMap;
+
+use axum::extract::{Path, Query, State};
+use axum::response::Html;
+use axum::routing::get;
+use axum::{Extension, Router};
+use maud::{html, Markup};
+
+use super::layout::{bar, date, encode_query, human_bytes, page};
+use crate::api::{self, CaptureFilter, CaptureSummary};
+use crate::auth::Identity;
+use crate::browse;
+use crate::error::PageFailure;
+use crate::innerpath::InnerPath;
+use crate::SharedState;
+
+/// Bytes of a file shown inline at most.
+const VIEW_LIMIT: usize = 256 << 10;
+
+pub fn routes() -> Router<SharedState> {
+    Router::new()
+        .route("/captures", get(list))
+        .route("/captures/{id}", get(detail))
+        .route("/captures/{id}/p/{n}/browse", get(browse_dir))
+        .route("/captures/{id}/p/{n}/view", get(view))
+        .route("/compare", get(compare))
+}
+
+type PageResult = Result<Html<String>, PageFailure>;
+
+fn render(title: &str, who: &Identity, body: Markup) -> PageResult {
+    Ok(Html(page(title, "Captures", Some(who), body).into_string()))
+}
+
+fn filesystems(c: &CaptureSummary) -> String {
+    let mut v: Vec<&str> = c
+        .partitions
+        .iter()
+        .map(|p| p.filesystem.as_str())
+        .filter(|f| *f != "unknown")
+        .collect();
+    v.dedup();
+    v.join(", ")
+}
+
+async fn list(
+    State(state): State<SharedState>,
+    Extension(who): Extension<Identity>,
+    Query(raw): Query<HashMap<String, String>>,
+) -> PageResult {
+    // Form fields arrive as text (empty when unset); sizes are typed in GiB.
+    let text = |k: &str| raw.get(k).filter(|v| !v.trim().is_empty()).cloned();
+    let gib = |k: &str| {
+        text(k)
+            .and_then(|v| v.trim().parse::<f64>().ok())
+            .map(|g| (g * (1u64 << 30) as f64) as u64)
+    };
+    let day = |k: &str| text(k).and_then(|v| parse_day(&v));
+    let filter = CaptureFilter {
+        q: text("q"),
+        os: text("os"),
+        fs: text("fs"),
+        machine: text("machine"),
+        min_size: gib("min_gib"),
+        max_size: gib("max_gib"),
+        since: day("since"),
+        until: day("until").map(|d| d + 86_400),
+    };
+    let all = api::filtered_captures(&state, &CaptureFilter::default()).await?;
+    let shown: Vec<&CaptureSummary> = all.iter().filter(|c| filter.matches(c)).collect();
+    let mut fs_names: Vec<&str> = all
+        .iter()
+        .flat_map(|c| c.partitions.iter().map(|p| p.filesystem.as_str()))
+        .filter(|f| *f != "unknown")
+        .collect();
+    fs_names.sort();
+    fs_names.dedup();
+    let value = |k: &str| raw.get(k).cloned().unwrap_or_default();
+    let body = html! {
+        h1 { "Captures" }
+        form.filters method="get" action="/captures" role="search" {
+            input type="search" name="q" value=(value("q")) placeholder="Search names, OS, labels, machines" aria-label="Search";
+            input name="os" value=(value("os")) placeholder="OS" aria-label="Operating system";
+            select name="fs" aria-label="Filesystem" {
+                option value="" { "any filesystem" }
+                @for f in &fs_names {
+                    option value=(f) selected[value("fs") == *f] { (f) }
+                }
+            }
+            input name="machine" value=(value("machine")) placeholder="Source machine" aria-label="Source machine";
+            input type="number" step="any" min="0" name="min_gib" value=(value("min_gib")) placeholder="min GiB" aria-label="Minimum size in GiB";
+            input type="number" step="any" min="0" name="max_gib" value=(value("max_gib")) placeholder="max GiB" aria-label="Maximum size in GiB";
+            input type="date" name="since" value=(value("since")) aria-label="Modified since";
+            input type="date" name="until" value=(value("until")) aria-label="Modified until";
+            button type="submit" { "Filter" }
+        }
+        @if all.is_empty() {
+            p.empty { "No captures yet. Start one from " a href="/jobs" { "Jobs" } ", or put VHDX, qcow2 or .img files in DATA_DIR/captures." }
+        } @else if shown.is_empty() {
+            p.empty { "No capture matches these filters." }
+        } @else {
+            div.scroll { table.list {
+                thead { tr { th { "Name" } th { "OS" } th { "Filesystems" } th.num { "Size" } th.num { "On disk" } th { "Modified" } th { "Machine" } } }
+                tbody {
+                    @for c in &shown {
+                        tr {
+                            td { a href=(format!("/captures/{}", c.id)) { (c.name) } " " span.tag { (c.format) } }
+                            td { (c.os.as_deref().unwrap_or("")) }
+                            td { (filesystems(c)) }
+                            td.num { (human_bytes(c.virtual_size)) }
+                            td.num { (human_bytes(c.allocated_size)) }
+                            td { (date(c.modified)) }
+                            td { (c.source_machine.as_deref().unwrap_or("")) }
+                        }
+                    }
+                }
+            } }
+        }
+        @if all.len() >= 2 {
+            h2 { "Compare two captures" }
+            form.filters method="get" action="/compare" {
+                @for (name, label) in [("a", "Before"), ("b", "After")] {
+                    select name=(name) aria-label=(label) {
+                        @for c in &all { option value=(c.id) { (c.name) } }
+                    }
+                }
+                input type="number" name="partition" min="1" value="1" aria-label="Partition number";
+                button type="submit" { "Compare" }
+            }
+        }
+    };
+    render("Captures", &who, body)
+}
+
+/// Days since the epoch × 86400 for `YYYY-MM-DD`.
+fn parse_day(s: &str) -> Option<i64> {
+    let mut it = s.trim().splitn(3, '-');
+    let y: i64 = it.next()?.parse().ok()?;
+    let m: i64 = it.next()?.parse().ok()?;
+    let d: i64 = it.next()?.parse().ok()?;
+    if !(1..=12).contains(&m) || !(1..=31).contains(&d) {
+        return None;
+    }
+    Some(diskferry::fs::Timestamp::from_civil(y, m, d, 0, 0).secs)
+}
+
+async fn detail(
+    State(state): State<SharedState>,
+    Extension(who): Extension<Identity>,
+    Path(id): Path<String>,
+) -> PageResult {
+    let c = api::capture_by_id(&state, &id).await?;
+    let s = CaptureSummary::of(&c);
+    let size = s.virtual_size.max(1) as f64;
+    // The layout: partitions in disk order, unpartitioned gaps between them.
+    let mut parts: Vec<_> = s.partitions.iter().collect();
+    parts.sort_by_key(|p| p.start);
+    let mut segments = Vec::new();
+    let mut at = 0u64;
+    for p in &parts {
+        if p.start > at {
+            segments.push((
+                (p.start - at) as f64 / size,
+                "free",
+                format!("free {}", human_bytes(p.start - at)),
+            ));
+        }
+        segments.push((
+            p.size as f64 / size,
+            fs_class(&p.filesystem),
+            format!("{} {} {}", p.number, p.filesystem, human_bytes(p.size)),
+        ));
+        at = at.max(p.start + p.size);
+    }
+    if s.virtual_size > at {
+        segments.push((
+            (s.virtual_size - at) as f64 / size,
+            "free",
+            format!("free {}", human_bytes(s.virtual_size - at)),
+        ));
+    }
+    let alloc = [(
+        s.allocated_size as f64 / size,
+        "used",
+        format!("allocated {}", human_bytes(s.allocated_size)),
+    )];
+    let body = html! {
+        p.crumbs { a href="/captures" { "Captures" } " / " (s.name) }
+        h1 { (s.name) }
+        dl.facts {
+            dt { "Format" } dd { (s.format) }
+            dt { "Virtual size" } dd { (human_bytes(s.virtual_size)) }
+            dt { "On the server's disk" } dd { (human_bytes(s.allocated_size)) " (" (format!("{:.1}", 100.0 * s.allocated_size as f64 / size)) " % of the virtual size)" }
+            dt { "Modified" } dd { (date(s.modified)) }
+            @if let Some(os) = &s.os { dt { "Operating system" } dd { (os) } }
+            @if let Some(m) = &s.source_machine { dt { "Captured from" } dd { (m) } }
+            @if let Some(a) = &c.analysis { dt { "Partition table" } dd { (a.table) } }
+        }
+        @if let Some(e) = &s.analysis_error { p.error { "This image could not be analysed: " (e) } }
+        h2 { "Layout" }
+        (bar(&segments))
+        h2 { "Allocated vs virtual size" }
+        (bar(&alloc))
+        h2 { "Partitions" }
+        div.scroll { table.list {
+            thead { tr { th { "#" } th { "Type" } th { "Filesystem" } th { "Label" } th.num { "Size" } th.num { "Used" } th {} } }
+            tbody {
+                @for p in &s.partitions {
+                    tr {
+                        td { (p.number) }
+                        td { (p.type_name) }
+                        td { span class=(format!("swatch {}", fs_class(&p.filesystem))) {} (p.filesystem) }
+                        td { (p.label.as_deref().unwrap_or("")) }
+                        td.num { (human_bytes(p.size)) }
+                        td.num { (p.used_bytes.map(human_bytes).unwrap_or_default()) }
+                        td {
+                            @if browsable(&p.filesystem) {
+                                a href=(format!("/captures/{}/p/{}/browse?path=/", s.id, p.number)) { "Browse files" }
+                            }
+                        }
+                    }
+                }
+            }
+        } }
+    };
+    render(&s.name, &who, body)
+}
+
+fn browsable(fs: &str) -> bool {
+    matches!(
+        fs,
+        "ext2" | "ext3" | "ext4" | "fat12" | "fat16" | "fat32" | "ntfs"
+    )
+}
+
+fn fs_class(fs: &str) -> &'static str {
+    match fs {
+        "ext2" | "ext3" | "ext4" => "fs-ext",
+        "fat12" | "fat16" | "fat32" | "exfat" => "fs-fat",
+        "ntfs" => "fs-ntfs",
+        "swap" => "fs-swap",
+        _ => "fs-other",
+    }
+}
+
+/// `Captures / name / p2 / etc / ssh` with each level a link.
+fn crumbs(c: &CaptureSummary, n: &str, path: &InnerPath) -> Markup {
+    let base = format!("/captures/{}/p/{n}/browse?path=", c.id);
+    html! {
+        nav.crumbs aria-label="Location" {
+            a href="/captures" { "Captures" } " / "
+            a href=(format!("/captures/{}", c.id)) { (c.name) } " / "
+            a href=(format!("{base}/")) { "partition " (n) }
+            @for (i, part) in path.components().iter().enumerate() {
+                " / "
+                @let sub = format!("/{}", path.components()[..=i].join("/"));
+                a href=(format!("{base}{}", encode_query(&sub))) { (part) }
+            }
+        }
+    }
+}
+
+async fn browse_dir(
+    State(state): State<SharedState>,
+    Extension(who): Extension<Identity>,
+    Path((id, n)): Path<(String, String)>,
+    Query(q): Query<HashMap<String, String>>,
+) -> PageResult {
+    let path = api::path_param(&q)?;
+    let (c, fs) = api::open_partition(&state, &id, &n).await?;
+    let p = path.clone();
+    let entries = tokio::task::spawn_blocking(move || browse::list(&*fs, &p)).await??;
+    let s = CaptureSummary::of(&c);
+    let link = |e: &browse::Entry| {
+        let sub = encode_query(&path.join(&e.name).as_string());
+        match e.kind {
+            "dir" => Some(format!("/captures/{}/p/{n}/browse?path={sub}", c.id)),
+            "file" | "symlink" => Some(format!("/captures/{}/p/{n}/view?path={sub}", c.id)),
+            _ => None,
+        }
+    };
+    let tar = format!(
+        "/api/captures/{}/partitions/{n}/tar?path={}",
+        c.id,
+        encode_query(&path.as_string())
+    );
+    let body = html! {
+        (crumbs(&s, &n, &path))
+        h1 { (path.as_string()) }
+        p.actions { a href=(tar) download { "Download this directory (.tar)" } " · " (entries.len()) " entries" }
+        div.scroll { table.files data-keynav {
+            thead { tr { th { "Name" } th.num { "Size" } th { "Modified" } th { "Permissions" } th { "Owner" } } }
+            tbody {
+                @if !path.is_root() {
+                    tr { td colspan="5" { a.up href=(format!("/captures/{}/p/{n}/browse?path={}", c.id, encode_query(&path.parent().as_string()))) { "⬑ .." } } }
+                }
+                @for e in &entries {
+                    tr class=(format!("k-{}", e.kind)) {
+                        td.name {
+                            @match link(e) {
+                                Some(href) => a href=(href) { (e.name) @if e.kind == "dir" { "/" } },
+                                None => span { (e.name) },
+                            }
+                            @if let Some(t) = &e.target { span.target { " → " (t) } }
+                        }
+                        td.num { @if e.kind != "dir" { (human_bytes(e.size)) } }
+                        td { (e.mtime.map(date).unwrap_or_default()) }
+                        td.mono { (kind_letter(e.kind)) (e.permissions) }
+                        td.mono { (e.uid) ":" (e.gid) }
+                    }
+                }
+            }
+        } }
+    };
+    render(&format!("{} — {}", path.as_string(), s.name), &who, body)
+}
+
+fn kind_letter(kind: &str) -> char {
+    match kind {
+        "dir" => 'd',
+        "symlink" => 'l',
+        "char-device" => 'c',
+        "block-device" => 'b',
+        "fifo" => 'p',
+        "socket" => 's',
+        _ => '-',
+    }
+}
+
+async fn view(
+    State(state): State<SharedState>,
+    Extension(who): Extension<Identity>,
+    Path((id, n)): Path<(String, String)>,
+    Query(q): Query<HashMap<String, String>>,
+) -> PageResult {
+    let path = api::path_param(&q)?;
+    let (c, fs) = api::open_partition(&state, &id, &n).await?;
+    let p = path.clone();
+    let (size, head) = tokio::task::spawn_blocking(move || {
+        let (node, size) = browse::file(&*fs, &p)?;
+        let mut head = vec![0u8; VIEW_LIMIT.min(size as usize)];
+        let got = browse::read_full(&*fs, node, 0, &mut head)?;
+        head.truncate(got);
+        Ok::<_, crate::error::Failure>((size, head))
+    })
+    .await??;
+    let s = CaptureSummary::of(&c);
+    let download = format!(
+        "/api/captures/{}/partitions/{n}/file?path={}",
+        c.id,
+        encode_query(&path.as_string())
+    );
+    let text = browse::looks_like_text(&head).then(|| String::from_utf8_lossy(&head).into_owned());
+    let body = html! {
+        (crumbs(&s, &n, &path))
+        h1 { (path.file_name()) }
+        p.actions { (human_bytes(size)) " · " a href=(download) download { "Download" } }
+        @match text {
+            Some(t) => {
+                pre.file { (t) }
+                @if (size as usize) > head.len() { p.hint { "Showing the first " (human_bytes(head.len() as u64)) "." } }
+            },
+            None => p.hint { "Binary file: download it to look inside." },
+        }
+    };
+    render(&format!("{} — {}", path.file_name(), s.name), &who, body)
+}
+
+async fn compare(
+    State(state): State<SharedState>,
+    Extension(who): Extension<Identity>,
+    Query(q): Query<HashMap<String, String>>,
+) -> PageResult {
+    let result = api::compare_captures(&state, &q).await?;
+    let name = |k: &str| q.get(k).cloned().unwrap_or_default();
+    let a = api::capture_by_id(&state, &name("a")).await?;
+    let b = api::capture_by_id(&state, &name("b")).await?;
+    let section = |title: &str, class: &str, items: &[String]| {
+        html! {
+            h2 { (title) " (" (items.len()) ")" }
+            @if items.is_empty() { p.empty { "None." } } @else {
+                ul class=(format!("paths {class}")) { @for i in items.iter().take(5000) { li.mono { (i) } } }
+            }
+        }
+    };
+    let body = html! {
+        p.crumbs { a href="/captures" { "Captures" } " / compare" }
+        h1 { (a.name) " → " (b.name) ", partition " (q.get("partition").map_or("1", String::as_str)) }
+        @if result.truncated { p.hint { "The trees are very large: only part of them was compared." } }
+        (section("Added", "added", &result.added))
+        (section("Removed", "removed", &result.removed))
+        (section("Changed", "changed", &result.changed))
+    };
+    render("Compare", &who, body)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn days_parse() {
+        assert_eq!(super::parse_day("1970-01-02"), Some(86_400));
+        assert_eq!(super::parse_day("2026-13-01"), None);
+        assert_eq!(super::parse_day("x"), None);
+    }
+}

@@ -1,0 +1,162 @@
+//! Job pages: start a capture from a listening client, the history, and one job with its
+//! progress (live through server-sent events when scripts run, a refreshing page otherwise),
+//! log and a cancel button.
+
+use std::sync::Arc;
+
+use axum::extract::{Path, State};
+use axum::response::{Html, IntoResponse, Redirect, Response};
+use axum::routing::{get, post};
+use axum::{Extension, Form, Router};
+use maud::html;
+
+use super::layout::{date, human_bytes, page};
+use crate::api::parse_number;
+use crate::auth::Identity;
+use crate::error::{Failure, PageFailure};
+use crate::jobs::JobRequest;
+use crate::SharedState;
+
+pub fn routes() -> Router<SharedState> {
+    Router::new()
+        .route("/jobs", get(list).post(start))
+        .route("/jobs/{id}", get(detail))
+        .route("/jobs/{id}/cancel", post(cancel))
+}
+
+async fn list(
+    State(state): State<SharedState>,
+    Extension(who): Extension<Identity>,
+) -> Result<Html<String>, PageFailure> {
+    let st = Arc::clone(&state);
+    let jobs = tokio::task::spawn_blocking(move || st.catalog.jobs(200)).await??;
+    let body = html! {
+        h1 { "Jobs" }
+        h2 { "Capture a disk" }
+        form.job method="post" action="/jobs" {
+            input type="hidden" name="csrf" value=(who.csrf());
+            label for="source" { "Source disk" }
+            input #source name="source" required placeholder="/dev/sda@192.0.2.10:7700";
+            label for="output" { "Save as" }
+            input #output name="output" required placeholder="web-01.vhdx";
+            label for="mode" { "Mode" }
+            select #mode name="mode" {
+                option value="auto" selected { "auto — files for ext4/FAT, blocks for NTFS" }
+                option value="files" { "files — recreate each filesystem" }
+                option value="blocks" { "blocks — used clusters only" }
+                option value="sectors" { "sectors — every non-zero sector" }
+            }
+            label.check { input type="checkbox" name="verify" value="1" checked; " Verify afterwards" }
+            button type="submit" { "Start capture" }
+            p.hint { "The client must hold the key in DATA_DIR/agent.key. The output's extension (.vhdx, .qcow2, .img) sets the format." }
+        }
+        h2 { "History" }
+        @if jobs.is_empty() { p.empty { "No jobs yet." } } @else {
+            div.scroll { table.list {
+                thead { tr { th { "#" } th { "Kind" } th { "What" } th { "State" } th { "Started" } } }
+                tbody {
+                    @for j in &jobs {
+                        tr {
+                            td { a href=(format!("/jobs/{}", j.id)) { (j.id) } }
+                            td { (j.kind) }
+                            td { (j.params["source"].as_str().unwrap_or("")) " → " (j.params["output"].as_str().unwrap_or("")) }
+                            td { span class=(format!("state {}", j.state.name())) { (j.state.name()) } }
+                            td { (date(j.created_at)) }
+                        }
+                    }
+                }
+            } }
+        }
+    };
+    Ok(Html(page("Jobs", "Jobs", Some(&who), body).into_string()))
+}
+
+async fn start(
+    State(state): State<SharedState>,
+    Form(form): Form<std::collections::HashMap<String, String>>,
+) -> Result<Response, PageFailure> {
+    let field = |k: &str| form.get(k).cloned().unwrap_or_default();
+    let id = state.jobs.start(JobRequest {
+        kind: "capture".into(),
+        source: field("source"),
+        output: field("output").trim().to_string(),
+        mode: Some(field("mode")).filter(|m| !m.is_empty()),
+        verify: form.contains_key("verify"),
+    })?;
+    Ok(Redirect::to(&format!("/jobs/{id}")).into_response())
+}
+
+async fn detail(
+    State(state): State<SharedState>,
+    Extension(who): Extension<Identity>,
+    Path(id): Path<String>,
+) -> Result<Html<String>, PageFailure> {
+    let id: i64 = parse_number("job id", &id)?;
+    let st = Arc::clone(&state);
+    let job = tokio::task::spawn_blocking(move || st.catalog.job(id))
+        .await??
+        .ok_or_else(|| Failure::not_found(format!("no job with id {id}")))?;
+    let p = job.progress.clone().unwrap_or_default();
+    let (done, total) = match (p["overall_done"].as_u64(), p["overall_total"].as_u64()) {
+        (Some(d), Some(t)) => (d, t),
+        _ => (
+            p["done"].as_u64().unwrap_or(0),
+            p["total"].as_u64().unwrap_or(0),
+        ),
+    };
+    let pct = if job.state.name() == "succeeded" {
+        100.0
+    } else if total > 0 {
+        100.0 * done as f64 / total as f64
+    } else {
+        0.0
+    };
+    let running = !job.state.is_final();
+    let body = html! {
+        @if running { noscript { meta http-equiv="refresh" content="2"; } }
+        p.crumbs { a href="/jobs" { "Jobs" } " / " (job.id) }
+        h1 { "Job " (job.id) ": " (job.kind) }
+        dl.facts {
+            dt { "Source" } dd.mono { (job.params["source"].as_str().unwrap_or("")) }
+            dt { "Output" } dd.mono { (job.params["output"].as_str().unwrap_or("")) }
+            dt { "Mode" } dd { (job.params["mode"].as_str().unwrap_or("")) }
+            dt { "State" } dd { span #job-state class=(format!("state {}", job.state.name())) { (job.state.name()) } }
+        }
+        div #job data-job=(job.id) data-running=(running) {
+            progress #job-progress max="100" value=(format!("{pct:.1}")) { (format!("{pct:.0}")) "%" }
+            p #job-figures {
+                span #job-percent { (format!("{pct:.1}")) " %" } " · "
+                span #job-phase { (p["phase"].as_str().unwrap_or("")) } " · "
+                span #job-rate { (human_bytes(p["rate"].as_f64().unwrap_or(0.0) as u64)) "/s" } " · ETA "
+                span #job-eta { (p["eta_s"].as_f64().map(|s| format!("{s:.0} s")).unwrap_or_else(|| "—".into())) }
+                @if let (Some(fd), Some(ft)) = (p["files_done"].as_u64(), p["files_total"].as_u64()) {
+                    " · " span #job-files { (fd) "/" (ft) " files" }
+                }
+            }
+        }
+        @if let Some(e) = &job.error { p.error #job-error { (e) } }
+        @if running {
+            form method="post" action=(format!("/jobs/{}/cancel", job.id)) {
+                input type="hidden" name="csrf" value=(who.csrf());
+                button.danger type="submit" { "Cancel" }
+            }
+        }
+        h2 { "Log" }
+        pre #job-log .log { (job.log) }
+        @if job.state.name() == "succeeded" {
+            p { a href="/captures" { "See it among the captures" } }
+        }
+    };
+    Ok(Html(
+        page(&format!("Job {}", job.id), "Jobs", Some(&who), body).into_string(),
+    ))
+}
+
+async fn cancel(
+    State(state): State<SharedState>,
+    Path(id): Path<String>,
+) -> Result<Response, PageFailure> {
+    let id: i64 = parse_number("job id", &id)?;
+    state.jobs.cancel(id);
+    Ok(Redirect::to(&format!("/jobs/{id}")).into_response())
+}

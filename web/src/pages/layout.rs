@@ -1,0 +1,88 @@
+//! The frame every page shares (header, navigation, logout form carrying the CSRF token) and
+//! small formatting helpers: query-string encoding, dates, sizes.
+
+use axum::http::StatusCode;
+use maud::{html, Markup, DOCTYPE};
+
+use crate::auth::Identity;
+
+/// Percent-encodes everything but unreserved characters (and `/`, kept readable in paths).
+pub fn encode_query(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || b"-_.~/".contains(&b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+/// `YYYY-MM-DD HH:MM` UTC from seconds since the epoch.
+pub fn date(secs: i64) -> String {
+    let full = diskferry::fs::Timestamp { secs, nanos: 0 }.utc_string();
+    full[..full.len().saturating_sub(3)].to_string()
+}
+
+pub use diskferry::units::human_bytes;
+
+/// A whole page: `title`, the navigation (with `active` marked) and `body`.
+pub fn page(title: &str, active: &str, who: Option<&Identity>, body: Markup) -> Markup {
+    html! {
+        (DOCTYPE)
+        html lang="en" {
+            head {
+                meta charset="utf-8";
+                meta name="viewport" content="width=device-width, initial-scale=1";
+                title { (title) " · diskferry" }
+                link rel="stylesheet" href="/static/style.css";
+                script src="/static/app.js" defer {}
+            }
+            body {
+                header.top {
+                    a.brand href="/captures" { "diskferry" }
+                    @if let Some(who) = who {
+                        nav {
+                            @for (href, label) in [("/captures", "Captures"), ("/jobs", "Jobs"), ("/machines", "Machines")] {
+                                a href=(href) aria-current=[(label == active).then_some("page")] { (label) }
+                            }
+                        }
+                        form.logout method="post" action="/logout" {
+                            input type="hidden" name="csrf" value=(who.csrf());
+                            button type="submit" { "Log out" }
+                        }
+                        meta name="csrf-token" content=(who.csrf());
+                    }
+                }
+                main { (body) }
+            }
+        }
+    }
+}
+
+/// The page shown for a failed request.
+pub fn error_page(status: StatusCode, message: &str) -> Markup {
+    page(
+        status.canonical_reason().unwrap_or("Error"),
+        "",
+        None,
+        html! {
+            h1 { (status.as_u16()) " " (status.canonical_reason().unwrap_or("")) }
+            p.error { (message) }
+            p { a href="/captures" { "Back to the captures" } }
+        },
+    )
+}
+
+/// A horizontal bar of proportional segments: (fraction 0..1, css class, label).
+pub fn bar(segments: &[(f64, &str, String)]) -> Markup {
+    html! {
+        div.bar role="img" aria-label=(segments.iter().map(|s| s.2.clone()).collect::<Vec<_>>().join(", ")) {
+            @for (frac, class, label) in segments {
+                @let pct = (frac * 100.0).clamp(0.0, 100.0);
+                span class=(format!("seg {class}")) style=(format!("width:{pct:.3}%")) title=(label) {}
+            }
+        }
+    }
+}

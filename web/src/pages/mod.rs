@@ -1,0 +1,173 @@
+//! Server-rendered HTML (maud): login, captures (list with filters, detail with the partition
+//! layout, a file browser inside any partition, file view, comparison), jobs (start, watch,
+//! cancel, history) and machines. Everything works without JavaScript; `static/app.js` adds
+//! live job progress and keyboard navigation.
+
+pub mod captures;
+pub mod jobs;
+pub mod layout;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use axum::extract::{Query, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{Html, IntoResponse, Redirect, Response};
+use axum::routing::{get, post};
+use axum::{Extension, Form, Router};
+use maud::html;
+
+use crate::auth::{session_cookie, Identity};
+use crate::error::{Failure, PageFailure};
+use crate::SharedState;
+
+pub fn routes() -> Router<SharedState> {
+    Router::new()
+        .route("/", get(|| async { Redirect::to("/captures") }))
+        .route("/login", get(login_form).post(login))
+        .route("/logout", post(logout))
+        .route("/static/style.css", get(style))
+        .route("/static/app.js", get(script))
+        .route("/machines", get(machines))
+        .merge(captures::routes())
+        .merge(jobs::routes())
+        .fallback(|| async { PageFailure(Failure::not_found("no such page")) })
+}
+
+async fn style() -> impl IntoResponse {
+    (
+        [(header::CONTENT_TYPE, "text/css; charset=utf-8")],
+        include_str!("../../static/style.css"),
+    )
+}
+
+async fn script() -> impl IntoResponse {
+    (
+        [(header::CONTENT_TYPE, "text/javascript; charset=utf-8")],
+        include_str!("../../static/app.js"),
+    )
+}
+
+/// Where to go after logging in: only a path on this site.
+fn safe_next(q: &HashMap<String, String>) -> String {
+    match q.get("next") {
+        Some(n) if n.starts_with('/') && !n.starts_with("//") && !n.contains('\\') => n.clone(),
+        _ => "/captures".into(),
+    }
+}
+
+fn login_page(next: &str, failed: bool) -> Response {
+    let body = html! {
+        h1 { "Log in" }
+        @if failed { p.error role="alert" { "Wrong password." } }
+        form.login method="post" action="/login" {
+            input type="hidden" name="next" value=(next);
+            label for="password" { "Admin password" }
+            input #password type="password" name="password" autocomplete="current-password" autofocus required;
+            button type="submit" { "Log in" }
+        }
+        p.hint { "The password is in DATA_DIR/admin-password on the server." }
+    };
+    let status = if failed {
+        StatusCode::UNAUTHORIZED
+    } else {
+        StatusCode::OK
+    };
+    (
+        status,
+        Html(layout::page("Log in", "", None, body).into_string()),
+    )
+        .into_response()
+}
+
+async fn login_form(Query(q): Query<HashMap<String, String>>) -> Response {
+    login_page(&safe_next(&q), false)
+}
+
+/// A cross-site form cannot log a browser in to this server: the Origin, when sent, must be
+/// this host.
+fn same_origin(headers: &HeaderMap) -> bool {
+    let Some(origin) = headers.get(header::ORIGIN).and_then(|o| o.to_str().ok()) else {
+        return true;
+    };
+    let host = headers
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .unwrap_or("");
+    origin
+        .split_once("://")
+        .is_some_and(|(_, rest)| rest == host)
+}
+
+async fn login(
+    State(state): State<SharedState>,
+    headers: HeaderMap,
+    Form(form): Form<HashMap<String, String>>,
+) -> Response {
+    if !same_origin(&headers) {
+        return PageFailure(Failure::new(
+            StatusCode::FORBIDDEN,
+            "login from another site refused",
+        ))
+        .into_response();
+    }
+    let next = safe_next(&form);
+    match state
+        .auth
+        .login(form.get("password").map_or("", String::as_str))
+    {
+        Some(id) => (
+            [(header::SET_COOKIE, session_cookie(&id))],
+            Redirect::to(&next),
+        )
+            .into_response(),
+        None => {
+            // Slows password guessing down.
+            tokio::time::sleep(std::time::Duration::from_millis(400)).await;
+            login_page(&next, true)
+        }
+    }
+}
+
+async fn logout(State(state): State<SharedState>, Extension(who): Extension<Identity>) -> Response {
+    if let Identity::Browser { session_id, .. } = &who {
+        state.auth.logout(session_id);
+    }
+    (
+        [(header::SET_COOKIE, session_cookie(""))],
+        Redirect::to("/login"),
+    )
+        .into_response()
+}
+
+async fn machines(
+    State(state): State<SharedState>,
+    Extension(who): Extension<Identity>,
+) -> Result<Html<String>, PageFailure> {
+    let st = Arc::clone(&state);
+    let list = tokio::task::spawn_blocking(move || st.catalog.machines()).await??;
+    let body = html! {
+        h1 { "Machines" }
+        @if list.is_empty() {
+            p.empty { "No machine has dialed in yet. Machines appear here when they boot the diskferry PXE environment and connect back to this server." }
+        } @else {
+            div.scroll { table {
+                thead { tr { th { "Name" } th { "MAC addresses" } th { "Hardware" } th { "State" } th { "Last seen" } } }
+                tbody {
+                    @for m in &list {
+                        tr {
+                            td { (m.name.as_deref().unwrap_or("(unregistered)")) }
+                            td.mono { (m.macs.join(" ")) }
+                            td { (m.hardware.as_ref().and_then(|h| h.get("product")).and_then(|p| p.as_str()).unwrap_or("")) }
+                            td { (m.state) }
+                            td { (m.last_seen.map(layout::date).unwrap_or_default()) }
+                        }
+                    }
+                }
+            } }
+        }
+    };
+    Ok(Html(
+        layout::page("Machines", "Machines", Some(&who), body).into_string(),
+    ))
+}
