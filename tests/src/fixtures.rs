@@ -98,7 +98,8 @@ pub fn fat_image(image: &Path, bits: u32, size_mib: u64, label: &str) {
         printf 'x' > short.txt
         truncate -s {size}M {img}
         mkfs.vfat -F {bits} -n {label} {img} >/dev/null
-        mmd -i {img} ::/EFI ::/EFI/BOOT ::/Empty
+        mmd -i {img} ::/EFI ::/EFI/BOOT ::/EFI/BOOT/fonts ::/Empty
+        mcopy -i {img} short.txt ::/EFI/BOOT/fonts/README.TXT
         mcopy -i {img} bootx64.efi ::/EFI/BOOT/BOOTX64.EFI
         mcopy -i {img} data.bin "::/A Long File Name.bin"
         mcopy -i {img} short.txt ::/SHORT.TXT

@@ -92,6 +92,14 @@ pub fn request(
             let mut crlf = [0u8; 2];
             r.read_exact(&mut crlf)?;
         }
+    } else if let Some(len) = headers
+        .iter()
+        .find(|(k, _)| k == "content-length")
+        .and_then(|(_, v)| v.parse::<usize>().ok())
+    {
+        // Some servers (chromedriver) keep the connection open after the body.
+        body.resize(len, 0);
+        r.read_exact(&mut body)?;
     } else {
         r.read_to_end(&mut body)?;
     }

@@ -14,6 +14,7 @@ pub mod fixtures;
 pub mod hive;
 pub mod http;
 pub mod trees;
+pub mod webdriver;
 
 /// The directory holding this build's binaries (target/debug or target/release).
 pub fn bin_dir() -> &'static Path {

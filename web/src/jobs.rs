@@ -36,10 +36,25 @@ pub struct JobRequest {
     pub verify: bool,
 }
 
+/// Log lines a live event carries (the page appends those it has not shown yet).
+const LOG_TAIL: usize = 20;
+
 /// A job that is running in this process.
 struct Live {
     cancel: CancelFlag,
     events: watch::Sender<serde_json::Value>,
+    /// Lines logged so far and the newest of them.
+    log_lines: u64,
+    log_tail: std::collections::VecDeque<String>,
+}
+
+impl Live {
+    /// Sends `event` with the log's line count and tail added.
+    fn send(&self, mut event: serde_json::Value) {
+        event["log_lines"] = self.log_lines.into();
+        event["log_tail"] = serde_json::Value::from(Vec::from(self.log_tail.clone()));
+        self.events.send_replace(event);
+    }
 }
 
 /// Jobs of this server process.
@@ -110,6 +125,8 @@ impl Jobs {
             Live {
                 cancel: cancel.clone(),
                 events,
+                log_lines: 0,
+                log_tail: Default::default(),
             },
         );
         let me = Arc::clone(self);
@@ -147,7 +164,7 @@ impl Jobs {
 
     #[allow(clippy::too_many_arguments)]
     fn run_capture(
-        &self,
+        self: &Arc<Self>,
         id: i64,
         rt: &tokio::runtime::Handle,
         spec: &SourceSpec,
@@ -214,31 +231,35 @@ impl Jobs {
     }
 
     /// Progress that lands in the catalog and in the live channel.
-    fn progress_sink(&self, id: i64) -> impl Progress {
+    fn progress_sink(self: &Arc<Self>, id: i64) -> impl Progress {
         let catalog = Arc::clone(&self.catalog);
-        let sender = self.live().get(&id).map(|l| l.events.clone());
+        let jobs = Arc::clone(self);
         JsonLines::with_sink(move |line| {
             let Ok(mut event) = serde_json::from_str::<serde_json::Value>(line) else {
                 return;
             };
             let _ = catalog.set_job_progress(id, &event);
             event["state"] = "running".into();
-            if let Some(tx) = &sender {
-                tx.send_replace(event);
-            }
+            jobs.publish(id, event);
         })
     }
 
     fn log(&self, id: i64, line: &str) {
         let _ = self.catalog.append_job_log(id, line);
-        if let Some(live) = self.live().get(&id) {
-            live.events.send_modify(|e| e["log"] = line.into());
+        if let Some(live) = self.live().get_mut(&id) {
+            live.log_lines += 1;
+            live.log_tail.push_back(line.to_string());
+            if live.log_tail.len() > LOG_TAIL {
+                live.log_tail.pop_front();
+            }
+            let last = live.events.borrow().clone();
+            live.send(last);
         }
     }
 
     fn publish(&self, id: i64, event: serde_json::Value) {
         if let Some(live) = self.live().get(&id) {
-            live.events.send_replace(event);
+            live.send(event);
         }
     }
 

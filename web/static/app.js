@@ -28,9 +28,20 @@ function followJob(box) {
     if (p.phase) $("job-phase").textContent = p.phase;
     if (p.rate !== undefined) $("job-rate").textContent = fmtBytes(p.rate) + "/s";
     if (p.eta_s !== undefined) $("job-eta").textContent = p.eta_s === null ? "—" : Math.round(p.eta_s) + " s";
-    if (e.log) { const log = $("job-log"); if (!log.textContent.endsWith(e.log + "\n")) log.textContent += e.log + "\n"; }
+    if (e.log_tail) {
+      // Append the lines this page has not shown yet (the event carries the newest ones).
+      const log = $("job-log");
+      const shown = Number(log.dataset.lines || 0);
+      const fresh = Math.min(e.log_lines - shown, e.log_tail.length);
+      if (fresh > 0) {
+        log.textContent += e.log_tail.slice(-fresh).join("\n") + "\n";
+        log.dataset.lines = String(e.log_lines);
+      }
+    }
     if (["succeeded", "failed", "cancelled", "interrupted"].includes(e.state)) {
       es.close();
+      const cancel = $("job-cancel");
+      if (cancel) cancel.hidden = true;
       setTimeout(() => location.reload(), 300);
     }
   };

@@ -136,13 +136,13 @@ async fn detail(
         }
         @if let Some(e) = &job.error { p.error #job-error { (e) } }
         @if running {
-            form method="post" action=(format!("/jobs/{}/cancel", job.id)) {
+            form #job-cancel method="post" action=(format!("/jobs/{}/cancel", job.id)) {
                 input type="hidden" name="csrf" value=(who.csrf());
                 button.danger type="submit" { "Cancel" }
             }
         }
         h2 { "Log" }
-        pre #job-log .log { (job.log) }
+        pre #job-log .log data-lines=(job.log.lines().count()) { (job.log) }
         @if job.state.name() == "succeeded" {
             p { a href="/captures" { "See it among the captures" } }
         }

@@ -1,0 +1,193 @@
+//! The web UI in real headless Chromium (Debian `chromium` + `chromium-driver`): log in, open a
+//! capture, walk three directories deep in its ext4, FAT and NTFS partitions, download a file
+//! and compare its bytes, move with the keyboard, then start a capture job against a loopback
+//! client and watch its progress reach 100 %. Screenshots land in
+//! `<target>/<profile>/web-screenshots/` as test artifacts.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use diskferry_e2e::fixtures::SampleDisk;
+use diskferry_e2e::http::Server;
+use diskferry_e2e::webdriver::Browser;
+use diskferry_e2e::{bin_dir, diskferry, wait_for, Client};
+
+fn shots() -> PathBuf {
+    let d = bin_dir().join("web-screenshots");
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn shot(b: &Browser, name: &str) {
+    b.screenshot(&shots().join(name)).unwrap();
+}
+
+/// Walks from a partition's root down through `dirs` by clicking their links, and checks the
+/// last listing holds `expect`.
+fn walk(b: &Browser, base: &str, capture: &str, partition: u32, dirs: &[&str], expect: &str) {
+    b.goto(&format!("{base}/captures")).unwrap();
+    b.click_link(capture).unwrap();
+    let browse = b
+        .find(&format!("a[href$='/p/{partition}/browse?path=/']"))
+        .unwrap();
+    b.click(&browse).unwrap();
+    for d in dirs {
+        b.click_link(&format!("{d}/")).unwrap();
+    }
+    let h1 = b.find("h1").unwrap();
+    assert_eq!(b.text(&h1).unwrap(), format!("/{}", dirs.join("/")));
+    assert!(b.source().unwrap().contains(expect), "{expect} in {dirs:?}");
+}
+
+fn wait_file(path: &Path, len: u64) -> bool {
+    wait_for(Duration::from_secs(30), || {
+        std::fs::metadata(path).is_ok_and(|m| m.len() == len)
+    })
+}
+
+#[test]
+fn browse_download_and_watch_a_capture_in_chromium() {
+    let disk = SampleDisk::build();
+    let data = tempfile::tempdir().unwrap();
+    let caps = data.path().join("captures");
+    std::fs::create_dir_all(&caps).unwrap();
+    let (ok, _, err) = diskferry(&[
+        "convert".as_ref(),
+        disk.gpt.as_os_str(),
+        caps.join("sample.vhdx").as_os_str(),
+    ]);
+    assert!(ok, "{err}");
+    let s = Server::start(data.path()).unwrap();
+    let base = format!("http://{}", s.addr);
+    let downloads = tempfile::tempdir().unwrap();
+    let b = Browser::start(downloads.path()).unwrap();
+
+    // Log in: the login page comes first, then the captures.
+    b.goto(&format!("{base}/captures")).unwrap();
+    assert!(b.url().unwrap().contains("/login"));
+    let password = std::fs::read_to_string(data.path().join("admin-password")).unwrap();
+    let field = b.find("#password").unwrap();
+    b.type_into(&field, password.trim()).unwrap();
+    b.click(&b.find("form.login button").unwrap()).unwrap();
+    assert!(
+        b.url().unwrap().ends_with("/captures"),
+        "{}",
+        b.url().unwrap()
+    );
+    assert!(b.source().unwrap().contains("Debian GNU/Linux 12"));
+    shot(&b, "01-captures.png");
+
+    // The capture's page: layout and allocation bars.
+    b.click_link("sample.vhdx").unwrap();
+    assert_eq!(b.source().unwrap().matches("class=\"bar\"").count(), 2);
+    shot(&b, "02-capture.png");
+
+    // Three directories deep in each filesystem.
+    walk(
+        &b,
+        &base,
+        "sample.vhdx",
+        2,
+        &["home", "alice", "docs"],
+        "report.bin",
+    );
+    shot(&b, "03-ext4.png");
+    walk(
+        &b,
+        &base,
+        "sample.vhdx",
+        1,
+        &["EFI", "BOOT", "fonts"],
+        "README.TXT",
+    );
+    shot(&b, "04-fat.png");
+    walk(
+        &b,
+        &base,
+        "sample.vhdx",
+        3,
+        &["Windows", "System32", "config"],
+        "SOFTWARE",
+    );
+    shot(&b, "05-ntfs.png");
+
+    // Keyboard: j moves to the first row's link, Backspace goes up a directory.
+    b.keys("j").unwrap();
+    assert!(b.source().unwrap().contains("class=\"focus\""));
+    b.keys("\u{E003}").unwrap(); // Backspace
+    assert!(wait_for(Duration::from_secs(10), || b
+        .url()
+        .unwrap()
+        .ends_with("path=/Windows/System32")));
+
+    // Download a file through its link and compare the bytes.
+    walk(
+        &b,
+        &base,
+        "sample.vhdx",
+        2,
+        &["home", "alice", "docs"],
+        "report.bin",
+    );
+    b.click_link("report.bin").unwrap();
+    b.click_link("Download").unwrap();
+    let want = std::fs::read(disk.tree.join("home/alice/docs/report.bin")).unwrap();
+    let got = downloads.path().join("report.bin");
+    assert!(wait_file(&got, want.len() as u64), "download finished");
+    assert_eq!(std::fs::read(&got).unwrap(), want);
+    // A text file is shown inline.
+    walk(&b, &base, "sample.vhdx", 2, &["etc"], "hostname");
+    b.click_link("hostname").unwrap();
+    assert!(b
+        .text(&b.find("pre.file").unwrap())
+        .unwrap()
+        .contains("fixture-host"));
+
+    // A capture job against a loopback client, watched to 100 %.
+    let client = Client::start(
+        &data.path().join("agent.key"),
+        &["--disk", disk.gpt.to_str().unwrap()],
+    )
+    .unwrap();
+    b.goto(&format!("{base}/jobs")).unwrap();
+    b.type_into(&b.find("#source").unwrap(), &client.source(&disk.gpt))
+        .unwrap();
+    b.type_into(&b.find("#output").unwrap(), "from-browser.vhdx")
+        .unwrap();
+    b.click(&b.find("form.job button").unwrap()).unwrap();
+    assert!(b.url().unwrap().contains("/jobs/"));
+    shot(&b, "06-job-running.png");
+    let start = Instant::now();
+    let final_state = loop {
+        // The page reloads itself when the job ends; elements may go stale in between.
+        let state = b
+            .find("#job-state")
+            .and_then(|e| b.text(&e))
+            .unwrap_or_default();
+        if matches!(state.as_str(), "succeeded" | "failed" | "cancelled") {
+            break state;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(120),
+            "job still {state}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert_eq!(final_state, "succeeded", "{}", b.source().unwrap());
+    let progress = b.find("#job-progress").unwrap();
+    assert_eq!(
+        b.property(&progress, "value").unwrap().as_f64(),
+        Some(100.0)
+    );
+    assert!(b
+        .text(&b.find("#job-percent").unwrap())
+        .unwrap()
+        .starts_with("100"));
+    assert!(b
+        .text(&b.find("#job-log").unwrap())
+        .unwrap()
+        .contains("no differences"));
+    shot(&b, "07-job-done.png");
+    b.goto(&format!("{base}/captures")).unwrap();
+    assert!(b.source().unwrap().contains("from-browser.vhdx"));
+}
