@@ -298,6 +298,7 @@ fn start_agent(disk: &Path, psk: Psk) -> Result<String> {
         session: SessionOptions::new(Role::Agent, psk),
         max_inflight: 64 << 20,
         quiet: true,
+        allow_power: false,
     });
     std::thread::Builder::new()
         .name("demo-agent".into())

@@ -8,10 +8,16 @@ diskferry-client: serve this machine's raw disk sectors to a diskferry server
 
 USAGE:
     diskferry-client --listen ADDR:PORT --key-file FILE [--disk PATH]... [--allow-write]
+    diskferry-client --connect HOST:PORT --key-file FILE [--allow-write] [--allow-power]
 
 OPTIONS:
     --listen ADDR:PORT     Address to accept server connections on (port 0 picks a free one;
                            the chosen address is printed as 'listening on ADDR:PORT')
+    --connect HOST:PORT    Dial-back mode: connect to the server's agent port instead, tell it
+                           who this machine is (MACs, DMI, CPUs, memory, disks) and serve it;
+                           reconnect with backoff whenever the connection is lost
+    --allow-power          Obey the server's reboot and power-off requests (the PXE boot
+                           environment sets this)
     --key-file FILE        Pre-shared key, the same file the server uses (also taken from
                            the DISKFERRY_KEY_FILE environment variable)
     --disk PATH            Serve exactly this block device or regular file (repeatable).
@@ -30,12 +36,20 @@ exits cleanly on SIGINT or SIGTERM.
 
 #[derive(Debug)]
 pub struct Args {
-    pub listen: String,
+    pub endpoint: Endpoint,
+    pub allow_power: bool,
     pub key_file: PathBuf,
     pub disks: Vec<PathBuf>,
     pub allow_write: bool,
     pub plaintext: bool,
     pub max_inflight: u32,
+}
+
+/// Where connections come from.
+#[derive(Debug)]
+pub enum Endpoint {
+    Listen(String),
+    Connect(String),
 }
 
 #[derive(Debug)]
@@ -47,6 +61,8 @@ pub enum Command {
 
 pub fn parse(mut it: impl Iterator<Item = OsString>) -> Result<Command, String> {
     let mut listen = None;
+    let mut connect = None;
+    let mut allow_power = false;
     let mut key_file = std::env::var_os("DISKFERRY_KEY_FILE").map(PathBuf::from);
     let mut disks = Vec::new();
     let mut allow_write = false;
@@ -70,6 +86,8 @@ pub fn parse(mut it: impl Iterator<Item = OsString>) -> Result<Command, String> 
             "-h" | "--help" => return Ok(Command::Help),
             "-V" | "--version" => return Ok(Command::Version),
             "--listen" => listen = Some(value("--listen")?.to_string_lossy().into_owned()),
+            "--connect" => connect = Some(value("--connect")?.to_string_lossy().into_owned()),
+            "--allow-power" => allow_power = true,
             "--key-file" => key_file = Some(PathBuf::from(value("--key-file")?)),
             "--disk" => disks.push(PathBuf::from(value("--disk")?)),
             "--allow-write" => allow_write = true,
@@ -85,10 +103,16 @@ pub fn parse(mut it: impl Iterator<Item = OsString>) -> Result<Command, String> 
             other => return Err(format!("unknown argument {other:?}")),
         }
     }
-    let listen = listen.ok_or("--listen ADDR:PORT is required")?;
+    let endpoint = match (listen, connect) {
+        (Some(l), None) => Endpoint::Listen(l),
+        (None, Some(c)) => Endpoint::Connect(c),
+        (Some(_), Some(_)) => return Err("give --listen or --connect, not both".into()),
+        (None, None) => return Err("--listen ADDR:PORT or --connect HOST:PORT is required".into()),
+    };
     let key_file = key_file.ok_or("--key-file FILE (or DISKFERRY_KEY_FILE) is required")?;
     Ok(Command::Run(Args {
-        listen,
+        endpoint,
+        allow_power,
         key_file,
         disks,
         allow_write,

@@ -4,13 +4,17 @@
 //! server's `demo` command runs the same code in-process. Nothing here decodes a filesystem.
 #![forbid(unsafe_code)]
 
+pub mod dialback;
 pub mod disks;
+pub mod identity;
+pub mod power;
 pub mod serve;
 
 use std::sync::Arc;
 
 use tokio::net::TcpListener;
 
+pub use dialback::dial_loop;
 pub use serve::Config;
 
 /// Writes one line to stderr with the agent's name in front, unless the config is quiet.

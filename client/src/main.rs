@@ -9,7 +9,7 @@ mod args;
 use std::process::ExitCode;
 use std::sync::Arc;
 
-use diskferry_client::{accept_loop, disks, Config};
+use diskferry_client::{accept_loop, dial_loop, disks, Config};
 use diskferry_protocol::{Psk, Role, SessionOptions};
 use tokio::net::TcpListener;
 
@@ -85,6 +85,7 @@ async fn run(args: args::Args) -> Result<(), String> {
         session,
         max_inflight: args.max_inflight,
         quiet: false,
+        allow_power: args.allow_power,
     });
 
     // Signal handlers exist before anyone is told we are ready: a SIGTERM right after the
@@ -92,9 +93,20 @@ async fn run(args: args::Args) -> Result<(), String> {
     use tokio::signal::unix::{signal, SignalKind};
     let mut term = signal(SignalKind::terminate()).map_err(|e| e.to_string())?;
     let mut interrupt = signal(SignalKind::interrupt()).map_err(|e| e.to_string())?;
-    let listener = TcpListener::bind(&args.listen)
+    let listen = match &args.endpoint {
+        args::Endpoint::Listen(addr) => addr.clone(),
+        args::Endpoint::Connect(server) => {
+            log!("dialling {server}");
+            return tokio::select! {
+                () = dial_loop(server.clone(), config) => Ok(()),
+                _ = interrupt.recv() => { log!("interrupted; exiting"); Ok(()) }
+                _ = term.recv() => { log!("terminated; exiting"); Ok(()) }
+            };
+        }
+    };
+    let listener = TcpListener::bind(&listen)
         .await
-        .map_err(|e| format!("cannot listen on {}: {e}", args.listen))?;
+        .map_err(|e| format!("cannot listen on {listen}: {e}"))?;
     let local = listener.local_addr().map_err(|e| e.to_string())?;
     // Scripts wait for this exact line on stdout.
     println!("listening on {local}");

@@ -11,7 +11,9 @@ use std::sync::Arc;
 use bytes::BytesMut;
 use diskferry_protocol::handshake::respond;
 use diskferry_protocol::stream::split;
-use diskferry_protocol::{ErrorCode, Message, ProtocolError, Reply, Request, SessionOptions};
+use diskferry_protocol::{
+    ErrorCode, Message, ProtocolError, Reply, Request, Session, SessionOptions,
+};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 
@@ -30,6 +32,8 @@ pub struct Config {
     pub max_inflight: u32,
     /// Log nothing (for in-process use).
     pub quiet: bool,
+    /// Obey `Power` requests (reboot, power off): only the boot environment asks for this.
+    pub allow_power: bool,
 }
 
 /// What the writer task sends, with the in-flight budget it releases once written.
@@ -50,6 +54,19 @@ where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let session = respond(&mut io, &config.session).await?;
+    serve_session(io, session, config).await
+}
+
+/// Answers requests on an authenticated connection (accepted, or dialled by us) until the
+/// peer leaves.
+pub async fn serve_session<S>(
+    io: S,
+    session: Session,
+    config: Arc<Config>,
+) -> Result<(), ProtocolError>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
     let max_payload = session.max_payload;
     let (r, w) = tokio::io::split(io);
     let (mut reader, mut writer) = split(session, r, w);
@@ -193,6 +210,28 @@ where
             } => with_disk(&tx, cookie, &handles, handle, move |d| {
                 d.block_status(offset, len).map(Reply::Status)
             }),
+            Request::Identify => {
+                let config = Arc::clone(&config);
+                run(&tx, cookie, None, move || {
+                    Ok(Reply::Identity(crate::identity::collect(&config)))
+                });
+            }
+            Request::Power { action } => {
+                if !config.allow_power {
+                    let _ = tx.send(reply(error(DiskError {
+                        code: ErrorCode::Unsupported,
+                        message: "this client was started without --allow-power".into(),
+                    })));
+                    continue;
+                }
+                let _ = tx.send(reply(Reply::Done));
+                crate::log(&config, format_args!("{action:?} requested by the server"));
+                tokio::spawn(async move {
+                    // Let the reply reach the server first.
+                    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+                    crate::power::act(action);
+                });
+            }
         }
     };
     drop(tx);

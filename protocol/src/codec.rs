@@ -8,7 +8,9 @@
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use tokio_util::codec::{Decoder, Encoder};
 
-use crate::message::{BlockState, DiskInfo, ErrorCode, Extent, Message, Reply, Request};
+use crate::message::{
+    BlockState, DiskInfo, ErrorCode, Extent, Message, PowerAction, Reply, Request, MAX_IDENTITY,
+};
 use crate::{ProtocolError, FRAME_SLACK, MAX_PAYLOAD_LIMIT};
 
 /// Bytes before the body: length, kind, cookie.
@@ -23,11 +25,14 @@ mod kind {
     pub const DISCARD: u8 = 0x06;
     pub const BLOCK_STATUS: u8 = 0x07;
     pub const CLOSE: u8 = 0x08;
+    pub const IDENTIFY: u8 = 0x09;
+    pub const POWER: u8 = 0x0a;
     pub const DISKS: u8 = 0x81;
     pub const OPENED: u8 = 0x82;
     pub const DATA: u8 = 0x83;
     pub const DONE: u8 = 0x84;
     pub const STATUS: u8 = 0x85;
+    pub const IDENTITY: u8 = 0x86;
     pub const ERROR: u8 = 0xff;
 }
 
@@ -183,11 +188,17 @@ fn encode_request(cookie: u64, request: &Request, dst: &mut BytesMut) -> Result<
         Request::Discard { .. } => kind::DISCARD,
         Request::BlockStatus { .. } => kind::BLOCK_STATUS,
         Request::Close { .. } => kind::CLOSE,
+        Request::Identify => kind::IDENTIFY,
+        Request::Power { .. } => kind::POWER,
     };
     dst.put_u8(kind);
     dst.put_u64(cookie);
     match request {
-        Request::ListDisks => {}
+        Request::ListDisks | Request::Identify => {}
+        Request::Power { action } => dst.put_u8(match action {
+            PowerAction::Reboot => 1,
+            PowerAction::Poweroff => 2,
+        }),
         Request::Open { disk, writable } => {
             put_str(dst, disk)?;
             dst.put_u8(u8::from(*writable));
@@ -231,6 +242,7 @@ fn encode_reply(cookie: u64, reply: &Reply, dst: &mut BytesMut) -> Result<(), Pr
         Reply::Data(_) => kind::DATA,
         Reply::Done => kind::DONE,
         Reply::Status(_) => kind::STATUS,
+        Reply::Identity(_) => kind::IDENTITY,
         Reply::Error { .. } => kind::ERROR,
     };
     dst.put_u8(kind);
@@ -263,6 +275,15 @@ fn encode_reply(cookie: u64, reply: &Reply, dst: &mut BytesMut) -> Result<(), Pr
             dst.put_u8(u8::from(*read_only));
         }
         Reply::Data(_) | Reply::Done => {}
+        Reply::Identity(doc) => {
+            if doc.len() > MAX_IDENTITY {
+                return Err(ProtocolError::malformed(format!(
+                    "identity of {} bytes is larger than {MAX_IDENTITY}",
+                    doc.len()
+                )));
+            }
+            dst.put_slice(doc.as_bytes());
+        }
         Reply::Status(extents) => {
             dst.put_u32(extents.len() as u32);
             for e in extents {
@@ -389,6 +410,18 @@ fn decode_frame(buf: Bytes) -> Result<Message, ProtocolError> {
             kind::CLOSE => Request::Close {
                 handle: b.u32("handle")?,
             },
+            kind::IDENTIFY => Request::Identify,
+            kind::POWER => Request::Power {
+                action: match b.u8("power action")? {
+                    1 => PowerAction::Reboot,
+                    2 => PowerAction::Poweroff,
+                    n => {
+                        return Err(ProtocolError::malformed(format!(
+                            "unknown power action {n}"
+                        )))
+                    }
+                },
+            },
             other => return Err(ProtocolError::UnknownKind(other)),
         };
         Message::Request { cookie, request }
@@ -419,6 +452,19 @@ fn decode_frame(buf: Bytes) -> Result<Message, ProtocolError> {
                 read_only: b.bool("read-only flag")?,
             },
             kind::DATA => Reply::Data(b.rest()),
+            kind::IDENTITY => {
+                let raw = b.rest();
+                if raw.len() > MAX_IDENTITY {
+                    return Err(ProtocolError::malformed(format!(
+                        "identity of {} bytes is larger than {MAX_IDENTITY}",
+                        raw.len()
+                    )));
+                }
+                Reply::Identity(
+                    String::from_utf8(raw.to_vec())
+                        .map_err(|_| ProtocolError::malformed("identity is not UTF-8"))?,
+                )
+            }
             kind::DONE => Reply::Done,
             kind::STATUS => {
                 let n = b.count(EXTENT_LEN, "extent list")?;

@@ -26,7 +26,9 @@ pub use codec::FrameCodec;
 pub use error::ProtocolError;
 pub use handshake::{Role, Session, SessionOptions};
 pub use key::Psk;
-pub use message::{BlockState, DiskInfo, ErrorCode, Extent, Message, Reply, Request};
+pub use message::{
+    BlockState, DiskInfo, ErrorCode, Extent, Message, PowerAction, Reply, Request, MAX_IDENTITY,
+};
 
 /// Protocol versions this build speaks (inclusive range).
 pub const VERSION_MIN: u16 = 1;

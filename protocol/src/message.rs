@@ -51,7 +51,23 @@ pub enum Request {
     Close {
         handle: u32,
     },
+    /// Describe the machine (dial-back agents): answered with [`Reply::Identity`].
+    Identify,
+    /// Reboot or power off the machine, after answering (only agents allowed to).
+    Power {
+        action: PowerAction,
+    },
 }
+
+/// What a [`Request::Power`] asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PowerAction {
+    Reboot,
+    Poweroff,
+}
+
+/// Largest identity document a reply may carry.
+pub const MAX_IDENTITY: usize = 256 << 10;
 
 /// What a client answers.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -70,6 +86,9 @@ pub enum Reply {
     /// Consecutive extents starting at the requested offset. They may cover less than was
     /// asked (the requester asks again from where they end), never more.
     Status(Vec<Extent>),
+    /// The machine's identity as a JSON document (at most [`MAX_IDENTITY`] bytes): MAC
+    /// addresses, DMI vendor/product/serial/UUID, CPUs, memory, disks.
+    Identity(String),
     Error {
         code: ErrorCode,
         message: String,

@@ -2,7 +2,8 @@
 
 use bytes::{BufMut, Bytes, BytesMut};
 use diskferry_protocol::{
-    BlockState, DiskInfo, ErrorCode, Extent, FrameCodec, Message, ProtocolError, Reply, Request,
+    BlockState, DiskInfo, ErrorCode, Extent, FrameCodec, Message, PowerAction, ProtocolError,
+    Reply, Request,
 };
 use rand::{Rng, SeedableRng};
 use tokio_util::codec::{Decoder, Encoder};
@@ -16,6 +17,28 @@ fn samples() -> Vec<Message> {
         Message::Request {
             cookie: 1,
             request: Request::ListDisks,
+        },
+        Message::Request {
+            cookie: 101,
+            request: Request::Identify,
+        },
+        Message::Request {
+            cookie: 102,
+            request: Request::Power {
+                action: PowerAction::Reboot,
+            },
+        },
+        Message::Request {
+            cookie: 103,
+            request: Request::Power {
+                action: PowerAction::Poweroff,
+            },
+        },
+        Message::Reply {
+            cookie: 101,
+            reply: Reply::Identity(
+                r#"{"macs":["52:54:00:12:34:56"],"product":"Standard PC é"}"#.into(),
+            ),
         },
         Message::Request {
             cookie: 2,
@@ -333,5 +356,18 @@ fn random_garbage_never_panics() {
         let mut codec = FrameCodec::new(1 << 20);
         let mut buf = BytesMut::from(&bytes[..]);
         while let Ok(Some(_)) = codec.decode(&mut buf) {}
+    }
+}
+
+#[test]
+fn bad_power_actions_and_non_utf8_identities_are_rejected() {
+    let mut codec = FrameCodec::new(1 << 20);
+    for (kind, body) in [(0x0au8, vec![9u8]), (0x86, vec![0xff, 0xfe])] {
+        let mut buf = BytesMut::new();
+        buf.put_u32((1 + 8 + body.len()) as u32);
+        buf.put_u8(kind);
+        buf.put_u64(1);
+        buf.put_slice(&body);
+        assert!(codec.decode(&mut buf).is_err(), "kind {kind:#x}");
     }
 }

@@ -27,16 +27,31 @@ fn shot(b: &Browser, name: &str) {
 fn walk(b: &Browser, base: &str, capture: &str, partition: u32, dirs: &[&str], expect: &str) {
     b.goto(&format!("{base}/captures")).unwrap();
     b.click_link(capture).unwrap();
+    wait_url(b, "/captures/");
     let browse = b
         .find(&format!("a[href$='/p/{partition}/browse?path=/']"))
         .unwrap();
     b.click(&browse).unwrap();
-    for d in dirs {
+    wait_url(b, "browse?path=/");
+    for (i, d) in dirs.iter().enumerate() {
         b.click_link(&format!("{d}/")).unwrap();
+        wait_url(b, &format!("path=/{}", dirs[..=i].join("/")));
     }
     let h1 = b.find("h1").unwrap();
     assert_eq!(b.text(&h1).unwrap(), format!("/{}", dirs.join("/")));
     assert!(b.source().unwrap().contains(expect), "{expect} in {dirs:?}");
+}
+
+/// Waits until the browser is at a URL containing `part` (a click that submits a form may
+/// return before the next page has loaded).
+fn wait_url(b: &Browser, part: &str) {
+    assert!(
+        wait_for(Duration::from_secs(30), || b
+            .url()
+            .is_ok_and(|u| u.contains(part))),
+        "never reached {part}: at {}",
+        b.url().unwrap_or_default()
+    );
 }
 
 fn wait_file(path: &Path, len: u64) -> bool {
@@ -70,8 +85,10 @@ fn browse_download_and_watch_a_capture_in_chromium() {
     b.type_into(&field, password.trim()).unwrap();
     b.click(&b.find("form.login button").unwrap()).unwrap();
     assert!(
-        b.url().unwrap().ends_with("/captures"),
-        "{}",
+        wait_for(Duration::from_secs(30), || b
+            .url()
+            .is_ok_and(|u| u.ends_with("/captures"))),
+        "logged in: at {}",
         b.url().unwrap()
     );
     assert!(b.source().unwrap().contains("Debian GNU/Linux 12"));
@@ -79,6 +96,7 @@ fn browse_download_and_watch_a_capture_in_chromium() {
 
     // The capture's page: layout and allocation bars.
     b.click_link("sample.vhdx").unwrap();
+    wait_url(&b, "/captures/");
     assert_eq!(b.source().unwrap().matches("class=\"bar\"").count(), 2);
     shot(&b, "02-capture.png");
 
@@ -130,6 +148,7 @@ fn browse_download_and_watch_a_capture_in_chromium() {
         "report.bin",
     );
     b.click_link("report.bin").unwrap();
+    wait_url(&b, "/view?path=");
     b.click_link("Download").unwrap();
     let want = std::fs::read(disk.tree.join("home/alice/docs/report.bin")).unwrap();
     let got = downloads.path().join("report.bin");
@@ -138,6 +157,7 @@ fn browse_download_and_watch_a_capture_in_chromium() {
     // A text file is shown inline.
     walk(&b, &base, "sample.vhdx", 2, &["etc"], "hostname");
     b.click_link("hostname").unwrap();
+    wait_url(&b, "/view?path=");
     assert!(b
         .text(&b.find("pre.file").unwrap())
         .unwrap()
@@ -155,7 +175,7 @@ fn browse_download_and_watch_a_capture_in_chromium() {
     b.type_into(&b.find("#output").unwrap(), "from-browser.vhdx")
         .unwrap();
     b.click(&b.find("form.job button").unwrap()).unwrap();
-    assert!(b.url().unwrap().contains("/jobs/"));
+    wait_url(&b, "/jobs/");
     shot(&b, "06-job-running.png");
     let start = Instant::now();
     let final_state = loop {

@@ -251,6 +251,22 @@ impl Connection {
         }
     }
 
+    /// The machine's identity document (JSON), from a dial-back agent.
+    pub async fn identify(&self) -> Result<String, BlockError> {
+        match self.call(Request::Identify).await? {
+            Reply::Identity(doc) => Ok(doc),
+            other => Err(unexpected("identify", None, other)),
+        }
+    }
+
+    /// Asks the agent to reboot or power off its machine.
+    pub async fn power(&self, action: diskferry_protocol::PowerAction) -> Result<(), BlockError> {
+        match self.call(Request::Power { action }).await? {
+            Reply::Done => Ok(()),
+            other => Err(unexpected("power", None, other)),
+        }
+    }
+
     /// Opens a disk by name.
     pub async fn open(
         &self,
@@ -307,6 +323,7 @@ pub(super) fn unexpected(op: &'static str, offset: Option<u64>, reply: Reply) ->
                 Reply::Data(_) => "data",
                 Reply::Done => "done",
                 Reply::Status(_) => "status",
+                Reply::Identity(_) => "identity",
                 Reply::Error { .. } => "error",
             };
             BlockError::Protocol(format!("unexpected {kind} reply to {op}"))
