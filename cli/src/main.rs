@@ -3,6 +3,7 @@
 mod browse;
 mod demo;
 mod images;
+mod machines;
 mod mkfs;
 mod serve;
 
@@ -55,6 +56,18 @@ enum Command {
     Capture(CaptureArgs),
     /// Run the server: web UI and JSON API for the captures in DATA_DIR, jobs, machines
     Serve(serve::ServeArgs),
+    /// List the machines a running server knows (name, MACs, hardware, disks, state)
+    Machines {
+        #[command(flatten)]
+        daemon: machines::DaemonArgs,
+    },
+    /// Register, rename, reboot or power off a machine known to a running server
+    Machine {
+        #[command(subcommand)]
+        command: machines::MachineCommand,
+        #[command(flatten)]
+        daemon: machines::DaemonArgs,
+    },
     /// Show the main job end to end on this machine: serve a sample disk, capture it, verify it
     Demo {
         /// Work here instead of a new directory under the system's temporary directory (the
@@ -351,6 +364,8 @@ fn run(cli: Cli) -> Result<()> {
         Command::Keygen { file } => keygen(&file),
         Command::Demo { dir, size_mib } => demo::run(dir, size_mib),
         Command::Serve(args) => serve::run(&args),
+        Command::Machines { daemon } => machines::list(&daemon),
+        Command::Machine { command, daemon } => machines::machine(&daemon, &command),
         Command::Info { image, json } => images::info(&image, json),
         Command::Create {
             out,

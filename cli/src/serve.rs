@@ -16,6 +16,10 @@ pub struct ServeArgs {
     /// Address of the web UI and API (localhost only unless you say otherwise)
     #[arg(long, default_value = "127.0.0.1:8080", value_name = "ADDR:PORT")]
     listen: SocketAddr,
+    /// Where machines booted into the PXE environment dial back to (diskferry-client
+    /// --connect); they must hold DATA_DIR/agent.key
+    #[arg(long, default_value = "0.0.0.0:7700", value_name = "ADDR:PORT")]
+    agent_listen: SocketAddr,
 }
 
 pub fn run(args: &ServeArgs) -> Result<()> {
@@ -29,6 +33,19 @@ pub fn run(args: &ServeArgs) -> Result<()> {
             .await
             .with_context(|| format!("cannot listen on {} (in use? try --listen)", args.listen))?;
         let addr = listener.local_addr()?;
+        let agent_listener = tokio::net::TcpListener::bind(args.agent_listen)
+            .await
+            .with_context(|| {
+                format!(
+                    "cannot listen for agents on {} (in use? try --agent-listen)",
+                    args.agent_listen
+                )
+            })?;
+        let agent_addr = agent_listener.local_addr()?;
+        tokio::spawn(std::sync::Arc::clone(&state.agents).accept_loop(agent_listener));
+        // `diskferry machines --data-dir DIR` finds the running server here.
+        std::fs::write(args.data_dir.join("serve.addr"), format!("{addr}\n"))
+            .context("cannot write DATA_DIR/serve.addr")?;
         if let Some(pw) = &startup.new_password {
             eprintln!(
                 "generated the admin password: {pw}  (kept in {})",
@@ -48,6 +65,7 @@ pub fn run(args: &ServeArgs) -> Result<()> {
             );
         }
         eprintln!("{} capture(s) in the catalog", startup.captures);
+        eprintln!("agents dial back to {agent_addr}");
         // Tests and scripts wait for this line.
         eprintln!("listening on http://{addr}");
         diskferry_web::serve(listener, state)

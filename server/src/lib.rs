@@ -1,6 +1,7 @@
 //! The diskferry imaging server library: block devices (local and remote), and the jobs that
 //! move sectors between them. The `diskferry` binary is a thin CLI over this.
 
+pub mod agents;
 pub mod blockdev;
 pub mod catalog;
 pub mod fs;

@@ -1,119 +1,20 @@
-//! A minimal HTTP/1.1 client for the web tests: raw request lines (so paths reach the server
-//! exactly as written, `..` and all — real clients normalise them away), `Connection: close`,
-//! bodies read whole, chunked transfer decoded. And [`Server`], a running `diskferry serve`.
+//! [`Server`], a running `diskferry serve`, and the HTTP client the web tests use (raw request
+//! lines, so paths reach the server exactly as written, `..` and all).
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::TcpStream;
+use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 
 use anyhow::{bail, Context, Result};
 
-/// A response: status, headers (names lowercased) and body.
-#[derive(Debug)]
-pub struct Response {
-    pub status: u16,
-    pub headers: Vec<(String, String)>,
-    pub body: Vec<u8>,
-}
-
-impl Response {
-    pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(k, _)| k == name)
-            .map(|(_, v)| v.as_str())
-    }
-    pub fn text(&self) -> String {
-        String::from_utf8_lossy(&self.body).into_owned()
-    }
-    pub fn json(&self) -> serde_json::Value {
-        serde_json::from_slice(&self.body)
-            .unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.text()))
-    }
-}
-
-/// Sends one request to `addr` and reads the whole response.
-pub fn request(
-    addr: &str,
-    method: &str,
-    target: &str,
-    headers: &[(&str, &str)],
-    body: &[u8],
-) -> Result<Response> {
-    let mut s = TcpStream::connect(addr).with_context(|| format!("connect {addr}"))?;
-    let mut req = format!("{method} {target} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
-    for (k, v) in headers {
-        req.push_str(&format!("{k}: {v}\r\n"));
-    }
-    if !body.is_empty() || method == "POST" {
-        req.push_str(&format!("Content-Length: {}\r\n", body.len()));
-    }
-    req.push_str("\r\n");
-    s.write_all(req.as_bytes())?;
-    // A server may answer (413) before reading a large body; a failed write is then fine.
-    let _ = s.write_all(body);
-    let mut r = BufReader::new(s);
-    let mut line = String::new();
-    r.read_line(&mut line)?;
-    let status: u16 = line
-        .split_whitespace()
-        .nth(1)
-        .context("no status line")?
-        .parse()?;
-    let mut headers = Vec::new();
-    loop {
-        line.clear();
-        r.read_line(&mut line)?;
-        let l = line.trim_end();
-        if l.is_empty() {
-            break;
-        }
-        if let Some((k, v)) = l.split_once(':') {
-            headers.push((k.trim().to_ascii_lowercase(), v.trim().to_string()));
-        }
-    }
-    let chunked = headers
-        .iter()
-        .any(|(k, v)| k == "transfer-encoding" && v.contains("chunked"));
-    let mut body = Vec::new();
-    if chunked {
-        loop {
-            line.clear();
-            r.read_line(&mut line)?;
-            let size = usize::from_str_radix(line.trim().split(';').next().unwrap_or(""), 16)
-                .with_context(|| format!("bad chunk size line {line:?}"))?;
-            if size == 0 {
-                break;
-            }
-            let start = body.len();
-            body.resize(start + size, 0);
-            r.read_exact(&mut body[start..])?;
-            let mut crlf = [0u8; 2];
-            r.read_exact(&mut crlf)?;
-        }
-    } else if let Some(len) = headers
-        .iter()
-        .find(|(k, _)| k == "content-length")
-        .and_then(|(_, v)| v.parse::<usize>().ok())
-    {
-        // Some servers (chromedriver) keep the connection open after the body.
-        body.resize(len, 0);
-        r.read_exact(&mut body)?;
-    } else {
-        r.read_to_end(&mut body)?;
-    }
-    Ok(Response {
-        status,
-        headers,
-        body,
-    })
-}
+pub use diskferry_web::client::{request, Response};
 
 /// A running `diskferry serve`, killed when dropped.
 pub struct Server {
     child: Child,
     pub addr: String,
+    /// Where dial-back agents connect.
+    pub agent_addr: String,
     pub data_dir: PathBuf,
     pub token: String,
 }
@@ -121,8 +22,20 @@ pub struct Server {
 impl Server {
     /// Starts the server on a free localhost port with `data_dir` and waits until it listens.
     pub fn start(data_dir: &Path) -> Result<Server> {
+        Server::start_with_agent_port(data_dir, "127.0.0.1:0")
+    }
+
+    /// Same, with the agent port at `agent_listen`.
+    pub fn start_with_agent_port(data_dir: &Path, agent_listen: &str) -> Result<Server> {
         let mut child = Command::new(crate::bin("diskferry"))
-            .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+            .args([
+                "serve",
+                "--listen",
+                "127.0.0.1:0",
+                "--agent-listen",
+                agent_listen,
+            ])
+            .arg("--data-dir")
             .arg(data_dir)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -130,12 +43,16 @@ impl Server {
             .spawn()?;
         let mut err = BufReader::new(child.stderr.take().context("stderr")?);
         let mut seen = String::new();
+        let mut agent_addr = String::new();
         let addr = loop {
             let mut line = String::new();
             if err.read_line(&mut line)? == 0 {
                 bail!("diskferry serve ended before listening: {seen}");
             }
             seen.push_str(&line);
+            if let Some(a) = line.trim().strip_prefix("agents dial back to ") {
+                agent_addr = a.to_string();
+            }
             if let Some(a) = line.trim().strip_prefix("listening on http://") {
                 break a.to_string();
             }
@@ -148,6 +65,7 @@ impl Server {
         Ok(Server {
             child,
             addr,
+            agent_addr,
             data_dir: data_dir.to_path_buf(),
             token,
         })
@@ -161,6 +79,12 @@ impl Server {
             h.push(("Content-Type", "application/json"));
         }
         request(&self.addr, method, target, &h, body).expect("request")
+    }
+
+    /// Stops the server (as a crash would: no goodbye to anyone).
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 
     pub fn get(&self, target: &str) -> Response {

@@ -44,7 +44,10 @@ impl IntoResponse for Failure {
 
 impl From<CatalogError> for Failure {
     fn from(e: CatalogError) -> Failure {
-        Failure::internal(e.to_string())
+        match e {
+            CatalogError::Invalid(m) => Failure::bad_request(m),
+            e => Failure::internal(e.to_string()),
+        }
     }
 }
 

@@ -6,7 +6,8 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
-use diskferry::blockdev::{BlockDevice, CancelFlag, CancellableDevice};
+use diskferry::agents::Agents;
+use diskferry::blockdev::{BlockDevice, CancelFlag, CancellableDevice, RemoteOptions};
 use diskferry::catalog::{Catalog, JobState};
 use diskferry::pipeline::verify::verify_disks;
 use diskferry::pipeline::{capture_disk, Mode, OutputOptions};
@@ -61,14 +62,16 @@ impl Live {
 pub struct Jobs {
     catalog: Arc<Catalog>,
     key_file: PathBuf,
+    agents: Arc<Agents>,
     live: Mutex<HashMap<i64, Live>>,
 }
 
 impl Jobs {
-    pub fn new(catalog: Arc<Catalog>, key_file: PathBuf) -> Jobs {
+    pub fn new(catalog: Arc<Catalog>, key_file: PathBuf, agents: Arc<Agents>) -> Jobs {
         Jobs {
             catalog,
             key_file,
+            agents,
             live: Mutex::new(HashMap::new()),
         }
     }
@@ -96,12 +99,7 @@ impl Jobs {
                 )))
             }
         };
-        let spec = SourceSpec::parse(req.source.trim());
-        if !matches!(spec, SourceSpec::Remote { .. }) {
-            return Err(Failure::bad_request(
-                "source must be DISK@HOST:PORT, a disk of a listening diskferry-client",
-            ));
-        }
+        let spec = self.resolve_source(req.source.trim())?;
         let format = output_format(&req.output)?;
         let out = self.catalog.captures_dir().join(&req.output);
         if out.exists() || out.with_extension("partial").exists() {
@@ -135,6 +133,21 @@ impl Jobs {
         tokio::task::spawn_blocking(move || {
             let _ = me.catalog.start_job(id);
             me.publish(id, serde_json::json!({"state": "running"}));
+            // A machine being captured is transitioning, then back to what it was.
+            let machine = match &spec {
+                Source::Machine { id: m, .. } => me
+                    .catalog
+                    .find_machine(&m.to_string())
+                    .ok()
+                    .flatten()
+                    .map(|rec| (*m, rec.state)),
+                Source::Listening { .. } => None,
+            };
+            if let Some((m, _)) = &machine {
+                let _ = me
+                    .catalog
+                    .set_machine_state(*m, diskferry::catalog::state::TRANSITIONING);
+            }
             let result = me.run_capture(id, &rt, &spec, &out, format, mode, req.verify, &cancel);
             let (state, error) = match result {
                 Ok(()) => (JobState::Succeeded, None),
@@ -148,9 +161,10 @@ impl Jobs {
             } else {
                 me.log(id, "done");
                 let _ = me.catalog.refresh_captures();
-                if let SourceSpec::Remote { addr, .. } = &spec {
-                    let _ = me.catalog.set_source_machine(&req.output, addr);
-                }
+                let _ = me.catalog.set_source_machine(&req.output, &spec.origin());
+            }
+            if let Some((m, before)) = &machine {
+                let _ = me.catalog.set_machine_state(*m, before);
             }
             let _ = me.catalog.finish_job(id, state, error.as_deref());
             me.publish(
@@ -167,18 +181,15 @@ impl Jobs {
         self: &Arc<Self>,
         id: i64,
         rt: &tokio::runtime::Handle,
-        spec: &SourceSpec,
+        spec: &Source,
         out: &std::path::Path,
         format: ImageFormat,
         mode: Mode,
         verify: bool,
         cancel: &CancelFlag,
     ) -> Result<(), String> {
-        let psk = Psk::from_file(&self.key_file).map_err(|e| e.to_string())?;
-        let session = SessionOptions::new(Role::Controller, psk);
-        self.log(id, &format!("connecting to {}", spec_name(spec)));
-        let src = open_source(spec, rt, Some(&session), false, DEFAULT_RECONNECT)
-            .map_err(|e| e.to_string())?;
+        self.log(id, &format!("connecting to {}", spec.describe()));
+        let src = self.open(spec, rt)?;
         let src: Arc<dyn BlockDevice> = Arc::new(CancellableDevice::new(src, cancel.clone()));
         self.log(
             id,
@@ -280,10 +291,117 @@ impl Jobs {
     }
 }
 
-fn spec_name(spec: &SourceSpec) -> String {
-    match spec {
-        SourceSpec::Remote { disk, addr } => format!("{disk} on {addr}"),
-        SourceSpec::Local(p) => p.display().to_string(),
+/// Where a job reads (or, for deploys, writes) a disk.
+#[derive(Debug, Clone)]
+pub enum Source {
+    /// A disk of a listening client, `DISK@HOST:PORT`.
+    Listening { disk: String, addr: String },
+    /// A disk of a machine connected over the agent port.
+    Machine {
+        id: i64,
+        label: String,
+        disk: String,
+    },
+}
+
+impl Source {
+    fn describe(&self) -> String {
+        match self {
+            Source::Listening { disk, addr } => format!("{disk} on {addr}"),
+            Source::Machine { label, disk, .. } => format!("{disk} on machine {label}"),
+        }
+    }
+
+    /// What the catalog records as the capture's source machine.
+    fn origin(&self) -> String {
+        match self {
+            Source::Listening { addr, .. } => addr.clone(),
+            Source::Machine { label, .. } => label.clone(),
+        }
+    }
+}
+
+impl Jobs {
+    /// `MACHINE` or `DISK@MACHINE` (a registered name, MAC address or id of a connected
+    /// machine; without DISK, its only disk), else `DISK@HOST:PORT` of a listening client.
+    pub fn resolve_source(&self, raw: &str) -> Result<Source, Failure> {
+        let (disk, who) = match raw.rsplit_once('@') {
+            Some((d, w)) => (Some(d), w),
+            None => (None, raw),
+        };
+        if let Some(m) = self.catalog.find_machine(who)? {
+            let label = m.name.clone().unwrap_or_else(|| m.macs.join(","));
+            let link = self.agents.link(m.id).ok_or_else(|| {
+                Failure::new(
+                    axum::http::StatusCode::CONFLICT,
+                    format!("machine {label} is not connected: boot it into the diskferry PXE environment first"),
+                )
+            })?;
+            let names: Vec<&str> = link
+                .identity
+                .disks
+                .iter()
+                .map(|d| d.name.as_str())
+                .collect();
+            let disk = match disk {
+                Some(d) if names.contains(&d) => d.to_string(),
+                Some(d) => {
+                    return Err(Failure::bad_request(format!(
+                        "machine {label} has no disk {d}; its disks: {}",
+                        names.join(", ")
+                    )))
+                }
+                None if names.len() == 1 => names[0].to_string(),
+                None => {
+                    return Err(Failure::bad_request(format!(
+                        "machine {label} has {} disks; name one as DISK@{who}: {}",
+                        names.len(),
+                        names.join(", ")
+                    )))
+                }
+            };
+            return Ok(Source::Machine {
+                id: m.id,
+                label,
+                disk,
+            });
+        }
+        match (disk, SourceSpec::parse(raw)) {
+            (Some(_), SourceSpec::Remote { disk, addr }) => Ok(Source::Listening { disk, addr }),
+            _ => Err(Failure::bad_request(format!(
+                "{raw:?} is neither a known machine (name or MAC address) nor DISK@HOST:PORT of a listening diskferry-client"
+            ))),
+        }
+    }
+
+    /// Opens the source disk (read-only) as a block device.
+    fn open(
+        &self,
+        src: &Source,
+        rt: &tokio::runtime::Handle,
+    ) -> Result<Arc<dyn BlockDevice>, String> {
+        match src {
+            Source::Listening { disk, addr } => {
+                let psk = Psk::from_file(&self.key_file).map_err(|e| e.to_string())?;
+                let session = SessionOptions::new(Role::Controller, psk);
+                let spec = SourceSpec::Remote {
+                    disk: disk.clone(),
+                    addr: addr.clone(),
+                };
+                open_source(&spec, rt, Some(&session), false, DEFAULT_RECONNECT)
+                    .map_err(|e| e.to_string())
+            }
+            Source::Machine { id, label, disk } => {
+                let link = self
+                    .agents
+                    .link(*id)
+                    .ok_or_else(|| format!("machine {label} disconnected"))?;
+                let dev = rt
+                    .block_on(link.connection.open(disk, false, RemoteOptions::default()))
+                    .map_err(|e| e.to_string())?;
+                Ok(Arc::new(dev))
+            }
+        }
     }
 }
 

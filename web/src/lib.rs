@@ -10,6 +10,7 @@
 pub mod api;
 pub mod auth;
 pub mod browse;
+pub mod client;
 pub mod error;
 pub mod innerpath;
 pub mod jobs;
@@ -24,6 +25,7 @@ use axum::http::{header, Method, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Redirect, Response};
 use axum::Router;
+use diskferry::agents::Agents;
 use diskferry::catalog::Catalog;
 
 use crate::auth::{Auth, Identity};
@@ -38,6 +40,8 @@ pub struct AppState {
     pub auth: Auth,
     pub volumes: browse::Volumes,
     pub jobs: Arc<jobs::Jobs>,
+    /// Machines connected over the agent port.
+    pub agents: Arc<Agents>,
     /// When the captures directory was last rescanned.
     pub refreshed: std::sync::Mutex<Option<std::time::Instant>>,
 }
@@ -81,8 +85,19 @@ pub fn open(data_dir: &Path) -> Result<(SharedState, Startup), String> {
             .trim()
             .to_string()
     })?;
+    let psk = diskferry_protocol::Psk::from_file(&key_file).map_err(|e| e.to_string())?;
+    let agents = Arc::new(Agents::new(
+        Arc::clone(&catalog),
+        diskferry_protocol::SessionOptions::new(diskferry_protocol::Role::Controller, psk),
+        |line| eprintln!("{line}"),
+    ));
     let state = Arc::new(AppState {
-        jobs: Arc::new(jobs::Jobs::new(Arc::clone(&catalog), key_file.clone())),
+        jobs: Arc::new(jobs::Jobs::new(
+            Arc::clone(&catalog),
+            key_file.clone(),
+            Arc::clone(&agents),
+        )),
+        agents,
         catalog,
         auth: Auth::new(password.value.clone(), token.value),
         volumes: browse::Volumes::default(),

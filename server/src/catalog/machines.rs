@@ -2,10 +2,10 @@
 //! announced (configurations shared by several machines stored once) and their state. The PXE
 //! dial-back listener fills this registry; the web UI and `diskferry machines` read it.
 
-use rusqlite::Row;
+use rusqlite::{OptionalExtension, Row};
 use serde::Serialize;
 
-use super::{Catalog, CatalogError};
+use super::{unix_now, Catalog, CatalogError};
 
 /// One machine as the catalog knows it.
 #[derive(Debug, Clone, Serialize)]
@@ -21,6 +21,8 @@ pub struct MachineRecord {
     pub state: String,
     pub last_seen: Option<i64>,
     pub created_at: i64,
+    /// Everything the machine announced last time (hostname, serial, UUID, disks...).
+    pub identity: Option<MachineIdentity>,
 }
 
 fn from_row(row: &Row<'_>) -> rusqlite::Result<MachineRecord> {
@@ -34,6 +36,9 @@ fn from_row(row: &Row<'_>) -> rusqlite::Result<MachineRecord> {
         state: row.get(4)?,
         last_seen: row.get(5)?,
         created_at: row.get(6)?,
+        identity: row
+            .get::<_, Option<String>>(7)?
+            .and_then(|i| serde_json::from_str(&i).ok()),
     })
 }
 
@@ -43,7 +48,7 @@ impl Catalog {
         let db = self.db();
         let mut stmt = db
             .prepare(
-                "SELECT m.id, m.name, m.macs, h.info, m.state, m.last_seen, m.created_at
+                "SELECT m.id, m.name, m.macs, h.info, m.state, m.last_seen, m.created_at, m.identity
                  FROM machines m LEFT JOIN hardware h ON h.id = m.hardware_id
                  ORDER BY m.name IS NULL, m.name, m.last_seen DESC",
             )
@@ -53,5 +58,273 @@ impl Catalog {
             .and_then(|rows| rows.collect::<Result<Vec<_>, _>>())
             .map_err(|e| self.sql(e))?;
         Ok(rows)
+    }
+}
+
+/// What a dial-back agent announces about its machine (the client's identity document).
+#[derive(Debug, Clone, Default, serde::Deserialize, Serialize, PartialEq)]
+pub struct MachineIdentity {
+    #[serde(default)]
+    pub hostname: Option<String>,
+    #[serde(default)]
+    pub macs: Vec<String>,
+    #[serde(default)]
+    pub vendor: Option<String>,
+    #[serde(default)]
+    pub product: Option<String>,
+    #[serde(default)]
+    pub serial: Option<String>,
+    #[serde(default)]
+    pub uuid: Option<String>,
+    #[serde(default)]
+    pub cpus: u32,
+    #[serde(default)]
+    pub memory: u64,
+    #[serde(default)]
+    pub disks: Vec<IdentityDisk>,
+}
+
+/// A disk in a machine's identity.
+#[derive(Debug, Clone, Default, serde::Deserialize, Serialize, PartialEq)]
+pub struct IdentityDisk {
+    pub name: String,
+    pub size: u64,
+    #[serde(default)]
+    pub model: String,
+    #[serde(default)]
+    pub serial: String,
+    #[serde(default)]
+    pub read_only: bool,
+}
+
+/// `52-54-00-AB-cd-EF` or `5254.00ab.cdef` → `52:54:00:ab:cd:ef`; `None` if not a MAC.
+pub fn normalize_mac(s: &str) -> Option<String> {
+    let hex: String = s
+        .chars()
+        .filter(|c| !matches!(c, ':' | '-' | '.'))
+        .collect::<String>()
+        .to_ascii_lowercase();
+    if hex.len() != 12 || !hex.chars().all(|c| c.is_ascii_hexdigit()) {
+        return None;
+    }
+    Some(
+        hex.as_bytes()
+            .chunks(2)
+            .map(|p| String::from_utf8_lossy(p).into_owned())
+            .collect::<Vec<_>>()
+            .join(":"),
+    )
+}
+
+/// Machine states.
+pub mod state {
+    pub const UNREGISTERED: &str = "unregistered";
+    pub const DORMANT: &str = "dormant";
+    pub const TRANSITIONING: &str = "transitioning";
+    pub const DEPLOYED: &str = "deployed";
+    pub const FAILED: &str = "failed";
+}
+
+impl Catalog {
+    /// Records that a machine announced itself: matched to a known machine by any MAC address
+    /// in common (its MACs and hardware are updated), or added as unregistered. Identical
+    /// hardware descriptions (vendor, product, CPUs, memory, disk models and sizes) are stored
+    /// once. Returns the machine's id.
+    pub fn machine_seen(&self, id: &MachineIdentity) -> Result<i64, CatalogError> {
+        let macs: Vec<String> = id.macs.iter().filter_map(|m| normalize_mac(m)).collect();
+        if macs.is_empty() {
+            return Err(CatalogError::Invalid(
+                "the machine announced no MAC address".into(),
+            ));
+        }
+        let hardware = serde_json::json!({
+            "vendor": id.vendor, "product": id.product, "cpus": id.cpus, "memory": id.memory,
+            "disks": id.disks.iter().map(|d| serde_json::json!({"model": d.model, "size": d.size})).collect::<Vec<_>>(),
+        })
+        .to_string();
+        let now = unix_now();
+        let db = self.db();
+        db.execute(
+            "INSERT OR IGNORE INTO hardware (fingerprint, info) VALUES (?1, ?1)",
+            [&hardware],
+        )
+        .map_err(|e| self.sql(e))?;
+        let hw_id: i64 = db
+            .query_row(
+                "SELECT id FROM hardware WHERE fingerprint = ?1",
+                [&hardware],
+                |r| r.get(0),
+            )
+            .map_err(|e| self.sql(e))?;
+        let known: Vec<(i64, String)> = {
+            let mut stmt = db
+                .prepare("SELECT id, macs FROM machines")
+                .map_err(|e| self.sql(e))?;
+            let rows = stmt
+                .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+                .and_then(|rows| rows.collect::<Result<Vec<_>, _>>())
+                .map_err(|e| self.sql(e))?;
+            rows
+        };
+        let found = known.into_iter().find_map(|(mid, m)| {
+            let theirs: Vec<String> = serde_json::from_str(&m).unwrap_or_default();
+            theirs
+                .iter()
+                .any(|x| macs.contains(x))
+                .then_some((mid, theirs))
+        });
+        let details = serde_json::to_string(id).unwrap_or_default();
+        match found {
+            Some((mid, mut theirs)) => {
+                theirs.extend(macs);
+                theirs.sort();
+                theirs.dedup();
+                db.execute(
+                    "UPDATE machines SET macs = ?2, hardware_id = ?3, last_seen = ?4, identity = ?5 WHERE id = ?1",
+                    rusqlite::params![mid, serde_json::to_string(&theirs).unwrap_or_default(), hw_id, now, details],
+                )
+                .map_err(|e| self.sql(e))?;
+                Ok(mid)
+            }
+            None => {
+                db.execute(
+                    "INSERT INTO machines (macs, hardware_id, state, last_seen, created_at, identity)
+                     VALUES (?1, ?2, ?3, ?4, ?4, ?5)",
+                    rusqlite::params![
+                        serde_json::to_string(&macs).unwrap_or_default(),
+                        hw_id,
+                        state::UNREGISTERED,
+                        now,
+                        details
+                    ],
+                )
+                .map_err(|e| self.sql(e))?;
+                Ok(db.last_insert_rowid())
+            }
+        }
+    }
+
+    /// Finds a machine by registered name, MAC address (any form) or id.
+    pub fn find_machine(&self, key: &str) -> Result<Option<MachineRecord>, CatalogError> {
+        let all = self.machines()?;
+        let mac = normalize_mac(key);
+        Ok(all.into_iter().find(|m| {
+            m.name.as_deref() == Some(key)
+                || mac.as_ref().is_some_and(|mac| m.macs.contains(mac))
+                || key.parse::<i64>().is_ok_and(|id| id == m.id)
+        }))
+    }
+
+    /// Registers a machine under `name` (unregistered machines become dormant) or renames it.
+    pub fn name_machine(&self, id: i64, name: &str) -> Result<(), CatalogError> {
+        let name = name.trim();
+        let valid = !name.is_empty()
+            && name.len() <= 63
+            && name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+            && normalize_mac(name).is_none()
+            && name.parse::<i64>().is_err();
+        if !valid {
+            return Err(CatalogError::Invalid(format!(
+                "{name:?} is not a usable machine name: use up to 63 letters, digits, '-', '_' or '.', not a number or a MAC address"
+            )));
+        }
+        let db = self.db();
+        let taken: Option<i64> = db
+            .query_row(
+                "SELECT id FROM machines WHERE name = ?1 AND id != ?2",
+                rusqlite::params![name, id],
+                |r| r.get(0),
+            )
+            .optional()
+            .map_err(|e| self.sql(e))?;
+        if taken.is_some() {
+            return Err(CatalogError::Invalid(format!(
+                "another machine is already named {name}"
+            )));
+        }
+        let n = db
+            .execute(
+                "UPDATE machines SET name = ?2,
+                    state = CASE state WHEN 'unregistered' THEN 'dormant' ELSE state END
+                 WHERE id = ?1",
+                rusqlite::params![id, name],
+            )
+            .map_err(|e| self.sql(e))?;
+        if n == 0 {
+            return Err(CatalogError::Invalid(format!("no machine with id {id}")));
+        }
+        Ok(())
+    }
+
+    /// Sets a machine's state (see [`state`]).
+    pub fn set_machine_state(&self, id: i64, new_state: &str) -> Result<(), CatalogError> {
+        self.db()
+            .execute(
+                "UPDATE machines SET state = ?2 WHERE id = ?1",
+                rusqlite::params![id, new_state],
+            )
+            .map_err(|e| self.sql(e))?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ident(macs: &[&str], product: &str) -> MachineIdentity {
+        MachineIdentity {
+            macs: macs.iter().map(|s| s.to_string()).collect(),
+            product: Some(product.into()),
+            cpus: 2,
+            memory: 1 << 30,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn machines_are_matched_by_mac_and_hardware_is_shared() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = Catalog::open(dir.path()).unwrap();
+        let a = c
+            .machine_seen(&ident(&["52:54:00:AA:00:01"], "Standard PC"))
+            .unwrap();
+        let b = c
+            .machine_seen(&ident(&["52-54-00-aa-00-02"], "Standard PC"))
+            .unwrap();
+        assert_ne!(a, b);
+        // Same machine again, with a second NIC: one record, both MACs.
+        let again = c
+            .machine_seen(&ident(
+                &["52:54:00:aa:00:01", "52:54:00:aa:00:09"],
+                "Standard PC",
+            ))
+            .unwrap();
+        assert_eq!(again, a);
+        let all = c.machines().unwrap();
+        assert_eq!(all.len(), 2);
+        let ma = all.iter().find(|m| m.id == a).unwrap();
+        assert_eq!(ma.macs, ["52:54:00:aa:00:01", "52:54:00:aa:00:09"]);
+        assert_eq!(ma.state, state::UNREGISTERED);
+        let hw: i64 = c
+            .db()
+            .query_row("SELECT COUNT(*) FROM hardware", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(hw, 1, "two machines alike share one hardware row");
+        assert!(c.machine_seen(&ident(&["nonsense"], "x")).is_err());
+
+        c.name_machine(a, "web-01").unwrap();
+        assert_eq!(
+            c.find_machine("web-01").unwrap().unwrap().state,
+            state::DORMANT
+        );
+        assert_eq!(c.find_machine("52:54:00:AA:00:09").unwrap().unwrap().id, a);
+        assert!(c.name_machine(b, "web-01").is_err(), "names are unique");
+        assert!(c.name_machine(b, "52:54:00:aa:00:02").is_err());
+        assert!(c.name_machine(b, "bad name").is_err());
+        c.name_machine(a, "web-02").unwrap();
+        assert!(c.find_machine("web-01").unwrap().is_none());
     }
 }

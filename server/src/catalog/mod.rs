@@ -17,7 +17,7 @@ use rusqlite::Connection;
 
 pub use captures::{CaptureRecord, RefreshReport};
 pub use jobs::{JobRecord, JobState};
-pub use machines::MachineRecord;
+pub use machines::{normalize_mac, state, IdentityDisk, MachineIdentity, MachineRecord};
 
 /// Why a catalog operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -34,6 +34,8 @@ pub enum CatalogError {
         #[source]
         source: std::io::Error,
     },
+    #[error("{0}")]
+    Invalid(String),
     #[error("catalog database {path} has schema version {found}, newer than this diskferry knows ({known}); use a newer diskferry")]
     TooNew {
         path: PathBuf,
@@ -99,6 +101,8 @@ const MIGRATIONS: &[&str] = &[
         last_seen INTEGER,
         created_at INTEGER NOT NULL
      );",
+    // 2: the last identity document a machine announced.
+    "ALTER TABLE machines ADD COLUMN identity TEXT",
 ];
 
 impl Catalog {

@@ -8,7 +8,6 @@ pub mod jobs;
 pub mod layout;
 
 use std::collections::HashMap;
-use std::sync::Arc;
 
 use axum::extract::{Query, State};
 use axum::http::{header, HeaderMap, StatusCode};
@@ -29,6 +28,7 @@ pub fn routes() -> Router<SharedState> {
         .route("/static/style.css", get(style))
         .route("/static/app.js", get(script))
         .route("/machines", get(machines))
+        .route("/machines/{id}/name", post(name_machine))
         .merge(captures::routes())
         .merge(jobs::routes())
         .fallback(|| async { PageFailure(Failure::not_found("no such page")) })
@@ -144,23 +144,37 @@ async fn machines(
     State(state): State<SharedState>,
     Extension(who): Extension<Identity>,
 ) -> Result<Html<String>, PageFailure> {
-    let st = Arc::clone(&state);
-    let list = tokio::task::spawn_blocking(move || st.catalog.machines()).await??;
+    let list = crate::api::machine_list(&state).await?;
+    let text = |v: &serde_json::Value| v.as_str().unwrap_or("").to_string();
     let body = html! {
         h1 { "Machines" }
         @if list.is_empty() {
             p.empty { "No machine has dialed in yet. Machines appear here when they boot the diskferry PXE environment and connect back to this server." }
         } @else {
-            div.scroll { table {
-                thead { tr { th { "Name" } th { "MAC addresses" } th { "Hardware" } th { "State" } th { "Last seen" } } }
+            div.scroll { table.list {
+                thead { tr { th { "Name" } th { "MAC addresses" } th { "Hardware" } th { "Disks" } th { "State" } th { "Last seen" } th {} } }
                 tbody {
                     @for m in &list {
+                        @let id = m["id"].as_i64().unwrap_or(0);
+                        @let hw = &m["identity"];
                         tr {
-                            td { (m.name.as_deref().unwrap_or("(unregistered)")) }
-                            td.mono { (m.macs.join(" ")) }
-                            td { (m.hardware.as_ref().and_then(|h| h.get("product")).and_then(|p| p.as_str()).unwrap_or("")) }
-                            td { (m.state) }
-                            td { (m.last_seen.map(layout::date).unwrap_or_default()) }
+                            td { (m["name"].as_str().unwrap_or("(unregistered)")) }
+                            td.mono { (m["macs"].as_array().map(|a| a.iter().map(text).collect::<Vec<_>>().join(" ")).unwrap_or_default()) }
+                            td { (text(&hw["vendor"])) " " (text(&hw["product"])) }
+                            td.mono {
+                                @for d in hw["disks"].as_array().into_iter().flatten() {
+                                    (text(&d["name"])) " " (layout::human_bytes(d["size"].as_u64().unwrap_or(0))) br;
+                                }
+                            }
+                            td { (text(&m["state"])) @if m["online"] == true { " · " span.state.succeeded { "online" } } }
+                            td { (m["last_seen"].as_i64().map(layout::date).unwrap_or_default()) }
+                            td {
+                                form.inline method="post" action=(format!("/machines/{id}/name")) {
+                                    input type="hidden" name="csrf" value=(who.csrf());
+                                    input name="name" required placeholder=(if m["name"].is_null() { "name to register" } else { "new name" }) aria-label="Machine name";
+                                    button type="submit" { @if m["name"].is_null() { "Register" } @else { "Rename" } }
+                                }
+                            }
                         }
                     }
                 }
@@ -170,4 +184,14 @@ async fn machines(
     Ok(Html(
         layout::page("Machines", "Machines", Some(&who), body).into_string(),
     ))
+}
+
+async fn name_machine(
+    State(state): State<SharedState>,
+    axum::extract::Path(id): axum::extract::Path<String>,
+    Form(form): Form<HashMap<String, String>>,
+) -> Result<Response, PageFailure> {
+    let name = form.get("name").map_or("", String::as_str);
+    crate::api::set_machine_name(&state, &id, name).await?;
+    Ok(Redirect::to("/machines").into_response())
 }

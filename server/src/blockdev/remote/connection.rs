@@ -46,6 +46,8 @@ struct State {
 
 struct Shared {
     state: Mutex<State>,
+    /// Becomes true when the connection dies.
+    dead: tokio::sync::watch::Sender<bool>,
     next_cookie: AtomicU64,
     max_payload: u32,
     peer: String,
@@ -72,6 +74,7 @@ impl Shared {
         for c in drained {
             c(Err(BlockError::Disconnected(reason.clone())));
         }
+        self.dead.send_replace(true);
     }
 }
 
@@ -139,6 +142,7 @@ impl Connection {
                 pending: HashMap::new(),
                 closed: None,
             }),
+            dead: tokio::sync::watch::channel(false).0,
             next_cookie: AtomicU64::new(1),
             max_payload: session.max_payload,
             peer,
@@ -189,6 +193,17 @@ impl Connection {
             rs.close(reason);
         });
         Connection { shared, tx }
+    }
+
+    /// Resolves when the connection has died (the peer left, or the transport failed).
+    pub async fn closed(&self) {
+        let mut rx = self.shared.dead.subscribe();
+        let _ = rx.wait_for(|dead| *dead).await;
+    }
+
+    /// Why the connection died, if it has.
+    pub fn closed_reason(&self) -> Option<String> {
+        self.shared.lock().closed.clone()
     }
 
     /// Largest data payload either side accepts in one frame.

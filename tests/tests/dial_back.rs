@@ -1,0 +1,209 @@
+//! Dial-back agents against a real `diskferry serve`: a `diskferry-client --connect` registers
+//! its machine by MAC address with the hardware it announces; the CLI lists and names it; a
+//! capture job reads its disk by the machine's name; power requests are refused unless the
+//! agent allows them; the agent comes back on its own after it restarts and after the server
+//! restarts.
+
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use diskferry_e2e::fixtures::SampleDisk;
+use diskferry_e2e::http::Server;
+use diskferry_e2e::{bin, diskferry, run_ok, wait_for};
+
+/// A dial-back client, killed when dropped.
+struct Agent(Child);
+
+impl Agent {
+    fn start(server: &str, key: &std::path::Path, disk: &std::path::Path) -> Agent {
+        Agent(
+            Command::new(bin("diskferry-client"))
+                .args(["--connect", server, "--key-file"])
+                .arg(key)
+                .arg("--disk")
+                .arg(disk)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap(),
+        )
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// This host's MAC addresses as the client reports them.
+fn host_macs() -> Vec<String> {
+    let mut out: Vec<String> = std::fs::read_dir("/sys/class/net")
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name() != "lo")
+        .filter_map(|e| std::fs::read_to_string(e.path().join("address")).ok())
+        .map(|m| m.trim().to_ascii_lowercase())
+        .filter(|m| m.len() == 17 && m != "00:00:00:00:00:00")
+        .collect();
+    out.sort();
+    out.dedup();
+    out
+}
+
+fn machines(s: &Server) -> Vec<serde_json::Value> {
+    s.get("/api/machines").json().as_array().unwrap().clone()
+}
+
+fn online(s: &Server) -> bool {
+    machines(s).first().is_some_and(|m| m["online"] == true)
+}
+
+#[test]
+fn a_dialling_agent_registers_is_captured_by_name_and_comes_back() {
+    let macs = host_macs();
+    assert!(
+        !macs.is_empty(),
+        "this test needs a network interface with a MAC address"
+    );
+    let disk = SampleDisk::build();
+    let data = tempfile::tempdir().unwrap();
+    // A fixed agent port, so the agent finds the server again after it restarts.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let agent_listen = format!("127.0.0.1:{port}");
+    let mut s = Server::start_with_agent_port(data.path(), &agent_listen).unwrap();
+    assert_eq!(s.agent_addr, agent_listen);
+    let key = data.path().join("agent.key");
+    let agent = Agent::start(&s.agent_addr, &key, &disk.gpt);
+    assert!(
+        wait_for(Duration::from_secs(20), || online(&s)),
+        "the agent registered"
+    );
+
+    let m = &machines(&s)[0];
+    assert_eq!(m["state"], "unregistered");
+    assert_eq!(m["macs"], serde_json::json!(macs));
+    let d = &m["identity"]["disks"][0];
+    assert_eq!(d["name"], disk.gpt.to_str().unwrap());
+    assert_eq!(d["size"], std::fs::metadata(&disk.gpt).unwrap().len());
+    assert!(m["identity"]["cpus"].as_u64().unwrap() >= 1);
+    assert!(m["identity"]["memory"].as_u64().unwrap() > 0);
+
+    // The CLI, through the running server.
+    let dd = ["--data-dir".as_ref(), data.path().as_os_str()];
+    let (ok, out, err) = diskferry(&[&["machines".as_ref()][..], &dd].concat());
+    assert!(ok, "{err}");
+    assert!(
+        out.contains(&macs[0]) && out.contains("unregistered (online)"),
+        "{out}"
+    );
+    let (ok, _, err) = diskferry(
+        &[
+            &[
+                "machine".as_ref(),
+                "register".as_ref(),
+                macs[0].to_uppercase().as_ref(),
+                "web-01".as_ref(),
+            ][..],
+            &dd,
+        ]
+        .concat(),
+    );
+    assert!(ok, "{err}");
+    let (ok, out, _) = diskferry(&[&["machines".as_ref()][..], &dd].concat());
+    assert!(
+        ok && out.contains("web-01") && out.contains("dormant"),
+        "{out}"
+    );
+    let (ok, _, err) = diskferry(
+        &[
+            &["machine".as_ref(), "reboot".as_ref(), "web-01".as_ref()][..],
+            &dd,
+        ]
+        .concat(),
+    );
+    assert!(
+        !ok && err.contains("--allow-power"),
+        "power is refused: {err}"
+    );
+    let (ok, _, err) = diskferry(
+        &[
+            &[
+                "machine".as_ref(),
+                "rename".as_ref(),
+                "nobody".as_ref(),
+                "x".as_ref(),
+            ][..],
+            &dd,
+        ]
+        .concat(),
+    );
+    assert!(!ok && err.contains("no machine"), "{err}");
+
+    // Capture it by name (its only disk).
+    let job = serde_json::json!({
+        "kind": "capture", "source": "web-01", "output": "web-01.vhdx", "verify": true,
+    });
+    let r = s.api("POST", "/api/jobs", job.to_string().as_bytes());
+    assert_eq!(r.status, 201, "{}", r.text());
+    let id = r.json()["id"].as_i64().unwrap();
+    let events = s.get(&format!("/api/jobs/{id}/events")).text();
+    let j = s.get(&format!("/api/jobs/{id}")).json();
+    assert_eq!(j["state"], "succeeded", "{j} {events}");
+    assert!(
+        j["log"].as_str().unwrap().contains("on machine web-01"),
+        "{j}"
+    );
+    assert!(j["log"].as_str().unwrap().contains("no differences"), "{j}");
+    run_ok(
+        "qemu-img",
+        &[
+            "check",
+            data.path().join("captures/web-01.vhdx").to_str().unwrap(),
+        ],
+    );
+    let caps = s.get("/api/captures").json();
+    assert_eq!(caps[0]["source_machine"], "web-01");
+    assert_eq!(
+        machines(&s)[0]["state"],
+        "dormant",
+        "back from transitioning"
+    );
+    // A disk it does not have, and an unknown machine, are clear errors.
+    let bad =
+        serde_json::json!({"kind": "capture", "source": "/dev/nope@web-01", "output": "x.vhdx"});
+    let r = s.api("POST", "/api/jobs", bad.to_string().as_bytes());
+    assert!(
+        r.status == 400 && r.text().contains(disk.gpt.to_str().unwrap()),
+        "{}",
+        r.text()
+    );
+
+    // The agent restarts: same machine, online again.
+    drop(agent);
+    assert!(
+        wait_for(Duration::from_secs(10), || !online(&s)),
+        "went offline"
+    );
+    let _agent = Agent::start(&s.agent_addr, &key, &disk.gpt);
+    assert!(wait_for(Duration::from_secs(20), || online(&s)));
+    assert_eq!(machines(&s).len(), 1, "matched by MAC, not added twice");
+
+    // The server restarts: the registry persists and the agent dials back by itself.
+    s.kill();
+    let s = Server::start_with_agent_port(data.path(), &agent_listen).unwrap();
+    assert!(
+        wait_for(Duration::from_secs(40), || online(&s)),
+        "the agent came back"
+    );
+    let m = &machines(&s)[0];
+    assert_eq!(
+        (m["name"].as_str(), m["state"].as_str()),
+        (Some("web-01"), Some("dormant"))
+    );
+}
