@@ -2,6 +2,7 @@
 
 mod browse;
 mod demo;
+mod deploy;
 mod images;
 mod machines;
 mod mkfs;
@@ -54,6 +55,8 @@ enum Command {
     },
     /// Copy a disk into an image file
     Capture(CaptureArgs),
+    /// Write an image onto a disk (a client's, or a local file/device), verified afterwards
+    Deploy(deploy::DeployArgs),
     /// Run the server: web UI and JSON API for the captures in DATA_DIR, jobs, machines
     Serve(serve::ServeArgs),
     /// List the machines a running server knows (name, MACs, hardware, disks, state)
@@ -364,6 +367,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Keygen { file } => keygen(&file),
         Command::Demo { dir, size_mib } => demo::run(dir, size_mib),
         Command::Serve(args) => serve::run(&args),
+        Command::Deploy(args) => deploy::run(&args),
         Command::Machines { daemon } => machines::list(&daemon),
         Command::Machine { command, daemon } => machines::machine(&daemon, &command),
         Command::Info { image, json } => images::info(&image, json),

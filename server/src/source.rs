@@ -88,6 +88,37 @@ pub fn open_source(
     }
 }
 
+/// Opens a deploy target for writing: a remote disk (the client must allow writes) or a local
+/// raw file or block device (written in place; image formats are not targets).
+pub fn open_target(
+    spec: &SourceSpec,
+    rt: &tokio::runtime::Handle,
+    session: Option<&SessionOptions>,
+) -> Result<Arc<dyn BlockDevice>, SourceError> {
+    match spec {
+        SourceSpec::Local(path) => {
+            let dev = crate::blockdev::FileDevice::open(path, true).map_err(|source| {
+                SourceError::Open {
+                    what: path.display().to_string(),
+                    source,
+                }
+            })?;
+            Ok(Arc::new(dev))
+        }
+        SourceSpec::Remote { disk, addr } => {
+            let session = session.ok_or_else(|| SourceError::NeedKey(format!("{disk}@{addr}")))?;
+            let conn = rt.block_on(Connection::connect(addr, session))?;
+            let remote = rt
+                .block_on(conn.open(disk, true, RemoteOptions::default()))
+                .map_err(|source| SourceError::Open {
+                    what: format!("{disk} on {addr} for writing"),
+                    source,
+                })?;
+            Ok(Arc::new(remote))
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -350,10 +350,39 @@ impl SampleDisk {
 
 /// The last sector of GPT partition `n` of `disk`, as sgdisk reports it.
 pub fn sgdisk_last_sector(disk: &Path, n: u32) -> u64 {
+    sgdisk_sector(disk, n, "Last sector: ")
+}
+
+/// Partition `n`'s byte offset and length in a GPT disk, as sgdisk reads them.
+pub fn gpt_partition_range(disk: &Path, n: u32) -> (u64, u64) {
+    let first = sgdisk_sector(disk, n, "First sector: ");
+    let last = sgdisk_sector(disk, n, "Last sector: ");
+    (first * 512, (last + 1 - first) * 512)
+}
+
+fn sgdisk_sector(disk: &Path, n: u32, field: &str) -> u64 {
     let info = run_ok("sgdisk", &["-i", &n.to_string(), disk.to_str().unwrap()]);
     info.lines()
-        .find_map(|l| l.strip_prefix("Last sector: "))
+        .find_map(|l| l.strip_prefix(field))
         .and_then(|v| v.split_whitespace().next())
         .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| panic!("no last sector in:\n{info}"))
+        .unwrap_or_else(|| panic!("no {field:?} in:\n{info}"))
+}
+
+/// `len` bytes at `offset` of `raw` as a file of their own (streamed, holes kept).
+pub fn extract(raw: &Path, offset: u64, len: u64, to: &Path) -> PathBuf {
+    let src = std::fs::File::open(raw).unwrap();
+    let dst = std::fs::File::create(to).unwrap();
+    dst.set_len(len).unwrap();
+    let mut buf = vec![0u8; 4 << 20];
+    let mut at = 0;
+    while at < len {
+        let n = (len - at).min(buf.len() as u64) as usize;
+        src.read_exact_at(&mut buf[..n], offset + at).unwrap();
+        if buf[..n].iter().any(|&b| b != 0) {
+            dst.write_all_at(&buf[..n], at).unwrap();
+        }
+        at += n as u64;
+    }
+    to.to_path_buf()
 }

@@ -7,7 +7,7 @@
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::Path;
 
-use diskferry_e2e::fixtures::{mbr_disk, place, sgdisk_last_sector, SampleDisk};
+use diskferry_e2e::fixtures::{extract, mbr_disk, place, sgdisk_last_sector, SampleDisk};
 use diskferry_e2e::{diskferry, make_key, qemu_img_to_raw, run_ok, Client};
 
 const MIB: u64 = 1 << 20;
@@ -19,24 +19,6 @@ fn read(path: &Path, offset: u64, len: u64) -> Vec<u8> {
         .read_exact_at(&mut buf, offset)
         .unwrap();
     buf
-}
-
-/// `len` bytes at `offset` of `raw` as a file of their own (streamed, holes kept).
-fn extract(raw: &Path, offset: u64, len: u64, to: &Path) -> std::path::PathBuf {
-    let src = std::fs::File::open(raw).unwrap();
-    let dst = std::fs::File::create(to).unwrap();
-    dst.set_len(len).unwrap();
-    let mut buf = vec![0u8; 4 << 20];
-    let mut at = 0;
-    while at < len {
-        let n = (len - at).min(buf.len() as u64) as usize;
-        src.read_exact_at(&mut buf[..n], offset + at).unwrap();
-        if buf[..n].iter().any(|&b| b != 0) {
-            dst.write_all_at(&buf[..n], at).unwrap();
-        }
-        at += n as u64;
-    }
-    to.to_path_buf()
 }
 
 #[test]

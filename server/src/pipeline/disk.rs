@@ -131,6 +131,140 @@ fn boot_ranges(table: &PartitionTable, disk_size: u64) -> Vec<Range<u64>> {
     out
 }
 
+/// One partition's part of a disk copy: the source partition, a device reading it, its
+/// filesystem and the mode it gets (with a note when that is not what was asked).
+pub(super) struct PartPlan {
+    pub part: Partition,
+    pub dev: Arc<dyn BlockDevice>,
+    pub kind: FsKind,
+    pub mode: Mode,
+    pub note: Option<String>,
+}
+
+/// What a disk copy will do: the destination's table (resized to `out_size` where allowed)
+/// and each partition's plan.
+pub(super) struct DiskPlan {
+    pub table: PartitionTable,
+    pub parts: Vec<PartPlan>,
+    pub out_size: u64,
+}
+
+/// Reads the source's table and decides each partition's mode; with a destination size
+/// different from the source's, the last partition follows it when it is recreated file by
+/// file, and anything else must fit as it is.
+pub(super) fn plan_disk(
+    src: &Arc<dyn BlockDevice>,
+    mode: Mode,
+    out_size: u64,
+    source_err: &dyn Fn(BlockError) -> CaptureError,
+) -> Result<DiskPlan, CaptureError> {
+    let mut table = partition::read_table(&**src)
+        .map_err(|e| CaptureError::Options(format!("reading the source's partition table: {e}")))?;
+    // Decide every partition's mode first: resizing depends on them.
+    let mut parts = Vec::new();
+    for p in &table.partitions {
+        let dev: Arc<dyn BlockDevice> =
+            Arc::new(SliceDevice::new(Arc::clone(src), p.start, p.size).map_err(source_err)?);
+        let kind = fs::detect(&*dev).map_err(source_err)?;
+        let (m, note) = mode_for(mode, kind, partition::is_bios_boot(&p.kind));
+        parts.push(PartPlan {
+            part: p.clone(),
+            dev,
+            kind,
+            mode: m,
+            note,
+        });
+    }
+    if table.scheme == Scheme::None {
+        return Err(CaptureError::Options(
+            "the source has no partition table: capture it with --mode sectors".into(),
+        ));
+    }
+    if out_size != src.size() {
+        let last = table
+            .partitions
+            .iter()
+            .max_by_key(|p| p.end())
+            .map(|p| p.number);
+        let last_files = parts
+            .iter()
+            .any(|pp| Some(pp.part.number) == last && pp.mode == Mode::Files);
+        let (_, usable_end) = table.usable_range(out_size);
+        let fits = table.partitions.iter().all(|p| p.end() <= usable_end);
+        if last_files {
+            table.resize_last(usable_end).map_err(|e| {
+                CaptureError::Options(format!("cannot fit a disk of {out_size} bytes: {e}"))
+            })?;
+        } else if !fits {
+            return Err(CaptureError::Options(format!(
+                "a disk of {out_size} bytes cuts into a partition that is not recreated file by file (the last one must be ext4 or FAT in files or auto mode to shrink)"
+            )));
+        }
+    }
+    Ok(DiskPlan {
+        table,
+        parts,
+        out_size,
+    })
+}
+
+/// Writes the plan onto `dst`: boot bytes, the table, every partition; then flushes.
+pub(super) fn write_disk(
+    src: &Arc<dyn BlockDevice>,
+    dst: &Arc<dyn BlockDevice>,
+    plan: DiskPlan,
+    progress: &dyn Progress,
+    source_err: &dyn Fn(BlockError) -> CaptureError,
+    werr: &dyn Fn(BlockError) -> CaptureError,
+) -> Result<(Vec<PartitionReport>, u64), CaptureError> {
+    let DiskPlan { table, parts, .. } = plan;
+    // Boot bytes, then the table (which keeps sector 0's boot code).
+    let boot = boot_ranges(&table, src.size());
+    let boot_bytes: u64 = boot.iter().map(|r| r.end - r.start).sum();
+    copy_ranges(&**src, dst, &boot, progress).map_err(|e| match e {
+        CopyError::Read(e) => source_err(e),
+        CopyError::Write(e) => werr(e),
+    })?;
+    partition::write_table(&**dst, &table)
+        .map_err(|e| CaptureError::Options(format!("writing the partition table: {e}")))?;
+
+    // The whole job's expected bytes, so progress can show an overall figure.
+    let part_err = |e: PartError, number: u32| match e {
+        PartError::Read(e) => source_err(e),
+        PartError::Write(e) => werr(e),
+        PartError::Fs(e) => CaptureError::Options(format!("partition {number}: {e}")),
+    };
+    let mut copies = Vec::with_capacity(parts.len());
+    for pp in &parts {
+        copies.push(copy_plan(&pp.dev, pp.mode).map_err(|e| part_err(e, pp.part.number))?);
+    }
+    let grand_total: u64 = copies.iter().map(|c| c.1).sum();
+    let progress = &Overall::new(progress, grand_total);
+    let mut reports = Vec::new();
+    for (pp, (ranges, _)) in parts.into_iter().zip(copies) {
+        let p = &pp.part;
+        let target = table
+            .partitions
+            .iter()
+            .find(|t| t.number == p.number)
+            .cloned()
+            .unwrap_or(p.clone());
+        let ddev: Arc<dyn BlockDevice> =
+            Arc::new(SliceDevice::new(Arc::clone(dst), target.start, target.size).map_err(werr)?);
+        let read = capture_partition(p, &pp.dev, &ddev, pp.kind, ranges, progress)
+            .map_err(|e| part_err(e, p.number))?;
+        reports.push(PartitionReport {
+            number: p.number,
+            filesystem: pp.kind.name(),
+            mode: pp.mode,
+            read,
+            note: pp.note,
+        });
+    }
+    dst.flush().map_err(werr)?;
+    Ok((reports, boot_bytes))
+}
+
 /// Captures `src` into a new image at `out`, partition by partition.
 pub fn capture_disk(
     src: Arc<dyn BlockDevice>,
@@ -145,44 +279,9 @@ pub fn capture_disk(
         source,
         partial: out.with_extension("partial"),
     };
-    let mut table = partition::read_table(&*src)
-        .map_err(|e| CaptureError::Options(format!("reading the source's partition table: {e}")))?;
-    let out_size = size.unwrap_or(src.size());
-    // Decide every partition's mode first: resizing depends on them.
-    let mut plans = Vec::new();
-    for p in &table.partitions {
-        let dev: Arc<dyn BlockDevice> =
-            Arc::new(SliceDevice::new(Arc::clone(&src), p.start, p.size).map_err(source_err)?);
-        let kind = fs::detect(&*dev).map_err(source_err)?;
-        let (m, note) = mode_for(mode, kind, partition::is_bios_boot(&p.kind));
-        plans.push((p.clone(), dev, kind, m, note));
-    }
-    if table.scheme == Scheme::None {
-        return Err(CaptureError::Options(
-            "the source has no partition table: capture it with --mode sectors".into(),
-        ));
-    }
-    if size.is_some() {
-        let last = table
-            .partitions
-            .iter()
-            .max_by_key(|p| p.end())
-            .map(|p| p.number);
-        let last_files = plans
-            .iter()
-            .any(|(p, _, _, m, _)| Some(p.number) == last && *m == Mode::Files);
-        let (_, usable_end) = table.usable_range(out_size);
-        let fits = table.partitions.iter().all(|p| p.end() <= usable_end);
-        if last_files {
-            table
-                .resize_last(usable_end)
-                .map_err(|e| CaptureError::Options(format!("cannot fit --size: {e}")))?;
-        } else if !fits {
-            return Err(CaptureError::Options(format!(
-                "--size {out_size} cuts into a partition that is not recreated file by file (the last one must be ext4 or FAT in files or auto mode to shrink)"
-            )));
-        }
-    }
+    let plan = plan_disk(&src, mode, size.unwrap_or(src.size()), &source_err)?;
+    let out_size = plan.out_size;
+    let scheme = plan.table.scheme.name();
 
     let output_file = PartialOutput::create(out, output.overwrite)?;
     let partial = output_file.partial_path().to_path_buf();
@@ -204,57 +303,14 @@ pub fn capture_disk(
         src.logical_sector_size(),
     )
     .map_err(|e| werr(e.into()))?;
-
-    // Boot bytes, then the table (which keeps sector 0's boot code).
-    let boot = boot_ranges(&table, src.size());
-    let boot_bytes: u64 = boot.iter().map(|r| r.end - r.start).sum();
-    copy_ranges(&*src, &dst, &boot, progress).map_err(|e| match e {
-        CopyError::Read(e) => source_err(e),
-        CopyError::Write(e) => werr(e),
-    })?;
-    partition::write_table(&*dst, &table)
-        .map_err(|e| CaptureError::Options(format!("writing the partition table: {e}")))?;
-
-    // The whole job's expected bytes, so progress can show an overall figure.
-    let part_err = |e: PartError, number: u32| match e {
-        PartError::Read(e) => source_err(e),
-        PartError::Write(e) => werr(e),
-        PartError::Fs(e) => CaptureError::Options(format!("partition {number}: {e}")),
-    };
-    let mut copies = Vec::with_capacity(plans.len());
-    for (p, dev, _, m, _) in &plans {
-        copies.push(copy_plan(dev, *m).map_err(|e| part_err(e, p.number))?);
-    }
-    let grand_total: u64 = copies.iter().map(|c| c.1).sum();
-    let progress = &Overall::new(progress, grand_total);
-    let mut reports = Vec::new();
-    for ((p, sdev, kind, m, note), (ranges, _)) in plans.into_iter().zip(copies) {
-        let target = table
-            .partitions
-            .iter()
-            .find(|t| t.number == p.number)
-            .cloned()
-            .unwrap_or(p.clone());
-        let ddev: Arc<dyn BlockDevice> =
-            Arc::new(SliceDevice::new(Arc::clone(&dst), target.start, target.size).map_err(&werr)?);
-        let read = capture_partition(&p, &sdev, &ddev, kind, ranges, progress)
-            .map_err(|e| part_err(e, p.number))?;
-        reports.push(PartitionReport {
-            number: p.number,
-            filesystem: kind.name(),
-            mode: m,
-            read,
-            note,
-        });
-    }
-    dst.flush().map_err(&werr)?;
+    let (partitions, boot_bytes) = write_disk(&src, &dst, plan, progress, &source_err, &werr)?;
     drop(dst);
     output_file.commit()?;
     Ok(DiskReport {
         source_size: src.size(),
         output_size: out_size,
-        scheme: table.scheme.name(),
-        partitions: reports,
+        scheme,
+        partitions,
         boot_bytes,
         elapsed: started.elapsed(),
     })

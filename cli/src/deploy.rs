@@ -1,0 +1,86 @@
+//! `diskferry deploy IMAGE TARGET`: an image written onto a disk — a listening client's
+//! (`DISK@HOST:PORT`, started with `--allow-write`) or a local raw file or block device —
+//! partition table scaled to the target, partitions by mode, verified by reading the target
+//! back. A machine registered with a running server (`MACHINE` or `DISK@MACHINE`) is deployed
+//! by that server, which holds its connection.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+use clap::Args;
+use diskferry::pipeline::{deploy_disk, Mode as DiskMode};
+use diskferry::source::{open_target, SourceSpec};
+
+use crate::{human_bytes, progress_for, ConnArgs, Mode, ProgressKind};
+
+#[derive(Args)]
+pub struct DeployArgs {
+    /// The image to deploy (qcow2, VHDX or raw; a capture)
+    image: PathBuf,
+    /// Where: DISK@HOST:PORT (a client started with --allow-write), or a local raw file or
+    /// block device
+    target: String,
+    /// How to copy each partition (auto: files for ext4/FAT, blocks for NTFS, sectors else)
+    #[arg(long, value_enum, default_value_t = Mode::Auto)]
+    mode: Mode,
+    /// Progress display
+    #[arg(long, value_enum, default_value_t = ProgressKind::Bar)]
+    progress: ProgressKind,
+    #[command(flatten)]
+    conn: ConnArgs,
+}
+
+pub fn run(args: &DeployArgs) -> Result<()> {
+    let spec = SourceSpec::parse(&args.target);
+    let session = match &spec {
+        SourceSpec::Remote { .. } => Some(crate::session(&args.conn)?),
+        SourceSpec::Local(_) => None,
+    };
+    let rt = crate::runtime()?;
+    let (_, image) = diskferry::vdisk::open_image(&args.image, false)
+        .with_context(|| format!("cannot open the image {}", args.image.display()))?;
+    let target = open_target(&spec, rt.handle(), session.as_ref())?;
+    let mode = match args.mode {
+        Mode::Auto => DiskMode::Auto,
+        Mode::Files => DiskMode::Files,
+        Mode::Blocks => DiskMode::Blocks,
+        Mode::Sectors => DiskMode::Sectors,
+    };
+    let progress = progress_for(args.progress);
+    let report = deploy_disk(
+        image,
+        Arc::clone(&target),
+        &args.target,
+        mode,
+        progress.as_ref(),
+    )?;
+    let written: u64 = report.disk.partitions.iter().map(|p| p.read).sum();
+    for p in &report.disk.partitions {
+        eprintln!(
+            "  partition {}: {} ({}), {}{}",
+            p.number,
+            p.filesystem,
+            p.mode.name(),
+            human_bytes(p.read),
+            p.note
+                .as_deref()
+                .map(|n| format!(" — {n}"))
+                .unwrap_or_default()
+        );
+    }
+    let secs = report.disk.elapsed.as_secs_f64().max(1e-9);
+    eprintln!(
+        "deployed {} ({} table) onto {} ({}): {} copied, {:.1} s, {:.0} MB/s; verified: {} files and {} compared, no differences",
+        args.image.display(),
+        report.disk.scheme,
+        args.target,
+        human_bytes(report.disk.output_size),
+        human_bytes(written + report.disk.boot_bytes),
+        secs,
+        (written + report.disk.boot_bytes) as f64 / secs / 1e6,
+        report.verify.files_compared,
+        human_bytes(report.verify.bytes_compared)
+    );
+    Ok(())
+}
