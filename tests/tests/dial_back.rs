@@ -1,6 +1,7 @@
 //! Dial-back agents against a real `diskferry serve`: a `diskferry-client --connect` registers
 //! its machine by MAC address with the hardware it announces; the CLI lists and names it; a
-//! capture job reads its disk by the machine's name; power requests are refused unless the
+//! capture job reads its disk by the machine's name and a deploy job writes another of its
+//! disks; power requests are refused unless the
 //! agent allows them; the agent comes back on its own after it restarts and after the server
 //! restarts.
 
@@ -15,14 +16,15 @@ use diskferry_e2e::{bin, diskferry, run_ok, wait_for};
 struct Agent(Child);
 
 impl Agent {
-    fn start(server: &str, key: &std::path::Path, disk: &std::path::Path) -> Agent {
+    fn start(server: &str, key: &std::path::Path, disks: &[&std::path::Path]) -> Agent {
+        let mut cmd = Command::new(bin("diskferry-client"));
+        cmd.args(["--connect", server, "--allow-write", "--key-file"])
+            .arg(key);
+        for d in disks {
+            cmd.arg("--disk").arg(d);
+        }
         Agent(
-            Command::new(bin("diskferry-client"))
-                .args(["--connect", server, "--key-file"])
-                .arg(key)
-                .arg("--disk")
-                .arg(disk)
-                .stdout(Stdio::null())
+            cmd.stdout(Stdio::null())
                 .stderr(Stdio::null())
                 .spawn()
                 .unwrap(),
@@ -79,7 +81,7 @@ fn a_dialling_agent_registers_is_captured_by_name_and_comes_back() {
     let mut s = Server::start_with_agent_port(data.path(), &agent_listen).unwrap();
     assert_eq!(s.agent_addr, agent_listen);
     let key = data.path().join("agent.key");
-    let agent = Agent::start(&s.agent_addr, &key, &disk.gpt);
+    let agent = Agent::start(&s.agent_addr, &key, &[&disk.gpt]);
     assert!(
         wait_for(Duration::from_secs(20), || online(&s)),
         "the agent registered"
@@ -190,9 +192,41 @@ fn a_dialling_agent_registers_is_captured_by_name_and_comes_back() {
         wait_for(Duration::from_secs(10), || !online(&s)),
         "went offline"
     );
-    let _agent = Agent::start(&s.agent_addr, &key, &disk.gpt);
+    // It comes back with a second, blank disk (the same size) to deploy onto.
+    let blank = disk.dir.join("blank.img");
+    std::fs::File::create(&blank)
+        .unwrap()
+        .set_len(std::fs::metadata(&disk.gpt).unwrap().len())
+        .unwrap();
+    let _agent = Agent::start(&s.agent_addr, &key, &[&disk.gpt, &blank]);
     assert!(wait_for(Duration::from_secs(20), || online(&s)));
     assert_eq!(machines(&s).len(), 1, "matched by MAC, not added twice");
+
+    // Two disks now: a bare machine name is ambiguous; deploy names the disk.
+    let r = s.api(
+        "POST",
+        "/api/jobs",
+        br#"{"kind":"capture","source":"web-01","output":"again.vhdx"}"#,
+    );
+    assert!(
+        r.status == 400 && r.text().contains("2 disks"),
+        "{}",
+        r.text()
+    );
+    let job = serde_json::json!({
+        "kind": "deploy", "image": "web-01.vhdx",
+        "target": format!("{}@web-01", blank.display()),
+    });
+    let r = s.api("POST", "/api/jobs", job.to_string().as_bytes());
+    assert_eq!(r.status, 201, "{}", r.text());
+    let id = r.json()["id"].as_i64().unwrap();
+    let _ = s.get(&format!("/api/jobs/{id}/events")).text();
+    let j = s.get(&format!("/api/jobs/{id}")).json();
+    assert_eq!(j["state"], "succeeded", "{j}");
+    assert!(j["log"].as_str().unwrap().contains("no differences"), "{j}");
+    assert_eq!(machines(&s)[0]["state"], "deployed");
+    let (ok, _, err) = diskferry(&["verify".as_ref(), disk.gpt.as_os_str(), blank.as_os_str()]);
+    assert!(ok, "the deployed disk matches the source: {err}");
 
     // The server restarts: the registry persists and the agent dials back by itself.
     s.kill();
@@ -204,6 +238,6 @@ fn a_dialling_agent_registers_is_captured_by_name_and_comes_back() {
     let m = &machines(&s)[0];
     assert_eq!(
         (m["name"].as_str(), m["state"].as_str()),
-        (Some("web-01"), Some("dormant"))
+        (Some("web-01"), Some("deployed"))
     );
 }

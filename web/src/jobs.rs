@@ -12,7 +12,7 @@ use diskferry::catalog::{Catalog, JobState};
 use diskferry::pipeline::verify::verify_disks;
 use diskferry::pipeline::{capture_disk, Mode, OutputOptions};
 use diskferry::progress::{JsonLines, Progress};
-use diskferry::source::{open_source, SourceSpec, DEFAULT_RECONNECT};
+use diskferry::source::{open_source, open_target, SourceSpec, DEFAULT_RECONNECT};
 use diskferry::vdisk::ImageFormat;
 use diskferry_protocol::{Psk, Role, SessionOptions};
 use serde::Deserialize;
@@ -21,20 +21,74 @@ use tokio::sync::watch;
 use crate::error::Failure;
 
 /// What `POST /api/jobs` asks for.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct JobRequest {
-    /// "capture" (deploys come with the PXE registry).
+    /// "capture" or "deploy".
     pub kind: String,
-    /// `DISK@HOST:PORT` of a listening client.
-    pub source: String,
-    /// File name for the capture inside the captures directory; its extension (.vhdx, .qcow2,
-    /// .img) sets the format.
-    pub output: String,
+    /// Capture: what to read — a machine (name or MAC), `DISK@MACHINE`, or `DISK@HOST:PORT`
+    /// of a listening client.
+    #[serde(default)]
+    pub source: Option<String>,
+    /// Capture: file name inside the captures directory; its extension (.vhdx, .qcow2, .img)
+    /// sets the format.
+    #[serde(default)]
+    pub output: Option<String>,
+    /// Deploy: the capture to write (its id or name).
+    #[serde(default)]
+    pub image: Option<String>,
+    /// Deploy: where — a machine, `DISK@MACHINE`, or `DISK@HOST:PORT`.
+    #[serde(default)]
+    pub target: Option<String>,
     #[serde(default)]
     pub mode: Option<String>,
+    /// Capture: compare source and output afterwards (deploys always verify).
     #[serde(default)]
     pub verify: bool,
+    /// Deploy: reboot the machine when done.
+    #[serde(default)]
+    pub reboot: bool,
+}
+
+/// A checked job, ready to run.
+enum Work {
+    Capture {
+        source: Source,
+        out: PathBuf,
+        output: String,
+        format: ImageFormat,
+        mode: Mode,
+        verify: bool,
+    },
+    Deploy {
+        image: PathBuf,
+        target: Source,
+        mode: Mode,
+        reboot: bool,
+    },
+}
+
+impl Work {
+    fn machine(&self) -> Option<i64> {
+        match self {
+            Work::Capture {
+                source: Source::Machine { id, .. },
+                ..
+            }
+            | Work::Deploy {
+                target: Source::Machine { id, .. },
+                ..
+            } => Some(*id),
+            _ => None,
+        }
+    }
+}
+
+fn required<'a>(v: &'a Option<String>, what: &str, kind: &str) -> Result<&'a str, Failure> {
+    v.as_deref()
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .ok_or_else(|| Failure::bad_request(format!("a {kind} job needs \"{what}\"")))
 }
 
 /// Log lines a live event carries (the page appends those it has not shown yet).
@@ -82,14 +136,8 @@ impl Jobs {
 
     /// Checks a request, records the job and starts it; returns its id.
     pub fn start(self: &Arc<Self>, req: JobRequest) -> Result<i64, Failure> {
-        if req.kind != "capture" {
-            return Err(Failure::bad_request(format!(
-                "unknown job kind {:?}: only \"capture\" can be started here",
-                req.kind
-            )));
-        }
         let mode = match req.mode.as_deref().unwrap_or("auto") {
-            "auto" => Mode::Auto,
+            "auto" | "" => Mode::Auto,
             "files" => Mode::Files,
             "blocks" => Mode::Blocks,
             "sectors" => Mode::Sectors,
@@ -99,23 +147,76 @@ impl Jobs {
                 )))
             }
         };
-        let spec = self.resolve_source(req.source.trim())?;
-        let format = output_format(&req.output)?;
-        let out = self.catalog.captures_dir().join(&req.output);
-        if out.exists() || out.with_extension("partial").exists() {
-            return Err(Failure::new(
-                axum::http::StatusCode::CONFLICT,
-                format!(
-                    "a capture named {} exists already; choose another name",
-                    req.output
-                ),
-            ));
+        let (work, params) = match req.kind.as_str() {
+            "capture" => {
+                let source = required(&req.source, "source", "capture")?;
+                let output = required(&req.output, "output", "capture")?.to_string();
+                let spec = self.resolve_source(source)?;
+                let format = output_format(&output)?;
+                let out = self.catalog.captures_dir().join(&output);
+                if out.exists() || out.with_extension("partial").exists() {
+                    return Err(Failure::new(
+                        axum::http::StatusCode::CONFLICT,
+                        format!("a capture named {output} exists already; choose another name"),
+                    ));
+                }
+                let params = serde_json::json!({
+                    "source": source, "output": output, "mode": mode.name(), "verify": req.verify,
+                });
+                let work = Work::Capture {
+                    source: spec,
+                    out,
+                    output,
+                    format,
+                    mode,
+                    verify: req.verify,
+                };
+                (work, params)
+            }
+            "deploy" => {
+                let image = required(&req.image, "image", "deploy")?;
+                let target = required(&req.target, "target", "deploy")?;
+                let captures = self.catalog.captures()?;
+                let rec = captures
+                    .iter()
+                    .find(|c| c.name == image || c.path == image || c.id.to_string() == image)
+                    .ok_or_else(|| {
+                        Failure::not_found(format!(
+                            "no capture {image:?} in the catalog (give its id or name)"
+                        ))
+                    })?;
+                let spec = self.resolve_source(target)?;
+                let params = serde_json::json!({
+                    "image": rec.name, "target": target, "mode": mode.name(), "reboot": req.reboot,
+                    "source": rec.name, "output": target,
+                });
+                let work = Work::Deploy {
+                    image: self.catalog.capture_file(rec),
+                    target: spec,
+                    mode,
+                    reboot: req.reboot,
+                };
+                (work, params)
+            }
+            other => {
+                return Err(Failure::bad_request(format!(
+                    "unknown job kind {other:?}: use \"capture\" or \"deploy\""
+                )))
+            }
+        };
+        if let Some(m) = work.machine() {
+            let busy = self
+                .catalog
+                .find_machine(&m.to_string())?
+                .is_some_and(|r| r.state == diskferry::catalog::state::TRANSITIONING);
+            if busy {
+                return Err(Failure::new(
+                    axum::http::StatusCode::CONFLICT,
+                    "that machine is busy with another job",
+                ));
+            }
         }
-        let params = serde_json::json!({
-            "source": req.source.trim(), "output": req.output, "mode": mode.name(),
-            "verify": req.verify,
-        });
-        let id = self.catalog.create_job("capture", &params)?;
+        let id = self.catalog.create_job(&req.kind, &params)?;
         let (events, _) = watch::channel(serde_json::json!({"state": "queued"}));
         let cancel = CancelFlag::default();
         self.live().insert(
@@ -129,51 +230,145 @@ impl Jobs {
         );
         let me = Arc::clone(self);
         let rt = tokio::runtime::Handle::current();
-        let source_name = req.source.trim().to_string();
-        tokio::task::spawn_blocking(move || {
-            let _ = me.catalog.start_job(id);
-            me.publish(id, serde_json::json!({"state": "running"}));
-            // A machine being captured is transitioning, then back to what it was.
-            let machine = match &spec {
-                Source::Machine { id: m, .. } => me
-                    .catalog
-                    .find_machine(&m.to_string())
-                    .ok()
-                    .flatten()
-                    .map(|rec| (*m, rec.state)),
-                Source::Listening { .. } => None,
-            };
-            if let Some((m, _)) = &machine {
-                let _ = me
-                    .catalog
-                    .set_machine_state(*m, diskferry::catalog::state::TRANSITIONING);
-            }
-            let result = me.run_capture(id, &rt, &spec, &out, format, mode, req.verify, &cancel);
-            let (state, error) = match result {
-                Ok(()) => (JobState::Succeeded, None),
-                Err(_) if cancel.is_cancelled() => {
-                    (JobState::Cancelled, Some("cancelled".to_string()))
-                }
-                Err(e) => (JobState::Failed, Some(e)),
-            };
-            if let Some(e) = &error {
-                me.log(id, &format!("{}: {e}", state.name()));
-            } else {
-                me.log(id, "done");
-                let _ = me.catalog.refresh_captures();
-                let _ = me.catalog.set_source_machine(&req.output, &spec.origin());
-            }
-            if let Some((m, before)) = &machine {
-                let _ = me.catalog.set_machine_state(*m, before);
-            }
-            let _ = me.catalog.finish_job(id, state, error.as_deref());
-            me.publish(
-                id,
-                serde_json::json!({"state": state.name(), "error": error, "source": source_name}),
-            );
-            me.live().remove(&id);
-        });
+        tokio::task::spawn_blocking(move || me.run(id, &rt, work, &cancel));
         Ok(id)
+    }
+
+    /// Runs a job to its end on this (blocking) thread and records how it went.
+    fn run(
+        self: &Arc<Self>,
+        id: i64,
+        rt: &tokio::runtime::Handle,
+        work: Work,
+        cancel: &CancelFlag,
+    ) {
+        use diskferry::catalog::state;
+        let _ = self.catalog.start_job(id);
+        self.publish(id, serde_json::json!({"state": "running"}));
+        // The machine is transitioning while the job runs.
+        let machine = work.machine().and_then(|m| {
+            let before = self
+                .catalog
+                .find_machine(&m.to_string())
+                .ok()
+                .flatten()?
+                .state;
+            let _ = self.catalog.set_machine_state(m, state::TRANSITIONING);
+            Some((m, before))
+        });
+        let result = match &work {
+            Work::Capture {
+                source,
+                out,
+                format,
+                mode,
+                verify,
+                ..
+            } => self.run_capture(id, rt, source, out, *format, *mode, *verify, cancel),
+            Work::Deploy {
+                image,
+                target,
+                mode,
+                reboot,
+            } => self.run_deploy(id, rt, image, target, *mode, *reboot, cancel),
+        };
+        let (job_state, error) = match result {
+            Ok(()) => (JobState::Succeeded, None),
+            Err(_) if cancel.is_cancelled() => (JobState::Cancelled, Some("cancelled".to_string())),
+            Err(e) => (JobState::Failed, Some(e)),
+        };
+        match &error {
+            Some(e) => self.log(id, &format!("{}: {e}", job_state.name())),
+            None => self.log(id, "done"),
+        }
+        if let (Work::Capture { output, source, .. }, None) = (&work, &error) {
+            let _ = self.catalog.refresh_captures();
+            let _ = self.catalog.set_source_machine(output, &source.origin());
+        }
+        if let Some((m, before)) = &machine {
+            // A capture leaves the machine as it was; a deploy leaves it deployed, or failed.
+            let after = match (&work, &error) {
+                (Work::Capture { .. }, _) => before.as_str(),
+                (Work::Deploy { .. }, None) => state::DEPLOYED,
+                (Work::Deploy { .. }, Some(_)) => state::FAILED,
+            };
+            let _ = self.catalog.set_machine_state(*m, after);
+        }
+        let _ = self.catalog.finish_job(id, job_state, error.as_deref());
+        self.publish(
+            id,
+            serde_json::json!({"state": job_state.name(), "error": error}),
+        );
+        self.live().remove(&id);
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn run_deploy(
+        self: &Arc<Self>,
+        id: i64,
+        rt: &tokio::runtime::Handle,
+        image: &std::path::Path,
+        target: &Source,
+        mode: Mode,
+        reboot: bool,
+        cancel: &CancelFlag,
+    ) -> Result<(), String> {
+        let (_, img) = diskferry::vdisk::open_image(image, false).map_err(|e| e.to_string())?;
+        let img: Arc<dyn BlockDevice> = Arc::new(CancellableDevice::new(img, cancel.clone()));
+        self.log(id, &format!("connecting to {}", target.describe()));
+        let dst = self.open_device(target, rt, true)?;
+        self.log(
+            id,
+            &format!(
+                "deploying {} ({} bytes) onto {} ({} bytes)",
+                image.display(),
+                img.size(),
+                target.describe(),
+                dst.size()
+            ),
+        );
+        let progress = self.progress_sink(id);
+        let report =
+            diskferry::pipeline::deploy_disk(img, dst, &target.describe(), mode, &progress)
+                .map_err(|e| e.to_string())?;
+        for p in &report.disk.partitions {
+            self.log(
+                id,
+                &format!(
+                    "partition {}: {} by {} ({} bytes){}",
+                    p.number,
+                    p.filesystem,
+                    p.mode.name(),
+                    p.read,
+                    p.note
+                        .as_ref()
+                        .map(|n| format!(" — {n}"))
+                        .unwrap_or_default()
+                ),
+            );
+        }
+        self.log(
+            id,
+            &format!(
+                "verified: {} files and {} bytes compared, no differences",
+                report.verify.files_compared, report.verify.bytes_compared
+            ),
+        );
+        if reboot {
+            if let Source::Machine { id: m, label, .. } = target {
+                let link = self
+                    .agents
+                    .link(*m)
+                    .ok_or_else(|| format!("machine {label} disconnected before the reboot"))?;
+                rt.block_on(
+                    link.connection
+                        .power(diskferry_protocol::PowerAction::Reboot),
+                )
+                .map_err(|e| format!("reboot: {e}"))?;
+                self.log(id, "reboot requested");
+            }
+        }
+        Ok(())
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -189,7 +384,7 @@ impl Jobs {
         cancel: &CancelFlag,
     ) -> Result<(), String> {
         self.log(id, &format!("connecting to {}", spec.describe()));
-        let src = self.open(spec, rt)?;
+        let src = self.open_device(spec, rt, false)?;
         let src: Arc<dyn BlockDevice> = Arc::new(CancellableDevice::new(src, cancel.clone()));
         self.log(
             id,
@@ -374,11 +569,12 @@ impl Jobs {
         }
     }
 
-    /// Opens the source disk (read-only) as a block device.
-    fn open(
+    /// Opens the disk as a block device, for reading (captures) or writing (deploys).
+    fn open_device(
         &self,
         src: &Source,
         rt: &tokio::runtime::Handle,
+        writable: bool,
     ) -> Result<Arc<dyn BlockDevice>, String> {
         match src {
             Source::Listening { disk, addr } => {
@@ -388,8 +584,12 @@ impl Jobs {
                     disk: disk.clone(),
                     addr: addr.clone(),
                 };
-                open_source(&spec, rt, Some(&session), false, DEFAULT_RECONNECT)
-                    .map_err(|e| e.to_string())
+                if writable {
+                    open_target(&spec, rt, Some(&session)).map_err(|e| e.to_string())
+                } else {
+                    open_source(&spec, rt, Some(&session), false, DEFAULT_RECONNECT)
+                        .map_err(|e| e.to_string())
+                }
             }
             Source::Machine { id, label, disk } => {
                 let link = self
@@ -397,7 +597,10 @@ impl Jobs {
                     .link(*id)
                     .ok_or_else(|| format!("machine {label} disconnected"))?;
                 let dev = rt
-                    .block_on(link.connection.open(disk, false, RemoteOptions::default()))
+                    .block_on(
+                        link.connection
+                            .open(disk, writable, RemoteOptions::default()),
+                    )
                     .map_err(|e| e.to_string())?;
                 Ok(Arc::new(dev))
             }

@@ -29,7 +29,10 @@ async fn list(
     Extension(who): Extension<Identity>,
 ) -> Result<Html<String>, PageFailure> {
     let st = Arc::clone(&state);
-    let jobs = tokio::task::spawn_blocking(move || st.catalog.jobs(200)).await??;
+    let (jobs, captures) = tokio::task::spawn_blocking(move || {
+        Ok::<_, diskferry::catalog::CatalogError>((st.catalog.jobs(200)?, st.catalog.captures()?))
+    })
+    .await??;
     let body = html! {
         h1 { "Jobs" }
         h2 { "Capture a disk" }
@@ -49,6 +52,31 @@ async fn list(
             label.check { input type="checkbox" name="verify" value="1" checked; " Verify afterwards" }
             button type="submit" { "Start capture" }
             p.hint { "The client must hold the key in DATA_DIR/agent.key. The output's extension (.vhdx, .qcow2, .img) sets the format." }
+        }
+        h2 { "Deploy a capture" }
+        @if captures.is_empty() {
+            p.empty { "No captures to deploy yet." }
+        } @else {
+            form.job method="post" action="/jobs" {
+                input type="hidden" name="csrf" value=(who.csrf());
+                input type="hidden" name="kind" value="deploy";
+                label for="image" { "Capture" }
+                select #image name="image" {
+                    @for c in &captures { option value=(c.id) { (c.name) } }
+                }
+                label for="target" { "Target disk" }
+                input #target name="target" required placeholder="web-01, /dev/sda@web-01 or /dev/sda@192.0.2.10:7700";
+                label for="deploy-mode" { "Mode" }
+                select #deploy-mode name="mode" {
+                    option value="auto" selected { "auto" }
+                    option value="files" { "files" }
+                    option value="blocks" { "blocks" }
+                    option value="sectors" { "sectors" }
+                }
+                label.check { input type="checkbox" name="reboot" value="1"; " Reboot the machine when done" }
+                button type="submit" { "Deploy" }
+                p.hint { "Everything on the target disk is replaced. The partition table is scaled to the target; a disk too small is refused before anything is written. The result is verified by reading it back." }
+            }
         }
         h2 { "History" }
         @if jobs.is_empty() { p.empty { "No jobs yet." } } @else {
@@ -76,12 +104,17 @@ async fn start(
     Form(form): Form<std::collections::HashMap<String, String>>,
 ) -> Result<Response, PageFailure> {
     let field = |k: &str| form.get(k).cloned().unwrap_or_default();
+    let nonempty = |k: &str| Some(field(k).trim().to_string()).filter(|v| !v.is_empty());
+    let kind = nonempty("kind").unwrap_or_else(|| "capture".into());
     let id = state.jobs.start(JobRequest {
-        kind: "capture".into(),
-        source: field("source"),
-        output: field("output").trim().to_string(),
-        mode: Some(field("mode")).filter(|m| !m.is_empty()),
+        kind,
+        source: nonempty("source"),
+        output: nonempty("output"),
+        image: nonempty("image"),
+        target: nonempty("target"),
+        mode: nonempty("mode"),
         verify: form.contains_key("verify"),
+        reboot: form.contains_key("reboot"),
     })?;
     Ok(Redirect::to(&format!("/jobs/{id}")).into_response())
 }
