@@ -21,7 +21,8 @@ OPTIONS:
     --key-file FILE        Pre-shared key, the same file the server uses (also taken from
                            the DISKFERRY_KEY_FILE environment variable)
     --disk PATH            Serve exactly this block device or regular file (repeatable).
-                           Without it: every whole disk in /sys/block except loop, ram, zram
+                           Without it: every whole disk in /sys/block except loop, RAM,
+                           optical (sr) and floppy (fd) devices
     --allow-write          Permit writes (deploys). Without it every write is refused
     --plaintext            Accept an unencrypted transport if the server asks for it too
                            (authentication with the key still happens)

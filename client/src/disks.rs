@@ -23,7 +23,8 @@ pub struct DiskSpec {
     pub name: String,
 }
 
-/// The disks to serve: exactly the `--disk` paths, or every whole disk in /sys/block.
+/// The disks to serve: exactly the `--disk` paths, or every whole disk in /sys/block (not
+/// loop, RAM, optical or floppy devices).
 pub fn discover(explicit: &[PathBuf]) -> Vec<DiskSpec> {
     if !explicit.is_empty() {
         return explicit
@@ -40,7 +41,11 @@ pub fn discover(explicit: &[PathBuf]) -> Vec<DiskSpec> {
     };
     for entry in entries.flatten() {
         let name = entry.file_name().to_string_lossy().into_owned();
-        if ["loop", "ram", "zram"].iter().any(|p| name.starts_with(p)) {
+        // Not disks to image: loop and RAM devices, optical drives (sr), floppies (fd).
+        if ["loop", "ram", "zram", "sr", "fd"]
+            .iter()
+            .any(|p| name.starts_with(p))
+        {
             continue;
         }
         // Empty drives (no medium, unconfigured nbd) report size 0: nothing to serve.
@@ -215,6 +220,15 @@ impl OpenDisk {
         self.disk
             .punch_hole(offset, len)
             .map_err(|e| DiskError::io("discard", offset, e))
+    }
+
+    /// Makes the range read as zeros, here on the client (nothing crosses the wire).
+    pub fn write_zeroes(&self, offset: u64, len: u64) -> Result<(), DiskError> {
+        self.check_writable()?;
+        self.check_range(offset, len)?;
+        self.disk
+            .zero_range(offset, len)
+            .map_err(|e| DiskError::io("write zeroes", offset, e))
     }
 
     /// Which parts of `offset..offset+len` are holes, as far as the OS tells cheaply.

@@ -210,6 +210,13 @@ where
             } => with_disk(&tx, cookie, &handles, handle, move |d| {
                 d.block_status(offset, len).map(Reply::Status)
             }),
+            Request::WriteZeroes {
+                handle,
+                offset,
+                len,
+            } => with_disk(&tx, cookie, &handles, handle, move |d| {
+                d.write_zeroes(offset, len).map(|()| Reply::Done)
+            }),
             Request::Identify => {
                 let config = Arc::clone(&config);
                 run(&tx, cookie, None, move || {

@@ -115,6 +115,32 @@ impl LocalDisk {
         Ok(())
     }
 
+    /// Makes a range read as zeros without sending zeros anywhere: a hole in a file, the
+    /// device's zeroing for a block device (the kernel writes zeros itself where the device
+    /// cannot); zeros written from here as a last resort.
+    pub fn zero_range(&self, offset: u64, len: u64) -> io::Result<()> {
+        let flags = if self.is_file {
+            FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE
+        } else {
+            FallocateFlags::ZERO_RANGE | FallocateFlags::KEEP_SIZE
+        };
+        match rustix::fs::fallocate(&self.file, flags, offset, len) {
+            Ok(()) => Ok(()),
+            Err(e) if e == rustix::io::Errno::OPNOTSUPP || e == rustix::io::Errno::INVAL => {
+                let zeros = vec![0u8; 1 << 20];
+                let mut at = offset;
+                let end = offset + len;
+                while at < end {
+                    let n = (end - at).min(zeros.len() as u64) as usize;
+                    self.file.write_all_at(&zeros[..n], at)?;
+                    at += n as u64;
+                }
+                Ok(())
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
     /// The regions of `offset..offset+len` (clipped to the size), merged, at most `max` of
     /// them: they may end before the requested range does.
     pub fn regions(&self, offset: u64, len: u64, max: usize) -> io::Result<Vec<(u64, Region)>> {

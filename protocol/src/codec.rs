@@ -27,6 +27,7 @@ mod kind {
     pub const CLOSE: u8 = 0x08;
     pub const IDENTIFY: u8 = 0x09;
     pub const POWER: u8 = 0x0a;
+    pub const WRITE_ZEROES: u8 = 0x0b;
     pub const DISKS: u8 = 0x81;
     pub const OPENED: u8 = 0x82;
     pub const DATA: u8 = 0x83;
@@ -190,6 +191,7 @@ fn encode_request(cookie: u64, request: &Request, dst: &mut BytesMut) -> Result<
         Request::Close { .. } => kind::CLOSE,
         Request::Identify => kind::IDENTIFY,
         Request::Power { .. } => kind::POWER,
+        Request::WriteZeroes { .. } => kind::WRITE_ZEROES,
     };
     dst.put_u8(kind);
     dst.put_u64(cookie);
@@ -223,6 +225,11 @@ fn encode_request(cookie: u64, request: &Request, dst: &mut BytesMut) -> Result<
             len,
         }
         | Request::BlockStatus {
+            handle,
+            offset,
+            len,
+        }
+        | Request::WriteZeroes {
             handle,
             offset,
             len,
@@ -409,6 +416,11 @@ fn decode_frame(buf: Bytes) -> Result<Message, ProtocolError> {
             },
             kind::CLOSE => Request::Close {
                 handle: b.u32("handle")?,
+            },
+            kind::WRITE_ZEROES => Request::WriteZeroes {
+                handle: b.u32("handle")?,
+                offset: b.u64("offset")?,
+                len: b.u64("length")?,
             },
             kind::IDENTIFY => Request::Identify,
             kind::POWER => Request::Power {

@@ -51,6 +51,13 @@ pub enum Request {
     Close {
         handle: u32,
     },
+    /// The range must read as zeros afterwards; the client zeroes it on its side (hole
+    /// punching, the device's write-zeroes), so no zeros cross the wire.
+    WriteZeroes {
+        handle: u32,
+        offset: u64,
+        len: u64,
+    },
     /// Describe the machine (dial-back agents): answered with [`Reply::Identity`].
     Identify,
     /// Reboot or power off the machine, after answering (only agents allowed to).

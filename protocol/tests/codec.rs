@@ -23,6 +23,14 @@ fn samples() -> Vec<Message> {
             request: Request::Identify,
         },
         Message::Request {
+            cookie: 104,
+            request: Request::WriteZeroes {
+                handle: 3,
+                offset: 1 << 20,
+                len: 1 << 40,
+            },
+        },
+        Message::Request {
             cookie: 102,
             request: Request::Power {
                 action: PowerAction::Reboot,

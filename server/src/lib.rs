@@ -11,5 +11,6 @@ pub mod partition;
 pub mod pipeline;
 pub mod progress;
 pub mod source;
+pub mod tftp;
 pub mod units;
 pub mod vdisk;

@@ -15,6 +15,8 @@ pub struct Server {
     pub addr: String,
     /// Where dial-back agents connect.
     pub agent_addr: String,
+    /// The TFTP server's address, when it runs.
+    pub tftp_addr: Option<String>,
     pub data_dir: PathBuf,
     pub token: String,
 }
@@ -27,14 +29,22 @@ impl Server {
 
     /// Same, with the agent port at `agent_listen`.
     pub fn start_with_agent_port(data_dir: &Path, agent_listen: &str) -> Result<Server> {
+        Server::start_with(data_dir, &["--agent-listen", agent_listen])
+    }
+
+    /// Same, with more `diskferry serve` arguments (the agent port is free and TFTP off unless
+    /// they say otherwise).
+    pub fn start_with(data_dir: &Path, extra: &[&str]) -> Result<Server> {
+        let mut args = vec!["serve", "--listen", "127.0.0.1:0"];
+        if !extra.contains(&"--agent-listen") {
+            args.extend(["--agent-listen", "127.0.0.1:0"]);
+        }
+        if !extra.contains(&"--tftp-listen") {
+            args.extend(["--tftp-listen", "off"]);
+        }
         let mut child = Command::new(crate::bin("diskferry"))
-            .args([
-                "serve",
-                "--listen",
-                "127.0.0.1:0",
-                "--agent-listen",
-                agent_listen,
-            ])
+            .args(&args)
+            .args(extra)
             .arg("--data-dir")
             .arg(data_dir)
             .stdin(Stdio::null())
@@ -44,6 +54,7 @@ impl Server {
         let mut err = BufReader::new(child.stderr.take().context("stderr")?);
         let mut seen = String::new();
         let mut agent_addr = String::new();
+        let mut tftp_addr = None;
         let addr = loop {
             let mut line = String::new();
             if err.read_line(&mut line)? == 0 {
@@ -52,6 +63,9 @@ impl Server {
             seen.push_str(&line);
             if let Some(a) = line.trim().strip_prefix("agents dial back to ") {
                 agent_addr = a.to_string();
+            }
+            if let Some(a) = line.trim().strip_prefix("tftp on ") {
+                tftp_addr = Some(a.to_string());
             }
             if let Some(a) = line.trim().strip_prefix("listening on http://") {
                 break a.to_string();
@@ -66,6 +80,7 @@ impl Server {
             child,
             addr,
             agent_addr,
+            tftp_addr,
             data_dir: data_dir.to_path_buf(),
             token,
         })

@@ -208,6 +208,16 @@ fn browse_download_and_watch_a_capture_in_chromium() {
         .unwrap()
         .contains("no differences"));
     shot(&b, "07-job-done.png");
+    // The new capture is in the catalog (the list page shows it).
     b.goto(&format!("{base}/captures")).unwrap();
-    assert!(b.source().unwrap().contains("from-browser.vhdx"));
+    assert!(
+        wait_for(Duration::from_secs(10), || {
+            b.source().unwrap().contains("from-browser.vhdx") || {
+                b.goto(&format!("{base}/captures")).unwrap();
+                false
+            }
+        }),
+        "{}",
+        b.source().unwrap()
+    );
 }

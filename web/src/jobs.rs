@@ -282,8 +282,16 @@ impl Jobs {
             None => self.log(id, "done"),
         }
         if let (Work::Capture { output, source, .. }, None) = (&work, &error) {
-            let _ = self.catalog.refresh_captures();
-            let _ = self.catalog.set_source_machine(output, &source.origin());
+            if let Err(e) = self
+                .catalog
+                .refresh_captures()
+                .and_then(|_| self.catalog.set_source_machine(output, &source.origin()))
+            {
+                self.log(
+                    id,
+                    &format!("the capture is written but not catalogued: {e}"),
+                );
+            }
         }
         if let Some((m, before)) = &machine {
             // A capture leaves the machine as it was; a deploy leaves it deployed, or failed.

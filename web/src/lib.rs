@@ -9,6 +9,7 @@
 
 pub mod api;
 pub mod auth;
+pub mod boot;
 pub mod browse;
 pub mod client;
 pub mod error;
@@ -42,6 +43,8 @@ pub struct AppState {
     pub jobs: Arc<jobs::Jobs>,
     /// Machines connected over the agent port.
     pub agents: Arc<Agents>,
+    /// Network boot, once the server knows its agent port.
+    pub boot: std::sync::OnceLock<boot::BootConfig>,
     /// When the captures directory was last rescanned.
     pub refreshed: std::sync::Mutex<Option<std::time::Instant>>,
 }
@@ -57,6 +60,8 @@ pub struct Startup {
     pub token_file: PathBuf,
     /// The key clients must hold for captures started here.
     pub key_file: PathBuf,
+    /// Its text (for the boot script).
+    pub key: String,
     pub key_created: bool,
     pub captures: usize,
     pub interrupted_jobs: usize,
@@ -102,6 +107,7 @@ pub fn open(data_dir: &Path) -> Result<(SharedState, Startup), String> {
         auth: Auth::new(password.value.clone(), token.value),
         volumes: browse::Volumes::default(),
         refreshed: std::sync::Mutex::new(Some(std::time::Instant::now())),
+        boot: std::sync::OnceLock::new(),
     });
     Ok((
         state,
@@ -111,6 +117,7 @@ pub fn open(data_dir: &Path) -> Result<(SharedState, Startup), String> {
             token_file,
             key_file,
             key_created: key.created,
+            key: key.value.clone(),
             captures,
             interrupted_jobs,
         },
@@ -120,6 +127,7 @@ pub fn open(data_dir: &Path) -> Result<(SharedState, Startup), String> {
 /// The whole application.
 pub fn router(state: SharedState) -> Router {
     Router::new()
+        .merge(boot::routes())
         .merge(pages::routes())
         .nest("/api", api::routes())
         .layer(axum::middleware::from_fn_with_state(
@@ -137,7 +145,12 @@ pub async fn serve(listener: tokio::net::TcpListener, state: SharedState) -> std
 
 /// Paths anyone may fetch.
 fn is_public(path: &str) -> bool {
-    path == "/login" || path.starts_with("/static/") || path == "/api/openapi.json"
+    path == "/login"
+        || path.starts_with("/static/")
+        || path == "/api/openapi.json"
+        // Booting machines cannot log in.
+        || path == "/boot.ipxe"
+        || path.starts_with("/boot/")
 }
 
 /// Lets a request through only with a session or the API token, and a browser's mutation only

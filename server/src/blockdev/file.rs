@@ -114,6 +114,16 @@ impl BlockDevice for FileDevice {
             .map_err(self.io_err("discard", Some(offset)))
     }
 
+    fn write_zeroes(&self, offset: u64, len: u64) -> Result<()> {
+        if !self.disk.is_writable() {
+            return Err(BlockError::ReadOnly);
+        }
+        check_range(self.size(), offset, len)?;
+        self.disk
+            .zero_range(offset, len)
+            .map_err(self.io_err("write zeroes", Some(offset)))
+    }
+
     fn block_status(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {
         let regions = self
             .disk

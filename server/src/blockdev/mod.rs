@@ -131,6 +131,20 @@ pub trait BlockDevice: Send + Sync {
         Ok(())
     }
 
+    /// Makes the range read as zeros. Devices that can do it without moving zeros (hole
+    /// punching, a remote client's own zeroing) override this; the default writes zeros.
+    fn write_zeroes(&self, offset: u64, len: u64) -> Result<()> {
+        check_range(self.size(), offset, len)?;
+        let zeros = vec![0u8; (1 << 20).min(len) as usize];
+        let mut at = offset;
+        while at < offset + len {
+            let n = (offset + len - at).min(zeros.len() as u64) as usize;
+            self.write_at(&zeros[..n], at)?;
+            at += n as u64;
+        }
+        Ok(())
+    }
+
     /// What is cheaply known about `offset..offset+len` (clipped to the size): consecutive
     /// extents from `offset`, possibly ending early (ask again from the end). The honest
     /// default is "unknown".

@@ -63,6 +63,11 @@ impl BlockDevice for SliceDevice {
         self.inner.discard(self.start + offset, len)
     }
 
+    fn write_zeroes(&self, offset: u64, len: u64) -> Result<()> {
+        check_range(self.len, offset, len)?;
+        self.inner.write_zeroes(self.start + offset, len)
+    }
+
     fn block_status(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {
         let len = len.min(self.len.saturating_sub(offset));
         let extents = self.inner.block_status(self.start + offset, len)?;

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use super::capture::CaptureError;
-use super::disk::{plan_disk, write_disk, DiskPlan, DiskReport, Mode};
+use super::disk::{plan_disk, write_disk, Destination, DiskPlan, DiskReport, Mode};
 use super::verify::{verify_disks, VerifyReport};
 use crate::blockdev::{BlockDevice, BlockError};
 use crate::fs;
@@ -69,8 +69,16 @@ pub fn deploy_disk(
         path: target_name.into(),
         source,
     };
-    let (partitions, boot_bytes) = write_disk(&image, &target, plan, progress, &source_err, &werr)
-        .map_err(DeployError::Failed)?;
+    let (partitions, boot_bytes) = write_disk(
+        &image,
+        &target,
+        plan,
+        Destination::UsedDisk,
+        progress,
+        &source_err,
+        &werr,
+    )
+    .map_err(DeployError::Failed)?;
     let verify = verify_disks(&image, &target)
         .map_err(|e| DeployError::Failed(CaptureError::Options(format!("verifying: {e}"))))?;
     if verify.differences > 0 {

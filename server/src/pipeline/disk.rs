@@ -69,7 +69,26 @@ pub struct DiskReport {
 
 /// The mode a partition gets: what was asked, or for auto what its filesystem allows; files
 /// falls back to blocks for NTFS (no writer) and to sectors for unreadable contents.
-fn mode_for(asked: Mode, kind: FsKind, bios_boot: bool) -> (Mode, Option<String>) {
+fn mode_for(asked: Mode, kind: FsKind, bios_boot: bool, boot_code: bool) -> (Mode, Option<String>) {
+    // A boot loader in the volume's first sectors (extlinux, syslinux, GRUB, LILO) finds its
+    // next stage by block numbers: recreating the filesystem would move those blocks.
+    if boot_code && asked == Mode::Auto && kind != FsKind::Ntfs {
+        return (
+            Mode::Blocks,
+            Some(format!(
+                "{} holds a boot loader in its first sectors: copied its used blocks, in place",
+                kind.name()
+            )),
+        );
+    }
+    if boot_code && asked == Mode::Files {
+        let (m, note) = mode_for(asked, kind, bios_boot, false);
+        let warn = "its boot loader points at fixed blocks and will not boot from the recreated copy (use --mode blocks)";
+        return (
+            m,
+            Some(note.map_or(warn.to_string(), |n| format!("{n}; {warn}"))),
+        );
+    }
     let files_ok = matches!(
         kind,
         FsKind::Ext2 | FsKind::Ext3 | FsKind::Ext4 | FsKind::Fat12 | FsKind::Fat16 | FsKind::Fat32
@@ -97,6 +116,26 @@ fn mode_for(asked: Mode, kind: FsKind, bios_boot: bool) -> (Mode, Option<String>
             )),
         ),
     }
+}
+
+/// Whether a volume's first sectors hold a boot loader that addresses blocks directly: any
+/// bytes in an ext2/3/4 volume's boot block (its first 1024 bytes, unused by the filesystem),
+/// or a syslinux/extlinux/GRUB/LILO signature in a FAT boot sector.
+fn has_boot_loader(dev: &dyn BlockDevice, kind: FsKind) -> Result<bool, BlockError> {
+    if dev.size() < 1024 {
+        return Ok(false);
+    }
+    let mut head = [0u8; 1024];
+    dev.read_at(&mut head, 0)?;
+    Ok(match kind {
+        FsKind::Ext2 | FsKind::Ext3 | FsKind::Ext4 => head.iter().any(|&b| b != 0),
+        FsKind::Fat12 | FsKind::Fat16 | FsKind::Fat32 => {
+            [&b"SYSLINUX"[..], b"EXTLINUX", b"GRUB", b"LILO"]
+                .iter()
+                .any(|sig| head[..512].windows(sig.len()).any(|w| w == *sig))
+        }
+        _ => false,
+    })
 }
 
 fn err(partial: &Path) -> impl Fn(BlockError) -> CaptureError + '_ {
@@ -166,7 +205,8 @@ pub(super) fn plan_disk(
         let dev: Arc<dyn BlockDevice> =
             Arc::new(SliceDevice::new(Arc::clone(src), p.start, p.size).map_err(source_err)?);
         let kind = fs::detect(&*dev).map_err(source_err)?;
-        let (m, note) = mode_for(mode, kind, partition::is_bios_boot(&p.kind));
+        let boot_code = has_boot_loader(&*dev, kind).map_err(source_err)?;
+        let (m, note) = mode_for(mode, kind, partition::is_bios_boot(&p.kind), boot_code);
         parts.push(PartPlan {
             part: p.clone(),
             dev,
@@ -208,19 +248,47 @@ pub(super) fn plan_disk(
     })
 }
 
+/// Where [`write_disk`] writes: a new sparse image (reads as zeros where nothing is written),
+/// or a disk that may hold anything (deploys), whose ranges are zeroed before they are
+/// written and whose filesystems are built in a local staging file first, so the many small
+/// writes of the filesystem writers never cross the network.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Destination {
+    FreshImage,
+    UsedDisk,
+}
+
+/// Zeroes a range of `dst` in pieces of at most 1 GiB (the client zeroes on its side).
+fn zero(dst: &dyn BlockDevice, range: Range<u64>) -> Result<(), BlockError> {
+    let mut at = range.start;
+    while at < range.end {
+        let n = (range.end - at).min(1 << 30);
+        dst.write_zeroes(at, n)?;
+        at += n;
+    }
+    Ok(())
+}
+
 /// Writes the plan onto `dst`: boot bytes, the table, every partition; then flushes.
 pub(super) fn write_disk(
     src: &Arc<dyn BlockDevice>,
     dst: &Arc<dyn BlockDevice>,
     plan: DiskPlan,
+    destination: Destination,
     progress: &dyn Progress,
     source_err: &dyn Fn(BlockError) -> CaptureError,
     werr: &dyn Fn(BlockError) -> CaptureError,
 ) -> Result<(Vec<PartitionReport>, u64), CaptureError> {
     let DiskPlan { table, parts, .. } = plan;
+    let used_disk = destination == Destination::UsedDisk;
     // Boot bytes, then the table (which keeps sector 0's boot code).
     let boot = boot_ranges(&table, src.size());
     let boot_bytes: u64 = boot.iter().map(|r| r.end - r.start).sum();
+    if used_disk {
+        for r in &boot {
+            zero(&**dst, r.clone()).map_err(werr)?;
+        }
+    }
     copy_ranges(&**src, dst, &boot, progress).map_err(|e| match e {
         CopyError::Read(e) => source_err(e),
         CopyError::Write(e) => werr(e),
@@ -251,8 +319,25 @@ pub(super) fn write_disk(
             .unwrap_or(p.clone());
         let ddev: Arc<dyn BlockDevice> =
             Arc::new(SliceDevice::new(Arc::clone(dst), target.start, target.size).map_err(werr)?);
-        let read = capture_partition(p, &pp.dev, &ddev, pp.kind, ranges, progress)
-            .map_err(|e| part_err(e, p.number))?;
+        if used_disk {
+            zero(&*ddev, 0..ddev.size()).map_err(werr)?;
+        }
+        let read = if used_disk && ranges.is_none() {
+            // Built locally, then sent as large writes of the data it holds.
+            let stage = staging_device(ddev.size()).map_err(werr)?;
+            let read = capture_partition(p, &pp.dev, &stage, pp.kind, None, progress)
+                .map_err(|e| part_err(e, p.number))?;
+            let written = data_ranges(&*stage).map_err(werr)?;
+            copy_ranges(&*stage, &ddev, &written, &crate::progress::Silent).map_err(
+                |e| match e {
+                    CopyError::Read(e) | CopyError::Write(e) => werr(e),
+                },
+            )?;
+            read
+        } else {
+            capture_partition(p, &pp.dev, &ddev, pp.kind, ranges, progress)
+                .map_err(|e| part_err(e, p.number))?
+        };
         reports.push(PartitionReport {
             number: p.number,
             filesystem: pp.kind.name(),
@@ -263,6 +348,22 @@ pub(super) fn write_disk(
     }
     dst.flush().map_err(werr)?;
     Ok((reports, boot_bytes))
+}
+
+/// A sparse temporary file of `size` bytes (removed when dropped), as a device.
+fn staging_device(size: u64) -> Result<Arc<dyn BlockDevice>, BlockError> {
+    let io = |source| BlockError::Io {
+        op: "create a staging file",
+        offset: None,
+        device: std::env::temp_dir().display().to_string(),
+        source,
+    };
+    let file = tempfile::tempfile().map_err(io)?;
+    file.set_len(size).map_err(io)?;
+    let path = std::env::temp_dir().join("diskferry-staging");
+    Ok(Arc::new(crate::blockdev::FileDevice::from_file(
+        file, &path, true,
+    )?))
 }
 
 /// Captures `src` into a new image at `out`, partition by partition.
@@ -303,7 +404,15 @@ pub fn capture_disk(
         src.logical_sector_size(),
     )
     .map_err(|e| werr(e.into()))?;
-    let (partitions, boot_bytes) = write_disk(&src, &dst, plan, progress, &source_err, &werr)?;
+    let (partitions, boot_bytes) = write_disk(
+        &src,
+        &dst,
+        plan,
+        Destination::FreshImage,
+        progress,
+        &source_err,
+        &werr,
+    )?;
     drop(dst);
     output_file.commit()?;
     Ok(DiskReport {

@@ -234,6 +234,23 @@ impl BlockDevice for RemoteDisk {
         )
     }
 
+    fn write_zeroes(&self, offset: u64, len: u64) -> Result<()> {
+        if self.read_only {
+            return Err(BlockError::ReadOnly);
+        }
+        check_range(self.size, offset, len)?;
+        self.cache.invalidate(offset, len);
+        expect_done(
+            self.conn.call_blocking(Request::WriteZeroes {
+                handle: self.handle,
+                offset,
+                len,
+            }),
+            "write zeroes",
+            Some(offset),
+        )
+    }
+
     fn block_status(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {
         let end = offset.saturating_add(len).min(self.size);
         if offset >= end {
