@@ -98,6 +98,8 @@ mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev
 mkdir -p /dev/pts /run
 say() { echo "diskferry: $*" > /dev/console; }
+# Kernel chatter (drivers for hardware this machine lacks) stays off the console.
+dmesg -n 1
 say "boot environment starting ($(uname -r))"
 for m in $(cat /etc/modules.load); do insmod "/lib/modules/$m" 2>/dev/null; done
 server=; key=

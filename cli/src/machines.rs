@@ -46,13 +46,25 @@ pub enum MachineCommand {
 }
 
 /// A connection to the daemon's API.
-struct Daemon {
+pub(crate) struct Daemon {
     addr: String,
     token: String,
 }
 
+impl DaemonArgs {
+    /// Whether a server was named at all.
+    pub(crate) fn given(&self) -> bool {
+        self.data_dir.is_some() || self.server.is_some()
+    }
+
+    /// The server's captures directory, when it runs on this machine.
+    pub(crate) fn captures_dir(&self) -> Option<PathBuf> {
+        self.data_dir.as_ref().map(|d| d.join("captures"))
+    }
+}
+
 impl Daemon {
-    fn find(args: &DaemonArgs) -> Result<Daemon> {
+    pub(crate) fn find(args: &DaemonArgs) -> Result<Daemon> {
         let (addr, token_file) = match (&args.data_dir, &args.server) {
             (Some(dir), _) => {
                 let addr = std::fs::read_to_string(dir.join("serve.addr")).with_context(|| {
@@ -106,6 +118,37 @@ impl Daemon {
             );
         }
         Ok(v)
+    }
+}
+
+impl Daemon {
+    /// Starts a job on the server and follows it to its end, printing its log and progress;
+    /// fails if the job does.
+    pub(crate) fn run_job(&self, body: serde_json::Value) -> Result<serde_json::Value> {
+        let started = self.call("POST", "/api/jobs", Some(body))?;
+        let id = started["id"]
+            .as_i64()
+            .context("the server returned no job id")?;
+        eprintln!("job {id} started on the server");
+        let mut shown_lines = 0;
+        loop {
+            let j = self.call("GET", &format!("/api/jobs/{id}"), None)?;
+            let log: Vec<&str> = j["log"].as_str().unwrap_or("").lines().collect();
+            for l in log.iter().skip(shown_lines) {
+                eprintln!("  {l}");
+            }
+            shown_lines = log.len();
+            match j["state"].as_str().unwrap_or("") {
+                "succeeded" => return Ok(j),
+                "failed" | "cancelled" | "interrupted" => bail!(
+                    "job {id} {}: {}",
+                    j["state"].as_str().unwrap_or(""),
+                    j["error"].as_str().unwrap_or("")
+                ),
+                _ => {}
+            }
+            std::thread::sleep(std::time::Duration::from_millis(500));
+        }
     }
 }
 

@@ -232,7 +232,8 @@ impl ConnArgs {
 
 #[derive(Args)]
 struct CaptureArgs {
-    /// What to capture: DISK@HOST:PORT for a client's disk, or a local file or block device
+    /// What to capture: DISK@HOST:PORT for a client's disk, a local file or block device, or a
+    /// machine (MACHINE or DISK@MACHINE: its name or MAC) through a server (--data-dir/--server)
     source: String,
     /// The image to write (written as OUT.partial and renamed when complete)
     out: PathBuf,
@@ -251,6 +252,10 @@ struct CaptureArgs {
     output: OutputArgs,
     #[command(flatten)]
     conn: ConnArgs,
+    /// A machine (its name or MAC, or DISK@MACHINE) is captured by the server holding its
+    /// connection, into that server's captures under OUT's file name
+    #[command(flatten)]
+    daemon: machines::DaemonArgs,
 }
 
 /// How `capture` and `convert` write their output and read image sources.
@@ -534,6 +539,9 @@ fn print_disks(list: &[DiskInfo]) {
 fn capture(args: CaptureArgs) -> Result<()> {
     let format = args.output.format_for(&args.out);
     let spec = SourceSpec::parse(&args.source);
+    if matches!(&spec, SourceSpec::Local(p) if !p.exists()) && args.daemon.given() {
+        return capture_through_server(&args);
+    }
     let opts = match &spec {
         SourceSpec::Remote { .. } => Some(session(&args.conn)?),
         SourceSpec::Local(_) => None,
@@ -633,6 +641,40 @@ fn capture(args: CaptureArgs) -> Result<()> {
         let (_, copy) = diskferry::vdisk::open_image(&args.out, false)?;
         verify_and_report(&src, &copy)?;
     }
+    Ok(())
+}
+
+/// Captures a machine through the server that holds its connection.
+fn capture_through_server(args: &CaptureArgs) -> Result<()> {
+    let name = args
+        .out
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .context("OUT needs a file name")?;
+    if let Some(dir) = args.daemon.captures_dir() {
+        let parent = args.out.parent().filter(|p| !p.as_os_str().is_empty());
+        if parent.is_some_and(|p| p != dir) {
+            bail!(
+                "a machine is captured by the server into {}: give OUT as a file name ({name})",
+                dir.display()
+            );
+        }
+    }
+    let mode = match args.mode {
+        Mode::Auto => "auto",
+        Mode::Files => "files",
+        Mode::Blocks => "blocks",
+        Mode::Sectors => "sectors",
+    };
+    let daemon = machines::Daemon::find(&args.daemon)?;
+    daemon.run_job(serde_json::json!({
+        "kind": "capture", "source": args.source, "output": name, "mode": mode,
+        "verify": args.verify,
+    }))?;
+    eprintln!(
+        "captured {} into the server's captures as {name}",
+        args.source
+    );
     Ok(())
 }
 

@@ -176,6 +176,19 @@ fn a_dialling_agent_registers_is_captured_by_name_and_comes_back() {
         "dormant",
         "back from transitioning"
     );
+    // The CLI does the same through the server.
+    let (ok, _, err) = diskferry(
+        &[
+            &["capture".as_ref(), "web-01".as_ref(), "cli.qcow2".as_ref()][..],
+            &dd,
+        ]
+        .concat(),
+    );
+    assert!(
+        ok && err.contains("into the server's captures as cli.qcow2"),
+        "{err}"
+    );
+    assert!(data.path().join("captures/cli.qcow2").exists());
     // A disk it does not have, and an unknown machine, are clear errors.
     let bad =
         serde_json::json!({"kind": "capture", "source": "/dev/nope@web-01", "output": "x.vhdx"});
