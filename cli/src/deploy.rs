@@ -72,17 +72,7 @@ pub fn run(args: &DeployArgs) -> Result<()> {
     )?;
     let written: u64 = report.disk.partitions.iter().map(|p| p.read).sum();
     for p in &report.disk.partitions {
-        eprintln!(
-            "  partition {}: {} ({}), {}{}",
-            p.number,
-            p.filesystem,
-            p.mode.name(),
-            human_bytes(p.read),
-            p.note
-                .as_deref()
-                .map(|n| format!(" — {n}"))
-                .unwrap_or_default()
-        );
+        eprintln!("  {p}");
     }
     let secs = report.disk.elapsed.as_secs_f64().max(1e-9);
     eprintln!(

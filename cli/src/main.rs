@@ -606,17 +606,7 @@ fn capture(args: CaptureArgs) -> Result<()> {
             )?;
             let read: u64 = report.partitions.iter().map(|p| p.read).sum();
             for p in &report.partitions {
-                eprintln!(
-                    "  partition {}: {} ({}), {} read{}",
-                    p.number,
-                    p.filesystem,
-                    p.mode.name(),
-                    human_bytes(p.read),
-                    p.note
-                        .as_deref()
-                        .map(|n| format!(" — {n}"))
-                        .unwrap_or_default()
-                );
+                eprintln!("  {p}");
             }
             let on_disk = std::fs::metadata(&args.out)
                 .map(|m| {

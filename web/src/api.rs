@@ -584,8 +584,7 @@ async fn list_jobs(State(state): State<SharedState>) -> Result<Response, Failure
 }
 
 async fn start_job(State(state): State<SharedState>, body: Bytes) -> Result<Response, Failure> {
-    let req: JobRequest = serde_json::from_slice(&body)
-        .map_err(|e| Failure::bad_request(format!("request body is not a valid job: {e}")))?;
+    let req: JobRequest = json_body(&body, "a job (see /api/openapi.json)")?;
     let id = state.jobs.start(req)?;
     Ok((
         StatusCode::CREATED,
@@ -702,6 +701,12 @@ pub async fn set_machine_name(state: &SharedState, key: &str, name: &str) -> Res
     Ok(m.id)
 }
 
+/// A JSON request body, or a 400 saying what was expected.
+fn json_body<T: serde::de::DeserializeOwned>(body: &[u8], expected: &str) -> Result<T, Failure> {
+    serde_json::from_slice(body)
+        .map_err(|e| Failure::bad_request(format!("the body must be {expected}: {e}")))
+}
+
 #[derive(serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 struct NameBody {
@@ -713,8 +718,7 @@ async fn name_machine(
     Path(key): Path<String>,
     body: Bytes,
 ) -> Result<Response, Failure> {
-    let req: NameBody = serde_json::from_slice(&body)
-        .map_err(|e| Failure::bad_request(format!("expected {{\"name\": \"...\"}}: {e}")))?;
+    let req: NameBody = json_body(&body, r#"{"name": "..."}"#)?;
     let id = set_machine_name(&state, &key, &req.name).await?;
     let m = machine_by_key(&state, &id.to_string()).await?;
     Ok(Json(m).into_response())
@@ -731,11 +735,7 @@ async fn power_machine(
     Path(key): Path<String>,
     body: Bytes,
 ) -> Result<Response, Failure> {
-    let req: PowerBody = serde_json::from_slice(&body).map_err(|e| {
-        Failure::bad_request(format!(
-            "expected {{\"action\": \"reboot\" or \"poweroff\"}}: {e}"
-        ))
-    })?;
+    let req: PowerBody = json_body(&body, r#"{"action": "reboot" or "poweroff"}"#)?;
     let action = match req.action.as_str() {
         "reboot" => diskferry_protocol::PowerAction::Reboot,
         "poweroff" => diskferry_protocol::PowerAction::Poweroff,

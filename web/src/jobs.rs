@@ -340,20 +340,7 @@ impl Jobs {
             diskferry::pipeline::deploy_disk(img, dst, &target.describe(), mode, &progress)
                 .map_err(|e| e.to_string())?;
         for p in &report.disk.partitions {
-            self.log(
-                id,
-                &format!(
-                    "partition {}: {} by {} ({} bytes){}",
-                    p.number,
-                    p.filesystem,
-                    p.mode.name(),
-                    p.read,
-                    p.note
-                        .as_ref()
-                        .map(|n| format!(" — {n}"))
-                        .unwrap_or_default()
-                ),
-            );
+            self.log(id, &p.to_string());
         }
         self.log(
             id,
@@ -407,20 +394,7 @@ impl Jobs {
         let report = capture_disk(Arc::clone(&src), out, output, mode, None, &progress)
             .map_err(|e| e.to_string())?;
         for p in &report.partitions {
-            self.log(
-                id,
-                &format!(
-                    "partition {}: {} by {} ({} bytes read){}",
-                    p.number,
-                    p.filesystem,
-                    p.mode.name(),
-                    p.read,
-                    p.note
-                        .as_ref()
-                        .map(|n| format!(" — {n}"))
-                        .unwrap_or_default()
-                ),
-            );
+            self.log(id, &p.to_string());
         }
         if verify {
             self.log(id, "verifying");

@@ -83,17 +83,12 @@ fn from_row(row: &Row<'_>) -> rusqlite::Result<CaptureRecord> {
 impl Catalog {
     /// All captures, newest first.
     pub fn captures(&self) -> Result<Vec<CaptureRecord>, CatalogError> {
-        let db = self.db();
-        let mut stmt = db
-            .prepare(&format!(
-                "SELECT {COLUMNS} FROM captures ORDER BY mtime_ns DESC, id DESC"
-            ))
-            .map_err(|e| self.sql(e))?;
-        let rows = stmt
-            .query_map([], from_row)
-            .and_then(|rows| rows.collect::<Result<Vec<_>, _>>())
-            .map_err(|e| self.sql(e))?;
-        Ok(rows)
+        self.rows(
+            &self.db(),
+            &format!("SELECT {COLUMNS} FROM captures ORDER BY mtime_ns DESC, id DESC"),
+            [],
+            from_row,
+        )
     }
 
     /// One capture by id.
@@ -131,17 +126,12 @@ impl Catalog {
         let root = self.captures_dir();
         let mut found = Vec::new();
         scan(&root, &root, 0, &mut found)?;
-        let known: Vec<(String, i64, i64, bool)> = {
-            let db = self.db();
-            let mut stmt = db
-                .prepare("SELECT path, file_size, mtime_ns, analysis IS NOT NULL OR analysis_error IS NOT NULL FROM captures")
-                .map_err(|e| self.sql(e))?;
-            let rows = stmt
-                .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
-                .and_then(|rows| rows.collect::<Result<Vec<_>, _>>())
-                .map_err(|e| self.sql(e))?;
-            rows
-        };
+        let known: Vec<(String, i64, i64, bool)> = self.rows(
+            &self.db(),
+            "SELECT path, file_size, mtime_ns, analysis IS NOT NULL OR analysis_error IS NOT NULL FROM captures",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
+        )?;
         let mut report = RefreshReport::default();
         for (path, ..) in &known {
             if !found.iter().any(|f| &f.rel == path) {

@@ -180,17 +180,12 @@ impl Catalog {
 
     /// The newest `limit` jobs, newest first.
     pub fn jobs(&self, limit: usize) -> Result<Vec<JobRecord>, CatalogError> {
-        let db = self.db();
-        let mut stmt = db
-            .prepare(&format!(
-                "SELECT {COLUMNS} FROM jobs ORDER BY id DESC LIMIT ?1"
-            ))
-            .map_err(|e| self.sql(e))?;
-        let rows = stmt
-            .query_map([limit as i64], from_row)
-            .and_then(|rows| rows.collect::<Result<Vec<_>, _>>())
-            .map_err(|e| self.sql(e))?;
-        Ok(rows)
+        self.rows(
+            &self.db(),
+            &format!("SELECT {COLUMNS} FROM jobs ORDER BY id DESC LIMIT ?1"),
+            [limit as i64],
+            from_row,
+        )
     }
 
     /// Marks every job that was queued or running as interrupted (call once at start: no job

@@ -45,19 +45,14 @@ fn from_row(row: &Row<'_>) -> rusqlite::Result<MachineRecord> {
 impl Catalog {
     /// Every machine, registered ones first by name, then the rest by when they were last seen.
     pub fn machines(&self) -> Result<Vec<MachineRecord>, CatalogError> {
-        let db = self.db();
-        let mut stmt = db
-            .prepare(
-                "SELECT m.id, m.name, m.macs, h.info, m.state, m.last_seen, m.created_at, m.identity
-                 FROM machines m LEFT JOIN hardware h ON h.id = m.hardware_id
-                 ORDER BY m.name IS NULL, m.name, m.last_seen DESC",
-            )
-            .map_err(|e| self.sql(e))?;
-        let rows = stmt
-            .query_map([], from_row)
-            .and_then(|rows| rows.collect::<Result<Vec<_>, _>>())
-            .map_err(|e| self.sql(e))?;
-        Ok(rows)
+        self.rows(
+            &self.db(),
+            "SELECT m.id, m.name, m.macs, h.info, m.state, m.last_seen, m.created_at, m.identity
+             FROM machines m LEFT JOIN hardware h ON h.id = m.hardware_id
+             ORDER BY m.name IS NULL, m.name, m.last_seen DESC",
+            [],
+            from_row,
+        )
     }
 }
 
@@ -156,16 +151,10 @@ impl Catalog {
                 |r| r.get(0),
             )
             .map_err(|e| self.sql(e))?;
-        let known: Vec<(i64, String)> = {
-            let mut stmt = db
-                .prepare("SELECT id, macs FROM machines")
-                .map_err(|e| self.sql(e))?;
-            let rows = stmt
-                .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
-                .and_then(|rows| rows.collect::<Result<Vec<_>, _>>())
-                .map_err(|e| self.sql(e))?;
-            rows
-        };
+        let known: Vec<(i64, String)> =
+            self.rows(&db, "SELECT id, macs FROM machines", [], |r| {
+                Ok((r.get(0)?, r.get(1)?))
+            })?;
         let found = known.into_iter().find_map(|(mid, m)| {
             let theirs: Vec<String> = serde_json::from_str(&m).unwrap_or_default();
             theirs

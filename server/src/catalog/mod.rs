@@ -167,6 +167,22 @@ impl Catalog {
         self.db.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// Every row `sql` returns, mapped, on a connection the caller holds.
+    fn rows<T>(
+        &self,
+        db: &Connection,
+        sql: &str,
+        params: impl rusqlite::Params,
+        map: impl FnMut(&rusqlite::Row<'_>) -> rusqlite::Result<T>,
+    ) -> Result<Vec<T>, CatalogError> {
+        let mut stmt = db.prepare(sql).map_err(|e| self.sql(e))?;
+        let rows = stmt
+            .query_map(params, map)
+            .and_then(|rows| rows.collect::<Result<Vec<_>, _>>())
+            .map_err(|e| self.sql(e))?;
+        Ok(rows)
+    }
+
     fn sql(&self, source: rusqlite::Error) -> CatalogError {
         CatalogError::Sql {
             path: self.db_path.clone(),

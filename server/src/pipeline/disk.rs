@@ -56,6 +56,25 @@ pub struct PartitionReport {
     pub note: Option<String>,
 }
 
+impl std::fmt::Display for PartitionReport {
+    /// `partition 2: ext4 by files, 1.6 MiB (1698216 bytes) read — note`
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "partition {}: {} by {}, {} ({} bytes) read",
+            self.number,
+            self.filesystem,
+            self.mode.name(),
+            crate::units::human_bytes(self.read),
+            self.read
+        )?;
+        if let Some(n) = &self.note {
+            write!(f, " — {n}")?;
+        }
+        Ok(())
+    }
+}
+
 /// What a disk capture did.
 #[derive(Debug, Clone, Default)]
 pub struct DiskReport {
