@@ -9,7 +9,7 @@ triple=$(rustc -vV | sed -n 's/^host: //p')
 # --target keeps the static flag away from build scripts and proc macros (they must stay dynamic).
 RUSTFLAGS="-C target-feature=+crt-static" cargo build --profile client -p diskferry-client --target "$triple"
 mkdir -p "$out"
-cp "target/$triple/client/diskferry-client" "$out/diskferry-client"
+cp "${CARGO_TARGET_DIR:-target}/$triple/client/diskferry-client" "$out/diskferry-client"
 if ldd "$out/diskferry-client" 2>&1 | grep -q "=>"; then
   echo "error: $out/diskferry-client is dynamically linked" >&2
   exit 1
