@@ -16,8 +16,10 @@ mnt="$work/mnt"
 server_pid=""
 cleanup() {
   [ -n "$server_pid" ] && kill "$server_pid" 2>/dev/null || true
-  [ -f "$work/nginx.pid" ] && kill "$(cat "$work/nginx.pid")" 2>/dev/null || true
-  umount "$mnt" 2>/dev/null || true
+  [ -f "$work/nginx.conf" ] && nginx -c "$work/nginx.conf" -s stop 2>/dev/null || true
+  sleep 1
+  # Never remove files through the mount.
+  if mountpoint -q "$mnt"; then umount "$mnt" 2>/dev/null || umount -l "$mnt"; fi
   rm -rf "$work"
 }
 trap cleanup EXIT
@@ -48,11 +50,14 @@ rm -rf "$work/tree"
 mount -o loop,ro "$work/part.ext4" "$mnt"
 
 echo "== servers" >&2
-"$diskferry" serve --data-dir "$work/data" --listen 127.0.0.1:18481 2> "$work/serve.log" &
+"$diskferry" serve --data-dir "$work/data" --listen 127.0.0.1:18481 --agent-listen 127.0.0.1:0 \
+  --tftp-listen off 2> "$work/serve.log" &
 server_pid=$!
 for _ in $(seq 100); do grep -q "listening on" "$work/serve.log" && break; sleep 0.1; done
 token=$(cat "$work/data/api-token")
 cat > "$work/nginx.conf" <<EOF
+# The work directory is private (mktemp): the workers read it as root.
+user root;
 worker_processes 2;
 pid $work/nginx.pid;
 error_log $work/nginx-error.log;
@@ -70,8 +75,12 @@ nginx -c "$work/nginx.conf"
 ours="http://127.0.0.1:18481/api/captures/1/partitions/1/dir?path=/many"
 peer="http://127.0.0.1:18482/many/"
 # Both list every entry.
-n_ours=$(curl -sf -H "Authorization: Bearer $token" "$ours" | python3 -c 'import json,sys; print(len(json.load(sys.stdin)["entries"]))')
-n_peer=$(curl -sf "$peer" | python3 -c 'import json,sys; print(len(json.load(sys.stdin)))')
+curl -s -H "Authorization: Bearer $token" "$ours" > "$work/ours.json"
+n_ours=$(python3 -c 'import json,sys; print(len(json.load(open(sys.argv[1]))["entries"]))' "$work/ours.json") ||
+  { echo "diskferry answered: $(head -c 300 "$work/ours.json")" >&2; cat "$work/serve.log" >&2; exit 1; }
+curl -s "$peer" > "$work/peer.json"
+n_peer=$(python3 -c 'import json,sys; print(len(json.load(open(sys.argv[1]))))' "$work/peer.json") ||
+  { echo "nginx answered: $(head -c 300 "$work/peer.json")" >&2; exit 1; }
 [ "$n_ours" = 10000 ] && [ "$n_peer" = 10000 ] || { echo "listed $n_ours / $n_peer entries" >&2; exit 1; }
 size_ours=$(curl -sf -H "Authorization: Bearer $token" "$ours" | wc -c)
 size_peer=$(curl -sf "$peer" | wc -c)
