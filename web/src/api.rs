@@ -273,18 +273,35 @@ async fn dir(
     State(state): State<SharedState>,
     Path((id, n)): Path<(String, String)>,
     Query(q): Query<HashMap<String, String>>,
-) -> Result<Json<serde_json::Value>, Failure> {
+) -> Result<Response, Failure> {
     let path = path_param(&q)?;
-    let (_, fs) = open_partition(&state, &id, &n).await?;
-    let p = path.clone();
-    let entries = tokio::task::spawn_blocking(move || browse::list(&*fs, &p)).await??;
-    Ok(Json(
-        serde_json::to_value(Listing {
-            path: path.as_string(),
-            entries,
-        })
-        .map_err(|e| Failure::internal(e.to_string()))?,
-    ))
+    let (capture, fs) = open_partition(&state, &id, &n).await?;
+    // A capture does not change while its size and modification time stay the same, so its
+    // listings are kept (rendered) and served again.
+    let key = browse::ListingKey {
+        capture: capture.id,
+        file_size: capture.file_size,
+        modified: capture.modified,
+        partition: n.clone(),
+        path: path.as_string(),
+    };
+    let body = match state.listings.get(&key) {
+        Some(body) => body,
+        None => {
+            let p = path.clone();
+            let entries = tokio::task::spawn_blocking(move || browse::list(&*fs, &p)).await??;
+            let body = Bytes::from(
+                serde_json::to_vec(&Listing {
+                    path: path.as_string(),
+                    entries,
+                })
+                .map_err(|e| Failure::internal(e.to_string()))?,
+            );
+            state.listings.put(key, body.clone());
+            body
+        }
+    };
+    Ok(([(header::CONTENT_TYPE, "application/json")], body).into_response())
 }
 
 /// `attachment; filename=…` for a name that may hold anything.

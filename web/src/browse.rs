@@ -104,6 +104,53 @@ impl Volumes {
     }
 }
 
+/// Which listing: a capture (as of its size and modification time), partition, path.
+#[derive(Clone, PartialEq, Eq)]
+pub struct ListingKey {
+    pub capture: i64,
+    pub file_size: u64,
+    pub modified: i64,
+    pub partition: String,
+    pub path: String,
+}
+
+/// Rendered directory listings, most recently used last, at most [`LISTING_CACHE_BYTES`].
+#[derive(Default)]
+pub struct Listings {
+    kept: Mutex<Vec<(ListingKey, bytes::Bytes)>>,
+}
+
+/// Bytes of rendered listings kept at most.
+pub const LISTING_CACHE_BYTES: usize = 64 << 20;
+
+impl Listings {
+    pub fn get(&self, key: &ListingKey) -> Option<bytes::Bytes> {
+        let mut kept = self.kept.lock().unwrap_or_else(|e| e.into_inner());
+        let i = kept.iter().position(|(k, _)| k == key)?;
+        let entry = kept.remove(i);
+        let body = entry.1.clone();
+        kept.push(entry);
+        Some(body)
+    }
+
+    pub fn put(&self, key: ListingKey, body: bytes::Bytes) {
+        if body.len() > LISTING_CACHE_BYTES / 4 {
+            return;
+        }
+        let mut kept = self.kept.lock().unwrap_or_else(|e| e.into_inner());
+        // Older versions of the same capture are gone for good.
+        kept.retain(|(k, _)| {
+            k.capture != key.capture || (k.file_size == key.file_size && k.modified == key.modified)
+        });
+        kept.push((key, body));
+        let mut total: usize = kept.iter().map(|(_, b)| b.len()).sum();
+        while total > LISTING_CACHE_BYTES {
+            let (_, b) = kept.remove(0);
+            total -= b.len();
+        }
+    }
+}
+
 /// One entry of a directory listing, as the API and the pages show it.
 #[derive(Debug, Clone, Serialize)]
 pub struct Entry {
@@ -292,4 +339,40 @@ fn summary(fs: &dyn Filesystem, limit: usize) -> Result<(HashMap<String, Summary
         }
     }
     Ok((out, truncated))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(capture: i64, modified: i64, path: &str) -> ListingKey {
+        ListingKey {
+            capture,
+            file_size: 1,
+            modified,
+            partition: "1".into(),
+            path: path.into(),
+        }
+    }
+
+    #[test]
+    fn listings_are_kept_per_capture_version_and_bounded() {
+        let l = Listings::default();
+        l.put(key(1, 10, "/a"), bytes::Bytes::from_static(b"old"));
+        assert_eq!(l.get(&key(1, 10, "/a")).unwrap(), "old");
+        // The capture changed: its old listings go.
+        l.put(key(1, 11, "/b"), bytes::Bytes::from_static(b"new"));
+        assert!(l.get(&key(1, 10, "/a")).is_none());
+        assert!(
+            l.get(&key(1, 11, "/a")).is_none(),
+            "a different version is a miss"
+        );
+        // Bounded in bytes: the least recently used go first.
+        let big = bytes::Bytes::from(vec![0u8; LISTING_CACHE_BYTES / 5]);
+        for i in 0..6 {
+            l.put(key(2, 0, &format!("/{i}")), big.clone());
+        }
+        assert!(l.get(&key(2, 0, "/0")).is_none());
+        assert!(l.get(&key(2, 0, "/5")).is_some());
+    }
 }

@@ -40,6 +40,8 @@ pub struct AppState {
     pub catalog: Arc<Catalog>,
     pub auth: Auth,
     pub volumes: browse::Volumes,
+    /// Rendered directory listings (the API's), reused while a capture is unchanged.
+    pub listings: browse::Listings,
     pub jobs: Arc<jobs::Jobs>,
     /// Machines connected over the agent port.
     pub agents: Arc<Agents>,
@@ -106,6 +108,7 @@ pub fn open(data_dir: &Path) -> Result<(SharedState, Startup), String> {
         catalog,
         auth: Auth::new(password.value.clone(), token.value),
         volumes: browse::Volumes::default(),
+        listings: browse::Listings::default(),
         refreshed: std::sync::Mutex::new(Some(std::time::Instant::now())),
         boot: std::sync::OnceLock::new(),
     });
