@@ -176,6 +176,14 @@ fn a_dialling_agent_registers_is_captured_by_name_and_comes_back() {
         "dormant",
         "back from transitioning"
     );
+    // The machines page offers it a deploy of the captures.
+    let page = s.get("/machines").text();
+    assert!(
+        page.contains("web-01")
+            && page.contains(r#"value="deploy""#)
+            && page.contains("web-01.vhdx"),
+        "{page}"
+    );
     // The CLI does the same through the server.
     let (ok, _, err) = diskferry(
         &[

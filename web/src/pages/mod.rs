@@ -145,12 +145,15 @@ async fn machines(
     Extension(who): Extension<Identity>,
 ) -> Result<Html<String>, PageFailure> {
     let list = crate::api::machine_list(&state).await?;
+    let st = std::sync::Arc::clone(&state);
+    let captures = tokio::task::spawn_blocking(move || st.catalog.captures()).await??;
     let text = |v: &serde_json::Value| v.as_str().unwrap_or("").to_string();
     let body = html! {
         h1 { "Machines" }
         @if list.is_empty() {
             p.empty { "No machine has dialed in yet. Machines appear here when they boot the diskferry PXE environment and connect back to this server." }
         } @else {
+            p.hint { "Deploy replaces everything on the machine's disk (its only disk; for a machine with several, name the disk as DISK@MACHINE on the Jobs page)." }
             div.scroll { table.list {
                 thead { tr { th { "Name" } th { "MAC addresses" } th { "Hardware" } th { "Disks" } th { "State" } th { "Last seen" } th {} } }
                 tbody {
@@ -173,6 +176,18 @@ async fn machines(
                                     input type="hidden" name="csrf" value=(who.csrf());
                                     input name="name" required placeholder=(if m["name"].is_null() { "name to register" } else { "new name" }) aria-label="Machine name";
                                     button type="submit" { @if m["name"].is_null() { "Register" } @else { "Rename" } }
+                                }
+                                @if m["online"] == true && !captures.is_empty() {
+                                    // Deploy: the machine's only disk, or name one on the jobs page.
+                                    form.inline method="post" action="/jobs" {
+                                        input type="hidden" name="csrf" value=(who.csrf());
+                                        input type="hidden" name="kind" value="deploy";
+                                        input type="hidden" name="target" value=(m["name"].as_str().map_or_else(|| text(&m["macs"][0]), str::to_string));
+                                        select name="image" aria-label="Capture to deploy" {
+                                            @for c in &captures { option value=(c.id) { (c.name) } }
+                                        }
+                                        button type="submit" { "Deploy" }
+                                    }
                                 }
                             }
                         }
