@@ -101,33 +101,24 @@ fn browse_download_and_watch_a_capture_in_chromium() {
     shot(&b, "02-capture.png");
 
     // Three directories deep in each filesystem.
-    walk(
-        &b,
-        &base,
-        "sample.vhdx",
-        2,
-        &["home", "alice", "docs"],
-        "report.bin",
-    );
-    shot(&b, "03-ext4.png");
-    walk(
-        &b,
-        &base,
-        "sample.vhdx",
-        1,
-        &["EFI", "BOOT", "fonts"],
-        "README.TXT",
-    );
-    shot(&b, "04-fat.png");
-    walk(
-        &b,
-        &base,
-        "sample.vhdx",
-        3,
-        &["Windows", "System32", "config"],
-        "SOFTWARE",
-    );
-    shot(&b, "05-ntfs.png");
+    for (partition, dirs, expect, picture) in [
+        (
+            2,
+            &["home", "alice", "docs"][..],
+            "report.bin",
+            "03-ext4.png",
+        ),
+        (1, &["EFI", "BOOT", "fonts"][..], "README.TXT", "04-fat.png"),
+        (
+            3,
+            &["Windows", "System32", "config"][..],
+            "SOFTWARE",
+            "05-ntfs.png",
+        ),
+    ] {
+        walk(&b, &base, "sample.vhdx", partition, dirs, expect);
+        shot(&b, picture);
+    }
 
     // Keyboard: j moves to the first row's link, Backspace goes up a directory.
     b.keys("j").unwrap();
