@@ -149,3 +149,27 @@ impl Agents {
         Ok(())
     }
 }
+
+/// Waiting for a dial-back machine to call in again, for a [`ReconnectingDisk`]: a machine
+/// whose connection dropped (agent restarted, network blip) is back once it has re-registered.
+///
+/// [`ReconnectingDisk`]: crate::blockdev::ReconnectingDisk
+pub struct AgentRedial {
+    pub agents: Arc<Agents>,
+    pub machine_id: i64,
+    pub label: String,
+}
+
+impl crate::blockdev::remote::Redial for AgentRedial {
+    fn describe(&self) -> String {
+        format!("machine {}", self.label)
+    }
+
+    fn redial(&self, _rt: &tokio::runtime::Handle) -> Result<Connection, String> {
+        self.agents
+            .link(self.machine_id)
+            .map(|l| l.connection)
+            .filter(|c| c.closed_reason().is_none())
+            .ok_or_else(|| format!("machine {} has not dialed back yet", self.label))
+    }
+}

@@ -78,8 +78,10 @@ pub fn open_source(
                 })?;
             Ok(Arc::new(crate::blockdev::ReconnectingDisk::new(
                 remote,
-                addr,
-                session.clone(),
+                Arc::new(crate::blockdev::remote::DialAddr {
+                    addr: addr.clone(),
+                    session: session.clone(),
+                }),
                 RemoteOptions::default(),
                 rt.clone(),
                 reconnect,

@@ -262,3 +262,45 @@ fn a_dialling_agent_registers_is_captured_by_name_and_comes_back() {
         (Some("web-01"), Some("deployed"))
     );
 }
+
+#[test]
+fn a_capture_from_a_machine_survives_its_agent_restarting() {
+    assert!(
+        !host_macs().is_empty(),
+        "this test needs a network interface with a MAC address"
+    );
+    let data = tempfile::tempdir().unwrap();
+    let disk = data.path().join("disk.img");
+    // 1.5 GiB of data so the capture is still running when the agent goes.
+    diskferry_e2e::make_disk(&disk, 2 << 30, &[(0, 1536 << 20)]).unwrap();
+    let s = Server::start(data.path()).unwrap();
+    let key = data.path().join("agent.key");
+    let agent = Agent::start(&s.agent_addr, &key, &[&disk]);
+    assert!(wait_for(Duration::from_secs(20), || online(&s)));
+    let mac = machines(&s)[0]["macs"][0].as_str().unwrap().to_string();
+    let job = serde_json::json!({
+        "kind": "capture", "source": mac, "output": "big.qcow2", "mode": "sectors", "verify": true,
+    });
+    let r = s.api("POST", "/api/jobs", job.to_string().as_bytes());
+    assert_eq!(r.status, 201, "{}", r.text());
+    let id = r.json()["id"].as_i64().unwrap();
+    std::thread::sleep(Duration::from_millis(400));
+    let now = s.get(&format!("/api/jobs/{id}")).json();
+    assert_eq!(
+        now["state"], "running",
+        "the agent goes while the capture runs: {now}"
+    );
+    drop(agent);
+    std::thread::sleep(Duration::from_millis(700));
+    let _again = Agent::start(&s.agent_addr, &key, &[&disk]);
+    let _ = s.get(&format!("/api/jobs/{id}/events"));
+    let j = s.get(&format!("/api/jobs/{id}")).json();
+    assert_eq!(j["state"], "succeeded", "{j}");
+    assert!(j["log"].as_str().unwrap().contains("no differences"), "{j}");
+    let (ok, _, err) = diskferry(&[
+        "verify".as_ref(),
+        disk.as_os_str(),
+        data.path().join("captures/big.qcow2").as_os_str(),
+    ]);
+    assert!(ok, "{err}");
+}

@@ -7,7 +7,9 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use diskferry::agents::Agents;
-use diskferry::blockdev::{BlockDevice, CancelFlag, CancellableDevice, RemoteOptions};
+use diskferry::blockdev::{
+    BlockDevice, CancelFlag, CancellableDevice, ReconnectingDisk, RemoteOptions,
+};
 use diskferry::catalog::{Catalog, JobState};
 use diskferry::pipeline::verify::verify_disks;
 use diskferry::pipeline::{capture_disk, Mode, OutputOptions};
@@ -391,10 +393,26 @@ impl Jobs {
             compress: false,
             overwrite: false,
         };
-        let report = capture_disk(Arc::clone(&src), out, output, mode, None, &progress)
-            .map_err(|e| e.to_string())?;
-        for p in &report.partitions {
-            self.log(id, &p.to_string());
+        let partitioned = diskferry::partition::read_table(&*src)
+            .is_ok_and(|t| t.scheme != diskferry::partition::Scheme::None);
+        if mode == Mode::Sectors || !partitioned {
+            // The whole disk, every non-zero sector (an exact clone; also what a disk without
+            // a partition table gets).
+            let stats = diskferry::pipeline::capture_sectors(&*src, out, output, &progress)
+                .map_err(|e| e.to_string())?;
+            self.log(
+                id,
+                &format!(
+                    "whole disk by sectors: {} bytes read, {} written",
+                    stats.read, stats.written
+                ),
+            );
+        } else {
+            let report = capture_disk(Arc::clone(&src), out, output, mode, None, &progress)
+                .map_err(|e| e.to_string())?;
+            for p in &report.partitions {
+                self.log(id, &p.to_string());
+            }
         }
         if verify {
             self.log(id, "verifying");
@@ -584,7 +602,20 @@ impl Jobs {
                             .open(disk, writable, RemoteOptions::default()),
                     )
                     .map_err(|e| e.to_string())?;
-                Ok(Arc::new(dev))
+                // If the machine drops off mid-job (agent restarted, network blip), wait for it
+                // to dial back and carry on, as with listening clients.
+                let redial = diskferry::agents::AgentRedial {
+                    agents: Arc::clone(&self.agents),
+                    machine_id: *id,
+                    label: label.clone(),
+                };
+                Ok(Arc::new(ReconnectingDisk::new(
+                    dev,
+                    Arc::new(redial),
+                    RemoteOptions::default(),
+                    rt.clone(),
+                    DEFAULT_RECONNECT,
+                )))
             }
         }
     }

@@ -1,6 +1,9 @@
 //! A remote disk that survives its connection: when the client goes away (restarted, network
-//! blip), the next operation reconnects with backoff — 0.25 s doubling to 5 s — for up to a
-//! configured time, reopens the disk by name, checks it is the same size, and carries on.
+//! blip), the next operation gets a new connection with backoff — 0.25 s doubling to 5 s — for
+//! up to a configured time, reopens the disk by name, checks it is the same size, and carries
+//! on. Where the new connection comes from is a [`Redial`]: connecting to a listening client
+//! again ([`DialAddr`]), or waiting for a dial-back machine to call back in
+//! (`crate::agents::AgentRedial`).
 //! Reads and writes are idempotent, so a failed request is simply sent again; bulk reads
 //! resume after the last piece delivered, so the consumer sees every byte exactly once.
 
@@ -14,11 +17,34 @@ use diskferry_protocol::SessionOptions;
 use super::{Connection, RemoteDisk, RemoteOptions};
 use crate::blockdev::{BlockDevice, BlockError, Extent, Result};
 
+/// How a lost connection is replaced.
+pub trait Redial: Send + Sync {
+    /// Where the disk is, for messages.
+    fn describe(&self) -> String;
+    /// A fresh authenticated connection, or why there is none yet (retried with backoff).
+    fn redial(&self, rt: &tokio::runtime::Handle) -> std::result::Result<Connection, String>;
+}
+
+/// Connecting again to a listening client.
+pub struct DialAddr {
+    pub addr: String,
+    pub session: SessionOptions,
+}
+
+impl Redial for DialAddr {
+    fn describe(&self) -> String {
+        self.addr.clone()
+    }
+    fn redial(&self, rt: &tokio::runtime::Handle) -> std::result::Result<Connection, String> {
+        rt.block_on(Connection::connect(&self.addr, &self.session))
+            .map_err(|e| e.to_string())
+    }
+}
+
 /// Reconnects [`RemoteDisk`]s.
 pub struct ReconnectingDisk {
-    addr: String,
+    redial: Arc<dyn Redial>,
     disk: String,
-    session: SessionOptions,
     opts: RemoteOptions,
     rt: tokio::runtime::Handle,
     patience: Duration,
@@ -30,28 +56,31 @@ pub struct ReconnectingDisk {
 
 impl std::fmt::Debug for ReconnectingDisk {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "ReconnectingDisk({}@{})", self.disk, self.addr)
+        write!(
+            f,
+            "ReconnectingDisk({}@{})",
+            self.disk,
+            self.redial.describe()
+        )
     }
 }
 
 impl ReconnectingDisk {
-    /// Wraps `first`, opened as `disk` on `addr`; reconnects for up to `patience`.
+    /// Wraps `first`; reconnects through `redial` for up to `patience`.
     pub fn new(
         first: RemoteDisk,
-        addr: &str,
-        session: SessionOptions,
+        redial: Arc<dyn Redial>,
         opts: RemoteOptions,
         rt: tokio::runtime::Handle,
         patience: Duration,
     ) -> ReconnectingDisk {
         ReconnectingDisk {
-            addr: addr.to_string(),
+            redial,
             disk: first.name().to_string(),
             size: first.size(),
             logical_sector: first.logical_sector_size(),
             read_only: first.is_read_only(),
             current: RwLock::new(Arc::new(first)),
-            session,
             opts,
             rt,
             patience,
@@ -71,23 +100,24 @@ impl ReconnectingDisk {
         eprintln!(
             "diskferry: lost {}@{} ({why}); reconnecting for up to {} s",
             self.disk,
-            self.addr,
+            self.redial.describe(),
             self.patience.as_secs()
         );
         let deadline = Instant::now() + self.patience;
         let mut delay = Duration::from_millis(250);
         loop {
-            let attempt = self.rt.block_on(async {
-                let conn = Connection::connect(&self.addr, &self.session)
-                    .await
-                    .map_err(|e| e.to_string())?;
-                conn.open(&self.disk, !self.read_only, self.opts.clone())
-                    .await
+            let attempt = self.redial.redial(&self.rt).and_then(|conn| {
+                self.rt
+                    .block_on(conn.open(&self.disk, !self.read_only, self.opts.clone()))
                     .map_err(|e| e.to_string())
             });
             match attempt {
                 Ok(disk) if disk.size() == self.size => {
-                    eprintln!("diskferry: reconnected to {}@{}", self.disk, self.addr);
+                    eprintln!(
+                        "diskferry: reconnected to {}@{}",
+                        self.disk,
+                        self.redial.describe()
+                    );
                     *current = Arc::new(disk);
                     return Ok(());
                 }
@@ -153,6 +183,10 @@ impl BlockDevice for ReconnectingDisk {
 
     fn discard(&self, offset: u64, len: u64) -> Result<()> {
         self.retry(|d| d.discard(offset, len))
+    }
+
+    fn write_zeroes(&self, offset: u64, len: u64) -> Result<()> {
+        self.retry(|d| d.write_zeroes(offset, len))
     }
 
     fn block_status(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {
