@@ -61,6 +61,8 @@ impl Browser {
             .as_str()
             .context("no session id")?
             .to_string();
+        // Element lookups wait for pages a click is still loading.
+        b.call("POST", "/timeouts", Some(json!({ "implicit": 10_000 })))?;
         Ok(b)
     }
 

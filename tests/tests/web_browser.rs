@@ -37,9 +37,26 @@ fn walk(b: &Browser, base: &str, capture: &str, partition: u32, dirs: &[&str], e
         b.click_link(&format!("{d}/")).unwrap();
         wait_url(b, &format!("path=/{}", dirs[..=i].join("/")));
     }
-    let h1 = b.find("h1").unwrap();
-    assert_eq!(b.text(&h1).unwrap(), format!("/{}", dirs.join("/")));
-    assert!(b.source().unwrap().contains(expect), "{expect} in {dirs:?}");
+    let want = format!("/{}", dirs.join("/"));
+    assert!(
+        wait_for(Duration::from_secs(30), || b
+            .find("h1")
+            .and_then(|h| b.text(&h))
+            .is_ok_and(|t| t == want)),
+        "listing of {want}"
+    );
+    wait_source(b, expect);
+}
+
+/// Waits until the page (which a click may still be loading) contains `needle`.
+fn wait_source(b: &Browser, needle: &str) {
+    assert!(
+        wait_for(Duration::from_secs(30), || b
+            .source()
+            .is_ok_and(|s| s.contains(needle))),
+        "{needle} never appeared: {}",
+        b.source().unwrap_or_default()
+    );
 }
 
 /// Waits until the browser is at a URL containing `part` (a click that submits a form may
@@ -91,12 +108,13 @@ fn browse_download_and_watch_a_capture_in_chromium() {
         "logged in: at {}",
         b.url().unwrap()
     );
-    assert!(b.source().unwrap().contains("Debian GNU/Linux 12"));
+    wait_source(&b, "Debian GNU/Linux 12");
     shot(&b, "01-captures.png");
 
     // The capture's page: layout and allocation bars.
     b.click_link("sample.vhdx").unwrap();
     wait_url(&b, "/captures/");
+    wait_source(&b, "Allocated vs virtual size");
     assert_eq!(b.source().unwrap().matches("class=\"bar\"").count(), 2);
     shot(&b, "02-capture.png");
 
@@ -122,7 +140,7 @@ fn browse_download_and_watch_a_capture_in_chromium() {
 
     // Keyboard: j moves to the first row's link, Backspace goes up a directory.
     b.keys("j").unwrap();
-    assert!(b.source().unwrap().contains("class=\"focus\""));
+    wait_source(&b, "class=\"focus\"");
     b.keys("\u{E003}").unwrap(); // Backspace
     assert!(wait_for(Duration::from_secs(10), || b
         .url()
