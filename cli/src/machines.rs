@@ -154,15 +154,7 @@ impl Daemon {
 
 /// Percent-encodes a path segment.
 fn segment(s: &str) -> String {
-    s.bytes()
-        .map(|b| {
-            if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
-                (b as char).to_string()
-            } else {
-                format!("%{b:02X}")
-            }
-        })
-        .collect()
+    diskferry_web::client::percent_encode(s, b"")
 }
 
 pub fn list(args: &DaemonArgs) -> Result<()> {

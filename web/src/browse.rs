@@ -234,22 +234,14 @@ pub fn file(fs: &dyn Filesystem, path: &InnerPath) -> Result<(NodeId, u64), Fail
     Ok((node, meta.size))
 }
 
-/// Reads up to `buf.len()` bytes at `offset`, retrying short reads; returns the count.
+/// Reads up to `buf.len()` bytes at `offset` (see [`fs::read_full`]).
 pub fn read_full(
     fs: &dyn Filesystem,
     node: NodeId,
     offset: u64,
     buf: &mut [u8],
 ) -> Result<usize, Failure> {
-    let mut done = 0;
-    while done < buf.len() {
-        let n = fs.read_at(node, offset + done as u64, &mut buf[done..])?;
-        if n == 0 {
-            break;
-        }
-        done += n;
-    }
-    Ok(done)
+    Ok(fs::read_full(fs, node, offset, buf)?)
 }
 
 /// Whether bytes look like text to show inline (UTF-8 without NULs).

@@ -325,17 +325,29 @@ pub trait Filesystem: Send + Sync {
             )));
         }
         let mut out = vec![0u8; size as usize];
-        let mut done = 0;
-        while done < out.len() {
-            let n = self.read_at(node, done as u64, &mut out[done..])?;
-            if n == 0 {
-                break;
-            }
-            done += n;
-        }
+        let done = read_full(self, node, 0, &mut out)?;
         out.truncate(done);
         Ok(out)
     }
+}
+
+/// Reads up to `buf.len()` bytes of a file at `offset`, going on after short reads; returns
+/// how many there were (fewer only at the end of the file).
+pub fn read_full<F: Filesystem + ?Sized>(
+    fs: &F,
+    node: NodeId,
+    offset: u64,
+    buf: &mut [u8],
+) -> Result<usize> {
+    let mut done = 0;
+    while done < buf.len() {
+        let n = fs.read_at(node, offset + done as u64, &mut buf[done..])?;
+        if n == 0 {
+            break;
+        }
+        done += n;
+    }
+    Ok(done)
 }
 
 /// Path resolution shared by `resolve` and `resolve_within`.

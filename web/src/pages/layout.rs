@@ -6,17 +6,9 @@ use maud::{html, Markup, DOCTYPE};
 
 use crate::auth::Identity;
 
-/// Percent-encodes everything but unreserved characters (and `/`, kept readable in paths).
+/// Percent-encodes a query value, `/` kept readable (paths).
 pub fn encode_query(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for b in s.bytes() {
-        if b.is_ascii_alphanumeric() || b"-_.~/".contains(&b) {
-            out.push(b as char);
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
+    crate::client::percent_encode(s, b"/")
 }
 
 /// `YYYY-MM-DD HH:MM` UTC from seconds since the epoch.

@@ -73,6 +73,27 @@ impl std::fmt::Debug for RemoteDisk {
 }
 
 impl RemoteDisk {
+    /// A request that changes a range without carrying data (discard, write zeroes): refused
+    /// on a read-only disk, checked against the size, the cached range dropped.
+    fn range_request(
+        &self,
+        offset: u64,
+        len: u64,
+        op: &'static str,
+        request: impl FnOnce(u32) -> Request,
+    ) -> Result<()> {
+        if self.read_only {
+            return Err(BlockError::ReadOnly);
+        }
+        check_range(self.size, offset, len)?;
+        self.cache.invalidate(offset, len);
+        expect_done(
+            self.conn.call_blocking(request(self.handle)),
+            op,
+            Some(offset),
+        )
+    }
+
     fn new(
         conn: Connection,
         name: String,
@@ -218,37 +239,19 @@ impl BlockDevice for RemoteDisk {
     }
 
     fn discard(&self, offset: u64, len: u64) -> Result<()> {
-        if self.read_only {
-            return Err(BlockError::ReadOnly);
-        }
-        check_range(self.size, offset, len)?;
-        self.cache.invalidate(offset, len);
-        expect_done(
-            self.conn.call_blocking(Request::Discard {
-                handle: self.handle,
-                offset,
-                len,
-            }),
-            "discard",
-            Some(offset),
-        )
+        self.range_request(offset, len, "discard", |handle| Request::Discard {
+            handle,
+            offset,
+            len,
+        })
     }
 
     fn write_zeroes(&self, offset: u64, len: u64) -> Result<()> {
-        if self.read_only {
-            return Err(BlockError::ReadOnly);
-        }
-        check_range(self.size, offset, len)?;
-        self.cache.invalidate(offset, len);
-        expect_done(
-            self.conn.call_blocking(Request::WriteZeroes {
-                handle: self.handle,
-                offset,
-                len,
-            }),
-            "write zeroes",
-            Some(offset),
-        )
+        self.range_request(offset, len, "write zeroes", |handle| Request::WriteZeroes {
+            handle,
+            offset,
+            len,
+        })
     }
 
     fn block_status(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {
