@@ -13,17 +13,22 @@
 //! This is the only crate that knows the wire byte order (big-endian, network order).
 #![forbid(unsafe_code)]
 
+#[cfg(feature = "io")]
 pub mod codec;
+#[cfg(feature = "io")]
 pub mod handshake;
 pub mod key;
 pub mod message;
 pub mod record;
+#[cfg(feature = "io")]
 pub mod stream;
 
 mod error;
 
+#[cfg(feature = "io")]
 pub use codec::FrameCodec;
 pub use error::ProtocolError;
+#[cfg(feature = "io")]
 pub use handshake::{Role, Session, SessionOptions};
 pub use key::Psk;
 pub use message::{

@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 
-use diskferry::fs::{self, FileKind, Filesystem};
+use diskferry_fs::{self as fs, FileKind, Filesystem};
 
 /// Host files below `root` (relative path → metadata), symlinks not followed.
 /// Keys are the relative paths with non-UTF-8 bytes replaced (as our reader's lossy names

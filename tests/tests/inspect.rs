@@ -6,13 +6,13 @@ use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::Path;
 use std::sync::{Arc, OnceLock};
 
-use diskferry::blockdev::{BlockDevice, FileDevice, SliceDevice};
-use diskferry::fs::{self, FileKind, Filesystem};
+use diskferry_blockdev::{BlockDevice, FileDevice, SliceDevice};
 use diskferry_e2e::fixtures::{mbr_disk, place, SampleDisk};
 use diskferry_e2e::trees::assert_fs_matches_host;
 use diskferry_e2e::{
     assert_finishes_without_panic, diskferry, flip_bytes, make_key, run_ok, Client,
 };
+use diskferry_fs::{self as fs, FileKind, Filesystem};
 
 const MIB: u64 = 1 << 20;
 
@@ -311,7 +311,7 @@ fn ext4_names_modes_owners_times_links_xattrs_acls_and_bytes_read_back_as_put_in
     let vhdx = f.dir.join("ext4-gpt.vhdx");
     let (ok, _, err) = diskferry(&["convert".as_ref(), f.gpt.as_os_str(), vhdx.as_os_str()]);
     assert!(ok || err.contains("exists"), "{err}");
-    let (_, disk) = diskferry::vdisk::open_image(&vhdx, false).unwrap();
+    let (_, disk) = diskferry_vdisk::open_image(&vhdx, false).unwrap();
     let part = SliceDevice::new(disk, f.gpt_offsets[1], 48 * MIB).unwrap();
     assert_fs_matches_host(&*fs::open(Arc::new(part)).unwrap(), &f.tree);
 }
@@ -551,7 +551,7 @@ fn fuzz_walk(image: &Path, rounds: u64) {
     for seed in 0..rounds {
         let bytes = flip_bytes(&original, seed, 40, MIB as usize);
         let dev: Arc<dyn BlockDevice> =
-            Arc::new(diskferry::blockdev::MemoryDevice::read_only(bytes));
+            Arc::new(diskferry_blockdev::MemoryDevice::read_only(bytes));
         let what = format!("walking {} with seed {seed}", image.display());
         assert_finishes_without_panic(&what, move || {
             if let Ok(fs) = fs::open(dev) {

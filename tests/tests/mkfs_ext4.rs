@@ -10,12 +10,12 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Arc;
 
-use diskferry::blockdev::{BlockDevice, FileDevice};
-use diskferry::fs;
-use diskferry::fs::ext4::write::write_ext4;
+use diskferry_blockdev::{BlockDevice, FileDevice};
 use diskferry_e2e::fixtures::{ext4_image, linux_tree};
 use diskferry_e2e::trees::assert_fs_matches_host;
 use diskferry_e2e::{assert_finishes_without_panic, diskferry, flip_bytes, run_ok, sh};
+use diskferry_fs as fs;
+use diskferry_fs::ext4::write::write_ext4;
 
 const GIB: u64 = 1 << 30;
 
@@ -223,7 +223,7 @@ fn an_ext4_copied_through_the_writer_keeps_identity_and_inode_flags_at_any_size_
         m = mnt.display()
     ));
     let dev: Arc<dyn BlockDevice> = Arc::new(FileDevice::open(&original, false).unwrap());
-    let source = diskferry::fs::ext4::Ext4::open(dev).unwrap();
+    let source = diskferry_fs::ext4::Ext4::open(dev).unwrap();
     let want = identity(&original);
     assert_eq!(want.len(), 6, "{want:?}");
     // Smaller, equal and larger than the source: capacity matching.
@@ -438,10 +438,10 @@ fn damaged_sources_give_errors_never_panics_when_copied() {
         let damaged = flip_bytes(&bytes, seed, 30, 1 << 20);
         assert_finishes_without_panic(&format!("copying damaged ext4, seed {seed}"), move || {
             let src: Arc<dyn BlockDevice> =
-                Arc::new(diskferry::blockdev::MemoryDevice::read_only(damaged));
-            if let Ok(source) = diskferry::fs::ext4::Ext4::open(src) {
+                Arc::new(diskferry_blockdev::MemoryDevice::read_only(damaged));
+            if let Ok(source) = diskferry_fs::ext4::Ext4::open(src) {
                 let dst: Arc<dyn BlockDevice> =
-                    Arc::new(diskferry::blockdev::MemoryDevice::new(64 << 20));
+                    Arc::new(diskferry_blockdev::MemoryDevice::new(64 << 20));
                 let mut opts = source.format_options();
                 opts.min_inodes = opts.min_inodes.min(4096);
                 let _ = write_ext4(dst, &source, &opts);

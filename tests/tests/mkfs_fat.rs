@@ -6,11 +6,11 @@ use std::path::Path;
 use std::process::Command;
 use std::sync::Arc;
 
-use diskferry::blockdev::{BlockDevice, FileDevice};
-use diskferry::fs::fat_write::write_fat;
-use diskferry::fs::{self, FileKind, FsKind};
+use diskferry_blockdev::{BlockDevice, FileDevice};
 use diskferry_e2e::fixtures::fat_image;
 use diskferry_e2e::{assert_finishes_without_panic, diskferry, flip_bytes, run_ok, sh};
+use diskferry_fs::fat_write::write_fat;
+use diskferry_fs::{self as fs, FileKind, FsKind};
 
 fn mtools(args: &[&str]) -> String {
     let out = Command::new(args[0])
@@ -142,12 +142,11 @@ fn a_fat_volume_copied_through_the_writer_keeps_names_attributes_and_times() {
         .set_len(16 << 20)
         .unwrap();
     let dev: Arc<dyn BlockDevice> = Arc::new(FileDevice::open(&copy, true).unwrap());
-    let opts = match diskferry::fs::fat::Fat::open(Arc::new(
-        FileDevice::open(&original, false).unwrap(),
-    )) {
-        Ok(fat) => fat.format_options(),
-        Err(e) => panic!("{e}"),
-    };
+    let opts =
+        match diskferry_fs::fat::Fat::open(Arc::new(FileDevice::open(&original, false).unwrap())) {
+            Ok(fat) => fat.format_options(),
+            Err(e) => panic!("{e}"),
+        };
     assert_eq!(opts.kind, Some(FsKind::Fat16));
     let report = write_fat(Arc::clone(&dev), &*source, &opts).unwrap();
     assert!(report.skipped.is_empty(), "{:?}", report.skipped);
@@ -223,14 +222,14 @@ fn damaged_fat_sources_give_errors_never_panics_when_copied() {
         let damaged = flip_bytes(&bytes, seed, 30, 256 << 10);
         assert_finishes_without_panic(&format!("copying damaged FAT, seed {seed}"), move || {
             let src: Arc<dyn BlockDevice> =
-                Arc::new(diskferry::blockdev::MemoryDevice::read_only(damaged));
-            if let Ok(source) = diskferry::fs::fat::Fat::open(src) {
+                Arc::new(diskferry_blockdev::MemoryDevice::read_only(damaged));
+            if let Ok(source) = diskferry_fs::fat::Fat::open(src) {
                 let dst: Arc<dyn BlockDevice> =
-                    Arc::new(diskferry::blockdev::MemoryDevice::new(16 << 20));
+                    Arc::new(diskferry_blockdev::MemoryDevice::new(16 << 20));
                 let _ = write_fat(
                     dst,
                     &source,
-                    &diskferry::fs::fat_write::FatOptions::default(),
+                    &diskferry_fs::fat_write::FatOptions::default(),
                 );
             }
         });

@@ -4,10 +4,10 @@
 
 use std::path::Path;
 
-use diskferry::blockdev::{BlockDevice, FileDevice};
-use diskferry::partition::{read_table, write_table};
+use diskferry_blockdev::{BlockDevice, FileDevice};
 use diskferry_e2e::fixtures::{gpt_disk, mbr_disk, sgdisk_last_sector};
 use diskferry_e2e::run_ok;
+use diskferry_partition::{read_table, write_table};
 
 const MIB: u64 = 1 << 20;
 

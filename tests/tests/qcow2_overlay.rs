@@ -5,12 +5,12 @@ use std::ffi::OsStr;
 use std::os::unix::fs::FileExt;
 use std::sync::Arc;
 
-use diskferry::blockdev::{BlockDevice, FileDevice};
-use diskferry::vdisk::open_image;
-use diskferry::vdisk::qcow2::Qcow2;
+use diskferry_blockdev::{BlockDevice, FileDevice};
 use diskferry_e2e::{
     assert_qcow2_clean_and_equal, assert_same_bytes, diskferry, make_disk, qemu_img_convert, run_ok,
 };
+use diskferry_vdisk::open_image;
+use diskferry_vdisk::qcow2::Qcow2;
 use rand::{Rng, SeedableRng};
 
 const MIB: u64 = 1 << 20;

@@ -5,10 +5,10 @@ use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::sync::Arc;
 
-use diskferry::blockdev::{map_device, BlockDevice, FileDevice, Region};
-use diskferry::vdisk::qcow2::Qcow2;
-use diskferry::vdisk::ImageError;
+use diskferry_blockdev::{map_device, BlockDevice, FileDevice, Region};
 use diskferry_e2e::{damaged_copy, make_disk, qemu_img_convert, run_ok};
+use diskferry_vdisk::qcow2::Qcow2;
+use diskferry_vdisk::ImageError;
 
 const MIB: u64 = 1 << 20;
 
@@ -96,7 +96,7 @@ fn images_written_by_qemu_img_read_identically() {
         if name == "compressed.qcow2" || name == "zstd.qcow2" {
             let m = open(&out).unwrap().map(30 * MIB, 4096).unwrap();
             assert!(
-                matches!(m, diskferry::vdisk::Mapping::Compressed { .. }),
+                matches!(m, diskferry_vdisk::Mapping::Compressed { .. }),
                 "the text region is compressed: {m:?}"
             );
         }
@@ -129,7 +129,7 @@ fn zero_clusters_and_rewrites_from_qemu_io_read_identically() {
     assert_reads_like(&q, &raw);
     let zero = open(&q).unwrap().map(MIB, MIB).unwrap();
     assert!(
-        matches!(zero, diskferry::vdisk::Mapping::Zero { .. }),
+        matches!(zero, diskferry_vdisk::Mapping::Zero { .. }),
         "write -z makes a zero cluster: {zero:?}"
     );
 }

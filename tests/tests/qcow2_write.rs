@@ -5,9 +5,9 @@ use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::sync::Arc;
 
-use diskferry::blockdev::{BlockDevice, FileDevice};
-use diskferry::vdisk::qcow2::Qcow2;
+use diskferry_blockdev::{BlockDevice, FileDevice};
 use diskferry_e2e::{assert_qcow2_clean_and_equal, qemu_img_convert};
+use diskferry_vdisk::qcow2::Qcow2;
 use rand::{Rng, SeedableRng};
 
 const MIB: u64 = 1 << 20;

@@ -5,16 +5,16 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use diskferry::blockdev::{BlockDevice, FileDevice};
-use diskferry::vdisk::vhdx::Vhdx;
+use diskferry_blockdev::{BlockDevice, FileDevice};
 use diskferry_e2e::{
     assert_crate_reads_equal, damaged_copy, diskferry, make_disk, qemu_img_convert, run_ok,
 };
+use diskferry_vdisk::vhdx::Vhdx;
 
 const MIB: u64 = 1 << 20;
 const GIB: u64 = 1 << 30;
 
-fn open(path: &Path) -> Result<Vhdx, diskferry::vdisk::ImageError> {
+fn open(path: &Path) -> Result<Vhdx, diskferry_vdisk::ImageError> {
     let file: Arc<dyn BlockDevice> = Arc::new(FileDevice::open(path, false).unwrap());
     Vhdx::open(file, path)
 }

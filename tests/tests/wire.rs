@@ -6,12 +6,13 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use diskferry::blockdev::{BlockDevice, BlockError, Connection, RemoteOptions};
+use diskferry_blockdev::{BlockDevice, BlockError};
 use diskferry_e2e::{
     allocated, assert_qcow2_clean_and_equal, assert_same_bytes, diskferry, make_disk, make_key,
     wait_for, Client,
 };
 use diskferry_protocol::{ErrorCode, Psk, Role, SessionOptions};
+use diskferry_remote::{Connection, RemoteOptions};
 
 const MIB: u64 = 1 << 20;
 

@@ -15,8 +15,8 @@ use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use diskferry::catalog::CaptureRecord;
-use diskferry::fs::{FileKind, Filesystem, NodeId};
+use diskferry_daemon::catalog::CaptureRecord;
+use diskferry_fs::{FileKind, Filesystem, NodeId};
 use serde::Serialize;
 use tokio::sync::mpsc;
 
@@ -448,7 +448,7 @@ fn tar_tree(
     prefix: &str,
     out: &mut tar::Builder<ChannelWriter>,
 ) -> std::io::Result<()> {
-    let fs_err = |e: diskferry::fs::FsError| std::io::Error::other(e.to_string());
+    let fs_err = |e: diskferry_fs::FsError| std::io::Error::other(e.to_string());
     let mut stack = vec![(prefix.to_string(), dir, 0usize)];
     let mut count = 0;
     while let Some((path, node, depth)) = stack.pop() {
@@ -697,7 +697,7 @@ async fn machines(State(state): State<SharedState>) -> Result<Response, Failure>
 pub async fn machine_by_key(
     state: &SharedState,
     key: &str,
-) -> Result<diskferry::catalog::MachineRecord, Failure> {
+) -> Result<diskferry_daemon::catalog::MachineRecord, Failure> {
     let st = Arc::clone(state);
     let k = key.to_string();
     tokio::task::spawn_blocking(move || st.catalog.find_machine(&k))

@@ -7,10 +7,10 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-use diskferry::catalog::{CaptureRecord, Catalog};
-use diskferry::fs::{self, FileKind, Filesystem, NodeId};
-use diskferry::inspect;
-use diskferry::vdisk;
+use diskferry_daemon::catalog::{CaptureRecord, Catalog};
+use diskferry_fs::{self as fs, FileKind, Filesystem, NodeId};
+use diskferry_imaging::inspect;
+use diskferry_vdisk as vdisk;
 use serde::Serialize;
 
 use crate::error::Failure;

@@ -4,8 +4,8 @@
 
 use axum::http::StatusCode;
 use axum::response::{Html, IntoResponse, Response};
-use diskferry::catalog::CatalogError;
-use diskferry::fs::FsError;
+use diskferry_daemon::catalog::CatalogError;
+use diskferry_fs::FsError;
 
 /// A request that could not be served.
 #[derive(Debug)]

@@ -6,17 +6,16 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
-use diskferry::agents::Agents;
-use diskferry::blockdev::{
-    BlockDevice, CancelFlag, CancellableDevice, ReconnectingDisk, RemoteOptions,
-};
-use diskferry::catalog::{Catalog, JobState};
-use diskferry::pipeline::verify::verify_disks;
-use diskferry::pipeline::{capture_disk, Mode, OutputOptions};
-use diskferry::progress::{JsonLines, Progress};
-use diskferry::source::{open_source, open_target, SourceSpec, DEFAULT_RECONNECT};
-use diskferry::vdisk::ImageFormat;
+use diskferry_blockdev::{BlockDevice, CancelFlag, CancellableDevice};
+use diskferry_daemon::agents::Agents;
+use diskferry_daemon::catalog::{Catalog, JobState};
+use diskferry_imaging::pipeline::verify::verify_disks;
+use diskferry_imaging::pipeline::{capture_disk, Mode, OutputOptions};
+use diskferry_imaging::progress::{JsonLines, Progress};
+use diskferry_imaging::source::{open_source, open_target, SourceSpec, DEFAULT_RECONNECT};
 use diskferry_protocol::{Psk, Role, SessionOptions};
+use diskferry_remote::{ReconnectingDisk, RemoteOptions};
+use diskferry_vdisk::ImageFormat;
 use serde::Deserialize;
 use tokio::sync::watch;
 
@@ -210,7 +209,7 @@ impl Jobs {
             let busy = self
                 .catalog
                 .find_machine(&m.to_string())?
-                .is_some_and(|r| r.state == diskferry::catalog::state::TRANSITIONING);
+                .is_some_and(|r| r.state == diskferry_daemon::catalog::state::TRANSITIONING);
             if busy {
                 return Err(Failure::new(
                     axum::http::StatusCode::CONFLICT,
@@ -244,7 +243,7 @@ impl Jobs {
         work: Work,
         cancel: &CancelFlag,
     ) {
-        use diskferry::catalog::state;
+        use diskferry_daemon::catalog::state;
         let _ = self.catalog.start_job(id);
         self.publish(id, serde_json::json!({"state": "running"}));
         // The machine is transitioning while the job runs.
@@ -323,7 +322,7 @@ impl Jobs {
         reboot: bool,
         cancel: &CancelFlag,
     ) -> Result<(), String> {
-        let (_, img) = diskferry::vdisk::open_image(image, false).map_err(|e| e.to_string())?;
+        let (_, img) = diskferry_vdisk::open_image(image, false).map_err(|e| e.to_string())?;
         let img: Arc<dyn BlockDevice> = Arc::new(CancellableDevice::new(img, cancel.clone()));
         self.log(id, &format!("connecting to {}", target.describe()));
         let dst = self.open_device(target, rt, true)?;
@@ -339,7 +338,7 @@ impl Jobs {
         );
         let progress = self.progress_sink(id);
         let report =
-            diskferry::pipeline::deploy_disk(img, dst, &target.describe(), mode, &progress)
+            diskferry_imaging::pipeline::deploy_disk(img, dst, &target.describe(), mode, &progress)
                 .map_err(|e| e.to_string())?;
         for p in &report.disk.partitions {
             self.log(id, &p.to_string());
@@ -393,12 +392,12 @@ impl Jobs {
             compress: false,
             overwrite: false,
         };
-        let partitioned = diskferry::partition::read_table(&*src)
-            .is_ok_and(|t| t.scheme != diskferry::partition::Scheme::None);
+        let partitioned = diskferry_partition::read_table(&*src)
+            .is_ok_and(|t| t.scheme != diskferry_partition::Scheme::None);
         if mode == Mode::Sectors || !partitioned {
             // The whole disk, every non-zero sector (an exact clone; also what a disk without
             // a partition table gets).
-            let stats = diskferry::pipeline::capture_sectors(&*src, out, output, &progress)
+            let stats = diskferry_imaging::pipeline::capture_sectors(&*src, out, output, &progress)
                 .map_err(|e| e.to_string())?;
             self.log(
                 id,
@@ -417,7 +416,7 @@ impl Jobs {
         if verify {
             self.log(id, "verifying");
             let (_, written) =
-                diskferry::vdisk::open_image(out, false).map_err(|e| e.to_string())?;
+                diskferry_vdisk::open_image(out, false).map_err(|e| e.to_string())?;
             let v = verify_disks(&src, &written).map_err(|e| e.to_string())?;
             if v.differences > 0 {
                 for d in v.listed.iter().take(50) {
@@ -604,7 +603,7 @@ impl Jobs {
                     .map_err(|e| e.to_string())?;
                 // If the machine drops off mid-job (agent restarted, network blip), wait for it
                 // to dial back and carry on, as with listening clients.
-                let redial = diskferry::agents::AgentRedial {
+                let redial = diskferry_daemon::agents::AgentRedial {
                     agents: Arc::clone(&self.agents),
                     machine_id: *id,
                     label: label.clone(),

@@ -26,8 +26,8 @@ use axum::http::{header, Method, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Redirect, Response};
 use axum::Router;
-use diskferry::agents::Agents;
-use diskferry::catalog::Catalog;
+use diskferry_daemon::agents::Agents;
+use diskferry_daemon::catalog::Catalog;
 
 use crate::auth::{Auth, Identity};
 use crate::error::Failure;

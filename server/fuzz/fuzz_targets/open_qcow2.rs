@@ -6,8 +6,8 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use diskferry::blockdev::{BlockDevice, MemoryDevice};
-use diskferry::vdisk::qcow2::Qcow2;
+use diskferry_blockdev::{BlockDevice, MemoryDevice};
+use diskferry_vdisk::qcow2::Qcow2;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

@@ -6,8 +6,8 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use diskferry::blockdev::{BlockDevice, MemoryDevice};
-use diskferry::vdisk::vhdx::Vhdx;
+use diskferry_blockdev::{BlockDevice, MemoryDevice};
+use diskferry_vdisk::vhdx::Vhdx;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

@@ -5,14 +5,14 @@
 
 use std::sync::Arc;
 
-use diskferry::blockdev::{BlockDevice, MemoryDevice};
+use diskferry_blockdev::{BlockDevice, MemoryDevice};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
     let dev: Arc<dyn BlockDevice> = Arc::new(MemoryDevice::read_only(data.to_vec()));
-    if let Ok(table) = diskferry::partition::read_table(&*dev) {
+    if let Ok(table) = diskferry_partition::read_table(&*dev) {
         let copy: Arc<dyn BlockDevice> = Arc::new(MemoryDevice::new(data.len()));
-        let _ = diskferry::partition::write_table(&*copy, &table);
+        let _ = diskferry_partition::write_table(&*copy, &table);
     }
-    let _ = diskferry::inspect::inspect(&dev);
+    let _ = diskferry_imaging::inspect::inspect(&dev);
 });

@@ -8,8 +8,8 @@
 
 use std::sync::Arc;
 
-use diskferry::blockdev::{BlockDevice, MemoryDevice};
-use diskferry::fs;
+use diskferry_blockdev::{BlockDevice, MemoryDevice};
+use diskferry_fs as fs;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

@@ -145,7 +145,7 @@ fn parse_day(s: &str) -> Option<i64> {
     if !(1..=12).contains(&m) || !(1..=31).contains(&d) {
         return None;
     }
-    Some(diskferry::fs::Timestamp::from_civil(y, m, d, 0, 0).secs)
+    Some(diskferry_fs::Timestamp::from_civil(y, m, d, 0, 0).secs)
 }
 
 async fn detail(

@@ -30,7 +30,10 @@ async fn list(
 ) -> Result<Html<String>, PageFailure> {
     let st = Arc::clone(&state);
     let (jobs, captures) = tokio::task::spawn_blocking(move || {
-        Ok::<_, diskferry::catalog::CatalogError>((st.catalog.jobs(200)?, st.catalog.captures()?))
+        Ok::<_, diskferry_daemon::catalog::CatalogError>((
+            st.catalog.jobs(200)?,
+            st.catalog.captures()?,
+        ))
     })
     .await??;
     let body = html! {

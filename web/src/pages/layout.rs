@@ -13,11 +13,11 @@ pub fn encode_query(s: &str) -> String {
 
 /// `YYYY-MM-DD HH:MM` UTC from seconds since the epoch.
 pub fn date(secs: i64) -> String {
-    let full = diskferry::fs::Timestamp { secs, nanos: 0 }.utc_string();
+    let full = diskferry_fs::Timestamp { secs, nanos: 0 }.utc_string();
     full[..full.len().saturating_sub(3)].to_string()
 }
 
-pub use diskferry::units::human_bytes;
+pub use diskferry_imaging::units::human_bytes;
 
 /// A whole page: `title`, the navigation (with `active` marked) and `body`.
 pub fn page(title: &str, active: &str, who: Option<&Identity>, body: Markup) -> Markup {

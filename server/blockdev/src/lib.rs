@@ -1,0 +1,211 @@
+//! The block device abstraction every layer speaks: positional reads and writes of bytes, a
+//! size, flush, discard, and an optional cheap "which ranges are zero" query.
+//!
+//! Remote client disks, local files and devices, memory buffers, slices (partitions) — and in
+//! later layers virtual disk formats — are all [`BlockDevice`]s. The trait is synchronous:
+//! filesystem crates are synchronous, so they run on blocking threads; the remote
+//! implementation bridges to the async connection internally. [`BlockReader`] adapts any device
+//! to `Read + Write + Seek` with a position of its own.
+
+mod cancel;
+mod file;
+mod memory;
+mod reader;
+mod slice;
+mod zero;
+
+use std::ops::Range;
+
+use bytes::Bytes;
+
+pub use cancel::{CancelFlag, CancellableDevice};
+pub use diskferry_localdisk::Region;
+pub use file::FileDevice;
+pub use memory::MemoryDevice;
+pub use reader::BlockReader;
+pub use slice::SliceDevice;
+pub use zero::{is_zero, nonzero_runs};
+
+/// A run of bytes with one known [`Region`] state, at an absolute offset.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Extent {
+    pub offset: u64,
+    pub len: u64,
+    pub region: Region,
+}
+
+impl Extent {
+    pub fn end(&self) -> u64 {
+        self.offset + self.len
+    }
+}
+
+/// Why a block operation failed. Carries enough context to act on.
+#[derive(Debug, thiserror::Error)]
+pub enum BlockError {
+    #[error("{op}{} on {device}: {source}", at(*offset))]
+    Io {
+        op: &'static str,
+        offset: Option<u64>,
+        device: String,
+        source: std::io::Error,
+    },
+    #[error("range {offset}+{len} is beyond the end of the device ({size} bytes)")]
+    OutOfRange { offset: u64, len: u64, size: u64 },
+    #[error("the device is read-only")]
+    ReadOnly,
+    #[error("the client refused {op}{}: {message} ({code})", at(*offset))]
+    Remote {
+        op: &'static str,
+        offset: Option<u64>,
+        code: diskferry_protocol::ErrorCode,
+        message: String,
+    },
+    #[error("lost the connection to the client: {0}")]
+    Disconnected(String),
+    #[error("the client broke the protocol: {0}")]
+    Protocol(String),
+    #[error("{0}")]
+    Format(String),
+    #[error("this device cannot {0}")]
+    Unsupported(&'static str),
+    #[error("cancelled")]
+    Cancelled,
+}
+
+/// " at offset N" where an operation has one.
+fn at(offset: Option<u64>) -> String {
+    offset
+        .map(|o| format!(" at offset {o}"))
+        .unwrap_or_default()
+}
+
+/// Result of block operations.
+pub type Result<T, E = BlockError> = std::result::Result<T, E>;
+
+/// Checks that `offset..offset+len` lies within a device of `size` bytes.
+pub fn check_range(size: u64, offset: u64, len: u64) -> Result<()> {
+    match offset.checked_add(len) {
+        Some(end) if end <= size => Ok(()),
+        _ => Err(BlockError::OutOfRange { offset, len, size }),
+    }
+}
+
+/// Default chunk for [`BlockDevice::read_ranges`] on devices without a faster way.
+const DEFAULT_RANGE_CHUNK: u64 = 4 << 20;
+
+/// A disk-like thing addressed by byte offsets. All methods take `&self`: implementations are
+/// safe to share between threads, and no call depends on a previous seek.
+pub trait BlockDevice: Send + Sync {
+    /// Size in bytes.
+    fn size(&self) -> u64;
+
+    /// The logical sector size (the smallest unit the device addresses).
+    fn logical_sector_size(&self) -> u32 {
+        512
+    }
+
+    fn is_read_only(&self) -> bool;
+
+    /// Reads exactly `buf.len()` bytes at `offset`; short reads are errors.
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()>;
+
+    /// Writes all of `buf` at `offset`.
+    fn write_at(&self, _buf: &[u8], _offset: u64) -> Result<()> {
+        Err(BlockError::ReadOnly)
+    }
+
+    /// Makes previous writes durable.
+    fn flush(&self) -> Result<()> {
+        Ok(())
+    }
+
+    /// Changes the size (image containers grow as they allocate). Fixed-size devices refuse.
+    fn resize(&self, _new_size: u64) -> Result<()> {
+        Err(BlockError::Unsupported("change size"))
+    }
+
+    /// Declares a range unneeded. Devices that cannot deallocate ignore it; afterwards the
+    /// range's contents are unspecified unless [`BlockDevice::block_status`] says `Zero`.
+    fn discard(&self, _offset: u64, _len: u64) -> Result<()> {
+        Ok(())
+    }
+
+    /// Makes the range read as zeros. Devices that can do it without moving zeros (hole
+    /// punching, a remote client's own zeroing) override this; the default writes zeros.
+    fn write_zeroes(&self, offset: u64, len: u64) -> Result<()> {
+        check_range(self.size(), offset, len)?;
+        let zeros = vec![0u8; (1 << 20).min(len) as usize];
+        let mut at = offset;
+        while at < offset + len {
+            let n = (offset + len - at).min(zeros.len() as u64) as usize;
+            self.write_at(&zeros[..n], at)?;
+            at += n as u64;
+        }
+        Ok(())
+    }
+
+    /// What is cheaply known about `offset..offset+len` (clipped to the size): consecutive
+    /// extents from `offset`, possibly ending early (ask again from the end). The honest
+    /// default is "unknown".
+    fn block_status(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {
+        let end = offset.saturating_add(len).min(self.size());
+        if offset >= end {
+            return Ok(Vec::new());
+        }
+        Ok(vec![Extent {
+            offset,
+            len: end - offset,
+            region: Region::Unknown,
+        }])
+    }
+
+    /// Reads many ranges, handing each piece to `sink` in order, as owned buffers the sink
+    /// may pass to other threads. Remote devices override this to keep many requests in
+    /// flight; sinks must accept pieces of any size.
+    fn read_ranges(
+        &self,
+        ranges: &[Range<u64>],
+        sink: &mut dyn FnMut(u64, Bytes) -> Result<()>,
+    ) -> Result<()> {
+        for r in ranges {
+            let mut pos = r.start;
+            while pos < r.end {
+                let n = (r.end - pos).min(DEFAULT_RANGE_CHUNK) as usize;
+                let mut buf = vec![0u8; n];
+                self.read_at(&mut buf, pos)?;
+                sink(pos, Bytes::from(buf))?;
+                pos += n as u64;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The whole-device map: every extent from 0 to the end, by repeated `block_status` calls.
+pub fn map_device(dev: &dyn BlockDevice) -> Result<Vec<Extent>> {
+    let size = dev.size();
+    let mut out: Vec<Extent> = Vec::new();
+    let mut pos = 0;
+    while pos < size {
+        let extents = dev.block_status(pos, size - pos)?;
+        if extents.is_empty() {
+            return Err(BlockError::Protocol(format!(
+                "block status at offset {pos} returned nothing"
+            )));
+        }
+        for e in extents {
+            if e.offset != pos || e.len == 0 || e.end() > size {
+                return Err(BlockError::Protocol(format!(
+                    "block status extent {e:?} does not continue at offset {pos}"
+                )));
+            }
+            pos = e.end();
+            match out.last_mut() {
+                Some(last) if last.region == e.region => last.len += e.len,
+                _ => out.push(e),
+            }
+        }
+    }
+    Ok(out)
+}

@@ -1,0 +1,371 @@
+//! `inspect`, `ls`, `cat` and `get`: looking inside a disk (remote, local or an image) without
+//! mounting it.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use diskferry_blockdev::BlockDevice;
+use diskferry_fs::{self as fs, FileKind, Filesystem, Metadata, NodeId, Timestamp};
+use diskferry_imaging::inspect::{self, DiskReport};
+use diskferry_imaging::source::{open_source, SourceSpec};
+
+use crate::human_bytes;
+use crate::ConnArgs;
+
+/// Where to look: a disk and, inside it, a partition.
+#[derive(Args)]
+pub struct Target {
+    /// DISK@HOST:PORT (a client's disk), a local file or block device, or a qcow2/VHDX image
+    source: String,
+    /// Partition number, as in the table (from 1) [default: the only or first readable one]
+    #[arg(short = 'p', long = "partition", value_name = "N")]
+    partition: Option<u32>,
+    /// Read a local qcow2 overlay through its backing file(s) (never done implicitly)
+    #[arg(long)]
+    follow_backing: bool,
+    #[command(flatten)]
+    conn: ConnArgs,
+}
+
+/// An opened source; the runtime stays alive as long as a remote disk is in use.
+struct Opened {
+    disk: Arc<dyn BlockDevice>,
+    _rt: tokio::runtime::Runtime,
+}
+
+fn open_disk(source: &str, follow_backing: bool, conn: &ConnArgs) -> Result<Opened> {
+    let spec = SourceSpec::parse(source);
+    let rt = crate::runtime()?;
+    let session = match &spec {
+        SourceSpec::Remote { .. } => Some(crate::session(conn)?),
+        SourceSpec::Local(_) => None,
+    };
+    let disk = open_source(
+        &spec,
+        rt.handle(),
+        session.as_ref(),
+        follow_backing,
+        conn.reconnect(),
+    )
+    .with_context(|| format!("cannot open {source}"))?;
+    Ok(Opened { disk, _rt: rt })
+}
+
+impl Target {
+    /// The filesystem of the chosen partition.
+    fn open(&self) -> Result<(Opened, Box<dyn Filesystem>)> {
+        let opened = open_disk(&self.source, self.follow_backing, &self.conn)?;
+        let (_, vols) = inspect::volumes(&opened.disk)?;
+        let describe = || {
+            vols.iter()
+                .map(|(p, d)| {
+                    let kind = fs::detect(&**d).map_or("unreadable", |k| k.name());
+                    format!("{} ({kind})", p.number)
+                })
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        let dev = match self.partition {
+            Some(n) => vols
+                .iter()
+                .find(|(p, _)| p.number == n)
+                .map(|(_, d)| Arc::clone(d))
+                .with_context(|| {
+                    format!(
+                        "no partition {n} on {}; it has: {}",
+                        self.source,
+                        describe()
+                    )
+                })?,
+            None => vols
+                .iter()
+                .find(|(_, d)| fs::detect(&**d).is_ok_and(|k| k.readable()))
+                .map(|(_, d)| Arc::clone(d))
+                .with_context(|| {
+                    format!(
+                        "no readable filesystem on {}; volumes: {}",
+                        self.source,
+                        describe()
+                    )
+                })?,
+        };
+        let fs = fs::open(dev)?;
+        Ok((opened, fs))
+    }
+}
+
+pub fn inspect(source: &str, follow_backing: bool, conn: &ConnArgs, json: bool) -> Result<()> {
+    let opened = open_disk(source, follow_backing, conn)?;
+    let report = inspect::inspect(&opened.disk)?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print_report(&report);
+    }
+    Ok(())
+}
+
+fn print_report(r: &DiskReport) {
+    println!("disk size:      {} ({} bytes)", human_bytes(r.size), r.size);
+    println!("partition table: {}", r.table);
+    if let Some(g) = &r.disk_guid {
+        println!("disk GUID:      {g}");
+    }
+    if let Some(s) = &r.mbr_signature {
+        println!("MBR signature:  {s}");
+    }
+    for w in &r.warnings {
+        println!("warning:        {w}");
+    }
+    println!();
+    println!(
+        "{:>3}  {:>12}  {:>10}  {:<22} {:<9} {:<16} {:>10}  UUID",
+        "#", "START", "SIZE", "TYPE", "FS", "LABEL", "USED"
+    );
+    for p in &r.partitions {
+        println!(
+            "{:>3}  {:>12}  {:>10}  {:<22} {:<9} {:<16} {:>10}  {}",
+            p.number,
+            p.start,
+            human_bytes(p.size),
+            p.type_name,
+            p.filesystem,
+            p.label.as_deref().unwrap_or("-"),
+            p.used_bytes.map_or("-".into(), human_bytes),
+            p.uuid.as_deref().unwrap_or("-"),
+        );
+        if let Some(os) = &p.os {
+            if let Some(name) = os.pretty_name.as_ref().or(os.name.as_ref()) {
+                println!("       OS: {name} ({})", os.family);
+            }
+            if let Some(h) = &os.hostname {
+                println!("       hostname: {h}");
+            }
+            if !os.kernels.is_empty() {
+                println!("       kernels: {}", os.kernels.join(", "));
+            }
+            if !os.bootloaders.is_empty() {
+                println!("       boot: {}", os.bootloaders.join(", "));
+            }
+        }
+        if let Some(note) = &p.note {
+            println!("       note: {note}");
+        }
+    }
+}
+
+/// `ls`: a directory's entries (or one file), long format with `-l`, recursive with `-R`.
+pub fn ls(target: &Target, path: &str, long: bool, recursive: bool) -> Result<()> {
+    let (_opened, fs) = target.open()?;
+    let node = fs.lookup(path)?;
+    let meta = fs.metadata(node)?;
+    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+    if meta.kind != FileKind::Dir {
+        print_entry(&mut out, &*fs, path, &meta, long)?;
+        return Ok(out.flush()?);
+    }
+    let mut errors = 0;
+    if recursive {
+        fs::tree::walk(
+            &*fs,
+            node,
+            &mut |rel, e| {
+                let meta = fs.metadata(e.node)?;
+                print_entry(&mut out, &*fs, rel, &meta, long).map_err(io_to_fs)
+            },
+            &mut |p, e| {
+                errors += 1;
+                eprintln!("diskferry: {p}: {e}");
+            },
+        )?;
+    } else {
+        let mut entries = fs.read_dir(node)?;
+        entries.sort_by(|a, b| a.name.cmp(&b.name));
+        for e in entries {
+            match fs.metadata(e.node) {
+                Ok(meta) => print_entry(&mut out, &*fs, &e.name_lossy(), &meta, long)?,
+                Err(err) => {
+                    errors += 1;
+                    eprintln!("diskferry: {}: {err}", e.name_lossy());
+                }
+            }
+        }
+    }
+    out.flush()?;
+    if errors > 0 {
+        bail!("{errors} entries could not be read");
+    }
+    Ok(())
+}
+
+fn io_to_fs(e: std::io::Error) -> fs::FsError {
+    fs::FsError::Io(diskferry_blockdev::BlockError::Io {
+        op: "write",
+        offset: None,
+        device: "stdout".into(),
+        source: e,
+    })
+}
+
+fn print_entry(
+    out: &mut impl Write,
+    fs: &dyn Filesystem,
+    name: &str,
+    m: &Metadata,
+    long: bool,
+) -> std::io::Result<()> {
+    if !long {
+        return writeln!(out, "{name}");
+    }
+    let target = if m.kind == FileKind::Symlink {
+        fs.read_link(m.node)
+            .map(|t| format!(" -> {}", String::from_utf8_lossy(&t)))
+            .unwrap_or_default()
+    } else {
+        String::new()
+    };
+    let size = match m.device {
+        Some((major, minor)) => format!("{major}, {minor}"),
+        None => m.size.to_string(),
+    };
+    writeln!(
+        out,
+        "{}{} {:>3} {:>5} {:>5} {:>12} {} {name}{target}",
+        m.kind.letter(),
+        fs::mode_string(m.mode),
+        m.links,
+        m.uid,
+        m.gid,
+        size,
+        m.mtime.map_or("-".into(), Timestamp::utc_string),
+    )
+}
+
+/// `cat`: a file's bytes to stdout (symbolic links followed inside the filesystem).
+pub fn cat(target: &Target, path: &str) -> Result<()> {
+    let (_opened, fs) = target.open()?;
+    let node = fs.resolve(path)?;
+    let meta = fs.metadata(node)?;
+    if meta.kind != FileKind::File {
+        bail!("{path} is a {}, not a file", meta.kind.name());
+    }
+    let mut out = std::io::stdout().lock();
+    copy_out(&*fs, node, meta.size, &mut out)?;
+    Ok(out.flush()?)
+}
+
+fn copy_out(fs: &dyn Filesystem, node: NodeId, size: u64, out: &mut impl Write) -> Result<()> {
+    let mut buf = vec![0u8; 1 << 20];
+    let mut at = 0;
+    while at < size {
+        let n = fs.read_at(node, at, &mut buf)?;
+        if n == 0 {
+            break;
+        }
+        out.write_all(&buf[..n])?;
+        at += n as u64;
+    }
+    Ok(())
+}
+
+/// `get`: copies a file or a whole tree out, keeping modes and modification/access times.
+pub fn get(target: &Target, path: &str, dest: &Path) -> Result<()> {
+    let (_opened, fs) = target.open()?;
+    let node = fs.lookup(path)?;
+    let meta = fs.metadata(node)?;
+    let dest = if dest.is_dir() && meta.kind != FileKind::Dir {
+        let name = path.rsplit('/').find(|s| !s.is_empty()).unwrap_or("file");
+        dest.join(name)
+    } else {
+        dest.to_path_buf()
+    };
+    if meta.kind != FileKind::Dir {
+        return extract(&*fs, &meta, &dest);
+    }
+    std::fs::create_dir_all(&dest).with_context(|| format!("cannot create {}", dest.display()))?;
+    let mut dirs: Vec<(PathBuf, Metadata)> = vec![(dest.clone(), meta)];
+    let failures = std::cell::Cell::new(0u64);
+    fs::tree::walk(
+        &*fs,
+        node,
+        &mut |rel, e| {
+            let meta = fs.metadata(e.node)?;
+            let out = dest.join(rel);
+            if meta.kind == FileKind::Dir {
+                if let Err(err) = std::fs::create_dir_all(&out) {
+                    failures.set(failures.get() + 1);
+                    eprintln!("diskferry: {}: {err}", out.display());
+                }
+                dirs.push((out, meta));
+            } else if let Err(err) = extract(&*fs, &meta, &out) {
+                failures.set(failures.get() + 1);
+                eprintln!("diskferry: {rel}: {err:#}");
+            }
+            Ok(())
+        },
+        &mut |p, e| {
+            failures.set(failures.get() + 1);
+            eprintln!("diskferry: {p}: {e}");
+        },
+    )?;
+    // Directory times last, deepest first, once nothing more is written into them.
+    for (dir, meta) in dirs.iter().rev() {
+        set_mode_and_times(dir, meta)?;
+    }
+    if failures.get() > 0 {
+        bail!("{} entries could not be copied", failures.get());
+    }
+    Ok(())
+}
+
+fn extract(fs: &dyn Filesystem, meta: &Metadata, out: &Path) -> Result<()> {
+    match meta.kind {
+        FileKind::File => {
+            let mut f = std::fs::File::create(out)
+                .with_context(|| format!("cannot create {}", out.display()))?;
+            copy_out(fs, meta.node, meta.size, &mut f)?;
+            set_mode_and_times(out, meta)
+        }
+        FileKind::Symlink => {
+            use std::os::unix::ffi::OsStrExt;
+            let target = fs.read_link(meta.node)?;
+            std::os::unix::fs::symlink(std::ffi::OsStr::from_bytes(&target), out)
+                .with_context(|| format!("cannot create symlink {}", out.display()))
+        }
+        other => {
+            eprintln!(
+                "diskferry: {}: a {} is not copied out",
+                out.display(),
+                other.name()
+            );
+            Ok(())
+        }
+    }
+}
+
+fn set_mode_and_times(path: &Path, meta: &Metadata) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let to_system = |t: Timestamp| {
+        let d = std::time::Duration::new(t.secs.unsigned_abs(), t.nanos);
+        if t.secs >= 0 {
+            std::time::UNIX_EPOCH + d
+        } else {
+            std::time::UNIX_EPOCH - d
+        }
+    };
+    let mut times = std::fs::FileTimes::new();
+    if let Some(m) = meta.mtime {
+        times = times.set_modified(to_system(m));
+    }
+    if let Some(a) = meta.atime {
+        times = times.set_accessed(to_system(a));
+    }
+    let f = std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+    f.set_times(times)
+        .with_context(|| format!("cannot set times on {}", path.display()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(meta.mode))
+        .with_context(|| format!("cannot set the mode of {}", path.display()))
+}

@@ -1,0 +1,133 @@
+//! `diskferry deploy IMAGE TARGET`: an image written onto a disk — a listening client's
+//! (`DISK@HOST:PORT`, started with `--allow-write`) or a local raw file or block device —
+//! partition table scaled to the target, partitions by mode, verified by reading the target
+//! back. A machine registered with a running server (`MACHINE` or `DISK@MACHINE`) is deployed
+//! by that server, which holds its connection.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+use clap::Args;
+use diskferry_imaging::pipeline::{deploy_disk, Mode as DiskMode};
+use diskferry_imaging::source::{open_target, SourceSpec};
+
+use crate::{human_bytes, progress_for, ConnArgs, Mode, ProgressKind};
+
+#[derive(Args)]
+pub struct DeployArgs {
+    /// The image to deploy (qcow2, VHDX or raw; a capture)
+    image: PathBuf,
+    /// Where: DISK@HOST:PORT (a client started with --allow-write), a local raw file or block
+    /// device, or a machine (MACHINE or DISK@MACHINE: its name or MAC) through the server that
+    /// holds it (--data-dir or --server; IMAGE is then one of that server's captures)
+    target: String,
+    /// How to copy each partition (auto: files for ext4/FAT, blocks for NTFS, sectors else)
+    #[arg(long, value_enum, default_value_t = Mode::Auto)]
+    mode: Mode,
+    /// Progress display
+    #[arg(long, value_enum, default_value_t = ProgressKind::Bar)]
+    progress: ProgressKind,
+    /// Reboot the machine when done (machines deployed through a server)
+    #[arg(long)]
+    reboot: bool,
+    #[command(flatten)]
+    conn: ConnArgs,
+    #[command(flatten)]
+    daemon: crate::machines::DaemonArgs,
+}
+
+pub fn run(args: &DeployArgs) -> Result<()> {
+    let spec = SourceSpec::parse(&args.target);
+    let is_local_file = matches!(&spec, SourceSpec::Local(p) if p.exists());
+    if !matches!(spec, SourceSpec::Remote { .. }) && !is_local_file {
+        return deploy_through_server(args);
+    }
+    if args.reboot {
+        anyhow::bail!(
+            "--reboot needs a machine deployed through a server (--data-dir or --server)"
+        );
+    }
+    let session = match &spec {
+        SourceSpec::Remote { .. } => Some(crate::session(&args.conn)?),
+        SourceSpec::Local(_) => None,
+    };
+    let rt = crate::runtime()?;
+    let (_, image) = diskferry_vdisk::open_image(&args.image, false)
+        .with_context(|| format!("cannot open the image {}", args.image.display()))?;
+    let target = open_target(&spec, rt.handle(), session.as_ref())?;
+    let mode = match args.mode {
+        Mode::Auto => DiskMode::Auto,
+        Mode::Files => DiskMode::Files,
+        Mode::Blocks => DiskMode::Blocks,
+        Mode::Sectors => DiskMode::Sectors,
+    };
+    let progress = progress_for(args.progress);
+    let report = deploy_disk(
+        image,
+        Arc::clone(&target),
+        &args.target,
+        mode,
+        progress.as_ref(),
+    )?;
+    let written: u64 = report.disk.partitions.iter().map(|p| p.read).sum();
+    for p in &report.disk.partitions {
+        eprintln!("  {p}");
+    }
+    let secs = report.disk.elapsed.as_secs_f64().max(1e-9);
+    eprintln!(
+        "deployed {} ({} table) onto {} ({}): {} copied, {:.1} s, {:.0} MB/s; verified: {} files and {} compared, no differences",
+        args.image.display(),
+        report.disk.scheme,
+        args.target,
+        human_bytes(report.disk.output_size),
+        human_bytes(written + report.disk.boot_bytes),
+        secs,
+        (written + report.disk.boot_bytes) as f64 / secs / 1e6,
+        report.verify.files_compared,
+        human_bytes(report.verify.bytes_compared)
+    );
+    Ok(())
+}
+
+/// A machine (`MACHINE` or `DISK@MACHINE`) is deployed by the server that holds its connection;
+/// the image must be one of that server's captures.
+fn deploy_through_server(args: &DeployArgs) -> Result<()> {
+    if !args.daemon.given() {
+        anyhow::bail!(
+            "{} is not DISK@HOST:PORT or an existing file; to deploy a machine, say which server holds it: --data-dir DIR or --server URL --token-file FILE",
+            args.target
+        );
+    }
+    // The server knows its captures by name.
+    let image = match args.daemon.captures_dir() {
+        Some(dir)
+            if args.image.starts_with(&dir)
+                || args.image.parent() == Some(std::path::Path::new("")) =>
+        {
+            args.image
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default()
+        }
+        Some(dir) if args.image.exists() => anyhow::bail!(
+            "{} is not among the server's captures: copy it into {} first",
+            args.image.display(),
+            dir.display()
+        ),
+        _ => args.image.to_string_lossy().into_owned(),
+    };
+    let mode = match args.mode {
+        Mode::Auto => "auto",
+        Mode::Files => "files",
+        Mode::Blocks => "blocks",
+        Mode::Sectors => "sectors",
+    };
+    let daemon = crate::machines::Daemon::find(&args.daemon)?;
+    daemon.run_job(serde_json::json!({
+        "kind": "deploy", "image": image, "target": args.target, "mode": mode,
+        "reboot": args.reboot,
+    }))?;
+    eprintln!("deployed {image} onto {}", args.target);
+    Ok(())
+}

@@ -1,0 +1,259 @@
+//! `diskferry machines` and `diskferry machine register|rename|reboot|poweroff`: the machine
+//! registry of a running `diskferry serve`, reached through its API (found with `--data-dir`,
+//! or `--server URL` and `--token-file`).
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Subcommand};
+use diskferry_imaging::units::human_bytes;
+use diskferry_web::client::{request, Response};
+
+/// How to reach the daemon.
+#[derive(Args)]
+pub struct DaemonArgs {
+    /// The data directory of a server running on this machine
+    #[arg(
+        long,
+        global = true,
+        value_name = "DIR",
+        env = "DISKFERRY_DATA_DIR",
+        conflicts_with = "server"
+    )]
+    data_dir: Option<PathBuf>,
+    /// The server's address (http://HOST:PORT), with --token-file
+    #[arg(long, global = true, value_name = "URL")]
+    server: Option<String>,
+    /// The API token file (DATA_DIR/api-token on the server)
+    #[arg(long, global = true, value_name = "FILE")]
+    token_file: Option<PathBuf>,
+}
+
+#[derive(Subcommand)]
+pub enum MachineCommand {
+    /// Accept a machine under a name (it becomes dormant: registered, disk undefined)
+    Register {
+        /// The machine: a MAC address or its id
+        machine: String,
+        name: String,
+    },
+    /// Give a registered machine another name
+    Rename { machine: String, name: String },
+    /// Reboot a connected machine
+    Reboot { machine: String },
+    /// Power a connected machine off
+    Poweroff { machine: String },
+}
+
+/// A connection to the daemon's API.
+pub(crate) struct Daemon {
+    addr: String,
+    token: String,
+}
+
+impl DaemonArgs {
+    /// Whether a server was named at all.
+    pub(crate) fn given(&self) -> bool {
+        self.data_dir.is_some() || self.server.is_some()
+    }
+
+    /// The server's captures directory, when it runs on this machine.
+    pub(crate) fn captures_dir(&self) -> Option<PathBuf> {
+        self.data_dir.as_ref().map(|d| d.join("captures"))
+    }
+}
+
+impl Daemon {
+    pub(crate) fn find(args: &DaemonArgs) -> Result<Daemon> {
+        let (addr, token_file) = match (&args.data_dir, &args.server) {
+            (Some(dir), _) => {
+                let addr = std::fs::read_to_string(dir.join("serve.addr")).with_context(|| {
+                    format!("no server has run with --data-dir {} (no serve.addr)", dir.display())
+                })?;
+                (addr.trim().to_string(), dir.join("api-token"))
+            }
+            (None, Some(url)) => {
+                let addr = url
+                    .trim_start_matches("http://")
+                    .trim_end_matches('/')
+                    .to_string();
+                if addr.contains('/') || url.starts_with("https://") {
+                    bail!("--server takes http://HOST:PORT");
+                }
+                let Some(f) = &args.token_file else {
+                    bail!("--server needs --token-file FILE (a copy of DATA_DIR/api-token)")
+                };
+                (addr, f.clone())
+            }
+            (None, None) => bail!(
+                "say which server: --data-dir DIR (on the server's machine) or --server URL --token-file FILE"
+            ),
+        };
+        let token = std::fs::read_to_string(&token_file)
+            .with_context(|| format!("cannot read the API token {}", token_file.display()))?
+            .trim()
+            .to_string();
+        Ok(Daemon { addr, token })
+    }
+
+    fn call(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<serde_json::Value>,
+    ) -> Result<serde_json::Value> {
+        let auth = format!("Bearer {}", self.token);
+        let body = body.map(|b| b.to_string()).unwrap_or_default();
+        let mut headers = vec![("Authorization", auth.as_str())];
+        if !body.is_empty() {
+            headers.push(("Content-Type", "application/json"));
+        }
+        let r: Response = request(&self.addr, method, path, &headers, body.as_bytes())
+            .with_context(|| format!("is `diskferry serve` running at {}?", self.addr))?;
+        let v: serde_json::Value = serde_json::from_slice(&r.body).unwrap_or_default();
+        if r.status >= 400 {
+            bail!(
+                "{}",
+                v["error"].as_str().map_or_else(|| r.text(), str::to_string)
+            );
+        }
+        Ok(v)
+    }
+}
+
+impl Daemon {
+    /// Starts a job on the server and follows it to its end, printing its log and progress;
+    /// fails if the job does.
+    pub(crate) fn run_job(&self, body: serde_json::Value) -> Result<serde_json::Value> {
+        let started = self.call("POST", "/api/jobs", Some(body))?;
+        let id = started["id"]
+            .as_i64()
+            .context("the server returned no job id")?;
+        eprintln!("job {id} started on the server");
+        let mut shown_lines = 0;
+        loop {
+            let j = self.call("GET", &format!("/api/jobs/{id}"), None)?;
+            let log: Vec<&str> = j["log"].as_str().unwrap_or("").lines().collect();
+            for l in log.iter().skip(shown_lines) {
+                eprintln!("  {l}");
+            }
+            shown_lines = log.len();
+            match j["state"].as_str().unwrap_or("") {
+                "succeeded" => return Ok(j),
+                "failed" | "cancelled" | "interrupted" => bail!(
+                    "job {id} {}: {}",
+                    j["state"].as_str().unwrap_or(""),
+                    j["error"].as_str().unwrap_or("")
+                ),
+                _ => {}
+            }
+            std::thread::sleep(std::time::Duration::from_millis(500));
+        }
+    }
+}
+
+/// Percent-encodes a path segment.
+fn segment(s: &str) -> String {
+    diskferry_web::client::percent_encode(s, b"")
+}
+
+pub fn list(args: &DaemonArgs) -> Result<()> {
+    let d = Daemon::find(args)?;
+    let list = d.call("GET", "/api/machines", None)?;
+    let list = list.as_array().cloned().unwrap_or_default();
+    if list.is_empty() {
+        println!("no machines yet: boot one into the diskferry PXE environment");
+        return Ok(());
+    }
+    let s = |v: &serde_json::Value| v.as_str().unwrap_or("").to_string();
+    let mut rows = vec![[
+        "NAME".to_string(),
+        "MACS".into(),
+        "VENDOR/MODEL".into(),
+        "DISKS".into(),
+        "STATE".into(),
+        "LAST SEEN".into(),
+    ]];
+    for m in &list {
+        let id = &m["identity"];
+        let disks: Vec<String> = id["disks"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|d| {
+                format!(
+                    "{} {}",
+                    s(&d["name"]),
+                    human_bytes(d["size"].as_u64().unwrap_or(0))
+                )
+            })
+            .collect();
+        let state = if m["online"] == true {
+            format!("{} (online)", s(&m["state"]))
+        } else {
+            s(&m["state"])
+        };
+        rows.push([
+            m["name"]
+                .as_str()
+                .map_or_else(|| format!("#{}", m["id"]), str::to_string),
+            m["macs"]
+                .as_array()
+                .map(|a| a.iter().map(s).collect::<Vec<_>>().join(","))
+                .unwrap_or_default(),
+            format!("{} {}", s(&id["vendor"]), s(&id["product"]))
+                .trim()
+                .to_string(),
+            disks.join(", "),
+            state,
+            m["last_seen"].as_i64().map_or_else(String::new, |t| {
+                diskferry_fs::Timestamp { secs: t, nanos: 0 }.utc_string()
+            }),
+        ]);
+    }
+    let widths: Vec<usize> = (0..6)
+        .map(|i| rows.iter().map(|r| r[i].chars().count()).max().unwrap_or(0))
+        .collect();
+    for r in rows {
+        let line: Vec<String> = r
+            .iter()
+            .zip(&widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect();
+        println!("{}", line.join("  ").trim_end());
+    }
+    Ok(())
+}
+
+pub fn machine(args: &DaemonArgs, cmd: &MachineCommand) -> Result<()> {
+    let d = Daemon::find(args)?;
+    match cmd {
+        MachineCommand::Register { machine, name } | MachineCommand::Rename { machine, name } => {
+            let m = d.call(
+                "POST",
+                &format!("/api/machines/{}/name", segment(machine)),
+                Some(serde_json::json!({ "name": name })),
+            )?;
+            println!(
+                "machine {} is {} ({})",
+                m["macs"][0].as_str().unwrap_or(machine),
+                name,
+                m["state"].as_str().unwrap_or("")
+            );
+        }
+        MachineCommand::Reboot { machine } | MachineCommand::Poweroff { machine } => {
+            let action = if matches!(cmd, MachineCommand::Reboot { .. }) {
+                "reboot"
+            } else {
+                "poweroff"
+            };
+            d.call(
+                "POST",
+                &format!("/api/machines/{}/power", segment(machine)),
+                Some(serde_json::json!({ "action": action })),
+            )?;
+            println!("{machine}: {action} requested");
+        }
+    }
+    Ok(())
+}

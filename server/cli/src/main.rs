@@ -1,0 +1,696 @@
+//! `diskferry`: the imaging server's command line.
+
+mod browse;
+mod demo;
+mod deploy;
+mod images;
+mod machines;
+mod mkfs;
+mod progress_bar;
+mod serve;
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use diskferry_imaging::pipeline::{capture_disk, capture_sectors, Mode as DiskMode, OutputOptions};
+use diskferry_imaging::progress::{Progress, Silent};
+use diskferry_imaging::source::{open_source, SourceSpec};
+pub(crate) use diskferry_imaging::units::human_bytes;
+use diskferry_protocol::{DiskInfo, Psk, Role, SessionOptions};
+use diskferry_remote::Connection;
+use diskferry_vdisk::ImageFormat;
+use progress_bar::TerminalBar;
+
+/// Large receive buffers are allocated and freed per request; mimalloc keeps that memory
+/// mapped instead of returning it to the OS and faulting it back in (measured in bench/).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+#[derive(Parser)]
+#[command(
+    name = "diskferry",
+    version,
+    about = "Network disk imaging: capture machines served by diskferry-client into images"
+)]
+#[command(
+    long_about = "Network disk imaging. A machine booted into diskferry-client serves its raw disks over an \
+authenticated, encrypted block protocol; diskferry reads them as if they were local and writes images.\n\n\
+Remote disks are named DISK@HOST:PORT, e.g. /dev/sda@192.0.2.10:7700. Both sides need the same key file \
+(create one with `diskferry keygen`)."
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// List the disks a diskferry-client serves
+    Disks {
+        /// The client's address, HOST:PORT
+        addr: String,
+        #[command(flatten)]
+        conn: ConnArgs,
+    },
+    /// Copy a disk into an image file
+    Capture(CaptureArgs),
+    /// Write an image onto a disk (a client's, or a local file/device), verified afterwards
+    Deploy(deploy::DeployArgs),
+    /// Run the server: web UI and JSON API for the captures in DATA_DIR, jobs, machines
+    Serve(serve::ServeArgs),
+    /// List the machines a running server knows (name, MACs, hardware, disks, state)
+    Machines {
+        #[command(flatten)]
+        daemon: machines::DaemonArgs,
+    },
+    /// Register, rename, reboot or power off a machine known to a running server
+    Machine {
+        #[command(subcommand)]
+        command: machines::MachineCommand,
+        #[command(flatten)]
+        daemon: machines::DaemonArgs,
+    },
+    /// Show the main job end to end on this machine: serve a sample disk, capture it, verify it
+    Demo {
+        /// Work here instead of a new directory under the system's temporary directory (the
+        /// files are kept either way; the last lines say where)
+        #[arg(long, value_name = "DIR")]
+        dir: Option<PathBuf>,
+        /// Size of the sample disk in MiB
+        #[arg(long, default_value_t = 512, value_name = "MIB")]
+        size_mib: u64,
+    },
+    /// Describe an image: format, virtual size, space used on disk, format details
+    Info {
+        image: PathBuf,
+        /// One JSON object instead of text
+        #[arg(long)]
+        json: bool,
+    },
+    /// Create an empty sparse image
+    Create {
+        out: PathBuf,
+        /// Virtual size: bytes, or with a unit (K, M, G, T; binary)
+        #[arg(long)]
+        size: String,
+        /// raw, qcow2 or vhdx [default: from OUT's extension]
+        #[arg(long, value_enum)]
+        format: Option<Format>,
+        /// Logical sector size recorded in the image (VHDX): 512 or 4096
+        #[arg(long, default_value_t = 512, value_parser = parse_sector_size)]
+        sector_size: u32,
+        /// Replace OUT if it exists
+        #[arg(long)]
+        force: bool,
+    },
+    /// Convert an image (raw, qcow2 or VHDX) into another, keeping it sparse
+    Convert {
+        input: PathBuf,
+        /// The image to write (written as OUT.partial and renamed when complete)
+        out: PathBuf,
+        #[command(flatten)]
+        output: OutputArgs,
+    },
+    /// Create a qcow2 overlay on BASE: reads come from BASE until written; BASE is never changed
+    Overlay {
+        /// The image to build on (raw or qcow2; referenced by its absolute path)
+        base: PathBuf,
+        /// The overlay to create (qcow2)
+        out: PathBuf,
+        /// Replace OUT if it exists
+        #[arg(long)]
+        force: bool,
+    },
+    /// Show what a disk holds: partition table, filesystems (type, label, UUID, space used)
+    /// and the operating system found in their files
+    Inspect {
+        /// DISK@HOST:PORT (a client's disk), a local file or block device, or a qcow2/VHDX image
+        source: String,
+        /// Pretty-printed JSON instead of a table
+        #[arg(long)]
+        json: bool,
+        /// Read a local qcow2 overlay through its backing file(s) (never done implicitly)
+        #[arg(long)]
+        follow_backing: bool,
+        #[command(flatten)]
+        conn: ConnArgs,
+    },
+    /// List a directory inside a disk's filesystem (nothing is mounted)
+    Ls {
+        #[command(flatten)]
+        target: browse::Target,
+        /// Directory or file inside the filesystem
+        #[arg(default_value = "/")]
+        path: String,
+        /// Long format: type, mode, links, owner, size, modification time (UTC), link target
+        #[arg(short = 'l')]
+        long: bool,
+        /// Everything below PATH
+        #[arg(short = 'R')]
+        recursive: bool,
+    },
+    /// Write a file from inside a disk's filesystem to standard output
+    Cat {
+        #[command(flatten)]
+        target: browse::Target,
+        /// File inside the filesystem
+        path: String,
+    },
+    /// Copy a file or a whole directory tree out of a disk's filesystem, keeping modes and times
+    Get {
+        #[command(flatten)]
+        target: browse::Target,
+        /// File or directory inside the filesystem
+        path: String,
+        /// Where to write it (an existing directory receives a file under its own name)
+        dest: PathBuf,
+    },
+    /// Build a filesystem image from a directory of this machine (raw, or qcow2/VHDX by the
+    /// name's extension)
+    Mkfs {
+        /// The filesystem to build
+        #[arg(value_enum)]
+        fs: mkfs::FsType,
+        /// The image to write (written as OUT.partial and renamed when complete)
+        out: PathBuf,
+        /// The directory whose contents go into the filesystem
+        #[arg(long, value_name = "DIR")]
+        from: PathBuf,
+        /// Filesystem size: bytes, or with a unit (K, M, G, T; binary) [default: what the tree
+        /// needs plus 10%]
+        #[arg(long)]
+        size: Option<String>,
+        /// Volume label (FAT: up to 11 characters)
+        #[arg(long)]
+        label: Option<String>,
+        /// Volume identifier (FAT: the serial, XXXX-XXXX)
+        #[arg(long)]
+        uuid: Option<String>,
+        /// Replace OUT if it exists
+        #[arg(long)]
+        force: bool,
+    },
+    /// Compare two disks (or images) partition by partition: every file's content and
+    /// metadata where both hold a readable filesystem, the bytes elsewhere; exit non-zero on
+    /// any difference
+    Verify {
+        /// The reference: DISK@HOST:PORT, a local file or device, or an image
+        a: String,
+        /// The disk to check against it
+        b: String,
+        #[command(flatten)]
+        conn: ConnArgs,
+    },
+    /// Write a new random key file for the client and the server to share
+    Keygen {
+        /// Where to write the key (created with mode 0600; never overwritten)
+        file: PathBuf,
+    },
+}
+
+#[derive(Args)]
+pub(crate) struct ConnArgs {
+    /// Pre-shared key file, the same one the client uses
+    #[arg(long, env = "DISKFERRY_KEY_FILE", value_name = "FILE")]
+    key_file: Option<PathBuf>,
+    /// Ask for an unencrypted transport after authentication (the client must allow it too);
+    /// only for trusted links
+    #[arg(long)]
+    plaintext: bool,
+    /// If the client goes away mid-job (restarted, network blip), keep reconnecting for this
+    /// many seconds and resume
+    #[arg(long, default_value_t = 300, value_name = "SECONDS")]
+    reconnect_for: u64,
+}
+
+impl ConnArgs {
+    pub(crate) fn reconnect(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(self.reconnect_for)
+    }
+}
+
+#[derive(Args)]
+struct CaptureArgs {
+    /// What to capture: DISK@HOST:PORT for a client's disk, a local file or block device, or a
+    /// machine (MACHINE or DISK@MACHINE: its name or MAC) through a server (--data-dir/--server)
+    source: String,
+    /// The image to write (written as OUT.partial and renamed when complete)
+    out: PathBuf,
+    /// How to copy each partition
+    #[arg(long, value_enum, default_value_t = Mode::Auto)]
+    mode: Mode,
+    /// Size of the output disk (bytes, or K/M/G/T): the last partition grows or shrinks to
+    /// fit when it is recreated file by file [default: the source's size]
+    #[arg(long)]
+    size: Option<String>,
+    /// Afterwards, compare every file (content and metadata) and every copied range of the
+    /// source with the output; exit non-zero on any difference
+    #[arg(long)]
+    verify: bool,
+    #[command(flatten)]
+    output: OutputArgs,
+    #[command(flatten)]
+    conn: ConnArgs,
+    /// A machine (its name or MAC, or DISK@MACHINE) is captured by the server holding its
+    /// connection, into that server's captures under OUT's file name
+    #[command(flatten)]
+    daemon: machines::DaemonArgs,
+}
+
+/// How `capture` and `convert` write their output and read image sources.
+#[derive(Args)]
+struct OutputArgs {
+    /// Image format of OUT: `raw` (a sparse file), `qcow2` or `vhdx` [default: from OUT's
+    /// extension, `.qcow2` → qcow2, `.vhdx` → vhdx, anything else raw]
+    #[arg(long, value_enum)]
+    format: Option<Format>,
+    /// Progress display: a bar on a terminal, or nothing
+    #[arg(long, value_enum, default_value_t = ProgressKind::Bar)]
+    progress: ProgressKind,
+    /// Replace OUT if it exists
+    #[arg(long)]
+    force: bool,
+    /// Read a local qcow2 overlay through its backing file(s) (never done implicitly)
+    #[arg(long)]
+    follow_backing: bool,
+    /// Store data clusters compressed (qcow2 only): smaller archives, slower to write
+    #[arg(long)]
+    compress: bool,
+}
+
+impl OutputArgs {
+    fn options(&self, format: ImageFormat) -> OutputOptions {
+        OutputOptions {
+            format,
+            compress: self.compress,
+            overwrite: self.force,
+        }
+    }
+
+    /// The explicit format, or the one OUT's extension suggests.
+    fn format_for(&self, out: &Path) -> ImageFormat {
+        self.format
+            .map_or_else(|| ImageFormat::from_extension(out), ImageFormat::from)
+    }
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Mode {
+    /// files for ext4 and FAT, blocks for NTFS, sectors otherwise (per partition)
+    Auto,
+    /// Recreate each ext4/FAT filesystem with the same identity, file by file (compact)
+    Files,
+    /// Copy the clusters each filesystem marks used, at their offsets (the exact filesystem)
+    Blocks,
+    /// The whole disk, every non-zero sector at its own offset (an exact clone)
+    Sectors,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Format {
+    /// A sparse raw disk image
+    Raw,
+    /// qcow2 version 3 (64 KiB clusters), sparse
+    Qcow2,
+    /// Dynamic VHDX (32 MiB blocks), sparse: what Hyper-V boots
+    Vhdx,
+}
+
+impl From<Format> for ImageFormat {
+    fn from(f: Format) -> Self {
+        match f {
+            Format::Raw => ImageFormat::Raw,
+            Format::Qcow2 => ImageFormat::Qcow2,
+            Format::Vhdx => ImageFormat::Vhdx,
+        }
+    }
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+pub(crate) enum ProgressKind {
+    /// A bar on a terminal (nothing otherwise)
+    Bar,
+    /// One JSON object per line on stderr (phase, done, total, rate, eta_s)
+    Json,
+    None,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            let text = error_chain(&e);
+            eprintln!("diskferry: error: {text}");
+            if text.contains("No space left on device") {
+                eprintln!(
+                    "diskferry: the disk holding the output is full: free space there or write the output elsewhere"
+                );
+            }
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// The error and its causes, skipping causes whose text the message already includes (our
+/// library errors embed their source so they read well on their own, too).
+fn error_chain(e: &anyhow::Error) -> String {
+    let mut out = e.to_string();
+    for cause in e.chain().skip(1) {
+        let text = cause.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+    }
+    out
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Keygen { file } => keygen(&file),
+        Command::Demo { dir, size_mib } => demo::run(dir, size_mib),
+        Command::Serve(args) => serve::run(&args),
+        Command::Deploy(args) => deploy::run(&args),
+        Command::Machines { daemon } => machines::list(&daemon),
+        Command::Machine { command, daemon } => machines::machine(&daemon, &command),
+        Command::Info { image, json } => images::info(&image, json),
+        Command::Create {
+            out,
+            size,
+            format,
+            sector_size,
+            force,
+        } => images::create(&out, &size, format.map(Into::into), sector_size, force),
+        Command::Convert { input, out, output } => images::convert(
+            &input,
+            &out,
+            output.options(output.format_for(&out)),
+            output.progress,
+            output.follow_backing,
+        ),
+        Command::Overlay { base, out, force } => images::overlay(&base, &out, force),
+        Command::Mkfs {
+            fs,
+            out,
+            from,
+            size,
+            label,
+            uuid,
+            force,
+        } => mkfs::mkfs(mkfs::MkfsArgs {
+            fs,
+            out: &out,
+            from: &from,
+            size: size.as_deref(),
+            label,
+            uuid,
+            force,
+        }),
+        Command::Disks { addr, conn } => disks(&addr, &conn),
+        Command::Inspect {
+            source,
+            json,
+            follow_backing,
+            conn,
+        } => browse::inspect(&source, follow_backing, &conn, json),
+        Command::Ls {
+            target,
+            path,
+            long,
+            recursive,
+        } => browse::ls(&target, &path, long, recursive),
+        Command::Cat { target, path } => browse::cat(&target, &path),
+        Command::Get { target, path, dest } => browse::get(&target, &path, &dest),
+        Command::Capture(args) => capture(args),
+        Command::Verify { a, b, conn } => {
+            let rt = runtime()?;
+            let open = |s: &str| -> Result<Arc<dyn diskferry_blockdev::BlockDevice>> {
+                let spec = SourceSpec::parse(s);
+                let opts = match &spec {
+                    SourceSpec::Remote { .. } => Some(session(&conn)?),
+                    SourceSpec::Local(_) => None,
+                };
+                open_source(&spec, rt.handle(), opts.as_ref(), false, conn.reconnect())
+                    .with_context(|| format!("cannot open {s}"))
+            };
+            verify_and_report(&open(&a)?, &open(&b)?)
+        }
+    }
+}
+
+pub(crate) fn runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")
+}
+
+pub(crate) fn session(conn: &ConnArgs) -> Result<SessionOptions> {
+    let Some(path) = &conn.key_file else {
+        bail!("a key is needed to talk to a client: pass --key-file FILE or set DISKFERRY_KEY_FILE")
+    };
+    let mut opts = SessionOptions::new(Role::Controller, Psk::from_file(path)?);
+    opts.plaintext = conn.plaintext;
+    Ok(opts)
+}
+
+fn keygen(file: &Path) -> Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(file)
+        .with_context(|| {
+            format!(
+                "cannot create key file {} (it must not exist yet)",
+                file.display()
+            )
+        })?;
+    f.write_all(Psk::generate_secret().as_bytes())?;
+    f.sync_all()?;
+    eprintln!(
+        "wrote a new key to {}; copy it to the client side too",
+        file.display()
+    );
+    Ok(())
+}
+
+fn disks(addr: &str, conn: &ConnArgs) -> Result<()> {
+    let opts = session(conn)?;
+    let rt = runtime()?;
+    let list = rt.block_on(async {
+        let c = Connection::connect(addr, &opts).await?;
+        anyhow::Ok(c.list_disks().await?)
+    })?;
+    print_disks(&list);
+    Ok(())
+}
+
+/// Accepts the two logical sector sizes disks and images use.
+fn parse_sector_size(s: &str) -> Result<u32, String> {
+    match s {
+        "512" => Ok(512),
+        "4096" => Ok(4096),
+        _ => Err(format!("{s} is not a logical sector size: use 512 or 4096")),
+    }
+}
+
+/// A progress bar when asked for and stderr is a terminal; silence otherwise.
+pub(crate) fn progress_for(kind: ProgressKind) -> Box<dyn Progress> {
+    match (kind, TerminalBar::if_terminal()) {
+        (ProgressKind::Bar, Some(bar)) => Box::new(bar),
+        (ProgressKind::Json, _) => Box::new(diskferry_imaging::progress::JsonLines::default()),
+        _ => Box::new(Silent),
+    }
+}
+
+/// Prints a client's disks as a table.
+fn print_disks(list: &[DiskInfo]) {
+    let w = list.iter().map(|d| d.name.len()).max().unwrap_or(0).max(4);
+    println!(
+        "{:<w$} {:>10} {:>8} {:>8} {:<24} {:<20} FLAGS",
+        "NAME", "SIZE", "LOGICAL", "PHYSICAL", "MODEL", "SERIAL"
+    );
+    for d in list {
+        let mut flags = Vec::new();
+        if d.read_only {
+            flags.push("ro");
+        }
+        if d.rotational {
+            flags.push("rotational");
+        }
+        println!(
+            "{:<w$} {:>10} {:>8} {:>8} {:<24} {:<20} {}",
+            d.name,
+            human_bytes(d.size),
+            d.logical_sector,
+            d.physical_sector,
+            d.model,
+            d.serial,
+            flags.join(",")
+        );
+    }
+}
+
+fn capture(args: CaptureArgs) -> Result<()> {
+    let format = args.output.format_for(&args.out);
+    let spec = SourceSpec::parse(&args.source);
+    if matches!(&spec, SourceSpec::Local(p) if !p.exists()) && args.daemon.given() {
+        return capture_through_server(&args);
+    }
+    let opts = match &spec {
+        SourceSpec::Remote { .. } => Some(session(&args.conn)?),
+        SourceSpec::Local(_) => None,
+    };
+    let rt = runtime()?;
+    let src = open_source(
+        &spec,
+        rt.handle(),
+        opts.as_ref(),
+        args.output.follow_backing,
+        args.conn.reconnect(),
+    )?;
+    let progress = progress_for(args.output.progress);
+    let size = args.size.as_deref().map(images::parse_size).transpose()?;
+    let has_table = diskferry_partition::read_table(&*src)
+        .map(|t| t.scheme != diskferry_partition::Scheme::None)
+        .unwrap_or(false);
+    let mode = match args.mode {
+        Mode::Sectors => None,
+        _ if !has_table => {
+            eprintln!(
+                "diskferry: the source has no partition table: copying every non-zero sector"
+            );
+            None
+        }
+        Mode::Auto => Some(DiskMode::Auto),
+        Mode::Files => Some(DiskMode::Files),
+        Mode::Blocks => Some(DiskMode::Blocks),
+    };
+    match mode {
+        None => {
+            if size.is_some_and(|s| s != src.size()) {
+                bail!("--size needs a partitioned source and --mode auto, files or blocks");
+            }
+            let stats = capture_sectors(
+                src.as_ref(),
+                &args.out,
+                args.output.options(format),
+                progress.as_ref(),
+            )?;
+            let secs = stats.elapsed.as_secs_f64().max(1e-9);
+            eprintln!(
+                "captured {} into {} ({}): {} read ({} skipped as zero by the client), {} written, {:.1} s, {:.0} MB/s",
+                human_bytes(stats.size),
+                args.out.display(),
+                format.name(),
+                human_bytes(stats.read),
+                human_bytes(stats.skipped_by_status),
+                human_bytes(stats.written),
+                secs,
+                stats.read as f64 / secs / 1e6
+            );
+        }
+        Some(mode) => {
+            let report = capture_disk(
+                Arc::clone(&src),
+                &args.out,
+                args.output.options(format),
+                mode,
+                size,
+                progress.as_ref(),
+            )?;
+            let read: u64 = report.partitions.iter().map(|p| p.read).sum();
+            for p in &report.partitions {
+                eprintln!("  {p}");
+            }
+            let on_disk = std::fs::metadata(&args.out)
+                .map(|m| {
+                    use std::os::unix::fs::MetadataExt;
+                    m.blocks() * 512
+                })
+                .unwrap_or(0);
+            eprintln!(
+                "captured {} ({} table) into {} ({}, {} virtual, {} on disk): {} read, {:.1} s",
+                human_bytes(report.source_size),
+                report.scheme,
+                args.out.display(),
+                format.name(),
+                human_bytes(report.output_size),
+                human_bytes(on_disk),
+                human_bytes(read + report.boot_bytes),
+                report.elapsed.as_secs_f64()
+            );
+        }
+    }
+    if args.verify {
+        let (_, copy) = diskferry_vdisk::open_image(&args.out, false)?;
+        verify_and_report(&src, &copy)?;
+    }
+    Ok(())
+}
+
+/// Captures a machine through the server that holds its connection.
+fn capture_through_server(args: &CaptureArgs) -> Result<()> {
+    let name = args
+        .out
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .context("OUT needs a file name")?;
+    if let Some(dir) = args.daemon.captures_dir() {
+        let parent = args.out.parent().filter(|p| !p.as_os_str().is_empty());
+        if parent.is_some_and(|p| p != dir) {
+            bail!(
+                "a machine is captured by the server into {}: give OUT as a file name ({name})",
+                dir.display()
+            );
+        }
+    }
+    let mode = match args.mode {
+        Mode::Auto => "auto",
+        Mode::Files => "files",
+        Mode::Blocks => "blocks",
+        Mode::Sectors => "sectors",
+    };
+    let daemon = machines::Daemon::find(&args.daemon)?;
+    daemon.run_job(serde_json::json!({
+        "kind": "capture", "source": args.source, "output": name, "mode": mode,
+        "verify": args.verify,
+    }))?;
+    eprintln!(
+        "captured {} into the server's captures as {name}",
+        args.source
+    );
+    Ok(())
+}
+
+/// Runs the verification, prints what differs, and fails if anything does.
+fn verify_and_report(
+    a: &Arc<dyn diskferry_blockdev::BlockDevice>,
+    b: &Arc<dyn diskferry_blockdev::BlockDevice>,
+) -> Result<()> {
+    let report = diskferry_imaging::pipeline::verify::verify_disks(a, b)?;
+    for d in &report.listed {
+        eprintln!("  differs: {d}");
+    }
+    if report.differences > 0 {
+        bail!(
+            "verify: {} differences ({} files, {} compared)",
+            report.differences,
+            report.files_compared,
+            human_bytes(report.bytes_compared)
+        );
+    }
+    eprintln!(
+        "verify: no differences ({} files, {} compared)",
+        report.files_compared,
+        human_bytes(report.bytes_compared)
+    );
+    Ok(())
+}

@@ -1,0 +1,128 @@
+//! `diskferry serve`: the long-running server — the web UI and JSON API over the catalog in
+//! DATA_DIR (captures under DATA_DIR/captures, jobs, machines).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use clap::Args;
+
+#[derive(Args)]
+pub struct ServeArgs {
+    /// Where the catalog, the captures (DATA_DIR/captures) and the secrets live; created if
+    /// missing
+    #[arg(long, value_name = "DIR", env = "DISKFERRY_DATA_DIR")]
+    data_dir: PathBuf,
+    /// Address of the web UI and API (localhost only unless you say otherwise)
+    #[arg(long, default_value = "127.0.0.1:8080", value_name = "ADDR:PORT")]
+    listen: SocketAddr,
+    /// Where machines booted into the PXE environment dial back to (diskferry-client
+    /// --connect); they must hold DATA_DIR/agent.key
+    #[arg(long, default_value = "0.0.0.0:7700", value_name = "ADDR:PORT")]
+    agent_listen: SocketAddr,
+    /// The boot environment's vmlinuz and initramfs.img, served to PXE machines at /boot/
+    /// with an iPXE script at /boot.ipxe [default: DATA_DIR/boot]
+    #[arg(long, value_name = "DIR")]
+    boot_dir: Option<PathBuf>,
+    /// TFTP for legacy PXE firmware: serves iPXE (undionly.kpxe, ipxe.efi, snponly.efi from
+    /// Debian's ipxe package) and the boot directory's files; "off" to disable
+    #[arg(long, default_value = "0.0.0.0:69", value_name = "ADDR:PORT|off")]
+    tftp_listen: String,
+    /// The dial-back address put into the boot script [default: the host the machine used to
+    /// reach /boot.ipxe, with the agent port]
+    #[arg(long, value_name = "HOST:PORT")]
+    advertise: Option<String>,
+}
+
+pub fn run(args: &ServeArgs) -> Result<()> {
+    let rt = crate::runtime()?;
+    rt.block_on(async {
+        let data_dir = args.data_dir.clone();
+        let (state, startup) = tokio::task::spawn_blocking(move || diskferry_web::open(&data_dir))
+            .await?
+            .map_err(anyhow::Error::msg)?;
+        let listener = tokio::net::TcpListener::bind(args.listen)
+            .await
+            .with_context(|| format!("cannot listen on {} (in use? try --listen)", args.listen))?;
+        let addr = listener.local_addr()?;
+        let agent_listener = tokio::net::TcpListener::bind(args.agent_listen)
+            .await
+            .with_context(|| {
+                format!(
+                    "cannot listen for agents on {} (in use? try --agent-listen)",
+                    args.agent_listen
+                )
+            })?;
+        let agent_addr = agent_listener.local_addr()?;
+        tokio::spawn(std::sync::Arc::clone(&state.agents).accept_loop(agent_listener));
+        let boot_dir = args
+            .boot_dir
+            .clone()
+            .unwrap_or_else(|| args.data_dir.join("boot"));
+        let _ = state.boot.set(diskferry_web::boot::BootConfig {
+            dir: boot_dir.clone(),
+            agent_port: agent_addr.port(),
+            advertise: args.advertise.clone(),
+            key: startup.key.clone(),
+        });
+        // `diskferry machines --data-dir DIR` finds the running server here.
+        std::fs::write(args.data_dir.join("serve.addr"), format!("{addr}\n"))
+            .context("cannot write DATA_DIR/serve.addr")?;
+        if let Some(pw) = &startup.new_password {
+            eprintln!(
+                "generated the admin password: {pw}  (kept in {})",
+                startup.password_file.display()
+            );
+        }
+        eprintln!(
+            "API token in {}; clients must hold the key in {}{}",
+            startup.token_file.display(),
+            startup.key_file.display(),
+            if startup.key_created { " (new)" } else { "" }
+        );
+        if startup.interrupted_jobs > 0 {
+            eprintln!(
+                "{} job(s) were running when the server last stopped: marked interrupted",
+                startup.interrupted_jobs
+            );
+        }
+        eprintln!("{} capture(s) in the catalog", startup.captures);
+        if args.tftp_listen != "off" {
+            match tokio::net::UdpSocket::bind(&args.tftp_listen).await {
+                Ok(sock) => {
+                    eprintln!("tftp on {}", sock.local_addr()?);
+                    let roots = diskferry_daemon::tftp::TftpRoots(vec![
+                        boot_dir.clone(),
+                        PathBuf::from("/usr/lib/ipxe"),
+                    ]);
+                    tokio::spawn(diskferry_daemon::tftp::serve(sock, roots, |l| eprintln!("{l}")));
+                }
+                // Port 69 needs root: the rest of the server does not.
+                Err(e) => eprintln!(
+                    "tftp: cannot listen on {} ({e}); legacy PXE needs another TFTP server or --tftp-listen",
+                    args.tftp_listen
+                ),
+            }
+        }
+        eprintln!("agents dial back to {agent_addr}");
+        let boot_ready = ["vmlinuz", "initramfs.img"]
+            .iter()
+            .all(|f| boot_dir.join(f).is_file());
+        if boot_ready {
+            eprintln!(
+                "network boot: http://{addr}/boot.ipxe (files in {})",
+                boot_dir.display()
+            );
+        } else {
+            eprintln!(
+                "network boot: not ready; build it with deploy/build-bootenv.sh {}",
+                boot_dir.display()
+            );
+        }
+        // Tests and scripts wait for this line.
+        eprintln!("listening on http://{addr}");
+        diskferry_web::serve(listener, state)
+            .await
+            .context("the web server stopped")
+    })
+}

@@ -1,0 +1,9 @@
+//! The imaging core: capture (source → image), deploy (image → disk), verify, inspect, the
+//! sources a job reads from and the progress events it reports. Every front end (the CLI, the
+//! web jobs) calls this crate; none of them decides how a disk is copied.
+
+pub mod inspect;
+pub mod pipeline;
+pub mod progress;
+pub mod source;
+pub mod units;

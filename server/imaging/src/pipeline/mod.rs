@@ -1,0 +1,17 @@
+//! Jobs that move data between block devices: capture (source → image: whole-disk sectors in
+//! [`capture`], partition by partition in [`disk`]), [`deploy`] (image → disk) and [`verify`]. Jobs
+//! are synchronous and run on blocking threads, reporting through
+//! [`crate::progress::Progress`].
+
+pub mod capture;
+pub mod deploy;
+pub mod disk;
+mod output;
+pub mod verify;
+mod writer;
+
+pub use capture::{capture_sectors, CaptureError, CaptureStats, OutputOptions};
+pub use deploy::{deploy_disk, DeployError, DeployReport};
+pub use disk::{capture_disk, DiskReport, Mode, PartitionReport};
+pub use output::{OutputError, PartialOutput};
+pub use writer::{SparseWriter, WriteStats};

@@ -1,0 +1,259 @@
+//! Verifying a capture (or any two disks): partitions are paired by number; where both sides
+//! hold a filesystem we can read, every file, directory and link of the first is looked up in
+//! the second and compared — kind, size, mode, owner, modification time, link target, extended
+//! attributes and content; elsewhere the ranges the first side reports as data must hold the
+//! same bytes on the second. The bytes before the first partition that boot needs are compared
+//! too.
+
+use std::ops::Range;
+use std::sync::Arc;
+
+use diskferry_blockdev::{BlockDevice, BlockError, SliceDevice};
+use diskferry_fs::{self as fs, FileKind, Filesystem};
+use diskferry_partition as partition;
+
+/// At most this many differences are described; all are counted.
+const MAX_LISTED: usize = 50;
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct VerifyReport {
+    pub files_compared: u64,
+    pub bytes_compared: u64,
+    pub differences: u64,
+    /// The first differences, described.
+    pub listed: Vec<String>,
+}
+
+impl VerifyReport {
+    fn differ(&mut self, what: String) {
+        self.differences += 1;
+        if self.listed.len() < MAX_LISTED {
+            self.listed.push(what);
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum VerifyError {
+    #[error("reading {side}: {source}")]
+    Read {
+        side: &'static str,
+        source: BlockError,
+    },
+    #[error("{0}")]
+    Table(String),
+}
+
+/// Compares disk `b` against disk `a`.
+pub fn verify_disks(
+    a: &Arc<dyn BlockDevice>,
+    b: &Arc<dyn BlockDevice>,
+) -> Result<VerifyReport, VerifyError> {
+    let mut report = VerifyReport::default();
+    let ta =
+        partition::read_table(&**a).map_err(|e| VerifyError::Table(format!("first disk: {e}")))?;
+    let tb =
+        partition::read_table(&**b).map_err(|e| VerifyError::Table(format!("second disk: {e}")))?;
+    if ta.scheme != tb.scheme
+        || ta.disk_guid != tb.disk_guid
+        || ta.mbr_signature != tb.mbr_signature
+    {
+        report.differ("the partition tables differ in scheme or disk identifier".into());
+    }
+    let first = ta.partitions.iter().map(|p| p.start).min().unwrap_or(0);
+    let boot_code: Range<u64> = 0..440.min(first);
+    let boot = Vec::from([boot_code]);
+    compare_ranges(&**a, &**b, &boot, "boot code", &mut report)?;
+    for pa in &ta.partitions {
+        let Some(pb) = tb.partitions.iter().find(|p| p.number == pa.number) else {
+            report.differ(format!("partition {} is missing", pa.number));
+            continue;
+        };
+        if pa.kind != pb.kind || pa.guid != pb.guid || pa.name != pb.name {
+            report.differ(format!(
+                "partition {}: type, GUID or name differs",
+                pa.number
+            ));
+        }
+        let da: Arc<dyn BlockDevice> = Arc::new(
+            SliceDevice::new(Arc::clone(a), pa.start, pa.size).map_err(|source| {
+                VerifyError::Read {
+                    side: "the first disk",
+                    source,
+                }
+            })?,
+        );
+        let db: Arc<dyn BlockDevice> = Arc::new(
+            SliceDevice::new(Arc::clone(b), pb.start, pb.size).map_err(|source| {
+                VerifyError::Read {
+                    side: "the second disk",
+                    source,
+                }
+            })?,
+        );
+        let label = format!("partition {}", pa.number);
+        match (fs::open(Arc::clone(&da)), fs::open(Arc::clone(&db))) {
+            (Ok(fa), Ok(fb)) => compare_trees(&*fa, &*fb, &label, &mut report),
+            (Ok(_), Err(e)) => report.differ(format!(
+                "{label}: the copy's filesystem cannot be read: {e}"
+            )),
+            _ => {
+                let ranges: Vec<Range<u64>> = super::capture::data_ranges(&*da)
+                    .map_err(|source| VerifyError::Read {
+                        side: "the first disk",
+                        source,
+                    })?
+                    .into_iter()
+                    .filter(|r| r.end <= db.size())
+                    .collect();
+                compare_ranges(&*da, &*db, &ranges, &label, &mut report)?;
+            }
+        }
+    }
+    Ok(report)
+}
+
+fn compare_ranges(
+    a: &dyn BlockDevice,
+    b: &dyn BlockDevice,
+    ranges: &[Range<u64>],
+    label: &str,
+    report: &mut VerifyReport,
+) -> Result<(), VerifyError> {
+    let (mut ba, mut bb) = (vec![0u8; 1 << 20], vec![0u8; 1 << 20]);
+    for r in ranges {
+        let mut pos = r.start;
+        while pos < r.end {
+            let n = ((r.end - pos) as usize).min(ba.len());
+            a.read_at(&mut ba[..n], pos)
+                .map_err(|source| VerifyError::Read {
+                    side: "the first disk",
+                    source,
+                })?;
+            b.read_at(&mut bb[..n], pos)
+                .map_err(|source| VerifyError::Read {
+                    side: "the second disk",
+                    source,
+                })?;
+            if ba[..n] != bb[..n] {
+                let i = ba[..n]
+                    .iter()
+                    .zip(&bb[..n])
+                    .position(|(x, y)| x != y)
+                    .unwrap_or(0);
+                report.differ(format!(
+                    "{label}: bytes differ at offset {}",
+                    pos + i as u64
+                ));
+                break;
+            }
+            report.bytes_compared += n as u64;
+            pos += n as u64;
+        }
+    }
+    Ok(())
+}
+
+/// Every entry of `a` looked up in `b` and compared.
+fn compare_trees(a: &dyn Filesystem, b: &dyn Filesystem, label: &str, report: &mut VerifyReport) {
+    let mut found = Vec::new();
+    let mut problems = Vec::new();
+    let walked = fs::tree::walk(
+        a,
+        a.root(),
+        &mut |path, e| {
+            found.push((path.to_string(), e.node));
+            Ok(())
+        },
+        &mut |path, e| problems.push(format!("{path}: {e}")),
+    );
+    for p in problems {
+        report.differ(format!("{label}: {p}"));
+    }
+    if let Err(e) = walked {
+        report.differ(format!("{label}: walking the source failed: {e}"));
+    }
+    for (path, node) in found {
+        if let Err(what) = compare_entry(a, b, &path, node, report) {
+            report.differ(format!("{label}: /{path}: {what}"));
+        }
+        report.files_compared += 1;
+    }
+}
+
+fn compare_entry(
+    a: &dyn Filesystem,
+    b: &dyn Filesystem,
+    path: &str,
+    node: u64,
+    report: &mut VerifyReport,
+) -> Result<(), String> {
+    let ma = a
+        .metadata(node)
+        .map_err(|e| format!("unreadable in the source: {e}"))?;
+    let nb = b
+        .lookup(path)
+        .map_err(|_| "missing in the copy".to_string())?;
+    let mb = b
+        .metadata(nb)
+        .map_err(|e| format!("unreadable in the copy: {e}"))?;
+    if ma.kind != mb.kind {
+        return Err(format!(
+            "{} in the source, {} in the copy",
+            ma.kind.name(),
+            mb.kind.name()
+        ));
+    }
+    if ma.kind == FileKind::File && ma.size != mb.size {
+        return Err(format!(
+            "{} bytes in the source, {} in the copy",
+            ma.size, mb.size
+        ));
+    }
+    if (ma.mode, ma.uid, ma.gid) != (mb.mode, mb.uid, mb.gid) {
+        return Err(format!(
+            "mode/owner {:o} {}:{} in the source, {:o} {}:{} in the copy",
+            ma.mode, ma.uid, ma.gid, mb.mode, mb.uid, mb.gid
+        ));
+    }
+    if ma.kind != FileKind::Dir && ma.mtime != mb.mtime {
+        return Err(format!(
+            "modification time {:?} in the source, {:?} in the copy",
+            ma.mtime, mb.mtime
+        ));
+    }
+    if ma.kind == FileKind::Symlink && a.read_link(node).ok() != b.read_link(nb).ok() {
+        return Err("link targets differ".into());
+    }
+    let (xa, xb) = (
+        a.xattrs(node).unwrap_or_default(),
+        b.xattrs(nb).unwrap_or_default(),
+    );
+    let (mut xa, mut xb) = (xa, xb);
+    xa.sort();
+    xb.sort();
+    if xa != xb {
+        return Err("extended attributes differ".into());
+    }
+    if ma.kind == FileKind::File {
+        let (mut ba, mut bb) = (vec![0u8; 1 << 20], vec![0u8; 1 << 20]);
+        let mut pos = 0;
+        while pos < ma.size {
+            let na = a
+                .read_at(node, pos, &mut ba)
+                .map_err(|e| format!("reading the source: {e}"))?;
+            let nb2 = b
+                .read_at(nb, pos, &mut bb[..na.max(1)])
+                .map_err(|e| format!("reading the copy: {e}"))?;
+            if na == 0 {
+                break;
+            }
+            if na != nb2 || ba[..na] != bb[..na] {
+                return Err(format!("content differs near offset {pos}"));
+            }
+            report.bytes_compared += na as u64;
+            pos += na as u64;
+        }
+    }
+    Ok(())
+}

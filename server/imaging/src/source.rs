@@ -1,0 +1,158 @@
+//! What a SOURCE argument names, and opening it as a block device: `DISK@HOST:PORT` for a disk
+//! of a listening diskferry-client, anything else a local file or block device — read through
+//! its image format (qcow2) when it has one.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use diskferry_protocol::SessionOptions;
+
+use diskferry_blockdev::{BlockDevice, BlockError};
+use diskferry_remote::{ConnectError, Connection, RemoteOptions};
+
+/// A parsed SOURCE argument.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SourceSpec {
+    /// A disk of a remote client: its name there, and the client's address.
+    Remote {
+        disk: String,
+        addr: String,
+    },
+    Local(PathBuf),
+}
+
+impl SourceSpec {
+    /// `DISK@HOST:PORT` (the part after the last `@` must end in `:PORT`) is remote; anything
+    /// else is a local path.
+    pub fn parse(s: &str) -> SourceSpec {
+        if let Some((disk, addr)) = s.rsplit_once('@') {
+            let port_ok = addr
+                .rsplit_once(':')
+                .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok());
+            if !disk.is_empty() && port_ok {
+                return SourceSpec::Remote {
+                    disk: disk.to_string(),
+                    addr: addr.to_string(),
+                };
+            }
+        }
+        SourceSpec::Local(PathBuf::from(s))
+    }
+}
+
+/// Why a source could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum SourceError {
+    #[error("{0} is a remote disk: a key is needed (--key-file FILE or DISKFERRY_KEY_FILE)")]
+    NeedKey(String),
+    #[error(transparent)]
+    Connect(#[from] ConnectError),
+    #[error(transparent)]
+    Image(#[from] diskferry_vdisk::ImageError),
+    #[error("cannot open {what}: {source}")]
+    Open { what: String, source: BlockError },
+}
+
+/// How long a remote source may be away before a job gives up on it.
+pub const DEFAULT_RECONNECT: std::time::Duration = std::time::Duration::from_secs(300);
+
+/// Opens a source for reading. Remote sources connect on `rt` and need `session`; if their
+/// client goes away they are reconnected for up to `reconnect`. Local overlays read through
+/// their backing files only with `follow_backing`.
+pub fn open_source(
+    spec: &SourceSpec,
+    rt: &tokio::runtime::Handle,
+    session: Option<&SessionOptions>,
+    follow_backing: bool,
+    reconnect: std::time::Duration,
+) -> Result<Arc<dyn BlockDevice>, SourceError> {
+    match spec {
+        SourceSpec::Local(path) => Ok(diskferry_vdisk::open_image(path, follow_backing)?.1),
+        SourceSpec::Remote { disk, addr } => {
+            let session = session.ok_or_else(|| SourceError::NeedKey(format!("{disk}@{addr}")))?;
+            let conn = rt.block_on(Connection::connect(addr, session))?;
+            let remote = rt
+                .block_on(conn.open(disk, false, RemoteOptions::default()))
+                .map_err(|source| SourceError::Open {
+                    what: format!("{disk} on {addr}"),
+                    source,
+                })?;
+            Ok(Arc::new(diskferry_remote::ReconnectingDisk::new(
+                remote,
+                Arc::new(diskferry_remote::DialAddr {
+                    addr: addr.clone(),
+                    session: session.clone(),
+                }),
+                RemoteOptions::default(),
+                rt.clone(),
+                reconnect,
+            )))
+        }
+    }
+}
+
+/// Opens a deploy target for writing: a remote disk (the client must allow writes) or a local
+/// raw file or block device (written in place; image formats are not targets).
+pub fn open_target(
+    spec: &SourceSpec,
+    rt: &tokio::runtime::Handle,
+    session: Option<&SessionOptions>,
+) -> Result<Arc<dyn BlockDevice>, SourceError> {
+    match spec {
+        SourceSpec::Local(path) => {
+            let dev = diskferry_blockdev::FileDevice::open(path, true).map_err(|source| {
+                SourceError::Open {
+                    what: path.display().to_string(),
+                    source,
+                }
+            })?;
+            Ok(Arc::new(dev))
+        }
+        SourceSpec::Remote { disk, addr } => {
+            let session = session.ok_or_else(|| SourceError::NeedKey(format!("{disk}@{addr}")))?;
+            let conn = rt.block_on(Connection::connect(addr, session))?;
+            let remote = rt
+                .block_on(conn.open(disk, true, RemoteOptions::default()))
+                .map_err(|source| SourceError::Open {
+                    what: format!("{disk} on {addr} for writing"),
+                    source,
+                })?;
+            Ok(Arc::new(remote))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_remote_and_local_sources() {
+        assert_eq!(
+            SourceSpec::parse("/dev/sda@10.0.0.5:7700"),
+            SourceSpec::Remote {
+                disk: "/dev/sda".into(),
+                addr: "10.0.0.5:7700".into()
+            }
+        );
+        assert_eq!(
+            SourceSpec::parse("/tmp/disk@x.img@[::1]:9"),
+            SourceSpec::Remote {
+                disk: "/tmp/disk@x.img".into(),
+                addr: "[::1]:9".into()
+            }
+        );
+        assert_eq!(
+            SourceSpec::parse("/images/a@b.qcow2"),
+            SourceSpec::Local("/images/a@b.qcow2".into())
+        );
+        assert_eq!(
+            SourceSpec::parse("disk.img"),
+            SourceSpec::Local("disk.img".into())
+        );
+        assert_eq!(
+            SourceSpec::parse("@host:1"),
+            SourceSpec::Local("@host:1".into())
+        );
+    }
+}

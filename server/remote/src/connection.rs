@@ -1,0 +1,349 @@
+//! One authenticated connection to a diskferry-client, shared by every disk opened on it.
+//!
+//! Requests get a fresh cookie and a completion callback; a writer task batches them onto the
+//! socket and a reader task matches replies to callbacks by cookie, in whatever order they come.
+//! When the connection dies, every pending and every later request fails with the reason.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use diskferry_protocol::handshake::{initiate, respond};
+use diskferry_protocol::stream::split;
+use diskferry_protocol::{DiskInfo, Message, ProtocolError, Reply, Request, SessionOptions};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, oneshot};
+
+use super::RemoteOptions;
+use diskferry_blockdev::BlockError;
+
+use crate::RemoteDisk;
+
+/// Requests are batched into one socket write until this many bytes are queued.
+const WRITE_BATCH: usize = 1 << 20;
+
+/// Called once with the reply to a request (or the reason there will be none).
+pub type Completion = Box<dyn FnOnce(Result<Reply, BlockError>) + Send>;
+
+/// Why a connection could not be established.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    #[error(
+        "cannot connect to {addr}: {source} (is diskferry-client running and listening there?)"
+    )]
+    Connect {
+        addr: String,
+        source: std::io::Error,
+    },
+    #[error("handshake with {addr} failed: {source}")]
+    Handshake { addr: String, source: ProtocolError },
+}
+
+struct State {
+    pending: HashMap<u64, Completion>,
+    /// Set once the connection is dead: why.
+    closed: Option<String>,
+}
+
+struct Shared {
+    state: Mutex<State>,
+    /// Becomes true when the connection dies.
+    dead: tokio::sync::watch::Sender<bool>,
+    next_cookie: AtomicU64,
+    max_payload: u32,
+    peer: String,
+}
+
+impl Shared {
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Marks the connection dead and fails everything pending (with the first reason given).
+    fn close(&self, reason: String) {
+        let (reason, drained) = {
+            let mut st = self.lock();
+            let reason = st.closed.get_or_insert(reason).clone();
+            (
+                reason,
+                st.pending
+                    .drain()
+                    .map(|(_, c)| c)
+                    .collect::<Vec<Completion>>(),
+            )
+        };
+        for c in drained {
+            c(Err(BlockError::Disconnected(reason.clone())));
+        }
+        self.dead.send_replace(true);
+    }
+}
+
+/// A handle on a live connection; cheap to clone. The connection closes when the last handle
+/// (including those inside opened disks) is dropped.
+#[derive(Clone)]
+pub struct Connection {
+    shared: Arc<Shared>,
+    tx: mpsc::UnboundedSender<Message>,
+}
+
+impl std::fmt::Debug for Connection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Connection")
+            .field("peer", &self.shared.peer)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Connection {
+    /// Connects to a listening client and authenticates. Must run inside a tokio runtime.
+    pub async fn connect(addr: &str, opts: &SessionOptions) -> Result<Connection, ConnectError> {
+        let mut stream =
+            TcpStream::connect(addr)
+                .await
+                .map_err(|source| ConnectError::Connect {
+                    addr: addr.to_string(),
+                    source,
+                })?;
+        let _ = stream.set_nodelay(true);
+        let session =
+            initiate(&mut stream, opts)
+                .await
+                .map_err(|source| ConnectError::Handshake {
+                    addr: addr.to_string(),
+                    source,
+                })?;
+        Ok(Connection::start(stream, session, addr.to_string()))
+    }
+
+    /// Authenticates a client that connected to us (dial-back mode).
+    pub async fn accept<S>(
+        mut io: S,
+        opts: &SessionOptions,
+        peer: String,
+    ) -> Result<Connection, ConnectError>
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let session = respond(&mut io, opts)
+            .await
+            .map_err(|source| ConnectError::Handshake {
+                addr: peer.clone(),
+                source,
+            })?;
+        Ok(Connection::start(io, session, peer))
+    }
+
+    fn start<S>(io: S, session: diskferry_protocol::Session, peer: String) -> Connection
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let shared = Arc::new(Shared {
+            state: Mutex::new(State {
+                pending: HashMap::new(),
+                closed: None,
+            }),
+            dead: tokio::sync::watch::channel(false).0,
+            next_cookie: AtomicU64::new(1),
+            max_payload: session.max_payload,
+            peer,
+        });
+        let (r, w) = tokio::io::split(io);
+        let (mut reader, mut writer) = split(session, r, w);
+        let (tx, mut rx) = mpsc::unbounded_channel::<Message>();
+
+        let ws = Arc::clone(&shared);
+        tokio::spawn(async move {
+            let result: Result<(), ProtocolError> = async {
+                while let Some(first) = rx.recv().await {
+                    writer.queue(&first)?;
+                    while writer.pending() < WRITE_BATCH {
+                        match rx.try_recv() {
+                            Ok(m) => writer.queue(&m)?,
+                            Err(_) => break,
+                        }
+                    }
+                    writer.flush().await?;
+                }
+                writer.shutdown().await
+            }
+            .await;
+            if let Err(e) = result {
+                ws.close(format!("sending to {}: {e}", ws.peer));
+            }
+        });
+
+        let rs = Arc::clone(&shared);
+        tokio::spawn(async move {
+            let reason = loop {
+                match reader.next().await {
+                    Ok(Some(Message::Reply { cookie, reply })) => {
+                        let completion = rs.lock().pending.remove(&cookie);
+                        match completion {
+                            Some(c) => c(Ok(reply)),
+                            None => break format!("{} answered unknown request {cookie}", rs.peer),
+                        }
+                    }
+                    Ok(Some(Message::Request { .. })) => {
+                        break format!("{} sent a request; it must only answer", rs.peer)
+                    }
+                    Ok(None) => break format!("{} closed the connection", rs.peer),
+                    Err(e) => break format!("{}: {e}", rs.peer),
+                }
+            };
+            rs.close(reason);
+        });
+        Connection { shared, tx }
+    }
+
+    /// Resolves when the connection has died (the peer left, or the transport failed).
+    pub async fn closed(&self) {
+        let mut rx = self.shared.dead.subscribe();
+        let _ = rx.wait_for(|dead| *dead).await;
+    }
+
+    /// Why the connection died, if it has.
+    pub fn closed_reason(&self) -> Option<String> {
+        self.shared.lock().closed.clone()
+    }
+
+    /// Largest data payload either side accepts in one frame.
+    pub fn max_payload(&self) -> u32 {
+        self.shared.max_payload
+    }
+
+    /// The address of the client.
+    pub fn peer(&self) -> &str {
+        &self.shared.peer
+    }
+
+    /// Sends a request; `done` runs with its reply (on the connection's task: keep it short).
+    pub fn submit(&self, request: Request, done: Completion) {
+        let cookie = self.shared.next_cookie.fetch_add(1, Ordering::Relaxed);
+        {
+            let mut st = self.shared.lock();
+            if let Some(reason) = &st.closed {
+                let reason = reason.clone();
+                drop(st);
+                done(Err(BlockError::Disconnected(reason)));
+                return;
+            }
+            st.pending.insert(cookie, done);
+        }
+        if self.tx.send(Message::Request { cookie, request }).is_err() {
+            self.shared.close("the connection's writer stopped".into());
+        }
+    }
+
+    /// Sends a request; the receiver yields its reply.
+    pub fn request(&self, request: Request) -> oneshot::Receiver<Result<Reply, BlockError>> {
+        let (tx, rx) = oneshot::channel();
+        self.submit(
+            request,
+            Box::new(move |r| {
+                let _ = tx.send(r);
+            }),
+        );
+        rx
+    }
+
+    /// Sends a request and waits for its reply, from async code.
+    pub async fn call(&self, request: Request) -> Result<Reply, BlockError> {
+        self.request(request)
+            .await
+            .unwrap_or_else(|_| Err(BlockError::Disconnected("request dropped".into())))
+    }
+
+    /// Sends a request and waits for its reply, from a blocking thread (never on the runtime).
+    pub fn call_blocking(&self, request: Request) -> Result<Reply, BlockError> {
+        wait(self.request(request))
+    }
+
+    /// The disks the client serves.
+    pub async fn list_disks(&self) -> Result<Vec<DiskInfo>, BlockError> {
+        match self.call(Request::ListDisks).await? {
+            Reply::Disks(d) => Ok(d),
+            other => Err(unexpected("list disks", None, other)),
+        }
+    }
+
+    /// The machine's identity document (JSON), from a dial-back agent.
+    pub async fn identify(&self) -> Result<String, BlockError> {
+        match self.call(Request::Identify).await? {
+            Reply::Identity(doc) => Ok(doc),
+            other => Err(unexpected("identify", None, other)),
+        }
+    }
+
+    /// Asks the agent to reboot or power off its machine.
+    pub async fn power(&self, action: diskferry_protocol::PowerAction) -> Result<(), BlockError> {
+        match self.call(Request::Power { action }).await? {
+            Reply::Done => Ok(()),
+            other => Err(unexpected("power", None, other)),
+        }
+    }
+
+    /// Opens a disk by name.
+    pub async fn open(
+        &self,
+        disk: &str,
+        writable: bool,
+        opts: RemoteOptions,
+    ) -> Result<RemoteDisk, BlockError> {
+        match self
+            .call(Request::Open {
+                disk: disk.to_string(),
+                writable,
+            })
+            .await?
+        {
+            Reply::Opened {
+                handle,
+                size,
+                logical_sector,
+                read_only,
+                ..
+            } => Ok(RemoteDisk::new(
+                self.clone(),
+                disk.to_string(),
+                handle,
+                size,
+                logical_sector,
+                read_only,
+                opts,
+            )),
+            other => Err(unexpected("open", None, other)),
+        }
+    }
+}
+
+/// Blocks the current (non-runtime) thread until a reply arrives.
+pub(super) fn wait(rx: oneshot::Receiver<Result<Reply, BlockError>>) -> Result<Reply, BlockError> {
+    rx.blocking_recv()
+        .unwrap_or_else(|_| Err(BlockError::Disconnected("request dropped".into())))
+}
+
+/// Turns an error reply, or a reply of the wrong kind, into an error.
+pub(super) fn unexpected(op: &'static str, offset: Option<u64>, reply: Reply) -> BlockError {
+    match reply {
+        Reply::Error { code, message } => BlockError::Remote {
+            op,
+            offset,
+            code,
+            message,
+        },
+        other => {
+            let kind = match other {
+                Reply::Disks(_) => "disk list",
+                Reply::Opened { .. } => "open",
+                Reply::Data(_) => "data",
+                Reply::Done => "done",
+                Reply::Status(_) => "status",
+                Reply::Identity(_) => "identity",
+                Reply::Error { .. } => "error",
+            };
+            BlockError::Protocol(format!("unexpected {kind} reply to {op}"))
+        }
+    }
+}

@@ -1,0 +1,334 @@
+//! A disk of a remote diskferry-client as a local [`BlockDevice`].
+//!
+//! Small random reads (what filesystem crates do) go through a bounded chunk cache with
+//! sequential readahead; [`BlockDevice::read_ranges`] (what captures do) bypasses the cache and
+//! keeps `depth` large requests in flight, delivering data in order. All methods block the
+//! calling thread: call them from blocking threads, never from async tasks.
+
+mod cache;
+mod connection;
+mod reconnect;
+
+use std::collections::VecDeque;
+use std::ops::Range;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use diskferry_protocol::{BlockState, Reply, Request};
+
+pub use connection::{Completion, ConnectError, Connection};
+pub use reconnect::{DialAddr, ReconnectingDisk, Redial};
+
+use self::cache::ChunkCache;
+use self::connection::{unexpected, wait};
+use diskferry_blockdev::{check_range, BlockDevice, BlockError, Extent, Region, Result};
+
+/// Tuning for one remote disk.
+#[derive(Debug, Clone)]
+pub struct RemoteOptions {
+    /// Cache granule and request size for small reads.
+    pub chunk_size: u32,
+    /// Chunks fetched ahead of a sequential reader.
+    pub readahead: usize,
+    /// Chunks the cache holds at most.
+    pub cache_chunks: usize,
+    /// Request size for bulk reads ([`BlockDevice::read_ranges`]) and writes.
+    pub request_size: u32,
+    /// Requests kept in flight by bulk reads and writes.
+    pub depth: usize,
+}
+
+impl Default for RemoteOptions {
+    fn default() -> Self {
+        RemoteOptions {
+            chunk_size: 1 << 20,
+            readahead: 16,
+            cache_chunks: 64,
+            request_size: 2 << 20,
+            depth: 16,
+        }
+    }
+}
+
+/// One opened disk on a client connection.
+pub struct RemoteDisk {
+    conn: Connection,
+    name: String,
+    handle: u32,
+    size: u64,
+    logical_sector: u32,
+    read_only: bool,
+    request_size: u32,
+    depth: usize,
+    cache: Arc<ChunkCache>,
+}
+
+impl std::fmt::Debug for RemoteDisk {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RemoteDisk")
+            .field("name", &self.name)
+            .field("size", &self.size)
+            .finish_non_exhaustive()
+    }
+}
+
+impl RemoteDisk {
+    /// A request that changes a range without carrying data (discard, write zeroes): refused
+    /// on a read-only disk, checked against the size, the cached range dropped.
+    fn range_request(
+        &self,
+        offset: u64,
+        len: u64,
+        op: &'static str,
+        request: impl FnOnce(u32) -> Request,
+    ) -> Result<()> {
+        if self.read_only {
+            return Err(BlockError::ReadOnly);
+        }
+        check_range(self.size, offset, len)?;
+        self.cache.invalidate(offset, len);
+        expect_done(
+            self.conn.call_blocking(request(self.handle)),
+            op,
+            Some(offset),
+        )
+    }
+
+    fn new(
+        conn: Connection,
+        name: String,
+        handle: u32,
+        size: u64,
+        logical_sector: u32,
+        read_only: bool,
+        opts: RemoteOptions,
+    ) -> Self {
+        let max = conn.max_payload();
+        let chunk = opts.chunk_size.clamp(4096, max);
+        RemoteDisk {
+            name,
+            handle,
+            size,
+            logical_sector,
+            read_only,
+            request_size: opts.request_size.clamp(4096, max),
+            depth: opts.depth.max(1),
+            cache: ChunkCache::new(
+                chunk,
+                opts.readahead,
+                opts.cache_chunks.max(opts.readahead + 2),
+            ),
+            conn,
+        }
+    }
+
+    /// The disk's name on the client.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Submits a read whose reply lands in a oneshot.
+    fn read_request(&self, offset: u64, len: u32) -> tokio::sync::oneshot::Receiver<Result<Reply>> {
+        self.conn.request(Request::Read {
+            handle: self.handle,
+            offset,
+            len,
+        })
+    }
+}
+
+/// Checks a data reply's length: a short or long reply is a broken peer, never truncated data.
+fn expect_data(reply: Result<Reply>, offset: u64, len: usize) -> Result<Bytes> {
+    match reply? {
+        Reply::Data(d) if d.len() == len => Ok(d),
+        Reply::Data(d) => Err(BlockError::Protocol(format!(
+            "asked {len} bytes at offset {offset}, got {}",
+            d.len()
+        ))),
+        other => Err(unexpected("read", Some(offset), other)),
+    }
+}
+
+fn expect_done(reply: Result<Reply>, op: &'static str, offset: Option<u64>) -> Result<()> {
+    match reply? {
+        Reply::Done => Ok(()),
+        other => Err(unexpected(op, offset, other)),
+    }
+}
+
+impl BlockDevice for RemoteDisk {
+    fn size(&self) -> u64 {
+        self.size
+    }
+
+    fn logical_sector_size(&self) -> u32 {
+        self.logical_sector
+    }
+
+    fn is_read_only(&self) -> bool {
+        self.read_only
+    }
+
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        check_range(self.size, offset, buf.len() as u64)?;
+        if buf.is_empty() {
+            return Ok(());
+        }
+        if buf.len() as u64 > self.cache.capacity_bytes() / 2 {
+            // Too big to stage in the cache: a pipelined bulk read straight into the buffer.
+            let mut pos = 0usize;
+            let whole = offset..offset + buf.len() as u64;
+            return self.read_ranges(std::slice::from_ref(&whole), &mut |_, data: Bytes| {
+                buf[pos..pos + data.len()].copy_from_slice(&data);
+                pos += data.len();
+                Ok(())
+            });
+        }
+        self.cache
+            .read(buf, offset, self.size, &|chunk_off, len, done| {
+                self.conn.submit(
+                    Request::Read {
+                        handle: self.handle,
+                        offset: chunk_off,
+                        len,
+                    },
+                    done,
+                )
+            })
+    }
+
+    fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
+        if self.read_only {
+            return Err(BlockError::ReadOnly);
+        }
+        check_range(self.size, offset, buf.len() as u64)?;
+        self.cache.invalidate(offset, buf.len() as u64);
+        let mut inflight = VecDeque::new();
+        let mut pos = 0usize;
+        while pos < buf.len() || !inflight.is_empty() {
+            if pos < buf.len() && inflight.len() < self.depth {
+                let n = (buf.len() - pos).min(self.request_size as usize);
+                let off = offset + pos as u64;
+                let data = Bytes::copy_from_slice(&buf[pos..pos + n]);
+                inflight.push_back((
+                    off,
+                    self.conn.request(Request::Write {
+                        handle: self.handle,
+                        offset: off,
+                        data,
+                    }),
+                ));
+                pos += n;
+                continue;
+            }
+            if let Some((off, rx)) = inflight.pop_front() {
+                expect_done(wait(rx), "write", Some(off))?;
+            }
+        }
+        Ok(())
+    }
+
+    fn flush(&self) -> Result<()> {
+        expect_done(
+            self.conn.call_blocking(Request::Flush {
+                handle: self.handle,
+            }),
+            "flush",
+            None,
+        )
+    }
+
+    fn discard(&self, offset: u64, len: u64) -> Result<()> {
+        self.range_request(offset, len, "discard", |handle| Request::Discard {
+            handle,
+            offset,
+            len,
+        })
+    }
+
+    fn write_zeroes(&self, offset: u64, len: u64) -> Result<()> {
+        self.range_request(offset, len, "write zeroes", |handle| Request::WriteZeroes {
+            handle,
+            offset,
+            len,
+        })
+    }
+
+    fn block_status(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {
+        let end = offset.saturating_add(len).min(self.size);
+        if offset >= end {
+            return Ok(Vec::new());
+        }
+        let reply = self.conn.call_blocking(Request::BlockStatus {
+            handle: self.handle,
+            offset,
+            len: end - offset,
+        })?;
+        let Reply::Status(extents) = reply else {
+            return Err(unexpected("block status", Some(offset), reply));
+        };
+        let mut pos = offset;
+        let mut out = Vec::with_capacity(extents.len());
+        for e in extents {
+            if e.len == 0 || e.len > end - pos {
+                return Err(BlockError::Protocol(format!(
+                    "block status extent of {} bytes at {pos} overruns {end}",
+                    e.len
+                )));
+            }
+            let region = match e.state {
+                BlockState::Data => Region::Data,
+                BlockState::Zero => Region::Zero,
+                BlockState::Unknown => Region::Unknown,
+            };
+            out.push(Extent {
+                offset: pos,
+                len: e.len,
+                region,
+            });
+            pos += e.len;
+        }
+        Ok(out)
+    }
+
+    fn read_ranges(
+        &self,
+        ranges: &[Range<u64>],
+        sink: &mut dyn FnMut(u64, Bytes) -> Result<()>,
+    ) -> Result<()> {
+        for r in ranges {
+            check_range(self.size, r.start, r.end.saturating_sub(r.start))?;
+        }
+        let mut pieces = ranges.iter().flat_map(|r| {
+            let step = u64::from(self.request_size);
+            (r.start..r.end)
+                .step_by(step as usize)
+                .map(move |off| (off, (r.end - off).min(step) as u32))
+        });
+        let mut inflight = VecDeque::with_capacity(self.depth);
+        loop {
+            while inflight.len() < self.depth {
+                match pieces.next() {
+                    Some((off, len)) => inflight.push_back((off, len, self.read_request(off, len))),
+                    None => break,
+                }
+            }
+            let Some((off, len, rx)) = inflight.pop_front() else {
+                return Ok(());
+            };
+            let data = expect_data(wait(rx), off, len as usize)?;
+            sink(off, data)?;
+        }
+    }
+}
+
+impl Drop for RemoteDisk {
+    fn drop(&mut self) {
+        self.conn.submit(
+            Request::Close {
+                handle: self.handle,
+            },
+            Box::new(|_| {}),
+        );
+    }
+}
