@@ -1,5 +1,9 @@
-//! Named on-disk layouts shared by the readers and writers of every format: little-endian
-//! fields at offsets, GUIDs in their mixed-endian on-disk form. No I/O.
+//! Named on-disk layouts shared by the readers and writers of every format: field tables
+//! ([`field`]), little-endian integers at offsets ([`le`]) and the one [`Guid`]. No I/O.
 #![forbid(unsafe_code)]
 
+pub mod field;
+mod guid;
 pub mod le;
+
+pub use guid::Guid;
