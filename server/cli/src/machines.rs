@@ -35,14 +35,30 @@ pub enum MachineCommand {
     Register {
         /// The machine: a MAC address or its id
         machine: String,
+        /// Its name: up to 63 letters, digits, '-', '_' or '.', not a number or a MAC address
         name: String,
     },
     /// Give a registered machine another name
-    Rename { machine: String, name: String },
+    Rename {
+        /// The machine: its name, a MAC address or its id
+        machine: String,
+        /// The new name: up to 63 letters, digits, '-', '_' or '.', not a number or a MAC address
+        name: String,
+    },
     /// Reboot a connected machine
-    Reboot { machine: String },
+    ///
+    /// The agent obeys only when started with --allow-power, as the boot environment does.
+    Reboot {
+        /// The machine: its name, a MAC address or its id
+        machine: String,
+    },
     /// Power a connected machine off
-    Poweroff { machine: String },
+    ///
+    /// The agent obeys only when started with --allow-power, as the boot environment does.
+    Poweroff {
+        /// The machine: its name, a MAC address or its id
+        machine: String,
+    },
 }
 
 /// A connection to the daemon's API.

@@ -7,6 +7,9 @@ mod images;
 mod machines;
 mod mkfs;
 mod progress_bar;
+// Only the README test renders the reference.
+#[cfg(test)]
+mod reference;
 mod serve;
 
 use std::path::{Path, PathBuf};
@@ -49,6 +52,9 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// List the disks a diskferry-client serves
+    ///
+    /// One line per disk: name, size, logical and physical sector size, model, serial and flags
+    /// (`ro`, `rotational`).
     Disks {
         /// The client's address, HOST:PORT
         addr: String,
@@ -56,12 +62,34 @@ enum Command {
         conn: ConnArgs,
     },
     /// Copy a disk into an image file
+    ///
+    /// A partitioned source is captured partition by partition into an equivalent table (same
+    /// disk GUID or MBR signature, partition GUIDs, types, names and numbers), with the boot code
+    /// in sector 0 and the gap before the first partition; --mode says how each partition is
+    /// copied. A source without a partition table gets every non-zero sector.
+    ///
+    /// OUT is written as OUT.partial and renamed when complete (on failure only OUT.partial
+    /// remains); nothing all-zero is written. `--progress json` prints one JSON object per line:
+    /// phase, done, total, rate, eta_s; files_done/files_total while a filesystem is recreated
+    /// file by file; overall_done/overall_total for the whole disk.
+    ///
+    /// A machine that dialed back (MACHINE or DISK@MACHINE) is captured by the server holding
+    /// its connection, into that server's captures under OUT's file name; the command follows
+    /// the job's log.
     Capture(CaptureArgs),
     /// Write an image onto a disk (a client's, or a local file/device), verified afterwards
+    ///
+    /// The partition table is scaled to the target (the last partition follows when it is
+    /// recreated file by file); a target too small is refused before anything is written, with
+    /// the numbers; every range is zeroed on the client before it is written; the result is
+    /// verified by reading it back through the filesystem readers.
     Deploy(deploy::DeployArgs),
     /// Run the server: web UI and JSON API for the captures in DATA_DIR, jobs, machines
     Serve(serve::ServeArgs),
     /// List the machines a running server knows (name, MACs, hardware, disks, state)
+    ///
+    /// States: unregistered, dormant, transitioning, deployed, failed; "(online)" while the
+    /// machine is connected. MACs are shown lowercase, colon-separated.
     Machines {
         #[command(flatten)]
         daemon: machines::DaemonArgs,
@@ -84,7 +112,11 @@ enum Command {
         size_mib: u64,
     },
     /// Describe an image: format, virtual size, space used on disk, format details
+    ///
+    /// Format details: for qcow2 the cluster size, version, refcount width, dirty flag and
+    /// backing file (named, never opened); for VHDX the block size and logical sector size.
     Info {
+        /// The image (raw, qcow2 or VHDX)
         image: PathBuf,
         /// One JSON object instead of text
         #[arg(long)]
@@ -92,6 +124,7 @@ enum Command {
     },
     /// Create an empty sparse image
     Create {
+        /// The image to create
         out: PathBuf,
         /// Virtual size: bytes, or with a unit (K, M, G, T; binary)
         #[arg(long)]
@@ -99,7 +132,8 @@ enum Command {
         /// raw, qcow2 or vhdx [default: from OUT's extension]
         #[arg(long, value_enum)]
         format: Option<Format>,
-        /// Logical sector size recorded in the image (VHDX): 512 or 4096
+        /// Logical sector size recorded in the image (VHDX): 512 or 4096 (qemu opens only 512;
+        /// Hyper-V opens both)
         #[arg(long, default_value_t = 512, value_parser = parse_sector_size)]
         sector_size: u32,
         /// Replace OUT if it exists
@@ -107,7 +141,11 @@ enum Command {
         force: bool,
     },
     /// Convert an image (raw, qcow2 or VHDX) into another, keeping it sparse
+    ///
+    /// Reads raw, qcow2 (versions 2 and 3, zlib- or zstd-compressed clusters) and VHDX, and
+    /// copies only data, with the output rules of `capture`. `--compress` suits archives.
     Convert {
+        /// The image to read
         input: PathBuf,
         /// The image to write (written as OUT.partial and renamed when complete)
         out: PathBuf,
@@ -126,6 +164,13 @@ enum Command {
     },
     /// Show what a disk holds: partition table, filesystems (type, label, UUID, space used)
     /// and the operating system found in their files
+    ///
+    /// Nothing is mounted. Shows the disk size, the table (GPT, MBR or none; disk GUID or MBR
+    /// signature) and per partition its number, start, size, type, filesystem (ntfs, ext2/3/4
+    /// and fat12/16/32 are read; exfat, xfs, btrfs, swap, lvm2-pv, luks and bios-boot are
+    /// named), label, UUID or serial, used bytes, and the operating system found (Linux:
+    /// os-release, hostname, kernels, fstab; Windows: product, edition, version, build and
+    /// computer name from the registry; boot loaders).
     Inspect {
         /// DISK@HOST:PORT (a client's disk), a local file or block device, or a qcow2/VHDX image
         source: String,
@@ -160,6 +205,9 @@ enum Command {
         path: String,
     },
     /// Copy a file or a whole directory tree out of a disk's filesystem, keeping modes and times
+    ///
+    /// Access and modification times keep their nanoseconds; symbolic links are recreated;
+    /// device nodes, FIFOs and sockets are skipped with a message.
     Get {
         #[command(flatten)]
         target: browse::Target,
@@ -170,6 +218,13 @@ enum Command {
     },
     /// Build a filesystem image from a directory of this machine (raw, or qcow2/VHDX by the
     /// name's extension)
+    ///
+    /// ext4: 4 KiB blocks, 256-byte inodes, a journal, extents, flex_bg, metadata_csum, hashed
+    /// directories; keeps file bytes, holes, modes, owners, nanosecond times, hard links,
+    /// symlinks, device nodes, FIFOs, sockets, xattrs in every namespace and POSIX ACLs. FAT:
+    /// FAT12/16/32 by size, long names, read-only/archive attributes, times; symlinks and
+    /// device nodes are skipped with a message. A tree too big for --size is refused before
+    /// anything is written.
     Mkfs {
         /// The filesystem to build
         #[arg(value_enum)]
@@ -205,6 +260,8 @@ enum Command {
         conn: ConnArgs,
     },
     /// Write a new random key file for the client and the server to share
+    ///
+    /// The key is 64 hex digits from the operating system's random source.
     Keygen {
         /// Where to write the key (created with mode 0600; never overwritten)
         file: PathBuf,
@@ -299,9 +356,11 @@ impl OutputArgs {
 
 #[derive(Clone, Copy, ValueEnum)]
 enum Mode {
-    /// files for ext4 and FAT, blocks for NTFS, sectors otherwise (per partition)
+    /// files for ext4 and FAT, blocks for NTFS (and for a volume holding a boot loader in its
+    /// first sectors), sectors otherwise (per partition)
     Auto,
-    /// Recreate each ext4/FAT filesystem with the same identity, file by file (compact)
+    /// Recreate each ext4/FAT filesystem with the same identity, file by file (compact; NTFS
+    /// gets blocks, and says so)
     Files,
     /// Copy the clusters each filesystem marks used, at their offsets (the exact filesystem)
     Blocks,
@@ -335,6 +394,7 @@ pub(crate) enum ProgressKind {
     Bar,
     /// One JSON object per line on stderr (phase, done, total, rate, eta_s)
     Json,
+    /// Nothing
     None,
 }
 
