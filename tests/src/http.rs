@@ -61,14 +61,14 @@ impl Server {
                 bail!("diskferry serve ended before listening: {seen}");
             }
             seen.push_str(&line);
-            if let Some(a) = line.trim().strip_prefix("agents dial back to ") {
-                agent_addr = a.to_string();
+            if let Some(a) = logged_after(&line, "agents dial back to ") {
+                agent_addr = a;
             }
-            if let Some(a) = line.trim().strip_prefix("tftp on ") {
-                tftp_addr = Some(a.to_string());
+            if let Some(a) = logged_after(&line, "tftp on ") {
+                tftp_addr = Some(a);
             }
-            if let Some(a) = line.trim().strip_prefix("listening on http://") {
-                break a.to_string();
+            if let Some(a) = logged_after(&line, "listening on http://") {
+                break a;
             }
         };
         // Keep draining stderr so the server never blocks on a full pipe.
@@ -112,4 +112,15 @@ impl Drop for Server {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// The word after `marker` in a daemon log line (timestamped text, or JSON with the message as
+/// a string), if the line has it.
+fn logged_after(line: &str, marker: &str) -> Option<String> {
+    let (_, rest) = line.split_once(marker)?;
+    let word: String = rest
+        .chars()
+        .take_while(|c| !c.is_whitespace() && *c != '"')
+        .collect();
+    (!word.is_empty()).then_some(word)
 }

@@ -5,6 +5,7 @@
 use axum::http::StatusCode;
 use axum::response::{Html, IntoResponse, Response};
 use diskferry_daemon::catalog::CatalogError;
+use diskferry_daemon::jobs::JobError;
 use diskferry_fs::FsError;
 
 /// A request that could not be served.
@@ -47,6 +48,17 @@ impl From<CatalogError> for Failure {
         match e {
             CatalogError::Invalid(m) => Failure::bad_request(m),
             e => Failure::internal(e.to_string()),
+        }
+    }
+}
+
+impl From<JobError> for Failure {
+    fn from(e: JobError) -> Failure {
+        match e {
+            JobError::Invalid(m) => Failure::bad_request(m),
+            JobError::NotFound(m) => Failure::not_found(m),
+            JobError::Conflict(m) => Failure::new(StatusCode::CONFLICT, m),
+            JobError::Catalog(e) => e.into(),
         }
     }
 }

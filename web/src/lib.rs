@@ -14,7 +14,6 @@ pub mod browse;
 pub mod client;
 pub mod error;
 pub mod innerpath;
-pub mod jobs;
 pub mod pages;
 
 use std::path::{Path, PathBuf};
@@ -42,7 +41,7 @@ pub struct AppState {
     pub volumes: browse::Volumes,
     /// Rendered directory listings (the API's), reused while a capture is unchanged.
     pub listings: browse::Listings,
-    pub jobs: Arc<jobs::Jobs>,
+    pub jobs: Arc<diskferry_daemon::jobs::Jobs>,
     /// Machines connected over the agent port.
     pub agents: Arc<Agents>,
     /// Network boot, once the server knows its agent port.
@@ -96,10 +95,9 @@ pub fn open(data_dir: &Path) -> Result<(SharedState, Startup), String> {
     let agents = Arc::new(Agents::new(
         Arc::clone(&catalog),
         diskferry_protocol::SessionOptions::new(diskferry_protocol::Role::Controller, psk),
-        |line| eprintln!("{line}"),
     ));
     let state = Arc::new(AppState {
-        jobs: Arc::new(jobs::Jobs::new(
+        jobs: Arc::new(diskferry_daemon::jobs::Jobs::new(
             Arc::clone(&catalog),
             key_file.clone(),
             Arc::clone(&agents),

@@ -9,7 +9,6 @@ use std::sync::Arc;
 
 use anyhow::{Context, Result};
 use clap::Args;
-use diskferry_imaging::pipeline::{deploy_disk, Mode as DiskMode};
 use diskferry_imaging::source::{open_target, SourceSpec};
 
 use crate::{human_bytes, progress_for, ConnArgs, Mode, ProgressKind};
@@ -55,28 +54,19 @@ pub fn run(args: &DeployArgs) -> Result<()> {
     let rt = crate::runtime()?;
     let (_, image) = diskferry_vdisk::open_image(&args.image, false)
         .with_context(|| format!("cannot open the image {}", args.image.display()))?;
-    let target = open_target(&spec, rt.handle(), session.as_ref())?;
-    let mode = match args.mode {
-        Mode::Auto => DiskMode::Auto,
-        Mode::Files => DiskMode::Files,
-        Mode::Blocks => DiskMode::Blocks,
-        Mode::Sectors => DiskMode::Sectors,
-    };
+    let target = open_target(&spec, rt.handle(), session.as_ref(), args.conn.reconnect())?;
     let progress = progress_for(args.progress);
-    let report = deploy_disk(
+    let report = diskferry_imaging::deploy(
         image,
         Arc::clone(&target),
         &args.target,
-        mode,
+        args.mode.into(),
         progress.as_ref(),
     )?;
     let written: u64 = report.disk.partitions.iter().map(|p| p.read).sum();
-    for p in &report.disk.partitions {
-        eprintln!("  {p}");
-    }
     let secs = report.disk.elapsed.as_secs_f64().max(1e-9);
     eprintln!(
-        "deployed {} ({} table) onto {} ({}): {} copied, {:.1} s, {:.0} MB/s; verified: {} files and {} compared, no differences",
+        "deployed {} ({} table) onto {} ({}): {} copied, {:.1} s, {:.0} MB/s",
         args.image.display(),
         report.disk.scheme,
         args.target,
@@ -84,8 +74,6 @@ pub fn run(args: &DeployArgs) -> Result<()> {
         human_bytes(written + report.disk.boot_bytes),
         secs,
         (written + report.disk.boot_bytes) as f64 / secs / 1e6,
-        report.verify.files_compared,
-        human_bytes(report.verify.bytes_compared)
     );
     Ok(())
 }
@@ -117,12 +105,7 @@ fn deploy_through_server(args: &DeployArgs) -> Result<()> {
         ),
         _ => args.image.to_string_lossy().into_owned(),
     };
-    let mode = match args.mode {
-        Mode::Auto => "auto",
-        Mode::Files => "files",
-        Mode::Blocks => "blocks",
-        Mode::Sectors => "sectors",
-    };
+    let mode = diskferry_imaging::pipeline::Mode::from(args.mode).name();
     let daemon = crate::machines::Daemon::find(&args.daemon)?;
     daemon.run_job(serde_json::json!({
         "kind": "deploy", "image": image, "target": args.target, "mode": mode,

@@ -1,9 +1,11 @@
 //! `diskferry`: the imaging server's command line.
 
 mod browse;
+mod capture;
 mod demo;
 mod deploy;
 mod images;
+mod logging;
 mod machines;
 mod mkfs;
 mod progress_bar;
@@ -18,13 +20,13 @@ use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use diskferry_imaging::pipeline::{capture_disk, capture_sectors, Mode as DiskMode, OutputOptions};
+use diskferry_imaging::pipeline::Mode as DiskMode;
 use diskferry_imaging::progress::{Progress, Silent};
 use diskferry_imaging::source::{open_source, SourceSpec};
 pub(crate) use diskferry_imaging::units::human_bytes;
 use diskferry_protocol::{DiskInfo, Psk, Role, SessionOptions};
 use diskferry_remote::Connection;
-use diskferry_vdisk::ImageFormat;
+use capture::{CaptureArgs, Format, OutputArgs};
 use progress_bar::TerminalBar;
 
 /// Large receive buffers are allocated and freed per request; mimalloc keeps that memory
@@ -289,73 +291,8 @@ impl ConnArgs {
     }
 }
 
-#[derive(Args)]
-struct CaptureArgs {
-    /// What to capture: DISK@HOST:PORT for a client's disk, a local file or block device, or a
-    /// machine (MACHINE or DISK@MACHINE: its name or MAC) through a server (--data-dir/--server)
-    source: String,
-    /// The image to write (written as OUT.partial and renamed when complete)
-    out: PathBuf,
-    /// How to copy each partition
-    #[arg(long, value_enum, default_value_t = Mode::Auto)]
-    mode: Mode,
-    /// Size of the output disk (bytes, or K/M/G/T): the last partition grows or shrinks to
-    /// fit when it is recreated file by file [default: the source's size]
-    #[arg(long)]
-    size: Option<String>,
-    /// Afterwards, compare every file (content and metadata) and every copied range of the
-    /// source with the output; exit non-zero on any difference
-    #[arg(long)]
-    verify: bool,
-    #[command(flatten)]
-    output: OutputArgs,
-    #[command(flatten)]
-    conn: ConnArgs,
-    /// A machine (its name or MAC, or DISK@MACHINE) is captured by the server holding its
-    /// connection, into that server's captures under OUT's file name
-    #[command(flatten)]
-    daemon: machines::DaemonArgs,
-}
-
-/// How `capture` and `convert` write their output and read image sources.
-#[derive(Args)]
-struct OutputArgs {
-    /// Image format of OUT: `raw` (a sparse file), `qcow2` or `vhdx` [default: from OUT's
-    /// extension, `.qcow2` → qcow2, `.vhdx` → vhdx, anything else raw]
-    #[arg(long, value_enum)]
-    format: Option<Format>,
-    /// Progress display: a bar on a terminal, or nothing
-    #[arg(long, value_enum, default_value_t = ProgressKind::Bar)]
-    progress: ProgressKind,
-    /// Replace OUT if it exists
-    #[arg(long)]
-    force: bool,
-    /// Read a local qcow2 overlay through its backing file(s) (never done implicitly)
-    #[arg(long)]
-    follow_backing: bool,
-    /// Store data clusters compressed (qcow2 only): smaller archives, slower to write
-    #[arg(long)]
-    compress: bool,
-}
-
-impl OutputArgs {
-    fn options(&self, format: ImageFormat) -> OutputOptions {
-        OutputOptions {
-            format,
-            compress: self.compress,
-            overwrite: self.force,
-        }
-    }
-
-    /// The explicit format, or the one OUT's extension suggests.
-    fn format_for(&self, out: &Path) -> ImageFormat {
-        self.format
-            .map_or_else(|| ImageFormat::from_extension(out), ImageFormat::from)
-    }
-}
-
 #[derive(Clone, Copy, ValueEnum)]
-enum Mode {
+pub(crate) enum Mode {
     /// files for ext4 and FAT, blocks for NTFS (and for a volume holding a boot loader in its
     /// first sectors), sectors otherwise (per partition)
     Auto,
@@ -368,22 +305,13 @@ enum Mode {
     Sectors,
 }
 
-#[derive(Clone, Copy, ValueEnum)]
-enum Format {
-    /// A sparse raw disk image
-    Raw,
-    /// qcow2 version 3 (64 KiB clusters), sparse
-    Qcow2,
-    /// Dynamic VHDX (32 MiB blocks), sparse: what Hyper-V boots
-    Vhdx,
-}
-
-impl From<Format> for ImageFormat {
-    fn from(f: Format) -> Self {
-        match f {
-            Format::Raw => ImageFormat::Raw,
-            Format::Qcow2 => ImageFormat::Qcow2,
-            Format::Vhdx => ImageFormat::Vhdx,
+impl From<Mode> for DiskMode {
+    fn from(m: Mode) -> DiskMode {
+        match m {
+            Mode::Auto => DiskMode::Auto,
+            Mode::Files => DiskMode::Files,
+            Mode::Blocks => DiskMode::Blocks,
+            Mode::Sectors => DiskMode::Sectors,
         }
     }
 }
@@ -400,6 +328,10 @@ pub(crate) enum ProgressKind {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    match &cli.command {
+        Command::Serve(args) => logging::init_daemon(args.log_format),
+        _ => logging::init_command(),
+    }
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -485,7 +417,7 @@ fn run(cli: Cli) -> Result<()> {
         } => browse::ls(&target, &path, long, recursive),
         Command::Cat { target, path } => browse::cat(&target, &path),
         Command::Get { target, path, dest } => browse::get(&target, &path, &dest),
-        Command::Capture(args) => capture(args),
+        Command::Capture(args) => capture::run(args),
         Command::Verify { a, b, conn } => {
             let rt = runtime()?;
             let open = |s: &str| -> Result<Arc<dyn diskferry_blockdev::BlockDevice>> {
@@ -497,7 +429,7 @@ fn run(cli: Cli) -> Result<()> {
                 open_source(&spec, rt.handle(), opts.as_ref(), false, conn.reconnect())
                     .with_context(|| format!("cannot open {s}"))
             };
-            verify_and_report(&open(&a)?, &open(&b)?)
+            capture::verify_and_report(&open(&a)?, &open(&b)?)
         }
     }
 }
@@ -598,159 +530,3 @@ fn print_disks(list: &[DiskInfo]) {
     }
 }
 
-fn capture(args: CaptureArgs) -> Result<()> {
-    let format = args.output.format_for(&args.out);
-    let spec = SourceSpec::parse(&args.source);
-    if matches!(&spec, SourceSpec::Local(p) if !p.exists()) && args.daemon.given() {
-        return capture_through_server(&args);
-    }
-    let opts = match &spec {
-        SourceSpec::Remote { .. } => Some(session(&args.conn)?),
-        SourceSpec::Local(_) => None,
-    };
-    let rt = runtime()?;
-    let src = open_source(
-        &spec,
-        rt.handle(),
-        opts.as_ref(),
-        args.output.follow_backing,
-        args.conn.reconnect(),
-    )?;
-    let progress = progress_for(args.output.progress);
-    let size = args.size.as_deref().map(images::parse_size).transpose()?;
-    let has_table = diskferry_partition::read_table(&*src)
-        .map(|t| t.scheme != diskferry_partition::Scheme::None)
-        .unwrap_or(false);
-    let mode = match args.mode {
-        Mode::Sectors => None,
-        _ if !has_table => {
-            eprintln!(
-                "diskferry: the source has no partition table: copying every non-zero sector"
-            );
-            None
-        }
-        Mode::Auto => Some(DiskMode::Auto),
-        Mode::Files => Some(DiskMode::Files),
-        Mode::Blocks => Some(DiskMode::Blocks),
-    };
-    match mode {
-        None => {
-            if size.is_some_and(|s| s != src.size()) {
-                bail!("--size needs a partitioned source and --mode auto, files or blocks");
-            }
-            let stats = capture_sectors(
-                src.as_ref(),
-                &args.out,
-                args.output.options(format),
-                progress.as_ref(),
-            )?;
-            let secs = stats.elapsed.as_secs_f64().max(1e-9);
-            eprintln!(
-                "captured {} into {} ({}): {} read ({} skipped as zero by the client), {} written, {:.1} s, {:.0} MB/s",
-                human_bytes(stats.size),
-                args.out.display(),
-                format.name(),
-                human_bytes(stats.read),
-                human_bytes(stats.skipped_by_status),
-                human_bytes(stats.written),
-                secs,
-                stats.read as f64 / secs / 1e6
-            );
-        }
-        Some(mode) => {
-            let report = capture_disk(
-                Arc::clone(&src),
-                &args.out,
-                args.output.options(format),
-                mode,
-                size,
-                progress.as_ref(),
-            )?;
-            let read: u64 = report.partitions.iter().map(|p| p.read).sum();
-            for p in &report.partitions {
-                eprintln!("  {p}");
-            }
-            let on_disk = std::fs::metadata(&args.out)
-                .map(|m| {
-                    use std::os::unix::fs::MetadataExt;
-                    m.blocks() * 512
-                })
-                .unwrap_or(0);
-            eprintln!(
-                "captured {} ({} table) into {} ({}, {} virtual, {} on disk): {} read, {:.1} s",
-                human_bytes(report.source_size),
-                report.scheme,
-                args.out.display(),
-                format.name(),
-                human_bytes(report.output_size),
-                human_bytes(on_disk),
-                human_bytes(read + report.boot_bytes),
-                report.elapsed.as_secs_f64()
-            );
-        }
-    }
-    if args.verify {
-        let (_, copy) = diskferry_vdisk::open_image(&args.out, false)?;
-        verify_and_report(&src, &copy)?;
-    }
-    Ok(())
-}
-
-/// Captures a machine through the server that holds its connection.
-fn capture_through_server(args: &CaptureArgs) -> Result<()> {
-    let name = args
-        .out
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .context("OUT needs a file name")?;
-    if let Some(dir) = args.daemon.captures_dir() {
-        let parent = args.out.parent().filter(|p| !p.as_os_str().is_empty());
-        if parent.is_some_and(|p| p != dir) {
-            bail!(
-                "a machine is captured by the server into {}: give OUT as a file name ({name})",
-                dir.display()
-            );
-        }
-    }
-    let mode = match args.mode {
-        Mode::Auto => "auto",
-        Mode::Files => "files",
-        Mode::Blocks => "blocks",
-        Mode::Sectors => "sectors",
-    };
-    let daemon = machines::Daemon::find(&args.daemon)?;
-    daemon.run_job(serde_json::json!({
-        "kind": "capture", "source": args.source, "output": name, "mode": mode,
-        "verify": args.verify,
-    }))?;
-    eprintln!(
-        "captured {} into the server's captures as {name}",
-        args.source
-    );
-    Ok(())
-}
-
-/// Runs the verification, prints what differs, and fails if anything does.
-fn verify_and_report(
-    a: &Arc<dyn diskferry_blockdev::BlockDevice>,
-    b: &Arc<dyn diskferry_blockdev::BlockDevice>,
-) -> Result<()> {
-    let report = diskferry_imaging::pipeline::verify::verify_disks(a, b)?;
-    for d in &report.listed {
-        eprintln!("  differs: {d}");
-    }
-    if report.differences > 0 {
-        bail!(
-            "verify: {} differences ({} files, {} compared)",
-            report.differences,
-            report.files_compared,
-            human_bytes(report.bytes_compared)
-        );
-    }
-    eprintln!(
-        "verify: no differences ({} files, {} compared)",
-        report.files_compared,
-        human_bytes(report.bytes_compared)
-    );
-    Ok(())
-}

@@ -32,6 +32,9 @@ pub struct ServeArgs {
     /// reach /boot.ipxe, with the agent port]
     #[arg(long, value_name = "HOST:PORT")]
     advertise: Option<String>,
+    /// How the daemon writes its log on stderr (DISKFERRY_LOG filters it, default info)
+    #[arg(long, value_enum, default_value_t = crate::logging::LogFormat::Text)]
+    pub log_format: crate::logging::LogFormat,
 }
 
 pub fn run(args: &ServeArgs) -> Result<()> {
@@ -69,58 +72,58 @@ pub fn run(args: &ServeArgs) -> Result<()> {
         std::fs::write(args.data_dir.join("serve.addr"), format!("{addr}\n"))
             .context("cannot write DATA_DIR/serve.addr")?;
         if let Some(pw) = &startup.new_password {
-            eprintln!(
+            tracing::info!(
                 "generated the admin password: {pw}  (kept in {})",
                 startup.password_file.display()
             );
         }
-        eprintln!(
+        tracing::info!(
             "API token in {}; clients must hold the key in {}{}",
             startup.token_file.display(),
             startup.key_file.display(),
             if startup.key_created { " (new)" } else { "" }
         );
         if startup.interrupted_jobs > 0 {
-            eprintln!(
+            tracing::info!(
                 "{} job(s) were running when the server last stopped: marked interrupted",
                 startup.interrupted_jobs
             );
         }
-        eprintln!("{} capture(s) in the catalog", startup.captures);
+        tracing::info!("{} capture(s) in the catalog", startup.captures);
         if args.tftp_listen != "off" {
             match tokio::net::UdpSocket::bind(&args.tftp_listen).await {
                 Ok(sock) => {
-                    eprintln!("tftp on {}", sock.local_addr()?);
+                    tracing::info!("tftp on {}", sock.local_addr()?);
                     let roots = diskferry_daemon::tftp::TftpRoots(vec![
                         boot_dir.clone(),
                         PathBuf::from("/usr/lib/ipxe"),
                     ]);
-                    tokio::spawn(diskferry_daemon::tftp::serve(sock, roots, |l| eprintln!("{l}")));
+                    tokio::spawn(diskferry_daemon::tftp::serve(sock, roots));
                 }
                 // Port 69 needs root: the rest of the server does not.
-                Err(e) => eprintln!(
+                Err(e) => tracing::warn!(
                     "tftp: cannot listen on {} ({e}); legacy PXE needs another TFTP server or --tftp-listen",
                     args.tftp_listen
                 ),
             }
         }
-        eprintln!("agents dial back to {agent_addr}");
+        tracing::info!("agents dial back to {agent_addr}");
         let boot_ready = ["vmlinuz", "initramfs.img"]
             .iter()
             .all(|f| boot_dir.join(f).is_file());
         if boot_ready {
-            eprintln!(
+            tracing::info!(
                 "network boot: http://{addr}/boot.ipxe (files in {})",
                 boot_dir.display()
             );
         } else {
-            eprintln!(
+            tracing::info!(
                 "network boot: not ready; build it with deploy/build-bootenv.sh {}",
                 boot_dir.display()
             );
         }
         // Tests and scripts wait for this line.
-        eprintln!("listening on http://{addr}");
+        tracing::info!("listening on http://{addr}");
         diskferry_web::serve(listener, state)
             .await
             .context("the web server stopped")

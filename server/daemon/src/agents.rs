@@ -17,6 +17,23 @@ use diskferry_remote::Connection;
 /// How long a new connection may take to say who it is.
 const IDENTIFY_TIMEOUT: Duration = Duration::from_secs(20);
 
+/// Why an agent that connected was not registered.
+#[derive(Debug, thiserror::Error)]
+enum WelcomeError {
+    #[error(transparent)]
+    Handshake(#[from] diskferry_remote::ConnectError),
+    #[error("did not say who it is in time")]
+    IdentifyTimeout,
+    #[error("identify: {0}")]
+    Identify(#[source] diskferry_blockdev::BlockError),
+    #[error("unreadable identity: {0}")]
+    Identity(#[from] serde_json::Error),
+    #[error(transparent)]
+    Catalog(#[from] crate::catalog::CatalogError),
+    #[error("the server is stopping")]
+    Stopped,
+}
+
 /// One connected machine.
 #[derive(Clone)]
 pub struct AgentLink {
@@ -44,8 +61,6 @@ pub struct Agents {
     session: SessionOptions,
     links: Mutex<HashMap<i64, AgentLink>>,
     next_serial: std::sync::atomic::AtomicU64,
-    /// Log lines go here (the daemon prints them).
-    log: Box<dyn Fn(String) + Send + Sync>,
 }
 
 impl std::fmt::Debug for Agents {
@@ -56,17 +71,12 @@ impl std::fmt::Debug for Agents {
 
 impl Agents {
     /// `session` is the controller side's options (the key the agents hold).
-    pub fn new(
-        catalog: Arc<Catalog>,
-        session: SessionOptions,
-        log: impl Fn(String) + Send + Sync + 'static,
-    ) -> Agents {
+    pub fn new(catalog: Arc<Catalog>, session: SessionOptions) -> Agents {
         Agents {
             catalog,
             session,
             links: Mutex::new(HashMap::new()),
             next_serial: Default::default(),
-            log: Box::new(log),
         }
     }
 
@@ -90,7 +100,7 @@ impl Agents {
             let (stream, peer) = match listener.accept().await {
                 Ok(a) => a,
                 Err(e) => {
-                    (self.log)(format!("agent port: accept failed: {e}"));
+                    tracing::warn!("agent port: accept failed: {e}");
                     tokio::time::sleep(Duration::from_millis(100)).await;
                     continue;
                 }
@@ -99,36 +109,38 @@ impl Agents {
             let me = Arc::clone(&self);
             tokio::spawn(async move {
                 if let Err(e) = me.welcome(stream, peer.to_string()).await {
-                    (me.log)(format!("agent {peer}: {e}"));
+                    tracing::warn!(%peer, "agent {peer}: {e}");
                 }
             });
         }
     }
 
     /// Authenticates one agent, registers its machine and keeps its connection until it ends.
-    async fn welcome(&self, stream: tokio::net::TcpStream, peer: String) -> Result<(), String> {
-        let conn = Connection::accept(stream, &self.session, peer.clone())
-            .await
-            .map_err(|e| e.to_string())?;
+    async fn welcome(
+        &self,
+        stream: tokio::net::TcpStream,
+        peer: String,
+    ) -> Result<(), WelcomeError> {
+        let conn = Connection::accept(stream, &self.session, peer.clone()).await?;
         let doc = tokio::time::timeout(IDENTIFY_TIMEOUT, conn.identify())
             .await
-            .map_err(|_| "did not say who it is in time".to_string())?
-            .map_err(|e| format!("identify: {e}"))?;
-        let identity: MachineIdentity =
-            serde_json::from_str(&doc).map_err(|e| format!("unreadable identity: {e}"))?;
+            .map_err(|_| WelcomeError::IdentifyTimeout)?
+            .map_err(WelcomeError::Identify)?;
+        let identity: MachineIdentity = serde_json::from_str(&doc)?;
         let catalog = Arc::clone(&self.catalog);
         let id2 = identity.clone();
         let machine_id = tokio::task::spawn_blocking(move || catalog.machine_seen(&id2))
             .await
-            .map_err(|e| e.to_string())?
-            .map_err(|e| e.to_string())?;
+            .map_err(|_| WelcomeError::Stopped)??;
         let serial = self
             .next_serial
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        (self.log)(format!(
+        tracing::info!(
+            machine = machine_id,
+            %peer,
             "machine {machine_id} ({}) connected from {peer}",
             identity.macs.join(" ")
-        ));
+        );
         self.links().insert(
             machine_id,
             AgentLink {
@@ -145,7 +157,7 @@ impl Agents {
             links.remove(&machine_id);
         }
         drop(links);
-        (self.log)(format!("machine {machine_id} ({peer}) disconnected"));
+        tracing::info!(machine = machine_id, %peer, "machine {machine_id} ({peer}) disconnected");
         Ok(())
     }
 }
@@ -165,11 +177,14 @@ impl diskferry_remote::Redial for AgentRedial {
         format!("machine {}", self.label)
     }
 
-    fn redial(&self, _rt: &tokio::runtime::Handle) -> Result<Connection, String> {
+    fn redial(
+        &self,
+        _rt: &tokio::runtime::Handle,
+    ) -> Result<Connection, diskferry_remote::RedialError> {
         self.agents
             .link(self.machine_id)
             .map(|l| l.connection)
             .filter(|c| c.closed_reason().is_none())
-            .ok_or_else(|| format!("machine {} has not dialed back yet", self.label))
+            .ok_or_else(|| diskferry_remote::RedialError::NotBack(format!("machine {}", self.label)))
     }
 }

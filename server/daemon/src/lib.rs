@@ -1,6 +1,10 @@
 //! The imaging daemon's services behind `diskferry serve`: the catalog (SQLite), the agent
-//! port where dial-back machines register, and read-only TFTP for legacy PXE.
+//! port where dial-back machines register, jobs (captures and deploys run through the imaging
+//! crate, with their progress and logs), and read-only TFTP for legacy PXE. No HTTP here: the
+//! web crate is a front end over these.
 
 pub mod agents;
 pub mod catalog;
+pub mod joblog;
+pub mod jobs;
 pub mod tftp;

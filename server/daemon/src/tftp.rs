@@ -49,13 +49,36 @@ struct ReadRequest {
 }
 
 /// Parses a request packet: `Ok(None)` for packets that are not a read request.
-fn parse_request(p: &[u8]) -> Result<Option<ReadRequest>, String> {
+/// Why a transfer ended early.
+#[derive(Debug, thiserror::Error)]
+enum TftpError {
+    #[error("packet too short")]
+    Short,
+    #[error("this server is read-only")]
+    ReadOnly,
+    #[error("malformed read request")]
+    Malformed,
+    #[error("unsupported mode {0}")]
+    Mode(String),
+    #[error("{0}: not found")]
+    NotFound(String),
+    #[error("{0}: too large")]
+    TooLarge(String),
+    #[error("the client gave up")]
+    GaveUp,
+    #[error("no acknowledgement of block {0}")]
+    NoAck(u16),
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+}
+
+fn parse_request(p: &[u8]) -> Result<Option<ReadRequest>, TftpError> {
     if p.len() < 4 {
-        return Err("packet too short".into());
+        return Err(TftpError::Short);
     }
     let op = u16::from_be_bytes([p[0], p[1]]);
     if op == WRQ {
-        return Err("this server is read-only".into());
+        return Err(TftpError::ReadOnly);
     }
     if op != RRQ {
         return Ok(None);
@@ -63,13 +86,13 @@ fn parse_request(p: &[u8]) -> Result<Option<ReadRequest>, String> {
     let fields: Vec<&[u8]> = p[2..].split(|&b| b == 0).collect();
     // name, mode, then option/value pairs; the packet ends with a NUL (an empty last field).
     if fields.len() < 3 || !fields.last().is_some_and(|f| f.is_empty()) {
-        return Err("malformed read request".into());
+        return Err(TftpError::Malformed);
     }
     let text = |f: &[u8]| String::from_utf8_lossy(f).into_owned();
     let file = text(fields[0]);
     let mode = text(fields[1]).to_ascii_lowercase();
     if mode != "octet" && mode != "netascii" {
-        return Err(format!("unsupported mode {mode}"));
+        return Err(TftpError::Mode(mode));
     }
     let mut req = ReadRequest {
         file,
@@ -107,9 +130,7 @@ fn error_packet(code: u16, msg: &str) -> Vec<u8> {
 pub async fn serve(
     socket: UdpSocket,
     roots: TftpRoots,
-    log: impl Fn(String) + Send + Sync + 'static,
 ) {
-    let log = std::sync::Arc::new(log);
     let mut buf = vec![0u8; 1024];
     loop {
         let Ok((n, peer)) = socket.recv_from(&mut buf).await else {
@@ -117,40 +138,39 @@ pub async fn serve(
         };
         let packet = buf[..n].to_vec();
         let roots = roots.clone();
-        let log = std::sync::Arc::clone(&log);
         tokio::spawn(async move {
             if let Err(e) = transfer(&packet, peer, &roots).await {
-                log(format!("tftp {peer}: {e}"));
+                tracing::warn!(%peer, "tftp {peer}: {e}");
             }
         });
     }
 }
 
 /// Answers one request from a fresh socket (its port identifies the transfer).
-async fn transfer(packet: &[u8], peer: SocketAddr, roots: &TftpRoots) -> Result<(), String> {
+async fn transfer(packet: &[u8], peer: SocketAddr, roots: &TftpRoots) -> Result<(), TftpError> {
     let bind: SocketAddr = if peer.is_ipv4() {
         "0.0.0.0:0".parse().expect("address")
     } else {
         "[::]:0".parse().expect("address")
     };
-    let sock = UdpSocket::bind(bind).await.map_err(|e| e.to_string())?;
-    sock.connect(peer).await.map_err(|e| e.to_string())?;
+    let sock = UdpSocket::bind(bind).await?;
+    sock.connect(peer).await?;
     let req = match parse_request(packet) {
         Ok(Some(r)) => r,
         Ok(None) => return Ok(()),
         Err(e) => {
-            let _ = sock.send(&error_packet(4, &e)).await;
+            let _ = sock.send(&error_packet(4, &e.to_string())).await;
             return Err(e);
         }
     };
     let Some(path) = roots.find(&req.file) else {
         let _ = sock.send(&error_packet(1, "file not found")).await;
-        return Err(format!("{}: not found", req.file));
+        return Err(TftpError::NotFound(req.file));
     };
-    let data = tokio::fs::read(&path).await.map_err(|e| e.to_string())?;
+    let data = tokio::fs::read(&path).await?;
     if data.len() as u64 > MAX_FILE {
         let _ = sock.send(&error_packet(3, "file too large for TFTP")).await;
-        return Err(format!("{}: too large", path.display()));
+        return Err(TftpError::TooLarge(path.display().to_string()));
     }
     let block = req.blksize.unwrap_or(DEFAULT_BLOCK);
     // Options acknowledged first; the client answers with ACK 0.
@@ -181,15 +201,15 @@ async fn transfer(packet: &[u8], peer: SocketAddr, roots: &TftpRoots) -> Result<
 }
 
 /// Sends `packet` and waits for ACK `number`, resending on timeout.
-async fn send_until_acked(sock: &UdpSocket, packet: &[u8], number: u16) -> Result<(), String> {
+async fn send_until_acked(sock: &UdpSocket, packet: &[u8], number: u16) -> Result<(), TftpError> {
     let mut buf = [0u8; 516];
     for _ in 0..RETRIES {
-        sock.send(packet).await.map_err(|e| e.to_string())?;
+        sock.send(packet).await?;
         let deadline = tokio::time::Instant::now() + TIMEOUT;
         loop {
             match tokio::time::timeout_at(deadline, sock.recv(&mut buf)).await {
                 Err(_) => break, // timeout: resend
-                Ok(Err(e)) => return Err(e.to_string()),
+                Ok(Err(e)) => return Err(e.into()),
                 Ok(Ok(n)) if n >= 4 => {
                     let op = u16::from_be_bytes([buf[0], buf[1]]);
                     let got = u16::from_be_bytes([buf[2], buf[3]]);
@@ -197,14 +217,14 @@ async fn send_until_acked(sock: &UdpSocket, packet: &[u8], number: u16) -> Resul
                         return Ok(());
                     }
                     if op == ERROR {
-                        return Err("the client gave up".into());
+                        return Err(TftpError::GaveUp);
                     }
                 }
                 Ok(Ok(_)) => {}
             }
         }
     }
-    Err(format!("no acknowledgement of block {number}"))
+    Err(TftpError::NoAck(number))
 }
 
 #[cfg(test)]

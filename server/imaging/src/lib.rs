@@ -3,7 +3,10 @@
 //! web jobs) calls this crate; none of them decides how a disk is copied.
 
 pub mod inspect;
+pub mod jobs;
 pub mod pipeline;
 pub mod progress;
 pub mod source;
 pub mod units;
+
+pub use jobs::{capture, deploy, CaptureJobError, CaptureOptions, CaptureOutcome, CaptureSummary};

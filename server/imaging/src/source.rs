@@ -4,11 +4,14 @@
 
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use diskferry_protocol::SessionOptions;
 
 use diskferry_blockdev::{BlockDevice, BlockError};
-use diskferry_remote::{ConnectError, Connection, RemoteOptions};
+use diskferry_remote::{
+    ConnectError, Connection, DialAddr, ReconnectingDisk, Redial, RemoteOptions,
+};
 
 /// A parsed SOURCE argument.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -54,7 +57,7 @@ pub enum SourceError {
 }
 
 /// How long a remote source may be away before a job gives up on it.
-pub const DEFAULT_RECONNECT: std::time::Duration = std::time::Duration::from_secs(300);
+pub const DEFAULT_RECONNECT: Duration = Duration::from_secs(300);
 
 /// Opens a source for reading. Remote sources connect on `rt` and need `session`; if their
 /// client goes away they are reconnected for up to `reconnect`. Local overlays read through
@@ -64,39 +67,24 @@ pub fn open_source(
     rt: &tokio::runtime::Handle,
     session: Option<&SessionOptions>,
     follow_backing: bool,
-    reconnect: std::time::Duration,
+    reconnect: Duration,
 ) -> Result<Arc<dyn BlockDevice>, SourceError> {
     match spec {
         SourceSpec::Local(path) => Ok(diskferry_vdisk::open_image(path, follow_backing)?.1),
         SourceSpec::Remote { disk, addr } => {
-            let session = session.ok_or_else(|| SourceError::NeedKey(format!("{disk}@{addr}")))?;
-            let conn = rt.block_on(Connection::connect(addr, session))?;
-            let remote = rt
-                .block_on(conn.open(disk, false, RemoteOptions::default()))
-                .map_err(|source| SourceError::Open {
-                    what: format!("{disk} on {addr}"),
-                    source,
-                })?;
-            Ok(Arc::new(diskferry_remote::ReconnectingDisk::new(
-                remote,
-                Arc::new(diskferry_remote::DialAddr {
-                    addr: addr.clone(),
-                    session: session.clone(),
-                }),
-                RemoteOptions::default(),
-                rt.clone(),
-                reconnect,
-            )))
+            open_listening(rt, disk, addr, session, false, reconnect)
         }
     }
 }
 
-/// Opens a deploy target for writing: a remote disk (the client must allow writes) or a local
-/// raw file or block device (written in place; image formats are not targets).
+/// Opens a deploy target for writing: a remote disk (the client must allow writes; reconnected
+/// for up to `reconnect` like a source) or a local raw file or block device (written in place;
+/// image formats are not targets).
 pub fn open_target(
     spec: &SourceSpec,
     rt: &tokio::runtime::Handle,
     session: Option<&SessionOptions>,
+    reconnect: Duration,
 ) -> Result<Arc<dyn BlockDevice>, SourceError> {
     match spec {
         SourceSpec::Local(path) => {
@@ -109,17 +97,57 @@ pub fn open_target(
             Ok(Arc::new(dev))
         }
         SourceSpec::Remote { disk, addr } => {
-            let session = session.ok_or_else(|| SourceError::NeedKey(format!("{disk}@{addr}")))?;
-            let conn = rt.block_on(Connection::connect(addr, session))?;
-            let remote = rt
-                .block_on(conn.open(disk, true, RemoteOptions::default()))
-                .map_err(|source| SourceError::Open {
-                    what: format!("{disk} on {addr} for writing"),
-                    source,
-                })?;
-            Ok(Arc::new(remote))
+            open_listening(rt, disk, addr, session, true, reconnect)
         }
     }
+}
+
+/// A disk of a listening client: connect, open, and keep it across reconnects.
+fn open_listening(
+    rt: &tokio::runtime::Handle,
+    disk: &str,
+    addr: &str,
+    session: Option<&SessionOptions>,
+    writable: bool,
+    reconnect: Duration,
+) -> Result<Arc<dyn BlockDevice>, SourceError> {
+    let session = session.ok_or_else(|| SourceError::NeedKey(format!("{disk}@{addr}")))?;
+    let conn = rt.block_on(Connection::connect(addr, session))?;
+    let redial = Arc::new(DialAddr {
+        addr: addr.to_string(),
+        session: session.clone(),
+    });
+    open_on_connection(rt, &conn, disk, writable, redial, reconnect)
+}
+
+/// Opens `disk` on an authenticated connection — to a listening client, or one a dial-back
+/// machine made — and keeps it open across reconnects through `redial` for up to `reconnect`.
+/// Every remote disk a job uses is opened here, so all of them survive their client going away.
+pub fn open_on_connection(
+    rt: &tokio::runtime::Handle,
+    conn: &Connection,
+    disk: &str,
+    writable: bool,
+    redial: Arc<dyn Redial>,
+    reconnect: Duration,
+) -> Result<Arc<dyn BlockDevice>, SourceError> {
+    let remote = rt
+        .block_on(conn.open(disk, writable, RemoteOptions::default()))
+        .map_err(|source| SourceError::Open {
+            what: format!(
+                "{disk} on {}{}",
+                redial.describe(),
+                if writable { " for writing" } else { "" }
+            ),
+            source,
+        })?;
+    Ok(Arc::new(ReconnectingDisk::new(
+        remote,
+        redial,
+        RemoteOptions::default(),
+        rt.clone(),
+        reconnect,
+    )))
 }
 
 #[cfg(test)]

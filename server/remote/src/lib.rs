@@ -17,7 +17,7 @@ use bytes::Bytes;
 use diskferry_protocol::{BlockState, Reply, Request};
 
 pub use connection::{Completion, ConnectError, Connection};
-pub use reconnect::{DialAddr, ReconnectingDisk, Redial};
+pub use reconnect::{DialAddr, ReconnectingDisk, Redial, RedialError};
 
 use self::cache::ChunkCache;
 use self::connection::{unexpected, wait};

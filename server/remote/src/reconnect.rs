@@ -3,7 +3,8 @@
 //! up to a configured time, reopens the disk by name, checks it is the same size, and carries
 //! on. Where the new connection comes from is a [`Redial`]: connecting to a listening client
 //! again ([`DialAddr`]), or waiting for a dial-back machine to call back in
-//! (`diskferry_daemon::agents::AgentRedial`).
+//! (the daemon's `AgentRedial`). Losing and regaining the connection are logged through
+//! `tracing`, so a job's log shows them.
 //! Reads and writes are idempotent, so a failed request is simply sent again; bulk reads
 //! resume after the last piece delivered, so the consumer sees every byte exactly once.
 
@@ -14,15 +15,26 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use diskferry_protocol::SessionOptions;
 
-use super::{Connection, RemoteDisk, RemoteOptions};
+use super::{ConnectError, Connection, RemoteDisk, RemoteOptions};
 use diskferry_blockdev::{BlockDevice, BlockError, Extent, Result};
+
+/// Why there is no new connection yet (the reconnect loop retries until its patience ends).
+#[derive(Debug, thiserror::Error)]
+pub enum RedialError {
+    #[error(transparent)]
+    Connect(#[from] ConnectError),
+    #[error("{0} has not dialed back yet")]
+    NotBack(String),
+    #[error("reopening the disk: {0}")]
+    Reopen(#[source] BlockError),
+}
 
 /// How a lost connection is replaced.
 pub trait Redial: Send + Sync {
     /// Where the disk is, for messages.
     fn describe(&self) -> String;
     /// A fresh authenticated connection, or why there is none yet (retried with backoff).
-    fn redial(&self, rt: &tokio::runtime::Handle) -> std::result::Result<Connection, String>;
+    fn redial(&self, rt: &tokio::runtime::Handle) -> std::result::Result<Connection, RedialError>;
 }
 
 /// Connecting again to a listening client.
@@ -35,9 +47,8 @@ impl Redial for DialAddr {
     fn describe(&self) -> String {
         self.addr.clone()
     }
-    fn redial(&self, rt: &tokio::runtime::Handle) -> std::result::Result<Connection, String> {
-        rt.block_on(Connection::connect(&self.addr, &self.session))
-            .map_err(|e| e.to_string())
+    fn redial(&self, rt: &tokio::runtime::Handle) -> std::result::Result<Connection, RedialError> {
+        Ok(rt.block_on(Connection::connect(&self.addr, &self.session))?)
     }
 }
 
@@ -97,8 +108,10 @@ impl ReconnectingDisk {
         if !Arc::ptr_eq(&current, failed) {
             return Ok(());
         }
-        eprintln!(
-            "diskferry: lost {}@{} ({why}); reconnecting for up to {} s",
+        tracing::warn!(
+            disk = %self.disk,
+            at = %self.redial.describe(),
+            "lost {}@{} ({why}); reconnecting for up to {} s",
             self.disk,
             self.redial.describe(),
             self.patience.as_secs()
@@ -109,12 +122,14 @@ impl ReconnectingDisk {
             let attempt = self.redial.redial(&self.rt).and_then(|conn| {
                 self.rt
                     .block_on(conn.open(&self.disk, !self.read_only, self.opts.clone()))
-                    .map_err(|e| e.to_string())
+                    .map_err(RedialError::Reopen)
             });
             match attempt {
                 Ok(disk) if disk.size() == self.size => {
-                    eprintln!(
-                        "diskferry: reconnected to {}@{}",
+                    tracing::info!(
+                        disk = %self.disk,
+                        at = %self.redial.describe(),
+                        "reconnected to {}@{}",
                         self.disk,
                         self.redial.describe()
                     );

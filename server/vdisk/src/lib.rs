@@ -33,15 +33,22 @@ pub enum ImageFormat {
 impl ImageFormat {
     /// The format an output name suggests: `.qcow2` is qcow2, `.vhdx` VHDX, anything else raw.
     pub fn from_extension(path: &Path) -> ImageFormat {
+        ImageFormat::from_output_name(path).unwrap_or(ImageFormat::Raw)
+    }
+
+    /// The format an output name states, if it states one: `.qcow2`, `.vhdx`, `.img` or
+    /// `.raw` (any case). The one place that maps file names to formats.
+    pub fn from_output_name(path: &Path) -> Option<ImageFormat> {
         match path
             .extension()
             .and_then(|e| e.to_str())
             .map(str::to_ascii_lowercase)
             .as_deref()
         {
-            Some("qcow2") => ImageFormat::Qcow2,
-            Some("vhdx") => ImageFormat::Vhdx,
-            _ => ImageFormat::Raw,
+            Some("qcow2") => Some(ImageFormat::Qcow2),
+            Some("vhdx") => Some(ImageFormat::Vhdx),
+            Some("img" | "raw") => Some(ImageFormat::Raw),
+            _ => None,
         }
     }
 

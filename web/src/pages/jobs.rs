@@ -14,7 +14,7 @@ use super::layout::{date, human_bytes, page};
 use crate::api::parse_number;
 use crate::auth::Identity;
 use crate::error::{Failure, PageFailure};
-use crate::jobs::JobRequest;
+use diskferry_daemon::jobs::JobRequest;
 use crate::SharedState;
 
 pub fn routes() -> Router<SharedState> {

@@ -15,6 +15,8 @@ use super::output::{OutputError, PartialOutput};
 use super::writer::SparseWriter;
 use crate::progress::Progress;
 use diskferry_blockdev::{map_device, BlockDevice, BlockError, Region};
+use diskferry_fs::FsError;
+use diskferry_partition::PartitionError;
 use diskferry_vdisk::{create_image, ImageFormat};
 
 /// What a capture did.
@@ -41,10 +43,27 @@ pub enum CaptureError {
         source: BlockError,
         partial: PathBuf,
     },
-    #[error("{0}")]
-    Options(String),
     #[error("writing {path} failed: {source}")]
     Write { path: PathBuf, source: BlockError },
+    #[error("{format} images cannot be compressed: write a .qcow2 (or pass --format qcow2)")]
+    CannotCompress { format: &'static str },
+    #[error("reading the source's partition table: {0}")]
+    SourceTable(#[source] PartitionError),
+    #[error("the source has no partition table: capture it with --mode sectors")]
+    NoTable,
+    #[error("a new size needs a partitioned source and mode auto, files or blocks (--size with --mode sectors, or a disk without a table)")]
+    ResizeNeedsTable,
+    #[error("cannot fit a disk of {size} bytes: {source}")]
+    Resize { size: u64, source: PartitionError },
+    #[error("a disk of {size} bytes cuts into a partition that is not recreated file by file (the last one must be ext4 or FAT in files or auto mode to shrink)")]
+    CutsPartition { size: u64 },
+    #[error("writing the partition table to {path}: {source}")]
+    WriteTable {
+        path: PathBuf,
+        source: PartitionError,
+    },
+    #[error("partition {partition}: {source}")]
+    Filesystem { partition: u32, source: FsError },
 }
 
 /// How a capture writes its image.
@@ -74,10 +93,9 @@ pub fn capture_sectors(
         overwrite,
     } = output;
     if compress && format != ImageFormat::Qcow2 {
-        return Err(CaptureError::Options(format!(
-            "{} images cannot be compressed: write a .qcow2 (or pass --format qcow2)",
-            format.name()
-        )));
+        return Err(CaptureError::CannotCompress {
+            format: format.name(),
+        });
     }
     let started = Instant::now();
     let output = PartialOutput::create(out, overwrite)?;

@@ -6,15 +6,17 @@
 //!
 //! A target too small for the data is refused before anything is written, with the numbers.
 
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Instant;
 
 use super::capture::CaptureError;
-use super::disk::{plan_disk, write_disk, Destination, DiskPlan, DiskReport, Mode};
-use super::verify::{verify_disks, VerifyReport};
+use super::disk::{write_disk, CopyEnds, Destination, DiskReport, Mode};
+use super::plan::{plan_disk, DiskPlan};
+use super::verify::{verify_disks, VerifyError, VerifyReport};
 use crate::progress::Progress;
 use crate::units::human_bytes;
-use diskferry_blockdev::{BlockDevice, BlockError};
+use diskferry_blockdev::BlockDevice;
 use diskferry_fs as fs;
 
 /// What a deploy did.
@@ -27,14 +29,43 @@ pub struct DeployReport {
 /// Why a deploy failed.
 #[derive(Debug, thiserror::Error)]
 pub enum DeployError {
-    /// Nothing was written.
-    #[error("{0}")]
-    Refused(String),
+    /// Nothing was written: the target is read-only.
+    #[error("{target} is read-only: the client must run with --allow-write")]
+    ReadOnly { target: String },
+    /// Nothing was written: the image's layout cannot be planned onto the target.
+    #[error("{target} ({}) cannot take this image ({}): {source}", human_bytes(*target_size), human_bytes(*image_size))]
+    CannotPlan {
+        target: String,
+        target_size: u64,
+        image_size: u64,
+        source: Box<CaptureError>,
+    },
+    /// Nothing was written: a partition recreated file by file would not hold its data.
+    #[error("{target} is too small: partition {partition} holds {} ({used} bytes) and would get {} ({room} bytes) on a disk of {}", human_bytes(*used), human_bytes(*room), human_bytes(*disk))]
+    TooSmall {
+        target: String,
+        partition: u32,
+        used: u64,
+        room: u64,
+        disk: u64,
+    },
     /// Writing started and failed: the target holds a partial copy.
     #[error("{0} (the target disk now holds an incomplete copy)")]
-    Failed(CaptureError),
+    Failed(Box<CaptureError>),
+    #[error("verifying the target after writing: {0}")]
+    Verify(#[source] VerifyError),
     #[error("verification after writing found {count} difference(s); first: {first}")]
     Differs { count: u64, first: String },
+}
+
+impl DeployError {
+    /// True when the target was left untouched.
+    pub fn nothing_written(&self) -> bool {
+        matches!(
+            self,
+            DeployError::ReadOnly { .. } | DeployError::CannotPlan { .. } | DeployError::TooSmall { .. }
+        )
+    }
 }
 
 /// Writes `image` onto `target` (named `target_name` in messages) and verifies it.
@@ -47,40 +78,29 @@ pub fn deploy_disk(
 ) -> Result<DeployReport, DeployError> {
     let started = Instant::now();
     if target.is_read_only() {
-        return Err(DeployError::Refused(format!(
-            "{target_name} is read-only: the client must run with --allow-write"
-        )));
+        return Err(DeployError::ReadOnly {
+            target: target_name.to_string(),
+        });
     }
-    let source_err = |source| CaptureError::Source {
-        source,
-        partial: target_name.into(),
-    };
-    let plan = plan_disk(&image, mode, target.size(), &source_err).map_err(|e| match e {
-        CaptureError::Options(m) => DeployError::Refused(format!(
-            "{target_name} ({}) cannot take this image ({}): {m}",
-            human_bytes(target.size()),
-            human_bytes(image.size())
-        )),
-        e => DeployError::Refused(e.to_string()),
-    })?;
+    let name = Path::new(target_name);
+    let plan =
+        plan_disk(&image, mode, target.size(), name).map_err(|source| DeployError::CannotPlan {
+            target: target_name.to_string(),
+            target_size: target.size(),
+            image_size: image.size(),
+            source: Box::new(source),
+        })?;
     check_fits(&plan, target_name)?;
     let scheme = plan.table.scheme.name();
-    let werr = |source: BlockError| CaptureError::Write {
-        path: target_name.into(),
-        source,
+    let ends = CopyEnds {
+        src: &image,
+        dst: &target,
+        dst_name: name,
+        destination: Destination::UsedDisk,
     };
-    let (partitions, boot_bytes) = write_disk(
-        &image,
-        &target,
-        plan,
-        Destination::UsedDisk,
-        progress,
-        &source_err,
-        &werr,
-    )
-    .map_err(DeployError::Failed)?;
-    let verify = verify_disks(&image, &target)
-        .map_err(|e| DeployError::Failed(CaptureError::Options(format!("verifying: {e}"))))?;
+    let (partitions, boot_bytes) =
+        write_disk(&ends, plan, progress).map_err(|e| DeployError::Failed(Box::new(e)))?;
+    let verify = verify_disks(&image, &target).map_err(DeployError::Verify)?;
     if verify.differences > 0 {
         return Err(DeployError::Differs {
             count: verify.differences,
@@ -112,14 +132,13 @@ fn check_fits(plan: &DiskPlan, target_name: &str) -> Result<(), DeployError> {
             .find(|t| t.number == pp.part.number)
             .map_or(0, |t| t.size);
         if used > room {
-            return Err(DeployError::Refused(format!(
-                "{target_name} is too small: partition {} holds {} ({used} bytes) and would get {} ({room} bytes) on a disk of {}",
-                pp.part.number,
-                human_bytes(used),
-                human_bytes(room),
-                human_bytes(plan.out_size)
-            )));
-        }
+            return Err(DeployError::TooSmall {
+                target: target_name.to_string(),
+                partition: pp.part.number,
+                used,
+                room,
+                disk: plan.out_size,
+            });        }
     }
     Ok(())
 }

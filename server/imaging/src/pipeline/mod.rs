@@ -7,11 +7,13 @@ pub mod capture;
 pub mod deploy;
 pub mod disk;
 mod output;
+mod partition_copy;
+mod plan;
 pub mod verify;
 mod writer;
 
 pub use capture::{capture_sectors, CaptureError, CaptureStats, OutputOptions};
 pub use deploy::{deploy_disk, DeployError, DeployReport};
 pub use disk::{capture_disk, DiskReport, Mode, PartitionReport};
-pub use output::{OutputError, PartialOutput};
+pub use output::{partial_path_for, OutputError, PartialOutput};
 pub use writer::{SparseWriter, WriteStats};

@@ -17,6 +17,14 @@ pub enum OutputError {
     },
 }
 
+/// Where the output `out` is written until it is complete: `OUT.partial` (`sda.vhdx` →
+/// `sda.vhdx.partial`).
+pub fn partial_path_for(out: &Path) -> PathBuf {
+    let mut name = out.as_os_str().to_owned();
+    name.push(".partial");
+    PathBuf::from(name)
+}
+
 /// An output being written under its temporary name.
 #[derive(Debug)]
 pub struct PartialOutput {
@@ -31,9 +39,7 @@ impl PartialOutput {
         if !overwrite && final_path.exists() {
             return Err(OutputError::Exists(final_path.to_path_buf()));
         }
-        let mut name = final_path.as_os_str().to_owned();
-        name.push(".partial");
-        let partial_path = PathBuf::from(name);
+        let partial_path = partial_path_for(final_path);
         let file = OpenOptions::new()
             .read(true)
             .write(true)

@@ -40,8 +40,11 @@ pub enum VerifyError {
         side: &'static str,
         source: BlockError,
     },
-    #[error("{0}")]
-    Table(String),
+    #[error("reading the {side} disk's partition table: {source}")]
+    Table {
+        side: &'static str,
+        source: partition::PartitionError,
+    },
 }
 
 /// Compares disk `b` against disk `a`.
@@ -51,9 +54,9 @@ pub fn verify_disks(
 ) -> Result<VerifyReport, VerifyError> {
     let mut report = VerifyReport::default();
     let ta =
-        partition::read_table(&**a).map_err(|e| VerifyError::Table(format!("first disk: {e}")))?;
+        partition::read_table(&**a).map_err(|source| VerifyError::Table { side: "first", source })?;
     let tb =
-        partition::read_table(&**b).map_err(|e| VerifyError::Table(format!("second disk: {e}")))?;
+        partition::read_table(&**b).map_err(|source| VerifyError::Table { side: "second", source })?;
     if ta.scheme != tb.scheme
         || ta.disk_guid != tb.disk_guid
         || ta.mbr_signature != tb.mbr_signature
@@ -181,49 +184,63 @@ fn compare_trees(a: &dyn Filesystem, b: &dyn Filesystem, label: &str, report: &m
     }
 }
 
+/// How one entry of the copy differs from the source's (the sides are "source" and "copy").
+#[derive(Debug, thiserror::Error)]
+enum Difference {
+    #[error("unreadable in the {0}: {1}")]
+    Unreadable(&'static str, fs::FsError),
+    #[error("missing in the copy")]
+    Missing,
+    #[error("{0} in the source, {1} in the copy")]
+    Kind(&'static str, &'static str),
+    #[error("{0} bytes in the source, {1} in the copy")]
+    Size(u64, u64),
+    #[error("mode/owner {:o} {}:{} in the source, {:o} {}:{} in the copy", .0.0, .0.1, .0.2, .1.0, .1.1, .1.2)]
+    Owner((u32, u32, u32), (u32, u32, u32)),
+    #[error("modification time {0} in the source, {1} in the copy")]
+    Mtime(String, String),
+    #[error("link targets differ")]
+    LinkTarget,
+    #[error("extended attributes differ")]
+    Xattrs,
+    #[error("reading the {0}: {1}")]
+    Read(&'static str, fs::FsError),
+    #[error("content differs near offset {0}")]
+    Content(u64),
+}
+
 fn compare_entry(
     a: &dyn Filesystem,
     b: &dyn Filesystem,
     path: &str,
     node: u64,
     report: &mut VerifyReport,
-) -> Result<(), String> {
+) -> Result<(), Difference> {
     let ma = a
         .metadata(node)
-        .map_err(|e| format!("unreadable in the source: {e}"))?;
-    let nb = b
-        .lookup(path)
-        .map_err(|_| "missing in the copy".to_string())?;
+        .map_err(|e| Difference::Unreadable("source", e))?;
+    let nb = b.lookup(path).map_err(|_| Difference::Missing)?;
     let mb = b
         .metadata(nb)
-        .map_err(|e| format!("unreadable in the copy: {e}"))?;
+        .map_err(|e| Difference::Unreadable("copy", e))?;
     if ma.kind != mb.kind {
-        return Err(format!(
-            "{} in the source, {} in the copy",
-            ma.kind.name(),
-            mb.kind.name()
-        ));
+        return Err(Difference::Kind(ma.kind.name(), mb.kind.name()));
     }
     if ma.kind == FileKind::File && ma.size != mb.size {
-        return Err(format!(
-            "{} bytes in the source, {} in the copy",
-            ma.size, mb.size
-        ));
+        return Err(Difference::Size(ma.size, mb.size));
     }
-    if (ma.mode, ma.uid, ma.gid) != (mb.mode, mb.uid, mb.gid) {
-        return Err(format!(
-            "mode/owner {:o} {}:{} in the source, {:o} {}:{} in the copy",
-            ma.mode, ma.uid, ma.gid, mb.mode, mb.uid, mb.gid
-        ));
+    let (oa, ob) = ((ma.mode, ma.uid, ma.gid), (mb.mode, mb.uid, mb.gid));
+    if oa != ob {
+        return Err(Difference::Owner(oa, ob));
     }
     if ma.kind != FileKind::Dir && ma.mtime != mb.mtime {
-        return Err(format!(
-            "modification time {:?} in the source, {:?} in the copy",
-            ma.mtime, mb.mtime
+        return Err(Difference::Mtime(
+            format!("{:?}", ma.mtime),
+            format!("{:?}", mb.mtime),
         ));
     }
     if ma.kind == FileKind::Symlink && a.read_link(node).ok() != b.read_link(nb).ok() {
-        return Err("link targets differ".into());
+        return Err(Difference::LinkTarget);
     }
     let (xa, xb) = (
         a.xattrs(node).unwrap_or_default(),
@@ -233,7 +250,7 @@ fn compare_entry(
     xa.sort();
     xb.sort();
     if xa != xb {
-        return Err("extended attributes differ".into());
+        return Err(Difference::Xattrs);
     }
     if ma.kind == FileKind::File {
         let (mut ba, mut bb) = (vec![0u8; 1 << 20], vec![0u8; 1 << 20]);
@@ -241,15 +258,15 @@ fn compare_entry(
         while pos < ma.size {
             let na = a
                 .read_at(node, pos, &mut ba)
-                .map_err(|e| format!("reading the source: {e}"))?;
+                .map_err(|e| Difference::Read("source", e))?;
             let nb2 = b
                 .read_at(nb, pos, &mut bb[..na.max(1)])
-                .map_err(|e| format!("reading the copy: {e}"))?;
+                .map_err(|e| Difference::Read("copy", e))?;
             if na == 0 {
                 break;
             }
             if na != nb2 || ba[..na] != bb[..na] {
-                return Err(format!("content differs near offset {pos}"));
+                return Err(Difference::Content(pos));
             }
             report.bytes_compared += na as u64;
             pos += na as u64;

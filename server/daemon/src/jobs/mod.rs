@@ -1,0 +1,488 @@
+//! The daemon's jobs: a capture from a machine or listening client into `DATA_DIR/captures`, or
+//! a deploy of a catalogued capture onto a machine's disk. A request is checked and recorded,
+//! then runs on a blocking thread inside a `job` span through the imaging crate's one API
+//! ([`diskferry_imaging::capture`], [`diskferry_imaging::deploy`]); its progress events (the
+//! objects `--progress json` prints) go to the catalog and to live watchers, and every log
+//! event inside the span — the imaging steps, a reconnect — lands in the job's log
+//! ([`crate::joblog`]). Jobs are cancelled through their source ([`CancellableDevice`]).
+
+mod disk;
+
+use std::collections::{HashMap, VecDeque};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use diskferry_blockdev::{BlockDevice, CancelFlag, CancellableDevice};
+use diskferry_imaging::pipeline::{partial_path_for, DeployError, Mode, OutputOptions};
+use diskferry_imaging::progress::{JsonLines, Progress};
+use diskferry_imaging::{CaptureJobError, CaptureOptions};
+use diskferry_vdisk::ImageFormat;
+use serde::Deserialize;
+use tokio::sync::watch;
+
+use crate::agents::Agents;
+use crate::catalog::{state, Catalog, CatalogError, JobState};
+pub use disk::{JobDisk, OpenError};
+
+/// What a job request asks for (`POST /api/jobs`, the jobs page, the CLI through a server).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JobRequest {
+    /// "capture" or "deploy".
+    pub kind: String,
+    /// Capture: what to read — a machine (name or MAC), `DISK@MACHINE`, or `DISK@HOST:PORT`
+    /// of a listening client.
+    #[serde(default)]
+    pub source: Option<String>,
+    /// Capture: file name inside the captures directory; its extension (.vhdx, .qcow2, .img)
+    /// sets the format.
+    #[serde(default)]
+    pub output: Option<String>,
+    /// Deploy: the capture to write (its id or name).
+    #[serde(default)]
+    pub image: Option<String>,
+    /// Deploy: where — a machine, `DISK@MACHINE`, or `DISK@HOST:PORT`.
+    #[serde(default)]
+    pub target: Option<String>,
+    #[serde(default)]
+    pub mode: Option<String>,
+    /// Capture: compare source and output afterwards (deploys always verify).
+    #[serde(default)]
+    pub verify: bool,
+    /// Deploy: reboot the machine when done.
+    #[serde(default)]
+    pub reboot: bool,
+}
+
+/// Why a job request was refused (nothing was started).
+#[derive(Debug, thiserror::Error)]
+pub enum JobError {
+    /// The request is malformed or names something impossible.
+    #[error("{0}")]
+    Invalid(String),
+    #[error("{0}")]
+    NotFound(String),
+    /// The request is fine but conflicts with the current state (busy, offline, name taken).
+    #[error("{0}")]
+    Conflict(String),
+    #[error(transparent)]
+    Catalog(#[from] CatalogError),
+}
+
+/// Why a running job failed.
+#[derive(Debug, thiserror::Error)]
+enum RunError {
+    #[error("connecting to {what}: {source}")]
+    Open {
+        what: String,
+        source: Box<OpenError>,
+    },
+    #[error("cannot open the image: {0}")]
+    Image(#[from] diskferry_vdisk::ImageError),
+    #[error(transparent)]
+    Capture(#[from] CaptureJobError),
+    #[error(transparent)]
+    Deploy(#[from] DeployError),
+    #[error("machine {0} disconnected before the reboot")]
+    GoneBeforeReboot(String),
+    #[error("reboot: {0}")]
+    Reboot(#[source] diskferry_blockdev::BlockError),
+}
+
+/// A checked job, ready to run.
+enum Work {
+    Capture {
+        source: JobDisk,
+        out: PathBuf,
+        output: String,
+        options: CaptureOptions,
+    },
+    Deploy {
+        image: PathBuf,
+        target: JobDisk,
+        mode: Mode,
+        reboot: bool,
+    },
+}
+
+impl Work {
+    fn machine(&self) -> Option<i64> {
+        match self {
+            Work::Capture { source: d, .. } | Work::Deploy { target: d, .. } => d.machine(),
+        }
+    }
+}
+
+fn required<'a>(v: &'a Option<String>, what: &str, kind: &str) -> Result<&'a str, JobError> {
+    v.as_deref()
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .ok_or_else(|| JobError::Invalid(format!("a {kind} job needs \"{what}\"")))
+}
+
+fn parse_mode(raw: Option<&str>) -> Result<Mode, JobError> {
+    match raw.unwrap_or("auto") {
+        "auto" | "" => Ok(Mode::Auto),
+        "files" => Ok(Mode::Files),
+        "blocks" => Ok(Mode::Blocks),
+        "sectors" => Ok(Mode::Sectors),
+        other => Err(JobError::Invalid(format!(
+            "unknown mode {other:?}: use auto, files, blocks or sectors"
+        ))),
+    }
+}
+
+/// Log lines a live event carries (the page appends those it has not shown yet).
+const LOG_TAIL: usize = 20;
+
+/// A job that is running in this process.
+struct Live {
+    cancel: CancelFlag,
+    events: watch::Sender<serde_json::Value>,
+    /// Lines logged so far and the newest of them.
+    log_lines: u64,
+    log_tail: VecDeque<String>,
+}
+
+impl Live {
+    /// Sends `event` with the log's line count and tail added.
+    fn send(&self, mut event: serde_json::Value) {
+        event["log_lines"] = self.log_lines.into();
+        event["log_tail"] = serde_json::Value::from(Vec::from(self.log_tail.clone()));
+        self.events.send_replace(event);
+    }
+}
+
+/// Jobs of this server process.
+pub struct Jobs {
+    catalog: Arc<Catalog>,
+    key_file: PathBuf,
+    agents: Arc<Agents>,
+    live: Mutex<HashMap<i64, Live>>,
+}
+
+impl std::fmt::Debug for Jobs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Jobs").finish_non_exhaustive()
+    }
+}
+
+impl Jobs {
+    pub fn new(catalog: Arc<Catalog>, key_file: PathBuf, agents: Arc<Agents>) -> Jobs {
+        Jobs {
+            catalog,
+            key_file,
+            agents,
+            live: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn live(&self) -> std::sync::MutexGuard<'_, HashMap<i64, Live>> {
+        self.live.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Checks a request, records the job and starts it on the blocking pool of the current
+    /// tokio runtime; returns its id.
+    pub fn start(self: &Arc<Self>, req: JobRequest) -> Result<i64, JobError> {
+        let mode = parse_mode(req.mode.as_deref())?;
+        let (work, params) = match req.kind.as_str() {
+            "capture" => self.check_capture(&req, mode)?,
+            "deploy" => self.check_deploy(&req, mode)?,
+            other => {
+                return Err(JobError::Invalid(format!(
+                    "unknown job kind {other:?}: use \"capture\" or \"deploy\""
+                )))
+            }
+        };
+        if let Some(m) = work.machine() {
+            let busy = self
+                .catalog
+                .find_machine(&m.to_string())?
+                .is_some_and(|r| r.state == state::TRANSITIONING);
+            if busy {
+                return Err(JobError::Conflict(
+                    "that machine is busy with another job".into(),
+                ));
+            }
+        }
+        let id = self.catalog.create_job(&req.kind, &params)?;
+        let (events, _) = watch::channel(serde_json::json!({"state": "queued"}));
+        let cancel = CancelFlag::default();
+        let live = Live {
+            cancel: cancel.clone(),
+            events,
+            log_lines: 0,
+            log_tail: VecDeque::new(),
+        };
+        self.live().insert(id, live);
+        let me = Arc::clone(self);
+        let rt = tokio::runtime::Handle::current();
+        tokio::task::spawn_blocking(move || me.run(id, &rt, work, &cancel));
+        Ok(id)
+    }
+
+    fn check_capture(
+        &self,
+        req: &JobRequest,
+        mode: Mode,
+    ) -> Result<(Work, serde_json::Value), JobError> {
+        let source = required(&req.source, "source", "capture")?;
+        let output = required(&req.output, "output", "capture")?.to_string();
+        let disk = JobDisk::resolve(source, &self.catalog, &self.agents)?;
+        let format = output_format(&output)?;
+        let out = self.catalog.captures_dir().join(&output);
+        if out.exists() || partial_path_for(&out).exists() {
+            return Err(JobError::Conflict(format!(
+                "a capture named {output} exists already; choose another name"
+            )));
+        }
+        let params = serde_json::json!({
+            "source": source, "output": output, "mode": mode.name(), "verify": req.verify,
+        });
+        let options = CaptureOptions {
+            output: OutputOptions {
+                format,
+                compress: false,
+                overwrite: false,
+            },
+            mode,
+            size: None,
+            verify: req.verify,
+        };
+        let work = Work::Capture {
+            source: disk,
+            out,
+            output,
+            options,
+        };
+        Ok((work, params))
+    }
+
+    fn check_deploy(
+        &self,
+        req: &JobRequest,
+        mode: Mode,
+    ) -> Result<(Work, serde_json::Value), JobError> {
+        let image = required(&req.image, "image", "deploy")?;
+        let target = required(&req.target, "target", "deploy")?;
+        let captures = self.catalog.captures()?;
+        let rec = captures
+            .iter()
+            .find(|c| c.name == image || c.path == image || c.id.to_string() == image)
+            .ok_or_else(|| {
+                JobError::NotFound(format!(
+                    "no capture {image:?} in the catalog (give its id or name)"
+                ))
+            })?;
+        let disk = JobDisk::resolve(target, &self.catalog, &self.agents)?;
+        let params = serde_json::json!({
+            "image": rec.name, "target": target, "mode": mode.name(), "reboot": req.reboot,
+            "source": rec.name, "output": target,
+        });
+        let work = Work::Deploy {
+            image: self.catalog.capture_file(rec),
+            target: disk,
+            mode,
+            reboot: req.reboot,
+        };
+        Ok((work, params))
+    }
+
+    /// Runs a job to its end on this (blocking) thread, inside its span, and records how it
+    /// went.
+    fn run(self: &Arc<Self>, id: i64, rt: &tokio::runtime::Handle, work: Work, cancel: &CancelFlag) {
+        let me = Arc::clone(self);
+        let _route = crate::joblog::route(id, move |line| me.log(id, line));
+        let span = tracing::info_span!(crate::joblog::JOB_SPAN, job_id = id);
+        let _entered = span.enter();
+        let _ = self.catalog.start_job(id);
+        self.publish(id, serde_json::json!({"state": "running"}));
+        let machine = self.machine_transitioning(&work);
+        let result = match &work {
+            Work::Capture {
+                source,
+                out,
+                options,
+                ..
+            } => self.run_capture(id, rt, source, out, options, cancel),
+            Work::Deploy {
+                image,
+                target,
+                mode,
+                reboot,
+            } => self.run_deploy(id, rt, image, target, *mode, *reboot, cancel),
+        };
+        let (job_state, error) = match result {
+            Ok(()) => (JobState::Succeeded, None),
+            Err(_) if cancel.is_cancelled() => (JobState::Cancelled, Some("cancelled".to_string())),
+            Err(e) => (JobState::Failed, Some(e.to_string())),
+        };
+        match &error {
+            Some(e) => tracing::error!("{}: {e}", job_state.name()),
+            None => tracing::info!("done"),
+        }
+        if let (Work::Capture { output, source, .. }, None) = (&work, &error) {
+            self.catalogue_capture(output, source);
+        }
+        if let Some((m, before)) = &machine {
+            // A capture leaves the machine as it was; a deploy leaves it deployed, or failed.
+            let after = match (&work, &error) {
+                (Work::Capture { .. }, _) => before.as_str(),
+                (Work::Deploy { .. }, None) => state::DEPLOYED,
+                (Work::Deploy { .. }, Some(_)) => state::FAILED,
+            };
+            let _ = self.catalog.set_machine_state(*m, after);
+        }
+        let _ = self.catalog.finish_job(id, job_state, error.as_deref());
+        self.publish(
+            id,
+            serde_json::json!({"state": job_state.name(), "error": error}),
+        );
+        self.live().remove(&id);
+    }
+
+    /// Marks the job's machine transitioning; returns it with its state before.
+    fn machine_transitioning(&self, work: &Work) -> Option<(i64, String)> {
+        let m = work.machine()?;
+        let before = self.catalog.find_machine(&m.to_string()).ok().flatten()?.state;
+        let _ = self.catalog.set_machine_state(m, state::TRANSITIONING);
+        Some((m, before))
+    }
+
+    fn catalogue_capture(&self, output: &str, source: &JobDisk) {
+        if let Err(e) = self
+            .catalog
+            .refresh_captures()
+            .and_then(|_| self.catalog.set_source_machine(output, &source.origin()))
+        {
+            tracing::warn!("the capture is written but not catalogued: {e}");
+        }
+    }
+
+    fn open(
+        &self,
+        disk: &JobDisk,
+        rt: &tokio::runtime::Handle,
+        writable: bool,
+    ) -> Result<Arc<dyn BlockDevice>, RunError> {
+        tracing::info!("connecting to {}", disk.describe());
+        disk.open(rt, &self.agents, &self.key_file, writable)
+            .map_err(|source| RunError::Open {
+                what: disk.describe(),
+                source: Box::new(source),
+            })
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn run_deploy(
+        self: &Arc<Self>,
+        id: i64,
+        rt: &tokio::runtime::Handle,
+        image: &Path,
+        target: &JobDisk,
+        mode: Mode,
+        reboot: bool,
+        cancel: &CancelFlag,
+    ) -> Result<(), RunError> {
+        let (_, img) = diskferry_vdisk::open_image(image, false)?;
+        let img: Arc<dyn BlockDevice> = Arc::new(CancellableDevice::new(img, cancel.clone()));
+        let dst = self.open(target, rt, true)?;
+        tracing::info!("image {}", image.display());
+        let progress = self.progress_sink(id);
+        diskferry_imaging::deploy(img, dst, &target.describe(), mode, &progress)?;
+        if let (true, JobDisk::Machine { id: m, label, .. }) = (reboot, target) {
+            let link = self
+                .agents
+                .link(*m)
+                .ok_or_else(|| RunError::GoneBeforeReboot(label.clone()))?;
+            rt.block_on(link.connection.power(diskferry_protocol::PowerAction::Reboot))
+                .map_err(RunError::Reboot)?;
+            tracing::info!("reboot requested");
+        }
+        Ok(())
+    }
+
+    fn run_capture(
+        self: &Arc<Self>,
+        id: i64,
+        rt: &tokio::runtime::Handle,
+        source: &JobDisk,
+        out: &Path,
+        options: &CaptureOptions,
+        cancel: &CancelFlag,
+    ) -> Result<(), RunError> {
+        let src = self.open(source, rt, false)?;
+        let src: Arc<dyn BlockDevice> = Arc::new(CancellableDevice::new(src, cancel.clone()));
+        tracing::info!("capturing {} bytes to {}", src.size(), out.display());
+        let progress = self.progress_sink(id);
+        diskferry_imaging::capture(src, out, options, &progress)?;
+        Ok(())
+    }
+
+    /// Progress that lands in the catalog and in the live channel.
+    fn progress_sink(self: &Arc<Self>, id: i64) -> impl Progress {
+        let jobs = Arc::clone(self);
+        JsonLines::with_sink(move |line| {
+            let Ok(mut event) = serde_json::from_str::<serde_json::Value>(line) else {
+                return;
+            };
+            let _ = jobs.catalog.set_job_progress(id, &event);
+            event["state"] = "running".into();
+            jobs.publish(id, event);
+        })
+    }
+
+    /// Appends a line to a job's log (the catalog's copy and the live tail).
+    fn log(&self, id: i64, line: &str) {
+        let _ = self.catalog.append_job_log(id, line);
+        if let Some(live) = self.live().get_mut(&id) {
+            live.log_lines += 1;
+            live.log_tail.push_back(line.to_string());
+            if live.log_tail.len() > LOG_TAIL {
+                live.log_tail.pop_front();
+            }
+            let last = live.events.borrow().clone();
+            live.send(last);
+        }
+    }
+
+    fn publish(&self, id: i64, event: serde_json::Value) {
+        if let Some(live) = self.live().get(&id) {
+            live.send(event);
+        }
+    }
+
+    /// Asks a running job to stop; false when it is not running here.
+    pub fn cancel(&self, id: i64) -> bool {
+        match self.live().get(&id) {
+            Some(live) => {
+                live.cancel.cancel();
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// A live job's event stream, if it runs in this process.
+    pub fn subscribe(&self, id: i64) -> Option<watch::Receiver<serde_json::Value>> {
+        self.live().get(&id).map(|l| l.events.subscribe())
+    }
+}
+
+/// The image format an output name asks for; the name must be a plain file name.
+fn output_format(name: &str) -> Result<ImageFormat, JobError> {
+    if name.is_empty()
+        || name.len() > 200
+        || name.starts_with('.')
+        || name.contains(['/', '\\', '\0'])
+    {
+        return Err(JobError::Invalid(
+            "output must be a plain file name (no directories, not starting with a dot), e.g. web-01.vhdx".into(),
+        ));
+    }
+    ImageFormat::from_output_name(Path::new(name)).ok_or_else(|| {
+        JobError::Invalid(
+            "output name must end in .vhdx, .qcow2 or .img (that sets the format)".into(),
+        )
+    })
+}

@@ -1,0 +1,221 @@
+//! The one imaging API every front end calls: [`capture`] (a source disk into a new image) and
+//! [`deploy`] (an image onto a disk). They own the whole decision — whole disk or partition by
+//! partition, modes, resizing, verification — and report what they did; the CLI prints the
+//! outcome, the daemon's jobs log it. Both log their steps through `tracing` (a job's log
+//! receives them when the daemon runs the job inside its span).
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use diskferry_blockdev::BlockDevice;
+use diskferry_partition::{self as partition, Scheme};
+
+use crate::pipeline::verify::{verify_disks, VerifyError, VerifyReport};
+use crate::pipeline::{
+    capture_disk, capture_sectors, deploy_disk, CaptureError, CaptureStats, DeployError,
+    DeployReport, DiskReport, Mode, OutputOptions,
+};
+use crate::progress::Progress;
+use crate::units::human_bytes;
+
+/// What a capture is asked to do.
+#[derive(Debug, Clone, Copy)]
+pub struct CaptureOptions {
+    pub output: OutputOptions,
+    /// How partitions are copied; `Sectors` copies the whole disk as it is.
+    pub mode: Mode,
+    /// A new virtual size for the output (partitioned sources, not in sectors mode).
+    pub size: Option<u64>,
+    /// Compare the source and the written image afterwards.
+    pub verify: bool,
+}
+
+/// How a capture went about it.
+#[derive(Debug, Clone)]
+pub enum CaptureSummary {
+    /// Every non-zero sector at its own offset (sectors mode, or a disk without a table).
+    WholeDisk(CaptureStats),
+    /// Partition by partition.
+    Partitions(DiskReport),
+}
+
+/// What a capture did.
+#[derive(Debug, Clone)]
+pub struct CaptureOutcome {
+    pub out: PathBuf,
+    pub summary: CaptureSummary,
+    /// The comparison, when one was asked for (it found no differences: those are errors).
+    pub verify: Option<VerifyReport>,
+}
+
+/// Why a capture job failed.
+#[derive(Debug, thiserror::Error)]
+pub enum CaptureJobError {
+    #[error(transparent)]
+    Capture(#[from] CaptureError),
+    #[error("cannot reopen the written image {path} to verify it: {source}")]
+    Reopen {
+        path: PathBuf,
+        source: diskferry_vdisk::ImageError,
+    },
+    #[error("verifying: {0}")]
+    Verify(#[from] VerifyError),
+    #[error("verification found {} difference(s); first: {}", .0.differences, .0.listed.first().map_or("", String::as_str))]
+    Differs(VerifyReport),
+}
+
+/// Captures `source` into a new image at `out`: the whole disk by sectors when asked or when
+/// it has no partition table, else partition by partition; then verifies when asked.
+pub fn capture(
+    source: Arc<dyn BlockDevice>,
+    out: &Path,
+    options: &CaptureOptions,
+    progress: &dyn Progress,
+) -> Result<CaptureOutcome, CaptureJobError> {
+    let partitioned =
+        partition::read_table(&*source).is_ok_and(|t| t.scheme != Scheme::None);
+    let whole_disk = options.mode == Mode::Sectors || !partitioned;
+    if !partitioned && options.mode != Mode::Sectors {
+        tracing::info!("the source has no partition table: copying every non-zero sector");
+    }
+    let summary = if whole_disk {
+        if options.size.is_some_and(|s| s != source.size()) {
+            return Err(CaptureError::ResizeNeedsTable.into());
+        }
+        let stats = capture_sectors(&*source, out, options.output, progress)?;
+        tracing::info!(
+            read = stats.read,
+            written = stats.written,
+            "whole disk by sectors: {} bytes read, {} written",
+            stats.read,
+            stats.written
+        );
+        CaptureSummary::WholeDisk(stats)
+    } else {
+        let report = capture_disk(
+            Arc::clone(&source),
+            out,
+            options.output,
+            options.mode,
+            options.size,
+            progress,
+        )?;
+        for p in &report.partitions {
+            tracing::info!(partition = p.number, "{p}");
+        }
+        CaptureSummary::Partitions(report)
+    };
+    let verify = if options.verify {
+        Some(verify_output(&source, out)?)
+    } else {
+        None
+    };
+    Ok(CaptureOutcome {
+        out: out.to_path_buf(),
+        summary,
+        verify,
+    })
+}
+
+/// Reopens the written image and compares it with the source; differences are an error.
+fn verify_output(
+    source: &Arc<dyn BlockDevice>,
+    out: &Path,
+) -> Result<VerifyReport, CaptureJobError> {
+    tracing::info!("verifying");
+    let (_, written) =
+        diskferry_vdisk::open_image(out, false).map_err(|source| CaptureJobError::Reopen {
+            path: out.to_path_buf(),
+            source,
+        })?;
+    let report = verify_disks(source, &written)?;
+    if report.differences > 0 {
+        for d in report.listed.iter().take(50) {
+            tracing::warn!("difference: {d}");
+        }
+        return Err(CaptureJobError::Differs(report));
+    }
+    tracing::info!("{}", verified(&report));
+    Ok(report)
+}
+
+/// The line a clean verification logs.
+fn verified(report: &VerifyReport) -> String {
+    format!(
+        "verify: no differences ({} files, {} compared)",
+        report.files_compared,
+        human_bytes(report.bytes_compared)
+    )
+}
+
+/// Deploys `image` onto `target` (named `target_name` in messages): the image's table scaled
+/// to the target, each partition by `mode`, then verified by reading the target back.
+pub fn deploy(
+    image: Arc<dyn BlockDevice>,
+    target: Arc<dyn BlockDevice>,
+    target_name: &str,
+    mode: Mode,
+    progress: &dyn Progress,
+) -> Result<DeployReport, DeployError> {
+    tracing::info!(
+        "deploying {} bytes onto {target_name} ({} bytes)",
+        image.size(),
+        target.size()
+    );
+    let report = deploy_disk(image, target, target_name, mode, progress)?;
+    for p in &report.disk.partitions {
+        tracing::info!(partition = p.number, "{p}");
+    }
+    tracing::info!("{}", verified(&report.verify));
+    Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::progress::Silent;
+    use diskferry_blockdev::MemoryDevice;
+    use diskferry_vdisk::ImageFormat;
+
+    fn options(mode: Mode, verify: bool) -> CaptureOptions {
+        CaptureOptions {
+            output: OutputOptions {
+                format: ImageFormat::Qcow2,
+                compress: false,
+                overwrite: false,
+            },
+            mode,
+            size: None,
+            verify,
+        }
+    }
+
+    #[test]
+    fn a_disk_without_a_table_is_copied_whole_and_verified() {
+        let mut data = vec![0u8; 4 << 20];
+        data[4096..8192].fill(0x5a);
+        let src: Arc<dyn BlockDevice> = Arc::new(MemoryDevice::read_only(data));
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("d.qcow2");
+        let done = capture(src, &out, &options(Mode::Auto, true), &Silent).unwrap();
+        assert!(matches!(done.summary, CaptureSummary::WholeDisk(ref s) if s.written == 4096));
+        assert!(done.verify.is_some());
+        assert!(out.exists());
+    }
+
+    #[test]
+    fn a_new_size_without_a_table_is_refused_and_leaves_nothing() {
+        let src: Arc<dyn BlockDevice> = Arc::new(MemoryDevice::read_only(vec![1u8; 1 << 20]));
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("d.qcow2");
+        let mut opts = options(Mode::Auto, false);
+        opts.size = Some(2 << 20);
+        let err = capture(src, &out, &opts, &Silent).unwrap_err();
+        assert!(matches!(
+            err,
+            CaptureJobError::Capture(CaptureError::ResizeNeedsTable)
+        ));
+        assert!(!out.exists());
+        assert!(!crate::pipeline::partial_path_for(&out).exists());
+    }
+}

@@ -1,0 +1,261 @@
+//! Copying one partition: file by file through our filesystem writers (with progress driven
+//! by the bytes read from the source and the files done), or by the byte ranges its plan
+//! listed; and the helpers a disk copy needs around that (overall progress, zeroing a used
+//! disk, a local staging file).
+
+use std::ops::Range;
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::capture::{copy_ranges, data_ranges, CopyError};
+use super::disk::Mode;
+use crate::progress::Progress;
+use diskferry_blockdev::{BlockDevice, BlockError};
+use diskferry_fs::{self as fs, FsKind};
+use diskferry_partition::Partition;
+
+/// Zeroes a range of `dst` in pieces of at most 1 GiB (the client zeroes on its side).
+pub(super) fn zero(dst: &dyn BlockDevice, range: Range<u64>) -> Result<(), BlockError> {
+    let mut at = range.start;
+    while at < range.end {
+        let n = (range.end - at).min(1 << 30);
+        dst.write_zeroes(at, n)?;
+        at += n;
+    }
+    Ok(())
+}
+
+/// A sparse temporary file of `size` bytes (removed when dropped), as a device.
+pub(super) fn staging_device(size: u64) -> Result<Arc<dyn BlockDevice>, BlockError> {
+    let io = |source| BlockError::Io {
+        op: "create a staging file",
+        offset: None,
+        device: std::env::temp_dir().display().to_string(),
+        source,
+    };
+    let file = tempfile::tempfile().map_err(io)?;
+    file.set_len(size).map_err(io)?;
+    let path = std::env::temp_dir().join("diskferry-staging");
+    Ok(Arc::new(diskferry_blockdev::FileDevice::from_file(
+        file, &path, true,
+    )?))
+}
+
+/// Ranges to copy (`None`: file by file) and the bytes expected to be read.
+pub(super) type CopyPlan = (Option<Vec<Range<u64>>>, u64);
+
+/// What a partition's copy will read: for blocks and sectors the byte ranges (the allocated
+/// blocks, or the ranges holding data), for files the filesystem's used bytes as an estimate.
+/// Worked out once, before the copy, so the job knows its overall size.
+pub(super) fn copy_plan(dev: &Arc<dyn BlockDevice>, m: Mode) -> Result<CopyPlan, PartError> {
+    let ranges = match m {
+        Mode::Files => {
+            let used = fs::open(Arc::clone(dev)).map_or(0, |f| f.info().used_bytes);
+            return Ok((None, used));
+        }
+        Mode::Blocks => {
+            let fs = fs::open(Arc::clone(dev)).map_err(PartError::Fs)?;
+            let map = fs.allocation_map().map_err(PartError::Fs)?;
+            let bs = u64::from(map.block_size);
+            map.runs
+                .iter()
+                .map(|&(b, n)| b * bs..((b + n) * bs).min(dev.size()))
+                .filter(|r| r.start < r.end)
+                .collect()
+        }
+        Mode::Sectors | Mode::Auto => data_ranges(&**dev).map_err(PartError::Read)?,
+    };
+    let total = ranges.iter().map(|r: &Range<u64>| r.end - r.start).sum();
+    Ok((Some(ranges), total))
+}
+
+/// Forwards to a [`Progress`] and adds the job's overall bytes done and total.
+pub(super) struct Overall<'a> {
+    inner: &'a dyn Progress,
+    total: u64,
+    finished_phases: std::sync::atomic::AtomicU64,
+    in_phase: std::sync::atomic::AtomicU64,
+}
+
+impl<'a> Overall<'a> {
+    pub(super) fn new(inner: &'a dyn Progress, total: u64) -> Overall<'a> {
+        Overall {
+            inner,
+            total,
+            finished_phases: Default::default(),
+            in_phase: Default::default(),
+        }
+    }
+}
+
+impl Progress for Overall<'_> {
+    fn start(&self, phase: &str, total: u64) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let before = self.in_phase.swap(0, Relaxed);
+        self.finished_phases.fetch_add(before, Relaxed);
+        self.inner.start(phase, total);
+    }
+    fn advance(&self, bytes: u64) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let now = self.in_phase.fetch_add(bytes, Relaxed) + bytes;
+        self.inner
+            .overall(self.finished_phases.load(Relaxed) + now, self.total);
+        self.inner.advance(bytes);
+    }
+    fn finish(&self) {
+        self.inner.finish();
+    }
+    fn files(&self, done: u64, total: u64) {
+        self.inner.files(done, total);
+    }
+}
+
+pub(super) enum PartError {
+    Read(BlockError),
+    Write(BlockError),
+    Fs(fs::FsError),
+}
+
+impl From<CopyError> for PartError {
+    fn from(e: CopyError) -> Self {
+        match e {
+            CopyError::Read(e) => PartError::Read(e),
+            CopyError::Write(e) => PartError::Write(e),
+        }
+    }
+}
+
+/// Copies one partition — file by file when it has no `ranges`, else those ranges — and
+/// returns the bytes read from the source.
+pub(super) fn capture_partition(
+    p: &Partition,
+    src: &Arc<dyn BlockDevice>,
+    dst: &Arc<dyn BlockDevice>,
+    kind: FsKind,
+    ranges: Option<Vec<Range<u64>>>,
+    progress: &dyn Progress,
+) -> Result<u64, PartError> {
+    let phase = format!("part {}", p.number);
+    match ranges {
+        None => {
+            let counting = Arc::new(CountingDevice::new(Arc::clone(src)));
+            let source: Arc<dyn BlockDevice> = counting.clone();
+            // The bytes read from the source drive the progress; the filesystem's used bytes
+            // are the (upper-bound) total.
+            let counters = Arc::new(fs::WriteCounters::default());
+            let write = || -> Result<(), PartError> {
+                match kind {
+                    FsKind::Fat12 | FsKind::Fat16 | FsKind::Fat32 => {
+                        let fat = fs::fat::Fat::open(source).map_err(PartError::Fs)?;
+                        progress.start(&phase, fs::Filesystem::info(&fat).used_bytes);
+                        let mut opts = fat.format_options();
+                        opts.counters = Some(Arc::clone(&counters));
+                        fs::fat_write::write_fat(Arc::clone(dst), &fat, &opts)
+                            .map_err(PartError::Fs)?;
+                    }
+                    _ => {
+                        let ext = fs::ext4::Ext4::open(source).map_err(PartError::Fs)?;
+                        progress.start(&phase, fs::Filesystem::info(&ext).used_bytes);
+                        let mut opts = ext.format_options();
+                        // A smaller destination gets as many inodes as fit.
+                        opts.min_inodes = opts.min_inodes.min(dst.size() / 16384);
+                        opts.counters = Some(Arc::clone(&counters));
+                        fs::ext4::write::write_ext4(Arc::clone(dst), &ext, &opts)
+                            .map_err(PartError::Fs)?;
+                    }
+                }
+                Ok(())
+            };
+            let done = std::sync::atomic::AtomicBool::new(false);
+            let result = std::thread::scope(|s| {
+                s.spawn(|| {
+                    let mut reported = 0;
+                    loop {
+                        let stop = done.load(std::sync::atomic::Ordering::Acquire);
+                        let now = counting.read();
+                        progress.advance(now.saturating_sub(reported));
+                        reported = now;
+                        let (done, planned) = counters.get();
+                        if planned > 0 {
+                            progress.files(done, planned);
+                        }
+                        if stop {
+                            break;
+                        }
+                        std::thread::sleep(Duration::from_millis(200));
+                    }
+                });
+                let r = write();
+                done.store(true, std::sync::atomic::Ordering::Release);
+                r
+            });
+            progress.finish();
+            result.map(|()| counting.read())
+        }
+        // Blocks and sectors: the ranges were worked out in the plan.
+        Some(ranges) => {
+            let total: u64 = ranges.iter().map(|r| r.end - r.start).sum();
+            progress.start(&phase, total);
+            copy_ranges(&**src, dst, &ranges, progress)?;
+            progress.finish();
+            Ok(total)
+        }
+    }
+}
+
+/// A device that counts the bytes read through it.
+struct CountingDevice {
+    inner: Arc<dyn BlockDevice>,
+    read: std::sync::atomic::AtomicU64,
+}
+
+impl CountingDevice {
+    fn new(inner: Arc<dyn BlockDevice>) -> CountingDevice {
+        CountingDevice {
+            inner,
+            read: std::sync::atomic::AtomicU64::new(0),
+        }
+    }
+
+    fn read(&self) -> u64 {
+        self.read.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+impl BlockDevice for CountingDevice {
+    fn size(&self) -> u64 {
+        self.inner.size()
+    }
+    fn logical_sector_size(&self) -> u32 {
+        self.inner.logical_sector_size()
+    }
+    fn is_read_only(&self) -> bool {
+        true
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> diskferry_blockdev::Result<()> {
+        self.read
+            .fetch_add(buf.len() as u64, std::sync::atomic::Ordering::Relaxed);
+        self.inner.read_at(buf, offset)
+    }
+
+    fn block_status(
+        &self,
+        offset: u64,
+        len: u64,
+    ) -> diskferry_blockdev::Result<Vec<diskferry_blockdev::Extent>> {
+        self.inner.block_status(offset, len)
+    }
+
+    /// Forwarded, so bulk reads keep the inner device's pipelining.
+    fn read_ranges(
+        &self,
+        ranges: &[Range<u64>],
+        sink: &mut dyn FnMut(u64, bytes::Bytes) -> diskferry_blockdev::Result<()>,
+    ) -> diskferry_blockdev::Result<()> {
+        self.inner.read_ranges(ranges, &mut |off, data| {
+            self.read
+                .fetch_add(data.len() as u64, std::sync::atomic::Ordering::Relaxed);
+            sink(off, data)
+        })
+    }
+}

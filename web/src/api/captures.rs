@@ -1,0 +1,167 @@
+//! `/api/captures`: the catalog's captures as summaries (partitions, OS, sizes), filtered.
+
+use std::sync::Arc;
+
+use axum::extract::{Path, Query, State};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use diskferry_daemon::catalog::CaptureRecord;
+use serde::Serialize;
+
+use crate::error::Failure;
+use crate::SharedState;
+use super::*;
+
+/// A capture as lists show it.
+#[derive(Debug, Serialize)]
+pub struct CaptureSummary {
+    pub id: i64,
+    pub name: String,
+    pub path: String,
+    pub format: String,
+    pub virtual_size: u64,
+    pub allocated_size: u64,
+    pub modified: i64,
+    pub source_machine: Option<String>,
+    /// The operating system found, if any ("Debian GNU/Linux 12", "Windows 11 Pro").
+    pub os: Option<String>,
+    pub partitions: Vec<PartitionSummary>,
+    pub analysis_error: Option<String>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct PartitionSummary {
+    pub number: u32,
+    pub start: u64,
+    pub size: u64,
+    pub type_name: String,
+    pub filesystem: String,
+    pub label: Option<String>,
+    pub used_bytes: Option<u64>,
+}
+
+impl CaptureSummary {
+    pub fn of(r: &CaptureRecord) -> CaptureSummary {
+        let parts = r.analysis.as_ref().map_or(&[][..], |a| &a.partitions[..]);
+        CaptureSummary {
+            id: r.id,
+            name: r.name.clone(),
+            path: r.path.clone(),
+            format: r.format.clone(),
+            virtual_size: r.virtual_size,
+            allocated_size: r.allocated_size,
+            modified: r.modified,
+            source_machine: r.source_machine.clone(),
+            os: parts.iter().find_map(|p| {
+                let os = p.os.as_ref()?;
+                let name = os.pretty_name.clone().or_else(|| {
+                    os.name
+                        .as_ref()
+                        .map(|n| format!("{n} {}", os.version.clone().unwrap_or_default()))
+                })?;
+                Some(name.trim().to_string())
+            }),
+            partitions: parts
+                .iter()
+                .map(|p| PartitionSummary {
+                    number: p.number.max(1),
+                    start: p.start,
+                    size: p.size,
+                    type_name: p.type_name.clone(),
+                    filesystem: p.filesystem.clone(),
+                    label: p.label.clone(),
+                    used_bytes: p.used_bytes,
+                })
+                .collect(),
+            analysis_error: r.analysis_error.clone(),
+        }
+    }
+}
+
+/// Filters of the capture list (all optional; all must hold).
+#[derive(Debug, Default, serde::Deserialize)]
+pub struct CaptureFilter {
+    /// Text found in the name, path, OS, labels or source machine (case-insensitive).
+    pub q: Option<String>,
+    /// Text found in the OS name.
+    pub os: Option<String>,
+    /// A filesystem some partition holds ("ext4", "ntfs", "fat32"...).
+    pub fs: Option<String>,
+    /// Text found in the source machine.
+    pub machine: Option<String>,
+    /// Virtual size bounds, bytes.
+    pub min_size: Option<u64>,
+    pub max_size: Option<u64>,
+    /// Modified at or after / before, seconds since the epoch.
+    pub since: Option<i64>,
+    pub until: Option<i64>,
+}
+
+impl CaptureFilter {
+    pub fn matches(&self, c: &CaptureSummary) -> bool {
+        let has = |hay: Option<&str>, needle: &Option<String>| match needle {
+            None => true,
+            Some(n) if n.trim().is_empty() => true,
+            Some(n) => hay.is_some_and(|h| h.to_lowercase().contains(&n.trim().to_lowercase())),
+        };
+        let labels: Vec<&str> = c
+            .partitions
+            .iter()
+            .filter_map(|p| p.label.as_deref())
+            .collect();
+        let text = format!(
+            "{} {} {} {} {}",
+            c.name,
+            c.path,
+            c.os.as_deref().unwrap_or(""),
+            labels.join(" "),
+            c.source_machine.as_deref().unwrap_or("")
+        );
+        has(Some(&text), &self.q)
+            && has(c.os.as_deref(), &self.os)
+            && has(c.source_machine.as_deref(), &self.machine)
+            && self.fs.as_ref().is_none_or(|f| {
+                f.trim().is_empty()
+                    || c.partitions
+                        .iter()
+                        .any(|p| p.filesystem.eq_ignore_ascii_case(f.trim()))
+            })
+            && self.min_size.is_none_or(|m| c.virtual_size >= m)
+            && self.max_size.is_none_or(|m| c.virtual_size <= m)
+            && self.since.is_none_or(|s| c.modified >= s)
+            && self.until.is_none_or(|u| c.modified < u)
+    }
+}
+
+/// The filtered capture list (shared by the API and the page).
+pub async fn filtered_captures(
+    state: &SharedState,
+    filter: &CaptureFilter,
+) -> Result<Vec<CaptureSummary>, Failure> {
+    refresh(state).await?;
+    let st = Arc::clone(state);
+    let all = tokio::task::spawn_blocking(move || st.catalog.captures()).await??;
+    Ok(all
+        .iter()
+        .map(CaptureSummary::of)
+        .filter(|c| filter.matches(c))
+        .collect())
+}
+
+pub(super) async fn list_captures(
+    State(state): State<SharedState>,
+    Query(filter): Query<CaptureFilter>,
+) -> Result<Json<Vec<CaptureSummary>>, Failure> {
+    Ok(Json(filtered_captures(&state, &filter).await?))
+}
+
+pub(super) async fn get_capture(
+    State(state): State<SharedState>,
+    Path(id): Path<String>,
+) -> Result<Response, Failure> {
+    let c = capture_by_id(&state, &id).await?;
+    let mut body = serde_json::to_value(CaptureSummary::of(&c))
+        .map_err(|e| Failure::internal(e.to_string()))?;
+    body["analysis"] = serde_json::to_value(&c.analysis).unwrap_or_default();
+    Ok(Json(body).into_response())
+}
