@@ -65,8 +65,10 @@ pub enum BlockError {
     Disconnected(String),
     #[error("the client broke the protocol: {0}")]
     Protocol(String),
+    /// A malformed image or on-disk structure below the device; the source (an image
+    /// format's typed error) names the file and says where and what.
     #[error("{0}")]
-    Format(String),
+    Format(#[source] Box<dyn std::error::Error + Send + Sync>),
     #[error("this device cannot {0}")]
     Unsupported(&'static str),
     #[error("cancelled")]

@@ -5,10 +5,14 @@
 //! Today: raw images, qcow2 (read any, write version 3, overlays) and VHDX (read). Writing
 //! VHDX follows.
 
+mod error;
 pub mod qcow2;
 pub mod vhdx;
 
-use std::path::{Path, PathBuf};
+use error::AtPath;
+pub use error::{Allowed, CreateError, FormatError, ImageError, LogError};
+
+use std::path::Path;
 use std::sync::Arc;
 
 use diskferry_blockdev::{BlockDevice, BlockError, Extent, FileDevice, Region};
@@ -113,12 +117,8 @@ fn open_chain(
     follow: bool,
     depth: u32,
 ) -> Result<(Detected, Arc<dyn BlockDevice>), ImageError> {
-    let io = |source| ImageError::Io {
-        path: path.to_path_buf(),
-        source,
-    };
-    let file: Arc<dyn BlockDevice> = Arc::new(FileDevice::open(path, false).map_err(io)?);
-    match detect(file.as_ref()).map_err(io)? {
+    let file: Arc<dyn BlockDevice> = Arc::new(FileDevice::open(path, false).at(path)?);
+    match detect(file.as_ref()).at(path)? {
         Detected::Qcow2 => {
             let image = qcow2::Qcow2::inspect(Arc::clone(&file), path)?;
             let Some(name) = image.backing_name().map(str::to_string) else {
@@ -131,12 +131,10 @@ fn open_chain(
                 });
             }
             if depth == 0 {
-                return Err(ImageError::Invalid {
-                    path: path.to_path_buf(),
-                    problem: format!(
-                        "backing chain is longer than {MAX_BACKING_DEPTH} images (a loop?)"
-                    ),
-                });
+                return Err(FormatError::BackingChainTooLong {
+                    max: MAX_BACKING_DEPTH,
+                })
+                .at(path);
             }
             let base_path = path.parent().unwrap_or(Path::new(".")).join(&name);
             let (_, base) = open_chain(&base_path, follow, depth - 1)?;
@@ -158,25 +156,20 @@ pub fn create_overlay(
     out: &Path,
     base: &Path,
 ) -> Result<Arc<dyn BlockDevice>, ImageError> {
-    let io = |source| ImageError::Io {
-        path: out.to_path_buf(),
-        source,
-    };
-    let absolute = std::fs::canonicalize(base).map_err(|source| ImageError::Io {
-        path: base.to_path_buf(),
-        source: diskferry_blockdev::BlockError::Io {
+    let absolute = std::fs::canonicalize(base)
+        .map_err(|source| BlockError::Io {
             op: "resolve",
             offset: None,
             device: base.display().to_string(),
             source,
-        },
-    })?;
-    let name = absolute.to_str().ok_or_else(|| ImageError::Invalid {
-        path: base.to_path_buf(),
-        problem: "the path is not UTF-8 and cannot be stored in a qcow2 header".into(),
-    })?;
+        })
+        .at(base)?;
+    let name = absolute
+        .to_str()
+        .ok_or(CreateError::BackingPathNotUtf8)
+        .at(out)?;
     let (detected, base_device) = open_image(&absolute, true)?;
-    let container = Arc::new(FileDevice::from_file(file, out, true).map_err(io)?);
+    let container = Arc::new(FileDevice::from_file(file, out, true).at(out)?);
     Ok(Arc::new(qcow2::Qcow2::create_overlay(
         container,
         out,
@@ -200,17 +193,13 @@ pub fn create_image(
     compress: bool,
     logical_sector: u32,
 ) -> Result<Arc<dyn BlockDevice>, ImageError> {
-    let io = |source| ImageError::Io {
-        path: path.to_path_buf(),
-        source,
-    };
     match format {
         ImageFormat::Raw | ImageFormat::Vhdx if compress => Err(ImageError::Unsupported {
             path: path.to_path_buf(),
             feature: "compression outside qcow2".into(),
         }),
         ImageFormat::Vhdx => {
-            let container = Arc::new(FileDevice::from_file(file, path, true).map_err(io)?);
+            let container = Arc::new(FileDevice::from_file(file, path, true).at(path)?);
             Ok(Arc::new(vhdx::Vhdx::create(
                 container,
                 path,
@@ -220,22 +209,20 @@ pub fn create_image(
             )?))
         }
         ImageFormat::Raw => {
-            file.set_len(size).map_err(|source| {
-                io(diskferry_blockdev::BlockError::Io {
+            file.set_len(size)
+                .map_err(|source| BlockError::Io {
                     op: "resize",
                     offset: None,
                     device: path.display().to_string(),
                     source,
                 })
-            })?;
-            Ok(Arc::new(
-                FileDevice::from_file(file, path, true).map_err(io)?,
-            ))
+                .at(path)?;
+            Ok(Arc::new(FileDevice::from_file(file, path, true).at(path)?))
         }
         ImageFormat::Qcow2 => {
-            let container = Arc::new(FileDevice::from_file(file, path, true).map_err(io)?);
+            let container = Arc::new(FileDevice::from_file(file, path, true).at(path)?);
             let image = qcow2::Qcow2::create(container, path, size, QCOW2_CLUSTER_BITS)?;
-            image.set_compress(compress).map_err(io)?;
+            image.set_compress(compress)?;
             Ok(Arc::new(image))
         }
     }
@@ -256,10 +243,7 @@ pub(crate) fn read_mapped(
         let m = map(pos, (buf.len() - done) as u64)?;
         let n = m.len() as usize;
         if n == 0 {
-            return Err(BlockError::Format(format!(
-                "{}: empty mapping at {pos}",
-                path.display()
-            )));
+            return Err(empty_mapping(path, pos));
         }
         fill(m, pos, &mut buf[done..done + n])?;
         done += n;
@@ -281,10 +265,7 @@ pub(crate) fn status_mapped(
     while pos < end && out.len() < 4096 {
         let m = map(pos, end - pos)?;
         if m.is_empty() {
-            return Err(BlockError::Format(format!(
-                "{}: empty mapping at {pos}",
-                path.display()
-            )));
+            return Err(empty_mapping(path, pos));
         }
         let region = match m {
             Mapping::Data { .. } | Mapping::Compressed { .. } => Region::Data,
@@ -302,6 +283,13 @@ pub(crate) fn status_mapped(
         pos += m.len();
     }
     Ok(out)
+}
+
+fn empty_mapping(path: &Path, offset: u64) -> BlockError {
+    BlockError::from(ImageError::Invalid {
+        path: path.to_path_buf(),
+        problem: FormatError::EmptyMapping { offset },
+    })
 }
 
 /// Where a piece of the virtual disk lives.
@@ -336,18 +324,4 @@ impl Mapping {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
-}
-
-/// Why an image cannot be opened or read. Always names the file.
-#[derive(Debug, thiserror::Error)]
-pub enum ImageError {
-    #[error("{path}: {problem}")]
-    Invalid { path: PathBuf, problem: String },
-    #[error("{path}: {feature} is not supported")]
-    Unsupported { path: PathBuf, feature: String },
-    #[error("{path}: {source}")]
-    Io {
-        path: PathBuf,
-        source: diskferry_blockdev::BlockError,
-    },
 }

@@ -1,23 +1,20 @@
-//! The qcow2 header (versions 2 and 3), parsed from big-endian bytes and validated against
-//! the file before anything it describes is trusted.
+//! The qcow2 header (versions 2 and 3): parsed through the field table in `ondisk.rs` and
+//! validated against the file before anything it describes is trusted; encoded through the
+//! same table.
 
-use super::super::ImageError;
 use std::path::Path;
 
-pub const MAGIC: &[u8; 4] = b"QFI\xfb";
-/// Bytes of a version 2 header; version 3 headers say their own length (at least 104).
-const V2_HEADER_LEN: usize = 72;
-const V3_MIN_HEADER_LEN: u32 = 104;
+use super::ondisk::{extension, header as h};
+use crate::error::{check_field, Allowed, AtPath};
+use crate::{FormatError, ImageError};
 
-/// Header extension naming the backing file's format.
-const BACKING_FORMAT_EXTENSION: u32 = 0xe279_2aca;
+pub use super::ondisk::header::{
+    INCOMPAT_COMPRESSION_TYPE, INCOMPAT_CORRUPT, INCOMPAT_DIRTY, INCOMPAT_EXTENDED_L2,
+    INCOMPAT_EXTERNAL_DATA,
+};
 
-/// Incompatible feature bits (version 3).
-pub const INCOMPAT_DIRTY: u64 = 1 << 0;
-pub const INCOMPAT_CORRUPT: u64 = 1 << 1;
-pub const INCOMPAT_EXTERNAL_DATA: u64 = 1 << 2;
-pub const INCOMPAT_COMPRESSION_TYPE: u64 = 1 << 3;
-pub const INCOMPAT_EXTENDED_L2: u64 = 1 << 4;
+pub const MAGIC: &[u8; 4] = h::MAGIC_VALUE;
+
 const INCOMPAT_KNOWN: u64 = INCOMPAT_DIRTY
     | INCOMPAT_CORRUPT
     | INCOMPAT_EXTERNAL_DATA
@@ -29,6 +26,8 @@ const INCOMPAT_KNOWN: u64 = INCOMPAT_DIRTY
 pub const MAX_VIRTUAL_SIZE: u64 = 1 << 56;
 /// Largest L1 table accepted, in entries (qemu caps the table at 32 MiB).
 pub const MAX_L1_ENTRIES: u64 = (32 << 20) / 8;
+/// Longest backing file name (qemu's limit).
+pub const MAX_BACKING_NAME: u32 = 1023;
 
 /// How compressed clusters are encoded.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -56,14 +55,6 @@ pub struct Header {
     pub compression: Compression,
 }
 
-fn be32(b: &[u8], at: usize) -> u32 {
-    u32::from_be_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
-}
-
-fn be64(b: &[u8], at: usize) -> u64 {
-    (u64::from(be32(b, at)) << 32) | u64::from(be32(b, at + 4))
-}
-
 impl Header {
     pub fn cluster_size(&self) -> u64 {
         1 << self.cluster_bits
@@ -74,180 +65,227 @@ impl Header {
         self.cluster_size() / 8
     }
 
-    /// Offset of the incompatible-features field (version 3), rewritten to set the dirty bit.
-    pub const INCOMPATIBLE_OFFSET: u64 = 72;
+    /// The bytes, and their offset in the file, that rewrite the incompatible-features field
+    /// alone with `bits` (how the dirty bit is set and cleared).
+    pub fn incompatible_patch(bits: u64) -> ([u8; 8], u64) {
+        let field = h::INCOMPATIBLE_FEATURES;
+        let mut raw = [0u8; h::V3_MIN_LEN];
+        field.set(&mut raw, bits);
+        let mut patch = [0u8; 8];
+        patch.copy_from_slice(&raw[field.offset..field.end()]);
+        (patch, field.offset as u64)
+    }
 
     /// A version 3 header as we write it: for an overlay, followed by the backing format
     /// extension, the end marker and the backing file name (all within the first cluster).
     pub fn encode(&self, backing: Option<(&str, &str)>) -> Vec<u8> {
         let mut ext = Vec::new();
         if let Some((_, format)) = backing {
-            ext.extend_from_slice(&BACKING_FORMAT_EXTENSION.to_be_bytes());
-            ext.extend_from_slice(&(format.len() as u32).to_be_bytes());
-            ext.extend_from_slice(format.as_bytes());
-            ext.resize(ext.len().next_multiple_of(8), 0);
+            ext.extend(extension_bytes(
+                extension::BACKING_FORMAT,
+                format.as_bytes(),
+            ));
         }
-        ext.extend_from_slice(&[0; 8]); // end of header extensions
-        let name_offset = 112 + ext.len() as u64;
-        let (name_offset, name_len) = match backing {
-            Some((name, _)) => (name_offset, name.len() as u32),
-            None => (0, 0),
-        };
-        let mut b = Vec::with_capacity(120 + name_len as usize);
-        b.extend_from_slice(MAGIC);
-        b.extend_from_slice(&3u32.to_be_bytes());
-        b.extend_from_slice(&name_offset.to_be_bytes());
-        b.extend_from_slice(&name_len.to_be_bytes());
-        b.extend_from_slice(&self.cluster_bits.to_be_bytes());
-        b.extend_from_slice(&self.size.to_be_bytes());
-        b.extend_from_slice(&0u32.to_be_bytes()); // no encryption
-        b.extend_from_slice(&self.l1_size.to_be_bytes());
-        b.extend_from_slice(&self.l1_table_offset.to_be_bytes());
-        b.extend_from_slice(&self.refcount_table_offset.to_be_bytes());
-        b.extend_from_slice(&self.refcount_table_clusters.to_be_bytes());
-        b.extend_from_slice(&0u32.to_be_bytes()); // snapshots
-        b.extend_from_slice(&0u64.to_be_bytes()); // snapshots offset
-        b.extend_from_slice(&self.incompatible.to_be_bytes());
-        b.extend_from_slice(&0u64.to_be_bytes()); // compatible features
-        b.extend_from_slice(&0u64.to_be_bytes()); // autoclear features
-        b.extend_from_slice(&4u32.to_be_bytes()); // refcount order: 16-bit
-        b.extend_from_slice(&112u32.to_be_bytes()); // header length
-        b.push(0); // compression type: zlib
-        b.extend_from_slice(&[0; 7]);
+        ext.extend(extension_bytes(extension::END, &[]));
+        let name = backing.map_or(&[][..], |(name, _)| name.as_bytes());
+        let mut b = vec![0u8; h::V3_LEN];
+        h::MAGIC.set(&mut b, MAGIC);
+        h::VERSION.set(&mut b, 3);
+        if !name.is_empty() {
+            h::BACKING_FILE_OFFSET.set(&mut b, (h::V3_LEN + ext.len()) as u64);
+            h::BACKING_FILE_SIZE.set(&mut b, name.len() as u32);
+        }
+        h::CLUSTER_BITS.set(&mut b, self.cluster_bits);
+        h::SIZE.set(&mut b, self.size);
+        h::L1_SIZE.set(&mut b, self.l1_size);
+        h::L1_TABLE_OFFSET.set(&mut b, self.l1_table_offset);
+        h::REFCOUNT_TABLE_OFFSET.set(&mut b, self.refcount_table_offset);
+        h::REFCOUNT_TABLE_CLUSTERS.set(&mut b, self.refcount_table_clusters);
+        h::INCOMPATIBLE_FEATURES.set(&mut b, self.incompatible);
+        h::REFCOUNT_ORDER.set(&mut b, 4); // 16-bit refcounts
+        h::HEADER_LENGTH.set(&mut b, h::V3_LEN as u32);
+        // No encryption, snapshots, compatible or autoclear features; zlib compression.
         b.extend_from_slice(&ext);
-        if let Some((name, _)) = backing {
-            b.extend_from_slice(name.as_bytes());
-        }
+        b.extend_from_slice(name);
         b
     }
 
     /// Parses and validates the first bytes of an image of `file_len` bytes.
     pub fn parse(raw: &[u8], file_len: u64, path: &Path) -> Result<Header, ImageError> {
-        let bad = |problem: String| ImageError::Invalid {
-            path: path.to_path_buf(),
-            problem,
-        };
-        let unsupported = |feature: &str| ImageError::Unsupported {
-            path: path.to_path_buf(),
-            feature: feature.into(),
-        };
-        if raw.len() < V2_HEADER_LEN || &raw[..4] != MAGIC {
-            return Err(bad(
-                "not a qcow2 image (no QFI\\xfb magic at the start)".into()
-            ));
+        if raw.len() < h::V2_LEN || h::MAGIC.get(raw) != *MAGIC {
+            return Err(FormatError::NotFormat {
+                format: "qcow2",
+                magic: "QFI\\xfb",
+            })
+            .at(path);
         }
-        let version = be32(raw, 4);
+        let version = h::VERSION.get(raw);
         if version != 2 && version != 3 {
-            return Err(unsupported(&format!("qcow2 version {version}")));
+            return Err(unsupported(path, format!("qcow2 version {version}")));
         }
-        let mut h = Header {
+        if h::CRYPT_METHOD.get(raw) != 0 {
+            return Err(unsupported(path, "encrypted qcow2".into()));
+        }
+        let mut header = Header {
             version,
-            backing_file_offset: be64(raw, 8),
-            backing_file_size: be32(raw, 16),
-            cluster_bits: be32(raw, 20),
-            size: be64(raw, 24),
-            l1_size: be32(raw, 36),
-            l1_table_offset: be64(raw, 40),
-            refcount_table_offset: be64(raw, 48),
-            refcount_table_clusters: be32(raw, 56),
-            nb_snapshots: be32(raw, 60),
+            backing_file_offset: h::BACKING_FILE_OFFSET.get(raw),
+            backing_file_size: h::BACKING_FILE_SIZE.get(raw),
+            cluster_bits: h::CLUSTER_BITS.get(raw),
+            size: h::SIZE.get(raw),
+            l1_size: h::L1_SIZE.get(raw),
+            l1_table_offset: h::L1_TABLE_OFFSET.get(raw),
+            refcount_table_offset: h::REFCOUNT_TABLE_OFFSET.get(raw),
+            refcount_table_clusters: h::REFCOUNT_TABLE_CLUSTERS.get(raw),
+            nb_snapshots: h::NB_SNAPSHOTS.get(raw),
             incompatible: 0,
             refcount_order: 4,
-            header_length: V2_HEADER_LEN as u32,
+            header_length: h::V2_LEN as u32,
             compression: Compression::Zlib,
         };
-        if be32(raw, 32) != 0 {
-            return Err(unsupported("encrypted qcow2"));
-        }
         if version == 3 {
-            if raw.len() < V3_MIN_HEADER_LEN as usize {
-                return Err(bad(format!(
-                    "version 3 header cut short at {} bytes",
-                    raw.len()
-                )));
-            }
-            h.incompatible = be64(raw, 72);
-            h.refcount_order = be32(raw, 96);
-            h.header_length = be32(raw, 100);
-            if h.header_length < V3_MIN_HEADER_LEN || h.header_length as usize > raw.len() {
-                return Err(bad(format!(
-                    "header length {} is out of range",
-                    h.header_length
-                )));
-            }
-            let unknown = h.incompatible & !INCOMPAT_KNOWN;
-            if unknown != 0 {
-                return Err(unsupported(&format!(
-                    "incompatible feature bits {unknown:#x}"
-                )));
-            }
-            if h.incompatible & INCOMPAT_CORRUPT != 0 {
-                return Err(bad(
-                    "the image is marked corrupt; repair it with `qemu-img check -r all`".into(),
-                ));
-            }
-            if h.incompatible & INCOMPAT_EXTERNAL_DATA != 0 {
-                return Err(unsupported("an external data file"));
-            }
-            if h.incompatible & INCOMPAT_EXTENDED_L2 != 0 {
-                return Err(unsupported("extended L2 entries (subclusters)"));
-            }
-            if h.incompatible & INCOMPAT_COMPRESSION_TYPE != 0 {
-                if h.header_length < 105 {
-                    return Err(bad(
-                        "compression type bit set but the header has no compression type".into(),
-                    ));
-                }
-                h.compression = match raw[104] {
-                    0 => Compression::Zlib,
-                    1 => Compression::Zstd,
-                    t => return Err(unsupported(&format!("compression type {t}"))),
-                };
-            }
-            if h.refcount_order > 6 {
-                return Err(bad(format!(
-                    "refcount order {} is above 6",
-                    h.refcount_order
-                )));
-            }
+            header.parse_v3(raw, path)?;
         }
-        if !(9..=21).contains(&h.cluster_bits) {
-            return Err(bad(format!(
-                "cluster bits {} outside 9..=21",
-                h.cluster_bits
-            )));
+        header.check_geometry(file_len).at(path)?;
+        Ok(header)
+    }
+
+    /// The version 3 fields: features (refusing what we cannot read), refcount width,
+    /// header length, compression type.
+    fn parse_v3(&mut self, raw: &[u8], path: &Path) -> Result<(), ImageError> {
+        if raw.len() < h::V3_MIN_LEN {
+            return Err(FormatError::Short {
+                structure: "version 3 header",
+                len: raw.len() as u64,
+                needed: h::V3_MIN_LEN as u64,
+            })
+            .at(path);
         }
-        if h.size > MAX_VIRTUAL_SIZE {
-            return Err(bad(format!("virtual size {} is absurd", h.size)));
+        self.incompatible = h::INCOMPATIBLE_FEATURES.get(raw);
+        self.refcount_order = h::REFCOUNT_ORDER.get(raw);
+        self.header_length = h::HEADER_LENGTH.get(raw);
+        let length = Allowed::Range {
+            min: h::V3_MIN_LEN as u64,
+            max: raw.len() as u64,
+        };
+        check_field("header", "header length", self.header_length.into(), length).at(path)?;
+        let unknown = self.incompatible & !INCOMPAT_KNOWN;
+        if unknown != 0 {
+            return Err(unsupported(
+                path,
+                format!("incompatible feature bits {unknown:#x}"),
+            ));
         }
-        let cluster = h.cluster_size();
-        let needed_l1 = h.size.div_ceil(cluster * h.l2_entries());
-        if u64::from(h.l1_size) < needed_l1 || u64::from(h.l1_size) > MAX_L1_ENTRIES {
-            return Err(bad(format!(
-                "L1 table of {} entries cannot map {} bytes (needs {needed_l1}, at most {MAX_L1_ENTRIES})",
-                h.l1_size, h.size
-            )));
+        let refused = [
+            (INCOMPAT_EXTERNAL_DATA, "an external data file"),
+            (INCOMPAT_EXTENDED_L2, "extended L2 entries (subclusters)"),
+        ];
+        if self.incompatible & INCOMPAT_CORRUPT != 0 {
+            return Err(FormatError::MarkedCorrupt).at(path);
         }
+        if let Some((_, feature)) = refused.iter().find(|(bit, _)| self.incompatible & bit != 0) {
+            return Err(unsupported(path, (*feature).into()));
+        }
+        if self.incompatible & INCOMPAT_COMPRESSION_TYPE != 0 {
+            let with_type = Allowed::Range {
+                min: h::COMPRESSION_TYPE.end() as u64,
+                max: raw.len() as u64,
+            };
+            check_field(
+                "header",
+                "header length",
+                self.header_length.into(),
+                with_type,
+            )
+            .at(path)?;
+            self.compression = match h::COMPRESSION_TYPE.get(raw) {
+                0 => Compression::Zlib,
+                1 => Compression::Zstd,
+                t => return Err(unsupported(path, format!("compression type {t}"))),
+            };
+        }
+        let order = Allowed::Range { min: 0, max: 6 };
+        check_field(
+            "header",
+            "refcount order",
+            self.refcount_order.into(),
+            order,
+        )
+        .at(path)
+    }
+
+    /// Cluster size, virtual size, the L1 table and the backing file name against the file.
+    fn check_geometry(&self, file_len: u64) -> Result<(), FormatError> {
+        check_field(
+            "header",
+            "cluster bits",
+            self.cluster_bits.into(),
+            Allowed::Range { min: 9, max: 21 },
+        )?;
+        check_field(
+            "header",
+            "virtual size",
+            self.size,
+            Allowed::Limit(MAX_VIRTUAL_SIZE),
+        )?;
+        let cluster = self.cluster_size();
+        let needed_l1 = self.size.div_ceil(cluster * self.l2_entries());
+        check_field(
+            "header",
+            "L1 table size",
+            self.l1_size.into(),
+            Allowed::Range {
+                min: needed_l1,
+                max: MAX_L1_ENTRIES,
+            },
+        )?;
         let within = |offset: u64, len: u64| {
             offset.is_multiple_of(cluster) && offset.checked_add(len).is_some_and(|e| e <= file_len)
         };
-        if h.l1_size > 0 && !within(h.l1_table_offset, u64::from(h.l1_size) * 8) {
-            return Err(bad(format!(
-                "L1 table at {} is misaligned or beyond the end of the file",
-                h.l1_table_offset
-            )));
+        if self.l1_size > 0 && !within(self.l1_table_offset, u64::from(self.l1_size) * 8) {
+            return Err(FormatError::Misplaced {
+                structure: "L1 table",
+                index: None,
+                offset: self.l1_table_offset,
+            });
         }
-        if h.backing_file_offset != 0 {
-            let end = h
+        if self.backing_file_offset != 0 {
+            let end = self
                 .backing_file_offset
-                .checked_add(u64::from(h.backing_file_size));
-            if h.backing_file_size == 0
-                || h.backing_file_size > 1023
-                || end.is_none_or(|e| e > file_len)
-            {
-                return Err(bad("backing file name is out of range".into()));
+                .checked_add(u64::from(self.backing_file_size));
+            if self.backing_file_size == 0 || end.is_none_or(|e| e > file_len) {
+                return Err(FormatError::BeyondEnd {
+                    structure: "backing file name",
+                    offset: self.backing_file_offset,
+                    len: self.backing_file_size.into(),
+                });
             }
+            check_field(
+                "header",
+                "backing file name length",
+                self.backing_file_size.into(),
+                Allowed::Range {
+                    min: 1,
+                    max: MAX_BACKING_NAME.into(),
+                },
+            )?;
         }
-        Ok(h)
+        Ok(())
+    }
+}
+
+/// A header extension of `kind` holding `data`, padded to 8 bytes.
+fn extension_bytes(kind: u32, data: &[u8]) -> Vec<u8> {
+    let mut e = vec![0u8; extension::DATA];
+    extension::TYPE.set(&mut e, kind);
+    extension::LENGTH.set(&mut e, data.len() as u32);
+    e.extend_from_slice(data);
+    e.resize(e.len().next_multiple_of(8), 0);
+    e
+}
+
+fn unsupported(path: &Path, feature: String) -> ImageError {
+    ImageError::Unsupported {
+        path: path.to_path_buf(),
+        feature,
     }
 }

@@ -4,12 +4,21 @@
 //! entry is validated when first used, so a hostile image yields a clear error naming the
 //! file and the problem — never a panic, never an allocation beyond one cluster or the L1
 //! table's bounded size. Data clusters, explicit zero clusters, unallocated clusters and
-//! zlib- and zstd-compressed clusters are read. Writing lives in `write.rs`.
+//! zlib- and zstd-compressed clusters are read. `ondisk.rs` holds the layout, `header.rs`
+//! parses and encodes the header; writing lives in `create.rs` (new images, overlays, opening
+//! for writing), `write.rs` (copy-on-write, compression, discards), `refcount.rs` (append-only
+//! allocation and refcounts) and `flush.rs` (crash-ordered metadata writes).
 //!
 //! The L1 table and the L2 tables in use live in [`Meta`] under one lock, shared by reads and
 //! writes: a write's table updates are visible to reads at once and reach the file at flush.
 
+mod create;
+mod flush;
 mod header;
+pub mod ondisk;
+mod refcount;
+#[cfg(test)]
+mod tests;
 mod write;
 
 use std::collections::hash_map::Entry;
@@ -19,15 +28,10 @@ use std::sync::{Arc, Mutex};
 
 pub use header::{Compression, Header, MAGIC};
 
-use super::{read_mapped, status_mapped, ImageError, Mapping};
-use diskferry_blockdev::{check_range, BlockDevice, BlockError, Extent, Region, Result};
-
-/// Offset bits of L1 and standard L2 entries (bits 9..=55).
-const OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
-const OFLAG_COPIED: u64 = 1 << 63;
-const OFLAG_COMPRESSED: u64 = 1 << 62;
-/// Version 3: the cluster reads as zeros.
-const OFLAG_ZERO: u64 = 1;
+use super::{read_mapped, status_mapped, FormatError, ImageError, Mapping};
+use crate::error::AtPath;
+use diskferry_blockdev::{check_range, BlockDevice, Extent, Region, Result};
+use ondisk::entry::{COMPRESSED, COPIED, OFFSET_MASK, ZERO};
 /// L2 tables kept in memory.
 const L2_CACHE_TABLES: usize = 64;
 
@@ -53,7 +57,7 @@ struct Meta {
     l2: HashMap<u64, L2Table>,
     tick: u64,
     /// Present when the image is open for writing.
-    write: Option<write::WriteState>,
+    write: Option<refcount::WriteState>,
 }
 
 struct L2Table {
@@ -94,10 +98,7 @@ impl Qcow2 {
     ) -> std::result::Result<Qcow2, ImageError> {
         let mut image = Qcow2::inspect(file, path)?;
         if image.backing_name.is_none() {
-            return Err(invalid(
-                path,
-                "a backing image was given but this image has no backing file".into(),
-            ));
+            return Err(FormatError::NotAnOverlay).at(path);
         }
         image.backing = Some(backing);
         Ok(image)
@@ -109,50 +110,25 @@ impl Qcow2 {
         file: Arc<dyn BlockDevice>,
         path: &Path,
     ) -> std::result::Result<Qcow2, ImageError> {
-        let io = |source| ImageError::Io {
-            path: path.to_path_buf(),
-            source,
-        };
         let file_len = file.size();
         let mut raw = vec![0u8; file_len.min(512) as usize];
-        file.read_at(&mut raw, 0).map_err(io)?;
+        file.read_at(&mut raw, 0).at(path)?;
         let header = Header::parse(&raw, file_len, path)?;
         let backing_name = if header.backing_file_offset != 0 {
             // Bounded to 1023 bytes by Header::parse.
             let mut name = vec![0u8; header.backing_file_size as usize];
             file.read_at(&mut name, header.backing_file_offset)
-                .map_err(io)?;
+                .at(path)?;
             Some(
                 String::from_utf8(name)
-                    .map_err(|_| invalid(path, "the backing file name is not UTF-8".into()))?,
+                    .map_err(|_| FormatError::BackingNameNotUtf8)
+                    .at(path)?,
             )
         } else {
             None
         };
-        // Bounded by MAX_L1_ENTRIES in Header::parse, and present in the file.
-        let mut l1_raw = vec![0u8; header.l1_size as usize * 8];
-        file.read_at(&mut l1_raw, header.l1_table_offset)
-            .map_err(io)?;
-        let l1: Vec<u64> = l1_raw
-            .chunks_exact(8)
-            .map(|c| u64::from_be_bytes(c.try_into().unwrap_or([0; 8])))
-            .collect();
-        let cluster = header.cluster_size();
-        for (i, e) in l1.iter().enumerate() {
-            let l2 = e & OFFSET_MASK;
-            if e & !(OFFSET_MASK | OFLAG_COPIED) != 0 {
-                return Err(invalid(
-                    path,
-                    format!("L1 entry {i} has reserved bits set ({e:#x})"),
-                ));
-            }
-            if l2 != 0 && (!l2.is_multiple_of(cluster) || l2.saturating_add(cluster) > file_len) {
-                return Err(invalid(
-                    path,
-                    format!("L1 entry {i} points to {l2}, outside the file or misaligned"),
-                ));
-            }
-        }
+        let l1 = read_l1(&*file, &header).at(path)?;
+        check_l1(&l1, header.cluster_size(), file_len).at(path)?;
         Ok(Qcow2 {
             file,
             path: path.to_path_buf(),
@@ -189,10 +165,12 @@ impl Qcow2 {
                 buf[available..].fill(0);
                 backing.read_at(&mut buf[..available], offset)
             }
-            (None, Some(name)) => Err(BlockError::Format(format!(
-                "{}: an overlay of {name:?} opened without it cannot read offset {offset}",
-                self.path.display()
-            ))),
+            (None, Some(name)) => Err(self
+                .invalid(FormatError::NoBacking {
+                    name: name.clone(),
+                    offset,
+                })
+                .into()),
             (None, None) => {
                 buf.fill(0);
                 Ok(())
@@ -222,12 +200,9 @@ impl Qcow2 {
         let h = &self.header;
         let cluster = h.cluster_size();
         let in_cluster = offset % cluster;
-        if e & OFLAG_COMPRESSED != 0 {
-            let x = 62 - (h.cluster_bits - 8);
-            let host = e & ((1 << x) - 1);
-            let sectors = (e >> x) & ((1 << (h.cluster_bits - 8)) - 1);
-            let stored =
-                ((sectors + 1) * 512 - (host & 511)).min(self.file.size().saturating_sub(host));
+        if e & COMPRESSED != 0 {
+            let (host, sectors) = ondisk::compressed::decode(e, h.cluster_bits);
+            let stored = (sectors * 512 - (host & 511)).min(self.file.size().saturating_sub(host));
             return Ok(Mapping::Compressed {
                 host,
                 stored,
@@ -235,12 +210,14 @@ impl Qcow2 {
                 len,
             });
         }
-        if e & !(OFFSET_MASK | OFLAG_COPIED | OFLAG_ZERO) != 0 {
-            return Err(self.invalid(format!(
-                "L2 entry for offset {offset} has reserved bits set ({e:#x})"
-            )));
+        if e & !(OFFSET_MASK | COPIED | ZERO) != 0 {
+            return Err(self.invalid(FormatError::ReservedBits {
+                table: "L2",
+                index: offset >> h.cluster_bits,
+                value: e,
+            }));
         }
-        if h.version >= 3 && e & OFLAG_ZERO != 0 {
+        if h.version >= 3 && e & ZERO != 0 {
             return Ok(Mapping::Zero { len });
         }
         let host = e & OFFSET_MASK;
@@ -248,9 +225,11 @@ impl Qcow2 {
             return Ok(Mapping::Unallocated { len });
         }
         if !host.is_multiple_of(cluster) || host.saturating_add(cluster) > self.file.size() {
-            return Err(self.invalid(format!(
-                "data cluster for offset {offset} at {host} is outside the file or misaligned"
-            )));
+            return Err(self.invalid(FormatError::Misplaced {
+                structure: "data cluster of virtual cluster",
+                index: Some(offset >> h.cluster_bits),
+                offset: host,
+            }));
         }
         Ok(Mapping::Data {
             host: host + in_cluster,
@@ -258,8 +237,11 @@ impl Qcow2 {
         })
     }
 
-    fn invalid(&self, problem: String) -> ImageError {
-        invalid(&self.path, problem)
+    fn invalid(&self, problem: FormatError) -> ImageError {
+        ImageError::Invalid {
+            path: self.path.clone(),
+            problem,
+        }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Meta> {
@@ -314,16 +296,8 @@ impl Qcow2 {
             Entry::Occupied(o) => o.into_mut(),
             Entry::Vacant(v) => {
                 let mut raw = vec![0u8; self.header.cluster_size() as usize];
-                self.file
-                    .read_at(&mut raw, offset)
-                    .map_err(|source| ImageError::Io {
-                        path: self.path.clone(),
-                        source,
-                    })?;
-                let entries = raw
-                    .chunks_exact(8)
-                    .map(|c| u64::from_be_bytes(c.try_into().unwrap_or([0; 8])))
-                    .collect();
+                self.file.read_at(&mut raw, offset).at(&self.path)?;
+                let entries = be64_entries(&raw);
                 v.insert(L2Table {
                     entries,
                     dirty: false,
@@ -353,12 +327,7 @@ impl Qcow2 {
         let cluster = self.header.cluster_size() as usize;
         // `stored` is bounded by the entry's sector count (at most about one cluster).
         let mut input = vec![0u8; stored as usize];
-        self.file
-            .read_at(&mut input, host)
-            .map_err(|source| ImageError::Io {
-                path: self.path.clone(),
-                source,
-            })?;
+        self.file.read_at(&mut input, host).at(&self.path)?;
         // The output is exactly one cluster: nothing decompresses beyond it.
         let mut out = vec![0u8; cluster];
         let whole = match self.header.compression {
@@ -375,9 +344,7 @@ impl Qcow2 {
             }
         };
         if !whole {
-            return Err(self.invalid(format!(
-                "compressed cluster at {host} does not decompress to one cluster"
-            )));
+            return Err(self.invalid(FormatError::Compressed { offset: host }));
         }
         let out = Arc::new(out);
         *self
@@ -388,26 +355,46 @@ impl Qcow2 {
     }
 }
 
-fn invalid(path: &Path, problem: String) -> ImageError {
-    ImageError::Invalid {
-        path: path.to_path_buf(),
-        problem,
+/// The L1 table (bounded by `MAX_L1_ENTRIES` in `Header::parse`, and inside the file).
+fn read_l1(file: &dyn BlockDevice, header: &Header) -> Result<Vec<u64>> {
+    let mut raw = vec![0u8; header.l1_size as usize * 8];
+    file.read_at(&mut raw, header.l1_table_offset)?;
+    Ok(be64_entries(&raw))
+}
+
+/// Every L1 entry: no reserved bits, and an L2 table inside the file, cluster aligned.
+fn check_l1(l1: &[u64], cluster: u64, file_len: u64) -> std::result::Result<(), FormatError> {
+    for (i, e) in l1.iter().enumerate() {
+        let l2 = e & OFFSET_MASK;
+        if e & !(OFFSET_MASK | COPIED) != 0 {
+            return Err(FormatError::ReservedBits {
+                table: "L1",
+                index: i as u64,
+                value: *e,
+            });
+        }
+        if l2 != 0 && (!l2.is_multiple_of(cluster) || l2.saturating_add(cluster) > file_len) {
+            return Err(FormatError::Misplaced {
+                structure: "L2 table of L1 entry",
+                index: Some(i as u64),
+                offset: l2,
+            });
+        }
     }
+    Ok(())
+}
+
+/// A table of big-endian 64-bit entries (L1, L2, refcount table).
+fn be64_entries(raw: &[u8]) -> Vec<u64> {
+    raw.chunks_exact(8)
+        .map(|c| u64::from_be_bytes(c.try_into().unwrap_or([0; 8])))
+        .collect()
 }
 
 impl Drop for Qcow2 {
     /// Best effort: call [`BlockDevice::flush`] to see errors.
     fn drop(&mut self) {
         let _ = self.flush_all();
-    }
-}
-
-impl From<ImageError> for BlockError {
-    fn from(e: ImageError) -> Self {
-        match e {
-            ImageError::Io { source, .. } => source,
-            other => BlockError::Format(other.to_string()),
-        }
     }
 }
 

@@ -14,8 +14,9 @@
 
 use std::collections::BTreeMap;
 
-use super::{checksum, le32, le64};
+use super::ondisk::{checksum, log_data, log_descriptor, log_entry};
 use diskferry_blockdev::{check_range, BlockDevice, Result};
+use diskferry_layout::Guid;
 
 const SECTOR: u64 = 4096;
 /// Largest log accepted (Hyper-V and qemu use 1 MiB).
@@ -23,6 +24,22 @@ pub const MAX_LOG: u64 = 64 << 20;
 /// Most 4 KiB sectors a replay may zero or write (16 GiB): beyond this the log is not one a
 /// writer would produce.
 const MAX_PAGES: usize = 1 << 22;
+
+/// Why a log cannot be replayed.
+#[derive(Debug, thiserror::Error)]
+pub enum LogError {
+    /// The header places the log badly or makes it absurdly large.
+    #[error("the log ({len} bytes at {offset}) is misplaced or absurdly large")]
+    Misplaced { offset: u64, len: u64 },
+    /// The active sequence zeroes more than a writer ever would.
+    #[error("the log's entry {sequence} zeroes more than 16 GiB")]
+    TooLarge { sequence: u64 },
+    /// The log says the file was longer than it is.
+    #[error(
+        "the file ends at {file_size} but its log says {flushed} bytes were flushed (truncated?)"
+    )]
+    Truncated { file_size: u64, flushed: u64 },
+}
 
 /// One parsed log entry.
 struct Entry {
@@ -68,81 +85,99 @@ fn circular(log: &[u8], at: u64, len: u64) -> Vec<u8> {
 }
 
 /// The entry at `at`, if there is a valid one with this log GUID.
-fn parse_entry(log: &[u8], at: u64, guid: &[u8]) -> Option<Entry> {
+fn parse_entry(log: &[u8], at: u64, guid: Guid) -> Option<Entry> {
     let n = log.len() as u64;
     let head = circular(log, at, SECTOR);
-    if &head[..4] != b"loge" || &head[32..48] != guid {
+    if log_entry::SIGNATURE.get(&head) != *log_entry::SIGNATURE_VALUE
+        || log_entry::LOG_GUID.get(&head) != guid
+    {
         return None;
     }
-    let len = u64::from(le32(&head, 8));
-    let tail = u64::from(le32(&head, 12));
-    let sequence = le64(&head, 16);
-    let descriptors = u64::from(le32(&head, 24));
-    if len < SECTOR || len % SECTOR != 0 || len > n || tail % SECTOR != 0 || tail >= n {
+    let len = u64::from(log_entry::ENTRY_LENGTH.get(&head));
+    let tail = u64::from(log_entry::TAIL.get(&head));
+    let sequence = log_entry::SEQUENCE_NUMBER.get(&head);
+    let descriptors = u64::from(log_entry::DESCRIPTOR_COUNT.get(&head));
+    if len < SECTOR
+        || !len.is_multiple_of(SECTOR)
+        || len > n
+        || !tail.is_multiple_of(SECTOR)
+        || tail >= n
+    {
         return None;
     }
-    let descriptor_sectors = (64 + descriptors * 32).div_ceil(SECTOR);
+    let descriptor_sectors = (log_entry::DESCRIPTORS.at(0) as u64
+        + descriptors * log_descriptor::LEN as u64)
+        .div_ceil(SECTOR);
     if descriptor_sectors > len / SECTOR {
         return None;
     }
     let bytes = circular(log, at, len);
-    if le32(&bytes, 4) != checksum(&bytes, 4) {
+    if log_entry::CHECKSUM.get(&bytes) != checksum(&bytes, log_entry::CHECKSUM) {
         return None;
     }
     let mut updates = Vec::new();
     let mut data_sector = descriptor_sectors;
     for i in 0..descriptors as usize {
-        let d = &bytes[64 + i * 32..96 + i * 32];
-        let (offset, seq) = (le64(d, 16), le64(d, 24));
-        if seq != sequence || offset % SECTOR != 0 {
-            return None;
-        }
-        match &d[..4] {
-            b"zero" => {
-                let zero_len = le64(d, 8);
-                if !zero_len.is_multiple_of(SECTOR) || offset.checked_add(zero_len).is_none() {
-                    return None;
-                }
-                updates.push(Update::Zero {
-                    offset,
-                    len: zero_len,
-                });
-            }
-            b"desc" => {
-                if data_sector >= len / SECTOR {
-                    return None;
-                }
-                let s =
-                    &bytes[(data_sector * SECTOR) as usize..((data_sector + 1) * SECTOR) as usize];
-                let s_seq = (u64::from(le32(s, 4)) << 32) | u64::from(le32(s, 4092));
-                if &s[..4] != b"data" || s_seq != sequence {
-                    return None;
-                }
-                let mut sector = vec![0u8; SECTOR as usize].into_boxed_slice();
-                sector[..8].copy_from_slice(&d[8..16]); // leading bytes
-                sector[8..4092].copy_from_slice(&s[8..4092]);
-                sector[4092..].copy_from_slice(&d[4..8]); // trailing bytes
-                updates.push(Update::Write { offset, sector });
-                data_sector += 1;
-            }
-            _ => return None,
-        }
+        let d = log_entry::DESCRIPTORS.get(&bytes, i);
+        let update = parse_descriptor(d, sequence, &bytes, &mut data_sector)?;
+        updates.push(update);
     }
     Some(Entry {
         at,
         len,
         tail,
         sequence,
-        flushed_file_offset: le64(&head, 48),
-        last_file_offset: le64(&head, 56),
+        flushed_file_offset: log_entry::FLUSHED_FILE_OFFSET.get(&head),
+        last_file_offset: log_entry::LAST_FILE_OFFSET.get(&head),
         updates,
     })
+}
+
+/// The update descriptor `d` of the entry `bytes` (numbered `sequence`) makes; a data
+/// descriptor takes the entry's next data sector, `data_sector`.
+fn parse_descriptor(
+    d: &[u8],
+    sequence: u64,
+    bytes: &[u8],
+    data_sector: &mut u64,
+) -> Option<Update> {
+    use log_descriptor as desc;
+    let offset = desc::FILE_OFFSET.get(d);
+    if desc::SEQUENCE_NUMBER.get(d) != sequence || !offset.is_multiple_of(SECTOR) {
+        return None;
+    }
+    match &desc::SIGNATURE.get(d) {
+        desc::ZERO_SIGNATURE => {
+            let len = desc::ZERO_LENGTH.get(d);
+            if !len.is_multiple_of(SECTOR) || offset.checked_add(len).is_none() {
+                return None;
+            }
+            Some(Update::Zero { offset, len })
+        }
+        desc::DATA_SIGNATURE => {
+            let at = (*data_sector * SECTOR) as usize;
+            let s = bytes.get(at..at + SECTOR as usize)?;
+            let s_seq = (u64::from(log_data::SEQUENCE_HIGH.get(s)) << 32)
+                | u64::from(log_data::SEQUENCE_LOW.get(s));
+            if log_data::SIGNATURE.get(s) != *log_data::SIGNATURE_VALUE || s_seq != sequence {
+                return None;
+            }
+            let mut sector = vec![0u8; SECTOR as usize].into_boxed_slice();
+            // The sector's first 8 and last 4 bytes are kept in the descriptor.
+            sector[..8].copy_from_slice(&desc::LEADING_BYTES.get(d));
+            sector[log_data::DATA].copy_from_slice(&s[log_data::DATA]);
+            sector[log_data::DATA.end..].copy_from_slice(&desc::TRAILING_BYTES.get(d));
+            *data_sector += 1;
+            Some(Update::Write { offset, sector })
+        }
+        _ => None,
+    }
 }
 
 /// The active sequence: scanning from the start of the log, each run of valid consecutive
 /// entries is a candidate; it is valid from the entry its head's tail names; the valid one
 /// with the highest head sequence number wins.
-fn active_sequence(log: &[u8], guid: &[u8]) -> Option<Vec<Entry>> {
+fn active_sequence(log: &[u8], guid: Guid) -> Option<Vec<Entry>> {
     let n = log.len() as u64;
     let mut best: Option<Vec<Entry>> = None;
     let mut start = 0;
@@ -192,7 +227,7 @@ fn active_sequence(log: &[u8], guid: &[u8]) -> Option<Vec<Entry>> {
 
 /// Finds and replays the active sequence of `log` (the whole log region) for the log GUID
 /// `guid`. `None` when the log holds no valid sequence (nothing to replay).
-pub fn replay(log: &[u8], guid: &[u8]) -> std::result::Result<Option<Replay>, String> {
+pub fn replay(log: &[u8], guid: Guid) -> std::result::Result<Option<Replay>, LogError> {
     let Some(sequence) = active_sequence(log, guid) else {
         return Ok(None);
     };
@@ -204,7 +239,9 @@ pub fn replay(log: &[u8], guid: &[u8]) -> std::result::Result<Option<Replay>, St
                     for page in (0..len / SECTOR).map(|i| offset + i * SECTOR) {
                         pages.insert(page, None);
                         if pages.len() > MAX_PAGES {
-                            return Err("the log zeroes more than 16 GiB".into());
+                            return Err(LogError::TooLarge {
+                                sequence: entry.sequence,
+                            });
                         }
                     }
                 }
@@ -281,23 +318,25 @@ impl BlockDevice for Replayed {
 mod tests {
     use super::*;
 
-    const GUID: &[u8; 16] = b"0123456789abcdef";
+    use crate::vhdx::ondisk::seal;
+
+    const GUID: Guid = Guid(*b"0123456789abcdef");
 
     /// An entry at sequence `seq` with tail `tail` that zeroes the sector at `offset`.
     fn zero_entry(seq: u64, tail: u32, offset: u64) -> Vec<u8> {
         let mut e = vec![0u8; SECTOR as usize];
-        e[..4].copy_from_slice(b"loge");
-        e[8..12].copy_from_slice(&(SECTOR as u32).to_le_bytes());
-        e[12..16].copy_from_slice(&tail.to_le_bytes());
-        e[16..24].copy_from_slice(&seq.to_le_bytes());
-        e[24..28].copy_from_slice(&1u32.to_le_bytes());
-        e[32..48].copy_from_slice(GUID);
-        e[64..68].copy_from_slice(b"zero");
-        e[72..80].copy_from_slice(&SECTOR.to_le_bytes());
-        e[80..88].copy_from_slice(&offset.to_le_bytes());
-        e[88..96].copy_from_slice(&seq.to_le_bytes());
-        let crc = checksum(&e, 4);
-        e[4..8].copy_from_slice(&crc.to_le_bytes());
+        log_entry::SIGNATURE.set(&mut e, log_entry::SIGNATURE_VALUE);
+        log_entry::ENTRY_LENGTH.set(&mut e, SECTOR as u32);
+        log_entry::TAIL.set(&mut e, tail);
+        log_entry::SEQUENCE_NUMBER.set(&mut e, seq);
+        log_entry::DESCRIPTOR_COUNT.set(&mut e, 1);
+        log_entry::LOG_GUID.set(&mut e, GUID);
+        let d = log_entry::DESCRIPTORS.get_mut(&mut e, 0);
+        log_descriptor::SIGNATURE.set(d, log_descriptor::ZERO_SIGNATURE);
+        log_descriptor::ZERO_LENGTH.set(d, SECTOR);
+        log_descriptor::FILE_OFFSET.set(d, offset);
+        log_descriptor::SEQUENCE_NUMBER.set(d, seq);
+        seal(&mut e, log_entry::CHECKSUM);
         e
     }
 
@@ -344,9 +383,8 @@ mod tests {
     }
 
     fn other_guid_log(mut e: Vec<u8>) -> Vec<u8> {
-        e[32] ^= 0xff;
-        let crc = checksum(&e, 4);
-        e[4..8].copy_from_slice(&crc.to_le_bytes());
+        e[log_entry::LOG_GUID.offset] ^= 0xff;
+        seal(&mut e, log_entry::CHECKSUM);
         log_of(&[(0, e)])
     }
 

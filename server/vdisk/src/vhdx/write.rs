@@ -1,0 +1,90 @@
+//! Writing images we created: payload blocks appended at the end of the file, 1 MiB aligned;
+//! all-zero writes never allocate (whole blocks become the ZERO state and their space is
+//! punched out); the BAT reaches the file at flush, after the data is synced.
+
+use super::ondisk::bat;
+use super::{State, Vhdx};
+use diskferry_blockdev::{check_range, is_zero, BlockError, Result};
+
+impl Vhdx {
+    /// Writes `data` at `offset`, all within one block.
+    fn write_piece(&self, st: &mut State, offset: u64, data: &[u8]) -> Result<()> {
+        let block = offset / self.block_size;
+        let in_block = offset % self.block_size;
+        let index = bat::index(block, self.chunk_ratio) as usize;
+        let entry = st.bat[index];
+        let zero = is_zero(data);
+        let whole = in_block == 0 && data.len() as u64 == self.block_size;
+        if bat::state(entry) == bat::FULLY_PRESENT {
+            let host = bat::file_offset(entry);
+            if zero && whole {
+                self.file.discard(host, self.block_size)?;
+                st.bat[index] = bat::ZERO;
+                st.dirty = true;
+                return Ok(());
+            }
+            return self.file.write_at(data, host + in_block);
+        }
+        if zero {
+            return Ok(()); // not present, zero or unmapped: reads as zeros already
+        }
+        let host = st.next_free;
+        st.next_free += self.block_size;
+        self.file.resize(st.next_free)?;
+        self.file.write_at(data, host + in_block)?;
+        st.bat[index] = bat::entry(bat::FULLY_PRESENT, host);
+        st.dirty = true;
+        Ok(())
+    }
+
+    /// Applies `op` to each block-sized piece of `offset..offset+len`.
+    fn for_each_piece(
+        &self,
+        offset: u64,
+        len: u64,
+        mut op: impl FnMut(&mut State, u64, u64, usize) -> Result<()>,
+    ) -> Result<()> {
+        if !self.writable {
+            return Err(BlockError::ReadOnly);
+        }
+        check_range(self.size, offset, len)?;
+        let mut st = self.lock();
+        let mut done = 0u64;
+        while done < len {
+            let pos = offset + done;
+            let n = (self.block_size - pos % self.block_size).min(len - done);
+            op(&mut st, pos, n, done as usize)?;
+            done += n;
+        }
+        Ok(())
+    }
+
+    pub(super) fn write(&self, buf: &[u8], offset: u64) -> Result<()> {
+        self.for_each_piece(offset, buf.len() as u64, |st, pos, n, at| {
+            self.write_piece(st, pos, &buf[at..at + n as usize])
+        })
+    }
+
+    pub(super) fn discard_range(&self, offset: u64, len: u64) -> Result<()> {
+        let zeros = vec![0u8; self.block_size.min(len) as usize];
+        self.for_each_piece(offset, len, |st, pos, n, _| {
+            self.write_piece(st, pos, &zeros[..n as usize])
+        })
+    }
+
+    /// Data → fsync → BAT → fsync.
+    pub(super) fn flush_bat(&self) -> Result<()> {
+        if !self.writable {
+            return Ok(());
+        }
+        let mut st = self.lock();
+        self.file.flush()?;
+        if st.dirty {
+            let raw: Vec<u8> = st.bat.iter().flat_map(|e| e.to_le_bytes()).collect();
+            self.file.write_at(&raw, self.bat_offset)?;
+            self.file.flush()?;
+            st.dirty = false;
+        }
+        Ok(())
+    }
+}
