@@ -296,7 +296,13 @@ fn a_capture_from_a_machine_survives_its_agent_restarting() {
     let _ = s.get(&format!("/api/jobs/{id}/events"));
     let j = s.get(&format!("/api/jobs/{id}")).json();
     assert_eq!(j["state"], "succeeded", "{j}");
-    assert!(j["log"].as_str().unwrap().contains("no differences"), "{j}");
+    let log = j["log"].as_str().unwrap();
+    assert!(log.contains("no differences"), "{j}");
+    // The job's own log tells of the lost link and the reconnection (events of its span).
+    assert!(
+        log.contains("warning: lost ") && log.contains("reconnected to"),
+        "the job's log records the reconnect: {log}"
+    );
     let (ok, _, err) = diskferry(&[
         "verify".as_ref(),
         disk.as_os_str(),

@@ -26,7 +26,7 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Redirect, Response};
 use axum::Router;
 use diskferry_daemon::agents::Agents;
-use diskferry_daemon::catalog::Catalog;
+use diskferry_daemon::catalog::{Catalog, CatalogError};
 
 use crate::auth::{Auth, Identity};
 use crate::error::Failure;
@@ -68,21 +68,40 @@ pub struct Startup {
     pub interrupted_jobs: usize,
 }
 
+/// Why the data directory could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    #[error("cannot create data directory {path}: {source}")]
+    CreateDir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Catalog(#[from] CatalogError),
+    #[error("{path}: {source}")]
+    Secret {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Key(#[from] diskferry_protocol::key::KeyError),
+}
+
 /// Opens the data directory: catalog (registering every capture), secrets, job state.
-pub fn open(data_dir: &Path) -> Result<(SharedState, Startup), String> {
-    std::fs::create_dir_all(data_dir)
-        .map_err(|e| format!("cannot create data directory {}: {e}", data_dir.display()))?;
-    let catalog = Arc::new(Catalog::open(data_dir).map_err(|e| e.to_string())?);
-    let interrupted_jobs = catalog
-        .interrupt_unfinished_jobs()
-        .map_err(|e| e.to_string())?;
-    catalog.refresh_captures().map_err(|e| e.to_string())?;
-    let captures = catalog.captures().map_err(|e| e.to_string())?.len();
+pub fn open(data_dir: &Path) -> Result<(SharedState, Startup), OpenError> {
+    std::fs::create_dir_all(data_dir).map_err(|source| OpenError::CreateDir {
+        path: data_dir.to_path_buf(),
+        source,
+    })?;
+    let catalog = Arc::new(Catalog::open(data_dir)?);
+    let interrupted_jobs = catalog.interrupt_unfinished_jobs()?;
+    catalog.refresh_captures()?;
+    let captures = catalog.captures()?.len();
     let secret = |name: &str, generate: fn() -> String| {
         let path = data_dir.join(name);
         auth::secret_file(&path, generate)
             .map(|s| (s, path.clone()))
-            .map_err(|e| format!("{}: {e}", path.display()))
+            .map_err(|source| OpenError::Secret { path, source })
     };
     let (password, password_file) = secret("admin-password", || auth::random_hex(12))?;
     let (token, token_file) = secret("api-token", || auth::random_hex(32))?;
@@ -91,7 +110,7 @@ pub fn open(data_dir: &Path) -> Result<(SharedState, Startup), String> {
             .trim()
             .to_string()
     })?;
-    let psk = diskferry_protocol::Psk::from_file(&key_file).map_err(|e| e.to_string())?;
+    let psk = diskferry_protocol::Psk::from_file(&key_file)?;
     let agents = Arc::new(Agents::new(
         Arc::clone(&catalog),
         diskferry_protocol::SessionOptions::new(diskferry_protocol::Role::Controller, psk),

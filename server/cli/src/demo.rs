@@ -17,7 +17,8 @@ use diskferry_fs::ext4::write::{write_ext4, Ext4Options};
 use diskferry_fs::fat_write::{write_fat, FatOptions};
 use diskferry_fs::host::HostFs;
 use diskferry_fs::FsKind;
-use diskferry_imaging::pipeline::{capture_disk, Mode, OutputOptions};
+use diskferry_imaging::pipeline::{Mode, OutputOptions};
+use diskferry_imaging::{CaptureOptions, CaptureOutcome, CaptureSummary};
 use diskferry_imaging::source::{open_source, SourceSpec};
 use diskferry_partition::{
     self as partition, Guid, Partition, PartitionTable, PartitionType, Scheme,
@@ -53,39 +54,56 @@ fn demo(base: &Path, size: u64) -> Result<()> {
         source.display(),
         human_bytes(size)
     );
-
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
     let addr = start_agent(&source, psk.clone())?;
     println!("2. started the agent (the code of diskferry-client) on {addr}, read-only, key-authenticated\n");
-
     let session = SessionOptions::new(Role::Controller, psk);
-    let disks = rt.block_on(async {
-        anyhow::Ok(
-            Connection::connect(&addr, &session)
-                .await?
-                .list_disks()
-                .await?,
-        )
-    })?;
-    println!("3. `diskferry disks {addr}` sees:");
-    print_disks(&disks);
+    list_agent_disks(&rt, &addr, &session)?;
 
     let name = source.display().to_string();
     let remote = format!("{name}@{addr}");
-    let src = open_source(
-        &SourceSpec::Remote {
-            disk: name,
-            addr: addr.clone(),
-        },
-        rt.handle(),
-        Some(&session),
-        false,
-        diskferry_imaging::source::DEFAULT_RECONNECT,
-    )?;
-    let report = diskferry_imaging::inspect::inspect(&src)?;
-    let used: u64 = report.partitions.iter().filter_map(|p| p.used_bytes).sum();
+    let spec = SourceSpec::Remote {
+        disk: name,
+        addr: addr.clone(),
+    };
+    let reconnect = diskferry_imaging::source::DEFAULT_RECONNECT;
+    let src = open_source(&spec, rt.handle(), Some(&session), false, reconnect)?;
+    let used = show_inspection(&src, &remote)?;
+
+    let out = base.join("capture.vhdx");
+    println!("\n5. `diskferry capture {remote} {} --verify` (auto mode: ext4 and FAT recreated file by file):", out.display());
+    let outcome = capture_and_verify(src, &out)?;
+    print_figures(&outcome, size, used)?;
+    qemu_check(&out)?;
+    println!(
+        "\nThe capture is {} (Hyper-V boots VHDX directly; remove {} when done).\n\
+         On real machines: boot diskferry-client --listen 0.0.0.0:7700 --key-file KEY on the source,\n\
+         then run diskferry inspect DISK@HOST:7700 --key-file KEY and diskferry capture DISK@HOST:7700 OUT.vhdx --key-file KEY --verify.",
+        out.display(),
+        base.display()
+    );
+    Ok(())
+}
+
+/// Step 3: the agent's disks, as `diskferry disks` shows them.
+fn list_agent_disks(
+    rt: &tokio::runtime::Runtime,
+    addr: &str,
+    session: &SessionOptions,
+) -> Result<()> {
+    let disks = rt.block_on(async {
+        anyhow::Ok(Connection::connect(addr, session).await?.list_disks().await?)
+    })?;
+    println!("3. `diskferry disks {addr}` sees:");
+    print_disks(&disks);
+    Ok(())
+}
+
+/// Step 4: `inspect` over the wire; returns the bytes the filesystems use.
+fn show_inspection(src: &Arc<dyn BlockDevice>, remote: &str) -> Result<u64> {
+    let report = diskferry_imaging::inspect::inspect(src)?;
     println!("\n4. `diskferry inspect {remote}` over the wire:");
     for p in &report.partitions {
         println!(
@@ -101,34 +119,37 @@ fn demo(base: &Path, size: u64) -> Result<()> {
                 .unwrap_or_default()
         );
     }
+    Ok(report.partitions.iter().filter_map(|p| p.used_bytes).sum())
+}
 
-    let out = base.join("capture.vhdx");
-    println!("\n5. `diskferry capture {remote} {} --verify` (auto mode: ext4 and FAT recreated file by file):", out.display());
+/// Step 5: the capture, through the same function `diskferry capture` calls, verified.
+fn capture_and_verify(src: Arc<dyn BlockDevice>, out: &Path) -> Result<CaptureOutcome> {
     let progress = progress_for(ProgressKind::Bar);
-    let output = OutputOptions {
-        format: ImageFormat::from_extension(&out),
-        compress: false,
-        overwrite: true,
+    let options = CaptureOptions {
+        output: OutputOptions {
+            format: ImageFormat::from_extension(out),
+            compress: false,
+            overwrite: true,
+        },
+        mode: Mode::Auto,
+        size: None,
+        verify: true,
     };
-    let captured = capture_disk(
-        Arc::clone(&src),
-        &out,
-        output,
-        Mode::Auto,
-        None,
-        progress.as_ref(),
-    )?;
+    Ok(diskferry_imaging::capture(src, out, &options, progress.as_ref())?)
+}
+
+fn print_figures(outcome: &CaptureOutcome, size: u64, used: u64) -> Result<()> {
+    let CaptureSummary::Partitions(captured) = &outcome.summary else {
+        anyhow::bail!("the sample disk has a partition table: expected a partition capture");
+    };
+    let verified = outcome
+        .verify
+        .as_ref()
+        .context("the capture was to be verified")?;
     let read: u64 = captured.partitions.iter().map(|p| p.read).sum::<u64>() + captured.boot_bytes;
-    let (_, copy) = diskferry_vdisk::open_image(&out, false)?;
-    let verified = diskferry_imaging::pipeline::verify::verify_disks(&src, &copy)?;
-    ensure!(
-        verified.differences == 0,
-        "verify found differences: {:?}",
-        verified.listed
-    );
     let on_disk = {
         use std::os::unix::fs::MetadataExt;
-        std::fs::metadata(&out)?.blocks() * 512
+        std::fs::metadata(&outcome.out)?.blocks() * 512
     };
     println!(
         "\n   source disk           {}\n   used by filesystems   {}\n   read over the wire    {}\n   output (VHDX)         {} on disk, {} virtual\n   time                  {:.2} s\n   verify                no differences ({} files, {} compared)",
@@ -141,9 +162,14 @@ fn demo(base: &Path, size: u64) -> Result<()> {
         verified.files_compared,
         human_bytes(verified.bytes_compared)
     );
+    Ok(())
+}
+
+/// qemu-img, when installed, judges the VHDX too.
+fn qemu_check(out: &Path) -> Result<()> {
     match std::process::Command::new("qemu-img")
         .args(["check", "-f", "vhdx"])
-        .arg(&out)
+        .arg(out)
         .output()
     {
         Ok(o) if o.status.success() => println!("   qemu-img check        no errors"),
@@ -153,13 +179,6 @@ fn demo(base: &Path, size: u64) -> Result<()> {
         ),
         Err(_) => println!("   (install qemu-utils to have qemu-img check it too)"),
     }
-    println!(
-        "\nThe capture is {} (Hyper-V boots VHDX directly; remove {} when done).\n\
-         On real machines: boot diskferry-client --listen 0.0.0.0:7700 --key-file KEY on the source,\n\
-         then run diskferry inspect DISK@HOST:7700 --key-file KEY and diskferry capture DISK@HOST:7700 OUT.vhdx --key-file KEY --verify.",
-        out.display(),
-        base.display()
-    );
     Ok(())
 }
 

@@ -39,93 +39,109 @@ pub struct ServeArgs {
 
 pub fn run(args: &ServeArgs) -> Result<()> {
     let rt = crate::runtime()?;
-    rt.block_on(async {
-        let data_dir = args.data_dir.clone();
-        let (state, startup) = tokio::task::spawn_blocking(move || diskferry_web::open(&data_dir))
-            .await?
-            .map_err(anyhow::Error::msg)?;
-        let listener = tokio::net::TcpListener::bind(args.listen)
-            .await
-            .with_context(|| format!("cannot listen on {} (in use? try --listen)", args.listen))?;
-        let addr = listener.local_addr()?;
-        let agent_listener = tokio::net::TcpListener::bind(args.agent_listen)
-            .await
-            .with_context(|| {
-                format!(
-                    "cannot listen for agents on {} (in use? try --agent-listen)",
-                    args.agent_listen
-                )
-            })?;
-        let agent_addr = agent_listener.local_addr()?;
-        tokio::spawn(std::sync::Arc::clone(&state.agents).accept_loop(agent_listener));
-        let boot_dir = args
-            .boot_dir
-            .clone()
-            .unwrap_or_else(|| args.data_dir.join("boot"));
-        let _ = state.boot.set(diskferry_web::boot::BootConfig {
-            dir: boot_dir.clone(),
-            agent_port: agent_addr.port(),
-            advertise: args.advertise.clone(),
-            key: startup.key.clone(),
-        });
-        // `diskferry machines --data-dir DIR` finds the running server here.
-        std::fs::write(args.data_dir.join("serve.addr"), format!("{addr}\n"))
-            .context("cannot write DATA_DIR/serve.addr")?;
-        if let Some(pw) = &startup.new_password {
-            tracing::info!(
-                "generated the admin password: {pw}  (kept in {})",
-                startup.password_file.display()
-            );
-        }
+    rt.block_on(serve(args))
+}
+
+async fn serve(args: &ServeArgs) -> Result<()> {
+    let data_dir = args.data_dir.clone();
+    let (state, startup) = tokio::task::spawn_blocking(move || diskferry_web::open(&data_dir))
+        .await??;
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("cannot listen on {} (in use? try --listen)", args.listen))?;
+    let addr = listener.local_addr()?;
+    let agent_listener = tokio::net::TcpListener::bind(args.agent_listen)
+        .await
+        .with_context(|| {
+            format!(
+                "cannot listen for agents on {} (in use? try --agent-listen)",
+                args.agent_listen
+            )
+        })?;
+    let agent_addr = agent_listener.local_addr()?;
+    tokio::spawn(std::sync::Arc::clone(&state.agents).accept_loop(agent_listener));
+    let boot_dir = args
+        .boot_dir
+        .clone()
+        .unwrap_or_else(|| args.data_dir.join("boot"));
+    let _ = state.boot.set(diskferry_web::boot::BootConfig {
+        dir: boot_dir.clone(),
+        agent_port: agent_addr.port(),
+        advertise: args.advertise.clone(),
+        key: startup.key.clone(),
+    });
+    // `diskferry machines --data-dir DIR` finds the running server here.
+    std::fs::write(args.data_dir.join("serve.addr"), format!("{addr}\n"))
+        .context("cannot write DATA_DIR/serve.addr")?;
+    log_startup(&startup);
+    start_tftp(&args.tftp_listen, &boot_dir).await?;
+    tracing::info!("agents dial back to {agent_addr}");
+    log_boot_readiness(addr, &boot_dir);
+    // Tests and scripts wait for this line.
+    tracing::info!("listening on http://{addr}");
+    diskferry_web::serve(listener, state)
+        .await
+        .context("the web server stopped")
+}
+
+/// What the data directory holds and which secrets were made.
+fn log_startup(startup: &diskferry_web::Startup) {
+    if let Some(pw) = &startup.new_password {
         tracing::info!(
-            "API token in {}; clients must hold the key in {}{}",
-            startup.token_file.display(),
-            startup.key_file.display(),
-            if startup.key_created { " (new)" } else { "" }
+            "generated the admin password: {pw}  (kept in {})",
+            startup.password_file.display()
         );
-        if startup.interrupted_jobs > 0 {
-            tracing::info!(
-                "{} job(s) were running when the server last stopped: marked interrupted",
-                startup.interrupted_jobs
-            );
+    }
+    tracing::info!(
+        "API token in {}; clients must hold the key in {}{}",
+        startup.token_file.display(),
+        startup.key_file.display(),
+        if startup.key_created { " (new)" } else { "" }
+    );
+    if startup.interrupted_jobs > 0 {
+        tracing::info!(
+            "{} job(s) were running when the server last stopped: marked interrupted",
+            startup.interrupted_jobs
+        );
+    }
+    tracing::info!("{} capture(s) in the catalog", startup.captures);
+}
+
+/// Read-only TFTP for legacy PXE, unless "off"; a port it cannot take is a warning.
+async fn start_tftp(listen: &str, boot_dir: &std::path::Path) -> Result<()> {
+    if listen == "off" {
+        return Ok(());
+    }
+    match tokio::net::UdpSocket::bind(listen).await {
+        Ok(sock) => {
+            tracing::info!("tftp on {}", sock.local_addr()?);
+            let roots = diskferry_daemon::tftp::TftpRoots(vec![
+                boot_dir.to_path_buf(),
+                PathBuf::from("/usr/lib/ipxe"),
+            ]);
+            tokio::spawn(diskferry_daemon::tftp::serve(sock, roots));
         }
-        tracing::info!("{} capture(s) in the catalog", startup.captures);
-        if args.tftp_listen != "off" {
-            match tokio::net::UdpSocket::bind(&args.tftp_listen).await {
-                Ok(sock) => {
-                    tracing::info!("tftp on {}", sock.local_addr()?);
-                    let roots = diskferry_daemon::tftp::TftpRoots(vec![
-                        boot_dir.clone(),
-                        PathBuf::from("/usr/lib/ipxe"),
-                    ]);
-                    tokio::spawn(diskferry_daemon::tftp::serve(sock, roots));
-                }
-                // Port 69 needs root: the rest of the server does not.
-                Err(e) => tracing::warn!(
-                    "tftp: cannot listen on {} ({e}); legacy PXE needs another TFTP server or --tftp-listen",
-                    args.tftp_listen
-                ),
-            }
-        }
-        tracing::info!("agents dial back to {agent_addr}");
-        let boot_ready = ["vmlinuz", "initramfs.img"]
-            .iter()
-            .all(|f| boot_dir.join(f).is_file());
-        if boot_ready {
-            tracing::info!(
-                "network boot: http://{addr}/boot.ipxe (files in {})",
-                boot_dir.display()
-            );
-        } else {
-            tracing::info!(
-                "network boot: not ready; build it with deploy/build-bootenv.sh {}",
-                boot_dir.display()
-            );
-        }
-        // Tests and scripts wait for this line.
-        tracing::info!("listening on http://{addr}");
-        diskferry_web::serve(listener, state)
-            .await
-            .context("the web server stopped")
-    })
+        // Port 69 needs root: the rest of the server does not.
+        Err(e) => tracing::warn!(
+            "tftp: cannot listen on {listen} ({e}); legacy PXE needs another TFTP server or --tftp-listen"
+        ),
+    }
+    Ok(())
+}
+
+fn log_boot_readiness(addr: SocketAddr, boot_dir: &std::path::Path) {
+    let ready = ["vmlinuz", "initramfs.img"]
+        .iter()
+        .all(|f| boot_dir.join(f).is_file());
+    if ready {
+        tracing::info!(
+            "network boot: http://{addr}/boot.ipxe (files in {})",
+            boot_dir.display()
+        );
+    } else {
+        tracing::info!(
+            "network boot: not ready; build it with deploy/build-bootenv.sh {}",
+            boot_dir.display()
+        );
+    }
 }
