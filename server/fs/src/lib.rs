@@ -24,6 +24,13 @@ pub enum FsError {
     Io(#[from] BlockError),
     #[error("{0}: corrupt filesystem: {1}")]
     Corrupt(String, String),
+    /// A malformed ext4 structure, and where it was found.
+    #[error("{place}: corrupt filesystem: {source}")]
+    Ext4 {
+        place: ext4::Place,
+        #[source]
+        source: ext4::Corruption,
+    },
     #[error("{0}: no such file or directory")]
     NotFound(String),
     #[error("{0}: not a directory")]

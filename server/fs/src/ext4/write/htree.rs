@@ -3,8 +3,8 @@
 //! second-level index blocks, and leaf blocks holding the entries in hash order. Every index
 //! block carries a dx tail checksum and every leaf the usual directory tail (metadata_csum).
 
+use super::super::ondisk::{dirent, dx, sb};
 use super::csum;
-use diskferry_layout::le::{put16, put32};
 
 /// `(hash, minor hash)` of `name` under `seed` (the superblock's s_hash_seed words; all zero
 /// means the default seed).
@@ -97,34 +97,86 @@ fn transform(buf: &mut [u32; 4], x: &[u32; 8]) {
     buf[3] = buf[3].wrapping_add(d);
 }
 
-/// Sets the dx tail checksum of an index block whose count/limit header is at `count_at`.
-fn set_dx_tail(seed: u32, block: &mut [u8], count_at: usize) {
-    let limit = usize::from(u16::from_le_bytes([block[count_at], block[count_at + 1]]));
-    let count = usize::from(u16::from_le_bytes([
-        block[count_at + 2],
-        block[count_at + 3],
-    ]));
-    let tail = count_at + limit * 8;
-    block[tail..tail + 8].fill(0);
-    let c = csum::crc32c_le(seed, &block[..count_at + count * 8]);
-    let c = csum::crc32c_le(c, &block[tail..tail + 4]);
+/// Sets the dx tail checksum of an index block whose index (count/limit header) is at
+/// `index_at`.
+fn set_dx_tail(seed: u32, block: &mut [u8], index_at: usize) {
+    let limit = usize::from(dx::LIMIT.get(&block[index_at..]));
+    let count = usize::from(dx::COUNT.get(&block[index_at..]));
+    let tail = index_at + limit * dx::ENTRY_SIZE;
+    block[tail..tail + dx::TAIL_SIZE].fill(0);
+    let c = csum::crc32c_le(seed, &block[..index_at + count * dx::ENTRY_SIZE]);
+    let c = csum::crc32c_le(c, &block[tail..tail + dx::TAIL_CHECKSUM.offset]);
     let c = csum::crc32c_le(c, &[0; 4]);
-    put32(block, tail + 4, c);
+    dx::TAIL_CHECKSUM.set(&mut block[tail..], c);
 }
 
-/// Fills index entries (hash, logical block) into an index block at `count_at`.
-fn fill_index(block: &mut [u8], count_at: usize, limit: usize, entries: &[(u32, u32)]) {
-    put16(block, count_at, limit as u16);
-    put16(block, count_at + 2, entries.len() as u16);
-    put32(block, count_at + 4, entries[0].1);
+/// Fills an index — (hash, logical block) entries, the first hash unused — into `index`,
+/// with room for `limit`.
+fn fill_index(index: &mut [u8], limit: usize, entries: &[(u32, u32)]) {
+    dx::LIMIT.set(index, limit as u16);
+    dx::COUNT.set(index, entries.len() as u16);
+    dx::block(0).set(index, entries[0].1);
     for (i, (hash, blk)) in entries.iter().enumerate().skip(1) {
-        put32(block, count_at + 8 * i, *hash);
-        put32(block, count_at + 8 * i + 4, *blk);
+        dx::hash(i).set(index, *hash);
+        dx::block(i).set(index, *blk);
     }
+}
+
+/// An index block with its index at `index_at` holding `entries`, checksummed.
+fn finish_index(block: &mut [u8], index_at: usize, entries: &[(u32, u32)], inode_seed: u32) {
+    let limit = dx::limit(block.len(), index_at);
+    fill_index(&mut block[index_at..], limit, entries);
+    set_dx_tail(inode_seed, block, index_at);
 }
 
 /// A directory entry to write: name, inode, file type.
 pub type DirEntry = (Vec<u8>, u32, u8);
+
+/// Index entries: (hash, logical block).
+type Index = Vec<(u32, u32)>;
+
+/// Leaf blocks holding `entries` in hash order, each with the hash of its first entry (odd
+/// when the leaf continues a run of equal hashes from the previous one).
+fn leaves(
+    entries: &[DirEntry],
+    bs: usize,
+    inode_seed: u32,
+    hash_seed: [u32; 4],
+) -> Vec<(u32, Vec<u8>)> {
+    let mut hashed: Vec<(u32, u32, &DirEntry)> = entries
+        .iter()
+        .map(|e| {
+            let (h, m) = half_md4(&e.0, hash_seed);
+            (h, m, e)
+        })
+        .collect();
+    hashed.sort_by_key(|e| (e.0, e.1));
+    let mut first_hashes = Vec::new();
+    let blocks = super::dir::pack(
+        hashed
+            .iter()
+            .map(|(_, _, (n, i, ft))| (n.as_slice(), *i, *ft)),
+        bs,
+        inode_seed,
+        |i| {
+            let continues = i > 0 && hashed[i - 1].0 == hashed[i].0;
+            first_hashes.push(hashed[i].0 | u32::from(continues));
+        },
+    );
+    first_hashes.resize(blocks.len(), 0);
+    first_hashes.into_iter().zip(blocks).collect()
+}
+
+/// The root block: `.` and `..` entries, the root info, and room for the index.
+fn root_block(ino: u32, parent: u32, bs: usize) -> Vec<u8> {
+    let dir = dirent::file_type(super::FileKind::Dir);
+    let mut root = vec![0u8; bs];
+    dirent::put(&mut root[dx::DOT..], ino, dx::DOT_REC_LEN, b".", dir);
+    dirent::put(&mut root[dx::DOTDOT..], parent, bs - dx::DOTDOT, b"..", dir);
+    dx::HASH_VERSION.set(&mut root, sb::HASH_HALF_MD4);
+    dx::INFO_LENGTH.set(&mut root, dx::INFO_LENGTH_VALUE);
+    root
+}
 
 /// The blocks of an indexed directory, in logical order, or `None` when even two index
 /// levels cannot hold it. `entries` excludes `.` and `..`; each is (name, inode, file type).
@@ -136,106 +188,59 @@ pub fn indexed_dir(
     inode_seed: u32,
     hash_seed: [u32; 4],
 ) -> Option<Vec<Vec<u8>>> {
-    let mut hashed: Vec<(u32, u32, &DirEntry)> = entries
-        .iter()
-        .map(|e| {
-            let (h, m) = half_md4(&e.0, hash_seed);
-            (h, m, e)
-        })
-        .collect();
-    hashed.sort_by_key(|e| (e.0, e.1));
-    // Leaves: packed in hash order.
-    let usable = bs - 12;
-    let mut leaves: Vec<(u32, Vec<u8>)> = Vec::new(); // (first hash, block)
-    let mut block = vec![0u8; bs];
-    let mut at = 0usize;
-    let mut last_at = 0usize;
-    let mut first_hash = 0u32;
-    let mut prev_hash = None;
-    let close =
-        |block: &mut Vec<u8>, last_at: usize, first_hash: u32, leaves: &mut Vec<(u32, Vec<u8>)>| {
-            put16(block, last_at + 4, (usable - last_at) as u16);
-            csum::set_dir_tail(inode_seed, block);
-            leaves.push((first_hash, std::mem::replace(block, vec![0u8; bs])));
-        };
-    for (hash, _, (name, child, ft)) in &hashed {
-        let len = (8 + name.len()).next_multiple_of(4);
-        if at + len > usable {
-            close(&mut block, last_at, first_hash, &mut leaves);
-            at = 0;
-        }
-        if at == 0 {
-            // A leaf starting inside a run of equal hashes is flagged as a continuation.
-            first_hash = *hash | u32::from(prev_hash == Some(*hash));
-        }
-        put32(&mut block, at, *child);
-        put16(&mut block, at + 4, len as u16);
-        block[at + 6] = name.len() as u8;
-        block[at + 7] = *ft;
-        block[at + 8..at + 8 + name.len()].copy_from_slice(name);
-        last_at = at;
-        at += len;
-        prev_hash = Some(*hash);
-    }
-    close(&mut block, last_at, first_hash, &mut leaves);
-
-    let root_limit = (bs - 32 - 8) / 8;
-    let node_limit = (bs - 8 - 8) / 8;
-    let mut root = vec![0u8; bs];
-    put32(&mut root, 0, ino);
-    put16(&mut root, 4, 12);
-    root[6] = 1;
-    root[7] = 2;
-    root[8] = b'.';
-    put32(&mut root, 12, parent);
-    put16(&mut root, 16, (bs - 12) as u16);
-    root[18] = 2;
-    root[19] = 2;
-    root[20..22].copy_from_slice(b"..");
-    root[24 + 4] = 1; // half_md4
-    root[24 + 5] = 8; // info length
+    let leaves = leaves(entries, bs, inode_seed, hash_seed);
+    let mut root = root_block(ino, parent, bs);
     let mut out = vec![];
-    if leaves.len() <= root_limit {
+    if leaves.len() <= dx::limit(bs, dx::ROOT_INDEX) {
         // Root at block 0, leaves at 1..
-        let index: Vec<(u32, u32)> = leaves
+        let index: Index = leaves
             .iter()
             .enumerate()
             .map(|(i, (h, _))| (*h, i as u32 + 1))
             .collect();
-        fill_index(&mut root, 32, root_limit, &index);
-        set_dx_tail(inode_seed, &mut root, 32);
+        finish_index(&mut root, dx::ROOT_INDEX, &index, inode_seed);
         out.push(root);
         out.extend(leaves.into_iter().map(|l| l.1));
         return Some(out);
     }
-    // Two levels: root at 0, index nodes at 1..=n, leaves after them.
+    let (root_index, nodes) = index_nodes(&leaves, bs, inode_seed)?;
+    dx::INDIRECT_LEVELS.set(&mut root, 1);
+    finish_index(&mut root, dx::ROOT_INDEX, &root_index, inode_seed);
+    out.push(root);
+    out.extend(nodes);
+    out.extend(leaves.into_iter().map(|l| l.1));
+    Some(out)
+}
+
+/// Two levels: the root's index and the interior index blocks (at blocks 1..=n, the leaves
+/// after them), or `None` when the root cannot index that many.
+fn index_nodes(
+    leaves: &[(u32, Vec<u8>)],
+    bs: usize,
+    inode_seed: u32,
+) -> Option<(Index, Vec<Vec<u8>>)> {
+    let node_limit = dx::limit(bs, dx::NODE_INDEX);
     let nodes = leaves.len().div_ceil(node_limit);
-    if nodes > root_limit {
+    if nodes > dx::limit(bs, dx::ROOT_INDEX) {
         return None;
     }
-    root[24 + 6] = 1; // indirect levels
     let mut root_index = Vec::new();
     let mut node_blocks = Vec::new();
     for (n, chunk) in leaves.chunks(node_limit).enumerate() {
         let first_leaf = 1 + nodes + n * node_limit;
-        let index: Vec<(u32, u32)> = chunk
+        let index: Index = chunk
             .iter()
             .enumerate()
             .map(|(i, (h, _))| (*h, (first_leaf + i) as u32))
             .collect();
         let mut node = vec![0u8; bs];
-        put16(&mut node, 4, bs as u16); // a fake, empty directory entry covering the block
-        fill_index(&mut node, 8, node_limit, &index);
-        set_dx_tail(inode_seed, &mut node, 8);
+        // A fake, empty directory entry covering the block.
+        dirent::REC_LEN.set(&mut node, bs as u16);
+        finish_index(&mut node, dx::NODE_INDEX, &index, inode_seed);
         root_index.push((chunk[0].0, (1 + n) as u32));
         node_blocks.push(node);
     }
-    fill_index(&mut root, 32, root_limit, &root_index);
-    set_dx_tail(inode_seed, &mut root, 32);
-    out.push(root);
-    out.extend(node_blocks);
-    out.extend(leaves.into_iter().map(|l| l.1));
-    Some(out)
+    Some((root_index, node_blocks))
 }
 
 #[cfg(test)]

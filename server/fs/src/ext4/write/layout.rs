@@ -5,6 +5,7 @@
 //! right before their files.
 
 use super::super::super::{FsError, Result};
+use super::super::ondisk::gd;
 
 /// The geometry of a filesystem to write.
 #[derive(Debug, Clone)]
@@ -39,6 +40,50 @@ pub fn has_super(g: u64) -> bool {
     })
 }
 
+/// Refuses block and inode sizes the writer does not make.
+fn check_sizes(block_size: u64, inode_size: u64) -> Result<()> {
+    if ![1024, 2048, 4096].contains(&block_size) {
+        return Err(FsError::Unsupported(format!(
+            "block size {block_size} (use 1024, 2048 or 4096)"
+        )));
+    }
+    if !(128..=block_size).contains(&inode_size)
+        || !inode_size.is_power_of_two()
+        || inode_size < 256
+    {
+        return Err(FsError::Unsupported(format!(
+            "inode size {inode_size} (use 256 up to the block size)"
+        )));
+    }
+    Ok(())
+}
+
+/// The block count and group count, without a last group too small to hold its own metadata
+/// (dropped, as mke2fs does).
+fn whole_groups(blocks: u64, first_data_block: u64, blocks_per_group: u64) -> (u64, u64) {
+    let groups = (blocks - first_data_block).div_ceil(blocks_per_group);
+    let last = blocks - first_data_block - (groups - 1) * blocks_per_group;
+    if groups > 1 && last < 512 {
+        (
+            first_data_block + (groups - 1) * blocks_per_group,
+            groups - 1,
+        )
+    } else {
+        (blocks, groups)
+    }
+}
+
+/// Inodes per group for at least `wanted` inodes over `groups` groups: at least 16, whole
+/// inode table blocks, a multiple of 8 (whole bitmap bytes).
+fn inodes_per_group(block_size: u64, inode_size: u64, groups: u64, wanted: u64) -> u64 {
+    let inodes_per_block = block_size / inode_size;
+    wanted
+        .div_ceil(groups)
+        .max(16)
+        .next_multiple_of(inodes_per_block.max(8))
+        .next_multiple_of(8)
+}
+
 impl Geometry {
     /// Lays out a filesystem of `blocks` blocks with at least `min_inodes` inodes.
     pub fn new(
@@ -48,49 +93,23 @@ impl Geometry {
         min_inodes: u64,
         bytes_per_inode: u64,
     ) -> Result<Geometry> {
-        let unsupported = |why: String| FsError::Unsupported(why);
-        if ![1024, 2048, 4096].contains(&block_size) {
-            return Err(unsupported(format!(
-                "block size {block_size} (use 1024, 2048 or 4096)"
-            )));
-        }
-        if !(128..=block_size).contains(&inode_size)
-            || !inode_size.is_power_of_two()
-            || inode_size < 256
-        {
-            return Err(unsupported(format!(
-                "inode size {inode_size} (use 256 up to the block size)"
-            )));
-        }
+        check_sizes(block_size, inode_size)?;
         let first_data_block = u64::from(block_size == 1024);
         let blocks_per_group = 8 * block_size;
         if blocks < 64 + first_data_block {
-            return Err(unsupported(format!(
+            return Err(FsError::Unsupported(format!(
                 "{blocks} blocks is too small for ext4"
             )));
         }
-        let mut blocks = blocks;
-        let mut groups = (blocks - first_data_block).div_ceil(blocks_per_group);
-        // A last group too small to hold its own metadata is dropped, as mke2fs does.
-        let last = blocks - first_data_block - (groups - 1) * blocks_per_group;
-        if groups > 1 && last < 512 {
-            groups -= 1;
-            blocks = first_data_block + groups * blocks_per_group;
-        }
-        let inodes_per_block = block_size / inode_size;
+        let (blocks, groups) = whole_groups(blocks, first_data_block, blocks_per_group);
         let wanted = min_inodes.max(blocks * block_size / bytes_per_inode.max(1024));
-        let mut ipg = wanted.div_ceil(groups).max(16);
-        ipg = ipg
-            .next_multiple_of(inodes_per_block.max(8))
-            .next_multiple_of(8);
+        let ipg = inodes_per_group(block_size, inode_size, groups, wanted);
         if ipg > 8 * block_size {
-            return Err(unsupported(format!(
-                "{min_inodes} inodes do not fit {groups} groups of {} blocks: give a larger size",
-                blocks_per_group
+            return Err(FsError::Unsupported(format!(
+                "{min_inodes} inodes do not fit {groups} groups of {blocks_per_group} blocks: give a larger size"
             )));
         }
-        let desc_size = 64;
-        let gdt_blocks = (groups * desc_size).div_ceil(block_size);
+        let desc_size = gd::SIZE_64 as u64;
         let mut geo = Geometry {
             block_size,
             blocks,
@@ -100,23 +119,29 @@ impl Geometry {
             inodes_per_group: ipg,
             inode_size,
             desc_size,
-            gdt_blocks,
+            gdt_blocks: (groups * desc_size).div_ceil(block_size),
             log_groups_per_flex: 4,
             block_bitmap: Vec::new(),
             inode_bitmap: Vec::new(),
             inode_table: Vec::new(),
         };
-        // Smaller flex groups when a flex group's metadata would not fit its first group.
-        while !geo.place() {
-            if geo.log_groups_per_flex == 0 {
-                return Err(unsupported(
+        geo.place_flex_groups()?;
+        Ok(geo)
+    }
+
+    /// Places the flex groups' metadata, with smaller flex groups when a flex group's
+    /// metadata would not fit its first group.
+    fn place_flex_groups(&mut self) -> Result<()> {
+        while !self.place() {
+            if self.log_groups_per_flex == 0 {
+                return Err(FsError::Unsupported(
                     "the inode tables do not fit the block groups: give a larger size or fewer inodes"
                         .into(),
                 ));
             }
-            geo.log_groups_per_flex -= 1;
+            self.log_groups_per_flex -= 1;
         }
-        Ok(geo)
+        Ok(())
     }
 
     /// Places each flex group's bitmaps and inode tables after its first group's backup;

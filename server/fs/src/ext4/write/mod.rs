@@ -17,32 +17,45 @@
 //! that needs more than one block gets a hash index ([`htree`]).
 
 pub mod csum;
+mod dir;
 mod emit;
+mod extent;
 pub mod htree;
 pub mod layout;
+mod place;
 mod plan;
+mod tables;
 pub mod xattr;
 
 use std::collections::HashMap;
 use std::sync::Arc;
 
 use super::super::{FileKind, Filesystem, FsError, Metadata, NodeId, Result, Timestamp};
+use super::ondisk::inode;
 use diskferry_blockdev::BlockDevice;
-use diskferry_layout::le::{put16, put32};
-use layout::{Allocator, Geometry};
+use layout::Geometry;
 use xattr::Attr;
 
 const ROOT_INO: u32 = 2;
 const JOURNAL_INO: u32 = 8;
 const LOST_FOUND_INO: u32 = 11;
 const FIRST_INO: u32 = 11;
-use super::inode::EXTENTS_FL;
-const INDEX_FL: u32 = 0x0000_1000;
 /// The longest initialized extent.
-const MAX_EXTENT: u64 = 32768;
-/// Inode flags carried over from an ext4 source (immutable, append-only, nodump, noatime,
-/// sync, dirsync, ...).
-const COPIED_FLAGS: u32 = 0x0003_00FB;
+const MAX_EXTENT: u64 = super::ondisk::extent::MAX_INIT_LEN as u64;
+/// Inode flags carried over from an ext4 source.
+const COPIED_FLAGS: u32 = inode::SECRM_FL
+    | inode::UNRM_FL
+    | inode::SYNC_FL
+    | inode::IMMUTABLE_FL
+    | inode::APPEND_FL
+    | inode::NODUMP_FL
+    | inode::NOATIME_FL
+    | inode::DIRSYNC_FL
+    | inode::TOPDIR_FL;
+/// The extra inode fields written (`i_extra_isize`): up to and including the creation time.
+const EXTRA_ISIZE: u16 = 32;
+/// Where extended attributes stored in the inode begin.
+const INLINE_XATTRS_AT: usize = inode::GOOD_OLD_SIZE + EXTRA_ISIZE as usize;
 
 /// How to format.
 #[derive(Debug, Clone)]
@@ -131,11 +144,13 @@ struct Item {
     target: Vec<u8>,
     attrs: Vec<Attr>,
     /// Decided at layout: data extents (logical block, physical block, count), tree blocks,
-    /// the xattr block, and the i_block area.
-    extents: Vec<(u64, u64, u64)>,
+    /// the xattr block, the i_block area and a directory's blocks.
+    extents: Vec<Extent>,
     tree: TreeBlocks,
     xattr_block: Option<(u64, Vec<u8>)>,
     inline_attrs: bool,
+    i_block: [u8; inode::I_BLOCK_LEN],
+    dir_blocks: Vec<Vec<u8>>,
     /// A hashed (htree) directory.
     indexed: bool,
     size: u64,
@@ -156,33 +171,11 @@ impl Item {
             tree: Vec::new(),
             xattr_block: None,
             inline_attrs: true,
+            i_block: [0; inode::I_BLOCK_LEN],
+            dir_blocks: Vec::new(),
             indexed: false,
             size: 0,
         }
-    }
-}
-
-fn file_type(kind: FileKind) -> u8 {
-    match kind {
-        FileKind::File => 1,
-        FileKind::Dir => 2,
-        FileKind::CharDevice => 3,
-        FileKind::BlockDevice => 4,
-        FileKind::Fifo => 5,
-        FileKind::Socket => 6,
-        FileKind::Symlink => 7,
-    }
-}
-
-fn mode_bits(kind: FileKind) -> u16 {
-    match kind {
-        FileKind::File => 0x8000,
-        FileKind::Dir => 0x4000,
-        FileKind::Symlink => 0xA000,
-        FileKind::CharDevice => 0x2000,
-        FileKind::BlockDevice => 0x6000,
-        FileKind::Fifo => 0x1000,
-        FileKind::Socket => 0xC000,
     }
 }
 
@@ -224,148 +217,72 @@ struct Plan {
     next_ino: u32,
 }
 
+/// A run of a file's blocks: (first logical block, first physical block, count).
+type Extent = (u64, u64, u64);
+
 /// Extent tree blocks to write: (block number, bytes without the checksum).
 type TreeBlocks = Vec<(u64, Vec<u8>)>;
 
-/// The 60-byte `i_block` for `extents` (logical, physical, count), and the tree blocks
-/// (block number, bytes without checksum) when more than four extents need an index.
-fn extent_tree(
-    extents: &[(u64, u64, u64)],
-    bs: u64,
-    alloc: &mut Allocator,
-) -> Result<([u8; 60], TreeBlocks)> {
-    let node = |max: usize, depth: u16, entries: &[[u8; 12]], size: usize| {
-        let mut b = vec![0u8; size];
-        put16(&mut b, 0, 0xF30A);
-        put16(&mut b, 2, entries.len() as u16);
-        put16(&mut b, 4, max as u16);
-        put16(&mut b, 6, depth);
-        for (i, e) in entries.iter().enumerate() {
-            b[12 + 12 * i..24 + 12 * i].copy_from_slice(e);
-        }
-        b
-    };
-    let mut level: Vec<(u64, [u8; 12])> = extents
-        .iter()
-        .map(|&(logical, physical, count)| {
-            let mut e = [0u8; 12];
-            put32(&mut e, 0, logical as u32);
-            put16(&mut e, 4, count as u16);
-            put16(&mut e, 6, (physical >> 32) as u16);
-            put32(&mut e, 8, physical as u32);
-            (logical, e)
-        })
-        .collect();
-    let per_block = ((bs - 12) / 12) as usize;
-    let mut blocks = Vec::new();
-    let mut depth = 0u16;
-    while level.len() > 4 {
-        let mut upper = Vec::new();
-        for chunk in level.chunks(per_block) {
-            let nr = alloc.one()?;
-            let entries: Vec<[u8; 12]> = chunk.iter().map(|c| c.1).collect();
-            blocks.push((nr, node(per_block, depth, &entries, bs as usize)));
-            let mut idx = [0u8; 12];
-            put32(&mut idx, 0, chunk[0].0 as u32);
-            put32(&mut idx, 4, nr as u32);
-            put16(&mut idx, 8, (nr >> 32) as u16);
-            upper.push((chunk[0].0, idx));
-        }
-        level = upper;
-        depth += 1;
-    }
-    let entries: Vec<[u8; 12]> = level.iter().map(|c| c.1).collect();
-    let root = node(4, depth, &entries, 60);
-    let mut i_block = [0u8; 60];
-    i_block.copy_from_slice(&root);
-    Ok((i_block, blocks))
+/// The volume's identity: its UUID, the directory hash seed, and the checksum seed derived
+/// from the UUID.
+struct Identity {
+    uuid: [u8; 16],
+    hash_seed: [u8; 16],
+    csum_seed: u32,
 }
 
-/// Directory blocks for `entries` (with `.` and `..` first), each ending in the checksum tail.
-fn dir_blocks(entries: &[(Vec<u8>, u32, FileKind)], bs: usize, seed: u32) -> Vec<Vec<u8>> {
-    let usable = bs - 12;
-    let mut blocks = Vec::new();
-    let mut b = vec![0u8; bs];
-    let mut at = 0usize;
-    let mut last = 0usize;
-    for (name, ino, kind) in entries {
-        let len = (8 + name.len()).next_multiple_of(4);
-        if at + len > usable {
-            let rec = (usable - last) as u16;
-            put16(&mut b, last + 4, rec);
-            csum::set_dir_tail(seed, &mut b);
-            blocks.push(std::mem::replace(&mut b, vec![0u8; bs]));
-            at = 0;
-        }
-        put32(&mut b, at, *ino);
-        put16(&mut b, at + 4, len as u16);
-        b[at + 6] = name.len() as u8;
-        b[at + 7] = file_type(*kind);
-        b[at + 8..at + 8 + name.len()].copy_from_slice(name);
-        last = at;
-        at += len;
-    }
-    let rec = (usable - last) as u16;
-    put16(&mut b, last + 4, rec);
-    csum::set_dir_tail(seed, &mut b);
-    blocks.push(b);
-    blocks
-}
-
-/// Block ranges (first block, end block) holding the file's data, merged.
-fn data_blocks(source: &dyn Filesystem, item: &Item, bs: u64) -> Result<Vec<(u64, u64)>> {
-    let size = item.meta.size;
-    let last = size.div_ceil(bs);
-    let mut ranges: Vec<(u64, u64)> = source
-        .data_ranges(item.src)?
-        .into_iter()
-        .filter(|r| r.1 > 0 && r.0 < size)
-        .map(|(off, len)| (off / bs, (off + len).div_ceil(bs).min(last)))
-        .collect();
-    ranges.sort_unstable();
-    let mut merged: Vec<(u64, u64)> = Vec::new();
-    for r in ranges {
-        match merged.last_mut() {
-            Some(m) if r.0 <= m.1 => m.1 = m.1.max(r.1),
-            _ => merged.push(r),
-        }
-    }
-    Ok(merged)
-}
-
-/// Allocates `ranges` (logical block ranges) and returns extents of at most MAX_EXTENT blocks.
-fn place_ranges(ranges: &[(u64, u64)], alloc: &mut Allocator) -> Result<Vec<(u64, u64, u64)>> {
-    let mut extents = Vec::new();
-    for &(start, end) in ranges {
-        let mut logical = start;
-        for (phys, count) in alloc.alloc(end - start)? {
-            let mut done = 0;
-            while done < count {
-                let n = (count - done).min(MAX_EXTENT);
-                extents.push((logical, phys + done, n));
-                logical += n;
-                done += n;
+impl Identity {
+    /// The options' UUID and hash seed, random ones where they give none.
+    fn new(opts: &Ext4Options) -> Result<Identity> {
+        let random = |b: &mut [u8]| {
+            getrandom::fill(b).map_err(|e| FsError::Unsupported(format!("no random source: {e}")))
+        };
+        let uuid = match opts.uuid {
+            Some(u) => u,
+            None => {
+                let mut u = [0u8; 16];
+                random(&mut u)?;
+                u[6] = (u[6] & 0x0F) | 0x40; // version 4
+                u[8] = (u[8] & 0x3F) | 0x80; // RFC 4122 variant
+                u
             }
-        }
+        };
+        let hash_seed = match opts.hash_seed {
+            Some(h) => h,
+            None => {
+                let mut h = [0u8; 16];
+                random(&mut h)?;
+                h
+            }
+        };
+        Ok(Identity {
+            csum_seed: csum::fs_seed(&uuid),
+            uuid,
+            hash_seed,
+        })
     }
-    Ok(extents)
+
+    /// The hash seed as the four words the directory hash takes.
+    fn hash_words(&self) -> [u32; 4] {
+        std::array::from_fn(|i| {
+            let w = &self.hash_seed[4 * i..4 * i + 4];
+            u32::from_le_bytes([w[0], w[1], w[2], w[3]])
+        })
+    }
 }
 
-/// Formats `dev` as ext4 and copies the tree of `source` into it.
-pub fn write_ext4(
-    dev: Arc<dyn BlockDevice>,
-    source: &dyn Filesystem,
-    opts: &Ext4Options,
-) -> Result<Ext4Report> {
-    let mut report = Ext4Report::default();
-    let from_ext4 = source.flags_are_linux_inode_flags();
-    let Plan {
-        mut items,
-        next_ino,
-    } = plan::plan(source, &mut report, from_ext4)?;
-    if let Some(c) = &opts.counters {
-        c.plan(items.len() as u64);
-    }
+/// What every step of writing reads: the source tree, the geometry, the options and the
+/// identity.
+struct Job<'a> {
+    source: &'a dyn Filesystem,
+    geo: Geometry,
+    opts: &'a Ext4Options,
+    id: Identity,
+}
+
+/// The geometry for `dev` and the options, refused when it has too few inodes for the
+/// `next_ino - 1` inodes the tree needs.
+fn geometry(dev: &dyn BlockDevice, opts: &Ext4Options, next_ino: u32) -> Result<Geometry> {
     let bs = opts.block_size;
     let geo = Geometry::new(
         bs,
@@ -376,172 +293,31 @@ pub fn write_ext4(
     )?;
     if u64::from(next_ino) > geo.inodes() {
         return Err(FsError::Unsupported(format!(
-            "{} files need more inodes than fit: give a larger size",
-            next_ino
+            "{next_ino} files need more inodes than fit: give a larger size"
         )));
     }
-    let mut uuid = opts.uuid.unwrap_or_default();
-    if opts.uuid.is_none() {
-        getrandom::fill(&mut uuid)
-            .map_err(|e| FsError::Unsupported(format!("no random source: {e}")))?;
-        uuid[6] = (uuid[6] & 0x0F) | 0x40;
-        uuid[8] = (uuid[8] & 0x3F) | 0x80;
-    }
-    let seed = csum::fs_seed(&uuid);
-    let mut hash_seed = opts.hash_seed.unwrap_or_default();
-    if opts.hash_seed.is_none() {
-        getrandom::fill(&mut hash_seed)
-            .map_err(|e| FsError::Unsupported(format!("no random source: {e}")))?;
-    }
-    let seed_words: [u32; 4] = std::array::from_fn(|i| {
-        u32::from_le_bytes([
-            hash_seed[4 * i],
-            hash_seed[4 * i + 1],
-            hash_seed[4 * i + 2],
-            hash_seed[4 * i + 3],
-        ])
-    });
-    let mut indexed_dirs = std::collections::HashSet::new();
-    let mut alloc = Allocator::new(geo.metadata_bitmap());
+    Ok(geo)
+}
 
-    // The journal first, contiguous.
-    let journal_blocks = opts
-        .journal_blocks
-        .unwrap_or_else(|| default_journal_blocks(geo.blocks * bs / 4096) * 4096 / bs);
-    let journal_extents = if journal_blocks > 0 {
-        place_ranges(&[(0, journal_blocks)], &mut alloc)?
-    } else {
-        Vec::new()
-    };
-
-    // Directories breadth first, each followed by its files.
-    let area = (geo.inode_size - 160) as usize;
-    let mut dir_data: HashMap<u32, Vec<Vec<u8>>> = HashMap::new();
-    let mut queue = std::collections::VecDeque::from([ROOT_INO]);
-    let mut placed = std::collections::HashSet::new();
-    let mut order = Vec::new();
-    while let Some(d) = queue.pop_front() {
-        let item = items.get(&d).expect("directories are planned");
-        let mut entries = vec![
-            (b".".to_vec(), d, FileKind::Dir),
-            (b"..".to_vec(), item.parent, FileKind::Dir),
-        ];
-        entries.extend(item.entries.iter().cloned());
-        let dseed = csum::inode_seed(seed, d, 0);
-        let mut blocks = dir_blocks(&entries, bs as usize, dseed);
-        if blocks.len() > 1 {
-            let typed: Vec<(Vec<u8>, u32, u8)> = entries[2..]
-                .iter()
-                .map(|(n, i, k)| (n.clone(), *i, file_type(*k)))
-                .collect();
-            match htree::indexed_dir(d, item.parent, &typed, bs as usize, dseed, seed_words) {
-                Some(indexed) => {
-                    blocks = indexed;
-                    indexed_dirs.insert(d);
-                }
-                None => report.skipped.push((
-                    format!("directory inode {d}"),
-                    "too large for a two-level hash index; written unindexed".into(),
-                )),
-            }
-        }
-        let n = blocks.len() as u64;
-        dir_data.insert(d, blocks);
-        let children: Vec<(u32, FileKind)> = item.entries.iter().map(|e| (e.1, e.2)).collect();
-        let extents = place_ranges(&[(0, n)], &mut alloc)?;
-        let item = items.get_mut(&d).expect("planned");
-        item.size = n * bs;
-        item.extents = extents;
-        order.push(d);
-        for (ino, kind) in children {
-            if kind == FileKind::Dir {
-                queue.push_back(ino);
-            } else if placed.insert(ino) {
-                let item = items.get_mut(&ino).expect("planned");
-                match kind {
-                    FileKind::File => {
-                        item.size = item.meta.size;
-                        let ranges = data_blocks(source, item, bs)?;
-                        item.extents = place_ranges(&ranges, &mut alloc)?;
-                    }
-                    FileKind::Symlink => {
-                        item.size = item.target.len() as u64;
-                        if item.target.len() >= 60 {
-                            item.extents = place_ranges(&[(0, 1)], &mut alloc)?;
-                        }
-                    }
-                    _ => {}
-                }
-                order.push(ino);
-            }
-        }
+/// Formats `dev` as ext4 and copies the tree of `source` into it.
+pub fn write_ext4(
+    dev: Arc<dyn BlockDevice>,
+    source: &dyn Filesystem,
+    opts: &Ext4Options,
+) -> Result<Ext4Report> {
+    let mut report = Ext4Report::default();
+    let plan = plan::plan(source, &mut report, source.flags_are_linux_inode_flags())?;
+    if let Some(c) = &opts.counters {
+        c.plan(plan.items.len() as u64);
     }
-    for d in &indexed_dirs {
-        if let Some(item) = items.get_mut(d) {
-            item.indexed = true;
-        }
-    }
-    // Extent trees and xattr blocks, after the data.
-    let mut i_blocks: HashMap<u32, [u8; 60]> = HashMap::new();
-    for &ino in &order {
-        let item = items.get_mut(&ino).expect("planned");
-        let fast_link = item.kind == FileKind::Symlink && item.target.len() < 60;
-        let mut ib = [0u8; 60];
-        if fast_link {
-            ib[..item.target.len()].copy_from_slice(&item.target);
-        } else if matches!(item.kind, FileKind::CharDevice | FileKind::BlockDevice) {
-            let (major, minor) = item.meta.device.unwrap_or((0, 0));
-            if major < 256 && minor < 256 {
-                put32(&mut ib, 0, (major << 8) | minor);
-            } else {
-                put32(
-                    &mut ib,
-                    4,
-                    (minor & 0xFF) | (major << 8) | ((minor & !0xFF) << 12),
-                );
-            }
-        } else if matches!(
-            item.kind,
-            FileKind::File | FileKind::Dir | FileKind::Symlink
-        ) {
-            let (root, tree) = extent_tree(&item.extents, bs, &mut alloc)?;
-            ib = root;
-            item.tree = tree;
-        }
-        i_blocks.insert(ino, ib);
-        if !item.attrs.is_empty() {
-            let mut probe = vec![0u8; area];
-            if !xattr::write_inline(&mut probe, &item.attrs) {
-                item.inline_attrs = false;
-                match xattr::block(bs as usize, &item.attrs) {
-                    Some(b) => item.xattr_block = Some((alloc.one()?, b)),
-                    None => {
-                        report.skipped.push((
-                            format!("inode {ino}"),
-                            "extended attributes larger than one block are not written".into(),
-                        ));
-                        item.attrs.clear();
-                    }
-                }
-            }
-        }
-    }
-    // Nothing has been written yet: everything fits.
-    emit::write_all(
-        &dev,
+    let job = Job {
         source,
-        &geo,
+        geo: geometry(&*dev, opts, plan.next_ino)?,
         opts,
-        &uuid,
-        &hash_seed,
-        seed,
-        &mut items,
-        &order,
-        &dir_data,
-        &i_blocks,
-        &journal_extents,
-        alloc,
-        &mut report,
-    )?;
+        id: Identity::new(opts)?,
+    };
+    let placed = place::place(&job, plan.items, &mut report)?;
+    // Nothing has been written yet: everything fits.
+    emit::write_all(&*dev, &job, placed, &mut report)?;
     Ok(report)
 }

@@ -4,7 +4,8 @@
 
 use std::collections::HashMap;
 
-use super::super::super::{FileKind, Filesystem, NodeId, Result};
+use super::super::super::{DirEntry, FileKind, Filesystem, NodeId, Result};
+use super::super::ondisk::dirent;
 use super::xattr::{self, Attr};
 use super::{own_metadata, Ext4Report, Item, Plan, FIRST_INO, LOST_FOUND_INO, ROOT_INO};
 
@@ -14,112 +15,151 @@ pub(super) fn plan(
     from_ext4: bool,
 ) -> Result<Plan> {
     let root_meta = source.metadata(source.root())?;
-    let mut items: HashMap<u32, Item> = HashMap::new();
     let mut root = Item::new(source.root(), root_meta, ROOT_INO);
     root.attrs = attrs_of(source, source.root(), "/", report);
-    items.insert(ROOT_INO, root);
-    let mut dirs: HashMap<String, u32> = HashMap::from([(String::new(), ROOT_INO)]);
-    let mut seen: HashMap<NodeId, u32> = HashMap::new();
-    let mut next_ino = FIRST_INO + 1;
+    let mut p = Planner {
+        source,
+        from_ext4,
+        report,
+        items: HashMap::from([(ROOT_INO, root)]),
+        dirs: HashMap::from([(String::new(), ROOT_INO)]),
+        seen: HashMap::new(),
+        next_ino: FIRST_INO + 1,
+    };
     let mut walk_errors = Vec::new();
     super::super::super::tree::walk(
         source,
         source.root(),
         &mut |path, e| {
-            let parent_path = path.rsplit_once('/').map_or("", |(p, _)| p);
-            let Some(&parent) = dirs.get(parent_path) else {
-                return Ok(()); // its directory was skipped
-            };
-            if e.name.len() > 255 {
-                report
-                    .skipped
-                    .push((path.into(), "name longer than 255 bytes".into()));
-                return Ok(());
-            }
-            if e.kind != FileKind::Dir {
-                if let Some(&ino) = seen.get(&e.node) {
-                    if let Some(item) = items.get_mut(&ino) {
-                        item.links += 1;
-                    }
-                    if let Some(p) = items.get_mut(&parent) {
-                        p.entries.push((e.name.clone(), ino, e.kind));
-                    }
-                    return Ok(());
-                }
-            }
-            let meta = match source.metadata(e.node) {
-                Ok(m) => m,
-                Err(err) => {
-                    report.skipped.push((path.into(), err.to_string()));
-                    return Ok(());
-                }
-            };
-            let ino = if e.kind == FileKind::Dir && parent == ROOT_INO && e.name == b"lost+found" {
-                LOST_FOUND_INO
-            } else {
-                next_ino += 1;
-                next_ino - 1
-            };
-            let mut item = Item::new(e.node, meta, parent);
-            item.kind = e.kind;
-            if !from_ext4 {
-                item.meta.flags = 0;
-            }
-            match e.kind {
-                FileKind::Symlink => match source.read_link(e.node) {
-                    Ok(t) if !t.is_empty() && t.len() < 4096 => item.target = t,
-                    Ok(t) => {
-                        report
-                            .skipped
-                            .push((path.into(), format!("symlink target of {} bytes", t.len())));
-                        return Ok(());
-                    }
-                    Err(err) => {
-                        report.skipped.push((path.into(), err.to_string()));
-                        return Ok(());
-                    }
-                },
-                FileKind::Dir => {
-                    dirs.insert(path.to_string(), ino);
-                }
-                _ => {
-                    seen.insert(e.node, ino);
-                }
-            }
-            item.attrs = attrs_of(source, e.node, path, report);
-            items.insert(ino, item);
-            if let Some(p) = items.get_mut(&parent) {
-                p.entries.push((e.name.clone(), ino, e.kind));
-            }
+            p.visit(path, e);
             Ok(())
         },
         &mut |path, err| walk_errors.push((path.to_string(), err.to_string())),
     )?;
-    report.skipped.extend(walk_errors);
-    if let std::collections::hash_map::Entry::Vacant(slot) = items.entry(LOST_FOUND_INO) {
-        let meta = own_metadata(FileKind::Dir, 0o700, 0, 2);
-        slot.insert(Item::new(0, meta, ROOT_INO));
-        if let Some(root) = items.get_mut(&ROOT_INO) {
-            root.entries
-                .push((b"lost+found".to_vec(), LOST_FOUND_INO, FileKind::Dir));
+    p.report.skipped.extend(walk_errors);
+    p.add_lost_found();
+    p.count_directory_links();
+    Ok(Plan {
+        items: p.items,
+        next_ino: p.next_ino,
+    })
+}
+
+/// The walk's state.
+struct Planner<'a> {
+    source: &'a dyn Filesystem,
+    /// Whether the source's inode flags are Linux ones (kept) or something else (dropped).
+    from_ext4: bool,
+    report: &'a mut Ext4Report,
+    items: HashMap<u32, Item>,
+    /// Directory inodes by path.
+    dirs: HashMap<String, u32>,
+    /// Inodes of non-directories by source node, for hard links.
+    seen: HashMap<NodeId, u32>,
+    next_ino: u32,
+}
+
+impl Planner<'_> {
+    fn skip(&mut self, path: &str, why: String) {
+        self.report.skipped.push((path.into(), why));
+    }
+
+    fn add_entry(&mut self, parent: u32, name: &[u8], ino: u32, kind: FileKind) {
+        if let Some(p) = self.items.get_mut(&parent) {
+            p.entries.push((name.to_vec(), ino, kind));
         }
     }
-    // Directory link counts: itself, its parent's entry, and each subdirectory's "..".
-    let subdirs: Vec<(u32, u32)> = items
-        .iter()
-        .filter(|(_, i)| i.kind == FileKind::Dir)
-        .map(|(&ino, i)| {
-            let n = i.entries.iter().filter(|e| e.2 == FileKind::Dir).count() as u32;
-            (ino, n)
-        })
-        .collect();
-    for (ino, n) in subdirs {
-        if let Some(i) = items.get_mut(&ino) {
-            let links = 2 + n;
-            i.links = if links >= 65000 { 1 } else { links };
+
+    /// Plans one entry of the walk (its directory was planned before it, or skipped).
+    fn visit(&mut self, path: &str, e: &DirEntry) {
+        let parent_path = path.rsplit_once('/').map_or("", |(p, _)| p);
+        let Some(&parent) = self.dirs.get(parent_path) else {
+            return; // its directory was skipped
+        };
+        if e.name.len() > dirent::MAX_NAME_LEN {
+            return self.skip(path, "name longer than 255 bytes".into());
+        }
+        if e.kind != FileKind::Dir {
+            if let Some(&ino) = self.seen.get(&e.node) {
+                // Another name of a file already planned.
+                if let Some(item) = self.items.get_mut(&ino) {
+                    item.links += 1;
+                }
+                return self.add_entry(parent, &e.name, ino, e.kind);
+            }
+        }
+        let meta = match self.source.metadata(e.node) {
+            Ok(m) => m,
+            Err(err) => return self.skip(path, err.to_string()),
+        };
+        let ino = self.number(parent, e);
+        let mut item = Item::new(e.node, meta, parent);
+        item.kind = e.kind;
+        if !self.from_ext4 {
+            item.meta.flags = 0;
+        }
+        match e.kind {
+            FileKind::Symlink => match self.target(path, e.node) {
+                Some(t) => item.target = t,
+                None => return,
+            },
+            FileKind::Dir => {
+                self.dirs.insert(path.to_string(), ino);
+            }
+            _ => {
+                self.seen.insert(e.node, ino);
+            }
+        }
+        item.attrs = attrs_of(self.source, e.node, path, self.report);
+        self.items.insert(ino, item);
+        self.add_entry(parent, &e.name, ino, e.kind);
+    }
+
+    /// The inode number for a new entry: 11 for the root's `lost+found`, else the next one.
+    fn number(&mut self, parent: u32, e: &DirEntry) -> u32 {
+        if e.kind == FileKind::Dir && parent == ROOT_INO && e.name == b"lost+found" {
+            LOST_FOUND_INO
+        } else {
+            self.next_ino += 1;
+            self.next_ino - 1
         }
     }
-    Ok(Plan { items, next_ino })
+
+    /// A symlink's target, or `None` (reported) when it cannot be read or is empty or too
+    /// long.
+    fn target(&mut self, path: &str, node: NodeId) -> Option<Vec<u8>> {
+        match self.source.read_link(node) {
+            Ok(t) if !t.is_empty() && t.len() < 4096 => Some(t),
+            Ok(t) => {
+                self.skip(path, format!("symlink target of {} bytes", t.len()));
+                None
+            }
+            Err(err) => {
+                self.skip(path, err.to_string());
+                None
+            }
+        }
+    }
+
+    /// An empty `lost+found` of our own when the source has none.
+    fn add_lost_found(&mut self) {
+        if let std::collections::hash_map::Entry::Vacant(slot) = self.items.entry(LOST_FOUND_INO) {
+            let meta = own_metadata(FileKind::Dir, 0o700, 0, 2);
+            slot.insert(Item::new(0, meta, ROOT_INO));
+            self.add_entry(ROOT_INO, b"lost+found", LOST_FOUND_INO, FileKind::Dir);
+        }
+    }
+
+    /// Directory link counts: itself, its parent's entry, and each subdirectory's "..".
+    fn count_directory_links(&mut self) {
+        for item in self.items.values_mut() {
+            if item.kind == FileKind::Dir {
+                let subdirs = item.entries.iter().filter(|e| e.2 == FileKind::Dir).count() as u32;
+                let links = 2 + subdirs;
+                item.links = if links >= 65000 { 1 } else { links };
+            }
+        }
+    }
 }
 
 fn attrs_of(
@@ -134,7 +174,7 @@ fn attrs_of(
             .filter_map(|(name, value)| match xattr::split(name, value) {
                 Ok(a) => Some(a),
                 Err(why) => {
-                    report.skipped.push((path.to_string(), why));
+                    report.skipped.push((path.to_string(), why.to_string()));
                     None
                 }
             })

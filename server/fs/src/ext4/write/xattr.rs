@@ -3,6 +3,8 @@
 //! hashes, and the two places they live — inside the inode after its extra fields, or in one
 //! xattr block of their own.
 
+use super::super::ondisk::{acl, dirent, xattr};
+
 /// One attribute as stored: namespace index, name suffix, value.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Attr {
@@ -11,31 +13,48 @@ pub struct Attr {
     pub value: Vec<u8>,
 }
 
-const MAGIC: u32 = 0xEA02_0000;
+/// Why an attribute cannot be stored in ext4.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AttrError {
+    #[error("ext4 has no namespace for the attribute {name}")]
+    NoNamespace { name: String },
+    #[error("attribute name {name} is longer than 255 bytes")]
+    NameTooLong { name: String },
+    #[error("{name}: a POSIX ACL is not in the VFS version 2 form")]
+    NotAnAcl { name: String },
+}
 
-/// Splits a full name into ext4's namespace index and the rest; `None` for namespaces ext4
-/// cannot hold.
-pub fn split(full: &str, value: &[u8]) -> Result<Attr, String> {
-    let (index, name) = if full == "system.posix_acl_access" {
-        (2, "")
-    } else if full == "system.posix_acl_default" {
-        (3, "")
-    } else if let Some(rest) = full.strip_prefix("user.") {
-        (1, rest)
-    } else if let Some(rest) = full.strip_prefix("trusted.") {
-        (4, rest)
-    } else if let Some(rest) = full.strip_prefix("security.") {
-        (6, rest)
-    } else if full == "system.richacl" {
-        (8, "")
-    } else {
-        return Err(format!("ext4 has no namespace for the attribute {full}"));
-    };
-    if name.len() > 255 {
-        return Err(format!("attribute name {full} is longer than 255 bytes"));
+/// ext4's namespace index for a full name, and the rest of the name. ACLs and richacl are
+/// whole names; other `system.` attributes are ext4's own business (inline data) and have no
+/// place in a copy.
+fn namespace(full: &str) -> Option<(u8, &str)> {
+    xattr::NAMESPACES.iter().find_map(|&(index, prefix)| {
+        if prefix.ends_with('.') {
+            (index != xattr::INDEX_SYSTEM)
+                .then(|| full.strip_prefix(prefix))
+                .flatten()
+                .map(|rest| (index, rest))
+        } else {
+            (full == prefix).then_some((index, ""))
+        }
+    })
+}
+
+/// Splits a full name into ext4's namespace index and the rest, converting POSIX ACLs to
+/// ext4's form.
+pub fn split(full: &str, value: &[u8]) -> Result<Attr, AttrError> {
+    let (index, name) = namespace(full).ok_or_else(|| AttrError::NoNamespace {
+        name: full.to_string(),
+    })?;
+    if name.len() > dirent::MAX_NAME_LEN {
+        return Err(AttrError::NameTooLong {
+            name: full.to_string(),
+        });
     }
-    let value = if index == 2 || index == 3 {
-        acl_to_ext4(value)?
+    let value = if xattr::is_acl(index) {
+        acl_to_ext4(value).ok_or_else(|| AttrError::NotAnAcl {
+            name: full.to_string(),
+        })?
     } else {
         value.to_vec()
     };
@@ -47,23 +66,26 @@ pub fn split(full: &str, value: &[u8]) -> Result<Attr, String> {
 }
 
 /// A POSIX ACL in the VFS form (version 2, 8 bytes per entry) in ext4's form (version 1; no
-/// id for the owner, owning group, mask and other entries).
-fn acl_to_ext4(v: &[u8]) -> Result<Vec<u8>, String> {
-    if v.len() < 4
-        || u32::from_le_bytes([v[0], v[1], v[2], v[3]]) != 2
-        || !(v.len() - 4).is_multiple_of(8)
+/// id for the owner, owning group, mask and other entries); `None` when it is not in the VFS
+/// form.
+fn acl_to_ext4(v: &[u8]) -> Option<Vec<u8>> {
+    if v.len() < acl::HEADER_SIZE
+        || acl::VERSION.get(v) != acl::VFS_VERSION
+        || !(v.len() - acl::HEADER_SIZE).is_multiple_of(acl::FULL_ENTRY)
     {
-        return Err("a POSIX ACL is not in the VFS version 2 form".into());
+        return None;
     }
-    let mut out = 1u32.to_le_bytes().to_vec();
-    for e in v[4..].chunks_exact(8) {
-        let tag = u16::from_le_bytes([e[0], e[1]]);
-        out.extend_from_slice(&e[..4]);
-        if tag == 0x02 || tag == 0x08 {
-            out.extend_from_slice(&e[4..8]);
-        }
+    let mut out = vec![0u8; acl::HEADER_SIZE];
+    acl::VERSION.set(&mut out, acl::EXT4_VERSION);
+    for e in v[acl::HEADER_SIZE..].chunks_exact(acl::FULL_ENTRY) {
+        let len = if acl::has_id(acl::TAG.get(e)) {
+            acl::FULL_ENTRY
+        } else {
+            acl::SHORT_ENTRY
+        };
+        out.extend_from_slice(&e[..len]);
     }
-    Ok(out)
+    Some(out)
 }
 
 /// The entry hash e2fsprogs and the kernel compute (unsigned name bytes).
@@ -80,10 +102,6 @@ pub fn entry_hash(a: &Attr) -> u32 {
     hash
 }
 
-fn entry_len(a: &Attr) -> usize {
-    (16 + a.name.len()).next_multiple_of(4)
-}
-
 /// Lays out entries from `entries_at` and values from `end` downward inside `area`; value
 /// offsets are relative to `base`. `None` when they do not fit.
 fn lay_out(area: &mut [u8], entries_at: usize, base: usize, attrs: &[Attr]) -> Option<Vec<u32>> {
@@ -92,26 +110,28 @@ fn lay_out(area: &mut [u8], entries_at: usize, base: usize, attrs: &[Attr]) -> O
     let mut hashes = Vec::new();
     for a in attrs {
         let vlen = a.value.len().next_multiple_of(4);
-        if at + entry_len(a) + 4 > value_end.checked_sub(vlen)? {
+        let elen = xattr::entry_len(a.name.len());
+        // Room for the entry and the end marker before the values.
+        if at + elen + xattr::END.end() > value_end.checked_sub(vlen)? {
             return None;
         }
         value_end -= vlen;
         area[value_end..value_end + a.value.len()].copy_from_slice(&a.value);
         let h = entry_hash(a);
-        let e = &mut area[at..at + entry_len(a)];
-        e[0] = a.name.len() as u8;
-        e[1] = a.index;
+        let e = &mut area[at..at + elen];
+        xattr::NAME_LEN.set(e, a.name.len() as u8);
+        xattr::NAME_INDEX.set(e, a.index);
         let offs = if a.value.is_empty() {
             0
         } else {
             value_end - base
         };
-        e[2..4].copy_from_slice(&(offs as u16).to_le_bytes());
-        e[8..12].copy_from_slice(&(a.value.len() as u32).to_le_bytes());
-        e[12..16].copy_from_slice(&h.to_le_bytes());
-        e[16..16 + a.name.len()].copy_from_slice(&a.name);
+        xattr::VALUE_OFFS.set(e, offs as u16);
+        xattr::VALUE_SIZE.set(e, a.value.len() as u32);
+        xattr::ENTRY_HASH.set(e, h);
+        e[xattr::NAME..xattr::NAME + a.name.len()].copy_from_slice(&a.name);
         hashes.push(h);
-        at += entry_len(a);
+        at += elen;
     }
     Some(hashes)
 }
@@ -123,8 +143,9 @@ pub fn write_inline(area: &mut [u8], attrs: &[Attr]) -> bool {
         return true;
     }
     let mut tmp = vec![0u8; area.len()];
-    tmp[..4].copy_from_slice(&MAGIC.to_le_bytes());
-    if lay_out(&mut tmp, 4, 4, attrs).is_none() {
+    xattr::MAGIC.set(&mut tmp, xattr::MAGIC_VALUE);
+    let header = xattr::IBODY_HEADER_SIZE;
+    if lay_out(&mut tmp, header, header, attrs).is_none() {
         return false;
     }
     area.copy_from_slice(&tmp);
@@ -137,15 +158,15 @@ pub fn block(block_size: usize, attrs: &[Attr]) -> Option<Vec<u8>> {
     let mut sorted = attrs.to_vec();
     sorted.sort_by(|a, b| (a.index, a.name.len(), &a.name).cmp(&(b.index, b.name.len(), &b.name)));
     let mut b = vec![0u8; block_size];
-    b[..4].copy_from_slice(&MAGIC.to_le_bytes());
-    b[4..8].copy_from_slice(&1u32.to_le_bytes()); // refcount
-    b[8..12].copy_from_slice(&1u32.to_le_bytes()); // blocks
-    let hashes = lay_out(&mut b, 32, 0, &sorted)?;
+    xattr::MAGIC.set(&mut b, xattr::MAGIC_VALUE);
+    xattr::REFCOUNT.set(&mut b, 1);
+    xattr::BLOCKS.set(&mut b, 1);
+    let hashes = lay_out(&mut b, xattr::BLOCK_HEADER_SIZE, 0, &sorted)?;
     let mut hash = 0u32;
     for h in hashes {
         hash = (hash << 16) ^ (hash >> 16) ^ h;
     }
-    b[12..16].copy_from_slice(&hash.to_le_bytes());
+    xattr::HASH.set(&mut b, hash);
     Some(b)
 }
 
@@ -171,7 +192,22 @@ mod tests {
         let ext4 = split("system.posix_acl_access", &vfs).unwrap();
         assert_eq!(ext4.index, 2);
         assert_eq!(ext4.value.len(), 4 + 4 + 8 + 4 + 4 + 4);
-        assert!(split("ntfs.stream.x", b"").is_err());
+        assert_eq!(
+            split("ntfs.stream.x", b""),
+            Err(AttrError::NoNamespace {
+                name: "ntfs.stream.x".into()
+            })
+        );
+        assert!(matches!(
+            split("system.posix_acl_default", b"\x02\0\0\0\x01"),
+            Err(AttrError::NotAnAcl { .. })
+        ));
+        assert!(matches!(
+            split("system.data", b""),
+            Err(AttrError::NoNamespace { .. })
+        ));
+        assert_eq!(split("user.x", b"v").map(|a| a.index), Ok(1));
+        assert_eq!(split("system.richacl", b"v").map(|a| a.index), Ok(8));
     }
 
     #[test]
