@@ -385,126 +385,138 @@ fn decode_frame(buf: Bytes) -> Result<Message, ProtocolError> {
     let kind = b.u8("kind")?;
     let cookie = b.u64("cookie")?;
     let msg = if kind < 0x80 {
-        let request = match kind {
-            kind::LIST_DISKS => Request::ListDisks,
-            kind::OPEN => Request::Open {
-                disk: b.string("disk name")?,
-                writable: b.bool("open mode")?,
-            },
-            kind::READ => Request::Read {
-                handle: b.u32("handle")?,
-                offset: b.u64("offset")?,
-                len: b.u32("length")?,
-            },
-            kind::WRITE => Request::Write {
-                handle: b.u32("handle")?,
-                offset: b.u64("offset")?,
-                data: b.rest(),
-            },
-            kind::FLUSH => Request::Flush {
-                handle: b.u32("handle")?,
-            },
-            kind::DISCARD => Request::Discard {
-                handle: b.u32("handle")?,
-                offset: b.u64("offset")?,
-                len: b.u64("length")?,
-            },
-            kind::BLOCK_STATUS => Request::BlockStatus {
-                handle: b.u32("handle")?,
-                offset: b.u64("offset")?,
-                len: b.u64("length")?,
-            },
-            kind::CLOSE => Request::Close {
-                handle: b.u32("handle")?,
-            },
-            kind::WRITE_ZEROES => Request::WriteZeroes {
-                handle: b.u32("handle")?,
-                offset: b.u64("offset")?,
-                len: b.u64("length")?,
-            },
-            kind::IDENTIFY => Request::Identify,
-            kind::POWER => Request::Power {
-                action: match b.u8("power action")? {
-                    1 => PowerAction::Reboot,
-                    2 => PowerAction::Poweroff,
-                    n => {
-                        return Err(ProtocolError::malformed(format!(
-                            "unknown power action {n}"
-                        )))
-                    }
-                },
-            },
-            other => return Err(ProtocolError::UnknownKind(other)),
-        };
+        let request = decode_request(kind, &mut b)?;
         Message::Request { cookie, request }
     } else {
-        let reply = match kind {
-            kind::DISKS => {
-                let n = b.count(MIN_DISK_INFO_LEN, "disk list")?;
-                let mut disks = Vec::with_capacity(n);
-                for _ in 0..n {
-                    disks.push(DiskInfo {
-                        name: b.string("disk name")?,
-                        size: b.u64("disk size")?,
-                        logical_sector: b.u32("logical sector size")?,
-                        physical_sector: b.u32("physical sector size")?,
-                        model: b.string("model")?,
-                        serial: b.string("serial")?,
-                        rotational: b.bool("rotational flag")?,
-                        read_only: b.bool("read-only flag")?,
-                    });
-                }
-                Reply::Disks(disks)
-            }
-            kind::OPENED => Reply::Opened {
-                handle: b.u32("handle")?,
-                size: b.u64("size")?,
-                logical_sector: b.u32("logical sector size")?,
-                physical_sector: b.u32("physical sector size")?,
-                read_only: b.bool("read-only flag")?,
-            },
-            kind::DATA => Reply::Data(b.rest()),
-            kind::IDENTITY => {
-                let raw = b.rest();
-                if raw.len() > MAX_IDENTITY {
-                    return Err(ProtocolError::malformed(format!(
-                        "identity of {} bytes is larger than {MAX_IDENTITY}",
-                        raw.len()
-                    )));
-                }
-                Reply::Identity(
-                    String::from_utf8(raw.to_vec())
-                        .map_err(|_| ProtocolError::malformed("identity is not UTF-8"))?,
-                )
-            }
-            kind::DONE => Reply::Done,
-            kind::STATUS => {
-                let n = b.count(EXTENT_LEN, "extent list")?;
-                let mut extents = Vec::with_capacity(n);
-                for _ in 0..n {
-                    let len = b.u64("extent length")?;
-                    let state = match b.u8("extent state")? {
-                        0 => BlockState::Data,
-                        1 => BlockState::Zero,
-                        2 => BlockState::Unknown,
-                        s => {
-                            return Err(ProtocolError::malformed(format!(
-                                "unknown extent state {s}"
-                            )))
-                        }
-                    };
-                    extents.push(Extent { len, state });
-                }
-                Reply::Status(extents)
-            }
-            kind::ERROR => Reply::Error {
-                code: ErrorCode::from_u16(b.u16("error code")?),
-                message: b.string("error message")?,
-            },
-            other => return Err(ProtocolError::UnknownKind(other)),
-        };
+        let reply = decode_reply(kind, &mut b)?;
         Message::Reply { cookie, reply }
     };
     b.finish("the message")?;
     Ok(msg)
+}
+
+fn decode_request(kind: u8, b: &mut Body) -> Result<Request, ProtocolError> {
+    Ok(match kind {
+        kind::LIST_DISKS => Request::ListDisks,
+        kind::OPEN => Request::Open {
+            disk: b.string("disk name")?,
+            writable: b.bool("open mode")?,
+        },
+        kind::READ => Request::Read {
+            handle: b.u32("handle")?,
+            offset: b.u64("offset")?,
+            len: b.u32("length")?,
+        },
+        kind::WRITE => Request::Write {
+            handle: b.u32("handle")?,
+            offset: b.u64("offset")?,
+            data: b.rest(),
+        },
+        kind::FLUSH => Request::Flush {
+            handle: b.u32("handle")?,
+        },
+        kind::DISCARD => Request::Discard {
+            handle: b.u32("handle")?,
+            offset: b.u64("offset")?,
+            len: b.u64("length")?,
+        },
+        kind::BLOCK_STATUS => Request::BlockStatus {
+            handle: b.u32("handle")?,
+            offset: b.u64("offset")?,
+            len: b.u64("length")?,
+        },
+        kind::CLOSE => Request::Close {
+            handle: b.u32("handle")?,
+        },
+        kind::WRITE_ZEROES => Request::WriteZeroes {
+            handle: b.u32("handle")?,
+            offset: b.u64("offset")?,
+            len: b.u64("length")?,
+        },
+        kind::IDENTIFY => Request::Identify,
+        kind::POWER => Request::Power {
+            action: match b.u8("power action")? {
+                1 => PowerAction::Reboot,
+                2 => PowerAction::Poweroff,
+                n => {
+                    return Err(ProtocolError::malformed(format!(
+                        "unknown power action {n}"
+                    )))
+                }
+            },
+        },
+        other => return Err(ProtocolError::UnknownKind(other)),
+    })
+}
+
+fn decode_reply(kind: u8, b: &mut Body) -> Result<Reply, ProtocolError> {
+    Ok(match kind {
+        kind::DISKS => Reply::Disks(decode_disks(b)?),
+        kind::OPENED => Reply::Opened {
+            handle: b.u32("handle")?,
+            size: b.u64("size")?,
+            logical_sector: b.u32("logical sector size")?,
+            physical_sector: b.u32("physical sector size")?,
+            read_only: b.bool("read-only flag")?,
+        },
+        kind::DATA => Reply::Data(b.rest()),
+        kind::IDENTITY => {
+            let raw = b.rest();
+            if raw.len() > MAX_IDENTITY {
+                return Err(ProtocolError::malformed(format!(
+                    "identity of {} bytes is larger than {MAX_IDENTITY}",
+                    raw.len()
+                )));
+            }
+            Reply::Identity(
+                String::from_utf8(raw.to_vec())
+                    .map_err(|_| ProtocolError::malformed("identity is not UTF-8"))?,
+            )
+        }
+        kind::DONE => Reply::Done,
+        kind::STATUS => Reply::Status(decode_extents(b)?),
+        kind::ERROR => Reply::Error {
+            code: ErrorCode::from_u16(b.u16("error code")?),
+            message: b.string("error message")?,
+        },
+        other => return Err(ProtocolError::UnknownKind(other)),
+    })
+}
+
+fn decode_disks(b: &mut Body) -> Result<Vec<DiskInfo>, ProtocolError> {
+    let n = b.count(MIN_DISK_INFO_LEN, "disk list")?;
+    let mut disks = Vec::with_capacity(n);
+    for _ in 0..n {
+        disks.push(DiskInfo {
+            name: b.string("disk name")?,
+            size: b.u64("disk size")?,
+            logical_sector: b.u32("logical sector size")?,
+            physical_sector: b.u32("physical sector size")?,
+            model: b.string("model")?,
+            serial: b.string("serial")?,
+            rotational: b.bool("rotational flag")?,
+            read_only: b.bool("read-only flag")?,
+        });
+    }
+    Ok(disks)
+}
+
+fn decode_extents(b: &mut Body) -> Result<Vec<Extent>, ProtocolError> {
+    let n = b.count(EXTENT_LEN, "extent list")?;
+    let mut extents = Vec::with_capacity(n);
+    for _ in 0..n {
+        let len = b.u64("extent length")?;
+        let state = match b.u8("extent state")? {
+            0 => BlockState::Data,
+            1 => BlockState::Zero,
+            2 => BlockState::Unknown,
+            s => {
+                return Err(ProtocolError::malformed(format!(
+                    "unknown extent state {s}"
+                )))
+            }
+        };
+        extents.push(Extent { len, state });
+    }
+    Ok(extents)
 }

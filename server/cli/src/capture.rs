@@ -12,7 +12,9 @@ use diskferry_imaging::source::{open_source, SourceSpec};
 use diskferry_imaging::{CaptureOptions, CaptureOutcome, CaptureSummary};
 use diskferry_vdisk::ImageFormat;
 
-use crate::{human_bytes, images, machines, progress_for, runtime, session, ConnArgs, Mode, ProgressKind};
+use crate::{
+    human_bytes, images, machines, progress_for, runtime, session, ConnArgs, Mode, ProgressKind,
+};
 
 #[derive(Args)]
 pub(crate) struct CaptureArgs {

@@ -18,8 +18,8 @@ use diskferry_fs::fat_write::{write_fat, FatOptions};
 use diskferry_fs::host::HostFs;
 use diskferry_fs::FsKind;
 use diskferry_imaging::pipeline::{Mode, OutputOptions};
-use diskferry_imaging::{CaptureOptions, CaptureOutcome, CaptureSummary};
 use diskferry_imaging::source::{open_source, SourceSpec};
+use diskferry_imaging::{CaptureOptions, CaptureOutcome, CaptureSummary};
 use diskferry_partition::{
     self as partition, Guid, Partition, PartitionTable, PartitionType, Scheme,
 };
@@ -94,7 +94,12 @@ fn list_agent_disks(
     session: &SessionOptions,
 ) -> Result<()> {
     let disks = rt.block_on(async {
-        anyhow::Ok(Connection::connect(addr, session).await?.list_disks().await?)
+        anyhow::Ok(
+            Connection::connect(addr, session)
+                .await?
+                .list_disks()
+                .await?,
+        )
     })?;
     println!("3. `diskferry disks {addr}` sees:");
     print_disks(&disks);
@@ -135,7 +140,12 @@ fn capture_and_verify(src: Arc<dyn BlockDevice>, out: &Path) -> Result<CaptureOu
         size: None,
         verify: true,
     };
-    Ok(diskferry_imaging::capture(src, out, &options, progress.as_ref())?)
+    Ok(diskferry_imaging::capture(
+        src,
+        out,
+        &options,
+        progress.as_ref(),
+    )?)
 }
 
 fn print_figures(outcome: &CaptureOutcome, size: u64, used: u64) -> Result<()> {

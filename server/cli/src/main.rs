@@ -19,6 +19,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
+use capture::{CaptureArgs, Format, OutputArgs};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use diskferry_imaging::pipeline::Mode as DiskMode;
 use diskferry_imaging::progress::{Progress, Silent};
@@ -26,7 +27,6 @@ use diskferry_imaging::source::{open_source, SourceSpec};
 pub(crate) use diskferry_imaging::units::human_bytes;
 use diskferry_protocol::{DiskInfo, Psk, Role, SessionOptions};
 use diskferry_remote::Connection;
-use capture::{CaptureArgs, Format, OutputArgs};
 use progress_bar::TerminalBar;
 
 /// Large receive buffers are allocated and freed per request; mimalloc keeps that memory
@@ -529,4 +529,3 @@ fn print_disks(list: &[DiskInfo]) {
         );
     }
 }
-

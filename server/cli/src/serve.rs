@@ -44,8 +44,8 @@ pub fn run(args: &ServeArgs) -> Result<()> {
 
 async fn serve(args: &ServeArgs) -> Result<()> {
     let data_dir = args.data_dir.clone();
-    let (state, startup) = tokio::task::spawn_blocking(move || diskferry_web::open(&data_dir))
-        .await??;
+    let (state, startup) =
+        tokio::task::spawn_blocking(move || diskferry_web::open(&data_dir)).await??;
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("cannot listen on {} (in use? try --listen)", args.listen))?;

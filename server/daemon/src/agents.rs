@@ -185,6 +185,8 @@ impl diskferry_remote::Redial for AgentRedial {
             .link(self.machine_id)
             .map(|l| l.connection)
             .filter(|c| c.closed_reason().is_none())
-            .ok_or_else(|| diskferry_remote::RedialError::NotBack(format!("machine {}", self.label)))
+            .ok_or_else(|| {
+                diskferry_remote::RedialError::NotBack(format!("machine {}", self.label))
+            })
     }
 }

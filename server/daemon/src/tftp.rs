@@ -127,10 +127,7 @@ fn error_packet(code: u16, msg: &str) -> Vec<u8> {
 }
 
 /// Serves requests on `socket` until the process ends.
-pub async fn serve(
-    socket: UdpSocket,
-    roots: TftpRoots,
-) {
+pub async fn serve(socket: UdpSocket, roots: TftpRoots) {
     let mut buf = vec![0u8; 1024];
     loop {
         let Ok((n, peer)) = socket.recv_from(&mut buf).await else {

@@ -72,8 +72,7 @@ pub fn capture(
     options: &CaptureOptions,
     progress: &dyn Progress,
 ) -> Result<CaptureOutcome, CaptureJobError> {
-    let partitioned =
-        partition::read_table(&*source).is_ok_and(|t| t.scheme != Scheme::None);
+    let partitioned = partition::read_table(&*source).is_ok_and(|t| t.scheme != Scheme::None);
     let whole_disk = options.mode == Mode::Sectors || !partitioned;
     if !partitioned && options.mode != Mode::Sectors {
         tracing::info!("the source has no partition table: copying every non-zero sector");

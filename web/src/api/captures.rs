@@ -8,9 +8,9 @@ use axum::Json;
 use diskferry_daemon::catalog::CaptureRecord;
 use serde::Serialize;
 
+use super::*;
 use crate::error::Failure;
 use crate::SharedState;
-use super::*;
 
 /// A capture as lists show it.
 #[derive(Debug, Serialize)]

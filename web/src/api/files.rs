@@ -15,11 +15,11 @@ use diskferry_fs::{FileKind, Filesystem, NodeId};
 use serde::Serialize;
 use tokio::sync::mpsc;
 
+use super::*;
 use crate::browse;
 use crate::error::Failure;
 use crate::innerpath::InnerPath;
 use crate::SharedState;
-use super::*;
 
 /// The `path` query parameter, checked.
 pub fn path_param(q: &HashMap<String, String>) -> Result<InnerPath, Failure> {

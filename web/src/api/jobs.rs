@@ -10,9 +10,9 @@ use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 
+use super::*;
 use crate::error::Failure;
 use crate::SharedState;
-use super::*;
 
 pub(super) async fn list_jobs(State(state): State<SharedState>) -> Result<Response, Failure> {
     let st = Arc::clone(&state);
@@ -20,7 +20,10 @@ pub(super) async fn list_jobs(State(state): State<SharedState>) -> Result<Respon
     Ok(Json(jobs).into_response())
 }
 
-pub(super) async fn start_job(State(state): State<SharedState>, body: Bytes) -> Result<Response, Failure> {
+pub(super) async fn start_job(
+    State(state): State<SharedState>,
+    body: Bytes,
+) -> Result<Response, Failure> {
     let req: JobRequest = json_body(&body, "a job (see /api/openapi.json)")?;
     let id = state.jobs.start(req)?;
     Ok((

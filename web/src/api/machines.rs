@@ -8,9 +8,9 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 
+use super::*;
 use crate::error::Failure;
 use crate::SharedState;
-use super::*;
 
 /// Machines with whether each is connected now.
 pub async fn machine_list(state: &SharedState) -> Result<Vec<serde_json::Value>, Failure> {
@@ -55,7 +55,6 @@ pub async fn set_machine_name(state: &SharedState, key: &str, name: &str) -> Res
     tokio::task::spawn_blocking(move || st.catalog.name_machine(m.id, &name)).await??;
     Ok(m.id)
 }
-
 
 #[derive(serde::Deserialize)]
 #[serde(deny_unknown_fields)]

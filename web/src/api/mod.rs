@@ -24,8 +24,8 @@ use axum::Router;
 use diskferry_daemon::catalog::CaptureRecord;
 
 use crate::error::Failure;
-use diskferry_daemon::jobs::JobRequest;
 use crate::SharedState;
+use diskferry_daemon::jobs::JobRequest;
 
 /// The OpenAPI description of this API.
 pub const OPENAPI: &str = include_str!("../openapi.json");

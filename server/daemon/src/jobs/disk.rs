@@ -77,7 +77,12 @@ impl JobDisk {
                     "machine {label} is not connected: boot it into the diskferry PXE environment first"
                 ))
             })?;
-            let names: Vec<&str> = link.identity.disks.iter().map(|d| d.name.as_str()).collect();
+            let names: Vec<&str> = link
+                .identity
+                .disks
+                .iter()
+                .map(|d| d.name.as_str())
+                .collect();
             let disk = pick_disk(disk, &names, &label, who)?;
             return Ok(JobDisk::Machine {
                 id: m.id,

@@ -290,7 +290,13 @@ impl Jobs {
 
     /// Runs a job to its end on this (blocking) thread, inside its span, and records how it
     /// went.
-    fn run(self: &Arc<Self>, id: i64, rt: &tokio::runtime::Handle, work: Work, cancel: &CancelFlag) {
+    fn run(
+        self: &Arc<Self>,
+        id: i64,
+        rt: &tokio::runtime::Handle,
+        work: Work,
+        cancel: &CancelFlag,
+    ) {
         let me = Arc::clone(self);
         let _route = crate::joblog::route(id, move |line| me.log(id, line));
         let span = tracing::info_span!(crate::joblog::JOB_SPAN, job_id = id);
@@ -344,7 +350,12 @@ impl Jobs {
     /// Marks the job's machine transitioning; returns it with its state before.
     fn machine_transitioning(&self, work: &Work) -> Option<(i64, String)> {
         let m = work.machine()?;
-        let before = self.catalog.find_machine(&m.to_string()).ok().flatten()?.state;
+        let before = self
+            .catalog
+            .find_machine(&m.to_string())
+            .ok()
+            .flatten()?
+            .state;
         let _ = self.catalog.set_machine_state(m, state::TRANSITIONING);
         Some((m, before))
     }
@@ -395,8 +406,11 @@ impl Jobs {
                 .agents
                 .link(*m)
                 .ok_or_else(|| RunError::GoneBeforeReboot(label.clone()))?;
-            rt.block_on(link.connection.power(diskferry_protocol::PowerAction::Reboot))
-                .map_err(RunError::Reboot)?;
+            rt.block_on(
+                link.connection
+                    .power(diskferry_protocol::PowerAction::Reboot),
+            )
+            .map_err(RunError::Reboot)?;
             tracing::info!("reboot requested");
         }
         Ok(())

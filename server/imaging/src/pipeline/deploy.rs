@@ -63,7 +63,9 @@ impl DeployError {
     pub fn nothing_written(&self) -> bool {
         matches!(
             self,
-            DeployError::ReadOnly { .. } | DeployError::CannotPlan { .. } | DeployError::TooSmall { .. }
+            DeployError::ReadOnly { .. }
+                | DeployError::CannotPlan { .. }
+                | DeployError::TooSmall { .. }
         )
     }
 }
@@ -138,7 +140,8 @@ fn check_fits(plan: &DiskPlan, target_name: &str) -> Result<(), DeployError> {
                 used,
                 room,
                 disk: plan.out_size,
-            });        }
+            });
+        }
     }
     Ok(())
 }

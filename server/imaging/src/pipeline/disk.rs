@@ -212,9 +212,8 @@ fn write_partition(
 ) -> Result<u64, CaptureError> {
     let werr = |e| ends.write_err(e);
     let number = pp.part.number;
-    let ddev: Arc<dyn BlockDevice> = Arc::new(
-        SliceDevice::new(Arc::clone(ends.dst), target.start, target.size).map_err(werr)?,
-    );
+    let ddev: Arc<dyn BlockDevice> =
+        Arc::new(SliceDevice::new(Arc::clone(ends.dst), target.start, target.size).map_err(werr)?);
     if ends.used_disk() {
         zero(&*ddev, 0..ddev.size()).map_err(werr)?;
     }
@@ -288,4 +287,3 @@ pub fn capture_disk(
         elapsed: started.elapsed(),
     })
 }
-

@@ -140,8 +140,7 @@ pub(super) fn plan_disk(
         source,
         partial: dst_name.to_path_buf(),
     };
-    let mut table = partition::read_table(&**src)
-        .map_err(CaptureError::SourceTable)?;
+    let mut table = partition::read_table(&**src).map_err(CaptureError::SourceTable)?;
     // Decide every partition's mode first: resizing depends on them.
     let mut parts = Vec::new();
     for p in &table.partitions {
@@ -189,4 +188,3 @@ pub(super) fn plan_disk(
         out_size,
     })
 }
-

@@ -53,10 +53,14 @@ pub fn verify_disks(
     b: &Arc<dyn BlockDevice>,
 ) -> Result<VerifyReport, VerifyError> {
     let mut report = VerifyReport::default();
-    let ta =
-        partition::read_table(&**a).map_err(|source| VerifyError::Table { side: "first", source })?;
-    let tb =
-        partition::read_table(&**b).map_err(|source| VerifyError::Table { side: "second", source })?;
+    let ta = partition::read_table(&**a).map_err(|source| VerifyError::Table {
+        side: "first",
+        source,
+    })?;
+    let tb = partition::read_table(&**b).map_err(|source| VerifyError::Table {
+        side: "second",
+        source,
+    })?;
     if ta.scheme != tb.scheme
         || ta.disk_guid != tb.disk_guid
         || ta.mbr_signature != tb.mbr_signature
