@@ -69,7 +69,9 @@ impl From<FsError> for Failure {
             FsError::NotFound(_) => StatusCode::NOT_FOUND,
             FsError::NotADirectory(_) | FsError::Escapes(_) => StatusCode::BAD_REQUEST,
             // The capture's filesystem cannot give this: the request is fine, the data is not.
-            FsError::Corrupt(..) | FsError::Unsupported(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            FsError::Corrupt(..) | FsError::Ext4 { .. } | FsError::Unsupported(_) => {
+                StatusCode::UNPROCESSABLE_ENTITY
+            }
             FsError::Io(_) => StatusCode::INTERNAL_SERVER_ERROR,
         };
         Failure::new(status, e.to_string())
