@@ -1,20 +1,44 @@
 //! GPT: the header at LBA 1 (CRC32 over the header, CRC32 over the entry array) and its backup
 //! at the last LBA. The primary is used when valid; otherwise the backup, with a warning.
 
-use super::{Partition, PartitionTable, PartitionType, Result, Scheme};
-use diskferry_blockdev::BlockDevice;
-use diskferry_layout::le::{le32, le64};
+use super::ondisk::{crc32_with_zero_field, gpt_entry, gpt_header};
+use super::{Partition, PartitionError, PartitionTable, PartitionType, Result, Scheme};
+use diskferry_blockdev::{BlockDevice, BlockError};
+use diskferry_layout::field::Records;
 pub use diskferry_layout::Guid;
 
 /// Largest partition entry array accepted (the usual one is 128 × 128 bytes = 16 KiB).
 const MAX_ENTRY_ARRAY: u64 = 4 << 20;
 
-fn crc32_with_zero_field(data: &[u8], at: usize) -> u32 {
-    let mut h = crc32fast::Hasher::new();
-    h.update(&data[..at]);
-    h.update(&[0; 4]);
-    h.update(&data[at + 4..]);
-    h.finalize()
+/// Why a GPT header (with its entry array) is unusable.
+#[derive(Debug, thiserror::Error)]
+pub enum HeaderError {
+    #[error("LBA {lba} is beyond the disk")]
+    BeyondDisk { lba: u64 },
+    #[error("reading LBA {lba}: {source}")]
+    Io {
+        lba: u64,
+        #[source]
+        source: BlockError,
+    },
+    #[error("no EFI PART signature")]
+    NoSignature,
+    #[error("header size {0} is out of range")]
+    HeaderSize(u32),
+    #[error("header CRC32 mismatch (stored {stored:#010x}, computed {computed:#010x})")]
+    HeaderCrc { stored: u32, computed: u32 },
+    #[error("the header found at LBA {lba} says it lives at LBA {claims}")]
+    Misplaced { lba: u64, claims: u64 },
+    #[error("{count} entries of {size} bytes is not a table we accept")]
+    EntryArray { count: u32, size: u32 },
+    #[error("usable LBAs {first}..={last} do not fit a {sectors}-sector disk")]
+    UsableRange { first: u64, last: u64, sectors: u64 },
+    #[error("the partition entry array at LBA {lba} is beyond the disk")]
+    ArrayBeyondDisk { lba: u64 },
+    #[error(
+        "partition entry array CRC32 mismatch (stored {stored:#010x}, computed {computed:#010x})"
+    )]
+    ArrayCrc { stored: u32, computed: u32 },
 }
 
 /// A header that checked out, with its entry array.
@@ -27,60 +51,77 @@ struct Header {
     alternate: u64,
 }
 
-/// Reads and checks the header at `lba`; `Err` says why it is unusable.
-fn header_at(disk: &dyn BlockDevice, sector: u64, lba: u64) -> Result<Header, String> {
+/// Reads and checks the header at `lba`, and its entry array.
+fn header_at(disk: &dyn BlockDevice, sector: u64, lba: u64) -> Result<Header, HeaderError> {
     let sectors = disk.size() / sector;
     if lba >= sectors {
-        return Err(format!("LBA {lba} is beyond the disk"));
+        return Err(HeaderError::BeyondDisk { lba });
     }
+    let read = |buf: &mut [u8], lba: u64| {
+        disk.read_at(buf, lba * sector)
+            .map_err(|source| HeaderError::Io { lba, source })
+    };
     let mut h = vec![0u8; sector as usize];
-    disk.read_at(&mut h, lba * sector)
-        .map_err(|e| e.to_string())?;
-    if &h[..8] != b"EFI PART" {
-        return Err("no EFI PART signature".into());
+    read(&mut h, lba)?;
+    if gpt_header::SIGNATURE.get(&h) != *gpt_header::SIGNATURE_VALUE {
+        return Err(HeaderError::NoSignature);
     }
-    let size = le32(&h, 12) as usize;
-    if !(92..=sector as usize).contains(&size) {
-        return Err(format!("header size {size} is out of range"));
+    let size = gpt_header::HEADER_SIZE.get(&h);
+    if !(gpt_header::LEN..=sector as usize).contains(&(size as usize)) {
+        return Err(HeaderError::HeaderSize(size));
     }
-    if crc32_with_zero_field(&h[..size], 16) != le32(&h, 16) {
-        return Err("header CRC32 mismatch".into());
+    let (stored, computed) = (
+        gpt_header::HEADER_CRC32.get(&h),
+        crc32_with_zero_field(&h[..size as usize], gpt_header::HEADER_CRC32),
+    );
+    if stored != computed {
+        return Err(HeaderError::HeaderCrc { stored, computed });
     }
-    if le64(&h, 24) != lba {
-        return Err("the header does not say it lives where it was found".into());
+    let claims = gpt_header::MY_LBA.get(&h);
+    if claims != lba {
+        return Err(HeaderError::Misplaced { lba, claims });
     }
-    let (first_usable, last_usable) = (le64(&h, 40), le64(&h, 48));
-    let entries_lba = le64(&h, 72);
-    let (count, entry_size) = (u64::from(le32(&h, 80)), u64::from(le32(&h, 84)));
-    if entry_size < 128 || entry_size % 8 != 0 || count * entry_size > MAX_ENTRY_ARRAY {
-        return Err(format!(
-            "{count} entries of {entry_size} bytes is not a table we accept"
-        ));
+    let first = gpt_header::FIRST_USABLE_LBA.get(&h);
+    let last = gpt_header::LAST_USABLE_LBA.get(&h);
+    let entries_lba = gpt_header::PARTITION_ENTRY_LBA.get(&h);
+    let count = gpt_header::NUMBER_OF_PARTITION_ENTRIES.get(&h);
+    let entry_size = gpt_header::SIZE_OF_PARTITION_ENTRY.get(&h);
+    let array_len = u64::from(count) * u64::from(entry_size);
+    if (entry_size as usize) < gpt_entry::LEN
+        || !entry_size.is_multiple_of(8)
+        || array_len > MAX_ENTRY_ARRAY
+    {
+        return Err(HeaderError::EntryArray {
+            count,
+            size: entry_size,
+        });
     }
-    if first_usable > last_usable || last_usable >= sectors {
-        return Err(format!(
-            "usable LBAs {first_usable}..={last_usable} do not fit a {sectors}-sector disk"
-        ));
+    if first > last || last >= sectors {
+        return Err(HeaderError::UsableRange {
+            first,
+            last,
+            sectors,
+        });
     }
-    let array_len = count * entry_size;
     if entries_lba.saturating_mul(sector).saturating_add(array_len) > disk.size() {
-        return Err("the partition entry array is beyond the disk".into());
+        return Err(HeaderError::ArrayBeyondDisk { lba: entries_lba });
     }
     let mut entries = vec![0u8; array_len as usize];
-    disk.read_at(&mut entries, entries_lba * sector)
-        .map_err(|e| e.to_string())?;
-    if crc32fast::hash(&entries) != le32(&h, 88) {
-        return Err("partition entry array CRC32 mismatch".into());
+    read(&mut entries, entries_lba)?;
+    let (stored, computed) = (
+        gpt_header::PARTITION_ENTRY_ARRAY_CRC32.get(&h),
+        crc32fast::hash(&entries),
+    );
+    if stored != computed {
+        return Err(HeaderError::ArrayCrc { stored, computed });
     }
-    let mut guid = [0u8; 16];
-    guid.copy_from_slice(&h[56..72]);
     Ok(Header {
-        disk_guid: Guid(guid),
-        first_usable,
-        last_usable,
+        disk_guid: gpt_header::DISK_GUID.get(&h),
+        first_usable: first,
+        last_usable: last,
         entries,
         entry_size: entry_size as usize,
-        alternate: le64(&h, 32),
+        alternate: gpt_header::ALTERNATE_LBA.get(&h),
     })
 }
 
@@ -106,47 +147,16 @@ pub fn read(disk: &dyn BlockDevice, sector: u32) -> Result<Option<PartitionTable
                 ));
                 h
             }
-            Err(_) if primary == "no EFI PART signature" => return Ok(None),
+            Err(_) if matches!(primary, HeaderError::NoSignature) => return Ok(None),
             Err(backup) => {
-                return Err(super::PartitionError::Damaged(format!(
-                    "primary GPT: {primary}; backup GPT: {backup}"
-                )))
+                return Err(PartitionError::NoValidGpt {
+                    primary: Box::new(primary),
+                    backup: Box::new(backup),
+                })
             }
         },
     };
-    let mut partitions = Vec::new();
-    for (i, e) in header.entries.chunks_exact(header.entry_size).enumerate() {
-        let mut type_guid = [0u8; 16];
-        type_guid.copy_from_slice(&e[..16]);
-        if type_guid == [0; 16] {
-            continue;
-        }
-        let mut unique = [0u8; 16];
-        unique.copy_from_slice(&e[16..32]);
-        let (first, last_lba) = (le64(e, 32), le64(e, 40));
-        let number = i as u32 + 1;
-        if first > last_lba || first < header.first_usable || last_lba > header.last_usable {
-            warnings.push(format!(
-                "partition {number} (LBA {first}..={last_lba}) lies outside the usable area; skipped"
-            ));
-            continue;
-        }
-        let name: Vec<u16> = e[56..128]
-            .chunks_exact(2)
-            .map(|c| u16::from_le_bytes([c[0], c[1]]))
-            .take_while(|&u| u != 0)
-            .collect();
-        partitions.push(Partition {
-            number,
-            start: first * sector,
-            size: (last_lba - first + 1) * sector,
-            kind: PartitionType::Gpt(Guid(type_guid)),
-            guid: Some(Guid(unique)),
-            name: String::from_utf16_lossy(&name),
-            attributes: le64(e, 48),
-            bootable: false,
-        });
-    }
+    let partitions = partitions(&header, sector, &mut warnings);
     Ok(Some(PartitionTable {
         scheme: Scheme::Gpt,
         sector_size: sector as u32,
@@ -159,15 +169,35 @@ pub fn read(disk: &dyn BlockDevice, sector: u32) -> Result<Option<PartitionTable
     }))
 }
 
-#[cfg(test)]
-mod tests {
-    use super::Guid;
-
-    #[test]
-    fn guids_print_and_parse_in_the_mixed_endian_order_gpt_stores() {
-        let esp = Guid::parse("C12A7328-F81F-11D2-BA4B-00A0C93EC93B").unwrap();
-        assert_eq!(esp.0[..4], [0x28, 0x73, 0x2A, 0xC1]);
-        assert_eq!(esp.to_string(), "C12A7328-F81F-11D2-BA4B-00A0C93EC93B");
-        assert!(Guid::parse("C12A7328F81F11D2BA4B00A0C93EC93B").is_none());
+/// The used entries of the array, numbered by index + 1; entries outside the usable area are
+/// skipped with a warning.
+fn partitions(header: &Header, sector: u64, warnings: &mut Vec<String>) -> Vec<Partition> {
+    let array = Records::new(0, header.entry_size);
+    let mut partitions = Vec::new();
+    for i in 0..array.fit(header.entries.len()) {
+        let e = array.get(&header.entries, i);
+        let type_guid = gpt_entry::TYPE_GUID.get(e);
+        if type_guid.is_zero() {
+            continue;
+        }
+        let (first, last) = (gpt_entry::STARTING_LBA.get(e), gpt_entry::ENDING_LBA.get(e));
+        let number = i as u32 + 1;
+        if first > last || first < header.first_usable || last > header.last_usable {
+            warnings.push(format!(
+                "partition {number} (LBA {first}..={last}) lies outside the usable area; skipped"
+            ));
+            continue;
+        }
+        partitions.push(Partition {
+            number,
+            start: first * sector,
+            size: (last - first + 1) * sector,
+            kind: PartitionType::Gpt(type_guid),
+            guid: Some(gpt_entry::UNIQUE_GUID.get(e)),
+            name: gpt_entry::NAME.get(e),
+            attributes: gpt_entry::ATTRIBUTES.get(e),
+            bootable: false,
+        });
     }
+    partitions
 }

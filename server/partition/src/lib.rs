@@ -8,6 +8,7 @@
 
 pub mod gpt;
 pub mod mbr;
+pub mod ondisk;
 mod types;
 mod write;
 
@@ -24,6 +25,14 @@ pub enum PartitionError {
     Io(#[from] BlockError),
     #[error("the partition table is damaged: {0}")]
     Damaged(String),
+    #[error(
+        "the partition table is damaged: neither GPT header is valid \
+         (primary GPT: {primary}; backup GPT: {backup})"
+    )]
+    NoValidGpt {
+        primary: Box<gpt::HeaderError>,
+        backup: Box<gpt::HeaderError>,
+    },
 }
 
 pub type Result<T, E = PartitionError> = std::result::Result<T, E>;
@@ -119,15 +128,17 @@ pub struct MbrExtended {
 /// [`Scheme::None`] and no partitions; a table that is present but damaged beyond use is an
 /// error saying what is wrong.
 pub fn read_table(disk: &dyn BlockDevice) -> Result<PartitionTable> {
-    let mut sector0 = vec![0u8; 512];
-    if disk.size() < 512 {
+    let mut sector0 = vec![0u8; ondisk::mbr::LEN];
+    if disk.size() < ondisk::mbr::LEN as u64 {
         return Ok(none(disk));
     }
     disk.read_at(&mut sector0, 0)?;
     let mbr = mbr::parse_sector(&sector0);
-    let protective = mbr
-        .as_ref()
-        .is_some_and(|m| m.entries.iter().any(|e| e.system_id == 0xEE));
+    let protective = mbr.as_ref().is_some_and(|m| {
+        m.entries
+            .iter()
+            .any(|e| e.system_id == ondisk::mbr_entry::PROTECTIVE_ID)
+    });
     // A GPT may also hide behind a hybrid MBR; look for one whenever the MBR points at it, or
     // when there is no MBR at all (some tools write none).
     if protective || mbr.is_none() {

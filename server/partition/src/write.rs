@@ -9,9 +9,12 @@
 //! partitions, one extended boot record each at the offsets the source used. Bytes 0..440 of
 //! sector 0 (boot code) are left as they are on the destination.
 
-use super::{Partition, PartitionError, PartitionTable, PartitionType, Result, Scheme};
+use super::ondisk::{gpt_entry, gpt_header, mbr, mbr_entry};
+use super::{
+    Guid, MbrExtended, Partition, PartitionError, PartitionTable, PartitionType, Result, Scheme,
+};
 use diskferry_blockdev::BlockDevice;
-use diskferry_layout::le::{put32, put64};
+use diskferry_layout::field::Records;
 
 fn invalid(why: String) -> PartitionError {
     PartitionError::Damaged(why)
@@ -77,7 +80,7 @@ impl PartitionTable {
 }
 
 fn gpt_array_sectors(entries: u32, sector: u64) -> u64 {
-    (u64::from(entries) * 128).div_ceil(sector)
+    (u64::from(entries) * gpt_entry::LEN as u64).div_ceil(sector)
 }
 
 /// Writes `table` onto `disk`, checking first that every partition fits its usable area and
@@ -124,6 +127,82 @@ pub fn write_table(disk: &dyn BlockDevice, table: &PartitionTable) -> Result<()>
     }
 }
 
+/// The GPT entry array of `table`, `array_sectors` long, entry `number - 1` per partition.
+fn gpt_entry_array(table: &PartitionTable, array_sectors: u64) -> Result<Vec<u8>> {
+    let sector = u64::from(table.sector_size);
+    let entries = Records::new(0, gpt_entry::LEN);
+    let mut array = vec![0u8; (array_sectors * sector) as usize];
+    for p in &table.partitions {
+        let PartitionType::Gpt(ty) = p.kind else {
+            return Err(invalid(format!(
+                "partition {} has an MBR type in a GPT",
+                p.number
+            )));
+        };
+        let e = entries.get_mut(&mut array, p.number as usize - 1);
+        gpt_entry::TYPE_GUID.set(e, ty);
+        gpt_entry::UNIQUE_GUID.set(e, p.guid.unwrap_or_default());
+        gpt_entry::STARTING_LBA.set(e, p.start / sector);
+        gpt_entry::ENDING_LBA.set(e, p.end() / sector - 1);
+        gpt_entry::ATTRIBUTES.set(e, p.attributes);
+        gpt_entry::NAME.set(e, &p.name);
+    }
+    Ok(array)
+}
+
+/// Where a GPT header lies, where its copy is, and what the table around it looks like.
+struct GptHeader {
+    me: u64,
+    alternate: u64,
+    array_at: u64,
+    first_usable: u64,
+    last_usable: u64,
+    disk_guid: Guid,
+    entries: u32,
+    array_crc: u32,
+}
+
+impl GptHeader {
+    /// The header's sector, CRC32 sealed.
+    fn encode(&self, sector: u64) -> Vec<u8> {
+        let mut h = vec![0u8; sector as usize];
+        gpt_header::SIGNATURE.set(&mut h, gpt_header::SIGNATURE_VALUE);
+        gpt_header::REVISION.set(&mut h, gpt_header::REVISION_1_0);
+        gpt_header::HEADER_SIZE.set(&mut h, gpt_header::LEN as u32);
+        gpt_header::MY_LBA.set(&mut h, self.me);
+        gpt_header::ALTERNATE_LBA.set(&mut h, self.alternate);
+        gpt_header::FIRST_USABLE_LBA.set(&mut h, self.first_usable);
+        gpt_header::LAST_USABLE_LBA.set(&mut h, self.last_usable);
+        gpt_header::DISK_GUID.set(&mut h, self.disk_guid);
+        gpt_header::PARTITION_ENTRY_LBA.set(&mut h, self.array_at);
+        gpt_header::NUMBER_OF_PARTITION_ENTRIES.set(&mut h, self.entries);
+        gpt_header::SIZE_OF_PARTITION_ENTRY.set(&mut h, gpt_entry::LEN as u32);
+        gpt_header::PARTITION_ENTRY_ARRAY_CRC32.set(&mut h, self.array_crc);
+        let crc = crc32fast::hash(&h[..gpt_header::LEN]);
+        gpt_header::HEADER_CRC32.set(&mut h, crc);
+        h
+    }
+}
+
+/// Sector 0 as `disk` has it (boot code kept) with one 0xEE entry covering the disk up to
+/// `last` (LBA), and the table's disk signature.
+fn protective_mbr(disk: &dyn BlockDevice, signature: Option<u32>, last: u64) -> Result<Vec<u8>> {
+    let mut sector0 = vec![0u8; mbr::LEN];
+    disk.read_at(&mut sector0, 0)?;
+    sector0[mbr::BOOT_CODE_LEN..].fill(0);
+    if let Some(sig) = signature {
+        mbr::DISK_SIGNATURE.set(&mut sector0, sig);
+    }
+    let e = mbr::ENTRIES.get_mut(&mut sector0, 0);
+    mbr_entry::FIRST_CHS.set(e, &mbr_entry::PROTECTIVE_FIRST_CHS);
+    mbr_entry::SYSTEM_ID.set(e, mbr_entry::PROTECTIVE_ID);
+    mbr_entry::LAST_CHS.set(e, &mbr_entry::PROTECTIVE_LAST_CHS);
+    mbr_entry::FIRST_LBA.set(e, 1);
+    mbr_entry::SECTORS.set(e, last.min(u64::from(u32::MAX)) as u32);
+    mbr::BOOT_SIGNATURE.set(&mut sector0, &mbr::BOOT_SIGNATURE_VALUE);
+    Ok(sector0)
+}
+
 fn write_gpt(disk: &dyn BlockDevice, table: &PartitionTable) -> Result<()> {
     let sector = u64::from(table.sector_size);
     let entries = table.gpt_entries.max(128);
@@ -135,63 +214,30 @@ fn write_gpt(disk: &dyn BlockDevice, table: &PartitionTable) -> Result<()> {
     }
     let array_sectors = gpt_array_sectors(entries, sector);
     let last = disk.size() / sector - 1;
-    let mut array = vec![0u8; (array_sectors * sector) as usize];
-    for p in &table.partitions {
-        let PartitionType::Gpt(ty) = p.kind else {
-            return Err(invalid(format!(
-                "partition {} has an MBR type in a GPT",
-                p.number
-            )));
-        };
-        let e = &mut array[(p.number as usize - 1) * 128..p.number as usize * 128];
-        e[..16].copy_from_slice(&ty.0);
-        e[16..32].copy_from_slice(&p.guid.unwrap_or_default().0);
-        put64(e, 32, p.start / sector);
-        put64(e, 40, p.end() / sector - 1);
-        put64(e, 48, p.attributes);
-        for (i, unit) in p.name.encode_utf16().take(36).enumerate() {
-            e[56 + 2 * i..58 + 2 * i].copy_from_slice(&unit.to_le_bytes());
-        }
-    }
-    let array_crc = crc32fast::hash(&array[..entries as usize * 128]);
-    let header = |me: u64, alternate: u64, array_at: u64| {
-        let mut h = vec![0u8; sector as usize];
-        h[..8].copy_from_slice(b"EFI PART");
-        put32(&mut h, 8, 0x0001_0000);
-        put32(&mut h, 12, 92);
-        put64(&mut h, 24, me);
-        put64(&mut h, 32, alternate);
-        put64(&mut h, 40, 2 + array_sectors);
-        put64(&mut h, 48, last - array_sectors - 1);
-        h[56..72].copy_from_slice(&table.disk_guid.unwrap_or_default().0);
-        put64(&mut h, 72, array_at);
-        put32(&mut h, 80, entries);
-        put32(&mut h, 84, 128);
-        put32(&mut h, 88, array_crc);
-        let crc = crc32fast::hash(&h[..92]);
-        put32(&mut h, 16, crc);
-        h
+    let array = gpt_entry_array(table, array_sectors)?;
+    let primary = GptHeader {
+        me: 1,
+        alternate: last,
+        array_at: 2,
+        first_usable: 2 + array_sectors,
+        last_usable: last - array_sectors - 1,
+        disk_guid: table.disk_guid.unwrap_or_default(),
+        entries,
+        array_crc: crc32fast::hash(&array[..entries as usize * gpt_entry::LEN]),
     };
-    // Protective MBR: one 0xEE entry covering the disk (boot code left alone).
-    let mut mbr = vec![0u8; 512];
-    disk.read_at(&mut mbr, 0)?;
-    mbr[440..510].fill(0);
-    if let Some(sig) = table.mbr_signature {
-        put32(&mut mbr, 440, sig);
-    }
-    mbr[446 + 1..446 + 4].copy_from_slice(&[0x00, 0x02, 0x00]);
-    mbr[446 + 4] = 0xEE;
-    mbr[446 + 5..446 + 8].copy_from_slice(&[0xFF, 0xFF, 0xFF]);
-    put32(&mut mbr, 446 + 8, 1);
-    put32(&mut mbr, 446 + 12, last.min(u64::from(u32::MAX)) as u32);
-    mbr[510] = 0x55;
-    mbr[511] = 0xAA;
+    let backup = GptHeader {
+        me: last,
+        alternate: 1,
+        array_at: last - array_sectors,
+        ..primary
+    };
+    let sector0 = protective_mbr(disk, table.mbr_signature, last)?;
     // Backup first, primary last: a crash in between leaves the old primary or a valid backup.
-    disk.write_at(&array, (last - array_sectors) * sector)?;
-    disk.write_at(&header(last, 1, last - array_sectors), last * sector)?;
-    disk.write_at(&array, 2 * sector)?;
-    disk.write_at(&header(1, last, 2), sector)?;
-    disk.write_at(&mbr, 0)?;
+    disk.write_at(&array, backup.array_at * sector)?;
+    disk.write_at(&backup.encode(sector), last * sector)?;
+    disk.write_at(&array, primary.array_at * sector)?;
+    disk.write_at(&primary.encode(sector), sector)?;
+    disk.write_at(&sector0, 0)?;
     disk.flush()?;
     Ok(())
 }
@@ -203,33 +249,43 @@ fn mbr_entry(bootable: bool, id: u8, first_lba: u64, sectors: u64) -> Result<[u8
             "a partition at sector {first_lba} of {sectors} sectors is beyond what MBR can address"
         )));
     };
-    let mut e = [0u8; 16];
-    e[0] = if bootable { 0x80 } else { 0 };
-    e[1..4].copy_from_slice(&[0xFE, 0xFF, 0xFF]);
-    e[4] = id;
-    e[5..8].copy_from_slice(&[0xFE, 0xFF, 0xFF]);
-    e[8..12].copy_from_slice(&first.to_le_bytes());
-    e[12..16].copy_from_slice(&count.to_le_bytes());
+    let mut e = [0u8; mbr_entry::LEN];
+    let status = if bootable {
+        mbr_entry::STATUS_ACTIVE
+    } else {
+        0
+    };
+    mbr_entry::STATUS.set(&mut e, status);
+    mbr_entry::FIRST_CHS.set(&mut e, &mbr_entry::CHS_LBA_ONLY);
+    mbr_entry::SYSTEM_ID.set(&mut e, id);
+    mbr_entry::LAST_CHS.set(&mut e, &mbr_entry::CHS_LBA_ONLY);
+    mbr_entry::FIRST_LBA.set(&mut e, first);
+    mbr_entry::SECTORS.set(&mut e, count);
     Ok(e)
 }
 
-fn write_mbr(disk: &dyn BlockDevice, table: &PartitionTable) -> Result<()> {
-    let sector = u64::from(table.sector_size);
-    let id_of = |p: &Partition| match p.kind {
+/// The MBR system ID of a partition.
+fn id_of(p: &Partition) -> Result<u8> {
+    match p.kind {
         PartitionType::Mbr(id) => Ok(id),
         PartitionType::Gpt(_) => Err(invalid(format!(
             "partition {} has a GPT type in an MBR",
             p.number
         ))),
-    };
-    let mut mbr = vec![0u8; 512];
-    disk.read_at(&mut mbr, 0)?;
-    mbr[440..510].fill(0);
-    put32(&mut mbr, 440, table.mbr_signature.unwrap_or(0));
+    }
+}
+
+fn write_mbr(disk: &dyn BlockDevice, table: &PartitionTable) -> Result<()> {
+    let sector = u64::from(table.sector_size);
+    let mut sector0 = vec![0u8; mbr::LEN];
+    disk.read_at(&mut sector0, 0)?;
+    sector0[mbr::BOOT_CODE_LEN..].fill(0);
+    mbr::DISK_SIGNATURE.set(&mut sector0, table.mbr_signature.unwrap_or(0));
     for p in table.partitions.iter().filter(|p| p.number <= 4) {
         let e = mbr_entry(p.bootable, id_of(p)?, p.start / sector, p.size / sector)?;
-        let at = 446 + 16 * (p.number as usize - 1);
-        mbr[at..at + 16].copy_from_slice(&e);
+        mbr::ENTRIES
+            .get_mut(&mut sector0, p.number as usize - 1)
+            .copy_from_slice(&e);
     }
     let logical: Vec<&Partition> = table.partitions.iter().filter(|p| p.number >= 5).collect();
     if let Some(ext) = &table.mbr_extended {
@@ -239,45 +295,61 @@ fn write_mbr(disk: &dyn BlockDevice, table: &PartitionTable) -> Result<()> {
             ));
         }
         let e = mbr_entry(false, ext.system_id, ext.start / sector, ext.size / sector)?;
-        let at = 446 + 16 * (ext.slot as usize - 1);
-        mbr[at..at + 16].copy_from_slice(&e);
+        mbr::ENTRIES
+            .get_mut(&mut sector0, ext.slot as usize - 1)
+            .copy_from_slice(&e);
         for (i, p) in logical.iter().enumerate() {
-            let ebr_at = ext.ebrs[i];
-            if ebr_at < ext.start || ebr_at >= p.start || p.end() > ext.start + ext.size {
-                return Err(invalid(format!(
-                    "logical partition {} does not sit after its boot record inside the extended partition",
-                    p.number
-                )));
-            }
-            let mut ebr = vec![0u8; 512];
-            let this = mbr_entry(
-                p.bootable,
-                id_of(p)?,
-                (p.start - ebr_at) / sector,
-                p.size / sector,
-            )?;
-            ebr[446..462].copy_from_slice(&this);
-            if let (Some(next), Some(next_ebr)) = (logical.get(i + 1), ext.ebrs.get(i + 1)) {
-                let link = mbr_entry(
-                    false,
-                    0x05,
-                    (next_ebr - ext.start) / sector,
-                    (next.end() - next_ebr) / sector,
-                )?;
-                ebr[462..478].copy_from_slice(&link);
-            }
-            ebr[510] = 0x55;
-            ebr[511] = 0xAA;
-            disk.write_at(&ebr, ebr_at)?;
+            let next = logical.get(i + 1).zip(ext.ebrs.get(i + 1));
+            let ebr = ebr(ext, ext.ebrs[i], p, next, sector)?;
+            disk.write_at(&ebr, ext.ebrs[i])?;
         }
     } else if !logical.is_empty() {
         return Err(invalid(
             "logical partitions without an extended partition".into(),
         ));
     }
-    mbr[510] = 0x55;
-    mbr[511] = 0xAA;
-    disk.write_at(&mbr, 0)?;
+    mbr::BOOT_SIGNATURE.set(&mut sector0, &mbr::BOOT_SIGNATURE_VALUE);
+    disk.write_at(&sector0, 0)?;
     disk.flush()?;
     Ok(())
+}
+
+/// The extended boot record at byte `ebr_at` for logical partition `p`, linking to the `next`
+/// logical partition and its EBR's byte offset.
+fn ebr(
+    ext: &MbrExtended,
+    ebr_at: u64,
+    p: &Partition,
+    next: Option<(&&Partition, &u64)>,
+    sector: u64,
+) -> Result<Vec<u8>> {
+    if ebr_at < ext.start || ebr_at >= p.start || p.end() > ext.start + ext.size {
+        return Err(invalid(format!(
+            "logical partition {} does not sit after its boot record inside the extended partition",
+            p.number
+        )));
+    }
+    let mut ebr = vec![0u8; mbr::LEN];
+    let this = mbr_entry(
+        p.bootable,
+        id_of(p)?,
+        (p.start - ebr_at) / sector,
+        p.size / sector,
+    )?;
+    mbr::ENTRIES
+        .get_mut(&mut ebr, mbr::EBR_LOGICAL)
+        .copy_from_slice(&this);
+    if let Some((next, &next_ebr)) = next {
+        let link = mbr_entry(
+            false,
+            mbr_entry::EBR_LINK_ID,
+            (next_ebr - ext.start) / sector,
+            (next.end() - next_ebr) / sector,
+        )?;
+        mbr::ENTRIES
+            .get_mut(&mut ebr, mbr::EBR_NEXT)
+            .copy_from_slice(&link);
+    }
+    mbr::BOOT_SIGNATURE.set(&mut ebr, &mbr::BOOT_SIGNATURE_VALUE);
+    Ok(ebr)
 }
