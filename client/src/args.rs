@@ -60,7 +60,30 @@ pub enum Command {
     Version,
 }
 
-pub fn parse(mut it: impl Iterator<Item = OsString>) -> Result<Command, String> {
+/// Why the command line cannot be used; `main` prints it with a pointer to `--help`.
+#[derive(Debug, thiserror::Error)]
+pub enum ArgsError {
+    #[error("argument {0:?} is not UTF-8")]
+    NotUtf8(OsString),
+    /// The flag named here came last, with no value after it.
+    #[error("{0} needs a value")]
+    MissingValue(&'static str),
+    #[error("--max-inflight must be a number of bytes of at least {MIN_INFLIGHT}, got {0:?}")]
+    MaxInflight(OsString),
+    #[error("unknown argument {0:?}")]
+    Unknown(String),
+    #[error("give --listen or --connect, not both")]
+    BothEndpoints,
+    #[error("--listen ADDR:PORT or --connect HOST:PORT is required")]
+    NoEndpoint,
+    #[error("--key-file FILE (or DISKFERRY_KEY_FILE) is required")]
+    NoKeyFile,
+}
+
+/// The smallest `--max-inflight`: one largest request must fit.
+const MIN_INFLIGHT: u32 = 1 << 20;
+
+pub fn parse(mut it: impl Iterator<Item = OsString>) -> Result<Command, ArgsError> {
     let mut listen = None;
     let mut connect = None;
     let mut allow_power = false;
@@ -70,18 +93,16 @@ pub fn parse(mut it: impl Iterator<Item = OsString>) -> Result<Command, String> 
     let mut plaintext = false;
     let mut max_inflight: u32 = 64 << 20;
     while let Some(arg) = it.next() {
-        let arg = arg
-            .into_string()
-            .map_err(|a| format!("argument {a:?} is not UTF-8"))?;
+        let arg = arg.into_string().map_err(ArgsError::NotUtf8)?;
         let (flag, inline) = match arg.split_once('=') {
             Some((f, v)) if f.starts_with("--") => (f.to_string(), Some(OsString::from(v))),
             _ => (arg.clone(), None),
         };
-        let mut value = |name: &str| {
+        let mut value = |name: &'static str| {
             inline
                 .clone()
                 .or_else(|| it.next())
-                .ok_or_else(|| format!("{name} needs a value"))
+                .ok_or(ArgsError::MissingValue(name))
         };
         match flag.as_str() {
             "-h" | "--help" => return Ok(Command::Help),
@@ -98,19 +119,19 @@ pub fn parse(mut it: impl Iterator<Item = OsString>) -> Result<Command, String> 
                 max_inflight = v
                     .to_str()
                     .and_then(|s| s.parse().ok())
-                    .filter(|n| *n >= 1 << 20)
-                    .ok_or_else(|| format!("--max-inflight must be a number of bytes of at least 1048576, got {v:?}"))?;
+                    .filter(|n| *n >= MIN_INFLIGHT)
+                    .ok_or(ArgsError::MaxInflight(v))?;
             }
-            other => return Err(format!("unknown argument {other:?}")),
+            other => return Err(ArgsError::Unknown(other.to_string())),
         }
     }
     let endpoint = match (listen, connect) {
         (Some(l), None) => Endpoint::Listen(l),
         (None, Some(c)) => Endpoint::Connect(c),
-        (Some(_), Some(_)) => return Err("give --listen or --connect, not both".into()),
-        (None, None) => return Err("--listen ADDR:PORT or --connect HOST:PORT is required".into()),
+        (Some(_), Some(_)) => return Err(ArgsError::BothEndpoints),
+        (None, None) => return Err(ArgsError::NoEndpoint),
     };
-    let key_file = key_file.ok_or("--key-file FILE (or DISKFERRY_KEY_FILE) is required")?;
+    let key_file = key_file.ok_or(ArgsError::NoKeyFile)?;
     Ok(Command::Run(Args {
         endpoint,
         allow_power,
@@ -120,4 +141,57 @@ pub fn parse(mut it: impl Iterator<Item = OsString>) -> Result<Command, String> 
         plaintext,
         max_inflight,
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn error(args: &[&str]) -> String {
+        parse(args.iter().map(OsString::from))
+            .unwrap_err()
+            .to_string()
+    }
+
+    #[test]
+    fn errors_name_what_is_wrong() {
+        assert_eq!(error(&["--listen"]), "--listen needs a value");
+        assert_eq!(error(&["--bogus"]), "unknown argument \"--bogus\"");
+        assert_eq!(
+            error(&["--listen", "a:1", "--connect", "b:2", "--key-file", "k"]),
+            "give --listen or --connect, not both"
+        );
+        assert_eq!(
+            error(&["--key-file", "k"]),
+            "--listen ADDR:PORT or --connect HOST:PORT is required"
+        );
+        assert_eq!(
+            error(&["--listen", "a:1", "--max-inflight=4096", "--key-file", "k"]),
+            "--max-inflight must be a number of bytes of at least 1048576, got \"4096\""
+        );
+    }
+
+    #[test]
+    fn a_listen_command_parses() {
+        let Command::Run(a) = parse(
+            [
+                "--listen=127.0.0.1:0",
+                "--key-file",
+                "k",
+                "--disk",
+                "d",
+                "--allow-write",
+            ]
+            .into_iter()
+            .map(OsString::from),
+        )
+        .unwrap() else {
+            panic!("not a run command");
+        };
+        assert!(matches!(a.endpoint, Endpoint::Listen(ref l) if l == "127.0.0.1:0"));
+        assert_eq!(a.key_file, PathBuf::from("k"));
+        assert_eq!(a.disks, [PathBuf::from("d")]);
+        assert!(a.allow_write && !a.plaintext && !a.allow_power);
+        assert_eq!(a.max_inflight, 64 << 20);
+    }
 }

@@ -6,10 +6,12 @@
 
 mod args;
 
+use std::io;
 use std::process::ExitCode;
 use std::sync::Arc;
 
 use diskferry_client::{accept_loop, dial_loop, disks, Config};
+use diskferry_protocol::key::KeyError;
 use diskferry_protocol::{Psk, Role, SessionOptions};
 use tokio::net::TcpListener;
 
@@ -60,8 +62,19 @@ fn main() -> ExitCode {
     }
 }
 
-async fn run(args: args::Args) -> Result<(), String> {
-    let psk = Psk::from_file(&args.key_file).map_err(|e| e.to_string())?;
+/// Why the client could not start serving (each says what it was doing).
+#[derive(Debug, thiserror::Error)]
+enum RunError {
+    #[error(transparent)]
+    Key(#[from] KeyError),
+    #[error("cannot handle signals: {source}")]
+    Signals { source: io::Error },
+    #[error("cannot listen on {addr}: {source}")]
+    Listen { addr: String, source: io::Error },
+}
+
+async fn run(args: args::Args) -> Result<(), RunError> {
+    let psk = Psk::from_file(&args.key_file)?;
     let disks = disks::discover(&args.disks);
     if disks.is_empty() {
         log!("warning: no disks found to serve (none in /sys/block; name some with --disk)");
@@ -91,8 +104,9 @@ async fn run(args: args::Args) -> Result<(), String> {
     // Signal handlers exist before anyone is told we are ready: a SIGTERM right after the
     // "listening on" line must still end the client cleanly.
     use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate()).map_err(|e| e.to_string())?;
-    let mut interrupt = signal(SignalKind::interrupt()).map_err(|e| e.to_string())?;
+    let signals = |source| RunError::Signals { source };
+    let mut term = signal(SignalKind::terminate()).map_err(signals)?;
+    let mut interrupt = signal(SignalKind::interrupt()).map_err(signals)?;
     let listen = match &args.endpoint {
         args::Endpoint::Listen(addr) => addr.clone(),
         args::Endpoint::Connect(server) => {
@@ -104,10 +118,12 @@ async fn run(args: args::Args) -> Result<(), String> {
             };
         }
     };
-    let listener = TcpListener::bind(&listen)
-        .await
-        .map_err(|e| format!("cannot listen on {listen}: {e}"))?;
-    let local = listener.local_addr().map_err(|e| e.to_string())?;
+    let listening = |source| RunError::Listen {
+        addr: listen.clone(),
+        source,
+    };
+    let listener = TcpListener::bind(&listen).await.map_err(listening)?;
+    let local = listener.local_addr().map_err(listening)?;
     // Scripts wait for this exact line on stdout.
     println!("listening on {local}");
     tokio::select! {

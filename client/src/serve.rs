@@ -6,13 +6,14 @@
 //! reading the socket, so a peer cannot make the client allocate more than the cap.
 
 use std::collections::HashMap;
+use std::ops::ControlFlow;
 use std::sync::Arc;
 
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
 use diskferry_protocol::handshake::respond;
-use diskferry_protocol::stream::split;
+use diskferry_protocol::stream::{split, FrameReader, FrameWriter};
 use diskferry_protocol::{
-    ErrorCode, Message, ProtocolError, Reply, Request, Session, SessionOptions,
+    ErrorCode, Message, PowerAction, ProtocolError, Reply, Request, Session, SessionOptions,
 };
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
@@ -69,184 +70,25 @@ where
 {
     let max_payload = session.max_payload;
     let (r, w) = tokio::io::split(io);
-    let (mut reader, mut writer) = split(session, r, w);
-
-    let (tx, mut rx) = mpsc::unbounded_channel::<Queued>();
-    let writer_task = tokio::spawn(async move {
-        while let Some(first) = rx.recv().await {
-            let mut permits = Vec::new();
-            let mut next = Some(first);
-            while let Some((out, permit)) = next.take() {
-                match out {
-                    Outgoing::Reply(msg) => writer.queue(&msg)?,
-                    Outgoing::Data { cookie, buf } => writer.queue_data_reply(cookie, buf)?,
-                }
-                permits.extend(permit);
-                if writer.pending() < WRITE_BATCH {
-                    next = rx.try_recv().ok();
-                }
-            }
-            writer.flush().await?;
-            drop(permits);
-        }
-        writer.shutdown().await
-    });
-
-    let budget = Arc::new(Semaphore::new(config.max_inflight.max(max_payload) as usize));
-    let mut handles: HashMap<u32, Arc<OpenDisk>> = HashMap::new();
-    let mut next_handle: u32 = 1;
-    let result = loop {
-        if tx.is_closed() {
-            // The writer stopped (the socket failed): nothing more can be answered.
-            break Ok(());
-        }
-        let msg = match reader.next().await {
-            Ok(Some(msg)) => msg,
-            Ok(None) => break Ok(()),
-            Err(e) => break Err(e),
-        };
-        let Message::Request { cookie, request } = msg else {
-            break Err(ProtocolError::malformed("a reply was sent to the client"));
-        };
-        let reply = |reply: Reply| (Outgoing::Reply(Message::Reply { cookie, reply }), None);
-        match request {
-            Request::ListDisks => {
-                let list = config
-                    .disks
-                    .iter()
-                    .filter_map(|d| disks::describe(d, config.allow_write).ok())
-                    .collect();
-                let _ = tx.send(reply(Reply::Disks(list)));
-            }
-            Request::Open { disk, writable } => {
-                let _ = tx.send(reply(
-                    open(&config, &disk, writable, &mut handles, &mut next_handle).await,
-                ));
-            }
-            Request::Close { handle } => {
-                let r = match handles.remove(&handle) {
-                    Some(_) => Reply::Done,
-                    None => bad_handle(handle),
-                };
-                let _ = tx.send(reply(r));
-            }
-            Request::Read {
-                handle,
-                offset,
-                len,
-            } => {
-                let disk = match open_disk(&handles, handle) {
-                    Ok(d) => d,
-                    Err(r) => {
-                        let _ = tx.send(reply(r));
-                        continue;
-                    }
-                };
-                if len > max_payload {
-                    let _ = tx.send(reply(error(DiskError {
-                        code: ErrorCode::TooLarge,
-                        message: format!(
-                            "read of {len} bytes exceeds the negotiated maximum of {max_payload}"
-                        ),
-                    })));
-                    continue;
-                }
-                if let Err(e) = disk.check_read(offset, len) {
-                    let _ = tx.send(reply(error(e)));
-                    continue;
-                }
-                // Bounded allocation: wait for budget before the buffer exists.
-                let Ok(permit) = Arc::clone(&budget).acquire_many_owned(len.max(1)).await else {
-                    break Ok(());
-                };
-                let tx = tx.clone();
-                tokio::task::spawn_blocking(move || {
-                    let out = match disk.read_reply(offset, len) {
-                        Ok(buf) => Outgoing::Data { cookie, buf },
-                        Err(e) => Outgoing::Reply(Message::Reply {
-                            cookie,
-                            reply: error(e),
-                        }),
-                    };
-                    let _ = tx.send((out, Some(permit)));
-                });
-            }
-            Request::Write {
-                handle,
-                offset,
-                data,
-            } => {
-                let disk = match open_disk(&handles, handle) {
-                    Ok(d) => d,
-                    Err(r) => {
-                        let _ = tx.send(reply(r));
-                        continue;
-                    }
-                };
-                let Ok(permit) = Arc::clone(&budget)
-                    .acquire_many_owned((data.len() as u32).max(1))
-                    .await
-                else {
-                    break Ok(());
-                };
-                run(&tx, cookie, Some(permit), move || {
-                    disk.write(offset, &data).map(|()| Reply::Done)
-                });
-            }
-            Request::Flush { handle } => with_disk(&tx, cookie, &handles, handle, |d| {
-                d.flush().map(|()| Reply::Done)
-            }),
-            Request::Discard {
-                handle,
-                offset,
-                len,
-            } => with_disk(&tx, cookie, &handles, handle, move |d| {
-                d.discard(offset, len).map(|()| Reply::Done)
-            }),
-            Request::BlockStatus {
-                handle,
-                offset,
-                len,
-            } => with_disk(&tx, cookie, &handles, handle, move |d| {
-                d.block_status(offset, len).map(Reply::Status)
-            }),
-            Request::WriteZeroes {
-                handle,
-                offset,
-                len,
-            } => with_disk(&tx, cookie, &handles, handle, move |d| {
-                d.write_zeroes(offset, len).map(|()| Reply::Done)
-            }),
-            Request::Identify => {
-                let config = Arc::clone(&config);
-                run(&tx, cookie, None, move || {
-                    Ok(Reply::Identity(crate::identity::collect(&config)))
-                });
-            }
-            Request::Power { action } => {
-                if !config.allow_power {
-                    let _ = tx.send(reply(error(DiskError {
-                        code: ErrorCode::Unsupported,
-                        message: "this client was started without --allow-power".into(),
-                    })));
-                    continue;
-                }
-                let _ = tx.send(reply(Reply::Done));
-                crate::log(&config, format_args!("{action:?} requested by the server"));
-                tokio::spawn(async move {
-                    // Let the reply reach the server first.
-                    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
-                    crate::power::act(action);
-                });
-            }
-        }
-    };
-    drop(tx);
+    let (mut reader, writer) = split(session, r, w);
+    let (tx, rx) = mpsc::unbounded_channel::<Queued>();
+    let writer_task = tokio::spawn(write_replies(writer, rx));
+    let mut conn = Connection::new(config, tx, max_payload);
+    let result = conn.answer_all(&mut reader).await;
+    drop(conn.tx);
     // In-flight operations finish and their replies are sent before the connection closes.
     let written = writer_task
         .await
         .unwrap_or_else(|e| Err(ProtocolError::Io(std::io::Error::other(e))));
-    match (result, written) {
+    session_outcome(result, written)
+}
+
+/// How a connection ended, from the reader's and the writer's results.
+fn session_outcome(
+    read: Result<(), ProtocolError>,
+    written: Result<(), ProtocolError>,
+) -> Result<(), ProtocolError> {
+    match (read, written) {
         (Err(e), _) => Err(e),
         // The peer hanging up while replies were still being sent is an ordinary end.
         (Ok(()), Ok(()) | Err(ProtocolError::Io(_))) => Ok(()),
@@ -254,52 +96,309 @@ where
     }
 }
 
-async fn open(
-    config: &Config,
-    name: &str,
-    writable: bool,
-    handles: &mut HashMap<u32, Arc<OpenDisk>>,
-    next_handle: &mut u32,
-) -> Reply {
-    if writable && !config.allow_write {
-        return error(DiskError {
-            code: ErrorCode::ReadOnly,
-            message: "this client is read-only; start it with --allow-write to permit writes"
-                .into(),
-        });
-    }
-    let Some(spec) = config.disks.iter().find(|d| d.name == name).cloned() else {
-        return error(DiskError {
-            code: ErrorCode::NotFound,
-            message: format!("no disk named {name:?} is served here"),
-        });
-    };
-    let info = disks::describe(&spec, config.allow_write);
-    let opened = tokio::task::spawn_blocking(move || OpenDisk::open(&spec, writable)).await;
-    match (opened, info) {
-        (Ok(Ok(disk)), Ok(info)) => {
-            let handle = *next_handle;
-            *next_handle = next_handle.wrapping_add(1).max(1);
-            let read_only = !disk.writable;
-            let size = disk.size;
-            handles.insert(handle, Arc::new(disk));
-            Reply::Opened {
-                handle,
-                size,
-                logical_sector: info.logical_sector,
-                physical_sector: info.physical_sector,
-                read_only,
+/// The writer task: sends replies in the order they are queued, batching them into one socket
+/// write up to [`WRITE_BATCH`] bytes, and releases their in-flight budget once written. When
+/// every sender is gone it shuts the socket's write half.
+async fn write_replies<W>(
+    mut writer: FrameWriter<W>,
+    mut rx: mpsc::UnboundedReceiver<Queued>,
+) -> Result<(), ProtocolError>
+where
+    W: AsyncWrite + Unpin,
+{
+    while let Some(first) = rx.recv().await {
+        let mut permits = Vec::new();
+        let mut next = Some(first);
+        while let Some((out, permit)) = next.take() {
+            match out {
+                Outgoing::Reply(msg) => writer.queue(&msg)?,
+                Outgoing::Data { cookie, buf } => writer.queue_data_reply(cookie, buf)?,
+            }
+            permits.extend(permit);
+            if writer.pending() < WRITE_BATCH {
+                next = rx.try_recv().ok();
             }
         }
-        (Ok(Err(e)), _) => error(e),
-        (_, Err(e)) => error(DiskError {
-            code: ErrorCode::Io,
-            message: format!("cannot describe {name}: {e}"),
-        }),
-        (Err(e), _) => error(DiskError {
-            code: ErrorCode::Io,
-            message: format!("open task failed: {e}"),
-        }),
+        writer.flush().await?;
+        drop(permits);
+    }
+    writer.shutdown().await
+}
+
+/// The reading side of one connection: what it has open and what it may still allocate.
+struct Connection {
+    config: Arc<Config>,
+    /// To the writer task; every operation in flight holds a clone.
+    tx: mpsc::UnboundedSender<Queued>,
+    /// Payload bytes that may still be in flight (`Config::max_inflight`).
+    budget: Arc<Semaphore>,
+    handles: HashMap<u32, Arc<OpenDisk>>,
+    next_handle: u32,
+    /// Largest read or write the session allows.
+    max_payload: u32,
+}
+
+impl Connection {
+    fn new(config: Arc<Config>, tx: mpsc::UnboundedSender<Queued>, max_payload: u32) -> Self {
+        let budget = Arc::new(Semaphore::new(config.max_inflight.max(max_payload) as usize));
+        Connection {
+            config,
+            tx,
+            budget,
+            handles: HashMap::new(),
+            next_handle: 1,
+            max_payload,
+        }
+    }
+
+    /// Reads requests and starts answering each, until the peer leaves or the writer stops.
+    async fn answer_all<R>(&mut self, reader: &mut FrameReader<R>) -> Result<(), ProtocolError>
+    where
+        R: AsyncRead + Unpin,
+    {
+        loop {
+            if self.tx.is_closed() {
+                // The writer stopped (the socket failed): nothing more can be answered.
+                return Ok(());
+            }
+            let Some(msg) = reader.next().await? else {
+                return Ok(());
+            };
+            let Message::Request { cookie, request } = msg else {
+                return Err(ProtocolError::malformed("a reply was sent to the client"));
+            };
+            if self.answer(cookie, request).await.is_break() {
+                return Ok(());
+            }
+        }
+    }
+
+    /// Answers one request, or starts the disk I/O whose reply the writer task will send.
+    /// `Break` means the connection is ending.
+    async fn answer(&mut self, cookie: u64, request: Request) -> ControlFlow<()> {
+        match request {
+            Request::ListDisks => {
+                let list = self
+                    .config
+                    .disks
+                    .iter()
+                    .filter_map(|d| disks::describe(d, self.config.allow_write).ok())
+                    .collect();
+                self.reply(cookie, Reply::Disks(list));
+            }
+            Request::Open { disk, writable } => {
+                let r = self.open(&disk, writable).await;
+                self.reply(cookie, r);
+            }
+            Request::Close { handle } => {
+                let r = match self.handles.remove(&handle) {
+                    Some(_) => Reply::Done,
+                    None => bad_handle(handle),
+                };
+                self.reply(cookie, r);
+            }
+            Request::Read {
+                handle,
+                offset,
+                len,
+            } => {
+                return self.read(cookie, handle, offset, len).await;
+            }
+            Request::Write {
+                handle,
+                offset,
+                data,
+            } => {
+                return self.write(cookie, handle, offset, data).await;
+            }
+            Request::Identify => {
+                let config = Arc::clone(&self.config);
+                run(&self.tx, cookie, None, move || {
+                    Ok(Reply::Identity(crate::identity::collect(&config)))
+                });
+            }
+            Request::Power { action } => self.power(cookie, action),
+            disk_op @ (Request::Flush { .. }
+            | Request::Discard { .. }
+            | Request::BlockStatus { .. }
+            | Request::WriteZeroes { .. }) => self.disk_op(cookie, disk_op),
+        }
+        ControlFlow::Continue(())
+    }
+
+    /// The requests that are one call on an open disk, run on the blocking pool.
+    fn disk_op(&self, cookie: u64, request: Request) {
+        let (tx, handles) = (&self.tx, &self.handles);
+        match request {
+            Request::Flush { handle } => with_disk(tx, cookie, handles, handle, |d| {
+                d.flush().map(|()| Reply::Done)
+            }),
+            Request::Discard {
+                handle,
+                offset,
+                len,
+            } => with_disk(tx, cookie, handles, handle, move |d| {
+                d.discard(offset, len).map(|()| Reply::Done)
+            }),
+            Request::BlockStatus {
+                handle,
+                offset,
+                len,
+            } => with_disk(tx, cookie, handles, handle, move |d| {
+                d.block_status(offset, len).map(Reply::Status)
+            }),
+            Request::WriteZeroes {
+                handle,
+                offset,
+                len,
+            } => with_disk(tx, cookie, handles, handle, move |d| {
+                d.write_zeroes(offset, len).map(|()| Reply::Done)
+            }),
+            other => unreachable!("answer() sends only disk operations here, not {other:?}"),
+        }
+    }
+
+    /// Queues a reply that needs no disk I/O.
+    fn reply(&self, cookie: u64, reply: Reply) {
+        let _ = self
+            .tx
+            .send((Outgoing::Reply(Message::Reply { cookie, reply }), None));
+    }
+
+    /// Starts a read once the budget allows its buffer; `Break` if the budget is gone.
+    async fn read(&self, cookie: u64, handle: u32, offset: u64, len: u32) -> ControlFlow<()> {
+        let disk = match self.readable(handle, offset, len) {
+            Ok(d) => d,
+            Err(r) => {
+                self.reply(cookie, r);
+                return ControlFlow::Continue(());
+            }
+        };
+        // Bounded allocation: wait for budget before the buffer exists.
+        let Ok(permit) = Arc::clone(&self.budget)
+            .acquire_many_owned(len.max(1))
+            .await
+        else {
+            return ControlFlow::Break(());
+        };
+        let tx = self.tx.clone();
+        tokio::task::spawn_blocking(move || {
+            let out = match disk.read_reply(offset, len) {
+                Ok(buf) => Outgoing::Data { cookie, buf },
+                Err(e) => Outgoing::Reply(Message::Reply {
+                    cookie,
+                    reply: error(e),
+                }),
+            };
+            let _ = tx.send((out, Some(permit)));
+        });
+        ControlFlow::Continue(())
+    }
+
+    /// The disk a read may go to, or the error reply: unknown handle, too large, out of range.
+    fn readable(&self, handle: u32, offset: u64, len: u32) -> Result<Arc<OpenDisk>, Reply> {
+        let disk = open_disk(&self.handles, handle)?;
+        let max_payload = self.max_payload;
+        if len > max_payload {
+            return Err(error(DiskError {
+                code: ErrorCode::TooLarge,
+                message: format!(
+                    "read of {len} bytes exceeds the negotiated maximum of {max_payload}"
+                ),
+            }));
+        }
+        disk.check_read(offset, len).map_err(error)?;
+        Ok(disk)
+    }
+
+    /// Starts a write once the budget allows its payload; `Break` if the budget is gone.
+    async fn write(&self, cookie: u64, handle: u32, offset: u64, data: Bytes) -> ControlFlow<()> {
+        let disk = match open_disk(&self.handles, handle) {
+            Ok(d) => d,
+            Err(r) => {
+                self.reply(cookie, r);
+                return ControlFlow::Continue(());
+            }
+        };
+        let Ok(permit) = Arc::clone(&self.budget)
+            .acquire_many_owned((data.len() as u32).max(1))
+            .await
+        else {
+            return ControlFlow::Break(());
+        };
+        run(&self.tx, cookie, Some(permit), move || {
+            disk.write(offset, &data).map(|()| Reply::Done)
+        });
+        ControlFlow::Continue(())
+    }
+
+    /// Reboots or powers off (after the reply has had time to leave), if this client may.
+    fn power(&self, cookie: u64, action: PowerAction) {
+        if !self.config.allow_power {
+            self.reply(
+                cookie,
+                error(DiskError {
+                    code: ErrorCode::Unsupported,
+                    message: "this client was started without --allow-power".into(),
+                }),
+            );
+            return;
+        }
+        self.reply(cookie, Reply::Done);
+        crate::log(
+            &self.config,
+            format_args!("{action:?} requested by the server"),
+        );
+        tokio::spawn(async move {
+            // Let the reply reach the server first.
+            tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+            crate::power::act(action);
+        });
+    }
+
+    /// Opens a served disk and gives it a handle (or says why not).
+    async fn open(&mut self, name: &str, writable: bool) -> Reply {
+        let config = &self.config;
+        if writable && !config.allow_write {
+            return error(DiskError {
+                code: ErrorCode::ReadOnly,
+                message: "this client is read-only; start it with --allow-write to permit writes"
+                    .into(),
+            });
+        }
+        let Some(spec) = config.disks.iter().find(|d| d.name == name).cloned() else {
+            return error(DiskError {
+                code: ErrorCode::NotFound,
+                message: format!("no disk named {name:?} is served here"),
+            });
+        };
+        let info = disks::describe(&spec, config.allow_write);
+        let opened = tokio::task::spawn_blocking(move || OpenDisk::open(&spec, writable)).await;
+        match (opened, info) {
+            (Ok(Ok(disk)), Ok(info)) => {
+                let handle = self.next_handle;
+                self.next_handle = self.next_handle.wrapping_add(1).max(1);
+                let read_only = !disk.writable;
+                let size = disk.size;
+                self.handles.insert(handle, Arc::new(disk));
+                Reply::Opened {
+                    handle,
+                    size,
+                    logical_sector: info.logical_sector,
+                    physical_sector: info.physical_sector,
+                    read_only,
+                }
+            }
+            (Ok(Err(e)), _) => error(e),
+            (_, Err(e)) => error(DiskError {
+                code: ErrorCode::Io,
+                message: format!("cannot describe {name}: {e}"),
+            }),
+            (Err(e), _) => error(DiskError {
+                code: ErrorCode::Io,
+                message: format!("open task failed: {e}"),
+            }),
+        }
     }
 }
 

@@ -1,7 +1,7 @@
 //! Driving real headless Chromium through chromedriver's W3C WebDriver endpoint, with the
 //! tests' own HTTP client: start a session, navigate, find elements by CSS selector or link
-//! text, click, type, read text and attributes, take screenshots. Downloads go to a directory
-//! the session names.
+//! text, click, type, read text and attributes, run a script, take screenshots. Downloads go to
+//! a directory the session names.
 
 use std::net::TcpListener;
 use std::path::Path;
@@ -163,6 +163,17 @@ impl Browser {
     /// A DOM property (e.g. a `<progress>`'s `value`).
     pub fn property(&self, element: &str, name: &str) -> Result<Value> {
         self.call("GET", &format!("/element/{element}/property/{name}"), None)
+    }
+
+    /// Runs `script` (a function body: `return` gives the result) in the current document and
+    /// returns its result. Reading several things in one script reads them from one document,
+    /// which element references held across a reload cannot promise.
+    pub fn execute(&self, script: &str) -> Result<Value> {
+        self.call(
+            "POST",
+            "/execute/sync",
+            Some(json!({ "script": script, "args": [] })),
+        )
     }
 
     /// Sends keys to the focused element (the page).

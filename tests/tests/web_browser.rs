@@ -5,7 +5,7 @@
 //! `<target>/<profile>/web-screenshots/` as test artifacts.
 
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use diskferry_e2e::fixtures::SampleDisk;
 use diskferry_e2e::http::Server;
@@ -69,6 +69,45 @@ fn wait_url(b: &Browser, part: &str) {
         "never reached {part}: at {}",
         b.url().unwrap_or_default()
     );
+}
+
+/// What the job page's own script says: `data-running` of `#job` and the text of `#job-state`,
+/// read by one script from whatever document is current (`None` while there is none to read).
+fn job_page(b: &Browser) -> anyhow::Result<Option<(String, String)>> {
+    let v = b.execute(
+        "const job = document.getElementById('job'), st = document.getElementById('job-state');
+         return job && st ? [job.dataset.running, st.innerText] : null;",
+    )?;
+    Ok(v.as_array().map(|a| {
+        let s = |i: usize| a[i].as_str().unwrap_or_default().to_string();
+        (s(0), s(1))
+    }))
+}
+
+/// Waits until the job page shows a finished job *as the server rendered it*, and returns its
+/// state.
+///
+/// While the job runs, the page's script rewrites the figures from server-sent events; when the
+/// last event says the job ended it reloads the page, which replaces every element. So "the
+/// state element says succeeded" is not yet the end: an element found then goes stale a moment
+/// later. The reloaded page is rendered with `data-running="false"` and its script neither
+/// listens nor reloads again; from then on its elements stay put. Each poll reads the current
+/// document afresh; a failed read (the document is being replaced) is just "not yet".
+fn wait_job_settled(b: &Browser) -> String {
+    let mut seen = Ok(None);
+    let settled = wait_for(Duration::from_secs(120), || {
+        seen = job_page(b);
+        matches!(&seen, Ok(Some((running, _))) if running == "false")
+    });
+    assert!(
+        settled,
+        "the job page never showed a finished job; last read {seen:?}: {}",
+        b.source().unwrap_or_default()
+    );
+    let Ok(Some((_, state))) = seen else {
+        unreachable!("settled means the last read was a finished page")
+    };
+    state
 }
 
 fn wait_file(path: &Path, len: u64) -> bool {
@@ -186,22 +225,7 @@ fn browse_download_and_watch_a_capture_in_chromium() {
     b.click(&b.find("form.job button").unwrap()).unwrap();
     wait_url(&b, "/jobs/");
     shot(&b, "06-job-running.png");
-    let start = Instant::now();
-    let final_state = loop {
-        // The page reloads itself when the job ends; elements may go stale in between.
-        let state = b
-            .find("#job-state")
-            .and_then(|e| b.text(&e))
-            .unwrap_or_default();
-        if matches!(state.as_str(), "succeeded" | "failed" | "cancelled") {
-            break state;
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(120),
-            "job still {state}"
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    };
+    let final_state = wait_job_settled(&b);
     assert_eq!(final_state, "succeeded", "{}", b.source().unwrap());
     let progress = b.find("#job-progress").unwrap();
     assert_eq!(
