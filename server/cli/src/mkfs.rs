@@ -93,26 +93,7 @@ fn parse_serial(s: &str) -> Result<u32> {
 
 pub fn mkfs(a: MkfsArgs<'_>) -> Result<()> {
     let src = HostFs::open(a.from).with_context(|| format!("cannot read {}", a.from.display()))?;
-    let (data, entries) = tree_needs(&src)?;
-    let needed = match a.fs {
-        FsType::Ext4 => suggested_size(data, entries) * 10 / 11,
-        // Room for the data, 256 bytes per entry (long names), the FATs and slack.
-        FsType::Fat => data + entries * 256 + data / 32 + (1 << 20),
-    };
-    let size = match a.size {
-        Some(s) => parse_size(s)?,
-        None => (needed + needed / 10)
-            .next_multiple_of(1 << 20)
-            .max(2 << 20),
-    };
-    if needed > size {
-        bail!(
-            "{} needs about {} but --size is {}: nothing was written",
-            a.from.display(),
-            human_bytes(needed),
-            human_bytes(size)
-        );
-    }
+    let size = choose_size(&a, &src)?;
     let format = ImageFormat::from_extension(a.out);
     let output = PartialOutput::create(a.out, a.force)?;
     let image: Arc<dyn BlockDevice> = create_image(
@@ -123,42 +104,7 @@ pub fn mkfs(a: MkfsArgs<'_>) -> Result<()> {
         false,
         512,
     )?;
-    let report = match a.fs {
-        FsType::Ext4 => {
-            let r = write_ext4(
-                Arc::clone(&image),
-                &src,
-                &Ext4Options {
-                    label: a.label,
-                    uuid: a.uuid.as_deref().map(parse_uuid).transpose()?,
-                    ..Ext4Options::default()
-                },
-            )?;
-            Report {
-                files: r.files + r.symlinks + r.special,
-                dirs: r.dirs,
-                bytes: r.bytes,
-                skipped: r.skipped,
-            }
-        }
-        FsType::Fat => {
-            let r = write_fat(
-                Arc::clone(&image),
-                &src,
-                &FatOptions {
-                    label: a.label,
-                    serial: a.uuid.as_deref().map(parse_serial).transpose()?,
-                    ..FatOptions::default()
-                },
-            )?;
-            Report {
-                files: r.files,
-                dirs: r.dirs,
-                bytes: r.bytes,
-                skipped: r.skipped,
-            }
-        }
-    };
+    let report = write_filesystem(&a, &src, &image)?;
     image.flush()?;
     drop(image);
     output.commit()?;
@@ -180,4 +126,67 @@ pub fn mkfs(a: MkfsArgs<'_>) -> Result<()> {
         }
     );
     Ok(())
+}
+
+/// The image size: `--size`, or what the tree needs plus a tenth; refused when too small.
+fn choose_size(a: &MkfsArgs<'_>, src: &HostFs) -> Result<u64> {
+    let (data, entries) = tree_needs(src)?;
+    let needed = match a.fs {
+        FsType::Ext4 => suggested_size(data, entries) * 10 / 11,
+        // Room for the data, 256 bytes per entry (long names), the FATs and slack.
+        FsType::Fat => data + entries * 256 + data / 32 + (1 << 20),
+    };
+    let size = match a.size {
+        Some(s) => parse_size(s)?,
+        None => (needed + needed / 10)
+            .next_multiple_of(1 << 20)
+            .max(2 << 20),
+    };
+    if needed > size {
+        bail!(
+            "{} needs about {} but --size is {}: nothing was written",
+            a.from.display(),
+            human_bytes(needed),
+            human_bytes(size)
+        );
+    }
+    Ok(size)
+}
+
+/// The filesystem of `--fs` written from `src` onto `image`.
+fn write_filesystem(
+    a: &MkfsArgs<'_>,
+    src: &HostFs,
+    image: &Arc<dyn BlockDevice>,
+) -> Result<Report> {
+    Ok(match a.fs {
+        FsType::Ext4 => {
+            let options = Ext4Options {
+                label: a.label.clone(),
+                uuid: a.uuid.as_deref().map(parse_uuid).transpose()?,
+                ..Ext4Options::default()
+            };
+            let r = write_ext4(Arc::clone(image), src, &options)?;
+            Report {
+                files: r.files + r.symlinks + r.special,
+                dirs: r.dirs,
+                bytes: r.bytes,
+                skipped: r.skipped,
+            }
+        }
+        FsType::Fat => {
+            let options = FatOptions {
+                label: a.label.clone(),
+                serial: a.uuid.as_deref().map(parse_serial).transpose()?,
+                ..FatOptions::default()
+            };
+            let r = write_fat(Arc::clone(image), src, &options)?;
+            Report {
+                files: r.files,
+                dirs: r.dirs,
+                bytes: r.bytes,
+                skipped: r.skipped,
+            }
+        }
+    })
 }

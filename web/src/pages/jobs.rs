@@ -14,8 +14,8 @@ use super::layout::{date, human_bytes, page};
 use crate::api::parse_number;
 use crate::auth::Identity;
 use crate::error::{Failure, PageFailure};
-use diskferry_daemon::jobs::JobRequest;
 use crate::SharedState;
+use diskferry_daemon::jobs::JobRequest;
 
 pub fn routes() -> Router<SharedState> {
     Router::new()
