@@ -12,23 +12,24 @@
 
 use std::sync::Arc;
 
+mod dir;
+pub mod ondisk;
+
 use super::{
     AllocationMap, DirEntry, FileExtent, FileKind, Filesystem, FsError, FsKind, Metadata, NodeId,
-    Result, Timestamp, VolumeInfo,
+    Result, VolumeInfo,
 };
+use dir::{is_long_name, label_text, LongName, RawEntry};
 use diskferry_blockdev::BlockDevice;
 use diskferry_layout::le::{le16, le32};
+use ondisk::dirent::{ATTR_DIRECTORY, ATTR_LONG_NAME, ATTR_READ_ONLY, ATTR_VOLUME_ID};
+use ondisk::{bpb, dirent, fat16, fat32};
 
 const ROOT: NodeId = 0;
 /// Most clusters accepted (FAT32 allows 2^28).
 const MAX_CLUSTERS: u64 = 1 << 28;
 /// Most entries read from one directory (FAT allows 65536).
 const MAX_DIR_ENTRIES: usize = 65536;
-
-const ATTR_READ_ONLY: u8 = 0x01;
-const ATTR_VOLUME_ID: u8 = 0x08;
-const ATTR_DIRECTORY: u8 = 0x10;
-const ATTR_LFN: u8 = 0x0F;
 
 /// A FAT volume opened for reading.
 pub struct Fat {
@@ -47,115 +48,143 @@ pub struct Fat {
     label: String,
 }
 
-/// A parsed short directory entry and its long name.
-struct RawEntry {
-    offset: u64,
-    name: Vec<u8>,
-    attr: u8,
-    first_cluster: u32,
-    size: u32,
-    raw: [u8; 32],
+/// Where things are in a volume, from its BPB; all in bytes.
+struct Geometry {
+    bytes_per_sector: u64,
+    cluster_size: u64,
+    /// The first FAT, and its size.
+    fat_at: u64,
+    fat_len: u64,
+    /// The fixed root directory (FAT12/16).
+    root_at: u64,
+    root_len: u64,
+    /// Cluster 2.
+    data_start: u64,
+    total: u64,
+    clusters: u64,
+}
+
+impl Geometry {
+    /// The BPB of boot sector `b`, checked against a device of `dev_size` bytes.
+    fn parse(b: &[u8], dev_size: u64) -> std::result::Result<Geometry, String> {
+        let bps = u64::from(bpb::BYTES_PER_SECTOR.get(b));
+        let reserved = u64::from(bpb::RESERVED_SECTORS.get(b));
+        let fats = u64::from(bpb::NUM_FATS.get(b));
+        let total = match bpb::TOTAL_SECTORS_16.get(b) {
+            0 => u64::from(bpb::TOTAL_SECTORS_32.get(b)),
+            n => u64::from(n),
+        };
+        let fat_sectors = match bpb::FAT_SIZE_16.get(b) {
+            0 => u64::from(fat32::FAT_SIZE_32.get(b)),
+            n => u64::from(n),
+        };
+        let root_len =
+            (u64::from(bpb::ROOT_ENTRIES.get(b)) * dirent::LEN as u64).div_ceil(bps) * bps;
+        let root_at = (reserved + fats * fat_sectors) * bps;
+        let data_start = root_at + root_len;
+        let cluster_size = bps * u64::from(bpb::SECTORS_PER_CLUSTER.get(b));
+        if total * bps > dev_size || data_start >= total * bps {
+            return Err(format!(
+                "{total} sectors of {bps} bytes with data from byte {data_start} do not fit the {dev_size}-byte device"
+            ));
+        }
+        let clusters = (total * bps - data_start) / cluster_size;
+        if clusters > MAX_CLUSTERS {
+            return Err(format!("{clusters} clusters is more than FAT allows"));
+        }
+        Ok(Geometry {
+            bytes_per_sector: bps,
+            cluster_size,
+            fat_at: reserved * bps,
+            fat_len: fat_sectors * bps,
+            root_at,
+            root_len,
+            data_start,
+            total: total * bps,
+            clusters,
+        })
+    }
+}
+
+/// The allocation table of a `kind` volume: one entry per cluster, entries 0 and 1 reserved.
+fn read_table(dev: &dyn BlockDevice, kind: FsKind, g: &Geometry) -> Result<Vec<u32>> {
+    let entries = g.clusters + 2;
+    let fat_bytes = match kind {
+        FsKind::Fat12 => (entries * 3).div_ceil(2),
+        FsKind::Fat16 => entries * 2,
+        _ => entries * 4,
+    };
+    if fat_bytes > g.fat_len {
+        return Err(FsError::Corrupt(
+            "FAT boot sector".into(),
+            format!(
+                "the FAT ({} bytes) is too small for {} clusters",
+                g.fat_len, g.clusters
+            ),
+        ));
+    }
+    let mut raw = vec![0u8; fat_bytes as usize];
+    dev.read_at(&mut raw, g.fat_at)?;
+    Ok((0..entries as usize)
+        .map(|i| match kind {
+            FsKind::Fat12 => {
+                let v = le16(&raw, i * 3 / 2);
+                u32::from(if i % 2 == 0 { v & 0xFFF } else { v >> 4 })
+            }
+            FsKind::Fat16 => u32::from(le16(&raw, i * 2)),
+            _ => le32(&raw, i * 4) & 0x0FFF_FFFF,
+        })
+        .collect())
 }
 
 impl Fat {
     pub fn open(dev: Arc<dyn BlockDevice>) -> Result<Fat> {
         let corrupt = |what: String| FsError::Corrupt("FAT boot sector".into(), what);
-        let mut b = vec![0u8; 512];
-        if dev.size() < 512 {
+        let mut b = vec![0u8; bpb::LEN];
+        if dev.size() < bpb::LEN as u64 {
             return Err(corrupt("the device is too small".into()));
         }
         dev.read_at(&mut b, 0)?;
         let kind = super::detect::classify(&{
             let mut c = vec![0u8; 68 * 1024];
-            c[..512].copy_from_slice(&b);
+            c[..bpb::LEN].copy_from_slice(&b);
             c
         });
         if !matches!(kind, FsKind::Fat12 | FsKind::Fat16 | FsKind::Fat32) {
             return Err(corrupt("no FAT boot sector".into()));
         }
-        let bps = u64::from(le16(&b, 11));
-        let spc = u64::from(b[13]);
-        let reserved = u64::from(le16(&b, 14));
-        let fats = u64::from(b[16]);
-        let root_entries = u64::from(le16(&b, 17));
-        let total = match le16(&b, 19) {
-            0 => u64::from(le32(&b, 32)),
-            n => u64::from(n),
-        };
-        let fat_sectors = match le16(&b, 22) {
-            0 => u64::from(le32(&b, 36)),
-            n => u64::from(n),
-        };
-        let root_dir_sectors = (root_entries * 32).div_ceil(bps);
-        let root_at = (reserved + fats * fat_sectors) * bps;
-        let data_start = root_at + root_dir_sectors * bps;
-        let cluster_size = bps * spc;
-        if total * bps > dev.size() || data_start >= total * bps {
-            return Err(corrupt(format!(
-                "{total} sectors of {bps} bytes with data from byte {data_start} do not fit the {}-byte device",
-                dev.size()
-            )));
-        }
-        let clusters = (total * bps - data_start) / cluster_size;
-        if clusters > MAX_CLUSTERS {
-            return Err(corrupt(format!(
-                "{clusters} clusters is more than FAT allows"
-            )));
-        }
-        let entries = clusters + 2;
-        let fat_bytes = match kind {
-            FsKind::Fat12 => (entries * 3).div_ceil(2),
-            FsKind::Fat16 => entries * 2,
-            _ => entries * 4,
-        };
-        if fat_bytes > fat_sectors * bps {
-            return Err(corrupt(format!(
-                "the FAT ({} bytes) is too small for {clusters} clusters",
-                fat_sectors * bps
-            )));
-        }
-        let mut raw = vec![0u8; fat_bytes as usize];
-        dev.read_at(&mut raw, reserved * bps)?;
-        let table: Vec<u32> = (0..entries as usize)
-            .map(|i| match kind {
-                FsKind::Fat12 => {
-                    let v = le16(&raw, i * 3 / 2);
-                    u32::from(if i % 2 == 0 { v & 0xFFF } else { v >> 4 })
-                }
-                FsKind::Fat16 => u32::from(le16(&raw, i * 2)),
-                _ => le32(&raw, i * 4) & 0x0FFF_FFFF,
-            })
-            .collect();
-        let (serial_at, label_at) = if kind == FsKind::Fat32 {
-            (67, 71)
+        let g = Geometry::parse(&b, dev.size()).map_err(corrupt)?;
+        let table = read_table(&*dev, kind, &g)?;
+        let (serial, label, root_cluster) = if kind == FsKind::Fat32 {
+            (
+                fat32::VOLUME_ID.get(&b),
+                fat32::VOLUME_LABEL.get(&b),
+                fat32::ROOT_CLUSTER.get(&b),
+            )
         } else {
-            (39, 43)
+            (fat16::VOLUME_ID.get(&b), fat16::VOLUME_LABEL.get(&b), 0)
         };
         let mut fat = Fat {
             dev,
             kind,
-            bytes_per_sector: bps,
-            cluster_size,
-            root_dir: (root_at, root_dir_sectors * bps),
-            data_start,
-            root_cluster: if kind == FsKind::Fat32 {
-                le32(&b, 44)
-            } else {
-                0
-            },
+            bytes_per_sector: g.bytes_per_sector,
+            cluster_size: g.cluster_size,
+            root_dir: (g.root_at, g.root_len),
+            data_start: g.data_start,
+            root_cluster,
             table,
-            total_bytes: total * bps,
-            serial: le32(&b, serial_at),
-            label: label_text(&b[label_at..label_at + 11]),
+            total_bytes: g.total,
+            serial,
+            label: label_text(&label),
         };
         // The volume label entry in the root directory is what tools show; the BPB copy is
         // often stale.
         if let Some(label) = fat
             .raw_entries(ROOT, true)?
             .into_iter()
-            .find(|e| e.attr & ATTR_VOLUME_ID != 0 && e.attr != ATTR_LFN)
+            .find(|e| e.attr & ATTR_VOLUME_ID != 0 && e.attr != ATTR_LONG_NAME)
         {
-            fat.label = label_text(&label.raw[..11]);
+            fat.label = label_text(&dirent::NAME.get(&label.raw));
         }
         Ok(fat)
     }
@@ -221,7 +250,7 @@ impl Fat {
             self.root_cluster
         } else {
             let e = self.entry_at(dir)?;
-            if e.attr & ATTR_DIRECTORY == 0 {
+            if !e.is_dir() {
                 return Err(FsError::NotADirectory(format!("FAT entry at {dir}")));
             }
             e.first_cluster
@@ -238,83 +267,48 @@ impl Fat {
 
     /// The short entry stored at byte `offset`.
     fn entry_at(&self, offset: NodeId) -> Result<RawEntry> {
-        if !offset.is_multiple_of(32) || offset < self.root_dir.0 || offset + 32 > self.total_bytes
+        let len = dirent::LEN as u64;
+        if !offset.is_multiple_of(len)
+            || offset < self.root_dir.0
+            || offset + len > self.total_bytes
         {
             return Err(self.corrupt(format!("no directory entry can be at byte {offset}")));
         }
-        let mut raw = [0u8; 32];
+        let mut raw = [0u8; dirent::LEN];
         self.dev.read_at(&mut raw, offset)?;
-        Ok(self.short_entry(offset, raw, None))
-    }
-
-    fn short_entry(&self, offset: u64, raw: [u8; 32], long: Option<Vec<u8>>) -> RawEntry {
-        let hi = if self.kind == FsKind::Fat32 {
-            u32::from(le16(&raw, 20)) << 16
-        } else {
-            0
-        };
-        RawEntry {
-            offset,
-            name: long.unwrap_or_else(|| short_name(&raw)),
-            attr: raw[11],
-            first_cluster: hi | u32::from(le16(&raw, 26)),
-            size: le32(&raw, 28),
-            raw,
-        }
+        Ok(RawEntry::new(offset, raw, None, self.kind == FsKind::Fat32))
     }
 
     /// The entries of a directory (with `include_volume`, the volume label entry too).
     fn raw_entries(&self, dir: NodeId, include_volume: bool) -> Result<Vec<RawEntry>> {
         let mut out = Vec::new();
-        let mut lfn: Vec<(u8, [u16; 13])> = Vec::new();
-        let mut lfn_sum = 0u8;
+        let mut long = LongName::default();
         let mut seen = 0usize;
         'ranges: for (start, len) in self.dir_ranges(dir)? {
             let mut buf = vec![0u8; len as usize];
             self.dev.read_at(&mut buf, start)?;
-            for (i, e) in buf.chunks_exact(32).enumerate() {
+            for (i, e) in buf.chunks_exact(dirent::LEN).enumerate() {
                 seen += 1;
                 if seen > MAX_DIR_ENTRIES {
                     return Err(self.corrupt("a directory has more entries than FAT allows"));
                 }
                 match e[0] {
-                    0 => break 'ranges,
-                    0xE5 => {
-                        lfn.clear();
+                    dirent::END => break 'ranges,
+                    dirent::DELETED => {
+                        long.clear();
+                        continue;
+                    }
+                    _ if is_long_name(e) => {
+                        long.push(e);
                         continue;
                     }
                     _ => {}
                 }
-                if e[11] & 0x3F == ATTR_LFN {
-                    let mut part = [0u16; 13];
-                    for (k, at) in (1..11)
-                        .step_by(2)
-                        .chain((14..26).step_by(2))
-                        .chain((28..32).step_by(2))
-                        .enumerate()
-                    {
-                        part[k] = le16(e, at);
-                    }
-                    if e[0] & 0x40 != 0 {
-                        lfn.clear();
-                        lfn_sum = e[13];
-                    }
-                    lfn.push((e[0] & 0x1F, part));
-                    continue;
-                }
-                let mut raw = [0u8; 32];
+                let mut raw = [0u8; dirent::LEN];
                 raw.copy_from_slice(e);
-                let long = (!lfn.is_empty() && lfn_sum == checksum(&raw[..11])).then(|| {
-                    lfn.sort_by_key(|(order, _)| *order);
-                    let units: Vec<u16> = lfn
-                        .iter()
-                        .flat_map(|(_, p)| p.iter().copied())
-                        .take_while(|&u| u != 0 && u != 0xFFFF)
-                        .collect();
-                    String::from_utf16_lossy(&units).into_bytes()
-                });
-                lfn.clear();
-                let entry = self.short_entry(start + i as u64 * 32, raw, long);
+                let name = long.take_for(&raw);
+                let offset = start + (i * dirent::LEN) as u64;
+                let entry = RawEntry::new(offset, raw, name, self.kind == FsKind::Fat32);
                 let dot = entry.name == b"." || entry.name == b"..";
                 let volume = entry.attr & ATTR_VOLUME_ID != 0;
                 if dot || (volume && !include_volume) {
@@ -331,7 +325,7 @@ impl Fat {
         if e.first_cluster == 0 {
             return Ok(Vec::new());
         }
-        let is_dir = e.attr & ATTR_DIRECTORY != 0;
+        let is_dir = e.is_dir();
         let mut left = if is_dir { u64::MAX } else { u64::from(e.size) };
         let mut out = Vec::new();
         let mut file_offset = 0;
@@ -359,74 +353,6 @@ impl Fat {
             FileKind::File
         }
     }
-}
-
-/// The 8.3 name as DOS shows it, lowercased where the NT case flags say so.
-fn short_name(raw: &[u8; 32]) -> Vec<u8> {
-    let mut base: Vec<u8> = raw[..8].to_vec();
-    if base[0] == 0x05 {
-        base[0] = 0xE5;
-    }
-    let trim = |v: &mut Vec<u8>| {
-        while v.last() == Some(&b' ') {
-            v.pop();
-        }
-    };
-    trim(&mut base);
-    let mut ext = raw[8..11].to_vec();
-    trim(&mut ext);
-    if raw[12] & 0x08 != 0 {
-        base.make_ascii_lowercase();
-    }
-    if raw[12] & 0x10 != 0 {
-        ext.make_ascii_lowercase();
-    }
-    if !ext.is_empty() {
-        base.push(b'.');
-        base.extend_from_slice(&ext);
-    }
-    base
-}
-
-fn checksum(name: &[u8]) -> u8 {
-    name.iter().fold(0u8, |sum, &c| {
-        ((sum & 1) << 7).wrapping_add(sum >> 1).wrapping_add(c)
-    })
-}
-
-fn label_text(b: &[u8]) -> String {
-    let text = String::from_utf8_lossy(b).trim_end().to_string();
-    if text == "NO NAME" {
-        String::new()
-    } else {
-        text
-    }
-}
-
-/// A DOS date and time (2-second resolution, plus `centis` hundredths) as a timestamp.
-fn dos_time(date: u16, time: u16, centis: u8) -> Option<Timestamp> {
-    if date == 0 {
-        return None;
-    }
-    let (year, month, day) = (
-        1980 + i64::from(date >> 9),
-        i64::from((date >> 5) & 0xF),
-        i64::from(date & 0x1F),
-    );
-    if !(1..=12).contains(&month) || day == 0 {
-        return None;
-    }
-    let secs = i64::from(time >> 11) * 3600
-        + i64::from((time >> 5) & 0x3F) * 60
-        + i64::from(time & 0x1F) * 2
-        + i64::from(centis / 100);
-    Some(Timestamp::from_civil(
-        year,
-        month,
-        day,
-        secs,
-        u32::from(centis % 100) * 10_000_000,
-    ))
 }
 
 impl Filesystem for Fat {
@@ -468,7 +394,7 @@ impl Filesystem for Fat {
         }
         let e = self.entry_at(node)?;
         let kind = Fat::kind_of(e.attr);
-        let r = &e.raw;
+        let (crtime, mtime, atime) = e.times();
         let clusters: u64 = if e.first_cluster == 0 {
             0
         } else {
@@ -494,10 +420,10 @@ impl Filesystem for Fat {
             uid: 0,
             gid: 0,
             links: 1,
-            atime: dos_time(le16(r, 18), 0, 0),
-            mtime: dos_time(le16(r, 24), le16(r, 22), 0),
+            atime,
+            mtime,
             ctime: None,
-            crtime: dos_time(le16(r, 16), le16(r, 14), r[13]),
+            crtime,
             device: None,
             flags: u32::from(e.attr),
             allocated: clusters * self.cluster_size,
@@ -522,7 +448,7 @@ impl Filesystem for Fat {
         } else {
             Some(self.entry_at(node)?)
         };
-        let Some(entry) = entry.filter(|e| e.attr & ATTR_DIRECTORY == 0) else {
+        let Some(entry) = entry.filter(|e| !e.is_dir()) else {
             return Err(FsError::Unsupported(format!(
                 "FAT entry at {node} is a directory"
             )));
@@ -592,34 +518,5 @@ impl Filesystem for Fat {
             block_size: self.bytes_per_sector as u32,
             runs,
         })
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn dos_times_convert_to_unix_seconds() {
-        // 2001-02-03 04:05:06 = 981173106.
-        let date = ((2001 - 1980) << 9) | (2 << 5) | 3;
-        let time = (4 << 11) | (5 << 5) | 3;
-        let t = dos_time(date, time, 0).unwrap();
-        assert_eq!(t.secs, 981_173_106);
-        let t = dos_time(date, time, 150).unwrap();
-        assert_eq!((t.secs, t.nanos), (981_173_107, 500_000_000));
-        assert!(dos_time(0, 0, 0).is_none());
-    }
-
-    #[test]
-    fn short_names_follow_the_case_flags() {
-        let mut raw = [b' '; 32];
-        raw[..8].copy_from_slice(b"README  ");
-        raw[8..11].copy_from_slice(b"TXT");
-        raw[12] = 0x18;
-        assert_eq!(short_name(&raw), b"readme.txt");
-        raw[12] = 0;
-        raw[8..11].copy_from_slice(b"   ");
-        assert_eq!(short_name(&raw), b"README");
     }
 }

@@ -13,8 +13,10 @@
 use std::io::Write;
 use std::sync::Arc;
 
-use super::{FileKind, Filesystem, FsError, FsKind, NodeId, Result, Timestamp};
+use super::fat::ondisk::dirent;
+use super::{DirEntry, FileKind, Filesystem, FsError, FsKind, Metadata, NodeId, Result, Timestamp};
 use diskferry_blockdev::{BlockDevice, BlockReader};
+use diskferry_layout::field::Records;
 
 /// How to format.
 #[derive(Debug, Clone, Default)]
@@ -64,8 +66,27 @@ pub fn write_fat(
     source: &dyn Filesystem,
     opts: &FatOptions,
 ) -> Result<FatReport> {
-    let sectors = dev.size() / 512;
-    let total = u32::try_from(sectors)
+    let format = format_options(dev.size(), opts)?;
+    guarded("format", &mut || {
+        fatfs::format_volume(BlockReader::new(Arc::clone(&dev)), format.clone())
+    })?;
+    let (report, written) = populate(&dev, source, opts)?;
+    finish_entries(&dev, source, &written)?;
+    dev.flush()?;
+    Ok(report)
+}
+
+/// Runs `f`, third-party code fed names and sizes from a possibly damaged source: a panic in
+/// it becomes an error naming `what`.
+fn guarded(what: &str, f: &mut dyn FnMut() -> std::io::Result<()>) -> Result<()> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f))
+        .unwrap_or_else(|_| Err(std::io::Error::other("fatfs panicked")))
+        .map_err(|e| fat_err(what, e))
+}
+
+/// `fatfs` format options for a volume of `size` bytes as `opts` asks.
+fn format_options(size: u64, opts: &FatOptions) -> Result<fatfs::FormatVolumeOptions> {
+    let total = u32::try_from(size / 512)
         .map_err(|_| FsError::Unsupported("FAT volumes end at 2 TiB".into()))?;
     let mut format = fatfs::FormatVolumeOptions::new().total_sectors(total);
     if let Some(label) = &opts.label {
@@ -102,24 +123,24 @@ pub fn write_fat(
             }
         });
     }
-    let guarded = |what: &str, f: &mut dyn FnMut() -> std::io::Result<()>| {
-        std::panic::catch_unwind(std::panic::AssertUnwindSafe(f))
-            .unwrap_or_else(|_| Err(std::io::Error::other("fatfs panicked")))
-            .map_err(|e| fat_err(what, e))
-    };
-    guarded("format", &mut || {
-        fatfs::format_volume(BlockReader::new(Arc::clone(&dev)), format.clone())
-    })?;
+    Ok(format)
+}
 
+/// Copies the tree of `source` into the freshly formatted volume through `fatfs`; returns the
+/// report and (path in the new volume, source node) of everything written.
+fn populate(
+    dev: &Arc<dyn BlockDevice>,
+    source: &dyn Filesystem,
+    opts: &FatOptions,
+) -> Result<(FatReport, Vec<(String, NodeId)>)> {
     let mut report = FatReport::default();
-    // (path in the new volume, source node) of everything written, for the patching pass.
     let mut written: Vec<(String, NodeId)> = Vec::new();
     let mut walk_errors = Vec::new();
     // fatfs is third-party code fed names and sizes from a possibly damaged source: a panic
     // in it becomes an error here.
     let populated = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| -> Result<()> {
         let fs = fatfs::FileSystem::new(
-            BlockReader::new(Arc::clone(&dev)),
+            BlockReader::new(Arc::clone(dev)),
             fatfs::FsOptions::new().update_accessed_date(false),
         )
         .map_err(|e| fat_err("mount", e))?;
@@ -132,47 +153,9 @@ pub fn write_fat(
                     c.plan(1);
                     c.wrote(1);
                 }
-                let fail = |report: &mut FatReport, why: String| {
-                    report.skipped.push((path.to_string(), why));
-                };
-                if std::str::from_utf8(&e.name).is_err() {
-                    fail(&mut report, "the name is not valid UTF-8".into());
-                    return Ok(());
-                }
-                let root = fs.root_dir();
-                match e.kind {
-                    FileKind::Dir => match root.create_dir(path) {
-                        Ok(_) => {
-                            report.dirs += 1;
-                            written.push((path.to_string(), e.node));
-                        }
-                        Err(err) => fail(&mut report, err.to_string()),
-                    },
-                    FileKind::File => {
-                        let meta = source.metadata(e.node)?;
-                        let mut file = match root.create_file(path) {
-                            Ok(f) => f,
-                            Err(err) => {
-                                fail(&mut report, err.to_string());
-                                return Ok(());
-                            }
-                        };
-                        let mut at = 0u64;
-                        while at < meta.size {
-                            let n = source.read_at(e.node, at, &mut buf)?;
-                            if n == 0 {
-                                break;
-                            }
-                            file.write_all(&buf[..n])
-                                .map_err(|err| fat_err(path, err))?;
-                            at += n as u64;
-                        }
-                        file.flush().map_err(|err| fat_err(path, err))?;
-                        report.files += 1;
-                        report.bytes += at;
-                        written.push((path.to_string(), e.node));
-                    }
-                    other => fail(&mut report, format!("FAT cannot hold a {}", other.name())),
+                match copy_entry(&fs.root_dir(), source, path, e, &mut buf, &mut report)? {
+                    Ok(()) => written.push((path.to_string(), e.node)),
+                    Err(why) => report.skipped.push((path.to_string(), why)),
                 }
                 Ok(())
             },
@@ -186,9 +169,65 @@ pub fn write_fat(
         Err(_) => return Err(fat_err("populate", "fatfs panicked on this input")),
     }
     report.skipped.extend(walk_errors);
+    Ok((report, written))
+}
 
-    // Finish each entry: attributes and times. Our reader finds every entry in one walk.
-    let ours = super::fat::Fat::open(Arc::clone(&dev))?;
+type FatDir<'a> = fatfs::Dir<'a, BlockReader>;
+
+/// Creates `e` (at `path`) in the new volume: `Ok(Err(why))` when it is skipped (a name or a
+/// kind FAT cannot hold, or `fatfs` refusing it), `Err` when the source fails.
+fn copy_entry(
+    root: &FatDir<'_>,
+    source: &dyn Filesystem,
+    path: &str,
+    e: &DirEntry,
+    buf: &mut [u8],
+    report: &mut FatReport,
+) -> Result<std::result::Result<(), String>> {
+    if std::str::from_utf8(&e.name).is_err() {
+        return Ok(Err("the name is not valid UTF-8".into()));
+    }
+    match e.kind {
+        FileKind::Dir => match root.create_dir(path) {
+            Ok(_) => {
+                report.dirs += 1;
+                Ok(Ok(()))
+            }
+            Err(err) => Ok(Err(err.to_string())),
+        },
+        FileKind::File => {
+            let meta = source.metadata(e.node)?;
+            let mut file = match root.create_file(path) {
+                Ok(f) => f,
+                Err(err) => return Ok(Err(err.to_string())),
+            };
+            let mut at = 0u64;
+            while at < meta.size {
+                let n = source.read_at(e.node, at, buf)?;
+                if n == 0 {
+                    break;
+                }
+                file.write_all(&buf[..n])
+                    .map_err(|err| fat_err(path, err))?;
+                at += n as u64;
+            }
+            file.flush().map_err(|err| fat_err(path, err))?;
+            report.files += 1;
+            report.bytes += at;
+            Ok(Ok(()))
+        }
+        other => Ok(Err(format!("FAT cannot hold a {}", other.name()))),
+    }
+}
+
+/// Finishes each entry written: attributes and times, and a directory's `.` and `..`. Our
+/// reader finds every entry in one walk.
+fn finish_entries(
+    dev: &Arc<dyn BlockDevice>,
+    source: &dyn Filesystem,
+    written: &[(String, NodeId)],
+) -> Result<()> {
+    let ours = super::fat::Fat::open(Arc::clone(dev))?;
     let mut entries = std::collections::HashMap::new();
     super::tree::walk(
         &ours,
@@ -204,41 +243,52 @@ pub fn write_fat(
         FsKind::Fat12 | FsKind::Fat16 | FsKind::Fat32 | FsKind::Ntfs
     );
     for (path, node) in written {
-        let meta = source.metadata(node)?;
+        let meta = source.metadata(*node)?;
         let entry = *entries
-            .get(&path)
+            .get(path)
             .ok_or_else(|| FsError::NotFound(format!("{path} in the new volume")))?;
-        let mut raw = [0u8; 32];
+        let mut raw = [0u8; dirent::LEN];
         dev.read_at(&mut raw, entry)?;
-        let dir_bit = raw[11] & 0x10;
-        let source_attrs = if attributes_are_dos {
-            (meta.flags & 0x27) as u8
-        } else if meta.kind == FileKind::File {
-            // From a Unix tree: archive set (a new file), read-only when no one may write.
-            0x20 | u8::from(meta.mode & 0o222 == 0)
-        } else {
-            0
-        };
-        raw[11] = dir_bit | source_attrs;
-        if let Some((date, time, centis)) = meta.crtime.or(meta.mtime).and_then(dos_time) {
-            raw[13] = centis;
-            raw[14..16].copy_from_slice(&time.to_le_bytes());
-            raw[16..18].copy_from_slice(&date.to_le_bytes());
-        }
-        if let Some((date, _, _)) = meta.atime.and_then(dos_time) {
-            raw[18..20].copy_from_slice(&date.to_le_bytes());
-        }
-        if let Some((date, time, _)) = meta.mtime.and_then(dos_time) {
-            raw[22..24].copy_from_slice(&time.to_le_bytes());
-            raw[24..26].copy_from_slice(&date.to_le_bytes());
-        }
+        patch_entry(&mut raw, &meta, attributes_are_dos);
         dev.write_at(&raw, entry)?;
         if meta.kind == FileKind::Dir {
-            fix_dot_entries(&*dev, &ours, entry, &raw, !path.contains('/'))?;
+            fix_dot_entries(&**dev, &ours, entry, &raw, !path.contains('/'))?;
         }
     }
-    dev.flush()?;
-    Ok(report)
+    Ok(())
+}
+
+/// Gives the short entry `raw` the attributes and times of `meta`: DOS attributes as they are
+/// from FAT and NTFS sources; from a Unix tree, archive on files and read-only when no one
+/// may write.
+fn patch_entry(raw: &mut [u8; dirent::LEN], meta: &Metadata, attributes_are_dos: bool) {
+    let dir_bit = dirent::ATTR.get(raw) & dirent::ATTR_DIRECTORY;
+    let source_attrs = if attributes_are_dos {
+        (meta.flags & u32::from(dirent::ATTR_FILE_BITS)) as u8
+    } else if meta.kind == FileKind::File {
+        let nobody_writes = meta.mode & 0o222 == 0;
+        dirent::ATTR_ARCHIVE
+            | if nobody_writes {
+                dirent::ATTR_READ_ONLY
+            } else {
+                0
+            }
+    } else {
+        0
+    };
+    dirent::ATTR.set(raw, dir_bit | source_attrs);
+    if let Some((date, time, centis)) = meta.crtime.or(meta.mtime).and_then(dos_time) {
+        dirent::CREATION_CENTIS.set(raw, centis);
+        dirent::CREATION_TIME.set(raw, time);
+        dirent::CREATION_DATE.set(raw, date);
+    }
+    if let Some((date, _, _)) = meta.atime.and_then(dos_time) {
+        dirent::ACCESS_DATE.set(raw, date);
+    }
+    if let Some((date, time, _)) = meta.mtime.and_then(dos_time) {
+        dirent::WRITE_TIME.set(raw, time);
+        dirent::WRITE_DATE.set(raw, date);
+    }
 }
 
 /// `fatfs` 0.3 writes a long-name entry before `.` and before `..`, which fsck.fat rejects
@@ -250,37 +300,42 @@ fn fix_dot_entries(
     dev: &dyn BlockDevice,
     ours: &super::fat::Fat,
     entry: NodeId,
-    dir_entry: &[u8; 32],
+    dir_entry: &[u8; dirent::LEN],
     parent_is_root: bool,
 ) -> Result<()> {
     let Some(first) = ours.extents(entry)?.first().copied() else {
         return Ok(());
     };
-    let mut slots = [0u8; 128];
-    dev.read_at(&mut slots, first.disk_offset)?;
-    let is_lfn = |i: usize| slots[32 * i + 11] & 0x3F == 0x0F;
-    let name = |i: usize| &slots[32 * i..32 * i + 11];
-    if !(is_lfn(0) && name(1) == b".          " && is_lfn(2) && name(3) == b"..         ") {
+    let slots = Records::new(0, dirent::LEN);
+    let mut four = [0u8; 4 * dirent::LEN];
+    dev.read_at(&mut four, first.disk_offset)?;
+    let is_lfn = |i: usize| dirent::ATTR.get(slots.get(&four, i)) & 0x3F == dirent::ATTR_LONG_NAME;
+    let name = |i: usize| dirent::NAME.get(slots.get(&four, i));
+    if !(is_lfn(0) && name(1) == *dirent::DOT_NAME && is_lfn(2) && name(3) == *dirent::DOTDOT_NAME)
+    {
         return Ok(());
     }
-    let (mut dot, mut dotdot) = ([0u8; 32], [0u8; 32]);
-    dot.copy_from_slice(&slots[32..64]);
-    dotdot.copy_from_slice(&slots[96..128]);
-    for e in [&mut dot, &mut dotdot] {
-        e[13..20].copy_from_slice(&dir_entry[13..20]);
-        e[22..26].copy_from_slice(&dir_entry[22..26]);
+    let mut fixed = [0u8; 4 * dirent::LEN];
+    for (to, from) in [(0, 1), (1, 3)] {
+        let e = slots.get_mut(&mut fixed, to);
+        e.copy_from_slice(slots.get(&four, from));
+        // The directory's own times.
+        dirent::CREATION_CENTIS.set(e, dirent::CREATION_CENTIS.get(dir_entry));
+        dirent::CREATION_TIME.set(e, dirent::CREATION_TIME.get(dir_entry));
+        dirent::CREATION_DATE.set(e, dirent::CREATION_DATE.get(dir_entry));
+        dirent::ACCESS_DATE.set(e, dirent::ACCESS_DATE.get(dir_entry));
+        dirent::WRITE_TIME.set(e, dirent::WRITE_TIME.get(dir_entry));
+        dirent::WRITE_DATE.set(e, dirent::WRITE_DATE.get(dir_entry));
     }
     if parent_is_root {
         // `..` of a top-level directory names cluster 0, even on FAT32 whose root has a
         // cluster of its own (fatfs 0.3 writes the root's cluster).
-        dotdot[20..22].fill(0);
-        dotdot[26..28].fill(0);
+        let dotdot = slots.get_mut(&mut fixed, 1);
+        dirent::FIRST_CLUSTER_HI.set(dotdot, 0);
+        dirent::FIRST_CLUSTER_LO.set(dotdot, 0);
     }
-    let mut fixed = [0u8; 128];
-    fixed[..32].copy_from_slice(&dot);
-    fixed[32..64].copy_from_slice(&dotdot);
-    fixed[64] = 0xE5;
-    fixed[96] = 0xE5;
+    slots.get_mut(&mut fixed, 2)[0] = dirent::DELETED;
+    slots.get_mut(&mut fixed, 3)[0] = dirent::DELETED;
     dev.write_at(&fixed, first.disk_offset)?;
     Ok(())
 }
