@@ -7,6 +7,11 @@
 //! attributes, physical extents nor the block bitmaps, all of which capture needs; the on-disk
 //! structures here are also the ones the ext4 writer produces. Refused with a clear message:
 //! `meta_bg`, `bigalloc`, inline data, encrypted and compressed files.
+//!
+//! The superblock and group descriptors are read in `superblock`, a file's blocks found in
+//! `blocks`, directories in `dir`, inodes and extended attributes in `inode` — every structure
+//! through the field tables of [`ondisk`], which the writer ([`write`]) uses too. What is
+//! malformed is a typed [`Corruption`] at a [`Place`].
 
 mod blocks;
 mod dir;

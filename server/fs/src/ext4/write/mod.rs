@@ -1,16 +1,21 @@
 //! The ext4 writer: formats a block device and fills it from any [`Filesystem`] (a captured
 //! volume or a host directory) in one pass — no mkfs, no mount.
 //!
-//! 1. **Plan**: walk the source; give every directory and file an inode number (root 2,
-//!    `lost+found` 11, the rest from 12 in walk order; hard links share one), read metadata,
-//!    link targets and extended attributes.
-//! 2. **Lay out** ([`layout`]): block groups with flex_bg and sparse_super backups, then an
-//!    ascending allocator — the journal first, then each directory's blocks followed by its
-//!    files' data, each file contiguous. Holes in the source stay holes.
-//! 3. **Write**: file data (all-zero blocks are skipped so the output stays sparse), directory
-//!    blocks, extent tree blocks, xattr blocks, the used part of each inode table, bitmaps,
-//!    group descriptors, superblocks and the journal superblock — every checksum
-//!    (metadata_csum, [`csum`]) included.
+//! 1. **Plan** (`plan`): walk the source; give every directory and file an inode number
+//!    (root 2, `lost+found` 11, the rest from 12 in walk order; hard links share one), read
+//!    metadata, link targets and extended attributes.
+//! 2. **Lay out** ([`layout`], `place`): block groups with flex_bg and sparse_super backups,
+//!    then an ascending allocator — the journal first, then each directory's blocks (built
+//!    here, `dir` and [`htree`]) followed by its files' data, each file contiguous, then
+//!    extent tree blocks (`extent`) and xattr blocks ([`xattr`]). Holes in the source stay
+//!    holes.
+//! 3. **Write** (`emit`, then `tables`): directory, symlink, extent tree and xattr blocks,
+//!    file data (all-zero blocks are skipped so the output stays sparse), the journal
+//!    superblock, the used part of each inode table, bitmaps, group descriptors and
+//!    superblocks — every checksum (metadata_csum, [`csum`]) included.
+//!
+//! Every structure is written through the field tables of [`super::ondisk`], which the reader
+//! uses too.
 //!
 //! Features: has_journal, ext_attr, dir_index, filetype, extents, 64bit, flex_bg,
 //! sparse_super, large_file, huge_file, dir_nlink, extra_isize, metadata_csum. A directory
