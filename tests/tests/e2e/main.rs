@@ -1,0 +1,23 @@
+//! The end-to-end scenarios, one module per area, linked into one test binary (`e2e`) so the
+//! suite pays for one link instead of eighteen. Each scenario runs the real `diskferry` and
+//! `diskferry-client` binaries and judges the result with tools nobody here wrote. Run one
+//! area with a filter, e.g. `cargo nextest run -p diskferry-e2e -E 'test(/^pxe_vm::/)'`.
+
+mod capture_modes;
+mod deploy;
+mod dial_back;
+mod images_cli;
+mod inspect;
+mod mkfs_ext4;
+mod mkfs_fat;
+mod partition_write;
+mod pxe_vm;
+mod qcow2_overlay;
+mod qcow2_read;
+mod qcow2_write;
+mod tftp;
+mod vhdx_log;
+mod vhdx_read;
+mod web_api;
+mod web_browser;
+mod wire;
