@@ -19,10 +19,11 @@ use super::{
     AllocationMap, DirEntry, FileExtent, FileKind, Filesystem, FsError, FsKind, Metadata, NodeId,
     Result, VolumeInfo,
 };
-use dir::{is_long_name, label_text, LongName, RawEntry};
+use dir::{label_text, LongName, RawEntry};
 use diskferry_blockdev::BlockDevice;
 use diskferry_layout::le::{le16, le32};
 use ondisk::dirent::{ATTR_DIRECTORY, ATTR_LONG_NAME, ATTR_READ_ONLY, ATTR_VOLUME_ID};
+use ondisk::lfn::is_long_name;
 use ondisk::{bpb, dirent, fat16, fat32};
 
 const ROOT: NodeId = 0;
@@ -292,7 +293,7 @@ impl Fat {
                 if seen > MAX_DIR_ENTRIES {
                     return Err(self.corrupt("a directory has more entries than FAT allows"));
                 }
-                match e[0] {
+                match dirent::FIRST_BYTE.get(e) {
                     dirent::END => break 'ranges,
                     dirent::DELETED => {
                         long.clear();

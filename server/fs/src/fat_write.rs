@@ -14,6 +14,7 @@ use std::io::Write;
 use std::sync::Arc;
 
 use super::fat::ondisk::dirent;
+use super::fat::ondisk::lfn::is_long_name;
 use super::{DirEntry, FileKind, Filesystem, FsError, FsKind, Metadata, NodeId, Result, Timestamp};
 use diskferry_blockdev::{BlockDevice, BlockReader};
 use diskferry_layout::field::Records;
@@ -309,7 +310,7 @@ fn fix_dot_entries(
     let slots = Records::new(0, dirent::LEN);
     let mut four = [0u8; 4 * dirent::LEN];
     dev.read_at(&mut four, first.disk_offset)?;
-    let is_lfn = |i: usize| dirent::ATTR.get(slots.get(&four, i)) & 0x3F == dirent::ATTR_LONG_NAME;
+    let is_lfn = |i: usize| is_long_name(slots.get(&four, i));
     let name = |i: usize| dirent::NAME.get(slots.get(&four, i));
     if !(is_lfn(0) && name(1) == *dirent::DOT_NAME && is_lfn(2) && name(3) == *dirent::DOTDOT_NAME)
     {
@@ -334,8 +335,8 @@ fn fix_dot_entries(
         dirent::FIRST_CLUSTER_HI.set(dotdot, 0);
         dirent::FIRST_CLUSTER_LO.set(dotdot, 0);
     }
-    slots.get_mut(&mut fixed, 2)[0] = dirent::DELETED;
-    slots.get_mut(&mut fixed, 3)[0] = dirent::DELETED;
+    dirent::FIRST_BYTE.set(slots.get_mut(&mut fixed, 2), dirent::DELETED);
+    dirent::FIRST_BYTE.set(slots.get_mut(&mut fixed, 3), dirent::DELETED);
     dev.write_at(&fixed, first.disk_offset)?;
     Ok(())
 }

@@ -95,11 +95,6 @@ impl LongName {
     }
 }
 
-/// Whether `e` is a long-name entry.
-pub(super) fn is_long_name(e: &[u8]) -> bool {
-    lfn::ATTR.get(e) & 0x3F == dirent::ATTR_LONG_NAME
-}
-
 /// The 8.3 name as DOS shows it, lowercased where the NT case flags say so.
 pub(super) fn short_name(raw: &[u8; dirent::LEN]) -> Vec<u8> {
     let mut base = dirent::BASE.get(raw).to_vec();

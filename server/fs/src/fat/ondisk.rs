@@ -84,6 +84,9 @@ pub mod dirent {
     pub const FIRST_CLUSTER_LO: Field<u16> = Field::at(26);
     pub const FILE_SIZE: Field<u32> = Field::at(28);
 
+    /// The name's first byte, which also marks the entry: [`END`], [`DELETED`], or
+    /// [`E5_ESCAPE`] for a name that starts with 0xE5.
+    pub const FIRST_BYTE: Field<u8> = Field::at(0);
     /// First name byte: the end of the directory; a deleted entry; a name starting with 0xE5.
     pub const END: u8 = 0x00;
     pub const DELETED: u8 = 0xE5;
@@ -116,13 +119,20 @@ pub mod lfn {
     pub const ORDER: Field<u8> = Field::at(0);
     pub const ORDER_MASK: u8 = 0x1F;
     pub const LAST: u8 = 0x40;
-    /// Equal to [`dirent::ATTR_LONG_NAME`](super::dirent::ATTR_LONG_NAME) in its low six bits.
+    /// Equal to [`dirent::ATTR_LONG_NAME`](super::dirent::ATTR_LONG_NAME) in its low six bits
+    /// ([`ATTR_MASK`]; the two high bits are reserved).
     pub const ATTR: Field<u8> = Field::at(11);
+    pub const ATTR_MASK: u8 = 0x3F;
     /// The checksum of the short name this long name belongs to.
     pub const CHECKSUM: Field<u8> = Field::at(13);
     /// Byte offsets of the 13 UTF-16 units: 5 at 1, 6 at 14, 2 at 28.
     pub const UNITS: [usize; 13] = [1, 3, 5, 7, 9, 14, 16, 18, 20, 22, 24, 28, 30];
     pub const UNITS_PER_ENTRY: usize = 13;
+
+    /// Whether the 32-byte entry `e` is a long-name entry.
+    pub fn is_long_name(e: &[u8]) -> bool {
+        ATTR.get(e) & ATTR_MASK == super::dirent::ATTR_LONG_NAME
+    }
 
     /// The `i`-th UTF-16 unit of this entry's piece of the name.
     pub fn unit(e: &[u8], i: usize) -> u16 {

@@ -164,7 +164,7 @@ fn parse_descriptor(
             }
             let mut sector = vec![0u8; SECTOR as usize].into_boxed_slice();
             // The sector's first 8 and last 4 bytes are kept in the descriptor.
-            sector[..8].copy_from_slice(&desc::LEADING_BYTES.get(d));
+            sector[..log_data::DATA.start].copy_from_slice(&desc::LEADING_BYTES.get(d));
             sector[log_data::DATA].copy_from_slice(&s[log_data::DATA]);
             sector[log_data::DATA.end..].copy_from_slice(&desc::TRAILING_BYTES.get(d));
             *data_sector += 1;

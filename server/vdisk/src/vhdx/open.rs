@@ -111,7 +111,7 @@ fn current_header(file: &dyn BlockDevice, path: &Path) -> Result<Vec<u8>> {
     let mut current: Option<Vec<u8>> = None;
     for at in header::OFFSETS {
         let h = read(file, path, "header", header::LEN as u64, at)?;
-        if h[..4] != *header::SIGNATURE_VALUE
+        if header::SIGNATURE.get(&h) != *header::SIGNATURE_VALUE
             || header::CHECKSUM.get(&h) != checksum(&h, header::CHECKSUM)
         {
             continue;
@@ -179,7 +179,7 @@ fn regions(file: &dyn BlockDevice, path: &Path) -> Result<(Region, Region)> {
     let table = tables
         .into_iter()
         .find(|t| {
-            t[..4] == *region_table::SIGNATURE_VALUE
+            region_table::SIGNATURE.get(t) == *region_table::SIGNATURE_VALUE
                 && region_table::CHECKSUM.get(t) == checksum(t, region_table::CHECKSUM)
         })
         .ok_or(FormatError::NoValidCopy {
