@@ -10,7 +10,7 @@
 //!
 //! The superblock and group descriptors are read in `superblock`, a file's blocks found in
 //! `blocks`, directories in `dir`, inodes and extended attributes in `inode` — every structure
-//! through the field tables of [`ondisk`], which the writer ([`write`]) uses too. What is
+//! through the field tables of [`ondisk`], which the writer ([`write`](mod@write)) uses too. What is
 //! malformed is a typed [`Corruption`] at a [`Place`].
 
 mod blocks;
