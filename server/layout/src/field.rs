@@ -100,6 +100,10 @@ impl<const N: usize> Bytes<N> {
     pub const fn at(offset: usize) -> Self {
         Bytes { offset }
     }
+    /// The byte just past this field.
+    pub const fn end(&self) -> usize {
+        self.offset + N
+    }
     pub fn get(&self, b: &[u8]) -> [u8; N] {
         let mut out = [0u8; N];
         out.copy_from_slice(&b[self.offset..self.offset + N]);
@@ -128,6 +132,10 @@ impl GuidField {
     pub const fn at(offset: usize) -> Self {
         GuidField { offset }
     }
+    /// The byte just past this field.
+    pub const fn end(&self) -> usize {
+        self.offset + 16
+    }
     pub fn get(&self, b: &[u8]) -> Guid {
         Guid(Bytes::<16>::at(self.offset).get(b))
     }
@@ -146,6 +154,10 @@ pub struct Utf16<const UNITS: usize> {
 impl<const UNITS: usize> Utf16<UNITS> {
     pub const fn at(offset: usize) -> Self {
         Utf16 { offset }
+    }
+    /// The byte just past this field.
+    pub const fn end(&self) -> usize {
+        self.offset + 2 * UNITS
     }
 
     /// The text up to the first NUL; unpaired surrogates become U+FFFD.
@@ -219,7 +231,7 @@ mod tests {
         assert_eq!(A.end(), 6);
         const U: Bytes<4> = Bytes::at(12);
         U.set(&mut b, &[9, 8, 7, 6]);
-        assert_eq!(U.get(&b), [9, 8, 7, 6]);
+        assert_eq!((U.get(&b), U.end()), ([9, 8, 7, 6], 16));
         let (before, after) = A.around(&b);
         assert_eq!((before.len(), after.len()), (2, 10));
     }

@@ -90,13 +90,16 @@ pub fn detect(file: &dyn BlockDevice) -> Result<Detected, diskferry_blockdev::Bl
     let mut magic = [0u8; 8];
     let n = file.size().min(8) as usize;
     file.read_at(&mut magic[..n], 0)?;
-    Ok(if n >= 4 && &magic[..4] == qcow2::MAGIC {
+    let qcow2_at = qcow2::ondisk::header::MAGIC;
+    let vhdx_at = vhdx::ondisk::ident::SIGNATURE;
+    let detected = if n >= qcow2_at.end() && qcow2_at.get(&magic) == *qcow2::MAGIC {
         Detected::Qcow2
-    } else if n == 8 && &magic == vhdx::MAGIC {
+    } else if n >= vhdx_at.end() && vhdx_at.get(&magic) == *vhdx::MAGIC {
         Detected::Vhdx
     } else {
         Detected::Raw
-    })
+    };
+    Ok(detected)
 }
 
 /// Longest chain of backing files followed.
