@@ -16,22 +16,13 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use crate::record::{self, Opener, Sealer};
-use crate::{ProtocolError, Psk, MAX_PAYLOAD_LIMIT, VERSION_MAX, VERSION_MIN};
+use crate::{ProtocolError, Psk, Role, MAX_PAYLOAD_LIMIT, VERSION_MAX, VERSION_MIN};
 
 const MAGIC: &[u8; 8] = b"DSKFERRY";
 const NOISE_PARAMS: &str = "Noise_NNpsk0_25519_AESGCM_SHA256";
 const PARAMS_LEN: usize = 6;
 /// Smallest payload limit a peer may advertise (one 64 KiB request must always fit).
 const MIN_PAYLOAD: u32 = 64 << 10;
-
-/// Which side of the block protocol a peer plays, independent of who opened the TCP connection.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Role {
-    /// Serves disks (diskferry-client).
-    Agent,
-    /// Uses disks (the diskferry server).
-    Controller,
-}
 
 /// What this side brings to a handshake.
 #[derive(Debug, Clone)]

@@ -29,10 +29,11 @@ mod error;
 pub use codec::FrameCodec;
 pub use error::ProtocolError;
 #[cfg(feature = "io")]
-pub use handshake::{Role, Session, SessionOptions};
+pub use handshake::{Session, SessionOptions};
 pub use key::Psk;
 pub use message::{
-    BlockState, DiskInfo, ErrorCode, Extent, Message, PowerAction, Reply, Request, MAX_IDENTITY,
+    BlockState, DiskInfo, ErrorCode, Extent, Message, PowerAction, Reply, Request, Role,
+    MAX_IDENTITY,
 };
 
 /// Protocol versions this build speaks (inclusive range).

@@ -224,3 +224,12 @@ impl Message {
         }
     }
 }
+
+/// Which side of the block protocol a peer plays, independent of who opened the TCP connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// Serves disks (diskferry-client).
+    Agent,
+    /// Uses disks (the diskferry server).
+    Controller,
+}
