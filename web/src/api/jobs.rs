@@ -34,15 +34,24 @@ pub(super) async fn start_job(
         .into_response())
 }
 
+/// The job a URL segment names, or a 400 (not a number) or 404 (no such job).
+async fn job_by_id(
+    state: &SharedState,
+    raw: &str,
+) -> Result<(i64, diskferry_daemon::catalog::JobRecord), Failure> {
+    let id: i64 = parse_number("job id", raw)?;
+    let st = Arc::clone(state);
+    let job = tokio::task::spawn_blocking(move || st.catalog.job(id))
+        .await??
+        .ok_or_else(|| Failure::not_found(format!("no job with id {id}")))?;
+    Ok((id, job))
+}
+
 pub(super) async fn get_job(
     State(state): State<SharedState>,
     Path(id): Path<String>,
 ) -> Result<Response, Failure> {
-    let id: i64 = parse_number("job id", &id)?;
-    let st = Arc::clone(&state);
-    let job = tokio::task::spawn_blocking(move || st.catalog.job(id))
-        .await??
-        .ok_or_else(|| Failure::not_found(format!("no job with id {id}")))?;
+    let (_, job) = job_by_id(&state, &id).await?;
     Ok(Json(job).into_response())
 }
 
@@ -71,11 +80,7 @@ pub(super) async fn job_events(
     State(state): State<SharedState>,
     Path(id): Path<String>,
 ) -> Result<Response, Failure> {
-    let id: i64 = parse_number("job id", &id)?;
-    let st = Arc::clone(&state);
-    let job = tokio::task::spawn_blocking(move || st.catalog.job(id))
-        .await??
-        .ok_or_else(|| Failure::not_found(format!("no job with id {id}")))?;
+    let (id, job) = job_by_id(&state, &id).await?;
     let first = serde_json::json!({
         "state": job.state.name(), "error": job.error, "progress": job.progress,
     });
