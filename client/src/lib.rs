@@ -17,10 +17,11 @@ use tokio::net::TcpListener;
 pub use dialback::dial_loop;
 pub use serve::Config;
 
-/// Writes one line to stderr with the agent's name in front, unless the config is quiet.
+/// Logs one event through `tracing` (the binary prints it on stderr with the agent's name in
+/// front), unless this agent is quiet (the server's in-process demo).
 pub fn log(config: &Config, msg: std::fmt::Arguments<'_>) {
     if !config.quiet {
-        eprintln!("diskferry-client: {msg}");
+        tracing::info!("{msg}");
     }
 }
 

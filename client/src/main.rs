@@ -5,6 +5,7 @@
 //! I/O runs on a small blocking pool so several requests reach the disk at once.
 
 mod args;
+mod stderr_log;
 
 use std::io;
 use std::process::ExitCode;
@@ -26,6 +27,7 @@ macro_rules! log {
 }
 
 fn main() -> ExitCode {
+    stderr_log::StderrLog::install();
     let args = match args::parse(std::env::args_os().skip(1)) {
         Ok(args::Command::Run(a)) => a,
         Ok(args::Command::Help) => {

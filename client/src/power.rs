@@ -13,6 +13,6 @@ pub fn act(action: PowerAction) {
         PowerAction::Poweroff => rustix::system::RebootCommand::PowerOff,
     };
     if let Err(e) = rustix::system::reboot(cmd) {
-        eprintln!("diskferry-client: {action:?} failed: {e}");
+        tracing::error!("{action:?} failed: {e}");
     }
 }

@@ -24,8 +24,10 @@ pub enum LogFormat {
     Json,
 }
 
+/// `DISKFERRY_LOG`, else info (the in-process agent of `demo` only says what goes wrong).
 fn filter() -> EnvFilter {
-    EnvFilter::try_from_env("DISKFERRY_LOG").unwrap_or_else(|_| EnvFilter::new("info"))
+    EnvFilter::try_from_env("DISKFERRY_LOG")
+        .unwrap_or_else(|_| EnvFilter::new("info,diskferry_client=warn"))
 }
 
 /// Logging for a command: its steps as plain lines on stderr.
