@@ -11,6 +11,7 @@ mod cancel;
 mod file;
 mod memory;
 mod reader;
+mod recording;
 mod slice;
 mod zero;
 
@@ -23,6 +24,7 @@ pub use diskferry_localdisk::Region;
 pub use file::FileDevice;
 pub use memory::MemoryDevice;
 pub use reader::BlockReader;
+pub use recording::{Op, RecordingDevice};
 pub use slice::SliceDevice;
 pub use zero::{is_zero, nonzero_runs};
 

@@ -6,8 +6,14 @@
 //!
 //! GPT: protective MBR, primary header and entry array at LBA 1 and 2, backup array and header
 //! at the end, both CRC32-checked. MBR: the four slots, the 0x55AA signature and, for logical
-//! partitions, one extended boot record each at the offsets the source used. Bytes 0..440 of
-//! sector 0 (boot code) are left as they are on the destination.
+//! partitions, one extended boot record each at the offsets the source used, then sector 0, and
+//! then the headers of a GPT the disk held before are cleared. Bytes 0..440 of sector 0 (boot
+//! code) are left as they are on the destination.
+//!
+//! Crash ordering (`tests/crash.rs` reads every prefix of the writes): a GPT's backup array
+//! and header, then the primary array and header, then the protective MBR; an MBR's boot
+//! records, then sector 0. Until sector 0 is written the disk reads as its old table (or, for
+//! a GPT, as the new one from its backup header), after it as the new one.
 
 use super::ondisk::{gpt_entry, gpt_header, mbr, mbr_entry};
 use super::{
@@ -310,7 +316,42 @@ fn write_mbr(disk: &dyn BlockDevice, table: &PartitionTable) -> Result<()> {
     }
     mbr::BOOT_SIGNATURE.set(&mut sector0, &mbr::BOOT_SIGNATURE_VALUE);
     disk.write_at(&sector0, 0)?;
+    clear_stale_gpt(disk, table)?;
     disk.flush()?;
+    Ok(())
+}
+
+/// Clears the headers of a GPT the disk held before an MBR replaced it (where no new partition
+/// lies): other tools (sgdisk, parted) still find them behind a non-protective MBR and take
+/// the pair for a broken hybrid. After the MBR is written, so a crash in between still reads
+/// as the new table.
+fn clear_stale_gpt(disk: &dyn BlockDevice, table: &PartitionTable) -> Result<()> {
+    let ext = table
+        .mbr_extended
+        .as_ref()
+        .map(|e| (e.start, e.start + e.size));
+    let in_use = |at: u64, len: u64| {
+        table
+            .partitions
+            .iter()
+            .map(|p| (p.start, p.end()))
+            .chain(ext)
+            .any(|(start, end)| at < end && start < at + len)
+    };
+    for sector in [512u64, 4096] {
+        if disk.size() < 3 * sector {
+            continue;
+        }
+        for lba in [1, disk.size() / sector - 1] {
+            let mut h = vec![0u8; sector as usize];
+            disk.read_at(&mut h, lba * sector)?;
+            if gpt_header::SIGNATURE.get(&h) == *gpt_header::SIGNATURE_VALUE
+                && !in_use(lba * sector, sector)
+            {
+                disk.write_at(&vec![0u8; sector as usize], lba * sector)?;
+            }
+        }
+    }
     Ok(())
 }
 

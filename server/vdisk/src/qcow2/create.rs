@@ -3,8 +3,10 @@
 //! A new image is laid out as: header (with an overlay's backing format extension and name)
 //! in cluster 0, the refcount table from cluster 1 — sized for twice the data plus all
 //! metadata, as discarded clusters are never reused — then the L1 table; everything else is
-//! appended as it is written. Refcounts are 16-bit (refcount order 4, qemu's default); writing
-//! other widths, internal snapshots and dirty images is refused with a clear message.
+//! appended as it is written. The header is written last, once the tables it points to are
+//! on disk: until then the file is no qcow2 image at all, never one with broken refcounts.
+//! Refcounts are 16-bit (refcount order 4, qemu's default); writing other widths, internal
+//! snapshots and dirty images is refused with a clear message.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -86,8 +88,6 @@ impl Qcow2 {
         let l1_clusters = (u64::from(header.l1_size) * 8).div_ceil(cluster);
         let first_free = header.l1_table_offset + l1_clusters * cluster;
         file.resize(first_free).at(path)?;
-        file.write_at(&encoded, 0).at(path)?;
-        file.flush().at(path)?;
         let table_entries = u64::from(header.refcount_table_clusters) * cluster / 8;
         let (backing_name, backing) = match backing {
             Some((name, _, base)) => (Some(name.to_string()), Some(base)),
@@ -120,6 +120,8 @@ impl Qcow2 {
             }
         }
         image.flush_all().at(path)?;
+        image.file.write_at(&encoded, 0).at(path)?;
+        image.file.flush().at(path)?;
         Ok(image)
     }
 
@@ -205,7 +207,7 @@ fn new_header(size: u64, cluster_bits: u32) -> Header {
         refcount_table_offset: cluster,
         refcount_table_clusters: table_clusters as u32,
         nb_snapshots: 0,
-        incompatible: INCOMPAT_DIRTY,
+        incompatible: 0,
         refcount_order: 4,
         header_length: super::ondisk::header::V3_LEN as u32,
         compression: Compression::Zlib,

@@ -1,7 +1,9 @@
 //! Append-only allocation and 16-bit refcounts. New clusters (data, L2 tables, refcount
 //! blocks) go at the end of the file; freed clusters get refcount 0 and are punched out of the
 //! file, never reused, so a crash can never leave two owners for one cluster. Refcount blocks
-//! and the refcount table change in memory and reach the file at flush (`flush.rs`).
+//! and the refcount table change in memory and reach the file at flush (`flush.rs`); dropped
+//! references are remembered until then, because the file must keep counting a cluster (and
+//! keep its bytes) as long as a table on disk may still point at it.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -28,6 +30,8 @@ pub(super) struct WriteState {
     /// Where the next compressed cluster goes: a byte offset inside a host cluster that holds
     /// compressed data, or `None` before the first.
     pub(super) compressed_cursor: Option<u64>,
+    /// References dropped since metadata last reached the file, by host cluster.
+    pub(super) released: HashMap<u64, u16>,
 }
 
 /// A refcount block as the image should be (ahead of the file until a flush).
@@ -38,18 +42,20 @@ pub(super) struct RefBlock {
 }
 
 impl WriteState {
-    /// The state of a new image (its refcount table and dirty bit still to be written):
-    /// `refcount_table` as it stands, the next cluster allocated at `next_free`.
+    /// The state of a new image (its refcount table still to be written, its header not yet
+    /// written and clean when it is): `refcount_table` as it stands, the next cluster
+    /// allocated at `next_free`.
     pub(super) fn new(refcount_table: Vec<u64>, next_free: u64, cluster: u64) -> WriteState {
         WriteState {
             refcount_table,
             table_dirty: true,
             blocks: HashMap::new(),
             next_free,
-            dirty_on_disk: true,
+            dirty_on_disk: false,
             zeros: Arc::new(vec![0; cluster as usize]),
             compress: false,
             compressed_cursor: None,
+            released: HashMap::new(),
         }
     }
 }
@@ -155,16 +161,16 @@ impl Qcow2 {
     }
 
     /// Drops one reference to the cluster at `host`; a cluster nobody references is punched
-    /// out of the file.
+    /// out of the file at the next metadata write.
     pub(super) fn release(&self, meta: &mut Meta, host: u64) -> Result<()> {
         let count = self.refcount(meta, host)?;
         if count == 0 {
             return Err(self.corrupt(FormatError::RefcountZero { offset: host }));
         }
         self.set_refcount(meta, host, count - 1)?;
-        if count == 1 {
-            self.file.discard(host, self.header.cluster_size())?;
-        }
+        // The file keeps counting it, and a cluster nobody references keeps its bytes, until
+        // the tables without the reference are durable (`write_metadata`).
+        *self.state(meta)?.released.entry(host).or_default() += 1;
         Ok(())
     }
 

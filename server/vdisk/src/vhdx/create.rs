@@ -87,7 +87,9 @@ impl Vhdx {
     }
 }
 
-/// Everything before the BAT: identifier, headers, region tables, metadata.
+/// Everything before the BAT: identifier, region tables, metadata, and once those are synced
+/// the headers — the commit point of creation: a crash before leaves a file that fails to
+/// open (no valid header), never a header that points at nothing.
 fn write_structures(
     file: &dyn BlockDevice,
     geometry: &Geometry,
@@ -98,14 +100,16 @@ fn write_structures(
     ident::SIGNATURE.set(&mut id, ident::SIGNATURE_VALUE);
     ident::CREATOR.set(&mut id, "diskferry");
     file.write_at(&id, 0)?;
-    for (sequence, at) in header::OFFSETS.into_iter().enumerate() {
-        file.write_at(&header(sequence as u64, ids), at)?;
-    }
     let regions = region_table(bat_len);
     for at in region_table::OFFSETS {
         file.write_at(&regions, at)?;
     }
-    file.write_at(&metadata(geometry, ids), METADATA_OFFSET)
+    file.write_at(&metadata(geometry, ids), METADATA_OFFSET)?;
+    file.flush()?;
+    for (sequence, at) in header::OFFSETS.into_iter().enumerate() {
+        file.write_at(&header(sequence as u64, ids), at)?;
+    }
+    Ok(())
 }
 
 /// A header with `sequence` number; the log GUID stays zero (nothing to replay).
