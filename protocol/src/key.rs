@@ -13,6 +13,7 @@ const MIN_KEY_CHARS: usize = 16;
 
 /// A 32-byte pre-shared key, derived from the key file's contents (whitespace trimmed).
 #[derive(Clone)]
+#[cfg_attr(not(feature = "io"), allow(dead_code))]
 pub struct Psk([u8; 32]);
 
 /// Why a key could not be loaded.
@@ -74,6 +75,7 @@ impl Psk {
         s
     }
 
+    #[cfg(feature = "io")]
     pub(crate) fn bytes(&self) -> &[u8; 32] {
         &self.0
     }

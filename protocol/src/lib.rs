@@ -19,6 +19,7 @@ pub mod codec;
 pub mod handshake;
 pub mod key;
 pub mod message;
+#[cfg(feature = "io")]
 pub mod record;
 #[cfg(feature = "io")]
 pub mod stream;

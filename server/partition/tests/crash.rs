@@ -15,7 +15,7 @@
 //! `read_table` reports the 512-byte GPT damaged without looking for the 4096-byte one — even
 //! in the final state (a known gap, left to the reader's owners).
 //!
-//! The seed comes from `DISKFERRY_CRASH_SEED` or is random, and is printed; every failure
+//! The seed is fixed (`DISKFERRY_CRASH_SEED=N` or `=random` picks another) and is printed; every failure
 //! names it.
 
 use std::sync::Arc;
@@ -30,11 +30,20 @@ use rand::{Rng, SeedableRng};
 
 const MIB: u64 = 1 << 20;
 
+/// The seed CI uses, so a run is repeatable; `DISKFERRY_CRASH_SEED=N` picks another and
+/// `DISKFERRY_CRASH_SEED=random` a fresh one (both printed on failure).
+const DEFAULT_SEED: u64 = 0x0d15_cfe2_2024;
+
 fn seed() -> u64 {
-    std::env::var("DISKFERRY_CRASH_SEED")
+    match std::env::var("DISKFERRY_CRASH_SEED")
         .ok()
-        .and_then(|s| s.trim().parse().ok())
-        .unwrap_or_else(rand::random)
+        .as_deref()
+        .map(str::trim)
+    {
+        Some("random") => rand::random(),
+        Some(s) => s.parse().unwrap_or(DEFAULT_SEED),
+        None => DEFAULT_SEED,
+    }
 }
 
 fn random_guid(rng: &mut StdRng) -> Guid {
