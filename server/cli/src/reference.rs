@@ -80,6 +80,25 @@ fn render_command(
     let usage = cmd.render_usage().to_string();
     let _ = writeln!(out, "```text\n{}\n```\n", usage.trim());
 
+    render_subcommand_list(out, cmd, &name);
+    render_arguments(out, cmd, path, inherited);
+
+    let globals: Vec<String> = cmd
+        .get_arguments()
+        .filter(|a| a.is_global_set())
+        .map(|a| a.get_id().to_string())
+        .collect();
+    let mut path = path.to_vec();
+    path.push(cmd.get_name().to_string());
+    for sub in cmd.get_subcommands_mut() {
+        if listed(sub) {
+            render_command(out, sub, &path, depth + 1, &globals);
+        }
+    }
+}
+
+/// The list of a command's subcommands, linked to their sections.
+fn render_subcommand_list(out: &mut String, cmd: &Command, name: &str) {
     let subcommands: Vec<(String, String)> = cmd
         .get_subcommands()
         .filter(|c| listed(c))
@@ -95,7 +114,11 @@ fn render_command(
         }
         out.push('\n');
     }
+}
 
+/// A command's positional arguments and options; options it shares with its parent are named
+/// once, with a link.
+fn render_arguments(out: &mut String, cmd: &Command, path: &[String], inherited: &[String]) {
     let args: Vec<&Arg> = cmd
         .get_arguments()
         .filter(|a| !a.is_hide_set() && !generated(a))
@@ -131,19 +154,6 @@ fn render_command(
             anchor(&path.join(" ")),
             names.join(", ")
         );
-    }
-
-    let globals: Vec<String> = cmd
-        .get_arguments()
-        .filter(|a| a.is_global_set())
-        .map(|a| a.get_id().to_string())
-        .collect();
-    let mut path = path.to_vec();
-    path.push(cmd.get_name().to_string());
-    for sub in cmd.get_subcommands_mut() {
-        if listed(sub) {
-            render_command(out, sub, &path, depth + 1, &globals);
-        }
     }
 }
 

@@ -4,6 +4,7 @@
 //! disk, a local staging file).
 
 use std::ops::Range;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -136,71 +137,93 @@ pub(super) fn capture_partition(
     progress: &dyn Progress,
 ) -> Result<u64, PartError> {
     let phase = format!("part {}", p.number);
-    match ranges {
-        None => {
-            let counting = Arc::new(CountingDevice::new(Arc::clone(src)));
-            let source: Arc<dyn BlockDevice> = counting.clone();
-            // The bytes read from the source drive the progress; the filesystem's used bytes
-            // are the (upper-bound) total.
-            let counters = Arc::new(fs::WriteCounters::default());
-            let write = || -> Result<(), PartError> {
-                match kind {
-                    FsKind::Fat12 | FsKind::Fat16 | FsKind::Fat32 => {
-                        let fat = fs::fat::Fat::open(source).map_err(PartError::Fs)?;
-                        progress.start(&phase, fs::Filesystem::info(&fat).used_bytes);
-                        let mut opts = fat.format_options();
-                        opts.counters = Some(Arc::clone(&counters));
-                        fs::fat_write::write_fat(Arc::clone(dst), &fat, &opts)
-                            .map_err(PartError::Fs)?;
-                    }
-                    _ => {
-                        let ext = fs::ext4::Ext4::open(source).map_err(PartError::Fs)?;
-                        progress.start(&phase, fs::Filesystem::info(&ext).used_bytes);
-                        let mut opts = ext.format_options();
-                        // A smaller destination gets as many inodes as fit.
-                        opts.min_inodes = opts.min_inodes.min(dst.size() / 16384);
-                        opts.counters = Some(Arc::clone(&counters));
-                        fs::ext4::write::write_ext4(Arc::clone(dst), &ext, &opts)
-                            .map_err(PartError::Fs)?;
-                    }
-                }
-                Ok(())
-            };
-            let done = std::sync::atomic::AtomicBool::new(false);
-            let result = std::thread::scope(|s| {
-                s.spawn(|| {
-                    let mut reported = 0;
-                    loop {
-                        let stop = done.load(std::sync::atomic::Ordering::Acquire);
-                        let now = counting.read();
-                        progress.advance(now.saturating_sub(reported));
-                        reported = now;
-                        let (done, planned) = counters.get();
-                        if planned > 0 {
-                            progress.files(done, planned);
-                        }
-                        if stop {
-                            break;
-                        }
-                        std::thread::sleep(Duration::from_millis(200));
-                    }
-                });
-                let r = write();
-                done.store(true, std::sync::atomic::Ordering::Release);
-                r
-            });
-            progress.finish();
-            result.map(|()| counting.read())
+    let Some(ranges) = ranges else {
+        return rebuild_with_progress(src, dst, kind, &phase, progress);
+    };
+    // Blocks and sectors: the ranges were worked out in the plan.
+    let total: u64 = ranges.iter().map(|r| r.end - r.start).sum();
+    progress.start(&phase, total);
+    copy_ranges(&**src, dst, &ranges, progress)?;
+    progress.finish();
+    Ok(total)
+}
+
+/// Recreates the filesystem file by file while a watcher reports progress: the bytes read from
+/// the source drive it, the filesystem's used bytes are the (upper-bound) total, and the files
+/// done out of those planned are shown too. Returns the bytes read.
+fn rebuild_with_progress(
+    src: &Arc<dyn BlockDevice>,
+    dst: &Arc<dyn BlockDevice>,
+    kind: FsKind,
+    phase: &str,
+    progress: &dyn Progress,
+) -> Result<u64, PartError> {
+    let counting = Arc::new(CountingDevice::new(Arc::clone(src)));
+    let counters = Arc::new(fs::WriteCounters::default());
+    let done = AtomicBool::new(false);
+    let result = std::thread::scope(|s| {
+        s.spawn(|| watch_progress(&counting, &counters, &done, progress));
+        let source: Arc<dyn BlockDevice> = counting.clone();
+        let r = rebuild(source, dst, kind, phase, &counters, progress);
+        done.store(true, Ordering::Release);
+        r
+    });
+    progress.finish();
+    result.map(|()| counting.read())
+}
+
+/// Reports the bytes read and files written every 200 ms until `done`, then once more.
+fn watch_progress(
+    counting: &CountingDevice,
+    counters: &fs::WriteCounters,
+    done: &AtomicBool,
+    progress: &dyn Progress,
+) {
+    let mut reported = 0;
+    loop {
+        let stop = done.load(Ordering::Acquire);
+        let now = counting.read();
+        progress.advance(now.saturating_sub(reported));
+        reported = now;
+        let (files, planned) = counters.get();
+        if planned > 0 {
+            progress.files(files, planned);
         }
-        // Blocks and sectors: the ranges were worked out in the plan.
-        Some(ranges) => {
-            let total: u64 = ranges.iter().map(|r| r.end - r.start).sum();
-            progress.start(&phase, total);
-            copy_ranges(&**src, dst, &ranges, progress)?;
-            progress.finish();
-            Ok(total)
+        if stop {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// The source's filesystem written anew onto `dst` with the source's parameters and identity.
+fn rebuild(
+    source: Arc<dyn BlockDevice>,
+    dst: &Arc<dyn BlockDevice>,
+    kind: FsKind,
+    phase: &str,
+    counters: &Arc<fs::WriteCounters>,
+    progress: &dyn Progress,
+) -> Result<(), PartError> {
+    match kind {
+        FsKind::Fat12 | FsKind::Fat16 | FsKind::Fat32 => {
+            let fat = fs::fat::Fat::open(source).map_err(PartError::Fs)?;
+            progress.start(phase, fs::Filesystem::info(&fat).used_bytes);
+            let mut opts = fat.format_options();
+            opts.counters = Some(Arc::clone(counters));
+            fs::fat_write::write_fat(Arc::clone(dst), &fat, &opts).map_err(PartError::Fs)?;
+        }
+        _ => {
+            let ext = fs::ext4::Ext4::open(source).map_err(PartError::Fs)?;
+            progress.start(phase, fs::Filesystem::info(&ext).used_bytes);
+            let mut opts = ext.format_options();
+            // A smaller destination gets as many inodes as fit.
+            opts.min_inodes = opts.min_inodes.min(dst.size() / 16384);
+            opts.counters = Some(Arc::clone(counters));
+            fs::ext4::write::write_ext4(Arc::clone(dst), &ext, &opts).map_err(PartError::Fs)?;
         }
     }
+    Ok(())
 }
 
 /// A device that counts the bytes read through it.
