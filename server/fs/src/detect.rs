@@ -1,8 +1,9 @@
 //! Naming the filesystem (or other content) on a device from its on-disk signatures, plus the
 //! label and UUID where the signature block carries them.
 
+use crate::ext4::ondisk::sb as ext_sb;
+use crate::fat::ondisk::{bpb, fat32};
 use diskferry_blockdev::{BlockDevice, Result};
-use diskferry_layout::le::{le16, le32};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum FsKind {
@@ -67,11 +68,12 @@ pub fn detect(dev: &dyn BlockDevice) -> Result<FsKind> {
 
 /// The classification of a device's first 68 KiB (zero-padded if shorter).
 pub fn classify(b: &[u8]) -> FsKind {
-    let oem = &b[3..11];
-    if oem == b"NTFS    " {
+    // NTFS and exFAT keep the BPB's OEM-name slot for their signature.
+    let oem = bpb::OEM_NAME.get(b);
+    if &oem == b"NTFS    " {
         return FsKind::Ntfs;
     }
-    if oem == b"EXFAT   " {
+    if &oem == b"EXFAT   " {
         return FsKind::ExFat;
     }
     if &b[..6] == b"LUKS\xba\xbe" {
@@ -80,15 +82,17 @@ pub fn classify(b: &[u8]) -> FsKind {
     if &b[..4] == b"XFSB" {
         return FsKind::Xfs;
     }
-    if le16(b, 1024 + 56) == 0xEF53 {
-        let (compat, incompat, ro_compat) =
-            (le32(b, 1024 + 92), le32(b, 1024 + 96), le32(b, 1024 + 100));
-        const JOURNAL: u32 = 0x4;
-        // Features beyond ext3's (extents, 64bit, flex_bg, huge_file, metadata_csum, ...)
+    let sb = &b[ext_sb::OFFSET as usize..ext_sb::OFFSET as usize + ext_sb::SIZE];
+    if ext_sb::MAGIC.get(sb) == ext_sb::MAGIC_VALUE {
+        let compat = ext_sb::FEATURE_COMPAT.get(sb);
+        let incompat = ext_sb::FEATURE_INCOMPAT.get(sb);
+        let ro_compat = ext_sb::FEATURE_RO_COMPAT.get(sb);
+        // Features beyond ext3's (filetype, recover, journal device; sparse_super,
+        // large_file, btree_dir) — extents, 64bit, flex_bg, huge_file, metadata_csum, ... —
         // mark ext4.
         return if incompat & !0x16 != 0 || ro_compat & !0x7 != 0 {
             FsKind::Ext4
-        } else if compat & JOURNAL != 0 {
+        } else if compat & ext_sb::COMPAT_HAS_JOURNAL != 0 {
             FsKind::Ext3
         } else {
             FsKind::Ext2
@@ -114,18 +118,26 @@ pub fn classify(b: &[u8]) -> FsKind {
 /// FAT12/16/32 by the BPB's geometry (the type string is only a hint): FAT32 when the BPB has
 /// no 16-bit FAT size, otherwise the cluster count decides, as the specification says.
 fn fat_kind(b: &[u8]) -> Option<FsKind> {
-    if b[510] != 0x55 || b[511] != 0xAA || !(b[0] == 0xEB || b[0] == 0xE9) {
+    if bpb::BOOT_SIGNATURE.get(b) != bpb::BOOT_SIGNATURE_VALUE || !(b[0] == 0xEB || b[0] == 0xE9) {
         return None;
     }
-    let bytes_per_sector = u32::from(le16(b, 11));
-    let per_cluster = u32::from(b[13]);
-    let reserved = u32::from(le16(b, 14));
-    let fats = u32::from(b[16]);
-    let root_entries = u32::from(le16(b, 17));
-    let total16 = u32::from(le16(b, 19));
-    let fat16 = u32::from(le16(b, 22));
-    let total = if total16 != 0 { total16 } else { le32(b, 32) };
-    let fat_size = if fat16 != 0 { fat16 } else { le32(b, 36) };
+    let bytes_per_sector = u32::from(bpb::BYTES_PER_SECTOR.get(b));
+    let per_cluster = u32::from(bpb::SECTORS_PER_CLUSTER.get(b));
+    let reserved = u32::from(bpb::RESERVED_SECTORS.get(b));
+    let fats = u32::from(bpb::NUM_FATS.get(b));
+    let root_entries = u32::from(bpb::ROOT_ENTRIES.get(b));
+    let total16 = u32::from(bpb::TOTAL_SECTORS_16.get(b));
+    let fat16 = u32::from(bpb::FAT_SIZE_16.get(b));
+    let total = if total16 != 0 {
+        total16
+    } else {
+        bpb::TOTAL_SECTORS_32.get(b)
+    };
+    let fat_size = if fat16 != 0 {
+        fat16
+    } else {
+        fat32::FAT_SIZE_32.get(b)
+    };
     if !matches!(bytes_per_sector, 512 | 1024 | 2048 | 4096)
         || !per_cluster.is_power_of_two()
         || reserved == 0
