@@ -304,18 +304,42 @@ impl Connection {
                 logical_sector,
                 read_only,
                 ..
-            } => Ok(RemoteDisk::new(
-                self.clone(),
-                disk.to_string(),
-                handle,
-                size,
-                logical_sector,
-                read_only,
-                opts,
-            )),
+            } => {
+                check_geometry(size, logical_sector)?;
+                Ok(RemoteDisk::new(
+                    self.clone(),
+                    disk.to_string(),
+                    handle,
+                    size,
+                    logical_sector,
+                    read_only,
+                    opts,
+                ))
+            }
             other => Err(unexpected("open", None, other)),
         }
     }
+}
+
+/// Largest disk a peer may announce: 2^60 bytes (1 EiB), far past any real disk, so offsets
+/// computed from it never overflow.
+const MAX_DISK_SIZE: u64 = 1 << 60;
+
+/// What a peer says about an opened disk is hostile input: the logical sector must be a power
+/// of two from 512 to 4096 (readers divide by it and allocate sectors of it) and the size at
+/// most [`MAX_DISK_SIZE`] (a served regular file need not be a whole number of sectors).
+fn check_geometry(size: u64, logical_sector: u32) -> Result<(), BlockError> {
+    if !logical_sector.is_power_of_two() || !(512..=4096).contains(&logical_sector) {
+        return Err(BlockError::Protocol(format!(
+            "the client announced a logical sector of {logical_sector} bytes (512 to 4096, a power of two)"
+        )));
+    }
+    if size > MAX_DISK_SIZE {
+        return Err(BlockError::Protocol(format!(
+            "the client announced a disk of {size} bytes (at most 2^60)"
+        )));
+    }
+    Ok(())
 }
 
 /// Blocks the current (non-runtime) thread until a reply arrives.
@@ -345,5 +369,24 @@ pub(super) fn unexpected(op: &'static str, offset: Option<u64>, reply: Reply) ->
             };
             BlockError::Protocol(format!("unexpected {kind} reply to {op}"))
         }
+    }
+}
+
+#[cfg(test)]
+mod geometry_tests {
+    use super::*;
+
+    #[test]
+    fn hostile_disk_geometry_is_refused() {
+        assert!(check_geometry(1 << 30, 512).is_ok());
+        assert!(check_geometry(1 << 30, 4096).is_ok());
+        for bad_sector in [0, 1, 256, 513, 1000, 8192, u32::MAX] {
+            assert!(check_geometry(1 << 30, bad_sector).is_err(), "{bad_sector}");
+        }
+        assert!(check_geometry(u64::MAX, 512).is_err());
+        assert!(
+            check_geometry((1 << 30) + 100, 512).is_ok(),
+            "odd-sized files are served"
+        );
     }
 }
