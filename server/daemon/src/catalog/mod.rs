@@ -9,6 +9,7 @@ mod captures;
 mod jobs;
 mod machines;
 
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard};
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -114,6 +115,12 @@ impl Catalog {
         };
         std::fs::create_dir_all(data_dir.join("captures"))
             .map_err(io(&data_dir.join("captures")))?;
+        // Captures hold whole disks (password hashes, keys, data): only the server's user may
+        // read them. An existing directory is tightened too.
+        for dir in [data_dir.to_path_buf(), data_dir.join("captures")] {
+            std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))
+                .map_err(io(&dir))?;
+        }
         let db_path = data_dir.join("catalog.sqlite");
         let sql = |source| CatalogError::Sql {
             path: db_path.clone(),
@@ -208,6 +215,15 @@ mod tests {
         Catalog::open(dir.path()).unwrap();
         let c = Catalog::open(dir.path()).unwrap();
         assert!(c.captures_dir().is_dir());
+        for dir in [dir.path().to_path_buf(), c.captures_dir()] {
+            let mode = std::fs::metadata(&dir).unwrap().permissions().mode() & 0o777;
+            assert_eq!(
+                mode,
+                0o700,
+                "{} is for the server's user only",
+                dir.display()
+            );
+        }
         c.db().pragma_update(None, "user_version", 99).unwrap();
         drop(c);
         let err = Catalog::open(dir.path()).unwrap_err();

@@ -233,6 +233,8 @@ mod tests {
             "the output is sparse"
         );
         assert!(!dir.path().join("disk.raw.partial").exists());
+        let mode = std::fs::metadata(&out).unwrap().mode() & 0o777;
+        assert_eq!(mode, 0o600, "an image holds a whole disk: owner only");
         // A second capture to the same name is refused without overwrite.
         assert!(matches!(
             capture_sectors(

@@ -2,6 +2,7 @@
 //! and only then renamed to `NAME`.
 
 use std::fs::{File, OpenOptions};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 /// Why an output file could not be prepared or completed.
@@ -35,6 +36,7 @@ pub struct PartialOutput {
 
 impl PartialOutput {
     /// Creates (or truncates) `OUT.partial`, refusing when `OUT` exists unless `overwrite`.
+    /// Images hold whole disks, so the file is readable by its owner only (0600).
     pub fn create(final_path: &Path, overwrite: bool) -> Result<PartialOutput, OutputError> {
         if !overwrite && final_path.exists() {
             return Err(OutputError::Exists(final_path.to_path_buf()));
@@ -45,6 +47,7 @@ impl PartialOutput {
             .write(true)
             .create(true)
             .truncate(true)
+            .mode(0o600)
             .open(&partial_path)
             .map_err(|source| OutputError::Io {
                 op: "create",
