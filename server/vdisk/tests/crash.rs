@@ -709,11 +709,12 @@ struct Scenario {
     format: Format,
     size: u64,
     actions: Vec<Action>,
-    /// Prefix cuts to check, at least (every flush boundary is one, the rest are random).
-    min_cuts: usize,
-    /// Reordered crash states to check.
-    reorders: usize,
 }
+
+/// Prefix cuts each scenario checks, at least (every flush boundary is one, the rest random).
+const MIN_CUTS: usize = 220;
+/// Reordered crash states each scenario checks.
+const REORDERS: usize = 60;
 
 /// The seed CI uses, so a run is repeatable; `DISKFERRY_CRASH_SEED=N` picks another and
 /// `DISKFERRY_CRASH_SEED=random` a fresh one (both printed on failure).
@@ -750,9 +751,8 @@ fn run(scenario: Scenario, seed: u64) {
         format,
         size,
         actions,
-        min_cuts,
-        reorders,
     } = scenario;
+    let (min_cuts, reorders) = (MIN_CUTS, REORDERS);
     let mut rng = StdRng::seed_from_u64(seed ^ 0x5eed);
     let Recorded {
         rec,
@@ -944,8 +944,6 @@ fn qcow2_survives_a_crash_at_any_point() {
             format,
             size,
             actions,
-            min_cuts: 220,
-            reorders: 60,
         },
         seed,
     );
@@ -984,8 +982,6 @@ fn qcow2_with_growing_metadata_survives_a_crash_at_any_point() {
             format,
             size,
             actions,
-            min_cuts: 220,
-            reorders: 60,
         },
         seed,
     );
@@ -1027,8 +1023,6 @@ fn compressed_qcow2_survives_a_crash_at_any_point() {
             format,
             size,
             actions,
-            min_cuts: 220,
-            reorders: 60,
         },
         seed,
     );
@@ -1080,8 +1074,6 @@ fn vhdx_survives_a_crash_at_any_point() {
             format,
             size,
             actions,
-            min_cuts: 220,
-            reorders: 60,
         },
         seed,
     );
