@@ -7,8 +7,9 @@
 #
 # Usage: deploy/build-bootenv.sh OUTDIR
 #
-# The kernel command line carries the server and the key (the server's /boot.ipxe fills them in):
-#   diskferry.server=HOST:PORT  diskferry.key=SECRET
+# The kernel command line carries the server, its public key and a one-time enrollment token (the
+# server's /boot.ipxe fills them in):
+#   diskferry.server=HOST:PORT  diskferry.serverkey=HEX  diskferry.token=HEX
 # Put OUTDIR's two files in DATA_DIR/boot/ of `diskferry serve` (or point --boot-dir at OUTDIR).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -102,15 +103,16 @@ say() { echo "diskferry: $*" > /dev/console; }
 dmesg -n 1
 say "boot environment starting ($(uname -r))"
 for m in $(cat /etc/modules.load); do insmod "/lib/modules/$m" 2>/dev/null; done
-server=; key=
+server=; serverkey=; token=
 for arg in $(cat /proc/cmdline); do
   case "$arg" in
     diskferry.server=*) server=${arg#diskferry.server=} ;;
-    diskferry.key=*) key=${arg#diskferry.key=} ;;
+    diskferry.serverkey=*) serverkey=${arg#diskferry.serverkey=} ;;
+    diskferry.token=*) token=${arg#diskferry.token=} ;;
   esac
 done
-while [ -z "$server" ] || [ -z "$key" ]; do
-  say "no diskferry.server=HOST:PORT and diskferry.key=SECRET on the kernel command line; boot this machine from the server's /boot.ipxe"
+while [ -z "$server" ] || [ -z "$serverkey" ]; do
+  say "no diskferry.server=HOST:PORT and diskferry.serverkey=KEY on the kernel command line; boot this machine from the server's /boot.ipxe"
   sleep 30
 done
 hostname diskferry-bootenv
@@ -137,10 +139,12 @@ while :; do
 done
 say "network up on $leased: $(ip -4 addr show dev "$leased" | sed -n 's/.*inet \([0-9.\/]*\).*/\1/p')"
 umask 077
-echo "$key" > /run/diskferry.key
-say "dialling $server"
+# The agent's key lives in RAM for this boot: a restarted client is the same agent, so the
+# one-time token is needed only once.
+say "dialling $server (server key $(echo "$serverkey" | cut -c1-16))"
 while :; do
-  diskferry-client --connect "$server" --key-file /run/diskferry.key --allow-write --allow-power
+  DISKFERRY_TOKEN=$token diskferry-client --connect "$server" --server-key "$serverkey" \
+    --agent-key /run/diskferry-agent.key --allow-write --allow-power
   say "diskferry-client exited with status $?; restarting in 5 s"
   sleep 5
 done

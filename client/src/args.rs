@@ -7,8 +7,8 @@ pub const HELP: &str = "\
 diskferry-client: serve this machine's raw disk sectors to a diskferry server
 
 USAGE:
-    diskferry-client --listen ADDR:PORT --key-file FILE [--disk PATH]... [--allow-write]
-    diskferry-client --connect HOST:PORT --key-file FILE [--allow-write] [--allow-power]
+    diskferry-client --listen ADDR:PORT --server-key KEY [--disk PATH]... [--allow-write]
+    diskferry-client --connect HOST:PORT --server-key KEY [--token TOKEN] [--allow-write]
 
 OPTIONS:
     --listen ADDR:PORT     Address to accept server connections on (port 0 picks a free one;
@@ -18,8 +18,19 @@ OPTIONS:
                            reconnect with backoff whenever the connection is lost
     --allow-power          Obey the server's reboot and power-off requests (the PXE boot
                            environment sets this)
-    --key-file FILE        Pre-shared key, the same file the server uses (also taken from
-                           the DISKFERRY_KEY_FILE environment variable)
+    --server-key KEY       The server's public key: 64 hex digits, or a file holding them
+                           (`diskferry keygen --public` prints it; also taken from the
+                           DISKFERRY_SERVER_KEY environment variable). Only the holder of
+                           the matching private key can use this client
+    --agent-key FILE       This agent's own key, created there if missing, so the server
+                           recognises it after a restart. Without it a new key is made in
+                           memory at every start (the server then asks for approval again
+                           unless the agent brings an enrollment token)
+    --token TOKEN          One-time enrollment token (the server's /boot.ipxe hands one to
+                           each booting machine; also DISKFERRY_TOKEN): it binds this
+                           connection to the machine with the MAC address it was issued for
+    --max-connections N    Connections served at once; more wait in the kernel's backlog
+                           [default: 8]
     --disk PATH            Serve exactly this block device or regular file (repeatable).
                            Without it: every whole disk in /sys/block except loop, RAM,
                            optical (sr) and floppy (fd) devices
@@ -39,7 +50,11 @@ exits cleanly on SIGINT or SIGTERM.
 pub struct Args {
     pub endpoint: Endpoint,
     pub allow_power: bool,
-    pub key_file: PathBuf,
+    /// The server's public key: hex digits or a file.
+    pub server_key: String,
+    pub agent_key: Option<PathBuf>,
+    pub token: Option<String>,
+    pub max_connections: usize,
     pub disks: Vec<PathBuf>,
     pub allow_write: bool,
     pub plaintext: bool,
@@ -76,8 +91,12 @@ pub enum ArgsError {
     BothEndpoints,
     #[error("--listen ADDR:PORT or --connect HOST:PORT is required")]
     NoEndpoint,
-    #[error("--key-file FILE (or DISKFERRY_KEY_FILE) is required")]
-    NoKeyFile,
+    #[error("--server-key KEY (or DISKFERRY_SERVER_KEY) is required: the server's public key, printed by `diskferry keygen --public` on the server")]
+    NoServerKey,
+    #[error("--key-file is gone: agents no longer hold a shared secret. Give the server's public key with --server-key (see `diskferry keygen --public`)")]
+    KeyFileGone,
+    #[error("--max-connections must be a number from 1 to 1024, got {0:?}")]
+    MaxConnections(OsString),
 }
 
 /// The smallest `--max-inflight`: one largest request must fit.
@@ -87,7 +106,10 @@ pub fn parse(mut it: impl Iterator<Item = OsString>) -> Result<Command, ArgsErro
     let mut listen = None;
     let mut connect = None;
     let mut allow_power = false;
-    let mut key_file = std::env::var_os("DISKFERRY_KEY_FILE").map(PathBuf::from);
+    let mut server_key = std::env::var("DISKFERRY_SERVER_KEY").ok();
+    let mut agent_key = None;
+    let mut token = std::env::var("DISKFERRY_TOKEN").ok();
+    let mut max_connections = 8;
     let mut disks = Vec::new();
     let mut allow_write = false;
     let mut plaintext = false;
@@ -110,7 +132,20 @@ pub fn parse(mut it: impl Iterator<Item = OsString>) -> Result<Command, ArgsErro
             "--listen" => listen = Some(value("--listen")?.to_string_lossy().into_owned()),
             "--connect" => connect = Some(value("--connect")?.to_string_lossy().into_owned()),
             "--allow-power" => allow_power = true,
-            "--key-file" => key_file = Some(PathBuf::from(value("--key-file")?)),
+            "--key-file" => return Err(ArgsError::KeyFileGone),
+            "--server-key" => {
+                server_key = Some(value("--server-key")?.to_string_lossy().into_owned())
+            }
+            "--agent-key" => agent_key = Some(PathBuf::from(value("--agent-key")?)),
+            "--token" => token = Some(value("--token")?.to_string_lossy().into_owned()),
+            "--max-connections" => {
+                let v = value("--max-connections")?;
+                max_connections = v
+                    .to_str()
+                    .and_then(|s| s.parse().ok())
+                    .filter(|n| (1..=1024).contains(n))
+                    .ok_or(ArgsError::MaxConnections(v))?;
+            }
             "--disk" => disks.push(PathBuf::from(value("--disk")?)),
             "--allow-write" => allow_write = true,
             "--plaintext" => plaintext = true,
@@ -131,11 +166,14 @@ pub fn parse(mut it: impl Iterator<Item = OsString>) -> Result<Command, ArgsErro
         (Some(_), Some(_)) => return Err(ArgsError::BothEndpoints),
         (None, None) => return Err(ArgsError::NoEndpoint),
     };
-    let key_file = key_file.ok_or(ArgsError::NoKeyFile)?;
+    let server_key = server_key.ok_or(ArgsError::NoServerKey)?;
     Ok(Command::Run(Args {
         endpoint,
         allow_power,
-        key_file,
+        server_key,
+        agent_key,
+        token: token.filter(|t| !t.is_empty()),
+        max_connections,
         disks,
         allow_write,
         plaintext,
@@ -158,17 +196,24 @@ mod tests {
         assert_eq!(error(&["--listen"]), "--listen needs a value");
         assert_eq!(error(&["--bogus"]), "unknown argument \"--bogus\"");
         assert_eq!(
-            error(&["--listen", "a:1", "--connect", "b:2", "--key-file", "k"]),
+            error(&["--listen", "a:1", "--connect", "b:2", "--server-key", "k"]),
             "give --listen or --connect, not both"
         );
         assert_eq!(
-            error(&["--key-file", "k"]),
+            error(&["--server-key", "k"]),
             "--listen ADDR:PORT or --connect HOST:PORT is required"
         );
         assert_eq!(
-            error(&["--listen", "a:1", "--max-inflight=4096", "--key-file", "k"]),
+            error(&[
+                "--listen",
+                "a:1",
+                "--max-inflight=4096",
+                "--server-key",
+                "k"
+            ]),
             "--max-inflight must be a number of bytes of at least 1048576, got \"4096\""
         );
+        assert!(error(&["--listen", "a:1", "--key-file", "k"]).contains("--server-key"));
     }
 
     #[test]
@@ -176,7 +221,7 @@ mod tests {
         let Command::Run(a) = parse(
             [
                 "--listen=127.0.0.1:0",
-                "--key-file",
+                "--server-key",
                 "k",
                 "--disk",
                 "d",
@@ -189,7 +234,8 @@ mod tests {
             panic!("not a run command");
         };
         assert!(matches!(a.endpoint, Endpoint::Listen(ref l) if l == "127.0.0.1:0"));
-        assert_eq!(a.key_file, PathBuf::from("k"));
+        assert_eq!(a.server_key, "k");
+        assert_eq!(a.max_connections, 8);
         assert_eq!(a.disks, [PathBuf::from("d")]);
         assert!(a.allow_write && !a.plaintext && !a.allow_power);
         assert_eq!(a.max_inflight, 64 << 20);

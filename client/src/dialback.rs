@@ -73,7 +73,7 @@ async fn session(server: &str, config: &Arc<Config>) -> Result<(), SessionError>
 mod tests {
     use std::error::Error;
 
-    use diskferry_protocol::{Psk, Role, SessionOptions};
+    use diskferry_protocol::{SessionOptions, StaticKey};
     use tokio::io::AsyncWriteExt;
     use tokio::net::TcpListener;
 
@@ -83,7 +83,7 @@ mod tests {
         Arc::new(Config {
             disks: Vec::new(),
             allow_write: false,
-            session: SessionOptions::new(Role::Agent, Psk::from_secret(b"a test key, long enough")),
+            session: SessionOptions::agent(StaticKey::generate(), StaticKey::generate().public()),
             max_inflight: 1 << 20,
             quiet: true,
             allow_power: false,

@@ -12,7 +12,10 @@ pub mod serve;
 
 use std::sync::Arc;
 
-use tokio::net::TcpListener;
+use diskferry_protocol::admission::{Admission, Limits, Refused, Ticket};
+use diskferry_protocol::handshake::respond;
+use diskferry_protocol::ProtocolError;
+use tokio::net::{TcpListener, TcpStream};
 
 pub use dialback::dial_loop;
 pub use serve::Config;
@@ -25,8 +28,23 @@ pub fn log(config: &Config, msg: std::fmt::Arguments<'_>) {
     }
 }
 
-/// Accepts connections forever, serving each on its own task. Cancel the future to stop.
-pub async fn accept_loop(listener: TcpListener, config: Arc<Config>) {
+/// How many connections may be mid-handshake at once, per address and overall. Only the server
+/// can finish a handshake, so everything beyond these is a stranger.
+const HANDSHAKES: Limits = Limits {
+    per_address: 2,
+    total: 32,
+};
+
+/// Accepts connections forever. Unauthenticated connections are capped per address and
+/// overall ([`HANDSHAKES`]) and turned away when over a cap; a peer that never finishes its
+/// handshake is dropped after the handshake timeout. Authenticated sessions (only the server
+/// holds the key for one) are capped at `max_sessions`. Cancel the future to stop.
+pub async fn accept_loop(listener: TcpListener, config: Arc<Config>, max_sessions: usize) {
+    let handshakes = Admission::new(HANDSHAKES);
+    let sessions = Admission::new(Limits {
+        per_address: max_sessions.max(1),
+        total: max_sessions.max(1),
+    });
     loop {
         let (stream, peer) = match listener.accept().await {
             Ok(a) => a,
@@ -36,14 +54,45 @@ pub async fn accept_loop(listener: TcpListener, config: Arc<Config>) {
                 continue;
             }
         };
+        let ticket = match handshakes.admit(peer.ip()) {
+            Ok(t) => t,
+            Err(refused) => {
+                tracing::debug!(%peer, "turned away: {refused}");
+                continue;
+            }
+        };
         let _ = stream.set_nodelay(true);
         let config = Arc::clone(&config);
+        let sessions = Arc::clone(&sessions);
         tokio::spawn(async move {
-            log(&config, format_args!("{peer}: connected"));
-            match serve::serve(stream, Arc::clone(&config)).await {
+            match serve_one(stream, ticket, &sessions, Arc::clone(&config)).await {
                 Ok(()) => log(&config, format_args!("{peer}: disconnected")),
                 Err(e) => log(&config, format_args!("{peer}: {e}")),
             }
         });
     }
+}
+
+/// Why an accepted connection ended.
+#[derive(Debug, thiserror::Error)]
+enum ConnectionError {
+    #[error(transparent)]
+    Protocol(#[from] ProtocolError),
+    #[error("authenticated, but turned away: {0}")]
+    Full(#[from] Refused),
+}
+
+/// Handshake under a handshake ticket, then serve under a session ticket.
+async fn serve_one(
+    mut stream: TcpStream,
+    handshake: Ticket,
+    sessions: &Arc<Admission>,
+    config: Arc<Config>,
+) -> Result<(), ConnectionError> {
+    let session = respond(&mut stream, &config.session).await?;
+    drop(handshake);
+    let peer = stream.peer_addr().map_err(ProtocolError::Io)?;
+    let _session_ticket = sessions.admit(peer.ip())?;
+    log(&config, format_args!("{peer}: the server connected"));
+    Ok(serve::serve_session(stream, session, config).await?)
 }

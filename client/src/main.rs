@@ -12,8 +12,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use diskferry_client::{accept_loop, dial_loop, disks, Config};
-use diskferry_protocol::key::KeyError;
-use diskferry_protocol::{Psk, Role, SessionOptions};
+use diskferry_protocol::{KeyError, PublicKey, SessionOptions, StaticKey};
 use tokio::net::TcpListener;
 
 /// Large receive buffers are allocated and freed per request; mimalloc keeps that memory
@@ -76,7 +75,16 @@ enum RunError {
 }
 
 async fn run(args: args::Args) -> Result<(), RunError> {
-    let psk = Psk::from_file(&args.key_file)?;
+    let server_key = PublicKey::from_hex_or_file(&args.server_key)?;
+    let agent_key = match &args.agent_key {
+        Some(path) => StaticKey::load_or_create(path)?,
+        None => StaticKey::generate(),
+    };
+    log!(
+        "agent key {} (the server shows it when asking for approval); trusting server key {}",
+        agent_key.public().fingerprint(),
+        server_key.fingerprint()
+    );
     let disks = disks::discover(&args.disks);
     if disks.is_empty() {
         log!("warning: no disks found to serve (none in /sys/block; name some with --disk)");
@@ -92,8 +100,9 @@ async fn run(args: args::Args) -> Result<(), RunError> {
             Err(e) => log!("warning: {} cannot be described: {e}", d.name),
         }
     }
-    let mut session = SessionOptions::new(Role::Agent, psk);
+    let mut session = SessionOptions::agent(agent_key, server_key);
     session.plaintext = args.plaintext;
+    session.credential = args.token.clone().unwrap_or_default().into_bytes();
     let config = Arc::new(Config {
         disks,
         allow_write: args.allow_write,
@@ -129,7 +138,7 @@ async fn run(args: args::Args) -> Result<(), RunError> {
     // Scripts wait for this exact line on stdout.
     println!("listening on {local}");
     tokio::select! {
-        () = accept_loop(listener, config) => Ok(()),
+        () = accept_loop(listener, config, args.max_connections) => Ok(()),
         _ = interrupt.recv() => { log!("interrupted; exiting"); Ok(()) }
         _ = term.recv() => { log!("terminated; exiting"); Ok(()) }
     }

@@ -4,18 +4,18 @@ use std::time::Instant;
 
 use bytes::BytesMut;
 use diskferry_protocol::handshake::{initiate, respond};
-use diskferry_protocol::{Psk, Role, SessionOptions};
+use diskferry_protocol::{SessionOptions, StaticKey};
 
 fn main() {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .unwrap();
-    let psk = Psk::from_secret(b"benchmark-key-0123456789");
+    let server = StaticKey::generate();
     let (mut a, mut b) = tokio::io::duplex(4096);
     let (ca, cb) = (
-        SessionOptions::new(Role::Controller, psk.clone()),
-        SessionOptions::new(Role::Agent, psk),
+        SessionOptions::agent(StaticKey::generate(), server.public()),
+        SessionOptions::controller(server),
     );
     let (sa, sb) = rt.block_on(async { tokio::join!(initiate(&mut a, &ca), respond(&mut b, &cb)) });
     let (mut sealer, _) = sa.unwrap().into_record_halves().unwrap();

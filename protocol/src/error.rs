@@ -27,8 +27,14 @@ pub enum ProtocolError {
         peer_min: u16,
         peer_max: u16,
     },
-    #[error("authentication failed: the peer does not hold the same key (check --key-file on both sides)")]
+    #[error("authentication failed: the agent expects another server key, or the handshake was tampered with")]
     AuthenticationFailed,
+    #[error("the server refused the handshake: this agent pins another server key (check --server-key against `diskferry keygen --public` on the server)")]
+    ServerKeyRefused,
+    #[error("the peer did not prove it holds the pinned server key: it is not our server (check --server-key)")]
+    ServerNotProven,
+    #[error("an agent needs the server's public key to connect (--server-key)")]
+    NoServerKey,
     #[error("both peers claim the role {0:?}; one must serve disks and the other use them")]
     RoleConflict(crate::Role),
     #[error("the handshake did not finish within {0} s")]

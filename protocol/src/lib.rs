@@ -2,9 +2,11 @@
 //! the sector-serving client.
 //!
 //! Layers, bottom up:
-//! - [`handshake`]: a plaintext hello that negotiates the protocol version, then a Noise
-//!   `NNpsk0` handshake that authenticates both sides with a pre-shared [`Psk`] and agrees on
-//!   parameters (maximum payload, plaintext mode) *after* authentication.
+//! - [`key`]: static X25519 keys — the server's identity and each agent's own key.
+//! - [`handshake`]: a plaintext hello that negotiates the protocol version and states each
+//!   side's role, then a Noise `XK` handshake in which the agent authenticates the server by
+//!   its pinned public key and the server learns the agent's key and credential; parameters
+//!   (maximum payload, plaintext mode) are agreed *after* authentication.
 //! - [`record`]: the Noise transport records that carry the byte stream once encrypted.
 //! - [`codec`]: length-delimited, versioned frames ([`Message`]) with every length bounded
 //!   before any allocation.
@@ -13,10 +15,12 @@
 //! This is the only crate that knows the wire byte order (big-endian, network order).
 #![forbid(unsafe_code)]
 
+pub mod admission;
 #[cfg(feature = "io")]
 pub mod codec;
 #[cfg(feature = "io")]
 pub mod handshake;
+#[cfg(feature = "io")]
 pub mod key;
 pub mod message;
 #[cfg(feature = "io")]
@@ -31,16 +35,18 @@ pub use codec::FrameCodec;
 pub use error::ProtocolError;
 #[cfg(feature = "io")]
 pub use handshake::{Session, SessionOptions};
-pub use key::Psk;
+#[cfg(feature = "io")]
+pub use key::{KeyError, PublicKey, StaticKey};
 pub use message::{
     BlockState, DiskInfo, ErrorCode, Extent, Message, PowerAction, Reply, Request, Role,
     MAX_IDENTITY,
 };
 
 /// Protocol versions this build speaks (inclusive range).
-pub const VERSION_MIN: u16 = 1;
+/// Version 2 replaced version 1's pre-shared key with server and agent keys (Noise `XK`).
+pub const VERSION_MIN: u16 = 2;
 /// Highest protocol version this build speaks.
-pub const VERSION_MAX: u16 = 1;
+pub const VERSION_MAX: u16 = 2;
 
 /// Hard ceiling on a data payload (one Read reply or Write request), whatever a peer advertises.
 pub const MAX_PAYLOAD_LIMIT: u32 = 32 << 20;

@@ -5,10 +5,20 @@ use std::time::Duration;
 use bytes::Bytes;
 use diskferry_protocol::handshake::{initiate, respond};
 use diskferry_protocol::stream::split;
-use diskferry_protocol::{Message, ProtocolError, Psk, Reply, Request, Role, SessionOptions};
+use diskferry_protocol::{Message, ProtocolError, Reply, Request, Role, SessionOptions, StaticKey};
 
-fn opts(role: Role, secret: &str) -> SessionOptions {
-    SessionOptions::new(role, Psk::from_secret(secret.as_bytes()))
+/// The one server identity these tests use.
+fn server_key() -> &'static StaticKey {
+    static KEY: std::sync::OnceLock<StaticKey> = std::sync::OnceLock::new();
+    KEY.get_or_init(StaticKey::generate)
+}
+
+/// Options for a side: the server holds the identity; an agent pins its public key.
+fn opts(role: Role) -> SessionOptions {
+    match role {
+        Role::Controller => SessionOptions::controller(server_key().clone()),
+        Role::Agent => SessionOptions::agent(StaticKey::generate(), server_key().public()),
+    }
 }
 
 async fn pair(
@@ -26,16 +36,18 @@ async fn pair(
 }
 
 #[tokio::test]
-async fn same_key_authenticates_and_carries_frames_encrypted() {
-    let (ra, rb, x, y) = pair(
-        opts(Role::Controller, "0123456789abcdef-key"),
-        opts(Role::Agent, "0123456789abcdef-key"),
-    )
-    .await;
+async fn pinned_server_authenticates_and_frames_travel_encrypted() {
+    let mut agent = opts(Role::Agent);
+    agent.credential = b"one-time token".to_vec();
+    let agent_key = agent.key.public();
+    let (ra, rb, x, y) = pair(opts(Role::Controller), agent).await;
     let (sa, sb) = (ra.unwrap(), rb.unwrap());
     assert!(!sa.plaintext && !sb.plaintext, "encryption is the default");
     assert_eq!(sa.peer_role, Role::Agent);
     assert_eq!(sb.peer_role, Role::Controller);
+    assert_eq!(sa.peer_key, agent_key, "the server learns the agent's key");
+    assert_eq!(sa.credential, b"one-time token");
+    assert_eq!(sb.peer_key, server_key().public());
 
     let (xr, xw) = tokio::io::split(x);
     let (yr, yw) = tokio::io::split(y);
@@ -75,27 +87,56 @@ async fn same_key_authenticates_and_carries_frames_encrypted() {
 }
 
 #[tokio::test]
-async fn wrong_key_fails_on_both_sides_with_authentication_error() {
-    let (ra, rb, _, _) = pair(
-        opts(Role::Controller, "the-right-key-0123"),
-        opts(Role::Agent, "the-wrong-key-0123"),
-    )
-    .await;
+async fn an_agent_pinning_another_server_key_is_refused_by_both_sides() {
+    let stranger = StaticKey::generate().public();
+    let agent = SessionOptions::agent(StaticKey::generate(), stranger);
+    let (ra, rb, _, _) = pair(opts(Role::Controller), agent).await;
     assert!(
         matches!(ra, Err(ProtocolError::AuthenticationFailed)),
         "{ra:?}"
     );
+    assert!(matches!(rb, Err(ProtocolError::ServerKeyRefused)), "{rb:?}");
+}
+
+#[tokio::test]
+async fn a_server_without_the_pinned_private_key_cannot_open_an_agent() {
+    // The boot script hands the public key to everyone: holding it must open nothing.
+    let impostor = SessionOptions::controller(StaticKey::generate());
+    let (ra, rb, _, _) = pair(impostor, opts(Role::Agent)).await;
+    assert!(ra.is_err(), "{ra:?}");
     assert!(
-        matches!(rb, Err(ProtocolError::AuthenticationFailed)),
+        matches!(
+            rb,
+            Err(ProtocolError::ServerKeyRefused | ProtocolError::ServerNotProven)
+        ),
         "{rb:?}"
     );
 }
 
 #[tokio::test]
+async fn an_agent_without_a_pinned_server_key_does_not_start() {
+    let mut agent = opts(Role::Agent);
+    agent.server_key = None;
+    let mut server = opts(Role::Controller);
+    server.timeout = Duration::from_millis(200);
+    let (_, rb, _, _) = pair(server, agent).await;
+    assert!(matches!(rb, Err(ProtocolError::NoServerKey)), "{rb:?}");
+}
+
+#[tokio::test]
+async fn the_agent_is_the_noise_initiator_whoever_opens_the_connection() {
+    // A listening client: the server opens the TCP connection.
+    let (ra, rb, _, _) = pair(opts(Role::Agent), opts(Role::Controller)).await;
+    let (agent, server) = (ra.unwrap(), rb.unwrap());
+    assert_eq!(agent.peer_key, server_key().public());
+    assert_eq!(server.peer_role, Role::Agent);
+}
+
+#[tokio::test]
 async fn plaintext_only_when_both_sides_ask() {
-    let mut a = opts(Role::Controller, "0123456789abcdef-key");
+    let mut a = opts(Role::Controller);
     a.plaintext = true;
-    let b = opts(Role::Agent, "0123456789abcdef-key");
+    let b = opts(Role::Agent);
     let (ra, rb, _, _) = pair(a.clone(), b.clone()).await;
     assert!(!ra.unwrap().plaintext && !rb.unwrap().plaintext);
     let mut b2 = b;
@@ -106,9 +147,9 @@ async fn plaintext_only_when_both_sides_ask() {
 
 #[tokio::test]
 async fn max_payload_is_the_smaller_of_both() {
-    let mut a = opts(Role::Controller, "0123456789abcdef-key");
+    let mut a = opts(Role::Controller);
     a.max_payload = 1 << 20;
-    let mut b = opts(Role::Agent, "0123456789abcdef-key");
+    let mut b = opts(Role::Agent);
     b.max_payload = u32::MAX; // clamped to the hard limit
     let (ra, rb, _, _) = pair(a, b).await;
     assert_eq!(ra.unwrap().max_payload, 1 << 20);
@@ -117,15 +158,39 @@ async fn max_payload_is_the_smaller_of_both() {
 
 #[tokio::test]
 async fn two_agents_refuse_each_other() {
-    let (ra, _, _, _) = pair(
-        opts(Role::Agent, "0123456789abcdef-key"),
-        opts(Role::Agent, "0123456789abcdef-key"),
-    )
-    .await;
+    let (ra, rb, _, _) = pair(opts(Role::Agent), opts(Role::Agent)).await;
     assert!(
         matches!(ra, Err(ProtocolError::RoleConflict(Role::Agent))),
         "{ra:?}"
     );
+    assert!(
+        matches!(rb, Err(ProtocolError::RoleConflict(Role::Agent))),
+        "{rb:?}"
+    );
+}
+
+#[tokio::test]
+async fn two_servers_refuse_each_other_at_once() {
+    let (ra, rb, _, _) = pair(opts(Role::Controller), opts(Role::Controller)).await;
+    assert!(matches!(ra, Err(ProtocolError::RoleConflict(_))), "{ra:?}");
+    assert!(matches!(rb, Err(ProtocolError::RoleConflict(_))), "{rb:?}");
+}
+
+#[tokio::test]
+async fn a_version_1_peer_gets_a_clear_mismatch_not_a_hang() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (mut x, mut y) = tokio::io::duplex(4096);
+    let mut old = b"DSKFERRY".to_vec();
+    old.extend_from_slice(&[0, 1, 0, 1]);
+    x.write_all(&old).await.unwrap();
+    let err = respond(&mut y, &opts(Role::Agent)).await.unwrap_err();
+    assert!(
+        matches!(err, ProtocolError::VersionMismatch { peer_max: 1, .. }),
+        "{err}"
+    );
+    let mut reply = [0u8; 15];
+    x.read_exact(&mut reply).await.unwrap();
+    assert_eq!(&reply[8..10], &[0, 0], "version 0: no common version");
 }
 
 #[tokio::test]
@@ -133,16 +198,14 @@ async fn a_non_diskferry_peer_is_refused() {
     let (mut x, mut y) = tokio::io::duplex(4096);
     use tokio::io::AsyncWriteExt;
     x.write_all(b"GET / HTTP/1.1\r\n\r\n").await.unwrap();
-    let err = respond(&mut y, &opts(Role::Agent, "0123456789abcdef-key"))
-        .await
-        .unwrap_err();
+    let err = respond(&mut y, &opts(Role::Agent)).await.unwrap_err();
     assert!(matches!(err, ProtocolError::BadMagic), "{err}");
 }
 
 #[tokio::test]
 async fn a_silent_peer_times_out() {
     let (_x, mut y) = tokio::io::duplex(4096);
-    let mut o = opts(Role::Agent, "0123456789abcdef-key");
+    let mut o = opts(Role::Agent);
     o.timeout = Duration::from_millis(100);
     let err = respond(&mut y, &o).await.unwrap_err();
     assert!(matches!(err, ProtocolError::HandshakeTimeout(_)), "{err}");
@@ -150,11 +213,7 @@ async fn a_silent_peer_times_out() {
 
 #[tokio::test]
 async fn tampered_ciphertext_is_detected() {
-    let (ra, rb, x, y) = pair(
-        opts(Role::Controller, "0123456789abcdef-key"),
-        opts(Role::Agent, "0123456789abcdef-key"),
-    )
-    .await;
+    let (ra, rb, x, y) = pair(opts(Role::Controller), opts(Role::Agent)).await;
     let (xr, xw) = tokio::io::split(x);
     let (_, mut wa) = split(ra.unwrap(), xr, xw);
     // Interpose: copy the ciphertext, flip one byte, deliver to the reader.
@@ -180,30 +239,12 @@ async fn tampered_ciphertext_is_detected() {
     assert!(matches!(err, ProtocolError::Decrypt), "{err}");
 }
 
-#[test]
-fn key_files_are_validated() {
-    let dir = std::env::temp_dir().join(format!("dfkey-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let short = dir.join("short");
-    std::fs::write(&short, "abc\n").unwrap();
-    let err = Psk::from_file(&short).unwrap_err().to_string();
-    assert!(err.contains("at least 16"), "{err}");
-    let good = dir.join("good");
-    std::fs::write(&good, Psk::generate_secret()).unwrap();
-    Psk::from_file(&good).unwrap();
-    let missing = Psk::from_file(&dir.join("missing"))
-        .unwrap_err()
-        .to_string();
-    assert!(missing.contains("cannot read key file"), "{missing}");
-    std::fs::remove_dir_all(&dir).unwrap();
-}
-
 #[tokio::test]
 async fn data_replies_built_in_place_interleave_with_other_frames() {
     use diskferry_protocol::stream::{data_reply_buffer, DATA_HEADROOM};
     for plaintext in [false, true] {
-        let mut a = opts(Role::Agent, "0123456789abcdef-key");
-        let mut b = opts(Role::Controller, "0123456789abcdef-key");
+        let mut a = opts(Role::Agent);
+        let mut b = opts(Role::Controller);
         a.plaintext = plaintext;
         b.plaintext = plaintext;
         let (ra, rb, x, y) = pair(a, b).await;
@@ -265,11 +306,7 @@ async fn data_replies_built_in_place_interleave_with_other_frames() {
 #[tokio::test]
 async fn a_hostile_record_length_is_refused_before_reserving() {
     use tokio::io::AsyncWriteExt;
-    let (ra, rb, x, y) = pair(
-        opts(Role::Controller, "0123456789abcdef-key"),
-        opts(Role::Agent, "0123456789abcdef-key"),
-    )
-    .await;
+    let (ra, rb, x, y) = pair(opts(Role::Controller), opts(Role::Agent)).await;
     drop(ra);
     let (mut xr, mut xw) = tokio::io::split(x);
     xw.write_all(&u32::MAX.to_be_bytes()).await.unwrap();

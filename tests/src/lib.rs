@@ -76,11 +76,11 @@ impl Client {
         Client::start_at("127.0.0.1:0", key, extra)
     }
 
-    /// Starts the client listening on `listen` (e.g. the address of one that was stopped).
+    /// Starts the client listening on `listen` (e.g. the address of one that was stopped),
+    /// serving the holder of the server key file `key`.
     pub fn start_at(listen: &str, key: &Path, extra: &[&str]) -> Result<Client> {
         let mut child = Command::new(bin("diskferry-client"))
-            .args(["--listen", listen, "--key-file"])
-            .arg(key)
+            .args(["--listen", listen, "--server-key", &public_key(key)])
             .args(extra)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -133,7 +133,23 @@ impl Drop for Client {
     }
 }
 
-/// Writes a fresh key file.
+/// The public key of a server key file, as `diskferry keygen --public` prints it.
+pub fn public_key(key: &Path) -> String {
+    let out = Command::new(bin("diskferry"))
+        .args(["keygen", "--public"])
+        .arg(key)
+        .output()
+        .expect("keygen --public");
+    assert!(
+        out.status.success(),
+        "keygen --public {}: {}",
+        key.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap().trim().to_string()
+}
+
+/// Writes a fresh server key file.
 pub fn make_key(dir: &Path, name: &str) -> PathBuf {
     let path = dir.join(name);
     let status = Command::new(bin("diskferry"))

@@ -1,20 +1,28 @@
 //! Network boot over HTTP, for machines that cannot log in: `/boot.ipxe` (an iPXE script that
-//! loads the boot environment with the dial-back address and the agent key on the kernel
-//! command line) and the two files it names, `/boot/vmlinuz` and `/boot/initramfs.img`, from
-//! the boot directory (`DATA_DIR/boot` or `--boot-dir`; `deploy/build-bootenv.sh` makes them).
+//! loads the boot environment) and the two files it names, `/boot/vmlinuz` and
+//! `/boot/initramfs.img`, from the boot directory (`DATA_DIR/boot` or `--boot-dir`;
+//! `deploy/build-bootenv.sh` makes them).
+//!
+//! `/boot.ipxe` without a MAC answers a two-line script that asks again with the booting
+//! interface's MAC (`?mac=${netX/mac}`); with one, the script puts on the kernel command line the
+//! dial-back address, the server's *public* key (the agent pins it) and a one-time enrollment
+//! token bound to that MAC. Nothing served here opens a client: the private key never leaves
+//! the server, and a token only lets an agent ask to be the machine with that MAC — a new
+//! machine or a changed identity still waits for an administrator.
 //!
 //! The dial-back address is the host the machine used to reach this endpoint (its HTTP `Host`
 //! header) with the agent port, unless the server was started with `--advertise HOST:PORT`.
-//! These routes need no login: a booting machine has none. They expose the agent key to the
-//! boot network, which is why agents get a key of their own (`DATA_DIR/agent.key`).
+//! Errors name no server paths: they go to the server's log.
 
 use std::path::PathBuf;
 
-use axum::extract::{Path, State};
+use axum::extract::{Path, Query, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
+
+use diskferry_daemon::catalog::normalize_mac;
 
 use crate::error::Failure;
 use crate::SharedState;
@@ -27,8 +35,8 @@ pub struct BootConfig {
     pub agent_port: u16,
     /// `HOST:PORT` to announce instead of the request's host with `agent_port`.
     pub advertise: Option<String>,
-    /// The agent key's text.
-    pub key: String,
+    /// The server's public key, for agents to pin.
+    pub server_key: diskferry_protocol::PublicKey,
 }
 
 /// Files a machine may fetch.
@@ -57,13 +65,44 @@ fn config(state: &SharedState) -> Result<&BootConfig, Failure> {
     })
 }
 
-async fn script(State(state): State<SharedState>, headers: HeaderMap) -> Result<Response, Failure> {
+/// The query of `/boot.ipxe`.
+#[derive(serde::Deserialize)]
+struct ScriptQuery {
+    mac: Option<String>,
+}
+
+async fn script(
+    State(state): State<SharedState>,
+    headers: HeaderMap,
+    Query(query): Query<ScriptQuery>,
+) -> Result<Response, Failure> {
     let cfg = config(&state)?;
     let host = headers
         .get(header::HOST)
         .and_then(|h| h.to_str().ok())
         .filter(|h| safe_host(h))
         .ok_or_else(|| Failure::bad_request("the request has no usable Host header"))?;
+    check_boot_files(cfg)?;
+    let body = match query.mac {
+        None => format!(
+            "#!ipxe\n\
+             echo diskferry: asking {host} for this machine's boot script\n\
+             chain http://{host}/boot.ipxe?mac=${{netX/mac}}\n"
+        ),
+        Some(mac) => {
+            let mac = normalize_mac(&mac).ok_or_else(|| {
+                Failure::bad_request("mac must be a MAC address such as 52:54:00:12:34:56")
+            })?;
+            let token = state.tokens.issue(&mac);
+            tracing::info!(%mac, "boot script with an enrollment token for {mac}");
+            boot_script(cfg, host, &token)
+        }
+    };
+    Ok(([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], body).into_response())
+}
+
+/// The script that loads the boot environment with the agent's settings.
+fn boot_script(cfg: &BootConfig, host: &str, token: &str) -> String {
     // The host without its port ([v6]:port or name:port).
     let bare = match host.rsplit_once(':') {
         Some((h, p)) if p.chars().all(|c| c.is_ascii_digit()) && !h.ends_with(':') => h,
@@ -73,27 +112,36 @@ async fn script(State(state): State<SharedState>, headers: HeaderMap) -> Result<
         .advertise
         .clone()
         .unwrap_or_else(|| format!("{bare}:{}", cfg.agent_port));
-    for f in FILES {
-        if !cfg.dir.join(f).is_file() {
-            return Err(Failure::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                format!(
-                    "{} is missing: build the boot environment with deploy/build-bootenv.sh {}",
-                    cfg.dir.join(f).display(),
-                    cfg.dir.display()
-                ),
-            ));
-        }
-    }
-    let body = format!(
+    format!(
         "#!ipxe\n\
          echo diskferry: loading the boot environment from {host}\n\
-         kernel http://{host}/boot/vmlinuz initrd=initramfs.img console=tty0 console=ttyS0,115200 diskferry.server={agent} diskferry.key={key}\n\
+         kernel http://{host}/boot/vmlinuz initrd=initramfs.img console=tty0 console=ttyS0,115200 diskferry.server={agent} diskferry.serverkey={key} diskferry.token={token}\n\
          initrd http://{host}/boot/initramfs.img\n\
          boot\n",
-        key = cfg.key
+        key = cfg.server_key
+    )
+}
+
+/// Both boot files exist; what is missing goes to the log, not to the booting machine.
+fn check_boot_files(cfg: &BootConfig) -> Result<(), Failure> {
+    let missing: Vec<String> = FILES
+        .iter()
+        .map(|f| cfg.dir.join(f))
+        .filter(|p| !p.is_file())
+        .map(|p| p.display().to_string())
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    tracing::warn!(
+        "network boot asked for, but {} missing: build the boot environment with deploy/build-bootenv.sh {}",
+        missing.join(" and "),
+        cfg.dir.display()
     );
-    Ok(([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], body).into_response())
+    Err(Failure::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "the boot environment is not built on this server (its log says where it belongs)",
+    ))
 }
 
 async fn file(
@@ -108,9 +156,10 @@ async fn file(
         )));
     }
     let path = cfg.dir.join(&name);
-    let f = tokio::fs::File::open(&path)
-        .await
-        .map_err(|e| Failure::not_found(format!("{}: {e}", path.display())))?;
+    let f = tokio::fs::File::open(&path).await.map_err(|e| {
+        tracing::warn!("boot file {}: {e}", path.display());
+        Failure::not_found(format!("boot file {name} is not available"))
+    })?;
     let len = f
         .metadata()
         .await

@@ -27,6 +27,8 @@ use axum::response::{IntoResponse, Redirect, Response};
 use axum::Router;
 use diskferry_daemon::agents::Agents;
 use diskferry_daemon::catalog::{Catalog, CatalogError};
+use diskferry_daemon::enrollment::Tokens;
+use diskferry_protocol::{PublicKey, SessionOptions, StaticKey};
 
 use crate::auth::{Auth, Identity};
 use crate::error::Failure;
@@ -46,6 +48,8 @@ pub struct AppState {
     pub agents: Arc<Agents>,
     /// Network boot, once the server knows its agent port.
     pub boot: std::sync::OnceLock<boot::BootConfig>,
+    /// Enrollment tokens handed to booting machines.
+    pub tokens: Arc<Tokens>,
     /// When the captures directory was last rescanned.
     pub refreshed: std::sync::Mutex<Option<std::time::Instant>>,
 }
@@ -59,10 +63,10 @@ pub struct Startup {
     pub new_password: Option<String>,
     pub password_file: PathBuf,
     pub token_file: PathBuf,
-    /// The key clients must hold for captures started here.
+    /// The server's identity key file (private).
     pub key_file: PathBuf,
-    /// Its text (for the boot script).
-    pub key: String,
+    /// Its public key: clients pin it, the boot script carries it.
+    pub server_key: PublicKey,
     pub key_created: bool,
     pub captures: usize,
     pub interrupted_jobs: usize,
@@ -84,7 +88,7 @@ pub enum OpenError {
         source: std::io::Error,
     },
     #[error(transparent)]
-    Key(#[from] diskferry_protocol::key::KeyError),
+    Key(#[from] diskferry_protocol::KeyError),
 }
 
 /// Opens the data directory: catalog (registering every capture), secrets, job state.
@@ -105,22 +109,23 @@ pub fn open(data_dir: &Path) -> Result<(SharedState, Startup), OpenError> {
     };
     let (password, password_file) = secret("admin-password", || auth::random_hex(12))?;
     let (token, token_file) = secret("api-token", || auth::random_hex(32))?;
-    let (key, key_file) = secret("agent.key", || {
-        diskferry_protocol::Psk::generate_secret()
-            .trim()
-            .to_string()
-    })?;
-    let psk = diskferry_protocol::Psk::from_file(&key_file)?;
+    let key_file = data_dir.join("server.key");
+    let key_created = !key_file.exists();
+    let server_key = StaticKey::load_or_create(&key_file)?;
+    let session = SessionOptions::controller(server_key.clone());
+    let tokens = Arc::new(Tokens::default());
     let agents = Arc::new(Agents::new(
         Arc::clone(&catalog),
-        diskferry_protocol::SessionOptions::new(diskferry_protocol::Role::Controller, psk),
+        session.clone(),
+        Arc::clone(&tokens),
     ));
     let state = Arc::new(AppState {
         jobs: Arc::new(diskferry_daemon::jobs::Jobs::new(
             Arc::clone(&catalog),
-            key_file.clone(),
+            session,
             Arc::clone(&agents),
         )),
+        tokens,
         agents,
         catalog,
         auth: Auth::new(password.value.clone(), token.value),
@@ -136,8 +141,8 @@ pub fn open(data_dir: &Path) -> Result<(SharedState, Startup), OpenError> {
             password_file,
             token_file,
             key_file,
-            key_created: key.created,
-            key: key.value.clone(),
+            key_created,
+            server_key: server_key.public(),
             captures,
             interrupted_jobs,
         },

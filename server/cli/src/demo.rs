@@ -23,7 +23,7 @@ use diskferry_imaging::{CaptureOptions, CaptureOutcome, CaptureSummary};
 use diskferry_partition::{
     self as partition, Guid, Partition, PartitionTable, PartitionType, Scheme,
 };
-use diskferry_protocol::{Psk, Role, SessionOptions};
+use diskferry_protocol::{PublicKey, SessionOptions, StaticKey};
 use diskferry_remote::Connection;
 use diskferry_vdisk::ImageFormat;
 
@@ -43,9 +43,9 @@ pub fn run(dir: Option<PathBuf>, size_mib: u64) -> Result<()> {
 
 fn demo(base: &Path, size: u64) -> Result<()> {
     println!("diskferry demo — working in {}\n", base.display());
-    let secret = Psk::generate_secret();
-    std::fs::write(base.join("key"), &secret)?;
-    let psk = Psk::from_secret(secret.trim().as_bytes());
+    let key_file = base.join("server.key");
+    let _ = std::fs::remove_file(&key_file);
+    let server_key = StaticKey::create_file(&key_file)?;
 
     let source = base.join("source.img");
     build_sample_disk(base, &source, size)?;
@@ -57,9 +57,9 @@ fn demo(base: &Path, size: u64) -> Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
-    let addr = start_agent(&source, psk.clone())?;
-    println!("2. started the agent (the code of diskferry-client) on {addr}, read-only, key-authenticated\n");
-    let session = SessionOptions::new(Role::Controller, psk);
+    let addr = start_agent(&source, server_key.public())?;
+    println!("2. started the agent (the code of diskferry-client) on {addr}, read-only; it serves only\n   the holder of server key {} (Noise XK)\n", server_key.public().fingerprint());
+    let session = SessionOptions::controller(server_key);
     list_agent_disks(&rt, &addr, &session)?;
 
     let name = source.display().to_string();
@@ -79,8 +79,10 @@ fn demo(base: &Path, size: u64) -> Result<()> {
     qemu_check(&out)?;
     println!(
         "\nThe capture is {} (Hyper-V boots VHDX directly; remove {} when done).\n\
-         On real machines: boot diskferry-client --listen 0.0.0.0:7700 --key-file KEY on the source,\n\
-         then run diskferry inspect DISK@HOST:7700 --key-file KEY and diskferry capture DISK@HOST:7700 OUT.vhdx --key-file KEY --verify.",
+         On real machines: make a server key (diskferry keygen server.key), boot\n\
+         diskferry-client --listen 0.0.0.0:7700 --server-key PUBLIC-KEY on the source, then run\n\
+         diskferry inspect DISK@HOST:7700 --key-file server.key and\n\
+         diskferry capture DISK@HOST:7700 OUT.vhdx --key-file server.key --verify.",
         out.display(),
         base.display()
     );
@@ -316,7 +318,7 @@ fn build_sample_disk(base: &Path, path: &Path, size: u64) -> Result<()> {
 }
 
 /// Runs the agent on its own thread with its own single-threaded runtime, as the real client.
-fn start_agent(disk: &Path, psk: Psk) -> Result<String> {
+fn start_agent(disk: &Path, server: PublicKey) -> Result<String> {
     let listener =
         std::net::TcpListener::bind("127.0.0.1:0").context("cannot bind a loopback port")?;
     listener.set_nonblocking(true)?;
@@ -327,7 +329,7 @@ fn start_agent(disk: &Path, psk: Psk) -> Result<String> {
             name: disk.display().to_string(),
         }],
         allow_write: false,
-        session: SessionOptions::new(Role::Agent, psk),
+        session: SessionOptions::agent(StaticKey::generate(), server),
         max_inflight: 64 << 20,
         quiet: true,
         allow_power: false,
@@ -341,7 +343,7 @@ fn start_agent(disk: &Path, psk: Psk) -> Result<String> {
                 .expect("agent runtime");
             rt.block_on(async move {
                 let listener = tokio::net::TcpListener::from_std(listener).expect("agent listener");
-                diskferry_client::accept_loop(listener, config).await;
+                diskferry_client::accept_loop(listener, config, 4).await;
             });
         })?;
     Ok(addr)

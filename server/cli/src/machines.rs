@@ -1,6 +1,6 @@
-//! `diskferry machines` and `diskferry machine register|rename|reboot|poweroff`: the machine
-//! registry of a running `diskferry serve`, reached through its API (found with `--data-dir`,
-//! or `--server URL` and `--token-file`).
+//! `diskferry machines` and `diskferry machine approve|forget|register|rename|reboot|poweroff`:
+//! the machine registry of a running `diskferry serve`, reached through its API (found with
+//! `--data-dir`, or `--server URL` and `--token-file`).
 
 use std::path::PathBuf;
 
@@ -31,6 +31,20 @@ pub struct DaemonArgs {
 
 #[derive(Subcommand)]
 pub enum MachineCommand {
+    /// Approve a machine's enrollment: its agent (the key `diskferry machines` shows) may then
+    /// act as the machine and jobs may use it
+    ///
+    /// New machines, changed identities (MACs, UUID, serial, disks) and agents with a new key
+    /// and no enrollment token wait for this.
+    Approve {
+        /// The machine: its name, a MAC address or its id
+        machine: String,
+    },
+    /// Forget a machine: its record, MAC addresses and approval (captures stay)
+    Forget {
+        /// The machine: its name, a MAC address or its id
+        machine: String,
+    },
     /// Accept a machine under a name (it becomes dormant: registered, disk undefined)
     Register {
         /// The machine: a MAC address or its id
@@ -204,11 +218,16 @@ pub fn list(args: &DaemonArgs) -> Result<()> {
                 )
             })
             .collect();
-        let state = if m["online"] == true {
-            format!("{} (online)", s(&m["state"]))
-        } else {
-            s(&m["state"])
-        };
+        let mut state = s(&m["state"]);
+        if m["online"] == true {
+            state.push_str(" (online)");
+        }
+        if let Some(why) = m["pending"]["reason"].as_str() {
+            let key: String = s(&m["pending"]["agent_key"]).chars().take(16).collect();
+            state.push_str(&format!(", awaits approval: {why}, agent key {key}"));
+        } else if m["approved"] != true {
+            state.push_str(", not approved");
+        }
         rows.push([
             m["name"]
                 .as_str()
@@ -244,6 +263,25 @@ pub fn list(args: &DaemonArgs) -> Result<()> {
 pub fn machine(args: &DaemonArgs, cmd: &MachineCommand) -> Result<()> {
     let d = Daemon::find(args)?;
     match cmd {
+        MachineCommand::Approve { machine } => {
+            let m = d.call(
+                "POST",
+                &format!("/api/machines/{}/approve", segment(machine)),
+                None,
+            )?;
+            println!(
+                "machine {machine} approved (agent key {})",
+                m["agent_key"].as_str().unwrap_or("")
+            );
+        }
+        MachineCommand::Forget { machine } => {
+            d.call(
+                "DELETE",
+                &format!("/api/machines/{}", segment(machine)),
+                None,
+            )?;
+            println!("machine {machine} forgotten");
+        }
         MachineCommand::Register { machine, name } | MachineCommand::Rename { machine, name } => {
             let m = d.call(
                 "POST",

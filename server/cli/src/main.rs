@@ -25,7 +25,7 @@ use diskferry_imaging::pipeline::Mode as DiskMode;
 use diskferry_imaging::progress::{Progress, Silent};
 use diskferry_imaging::source::{open_source, SourceSpec};
 pub(crate) use diskferry_imaging::units::human_bytes;
-use diskferry_protocol::{DiskInfo, Psk, Role, SessionOptions};
+use diskferry_protocol::{DiskInfo, SessionOptions, StaticKey};
 use diskferry_remote::Connection;
 use progress_bar::TerminalBar;
 
@@ -43,8 +43,9 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 #[command(
     long_about = "Network disk imaging. A machine booted into diskferry-client serves its raw disks over an \
 authenticated, encrypted block protocol; diskferry reads them as if they were local and writes images.\n\n\
-Remote disks are named DISK@HOST:PORT, e.g. /dev/sda@192.0.2.10:7700. Both sides need the same key file \
-(create one with `diskferry keygen`)."
+Remote disks are named DISK@HOST:PORT, e.g. /dev/sda@192.0.2.10:7700. The server side holds a private key \
+(create one with `diskferry keygen FILE`); clients are started with its public key (--server-key) and serve \
+nobody else."
 )]
 struct Cli {
     #[command(subcommand)]
@@ -261,18 +262,24 @@ enum Command {
         #[command(flatten)]
         conn: ConnArgs,
     },
-    /// Write a new random key file for the client and the server to share
+    /// Write a new server key, or print the public half of one
     ///
-    /// The key is 64 hex digits from the operating system's random source.
+    /// The key file holds 64 hex digits (32 bytes) from the operating system's random source:
+    /// the server's private key, for --key-file. Its public key is printed on stdout: give it
+    /// to clients as --server-key (it is not secret). `diskferry serve` makes its own,
+    /// DATA_DIR/server.key.
     Keygen {
         /// Where to write the key (created with mode 0600; never overwritten)
         file: PathBuf,
+        /// Only print the public key of the existing key file
+        #[arg(long)]
+        public: bool,
     },
 }
 
 #[derive(Args)]
 pub(crate) struct ConnArgs {
-    /// Pre-shared key file, the same one the client uses
+    /// The server's private key file (`diskferry keygen`); clients serve only its holder
     #[arg(long, env = "DISKFERRY_KEY_FILE", value_name = "FILE")]
     key_file: Option<PathBuf>,
     /// Ask for an unencrypted transport after authentication (the client must allow it too);
@@ -363,7 +370,7 @@ fn error_chain(e: &anyhow::Error) -> String {
 
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
-        Command::Keygen { file } => keygen(&file),
+        Command::Keygen { file, public } => keygen(&file, public),
         Command::Demo { dir, size_mib } => demo::run(dir, size_mib),
         Command::Serve(args) => serve::run(&args),
         Command::Deploy(args) => deploy::run(&args),
@@ -443,33 +450,30 @@ pub(crate) fn runtime() -> Result<tokio::runtime::Runtime> {
 
 pub(crate) fn session(conn: &ConnArgs) -> Result<SessionOptions> {
     let Some(path) = &conn.key_file else {
-        bail!("a key is needed to talk to a client: pass --key-file FILE or set DISKFERRY_KEY_FILE")
+        bail!("the server key is needed to talk to a client: pass --key-file FILE or set DISKFERRY_KEY_FILE (make one with `diskferry keygen FILE`)")
     };
-    let mut opts = SessionOptions::new(Role::Controller, Psk::from_file(path)?);
+    let mut opts = SessionOptions::controller(StaticKey::from_file(path)?);
     opts.plaintext = conn.plaintext;
     Ok(opts)
 }
 
-fn keygen(file: &Path) -> Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(file)
-        .with_context(|| {
+fn keygen(file: &Path, public_only: bool) -> Result<()> {
+    let key = if public_only {
+        StaticKey::from_file(file)?
+    } else {
+        let key = StaticKey::create_file(file).with_context(|| {
             format!(
                 "cannot create key file {} (it must not exist yet)",
                 file.display()
             )
         })?;
-    f.write_all(Psk::generate_secret().as_bytes())?;
-    f.sync_all()?;
-    eprintln!(
-        "wrote a new key to {}; copy it to the client side too",
-        file.display()
-    );
+        eprintln!(
+            "wrote a new server key to {} (keep it private); its public key, for --server-key:",
+            file.display()
+        );
+        key
+    };
+    println!("{}", key.public());
     Ok(())
 }
 

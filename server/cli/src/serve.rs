@@ -17,8 +17,8 @@ pub struct ServeArgs {
     #[arg(long, default_value = "127.0.0.1:8080", value_name = "ADDR:PORT")]
     listen: SocketAddr,
     /// Where machines booted into the PXE environment dial back to (diskferry-client
-    /// --connect); they must hold DATA_DIR/agent.key
-    #[arg(long, default_value = "0.0.0.0:7700", value_name = "ADDR:PORT")]
+    /// --connect --server-key PUBLIC-KEY); put the boot network's address here
+    #[arg(long, default_value = "127.0.0.1:7700", value_name = "ADDR:PORT")]
     agent_listen: SocketAddr,
     /// The boot environment's vmlinuz and initramfs.img, served to PXE machines at /boot/
     /// with an iPXE script at /boot.ipxe [default: DATA_DIR/boot]
@@ -68,7 +68,7 @@ async fn serve(args: &ServeArgs) -> Result<()> {
         dir: boot_dir.clone(),
         agent_port: agent_addr.port(),
         advertise: args.advertise.clone(),
-        key: startup.key.clone(),
+        server_key: startup.server_key,
     });
     // `diskferry machines --data-dir DIR` finds the running server here.
     std::fs::write(args.data_dir.join("serve.addr"), format!("{addr}\n"))
@@ -93,11 +93,20 @@ fn log_startup(startup: &diskferry_web::Startup) {
         );
     }
     tracing::info!(
-        "API token in {}; clients must hold the key in {}{}",
+        "API token in {}; server key in {}{}",
         startup.token_file.display(),
         startup.key_file.display(),
         if startup.key_created { " (new)" } else { "" }
     );
+    // Clients pin this; it is not secret.
+    tracing::info!("server public key {}", startup.server_key);
+    let obsolete = startup.key_file.with_file_name("agent.key");
+    if obsolete.exists() {
+        tracing::warn!(
+            "{} is no longer used (agents now pin the server's public key); delete it",
+            obsolete.display()
+        );
+    }
     if startup.interrupted_jobs > 0 {
         tracing::info!(
             "{} job(s) were running when the server last stopped: marked interrupted",

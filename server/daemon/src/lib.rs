@@ -5,6 +5,7 @@
 
 pub mod agents;
 pub mod catalog;
+pub mod enrollment;
 pub mod joblog;
 pub mod jobs;
 pub mod tftp;

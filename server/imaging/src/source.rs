@@ -59,6 +59,23 @@ pub enum SourceError {
 /// How long a remote source may be away before a job gives up on it.
 pub const DEFAULT_RECONNECT: Duration = Duration::from_secs(300);
 
+/// How long a remote disk's user waits for it: how long it may be away, and the cancel flag
+/// that ends any wait for a reply or a reconnection at once. A bare `Duration` converts.
+#[derive(Debug, Clone, Default)]
+pub struct Patience {
+    pub reconnect: Duration,
+    pub cancel: Option<diskferry_blockdev::CancelFlag>,
+}
+
+impl From<Duration> for Patience {
+    fn from(reconnect: Duration) -> Patience {
+        Patience {
+            reconnect,
+            cancel: None,
+        }
+    }
+}
+
 /// Opens a source for reading. Remote sources connect on `rt` and need `session`; if their
 /// client goes away they are reconnected for up to `reconnect`. Local overlays read through
 /// their backing files only with `follow_backing`.
@@ -67,7 +84,7 @@ pub fn open_source(
     rt: &tokio::runtime::Handle,
     session: Option<&SessionOptions>,
     follow_backing: bool,
-    reconnect: Duration,
+    reconnect: impl Into<Patience>,
 ) -> Result<Arc<dyn BlockDevice>, SourceError> {
     match spec {
         SourceSpec::Local(path) => Ok(diskferry_vdisk::open_image(path, follow_backing)?.1),
@@ -84,7 +101,7 @@ pub fn open_target(
     spec: &SourceSpec,
     rt: &tokio::runtime::Handle,
     session: Option<&SessionOptions>,
-    reconnect: Duration,
+    reconnect: impl Into<Patience>,
 ) -> Result<Arc<dyn BlockDevice>, SourceError> {
     match spec {
         SourceSpec::Local(path) => {
@@ -109,7 +126,7 @@ fn open_listening(
     addr: &str,
     session: Option<&SessionOptions>,
     writable: bool,
-    reconnect: Duration,
+    reconnect: impl Into<Patience>,
 ) -> Result<Arc<dyn BlockDevice>, SourceError> {
     let session = session.ok_or_else(|| SourceError::NeedKey(format!("{disk}@{addr}")))?;
     let conn = rt.block_on(Connection::connect(addr, session))?;
@@ -129,10 +146,15 @@ pub fn open_on_connection(
     disk: &str,
     writable: bool,
     redial: Arc<dyn Redial>,
-    reconnect: Duration,
+    reconnect: impl Into<Patience>,
 ) -> Result<Arc<dyn BlockDevice>, SourceError> {
+    let patience = reconnect.into();
+    let opts = RemoteOptions {
+        cancel: patience.cancel.clone(),
+        ..RemoteOptions::default()
+    };
     let remote = rt
-        .block_on(conn.open(disk, writable, RemoteOptions::default()))
+        .block_on(conn.open(disk, writable, opts.clone()))
         .map_err(|source| SourceError::Open {
             what: format!(
                 "{disk} on {}{}",
@@ -144,9 +166,9 @@ pub fn open_on_connection(
     Ok(Arc::new(ReconnectingDisk::new(
         remote,
         redial,
-        RemoteOptions::default(),
+        opts,
         rt.clone(),
-        reconnect,
+        patience.reconnect,
     )))
 }
 

@@ -12,6 +12,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use bytes::Bytes;
 
 use super::{expect_data, Completion};
+use diskferry_blockdev::CancelFlag;
 use diskferry_blockdev::{BlockError, Result};
 
 enum SlotData {
@@ -43,14 +44,22 @@ pub struct ChunkCache {
     capacity: usize,
     state: Mutex<State>,
     filled: Condvar,
+    /// A read waiting for a chunk gives up with [`BlockError::Cancelled`] once this is raised.
+    cancel: Option<CancelFlag>,
 }
 
 impl ChunkCache {
-    pub fn new(chunk: u32, readahead: usize, capacity: usize) -> Arc<Self> {
+    pub fn new(
+        chunk: u32,
+        readahead: usize,
+        capacity: usize,
+        cancel: Option<CancelFlag>,
+    ) -> Arc<Self> {
         Arc::new(ChunkCache {
             chunk,
             readahead,
             capacity,
+            cancel,
             state: Mutex::new(State {
                 slots: HashMap::new(),
                 tick: 0,
@@ -114,7 +123,14 @@ impl ChunkCache {
                         break;
                     }
                     Some((SlotData::Loading, _)) => {
-                        st = self.filled.wait(st).unwrap_or_else(|e| e.into_inner())
+                        if self.cancel.as_ref().is_some_and(CancelFlag::is_cancelled) {
+                            return Err(BlockError::Cancelled);
+                        }
+                        st = self
+                            .filled
+                            .wait_timeout(st, crate::connection::CANCEL_POLL)
+                            .unwrap_or_else(|e| e.into_inner())
+                            .0
                     }
                     Some((SlotData::Failed(_), _)) => {
                         // Report the failure once; the slot goes so a later read retries.
@@ -263,7 +279,7 @@ mod tests {
     #[test]
     fn sequential_reads_fetch_ahead_and_stay_bounded() {
         let size = 64 * u64::from(CHUNK);
-        let cache = ChunkCache::new(CHUNK, 4, 8);
+        let cache = ChunkCache::new(CHUNK, 4, 8, None);
         let fake = Fake {
             fetches: AtomicUsize::new(0),
             fail_next: false.into(),
@@ -303,7 +319,7 @@ mod tests {
     #[test]
     fn a_failed_fetch_is_reported_once_then_retried() {
         let size = 16 * u64::from(CHUNK);
-        let cache = ChunkCache::new(CHUNK, 2, 8);
+        let cache = ChunkCache::new(CHUNK, 2, 8, None);
         let fake = Fake {
             fetches: AtomicUsize::new(0),
             fail_next: true.into(),
@@ -321,7 +337,7 @@ mod tests {
     #[test]
     fn invalidation_forgets_overlapping_chunks() {
         let size = 16 * u64::from(CHUNK);
-        let cache = ChunkCache::new(CHUNK, 0, 8);
+        let cache = ChunkCache::new(CHUNK, 0, 8, None);
         let fake = Fake {
             fetches: AtomicUsize::new(0),
             fail_next: false.into(),

@@ -7,21 +7,26 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use diskferry_protocol::handshake::{initiate, respond};
 use diskferry_protocol::stream::split;
-use diskferry_protocol::{DiskInfo, Message, ProtocolError, Reply, Request, SessionOptions};
+use diskferry_protocol::{
+    DiskInfo, Message, ProtocolError, PublicKey, Reply, Request, SessionOptions,
+};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
 
 use super::RemoteOptions;
-use diskferry_blockdev::BlockError;
+use diskferry_blockdev::{BlockError, CancelFlag};
 
 use crate::RemoteDisk;
 
 /// Requests are batched into one socket write until this many bytes are queued.
 const WRITE_BATCH: usize = 1 << 20;
+/// How long closing waits for the peer to take our last bytes.
+const GOODBYE: Duration = Duration::from_secs(5);
 
 /// Called once with the reply to a request (or the reason there will be none).
 pub type Completion = Box<dyn FnOnce(Result<Reply, BlockError>) + Send>;
@@ -53,6 +58,11 @@ struct Shared {
     next_cookie: AtomicU64,
     max_payload: u32,
     peer: String,
+    /// The peer's static key, proven by the handshake.
+    peer_key: PublicKey,
+    /// When the peer last made progress: a frame arrived, or a request was sent while none
+    /// was outstanding.
+    progress: Mutex<Instant>,
 }
 
 impl Shared {
@@ -114,28 +124,49 @@ impl Connection {
                     addr: addr.to_string(),
                     source,
                 })?;
-        Ok(Connection::start(stream, session, addr.to_string()))
+        Ok(Connection::start(
+            stream,
+            session,
+            addr.to_string(),
+            opts.reply_timeout,
+        ))
     }
 
-    /// Authenticates a client that connected to us (dial-back mode).
+    /// Authenticates a client that connected to us (dial-back mode); also returns the
+    /// credential it presented (an enrollment token, or nothing).
     pub async fn accept<S>(
         mut io: S,
         opts: &SessionOptions,
         peer: String,
-    ) -> Result<Connection, ConnectError>
+    ) -> Result<(Connection, Vec<u8>), ConnectError>
     where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
-        let session = respond(&mut io, opts)
-            .await
-            .map_err(|source| ConnectError::Handshake {
-                addr: peer.clone(),
-                source,
-            })?;
-        Ok(Connection::start(io, session, peer))
+        let mut session =
+            respond(&mut io, opts)
+                .await
+                .map_err(|source| ConnectError::Handshake {
+                    addr: peer.clone(),
+                    source,
+                })?;
+        let credential = std::mem::take(&mut session.credential);
+        Ok((
+            Connection::start(io, session, peer, opts.reply_timeout),
+            credential,
+        ))
     }
 
-    fn start<S>(io: S, session: diskferry_protocol::Session, peer: String) -> Connection
+    /// The peer's static key, as the handshake proved it.
+    pub fn peer_key(&self) -> PublicKey {
+        self.shared.peer_key
+    }
+
+    fn start<S>(
+        io: S,
+        session: diskferry_protocol::Session,
+        peer: String,
+        reply_timeout: Duration,
+    ) -> Connection
     where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
@@ -148,14 +179,18 @@ impl Connection {
             next_cookie: AtomicU64::new(1),
             max_payload: session.max_payload,
             peer,
+            peer_key: session.peer_key,
+            progress: Mutex::new(Instant::now()),
         });
+        tokio::spawn(watch_stalls(Arc::downgrade(&shared), reply_timeout));
         let (r, w) = tokio::io::split(io);
         let (mut reader, mut writer) = split(session, r, w);
         let (tx, mut rx) = mpsc::unbounded_channel::<Message>();
 
         let ws = Arc::clone(&shared);
+        let mut dead = shared.dead.subscribe();
         tokio::spawn(async move {
-            let result: Result<(), ProtocolError> = async {
+            let result = async {
                 while let Some(first) = rx.recv().await {
                     writer.queue(&first)?;
                     while writer.pending() < WRITE_BATCH {
@@ -166,18 +201,32 @@ impl Connection {
                     }
                     writer.flush().await?;
                 }
-                writer.shutdown().await
-            }
-            .await;
-            if let Err(e) = result {
-                ws.close(format!("sending to {}: {e}", ws.peer));
-            }
+                // Every handle is gone: say goodbye, but never wait long for a peer that
+                // does not read.
+                let _ = tokio::time::timeout(GOODBYE, writer.shutdown()).await;
+                Ok::<(), ProtocolError>(())
+            };
+            let reason = tokio::select! {
+                r = result => match r {
+                    Ok(()) => format!("the connection to {} was closed", ws.peer),
+                    Err(e) => format!("sending to {}: {e}", ws.peer),
+                },
+                _ = dead.wait_for(|d| *d) => return,
+            };
+            ws.close(reason);
         });
 
         let rs = Arc::clone(&shared);
+        let mut dead = shared.dead.subscribe();
         tokio::spawn(async move {
             let reason = loop {
-                match reader.next().await {
+                let next = tokio::select! {
+                    next = reader.next() => next,
+                    // Closed on our side (stall, every handle dropped): stop reading.
+                    _ = dead.wait_for(|d| *d) => return,
+                };
+                *rs.progress.lock().unwrap_or_else(|e| e.into_inner()) = Instant::now();
+                match next {
                     Ok(Some(Message::Reply { cookie, reply })) => {
                         let completion = rs.lock().pending.remove(&cookie);
                         match completion {
@@ -229,6 +278,14 @@ impl Connection {
                 done(Err(BlockError::Disconnected(reason)));
                 return;
             }
+            if st.pending.is_empty() {
+                // The wait for this reply starts now, not at the last frame of an idle link.
+                *self
+                    .shared
+                    .progress
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner()) = Instant::now();
+            }
             st.pending.insert(cookie, done);
         }
         if self.tx.send(Message::Request { cookie, request }).is_err() {
@@ -257,7 +314,19 @@ impl Connection {
 
     /// Sends a request and waits for its reply, from a blocking thread (never on the runtime).
     pub fn call_blocking(&self, request: Request) -> Result<Reply, BlockError> {
-        wait(self.request(request))
+        wait(self.request_sync(request), None)
+    }
+
+    /// Sends a request; the receiver, for blocking threads ([`wait`]), yields its reply.
+    pub(crate) fn request_sync(&self, request: Request) -> ReplyReceiver {
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        self.submit(
+            request,
+            Box::new(move |r| {
+                let _ = tx.send(r);
+            }),
+        );
+        rx
     }
 
     /// The disks the client serves.
@@ -342,10 +411,60 @@ fn check_geometry(size: u64, logical_sector: u32) -> Result<(), BlockError> {
     Ok(())
 }
 
-/// Blocks the current (non-runtime) thread until a reply arrives.
-pub(super) fn wait(rx: oneshot::Receiver<Result<Reply, BlockError>>) -> Result<Reply, BlockError> {
-    rx.blocking_recv()
-        .unwrap_or_else(|_| Err(BlockError::Disconnected("request dropped".into())))
+/// Where a blocking thread receives one reply.
+pub(crate) type ReplyReceiver = std::sync::mpsc::Receiver<Result<Reply, BlockError>>;
+
+/// How often a blocked wait looks at its cancel flag.
+pub(crate) const CANCEL_POLL: Duration = Duration::from_millis(50);
+
+/// Blocks the current (non-runtime) thread until a reply arrives, or `cancel` is raised (the
+/// reply, if it still comes, is dropped; the connection stays usable).
+pub(crate) fn wait(rx: ReplyReceiver, cancel: Option<&CancelFlag>) -> Result<Reply, BlockError> {
+    let dropped = || Err(BlockError::Disconnected("request dropped".into()));
+    let Some(cancel) = cancel else {
+        return rx.recv().unwrap_or_else(|_| dropped());
+    };
+    loop {
+        if cancel.is_cancelled() {
+            return Err(BlockError::Cancelled);
+        }
+        match rx.recv_timeout(CANCEL_POLL) {
+            Ok(reply) => return reply,
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => continue,
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => return dropped(),
+        }
+    }
+}
+
+/// Closes the connection when the peer, with requests outstanding, has sent nothing for
+/// `limit`; ends with the connection.
+async fn watch_stalls(shared: std::sync::Weak<Shared>, limit: Duration) {
+    let tick = (limit / 4).clamp(Duration::from_millis(10), Duration::from_secs(1));
+    loop {
+        tokio::time::sleep(tick).await;
+        let Some(shared) = shared.upgrade() else {
+            return;
+        };
+        let st = shared.lock();
+        if st.closed.is_some() {
+            return;
+        }
+        let waiting = !st.pending.is_empty();
+        drop(st);
+        let quiet = shared
+            .progress
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .elapsed();
+        if waiting && quiet >= limit {
+            shared.close(format!(
+                "{} sent nothing for {} s while requests waited for replies",
+                shared.peer,
+                limit.as_secs_f64()
+            ));
+            return;
+        }
+    }
 }
 
 /// Turns an error reply, or a reply of the wrong kind, into an error.

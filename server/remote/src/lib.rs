@@ -20,8 +20,10 @@ pub use connection::{Completion, ConnectError, Connection};
 pub use reconnect::{DialAddr, ReconnectingDisk, Redial, RedialError};
 
 use self::cache::ChunkCache;
-use self::connection::{unexpected, wait};
-use diskferry_blockdev::{check_range, BlockDevice, BlockError, Extent, Region, Result};
+use self::connection::{unexpected, ReplyReceiver};
+use diskferry_blockdev::{
+    check_range, BlockDevice, BlockError, CancelFlag, Extent, Region, Result,
+};
 
 /// Tuning for one remote disk.
 #[derive(Debug, Clone)]
@@ -36,6 +38,9 @@ pub struct RemoteOptions {
     pub request_size: u32,
     /// Requests kept in flight by bulk reads and writes.
     pub depth: usize,
+    /// A job's cancel flag: waits for replies end with [`BlockError::Cancelled`] once it is
+    /// raised, and so does waiting to reconnect.
+    pub cancel: Option<CancelFlag>,
 }
 
 impl Default for RemoteOptions {
@@ -46,6 +51,7 @@ impl Default for RemoteOptions {
             cache_chunks: 64,
             request_size: 2 << 20,
             depth: 16,
+            cancel: None,
         }
     }
 }
@@ -61,6 +67,7 @@ pub struct RemoteDisk {
     request_size: u32,
     depth: usize,
     cache: Arc<ChunkCache>,
+    cancel: Option<CancelFlag>,
 }
 
 impl std::fmt::Debug for RemoteDisk {
@@ -87,11 +94,7 @@ impl RemoteDisk {
         }
         check_range(self.size, offset, len)?;
         self.cache.invalidate(offset, len);
-        expect_done(
-            self.conn.call_blocking(request(self.handle)),
-            op,
-            Some(offset),
-        )
+        expect_done(self.call(request(self.handle)), op, Some(offset))
     }
 
     fn new(
@@ -117,9 +120,20 @@ impl RemoteDisk {
                 chunk,
                 opts.readahead,
                 opts.cache_chunks.max(opts.readahead + 2),
+                opts.cancel.clone(),
             ),
+            cancel: opts.cancel,
             conn,
         }
+    }
+
+    /// Sends a request and waits for its reply (or the job's cancellation).
+    fn call(&self, request: Request) -> Result<Reply> {
+        self.wait(self.conn.request_sync(request))
+    }
+
+    fn wait(&self, rx: ReplyReceiver) -> Result<Reply> {
+        connection::wait(rx, self.cancel.as_ref())
     }
 
     /// The disk's name on the client.
@@ -128,8 +142,8 @@ impl RemoteDisk {
     }
 
     /// Submits a read whose reply lands in a oneshot.
-    fn read_request(&self, offset: u64, len: u32) -> tokio::sync::oneshot::Receiver<Result<Reply>> {
-        self.conn.request(Request::Read {
+    fn read_request(&self, offset: u64, len: u32) -> ReplyReceiver {
+        self.conn.request_sync(Request::Read {
             handle: self.handle,
             offset,
             len,
@@ -212,7 +226,7 @@ impl BlockDevice for RemoteDisk {
                 let data = Bytes::copy_from_slice(&buf[pos..pos + n]);
                 inflight.push_back((
                     off,
-                    self.conn.request(Request::Write {
+                    self.conn.request_sync(Request::Write {
                         handle: self.handle,
                         offset: off,
                         data,
@@ -222,7 +236,7 @@ impl BlockDevice for RemoteDisk {
                 continue;
             }
             if let Some((off, rx)) = inflight.pop_front() {
-                expect_done(wait(rx), "write", Some(off))?;
+                expect_done(self.wait(rx), "write", Some(off))?;
             }
         }
         Ok(())
@@ -230,7 +244,7 @@ impl BlockDevice for RemoteDisk {
 
     fn flush(&self) -> Result<()> {
         expect_done(
-            self.conn.call_blocking(Request::Flush {
+            self.call(Request::Flush {
                 handle: self.handle,
             }),
             "flush",
@@ -259,7 +273,7 @@ impl BlockDevice for RemoteDisk {
         if offset >= end {
             return Ok(Vec::new());
         }
-        let reply = self.conn.call_blocking(Request::BlockStatus {
+        let reply = self.call(Request::BlockStatus {
             handle: self.handle,
             offset,
             len: end - offset,
@@ -316,7 +330,7 @@ impl BlockDevice for RemoteDisk {
             let Some((off, len, rx)) = inflight.pop_front() else {
                 return Ok(());
             };
-            let data = expect_data(wait(rx), off, len as usize)?;
+            let data = expect_data(self.wait(rx), off, len as usize)?;
             sink(off, data)?;
         }
     }

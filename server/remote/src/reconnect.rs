@@ -119,6 +119,7 @@ impl ReconnectingDisk {
         let deadline = Instant::now() + self.patience;
         let mut delay = Duration::from_millis(250);
         loop {
+            self.check_cancelled()?;
             let attempt = self.redial.redial(&self.rt).and_then(|conn| {
                 self.rt
                     .block_on(conn.open(&self.disk, !self.read_only, self.opts.clone()))
@@ -151,10 +152,30 @@ impl ReconnectingDisk {
                     )))
                 }
                 Err(_) => {
-                    std::thread::sleep(delay);
+                    self.sleep_unless_cancelled(delay)?;
                     delay = (delay * 2).min(Duration::from_secs(5));
                 }
             }
+        }
+    }
+
+    /// A cancelled job stops waiting for its client at once.
+    fn check_cancelled(&self) -> Result<()> {
+        match &self.opts.cancel {
+            Some(flag) if flag.is_cancelled() => Err(BlockError::Cancelled),
+            _ => Ok(()),
+        }
+    }
+
+    fn sleep_unless_cancelled(&self, total: Duration) -> Result<()> {
+        let until = Instant::now() + total;
+        loop {
+            self.check_cancelled()?;
+            let left = until.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Ok(());
+            }
+            std::thread::sleep(left.min(Duration::from_millis(50)));
         }
     }
 

@@ -1,25 +1,28 @@
-//! Dial-back agents against a real `diskferry serve`: a `diskferry-client --connect` registers
-//! its machine by MAC address with the hardware it announces; the CLI lists and names it; a
-//! capture job reads its disk by the machine's name and a deploy job writes another of its
-//! disks; power requests are refused unless the
-//! agent allows them; the agent comes back on its own after it restarts and after the server
-//! restarts.
+//! Dial-back agents against a real `diskferry serve`: a `diskferry-client --connect` enrolls
+//! its machine by MAC address with the hardware it announces and waits for approval (jobs are
+//! refused until then); the CLI lists, approves and names it; a capture job reads its disk by
+//! the machine's name and a deploy job writes another of its disks; power requests are refused
+//! unless the agent allows them; the agent comes back on its own after it restarts (its key
+//! kept in a file) and after the server restarts; a changed identity waits for approval again.
 
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use diskferry_e2e::fixtures::SampleDisk;
 use diskferry_e2e::http::Server;
-use diskferry_e2e::{bin, diskferry, run_ok, wait_for};
+use diskferry_e2e::{bin, diskferry, public_key, run_ok, wait_for};
 
 /// A dial-back client, killed when dropped.
 struct Agent(Child);
 
 impl Agent {
-    fn start(server: &str, key: &std::path::Path, disks: &[&std::path::Path]) -> Agent {
+    /// An agent of the server whose data directory is `data`, keeping its own key there.
+    fn start(server: &str, data: &std::path::Path, disks: &[&std::path::Path]) -> Agent {
         let mut cmd = Command::new(bin("diskferry-client"));
-        cmd.args(["--connect", server, "--allow-write", "--key-file"])
-            .arg(key);
+        cmd.args(["--connect", server, "--allow-write", "--server-key"])
+            .arg(public_key(&data.join("server.key")))
+            .arg("--agent-key")
+            .arg(data.join("test-agent.key"));
         for d in disks {
             cmd.arg("--disk").arg(d);
         }
@@ -62,6 +65,19 @@ fn online(s: &Server) -> bool {
     machines(s).first().is_some_and(|m| m["online"] == true)
 }
 
+/// Approves the first machine through the CLI, as an administrator would.
+fn approve(data: &std::path::Path, machine: &str) {
+    let dd = ["--data-dir".as_ref(), data.as_os_str()];
+    let (ok, out, err) = diskferry(
+        &[
+            &["machine".as_ref(), "approve".as_ref(), machine.as_ref()][..],
+            &dd,
+        ]
+        .concat(),
+    );
+    assert!(ok && out.contains("approved"), "{out} {err}");
+}
+
 #[test]
 fn a_dialling_agent_registers_is_captured_by_name_and_comes_back() {
     let macs = host_macs();
@@ -80,8 +96,7 @@ fn a_dialling_agent_registers_is_captured_by_name_and_comes_back() {
     let agent_listen = format!("127.0.0.1:{port}");
     let mut s = Server::start_with_agent_port(data.path(), &agent_listen).unwrap();
     assert_eq!(s.agent_addr, agent_listen);
-    let key = data.path().join("agent.key");
-    let agent = Agent::start(&s.agent_addr, &key, &[&disk.gpt]);
+    let agent = Agent::start(&s.agent_addr, data.path(), &[&disk.gpt]);
     assert!(
         wait_for(Duration::from_secs(20), || online(&s)),
         "the agent registered"
@@ -89,6 +104,17 @@ fn a_dialling_agent_registers_is_captured_by_name_and_comes_back() {
 
     let m = &machines(&s)[0];
     assert_eq!(m["state"], "unregistered");
+    assert_eq!(m["approved"], false);
+    assert_eq!(m["pending"]["reason"], "new machine", "{m}");
+    // Until an administrator approves it, no job may use it.
+    let job = serde_json::json!({"kind": "capture", "source": macs[0], "output": "early.vhdx"});
+    let r = s.api("POST", "/api/jobs", job.to_string().as_bytes());
+    assert!(
+        r.status == 409 && r.text().contains("awaits approval"),
+        "{} {}",
+        r.status,
+        r.text()
+    );
     assert_eq!(m["macs"], serde_json::json!(macs));
     let d = &m["identity"]["disks"][0];
     assert_eq!(d["name"], disk.gpt.to_str().unwrap());
@@ -101,9 +127,11 @@ fn a_dialling_agent_registers_is_captured_by_name_and_comes_back() {
     let (ok, out, err) = diskferry(&[&["machines".as_ref()][..], &dd].concat());
     assert!(ok, "{err}");
     assert!(
-        out.contains(&macs[0]) && out.contains("unregistered (online)"),
+        out.contains(&macs[0])
+            && out.contains("unregistered (online), awaits approval: new machine"),
         "{out}"
     );
+    approve(data.path(), &macs[0]);
     let (ok, _, err) = diskferry(
         &[
             &[
@@ -219,9 +247,13 @@ fn a_dialling_agent_registers_is_captured_by_name_and_comes_back() {
         .unwrap()
         .set_len(std::fs::metadata(&disk.gpt).unwrap().len())
         .unwrap();
-    let _agent = Agent::start(&s.agent_addr, &key, &[&disk.gpt, &blank]);
+    let _agent = Agent::start(&s.agent_addr, data.path(), &[&disk.gpt, &blank]);
     assert!(wait_for(Duration::from_secs(20), || online(&s)));
     assert_eq!(machines(&s).len(), 1, "matched by MAC, not added twice");
+    // A new disk is a changed identity: approval again.
+    let m = &machines(&s)[0];
+    assert_eq!(m["pending"]["reason"], "identity changed: disks", "{m}");
+    approve(data.path(), "web-01");
 
     // Two disks now: a bare machine name is ambiguous; deploy names the disk.
     let r = s.api(
@@ -274,10 +306,10 @@ fn a_capture_from_a_machine_survives_its_agent_restarting() {
     // 1.5 GiB of data so the capture is still running when the agent goes.
     diskferry_e2e::make_disk(&disk, 2 << 30, &[(0, 1536 << 20)]).unwrap();
     let s = Server::start(data.path()).unwrap();
-    let key = data.path().join("agent.key");
-    let agent = Agent::start(&s.agent_addr, &key, &[&disk]);
+    let agent = Agent::start(&s.agent_addr, data.path(), &[&disk]);
     assert!(wait_for(Duration::from_secs(20), || online(&s)));
     let mac = machines(&s)[0]["macs"][0].as_str().unwrap().to_string();
+    approve(data.path(), &mac);
     let job = serde_json::json!({
         "kind": "capture", "source": mac, "output": "big.qcow2", "mode": "sectors", "verify": true,
     });
@@ -292,7 +324,7 @@ fn a_capture_from_a_machine_survives_its_agent_restarting() {
     );
     drop(agent);
     std::thread::sleep(Duration::from_millis(700));
-    let _again = Agent::start(&s.agent_addr, &key, &[&disk]);
+    let _again = Agent::start(&s.agent_addr, data.path(), &[&disk]);
     let _ = s.get(&format!("/api/jobs/{id}/events"));
     let j = s.get(&format!("/api/jobs/{id}")).json();
     assert_eq!(j["state"], "succeeded", "{j}");

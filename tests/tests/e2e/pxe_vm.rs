@@ -2,7 +2,9 @@
 //! `deploy/build-bootenv.sh`, served by `diskferry serve` over HTTP to the VMs' iPXE ROMs
 //! (user networking, `bootfile=http://10.0.2.2:PORT/boot.ipxe`).
 //!
-//! VM A boots from the network, dials back and registers with its MAC; its two virtio disks —
+//! VM A boots from the network (`/boot.ipxe` chains to `/boot.ipxe?mac=…`, which hands it the
+//! server's public key and an enrollment token), dials back, registers with its MAC and is
+//! approved through the API; its two virtio disks —
 //! a GPT with FAT32 and ext4, and an MBR disk booted by extlinux — are captured to VHDX and
 //! verified. VM B (another MAC, a smaller blank first disk) boots the same way; both captures
 //! are deployed onto its disks and read back; then B boots from its own second disk (extlinux,
@@ -105,6 +107,13 @@ fn machine_online(s: &Server, mac: &str) -> bool {
         .any(|m| m["online"] == true && m["macs"].as_array().unwrap().iter().any(|x| x == mac))
 }
 
+/// Approves a machine that booted for the first time (new machines wait for an administrator).
+fn approve(s: &Server, mac: &str) {
+    let r = s.api("POST", &format!("/api/machines/{mac}/approve"), b"");
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["approved"], true);
+}
+
 /// Runs a job to its end; returns the job record and how long it took.
 fn job(s: &Server, body: serde_json::Value) -> (serde_json::Value, Duration) {
     let start = Instant::now();
@@ -199,6 +208,7 @@ fn machines_boot_from_the_network_are_captured_deployed_and_boot_their_copy() {
         started.elapsed().as_secs_f64()
     );
     assert!(vm_a.console().contains("diskferry: network up"));
+    approve(&s, mac_a);
 
     // Capture both of A's disks by its MAC.
     let (j, t) = job(
@@ -244,6 +254,7 @@ fn machines_boot_from_the_network_are_captured_deployed_and_boot_their_copy() {
         "B never registered: {}",
         vm_b.console()
     );
+    approve(&s, mac_b);
     let (j, t) = job(
         &s,
         serde_json::json!({"kind": "deploy", "image": "a.vhdx", "target": format!("/dev/vda@{mac_b}")}),

@@ -422,7 +422,7 @@ fn a_capture_job_runs_to_the_end_and_joins_the_catalog() {
     let disk = SampleDisk::build();
     let data = tempfile::tempdir().unwrap();
     let s = Server::start(data.path()).unwrap();
-    let key = data.path().join("agent.key");
+    let key = data.path().join("server.key");
     let client = Client::start(&key, &["--disk", disk.gpt.to_str().unwrap()]).unwrap();
     let body = serde_json::json!({
         "kind": "capture", "source": client.source(&disk.gpt), "output": "sample.qcow2",

@@ -213,7 +213,7 @@ fn browse_download_and_watch_a_capture_in_chromium() {
 
     // A capture job against a loopback client, watched to 100 %.
     let client = Client::start(
-        &data.path().join("agent.key"),
+        &data.path().join("server.key"),
         &["--disk", disk.gpt.to_str().unwrap()],
     )
     .unwrap();

@@ -11,7 +11,7 @@ use diskferry_e2e::{
     allocated, assert_qcow2_clean_and_equal, assert_same_bytes, diskferry, make_disk, make_key,
     wait_for, Client,
 };
-use diskferry_protocol::{ErrorCode, Psk, Role, SessionOptions};
+use diskferry_protocol::{ErrorCode, SessionOptions, StaticKey};
 use diskferry_remote::{Connection, RemoteOptions};
 
 const MIB: u64 = 1 << 20;
@@ -149,7 +149,7 @@ fn disks_lists_what_the_client_serves() {
 }
 
 fn session(key: &Path) -> SessionOptions {
-    SessionOptions::new(Role::Controller, Psk::from_file(key).unwrap())
+    SessionOptions::controller(StaticKey::from_file(key).unwrap())
 }
 
 #[test]

@@ -1,4 +1,5 @@
-//! `/api/machines`: the registry of machines, naming one, and power requests through its agent.
+//! `/api/machines`: the registry of machines, naming one, approving its enrollment, forgetting
+//! it, and power requests through its agent.
 
 use std::sync::Arc;
 
@@ -95,10 +96,12 @@ pub(super) async fn power_machine(
         }
     };
     let m = machine_by_key(&state, &key).await?;
-    let link = state
-        .agents
-        .link(m.id)
-        .ok_or_else(|| Failure::new(StatusCode::CONFLICT, "that machine is not connected"))?;
+    let link = state.agents.approved_link(m.id).ok_or_else(|| {
+        Failure::new(
+            StatusCode::CONFLICT,
+            "that machine is not connected with an approved agent",
+        )
+    })?;
     link.connection
         .power(action)
         .await
@@ -108,4 +111,45 @@ pub(super) async fn power_machine(
         Json(serde_json::json!({"done": req.action})),
     )
         .into_response())
+}
+
+/// Approves a machine's pending enrollment; shared by the API and the page.
+pub async fn approve(state: &SharedState, key: &str) -> Result<i64, Failure> {
+    let m = machine_by_key(state, key).await?;
+    let st = Arc::clone(state);
+    tokio::task::spawn_blocking(move || st.catalog.approve_machine(m.id)).await??;
+    tracing::info!(machine = m.id, "machine {} approved", m.id);
+    Ok(m.id)
+}
+
+/// Forgets a machine (not while it runs a job); shared by the API and the page.
+pub async fn forget(state: &SharedState, key: &str) -> Result<(), Failure> {
+    let m = machine_by_key(state, key).await?;
+    if m.state == diskferry_daemon::catalog::state::TRANSITIONING {
+        return Err(Failure::new(
+            StatusCode::CONFLICT,
+            "that machine is in a job; cancel it first",
+        ));
+    }
+    let st = Arc::clone(state);
+    tokio::task::spawn_blocking(move || st.catalog.forget_machine(m.id)).await??;
+    tracing::info!(machine = m.id, "machine {} forgotten", m.id);
+    Ok(())
+}
+
+pub(super) async fn approve_machine(
+    State(state): State<SharedState>,
+    Path(key): Path<String>,
+) -> Result<Response, Failure> {
+    let id = approve(&state, &key).await?;
+    let m = machine_by_key(&state, &id.to_string()).await?;
+    Ok(Json(m).into_response())
+}
+
+pub(super) async fn forget_machine(
+    State(state): State<SharedState>,
+    Path(key): Path<String>,
+) -> Result<Response, Failure> {
+    forget(&state, &key).await?;
+    Ok(StatusCode::NO_CONTENT.into_response())
 }

@@ -29,6 +29,8 @@ pub fn routes() -> Router<SharedState> {
         .route("/static/app.js", get(script))
         .route("/machines", get(machines))
         .route("/machines/{id}/name", post(name_machine))
+        .route("/machines/{id}/approve", post(approve_machine))
+        .route("/machines/{id}/forget", post(forget_machine))
         .merge(captures::routes())
         .merge(jobs::routes())
         .fallback(|| async { PageFailure(Failure::not_found("no such page")) })
@@ -151,7 +153,7 @@ async fn machines(
     let body = html! {
         h1 { "Machines" }
         @if list.is_empty() {
-            p.empty { "No machine has dialed in yet. Machines appear here when they boot the diskferry PXE environment and connect back to this server." }
+            p.empty { "No machine has dialed in yet. Machines appear here when they boot the diskferry PXE environment and connect back to this server; a new machine waits for your approval before any job may use it." }
         } @else {
             p.hint { "Deploy replaces everything on the machine's disk (its only disk; for a machine with several, name the disk as DISK@MACHINE on the Jobs page)." }
             div.scroll { table.list {
@@ -169,15 +171,32 @@ async fn machines(
                                     (text(&d["name"])) " " (layout::human_bytes(d["size"].as_u64().unwrap_or(0))) br;
                                 }
                             }
-                            td { (text(&m["state"])) @if m["online"] == true { " · " span.state.succeeded { "online" } } }
+                            td {
+                                (text(&m["state"])) @if m["online"] == true { " · " span.state.succeeded { "online" } }
+                                @if m["approved"] != true && m["pending"].is_null() { br; span.state.failed { "not approved" } }
+                                @if let Some(reason) = m["pending"]["reason"].as_str() {
+                                    br; span.state.failed { "awaits approval" } ": " (reason)
+                                    br; span.mono { "agent key " (text(&m["pending"]["agent_key"]).chars().take(16).collect::<String>()) }
+                                }
+                            }
                             td { (m["last_seen"].as_i64().map(layout::date).unwrap_or_default()) }
                             td {
+                                @if !m["pending"].is_null() {
+                                    form.inline method="post" action=(format!("/machines/{id}/approve")) {
+                                        input type="hidden" name="csrf" value=(who.csrf());
+                                        button type="submit" { "Approve" }
+                                    }
+                                }
+                                form.inline method="post" action=(format!("/machines/{id}/forget")) {
+                                    input type="hidden" name="csrf" value=(who.csrf());
+                                    button type="submit" { "Forget" }
+                                }
                                 form.inline method="post" action=(format!("/machines/{id}/name")) {
                                     input type="hidden" name="csrf" value=(who.csrf());
                                     input name="name" required placeholder=(if m["name"].is_null() { "name to register" } else { "new name" }) aria-label="Machine name";
                                     button type="submit" { @if m["name"].is_null() { "Register" } @else { "Rename" } }
                                 }
-                                @if m["online"] == true && !captures.is_empty() {
+                                @if m["online"] == true && m["approved"] == true && m["pending"].is_null() && !captures.is_empty() {
                                     // Deploy: the machine's only disk, or name one on the jobs page.
                                     form.inline method="post" action="/jobs" {
                                         input type="hidden" name="csrf" value=(who.csrf());
@@ -199,6 +218,22 @@ async fn machines(
     Ok(Html(
         layout::page("Machines", "Machines", Some(&who), body).into_string(),
     ))
+}
+
+async fn approve_machine(
+    State(state): State<SharedState>,
+    axum::extract::Path(id): axum::extract::Path<String>,
+) -> Result<Response, PageFailure> {
+    crate::api::approve(&state, &id).await?;
+    Ok(Redirect::to("/machines").into_response())
+}
+
+async fn forget_machine(
+    State(state): State<SharedState>,
+    axum::extract::Path(id): axum::extract::Path<String>,
+) -> Result<Response, PageFailure> {
+    crate::api::forget(&state, &id).await?;
+    Ok(Redirect::to("/machines").into_response())
 }
 
 async fn name_machine(

@@ -1,11 +1,12 @@
 //! Machines in the catalog: identified by their MAC addresses, with the hardware they
-//! announced (configurations shared by several machines stored once) and their state. The PXE
-//! dial-back listener fills this registry; the web UI and `diskferry machines` read it.
+//! announced (configurations shared by several machines stored once), their state and their
+//! approval. The agent port fills this registry through enrollment (`enroll.rs`); the web UI
+//! and `diskferry machines` read it.
 
 use rusqlite::{OptionalExtension, Row};
 use serde::Serialize;
 
-use super::{unix_now, Catalog, CatalogError};
+use super::{Catalog, CatalogError};
 
 /// One machine as the catalog knows it.
 #[derive(Debug, Clone, Serialize)]
@@ -21,9 +22,20 @@ pub struct MachineRecord {
     pub state: String,
     pub last_seen: Option<i64>,
     pub created_at: i64,
-    /// Everything the machine announced last time (hostname, serial, UUID, disks...).
+    /// Everything the machine announced last time it was accepted (hostname, serial, UUID,
+    /// disks...).
     pub identity: Option<MachineIdentity>,
+    /// Whether an agent key is approved to act as this machine.
+    pub approved: bool,
+    /// The approved agent key's fingerprint.
+    pub agent_key: Option<String>,
+    /// An enrollment awaiting an administrator.
+    pub pending: Option<super::PendingApproval>,
 }
+
+/// The columns [`from_row`] reads, in order.
+const COLUMNS: &str = "m.id, m.name, m.macs, h.info, m.state, m.last_seen, m.created_at,
+    m.identity, m.approved_key, m.pending";
 
 fn from_row(row: &Row<'_>) -> rusqlite::Result<MachineRecord> {
     let macs: String = row.get(2)?;
@@ -39,6 +51,13 @@ fn from_row(row: &Row<'_>) -> rusqlite::Result<MachineRecord> {
         identity: row
             .get::<_, Option<String>>(7)?
             .and_then(|i| serde_json::from_str(&i).ok()),
+        approved: row.get::<_, Option<String>>(8)?.is_some(),
+        agent_key: row
+            .get::<_, Option<String>>(8)?
+            .map(|k| k.chars().take(16).collect()),
+        pending: row
+            .get::<_, Option<String>>(9)?
+            .and_then(|p| serde_json::from_str(&p).ok()),
     })
 }
 
@@ -47,13 +66,39 @@ impl Catalog {
     pub fn machines(&self) -> Result<Vec<MachineRecord>, CatalogError> {
         self.rows(
             &self.db(),
-            "SELECT m.id, m.name, m.macs, h.info, m.state, m.last_seen, m.created_at, m.identity
-             FROM machines m LEFT JOIN hardware h ON h.id = m.hardware_id
-             ORDER BY m.name IS NULL, m.name, m.last_seen DESC",
+            &format!(
+                "SELECT {COLUMNS} FROM machines m LEFT JOIN hardware h ON h.id = m.hardware_id
+                 ORDER BY m.name IS NULL, m.name, m.last_seen DESC"
+            ),
             [],
             from_row,
         )
     }
+
+    /// One machine by id.
+    pub fn machine(&self, id: i64) -> Result<Option<MachineRecord>, CatalogError> {
+        self.db()
+            .query_row(
+                &format!(
+                    "SELECT {COLUMNS} FROM machines m LEFT JOIN hardware h ON h.id = m.hardware_id
+                     WHERE m.id = ?1"
+                ),
+                [id],
+                from_row,
+            )
+            .optional()
+            .map_err(|e| self.sql(e))
+    }
+}
+
+/// The hardware part of an identity, as stored once for machines alike (vendor, product,
+/// CPUs, memory, disk models and sizes).
+pub(super) fn hardware_json(id: &MachineIdentity) -> String {
+    serde_json::json!({
+        "vendor": id.vendor, "product": id.product, "cpus": id.cpus, "memory": id.memory,
+        "disks": id.disks.iter().map(|d| serde_json::json!({"model": d.model, "size": d.size})).collect::<Vec<_>>(),
+    })
+    .to_string()
 }
 
 /// What a dial-back agent announces about its machine (the client's identity document).
@@ -121,87 +166,33 @@ pub mod state {
 }
 
 impl Catalog {
-    /// Records that a machine announced itself: matched to a known machine by any MAC address
-    /// in common (its MACs and hardware are updated), or added as unregistered. Identical
-    /// hardware descriptions (vendor, product, CPUs, memory, disk models and sizes) are stored
-    /// once. Returns the machine's id.
-    pub fn machine_seen(&self, id: &MachineIdentity) -> Result<i64, CatalogError> {
-        let macs: Vec<String> = id.macs.iter().filter_map(|m| normalize_mac(m)).collect();
-        if macs.is_empty() {
-            return Err(CatalogError::Invalid(
-                "the machine announced no MAC address".into(),
-            ));
-        }
-        let hardware = serde_json::json!({
-            "vendor": id.vendor, "product": id.product, "cpus": id.cpus, "memory": id.memory,
-            "disks": id.disks.iter().map(|d| serde_json::json!({"model": d.model, "size": d.size})).collect::<Vec<_>>(),
-        })
-        .to_string();
-        let now = unix_now();
-        let db = self.db();
-        db.execute(
-            "INSERT OR IGNORE INTO hardware (fingerprint, info) VALUES (?1, ?1)",
-            [&hardware],
-        )
-        .map_err(|e| self.sql(e))?;
-        let hw_id: i64 = db
-            .query_row(
-                "SELECT id FROM hardware WHERE fingerprint = ?1",
-                [&hardware],
-                |r| r.get(0),
-            )
-            .map_err(|e| self.sql(e))?;
-        let known: Vec<(i64, String)> =
-            self.rows(&db, "SELECT id, macs FROM machines", [], |r| {
-                Ok((r.get(0)?, r.get(1)?))
-            })?;
-        let found = known.into_iter().find_map(|(mid, m)| {
-            let theirs: Vec<String> = serde_json::from_str(&m).unwrap_or_default();
-            theirs
-                .iter()
-                .any(|x| macs.contains(x))
-                .then_some((mid, theirs))
-        });
-        let details = serde_json::to_string(id).unwrap_or_default();
-        match found {
-            Some((mid, mut theirs)) => {
-                theirs.extend(macs);
-                theirs.sort();
-                theirs.dedup();
-                db.execute(
-                    "UPDATE machines SET macs = ?2, hardware_id = ?3, last_seen = ?4, identity = ?5 WHERE id = ?1",
-                    rusqlite::params![mid, serde_json::to_string(&theirs).unwrap_or_default(), hw_id, now, details],
-                )
-                .map_err(|e| self.sql(e))?;
-                Ok(mid)
-            }
-            None => {
-                db.execute(
-                    "INSERT INTO machines (macs, hardware_id, state, last_seen, created_at, identity)
-                     VALUES (?1, ?2, ?3, ?4, ?4, ?5)",
-                    rusqlite::params![
-                        serde_json::to_string(&macs).unwrap_or_default(),
-                        hw_id,
-                        state::UNREGISTERED,
-                        now,
-                        details
-                    ],
-                )
-                .map_err(|e| self.sql(e))?;
-                Ok(db.last_insert_rowid())
-            }
-        }
-    }
-
     /// Finds a machine by registered name, MAC address (any form) or id.
     pub fn find_machine(&self, key: &str) -> Result<Option<MachineRecord>, CatalogError> {
-        let all = self.machines()?;
-        let mac = normalize_mac(key);
-        Ok(all.into_iter().find(|m| {
-            m.name.as_deref() == Some(key)
-                || mac.as_ref().is_some_and(|mac| m.macs.contains(mac))
-                || key.parse::<i64>().is_ok_and(|id| id == m.id)
-        }))
+        let id: Option<i64> = {
+            let db = self.db();
+            let by_name = db
+                .query_row("SELECT id FROM machines WHERE name = ?1", [key], |r| {
+                    r.get(0)
+                })
+                .optional()
+                .map_err(|e| self.sql(e))?;
+            let by_mac = match (by_name, normalize_mac(key)) {
+                (None, Some(mac)) => db
+                    .query_row(
+                        "SELECT machine_id FROM machine_macs WHERE mac = ?1",
+                        [mac],
+                        |r| r.get(0),
+                    )
+                    .optional()
+                    .map_err(|e| self.sql(e))?,
+                _ => None,
+            };
+            by_name.or(by_mac).or_else(|| key.parse().ok())
+        };
+        match id {
+            Some(id) => self.machine(id),
+            None => Ok(None),
+        }
     }
 
     /// Registers a machine under `name` (unregistered machines become dormant) or renames it.
@@ -260,10 +251,10 @@ impl Catalog {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
 
-    fn ident(macs: &[&str], product: &str) -> MachineIdentity {
+    pub(in crate::catalog) fn ident(macs: &[&str], product: &str) -> MachineIdentity {
         MachineIdentity {
             macs: macs.iter().map(|s| s.to_string()).collect(),
             product: Some(product.into()),
@@ -274,42 +265,36 @@ mod tests {
     }
 
     #[test]
-    fn machines_are_matched_by_mac_and_hardware_is_shared() {
+    fn machines_share_hardware_and_are_found_by_name_mac_or_id() {
         let dir = tempfile::tempdir().unwrap();
         let c = Catalog::open(dir.path()).unwrap();
         let a = c
-            .machine_seen(&ident(&["52:54:00:AA:00:01"], "Standard PC"))
-            .unwrap();
+            .enroll(&ident(&["52:54:00:AA:00:01"], "Standard PC"), "k1", None)
+            .unwrap()
+            .machine_id;
         let b = c
-            .machine_seen(&ident(&["52-54-00-aa-00-02"], "Standard PC"))
-            .unwrap();
+            .enroll(&ident(&["52-54-00-aa-00-02"], "Standard PC"), "k2", None)
+            .unwrap()
+            .machine_id;
         assert_ne!(a, b);
-        // Same machine again, with a second NIC: one record, both MACs.
-        let again = c
-            .machine_seen(&ident(
-                &["52:54:00:aa:00:01", "52:54:00:aa:00:09"],
-                "Standard PC",
-            ))
-            .unwrap();
-        assert_eq!(again, a);
         let all = c.machines().unwrap();
         assert_eq!(all.len(), 2);
         let ma = all.iter().find(|m| m.id == a).unwrap();
-        assert_eq!(ma.macs, ["52:54:00:aa:00:01", "52:54:00:aa:00:09"]);
+        assert_eq!(ma.macs, ["52:54:00:aa:00:01"]);
         assert_eq!(ma.state, state::UNREGISTERED);
         let hw: i64 = c
             .db()
             .query_row("SELECT COUNT(*) FROM hardware", [], |r| r.get(0))
             .unwrap();
         assert_eq!(hw, 1, "two machines alike share one hardware row");
-        assert!(c.machine_seen(&ident(&["nonsense"], "x")).is_err());
 
         c.name_machine(a, "web-01").unwrap();
         assert_eq!(
             c.find_machine("web-01").unwrap().unwrap().state,
             state::DORMANT
         );
-        assert_eq!(c.find_machine("52:54:00:AA:00:09").unwrap().unwrap().id, a);
+        assert_eq!(c.find_machine("52:54:00:AA:00:01").unwrap().unwrap().id, a);
+        assert_eq!(c.find_machine(&b.to_string()).unwrap().unwrap().id, b);
         assert!(c.name_machine(b, "web-01").is_err(), "names are unique");
         assert!(c.name_machine(b, "52:54:00:aa:00:02").is_err());
         assert!(c.name_machine(b, "bad name").is_err());

@@ -6,6 +6,7 @@
 //! runs without holding it. The schema is versioned with `PRAGMA user_version`.
 
 mod captures;
+mod enroll;
 mod jobs;
 mod machines;
 
@@ -17,6 +18,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use rusqlite::Connection;
 
 pub use captures::{CaptureRecord, RefreshReport};
+pub use enroll::{Enrolled, IdentityLimits, PendingApproval, Refusal};
 pub use jobs::{JobRecord, JobState};
 pub use machines::{normalize_mac, state, IdentityDisk, MachineIdentity, MachineRecord};
 
@@ -37,6 +39,8 @@ pub enum CatalogError {
     },
     #[error("{0}")]
     Invalid(String),
+    #[error("enrollment refused: {0}")]
+    Refused(#[from] Refusal),
     #[error("catalog database {path} has schema version {found}, newer than this diskferry knows ({known}); use a newer diskferry")]
     TooNew {
         path: PathBuf,
@@ -104,6 +108,17 @@ const MIGRATIONS: &[&str] = &[
      );",
     // 2: the last identity document a machine announced.
     "ALTER TABLE machines ADD COLUMN identity TEXT",
+    // 3: enrollment. Each MAC belongs to one machine (indexed); `approved_key` is the agent key
+    // allowed to act as the machine; `pending` an enrollment awaiting an administrator. Machines
+    // registered before protocol 2 must be approved again (their agents had no keys).
+    "ALTER TABLE machines ADD COLUMN approved_key TEXT;
+     ALTER TABLE machines ADD COLUMN pending TEXT;
+     CREATE TABLE machine_macs (
+        mac TEXT PRIMARY KEY,
+        machine_id INTEGER NOT NULL REFERENCES machines(id) ON DELETE CASCADE
+     );
+     INSERT OR IGNORE INTO machine_macs (mac, machine_id)
+        SELECT j.value, m.id FROM machines m, json_each(m.macs) j",
 ];
 
 impl Catalog {

@@ -3,14 +3,15 @@
 //! (`DISK@HOST:PORT`). Resolving checks the request; opening goes through the imaging crate's
 //! one path for remote disks, so every job's disk survives its client going away.
 
-use std::path::Path;
 use std::sync::Arc;
 
 use diskferry_blockdev::BlockDevice;
+use diskferry_blockdev::CancelFlag;
 use diskferry_imaging::source::{
-    open_on_connection, open_source, open_target, SourceError, SourceSpec, DEFAULT_RECONNECT,
+    open_on_connection, open_source, open_target, Patience, SourceError, SourceSpec,
+    DEFAULT_RECONNECT,
 };
-use diskferry_protocol::{Psk, Role, SessionOptions};
+use diskferry_protocol::SessionOptions;
 
 use super::JobError;
 use crate::agents::{AgentRedial, Agents};
@@ -32,10 +33,8 @@ pub enum JobDisk {
 /// Why a job's disk could not be opened.
 #[derive(Debug, thiserror::Error)]
 pub enum OpenError {
-    #[error("machine {0} disconnected")]
+    #[error("machine {0} disconnected, or its agent is not the approved one")]
     Disconnected(String),
-    #[error(transparent)]
-    Key(#[from] diskferry_protocol::key::KeyError),
     #[error(transparent)]
     Source(#[from] SourceError),
 }
@@ -72,11 +71,7 @@ impl JobDisk {
         };
         if let Some(m) = catalog.find_machine(who)? {
             let label = m.name.clone().unwrap_or_else(|| m.macs.join(","));
-            let link = agents.link(m.id).ok_or_else(|| {
-                JobError::Conflict(format!(
-                    "machine {label} is not connected: boot it into the diskferry PXE environment first"
-                ))
-            })?;
+            let link = approved_link(&m, &label, agents)?;
             let names: Vec<&str> = link
                 .identity
                 .disks
@@ -98,31 +93,36 @@ impl JobDisk {
         }
     }
 
-    /// Opens the disk, for reading (captures) or writing (deploys).
+    /// Opens the disk, for reading (captures) or writing (deploys); every wait on it (a reply,
+    /// a reconnection) ends when `cancel` is raised.
     pub fn open(
         &self,
         rt: &tokio::runtime::Handle,
         agents: &Arc<Agents>,
-        key_file: &Path,
+        session: &SessionOptions,
         writable: bool,
+        cancel: &CancelFlag,
     ) -> Result<Arc<dyn BlockDevice>, OpenError> {
+        let patience = Patience {
+            reconnect: DEFAULT_RECONNECT,
+            cancel: Some(cancel.clone()),
+        };
         match self {
             JobDisk::Listening { disk, addr } => {
-                let psk = Psk::from_file(key_file)?;
-                let session = SessionOptions::new(Role::Controller, psk);
+                let session = Some(session);
                 let spec = SourceSpec::Remote {
                     disk: disk.clone(),
                     addr: addr.clone(),
                 };
                 Ok(if writable {
-                    open_target(&spec, rt, Some(&session), DEFAULT_RECONNECT)?
+                    open_target(&spec, rt, session, patience)?
                 } else {
-                    open_source(&spec, rt, Some(&session), false, DEFAULT_RECONNECT)?
+                    open_source(&spec, rt, session, false, patience)?
                 })
             }
             JobDisk::Machine { id, label, disk } => {
                 let link = agents
-                    .link(*id)
+                    .approved_link(*id)
                     .ok_or_else(|| OpenError::Disconnected(label.clone()))?;
                 // If the machine drops off mid-job (agent restarted, network blip), wait for it
                 // to dial back and carry on.
@@ -137,11 +137,32 @@ impl JobDisk {
                     disk,
                     writable,
                     redial,
-                    DEFAULT_RECONNECT,
+                    patience,
                 )?)
             }
         }
     }
+}
+
+/// The machine's link, if it is connected and its agent is approved.
+fn approved_link(
+    m: &crate::catalog::MachineRecord,
+    label: &str,
+    agents: &Agents,
+) -> Result<crate::agents::AgentLink, JobError> {
+    if let Some(link) = agents.approved_link(m.id) {
+        return Ok(link);
+    }
+    Err(JobError::Conflict(match (&m.pending, agents.link(m.id)) {
+        (Some(p), Some(_)) => format!(
+            "machine {label} is connected but awaits approval ({}): approve it with `diskferry machines approve {}` or on its page",
+            p.reason, m.id
+        ),
+        (_, Some(_)) => format!("machine {label} is connected, but not with its approved agent key"),
+        (_, None) => format!(
+            "machine {label} is not connected: boot it into the diskferry PXE environment first"
+        ),
+    }))
 }
 
 /// The disk a request names on a machine, or its only disk.

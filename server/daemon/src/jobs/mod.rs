@@ -12,6 +12,8 @@ use std::collections::{HashMap, VecDeque};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
+use diskferry_protocol::SessionOptions;
+
 use diskferry_blockdev::{BlockDevice, CancelFlag, CancellableDevice};
 use diskferry_imaging::pipeline::{partial_path_for, DeployError, Mode, OutputOptions};
 use diskferry_imaging::progress::{JsonLines, Progress};
@@ -87,6 +89,8 @@ enum RunError {
     GoneBeforeReboot(String),
     #[error("reboot: {0}")]
     Reboot(#[source] diskferry_blockdev::BlockError),
+    #[error("internal error: the job panicked ({0}); this is a bug, please report it")]
+    Panicked(String),
 }
 
 /// A checked job, ready to run.
@@ -156,7 +160,8 @@ impl Live {
 /// Jobs of this server process.
 pub struct Jobs {
     catalog: Arc<Catalog>,
-    key_file: PathBuf,
+    /// The server's side of the handshake, for listening clients.
+    session: SessionOptions,
     agents: Arc<Agents>,
     live: Mutex<HashMap<i64, Live>>,
 }
@@ -168,10 +173,10 @@ impl std::fmt::Debug for Jobs {
 }
 
 impl Jobs {
-    pub fn new(catalog: Arc<Catalog>, key_file: PathBuf, agents: Arc<Agents>) -> Jobs {
+    pub fn new(catalog: Arc<Catalog>, session: SessionOptions, agents: Arc<Agents>) -> Jobs {
         Jobs {
             catalog,
-            key_file,
+            session,
             agents,
             live: Mutex::new(HashMap::new()),
         }
@@ -304,20 +309,12 @@ impl Jobs {
         let _ = self.catalog.start_job(id);
         self.publish(id, serde_json::json!({"state": "running"}));
         let machine = self.machine_transitioning(&work);
-        let result = match &work {
-            Work::Capture {
-                source,
-                out,
-                options,
-                ..
-            } => self.run_capture(id, rt, source, out, options, cancel),
-            Work::Deploy {
-                image,
-                target,
-                mode,
-                reboot,
-            } => self.run_deploy(id, rt, image, target, *mode, *reboot, cancel),
-        };
+        // A panic (a bug, or input nobody foresaw) fails this job and frees its machine; it
+        // must never leave the job running and the machine transitioning for good.
+        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            self.run_work(id, rt, &work, cancel)
+        }))
+        .unwrap_or_else(|panic| Err(RunError::Panicked(panic_message(&*panic))));
         let (job_state, error) = match result {
             Ok(()) => (JobState::Succeeded, None),
             Err(_) if cancel.is_cancelled() => (JobState::Cancelled, Some("cancelled".to_string())),
@@ -345,6 +342,29 @@ impl Jobs {
             serde_json::json!({"state": job_state.name(), "error": error}),
         );
         self.live().remove(&id);
+    }
+
+    fn run_work(
+        self: &Arc<Self>,
+        id: i64,
+        rt: &tokio::runtime::Handle,
+        work: &Work,
+        cancel: &CancelFlag,
+    ) -> Result<(), RunError> {
+        match work {
+            Work::Capture {
+                source,
+                out,
+                options,
+                ..
+            } => self.run_capture(id, rt, source, out, options, cancel),
+            Work::Deploy {
+                image,
+                target,
+                mode,
+                reboot,
+            } => self.run_deploy(id, rt, image, target, *mode, *reboot, cancel),
+        }
     }
 
     /// Marks the job's machine transitioning; returns it with its state before.
@@ -375,9 +395,10 @@ impl Jobs {
         disk: &JobDisk,
         rt: &tokio::runtime::Handle,
         writable: bool,
+        cancel: &CancelFlag,
     ) -> Result<Arc<dyn BlockDevice>, RunError> {
         tracing::info!("connecting to {}", disk.describe());
-        disk.open(rt, &self.agents, &self.key_file, writable)
+        disk.open(rt, &self.agents, &self.session, writable, cancel)
             .map_err(|source| RunError::Open {
                 what: disk.describe(),
                 source: Box::new(source),
@@ -397,14 +418,14 @@ impl Jobs {
     ) -> Result<(), RunError> {
         let (_, img) = diskferry_vdisk::open_image(image, false)?;
         let img: Arc<dyn BlockDevice> = Arc::new(CancellableDevice::new(img, cancel.clone()));
-        let dst = self.open(target, rt, true)?;
+        let dst = self.open(target, rt, true, cancel)?;
         tracing::info!("image {}", image.display());
         let progress = self.progress_sink(id);
         diskferry_imaging::deploy(img, dst, &target.describe(), mode, &progress)?;
         if let (true, JobDisk::Machine { id: m, label, .. }) = (reboot, target) {
             let link = self
                 .agents
-                .link(*m)
+                .approved_link(*m)
                 .ok_or_else(|| RunError::GoneBeforeReboot(label.clone()))?;
             rt.block_on(
                 link.connection
@@ -425,7 +446,7 @@ impl Jobs {
         options: &CaptureOptions,
         cancel: &CancelFlag,
     ) -> Result<(), RunError> {
-        let src = self.open(source, rt, false)?;
+        let src = self.open(source, rt, false, cancel)?;
         let src: Arc<dyn BlockDevice> = Arc::new(CancellableDevice::new(src, cancel.clone()));
         tracing::info!("capturing {} bytes to {}", src.size(), out.display());
         let progress = self.progress_sink(id);
@@ -499,4 +520,13 @@ fn output_format(name: &str) -> Result<ImageFormat, JobError> {
             "output name must end in .vhdx, .qcow2 or .img (that sets the format)".into(),
         )
     })
+}
+
+/// The text of a panic's payload.
+fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "no message".into())
 }
