@@ -25,8 +25,9 @@ pub struct ServeArgs {
     #[arg(long, value_name = "DIR")]
     boot_dir: Option<PathBuf>,
     /// TFTP for legacy PXE firmware: serves iPXE (undionly.kpxe, ipxe.efi, snponly.efi from
-    /// Debian's ipxe package) and the boot directory's files; "off" to disable
-    #[arg(long, default_value = "0.0.0.0:69", value_name = "ADDR:PORT|off")]
+    /// Debian's ipxe package) and the boot directory's files, e.g. 0.0.0.0:69; off unless
+    /// you say where
+    #[arg(long, default_value = "off", value_name = "ADDR:PORT|off")]
     tftp_listen: String,
     /// The dial-back address put into the boot script [default: the host the machine used to
     /// reach /boot.ipxe, with the agent port]
