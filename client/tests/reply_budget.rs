@@ -101,9 +101,19 @@ fn status_kib(pid: u32, field: &str) -> u64 {
     line.split_whitespace().nth(1).unwrap().parse().unwrap()
 }
 
+/// The agent process, killed when the test ends, passed or not.
+struct Agent(Child);
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// The real agent binary, listening on a loopback port; returns it and the port's address.
-fn start_agent(key: &Path, disk: &Path) -> (Child, String) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_diskferry-client"))
+fn start_agent(key: &Path, disk: &Path) -> (Agent, String) {
+    let child = Command::new(env!("CARGO_BIN_EXE_diskferry-client"))
         .args([
             "--listen",
             "127.0.0.1:0",
@@ -118,8 +128,9 @@ fn start_agent(key: &Path, disk: &Path) -> (Child, String) {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
+    let mut agent = Agent(child);
     let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
+    BufReader::new(agent.0.stdout.take().unwrap())
         .read_line(&mut line)
         .unwrap();
     let addr = line
@@ -127,7 +138,7 @@ fn start_agent(key: &Path, disk: &Path) -> (Child, String) {
         .strip_prefix("listening on ")
         .expect(&line)
         .to_string();
-    (child, addr)
+    (agent, addr)
 }
 
 /// Waits until `progress` and the agent's RSS have both stopped moving for two seconds
@@ -152,8 +163,8 @@ async fn unread_block_status_replies_do_not_grow_the_agent() {
     let dir = tempfile::tempdir().unwrap();
     let disk = striped_disk(dir.path());
     let (key_file, _, controller) = keys(dir.path());
-    let (mut agent, addr) = start_agent(&key_file, &disk);
-    let pid = agent.id();
+    let (agent, addr) = start_agent(&key_file, &disk);
+    let pid = agent.0.id();
     let stream = tokio::net::TcpStream::connect(&addr).await.unwrap();
     let mut halves = handshake(stream, &controller).await;
     let handle = open(&mut halves, &disk).await;
@@ -186,8 +197,6 @@ async fn unread_block_status_replies_do_not_grow_the_agent() {
         }
     }
     drop(sender.await.unwrap());
-    let _ = agent.kill();
-    let _ = agent.wait();
 }
 
 /// A budget smaller than one reply (an identity is up to 256 KiB, a block status 64 KiB, the
