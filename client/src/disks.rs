@@ -13,7 +13,7 @@ use diskferry_protocol::stream::{data_reply_buffer, DATA_HEADROOM};
 use diskferry_protocol::{BlockState, DiskInfo, ErrorCode, Extent};
 
 /// Most extents one BlockStatus reply carries; the requester asks again for the rest.
-const MAX_STATUS_EXTENTS: usize = 4096;
+pub(crate) const MAX_STATUS_EXTENTS: usize = 4096;
 
 /// A disk the client was told (or found) to serve.
 #[derive(Debug, Clone)]

@@ -2,10 +2,19 @@
 //!
 //! The reader loop decodes requests and starts each one's disk I/O on the blocking pool; a
 //! writer task sends the replies in completion order (cookies let the server match them).
-//! In-flight payload bytes are capped by a semaphore: when the cap is reached the reader stops
-//! reading the socket, so a peer cannot make the client allocate more than the cap.
+//!
+//! Memory is bounded by one budget per connection (`--max-inflight` bytes, a semaphore):
+//! every request takes, before it is started, the most its reply can hold — a read's payload,
+//! a write's data, 4096 extents for a block status, 256 KiB for an identity, at least
+//! [`REPLY_FLOOR`] for anything (an error, `Done`) — and gives it back once its reply is
+//! written to the socket. When the budget is spent the reader stops reading the socket, so a
+//! peer that sends requests without reading replies meets TCP backpressure instead of growing
+//! the agent (3,000 unread block-status replies grew it from 16 to 200 MiB before). A request
+//! that needs more than the whole budget takes all of it: it waits for the others to be
+//! written, then runs alone, so nothing waits forever.
 
 use std::collections::HashMap;
+use std::mem::size_of;
 use std::ops::ControlFlow;
 use std::sync::Arc;
 
@@ -13,15 +22,24 @@ use bytes::{Bytes, BytesMut};
 use diskferry_protocol::handshake::respond;
 use diskferry_protocol::stream::{split, FrameReader, FrameWriter};
 use diskferry_protocol::{
-    ErrorCode, Message, PowerAction, ProtocolError, Reply, Request, Session, SessionOptions,
+    ErrorCode, Extent, Message, PowerAction, ProtocolError, Reply, Request, Session,
+    SessionOptions, MAX_IDENTITY,
 };
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 
-use crate::disks::{self, DiskError, DiskSpec, OpenDisk};
+use crate::disks::{self, DiskError, DiskSpec, OpenDisk, MAX_STATUS_EXTENTS};
 
 /// Replies are batched into one socket write until this many bytes are queued.
 const WRITE_BATCH: usize = 4 << 20;
+/// The least budget a request takes: its queued reply, an error message, a short reply.
+const REPLY_FLOOR: u32 = 1 << 10;
+/// Budget of a block status: its most extents, as held in memory.
+const STATUS_REPLY: u32 = (MAX_STATUS_EXTENTS * size_of::<Extent>()) as u32 + REPLY_FLOOR;
+/// Budget of an identity: the largest document.
+const IDENTITY_REPLY: u32 = MAX_IDENTITY as u32 + REPLY_FLOOR;
+/// Budget of one disk in a disk list (its name is a path, at most 4 KiB on Linux).
+const DISK_REPLY: u32 = 8 << 10;
 
 /// What every connection of this client shares.
 #[derive(Debug)]
@@ -47,7 +65,7 @@ enum Outgoing {
     },
 }
 
-type Queued = (Outgoing, Option<OwnedSemaphorePermit>);
+type Queued = (Outgoing, OwnedSemaphorePermit);
 
 /// Serves one accepted connection to completion.
 pub async fn serve<S>(mut io: S, config: Arc<Config>) -> Result<(), ProtocolError>
@@ -114,7 +132,7 @@ where
                 Outgoing::Reply(msg) => writer.queue(&msg)?,
                 Outgoing::Data { cookie, buf } => writer.queue_data_reply(cookie, buf)?,
             }
-            permits.extend(permit);
+            permits.push(permit);
             if writer.pending() < WRITE_BATCH {
                 next = rx.try_recv().ok();
             }
@@ -130,8 +148,10 @@ struct Connection {
     config: Arc<Config>,
     /// To the writer task; every operation in flight holds a clone.
     tx: mpsc::UnboundedSender<Queued>,
-    /// Payload bytes that may still be in flight (`Config::max_inflight`).
+    /// Reply bytes that may still be in flight (`Config::max_inflight`).
     budget: Arc<Semaphore>,
+    /// The whole budget.
+    capacity: u32,
     handles: HashMap<u32, Arc<OpenDisk>>,
     next_handle: u32,
     /// Largest read or write the session allows.
@@ -140,11 +160,12 @@ struct Connection {
 
 impl Connection {
     fn new(config: Arc<Config>, tx: mpsc::UnboundedSender<Queued>, max_payload: u32) -> Self {
-        let budget = Arc::new(Semaphore::new(config.max_inflight.max(max_payload) as usize));
+        let capacity = config.max_inflight.max(max_payload);
         Connection {
             config,
             tx,
-            budget,
+            budget: Arc::new(Semaphore::new(capacity as usize)),
+            capacity,
             handles: HashMap::new(),
             next_handle: 1,
             max_payload,
@@ -173,9 +194,16 @@ impl Connection {
         }
     }
 
-    /// Answers one request, or starts the disk I/O whose reply the writer task will send.
-    /// `Break` means the connection is ending.
+    /// Answers one request, or starts the disk I/O whose reply the writer task will send,
+    /// once the budget has room for its reply. `Break` means the connection is ending.
     async fn answer(&mut self, cookie: u64, request: Request) -> ControlFlow<()> {
+        // Bounded memory: nothing is started, and nothing more is read, before this.
+        let Ok(permit) = Arc::clone(&self.budget)
+            .acquire_many_owned(self.cost(&request))
+            .await
+        else {
+            return ControlFlow::Break(());
+        };
         match request {
             Request::ListDisks => {
                 let list = self
@@ -184,102 +212,114 @@ impl Connection {
                     .iter()
                     .filter_map(|d| disks::describe(d, self.config.allow_write).ok())
                     .collect();
-                self.reply(cookie, Reply::Disks(list));
+                self.reply(cookie, Reply::Disks(list), permit);
             }
             Request::Open { disk, writable } => {
                 let r = self.open(&disk, writable).await;
-                self.reply(cookie, r);
+                self.reply(cookie, r, permit);
             }
             Request::Close { handle } => {
                 let r = match self.handles.remove(&handle) {
                     Some(_) => Reply::Done,
                     None => bad_handle(handle),
                 };
-                self.reply(cookie, r);
+                self.reply(cookie, r, permit);
             }
             Request::Read {
                 handle,
                 offset,
                 len,
-            } => {
-                return self.read(cookie, handle, offset, len).await;
-            }
+            } => self.read(cookie, handle, offset, len, permit),
             Request::Write {
                 handle,
                 offset,
                 data,
-            } => {
-                return self.write(cookie, handle, offset, data).await;
-            }
+            } => self.write(cookie, handle, offset, data, permit),
             Request::Identify => {
                 let config = Arc::clone(&self.config);
-                run(&self.tx, cookie, None, move || {
+                run(&self.tx, cookie, permit, move || {
                     Ok(Reply::Identity(crate::identity::collect(&config)))
                 });
             }
-            Request::Power { action } => self.power(cookie, action),
+            Request::Power { action } => self.power(cookie, action, permit),
             disk_op @ (Request::Flush { .. }
             | Request::Discard { .. }
             | Request::BlockStatus { .. }
-            | Request::WriteZeroes { .. }) => self.disk_op(cookie, disk_op),
+            | Request::WriteZeroes { .. }) => self.disk_op(cookie, disk_op, permit),
         }
         ControlFlow::Continue(())
     }
 
+    /// The budget `request` takes until its reply is written: the most its reply (or, for a
+    /// write, its data) can hold, at least [`REPLY_FLOOR`], at most the whole budget.
+    fn cost(&self, request: &Request) -> u32 {
+        let most = match request {
+            Request::Read { len, .. } if *len <= self.max_payload => *len,
+            Request::Write { data, .. } => u32::try_from(data.len()).unwrap_or(u32::MAX),
+            Request::BlockStatus { .. } => STATUS_REPLY,
+            Request::Identify => IDENTITY_REPLY,
+            Request::ListDisks => DISK_REPLY
+                .saturating_mul(u32::try_from(self.config.disks.len()).unwrap_or(u32::MAX)),
+            _ => 0,
+        };
+        most.max(REPLY_FLOOR).min(self.capacity)
+    }
+
     /// The requests that are one call on an open disk, run on the blocking pool.
-    fn disk_op(&self, cookie: u64, request: Request) {
-        let (tx, handles) = (&self.tx, &self.handles);
+    fn disk_op(&self, cookie: u64, request: Request, permit: OwnedSemaphorePermit) {
         match request {
-            Request::Flush { handle } => with_disk(tx, cookie, handles, handle, |d| {
-                d.flush().map(|()| Reply::Done)
-            }),
+            Request::Flush { handle } => {
+                self.on_disk(cookie, handle, permit, |d| d.flush().map(|()| Reply::Done))
+            }
             Request::Discard {
                 handle,
                 offset,
                 len,
-            } => with_disk(tx, cookie, handles, handle, move |d| {
+            } => self.on_disk(cookie, handle, permit, move |d| {
                 d.discard(offset, len).map(|()| Reply::Done)
             }),
             Request::BlockStatus {
                 handle,
                 offset,
                 len,
-            } => with_disk(tx, cookie, handles, handle, move |d| {
+            } => self.on_disk(cookie, handle, permit, move |d| {
                 d.block_status(offset, len).map(Reply::Status)
             }),
             Request::WriteZeroes {
                 handle,
                 offset,
                 len,
-            } => with_disk(tx, cookie, handles, handle, move |d| {
+            } => self.on_disk(cookie, handle, permit, move |d| {
                 d.write_zeroes(offset, len).map(|()| Reply::Done)
             }),
             other => unreachable!("answer() sends only disk operations here, not {other:?}"),
         }
     }
 
-    /// Queues a reply that needs no disk I/O.
-    fn reply(&self, cookie: u64, reply: Reply) {
-        let _ = self
-            .tx
-            .send((Outgoing::Reply(Message::Reply { cookie, reply }), None));
+    /// Runs `op` on the disk behind `handle`, or answers that there is none.
+    fn on_disk(
+        &self,
+        cookie: u64,
+        handle: u32,
+        permit: OwnedSemaphorePermit,
+        op: impl FnOnce(&OpenDisk) -> Result<Reply, DiskError> + Send + 'static,
+    ) {
+        match open_disk(&self.handles, handle) {
+            Ok(disk) => run(&self.tx, cookie, permit, move || op(&disk)),
+            Err(reply) => self.reply(cookie, reply, permit),
+        }
     }
 
-    /// Starts a read once the budget allows its buffer; `Break` if the budget is gone.
-    async fn read(&self, cookie: u64, handle: u32, offset: u64, len: u32) -> ControlFlow<()> {
+    /// Queues a reply that needs no disk I/O.
+    fn reply(&self, cookie: u64, reply: Reply, permit: OwnedSemaphorePermit) {
+        queue(&self.tx, cookie, reply, permit);
+    }
+
+    /// Starts a read (its budget, taken in [`Self::answer`], covers the buffer).
+    fn read(&self, cookie: u64, handle: u32, offset: u64, len: u32, permit: OwnedSemaphorePermit) {
         let disk = match self.readable(handle, offset, len) {
             Ok(d) => d,
-            Err(r) => {
-                self.reply(cookie, r);
-                return ControlFlow::Continue(());
-            }
-        };
-        // Bounded allocation: wait for budget before the buffer exists.
-        let Ok(permit) = Arc::clone(&self.budget)
-            .acquire_many_owned(len.max(1))
-            .await
-        else {
-            return ControlFlow::Break(());
+            Err(r) => return self.reply(cookie, r, permit),
         };
         let tx = self.tx.clone();
         tokio::task::spawn_blocking(move || {
@@ -290,9 +330,8 @@ impl Connection {
                     reply: error(e),
                 }),
             };
-            let _ = tx.send((out, Some(permit)));
+            let _ = tx.send((out, permit));
         });
-        ControlFlow::Continue(())
     }
 
     /// The disk a read may go to, or the error reply: unknown handle, too large, out of range.
@@ -311,40 +350,30 @@ impl Connection {
         Ok(disk)
     }
 
-    /// Starts a write once the budget allows its payload; `Break` if the budget is gone.
-    async fn write(&self, cookie: u64, handle: u32, offset: u64, data: Bytes) -> ControlFlow<()> {
-        let disk = match open_disk(&self.handles, handle) {
-            Ok(d) => d,
-            Err(r) => {
-                self.reply(cookie, r);
-                return ControlFlow::Continue(());
-            }
-        };
-        let Ok(permit) = Arc::clone(&self.budget)
-            .acquire_many_owned((data.len() as u32).max(1))
-            .await
-        else {
-            return ControlFlow::Break(());
-        };
-        run(&self.tx, cookie, Some(permit), move || {
-            disk.write(offset, &data).map(|()| Reply::Done)
+    /// Starts a write (its budget, taken in [`Self::answer`], covers the data).
+    fn write(
+        &self,
+        cookie: u64,
+        handle: u32,
+        offset: u64,
+        data: Bytes,
+        permit: OwnedSemaphorePermit,
+    ) {
+        self.on_disk(cookie, handle, permit, move |d| {
+            d.write(offset, &data).map(|()| Reply::Done)
         });
-        ControlFlow::Continue(())
     }
 
     /// Reboots or powers off (after the reply has had time to leave), if this client may.
-    fn power(&self, cookie: u64, action: PowerAction) {
+    fn power(&self, cookie: u64, action: PowerAction, permit: OwnedSemaphorePermit) {
         if !self.config.allow_power {
-            self.reply(
-                cookie,
-                error(DiskError {
-                    code: ErrorCode::Unsupported,
-                    message: "this client was started without --allow-power".into(),
-                }),
-            );
-            return;
+            let refused = error(DiskError {
+                code: ErrorCode::Unsupported,
+                message: "this client was started without --allow-power".into(),
+            });
+            return self.reply(cookie, refused, permit);
         }
-        self.reply(cookie, Reply::Done);
+        self.reply(cookie, Reply::Done, permit);
         crate::log(
             &self.config,
             format_args!("{action:?} requested by the server"),
@@ -402,19 +431,14 @@ impl Connection {
     }
 }
 
-fn with_disk(
+/// Queues a reply with the budget it holds until it is written.
+fn queue(
     tx: &mpsc::UnboundedSender<Queued>,
     cookie: u64,
-    handles: &HashMap<u32, Arc<OpenDisk>>,
-    handle: u32,
-    op: impl FnOnce(&OpenDisk) -> Result<Reply, DiskError> + Send + 'static,
+    reply: Reply,
+    permit: OwnedSemaphorePermit,
 ) {
-    match open_disk(handles, handle) {
-        Ok(disk) => run(tx, cookie, None, move || op(&disk)),
-        Err(reply) => {
-            let _ = tx.send((Outgoing::Reply(Message::Reply { cookie, reply }), None));
-        }
-    }
+    let _ = tx.send((Outgoing::Reply(Message::Reply { cookie, reply }), permit));
 }
 
 /// The disk behind a handle, or the error reply for an unknown handle.
@@ -429,13 +453,13 @@ fn open_disk(handles: &HashMap<u32, Arc<OpenDisk>>, handle: u32) -> Result<Arc<O
 fn run(
     tx: &mpsc::UnboundedSender<Queued>,
     cookie: u64,
-    permit: Option<OwnedSemaphorePermit>,
+    permit: OwnedSemaphorePermit,
     op: impl FnOnce() -> Result<Reply, DiskError> + Send + 'static,
 ) {
     let tx = tx.clone();
     tokio::task::spawn_blocking(move || {
         let reply = op().unwrap_or_else(error);
-        let _ = tx.send((Outgoing::Reply(Message::Reply { cookie, reply }), permit));
+        queue(&tx, cookie, reply, permit);
     });
 }
 

@@ -7,6 +7,7 @@
 //! ([`crate::joblog`]). Jobs are cancelled through their source ([`CancellableDevice`]).
 
 mod disk;
+mod names;
 
 use std::collections::{HashMap, VecDeque};
 use std::path::{Path, PathBuf};
@@ -25,6 +26,7 @@ use tokio::sync::watch;
 use crate::agents::Agents;
 use crate::catalog::{state, Catalog, CatalogError, JobState};
 pub use disk::{JobDisk, OpenError};
+use names::{OutputNames, Reservation};
 
 /// What a job request asks for (`POST /api/jobs`, the jobs page, the CLI through a server).
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -100,6 +102,8 @@ enum Work {
         out: PathBuf,
         output: String,
         options: CaptureOptions,
+        /// Holds the output name until the job (and this value) ends.
+        _name: Reservation,
     },
     Deploy {
         image: PathBuf,
@@ -164,6 +168,8 @@ pub struct Jobs {
     session: SessionOptions,
     agents: Arc<Agents>,
     live: Mutex<HashMap<i64, Live>>,
+    /// Output names of running captures.
+    names: OutputNames,
 }
 
 impl std::fmt::Debug for Jobs {
@@ -179,6 +185,7 @@ impl Jobs {
             session,
             agents,
             live: Mutex::new(HashMap::new()),
+            names: OutputNames::default(),
         }
     }
 
@@ -236,11 +243,16 @@ impl Jobs {
         let disk = JobDisk::resolve(source, &self.catalog, &self.agents)?;
         let format = output_format(&output)?;
         let out = self.catalog.captures_dir().join(&output);
-        if out.exists() || partial_path_for(&out).exists() {
-            return Err(JobError::Conflict(format!(
-                "a capture named {output} exists already; choose another name"
-            )));
-        }
+        // Reserved before the check, so no other request can pass it until this job ends.
+        let name = self
+            .names
+            .reserve(&out)
+            .filter(|_| !out.exists() && !partial_path_for(&out).exists())
+            .ok_or_else(|| {
+                JobError::Conflict(format!(
+                    "a capture named {output} exists already or is being written; choose another name"
+                ))
+            })?;
         let params = serde_json::json!({
             "source": source, "output": output, "mode": mode.name(), "verify": req.verify,
         });
@@ -259,6 +271,7 @@ impl Jobs {
             out,
             output,
             options,
+            _name: name,
         };
         Ok((work, params))
     }

@@ -1,5 +1,9 @@
 //! Outputs that never look complete before they are: written as `NAME.partial`, made durable,
 //! and only then renamed to `NAME`.
+//!
+//! `NAME.partial` is created exclusively (`O_CREAT | O_EXCL`), never truncated: two writers to
+//! the same name cannot share one file, so the second fails with [`OutputError::InUse`]
+//! instead of interleaving its blocks with the first's.
 
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::OpenOptionsExt;
@@ -10,6 +14,12 @@ use std::path::{Path, PathBuf};
 pub enum OutputError {
     #[error("{0} already exists; choose another name or pass --force to replace it")]
     Exists(PathBuf),
+    /// `NAME.partial` exists: another job is writing it, or one that stopped left it behind.
+    #[error(
+        "another job is already writing {out} or a stale {partial} exists; remove it if no job is \
+         running"
+    )]
+    InUse { out: PathBuf, partial: PathBuf },
     #[error("cannot {op} {path}: {source}")]
     Io {
         op: &'static str,
@@ -35,8 +45,8 @@ pub struct PartialOutput {
 }
 
 impl PartialOutput {
-    /// Creates (or truncates) `OUT.partial`, refusing when `OUT` exists unless `overwrite`.
-    /// Images hold whole disks, so the file is readable by its owner only (0600).
+    /// Creates `OUT.partial` (it must not exist), refusing when `OUT` exists unless
+    /// `overwrite`. Images hold whole disks, so the file is readable by its owner only (0600).
     pub fn create(final_path: &Path, overwrite: bool) -> Result<PartialOutput, OutputError> {
         if !overwrite && final_path.exists() {
             return Err(OutputError::Exists(final_path.to_path_buf()));
@@ -45,14 +55,19 @@ impl PartialOutput {
         let file = OpenOptions::new()
             .read(true)
             .write(true)
-            .create(true)
-            .truncate(true)
+            .create_new(true)
             .mode(0o600)
             .open(&partial_path)
-            .map_err(|source| OutputError::Io {
-                op: "create",
-                path: partial_path.clone(),
-                source,
+            .map_err(|source| match source.kind() {
+                std::io::ErrorKind::AlreadyExists => OutputError::InUse {
+                    out: final_path.to_path_buf(),
+                    partial: partial_path.clone(),
+                },
+                _ => OutputError::Io {
+                    op: "create",
+                    path: partial_path.clone(),
+                    source,
+                },
             })?;
         Ok(PartialOutput {
             final_path: final_path.to_path_buf(),
@@ -88,5 +103,39 @@ impl PartialOutput {
             .and_then(|d| d.sync_all())
             .map_err(io("sync directory", &dir))?;
         Ok(self.final_path)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write;
+
+    use super::*;
+
+    /// Two writers to one name: the second is refused and the first's bytes are untouched
+    /// (the old code truncated the first writer's file under it).
+    #[test]
+    fn a_second_writer_to_the_same_name_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("dup.qcow2");
+        let first = PartialOutput::create(&out, false).unwrap();
+        first.file().write_all(b"first writer's data").unwrap();
+        match PartialOutput::create(&out, false) {
+            Err(OutputError::InUse { out: o, partial }) => {
+                assert_eq!(o, out);
+                assert_eq!(partial, dir.path().join("dup.qcow2.partial"));
+            }
+            other => panic!("second writer not refused: {other:?}"),
+        }
+        let err = PartialOutput::create(&out, true).unwrap_err().to_string();
+        assert!(err.contains("dup.qcow2.partial"), "{err}");
+        assert_eq!(
+            std::fs::read(first.partial_path()).unwrap(),
+            b"first writer's data"
+        );
+        assert_eq!(first.commit().unwrap(), out);
+        assert_eq!(std::fs::read(&out).unwrap(), b"first writer's data");
+        // Once committed, the name is free again for a writer that may replace it.
+        PartialOutput::create(&out, true).unwrap();
     }
 }
