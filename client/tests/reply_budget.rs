@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use diskferry_protocol::handshake::initiate;
 use diskferry_protocol::stream::{split, FrameReader, FrameWriter};
-use diskferry_protocol::{Message, Psk, Reply, Request, Role, SessionOptions};
+use diskferry_protocol::{Message, Reply, Request, SessionOptions, StaticKey};
 use tokio::io::{AsyncRead, AsyncWrite, ReadHalf, WriteHalf};
 
 /// Block-status requests sent without reading a reply (the finding's figure).
@@ -25,17 +25,16 @@ const BUDGET: u32 = 8 << 20;
 /// What the agent may reach: its own 16 MiB or so, the budget, and slack.
 const RSS_LIMIT_KIB: u64 = 64 << 10;
 
-/// The one place that knows the key model: a key file for the agent, and the agent's and the
-/// controller's session options for that key.
+/// The one place that knows the key model: a file with the server's public key for the agent,
+/// and the agent's and the server's session options.
 fn keys(dir: &Path) -> (PathBuf, SessionOptions, SessionOptions) {
-    let secret = "a test key that is long enough";
-    let file = dir.join("key");
-    std::fs::write(&file, secret).unwrap();
-    let psk = || Psk::from_secret(secret.as_bytes());
+    let server = StaticKey::generate();
+    let file = dir.join("server.pub");
+    std::fs::write(&file, server.public().to_string()).unwrap();
     (
         file,
-        SessionOptions::new(Role::Agent, psk()),
-        SessionOptions::new(Role::Controller, psk()),
+        SessionOptions::agent(StaticKey::generate(), server.public()),
+        SessionOptions::controller(server),
     )
 }
 
@@ -120,7 +119,7 @@ fn start_agent(key: &Path, disk: &Path) -> (Agent, String) {
             "--max-inflight",
             &BUDGET.to_string(),
         ])
-        .arg("--key-file")
+        .arg("--server-key")
         .arg(key)
         .arg("--disk")
         .arg(disk)

@@ -12,20 +12,18 @@ use diskferry_client::disks::DiskSpec;
 use diskferry_daemon::agents::Agents;
 use diskferry_daemon::catalog::{Catalog, JobState};
 use diskferry_daemon::jobs::{JobError, JobRequest, Jobs};
-use diskferry_protocol::{Psk, Role, SessionOptions};
+use diskferry_protocol::{SessionOptions, StaticKey};
 
 /// A source disk with data everywhere (nothing to skip, so the capture takes a moment).
 const DISK: usize = 64 << 20;
 
-/// Writes a key file and returns the key (the one place that knows the key model).
-fn write_key(path: &Path) -> Psk {
-    let secret = Psk::generate_secret();
-    std::fs::write(path, &secret).unwrap();
-    Psk::from_secret(secret.trim().as_bytes())
+/// A server key (the one place that knows the key model).
+fn server_key() -> StaticKey {
+    StaticKey::generate()
 }
 
-/// Starts a listening agent serving `disk`; returns its address.
-async fn start_agent(disk: &Path, psk: Psk) -> String {
+/// Starts a listening agent serving `disk`, trusting `server`; returns its address.
+async fn start_agent(disk: &Path, server: &StaticKey) -> String {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap().to_string();
     let config = Arc::new(diskferry_client::Config {
@@ -34,12 +32,12 @@ async fn start_agent(disk: &Path, psk: Psk) -> String {
             name: disk.display().to_string(),
         }],
         allow_write: false,
-        session: SessionOptions::new(Role::Agent, psk),
+        session: SessionOptions::agent(StaticKey::generate(), server.public()),
         max_inflight: 64 << 20,
         quiet: true,
         allow_power: false,
     });
-    tokio::spawn(diskferry_client::accept_loop(listener, config));
+    tokio::spawn(diskferry_client::accept_loop(listener, config, 4));
     addr
 }
 
@@ -70,14 +68,17 @@ async fn a_second_capture_to_a_running_captures_name_is_refused() {
     let source = dir.path().join("source.img");
     let pattern: Vec<u8> = (0..DISK).map(|i| (i * 7 % 251) as u8 + 1).collect();
     std::fs::write(&source, &pattern).unwrap();
-    let key_file = dir.path().join("key");
-    let psk = write_key(&key_file);
-    let addr = start_agent(&source, psk.clone()).await;
+    let key = server_key();
+    let addr = start_agent(&source, &key).await;
 
     let catalog = Arc::new(Catalog::open(&dir.path().join("data")).unwrap());
-    let session = SessionOptions::new(Role::Controller, psk);
-    let agents = Arc::new(Agents::new(Arc::clone(&catalog), session));
-    let jobs = Arc::new(Jobs::new(Arc::clone(&catalog), key_file, agents));
+    let session = SessionOptions::controller(key);
+    let agents = Arc::new(Agents::new(
+        Arc::clone(&catalog),
+        session.clone(),
+        Default::default(),
+    ));
+    let jobs = Arc::new(Jobs::new(Arc::clone(&catalog), session, agents));
     let request = JobRequest {
         kind: "capture".into(),
         source: Some(format!("{}@{addr}", source.display())),

@@ -3,6 +3,7 @@
 //! `diskferry-client` binaries and judges the result with tools nobody here wrote. Run one
 //! area with a filter, e.g. `cargo nextest run -p diskferry-e2e -E 'test(/^pxe_vm::/)'`.
 
+mod attacks;
 mod capture_modes;
 mod deploy;
 mod dial_back;
