@@ -6,6 +6,7 @@
 mod capture_modes;
 mod deploy;
 mod dial_back;
+mod fs_loops;
 mod images_cli;
 mod inspect;
 mod mkfs_ext4;
