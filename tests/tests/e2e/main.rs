@@ -21,4 +21,5 @@ mod vhdx_log;
 mod vhdx_read;
 mod web_api;
 mod web_browser;
+mod web_security;
 mod wire;
