@@ -18,6 +18,7 @@ pub mod pages;
 pub mod password;
 pub mod ratelimit;
 pub mod security_headers;
+pub mod server;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -161,13 +162,15 @@ pub fn router(state: SharedState) -> Router {
             require_auth,
         ))
         .layer(DefaultBodyLimit::max(MAX_BODY))
+        .layer(axum::middleware::from_fn(server::read_body_in_time))
         .layer(axum::middleware::map_response(security_headers::add))
         .with_state(state)
 }
 
-/// Serves `router(state)` on `listener` until the process ends.
+/// Serves `router(state)` on `listener` until the process ends, with timeouts and connection
+/// caps ([`server`]).
 pub async fn serve(listener: tokio::net::TcpListener, state: SharedState) -> std::io::Result<()> {
-    axum::serve(listener, router(state)).await
+    server::serve(listener, router(state)).await
 }
 
 /// Paths anyone may fetch.
