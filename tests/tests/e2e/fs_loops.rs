@@ -129,6 +129,7 @@ fn web_compare_and_tar_of_a_self_containing_directory_end_with_the_loop_error() 
         }
     }
     let peak = peak_rss_kib(s.pid());
+    eprintln!("server peak RSS after compare and tar of the loops: {peak} KiB");
     assert!(peak < MAX_RSS_KIB, "server peak RSS {peak} KiB");
 }
 
@@ -162,6 +163,7 @@ fn cli_get_of_a_self_containing_directory_ends_with_the_loop_error() {
             .find_map(|l| l.strip_prefix("maxrss="))
             .and_then(|v| v.trim().parse().ok())
             .unwrap_or_else(|| panic!("no maxrss in {err}"));
+        eprintln!("get, partition {partition}: peak RSS {peak} KiB");
         assert!(peak < MAX_RSS_KIB, "get peak RSS {peak} KiB");
     }
 }

@@ -113,7 +113,7 @@ fn login_page(next: &str, failed: bool) -> Response {
             input #password type="password" name="password" autocomplete="current-password" autofocus required;
             button type="submit" { "Log in" }
         }
-        p.hint { "The password is in DATA_DIR/admin-password on the server." }
+        p.hint { "The server printed the password when it first started; DATA_DIR/admin-password keeps only its hash (write a new password there and restart to change it)." }
     };
     let status = if failed {
         StatusCode::UNAUTHORIZED
