@@ -19,7 +19,13 @@ pub struct Server {
     pub tftp_addr: Option<String>,
     pub data_dir: PathBuf,
     pub token: String,
+    /// The admin password ([`TEST_PASSWORD`] unless the data directory had one before).
+    pub password: String,
 }
+
+/// The admin password the tests put in a new data directory, in clear, before the first start
+/// (the server replaces it with its hash).
+pub const TEST_PASSWORD: &str = "e2e-admin-password-7f3a";
 
 impl Server {
     /// Starts the server on a free localhost port with `data_dir` and waits until it listens.
@@ -35,6 +41,11 @@ impl Server {
     /// Same, with more `diskferry serve` arguments (the agent port is free and TFTP off unless
     /// they say otherwise).
     pub fn start_with(data_dir: &Path, extra: &[&str]) -> Result<Server> {
+        std::fs::create_dir_all(data_dir)?;
+        let password_file = data_dir.join("admin-password");
+        if !password_file.exists() {
+            std::fs::write(&password_file, format!("{TEST_PASSWORD}\n"))?;
+        }
         let mut args = vec!["serve", "--listen", "127.0.0.1:0"];
         if !extra.contains(&"--agent-listen") {
             args.extend(["--agent-listen", "127.0.0.1:0"]);
@@ -83,6 +94,7 @@ impl Server {
             tftp_addr,
             data_dir: data_dir.to_path_buf(),
             token,
+            password: TEST_PASSWORD.to_string(),
         })
     }
 
@@ -94,6 +106,11 @@ impl Server {
             h.push(("Content-Type", "application/json"));
         }
         request(&self.addr, method, target, &h, body).expect("request")
+    }
+
+    /// The server's process id (to read its memory use in /proc).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     /// Stops the server (as a crash would: no goodbye to anyone).

@@ -1,16 +1,20 @@
-//! Who may use the server: the admin password (`DATA_DIR/admin-password`) logs a browser in
-//! and gets an HttpOnly, SameSite=Strict session cookie plus a CSRF token every mutating
-//! request must carry; scripts send `Authorization: Bearer` with `DATA_DIR/api-token`. Both
-//! secrets are generated on first start (mode 0600) when absent.
+//! Who may use the server: the admin password (its argon2id hash in `DATA_DIR/admin-password`,
+//! see [`crate::password`]) logs a browser in and gets an HttpOnly, SameSite=Strict session
+//! cookie plus a CSRF token every mutating request must carry; scripts send
+//! `Authorization: Bearer` with `DATA_DIR/api-token`. Both secrets are generated on first start
+//! (mode 0600) when absent. Failed passwords and tokens are counted per client address
+//! ([`crate::ratelimit`]).
 
 use std::collections::HashMap;
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use axum::http::{header, HeaderMap};
+
+use crate::ratelimit::Failures;
 
 /// Name of the session cookie.
 pub const COOKIE: &str = "diskferry_session";
@@ -98,19 +102,29 @@ impl Identity {
     }
 }
 
-/// Credentials and live sessions.
+/// Most password checks running at once (each argon2id check holds 19 MiB for a moment).
+const MAX_CHECKS: usize = 4;
+
+/// Credentials, live sessions and recent failures.
 pub struct Auth {
-    password: String,
+    /// The admin password's argon2id PHC string.
+    password_hash: String,
     api_token: String,
     sessions: Mutex<HashMap<String, Session>>,
+    /// Failed logins and tokens per client address.
+    pub failures: Failures,
+    /// Bounds the memory password checks take.
+    checks: tokio::sync::Semaphore,
 }
 
 impl Auth {
-    pub fn new(password: String, api_token: String) -> Auth {
+    pub fn new(password_hash: String, api_token: String) -> Auth {
         Auth {
-            password,
+            password_hash,
             api_token,
             sessions: Mutex::new(HashMap::new()),
+            failures: Failures::default(),
+            checks: tokio::sync::Semaphore::new(MAX_CHECKS),
         }
     }
 
@@ -118,11 +132,22 @@ impl Auth {
         self.sessions.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Checks the password; on success opens a session and returns its id.
-    pub fn login(&self, password: &str) -> Option<String> {
-        if !same_secret(password.trim(), &self.password) {
-            return None;
-        }
+    /// Checks the password (on a blocking thread, a few at a time); on success opens a
+    /// session and returns its id.
+    pub async fn login(self: &Arc<Self>, password: &str) -> Option<String> {
+        let _permit = self.checks.acquire().await.ok()?;
+        let auth = Arc::clone(self);
+        let password = password.trim().to_string();
+        let ok = tokio::task::spawn_blocking(move || {
+            crate::password::verify(&password, &auth.password_hash)
+        })
+        .await
+        .unwrap_or(false);
+        ok.then(|| self.open_session())
+    }
+
+    /// A new session; the oldest goes when there are too many.
+    fn open_session(&self) -> String {
         let id = random_hex(32);
         let now = Instant::now();
         let mut sessions = self.sessions();
@@ -143,14 +168,15 @@ impl Auth {
                 expires: now + SESSION_LIFETIME,
             },
         );
-        Some(id)
+        id
     }
 
     pub fn logout(&self, session_id: &str) {
         self.sessions().remove(session_id);
     }
 
-    /// Who sent these headers, if anyone we know.
+    /// Who sent these headers, if anyone we know. An `Authorization` header that does not
+    /// hold the API token is no one, whatever cookies come with it.
     pub fn identify(&self, headers: &HeaderMap) -> Option<Identity> {
         if let Some(auth) = headers.get(header::AUTHORIZATION) {
             let token = auth.to_str().ok()?.strip_prefix("Bearer ")?.trim();
@@ -192,11 +218,12 @@ pub fn session_cookie(id: &str) -> String {
 mod tests {
     use super::*;
 
-    #[test]
-    fn sessions_and_tokens() {
-        let auth = Auth::new("correct horse".into(), "t0ken-t0ken".into());
-        assert!(auth.login("wrong").is_none());
-        let id = auth.login("correct horse\n").unwrap();
+    #[tokio::test]
+    async fn sessions_and_tokens() {
+        let hash = crate::password::hash("correct horse battery").unwrap();
+        let auth = Arc::new(Auth::new(hash, "t0ken-t0ken".into()));
+        assert!(auth.login("wrong").await.is_none());
+        let id = auth.login("correct horse battery\n").await.unwrap();
         let mut h = HeaderMap::new();
         h.insert(
             header::COOKIE,

@@ -8,7 +8,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use diskferry_daemon::catalog::{CaptureRecord, Catalog};
-use diskferry_fs::{self as fs, FileKind, Filesystem, NodeId};
+use diskferry_fs::{self as fs, tree, FileKind, Filesystem, FsError, NodeId};
 use diskferry_imaging::inspect;
 use diskferry_vdisk as vdisk;
 use serde::Serialize;
@@ -298,39 +298,32 @@ pub fn compare(
 
 type Summary = (&'static str, u64, u32, Option<(i64, u32)>, Option<Vec<u8>>);
 
-/// Path → what `compare` looks at; and whether the limit cut the walk short.
+/// Path → what `compare` looks at; and whether the limit cut the walk short. A directory
+/// loop or an unreadable directory fails the comparison.
 fn summary(fs: &dyn Filesystem, limit: usize) -> Result<(HashMap<String, Summary>, bool), Failure> {
     let mut out = HashMap::new();
-    let mut stack = vec![(String::new(), fs.root())];
-    let mut truncated = false;
-    while let Some((dir_path, dir)) = stack.pop() {
-        for e in fs.read_dir(dir)? {
-            if out.len() >= limit {
-                truncated = true;
-                break;
-            }
-            let path = format!("{dir_path}/{}", e.name_lossy());
-            let m = fs.metadata(e.node)?;
-            let target = (m.kind == FileKind::Symlink)
-                .then(|| fs.read_link(e.node).ok())
-                .flatten();
-            if m.kind == FileKind::Dir {
-                stack.push((path.clone(), e.node));
-            }
-            let size = if m.kind == FileKind::Dir { 0 } else { m.size };
-            out.insert(
-                path,
-                (
-                    m.kind.name(),
-                    size,
-                    m.mode,
-                    m.mtime.map(|t| (t.secs, t.nanos)),
-                    target,
-                ),
-            );
-        }
+    let limits = tree::Limits {
+        entries: limit as u64,
+        ..tree::Limits::default()
+    };
+    for item in tree::Walk::new(fs, fs.root(), limits) {
+        let (path, e) = match item {
+            Ok(found) => found,
+            Err(tree::WalkError::TooManyEntries { .. }) => return Ok((out, true)),
+            Err(e) => return Err(FsError::from(e).into()),
+        };
+        let m = fs.metadata(e.node)?;
+        let target = (m.kind == FileKind::Symlink)
+            .then(|| fs.read_link(e.node).ok())
+            .flatten();
+        let size = if m.kind == FileKind::Dir { 0 } else { m.size };
+        let mtime = m.mtime.map(|t| (t.secs, t.nanos));
+        out.insert(
+            format!("/{path}"),
+            (m.kind.name(), size, m.mode, mtime, target),
+        );
     }
-    Ok((out, truncated))
+    Ok((out, false))
 }
 
 #[cfg(test)]

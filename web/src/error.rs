@@ -69,9 +69,11 @@ impl From<FsError> for Failure {
             FsError::NotFound(_) => StatusCode::NOT_FOUND,
             FsError::NotADirectory(_) | FsError::Escapes(_) => StatusCode::BAD_REQUEST,
             // The capture's filesystem cannot give this: the request is fine, the data is not.
-            FsError::Corrupt(..) | FsError::Ext4 { .. } | FsError::Unsupported(_) => {
-                StatusCode::UNPROCESSABLE_ENTITY
-            }
+            // A directory loop or a walk past its limits is the data's doing too.
+            FsError::Corrupt(..)
+            | FsError::Ext4 { .. }
+            | FsError::Unsupported(_)
+            | FsError::Walk(_) => StatusCode::UNPROCESSABLE_ENTITY,
             FsError::Io(_) => StatusCode::INTERNAL_SERVER_ERROR,
         };
         Failure::new(status, e.to_string())

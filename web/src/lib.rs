@@ -15,6 +15,10 @@ pub mod client;
 pub mod error;
 pub mod innerpath;
 pub mod pages;
+pub mod password;
+pub mod ratelimit;
+pub mod security_headers;
+pub mod server;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -39,7 +43,7 @@ pub const MAX_BODY: usize = 64 << 10;
 /// Everything a request handler may need.
 pub struct AppState {
     pub catalog: Arc<Catalog>,
-    pub auth: Auth,
+    pub auth: Arc<Auth>,
     pub volumes: browse::Volumes,
     /// Rendered directory listings (the API's), reused while a capture is unchanged.
     pub listings: browse::Listings,
@@ -89,6 +93,8 @@ pub enum OpenError {
     },
     #[error(transparent)]
     Key(#[from] diskferry_protocol::KeyError),
+    #[error(transparent)]
+    Password(#[from] password::PasswordError),
 }
 
 /// Opens the data directory: catalog (registering every capture), secrets, job state.
@@ -107,7 +113,8 @@ pub fn open(data_dir: &Path) -> Result<(SharedState, Startup), OpenError> {
             .map(|s| (s, path.clone()))
             .map_err(|source| OpenError::Secret { path, source })
     };
-    let (password, password_file) = secret("admin-password", || auth::random_hex(12))?;
+    let password_file = data_dir.join("admin-password");
+    let password = password::load_or_create(&password_file, || auth::random_hex(12))?;
     let (token, token_file) = secret("api-token", || auth::random_hex(32))?;
     let key_file = data_dir.join("server.key");
     let key_created = !key_file.exists();
@@ -128,7 +135,7 @@ pub fn open(data_dir: &Path) -> Result<(SharedState, Startup), OpenError> {
         tokens,
         agents,
         catalog,
-        auth: Auth::new(password.value.clone(), token.value),
+        auth: Arc::new(Auth::new(password.hash, token.value)),
         volumes: browse::Volumes::default(),
         listings: browse::Listings::default(),
         refreshed: std::sync::Mutex::new(Some(std::time::Instant::now())),
@@ -137,7 +144,7 @@ pub fn open(data_dir: &Path) -> Result<(SharedState, Startup), OpenError> {
     Ok((
         state,
         Startup {
-            new_password: password.created.then_some(password.value),
+            new_password: password.generated,
             password_file,
             token_file,
             key_file,
@@ -160,12 +167,15 @@ pub fn router(state: SharedState) -> Router {
             require_auth,
         ))
         .layer(DefaultBodyLimit::max(MAX_BODY))
+        .layer(axum::middleware::from_fn(server::read_body_in_time))
+        .layer(axum::middleware::map_response(security_headers::add))
         .with_state(state)
 }
 
-/// Serves `router(state)` on `listener` until the process ends.
+/// Serves `router(state)` on `listener` until the process ends, with timeouts and connection
+/// caps ([`server`]).
 pub async fn serve(listener: tokio::net::TcpListener, state: SharedState) -> std::io::Result<()> {
-    axum::serve(listener, router(state)).await
+    server::serve(listener, router(state)).await
 }
 
 /// Paths anyone may fetch.
@@ -186,7 +196,16 @@ async fn require_auth(State(state): State<SharedState>, req: Request, next: Next
     if is_public(&path) {
         return next.run(req).await;
     }
+    // Wrong API tokens count as failed logins.
+    let bearer = req.headers().contains_key(header::AUTHORIZATION);
+    let ip = ratelimit::client_ip(req.extensions());
+    if let (true, Err(wait)) = (bearer, state.auth.failures.check(ip)) {
+        return ratelimit::too_many(wait);
+    }
     let Some(identity) = state.auth.identify(req.headers()) else {
+        if bearer {
+            state.auth.failures.fail(ip);
+        }
         return if api {
             Failure::new(
                 StatusCode::UNAUTHORIZED,

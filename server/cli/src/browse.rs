@@ -287,36 +287,44 @@ pub fn get(target: &Target, path: &str, dest: &Path) -> Result<()> {
     }
     std::fs::create_dir_all(&dest).with_context(|| format!("cannot create {}", dest.display()))?;
     let mut dirs: Vec<(PathBuf, Metadata)> = vec![(dest.clone(), meta)];
-    let failures = std::cell::Cell::new(0u64);
-    fs::tree::walk(
-        &*fs,
-        node,
-        &mut |rel, e| {
-            let meta = fs.metadata(e.node)?;
-            let out = dest.join(rel);
-            if meta.kind == FileKind::Dir {
-                if let Err(err) = std::fs::create_dir_all(&out) {
-                    failures.set(failures.get() + 1);
-                    eprintln!("diskferry: {}: {err}", out.display());
-                }
-                dirs.push((out, meta));
-            } else if let Err(err) = extract(&*fs, &meta, &out) {
-                failures.set(failures.get() + 1);
-                eprintln!("diskferry: {rel}: {err:#}");
+    let mut failures = 0u64;
+    let mut fail = |what: &dyn std::fmt::Display| {
+        failures += 1;
+        eprintln!("diskferry: {what}");
+    };
+    // One bounded walk; a file's bytes count against the volume's budget, so links to one
+    // large file cannot fill the destination without end.
+    let limits = fs::tree::Limits::for_volume(fs.info().total_bytes);
+    let mut walk = fs::tree::Walk::new(&*fs, node, limits);
+    while let Some(item) = walk.next() {
+        let (rel, e) = match item {
+            Ok(found) => found,
+            Err(e) if e.is_fatal() => return Err(e.into()),
+            Err(e) => {
+                fail(&e);
+                continue;
             }
-            Ok(())
-        },
-        &mut |p, e| {
-            failures.set(failures.get() + 1);
-            eprintln!("diskferry: {p}: {e}");
-        },
-    )?;
+        };
+        let meta = fs.metadata(e.node)?;
+        let out = dest.join(&rel);
+        if meta.kind == FileKind::Dir {
+            if let Err(err) = std::fs::create_dir_all(&out) {
+                fail(&format_args!("{}: {err}", out.display()));
+            }
+            dirs.push((out, meta));
+            continue;
+        }
+        walk.charge_bytes(meta.size)?;
+        if let Err(err) = extract(&*fs, &meta, &out) {
+            fail(&format_args!("{rel}: {err:#}"));
+        }
+    }
     // Directory times last, deepest first, once nothing more is written into them.
     for (dir, meta) in dirs.iter().rev() {
         set_mode_and_times(dir, meta)?;
     }
-    if failures.get() > 0 {
-        bail!("{} entries could not be copied", failures.get());
+    if failures > 0 {
+        bail!("{failures} entries could not be copied");
     }
     Ok(())
 }

@@ -39,6 +39,9 @@ pub enum FsError {
     Unsupported(String),
     #[error("{0}: leads outside the volume")]
     Escapes(String),
+    /// A tree walk skipped a directory or hit a limit.
+    #[error(transparent)]
+    Walk(#[from] tree::WalkError),
 }
 
 pub type Result<T, E = FsError> = std::result::Result<T, E>;

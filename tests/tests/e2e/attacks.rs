@@ -179,7 +179,11 @@ fn a_boot_token_registers_no_machine_without_approval() {
         );
     }
     let seen = rogue.seen();
-    assert_eq!((seen.opens, seen.reads, seen.written), (0, 0, 0), "{seen:?}");
+    assert_eq!(
+        (seen.opens, seen.reads, seen.written),
+        (0, 0, 0),
+        "{seen:?}"
+    );
 }
 
 #[test]
@@ -196,7 +200,10 @@ fn another_machines_macs_get_no_job_and_no_bytes() {
         Script::machine(&[MAC_A], "S-A", 4 * MIB),
     );
     let seen = impostor.wait_ended(Duration::from_secs(30));
-    assert!(seen.ended.is_some(), "the second link was refused: {seen:?}");
+    assert!(
+        seen.ended.is_some(),
+        "the second link was refused: {seen:?}"
+    );
     // The deploy goes to A, not to the impostor.
     let job = serde_json::json!({"kind": "deploy", "image": image, "target": MAC_A});
     let j = run_job(&s, job.clone());
@@ -271,8 +278,15 @@ fn a_sector_size_of_zero_fails_the_job_and_frees_the_machine() {
         serde_json::json!({"kind": "capture", "source": MAC_A, "output": "zero.qcow2"}),
     );
     assert_eq!(j["state"], "failed", "{j}");
-    assert!(j["error"].as_str().unwrap().contains("logical sector"), "{j}");
-    assert_eq!(machine(&s, MAC_A)["state"], before, "the machine is free again");
+    assert!(
+        j["error"].as_str().unwrap().contains("logical sector"),
+        "{j}"
+    );
+    assert_eq!(
+        machine(&s, MAC_A)["state"],
+        before,
+        "the machine is free again"
+    );
     assert!(!data.path().join("captures/zero.qcow2").exists());
 }
 

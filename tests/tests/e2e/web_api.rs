@@ -321,7 +321,7 @@ fn api_browses_captures_and_refuses_what_it_must() {
     assert!(machines.json().is_array());
 
     // A browser: login, session cookie, CSRF.
-    let password = std::fs::read_to_string(data.path().join("admin-password")).unwrap();
+    let password = s.password.clone();
     let form = [("Content-Type", "application/x-www-form-urlencoded")];
     let r = check(
         request(

@@ -136,7 +136,7 @@ fn browse_download_and_watch_a_capture_in_chromium() {
     // Log in: the login page comes first, then the captures.
     b.goto(&format!("{base}/captures")).unwrap();
     assert!(b.url().unwrap().contains("/login"));
-    let password = std::fs::read_to_string(data.path().join("admin-password")).unwrap();
+    let password = s.password.clone();
     let field = b.find("#password").unwrap();
     b.type_into(&field, password.trim()).unwrap();
     b.click(&b.find("form.login button").unwrap()).unwrap();

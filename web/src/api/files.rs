@@ -11,7 +11,7 @@ use axum::http::{header, HeaderValue};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use diskferry_daemon::catalog::CaptureRecord;
-use diskferry_fs::{FileKind, Filesystem, NodeId};
+use diskferry_fs::{tree, FileKind, Filesystem, Metadata, NodeId};
 use serde::Serialize;
 use tokio::sync::mpsc;
 
@@ -220,75 +220,85 @@ impl Read for FileReader<'_> {
 }
 
 /// Most entries a tar download holds.
-const TAR_LIMIT: usize = 1_000_000;
+const TAR_LIMIT: u64 = 1_000_000;
 
-/// Writes the tree under `dir` (named `prefix` in the archive) as tar entries.
+/// Writes the tree under `dir` (named `prefix` in the archive) as tar entries, in one bounded
+/// walk ([`tree::Walk`]) whose byte budget every file is charged against: a directory loop,
+/// an unreadable directory or a limit fails the download.
 fn tar_tree(
     fs: &dyn Filesystem,
     dir: NodeId,
     prefix: &str,
     out: &mut tar::Builder<ChannelWriter>,
 ) -> std::io::Result<()> {
-    let fs_err = |e: diskferry_fs::FsError| std::io::Error::other(e.to_string());
-    let mut stack = vec![(prefix.to_string(), dir, 0usize)];
-    let mut count = 0;
-    while let Some((path, node, depth)) = stack.pop() {
-        let meta = fs.metadata(node).map_err(fs_err)?;
-        let mut h = tar::Header::new_gnu();
-        h.set_mode(meta.mode);
-        h.set_uid(meta.uid.into());
-        h.set_gid(meta.gid.into());
-        h.set_mtime(meta.mtime.map_or(0, |t| t.secs.max(0) as u64));
-        h.set_size(0);
-        count += 1;
-        if count > TAR_LIMIT {
-            return Err(std::io::Error::other("too many entries for one archive"));
+    let io_err = |e: diskferry_fs::FsError| std::io::Error::other(e.to_string());
+    append_entry(fs, &fs.metadata(dir).map_err(io_err)?, prefix, out)?;
+    let limits = tree::Limits {
+        entries: TAR_LIMIT,
+        ..tree::Limits::for_volume(fs.info().total_bytes)
+    };
+    let mut walk = tree::Walk::new(fs, dir, limits);
+    while let Some(item) = walk.next() {
+        let (path, e) = item.map_err(|e| io_err(e.into()))?;
+        let meta = fs.metadata(e.node).map_err(io_err)?;
+        if meta.kind == FileKind::File {
+            walk.charge_bytes(meta.size).map_err(|e| io_err(e.into()))?;
         }
-        match meta.kind {
-            FileKind::Dir => {
-                h.set_entry_type(tar::EntryType::Directory);
-                out.append_data(&mut h, format!("{path}/"), std::io::empty())?;
-                if depth < 256 {
-                    let mut entries = fs.read_dir(node).map_err(fs_err)?;
-                    entries.sort_by(|a, b| b.name.cmp(&a.name));
-                    for e in entries {
-                        stack.push((format!("{path}/{}", e.name_lossy()), e.node, depth + 1));
-                    }
-                }
-            }
-            FileKind::File => {
-                h.set_entry_type(tar::EntryType::Regular);
-                h.set_size(meta.size);
-                let reader = FileReader {
-                    fs,
-                    node,
-                    at: 0,
-                    size: meta.size,
-                };
-                out.append_data(&mut h, &path, reader)?;
-            }
-            FileKind::Symlink => {
-                h.set_entry_type(tar::EntryType::Symlink);
-                let target = fs.read_link(node).map_err(fs_err)?;
-                out.append_link(&mut h, &path, String::from_utf8_lossy(&target).as_ref())?;
-            }
-            FileKind::CharDevice | FileKind::BlockDevice | FileKind::Fifo => {
-                h.set_entry_type(match meta.kind {
-                    FileKind::CharDevice => tar::EntryType::Char,
-                    FileKind::BlockDevice => tar::EntryType::Block,
-                    _ => tar::EntryType::Fifo,
-                });
-                if let Some((major, minor)) = meta.device {
-                    h.set_device_major(major)?;
-                    h.set_device_minor(minor)?;
-                }
-                out.append_data(&mut h, &path, std::io::empty())?;
-            }
-            // Sockets cannot be archived.
-            FileKind::Socket => {}
-        }
+        append_entry(fs, &meta, &format!("{prefix}/{path}"), out)?;
     }
     Ok(())
+}
+
+/// One tar entry: a directory, file, link or device node (sockets cannot be archived).
+fn append_entry(
+    fs: &dyn Filesystem,
+    meta: &Metadata,
+    path: &str,
+    out: &mut tar::Builder<ChannelWriter>,
+) -> std::io::Result<()> {
+    let mut h = tar::Header::new_gnu();
+    h.set_mode(meta.mode);
+    h.set_uid(meta.uid.into());
+    h.set_gid(meta.gid.into());
+    h.set_mtime(meta.mtime.map_or(0, |t| t.secs.max(0) as u64));
+    h.set_size(0);
+    match meta.kind {
+        FileKind::Dir => {
+            h.set_entry_type(tar::EntryType::Directory);
+            out.append_data(&mut h, format!("{path}/"), std::io::empty())
+        }
+        FileKind::File => {
+            h.set_entry_type(tar::EntryType::Regular);
+            h.set_size(meta.size);
+            let reader = FileReader {
+                fs,
+                node: meta.node,
+                at: 0,
+                size: meta.size,
+            };
+            out.append_data(&mut h, path, reader)
+        }
+        FileKind::Symlink => {
+            h.set_entry_type(tar::EntryType::Symlink);
+            let target = fs
+                .read_link(meta.node)
+                .map_err(|e| std::io::Error::other(e.to_string()))?;
+            out.append_link(&mut h, path, String::from_utf8_lossy(&target).as_ref())
+        }
+        FileKind::CharDevice | FileKind::BlockDevice | FileKind::Fifo => {
+            h.set_entry_type(match meta.kind {
+                FileKind::CharDevice => tar::EntryType::Char,
+                FileKind::BlockDevice => tar::EntryType::Block,
+                _ => tar::EntryType::Fifo,
+            });
+            if let Some((major, minor)) = meta.device {
+                h.set_device_major(major)?;
+                h.set_device_minor(minor)?;
+            }
+            out.append_data(&mut h, path, std::io::empty())
+        }
+        FileKind::Socket => Ok(()),
+    }
 }
 
 pub(super) async fn tar(

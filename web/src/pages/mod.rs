@@ -18,6 +18,7 @@ use maud::html;
 
 use crate::auth::{session_cookie, Identity};
 use crate::error::{Failure, PageFailure};
+use crate::ratelimit::{self, ClientIp};
 use crate::SharedState;
 
 pub fn routes() -> Router<SharedState> {
@@ -50,12 +51,58 @@ async fn script() -> impl IntoResponse {
     )
 }
 
-/// Where to go after logging in: only a path on this site.
+/// Where to go after logging in: the `next` value when it is a path on this site, else the
+/// captures.
 fn safe_next(q: &HashMap<String, String>) -> String {
     match q.get("next") {
-        Some(n) if n.starts_with('/') && !n.starts_with("//") && !n.contains('\\') => n.clone(),
+        Some(n) if is_local_path(n) => n.clone(),
         _ => "/captures".into(),
     }
+}
+
+/// A path on this site, as the browser will read it: printable ASCII, `/` first and not
+/// `//` or `/\` (another host), and still so with percent-escapes decoded (a `%09` or `%2F`
+/// does not sneak a tab or a second slash in), with no control or space character anywhere.
+fn is_local_path(next: &str) -> bool {
+    let mut text = next.to_string();
+    // Decoded until nothing changes (bounded: each round shortens the text).
+    for _ in 0..4 {
+        if !looks_local(&text) {
+            return false;
+        }
+        match percent_decode(&text) {
+            Some(decoded) if decoded == text => return true,
+            Some(decoded) => text = decoded,
+            None => return false,
+        }
+    }
+    false
+}
+
+fn looks_local(path: &str) -> bool {
+    let b = path.as_bytes();
+    b.first() == Some(&b'/')
+        && !matches!(b.get(1), Some(b'/' | b'\\'))
+        && !path.contains('\\')
+        && !path.chars().any(|c| c.is_control() || c.is_whitespace())
+}
+
+/// `%XX` escapes decoded; `None` for a malformed escape or bytes that are not UTF-8.
+fn percent_decode(s: &str) -> Option<String> {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' {
+            let hex = std::str::from_utf8(b.get(i + 1..i + 3)?).ok()?;
+            out.push(u8::from_str_radix(hex, 16).ok()?);
+            i += 3;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).ok()
 }
 
 fn login_page(next: &str, failed: bool) -> Response {
@@ -68,7 +115,7 @@ fn login_page(next: &str, failed: bool) -> Response {
             input #password type="password" name="password" autocomplete="current-password" autofocus required;
             button type="submit" { "Log in" }
         }
-        p.hint { "The password is in DATA_DIR/admin-password on the server." }
+        p.hint { "The server printed the password when it first started; DATA_DIR/admin-password keeps only its hash (write a new password there and restart to change it)." }
     };
     let status = if failed {
         StatusCode::UNAUTHORIZED
@@ -101,8 +148,11 @@ fn same_origin(headers: &HeaderMap) -> bool {
         .is_some_and(|(_, rest)| rest == host)
 }
 
+/// Checks the password: a session and a redirect to `next`, or the form again. An address
+/// with too many recent failures gets 429 before its password is looked at.
 async fn login(
     State(state): State<SharedState>,
+    ClientIp(ip): ClientIp,
     headers: HeaderMap,
     Form(form): Form<HashMap<String, String>>,
 ) -> Response {
@@ -113,19 +163,20 @@ async fn login(
         ))
         .into_response();
     }
+    if let Err(wait) = state.auth.failures.check(ip) {
+        return ratelimit::too_many(wait);
+    }
     let next = safe_next(&form);
-    match state
-        .auth
-        .login(form.get("password").map_or("", String::as_str))
-    {
+    let password = form.get("password").map_or("", String::as_str);
+    match state.auth.login(password).await {
         Some(id) => (
             [(header::SET_COOKIE, session_cookie(&id))],
             Redirect::to(&next),
         )
             .into_response(),
         None => {
-            // Slows password guessing down.
-            tokio::time::sleep(std::time::Duration::from_millis(400)).await;
+            state.auth.failures.fail(ip);
+            tracing::warn!("failed login from {ip}");
             login_page(&next, true)
         }
     }
@@ -244,4 +295,35 @@ async fn name_machine(
     let name = form.get("name").map_or("", String::as_str);
     crate::api::set_machine_name(&state, &id, name).await?;
     Ok(Redirect::to("/machines").into_response())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn next_is_only_a_path_on_this_site() {
+        for good in ["/captures", "/captures/3?x=%2Fetc", "/compare?a=1&b=2", "/"] {
+            assert!(is_local_path(good), "{good}");
+        }
+        for bad in [
+            "/%09/evil.example",
+            "//evil.example",
+            "/\\evil.example",
+            "https://evil.example",
+            "/%2F/evil.example",
+            "/%5Cevil.example",
+            "/%252F/evil.example",
+            "/\t/evil.example",
+            "/ /evil.example",
+            "/%0d%0aSet-Cookie:x",
+            "/%zz",
+            "evil.example",
+            "",
+        ] {
+            assert!(!is_local_path(bad), "{bad:?}");
+            let q = HashMap::from([("next".to_string(), bad.to_string())]);
+            assert_eq!(safe_next(&q), "/captures", "{bad:?}");
+        }
+    }
 }

@@ -1,0 +1,188 @@
+//! The HTTP listener: hyper's HTTP/1 connections with a deadline for every request head
+//! (which also closes keep-alive connections left idle), and caps on open connections, in
+//! all and per client address. A connection over a cap is closed as soon as it is accepted,
+//! so a client that opens hundreds of idle or half-sent requests takes at most its share and
+//! for at most [`HEADER_TIMEOUT`] each, and never the file descriptors the UI needs.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::body::{to_bytes, Body};
+use axum::extract::{ConnectInfo, Request};
+use axum::http::{Method, StatusCode};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::Router;
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tower_service::Service;
+
+use crate::error::Failure;
+
+/// Most connections open at once.
+pub const MAX_CONNECTIONS: usize = 512;
+/// Most connections open at once from one client address.
+pub const MAX_PER_ADDRESS: usize = 64;
+/// How long a client has to send a request head, counted from when the server is ready for it
+/// (so also how long a keep-alive connection may sit idle).
+pub const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+/// Longest a client may take to send a request body (they are small: [`crate::MAX_BODY`]).
+pub const BODY_TIMEOUT: Duration = Duration::from_secs(30);
+/// Pause after a failed accept (out of file descriptors, say) before the next.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
+
+/// Open connections, in all and per address.
+#[derive(Debug)]
+struct Caps {
+    total: usize,
+    per_address: usize,
+    open: Mutex<(usize, HashMap<IpAddr, usize>)>,
+}
+
+/// One admitted connection; dropping it frees its place.
+struct Slot {
+    caps: Arc<Caps>,
+    ip: IpAddr,
+}
+
+impl Caps {
+    fn new(total: usize, per_address: usize) -> Arc<Caps> {
+        Arc::new(Caps {
+            total,
+            per_address,
+            open: Mutex::new((0, HashMap::new())),
+        })
+    }
+
+    fn open(&self) -> std::sync::MutexGuard<'_, (usize, HashMap<IpAddr, usize>)> {
+        self.open.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A place for a connection from `ip`, unless a cap is reached.
+    fn admit(self: &Arc<Self>, ip: IpAddr) -> Option<Slot> {
+        let mut open = self.open();
+        let (total, per) = &mut *open;
+        let mine = per.entry(ip).or_insert(0);
+        if *total >= self.total || *mine >= self.per_address {
+            if *mine == 0 {
+                per.remove(&ip);
+            }
+            return None;
+        }
+        *mine += 1;
+        *total += 1;
+        Some(Slot {
+            caps: Arc::clone(self),
+            ip,
+        })
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let mut open = self.caps.open();
+        let (total, per) = &mut *open;
+        *total -= 1;
+        if let Some(n) = per.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                per.remove(&self.ip);
+            }
+        }
+    }
+}
+
+/// Accepts connections on `listener` and serves `app` on each, within the caps, until the
+/// process ends.
+pub async fn serve(listener: tokio::net::TcpListener, app: Router) -> std::io::Result<()> {
+    let caps = Caps::new(MAX_CONNECTIONS, MAX_PER_ADDRESS);
+    loop {
+        let (stream, peer) = match listener.accept().await {
+            Ok(accepted) => accepted,
+            Err(e) => {
+                tracing::warn!("http: accepting a connection failed: {e}");
+                tokio::time::sleep(ACCEPT_BACKOFF).await;
+                continue;
+            }
+        };
+        let Some(slot) = caps.admit(peer.ip()) else {
+            tracing::debug!("http: {peer} refused: too many connections");
+            continue;
+        };
+        let app = app.clone();
+        tokio::spawn(async move {
+            serve_connection(stream, peer, app).await;
+            drop(slot);
+        });
+    }
+}
+
+/// Serves one connection; each request learns the client's address (`ConnectInfo`).
+async fn serve_connection(stream: tokio::net::TcpStream, peer: SocketAddr, app: Router) {
+    let _ = stream.set_nodelay(true);
+    let service = hyper::service::service_fn(move |mut req: hyper::Request<Incoming>| {
+        req.extensions_mut().insert(ConnectInfo(peer));
+        app.clone().call(req)
+    });
+    let result = hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_TIMEOUT)
+        .keep_alive(true)
+        .serve_connection(TokioIo::new(stream), service)
+        .await;
+    if let Err(e) = result {
+        tracing::debug!("http: {peer}: {e}");
+    }
+}
+
+/// Reads a mutating request's body before anything looks at it, so a client that trickles
+/// one gets 408 after [`BODY_TIMEOUT`] instead of holding a handler (and one over
+/// [`crate::MAX_BODY`] gets 413).
+pub async fn read_body_in_time(req: Request, next: Next) -> Response {
+    if matches!(*req.method(), Method::GET | Method::HEAD | Method::OPTIONS) {
+        return next.run(req).await;
+    }
+    let (parts, body) = req.into_parts();
+    let read = tokio::time::timeout(BODY_TIMEOUT, to_bytes(body, crate::MAX_BODY));
+    match read.await {
+        Ok(Ok(bytes)) => {
+            next.run(Request::from_parts(parts, Body::from(bytes)))
+                .await
+        }
+        Ok(Err(_)) => Failure::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("request body is larger than {} bytes", crate::MAX_BODY),
+        )
+        .into_response(),
+        Err(_) => Failure::new(
+            StatusCode::REQUEST_TIMEOUT,
+            format!("request body not sent within {} s", BODY_TIMEOUT.as_secs()),
+        )
+        .into_response(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn caps_hold_in_all_and_per_address_and_free_on_drop() {
+        let caps = Caps::new(3, 2);
+        let (a, b, c): (IpAddr, IpAddr, IpAddr) = (
+            "10.0.0.1".parse().unwrap(),
+            "10.0.0.2".parse().unwrap(),
+            "10.0.0.3".parse().unwrap(),
+        );
+        let a1 = caps.admit(a).unwrap();
+        let _a2 = caps.admit(a).unwrap();
+        assert!(caps.admit(a).is_none(), "per-address cap");
+        let _b1 = caps.admit(b).unwrap();
+        assert!(caps.admit(c).is_none(), "total cap");
+        drop(a1);
+        let _c1 = caps.admit(c).unwrap();
+        assert_eq!(caps.open().1.len(), 3);
+    }
+}
