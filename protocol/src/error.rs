@@ -27,11 +27,11 @@ pub enum ProtocolError {
         peer_min: u16,
         peer_max: u16,
     },
-    #[error("authentication failed: the agent expects another server key, or the handshake was tampered with")]
+    #[error("authentication failed: the agent trusts another server key (its --server-key is not the public half of this --key-file), or the handshake was tampered with")]
     AuthenticationFailed,
-    #[error("the server refused the handshake: this agent pins another server key (check --server-key against `diskferry keygen --public` on the server)")]
+    #[error("authentication failed: the server refused the handshake, this agent pins another server key (check --server-key against `diskferry keygen --public` on the server)")]
     ServerKeyRefused,
-    #[error("the peer did not prove it holds the pinned server key: it is not our server (check --server-key)")]
+    #[error("authentication failed: the peer did not prove it holds the pinned server key, it is not our server (check --server-key)")]
     ServerNotProven,
     #[error("an agent needs the server's public key to connect (--server-key)")]
     NoServerKey,

@@ -324,14 +324,14 @@ fn client_exits_cleanly_on_sigterm_and_explains_bad_arguments() {
 }
 
 #[test]
-fn the_key_can_come_from_the_environment_on_both_sides() {
+fn the_keys_can_come_from_the_environment_on_both_sides() {
     let dir = tempfile::tempdir().unwrap();
     let key = make_key(dir.path(), "key");
     let disk = dir.path().join("disk.img");
     make_disk(&disk, 4 * MIB, &[]).unwrap();
     let mut child = std::process::Command::new(diskferry_e2e::bin("diskferry-client"))
         .args(["--listen", "127.0.0.1:0", "--disk", disk.to_str().unwrap()])
-        .env("DISKFERRY_KEY_FILE", &key)
+        .env("DISKFERRY_SERVER_KEY", diskferry_e2e::public_key(&key))
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::null())
         .spawn()
