@@ -1,5 +1,6 @@
-//! Admission control for a listening port: how many connections may be in a stage (say, the
-//! unauthenticated handshake) at once, overall and per source address. A connection over
+//! Admission control for a listening port — the agent port, the client, the HTTP listener,
+//! TFTP: how many connections (or transfers) may be in a stage (say, the unauthenticated
+//! handshake) at once, overall and per source address. A connection over
 //! either cap is turned away at once instead of queueing, so a flood from one address cannot
 //! take the slots the real peer needs, and a flood from many cannot exhaust file descriptors.
 
@@ -55,6 +56,8 @@ impl Admission {
 
     /// Takes a slot for a connection from `address`, or says which cap is full.
     pub fn admit(self: &Arc<Self>, address: IpAddr) -> Result<Ticket, Refused> {
+        // An IPv4 peer on an IPv6 socket is the same peer as on an IPv4 one.
+        let address = address.to_canonical();
         let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
         if st.total >= self.limits.total {
             return Err(Refused::Total(self.limits.total));

@@ -94,7 +94,7 @@ async fn script(
                 Failure::bad_request("mac must be a MAC address such as 52:54:00:12:34:56")
             })?;
             let token = state.tokens.issue(&mac);
-            tracing::info!(%mac, "boot script with an enrollment token for {mac}");
+            tracing::debug!(%mac, "boot script with an enrollment token for {mac}");
             boot_script(cfg, host, &token)
         }
     };

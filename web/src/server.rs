@@ -4,9 +4,7 @@
 //! so a client that opens hundreds of idle or half-sent requests takes at most its share and
 //! for at most [`HEADER_TIMEOUT`] each, and never the file descriptors the UI needs.
 
-use std::collections::HashMap;
-use std::net::{IpAddr, SocketAddr};
-use std::sync::{Arc, Mutex};
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use axum::body::{to_bytes, Body};
@@ -15,6 +13,7 @@ use axum::http::{Method, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::Router;
+use diskferry_protocol::admission::{Admission, Limits};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tower_service::Service;
@@ -33,71 +32,13 @@ pub const BODY_TIMEOUT: Duration = Duration::from_secs(30);
 /// Pause after a failed accept (out of file descriptors, say) before the next.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
 
-/// Open connections, in all and per address.
-#[derive(Debug)]
-struct Caps {
-    total: usize,
-    per_address: usize,
-    open: Mutex<(usize, HashMap<IpAddr, usize>)>,
-}
-
-/// One admitted connection; dropping it frees its place.
-struct Slot {
-    caps: Arc<Caps>,
-    ip: IpAddr,
-}
-
-impl Caps {
-    fn new(total: usize, per_address: usize) -> Arc<Caps> {
-        Arc::new(Caps {
-            total,
-            per_address,
-            open: Mutex::new((0, HashMap::new())),
-        })
-    }
-
-    fn open(&self) -> std::sync::MutexGuard<'_, (usize, HashMap<IpAddr, usize>)> {
-        self.open.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// A place for a connection from `ip`, unless a cap is reached.
-    fn admit(self: &Arc<Self>, ip: IpAddr) -> Option<Slot> {
-        let mut open = self.open();
-        let (total, per) = &mut *open;
-        let mine = per.entry(ip).or_insert(0);
-        if *total >= self.total || *mine >= self.per_address {
-            if *mine == 0 {
-                per.remove(&ip);
-            }
-            return None;
-        }
-        *mine += 1;
-        *total += 1;
-        Some(Slot {
-            caps: Arc::clone(self),
-            ip,
-        })
-    }
-}
-
-impl Drop for Slot {
-    fn drop(&mut self) {
-        let mut open = self.caps.open();
-        let (total, per) = &mut *open;
-        *total -= 1;
-        if let Some(n) = per.get_mut(&self.ip) {
-            *n -= 1;
-            if *n == 0 {
-                per.remove(&self.ip);
-            }
-        }
-    }
-}
-
 /// Accepts connections on `listener` and serves `app` on each, within the caps, until the
 /// process ends.
 pub async fn serve(listener: tokio::net::TcpListener, app: Router) -> std::io::Result<()> {
-    let caps = Caps::new(MAX_CONNECTIONS, MAX_PER_ADDRESS);
+    let caps = Admission::new(Limits {
+        per_address: MAX_PER_ADDRESS,
+        total: MAX_CONNECTIONS,
+    });
     loop {
         let (stream, peer) = match listener.accept().await {
             Ok(accepted) => accepted,
@@ -107,9 +48,12 @@ pub async fn serve(listener: tokio::net::TcpListener, app: Router) -> std::io::R
                 continue;
             }
         };
-        let Some(slot) = caps.admit(peer.ip()) else {
-            tracing::debug!("http: {peer} refused: too many connections");
-            continue;
+        let slot = match caps.admit(peer.ip()) {
+            Ok(slot) => slot,
+            Err(refused) => {
+                tracing::debug!("http: {peer} refused: {refused}");
+                continue;
+            }
         };
         let app = app.clone();
         tokio::spawn(async move {
@@ -161,28 +105,5 @@ pub async fn read_body_in_time(req: Request, next: Next) -> Response {
             format!("request body not sent within {} s", BODY_TIMEOUT.as_secs()),
         )
         .into_response(),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn caps_hold_in_all_and_per_address_and_free_on_drop() {
-        let caps = Caps::new(3, 2);
-        let (a, b, c): (IpAddr, IpAddr, IpAddr) = (
-            "10.0.0.1".parse().unwrap(),
-            "10.0.0.2".parse().unwrap(),
-            "10.0.0.3".parse().unwrap(),
-        );
-        let a1 = caps.admit(a).unwrap();
-        let _a2 = caps.admit(a).unwrap();
-        assert!(caps.admit(a).is_none(), "per-address cap");
-        let _b1 = caps.admit(b).unwrap();
-        assert!(caps.admit(c).is_none(), "total cap");
-        drop(a1);
-        let _c1 = caps.admit(c).unwrap();
-        assert_eq!(caps.open().1.len(), 3);
     }
 }

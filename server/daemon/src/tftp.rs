@@ -30,11 +30,12 @@
 //!   listener's IP address (a new port identifies the transfer), so a server listening on
 //!   127.0.0.1 or on one interface never answers from another.
 
-use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::Arc;
 use std::time::Duration;
+
+use diskferry_protocol::admission::{self, Admission, Ticket};
 
 use tokio::fs::File;
 use tokio::io::{AsyncRead, AsyncReadExt, BufReader};
@@ -202,57 +203,6 @@ impl Default for Limits {
     }
 }
 
-/// Transfers running: in total, and per source address.
-#[derive(Debug)]
-struct Admission {
-    limits: Limits,
-    running: Mutex<(usize, HashMap<IpAddr, usize>)>,
-}
-
-/// A running transfer's place under the caps; dropping it frees the place.
-#[derive(Debug)]
-struct Slot {
-    admission: Arc<Admission>,
-    ip: IpAddr,
-}
-
-impl Admission {
-    fn running(&self) -> MutexGuard<'_, (usize, HashMap<IpAddr, usize>)> {
-        self.running.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// A place for a transfer to `ip`, or `None` when a cap is reached.
-    fn admit(self: &Arc<Self>, ip: IpAddr) -> Option<Slot> {
-        let ip = ip.to_canonical();
-        let mut running = self.running();
-        let (total, per_source) = &mut *running;
-        let mine = per_source.get(&ip).copied().unwrap_or(0);
-        if *total >= self.limits.transfers || mine >= self.limits.per_source {
-            return None;
-        }
-        *total += 1;
-        *per_source.entry(ip).or_default() += 1;
-        Some(Slot {
-            admission: Arc::clone(self),
-            ip,
-        })
-    }
-}
-
-impl Drop for Slot {
-    fn drop(&mut self) {
-        let mut running = self.admission.running();
-        let (total, per_source) = &mut *running;
-        *total -= 1;
-        if let Some(mine) = per_source.get_mut(&self.ip) {
-            *mine -= 1;
-            if *mine == 0 {
-                per_source.remove(&self.ip);
-            }
-        }
-    }
-}
-
 /// Serves requests on `socket` until the process ends.
 pub async fn serve(socket: UdpSocket, roots: TftpRoots) {
     serve_with(socket, roots, Limits::default()).await;
@@ -266,9 +216,9 @@ async fn serve_with(socket: UdpSocket, roots: TftpRoots, limits: Limits) {
             return;
         }
     };
-    let admission = Arc::new(Admission {
-        limits,
-        running: Mutex::default(),
+    let admission = Admission::new(admission::Limits {
+        per_address: limits.per_source,
+        total: limits.transfers,
     });
     let roots = Arc::new(roots);
     let mut buf = vec![0u8; 1024];
@@ -301,7 +251,7 @@ fn admit(
     packet: &[u8],
     peer: SocketAddr,
     admission: &Arc<Admission>,
-) -> Option<(ReadRequest, Slot)> {
+) -> Option<(ReadRequest, Ticket)> {
     let req = match parse_request(packet) {
         Ok(Some(req)) => req,
         Ok(None) => return None,
@@ -311,8 +261,8 @@ fn admit(
         }
     };
     match admission.admit(peer.ip()) {
-        Some(slot) => Some((req, slot)),
-        None => {
+        Ok(slot) => Some((req, slot)),
+        Err(_) => {
             tracing::debug!(%peer, "tftp {peer}: busy, request for {} dropped", req.file);
             None
         }

@@ -89,6 +89,10 @@ fn api_browses_captures_and_refuses_what_it_must() {
         "/api/jobs",
         "/api/jobs/{id}",
         "/api/machines",
+        "/api/machines/{key}",
+        "/api/machines/{key}/approve",
+        "/api/machines/{key}/name",
+        "/api/machines/{key}/power",
     ] {
         assert!(spec["paths"][p].is_object(), "OpenAPI describes {p}");
     }
