@@ -97,6 +97,9 @@ export PATH=/bin
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev
+# The kernel found no /dev/console in the initramfs: give init and the agent the console now,
+# so the agent's own messages (why a connection failed) are on screen.
+exec </dev/console >/dev/console 2>&1
 mkdir -p /dev/pts /run
 say() { echo "diskferry: $*" > /dev/console; }
 # Kernel chatter (drivers for hardware this machine lacks) stays off the console.

@@ -31,7 +31,7 @@ pub fn log(config: &Config, msg: std::fmt::Arguments<'_>) {
 /// How many connections may be mid-handshake at once, per address and overall. Only the server
 /// can finish a handshake, so everything beyond these is a stranger.
 const HANDSHAKES: Limits = Limits {
-    per_address: 2,
+    per_address: 8,
     total: 32,
 };
 
