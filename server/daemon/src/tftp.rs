@@ -68,6 +68,9 @@ pub const MAX_PER_SOURCE: usize = 4;
 pub const MAX_FILE: u64 = 64 << 20;
 /// Read buffer per transfer (blocks are at most [`MAX_BLOCK`]).
 const READ_BUFFER: usize = 64 << 10;
+/// Longest one transfer may hold its slot: iPXE images take seconds even on slow links, so a
+/// client that acknowledges just often enough cannot keep the slots for good.
+pub const MAX_TRANSFER_TIME: Duration = Duration::from_secs(120);
 
 /// Where files come from.
 #[derive(Debug, Clone)]
@@ -113,6 +116,8 @@ enum TftpError {
     NoAck(u16),
     #[error("never acknowledged the first packet (a spoofed request, or a client gone)")]
     Unanswered,
+    #[error("the transfer took longer than {} s", MAX_TRANSFER_TIME.as_secs())]
+    TooSlow,
     #[error(transparent)]
     Io(#[from] std::io::Error),
 }
@@ -233,7 +238,11 @@ async fn serve_with(socket: UdpSocket, roots: TftpRoots, limits: Limits) {
         tokio::spawn(async move {
             let _slot = slot;
             let file = req.file.clone();
-            match transfer(req, peer, local_ip, &roots, limits.timeout).await {
+            let work = transfer(req, peer, local_ip, &roots, limits.timeout);
+            let result = tokio::time::timeout(MAX_TRANSFER_TIME, work)
+                .await
+                .unwrap_or(Err(TftpError::TooSlow));
+            match result {
                 Ok(()) => {}
                 // Likely a spoofed request: not worth a warning each.
                 Err(e @ TftpError::Unanswered) => {
