@@ -20,8 +20,10 @@ work=$(mktemp -d /var/tmp/diskferry-bootenv.XXXXXX)
 trap 'rm -rf "$work"' EXIT
 
 # Modules the environment loads, with their dependencies: virtio (VMs), Intel NICs common in
-# real machines, SATA/NVMe/SCSI/USB storage.
-modules=(virtio_pci virtio_net virtio_blk virtio_scsi e1000 e1000e igb ixgbe r8169 tg3 bnx2
+# real machines, SATA/NVMe/SCSI/USB storage, and hardware random generators (the agent makes
+# its key at start, which waits until the kernel's generator is seeded: without RDRAND or one
+# of these, a VM can wait minutes).
+modules=(virtio_pci virtio_net virtio_blk virtio_scsi virtio_rng tpm_tis e1000 e1000e igb ixgbe r8169 tg3 bnx2
   ahci ata_piix nvme sd_mod sr_mod usb-storage uas xhci_pci ehci_pci megaraid_sas mpt3sas
   hpsa vmw_pvscsi vmxnet3 hv_netvsc hv_storvsc af_packet)
 

@@ -76,6 +76,8 @@ enum RunError {
 
 async fn run(args: args::Args) -> Result<(), RunError> {
     let server_key = PublicKey::from_hex_or_file(&args.server_key)?;
+    // Early in a boot, the kernel's generator may still be gathering entropy: say why we wait.
+    log!("making this agent's key (waits until the kernel's random generator is seeded)");
     let agent_key = match &args.agent_key {
         Some(path) => StaticKey::load_or_create(path)?,
         None => StaticKey::generate(),

@@ -56,6 +56,9 @@ impl Vm {
             format!("user,id=n0,bootfile=http://10.0.2.2:{http}/boot.ipxe"),
             "-device".into(),
             format!("virtio-net-pci,netdev=n0,mac={mac}"),
+            // Entropy for the agent's key, as libvirt gives VMs by default.
+            "-device".into(),
+            "virtio-rng-pci".into(),
         ];
         for d in disks {
             args.push("-drive".into());
