@@ -148,7 +148,12 @@ impl Daemon {
         let r: Response = self
             .endpoint
             .request(method, path, &headers, body.as_bytes())
-            .with_context(|| format!("is `diskferry serve` running at {}?", self.endpoint.url()))?;
+            .with_context(|| {
+                format!(
+                    "cannot talk to `diskferry serve` at {}",
+                    self.endpoint.url()
+                )
+            })?;
         let v: serde_json::Value = serde_json::from_slice(&r.body).unwrap_or_default();
         if r.status >= 400 {
             bail!(
