@@ -7,7 +7,8 @@ use std::process::{Child, Command, Stdio};
 
 use anyhow::{bail, Context, Result};
 
-pub use diskferry_web::client::{request, Response};
+pub use diskferry_web::client::{request, Endpoint, Response};
+pub use diskferry_web::tls::Fingerprint;
 
 /// A running `diskferry serve`, killed when dropped.
 pub struct Server {
@@ -17,6 +18,10 @@ pub struct Server {
     pub agent_addr: String,
     /// The TFTP server's address, when it runs.
     pub tftp_addr: Option<String>,
+    /// The boot endpoints' own listener (`--boot-listen`), when it runs.
+    pub boot_addr: Option<String>,
+    /// The UI's certificate fingerprint, when it speaks TLS.
+    pub fingerprint: Option<Fingerprint>,
     pub data_dir: PathBuf,
     pub token: String,
     /// The admin password ([`TEST_PASSWORD`] unless the data directory had one before).
@@ -65,7 +70,7 @@ impl Server {
         let mut err = BufReader::new(child.stderr.take().context("stderr")?);
         let mut seen = String::new();
         let mut agent_addr = String::new();
-        let mut tftp_addr = None;
+        let (mut tftp_addr, mut boot_addr, mut fingerprint) = (None, None, None);
         let addr = loop {
             let mut line = String::new();
             if err.read_line(&mut line)? == 0 {
@@ -78,7 +83,15 @@ impl Server {
             if let Some(a) = logged_after(&line, "tftp on ") {
                 tftp_addr = Some(a);
             }
-            if let Some(a) = logged_after(&line, "listening on http://") {
+            if let Some(a) = logged_after(&line, "boot listener on http://") {
+                boot_addr = Some(a);
+            }
+            if let Some(f) = logged_after(&line, "tls certificate fingerprint ") {
+                fingerprint = Some(f.parse()?);
+            }
+            let url = logged_after(&line, "listening on http://")
+                .or_else(|| logged_after(&line, "listening on https://"));
+            if let Some(a) = url {
                 break a;
             }
         };
@@ -92,10 +105,20 @@ impl Server {
             addr,
             agent_addr,
             tftp_addr,
+            boot_addr,
+            fingerprint,
             data_dir: data_dir.to_path_buf(),
             token,
             password: TEST_PASSWORD.to_string(),
         })
+    }
+
+    /// The UI and API: plain HTTP, or TLS pinned to the logged fingerprint.
+    pub fn endpoint(&self) -> Endpoint {
+        match self.fingerprint {
+            Some(pin) => Endpoint::tls(&self.addr, pin),
+            None => Endpoint::plain(&self.addr),
+        }
     }
 
     /// A request with the API token.
@@ -105,7 +128,8 @@ impl Server {
         if !body.is_empty() {
             h.push(("Content-Type", "application/json"));
         }
-        request(&self.addr, method, target, &h, body).expect("request")
+        let r = self.endpoint().request(method, target, &h, body);
+        r.expect("request")
     }
 
     /// The server's process id (to read its memory use in /proc).

@@ -115,6 +115,8 @@ pub struct Auth {
     pub failures: Failures,
     /// Bounds the memory password checks take.
     checks: tokio::sync::Semaphore,
+    /// Session cookies are marked `Secure` (the UI is served over TLS).
+    secure_cookies: std::sync::atomic::AtomicBool,
 }
 
 impl Auth {
@@ -125,7 +127,22 @@ impl Auth {
             sessions: Mutex::new(HashMap::new()),
             failures: Failures::default(),
             checks: tokio::sync::Semaphore::new(MAX_CHECKS),
+            secure_cookies: std::sync::atomic::AtomicBool::new(false),
         }
+    }
+
+    /// Marks session cookies `Secure` (the server speaks TLS) or not.
+    pub fn set_secure_cookies(&self, secure: bool) {
+        self.secure_cookies
+            .store(secure, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// The `Set-Cookie` value that opens (or, with an empty id, ends) a session.
+    pub fn cookie_for(&self, session_id: &str) -> String {
+        let secure = self
+            .secure_cookies
+            .load(std::sync::atomic::Ordering::Relaxed);
+        session_cookie(session_id, secure)
     }
 
     fn sessions(&self) -> std::sync::MutexGuard<'_, HashMap<String, Session>> {
@@ -204,14 +221,16 @@ pub fn cookie<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
         .map(|(_, v)| v)
 }
 
-/// The `Set-Cookie` value that opens (or, with an empty id, ends) a session.
-pub fn session_cookie(id: &str) -> String {
+/// The `Set-Cookie` value that opens (or, with an empty id, ends) a session; `secure` (the
+/// server speaks TLS) keeps browsers from ever sending it over plain HTTP.
+pub fn session_cookie(id: &str, secure: bool) -> String {
     let max_age = if id.is_empty() {
         0
     } else {
         SESSION_LIFETIME.as_secs()
     };
-    format!("{COOKIE}={id}; Path=/; HttpOnly; SameSite=Strict; Max-Age={max_age}")
+    let secure = if secure { "; Secure" } else { "" };
+    format!("{COOKIE}={id}; Path=/; HttpOnly; SameSite=Strict; Max-Age={max_age}{secure}")
 }
 
 #[cfg(test)]
@@ -237,6 +256,15 @@ mod tests {
         assert!(matches!(auth.identify(&h), Some(Identity::Token)));
         h.insert(header::AUTHORIZATION, "Bearer t0ken-t0kem".parse().unwrap());
         assert!(auth.identify(&h).is_none());
+    }
+
+    #[test]
+    fn session_cookies_are_secure_over_tls() {
+        let auth = Auth::new(String::new(), String::new());
+        assert!(!auth.cookie_for("abc").contains("Secure"));
+        auth.set_secure_cookies(true);
+        let c = auth.cookie_for("abc");
+        assert!(c.ends_with("; Secure") && c.contains("HttpOnly"), "{c}");
     }
 
     #[test]

@@ -4,7 +4,9 @@
 //!
 //! Every route but the login page, static assets and the OpenAPI file needs a browser session
 //! or the API token ([`auth`]); every mutating request from a browser carries the session's
-//! CSRF token; request bodies are bounded.
+//! CSRF token; request bodies are bounded. The UI and API may be served over TLS ([`tls`]);
+//! the boot endpoints can also have a plain-HTTP listener of their own ([`serve_boot`]), so the
+//! boot network need not reach the UI at all.
 #![forbid(unsafe_code)]
 
 pub mod api;
@@ -16,9 +18,11 @@ pub mod error;
 pub mod innerpath;
 pub mod pages;
 pub mod password;
+pub mod pin;
 pub mod ratelimit;
 pub mod security_headers;
 pub mod server;
+pub mod tls;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -158,14 +162,28 @@ pub fn open(data_dir: &Path) -> Result<(SharedState, Startup), OpenError> {
 
 /// The whole application.
 pub fn router(state: SharedState) -> Router {
-    Router::new()
+    let routes = Router::new()
         .merge(boot::routes())
         .merge(pages::routes())
         .nest("/api", api::routes())
         .layer(axum::middleware::from_fn_with_state(
             Arc::clone(&state),
             require_auth,
-        ))
+        ));
+    with_common_layers(routes, state)
+}
+
+/// The boot endpoints alone (`/boot.ipxe`, `/boot/{file}`): every other path is 404.
+pub fn boot_router(state: SharedState) -> Router {
+    let routes = boot::routes().fallback(|| async {
+        Failure::not_found("only the network boot endpoints are served here")
+    });
+    with_common_layers(routes, state)
+}
+
+/// Bounded bodies read in time and the security headers, around every route.
+fn with_common_layers(routes: Router<SharedState>, state: SharedState) -> Router {
+    routes
         .layer(DefaultBodyLimit::max(MAX_BODY))
         .layer(axum::middleware::from_fn(server::read_body_in_time))
         .layer(axum::middleware::map_response(security_headers::add))
@@ -173,9 +191,25 @@ pub fn router(state: SharedState) -> Router {
 }
 
 /// Serves `router(state)` on `listener` until the process ends, with timeouts and connection
-/// caps ([`server`]).
-pub async fn serve(listener: tokio::net::TcpListener, state: SharedState) -> std::io::Result<()> {
-    server::serve(listener, router(state)).await
+/// caps ([`server`]); over TLS when given a configuration, and then session cookies are
+/// marked `Secure`.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    state: SharedState,
+    tls: Option<Arc<rustls::ServerConfig>>,
+) -> std::io::Result<()> {
+    state.auth.set_secure_cookies(tls.is_some());
+    let acceptor = tls.map(tokio_rustls::TlsAcceptor::from);
+    server::serve(listener, router(state), acceptor).await
+}
+
+/// Serves `boot_router(state)`, plain HTTP, on `listener` until the process ends, with the
+/// same timeouts and caps as [`serve`].
+pub async fn serve_boot(
+    listener: tokio::net::TcpListener,
+    state: SharedState,
+) -> std::io::Result<()> {
+    server::serve(listener, boot_router(state), None).await
 }
 
 /// Paths anyone may fetch.

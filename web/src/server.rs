@@ -2,7 +2,8 @@
 //! (which also closes keep-alive connections left idle), and caps on open connections, in
 //! all and per client address. A connection over a cap is closed as soon as it is accepted,
 //! so a client that opens hundreds of idle or half-sent requests takes at most its share and
-//! for at most [`HEADER_TIMEOUT`] each, and never the file descriptors the UI needs.
+//! for at most [`HEADER_TIMEOUT`] each, and never the file descriptors the UI needs. Over
+//! TLS the handshake gets the same deadline, inside the connection's own task.
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -16,6 +17,9 @@ use axum::Router;
 use diskferry_protocol::admission::{Admission, Limits};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpStream;
+use tokio_rustls::TlsAcceptor;
 use tower_service::Service;
 
 use crate::error::Failure;
@@ -33,8 +37,12 @@ pub const BODY_TIMEOUT: Duration = Duration::from_secs(30);
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
 
 /// Accepts connections on `listener` and serves `app` on each, within the caps, until the
-/// process ends.
-pub async fn serve(listener: tokio::net::TcpListener, app: Router) -> std::io::Result<()> {
+/// process ends; over TLS when given an acceptor.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    app: Router,
+    tls: Option<TlsAcceptor>,
+) -> std::io::Result<()> {
     let caps = Admission::new(Limits {
         per_address: MAX_PER_ADDRESS,
         total: MAX_CONNECTIONS,
@@ -55,17 +63,33 @@ pub async fn serve(listener: tokio::net::TcpListener, app: Router) -> std::io::R
                 continue;
             }
         };
+        let _ = stream.set_nodelay(true);
         let app = app.clone();
+        let tls = tls.clone();
         tokio::spawn(async move {
-            serve_connection(stream, peer, app).await;
+            match tls {
+                None => serve_connection(stream, peer, app).await,
+                Some(acceptor) => serve_tls(&acceptor, stream, peer, app).await,
+            }
             drop(slot);
         });
     }
 }
 
+/// Completes the TLS handshake within [`HEADER_TIMEOUT`], then serves the connection.
+async fn serve_tls(acceptor: &TlsAcceptor, stream: TcpStream, peer: SocketAddr, app: Router) {
+    match tokio::time::timeout(HEADER_TIMEOUT, acceptor.accept(stream)).await {
+        Ok(Ok(tls)) => serve_connection(tls, peer, app).await,
+        Ok(Err(e)) => tracing::debug!("http: {peer}: TLS handshake failed: {e}"),
+        Err(_) => tracing::debug!("http: {peer}: no TLS handshake in time"),
+    }
+}
+
 /// Serves one connection; each request learns the client's address (`ConnectInfo`).
-async fn serve_connection(stream: tokio::net::TcpStream, peer: SocketAddr, app: Router) {
-    let _ = stream.set_nodelay(true);
+async fn serve_connection<I>(stream: I, peer: SocketAddr, app: Router)
+where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
     let service = hyper::service::service_fn(move |mut req: hyper::Request<Incoming>| {
         req.extensions_mut().insert(ConnectInfo(peer));
         app.clone().call(req)

@@ -1,13 +1,15 @@
 //! `diskferry machines` and `diskferry machine approve|forget|register|rename|reboot|poweroff`:
 //! the machine registry of a running `diskferry serve`, reached through its API (found with
-//! `--data-dir`, or `--server URL` and `--token-file`).
+//! `--data-dir`, or `--server URL` and `--token-file`). An https server is trusted by its
+//! certificate's fingerprint: `--tls-fingerprint`, or `DATA_DIR/tls/cert.pem` with `--data-dir`.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
 use diskferry_imaging::units::human_bytes;
-use diskferry_web::client::{request, Response};
+use diskferry_web::client::{Endpoint, Response};
+use diskferry_web::tls::Fingerprint;
 
 /// How to reach the daemon.
 #[derive(Args)]
@@ -21,13 +23,23 @@ pub struct DaemonArgs {
         conflicts_with = "server"
     )]
     data_dir: Option<PathBuf>,
-    /// The server's address (http://HOST:PORT), with --token-file
+    /// The server's address (http://HOST:PORT or https://HOST:PORT), with --token-file
     #[arg(long, global = true, value_name = "URL")]
     server: Option<String>,
     /// The API token file (DATA_DIR/api-token on the server)
     #[arg(long, global = true, value_name = "FILE")]
     token_file: Option<PathBuf>,
+    /// The https server's certificate fingerprint, as its log shows it at start (`tls
+    /// certificate fingerprint SHA256:...`); only that certificate is accepted
+    #[arg(long, global = true, value_name = "SHA256:...")]
+    tls_fingerprint: Option<Fingerprint>,
 }
+
+/// How to trust an https server without a fingerprint: said whenever one is missing.
+const HOW_TO_PIN: &str = "pin its certificate with --tls-fingerprint SHA256:... (the server's \
+    log shows it at start: `tls certificate fingerprint SHA256:...`; on the server, `openssl \
+    x509 -in DATA_DIR/tls/cert.pem -noout -fingerprint -sha256` shows it too), or run the \
+    command on the server's machine with --data-dir DIR";
 
 #[derive(Subcommand)]
 pub enum MachineCommand {
@@ -77,7 +89,7 @@ pub enum MachineCommand {
 
 /// A connection to the daemon's API.
 pub(crate) struct Daemon {
-    addr: String,
+    endpoint: Endpoint,
     token: String,
 }
 
@@ -95,35 +107,30 @@ impl DaemonArgs {
 
 impl Daemon {
     pub(crate) fn find(args: &DaemonArgs) -> Result<Daemon> {
-        let (addr, token_file) = match (&args.data_dir, &args.server) {
+        let (url, token_file, cert_file) = match (&args.data_dir, &args.server) {
             (Some(dir), _) => {
-                let addr = std::fs::read_to_string(dir.join("serve.addr")).with_context(|| {
+                let url = std::fs::read_to_string(dir.join("serve.addr")).with_context(|| {
                     format!("no server has run with --data-dir {} (no serve.addr)", dir.display())
                 })?;
-                (addr.trim().to_string(), dir.join("api-token"))
+                let (cert, _) = diskferry_web::tls::self_signed_files(dir);
+                (url.trim().to_string(), dir.join("api-token"), Some(cert))
             }
             (None, Some(url)) => {
-                let addr = url
-                    .trim_start_matches("http://")
-                    .trim_end_matches('/')
-                    .to_string();
-                if addr.contains('/') || url.starts_with("https://") {
-                    bail!("--server takes http://HOST:PORT");
-                }
                 let Some(f) = &args.token_file else {
                     bail!("--server needs --token-file FILE (a copy of DATA_DIR/api-token)")
                 };
-                (addr, f.clone())
+                (url.clone(), f.clone(), None)
             }
             (None, None) => bail!(
                 "say which server: --data-dir DIR (on the server's machine) or --server URL --token-file FILE"
             ),
         };
+        let endpoint = endpoint(&url, args.tls_fingerprint, cert_file.as_deref())?;
         let token = std::fs::read_to_string(&token_file)
             .with_context(|| format!("cannot read the API token {}", token_file.display()))?
             .trim()
             .to_string();
-        Ok(Daemon { addr, token })
+        Ok(Daemon { endpoint, token })
     }
 
     fn call(
@@ -138,8 +145,15 @@ impl Daemon {
         if !body.is_empty() {
             headers.push(("Content-Type", "application/json"));
         }
-        let r: Response = request(&self.addr, method, path, &headers, body.as_bytes())
-            .with_context(|| format!("is `diskferry serve` running at {}?", self.addr))?;
+        let r: Response = self
+            .endpoint
+            .request(method, path, &headers, body.as_bytes())
+            .with_context(|| {
+                format!(
+                    "cannot talk to `diskferry serve` at {}",
+                    self.endpoint.url()
+                )
+            })?;
         let v: serde_json::Value = serde_json::from_slice(&r.body).unwrap_or_default();
         if r.status >= 400 {
             bail!(
@@ -180,6 +194,40 @@ impl Daemon {
             std::thread::sleep(std::time::Duration::from_millis(500));
         }
     }
+}
+
+/// The server at `url` (`http://HOST:PORT`, `https://HOST:PORT`, or a bare `HOST:PORT` as
+/// older servers wrote in serve.addr); an https one pinned to `pin`, or else to the
+/// certificate in `cert_file` (the server's own, with --data-dir).
+fn endpoint(url: &str, pin: Option<Fingerprint>, cert_file: Option<&Path>) -> Result<Endpoint> {
+    let (https, addr) = match url.split_once("://") {
+        None => (false, url),
+        Some(("http", addr)) => (false, addr),
+        Some(("https", addr)) => (true, addr),
+        Some((scheme, _)) => {
+            bail!("{url}: a server is http://HOST:PORT or https://HOST:PORT, not {scheme}")
+        }
+    };
+    let addr = addr.trim_end_matches('/');
+    if addr.is_empty() || addr.contains('/') {
+        bail!("{url}: a server is http://HOST:PORT or https://HOST:PORT");
+    }
+    if !https {
+        if pin.is_some() {
+            bail!("--tls-fingerprint is for https servers; {url} is plain http");
+        }
+        return Ok(Endpoint::plain(addr));
+    }
+    let pin = match (pin, cert_file) {
+        (Some(pin), _) => pin,
+        (None, Some(cert)) => diskferry_web::tls::fingerprint_of_file(cert).with_context(|| {
+            format!(
+                "the server at {url} speaks TLS but its certificate is unreadable; {HOW_TO_PIN}"
+            )
+        })?,
+        (None, None) => bail!("the server at {url} speaks TLS: {HOW_TO_PIN}"),
+    };
+    Ok(Endpoint::tls(addr, pin))
 }
 
 /// Percent-encodes a path segment.

@@ -1,11 +1,13 @@
 //! `diskferry serve`: the long-running server — the web UI and JSON API over the catalog in
-//! DATA_DIR (captures under DATA_DIR/captures, jobs, machines).
+//! DATA_DIR (captures under DATA_DIR/captures, jobs, machines), over TLS with `--tls`, and
+//! the network boot endpoints, also on a listener of their own with `--boot-listen`.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use clap::Args;
+use diskferry_web::tls::{self, ServerTls};
 
 #[derive(Args)]
 pub struct ServeArgs {
@@ -29,6 +31,30 @@ pub struct ServeArgs {
     /// you say where
     #[arg(long, default_value = "off", value_name = "ADDR:PORT|off")]
     tftp_listen: String,
+    /// A second, plain-HTTP listener serving only the network boot endpoints (/boot.ipxe,
+    /// /boot/*), for the boot network, so that --listen can stay on the admin network
+    #[arg(long, value_name = "ADDR:PORT")]
+    boot_listen: Option<SocketAddr>,
+    /// Serve the web UI and API over HTTPS, with a self-signed certificate made at the first
+    /// start (DATA_DIR/tls) and kept; clients pin its fingerprint, which the log shows
+    #[arg(long)]
+    tls: bool,
+    /// Another name or address the self-signed certificate is made for (besides localhost,
+    /// 127.0.0.1 and the --listen address); repeatable; only when the certificate is made
+    #[arg(
+        long,
+        value_name = "NAME",
+        requires = "tls",
+        conflicts_with = "tls_cert"
+    )]
+    tls_name: Vec<String>,
+    /// Serve HTTPS with this certificate (PEM, the server's first, then its chain) instead of
+    /// a self-signed one
+    #[arg(long, value_name = "FILE", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// The private key (PEM) of --tls-cert
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
     /// The dial-back address put into the boot script [default: the host the machine used to
     /// reach /boot.ipxe, with the agent port]
     #[arg(long, value_name = "HOST:PORT")]
@@ -71,18 +97,64 @@ async fn serve(args: &ServeArgs) -> Result<()> {
         advertise: args.advertise.clone(),
         server_key: startup.server_key,
     });
+    let tls = server_tls(args, addr)?;
+    let url = format!("{}://{addr}", if tls.is_some() { "https" } else { "http" });
     // `diskferry machines --data-dir DIR` finds the running server here.
-    std::fs::write(args.data_dir.join("serve.addr"), format!("{addr}\n"))
+    std::fs::write(args.data_dir.join("serve.addr"), format!("{url}\n"))
         .context("cannot write DATA_DIR/serve.addr")?;
     log_startup(&startup);
     start_tftp(&args.tftp_listen, &boot_dir).await?;
     tracing::info!("agents dial back to {agent_addr}");
-    log_boot_readiness(addr, &boot_dir);
+    let boot_addr = start_boot_listener(args.boot_listen, &state).await?;
+    log_boot_readiness(boot_addr.or(tls.is_none().then_some(addr)), &boot_dir);
     // Tests and scripts wait for this line.
-    tracing::info!("listening on http://{addr}");
-    diskferry_web::serve(listener, state)
+    tracing::info!("listening on {url}");
+    diskferry_web::serve(listener, state, tls.map(|t| t.config))
         .await
         .context("the web server stopped")
+}
+
+/// The certificate the UI is served with, when TLS is asked for; its fingerprint is logged.
+fn server_tls(args: &ServeArgs, addr: SocketAddr) -> Result<Option<ServerTls>> {
+    let tls = match (&args.tls_cert, &args.tls_key) {
+        (Some(cert), Some(key)) => tls::load(cert, key)?,
+        _ if args.tls => {
+            let names = tls::subject_names(addr, &args.tls_name);
+            tls::self_signed(&args.data_dir, &names)?
+        }
+        _ => return Ok(None),
+    };
+    tracing::info!(
+        "tls certificate {}{}",
+        tls.cert_file.display(),
+        if tls.created { " (new)" } else { "" }
+    );
+    // Clients pin this (`--tls-fingerprint`); tests and scripts read it here.
+    tracing::info!("tls certificate fingerprint {}", tls.fingerprint);
+    Ok(Some(tls))
+}
+
+/// The boot endpoints' own plain-HTTP listener, when asked for; its address.
+async fn start_boot_listener(
+    listen: Option<SocketAddr>,
+    state: &diskferry_web::SharedState,
+) -> Result<Option<SocketAddr>> {
+    let Some(listen) = listen else {
+        return Ok(None);
+    };
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("cannot listen on {listen} (in use? try --boot-listen)"))?;
+    let addr = listener.local_addr()?;
+    // Tests and scripts read the address here.
+    tracing::info!("boot listener on http://{addr} (the boot endpoints only)");
+    let state = std::sync::Arc::clone(state);
+    tokio::spawn(async move {
+        if let Err(e) = diskferry_web::serve_boot(listener, state).await {
+            tracing::error!("the boot listener stopped: {e}");
+        }
+    });
+    Ok(Some(addr))
 }
 
 /// What the data directory holds and which secrets were made.
@@ -139,7 +211,15 @@ async fn start_tftp(listen: &str, boot_dir: &std::path::Path) -> Result<()> {
     Ok(())
 }
 
-fn log_boot_readiness(addr: SocketAddr, boot_dir: &std::path::Path) {
+/// Where machines boot from (`None`: the UI speaks TLS and no --boot-listen was given), and
+/// whether the boot files are there.
+fn log_boot_readiness(addr: Option<SocketAddr>, boot_dir: &std::path::Path) {
+    let Some(addr) = addr else {
+        tracing::warn!(
+            "network boot needs --boot-listen ADDR:PORT when the UI uses TLS: iPXE fetches the boot files over plain HTTP"
+        );
+        return;
+    };
     let ready = ["vmlinuz", "initramfs.img"]
         .iter()
         .all(|f| boot_dir.join(f).is_file());

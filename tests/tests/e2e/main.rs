@@ -23,4 +23,5 @@ mod vhdx_read;
 mod web_api;
 mod web_browser;
 mod web_security;
+mod web_tls;
 mod wire;

@@ -197,3 +197,54 @@ fn idle_and_half_sent_connections_do_not_starve_the_login_page() {
     );
     drop((idle, many));
 }
+
+#[test]
+fn the_boot_listener_serves_the_boot_endpoints_and_nothing_else() {
+    let data = tempfile::tempdir().unwrap();
+    let boot = data.path().join("boot");
+    std::fs::create_dir_all(&boot).unwrap();
+    std::fs::write(boot.join("vmlinuz"), b"not a kernel").unwrap();
+    std::fs::write(boot.join("initramfs.img"), b"not an initramfs").unwrap();
+    let s = Server::start_with(data.path(), &["--boot-listen", "127.0.0.1:0"]).unwrap();
+    let boot_addr = s
+        .boot_addr
+        .clone()
+        .expect("the boot listener's address is logged");
+    assert_ne!(boot_addr, s.addr);
+    let get = |target: &str| request(&boot_addr, "GET", target, &[], b"").unwrap();
+
+    let r = get("/boot.ipxe?mac=52:54:00:12:34:56");
+    assert_eq!(r.status, 200, "{}", r.text());
+    let script = r.text();
+    assert!(script.starts_with("#!ipxe"), "{script}");
+    assert!(
+        script.contains(&format!("http://{boot_addr}/boot/vmlinuz")),
+        "{script}"
+    );
+    assert_eq!(get("/boot/vmlinuz").body, b"not a kernel");
+    for path in [
+        "/",
+        "/login",
+        "/api/machines",
+        "/api/openapi.json",
+        "/static/app.js",
+    ] {
+        let r = get(path);
+        assert_eq!(r.status, 404, "{path}: {} {}", r.status, r.text());
+        assert!(r.header("location").is_none(), "{path} redirects");
+    }
+    // The token works nowhere on it either.
+    let auth = format!("Bearer {}", s.token);
+    let r = request(
+        &boot_addr,
+        "GET",
+        "/api/machines",
+        &[("Authorization", &auth)],
+        b"",
+    )
+    .unwrap();
+    assert_eq!(r.status, 404, "{}", r.text());
+    // The main listener still serves both.
+    assert_eq!(s.get("/boot.ipxe").status, 200);
+    assert_eq!(s.get("/api/machines").status, 200);
+}

@@ -16,7 +16,7 @@ use axum::routing::{get, post};
 use axum::{Extension, Form, Router};
 use maud::html;
 
-use crate::auth::{session_cookie, Identity};
+use crate::auth::Identity;
 use crate::error::{Failure, PageFailure};
 use crate::ratelimit::{self, ClientIp};
 use crate::SharedState;
@@ -170,7 +170,7 @@ async fn login(
     let password = form.get("password").map_or("", String::as_str);
     match state.auth.login(password).await {
         Some(id) => (
-            [(header::SET_COOKIE, session_cookie(&id))],
+            [(header::SET_COOKIE, state.auth.cookie_for(&id))],
             Redirect::to(&next),
         )
             .into_response(),
@@ -187,7 +187,7 @@ async fn logout(State(state): State<SharedState>, Extension(who): Extension<Iden
         state.auth.logout(session_id);
     }
     (
-        [(header::SET_COOKIE, session_cookie(""))],
+        [(header::SET_COOKIE, state.auth.cookie_for(""))],
         Redirect::to("/login"),
     )
         .into_response()
