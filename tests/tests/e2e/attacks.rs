@@ -9,6 +9,15 @@
 //! - an `Opened` with a logical sector of 0 fails the job and frees the machine;
 //! - a stalled peer does not hang a job: cancel ends it within 5 s;
 //! - hundreds of idle connections to the agent port or a listening client leave both serving.
+//!
+//! The other findings' attacks live beside the code they exercise: a capture directory that
+//! contains itself (`fs_loops.rs`), half-sent HTTP requests, password guessing, open redirects
+//! and missing headers (`web_security.rs`), TFTP floods, spoofed sources and huge files
+//! (`server/daemon/src/tftp.rs`), unread replies filling the agent
+//! (`client/tests/reply_budget.rs`), two captures to one name
+//! (`server/daemon/tests/capture_names.rs`), a peer that never answers
+//! (`server/remote/tests/stalled_peer.rs`), a tampered handshake (`protocol/tests/session.rs`
+//! and the `handshake_tamper` fuzz target).
 
 mod rogue;
 
