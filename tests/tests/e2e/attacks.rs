@@ -81,15 +81,20 @@ fn approve(s: &Server, mac: &str) {
     assert_eq!(r.status, 200, "{}", r.text());
 }
 
-/// A small raw capture, to deploy: put in the data directory before the server starts (which
-/// registers it).
+/// A small raw capture, to deploy: an MBR disk of 2 MiB with one 1 MiB partition of patterned
+/// bytes, put in the data directory before the server starts (which registers it).
 fn capture(data: &Path) -> &'static str {
-    let mut bytes = vec![0u8; MIB as usize];
-    for (i, b) in bytes.iter_mut().enumerate() {
+    std::fs::create_dir_all(data.join("captures")).unwrap();
+    let path = data.join("captures/secret.img");
+    let mut bytes = vec![0u8; 2 * MIB as usize];
+    for (i, b) in bytes[MIB as usize..].iter_mut().enumerate() {
         *b = (i % 251) as u8 + 1;
     }
-    std::fs::create_dir_all(data.join("captures")).unwrap();
-    std::fs::write(data.join("captures/secret.img"), bytes).unwrap();
+    std::fs::write(&path, bytes).unwrap();
+    diskferry_e2e::sh(&format!(
+        "printf 'label: dos\\nstart=2048, size=2048, type=83\\n' | sfdisk --quiet {}",
+        path.display()
+    ));
     "secret.img"
 }
 
@@ -216,14 +221,17 @@ fn another_machines_macs_get_no_job_and_no_bytes() {
         "the second link was refused: {seen:?}"
     );
     // The deploy goes to A, not to the impostor.
-    let job = serde_json::json!({"kind": "deploy", "image": image, "target": MAC_A});
+    let job =
+        serde_json::json!({"kind": "deploy", "image": image, "target": MAC_A, "mode": "sectors"});
     let j = run_job(&s, job.clone());
     assert_eq!(j["state"], "succeeded", "{j}");
     assert!(real.seen().written >= MIB, "{:?}", real.seen());
     assert_eq!(impostor.seen().written, 0);
+    let sent = std::fs::read(data.path().join("captures").join(image)).unwrap();
     assert_eq!(
-        &real_disk.bytes.lock().unwrap()[..MIB as usize],
-        &std::fs::read(data.path().join("captures").join(image)).unwrap()[..]
+        &real_disk.bytes.lock().unwrap()[MIB as usize..2 * MIB as usize],
+        &sent[MIB as usize..],
+        "the partition's bytes reached the real machine"
     );
 
     // A goes offline. An impostor with A's exact identity but no token, and one with a
@@ -238,7 +246,7 @@ fn another_machines_macs_get_no_job_and_no_bytes() {
             Script::machine(&[MAC_A], "S-A", 4 * MIB),
             "a new agent key without an enrollment token",
         ),
-        (forged, "identity changed: serial number"),
+        (forged, "identity changed: system UUID, serial number"),
     ] {
         let rogue = Rogue::start(&s.agent_addr, key, script);
         assert!(wait_for(Duration::from_secs(20), || online(&s, MAC_A)));
