@@ -73,9 +73,9 @@ fuzz_target!(|data: &[u8]| {
         let agent_key = StaticKey::generate();
         let mut agent = SessionOptions::agent(agent_key.clone(), server_key.public());
         agent.credential = b"token".to_vec();
-        agent.timeout = Duration::from_secs(2);
+        agent.timeout = Duration::from_millis(500);
         let mut server = SessionOptions::controller(server_key);
-        server.timeout = Duration::from_secs(2);
+        server.timeout = Duration::from_millis(500);
         let (mut a, a_relay) = tokio::io::duplex(4096);
         let (mut s, s_relay) = tokio::io::duplex(4096);
         let (ar, aw) = tokio::io::split(a_relay);
@@ -83,8 +83,18 @@ fuzz_target!(|data: &[u8]| {
         let relays = tokio::spawn(async move {
             tokio::join!(relay(ar, sw, up), relay(sr, aw, down));
         });
-        let (ra, rs) = tokio::join!(initiate(&mut a, &agent), respond(&mut s, &server));
-        drop((a, s));
+        // Each side hangs up when it is done, as real peers do, so the other learns at once.
+        let agent_side = async move {
+            let r = initiate(&mut a, &agent).await;
+            drop(a);
+            r
+        };
+        let server_side = async move {
+            let r = respond(&mut s, &server).await;
+            drop(s);
+            r
+        };
+        let (ra, rs) = tokio::join!(agent_side, server_side);
         let _ = relays.await;
         if let Ok(session) = &rs {
             assert_eq!(session.peer_key, agent_key.public(), "the server learnt another key");
