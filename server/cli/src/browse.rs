@@ -1,8 +1,10 @@
 //! `inspect`, `ls`, `cat` and `get`: looking inside a disk (remote, local or an image) without
 //! mounting it.
 
+use std::collections::HashMap;
+use std::ffi::OsString;
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
@@ -12,6 +14,7 @@ use diskferry_fs::{self as fs, FileKind, Filesystem, Metadata, NodeId, Timestamp
 use diskferry_imaging::inspect::{self, DiskReport};
 use diskferry_imaging::source::{open_source, SourceSpec};
 
+use crate::extract::Dir;
 use crate::human_bytes;
 use crate::ConnArgs;
 
@@ -257,7 +260,12 @@ pub fn cat(target: &Target, path: &str) -> Result<()> {
     Ok(out.flush()?)
 }
 
-fn copy_out(fs: &dyn Filesystem, node: NodeId, size: u64, out: &mut impl Write) -> Result<()> {
+pub(crate) fn copy_out(
+    fs: &dyn Filesystem,
+    node: NodeId,
+    size: u64,
+    out: &mut impl Write,
+) -> Result<()> {
     let mut buf = vec![0u8; 1 << 20];
     let mut at = 0;
     while at < size {
@@ -271,22 +279,19 @@ fn copy_out(fs: &dyn Filesystem, node: NodeId, size: u64, out: &mut impl Write) 
     Ok(())
 }
 
-/// `get`: copies a file or a whole tree out, keeping modes and modification/access times.
+/// `get`: copies a file or a whole tree out, keeping modes, times and (as root) owners. Names
+/// from the image never choose where files land (see [`crate::extract`]).
 pub fn get(target: &Target, path: &str, dest: &Path) -> Result<()> {
     let (_opened, fs) = target.open()?;
     let node = fs.lookup(path)?;
     let meta = fs.metadata(node)?;
-    let dest = if dest.is_dir() && meta.kind != FileKind::Dir {
-        let name = path.rsplit('/').find(|s| !s.is_empty()).unwrap_or("file");
-        dest.join(name)
-    } else {
-        dest.to_path_buf()
-    };
     if meta.kind != FileKind::Dir {
-        return extract(&*fs, &meta, &dest);
+        return get_one(&*fs, &meta, path, dest);
     }
-    std::fs::create_dir_all(&dest).with_context(|| format!("cannot create {}", dest.display()))?;
-    let mut dirs: Vec<(PathBuf, Metadata)> = vec![(dest.clone(), meta)];
+    let root = Dir::destination(dest)?;
+    // Each directory made so far, by node: the checked names that lead to it from DEST.
+    let mut made: HashMap<NodeId, Vec<OsString>> = HashMap::from([(node, Vec::new())]);
+    let mut order: Vec<(NodeId, Metadata)> = Vec::new();
     let mut failures = 0u64;
     let mut fail = |what: &dyn std::fmt::Display| {
         failures += 1;
@@ -305,75 +310,76 @@ pub fn get(target: &Target, path: &str, dest: &Path) -> Result<()> {
                 continue;
             }
         };
-        let meta = fs.metadata(e.node)?;
-        let out = dest.join(&rel);
-        if meta.kind == FileKind::Dir {
-            if let Err(err) = std::fs::create_dir_all(&out) {
-                fail(&format_args!("{}: {err}", out.display()));
-            }
-            dirs.push((out, meta));
+        // Below a directory that was refused or not made: nothing (its failure is reported).
+        let Some(at) = made.get(&walk.parent()).cloned() else {
             continue;
+        };
+        let meta = fs.metadata(e.node)?;
+        if meta.kind == FileKind::File {
+            walk.charge_bytes(meta.size)?;
         }
-        walk.charge_bytes(meta.size)?;
-        if let Err(err) = extract(&*fs, &meta, &out) {
-            fail(&format_args!("{rel}: {err:#}"));
+        let parent = root.open_below(&at)?;
+        match put(&*fs, &parent, &e.name, &meta) {
+            Ok(Some(name)) => {
+                let mut names = at;
+                names.push(name);
+                made.insert(e.node, names);
+                order.push((e.node, meta));
+            }
+            Ok(None) => {}
+            Err(err) => fail(&format_args!("{rel}: {err:#}")),
         }
     }
-    // Directory times last, deepest first, once nothing more is written into them.
-    for (dir, meta) in dirs.iter().rev() {
-        set_mode_and_times(dir, meta)?;
+    // Directory modes and times last, deepest first, once nothing more is written into them.
+    for (dir, meta) in order.iter().rev() {
+        root.open_below(&made[dir])?.finish(meta)?;
     }
+    root.finish(&meta)?;
     if failures > 0 {
         bail!("{failures} entries could not be copied");
     }
     Ok(())
 }
 
-fn extract(fs: &dyn Filesystem, meta: &Metadata, out: &Path) -> Result<()> {
+/// Writes one entry into `parent`; a directory's checked name when one was made.
+fn put(
+    fs: &dyn Filesystem,
+    parent: &Dir,
+    name: &[u8],
+    meta: &Metadata,
+) -> Result<Option<OsString>> {
     match meta.kind {
-        FileKind::File => {
-            let mut f = std::fs::File::create(out)
-                .with_context(|| format!("cannot create {}", out.display()))?;
-            copy_out(fs, meta.node, meta.size, &mut f)?;
-            set_mode_and_times(out, meta)
-        }
+        FileKind::Dir => parent.make_dir(name).map(Some),
+        FileKind::File => parent.write_file(name, fs, meta).map(|()| None),
         FileKind::Symlink => {
-            use std::os::unix::ffi::OsStrExt;
             let target = fs.read_link(meta.node)?;
-            std::os::unix::fs::symlink(std::ffi::OsStr::from_bytes(&target), out)
-                .with_context(|| format!("cannot create symlink {}", out.display()))
+            parent.write_symlink(name, &target, meta).map(|()| None)
         }
         other => {
             eprintln!(
                 "diskferry: {}: a {} is not copied out",
-                out.display(),
+                String::from_utf8_lossy(name),
                 other.name()
             );
-            Ok(())
+            Ok(None)
         }
     }
 }
 
-fn set_mode_and_times(path: &Path, meta: &Metadata) -> Result<()> {
-    use std::os::unix::fs::PermissionsExt;
-    let to_system = |t: Timestamp| {
-        let d = std::time::Duration::new(t.secs.unsigned_abs(), t.nanos);
-        if t.secs >= 0 {
-            std::time::UNIX_EPOCH + d
-        } else {
-            std::time::UNIX_EPOCH - d
-        }
+/// `get` of one file or link: into DEST, or into the directory DEST under its own name.
+fn get_one(fs: &dyn Filesystem, meta: &Metadata, path: &str, dest: &Path) -> Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    let (dir, name) = if dest.is_dir() {
+        let name = path.rsplit('/').find(|s| !s.is_empty()).unwrap_or("file");
+        (dest.to_path_buf(), name.as_bytes().to_vec())
+    } else {
+        let parent = dest.parent().filter(|p| !p.as_os_str().is_empty());
+        let name = dest.file_name().context("DEST names no file")?;
+        (
+            parent.map_or_else(|| Path::new(".").to_path_buf(), Path::to_path_buf),
+            name.as_bytes().to_vec(),
+        )
     };
-    let mut times = std::fs::FileTimes::new();
-    if let Some(m) = meta.mtime {
-        times = times.set_modified(to_system(m));
-    }
-    if let Some(a) = meta.atime {
-        times = times.set_accessed(to_system(a));
-    }
-    let f = std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
-    f.set_times(times)
-        .with_context(|| format!("cannot set times on {}", path.display()))?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(meta.mode))
-        .with_context(|| format!("cannot set the mode of {}", path.display()))
+    let dir = Dir::destination(&dir)?;
+    put(fs, &dir, &name, meta).map(|_| ())
 }

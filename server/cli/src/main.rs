@@ -4,6 +4,7 @@ mod browse;
 mod capture;
 mod demo;
 mod deploy;
+mod extract;
 mod images;
 mod logging;
 mod machines;

@@ -109,8 +109,8 @@ pub struct Walk<'a> {
     stack: Vec<PendingDir>,
     /// Subdirectories of the directory being listed, in name order.
     subdirs: Vec<PendingDir>,
-    /// The directory being listed: its path, depth and entries left.
-    dir: (String, usize),
+    /// The directory being listed: its path, depth and node.
+    dir: (String, usize, NodeId),
     entries: std::vec::IntoIter<DirEntry>,
     /// An error about the entry just yielded, reported next.
     deferred: Option<WalkError>,
@@ -127,13 +127,18 @@ impl<'a> Walk<'a> {
             seen: HashSet::from([start]),
             stack: vec![(String::new(), start, 0)],
             subdirs: Vec::new(),
-            dir: (String::new(), 0),
+            dir: (String::new(), 0, start),
             entries: Vec::new().into_iter(),
             deferred: None,
             yielded: 0,
             charged: 0,
             done: false,
         }
+    }
+
+    /// The directory holding the entry yielded last.
+    pub fn parent(&self) -> NodeId {
+        self.dir.2
     }
 
     /// Counts `n` more bytes against the byte limit; past it the walk ends.
@@ -156,7 +161,7 @@ impl<'a> Walk<'a> {
             Ok(mut entries) => {
                 entries.sort_by(|a, b| a.name.cmp(&b.name));
                 self.entries = entries.into_iter();
-                self.dir = (path, depth);
+                self.dir = (path, depth, node);
                 Ok(())
             }
             Err(source) => Err(WalkError::Unreadable {

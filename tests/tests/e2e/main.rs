@@ -8,6 +8,7 @@ mod capture_modes;
 mod deploy;
 mod dial_back;
 mod fs_loops;
+mod get_safety;
 mod images_cli;
 mod inspect;
 mod mkfs_ext4;
