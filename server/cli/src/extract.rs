@@ -10,21 +10,13 @@ use std::ffi::{OsStr, OsString};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::Path;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use diskferry_fs::{Filesystem, Metadata, Timestamp};
 use rustix::fs::{AtFlags, Mode, OFlags, Timespec, Timestamps, CWD};
 
 /// A name an image gives that may become a file name here, or why not.
-pub fn check_name(name: &[u8]) -> Result<&OsStr> {
-    use std::os::unix::ffi::OsStrExt;
-    let shown = String::from_utf8_lossy(name);
-    if name.is_empty() || name == b"." || name == b".." {
-        bail!("refused the name {shown:?}: it would not name a new entry");
-    }
-    if name.contains(&b'/') || name.contains(&0) {
-        bail!("refused the name {shown:?}: it holds '/' or NUL, which would leave its directory");
-    }
-    Ok(OsStr::from_bytes(name))
+fn check_name(name: &[u8]) -> Result<&OsStr> {
+    Ok(diskferry_fs::tree::check_name(name)?)
 }
 
 /// A directory this module created (or the destination), as an open handle.

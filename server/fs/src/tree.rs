@@ -50,6 +50,33 @@ impl Limits {
     }
 }
 
+/// A name from a filesystem that must not become a path component elsewhere (a file written
+/// out, a tar entry): empty, `.` or `..`, or holding `/` or NUL.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("refused the name {shown:?}: {why}")]
+pub struct UnsafeName {
+    pub shown: String,
+    pub why: &'static str,
+}
+
+/// `name` as one path component, or why it cannot be one. Names from an image are data.
+pub fn check_name(name: &[u8]) -> std::result::Result<&std::ffi::OsStr, UnsafeName> {
+    use std::os::unix::ffi::OsStrExt;
+    let refuse = |why| UnsafeName {
+        shown: String::from_utf8_lossy(name).into_owned(),
+        why,
+    };
+    if name.is_empty() || name == b"." || name == b".." {
+        return Err(refuse("it would not name a new entry"));
+    }
+    if name.contains(&b'/') || name.contains(&0) {
+        return Err(refuse(
+            "it holds '/' or NUL, which would leave its directory",
+        ));
+    }
+    Ok(std::ffi::OsStr::from_bytes(name))
+}
+
 /// Why a walk skipped a directory or stopped.
 #[derive(Debug, thiserror::Error)]
 pub enum WalkError {

@@ -5,6 +5,8 @@
 
 use std::path::Path;
 
+use diskferry_e2e::fixtures::{gpt_disk, place};
+use diskferry_e2e::http::Server;
 use diskferry_e2e::{diskferry, sh};
 
 /// Replaces every occurrence of `from` in the file by `to` (same length); returns how many.
@@ -22,18 +24,14 @@ fn patch(image: &Path, from: &[u8], to: &[u8]) -> usize {
     n
 }
 
-#[test]
-fn hostile_names_and_links_never_write_outside_dest() {
-    let dir = tempfile::tempdir().unwrap();
-    let d = dir.path();
-    let outside = d.join("outside");
-    std::fs::create_dir(&outside).unwrap();
+/// The hostile ext4 volume; `outside` is where its link points.
+fn hostile_ext4(d: &Path, outside: &Path) -> std::path::PathBuf {
     let tree = d.join("tree");
     std::fs::create_dir_all(tree.join("sub")).unwrap();
     std::fs::write(tree.join("honest.txt"), b"honest\n").unwrap();
     std::fs::write(tree.join("aXXb"), b"slash\n").unwrap();
     std::fs::write(tree.join("sub/QQ_QQ_escaped"), b"escape\n").unwrap();
-    std::os::unix::fs::symlink(&outside, tree.join("zlink")).unwrap();
+    std::os::unix::fs::symlink(outside, tree.join("zlink")).unwrap();
     std::fs::create_dir(tree.join("zlinj")).unwrap();
     std::fs::write(tree.join("zlinj/pwned"), b"through the link\n").unwrap();
     let image = d.join("hostile.ext4");
@@ -46,7 +44,16 @@ fn hostile_names_and_links_never_write_outside_dest() {
     assert_eq!(patch(&image, b"aXXb", b"a//b"), 1);
     assert_eq!(patch(&image, b"QQ_QQ_escaped", b"../../escaped"), 1);
     assert_eq!(patch(&image, b"zlinj", b"zlink"), 1);
+    image
+}
 
+#[test]
+fn hostile_names_and_links_never_write_outside_dest() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let outside = d.join("outside");
+    std::fs::create_dir(&outside).unwrap();
+    let image = hostile_ext4(d, &outside);
     let dest = d.join("dest");
     let (ok, _, err) = diskferry(&[
         "get".as_ref(),
@@ -71,4 +78,29 @@ fn hostile_names_and_links_never_write_outside_dest() {
     // instead of being written over or through it.
     assert!(std::fs::symlink_metadata(dest.join("zlink")).is_ok());
     assert!(err.contains("zlink"), "{err}");
+}
+
+#[test]
+fn a_tar_download_leaves_hostile_names_out() {
+    let data = tempfile::tempdir().unwrap();
+    let work = tempfile::tempdir().unwrap();
+    let image = hostile_ext4(work.path(), &work.path().join("outside"));
+    let disk = data.path().join("captures/hostile.img");
+    std::fs::create_dir_all(disk.parent().unwrap()).unwrap();
+    let offsets = gpt_disk(&disk, 24, &[(16, "8300", "root")]);
+    place(&disk, offsets[0], &image);
+    let s = Server::start(data.path()).unwrap();
+    let id = s.get("/api/captures").json()[0]["id"].as_i64().unwrap();
+    let r = s.get(&format!("/api/captures/{id}/partitions/1/tar?path=/"));
+    assert_eq!(r.status, 200, "{}", r.text());
+    let tar = work.path().join("out.tar");
+    std::fs::write(&tar, &r.body).unwrap();
+    // GNU tar, nobody's code here, lists what the archive holds.
+    let listing = diskferry_e2e::run_ok("tar", &["-tvf", tar.to_str().unwrap()]);
+    assert!(listing.contains("honest.txt"), "{listing}");
+    assert!(!listing.contains(".."), "no entry climbs: {listing}");
+    assert!(
+        !listing.contains("a/b"),
+        "no name with '/' becomes a path: {listing}"
+    );
 }

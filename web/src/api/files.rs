@@ -1,7 +1,7 @@
 //! Inside a capture: directory listings, file bytes, a directory as a tar stream, and the
 //! comparison of two captures.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::io::{Read, Write};
 use std::sync::Arc;
 
@@ -238,8 +238,18 @@ fn tar_tree(
         ..tree::Limits::for_volume(fs.info().total_bytes)
     };
     let mut walk = tree::Walk::new(fs, dir, limits);
+    // Directories left out with a name no archive may hold, and so everything below them.
+    let mut refused: HashSet<NodeId> = HashSet::new();
     while let Some(item) = walk.next() {
         let (path, e) = item.map_err(|e| io_err(e.into()))?;
+        let unsafe_name = tree::check_name(&e.name).err();
+        if let Some(why) = &unsafe_name {
+            tracing::warn!("tar: {path}: {why}; left out with what it holds");
+        }
+        if unsafe_name.is_some() || refused.contains(&walk.parent()) {
+            refused.insert(e.node);
+            continue;
+        }
         let meta = fs.metadata(e.node).map_err(io_err)?;
         if meta.kind == FileKind::File {
             walk.charge_bytes(meta.size).map_err(|e| io_err(e.into()))?;
