@@ -159,3 +159,51 @@ fn verify_reports_a_table_that_differs() {
         "a disk without a table never verifies equal: {blank_verdict:?}"
     );
 }
+
+/// Two bare filesystems (no partition table) built from different trees must differ; a disk
+/// of bare sectors is compared byte for byte.
+#[test]
+fn verify_compares_whole_disk_volumes_and_never_passes_on_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let ext4 = |tree_dir: &Path| -> Arc<dyn BlockDevice> {
+        let disk: Arc<dyn BlockDevice> = Arc::new(MemoryDevice::new((32 * MIB) as usize));
+        let host = HostFs::open(tree_dir).unwrap();
+        write_ext4(Arc::clone(&disk), &host, &Ext4Options::default()).unwrap();
+        disk
+    };
+    let (ta, tb) = (dir.path().join("a"), dir.path().join("b"));
+    tree(&ta);
+    tree(&tb);
+    std::fs::write(tb.join("etc/hostname"), b"another-host\n").unwrap();
+    let (a, b) = (ext4(&ta), ext4(&tb));
+    let report = verify_disks(&a, &b).unwrap();
+    assert!(report.files_compared > 40, "{report:?}");
+    assert!(report.differences >= 1, "{report:?}");
+    assert!(
+        report.listed.iter().any(|l| l.contains("hostname")),
+        "{report:?}"
+    );
+
+    let mut bytes = vec![0u8; (4 * MIB) as usize];
+    bytes[MIB as usize..]
+        .iter_mut()
+        .enumerate()
+        .for_each(|(i, b)| *b = (i % 253) as u8 + 1);
+    let raw_a: Arc<dyn BlockDevice> = Arc::new(MemoryDevice::new(bytes.len()));
+    raw_a.write_at(&bytes, 0).unwrap();
+    let raw_b: Arc<dyn BlockDevice> = Arc::new(MemoryDevice::new(bytes.len()));
+    raw_b.write_at(&bytes, 0).unwrap();
+    let same = verify_disks(&raw_a, &raw_b).unwrap();
+    assert_eq!(same.differences, 0, "{same:?}");
+    assert!(same.bytes_compared >= 3 * MIB, "{same:?}");
+    bytes[2 * MIB as usize] ^= 1;
+    raw_b.write_at(&bytes, 0).unwrap();
+    assert_eq!(verify_disks(&raw_a, &raw_b).unwrap().differences, 1);
+
+    let (za, zb): (Arc<dyn BlockDevice>, Arc<dyn BlockDevice>) = (
+        Arc::new(MemoryDevice::new(MIB as usize)),
+        Arc::new(MemoryDevice::new(MIB as usize)),
+    );
+    // Two blank disks agree (a device that cannot tell zeros compares their bytes).
+    assert_eq!(verify_disks(&za, &zb).unwrap().differences, 0);
+}

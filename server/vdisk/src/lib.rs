@@ -206,7 +206,7 @@ pub fn create_image(
             Ok(Arc::new(vhdx::Vhdx::create(
                 container,
                 path,
-                size,
+                virtual_size(size, logical_sector),
                 VHDX_BLOCK_SIZE,
                 logical_sector,
             )?))
@@ -224,11 +224,19 @@ pub fn create_image(
         }
         ImageFormat::Qcow2 => {
             let container = Arc::new(FileDevice::from_file(file, path, true).at(path)?);
+            let size = virtual_size(size, 512);
             let image = qcow2::Qcow2::create(container, path, size, QCOW2_CLUSTER_BITS)?;
             image.set_compress(compress)?;
             Ok(Arc::new(image))
         }
     }
+}
+
+/// A container image's virtual size for `size` bytes of content: whole sectors, rounded up as
+/// qemu-img does (a disk of 1,000,100 bytes becomes 1,000,448; the tail reads as zeros). A
+/// raw output keeps the exact size.
+pub fn virtual_size(size: u64, sector: u32) -> u64 {
+    size.next_multiple_of(u64::from(sector.max(512)))
 }
 
 /// Fills `buf` from virtual `offset` (already range-checked) piece by piece: `map` says where

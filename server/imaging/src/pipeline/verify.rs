@@ -98,26 +98,55 @@ pub fn verify_disks(
                 }
             })?,
         );
-        let label = format!("partition {}", pa.number);
-        match (fs::open(Arc::clone(&da)), fs::open(Arc::clone(&db))) {
-            (Ok(fa), Ok(fb)) => compare_trees(&*fa, &*fb, &label, &mut report),
-            (Ok(_), Err(e)) => report.differ(format!(
-                "{label}: the copy's filesystem cannot be read: {e}"
-            )),
-            _ => {
-                let ranges: Vec<Range<u64>> = super::capture::data_ranges(&*da)
-                    .map_err(|source| VerifyError::Read {
-                        side: "the first disk",
-                        source,
-                    })?
-                    .into_iter()
-                    .filter(|r| r.end <= db.size())
-                    .collect();
-                compare_ranges(&*da, &*db, &ranges, &label, &mut report)?;
-            }
+        compare_volume(&da, &db, &format!("partition {}", pa.number), &mut report)?;
+    }
+    if ta.partitions.is_empty() {
+        if !tb.partitions.is_empty() {
+            report.differ("the copy has a partition table, the source none".into());
+        }
+        // A bare filesystem, or sectors with no table: the whole disk is the volume.
+        compare_volume(a, b, "the whole disk", &mut report)?;
+    }
+    if report.files_compared == 0 && report.bytes_compared == 0 && report.differences == 0 {
+        let has_data = !super::capture::data_ranges(&**a)
+            .map_err(|source| VerifyError::Read {
+                side: "the first disk",
+                source,
+            })?
+            .is_empty();
+        if has_data {
+            report.differ("nothing was compared, though the source holds data".into());
         }
     }
     Ok(report)
+}
+
+/// One volume: file by file where both sides hold a filesystem we read, else the first
+/// side's data ranges byte for byte.
+fn compare_volume(
+    da: &Arc<dyn BlockDevice>,
+    db: &Arc<dyn BlockDevice>,
+    label: &str,
+    report: &mut VerifyReport,
+) -> Result<(), VerifyError> {
+    match (fs::open(Arc::clone(da)), fs::open(Arc::clone(db))) {
+        (Ok(fa), Ok(fb)) => compare_trees(&*fa, &*fb, label, report),
+        (Ok(_), Err(e)) => report.differ(format!(
+            "{label}: the copy's filesystem cannot be read: {e}"
+        )),
+        _ => {
+            let ranges: Vec<Range<u64>> = super::capture::data_ranges(&**da)
+                .map_err(|source| VerifyError::Read {
+                    side: "the first disk",
+                    source,
+                })?
+                .into_iter()
+                .filter(|r| r.end <= db.size())
+                .collect();
+            compare_ranges(&**da, &**db, &ranges, label, report)?;
+        }
+    }
+    Ok(())
 }
 
 fn compare_ranges(
