@@ -189,3 +189,54 @@ fn convert_compress_writes_compressed_clusters_qemu_img_accepts() {
         "a refused option leaves nothing behind"
     );
 }
+
+/// A raw source whose size is not whole sectors: qcow2 and VHDX outputs are rounded up to the
+/// sector as qemu-img rounds them, qemu-img reads every byte back, and verify compares them.
+#[test]
+fn a_source_of_odd_size_is_rounded_up_to_whole_sectors() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("odd.raw");
+    let bytes: Vec<u8> = (0..1_000_100u32).map(|i| (i % 251) as u8 + 1).collect();
+    std::fs::write(&src, &bytes).unwrap();
+    for fmt in ["qcow2", "vhdx"] {
+        let out = dir.path().join(format!("odd.{fmt}"));
+        let (ok, out_text, err) = diskferry(&[
+            "capture".as_ref(),
+            p(&src),
+            p(&out),
+            "--mode".as_ref(),
+            "sectors".as_ref(),
+            "--verify".as_ref(),
+        ]);
+        assert!(ok, "{fmt}: {err}");
+        let said = format!("{out_text}{err}");
+        assert!(
+            said.contains("976.7 KiB compared"),
+            "{fmt}: verify compared the bytes: {said}"
+        );
+        let info = run_ok(
+            "qemu-img",
+            &["info", "--output=json", out.to_str().unwrap()],
+        );
+        let v: serde_json::Value = serde_json::from_str(&info).unwrap();
+        assert_eq!(v["virtual-size"], 1_000_448, "{fmt}: {info}");
+        run_ok("qemu-img", &["check", out.to_str().unwrap()]);
+        let back = dir.path().join(format!("back-{fmt}.raw"));
+        run_ok(
+            "qemu-img",
+            &[
+                "convert",
+                "-O",
+                "raw",
+                out.to_str().unwrap(),
+                back.to_str().unwrap(),
+            ],
+        );
+        let read = std::fs::read(&back).unwrap();
+        assert_eq!(&read[..bytes.len()], &bytes[..], "{fmt}: every byte");
+        assert!(
+            read[bytes.len()..].iter().all(|&b| b == 0),
+            "{fmt}: the tail is zeros"
+        );
+    }
+}
