@@ -3,7 +3,8 @@
 //! the second and compared — kind, size, mode, owner, modification time, link target, extended
 //! attributes and content; elsewhere the ranges the first side reports as data must hold the
 //! same bytes on the second. The bytes before the first partition that boot needs are compared
-//! too.
+//! too. A disk without a partition table is one volume, compared the same way; a comparison
+//! that compared nothing while the source holds data is a difference, never a pass.
 
 use std::ops::Range;
 use std::sync::Arc;
