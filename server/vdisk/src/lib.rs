@@ -17,8 +17,21 @@ use std::sync::Arc;
 
 use diskferry_blockdev::{BlockDevice, BlockError, Extent, FileDevice, Region};
 
-/// Block size of the VHDX images we create (Hyper-V's default).
+/// Hyper-V's own VHDX block size (a fixed choice for tests and callers that want it).
 pub const VHDX_BLOCK_SIZE: u64 = 32 << 20;
+
+/// The block size of a new VHDX of `size` bytes, chosen as qemu-img chooses it (8 MiB up to
+/// 1 GiB, 16 MiB up to 100 GiB, 32 MiB up to 32 TiB, 64 MiB beyond): smaller blocks keep a
+/// sparse image's file close to the data it holds.
+pub fn vhdx_block_size(size: u64) -> u64 {
+    const GIB: u64 = 1 << 30;
+    match size {
+        s if s > 32 << 40 => 64 << 20,
+        s if s > 100 * GIB => 32 << 20,
+        s if s > GIB => 16 << 20,
+        _ => 8 << 20,
+    }
+}
 
 /// Cluster size of the qcow2 images we create (qemu's default).
 pub const QCOW2_CLUSTER_BITS: u32 = 16;
@@ -203,11 +216,12 @@ pub fn create_image(
         }),
         ImageFormat::Vhdx => {
             let container = Arc::new(FileDevice::from_file(file, path, true).at(path)?);
+            let size = virtual_size(size, logical_sector);
             Ok(Arc::new(vhdx::Vhdx::create(
                 container,
                 path,
-                virtual_size(size, logical_sector),
-                VHDX_BLOCK_SIZE,
+                size,
+                vhdx_block_size(size),
                 logical_sector,
             )?))
         }
