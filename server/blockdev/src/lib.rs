@@ -24,7 +24,7 @@ pub use diskferry_localdisk::Region;
 pub use file::FileDevice;
 pub use memory::MemoryDevice;
 pub use reader::BlockReader;
-pub use recording::{Op, RecordingDevice};
+pub use recording::{crash_seed, Op, RecordingDevice};
 pub use slice::SliceDevice;
 pub use zero::{is_zero, nonzero_runs};
 

@@ -222,6 +222,27 @@ impl BlockDevice for RecordingDevice {
     }
 }
 
+/// The seed crash tests use when `DISKFERRY_CRASH_SEED` does not say otherwise, so CI runs
+/// are repeatable.
+pub const DEFAULT_CRASH_SEED: u64 = 0x0d15_cfe2_2024;
+
+/// The crash tests' seed: `DISKFERRY_CRASH_SEED=N` picks one, `=random` a fresh one (tests
+/// print it on failure), anything else or nothing [`DEFAULT_CRASH_SEED`].
+pub fn crash_seed() -> u64 {
+    match std::env::var("DISKFERRY_CRASH_SEED")
+        .ok()
+        .as_deref()
+        .map(str::trim)
+    {
+        Some("random") => {
+            use std::hash::{BuildHasher, RandomState};
+            RandomState::new().hash_one(std::time::SystemTime::now())
+        }
+        Some(s) => s.parse().unwrap_or(DEFAULT_CRASH_SEED),
+        None => DEFAULT_CRASH_SEED,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

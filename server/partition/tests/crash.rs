@@ -30,22 +30,6 @@ use rand::{Rng, SeedableRng};
 
 const MIB: u64 = 1 << 20;
 
-/// The seed CI uses, so a run is repeatable; `DISKFERRY_CRASH_SEED=N` picks another and
-/// `DISKFERRY_CRASH_SEED=random` a fresh one (both printed on failure).
-const DEFAULT_SEED: u64 = 0x0d15_cfe2_2024;
-
-fn seed() -> u64 {
-    match std::env::var("DISKFERRY_CRASH_SEED")
-        .ok()
-        .as_deref()
-        .map(str::trim)
-    {
-        Some("random") => rand::random(),
-        Some(s) => s.parse().unwrap_or(DEFAULT_SEED),
-        None => DEFAULT_SEED,
-    }
-}
-
 fn random_guid(rng: &mut StdRng) -> Guid {
     let mut g = [0u8; 16];
     rng.fill(&mut g);
@@ -268,7 +252,7 @@ struct Tally {
 
 #[test]
 fn every_crash_state_of_a_table_write_reads_as_the_old_or_the_new_table() {
-    let seed = seed();
+    let seed = diskferry_blockdev::crash_seed();
     let started = Instant::now();
     let mut rng = StdRng::seed_from_u64(seed);
     let dir = tempfile::tempdir().unwrap();

@@ -716,22 +716,6 @@ const MIN_CUTS: usize = 220;
 /// Reordered crash states each scenario checks.
 const REORDERS: usize = 60;
 
-/// The seed CI uses, so a run is repeatable; `DISKFERRY_CRASH_SEED=N` picks another and
-/// `DISKFERRY_CRASH_SEED=random` a fresh one (both printed on failure).
-const DEFAULT_SEED: u64 = 0x0d15_cfe2_2024;
-
-fn seed() -> u64 {
-    match std::env::var("DISKFERRY_CRASH_SEED")
-        .ok()
-        .as_deref()
-        .map(str::trim)
-    {
-        Some("random") => rand::random(),
-        Some(s) => s.parse().unwrap_or(DEFAULT_SEED),
-        None => DEFAULT_SEED,
-    }
-}
-
 fn describe_ops(rec: &RecordingDevice, upto: usize) -> String {
     let from = upto.saturating_sub(4);
     (from..upto)
@@ -924,7 +908,7 @@ fn expect_at<'a>(
 /// first L2 table's end (512 MiB), across 4 GiB and at the end of the disk.
 #[test]
 fn qcow2_survives_a_crash_at_any_point() {
-    let seed = seed();
+    let seed = diskferry_blockdev::crash_seed();
     let mut rng = StdRng::seed_from_u64(seed);
     let format = Format::Qcow2 {
         cluster_bits: QCOW2_CLUSTER_BITS,
@@ -956,7 +940,7 @@ fn qcow2_survives_a_crash_at_any_point() {
 /// what a 64 KiB-cluster image does past every 2 GiB of file, at a size a test can afford.
 #[test]
 fn qcow2_with_growing_metadata_survives_a_crash_at_any_point() {
-    let seed = seed();
+    let seed = diskferry_blockdev::crash_seed();
     let mut rng = StdRng::seed_from_u64(seed.wrapping_add(1));
     let format = Format::Qcow2 {
         cluster_bits: 9,
@@ -993,7 +977,7 @@ fn qcow2_with_growing_metadata_survives_a_crash_at_any_point() {
 /// references any more is punched out of the file.
 #[test]
 fn compressed_qcow2_survives_a_crash_at_any_point() {
-    let seed = seed();
+    let seed = diskferry_blockdev::crash_seed();
     let mut rng = StdRng::seed_from_u64(seed.wrapping_add(3));
     let format = Format::Qcow2 {
         cluster_bits: QCOW2_CLUSTER_BITS,
@@ -1037,7 +1021,7 @@ fn compressed_qcow2_survives_a_crash_at_any_point() {
 /// boundary.
 #[test]
 fn vhdx_survives_a_crash_at_any_point() {
-    let seed = seed();
+    let seed = diskferry_blockdev::crash_seed();
     let mut rng = StdRng::seed_from_u64(seed.wrapping_add(2));
     let format = Format::Vhdx {
         block_size: VHDX_BLOCK_SIZE,
