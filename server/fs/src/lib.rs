@@ -288,6 +288,13 @@ pub trait Filesystem: Send + Sync {
     /// The blocks in use.
     fn allocation_map(&self) -> Result<AllocationMap>;
 
+    /// Why a file-by-file rebuild of this volume would not hold what it holds (a feature the
+    /// writer cannot represent, a journal that cannot be replayed), or `None` when it would.
+    /// Auto mode then copies the volume's blocks instead, with this as the note.
+    fn rebuild_obstacle(&self) -> Option<String> {
+        None
+    }
+
     /// The device the filesystem lives on, which [`FileExtent::disk_offset`]s address — for
     /// bulk, disk-ordered reads of file data. `None` for sources without one (host trees).
     fn device(&self) -> Option<Arc<dyn BlockDevice>> {

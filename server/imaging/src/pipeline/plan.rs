@@ -64,6 +64,44 @@ fn mode_for(asked: Mode, kind: FsKind, bios_boot: bool, boot_code: bool) -> (Mod
     }
 }
 
+/// Checks a files- or blocks-mode decision against the opened filesystem: a volume the
+/// writer cannot recreate faithfully (its [`fs::Filesystem::rebuild_obstacle`]) is copied by
+/// blocks, and in auto mode one the reader cannot open is copied sector by sector — both with
+/// a note — so auto never fails a capture over one volume it cannot rebuild. An explicit
+/// files or blocks mode on an unreadable volume keeps its mode and fails with the reader's
+/// error when copied.
+fn refine_mode(
+    dev: &Arc<dyn BlockDevice>,
+    kind: FsKind,
+    asked: Mode,
+    mode: Mode,
+    note: Option<String>,
+) -> (Mode, Option<String>) {
+    if !matches!(mode, Mode::Files | Mode::Blocks) {
+        return (mode, note);
+    }
+    match fs::open(Arc::clone(dev)) {
+        Ok(opened) => match opened.rebuild_obstacle() {
+            Some(why) if mode == Mode::Files => (
+                Mode::Blocks,
+                Some(format!(
+                    "{} cannot be recreated file by file ({why}): copied its used blocks",
+                    kind.name()
+                )),
+            ),
+            _ => (mode, note),
+        },
+        Err(e) if asked == Mode::Auto => (
+            Mode::Sectors,
+            Some(format!(
+                "{} cannot be read ({e}): copied every non-zero sector",
+                kind.name()
+            )),
+        ),
+        Err(_) => (mode, note),
+    }
+}
+
 /// Whether a volume's first sectors hold a boot loader that addresses blocks directly: any
 /// bytes in an ext2/3/4 volume's boot block (its first 1024 bytes, unused by the filesystem),
 /// or a syslinux/extlinux/GRUB/LILO signature in a FAT boot sector.
@@ -149,6 +187,7 @@ pub(super) fn plan_disk(
         let kind = fs::detect(&*dev).map_err(source_err)?;
         let boot_code = has_boot_loader(&*dev, kind).map_err(source_err)?;
         let (m, note) = mode_for(mode, kind, partition::is_bios_boot(&p.kind), boot_code);
+        let (m, note) = refine_mode(&dev, kind, mode, m, note);
         parts.push(PartPlan {
             part: p.clone(),
             dev,
