@@ -208,6 +208,9 @@ pub(crate) fn verify_and_report(
     for d in &report.listed {
         eprintln!("  differs: {d}");
     }
+    for n in &report.notes {
+        eprintln!("  note: {n}");
+    }
     if report.differences > 0 {
         bail!(
             "verify: {} differences ({} files, {} compared)",

@@ -102,6 +102,9 @@ pub fn capture(
         for p in &report.partitions {
             tracing::info!(partition = p.number, "{p}");
         }
+        for n in &report.notes {
+            tracing::warn!("{n}");
+        }
         CaptureSummary::Partitions(report)
     };
     let verify = if options.verify {
@@ -128,6 +131,9 @@ fn verify_output(
             source,
         })?;
     let report = verify_disks(source, &written)?;
+    for n in &report.notes {
+        tracing::warn!("verify: {n}");
+    }
     if report.differences > 0 {
         for d in report.listed.iter().take(50) {
             tracing::warn!("difference: {d}");
@@ -164,6 +170,9 @@ pub fn deploy(
     let report = deploy_disk(image, target, target_name, mode, progress)?;
     for p in &report.disk.partitions {
         tracing::info!(partition = p.number, "{p}");
+    }
+    for n in report.disk.notes.iter().chain(&report.verify.notes) {
+        tracing::warn!("{n}");
     }
     tracing::info!("{}", verified(&report.verify));
     Ok(report)

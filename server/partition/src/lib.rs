@@ -9,6 +9,7 @@
 pub mod gpt;
 pub mod mbr;
 pub mod ondisk;
+mod resize;
 mod types;
 mod write;
 
@@ -16,6 +17,7 @@ use std::sync::Arc;
 
 use diskferry_blockdev::{BlockDevice, BlockError, SliceDevice};
 pub use gpt::Guid;
+pub use resize::{Anchor, Gap};
 pub use types::{gpt_types, is_bios_boot, type_name};
 pub use write::write_table;
 

@@ -55,7 +55,7 @@ pub enum CaptureError {
     ResizeNeedsTable,
     #[error("cannot fit a disk of {size} bytes: {source}")]
     Resize { size: u64, source: PartitionError },
-    #[error("a disk of {size} bytes cuts into a partition that is not recreated file by file (the last one must be ext4 or FAT in files or auto mode to shrink)")]
+    #[error("a disk of {size} bytes cuts into a partition and no partition is recreated file by file to make room (an ext2/3/4 or FAT partition in auto or files mode can shrink or grow; the partitions after it move)")]
     CutsPartition { size: u64 },
     #[error("writing the partition table to {path}: {source}")]
     WriteTable {

@@ -100,7 +100,7 @@ pub fn deploy_disk(
         dst_name: name,
         destination: Destination::UsedDisk,
     };
-    let (partitions, boot_bytes) =
+    let (partitions, boot_bytes, notes) =
         write_disk(&ends, plan, progress).map_err(|e| DeployError::Failed(Box::new(e)))?;
     let verify = verify_disks(&image, &target).map_err(DeployError::Verify)?;
     if verify.differences > 0 {
@@ -116,6 +116,7 @@ pub fn deploy_disk(
             scheme,
             partitions,
             boot_bytes,
+            notes,
             elapsed: started.elapsed(),
         },
         verify,

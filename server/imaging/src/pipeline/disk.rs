@@ -1,14 +1,17 @@
 //! Capture of a whole disk, partition by partition: the destination gets an equivalent
-//! partition table (same identifiers; the last partition resized with `--size` when it is
-//! recreated file by file), the bytes outside partitions that boot needs (boot code in sector 0,
-//! the gap before the first partition where GRUB lives), and each partition by mode:
+//! partition table (same identifiers; with `--size`, the last partition recreated file by file
+//! grows or shrinks and the partitions after it move down or up by whole MiB), the bytes
+//! outside partitions (boot code in sector 0, the gap after it where GRUB lives, gaps between
+//! partitions and after the last one, each moved with its neighbour), and each partition by
+//! mode:
 //!
 //! - **files**: the same filesystem type recreated with the source's parameters and identity
 //!   through our writers (ext2/3/4 → ext4 writer, FAT → FAT writer);
 //! - **blocks**: the clusters the filesystem's allocation map marks used, at their offsets;
 //! - **sectors**: every range the source does not report as zero;
-//! - **auto**: files for ext4 and FAT, blocks for NTFS, sectors otherwise (BIOS boot,
-//!   unknown, swap, ...).
+//! - **auto**: files for ext4 and FAT (blocks when the volume has what the writer cannot
+//!   recreate), swap recreated from its header (UUID, label), blocks for NTFS, sectors
+//!   otherwise (BIOS boot, unknown, ...).
 //!
 //! Verification ([`verify`]) compares each partition of the source and the output afterwards.
 
@@ -22,7 +25,7 @@ use super::output::PartialOutput;
 use super::partition_copy::{
     capture_partition, copy_plan, staging_device, zero, Overall, PartError,
 };
-use super::plan::{boot_ranges, plan_disk, DiskPlan, PartPlan};
+use super::plan::{outside_copies, plan_disk, DiskPlan, PartPlan};
 use crate::progress::Progress;
 use diskferry_blockdev::{BlockDevice, BlockError, SliceDevice};
 use diskferry_partition::{self as partition, Partition, PartitionTable};
@@ -85,7 +88,10 @@ pub struct DiskReport {
     pub output_size: u64,
     pub scheme: &'static str,
     pub partitions: Vec<PartitionReport>,
+    /// Bytes copied from outside partitions: boot code and the gaps' data.
     pub boot_bytes: u64,
+    /// What the user should know about the disk as a whole (data left out of a smaller copy).
+    pub notes: Vec<String>,
     pub elapsed: Duration,
 }
 
@@ -144,15 +150,22 @@ impl CopyEnds<'_> {
     }
 }
 
-/// Writes the plan onto the destination: boot bytes, the table, every partition; then
-/// flushes. Returns the partitions' reports and the boot bytes copied.
+/// Writes the plan onto the destination: the bytes outside partitions, the table, every
+/// partition; then flushes. Returns the partitions' reports, the outside bytes copied and
+/// notes about the disk as a whole.
 pub(super) fn write_disk(
     ends: &CopyEnds<'_>,
     plan: DiskPlan,
     progress: &dyn Progress,
-) -> Result<(Vec<PartitionReport>, u64), CaptureError> {
-    let DiskPlan { table, parts, .. } = plan;
-    let boot_bytes = write_boot_and_table(ends, &table, progress)?;
+) -> Result<(Vec<PartitionReport>, u64, Vec<String>), CaptureError> {
+    let DiskPlan {
+        source_table,
+        table,
+        parts,
+        ..
+    } = plan;
+    let (boot_bytes, outside_note) =
+        write_outside_and_table(ends, &source_table, &table, progress)?;
     // The whole job's expected bytes, so progress can show an overall figure.
     let mut copies = Vec::with_capacity(parts.len());
     for pp in &parts {
@@ -179,27 +192,58 @@ pub(super) fn write_disk(
         });
     }
     ends.dst.flush().map_err(|e| ends.write_err(e))?;
-    Ok((reports, boot_bytes))
+    Ok((reports, boot_bytes, outside_note.into_iter().collect()))
 }
 
-/// Boot bytes, then the table (which keeps sector 0's boot code). Returns the boot bytes.
-fn write_boot_and_table(
+/// The bytes outside partitions (boot code, the boot loader's gap, gaps between and after
+/// partitions, each where its partition went), then the table (which keeps sector 0's boot
+/// code). Returns the bytes copied and, when some gaps holding data have no place in a
+/// smaller destination, a note saying how much was left out.
+fn write_outside_and_table(
     ends: &CopyEnds<'_>,
+    source_table: &PartitionTable,
     table: &PartitionTable,
     progress: &dyn Progress,
-) -> Result<u64, CaptureError> {
-    let boot = boot_ranges(table, ends.src.size());
-    if ends.used_disk() {
-        for r in &boot {
-            zero(&**ends.dst, r.clone()).map_err(|e| ends.write_err(e))?;
+) -> Result<(u64, Option<String>), CaptureError> {
+    let (copies, left_out) = outside_copies(source_table, ends.src.size(), table, ends.dst.size());
+    let mut copied = 0;
+    for c in copies.iter().filter(|c| c.from.start < c.from.end) {
+        let len = c.from.end - c.from.start;
+        let from: Arc<dyn BlockDevice> = Arc::new(
+            SliceDevice::new(Arc::clone(ends.src), c.from.start, len)
+                .map_err(|e| ends.read_err(e))?,
+        );
+        let to: Arc<dyn BlockDevice> = Arc::new(
+            SliceDevice::new(Arc::clone(ends.dst), c.to, len).map_err(|e| ends.write_err(e))?,
+        );
+        if ends.used_disk() {
+            zero(&*to, 0..len).map_err(|e| ends.write_err(e))?;
         }
+        let ranges = data_ranges(&*from).map_err(|e| ends.read_err(e))?;
+        copy_ranges(&*from, &to, &ranges, progress).map_err(|e| ends.copy_err(e))?;
+        copied += ranges.iter().map(|r| r.end - r.start).sum::<u64>();
     }
-    copy_ranges(&**ends.src, ends.dst, &boot, progress).map_err(|e| ends.copy_err(e))?;
     partition::write_table(&**ends.dst, table).map_err(|source| CaptureError::WriteTable {
         path: ends.dst_name.to_path_buf(),
         source,
     })?;
-    Ok(boot.iter().map(|r| r.end - r.start).sum())
+    let mut lost = 0;
+    for r in &left_out {
+        let gap = SliceDevice::new(Arc::clone(ends.src), r.start, r.end - r.start)
+            .map_err(|e| ends.read_err(e))?;
+        lost += data_ranges(&gap)
+            .map_err(|e| ends.read_err(e))?
+            .iter()
+            .map(|r| r.end - r.start)
+            .sum::<u64>();
+    }
+    let note = (lost > 0).then(|| {
+        format!(
+            "{} ({lost} bytes) of data outside partitions had no place on the smaller disk and were left out",
+            crate::units::human_bytes(lost)
+        )
+    });
+    Ok((copied, note))
 }
 
 /// One partition onto its place `target` in the destination; returns the bytes read.
@@ -275,7 +319,7 @@ pub fn capture_disk(
         dst_name: &partial,
         destination: Destination::FreshImage,
     };
-    let (partitions, boot_bytes) = write_disk(&ends, plan, progress)?;
+    let (partitions, boot_bytes, notes) = write_disk(&ends, plan, progress)?;
     drop(dst);
     output_file.commit()?;
     Ok(DiskReport {
@@ -284,6 +328,7 @@ pub fn capture_disk(
         scheme,
         partitions,
         boot_bytes,
+        notes,
         elapsed: started.elapsed(),
     })
 }

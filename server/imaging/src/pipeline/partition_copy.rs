@@ -206,6 +206,10 @@ fn rebuild(
     progress: &dyn Progress,
 ) -> Result<(), PartError> {
     match kind {
+        FsKind::Swap => {
+            progress.start(phase, fs::swap::PAGE);
+            fs::swap::recreate(&*source, &**dst).map_err(PartError::Fs)?;
+        }
         FsKind::Fat12 | FsKind::Fat16 | FsKind::Fat32 => {
             let fat = fs::fat::Fat::open(source).map_err(PartError::Fs)?;
             progress.start(phase, fs::Filesystem::info(&fat).used_bytes);

@@ -1,7 +1,8 @@
 //! Planning a disk copy: the source's partition table read and each partition's mode decided
-//! (auto picks files for ext4 and FAT, blocks for NTFS, sectors for the rest; in-partition boot
-//! loaders keep their blocks), the table resized to the destination where the last partition
-//! is recreated file by file, and the boot bytes outside partitions found.
+//! (auto picks files for ext4, FAT and swap, blocks for NTFS and for volumes the writer cannot
+//! recreate, sectors for the rest; in-partition boot loaders keep their blocks), the layout
+//! fitted to the destination's size (the last partition recreated file by file takes the
+//! difference, those after it move), and the bytes outside partitions mapped to their place.
 
 use std::ops::Range;
 use std::path::Path;
@@ -16,6 +17,12 @@ use diskferry_partition::{self as partition, Partition, PartitionTable, Scheme};
 /// The mode a partition gets: what was asked, or for auto what its filesystem allows; files
 /// falls back to blocks for NTFS (no writer) and to sectors for unreadable contents.
 fn mode_for(asked: Mode, kind: FsKind, bios_boot: bool, boot_code: bool) -> (Mode, Option<String>) {
+    if kind == FsKind::Swap && asked != Mode::Sectors && !bios_boot {
+        return (
+            Mode::Files,
+            Some("swap recreated with its UUID and label; its old pages are scratch and were left out".into()),
+        );
+    }
     // A boot loader in the volume's first sectors (extlinux, syslinux, GRUB, LILO) finds its
     // next stage by block numbers: recreating the filesystem would move those blocks.
     if boot_code && asked == Mode::Auto && kind != FsKind::Ntfs {
@@ -80,6 +87,17 @@ fn refine_mode(
     if !matches!(mode, Mode::Files | Mode::Blocks) {
         return (mode, note);
     }
+    if kind == FsKind::Swap {
+        return match fs::swap::read_identity(&**dev) {
+            Ok(_) => (mode, note),
+            Err(e) => (
+                Mode::Sectors,
+                Some(format!(
+                    "swap cannot be recreated ({e}): copied every non-zero sector"
+                )),
+            ),
+        };
+    }
     match fs::open(Arc::clone(dev)) {
         Ok(opened) => match opened.rebuild_obstacle() {
             Some(why) if mode == Mode::Files => (
@@ -122,29 +140,69 @@ fn has_boot_loader(dev: &dyn BlockDevice, kind: FsKind) -> Result<bool, BlockErr
     })
 }
 
-/// The byte ranges outside partitions that boot needs: sector 0's boot code (the table itself
-/// is rewritten) and the gap between the table and the first partition.
-pub(super) fn boot_ranges(table: &PartitionTable, disk_size: u64) -> Vec<Range<u64>> {
-    let sector = u64::from(table.sector_size);
-    let first = table
-        .partitions
-        .iter()
-        .map(|p| p.start)
-        .min()
-        .unwrap_or(disk_size)
-        .min(disk_size);
-    let table_end = match table.scheme {
-        Scheme::Gpt => {
-            (2 + (u64::from(table.gpt_entries.max(128)) * 128).div_ceil(sector)) * sector
+/// One run of bytes outside partitions to copy: `from` on the source to `to` on the
+/// destination (the same offset unless the partitions around it moved).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) struct OutsideCopy {
+    pub from: Range<u64>,
+    pub to: u64,
+}
+
+/// The bytes outside partitions a copy carries: sector 0's boot code (the table itself is
+/// rewritten) and every gap that is neither table nor partition — the boot loader's gap after
+/// the MBR, gaps between partitions, the space after the last one — each moved with the
+/// partition it precedes. Returns the gaps that have no place in the destination (a smaller
+/// disk) too, so their data can be reported as left out.
+pub(super) fn outside_copies(
+    source: &PartitionTable,
+    source_size: u64,
+    dest: &PartitionTable,
+    dest_size: u64,
+) -> (Vec<OutsideCopy>, Vec<Range<u64>>) {
+    let mut copies = Vec::from([OutsideCopy {
+        from: 0..440.min(source_size).min(dest_size),
+        to: 0,
+    }]);
+    let mut left_out = Vec::new();
+    for gap in source.gaps(source_size) {
+        match gap.placed_in(source, dest, dest_size) {
+            Some(to) => copies.push(OutsideCopy {
+                from: gap.range,
+                to,
+            }),
+            None => left_out.push(gap.range),
         }
-        _ => sector,
-    };
-    let boot_code: Range<u64> = 0..440.min(disk_size);
-    let mut out = Vec::from([boot_code]);
-    if table_end < first {
-        out.push(table_end..first);
     }
-    out
+    (copies, left_out)
+}
+
+/// Fits the layout to `out_size`: the last partition recreated file by file (not swap) takes
+/// the difference, and the partitions after it — swap, copied ones, logical partitions with
+/// their extended boot records — move by whole MiB so they keep their alignment. With no such
+/// partition the layout must fit as it is.
+fn resize_layout(
+    table: &mut PartitionTable,
+    parts: &[PartPlan],
+    out_size: u64,
+) -> Result<(), CaptureError> {
+    const ALIGN: u64 = 1 << 20;
+    let (_, usable_end) = table.usable_range(out_size);
+    let resizable = parts
+        .iter()
+        .filter(|pp| pp.mode == Mode::Files && pp.kind != FsKind::Swap)
+        .max_by_key(|pp| pp.part.end())
+        .map(|pp| pp.part.number);
+    match resizable {
+        Some(number) => table
+            .resize_partition(number, usable_end, ALIGN)
+            .map(drop)
+            .map_err(|source| CaptureError::Resize {
+                size: out_size,
+                source,
+            }),
+        None if table.partitions.iter().all(|p| p.end() <= usable_end) => Ok(()),
+        None => Err(CaptureError::CutsPartition { size: out_size }),
+    }
 }
 
 /// One partition's part of a disk copy: the source partition, a device reading it, its
@@ -160,6 +218,8 @@ pub(super) struct PartPlan {
 /// What a disk copy will do: the destination's table (resized to `out_size` where allowed)
 /// and each partition's plan.
 pub(super) struct DiskPlan {
+    /// The source's table, as read.
+    pub source_table: PartitionTable,
     pub table: PartitionTable,
     pub parts: Vec<PartPlan>,
     pub out_size: u64,
@@ -199,29 +259,12 @@ pub(super) fn plan_disk(
     if table.scheme == Scheme::None {
         return Err(CaptureError::NoTable);
     }
+    let source_table = table.clone();
     if out_size != src.size() {
-        let last = table
-            .partitions
-            .iter()
-            .max_by_key(|p| p.end())
-            .map(|p| p.number);
-        let last_files = parts
-            .iter()
-            .any(|pp| Some(pp.part.number) == last && pp.mode == Mode::Files);
-        let (_, usable_end) = table.usable_range(out_size);
-        let fits = table.partitions.iter().all(|p| p.end() <= usable_end);
-        if last_files {
-            table
-                .resize_last(usable_end)
-                .map_err(|source| CaptureError::Resize {
-                    size: out_size,
-                    source,
-                })?;
-        } else if !fits {
-            return Err(CaptureError::CutsPartition { size: out_size });
-        }
+        resize_layout(&mut table, &parts, out_size)?;
     }
     Ok(DiskPlan {
+        source_table,
         table,
         parts,
         out_size,

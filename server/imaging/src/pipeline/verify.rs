@@ -2,8 +2,9 @@
 //! hold a filesystem we can read, every file, directory and link of the first is looked up in
 //! the second and compared — kind, size, mode, owner, modification time, link target, extended
 //! attributes and content; elsewhere the ranges the first side reports as data must hold the
-//! same bytes on the second. The bytes before the first partition that boot needs are compared
-//! too. A disk without a partition table is one volume, compared the same way; a comparison
+//! same bytes on the second. The bytes outside partitions are compared too — boot code, the
+//! boot loader's gap after the MBR, gaps between partitions and after the last one — each where
+//! a copy puts it (moved with the partition it precedes). A disk without a partition table is one volume, compared the same way; a comparison
 //! that compared nothing while the source holds data is a difference, never a pass.
 
 use std::ops::Range;
@@ -12,6 +13,9 @@ use std::sync::Arc;
 use diskferry_blockdev::{BlockDevice, BlockError, SliceDevice};
 use diskferry_fs::{self as fs, FileKind, Filesystem};
 use diskferry_partition as partition;
+
+/// Gaps outside partitions up to this size are compared wherever either side holds data.
+const WHOLE_GAP: u64 = 64 << 20;
 
 /// At most this many differences are described; all are counted.
 const MAX_LISTED: usize = 50;
@@ -23,6 +27,8 @@ pub struct VerifyReport {
     pub differences: u64,
     /// The first differences, described.
     pub listed: Vec<String>,
+    /// What was not compared and why (data the smaller copy had no room for).
+    pub notes: Vec<String>,
 }
 
 impl VerifyReport {
@@ -68,10 +74,9 @@ pub fn verify_disks(
     {
         report.differ("the partition tables differ in scheme or disk identifier".into());
     }
-    let first = ta.partitions.iter().map(|p| p.start).min().unwrap_or(0);
-    let boot_code: Range<u64> = 0..440.min(first);
-    let boot = Vec::from([boot_code]);
-    compare_ranges(&**a, &**b, &boot, "boot code", &mut report)?;
+    if !ta.partitions.is_empty() {
+        compare_outside(a, &ta, b, &tb, &mut report)?;
+    }
     for pa in &ta.partitions {
         let Some(pb) = tb.partitions.iter().find(|p| p.number == pa.number) else {
             report.differ(format!("partition {} is missing", pa.number));
@@ -120,6 +125,73 @@ pub fn verify_disks(
         }
     }
     Ok(report)
+}
+
+/// The bytes outside partitions — boot code, the boot loader's gap, gaps between and after
+/// partitions — each against where a copy puts it (moved with the partition it precedes):
+/// wherever either side holds data. A gap with data that has no place on `b` (a smaller
+/// disk) is a note, not a difference: the copy was asked to be smaller.
+fn compare_outside(
+    a: &Arc<dyn BlockDevice>,
+    ta: &partition::PartitionTable,
+    b: &Arc<dyn BlockDevice>,
+    tb: &partition::PartitionTable,
+    report: &mut VerifyReport,
+) -> Result<(), VerifyError> {
+    let (copies, left_out) = super::plan::outside_copies(ta, a.size(), tb, b.size());
+    let side_a = |source| VerifyError::Read {
+        side: "the first disk",
+        source,
+    };
+    let side_b = |source| VerifyError::Read {
+        side: "the second disk",
+        source,
+    };
+    for c in copies.iter().filter(|c| c.from.start < c.from.end) {
+        let len = c.from.end - c.from.start;
+        let sa = SliceDevice::new(Arc::clone(a), c.from.start, len).map_err(side_a)?;
+        let sb = SliceDevice::new(Arc::clone(b), c.to, len).map_err(side_b)?;
+        let mut ranges = super::capture::data_ranges(&sa).map_err(side_a)?;
+        // Small gaps are checked for stray data on the copy too; a large one (the rest of a
+        // big target disk) only where the source has data, or verify would read it all.
+        if len <= WHOLE_GAP {
+            ranges.extend(super::capture::data_ranges(&sb).map_err(side_b)?);
+        }
+        let label = if c.from.start == 0 {
+            "boot code".to_string()
+        } else {
+            format!("bytes outside partitions at {}", c.from.start)
+        };
+        compare_ranges(&sa, &sb, &merge(ranges), &label, report)?;
+    }
+    for r in left_out {
+        let gap = SliceDevice::new(Arc::clone(a), r.start, r.end - r.start).map_err(side_a)?;
+        let data: u64 = super::capture::data_ranges(&gap)
+            .map_err(side_a)?
+            .iter()
+            .map(|d| d.end - d.start)
+            .sum();
+        if data > 0 {
+            report.notes.push(format!(
+                "{data} bytes of data outside partitions at {}..{} have no place on the smaller copy: not compared",
+                r.start, r.end
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Sorted, overlapping or touching ranges joined.
+fn merge(mut ranges: Vec<Range<u64>>) -> Vec<Range<u64>> {
+    ranges.sort_by_key(|r| r.start);
+    let mut out: Vec<Range<u64>> = Vec::with_capacity(ranges.len());
+    for r in ranges {
+        match out.last_mut() {
+            Some(last) if r.start <= last.end => last.end = last.end.max(r.end),
+            _ => out.push(r),
+        }
+    }
+    out
 }
 
 /// One volume: file by file where both sides hold a filesystem we read, else the first

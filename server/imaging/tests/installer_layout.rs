@@ -1,0 +1,219 @@
+//! The Debian installer's disk layout, made by real tools, captured smaller and larger in auto
+//! mode: `sfdisk` lays out an ext4 root then an extended partition whose logical partition is
+//! swap; `mke2fs -d` fills the root, `mkswap` labels the swap, and the boot loader's gap after
+//! the MBR holds bytes as GRUB's core image would. Checked with `qemu-img check`, `sfdisk
+//! --verify`, `e2fsck -fn`, `swaplabel` and `cmp` of the gap — and `verify` finds a byte
+//! changed in that gap.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Arc;
+
+use diskferry_blockdev::{BlockDevice, FileDevice};
+use diskferry_imaging::pipeline::verify::verify_disks;
+use diskferry_imaging::pipeline::{Mode, OutputOptions};
+use diskferry_imaging::progress::Silent;
+use diskferry_imaging::{capture, CaptureOptions, CaptureSummary};
+use diskferry_partition as partition;
+use diskferry_vdisk::ImageFormat;
+
+const MIB: u64 = 1 << 20;
+const SWAP_UUID: &str = "0b7e8f6a-1c2d-4e3f-8a9b-0c1d2e3f4a5b";
+
+fn run(cmd: &mut Command) -> String {
+    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr)
+}
+
+/// Writes `file` into `disk` at byte `at`.
+fn place(disk: &Path, file: &Path, at: u64) {
+    run(Command::new("dd")
+        .arg(format!("if={}", file.display()))
+        .arg(format!("of={}", disk.display()))
+        .args([
+            "bs=1M",
+            "conv=notrunc,sparse",
+            "status=none",
+            "oflag=seek_bytes",
+        ])
+        .arg(format!("seek={at}")));
+}
+
+/// A 256 MiB MBR disk: root ext4 at 1 MiB (160 MiB), extended partition after it holding a
+/// swap logical partition to the end; a GRUB-like core image in the gap after sector 0.
+fn installer_disk(dir: &Path) -> PathBuf {
+    let disk = dir.join("source.img");
+    std::fs::File::create(&disk)
+        .unwrap()
+        .set_len(256 * MIB)
+        .unwrap();
+    let mut sfdisk = Command::new("sfdisk")
+        .args(["--quiet", "--no-reread", "--no-tell-kernel"])
+        .arg(&disk)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("sfdisk (apt: fdisk)");
+    use std::io::Write;
+    sfdisk
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"label: dos\nstart=2048, size=327680, type=83, bootable\nstart=331776, type=5\nstart=333824, type=82\n")
+        .unwrap();
+    assert!(sfdisk.wait().unwrap().success());
+    let table = partition::read_table(&FileDevice::open(&disk, false).unwrap()).unwrap();
+    let root = table.partitions.iter().find(|p| p.number == 1).unwrap();
+    let swap = table.partitions.iter().find(|p| p.number == 5).unwrap();
+
+    let tree = dir.join("tree");
+    std::fs::create_dir_all(tree.join("etc")).unwrap();
+    std::fs::write(tree.join("etc/hostname"), "installed\n").unwrap();
+    std::fs::write(tree.join("etc/data.bin"), vec![0x5au8; 3 << 20]).unwrap();
+    let root_img = dir.join("root.img");
+    std::fs::File::create(&root_img)
+        .unwrap()
+        .set_len(root.size)
+        .unwrap();
+    run(Command::new("mke2fs")
+        .args(["-q", "-F", "-t", "ext4", "-L", "root", "-d"])
+        .arg(&tree)
+        .arg(&root_img));
+    let swap_img = dir.join("swap.img");
+    std::fs::File::create(&swap_img)
+        .unwrap()
+        .set_len(swap.size)
+        .unwrap();
+    run(Command::new("mkswap")
+        .args(["-L", "theswap", "-U", SWAP_UUID])
+        .arg(&swap_img));
+    place(&disk, &root_img, root.start);
+    place(&disk, &swap_img, swap.start);
+    let core: Vec<u8> = (0..200_000u32).map(|i| (i * 13 + 7) as u8).collect();
+    let dev = FileDevice::open(&disk, true).unwrap();
+    dev.write_at(&core, 512).unwrap();
+    dev.write_at(&[0xeb, 0x63, 0x90], 0).unwrap();
+    dev.flush().unwrap();
+    disk
+}
+
+fn auto_qcow2(size: u64) -> CaptureOptions {
+    CaptureOptions {
+        output: OutputOptions {
+            format: ImageFormat::Qcow2,
+            compress: false,
+            overwrite: false,
+        },
+        mode: Mode::Auto,
+        size: Some(size),
+        verify: true,
+    }
+}
+
+/// The image converted to raw with qemu-img, after `qemu-img check`.
+fn as_raw(image: &Path) -> PathBuf {
+    run(Command::new("qemu-img").arg("check").arg(image));
+    let raw = image.with_extension("raw");
+    run(Command::new("qemu-img")
+        .args(["convert", "-O", "raw"])
+        .arg(image)
+        .arg(&raw));
+    raw
+}
+
+/// Extracts partition `number` of a raw disk into its own file.
+fn extract(raw: &Path, number: u32) -> PathBuf {
+    let table = partition::read_table(&FileDevice::open(raw, false).unwrap()).unwrap();
+    let p = table
+        .partitions
+        .iter()
+        .find(|p| p.number == number)
+        .unwrap();
+    let out = raw.with_extension(format!("p{number}"));
+    run(Command::new("dd")
+        .arg(format!("if={}", raw.display()))
+        .arg(format!("of={}", out.display()))
+        .args(["bs=1M", "status=none", "iflag=skip_bytes,count_bytes"])
+        .arg(format!("skip={}", p.start))
+        .arg(format!("count={}", p.size)));
+    out
+}
+
+fn check_copy(src: &Path, out: &Path, size: u64) {
+    let raw = as_raw(out);
+    assert_eq!(std::fs::metadata(&raw).unwrap().len(), size);
+    run(Command::new("sfdisk").arg("--verify").arg(&raw));
+    run(Command::new("e2fsck").arg("-fn").arg(extract(&raw, 1)));
+    let labels = run(Command::new("swaplabel").arg(extract(&raw, 5)));
+    assert!(
+        labels.contains("theswap") && labels.contains(SWAP_UUID),
+        "{labels}"
+    );
+    // The boot loader's gap, byte for byte.
+    run(Command::new("cmp").args(["-n", "440"]).arg(src).arg(&raw));
+    run(Command::new("cmp")
+        .args(["-i", "512", "-n", "1048064"])
+        .arg(src)
+        .arg(&raw));
+}
+
+#[test]
+fn the_installers_layout_is_captured_smaller_with_swap_recreated() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = installer_disk(dir.path());
+    let source: Arc<dyn BlockDevice> = Arc::new(FileDevice::open(&src, false).unwrap());
+    let out = dir.path().join("small.qcow2");
+    let done = capture(Arc::clone(&source), &out, &auto_qcow2(128 * MIB), &Silent).unwrap();
+    let CaptureSummary::Partitions(report) = &done.summary else {
+        panic!("{done:?}");
+    };
+    let swap = report.partitions.iter().find(|p| p.number == 5).unwrap();
+    assert_eq!(
+        (swap.filesystem, swap.mode),
+        ("swap", Mode::Files),
+        "{report:?}"
+    );
+    assert!(
+        swap.read <= 4096,
+        "the swap's old pages are not read: {swap:?}"
+    );
+    assert_eq!(done.verify.unwrap().differences, 0);
+    check_copy(&src, &out, 128 * MIB);
+}
+
+#[test]
+fn the_installers_layout_is_captured_larger_with_swap_staying_last() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = installer_disk(dir.path());
+    let source: Arc<dyn BlockDevice> = Arc::new(FileDevice::open(&src, false).unwrap());
+    let out = dir.path().join("big.qcow2");
+    capture(Arc::clone(&source), &out, &auto_qcow2(512 * MIB), &Silent).unwrap();
+    check_copy(&src, &out, 512 * MIB);
+    let (_, image) = diskferry_vdisk::open_image(&out, false).unwrap();
+    let table = partition::read_table(&*image).unwrap();
+    let swap = table.partitions.iter().find(|p| p.number == 5).unwrap();
+    assert_eq!(swap.end(), 512 * MIB);
+}
+
+#[test]
+fn verify_finds_a_byte_changed_in_the_boot_loaders_gap() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = installer_disk(dir.path());
+    let copy = dir.path().join("copy.img");
+    std::fs::copy(&src, &copy).unwrap();
+    let b: Arc<dyn BlockDevice> = Arc::new(FileDevice::open(&copy, true).unwrap());
+    b.write_at(&[0xff], 600_000).unwrap();
+    let a: Arc<dyn BlockDevice> = Arc::new(FileDevice::open(&src, false).unwrap());
+    let report = verify_disks(&a, &b).unwrap();
+    assert_eq!(report.differences, 1, "{report:?}");
+    assert!(
+        report.listed[0].contains("outside partitions"),
+        "{report:?}"
+    );
+}
