@@ -26,8 +26,10 @@ pub(crate) struct CaptureArgs {
     /// How to copy each partition
     #[arg(long, value_enum, default_value_t = Mode::Auto)]
     mode: Mode,
-    /// Size of the output disk (bytes, or K/M/G/T): the last partition grows or shrinks to
-    /// fit when it is recreated file by file [default: the source's size]
+    /// Size of the output disk (bytes, or K/M/G/T): the last partition recreated file by
+    /// file (ext2/3/4 or FAT) grows or shrinks, and the partitions after it (swap, an
+    /// extended partition with its logical ones, copied partitions) move with it [default:
+    /// the source's size]
     #[arg(long)]
     size: Option<String>,
     /// Afterwards, compare every file (content and metadata) and every copied range of the
