@@ -5,7 +5,9 @@
 //!
 //! Why not the `ext4-view` crate: it exposes neither inode numbers, link counts, extended
 //! attributes, physical extents nor the block bitmaps, all of which capture needs; the on-disk
-//! structures here are also the ones the ext4 writer produces. Refused with a clear message:
+//! structures here are also the ones the ext4 writer produces. A journal still holding
+//! committed transactions is replayed in memory first (`journal`), so every read sees the
+//! volume as e2fsck would leave it. Refused with a clear message:
 //! `meta_bg`, `bigalloc`, inline data, encrypted and compressed files.
 //!
 //! The superblock and group descriptors are read in `superblock`, a file's blocks found in
@@ -17,6 +19,7 @@ mod blocks;
 mod dir;
 mod error;
 mod inode;
+mod journal;
 pub mod ondisk;
 mod superblock;
 pub mod write;
@@ -30,6 +33,7 @@ use super::{
 use diskferry_blockdev::BlockDevice;
 pub use error::{Corruption, Place};
 use inode::{parse_xattrs, Inode};
+pub use journal::{JournalError, JournalView, ReplayedDevice, Stop};
 use ondisk::{gd, sb, xattr};
 use superblock::{Group, Superblock};
 
@@ -40,13 +44,33 @@ pub struct Ext4 {
     dev: Arc<dyn BlockDevice>,
     sb: Superblock,
     groups: Vec<Group>,
+    /// What opening did about the journal; reads already go through any replay.
+    journal: JournalView,
 }
 
 impl Ext4 {
+    /// Opens the volume as e2fsck would leave it: a journal that still holds committed
+    /// transactions is replayed in memory ([`JournalView`]); the device is never written.
     pub fn open(dev: Arc<dyn BlockDevice>) -> Result<Ext4> {
+        Ext4::open_unreplayed(dev)?.replay_journal()
+    }
+
+    /// Opens the volume as its blocks are, without replaying its journal.
+    pub fn open_unreplayed(dev: Arc<dyn BlockDevice>) -> Result<Ext4> {
         let sb = Superblock::read(&*dev)?;
         let groups = sb.read_groups(&*dev)?;
-        Ok(Ext4 { dev, sb, groups })
+        let journal = JournalView::Clean;
+        Ok(Ext4 {
+            dev,
+            sb,
+            groups,
+            journal,
+        })
+    }
+
+    /// What opening did about the journal.
+    pub fn journal_view(&self) -> &JournalView {
+        &self.journal
     }
 
     /// Options that make the writer produce a filesystem with this one's parameters and
@@ -288,6 +312,14 @@ impl Filesystem for Ext4 {
 
     fn device(&self) -> Option<Arc<dyn BlockDevice>> {
         Some(Arc::clone(&self.dev))
+    }
+
+    fn view_notes(&self) -> Vec<String> {
+        self.journal.notes()
+    }
+
+    fn rebuild_obstacle(&self) -> Option<String> {
+        self.journal.obstacle()
     }
 
     fn allocation_map(&self) -> Result<AllocationMap> {

@@ -37,7 +37,9 @@ pub const FEATURE_RO_COMPAT: Field<u32> = Field::at(0x64);
 pub const UUID: Bytes<16> = Bytes::at(0x68);
 pub const VOLUME_NAME: Bytes<16> = Bytes::at(0x78);
 pub const RESERVED_GDT_BLOCKS: Field<u16> = Field::at(0xCE);
+pub const JOURNAL_UUID: Bytes<16> = Bytes::at(0xD0);
 pub const JOURNAL_INUM: Field<u32> = Field::at(0xE0);
+pub const JOURNAL_DEV: Field<u32> = Field::at(0xE4);
 pub const HASH_SEED: Bytes<16> = Bytes::at(0xEC);
 pub const DEF_HASH_VERSION: Field<u8> = Field::at(0xFC);
 pub const JNL_BACKUP_TYPE: Field<u8> = Field::at(0xFD);
@@ -74,6 +76,12 @@ pub const COMPAT_HAS_JOURNAL: u32 = 0x4;
 pub const COMPAT_EXT_ATTR: u32 = 0x8;
 pub const COMPAT_DIR_INDEX: u32 = 0x20;
 pub const INCOMPAT_FILETYPE: u32 = 0x2;
+/// The journal holds transactions not yet written to their places (`needs_recovery`).
+pub const INCOMPAT_RECOVER: u32 = 0x4;
+/// This is an external journal device, not a filesystem.
+pub const INCOMPAT_JOURNAL_DEV: u32 = 0x8;
+/// The journal has a fast-commit area after its full commits.
+pub const COMPAT_FAST_COMMIT: u32 = 0x400;
 pub const INCOMPAT_META_BG: u32 = 0x10;
 pub const INCOMPAT_EXTENTS: u32 = 0x40;
 pub const INCOMPAT_64BIT: u32 = 0x80;
