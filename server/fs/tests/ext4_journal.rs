@@ -11,9 +11,11 @@
 use std::collections::BTreeMap;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::Arc;
 
+mod common;
+
+use common::{run, run_status};
 use diskferry_blockdev::{BlockDevice, MemoryDevice};
 use diskferry_fs::ext4::{Ext4, JournalError, JournalView, Stop};
 use diskferry_fs::{FileKind, Filesystem};
@@ -30,23 +32,6 @@ struct Seen {
 }
 
 type Tree = BTreeMap<String, Seen>;
-
-fn run(cmd: &str, args: &[&str]) -> String {
-    let (code, text) = run_status(cmd, args);
-    assert_eq!(code, 0, "{cmd} {args:?}:\n{text}");
-    text
-}
-
-/// Runs a tool: its exit code and output.
-fn run_status(cmd: &str, args: &[&str]) -> (i32, String) {
-    let out = Command::new(cmd)
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("{cmd} (install e2fsprogs): {e}"));
-    let text =
-        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
-    (out.status.code().unwrap_or(-1), text)
-}
 
 struct Work {
     dir: tempfile::TempDir,

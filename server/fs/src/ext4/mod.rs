@@ -18,6 +18,7 @@
 mod blocks;
 mod dir;
 mod error;
+mod identity;
 mod inode;
 mod journal;
 pub mod ondisk;
@@ -71,22 +72,6 @@ impl Ext4 {
     /// What opening did about the journal.
     pub fn journal_view(&self) -> &JournalView {
         &self.journal
-    }
-
-    /// Options that make the writer produce a filesystem with this one's parameters and
-    /// identity: block and inode size, UUID, label, directory hash seed, journal size, and at
-    /// least as many inodes.
-    pub fn format_options(&self) -> write::Ext4Options {
-        write::Ext4Options {
-            block_size: self.sb.block_size,
-            inode_size: self.sb.inode_size.max(256),
-            label: Some(self.sb.label.clone()).filter(|l| !l.is_empty()),
-            uuid: Some(self.sb.uuid),
-            hash_seed: Some(self.sb.hash_seed),
-            journal_blocks: Some(self.sb.journal_blocks),
-            min_inodes: self.sb.inodes,
-            ..write::Ext4Options::default()
-        }
     }
 
     fn read_block(&self, block: u64) -> Result<Vec<u8>> {

@@ -21,7 +21,7 @@ use std::sync::Arc;
 
 use super::super::{FsError, Result};
 use super::ondisk::{journal_sb, sb};
-use super::write::csum;
+use super::write::{csum, JournalFeatures};
 use super::Ext4;
 use diskferry_blockdev::BlockDevice;
 pub use log::{JournalError, Stop};
@@ -171,6 +171,21 @@ impl Ext4 {
                 inum,
                 reason: format!("after replay, {e}"),
             })),
+        }
+    }
+
+    /// The journal's features, for a rebuild to keep (none when it cannot be read).
+    pub(super) fn journal_features(&self, inum: u32) -> JournalFeatures {
+        match self.load_log(inum) {
+            Ok((jsb, _)) => JournalFeatures {
+                compat: if jsb.v1 {
+                    journal_sb::COMPAT_CHECKSUM
+                } else {
+                    0
+                },
+                incompat: jsb.incompat,
+            },
+            Err(_) => JournalFeatures::default(),
         }
     }
 
