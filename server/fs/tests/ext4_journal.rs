@@ -113,14 +113,14 @@ impl Work {
         img
     }
 
-    /// What e2fsck's journal replay makes of `img` (on a copy). It may report a damaged
-    /// journal (exit code 1, "errors corrected") but nothing worse.
-    fn e2fsck_replayed(&self, img: &Path) -> PathBuf {
+    /// What e2fsck's journal replay makes of `img` (on a copy), and what it said. It may
+    /// report a damaged journal (exit code 1, "errors corrected") but nothing worse.
+    fn e2fsck_replayed(&self, img: &Path) -> (PathBuf, String) {
         let copy = self.copy(img, "e2fsck.img");
         let args = ["-fy", "-E", "journal_only", copy.to_str().unwrap()];
         let (code, text) = run_status("e2fsck", &args);
         assert!(code <= 1, "e2fsck {args:?} exited with {code}:\n{text}");
-        copy
+        (copy, text)
     }
 
     /// The tree `debugfs rdump` extracts from `img` (debugfs does not replay journals).
@@ -250,15 +250,23 @@ fn bmap(img: &Path, ino: u32, n: u64) -> u64 {
         .unwrap_or_else(|| panic!("bmap: {text}"))
 }
 
-/// Our replayed view of `img` is e2fsck's: the same tree as debugfs dumps from e2fsck's
-/// replay, not the stale one debugfs dumps from `img` itself, and the same bytes through
-/// `device()` except the two superblocks (which e2fsck also stamps). Returns the view.
-fn assert_replays_as_e2fsck(work: &Work, img: &Path, bs: u64) -> Ext4 {
+/// Our replayed view of `img` has e2fsck's tree: the same as debugfs dumps from e2fsck's
+/// replay, not the stale one debugfs dumps from `img` itself. Returns the view and what
+/// e2fsck said.
+fn assert_tree_as_e2fsck(work: &Work, img: &Path) -> (Ext4, String) {
     let fs = open(img);
-    let want = work.rdump(&work.e2fsck_replayed(img));
+    let (replayed, said) = work.e2fsck_replayed(img);
+    let want = work.rdump(&replayed);
     let got = our_tree(&fs);
     assert_same(&got, &want, "the replayed view is e2fsck's");
     assert_ne!(got, work.rdump(img), "the stale view differs");
+    (fs, said)
+}
+
+/// Our replayed view of `img` is e2fsck's: the same tree, and the same bytes through
+/// `device()` except the two superblocks (which e2fsck also stamps). Returns the view.
+fn assert_replays_as_e2fsck(work: &Work, img: &Path, bs: u64) -> Ext4 {
+    let (fs, _) = assert_tree_as_e2fsck(work, img);
     let e2fsck = std::fs::read(work.path("e2fsck.img")).unwrap();
     let mut ours = vec![0u8; e2fsck.len()];
     fs.device().unwrap().read_at(&mut ours, 0).unwrap();
@@ -274,10 +282,19 @@ fn assert_replays_as_e2fsck(work: &Work, img: &Path, bs: u64) -> Ext4 {
         differ.is_empty(),
         "blocks unlike e2fsck's replay: {differ:?}"
     );
-    // A block copy of the replayed view is a clean volume with an empty journal.
+    // A block copy of the replayed view is a volume with an empty journal, as clean as
+    // e2fsck's replay leaves it.
     let copy = work.path("blocks-copy.img");
     std::fs::write(&copy, &ours).unwrap();
-    run("e2fsck", &["-fn", copy.to_str().unwrap()]);
+    let theirs = run_status(
+        "e2fsck",
+        &["-fn", work.path("e2fsck.img").to_str().unwrap()],
+    );
+    let (code, text) = run_status("e2fsck", &["-fn", copy.to_str().unwrap()]);
+    assert!(
+        theirs.0 != 0 || code == 0,
+        "e2fsck -fn of our block copy:\n{text}"
+    );
     fs
 }
 
@@ -408,94 +425,89 @@ fn a_revoked_block_is_not_replayed() {
     );
 }
 
-/// Two transactions, the second one damaged by flipping a byte `into` its `nth` log block
-/// (from the second descriptor): the replay ends before it, as e2fsck's does.
-fn assert_stops_at_damage(mkfs: &[&str], open: &str, nth: u64, header: &str) {
+/// A volume of 4 KiB blocks made with `mkfs`, whose journal (opened with `open`, checked to
+/// show `header` in dumpe2fs) holds two transactions, the second one damaged: a byte flipped
+/// in the `plus`-th log block after the second block logdump calls `what` ("descriptor" or
+/// "commit"). Returns the work, the image and the two later states.
+fn damaged(
+    mkfs: &[&str],
+    open: &str,
+    header: &str,
+    what: &str,
+    plus: u64,
+) -> (Work, PathBuf, Vec<PathBuf>) {
     let work = Work::new();
     let (base, later) = states(&work, mkfs, 32, 2);
     let img = work.journaled(&base, &[&later[0], &later[1]], open, 4096);
     assert!(run("dumpe2fs", &["-h", img.to_str().unwrap()]).contains(header));
     let log = run("debugfs", &["-R", "logdump", img.to_str().unwrap()]);
-    let second: u64 = log
+    let found: u64 = log
         .lines()
-        .filter(|l| l.contains("(descriptor block) at block"))
+        .filter(|l| l.contains(&format!("({what} block) at block")))
         .nth(1)
         .and_then(|l| l.rsplit(' ').next())
         .and_then(|n| n.parse().ok())
-        .unwrap_or_else(|| panic!("no second descriptor block:\n{log}"));
-    let at = bmap(&img, 8, second + nth) * 4096 + 2000;
+        .unwrap_or_else(|| panic!("no second {what} block:\n{log}"));
+    let at = bmap(&img, 8, found + plus) * 4096 + 2000;
     let mut raw = std::fs::read(&img).unwrap();
     raw[at as usize] ^= 0xFF;
     std::fs::write(&img, raw).unwrap();
-    let fs = assert_replays_as_e2fsck(&work, &img, 4096);
+    (work, img, later)
+}
+
+/// The replay of a `damaged` volume is e2fsck's, and ends after the first transaction.
+fn assert_stops_after_the_first(work: &Work, img: &Path, later: &[PathBuf]) {
+    let fs = assert_replays_as_e2fsck(work, img, 4096);
     let (transactions, _, stop) = replayed(&fs);
     assert_eq!(transactions, 1);
     assert!(matches!(stop, Stop::BadBlock { .. }), "{stop:?}");
-    assert_same(
-        &our_tree(&fs),
-        &work.rdump(&later[0]),
-        "the first transaction only",
-    );
+    let first = work.rdump(&later[0]);
+    assert_same(&our_tree(&fs), &first, "the first transaction only");
     assert!(fs.view_notes().iter().any(|n| n.contains("damaged")));
 }
 
+const EXT4_4K: [&str; 4] = ["-t", "ext4", "-b", "4096"];
+
 #[test]
 fn a_damaged_csum_v3_commit_block_ends_the_replay_there_as_in_e2fsck() {
-    // The commit block logdump names, damaged inside the area its checksum covers.
-    let work = Work::new();
-    let (base, later) = states(&work, &["-t", "ext4", "-b", "4096"], 32, 2);
-    let img = work.journaled(&base, &[&later[0], &later[1]], "-c", 4096);
-    let dump = run("debugfs", &["-R", "logdump", img.to_str().unwrap()]);
-    let commit: u64 = dump
-        .lines()
-        .filter(|l| l.contains("(commit block) at block"))
-        .nth(1)
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|n| n.parse().ok())
-        .unwrap_or_else(|| panic!("no second commit block:\n{dump}"));
-    let at = bmap(&img, 8, commit) * 4096 + 2000;
-    let mut raw = std::fs::read(&img).unwrap();
-    raw[at as usize] ^= 0xFF;
-    std::fs::write(&img, raw).unwrap();
-    let fs = assert_replays_as_e2fsck(&work, &img, 4096);
-    let (transactions, _, stop) = replayed(&fs);
-    assert_eq!(transactions, 1);
-    assert!(matches!(stop, Stop::BadBlock { .. }), "{stop:?}");
-    assert_same(
-        &our_tree(&fs),
-        &work.rdump(&later[0]),
-        "the first transaction only",
-    );
+    let (work, img, later) = damaged(&EXT4_4K, "-c", "journal_checksum_v3", "commit", 0);
+    assert_stops_after_the_first(&work, &img, &later);
 }
 
 #[test]
 fn a_damaged_block_under_the_old_crc32_commit_checksum_ends_the_replay_there() {
-    // Without metadata_csum, `jo -c` makes the old COMPAT_CHECKSUM journal.
+    // Without metadata_csum, `jo -c` makes the old COMPAT_CHECKSUM journal: a damaged data
+    // block makes its commit's CRC32 wrong.
     let mkfs = ["-t", "ext4", "-b", "4096", "-O", "^metadata_csum"];
-    assert_stops_at_damage(&mkfs, "-c", 1, "journal_checksum");
+    let (work, img, later) = damaged(&mkfs, "-c", "journal_checksum", "descriptor", 1);
+    assert_stops_after_the_first(&work, &img, &later);
+}
+
+#[test]
+fn a_damaged_csum_v3_data_block_alone_is_left_out_as_in_e2fsck() {
+    // e2fsck leaves the block out too, then — the journal being damaged — goes on to a full
+    // check that fixes the counts the missing block leaves wrong: the trees agree, the
+    // blocks e2fsck repaired do not.
+    let (work, img, _) = damaged(&EXT4_4K, "-c", "journal_checksum_v3", "descriptor", 2);
+    let (fs, said) = assert_tree_as_e2fsck(&work, &img);
+    assert!(
+        said.contains("Invalid checksum recovering data block"),
+        "{said}"
+    );
+    assert_eq!(replayed(&fs), (2, 1, Stop::End));
+    assert!(fs
+        .view_notes()
+        .iter()
+        .any(|n| n.contains("failed their checksum")));
 }
 
 #[test]
 fn a_damaged_csum_v3_descriptor_block_makes_the_whole_journal_unreplayable_as_in_e2fsck() {
     // A bad descriptor whose transaction still commits after the last good one: e2fsck
     // replays nothing (and says "Journal checksum error"); neither do we.
-    let work = Work::new();
-    let (base, later) = states(&work, &["-t", "ext4", "-b", "4096"], 32, 2);
-    let img = work.journaled(&base, &[&later[0], &later[1]], "-c", 4096);
-    let log = run("debugfs", &["-R", "logdump", img.to_str().unwrap()]);
-    let second: u64 = log
-        .lines()
-        .filter(|l| l.contains("(descriptor block) at block"))
-        .nth(1)
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|n| n.parse().ok())
-        .unwrap_or_else(|| panic!("no second descriptor block:\n{log}"));
-    let at = bmap(&img, 8, second) * 4096 + 4000;
-    let mut raw = std::fs::read(&img).unwrap();
-    raw[at as usize] ^= 0xFF;
-    std::fs::write(&img, &raw).unwrap();
+    let (work, img, _) = damaged(&EXT4_4K, "-c", "journal_checksum_v3", "descriptor", 0);
     let fs = open(&img);
-    let want = work.rdump(&work.e2fsck_replayed(&img));
+    let want = work.rdump(&work.e2fsck_replayed(&img).0);
     assert_same(&our_tree(&fs), &want, "e2fsck's view");
     assert!(matches!(
         fs.journal_view(),
@@ -516,7 +528,7 @@ fn a_fast_commit_volume_replays_its_full_commits_and_refuses_a_rebuild() {
     let img = work.journaled(&base, &[&later[0]], "-c", 4096);
     let fs = open(&img);
     assert_eq!(replayed(&fs).0, 1);
-    let want = work.rdump(&work.e2fsck_replayed(&img));
+    let want = work.rdump(&work.e2fsck_replayed(&img).0);
     assert_same(&our_tree(&fs), &want, "the replayed view is e2fsck's");
     let obstacle = fs.rebuild_obstacle().expect("an obstacle");
     assert!(obstacle.contains("fast-commit"), "{obstacle}");

@@ -224,8 +224,15 @@ impl Ext4 {
         let jsb = JournalSb::parse(&raw, bs, ino.size / bs)?;
         let maxlen = u64::from(jsb.maxlen);
         let mut offsets = vec![u64::MAX; maxlen as usize];
+        // Each journal block is mapped once: overlapping extents end the work at once.
         for e in extents.iter().filter(|e| e.logical < maxlen) {
             for l in e.logical..(e.logical + e.len).min(maxlen) {
+                if offsets[l as usize] != u64::MAX {
+                    return Err(bad_inode(FsError::Corrupt(
+                        "journal".into(),
+                        "its extents overlap".into(),
+                    )));
+                }
                 offsets[l as usize] = (e.physical + l - e.logical) * bs;
             }
         }
