@@ -425,6 +425,53 @@ fn a_revoked_block_is_not_replayed() {
     );
 }
 
+#[test]
+fn a_transaction_over_several_descriptor_blocks_replays_whole() {
+    let work = Work::new();
+    let base = work.mkfs("base.img", &["-t", "ext4", "-b", "4096"], 32);
+    let after = work.copy(&base, "after.img");
+    let data: Vec<u8> = (0..2u32 << 20).map(|i| (i % 251) as u8).collect();
+    let big = work.file("big", &data);
+    work.debugfs(&after, &format!("write {big} big\n"));
+    let img = work.journaled(&base, &[&after], "-c", 4096);
+    let log = run("debugfs", &["-R", "logdump", img.to_str().unwrap()]);
+    let descriptors = log
+        .lines()
+        .filter(|l| l.contains("sequence 1, type 1"))
+        .count();
+    assert!(descriptors >= 2, "{log}");
+    let fs = assert_replays_as_e2fsck(&work, &img, 4096);
+    assert_eq!(replayed(&fs).0, 1);
+    assert_eq!(
+        fs.read_all(fs.lookup("big").unwrap(), 4 << 20).unwrap(),
+        data
+    );
+}
+
+#[test]
+fn a_block_starting_with_the_journal_magic_is_escaped_and_restored() {
+    let work = Work::new();
+    let base = work.mkfs("base.img", &["-t", "ext4", "-b", "4096"], 16);
+    let a = work.file("a", &[b'a'; 4096]);
+    work.debugfs(&base, &format!("write {a} a\n"));
+    let block = bmap(&base, 12, 0);
+    let mut magic = vec![b'm'; 4096];
+    magic[..4].copy_from_slice(&0xC03B_3998u32.to_be_bytes());
+    let m = work.file("m", &magic);
+    let img = work.copy(&base, "journaled.img");
+    work.debugfs(&img, &format!("jo -c\njw -b {block} {m}\njc\n"));
+    // The log: descriptor at journal block 1, the block at 2 — stored without its magic.
+    let logged = bmap(&img, 8, 2) as usize * 4096;
+    let raw = std::fs::read(&img).unwrap();
+    assert_eq!(raw[logged..logged + 4], [0; 4], "debugfs escaped it");
+    assert_eq!(raw[logged + 4..logged + 4096], magic[4..]);
+    let fs = assert_replays_as_e2fsck(&work, &img, 4096);
+    assert_eq!(
+        fs.read_all(fs.lookup("a").unwrap(), 1 << 20).unwrap(),
+        magic
+    );
+}
+
 /// A volume of 4 KiB blocks made with `mkfs`, whose journal (opened with `open`, checked to
 /// show `header` in dumpe2fs) holds two transactions, the second one damaged: a byte flipped
 /// in the `plus`-th log block after the second block logdump calls `what` ("descriptor" or
