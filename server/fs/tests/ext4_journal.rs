@@ -17,7 +17,7 @@ mod common;
 
 use common::{run, run_status};
 use diskferry_blockdev::{BlockDevice, MemoryDevice};
-use diskferry_fs::ext4::{Ext4, JournalError, JournalView, Stop};
+use diskferry_fs::ext4::{Ext4, JournalError, JournalView, LogEnd};
 use diskferry_fs::{FileKind, Filesystem};
 
 /// One entry as both sides can tell it: kind, permission bits, mtime, size and contents
@@ -298,7 +298,7 @@ fn assert_replays_as_e2fsck(work: &Work, img: &Path, bs: u64) -> Ext4 {
     fs
 }
 
-fn replayed(fs: &Ext4) -> (u64, u64, Stop) {
+fn replayed(fs: &Ext4) -> (u64, u64, LogEnd) {
     match fs.journal_view() {
         JournalView::Replayed {
             transactions,
@@ -359,7 +359,7 @@ fn ext4_with_metadata_csum_replays_a_csum_v3_transaction_as_e2fsck() {
     let img = work.journaled(&base, &[&later[0]], "-c", 4096);
     assert!(run("dumpe2fs", &["-h", img.to_str().unwrap()]).contains("journal_checksum_v3"));
     let fs = assert_replays_as_e2fsck(&work, &img, 4096);
-    assert_eq!(replayed(&fs), (1, 0, Stop::End));
+    assert_eq!(replayed(&fs), (1, 0, LogEnd::End));
     assert!(
         fs.view_notes()[0].starts_with("replayed 1 journal transaction ("),
         "{:?}",
@@ -382,7 +382,7 @@ fn ext3_on_1k_blocks_replays_several_transactions_without_checksums() {
     let refs: Vec<&Path> = later.iter().map(|p| p.as_path()).collect();
     let img = work.journaled(&base, &refs, "", 1024);
     let fs = assert_replays_as_e2fsck(&work, &img, 1024);
-    assert_eq!(replayed(&fs), (3, 0, Stop::End));
+    assert_eq!(replayed(&fs), (3, 0, LogEnd::End));
     assert_same(&our_tree(&fs), &work.rdump(&later[2]), "the last state");
 }
 
@@ -397,7 +397,7 @@ fn a_32bit_journal_replays_csum_v2_tags() {
     let v2 = header.contains("journal_checksum_v2") && !header.contains("journal_64bit");
     assert!(v2, "{header}");
     let fs = assert_replays_as_e2fsck(&work, &img, 4096);
-    assert_eq!(replayed(&fs), (2, 0, Stop::End));
+    assert_eq!(replayed(&fs), (2, 0, LogEnd::End));
 }
 
 #[test]
@@ -507,7 +507,7 @@ fn assert_stops_after_the_first(work: &Work, img: &Path, later: &[PathBuf]) {
     let fs = assert_replays_as_e2fsck(work, img, 4096);
     let (transactions, _, stop) = replayed(&fs);
     assert_eq!(transactions, 1);
-    assert!(matches!(stop, Stop::BadBlock { .. }), "{stop:?}");
+    assert!(matches!(stop, LogEnd::BadBlock { .. }), "{stop:?}");
     let first = work.rdump(&later[0]);
     assert_same(&our_tree(&fs), &first, "the first transaction only");
     assert!(fs.view_notes().iter().any(|n| n.contains("damaged")));
@@ -541,7 +541,7 @@ fn a_damaged_csum_v3_data_block_alone_is_left_out_as_in_e2fsck() {
         said.contains("Invalid checksum recovering data block"),
         "{said}"
     );
-    assert_eq!(replayed(&fs), (2, 1, Stop::End));
+    assert_eq!(replayed(&fs), (2, 1, LogEnd::End));
     assert!(fs
         .view_notes()
         .iter()

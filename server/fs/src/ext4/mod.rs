@@ -34,7 +34,7 @@ use super::{
 use diskferry_blockdev::BlockDevice;
 pub use error::{Corruption, Place};
 use inode::{parse_xattrs, Inode};
-pub use journal::{JournalError, JournalView, ReplayedDevice, Stop};
+pub use journal::{JournalError, JournalView, LogEnd, ReplayedDevice};
 use ondisk::{gd, sb, xattr};
 use superblock::{Group, Superblock};
 

@@ -246,7 +246,7 @@ impl Transaction {
 
 /// Why the scan ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Stop {
+pub enum LogEnd {
     /// A block that does not continue the log: its normal end.
     End,
     /// The log wrapped onto itself without ending.
@@ -260,7 +260,7 @@ pub enum Stop {
 #[derive(Debug)]
 pub(super) struct Scan {
     committed: Vec<Transaction>,
-    pub stop: Stop,
+    pub stop: LogEnd,
 }
 
 impl Scan {
@@ -288,7 +288,7 @@ impl Log<'_> {
     pub fn scan(&self) -> BlockResult<Result<Scan, JournalError>> {
         let mut scan = Scan {
             committed: Vec::new(),
-            stop: Stop::End,
+            stop: LogEnd::End,
         };
         if self.sb.start == 0 {
             return Ok(Ok(scan));
@@ -303,12 +303,12 @@ impl Log<'_> {
         };
         scan.stop = loop {
             let Some(at) = st.cursor.take(&self.sb) else {
-                break Stop::Wrapped;
+                break LogEnd::Wrapped;
             };
             let raw = self.read(at)?;
             let seq = st.open.sequence;
             if jsb::MAGIC.get(&raw) != jsb::MAGIC_VALUE || jsb::HEADER_SEQUENCE.get(&raw) != seq {
-                break Stop::End;
+                break LogEnd::End;
             }
             let step = match jsb::BLOCKTYPE.get(&raw) {
                 jsb::DESCRIPTOR_BLOCK => self.descriptor(&raw, at, &mut st)?,
@@ -319,7 +319,7 @@ impl Log<'_> {
                 jsb::COMMIT_BLOCK => self
                     .commit(&raw, at, &mut st)
                     .map(|t| scan.committed.push(t)),
-                _ => break Stop::End,
+                _ => break LogEnd::End,
             };
             match step {
                 Ok(()) => continue,
@@ -343,7 +343,7 @@ impl Log<'_> {
         }
         for (target, flags, checksum) in self.tags(raw) {
             let Some(log_block) = st.cursor.take(&self.sb) else {
-                return Ok(Err(End::Stop(Stop::Wrapped)));
+                return Ok(Err(End::Stop(LogEnd::Wrapped)));
             };
             if self.sb.v1 {
                 st.open.crc = crc32_be(st.open.crc, &self.read(log_block)?);
@@ -373,13 +373,13 @@ impl Log<'_> {
                     log_block,
                 }));
             }
-            return Err(End::Stop(Stop::BadBlock {
+            return Err(End::Stop(LogEnd::BadBlock {
                 sequence,
                 log_block,
             }));
         }
         if !self.commit_ok(raw, st.open.crc) {
-            return Err(End::Stop(Stop::BadBlock {
+            return Err(End::Stop(LogEnd::BadBlock {
                 sequence,
                 log_block: at,
             }));
@@ -498,7 +498,7 @@ impl Log<'_> {
 
 /// How the scan ends early: with the transactions so far, or refusing the whole log.
 enum End {
-    Stop(Stop),
+    Stop(LogEnd),
     Refuse(JournalError),
 }
 

@@ -24,7 +24,7 @@ use super::ondisk::{journal_sb, sb};
 use super::write::{csum, JournalFeatures};
 use super::Ext4;
 use diskferry_blockdev::BlockDevice;
-pub use log::{JournalError, Stop};
+pub use log::{JournalError, LogEnd};
 use log::{JournalSb, Log, Scan};
 pub use overlay::ReplayedDevice;
 use overlay::Source;
@@ -41,7 +41,7 @@ pub enum JournalView {
         blocks: u64,
         /// Logged blocks left out (data checksum mismatch, target beyond the volume).
         skipped: u64,
-        stop: Stop,
+        stop: LogEnd,
         /// A fast-commit area exists and was not replayed.
         fast_commit: bool,
     },
@@ -73,9 +73,9 @@ impl JournalView {
                     notes.push(format!("{skipped} journaled block{} failed their checksum or pointed beyond the volume and were left out, as e2fsck does", plural(*skipped)));
                 }
                 match stop {
-                    Stop::End => {}
-                    Stop::Wrapped => notes.push("the journal's log wraps onto itself: replay stopped after one pass over it".into()),
-                    Stop::BadBlock { sequence, log_block } => notes.push(format!("journal transaction {sequence} is damaged (log block {log_block}): it and any later ones were not replayed, as e2fsck does")),
+                    LogEnd::End => {}
+                    LogEnd::Wrapped => notes.push("the journal's log wraps onto itself: replay stopped after one pass over it".into()),
+                    LogEnd::BadBlock { sequence, log_block } => notes.push(format!("journal transaction {sequence} is damaged (log block {log_block}): it and any later ones were not replayed, as e2fsck does")),
                 }
                 if *fast_commit {
                     notes.push("its fast-commit journal area cannot be replayed: only the full commits were".into());
