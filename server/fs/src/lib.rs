@@ -296,6 +296,12 @@ pub trait Filesystem: Send + Sync {
         None
     }
 
+    /// What the reader did to present a consistent view of the volume (an ext4 journal
+    /// replayed in memory, or one that could not be), for people; empty when nothing.
+    fn view_notes(&self) -> Vec<String> {
+        Vec::new()
+    }
+
     /// The device the filesystem lives on, which [`FileExtent::disk_offset`]s address — for
     /// bulk, disk-ordered reads of file data. `None` for sources without one (host trees).
     fn device(&self) -> Option<Arc<dyn BlockDevice>> {

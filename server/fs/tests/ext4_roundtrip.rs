@@ -547,7 +547,7 @@ fn identity_and_geometry_survive_and_the_copy_opens_with_the_same_options() {
     assert_eq!(again.hash_seed, opts.hash_seed);
     assert_eq!(again.label, opts.label);
     assert_eq!(again.journal_blocks, Some(2048));
-    assert!(again.min_inodes >= 5000);
+    assert!(again.inodes >= Some(5000));
     // The allocation map holds at least the journal and every file's blocks.
     let used = fs.allocation_map().unwrap().used_blocks();
     assert!(used > 2048 + (1 << 20) / 4096, "{used} blocks used");

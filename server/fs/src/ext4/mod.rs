@@ -5,7 +5,9 @@
 //!
 //! Why not the `ext4-view` crate: it exposes neither inode numbers, link counts, extended
 //! attributes, physical extents nor the block bitmaps, all of which capture needs; the on-disk
-//! structures here are also the ones the ext4 writer produces. Refused with a clear message:
+//! structures here are also the ones the ext4 writer produces. A journal still holding
+//! committed transactions is replayed in memory first (`journal`), so every read sees the
+//! volume as e2fsck would leave it. Refused with a clear message:
 //! `meta_bg`, `bigalloc`, inline data, encrypted and compressed files.
 //!
 //! The superblock and group descriptors are read in `superblock`, a file's blocks found in
@@ -16,7 +18,9 @@
 mod blocks;
 mod dir;
 mod error;
+mod identity;
 mod inode;
+mod journal;
 pub mod ondisk;
 mod superblock;
 pub mod write;
@@ -30,6 +34,7 @@ use super::{
 use diskferry_blockdev::BlockDevice;
 pub use error::{Corruption, Place};
 use inode::{parse_xattrs, Inode};
+pub use journal::{JournalError, JournalView, LogEnd, ReplayedDevice};
 use ondisk::{gd, sb, xattr};
 use superblock::{Group, Superblock};
 
@@ -40,29 +45,33 @@ pub struct Ext4 {
     dev: Arc<dyn BlockDevice>,
     sb: Superblock,
     groups: Vec<Group>,
+    /// What opening did about the journal; reads already go through any replay.
+    journal: JournalView,
 }
 
 impl Ext4 {
+    /// Opens the volume as e2fsck would leave it: a journal that still holds committed
+    /// transactions is replayed in memory ([`JournalView`]); the device is never written.
     pub fn open(dev: Arc<dyn BlockDevice>) -> Result<Ext4> {
-        let sb = Superblock::read(&*dev)?;
-        let groups = sb.read_groups(&*dev)?;
-        Ok(Ext4 { dev, sb, groups })
+        Ext4::open_unreplayed(dev)?.replay_journal()
     }
 
-    /// Options that make the writer produce a filesystem with this one's parameters and
-    /// identity: block and inode size, UUID, label, directory hash seed, journal size, and at
-    /// least as many inodes.
-    pub fn format_options(&self) -> write::Ext4Options {
-        write::Ext4Options {
-            block_size: self.sb.block_size,
-            inode_size: self.sb.inode_size.max(256),
-            label: Some(self.sb.label.clone()).filter(|l| !l.is_empty()),
-            uuid: Some(self.sb.uuid),
-            hash_seed: Some(self.sb.hash_seed),
-            journal_blocks: Some(self.sb.journal_blocks),
-            min_inodes: self.sb.inodes,
-            ..write::Ext4Options::default()
-        }
+    /// Opens the volume as its blocks are, without replaying its journal.
+    pub fn open_unreplayed(dev: Arc<dyn BlockDevice>) -> Result<Ext4> {
+        let sb = Superblock::read(&*dev)?;
+        let groups = sb.read_groups(&*dev)?;
+        let journal = JournalView::Clean;
+        Ok(Ext4 {
+            dev,
+            sb,
+            groups,
+            journal,
+        })
+    }
+
+    /// What opening did about the journal.
+    pub fn journal_view(&self) -> &JournalView {
+        &self.journal
     }
 
     fn read_block(&self, block: u64) -> Result<Vec<u8>> {
@@ -288,6 +297,14 @@ impl Filesystem for Ext4 {
 
     fn device(&self) -> Option<Arc<dyn BlockDevice>> {
         Some(Arc::clone(&self.dev))
+    }
+
+    fn view_notes(&self) -> Vec<String> {
+        self.journal.notes()
+    }
+
+    fn rebuild_obstacle(&self) -> Option<String> {
+        self.journal.obstacle()
     }
 
     fn allocation_map(&self) -> Result<AllocationMap> {

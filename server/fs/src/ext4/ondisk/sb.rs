@@ -36,8 +36,12 @@ pub const FEATURE_INCOMPAT: Field<u32> = Field::at(0x60);
 pub const FEATURE_RO_COMPAT: Field<u32> = Field::at(0x64);
 pub const UUID: Bytes<16> = Bytes::at(0x68);
 pub const VOLUME_NAME: Bytes<16> = Bytes::at(0x78);
+/// Where the volume was last mounted (`s_last_mounted`), NUL-padded.
+pub const LAST_MOUNTED: Bytes<64> = Bytes::at(0x88);
 pub const RESERVED_GDT_BLOCKS: Field<u16> = Field::at(0xCE);
+pub const JOURNAL_UUID: Bytes<16> = Bytes::at(0xD0);
 pub const JOURNAL_INUM: Field<u32> = Field::at(0xE0);
+pub const JOURNAL_DEV: Field<u32> = Field::at(0xE4);
 pub const HASH_SEED: Bytes<16> = Bytes::at(0xEC);
 pub const DEF_HASH_VERSION: Field<u8> = Field::at(0xFC);
 pub const JNL_BACKUP_TYPE: Field<u8> = Field::at(0xFD);
@@ -64,7 +68,8 @@ pub const ERRORS_CONTINUE: u16 = 1;
 /// `s_jnl_backup_type`: the backup holds the journal inode's `i_block`.
 pub const JNL_BACKUP_BLOCKS: u8 = 1;
 pub const HASH_HALF_MD4: u8 = 1;
-/// `s_flags`: directory hashes treat name bytes as unsigned.
+/// `s_flags`: directory hashes treat name bytes as signed, or as unsigned.
+pub const FLAGS_SIGNED_HASH: u32 = 0x1;
 pub const FLAGS_UNSIGNED_HASH: u32 = 0x2;
 pub const CHECKSUM_CRC32C: u8 = 1;
 /// Default mount options: user_xattr, acl.
@@ -72,8 +77,16 @@ pub const DEFMOUNT_XATTR_USER_ACL: u32 = 0x0C;
 
 pub const COMPAT_HAS_JOURNAL: u32 = 0x4;
 pub const COMPAT_EXT_ATTR: u32 = 0x8;
+/// Reserved GDT blocks and the resize inode that owns them.
+pub const COMPAT_RESIZE_INODE: u32 = 0x10;
 pub const COMPAT_DIR_INDEX: u32 = 0x20;
 pub const INCOMPAT_FILETYPE: u32 = 0x2;
+/// The journal holds transactions not yet written to their places (`needs_recovery`).
+pub const INCOMPAT_RECOVER: u32 = 0x4;
+/// This is an external journal device, not a filesystem.
+pub const INCOMPAT_JOURNAL_DEV: u32 = 0x8;
+/// The journal has a fast-commit area after its full commits.
+pub const COMPAT_FAST_COMMIT: u32 = 0x400;
 pub const INCOMPAT_META_BG: u32 = 0x10;
 pub const INCOMPAT_EXTENTS: u32 = 0x40;
 pub const INCOMPAT_64BIT: u32 = 0x80;

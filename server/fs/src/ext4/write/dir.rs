@@ -78,7 +78,7 @@ pub(super) fn directory_blocks(
     entries: &[Entry],
     bs: usize,
     inode_seed: u32,
-    hash_seed: [u32; 4],
+    key: htree::HashKey,
 ) -> (Vec<Vec<u8>>, Shape) {
     let mut all = vec![
         (b".".to_vec(), ino, FileKind::Dir),
@@ -93,7 +93,7 @@ pub(super) fn directory_blocks(
         .iter()
         .map(|(n, i, k)| (n.clone(), *i, dirent::file_type(*k)))
         .collect();
-    match htree::indexed_dir(ino, parent, &typed, bs, inode_seed, hash_seed) {
+    match htree::indexed_dir(ino, parent, &typed, bs, inode_seed, key) {
         Some(indexed) => (indexed, Shape::Indexed),
         None => (blocks, Shape::TooLargeToIndex),
     }

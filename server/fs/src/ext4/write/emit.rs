@@ -6,10 +6,11 @@ use super::super::super::{FileKind, Filesystem, FsError, Result, Timestamp};
 use super::super::ondisk::{inode, journal_sb};
 use super::layout::Allocator;
 use super::place::Placed;
+use super::resize::{ResizeInode, RESIZE_INO};
 use super::tables::{self, Inodes};
 use super::{
-    csum, own_metadata, xattr, Ext4Report, Extent, Item, Job, COPIED_FLAGS, EXTRA_ISIZE,
-    INLINE_XATTRS_AT, JOURNAL_INO,
+    csum, own_metadata, xattr, Ext4Report, Extent, Item, Job, JournalFeatures, COPIED_FLAGS,
+    EXTRA_ISIZE, INLINE_XATTRS_AT, JOURNAL_INO,
 };
 use diskferry_blockdev::{BlockDevice, BlockError};
 
@@ -32,6 +33,9 @@ pub(super) fn write_all(
     }
     copy_file_data(dev, job.source, &placed, job.geo.block_size)?;
     let journal_i_block = write_journal(dev, job, &placed.journal, &mut inodes)?;
+    if let Some(r) = &placed.resize {
+        write_resize_inode(dev, job, r, &mut inodes)?;
+    }
     let dirs: Vec<u32> = placed
         .order
         .iter()
@@ -156,6 +160,22 @@ fn inode_bytes(inode_size: u64, item: &Item, blocks_512: u64, flags: u32) -> Vec
     b
 }
 
+/// Writes the resize inode's blocks and adds the inode.
+fn write_resize_inode(
+    dev: &dyn BlockDevice,
+    job: &Job,
+    r: &ResizeInode,
+    inodes: &mut Inodes,
+) -> Result<()> {
+    for (nr, block) in &r.blocks {
+        dev.write_at(block, nr * job.geo.block_size)?;
+    }
+    let mut raw = inode_bytes(job.geo.inode_size, &r.item, r.blocks_512, 0);
+    csum::set_inode(job.id.csum_seed, RESIZE_INO, &mut raw);
+    inodes.insert(RESIZE_INO, raw);
+    Ok(())
+}
+
 /// Writes the journal's superblock and adds its inode; returns the inode's `i_block` for the
 /// superblock's backup of it (zeros without a journal).
 fn write_journal(
@@ -189,8 +209,33 @@ fn write_journal(
     journal_sb::SEQUENCE.set(&mut jsb, 1);
     journal_sb::UUID.set(&mut jsb, &job.id.uuid);
     journal_sb::NR_USERS.set(&mut jsb, 1);
+    set_journal_features(&mut jsb, job.opts.journal_features);
     dev.write_at(&jsb, first * bs)?;
     Ok(i_block)
+}
+
+/// The journal superblock's features: the old commit CRC32, revoke records, 64-bit block
+/// numbers, csum v2 or v3 (with crc32c and the superblock's own checksum); the rest are
+/// dropped.
+fn set_journal_features(jsb: &mut [u8], f: JournalFeatures) {
+    let csum = journal_sb::INCOMPAT_CSUM_V2 | journal_sb::INCOMPAT_CSUM_V3;
+    let kept = journal_sb::INCOMPAT_REVOKE | journal_sb::INCOMPAT_64BIT | csum;
+    let mut incompat = f.incompat & kept;
+    if incompat & csum == csum {
+        incompat &= !journal_sb::INCOMPAT_CSUM_V2;
+    }
+    let compat = if incompat & csum == 0 {
+        f.compat & journal_sb::COMPAT_CHECKSUM
+    } else {
+        0
+    };
+    journal_sb::FEATURE_COMPAT.set(jsb, compat);
+    journal_sb::FEATURE_INCOMPAT.set(jsb, incompat);
+    if incompat & csum != 0 {
+        journal_sb::CHECKSUM_TYPE.set(jsb, journal_sb::CHECKSUM_CRC32C);
+        let c = csum::crc32c_le(!0, &jsb[..journal_sb::SUPERBLOCK_SIZE]);
+        journal_sb::CHECKSUM.set(jsb, c);
+    }
 }
 
 /// One run of file data: where it is on the source device, how long, where it goes.

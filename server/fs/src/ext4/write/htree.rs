@@ -1,23 +1,30 @@
-//! Hashed (htree, dir_index) directories: the half-MD4 name hash (unsigned-char variant, the
-//! filesystem is flagged so), and a directory laid out as a root index block, optional
+//! Hashed (htree, dir_index) directories: the half-MD4 name hash (its signed- or
+//! unsigned-char variant, as the superblock is flagged), and a directory laid out as a root index block, optional
 //! second-level index blocks, and leaf blocks holding the entries in hash order. Every index
 //! block carries a dx tail checksum and every leaf the usual directory tail (metadata_csum).
 
 use super::super::ondisk::{dirent, dx, sb};
 use super::csum;
 
-/// `(hash, minor hash)` of `name` under `seed` (the superblock's s_hash_seed words; all zero
-/// means the default seed).
-pub fn half_md4(name: &[u8], seed: [u32; 4]) -> (u32, u32) {
-    let mut buf = if seed == [0; 4] {
+/// How names are hashed: the superblock's `s_hash_seed` words (all zero means the default
+/// seed) and whether name bytes count as signed chars (`signed_directory_hash`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HashKey {
+    pub seed: [u32; 4],
+    pub signed: bool,
+}
+
+/// `(hash, minor hash)` of `name` under `key`.
+pub fn half_md4(name: &[u8], key: HashKey) -> (u32, u32) {
+    let mut buf = if key.seed == [0; 4] {
         [0x6745_2301, 0xefcd_ab89, 0x98ba_dcfe, 0x1032_5476]
     } else {
-        seed
+        key.seed
     };
     let mut rest = name;
     loop {
         let mut input = [0u32; 8];
-        str2hashbuf(rest, &mut input);
+        str2hashbuf(rest, &mut input, key.signed);
         transform(&mut buf, &input);
         if rest.len() <= 32 {
             break;
@@ -27,7 +34,8 @@ pub fn half_md4(name: &[u8], seed: [u32; 4]) -> (u32, u32) {
     (buf[1] & !1, buf[2])
 }
 
-fn str2hashbuf(msg: &[u8], out: &mut [u32; 8]) {
+/// Packs up to 32 name bytes into eight words; `signed` sign-extends each byte first.
+fn str2hashbuf(msg: &[u8], out: &mut [u32; 8], signed: bool) {
     let len = msg.len() as u32;
     let mut pad = len | (len << 8);
     pad |= pad << 16;
@@ -35,7 +43,8 @@ fn str2hashbuf(msg: &[u8], out: &mut [u32; 8]) {
     let take = msg.len().min(32);
     let mut at = 0;
     for (i, &c) in msg[..take].iter().enumerate() {
-        val = u32::from(c).wrapping_add(val << 8);
+        let c = if signed { c as i8 as u32 } else { u32::from(c) };
+        val = c.wrapping_add(val << 8);
         if i % 4 == 3 {
             out[at] = val;
             at += 1;
@@ -137,16 +146,11 @@ type Index = Vec<(u32, u32)>;
 
 /// Leaf blocks holding `entries` in hash order, each with the hash of its first entry (odd
 /// when the leaf continues a run of equal hashes from the previous one).
-fn leaves(
-    entries: &[DirEntry],
-    bs: usize,
-    inode_seed: u32,
-    hash_seed: [u32; 4],
-) -> Vec<(u32, Vec<u8>)> {
+fn leaves(entries: &[DirEntry], bs: usize, inode_seed: u32, key: HashKey) -> Vec<(u32, Vec<u8>)> {
     let mut hashed: Vec<(u32, u32, &DirEntry)> = entries
         .iter()
         .map(|e| {
-            let (h, m) = half_md4(&e.0, hash_seed);
+            let (h, m) = half_md4(&e.0, key);
             (h, m, e)
         })
         .collect();
@@ -186,9 +190,9 @@ pub fn indexed_dir(
     entries: &[DirEntry],
     bs: usize,
     inode_seed: u32,
-    hash_seed: [u32; 4],
+    key: HashKey,
 ) -> Option<Vec<Vec<u8>>> {
-    let leaves = leaves(entries, bs, inode_seed, hash_seed);
+    let leaves = leaves(entries, bs, inode_seed, key);
     let mut root = root_block(ino, parent, bs);
     let mut out = vec![];
     if leaves.len() <= dx::limit(bs, dx::ROOT_INDEX) {
@@ -247,14 +251,37 @@ fn index_nodes(
 mod tests {
     use super::*;
 
+    fn key(seed: [u32; 4]) -> HashKey {
+        HashKey {
+            seed,
+            signed: false,
+        }
+    }
+
     #[test]
     fn hashes_are_deterministic_and_even() {
-        let (h, _) = half_md4(b"lost+found", [0; 4]);
+        let (h, _) = half_md4(b"lost+found", key([0; 4]));
         assert_eq!(h & 1, 0);
-        assert_eq!(half_md4(b"a", [1, 2, 3, 4]), half_md4(b"a", [1, 2, 3, 4]));
-        assert_ne!(half_md4(b"a", [0; 4]), half_md4(b"b", [0; 4]));
+        let k = key([1, 2, 3, 4]);
+        assert_eq!(half_md4(b"a", k), half_md4(b"a", k));
+        assert_ne!(half_md4(b"a", key([0; 4])), half_md4(b"b", key([0; 4])));
         // Names longer than one 32-byte round are hashed in rounds.
         let long = vec![b'x'; 100];
-        assert_ne!(half_md4(&long, [0; 4]), half_md4(&long[..99], [0; 4]));
+        assert_ne!(
+            half_md4(&long, key([0; 4])),
+            half_md4(&long[..99], key([0; 4]))
+        );
+    }
+
+    #[test]
+    fn signed_and_unsigned_hashes_differ_only_past_ascii() {
+        let signed = HashKey {
+            seed: [5, 6, 7, 8],
+            signed: true,
+        };
+        let unsigned = key([5, 6, 7, 8]);
+        assert_eq!(half_md4(b"plain", signed), half_md4(b"plain", unsigned));
+        let name = "caf\u{e9}".as_bytes();
+        assert_ne!(half_md4(name, signed), half_md4(name, unsigned));
     }
 }

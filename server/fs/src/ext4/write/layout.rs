@@ -1,5 +1,5 @@
 //! Where an ext4 filesystem's metadata goes: block groups, superblock backups (sparse_super),
-//! the group descriptor table, and — with flex_bg — each flex group's block bitmaps, inode
+//! the group descriptor table and the GDT blocks reserved after it for growth, and — with flex_bg — each flex group's block bitmaps, inode
 //! bitmaps and inode tables packed at the start of its first group. Then a block allocator that
 //! hands out the rest in ascending order, so a file's blocks are contiguous and directories sit
 //! right before their files.
@@ -19,6 +19,8 @@ pub struct Geometry {
     pub inode_size: u64,
     pub desc_size: u64,
     pub gdt_blocks: u64,
+    /// Blocks reserved after each descriptor table for online growth (resize_inode).
+    pub reserved_gdt: u64,
     pub log_groups_per_flex: u32,
     /// Per group: block bitmap, inode bitmap, inode table.
     pub block_bitmap: Vec<u64>,
@@ -120,6 +122,7 @@ impl Geometry {
             inode_size,
             desc_size,
             gdt_blocks: (groups * desc_size).div_ceil(block_size),
+            reserved_gdt: 0,
             log_groups_per_flex: 4,
             block_bitmap: Vec::new(),
             inode_bitmap: Vec::new(),
@@ -127,6 +130,15 @@ impl Geometry {
         };
         geo.place_flex_groups()?;
         Ok(geo)
+    }
+
+    /// The same geometry with `n` GDT blocks reserved after each descriptor table (at most
+    /// a block's worth of pointers, as the resize inode's index holds).
+    pub fn with_reserved_gdt(mut self, n: u64) -> Result<Geometry> {
+        self.reserved_gdt = n.min(self.block_size / 4);
+        self.log_groups_per_flex = 4;
+        self.place_flex_groups()?;
+        Ok(self)
     }
 
     /// Places the flex groups' metadata, with smaller flex groups when a flex group's
@@ -152,6 +164,9 @@ impl Geometry {
         self.inode_table.clear();
         let flex = 1u64 << self.log_groups_per_flex;
         let itable = self.itable_blocks();
+        if (0..self.groups).any(|g| self.backup_len(g) > self.group_len(g)) {
+            return false;
+        }
         for g0 in (0..self.groups).step_by(flex as usize) {
             let members = flex.min(self.groups - g0);
             let start = self.group_start(g0) + self.backup_len(g0);
@@ -175,10 +190,11 @@ impl Geometry {
         self.blocks_per_group.min(self.blocks - self.group_start(g))
     }
 
-    /// Blocks a group's superblock backup and descriptor table take (0 without a backup).
+    /// Blocks a group's superblock backup, descriptor table and reserved GDT blocks take (0
+    /// without a backup).
     pub fn backup_len(&self, g: u64) -> u64 {
         if has_super(g) {
-            1 + self.gdt_blocks
+            1 + self.gdt_blocks + self.reserved_gdt
         } else {
             0
         }

@@ -18,8 +18,12 @@
 //! uses too.
 //!
 //! Features: has_journal, ext_attr, dir_index, filetype, extents, 64bit, flex_bg,
-//! sparse_super, large_file, huge_file, dir_nlink, extra_isize, metadata_csum. A directory
-//! that needs more than one block gets a hash index ([`htree`]).
+//! sparse_super, large_file, huge_file, dir_nlink, extra_isize, metadata_csum, and
+//! resize_inode when reserved GDT blocks are asked for (`resize`). A directory that needs
+//! more than one block gets a hash index ([`htree`]), hashed signed or unsigned as asked.
+//! A source's identity carries over through [`Ext4Options`]: UUID, label, hash seed and hash
+//! signedness, inode count, reserved GDT blocks, last mount point, journal size and journal
+//! features.
 
 pub mod csum;
 mod dir;
@@ -29,6 +33,7 @@ pub mod htree;
 pub mod layout;
 mod place;
 mod plan;
+mod resize;
 mod tables;
 pub mod xattr;
 
@@ -74,6 +79,19 @@ pub struct Ext4Options {
     pub journal_blocks: Option<u64>,
     /// At least this many inodes (on top of what the tree needs).
     pub min_inodes: u64,
+    /// This many inodes in all (a source's count) — more when the groups round it up; on a
+    /// device smaller than `inodes * bytes_per_inode`, as many as that density gives (and
+    /// fit), never fewer than the tree needs.
+    pub inodes: Option<u64>,
+    /// Directory names hash as signed chars (`signed_directory_hash`), else as unsigned.
+    pub signed_hash: bool,
+    /// Blocks reserved after each group descriptor table for online growth (with a resize
+    /// inode); 0 for none.
+    pub reserved_gdt_blocks: u64,
+    /// The superblock's "last mounted on" (`s_last_mounted`).
+    pub last_mounted: Option<[u8; 64]>,
+    /// Journal superblock features.
+    pub journal_features: JournalFeatures,
     pub bytes_per_inode: u64,
     /// Blocks reserved for root, in percent.
     pub reserved_percent: u64,
@@ -91,11 +109,25 @@ impl Default for Ext4Options {
             hash_seed: None,
             journal_blocks: None,
             min_inodes: 0,
+            inodes: None,
+            signed_hash: false,
+            reserved_gdt_blocks: 0,
+            last_mounted: None,
+            journal_features: JournalFeatures::default(),
             bytes_per_inode: 16384,
             reserved_percent: 5,
             counters: None,
         }
     }
+}
+
+/// Journal superblock features to write (jbd2 flags): `compat` may hold the old commit
+/// CRC32, `incompat` revoke records, 64-bit block numbers and checksums v2 or v3; others
+/// are dropped.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct JournalFeatures {
+    pub compat: u32,
+    pub incompat: u32,
 }
 
 /// What was written.
@@ -228,11 +260,12 @@ type Extent = (u64, u64, u64);
 /// Extent tree blocks to write: (block number, bytes without the checksum).
 type TreeBlocks = Vec<(u64, Vec<u8>)>;
 
-/// The volume's identity: its UUID, the directory hash seed, and the checksum seed derived
-/// from the UUID.
+/// The volume's identity: its UUID, the directory hash seed and signedness, and the checksum
+/// seed derived from the UUID.
 struct Identity {
     uuid: [u8; 16],
     hash_seed: [u8; 16],
+    signed_hash: bool,
     csum_seed: u32,
 }
 
@@ -264,15 +297,19 @@ impl Identity {
             csum_seed: csum::fs_seed(&uuid),
             uuid,
             hash_seed,
+            signed_hash: opts.signed_hash,
         })
     }
 
-    /// The hash seed as the four words the directory hash takes.
-    fn hash_words(&self) -> [u32; 4] {
-        std::array::from_fn(|i| {
-            let w = &self.hash_seed[4 * i..4 * i + 4];
-            u32::from_le_bytes([w[0], w[1], w[2], w[3]])
-        })
+    /// How the directory hash takes the seed: four words, and the signedness.
+    fn hash_key(&self) -> htree::HashKey {
+        htree::HashKey {
+            seed: std::array::from_fn(|i| {
+                let w = &self.hash_seed[4 * i..4 * i + 4];
+                u32::from_le_bytes([w[0], w[1], w[2], w[3]])
+            }),
+            signed: self.signed_hash,
+        }
     }
 }
 
@@ -286,22 +323,53 @@ struct Job<'a> {
 }
 
 /// The geometry for `dev` and the options, refused when it has too few inodes for the
-/// `next_ino - 1` inodes the tree needs.
+/// `next_ino - 1` inodes the tree needs. An inode count asked for (`opts.inodes`) that does
+/// not fit becomes the most that do.
 fn geometry(dev: &dyn BlockDevice, opts: &Ext4Options, next_ino: u32) -> Result<Geometry> {
     let bs = opts.block_size;
-    let geo = Geometry::new(
-        bs,
-        dev.size() / bs,
-        opts.inode_size,
-        u64::from(next_ino) + opts.min_inodes,
-        opts.bytes_per_inode,
-    )?;
+    let with = |inodes: u64| {
+        Geometry::new(
+            bs,
+            dev.size() / bs,
+            opts.inode_size,
+            inodes,
+            opts.bytes_per_inode,
+        )?
+        .with_reserved_gdt(opts.reserved_gdt_blocks)
+    };
+    let needed = u64::from(next_ino) + opts.min_inodes;
+    let by_size = dev.size() / opts.bytes_per_inode.max(1024);
+    let geo = match opts.inodes.map(|w| w.min(by_size)) {
+        Some(wanted) if wanted > needed => most_inodes(needed, wanted, with)?,
+        _ => with(needed)?,
+    };
     if u64::from(next_ino) > geo.inodes() {
         return Err(FsError::Unsupported(format!(
             "{next_ino} files need more inodes than fit: give a larger size"
         )));
     }
     Ok(geo)
+}
+
+/// The geometry with `wanted` inodes, or with the most between `needed` and `wanted` that fit.
+fn most_inodes(
+    needed: u64,
+    wanted: u64,
+    with: impl Fn(u64) -> Result<Geometry>,
+) -> Result<Geometry> {
+    if let Ok(geo) = with(wanted) {
+        return Ok(geo);
+    }
+    let (mut fits, mut too_many) = (with(needed)?, wanted);
+    let mut low = needed;
+    while too_many - low > 1 {
+        let mid = low + (too_many - low) / 2;
+        match with(mid) {
+            Ok(geo) => (low, fits) = (mid, geo),
+            Err(_) => too_many = mid,
+        }
+    }
+    Ok(fits)
 }
 
 /// Formats `dev` as ext4 and copies the tree of `source` into it.

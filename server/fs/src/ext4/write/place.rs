@@ -10,6 +10,7 @@ use super::super::ondisk::inode;
 use super::dir::{directory_blocks, Shape};
 use super::extent::extent_tree;
 use super::layout::Allocator;
+use super::resize::{resize_inode, ResizeInode};
 use super::{
     csum, default_journal_blocks, xattr, Ext4Report, Extent, Item, Job, INLINE_XATTRS_AT,
     MAX_EXTENT, ROOT_INO,
@@ -23,6 +24,8 @@ pub(super) struct Placed {
     /// followed by its other entries).
     pub order: Vec<u32>,
     pub journal: Vec<Extent>,
+    /// The resize inode, with reserved GDT blocks.
+    pub resize: Option<ResizeInode>,
     pub alloc: Allocator,
 }
 
@@ -41,6 +44,7 @@ pub(super) fn place(
         report,
     };
     let journal = p.journal()?;
+    let resize = resize_inode(&job.geo, &mut p.alloc)?;
     p.tree()?;
     for ino in p.order.clone() {
         p.i_block_and_xattrs(ino)?;
@@ -49,6 +53,7 @@ pub(super) fn place(
         items: p.items,
         order: p.order,
         journal,
+        resize,
         alloc: p.alloc,
     })
 }
@@ -112,7 +117,7 @@ impl Placer<'_> {
             &item.entries,
             bs as usize,
             dseed,
-            job.id.hash_words(),
+            job.id.hash_key(),
         );
         if shape == Shape::TooLargeToIndex {
             self.report.skipped.push((

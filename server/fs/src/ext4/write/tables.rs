@@ -172,17 +172,22 @@ fn group_descriptor(d: &mut [u8], job: &Job, g: u64, c: &GroupCounts) {
     csum::set_group_desc(job.id.csum_seed, g as u32, d);
 }
 
-/// The features written: has_journal (with a journal), ext_attr, dir_index; filetype,
-/// extents, 64bit, flex_bg; sparse_super, large_file, huge_file, dir_nlink, extra_isize,
-/// metadata_csum.
-fn features(has_journal: bool) -> (u32, u32, u32) {
+/// The features written: has_journal (with a journal), resize_inode (with reserved GDT
+/// blocks), ext_attr, dir_index; filetype, extents, 64bit, flex_bg; sparse_super,
+/// large_file, huge_file, dir_nlink, extra_isize, metadata_csum.
+fn features(has_journal: bool, resize_inode: bool) -> (u32, u32, u32) {
     let journal = if has_journal {
         sb::COMPAT_HAS_JOURNAL
     } else {
         0
     };
+    let resize = if resize_inode {
+        sb::COMPAT_RESIZE_INODE
+    } else {
+        0
+    };
     (
-        sb::COMPAT_EXT_ATTR | sb::COMPAT_DIR_INDEX | journal,
+        sb::COMPAT_EXT_ATTR | sb::COMPAT_DIR_INDEX | journal | resize,
         sb::INCOMPAT_FILETYPE | sb::INCOMPAT_EXTENTS | sb::INCOMPAT_64BIT | sb::INCOMPAT_FLEX_BG,
         sb::RO_COMPAT_SPARSE_SUPER
             | sb::RO_COMPAT_LARGE_FILE
@@ -219,7 +224,8 @@ fn superblock(job: &Job, free: Free, c: &Contents) -> Vec<u8> {
     sb::REV_LEVEL.set(&mut b, sb::REV_DYNAMIC);
     sb::FIRST_INO.set(&mut b, FIRST_INO);
     sb::INODE_SIZE.set(&mut b, geo.inode_size as u16);
-    let (compat, incompat, ro_compat) = features(!c.journal.is_empty());
+    let (compat, incompat, ro_compat) = features(!c.journal.is_empty(), geo.reserved_gdt > 0);
+    sb::RESERVED_GDT_BLOCKS.set(&mut b, geo.reserved_gdt as u16);
     sb::FEATURE_COMPAT.set(&mut b, compat);
     sb::FEATURE_INCOMPAT.set(&mut b, incompat);
     sb::FEATURE_RO_COMPAT.set(&mut b, ro_compat);
@@ -230,6 +236,9 @@ fn superblock(job: &Job, free: Free, c: &Contents) -> Vec<u8> {
         name[..l.len()].copy_from_slice(l);
         sb::VOLUME_NAME.set(&mut b, &name);
     }
+    if let Some(path) = &opts.last_mounted {
+        sb::LAST_MOUNTED.set(&mut b, path);
+    }
     set_journal(&mut b, job, c);
     sb::HASH_SEED.set(&mut b, &job.id.hash_seed);
     sb::DEF_HASH_VERSION.set(&mut b, sb::HASH_HALF_MD4);
@@ -239,7 +248,12 @@ fn superblock(job: &Job, free: Free, c: &Contents) -> Vec<u8> {
     sb::MIN_EXTRA_ISIZE.set(&mut b, EXTRA_ISIZE);
     sb::WANT_EXTRA_ISIZE.set(&mut b, EXTRA_ISIZE);
     // Directory hashes as htree.rs computes them.
-    sb::FLAGS.set(&mut b, sb::FLAGS_UNSIGNED_HASH);
+    let hash = if job.id.signed_hash {
+        sb::FLAGS_SIGNED_HASH
+    } else {
+        sb::FLAGS_UNSIGNED_HASH
+    };
+    sb::FLAGS.set(&mut b, hash);
     sb::LOG_GROUPS_PER_FLEX.set(&mut b, geo.log_groups_per_flex as u8);
     sb::CHECKSUM_TYPE.set(&mut b, sb::CHECKSUM_CRC32C);
     b
