@@ -3,7 +3,9 @@
 //! swap; `mke2fs -d` fills the root, `mkswap` labels the swap, and the boot loader's gap after
 //! the MBR holds bytes as GRUB's core image would. Checked with `qemu-img check`, `sfdisk
 //! --verify`, `e2fsck -fn`, `swaplabel` and `cmp` of the gap — and `verify` finds a byte
-//! changed in that gap.
+//! changed in that gap. A root left with an unreplayed journal (a committed transaction
+//! written by debugfs's `jo`/`jw`/`jc`, as a power cut leaves it) is captured with the
+//! transaction replayed, read back by `debugfs cat`, the source untouched.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -47,7 +49,7 @@ fn place(disk: &Path, file: &Path, at: u64) {
 
 /// A 256 MiB MBR disk: root ext4 at 1 MiB (160 MiB), extended partition after it holding a
 /// swap logical partition to the end; a GRUB-like core image in the gap after sector 0.
-fn installer_disk(dir: &Path) -> PathBuf {
+fn installer_disk(dir: &Path, journal: bool) -> PathBuf {
     let disk = dir.join("source.img");
     std::fs::File::create(&disk)
         .unwrap()
@@ -82,7 +84,7 @@ fn installer_disk(dir: &Path) -> PathBuf {
         .set_len(root.size)
         .unwrap();
     run(Command::new("mke2fs")
-        .args(["-q", "-F", "-t", "ext4", "-L", "root", "-d"])
+        .args(["-q", "-F", "-t", "ext4", "-b", "4096", "-L", "root", "-d"])
         .arg(&tree)
         .arg(&root_img));
     let swap_img = dir.join("swap.img");
@@ -93,6 +95,9 @@ fn installer_disk(dir: &Path) -> PathBuf {
     run(Command::new("mkswap")
         .args(["-L", "theswap", "-U", SWAP_UUID])
         .arg(&swap_img));
+    if journal {
+        leave_unreplayed(dir, &root_img);
+    }
     place(&disk, &root_img, root.start);
     place(&disk, &swap_img, swap.start);
     let core: Vec<u8> = (0..200_000u32).map(|i| (i * 13 + 7) as u8).collect();
@@ -101,6 +106,51 @@ fn installer_disk(dir: &Path) -> PathBuf {
     dev.write_at(&[0xeb, 0x63, 0x90], 0).unwrap();
     dev.flush().unwrap();
     disk
+}
+
+/// Leaves `/etc/powercut` (a new file) and a new `/etc/hostname` in the journal of the ext4
+/// image `img` as one committed, unreplayed transaction — what a power cut after the commit
+/// leaves: the blocks a `debugfs -w` copy changed, logged with `jo`/`jw`/`jc`.
+fn leave_unreplayed(dir: &Path, img: &Path) {
+    let later = dir.join("later.img");
+    std::fs::copy(img, &later).unwrap();
+    let (cut, host) = (dir.join("powercut"), dir.join("hostname"));
+    std::fs::write(&cut, "written just before the power cut\n").unwrap();
+    std::fs::write(&host, "after-the-cut\n").unwrap();
+    let script = format!(
+        "cd /etc\nrm hostname\nwrite {} hostname\nwrite {} powercut\n",
+        host.display(),
+        cut.display()
+    );
+    run(Command::new("debugfs")
+        .args(["-w", "-f"])
+        .arg(write_tmp(dir, "s1", &script))
+        .arg(&later));
+    let (a, b) = (std::fs::read(img).unwrap(), std::fs::read(&later).unwrap());
+    let bs = 4096;
+    let changed: Vec<usize> = (0..a.len() / bs)
+        .filter(|i| a[i * bs..(i + 1) * bs] != b[i * bs..(i + 1) * bs])
+        .collect();
+    let data: Vec<u8> = changed
+        .iter()
+        .flat_map(|i| b[i * bs..(i + 1) * bs].to_vec())
+        .collect();
+    let blocks: Vec<String> = changed.iter().map(usize::to_string).collect();
+    let tx = write_tmp(dir, "tx", "");
+    std::fs::write(&tx, data).unwrap();
+    let journal = format!("jo\njw -b {} {}\njc\n", blocks.join(","), tx.display());
+    run(Command::new("debugfs")
+        .args(["-w", "-f"])
+        .arg(write_tmp(dir, "s2", &journal))
+        .arg(img));
+    let state = run(Command::new("dumpe2fs").arg("-h").arg(img));
+    assert!(state.contains("needs_recovery"), "{state}");
+}
+
+fn write_tmp(dir: &Path, name: &str, text: &str) -> PathBuf {
+    let p = dir.join(name);
+    std::fs::write(&p, text).unwrap();
+    p
 }
 
 fn auto_qcow2(size: u64) -> CaptureOptions {
@@ -166,7 +216,7 @@ fn check_copy(src: &Path, out: &Path, size: u64) {
 #[test]
 fn the_installers_layout_is_captured_smaller_with_swap_recreated() {
     let dir = tempfile::tempdir().unwrap();
-    let src = installer_disk(dir.path());
+    let src = installer_disk(dir.path(), false);
     let source: Arc<dyn BlockDevice> = Arc::new(FileDevice::open(&src, false).unwrap());
     let out = dir.path().join("small.qcow2");
     let done = capture(Arc::clone(&source), &out, &auto_qcow2(128 * MIB), &Silent).unwrap();
@@ -190,7 +240,7 @@ fn the_installers_layout_is_captured_smaller_with_swap_recreated() {
 #[test]
 fn the_installers_layout_is_captured_larger_with_swap_staying_last() {
     let dir = tempfile::tempdir().unwrap();
-    let src = installer_disk(dir.path());
+    let src = installer_disk(dir.path(), false);
     let source: Arc<dyn BlockDevice> = Arc::new(FileDevice::open(&src, false).unwrap());
     let out = dir.path().join("big.qcow2");
     capture(Arc::clone(&source), &out, &auto_qcow2(512 * MIB), &Silent).unwrap();
@@ -202,9 +252,41 @@ fn the_installers_layout_is_captured_larger_with_swap_staying_last() {
 }
 
 #[test]
+fn a_power_cut_journal_is_replayed_into_the_smaller_capture() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = installer_disk(dir.path(), true);
+    let source: Arc<dyn BlockDevice> = Arc::new(FileDevice::open(&src, false).unwrap());
+    let out = dir.path().join("replayed.qcow2");
+    let done = capture(Arc::clone(&source), &out, &auto_qcow2(160 * MIB), &Silent).unwrap();
+    let CaptureSummary::Partitions(report) = &done.summary else {
+        panic!("{done:?}");
+    };
+    let root = &report.partitions[0];
+    assert_eq!(root.mode, Mode::Files, "{report:?}");
+    assert!(
+        root.note.as_deref().unwrap_or("").contains("replayed"),
+        "{root:?}"
+    );
+    assert_eq!(done.verify.unwrap().differences, 0);
+    check_copy(&src, &out, 160 * MIB);
+    let part = extract(&out.with_extension("raw"), 1);
+    let cut = run(Command::new("debugfs")
+        .args(["-R", "cat /etc/powercut"])
+        .arg(&part));
+    assert!(cut.contains("written just before the power cut"), "{cut}");
+    let host = run(Command::new("debugfs")
+        .args(["-R", "cat /etc/hostname"])
+        .arg(&part));
+    assert!(host.contains("after-the-cut"), "{host}");
+    // The source was not written: its journal still waits for recovery.
+    let state = run(Command::new("dumpe2fs").arg("-h").arg(extract(&src, 1)));
+    assert!(state.contains("needs_recovery"), "{state}");
+}
+
+#[test]
 fn verify_finds_a_byte_changed_in_the_boot_loaders_gap() {
     let dir = tempfile::tempdir().unwrap();
-    let src = installer_disk(dir.path());
+    let src = installer_disk(dir.path(), false);
     let copy = dir.path().join("copy.img");
     std::fs::copy(&src, &copy).unwrap();
     let b: Arc<dyn BlockDevice> = Arc::new(FileDevice::open(&copy, true).unwrap());

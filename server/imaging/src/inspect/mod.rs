@@ -146,6 +146,14 @@ fn volume_report(p: &Partition, dev: Arc<dyn BlockDevice>) -> VolumeReport {
             report.block_size = Some(info.block_size);
             report.used_bytes = Some(info.used_bytes);
             report.os = os::detect(&*fs);
+            let notes: Vec<String> = fs
+                .view_notes()
+                .into_iter()
+                .chain(fs.rebuild_obstacle().map(|why| {
+                    format!("a capture copies its used blocks: it cannot be recreated file by file ({why})")
+                }))
+                .collect();
+            report.note = (!notes.is_empty()).then(|| notes.join("; "));
         }
         Err(e) => report.note = Some(e.to_string()),
     }

@@ -221,8 +221,6 @@ fn rebuild(
             let ext = fs::ext4::Ext4::open(source).map_err(PartError::Fs)?;
             progress.start(phase, fs::Filesystem::info(&ext).used_bytes);
             let mut opts = ext.format_options();
-            // A smaller destination gets as many inodes as fit.
-            opts.min_inodes = opts.min_inodes.min(dst.size() / 16384);
             opts.counters = Some(Arc::clone(counters));
             fs::ext4::write::write_ext4(Arc::clone(dst), &ext, &opts).map_err(PartError::Fs)?;
         }

@@ -99,16 +99,21 @@ fn refine_mode(
         };
     }
     match fs::open(Arc::clone(dev)) {
-        Ok(opened) => match opened.rebuild_obstacle() {
-            Some(why) if mode == Mode::Files => (
-                Mode::Blocks,
-                Some(format!(
-                    "{} cannot be recreated file by file ({why}): copied its used blocks",
-                    kind.name()
-                )),
-            ),
-            _ => (mode, note),
-        },
+        Ok(opened) => {
+            let (mode, note) = match opened.rebuild_obstacle() {
+                Some(why) if mode == Mode::Files => (
+                    Mode::Blocks,
+                    Some(format!(
+                        "{} cannot be recreated file by file ({why}): copied its used blocks",
+                        kind.name()
+                    )),
+                ),
+                _ => (mode, note),
+            };
+            // What the reader did to see the volume consistently (a journal replayed).
+            let notes: Vec<String> = note.into_iter().chain(opened.view_notes()).collect();
+            (mode, (!notes.is_empty()).then(|| notes.join("; ")))
+        }
         Err(e) if asked == Mode::Auto => (
             Mode::Sectors,
             Some(format!(
