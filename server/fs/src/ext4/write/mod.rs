@@ -72,7 +72,7 @@ pub struct Ext4Options {
     pub hash_seed: Option<[u8; 16]>,
     /// Journal blocks; `None` picks mke2fs's default for the size, `Some(0)` writes none.
     pub journal_blocks: Option<u64>,
-    /// At least this many inodes (on top of what the tree needs).
+    /// At least this many inodes in all (more when the tree needs more).
     pub min_inodes: u64,
     pub bytes_per_inode: u64,
     /// Blocks reserved for root, in percent.
@@ -293,7 +293,7 @@ fn geometry(dev: &dyn BlockDevice, opts: &Ext4Options, next_ino: u32) -> Result<
         bs,
         dev.size() / bs,
         opts.inode_size,
-        u64::from(next_ino) + opts.min_inodes,
+        u64::from(next_ino).max(opts.min_inodes),
         opts.bytes_per_inode,
     )?;
     if u64::from(next_ino) > geo.inodes() {
