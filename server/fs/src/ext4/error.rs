@@ -41,6 +41,8 @@ pub enum Corruption {
     NoMagic,
     #[error("block size 2^{} is absurd", 10 + *log_block_size as u64)]
     BlockSize { log_block_size: u32 },
+    #[error("cluster size 2^{} is absurd for its block size", 10 + *log_cluster_size as u64)]
+    ClusterSize { log_cluster_size: u32 },
     #[error("geometry does not hold together ({blocks} blocks of {block_size} bytes on a {device_size}-byte device, {blocks_per_group} blocks and {inodes_per_group} inodes per group, inode size {inode_size}, descriptor size {desc_size})")]
     Geometry {
         blocks: u64,
@@ -92,8 +94,11 @@ pub enum Corruption {
     // Directories and symlinks.
     #[error("directory of {size} bytes")]
     DirectoryTooLarge { size: u64 },
-    #[error("directory entry at byte {offset} of block {block} is malformed")]
-    DirEntry { block: u64, offset: usize },
+    /// `block` is `None` for entries kept in the inode (inline data).
+    #[error("directory entry at byte {offset}{} is malformed", in_block(.block))]
+    DirEntry { block: Option<u64>, offset: usize },
+    #[error("inline data of {size} bytes does not fit in an inode")]
+    InlineTooLarge { size: u64 },
     #[error("symlink target of {size} bytes")]
     SymlinkTooLong { size: u64 },
 

@@ -76,6 +76,11 @@ impl Inode {
             .then(|| inode::CRTIME.get(&self.raw, self.extra_end()))
     }
 
+    /// Whether the inode keeps its data in itself (inline data) rather than in blocks.
+    pub fn has_inline_data(&self) -> bool {
+        self.flags & inode::INLINE_DATA_FL != 0
+    }
+
     /// The 60-byte `i_block` area (extent tree root, block map, or fast symlink target).
     pub fn i_block(&self) -> &[u8] {
         &self.raw[inode::I_BLOCK.offset..][..inode::I_BLOCK_LEN]
