@@ -99,6 +99,20 @@ const CASES: &[Case] = &[
         false,
     ),
     case(
+        "ext4 bigalloc 1k",
+        32,
+        &["-t", "ext4", "-b", "1024", "-O", "bigalloc", "-C", "4096"],
+        false,
+    ),
+    case("ext4 16k", 32, &["-t", "ext4", "-b", "16384"], false),
+    case(
+        "ext4 no journal",
+        32,
+        &["-t", "ext4", "-b", "4096", "-O", "^has_journal"],
+        true,
+    ),
+    case("ext2 1k", 32, &["-t", "ext2", "-b", "1024"], true),
+    case(
         "ext4 meta_bg",
         32,
         &[

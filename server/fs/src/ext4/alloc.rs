@@ -27,10 +27,20 @@ impl Used {
         }
     }
 
-    /// Marks `count` blocks from `from` (clipped to the volume).
+    /// Marks `count` blocks from `from` (clipped to the volume), a word at a time.
     fn mark(&mut self, from: u64, count: u64) {
-        for b in from..from.saturating_add(count).min(self.blocks) {
-            self.words[(b / 64) as usize] |= 1 << (b % 64);
+        let end = from.saturating_add(count).min(self.blocks);
+        let mut b = from;
+        while b < end {
+            let (word, bit) = ((b / 64) as usize, b % 64);
+            let n = (64 - bit).min(end - b);
+            let bits = if n == 64 {
+                u64::MAX
+            } else {
+                ((1u64 << n) - 1) << bit
+            };
+            self.words[word] |= bits;
+            b += n;
         }
     }
 

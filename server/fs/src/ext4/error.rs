@@ -53,6 +53,8 @@ pub enum Corruption {
         inode_size: u64,
         desc_size: u64,
     },
+    #[error("{blocks} descriptor blocks after a superblock do not fit a group of {blocks_per_group} blocks or the descriptor table")]
+    DescriptorBlocks { blocks: u64, blocks_per_group: u64 },
     #[error("{inodes} inodes do not fit {groups} groups")]
     TooManyInodes { inodes: u64, groups: u64 },
     #[error("group {group} points outside the filesystem")]

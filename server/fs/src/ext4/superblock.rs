@@ -188,6 +188,24 @@ impl Superblock {
                 groups,
             }));
         }
+        self.check_backup_size()
+    }
+
+    /// Refuses a superblock backup and descriptor table that would not fit in a group (and,
+    /// with meta_bg, descriptors kept after the superblock beyond the table's end).
+    fn check_backup_size(&self) -> Result<()> {
+        let after_super = if self.meta_bg() {
+            self.first_meta_bg
+        } else {
+            self.desc_blocks() + self.reserved_gdt
+        };
+        let past_table = self.meta_bg() && self.first_meta_bg > self.desc_blocks();
+        if past_table || 1 + after_super > self.blocks_per_group {
+            return Err(corrupt(Corruption::DescriptorBlocks {
+                blocks: after_super,
+                blocks_per_group: self.blocks_per_group,
+            }));
+        }
         Ok(())
     }
 
@@ -348,5 +366,117 @@ fn journal_blocks(raw: &[u8], block_size: u64) -> u64 {
         sb::JNL_SIZE.get(raw) / block_size
     } else {
         0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A raw superblock: 1 KiB blocks, `groups` groups of 1024 blocks, sparse_super, 32-byte
+    /// descriptors, with `incompat` and `compat` features.
+    fn raw(groups: u32, incompat: u32, compat: u32) -> Vec<u8> {
+        let mut r = vec![0u8; sb::SIZE];
+        sb::MAGIC.set(&mut r, sb::MAGIC_VALUE);
+        sb::REV_LEVEL.set(&mut r, sb::REV_DYNAMIC);
+        sb::INODE_SIZE.set(&mut r, 256);
+        sb::BLOCKS_COUNT.set(&mut r, 1 + u64::from(groups) * 1024);
+        sb::FIRST_DATA_BLOCK.set(&mut r, 1);
+        sb::BLOCKS_PER_GROUP.set(&mut r, 1024);
+        sb::CLUSTERS_PER_GROUP.set(&mut r, 1024);
+        sb::INODES_PER_GROUP.set(&mut r, 256);
+        sb::INODES_COUNT.set(&mut r, groups * 256);
+        sb::FEATURE_RO_COMPAT.set(&mut r, sb::RO_COMPAT_SPARSE_SUPER);
+        sb::FEATURE_INCOMPAT.set(&mut r, incompat);
+        sb::FEATURE_COMPAT.set(&mut r, compat);
+        r
+    }
+
+    fn checked(raw: &[u8]) -> Result<Superblock> {
+        let s = Superblock::parse(raw)?;
+        s.check_geometry(1 << 40)?;
+        Ok(s)
+    }
+
+    #[test]
+    fn meta_bg_keeps_descriptors_in_the_first_second_and_last_group_of_each_meta_group() {
+        let s = checked(&raw(100, sb::INCOMPAT_META_BG, 0)).unwrap();
+        assert_eq!(s.descs_per_block(), 32);
+        let base = |g: u64| 1 + g * 1024;
+        // Group 0 (superblock, then its meta group's descriptors), 32 (no backup), 96.
+        assert_eq!(
+            (0..4).map(|i| s.desc_block(i)).collect::<Vec<_>>(),
+            [2, base(32), base(64), base(96)]
+        );
+        assert_eq!(s.backup_runs(0), [(0, 1), (1, 1), (2, 1)]);
+        assert_eq!(s.backup_runs(1), [(base(1), 1), (base(1) + 1, 1)]);
+        assert_eq!(s.backup_runs(33), [(base(33), 1)]);
+        assert_eq!(s.backup_runs(63), [(base(63), 1)]);
+        // A backup superblock alone: its meta group keeps its descriptors elsewhere.
+        assert_eq!(s.backup_runs(25), [(base(25), 1)]);
+        assert_eq!(s.backup_runs(2), []);
+    }
+
+    #[test]
+    fn sparse_super2_backs_up_in_two_named_groups_only() {
+        let mut r = raw(10, 0, sb::COMPAT_SPARSE_SUPER2);
+        sb::BACKUP_BGS[0].set(&mut r, 1);
+        sb::BACKUP_BGS[1].set(&mut r, 9);
+        sb::RESERVED_GDT_BLOCKS.set(&mut r, 7);
+        let s = checked(&r).unwrap();
+        let with: Vec<u64> = (0..10).filter(|&g| s.has_super(g)).collect();
+        assert_eq!(with, [0, 1, 9]);
+        // Superblock, one descriptor block, 7 reserved.
+        assert_eq!(s.backup_runs(9), [(9217, 1), (9218, 8)]);
+    }
+
+    #[test]
+    fn lying_counts_are_read_and_impossible_layouts_refused() {
+        let mut r = raw(4, 0, 0);
+        sb::FREE_BLOCKS_COUNT.set(&mut r, u64::from(u32::MAX));
+        sb::FREE_INODES_COUNT.set(&mut r, u32::MAX);
+        assert!(checked(&r).is_ok(), "free counts are hints");
+
+        sb::RESERVED_GDT_BLOCKS.set(&mut r, 1023);
+        assert!(matches!(
+            checked(&r),
+            Err(FsError::Ext4 {
+                source: Corruption::DescriptorBlocks { .. },
+                ..
+            })
+        ));
+
+        let mut r = raw(4, sb::INCOMPAT_META_BG, 0);
+        sb::FIRST_META_BG.set(&mut r, 2);
+        assert!(
+            checked(&r).is_err(),
+            "first_meta_bg beyond the one descriptor block"
+        );
+
+        let mut r = raw(4, 0, 0);
+        sb::FEATURE_RO_COMPAT.set(&mut r, sb::RO_COMPAT_BIGALLOC);
+        sb::LOG_CLUSTER_SIZE.set(&mut r, 30);
+        assert!(matches!(
+            Superblock::parse(&r),
+            Err(FsError::Ext4 {
+                source: Corruption::ClusterSize { .. },
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn bigalloc_counts_clusters_per_group_and_names_the_obstacle() {
+        let mut r = raw(1, 0, 0);
+        sb::FEATURE_RO_COMPAT.set(&mut r, sb::RO_COMPAT_BIGALLOC);
+        sb::LOG_CLUSTER_SIZE.set(&mut r, 4);
+        sb::BLOCKS_PER_GROUP.set(&mut r, 8192 * 16);
+        sb::FIRST_DATA_BLOCK.set(&mut r, 0);
+        sb::BLOCKS_COUNT.set(&mut r, 8192 * 16);
+        let s = checked(&r).unwrap();
+        assert_eq!(s.cluster_ratio, 16);
+        // 1 KiB blocks with clusters: block 0 is outside the filesystem, the superblock is 1.
+        assert_eq!(s.backup_runs(0), [(0, 1), (1, 1), (2, 1)]);
+        assert!(s.rebuild_obstacle().unwrap().contains("bigalloc"));
     }
 }

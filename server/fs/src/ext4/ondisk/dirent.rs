@@ -63,3 +63,17 @@ pub fn kind_of(file_type: u8) -> Option<FileKind> {
 pub fn file_type(kind: FileKind) -> u8 {
     TYPES.iter().find(|t| t.1 == kind).map_or(0, |t| t.0)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn record_lengths_of_64k_blocks_carry_two_more_bits() {
+        assert_eq!(rec_len_from_disk(12, 4096), 12);
+        assert_eq!(rec_len_from_disk(0, 65536), 65536);
+        assert_eq!(rec_len_from_disk(u16::MAX, 65536), 65536);
+        assert_eq!(rec_len_from_disk(0xFFF4 | 1, 65536), 0x1FFF4);
+        assert_eq!(rec_len_from_disk(40, 65536), 40);
+    }
+}
