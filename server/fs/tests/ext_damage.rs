@@ -1,8 +1,9 @@
 //! ext2/3/4 images that are valid but odd, or damaged, made with e2fsprogs and judged by it:
 //! two files sharing blocks (rebuilt, each file keeps its bytes: `debugfs cat`), a zeroed
 //! block bitmap (a blocks-mode copy still holds every superblock backup, descriptor, bitmap,
-//! inode table and the journal: `e2fsck -fn`, `dumpe2fs`, block comparison), and free counters
-//! that lie (read anyway, as `debugfs rdump` reads it).
+//! inode table and the journal: `e2fsck -fn`, `dumpe2fs`, block comparison), free counters
+//! that lie (read anyway, as `debugfs rdump` reads it), and an inline directory continued in
+//! its `system.data` attribute (accepted by `e2fsck -fn`, listed as debugfs lists it).
 
 mod common;
 
@@ -204,4 +205,55 @@ fn wrong_free_counts_are_read_past() {
     let got = reader_snapshot(&fs).unwrap();
     assert_eq!(difference(&dumped, &without_setid(&got)), None);
     assert!(fs.info().used_bytes <= fs.info().total_bytes);
+}
+
+#[test]
+fn an_inline_directory_continued_in_its_attribute_lists_every_entry() {
+    // mke2fs makes inline directories that fit `i_block`; the kernel continues larger ones in
+    // the `system.data` attribute. Continue one with debugfs: an entry "b2" for /b there.
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("src");
+    std::fs::create_dir_all(src.join("x")).unwrap();
+    std::fs::write(src.join("x/a"), b"a\n").unwrap();
+    std::fs::write(src.join("b"), b"b\n").unwrap();
+    let img = dir.path().join("fs.img");
+    mke2fs(&img, 16, &["-t", "ext4", "-O", "inline_data"], &src);
+    let stat = debugfs(&img, "stat /b", false);
+    let b: u32 = stat
+        .split_whitespace()
+        .skip_while(|w| *w != "Inode:")
+        .nth(1)
+        .unwrap()
+        .parse()
+        .unwrap();
+    let mut entry = b.to_le_bytes().to_vec();
+    entry.extend_from_slice(&12u16.to_le_bytes());
+    entry.extend_from_slice(&[2, 1]);
+    entry.extend_from_slice(b"b2\0\0");
+    let entry_file = dir.path().join("entry");
+    std::fs::write(&entry_file, &entry).unwrap();
+    let set = format!("ea_set -f {} /x system.data", entry_file.display());
+    debugfs(&img, &set, true);
+    debugfs(&img, "sif /x size 72", true);
+    debugfs(&img, "sif /b links_count 2", true);
+    e2fsck(&img).unwrap_or_else(|e| panic!("e2fsck -fn of the continued directory:\n{e}"));
+
+    let fs = Ext4::open(device(&img, false)).unwrap();
+    let x = fs.lookup("/x").unwrap();
+    let mut names: Vec<String> = fs
+        .read_dir(x)
+        .unwrap()
+        .iter()
+        .map(|e| e.name_lossy())
+        .collect();
+    names.sort();
+    assert_eq!(names, ["a", "b2"]);
+    assert!(
+        fs.xattrs(x).unwrap().is_empty(),
+        "system.data is data, not an attribute"
+    );
+    let mut dumped = rdump(&img, &dir.path().join("dump"));
+    let got = reader_snapshot(&fs).unwrap();
+    unpad_inline(&mut dumped, &got);
+    assert_eq!(difference(&dumped, &got), None);
 }

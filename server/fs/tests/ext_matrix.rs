@@ -14,7 +14,7 @@ mod common;
 use common::*;
 use diskferry_fs::ext4::write::write_ext4;
 use diskferry_fs::ext4::Ext4;
-use diskferry_fs::{FileKind, Filesystem};
+use diskferry_fs::Filesystem;
 use std::path::Path;
 use std::process::Command;
 
@@ -144,20 +144,6 @@ fn make_image(c: &Case, src: &Path, img: &Path) {
             "{}: mke2fs made an image e2fsck does not accept:\n{e}",
             c.name
         );
-    }
-}
-
-/// Drops the zero padding debugfs adds to inline files shorter than `i_block`, where our
-/// reader (and the source) say the file is shorter.
-fn unpad_inline(dumped: &mut Snapshot, reference: &Snapshot) {
-    for (path, e) in dumped.iter_mut() {
-        if let Some(r) = reference.get(path) {
-            let padded = e.kind == FileKind::File && e.size == 60 && r.size < 60;
-            if padded && e.data[r.size as usize..].iter().all(|&b| b == 0) {
-                e.data.truncate(r.size as usize);
-                e.size = r.size;
-            }
-        }
     }
 }
 
