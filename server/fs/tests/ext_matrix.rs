@@ -113,6 +113,18 @@ const CASES: &[Case] = &[
     ),
     case("ext2 1k", 32, &["-t", "ext2", "-b", "1024"], true),
     case(
+        "ext4 ea_inode",
+        32,
+        &["-t", "ext4", "-O", "ea_inode"],
+        false,
+    ),
+    case(
+        "ext4 casefold",
+        32,
+        &["-t", "ext4", "-O", "casefold"],
+        false,
+    ),
+    case(
         "ext4 meta_bg",
         32,
         &[

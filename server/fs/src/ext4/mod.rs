@@ -10,7 +10,7 @@
 //! structures here are also the ones the ext4 writer produces. Refused with a clear message:
 //! encrypted volumes, extended attributes kept in their own inodes (`ea_inode`). Read, but
 //! named by [`Filesystem::rebuild_obstacle`] because the writer cannot recreate them: inline
-//! data, `bigalloc`, blocks over 4 KiB, `casefold`.
+//! data, `bigalloc`, blocks over 4 KiB, `casefold`, `ea_inode`.
 //!
 //! The superblock and group descriptors are read in `superblock`, a file's blocks found in
 //! `blocks`, directories in `dir`, inodes and extended attributes in `inode`, inline data in

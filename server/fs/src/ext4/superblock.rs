@@ -210,7 +210,7 @@ impl Superblock {
     }
 
     /// What the writer cannot recreate, if anything: it makes 1, 2 and 4 KiB blocks, no
-    /// clusters, no inline data, no case-insensitive directories.
+    /// clusters, no inline data, no case-insensitive directories, no attribute inodes.
     pub fn rebuild_obstacle(&self) -> Option<String> {
         let why = if self.block_size > 4096 {
             format!("its {} KiB blocks", self.block_size / 1024)
@@ -223,6 +223,8 @@ impl Superblock {
             "inline data".to_string()
         } else if self.incompat & sb::INCOMPAT_CASEFOLD != 0 {
             "case-insensitive directories (casefold)".to_string()
+        } else if self.incompat & sb::INCOMPAT_EA_INODE != 0 {
+            "extended attributes kept in their own inodes (ea_inode)".to_string()
         } else {
             return None;
         };
