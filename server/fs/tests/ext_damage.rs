@@ -3,7 +3,8 @@
 //! block bitmap (a blocks-mode copy still holds every superblock backup, descriptor, bitmap,
 //! inode table and the journal: `e2fsck -fn`, `dumpe2fs`, block comparison), free counters
 //! that lie (read anyway, as `debugfs rdump` reads it), and an inline directory continued in
-//! its `system.data` attribute (accepted by `e2fsck -fn`, listed as debugfs lists it).
+//! its `system.data` attribute (accepted by `e2fsck -fn`, listed as debugfs lists it), and
+//! attribute values kept in inodes of their own (`ea_inode`: as `getfattr` gives them).
 
 mod common;
 
@@ -256,4 +257,63 @@ fn an_inline_directory_continued_in_its_attribute_lists_every_entry() {
     let got = reader_snapshot(&fs).unwrap();
     unpad_inline(&mut dumped, &got);
     assert_eq!(difference(&dumped, &got), None);
+}
+
+#[test]
+fn attribute_values_in_inodes_of_their_own_are_read() {
+    // With ea_inode and 1 KiB blocks, mke2fs keeps a 2000-byte value in an inode of its own.
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("src");
+    std::fs::create_dir(&src).unwrap();
+    let file = src.join("f");
+    std::fs::write(&file, b"data").unwrap();
+    let large = format!("0x{}", "cd".repeat(2000));
+    run(Command::new("setfattr")
+        .args(["-n", "user.large", "-v", &large])
+        .arg(&file));
+    run(Command::new("setfattr")
+        .args(["-n", "user.small", "-v", "s"])
+        .arg(&file));
+    let img = dir.path().join("fs.img");
+    mke2fs(
+        &img,
+        16,
+        &["-t", "ext4", "-b", "1024", "-O", "ea_inode"],
+        &src,
+    );
+    // mke2fs 1.47.0 leaves the owner's block count without the value's blocks: e2fsck -fy
+    // corrects it (status 1: corrected), then the image is clean.
+    let fixed = Command::new("e2fsck")
+        .arg("-fy")
+        .arg(&img)
+        .output()
+        .unwrap();
+    assert!(fixed.status.code().is_some_and(|c| c <= 1), "{fixed:?}");
+    e2fsck(&img).unwrap();
+    let fs = Ext4::open(device(&img, false)).unwrap();
+    assert_eq!(reader_xattrs(&fs).unwrap(), host_xattrs(&src));
+    assert!(fs.rebuild_obstacle().unwrap().contains("ea_inode"));
+    // The value's inode must say it holds one: without its flag the value is refused.
+    let holder = (12..=20)
+        .find(|n| {
+            let stat = debugfs(&img, &format!("stat <{n}>"), false);
+            let flags = stat
+                .split("Flags: 0x")
+                .nth(1)
+                .map(|f| f.split_whitespace().next());
+            let flags = flags
+                .flatten()
+                .and_then(|f| u32::from_str_radix(f, 16).ok());
+            flags.is_some_and(|f| f & 0x20_0000 != 0)
+        })
+        .expect("an inode holding the value");
+    let f = fs.lookup("/f").unwrap();
+    drop(fs);
+    debugfs(&img, &format!("sif <{holder}> flags 0x80000"), true);
+    let fs = Ext4::open(device(&img, false)).unwrap();
+    let err = fs.xattrs(f).unwrap_err().to_string();
+    assert!(
+        err.contains(&format!("inode {holder} does not hold")),
+        "{err}"
+    );
 }

@@ -109,8 +109,8 @@ pub enum Corruption {
     XattrBlockMagic { block: u64 },
     #[error("an extended attribute name runs past its block (entry at byte {offset})")]
     XattrName { offset: usize },
-    #[error("extended attributes stored in their own inodes (ea_inode) are not supported")]
-    XattrInode { offset: usize },
+    #[error("inode {inode} does not hold the value of one of its extended attributes")]
+    XattrInode { inode: u64 },
     #[error("an extended attribute value lies outside its block (entry at byte {offset})")]
     XattrValue { offset: usize },
     #[error("unknown extended attribute namespace {index}")]

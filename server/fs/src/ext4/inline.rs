@@ -5,7 +5,7 @@
 
 use super::super::{NodeId, Result};
 use super::error::Corruption;
-use super::inode::{parse_xattrs, Inode};
+use super::inode::{parse_xattrs, Inode, XattrValue};
 use super::ondisk::inode;
 use super::Ext4;
 
@@ -19,7 +19,8 @@ impl Ext4 {
         let mut data = ino.i_block().to_vec();
         if let Some(area) = ino.inline_xattr_area() {
             let attrs = parse_xattrs(area, area).map_err(|e| e.in_inode(node))?;
-            if let Some((_, more)) = attrs.into_iter().find(|(name, _)| name == DATA_ATTR) {
+            let more = attrs.into_iter().find(|(name, _)| name == DATA_ATTR);
+            if let Some((_, XattrValue::Here(more))) = more {
                 data.extend(more);
             }
         }

@@ -2,13 +2,14 @@
 //! after the superblock or per meta group with `meta_bg`), block sizes from 1 to 64 KiB,
 //! clusters (`bigalloc`), inodes, extent trees and classic block maps, inline data (files,
 //! directories and symlinks kept in the inode), directories (linear; hashed directories read
-//! linearly too), fast and slow symlinks, extended attributes (in the inode and in an xattr
-//! block, POSIX ACLs given in the form tools see), and the block allocation map.
+//! linearly too), fast and slow symlinks, extended attributes (in the inode, in an xattr block
+//! or, with `ea_inode`, values in inodes of their own; POSIX ACLs given in the form tools
+//! see), and the block allocation map.
 //!
 //! Why not the `ext4-view` crate: it exposes neither inode numbers, link counts, extended
 //! attributes, physical extents nor the block bitmaps, all of which capture needs; the on-disk
 //! structures here are also the ones the ext4 writer produces. Refused with a clear message:
-//! encrypted volumes, extended attributes kept in their own inodes (`ea_inode`). Read, but
+//! encrypted volumes. Read, but
 //! named by [`Filesystem::rebuild_obstacle`] because the writer cannot recreate them: inline
 //! data, `bigalloc`, blocks over 4 KiB, `casefold`, `ea_inode`.
 //!
@@ -252,9 +253,9 @@ impl Filesystem for Ext4 {
 
     fn xattrs(&self, node: NodeId) -> Result<Vec<(String, Vec<u8>)>> {
         let ino = self.inode(node)?;
-        let mut out = Vec::new();
+        let mut raw = Vec::new();
         if let Some(area) = ino.inline_xattr_area() {
-            out = parse_xattrs(area, area).map_err(|e| e.in_inode(node))?;
+            raw = parse_xattrs(area, area).map_err(|e| e.in_inode(node))?;
         }
         if ino.file_acl != 0 {
             let block = self.read_block(ino.file_acl)?;
@@ -263,11 +264,13 @@ impl Filesystem for Ext4 {
                 return Err(Corruption::XattrBlockMagic { block }.in_inode(node));
             }
             let entries = &block[xattr::BLOCK_HEADER_SIZE..];
-            out.extend(parse_xattrs(entries, &block).map_err(|e| e.in_inode(node))?);
+            raw.extend(parse_xattrs(entries, &block).map_err(|e| e.in_inode(node))?);
         }
         // Inline data's continuation is file data, not an attribute.
-        out.retain(|(name, _)| name != inline::DATA_ATTR);
-        Ok(out)
+        raw.retain(|(name, _)| name != inline::DATA_ATTR);
+        raw.into_iter()
+            .map(|(name, value)| Ok((name, self.xattr_value(node, value)?)))
+            .collect()
     }
 
     fn extents(&self, node: NodeId) -> Result<Vec<FileExtent>> {
