@@ -51,8 +51,13 @@ pub fn debugfs(img: &Path, request: &str, write: bool) -> String {
 
 /// `mke2fs -q -F` of an image of `mib` MiB, with `args`, populated from `src`.
 pub fn mke2fs(img: &Path, mib: u64, args: &[&str], src: &Path) {
+    mke2fs_kib(img, mib << 10, args, src);
+}
+
+/// `mke2fs -q -F` of an image of `kib` KiB, with `args`, populated from `src`.
+pub fn mke2fs_kib(img: &Path, kib: u64, args: &[&str], src: &Path) {
     let file = std::fs::File::create(img).unwrap();
-    file.set_len(mib << 20).unwrap();
+    file.set_len(kib << 10).unwrap();
     run(Command::new("mke2fs")
         .args(["-q", "-F"])
         .args(args)
