@@ -278,12 +278,7 @@ pub trait Filesystem: Send + Sync {
     /// The byte ranges of the file that hold data, sorted; the rest reads as zeros (holes,
     /// unwritten extents). By default, the written extents.
     fn data_ranges(&self, node: NodeId) -> Result<Vec<(u64, u64)>> {
-        Ok(self
-            .extents(node)?
-            .into_iter()
-            .filter(|e| !e.unwritten)
-            .map(|e| (e.file_offset, e.len))
-            .collect())
+        Ok(written_ranges(self.extents(node)?))
     }
 
     /// The blocks in use.
@@ -353,6 +348,15 @@ pub trait Filesystem: Send + Sync {
         out.truncate(done);
         Ok(out)
     }
+}
+
+/// The byte ranges (file offset, length) of the extents that are written.
+pub fn written_ranges(extents: Vec<FileExtent>) -> Vec<(u64, u64)> {
+    extents
+        .into_iter()
+        .filter(|e| !e.unwritten)
+        .map(|e| (e.file_offset, e.len))
+        .collect()
 }
 
 /// Reads up to `buf.len()` bytes of a file at `offset`, going on after short reads; returns

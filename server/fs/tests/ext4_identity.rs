@@ -12,7 +12,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use common::{run, run_status};
+use common::{run_status, run_tool as run};
 use diskferry_blockdev::{BlockDevice, MemoryDevice};
 use diskferry_fs::ext4::write::{write_ext4, Ext4Options};
 use diskferry_fs::ext4::Ext4;

@@ -15,7 +15,7 @@ use std::sync::Arc;
 
 mod common;
 
-use common::{run, run_status};
+use common::{run_status, run_tool as run};
 use diskferry_blockdev::{BlockDevice, MemoryDevice};
 use diskferry_fs::ext4::{Ext4, JournalError, JournalView, LogEnd};
 use diskferry_fs::{FileKind, Filesystem};

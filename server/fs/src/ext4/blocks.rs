@@ -1,7 +1,8 @@
 //! Where a file's blocks are: extent trees (ext4) and block maps of direct and indirect
-//! pointers (ext2/3), gathered into extents in logical order and checked against the volume.
+//! pointers (ext2/3), gathered into extents in logical order and checked against the volume;
+//! inline data (in the inode) has none. Extents count in blocks, bigalloc or not.
 
-use super::super::{FsError, NodeId, Result};
+use super::super::{NodeId, Result};
 use super::error::Corruption;
 use super::inode::Inode;
 use super::ondisk::{extent, inode};
@@ -9,6 +10,14 @@ use super::Ext4;
 
 /// Most extents gathered for one file.
 const MAX_EXTENTS: usize = 1 << 22;
+
+/// A file's mapping: its extents in logical order, and the blocks that map them (extent tree
+/// nodes below the root, indirect blocks).
+#[derive(Default)]
+struct Mapping {
+    extents: Vec<RawExtent>,
+    tree: Vec<u64>,
+}
 
 /// One leaf extent: logical block, physical block, block count, unwritten.
 #[derive(Debug, Clone, Copy)]
@@ -60,12 +69,22 @@ fn leaf(e: &[u8]) -> RawExtent {
 impl Ext4 {
     /// The file's extents in logical order, in blocks.
     pub(super) fn raw_extents(&self, node: NodeId, ino: &Inode) -> Result<Vec<RawExtent>> {
-        if ino.flags & inode::INLINE_DATA_FL != 0 {
-            return Err(FsError::Unsupported(format!(
-                "ext4 inode {node}: inline data cannot be read yet"
-            )));
+        Ok(self.mapping(node, ino)?.extents)
+    }
+
+    /// Every block the file takes as runs of (first block, count): data, unwritten extents,
+    /// extent tree nodes and indirect blocks.
+    pub(super) fn all_blocks(&self, node: NodeId, ino: &Inode) -> Result<Vec<(u64, u64)>> {
+        let m = self.mapping(node, ino)?;
+        let data = m.extents.iter().map(|e| (e.physical, e.len));
+        Ok(data.chain(m.tree.iter().map(|&b| (b, 1))).collect())
+    }
+
+    fn mapping(&self, node: NodeId, ino: &Inode) -> Result<Mapping> {
+        let mut out = Mapping::default();
+        if ino.has_inline_data() {
+            return Ok(out);
         }
-        let mut out = Vec::new();
         if ino.flags & inode::EXTENTS_FL != 0 {
             self.walk_extents(node, ino.i_block(), None, &mut out)?;
         } else {
@@ -81,7 +100,7 @@ impl Ext4 {
         node: NodeId,
         tree: &[u8],
         parent: Option<(u64, u16)>,
-        out: &mut Vec<RawExtent>,
+        out: &mut Mapping,
     ) -> Result<()> {
         let block = parent.map(|p| p.0);
         let (entries, depth) = extent_header(tree, block).map_err(|e| e.in_inode(node))?;
@@ -93,14 +112,16 @@ impl Ext4 {
         for i in 0..entries {
             let e = &tree[extent::entry_at(i)..extent::entry_at(i + 1)];
             if depth == 0 {
-                self.push_extent(node, leaf(e), out)?;
+                self.push_extent(node, leaf(e), &mut out.extents)?;
             } else {
                 let child = extent::INDEX_LEAF.get(e);
                 let child_node = self.read_block(child)?;
+                push_tree_block(node, child, &mut out.tree)?;
                 self.walk_extents(node, &child_node, Some((child, depth)), out)?;
             }
         }
         if out
+            .extents
             .windows(2)
             .any(|w| w[0].logical + w[0].len > w[1].logical)
         {
@@ -125,7 +146,7 @@ impl Ext4 {
     }
 
     /// ext2/3 block maps: 12 direct blocks, then single, double and triple indirect blocks.
-    fn walk_block_map(&self, node: NodeId, ino: &Inode, out: &mut Vec<RawExtent>) -> Result<()> {
+    fn walk_block_map(&self, node: NodeId, ino: &Inode, out: &mut Mapping) -> Result<()> {
         let per_block = self.sb.block_size / inode::POINTER_SIZE as u64;
         let mut walk = BlockMapWalk {
             fs: self,
@@ -152,7 +173,7 @@ struct BlockMapWalk<'a> {
     fs: &'a Ext4,
     node: NodeId,
     file_blocks: u64,
-    out: &'a mut Vec<RawExtent>,
+    out: &'a mut Mapping,
 }
 
 impl BlockMapWalk<'_> {
@@ -170,6 +191,7 @@ impl BlockMapWalk<'_> {
         let per_block = self.fs.sb.block_size as usize / inode::POINTER_SIZE;
         let span = (per_block as u64).pow(level - 1);
         let table = self.fs.read_block(p)?;
+        push_tree_block(self.node, p, &mut self.out.tree)?;
         for i in 0..per_block {
             let child = u64::from(inode::pointer(i).get(&table));
             self.pointer(child, level - 1, logical + i as u64 * span)?;
@@ -179,15 +201,16 @@ impl BlockMapWalk<'_> {
 
     /// Adds data block `p` at `logical`, extending the last extent when it continues it.
     fn data_block(&mut self, p: u64, logical: u64) -> Result<()> {
-        match self.out.last_mut() {
+        let extents = &mut self.out.extents;
+        match extents.last_mut() {
             Some(last) if last.logical + last.len == logical && last.physical + last.len == p => {
                 last.len += 1
             }
             _ => {
-                if self.out.len() >= MAX_EXTENTS {
+                if extents.len() >= MAX_EXTENTS {
                     return Err(Corruption::TooManyExtents.in_inode(self.node));
                 }
-                self.out.push(RawExtent {
+                extents.push(RawExtent {
                     logical,
                     physical: p,
                     len: 1,
@@ -197,4 +220,13 @@ impl BlockMapWalk<'_> {
         }
         Ok(())
     }
+}
+
+/// Records a tree or indirect block, bounded like the extents.
+fn push_tree_block(node: NodeId, block: u64, tree: &mut Vec<u64>) -> Result<()> {
+    if tree.len() >= MAX_EXTENTS {
+        return Err(Corruption::TooManyExtents.in_inode(node));
+    }
+    tree.push(block);
+    Ok(())
 }

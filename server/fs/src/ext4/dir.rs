@@ -1,6 +1,6 @@
 //! Reading directories: every block of the directory read linearly (hashed directories too —
-//! their index blocks look like blocks of one empty entry), each entry checked against its
-//! block before its name is taken.
+//! their index blocks look like blocks of one empty entry), or the entries kept in the inode
+//! (inline data), each entry checked against its block before its name is taken.
 
 use super::super::{DirEntry, FileKind, FsError, NodeId, Result};
 use super::error::Corruption;
@@ -9,6 +9,8 @@ use super::Ext4;
 
 /// Most directory bytes read for one directory (a directory of millions of entries).
 const MAX_DIR_BYTES: u64 = 1 << 30;
+/// An inline directory starts with its parent's inode number.
+const INLINE_PARENT_LEN: usize = 4;
 
 impl Ext4 {
     pub(super) fn read_directory(&self, dir: NodeId) -> Result<Vec<DirEntry>> {
@@ -20,6 +22,13 @@ impl Ext4 {
             return Err(Corruption::DirectoryTooLarge { size: ino.size }.in_inode(dir));
         }
         let mut out = Vec::new();
+        if ino.has_inline_data() {
+            let data = self.inline_data(dir, &ino)?;
+            // The parent's inode number, then entries.
+            let entries = data.get(INLINE_PARENT_LEN..).unwrap_or_default();
+            self.parse_entries(dir, entries, None, &mut out)?;
+            return Ok(out);
+        }
         for e in self.raw_extents(dir, &ino)? {
             for b in 0..e.len {
                 if (e.logical + b) * self.sb.block_size >= ino.size {
@@ -31,14 +40,25 @@ impl Ext4 {
         Ok(out)
     }
 
-    /// Adds the entries of directory block `nr` (without `.`, `..` and unused entries).
+    /// Adds the entries of directory block `nr`.
     fn read_dir_block(&self, dir: NodeId, nr: u64, out: &mut Vec<DirEntry>) -> Result<()> {
-        let block = self.read_block(nr)?;
+        self.parse_entries(dir, &self.read_block(nr)?, Some(nr), out)
+    }
+
+    /// Adds the entries in `block` (without `.`, `..` and unused entries); `nr` is where it
+    /// was read from (`None`: the inode).
+    fn parse_entries(
+        &self,
+        dir: NodeId,
+        block: &[u8],
+        nr: Option<u64>,
+        out: &mut Vec<DirEntry>,
+    ) -> Result<()> {
         let mut at = 0usize;
         while at + dirent::NAME <= block.len() {
             let e = &block[at..];
             let inode_no = u64::from(dirent::INODE.get(e));
-            let rec_len = usize::from(dirent::REC_LEN.get(e));
+            let rec_len = dirent::rec_len_from_disk(dirent::REC_LEN.get(e), self.sb.block_size);
             let name_len = usize::from(dirent::NAME_LEN.get(e));
             if rec_len < dirent::NAME || rec_len > e.len() || dirent::NAME + name_len > rec_len {
                 return Err(Corruption::DirEntry {

@@ -41,6 +41,8 @@ pub enum Corruption {
     NoMagic,
     #[error("block size 2^{} is absurd", 10 + *log_block_size as u64)]
     BlockSize { log_block_size: u32 },
+    #[error("cluster size 2^{} is absurd for its block size", 10 + *log_cluster_size as u64)]
+    ClusterSize { log_cluster_size: u32 },
     #[error("geometry does not hold together ({blocks} blocks of {block_size} bytes on a {device_size}-byte device, {blocks_per_group} blocks and {inodes_per_group} inodes per group, inode size {inode_size}, descriptor size {desc_size})")]
     Geometry {
         blocks: u64,
@@ -51,6 +53,8 @@ pub enum Corruption {
         inode_size: u64,
         desc_size: u64,
     },
+    #[error("{blocks} descriptor blocks after a superblock do not fit a group of {blocks_per_group} blocks or the descriptor table")]
+    DescriptorBlocks { blocks: u64, blocks_per_group: u64 },
     #[error("{inodes} inodes do not fit {groups} groups")]
     TooManyInodes { inodes: u64, groups: u64 },
     #[error("group {group} points outside the filesystem")]
@@ -92,8 +96,11 @@ pub enum Corruption {
     // Directories and symlinks.
     #[error("directory of {size} bytes")]
     DirectoryTooLarge { size: u64 },
-    #[error("directory entry at byte {offset} of block {block} is malformed")]
-    DirEntry { block: u64, offset: usize },
+    /// `block` is `None` for entries kept in the inode (inline data).
+    #[error("directory entry at byte {offset}{} is malformed", in_block(.block))]
+    DirEntry { block: Option<u64>, offset: usize },
+    #[error("inline data of {size} bytes does not fit in an inode")]
+    InlineTooLarge { size: u64 },
     #[error("symlink target of {size} bytes")]
     SymlinkTooLong { size: u64 },
 
@@ -102,8 +109,8 @@ pub enum Corruption {
     XattrBlockMagic { block: u64 },
     #[error("an extended attribute name runs past its block (entry at byte {offset})")]
     XattrName { offset: usize },
-    #[error("extended attributes stored in their own inodes (ea_inode) are not supported")]
-    XattrInode { offset: usize },
+    #[error("inode {inode} does not hold the value of one of its extended attributes")]
+    XattrInode { inode: u64 },
     #[error("an extended attribute value lies outside its block (entry at byte {offset})")]
     XattrValue { offset: usize },
     #[error("unknown extended attribute namespace {index}")]

@@ -1,10 +1,23 @@
 //! ext2/3/4 inodes: the fixed fields, nanosecond timestamps, the `i_block` area, and extended
-//! attributes (stored in the inode or in an xattr block), POSIX ACLs given in the form tools
-//! see.
+//! attributes (stored in the inode or in an xattr block, values of `ea_inode` volumes possibly
+//! in inodes of their own), POSIX ACLs given in the form tools see.
 
-use super::super::{FileKind, Timestamp};
+use super::super::{read_full, FileKind, Result, Timestamp};
 use super::error::Corruption;
 use super::ondisk::{acl, inode, xattr};
+use super::Ext4;
+
+/// The largest extended attribute value (the kernel's `XATTR_SIZE_MAX`).
+const MAX_XATTR_VALUE: u64 = 65536;
+
+/// An extended attribute's value as its entry gives it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum XattrValue {
+    /// The value itself, in the form tools see.
+    Here(Vec<u8>),
+    /// `ea_inode`: the value is the data of an inode of its own.
+    InInode { inode: u64, size: u64, acl: bool },
+}
 
 /// An inode's raw bytes (the on-disk inode size) and what we read from them.
 pub struct Inode {
@@ -76,6 +89,11 @@ impl Inode {
             .then(|| inode::CRTIME.get(&self.raw, self.extra_end()))
     }
 
+    /// Whether the inode keeps its data in itself (inline data) rather than in blocks.
+    pub fn has_inline_data(&self) -> bool {
+        self.flags & inode::INLINE_DATA_FL != 0
+    }
+
     /// The 60-byte `i_block` area (extent tree root, block map, or fast symlink target).
     pub fn i_block(&self) -> &[u8] {
         &self.raw[inode::I_BLOCK.offset..][..inode::I_BLOCK_LEN]
@@ -97,7 +115,10 @@ impl Inode {
 
 /// Parses xattr entries from `entries` (which starts at the first entry), taking values from
 /// `values` at each entry's value offset. A malformed entry ends the list with an error.
-pub fn parse_xattrs(entries: &[u8], values: &[u8]) -> Result<Vec<(String, Vec<u8>)>, Corruption> {
+pub fn parse_xattrs(
+    entries: &[u8],
+    values: &[u8],
+) -> Result<Vec<(String, XattrValue)>, Corruption> {
     let mut out = Vec::new();
     let mut at = 0;
     while at + xattr::NAME <= entries.len() && xattr::END.get(&entries[at..]) != 0 {
@@ -109,10 +130,8 @@ pub fn parse_xattrs(entries: &[u8], values: &[u8]) -> Result<Vec<(String, Vec<u8
         if xattr::NAME + name_len > e.len() {
             return Err(Corruption::XattrName { offset: at });
         }
-        if xattr::VALUE_INUM.get(e) != 0 {
-            return Err(Corruption::XattrInode { offset: at });
-        }
-        if value_offs.saturating_add(value_size) > values.len() {
+        let value_inum = u64::from(xattr::VALUE_INUM.get(e));
+        if value_inum == 0 && value_offs.saturating_add(value_size) > values.len() {
             return Err(Corruption::XattrValue { offset: at });
         }
         let prefix = xattr::prefix(index).ok_or(Corruption::XattrNamespace { index })?;
@@ -120,14 +139,43 @@ pub fn parse_xattrs(entries: &[u8], values: &[u8]) -> Result<Vec<(String, Vec<u8
             "{prefix}{}",
             String::from_utf8_lossy(&e[xattr::NAME..xattr::NAME + name_len])
         );
-        let mut value = values[value_offs..value_offs + value_size].to_vec();
-        if xattr::is_acl(index) {
-            value = acl_to_xattr(&value)?;
-        }
+        let value = if value_inum != 0 {
+            XattrValue::InInode {
+                inode: value_inum,
+                size: value_size as u64,
+                acl: xattr::is_acl(index),
+            }
+        } else if xattr::is_acl(index) {
+            XattrValue::Here(acl_to_xattr(&values[value_offs..value_offs + value_size])?)
+        } else {
+            XattrValue::Here(values[value_offs..value_offs + value_size].to_vec())
+        };
         out.push((name, value));
         at += xattr::entry_len(name_len);
     }
     Ok(out)
+}
+
+impl Ext4 {
+    /// An attribute's value, read from its own inode for `ea_inode` (which must be one: an
+    /// inode flagged as holding a value, of the value's size).
+    pub(super) fn xattr_value(&self, node: u64, value: XattrValue) -> Result<Vec<u8>> {
+        let (inode, size, acl) = match value {
+            XattrValue::Here(v) => return Ok(v),
+            XattrValue::InInode { inode, size, acl } => (inode, size, acl),
+        };
+        let holder = self.inode(inode)?;
+        if size > MAX_XATTR_VALUE || holder.flags & inode::EA_INODE_FL == 0 || holder.size != size {
+            return Err(Corruption::XattrInode { inode }.in_inode(node));
+        }
+        let mut v = vec![0u8; size as usize];
+        let n = read_full(self, inode, 0, &mut v)?;
+        v.truncate(n);
+        if acl {
+            v = acl_to_xattr(&v).map_err(|e| e.in_inode(node))?;
+        }
+        Ok(v)
+    }
 }
 
 /// ext4 stores POSIX ACLs compactly (version 1; no id for the owner/group/mask/other

@@ -1,24 +1,32 @@
-//! A reader for ext2, ext3 and ext4 of our own: superblock, group descriptors (32- and 64-byte),
-//! inodes, extent trees and classic block maps, directories (linear; hashed directories read
-//! linearly too), fast and slow symlinks, extended attributes (in the inode and in an xattr
-//! block, POSIX ACLs given in the form tools see), and the block allocation map.
+//! A reader for ext2, ext3 and ext4 of our own: superblock, group descriptors (32- and 64-byte,
+//! after the superblock or per meta group with `meta_bg`), block sizes from 1 to 64 KiB,
+//! clusters (`bigalloc`), inodes, extent trees and classic block maps, inline data (files,
+//! directories and symlinks kept in the inode), directories (linear; hashed directories read
+//! linearly too), fast and slow symlinks, extended attributes (in the inode, in an xattr block
+//! or, with `ea_inode`, values in inodes of their own; POSIX ACLs given in the form tools
+//! see), and the block allocation map.
 //!
 //! Why not the `ext4-view` crate: it exposes neither inode numbers, link counts, extended
 //! attributes, physical extents nor the block bitmaps, all of which capture needs; the on-disk
 //! structures here are also the ones the ext4 writer produces. A journal still holding
 //! committed transactions is replayed in memory first (`journal`), so every read sees the
-//! volume as e2fsck would leave it. Refused with a clear message:
-//! `meta_bg`, `bigalloc`, inline data, encrypted and compressed files.
+//! volume as e2fsck would leave it. Refused with a clear message: encrypted volumes. Read, but
+//! named by [`Filesystem::rebuild_obstacle`] because the writer cannot recreate them: inline
+//! data, `bigalloc`, blocks over 4 KiB, `casefold`, `ea_inode`, a fast-commit journal area or
+//! an external journal.
 //!
 //! The superblock and group descriptors are read in `superblock`, a file's blocks found in
-//! `blocks`, directories in `dir`, inodes and extended attributes in `inode` — every structure
-//! through the field tables of [`ondisk`], which the writer ([`write`](mod@write)) uses too. What is
-//! malformed is a typed [`Corruption`] at a [`Place`].
+//! `blocks`, directories in `dir`, inodes and extended attributes in `inode`, inline data in
+//! `inline`, the blocks in use in `alloc` — every structure through the field tables of
+//! [`ondisk`], which the writer ([`write`](mod@write)) uses too. What is malformed is a typed
+//! [`Corruption`] at a [`Place`].
 
+mod alloc;
 mod blocks;
 mod dir;
 mod error;
 mod identity;
+mod inline;
 mod inode;
 mod journal;
 pub mod ondisk;
@@ -35,7 +43,7 @@ use diskferry_blockdev::BlockDevice;
 pub use error::{Corruption, Place};
 use inode::{parse_xattrs, Inode};
 pub use journal::{JournalError, JournalView, LogEnd, ReplayedDevice};
-use ondisk::{gd, sb, xattr};
+use ondisk::{sb, xattr};
 use superblock::{Group, Superblock};
 
 const ROOT: u64 = 2;
@@ -142,34 +150,6 @@ impl Ext4 {
             ino.blocks.saturating_mul(512)
         }
     }
-
-    /// Marks in `used` the blocks of group `g`: those its bitmap marks (only the superblock
-    /// backup when the bitmap is uninitialized), its bitmaps and its inode table.
-    fn mark_group(&self, g: u64, group: &Group, used: &mut [bool]) -> Result<()> {
-        let blocks = self.sb.blocks;
-        let mut mark = |from: u64, count: u64| {
-            for b in from..(from + count).min(blocks) {
-                used[b as usize] = true;
-            }
-        };
-        let first = self.sb.first_data_block + g * self.sb.blocks_per_group;
-        if group.flags & gd::BLOCK_UNINIT != 0 {
-            mark(first, self.sb.backup_blocks(g));
-        } else {
-            let bitmap = self.read_block(group.block_bitmap)?;
-            let in_group = self.sb.blocks_per_group.min(blocks - first);
-            for i in 0..in_group {
-                if bitmap[(i / 8) as usize] & (1 << (i % 8)) != 0 {
-                    mark(first + i, 1);
-                }
-            }
-        }
-        // Bitmaps and inode tables, wherever flex_bg put them.
-        mark(group.block_bitmap, 1);
-        mark(group.inode_bitmap, 1);
-        mark(group.inode_table, self.sb.itable_blocks());
-        Ok(())
-    }
 }
 
 impl Filesystem for Ext4 {
@@ -189,7 +169,8 @@ impl Filesystem for Ext4 {
             uuid,
             block_size: self.sb.block_size as u32,
             total_bytes: self.sb.blocks * self.sb.block_size,
-            used_bytes: (self.sb.blocks - self.sb.free_blocks) * self.sb.block_size,
+            // A free count is a hint (e2fsck recomputes it); it may be wrong.
+            used_bytes: self.sb.blocks.saturating_sub(self.sb.free_blocks) * self.sb.block_size,
         }
     }
 
@@ -238,6 +219,13 @@ impl Filesystem for Ext4 {
         let want = (buf.len() as u64).min(ino.size - offset) as usize;
         let buf = &mut buf[..want];
         buf.fill(0);
+        if ino.has_inline_data() {
+            let data = self.inline_data(node, &ino)?;
+            let from = (offset as usize).min(data.len());
+            let n = (data.len() - from).min(want);
+            buf[..n].copy_from_slice(&data[from..from + n]);
+            return Ok(want);
+        }
         for e in self.extents_of(node, &ino)? {
             let (start, end) = (
                 e.file_offset.max(offset),
@@ -274,9 +262,9 @@ impl Filesystem for Ext4 {
 
     fn xattrs(&self, node: NodeId) -> Result<Vec<(String, Vec<u8>)>> {
         let ino = self.inode(node)?;
-        let mut out = Vec::new();
+        let mut raw = Vec::new();
         if let Some(area) = ino.inline_xattr_area() {
-            out = parse_xattrs(area, area).map_err(|e| e.in_inode(node))?;
+            raw = parse_xattrs(area, area).map_err(|e| e.in_inode(node))?;
         }
         if ino.file_acl != 0 {
             let block = self.read_block(ino.file_acl)?;
@@ -285,14 +273,27 @@ impl Filesystem for Ext4 {
                 return Err(Corruption::XattrBlockMagic { block }.in_inode(node));
             }
             let entries = &block[xattr::BLOCK_HEADER_SIZE..];
-            out.extend(parse_xattrs(entries, &block).map_err(|e| e.in_inode(node))?);
+            raw.extend(parse_xattrs(entries, &block).map_err(|e| e.in_inode(node))?);
         }
-        Ok(out)
+        // Inline data's continuation is file data, not an attribute.
+        raw.retain(|(name, _)| name != inline::DATA_ATTR);
+        raw.into_iter()
+            .map(|(name, value)| Ok((name, self.xattr_value(node, value)?)))
+            .collect()
     }
 
     fn extents(&self, node: NodeId) -> Result<Vec<FileExtent>> {
         let ino = self.inode(node)?;
         self.extents_of(node, &ino)
+    }
+
+    fn data_ranges(&self, node: NodeId) -> Result<Vec<(u64, u64)>> {
+        let ino = self.inode(node)?;
+        if ino.has_inline_data() {
+            let whole = (ino.size > 0).then_some((0, ino.size));
+            return Ok(whole.into_iter().collect());
+        }
+        Ok(super::written_ranges(self.extents_of(node, &ino)?))
     }
 
     fn device(&self) -> Option<Arc<dyn BlockDevice>> {
@@ -304,30 +305,17 @@ impl Filesystem for Ext4 {
     }
 
     fn rebuild_obstacle(&self) -> Option<String> {
-        self.journal.obstacle()
+        let reasons: Vec<String> = self
+            .sb
+            .rebuild_obstacle()
+            .into_iter()
+            .chain(self.journal.obstacle())
+            .collect();
+        (!reasons.is_empty()).then(|| reasons.join("; "))
     }
 
     fn allocation_map(&self) -> Result<AllocationMap> {
-        let mut used = vec![false; self.sb.blocks as usize];
-        used[..self.sb.first_data_block as usize].fill(true);
-        for (g, group) in self.groups.iter().enumerate() {
-            self.mark_group(g as u64, group, &mut used)?;
-        }
-        let mut runs: Vec<(u64, u64)> = Vec::new();
-        for (b, &u) in used.iter().enumerate() {
-            if !u {
-                continue;
-            }
-            let b = b as u64;
-            match runs.last_mut() {
-                Some(r) if r.0 + r.1 == b => r.1 += 1,
-                _ => runs.push((b, 1)),
-            }
-        }
-        Ok(AllocationMap {
-            block_size: self.sb.block_size as u32,
-            runs,
-        })
+        self.used_blocks()
     }
 }
 

@@ -12,6 +12,19 @@ pub const FILE_TYPE: Field<u8> = Field::at(7);
 pub const NAME: usize = 8;
 pub const MAX_NAME_LEN: usize = 255;
 
+/// A record length as stored: with 64 KiB blocks, which a 16-bit length cannot span, 0 and
+/// 65535 mean the whole block and the low two bits carry bits 16–17.
+pub fn rec_len_from_disk(raw: u16, block_size: u64) -> usize {
+    let len = usize::from(raw);
+    if block_size < 65536 {
+        len
+    } else if raw == u16::MAX || raw == 0 {
+        block_size as usize
+    } else {
+        (len & 65532) | ((len & 3) << 16)
+    }
+}
+
 /// The checksum tail: an entry of inode 0, record length 12, file type 0xDE, then the
 /// checksum.
 pub const TAIL_SIZE: usize = 12;
@@ -49,4 +62,18 @@ pub fn kind_of(file_type: u8) -> Option<FileKind> {
 
 pub fn file_type(kind: FileKind) -> u8 {
     TYPES.iter().find(|t| t.1 == kind).map_or(0, |t| t.0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn record_lengths_of_64k_blocks_carry_two_more_bits() {
+        assert_eq!(rec_len_from_disk(12, 4096), 12);
+        assert_eq!(rec_len_from_disk(0, 65536), 65536);
+        assert_eq!(rec_len_from_disk(u16::MAX, 65536), 65536);
+        assert_eq!(rec_len_from_disk(0xFFF4 | 1, 65536), 0x1FFF4);
+        assert_eq!(rec_len_from_disk(40, 65536), 40);
+    }
 }

@@ -43,6 +43,8 @@ pub const DIRSYNC_FL: u32 = 0x0001_0000;
 pub const TOPDIR_FL: u32 = 0x0002_0000;
 pub const HUGE_FILE_FL: u32 = 0x0004_0000;
 pub const EXTENTS_FL: u32 = 0x0008_0000;
+/// The inode holds an extended attribute's value (`ea_inode`).
+pub const EA_INODE_FL: u32 = 0x0020_0000;
 pub const INLINE_DATA_FL: u32 = 0x1000_0000;
 
 /// Device numbers inside `i_block`: the old 8:8 encoding in the first word, the new

@@ -99,3 +99,15 @@ pub const RO_COMPAT_DIR_NLINK: u32 = 0x20;
 pub const RO_COMPAT_EXTRA_ISIZE: u32 = 0x40;
 pub const RO_COMPAT_BIGALLOC: u32 = 0x200;
 pub const RO_COMPAT_METADATA_CSUM: u32 = 0x400;
+
+// Layouts beyond the classic one: clusters (bigalloc), descriptor blocks kept per meta group
+// (meta_bg), at most two backups (sparse_super2), data inside inodes (inline_data).
+/// With meta_bg, the first descriptor block kept in its meta group rather than after the
+/// superblock.
+pub const FIRST_META_BG: Field<u32> = Field::at(0x104);
+/// sparse_super2: the only two groups with backups (0: none).
+pub const BACKUP_BGS: [Field<u32>; 2] = [Field::at(0x24C), Field::at(0x250)];
+pub const COMPAT_SPARSE_SUPER2: u32 = 0x200;
+pub const INCOMPAT_INLINE_DATA: u32 = 0x8000;
+pub const INCOMPAT_CASEFOLD: u32 = 0x2_0000;
+pub const INCOMPAT_EA_INODE: u32 = 0x400;

@@ -264,13 +264,19 @@ fn copy_file_data(
     bs: u64,
 ) -> Result<()> {
     if let Some(src_dev) = source.device() {
-        if let Some(runs) = source_runs(source, placed, bs) {
+        if let Some((runs, inline)) = source_runs(source, placed, bs) {
             let ranges: Vec<std::ops::Range<u64>> =
                 runs.iter().map(|r| r.src..r.src + r.len).collect();
-            return Ok(src_dev.read_ranges(&ranges, &mut |off, data| {
-                let r = &runs[runs.partition_point(|r| r.src + r.len <= off)];
-                write_sparse(dev, &data, r.dst + (off - r.src))
-            })?);
+            let mut to = RunCursor::default();
+            src_dev.read_ranges(&ranges, &mut |off, data| {
+                let at = to.place(&runs, off, data.len() as u64)?;
+                write_sparse(dev, &data, at)
+            })?;
+            let mut buf = vec![0u8; 1 << 20];
+            for item in inline {
+                copy_through_read_at(dev, source, item, bs, &mut buf)?;
+            }
+            return Ok(());
         }
     }
     let mut buf = vec![0u8; 1 << 20];
@@ -280,12 +286,50 @@ fn copy_file_data(
     Ok(())
 }
 
-/// The runs of all files on the source device, sorted by their place there; `None` when a
+/// Where the pieces `read_ranges` hands over go: they arrive in the order of the runs, each
+/// run's pieces one after another. Runs are followed by position in the list, not by source
+/// offset, because two files may share source blocks (runs with the same `src`): each gets
+/// its own copy.
+#[derive(Default)]
+struct RunCursor {
+    run: usize,
+    done: u64,
+}
+
+impl RunCursor {
+    /// The destination of the piece of `len` bytes read at `off`.
+    fn place(&mut self, runs: &[Run], off: u64, len: u64) -> std::result::Result<u64, BlockError> {
+        while runs.get(self.run).is_some_and(|r| self.done >= r.len) {
+            self.run += 1;
+            self.done = 0;
+        }
+        match runs.get(self.run) {
+            Some(r) if off == r.src + self.done && self.done + len <= r.len => {
+                self.done += len;
+                Ok(r.dst + (off - r.src))
+            }
+            _ => Err(BlockError::Protocol(format!(
+                "a piece read at {off} is not the next one of the file data asked for"
+            ))),
+        }
+    }
+}
+
+/// The runs of all files on the source device, sorted by their place there, and the files
+/// with data but no extents there (ext4 inline data: copied through `read_at`); `None` when a
 /// file's source extents cannot be had or do not match our allocation.
-fn source_runs(source: &dyn Filesystem, placed: &Placed, bs: u64) -> Option<Vec<Run>> {
+fn source_runs<'p>(
+    source: &dyn Filesystem,
+    placed: &'p Placed,
+    bs: u64,
+) -> Option<(Vec<Run>, Vec<&'p Item>)> {
     let mut runs = Vec::new();
+    let mut inline = Vec::new();
     for item in files(placed) {
         let extents = source.extents(item.src).ok()?;
+        if extents.is_empty() {
+            inline.push(item);
+        }
         for e in extents.iter().filter(|e| !e.unwritten) {
             // Our extents map the same file offsets (block-rounded): split the source
             // extent wherever our allocation is not contiguous.
@@ -307,8 +351,8 @@ fn source_runs(source: &dyn Filesystem, placed: &Placed, bs: u64) -> Option<Vec<
             }
         }
     }
-    runs.sort_unstable_by_key(|r| r.src);
-    Some(runs)
+    runs.sort_by_key(|r| r.src);
+    Some((runs, inline))
 }
 
 /// Copies one file's data through the source's `read_at`, extent by extent.

@@ -87,7 +87,9 @@ fn inodes_per_group(block_size: u64, inode_size: u64, groups: u64, wanted: u64) 
 }
 
 impl Geometry {
-    /// Lays out a filesystem of `blocks` blocks with at least `min_inodes` inodes.
+    /// Lays out a filesystem of `blocks` blocks with at least `min_inodes` inodes, or as many
+    /// as its groups hold when that is fewer (callers check what they need against
+    /// [`Geometry::inodes`]).
     pub fn new(
         block_size: u64,
         blocks: u64,
@@ -105,12 +107,8 @@ impl Geometry {
         }
         let (blocks, groups) = whole_groups(blocks, first_data_block, blocks_per_group);
         let wanted = min_inodes.max(blocks * block_size / bytes_per_inode.max(1024));
-        let ipg = inodes_per_group(block_size, inode_size, groups, wanted);
-        if ipg > 8 * block_size {
-            return Err(FsError::Unsupported(format!(
-                "{min_inodes} inodes do not fit {groups} groups of {blocks_per_group} blocks: give a larger size"
-            )));
-        }
+        // A group's inode bitmap is one block.
+        let ipg = inodes_per_group(block_size, inode_size, groups, wanted).min(8 * block_size);
         let desc_size = gd::SIZE_64 as u64;
         let mut geo = Geometry {
             block_size,

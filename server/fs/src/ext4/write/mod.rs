@@ -77,7 +77,7 @@ pub struct Ext4Options {
     pub hash_seed: Option<[u8; 16]>,
     /// Journal blocks; `None` picks mke2fs's default for the size, `Some(0)` writes none.
     pub journal_blocks: Option<u64>,
-    /// At least this many inodes (on top of what the tree needs).
+    /// At least this many inodes in all (more when the tree needs more).
     pub min_inodes: u64,
     /// This many inodes in all (a source's count) — more when the groups round it up; on a
     /// device smaller than `inodes * bytes_per_inode`, as many as that density gives (and
@@ -337,7 +337,7 @@ fn geometry(dev: &dyn BlockDevice, opts: &Ext4Options, next_ino: u32) -> Result<
         )?
         .with_reserved_gdt(opts.reserved_gdt_blocks)
     };
-    let needed = u64::from(next_ino) + opts.min_inodes;
+    let needed = u64::from(next_ino).max(opts.min_inodes);
     let by_size = dev.size() / opts.bytes_per_inode.max(1024);
     let geo = match opts.inodes.map(|w| w.min(by_size)) {
         Some(wanted) if wanted > needed => most_inodes(needed, wanted, with)?,
