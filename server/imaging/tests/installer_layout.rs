@@ -19,33 +19,11 @@ use diskferry_imaging::{capture, CaptureOptions, CaptureSummary};
 use diskferry_partition as partition;
 use diskferry_vdisk::ImageFormat;
 
+mod common;
+use common::{as_raw, extract, place, run};
+
 const MIB: u64 = 1 << 20;
 const SWAP_UUID: &str = "0b7e8f6a-1c2d-4e3f-8a9b-0c1d2e3f4a5b";
-
-fn run(cmd: &mut Command) -> String {
-    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
-    assert!(
-        out.status.success(),
-        "{cmd:?} failed: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr)
-}
-
-/// Writes `file` into `disk` at byte `at`.
-fn place(disk: &Path, file: &Path, at: u64) {
-    run(Command::new("dd")
-        .arg(format!("if={}", file.display()))
-        .arg(format!("of={}", disk.display()))
-        .args([
-            "bs=1M",
-            "conv=notrunc,sparse",
-            "status=none",
-            "oflag=seek_bytes",
-        ])
-        .arg(format!("seek={at}")));
-}
 
 /// A 256 MiB MBR disk: root ext4 at 1 MiB (160 MiB), extended partition after it holding a
 /// swap logical partition to the end; a GRUB-like core image in the gap after sector 0.
@@ -164,35 +142,6 @@ fn auto_qcow2(size: u64) -> CaptureOptions {
         size: Some(size),
         verify: true,
     }
-}
-
-/// The image converted to raw with qemu-img, after `qemu-img check`.
-fn as_raw(image: &Path) -> PathBuf {
-    run(Command::new("qemu-img").arg("check").arg(image));
-    let raw = image.with_extension("raw");
-    run(Command::new("qemu-img")
-        .args(["convert", "-O", "raw"])
-        .arg(image)
-        .arg(&raw));
-    raw
-}
-
-/// Extracts partition `number` of a raw disk into its own file.
-fn extract(raw: &Path, number: u32) -> PathBuf {
-    let table = partition::read_table(&FileDevice::open(raw, false).unwrap()).unwrap();
-    let p = table
-        .partitions
-        .iter()
-        .find(|p| p.number == number)
-        .unwrap();
-    let out = raw.with_extension(format!("p{number}"));
-    run(Command::new("dd")
-        .arg(format!("if={}", raw.display()))
-        .arg(format!("of={}", out.display()))
-        .args(["bs=1M", "status=none", "iflag=skip_bytes,count_bytes"])
-        .arg(format!("skip={}", p.start))
-        .arg(format!("count={}", p.size)));
-    out
 }
 
 fn check_copy(src: &Path, out: &Path, size: u64) {
