@@ -184,7 +184,8 @@ enum Command {
     /// os-release, hostname, kernels, fstab; Windows: product, edition, version, build and
     /// computer name from the registry; boot loaders).
     Inspect {
-        /// DISK@HOST:PORT (a client's disk), a local file or block device, or a qcow2/VHDX image
+        /// DISK@HOST:PORT (a client's disk), a local file or block device, or an image
+        /// (qcow2, VHDX, VHD, VMDK)
         source: String,
         /// Pretty-printed JSON instead of a table
         #[arg(long)]
