@@ -1,7 +1,8 @@
 //! VHD and VMDK against qemu-img, the reference implementation nobody here wrote:
 //!
 //! - **Reading**: images `qemu-img convert` makes from a raw disk with data and holes (vpc
-//!   dynamic and fixed, vmdk monolithicSparse and streamOptimized, several sizes) read through
+//!   dynamic and fixed, sized by geometry or by the footer; vmdk monolithicSparse with and
+//!   without zeroed grains, and streamOptimized; three sizes) read through
 //!   our reader byte for byte as `qemu-img convert -O raw` reads them, at the size
 //!   `qemu-img info` reports.
 //! - **Writing**: images we write from the same disks (in pieces of many sizes, some cutting
@@ -136,11 +137,21 @@ fn assert_reads_as_qemu(
     }
 }
 
-const QEMU_MADE: [(&str, &str, Detected); 4] = [
-    ("vpc", "dynamic", Detected::Vhd),
-    ("vpc", "fixed", Detected::Vhd),
-    ("vmdk", "monolithicSparse", Detected::Vmdk),
-    ("vmdk", "streamOptimized", Detected::Vmdk),
+/// Formats and creation options: VHDs sized by geometry (creator "qemu") and, with
+/// force_size, by the footer (creator "qem2", as Hyper-V's "win " are); VMDKs with and without
+/// zeroed-grain entries.
+const QEMU_MADE: [(&str, &str, Detected); 7] = [
+    ("vpc", "subformat=dynamic", Detected::Vhd),
+    ("vpc", "subformat=fixed", Detected::Vhd),
+    ("vpc", "subformat=dynamic,force_size=on", Detected::Vhd),
+    ("vpc", "subformat=fixed,force_size=on", Detected::Vhd),
+    ("vmdk", "subformat=monolithicSparse", Detected::Vmdk),
+    (
+        "vmdk",
+        "subformat=monolithicSparse,zeroed_grain=on",
+        Detected::Vmdk,
+    ),
+    ("vmdk", "subformat=streamOptimized", Detected::Vmdk),
 ];
 
 /// Sizes: not a multiple of a grain or block, an exact CHS geometry's worth, past 127 GiB of
@@ -154,30 +165,20 @@ fn images_qemu_img_makes_read_as_qemu_reads_them() {
     for (i, size) in SIZES.into_iter().enumerate() {
         let src = dir.path().join(format!("src{i}.raw"));
         let runs = make_source(&src, size, 7 + i as u64);
-        for (format, sub, detected) in QEMU_MADE {
-            if sub == "fixed" && size > 1 << 30 {
+        for (j, (format, opt, detected)) in QEMU_MADE.into_iter().enumerate() {
+            if opt.contains("fixed") && size > 1 << 30 {
                 continue; // a fixed image of that size is a large sparse file; covered smaller
             }
-            let img = dir.path().join(format!("qemu{i}-{sub}.img"));
-            let opt = format!("subformat={sub}");
-            qemu(&[
-                "convert",
-                "-f",
-                "raw",
-                "-O",
-                format,
-                "-o",
-                &opt,
-                s(&src),
-                s(&img),
-            ]);
+            let img = dir.path().join(format!("qemu{i}-{j}.img"));
+            let args = ["-f", "raw", "-O", format, "-o", opt, s(&src), s(&img)];
+            qemu(&[&["convert"], &args[..]].concat());
             assert_reads_as_qemu(dir.path(), &img, format, detected, &runs);
             std::fs::remove_file(&img).unwrap();
             passed += 1;
         }
     }
     eprintln!("{passed} qemu-img-made images read as qemu reads them");
-    assert_eq!(passed, 11);
+    assert_eq!(passed, 19);
 }
 
 /// Writes the source's data runs into a new image of `format`, in pieces of varied sizes (some
