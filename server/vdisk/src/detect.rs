@@ -4,8 +4,8 @@
 //!
 //! Looked at: the first sector (qcow magic and version, qcow2 encryption and external data
 //! file, VHDX, a VHD footer copy and its disk type, VMDK "KDMV" / "COWD" / seSparse headers
-//! and descriptor text, VDI, QED, Parallels) and the last sector (a fixed VHD's footer, which
-//! must pass its checksum).
+//! and descriptor text, VDI, QED, Parallels) and the last sector (a VHD footer — a fixed disk's
+//! only one — which must pass its checksum).
 
 use std::fmt;
 
@@ -129,9 +129,11 @@ pub fn detect(file: &dyn BlockDevice) -> Result<Detected, DetectError> {
         }
         return Ok(known);
     }
+    // A fixed VHD's only footer, or a dynamic one's whose copy at the start is damaged.
     match vhd::open::find_footer(file)? {
-        Some((foot, true)) if vhd::ondisk::footer::DISK_TYPE.get(&foot) == 2 => Ok(Detected::Vhd),
-        _ => Ok(Detected::Raw),
+        Some((foot, _)) if is_differencing(&foot) => foreign(Foreign::VhdDifferencing),
+        Some(_) => Ok(Detected::Vhd),
+        None => Ok(Detected::Raw),
     }
 }
 
@@ -149,9 +151,7 @@ fn by_first_sector(head: &[u8; SNIFF]) -> Result<Option<Detected>, DetectError> 
         return Ok(Some(Detected::Vhdx));
     }
     if PREFIX.get(head) == *vhd::MAGIC {
-        let differencing =
-            vhd::ondisk::footer::DISK_TYPE.get(head) == vhd::ondisk::footer::TYPE_DIFFERENCING;
-        return match differencing {
+        return match is_differencing(head) {
             true => foreign(Foreign::VhdDifferencing),
             false => Ok(Some(Detected::Vhd)),
         };
@@ -177,6 +177,10 @@ fn by_first_sector(head: &[u8; SNIFF]) -> Result<Option<Detected>, DetectError> 
         Some((_, format)) => foreign(format),
         None => Ok(None),
     }
+}
+
+fn is_differencing(footer: &[u8]) -> bool {
+    vhd::ondisk::footer::DISK_TYPE.get(footer) == vhd::ondisk::footer::TYPE_DIFFERENCING
 }
 
 /// A VMDK descriptor: text naming a createType near its start.

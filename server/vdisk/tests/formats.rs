@@ -451,3 +451,28 @@ fn the_vhdx_block_size_option_reaches_the_header() {
     };
     assert!(err.to_string().contains("block size"), "{err}");
 }
+
+/// A dynamic VHD whose footer copy at the start is damaged is still a VHD (not a raw disk),
+/// read through the footer at the end as qemu reads the intact image.
+#[test]
+fn a_dynamic_vhd_with_a_damaged_first_footer_reads_through_the_last() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("src.raw");
+    make_source(&src, 24 * MIB, 3);
+    let img = dir.path().join("d.vhd");
+    qemu(&["convert", "-f", "raw", "-O", "vpc", s(&src), s(&img)]);
+    let reference = dir.path().join("qemu.raw");
+    qemu(&["convert", "-f", "vpc", "-O", "raw", s(&img), s(&reference)]);
+    let mut bytes = std::fs::read(&img).unwrap();
+    bytes[..512].fill(0);
+    std::fs::write(&img, bytes).unwrap();
+    let (kind, ours) = open_image(&img, false).unwrap();
+    assert_eq!(kind, Detected::Vhd);
+    let expected = std::fs::read(&reference).unwrap();
+    let mut got = vec![0u8; expected.len()];
+    ours.read_at(&mut got, 0).unwrap();
+    assert!(
+        got == expected,
+        "differs from qemu's reading of the intact image"
+    );
+}
