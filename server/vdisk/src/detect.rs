@@ -38,6 +38,14 @@ impl Detected {
             Detected::Raw => "raw",
         }
     }
+
+    /// The format's name for qemu (a qcow2 overlay's backing format): VHD is "vpc".
+    pub fn qemu_name(self) -> &'static str {
+        match self {
+            Detected::Vhd => "vpc",
+            other => other.name(),
+        }
+    }
 }
 
 /// A container recognised by its signature that diskferry cannot read.

@@ -182,7 +182,7 @@ pub fn create_overlay(
         out,
         base_device,
         name,
-        detected.name(),
+        detected.qemu_name(),
         QCOW2_CLUSTER_BITS,
     )?))
 }

@@ -476,3 +476,32 @@ fn a_dynamic_vhd_with_a_damaged_first_footer_reads_through_the_last() {
         "differs from qemu's reading of the intact image"
     );
 }
+
+/// A qcow2 overlay on a VHD names its backing format as qemu does ("vpc"): qemu reads the
+/// overlay through it.
+#[test]
+fn an_overlay_on_a_vhd_opens_in_qemu() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("src.raw");
+    make_source(&src, 16 * MIB, 5);
+    let base = dir.path().join("base.vhd");
+    qemu(&["convert", "-f", "raw", "-O", "vpc", s(&src), s(&base)]);
+    let out = dir.path().join("top.qcow2");
+    let file = File::create_new(&out).unwrap();
+    let overlay = diskferry_vdisk::create_overlay(file, &out, &base).unwrap();
+    overlay.flush().unwrap();
+    drop(overlay);
+    let backing = info(&out, "qcow2")["backing-filename-format"].clone();
+    assert_eq!(backing, "vpc");
+    let (code, text, err) = run(&[
+        "qemu-img",
+        "compare",
+        "-f",
+        "qcow2",
+        "-F",
+        "vpc",
+        s(&out),
+        s(&base),
+    ]);
+    assert_eq!(code, 0, "{text}{err}");
+}
