@@ -21,7 +21,8 @@ use crate::ConnArgs;
 /// Where to look: a disk and, inside it, a partition.
 #[derive(Args)]
 pub struct Target {
-    /// DISK@HOST:PORT (a client's disk), a local file or block device, or a qcow2/VHDX image
+    /// DISK@HOST:PORT (a client's disk), a local file or block device, or an image
+    /// (qcow2, VHDX, VHD, VMDK)
     source: String,
     /// Partition number, as in the table (from 1) [default: the only or first readable one]
     #[arg(short = 'p', long = "partition", value_name = "N")]

@@ -49,10 +49,15 @@ pub(crate) struct CaptureArgs {
 /// How `capture` and `convert` write their output and read image sources.
 #[derive(Args)]
 pub(crate) struct OutputArgs {
-    /// Image format of OUT: `raw` (a sparse file), `qcow2` or `vhdx` [default: from OUT's
-    /// extension, `.qcow2` → qcow2, `.vhdx` → vhdx, anything else raw]
+    /// Image format of OUT [default: from OUT's extension, `.qcow2` → qcow2, `.vhdx` → vhdx,
+    /// `.vhd` → vhd, `.vmdk` → vmdk, anything else raw]
     #[arg(long, value_enum)]
     pub(crate) format: Option<Format>,
+    /// VHDX block size: a power of two from 1M to 256M (32M is Hyper-V's own choice)
+    /// [default: by the disk's size as qemu-img chooses, 8M up to 1 GiB, 16M up to 100 GiB,
+    /// 32M up to 32 TiB, 64M beyond]
+    #[arg(long, value_name = "SIZE")]
+    pub(crate) vhdx_block_size: Option<String>,
     /// Progress display: a bar on a terminal, or nothing
     #[arg(long, value_enum, default_value_t = ProgressKind::Bar)]
     pub(crate) progress: ProgressKind,
@@ -77,9 +82,28 @@ impl OutputArgs {
     }
 
     /// The explicit format, or the one OUT's extension suggests.
-    pub(crate) fn format_for(&self, out: &Path) -> ImageFormat {
-        self.format
-            .map_or_else(|| ImageFormat::from_extension(out), ImageFormat::from)
+    pub(crate) fn format_for(&self, out: &Path) -> Result<ImageFormat> {
+        image_format(self.format, self.vhdx_block_size.as_deref(), out)
+    }
+}
+
+/// The format of output `out`: `format`, or the one its extension suggests; a VHDX gets
+/// `vhdx_block_size` (which no other format takes).
+pub(crate) fn image_format(
+    format: Option<Format>,
+    vhdx_block_size: Option<&str>,
+    out: &Path,
+) -> Result<ImageFormat> {
+    let format = format.map_or_else(|| ImageFormat::from_extension(out), ImageFormat::from);
+    match (format, vhdx_block_size) {
+        (_, None) => Ok(format),
+        (ImageFormat::Vhdx { .. }, Some(size)) => Ok(ImageFormat::Vhdx {
+            block_size: Some(images::parse_size(size)?),
+        }),
+        (other, Some(_)) => bail!(
+            "--vhdx-block-size applies to VHDX outputs, not {}",
+            other.name()
+        ),
     }
 }
 
@@ -89,8 +113,16 @@ pub(crate) enum Format {
     Raw,
     /// qcow2 version 3 (64 KiB clusters), sparse
     Qcow2,
-    /// Dynamic VHDX (32 MiB blocks), sparse: what Hyper-V boots
+    /// Dynamic VHDX (blocks by disk size, or --vhdx-block-size), sparse: what Hyper-V boots
     Vhdx,
+    /// Dynamic VHD (2 MiB blocks), sparse: Virtual PC and older Hyper-V
+    Vhd,
+    /// Fixed VHD: the whole disk plus a footer (what Azure takes)
+    VhdFixed,
+    /// monolithicSparse VMDK (64 KiB grains), sparse: VMware Workstation and Fusion
+    Vmdk,
+    /// streamOptimized VMDK (compressed grains): for ESXi and OVA/OVF imports
+    VmdkStream,
 }
 
 impl From<Format> for ImageFormat {
@@ -98,13 +130,17 @@ impl From<Format> for ImageFormat {
         match f {
             Format::Raw => ImageFormat::Raw,
             Format::Qcow2 => ImageFormat::Qcow2,
-            Format::Vhdx => ImageFormat::Vhdx,
+            Format::Vhdx => ImageFormat::VHDX,
+            Format::Vhd => ImageFormat::Vhd,
+            Format::VhdFixed => ImageFormat::VhdFixed,
+            Format::Vmdk => ImageFormat::Vmdk,
+            Format::VmdkStream => ImageFormat::VmdkStream,
         }
     }
 }
 
 pub(crate) fn run(args: CaptureArgs) -> Result<()> {
-    let format = args.output.format_for(&args.out);
+    let format = args.output.format_for(&args.out)?;
     let spec = SourceSpec::parse(&args.source);
     if matches!(&spec, SourceSpec::Local(p) if !p.exists()) && args.daemon.given() {
         return capture_through_server(&args);

@@ -15,7 +15,7 @@ use crate::{human_bytes, progress_for, ConnArgs, Mode, ProgressKind};
 
 #[derive(Args)]
 pub struct DeployArgs {
-    /// The image to deploy (qcow2, VHDX or raw; a capture)
+    /// The image to deploy (qcow2, VHDX, VHD, VMDK or raw; a capture)
     image: PathBuf,
     /// Where: DISK@HOST:PORT (a client started with --allow-write), a local raw file or block
     /// device, or a machine (MACHINE or DISK@MACHINE: its name or MAC) through the server that

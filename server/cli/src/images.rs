@@ -39,7 +39,7 @@ pub fn parse_size(s: &str) -> Result<u64> {
 pub fn info(path: &Path, json: bool) -> Result<()> {
     let file: Arc<dyn BlockDevice> = Arc::new(FileDevice::open(path, false)?);
     let on_disk = std::fs::metadata(path)?.blocks() * 512;
-    let detected = detect(file.as_ref())?;
+    let detected = detect(file.as_ref()).map_err(|e| e.at(path))?;
     let mut fields: Vec<(&str, String)> = vec![("file", path.display().to_string())];
     match detected {
         Detected::Qcow2 => {
@@ -67,6 +67,29 @@ pub fn info(path: &Path, json: bool) -> Result<()> {
                 "logical_sector_size",
                 image.logical_sector_size().to_string(),
             ));
+        }
+        Detected::Vhd => {
+            let image = diskferry_vdisk::vhd::Vhd::open(Arc::clone(&file), path)?;
+            let kind = if image.is_fixed() { "fixed" } else { "dynamic" };
+            fields.push(("format", "vhd".into()));
+            fields.push(("subformat", kind.into()));
+            fields.push(("virtual_size", image.size().to_string()));
+            fields.push(("allocated_on_disk", on_disk.to_string()));
+            if let Some(block_size) = image.block_size() {
+                fields.push(("block_size", block_size.to_string()));
+            }
+        }
+        Detected::Vmdk => {
+            let image = diskferry_vdisk::vmdk::Vmdk::open(Arc::clone(&file), path)?;
+            let kind = match image.is_stream_optimized() {
+                true => "streamOptimized",
+                false => "monolithicSparse",
+            };
+            fields.push(("format", "vmdk".into()));
+            fields.push(("subformat", kind.into()));
+            fields.push(("virtual_size", image.size().to_string()));
+            fields.push(("allocated_on_disk", on_disk.to_string()));
+            fields.push(("cluster_size", image.grain_size().to_string()));
         }
         Detected::Raw => {
             fields.push(("format", "raw".into()));
@@ -104,12 +127,11 @@ pub fn info(path: &Path, json: bool) -> Result<()> {
 pub fn create(
     out: &Path,
     size: &str,
-    format: Option<ImageFormat>,
+    format: ImageFormat,
     sector_size: u32,
     force: bool,
 ) -> Result<()> {
     let size = parse_size(size)?;
-    let format = format.unwrap_or_else(|| ImageFormat::from_extension(out));
     let output = PartialOutput::create(out, force)?;
     let image = create_image(
         format,
@@ -120,13 +142,14 @@ pub fn create(
         sector_size,
     )?;
     image.flush()?;
+    let virtual_size = image.size();
     drop(image);
     output.commit()?;
     eprintln!(
         "created {} ({}, {} virtual)",
         out.display(),
         format.name(),
-        human_bytes(size)
+        human_bytes(virtual_size)
     );
     Ok(())
 }

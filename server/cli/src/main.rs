@@ -118,9 +118,13 @@ enum Command {
     /// Describe an image: format, virtual size, space used on disk, format details
     ///
     /// Format details: for qcow2 the cluster size, version, refcount width, dirty flag and
-    /// backing file (named, never opened); for VHDX the block size and logical sector size.
+    /// backing file (named, never opened); for VHDX the block size and logical sector size;
+    /// for VHD fixed or dynamic and the block size; for VMDK the subformat and grain (cluster)
+    /// size.
+    /// A container diskferry recognises but cannot read (VDI, QED, a VMDK descriptor, a VHD
+    /// differencing disk, an encrypted qcow2...) is named in an error, never shown as raw.
     Info {
-        /// The image (raw, qcow2 or VHDX)
+        /// The image (raw, qcow2, VHDX, VHD or VMDK)
         image: PathBuf,
         /// One JSON object instead of text
         #[arg(long)]
@@ -133,9 +137,12 @@ enum Command {
         /// Virtual size: bytes, or with a unit (K, M, G, T; binary)
         #[arg(long)]
         size: String,
-        /// raw, qcow2 or vhdx [default: from OUT's extension]
+        /// Image format [default: from OUT's extension]
         #[arg(long, value_enum)]
         format: Option<Format>,
+        /// VHDX block size: a power of two from 1M to 256M [default: by the disk's size]
+        #[arg(long, value_name = "SIZE")]
+        vhdx_block_size: Option<String>,
         /// Logical sector size recorded in the image (VHDX): 512 or 4096 (qemu opens only 512;
         /// Hyper-V opens both)
         #[arg(long, default_value_t = 512, value_parser = parse_sector_size)]
@@ -144,9 +151,10 @@ enum Command {
         #[arg(long)]
         force: bool,
     },
-    /// Convert an image (raw, qcow2 or VHDX) into another, keeping it sparse
+    /// Convert an image (raw, qcow2, VHDX, VHD or VMDK) into another, keeping it sparse
     ///
-    /// Reads raw, qcow2 (versions 2 and 3, zlib- or zstd-compressed clusters) and VHDX, and
+    /// Reads raw, qcow2 (versions 2 and 3, zlib- or zstd-compressed clusters), VHDX, VHD
+    /// (fixed and dynamic) and VMDK (monolithicSparse and streamOptimized), and
     /// copies only data, with the output rules of `capture`. `--compress` suits archives.
     Convert {
         /// The image to read
@@ -176,7 +184,8 @@ enum Command {
     /// os-release, hostname, kernels, fstab; Windows: product, edition, version, build and
     /// computer name from the registry; boot loaders).
     Inspect {
-        /// DISK@HOST:PORT (a client's disk), a local file or block device, or a qcow2/VHDX image
+        /// DISK@HOST:PORT (a client's disk), a local file or block device, or an image
+        /// (qcow2, VHDX, VHD, VMDK)
         source: String,
         /// Pretty-printed JSON instead of a table
         #[arg(long)]
@@ -382,13 +391,17 @@ fn run(cli: Cli) -> Result<()> {
             out,
             size,
             format,
+            vhdx_block_size,
             sector_size,
             force,
-        } => images::create(&out, &size, format.map(Into::into), sector_size, force),
+        } => {
+            let format = capture::image_format(format, vhdx_block_size.as_deref(), &out)?;
+            images::create(&out, &size, format, sector_size, force)
+        }
         Command::Convert { input, out, output } => images::convert(
             &input,
             &out,
-            output.options(output.format_for(&out)),
+            output.options(output.format_for(&out)?),
             output.progress,
             output.follow_backing,
         ),

@@ -22,6 +22,12 @@ pub enum ImageError {
         #[source]
         problem: FormatError,
     },
+    /// A container diskferry recognises but cannot read.
+    #[error("{path} is a {format} image, which diskferry cannot read yet")]
+    Foreign {
+        path: PathBuf,
+        format: crate::Foreign,
+    },
     /// A valid image that uses something diskferry does not implement.
     #[error("{path}: {feature} is not supported")]
     Unsupported { path: PathBuf, feature: String },
@@ -282,6 +288,12 @@ impl<T> AtPath<T> for Result<T, CreateError> {
             path: path.to_path_buf(),
             reason,
         })
+    }
+}
+
+impl<T> AtPath<T> for Result<T, crate::DetectError> {
+    fn at(self, path: &std::path::Path) -> Result<T, ImageError> {
+        self.map_err(|e| e.at(path))
     }
 }
 

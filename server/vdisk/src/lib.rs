@@ -2,12 +2,18 @@
 //! range X live?" with a [`Mapping`], and a separate step performs the I/O — so metadata
 //! logic is testable without files, and locks on metadata stay short.
 //!
-//! Today: raw images, qcow2 (read any, write version 3, overlays) and VHDX (read). Writing
-//! VHDX follows.
+//! Today: raw images, qcow2 (read any, write version 3, overlays), VHDX (read, write
+//! dynamic), VHD (read and write fixed and dynamic) and VMDK (read and write monolithicSparse
+//! and streamOptimized). [`detect`] names the containers it recognises but cannot read.
 
+mod detect;
 mod error;
 pub mod qcow2;
+pub mod vhd;
 pub mod vhdx;
+pub mod vmdk;
+
+pub use detect::{detect, DetectError, Detected, Foreign};
 
 use error::AtPath;
 pub use error::{Allowed, CreateError, FormatError, ImageError, LogError};
@@ -43,18 +49,32 @@ pub enum ImageFormat {
     Raw,
     /// qcow2 version 3, 64 KiB clusters.
     Qcow2,
-    /// Dynamic VHDX, 32 MiB blocks, 512-byte sectors.
-    Vhdx,
+    /// Dynamic VHDX, 512- or 4096-byte sectors; blocks of `block_size` bytes (a power of two,
+    /// 1–256 MiB), or by the disk's size as qemu-img chooses ([`vhdx_block_size`]) when `None`.
+    Vhdx { block_size: Option<u64> },
+    /// Dynamic VHD, 2 MiB blocks.
+    Vhd,
+    /// Fixed VHD: the disk followed by a footer.
+    VhdFixed,
+    /// monolithicSparse VMDK, 64 KiB grains.
+    Vmdk,
+    /// streamOptimized VMDK: compressed grains, for ESXi and OVA imports.
+    VmdkStream,
 }
 
 impl ImageFormat {
-    /// The format an output name suggests: `.qcow2` is qcow2, `.vhdx` VHDX, anything else raw.
+    /// A VHDX with blocks by disk size.
+    pub const VHDX: ImageFormat = ImageFormat::Vhdx { block_size: None };
+
+    /// The format an output name suggests (see [`ImageFormat::from_output_name`]); anything
+    /// else is raw.
     pub fn from_extension(path: &Path) -> ImageFormat {
         ImageFormat::from_output_name(path).unwrap_or(ImageFormat::Raw)
     }
 
-    /// The format an output name states, if it states one: `.qcow2`, `.vhdx`, `.img` or
-    /// `.raw` (any case). The one place that maps file names to formats.
+    /// The format an output name states, if it states one: `.qcow2`, `.vhdx`, `.vhd` (dynamic),
+    /// `.vmdk` (monolithicSparse), `.img` or `.raw` (any case). The one place that maps file
+    /// names to formats.
     pub fn from_output_name(path: &Path) -> Option<ImageFormat> {
         match path
             .extension()
@@ -63,7 +83,9 @@ impl ImageFormat {
             .as_deref()
         {
             Some("qcow2") => Some(ImageFormat::Qcow2),
-            Some("vhdx") => Some(ImageFormat::Vhdx),
+            Some("vhdx") => Some(ImageFormat::VHDX),
+            Some("vhd") => Some(ImageFormat::Vhd),
+            Some("vmdk") => Some(ImageFormat::Vmdk),
             Some("img" | "raw") => Some(ImageFormat::Raw),
             _ => None,
         }
@@ -73,46 +95,13 @@ impl ImageFormat {
         match self {
             ImageFormat::Raw => "raw",
             ImageFormat::Qcow2 => "qcow2",
-            ImageFormat::Vhdx => "vhdx",
+            ImageFormat::Vhdx { .. } => "vhdx",
+            ImageFormat::Vhd => "vhd",
+            ImageFormat::VhdFixed => "vhd-fixed",
+            ImageFormat::Vmdk => "vmdk",
+            ImageFormat::VmdkStream => "vmdk-stream",
         }
     }
-}
-
-/// What a file holds, judged by its first bytes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Detected {
-    Qcow2,
-    /// A VHDX image (read-only for now).
-    Vhdx,
-    /// Anything else is taken as a raw disk.
-    Raw,
-}
-
-impl Detected {
-    pub fn name(self) -> &'static str {
-        match self {
-            Detected::Qcow2 => "qcow2",
-            Detected::Vhdx => "vhdx",
-            Detected::Raw => "raw",
-        }
-    }
-}
-
-/// Recognises image formats by their magic bytes.
-pub fn detect(file: &dyn BlockDevice) -> Result<Detected, diskferry_blockdev::BlockError> {
-    let mut magic = [0u8; 8];
-    let n = file.size().min(8) as usize;
-    file.read_at(&mut magic[..n], 0)?;
-    let qcow2_at = qcow2::ondisk::header::MAGIC;
-    let vhdx_at = vhdx::ondisk::ident::SIGNATURE;
-    let detected = if n >= qcow2_at.end() && qcow2_at.get(&magic) == *qcow2::MAGIC {
-        Detected::Qcow2
-    } else if n >= vhdx_at.end() && vhdx_at.get(&magic) == *vhdx::MAGIC {
-        Detected::Vhdx
-    } else {
-        Detected::Raw
-    };
-    Ok(detected)
 }
 
 /// Longest chain of backing files followed.
@@ -135,6 +124,8 @@ fn open_chain(
 ) -> Result<(Detected, Arc<dyn BlockDevice>), ImageError> {
     let file: Arc<dyn BlockDevice> = Arc::new(FileDevice::open(path, false).at(path)?);
     match detect(file.as_ref()).at(path)? {
+        Detected::Vhd => Ok((Detected::Vhd, Arc::new(vhd::Vhd::open(file, path)?))),
+        Detected::Vmdk => Ok((Detected::Vmdk, Arc::new(vmdk::Vmdk::open(file, path)?))),
         Detected::Qcow2 => {
             let image = qcow2::Qcow2::inspect(Arc::clone(&file), path)?;
             let Some(name) = image.backing_name().map(str::to_string) else {
@@ -191,16 +182,18 @@ pub fn create_overlay(
         out,
         base_device,
         name,
-        detected.name(),
+        detected.qemu_name(),
         QCOW2_CLUSTER_BITS,
     )?))
 }
 
 /// Creates an image of `size` virtual bytes in the empty, writable `file` (named `path` in
 /// errors) and returns it as a writable block device. With `compress`, whole data clusters are
-/// stored compressed where that saves space (qcow2 only); `logical_sector` (512 or 4096) is
-/// recorded where the format has it (VHDX) — captures pass the source disk's. Call `flush`
-/// before using the file.
+/// stored compressed where that saves space (qcow2 only; a streamOptimized VMDK always
+/// compresses); `logical_sector` (512 or 4096) is recorded where the format has it (VHDX) —
+/// captures pass the source disk's. Container sizes are rounded up as qemu-img rounds them
+/// ([`virtual_size`]; a VHD's to a whole geometry, [`vhd::geometry_for`]). Call `flush` before
+/// using the file.
 pub fn create_image(
     format: ImageFormat,
     file: std::fs::File,
@@ -209,41 +202,41 @@ pub fn create_image(
     compress: bool,
     logical_sector: u32,
 ) -> Result<Arc<dyn BlockDevice>, ImageError> {
-    match format {
-        ImageFormat::Raw | ImageFormat::Vhdx if compress => Err(ImageError::Unsupported {
+    if compress && !matches!(format, ImageFormat::Qcow2 | ImageFormat::VmdkStream) {
+        return Err(ImageError::Unsupported {
             path: path.to_path_buf(),
             feature: "compression outside qcow2".into(),
-        }),
-        ImageFormat::Vhdx => {
-            let container = Arc::new(FileDevice::from_file(file, path, true).at(path)?);
+        });
+    }
+    let container: Arc<dyn BlockDevice> =
+        Arc::new(FileDevice::from_file(file, path, true).at(path)?);
+    let sized = virtual_size(size, 512);
+    Ok(match format {
+        ImageFormat::Raw => {
+            container.resize(size).at(path)?;
+            container
+        }
+        ImageFormat::Vhdx { block_size } => {
             let size = virtual_size(size, logical_sector);
-            Ok(Arc::new(vhdx::Vhdx::create(
+            let block_size = block_size.unwrap_or_else(|| vhdx_block_size(size));
+            Arc::new(vhdx::Vhdx::create(
                 container,
                 path,
                 size,
-                vhdx_block_size(size),
+                block_size,
                 logical_sector,
-            )?))
-        }
-        ImageFormat::Raw => {
-            file.set_len(size)
-                .map_err(|source| BlockError::Io {
-                    op: "resize",
-                    offset: None,
-                    device: path.display().to_string(),
-                    source,
-                })
-                .at(path)?;
-            Ok(Arc::new(FileDevice::from_file(file, path, true).at(path)?))
+            )?)
         }
         ImageFormat::Qcow2 => {
-            let container = Arc::new(FileDevice::from_file(file, path, true).at(path)?);
-            let size = virtual_size(size, 512);
-            let image = qcow2::Qcow2::create(container, path, size, QCOW2_CLUSTER_BITS)?;
+            let image = qcow2::Qcow2::create(container, path, sized, QCOW2_CLUSTER_BITS)?;
             image.set_compress(compress)?;
-            Ok(Arc::new(image))
+            Arc::new(image)
         }
-    }
+        ImageFormat::Vhd => Arc::new(vhd::Vhd::create(container, path, size, false)?),
+        ImageFormat::VhdFixed => Arc::new(vhd::Vhd::create(container, path, size, true)?),
+        ImageFormat::Vmdk => Arc::new(vmdk::Vmdk::create_sparse(container, path, sized)?),
+        ImageFormat::VmdkStream => Arc::new(vmdk::Vmdk::create_stream(container, path, sized)?),
+    })
 }
 
 /// A container image's virtual size for `size` bytes of content: whole sectors, rounded up as
@@ -308,6 +301,28 @@ pub(crate) fn status_mapped(
         pos += m.len();
     }
     Ok(out)
+}
+
+/// `len` bytes of `structure` at `at`, which must lie inside the file: the bound every format
+/// checks before allocating a buffer for something the file describes.
+pub(crate) fn read_bounded(
+    file: &dyn BlockDevice,
+    path: &Path,
+    structure: &'static str,
+    len: u64,
+    at: u64,
+) -> Result<Vec<u8>, ImageError> {
+    if at.saturating_add(len) > file.size() {
+        return Err(FormatError::BeyondEnd {
+            structure,
+            offset: at,
+            len,
+        })
+        .at(path);
+    }
+    let mut buf = vec![0u8; len as usize];
+    file.read_at(&mut buf, at).at(path)?;
+    Ok(buf)
 }
 
 fn empty_mapping(path: &Path, offset: u64) -> BlockError {

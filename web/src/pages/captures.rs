@@ -99,7 +99,7 @@ async fn list(
             button type="submit" { "Filter" }
         }
         @if all.is_empty() {
-            p.empty { "No captures yet. Start one from " a href="/jobs" { "Jobs" } ", or put VHDX, qcow2 or .img files in DATA_DIR/captures." }
+            p.empty { "No captures yet. Start one from " a href="/jobs" { "Jobs" } ", or put VHDX, VHD, VMDK, qcow2 or .img files in DATA_DIR/captures." }
         } @else if shown.is_empty() {
             p.empty { "No capture matches these filters." }
         } @else {

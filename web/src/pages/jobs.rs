@@ -54,7 +54,7 @@ async fn list(
             }
             label.check { input type="checkbox" name="verify" value="1" checked; " Verify afterwards" }
             button type="submit" { "Start capture" }
-            p.hint { "The client must hold the key in DATA_DIR/agent.key. The output's extension (.vhdx, .qcow2, .img) sets the format." }
+            p.hint { "The client must hold the key in DATA_DIR/agent.key. The output's extension (.vhdx, .vhd, .vmdk, .qcow2, .img) sets the format." }
         }
         h2 { "Deploy a capture" }
         @if captures.is_empty() {

@@ -23,7 +23,7 @@ pub struct CaptureRecord {
     pub path: String,
     /// The file name.
     pub name: String,
-    /// "qcow2", "vhdx" or "raw".
+    /// "qcow2", "vhdx", "vhd", "vmdk" or "raw".
     pub format: String,
     pub virtual_size: u64,
     /// Bytes the file occupies on the server's disk.
@@ -243,10 +243,8 @@ fn analyse(path: &Path) -> Option<Analysed> {
     match vdisk::open_image(path, false) {
         Ok((kind, dev)) => {
             let format = match kind {
-                Detected::Qcow2 => "qcow2",
-                Detected::Vhdx => "vhdx",
-                Detected::Raw if raw_name => "raw",
-                Detected::Raw => return None,
+                Detected::Raw if !raw_name => return None,
+                kind => kind.name(),
             };
             Some(Analysed {
                 format,
@@ -260,10 +258,9 @@ fn analyse(path: &Path) -> Option<Analysed> {
                 .ok()
                 .and_then(|dev| vdisk::detect(&dev).ok());
             let format = match detected {
-                Some(Detected::Qcow2) => "qcow2",
-                Some(Detected::Vhdx) => "vhdx",
-                _ if raw_name => "raw",
-                _ => return None,
+                Some(Detected::Raw) | None if raw_name => "raw",
+                Some(Detected::Raw) | None => return None,
+                Some(kind) => kind.name(),
             };
             Some(Analysed {
                 format,

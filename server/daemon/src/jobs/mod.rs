@@ -530,7 +530,8 @@ fn output_format(name: &str) -> Result<ImageFormat, JobError> {
     }
     ImageFormat::from_output_name(Path::new(name)).ok_or_else(|| {
         JobError::Invalid(
-            "output name must end in .vhdx, .qcow2 or .img (that sets the format)".into(),
+            "output name must end in .vhdx, .vhd, .vmdk, .qcow2 or .img (that sets the format)"
+                .into(),
         )
     })
 }

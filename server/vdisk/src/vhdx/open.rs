@@ -10,6 +10,7 @@ use super::ondisk::{
 };
 use super::{log, Geometry, State, Vhdx};
 use crate::error::{check_field, Allowed, AtPath};
+use crate::read_bounded as read;
 use crate::{FormatError, ImageError};
 use diskferry_blockdev::BlockDevice;
 use diskferry_layout::Guid;
@@ -83,27 +84,6 @@ impl Vhdx {
             writable: false,
         })
     }
-}
-
-/// `len` bytes of `structure` at `at`, which must lie inside the file.
-fn read(
-    file: &dyn BlockDevice,
-    path: &Path,
-    structure: &'static str,
-    len: u64,
-    at: u64,
-) -> Result<Vec<u8>> {
-    if at.saturating_add(len) > file.size() {
-        return Err(FormatError::BeyondEnd {
-            structure,
-            offset: at,
-            len,
-        })
-        .at(path);
-    }
-    let mut buf = vec![0u8; len as usize];
-    file.read_at(&mut buf, at).at(path)?;
-    Ok(buf)
 }
 
 /// The current header: a valid signature and checksum, and the highest sequence number.
