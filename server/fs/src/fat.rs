@@ -212,10 +212,7 @@ impl Fat {
     pub fn cluster_usage(&self) -> (u32, Option<u32>) {
         let clusters = self.table.iter().enumerate().skip(2);
         let free = clusters.clone().filter(|(_, &v)| v == 0).count() as u32;
-        let last = clusters
-            .filter(|(_, &v)| v != 0)
-            .map(|(i, _)| i as u32)
-            .last();
+        let last = clusters.rev().find(|(_, &v)| v != 0).map(|(i, _)| i as u32);
         (free, last)
     }
 
