@@ -1,8 +1,10 @@
 //! Our NTFS reader on volumes made by the ntfs-3g tools, checked against those tools:
 //! compressed files (written through an `ntfs-3g` FUSE mount into a directory with the
-//! compressed attribute) read as `ntfscat` reads them; a volume with 512-byte clusters whose
+//! compressed attribute, on volumes of 512-, 2048- and 4096-byte clusters) read as `ntfscat`
+//! reads them; a volume with 512-byte clusters whose
 //! `$MFT` grew into fragments, with a file record split across two of them, lists as
-//! `ntfsls -R` lists it; and a copy of only the allocation map's blocks passes `ntfsfix -n`
+//! `ntfsls -R` lists it; a sparse file whose 600 runs spill from the base record into an
+//! extension record (an attribute list) reads whole, with its extents; and a copy of only the allocation map's blocks passes `ntfsfix -n`
 //! (the backup boot sector included) and still lists and reads the same.
 //!
 //! Needs root, /dev/fuse and ntfs-3g (mkntfs, ntfs-3g, ntfscat, ntfsls, ntfsinfo, ntfsfix).
@@ -115,39 +117,42 @@ fn same_bytes_as_ntfscat(fs: &NtfsFs, image: &Path, paths: &[String]) -> usize {
     files
 }
 
-#[test]
-fn compressed_files_read_as_ntfscat_reads_them() {
-    let dir = tempfile::tempdir().unwrap();
-    let image = dir.path().join("c.img");
+/// A volume with `cluster`-byte clusters and a compressed directory `/z` of files written
+/// through ntfs-3g: small (resident), exactly one unit of 4 KiB clusters, just under two,
+/// incompressible, mixed, with a hole inside, and one in a subdirectory.
+fn compressed_volume(dir: &Path, cluster: u64) -> PathBuf {
+    let image = dir.join(format!("c{cluster}.img"));
     sh(&format!(
-        "truncate -s 64M {img} && mkntfs -q -F -Q {img} 2>/dev/null",
+        "truncate -s 64M {img} && mkntfs -q -F -Q -c {cluster} {img} 2>/dev/null",
         img = p(&image)
     ));
-    {
-        let mnt = Mount::new(&image, &dir.path().join("mnt"), "compression");
-        let z = mnt.0.join("z");
-        sh(&format!(
-            r#"
-            mkdir {z}
-            setfattr -n system.ntfs_attrib_be -v 0x00000800 {z}
-            cd {z}
-            printf 'small and resident' > small.txt
-            yes 'one compression unit' | head -c 65536 > unit.bin
-            yes 'just under two units' | head -c 131071 > under.bin
-            head -c 300000 /dev/urandom > random.bin
-            {{ head -c 100000 /dev/urandom; yes mixed | head -c 500000;
-               head -c 70000 /dev/urandom; seq 1 100000; }} > mixed.bin
-            yes 'before the hole' | head -c 90000 > holes.bin
-            yes 'after the hole' | head -c 70000 | dd of=holes.bin bs=4096 seek=300 conv=notrunc status=none
-            truncate -s 2000000 holes.bin
-            mkdir sub && seq 1 200000 > sub/numbers.txt
-            "#,
-            z = p(&z)
-        ));
-    }
-    let fs = open(&image);
+    let mnt = Mount::new(&image, &dir.join(format!("mnt{cluster}")), "compression");
+    sh(&format!(
+        r#"
+        mkdir {z}
+        setfattr -n system.ntfs_attrib_be -v 0x00000800 {z}
+        cd {z}
+        printf 'small and resident' > small.txt
+        yes 'one compression unit' | head -c 65536 > unit.bin
+        yes 'just under two units' | head -c 131071 > under.bin
+        head -c 300000 /dev/urandom > random.bin
+        {{ head -c 100000 /dev/urandom; yes mixed | head -c 500000;
+           head -c 70000 /dev/urandom; seq 1 100000; }} > mixed.bin
+        yes 'before the hole' | head -c 90000 > holes.bin
+        yes 'after the hole' | head -c 70000 | dd of=holes.bin bs=4096 seek=300 conv=notrunc status=none
+        truncate -s 2000000 holes.bin
+        mkdir sub && seq 1 200000 > sub/numbers.txt
+        "#,
+        z = p(&mnt.0.join("z"))
+    ));
+    image
+}
+
+/// Checks the compressed volume of `cluster`-byte clusters; returns the files compared.
+fn check_compressed(image: &Path, cluster: u64) -> usize {
+    let fs = open(image);
     let listing = our_listing(&fs);
-    assert_eq!(listing, ntfsls_listing(&image));
+    assert_eq!(listing, ntfsls_listing(image));
     let compressible = [
         "unit.bin",
         "under.bin",
@@ -167,14 +172,38 @@ fn compressed_files_read_as_ntfscat_reads_them() {
             assert!(meta.allocated < meta.size * 3 / 4, "{name}: {meta:?}");
         }
     }
-    // The hole (units 5..=18 of 16 clusters of 4 KiB) holds no data.
+    // Data at bytes 0..90000 and 1228800..1298800; the units between hold none.
+    let unit = 16 * cluster;
+    let units = |from: u64, to: u64| {
+        let start = from / unit * unit;
+        (start, to.div_ceil(unit) * unit - start)
+    };
     let holes = fs.lookup("/z/holes.bin").unwrap();
     let ranges = fs.data_ranges(holes).unwrap();
-    assert_eq!(ranges.first(), Some(&(0, 2 * 65536)), "{ranges:?}");
-    assert_eq!(ranges.len(), 2, "{ranges:?}");
-    assert_eq!(ranges[1], (18 * 65536, 2 * 65536), "{ranges:?}");
-    let files = same_bytes_as_ntfscat(&fs, &image, &listing);
-    assert_eq!(files, 7);
+    assert_eq!(
+        ranges,
+        [units(0, 90000), units(1_228_800, 1_298_800)],
+        "{cluster}-byte clusters"
+    );
+    if cluster == 512 {
+        // Its compression units' runs overflow the record into an extension record.
+        let info = tool("ntfsinfo", &["-F", "/z/mixed.bin", &p(image)]);
+        assert!(String::from_utf8_lossy(&info).contains("$ATTRIBUTE_LIST"));
+    }
+    same_bytes_as_ntfscat(&fs, image, &listing)
+}
+
+#[test]
+fn compressed_files_read_as_ntfscat_reads_them() {
+    let dir = tempfile::tempdir().unwrap();
+    for cluster in [512, 2048, 4096] {
+        let image = compressed_volume(dir.path(), cluster);
+        assert_eq!(
+            check_compressed(&image, cluster),
+            7,
+            "{cluster}-byte clusters"
+        );
+    }
 }
 
 /// The `$MFT`'s runs as `ntfsinfo` prints them: (VCN, length) in clusters.
@@ -291,4 +320,50 @@ fn a_copy_of_the_allocated_blocks_passes_ntfsfix() {
     assert_eq!(our_listing(&copy_fs), listing);
     assert_eq!(same_bytes_as_ntfscat(&copy_fs, &copied, &listing), 4);
     assert_eq!(same_bytes_as_ntfscat(&fs, &image, &listing), 4);
+}
+
+#[test]
+fn values_spread_over_an_attribute_list_read_whole() {
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("l.img");
+    sh(&format!(
+        "truncate -s 32M {img} && mkntfs -q -F -Q -c 512 {img} 2>/dev/null",
+        img = p(&image)
+    ));
+    {
+        // 300 clusters of data 16 clusters apart: 600 runs, too many for one record, so the
+        // $DATA attribute starts in the base record and goes on in an extension record.
+        let mnt = Mount::new(&image, &dir.path().join("mnt"), "rw");
+        sh(&format!(
+            r#"
+            cd {m}
+            for i in $(seq 0 299); do
+                head -c 512 /dev/urandom | dd of=holey.bin bs=512 seek=$((i * 16)) conv=notrunc status=none
+            done
+            "#,
+            m = p(&mnt.0)
+        ));
+    }
+    let info = String::from_utf8(tool("ntfsinfo", &["-F", "/holey.bin", &p(&image)])).unwrap();
+    let data_records: Vec<&str> = info
+        .lines()
+        .filter(|l| l.starts_with("Dumping attribute $DATA"))
+        .collect();
+    assert!(
+        info.contains("$ATTRIBUTE_LIST") && data_records.len() == 2,
+        "{info}"
+    );
+    let fs = open(&image);
+    let node = fs.lookup("/holey.bin").unwrap();
+    let size = 299 * 16 * 512 + 512;
+    assert_eq!(fs.metadata(node).unwrap().size, size);
+    let extents = fs.extents(node).unwrap();
+    assert_eq!(extents.len(), 300);
+    assert!(extents
+        .iter()
+        .enumerate()
+        .all(|(i, e)| e.file_offset == i as u64 * 16 * 512 && e.len == 512));
+    let listing = our_listing(&fs);
+    assert_eq!(listing, ntfsls_listing(&image));
+    assert_eq!(same_bytes_as_ntfscat(&fs, &image, &listing), 1);
 }

@@ -6,14 +6,16 @@
 //! number, and the cluster bitmap (`$Bitmap`) plus the backup boot sector as the allocation
 //! map.
 //!
-//! Compressed values are read here, not by the crate (which returns them still compressed):
-//! [`runs`] maps their compression units and [`lznt1`] expands them; they offer no extents,
-//! since their on-disk bytes are not the file's. File records split across two `$MFT` runs
+//! [`layout`] gathers a value's data runs, also from the extension records of an attribute
+//! list. Compressed values are read here, not by the crate (which returns them still
+//! compressed): [`runs`] maps their compression units and [`lznt1`] expands them; they offer
+//! no extents, since their on-disk bytes are not the file's. File records split across two `$MFT` runs
 //! are joined by the reader the crate reads through ([`reader`]).
 //!
 //! A node is an MFT record number. Every call into the crate runs under `catch_unwind`: a
 //! panic on hostile structures becomes an error for that call.
 
+mod layout;
 mod lznt1;
 mod reader;
 mod runs;
@@ -21,11 +23,11 @@ mod runs;
 use std::io::Read;
 use std::sync::Arc;
 
+use layout::Layout;
 use ntfs::attribute_value::NtfsAttributeValue;
 use ntfs::structured_values::{NtfsFileName, NtfsFileNamespace, NtfsStandardInformation};
-use ntfs::{NtfsAttribute, NtfsAttributeFlags, NtfsAttributeType, NtfsFile, NtfsReadSeek};
+use ntfs::{NtfsAttributeType, NtfsFile};
 use reader::{MftRuns, Padded};
-use runs::{Compressed, RunList};
 
 use super::{
     AllocationMap, DirEntry, FileExtent, FileKind, Filesystem, FsError, FsKind, Metadata, NodeId,
@@ -56,39 +58,7 @@ pub struct NtfsFs {
     mft: Arc<MftRuns>,
 }
 
-/// How a `$DATA` stream is stored.
-enum Layout {
-    /// Inside the file record.
-    Resident { len: u64 },
-    /// In clusters, as they are.
-    Plain { len: u64, runs: RunList },
-    /// In clusters, LZNT1-compressed unit by unit.
-    Compressed(Compressed),
-    /// Spread over the extension records an attribute list names (read through the crate;
-    /// no extent map).
-    Listed { len: u64 },
-}
-
-impl Layout {
-    fn len(&self) -> u64 {
-        match self {
-            Layout::Resident { len } | Layout::Plain { len, .. } | Layout::Listed { len } => *len,
-            Layout::Compressed(c) => c.len(),
-        }
-    }
-
-    /// Bytes the stream occupies on disk (its length when not known).
-    fn allocated(&self) -> u64 {
-        match self {
-            Layout::Resident { .. } => 0,
-            Layout::Plain { runs, .. } => runs.allocated(),
-            Layout::Compressed(c) => c.allocated(),
-            Layout::Listed { len } => *len,
-        }
-    }
-}
-
-fn err(context: &str, e: impl std::fmt::Display) -> FsError {
+pub(crate) fn err(context: &str, e: impl std::fmt::Display) -> FsError {
     FsError::Corrupt(format!("NTFS {context}"), e.to_string())
 }
 
@@ -96,36 +66,6 @@ fn err(context: &str, e: impl std::fmt::Display) -> FsError {
 fn guarded<T>(what: &str, f: impl FnOnce() -> Result<T>) -> Result<T> {
     std::panic::catch_unwind(std::panic::AssertUnwindSafe(f))
         .unwrap_or_else(|_| Err(err(what, "the ntfs reader failed on malformed structures")))
-}
-
-/// Reads a value (resident, plain or listed) through the crate at `offset`.
-fn read_value(
-    r: &mut Padded,
-    attr: &NtfsAttribute<'_, '_>,
-    ctx: &str,
-    offset: u64,
-    buf: &mut [u8],
-) -> Result<usize> {
-    let mut value = attr.value(r).map_err(|e| err(ctx, e))?;
-    if offset >= value.len() {
-        return Ok(0);
-    }
-    value
-        .seek(r, std::io::SeekFrom::Start(offset))
-        .map_err(|e| err(ctx, e))?;
-    let want = (buf.len() as u64).min(value.len() - offset) as usize;
-    let mut attached = value.attach(r);
-    let mut done = 0;
-    while done < want {
-        let n = attached
-            .read(&mut buf[done..want])
-            .map_err(|e| err(ctx, e))?;
-        if n == 0 {
-            break;
-        }
-        done += n;
-    }
-    Ok(done)
 }
 
 /// The `$MFT`'s real runs (record 0's unnamed `$DATA`), for joining records split across
@@ -188,12 +128,6 @@ impl NtfsFs {
         Padded::new(Arc::clone(&self.dev), Arc::clone(&self.mft))
     }
 
-    fn file<'n>(&'n self, r: &mut Padded, node: NodeId) -> Result<NtfsFile<'n>> {
-        self.ntfs
-            .file(r, node)
-            .map_err(|e| err(&format!("file record {node}"), e))
-    }
-
     /// How the unnamed (or named) `$DATA` stream of `file` is stored; `None` without one.
     fn layout(
         &self,
@@ -202,44 +136,13 @@ impl NtfsFs {
         stream: &str,
         node: NodeId,
     ) -> Result<Option<Layout>> {
-        let Some(item) = file.data(r, stream) else {
-            return Ok(None);
-        };
-        let ctx = format!("file record {node}");
-        let item = item.map_err(|e| err(&ctx, e))?;
-        let attr = item.to_attribute().map_err(|e| err(&ctx, e))?;
-        let len = attr.value_length();
-        let compressed = attr.flags().contains(NtfsAttributeFlags::COMPRESSED);
-        Ok(Some(match attr.value(r).map_err(|e| err(&ctx, e))? {
-            NtfsAttributeValue::Resident(_) => Layout::Resident { len },
-            NtfsAttributeValue::NonResident(v) => {
-                let cluster = u64::from(self.ntfs.cluster_size());
-                let runs = RunList::new(
-                    cluster,
-                    v.data_runs().map(|run| {
-                        run.map(|run| {
-                            (
-                                run.allocated_size(),
-                                run.data_position().value().map(|p| p.get()),
-                            )
-                        })
-                        .map_err(|e| e.to_string())
-                    }),
-                )
-                .map_err(|e| err(&ctx, e))?;
-                if compressed {
-                    Layout::Compressed(Compressed::new(runs, len)?)
-                } else {
-                    Layout::Plain { len, runs }
-                }
-            }
-            NtfsAttributeValue::AttributeListNonResident(_) if compressed => {
-                return Err(FsError::Unsupported(format!(
-                    "NTFS {ctx}: compressed data spread over an attribute list"
-                )))
-            }
-            NtfsAttributeValue::AttributeListNonResident(_) => Layout::Listed { len },
-        }))
+        layout::of(&self.ntfs, r, file, stream, node)
+    }
+
+    fn file<'n>(&'n self, r: &mut Padded, node: NodeId) -> Result<NtfsFile<'n>> {
+        self.ntfs
+            .file(r, node)
+            .map_err(|e| err(&format!("file record {node}"), e))
     }
 
     /// The names (namespace other than DOS) in a file's `$FILE_NAME` attributes.
@@ -277,16 +180,14 @@ impl NtfsFs {
                 None => Err(FsError::NotFound(format!(
                     "stream {stream:?} of record {node}"
                 ))),
-                Some(Layout::Compressed(c)) => c.read_at(&*self.dev, offset, buf),
-                Some(_) => {
-                    let ctx = format!("file record {node}");
-                    let item = file
-                        .data(&mut r, stream)
-                        .ok_or_else(|| err(&ctx, "the stream vanished"))?
-                        .map_err(|e| err(&ctx, e))?;
-                    let attr = item.to_attribute().map_err(|e| err(&ctx, e))?;
-                    read_value(&mut r, &attr, &ctx, offset, buf)
+                Some(Layout::Resident(bytes)) => {
+                    let from = offset.min(bytes.len() as u64) as usize;
+                    let n = buf.len().min(bytes.len() - from);
+                    buf[..n].copy_from_slice(&bytes[from..from + n]);
+                    Ok(n)
                 }
+                Some(Layout::Plain { len, runs }) => runs.read_plain(&*self.dev, len, offset, buf),
+                Some(Layout::Compressed(c)) => c.read_at(&*self.dev, offset, buf),
             }
         })
     }
@@ -347,17 +248,11 @@ impl NtfsFs {
             let mut r = self.reader();
             let file = self.file(&mut r, node)?;
             let mut out = Vec::new();
-            let mut attrs = file.attributes();
-            while let Some(item) = attrs.next(&mut r) {
-                let item = item.map_err(|e| err("attributes", e))?;
-                let attr = item.to_attribute().map_err(|e| err("attributes", e))?;
-                if attr.ty().ok() != Some(NtfsAttributeType::Data) {
-                    continue;
-                }
-                let name = attr.name().map_err(|e| err("attributes", e))?;
-                if !name.is_empty() {
-                    out.push((name.to_string_lossy(), attr.value_length()));
-                }
+            for name in layout::stream_names(&mut r, &file, node)? {
+                let len = self
+                    .layout(&mut r, &file, &name, node)?
+                    .map_or(0, |l| l.len());
+                out.push((name, len));
             }
             Ok(out)
         })
@@ -528,16 +423,13 @@ impl Filesystem for NtfsFs {
     }
 
     /// Resident data (small files kept inside the MFT record) has no extents but is all data;
-    /// so is data spread over an attribute list (its runs are not mapped); a compressed file
-    /// holds data in every compression unit with a real cluster.
+    /// a compressed file holds data in every compression unit with a real cluster.
     fn data_ranges(&self, node: NodeId) -> Result<Vec<(u64, u64)>> {
         guarded("data ranges", || {
             let mut r = self.reader();
             let file = self.file(&mut r, node)?;
             Ok(match self.layout(&mut r, &file, "", node)? {
-                Some(Layout::Resident { len } | Layout::Listed { len }) if len > 0 => {
-                    vec![(0, len)]
-                }
+                Some(Layout::Resident(bytes)) if !bytes.is_empty() => vec![(0, bytes.len() as u64)],
                 Some(Layout::Plain { len, runs }) => runs
                     .extents(len)
                     .iter()
@@ -549,9 +441,8 @@ impl Filesystem for NtfsFs {
         })
     }
 
-    /// A compressed file's clusters hold LZNT1 data, not its bytes, and a file spread over an
-    /// attribute list has no mapped runs: both are errors, so that bulk readers fall back to
-    /// `read_at`.
+    /// A compressed file's clusters hold LZNT1 data, not its bytes: an error, so that bulk
+    /// readers fall back to `read_at`.
     fn extents(&self, node: NodeId) -> Result<Vec<FileExtent>> {
         guarded("extents", || {
             let mut r = self.reader();
@@ -561,10 +452,7 @@ impl Filesystem for NtfsFs {
                 Some(Layout::Compressed(_)) => Err(FsError::Unsupported(format!(
                     "NTFS file record {node} is compressed: its clusters are not its bytes"
                 ))),
-                Some(Layout::Listed { .. }) => Err(FsError::Unsupported(format!(
-                    "NTFS file record {node}: data spread over an attribute list has no extent map yet"
-                ))),
-                Some(Layout::Resident { .. }) | None => Ok(Vec::new()),
+                Some(Layout::Resident(_)) | None => Ok(Vec::new()),
             }
         })
     }

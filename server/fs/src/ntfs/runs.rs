@@ -82,6 +82,40 @@ impl RunList {
             .collect()
     }
 
+    /// Reads up to `buf.len()` bytes at `offset` of a plain value of `len` bytes stored in
+    /// these runs (sparse clusters and clusters past the runs read as zeros).
+    pub fn read_plain(
+        &self,
+        dev: &dyn BlockDevice,
+        len: u64,
+        offset: u64,
+        buf: &mut [u8],
+    ) -> Result<usize> {
+        if offset >= len {
+            return Ok(0);
+        }
+        let want = (buf.len() as u64).min(len - offset);
+        let first = offset / self.cluster;
+        let last = (offset + want).div_ceil(self.cluster);
+        let mut file_at = first * self.cluster;
+        let mut done = 0usize;
+        for (disk, bytes) in self.pieces(first, last - first) {
+            // The part of this piece inside offset..offset + want.
+            let from = offset.max(file_at);
+            let to = (offset + want).min(file_at + bytes);
+            if from < to {
+                let out = &mut buf[done..done + (to - from) as usize];
+                match disk {
+                    Some(d) => dev.read_at(out, d + (from - file_at))?,
+                    None => out.fill(0),
+                }
+                done += out.len();
+            }
+            file_at += bytes;
+        }
+        Ok(done)
+    }
+
     /// The pieces of clusters `first..first + count` as (disk byte or `None` for sparse,
     /// bytes), in VCN order; clusters past the last run are sparse.
     fn pieces(&self, first: u64, count: u64) -> Vec<(Option<u64>, u64)> {
@@ -230,6 +264,23 @@ mod tests {
         );
         assert_eq!(l.pieces(48, 16), vec![(None, 16 * 512)]);
         assert_eq!(l.allocated(), 23 * 512);
+    }
+
+    #[test]
+    fn plain_reads_follow_runs_and_fill_holes() {
+        let dev = diskferry_blockdev::MemoryDevice::new(8192);
+        let bytes: Vec<u8> = (0..8192u32).map(|i| (i / 512) as u8 + 1).collect();
+        dev.write_at(&bytes, 0).unwrap();
+        // Cluster 0 at sector 3, cluster 1 sparse, clusters 2..4 at sectors 10..12.
+        let l = list(&[(1, Some(3 * 512)), (1, None), (2, Some(10 * 512))]);
+        let mut buf = vec![0xEEu8; 2000];
+        let n = l.read_plain(&dev, 1900, 100, &mut buf).unwrap();
+        assert_eq!(n, 1800);
+        assert!(buf[..412].iter().all(|&b| b == 4));
+        assert!(buf[412..924].iter().all(|&b| b == 0));
+        assert!(buf[924..1436].iter().all(|&b| b == 11));
+        assert!(buf[1436..1800].iter().all(|&b| b == 12));
+        assert_eq!(l.read_plain(&dev, 1900, 1900, &mut buf).unwrap(), 0);
     }
 
     #[test]
