@@ -167,6 +167,7 @@ impl Fat {
         } else {
             (fat16::VOLUME_ID.get(&b), fat16::VOLUME_LABEL.get(&b), 0)
         };
+        let boot = super::fat_write::BootFields::from_boot_sector(&b, kind, dev.size());
         let mut fat = Fat {
             dev,
             kind,
@@ -179,7 +180,7 @@ impl Fat {
             total_bytes: g.total,
             serial,
             label: label_text(&label),
-            boot: super::fat_write::BootFields::from_boot_sector(&b, kind),
+            boot,
         };
         // The volume label entry in the root directory is what tools show; the BPB copy is
         // often stale.

@@ -61,7 +61,7 @@ fn report(cmd: &str, args: &[&str], image: &Path) -> String {
 /// How one source volume is made.
 struct Case {
     name: &'static str,
-    size_mib: u64,
+    size_kib: u64,
     mkfs: &'static str,
     /// Written over the boot sector's OEM name (bytes 3..11, and the backup's on FAT32)
     /// after mkfs.fat.
@@ -72,29 +72,36 @@ struct Case {
 
 const CASES: &[Case] = &[
     Case {
+        name: "floppy",
+        size_kib: 1440,
+        mkfs: "-F 12 -a -f 2 -r 224 -s 1 -M 0xF0 -g 2/18 -n FLOPPY -i 00C0FFEE",
+        oem: b"IBM  3.3",
+        partition_start: None,
+    },
+    Case {
         name: "fat12",
-        size_mib: 4,
+        size_kib: 4 << 10,
         mkfs: "-F 12 -a -R 3 -h 63 -g 16/63 -n SRC12 -i 1234ABCD -M 0xF0",
         oem: b"MSDOS5.0",
         partition_start: None,
     },
     Case {
         name: "fat16",
-        size_mib: 40,
+        size_kib: 40 << 10,
         mkfs: "-F 16 -R 4 -f 1 -r 256 -g 64/32 -n DATA16 -i 0BADF00D",
         oem: b"MSWIN4.1",
         partition_start: Some(2048),
     },
     Case {
         name: "fat32",
-        size_mib: 80,
+        size_kib: 80 << 10,
         mkfs: "-F 32 -s 1 -R 12 -h 2048 -g 255/63 -n 'EFI SYSTEM' -i 5EED0032",
         oem: b"mkfs.fat",
         partition_start: None,
     },
     Case {
         name: "fat32-aligned",
-        size_mib: 300,
+        size_kib: 300 << 10,
         mkfs: "-F 32 -R 40 -b 8 -n BIGGER -i 77777777",
         oem: b"FRDOS4.1",
         partition_start: Some(1_050_624),
@@ -110,7 +117,7 @@ fn make_source(case: &Case, image: &Path, scratch: &Path) {
         seq 1 30000 > numbers.txt
         printf x > one.txt
         : > empty
-        truncate -s {size}M {img}
+        truncate -s {size}K {img}
         mkfs.fat {mkfs} {img} >/dev/null
         printf '{oem}' | dd of={img} bs=1 seek=3 conv=notrunc status=none
         if [ {fat32} = true ]; then
@@ -128,7 +135,7 @@ fn make_source(case: &Case, image: &Path, scratch: &Path) {
         mattrib -i {img} +r ::/README.TXT
         "#,
         scratch = p(scratch),
-        size = case.size_mib,
+        size = case.size_kib,
         img = p(image),
         mkfs = case.mkfs,
         oem = String::from_utf8_lossy(case.oem),
@@ -142,7 +149,7 @@ fn rebuild(case: &Case, source: &Path, rebuilt: &Path) {
     let mut opts = fat.format_options();
     opts.hidden_sectors = case.partition_start;
     let file = std::fs::File::create_new(rebuilt).unwrap();
-    file.set_len(case.size_mib << 20).unwrap();
+    file.set_len(case.size_kib << 10).unwrap();
     let dev: Arc<dyn BlockDevice> = Arc::new(FileDevice::from_file(file, rebuilt, true).unwrap());
     let report = write_fat(dev, &fat, &opts).unwrap();
     assert!(report.skipped.is_empty(), "{:?}", report.skipped);
@@ -162,6 +169,13 @@ fn check_fsck(case: &Case, source: &Path, rebuilt: &Path) {
     }
     let got = report("fsck.fat", &["-n", "-v"], rebuilt);
     assert_eq!(got, want, "{}: fsck.fat -n -v", case.name);
+    assert_clean(case.name, &got);
+    let oem = String::from_utf8_lossy(case.oem);
+    assert!(got.contains(&format!("System ID \"{oem}\"")), "{got}");
+}
+
+/// `fsck.fat -n -v` output with nothing but the lines of a clean volume.
+fn assert_clean(name: &str, fsck: &str) {
     let clean = [
         "fsck.fat ",
         "Checking we can access the last sector",
@@ -174,14 +188,12 @@ fn check_fsck(case: &Case, source: &Path, rebuilt: &Path) {
         "Checking free cluster summary.",
         "IMAGE: ",
     ];
-    for line in got.lines() {
+    for line in fsck.lines() {
         let known = clean.iter().any(|c| line.starts_with(c))
             || line.trim_start().starts_with(|c: char| c.is_ascii_digit())
             || line.starts_with("First FAT starts");
-        assert!(known, "{}: fsck.fat said {line:?}", case.name);
+        assert!(known, "{name}: fsck.fat said {line:?}");
     }
-    let oem = String::from_utf8_lossy(case.oem);
-    assert!(got.contains(&format!("System ID \"{oem}\"")), "{got}");
 }
 
 /// On FAT32, FSInfo as `minfo` reads it: the free clusters `fsck.fat` counts, and as last
@@ -336,4 +348,39 @@ fn rebuilds_of_mkfs_fat_volumes_keep_their_identity() {
         passed += 1;
     }
     assert_eq!(passed, CASES.len());
+}
+
+#[test]
+fn a_rebuild_into_a_grown_partition_fills_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let case = &Case {
+        name: "grown",
+        size_kib: 40 << 10,
+        mkfs: "-F 16 -n GROWN -i 12121212",
+        oem: b"mkfs.fat",
+        partition_start: Some(63),
+    };
+    let source = dir.path().join("small.img");
+    make_source(case, &source, dir.path());
+    let grown = Case {
+        size_kib: 60 << 10,
+        ..*case
+    };
+    let rebuilt = dir.path().join("grown.img");
+    rebuild(&grown, &source, &rebuilt);
+    let fsck = report("fsck.fat", &["-n", "-v"], &rebuilt);
+    assert_clean(case.name, &fsck);
+    let total = |text: &str| -> u64 {
+        let line = text.lines().find(|l| l.ends_with("sectors total")).unwrap();
+        line.split_whitespace().next().unwrap().parse().unwrap()
+    };
+    let before = total(&report("fsck.fat", &["-n", "-v"], &source));
+    // The source's device had as many sectors past its volume as the grown one has.
+    assert_eq!((40 << 11) - before, (60 << 11) - total(&fsck), "{fsck}");
+    let listing = |image: &Path| {
+        let mut t = tree(&report("mdir", &["-/", "-a", "-i"], image));
+        t.last_mut().unwrap().retain(|l| !l.ends_with("bytes free"));
+        t
+    };
+    assert_eq!(listing(&rebuilt), listing(&source));
 }

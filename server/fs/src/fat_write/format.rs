@@ -27,8 +27,12 @@ pub struct BootFields {
     /// Sectors of one FAT, kept when the volume needs no more (a larger FAT than needed keeps
     /// the source's data area where it was, e.g. aligned to clusters).
     pub fat_sectors: u32,
-    /// The volume's sectors, kept when the device holds them.
+    /// The volume's sectors ([`Layout::plan`] sets them from the device).
     pub total_sectors: u32,
+    /// Sectors of the device past the volume's end, kept past the new volume's end: on a
+    /// device of the source's size the volume has the source's size; on a resized one it
+    /// follows the size.
+    pub spare_sectors: u32,
     pub media: u8,
     pub sectors_per_track: u16,
     pub heads: u16,
@@ -41,13 +45,18 @@ pub struct BootFields {
 }
 
 impl BootFields {
-    /// The fields of boot sector `b` of a `kind` volume; `None` unless its sectors are 512
-    /// bytes (the only size the writer makes).
-    pub fn from_boot_sector(b: &[u8], kind: FsKind) -> Option<BootFields> {
+    /// The fields of boot sector `b` of a `kind` volume on a device of `device_bytes`;
+    /// `None` unless its sectors are 512 bytes (the only size the writer makes).
+    pub fn from_boot_sector(b: &[u8], kind: FsKind, device_bytes: u64) -> Option<BootFields> {
         if u64::from(bpb::BYTES_PER_SECTOR.get(b)) != SECTOR {
             return None;
         }
         let fat32 = kind == FsKind::Fat32;
+        let total = match bpb::TOTAL_SECTORS_16.get(b) {
+            0 => bpb::TOTAL_SECTORS_32.get(b),
+            n => u32::from(n),
+        };
+        let device_sectors = u32::try_from(device_bytes / SECTOR).unwrap_or(u32::MAX);
         Some(BootFields {
             oem_name: bpb::OEM_NAME.get(b),
             reserved_sectors: bpb::RESERVED_SECTORS.get(b),
@@ -57,10 +66,8 @@ impl BootFields {
                 0 => fat32::FAT_SIZE_32.get(b),
                 n => u32::from(n),
             },
-            total_sectors: match bpb::TOTAL_SECTORS_16.get(b) {
-                0 => bpb::TOTAL_SECTORS_32.get(b),
-                n => u32::from(n),
-            },
+            total_sectors: total,
+            spare_sectors: device_sectors.saturating_sub(total),
             media: bpb::MEDIA.get(b),
             sectors_per_track: bpb::SECTORS_PER_TRACK.get(b),
             heads: bpb::NUM_HEADS.get(b),
@@ -89,6 +96,7 @@ impl BootFields {
             root_entries: if fat32 { 0 } else { 512 },
             fat_sectors: 0,
             total_sectors: total,
+            spare_sectors: 0,
             media: 0xF8,
             sectors_per_track: 32,
             heads: 64,
@@ -143,10 +151,9 @@ impl Layout {
                 )));
             }
         }
-        let total = opts
-            .boot
-            .as_ref()
-            .map_or(device_sectors, |b| b.total_sectors.min(device_sectors));
+        let total = opts.boot.as_ref().map_or(device_sectors, |b| {
+            device_sectors.saturating_sub(b.spare_sectors)
+        });
         let guess = opts
             .kind
             .unwrap_or_else(|| estimated_kind(u64::from(total) * SECTOR));
@@ -497,6 +504,7 @@ mod tests {
         let mut boot = BootFields::defaults(FsKind::Fat16, 81920);
         boot.reserved_sectors = 4;
         boot.fat_sectors = 100;
+        boot.spare_sectors = 7;
         let o = FatOptions {
             kind: Some(FsKind::Fat16),
             cluster_size: Some(2048),
@@ -504,9 +512,13 @@ mod tests {
             hidden_sectors: Some(2048),
             ..FatOptions::default()
         };
-        let l = Layout::plan(100_000, &o).unwrap();
+        let l = Layout::plan(81927, &o).unwrap();
         assert_eq!((l.boot.reserved_sectors, l.fat_sectors), (4, 100));
         assert_eq!((l.boot.total_sectors, l.boot.hidden_sectors), (81920, 2048));
+        // A grown partition: the volume follows, its FAT grows with it.
+        let l = Layout::plan(200_007, &o).unwrap();
+        assert_eq!(l.boot.total_sectors, 200_000);
+        assert!(l.fat_sectors > 100 && l.clusters > 81920 / 4, "{l:?}");
         let mut bad = boot;
         bad.fats = 0;
         let o = FatOptions {

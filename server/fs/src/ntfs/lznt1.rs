@@ -203,6 +203,28 @@ mod tests {
     }
 
     #[test]
+    fn arbitrary_bytes_never_panic_or_write_past_the_unit() {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(0x4c5a_4e54);
+        let mut out = vec![0u8; 4 * CHUNK];
+        for round in 0..3000 {
+            // Half random, half the specification example with a few bytes changed.
+            let src: Vec<u8> = if round % 2 == 0 {
+                let len = rng.gen_range(0..3 * CHUNK);
+                (0..len).map(|_| rng.gen()).collect()
+            } else {
+                let mut e = EXAMPLE.to_vec();
+                for _ in 0..rng.gen_range(1..4) {
+                    let at = rng.gen_range(0..e.len());
+                    e[at] = rng.gen();
+                }
+                e
+            };
+            let _ = decompress(&src, &mut out);
+        }
+    }
+
+    #[test]
     fn runs_longer_than_a_chunk_are_refused() {
         // 'a', then references of the longest length until they pass 4096 bytes.
         let mut body = vec![0b1111_1110u8, b'a'];

@@ -49,9 +49,11 @@ impl RunList {
                 clusters,
                 disk,
             });
+            // Every byte offset of the value then fits in 64 bits.
             vcn = vcn
                 .checked_add(clusters)
-                .ok_or("data runs overflow the cluster count")?;
+                .filter(|v| v.checked_mul(cluster).is_some())
+                .ok_or("data runs overflow the value's size")?;
         }
         Ok(RunList { cluster, runs: out })
     }
@@ -126,7 +128,9 @@ impl RunList {
         for r in self.runs[from..].iter().take_while(|r| r.vcn < end) {
             let start = r.vcn.max(first);
             let stop = (r.vcn + r.clusters).min(end);
-            let disk = r.disk.map(|d| d + (start - r.vcn) * self.cluster);
+            let disk = r
+                .disk
+                .map(|d| d.saturating_add((start - r.vcn) * self.cluster));
             out.push((disk, (stop - start) * self.cluster));
             covered = stop;
         }
@@ -173,7 +177,9 @@ impl Compressed {
         let mut out: Vec<(u64, u64)> = Vec::new();
         for r in self.runs.runs.iter().filter(|r| r.disk.is_some()) {
             let start = r.vcn / UNIT_CLUSTERS * self.unit;
-            let end = ((r.vcn + r.clusters).div_ceil(UNIT_CLUSTERS) * self.unit).min(self.len);
+            let end = ((r.vcn + r.clusters).div_ceil(UNIT_CLUSTERS))
+                .saturating_mul(self.unit)
+                .min(self.len);
             if start >= end {
                 continue;
             }
