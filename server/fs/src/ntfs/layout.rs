@@ -13,7 +13,8 @@ use super::reader::Padded;
 use super::runs::{Compressed, RunList};
 use crate::{NodeId, Result};
 
-/// Most data runs gathered for one value (a value this fragmented is hostile).
+/// Most data runs gathered for one value, and attribute list entries looked at (a file this
+/// fragmented is hostile).
 const MAX_RUNS: usize = 1 << 20;
 
 /// How a `$DATA` stream is stored.
@@ -79,6 +80,9 @@ pub fn stream_names(r: &mut Padded, file: &NtfsFile<'_>, node: NodeId) -> Result
         let mut entries = list.entries();
         while let Some(entry) = entries.next(r) {
             let entry = entry.map_err(|e| err(&ctx, e))?;
+            if names.len() >= MAX_RUNS {
+                return Err(err(&ctx, "too many alternate data streams"));
+            }
             if entry.ty().ok() == Some(NtfsAttributeType::Data) && entry.name_length() > 0 {
                 names.push(entry.name().to_string_lossy());
             }
@@ -189,8 +193,16 @@ fn listed(
     let mut runs: Vec<(u64, Option<u64>)> = Vec::new();
     let mut header = None;
     let mut next_vcn = 0u64;
+    let mut seen = 0usize;
     while let Some(entry) = entries.next(r) {
         let entry = entry.map_err(|e| err(ctx, e))?;
+        seen += 1;
+        if seen > MAX_RUNS {
+            return Err(err(
+                ctx,
+                format!("more than {MAX_RUNS} attribute list entries"),
+            ));
+        }
         if entry.ty().ok() != Some(NtfsAttributeType::Data) || entry.name() != name {
             continue;
         }
