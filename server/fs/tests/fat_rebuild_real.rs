@@ -384,3 +384,36 @@ fn a_rebuild_into_a_grown_partition_fills_it() {
     };
     assert_eq!(listing(&rebuilt), listing(&source));
 }
+
+/// Rebuilds from sources whose boot sector has random bytes changed: an error or a volume,
+/// never a panic, and never a write past the destination.
+#[test]
+fn damaged_boot_sectors_give_errors_or_volumes_never_panics() {
+    use rand::{Rng, SeedableRng};
+    let dir = tempfile::tempdir().unwrap();
+    let source = dir.path().join("src.img");
+    make_source(&CASES[2], &source, dir.path());
+    let bytes = std::fs::read(&source).unwrap();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(15);
+    let (mut built, mut refused) = (0, 0);
+    for _ in 0..200 {
+        let mut damaged = bytes.clone();
+        for _ in 0..rng.gen_range(1..4) {
+            let at = rng.gen_range(3..62);
+            damaged[at] = rng.gen();
+        }
+        let src: Arc<dyn BlockDevice> =
+            Arc::new(diskferry_blockdev::MemoryDevice::read_only(damaged));
+        let Ok(fat) = Fat::open(src) else {
+            refused += 1;
+            continue;
+        };
+        let dst: Arc<dyn BlockDevice> =
+            Arc::new(diskferry_blockdev::MemoryDevice::new(bytes.len()));
+        match write_fat(dst, &fat, &fat.format_options()) {
+            Ok(_) => built += 1,
+            Err(_) => refused += 1,
+        }
+    }
+    assert!(built > 0 && refused > 0, "{built} built, {refused} refused");
+}

@@ -292,6 +292,19 @@ fn a_copy_of_the_allocated_blocks_passes_ntfsfix() {
     let fs = open(&image);
     let map = fs.allocation_map().unwrap();
     let bs = u64::from(map.block_size);
+    // Used bytes are what $Bitmap marks, as ntfscluster counts them; the map adds the
+    // cluster of the backup boot sector.
+    let stats = String::from_utf8(tool("ntfscluster", &[&p(&image)])).unwrap();
+    let field = |name: &str| -> u64 {
+        stats
+            .lines()
+            .find_map(|l| l.strip_prefix(name)?.trim().strip_prefix(':'))
+            .map(|v| v.trim().parse().unwrap())
+            .unwrap_or_else(|| panic!("{name} in {stats}"))
+    };
+    let used = field("bytes per volume") - field("bytes of free space");
+    assert_eq!(fs.info().used_bytes, used);
+    assert_eq!(map.used_blocks() * bs, used + bs);
     let size = std::fs::metadata(&image).unwrap().len();
     let source = std::fs::read(&image).unwrap();
     let copy = MemoryDevice::new(size as usize);

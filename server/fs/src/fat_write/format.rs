@@ -110,18 +110,21 @@ impl BootFields {
     /// Why these fields cannot make a `kind` volume, if they cannot.
     fn check(&self, kind: FsKind) -> std::result::Result<(), String> {
         let fat32 = kind == FsKind::Fat32;
-        let within = |s: u16| s == 0 || s == 0xFFFF || s < self.reserved_sectors;
+        let backup_ok = |s: u16| s == 0 || s == 0xFFFF || s < self.reserved_sectors;
         if self.reserved_sectors == 0 || !(1..=4).contains(&self.fats) {
             return Err(format!(
                 "{} reserved sectors and {} FATs",
                 self.reserved_sectors, self.fats
             ));
         }
-        if fat32 && (self.root_entries != 0 || self.fs_info_sector == 0) {
-            return Err("FAT32 needs an FSInfo sector and no fixed root directory".into());
+        if fat32 && self.root_entries != 0 {
+            return Err("FAT32 has no fixed root directory".into());
         }
-        if fat32 && !(within(self.fs_info_sector) && within(self.backup_boot_sector)) {
-            return Err("FSInfo or the backup boot sector lies past the reserved sectors".into());
+        let fs_info_ok = (1..self.reserved_sectors).contains(&self.fs_info_sector);
+        if fat32 && !(fs_info_ok && backup_ok(self.backup_boot_sector)) {
+            return Err(
+                "FSInfo or the backup boot sector lies outside the reserved sectors".into(),
+            );
         }
         if !fat32 && self.root_entries == 0 {
             return Err("FAT12 and FAT16 need a root directory".into());
@@ -231,6 +234,13 @@ impl Layout {
             };
             if !range.contains(&clusters) {
                 return Err(format!("{clusters} clusters do not suit {}", kind.name()));
+            }
+            if kind != FsKind::Fat32 && fat > u64::from(u16::MAX) {
+                return Err(format!(
+                    "a {}-sector FAT is too large for {}",
+                    fat,
+                    kind.name()
+                ));
             }
             return Ok(Layout {
                 kind,

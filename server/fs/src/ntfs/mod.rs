@@ -242,6 +242,36 @@ impl NtfsFs {
         Ok(self.descriptors.get_or_init(|| map))
     }
 
+    /// The runs of clusters `$Bitmap` marks in use: (first cluster, count), sorted.
+    fn bitmap_runs(&self) -> Result<Vec<(u64, u64)>> {
+        let cluster = u64::from(self.ntfs.cluster_size());
+        let clusters = self.ntfs.size() / cluster;
+        let bytes = clusters.div_ceil(8);
+        if bytes > MAX_BITMAP {
+            return Err(err("$Bitmap", format!("{bytes} bytes is too large")));
+        }
+        let mut bitmap = vec![0u8; bytes as usize];
+        let mut done = 0;
+        while done < bitmap.len() {
+            let n = self.read_stream(BITMAP, "", done as u64, &mut bitmap[done..])?;
+            if n == 0 {
+                return Err(err("$Bitmap", "shorter than the volume needs"));
+            }
+            done += n;
+        }
+        let mut runs: Vec<(u64, u64)> = Vec::new();
+        for c in 0..clusters {
+            if bitmap[(c / 8) as usize] & (1 << (c % 8)) == 0 {
+                continue;
+            }
+            match runs.last_mut() {
+                Some(r) if r.0 + r.1 == c => r.1 += 1,
+                _ => runs.push((c, 1)),
+            }
+        }
+        Ok(runs)
+    }
+
     /// Names and sizes of a file's alternate data streams.
     pub fn streams(&self, node: NodeId) -> Result<Vec<(String, u64)>> {
         guarded("streams", || {
@@ -261,10 +291,12 @@ impl NtfsFs {
 
 impl Filesystem for NtfsFs {
     fn info(&self) -> VolumeInfo {
+        // What `$Bitmap` says is in use, as ntfs-3g's tools count it.
         let used = self
-            .allocation_map()
-            .map(|m| m.used_blocks() * u64::from(m.block_size))
-            .unwrap_or(0);
+            .bitmap_runs()
+            .map(|runs| runs.iter().map(|r| r.1).sum::<u64>())
+            .unwrap_or(0)
+            * u64::from(self.ntfs.cluster_size());
         VolumeInfo {
             kind: FsKind::Ntfs,
             label: self.label.clone(),
@@ -463,29 +495,7 @@ impl Filesystem for NtfsFs {
     fn allocation_map(&self) -> Result<AllocationMap> {
         let cluster = u64::from(self.ntfs.cluster_size());
         let clusters = self.ntfs.size() / cluster;
-        let bytes = clusters.div_ceil(8);
-        if bytes > MAX_BITMAP {
-            return Err(err("$Bitmap", format!("{bytes} bytes is too large")));
-        }
-        let mut bitmap = vec![0u8; bytes as usize];
-        let mut done = 0;
-        while done < bitmap.len() {
-            let n = self.read_stream(BITMAP, "", done as u64, &mut bitmap[done..])?;
-            if n == 0 {
-                return Err(err("$Bitmap", "shorter than the volume needs"));
-            }
-            done += n;
-        }
-        let mut runs: Vec<(u64, u64)> = Vec::new();
-        for c in 0..clusters {
-            if bitmap[(c / 8) as usize] & (1 << (c % 8)) == 0 {
-                continue;
-            }
-            match runs.last_mut() {
-                Some(r) if r.0 + r.1 == c => r.1 += 1,
-                _ => runs.push((c, 1)),
-            }
-        }
+        let mut runs = self.bitmap_runs()?;
         let sector = u64::from(self.ntfs.sector_size());
         if self.dev.size() >= self.ntfs.size().saturating_add(sector) {
             // Byte `size()` lies in cluster `clusters`, the first the bitmap does not cover.
