@@ -1,8 +1,8 @@
 //! Writing a FAT12/16/32 filesystem from any [`Filesystem`] (a captured one, or a host
-//! directory): [`format`] formats the volume — a rebuild keeps its source's boot-sector
+//! directory): `format` formats the volume — a rebuild keeps its source's boot-sector
 //! fields ([`BootFields`]: layout, geometry, OEM name, media byte) and gets the partition's
 //! start as its hidden sectors — `fatfs` lays out directories, names (long names with
-//! generated short aliases) and file data, and [`format::finish_fsinfo`] sets the FAT32
+//! generated short aliases) and file data, and `format::finish_fsinfo` sets the FAT32
 //! FSInfo hints from the result; then each file's directory entry is finished by
 //! hand — attributes (hidden, system, read-only, archive) and creation, modification and
 //! access times — because `fatfs` 0.3 cannot set them — and each directory's `.` and `..`

@@ -27,7 +27,7 @@ pub struct BootFields {
     /// Sectors of one FAT, kept when the volume needs no more (a larger FAT than needed keeps
     /// the source's data area where it was, e.g. aligned to clusters).
     pub fat_sectors: u32,
-    /// The volume's sectors ([`Layout::plan`] sets them from the device).
+    /// The volume's sectors (the layout sets them from the device).
     pub total_sectors: u32,
     /// Sectors of the device past the volume's end, kept past the new volume's end: on a
     /// device of the source's size the volume has the source's size; on a resized one it

@@ -6,11 +6,12 @@
 //! number, and the cluster bitmap (`$Bitmap`) plus the backup boot sector as the allocation
 //! map.
 //!
-//! [`layout`] gathers a value's data runs, also from the extension records of an attribute
-//! list. Compressed values are read here, not by the crate (which returns them still
-//! compressed): [`runs`] maps their compression units and [`lznt1`] expands them; they offer
-//! no extents, since their on-disk bytes are not the file's. File records split across two `$MFT` runs
-//! are joined by the reader the crate reads through ([`reader`]).
+//! File data is read here from the value's data runs, not through the crate: `layout`
+//! gathers the runs, also from the extension records of an attribute list; `runs` reads
+//! them, and maps the compression units of compressed values, which `lznt1` expands (the
+//! crate returns them still compressed); compressed files offer no extents, since their
+//! on-disk bytes are not the file's. File records split across two `$MFT` runs are joined by
+//! the reader the crate reads through (`reader`).
 //!
 //! A node is an MFT record number. Every call into the crate runs under `catch_unwind`: a
 //! panic on hostile structures becomes an error for that call.
