@@ -302,7 +302,7 @@ fn build_sample_disk(base: &Path, path: &Path, size: u64) -> Result<()> {
             label: Some("ESP".into()),
             cluster_size: Some(512),
             serial: Some(0x1234_abcd),
-            counters: None,
+            ..FatOptions::default()
         },
     )?;
     write_ext4(

@@ -47,6 +47,8 @@ pub struct Fat {
     total_bytes: u64,
     serial: u32,
     label: String,
+    /// The boot-sector fields a rebuild keeps (512-byte sectors only).
+    boot: Option<super::fat_write::BootFields>,
 }
 
 /// Where things are in a volume, from its BPB; all in bytes.
@@ -165,6 +167,7 @@ impl Fat {
         } else {
             (fat16::VOLUME_ID.get(&b), fat16::VOLUME_LABEL.get(&b), 0)
         };
+        let boot = super::fat_write::BootFields::from_boot_sector(&b, kind, dev.size());
         let mut fat = Fat {
             dev,
             kind,
@@ -177,6 +180,7 @@ impl Fat {
             total_bytes: g.total,
             serial,
             label: label_text(&label),
+            boot,
         };
         // The volume label entry in the root directory is what tools show; the BPB copy is
         // often stale.
@@ -191,7 +195,8 @@ impl Fat {
     }
 
     /// Options that make the FAT writer produce a volume with this one's type, label,
-    /// serial number and cluster size.
+    /// serial number, cluster size and boot-sector fields (layout, geometry, OEM name, media
+    /// byte, hidden sectors).
     pub fn format_options(&self) -> super::fat_write::FatOptions {
         super::fat_write::FatOptions {
             kind: Some(self.kind),
@@ -199,7 +204,17 @@ impl Fat {
             serial: Some(self.serial),
             cluster_size: Some(self.cluster_size as u32),
             counters: None,
+            boot: self.boot.clone(),
+            hidden_sectors: None,
         }
+    }
+
+    /// Free clusters, and the highest cluster in use (`None` when none is).
+    pub fn cluster_usage(&self) -> (u32, Option<u32>) {
+        let clusters = self.table.iter().enumerate().skip(2);
+        let free = clusters.clone().filter(|(_, &v)| v == 0).count() as u32;
+        let last = clusters.rev().find(|(_, &v)| v != 0).map(|(i, _)| i as u32);
+        (free, last)
     }
 
     fn corrupt(&self, what: impl Into<String>) -> FsError {

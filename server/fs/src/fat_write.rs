@@ -1,6 +1,9 @@
 //! Writing a FAT12/16/32 filesystem from any [`Filesystem`] (a captured one, or a host
-//! directory): `fatfs` formats the volume and lays out directories, names (long names with
-//! generated short aliases) and file data; then each file's directory entry is finished by
+//! directory): `format` formats the volume — a rebuild keeps its source's boot-sector
+//! fields ([`BootFields`]: layout, geometry, OEM name, media byte) and gets the partition's
+//! start as its hidden sectors — `fatfs` lays out directories, names (long names with
+//! generated short aliases) and file data, and `format::finish_fsinfo` sets the FAT32
+//! FSInfo hints from the result; then each file's directory entry is finished by
 //! hand — attributes (hidden, system, read-only, archive) and creation, modification and
 //! access times — because `fatfs` 0.3 cannot set them — and each directory's `.` and `..`
 //! are put back in the first two slots (`fatfs` 0.3 precedes them with long-name entries,
@@ -12,6 +15,9 @@
 
 use std::io::Write;
 use std::sync::Arc;
+
+mod format;
+pub use format::BootFields;
 
 use super::fat::ondisk::dirent;
 use super::fat::ondisk::lfn::is_long_name;
@@ -32,6 +38,11 @@ pub struct FatOptions {
     pub cluster_size: Option<u32>,
     /// Kept up to date with entries found and written, when given.
     pub counters: Option<Arc<super::WriteCounters>>,
+    /// A rebuild's source boot-sector fields to keep (layout, geometry, OEM name, media).
+    pub boot: Option<BootFields>,
+    /// The partition's first 512-byte sector on its disk, for the boot sector's hidden
+    /// sectors (else the source's, else 0).
+    pub hidden_sectors: Option<u32>,
 }
 
 /// What was written.
@@ -67,64 +78,15 @@ pub fn write_fat(
     source: &dyn Filesystem,
     opts: &FatOptions,
 ) -> Result<FatReport> {
-    let format = format_options(dev.size(), opts)?;
-    guarded("format", &mut || {
-        fatfs::format_volume(BlockReader::new(Arc::clone(&dev)), format.clone())
-    })?;
+    let sectors = u32::try_from(dev.size() / 512)
+        .map_err(|_| FsError::Unsupported("FAT volumes end at 2 TiB".into()))?;
+    let layout = format::Layout::plan(sectors, opts)?;
+    format::format(&*dev, &layout, opts)?;
     let (report, written) = populate(&dev, source, opts)?;
     finish_entries(&dev, source, &written)?;
+    format::finish_fsinfo(&dev, &layout)?;
     dev.flush()?;
     Ok(report)
-}
-
-/// Runs `f`, third-party code fed names and sizes from a possibly damaged source: a panic in
-/// it becomes an error naming `what`.
-fn guarded(what: &str, f: &mut dyn FnMut() -> std::io::Result<()>) -> Result<()> {
-    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f))
-        .unwrap_or_else(|_| Err(std::io::Error::other("fatfs panicked")))
-        .map_err(|e| fat_err(what, e))
-}
-
-/// `fatfs` format options for a volume of `size` bytes as `opts` asks.
-fn format_options(size: u64, opts: &FatOptions) -> Result<fatfs::FormatVolumeOptions> {
-    let total = u32::try_from(size / 512)
-        .map_err(|_| FsError::Unsupported("FAT volumes end at 2 TiB".into()))?;
-    let mut format = fatfs::FormatVolumeOptions::new().total_sectors(total);
-    if let Some(label) = &opts.label {
-        if label.len() > 11 || !label.is_ascii() {
-            return Err(FsError::Unsupported(format!(
-                "FAT label {label:?} must be at most 11 ASCII characters"
-            )));
-        }
-        let mut l = [b' '; 11];
-        l[..label.len()].copy_from_slice(label.to_ascii_uppercase().as_bytes());
-        format = format.volume_label(l);
-    }
-    if let Some(serial) = opts.serial {
-        format = format.volume_id(serial);
-    }
-    if let Some(c) = opts.cluster_size {
-        if !c.is_power_of_two() || !(512..=32768).contains(&c) {
-            return Err(FsError::Unsupported(format!(
-                "cluster size {c} is not a power of two from 512 to 32768"
-            )));
-        }
-        format = format.bytes_per_cluster(c);
-    }
-    if let Some(kind) = opts.kind {
-        format = format.fat_type(match kind {
-            FsKind::Fat12 => fatfs::FatType::Fat12,
-            FsKind::Fat16 => fatfs::FatType::Fat16,
-            FsKind::Fat32 => fatfs::FatType::Fat32,
-            other => {
-                return Err(FsError::Unsupported(format!(
-                    "{} is not a FAT type",
-                    other.name()
-                )))
-            }
-        });
-    }
-    Ok(format)
 }
 
 /// Copies the tree of `source` into the freshly formatted volume through `fatfs`; returns the

@@ -307,7 +307,7 @@ fn fat12_16_32_round_trip_names_attributes_times_and_contents() {
             label: Some("Round Trip".into()),
             serial: Some(0xCAFE_F00D),
             cluster_size: cluster,
-            counters: None,
+            ..FatOptions::default()
         };
         let (_, fat) = write_and_read(&source, size, &opts);
         let info = fat.info();

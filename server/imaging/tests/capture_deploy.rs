@@ -108,6 +108,10 @@ fn a_partitioned_disk_is_captured_file_by_file_deployed_smaller_and_verified() {
     let target: Arc<dyn BlockDevice> = Arc::new(MemoryDevice::new(garbage.len()));
     target.write_at(&garbage, 0).unwrap();
     let (_, image) = diskferry_vdisk::open_image(&out, false).unwrap();
+    // The rebuilt FAT's boot sector names the partition's start as its hidden sectors.
+    let mut boot = [0u8; 512];
+    image.read_at(&mut boot, MIB).unwrap();
+    assert_eq!(boot[28..32], ((MIB / 512) as u32).to_le_bytes());
     let deployed = deploy(image, Arc::clone(&target), "memory", Mode::Auto, &Silent).unwrap();
     assert_eq!(deployed.verify.differences, 0);
     let table = partition::read_table(&*target).unwrap();

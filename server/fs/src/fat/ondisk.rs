@@ -139,3 +139,19 @@ pub mod lfn {
         Field::<u16>::at(UNITS[i]).get(e)
     }
 }
+
+/// The FAT32 FSInfo sector: the free cluster count and where to look for a free cluster, as
+/// hints (0xFFFFFFFF: unknown).
+pub mod fsinfo {
+    use super::*;
+    pub const LEAD_SIGNATURE: Field<u32> = Field::at(0);
+    pub const LEAD_SIGNATURE_VALUE: u32 = 0x4161_5252;
+    pub const STRUCT_SIGNATURE: Field<u32> = Field::at(484);
+    pub const STRUCT_SIGNATURE_VALUE: u32 = 0x6141_7272;
+    pub const FREE_COUNT: Field<u32> = Field::at(488);
+    /// The last cluster allocated: a search for a free one starts after it.
+    pub const NEXT_FREE: Field<u32> = Field::at(492);
+    pub const TRAIL_SIGNATURE: Field<u32> = Field::at(508);
+    pub const TRAIL_SIGNATURE_VALUE: u32 = 0xAA55_0000;
+    pub const UNKNOWN: u32 = 0xFFFF_FFFF;
+}

@@ -262,12 +262,12 @@ fn write_partition(
         zero(&*ddev, 0..ddev.size()).map_err(werr)?;
     }
     if !(ends.used_disk() && ranges.is_none()) {
-        return capture_partition(&pp.part, &pp.dev, &ddev, pp.kind, ranges, progress)
+        return capture_partition(target, &pp.dev, &ddev, pp.kind, ranges, progress)
             .map_err(|e| ends.part_err(e, number));
     }
     // Built locally, then sent as large writes of the data it holds.
     let stage = staging_device(ddev.size()).map_err(werr)?;
-    let read = capture_partition(&pp.part, &pp.dev, &stage, pp.kind, None, progress)
+    let read = capture_partition(target, &pp.dev, &stage, pp.kind, None, progress)
         .map_err(|e| ends.part_err(e, number))?;
     let written = data_ranges(&*stage).map_err(werr)?;
     copy_ranges(&*stage, &ddev, &written, &crate::progress::Silent).map_err(|e| match e {

@@ -126,8 +126,8 @@ impl From<CopyError> for PartError {
     }
 }
 
-/// Copies one partition — file by file when it has no `ranges`, else those ranges — and
-/// returns the bytes read from the source.
+/// Copies one partition onto its place `p` in the destination — file by file when it has no
+/// `ranges`, else those ranges — and returns the bytes read from the source.
 pub(super) fn capture_partition(
     p: &Partition,
     src: &Arc<dyn BlockDevice>,
@@ -138,7 +138,7 @@ pub(super) fn capture_partition(
 ) -> Result<u64, PartError> {
     let phase = format!("part {}", p.number);
     let Some(ranges) = ranges else {
-        return rebuild_with_progress(src, dst, kind, &phase, progress);
+        return rebuild_with_progress(src, dst, kind, p.start / 512, &phase, progress);
     };
     // Blocks and sectors: the ranges were worked out in the plan.
     let total: u64 = ranges.iter().map(|r| r.end - r.start).sum();
@@ -155,6 +155,7 @@ fn rebuild_with_progress(
     src: &Arc<dyn BlockDevice>,
     dst: &Arc<dyn BlockDevice>,
     kind: FsKind,
+    start_sector: u64,
     phase: &str,
     progress: &dyn Progress,
 ) -> Result<u64, PartError> {
@@ -164,7 +165,7 @@ fn rebuild_with_progress(
     let result = std::thread::scope(|s| {
         s.spawn(|| watch_progress(&counting, &counters, &done, progress));
         let source: Arc<dyn BlockDevice> = counting.clone();
-        let r = rebuild(source, dst, kind, phase, &counters, progress);
+        let r = rebuild(source, dst, kind, start_sector, phase, &counters, progress);
         done.store(true, Ordering::Release);
         r
     });
@@ -196,11 +197,13 @@ fn watch_progress(
     }
 }
 
-/// The source's filesystem written anew onto `dst` with the source's parameters and identity.
+/// The source's filesystem written anew onto `dst` with the source's parameters and identity
+/// (a FAT boot sector's hidden sectors: the partition's first 512-byte sector, `start_sector`).
 fn rebuild(
     source: Arc<dyn BlockDevice>,
     dst: &Arc<dyn BlockDevice>,
     kind: FsKind,
+    start_sector: u64,
     phase: &str,
     counters: &Arc<fs::WriteCounters>,
     progress: &dyn Progress,
@@ -215,6 +218,7 @@ fn rebuild(
             progress.start(phase, fs::Filesystem::info(&fat).used_bytes);
             let mut opts = fat.format_options();
             opts.counters = Some(Arc::clone(counters));
+            opts.hidden_sectors = u32::try_from(start_sector).ok();
             fs::fat_write::write_fat(Arc::clone(dst), &fat, &opts).map_err(PartError::Fs)?;
         }
         _ => {

@@ -3,22 +3,38 @@
 //! attributes), hard links counted from `$FILE_NAME` attributes, contents and physical extents
 //! from the unnamed `$DATA` attribute, alternate data streams from the named ones, security
 //! descriptors (the file's own or the shared one in `$Secure:$SDS`), the volume label, serial
-//! number, and the cluster bitmap (`$Bitmap`) as the allocation map.
+//! number, and the cluster bitmap (`$Bitmap`) plus the backup boot sector as the allocation
+//! map.
+//!
+//! File data is read here from the value's data runs, not through the crate: `layout`
+//! gathers the runs, also from the extension records of an attribute list; `runs` reads
+//! them, and maps the compression units of compressed values, which `lznt1` expands (the
+//! crate returns them still compressed); compressed files offer no extents, since their
+//! on-disk bytes are not the file's. File records split across two `$MFT` runs are joined by
+//! the reader the crate reads through (`reader`).
 //!
 //! A node is an MFT record number. Every call into the crate runs under `catch_unwind`: a
 //! panic on hostile structures becomes an error for that call.
 
+mod layout;
+mod lznt1;
+mod reader;
+mod runs;
+
 use std::io::Read;
 use std::sync::Arc;
 
+use layout::Layout;
+use ntfs::attribute_value::NtfsAttributeValue;
 use ntfs::structured_values::{NtfsFileName, NtfsFileNamespace, NtfsStandardInformation};
-use ntfs::{NtfsAttributeType, NtfsFile, NtfsReadSeek};
+use ntfs::{NtfsAttributeType, NtfsFile};
+use reader::{MftRuns, Padded};
 
 use super::{
     AllocationMap, DirEntry, FileExtent, FileKind, Filesystem, FsError, FsKind, Metadata, NodeId,
     Result, Timestamp, VolumeInfo,
 };
-use diskferry_blockdev::{BlockDevice, BlockReader};
+use diskferry_blockdev::BlockDevice;
 
 const ROOT: NodeId = 5;
 const BITMAP: NodeId = 6;
@@ -39,55 +55,11 @@ pub struct NtfsFs {
     label: String,
     /// `$Secure:$SDS` by security ID, read on first use.
     descriptors: std::sync::OnceLock<std::collections::HashMap<u32, Vec<u8>>>,
+    /// The `$MFT`'s runs, for reading records split across two of them.
+    mft: Arc<MftRuns>,
 }
 
-/// The volume as `Read + Seek` for the `ntfs` crate, reading zeros past its end: the crate
-/// panics (an "unreachable" binrw error) when a structure it reads is cut short, while zeros
-/// just fail its signature checks.
-struct Padded {
-    inner: BlockReader,
-    size: u64,
-    pos: u64,
-}
-
-impl Padded {
-    fn new(dev: Arc<dyn BlockDevice>) -> Padded {
-        Padded {
-            size: dev.size(),
-            inner: BlockReader::new(dev),
-            pos: 0,
-        }
-    }
-}
-
-impl Read for Padded {
-    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        if self.pos >= self.size {
-            buf.fill(0);
-            self.pos += buf.len() as u64;
-            return Ok(buf.len());
-        }
-        let n = self.inner.read(buf)?;
-        self.pos += n as u64;
-        Ok(n)
-    }
-}
-
-impl std::io::Seek for Padded {
-    fn seek(&mut self, to: std::io::SeekFrom) -> std::io::Result<u64> {
-        let target = match to {
-            std::io::SeekFrom::Start(p) => p,
-            std::io::SeekFrom::End(d) => self.size.saturating_add_signed(d),
-            std::io::SeekFrom::Current(d) => self.pos.saturating_add_signed(d),
-        };
-        self.pos = target;
-        self.inner
-            .seek(std::io::SeekFrom::Start(target.min(self.size)))?;
-        Ok(target)
-    }
-}
-
-fn err(context: &str, e: impl std::fmt::Display) -> FsError {
+pub(crate) fn err(context: &str, e: impl std::fmt::Display) -> FsError {
     FsError::Corrupt(format!("NTFS {context}"), e.to_string())
 }
 
@@ -95,6 +67,28 @@ fn err(context: &str, e: impl std::fmt::Display) -> FsError {
 fn guarded<T>(what: &str, f: impl FnOnce() -> Result<T>) -> Result<T> {
     std::panic::catch_unwind(std::panic::AssertUnwindSafe(f))
         .unwrap_or_else(|_| Err(err(what, "the ntfs reader failed on malformed structures")))
+}
+
+/// The `$MFT`'s real runs (record 0's unnamed `$DATA`), for joining records split across
+/// them; none when its data is spread over an attribute list, which the crate cannot follow.
+fn mft_runs(ntfs: &ntfs::Ntfs, r: &mut Padded) -> Result<MftRuns> {
+    let mft = ntfs.file(r, 0).map_err(|e| err("$MFT", e))?;
+    let Some(item) = mft.data(r, "") else {
+        return Err(err("$MFT", "no $DATA attribute"));
+    };
+    let item = item.map_err(|e| err("$MFT", e))?;
+    let attr = item.to_attribute().map_err(|e| err("$MFT", e))?;
+    let NtfsAttributeValue::NonResident(value) = attr.value(r).map_err(|e| err("$MFT", e))? else {
+        return Ok(MftRuns::default());
+    };
+    let mut runs = Vec::new();
+    for run in value.data_runs() {
+        let run = run.map_err(|e| err("$MFT data runs", e))?;
+        if let Some(pos) = run.data_position().value() {
+            runs.push((pos.get(), run.allocated_size()));
+        }
+    }
+    Ok(MftRuns::new(&runs))
 }
 
 fn nt_time(t: ntfs::NtfsTime) -> Timestamp {
@@ -110,8 +104,10 @@ fn nt_time(t: ntfs::NtfsTime) -> Timestamp {
 impl NtfsFs {
     pub fn open(dev: Arc<dyn BlockDevice>) -> Result<NtfsFs> {
         guarded("boot sector", || {
-            let mut r = Padded::new(Arc::clone(&dev));
+            let mut r = Padded::new(Arc::clone(&dev), Arc::default());
             let mut ntfs = ntfs::Ntfs::new(&mut r).map_err(|e| err("boot sector", e))?;
+            let mft = Arc::new(mft_runs(&ntfs, &mut r)?);
+            let mut r = Padded::new(Arc::clone(&dev), Arc::clone(&mft));
             ntfs.read_upcase_table(&mut r)
                 .map_err(|e| err("$UpCase", e))?;
             let label = match ntfs.volume_name(&mut r) {
@@ -124,65 +120,30 @@ impl NtfsFs {
                 ntfs,
                 label,
                 descriptors: std::sync::OnceLock::new(),
+                mft,
             })
         })
     }
 
     fn reader(&self) -> Padded {
-        Padded::new(Arc::clone(&self.dev))
+        Padded::new(Arc::clone(&self.dev), Arc::clone(&self.mft))
+    }
+
+    /// How the unnamed (or named) `$DATA` stream of `file` is stored; `None` without one.
+    fn layout(
+        &self,
+        r: &mut Padded,
+        file: &NtfsFile<'_>,
+        stream: &str,
+        node: NodeId,
+    ) -> Result<Option<Layout>> {
+        layout::of(&self.ntfs, r, file, stream, node)
     }
 
     fn file<'n>(&'n self, r: &mut Padded, node: NodeId) -> Result<NtfsFile<'n>> {
         self.ntfs
             .file(r, node)
             .map_err(|e| err(&format!("file record {node}"), e))
-    }
-
-    /// The unnamed (or named) `$DATA` attribute's value length and extents.
-    fn data_layout(
-        &self,
-        r: &mut Padded,
-        file: &NtfsFile<'_>,
-        stream: &str,
-        node: NodeId,
-    ) -> Result<Option<(u64, Vec<FileExtent>)>> {
-        let Some(item) = file.data(r, stream) else {
-            return Ok(None);
-        };
-        let ctx = format!("file record {node}");
-        let item = item.map_err(|e| err(&ctx, e))?;
-        let attr = item.to_attribute().map_err(|e| err(&ctx, e))?;
-        let len = attr.value_length();
-        let value = attr.value(r).map_err(|e| err(&ctx, e))?;
-        let mut extents = Vec::new();
-        match value {
-            ntfs::attribute_value::NtfsAttributeValue::Resident(_) => {}
-            ntfs::attribute_value::NtfsAttributeValue::NonResident(v) => {
-                let mut file_offset = 0u64;
-                for run in v.data_runs() {
-                    let run = run.map_err(|e| err(&ctx, e))?;
-                    if file_offset >= len {
-                        break;
-                    }
-                    let run_len = run.allocated_size().min(len - file_offset);
-                    if let Some(pos) = run.data_position().value() {
-                        extents.push(FileExtent {
-                            file_offset,
-                            disk_offset: pos.get(),
-                            len: run_len,
-                            unwritten: false,
-                        });
-                    }
-                    file_offset += run.allocated_size();
-                }
-            }
-            ntfs::attribute_value::NtfsAttributeValue::AttributeListNonResident(_) => {
-                return Err(FsError::Unsupported(format!(
-                    "NTFS file record {node}: data spread over an attribute list has no extent map yet"
-                )))
-            }
-        }
-        Ok(Some((len, extents)))
     }
 
     /// The names (namespace other than DOS) in a file's `$FILE_NAME` attributes.
@@ -216,34 +177,19 @@ impl NtfsFs {
         guarded("read", || {
             let mut r = self.reader();
             let file = self.file(&mut r, node)?;
-            let ctx = format!("file record {node}");
-            let Some(item) = file.data(&mut r, stream) else {
-                return Err(FsError::NotFound(format!(
+            match self.layout(&mut r, &file, stream, node)? {
+                None => Err(FsError::NotFound(format!(
                     "stream {stream:?} of record {node}"
-                )));
-            };
-            let item = item.map_err(|e| err(&ctx, e))?;
-            let attr = item.to_attribute().map_err(|e| err(&ctx, e))?;
-            let mut value = attr.value(&mut r).map_err(|e| err(&ctx, e))?;
-            if offset >= value.len() {
-                return Ok(0);
-            }
-            value
-                .seek(&mut r, std::io::SeekFrom::Start(offset))
-                .map_err(|e| err(&ctx, e))?;
-            let want = (buf.len() as u64).min(value.len() - offset) as usize;
-            let mut attached = value.attach(&mut r);
-            let mut done = 0;
-            while done < want {
-                let n = attached
-                    .read(&mut buf[done..want])
-                    .map_err(|e| err(&ctx, e))?;
-                if n == 0 {
-                    break;
+                ))),
+                Some(Layout::Resident(bytes)) => {
+                    let from = offset.min(bytes.len() as u64) as usize;
+                    let n = buf.len().min(bytes.len() - from);
+                    buf[..n].copy_from_slice(&bytes[from..from + n]);
+                    Ok(n)
                 }
-                done += n;
+                Some(Layout::Plain { len, runs }) => runs.read_plain(&*self.dev, len, offset, buf),
+                Some(Layout::Compressed(c)) => c.read_at(&*self.dev, offset, buf),
             }
-            Ok(done)
         })
     }
 
@@ -258,10 +204,9 @@ impl NtfsFs {
         let mut map = std::collections::HashMap::new();
         let mut r = self.reader();
         let secure = self.file(&mut r, SECURE)?;
-        let len = match self.data_layout(&mut r, &secure, "$SDS", SECURE)? {
-            Some((len, _)) => len,
-            None => 0,
-        };
+        let len = self
+            .layout(&mut r, &secure, "$SDS", SECURE)?
+            .map_or(0, |l| l.len());
         if len > MAX_SDS {
             return Err(err("$Secure:$SDS", format!("{len} bytes")));
         }
@@ -298,23 +243,47 @@ impl NtfsFs {
         Ok(self.descriptors.get_or_init(|| map))
     }
 
+    /// The runs of clusters `$Bitmap` marks in use: (first cluster, count), sorted.
+    fn bitmap_runs(&self) -> Result<Vec<(u64, u64)>> {
+        let cluster = u64::from(self.ntfs.cluster_size());
+        let clusters = self.ntfs.size() / cluster;
+        let bytes = clusters.div_ceil(8);
+        if bytes > MAX_BITMAP {
+            return Err(err("$Bitmap", format!("{bytes} bytes is too large")));
+        }
+        let mut bitmap = vec![0u8; bytes as usize];
+        let mut done = 0;
+        while done < bitmap.len() {
+            let n = self.read_stream(BITMAP, "", done as u64, &mut bitmap[done..])?;
+            if n == 0 {
+                return Err(err("$Bitmap", "shorter than the volume needs"));
+            }
+            done += n;
+        }
+        let mut runs: Vec<(u64, u64)> = Vec::new();
+        for c in 0..clusters {
+            if bitmap[(c / 8) as usize] & (1 << (c % 8)) == 0 {
+                continue;
+            }
+            match runs.last_mut() {
+                Some(r) if r.0 + r.1 == c => r.1 += 1,
+                _ => runs.push((c, 1)),
+            }
+        }
+        Ok(runs)
+    }
+
     /// Names and sizes of a file's alternate data streams.
     pub fn streams(&self, node: NodeId) -> Result<Vec<(String, u64)>> {
         guarded("streams", || {
             let mut r = self.reader();
             let file = self.file(&mut r, node)?;
             let mut out = Vec::new();
-            let mut attrs = file.attributes();
-            while let Some(item) = attrs.next(&mut r) {
-                let item = item.map_err(|e| err("attributes", e))?;
-                let attr = item.to_attribute().map_err(|e| err("attributes", e))?;
-                if attr.ty().ok() != Some(NtfsAttributeType::Data) {
-                    continue;
-                }
-                let name = attr.name().map_err(|e| err("attributes", e))?;
-                if !name.is_empty() {
-                    out.push((name.to_string_lossy(), attr.value_length()));
-                }
+            for name in layout::stream_names(&mut r, &file, node)? {
+                let len = self
+                    .layout(&mut r, &file, &name, node)?
+                    .map_or(0, |l| l.len());
+                out.push((name, len));
             }
             Ok(out)
         })
@@ -323,10 +292,12 @@ impl NtfsFs {
 
 impl Filesystem for NtfsFs {
     fn info(&self) -> VolumeInfo {
+        // What `$Bitmap` says is in use, as ntfs-3g's tools count it.
         let used = self
-            .allocation_map()
-            .map(|m| m.used_blocks() * u64::from(m.block_size))
-            .unwrap_or(0);
+            .bitmap_runs()
+            .map(|runs| runs.iter().map(|r| r.1).sum::<u64>())
+            .unwrap_or(0)
+            * u64::from(self.ntfs.cluster_size());
         VolumeInfo {
             kind: FsKind::Ntfs,
             label: self.label.clone(),
@@ -355,10 +326,8 @@ impl Filesystem for NtfsFs {
             let (size, allocated) = if kind == FileKind::Dir {
                 (0, 0)
             } else {
-                match self.data_layout(&mut r, &file, "", node)? {
-                    Some((len, extents)) => (len, extents.iter().map(|e| e.len).sum()),
-                    None => (0, 0),
-                }
+                self.layout(&mut r, &file, "", node)?
+                    .map_or((0, 0), |l| (l.len(), l.allocated()))
             };
             let attributes = info.file_attributes().bits();
             let base = if kind == FileKind::Dir { 0o755 } else { 0o644 };
@@ -486,65 +455,54 @@ impl Filesystem for NtfsFs {
         })
     }
 
-    /// Resident data (small files kept inside the MFT record) has no extents but is all data.
+    /// Resident data (small files kept inside the MFT record) has no extents but is all data;
+    /// a compressed file holds data in every compression unit with a real cluster.
     fn data_ranges(&self, node: NodeId) -> Result<Vec<(u64, u64)>> {
         guarded("data ranges", || {
             let mut r = self.reader();
             let file = self.file(&mut r, node)?;
-            Ok(match self.data_layout(&mut r, &file, "", node)? {
-                Some((len, extents)) if extents.is_empty() && len > 0 => {
-                    let resident = file
-                        .data(&mut r, "")
-                        .and_then(|i| i.ok())
-                        .and_then(|i| i.to_attribute().ok().map(|a| a.is_resident()))
-                        .unwrap_or(false);
-                    if resident {
-                        vec![(0, len)]
-                    } else {
-                        Vec::new()
-                    }
-                }
-                Some((_, extents)) => extents.iter().map(|e| (e.file_offset, e.len)).collect(),
-                None => Vec::new(),
+            Ok(match self.layout(&mut r, &file, "", node)? {
+                Some(Layout::Resident(bytes)) if !bytes.is_empty() => vec![(0, bytes.len() as u64)],
+                Some(Layout::Plain { len, runs }) => runs
+                    .extents(len)
+                    .iter()
+                    .map(|e| (e.file_offset, e.len))
+                    .collect(),
+                Some(Layout::Compressed(c)) => c.data_ranges(),
+                _ => Vec::new(),
             })
         })
     }
 
+    /// A compressed file's clusters hold LZNT1 data, not its bytes: an error, so that bulk
+    /// readers fall back to `read_at`.
     fn extents(&self, node: NodeId) -> Result<Vec<FileExtent>> {
         guarded("extents", || {
             let mut r = self.reader();
             let file = self.file(&mut r, node)?;
-            Ok(self
-                .data_layout(&mut r, &file, "", node)?
-                .map(|(_, e)| e)
-                .unwrap_or_default())
+            match self.layout(&mut r, &file, "", node)? {
+                Some(Layout::Plain { len, runs }) => Ok(runs.extents(len)),
+                Some(Layout::Compressed(_)) => Err(FsError::Unsupported(format!(
+                    "NTFS file record {node} is compressed: its clusters are not its bytes"
+                ))),
+                Some(Layout::Resident(_)) | None => Ok(Vec::new()),
+            }
         })
     }
 
+    /// The clusters `$Bitmap` marks, and the cluster holding the backup boot sector: the
+    /// sector just past the volume's last (the partition's last sector, outside `$Bitmap`),
+    /// when the device has it.
     fn allocation_map(&self) -> Result<AllocationMap> {
         let cluster = u64::from(self.ntfs.cluster_size());
         let clusters = self.ntfs.size() / cluster;
-        let bytes = clusters.div_ceil(8);
-        if bytes > MAX_BITMAP {
-            return Err(err("$Bitmap", format!("{bytes} bytes is too large")));
-        }
-        let mut bitmap = vec![0u8; bytes as usize];
-        let mut done = 0;
-        while done < bitmap.len() {
-            let n = self.read_stream(BITMAP, "", done as u64, &mut bitmap[done..])?;
-            if n == 0 {
-                return Err(err("$Bitmap", "shorter than the volume needs"));
-            }
-            done += n;
-        }
-        let mut runs: Vec<(u64, u64)> = Vec::new();
-        for c in 0..clusters {
-            if bitmap[(c / 8) as usize] & (1 << (c % 8)) == 0 {
-                continue;
-            }
+        let mut runs = self.bitmap_runs()?;
+        let sector = u64::from(self.ntfs.sector_size());
+        if self.dev.size() >= self.ntfs.size().saturating_add(sector) {
+            // Byte `size()` lies in cluster `clusters`, the first the bitmap does not cover.
             match runs.last_mut() {
-                Some(r) if r.0 + r.1 == c => r.1 += 1,
-                _ => runs.push((c, 1)),
+                Some(r) if r.0 + r.1 == clusters => r.1 += 1,
+                _ => runs.push((clusters, 1)),
             }
         }
         Ok(AllocationMap {
