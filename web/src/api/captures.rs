@@ -38,6 +38,9 @@ pub struct PartitionSummary {
     pub filesystem: String,
     pub label: Option<String>,
     pub used_bytes: Option<u64>,
+    /// What reading it involved or why a capture copies it by blocks (a journal replayed in
+    /// memory, a feature the rebuild cannot make), when anything.
+    pub note: Option<String>,
 }
 
 impl CaptureSummary {
@@ -71,6 +74,7 @@ impl CaptureSummary {
                     filesystem: p.filesystem.clone(),
                     label: p.label.clone(),
                     used_bytes: p.used_bytes,
+                    note: p.note.clone(),
                 })
                 .collect(),
             analysis_error: r.analysis_error.clone(),

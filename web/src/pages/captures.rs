@@ -221,6 +221,7 @@ async fn detail(
                             @if browsable(&p.filesystem) {
                                 a href=(format!("/captures/{}/p/{}/browse?path=/", s.id, p.number)) { "Browse files" }
                             }
+                            @if let Some(note) = &p.note { " " span.hint { (note) } }
                         }
                     }
                 }

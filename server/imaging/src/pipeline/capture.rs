@@ -158,6 +158,16 @@ pub fn data_ranges(src: &dyn BlockDevice) -> Result<Vec<Range<u64>>, BlockError>
         .collect())
 }
 
+/// Like [`data_ranges`], for regions outside partitions: a device that cannot say where its
+/// data is (an agent refusing block status) is taken as all data, so a missing hint never
+/// skips bytes. A real read failure shows when the ranges are read.
+pub(crate) fn data_ranges_or_whole(dev: &dyn BlockDevice) -> Vec<Range<u64>> {
+    data_ranges(dev).unwrap_or_else(|e| {
+        tracing::debug!("no block status ({e}): treating {} bytes as data", dev.size());
+        std::iter::once(0..dev.size()).collect()
+    })
+}
+
 /// Which side of a copy failed.
 #[derive(Debug)]
 pub enum CopyError {

@@ -20,7 +20,9 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::capture::{copy_ranges, data_ranges, CaptureError, CopyError, OutputOptions};
+use super::capture::{
+    copy_ranges, data_ranges, data_ranges_or_whole, CaptureError, CopyError, OutputOptions,
+};
 use super::output::PartialOutput;
 use super::partition_copy::{
     capture_partition, copy_plan, staging_device, zero, Overall, PartError,
@@ -219,7 +221,7 @@ fn write_outside_and_table(
         if ends.used_disk() {
             zero(&*to, 0..len).map_err(|e| ends.write_err(e))?;
         }
-        let ranges = data_ranges(&*from).map_err(|e| ends.read_err(e))?;
+        let ranges = data_ranges_or_whole(&*from);
         copy_ranges(&*from, &to, &ranges, progress).map_err(|e| ends.copy_err(e))?;
         copied += ranges.iter().map(|r| r.end - r.start).sum::<u64>();
     }
@@ -231,8 +233,7 @@ fn write_outside_and_table(
     for r in &left_out {
         let gap = SliceDevice::new(Arc::clone(ends.src), r.start, r.end - r.start)
             .map_err(|e| ends.read_err(e))?;
-        lost += data_ranges(&gap)
-            .map_err(|e| ends.read_err(e))?
+        lost += data_ranges_or_whole(&gap)
             .iter()
             .map(|r| r.end - r.start)
             .sum::<u64>();

@@ -151,11 +151,11 @@ fn compare_outside(
         let len = c.from.end - c.from.start;
         let sa = SliceDevice::new(Arc::clone(a), c.from.start, len).map_err(side_a)?;
         let sb = SliceDevice::new(Arc::clone(b), c.to, len).map_err(side_b)?;
-        let mut ranges = super::capture::data_ranges(&sa).map_err(side_a)?;
+        let mut ranges = super::capture::data_ranges_or_whole(&sa);
         // Small gaps are checked for stray data on the copy too; a large one (the rest of a
         // big target disk) only where the source has data, or verify would read it all.
         if len <= WHOLE_GAP {
-            ranges.extend(super::capture::data_ranges(&sb).map_err(side_b)?);
+            ranges.extend(super::capture::data_ranges_or_whole(&sb));
         }
         let label = if c.from.start == 0 {
             "boot code".to_string()
@@ -166,8 +166,7 @@ fn compare_outside(
     }
     for r in left_out {
         let gap = SliceDevice::new(Arc::clone(a), r.start, r.end - r.start).map_err(side_a)?;
-        let data: u64 = super::capture::data_ranges(&gap)
-            .map_err(side_a)?
+        let data: u64 = super::capture::data_ranges_or_whole(&gap)
             .iter()
             .map(|d| d.end - d.start)
             .sum();
