@@ -11,7 +11,6 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::fixtures::place;
 use crate::{pattern, run_ok, sh, wait_for};
 
 const MIB: u64 = 1 << 20;
@@ -277,8 +276,8 @@ pub fn installer_disk(work: &Path) -> InstalledDisk {
     run_ok("mkswap", &["-U", SWAP_UUID, "-L", SWAP_LABEL, p(&swap)]);
     let disk = work.join("disk.img");
     partition(&disk);
-    place(&disk, ROOT_START_MIB * MIB, &root_fs);
-    place(&disk, SWAP_START_MIB * MIB, &swap);
+    place_data(&disk, ROOT_START_MIB * MIB, &root_fs);
+    place_data(&disk, SWAP_START_MIB * MIB, &swap);
     std::fs::remove_file(&swap).unwrap();
     install_grub(&disk, work);
     InstalledDisk {
@@ -385,28 +384,68 @@ fn debugfs_script(fs: &Path, cmds: &str, file: &Path) {
     );
 }
 
+/// The byte ranges of a sparse file that hold data, by `qemu-img map` (which asks the host
+/// filesystem), widened to whole blocks, sorted and merged: reading the holes of a mostly
+/// empty 3 GiB disk costs seconds each time.
+fn data_extents(files: &[&Path]) -> Vec<(u64, u64)> {
+    let mut ranges = Vec::new();
+    for f in files {
+        let map = run_ok("qemu-img", &["map", "-f", "raw", "--output=json", p(f)]);
+        let json: serde_json::Value = serde_json::from_str(&map).expect("qemu-img map JSON");
+        for e in json.as_array().unwrap() {
+            if e["data"] == true {
+                let start = e["start"].as_u64().unwrap();
+                let end = start + e["length"].as_u64().unwrap();
+                let b = BLOCK as u64;
+                ranges.push((start / b * b, end.div_ceil(b) * b));
+            }
+        }
+    }
+    ranges.sort_unstable();
+    let mut merged: Vec<(u64, u64)> = Vec::new();
+    for (start, end) in ranges {
+        match merged.last_mut() {
+            Some(last) if start <= last.1 => last.1 = last.1.max(end),
+            _ => merged.push((start, end)),
+        }
+    }
+    merged
+}
+
+/// Calls `each(offset, bytes)` for the data of `file` within `ranges`, a MiB at a time.
+fn for_each_chunk(file: &std::fs::File, ranges: &[(u64, u64)], mut each: impl FnMut(u64, &[u8])) {
+    let len = file.metadata().unwrap().len();
+    let mut buf = vec![0u8; MIB as usize];
+    for &(start, end) in ranges {
+        let mut at = start;
+        while at < end.min(len) {
+            let n = (end.min(len) - at).min(MIB) as usize;
+            file.read_exact_at(&mut buf[..n], at).unwrap();
+            each(at, &buf[..n]);
+            at += n as u64;
+        }
+    }
+}
+
 /// Writes the blocks where `after` differs from `before` into `before`'s journal as one
 /// committed transaction (checksummed, v3), without applying them.
 fn journal_difference(before: &Path, after: &Path, work: &Path) {
-    let (a, b) = (
-        std::fs::File::open(before).unwrap(),
-        std::fs::File::open(after).unwrap(),
-    );
-    let len = a.metadata().unwrap().len();
-    assert_eq!(len, b.metadata().unwrap().len());
+    let a = std::fs::File::open(before).unwrap();
+    let b = std::fs::File::open(after).unwrap();
+    assert_eq!(a.metadata().unwrap().len(), b.metadata().unwrap().len());
     let blocks_file = work.join("journal-blocks.bin");
     let out = std::fs::File::create(&blocks_file).unwrap();
-    let (mut x, mut y) = (vec![0u8; BLOCK], vec![0u8; BLOCK]);
+    let mut old = vec![0u8; MIB as usize];
     let mut changed = Vec::new();
-    for n in 0..len / BLOCK as u64 {
-        a.read_exact_at(&mut x, n * BLOCK as u64).unwrap();
-        b.read_exact_at(&mut y, n * BLOCK as u64).unwrap();
-        if x != y {
-            out.write_all_at(&y, (changed.len() * BLOCK) as u64)
-                .unwrap();
-            changed.push(n.to_string());
+    for_each_chunk(&b, &data_extents(&[before, after]), |at, new| {
+        a.read_exact_at(&mut old[..new.len()], at).unwrap();
+        for (i, (x, y)) in old.chunks(BLOCK).zip(new.chunks(BLOCK)).enumerate() {
+            if x != y {
+                out.write_all_at(y, (changed.len() * BLOCK) as u64).unwrap();
+                changed.push((at / BLOCK as u64 + i as u64).to_string());
+            }
         }
-    }
+    });
     assert!(
         !changed.is_empty() && changed.len() <= MAX_JOURNALED_BLOCKS,
         "{} changed blocks",
@@ -419,6 +458,15 @@ fn journal_difference(before: &Path, after: &Path, work: &Path) {
     );
     debugfs_script(before, &cmds, &work.join("journal.debugfs"));
     std::fs::remove_file(&blocks_file).unwrap();
+}
+
+/// Copies the data of the sparse `image` into `disk` at byte `offset`.
+fn place_data(disk: &Path, offset: u64, image: &Path) {
+    let src = std::fs::File::open(image).unwrap();
+    let dst = std::fs::OpenOptions::new().write(true).open(disk).unwrap();
+    for_each_chunk(&src, &data_extents(&[image]), |at, data| {
+        dst.write_all_at(data, offset + at).unwrap();
+    });
 }
 
 /// A sparse disk with the installer's MBR: root (active) first, an extended partition to the
