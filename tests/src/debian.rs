@@ -135,7 +135,8 @@ pub fn root_tarball() -> (PathBuf, bool) {
     (tarball, true)
 }
 
-/// debootstrap into a scratch directory beside the cache, trim, tar, rename into place.
+/// debootstrap into a scratch directory beside the cache, trim, tar, rename into place (so a
+/// tarball that exists is complete).
 fn build_tarball(dir: &Path, codename: &str, mirror: &str, tarball: &Path) {
     let scratch = tempfile::tempdir_in(dir).unwrap();
     let root = scratch.path().join("root");
@@ -157,6 +158,19 @@ fn build_tarball(dir: &Path, codename: &str, mirror: &str, tarball: &Path) {
         partial = p(&partial)
     ));
     std::fs::rename(&partial, tarball).unwrap();
+    remove_older_tarballs(dir, tarball);
+}
+
+/// Tarballs of earlier recipes are never used again: a changed package list leaves one 250 MiB
+/// file behind each time.
+fn remove_older_tarballs(dir: &Path, keep: &Path) {
+    for entry in std::fs::read_dir(dir).unwrap().filter_map(|e| e.ok()) {
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        if name.starts_with("debian-") && name.ends_with(".tar") && entry.path() != keep {
+            std::fs::remove_file(entry.path()).unwrap();
+        }
+    }
 }
 
 /// `VERSION_CODENAME` of an os-release file.
