@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
+pub mod debian;
 pub mod fixtures;
 pub mod hive;
 pub mod http;

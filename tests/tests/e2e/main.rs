@@ -18,6 +18,7 @@ mod pxe_vm;
 mod qcow2_overlay;
 mod qcow2_read;
 mod qcow2_write;
+mod real_machine;
 mod tftp;
 mod vhdx_log;
 mod vhdx_read;
