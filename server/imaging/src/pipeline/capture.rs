@@ -163,7 +163,10 @@ pub fn data_ranges(src: &dyn BlockDevice) -> Result<Vec<Range<u64>>, BlockError>
 /// skips bytes. A real read failure shows when the ranges are read.
 pub(crate) fn data_ranges_or_whole(dev: &dyn BlockDevice) -> Vec<Range<u64>> {
     data_ranges(dev).unwrap_or_else(|e| {
-        tracing::debug!("no block status ({e}): treating {} bytes as data", dev.size());
+        tracing::debug!(
+            "no block status ({e}): treating {} bytes as data",
+            dev.size()
+        );
         std::iter::once(0..dev.size()).collect()
     })
 }
