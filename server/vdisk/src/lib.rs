@@ -269,6 +269,45 @@ pub(crate) fn read_mapped(
     Ok(())
 }
 
+/// Calls `op(pos, n, at)` for each piece of `offset..offset+len` that stays inside one
+/// `unit`-aligned unit (a grain, a block), `at` being the piece's place in the whole range.
+pub(crate) fn for_each_unit(
+    offset: u64,
+    len: u64,
+    unit: u64,
+    mut op: impl FnMut(u64, u64, usize) -> Result<(), BlockError>,
+) -> Result<(), BlockError> {
+    let unit = unit.max(1);
+    let mut done = 0u64;
+    while done < len {
+        let pos = offset + done;
+        let n = (unit - pos % unit).min(len - done);
+        op(pos, n, done as usize)?;
+        done += n;
+    }
+    Ok(())
+}
+
+/// [`read_mapped`] for formats whose stored data sits as is in the image `file` and whose
+/// every other piece reads as zeros (VHD, VHDX): `size` bounds the read.
+pub(crate) fn read_stored(
+    path: &Path,
+    file: &dyn BlockDevice,
+    size: u64,
+    buf: &mut [u8],
+    offset: u64,
+    map: impl Fn(u64, u64) -> Result<Mapping, ImageError>,
+) -> Result<(), BlockError> {
+    diskferry_blockdev::check_range(size, offset, buf.len() as u64)?;
+    read_mapped(path, buf, offset, map, |m, _, dst| match m {
+        Mapping::Data { host, .. } => file.read_at(dst, host),
+        _ => {
+            dst.fill(0);
+            Ok(())
+        }
+    })
+}
+
 /// Block status from mappings: stored data is `Data`, zero pieces `Zero`, unallocated pieces
 /// `unallocated` (zeros, or the backing image's data for an overlay). At most 4096 extents.
 pub(crate) fn status_mapped(

@@ -24,8 +24,8 @@ mod write;
 
 pub use write::geometry_for;
 
-use super::{read_mapped, status_mapped, FormatError, ImageError, Mapping};
-use diskferry_blockdev::{check_range, BlockDevice, Extent, Region, Result};
+use super::{read_stored, status_mapped, FormatError, ImageError, Mapping};
+use diskferry_blockdev::{BlockDevice, Extent, Region, Result};
 use ondisk::{bat, SECTOR};
 
 pub const MAGIC: &[u8; 8] = ondisk::footer::COOKIE_VALUE;
@@ -164,19 +164,13 @@ impl BlockDevice for Vhd {
     }
 
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
-        check_range(self.size, offset, buf.len() as u64)?;
-        read_mapped(
+        read_stored(
             &self.path,
+            &*self.file,
+            self.size,
             buf,
             offset,
             |pos, max| self.map(pos, max),
-            |m, _, dst| match m {
-                Mapping::Data { host, .. } => self.file.read_at(dst, host),
-                _ => {
-                    dst.fill(0);
-                    Ok(())
-                }
-            },
         )
     }
 

@@ -177,14 +177,7 @@ impl Vhd {
         check_range(self.size, offset, len)?;
         let unit = self.block_size().unwrap_or(len.max(1));
         let mut st = self.lock();
-        let mut done = 0u64;
-        while done < len {
-            let pos = offset + done;
-            let n = (unit - pos % unit).min(len - done);
-            op(&mut st, pos, n, done as usize)?;
-            done += n;
-        }
-        Ok(())
+        crate::for_each_unit(offset, len, unit, |pos, n, at| op(&mut st, pos, n, at))
     }
 
     pub(super) fn write(&self, buf: &[u8], offset: u64) -> Result<()> {

@@ -24,9 +24,9 @@ pub mod ondisk;
 mod open;
 mod write;
 
-use super::{read_mapped, status_mapped, FormatError, ImageError, Mapping};
+use super::{read_stored, status_mapped, FormatError, ImageError, Mapping};
 use crate::Allowed;
-use diskferry_blockdev::{check_range, BlockDevice, Extent, Region, Result};
+use diskferry_blockdev::{BlockDevice, Extent, Region, Result};
 use ondisk::{bat, MIB};
 
 pub const MAGIC: &[u8; 8] = ondisk::ident::SIGNATURE_VALUE;
@@ -201,19 +201,13 @@ impl BlockDevice for Vhdx {
     }
 
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
-        check_range(self.size, offset, buf.len() as u64)?;
-        read_mapped(
+        read_stored(
             &self.path,
+            &*self.file,
+            self.size,
             buf,
             offset,
             |pos, max| self.map(pos, max),
-            |m, _, dst| match m {
-                Mapping::Data { host, .. } => self.file.read_at(dst, host),
-                _ => {
-                    dst.fill(0);
-                    Ok(())
-                }
-            },
         )
     }
 

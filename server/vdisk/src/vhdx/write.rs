@@ -49,14 +49,9 @@ impl Vhdx {
         }
         check_range(self.size, offset, len)?;
         let mut st = self.lock();
-        let mut done = 0u64;
-        while done < len {
-            let pos = offset + done;
-            let n = (self.block_size - pos % self.block_size).min(len - done);
-            op(&mut st, pos, n, done as usize)?;
-            done += n;
-        }
-        Ok(())
+        crate::for_each_unit(offset, len, self.block_size, |pos, n, at| {
+            op(&mut st, pos, n, at)
+        })
     }
 
     pub(super) fn write(&self, buf: &[u8], offset: u64) -> Result<()> {

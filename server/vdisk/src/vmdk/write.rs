@@ -214,14 +214,9 @@ impl Vmdk {
         }
         check_range(self.size, offset, len)?;
         let mut st = self.lock();
-        let mut done = 0u64;
-        while done < len {
-            let pos = offset + done;
-            let n = (self.grain - pos % self.grain).min(len - done);
-            op(&mut st, pos, n, done as usize)?;
-            done += n;
-        }
-        Ok(())
+        crate::for_each_unit(offset, len, self.grain, |pos, n, at| {
+            op(&mut st, pos, n, at)
+        })
     }
 
     pub(super) fn write(&self, buf: &[u8], offset: u64) -> Result<()> {
