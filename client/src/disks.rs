@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 
 use bytes::BytesMut;
 use diskferry_localdisk::{LocalDisk, Region};
+use diskferry_protocol::chunks::{self, ChunkHash};
 use diskferry_protocol::stream::{data_reply_buffer, DATA_HEADROOM};
 use diskferry_protocol::{BlockState, DiskInfo, ErrorCode, Extent};
 
@@ -232,6 +233,31 @@ impl OpenDisk {
     }
 
     /// Which parts of `offset..offset+len` are holes, as far as the OS tells cheaply.
+    /// BLAKE3 of each `chunk`-byte piece of `offset..offset+len` (the last one shorter), read
+    /// one chunk at a time: the only memory held is one chunk.
+    pub fn hash_chunks(
+        &self,
+        offset: u64,
+        len: u64,
+        chunk: u32,
+    ) -> Result<Vec<ChunkHash>, DiskError> {
+        let count = chunks::hash_count(len, chunk)
+            .map_err(|why| DiskError::new(ErrorCode::TooLarge, why))?;
+        self.check_range(offset, len)?;
+        let mut buf = vec![0u8; (u64::from(chunk)).min(len) as usize];
+        let mut out = Vec::with_capacity(count);
+        let mut at = offset;
+        while at < offset + len {
+            let n = (offset + len - at).min(u64::from(chunk)) as usize;
+            self.disk
+                .read_exact_at(&mut buf[..n], at)
+                .map_err(|e| DiskError::io("read", at, e))?;
+            out.push(chunks::chunk_hash(&buf[..n]));
+            at += n as u64;
+        }
+        Ok(out)
+    }
+
     pub fn block_status(&self, offset: u64, len: u64) -> Result<Vec<Extent>, DiskError> {
         if offset >= self.size {
             return Err(DiskError::new(

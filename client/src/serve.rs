@@ -36,6 +36,8 @@ const WRITE_BATCH: usize = 4 << 20;
 const REPLY_FLOOR: u32 = 1 << 10;
 /// Budget of a block status: its most extents, as held in memory.
 const STATUS_REPLY: u32 = (MAX_STATUS_EXTENTS * size_of::<Extent>()) as u32 + REPLY_FLOOR;
+/// Most a HashChunks reply holds: 32 bytes a chunk.
+const HASHES_REPLY: u32 = (diskferry_protocol::chunks::MAX_HASHES * 32) as u32 + REPLY_FLOOR;
 /// Budget of an identity: the largest document.
 const IDENTITY_REPLY: u32 = MAX_IDENTITY as u32 + REPLY_FLOOR;
 /// Budget of one disk in a disk list (its name is a path, at most 4 KiB on Linux).
@@ -245,6 +247,7 @@ impl Connection {
             disk_op @ (Request::Flush { .. }
             | Request::Discard { .. }
             | Request::BlockStatus { .. }
+            | Request::HashChunks { .. }
             | Request::WriteZeroes { .. }) => self.disk_op(cookie, disk_op, permit),
         }
         ControlFlow::Continue(())
@@ -257,6 +260,8 @@ impl Connection {
             Request::Read { len, .. } if *len <= self.max_payload => *len,
             Request::Write { data, .. } => u32::try_from(data.len()).unwrap_or(u32::MAX),
             Request::BlockStatus { .. } => STATUS_REPLY,
+            // The chunk it reads into, and a reply of at most 128 KiB.
+            Request::HashChunks { chunk, .. } => (*chunk).max(HASHES_REPLY),
             Request::Identify => IDENTITY_REPLY,
             Request::ListDisks => DISK_REPLY
                 .saturating_mul(u32::try_from(self.config.disks.len()).unwrap_or(u32::MAX)),
@@ -291,6 +296,14 @@ impl Connection {
                 len,
             } => self.on_disk(cookie, handle, permit, move |d| {
                 d.write_zeroes(offset, len).map(|()| Reply::Done)
+            }),
+            Request::HashChunks {
+                handle,
+                offset,
+                len,
+                chunk,
+            } => self.on_disk(cookie, handle, permit, move |d| {
+                d.hash_chunks(offset, len, chunk).map(Reply::Hashes)
             }),
             other => unreachable!("answer() sends only disk operations here, not {other:?}"),
         }

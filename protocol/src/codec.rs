@@ -8,6 +8,7 @@
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use tokio_util::codec::{Decoder, Encoder};
 
+use crate::chunks::{ChunkHash, MAX_HASHES};
 use crate::message::{
     BlockState, DiskInfo, ErrorCode, Extent, Message, PowerAction, Reply, Request, MAX_IDENTITY,
 };
@@ -28,17 +29,21 @@ mod kind {
     pub const IDENTIFY: u8 = 0x09;
     pub const POWER: u8 = 0x0a;
     pub const WRITE_ZEROES: u8 = 0x0b;
+    pub const HASH_CHUNKS: u8 = 0x0c;
     pub const DISKS: u8 = 0x81;
     pub const OPENED: u8 = 0x82;
     pub const DATA: u8 = 0x83;
     pub const DONE: u8 = 0x84;
     pub const STATUS: u8 = 0x85;
     pub const IDENTITY: u8 = 0x86;
+    pub const HASHES: u8 = 0x87;
     pub const ERROR: u8 = 0xff;
 }
 
 /// Encoded size of one extent in a Status reply.
 const EXTENT_LEN: usize = 9;
+/// One chunk hash in a [`Reply::Hashes`].
+const HASH_LEN: usize = 32;
 /// Smallest encoded DiskInfo (all strings empty).
 const MIN_DISK_INFO_LEN: usize = 2 + 8 + 4 + 4 + 2 + 2 + 1 + 1;
 
@@ -192,6 +197,7 @@ fn encode_request(cookie: u64, request: &Request, dst: &mut BytesMut) -> Result<
         Request::Identify => kind::IDENTIFY,
         Request::Power { .. } => kind::POWER,
         Request::WriteZeroes { .. } => kind::WRITE_ZEROES,
+        Request::HashChunks { .. } => kind::HASH_CHUNKS,
     };
     dst.put_u8(kind);
     dst.put_u64(cookie);
@@ -238,6 +244,17 @@ fn encode_request(cookie: u64, request: &Request, dst: &mut BytesMut) -> Result<
             dst.put_u64(*offset);
             dst.put_u64(*len);
         }
+        Request::HashChunks {
+            handle,
+            offset,
+            len,
+            chunk,
+        } => {
+            dst.put_u32(*handle);
+            dst.put_u64(*offset);
+            dst.put_u64(*len);
+            dst.put_u32(*chunk);
+        }
     }
     Ok(())
 }
@@ -250,6 +267,7 @@ fn encode_reply(cookie: u64, reply: &Reply, dst: &mut BytesMut) -> Result<(), Pr
         Reply::Done => kind::DONE,
         Reply::Status(_) => kind::STATUS,
         Reply::Identity(_) => kind::IDENTITY,
+        Reply::Hashes(_) => kind::HASHES,
         Reply::Error { .. } => kind::ERROR,
     };
     dst.put_u8(kind);
@@ -301,6 +319,16 @@ fn encode_reply(cookie: u64, reply: &Reply, dst: &mut BytesMut) -> Result<(), Pr
                     BlockState::Unknown => 2,
                 });
             }
+        }
+        Reply::Hashes(hashes) => {
+            if hashes.len() > MAX_HASHES {
+                return Err(ProtocolError::malformed(format!(
+                    "{} hashes are more than {MAX_HASHES}",
+                    hashes.len()
+                )));
+            }
+            dst.put_u32(hashes.len() as u32);
+            hashes.iter().for_each(|h| dst.put_slice(h));
         }
         Reply::Error { code, message } => {
             dst.put_u16(code.to_u16());
@@ -433,6 +461,12 @@ fn decode_request(kind: u8, b: &mut Body) -> Result<Request, ProtocolError> {
             offset: b.u64("offset")?,
             len: b.u64("length")?,
         },
+        kind::HASH_CHUNKS => Request::HashChunks {
+            handle: b.u32("handle")?,
+            offset: b.u64("offset")?,
+            len: b.u64("length")?,
+            chunk: b.u32("chunk size")?,
+        },
         kind::IDENTIFY => Request::Identify,
         kind::POWER => Request::Power {
             action: match b.u8("power action")? {
@@ -475,6 +509,7 @@ fn decode_reply(kind: u8, b: &mut Body) -> Result<Reply, ProtocolError> {
         }
         kind::DONE => Reply::Done,
         kind::STATUS => Reply::Status(decode_extents(b)?),
+        kind::HASHES => Reply::Hashes(decode_hashes(b)?),
         kind::ERROR => Reply::Error {
             code: ErrorCode::from_u16(b.u16("error code")?),
             message: b.string("error message")?,
@@ -519,4 +554,21 @@ fn decode_extents(b: &mut Body) -> Result<Vec<Extent>, ProtocolError> {
         extents.push(Extent { len, state });
     }
     Ok(extents)
+}
+
+fn decode_hashes(b: &mut Body) -> Result<Vec<ChunkHash>, ProtocolError> {
+    let n = b.count(HASH_LEN, "hash list")?;
+    if n > MAX_HASHES {
+        return Err(ProtocolError::malformed(format!(
+            "{n} hashes are more than {MAX_HASHES}"
+        )));
+    }
+    let mut hashes = Vec::with_capacity(n);
+    for _ in 0..n {
+        b.need(HASH_LEN, "a hash")?;
+        let mut h = [0u8; HASH_LEN];
+        b.buf.copy_to_slice(&mut h);
+        hashes.push(h);
+    }
+    Ok(hashes)
 }

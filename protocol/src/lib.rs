@@ -16,6 +16,7 @@
 #![forbid(unsafe_code)]
 
 pub mod admission;
+pub mod chunks;
 #[cfg(feature = "io")]
 pub mod codec;
 #[cfg(feature = "io")]

@@ -58,6 +58,15 @@ pub enum Request {
         offset: u64,
         len: u64,
     },
+    /// Hash the range in fixed chunks (see [`crate::chunks`]): answered with
+    /// [`Reply::Hashes`], one hash per chunk, so the server learns what changed without the
+    /// bytes crossing the wire.
+    HashChunks {
+        handle: u32,
+        offset: u64,
+        len: u64,
+        chunk: u32,
+    },
     /// Describe the machine (dial-back agents): answered with [`Reply::Identity`].
     Identify,
     /// Reboot or power off the machine, after answering (only agents allowed to).
@@ -93,6 +102,8 @@ pub enum Reply {
     /// Consecutive extents starting at the requested offset. They may cover less than was
     /// asked (the requester asks again from where they end), never more.
     Status(Vec<Extent>),
+    /// One hash per chunk of a [`Request::HashChunks`], in order.
+    Hashes(Vec<crate::chunks::ChunkHash>),
     /// The machine's identity as a JSON document (at most [`MAX_IDENTITY`] bytes): MAC
     /// addresses, DMI vendor/product/serial/UUID, CPUs, memory, disks.
     Identity(String),

@@ -95,6 +95,23 @@ fn samples() -> Vec<Message> {
             cookie: u64::MAX,
             request: Request::Close { handle: 7 },
         },
+        Message::Request {
+            cookie: 8,
+            request: Request::HashChunks {
+                handle: 7,
+                offset: 1 << 20,
+                len: 3 << 30,
+                chunk: 1 << 20,
+            },
+        },
+        Message::Reply {
+            cookie: 8,
+            reply: Reply::Hashes((0..=255u8).map(|i| [i; 32]).collect()),
+        },
+        Message::Reply {
+            cookie: 9,
+            reply: Reply::Hashes(Vec::new()),
+        },
         Message::Reply {
             cookie: 1,
             reply: Reply::Disks(vec![
@@ -377,5 +394,26 @@ fn bad_power_actions_and_non_utf8_identities_are_rejected() {
         buf.put_u64(1);
         buf.put_slice(&body);
         assert!(codec.decode(&mut buf).is_err(), "kind {kind:#x}");
+    }
+}
+
+#[test]
+fn a_hash_list_longer_than_the_limit_or_the_frame_is_refused() {
+    use diskferry_protocol::chunks::MAX_HASHES;
+    let mut codec = FrameCodec::new(1 << 20);
+    for (count, hashes) in [(MAX_HASHES as u32 + 1, MAX_HASHES + 1), (1000, 999)] {
+        let mut body = BytesMut::new();
+        body.put_u8(0x87);
+        body.put_u64(1);
+        body.put_u32(count);
+        body.put_slice(&vec![0u8; hashes * 32]);
+        let mut frame = BytesMut::new();
+        frame.put_u32(body.len() as u32);
+        frame.put_slice(&body);
+        let got = codec.decode(&mut frame);
+        assert!(
+            matches!(got, Err(ProtocolError::Malformed(_))),
+            "{count} hashes claimed, {hashes} sent: {got:?}"
+        );
     }
 }

@@ -10,6 +10,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 
 use super::{BlockDevice, BlockError, Extent, Result};
+use diskferry_protocol::chunks::ChunkHash;
 
 /// Raised once to cancel; shared between the job and whoever may cancel it.
 #[derive(Debug, Clone, Default)]
@@ -66,6 +67,11 @@ impl BlockDevice for CancellableDevice {
     fn block_status(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {
         self.flag.check()?;
         self.inner.block_status(offset, len)
+    }
+
+    fn chunk_hashes(&self, offset: u64, len: u64, chunk: u32) -> Result<Vec<ChunkHash>> {
+        self.flag.check()?;
+        self.inner.chunk_hashes(offset, len, chunk)
     }
 
     fn read_ranges(

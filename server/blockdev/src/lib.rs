@@ -18,6 +18,7 @@ mod zero;
 use std::ops::Range;
 
 use bytes::Bytes;
+use diskferry_protocol::chunks::{self, ChunkHash};
 
 pub use cancel::{CancelFlag, CancellableDevice};
 pub use diskferry_localdisk::Region;
@@ -164,6 +165,26 @@ pub trait BlockDevice: Send + Sync {
         }])
     }
 
+    /// The hash of each `chunk`-byte piece of `offset..offset+len` (the last one shorter), as
+    /// [`diskferry_protocol::chunks`] defines it — what an incremental capture or a delta
+    /// deploy compares to learn which chunks changed. Within the protocol's limits (a
+    /// power-of-two chunk, at most `MAX_HASHES` chunks). By default the bytes are read and
+    /// hashed here; remote devices have the agent hash them, so no data crosses the wire.
+    fn chunk_hashes(&self, offset: u64, len: u64, chunk: u32) -> Result<Vec<ChunkHash>> {
+        let count = chunks::hash_count(len, chunk).map_err(BlockError::Protocol)?;
+        check_range(self.size(), offset, len)?;
+        let mut buf = vec![0u8; u64::from(chunk).min(len) as usize];
+        let mut out = Vec::with_capacity(count);
+        let mut at = offset;
+        while at < offset + len {
+            let n = (offset + len - at).min(u64::from(chunk)) as usize;
+            self.read_at(&mut buf[..n], at)?;
+            out.push(chunks::chunk_hash(&buf[..n]));
+            at += n as u64;
+        }
+        Ok(out)
+    }
+
     /// Reads many ranges, handing each piece to `sink` in order, as owned buffers the sink
     /// may pass to other threads. Remote devices override this to keep many requests in
     /// flight; sinks must accept pieces of any size.
@@ -184,6 +205,21 @@ pub trait BlockDevice: Send + Sync {
         }
         Ok(())
     }
+}
+
+/// The chunk hashes of a whole device, by as many [`BlockDevice::chunk_hashes`] calls as the
+/// protocol's per-request limit needs.
+pub fn hash_device(dev: &dyn BlockDevice, chunk: u32) -> Result<Vec<ChunkHash>> {
+    let size = dev.size();
+    let span = chunks::MAX_HASHES as u64 * u64::from(chunk);
+    let mut out = Vec::with_capacity(size.div_ceil(u64::from(chunk).max(1)) as usize);
+    let mut at = 0;
+    while at < size {
+        let n = (size - at).min(span);
+        out.extend(dev.chunk_hashes(at, n, chunk)?);
+        at += n;
+    }
+    Ok(out)
 }
 
 /// The whole-device map: every extent from 0 to the end, by repeated `block_status` calls.

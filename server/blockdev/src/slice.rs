@@ -6,6 +6,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 
 use super::{check_range, BlockDevice, Extent, Result};
+use diskferry_protocol::chunks::ChunkHash;
 
 /// Bytes `start..start+len` of an inner device, addressed from 0.
 pub struct SliceDevice {
@@ -83,6 +84,11 @@ impl BlockDevice for SliceDevice {
                 })
             })
             .collect())
+    }
+
+    fn chunk_hashes(&self, offset: u64, len: u64, chunk: u32) -> Result<Vec<ChunkHash>> {
+        check_range(self.len, offset, len)?;
+        self.inner.chunk_hashes(self.start + offset, len, chunk)
     }
 
     fn read_ranges(

@@ -483,6 +483,7 @@ pub(super) fn unexpected(op: &'static str, offset: Option<u64>, reply: Reply) ->
                 Reply::Data(_) => "data",
                 Reply::Done => "done",
                 Reply::Status(_) => "status",
+                Reply::Hashes(_) => "hashes",
                 Reply::Identity(_) => "identity",
                 Reply::Error { .. } => "error",
             };

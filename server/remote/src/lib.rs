@@ -14,6 +14,7 @@ use std::ops::Range;
 use std::sync::Arc;
 
 use bytes::Bytes;
+use diskferry_protocol::chunks::{self, ChunkHash};
 use diskferry_protocol::{BlockState, Reply, Request};
 
 pub use connection::{Completion, ConnectError, Connection};
@@ -150,6 +151,9 @@ impl RemoteDisk {
         })
     }
 }
+
+/// Most bytes one HashChunks request covers.
+const HASH_SPAN: u64 = 256 << 20;
 
 /// Checks a data reply's length: a short or long reply is a broken peer, never truncated data.
 fn expect_data(reply: Result<Reply>, offset: u64, len: usize) -> Result<Bytes> {
@@ -303,6 +307,44 @@ impl BlockDevice for RemoteDisk {
             pos += e.len;
         }
         Ok(out)
+    }
+
+    /// The agent hashes: requests of at most [`HASH_SPAN`] bytes (so each reply comes well
+    /// within the reply timeout even from a slow disk), a few in flight to keep its disk busy.
+    fn chunk_hashes(&self, offset: u64, len: u64, chunk: u32) -> Result<Vec<ChunkHash>> {
+        let count = chunks::hash_count(len, chunk).map_err(BlockError::Protocol)?;
+        check_range(self.size, offset, len)?;
+        let span = (HASH_SPAN / u64::from(chunk)).max(1) * u64::from(chunk);
+        let mut pieces = (offset..offset + len)
+            .step_by(span as usize)
+            .map(|at| (at, (offset + len - at).min(span)));
+        let mut inflight = VecDeque::new();
+        let mut out = Vec::with_capacity(count);
+        loop {
+            while inflight.len() < self.depth.min(4) {
+                let Some((at, n)) = pieces.next() else { break };
+                let request = Request::HashChunks {
+                    handle: self.handle,
+                    offset: at,
+                    len: n,
+                    chunk,
+                };
+                inflight.push_back((at, n, self.conn.request_sync(request)));
+            }
+            let Some((at, n, rx)) = inflight.pop_front() else {
+                return Ok(out);
+            };
+            match self.wait(rx)? {
+                Reply::Hashes(h) if h.len() as u64 == n.div_ceil(u64::from(chunk)) => out.extend(h),
+                Reply::Hashes(h) => {
+                    return Err(BlockError::Protocol(format!(
+                        "asked the hashes of {n} bytes at offset {at} in chunks of {chunk}, got {}",
+                        h.len()
+                    )))
+                }
+                other => return Err(unexpected("hash chunks", Some(at), other)),
+            }
+        }
     }
 
     fn read_ranges(

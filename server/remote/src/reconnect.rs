@@ -13,6 +13,7 @@ use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use diskferry_protocol::chunks::ChunkHash;
 use diskferry_protocol::SessionOptions;
 
 use super::{ConnectError, Connection, RemoteDisk, RemoteOptions};
@@ -227,6 +228,10 @@ impl BlockDevice for ReconnectingDisk {
 
     fn block_status(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {
         self.retry(|d| d.block_status(offset, len))
+    }
+
+    fn chunk_hashes(&self, offset: u64, len: u64, chunk: u32) -> Result<Vec<ChunkHash>> {
+        self.retry(|d| d.chunk_hashes(offset, len, chunk))
     }
 
     /// Bulk reads resume after the last piece handed to `sink` (pieces arrive in order).

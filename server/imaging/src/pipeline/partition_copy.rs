@@ -275,6 +275,16 @@ impl BlockDevice for CountingDevice {
         self.inner.block_status(offset, len)
     }
 
+    /// Forwarded: the inner device may hash without reading here (a remote agent).
+    fn chunk_hashes(
+        &self,
+        offset: u64,
+        len: u64,
+        chunk: u32,
+    ) -> diskferry_blockdev::Result<Vec<[u8; 32]>> {
+        self.inner.chunk_hashes(offset, len, chunk)
+    }
+
     /// Forwarded, so bulk reads keep the inner device's pipelining.
     fn read_ranges(
         &self,
