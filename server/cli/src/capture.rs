@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, ValueEnum};
+use diskferry_imaging::chunkmap::{self, ChunkMap};
 use diskferry_imaging::pipeline::{Mode as DiskMode, OutputOptions};
 use diskferry_imaging::source::{open_source, SourceSpec};
 use diskferry_imaging::{CaptureOptions, CaptureOutcome, CaptureSummary};
@@ -36,6 +37,16 @@ pub(crate) struct CaptureArgs {
     /// source with the output; exit non-zero on any difference
     #[arg(long)]
     verify: bool,
+    /// Also write OUT.chunks: the source's chunk hashes (1 MiB chunks, computed by the agent
+    /// for a remote disk: no data crosses the wire for it), which a later `--base OUT`
+    /// capture compares against. Whole-disk (--mode sectors) captures can be bases
+    #[arg(long)]
+    chunk_map: bool,
+    /// Incremental capture: copy only the 1 MiB chunks that changed since PREVIOUS (a
+    /// whole-disk capture made with --chunk-map, or an earlier incremental one) into OUT, a
+    /// qcow2 overlay whose backing file is PREVIOUS; OUT gets its own chunk map
+    #[arg(long, value_name = "PREVIOUS", conflicts_with_all = ["size", "chunk_map"])]
+    base: Option<PathBuf>,
     #[command(flatten)]
     output: OutputArgs,
     #[command(flatten)]
@@ -158,14 +169,62 @@ pub(crate) fn run(args: CaptureArgs) -> Result<()> {
         args.conn.reconnect(),
     )?;
     let progress = progress_for(args.output.progress);
+    if let Some(base) = &args.base {
+        return capture_incremental(&args, &src, base, format, progress.as_ref());
+    }
     let options = CaptureOptions {
         output: args.output.options(format),
         mode: args.mode.into(),
         size: args.size.as_deref().map(images::parse_size).transpose()?,
         verify: args.verify,
     };
-    let outcome = diskferry_imaging::capture(src, &args.out, &options, progress.as_ref())?;
+    let outcome =
+        diskferry_imaging::capture(Arc::clone(&src), &args.out, &options, progress.as_ref())?;
     print_capture_summary(&outcome, format);
+    if args.chunk_map {
+        let map = ChunkMap::of_source(&*src, &outcome.out)?;
+        map.save(&outcome.out)?;
+        eprintln!(
+            "chunk map: {} ({} chunks)",
+            chunkmap::path_for(&outcome.out).display(),
+            map.hashes.len()
+        );
+    }
+    Ok(())
+}
+
+/// `--base PREVIOUS`: the changed chunks into a qcow2 overlay on PREVIOUS, then verified
+/// through the chain when asked.
+fn capture_incremental(
+    args: &CaptureArgs,
+    src: &Arc<dyn diskferry_blockdev::BlockDevice>,
+    base: &Path,
+    format: ImageFormat,
+    progress: &dyn diskferry_imaging::progress::Progress,
+) -> Result<()> {
+    if format != ImageFormat::Qcow2 || !matches!(args.mode, Mode::Sectors | Mode::Auto) {
+        bail!("an incremental capture is a qcow2 overlay of whole-disk chunks: give OUT a .qcow2 name (and --mode sectors or none)");
+    }
+    let stats = diskferry_imaging::pipeline::capture_incremental(
+        src,
+        &args.out,
+        base,
+        args.output.force,
+        progress,
+    )?;
+    eprintln!(
+        "captured {} of {} chunks changed since {} ({}) into {} (a qcow2 overlay on it), {:.1} s",
+        stats.changed_chunks,
+        stats.chunks,
+        base.display(),
+        human_bytes(stats.changed_bytes),
+        args.out.display(),
+        stats.elapsed.as_secs_f64()
+    );
+    if args.verify {
+        let (_, chain) = diskferry_vdisk::open_image(&args.out, true)?;
+        verify_and_report(src, &chain)?;
+    }
     Ok(())
 }
 

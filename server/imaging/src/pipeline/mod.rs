@@ -6,6 +6,7 @@
 pub mod capture;
 pub mod deploy;
 pub mod disk;
+pub mod incremental;
 mod output;
 mod partition_copy;
 mod plan;
@@ -15,5 +16,6 @@ mod writer;
 pub use capture::{capture_sectors, CaptureError, CaptureStats, OutputOptions};
 pub use deploy::{deploy_disk, DeployError, DeployReport};
 pub use disk::{capture_disk, DiskReport, Mode, PartitionReport};
+pub use incremental::{capture_incremental, IncrementalError, IncrementalStats};
 pub use output::{partial_path_for, OutputError, PartialOutput};
 pub use writer::{SparseWriter, WriteStats};

@@ -1,0 +1,219 @@
+//! A capture's chunk map: the hash of each fixed-size chunk of the *source* disk as it was
+//! captured (`CAPTURE.chunks`, beside the image), and the image file it describes (length and
+//! modification time), so a later incremental capture can ask the agent for today's hashes,
+//! copy only the chunks that differ, and refuse a base image that changed since.
+//!
+//! File format (little-endian): magic `DFCHUNK1`, chunk size u32, source size u64, image
+//! length u64, image mtime (seconds u64, nanoseconds u32), hash count u64, then 32 bytes per
+//! hash. Written under a temporary name and renamed.
+
+use std::io::Write;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+
+use diskferry_blockdev::{BlockDevice, BlockError};
+use diskferry_protocol::chunks::ChunkHash;
+
+const MAGIC: &[u8; 8] = b"DFCHUNK1";
+const HEADER: usize = 8 + 4 + 8 + 8 + 8 + 4 + 8;
+/// The chunk size new maps use.
+pub const DEFAULT_CHUNK: u32 = 1 << 20;
+/// Most hashes a map file may hold (64 TiB in 1 MiB chunks): bounds what loading allocates.
+const MAX_HASHES: u64 = 1 << 26;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ChunkMapError {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path} is not a diskferry chunk map: {why}")]
+    Invalid { path: PathBuf, why: String },
+    #[error("hashing the source: {0}")]
+    Hash(#[from] BlockError),
+}
+
+/// What a map says about a source and the image captured from it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChunkMap {
+    pub chunk: u32,
+    pub source_size: u64,
+    /// The image file when the map was written: (length, mtime seconds, mtime nanoseconds).
+    pub image_stamp: (u64, u64, u32),
+    pub hashes: Vec<ChunkHash>,
+}
+
+/// Where the map of the image at `image` lives.
+pub fn path_for(image: &Path) -> PathBuf {
+    let mut name = image.as_os_str().to_owned();
+    name.push(".chunks");
+    PathBuf::from(name)
+}
+
+/// The image file's length and modification time, as a map records them.
+pub fn stamp_of(image: &Path) -> Result<(u64, u64, u32), ChunkMapError> {
+    let meta = std::fs::metadata(image).map_err(|source| ChunkMapError::Io {
+        path: image.to_path_buf(),
+        source,
+    })?;
+    let mtime = meta
+        .modified()
+        .ok()
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .unwrap_or_default();
+    Ok((meta.len(), mtime.as_secs(), mtime.subsec_nanos()))
+}
+
+impl ChunkMap {
+    /// Hashes `source` (on the agent, for a remote disk) for the image at `image`.
+    pub fn of_source(source: &dyn BlockDevice, image: &Path) -> Result<ChunkMap, ChunkMapError> {
+        Ok(ChunkMap {
+            chunk: DEFAULT_CHUNK,
+            source_size: source.size(),
+            image_stamp: stamp_of(image)?,
+            hashes: diskferry_blockdev::hash_device(source, DEFAULT_CHUNK)?,
+        })
+    }
+
+    /// Writes the map beside `image` (temporary name, fsync, rename).
+    pub fn save(&self, image: &Path) -> Result<(), ChunkMapError> {
+        let path = path_for(image);
+        let tmp = PathBuf::from(format!("{}.partial", path.display()));
+        let io = |source| ChunkMapError::Io {
+            path: tmp.clone(),
+            source,
+        };
+        let mut out = Vec::with_capacity(HEADER + self.hashes.len() * 32);
+        out.extend_from_slice(MAGIC);
+        out.extend_from_slice(&self.chunk.to_le_bytes());
+        out.extend_from_slice(&self.source_size.to_le_bytes());
+        out.extend_from_slice(&self.image_stamp.0.to_le_bytes());
+        out.extend_from_slice(&self.image_stamp.1.to_le_bytes());
+        out.extend_from_slice(&self.image_stamp.2.to_le_bytes());
+        out.extend_from_slice(&(self.hashes.len() as u64).to_le_bytes());
+        self.hashes.iter().for_each(|h| out.extend_from_slice(h));
+        let mut file = std::fs::File::create(&tmp).map_err(io)?;
+        file.write_all(&out).map_err(io)?;
+        file.sync_all().map_err(io)?;
+        std::fs::rename(&tmp, &path).map_err(|source| ChunkMapError::Io { path, source })
+    }
+
+    /// Reads the map beside `image`, checking its size against what its header says.
+    pub fn load(image: &Path) -> Result<ChunkMap, ChunkMapError> {
+        let path = path_for(image);
+        let raw = std::fs::read(&path).map_err(|source| ChunkMapError::Io {
+            path: path.clone(),
+            source,
+        })?;
+        let invalid = |why: String| ChunkMapError::Invalid {
+            path: path.clone(),
+            why,
+        };
+        if raw.len() < HEADER || &raw[..8] != MAGIC {
+            return Err(invalid("no DFCHUNK1 header".into()));
+        }
+        let u32_at = |at: usize| u32::from_le_bytes(raw[at..at + 4].try_into().expect("4 bytes"));
+        let u64_at = |at: usize| u64::from_le_bytes(raw[at..at + 8].try_into().expect("8 bytes"));
+        let (chunk, source_size) = (u32_at(8), u64_at(12));
+        let image_stamp = (u64_at(20), u64_at(28), u32_at(36));
+        let count = u64_at(40);
+        if !chunk.is_power_of_two() || chunk < 4096 || count > MAX_HASHES {
+            return Err(invalid(format!(
+                "chunk size {chunk} or count {count} out of bounds"
+            )));
+        }
+        if count != source_size.div_ceil(u64::from(chunk)) {
+            return Err(invalid(format!(
+                "{count} hashes do not cover a source of {source_size} bytes"
+            )));
+        }
+        if raw.len() as u64 != HEADER as u64 + count * 32 {
+            return Err(invalid(format!(
+                "{} bytes long for {count} hashes",
+                raw.len()
+            )));
+        }
+        let hashes = raw[HEADER..]
+            .chunks_exact(32)
+            .map(|h| h.try_into().expect("32 bytes"))
+            .collect();
+        Ok(ChunkMap {
+            chunk,
+            source_size,
+            image_stamp,
+            hashes,
+        })
+    }
+
+    /// The byte ranges of the source whose chunks differ between `self` and `now` (same chunk
+    /// size and source size), joined where they touch.
+    pub fn changed(&self, now: &[ChunkHash]) -> Vec<Range<u64>> {
+        let chunk = u64::from(self.chunk);
+        let mut out: Vec<Range<u64>> = Vec::new();
+        for (i, (a, b)) in self.hashes.iter().zip(now).enumerate() {
+            if a == b {
+                continue;
+            }
+            let start = i as u64 * chunk;
+            let end = (start + chunk).min(self.source_size);
+            match out.last_mut() {
+                Some(r) if r.end == start => r.end = end,
+                _ => out.push(start..end),
+            }
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_map_round_trips_and_damage_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let image = dir.path().join("a.qcow2");
+        std::fs::write(&image, b"image").unwrap();
+        let map = ChunkMap {
+            chunk: 1 << 20,
+            source_size: (3 << 20) + 5,
+            image_stamp: stamp_of(&image).unwrap(),
+            hashes: vec![[1; 32], [2; 32], [3; 32], [4; 32]],
+        };
+        map.save(&image).unwrap();
+        assert_eq!(ChunkMap::load(&image).unwrap(), map);
+        let path = path_for(&image);
+        let mut raw = std::fs::read(&path).unwrap();
+        raw.truncate(raw.len() - 1);
+        std::fs::write(&path, &raw).unwrap();
+        assert!(matches!(
+            ChunkMap::load(&image),
+            Err(ChunkMapError::Invalid { .. })
+        ));
+        raw[40] = 9; // the count no longer covers the source
+        std::fs::write(&path, &raw).unwrap();
+        assert!(matches!(
+            ChunkMap::load(&image),
+            Err(ChunkMapError::Invalid { .. })
+        ));
+    }
+
+    #[test]
+    fn changed_chunks_become_joined_ranges() {
+        let map = ChunkMap {
+            chunk: 4096,
+            source_size: 4 * 4096 + 100,
+            image_stamp: (0, 0, 0),
+            hashes: vec![[0; 32]; 5],
+        };
+        let mut now = vec![[0; 32]; 5];
+        now[1] = [1; 32];
+        now[2] = [1; 32];
+        now[4] = [1; 32];
+        assert_eq!(
+            map.changed(&now),
+            [4096..3 * 4096, 4 * 4096..4 * 4096 + 100]
+        );
+    }
+}
