@@ -20,9 +20,8 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::capture::{
-    copy_ranges, data_ranges, data_ranges_or_whole, CaptureError, CopyError, OutputOptions,
-};
+use super::capture::{copy_ranges, data_ranges_or_whole, CaptureError, CopyError, OutputOptions};
+use super::delta::write_delta;
 use super::output::PartialOutput;
 use super::partition_copy::{
     capture_partition, copy_plan, staging_device, zero, Overall, PartError,
@@ -259,21 +258,23 @@ fn write_partition(
     let number = pp.part.number;
     let ddev: Arc<dyn BlockDevice> =
         Arc::new(SliceDevice::new(Arc::clone(ends.dst), target.start, target.size).map_err(werr)?);
-    if ends.used_disk() {
-        zero(&*ddev, 0..ddev.size()).map_err(werr)?;
-    }
-    if !(ends.used_disk() && ranges.is_none()) {
+    if !ends.used_disk() {
         return capture_partition(target, &pp.dev, &ddev, pp.kind, ranges, progress)
             .map_err(|e| ends.part_err(e, number));
     }
-    // Built locally, then sent as large writes of the data it holds.
+    // Built locally, then only the chunks that differ from what the disk holds are sent.
     let stage = staging_device(ddev.size()).map_err(werr)?;
-    let read = capture_partition(target, &pp.dev, &stage, pp.kind, None, progress)
+    let read = capture_partition(target, &pp.dev, &stage, pp.kind, ranges, progress)
         .map_err(|e| ends.part_err(e, number))?;
-    let written = data_ranges(&*stage).map_err(werr)?;
-    copy_ranges(&*stage, &ddev, &written, &crate::progress::Silent).map_err(|e| match e {
+    let delta = write_delta(&stage, &ddev).map_err(|e| match e {
         CopyError::Read(e) | CopyError::Write(e) => werr(e),
     })?;
+    tracing::info!(
+        partition = number,
+        "sent {} of the {} the partition holds (the rest was already on the disk)",
+        crate::units::human_bytes(delta.sent_bytes),
+        crate::units::human_bytes(delta.data_bytes)
+    );
     Ok(read)
 }
 

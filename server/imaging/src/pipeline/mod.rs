@@ -4,6 +4,7 @@
 //! [`crate::progress::Progress`].
 
 pub mod capture;
+pub mod delta;
 pub mod deploy;
 pub mod disk;
 pub mod incremental;
