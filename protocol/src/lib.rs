@@ -44,10 +44,14 @@ pub use message::{
 };
 
 /// Protocol versions this build speaks (inclusive range).
-/// Version 2 replaced version 1's pre-shared key with server and agent keys (Noise `XK`).
+/// Version 2 replaced version 1's pre-shared key with server and agent keys (Noise `XK`);
+/// version 3 adds `HashChunks` (a version-2 agent would drop the connection on it, so the
+/// server sends it only on a version-3 session).
 pub const VERSION_MIN: u16 = 2;
 /// Highest protocol version this build speaks.
-pub const VERSION_MAX: u16 = 2;
+pub const VERSION_MAX: u16 = 3;
+/// The first version with [`Request::HashChunks`].
+pub const VERSION_HASH_CHUNKS: u16 = 3;
 
 /// Hard ceiling on a data payload (one Read reply or Write request), whatever a peer advertises.
 pub const MAX_PAYLOAD_LIMIT: u32 = 32 << 20;

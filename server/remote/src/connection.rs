@@ -57,6 +57,8 @@ struct Shared {
     dead: tokio::sync::watch::Sender<bool>,
     next_cookie: AtomicU64,
     max_payload: u32,
+    /// The protocol version both sides speak.
+    version: u16,
     peer: String,
     /// The peer's static key, proven by the handshake.
     peer_key: PublicKey,
@@ -178,6 +180,7 @@ impl Connection {
             dead: tokio::sync::watch::channel(false).0,
             next_cookie: AtomicU64::new(1),
             max_payload: session.max_payload,
+            version: session.version,
             peer,
             peer_key: session.peer_key,
             progress: Mutex::new(Instant::now()),
@@ -260,6 +263,11 @@ impl Connection {
     /// Largest data payload either side accepts in one frame.
     pub fn max_payload(&self) -> u32 {
         self.shared.max_payload
+    }
+
+    /// The protocol version the handshake settled on.
+    pub fn version(&self) -> u16 {
+        self.shared.version
     }
 
     /// The address of the client.

@@ -312,6 +312,11 @@ impl BlockDevice for RemoteDisk {
     /// The agent hashes: requests of at most [`HASH_SPAN`] bytes (so each reply comes well
     /// within the reply timeout even from a slow disk), a few in flight to keep its disk busy.
     fn chunk_hashes(&self, offset: u64, len: u64, chunk: u32) -> Result<Vec<ChunkHash>> {
+        if self.conn.version() < diskferry_protocol::VERSION_HASH_CHUNKS {
+            return Err(BlockError::Unsupported(
+                "chunk hashes: the agent speaks an older protocol (update diskferry-client)",
+            ));
+        }
         let count = chunks::hash_count(len, chunk).map_err(BlockError::Protocol)?;
         check_range(self.size, offset, len)?;
         let span = (HASH_SPAN / u64::from(chunk)).max(1) * u64::from(chunk);

@@ -72,7 +72,7 @@ fn changed_chunks(
         let n = (run.end - at).min(span);
         let theirs = match target.chunk_hashes(at, n, CHUNK) {
             Ok(h) => h,
-            Err(BlockError::Remote { .. }) => {
+            Err(BlockError::Remote { .. } | BlockError::Unsupported(_)) => {
                 tracing::debug!("the target cannot hash chunks: sending every data chunk");
                 return Ok(vec![run]);
             }

@@ -196,6 +196,10 @@ fn answer(script: &Script, request: Request, seen: &Mutex<Seen>) -> Option<Reply
             code: ErrorCode::Unsupported,
             message: "no block status".into(),
         },
+        Request::HashChunks { .. } => Reply::Error {
+            code: ErrorCode::Unsupported,
+            message: "no chunk hashes".into(),
+        },
         _ => Reply::Done,
     })
 }
