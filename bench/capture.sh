@@ -23,7 +23,7 @@ cargo build --release --quiet -p diskferry-cli
 deploy/build-client.sh "$work/bin" >&2
 client="$work/bin/diskferry-client"
 diskferry=${CARGO_TARGET_DIR:-target}/release/diskferry
-"$diskferry" keygen "$work/key" 2>/dev/null
+server_key=$("$diskferry" keygen "$work/key" 2>/dev/null) # the public half, for the clients
 
 echo "== generating ~1.2 GiB of mixed files" >&2
 python3 - "$work/tree" <<'EOF'
@@ -64,8 +64,8 @@ used=$(dumpe2fs -h "$work/part.ext4" 2>/dev/null | awk -F: '/^Block count/{b=$2}
 echo "== used bytes in the partition: $((used >> 20)) MiB" >&2
 cat "$work/disk.img" "$work/big.img" "$work/part.ext4" > /dev/null
 
-bench_spawn client "$client" --listen 127.0.0.1:0 --key-file "$work/key" --disk "$work/disk.img"
-bench_spawn client-big "$client" --listen 127.0.0.1:0 --key-file "$work/key" --disk "$work/big.img"
+bench_spawn client "$client" --listen 127.0.0.1:0 --server-key "$server_key" --disk "$work/disk.img"
+bench_spawn client-big "$client" --listen 127.0.0.1:0 --server-key "$server_key" --disk "$work/big.img"
 port=$(bench_wait_port client 127.0.0.1)
 port_big=$(bench_wait_port client-big 127.0.0.1)
 

@@ -36,13 +36,13 @@ diskferry=${CARGO_TARGET_DIR:-target}/release/diskferry
 
 echo "== generating a ${size_mib} MiB disk of random data" >&2
 head -c $((size_mib << 20)) /dev/urandom > "$work/disk.img"
-"$diskferry" keygen "$work/key" 2>/dev/null
+server_key=$("$diskferry" keygen "$work/key" 2>/dev/null) # the public half, for the clients
 cat "$work/disk.img" > /dev/null # warm the page cache for everyone
 
 now() { date +%s.%N; }
 start_client() { # name, cpu list, extra args...; the client's pid goes to NAME.pid
   local name=$1 cpus=$2; shift 2
-  bench_spawn "$name" taskset -c "$cpus" "$client" --listen 127.0.0.1:0 --key-file "$work/key" \
+  bench_spawn "$name" taskset -c "$cpus" "$client" --listen 127.0.0.1:0 --server-key "$server_key" \
     --disk "$work/disk.img" "$@"
   echo "$bench_last_pid" > "$work/$name.pid"
 }
