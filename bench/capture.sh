@@ -80,7 +80,7 @@ time_it() { # key, output file (- for none), command...
   if [ "$out" != - ] && [ -e "$out" ]; then size[$key]=$(( $(stat -c %b "$out") * 512 )); else size[$key]=$used; fi
 }
 k=(--key-file "$work/key")
-"$diskferry" inspect "$work/disk.img" | grep -q "partition table: gpt" || { echo "no GPT on the source" >&2; exit 1; }
+"$diskferry" inspect "$work/disk.img" | grep "partition table: gpt" >/dev/null || { echo "no GPT on the source" >&2; exit 1; }
 for round in $(seq "$rounds"); do
   time_it files "$work/f.vhdx" "$diskferry" capture "$work/disk.img@127.0.0.1:$port" "$work/f.vhdx" --mode files "${k[@]}"
   time_it blocks "$work/b.vhdx" "$diskferry" capture "$work/disk.img@127.0.0.1:$port" "$work/b.vhdx" --mode blocks "${k[@]}"

@@ -12,7 +12,8 @@
 # (/proc/PID/task/*/children), so nothing depends on where a pid was recorded.
 #
 # Rules for scripts: call `bench_init` once; start long-lived processes with `bench_spawn` (never
-# inside `$(…)`); run long foreground steps with `bench_run` so a signal is handled at once
+# inside `$(…)`: a process left behind by a finished subshell is reparented away from this shell
+# and no cleanup can find it); run long foreground steps with `bench_run` so a signal is handled at once
 # instead of when the step ends; register teardown with `bench_on_exit`.
 
 bench_work=""
@@ -36,6 +37,7 @@ bench_spawn() {
   local name=$1
   shift
   "$@" >"$bench_work/$name.out" 2>"$bench_work/$name.err" &
+  # shellcheck disable=SC2034 # for the caller
   bench_last_pid=$!
 }
 
@@ -82,12 +84,12 @@ bench_alive() {
 
 # bench_stop_all: TERM every descendant of this shell, wait up to 5 s, KILL what is left, reap.
 bench_stop_all() {
-  local p i alive
+  local p alive _
   bench_found=()
   bench_tree "$$"
   [ ${#bench_found[@]} -gt 0 ] || return 0
   kill -TERM "${bench_found[@]}" 2>/dev/null
-  for i in $(seq 50); do
+  for _ in $(seq 50); do
     alive=0
     for p in "${bench_found[@]}"; do bench_alive "$p" && alive=1; done
     [ "$alive" = 1 ] || break
