@@ -10,11 +10,14 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 rounds=${1:-5}
-work=$(mktemp -d /var/tmp/diskferry-browse.XXXXXX)
+source bench/lib.sh
+bench_init diskferry-browse /var/tmp
+work=$bench_work
 mnt="$work/mnt"
-trap 'umount "$mnt" 2>/dev/null || true; rm -rf "$work"' EXIT
+# Never remove files through the mount: unmount before the work directory goes.
+bench_on_exit 'if mountpoint -q "$mnt"; then umount "$mnt" || umount -l "$mnt"; fi' 
 cargo build --release --quiet -p diskferry-cli
-diskferry=target/release/diskferry
+diskferry=${CARGO_TARGET_DIR:-target}/release/diskferry
 
 echo "== generating 100,000 files in 1,000 directories" >&2
 mkdir -p "$work/tree" "$mnt"

@@ -12,10 +12,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 rounds=${1:-3}
-work=$(mktemp -d /dev/shm/diskferry-capture.XXXXXX)
-pids=()
-cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$work"; }
-trap cleanup EXIT
+source bench/lib.sh
+bench_init diskferry-capture
+work=$bench_work
 for tool in qemu-img partclone.ext4 mkfs.ext4 sgdisk bc; do
   command -v "$tool" >/dev/null || { echo "missing $tool" >&2; exit 1; }
 done
@@ -23,8 +22,8 @@ echo "== $(qemu-img --version | head -1); $(partclone.ext4 -v 2>&1 | head -1); $
 cargo build --release --quiet -p diskferry-cli
 deploy/build-client.sh "$work/bin" >&2
 client="$work/bin/diskferry-client"
-diskferry=target/release/diskferry
-"$diskferry" keygen "$work/key" 2>/dev/null
+diskferry=${CARGO_TARGET_DIR:-target}/release/diskferry
+server_key=$("$diskferry" keygen "$work/key" 2>/dev/null) # the public half, for the clients
 
 echo "== generating ~1.2 GiB of mixed files" >&2
 python3 - "$work/tree" <<'EOF'
@@ -65,27 +64,23 @@ used=$(dumpe2fs -h "$work/part.ext4" 2>/dev/null | awk -F: '/^Block count/{b=$2}
 echo "== used bytes in the partition: $((used >> 20)) MiB" >&2
 cat "$work/disk.img" "$work/big.img" "$work/part.ext4" > /dev/null
 
-start_client() { # disk; prints the port
-  "$client" --listen 127.0.0.1:0 --key-file "$work/key" --disk "$1" > "$work/client.out" 2>/dev/null &
-  pids+=("$!")
-  for _ in $(seq 100); do grep -q listening "$work/client.out" 2>/dev/null && break; sleep 0.05; done
-  sed -n 's/.*127.0.0.1://p' "$work/client.out"
-}
-port=$(start_client "$work/disk.img")
-port_big=$(start_client "$work/big.img")
+bench_spawn client "$client" --listen 127.0.0.1:0 --server-key "$server_key" --disk "$work/disk.img"
+bench_spawn client-big "$client" --listen 127.0.0.1:0 --server-key "$server_key" --disk "$work/big.img"
+port=$(bench_wait_port client 127.0.0.1)
+port_big=$(bench_wait_port client-big 127.0.0.1)
 
 now() { date +%s.%N; }
 declare -A best size
 time_it() { # key, output file (- for none), command...
   local key=$1 out=$2; shift 2
   [ "$out" = - ] || rm -f "$out"
-  local t0 t1 t; t0=$(now); "$@" >/dev/null 2>&1; t1=$(now)
+  local t0 t1 t; t0=$(now); bench_run "$@" >/dev/null 2>&1; t1=$(now)
   t=$(echo "$t1 - $t0" | bc -l)
   if [ -z "${best[$key]:-}" ] || [ "$(echo "$t < ${best[$key]}" | bc -l)" = 1 ]; then best[$key]=$t; fi
   if [ "$out" != - ] && [ -e "$out" ]; then size[$key]=$(( $(stat -c %b "$out") * 512 )); else size[$key]=$used; fi
 }
 k=(--key-file "$work/key")
-"$diskferry" inspect "$work/disk.img" | grep -q "partition table: gpt" || { echo "no GPT on the source" >&2; exit 1; }
+"$diskferry" inspect "$work/disk.img" | grep "partition table: gpt" >/dev/null || { echo "no GPT on the source" >&2; exit 1; }
 for round in $(seq "$rounds"); do
   time_it files "$work/f.vhdx" "$diskferry" capture "$work/disk.img@127.0.0.1:$port" "$work/f.vhdx" --mode files "${k[@]}"
   time_it blocks "$work/b.vhdx" "$diskferry" capture "$work/disk.img@127.0.0.1:$port" "$work/b.vhdx" --mode blocks "${k[@]}"
@@ -97,6 +92,7 @@ for round in $(seq "$rounds"); do
 done
 "$diskferry" verify "$work/disk.img" "$work/f.vhdx" >/dev/null 2>&1 || { echo "files capture does not verify" >&2; exit 1; }
 "$diskferry" verify "$work/disk.img" "$work/b.vhdx" >/dev/null 2>&1 || { echo "blocks capture does not verify" >&2; exit 1; }
+bench_stop_all # the clients: nothing is left serving the disks
 mkdir -p bench/out
 rate() { echo "$used / ${best[$1]} / 1000000" | bc -l; }
 {

@@ -9,11 +9,12 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 rounds=${1:-5}
-work=$(mktemp -d /dev/shm/diskferry-convert.XXXXXX)
-trap 'rm -rf "$work"' EXIT
+source bench/lib.sh
+bench_init diskferry-convert
+work=$bench_work
 echo "== $(qemu-img --version | head -1); $(nproc) cores" >&2
 cargo build --release --quiet -p diskferry-cli
-diskferry=target/release/diskferry
+diskferry=${CARGO_TARGET_DIR:-target}/release/diskferry
 
 make_raw() { # path, data MiB per 128 MiB stripe (of 32 stripes)
   local out=$1 per=$2

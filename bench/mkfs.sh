@@ -8,10 +8,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 rounds=${1:-3}
-work=$(mktemp -d /dev/shm/diskferry-mkfs.XXXXXX)
-trap 'rm -rf "$work"' EXIT
+source bench/lib.sh
+bench_init diskferry-mkfs
+work=$bench_work
 cargo build --release --quiet -p diskferry-cli
-diskferry=target/release/diskferry
+diskferry=${CARGO_TARGET_DIR:-target}/release/diskferry
 echo "== $(mke2fs -V 2>&1 | head -1); $(nproc) cores" >&2
 
 echo "== generating a 2 GiB tree of mixed sizes" >&2

@@ -11,20 +11,16 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 secs=${1:-10}
-work=$(mktemp -d /var/tmp/diskferry-web.XXXXXX)
+source bench/lib.sh
+bench_init diskferry-web /var/tmp
+work=$bench_work
 mnt="$work/mnt"
-server_pid=""
-cleanup() {
-  [ -n "$server_pid" ] && kill "$server_pid" 2>/dev/null || true
-  [ -f "$work/nginx.conf" ] && nginx -c "$work/nginx.conf" -s stop 2>/dev/null || true
-  sleep 1
-  # Never remove files through the mount.
-  if mountpoint -q "$mnt"; then umount "$mnt" 2>/dev/null || umount -l "$mnt"; fi
-  rm -rf "$work"
-}
-trap cleanup EXIT
+# nginx daemonizes (it is no child of this shell): stop it by its own pid file. Never remove
+# files through the mount: unmount before the work directory goes.
+bench_on_exit '[ -f "$work/nginx.conf" ] && nginx -c "$work/nginx.conf" -s stop; sleep 1'
+bench_on_exit 'if mountpoint -q "$mnt"; then umount "$mnt" || umount -l "$mnt"; fi'
 cargo build --release --quiet -p diskferry-cli
-diskferry=$PWD/target/release/diskferry
+diskferry=$(realpath "${CARGO_TARGET_DIR:-target}")/release/diskferry
 
 echo "== a 4 GiB disk: GPT, one ext4 partition with a 10,000-entry directory" >&2
 mkdir -p "$work/tree/many" "$work/tree/other" "$mnt" "$work/data/captures"
@@ -50,10 +46,9 @@ rm -rf "$work/tree"
 mount -o loop,ro "$work/part.ext4" "$mnt"
 
 echo "== servers" >&2
-"$diskferry" serve --data-dir "$work/data" --listen 127.0.0.1:18481 --agent-listen 127.0.0.1:0 \
-  --tftp-listen off 2> "$work/serve.log" &
-server_pid=$!
-for _ in $(seq 100); do grep -q "listening on" "$work/serve.log" && break; sleep 0.1; done
+bench_spawn serve "$diskferry" serve --data-dir "$work/data" --listen 127.0.0.1:18481 \
+  --agent-listen 127.0.0.1:0 --tftp-listen off
+for _ in $(seq 100); do grep -q "listening on" "$work/serve.err" && break; sleep 0.1; done
 token=$(cat "$work/data/api-token")
 cat > "$work/nginx.conf" <<EOF
 # The work directory is private (mktemp): the workers read it as root.
@@ -77,7 +72,7 @@ peer="http://127.0.0.1:18482/many/"
 # Both list every entry.
 curl -s -H "Authorization: Bearer $token" "$ours" > "$work/ours.json"
 n_ours=$(python3 -c 'import json,sys; print(len(json.load(open(sys.argv[1]))["entries"]))' "$work/ours.json") ||
-  { echo "diskferry answered: $(head -c 300 "$work/ours.json")" >&2; cat "$work/serve.log" >&2; exit 1; }
+  { echo "diskferry answered: $(head -c 300 "$work/ours.json")" >&2; cat "$work/serve.err" >&2; exit 1; }
 curl -s "$peer" > "$work/peer.json"
 n_peer=$(python3 -c 'import json,sys; print(len(json.load(open(sys.argv[1]))))' "$work/peer.json") ||
   { echo "nginx answered: $(head -c 300 "$work/peer.json")" >&2; exit 1; }

@@ -19,10 +19,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 rounds=${1:-7}
 size_mib=2048
-work=$(mktemp -d /dev/shm/diskferry-bench.XXXXXX)
-pids=()
-cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$work"; }
-trap cleanup EXIT
+source bench/lib.sh
+bench_init diskferry-bench
+work=$bench_work
 
 for tool in qemu-img qemu-nbd bc taskset; do
   command -v "$tool" >/dev/null || { echo "missing $tool (apt-get install qemu-utils bc util-linux)" >&2; exit 1; }
@@ -33,21 +32,19 @@ echo "== building (release, static client)" >&2
 cargo build --release --quiet -p diskferry-cli
 deploy/build-client.sh "$work/bin" >&2
 client="$work/bin/diskferry-client"
-diskferry=target/release/diskferry
+diskferry=${CARGO_TARGET_DIR:-target}/release/diskferry
 
 echo "== generating a ${size_mib} MiB disk of random data" >&2
 head -c $((size_mib << 20)) /dev/urandom > "$work/disk.img"
-"$diskferry" keygen "$work/key" 2>/dev/null
+server_key=$("$diskferry" keygen "$work/key" 2>/dev/null) # the public half, for the clients
 cat "$work/disk.img" > /dev/null # warm the page cache for everyone
 
 now() { date +%s.%N; }
-start_client() { # name, cpu list, extra args...; prints the port
+start_client() { # name, cpu list, extra args...; the client's pid goes to NAME.pid
   local name=$1 cpus=$2; shift 2
-  taskset -c "$cpus" "$client" --listen 127.0.0.1:0 --key-file "$work/key" --disk "$work/disk.img" "$@" \
-    > "$work/$name.out" 2>/dev/null &
-  pids+=("$!"); echo "$!" > "$work/$name.pid"
-  for _ in $(seq 100); do grep -q listening "$work/$name.out" 2>/dev/null && break; sleep 0.05; done
-  sed -n 's/.*127.0.0.1://p' "$work/$name.out"
+  bench_spawn "$name" taskset -c "$cpus" "$client" --listen 127.0.0.1:0 --server-key "$server_key" \
+    --disk "$work/disk.img" "$@"
+  echo "$bench_last_pid" > "$work/$name.pid"
 }
 
 names=("cat FILE > /dev/null (limit)" "diskferry capture (encrypted)" "diskferry capture --plaintext" "qemu-img convert nbd:// (peer)")
@@ -55,12 +52,14 @@ results=()
 suite() { # label, exporter cpus, reader cpus
   local label=$1 ecpu=$2 rcpu=$3
   local enc_port plain_port nbd_port
-  enc_port=$(start_client "enc-$label" "$ecpu")
-  plain_port=$(start_client "plain-$label" "$ecpu" --plaintext)
+  start_client "enc-$label" "$ecpu"
+  start_client "plain-$label" "$ecpu" --plaintext
+  enc_port=$(bench_wait_port "enc-$label" 127.0.0.1)
+  plain_port=$(bench_wait_port "plain-$label" 127.0.0.1)
   nbd_port=$((20000 + RANDOM % 20000))
-  taskset -c "$ecpu" qemu-nbd --read-only --persistent --format raw --export-name disk \
-    --bind 127.0.0.1 --port "$nbd_port" "$work/disk.img" &
-  pids+=("$!"); sleep 1
+  bench_spawn "nbd-$label" taskset -c "$ecpu" qemu-nbd --read-only --persistent --format raw \
+    --export-name disk --bind 127.0.0.1 --port "$nbd_port" "$work/disk.img"
+  sleep 1
   local -a best=()
   for round in $(seq "$rounds"); do
     for i in 0 1 2 3; do
@@ -94,6 +93,7 @@ suite() { # label, exporter cpus, reader cpus
 
 suite shared 0,1 0,1
 suite pinned 0 1
+bench_stop_all # the exporters of both layouts: nothing is left serving the disk
 
 mbs() { for r in "${results[@]}"; do IFS='|' read -r l n _ m <<<"$r"; if [ "$l" = "$1" ] && [ "$n" = "$2" ]; then echo "$m"; fi; done; }
 rss() { for r in "${results[@]}"; do IFS='|' read -r l n k _ <<<"$r"; if [ "$l" = "$1" ] && [ "$n" = rss ]; then echo $((k / 1024)); fi; done; }
