@@ -343,7 +343,22 @@ pub(crate) enum ProgressKind {
     None,
 }
 
+/// Output piped into a reader that stops early (`diskferry inspect … | head`, `grep -q`) ends
+/// the program quietly, as a closed pipe ends other command-line tools, instead of a panic
+/// message from `println!`.
+fn exit_quietly_on_closed_stdout() {
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let message = info.payload_as_str().unwrap_or("");
+        if message.starts_with("failed printing to stdout") && message.contains("Broken pipe") {
+            std::process::exit(141); // 128 + SIGPIPE, what a shell reports for a closed pipe
+        }
+        default(info);
+    }));
+}
+
 fn main() -> ExitCode {
+    exit_quietly_on_closed_stdout();
     let cli = Cli::parse();
     match &cli.command {
         Command::Serve(args) => logging::init_daemon(args.log_format),
@@ -351,6 +366,7 @@ fn main() -> ExitCode {
     }
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
+        Err(e) if closed_pipe(&e) => ExitCode::from(141),
         Err(e) => {
             let text = error_chain(&e);
             eprintln!("diskferry: error: {text}");
@@ -362,6 +378,14 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// Whether the command failed only because its reader closed stdout (`| head`, `| grep -q`).
+fn closed_pipe(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        c.downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+    })
 }
 
 /// The error and its causes, skipping causes whose text the message already includes (our

@@ -583,3 +583,47 @@ fn random_byte_flips_give_errors_never_panics_or_hangs() {
         fuzz_walk(image, 40);
     }
 }
+
+/// `diskferry cat … | head -c 1`: the reader closes the pipe early; the command ends quietly
+/// with the shell's closed-pipe status (141), no panic and no error message.
+#[test]
+fn a_reader_closing_the_pipe_early_ends_the_command_quietly() {
+    use std::io::Read;
+    let dir = tempfile::tempdir().unwrap();
+    let tree = dir.path().join("tree");
+    std::fs::create_dir(&tree).unwrap();
+    // Far more than a pipe holds, so the writer meets the closed end.
+    std::fs::write(tree.join("big"), vec![b'x'; 4 << 20]).unwrap();
+    let img = dir.path().join("fs.img");
+    std::fs::File::create(&img)
+        .unwrap()
+        .set_len(32 << 20)
+        .unwrap();
+    let mk = std::process::Command::new("mke2fs")
+        .args(["-q", "-F", "-t", "ext4", "-d"])
+        .arg(&tree)
+        .arg(&img)
+        .status()
+        .unwrap();
+    assert!(mk.success());
+    let mut child = std::process::Command::new(diskferry_e2e::bin("diskferry"))
+        .arg("cat")
+        .arg(&img)
+        .arg("/big")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut first = [0u8; 1];
+    child
+        .stdout
+        .as_mut()
+        .unwrap()
+        .read_exact(&mut first)
+        .unwrap();
+    drop(child.stdout.take());
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.is_empty(), "stderr: {err}");
+    assert_eq!(out.status.code(), Some(141), "{:?}", out.status);
+}
