@@ -349,8 +349,8 @@ pub(crate) enum ProgressKind {
 fn exit_quietly_on_closed_stdout() {
     let default = std::panic::take_hook();
     std::panic::set_hook(Box::new(move |info| {
-        let message = info.payload_as_str().unwrap_or("");
-        if message.starts_with("failed printing to stdout") && message.contains("Broken pipe") {
+        let message = info.to_string();
+        if message.contains("failed printing to stdout") && message.contains("Broken pipe") {
             std::process::exit(141); // 128 + SIGPIPE, what a shell reports for a closed pipe
         }
         default(info);
