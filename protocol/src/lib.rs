@@ -10,6 +10,8 @@
 //! - [`record`]: the Noise transport records that carry the byte stream once encrypted.
 //! - [`codec`]: length-delimited, versioned frames ([`Message`]) with every length bounded
 //!   before any allocation.
+//! - [`compress`]: LZ4 for data payloads when both sides offer it, adaptive (off when the
+//!   link is faster than compression or the data does not shrink), bounded on decode.
 //! - [`stream`]: async frame reader/writer halves combining the two, for tokio sockets.
 //!
 //! This is the only crate that knows the wire byte order (big-endian, network order).
@@ -18,6 +20,8 @@
 pub mod admission;
 #[cfg(feature = "io")]
 pub mod codec;
+#[cfg(feature = "io")]
+pub mod compress;
 #[cfg(feature = "io")]
 pub mod handshake;
 #[cfg(feature = "io")]
@@ -45,8 +49,9 @@ pub use message::{
 /// Protocol versions this build speaks (inclusive range).
 /// Version 2 replaced version 1's pre-shared key with server and agent keys (Noise `XK`).
 pub const VERSION_MIN: u16 = 2;
-/// Highest protocol version this build speaks.
-pub const VERSION_MAX: u16 = 2;
+/// Highest protocol version this build speaks. Version 3 adds a compression capability byte
+/// to the handshake parameters and the compressed frame kinds; a version-2 peer gets none.
+pub const VERSION_MAX: u16 = 3;
 
 /// Hard ceiling on a data payload (one Read reply or Write request), whatever a peer advertises.
 pub const MAX_PAYLOAD_LIMIT: u32 = 32 << 20;
