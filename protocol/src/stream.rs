@@ -71,9 +71,10 @@ impl DataReply {
             return Self::raw(buf);
         };
         let payload = buf.get(DATA_HEADROOM..).unwrap_or_default();
-        let mut out = BytesMut::with_capacity(ZDATA_HEADROOM + payload.len() + TAG_LEN);
+        let mut out = BytesMut::new();
         out.resize(ZDATA_HEADROOM, 0);
         if c.compress(payload, &mut out) {
+            out.reserve(TAG_LEN); // sealed in place
             DataReply {
                 raw_len: Some(payload.len()),
                 buf: out,
