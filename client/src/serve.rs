@@ -23,8 +23,8 @@ use std::ops::ControlFlow;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use diskferry_protocol::handshake::respond;
 use diskferry_protocol::compress::Compressor;
+use diskferry_protocol::handshake::respond;
 use diskferry_protocol::stream::{split, DataReply, FrameReader, FrameWriter};
 use diskferry_protocol::{
     ErrorCode, Extent, Message, PowerAction, ProtocolError, Reply, Request, Session,
@@ -64,7 +64,10 @@ pub struct Config {
 enum Outgoing {
     Reply(Message),
     /// A read's payload, built in place (see `data_reply_buffer`), maybe compressed.
-    Data { cookie: u64, reply: DataReply },
+    Data {
+        cookie: u64,
+        reply: DataReply,
+    },
 }
 
 type Queued = (Outgoing, OwnedSemaphorePermit);

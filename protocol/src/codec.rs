@@ -15,10 +15,10 @@
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use tokio_util::codec::{Decoder, Encoder};
 
+use crate::compress::{self, Codec, PREFIX_LEN};
 use crate::message::{
     BlockState, DiskInfo, ErrorCode, Extent, Message, PowerAction, Reply, Request, MAX_IDENTITY,
 };
-use crate::compress::{self, Codec, PREFIX_LEN};
 use crate::{ProtocolError, FRAME_SLACK, MAX_PAYLOAD_LIMIT};
 
 /// Bytes before the body: length, kind, cookie.

@@ -80,7 +80,12 @@ impl Codec {
 
     /// Decompresses a payload announced as `raw_len` bytes, which must not exceed
     /// `max_payload`; the output buffer is allocated only after both checks.
-    pub fn decompress(self, raw_len: u32, data: &[u8], max_payload: u32) -> Result<Bytes, ProtocolError> {
+    pub fn decompress(
+        self,
+        raw_len: u32,
+        data: &[u8],
+        max_payload: u32,
+    ) -> Result<Bytes, ProtocolError> {
         let possible = data
             .len()
             .saturating_mul(LZ4_MAX_EXPANSION)
@@ -188,7 +193,11 @@ impl Policy {
                 ratio = self.ratio.unwrap_or(1.0),
                 link_mb_s = self.link_rate.unwrap_or(0.0) / 1e6,
                 "wire compression {}",
-                if pays { "on" } else { "off: the link is faster" }
+                if pays {
+                    "on"
+                } else {
+                    "off: the link is faster"
+                }
             );
         }
         if pays {
@@ -242,8 +251,13 @@ impl Compressor {
         let start = Instant::now();
         let before = out.len();
         let shrank = self.codec.compress_into(raw, out);
-        let sent = if shrank { out.len() - before } else { raw.len() };
-        self.policy().record(raw.len(), sent, start.elapsed(), shrank);
+        let sent = if shrank {
+            out.len() - before
+        } else {
+            raw.len()
+        };
+        self.policy()
+            .record(raw.len(), sent, start.elapsed(), shrank);
         shrank
     }
 
@@ -292,13 +306,19 @@ mod tests {
         let mut out = BytesMut::new();
         assert!(Codec::Lz4.compress_into(&raw, &mut out));
         assert!(out.len() < raw.len() / 10);
-        let back = Codec::Lz4.decompress(raw.len() as u32, &out, 1 << 20).unwrap();
+        let back = Codec::Lz4
+            .decompress(raw.len() as u32, &out, 1 << 20)
+            .unwrap();
         assert_eq!(&back[..], &raw[..]);
 
         let noise = random(1 << 20);
         let mut out = BytesMut::from(&b"head"[..]);
         assert!(!Codec::Lz4.compress_into(&noise, &mut out));
-        assert_eq!(&out[..], b"head", "a chunk that does not shrink leaves nothing behind");
+        assert_eq!(
+            &out[..],
+            b"head",
+            "a chunk that does not shrink leaves nothing behind"
+        );
     }
 
     #[test]
@@ -308,18 +328,32 @@ mod tests {
         assert!(Codec::Lz4.compress_into(&raw, &mut z));
         // Claims above the negotiated maximum.
         let err = Codec::Lz4.decompress(u32::MAX, &z, 1 << 20).unwrap_err();
-        assert!(matches!(err, ProtocolError::CompressionBomb { .. }), "{err}");
+        assert!(
+            matches!(err, ProtocolError::CompressionBomb { .. }),
+            "{err}"
+        );
         // Claims no LZ4 stream of this size can reach.
-        let err = Codec::Lz4.decompress(1 << 20, &z[..16], 8 << 20).unwrap_err();
-        assert!(matches!(err, ProtocolError::CompressionBomb { .. }), "{err}");
+        let err = Codec::Lz4
+            .decompress(1 << 20, &z[..16], 8 << 20)
+            .unwrap_err();
+        assert!(
+            matches!(err, ProtocolError::CompressionBomb { .. }),
+            "{err}"
+        );
         // A claim below the real size: the bounded buffer overflows, an error.
-        let err = Codec::Lz4.decompress((1 << 20) - 1, &z, 8 << 20).unwrap_err();
+        let err = Codec::Lz4
+            .decompress((1 << 20) - 1, &z, 8 << 20)
+            .unwrap_err();
         assert!(matches!(err, ProtocolError::Decompress(_)), "{err}");
         // A claim above the real size: it decompresses short, an error.
-        let err = Codec::Lz4.decompress((1 << 20) + 1, &z, 8 << 20).unwrap_err();
+        let err = Codec::Lz4
+            .decompress((1 << 20) + 1, &z, 8 << 20)
+            .unwrap_err();
         assert!(matches!(err, ProtocolError::Decompress(_)), "{err}");
         // Garbage.
-        let err = Codec::Lz4.decompress(4096, &random(100), 8 << 20).unwrap_err();
+        let err = Codec::Lz4
+            .decompress(4096, &random(100), 8 << 20)
+            .unwrap_err();
         assert!(matches!(err, ProtocolError::Decompress(_)), "{err}");
     }
 

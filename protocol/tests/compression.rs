@@ -64,7 +64,10 @@ fn random(len: usize) -> Vec<u8> {
 async fn both_sides_offering_lz4_get_it_one_without_gets_none() {
     let ((s, _), (a, _)) = sessions(|_, _| {}).await;
     assert_eq!(s.version, 3);
-    assert_eq!((s.compression, a.compression), (Some(Codec::Lz4), Some(Codec::Lz4)));
+    assert_eq!(
+        (s.compression, a.compression),
+        (Some(Codec::Lz4), Some(Codec::Lz4))
+    );
 
     let ((s, _), (a, _)) = sessions(|_, agent| agent.compression = 0).await;
     assert_eq!((s.compression, a.compression), (None, None));
@@ -206,7 +209,10 @@ fn hostile_compressed_frames_are_refused_by_the_decoder() {
     let err = codec()
         .decode(&mut zdata_frame(1, 32 << 20, &bomb))
         .unwrap_err();
-    assert!(matches!(err, ProtocolError::CompressionBomb { .. }), "{err}");
+    assert!(
+        matches!(err, ProtocolError::CompressionBomb { .. }),
+        "{err}"
+    );
     // An honest-looking claim that decompresses to something else.
     let z = lz4(&vec![7u8; 64 << 10]);
     for claim in [(64 << 10) - 1, (64 << 10) + 1] {
@@ -214,7 +220,9 @@ fn hostile_compressed_frames_are_refused_by_the_decoder() {
         assert!(matches!(err, ProtocolError::Decompress(_)), "{err}");
     }
     // A codec that was not negotiated, and compression on a session without it.
-    let err = codec().decode(&mut zdata_frame(2, 64 << 10, &z)).unwrap_err();
+    let err = codec()
+        .decode(&mut zdata_frame(2, 64 << 10, &z))
+        .unwrap_err();
     assert!(matches!(err, ProtocolError::Malformed(_)), "{err}");
     let err = FrameCodec::new(max)
         .decode(&mut zdata_frame(1, 64 << 10, &z))

@@ -15,7 +15,9 @@ use tokio_util::codec::Decoder;
 const MAX: u32 = 1 << 20;
 
 fuzz_target!(|data: &[u8]| {
-    let Some((claim, z)) = data.split_first_chunk::<4>() else { return };
+    let Some((claim, z)) = data.split_first_chunk::<4>() else {
+        return;
+    };
     let claim = u32::from_be_bytes(*claim);
     if let Ok(out) = Codec::Lz4.decompress(claim, z, MAX) {
         assert_eq!(out.len(), claim as usize);
@@ -30,13 +32,19 @@ fuzz_target!(|data: &[u8]| {
     frame.put_u32(claim);
     frame.put_slice(z);
     let mut codec = FrameCodec::new(MAX).with_compression(Some(Codec::Lz4));
-    if let Ok(Some(Message::Reply { reply: Reply::Data(d), .. })) = codec.decode(&mut frame) {
+    if let Ok(Some(Message::Reply {
+        reply: Reply::Data(d),
+        ..
+    })) = codec.decode(&mut frame)
+    {
         assert_eq!(d.len(), claim as usize);
     }
 
     let mut packed = BytesMut::new();
     if Codec::Lz4.compress_into(data, &mut packed) {
-        let back = Codec::Lz4.decompress(data.len() as u32, &packed, u32::MAX).expect("round trip");
+        let back = Codec::Lz4
+            .decompress(data.len() as u32, &packed, u32::MAX)
+            .expect("round trip");
         assert_eq!(&back[..], data);
     }
 });

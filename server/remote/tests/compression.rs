@@ -64,18 +64,25 @@ async fn memory_agent(server: &StaticKey, disk: Arc<Mutex<Vec<u8>>>, compression
                 Request::Read { offset, len, .. } => {
                     let mut buf = data_reply_buffer(len as usize);
                     let at = offset as usize;
-                    buf[DATA_HEADROOM..].copy_from_slice(&disk.lock().unwrap()[at..at + len as usize]);
+                    buf[DATA_HEADROOM..]
+                        .copy_from_slice(&disk.lock().unwrap()[at..at + len as usize]);
                     let reply = DataReply::compressed(buf, writer.compressor().as_deref());
                     writer.queue_data(cookie, reply).unwrap();
                 }
                 Request::Write { offset, data, .. } => {
                     let at = offset as usize;
                     disk.lock().unwrap()[at..at + data.len()].copy_from_slice(&data);
-                    let done = Message::Reply { cookie, reply: Reply::Done };
+                    let done = Message::Reply {
+                        cookie,
+                        reply: Reply::Done,
+                    };
                     writer.queue(&done).unwrap();
                 }
                 _ => {
-                    let done = Message::Reply { cookie, reply: Reply::Done };
+                    let done = Message::Reply {
+                        cookie,
+                        reply: Reply::Done,
+                    };
                     writer.queue(&done).unwrap();
                 }
             }
@@ -93,27 +100,38 @@ async fn round_trip(offered: u8) -> Option<Codec> {
     let conn = Connection::connect(&addr, &SessionOptions::controller(server))
         .await
         .unwrap();
-    let remote = conn.open("mem", true, RemoteOptions::default()).await.unwrap();
+    let remote = conn
+        .open("mem", true, RemoteOptions::default())
+        .await
+        .unwrap();
     let want = image.clone();
     tokio::task::spawn_blocking(move || {
         let mut got = vec![0u8; want.len()];
         remote.read_at(&mut got, 0).unwrap();
         assert!(got == want, "the image reads back byte-identical");
         // Write the image shifted by one MiB: the agent's copy must hold exactly that.
-        remote.write_at(&want[..want.len() - (1 << 20)], 1 << 20).unwrap();
+        remote
+            .write_at(&want[..want.len() - (1 << 20)], 1 << 20)
+            .unwrap();
         remote.flush().unwrap();
     })
     .await
     .unwrap();
     let mut expected = image.clone();
     expected.copy_within(..image.len() - (1 << 20), 1 << 20);
-    assert!(*disk.lock().unwrap() == expected, "writes arrive byte-identical");
+    assert!(
+        *disk.lock().unwrap() == expected,
+        "writes arrive byte-identical"
+    );
     conn.compression()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_agent_offering_lz4_gets_compressed_reads_and_writes() {
-    assert_eq!(round_trip(diskferry_protocol::compress::SUPPORTED).await, Some(Codec::Lz4));
+    assert_eq!(
+        round_trip(diskferry_protocol::compress::SUPPORTED).await,
+        Some(Codec::Lz4)
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -140,14 +158,19 @@ async fn bomb_agent(server: &StaticKey, claim: u32) -> String {
             while let Some(record) = opener.open(&mut raw).unwrap() {
                 plain.extend_from_slice(&record);
             }
-            while let Some(Message::Request { cookie, request }) = codec.decode(&mut plain).unwrap() {
+            while let Some(Message::Request { cookie, request }) = codec.decode(&mut plain).unwrap()
+            {
                 let mut out = BytesMut::new();
                 let start = sealer.begin(&mut out);
                 match request {
                     Request::Open { .. } => {
                         let mut enc = FrameCodec::new(max_payload);
-                        tokio_util::codec::Encoder::encode(&mut enc, &opened(cookie, 64 << 20), &mut out)
-                            .unwrap();
+                        tokio_util::codec::Encoder::encode(
+                            &mut enc,
+                            &opened(cookie, 64 << 20),
+                            &mut out,
+                        )
+                        .unwrap();
                     }
                     _ => {
                         out.put_u32((1 + 8 + 1 + 4 + zeros.len()) as u32);
@@ -177,7 +200,10 @@ async fn a_decompression_bomb_closes_the_connection_with_the_reason() {
         .await
         .unwrap();
     assert_eq!(conn.compression(), Some(Codec::Lz4));
-    let remote = conn.open("mem", false, RemoteOptions::default()).await.unwrap();
+    let remote = conn
+        .open("mem", false, RemoteOptions::default())
+        .await
+        .unwrap();
     let read = tokio::task::spawn_blocking(move || {
         let mut buf = vec![0u8; 1 << 20];
         remote.read_at(&mut buf, 0)
