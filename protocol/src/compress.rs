@@ -29,12 +29,6 @@ pub const MIN_COMPRESS: usize = 4 << 10;
 const LZ4_MAX_EXPANSION: usize = 255;
 const LZ4_EXPANSION_SLACK: usize = 64;
 
-thread_local! {
-    /// Room for one payload's worst-case compressed form, kept per compressing thread so a
-    /// payload is not zero-filled twice; only what shrank is copied out.
-    static SCRATCH: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
-}
-
 /// A compression codec both sides agreed on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Codec {
@@ -58,24 +52,26 @@ impl Codec {
     /// Appends `raw` compressed to `out` and returns true, or leaves `out` as it was and
     /// returns false when the result would not be at least 1/16 smaller.
     pub fn compress_into(self, raw: &[u8], out: &mut BytesMut) -> bool {
-        SCRATCH.with_borrow_mut(|scratch| {
-            let worst = match self {
-                Codec::Lz4 => lz4_flex::block::get_maximum_output_size(raw.len()),
-            };
-            if scratch.len() < worst {
-                scratch.resize(worst, 0);
+        let start = out.len();
+        // The codec wants room for its worst case; what it leaves over is the room a data
+        // reply's record tag needs to be sealed in place (the result is 1/16 smaller).
+        let worst = match self {
+            Codec::Lz4 => lz4_flex::block::get_maximum_output_size(raw.len()),
+        };
+        out.resize(start + worst, 0);
+        let written = match self {
+            Codec::Lz4 => lz4_flex::block::compress_into(raw, &mut out[start..]),
+        };
+        match written {
+            Ok(n) if n < raw.len() - raw.len() / 16 => {
+                out.truncate(start + n);
+                true
             }
-            let written = match self {
-                Codec::Lz4 => lz4_flex::block::compress_into(raw, scratch),
-            };
-            match written {
-                Ok(n) if n < raw.len() - raw.len() / 16 => {
-                    out.extend_from_slice(&scratch[..n]);
-                    true
-                }
-                _ => false,
+            _ => {
+                out.truncate(start);
+                false
             }
-        })
+        }
     }
 
     /// Decompresses a payload announced as `raw_len` bytes, which must not exceed

@@ -74,7 +74,6 @@ impl DataReply {
         let mut out = BytesMut::new();
         out.resize(ZDATA_HEADROOM, 0);
         if c.compress(payload, &mut out) {
-            out.reserve(TAG_LEN); // sealed in place
             DataReply {
                 raw_len: Some(payload.len()),
                 buf: out,
