@@ -7,20 +7,25 @@
 //! every request takes, before it is started, the most its reply can hold — a read's payload,
 //! a write's data, 4096 extents for a block status, 256 KiB for an identity, at least
 //! [`REPLY_FLOOR`] for anything (an error, `Done`) — and gives it back once its reply is
-//! written to the socket. When the budget is spent the reader stops reading the socket, so a
+//! written to the socket (a compressed reply holds the budget of its raw payload). When the budget is spent the reader stops reading the socket, so a
 //! peer that sends requests without reading replies meets TCP backpressure instead of growing
 //! the agent (3,000 unread block-status replies grew it from 16 to 200 MiB before). A request
 //! that needs more than the whole budget takes all of it: it waits for the others to be
 //! written, then runs alone, so nothing waits forever.
+//!
+//! When the session negotiated compression, each read reply is compressed on the disk thread
+//! that read it, while the session's compressor finds that it pays (see
+//! `diskferry_protocol::compress`); the writer task then sends it as it comes.
 
 use std::collections::HashMap;
 use std::mem::size_of;
 use std::ops::ControlFlow;
 use std::sync::Arc;
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
+use diskferry_protocol::compress::Compressor;
 use diskferry_protocol::handshake::respond;
-use diskferry_protocol::stream::{split, FrameReader, FrameWriter};
+use diskferry_protocol::stream::{split, DataReply, FrameReader, FrameWriter};
 use diskferry_protocol::{
     ErrorCode, Extent, Message, PowerAction, ProtocolError, Reply, Request, Session,
     SessionOptions, MAX_IDENTITY,
@@ -60,10 +65,10 @@ pub struct Config {
 /// What the writer task sends, with the in-flight budget it releases once written.
 enum Outgoing {
     Reply(Message),
-    /// A read's payload, built in place (see `data_reply_buffer`).
+    /// A read's payload, built in place (see `data_reply_buffer`), maybe compressed.
     Data {
         cookie: u64,
-        buf: BytesMut,
+        reply: DataReply,
     },
 }
 
@@ -91,9 +96,10 @@ where
     let max_payload = session.max_payload;
     let (r, w) = tokio::io::split(io);
     let (mut reader, writer) = split(session, r, w);
+    let compressor = writer.compressor();
     let (tx, rx) = mpsc::unbounded_channel::<Queued>();
     let writer_task = tokio::spawn(write_replies(writer, rx));
-    let mut conn = Connection::new(config, tx, max_payload);
+    let mut conn = Connection::new(config, tx, max_payload, compressor);
     let result = conn.answer_all(&mut reader).await;
     drop(conn.tx);
     // In-flight operations finish and their replies are sent before the connection closes.
@@ -132,7 +138,7 @@ where
         while let Some((out, permit)) = next.take() {
             match out {
                 Outgoing::Reply(msg) => writer.queue(&msg)?,
-                Outgoing::Data { cookie, buf } => writer.queue_data_reply(cookie, buf)?,
+                Outgoing::Data { cookie, reply } => writer.queue_data(cookie, reply)?,
             }
             permits.push(permit);
             if writer.pending() < WRITE_BATCH {
@@ -158,10 +164,17 @@ struct Connection {
     next_handle: u32,
     /// Largest read or write the session allows.
     max_payload: u32,
+    /// Compresses read replies, when the session negotiated it.
+    compressor: Option<Arc<Compressor>>,
 }
 
 impl Connection {
-    fn new(config: Arc<Config>, tx: mpsc::UnboundedSender<Queued>, max_payload: u32) -> Self {
+    fn new(
+        config: Arc<Config>,
+        tx: mpsc::UnboundedSender<Queued>,
+        max_payload: u32,
+        compressor: Option<Arc<Compressor>>,
+    ) -> Self {
         let capacity = config.max_inflight.max(max_payload);
         Connection {
             config,
@@ -171,6 +184,7 @@ impl Connection {
             handles: HashMap::new(),
             next_handle: 1,
             max_payload,
+            compressor,
         }
     }
 
@@ -335,9 +349,13 @@ impl Connection {
             Err(r) => return self.reply(cookie, r, permit),
         };
         let tx = self.tx.clone();
+        let compressor = self.compressor.clone();
         tokio::task::spawn_blocking(move || {
             let out = match disk.read_reply(offset, len) {
-                Ok(buf) => Outgoing::Data { cookie, buf },
+                Ok(buf) => Outgoing::Data {
+                    cookie,
+                    reply: DataReply::compressed(buf, compressor.as_deref()),
+                },
                 Err(e) => Outgoing::Reply(Message::Reply {
                     cookie,
                     reply: error(e),

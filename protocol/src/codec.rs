@@ -4,11 +4,19 @@
 //! before a single byte of the frame is buffered; every count inside a body is checked against
 //! the bytes actually present before anything is allocated. Data payloads are zero-copy slices
 //! of the receive buffer.
+//!
+//! When the session negotiated compression, a Write or a Data reply may come as its compressed
+//! kind (`WRITE_Z`, `DATA_Z`): the same fields, then `codec u8 | raw length u32 | compressed
+//! bytes` (see [`crate::compress`]). The decoder restores the plain message, so nothing above
+//! it sees the difference; a compressed kind without negotiation, a raw length above the
+//! negotiated maximum payload or a payload that does not decompress to exactly that length
+//! is an error that closes the connection.
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use tokio_util::codec::{Decoder, Encoder};
 
 use crate::chunks::{ChunkHash, MAX_HASHES};
+use crate::compress::{self, Codec, PREFIX_LEN};
 use crate::message::{
     BlockState, DiskInfo, ErrorCode, Extent, Message, PowerAction, Reply, Request, MAX_IDENTITY,
 };
@@ -29,14 +37,16 @@ mod kind {
     pub const IDENTIFY: u8 = 0x09;
     pub const POWER: u8 = 0x0a;
     pub const WRITE_ZEROES: u8 = 0x0b;
-    pub const HASH_CHUNKS: u8 = 0x0c;
+    pub const WRITE_Z: u8 = 0x0c;
+    pub const HASH_CHUNKS: u8 = 0x0d;
     pub const DISKS: u8 = 0x81;
     pub const OPENED: u8 = 0x82;
     pub const DATA: u8 = 0x83;
     pub const DONE: u8 = 0x84;
     pub const STATUS: u8 = 0x85;
     pub const IDENTITY: u8 = 0x86;
-    pub const HASHES: u8 = 0x87;
+    pub const DATA_Z: u8 = 0x87;
+    pub const HASHES: u8 = 0x88;
     pub const ERROR: u8 = 0xff;
 }
 
@@ -47,19 +57,31 @@ const HASH_LEN: usize = 32;
 /// Smallest encoded DiskInfo (all strings empty).
 const MIN_DISK_INFO_LEN: usize = 2 + 8 + 4 + 4 + 2 + 2 + 1 + 1;
 
-/// The frame codec. `max_frame` bounds the length field of incoming frames.
+/// The frame codec. `max_frame` bounds the length field of incoming frames, `max_payload`
+/// the decompressed size of a compressed payload.
 #[derive(Debug, Clone)]
 pub struct FrameCodec {
     max_frame: u32,
+    max_payload: u32,
+    compression: Option<Codec>,
 }
 
 impl FrameCodec {
-    /// A codec accepting data payloads up to `max_payload` bytes (clamped to the hard limit).
+    /// A codec accepting data payloads up to `max_payload` bytes (clamped to the hard limit),
+    /// none of them compressed.
     pub fn new(max_payload: u32) -> Self {
         let max_payload = max_payload.min(MAX_PAYLOAD_LIMIT);
         FrameCodec {
             max_frame: max_payload + FRAME_SLACK,
+            max_payload,
+            compression: None,
         }
+    }
+
+    /// The same codec, also accepting payloads compressed with `codec` (the negotiated one).
+    pub fn with_compression(mut self, codec: Option<Codec>) -> Self {
+        self.compression = codec;
+        self
     }
 
     /// Largest value the length field may hold.
@@ -96,7 +118,7 @@ impl Decoder for FrameCodec {
         }
         let mut frame = src.split_to(total).freeze();
         frame.advance(4);
-        decode_frame(frame).map(Some)
+        decode_frame(frame, self).map(Some)
     }
 
     fn decode_eof(&mut self, buf: &mut BytesMut) -> Result<Option<Message>, ProtocolError> {
@@ -137,6 +159,68 @@ pub fn data_reply_header(
     h[4] = kind::DATA;
     h[5..].copy_from_slice(&cookie.to_be_bytes());
     Ok(h)
+}
+
+/// The frame header of a compressed Data reply: header, codec and raw length, for replies
+/// built in place; `zlen` compressed bytes follow it.
+pub fn zdata_reply_header(
+    cookie: u64,
+    codec: Codec,
+    raw_len: usize,
+    zlen: usize,
+    max_frame: u32,
+) -> Result<[u8; HEADER_LEN + PREFIX_LEN], ProtocolError> {
+    let raw_len = checked_raw_len(raw_len, max_frame)?;
+    let head = data_reply_header(cookie, PREFIX_LEN + zlen, max_frame)?;
+    let mut h = [0u8; HEADER_LEN + PREFIX_LEN];
+    h[..HEADER_LEN].copy_from_slice(&head);
+    h[4] = kind::DATA_Z;
+    h[HEADER_LEN] = codec.id();
+    h[HEADER_LEN + 1..].copy_from_slice(&raw_len.to_be_bytes());
+    Ok(h)
+}
+
+/// A raw payload length must fit a frame as a raw payload would.
+fn checked_raw_len(raw_len: usize, max_frame: u32) -> Result<u32, ProtocolError> {
+    let max_payload = max_frame.saturating_sub(FRAME_SLACK);
+    match u32::try_from(raw_len) {
+        Ok(n) if n <= max_payload => Ok(n),
+        _ => Err(ProtocolError::FrameTooLarge {
+            len: raw_len as u64,
+            max: max_payload.into(),
+        }),
+    }
+}
+
+/// Writes the head of `msg` (a Write or a Data reply) as its compressed kind, for a payload
+/// that `codec` compressed to `zlen` bytes, which the caller sends after it.
+pub fn encode_head_compressed(
+    msg: &Message,
+    codec: Codec,
+    zlen: usize,
+    dst: &mut BytesMut,
+    max_frame: u32,
+) -> Result<(), ProtocolError> {
+    let start = dst.len();
+    let raw = encode_head(msg, dst, max_frame)?;
+    let z_kind = match dst[start + 4] {
+        kind::WRITE => kind::WRITE_Z,
+        kind::DATA => kind::DATA_Z,
+        _ => 0,
+    };
+    let Some(raw) = raw.filter(|_| z_kind != 0) else {
+        dst.truncate(start);
+        return Err(ProtocolError::malformed(
+            "only Write and Data payloads travel compressed",
+        ));
+    };
+    let raw_len = checked_raw_len(raw.len(), max_frame).inspect_err(|_| dst.truncate(start))?;
+    dst[start + 4] = z_kind;
+    dst.put_u8(codec.id());
+    dst.put_u32(raw_len);
+    let body_len = dst.len() - start - 4 + zlen;
+    dst[start..start + 4].copy_from_slice(&(body_len as u32).to_be_bytes());
+    Ok(())
 }
 
 /// Writes everything of `msg` except its data payload, which is returned so the caller can
@@ -397,6 +481,13 @@ impl Body {
     fn rest(&mut self) -> Bytes {
         std::mem::take(&mut self.buf)
     }
+    /// The rest of the frame as a compressed payload, decompressed within the codec's limits.
+    fn compressed(&mut self, codec: &FrameCodec) -> Result<Bytes, ProtocolError> {
+        let id = self.u8("compression codec")?;
+        let raw_len = self.u32("raw length")?;
+        let data = self.rest();
+        compress::decode_payload(codec.compression, id, raw_len, &data, codec.max_payload)
+    }
     fn finish(self, what: &str) -> Result<(), ProtocolError> {
         if self.buf.has_remaining() {
             return Err(ProtocolError::malformed(format!(
@@ -408,16 +499,31 @@ impl Body {
     }
 }
 
-fn decode_frame(buf: Bytes) -> Result<Message, ProtocolError> {
+fn decode_frame(buf: Bytes, codec: &FrameCodec) -> Result<Message, ProtocolError> {
     let mut b = Body { buf };
     let kind = b.u8("kind")?;
     let cookie = b.u64("cookie")?;
-    let msg = if kind < 0x80 {
-        let request = decode_request(kind, &mut b)?;
-        Message::Request { cookie, request }
-    } else {
-        let reply = decode_reply(kind, &mut b)?;
-        Message::Reply { cookie, reply }
+    let msg = match kind {
+        kind::WRITE_Z => Message::Request {
+            cookie,
+            request: Request::Write {
+                handle: b.u32("handle")?,
+                offset: b.u64("offset")?,
+                data: b.compressed(codec)?,
+            },
+        },
+        kind::DATA_Z => Message::Reply {
+            cookie,
+            reply: Reply::Data(b.compressed(codec)?),
+        },
+        k if k < 0x80 => Message::Request {
+            cookie,
+            request: decode_request(k, &mut b)?,
+        },
+        k => Message::Reply {
+            cookie,
+            reply: decode_reply(k, &mut b)?,
+        },
     };
     b.finish("the message")?;
     Ok(msg)

@@ -43,6 +43,14 @@ pub enum ProtocolError {
     Decrypt,
     #[error("encryption failed: {0}")]
     Encrypt(String),
+    #[error("decompression bomb: {compressed} compressed bytes claim {claimed} bytes, above the negotiated limit of {max} or more than the codec can produce")]
+    CompressionBomb {
+        claimed: u64,
+        compressed: u64,
+        max: u64,
+    },
+    #[error("a compressed payload is corrupt: {0}")]
+    Decompress(String),
 }
 
 impl ProtocolError {

@@ -13,21 +13,26 @@
 //! client is dialled by the server, a dial-back agent dials the server, and in both cases only
 //! the holder of the server's private key can answer message 1. Both hellos are the Noise
 //! prologue, so a tampered negotiation fails authentication. The params (wish for plaintext,
-//! maximum payload) travel inside authenticated messages, and plaintext mode is only chosen
-//! when both authenticated sides asked for it. Why `XK` and no pre-shared key: ARCHITECTURE.md,
+//! maximum payload, and from version 3 the compression codecs offered) travel inside authenticated messages, and plaintext mode is only chosen
+//! when both authenticated sides asked for it; compression uses the best codec both offered
+//! (none with a version-2 peer, whose params have no such byte). Why `XK` and no pre-shared key: ARCHITECTURE.md,
 //! "Decisions".
 
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
+use crate::compress::Codec;
 use crate::key::{PublicKey, StaticKey};
 use crate::record::{self, Opener, Sealer};
 use crate::{ProtocolError, Role, MAX_PAYLOAD_LIMIT, VERSION_MAX, VERSION_MIN};
 
 const MAGIC: &[u8; 8] = b"DSKFERRY";
 const NOISE_PARAMS: &str = "Noise_XK_25519_AESGCM_SHA256";
-const PARAMS_LEN: usize = 5;
+/// Params of version 2: plaintext u8 | max payload u32.
+const PARAMS_V2_LEN: usize = 5;
+/// Params of version 3: those of version 2, then the compression capability bits u8.
+const PARAMS_V3_LEN: usize = 6;
 /// Smallest payload limit a peer may advertise (one 64 KiB request must always fit).
 const MIN_PAYLOAD: u32 = 64 << 10;
 /// Largest credential an agent may present (an enrollment token is 64 hex digits).
@@ -50,6 +55,10 @@ pub struct SessionOptions {
     pub plaintext: bool,
     /// Largest data payload this side accepts in one frame.
     pub max_payload: u32,
+    /// Compression codecs this side offers ([`crate::compress`] capability bits; 0 = none).
+    pub compression: u8,
+    /// Highest protocol version this side announces (normally [`VERSION_MAX`]).
+    pub version_max: u16,
     /// Give up on a peer that has not finished the handshake in this time.
     pub timeout: Duration,
     /// Give up on a connection whose peer, with requests outstanding, has sent nothing for
@@ -76,6 +85,8 @@ impl SessionOptions {
             credential: Vec::new(),
             plaintext: false,
             max_payload: crate::DEFAULT_MAX_PAYLOAD,
+            compression: crate::compress::SUPPORTED,
+            version_max: VERSION_MAX,
             timeout: Duration::from_secs(15),
             reply_timeout: Duration::from_secs(120),
         }
@@ -90,6 +101,8 @@ pub struct Session {
     pub plaintext: bool,
     /// The smaller of both sides' limits: no frame may carry a larger payload.
     pub max_payload: u32,
+    /// The codec both sides offered, if any: data payloads may then travel compressed.
+    pub compression: Option<Codec>,
     pub peer_role: Role,
     /// The peer's static key: the agent's (seen by the server) or the server's (seen by the
     /// agent, equal to the pinned one).
@@ -106,7 +119,7 @@ where
 {
     check_options(opts)?;
     with_timeout(opts.timeout, async {
-        let hello = hello_as_opener(io, opts.role).await?;
+        let hello = hello_as_opener(io, opts.role, opts.version_max).await?;
         noise(io, opts, &hello).await
     })
     .await
@@ -119,7 +132,7 @@ where
 {
     check_options(opts)?;
     with_timeout(opts.timeout, async {
-        let hello = hello_as_acceptor(io, opts.role).await?;
+        let hello = hello_as_acceptor(io, opts.role, opts.version_max).await?;
         noise(io, opts, &hello).await
     })
     .await
@@ -129,6 +142,12 @@ where
 fn check_options(opts: &SessionOptions) -> Result<(), ProtocolError> {
     if opts.role == Role::Agent && opts.server_key.is_none() {
         return Err(ProtocolError::NoServerKey);
+    }
+    if !(VERSION_MIN..=VERSION_MAX).contains(&opts.version_max) {
+        return Err(ProtocolError::malformed(format!(
+            "cannot announce protocol version {}: this build speaks {VERSION_MIN}..={VERSION_MAX}",
+            opts.version_max
+        )));
     }
     if opts.credential.len() > MAX_CREDENTIAL {
         return Err(ProtocolError::malformed(format!(
@@ -171,14 +190,14 @@ struct Hello {
 }
 
 /// Sends our hello, reads the acceptor's.
-async fn hello_as_opener<S>(io: &mut S, role: Role) -> Result<Hello, ProtocolError>
+async fn hello_as_opener<S>(io: &mut S, role: Role, max: u16) -> Result<Hello, ProtocolError>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
     let mut ours = [0u8; 13];
     ours[..8].copy_from_slice(MAGIC);
     ours[8..10].copy_from_slice(&VERSION_MIN.to_be_bytes());
-    ours[10..12].copy_from_slice(&VERSION_MAX.to_be_bytes());
+    ours[10..12].copy_from_slice(&max.to_be_bytes());
     ours[12] = role_byte(role);
     io.write_all(&ours).await?;
     io.flush().await?;
@@ -188,10 +207,10 @@ where
         return Err(ProtocolError::BadMagic);
     }
     let version = u16::from_be_bytes([theirs[8], theirs[9]]);
-    if version == 0 || !(VERSION_MIN..=VERSION_MAX).contains(&version) {
+    if version == 0 || !(VERSION_MIN..=max).contains(&version) {
         return Err(ProtocolError::VersionMismatch {
             our_min: VERSION_MIN,
-            our_max: VERSION_MAX,
+            our_max: max,
             peer_min: u16::from_be_bytes([theirs[10], theirs[11]]),
             peer_max: u16::from_be_bytes([theirs[12], theirs[13]]),
         });
@@ -206,7 +225,7 @@ where
 }
 
 /// Reads the opener's hello, answers with the chosen version.
-async fn hello_as_acceptor<S>(io: &mut S, role: Role) -> Result<Hello, ProtocolError>
+async fn hello_as_acceptor<S>(io: &mut S, role: Role, max: u16) -> Result<Hello, ProtocolError>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
@@ -217,7 +236,7 @@ where
     }
     let peer_min = u16::from_be_bytes([theirs[8], theirs[9]]);
     let peer_max = u16::from_be_bytes([theirs[10], theirs[11]]);
-    let common = VERSION_MAX.min(peer_max);
+    let common = max.min(peer_max);
     let version = if common >= VERSION_MIN.max(peer_min) {
         common
     } else {
@@ -227,7 +246,7 @@ where
     ours[..8].copy_from_slice(MAGIC);
     ours[8..10].copy_from_slice(&version.to_be_bytes());
     ours[10..12].copy_from_slice(&VERSION_MIN.to_be_bytes());
-    ours[12..14].copy_from_slice(&VERSION_MAX.to_be_bytes());
+    ours[12..14].copy_from_slice(&max.to_be_bytes());
     ours[14] = role_byte(role);
     if version == 0 {
         // An older peer's hello has no role byte: answer before waiting for one.
@@ -235,7 +254,7 @@ where
         io.flush().await?;
         return Err(ProtocolError::VersionMismatch {
             our_min: VERSION_MIN,
-            our_max: VERSION_MAX,
+            our_max: max,
             peer_min,
             peer_max,
         });
@@ -299,9 +318,9 @@ where
     let n = hs
         .read_message(&msg, &mut payload)
         .map_err(|_| ProtocolError::ServerNotProven)?;
-    let peer = decode_params(&payload[..n])?;
+    let peer = decode_params(&payload[..n], hello.version)?;
 
-    let mut ours = encode_params(opts).to_vec();
+    let mut ours = encode_params(opts, hello.version);
     ours.push(opts.credential.len() as u8);
     ours.extend_from_slice(&opts.credential);
     let n = hs.write_message(&ours, &mut buf).map_err(noise_err)?;
@@ -330,7 +349,7 @@ where
     }
     let mut buf = vec![0u8; MAX_HANDSHAKE_MSG];
     let n = hs
-        .write_message(&encode_params(opts), &mut buf)
+        .write_message(&encode_params(opts, hello.version), &mut buf)
         .map_err(noise_err)?;
     write_handshake_msg(io, &buf[..n]).await?;
 
@@ -338,8 +357,8 @@ where
     let n = hs
         .read_message(&msg, &mut payload)
         .map_err(|_| ProtocolError::AuthenticationFailed)?;
-    let (params, credential) = split_credential(&payload[..n])?;
-    let peer = decode_params(params)?;
+    let (params, credential) = split_credential(&payload[..n], params_len(hello.version))?;
+    let peer = decode_params(params, hello.version)?;
     let agent_key = hs
         .get_remote_static()
         .and_then(|k| <[u8; 32]>::try_from(k).ok())
@@ -349,11 +368,11 @@ where
 }
 
 /// Message 3's payload: params, then a length-prefixed credential.
-fn split_credential(p: &[u8]) -> Result<(&[u8], &[u8]), ProtocolError> {
-    if p.len() < PARAMS_LEN + 1 {
+fn split_credential(p: &[u8], params_len: usize) -> Result<(&[u8], &[u8]), ProtocolError> {
+    if p.len() < params_len + 1 {
         return Err(ProtocolError::malformed("short handshake parameters"));
     }
-    let (params, rest) = p.split_at(PARAMS_LEN);
+    let (params, rest) = p.split_at(params_len);
     let len = rest[0] as usize;
     if len > MAX_CREDENTIAL || rest.len() != 1 + len {
         return Err(ProtocolError::malformed(format!(
@@ -367,22 +386,35 @@ fn split_credential(p: &[u8]) -> Result<(&[u8], &[u8]), ProtocolError> {
 struct Params {
     plaintext: bool,
     max_payload: u32,
+    /// Compression capability bits (0 from a version-2 peer).
+    compression: u8,
 }
 
-fn encode_params(opts: &SessionOptions) -> [u8; PARAMS_LEN] {
-    let mut p = [0u8; PARAMS_LEN];
-    p[0] = u8::from(opts.plaintext);
-    p[1..5].copy_from_slice(
+/// How long the params are in a session of `version`.
+fn params_len(version: u16) -> usize {
+    if version >= 3 {
+        PARAMS_V3_LEN
+    } else {
+        PARAMS_V2_LEN
+    }
+}
+
+fn encode_params(opts: &SessionOptions, version: u16) -> Vec<u8> {
+    let mut p = vec![u8::from(opts.plaintext)];
+    p.extend_from_slice(
         &opts
             .max_payload
             .clamp(MIN_PAYLOAD, MAX_PAYLOAD_LIMIT)
             .to_be_bytes(),
     );
+    if version >= 3 {
+        p.push(opts.compression);
+    }
     p
 }
 
-fn decode_params(p: &[u8]) -> Result<Params, ProtocolError> {
-    if p.len() != PARAMS_LEN {
+fn decode_params(p: &[u8], version: u16) -> Result<Params, ProtocolError> {
+    if p.len() != params_len(version) {
         return Err(ProtocolError::malformed(format!(
             "handshake parameters of {} bytes",
             p.len()
@@ -397,6 +429,7 @@ fn decode_params(p: &[u8]) -> Result<Params, ProtocolError> {
     Ok(Params {
         plaintext: p[0] == 1,
         max_payload,
+        compression: p.get(PARAMS_V2_LEN).copied().unwrap_or(0),
     })
 }
 
@@ -431,6 +464,7 @@ fn finish(
         version: hello.version,
         plaintext,
         max_payload,
+        compression: Codec::choose(opts.compression, peer.compression),
         peer_role: hello.peer_role,
         peer_key,
         credential,

@@ -10,6 +10,8 @@
 //! - [`record`]: the Noise transport records that carry the byte stream once encrypted.
 //! - [`codec`]: length-delimited, versioned frames ([`Message`]) with every length bounded
 //!   before any allocation.
+//! - [`compress`]: LZ4 for data payloads when both sides offer it, adaptive (off when the
+//!   link is faster than compression or the data does not shrink), bounded on decode.
 //! - [`stream`]: async frame reader/writer halves combining the two, for tokio sockets.
 //!
 //! This is the only crate that knows the wire byte order (big-endian, network order).
@@ -19,6 +21,8 @@ pub mod admission;
 pub mod chunks;
 #[cfg(feature = "io")]
 pub mod codec;
+#[cfg(feature = "io")]
+pub mod compress;
 #[cfg(feature = "io")]
 pub mod handshake;
 #[cfg(feature = "io")]
@@ -44,11 +48,11 @@ pub use message::{
 };
 
 /// Protocol versions this build speaks (inclusive range).
-/// Version 2 replaced version 1's pre-shared key with server and agent keys (Noise `XK`);
-/// version 3 adds `HashChunks` (a version-2 agent would drop the connection on it, so the
-/// server sends it only on a version-3 session).
+/// Version 2 replaced version 1's pre-shared key with server and agent keys (Noise `XK`).
 pub const VERSION_MIN: u16 = 2;
-/// Highest protocol version this build speaks.
+/// Highest protocol version this build speaks. Version 3 adds a compression capability byte
+/// to the handshake parameters, the compressed frame kinds, and `HashChunks`; a version-2
+/// peer gets none of them (it would drop the connection on an unknown kind).
 pub const VERSION_MAX: u16 = 3;
 /// The first version with [`Request::HashChunks`].
 pub const VERSION_HASH_CHUNKS: u16 = 3;

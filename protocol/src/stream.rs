@@ -6,17 +6,27 @@
 //! reader decrypts each record in place and decodes frames straight out of it: data payloads
 //! reach the caller as slices of the receive buffer. Plaintext, large payloads are written from
 //! the caller's buffer without a copy.
+//!
+//! With compression negotiated, the writer owns a [`Compressor`] (shared with whoever builds
+//! data replies, [`FrameWriter::compressor`]): payloads of [`FrameWriter::queue`] go
+//! compressed while it pays, and every flush tells it how fast the link took the bytes.
 
 use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::Instant;
 
 use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio_util::codec::Decoder;
 
-use crate::codec::{data_reply_header, encode_head, FrameCodec, HEADER_LEN};
+use crate::codec::{
+    data_reply_header, encode_head, encode_head_compressed, zdata_reply_header, FrameCodec,
+    HEADER_LEN,
+};
+use crate::compress::{Compressor, PREFIX_LEN};
 use crate::handshake::record_limit;
 use crate::record::{Opener, Sealer, LEN_BYTES, TAG_LEN};
-use crate::{Message, ProtocolError, Session};
+use crate::{Message, ProtocolError, Role, Session};
 
 /// Minimum free room to offer the socket per read.
 const READ_CHUNK: usize = 256 << 10;
@@ -36,9 +46,64 @@ pub fn data_reply_buffer(len: usize) -> BytesMut {
     buf
 }
 
+/// Room a compressed data reply built in place needs in front of its compressed bytes.
+pub const ZDATA_HEADROOM: usize = DATA_HEADROOM + PREFIX_LEN;
+
+/// A data reply built in place, ready for [`FrameWriter::queue_data`]: raw (a
+/// [`data_reply_buffer`]) or compressed (behind [`ZDATA_HEADROOM`]).
+#[derive(Debug)]
+pub struct DataReply {
+    buf: BytesMut,
+    /// The payload's length before compression; `None` when it is raw.
+    raw_len: Option<usize>,
+}
+
+impl DataReply {
+    /// A reply built with [`data_reply_buffer`], sent as it is.
+    pub fn raw(buf: BytesMut) -> Self {
+        DataReply { buf, raw_len: None }
+    }
+
+    /// A reply built with [`data_reply_buffer`], compressed when `compressor` finds it pays
+    /// and the payload shrinks (run it where the payload was read: it costs CPU).
+    pub fn compressed(buf: BytesMut, compressor: Option<&Compressor>) -> Self {
+        let Some(c) = compressor else {
+            return Self::raw(buf);
+        };
+        let payload = buf.get(DATA_HEADROOM..).unwrap_or_default();
+        let mut out = BytesMut::new();
+        out.resize(ZDATA_HEADROOM, 0);
+        if c.compress(payload, &mut out) {
+            DataReply {
+                raw_len: Some(payload.len()),
+                buf: out,
+            }
+        } else {
+            Self::raw(buf)
+        }
+    }
+
+    /// Whether the payload travels compressed.
+    pub fn is_compressed(&self) -> bool {
+        self.raw_len.is_some()
+    }
+}
+
+/// How many threads compress one side's payloads: an agent compresses read replies on its
+/// disk threads (at most four), the server its writes in the connection's writer task.
+fn compressing_threads(peer: Role) -> usize {
+    match peer {
+        Role::Controller => std::thread::available_parallelism().map_or(1, |n| n.get().min(4)),
+        Role::Agent => 1,
+    }
+}
+
 /// Splits an established session into its reading and writing halves.
 pub fn split<R, W>(session: Session, reader: R, writer: W) -> (FrameReader<R>, FrameWriter<W>) {
-    let codec = FrameCodec::new(session.max_payload);
+    let codec = FrameCodec::new(session.max_payload).with_compression(session.compression);
+    let compressor = session
+        .compression
+        .map(|c| Arc::new(Compressor::new(c, compressing_threads(session.peer_role))));
     let record_limit = record_limit(session.max_payload);
     let (sealer, opener) = match session.cipher {
         Some((s, o)) => (Some(s), Some(o)),
@@ -62,6 +127,7 @@ pub fn split<R, W>(session: Session, reader: R, writer: W) -> (FrameReader<R>, F
             open_record: None,
             record_limit,
             max_frame: codec.max_frame(),
+            compressor,
         },
     )
 }
@@ -126,15 +192,49 @@ pub struct FrameWriter<W> {
     open_record: Option<usize>,
     record_limit: usize,
     max_frame: u32,
+    compressor: Option<Arc<Compressor>>,
 }
 
 impl<W: AsyncWrite + Unpin> FrameWriter<W> {
+    /// The session's compressor, when compression was negotiated: for data replies built
+    /// in place ([`DataReply::compressed`]).
+    pub fn compressor(&self) -> Option<Arc<Compressor>> {
+        self.compressor.clone()
+    }
+
+    /// Encodes the head of `msg` into `dst`, compressed when the compressor takes its payload;
+    /// returns the payload to send after it.
+    fn encode(&self, msg: &Message, dst: &mut BytesMut) -> Result<Option<Bytes>, ProtocolError> {
+        if let Some(c) = &self.compressor {
+            let raw = match msg {
+                Message::Request {
+                    request: crate::Request::Write { data, .. },
+                    ..
+                }
+                | Message::Reply {
+                    reply: crate::Reply::Data(data),
+                    ..
+                } => &data[..],
+                _ => &[],
+            };
+            let mut z = BytesMut::new();
+            if c.compress(raw, &mut z) {
+                encode_head_compressed(msg, c.codec(), z.len(), dst, self.max_frame)?;
+                return Ok(Some(z.freeze()));
+            }
+        }
+        encode_head(msg, dst, self.max_frame)
+    }
+
     /// Encodes `msg` into the outgoing buffer (inside a record when the session is encrypted).
     pub fn queue(&mut self, msg: &Message) -> Result<(), ProtocolError> {
+        let mut head = std::mem::take(&mut self.head);
+        head.clear();
+        let payload = self.encode(msg, &mut head);
+        self.head = head;
+        let payload = payload?;
         match &mut self.sealer {
             Some(sealer) => {
-                self.head.clear();
-                let payload = encode_head(msg, &mut self.head, self.max_frame)?;
                 let size = self.head.len() + payload.as_ref().map_or(0, Bytes::len);
                 if let Some(start) = self.open_record {
                     if self.out.len() - start - LEN_BYTES + size > self.record_limit {
@@ -152,7 +252,7 @@ impl<W: AsyncWrite + Unpin> FrameWriter<W> {
                 }
             }
             None => {
-                let payload = encode_head(msg, &mut self.out, self.max_frame)?;
+                self.out.extend_from_slice(&self.head);
                 if let Some(p) = payload {
                     if p.len() >= ZERO_COPY_MIN {
                         self.push_out();
@@ -167,18 +267,37 @@ impl<W: AsyncWrite + Unpin> FrameWriter<W> {
         Ok(())
     }
 
-    /// Queues a data reply built with [`data_reply_buffer`], without copying its payload.
-    pub fn queue_data_reply(
-        &mut self,
-        cookie: u64,
-        mut buf: BytesMut,
-    ) -> Result<(), ProtocolError> {
+    /// Queues a data reply built with [`data_reply_buffer`], raw, without copying its payload.
+    pub fn queue_data_reply(&mut self, cookie: u64, buf: BytesMut) -> Result<(), ProtocolError> {
+        self.queue_data(cookie, DataReply::raw(buf))
+    }
+
+    /// Queues a data reply built in place, raw or compressed, without copying its payload.
+    pub fn queue_data(&mut self, cookie: u64, reply: DataReply) -> Result<(), ProtocolError> {
+        let DataReply { mut buf, raw_len } = reply;
+        let headroom = match raw_len {
+            Some(_) => ZDATA_HEADROOM,
+            None => DATA_HEADROOM,
+        };
         let len = buf
             .len()
-            .checked_sub(DATA_HEADROOM)
+            .checked_sub(headroom)
             .ok_or_else(|| ProtocolError::malformed("data reply buffer without headroom"))?;
-        let header = data_reply_header(cookie, len, self.max_frame)?;
-        buf[LEN_BYTES..DATA_HEADROOM].copy_from_slice(&header);
+        match (raw_len, &self.compressor) {
+            (Some(raw_len), Some(c)) => {
+                let header = zdata_reply_header(cookie, c.codec(), raw_len, len, self.max_frame)?;
+                buf[LEN_BYTES..ZDATA_HEADROOM].copy_from_slice(&header);
+            }
+            (Some(_), None) => {
+                return Err(ProtocolError::malformed(
+                    "a compressed reply on a session without compression",
+                ))
+            }
+            (None, _) => {
+                let header = data_reply_header(cookie, len, self.max_frame)?;
+                buf[LEN_BYTES..DATA_HEADROOM].copy_from_slice(&header);
+            }
+        }
         let frame = match &mut self.sealer {
             Some(sealer) => {
                 // Records hold whole frames in order: close the one being filled first.
@@ -207,11 +326,16 @@ impl<W: AsyncWrite + Unpin> FrameWriter<W> {
             sealer.seal(&mut self.out, start)?;
         }
         self.push_out();
+        let started = Instant::now();
+        let bytes = self.queued;
         while let Some(buf) = self.queue.pop_front() {
             self.io.write_all(&buf).await?;
         }
         self.queued = 0;
         self.io.flush().await?;
+        if let Some(c) = &self.compressor {
+            c.record_link(bytes, started.elapsed());
+        }
         Ok(())
     }
 

@@ -403,7 +403,7 @@ fn a_hash_list_longer_than_the_limit_or_the_frame_is_refused() {
     let mut codec = FrameCodec::new(1 << 20);
     for (count, hashes) in [(MAX_HASHES as u32 + 1, MAX_HASHES + 1), (1000, 999)] {
         let mut body = BytesMut::new();
-        body.put_u8(0x87);
+        body.put_u8(0x88); // HASHES
         body.put_u64(1);
         body.put_u32(count);
         body.put_slice(&vec![0u8; hashes * 32]);

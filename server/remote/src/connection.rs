@@ -3,12 +3,16 @@
 //! Requests get a fresh cookie and a completion callback; a writer task batches them onto the
 //! socket and a reader task matches replies to callbacks by cookie, in whatever order they come.
 //! When the connection dies, every pending and every later request fails with the reason.
+//! With compression negotiated, the writer compresses write payloads while it pays and the
+//! reader decompresses replies within the negotiated limit; a peer that lies about a payload's
+//! size (a decompression bomb) closes the connection with the protocol error as the reason.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use diskferry_protocol::compress::Codec;
 use diskferry_protocol::handshake::{initiate, respond};
 use diskferry_protocol::stream::split;
 use diskferry_protocol::{
@@ -59,6 +63,8 @@ struct Shared {
     max_payload: u32,
     /// The protocol version both sides speak.
     version: u16,
+    /// The codec both sides offered: writes go compressed while it pays, replies may come so.
+    compression: Option<Codec>,
     peer: String,
     /// The peer's static key, proven by the handshake.
     peer_key: PublicKey,
@@ -181,6 +187,7 @@ impl Connection {
             next_cookie: AtomicU64::new(1),
             max_payload: session.max_payload,
             version: session.version,
+            compression: session.compression,
             peer,
             peer_key: session.peer_key,
             progress: Mutex::new(Instant::now()),
@@ -268,6 +275,11 @@ impl Connection {
     /// The protocol version the handshake settled on.
     pub fn version(&self) -> u16 {
         self.shared.version
+    }
+
+    /// The wire compression the handshake settled on, if any.
+    pub fn compression(&self) -> Option<Codec> {
+        self.shared.compression
     }
 
     /// The address of the client.

@@ -387,3 +387,41 @@ fn capture_into_qcow2_passes_qemu_img_check_and_compares_equal() {
         "qcow2 of {size} bytes for {data} bytes of data"
     );
 }
+
+#[test]
+fn capture_of_an_ext4_disk_negotiates_lz4_and_is_byte_identical() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = make_key(dir.path(), "key");
+    let disk = dir.path().join("ext4.img");
+    let made = std::process::Command::new("mke2fs")
+        .args(["-q", "-F", "-t", "ext4", "-d", "/usr/share/common-licenses"])
+        .arg(&disk)
+        .arg("48M")
+        .output()
+        .unwrap();
+    assert!(made.status.success(), "mke2fs: {made:?}");
+    let client = Client::start(&key, &["--disk", disk.to_str().unwrap()]).unwrap();
+
+    // The real client and the server's connection settle on LZ4.
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let conn = rt
+        .block_on(Connection::connect(&client.addr, &session(&key)))
+        .unwrap();
+    assert_eq!(
+        conn.compression(),
+        Some(diskferry_protocol::compress::Codec::Lz4)
+    );
+    drop(conn);
+
+    let out = dir.path().join("copy.raw");
+    let (ok, stderr) = capture(&client.source(&disk), &out, &key, &[]);
+    assert!(ok, "capture failed: {stderr}");
+    assert_same_bytes(&disk, &out);
+    let fsck = std::process::Command::new("e2fsck")
+        .arg("-fn")
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(fsck.status.success(), "e2fsck -fn on the copy: {fsck:?}");
+    client.stop();
+}
