@@ -9,10 +9,10 @@ use std::sync::Arc;
 
 use diskferry_blockdev::{BlockDevice, BlockError, FileDevice, SliceDevice};
 use diskferry_client::disks::DiskSpec;
-use diskferry_protocol::handshake::respond;
-use diskferry_protocol::stream::split;
-use diskferry_protocol::{Message, Reply, Request, SessionOptions, StaticKey};
+use diskferry_protocol::{Reply, Request, SessionOptions, StaticKey};
 use diskferry_remote::{Connection, RemoteOptions};
+
+mod common;
 
 const MIB: u64 = 1 << 20;
 
@@ -106,36 +106,17 @@ async fn the_agents_hashes_equal_the_servers_own() {
 
 /// An agent that answers every HashChunks with one hash too few.
 async fn short_counting_agent(server: &StaticKey) -> String {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap().to_string();
-    let opts = SessionOptions::agent(StaticKey::generate(), server.public());
-    tokio::spawn(async move {
-        let (mut stream, _) = listener.accept().await.unwrap();
-        let session = respond(&mut stream, &opts).await.unwrap();
-        let (r, w) = tokio::io::split(stream);
-        let (mut reader, mut writer) = split(session, r, w);
-        while let Ok(Some(Message::Request { cookie, request })) = reader.next().await {
-            let reply = match request {
-                Request::Open { .. } => Reply::Opened {
-                    handle: 1,
-                    size: 8 * MIB,
-                    logical_sector: 512,
-                    physical_sector: 512,
-                    read_only: true,
-                },
-                Request::HashChunks { len, chunk, .. } => {
-                    let n = len.div_ceil(u64::from(chunk)) as usize;
-                    Reply::Hashes(vec![[7; 32]; n - 1])
-                }
-                _ => Reply::Done,
-            };
-            writer
-                .send(&Message::Reply { cookie, reply })
-                .await
-                .unwrap();
-        }
-    });
-    addr
+    common::scripted_agent(server, |request| {
+        Some(match request {
+            Request::Open { .. } => common::opened(8 * MIB),
+            Request::HashChunks { len, chunk, .. } => {
+                let n = len.div_ceil(u64::from(chunk)) as usize;
+                Reply::Hashes(vec![[7; 32]; n - 1])
+            }
+            _ => Reply::Done,
+        })
+    })
+    .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -6,46 +6,19 @@ use std::time::{Duration, Instant};
 
 use diskferry_blockdev::BlockDevice;
 use diskferry_blockdev::{BlockError, CancelFlag};
-use diskferry_protocol::handshake::respond;
-use diskferry_protocol::stream::split;
-use diskferry_protocol::{Message, Reply, Request, SessionOptions, StaticKey};
+mod common;
+
+use diskferry_protocol::{Request, SessionOptions, StaticKey};
 use diskferry_remote::{Connection, RemoteOptions};
 
 /// A listening "agent" that completes the handshake, then reads requests and answers none
 /// (but `Open`, when `opens` is true).
 async fn silent_agent(server: &StaticKey, opens: bool) -> String {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap().to_string();
-    let opts = SessionOptions::agent(StaticKey::generate(), server.public());
-    tokio::spawn(async move {
-        let (mut stream, _) = listener.accept().await.unwrap();
-        let session = respond(&mut stream, &opts).await.unwrap();
-        let (r, w) = tokio::io::split(stream);
-        let (mut reader, mut writer) = split(session, r, w);
-        while let Ok(Some(msg)) = reader.next().await {
-            if let (
-                true,
-                Message::Request {
-                    cookie,
-                    request: Request::Open { .. },
-                },
-            ) = (opens, msg)
-            {
-                let reply = Reply::Opened {
-                    handle: 1,
-                    size: 1 << 20,
-                    logical_sector: 512,
-                    physical_sector: 512,
-                    read_only: true,
-                };
-                writer
-                    .send(&Message::Reply { cookie, reply })
-                    .await
-                    .unwrap();
-            }
-        }
-    });
-    addr
+    common::scripted_agent(server, move |request| match request {
+        Request::Open { .. } if opens => Some(common::opened(1 << 20)),
+        _ => None,
+    })
+    .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
