@@ -269,21 +269,31 @@ pub(crate) fn read_mapped(
     Ok(())
 }
 
-/// Calls `op(pos, n, at)` for each piece of `offset..offset+len` that stays inside one
-/// `unit`-aligned unit (a grain, a block), `at` being the piece's place in the whole range.
-pub(crate) fn for_each_unit(
+/// Writes `data` — or zeros, for a discard, when it is `None` — over `offset..offset+len`
+/// one piece per `unit`-aligned unit (a cluster, a block, a grain), calling `piece(pos, bytes)`
+/// for each: the one splitting loop every format's writer uses.
+pub(crate) fn write_units(
     offset: u64,
     len: u64,
     unit: u64,
-    mut op: impl FnMut(u64, u64, usize) -> Result<(), BlockError>,
+    data: Option<&[u8]>,
+    mut piece: impl FnMut(u64, &[u8]) -> Result<(), BlockError>,
 ) -> Result<(), BlockError> {
     let unit = unit.max(1);
+    let zeros = match data {
+        Some(_) => Vec::new(),
+        None => vec![0u8; unit.min(len) as usize],
+    };
     let mut done = 0u64;
     while done < len {
         let pos = offset + done;
-        let n = (unit - pos % unit).min(len - done);
-        op(pos, n, done as usize)?;
-        done += n;
+        let n = (unit - pos % unit).min(len - done) as usize;
+        let bytes = match data {
+            Some(d) => &d[done as usize..done as usize + n],
+            None => &zeros[..n],
+        };
+        piece(pos, bytes)?;
+        done += n as u64;
     }
     Ok(())
 }

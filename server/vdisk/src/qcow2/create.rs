@@ -103,11 +103,7 @@ impl Qcow2 {
                 l1_dirty: true,
                 l2: HashMap::new(),
                 tick: 0,
-                write: Some(WriteState::new(
-                    vec![0; table_entries as usize],
-                    first_free,
-                    cluster,
-                )),
+                write: Some(WriteState::new(vec![0; table_entries as usize], first_free)),
             }),
             header,
             last_compressed: Mutex::new(None),
@@ -138,11 +134,7 @@ impl Qcow2 {
         check_writable(&image.header, path)?;
         let table = image.read_refcount_table()?;
         let cluster = image.header.cluster_size();
-        let mut state = WriteState::new(
-            table,
-            image.file.size().div_ceil(cluster) * cluster,
-            cluster,
-        );
+        let mut state = WriteState::new(table, image.file.size().div_ceil(cluster) * cluster);
         state.table_dirty = false;
         state.dirty_on_disk = false;
         image.lock().write = Some(state);

@@ -6,7 +6,6 @@
 //! keep its bytes) as long as a table on disk may still point at it.
 
 use std::collections::HashMap;
-use std::sync::Arc;
 
 use super::ondisk::REFCOUNT_BYTES;
 use super::{Meta, Qcow2};
@@ -23,8 +22,6 @@ pub(super) struct WriteState {
     pub(super) next_free: u64,
     /// Whether the file's header has the dirty bit set.
     pub(super) dirty_on_disk: bool,
-    /// One cluster of zeros, for discards.
-    pub(super) zeros: Arc<Vec<u8>>,
     /// Store whole new data clusters deflate-compressed when that saves space.
     pub(super) compress: bool,
     /// Where the next compressed cluster goes: a byte offset inside a host cluster that holds
@@ -45,14 +42,13 @@ impl WriteState {
     /// The state of a new image (its refcount table still to be written, its header not yet
     /// written and clean when it is): `refcount_table` as it stands, the next cluster
     /// allocated at `next_free`.
-    pub(super) fn new(refcount_table: Vec<u64>, next_free: u64, cluster: u64) -> WriteState {
+    pub(super) fn new(refcount_table: Vec<u64>, next_free: u64) -> WriteState {
         WriteState {
             refcount_table,
             table_dirty: true,
             blocks: HashMap::new(),
             next_free,
             dirty_on_disk: false,
-            zeros: Arc::new(vec![0; cluster as usize]),
             compress: false,
             compressed_cursor: None,
             released: HashMap::new(),

@@ -164,25 +164,16 @@ impl Qcow2 {
         }
     }
 
-    /// Applies `op` to each cluster-sized piece of `offset..offset+len`, holding the metadata
-    /// lock, after setting the dirty bit.
-    fn for_each_piece(
-        &self,
-        offset: u64,
-        len: u64,
-        mut op: impl FnMut(&mut Meta, u64, u64, usize) -> Result<()>,
-    ) -> Result<()> {
+    /// Writes `data` (zeros when `None`) cluster by cluster, holding the metadata lock, after
+    /// setting the dirty bit.
+    fn write_clusters(&self, offset: u64, len: u64, data: Option<&[u8]>) -> Result<()> {
         diskferry_blockdev::check_range(self.header.size, offset, len)?;
         let mut meta = self.lock();
         self.mark_dirty(&mut meta)?;
         let cluster = self.header.cluster_size();
-        let mut done = 0u64;
-        while done < len {
-            let pos = offset + done;
-            let n = (cluster - pos % cluster).min(len - done);
-            op(&mut meta, pos, n, done as usize)?;
-            done += n;
-        }
+        crate::write_units(offset, len, cluster, data, |pos, bytes| {
+            self.write_piece(&mut meta, pos, bytes)
+        })?;
         let dirty_tables = meta.l2.values().filter(|t| t.dirty).count();
         if dirty_tables > MAX_DIRTY_L2 {
             self.write_metadata(&mut meta)?;
@@ -191,15 +182,10 @@ impl Qcow2 {
     }
 
     pub(super) fn write(&self, buf: &[u8], offset: u64) -> Result<()> {
-        self.for_each_piece(offset, buf.len() as u64, |meta, pos, n, at| {
-            self.write_piece(meta, pos, &buf[at..at + n as usize])
-        })
+        self.write_clusters(offset, buf.len() as u64, Some(buf))
     }
 
     pub(super) fn discard_range(&self, offset: u64, len: u64) -> Result<()> {
-        let zeros = self.state(&mut self.lock())?.zeros.clone();
-        self.for_each_piece(offset, len, |meta, pos, n, _| {
-            self.write_piece(meta, pos, &zeros[..n as usize])
-        })
+        self.write_clusters(offset, len, None)
     }
 }

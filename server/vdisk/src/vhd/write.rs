@@ -164,26 +164,21 @@ impl Vhd {
         }
     }
 
-    /// Applies `op` to each block-sized piece of `offset..offset+len`.
-    fn for_each_piece(
-        &self,
-        offset: u64,
-        len: u64,
-        mut op: impl FnMut(&mut State, u64, u64, usize) -> Result<()>,
-    ) -> Result<()> {
+    /// Writes `data` (zeros when `None`) block by block (in one piece for a fixed VHD).
+    fn write_blocks(&self, offset: u64, len: u64, data: Option<&[u8]>) -> Result<()> {
         if !self.writable {
             return Err(BlockError::ReadOnly);
         }
         check_range(self.size, offset, len)?;
         let unit = self.block_size().unwrap_or(len.max(1));
         let mut st = self.lock();
-        crate::for_each_unit(offset, len, unit, |pos, n, at| op(&mut st, pos, n, at))
+        crate::write_units(offset, len, unit, data, |pos, bytes| {
+            self.write_piece(&mut st, pos, bytes)
+        })
     }
 
     pub(super) fn write(&self, buf: &[u8], offset: u64) -> Result<()> {
-        self.for_each_piece(offset, buf.len() as u64, |st, pos, n, at| {
-            self.write_piece(st, pos, &buf[at..at + n as usize])
-        })
+        self.write_blocks(offset, buf.len() as u64, Some(buf))
     }
 
     pub(super) fn discard_range(&self, offset: u64, len: u64) -> Result<()> {
@@ -191,10 +186,7 @@ impl Vhd {
             check_range(self.size, offset, len)?;
             return self.file.write_zeroes(offset, len);
         }
-        let zeros = vec![0u8; BLOCK_SIZE.min(len) as usize];
-        self.for_each_piece(offset, len, |st, pos, n, _| {
-            self.write_piece(st, pos, &zeros[..n as usize])
-        })
+        self.write_blocks(offset, len, None)
     }
 
     /// Data → fsync → BAT and the footer at the end → fsync.

@@ -202,34 +202,24 @@ impl Vmdk {
         Ok(())
     }
 
-    /// Applies `op` to each grain-sized piece of `offset..offset+len`.
-    fn for_each_piece(
-        &self,
-        offset: u64,
-        len: u64,
-        mut op: impl FnMut(&mut State, u64, u64, usize) -> Result<()>,
-    ) -> Result<()> {
+    /// Writes `data` (zeros when `None`) grain by grain.
+    fn write_grains(&self, offset: u64, len: u64, data: Option<&[u8]>) -> Result<()> {
         if self.writer.is_none() {
             return Err(BlockError::ReadOnly);
         }
         check_range(self.size, offset, len)?;
         let mut st = self.lock();
-        crate::for_each_unit(offset, len, self.grain, |pos, n, at| {
-            op(&mut st, pos, n, at)
+        crate::write_units(offset, len, self.grain, data, |pos, bytes| {
+            self.write_piece(&mut st, pos, bytes)
         })
     }
 
     pub(super) fn write(&self, buf: &[u8], offset: u64) -> Result<()> {
-        self.for_each_piece(offset, buf.len() as u64, |st, pos, n, at| {
-            self.write_piece(st, pos, &buf[at..at + n as usize])
-        })
+        self.write_grains(offset, buf.len() as u64, Some(buf))
     }
 
     pub(super) fn discard_range(&self, offset: u64, len: u64) -> Result<()> {
-        let zeros = vec![0u8; self.grain.min(len) as usize];
-        self.for_each_piece(offset, len, |st, pos, n, _| {
-            self.write_piece(st, pos, &zeros[..n as usize])
-        })
+        self.write_grains(offset, len, None)
     }
 
     /// Sparse: data → fsync → changed grain tables (both copies) → fsync. Stream: the pending
