@@ -149,20 +149,32 @@ impl ChunkMap {
     /// The byte ranges of the source whose chunks differ between `self` and `now` (same chunk
     /// size and source size), joined where they touch.
     pub fn changed(&self, now: &[ChunkHash]) -> Vec<Range<u64>> {
-        let chunk = u64::from(self.chunk);
-        let mut out: Vec<Range<u64>> = Vec::new();
-        for (i, (a, b)) in self.hashes.iter().zip(now).enumerate() {
-            if a == b {
-                continue;
-            }
-            let start = i as u64 * chunk;
-            let end = (start + chunk).min(self.source_size);
-            match out.last_mut() {
-                Some(r) if r.end == start => r.end = end,
-                _ => out.push(start..end),
-            }
-        }
+        let mut out = Vec::new();
+        add_differing(&mut out, &self.hashes, now, 0..self.source_size, self.chunk);
         out
+    }
+}
+
+/// Adds to `out` the byte ranges of `span` (hashed in `chunk`-byte chunks from its start) whose
+/// hashes differ between `a` and `b`, joined with each other and with `out`'s last range.
+pub fn add_differing(
+    out: &mut Vec<Range<u64>>,
+    a: &[ChunkHash],
+    b: &[ChunkHash],
+    span: Range<u64>,
+    chunk: u32,
+) {
+    let chunk = u64::from(chunk);
+    for (i, (x, y)) in a.iter().zip(b).enumerate() {
+        if x == y {
+            continue;
+        }
+        let start = span.start + i as u64 * chunk;
+        let end = (start + chunk).min(span.end);
+        match out.last_mut() {
+            Some(r) if r.end == start => r.end = end,
+            _ => out.push(start..end),
+        }
     }
 }
 

@@ -171,6 +171,22 @@ pub(crate) fn data_ranges_or_whole(dev: &dyn BlockDevice) -> Vec<Range<u64>> {
     })
 }
 
+/// How many bytes of `range` of `dev` hold data (all of it when `dev` cannot say).
+pub(crate) fn data_bytes_in(
+    dev: &Arc<dyn BlockDevice>,
+    range: &Range<u64>,
+) -> Result<u64, BlockError> {
+    let slice = diskferry_blockdev::SliceDevice::new(
+        Arc::clone(dev),
+        range.start,
+        range.end - range.start,
+    )?;
+    Ok(data_ranges_or_whole(&slice)
+        .iter()
+        .map(|r| r.end - r.start)
+        .sum())
+}
+
 /// Which side of a copy failed.
 #[derive(Debug)]
 pub enum CopyError {

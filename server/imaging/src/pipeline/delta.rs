@@ -79,16 +79,7 @@ fn changed_chunks(
             Err(e) => return Err(CopyError::Read(e)),
         };
         let ours = stage.chunk_hashes(at, n, CHUNK).map_err(CopyError::Read)?;
-        for (i, (a, b)) in ours.iter().zip(&theirs).enumerate() {
-            if a != b {
-                let start = at + i as u64 * u64::from(CHUNK);
-                let end = (start + u64::from(CHUNK)).min(at + n);
-                match out.last_mut() {
-                    Some(r) if r.end == start => r.end = end,
-                    _ => out.push(start..end),
-                }
-            }
-        }
+        crate::chunkmap::add_differing(&mut out, &ours, &theirs, at..at + n, CHUNK);
         at += n;
     }
     Ok(out)

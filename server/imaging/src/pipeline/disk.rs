@@ -20,7 +20,9 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::capture::{copy_ranges, data_ranges_or_whole, CaptureError, CopyError, OutputOptions};
+use super::capture::{
+    copy_ranges, data_bytes_in, data_ranges_or_whole, CaptureError, CopyError, OutputOptions,
+};
 use super::delta::write_delta;
 use super::output::PartialOutput;
 use super::partition_copy::{
@@ -230,12 +232,7 @@ fn write_outside_and_table(
     })?;
     let mut lost = 0;
     for r in &left_out {
-        let gap = SliceDevice::new(Arc::clone(ends.src), r.start, r.end - r.start)
-            .map_err(|e| ends.read_err(e))?;
-        lost += data_ranges_or_whole(&gap)
-            .iter()
-            .map(|r| r.end - r.start)
-            .sum::<u64>();
+        lost += data_bytes_in(ends.src, r).map_err(|e| ends.read_err(e))?;
     }
     let note = (lost > 0).then(|| {
         format!(

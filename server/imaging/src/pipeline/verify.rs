@@ -165,11 +165,7 @@ fn compare_outside(
         compare_ranges(&sa, &sb, &merge(ranges), &label, report)?;
     }
     for r in left_out {
-        let gap = SliceDevice::new(Arc::clone(a), r.start, r.end - r.start).map_err(side_a)?;
-        let data: u64 = super::capture::data_ranges_or_whole(&gap)
-            .iter()
-            .map(|d| d.end - d.start)
-            .sum();
+        let data = super::capture::data_bytes_in(a, &r).map_err(side_a)?;
         if data > 0 {
             report.notes.push(format!(
                 "{data} bytes of data outside partitions at {}..{} have no place on the smaller copy: not compared",
