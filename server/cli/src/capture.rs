@@ -7,7 +7,6 @@ use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, ValueEnum};
-use diskferry_imaging::chunkmap::{self, ChunkMap};
 use diskferry_imaging::pipeline::{Mode as DiskMode, OutputOptions};
 use diskferry_imaging::source::{open_source, SourceSpec};
 use diskferry_imaging::{CaptureOptions, CaptureOutcome, CaptureSummary};
@@ -39,13 +38,15 @@ pub(crate) struct CaptureArgs {
     verify: bool,
     /// Also write OUT.chunks: the source's chunk hashes (1 MiB chunks, computed by the agent
     /// for a remote disk: no data crosses the wire for it), which a later `--base OUT`
-    /// capture compares against. Whole-disk (--mode sectors) captures can be bases
+    /// capture compares against
     #[arg(long)]
     chunk_map: bool,
-    /// Incremental capture: copy only the 1 MiB chunks that changed since PREVIOUS (a
-    /// whole-disk capture made with --chunk-map, or an earlier incremental one) into OUT, a
-    /// qcow2 overlay whose backing file is PREVIOUS; OUT gets its own chunk map
-    #[arg(long, value_name = "PREVIOUS", conflicts_with_all = ["size", "chunk_map"])]
+    /// Incremental capture on PREVIOUS (a capture of the same disk made with --chunk-map, or
+    /// an earlier incremental one): only what changed since is read from the source. On a
+    /// whole-disk (--mode sectors) base, the changed 1 MiB chunks go into OUT, a qcow2 overlay
+    /// whose backing file is PREVIOUS; on a partition-by-partition base, OUT is a full image
+    /// whose unchanged files are taken from PREVIOUS. OUT gets its own chunk map
+    #[arg(long, value_name = "PREVIOUS")]
     base: Option<PathBuf>,
     #[command(flatten)]
     output: OutputArgs,
@@ -169,62 +170,17 @@ pub(crate) fn run(args: CaptureArgs) -> Result<()> {
         args.conn.reconnect(),
     )?;
     let progress = progress_for(args.output.progress);
-    if let Some(base) = &args.base {
-        return capture_incremental(&args, &src, base, format, progress.as_ref());
-    }
     let options = CaptureOptions {
         output: args.output.options(format),
         mode: args.mode.into(),
         size: args.size.as_deref().map(images::parse_size).transpose()?,
         verify: args.verify,
+        chunk_map: args.chunk_map,
+        base: args.base.clone(),
     };
     let outcome =
         diskferry_imaging::capture(Arc::clone(&src), &args.out, &options, progress.as_ref())?;
     print_capture_summary(&outcome, format);
-    if args.chunk_map {
-        let map = ChunkMap::of_source(&*src, &outcome.out)?;
-        map.save(&outcome.out)?;
-        eprintln!(
-            "chunk map: {} ({} chunks)",
-            chunkmap::path_for(&outcome.out).display(),
-            map.hashes.len()
-        );
-    }
-    Ok(())
-}
-
-/// `--base PREVIOUS`: the changed chunks into a qcow2 overlay on PREVIOUS, then verified
-/// through the chain when asked.
-fn capture_incremental(
-    args: &CaptureArgs,
-    src: &Arc<dyn diskferry_blockdev::BlockDevice>,
-    base: &Path,
-    format: ImageFormat,
-    progress: &dyn diskferry_imaging::progress::Progress,
-) -> Result<()> {
-    if format != ImageFormat::Qcow2 || !matches!(args.mode, Mode::Sectors | Mode::Auto) {
-        bail!("an incremental capture is a qcow2 overlay of whole-disk chunks: give OUT a .qcow2 name (and --mode sectors or none)");
-    }
-    let stats = diskferry_imaging::pipeline::capture_incremental(
-        src,
-        &args.out,
-        base,
-        args.output.force,
-        progress,
-    )?;
-    eprintln!(
-        "captured {} of {} chunks changed since {} ({}) into {} (a qcow2 overlay on it), {:.1} s",
-        stats.changed_chunks,
-        stats.chunks,
-        base.display(),
-        human_bytes(stats.changed_bytes),
-        args.out.display(),
-        stats.elapsed.as_secs_f64()
-    );
-    if args.verify {
-        let (_, chain) = diskferry_vdisk::open_image(&args.out, true)?;
-        verify_and_report(src, &chain)?;
-    }
     Ok(())
 }
 
@@ -263,7 +219,30 @@ fn print_capture_summary(outcome: &CaptureOutcome, format: ImageFormat) {
                 human_bytes(read + report.boot_bytes),
                 report.elapsed.as_secs_f64()
             );
+            let reused: u64 = report.partitions.iter().map(|p| p.reused).sum();
+            if reused > 0 {
+                eprintln!(
+                    "{} of unchanged files taken from the base instead of the source",
+                    human_bytes(reused)
+                );
+            }
         }
+        CaptureSummary::Overlay => {
+            eprintln!("captured the changed chunks into {out} (a qcow2 overlay on its base)")
+        }
+    }
+    if let Some((base, s)) = &outcome.incremental {
+        eprintln!(
+            "incremental on {}: {} of {} chunks changed ({}), hashed and compared in {:.1} s",
+            base.display(),
+            s.changed_chunks,
+            s.chunks,
+            human_bytes(s.changed_bytes),
+            s.elapsed.as_secs_f64()
+        );
+    }
+    if let Some(map) = &outcome.chunk_map {
+        eprintln!("chunk map: {}", map.display());
     }
 }
 

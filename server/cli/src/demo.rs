@@ -141,6 +141,8 @@ fn capture_and_verify(src: Arc<dyn BlockDevice>, out: &Path) -> Result<CaptureOu
         mode: Mode::Auto,
         size: None,
         verify: true,
+        chunk_map: false,
+        base: None,
     };
     Ok(diskferry_imaging::capture(
         src,

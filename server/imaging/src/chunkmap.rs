@@ -3,9 +3,13 @@
 //! modification time), so a later incremental capture can ask the agent for today's hashes,
 //! copy only the chunks that differ, and refuse a base image that changed since.
 //!
-//! File format (little-endian): magic `DFCHUNK1`, chunk size u32, source size u64, image
-//! length u64, image mtime (seconds u64, nanoseconds u32), hash count u64, then 32 bytes per
-//! hash. Written under a temporary name and renamed.
+//! The map also says how the image holds the source ([`Layout`]): at the source's offsets (a
+//! whole-disk capture, which an incremental capture overlays) or recreated file by file (whose
+//! incremental capture is a new image that takes unchanged files from it).
+//!
+//! File format (little-endian): magic `DFCHUNK2`, chunk size u32, source size u64, image
+//! length u64, image mtime (seconds u64, nanoseconds u32), hash count u64, layout u8 (0 whole
+//! disk, 1 partitions), then 32 bytes per hash. Written under a temporary name and renamed.
 
 use std::io::Write;
 use std::ops::Range;
@@ -14,8 +18,8 @@ use std::path::{Path, PathBuf};
 use diskferry_blockdev::{BlockDevice, BlockError};
 use diskferry_protocol::chunks::ChunkHash;
 
-const MAGIC: &[u8; 8] = b"DFCHUNK1";
-const HEADER: usize = 8 + 4 + 8 + 8 + 8 + 4 + 8;
+const MAGIC: &[u8; 8] = b"DFCHUNK2";
+const HEADER: usize = 8 + 4 + 8 + 8 + 8 + 4 + 8 + 1;
 /// The chunk size new maps use.
 pub const DEFAULT_CHUNK: u32 = 1 << 20;
 /// Most hashes a map file may hold (64 TiB in 1 MiB chunks): bounds what loading allocates.
@@ -34,6 +38,17 @@ pub enum ChunkMapError {
     Hash(#[from] BlockError),
 }
 
+/// How an image holds its source.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Layout {
+    /// Every source byte at its own offset: a whole-disk (sectors) capture, or an overlay on
+    /// one. Its incremental capture is a qcow2 overlay of the changed chunks.
+    WholeDisk,
+    /// Partition by partition, filesystems recreated: its incremental capture is a new image
+    /// that takes unchanged files from it.
+    Partitions,
+}
+
 /// What a map says about a source and the image captured from it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ChunkMap {
@@ -41,6 +56,7 @@ pub struct ChunkMap {
     pub source_size: u64,
     /// The image file when the map was written: (length, mtime seconds, mtime nanoseconds).
     pub image_stamp: (u64, u64, u32),
+    pub layout: Layout,
     pub hashes: Vec<ChunkHash>,
 }
 
@@ -67,11 +83,16 @@ pub fn stamp_of(image: &Path) -> Result<(u64, u64, u32), ChunkMapError> {
 
 impl ChunkMap {
     /// Hashes `source` (on the agent, for a remote disk) for the image at `image`.
-    pub fn of_source(source: &dyn BlockDevice, image: &Path) -> Result<ChunkMap, ChunkMapError> {
+    pub fn of_source(
+        source: &dyn BlockDevice,
+        image: &Path,
+        layout: Layout,
+    ) -> Result<ChunkMap, ChunkMapError> {
         Ok(ChunkMap {
             chunk: DEFAULT_CHUNK,
             source_size: source.size(),
             image_stamp: stamp_of(image)?,
+            layout,
             hashes: diskferry_blockdev::hash_device(source, DEFAULT_CHUNK)?,
         })
     }
@@ -92,6 +113,10 @@ impl ChunkMap {
         out.extend_from_slice(&self.image_stamp.1.to_le_bytes());
         out.extend_from_slice(&self.image_stamp.2.to_le_bytes());
         out.extend_from_slice(&(self.hashes.len() as u64).to_le_bytes());
+        out.push(match self.layout {
+            Layout::WholeDisk => 0,
+            Layout::Partitions => 1,
+        });
         self.hashes.iter().for_each(|h| out.extend_from_slice(h));
         let mut file = std::fs::File::create(&tmp).map_err(io)?;
         file.write_all(&out).map_err(io)?;
@@ -111,13 +136,21 @@ impl ChunkMap {
             why,
         };
         if raw.len() < HEADER || &raw[..8] != MAGIC {
-            return Err(invalid("no DFCHUNK1 header".into()));
+            return Err(invalid(
+                "no DFCHUNK2 header (a map of an older diskferry: capture again with --chunk-map)"
+                    .into(),
+            ));
         }
         let u32_at = |at: usize| u32::from_le_bytes(raw[at..at + 4].try_into().expect("4 bytes"));
         let u64_at = |at: usize| u64::from_le_bytes(raw[at..at + 8].try_into().expect("8 bytes"));
         let (chunk, source_size) = (u32_at(8), u64_at(12));
         let image_stamp = (u64_at(20), u64_at(28), u32_at(36));
         let count = u64_at(40);
+        let layout = match raw[48] {
+            0 => Layout::WholeDisk,
+            1 => Layout::Partitions,
+            n => return Err(invalid(format!("unknown layout {n}"))),
+        };
         if !chunk.is_power_of_two() || chunk < 4096 || count > MAX_HASHES {
             return Err(invalid(format!(
                 "chunk size {chunk} or count {count} out of bounds"
@@ -142,6 +175,7 @@ impl ChunkMap {
             chunk,
             source_size,
             image_stamp,
+            layout,
             hashes,
         })
     }
@@ -191,6 +225,7 @@ mod tests {
             chunk: 1 << 20,
             source_size: (3 << 20) + 5,
             image_stamp: stamp_of(&image).unwrap(),
+            layout: Layout::Partitions,
             hashes: vec![[1; 32], [2; 32], [3; 32], [4; 32]],
         };
         map.save(&image).unwrap();
@@ -217,6 +252,7 @@ mod tests {
             chunk: 4096,
             source_size: 4 * 4096 + 100,
             image_stamp: (0, 0, 0),
+            layout: Layout::WholeDisk,
             hashes: vec![[0; 32]; 5],
         };
         let mut now = vec![[0; 32]; 5];

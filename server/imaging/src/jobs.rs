@@ -10,16 +10,20 @@ use std::sync::Arc;
 use diskferry_blockdev::BlockDevice;
 use diskferry_partition::{self as partition, Scheme};
 
+use diskferry_vdisk::ImageFormat;
+
+use crate::chunkmap::{self, ChunkMap, ChunkMapError, Layout};
 use crate::pipeline::verify::{verify_disks, VerifyError, VerifyReport};
 use crate::pipeline::{
-    capture_disk, capture_sectors, deploy_disk, CaptureError, CaptureStats, DeployError,
-    DeployReport, DiskReport, Mode, OutputOptions,
+    capture_disk, capture_overlay, capture_sectors, deploy_disk, Base, CaptureError, CaptureStats,
+    DeployError, DeployReport, DiskCapture, DiskReport, IncrementalError, IncrementalStats, Mode,
+    OutputOptions, Previous,
 };
 use crate::progress::Progress;
 use crate::units::human_bytes;
 
 /// What a capture is asked to do.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct CaptureOptions {
     pub output: OutputOptions,
     /// How partitions are copied; `Sectors` copies the whole disk as it is.
@@ -28,6 +32,13 @@ pub struct CaptureOptions {
     pub size: Option<u64>,
     /// Compare the source and the written image afterwards.
     pub verify: bool,
+    /// Also write the source's chunk map beside the output (`OUT.chunks`), so a later
+    /// capture can be incremental on this one.
+    pub chunk_map: bool,
+    /// Capture incrementally on this previous capture of the source (it needs a chunk map):
+    /// an overlay of the changed chunks for a whole-disk base, else a new image that takes
+    /// unchanged files from the base. The output always gets its own chunk map.
+    pub base: Option<PathBuf>,
 }
 
 /// How a capture went about it.
@@ -37,6 +48,8 @@ pub enum CaptureSummary {
     WholeDisk(CaptureStats),
     /// Partition by partition.
     Partitions(DiskReport),
+    /// The changed chunks, into a qcow2 overlay on a whole-disk base.
+    Overlay,
 }
 
 /// What a capture did.
@@ -44,6 +57,10 @@ pub enum CaptureSummary {
 pub struct CaptureOutcome {
     pub out: PathBuf,
     pub summary: CaptureSummary,
+    /// For an incremental capture: its base and how much of the source changed since.
+    pub incremental: Option<(PathBuf, IncrementalStats)>,
+    /// The chunk map written beside the output, when one was.
+    pub chunk_map: Option<PathBuf>,
     /// The comparison, when one was asked for (it found no differences: those are errors).
     pub verify: Option<VerifyReport>,
 }
@@ -62,51 +79,39 @@ pub enum CaptureJobError {
     Verify(#[from] VerifyError),
     #[error("verification found {} difference(s); first: {}", .0.differences, .0.listed.first().map_or("", String::as_str))]
     Differs(VerifyReport),
+    #[error(transparent)]
+    Incremental(#[from] IncrementalError),
+    #[error("writing the chunk map: {0}")]
+    ChunkMap(#[from] ChunkMapError),
+    #[error("{base} is a whole-disk capture: an incremental capture on it is a qcow2 overlay of the changed chunks (give OUT a .qcow2 name; --mode sectors or none)")]
+    OverlayOnly { base: PathBuf },
+    #[error("{base} was captured partition by partition: an incremental capture on it recreates the filesystems too (--mode auto or files, not sectors)")]
+    PartitionsOnly { base: PathBuf },
 }
 
 /// Captures `source` into a new image at `out`: the whole disk by sectors when asked or when
-/// it has no partition table, else partition by partition; then verifies when asked.
+/// it has no partition table, else partition by partition — incrementally on a base when one
+/// is given; then writes the chunk map and verifies when asked.
 pub fn capture(
     source: Arc<dyn BlockDevice>,
     out: &Path,
     options: &CaptureOptions,
     progress: &dyn Progress,
 ) -> Result<CaptureOutcome, CaptureJobError> {
+    let base = match &options.base {
+        Some(path) => Some(Base::open(path, &*source, progress)?),
+        None => None,
+    };
     let partitioned = partition::read_table(&*source).is_ok_and(|t| t.scheme != Scheme::None);
-    let whole_disk = options.mode == Mode::Sectors || !partitioned;
+    let whole_disk = match &base {
+        Some(b) => base_is_whole_disk(b, options, partitioned)?,
+        None => options.mode == Mode::Sectors || !partitioned,
+    };
     if !partitioned && options.mode != Mode::Sectors {
         tracing::info!("the source has no partition table: copying every non-zero sector");
     }
-    let summary = if whole_disk {
-        if options.size.is_some_and(|s| s != source.size()) {
-            return Err(CaptureError::ResizeNeedsTable.into());
-        }
-        let stats = capture_sectors(&*source, out, options.output, progress)?;
-        tracing::info!(
-            read = stats.read,
-            written = stats.written,
-            "whole disk by sectors: {} bytes read, {} written",
-            stats.read,
-            stats.written
-        );
-        CaptureSummary::WholeDisk(stats)
-    } else {
-        let report = capture_disk(
-            Arc::clone(&source),
-            out,
-            options.output,
-            options.mode,
-            options.size,
-            progress,
-        )?;
-        for p in &report.partitions {
-            tracing::info!(partition = p.number, "{p}");
-        }
-        for n in &report.notes {
-            tracing::warn!("{n}");
-        }
-        CaptureSummary::Partitions(report)
-    };
+    let summary = capture_image(&source, out, options, base.as_ref(), whole_disk, progress)?;
+    let chunk_map = write_chunk_map(&*source, out, options, base.as_ref(), whole_disk)?;
     let verify = if options.verify {
         Some(verify_output(&source, out)?)
     } else {
@@ -115,8 +120,115 @@ pub fn capture(
     Ok(CaptureOutcome {
         out: out.to_path_buf(),
         summary,
+        incremental: base.map(|b| (b.path, b.stats)),
+        chunk_map,
         verify,
     })
+}
+
+/// Whether an incremental capture on `base` is whole-disk (an overlay), refusing what the
+/// base's layout cannot take.
+fn base_is_whole_disk(
+    base: &Base,
+    options: &CaptureOptions,
+    partitioned: bool,
+) -> Result<bool, CaptureJobError> {
+    let path = base.path.clone();
+    match base.map.layout {
+        Layout::WholeDisk => {
+            let sectors = matches!(options.mode, Mode::Sectors | Mode::Auto);
+            if !sectors || options.output.format != ImageFormat::Qcow2 || options.size.is_some() {
+                return Err(CaptureJobError::OverlayOnly { base: path });
+            }
+            Ok(true)
+        }
+        Layout::Partitions if options.mode == Mode::Sectors || !partitioned => {
+            Err(CaptureJobError::PartitionsOnly { base: path })
+        }
+        Layout::Partitions => Ok(false),
+    }
+}
+
+/// Writes the image: an overlay of the changed chunks, every non-zero sector, or partition
+/// by partition (unchanged files from a partition-by-partition base).
+fn capture_image(
+    source: &Arc<dyn BlockDevice>,
+    out: &Path,
+    options: &CaptureOptions,
+    base: Option<&Base>,
+    whole_disk: bool,
+    progress: &dyn Progress,
+) -> Result<CaptureSummary, CaptureJobError> {
+    if let Some(base) = base.filter(|_| whole_disk) {
+        capture_overlay(&**source, out, base, options.output.overwrite, progress)?;
+        return Ok(CaptureSummary::Overlay);
+    }
+    if whole_disk {
+        if options.size.is_some_and(|s| s != source.size()) {
+            return Err(CaptureError::ResizeNeedsTable.into());
+        }
+        let stats = capture_sectors(&**source, out, options.output, progress)?;
+        tracing::info!(
+            read = stats.read,
+            written = stats.written,
+            "whole disk by sectors: {} bytes read, {} written",
+            stats.read,
+            stats.written
+        );
+        return Ok(CaptureSummary::WholeDisk(stats));
+    }
+    let previous = base.map(open_previous).transpose()?;
+    let how = DiskCapture {
+        output: options.output,
+        mode: options.mode,
+        size: options.size,
+        previous: previous.as_ref(),
+    };
+    let report = capture_disk(Arc::clone(source), out, &how, progress)?;
+    for p in &report.partitions {
+        tracing::info!(partition = p.number, "{p}");
+    }
+    for n in &report.notes {
+        tracing::warn!("{n}");
+    }
+    Ok(CaptureSummary::Partitions(report))
+}
+
+/// A partition-by-partition base opened for its files.
+fn open_previous(base: &Base) -> Result<Previous, IncrementalError> {
+    let image = diskferry_vdisk::open_image(&base.path, true)
+        .map_err(|source| IncrementalError::Base {
+            base: base.path.clone(),
+            source,
+        })?
+        .1;
+    Previous::new(image, base.changed.clone()).map_err(|source| IncrementalError::BaseTable {
+        base: base.path.clone(),
+        source,
+    })
+}
+
+/// The chunk map beside the output: the base's hashes of now for an incremental capture,
+/// the source hashed when asked for, else none.
+fn write_chunk_map(
+    source: &dyn BlockDevice,
+    out: &Path,
+    options: &CaptureOptions,
+    base: Option<&Base>,
+    whole_disk: bool,
+) -> Result<Option<PathBuf>, CaptureJobError> {
+    let layout = if whole_disk {
+        Layout::WholeDisk
+    } else {
+        Layout::Partitions
+    };
+    let map = match base {
+        Some(b) => b.map_for(out, layout)?,
+        None if options.chunk_map => ChunkMap::of_source(source, out, layout)?,
+        None => return Ok(None),
+    };
+    map.save(out)?;
+    Ok(Some(chunkmap::path_for(out)))
 }
 
 /// Reopens the written image and compares it with the source; differences are an error.
@@ -126,7 +238,7 @@ fn verify_output(
 ) -> Result<VerifyReport, CaptureJobError> {
     tracing::info!("verifying");
     let (_, written) =
-        diskferry_vdisk::open_image(out, false).map_err(|source| CaptureJobError::Reopen {
+        diskferry_vdisk::open_image(out, true).map_err(|source| CaptureJobError::Reopen {
             path: out.to_path_buf(),
             source,
         })?;
@@ -195,6 +307,8 @@ mod tests {
             mode,
             size: None,
             verify,
+            chunk_map: false,
+            base: None,
         }
     }
 

@@ -73,6 +73,8 @@ fn volumes_the_writer_cannot_recreate_are_copied_by_blocks_or_sectors_with_a_not
         mode: Mode::Auto,
         size: None,
         verify: true,
+        chunk_map: false,
+        base: None,
     };
     let done = capture(source, &out, &options, &Silent).unwrap();
     let CaptureSummary::Partitions(report) = &done.summary else {

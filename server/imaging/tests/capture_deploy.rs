@@ -81,6 +81,8 @@ fn files_mode_qcow2() -> CaptureOptions {
         mode: Mode::Files,
         size: None,
         verify: true,
+        chunk_map: false,
+        base: None,
     }
 }
 

@@ -4,6 +4,12 @@
 //! base; a second increment makes a chain of three. `qemu-img compare` finds each chain equal
 //! to the source, `qemu-img check` clean, `qemu-img info --backing-chain` shows the chain; a
 //! base without a map, a base changed since, and a source of another size are refused.
+//!
+//! Files mode: a GPT disk with an ext4 made by `mke2fs -d` is captured file by file with its
+//! chunk map; after `debugfs` rewrites every tenth file, the incremental capture reads only
+//! the changed files and the metadata from the source and takes the rest from the base; the
+//! result passes our verify against the source, `e2fsck -fn` and `debugfs rdump` + `diff -r`
+//! against the tree as it is now.
 
 use std::os::unix::fs::FileExt;
 use std::path::Path;
@@ -11,10 +17,10 @@ use std::process::Command;
 use std::sync::Arc;
 
 use diskferry_blockdev::{BlockDevice, FileDevice};
-use diskferry_imaging::chunkmap::ChunkMap;
-use diskferry_imaging::pipeline::{capture_incremental, IncrementalError, Mode, OutputOptions};
+use diskferry_imaging::chunkmap::{ChunkMap, Layout};
+use diskferry_imaging::pipeline::{IncrementalError, Mode, OutputOptions};
 use diskferry_imaging::progress::Silent;
-use diskferry_imaging::{capture, CaptureOptions};
+use diskferry_imaging::{capture, CaptureJobError, CaptureOptions, CaptureOutcome, CaptureSummary};
 use diskferry_vdisk::ImageFormat;
 
 mod common;
@@ -36,22 +42,39 @@ fn make_source(dir: &Path) -> std::path::PathBuf {
     path
 }
 
-fn full_capture(src: &Path, out: &Path) {
-    let options = CaptureOptions {
+fn options(mode: Mode, base: Option<&Path>) -> CaptureOptions {
+    CaptureOptions {
         output: OutputOptions {
             format: ImageFormat::Qcow2,
             compress: false,
             overwrite: false,
         },
-        mode: Mode::Sectors,
+        mode,
         size: None,
         verify: true,
-    };
-    capture(source(src), out, &options, &Silent).unwrap();
-    ChunkMap::of_source(&*source(src), out)
-        .unwrap()
-        .save(out)
-        .unwrap();
+        chunk_map: true,
+        base: base.map(Path::to_path_buf),
+    }
+}
+
+fn full_capture(src: &Path, out: &Path) {
+    let done = capture(source(src), out, &options(Mode::Sectors, None), &Silent).unwrap();
+    assert_eq!(
+        done.chunk_map,
+        Some(diskferry_imaging::chunkmap::path_for(out))
+    );
+    assert_eq!(ChunkMap::load(out).unwrap().layout, Layout::WholeDisk);
+}
+
+/// An incremental capture of `src` on `base` into `out` (mode auto), verified.
+fn incremental(src: &Path, out: &Path, base: &Path) -> Result<CaptureOutcome, CaptureJobError> {
+    capture(source(src), out, &options(Mode::Auto, Some(base)), &Silent)
+}
+
+/// (chunks, changed chunks, changed bytes) of an incremental capture.
+fn changed(done: &CaptureOutcome) -> (usize, usize, u64) {
+    let (_, s) = done.incremental.as_ref().expect("incremental");
+    (s.chunks, s.changed_chunks, s.changed_bytes)
 }
 
 fn assert_same(src: &Path, image: &Path) {
@@ -75,9 +98,9 @@ fn only_changed_chunks_are_copied_and_the_chain_reads_as_the_source() {
         .unwrap();
     file.write_all_at(&[0x42; 4096], 40 * MIB + 4096).unwrap();
     let inc1 = dir.path().join("inc1.qcow2");
-    let stats = capture_incremental(&source(&src), &inc1, &base, false, &Silent).unwrap();
-    assert_eq!((stats.chunks, stats.changed_chunks), (64, 3), "{stats:?}");
-    assert_eq!(stats.changed_bytes, 3 * MIB);
+    let done = incremental(&src, &inc1, &base).unwrap();
+    assert!(matches!(done.summary, CaptureSummary::Overlay));
+    assert_eq!(changed(&done), (64, 3, 3 * MIB));
     assert_same(&src, &inc1);
     let chain = run(Command::new("qemu-img")
         .args(["info", "--backing-chain"])
@@ -86,13 +109,13 @@ fn only_changed_chunks_are_copied_and_the_chain_reads_as_the_source() {
 
     file.write_all_at(&[0x99; 10], 63 * MIB).unwrap();
     let inc2 = dir.path().join("inc2.qcow2");
-    let stats = capture_incremental(&source(&src), &inc2, &inc1, false, &Silent).unwrap();
-    assert_eq!(stats.changed_chunks, 1);
+    let done = incremental(&src, &inc2, &inc1).unwrap();
+    assert_eq!(changed(&done).1, 1);
     assert_same(&src, &inc2);
     // Nothing changed: nothing copied, still equal.
     let inc3 = dir.path().join("inc3.qcow2");
-    let stats = capture_incremental(&source(&src), &inc3, &inc2, false, &Silent).unwrap();
-    assert_eq!(stats.changed_chunks, 0);
+    let done = incremental(&src, &inc3, &inc2).unwrap();
+    assert_eq!(changed(&done).1, 0);
     assert_same(&src, &inc3);
 }
 
@@ -110,8 +133,21 @@ fn bases_that_cannot_carry_an_overlay_are_refused_with_the_reason() {
         .unwrap()
         .set_len(65 * MIB)
         .unwrap();
-    let err = capture_incremental(&source(&bigger), &out, &base, false, &Silent).unwrap_err();
-    assert!(matches!(err, IncrementalError::SizeDiffers { .. }), "{err}");
+    let err = incremental(&bigger, &out, &base).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            CaptureJobError::Incremental(IncrementalError::SizeDiffers { .. })
+        ),
+        "{err}"
+    );
+
+    // A whole-disk base takes only a qcow2 overlay.
+    let raw = dir.path().join("inc.raw");
+    let mut opts = options(Mode::Auto, Some(&base));
+    opts.output.format = ImageFormat::Raw;
+    let err = capture(source(&src), &raw, &opts, &Silent).unwrap_err();
+    assert!(matches!(err, CaptureJobError::OverlayOnly { .. }), "{err}");
 
     // The base changed after its map was written.
     let f = std::fs::OpenOptions::new()
@@ -120,12 +156,135 @@ fn bases_that_cannot_carry_an_overlay_are_refused_with_the_reason() {
         .unwrap();
     f.write_all_at(&[0], std::fs::metadata(&base).unwrap().len())
         .unwrap();
-    let err = capture_incremental(&source(&src), &out, &base, false, &Silent).unwrap_err();
-    assert!(matches!(err, IncrementalError::BaseChanged { .. }), "{err}");
+    let err = incremental(&src, &out, &base).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            CaptureJobError::Incremental(IncrementalError::BaseChanged { .. })
+        ),
+        "{err}"
+    );
 
     // No map at all.
     std::fs::remove_file(diskferry_imaging::chunkmap::path_for(&base)).unwrap();
-    let err = capture_incremental(&source(&src), &out, &base, false, &Silent).unwrap_err();
+    let err = incremental(&src, &out, &base).unwrap_err();
     assert!(err.to_string().contains("no chunk map"), "{err}");
     assert!(!out.exists());
+}
+
+/// A tree of 60 files: text, binary of a few sizes, one with a long run of zeros.
+fn make_tree(dir: &Path) -> std::path::PathBuf {
+    let tree = dir.join("tree");
+    std::fs::create_dir_all(tree.join("sub/deeper")).unwrap();
+    for i in 0..60u32 {
+        let len = 16384 * (1 + (i as usize * 7) % 40) + i as usize;
+        let mut data: Vec<u8> = (0..len).map(|j| (j as u32 * 13 + i) as u8).collect();
+        if i == 7 {
+            data.splice(4096..4096, std::iter::repeat_n(0u8, 256 * 1024));
+        }
+        let at = match i % 3 {
+            0 => tree.join(format!("f{i}")),
+            1 => tree.join(format!("sub/f{i}")),
+            _ => tree.join(format!("sub/deeper/f{i}")),
+        };
+        std::fs::write(at, data).unwrap();
+    }
+    tree
+}
+
+/// A 64 MiB GPT disk whose partition 1 (1 MiB – 63 MiB) is an ext4 of `tree`.
+fn make_ext4_disk(dir: &Path, tree: &Path) -> (std::path::PathBuf, std::path::PathBuf) {
+    let disk = dir.join("disk.raw");
+    std::fs::File::create(&disk)
+        .unwrap()
+        .set_len(64 * MIB)
+        .unwrap();
+    run(Command::new("sgdisk")
+        .args(["-n", "1:2048:129023"])
+        .arg(&disk));
+    let fs = dir.join("fs.img");
+    run(Command::new("mke2fs")
+        .args(["-q", "-F", "-t", "ext4", "-d"])
+        .arg(tree)
+        .arg(&fs)
+        .arg("62M"));
+    common::place(&disk, &fs, MIB);
+    (disk, fs)
+}
+
+/// Every tenth file gets new content (a new inode, as an editor's save makes).
+fn change_tenth_files(dir: &Path, disk: &Path, fs: &Path, tree: &Path) {
+    let mut script = String::new();
+    for i in (0..60u32).step_by(10) {
+        let path = match i % 3 {
+            0 => format!("f{i}"),
+            1 => format!("sub/f{i}"),
+            _ => format!("sub/deeper/f{i}"),
+        };
+        let local = tree.join(&path);
+        let mut data = std::fs::read(&local).unwrap();
+        data.extend_from_slice(b"appended\n");
+        std::fs::write(&local, &data).unwrap();
+        script += &format!("rm /{path}\nwrite {} /{path}\n", local.display());
+    }
+    let cmds = dir.join("change.debugfs");
+    std::fs::write(&cmds, script).unwrap();
+    run(Command::new("debugfs")
+        .arg("-w")
+        .arg("-f")
+        .arg(&cmds)
+        .arg(fs));
+    common::place(disk, fs, MIB);
+}
+
+#[test]
+fn a_files_mode_increment_reads_changed_files_only_and_takes_the_rest_from_the_base() {
+    let dir = tempfile::tempdir().unwrap();
+    let tree = make_tree(dir.path());
+    let (disk, fs) = make_ext4_disk(dir.path(), &tree);
+    let base = dir.path().join("base.qcow2");
+    let full = capture(source(&disk), &base, &options(Mode::Files, None), &Silent).unwrap();
+    assert_eq!(ChunkMap::load(&base).unwrap().layout, Layout::Partitions);
+    let CaptureSummary::Partitions(full) = full.summary else {
+        panic!("partition by partition")
+    };
+
+    change_tenth_files(dir.path(), &disk, &fs, &tree);
+    let out = dir.path().join("inc.qcow2");
+    let done = incremental(&disk, &out, &base).expect("incremental, verified against the source");
+    let (_, changed_chunks, _) = changed(&done);
+    assert!(
+        changed_chunks > 0 && changed_chunks < 10,
+        "{changed_chunks} chunks changed"
+    );
+    let CaptureSummary::Partitions(report) = &done.summary else {
+        panic!("partition by partition")
+    };
+    let (p, before) = (&report.partitions[0], &full.partitions[0]);
+    eprintln!("full: {before}\nincrement: {p}");
+    assert!(p.reused > 1 << 20, "{p}");
+    assert!(
+        p.read * 2 < before.read,
+        "the increment read {} of the source, the full capture {}",
+        p.read,
+        before.read
+    );
+
+    let raw = common::as_raw(&out);
+    let part = common::extract(&raw, 1);
+    run(Command::new("e2fsck").arg("-fn").arg(&part));
+    let dump = dir.path().join("dump");
+    std::fs::create_dir(&dump).unwrap();
+    run(Command::new("debugfs")
+        .arg("-R")
+        .arg(format!("rdump / {}", dump.display()))
+        .arg(&part));
+    run(Command::new("diff")
+        .args(["-r", "--exclude=lost+found"])
+        .arg(&tree)
+        .arg(&dump));
+    // The increment is a base in its turn.
+    let again = dir.path().join("inc2.qcow2");
+    let done = incremental(&disk, &again, &out).unwrap();
+    assert_eq!(changed(&done).1, 0);
 }

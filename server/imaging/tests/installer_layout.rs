@@ -141,6 +141,8 @@ fn auto_qcow2(size: u64) -> CaptureOptions {
         mode: Mode::Auto,
         size: Some(size),
         verify: true,
+        chunk_map: false,
+        base: None,
     }
 }
 

@@ -10,6 +10,7 @@ mod dial_back;
 mod fs_loops;
 mod get_safety;
 mod images_cli;
+mod incremental;
 mod inspect;
 mod mkfs_ext4;
 mod mkfs_fat;

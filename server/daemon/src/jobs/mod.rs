@@ -265,6 +265,8 @@ impl Jobs {
             mode,
             size: None,
             verify: req.verify,
+            chunk_map: false,
+            base: None,
         };
         let work = Work::Capture {
             source: disk,

@@ -99,6 +99,7 @@ pub fn deploy_disk(
         dst: &target,
         dst_name: name,
         destination: Destination::UsedDisk,
+        previous: None,
     };
     let (partitions, boot_bytes, notes) =
         write_disk(&ends, plan, progress).map_err(|e| DeployError::Failed(Box::new(e)))?;

@@ -26,9 +26,10 @@ use super::capture::{
 use super::delta::write_delta;
 use super::output::PartialOutput;
 use super::partition_copy::{
-    capture_partition, copy_plan, staging_device, zero, Overall, PartError,
+    capture_partition, copy_plan, staging_device, zero, Copied, Overall, PartError,
 };
 use super::plan::{outside_copies, plan_disk, DiskPlan, PartPlan};
+use super::reuse::Previous;
 use crate::progress::Progress;
 use diskferry_blockdev::{BlockDevice, BlockError, SliceDevice};
 use diskferry_partition::{self as partition, Partition, PartitionTable};
@@ -62,6 +63,9 @@ pub struct PartitionReport {
     pub mode: Mode,
     /// Bytes read from the source for it.
     pub read: u64,
+    /// Bytes of unchanged files taken from the previous capture instead of the source
+    /// (files-mode incremental captures).
+    pub reused: u64,
     pub note: Option<String>,
 }
 
@@ -77,6 +81,13 @@ impl std::fmt::Display for PartitionReport {
             crate::units::human_bytes(self.read),
             self.read
         )?;
+        if self.reused > 0 {
+            write!(
+                f,
+                ", {} of unchanged files from the previous capture",
+                crate::units::human_bytes(self.reused)
+            )?;
+        }
         if let Some(n) = &self.note {
             write!(f, " — {n}")?;
         }
@@ -116,6 +127,8 @@ pub(super) struct CopyEnds<'a> {
     pub dst: &'a Arc<dyn BlockDevice>,
     pub dst_name: &'a Path,
     pub destination: Destination,
+    /// The previous capture, for a files-mode incremental capture.
+    pub previous: Option<&'a Previous>,
 }
 
 impl CopyEnds<'_> {
@@ -185,12 +198,13 @@ pub(super) fn write_disk(
             .find(|t| t.number == pp.part.number)
             .cloned()
             .unwrap_or(pp.part.clone());
-        let read = write_partition(ends, &pp, &target, ranges, progress)?;
+        let copied = write_partition(ends, &pp, &target, ranges, progress)?;
         reports.push(PartitionReport {
             number: pp.part.number,
             filesystem: pp.kind.name(),
             mode: pp.mode,
-            read,
+            read: copied.read,
+            reused: copied.reused,
             note: pp.note,
         });
     }
@@ -243,25 +257,29 @@ fn write_outside_and_table(
     Ok((copied, note))
 }
 
-/// One partition onto its place `target` in the destination; returns the bytes read.
+/// One partition onto its place `target` in the destination.
 fn write_partition(
     ends: &CopyEnds<'_>,
     pp: &PartPlan,
     target: &Partition,
     ranges: Option<Vec<Range<u64>>>,
     progress: &dyn Progress,
-) -> Result<u64, CaptureError> {
+) -> Result<Copied, CaptureError> {
     let werr = |e| ends.write_err(e);
     let number = pp.part.number;
     let ddev: Arc<dyn BlockDevice> =
         Arc::new(SliceDevice::new(Arc::clone(ends.dst), target.start, target.size).map_err(werr)?);
+    let previous = match (&ranges, ends.previous) {
+        (None, Some(p)) => p.partition(&pp.part, pp.kind),
+        _ => None,
+    };
     if !ends.used_disk() {
-        return capture_partition(target, &pp.dev, &ddev, pp.kind, ranges, progress)
+        return capture_partition(target, &pp.dev, &ddev, pp.kind, ranges, previous, progress)
             .map_err(|e| ends.part_err(e, number));
     }
     // Built locally, then only the chunks that differ from what the disk holds are sent.
     let stage = staging_device(ddev.size()).map_err(werr)?;
-    let read = capture_partition(target, &pp.dev, &stage, pp.kind, ranges, progress)
+    let copied = capture_partition(target, &pp.dev, &stage, pp.kind, ranges, previous, progress)
         .map_err(|e| ends.part_err(e, number))?;
     let delta = write_delta(&stage, &ddev).map_err(|e| match e {
         CopyError::Read(e) | CopyError::Write(e) => werr(e),
@@ -272,18 +290,34 @@ fn write_partition(
         crate::units::human_bytes(delta.sent_bytes),
         crate::units::human_bytes(delta.data_bytes)
     );
-    Ok(read)
+    Ok(copied)
+}
+
+/// How a partition-by-partition capture is asked to go.
+#[derive(Clone, Copy)]
+pub struct DiskCapture<'a> {
+    pub output: OutputOptions,
+    pub mode: Mode,
+    /// A new virtual size for the output.
+    pub size: Option<u64>,
+    /// The previous capture of this source: unchanged files of partitions recreated file by
+    /// file are read there instead of the source.
+    pub previous: Option<&'a Previous>,
 }
 
 /// Captures `src` into a new image at `out`, partition by partition.
 pub fn capture_disk(
     src: Arc<dyn BlockDevice>,
     out: &Path,
-    output: OutputOptions,
-    mode: Mode,
-    size: Option<u64>,
+    how: &DiskCapture<'_>,
     progress: &dyn Progress,
 ) -> Result<DiskReport, CaptureError> {
+    let DiskCapture {
+        output,
+        mode,
+        size,
+        previous,
+    } = *how;
     let started = Instant::now();
     let partial = super::output::partial_path_for(out);
     let plan = plan_disk(&src, mode, size.unwrap_or(src.size()), &partial)?;
@@ -317,6 +351,7 @@ pub fn capture_disk(
         dst: &dst,
         dst_name: &partial,
         destination: Destination::FreshImage,
+        previous,
     };
     let (partitions, boot_bytes, notes) = write_disk(&ends, plan, progress)?;
     drop(dst);

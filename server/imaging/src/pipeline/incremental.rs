@@ -1,22 +1,23 @@
-//! Incremental capture, sector level: the agent hashes its disk in chunks (no data crosses
-//! the wire for that), the hashes are compared with the base capture's chunk map, and only
-//! the chunks that differ are read and written — into a qcow2 overlay whose backing file is
-//! the base, so the chain reads as the source does now. The new capture gets its own chunk
-//! map, so chains grow one capture at a time.
+//! Incremental capture: the agent hashes its disk in chunks (no data crosses the wire for
+//! that) and the hashes are compared with the base capture's chunk map ([`Base`]).
 //!
-//! This increment works on whole-disk (sectors-mode) captures, where the image holds the
-//! source's bytes at the source's offsets; a files-mode capture recreates its filesystems
-//! elsewhere on the disk and cannot take source chunks on top.
+//! A whole-disk base holds the source's bytes at the source's offsets: only the chunks that
+//! differ are read and written, into a qcow2 overlay whose backing file is the base, so the
+//! chain reads as the source does now ([`capture_overlay`]). A partition-by-partition base
+//! recreated its filesystems elsewhere on its disk and cannot take source chunks on top: its
+//! incremental capture is a new image whose unchanged files come from the base (`reuse`).
+//! Either way the new capture gets its own chunk map, so chains grow one capture at a time.
 
+use std::ops::Range;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use diskferry_blockdev::{BlockDevice, BlockError};
+use diskferry_protocol::chunks::ChunkHash;
 
 use super::capture::{copy_ranges, CopyError};
 use super::output::{OutputError, PartialOutput};
-use crate::chunkmap::{self, ChunkMap, ChunkMapError};
+use crate::chunkmap::{self, ChunkMap, ChunkMapError, Layout};
 use crate::progress::Progress;
 
 #[derive(Debug, thiserror::Error)]
@@ -25,7 +26,7 @@ pub enum IncrementalError {
     NoMap { base: PathBuf },
     #[error(transparent)]
     Map(ChunkMapError),
-    #[error("the base {base} changed since it was captured (its size or modification time is not what its chunk map recorded): an overlay on it would not read as the source")]
+    #[error("the base {base} changed since it was captured (its size or modification time is not what its chunk map recorded): capture a full image again, or give a base that did not change")]
     BaseChanged { base: PathBuf },
     #[error("the base {base} was captured from a disk of {then} bytes; this source has {now}")]
     SizeDiffers { base: PathBuf, then: u64, now: u64 },
@@ -33,6 +34,11 @@ pub enum IncrementalError {
     Base {
         base: PathBuf,
         source: diskferry_vdisk::ImageError,
+    },
+    #[error("reading the partition table of the base {base}: {source}")]
+    BaseTable {
+        base: PathBuf,
+        source: diskferry_partition::PartitionError,
     },
     #[error(transparent)]
     Output(#[from] OutputError),
@@ -52,34 +58,82 @@ pub enum IncrementalError {
 pub struct IncrementalStats {
     pub chunks: usize,
     pub changed_chunks: usize,
-    /// Bytes of the changed chunks, read from the source and written.
+    /// Bytes of the changed chunks.
     pub changed_bytes: u64,
+    /// Hashing the source and comparing.
     pub elapsed: Duration,
 }
 
-/// Captures `source` into a qcow2 overlay at `out` on the base capture `base`, copying only
-/// the chunks that changed since `base` was captured.
-pub fn capture_incremental(
-    source: &Arc<dyn BlockDevice>,
+/// The previous capture of a source, checked, and what changed on the source since.
+pub struct Base {
+    pub path: PathBuf,
+    pub map: ChunkMap,
+    /// The source's chunk hashes now.
+    pub now: Vec<ChunkHash>,
+    /// Source byte ranges whose chunks changed, joined.
+    pub changed: Vec<Range<u64>>,
+    pub stats: IncrementalStats,
+}
+
+impl Base {
+    /// Checks the base capture at `path` against `source` (its chunk map, its stamp, the
+    /// source's size, the chain opening) and hashes the source (on the agent, for a remote
+    /// disk) to find what changed.
+    pub fn open(
+        path: &Path,
+        source: &dyn BlockDevice,
+        progress: &dyn Progress,
+    ) -> Result<Base, IncrementalError> {
+        let started = Instant::now();
+        let map = base_map(path, source.size())?;
+        progress.start("hashing", source.size());
+        let now =
+            diskferry_blockdev::hash_device(source, map.chunk).map_err(IncrementalError::Read)?;
+        progress.advance(source.size());
+        progress.finish();
+        let changed = map.changed(&now);
+        let changed_bytes: u64 = changed.iter().map(|r| r.end - r.start).sum();
+        let changed_chunks = now.iter().zip(&map.hashes).filter(|(a, b)| a != b).count();
+        tracing::info!(
+            "{changed_chunks} of {} chunks changed since {}",
+            now.len(),
+            path.display()
+        );
+        Ok(Base {
+            path: path.to_path_buf(),
+            stats: IncrementalStats {
+                chunks: now.len(),
+                changed_chunks,
+                changed_bytes,
+                elapsed: started.elapsed(),
+            },
+            map,
+            now,
+            changed,
+        })
+    }
+
+    /// The chunk map of a capture of this source made now, for the image at `image`.
+    pub fn map_for(&self, image: &Path, layout: Layout) -> Result<ChunkMap, ChunkMapError> {
+        Ok(ChunkMap {
+            chunk: self.map.chunk,
+            source_size: self.map.source_size,
+            image_stamp: chunkmap::stamp_of(image)?,
+            layout,
+            hashes: self.now.clone(),
+        })
+    }
+}
+
+/// Captures the chunks of `source` that changed since the whole-disk capture `base` into a
+/// qcow2 overlay at `out` whose backing file is the base.
+pub fn capture_overlay(
+    source: &dyn BlockDevice,
     out: &Path,
-    base: &Path,
+    base: &Base,
     overwrite: bool,
     progress: &dyn Progress,
-) -> Result<IncrementalStats, IncrementalError> {
-    let started = Instant::now();
-    let map = base_map(base, source.size())?;
-    progress.start("hashing", source.size());
-    let now =
-        diskferry_blockdev::hash_device(&**source, map.chunk).map_err(IncrementalError::Read)?;
-    progress.advance(source.size());
-    let changed = map.changed(&now);
-    let changed_bytes: u64 = changed.iter().map(|r| r.end - r.start).sum();
-    tracing::info!(
-        "{} of {} chunks changed since {}",
-        changed_bytes.div_ceil(u64::from(map.chunk)),
-        now.len(),
-        base.display()
-    );
+) -> Result<(), IncrementalError> {
     let output = PartialOutput::create(out, overwrite)?;
     let partial = output.partial_path().to_path_buf();
     let werr = |source| IncrementalError::Write {
@@ -90,7 +144,7 @@ pub fn capture_incremental(
         .file()
         .try_clone()
         .map_err(|e| werr(io(e, &partial)))?;
-    let dst = diskferry_vdisk::create_overlay(file, &partial, base).map_err(|source| {
+    let dst = diskferry_vdisk::create_overlay(file, &partial, &base.path).map_err(|source| {
         IncrementalError::Create {
             path: partial.clone(),
             source,
@@ -98,32 +152,19 @@ pub fn capture_incremental(
     })?;
     // A changed chunk may now read as zeros where the base holds data: zero it first, then
     // copy (the copy skips all-zero blocks).
-    for r in &changed {
+    for r in &base.changed {
         dst.write_zeroes(r.start, r.end - r.start).map_err(werr)?;
     }
-    progress.start("changed chunks", changed_bytes);
-    copy_ranges(&**source, &dst, &changed, progress).map_err(|e| match e {
+    progress.start("changed chunks", base.stats.changed_bytes);
+    copy_ranges(source, &dst, &base.changed, progress).map_err(|e| match e {
         CopyError::Read(e) => IncrementalError::Read(e),
         CopyError::Write(e) => werr(e),
     })?;
     progress.finish();
     dst.flush().map_err(werr)?;
     drop(dst);
-    let out = output.commit()?;
-    ChunkMap {
-        chunk: map.chunk,
-        source_size: source.size(),
-        image_stamp: chunkmap::stamp_of(&out).map_err(IncrementalError::Map)?,
-        hashes: now,
-    }
-    .save(&out)
-    .map_err(IncrementalError::Map)?;
-    Ok(IncrementalStats {
-        chunks: map.hashes.len(),
-        changed_chunks: changed_bytes.div_ceil(u64::from(map.chunk)) as usize,
-        changed_bytes,
-        elapsed: started.elapsed(),
-    })
+    output.commit()?;
+    Ok(())
 }
 
 /// The base's chunk map, checked against the base image and the source.

@@ -11,12 +11,14 @@ pub mod incremental;
 mod output;
 mod partition_copy;
 mod plan;
+pub mod reuse;
 pub mod verify;
 mod writer;
 
 pub use capture::{capture_sectors, CaptureError, CaptureStats, OutputOptions};
 pub use deploy::{deploy_disk, DeployError, DeployReport};
-pub use disk::{capture_disk, DiskReport, Mode, PartitionReport};
-pub use incremental::{capture_incremental, IncrementalError, IncrementalStats};
+pub use disk::{capture_disk, DiskCapture, DiskReport, Mode, PartitionReport};
+pub use incremental::{capture_overlay, Base, IncrementalError, IncrementalStats};
 pub use output::{partial_path_for, OutputError, PartialOutput};
+pub use reuse::Previous;
 pub use writer::{SparseWriter, WriteStats};

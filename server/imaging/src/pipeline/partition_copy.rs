@@ -1,6 +1,7 @@
 //! Copying one partition: file by file through our filesystem writers (with progress driven
 //! by the bytes read from the source and the files done), or by the byte ranges its plan
-//! listed; and the helpers a disk copy needs around that (overall progress, zeroing a used
+//! listed (a files-mode incremental capture reads unchanged files from the previous capture:
+//! `reuse`); and the helpers a disk copy needs around that (overall progress, zeroing a used
 //! disk, a local staging file).
 
 use std::ops::Range;
@@ -10,6 +11,7 @@ use std::time::Duration;
 
 use super::capture::{copy_ranges, data_ranges, CopyError};
 use super::disk::Mode;
+use super::reuse::{PreviousPartition, ReusingFs};
 use crate::progress::Progress;
 use diskferry_blockdev::{BlockDevice, BlockError};
 use diskferry_fs::{self as fs, FsKind};
@@ -126,51 +128,79 @@ impl From<CopyError> for PartError {
     }
 }
 
+/// What copying one partition took.
+#[derive(Debug, Clone, Copy, Default)]
+pub(super) struct Copied {
+    /// Bytes read from the source.
+    pub read: u64,
+    /// Bytes of files taken from the previous capture instead (files-mode incremental).
+    pub reused: u64,
+}
+
 /// Copies one partition onto its place `p` in the destination — file by file when it has no
-/// `ranges`, else those ranges — and returns the bytes read from the source.
+/// `ranges` (unchanged files from `previous` when given), else those ranges.
 pub(super) fn capture_partition(
     p: &Partition,
     src: &Arc<dyn BlockDevice>,
     dst: &Arc<dyn BlockDevice>,
     kind: FsKind,
     ranges: Option<Vec<Range<u64>>>,
+    previous: Option<PreviousPartition>,
     progress: &dyn Progress,
-) -> Result<u64, PartError> {
+) -> Result<Copied, PartError> {
     let phase = format!("part {}", p.number);
     let Some(ranges) = ranges else {
-        return rebuild_with_progress(src, dst, kind, p.start / 512, &phase, progress);
+        let rebuild = Rebuild {
+            kind,
+            start_sector: p.start / 512,
+            phase: &phase,
+        };
+        return rebuild_with_progress(src, dst, &rebuild, previous, progress);
     };
     // Blocks and sectors: the ranges were worked out in the plan.
     let total: u64 = ranges.iter().map(|r| r.end - r.start).sum();
     progress.start(&phase, total);
     copy_ranges(&**src, dst, &ranges, progress)?;
     progress.finish();
-    Ok(total)
+    Ok(Copied {
+        read: total,
+        reused: 0,
+    })
+}
+
+/// What a file-by-file rebuild recreates: the filesystem family, the partition's first
+/// 512-byte sector (a FAT boot sector's hidden sectors) and the progress phase's name.
+struct Rebuild<'a> {
+    kind: FsKind,
+    start_sector: u64,
+    phase: &'a str,
 }
 
 /// Recreates the filesystem file by file while a watcher reports progress: the bytes read from
 /// the source drive it, the filesystem's used bytes are the (upper-bound) total, and the files
-/// done out of those planned are shown too. Returns the bytes read.
+/// done out of those planned are shown too.
 fn rebuild_with_progress(
     src: &Arc<dyn BlockDevice>,
     dst: &Arc<dyn BlockDevice>,
-    kind: FsKind,
-    start_sector: u64,
-    phase: &str,
+    what: &Rebuild<'_>,
+    previous: Option<PreviousPartition>,
     progress: &dyn Progress,
-) -> Result<u64, PartError> {
+) -> Result<Copied, PartError> {
     let counting = Arc::new(CountingDevice::new(Arc::clone(src)));
     let counters = Arc::new(fs::WriteCounters::default());
     let done = AtomicBool::new(false);
     let result = std::thread::scope(|s| {
         s.spawn(|| watch_progress(&counting, &counters, &done, progress));
         let source: Arc<dyn BlockDevice> = counting.clone();
-        let r = rebuild(source, dst, kind, start_sector, phase, &counters, progress);
+        let r = rebuild(source, dst, what, previous, &counters, progress);
         done.store(true, Ordering::Release);
         r
     });
     progress.finish();
-    result.map(|()| counting.read())
+    result.map(|reused| Copied {
+        read: counting.read(),
+        reused,
+    })
 }
 
 /// Reports the bytes read and files written every 200 ms until `done`, then once more.
@@ -198,38 +228,64 @@ fn watch_progress(
 }
 
 /// The source's filesystem written anew onto `dst` with the source's parameters and identity
-/// (a FAT boot sector's hidden sectors: the partition's first 512-byte sector, `start_sector`).
+/// (a FAT boot sector's hidden sectors: the partition's first 512-byte sector). With the
+/// previous capture's side of the partition, unchanged files are read there; returns the
+/// bytes so taken.
 fn rebuild(
     source: Arc<dyn BlockDevice>,
     dst: &Arc<dyn BlockDevice>,
-    kind: FsKind,
-    start_sector: u64,
-    phase: &str,
+    what: &Rebuild<'_>,
+    previous: Option<PreviousPartition>,
     counters: &Arc<fs::WriteCounters>,
     progress: &dyn Progress,
-) -> Result<(), PartError> {
-    match kind {
+) -> Result<u64, PartError> {
+    match what.kind {
         FsKind::Swap => {
-            progress.start(phase, fs::swap::PAGE);
+            progress.start(what.phase, fs::swap::PAGE);
             fs::swap::recreate(&*source, &**dst).map_err(PartError::Fs)?;
+            Ok(0)
         }
         FsKind::Fat12 | FsKind::Fat16 | FsKind::Fat32 => {
             let fat = fs::fat::Fat::open(source).map_err(PartError::Fs)?;
-            progress.start(phase, fs::Filesystem::info(&fat).used_bytes);
+            progress.start(what.phase, fs::Filesystem::info(&fat).used_bytes);
             let mut opts = fat.format_options();
             opts.counters = Some(Arc::clone(counters));
-            opts.hidden_sectors = u32::try_from(start_sector).ok();
-            fs::fat_write::write_fat(Arc::clone(dst), &fat, &opts).map_err(PartError::Fs)?;
+            opts.hidden_sectors = u32::try_from(what.start_sector).ok();
+            with_previous(Box::new(fat), previous, |src| {
+                fs::fat_write::write_fat(Arc::clone(dst), src, &opts).map(drop)
+            })
         }
         _ => {
             let ext = fs::ext4::Ext4::open(source).map_err(PartError::Fs)?;
-            progress.start(phase, fs::Filesystem::info(&ext).used_bytes);
+            progress.start(what.phase, fs::Filesystem::info(&ext).used_bytes);
             let mut opts = ext.format_options();
             opts.counters = Some(Arc::clone(counters));
-            fs::ext4::write::write_ext4(Arc::clone(dst), &ext, &opts).map_err(PartError::Fs)?;
+            with_previous(Box::new(ext), previous, |src| {
+                fs::ext4::write::write_ext4(Arc::clone(dst), src, &opts).map(drop)
+            })
         }
     }
-    Ok(())
+}
+
+/// Runs `write` on the source filesystem, wrapped so unchanged files come from `previous`
+/// when it is given; returns the bytes taken from the previous capture.
+fn with_previous(
+    source: Box<dyn fs::Filesystem>,
+    previous: Option<PreviousPartition>,
+    write: impl FnOnce(&dyn fs::Filesystem) -> fs::Result<()>,
+) -> Result<u64, PartError> {
+    let Some(previous) = previous else {
+        write(&*source).map_err(PartError::Fs)?;
+        return Ok(0);
+    };
+    let reusing = ReusingFs::new(source, previous);
+    write(&reusing).map_err(PartError::Fs)?;
+    let (files, bytes) = reusing.reused();
+    tracing::info!(
+        "{files} unchanged files ({}) taken from the previous capture",
+        crate::units::human_bytes(bytes)
+    );
+    Ok(bytes)
 }
 
 /// A device that counts the bytes read through it.
