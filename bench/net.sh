@@ -9,8 +9,15 @@
 #   fog         partclone.ext4 -c | pigz -6 | socat -> socat TCP-LISTEN > file
 #   nbd         qemu-nbd --read-only in the source ns; qemu-img convert -O qcow2 nbd:// in the
 #               server ns (virt-p2v's path), checked with `qemu-img compare`
-#   incremental, deploy, delta-deploy: hooks, reported "not yet implemented" until diskferry
-#               has them (one function each below: row_NAME)
+#   incremental diskferry capture --base: a base capture of the disk with its chunk map
+#               (untimed; its time is in the note), then the timed incremental capture of a
+#               copy of the disk with a 1 % change (the Debian: a line appended to every 100th
+#               file by the kernel, through a loop mount; random: 20 MiB rewritten in 20
+#               places), checked with `diskferry verify --follow-backing`
+#   deploy      diskferry deploy of the base capture onto a zeroed disk served by
+#               `diskferry-client --allow-write` in the source ns, checked with `diskferry verify`
+#   delta_deploy  diskferry deploy of the incremental capture onto that disk (it holds the base
+#               now): only chunks that differ are sent; checked with `diskferry verify`
 # Source disks: (a) a Debian 12 install (the e2e tests' cached debootstrap tarball as an ext4
 # root on an MBR disk with swap in a logical partition), (b) 2 GiB of random data (the
 # incompressible control; partclone.dd stands in for partclone.ext4 there, as Clonezilla does
@@ -145,6 +152,29 @@ make_random() {
   echo "2 GiB of random data, no partition table (incompressible control)" >"$work/random.desc"
 }
 
+# The same disks after a 1 % change, for the incremental capture and the delta deploy.
+change_debian() {
+  cp "$work/debian.img" "$work/debian.changed.img"
+  local mnt=$work/mnt n
+  mkdir -p "$mnt"
+  mount -o loop,offset=$((1 << 20)),sizelimit=$((2815 << 20)) "$work/debian.changed.img" "$mnt"
+  n=$(find "$mnt" -xdev -type f | sort | awk 'NR % 100 == 0' | while read -r f; do
+    echo "changed by bench/net.sh" >>"$f"
+    echo x
+  done | wc -l)
+  umount "$mnt"
+  echo "a line appended to $n files (every 100th)" >"$work/debian.change"
+}
+change_random() {
+  cp "$work/random.img" "$work/random.changed.img"
+  local i
+  for i in $(seq 0 19); do
+    dd if=/dev/urandom of="$work/random.changed.img" bs=1M count=1 seek=$((i * 100 + 7)) \
+      conv=notrunc status=none
+  done
+  echo "20 MiB rewritten in 20 places" >"$work/random.change"
+}
+
 # --- rows --------------------------------------------------------------------------------------
 # A row gets the source name ($1), disk ($2) and partition or "" ($3). It starts what it needs
 # with bench_spawn, calls `measure COMMAND…` once around the transfer (or `not_yet`), checks the
@@ -172,7 +202,6 @@ measure() {
   R_tx=$((tx1 - tx0))
   R_rx=$((rx1 - rx0))
 }
-not_yet() { R_note="not yet implemented"; }
 
 row_raw() {
   local mib
@@ -232,10 +261,52 @@ row_nbd() {
   rm -f "$work/out.qcow2"
 }
 
-# Rows diskferry does not have yet (issue 16): each becomes a real measurement here.
-row_incremental() { not_yet; }
-row_deploy() { not_yet; }
-row_delta_deploy() { not_yet; }
+# start_client DISK [EXTRA…]: a diskferry-client serving DISK in the source ns; sets $port.
+start_client() {
+  local disk=$1
+  shift
+  bench_spawn df-client in_src "$client" --listen "$src_ip:0" --server-key "$server_key" \
+    --disk "$disk" "$@"
+  port=$(bench_wait_port df-client "$src_ip")
+}
+
+row_incremental() {
+  local port t0 changed=${2%.img}.changed.img base_t
+  start_client "$2"
+  t0=$(now)
+  bench_run in_srv "$diskferry" capture "$2@$src_ip:$port" "$work/base.qcow2" --key-file \
+    "$work/key" --force --progress none --chunk-map
+  base_t=$(echo "$(now) - $t0" | bc -l)
+  bench_stop_all
+  start_client "$changed"
+  measure in_srv "$diskferry" capture "$changed@$src_ip:$port" "$work/inc.qcow2" --key-file \
+    "$work/key" --force --progress none --base "$work/base.qcow2"
+  R_out=$(stat -c %s "$work/inc.qcow2")
+  "$diskferry" verify --follow-backing "$changed" "$work/inc.qcow2" >/dev/null 2>&1 ||
+    R_note="VERIFY FAILED; "
+  R_note+="$(cat "$work/$1.change"); the base capture with --chunk-map took $(printf %.2f "$base_t") s"
+}
+
+# deploy_onto_target IMAGE: deploys IMAGE onto $work/target.img through a client in the source
+# ns, timed, then verifies the target against the image.
+deploy_onto_target() {
+  local port
+  start_client "$work/target.img" --allow-write
+  measure in_srv "$diskferry" deploy --follow-backing "$1" "$work/target.img@$src_ip:$port" \
+    --key-file "$work/key" --progress none
+  bench_stop_all
+  "$diskferry" verify --follow-backing "$1" "$work/target.img" >/dev/null 2>&1 ||
+    R_note="VERIFY FAILED; "
+}
+row_deploy() {
+  dd if=/dev/zero of="$work/target.img" bs=1M count=$(($(stat -c %s "$2") >> 20)) status=none
+  deploy_onto_target "$work/base.qcow2"
+  R_note+="the base capture onto a zeroed disk"
+}
+row_delta_deploy() {
+  deploy_onto_target "$work/inc.qcow2"
+  R_note+="the incremental capture onto the disk holding the base"
+}
 
 # --- the run -----------------------------------------------------------------------------------
 results=()
@@ -258,6 +329,7 @@ make_net
 for s in $sources; do
   echo "== making the $s source disk" >&2
   "make_$s"
+  "change_$s"
 done
 cat "$work"/*.img >/dev/null # every tool reads the disk from the page cache
 declare -A load

@@ -36,14 +36,14 @@ pub(crate) struct CaptureArgs {
     /// source with the output; exit non-zero on any difference
     #[arg(long)]
     verify: bool,
-    /// Also write OUT.chunks: the source's chunk hashes (1 MiB chunks, computed by the agent
+    /// Also write OUT.chunks: the source's chunk hashes (64 KiB chunks, computed by the agent
     /// for a remote disk: no data crosses the wire for it), which a later `--base OUT`
     /// capture compares against
     #[arg(long)]
     chunk_map: bool,
     /// Incremental capture on PREVIOUS (a capture of the same disk made with --chunk-map, or
     /// an earlier incremental one): only what changed since is read from the source. On a
-    /// whole-disk (--mode sectors) base, the changed 1 MiB chunks go into OUT, a qcow2 overlay
+    /// whole-disk (--mode sectors) base, the changed chunks go into OUT, a qcow2 overlay
     /// whose backing file is PREVIOUS; on a partition-by-partition base, OUT is a full image
     /// whose unchanged files are taken from PREVIOUS. OUT gets its own chunk map
     #[arg(long, value_name = "PREVIOUS")]

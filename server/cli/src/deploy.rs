@@ -30,6 +30,10 @@ pub struct DeployArgs {
     /// Reboot the machine when done (machines deployed through a server)
     #[arg(long)]
     reboot: bool,
+    /// Read a qcow2 overlay (an incremental capture) through its backing file(s) (never done
+    /// implicitly)
+    #[arg(long)]
+    follow_backing: bool,
     #[command(flatten)]
     conn: ConnArgs,
     #[command(flatten)]
@@ -52,7 +56,7 @@ pub fn run(args: &DeployArgs) -> Result<()> {
         SourceSpec::Local(_) => None,
     };
     let rt = crate::runtime()?;
-    let (_, image) = diskferry_vdisk::open_image(&args.image, false)
+    let (_, image) = diskferry_vdisk::open_image(&args.image, args.follow_backing)
         .with_context(|| format!("cannot open the image {}", args.image.display()))?;
     let target = open_target(&spec, rt.handle(), session.as_ref(), args.conn.reconnect())?;
     let progress = progress_for(args.progress);

@@ -269,6 +269,10 @@ enum Command {
         a: String,
         /// The disk to check against it
         b: String,
+        /// Read qcow2 overlays (incremental captures) through their backing file(s) (never
+        /// done implicitly)
+        #[arg(long)]
+        follow_backing: bool,
         #[command(flatten)]
         conn: ConnArgs,
     },
@@ -463,7 +467,12 @@ fn run(cli: Cli) -> Result<()> {
         Command::Cat { target, path } => browse::cat(&target, &path),
         Command::Get { target, path, dest } => browse::get(&target, &path, &dest),
         Command::Capture(args) => capture::run(args),
-        Command::Verify { a, b, conn } => {
+        Command::Verify {
+            a,
+            b,
+            follow_backing,
+            conn,
+        } => {
             let rt = runtime()?;
             let open = |s: &str| -> Result<Arc<dyn diskferry_blockdev::BlockDevice>> {
                 let spec = SourceSpec::parse(s);
@@ -471,8 +480,14 @@ fn run(cli: Cli) -> Result<()> {
                     SourceSpec::Remote { .. } => Some(session(&conn)?),
                     SourceSpec::Local(_) => None,
                 };
-                open_source(&spec, rt.handle(), opts.as_ref(), false, conn.reconnect())
-                    .with_context(|| format!("cannot open {s}"))
+                open_source(
+                    &spec,
+                    rt.handle(),
+                    opts.as_ref(),
+                    follow_backing,
+                    conn.reconnect(),
+                )
+                .with_context(|| format!("cannot open {s}"))
             };
             capture::verify_and_report(&open(&a)?, &open(&b)?)
         }

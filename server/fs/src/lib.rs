@@ -303,6 +303,15 @@ pub trait Filesystem: Send + Sync {
         None
     }
 
+    /// Where an earlier copy of this volume keeps the file's data (extents whose
+    /// `disk_offset`s address that copy's device), when the source knows one: a writer laying
+    /// out a volume of the same geometry puts the file there again where it can, so
+    /// successive copies of a changing volume differ only where files changed (incremental
+    /// captures, delta deploys). `None` by default: the writer lays out afresh.
+    fn placement_hint(&self, _node: NodeId) -> Option<Vec<FileExtent>> {
+        None
+    }
+
     /// Finds `path` (`/`-separated, from the root; symlinks are not followed).
     fn lookup(&self, path: &str) -> Result<NodeId> {
         let mut node = self.root();

@@ -20,9 +20,24 @@ use diskferry_protocol::chunks::ChunkHash;
 
 const MAGIC: &[u8; 8] = b"DFCHUNK2";
 const HEADER: usize = 8 + 4 + 8 + 8 + 8 + 4 + 8 + 1;
-/// The chunk size new maps use.
-pub const DEFAULT_CHUNK: u32 = 1 << 20;
-/// Most hashes a map file may hold (64 TiB in 1 MiB chunks): bounds what loading allocates.
+/// The chunk size new maps use for disks up to 1 TiB: small enough that a file changed here
+/// and there marks little around it as changed (a 1 MiB chunk holds dozens of small files),
+/// and the qcow2 cluster size, so an overlay copies whole clusters.
+pub const DEFAULT_CHUNK: u32 = 64 << 10;
+/// Most hashes a new map holds: larger disks get larger chunks.
+const TARGET_HASHES: u64 = 1 << 24;
+
+/// The chunk size for a map of a source of `size` bytes: [`DEFAULT_CHUNK`], doubled until
+/// the map holds at most 16 Mi hashes (512 MiB of them).
+pub fn chunk_for(size: u64) -> u32 {
+    let mut chunk = DEFAULT_CHUNK;
+    while size.div_ceil(u64::from(chunk)) > TARGET_HASHES && chunk < 1 << 24 {
+        chunk *= 2;
+    }
+    chunk
+}
+
+/// Most hashes a map file may hold: bounds what loading allocates.
 const MAX_HASHES: u64 = 1 << 26;
 
 #[derive(Debug, thiserror::Error)]
@@ -89,11 +104,11 @@ impl ChunkMap {
         layout: Layout,
     ) -> Result<ChunkMap, ChunkMapError> {
         Ok(ChunkMap {
-            chunk: DEFAULT_CHUNK,
+            chunk: chunk_for(source.size()),
             source_size: source.size(),
             image_stamp: stamp_of(image)?,
             layout,
-            hashes: diskferry_blockdev::hash_device(source, DEFAULT_CHUNK)?,
+            hashes: diskferry_blockdev::hash_device(source, chunk_for(source.size()))?,
         })
     }
 
@@ -244,6 +259,14 @@ mod tests {
             ChunkMap::load(&image),
             Err(ChunkMapError::Invalid { .. })
         ));
+    }
+
+    #[test]
+    fn larger_disks_get_larger_chunks() {
+        assert_eq!(chunk_for(3 << 30), 64 << 10);
+        assert_eq!(chunk_for(1 << 40), 64 << 10);
+        assert_eq!(chunk_for((1 << 40) + 1), 128 << 10);
+        assert!((64u64 << 40).div_ceil(u64::from(chunk_for(64 << 40))) <= TARGET_HASHES);
     }
 
     #[test]

@@ -1,27 +1,35 @@
 //! Delta writes onto a used disk: a partition built locally (the staging device) reaches the
-//! target by writing only what differs. Chunks (1 MiB) where the stage holds nothing are
+//! target by writing only what differs. Chunks (64 KiB) where the stage holds nothing are
 //! zeroed on the target (the agent zeroes: nothing crosses the wire); chunks where it holds
 //! data are hashed on both sides — the target's by the agent, `HashChunks` — and only those
 //! whose hashes differ are sent. A target that cannot hash (an agent before `HashChunks`)
 //! gets every data chunk, as before.
+//!
+//! Afterwards the agent hashes every chunk of the partition again and each hash must equal
+//! the stage's: the target then provably holds the stage's bytes, and the deploy's file-level
+//! verification reads those partitions from the stage ([`ConfirmedView`]) instead of moving
+//! them back over the wire. Partitions of a target that cannot hash are read back as before.
 
 use std::ops::Range;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
-use diskferry_blockdev::{BlockDevice, BlockError};
+use bytes::Bytes;
+use diskferry_blockdev::{BlockDevice, BlockError, Result as BlockResult};
 use diskferry_protocol::chunks::MAX_HASHES;
 
 use super::capture::{copy_ranges, data_ranges, CopyError};
 use super::partition_copy::zero;
 
 /// The chunk size deltas are found in.
-const CHUNK: u32 = 1 << 20;
+const CHUNK: u32 = crate::chunkmap::DEFAULT_CHUNK;
 
 /// What a delta write did: bytes in the stage's data chunks, and bytes of them sent.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct DeltaStats {
     pub data_bytes: u64,
     pub sent_bytes: u64,
+    /// Every chunk of the target was hashed after writing and equals the stage's.
+    pub confirmed: bool,
 }
 
 /// Makes `target` (the same size as `stage`) read as `stage`, sending only changed chunks.
@@ -37,7 +45,8 @@ pub(super) fn write_delta(
     let mut stats = DeltaStats::default();
     for run in &data_chunks {
         stats.data_bytes += run.end - run.start;
-        for changed in changed_chunks(stage, target, run.clone())? {
+        let changed = changed_chunks(stage, target, run.clone())?;
+        for changed in changed.unwrap_or_else(|| vec![run.clone()]) {
             zero(&**target, changed.clone()).map_err(CopyError::Write)?;
             let mut pieces = data_ranges(
                 &diskferry_blockdev::SliceDevice::new(
@@ -55,16 +64,124 @@ pub(super) fn write_delta(
             stats.sent_bytes += changed.end - changed.start;
         }
     }
+    target.flush().map_err(CopyError::Write)?;
+    stats.confirmed = confirm(stage, target)?;
     Ok(stats)
 }
 
-/// The chunks of `run` whose bytes differ between `stage` and `target`, joined; all of `run`
-/// when the target cannot hash.
+/// Hashes every chunk of `target` and `stage`: true when all are equal, false when the target
+/// cannot hash; an error naming the first chunk that differs otherwise.
+fn confirm(stage: &Arc<dyn BlockDevice>, target: &Arc<dyn BlockDevice>) -> Result<bool, CopyError> {
+    let Some(differing) = changed_chunks(stage, target, 0..stage.size())? else {
+        return Ok(false);
+    };
+    match differing.first() {
+        None => Ok(true),
+        Some(r) => Err(CopyError::Write(BlockError::Protocol(format!(
+            "after writing, the target's bytes at {}..{} still differ from what was sent",
+            r.start, r.end
+        )))),
+    }
+}
+
+/// The target as the verification reads it: partitions whose every chunk was confirmed equal
+/// to their stage by hash are read from the stage (no bytes cross the wire), the rest from the
+/// target.
+pub(super) struct ConfirmedView {
+    target: Arc<dyn BlockDevice>,
+    /// Target byte ranges and the stages they equal, sorted.
+    stages: Vec<(Range<u64>, Arc<dyn BlockDevice>)>,
+}
+
+/// Confirmed stages, collected as partitions are written.
+pub(super) type Confirmed = Mutex<Vec<(Range<u64>, Arc<dyn BlockDevice>)>>;
+
+impl ConfirmedView {
+    pub(super) fn new(target: Arc<dyn BlockDevice>, confirmed: Confirmed) -> ConfirmedView {
+        let mut stages = confirmed.into_inner().expect("confirmed stages");
+        stages.sort_by_key(|(r, _)| r.start);
+        ConfirmedView { target, stages }
+    }
+
+    /// The stage holding `offset`, with the stage's start on the target.
+    fn stage_at(&self, offset: u64) -> Option<&(Range<u64>, Arc<dyn BlockDevice>)> {
+        let i = self.stages.partition_point(|(r, _)| r.end <= offset);
+        self.stages.get(i).filter(|(r, _)| r.start <= offset)
+    }
+
+    /// Where the next piece of a read at `offset` (at most `len` bytes) comes from.
+    fn piece(&self, offset: u64, len: u64) -> (u64, Option<(u64, &Arc<dyn BlockDevice>)>) {
+        match self.stage_at(offset) {
+            Some((r, stage)) => ((r.end - offset).min(len), Some((offset - r.start, stage))),
+            None => {
+                let i = self.stages.partition_point(|(r, _)| r.end <= offset);
+                let next = self.stages.get(i).map_or(u64::MAX, |(r, _)| r.start);
+                ((next - offset).min(len), None)
+            }
+        }
+    }
+}
+
+impl BlockDevice for ConfirmedView {
+    fn size(&self) -> u64 {
+        self.target.size()
+    }
+    fn logical_sector_size(&self) -> u32 {
+        self.target.logical_sector_size()
+    }
+    fn is_read_only(&self) -> bool {
+        true
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> BlockResult<()> {
+        let mut done = 0usize;
+        while done < buf.len() {
+            let at = offset + done as u64;
+            let (n, from) = self.piece(at, (buf.len() - done) as u64);
+            let part = &mut buf[done..done + n as usize];
+            match from {
+                Some((inner, stage)) => stage.read_at(part, inner)?,
+                None => self.target.read_at(part, at)?,
+            }
+            done += n as usize;
+        }
+        Ok(())
+    }
+
+    /// Ranges wholly outside confirmed partitions keep the target's pipelined reads.
+    fn read_ranges(
+        &self,
+        ranges: &[Range<u64>],
+        sink: &mut dyn FnMut(u64, Bytes) -> BlockResult<()>,
+    ) -> BlockResult<()> {
+        let touches = |r: &Range<u64>| {
+            self.stages
+                .iter()
+                .any(|(s, _)| s.start < r.end && r.start < s.end)
+        };
+        if !ranges.iter().any(touches) {
+            return self.target.read_ranges(ranges, sink);
+        }
+        for r in ranges {
+            let mut at = r.start;
+            while at < r.end {
+                let n = (r.end - at).min(1 << 20);
+                let mut buf = vec![0u8; n as usize];
+                self.read_at(&mut buf, at)?;
+                sink(at, Bytes::from(buf))?;
+                at += n;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The chunks of `run` whose bytes differ between `stage` and `target`, joined; `None` when
+/// the target cannot hash.
 fn changed_chunks(
     stage: &Arc<dyn BlockDevice>,
     target: &Arc<dyn BlockDevice>,
     run: Range<u64>,
-) -> Result<Vec<Range<u64>>, CopyError> {
+) -> Result<Option<Vec<Range<u64>>>, CopyError> {
     let span = MAX_HASHES as u64 * u64::from(CHUNK);
     let mut out: Vec<Range<u64>> = Vec::new();
     let mut at = run.start;
@@ -73,8 +190,8 @@ fn changed_chunks(
         let theirs = match target.chunk_hashes(at, n, CHUNK) {
             Ok(h) => h,
             Err(BlockError::Remote { .. } | BlockError::Unsupported(_)) => {
-                tracing::debug!("the target cannot hash chunks: sending every data chunk");
-                return Ok(vec![run]);
+                tracing::debug!("the target cannot hash chunks");
+                return Ok(None);
             }
             Err(e) => return Err(CopyError::Read(e)),
         };
@@ -82,7 +199,7 @@ fn changed_chunks(
         crate::chunkmap::add_differing(&mut out, &ours, &theirs, at..at + n, CHUNK);
         at += n;
     }
-    Ok(out)
+    Ok(Some(out))
 }
 
 /// `ranges` widened to whole chunks (the last one clipped to `size`) and joined.
@@ -121,7 +238,7 @@ mod tests {
     use super::*;
     use diskferry_blockdev::MemoryDevice;
 
-    const MIB: u64 = 1 << 20;
+    const MIB: u64 = CHUNK as u64; // one chunk
 
     fn device(size: u64) -> Arc<dyn BlockDevice> {
         Arc::new(MemoryDevice::new(size as usize))
@@ -165,9 +282,74 @@ mod tests {
             second,
             DeltaStats {
                 data_bytes: 3 * MIB + 4096,
-                sent_bytes: MIB
+                sent_bytes: MIB,
+                confirmed: true,
             }
         );
         assert_eq!(bytes(&*target), bytes(&*stage));
+    }
+}
+
+#[cfg(test)]
+mod confirm_tests {
+    use super::*;
+    use diskferry_blockdev::MemoryDevice;
+
+    /// A disk that says it wrote but keeps its old bytes (a lying cache, a failing drive).
+    struct Forgetful(MemoryDevice);
+
+    impl BlockDevice for Forgetful {
+        fn size(&self) -> u64 {
+            self.0.size()
+        }
+        fn is_read_only(&self) -> bool {
+            false
+        }
+        fn read_at(&self, buf: &mut [u8], offset: u64) -> BlockResult<()> {
+            self.0.read_at(buf, offset)
+        }
+        fn write_at(&self, _buf: &[u8], _offset: u64) -> BlockResult<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn writes_that_did_not_land_are_found_by_the_hashes_afterwards() {
+        let stage = crate::pipeline::partition_copy::staging_device(4 << 20).unwrap();
+        stage.write_at(&[7u8; 4096], 1 << 20).unwrap();
+        let target: Arc<dyn BlockDevice> = Arc::new(Forgetful(MemoryDevice::new(4 << 20)));
+        let err = write_delta(&stage, &target).unwrap_err();
+        assert!(
+            matches!(&err, CopyError::Write(e) if e.to_string().contains("still differ")),
+            "{err:?}"
+        );
+    }
+}
+
+#[cfg(test)]
+mod view_tests {
+    use super::*;
+    use diskferry_blockdev::MemoryDevice;
+
+    #[test]
+    fn a_confirmed_view_reads_stages_inside_their_ranges_and_the_target_elsewhere() {
+        let target: Arc<dyn BlockDevice> = Arc::new(MemoryDevice::new(100));
+        target.write_at(&[1; 100], 0).unwrap();
+        let stage: Arc<dyn BlockDevice> = Arc::new(MemoryDevice::new(30));
+        stage.write_at(&[2; 30], 0).unwrap();
+        let view = ConfirmedView::new(target, Mutex::new(vec![(40..70, stage)]));
+        let mut buf = [0u8; 100];
+        view.read_at(&mut buf, 0).unwrap();
+        assert_eq!(&buf[..40], &[1; 40]);
+        assert_eq!(&buf[40..70], &[2; 30]);
+        assert_eq!(&buf[70..], &[1; 30]);
+        let mut got = Vec::new();
+        view.read_ranges(&[35..45, 90..95], &mut |off, b| {
+            got.push((off, b.to_vec()));
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(got[0], (35, [1, 1, 1, 1, 1, 2, 2, 2, 2, 2].to_vec()));
+        assert_eq!(got[1], (90, vec![1; 5]));
     }
 }

@@ -2,7 +2,9 @@
 //! a target disk — a machine's disk over the wire, or any writable block device: the image's
 //! partition table scaled to the target (the last partition follows the target's size when it
 //! is recreated file by file), the boot bytes outside partitions, each partition by mode; then
-//! a flush and a verification that reads the target back through the filesystem readers.
+//! a flush and a verification through the filesystem readers: partitions the agent confirmed
+//! equal to their local stage by hashing every chunk are read from the stage, everything else
+//! is read back from the target (see `delta`).
 //!
 //! A target too small for the data is refused before anything is written, with the numbers.
 
@@ -11,6 +13,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use super::capture::CaptureError;
+use super::delta::{Confirmed, ConfirmedView};
 use super::disk::{write_disk, CopyEnds, Destination, DiskReport, Mode};
 use super::plan::{plan_disk, DiskPlan};
 use super::verify::{verify_disks, VerifyError, VerifyReport};
@@ -94,16 +97,21 @@ pub fn deploy_disk(
         })?;
     check_fits(&plan, target_name)?;
     let scheme = plan.table.scheme.name();
+    let confirmed = Confirmed::default();
     let ends = CopyEnds {
         src: &image,
         dst: &target,
         dst_name: name,
         destination: Destination::UsedDisk,
         previous: None,
+        confirmed: Some(&confirmed),
     };
     let (partitions, boot_bytes, notes) =
         write_disk(&ends, plan, progress).map_err(|e| DeployError::Failed(Box::new(e)))?;
-    let verify = verify_disks(&image, &target).map_err(DeployError::Verify)?;
+    // Partitions the agent confirmed by hash are compared from their stage; the rest of the
+    // target (and every partition of a target that cannot hash) is read back.
+    let view: Arc<dyn BlockDevice> = Arc::new(ConfirmedView::new(Arc::clone(&target), confirmed));
+    let verify = verify_disks(&image, &view).map_err(DeployError::Verify)?;
     if verify.differences > 0 {
         return Err(DeployError::Differs {
             count: verify.differences,

@@ -23,10 +23,10 @@ use std::time::{Duration, Instant};
 use super::capture::{
     copy_ranges, data_bytes_in, data_ranges_or_whole, CaptureError, CopyError, OutputOptions,
 };
-use super::delta::write_delta;
+use super::delta::{write_delta, Confirmed};
 use super::output::PartialOutput;
 use super::partition_copy::{
-    capture_partition, copy_plan, staging_device, zero, Copied, Overall, PartError,
+    capture_partition, copy_plan, staging_device, zero, Copied, LayoutFrom, Overall, PartError,
 };
 use super::plan::{outside_copies, plan_disk, DiskPlan, PartPlan};
 use super::reuse::Previous;
@@ -66,6 +66,9 @@ pub struct PartitionReport {
     /// Bytes of unchanged files taken from the previous capture instead of the source
     /// (files-mode incremental captures).
     pub reused: u64,
+    /// Deploys: bytes sent to the target for it (the rest of its data the target already
+    /// held, as hashes showed).
+    pub sent: Option<u64>,
     pub note: Option<String>,
 }
 
@@ -87,6 +90,9 @@ impl std::fmt::Display for PartitionReport {
                 ", {} of unchanged files from the previous capture",
                 crate::units::human_bytes(self.reused)
             )?;
+        }
+        if let Some(sent) = self.sent {
+            write!(f, ", {} sent", crate::units::human_bytes(sent))?;
         }
         if let Some(n) = &self.note {
             write!(f, " — {n}")?;
@@ -129,6 +135,8 @@ pub(super) struct CopyEnds<'a> {
     pub destination: Destination,
     /// The previous capture, for a files-mode incremental capture.
     pub previous: Option<&'a Previous>,
+    /// Deploys: where partitions confirmed equal to their stage by hash are recorded.
+    pub confirmed: Option<&'a Confirmed>,
 }
 
 impl CopyEnds<'_> {
@@ -205,6 +213,7 @@ pub(super) fn write_disk(
             mode: pp.mode,
             read: copied.read,
             reused: copied.reused,
+            sent: copied.sent,
             note: pp.note,
         });
     }
@@ -269,17 +278,20 @@ fn write_partition(
     let number = pp.part.number;
     let ddev: Arc<dyn BlockDevice> =
         Arc::new(SliceDevice::new(Arc::clone(ends.dst), target.start, target.size).map_err(werr)?);
-    let previous = match (&ranges, ends.previous) {
-        (None, Some(p)) => p.partition(&pp.part, pp.kind),
-        _ => None,
+    let layout = match (&ranges, ends.previous) {
+        _ if ends.used_disk() => LayoutFrom::Source,
+        (None, Some(p)) => p
+            .partition(&pp.part, pp.kind)
+            .map_or(LayoutFrom::Fresh, LayoutFrom::Previous),
+        _ => LayoutFrom::Fresh,
     };
     if !ends.used_disk() {
-        return capture_partition(target, &pp.dev, &ddev, pp.kind, ranges, previous, progress)
+        return capture_partition(target, &pp.dev, &ddev, pp.kind, ranges, layout, progress)
             .map_err(|e| ends.part_err(e, number));
     }
     // Built locally, then only the chunks that differ from what the disk holds are sent.
     let stage = staging_device(ddev.size()).map_err(werr)?;
-    let copied = capture_partition(target, &pp.dev, &stage, pp.kind, ranges, previous, progress)
+    let copied = capture_partition(target, &pp.dev, &stage, pp.kind, ranges, layout, progress)
         .map_err(|e| ends.part_err(e, number))?;
     let delta = write_delta(&stage, &ddev).map_err(|e| match e {
         CopyError::Read(e) | CopyError::Write(e) => werr(e),
@@ -290,6 +302,17 @@ fn write_partition(
         crate::units::human_bytes(delta.sent_bytes),
         crate::units::human_bytes(delta.data_bytes)
     );
+    let copied = Copied {
+        sent: Some(delta.sent_bytes),
+        ..copied
+    };
+    match ends.confirmed {
+        Some(confirmed) if delta.confirmed => {
+            let range = target.start..target.start + target.size;
+            confirmed.lock().expect("confirmed").push((range, stage));
+        }
+        _ => {}
+    }
     Ok(copied)
 }
 
@@ -352,6 +375,7 @@ pub fn capture_disk(
         dst_name: &partial,
         destination: Destination::FreshImage,
         previous,
+        confirmed: None,
     };
     let (partitions, boot_bytes, notes) = write_disk(&ends, plan, progress)?;
     drop(dst);

@@ -135,17 +135,30 @@ pub(super) struct Copied {
     pub read: u64,
     /// Bytes of files taken from the previous capture instead (files-mode incremental).
     pub reused: u64,
+    /// Bytes sent to a used disk (deploys).
+    pub sent: Option<u64>,
+}
+
+/// How a rebuilt filesystem is laid out.
+pub(super) enum LayoutFrom {
+    /// Afresh, compact (captures).
+    Fresh,
+    /// Each file where the source keeps it, where it can (deploys of a capture).
+    Source,
+    /// Unchanged files read from the previous capture, and every file placed where it put
+    /// them (files-mode incremental captures).
+    Previous(PreviousPartition),
 }
 
 /// Copies one partition onto its place `p` in the destination — file by file when it has no
-/// `ranges` (unchanged files from `previous` when given), else those ranges.
+/// `ranges`, laid out as `layout` says, else those ranges.
 pub(super) fn capture_partition(
     p: &Partition,
     src: &Arc<dyn BlockDevice>,
     dst: &Arc<dyn BlockDevice>,
     kind: FsKind,
     ranges: Option<Vec<Range<u64>>>,
-    previous: Option<PreviousPartition>,
+    layout: LayoutFrom,
     progress: &dyn Progress,
 ) -> Result<Copied, PartError> {
     let phase = format!("part {}", p.number);
@@ -155,7 +168,7 @@ pub(super) fn capture_partition(
             start_sector: p.start / 512,
             phase: &phase,
         };
-        return rebuild_with_progress(src, dst, &rebuild, previous, progress);
+        return rebuild_with_progress(src, dst, &rebuild, layout, progress);
     };
     // Blocks and sectors: the ranges were worked out in the plan.
     let total: u64 = ranges.iter().map(|r| r.end - r.start).sum();
@@ -164,7 +177,7 @@ pub(super) fn capture_partition(
     progress.finish();
     Ok(Copied {
         read: total,
-        reused: 0,
+        ..Copied::default()
     })
 }
 
@@ -183,7 +196,7 @@ fn rebuild_with_progress(
     src: &Arc<dyn BlockDevice>,
     dst: &Arc<dyn BlockDevice>,
     what: &Rebuild<'_>,
-    previous: Option<PreviousPartition>,
+    layout: LayoutFrom,
     progress: &dyn Progress,
 ) -> Result<Copied, PartError> {
     let counting = Arc::new(CountingDevice::new(Arc::clone(src)));
@@ -192,7 +205,7 @@ fn rebuild_with_progress(
     let result = std::thread::scope(|s| {
         s.spawn(|| watch_progress(&counting, &counters, &done, progress));
         let source: Arc<dyn BlockDevice> = counting.clone();
-        let r = rebuild(source, dst, what, previous, &counters, progress);
+        let r = rebuild(source, dst, what, layout, &counters, progress);
         done.store(true, Ordering::Release);
         r
     });
@@ -200,6 +213,7 @@ fn rebuild_with_progress(
     result.map(|reused| Copied {
         read: counting.read(),
         reused,
+        sent: None,
     })
 }
 
@@ -228,14 +242,14 @@ fn watch_progress(
 }
 
 /// The source's filesystem written anew onto `dst` with the source's parameters and identity
-/// (a FAT boot sector's hidden sectors: the partition's first 512-byte sector). With the
-/// previous capture's side of the partition, unchanged files are read there; returns the
-/// bytes so taken.
+/// (a FAT boot sector's hidden sectors: the partition's first 512-byte sector), laid out as
+/// `layout` says (the FAT writer always lays out afresh). Returns the bytes of unchanged
+/// files taken from a previous capture.
 fn rebuild(
     source: Arc<dyn BlockDevice>,
     dst: &Arc<dyn BlockDevice>,
     what: &Rebuild<'_>,
-    previous: Option<PreviousPartition>,
+    layout: LayoutFrom,
     counters: &Arc<fs::WriteCounters>,
     progress: &dyn Progress,
 ) -> Result<u64, PartError> {
@@ -251,7 +265,7 @@ fn rebuild(
             let mut opts = fat.format_options();
             opts.counters = Some(Arc::clone(counters));
             opts.hidden_sectors = u32::try_from(what.start_sector).ok();
-            with_previous(Box::new(fat), previous, |src| {
+            with_previous(Box::new(fat), layout, |src| {
                 fs::fat_write::write_fat(Arc::clone(dst), src, &opts).map(drop)
             })
         }
@@ -260,21 +274,22 @@ fn rebuild(
             progress.start(what.phase, fs::Filesystem::info(&ext).used_bytes);
             let mut opts = ext.format_options();
             opts.counters = Some(Arc::clone(counters));
-            with_previous(Box::new(ext), previous, |src| {
+            opts.keep_source_layout = matches!(layout, LayoutFrom::Source);
+            with_previous(Box::new(ext), layout, |src| {
                 fs::ext4::write::write_ext4(Arc::clone(dst), src, &opts).map(drop)
             })
         }
     }
 }
 
-/// Runs `write` on the source filesystem, wrapped so unchanged files come from `previous`
-/// when it is given; returns the bytes taken from the previous capture.
+/// Runs `write` on the source filesystem, wrapped so unchanged files come from the previous
+/// capture when `layout` names one; returns the bytes taken from it.
 fn with_previous(
     source: Box<dyn fs::Filesystem>,
-    previous: Option<PreviousPartition>,
+    layout: LayoutFrom,
     write: impl FnOnce(&dyn fs::Filesystem) -> fs::Result<()>,
 ) -> Result<u64, PartError> {
-    let Some(previous) = previous else {
+    let LayoutFrom::Previous(previous) = layout else {
         write(&*source).map_err(PartError::Fs)?;
         return Ok(0);
     };

@@ -529,6 +529,13 @@ impl Filesystem for ReusingFs {
             .as_ref()
             .map(|d| Arc::clone(d) as Arc<dyn BlockDevice>)
     }
+
+    /// A paired file goes where the previous capture put it (changed or not: a file that
+    /// grew keeps its first blocks there), so successive captures share their layout.
+    fn placement_hint(&self, node: NodeId) -> Option<Vec<FileExtent>> {
+        let pair = self.pair_of(node)?;
+        self.previous.extents(pair).ok()
+    }
 }
 
 #[cfg(test)]

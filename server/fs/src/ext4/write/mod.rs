@@ -97,6 +97,10 @@ pub struct Ext4Options {
     pub reserved_percent: u64,
     /// Kept up to date with entries planned and written, when given.
     pub counters: Option<Arc<super::super::WriteCounters>>,
+    /// Put each file's data where the source keeps it when those blocks are free (and no
+    /// `placement_hint` says otherwise): deploying a capture keeps its layout, so deploys of
+    /// successive captures differ only where files changed.
+    pub keep_source_layout: bool,
 }
 
 impl Default for Ext4Options {
@@ -117,6 +121,7 @@ impl Default for Ext4Options {
             bytes_per_inode: 16384,
             reserved_percent: 5,
             counters: None,
+            keep_source_layout: false,
         }
     }
 }

@@ -1,11 +1,13 @@
-//! Deciding where everything goes, before anything is written: the journal first, then
-//! directories breadth first, each followed by its files' data (each file contiguous, holes
-//! left out), then extent tree blocks and xattr blocks. Directory blocks and `i_block` areas
+//! Deciding where everything goes, before anything is written: the journal first, then the
+//! files whose source knows where an earlier copy put them (`placement_hint`: kept there
+//! where those blocks are free), then directories breadth first, each followed by its other
+//! files' data (each file contiguous, holes left out), then extent tree blocks and xattr
+//! blocks. Directory blocks and `i_block` areas
 //! are built here too, so writing is a matter of copying.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 
-use super::super::super::{FileKind, Filesystem, Result};
+use super::super::super::{FileExtent, FileKind, Filesystem, Result};
 use super::super::ondisk::inode;
 use super::dir::{directory_blocks, Shape};
 use super::extent::extent_tree;
@@ -41,10 +43,12 @@ pub(super) fn place(
         alloc: Allocator::new(job.geo.metadata_bitmap()),
         order: Vec::new(),
         placed: HashSet::new(),
+        pending: HashMap::new(),
         report,
     };
     let journal = p.journal()?;
     let resize = resize_inode(&job.geo, &mut p.alloc)?;
+    p.hinted()?;
     p.tree()?;
     for ino in p.order.clone() {
         p.i_block_and_xattrs(ino)?;
@@ -65,6 +69,8 @@ struct Placer<'a> {
     order: Vec<u32>,
     /// Non-directories already placed (hard links are placed once).
     placed: HashSet<u32>,
+    /// Files placed by their hint: the logical block ranges the hint did not cover.
+    pending: HashMap<u32, Vec<(u64, u64)>>,
     report: &'a mut Ext4Report,
 }
 
@@ -85,6 +91,41 @@ impl Placer<'_> {
             return Ok(Vec::new());
         }
         place_ranges(&[(0, blocks)], &mut self.alloc)
+    }
+
+    /// Files whose source says where an earlier copy keeps them: each block range the hint
+    /// covers goes to the same blocks when they are free; the rest waits for `child`.
+    fn hinted(&mut self) -> Result<()> {
+        let (source, bs) = (self.job.source, self.job.geo.block_size);
+        let keep = self.job.opts.keep_source_layout;
+        let mut files: Vec<u32> = self
+            .items
+            .iter()
+            .filter(|(_, i)| i.kind == FileKind::File)
+            .map(|(&ino, _)| ino)
+            .collect();
+        files.sort_unstable();
+        for ino in files {
+            let item = &self.items[&ino];
+            let own = || keep.then(|| source.extents(item.src).ok()).flatten();
+            let Some(hint) = source.placement_hint(item.src).or_else(own) else {
+                continue;
+            };
+            let hint = hint_blocks(&hint, bs);
+            let mut extents = Vec::new();
+            let mut pending = Vec::new();
+            for range in data_blocks(source, item, bs)? {
+                for (l, end, phys) in through_hint(range, &hint) {
+                    match phys.filter(|&p| self.alloc.claim(p, end - l)) {
+                        Some(p) => push_extents(&mut extents, l, p, end - l),
+                        None => pending.push((l, end)),
+                    }
+                }
+            }
+            self.item(ino).extents = extents;
+            self.pending.insert(ino, pending);
+        }
+        Ok(())
     }
 
     /// Directories breadth first, each followed by its other entries.
@@ -143,8 +184,13 @@ impl Placer<'_> {
         match kind {
             FileKind::File => {
                 item.size = item.meta.size;
-                let ranges = data_blocks(source, item, bs)?;
-                item.extents = place_ranges(&ranges, &mut self.alloc)?;
+                let ranges = match self.pending.remove(&ino) {
+                    Some(left) => left,
+                    None => data_blocks(source, item, bs)?,
+                };
+                let more = place_ranges(&ranges, &mut self.alloc)?;
+                item.extents.extend(more);
+                item.extents.sort_unstable_by_key(|e| e.0);
             }
             FileKind::Symlink => {
                 item.size = item.target.len() as u64;
@@ -236,14 +282,72 @@ fn place_ranges(ranges: &[(u64, u64)], alloc: &mut Allocator) -> Result<Vec<Exte
     for &(start, end) in ranges {
         let mut logical = start;
         for (phys, count) in alloc.alloc(end - start)? {
-            let mut done = 0;
-            while done < count {
-                let n = (count - done).min(MAX_EXTENT);
-                extents.push((logical, phys + done, n));
-                logical += n;
-                done += n;
-            }
+            push_extents(&mut extents, logical, phys, count);
+            logical += count;
         }
     }
     Ok(extents)
+}
+
+/// Adds `count` blocks from logical `logical` at `phys` as extents of at most MAX_EXTENT.
+fn push_extents(extents: &mut Vec<Extent>, logical: u64, phys: u64, count: u64) {
+    let mut done = 0;
+    while done < count {
+        let n = (count - done).min(MAX_EXTENT);
+        extents.push((logical + done, phys + done, n));
+        done += n;
+    }
+}
+
+/// A placement hint in blocks: (first logical block, end logical block, first physical
+/// block) for each extent that is block-aligned (others cannot be kept).
+fn hint_blocks(hint: &[FileExtent], bs: u64) -> Vec<(u64, u64, u64)> {
+    let mut out: Vec<(u64, u64, u64)> = hint
+        .iter()
+        .filter(|e| !e.unwritten && e.file_offset % bs == 0 && e.disk_offset % bs == 0)
+        .map(|e| {
+            let l = e.file_offset / bs;
+            (l, l + e.len.div_ceil(bs), e.disk_offset / bs)
+        })
+        .collect();
+    out.sort_unstable();
+    out
+}
+
+/// `range` (logical blocks) cut along the hint: (first, end, physical block or `None` where
+/// the hint says nothing).
+fn through_hint(range: (u64, u64), hint: &[(u64, u64, u64)]) -> Vec<(u64, u64, Option<u64>)> {
+    let mut out = Vec::new();
+    let mut l = range.0;
+    for &(start, end, phys) in hint {
+        if end <= l || start >= range.1 {
+            continue;
+        }
+        if start > l {
+            out.push((l, start, None));
+            l = start;
+        }
+        let stop = end.min(range.1);
+        out.push((l, stop, Some(phys + (l - start))));
+        l = stop;
+    }
+    if l < range.1 {
+        out.push((l, range.1, None));
+    }
+    out
+}
+
+#[cfg(test)]
+mod hint_tests {
+    use super::*;
+
+    #[test]
+    fn a_range_is_cut_along_the_hint() {
+        let hint = [(0, 4, 100), (6, 10, 200)];
+        assert_eq!(
+            through_hint((2, 12), &hint),
+            [(2, 4, Some(102)), (4, 6, None), (6, 10, Some(200)), (10, 12, None)]
+        );
+        assert_eq!(through_hint((4, 6), &hint), [(4, 6, None)]);
+    }
 }
