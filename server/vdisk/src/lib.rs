@@ -4,7 +4,8 @@
 //!
 //! Today: raw images, qcow2 (read any, write version 3, overlays), VHDX (read, write
 //! dynamic), VHD (read and write fixed and dynamic) and VMDK (read and write monolithicSparse
-//! and streamOptimized). [`detect`] names the containers it recognises but cannot read.
+//! and streamOptimized). [`detect`] names the containers it recognises but cannot read;
+//! [`chain`] commits and rebases qcow2 backing chains.
 
 pub mod chain;
 mod detect;
