@@ -208,6 +208,8 @@ pub fn rebase(
     let old_path = backing_path(overlay, &name);
     let (_, old) = open_chain(&old_path, true, MAX_BACKING_DEPTH - 1)?;
     let new = new_base.map(|p| NewBase::open(overlay, p)).transpose()?;
+    let backing = new.as_ref().map(|n| (n.name.as_str(), n.format));
+    qcow2::check_backing_file(&*file, overlay, backing)?;
     let image = Qcow2::open_writable(Arc::clone(&file), overlay, Some(Arc::clone(&old)))?;
     let stats = copy_differing(
         &image,
@@ -221,7 +223,6 @@ pub fn rebase(
         source,
     })?;
     drop(image);
-    let backing = new.as_ref().map(|n| (n.name.as_str(), n.format));
     qcow2::set_backing_file(&*file, overlay, backing)?;
     tracing::info!(overlay = %overlay.display(), backing = ?backing.map(|b| b.0),
         compared = stats.compared, copied = stats.copied, "rebased");

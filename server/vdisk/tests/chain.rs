@@ -321,3 +321,162 @@ fn refusals_name_what_is_wrong() {
     let err = prepare_commit(&on_vhdx, false).err().unwrap();
     assert!(matches!(err, ChainError::BaseNotWritable { .. }), "{err}");
 }
+
+/// Overlays with 512-byte clusters (a header cluster with little room) commit into a base of
+/// 64 KiB clusters (pieces of base clusters), and rebase with the new name placed in what room
+/// there is.
+#[test]
+fn small_cluster_overlays_commit_and_rebase() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = qemu_base(dir.path(), "a.qcow2");
+    let b = dir.path().join("b.qcow2");
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        "cluster_size=512",
+        "-b",
+        "a.qcow2",
+        "-F",
+        "qcow2",
+        s(&b),
+    ]);
+    qemu_io(&b, "qcow2", OVERLAY_WRITES);
+    let c = dir.path().join("c.qcow2");
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        "cluster_size=512",
+        "-b",
+        "b.qcow2",
+        "-F",
+        "qcow2",
+        s(&c),
+    ]);
+    qemu_io(&c, "qcow2", &["write -P 0x88 1536 2048", "write -z 1M 4k"]);
+    let flat = dir.path().join("c.raw");
+    flatten(&c, &flat);
+    // A name of 900 bytes does not fit a 512-byte header cluster: refused before any copy.
+    let far = deep_copy(dir.path(), &a, 900);
+    let before = std::fs::read(&c).unwrap();
+    let err = rebase(&c, Some(&far), &mut |_, _| {}).unwrap_err();
+    assert!(err.to_string().contains("no free room"), "{err}");
+    assert_eq!(std::fs::read(&c).unwrap(), before, "nothing written");
+    rebase(&c, Some(&a), &mut |_, _| {}).unwrap();
+    assert_identical(&c, "qcow2", &flat);
+    assert_clean(&c);
+    let flat_b = dir.path().join("b.raw");
+    flatten(&b, &flat_b);
+    // C is built on A now: committing B into A is refused while C sits beside A.
+    assert!(matches!(
+        prepare_commit(&b, false),
+        Err(ChainError::Dependents { .. })
+    ));
+    let elsewhere = dir.path().join("elsewhere");
+    std::fs::create_dir(&elsewhere).unwrap();
+    std::fs::rename(&c, elsewhere.join("c.qcow2")).unwrap();
+    commit(&b);
+    assert_identical(&a, "qcow2", &flat_b);
+    assert_clean(&a);
+}
+
+/// A rewrite of the backing name cut off after any of its writes leaves an image that names
+/// either the old backing file or the new one (qemu-img info), and checks clean.
+#[test]
+fn a_backing_rewrite_cut_off_anywhere_names_the_old_or_the_new_base() {
+    use diskferry_blockdev::{BlockDevice, FileDevice, RecordingDevice};
+    use std::sync::Arc;
+    let dir = tempfile::tempdir().unwrap();
+    let (a, _, c) = three_deep(dir.path());
+    let raw = dir.path().join("r.raw");
+    qemu_img(&["create", "-q", "-f", "raw", s(&raw), "8M"]);
+    let a_name = std::fs::canonicalize(&a).unwrap();
+    let raw_name = std::fs::canonicalize(&raw).unwrap();
+    for (name, format) in [(s(&a_name), "qcow2"), (s(&raw_name), "raw")] {
+        let file: Arc<dyn BlockDevice> = Arc::new(FileDevice::open(&c, false).unwrap());
+        let copy = diskferry_blockdev::MemoryDevice::new(file.size() as usize);
+        let mut buf = vec![0u8; file.size() as usize];
+        file.read_at(&mut buf, 0).unwrap();
+        copy.write_at(&buf, 0).unwrap();
+        let rec = RecordingDevice::new(Arc::new(copy)).unwrap();
+        diskferry_vdisk::qcow2::set_backing_file(&rec, &c, Some((name, format))).unwrap();
+        assert!(rec.len() >= 3, "name, sync, header: {:?}", rec.len());
+        let mut switched = false;
+        for upto in 0..=rec.len() {
+            let state = rec.replay(upto).unwrap();
+            let cut = dir.path().join("cut.qcow2");
+            let mut bytes = vec![0u8; state.size() as usize];
+            state.read_at(&mut bytes, 0).unwrap();
+            std::fs::write(&cut, &bytes).unwrap();
+            let info = &backing_chain(&cut)[0];
+            let named = info["backing-filename"].as_str().unwrap();
+            if named == name {
+                switched = true;
+            } else {
+                assert!(
+                    !switched && named == "b.qcow2",
+                    "after {upto} of {}: {named}",
+                    rec.len()
+                );
+            }
+            assert_clean(&cut);
+        }
+        assert!(switched, "the rewrite took effect");
+    }
+}
+
+/// Hostile header extensions (a length past the cluster, no end marker) are refused before
+/// anything is written.
+#[test]
+fn a_hostile_extension_list_is_refused_without_writing() {
+    use diskferry_blockdev::FileDevice;
+    let dir = tempfile::tempdir().unwrap();
+    let (a, _, c) = three_deep(dir.path());
+    let mut image = std::fs::read(&c).unwrap();
+    let header_length = u32::from_be_bytes(image[100..104].try_into().unwrap()) as usize;
+    let a_name = std::fs::canonicalize(&a).unwrap();
+    let mut bad_length = image.clone();
+    bad_length[header_length + 4..header_length + 8].copy_from_slice(&0xffff_fff0u32.to_be_bytes());
+    // Extensions of type 1 and length 0 fill the cluster: no end marker.
+    for at in (header_length..65536).step_by(8) {
+        image[at..at + 8].copy_from_slice(&[0, 0, 0, 1, 0, 0, 0, 0]);
+    }
+    for (what, bytes) in [("length", bad_length), ("no end", image)] {
+        let path = dir.path().join("hostile.qcow2");
+        std::fs::write(&path, &bytes).unwrap();
+        let file = FileDevice::open(&path, true).unwrap();
+        let err =
+            diskferry_vdisk::qcow2::set_backing_file(&file, &path, Some((s(&a_name), "qcow2")))
+                .unwrap_err();
+        assert!(
+            matches!(err, diskferry_vdisk::ImageError::Invalid { .. }),
+            "{what}: {err}"
+        );
+        assert_eq!(
+            std::fs::read(&path).unwrap(),
+            bytes,
+            "{what}: nothing written"
+        );
+    }
+    // A new base whose absolute name exceeds qcow2's 1023 bytes is refused.
+    let far = deep_copy(dir.path(), &a, 1100);
+    let err = rebase(&c, Some(&far), &mut |_, _| {}).unwrap_err();
+    assert!(err.to_string().contains("1023"), "{err}");
+}
+
+/// A copy of `image` under `dir` whose absolute path is at least `len` bytes long.
+fn deep_copy(dir: &Path, image: &Path, len: usize) -> PathBuf {
+    let mut deep = std::fs::canonicalize(dir).unwrap();
+    while deep.as_os_str().len() + 12 < len {
+        deep.push("a-rather-long-directory-name-for-the-test");
+    }
+    std::fs::create_dir_all(&deep).unwrap();
+    let copy = deep.join("base.qcow2");
+    std::fs::copy(image, &copy).unwrap();
+    copy
+}

@@ -53,6 +53,35 @@ pub fn set_backing_file(
     path: &Path,
     backing: Option<(&str, &str)>,
 ) -> Result<()> {
+    let rewrite = plan(file, path, backing)?;
+    if let Some((at, name)) = backing.map(|(name, _)| (rewrite.name_at, name)) {
+        file.write_at(name.as_bytes(), at).at(path)?;
+        file.flush().at(path)?;
+    }
+    file.write_at(&rewrite.prefix, 0).at(path)?;
+    file.flush().at(path)?;
+    tracing::debug!(image = %path.display(), backing = ?backing, "backing file rewritten");
+    Ok(())
+}
+
+/// Checks, writing nothing, that [`set_backing_file`] can rewrite the header of the image in
+/// `file` as asked (before a long copy that would otherwise be wasted).
+pub fn check_backing_file(
+    file: &dyn BlockDevice,
+    path: &Path,
+    backing: Option<(&str, &str)>,
+) -> Result<()> {
+    plan(file, path, backing).map(drop)
+}
+
+/// What a backing file rewrite writes: the name at `name_at`, then `prefix` at 0 (the header
+/// with the new name's offset and size, and the extensions when they change).
+struct Rewrite {
+    name_at: u64,
+    prefix: Vec<u8>,
+}
+
+fn plan(file: &dyn BlockDevice, path: &Path, backing: Option<(&str, &str)>) -> Result<Rewrite> {
     let (header, cluster) = header_cluster(file, path)?;
     super::create::check_writable(&header, path)?;
     if let Some((name, _)) = backing {
@@ -72,26 +101,25 @@ pub fn set_backing_file(
     ext.extend_from_slice(&kept);
     ext.extend(super::header::extension_bytes(extension::END, &[]));
     let new_ext_end = hl + ext.len();
+    let name_len = backing.map_or(0, |(name, _)| name.len());
+    if new_ext_end > cluster.len() {
+        return Err(no_room(path, name_len));
+    }
     let mut prefix = cluster[..hl].to_vec();
-    let (offset, size) = match backing {
-        Some((name, _)) => {
-            let at = name_place(&header, cluster.len(), old_ext_end, new_ext_end, name.len())
-                .ok_or_else(|| no_room(path, name.len()))?;
-            file.write_at(name.as_bytes(), at).at(path)?;
-            file.flush().at(path)?;
-            (at, name.len() as u32)
-        }
+    let (name_at, size) = match backing {
+        Some(_) => (
+            name_place(&header, cluster.len(), old_ext_end, new_ext_end, name_len)
+                .ok_or_else(|| no_room(path, name_len))?,
+            name_len as u32,
+        ),
         None => (0, 0),
     };
-    h::BACKING_FILE_OFFSET.set(&mut prefix, offset);
+    h::BACKING_FILE_OFFSET.set(&mut prefix, name_at);
     h::BACKING_FILE_SIZE.set(&mut prefix, size);
     if ext != cluster[hl..old_ext_end] {
         prefix.extend_from_slice(&ext);
     }
-    file.write_at(&prefix, 0).at(path)?;
-    file.flush().at(path)?;
-    tracing::debug!(image = %path.display(), backing = ?backing, "backing file rewritten");
-    Ok(())
+    Ok(Rewrite { name_at, prefix })
 }
 
 /// The parsed header and the bytes of the header cluster (as much of it as the file holds).

@@ -28,7 +28,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
-pub use backing::{backing_name_of, set_backing_file};
+pub use backing::{backing_name_of, check_backing_file, set_backing_file};
 pub use header::{Compression, Header, MAGIC, MAX_BACKING_NAME};
 
 use super::{read_mapped, status_mapped, FormatError, ImageError, Mapping};
