@@ -9,7 +9,7 @@
 
 use std::path::Path;
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use diskferry_imaging::chunkmap::{self, ChunkMap};
 use diskferry_imaging::pipeline::PartialOutput;
 use diskferry_imaging::progress::Progress;
@@ -21,6 +21,19 @@ pub fn commit(overlay: &Path, keep: bool, force: bool, progress: ProgressKind) -
     let carried = current_map(overlay);
     let plan = chain::prepare_commit(overlay, force)?;
     let base = plan.base().to_path_buf();
+    if !keep && !plan.built_on_overlay().is_empty() {
+        bail!(
+            "{} {} built on {}: removing it would break them; pass --keep to leave it empty on \
+             the base (they then read as before)",
+            list(plan.built_on_overlay()),
+            if plan.built_on_overlay().len() == 1 {
+                "is"
+            } else {
+                "are"
+            },
+            overlay.display()
+        );
+    }
     for image in plan.dependents() {
         eprintln!(
             "warning: {} is built on {} too and will read differently (--force)",
@@ -91,6 +104,11 @@ fn phase<'a>(bar: &'a dyn Progress, name: &'a str) -> impl FnMut(u64, u64) + 'a 
         bar.advance(done.saturating_sub(before));
         last = Some(done);
     }
+}
+
+fn list(paths: &[std::path::PathBuf]) -> String {
+    let names: Vec<String> = paths.iter().map(|p| p.display().to_string()).collect();
+    names.join(", ")
 }
 
 /// The overlay's chunk map if it still describes it; a damaged one is reported and dropped.
@@ -225,5 +243,52 @@ mod tests {
         crate::images::overlay(&c, &bare, false).unwrap();
         super::commit(&bare, false, false, ProgressKind::None).unwrap();
         assert!(!chunkmap::path_for(&c).exists());
+    }
+
+    /// C on B on A (qemu-img): committing B would break C if B went, so it is refused unless
+    /// kept; kept (emptied), C reads as before.
+    #[test]
+    fn an_overlay_others_are_built_on_is_only_emptied() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let run = |program: &str, args: &[&str]| {
+            let out = Command::new(program)
+                .current_dir(d)
+                .args(args)
+                .output()
+                .unwrap();
+            assert!(out.status.success(), "{program} {args:?}: {out:?}");
+        };
+        run(
+            "qemu-img",
+            &["create", "-q", "-f", "qcow2", "a.qcow2", "8M"],
+        );
+        run("qemu-io", &["-c", "write -P 0x11 0 6M", "a.qcow2"]);
+        for (top, base) in [("b.qcow2", "a.qcow2"), ("c.qcow2", "b.qcow2")] {
+            let args = [
+                "create", "-q", "-f", "qcow2", "-b", base, "-F", "qcow2", top,
+            ];
+            run("qemu-img", &args);
+        }
+        run(
+            "qemu-io",
+            &[
+                "-c",
+                "write -P 0x22 1M 2M",
+                "-c",
+                "write -z 4M 1M",
+                "b.qcow2",
+            ],
+        );
+        run("qemu-io", &["-c", "write -P 0x33 2M 64k", "c.qcow2"]);
+        run("qemu-img", &["convert", "-O", "raw", "c.qcow2", "c.raw"]);
+        let b = d.join("b.qcow2");
+        let err = super::commit(&b, false, false, ProgressKind::None).unwrap_err();
+        assert!(err.to_string().contains("--keep"), "{err}");
+        assert!(b.exists());
+        super::commit(&b, true, false, ProgressKind::None).unwrap();
+        run("qemu-img", &["compare", "-F", "raw", "c.qcow2", "c.raw"]);
+        run("qemu-img", &["check", "b.qcow2"]);
+        run("qemu-img", &["check", "a.qcow2"]);
     }
 }

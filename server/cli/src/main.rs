@@ -179,8 +179,9 @@ enum Command {
     ///
     /// Every data and zero cluster of OVERLAY is written into its backing file (raw, or qcow2
     /// version 3), so the backing file alone reads as the chain did; then OVERLAY is removed
-    /// (or, with --keep, made empty again). The backing file is written in place: refused when
-    /// another image in its directory is built on it. Chunk maps follow: the base gets the
+    /// (or, with --keep, made empty again: needed when other images in its directory are built
+    /// on it). The backing file is written in place: refused when another image in its
+    /// directory is built on it. Chunk maps follow: the base gets the
     /// overlay's (its old one is removed before anything is written), so the next incremental
     /// capture can use the base.
     Commit {

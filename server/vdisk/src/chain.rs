@@ -91,6 +91,7 @@ pub struct Commit {
     base: PathBuf,
     target: Arc<dyn BlockDevice>,
     dependents: Vec<PathBuf>,
+    built_on_overlay: Vec<PathBuf>,
 }
 
 /// Checks that the overlay at `overlay` can be committed into its backing file: the base
@@ -122,12 +123,14 @@ pub fn prepare_commit(overlay: &Path, force: bool) -> Result<Commit> {
     if !dependents.is_empty() && !force {
         return Err(ChainError::Dependents { base, dependents });
     }
+    let built_on_overlay = dependents_of(&canonical(overlay)?, &base)?;
     Ok(Commit {
         overlay: overlay.to_path_buf(),
         image,
         base,
         target,
         dependents,
+        built_on_overlay,
     })
 }
 
@@ -140,6 +143,12 @@ impl Commit {
     /// Other images built on the base (only when forced: otherwise the commit is refused).
     pub fn dependents(&self) -> &[PathBuf] {
         &self.dependents
+    }
+
+    /// Images in the overlay's directory built on the overlay: they read the same after the
+    /// commit only while the overlay stays (emptied, or as it is).
+    pub fn built_on_overlay(&self) -> &[PathBuf] {
+        &self.built_on_overlay
     }
 
     /// The overlay's virtual size: what `progress` counts up to.
@@ -287,11 +296,11 @@ fn qcow2_backing(path: &Path) -> std::result::Result<Option<String>, ImageError>
     qcow2::backing_name_of(&file, path)
 }
 
-/// The images in `base`'s directory, other than `overlay`, whose backing file is `base`.
-/// Files that are not images, or that cannot be read, name nothing.
-fn dependents_of(base: &Path, overlay: &Path) -> Result<Vec<PathBuf>> {
+/// The images in `base`'s directory, other than `except`, whose backing file is `base`
+/// (canonical). Files that are not images, or that cannot be read, name nothing.
+fn dependents_of(base: &Path, except: &Path) -> Result<Vec<PathBuf>> {
     let dir = base.parent().unwrap_or(Path::new("/"));
-    let overlay = canonical(overlay)?;
+    let overlay = canonical(except)?;
     let entries = std::fs::read_dir(dir).map_err(|source| ChainError::Io {
         path: dir.to_path_buf(),
         source,
