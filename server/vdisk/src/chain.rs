@@ -194,7 +194,7 @@ impl Commit {
             path: self.base.clone(),
             source,
         })?;
-        tracing::info!(overlay = %self.overlay.display(), base = %self.base.display(),
+        tracing::debug!(overlay = %self.overlay.display(), base = %self.base.display(),
             data = stats.data, zeros = stats.zeros, "committed");
         Ok(stats)
     }
@@ -233,7 +233,7 @@ pub fn rebase(
     })?;
     drop(image);
     qcow2::set_backing_file(&*file, overlay, backing)?;
-    tracing::info!(overlay = %overlay.display(), backing = ?backing.map(|b| b.0),
+    tracing::debug!(overlay = %overlay.display(), backing = ?backing.map(|b| b.0),
         compared = stats.compared, copied = stats.copied, "rebased");
     Ok(stats)
 }
