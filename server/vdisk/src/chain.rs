@@ -452,6 +452,9 @@ fn differing_spans(a: &[u8], b: &[u8], unit: usize) -> Vec<(usize, usize)> {
 fn read_padded(device: &dyn BlockDevice, path: &Path, pos: u64, buf: &mut [u8]) -> Result<()> {
     let available = device.size().saturating_sub(pos).min(buf.len() as u64) as usize;
     buf[available..].fill(0);
+    if available == 0 {
+        return Ok(());
+    }
     device
         .read_at(&mut buf[..available], pos)
         .map_err(|source| ChainError::Read {

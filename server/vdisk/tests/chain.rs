@@ -272,11 +272,12 @@ fn rebase_onto_none_makes_a_standalone_image() {
 }
 
 #[test]
-fn rebase_onto_a_raw_base_and_back() {
+fn rebase_onto_a_smaller_raw_base_and_back() {
     let dir = tempfile::tempdir().unwrap();
     let (a, _, c) = three_deep(dir.path());
+    // Smaller than the overlay: past its end it reads as zeros.
     let raw = dir.path().join("other.raw");
-    qemu_img(&["create", "-q", "-f", "raw", s(&raw), "8M"]);
+    qemu_img(&["create", "-q", "-f", "raw", s(&raw), "5M"]);
     qemu_io(&raw, "raw", &["write -P 0x11 0 3M"]);
     let flat = dir.path().join("c.raw");
     flatten(&c, &flat);

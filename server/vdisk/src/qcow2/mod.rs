@@ -154,6 +154,9 @@ impl Qcow2 {
                 let available =
                     backing.size().saturating_sub(offset).min(buf.len() as u64) as usize;
                 buf[available..].fill(0);
+                if available == 0 {
+                    return Ok(()); // wholly past a smaller backing image's end
+                }
                 backing.read_at(&mut buf[..available], offset)
             }
             (None, Some(name)) => Err(self
