@@ -316,6 +316,23 @@ fn refusals_name_what_is_wrong() {
     let err = rebase(&base, None, &mut |_, _| {}).unwrap_err();
     assert!(matches!(err, ChainError::NotAnOverlay { .. }), "{err}");
 
+    // An overlay larger than its base: a commit does not grow the base.
+    let big = dir.path().join("big.qcow2");
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-b",
+        "a.qcow2",
+        "-F",
+        "qcow2",
+        s(&big),
+        "16M",
+    ]);
+    let err = prepare_commit(&big, true).err().unwrap();
+    assert!(matches!(err, ChainError::OverlayLarger { .. }), "{err}");
+
     let vhdx = dir.path().join("v.vhdx");
     qemu_img(&["create", "-q", "-f", "vhdx", s(&vhdx), "8M"]);
     let on_vhdx = qemu_overlay(dir.path(), "on-vhdx.qcow2", "v.vhdx", "vhdx");
