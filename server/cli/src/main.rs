@@ -2,6 +2,7 @@
 
 mod browse;
 mod capture;
+mod chain;
 mod demo;
 mod deploy;
 mod extract;
@@ -173,6 +174,47 @@ enum Command {
         /// Replace OUT if it exists
         #[arg(long)]
         force: bool,
+    },
+    /// Write what a qcow2 overlay holds into its backing file, as `qemu-img commit` does
+    ///
+    /// Every data and zero cluster of OVERLAY is written into its backing file (raw, or qcow2
+    /// version 3), so the backing file alone reads as the chain did; then OVERLAY is removed
+    /// (or, with --keep, made empty again: needed when other images in its directory are built
+    /// on it). The backing file is written in place: refused when another image in its
+    /// directory is built on it. Chunk maps follow: the base gets the
+    /// overlay's (its old one is removed before anything is written), so the next incremental
+    /// capture can use the base.
+    Commit {
+        /// The overlay to fold into its backing file
+        overlay: PathBuf,
+        /// Keep OVERLAY, re-created empty on the base, instead of removing it
+        #[arg(long)]
+        keep: bool,
+        /// Commit even when other images in the base's directory are built on it (they will
+        /// read differently afterwards)
+        #[arg(long)]
+        force: bool,
+        /// Progress display: a bar on a terminal, JSON lines, or nothing
+        #[arg(long, value_enum, default_value_t = ProgressKind::Bar)]
+        progress: ProgressKind,
+    },
+    /// Point a qcow2 overlay at another backing file without changing what it reads, as
+    /// `qemu-img rebase` (safe mode) does
+    ///
+    /// Every cluster OVERLAY does not hold where its current chain and NEWBASE read
+    /// differently is copied into it, then its header names NEWBASE (by absolute path). With C
+    /// on B on A, `rebase C --onto A` lets B be deleted; `--onto none` makes OVERLAY a
+    /// standalone image. Its chunk map, if any, is re-stamped.
+    Rebase {
+        /// The overlay to rebase
+        overlay: PathBuf,
+        /// The new backing file (any image diskferry reads), or `none` (`./none` for a file
+        /// of that name)
+        #[arg(long, value_name = "NEWBASE")]
+        onto: PathBuf,
+        /// Progress display: a bar on a terminal, JSON lines, or nothing
+        #[arg(long, value_enum, default_value_t = ProgressKind::Bar)]
+        progress: ProgressKind,
     },
     /// Show what a disk holds: partition table, filesystems (type, label, UUID, space used)
     /// and the operating system found in their files
@@ -434,6 +476,17 @@ fn run(cli: Cli) -> Result<()> {
             output.follow_backing,
         ),
         Command::Overlay { base, out, force } => images::overlay(&base, &out, force),
+        Command::Commit {
+            overlay,
+            keep,
+            force,
+            progress,
+        } => chain::commit(&overlay, keep, force, progress),
+        Command::Rebase {
+            overlay,
+            onto,
+            progress,
+        } => chain::rebase(&overlay, &onto, progress),
         Command::Mkfs {
             fs,
             out,

@@ -96,6 +96,18 @@ pub fn stamp_of(image: &Path) -> Result<(u64, u64, u32), ChunkMapError> {
     Ok((meta.len(), mtime.as_secs(), mtime.subsec_nanos()))
 }
 
+/// Removes the map beside `image`, if any: before `image` is changed in place, so a crash
+/// midway leaves an image later incremental captures refuse (no map) rather than trust.
+pub fn remove(image: &Path) -> Result<(), ChunkMapError> {
+    let path = path_for(image);
+    match std::fs::remove_file(&path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            Err(ChunkMapError::Io { path, source: e })
+        }
+        _ => Ok(()),
+    }
+}
+
 impl ChunkMap {
     /// Hashes `source` (on the agent, for a remote disk) for the image at `image`.
     pub fn of_source(
@@ -195,6 +207,25 @@ impl ChunkMap {
         })
     }
 
+    /// The map beside `image` if there is one and it still describes `image` (its stamp
+    /// matches the file): what a map can be carried over from. A missing or stale map is
+    /// `None`; a damaged one an error.
+    pub fn load_current(image: &Path) -> Result<Option<ChunkMap>, ChunkMapError> {
+        if !path_for(image).exists() {
+            return Ok(None);
+        }
+        let map = ChunkMap::load(image)?;
+        Ok((map.image_stamp == stamp_of(image)?).then_some(map))
+    }
+
+    /// Saves this map beside `image`, stamped for it as it is now: for an image that now reads
+    /// as the one the map was made for (a base a capture was committed into, an overlay
+    /// rebased without changing what it reads).
+    pub fn save_restamped(mut self, image: &Path) -> Result<(), ChunkMapError> {
+        self.image_stamp = stamp_of(image)?;
+        self.save(image)
+    }
+
     /// The byte ranges of the source whose chunks differ between `self` and `now` (same chunk
     /// size and source size), joined where they touch.
     pub fn changed(&self, now: &[ChunkHash]) -> Vec<Range<u64>> {
@@ -267,6 +298,35 @@ mod tests {
         assert_eq!(chunk_for(1 << 40), 64 << 10);
         assert_eq!(chunk_for((1 << 40) + 1), 128 << 10);
         assert!((64u64 << 40).div_ceil(u64::from(chunk_for(64 << 40))) <= TARGET_HASHES);
+    }
+
+    #[test]
+    fn a_map_is_current_until_its_image_changes_and_carries_over_restamped() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b) = (dir.path().join("a.qcow2"), dir.path().join("b.qcow2"));
+        std::fs::write(&a, b"image").unwrap();
+        std::fs::write(&b, b"other image").unwrap();
+        assert_eq!(ChunkMap::load_current(&a).unwrap(), None);
+        let map = ChunkMap {
+            chunk: 4096,
+            source_size: 4096,
+            image_stamp: stamp_of(&a).unwrap(),
+            layout: Layout::WholeDisk,
+            hashes: vec![[7; 32]],
+        };
+        map.save(&a).unwrap();
+        assert_eq!(ChunkMap::load_current(&a).unwrap(), Some(map.clone()));
+        map.clone().save_restamped(&b).unwrap();
+        let carried = ChunkMap::load_current(&b).unwrap().unwrap();
+        assert_eq!(
+            (carried.hashes, carried.image_stamp),
+            (map.hashes, stamp_of(&b).unwrap())
+        );
+        std::fs::write(&a, b"changed image").unwrap();
+        assert_eq!(ChunkMap::load_current(&a).unwrap(), None);
+        remove(&a).unwrap();
+        assert!(!path_for(&a).exists());
+        remove(&a).unwrap();
     }
 
     #[test]

@@ -4,8 +4,10 @@
 //!
 //! Today: raw images, qcow2 (read any, write version 3, overlays), VHDX (read, write
 //! dynamic), VHD (read and write fixed and dynamic) and VMDK (read and write monolithicSparse
-//! and streamOptimized). [`detect`] names the containers it recognises but cannot read.
+//! and streamOptimized). [`detect`] names the containers it recognises but cannot read;
+//! [`chain`] commits and rebases qcow2 backing chains.
 
+pub mod chain;
 mod detect;
 mod error;
 pub mod qcow2;
@@ -117,7 +119,14 @@ pub fn open_image(
     open_chain(path, follow_backing, MAX_BACKING_DEPTH)
 }
 
-fn open_chain(
+/// Where the backing file `name` stored in the image at `path` lives: relative names are
+/// resolved from the image's directory (as qemu resolves them), absolute names stand.
+pub fn backing_path(path: &Path, name: &str) -> std::path::PathBuf {
+    path.parent().unwrap_or(Path::new(".")).join(name)
+}
+
+/// [`open_image`] with at most `depth` more backing files followed.
+pub(crate) fn open_chain(
     path: &Path,
     follow: bool,
     depth: u32,
@@ -143,8 +152,7 @@ fn open_chain(
                 })
                 .at(path);
             }
-            let base_path = path.parent().unwrap_or(Path::new(".")).join(&name);
-            let (_, base) = open_chain(&base_path, follow, depth - 1)?;
+            let (_, base) = open_chain(&backing_path(path, &name), follow, depth - 1)?;
             drop(image);
             Ok((
                 Detected::Qcow2,

@@ -207,7 +207,7 @@ fn new_header(size: u64, cluster_bits: u32) -> Header {
 }
 
 /// Refuses images this writer cannot keep consistent.
-fn check_writable(h: &Header, path: &Path) -> Result<()> {
+pub(super) fn check_writable(h: &Header, path: &Path) -> Result<()> {
     let refuse = |why: &str| {
         Err(ImageError::Unsupported {
             path: path.to_path_buf(),

@@ -274,7 +274,7 @@ impl Header {
 }
 
 /// A header extension of `kind` holding `data`, padded to 8 bytes.
-fn extension_bytes(kind: u32, data: &[u8]) -> Vec<u8> {
+pub(super) fn extension_bytes(kind: u32, data: &[u8]) -> Vec<u8> {
     let mut e = vec![0u8; extension::DATA];
     extension::TYPE.set(&mut e, kind);
     extension::LENGTH.set(&mut e, data.len() as u32);

@@ -5,13 +5,15 @@
 //! file and the problem — never a panic, never an allocation beyond one cluster or the L1
 //! table's bounded size. Data clusters, explicit zero clusters, unallocated clusters and
 //! zlib- and zstd-compressed clusters are read. `ondisk.rs` holds the layout, `header.rs`
-//! parses and encodes the header; writing lives in `create.rs` (new images, overlays, opening
+//! parses and encodes the header, `backing.rs` reads and rewrites the backing file name;
+//! writing lives in `create.rs` (new images, overlays, opening
 //! for writing), `write.rs` (copy-on-write, compression, discards), `refcount.rs` (append-only
 //! allocation and refcounts) and `flush.rs` (crash-ordered metadata writes).
 //!
 //! The L1 table and the L2 tables in use live in [`Meta`] under one lock, shared by reads and
 //! writes: a write's table updates are visible to reads at once and reach the file at flush.
 
+mod backing;
 mod create;
 mod flush;
 mod header;
@@ -26,7 +28,8 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
-pub use header::{Compression, Header, MAGIC};
+pub use backing::{backing_name_of, check_backing_file, set_backing_file};
+pub use header::{Compression, Header, MAGIC, MAX_BACKING_NAME};
 
 use super::{read_mapped, status_mapped, FormatError, ImageError, Mapping};
 use crate::error::AtPath;
@@ -114,19 +117,7 @@ impl Qcow2 {
         let mut raw = vec![0u8; file_len.min(512) as usize];
         file.read_at(&mut raw, 0).at(path)?;
         let header = Header::parse(&raw, file_len, path)?;
-        let backing_name = if header.backing_file_offset != 0 {
-            // Bounded to 1023 bytes by Header::parse.
-            let mut name = vec![0u8; header.backing_file_size as usize];
-            file.read_at(&mut name, header.backing_file_offset)
-                .at(path)?;
-            Some(
-                String::from_utf8(name)
-                    .map_err(|_| FormatError::BackingNameNotUtf8)
-                    .at(path)?,
-            )
-        } else {
-            None
-        };
+        let backing_name = backing::read_backing_name(&*file, &header, path)?;
         let l1 = read_l1(&*file, &header).at(path)?;
         check_l1(&l1, header.cluster_size(), file_len).at(path)?;
         Ok(Qcow2 {
@@ -163,6 +154,9 @@ impl Qcow2 {
                 let available =
                     backing.size().saturating_sub(offset).min(buf.len() as u64) as usize;
                 buf[available..].fill(0);
+                if available == 0 {
+                    return Ok(()); // wholly past a smaller backing image's end
+                }
                 backing.read_at(&mut buf[..available], offset)
             }
             (None, Some(name)) => Err(self
