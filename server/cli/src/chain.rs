@@ -220,7 +220,10 @@ mod tests {
         let map = ChunkMap::load_current(&a)
             .unwrap()
             .expect("a current map on the base");
-        assert_eq!(map.hashes, hash_device(&*source, chunk_for(source.size())).unwrap());
+        assert_eq!(
+            map.hashes,
+            hash_device(&*source, chunk_for(source.size())).unwrap()
+        );
 
         // The committed base is accepted for the next incremental capture.
         change(&memory, 7 * MIB, 0x31);

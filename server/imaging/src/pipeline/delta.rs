@@ -90,11 +90,14 @@ fn confirm(stage: &Arc<dyn BlockDevice>, target: &Arc<dyn BlockDevice>) -> Resul
 pub(super) struct ConfirmedView {
     target: Arc<dyn BlockDevice>,
     /// Target byte ranges and the stages they equal, sorted.
-    stages: Vec<(Range<u64>, Arc<dyn BlockDevice>)>,
+    stages: Vec<Stage>,
 }
 
+/// A confirmed partition: its range on the target and the stage it equals.
+type Stage = (Range<u64>, Arc<dyn BlockDevice>);
+
 /// Confirmed stages, collected as partitions are written.
-pub(super) type Confirmed = Mutex<Vec<(Range<u64>, Arc<dyn BlockDevice>)>>;
+pub(super) type Confirmed = Mutex<Vec<Stage>>;
 
 impl ConfirmedView {
     pub(super) fn new(target: Arc<dyn BlockDevice>, confirmed: Confirmed) -> ConfirmedView {
@@ -104,15 +107,19 @@ impl ConfirmedView {
     }
 
     /// The stage holding `offset`, with the stage's start on the target.
-    fn stage_at(&self, offset: u64) -> Option<&(Range<u64>, Arc<dyn BlockDevice>)> {
+    fn stage_at(&self, offset: u64) -> Option<&Stage> {
         let i = self.stages.partition_point(|(r, _)| r.end <= offset);
         self.stages.get(i).filter(|(r, _)| r.start <= offset)
     }
 
-    /// Where the next piece of a read at `offset` (at most `len` bytes) comes from.
-    fn piece(&self, offset: u64, len: u64) -> (u64, Option<(u64, &Arc<dyn BlockDevice>)>) {
+    /// How long the next piece of a read at `offset` (at most `len` bytes) is, and the stage
+    /// it comes from (with the offset there), or `None` for the target.
+    fn piece(&self, offset: u64, len: u64) -> (u64, Option<(u64, &dyn BlockDevice)>) {
         match self.stage_at(offset) {
-            Some((r, stage)) => ((r.end - offset).min(len), Some((offset - r.start, stage))),
+            Some((r, stage)) => (
+                (r.end - offset).min(len),
+                Some((offset - r.start, &**stage)),
+            ),
             None => {
                 let i = self.stages.partition_point(|(r, _)| r.end <= offset);
                 let next = self.stages.get(i).map_or(u64::MAX, |(r, _)| r.start);

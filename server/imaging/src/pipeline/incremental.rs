@@ -33,7 +33,7 @@ pub enum IncrementalError {
     #[error("opening the base {base}: {source}")]
     Base {
         base: PathBuf,
-        source: diskferry_vdisk::ImageError,
+        source: Box<diskferry_vdisk::ImageError>,
     },
     #[error("reading the partition table of the base {base}: {source}")]
     BaseTable {
@@ -45,7 +45,7 @@ pub enum IncrementalError {
     #[error("creating the overlay {path}: {source}")]
     Create {
         path: PathBuf,
-        source: diskferry_vdisk::ImageError,
+        source: Box<diskferry_vdisk::ImageError>,
     },
     #[error("reading the source: {0}")]
     Read(BlockError),
@@ -147,7 +147,7 @@ pub fn capture_overlay(
     let dst = diskferry_vdisk::create_overlay(file, &partial, &base.path).map_err(|source| {
         IncrementalError::Create {
             path: partial.clone(),
-            source,
+            source: Box::new(source),
         }
     })?;
     // A changed chunk may now read as zeros where the base holds data: zero it first, then
@@ -190,7 +190,7 @@ fn base_map(base: &Path, source_size: u64) -> Result<ChunkMap, IncrementalError>
     // The chain must open (a vanished backing file of the base is refused here).
     diskferry_vdisk::open_image(base, true).map_err(|source| IncrementalError::Base {
         base: base.to_path_buf(),
-        source,
+        source: Box::new(source),
     })?;
     Ok(map)
 }

@@ -264,7 +264,10 @@ impl Allocator {
     /// Takes the `n` blocks from `first` when every one of them is free; false (nothing
     /// taken) otherwise.
     pub fn claim(&mut self, first: u64, n: u64) -> bool {
-        let Some(end) = first.checked_add(n).filter(|&e| e <= self.used.len() as u64) else {
+        let Some(end) = first
+            .checked_add(n)
+            .filter(|&e| e <= self.used.len() as u64)
+        else {
             return false;
         };
         let blocks = &mut self.used[first as usize..end as usize];

@@ -346,7 +346,12 @@ mod hint_tests {
         let hint = [(0, 4, 100), (6, 10, 200)];
         assert_eq!(
             through_hint((2, 12), &hint),
-            [(2, 4, Some(102)), (4, 6, None), (6, 10, Some(200)), (10, 12, None)]
+            [
+                (2, 4, Some(102)),
+                (4, 6, None),
+                (6, 10, Some(200)),
+                (10, 12, None)
+            ]
         );
         assert_eq!(through_hint((4, 6), &hint), [(4, 6, None)]);
     }
