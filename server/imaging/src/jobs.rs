@@ -80,19 +80,13 @@ pub enum CaptureJobError {
     #[error("verification found {} difference(s); first: {}", .0.differences, .0.listed.first().map_or("", String::as_str))]
     Differs(VerifyReport),
     #[error(transparent)]
-    Incremental(Box<IncrementalError>),
+    Incremental(#[from] IncrementalError),
     #[error("writing the chunk map: {0}")]
     ChunkMap(#[from] ChunkMapError),
     #[error("{base} is a whole-disk capture: an incremental capture on it is a qcow2 overlay of the changed chunks (give OUT a .qcow2 name; --mode sectors or none)")]
     OverlayOnly { base: PathBuf },
     #[error("{base} was captured partition by partition: an incremental capture on it recreates the filesystems too (--mode auto or files, not sectors)")]
     PartitionsOnly { base: PathBuf },
-}
-
-impl From<IncrementalError> for CaptureJobError {
-    fn from(e: IncrementalError) -> Self {
-        CaptureJobError::Incremental(Box::new(e))
-    }
 }
 
 /// Captures `source` into a new image at `out`: the whole disk by sectors when asked or when
