@@ -176,6 +176,28 @@ fn bases_that_cannot_carry_an_overlay_are_refused_with_the_reason() {
     assert!(!out.exists());
 }
 
+#[test]
+fn a_chain_whose_base_vanished_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = make_source(dir.path());
+    let base = dir.path().join("base.qcow2");
+    full_capture(&src, &base);
+    let inc = dir.path().join("inc.qcow2");
+    incremental(&src, &inc, &base).unwrap();
+    std::fs::remove_file(&base).unwrap();
+    let out = dir.path().join("next.qcow2");
+    let err = incremental(&src, &out, &inc).unwrap_err();
+    assert!(
+        matches!(
+            &err,
+            CaptureJobError::Incremental(IncrementalError::Base { .. })
+        ),
+        "{err}"
+    );
+    assert!(err.to_string().contains("inc.qcow2"), "{err}");
+    assert!(!out.exists());
+}
+
 /// A tree of 60 files: text, binary of a few sizes, one with a long run of zeros.
 fn make_tree(dir: &Path) -> std::path::PathBuf {
     let tree = dir.join("tree");
