@@ -375,3 +375,70 @@ fn deploying_the_next_capture_over_the_last_one_sends_only_what_changed() {
         .arg(&tree)
         .arg(&dump));
 }
+
+/// A 64 MiB GPT disk whose partition 1 is a FAT32 holding 30 files of 200 KiB made by mcopy.
+fn make_fat_disk(dir: &Path) -> (std::path::PathBuf, std::path::PathBuf) {
+    let fs = dir.join("fat.img");
+    run(Command::new("mkfs.fat")
+        .args(["-F", "32", "-C", "-n", "INCR"])
+        .arg(&fs)
+        .arg("63488"));
+    for i in 0..30u32 {
+        let local = dir.join(format!("F{i}.BIN"));
+        let data: Vec<u8> = (0..200 * 1024u32).map(|j| (j * 7 + i) as u8).collect();
+        std::fs::write(&local, data).unwrap();
+        run(Command::new("mcopy")
+            .arg("-i")
+            .arg(&fs)
+            .arg(&local)
+            .arg("::"));
+    }
+    let disk = dir.join("fatdisk.raw");
+    std::fs::File::create(&disk)
+        .unwrap()
+        .set_len(64 * MIB)
+        .unwrap();
+    run(Command::new("sgdisk")
+        .args(["-n", "1:2048:129023", "-t", "1:0700"])
+        .arg(&disk));
+    common::place(&disk, &fs, MIB);
+    (disk, fs)
+}
+
+#[test]
+fn a_fat_increment_takes_unchanged_files_from_the_base() {
+    let dir = tempfile::tempdir().unwrap();
+    let (disk, fs) = make_fat_disk(dir.path());
+    let base = dir.path().join("base.qcow2");
+    capture(source(&disk), &base, &options(Mode::Files, None), &Silent).unwrap();
+    // mcopy replaces one file.
+    let new = dir.path().join("F3.BIN");
+    std::fs::write(&new, vec![0x5a; 300 * 1024]).unwrap();
+    run(Command::new("mcopy")
+        .args(["-o", "-i"])
+        .arg(&fs)
+        .arg(&new)
+        .arg("::"));
+    common::place(&disk, &fs, MIB);
+
+    let out = dir.path().join("inc.qcow2");
+    let done = incremental(&disk, &out, &base).expect("incremental, verified against the source");
+    let CaptureSummary::Partitions(report) = &done.summary else {
+        panic!("partition by partition")
+    };
+    let p = &report.partitions[0];
+    assert!(p.reused >= 25 * 200 * 1024, "{p}");
+    let raw = common::as_raw(&out);
+    let part = common::extract(&raw, 1);
+    run(Command::new("fsck.fat").arg("-n").arg(&part));
+    let f3 = run(Command::new("mtype").arg("-i").arg(&part).arg("::F3.BIN"));
+    assert_eq!(f3.len(), 300 * 1024);
+    let f7 = std::process::Command::new("mtype")
+        .arg("-i")
+        .arg(&part)
+        .arg("::F7.BIN")
+        .output()
+        .unwrap()
+        .stdout;
+    assert_eq!(f7, std::fs::read(dir.path().join("F7.BIN")).unwrap());
+}

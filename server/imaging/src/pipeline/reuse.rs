@@ -7,7 +7,8 @@
 //! (`read_dir`) pairs each source node with the previous capture's node of the same name in
 //! the paired directory, and a file is *taken from the previous capture* when
 //! - its kind, size, modification, change and creation times are those of its pair (a file
-//!   renamed over another, rewritten, or truncated and refilled gets a new change time), and
+//!   renamed over another, rewritten, or truncated and refilled gets a new change time; FAT
+//!   keeps none and compares creation times, which a rename moves with the entry), and
 //! - none of its data extents on the source touches a chunk whose hash changed since the
 //!   previous capture (so the source blocks still hold what they held then).
 //!
@@ -15,7 +16,9 @@
 //! source ranges from the pair's extents in the previous image (or as zeros where the previous
 //! capture left a hole: the rebuild writes all-zero blocks as holes), and everything else —
 //! metadata, changed files — from the source. The rebuild itself is unchanged: it reads
-//! through the wrapper as it reads through any source.
+//! through the wrapper as it reads through any source: the ext4 writer through the device
+//! (pipelined, disk-ordered), the FAT writer through `read_at`, which reads a taken file
+//! from its pair.
 
 use std::collections::{BTreeMap, HashMap};
 use std::ops::Range;
@@ -291,6 +294,8 @@ pub(super) struct ReusingFs {
     device: Option<Arc<ReusingDevice>>,
     previous_device: Arc<dyn BlockDevice>,
     files_reused: AtomicU64,
+    /// Bytes read through `read_at` from the previous capture (writers without a device path).
+    read_from_previous: AtomicU64,
 }
 
 impl ReusingFs {
@@ -320,6 +325,7 @@ impl ReusingFs {
             device,
             previous_device,
             files_reused: AtomicU64::new(0),
+            read_from_previous: AtomicU64::new(0),
         }
     }
 
@@ -328,7 +334,8 @@ impl ReusingFs {
         let bytes = self
             .device
             .as_ref()
-            .map_or(0, |d| d.reused.load(Ordering::Relaxed));
+            .map_or(0, |d| d.reused.load(Ordering::Relaxed))
+            + self.read_from_previous.load(Ordering::Relaxed);
         (self.files_reused.load(Ordering::Relaxed), bytes)
     }
 
@@ -406,15 +413,21 @@ fn same_family(a: FsKind, b: FsKind) -> bool {
     (fat(a) && fat(b)) || (ext(a) && ext(b))
 }
 
-/// Whether two files' metadata says they hold the same data.
+/// Whether two files' metadata says they hold the same data: kind, size and modification
+/// time, and a change time (ext4: set by every rename, rewrite and truncate) or, where the
+/// filesystem keeps none (FAT), a creation time (moved with the entry by a rename), present
+/// and equal.
 fn same_file(now: &Metadata, then: &Metadata) -> bool {
+    let identity = match (now.ctime, then.ctime) {
+        (Some(a), Some(b)) => a == b && now.crtime.is_none_or(|c| then.crtime == Some(c)),
+        (None, None) => now.crtime.is_some() && now.crtime == then.crtime,
+        _ => false,
+    };
     now.kind == FileKind::File
         && then.kind == FileKind::File
         && now.size == then.size
         && now.mtime == then.mtime
-        && now.ctime.is_some()
-        && now.ctime == then.ctime
-        && now.crtime.is_none_or(|c| then.crtime == Some(c))
+        && identity
 }
 
 /// The source extent `e` cut along the previous capture's extents `theirs` (same file
@@ -488,7 +501,12 @@ impl Filesystem for ReusingFs {
 
     fn read_at(&self, node: NodeId, offset: u64, buf: &mut [u8]) -> Result<usize> {
         match self.pair_of(node) {
-            Some(pair) if self.reuses(node, None) => self.previous.read_at(pair, offset, buf),
+            Some(pair) if self.reuses(node, None) => {
+                let n = self.previous.read_at(pair, offset, buf)?;
+                self.read_from_previous
+                    .fetch_add(n as u64, Ordering::Relaxed);
+                Ok(n)
+            }
             _ => self.source.read_at(node, offset, buf),
         }
     }
