@@ -232,9 +232,10 @@ impl OpenDisk {
             .map_err(|e| DiskError::io("write zeroes", offset, e))
     }
 
-    /// Which parts of `offset..offset+len` are holes, as far as the OS tells cheaply.
     /// BLAKE3 of each `chunk`-byte piece of `offset..offset+len` (the last one shorter), read
-    /// one chunk at a time: the only memory held is one chunk.
+    /// [`HASH_READ`] bytes at a time (or one chunk, when chunks are larger): that buffer is
+    /// the only memory held. An all-zero chunk (free space on most disks) gets the hash of
+    /// zeros, computed once, instead of being hashed again.
     pub fn hash_chunks(
         &self,
         offset: u64,
@@ -244,15 +245,24 @@ impl OpenDisk {
         let count = chunks::hash_count(len, chunk)
             .map_err(|why| DiskError::new(ErrorCode::TooLarge, why))?;
         self.check_range(offset, len)?;
-        let mut buf = vec![0u8; (u64::from(chunk)).min(len) as usize];
+        let chunk = u64::from(chunk);
+        let block = (HASH_READ.max(chunk)).min(len) as usize;
+        let mut buf = vec![0u8; block];
+        let mut zero_hash: Option<(usize, ChunkHash)> = None;
         let mut out = Vec::with_capacity(count);
         let mut at = offset;
         while at < offset + len {
-            let n = (offset + len - at).min(u64::from(chunk)) as usize;
+            let n = (offset + len - at).min(block as u64) as usize;
             self.disk
                 .read_exact_at(&mut buf[..n], at)
                 .map_err(|e| DiskError::io("read", at, e))?;
-            out.push(chunks::chunk_hash(&buf[..n]));
+            for piece in buf[..n].chunks(chunk as usize) {
+                out.push(if is_zero(piece) {
+                    zero_hash_of(&mut zero_hash, piece.len())
+                } else {
+                    chunks::chunk_hash(piece)
+                });
+            }
             at += n as u64;
         }
         Ok(out)
@@ -280,5 +290,27 @@ impl OpenDisk {
                 },
             })
             .collect())
+    }
+}
+
+/// Bytes `hash_chunks` reads at once.
+pub const HASH_READ: u64 = 1 << 20;
+
+/// Whether every byte is zero (16 bytes at a time).
+fn is_zero(data: &[u8]) -> bool {
+    let mut words = data.chunks_exact(16);
+    words.all(|w| u128::from_ne_bytes(w.try_into().expect("16 bytes")) == 0)
+        && words.remainder().iter().all(|&b| b == 0)
+}
+
+/// The hash of `len` zero bytes, kept for the next chunk of the same length.
+fn zero_hash_of(cached: &mut Option<(usize, ChunkHash)>, len: usize) -> ChunkHash {
+    match cached {
+        Some((l, h)) if *l == len => *h,
+        _ => {
+            let h = chunks::chunk_hash(&vec![0u8; len]);
+            *cached = Some((len, h));
+            h
+        }
     }
 }

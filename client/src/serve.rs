@@ -274,8 +274,11 @@ impl Connection {
             Request::Read { len, .. } if *len <= self.max_payload => *len,
             Request::Write { data, .. } => u32::try_from(data.len()).unwrap_or(u32::MAX),
             Request::BlockStatus { .. } => STATUS_REPLY,
-            // The chunk it reads into, and a reply of at most 128 KiB.
-            Request::HashChunks { chunk, .. } => (*chunk).max(HASHES_REPLY),
+            // The block it reads into, and a reply of at most 128 KiB.
+            Request::HashChunks { chunk, len, .. } => {
+                let block = u64::from(*chunk).max(crate::disks::HASH_READ).min(*len);
+                u32::try_from(block).unwrap_or(u32::MAX).max(HASHES_REPLY)
+            }
             Request::Identify => IDENTITY_REPLY,
             Request::ListDisks => DISK_REPLY
                 .saturating_mul(u32::try_from(self.config.disks.len()).unwrap_or(u32::MAX)),

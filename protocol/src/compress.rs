@@ -49,15 +49,20 @@ impl Codec {
         (common & CAP_LZ4 != 0).then_some(Codec::Lz4)
     }
 
+    /// The most `len` bytes compress to (the room the codec wants to compress into).
+    pub fn max_output(self, len: usize) -> usize {
+        match self {
+            Codec::Lz4 => lz4_flex::block::get_maximum_output_size(len),
+        }
+    }
+
     /// Appends `raw` compressed to `out` and returns true, or leaves `out` as it was and
     /// returns false when the result would not be at least 1/16 smaller.
     pub fn compress_into(self, raw: &[u8], out: &mut BytesMut) -> bool {
         let start = out.len();
         // The codec wants room for its worst case; what it leaves over is the room a data
         // reply's record tag needs to be sealed in place (the result is 1/16 smaller).
-        let worst = match self {
-            Codec::Lz4 => lz4_flex::block::get_maximum_output_size(raw.len()),
-        };
+        let worst = self.max_output(raw.len());
         out.resize(start + worst, 0);
         let written = match self {
             Codec::Lz4 => lz4_flex::block::compress_into(raw, &mut out[start..]),

@@ -87,6 +87,15 @@ async fn the_agents_hashes_equal_the_servers_own() {
             rs.chunk_hashes(0, 64 * MIB, 64 << 10).unwrap(),
             ls.chunk_hashes(0, 64 * MIB, 64 << 10).unwrap()
         );
+        // Chunks larger than the agent's read block (1 MiB), and a range ending mid-chunk.
+        assert_eq!(
+            r.chunk_hashes(0, size, 4 << 20).unwrap(),
+            l.chunk_hashes(0, size, 4 << 20).unwrap()
+        );
+        assert_eq!(
+            r.chunk_hashes(MIB, 7 * MIB + 4096, 4096).unwrap(),
+            l.chunk_hashes(MIB, 7 * MIB + 4096, 4096).unwrap()
+        );
         // Outside the limits: too many chunks, a chunk not a power of two, past the end.
         for (offset, len, chunk) in [
             (0, 40 * MIB, 4096u32),
