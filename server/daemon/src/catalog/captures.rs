@@ -22,7 +22,7 @@ use diskferry_vdisk::{self as vdisk, Detected};
 const MAX_DEPTH: usize = 4;
 
 /// One capture as the catalog knows it.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Default, Serialize)]
 pub struct CaptureRecord {
     pub id: i64,
     /// Path relative to the captures directory.
