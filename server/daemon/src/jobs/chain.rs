@@ -167,13 +167,14 @@ pub fn base_unusable(e: &CaptureJobError) -> bool {
 
 /// Runs the capture on the plan's base, falling back to a full capture when an automatic
 /// base is unusable; returns the outcome and, after a fallback, why the base was not used.
+/// (The error is boxed: it is large and travels up through the job.)
 pub fn capture_on_plan(
     source: Arc<dyn BlockDevice>,
     out: &Path,
     options: &CaptureOptions,
     plan: &BasePlan,
     progress: &dyn Progress,
-) -> Result<(CaptureOutcome, Option<String>), CaptureJobError> {
+) -> Result<(CaptureOutcome, Option<String>), Box<CaptureJobError>> {
     let mut options = options.clone();
     options.base = plan.first().map(|b| b.file.clone());
     match plan.first() {
@@ -193,10 +194,11 @@ pub fn capture_on_plan(
                 b.name
             );
             options.base = None;
-            let outcome = diskferry_imaging::capture(source, out, &options, progress)?;
+            let outcome =
+                diskferry_imaging::capture(source, out, &options, progress).map_err(Box::new)?;
             Ok((outcome, Some(e.to_string())))
         }
-        (_, result) => Ok((result?, None)),
+        (_, result) => Ok((result.map_err(Box::new)?, None)),
     }
 }
 

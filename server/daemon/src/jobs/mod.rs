@@ -99,7 +99,7 @@ enum RunError {
     #[error("cannot open the image: {0}")]
     Image(#[from] diskferry_vdisk::ImageError),
     #[error(transparent)]
-    Capture(#[from] CaptureJobError),
+    Capture(Box<CaptureJobError>),
     #[error(transparent)]
     Deploy(#[from] DeployError),
     #[error("machine {0} disconnected before the reboot")]
@@ -110,9 +110,15 @@ enum RunError {
     Panicked(String),
 }
 
+impl From<Box<CaptureJobError>> for RunError {
+    fn from(e: Box<CaptureJobError>) -> RunError {
+        RunError::Capture(e)
+    }
+}
+
 /// A checked job, ready to run.
 enum Work {
-    Capture(CaptureWork),
+    Capture(Box<CaptureWork>),
     Deploy {
         image: PathBuf,
         target: JobDisk,
@@ -135,9 +141,8 @@ struct CaptureWork {
 impl Work {
     fn machine(&self) -> Option<i64> {
         match self {
-            Work::Capture(CaptureWork { source: d, .. }) | Work::Deploy { target: d, .. } => {
-                d.machine()
-            }
+            Work::Capture(c) => c.source.machine(),
+            Work::Deploy { target, .. } => target.machine(),
         }
     }
 }
@@ -298,14 +303,14 @@ impl Jobs {
             chunk_map: req.chunk_map.unwrap_or(true),
             base: None,
         };
-        let work = Work::Capture(CaptureWork {
+        let work = Work::Capture(Box::new(CaptureWork {
             source: disk,
             out,
             output,
             options,
             plan,
             _name: name,
-        });
+        }));
         Ok((work, params))
     }
 
