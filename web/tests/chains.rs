@@ -1,5 +1,6 @@
 //! Capture chains through the API and the pages (issue 16): overlays made by qemu-img
-//! (`create -b`) show their base, children and chain; a base with overlays is not deleted
+//! (`create -b`, on an ext4 base made by mkfs.ext4) show their base, children and chain and
+//! are browsed through it; a base with overlays is not deleted
 //! (409 naming them), a leaf is; capture requests with contradictory or unknown chain
 //! fields are refused before anything starts; the machine's capture form offers
 //! "Incremental on" the latest capture with a chunk map, chosen by default.
@@ -32,8 +33,21 @@ impl App {
         // Made before the server starts, so its first look at the captures finds them.
         let captures = dir.path().join("captures");
         std::fs::create_dir(&captures).unwrap();
+        // The base holds an ext4 filesystem (mkfs.ext4 -d) with one file.
+        let tree = dir.path().join("tree");
+        std::fs::create_dir(&tree).unwrap();
+        std::fs::write(tree.join("hello.txt"), b"from the base\n").unwrap();
+        let fs = dir.path().join("fs.img");
+        let mkfs = Command::new("mkfs.ext4")
+            .args(["-q", "-F", "-d"])
+            .arg(&tree)
+            .arg(&fs)
+            .arg("4M")
+            .output()
+            .expect("mkfs.ext4 is installed");
+        assert!(mkfs.status.success(), "{mkfs:?}");
         qemu_img(
-            &["create", "-q", "-f", "qcow2", "base.qcow2", "4M"],
+            &["convert", "-O", "qcow2", fs.to_str().unwrap(), "base.qcow2"],
             &captures,
         );
         for (child, base) in [
@@ -136,6 +150,21 @@ async fn the_api_and_pages_show_chains() {
         !html.contains("Delete this capture"),
         "a base of overlays offers no delete"
     );
+    // The leaf offers its delete; its files read through the chain from the base.
+    let leaf = app
+        .call("GET", &format!("/captures/{}", grand["id"]), "")
+        .await
+        .text();
+    assert!(leaf.contains("Delete this capture"), "{leaf}");
+    let dir = app
+        .call(
+            "GET",
+            &format!("/api/captures/{}/partitions/1/dir?path=/", grand["id"]),
+            "",
+        )
+        .await;
+    assert_eq!(dir.status, 200, "{}", dir.text());
+    assert!(dir.text().contains("hello.txt"), "{}", dir.text());
     let list = app.call("GET", "/captures", "").await.text();
     assert!(list.contains("overlay on"), "{list}");
     assert!(list.contains("base of 1"), "{list}");

@@ -18,7 +18,7 @@ use diskferry_protocol::{SessionOptions, StaticKey};
 const DISK: usize = 8 << 20;
 const CHUNK: usize = 1 << 20;
 
-async fn start_agent(disk: &Path, server: &StaticKey) -> String {
+async fn start_agent(disk: &Path, server: &StaticKey, allow_write: bool) -> String {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap().to_string();
     let config = Arc::new(diskferry_client::Config {
@@ -26,7 +26,7 @@ async fn start_agent(disk: &Path, server: &StaticKey) -> String {
             path: disk.to_path_buf(),
             name: disk.display().to_string(),
         }],
-        allow_write: false,
+        allow_write,
         session: SessionOptions::agent(StaticKey::generate(), server.public()),
         max_inflight: 64 << 20,
         quiet: true,
@@ -69,6 +69,7 @@ static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 struct Setup {
     _serial: tokio::sync::MutexGuard<'static, ()>,
     _dir: tempfile::TempDir,
+    key: StaticKey,
     source: std::path::PathBuf,
     spec: String,
     catalog: Arc<Catalog>,
@@ -92,10 +93,26 @@ async fn setup() -> Setup {
     let source = dir.path().join("source.img");
     let pattern: Vec<u8> = (0..DISK).map(|i| (i * 13 % 251) as u8 + 1).collect();
     std::fs::write(&source, &pattern).unwrap();
+    // One partition over everything past the first MiB (sfdisk writes the MBR), so the
+    // capture can be deployed.
+    let mut sfdisk = Command::new("sfdisk")
+        .args(["-q", "--no-reread"])
+        .arg(&source)
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .expect("sfdisk is installed");
+    use std::io::Write;
+    sfdisk
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"start=2048, type=83\n")
+        .unwrap();
+    assert!(sfdisk.wait().unwrap().success());
     let key = StaticKey::generate();
-    let addr = start_agent(&source, &key).await;
+    let addr = start_agent(&source, &key, false).await;
     let catalog = Arc::new(Catalog::open(&dir.path().join("data")).unwrap());
-    let session = SessionOptions::controller(key);
+    let session = SessionOptions::controller(key.clone());
     let agents = Arc::new(Agents::new(
         Arc::clone(&catalog),
         session.clone(),
@@ -105,6 +122,7 @@ async fn setup() -> Setup {
     Setup {
         _serial: serial,
         spec: format!("{}@{addr}", source.display()),
+        key,
         source,
         _dir: dir,
         catalog,
@@ -202,6 +220,39 @@ async fn auto_builds_on_the_newest_capture_with_a_map() {
         diskferry_daemon::catalog::chain_of(&all, d),
         ["c.qcow2", "b.qcow2"]
     );
+
+    // The top of the chain deploys (read through its backing files) onto a blank disk that
+    // then holds what the source holds.
+    let target = s._dir.path().join("target.img");
+    std::fs::File::create(&target)
+        .unwrap()
+        .set_len(DISK as u64)
+        .unwrap();
+    let addr = start_agent(&target, &s.key, true).await;
+    let job = s
+        .run(JobRequest {
+            kind: "deploy".into(),
+            image: Some("d.qcow2".into()),
+            target: Some(format!("{}@{addr}", target.display())),
+            mode: Some("sectors".into()),
+            ..JobRequest::default()
+        })
+        .await;
+    assert_eq!(
+        job.state,
+        JobState::Succeeded,
+        "{:?}: {}",
+        job.error,
+        job.log
+    );
+    // The partition (everything the deploy writes besides the table), byte for byte.
+    let cmp = Command::new("cmp")
+        .args(["-i", "1048576"])
+        .arg(&s.source)
+        .arg(&target)
+        .output()
+        .unwrap();
+    assert!(cmp.status.success(), "{cmp:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

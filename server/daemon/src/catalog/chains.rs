@@ -89,6 +89,22 @@ pub(super) fn backing_of(root: &Path, path: &Path) -> Result<Option<Backing>, St
     ))
 }
 
+impl super::Catalog {
+    /// Opens the image of a capture for reading: an overlay through its backing chain, which
+    /// must stay inside the captures directory (checked now, not only when catalogued).
+    pub fn open_capture(&self, image: &Path) -> Result<Arc<dyn BlockDevice>, super::CatalogError> {
+        let follow = backing_of(&self.captures_dir(), image)
+            .map_err(super::CatalogError::Invalid)?
+            .is_some();
+        let (_, dev) =
+            diskferry_vdisk::open_image(image, follow).map_err(|e| super::CatalogError::Image {
+                path: image.to_path_buf(),
+                source: Box::new(e),
+            })?;
+        Ok(dev)
+    }
+}
+
 /// The backing file name in the header of a qcow2 image, if the file is one and has one.
 fn backing_name(path: &Path) -> Option<String> {
     let file: Arc<dyn BlockDevice> = Arc::new(FileDevice::open(path, false).ok()?);

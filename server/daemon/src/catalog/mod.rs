@@ -43,6 +43,12 @@ pub enum CatalogError {
     Invalid(String),
     #[error("enrollment refused: {0}")]
     Refused(#[from] Refusal),
+    #[error("cannot open the capture {path}: {source}")]
+    Image {
+        path: PathBuf,
+        #[source]
+        source: Box<diskferry_vdisk::ImageError>,
+    },
     /// A capture other captures' overlays read through (their backing file).
     #[error("{capture} is the backing file of {}: delete those first (a files-mode incremental capture does not depend on its base once written; only overlays do)", .dependents.join(", "))]
     HasDependents {

@@ -96,8 +96,8 @@ enum RunError {
         what: String,
         source: Box<OpenError>,
     },
-    #[error("cannot open the image: {0}")]
-    Image(#[from] diskferry_vdisk::ImageError),
+    #[error(transparent)]
+    Image(#[from] CatalogError),
     #[error(transparent)]
     Capture(Box<CaptureJobError>),
     #[error(transparent)]
@@ -465,7 +465,7 @@ impl Jobs {
         reboot: bool,
         cancel: &CancelFlag,
     ) -> Result<(), RunError> {
-        let (_, img) = diskferry_vdisk::open_image(image, false)?;
+        let img = self.catalog.open_capture(image)?;
         let img: Arc<dyn BlockDevice> = Arc::new(CancellableDevice::new(img, cancel.clone()));
         let dst = self.open(target, rt, true, cancel)?;
         tracing::info!("image {}", image.display());
