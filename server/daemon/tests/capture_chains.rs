@@ -303,3 +303,116 @@ async fn a_changed_base_fails_when_named_and_gives_way_when_automatic() {
     unknown.base = Some("nope.qcow2".into());
     assert!(s.jobs.start(unknown).is_err());
 }
+
+fn run(cmd: &mut Command) -> String {
+    let out = cmd.output().expect("the tool is installed");
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{cmd:?}: {text}");
+    text
+}
+
+/// Writes the filesystem image `fs` into `disk` at 1 MiB (its partition 1).
+fn place(disk: &Path, fs: &Path) {
+    run(Command::new("dd")
+        .arg(format!("if={}", fs.display()))
+        .arg(format!("of={}", disk.display()))
+        .args(["bs=1M", "seek=1", "conv=notrunc", "status=none"]));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_files_mode_capture_takes_unchanged_files_from_its_base() {
+    let s = setup().await;
+    // The source becomes a GPT disk (sgdisk) whose partition 1 is an ext4 (mke2fs -d).
+    let tree = s._dir.path().join("tree");
+    std::fs::create_dir(&tree).unwrap();
+    for i in 0..12u32 {
+        let data: Vec<u8> = (0..(256 << 10)).map(|j: u32| (j * 7 + i) as u8).collect();
+        std::fs::write(tree.join(format!("f{i}")), data).unwrap();
+    }
+    std::fs::File::options()
+        .write(true)
+        .open(&s.source)
+        .unwrap()
+        .set_len(0)
+        .unwrap();
+    std::fs::File::options()
+        .write(true)
+        .open(&s.source)
+        .unwrap()
+        .set_len(DISK as u64)
+        .unwrap();
+    run(Command::new("sgdisk")
+        .args(["-n", "1:2048:14335"])
+        .arg(&s.source));
+    let fs = s._dir.path().join("fs.img");
+    run(Command::new("mke2fs")
+        .args(["-q", "-F", "-t", "ext4", "-d"])
+        .arg(&tree)
+        .arg(&fs)
+        .arg("6M"));
+    place(&s.source, &fs);
+    let files = |out: &str| {
+        let mut r = s.request(out);
+        r.mode = Some("files".into());
+        r
+    };
+    let job = s.run(files("base.qcow2")).await;
+    assert_eq!(
+        job.state,
+        JobState::Succeeded,
+        "{:?}: {}",
+        job.error,
+        job.log
+    );
+
+    // One file changes (a new inode, as an editor's save makes).
+    let new = s._dir.path().join("new");
+    std::fs::write(&new, b"changed\n").unwrap();
+    run(Command::new("debugfs")
+        .args(["-w", "-R", &format!("write {} f99", new.display())])
+        .arg(&fs));
+    place(&s.source, &fs);
+    let job = s.run(files("next.qcow2")).await;
+    assert_eq!(
+        job.state,
+        JobState::Succeeded,
+        "{:?}: {}",
+        job.error,
+        job.log
+    );
+    let result = job.result.expect("a result");
+    assert_eq!(result["base"], "base.qcow2", "{result}");
+    assert_eq!(result["relation"], "files", "{result}");
+    let reused = result["incremental"]["reused_bytes"].as_u64().unwrap_or(0);
+    assert!(reused >= 2 << 20, "{result}");
+    assert!(
+        job.log.contains("of unchanged files taken from base.qcow2"),
+        "{}",
+        job.log
+    );
+
+    // A files child stands alone: its filesystem checks clean on its own, with the new file.
+    let raw = s._dir.path().join("next.raw");
+    qemu_img(&[
+        "convert",
+        "-O",
+        "raw",
+        &s.image("next.qcow2"),
+        raw.to_str().unwrap(),
+    ]);
+    let part = s._dir.path().join("part.img");
+    run(Command::new("dd")
+        .arg(format!("if={}", raw.display()))
+        .arg(format!("of={}", part.display()))
+        .args(["bs=1M", "skip=1", "count=6", "status=none"]));
+    run(Command::new("e2fsck").arg("-fn").arg(&part));
+    let listing = run(Command::new("debugfs").args(["-R", "ls -l /"]).arg(&part));
+    assert!(
+        listing.contains("f99") && listing.contains("f11"),
+        "{listing}"
+    );
+    let all = s.catalog.captures().unwrap();
+    let base = all.iter().find(|r| r.name == "base.qcow2").unwrap();
+    assert!(s.catalog.delete_capture(base.id).unwrap().is_some());
+}
