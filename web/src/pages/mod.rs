@@ -20,7 +20,7 @@ use crate::auth::Identity;
 use crate::error::{Failure, PageFailure};
 use crate::ratelimit::{self, ClientIp};
 use crate::SharedState;
-use diskferry_daemon::catalog::CaptureRecord;
+use diskferry_daemon::catalog::{CaptureRecord, CaptureRecording, Catalog};
 use diskferry_daemon::jobs::{auto_base, JobError};
 use diskferry_imaging::pipeline::Mode;
 use diskferry_vdisk::ImageFormat;
@@ -206,7 +206,7 @@ async fn machines(
     let captures = tokio::task::spawn_blocking(move || st.catalog.captures()).await??;
     let st = std::sync::Arc::clone(&state);
     let listed = list.clone();
-    let bases = tokio::task::spawn_blocking(move || capture_bases(&st, &listed)).await??;
+    let bases = tokio::task::spawn_blocking(move || capture_bases(&st.catalog, &listed)).await??;
     let text = |v: &serde_json::Value| v.as_str().unwrap_or("").to_string();
     let body = html! {
         h1 { "Machines" }
@@ -285,7 +285,7 @@ async fn machines(
 /// source (`DISK@MACHINE`) and the capture an incremental capture of it would build on
 /// (the daemon's own choice for a .qcow2 output in auto mode).
 fn capture_bases(
-    state: &SharedState,
+    catalog: &Catalog,
     machines: &[serde_json::Value],
 ) -> Result<Vec<(i64, String, Option<CaptureRecord>)>, JobError> {
     let mut out = Vec::new();
@@ -309,7 +309,7 @@ fn capture_bases(
             let Some(disk) = d["name"].as_str() else {
                 continue;
             };
-            let base = auto_base(&state.catalog, &label, disk, Mode::Auto, ImageFormat::Qcow2)?;
+            let base = auto_base(catalog, &label, disk, Mode::Auto, ImageFormat::Qcow2)?;
             out.push((id, format!("{disk}@{who}"), base));
         }
     }
@@ -365,6 +365,52 @@ async fn name_machine(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_machine_disk_is_offered_its_latest_capture_with_a_map() {
+        use diskferry_imaging::chunkmap::{ChunkMap, Layout};
+        let dir = tempfile::tempdir().unwrap();
+        let catalog = Catalog::open(dir.path()).unwrap();
+        for (name, secs) in [("old.img", 1_000), ("new.img", 2_000), ("nomap.img", 3_000)] {
+            let image = catalog.captures_dir().join(name);
+            std::fs::write(&image, vec![1u8; 1 << 20]).unwrap();
+            // Newest last: modification times set apart, before the map records them.
+            let when = std::time::SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(secs);
+            let f = std::fs::File::options().write(true).open(&image).unwrap();
+            f.set_modified(when).unwrap();
+            if name != "nomap.img" {
+                let source = diskferry_blockdev::MemoryDevice::read_only(vec![1u8; 1 << 20]);
+                let map = ChunkMap::of_source(&source, &image, Layout::WholeDisk).unwrap();
+                map.save(&image).unwrap();
+            }
+        }
+        catalog.refresh_captures().unwrap();
+        for name in ["old.img", "new.img", "nomap.img"] {
+            let rec = CaptureRecording {
+                machine: "web-01".into(),
+                disk: "sda".into(),
+                ..CaptureRecording::default()
+            };
+            catalog.record_capture(name, &rec).unwrap();
+        }
+        let machine = |online: bool| {
+            serde_json::json!({"id": 4, "name": "web-01", "macs": ["52:54:00:00:00:01"],
+                "online": online, "approved": true, "pending": null,
+                "identity": {"disks": [{"name": "sda"}, {"name": "sdb"}]}})
+        };
+        let bases = capture_bases(&catalog, &[machine(true)]).unwrap();
+        let names: Vec<(&str, Option<&str>)> = bases
+            .iter()
+            .map(|(_, s, b)| (s.as_str(), b.as_ref().map(|b| b.name.as_str())))
+            .collect();
+        assert_eq!(
+            names,
+            [("sda@web-01", Some("new.img")), ("sdb@web-01", None)]
+        );
+        assert!(capture_bases(&catalog, &[machine(false)])
+            .unwrap()
+            .is_empty());
+    }
 
     #[test]
     fn the_capture_form_offers_incremental_on_the_latest_capture_first() {
