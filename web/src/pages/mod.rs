@@ -20,7 +20,7 @@ use crate::auth::Identity;
 use crate::error::{Failure, PageFailure};
 use crate::ratelimit::{self, ClientIp};
 use crate::SharedState;
-use diskferry_daemon::catalog::{CaptureRecord, CaptureRecording, Catalog};
+use diskferry_daemon::catalog::{CaptureRecord, Catalog};
 use diskferry_daemon::jobs::{auto_base, JobError};
 use diskferry_imaging::pipeline::Mode;
 use diskferry_vdisk::ImageFormat;
@@ -368,6 +368,7 @@ mod tests {
 
     #[test]
     fn a_machine_disk_is_offered_its_latest_capture_with_a_map() {
+        use diskferry_daemon::catalog::CaptureRecording;
         use diskferry_imaging::chunkmap::{ChunkMap, Layout};
         let dir = tempfile::tempdir().unwrap();
         let catalog = Catalog::open(dir.path()).unwrap();
