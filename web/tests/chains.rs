@@ -24,6 +24,7 @@ struct App {
     addr: String,
     token: String,
     captures: std::path::PathBuf,
+    state: diskferry_web::SharedState,
 }
 
 impl App {
@@ -68,12 +69,13 @@ impl App {
             .to_string();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap().to_string();
-        tokio::spawn(diskferry_web::serve(listener, state, None));
+        tokio::spawn(diskferry_web::serve(listener, state.clone(), None));
         App {
             _dir: dir,
             addr,
             token,
             captures,
+            state,
         }
     }
 
@@ -168,6 +170,31 @@ async fn the_api_and_pages_show_chains() {
     let list = app.call("GET", "/captures", "").await.text();
     assert!(list.contains("overlay on"), "{list}");
     assert!(list.contains("base of 1"), "{list}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_page_says_what_the_capture_built_on() {
+    use diskferry_daemon::catalog::JobState;
+    let app = App::start().await;
+    let catalog = &app.state.catalog;
+    let id = catalog
+        .create_job(
+            "capture",
+            &serde_json::json!({"source": "sda@web-01", "output": "c.qcow2"}),
+        )
+        .unwrap();
+    let result = serde_json::json!({
+        "base": null,
+        "fallback": "the base <b.qcow2> changed since it was captured",
+        "summary": "full capture; chunk map written",
+    });
+    catalog.set_job_result(id, &result).unwrap();
+    catalog.finish_job(id, JobState::Succeeded, None).unwrap();
+    let page = app.call("GET", &format!("/jobs/{id}"), "").await.text();
+    assert!(page.contains("full capture; chunk map written"), "{page}");
+    assert!(page.contains("the base &lt;b.qcow2&gt; changed"), "{page}");
+    let api = app.call("GET", &format!("/api/jobs/{id}"), "").await.json();
+    assert_eq!(api["result"]["fallback"], result["fallback"]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
