@@ -150,7 +150,8 @@ impl Catalog {
     }
 
     /// Records what the job that wrote a capture knows: its source machine and disk, its
-    /// base and its statistics. An overlay's base, found from its backing file, is kept.
+    /// base and its statistics. An overlay's base, found from its backing file, is kept; a
+    /// files base is the job's word alone (none for a full capture).
     pub fn record_capture(&self, rel_path: &str, r: &CaptureRecording) -> Result<(), CatalogError> {
         let (base, relation) = match &r.base {
             Some((b, rel)) => (Some(b.as_str()), Some(rel.name())),
@@ -160,8 +161,11 @@ impl Catalog {
         self.db()
             .execute(
                 "UPDATE captures SET source_machine = ?1, source_disk = ?2,
-                    base_path = COALESCE(?3, base_path),
-                    base_relation = COALESCE(?4, base_relation), incremental = ?5
+                    base_path = CASE WHEN ?3 IS NOT NULL THEN ?3
+                        WHEN base_relation = 'overlay' THEN base_path END,
+                    base_relation = CASE WHEN ?4 IS NOT NULL THEN ?4
+                        WHEN base_relation = 'overlay' THEN base_relation END,
+                    incremental = ?5
                  WHERE path = ?6",
                 params![r.machine, r.disk, base, relation, incremental, rel_path],
             )
