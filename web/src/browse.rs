@@ -10,7 +10,6 @@ use std::sync::{Arc, Mutex};
 use diskferry_daemon::catalog::{CaptureRecord, Catalog};
 use diskferry_fs::{self as fs, tree, FileKind, Filesystem, FsError, NodeId};
 use diskferry_imaging::inspect;
-use diskferry_vdisk as vdisk;
 use serde::Serialize;
 
 use crate::error::Failure;
@@ -61,7 +60,9 @@ impl Volumes {
             }
         }
         let path = catalog.capture_file(capture);
-        let (_, disk) = vdisk::open_image(&path, false)
+        // An overlay reads through its backing chain (inside the captures directory only).
+        let disk = catalog
+            .open_capture(&path)
             .map_err(|e| Failure::internal(format!("cannot open capture {}: {e}", capture.name)))?;
         let (_, volumes) = inspect::volumes(&disk).map_err(|e| {
             Failure::new(

@@ -47,6 +47,9 @@ impl From<CatalogError> for Failure {
     fn from(e: CatalogError) -> Failure {
         match e {
             CatalogError::Invalid(m) => Failure::bad_request(m),
+            e @ CatalogError::HasDependents { .. } => {
+                Failure::new(StatusCode::CONFLICT, e.to_string())
+            }
             e => Failure::internal(e.to_string()),
         }
     }

@@ -45,7 +45,9 @@ pub(crate) struct CaptureArgs {
     /// an earlier incremental one): only what changed since is read from the source. On a
     /// whole-disk (--mode sectors) base, the changed chunks go into OUT, a qcow2 overlay
     /// whose backing file is PREVIOUS; on a partition-by-partition base, OUT is a full image
-    /// whose unchanged files are taken from PREVIOUS. OUT gets its own chunk map
+    /// whose unchanged files are taken from PREVIOUS. OUT gets its own chunk map. A machine
+    /// captured through the server: PREVIOUS is a capture's name in its catalog (without
+    /// --base, the server builds on the machine's latest capture of the disk, if any)
     #[arg(long, value_name = "PREVIOUS")]
     base: Option<PathBuf>,
     #[command(flatten)]
@@ -263,13 +265,24 @@ fn capture_through_server(args: &CaptureArgs) -> Result<()> {
         }
     }
     let mode = DiskMode::from(args.mode).name();
-    let daemon = machines::Daemon::find(&args.daemon)?;
-    daemon.run_job(serde_json::json!({
+    let mut request = serde_json::json!({
         "kind": "capture", "source": args.source, "output": name, "mode": mode,
         "verify": args.verify,
-    }))?;
+    });
+    // The server names its captures by file name; without --base it builds on the machine's
+    // latest capture of that disk when it has one (and writes a chunk map either way).
+    if let Some(base) = &args.base {
+        let base = base
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .context("--base needs a file name (a capture in the server's catalog)")?;
+        request["base"] = base.into();
+    }
+    let daemon = machines::Daemon::find(&args.daemon)?;
+    let job = daemon.run_job(request)?;
+    let summary = job["result"]["summary"].as_str().unwrap_or("done");
     eprintln!(
-        "captured {} into the server's captures as {name}",
+        "captured {} into the server's captures as {name}: {summary}",
         args.source
     );
     Ok(())

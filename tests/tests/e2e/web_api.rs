@@ -461,4 +461,54 @@ fn a_capture_job_runs_to_the_end_and_joins_the_catalog() {
     assert_eq!(cap["name"], "sample.qcow2");
     assert_eq!(cap["source_machine"], client.addr.as_str());
     assert!(!data.path().join("captures/sample.qcow2.partial").exists());
+    assert_eq!(
+        cap["chunk_map"], true,
+        "capture jobs write a chunk map: {cap}"
+    );
+    assert_eq!(cap["layout"], "partitions");
+
+    // The same disk again, incremental on the newest capture of it: nothing changed, every
+    // file comes from the base, and the result still verifies against the source.
+    let body = serde_json::json!({
+        "kind": "capture", "source": client.source(&disk.gpt), "output": "again.qcow2",
+        "mode": "auto", "verify": true, "incremental": "auto",
+    });
+    let r = s.api("POST", "/api/jobs", body.to_string().as_bytes());
+    assert_eq!(r.status, 201, "{}", r.text());
+    let id = r.json()["id"].as_i64().unwrap();
+    s.get(&format!("/api/jobs/{id}/events")).text();
+    let job = s.get(&format!("/api/jobs/{id}")).json();
+    assert_eq!(job["state"], "succeeded", "{job}");
+    assert_eq!(job["result"]["base"], "sample.qcow2", "{job}");
+    assert_eq!(job["result"]["relation"], "files", "{job}");
+    assert_eq!(job["result"]["incremental"]["changed_chunks"], 0, "{job}");
+    assert!(
+        job["log"].as_str().unwrap().contains("no differences"),
+        "{job}"
+    );
+    let again = data.path().join("captures/again.qcow2");
+    run_ok("qemu-img", &["check", again.to_str().unwrap()]);
+    let caps = s.get("/api/captures").json();
+    let named = |n: &str| {
+        caps.as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["name"] == n)
+            .unwrap()
+            .clone()
+    };
+    assert_eq!(
+        named("again.qcow2")["base"]["name"],
+        "sample.qcow2",
+        "{caps}"
+    );
+    assert_eq!(
+        named("again.qcow2")["chain"],
+        serde_json::json!(["sample.qcow2"])
+    );
+    assert_eq!(named("sample.qcow2")["children"][0]["name"], "again.qcow2");
+    // A files child does not hold its base: the base may go.
+    let base_id = named("sample.qcow2")["id"].as_i64().unwrap();
+    let r = s.api("DELETE", &format!("/api/captures/{base_id}"), b"");
+    assert_eq!(r.status, 200, "{}", r.text());
 }

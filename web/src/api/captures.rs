@@ -1,11 +1,12 @@
-//! `/api/captures`: the catalog's captures as summaries (partitions, OS, sizes), filtered.
+//! `/api/captures`: the catalog's captures as summaries (partitions, OS, sizes, their place in
+//! a chain of incremental captures), filtered; deleting one (refused while overlays use it).
 
 use std::sync::Arc;
 
 use axum::extract::{Path, Query, State};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use diskferry_daemon::catalog::CaptureRecord;
+use diskferry_daemon::catalog::{chain_of, children_of, CaptureRecord, Relation};
 use serde::Serialize;
 
 use super::*;
@@ -27,6 +28,32 @@ pub struct CaptureSummary {
     pub os: Option<String>,
     pub partitions: Vec<PartitionSummary>,
     pub analysis_error: Option<String>,
+    /// The disk of the source machine it was read from.
+    pub source_disk: Option<String>,
+    /// The capture this one was made incrementally on.
+    pub base: Option<ChainLink>,
+    /// Captures made incrementally on this one.
+    pub children: Vec<ChainLink>,
+    /// The bases' names from this capture's own up to the root of its chain.
+    pub chain: Vec<String>,
+    /// How much of the source had changed since the base (chunks, changed_chunks,
+    /// changed_bytes, reused_bytes, seconds).
+    pub incremental: Option<serde_json::Value>,
+    /// A usable chunk map lies beside it: captures of the same disk can build on it.
+    pub chunk_map: bool,
+    /// "whole-disk" or "partitions", as its chunk map records.
+    pub layout: Option<String>,
+}
+
+/// A capture another one is chained to.
+#[derive(Debug, Clone, Serialize)]
+pub struct ChainLink {
+    /// Its id; none when the base is no longer in the catalog.
+    pub id: Option<i64>,
+    pub name: String,
+    /// How the later capture uses the earlier one: "overlay" (reads through it) or "files"
+    /// (took unchanged files from it once).
+    pub relation: Option<Relation>,
 }
 
 #[derive(Debug, Serialize)]
@@ -44,7 +71,8 @@ pub struct PartitionSummary {
 }
 
 impl CaptureSummary {
-    pub fn of(r: &CaptureRecord) -> CaptureSummary {
+    /// The summary of `r`, its chain read off `all` (every capture in the catalog).
+    pub fn of(r: &CaptureRecord, all: &[CaptureRecord]) -> CaptureSummary {
         let parts = r.analysis.as_ref().map_or(&[][..], |a| &a.partitions[..]);
         CaptureSummary {
             id: r.id,
@@ -78,6 +106,27 @@ impl CaptureSummary {
                 })
                 .collect(),
             analysis_error: r.analysis_error.clone(),
+            source_disk: r.source_disk.clone(),
+            base: r.base.as_ref().map(|b| {
+                let found = all.iter().find(|c| &c.path == b);
+                ChainLink {
+                    id: found.map(|c| c.id),
+                    name: found.map_or_else(|| b.clone(), |c| c.name.clone()),
+                    relation: r.relation,
+                }
+            }),
+            children: children_of(all, r)
+                .into_iter()
+                .map(|c| ChainLink {
+                    id: Some(c.id),
+                    name: c.name.clone(),
+                    relation: c.relation,
+                })
+                .collect(),
+            chain: chain_of(all, r),
+            incremental: r.incremental.clone(),
+            chunk_map: r.chunk_map,
+            layout: r.layout.clone(),
         }
     }
 }
@@ -147,7 +196,7 @@ pub async fn filtered_captures(
     let all = tokio::task::spawn_blocking(move || st.catalog.captures()).await??;
     Ok(all
         .iter()
-        .map(CaptureSummary::of)
+        .map(|c| CaptureSummary::of(c, &all))
         .filter(|c| filter.matches(c))
         .collect())
 }
@@ -163,9 +212,38 @@ pub(super) async fn get_capture(
     State(state): State<SharedState>,
     Path(id): Path<String>,
 ) -> Result<Response, Failure> {
-    let c = capture_by_id(&state, &id).await?;
-    let mut body = serde_json::to_value(CaptureSummary::of(&c))
-        .map_err(|e| Failure::internal(e.to_string()))?;
+    let (c, s) = capture_summary(&state, &id).await?;
+    let mut body = serde_json::to_value(s).map_err(|e| Failure::internal(e.to_string()))?;
     body["analysis"] = serde_json::to_value(&c.analysis).unwrap_or_default();
     Ok(Json(body).into_response())
+}
+
+/// The capture with this id and its summary with its chain, or a 404.
+pub async fn capture_summary(
+    state: &SharedState,
+    raw_id: &str,
+) -> Result<(CaptureRecord, CaptureSummary), Failure> {
+    let c = capture_by_id(state, raw_id).await?;
+    let st = Arc::clone(state);
+    let all = tokio::task::spawn_blocking(move || st.catalog.captures()).await??;
+    let s = CaptureSummary::of(&c, &all);
+    Ok((c, s))
+}
+
+/// Deletes a capture's image and chunk map; 409 while overlays use it as backing file.
+pub async fn delete_by_id(state: &SharedState, raw_id: &str) -> Result<CaptureRecord, Failure> {
+    let id: i64 = parse_number("capture id", raw_id)?;
+    let st = Arc::clone(state);
+    let gone = tokio::task::spawn_blocking(move || st.catalog.delete_capture(id)).await??;
+    let gone = gone.ok_or_else(|| Failure::not_found(format!("no capture with id {id}")))?;
+    tracing::info!("deleted capture {}", gone.path);
+    Ok(gone)
+}
+
+pub(super) async fn delete_capture(
+    State(state): State<SharedState>,
+    Path(id): Path<String>,
+) -> Result<Response, Failure> {
+    let gone = delete_by_id(&state, &id).await?;
+    Ok(Json(serde_json::json!({"deleted": gone.id, "name": gone.name})).into_response())
 }

@@ -1,5 +1,5 @@
 //! The JSON API under `/api` (described in `openapi.json`, served at `/api/openapi.json`):
-//! captures and their analysis, directory listings and file bytes inside a capture's
+//! captures, their analysis and chains (deleting one no overlay needs), directory listings and file bytes inside a capture's
 //! partition, a directory as a tar stream, comparing two captures, jobs (start, follow with
 //! server-sent events, cancel) and machines.
 
@@ -38,7 +38,7 @@ pub fn routes() -> Router<SharedState> {
     Router::new()
         .route("/openapi.json", get(openapi))
         .route("/captures", get(list_captures))
-        .route("/captures/{id}", get(get_capture))
+        .route("/captures/{id}", get(get_capture).delete(delete_capture))
         .route("/captures/{id}/partitions/{n}/dir", get(dir))
         .route("/captures/{id}/partitions/{n}/file", get(file))
         .route("/captures/{id}/partitions/{n}/tar", get(tar))

@@ -1,17 +1,19 @@
-//! Capture pages: the list (search and filters), one capture (partition layout and allocated
-//! vs virtual size as proportional bars, partitions), the file browser inside a partition, a
+//! Capture pages: the list (search and filters, each capture's chain relation), one capture
+//! (its chain: base, children, what changed; partition layout and allocated vs virtual size
+//! as proportional bars, partitions; delete), the file browser inside a partition, a
 //! file's view (text inline), and the comparison of two captures.
 
 use std::collections::HashMap;
 
 use axum::extract::{Path, Query, State};
-use axum::response::Html;
-use axum::routing::get;
+use axum::response::{Html, IntoResponse, Redirect, Response};
+use axum::routing::{get, post};
 use axum::{Extension, Router};
+use diskferry_daemon::catalog::Relation;
 use maud::{html, Markup};
 
 use super::layout::{bar, date, encode_query, human_bytes, page};
-use crate::api::{self, CaptureFilter, CaptureSummary};
+use crate::api::{self, CaptureFilter, CaptureSummary, ChainLink};
 use crate::auth::Identity;
 use crate::browse;
 use crate::error::PageFailure;
@@ -25,6 +27,7 @@ pub fn routes() -> Router<SharedState> {
     Router::new()
         .route("/captures", get(list))
         .route("/captures/{id}", get(detail))
+        .route("/captures/{id}/delete", post(delete))
         .route("/captures/{id}/p/{n}/browse", get(browse_dir))
         .route("/captures/{id}/p/{n}/view", get(view))
         .route("/compare", get(compare))
@@ -104,7 +107,7 @@ async fn list(
             p.empty { "No capture matches these filters." }
         } @else {
             div.scroll { table.list {
-                thead { tr { th { "Name" } th { "OS" } th { "Filesystems" } th.num { "Size" } th.num { "On disk" } th { "Modified" } th { "Machine" } } }
+                thead { tr { th { "Name" } th { "OS" } th { "Filesystems" } th.num { "Size" } th.num { "On disk" } th { "Modified" } th { "Machine" } th { "Chain" } } }
                 tbody {
                     @for c in &shown {
                         tr {
@@ -115,6 +118,7 @@ async fn list(
                             td.num { (human_bytes(c.allocated_size)) }
                             td { (date(c.modified)) }
                             td { (c.source_machine.as_deref().unwrap_or("")) }
+                            td { (chain_cell(c)) }
                         }
                     }
                 }
@@ -136,6 +140,31 @@ async fn list(
     render("Captures", &who, body)
 }
 
+/// The chain relation in a list row: "overlay on X" / "files from X" and how many captures
+/// build on this one.
+fn chain_cell(c: &CaptureSummary) -> Markup {
+    html! {
+        @if let Some(b) = &c.base {
+            span.hint title=(format!("depth {}", c.chain.len())) {
+                @if b.relation == Some(Relation::Overlay) { "↳ overlay on " } @else { "↳ files from " }
+            }
+            (chain_link(b))
+        }
+        @if !c.children.is_empty() {
+            @if c.base.is_some() { br; }
+            span.hint { "base of " (c.children.len()) }
+        }
+    }
+}
+
+async fn delete(
+    State(state): State<SharedState>,
+    Path(id): Path<String>,
+) -> Result<Response, PageFailure> {
+    api::delete_by_id(&state, &id).await?;
+    Ok(Redirect::to("/captures").into_response())
+}
+
 /// Days since the epoch × 86400 for `YYYY-MM-DD`.
 fn parse_day(s: &str) -> Option<i64> {
     let mut it = s.trim().splitn(3, '-');
@@ -153,8 +182,7 @@ async fn detail(
     Extension(who): Extension<Identity>,
     Path(id): Path<String>,
 ) -> PageResult {
-    let c = api::capture_by_id(&state, &id).await?;
-    let s = CaptureSummary::of(&c);
+    let (c, s) = api::capture_summary(&state, &id).await?;
     let size = s.virtual_size.max(1) as f64;
     // The layout: partitions in disk order, unpartitioned gaps between them.
     let mut parts: Vec<_> = s.partitions.iter().collect();
@@ -201,6 +229,7 @@ async fn detail(
             @if let Some(a) = &c.analysis { dt { "Partition table" } dd { (a.table) } }
         }
         @if let Some(e) = &s.analysis_error { p.error { "This image could not be analysed: " (e) } }
+        (chain_section(&s, &who))
         h2 { "Layout" }
         (bar(&segments))
         h2 { "Allocated vs virtual size" }
@@ -229,6 +258,77 @@ async fn detail(
         } }
     };
     render(&s.name, &who, body)
+}
+
+/// A link to a capture in a chain (plain text when it left the catalog).
+fn chain_link(l: &ChainLink) -> Markup {
+    html! {
+        @match l.id {
+            Some(id) => a href=(format!("/captures/{id}")) { (l.name) },
+            None => span.mono { (l.name) " (no longer in the catalog)" },
+        }
+    }
+}
+
+/// "overlay on X" or "files taken from X", for how a capture uses its base.
+fn relation_words(r: Option<Relation>) -> &'static str {
+    match r {
+        Some(Relation::Overlay) => "overlay on ",
+        _ => "files taken from ",
+    }
+}
+
+/// The capture's chain: its base and how it uses it, the chain to the root, what changed,
+/// the captures built on it, and the delete button (refused while overlays need it).
+fn chain_section(s: &CaptureSummary, who: &Identity) -> Markup {
+    html! {
+        h2 { "Chain" }
+        dl.facts {
+            dt { "Base" }
+            dd {
+                @match &s.base {
+                    Some(b) => { (relation_words(b.relation)) (chain_link(b)) }
+                    None => "none: a full capture",
+                }
+            }
+            @if s.chain.len() > 1 {
+                dt { "Chain to the root" } dd { (s.name) @for n in &s.chain { " → " (n) } }
+            }
+            @if let Some(i) = &s.incremental {
+                dt { "Changed since the base" }
+                dd {
+                    (i["changed_chunks"].as_u64().unwrap_or(0)) " of " (i["chunks"].as_u64().unwrap_or(0)) " chunks ("
+                    (human_bytes(i["changed_bytes"].as_u64().unwrap_or(0))) ")"
+                    @if let Some(r) = i["reused_bytes"].as_u64().filter(|r| *r > 0) {
+                        "; " (human_bytes(r)) " of unchanged files taken from the base"
+                    }
+                }
+            }
+            dt { "Chunk map" }
+            dd {
+                @if s.chunk_map {
+                    "yes (" (s.layout.as_deref().unwrap_or("")) "): the next capture of this disk can be incremental on this one"
+                } @else { "none: the next capture of this disk is a full one" }
+            }
+            dt { "Built on this one" }
+            dd {
+                @if s.children.is_empty() { "nothing" }
+                @for (i, c) in s.children.iter().enumerate() {
+                    @if i > 0 { ", " }
+                    (chain_link(c)) " (" (relation_words(c.relation).trim_end()) " this)"
+                }
+            }
+        }
+        @let overlays: Vec<&ChainLink> = s.children.iter().filter(|c| c.relation == Some(Relation::Overlay)).collect();
+        @if overlays.is_empty() {
+            form.inline method="post" action=(format!("/captures/{}/delete", s.id)) {
+                input type="hidden" name="csrf" value=(who.csrf());
+                button.danger type="submit" { "Delete this capture" }
+            }
+        } @else {
+            p.hint { "This capture cannot be deleted while overlays read through it (delete those first). Captures that took files from it do not need it." }
+        }
+    }
 }
 
 fn browsable(fs: &str) -> bool {
@@ -275,7 +375,7 @@ async fn browse_dir(
     let (c, fs) = api::open_partition(&state, &id, &n).await?;
     let p = path.clone();
     let entries = tokio::task::spawn_blocking(move || browse::list(&*fs, &p)).await??;
-    let s = CaptureSummary::of(&c);
+    let s = CaptureSummary::of(&c, &[]);
     let link = |e: &browse::Entry| {
         let sub = encode_query(&path.join(&e.name).as_string());
         match e.kind {
@@ -349,7 +449,7 @@ async fn view(
         Ok::<_, crate::error::Failure>((size, head))
     })
     .await??;
-    let s = CaptureSummary::of(&c);
+    let s = CaptureSummary::of(&c, &[]);
     let download = format!(
         "/api/captures/{}/partitions/{n}/file?path={}",
         c.id,

@@ -52,6 +52,11 @@ async fn list(
                 option value="blocks" { "blocks — used clusters only" }
                 option value="sectors" { "sectors — every non-zero sector" }
             }
+            label for="incremental" { "Chain" }
+            select #incremental name="incremental" {
+                option value="full" selected { "full capture" }
+                option value="auto" { "incremental on the latest capture of this disk with a chunk map" }
+            }
             label.check { input type="checkbox" name="verify" value="1" checked; " Verify afterwards" }
             button type="submit" { "Start capture" }
             p.hint { "The client must hold the key in DATA_DIR/agent.key. The output's extension (.vhdx, .vhd, .vmdk, .qcow2, .img) sets the format." }
@@ -118,6 +123,9 @@ async fn start(
         mode: nonempty("mode"),
         verify: form.contains_key("verify"),
         reboot: form.contains_key("reboot"),
+        base: nonempty("base"),
+        incremental: nonempty("incremental"),
+        chunk_map: None,
     })?;
     Ok(Redirect::to(&format!("/jobs/{id}")).into_response())
 }
@@ -157,6 +165,12 @@ async fn detail(
             dt { "Output" } dd.mono { (job.params["output"].as_str().unwrap_or("")) }
             dt { "Mode" } dd { (job.params["mode"].as_str().unwrap_or("")) }
             dt { "State" } dd { span #job-state class=(format!("state {}", job.state.name())) { (job.state.name()) } }
+            @if let Some(r) = &job.result {
+                dt { "Result" } dd { (r["summary"].as_str().unwrap_or("")) }
+                @if let Some(why) = r["fallback"].as_str() {
+                    dt { "Base not used" } dd { (why) }
+                }
+            }
         }
         div #job data-job=(job.id) data-running=(running) {
             progress #job-progress max="100" value=(format!("{pct:.1}")) { (format!("{pct:.0}")) "%" }

@@ -20,6 +20,10 @@ use crate::auth::Identity;
 use crate::error::{Failure, PageFailure};
 use crate::ratelimit::{self, ClientIp};
 use crate::SharedState;
+use diskferry_daemon::catalog::{CaptureRecord, Catalog};
+use diskferry_daemon::jobs::{auto_base, JobError};
+use diskferry_imaging::pipeline::Mode;
+use diskferry_vdisk::ImageFormat;
 
 pub fn routes() -> Router<SharedState> {
     Router::new()
@@ -200,13 +204,16 @@ async fn machines(
     let list = crate::api::machine_list(&state).await?;
     let st = std::sync::Arc::clone(&state);
     let captures = tokio::task::spawn_blocking(move || st.catalog.captures()).await??;
+    let st = std::sync::Arc::clone(&state);
+    let listed = list.clone();
+    let bases = tokio::task::spawn_blocking(move || capture_bases(&st.catalog, &listed)).await??;
     let text = |v: &serde_json::Value| v.as_str().unwrap_or("").to_string();
     let body = html! {
         h1 { "Machines" }
         @if list.is_empty() {
             p.empty { "No machine has dialed in yet. Machines appear here when they boot the diskferry PXE environment and connect back to this server; a new machine waits for your approval before any job may use it." }
         } @else {
-            p.hint { "Deploy replaces everything on the machine's disk (its only disk; for a machine with several, name the disk as DISK@MACHINE on the Jobs page)." }
+            p.hint { "Deploy replaces everything on the machine's disk (its only disk; for a machine with several, name the disk as DISK@MACHINE on the Jobs page). A capture is incremental on the disk's latest capture when it has one with a chunk map (a whole-disk base takes a .qcow2 overlay); a base found unusable gives way to a full capture." }
             div.scroll { table.list {
                 thead { tr { th { "Name" } th { "MAC addresses" } th { "Hardware" } th { "Disks" } th { "State" } th { "Last seen" } th {} } }
                 tbody {
@@ -247,6 +254,9 @@ async fn machines(
                                     input name="name" required placeholder=(if m["name"].is_null() { "name to register" } else { "new name" }) aria-label="Machine name";
                                     button type="submit" { @if m["name"].is_null() { "Register" } @else { "Rename" } }
                                 }
+                                @for (source, base) in bases.iter().filter(|b| b.0 == id).map(|b| (&b.1, &b.2)) {
+                                    (capture_form(&who, source, base.as_ref()))
+                                }
                                 @if m["online"] == true && m["approved"] == true && m["pending"].is_null() && !captures.is_empty() {
                                     // Deploy: the machine's only disk, or name one on the jobs page.
                                     form.inline method="post" action="/jobs" {
@@ -269,6 +279,61 @@ async fn machines(
     Ok(Html(
         layout::page("Machines", "Machines", Some(&who), body).into_string(),
     ))
+}
+
+/// For each disk of each machine a job may use: the machine's id, the disk as a capture
+/// source (`DISK@MACHINE`) and the capture an incremental capture of it would build on
+/// (the daemon's own choice for a .qcow2 output in auto mode).
+fn capture_bases(
+    catalog: &Catalog,
+    machines: &[serde_json::Value],
+) -> Result<Vec<(i64, String, Option<CaptureRecord>)>, JobError> {
+    let mut out = Vec::new();
+    for m in machines {
+        let usable = m["online"] == true && m["approved"] == true && m["pending"].is_null();
+        let macs: Vec<&str> = m["macs"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|v| v.as_str())
+            .collect();
+        let (Some(id), true, Some(first_mac)) = (m["id"].as_i64(), usable, macs.first()) else {
+            continue;
+        };
+        // How jobs name the machine (its origin in the catalog) and how the form names it.
+        let label = m["name"]
+            .as_str()
+            .map_or_else(|| macs.join(","), str::to_string);
+        let who = m["name"].as_str().unwrap_or(first_mac);
+        for d in m["identity"]["disks"].as_array().into_iter().flatten() {
+            let Some(disk) = d["name"].as_str() else {
+                continue;
+            };
+            let base = auto_base(catalog, &label, disk, Mode::Auto, ImageFormat::Qcow2)?;
+            out.push((id, format!("{disk}@{who}"), base));
+        }
+    }
+    Ok(out)
+}
+
+/// A machine disk's capture form: incremental on its latest capture (chosen) when it has
+/// one with a chunk map, else a full capture.
+pub fn capture_form(who: &Identity, source: &str, base: Option<&CaptureRecord>) -> maud::Markup {
+    html! {
+        form.inline method="post" action="/jobs" {
+            input type="hidden" name="csrf" value=(who.csrf());
+            input type="hidden" name="kind" value="capture";
+            input type="hidden" name="source" value=(source);
+            input name="output" required placeholder="name.qcow2" aria-label=(format!("Capture {source} as"));
+            select name="incremental" aria-label="Full or incremental" {
+                @if let Some(b) = base {
+                    option value="auto" selected { "Incremental on " (b.name) }
+                }
+                option value="full" selected[base.is_none()] { "Full capture" }
+            }
+            button type="submit" { "Capture " (source) }
+        }
+    }
 }
 
 async fn approve_machine(
@@ -300,6 +365,82 @@ async fn name_machine(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_machine_disk_is_offered_its_latest_capture_with_a_map() {
+        use diskferry_daemon::catalog::CaptureRecording;
+        use diskferry_imaging::chunkmap::{ChunkMap, Layout};
+        let dir = tempfile::tempdir().unwrap();
+        let catalog = Catalog::open(dir.path()).unwrap();
+        for (name, secs) in [("old.img", 1_000), ("new.img", 2_000), ("nomap.img", 3_000)] {
+            let image = catalog.captures_dir().join(name);
+            std::fs::write(&image, vec![1u8; 1 << 20]).unwrap();
+            // Newest last: modification times set apart, before the map records them.
+            let when = std::time::SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(secs);
+            let f = std::fs::File::options().write(true).open(&image).unwrap();
+            f.set_modified(when).unwrap();
+            if name != "nomap.img" {
+                let source = diskferry_blockdev::MemoryDevice::read_only(vec![1u8; 1 << 20]);
+                let map = ChunkMap::of_source(&source, &image, Layout::WholeDisk).unwrap();
+                map.save(&image).unwrap();
+            }
+        }
+        catalog.refresh_captures().unwrap();
+        for name in ["old.img", "new.img", "nomap.img"] {
+            let rec = CaptureRecording {
+                machine: "web-01".into(),
+                disk: "sda".into(),
+                ..CaptureRecording::default()
+            };
+            catalog.record_capture(name, &rec).unwrap();
+        }
+        let machine = |online: bool| {
+            serde_json::json!({"id": 4, "name": "web-01", "macs": ["52:54:00:00:00:01"],
+                "online": online, "approved": true, "pending": null,
+                "identity": {"disks": [{"name": "sda"}, {"name": "sdb"}]}})
+        };
+        let bases = capture_bases(&catalog, &[machine(true)]).unwrap();
+        let names: Vec<(&str, Option<&str>)> = bases
+            .iter()
+            .map(|(_, s, b)| (s.as_str(), b.as_ref().map(|b| b.name.as_str())))
+            .collect();
+        assert_eq!(
+            names,
+            [("sda@web-01", Some("new.img")), ("sdb@web-01", None)]
+        );
+        assert!(capture_bases(&catalog, &[machine(false)])
+            .unwrap()
+            .is_empty());
+    }
+
+    #[test]
+    fn the_capture_form_offers_incremental_on_the_latest_capture_first() {
+        let who = Identity::Token;
+        let latest = CaptureRecord {
+            id: 7,
+            name: "web<01>-monday.qcow2".into(),
+            ..CaptureRecord::default()
+        };
+        let html = capture_form(&who, "sda@web-01", Some(&latest)).into_string();
+        assert!(
+            html.contains(r#"<option value="auto" selected>Incremental on web&lt;01&gt;-monday.qcow2</option>"#),
+            "{html}"
+        );
+        assert!(
+            html.contains(r#"<option value="full">Full capture</option>"#),
+            "{html}"
+        );
+        let html = capture_form(&who, "sda@web-01", None).into_string();
+        assert!(!html.contains("Incremental"), "{html}");
+        assert!(
+            html.contains(r#"<option value="full" selected>Full capture</option>"#),
+            "{html}"
+        );
+        assert!(
+            html.contains(r#"name="source" value="sda@web-01""#),
+            "{html}"
+        );
+    }
 
     #[test]
     fn next_is_only_a_path_on_this_site() {

@@ -67,10 +67,12 @@ pub struct JobRecord {
     pub progress: Option<serde_json::Value>,
     pub log: String,
     pub error: Option<String>,
+    /// What a finished job made (a capture: its output, base and incremental statistics).
+    pub result: Option<serde_json::Value>,
 }
 
 const COLUMNS: &str =
-    "id, kind, state, params, created_at, started_at, finished_at, progress, log, error";
+    "id, kind, state, params, created_at, started_at, finished_at, progress, log, error, result";
 
 fn from_row(row: &Row<'_>) -> rusqlite::Result<JobRecord> {
     let params: String = row.get(3)?;
@@ -86,6 +88,9 @@ fn from_row(row: &Row<'_>) -> rusqlite::Result<JobRecord> {
         progress: progress.and_then(|p| serde_json::from_str(&p).ok()),
         log: row.get(8)?,
         error: row.get(9)?,
+        result: row
+            .get::<_, Option<String>>(10)?
+            .and_then(|r| serde_json::from_str(&r).ok()),
     })
 }
 
@@ -122,6 +127,17 @@ impl Catalog {
             .execute(
                 "UPDATE jobs SET progress = ?2 WHERE id = ?1",
                 params![id, progress.to_string()],
+            )
+            .map_err(|e| self.sql(e))?;
+        Ok(())
+    }
+
+    /// Stores what a job made.
+    pub fn set_job_result(&self, id: i64, result: &serde_json::Value) -> Result<(), CatalogError> {
+        self.db()
+            .execute(
+                "UPDATE jobs SET result = ?2 WHERE id = ?1",
+                params![id, result.to_string()],
             )
             .map_err(|e| self.sql(e))?;
         Ok(())

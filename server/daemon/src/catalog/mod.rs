@@ -6,6 +6,7 @@
 //! runs without holding it. The schema is versioned with `PRAGMA user_version`.
 
 mod captures;
+mod chains;
 mod enroll;
 mod jobs;
 mod machines;
@@ -17,7 +18,8 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use rusqlite::Connection;
 
-pub use captures::{CaptureRecord, RefreshReport};
+pub use captures::{CaptureRecord, CaptureRecording, RefreshReport};
+pub use chains::{chain_of, children_of, Relation};
 pub use enroll::{Enrolled, IdentityLimits, PendingApproval, Refusal};
 pub use jobs::{JobRecord, JobState};
 pub use machines::{normalize_mac, state, IdentityDisk, MachineIdentity, MachineRecord};
@@ -41,6 +43,18 @@ pub enum CatalogError {
     Invalid(String),
     #[error("enrollment refused: {0}")]
     Refused(#[from] Refusal),
+    #[error("cannot open the capture {path}: {source}")]
+    Image {
+        path: PathBuf,
+        #[source]
+        source: Box<diskferry_vdisk::ImageError>,
+    },
+    /// A capture other captures' overlays read through (their backing file).
+    #[error("{capture} is the backing file of {}: delete those first (a files-mode incremental capture does not depend on its base once written; only overlays do)", .dependents.join(", "))]
+    HasDependents {
+        capture: String,
+        dependents: Vec<String>,
+    },
     #[error("catalog database {path} has schema version {found}, newer than this diskferry knows ({known}); use a newer diskferry")]
     TooNew {
         path: PathBuf,
@@ -119,6 +133,19 @@ const MIGRATIONS: &[&str] = &[
      );
      INSERT OR IGNORE INTO machine_macs (mac, machine_id)
         SELECT j.value, m.id FROM machines m, json_each(m.macs) j",
+    // 4: capture chains. The disk a capture was read from; its base (a path under captures)
+    // and how it uses it ("overlay": a qcow2 backing file, "files": unchanged files copied
+    // from it); whether a usable chunk map lies beside it, the layout the map records and the
+    // map file's mtime (to notice a new map); an incremental capture's statistics; and what a
+    // job produced.
+    "ALTER TABLE captures ADD COLUMN source_disk TEXT;
+     ALTER TABLE captures ADD COLUMN base_path TEXT;
+     ALTER TABLE captures ADD COLUMN base_relation TEXT;
+     ALTER TABLE captures ADD COLUMN chunk_map INTEGER NOT NULL DEFAULT 0;
+     ALTER TABLE captures ADD COLUMN layout TEXT;
+     ALTER TABLE captures ADD COLUMN map_mtime_ns INTEGER;
+     ALTER TABLE captures ADD COLUMN incremental TEXT;
+     ALTER TABLE jobs ADD COLUMN result TEXT",
 ];
 
 impl Catalog {

@@ -55,6 +55,13 @@ impl JobDisk {
         }
     }
 
+    /// The disk's name on its machine or client.
+    pub fn disk(&self) -> &str {
+        match self {
+            JobDisk::Listening { disk, .. } | JobDisk::Machine { disk, .. } => disk,
+        }
+    }
+
     pub fn machine(&self) -> Option<i64> {
         match self {
             JobDisk::Machine { id, .. } => Some(*id),

@@ -5,7 +5,10 @@
 //! objects `--progress json` prints) go to the catalog and to live watchers, and every log
 //! event inside the span — the imaging steps, a reconnect — lands in the job's log
 //! ([`crate::joblog`]). Jobs are cancelled through their source ([`CancellableDevice`]).
+//! Captures write a chunk map by default and build on a base when there is one ([`chain`]):
+//! the one named, or for a machine's disk its newest fitting capture.
 
+mod chain;
 mod disk;
 mod names;
 
@@ -24,7 +27,8 @@ use serde::Deserialize;
 use tokio::sync::watch;
 
 use crate::agents::Agents;
-use crate::catalog::{state, Catalog, CatalogError, JobState};
+use crate::catalog::{state, CaptureRecording, Catalog, CatalogError, JobState};
+pub use chain::{auto_base, BaseCapture, BasePlan, Made};
 pub use disk::{JobDisk, OpenError};
 use names::{OutputNames, Reservation};
 
@@ -56,6 +60,17 @@ pub struct JobRequest {
     /// Deploy: reboot the machine when done.
     #[serde(default)]
     pub reboot: bool,
+    /// Capture: the capture to build on (its id or name); an unusable one fails the job.
+    #[serde(default)]
+    pub base: Option<String>,
+    /// Capture: "auto" (the newest fitting capture of the same machine and disk, else in
+    /// full; the default for a machine's disk) or "full".
+    #[serde(default)]
+    pub incremental: Option<String>,
+    /// Capture: write the chunk map beside a full capture (default true; an incremental
+    /// capture always has one).
+    #[serde(default)]
+    pub chunk_map: Option<bool>,
 }
 
 /// Why a job request was refused (nothing was started).
@@ -81,10 +96,10 @@ enum RunError {
         what: String,
         source: Box<OpenError>,
     },
-    #[error("cannot open the image: {0}")]
-    Image(#[from] diskferry_vdisk::ImageError),
     #[error(transparent)]
-    Capture(#[from] CaptureJobError),
+    Image(#[from] CatalogError),
+    #[error(transparent)]
+    Capture(Box<CaptureJobError>),
     #[error(transparent)]
     Deploy(#[from] DeployError),
     #[error("machine {0} disconnected before the reboot")]
@@ -95,16 +110,15 @@ enum RunError {
     Panicked(String),
 }
 
+impl From<Box<CaptureJobError>> for RunError {
+    fn from(e: Box<CaptureJobError>) -> RunError {
+        RunError::Capture(e)
+    }
+}
+
 /// A checked job, ready to run.
 enum Work {
-    Capture {
-        source: JobDisk,
-        out: PathBuf,
-        output: String,
-        options: CaptureOptions,
-        /// Holds the output name until the job (and this value) ends.
-        _name: Reservation,
-    },
+    Capture(Box<CaptureWork>),
     Deploy {
         image: PathBuf,
         target: JobDisk,
@@ -113,10 +127,22 @@ enum Work {
     },
 }
 
+/// A checked capture.
+struct CaptureWork {
+    source: JobDisk,
+    out: PathBuf,
+    output: String,
+    options: CaptureOptions,
+    plan: BasePlan,
+    /// Holds the output name until the job (and this value) ends.
+    _name: Reservation,
+}
+
 impl Work {
     fn machine(&self) -> Option<i64> {
         match self {
-            Work::Capture { source: d, .. } | Work::Deploy { target: d, .. } => d.machine(),
+            Work::Capture(c) => c.source.machine(),
+            Work::Deploy { target, .. } => target.machine(),
         }
     }
 }
@@ -253,8 +279,17 @@ impl Jobs {
                     "a capture named {output} exists already or is being written; choose another name"
                 ))
             })?;
+        let plan = BasePlan::of_request(
+            &self.catalog,
+            req.base.as_deref(),
+            req.incremental.as_deref(),
+            disk.machine().is_some(),
+            (&disk.origin(), disk.disk()),
+            (mode, format),
+        )?;
         let params = serde_json::json!({
             "source": source, "output": output, "mode": mode.name(), "verify": req.verify,
+            "incremental": plan.name(), "base": plan.first().map(|b| &b.name),
         });
         let options = CaptureOptions {
             output: OutputOptions {
@@ -265,16 +300,17 @@ impl Jobs {
             mode,
             size: None,
             verify: req.verify,
-            chunk_map: false,
+            chunk_map: req.chunk_map.unwrap_or(true),
             base: None,
         };
-        let work = Work::Capture {
+        let work = Work::Capture(Box::new(CaptureWork {
             source: disk,
             out,
             output,
             options,
+            plan,
             _name: name,
-        };
+        }));
         Ok((work, params))
     }
 
@@ -339,13 +375,10 @@ impl Jobs {
             Some(e) => tracing::error!("{}: {e}", job_state.name()),
             None => tracing::info!("done"),
         }
-        if let (Work::Capture { output, source, .. }, None) = (&work, &error) {
-            self.catalogue_capture(output, source);
-        }
         if let Some((m, before)) = &machine {
             // A capture leaves the machine as it was; a deploy leaves it deployed, or failed.
             let after = match (&work, &error) {
-                (Work::Capture { .. }, _) => before.as_str(),
+                (Work::Capture(_), _) => before.as_str(),
                 (Work::Deploy { .. }, None) => state::DEPLOYED,
                 (Work::Deploy { .. }, Some(_)) => state::FAILED,
             };
@@ -367,12 +400,7 @@ impl Jobs {
         cancel: &CancelFlag,
     ) -> Result<(), RunError> {
         match work {
-            Work::Capture {
-                source,
-                out,
-                options,
-                ..
-            } => self.run_capture(id, rt, source, out, options, cancel),
+            Work::Capture(c) => self.run_capture(id, rt, c, cancel),
             Work::Deploy {
                 image,
                 target,
@@ -395,11 +423,17 @@ impl Jobs {
         Some((m, before))
     }
 
-    fn catalogue_capture(&self, output: &str, source: &JobDisk) {
+    fn catalogue_capture(&self, c: &CaptureWork, made: &Made) {
+        let recording = CaptureRecording {
+            machine: c.source.origin(),
+            disk: c.source.disk().to_string(),
+            base: made.base.as_ref().map(|(b, r)| (b.rel.clone(), *r)),
+            incremental: made.stats_json(),
+        };
         if let Err(e) = self
             .catalog
             .refresh_captures()
-            .and_then(|_| self.catalog.set_source_machine(output, &source.origin()))
+            .and_then(|_| self.catalog.record_capture(&c.output, &recording))
         {
             tracing::warn!("the capture is written but not catalogued: {e}");
         }
@@ -431,7 +465,7 @@ impl Jobs {
         reboot: bool,
         cancel: &CancelFlag,
     ) -> Result<(), RunError> {
-        let (_, img) = diskferry_vdisk::open_image(image, false)?;
+        let img = self.catalog.open_capture(image)?;
         let img: Arc<dyn BlockDevice> = Arc::new(CancellableDevice::new(img, cancel.clone()));
         let dst = self.open(target, rt, true, cancel)?;
         tracing::info!("image {}", image.display());
@@ -456,16 +490,19 @@ impl Jobs {
         self: &Arc<Self>,
         id: i64,
         rt: &tokio::runtime::Handle,
-        source: &JobDisk,
-        out: &Path,
-        options: &CaptureOptions,
+        c: &CaptureWork,
         cancel: &CancelFlag,
     ) -> Result<(), RunError> {
-        let src = self.open(source, rt, false, cancel)?;
+        let src = self.open(&c.source, rt, false, cancel)?;
         let src: Arc<dyn BlockDevice> = Arc::new(CancellableDevice::new(src, cancel.clone()));
-        tracing::info!("capturing {} bytes to {}", src.size(), out.display());
+        tracing::info!("capturing {} bytes to {}", src.size(), c.out.display());
         let progress = self.progress_sink(id);
-        diskferry_imaging::capture(src, out, options, &progress)?;
+        let (outcome, fallback) =
+            chain::capture_on_plan(src, &c.out, &c.options, &c.plan, &progress)?;
+        let made = Made::of(&outcome, &c.plan, fallback);
+        tracing::info!("{}", made.line());
+        self.catalogue_capture(c, &made);
+        let _ = self.catalog.set_job_result(id, &made.json(&c.output));
         Ok(())
     }
 
