@@ -3,16 +3,15 @@
 //! the second is refused while the first runs, and the first's image is intact — checked by
 //! qemu-img, not by our reader.
 
-use std::path::Path;
 use std::process::Command;
 use std::sync::Arc;
-use std::time::Duration;
 
-use diskferry_client::disks::DiskSpec;
 use diskferry_daemon::agents::Agents;
 use diskferry_daemon::catalog::{Catalog, JobState};
 use diskferry_daemon::jobs::{JobError, JobRequest, Jobs};
 use diskferry_protocol::{SessionOptions, StaticKey};
+
+mod common;
 
 /// A source disk with data everywhere (nothing to skip, so the capture takes a moment).
 const DISK: usize = 64 << 20;
@@ -22,36 +21,11 @@ fn server_key() -> StaticKey {
     StaticKey::generate()
 }
 
-/// Starts a listening agent serving `disk`, trusting `server`; returns its address.
-async fn start_agent(disk: &Path, server: &StaticKey) -> String {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap().to_string();
-    let config = Arc::new(diskferry_client::Config {
-        disks: vec![DiskSpec {
-            path: disk.to_path_buf(),
-            name: disk.display().to_string(),
-        }],
-        allow_write: false,
-        session: SessionOptions::agent(StaticKey::generate(), server.public()),
-        max_inflight: 64 << 20,
-        quiet: true,
-        allow_power: false,
-    });
-    tokio::spawn(diskferry_client::accept_loop(listener, config, 4));
-    addr
-}
-
-/// Waits for a job to end (a hang guard, not a speed check).
+/// Waits for a job to end, which must be without an error.
 async fn wait_for(catalog: &Catalog, id: i64) -> JobState {
-    for _ in 0..1200 {
-        let job = catalog.job(id).unwrap().expect("job recorded");
-        if job.state.is_final() {
-            assert_eq!(job.error, None, "job {id}: {}", job.log);
-            return job.state;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    panic!("job {id} did not end within two minutes");
+    let job = common::finished(catalog, id).await;
+    assert_eq!(job.error, None, "job {id}: {}", job.log);
+    job.state
 }
 
 fn qemu_img(args: &[&str]) -> String {
@@ -69,7 +43,7 @@ async fn a_second_capture_to_a_running_captures_name_is_refused() {
     let pattern: Vec<u8> = (0..DISK).map(|i| (i * 7 % 251) as u8 + 1).collect();
     std::fs::write(&source, &pattern).unwrap();
     let key = server_key();
-    let addr = start_agent(&source, &key).await;
+    let addr = common::start_agent(&source, &key, false).await;
 
     let catalog = Arc::new(Catalog::open(&dir.path().join("data")).unwrap());
     let session = SessionOptions::controller(key);

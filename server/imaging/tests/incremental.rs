@@ -305,17 +305,7 @@ fn a_files_mode_increment_reads_changed_files_only_and_takes_the_rest_from_the_b
         "the images differ in {differing} of 64 MiB (the files moved)"
     );
     let part = common::extract(&raw, 1);
-    run(Command::new("e2fsck").arg("-fn").arg(&part));
-    let dump = dir.path().join("dump");
-    std::fs::create_dir(&dump).unwrap();
-    run(Command::new("debugfs")
-        .arg("-R")
-        .arg(format!("rdump / {}", dump.display()))
-        .arg(&part));
-    run(Command::new("diff")
-        .args(["-r", "--exclude=lost+found"])
-        .arg(&tree)
-        .arg(&dump));
+    assert_ext4_holds(&part, &tree, dir.path());
     // The increment is a base in its turn.
     let again = dir.path().join("inc2.qcow2");
     let done = incremental(&disk, &again, &out).unwrap();
@@ -363,17 +353,7 @@ fn deploying_the_next_capture_over_the_last_one_sends_only_what_changed() {
     );
     // The target is what the next capture holds (checked by the deploy's verify too).
     let part = common::extract(&target, 1);
-    run(Command::new("e2fsck").arg("-fn").arg(&part));
-    let dump = dir.path().join("dump");
-    std::fs::create_dir(&dump).unwrap();
-    run(Command::new("debugfs")
-        .arg("-R")
-        .arg(format!("rdump / {}", dump.display()))
-        .arg(&part));
-    run(Command::new("diff")
-        .args(["-r", "--exclude=lost+found"])
-        .arg(&tree)
-        .arg(&dump));
+    assert_ext4_holds(&part, &tree, dir.path());
 }
 
 /// A 64 MiB GPT disk whose partition 1 is a FAT32 holding 30 files of 200 KiB made by mcopy.
@@ -441,4 +421,19 @@ fn a_fat_increment_takes_unchanged_files_from_the_base() {
         .unwrap()
         .stdout;
     assert_eq!(f7, std::fs::read(dir.path().join("F7.BIN")).unwrap());
+}
+
+/// The ext4 in `part` passes `e2fsck -fn` and holds `tree` (`debugfs rdump`, `diff -r`).
+fn assert_ext4_holds(part: &Path, tree: &Path, dir: &Path) {
+    run(Command::new("e2fsck").arg("-fn").arg(part));
+    let dump = dir.join("dump");
+    std::fs::create_dir(&dump).unwrap();
+    run(Command::new("debugfs")
+        .arg("-R")
+        .arg(format!("rdump / {}", dump.display()))
+        .arg(part));
+    run(Command::new("diff")
+        .args(["-r", "--exclude=lost+found"])
+        .arg(tree)
+        .arg(&dump));
 }
