@@ -18,6 +18,7 @@ mod common;
 use common::{finished, start_agent};
 
 const DISK: usize = 8 << 20;
+/// Where the tests change the disk: one 4 KiB write per MiB (each in one chunk of the map).
 const CHUNK: usize = 1 << 20;
 
 fn qemu_img(args: &[&str]) -> String {
@@ -160,10 +161,12 @@ async fn auto_builds_on_the_newest_capture_with_a_map() {
     assert_eq!(result["base"], "b.qcow2", "{result}");
     assert_eq!(result["relation"], "overlay");
     assert_eq!(result["incremental"]["changed_chunks"], 2, "{result}");
-    assert_eq!(result["incremental"]["chunks"], (DISK / CHUNK) as u64);
+    let chunks = DISK / diskferry_imaging::chunkmap::DEFAULT_CHUNK as usize;
+    assert_eq!(result["incremental"]["chunks"], chunks as u64);
     assert!(
-        job.log
-            .contains("incremental on b.qcow2: 2 of 8 chunks changed"),
+        job.log.contains(&format!(
+            "incremental on b.qcow2: 2 of {chunks} chunks changed"
+        )),
         "{}",
         job.log
     );
