@@ -232,40 +232,21 @@ impl OpenDisk {
             .map_err(|e| DiskError::io("write zeroes", offset, e))
     }
 
-    /// BLAKE3 of each `chunk`-byte piece of `offset..offset+len` (the last one shorter), read
-    /// [`HASH_READ`] bytes at a time (or one chunk, when chunks are larger): that buffer is
-    /// the only memory held. An all-zero chunk (free space on most disks) gets the hash of
-    /// zeros, computed once, instead of being hashed again.
+    /// BLAKE3 of each `chunk`-byte piece of `offset..offset+len` (the last one shorter), as
+    /// `chunks::hash_range` reads and hashes them.
     pub fn hash_chunks(
         &self,
         offset: u64,
         len: u64,
         chunk: u32,
     ) -> Result<Vec<ChunkHash>, DiskError> {
-        let count = chunks::hash_count(len, chunk)
-            .map_err(|why| DiskError::new(ErrorCode::TooLarge, why))?;
+        chunks::hash_count(len, chunk).map_err(|why| DiskError::new(ErrorCode::TooLarge, why))?;
         self.check_range(offset, len)?;
-        let chunk = u64::from(chunk);
-        let block = (HASH_READ.max(chunk)).min(len) as usize;
-        let mut buf = vec![0u8; block];
-        let mut zero_hash: Option<(usize, ChunkHash)> = None;
-        let mut out = Vec::with_capacity(count);
-        let mut at = offset;
-        while at < offset + len {
-            let n = (offset + len - at).min(block as u64) as usize;
+        chunks::hash_range(offset, len, chunk, |buf, at| {
             self.disk
-                .read_exact_at(&mut buf[..n], at)
-                .map_err(|e| DiskError::io("read", at, e))?;
-            for piece in buf[..n].chunks(chunk as usize) {
-                out.push(if is_zero(piece) {
-                    zero_hash_of(&mut zero_hash, piece.len())
-                } else {
-                    chunks::chunk_hash(piece)
-                });
-            }
-            at += n as u64;
-        }
-        Ok(out)
+                .read_exact_at(buf, at)
+                .map_err(|e| DiskError::io("read", at, e))
+        })
     }
 
     pub fn block_status(&self, offset: u64, len: u64) -> Result<Vec<Extent>, DiskError> {
@@ -290,27 +271,5 @@ impl OpenDisk {
                 },
             })
             .collect())
-    }
-}
-
-/// Bytes `hash_chunks` reads at once.
-pub const HASH_READ: u64 = 1 << 20;
-
-/// Whether every byte is zero (16 bytes at a time).
-fn is_zero(data: &[u8]) -> bool {
-    let mut words = data.chunks_exact(16);
-    words.all(|w| u128::from_ne_bytes(w.try_into().expect("16 bytes")) == 0)
-        && words.remainder().iter().all(|&b| b == 0)
-}
-
-/// The hash of `len` zero bytes, kept for the next chunk of the same length.
-fn zero_hash_of(cached: &mut Option<(usize, ChunkHash)>, len: usize) -> ChunkHash {
-    match cached {
-        Some((l, h)) if *l == len => *h,
-        _ => {
-            let h = chunks::chunk_hash(&vec![0u8; len]);
-            *cached = Some((len, h));
-            h
-        }
     }
 }

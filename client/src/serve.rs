@@ -276,7 +276,9 @@ impl Connection {
             Request::BlockStatus { .. } => STATUS_REPLY,
             // The block it reads into, and a reply of at most 128 KiB.
             Request::HashChunks { chunk, len, .. } => {
-                let block = u64::from(*chunk).max(crate::disks::HASH_READ).min(*len);
+                let block = u64::from(*chunk)
+                    .max(diskferry_protocol::chunks::HASH_READ)
+                    .min(*len);
                 u32::try_from(block).unwrap_or(u32::MAX).max(HASHES_REPLY)
             }
             Request::Identify => IDENTITY_REPLY,

@@ -171,18 +171,9 @@ pub trait BlockDevice: Send + Sync {
     /// power-of-two chunk, at most `MAX_HASHES` chunks). By default the bytes are read and
     /// hashed here; remote devices have the agent hash them, so no data crosses the wire.
     fn chunk_hashes(&self, offset: u64, len: u64, chunk: u32) -> Result<Vec<ChunkHash>> {
-        let count = chunks::hash_count(len, chunk).map_err(BlockError::Protocol)?;
+        chunks::hash_count(len, chunk).map_err(BlockError::Protocol)?;
         check_range(self.size(), offset, len)?;
-        let mut buf = vec![0u8; u64::from(chunk).min(len) as usize];
-        let mut out = Vec::with_capacity(count);
-        let mut at = offset;
-        while at < offset + len {
-            let n = (offset + len - at).min(u64::from(chunk)) as usize;
-            self.read_at(&mut buf[..n], at)?;
-            out.push(chunks::chunk_hash(&buf[..n]));
-            at += n as u64;
-        }
-        Ok(out)
+        chunks::hash_range(offset, len, chunk, |buf, at| self.read_at(buf, at))
     }
 
     /// Reads many ranges, handing each piece to `sink` in order, as owned buffers the sink

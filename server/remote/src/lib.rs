@@ -364,27 +364,73 @@ impl BlockDevice for RemoteDisk {
         for r in ranges {
             check_range(self.size, r.start, r.end.saturating_sub(r.start))?;
         }
-        let mut pieces = ranges.iter().flat_map(|r| {
-            let step = u64::from(self.request_size);
-            (r.start..r.end)
-                .step_by(step as usize)
-                .map(move |off| (off, (r.end - off).min(step) as u32))
-        });
+        let mut requests = requests_for(ranges, self.request_size).into_iter();
         let mut inflight = VecDeque::with_capacity(self.depth);
         loop {
             while inflight.len() < self.depth {
-                match pieces.next() {
-                    Some((off, len)) => inflight.push_back((off, len, self.read_request(off, len))),
+                match requests.next() {
+                    Some(req) => {
+                        let rx = self.read_request(req.offset, req.len);
+                        inflight.push_back((req, rx));
+                    }
                     None => break,
                 }
             }
-            let Some((off, len, rx)) = inflight.pop_front() else {
+            let Some((req, rx)) = inflight.pop_front() else {
                 return Ok(());
             };
-            let data = expect_data(self.wait(rx), off, len as usize)?;
-            sink(off, data)?;
+            let data = expect_data(self.wait(rx), req.offset, req.len as usize)?;
+            for piece in &req.pieces {
+                let at = (piece.start - req.offset) as usize..(piece.end - req.offset) as usize;
+                sink(piece.start, data.slice(at))?;
+            }
         }
     }
+}
+
+/// Most bytes between two ranges that one request still reads through: the bytes of the gap
+/// cross the wire for nothing, but a filesystem's small files lie side by side, and one
+/// request per file (a Debian install is mostly files of a few KiB) left the link idle
+/// between tiny replies and gave the compressor nothing to work with.
+const MAX_GAP: u64 = 32 << 10;
+
+/// One read request and the pieces of the asked-for ranges it carries, in order.
+#[derive(Debug, PartialEq, Eq)]
+struct ReadRequest {
+    offset: u64,
+    len: u32,
+    pieces: Vec<Range<u64>>,
+}
+
+/// The requests that read `ranges` (in their order): a range longer than `request_size` is
+/// cut into requests of that size; consecutive ranges going forward with gaps of at most
+/// [`MAX_GAP`] share a request while it stays within `request_size`.
+fn requests_for(ranges: &[Range<u64>], request_size: u32) -> Vec<ReadRequest> {
+    let step = u64::from(request_size);
+    let mut out: Vec<ReadRequest> = Vec::new();
+    for r in ranges.iter().filter(|r| r.start < r.end) {
+        let mut at = r.start;
+        while at < r.end {
+            let end = r.end.min(at + step);
+            let joins = out.last().is_some_and(|last| {
+                let last_end = last.offset + u64::from(last.len);
+                at >= last_end && at - last_end <= MAX_GAP && end - last.offset <= step
+            });
+            match out.last_mut() {
+                Some(last) if joins => {
+                    last.len = (end - last.offset) as u32;
+                    last.pieces.push(at..end);
+                }
+                _ => out.push(ReadRequest {
+                    offset: at,
+                    len: (end - at) as u32,
+                    pieces: std::iter::once(at..end).collect(),
+                }),
+            }
+            at = end;
+        }
+    }
+    out
 }
 
 impl Drop for RemoteDisk {
@@ -394,6 +440,56 @@ impl Drop for RemoteDisk {
                 handle: self.handle,
             },
             Box::new(|_| {}),
+        );
+    }
+}
+
+#[cfg(test)]
+mod request_tests {
+    use super::*;
+
+    #[test]
+    fn small_ranges_close_together_share_a_request() {
+        let got = requests_for(
+            &[0..4096, 8192..12288, 200_000..204_800, 204_800..205_000],
+            1 << 20,
+        );
+        assert_eq!(
+            got,
+            [
+                ReadRequest {
+                    offset: 0,
+                    len: 12288,
+                    pieces: vec![0..4096, 8192..12288]
+                },
+                ReadRequest {
+                    offset: 200_000,
+                    len: 5000,
+                    pieces: vec![200_000..204_800, 204_800..205_000]
+                },
+            ]
+        );
+    }
+
+    #[test]
+    fn long_ranges_are_cut_and_backward_ranges_start_their_own_request() {
+        let got = requests_for(
+            &[0..(3 << 20), (3 << 20)..(3 << 20) + 10, 100..200],
+            1 << 20,
+        );
+        let shape: Vec<(u64, u32, usize)> = got
+            .iter()
+            .map(|r| (r.offset, r.len, r.pieces.len()))
+            .collect();
+        assert_eq!(
+            shape,
+            [
+                (0, 1 << 20, 1),
+                (1 << 20, 1 << 20, 1),
+                (2 << 20, 1 << 20, 1),
+                (3 << 20, 10, 1),
+                (100, 100, 1)
+            ]
         );
     }
 }
