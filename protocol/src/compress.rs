@@ -138,8 +138,12 @@ const PROBE_EVERY: u32 = 32;
 const ALPHA: f64 = 0.25;
 /// Compression must promise this much more throughput than sending raw.
 const MARGIN: f64 = 1.1;
-/// Link samples smaller than this are noise (a few replies, a socket buffer with room).
-const MIN_LINK_SAMPLE: usize = 256 << 10;
+/// The link is measured over windows of at least this many bytes, from the start of the
+/// window's first write to the end of its last: more than a socket's send buffer holds
+/// (Linux autotunes it up to 4 MiB), so writes the buffer absorbs at memory speed do not pass
+/// for a fast link. Idle time between writes counts too, which can only make the link look
+/// slower and compression more worth trying.
+const LINK_WINDOW: usize = 16 << 20;
 
 /// Compresses payloads while it pays: shared by the threads that compress one connection's
 /// payloads and the writer that measures how fast the link takes them.
@@ -159,6 +163,8 @@ struct Policy {
     ratio: Option<f64>,
     /// Bytes per second the link took, measured while writing.
     link_rate: Option<f64>,
+    /// The window being measured: when its first write started, and its bytes so far.
+    window: Option<(Instant, usize)>,
     /// Chunks still to send raw before trying again (after one that did not shrink).
     skip: u32,
     backoff: u32,
@@ -262,13 +268,18 @@ impl Compressor {
         shrank
     }
 
-    /// Tells the policy the link took `bytes` in `took` (one batch written to the socket).
-    pub fn record_link(&self, bytes: usize, took: Duration) {
-        if bytes < MIN_LINK_SAMPLE {
+    /// Tells the policy a batch of `bytes`, whose write started at `started`, is written.
+    pub fn record_link(&self, bytes: usize, started: Instant) {
+        let mut p = self.policy();
+        let (since, total) = p.window.unwrap_or((started, 0));
+        let total = total + bytes;
+        if total < LINK_WINDOW {
+            p.window = Some((since, total));
             return;
         }
-        let mut p = self.policy();
-        p.link_rate = ewma(p.link_rate, bytes as f64 / took.as_secs_f64().max(1e-6));
+        p.window = None;
+        let secs = since.elapsed().as_secs_f64().max(1e-6);
+        p.link_rate = ewma(p.link_rate, total as f64 / secs);
     }
 }
 
@@ -389,21 +400,38 @@ mod tests {
     }
 
     #[test]
+    fn writes_a_socket_buffer_absorbs_do_not_pass_for_a_fast_link() {
+        let c = Compressor::new(Codec::Lz4, 1);
+        let data = text(1 << 20);
+        // A slow link measured in full windows.
+        for _ in 0..10 {
+            c.record_link(16 << 20, Instant::now() - Duration::from_millis(100));
+        }
+        // Then batches of 1 MiB each written in 10 µs (into the socket's buffer), 50 ms
+        // apart: the window runs from the first write's start, so the link stays slow.
+        let start = Instant::now() - Duration::from_millis(50 * 20);
+        for i in 0..20u32 {
+            c.record_link(1 << 20, start + Duration::from_millis(50 * u64::from(i)));
+        }
+        assert!(c.compress(&data, &mut BytesMut::new()));
+    }
+
+    #[test]
     fn a_link_faster_than_compression_turns_it_off_and_probes() {
         let c = Compressor::new(Codec::Lz4, 1);
         let data = text(1 << 20);
         assert!(c.compress(&data, &mut BytesMut::new()), "unmeasured: try");
         // A link far faster than any compressor (1 TB/s).
         for _ in 0..20 {
-            c.record_link(1 << 30, Duration::from_millis(1));
+            c.record_link(1 << 30, Instant::now() - Duration::from_millis(1));
         }
         let compressed = (0..PROBE_EVERY * 2)
             .filter(|_| c.compress(&data, &mut BytesMut::new()))
             .count();
         assert_eq!(compressed, 2, "only the probes compress");
-        // A slow link (10 MB/s): compression pays again.
+        // A slow link (windows of 16 MiB in 100 ms: 168 MB/s): compression pays again.
         for _ in 0..40 {
-            c.record_link(1 << 20, Duration::from_millis(100));
+            c.record_link(16 << 20, Instant::now() - Duration::from_millis(100));
         }
         assert!(c.compress(&data, &mut BytesMut::new()));
         assert!(c.compress(&data, &mut BytesMut::new()));

@@ -345,7 +345,7 @@ impl<W: AsyncWrite + Unpin> FrameWriter<W> {
         self.queued = 0;
         self.io.flush().await?;
         if let Some(c) = &self.compressor {
-            c.record_link(bytes, started.elapsed());
+            c.record_link(bytes, started);
         }
         Ok(())
     }
