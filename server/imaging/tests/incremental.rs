@@ -177,6 +177,33 @@ fn bases_that_cannot_carry_an_overlay_are_refused_with_the_reason() {
 }
 
 #[test]
+fn a_disk_without_a_table_deploys_whole_and_then_as_a_delta() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = make_source(dir.path());
+    let base = dir.path().join("base.qcow2");
+    full_capture(&src, &base);
+    let target = dir.path().join("target.raw");
+    std::fs::write(&target, vec![0xa5u8; 64 * MIB as usize]).unwrap();
+    let first = deploy_onto(&base, &target);
+    run(Command::new("qemu-img")
+        .args(["compare", "-f", "raw", "-F", "raw"])
+        .arg(&src)
+        .arg(&target));
+    let file = std::fs::OpenOptions::new().write(true).open(&src).unwrap();
+    file.write_all_at(&[0x77; 5000], 20 * MIB + 3).unwrap();
+    let inc = dir.path().join("inc.qcow2");
+    incremental(&src, &inc, &base).unwrap();
+    let second = deploy_onto(&inc, &target);
+    run(Command::new("qemu-img")
+        .args(["compare", "-f", "raw", "-F", "raw"])
+        .arg(&src)
+        .arg(&target));
+    let sent = |r: &diskferry_imaging::pipeline::DeployReport| r.disk.partitions[0].sent.unwrap();
+    assert_eq!(sent(&first), 32 * MIB, "every data chunk, the first time");
+    assert_eq!(sent(&second), CHUNK, "one chunk changed");
+}
+
+#[test]
 fn a_chain_whose_base_vanished_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let src = make_source(dir.path());

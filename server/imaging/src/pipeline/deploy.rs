@@ -13,13 +13,14 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use super::capture::CaptureError;
-use super::delta::{Confirmed, ConfirmedView};
-use super::disk::{write_disk, CopyEnds, Destination, DiskReport, Mode};
+use super::capture::CopyError;
+use super::delta::{write_delta, Confirmed, ConfirmedView};
+use super::disk::{write_disk, CopyEnds, Destination, DiskReport, Mode, PartitionReport};
 use super::plan::{plan_disk, DiskPlan};
 use super::verify::{verify_disks, VerifyError, VerifyReport};
 use crate::progress::Progress;
 use crate::units::human_bytes;
-use diskferry_blockdev::BlockDevice;
+use diskferry_blockdev::{BlockDevice, SliceDevice};
 use diskferry_fs as fs;
 
 /// What a deploy did.
@@ -88,6 +89,11 @@ pub fn deploy_disk(
         });
     }
     let name = Path::new(target_name);
+    let unpartitioned = diskferry_partition::read_table(&*image)
+        .is_ok_and(|t| t.scheme == diskferry_partition::Scheme::None);
+    if unpartitioned {
+        return deploy_whole_disk(&image, &target, target_name, started);
+    }
     let plan =
         plan_disk(&image, mode, target.size(), name).map_err(|source| DeployError::CannotPlan {
             target: target_name.to_string(),
@@ -126,6 +132,83 @@ pub fn deploy_disk(
             partitions,
             boot_bytes,
             notes,
+            elapsed: started.elapsed(),
+        },
+        verify,
+    })
+}
+
+/// An image without a partition table (a whole-disk capture of such a disk) onto the target's
+/// first bytes, as a delta: only chunks that differ are sent, every chunk is hashed again
+/// afterwards, and the comparison reads the image where the hashes proved the target equal.
+fn deploy_whole_disk(
+    image: &Arc<dyn BlockDevice>,
+    target: &Arc<dyn BlockDevice>,
+    target_name: &str,
+    started: Instant,
+) -> Result<DeployReport, DeployError> {
+    let size = image.size();
+    if target.size() < size {
+        return Err(DeployError::CannotPlan {
+            target: target_name.to_string(),
+            target_size: target.size(),
+            image_size: size,
+            source: Box::new(CaptureError::ResizeNeedsTable),
+        });
+    }
+    tracing::info!("the image has no partition table: writing it whole, as a delta");
+    let failed = |e: CaptureError| DeployError::Failed(Box::new(e));
+    let write_err = |source| {
+        failed(CaptureError::Write {
+            path: Path::new(target_name).to_path_buf(),
+            source,
+        })
+    };
+    let region: Arc<dyn BlockDevice> =
+        Arc::new(SliceDevice::new(Arc::clone(target), 0, size).map_err(write_err)?);
+    let delta = write_delta(image, &region).map_err(|e| match e {
+        CopyError::Read(source) => failed(CaptureError::Source {
+            source,
+            partial: Path::new(target_name).to_path_buf(),
+        }),
+        CopyError::Write(e) => write_err(e),
+    })?;
+    tracing::info!(
+        "sent {} of the {} the image holds (the rest was already on the disk)",
+        human_bytes(delta.sent_bytes),
+        human_bytes(delta.data_bytes)
+    );
+    let confirmed = Confirmed::default();
+    if delta.confirmed {
+        confirmed
+            .lock()
+            .expect("confirmed")
+            .push((0..size, Arc::clone(image)));
+    }
+    let view: Arc<dyn BlockDevice> = Arc::new(ConfirmedView::new(region, confirmed));
+    let verify = verify_disks(image, &view).map_err(DeployError::Verify)?;
+    if verify.differences > 0 {
+        return Err(DeployError::Differs {
+            count: verify.differences,
+            first: verify.listed.first().cloned().unwrap_or_default(),
+        });
+    }
+    Ok(DeployReport {
+        disk: DiskReport {
+            source_size: size,
+            output_size: target.size(),
+            scheme: "none",
+            partitions: vec![PartitionReport {
+                number: 0,
+                filesystem: "whole disk",
+                mode: Mode::Sectors,
+                read: delta.data_bytes,
+                reused: 0,
+                sent: Some(delta.sent_bytes),
+                note: Some("no partition table: the image's data chunks, as a delta".into()),
+            }],
+            boot_bytes: 0,
+            notes: Vec::new(),
             elapsed: started.elapsed(),
         },
         verify,
