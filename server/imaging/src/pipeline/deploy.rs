@@ -114,16 +114,7 @@ pub fn deploy_disk(
     };
     let (partitions, boot_bytes, notes) =
         write_disk(&ends, plan, progress).map_err(|e| DeployError::Failed(Box::new(e)))?;
-    // Partitions the agent confirmed by hash are compared from their stage; the rest of the
-    // target (and every partition of a target that cannot hash) is read back.
-    let view: Arc<dyn BlockDevice> = Arc::new(ConfirmedView::new(Arc::clone(&target), confirmed));
-    let verify = verify_disks(&image, &view).map_err(DeployError::Verify)?;
-    if verify.differences > 0 {
-        return Err(DeployError::Differs {
-            count: verify.differences,
-            first: verify.listed.first().cloned().unwrap_or_default(),
-        });
-    }
+    let verify = verify_confirmed(&image, Arc::clone(&target), confirmed)?;
     Ok(DeployReport {
         disk: DiskReport {
             source_size: image.size(),
@@ -185,14 +176,7 @@ fn deploy_whole_disk(
             .expect("confirmed")
             .push((0..size, Arc::clone(image)));
     }
-    let view: Arc<dyn BlockDevice> = Arc::new(ConfirmedView::new(region, confirmed));
-    let verify = verify_disks(image, &view).map_err(DeployError::Verify)?;
-    if verify.differences > 0 {
-        return Err(DeployError::Differs {
-            count: verify.differences,
-            first: verify.listed.first().cloned().unwrap_or_default(),
-        });
-    }
+    let verify = verify_confirmed(image, region, confirmed)?;
     Ok(DeployReport {
         disk: DiskReport {
             source_size: size,
@@ -213,6 +197,25 @@ fn deploy_whole_disk(
         },
         verify,
     })
+}
+
+/// Compares `image` with `target` after writing: ranges the agent confirmed by hash are read
+/// from their stage, the rest of the target (every partition of a target that cannot hash,
+/// boot code, gaps) is read back. A difference is an error.
+fn verify_confirmed(
+    image: &Arc<dyn BlockDevice>,
+    target: Arc<dyn BlockDevice>,
+    confirmed: Confirmed,
+) -> Result<VerifyReport, DeployError> {
+    let view: Arc<dyn BlockDevice> = Arc::new(ConfirmedView::new(target, confirmed));
+    let verify = verify_disks(image, &view).map_err(DeployError::Verify)?;
+    if verify.differences > 0 {
+        return Err(DeployError::Differs {
+            count: verify.differences,
+            first: verify.listed.first().cloned().unwrap_or_default(),
+        });
+    }
+    Ok(verify)
 }
 
 /// Every partition recreated file by file must have room for the source's used bytes in its
