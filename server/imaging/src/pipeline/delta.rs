@@ -1,14 +1,15 @@
 //! Delta writes onto a used disk: a partition built locally (the staging device) reaches the
-//! target by writing only what differs. Chunks (64 KiB) where the stage holds nothing are
-//! zeroed on the target (the agent zeroes: nothing crosses the wire); chunks where it holds
-//! data are hashed on both sides — the target's by the agent, `HashChunks` — and only those
-//! whose hashes differ are sent. A target that cannot hash (an agent before `HashChunks`)
-//! gets every data chunk, as before.
+//! target by writing only what differs. Every chunk (64 KiB) is hashed on both sides — the
+//! target's by the agent, `HashChunks`, so no data crosses the wire for it — and only chunks
+//! whose hashes differ are written: zeroed by the agent, then given the stage's data, if any.
+//! A target that cannot hash (an agent before `HashChunks`) is zeroed whole and gets every
+//! data chunk.
 //!
-//! Afterwards the agent hashes every chunk of the partition again and each hash must equal
-//! the stage's: the target then provably holds the stage's bytes, and the deploy's file-level
-//! verification reads those partitions from the stage ([`ConfirmedView`]) instead of moving
-//! them back over the wire. Partitions of a target that cannot hash are read back as before.
+//! Afterwards the agent hashes the written chunks again and each hash must equal the stage's
+//! (the others did before writing): the target then provably holds the stage's bytes, and
+//! the deploy's file-level verification reads those partitions from the stage
+//! ([`ConfirmedView`]) instead of moving them back over the wire. Partitions of a target that
+//! cannot hash are read back.
 
 use std::ops::Range;
 use std::sync::{Arc, Mutex};
@@ -38,53 +39,68 @@ pub(super) fn write_delta(
     target: &Arc<dyn BlockDevice>,
 ) -> Result<DeltaStats, CopyError> {
     let size = stage.size();
-    let data_chunks = chunk_runs(&data_ranges(&**stage).map_err(CopyError::Read)?, size);
-    for gap in complement(&data_chunks, size) {
-        zero(&**target, gap).map_err(CopyError::Write)?;
-    }
-    let mut stats = DeltaStats::default();
-    for run in &data_chunks {
-        stats.data_bytes += run.end - run.start;
-        let changed = changed_chunks(stage, target, run.clone())?;
-        for changed in changed.unwrap_or_else(|| vec![run.clone()]) {
-            zero(&**target, changed.clone()).map_err(CopyError::Write)?;
-            let mut pieces = data_ranges(
-                &diskferry_blockdev::SliceDevice::new(
-                    Arc::clone(stage),
-                    changed.start,
-                    changed.end - changed.start,
-                )
-                .map_err(CopyError::Read)?,
-            )
-            .map_err(CopyError::Read)?;
-            pieces
-                .iter_mut()
-                .for_each(|p| *p = p.start + changed.start..p.end + changed.start);
-            copy_ranges(&**stage, target, &pieces, &crate::progress::Silent)?;
-            stats.sent_bytes += changed.end - changed.start;
-        }
+    let data = data_ranges(&**stage).map_err(CopyError::Read)?;
+    let data_chunks = chunk_runs(&data, size);
+    let mut stats = DeltaStats {
+        data_bytes: data_chunks.iter().map(|r| r.end - r.start).sum(),
+        ..DeltaStats::default()
+    };
+    // Every chunk is hashed on both sides once: one that reads the same is left alone (free
+    // space an earlier deploy zeroed included); the others are zeroed and get the stage's data.
+    let changed = changed_chunks(stage, target, 0..size)?;
+    let hashed = changed.is_some();
+    let changed = changed.unwrap_or_else(|| std::iter::once(0..size).collect());
+    for c in &changed {
+        zero(&**target, c.clone()).map_err(CopyError::Write)?;
+        copy_ranges(
+            &**stage,
+            target,
+            &within(&data, c),
+            &crate::progress::Silent,
+        )?;
+        stats.sent_bytes += within(&data_chunks, c)
+            .iter()
+            .map(|r| r.end - r.start)
+            .sum::<u64>();
     }
     target.flush().map_err(CopyError::Write)?;
-    stats.confirmed = confirm(stage, target)?;
+    // The chunks left alone hashed equal before; what was written must now.
+    stats.confirmed = hashed && confirm(stage, target, &changed)?;
     Ok(stats)
 }
 
-/// Hashes every chunk of `target` and `stage`: true when all are equal, false when the target
-/// cannot hash; an error naming the first chunk that differs otherwise.
-fn confirm(stage: &Arc<dyn BlockDevice>, target: &Arc<dyn BlockDevice>) -> Result<bool, CopyError> {
-    let Some(differing) = changed_chunks(stage, target, 0..stage.size())? else {
-        return Ok(false);
-    };
-    match differing.first() {
-        None => Ok(true),
-        Some(r) => Err(CopyError::Write(BlockError::Protocol(format!(
-            "after writing, the target's bytes at {}..{} still differ from what was sent",
-            r.start, r.end
-        )))),
+/// Hashes the `written` ranges of `target` and `stage`: true when all are equal, false when
+/// the target cannot hash; an error naming the first chunk that differs otherwise.
+fn confirm(
+    stage: &Arc<dyn BlockDevice>,
+    target: &Arc<dyn BlockDevice>,
+    written: &[Range<u64>],
+) -> Result<bool, CopyError> {
+    for r in written {
+        let Some(differing) = changed_chunks(stage, target, r.clone())? else {
+            return Ok(false);
+        };
+        if let Some(d) = differing.first() {
+            return Err(CopyError::Write(BlockError::Protocol(format!(
+                "after writing, the target's bytes at {}..{} still differ from what was sent",
+                d.start, d.end
+            ))));
+        }
     }
+    Ok(true)
 }
 
-/// The target as the verification reads it: partitions whose every chunk was confirmed equal
+/// The parts of the sorted, disjoint `ranges` inside `window`.
+fn within(ranges: &[Range<u64>], window: &Range<u64>) -> Vec<Range<u64>> {
+    let first = ranges.partition_point(|r| r.end <= window.start);
+    ranges[first..]
+        .iter()
+        .take_while(|r| r.start < window.end)
+        .map(|r| r.start.max(window.start)..r.end.min(window.end))
+        .collect()
+}
+
+/// The target as the verification reads it: partitions whose chunks were all confirmed equal
 /// to their stage by hash are read from the stage (no bytes cross the wire), the rest from the
 /// target.
 pub(super) struct ConfirmedView {
@@ -224,22 +240,6 @@ fn chunk_runs(ranges: &[Range<u64>], size: u64) -> Vec<Range<u64>> {
     out
 }
 
-/// What of `0..size` the sorted, disjoint `runs` leave.
-fn complement(runs: &[Range<u64>], size: u64) -> Vec<Range<u64>> {
-    let mut out = Vec::new();
-    let mut at = 0;
-    for r in runs {
-        if r.start > at {
-            out.push(at..r.start);
-        }
-        at = r.end;
-    }
-    if at < size {
-        out.push(at..size);
-    }
-    out
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -258,14 +258,16 @@ mod tests {
     }
 
     #[test]
-    fn runs_and_complements() {
+    fn runs_and_windows() {
         let runs = chunk_runs(
             &[10..20, MIB + 5..MIB + 6, 5 * MIB..5 * MIB + 1],
             5 * MIB + 100,
         );
         assert_eq!(runs, [0..2 * MIB, 5 * MIB..5 * MIB + 100]);
-        let gaps = complement(&runs, 5 * MIB + 100);
-        assert_eq!((gaps.len(), gaps[0].clone()), (1, 2 * MIB..5 * MIB));
+        assert_eq!(
+            within(&runs, &(MIB..5 * MIB + 50)),
+            [MIB..2 * MIB, 5 * MIB..5 * MIB + 50]
+        );
     }
 
     #[test]

@@ -3,8 +3,8 @@
 //! partition table scaled to the target (the last partition follows the target's size when it
 //! is recreated file by file), the boot bytes outside partitions, each partition by mode; then
 //! a flush and a verification through the filesystem readers: partitions the agent confirmed
-//! equal to their local stage by hashing every chunk are read from the stage, everything else
-//! is read back from the target (see `delta`).
+//! equal to their local stage by hashes (`delta`) are read from the stage, everything else
+//! is read back from the target.
 //!
 //! A target too small for the data is refused before anything is written, with the numbers.
 
@@ -130,7 +130,7 @@ pub fn deploy_disk(
 }
 
 /// An image without a partition table (a whole-disk capture of such a disk) onto the target's
-/// first bytes, as a delta: only chunks that differ are sent, every chunk is hashed again
+/// first bytes, as a delta: only chunks that differ are written and hashed again
 /// afterwards, and the comparison reads the image where the hashes proved the target equal.
 fn deploy_whole_disk(
     image: &Arc<dyn BlockDevice>,
