@@ -194,23 +194,26 @@ impl ReusingDevice {
         while at < piece.src.end {
             let n = (piece.src.end - at).min(1 << 20);
             let mut buf = vec![0u8; n as usize];
-            self.read_translated(piece, at, &mut buf)?;
+            self.read_piece(piece, at, &mut buf)?;
             sink(at, Bytes::from(buf))?;
             at += n;
         }
         Ok(())
     }
 
-    /// Fills `buf` with the bytes at source offset `at`, inside translated `piece`.
-    fn read_translated(&self, piece: &Piece, at: u64, buf: &mut [u8]) -> BlockResult<()> {
-        self.reused.fetch_add(buf.len() as u64, Ordering::Relaxed);
+    /// Fills `buf` with the bytes at source offset `at`, inside `piece`: from the source, or
+    /// (counted as reused) from the previous capture or as its hole's zeros.
+    fn read_piece(&self, piece: &Piece, at: u64, buf: &mut [u8]) -> BlockResult<()> {
+        if piece.from != From::Source {
+            self.reused.fetch_add(buf.len() as u64, Ordering::Relaxed);
+        }
         match piece.from {
+            From::Source => self.source.read_at(buf, at),
             From::Previous(p) => self.previous.read_at(buf, p + (at - piece.src.start)),
             From::Zeros => {
                 buf.fill(0);
                 Ok(())
             }
-            From::Source => self.source.read_at(buf, at),
         }
     }
 }
@@ -230,10 +233,7 @@ impl BlockDevice for ReusingDevice {
         for piece in self.pieces(offset..offset + buf.len() as u64) {
             let part =
                 &mut buf[(piece.src.start - offset) as usize..(piece.src.end - offset) as usize];
-            match piece.from {
-                From::Source => self.source.read_at(part, piece.src.start)?,
-                _ => self.read_translated(&piece, piece.src.start, part)?,
-            }
+            self.read_piece(&piece, piece.src.start, part)?;
         }
         Ok(())
     }
@@ -289,6 +289,8 @@ pub(super) struct ReusingFs {
     changed: Vec<Range<u64>>,
     /// Source node → the previous capture's node of the same path.
     pairs: Mutex<HashMap<NodeId, NodeId>>,
+    /// Metadata of the source's files as the tree walk read it, so deciding reads it once.
+    metas: Mutex<HashMap<NodeId, Metadata>>,
     /// Decided files: whether each is taken from the previous capture.
     decided: Mutex<HashMap<NodeId, bool>>,
     device: Option<Arc<ReusingDevice>>,
@@ -321,6 +323,7 @@ impl ReusingFs {
             previous,
             changed,
             pairs: Mutex::new(pairs),
+            metas: Mutex::default(),
             decided: Mutex::default(),
             device,
             previous_device,
@@ -372,10 +375,12 @@ impl ReusingFs {
         pair: NodeId,
         known: Option<&[FileExtent]>,
     ) -> Option<Vec<Piece>> {
-        let (now, then) = (
-            self.source.metadata(node).ok()?,
-            self.previous.metadata(pair).ok()?,
-        );
+        let known_meta = self.metas.lock().expect("metas").remove(&node);
+        let now = match known_meta {
+            Some(m) => m,
+            None => self.source.metadata(node).ok()?,
+        };
+        let then = self.previous.metadata(pair).ok()?;
         if !same_file(&now, &then) {
             return None;
         }
@@ -477,8 +482,14 @@ impl Filesystem for ReusingFs {
     fn root(&self) -> NodeId {
         self.source.root()
     }
+    /// The source's; a paired file's is kept until its data is decided on.
     fn metadata(&self, node: NodeId) -> Result<Metadata> {
-        self.source.metadata(node)
+        let meta = self.source.metadata(node)?;
+        let undecided = !self.decided.lock().expect("decided").contains_key(&node);
+        if meta.kind == FileKind::File && undecided && self.pair_of(node).is_some() {
+            self.metas.lock().expect("metas").insert(node, meta.clone());
+        }
+        Ok(meta)
     }
 
     /// The source's entries; pairs each with the previous capture's entry of the same name.
