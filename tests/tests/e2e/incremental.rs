@@ -27,7 +27,7 @@ fn capture(source: &str, out: &Path, key: &Path, extra: &[&str]) -> String {
         "--key-file".as_ref(),
         key.as_os_str(),
     ];
-    args.extend(extra.iter().map(|a| std::ffi::OsStr::new(a)));
+    args.extend(extra.iter().map(std::ffi::OsStr::new));
     let (ok, _, err) = diskferry(&args);
     assert!(ok, "{err}");
     err
