@@ -201,16 +201,63 @@ pub trait BlockDevice: Send + Sync {
 /// The chunk hashes of a whole device, by as many [`BlockDevice::chunk_hashes`] calls as the
 /// protocol's per-request limit needs.
 pub fn hash_device(dev: &dyn BlockDevice, chunk: u32) -> Result<Vec<ChunkHash>> {
+    hash_ranges(dev, chunk, std::slice::from_ref(&(0..dev.size())))
+}
+
+/// What [`hash_ranges`] puts for a chunk it was not asked to hash. No chunk's BLAKE3 hash is
+/// all ones in practice; comparisons must still treat it as "unknown", never as equal.
+pub const NOT_HASHED: ChunkHash = [0xff; 32];
+
+/// Chunks of unasked bytes between two asked ranges that are hashed anyway, to save a round
+/// trip: hashing 1 MiB costs less than asking twice.
+const HASH_GAP_CHUNKS: u64 = 16;
+
+/// One hash per `chunk` of the device: the chunks that touch `ranges` hashed (on the agent,
+/// for a remote disk), the others [`NOT_HASHED`]. Filesystem-aware callers pass the blocks in
+/// use, so free space is never read.
+pub fn hash_ranges(
+    dev: &dyn BlockDevice,
+    chunk: u32,
+    ranges: &[Range<u64>],
+) -> Result<Vec<ChunkHash>> {
     let size = dev.size();
-    let span = chunks::MAX_HASHES as u64 * u64::from(chunk);
-    let mut out = Vec::with_capacity(size.div_ceil(u64::from(chunk).max(1)) as usize);
-    let mut at = 0;
-    while at < size {
-        let n = (size - at).min(span);
-        out.extend(dev.chunk_hashes(at, n, chunk)?);
-        at += n;
+    let c = u64::from(chunk.max(1));
+    let mut out = vec![NOT_HASHED; size.div_ceil(c) as usize];
+    for run in chunk_runs(ranges, c, size) {
+        let mut at = run.start;
+        while at < run.end {
+            let n = (run.end - at).min(chunks::MAX_HASHES as u64);
+            let len = (n * c).min(size - at * c);
+            let hashes = dev.chunk_hashes(at * c, len, chunk)?;
+            if hashes.len() as u64 != n {
+                return Err(BlockError::Protocol(format!(
+                    "{} chunk hashes for {n} chunks",
+                    hashes.len()
+                )));
+            }
+            out[at as usize..(at + n) as usize].copy_from_slice(&hashes);
+            at += n;
+        }
     }
     Ok(out)
+}
+
+/// The chunk indices touching `ranges` (clipped to `size`), joined across small gaps.
+fn chunk_runs(ranges: &[Range<u64>], chunk: u64, size: u64) -> Vec<Range<u64>> {
+    let mut sorted: Vec<Range<u64>> = ranges
+        .iter()
+        .filter(|r| r.start < r.end.min(size))
+        .map(|r| r.start / chunk..r.end.min(size).div_ceil(chunk))
+        .collect();
+    sorted.sort_by_key(|r| r.start);
+    let mut out: Vec<Range<u64>> = Vec::new();
+    for r in sorted {
+        match out.last_mut() {
+            Some(last) if r.start <= last.end + HASH_GAP_CHUNKS => last.end = last.end.max(r.end),
+            _ => out.push(r),
+        }
+    }
+    out
 }
 
 /// The whole-device map: every extent from 0 to the end, by repeated `block_status` calls.
@@ -239,4 +286,58 @@ pub fn map_device(dev: &dyn BlockDevice) -> Result<Vec<Extent>> {
         }
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod hash_tests {
+    use super::*;
+
+    #[test]
+    fn only_chunks_touching_the_ranges_are_hashed_and_the_rest_are_marked_unknown() {
+        let chunk = 4096u32;
+        let mut data = vec![7u8; 200 * 4096 + 100];
+        data[150 * 4096] = 1;
+        let dev = memory::MemoryDevice::read_only(data);
+        let all = hash_device(&dev, chunk).unwrap();
+        assert_eq!(all.len(), 201);
+        // Chunk 3 (one byte of it), chunks 100..=130 and the short last chunk.
+        let some = hash_ranges(
+            &dev,
+            chunk,
+            &[
+                100 * 4096..130 * 4096 + 1,
+                3 * 4096 + 5..3 * 4096 + 6,
+                200 * 4096..200 * 4096 + 100,
+            ],
+        )
+        .unwrap();
+        for (i, (a, b)) in all.iter().zip(&some).enumerate() {
+            if i == 3 || (100..=130).contains(&i) || i == 200 {
+                assert_eq!(a, b, "chunk {i}");
+            } else if (4..=19).contains(&i) || i < 3 {
+                // Within the gap joined to chunk 3's request, or before it: either way not
+                // asked, so hashed only as part of a joined run.
+                assert!(b == a || *b == NOT_HASHED, "chunk {i}");
+            } else {
+                assert_eq!(*b, NOT_HASHED, "chunk {i}");
+            }
+        }
+        assert_ne!(some[150], all[150]);
+    }
+
+    #[test]
+    fn runs_join_small_gaps_and_stay_apart_across_large_ones() {
+        let runs = chunk_runs(
+            &[50..60, 0..10, 10 * 4096..11 * 4096, 1 << 40..(1 << 40) + 1],
+            4096,
+            1 << 20,
+        );
+        assert_eq!(runs, vec![0..11]); // a 9-chunk gap is hashed through
+        let runs = chunk_runs(
+            &[0..4096, 17 * 4096..18 * 4096, 35 * 4096..36 * 4096],
+            4096,
+            1 << 20,
+        );
+        assert_eq!(runs, vec![0..18, 35..36]);
+    }
 }

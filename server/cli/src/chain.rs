@@ -170,7 +170,7 @@ mod tests {
         image.write_at(&buf, 0).unwrap();
         image.flush().unwrap();
         drop(image);
-        ChunkMap::of_source(&**source, out, Layout::WholeDisk)
+        ChunkMap::of_source(source, out, Layout::WholeDisk)
             .unwrap()
             .save(out)
             .unwrap();
@@ -186,7 +186,7 @@ mod tests {
         out: &Path,
         base: &Path,
     ) -> Result<(), IncrementalError> {
-        let base = Base::open(base, &**source, &Silent)?;
+        let base = Base::open(base, source, &Silent)?;
         capture_overlay(&**source, out, &base, false, &Silent)?;
         base.map_for(out, Layout::WholeDisk)
             .unwrap()

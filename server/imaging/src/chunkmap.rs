@@ -7,6 +7,10 @@
 //! whole-disk capture, which an incremental capture overlays) or recreated file by file (whose
 //! incremental capture is a new image that takes unchanged files from it).
 //!
+//! A whole-disk map hashes every chunk; a partition-by-partition map only the chunks holding
+//! blocks its filesystems use (the others are [`NOT_HASHED`] and always count as changed), so
+//! free space is never read to hash it.
+//!
 //! File format (little-endian): magic `DFCHUNK2`, chunk size u32, source size u64, image
 //! length u64, image mtime (seconds u64, nanoseconds u32), hash count u64, layout u8 (0 whole
 //! disk, 1 partitions), then 32 bytes per hash. Written under a temporary name and renamed.
@@ -15,7 +19,9 @@ use std::io::Write;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 
-use diskferry_blockdev::{BlockDevice, BlockError};
+use std::sync::Arc;
+
+use diskferry_blockdev::{BlockDevice, BlockError, SliceDevice, NOT_HASHED};
 use diskferry_protocol::chunks::ChunkHash;
 
 const MAGIC: &[u8; 8] = b"DFCHUNK2";
@@ -109,9 +115,10 @@ pub fn remove(image: &Path) -> Result<(), ChunkMapError> {
 }
 
 impl ChunkMap {
-    /// Hashes `source` (on the agent, for a remote disk) for the image at `image`.
+    /// Hashes `source` (on the agent, for a remote disk) for the image at `image`: the
+    /// chunks [`hashed_ranges`] names for `layout`.
     pub fn of_source(
-        source: &dyn BlockDevice,
+        source: &Arc<dyn BlockDevice>,
         image: &Path,
         layout: Layout,
     ) -> Result<ChunkMap, ChunkMapError> {
@@ -120,7 +127,7 @@ impl ChunkMap {
             source_size: source.size(),
             image_stamp: stamp_of(image)?,
             layout,
-            hashes: diskferry_blockdev::hash_device(source, chunk_for(source.size()))?,
+            hashes: hash_source(source, layout, chunk_for(source.size()))?,
         })
     }
 
@@ -235,8 +242,51 @@ impl ChunkMap {
     }
 }
 
+/// The chunk hashes of `source` a map of `layout` holds, in `chunk`-byte chunks: every chunk
+/// for a whole-disk capture (its incremental capture copies any chunk that changed); for a
+/// partition-by-partition one only the chunks holding blocks its filesystems use, others
+/// [`NOT_HASHED`]. Only file data can be taken from a previous files-mode capture, and only
+/// when its chunks are unchanged; free space never needs reading. A partition whose filesystem
+/// does not open is not hashed (it is copied whole either way).
+pub fn hash_source(
+    source: &Arc<dyn BlockDevice>,
+    layout: Layout,
+    chunk: u32,
+) -> Result<Vec<ChunkHash>, BlockError> {
+    let ranges = match layout {
+        Layout::WholeDisk => std::iter::once(0..source.size()).collect(),
+        Layout::Partitions => filesystem_blocks(source),
+    };
+    diskferry_blockdev::hash_ranges(&**source, chunk, &ranges)
+}
+
+/// The disk byte ranges of the blocks each partition's filesystem uses (metadata included).
+fn filesystem_blocks(source: &Arc<dyn BlockDevice>) -> Vec<Range<u64>> {
+    let Ok(table) = diskferry_partition::read_table(&**source) else {
+        return std::iter::once(0..source.size()).collect();
+    };
+    let mut out = Vec::new();
+    for part in &table.partitions {
+        let Ok(slice) = SliceDevice::new(Arc::clone(source), part.start, part.size) else {
+            continue;
+        };
+        let Some(map) = diskferry_fs::open(Arc::new(slice))
+            .ok()
+            .and_then(|fs| fs.allocation_map().ok())
+        else {
+            continue;
+        };
+        let bs = u64::from(map.block_size);
+        out.extend(map.runs.iter().map(|&(first, count)| {
+            part.start + first * bs..part.start + ((first + count) * bs).min(part.size)
+        }));
+    }
+    out
+}
+
 /// Adds to `out` the byte ranges of `span` (hashed in `chunk`-byte chunks from its start) whose
-/// hashes differ between `a` and `b`, joined with each other and with `out`'s last range.
+/// hashes differ between `a` and `b`, joined with each other and with `out`'s last range. A
+/// chunk either side did not hash ([`NOT_HASHED`]) counts as differing.
 pub fn add_differing(
     out: &mut Vec<Range<u64>>,
     a: &[ChunkHash],
@@ -246,7 +296,7 @@ pub fn add_differing(
 ) {
     let chunk = u64::from(chunk);
     for (i, (x, y)) in a.iter().zip(b).enumerate() {
-        if x == y {
+        if x == y && *x != NOT_HASHED {
             continue;
         }
         let start = span.start + i as u64 * chunk;

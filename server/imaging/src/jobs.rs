@@ -99,7 +99,7 @@ pub fn capture(
     progress: &dyn Progress,
 ) -> Result<CaptureOutcome, CaptureJobError> {
     let base = match &options.base {
-        Some(path) => Some(Base::open(path, &*source, progress)?),
+        Some(path) => Some(Base::open(path, &source, progress)?),
         None => None,
     };
     let partitioned = partition::read_table(&*source).is_ok_and(|t| t.scheme != Scheme::None);
@@ -111,7 +111,7 @@ pub fn capture(
         tracing::info!("the source has no partition table: copying every non-zero sector");
     }
     let summary = capture_image(&source, out, options, base.as_ref(), whole_disk, progress)?;
-    let chunk_map = write_chunk_map(&*source, out, options, base.as_ref(), whole_disk)?;
+    let chunk_map = write_chunk_map(&source, out, options, base.as_ref(), whole_disk)?;
     let verify = if options.verify {
         Some(verify_output(&source, out)?)
     } else {
@@ -211,7 +211,7 @@ fn open_previous(base: &Base) -> Result<Previous, IncrementalError> {
 /// The chunk map beside the output: the base's hashes of now for an incremental capture,
 /// the source hashed when asked for, else none.
 fn write_chunk_map(
-    source: &dyn BlockDevice,
+    source: &Arc<dyn BlockDevice>,
     out: &Path,
     options: &CaptureOptions,
     base: Option<&Base>,

@@ -380,7 +380,11 @@ mod tests {
             let f = std::fs::File::options().write(true).open(&image).unwrap();
             f.set_modified(when).unwrap();
             if name != "nomap.img" {
-                let source = diskferry_blockdev::MemoryDevice::read_only(vec![1u8; 1 << 20]);
+                let source: std::sync::Arc<dyn diskferry_blockdev::BlockDevice> =
+                    std::sync::Arc::new(diskferry_blockdev::MemoryDevice::read_only(vec![
+                        1u8;
+                        1 << 20
+                    ]));
                 let map = ChunkMap::of_source(&source, &image, Layout::WholeDisk).unwrap();
                 map.save(&image).unwrap();
             }

@@ -308,7 +308,8 @@ mod tests {
         std::fs::write(&image, vec![7u8; 3 << 20]).unwrap();
         c.refresh_captures().unwrap();
         assert!(!c.captures().unwrap()[0].chunk_map);
-        let source = MemoryDevice::read_only(vec![7u8; 3 << 20]);
+        let source: std::sync::Arc<dyn diskferry_blockdev::BlockDevice> =
+            std::sync::Arc::new(MemoryDevice::read_only(vec![7u8; 3 << 20]));
         ChunkMap::of_source(&source, &image, Layout::WholeDisk)
             .unwrap()
             .save(&image)

@@ -10,9 +10,10 @@
 
 use std::ops::Range;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use diskferry_blockdev::{BlockDevice, BlockError};
+use diskferry_blockdev::{BlockDevice, BlockError, NOT_HASHED};
 use diskferry_protocol::chunks::ChunkHash;
 
 use super::capture::{copy_ranges, CopyError};
@@ -56,6 +57,7 @@ pub enum IncrementalError {
 /// What an incremental capture did.
 #[derive(Debug, Clone)]
 pub struct IncrementalStats {
+    /// Chunks hashed now (a files-mode base hashes only blocks its filesystems use).
     pub chunks: usize,
     pub changed_chunks: usize,
     /// Bytes of the changed chunks.
@@ -81,28 +83,39 @@ impl Base {
     /// disk) to find what changed.
     pub fn open(
         path: &Path,
-        source: &dyn BlockDevice,
+        source: &Arc<dyn BlockDevice>,
         progress: &dyn Progress,
     ) -> Result<Base, IncrementalError> {
         let started = Instant::now();
         let map = base_map(path, source.size())?;
         progress.start("hashing", source.size());
         let now =
-            diskferry_blockdev::hash_device(source, map.chunk).map_err(IncrementalError::Read)?;
+            chunkmap::hash_source(source, map.layout, map.chunk).map_err(IncrementalError::Read)?;
         progress.advance(source.size());
         progress.finish();
         let changed = map.changed(&now);
-        let changed_bytes: u64 = changed.iter().map(|r| r.end - r.start).sum();
-        let changed_chunks = now.iter().zip(&map.hashes).filter(|(a, b)| a != b).count();
+        // Chunks not hashed now hold no file data (free space, swap): they count as changed
+        // for safety but are not reported as changes.
+        let hashed = |i: &usize| now[*i] != NOT_HASHED;
+        let chunks = (0..now.len()).filter(hashed).count();
+        let differs = (0..now.len())
+            .filter(hashed)
+            .filter(|&i| now[i] != map.hashes[i]);
+        let (changed_chunks, changed_bytes) = differs.fold((0, 0), |(n, b), i| {
+            let start = i as u64 * u64::from(map.chunk);
+            (
+                n + 1,
+                b + (start + u64::from(map.chunk)).min(map.source_size) - start,
+            )
+        });
         tracing::info!(
-            "{changed_chunks} of {} chunks changed since {}",
-            now.len(),
+            "{changed_chunks} of {chunks} chunks changed since {}",
             path.display()
         );
         Ok(Base {
             path: path.to_path_buf(),
             stats: IncrementalStats {
-                chunks: now.len(),
+                chunks,
                 changed_chunks,
                 changed_bytes,
                 elapsed: started.elapsed(),
