@@ -242,8 +242,9 @@ pub fn hash_ranges(
     Ok(out)
 }
 
-/// The chunk indices touching `ranges` (clipped to `size`), joined across small gaps.
-fn chunk_runs(ranges: &[Range<u64>], chunk: u64, size: u64) -> Vec<Range<u64>> {
+/// The chunk indices touching `ranges` (clipped to `size`), sorted and joined across gaps of
+/// a few chunks (hashing those costs less than another request).
+pub fn chunk_runs(ranges: &[Range<u64>], chunk: u64, size: u64) -> Vec<Range<u64>> {
     let mut sorted: Vec<Range<u64>> = ranges
         .iter()
         .filter(|r| r.start < r.end.min(size))

@@ -1,15 +1,18 @@
 //! Delta writes onto a used disk: a partition built locally (the staging device) reaches the
-//! target by writing only what differs. Every chunk (64 KiB) is hashed on both sides — the
-//! target's by the agent, `HashChunks`, so no data crosses the wire for it — and only chunks
-//! whose hashes differ are written: zeroed by the agent, then given the stage's data, if any.
-//! A target that cannot hash (an agent before `HashChunks`) is zeroed whole and gets every
-//! data chunk.
+//! target by writing only what differs. The chunks (64 KiB) holding blocks the stage's
+//! filesystem uses are hashed on both sides — the target's by the agent, `HashChunks`, so no
+//! data crosses the wire for it — and only chunks whose hashes differ are written: zeroed by
+//! the agent, then given the stage's data, if any. Free blocks of the new filesystem are
+//! neither hashed nor written: nothing reads them (not the system, not the verification), and
+//! a full restore by partclone leaves them as they were too. A stage whose filesystem does
+//! not open is compared whole; of a swap area only the header counts. A target that cannot hash (an
+//! agent before `HashChunks`) is zeroed whole and gets every data chunk.
 //!
 //! Afterwards the agent hashes the written chunks again and each hash must equal the stage's
-//! (the others did before writing): the target then provably holds the stage's bytes, and
-//! the deploy's file-level verification reads those partitions from the stage
-//! ([`ConfirmedView`]) instead of moving them back over the wire. Partitions of a target that
-//! cannot hash are read back.
+//! (the others did before writing): within the blocks in use the target then provably holds
+//! the stage's bytes, and the deploy's file-level verification — which reads only blocks in
+//! use — reads those partitions from the stage ([`ConfirmedView`]) instead of moving them back
+//! over the wire. Partitions of a target that cannot hash are read back.
 
 use std::ops::Range;
 use std::sync::{Arc, Mutex};
@@ -45,9 +48,9 @@ pub(super) fn write_delta(
         data_bytes: data_chunks.iter().map(|r| r.end - r.start).sum(),
         ..DeltaStats::default()
     };
-    // Every chunk is hashed on both sides once: one that reads the same is left alone (free
-    // space an earlier deploy zeroed included); the others are zeroed and get the stage's data.
-    let changed = changed_chunks(stage, target, 0..size)?;
+    // Chunks in use are hashed on both sides once: one that reads the same is left alone;
+    // the others are zeroed and get the stage's data.
+    let changed = changed_in_use(stage, target)?;
     let hashed = changed.is_some();
     let changed = changed.unwrap_or_else(|| std::iter::once(0..size).collect());
     for c in &changed {
@@ -195,6 +198,45 @@ impl BlockDevice for ConfirmedView {
             }
         }
         Ok(())
+    }
+}
+
+/// The chunks holding blocks the stage's filesystem uses whose bytes differ between `stage`
+/// and `target`, joined; `None` when the target cannot hash.
+fn changed_in_use(
+    stage: &Arc<dyn BlockDevice>,
+    target: &Arc<dyn BlockDevice>,
+) -> Result<Option<Vec<Range<u64>>>, CopyError> {
+    let size = stage.size();
+    let c = u64::from(CHUNK);
+    let mut out = Vec::new();
+    for run in diskferry_blockdev::chunk_runs(&in_use(stage), c, size) {
+        match changed_chunks(stage, target, run.start * c..(run.end * c).min(size))? {
+            Some(changed) => out.extend(changed),
+            None => return Ok(None),
+        }
+    }
+    Ok(Some(out))
+}
+
+/// The byte ranges of the blocks the stage's filesystem uses (of a swap area: its header; the
+/// other pages are scratch), or the whole stage when nothing of the kind opens on it.
+fn in_use(stage: &Arc<dyn BlockDevice>) -> Vec<Range<u64>> {
+    if diskferry_fs::swap::read_identity(&**stage).is_ok() {
+        return std::iter::once(0..diskferry_fs::swap::PAGE).collect();
+    }
+    let map = diskferry_fs::open(Arc::clone(stage))
+        .ok()
+        .and_then(|fs| fs.allocation_map().ok());
+    match map {
+        Some(map) => {
+            let bs = u64::from(map.block_size);
+            map.runs
+                .iter()
+                .map(|&(first, n)| first * bs..((first + n) * bs).min(stage.size()))
+                .collect()
+        }
+        None => std::iter::once(0..stage.size()).collect(),
     }
 }
 
