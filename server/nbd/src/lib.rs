@@ -1,0 +1,36 @@
+//! An NBD server over any [`BlockDevice`](diskferry_blockdev::BlockDevice): what
+//! `diskferry export` runs so qemu, `nbdcopy`, `nbdinfo` or the kernel's NBD client can use a
+//! capture (or a remote machine's disk) directly.
+//!
+//! - [`proto`]: the wire format, bounded parsers (fuzzed);
+//! - [`handshake`]: fixed newstyle option negotiation;
+//! - [`transmission`]: the request loop (read, write, flush, trim, write zeroes, block status
+//!   with `base:allocation`; structured replies when negotiated);
+//! - [`server`]: the listener, connection limits and timeouts;
+//! - [`export`]: the named devices served and their advertised flags.
+#![forbid(unsafe_code)]
+
+pub mod export;
+pub mod handshake;
+pub mod proto;
+pub mod server;
+pub mod transmission;
+
+pub use export::{Export, Exports};
+pub use server::{Limits, Server};
+
+/// Why an NBD connection (or the server) stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum NbdError {
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: std::net::SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("connection: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("the client broke the protocol: {0}")]
+    Wire(#[from] proto::WireError),
+    #[error("{0}")]
+    Client(String),
+}
