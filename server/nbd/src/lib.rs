@@ -6,10 +6,12 @@
 //! - [`handshake`]: fixed newstyle option negotiation;
 //! - [`transmission`]: the request loop (read, write, flush, trim, write zeroes, block status
 //!   with `base:allocation`; structured replies when negotiated);
+//! - [`concurrent`]: one connection's requests executed on a few threads, memory bounded;
 //! - [`server`]: the listener, connection limits and timeouts;
 //! - [`export`]: the named devices served and their advertised flags.
 #![forbid(unsafe_code)]
 
+pub mod concurrent;
 pub mod export;
 pub mod handshake;
 pub mod proto;

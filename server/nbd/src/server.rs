@@ -4,15 +4,16 @@
 //! once started. An idle client between requests may wait as long as it likes: a VM that does
 //! no I/O for an hour must keep its disk.
 
-use std::io::{BufReader, BufWriter, Read, Write};
+use std::io::{BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::concurrent::serve_concurrently;
 use crate::export::Exports;
 use crate::handshake::negotiate;
-use crate::transmission::{serve, RequestSource};
+use crate::transmission::{RequestSource, Session};
 use crate::NbdError;
 
 /// How long clients get.
@@ -131,12 +132,11 @@ fn connection(stream: TcpStream, exports: &Exports, limits: Limits) -> Result<()
         return Ok(());
     };
     tracing::info!(export = %negotiated.export.name, structured = negotiated.structured, "NBD client chose an export");
-    let mut reader = Incoming {
+    let mut reader = RequestStream {
         inner: BufReader::with_capacity(256 << 10, stream.try_clone()?),
         stall: limits.stall,
     };
-    let mut writer = BufWriter::with_capacity(256 << 10, &stream);
-    serve(&mut reader, &mut writer, &negotiated)
+    serve_concurrently(&mut reader, &stream, &Session::new(&negotiated))
 }
 
 /// The handshake's stream: every read and write must finish before the deadline.
@@ -176,18 +176,18 @@ impl Write for Deadline<'_> {
 }
 
 /// Requests: no timeout while idle, the stall timeout once a request started.
-struct Incoming {
+struct RequestStream {
     inner: BufReader<TcpStream>,
     stall: Duration,
 }
 
-impl Read for Incoming {
+impl Read for RequestStream {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
         self.inner.read(buf)
     }
 }
 
-impl std::io::BufRead for Incoming {
+impl std::io::BufRead for RequestStream {
     fn fill_buf(&mut self) -> std::io::Result<&[u8]> {
         self.inner.fill_buf()
     }
@@ -196,7 +196,7 @@ impl std::io::BufRead for Incoming {
     }
 }
 
-impl RequestSource for Incoming {
+impl RequestSource for RequestStream {
     fn buffered(&self) -> usize {
         self.inner.buffer().len()
     }

@@ -7,7 +7,7 @@
 //! export. Block status needs structured replies and `base:allocation`, and describes at most
 //! [`MAX_EXTENTS`] extents.
 
-use std::io::{BufRead, Read, Write};
+use std::io::{BufRead, Write};
 
 use diskferry_blockdev::{BlockError, Region};
 
@@ -28,41 +28,72 @@ pub trait RequestSource: BufRead {
     }
 }
 
-/// Serves requests until the client disconnects (`CMD_DISC` or end of stream).
+/// A request and, for a WRITE, its payload.
+pub struct Incoming {
+    pub request: Request,
+    pub payload: Vec<u8>,
+}
+
+/// Reads the next request (and a WRITE's payload); `None` when the client disconnects
+/// (`CMD_DISC` or end of stream). `before_wait` runs when nothing further is buffered and the
+/// read is about to block (flush replies then).
+pub fn next_request<R: RequestSource>(
+    reader: &mut R,
+    before_wait: &mut dyn FnMut() -> std::io::Result<()>,
+) -> Result<Option<Incoming>, NbdError> {
+    if reader.buffered() == 0 {
+        before_wait()?;
+        reader.idle(true)?;
+        let more = !reader.fill_buf()?.is_empty();
+        reader.idle(false)?;
+        if !more {
+            return Ok(None);
+        }
+    }
+    let mut head = [0u8; Request::LEN];
+    reader.read_exact(&mut head)?;
+    let request = Request::parse(&head)?;
+    if request.kind == CMD_DISC {
+        return Ok(None);
+    }
+    let mut payload = Vec::new();
+    if request.kind == CMD_WRITE {
+        if request.len > MAX_PAYLOAD {
+            return Err(WireError::TooLong {
+                what: "write payload",
+                len: request.len.into(),
+                max: MAX_PAYLOAD.into(),
+            }
+            .into());
+        }
+        payload = vec![0u8; request.len as usize];
+        reader.read_exact(&mut payload)?;
+    }
+    Ok(Some(Incoming { request, payload }))
+}
+
+/// Serves requests one after the other until the client disconnects.
 pub fn serve<R: RequestSource, W: Write>(
     reader: &mut R,
     writer: &mut W,
     negotiated: &Negotiated,
 ) -> Result<(), NbdError> {
-    let mut session = Session {
-        export: &negotiated.export,
-        structured: negotiated.structured,
-        allocation: negotiated.allocation,
-    };
-    loop {
-        if reader.buffered() == 0 {
-            writer.flush()?;
-            reader.idle(true)?;
-            let more = !reader.fill_buf()?.is_empty();
-            reader.idle(false)?;
-            if !more {
-                return Ok(());
-            }
-        }
-        let mut head = [0u8; Request::LEN];
-        reader.read_exact(&mut head)?;
-        let req = Request::parse(&head)?;
-        if req.kind == CMD_DISC {
-            writer.flush()?;
-            return Ok(());
-        }
-        session.answer(reader, writer, &req)?;
+    let session = Session::new(negotiated);
+    let mut reply = Vec::new();
+    while let Some(incoming) = next_request(reader, &mut || writer.flush())? {
+        reply.clear();
+        session.answer(&incoming, &mut reply);
+        writer.write_all(&reply)?;
     }
+    writer.flush()?;
+    Ok(())
 }
 
-/// One connection's view of its export.
-struct Session<'a> {
-    export: &'a Export,
+/// One connection's view of its export: what it negotiated. Shared by the threads that
+/// answer its requests.
+#[derive(Clone)]
+pub struct Session {
+    export: Export,
     structured: bool,
     allocation: bool,
 }
@@ -83,40 +114,31 @@ impl From<BlockError> for Failure {
     }
 }
 
-impl Session<'_> {
-    fn answer<R: Read, W: Write>(
-        &mut self,
-        reader: &mut R,
-        w: &mut W,
-        req: &Request,
-    ) -> Result<(), NbdError> {
-        let mut payload = Vec::new();
-        if req.kind == CMD_WRITE {
-            if req.len > MAX_PAYLOAD {
-                return Err(WireError::TooLong {
-                    what: "write payload",
-                    len: req.len.into(),
-                    max: MAX_PAYLOAD.into(),
-                }
-                .into());
-            }
-            payload = vec![0u8; req.len as usize];
-            reader.read_exact(&mut payload)?;
+impl Session {
+    pub fn new(negotiated: &Negotiated) -> Session {
+        Session {
+            export: negotiated.export.clone(),
+            structured: negotiated.structured,
+            allocation: negotiated.allocation,
         }
+    }
+
+    /// Executes a request and appends its whole reply to `w`.
+    pub fn answer(&self, incoming: &Incoming, w: &mut Vec<u8>) {
+        let req = &incoming.request;
         let done = match req.kind {
             CMD_READ => return self.read(w, req),
             CMD_BLOCK_STATUS => return self.block_status(w, req),
-            CMD_WRITE => self.write(req, &payload),
+            CMD_WRITE => self.write(req, &incoming.payload),
             CMD_FLUSH => self.export.device.flush().map_err(Failure::from),
             CMD_TRIM => self.modify(req, |d| d.discard(req.offset, req.len.into())),
             CMD_WRITE_ZEROES => self.modify(req, |d| d.write_zeroes(req.offset, req.len.into())),
             _ => Err(Failure(EINVAL, format!("unknown command {}", req.kind))),
         };
         match done {
-            Ok(()) => w.write_all(&simple_reply(0, req.cookie))?,
-            Err(f) => self.fail(w, req.cookie, f)?,
+            Ok(()) => w.extend_from_slice(&simple_reply(0, req.cookie)),
+            Err(f) => self.fail(w, req.cookie, f),
         }
-        Ok(())
     }
 
     /// Checks that the request lies in the export.
@@ -165,39 +187,37 @@ impl Session<'_> {
         Ok(())
     }
 
-    fn read<W: Write>(&self, w: &mut W, req: &Request) -> Result<(), NbdError> {
-        let data = self.in_bounds(req).and_then(|()| {
-            if req.len > MAX_PAYLOAD {
-                return Err(Failure(
-                    EINVAL,
-                    format!("reads are limited to {MAX_PAYLOAD} bytes"),
-                ));
-            }
-            let mut buf = vec![0u8; req.len as usize];
-            self.export.device.read_at(&mut buf, req.offset)?;
-            Ok(buf)
-        });
-        let data = match data {
-            Ok(d) => d,
-            Err(f) => return self.fail(w, req.cookie, f),
-        };
+    /// A READ's reply, the data read straight into the reply buffer.
+    fn read(&self, w: &mut Vec<u8>, req: &Request) {
+        if let Err(f) = self.in_bounds(req) {
+            return self.fail(w, req.cookie, f);
+        }
+        if req.len > MAX_PAYLOAD {
+            let f = Failure(EINVAL, format!("reads are limited to {MAX_PAYLOAD} bytes"));
+            return self.fail(w, req.cookie, f);
+        }
+        let start = w.len();
         if self.structured {
-            let len = 8 + data.len() as u32;
-            w.write_all(&structured_header(
+            let len = 8 + req.len;
+            w.extend_from_slice(&structured_header(
                 REPLY_FLAG_DONE,
                 REPLY_TYPE_OFFSET_DATA,
                 req.cookie,
                 len,
-            ))?;
-            w.write_all(&req.offset.to_be_bytes())?;
+            ));
+            w.extend_from_slice(&req.offset.to_be_bytes());
         } else {
-            w.write_all(&simple_reply(0, req.cookie))?;
+            w.extend_from_slice(&simple_reply(0, req.cookie));
         }
-        w.write_all(&data)?;
-        Ok(())
+        let data = w.len();
+        w.resize(data + req.len as usize, 0);
+        if let Err(e) = self.export.device.read_at(&mut w[data..], req.offset) {
+            w.truncate(start);
+            self.fail(w, req.cookie, e.into());
+        }
     }
 
-    fn block_status<W: Write>(&self, w: &mut W, req: &Request) -> Result<(), NbdError> {
+    fn block_status(&self, w: &mut Vec<u8>, req: &Request) {
         if !self.structured || !self.allocation {
             let f = Failure(
                 EINVAL,
@@ -221,9 +241,8 @@ impl Session<'_> {
             req.cookie,
             body.len() as u32,
         );
-        w.write_all(&head)?;
-        w.write_all(&body)?;
-        Ok(())
+        w.extend_from_slice(&head);
+        w.extend_from_slice(&body);
     }
 
     /// `(length, flags)` descriptors from the request's offset, same states joined, at most
@@ -268,24 +287,23 @@ impl Session<'_> {
         Ok(out)
     }
 
-    fn fail<W: Write>(&self, w: &mut W, cookie: u64, f: Failure) -> Result<(), NbdError> {
+    fn fail(&self, w: &mut Vec<u8>, cookie: u64, f: Failure) {
         let Failure(errno, message) = f;
         if !self.structured {
-            w.write_all(&simple_reply(errno, cookie))?;
-            return Ok(());
+            w.extend_from_slice(&simple_reply(errno, cookie));
+            return;
         }
         let message: String = message.chars().take(1000).collect();
         let message = message.as_bytes();
         let mut body = errno.to_be_bytes().to_vec();
         body.extend_from_slice(&(message.len() as u16).to_be_bytes());
         body.extend_from_slice(message);
-        w.write_all(&structured_header(
+        w.extend_from_slice(&structured_header(
             REPLY_FLAG_DONE,
             REPLY_TYPE_ERROR,
             cookie,
             body.len() as u32,
-        ))?;
-        w.write_all(&body)?;
-        Ok(())
+        ));
+        w.extend_from_slice(&body);
     }
 }
