@@ -195,6 +195,39 @@ pub fn create_overlay(
     )?))
 }
 
+/// Reopens the qcow2 overlay at `path` for writing, on its backing image, which must be
+/// `base` (the same file once both paths are resolved): a redo log taken up again. An overlay
+/// of another image, or an image that is no overlay, is refused.
+pub fn reopen_overlay(path: &Path, base: &Path) -> Result<Arc<dyn BlockDevice>, ImageError> {
+    let file: Arc<dyn BlockDevice> = Arc::new(FileDevice::open(path, true).at(path)?);
+    let name = qcow2::backing_name_of(&*file, path)?;
+    let resolve = |p: &Path| std::fs::canonicalize(p).ok();
+    let theirs = name.as_deref().map(|n| backing_path(path, n));
+    if theirs
+        .as_deref()
+        .and_then(resolve)
+        .is_none_or(|t| Some(t) != resolve(base))
+    {
+        return Err(ImageError::Unsupported {
+            path: path.to_path_buf(),
+            feature: format!(
+                "continuing it on {}: it is {}",
+                base.display(),
+                match theirs {
+                    Some(t) => format!("an overlay of {}", t.display()),
+                    None => "not an overlay".into(),
+                }
+            ),
+        });
+    }
+    let (_, backing) = open_image(base, true)?;
+    Ok(Arc::new(qcow2::Qcow2::open_writable(
+        file,
+        path,
+        Some(backing),
+    )?))
+}
+
 /// Creates an image of `size` virtual bytes in the empty, writable `file` (named `path` in
 /// errors) and returns it as a writable block device. With `compress`, whole data clusters are
 /// stored compressed where that saves space (qcow2 only; a streamOptimized VMDK always
