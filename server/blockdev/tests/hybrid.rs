@@ -305,34 +305,52 @@ fn copy_on_write_keeps_the_base_around_partial_writes_and_falls_back_to_it_on_tr
     assert!(CowDevice::new(base, Arc::new(volume(CLUSTER, 1, None))).is_err());
 }
 
-#[test]
-fn four_threads_write_and_read_disjoint_regions_that_share_clusters() {
-    let dir = tempfile::tempdir().unwrap();
-    let region = 5 * C + 1000; // not cluster-aligned: neighbours share a cluster
-    let vol = volume(4 * region as u64, 8, Some(&dir.path().join("spill")));
+/// Four threads write (and zero) random pieces of their own regions and read them back;
+/// neighbouring regions share a cluster. `initial` is what the device reads before.
+fn hammer(dev: &dyn BlockDevice, region: usize, initial: &[u8]) {
     std::thread::scope(|s| {
         for t in 0..4 {
-            let vol = &vol;
             s.spawn(move || {
                 let mut rng = StdRng::seed_from_u64(t);
-                let mut mine = vec![0u8; region];
-                let base = (t as usize * region) as u64;
+                let base = t as usize * region;
+                let mut mine = initial[base..base + region].to_vec();
                 for _ in 0..300 {
                     let at = rng.gen_range(0..region);
                     let len = rng.gen_range(1..=(region - at).min(C + 3000));
-                    let bytes = random_bytes(&mut rng, len);
-                    vol.write_at(&bytes, base + at as u64).unwrap();
-                    mine[at..at + len].copy_from_slice(&bytes);
+                    if rng.gen_bool(0.2) {
+                        dev.write_zeroes((base + at) as u64, len as u64).unwrap();
+                        mine[at..at + len].fill(0);
+                    } else {
+                        let bytes = random_bytes(&mut rng, len);
+                        dev.write_at(&bytes, (base + at) as u64).unwrap();
+                        mine[at..at + len].copy_from_slice(&bytes);
+                    }
                     let at = rng.gen_range(0..region);
-                    assert_eq!(read(vol, base + at as u64, region - at), mine[at..]);
+                    assert!(read(dev, (base + at) as u64, region - at) == mine[at..]);
                 }
             });
         }
     });
+}
+
+#[test]
+fn four_threads_write_and_read_disjoint_regions_that_share_clusters() {
+    let dir = tempfile::tempdir().unwrap();
+    let region = 5 * C + 1000; // not cluster-aligned: neighbours share a cluster
+    let size = 4 * region;
+    let vol = volume(size as u64, 8, Some(&dir.path().join("spill")));
+    hammer(&vol, region, &vec![0; size]);
     assert!(
         vol.stats().file_clusters > 0,
         "the test reaches the spill file"
     );
+
+    let base_bytes = random_bytes(&mut StdRng::seed_from_u64(9), size);
+    let base = Arc::new(MemoryDevice::read_only(base_bytes.clone()));
+    let top = Arc::new(volume(size as u64, 8, Some(&dir.path().join("spill2"))));
+    let cow = CowDevice::new(base.clone(), top).unwrap();
+    hammer(&cow, region, &base_bytes);
+    assert!(base.contents() == base_bytes);
 }
 
 #[test]
