@@ -330,8 +330,9 @@ impl Store {
 impl Drop for Store {
     fn drop(&mut self) {
         if let Some(path) = &self.path {
-            // Best effort: the file only ever held this process's redo.
-            let _ = std::fs::remove_file(path);
+            if let Err(e) = std::fs::remove_file(path) {
+                tracing::warn!("could not remove the spill file {}: {e}", path.display());
+            }
         }
     }
 }
@@ -646,6 +647,12 @@ impl HybridVolume {
         } else {
             return Err(StoreError::Full(self.ram_full()));
         };
+        if tier == Tier::File && st.slots[tier as usize].taken == 0 {
+            tracing::info!(
+                "the RAM redo is full ({} clusters): further clusters go to the spill file",
+                self.max_pages
+            );
+        }
         let slot = st.slots[tier as usize].take();
         if let Err(e) = self.store(tier).and_then(|s| s.write(&content, slot, 0)) {
             st.slots[tier as usize].free.push(slot);
