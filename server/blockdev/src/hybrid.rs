@@ -160,6 +160,18 @@ impl Bitmap {
             *w &= !(1 << (i % 64));
         }
     }
+    /// The first set bit in `from..limit`, or `limit`.
+    fn next_set(&self, from: u64, limit: u64) -> u64 {
+        let mut i = from;
+        while i < limit {
+            let w = self.0[(i / 64) as usize] >> (i % 64);
+            if w != 0 {
+                return (i + u64::from(w.trailing_zeros())).min(limit);
+            }
+            i = (i / 64 + 1) * 64;
+        }
+        limit
+    }
     fn count(&self) -> u64 {
         self.0.iter().map(|w| u64::from(w.count_ones())).sum()
     }
@@ -449,7 +461,8 @@ impl HybridVolume {
         self.runs(offset, len, |st, c| st.allocated.get(c))
     }
 
-    /// Consecutive runs of clusters with equal `class`, clipped to the request.
+    /// Consecutive runs of clusters with equal `class` (the same for every unallocated
+    /// cluster), clipped to the request.
     fn runs<T: PartialEq + Copy>(
         &self,
         offset: u64,
@@ -462,9 +475,17 @@ impl HybridVolume {
         }
         let st = self.read_state();
         let mut out: Vec<(Range<u64>, T)> = Vec::new();
-        for p in self.pieces(offset, end - offset) {
-            let t = class(&st, p.c);
-            let r = p.c * CLUSTER + p.within.start as u64..p.c * CLUSTER + p.within.end as u64;
+        let (mut c, last) = (offset / CLUSTER, end.div_ceil(CLUSTER));
+        while c < last {
+            let t = class(&st, c);
+            // Unallocated clusters all look alike: skip to the next allocated one.
+            let next = if st.allocated.get(c) {
+                c + 1
+            } else {
+                st.allocated.next_set(c, last)
+            };
+            let r = (c * CLUSTER).max(offset)..(next * CLUSTER).min(end);
+            c = next;
             let full = out.len() == MAX_RUNS;
             match out.last_mut() {
                 Some((last, lt)) if *lt == t => last.end = r.end,

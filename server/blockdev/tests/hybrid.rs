@@ -364,6 +364,20 @@ fn sizes_are_bounded_and_a_sparse_two_tib_volume_costs_only_its_bitmaps() {
     assert!(vol.write_at(b"x", size).is_err());
     assert!(vol.read_at(&mut [0; 2], u64::MAX).is_err());
     assert!(vol.discard(u64::MAX - 1, 5).is_err());
-    let tail = vol.block_status(size - CLUSTER, CLUSTER).unwrap();
-    assert_eq!(tail[0].region, Region::Data);
+    vol.write_at(b"middle", size / 2 + 1).unwrap();
+    let map: Vec<(u64, u64, Region)> = map_device(&vol)
+        .unwrap()
+        .into_iter()
+        .map(|e| (e.offset, e.len, e.region))
+        .collect();
+    let (mid, end) = (size / 2, size - CLUSTER);
+    assert_eq!(
+        map,
+        [
+            (0, mid, Region::Zero),
+            (mid, CLUSTER, Region::Data),
+            (mid + CLUSTER, end - mid - CLUSTER, Region::Zero),
+            (end, CLUSTER, Region::Data)
+        ]
+    );
 }
