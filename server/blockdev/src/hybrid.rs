@@ -778,3 +778,36 @@ impl BlockDevice for HybridVolume {
             .collect())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A cluster trimmed between a write's look at it and its lock is read from `under` under
+    /// the lock, so the bytes around the write still come from the base.
+    #[test]
+    fn a_partial_write_without_the_base_read_beforehand_reads_it_under_the_lock() {
+        let options = HybridOptions {
+            ram_limit: 2 * CLUSTER,
+            spill: None,
+        };
+        let vol = HybridVolume::new(2 * CLUSTER, options).unwrap();
+        let base = |buf: &mut [u8], at: u64| {
+            buf.iter_mut()
+                .enumerate()
+                .for_each(|(i, b)| *b = (at as usize + i) as u8 | 1);
+            Ok(())
+        };
+        let piece = vol.pieces(CLUSTER + 10, 5).next().unwrap();
+        let mut st = vol.write_state();
+        vol.put(&mut st, &piece, &[0; 5], None, Some(&base))
+            .unwrap();
+        drop(st);
+        let mut got = vec![0; CLUSTER as usize];
+        vol.read_at(&mut got, CLUSTER).unwrap();
+        let mut want = vec![0; CLUSTER as usize];
+        base(&mut want, CLUSTER).unwrap();
+        want[10..15].fill(0);
+        assert!(got == want);
+    }
+}
