@@ -8,7 +8,9 @@
 //! to `Read + Write + Seek` with a position of its own.
 
 mod cancel;
+mod cow;
 mod file;
+mod hybrid;
 mod memory;
 mod reader;
 mod recording;
@@ -21,8 +23,10 @@ use bytes::Bytes;
 use diskferry_protocol::chunks::{self, ChunkHash};
 
 pub use cancel::{CancelFlag, CancellableDevice};
+pub use cow::CowDevice;
 pub use diskferry_localdisk::Region;
 pub use file::FileDevice;
+pub use hybrid::{HybridError, HybridOptions, HybridStats, HybridVolume, CLUSTER};
 pub use memory::MemoryDevice;
 pub use reader::BlockReader;
 pub use recording::{crash_seed, Op, RecordingDevice};
