@@ -603,16 +603,19 @@ pub struct Boot {
 
 impl Boot {
     pub fn start(disk: &Path, format: &str, log: &Path) -> Boot {
+        let drive = format!("file={},format={format},if=virtio,snapshot=on", p(disk));
+        Boot::start_drive(&drive, log)
+    }
+
+    /// Boots the disk qemu's `-drive` option `drive` names (an NBD URL, say).
+    pub fn start_drive(drive: &str, log: &Path) -> Boot {
         let child = Command::new("qemu-system-x86_64")
             .args(["-accel", "tcg", "-m", "1024", "-nographic", "-no-reboot"])
             .args(["-nic", "none", "-monitor", "none"])
             .arg("-serial")
             .arg(format!("file:{}", p(log)))
             .arg("-drive")
-            .arg(format!(
-                "file={},format={format},if=virtio,snapshot=on",
-                p(disk)
-            ))
+            .arg(drive)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())

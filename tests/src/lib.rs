@@ -14,6 +14,7 @@ pub mod debian;
 pub mod fixtures;
 pub mod hive;
 pub mod http;
+pub mod nbd;
 pub mod trees;
 pub mod webdriver;
 

@@ -5,6 +5,7 @@ mod capture;
 mod chain;
 mod demo;
 mod deploy;
+mod export;
 mod extract;
 mod images;
 mod logging;
@@ -89,6 +90,13 @@ enum Command {
     /// the numbers; every range is zeroed on the client before it is written; the result is
     /// verified by reading it back through the filesystem readers.
     Deploy(deploy::DeployArgs),
+    /// Serve an image, a local disk or a client's disk over NBD (qemu, nbdcopy, nbdinfo)
+    ///
+    /// Read-only by default. With --writable an image's writes go to a redo log (--redo
+    /// FILE.qcow2, an overlay kept for later, or --redo ram:SIZE[:SPILLFILE], dropped at
+    /// exit): the image itself never changes. Runs until Ctrl-C or SIGTERM; prints the NBD
+    /// URL and a qemu command line that boots it.
+    Export(export::ExportArgs),
     /// Run the server: web UI and JSON API for the captures in DATA_DIR, jobs, machines
     Serve(serve::ServeArgs),
     /// List the machines a running server knows (name, MACs, hardware, disks, state)
@@ -520,6 +528,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Cat { target, path } => browse::cat(&target, &path),
         Command::Get { target, path, dest } => browse::get(&target, &path, &dest),
         Command::Capture(args) => capture::run(args),
+        Command::Export(args) => export::run(&args),
         Command::Verify {
             a,
             b,

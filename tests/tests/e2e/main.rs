@@ -7,6 +7,7 @@ mod attacks;
 mod capture_modes;
 mod deploy;
 mod dial_back;
+mod export;
 mod fs_loops;
 mod get_safety;
 mod images_cli;

@@ -17,6 +17,7 @@ use diskferry_e2e::debian::{
     SWAP_LABEL, SWAP_MIB, SWAP_START_MIB, SWAP_UUID,
 };
 use diskferry_e2e::fixtures::extract;
+use diskferry_e2e::nbd::Exported;
 use diskferry_e2e::{diskferry, qemu_img_to_raw, run_ok};
 
 const MIB: u64 = 1 << 20;
@@ -272,4 +273,42 @@ fn an_installed_debian_cut_off_mid_write_is_captured_smaller_and_boots_with_its_
         root_bytes < CAPTURE_MIB * MIB,
         "the booted root is the shrunk one: {root_bytes} bytes"
     );
+    boots_over_nbd_with_a_redo_log(&out, &m, w);
+}
+
+/// The capture served by `diskferry export --writable --redo` boots over NBD; the system's
+/// writes land in the redo log, a qcow2 overlay qemu-img checks, and the capture's bytes never
+/// change.
+fn boots_over_nbd_with_a_redo_log(capture: &Path, m: &InstalledDisk, w: &Path) {
+    let before = sha256(capture);
+    let redo = w.join("redo.qcow2");
+    let export = Exported::start(p(capture), &["--writable", "--redo", p(&redo)]).unwrap();
+    let drive = format!("file={},format=raw,if=virtio", export.url);
+    let (marker, boot_time) =
+        Boot::start_drive(&drive, &w.join("nbd-console.log")).finish(BOOT_LIMIT);
+    eprintln!(
+        "capture over NBD with a redo log: booted to its marker in {:.1} s",
+        boot_time.as_secs_f64()
+    );
+    assert_marker(&marker, m, "captured disk over NBD");
+    let (stopped, log) = export.stop();
+    assert!(stopped, "the export stops cleanly on SIGINT: {log}");
+    assert_eq!(sha256(capture), before, "the capture never changes");
+    let check = run_ok("qemu-img", &["check", "-f", "qcow2", p(&redo)]);
+    assert!(check.contains("No errors were found"), "{check}");
+    let chain = run_ok("qemu-img", &["info", "--backing-chain", p(&redo)]);
+    assert!(chain.contains(p(capture)), "{chain}");
+    let map = run_ok("qemu-img", &["map", "--output=json", p(&redo)]);
+    assert!(
+        map.contains("\"depth\": 0, \"present\": true"),
+        "the boot wrote to the redo log: {map}"
+    );
+}
+
+fn sha256(path: &Path) -> String {
+    run_ok("sha256sum", &[p(path)])
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_string()
 }

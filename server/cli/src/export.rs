@@ -1,0 +1,271 @@
+//! `diskferry export SOURCE`: serves a capture (qcow2 chains followed), a local disk, or a
+//! listening client's disk over NBD, so qemu, `nbdcopy`, `nbdinfo` or the kernel's NBD client
+//! use it directly. Read-only unless `--writable`; a capture never changes, so its writes go to
+//! a redo log: a qcow2 overlay (`--redo FILE.qcow2`, kept) or memory (`--redo ram:SIZE[:SPILL]`).
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use diskferry_blockdev::{BlockDevice, CowDevice, HybridOptions, HybridVolume};
+use diskferry_imaging::source::{open_source, open_target, SourceSpec};
+use diskferry_nbd::{Export, Exports, Limits, Server};
+
+use crate::{human_bytes, images, runtime, session, ConnArgs};
+
+#[derive(Args)]
+pub(crate) struct ExportArgs {
+    /// What to serve: an image (raw, qcow2 — backing files followed —, VHDX, VHD, VMDK), a
+    /// local disk, or DISK@HOST:PORT, a listening diskferry-client's disk
+    source: String,
+    /// Address to serve NBD on. Loopback only: this NBD server offers no TLS yet, so reach it
+    /// from another machine through an SSH tunnel (ssh -L 10809:127.0.0.1:10809 HOST)
+    #[arg(long, default_value = "127.0.0.1:10809", value_name = "ADDR:PORT")]
+    listen: SocketAddr,
+    /// The export's name [default: the image's file name, or the remote disk's name]
+    #[arg(long)]
+    name: Option<String>,
+    /// Accept writes. An image never changes: its writes need --redo. A remote disk without
+    /// --redo is written in place (its client must run with --allow-write)
+    #[arg(long)]
+    writable: bool,
+    /// Where writes go instead of SOURCE: FILE.qcow2 — a qcow2 overlay on the image, created
+    /// when missing and taken up again when it already is one (qemu and `diskferry deploy
+    /// --follow-backing` read it later) — or ram:SIZE[:SPILLFILE] — memory up to SIZE (K/M/G),
+    /// then SPILLFILE, all dropped when the export stops
+    #[arg(
+        long,
+        requires = "writable",
+        value_name = "FILE.qcow2|ram:SIZE[:SPILLFILE]"
+    )]
+    redo: Option<String>,
+    /// Most NBD connections served at once (qemu opens one per disk; nbdcopy up to four)
+    #[arg(long, default_value_t = 16)]
+    max_connections: usize,
+    #[command(flatten)]
+    conn: ConnArgs,
+}
+
+/// Where writes go.
+#[derive(Debug, PartialEq, Eq)]
+enum Redo {
+    Qcow2(PathBuf),
+    Ram { size: u64, spill: Option<PathBuf> },
+}
+
+impl Redo {
+    fn parse(s: &str) -> Result<Redo> {
+        let Some(ram) = s.strip_prefix("ram:") else {
+            return Ok(Redo::Qcow2(PathBuf::from(s)));
+        };
+        let (size, spill) = match ram.split_once(':') {
+            Some((size, spill)) if !spill.is_empty() => (size, Some(PathBuf::from(spill))),
+            _ => (ram, None),
+        };
+        let size = images::parse_size(size).with_context(|| format!("--redo {s}: SIZE"))?;
+        if size == 0 {
+            bail!("--redo {s}: SIZE must be more than 0");
+        }
+        Ok(Redo::Ram { size, spill })
+    }
+}
+
+pub(crate) fn run(args: &ExportArgs) -> Result<()> {
+    if !args.listen.ip().is_loopback() {
+        bail!(
+            "{} is not a loopback address: diskferry's NBD exports have no TLS yet, so they \
+             listen on loopback only; from another machine, tunnel: ssh -L 10809:127.0.0.1:10809 \
+             THIS_HOST",
+            args.listen
+        );
+    }
+    let spec = SourceSpec::parse(&args.source);
+    let redo = args.redo.as_deref().map(Redo::parse).transpose()?;
+    let rt = runtime()?;
+    let (device, what) = open_device(args, &spec, redo.as_ref(), rt.handle())?;
+    let name = args.name.clone().unwrap_or_else(|| default_name(&spec));
+    let export = Export {
+        name: name.clone(),
+        description: what.clone(),
+        device: Arc::clone(&device),
+        writable: args.writable,
+    };
+    let limits = Limits {
+        max_connections: args.max_connections.max(1),
+        ..Limits::default()
+    };
+    let server = Server::bind(args.listen, Exports::new(vec![export]), limits)?;
+    let addr = server.local_addr()?;
+    print_usage(addr, &name, &what, device.size(), args.writable);
+    std::thread::spawn(move || server.run(&AtomicBool::new(false)));
+    rt.block_on(stopped())?;
+    device
+        .flush()
+        .context("flushing the writes before stopping")?;
+    // The connections' threads still hold the volume: its spill file goes now, not at a drop
+    // that process exit never runs.
+    if let Some(Redo::Ram {
+        spill: Some(spill), ..
+    }) = &redo
+    {
+        std::fs::remove_file(spill)
+            .with_context(|| format!("removing the spill file {}", spill.display()))?;
+    }
+    eprintln!(
+        "stopped{}",
+        if args.writable {
+            "; writes flushed"
+        } else {
+            ""
+        }
+    );
+    Ok(())
+}
+
+/// Waits for Ctrl-C or SIGTERM.
+async fn stopped() -> Result<()> {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        r = tokio::signal::ctrl_c() => r?,
+        _ = term.recv() => {}
+    }
+    Ok(())
+}
+
+/// The device served, and a line saying what it is.
+fn open_device(
+    args: &ExportArgs,
+    spec: &SourceSpec,
+    redo: Option<&Redo>,
+    rt: &tokio::runtime::Handle,
+) -> Result<(Arc<dyn BlockDevice>, String)> {
+    let session = match spec {
+        SourceSpec::Remote { .. } => Some(session(&args.conn)?),
+        SourceSpec::Local(_) => None,
+    };
+    let reconnect = args.conn.reconnect();
+    match (spec, redo) {
+        (SourceSpec::Local(path), None) if args.writable => bail!(
+            "{} is an image, and images never change: add --redo FILE.qcow2 (kept) or --redo \
+             ram:SIZE (dropped at exit) to take the writes",
+            path.display()
+        ),
+        (SourceSpec::Remote { .. }, None) if args.writable => {
+            let dev = open_target(spec, rt, session.as_ref(), reconnect)?;
+            Ok((dev, format!("{} (written in place)", args.source)))
+        }
+        (_, None) => {
+            let dev = open_source(spec, rt, session.as_ref(), true, reconnect)?;
+            Ok((dev, format!("{} (read-only)", args.source)))
+        }
+        (SourceSpec::Local(path), Some(Redo::Qcow2(redo))) => {
+            Ok((qcow2_redo(path, redo)?, format!("{} with its writes in {}", args.source, redo.display())))
+        }
+        (SourceSpec::Remote { .. }, Some(Redo::Qcow2(_))) => bail!(
+            "a qcow2 redo log needs an image file to stand on; for a remote disk use --redo ram:SIZE[:SPILLFILE]"
+        ),
+        (_, Some(Redo::Ram { size, spill })) => {
+            let base = open_source(spec, rt, session.as_ref(), true, reconnect)?;
+            let dev = ram_redo(base, *size, spill.clone())?;
+            let spill = spill.as_ref().map(|p| format!(", then {}", p.display())).unwrap_or_default();
+            Ok((dev, format!("{} with its writes in memory (up to {}{spill})", args.source, human_bytes(*size))))
+        }
+    }
+}
+
+/// A copy-on-write layer over `base` whose writes stay in memory up to `ram` bytes, then go
+/// to `spill` (created, and removed when the export stops).
+fn ram_redo(
+    base: Arc<dyn BlockDevice>,
+    ram: u64,
+    spill: Option<PathBuf>,
+) -> Result<Arc<dyn BlockDevice>> {
+    let options = HybridOptions {
+        ram_limit: ram,
+        spill,
+    };
+    let top = HybridVolume::new(base.size(), options).context("the memory redo log")?;
+    Ok(Arc::new(CowDevice::new(base, Arc::new(top))?))
+}
+
+/// The qcow2 overlay at `redo` on the image at `image`: created, or taken up again.
+fn qcow2_redo(image: &Path, redo: &Path) -> Result<Arc<dyn BlockDevice>> {
+    if redo.exists() {
+        let dev = diskferry_vdisk::reopen_overlay(redo, image)?;
+        eprintln!("continuing the redo log {}", redo.display());
+        return Ok(dev);
+    }
+    let file = std::fs::File::create_new(redo)
+        .with_context(|| format!("creating the redo log {}", redo.display()))?;
+    let created = diskferry_vdisk::create_overlay(file, redo, image);
+    if created.is_err() {
+        let _ = std::fs::remove_file(redo);
+    }
+    let dev = created?;
+    dev.flush()?;
+    Ok(dev)
+}
+
+fn default_name(spec: &SourceSpec) -> String {
+    match spec {
+        SourceSpec::Remote { disk, .. } => Path::new(disk)
+            .file_name()
+            .map_or_else(|| disk.clone(), |n| n.to_string_lossy().into_owned()),
+        SourceSpec::Local(path) => path
+            .file_name()
+            .map_or_else(|| "disk".into(), |n| n.to_string_lossy().into_owned()),
+    }
+}
+
+/// What to tell the user: the URL and how to use it.
+fn print_usage(addr: SocketAddr, name: &str, what: &str, size: u64, writable: bool) {
+    let url = format!("nbd://{addr}/{name}");
+    println!("serving {what}, {}, as {url}", human_bytes(size));
+    let snapshot = if writable { "" } else { " -snapshot" };
+    println!(
+        "  boot it:  qemu-system-x86_64 -m 2048 -drive file={url},format=raw,if=virtio{snapshot}"
+    );
+    println!("  copy it:  nbdcopy {url} disk.raw");
+    println!("  map it:   nbdinfo --map {url}");
+    println!(
+        "Ctrl-C stops serving{}",
+        if writable {
+            " (writes are flushed first)"
+        } else {
+            ""
+        }
+    );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn redo_targets_parse() {
+        assert_eq!(
+            Redo::parse("r.qcow2").unwrap(),
+            Redo::Qcow2("r.qcow2".into())
+        );
+        assert_eq!(
+            Redo::parse("ram:2G").unwrap(),
+            Redo::Ram {
+                size: 2 << 30,
+                spill: None
+            }
+        );
+        assert_eq!(
+            Redo::parse("ram:512M:/tmp/spill").unwrap(),
+            Redo::Ram {
+                size: 512 << 20,
+                spill: Some("/tmp/spill".into())
+            }
+        );
+        assert!(Redo::parse("ram:").is_err());
+        assert!(Redo::parse("ram:0").is_err());
+        assert!(Redo::parse("ram:lots").is_err());
+    }
+}

@@ -1,0 +1,184 @@
+//! `diskferry export`: images and a client's disk served over NBD, checked with qemu-img,
+//! qemu-io and nbdinfo; writes land in redo logs and never in the image.
+
+use std::os::unix::fs::MetadataExt;
+use std::path::Path;
+
+use diskferry_e2e::nbd::Exported;
+use diskferry_e2e::{diskferry, run_ok, Client};
+
+fn p(path: &Path) -> &str {
+    path.to_str().unwrap()
+}
+
+/// A 256 MiB qcow2 qemu wrote: 8 MiB of data at 1 MiB, 1 MiB at 200 MiB.
+fn capture(dir: &Path) -> std::path::PathBuf {
+    let image = dir.join("capture.qcow2");
+    run_ok(
+        "qemu-img",
+        &["create", "-q", "-f", "qcow2", p(&image), "256M"],
+    );
+    run_ok(
+        "qemu-io",
+        &[
+            "-f",
+            "qcow2",
+            "-c",
+            "write -P 0x5a 1M 8M",
+            "-c",
+            "write -P 0x77 200M 1M",
+            p(&image),
+        ],
+    );
+    image
+}
+
+fn sha256(path: &Path) -> String {
+    run_ok("sha256sum", &[p(path)])
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .into()
+}
+
+fn qemu_io(url: &str, commands: &[&str]) -> String {
+    let mut args = vec!["-f", "raw"];
+    for c in commands {
+        args.extend(["-c", c]);
+    }
+    args.push(url);
+    run_ok("qemu-io", &args)
+}
+
+#[test]
+fn a_capture_is_served_read_only_and_writes_without_a_redo_log_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let image = capture(dir.path());
+    let export = Exported::start(p(&image), &[]).unwrap();
+    run_ok(
+        "qemu-img",
+        &["compare", "-F", "qcow2", &export.url, p(&image)],
+    );
+    let info = run_ok("nbdinfo", &[&export.url]);
+    assert!(info.contains("is_read_only: true"), "{info}");
+    assert!(export.stop().0);
+
+    let (ok, _, err) = diskferry(&["export".as_ref(), image.as_os_str(), "--writable".as_ref()]);
+    assert!(!ok && err.contains("--redo"), "{err}");
+    let (ok, _, err) = diskferry(&[
+        "export".as_ref(),
+        image.as_os_str(),
+        "--listen".as_ref(),
+        "0.0.0.0:0".as_ref(),
+    ]);
+    assert!(!ok && err.contains("loopback"), "{err}");
+}
+
+#[test]
+fn writes_through_a_qcow2_redo_log_read_back_and_the_log_continues_after_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let image = capture(dir.path());
+    let before = sha256(&image);
+    let redo = dir.path().join("redo.qcow2");
+    let args = ["--writable", "--redo", p(&redo)];
+    let export = Exported::start(p(&image), &args).unwrap();
+    qemu_io(
+        &export.url,
+        &[
+            "write -P 0x42 2M 192k",
+            "read -P 0x42 2M 192k",
+            "read -P 0x5a 4M 1M",
+        ],
+    );
+    let (stopped, log) = export.stop();
+    assert!(stopped, "{log}");
+    assert_eq!(sha256(&image), before, "the capture never changes");
+    let check = run_ok("qemu-img", &["check", p(&redo)]);
+    assert!(check.contains("No errors were found"), "{check}");
+    // qemu reads the redo log as the capture plus the writes.
+    run_ok(
+        "qemu-io",
+        &[
+            "-f",
+            "qcow2",
+            "-c",
+            "read -P 0x42 2M 192k",
+            "-c",
+            "read -P 0x77 200M 1M",
+            p(&redo),
+        ],
+    );
+    // Exported again with the same log: the writes are there.
+    let again = Exported::start(p(&image), &args).unwrap();
+    qemu_io(
+        &again.url,
+        &["read -P 0x42 2M 192k", "write -P 0x43 100M 64k"],
+    );
+    assert!(again.stop().0);
+    run_ok(
+        "qemu-io",
+        &["-f", "qcow2", "-c", "read -P 0x43 100M 64k", p(&redo)],
+    );
+    assert_eq!(sha256(&image), before);
+}
+
+#[test]
+fn a_ram_redo_spills_past_its_threshold_reads_back_and_trims_shrink_the_spill_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let image = capture(dir.path());
+    let before = sha256(&image);
+    let spill = dir.path().join("spill");
+    let redo = format!("ram:1M:{}", p(&spill));
+    let export = Exported::start(p(&image), &["--writable", "--redo", &redo]).unwrap();
+    // 4 MiB written: 1 MiB stays in memory, 3 MiB spill.
+    qemu_io(
+        &export.url,
+        &[
+            "write -P 0x21 16M 4M",
+            "read -P 0x21 16M 4M",
+            "read -P 0x5a 1M 1M",
+        ],
+    );
+    let spilled = std::fs::metadata(&spill).unwrap().blocks() * 512;
+    assert!(spilled >= 3 << 20, "{spilled} bytes in the spill file");
+    qemu_io(&export.url, &["discard 16M 4M"]);
+    let after = std::fs::metadata(&spill).unwrap().blocks() * 512;
+    eprintln!(
+        "spill file: {spilled} bytes allocated after 4 MiB written, {after} after trimming it"
+    );
+    assert!(
+        after < spilled / 4,
+        "trim punches the spill file: {after} of {spilled}"
+    );
+    // Trimmed clusters read as the capture again.
+    qemu_io(&export.url, &["read -P 0 16M 4M", "read -P 0x5a 1M 8M"]);
+    assert!(export.stop().0);
+    assert!(!spill.exists(), "the spill file goes with the export");
+    assert_eq!(sha256(&image), before);
+}
+
+#[test]
+fn a_listening_clients_disk_is_served_as_it_is() {
+    let dir = tempfile::tempdir().unwrap();
+    let disk = dir.path().join("disk.raw");
+    let data: Vec<u8> = (0..(32u32 << 20)).map(|i| (i % 251) as u8).collect();
+    std::fs::write(&disk, &data).unwrap();
+    let key = dir.path().join("server.key");
+    let (ok, _, err) = diskferry(&["keygen".as_ref(), key.as_os_str()]);
+    assert!(ok, "{err}");
+    let client = Client::start(&key, &["--disk", p(&disk)]).unwrap();
+    let export = Exported::start(
+        &client.source(&disk),
+        &["--key-file", p(&key), "--name", "remote"],
+    )
+    .unwrap();
+    assert!(export.url.ends_with("/remote"), "{}", export.url);
+    run_ok(
+        "qemu-img",
+        &["compare", "-f", "raw", "-F", "raw", &export.url, p(&disk)],
+    );
+    let copy = dir.path().join("copy.raw");
+    run_ok("nbdcopy", &[&export.url, p(&copy)]);
+    assert_eq!(std::fs::read(&copy).unwrap(), data);
+    assert!(export.stop().0);
+}
