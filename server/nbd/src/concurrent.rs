@@ -1,144 +1,91 @@
-//! Answering one connection's requests on several threads: the connection's thread reads
-//! requests, a few workers execute them (a device read of one overlaps the socket write of
-//! another, and random reads proceed in parallel), and one writer sends the replies — in
-//! completion order, as NBD allows (each reply names its request's cookie) — flushing its
-//! buffer whenever no further reply is ready.
+//! Answering one connection's requests while its replies are being sent: the connection's
+//! thread reads and executes requests in order, collecting replies in a batch; a writer thread
+//! sends the batches. A device read overlaps the socket write of the replies before it, and a
+//! client keeping many small requests in flight gets their replies in one batch (one hand-over
+//! and one system call for many replies).
 //!
-//! Memory stays bounded: a request is admitted only while the bytes of the requests in
-//! flight (read lengths, write payloads) stay under [`IN_FLIGHT_BYTES`]. A client that stops
-//! reading its replies makes the writer time out; the connection then ends for all threads.
+//! Memory stays bounded: a batch is handed over once it holds [`BATCH_BYTES`] (or when no
+//! further request is waiting), and at most [`BATCHES_QUEUED`] batches wait for the writer. A
+//! client that stops reading its replies makes the writer time out; the writer then shuts the
+//! socket, which ends the reading thread too.
 
 use std::io::{BufWriter, Write};
 use std::net::{Shutdown, TcpStream};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TryRecvError};
-use std::sync::{Condvar, Mutex};
 
-use crate::proto::{CMD_READ, MAX_PAYLOAD};
-use crate::transmission::{next_request, Incoming, RequestSource, Session};
+use crate::transmission::{next_request, RequestSource, Session};
 use crate::NbdError;
 
-/// Threads executing one connection's requests.
-pub const WORKERS: usize = 4;
-/// Most request bytes in flight on one connection (two of the largest requests).
-pub const IN_FLIGHT_BYTES: u64 = 2 * MAX_PAYLOAD as u64;
+/// A batch of replies is handed to the writer once it is this large.
+pub const BATCH_BYTES: usize = 256 << 10;
+/// Batches waiting for the writer.
+pub const BATCHES_QUEUED: usize = 2;
 
 /// Serves `session` until the client disconnects, replies going to `stream`.
-pub fn serve_concurrently<R: RequestSource>(
+pub fn serve_pipelined<R: RequestSource>(
     reader: &mut R,
     stream: &TcpStream,
     session: &Session,
 ) -> Result<(), NbdError> {
-    let budget = Budget::default();
-    let (jobs_tx, jobs_rx) = sync_channel::<(Incoming, u64)>(WORKERS);
-    let jobs_rx = Mutex::new(jobs_rx);
-    let (replies_tx, replies_rx) = sync_channel::<(Vec<u8>, u64)>(WORKERS);
+    let (batches, queued) = sync_channel::<Vec<u8>>(BATCHES_QUEUED);
     std::thread::scope(|scope| {
-        let budget = &budget;
-        scope.spawn(move || send_replies(replies_rx, stream, budget));
-        for _ in 0..WORKERS {
-            let (jobs, replies) = (&jobs_rx, replies_tx.clone());
-            scope.spawn(move || execute(jobs, replies, session));
-        }
-        drop(replies_tx);
-        let read = read_requests(reader, &jobs_tx, budget);
-        drop(jobs_tx);
-        read
+        scope.spawn(move || send_batches(queued, stream));
+        // `batches` moves into the reader and is dropped when it returns: the writer then
+        // sees the end of the batches, sends what is left, and the scope can end.
+        answer_requests(reader, batches, session)
     })
 }
 
-/// The connection's thread: admits requests while the budget allows.
-fn read_requests<R: RequestSource>(
+/// The connection's thread: executes requests in order, handing replies over in batches.
+fn answer_requests<R: RequestSource>(
     reader: &mut R,
-    jobs: &SyncSender<(Incoming, u64)>,
-    budget: &Budget,
+    batches: SyncSender<Vec<u8>>,
+    session: &Session,
 ) -> Result<(), NbdError> {
-    while let Some(incoming) = next_request(reader, &mut || Ok(()))? {
-        let r = &incoming.request;
-        let cost = if r.kind == CMD_READ {
-            u64::from(r.len.min(MAX_PAYLOAD))
-        } else {
-            incoming.payload.len() as u64
-        };
-        if !budget.acquire(cost) || jobs.send((incoming, cost)).is_err() {
-            break; // the writer gave up: the client stopped reading
+    let mut batch = Vec::new();
+    loop {
+        if reader.buffered() == 0
+            && !batch.is_empty()
+            && batches.send(std::mem::take(&mut batch)).is_err()
+        {
+            return Ok(()); // the writer gave up: the client stopped reading
         }
+        let Some(incoming) = next_request(reader, &mut || Ok(()))? else {
+            break;
+        };
+        session.answer(&incoming, &mut batch);
+        if batch.len() >= BATCH_BYTES && batches.send(std::mem::take(&mut batch)).is_err() {
+            return Ok(());
+        }
+    }
+    if !batch.is_empty() {
+        let _ = batches.send(batch);
     }
     Ok(())
 }
 
-/// A worker: executes requests until there are no more.
-fn execute(
-    jobs: &Mutex<Receiver<(Incoming, u64)>>,
-    replies: SyncSender<(Vec<u8>, u64)>,
-    session: &Session,
-) {
-    loop {
-        let job = jobs.lock().unwrap_or_else(|e| e.into_inner()).recv();
-        let Ok((incoming, cost)) = job else { return };
-        let mut reply = Vec::new();
-        session.answer(&incoming, &mut reply);
-        if replies.send((reply, cost)).is_err() {
-            return;
-        }
-    }
-}
-
-/// The writer: sends replies, flushing whenever none is waiting; on a failed write it shuts
+/// The writer: sends batches, flushing whenever none is waiting; on a failed write it shuts
 /// the socket so the connection's reader stops too.
-fn send_replies(replies: Receiver<(Vec<u8>, u64)>, stream: &TcpStream, budget: &Budget) {
-    let mut out = BufWriter::with_capacity(256 << 10, stream);
+fn send_batches(batches: Receiver<Vec<u8>>, stream: &TcpStream) {
+    let mut out = BufWriter::with_capacity(BATCH_BYTES, stream);
     let failed = loop {
-        let next = match replies.try_recv() {
-            Ok(r) => Some(r),
+        let next = match batches.try_recv() {
+            Ok(b) => Some(b),
             Err(TryRecvError::Empty) => match out.flush() {
-                Ok(()) => replies.recv().ok(),
+                Ok(()) => batches.recv().ok(),
                 Err(e) => break Some(e),
             },
             Err(TryRecvError::Disconnected) => None,
         };
-        let Some((reply, cost)) = next else {
+        let Some(batch) = next else {
             break out.flush().err();
         };
-        if let Err(e) = out.write_all(&reply) {
+        if let Err(e) = out.write_all(&batch) {
             break Some(e);
         }
-        budget.release(cost);
     };
     if let Some(e) = failed {
         tracing::warn!("sending NBD replies: {e}");
-        budget.close();
         let _ = stream.shutdown(Shutdown::Both);
-    }
-}
-
-/// Bytes of requests in flight, waited on by the reader.
-#[derive(Default)]
-struct Budget {
-    /// (bytes in flight, closed).
-    state: Mutex<(u64, bool)>,
-    freed: Condvar,
-}
-
-impl Budget {
-    /// Waits until `cost` more bytes fit (a request larger than the whole budget waits for
-    /// an empty one); false once closed.
-    fn acquire(&self, cost: u64) -> bool {
-        let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        while !s.1 && s.0 > 0 && s.0 + cost > IN_FLIGHT_BYTES {
-            s = self.freed.wait(s).unwrap_or_else(|e| e.into_inner());
-        }
-        s.0 += cost;
-        !s.1
-    }
-
-    fn release(&self, cost: u64) {
-        let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        s.0 = s.0.saturating_sub(cost);
-        self.freed.notify_all();
-    }
-
-    fn close(&self) {
-        self.state.lock().unwrap_or_else(|e| e.into_inner()).1 = true;
-        self.freed.notify_all();
     }
 }

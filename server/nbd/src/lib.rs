@@ -6,7 +6,7 @@
 //! - [`handshake`]: fixed newstyle option negotiation;
 //! - [`transmission`]: the request loop (read, write, flush, trim, write zeroes, block status
 //!   with `base:allocation`; structured replies when negotiated);
-//! - [`concurrent`]: one connection's requests executed on a few threads, memory bounded;
+//! - [`concurrent`]: replies sent by a writer thread while further requests are executed;
 //! - [`server`]: the listener, connection limits and timeouts;
 //! - [`export`]: the named devices served and their advertised flags.
 #![forbid(unsafe_code)]

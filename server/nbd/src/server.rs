@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::concurrent::serve_concurrently;
+use crate::concurrent::serve_pipelined;
 use crate::export::Exports;
 use crate::handshake::negotiate;
 use crate::transmission::{RequestSource, Session};
@@ -102,11 +102,14 @@ impl Server {
             .spawn({
                 let peer = peer.clone();
                 move || {
-                    match connection(stream, &exports, limits) {
+                    let served = connection(&stream, &exports, limits);
+                    // The slot is free before the client sees the end of the stream.
+                    active.fetch_sub(1, Ordering::SeqCst);
+                    drop(stream);
+                    match served {
                         Ok(()) => tracing::info!(%peer, "NBD client left"),
                         Err(e) => tracing::warn!(%peer, "NBD connection closed: {e}"),
                     }
-                    active.fetch_sub(1, Ordering::SeqCst);
                 }
             });
         if let Err(e) = spawned {
@@ -117,15 +120,12 @@ impl Server {
 }
 
 /// One connection: handshake within its deadline, then requests.
-fn connection(stream: TcpStream, exports: &Exports, limits: Limits) -> Result<(), NbdError> {
+fn connection(stream: &TcpStream, exports: &Exports, limits: Limits) -> Result<(), NbdError> {
     stream.set_nodelay(true)?;
     stream.set_write_timeout(Some(limits.stall))?;
     let deadline = Instant::now() + limits.handshake;
     let negotiated = {
-        let mut timed = Deadline {
-            stream: &stream,
-            deadline,
-        };
+        let mut timed = Deadline { stream, deadline };
         negotiate(&mut timed, exports)?
     };
     let Some(negotiated) = negotiated else {
@@ -136,7 +136,7 @@ fn connection(stream: TcpStream, exports: &Exports, limits: Limits) -> Result<()
         inner: BufReader::with_capacity(256 << 10, stream.try_clone()?),
         stall: limits.stall,
     };
-    serve_concurrently(&mut reader, &stream, &Session::new(&negotiated))
+    serve_pipelined(&mut reader, stream, &Session::new(&negotiated))
 }
 
 /// The handshake's stream: every read and write must finish before the deadline.

@@ -224,3 +224,19 @@ fn garbage_instead_of_a_request_closes_the_connection() {
     assert!(closed(&mut s));
     still_serves(addr);
 }
+
+#[test]
+fn a_disconnect_request_is_answered_by_closing_the_connection_and_freeing_its_slot() {
+    let addr = serve(Limits {
+        max_connections: 1,
+        ..quick()
+    });
+    for _ in 0..3 {
+        let mut s = open(addr);
+        s.write_all(&request(CMD_READ, 0, 8)).unwrap();
+        assert_eq!(reply(&mut s, 8), (0, vec![0xab; 8]));
+        s.write_all(&request(CMD_DISC, 0, 0)).unwrap();
+        // libnbd waits for this end of stream before it lets its caller go on.
+        assert!(closed(&mut s), "the server closes after NBD_CMD_DISC");
+    }
+}
