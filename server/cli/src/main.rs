@@ -16,6 +16,7 @@ mod progress_bar;
 #[cfg(test)]
 mod reference;
 mod serve;
+mod vm;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -97,6 +98,13 @@ enum Command {
     /// exit): the image itself never changes. Runs until Ctrl-C or SIGTERM; prints the NBD
     /// URL and a qemu command line that boots it.
     Export(export::ExportArgs),
+    /// Print a VM that runs a capture: a libvirt domain XML and a qemu command line
+    ///
+    /// Firmware from the capture's disk (an EFI System Partition: UEFI; otherwise BIOS), the
+    /// disk bus and NIC model its OS has drivers for (virtio; AHCI and e1000e for Windows), one
+    /// NIC per --mac. The disk is the image file (qemu's -snapshot keeps it unchanged) or an
+    /// NBD export of it (--nbd).
+    VmConfig(vm::VmConfigArgs),
     /// Run the server: web UI and JSON API for the captures in DATA_DIR, jobs, machines
     Serve(serve::ServeArgs),
     /// List the machines a running server knows (name, MACs, hardware, disks, state)
@@ -529,6 +537,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Get { target, path, dest } => browse::get(&target, &path, &dest),
         Command::Capture(args) => capture::run(args),
         Command::Export(args) => export::run(&args),
+        Command::VmConfig(args) => vm::run(&args),
         Command::Verify {
             a,
             b,

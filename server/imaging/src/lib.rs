@@ -9,5 +9,6 @@ pub mod pipeline;
 pub mod progress;
 pub mod source;
 pub mod units;
+pub mod vmconfig;
 
 pub use jobs::{capture, deploy, CaptureJobError, CaptureOptions, CaptureOutcome, CaptureSummary};

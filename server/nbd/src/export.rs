@@ -38,7 +38,16 @@ impl Export {
     }
 }
 
-/// The exports of one server, looked up by name; the empty name is the first one.
+/// Where a server's exports come from: a fixed list ([`Exports`]), or something that looks a
+/// name up when a client asks for it (the daemon's catalog of captures).
+pub trait ExportSource: Send + Sync {
+    /// The export named `name` (the empty name: the default export, if there is one).
+    fn find(&self, name: &str) -> Option<Export>;
+    /// Every export's name and description, for `OPT_LIST`.
+    fn list(&self) -> Vec<(String, String)>;
+}
+
+/// A fixed list of exports; the empty name is the first one.
 #[derive(Clone, Default)]
 pub struct Exports(Vec<Export>);
 
@@ -46,15 +55,20 @@ impl Exports {
     pub fn new(exports: Vec<Export>) -> Exports {
         Exports(exports)
     }
+}
 
-    pub fn find(&self, name: &str) -> Option<&Export> {
+impl ExportSource for Exports {
+    fn find(&self, name: &str) -> Option<Export> {
         if name.is_empty() {
-            return self.0.first();
+            return self.0.first().cloned();
         }
-        self.0.iter().find(|e| e.name == name)
+        self.0.iter().find(|e| e.name == name).cloned()
     }
 
-    pub fn iter(&self) -> impl Iterator<Item = &Export> {
-        self.0.iter()
+    fn list(&self) -> Vec<(String, String)> {
+        self.0
+            .iter()
+            .map(|e| (e.name.clone(), e.description.clone()))
+            .collect()
     }
 }

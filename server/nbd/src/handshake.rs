@@ -7,7 +7,7 @@
 
 use std::io::{Read, Write};
 
-use crate::export::{Export, Exports};
+use crate::export::{Export, ExportSource};
 use crate::proto::*;
 use crate::NbdError;
 
@@ -23,7 +23,7 @@ pub struct Negotiated {
 /// chose).
 pub fn negotiate<S: Read + Write>(
     s: &mut S,
-    exports: &Exports,
+    exports: &dyn ExportSource,
 ) -> Result<Option<Negotiated>, NbdError> {
     let mut greeting = Vec::with_capacity(18);
     greeting.extend_from_slice(&INIT_MAGIC.to_be_bytes());
@@ -88,7 +88,7 @@ enum Step {
 
 /// The handshake's state between options.
 struct Options<'a> {
-    exports: &'a Exports,
+    exports: &'a dyn ExportSource,
     no_zeroes: bool,
     structured: bool,
     allocation: bool,
@@ -141,15 +141,15 @@ impl Options<'_> {
         // Structured replies are negotiated only through GO.
         self.structured = false;
         self.allocation = false;
-        Ok(Step::Transmit(export.clone()))
+        Ok(Step::Transmit(export))
     }
 
     fn list<S: Write>(&self, s: &mut S) -> Result<Step, NbdError> {
-        for e in self.exports.iter() {
+        for (name, description) in self.exports.list() {
             let mut data = Vec::new();
-            data.extend_from_slice(&(e.name.len() as u32).to_be_bytes());
-            data.extend_from_slice(e.name.as_bytes());
-            data.extend_from_slice(e.description.as_bytes());
+            data.extend_from_slice(&(name.len() as u32).to_be_bytes());
+            data.extend_from_slice(name.as_bytes());
+            data.extend_from_slice(description.as_bytes());
             s.write_all(&option_reply(OPT_LIST, REP_SERVER, &data))?;
         }
         s.write_all(&option_reply(OPT_LIST, REP_ACK, &[]))?;
@@ -170,13 +170,13 @@ impl Options<'_> {
         info.extend_from_slice(&export.transmission_flags().to_be_bytes());
         s.write_all(&option_reply(option, REP_INFO, &info))?;
         for kind in &req.infos {
-            if let Some(info) = extra_info(export, *kind) {
+            if let Some(info) = extra_info(&export, *kind) {
                 s.write_all(&option_reply(option, REP_INFO, &info))?;
             }
         }
         s.write_all(&option_reply(option, REP_ACK, &[]))?;
         Ok(if option == OPT_GO {
-            Step::Transmit(export.clone())
+            Step::Transmit(export)
         } else {
             Step::More
         })

@@ -18,7 +18,7 @@ pub mod proto;
 pub mod server;
 pub mod transmission;
 
-pub use export::{Export, Exports};
+pub use export::{Export, ExportSource, Exports};
 pub use server::{Limits, Server};
 
 /// Why an NBD connection (or the server) stopped.

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::concurrent::serve_pipelined;
-use crate::export::Exports;
+use crate::export::ExportSource;
 use crate::handshake::negotiate;
 use crate::transmission::{RequestSource, Session};
 use crate::NbdError;
@@ -39,13 +39,17 @@ impl Default for Limits {
 /// A bound NBD server.
 pub struct Server {
     listener: TcpListener,
-    exports: Arc<Exports>,
+    exports: Arc<dyn ExportSource>,
     limits: Limits,
     active: Arc<AtomicUsize>,
 }
 
 impl Server {
-    pub fn bind(addr: SocketAddr, exports: Exports, limits: Limits) -> Result<Server, NbdError> {
+    pub fn bind(
+        addr: SocketAddr,
+        exports: impl ExportSource + 'static,
+        limits: Limits,
+    ) -> Result<Server, NbdError> {
         let listener = TcpListener::bind(addr).map_err(|source| NbdError::Bind { addr, source })?;
         Ok(Server {
             listener,
@@ -102,7 +106,7 @@ impl Server {
             .spawn({
                 let peer = peer.clone();
                 move || {
-                    let served = connection(&stream, &exports, limits);
+                    let served = connection(&stream, &*exports, limits);
                     // The slot is free before the client sees the end of the stream.
                     active.fetch_sub(1, Ordering::SeqCst);
                     drop(stream);
@@ -120,7 +124,11 @@ impl Server {
 }
 
 /// One connection: handshake within its deadline, then requests.
-fn connection(stream: &TcpStream, exports: &Exports, limits: Limits) -> Result<(), NbdError> {
+fn connection(
+    stream: &TcpStream,
+    exports: &dyn ExportSource,
+    limits: Limits,
+) -> Result<(), NbdError> {
     stream.set_nodelay(true)?;
     stream.set_write_timeout(Some(limits.stall))?;
     let deadline = Instant::now() + limits.handshake;

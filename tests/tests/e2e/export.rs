@@ -182,3 +182,115 @@ fn a_listening_clients_disk_is_served_as_it_is() {
     assert_eq!(std::fs::read(&copy).unwrap(), data);
     assert!(export.stop().0);
 }
+
+/// `diskferry vm-config` for `disk`, as `virt-xml-validate` judges it; returns the XML.
+fn validated_domain(dir: &Path, disk: &Path, extra: &[&str]) -> String {
+    let mut args = vec!["vm-config", p(disk), "--output", "libvirt"];
+    args.extend(extra);
+    let os: Vec<&std::ffi::OsStr> = args.iter().map(std::ffi::OsStr::new).collect();
+    let (ok, xml, err) = diskferry(&os);
+    assert!(ok, "{err}");
+    let file = dir.join("domain.xml");
+    std::fs::write(&file, &xml).unwrap();
+    run_ok("virt-xml-validate", &[p(&file), "domain"]);
+    xml
+}
+
+#[test]
+fn vm_definitions_pass_libvirts_schema_with_the_firmware_the_disk_needs() {
+    let dir = tempfile::tempdir().unwrap();
+    let uefi = dir.path().join("uefi.raw");
+    std::fs::File::create(&uefi)
+        .unwrap()
+        .set_len(64 << 20)
+        .unwrap();
+    run_ok(
+        "sgdisk",
+        &[
+            "-n",
+            "1:2048:+32M",
+            "-t",
+            "1:ef00",
+            "-n",
+            "2:0:0",
+            "-t",
+            "2:8300",
+            p(&uefi),
+        ],
+    );
+    let bios = dir.path().join("bios.raw");
+    std::fs::File::create(&bios)
+        .unwrap()
+        .set_len(64 << 20)
+        .unwrap();
+    let sfdisk = std::process::Command::new("sfdisk")
+        .arg(&bios)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .and_then(|mut c| {
+            use std::io::Write;
+            c.stdin
+                .take()
+                .unwrap()
+                .write_all(b"label: dos\nstart=2048, type=83, bootable\n")?;
+            c.wait()
+        })
+        .unwrap();
+    assert!(sfdisk.success());
+
+    let xml = validated_domain(
+        dir.path(),
+        &uefi,
+        &["--mac", "52-54-00-AA-BB-01", "--mac", "52:54:00:aa:bb:02"],
+    );
+    assert!(xml.contains("<os firmware='efi'>"), "{xml}");
+    assert_eq!(
+        xml.matches("<interface type='network'>").count(),
+        2,
+        "{xml}"
+    );
+    assert!(xml.contains("<mac address='52:54:00:aa:bb:01'/>"), "{xml}");
+    assert!(
+        xml.contains("<source file='") && xml.contains("<readonly/>"),
+        "{xml}"
+    );
+
+    let xml = validated_domain(
+        dir.path(),
+        &bios,
+        &[
+            "--nbd",
+            "nbd://127.0.0.1:10809/bios.raw",
+            "--memory",
+            "4096",
+        ],
+    );
+    assert!(!xml.contains("firmware='efi'"), "{xml}");
+    assert!(
+        xml.contains("<source protocol='nbd' name='bios.raw'>"),
+        "{xml}"
+    );
+    assert!(xml.contains("<memory unit='MiB'>4096</memory>"), "{xml}");
+
+    let (ok, _, err) = diskferry(&[
+        "vm-config".as_ref(),
+        bios.as_os_str(),
+        "--mac".as_ref(),
+        "01:00:5e:00:00:01".as_ref(),
+    ]);
+    assert!(!ok && err.contains("unicast"), "{err}");
+    let (ok, qemu, err) = diskferry(&[
+        "vm-config".as_ref(),
+        uefi.as_os_str(),
+        "--output".as_ref(),
+        "qemu".as_ref(),
+    ]);
+    assert!(ok, "{err}");
+    assert!(
+        qemu.starts_with("qemu-system-x86_64 ")
+            && qemu.contains("-bios")
+            && qemu.contains("-snapshot"),
+        "{qemu}"
+    );
+}
