@@ -22,6 +22,8 @@ pub struct Server {
     pub boot_addr: Option<String>,
     /// The UI's certificate fingerprint, when it speaks TLS.
     pub fingerprint: Option<Fingerprint>,
+    /// Where the captures are exported over NBD (`HOST:PORT`), when they are.
+    pub nbd_addr: Option<String>,
     pub data_dir: PathBuf,
     pub token: String,
     /// The admin password ([`TEST_PASSWORD`] unless the data directory had one before).
@@ -58,6 +60,9 @@ impl Server {
         if !extra.contains(&"--tftp-listen") {
             args.extend(["--tftp-listen", "off"]);
         }
+        if !extra.contains(&"--nbd-listen") {
+            args.extend(["--nbd-listen", "127.0.0.1:0"]);
+        }
         let mut child = Command::new(crate::bin("diskferry"))
             .args(&args)
             .args(extra)
@@ -71,6 +76,7 @@ impl Server {
         let mut seen = String::new();
         let mut agent_addr = String::new();
         let (mut tftp_addr, mut boot_addr, mut fingerprint) = (None, None, None);
+        let mut nbd_addr = None;
         let addr = loop {
             let mut line = String::new();
             if err.read_line(&mut line)? == 0 {
@@ -85,6 +91,9 @@ impl Server {
             }
             if let Some(a) = logged_after(&line, "boot listener on http://") {
                 boot_addr = Some(a);
+            }
+            if let Some(a) = logged_after(&line, "captures exported over NBD on nbd://") {
+                nbd_addr = Some(a.trim_end_matches('/').to_string());
             }
             if let Some(f) = logged_after(&line, "tls certificate fingerprint ") {
                 fingerprint = Some(f.parse()?);
@@ -107,6 +116,7 @@ impl Server {
             tftp_addr,
             boot_addr,
             fingerprint,
+            nbd_addr,
             data_dir: data_dir.to_path_buf(),
             token,
             password: TEST_PASSWORD.to_string(),

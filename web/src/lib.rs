@@ -60,6 +60,8 @@ pub struct AppState {
     pub tokens: Arc<Tokens>,
     /// When the captures directory was last rescanned.
     pub refreshed: std::sync::Mutex<Option<std::time::Instant>>,
+    /// Where the captures are exported over NBD, once the server listens there.
+    pub nbd: std::sync::OnceLock<std::net::SocketAddr>,
 }
 
 pub type SharedState = Arc<AppState>;
@@ -144,6 +146,7 @@ pub fn open(data_dir: &Path) -> Result<(SharedState, Startup), OpenError> {
         listings: browse::Listings::default(),
         refreshed: std::sync::Mutex::new(Some(std::time::Instant::now())),
         boot: std::sync::OnceLock::new(),
+        nbd: std::sync::OnceLock::new(),
     });
     Ok((
         state,

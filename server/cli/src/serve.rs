@@ -59,6 +59,12 @@ pub struct ServeArgs {
     /// reach /boot.ipxe, with the agent port]
     #[arg(long, value_name = "HOST:PORT")]
     advertise: Option<String>,
+    /// Where the captures are exported over NBD, read-only, each under its path in the
+    /// captures directory (nbd://127.0.0.1:10809/NAME.qcow2; the web UI's "Run it" shows how
+    /// to boot one). Loopback only: NBD has no TLS here yet. "off" exports nothing
+    /// [default: 127.0.0.1:10809, skipped with a warning when that port is taken]
+    #[arg(long, value_name = "ADDR:PORT|off")]
+    nbd_listen: Option<String>,
     /// How the daemon writes its log on stderr (DISKFERRY_LOG filters it, default info)
     #[arg(long, value_enum, default_value_t = crate::logging::LogFormat::Text)]
     pub log_format: crate::logging::LogFormat,
@@ -104,6 +110,7 @@ async fn serve(args: &ServeArgs) -> Result<()> {
         .context("cannot write DATA_DIR/serve.addr")?;
     log_startup(&startup);
     start_tftp(&args.tftp_listen, &boot_dir).await?;
+    start_nbd(args.nbd_listen.as_deref(), &state)?;
     tracing::info!("agents dial back to {agent_addr}");
     let boot_addr = start_boot_listener(args.boot_listen, &state).await?;
     log_boot_readiness(boot_addr.or(tls.is_none().then_some(addr)), &boot_dir);
@@ -132,6 +139,45 @@ fn server_tls(args: &ServeArgs, addr: SocketAddr) -> Result<Option<ServerTls>> {
     // Clients pin this (`--tls-fingerprint`); tests and scripts read it here.
     tracing::info!("tls certificate fingerprint {}", tls.fingerprint);
     Ok(Some(tls))
+}
+
+/// The captures' NBD exports, unless "off": on the given loopback address (failing when it
+/// cannot be had), or on the default port when it is free.
+fn start_nbd(listen: Option<&str>, state: &diskferry_web::SharedState) -> Result<()> {
+    let addr: SocketAddr = match listen {
+        Some("off") => return Ok(()),
+        Some(a) => a
+            .parse()
+            .with_context(|| format!("--nbd-listen {a}: not ADDR:PORT or off"))?,
+        None => SocketAddr::from(([127, 0, 0, 1], 10809)),
+    };
+    if !addr.ip().is_loopback() {
+        anyhow::bail!(
+            "--nbd-listen {addr}: NBD exports have no TLS yet, so they listen on loopback only \
+             (reach them through an SSH tunnel)"
+        );
+    }
+    let exports =
+        diskferry_daemon::exports::CaptureExports::new(std::sync::Arc::clone(&state.catalog));
+    let server = match diskferry_nbd::Server::bind(addr, exports, diskferry_nbd::Limits::default())
+    {
+        Ok(s) => s,
+        Err(e) if listen.is_none() => {
+            tracing::warn!(
+                "captures are not exported over NBD: {e} (choose a port with --nbd-listen)"
+            );
+            return Ok(());
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let addr = server.local_addr()?;
+    let _ = state.nbd.set(addr);
+    // Tests and scripts read the address here.
+    tracing::info!("captures exported over NBD on nbd://{addr}/");
+    std::thread::Builder::new()
+        .name("nbd exports".into())
+        .spawn(move || server.run(&std::sync::atomic::AtomicBool::new(false)))?;
+    Ok(())
 }
 
 /// The boot endpoints' own plain-HTTP listener, when asked for; its address.

@@ -4,6 +4,7 @@
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 
+use diskferry_e2e::http::Server;
 use diskferry_e2e::nbd::Exported;
 use diskferry_e2e::{diskferry, run_ok, Client};
 
@@ -293,4 +294,86 @@ fn vm_definitions_pass_libvirts_schema_with_the_firmware_the_disk_needs() {
             && qemu.contains("-snapshot"),
         "{qemu}"
     );
+}
+
+#[test]
+fn the_server_exports_its_captures_and_its_ui_says_how_to_run_them() {
+    let data = tempfile::tempdir().unwrap();
+    let caps = data.path().join("captures");
+    std::fs::create_dir_all(&caps).unwrap();
+    let image = capture(&caps);
+    // An overlay whose backing file lies outside the captures is never opened for a client.
+    let outside = data.path().join("outside.qcow2");
+    run_ok(
+        "qemu-img",
+        &["create", "-q", "-f", "qcow2", p(&outside), "256M"],
+    );
+    let sneaky = caps.join("sneaky.qcow2");
+    run_ok(
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-F",
+            "qcow2",
+            "-b",
+            p(&outside),
+            p(&sneaky),
+        ],
+    );
+    let server = Server::start(data.path()).unwrap();
+    let nbd = server
+        .nbd_addr
+        .clone()
+        .expect("the server logs its NBD address");
+    let list = server.get("/api/captures").json();
+    let id = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "capture.qcow2")
+        .map(|c| c["id"].as_i64().unwrap())
+        .expect("the capture is catalogued");
+
+    let url = format!("nbd://{nbd}/capture.qcow2");
+    run_ok("qemu-img", &["compare", "-F", "qcow2", &url, p(&image)]);
+    let listed = run_ok("nbdinfo", &["--list", &format!("nbd://{nbd}")]);
+    assert!(listed.contains("capture.qcow2"), "{listed}");
+    let info = run_ok("nbdinfo", &[&url]);
+    assert!(info.contains("is_read_only: true"), "{info}");
+    let refused = std::process::Command::new("nbdinfo")
+        .arg(format!("nbd://{nbd}/sneaky.qcow2"))
+        .output()
+        .unwrap();
+    assert!(
+        !refused.status.success(),
+        "an overlay on a file outside the captures is not served"
+    );
+    let refused = std::process::Command::new("nbdinfo")
+        .arg(format!("nbd://{nbd}/../outside.qcow2"))
+        .output()
+        .unwrap();
+    assert!(!refused.status.success());
+
+    let vm = server.get(&format!("/api/captures/{id}/vm"));
+    assert_eq!(vm.status, 200, "{}", vm.text());
+    let vm = vm.json();
+    assert_eq!(vm["nbd_url"], url.as_str());
+    assert!(vm["qemu"].as_str().unwrap().contains(&url), "{vm}");
+    let xml = dir_file(
+        data.path(),
+        "domain.xml",
+        vm["libvirt_xml"].as_str().unwrap(),
+    );
+    run_ok("virt-xml-validate", &[p(&xml), "domain"]);
+    let page = server.get(&format!("/captures/{id}")).text();
+    assert!(page.contains("Run it") && page.contains(&url), "{page}");
+}
+
+fn dir_file(dir: &Path, name: &str, text: &str) -> std::path::PathBuf {
+    let path = dir.join(name);
+    std::fs::write(&path, text).unwrap();
+    path
 }

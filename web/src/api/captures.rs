@@ -7,6 +7,7 @@ use axum::extract::{Path, Query, State};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use diskferry_daemon::catalog::{chain_of, children_of, CaptureRecord, Relation};
+use diskferry_imaging::vmconfig::VmDisk;
 use serde::Serialize;
 
 use super::*;
@@ -216,6 +217,37 @@ pub(super) async fn get_capture(
     let mut body = serde_json::to_value(s).map_err(|e| Failure::internal(e.to_string()))?;
     body["analysis"] = serde_json::to_value(&c.analysis).unwrap_or_default();
     Ok(Json(body).into_response())
+}
+
+/// How to run a capture at once: its NBD URL on the server's export port, a qemu command
+/// line and a libvirt domain XML (firmware, devices, NICs, memory and CPUs from the capture
+/// and the machine it came from). 409 when the server exports nothing (`--nbd-listen off`).
+pub(super) async fn get_vm(
+    State(state): State<SharedState>,
+    Path(id): Path<String>,
+) -> Result<Response, Failure> {
+    let c = capture_by_id(&state, &id).await?;
+    let Some(&nbd) = state.nbd.get() else {
+        return Err(Failure::new(
+            axum::http::StatusCode::CONFLICT,
+            "this server exports no captures over NBD (it runs with --nbd-listen off)",
+        ));
+    };
+    let st = Arc::clone(&state);
+    let vm = tokio::task::spawn_blocking(move || {
+        diskferry_daemon::exports::vm_for(&st.catalog, &c, nbd)
+    })
+    .await?;
+    let VmDisk::Nbd { host, port, export } = &vm.disk else {
+        return Err(Failure::internal("a capture's VM boots from NBD"));
+    };
+    Ok(Json(serde_json::json!({
+        "nbd_url": format!("nbd://{host}:{port}/{export}"),
+        "firmware": vm.firmware,
+        "qemu": vm.qemu_command(),
+        "libvirt_xml": vm.libvirt_xml(),
+    }))
+    .into_response())
 }
 
 /// The capture with this id and its summary with its chain, or a 404.

@@ -39,6 +39,7 @@ pub fn routes() -> Router<SharedState> {
         .route("/openapi.json", get(openapi))
         .route("/captures", get(list_captures))
         .route("/captures/{id}", get(get_capture).delete(delete_capture))
+        .route("/captures/{id}/vm", get(captures::get_vm))
         .route("/captures/{id}/partitions/{n}/dir", get(dir))
         .route("/captures/{id}/partitions/{n}/file", get(file))
         .route("/captures/{id}/partitions/{n}/tar", get(tar))

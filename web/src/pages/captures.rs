@@ -10,6 +10,7 @@ use axum::response::{Html, IntoResponse, Redirect, Response};
 use axum::routing::{get, post};
 use axum::{Extension, Router};
 use diskferry_daemon::catalog::Relation;
+use diskferry_imaging::vmconfig::{Firmware, VmConfig, VmDisk};
 use maud::{html, Markup};
 
 use super::layout::{bar, date, encode_query, human_bytes, page};
@@ -183,6 +184,19 @@ async fn detail(
     Path(id): Path<String>,
 ) -> PageResult {
     let (c, s) = api::capture_summary(&state, &id).await?;
+    let vm = match state.nbd.get().copied() {
+        Some(nbd) => {
+            let (st, rec) = (std::sync::Arc::clone(&state), c.clone());
+            let vm = tokio::task::spawn_blocking(move || {
+                diskferry_daemon::exports::vm_for(&st.catalog, &rec, nbd)
+            });
+            Some(
+                vm.await
+                    .map_err(|e| crate::error::Failure::internal(e.to_string()))?,
+            )
+        }
+        None => None,
+    };
     let size = s.virtual_size.max(1) as f64;
     // The layout: partitions in disk order, unpartitioned gaps between them.
     let mut parts: Vec<_> = s.partitions.iter().collect();
@@ -230,6 +244,7 @@ async fn detail(
         }
         @if let Some(e) = &s.analysis_error { p.error { "This image could not be analysed: " (e) } }
         (chain_section(&s, &who))
+        (run_section(vm.as_ref(), s.id))
         h2 { "Layout" }
         (bar(&segments))
         h2 { "Allocated vs virtual size" }
@@ -258,6 +273,32 @@ async fn detail(
         } }
     };
     render(&s.name, &who, body)
+}
+
+/// "Run it": the capture's NBD URL on this server, a qemu command line and a libvirt domain,
+/// so it boots without being restored (the VM's writes stay in qemu's temporary overlay).
+fn run_section(vm: Option<&VmConfig>, id: i64) -> Markup {
+    html! {
+        h2 { "Run it" }
+        @match vm {
+            None => p.hint { "This server exports no captures over NBD (it runs with --nbd-listen off)." },
+            Some(vm) => {
+                @if let VmDisk::Nbd { host, port, export } = &vm.disk {
+                    dl.facts {
+                        dt { "NBD" } dd.mono { (format!("nbd://{host}:{port}/{export}")) }
+                        dt { "Firmware" } dd { (match vm.firmware { Firmware::Uefi => "UEFI (the disk has an EFI System Partition)", Firmware::Bios => "BIOS" }) }
+                    }
+                }
+                p.hint { "On this server (the export listens on loopback; elsewhere, tunnel the port with ssh -L). qemu's -snapshot keeps the VM's writes out of the capture." }
+                pre.mono.run { (vm.qemu_command()) }
+                details {
+                    summary { "libvirt domain XML (virsh define)" }
+                    pre.mono.run { (vm.libvirt_xml()) }
+                }
+                p { a href=(format!("/api/captures/{id}/vm")) { "As JSON" } }
+            }
+        }
+    }
 }
 
 /// A link to a capture in a chain (plain text when it left the catalog).

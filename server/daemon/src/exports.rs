@@ -1,0 +1,108 @@
+//! The server's NBD exports: every capture in the catalog, read-only, under its path in the
+//! captures directory (`nbd://127.0.0.1:10809/web/monday.qcow2`), opened when a client asks
+//! for it (an overlay through its backing chain, which must stay inside the captures
+//! directory); and the VM that runs a capture from there ([`vm_for`]).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use diskferry_imaging::vmconfig::{firmware_of, is_windows, normalize_mac, VmConfig, VmDisk};
+use diskferry_nbd::{Export, ExportSource};
+
+use crate::catalog::{CaptureRecord, Catalog};
+
+/// Captures, looked up in the catalog per client.
+pub struct CaptureExports {
+    catalog: Arc<Catalog>,
+}
+
+impl CaptureExports {
+    pub fn new(catalog: Arc<Catalog>) -> CaptureExports {
+        CaptureExports { catalog }
+    }
+}
+
+impl ExportSource for CaptureExports {
+    /// There is no default export: a client names the capture.
+    fn find(&self, name: &str) -> Option<Export> {
+        let rec = self
+            .catalog
+            .captures()
+            .ok()?
+            .into_iter()
+            .find(|c| c.path == name)?;
+        let image = self.catalog.captures_dir().join(&rec.path);
+        let device = match self.catalog.open_capture(&image) {
+            Ok(d) => d,
+            Err(e) => {
+                tracing::warn!(capture = %rec.path, "not exported: {e}");
+                return None;
+            }
+        };
+        Some(Export {
+            name: rec.path.clone(),
+            description: description(&rec),
+            device,
+            writable: false,
+        })
+    }
+
+    /// The captures a client can open (an overlay whose chain leaves the captures directory,
+    /// or an unreadable image, is not listed: `nbdinfo --list` opens every one it is told of).
+    fn list(&self) -> Vec<(String, String)> {
+        let captures = self.catalog.captures().unwrap_or_default();
+        let dir = self.catalog.captures_dir();
+        captures
+            .iter()
+            .filter(|c| self.catalog.open_capture(&dir.join(&c.path)).is_ok())
+            .map(|c| (c.path.clone(), description(c)))
+            .collect()
+    }
+}
+
+fn description(rec: &CaptureRecord) -> String {
+    match (&rec.source_machine, &rec.source_disk) {
+        (Some(m), Some(d)) => format!("capture of {d} on {m}"),
+        _ => format!("capture {}", rec.name),
+    }
+}
+
+/// A VM that runs `rec` from the server's NBD port `nbd`: firmware and devices from its
+/// analysis, NICs, memory and CPUs from the machine it was captured from (2 GiB and 2 CPUs
+/// when that is unknown).
+pub fn vm_for(catalog: &Catalog, rec: &CaptureRecord, nbd: SocketAddr) -> VmConfig {
+    let identity = rec
+        .source_machine
+        .as_deref()
+        .and_then(|m| catalog.find_machine(m).ok().flatten())
+        .and_then(|m| m.identity);
+    let (macs, memory_mib, cpus) = match &identity {
+        Some(id) => (
+            id.macs.iter().filter_map(|m| normalize_mac(m)).collect(),
+            (id.memory >> 20).clamp(512, 1 << 20),
+            id.cpus.clamp(1, 64),
+        ),
+        None => (Vec::new(), 2048, 2),
+    };
+    let (firmware, windows) = match &rec.analysis {
+        Some(report) => (firmware_of(report), is_windows(report)),
+        None => (diskferry_imaging::vmconfig::Firmware::Bios, false),
+    };
+    let stem = rec
+        .name
+        .rsplit_once('.')
+        .map_or(rec.name.as_str(), |(s, _)| s);
+    VmConfig {
+        name: stem.to_string(),
+        firmware,
+        emulated_devices: windows,
+        memory_mib,
+        cpus,
+        macs,
+        disk: VmDisk::Nbd {
+            host: nbd.ip().to_string(),
+            port: nbd.port(),
+            export: rec.path.clone(),
+        },
+    }
+}
