@@ -89,15 +89,7 @@ impl Client {
             .stderr(Stdio::piped())
             .spawn()
             .context("spawn diskferry-client")?;
-        let stdout = child.stdout.take().context("client stdout")?;
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let mut line = String::new();
-            let _ = BufReader::new(stdout).read_line(&mut line);
-            let _ = tx.send(line);
-        });
-        let line = rx
-            .recv_timeout(Duration::from_secs(20))
+        let line = first_stdout_line(&mut child, Duration::from_secs(20))
             .context("client did not report its address")?;
         let Some(addr) = line.trim().strip_prefix("listening on ") else {
             let _ = child.kill();
@@ -133,6 +125,21 @@ impl Drop for Client {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// The first line a child prints on stdout, waiting at most `timeout`; the rest of its
+/// stdout is read and dropped, so it never blocks on a full pipe.
+pub fn first_stdout_line(child: &mut Child, timeout: Duration) -> Result<String> {
+    let stdout = child.stdout.take().context("no stdout to read")?;
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut reader = BufReader::new(stdout);
+        let mut line = String::new();
+        let _ = reader.read_line(&mut line);
+        let _ = tx.send(line);
+        let _ = std::io::copy(&mut reader, &mut std::io::sink());
+    });
+    Ok(rx.recv_timeout(timeout)?)
 }
 
 /// The public key of a server key file, as `diskferry keygen --public` prints it.

@@ -1,13 +1,13 @@
 //! A running `diskferry export` for tests: started on a free loopback port, its NBD URL read
 //! from its first line, stopped the way a user stops it (SIGINT, so writes are flushed).
 
-use std::io::{BufRead, BufReader, Read};
+use std::io::Read;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 
-use crate::bin;
+use crate::{bin, first_stdout_line};
 
 pub struct Exported {
     child: Child,
@@ -26,17 +26,7 @@ impl Exported {
             .stderr(Stdio::piped())
             .spawn()
             .context("spawn diskferry export")?;
-        let stdout = child.stdout.take().context("export stdout")?;
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let mut reader = BufReader::new(stdout);
-            let mut line = String::new();
-            let _ = reader.read_line(&mut line);
-            let _ = tx.send(line);
-            // Keep reading so the export never blocks on a full pipe.
-            let _ = std::io::copy(&mut reader, &mut std::io::sink());
-        });
-        let line = rx.recv_timeout(Duration::from_secs(30)).unwrap_or_default();
+        let line = first_stdout_line(&mut child, Duration::from_secs(30)).unwrap_or_default();
         let Some(url) = line.split_whitespace().find(|w| w.starts_with("nbd://")) else {
             let _ = child.kill();
             let mut err = String::new();
