@@ -18,9 +18,17 @@ pub struct Exported {
 impl Exported {
     /// `diskferry export SOURCE --listen 127.0.0.1:0 EXTRA...`, once it serves.
     pub fn start(source: &str, extra: &[&str]) -> Result<Exported> {
+        let mut args = vec![source];
+        args.extend(extra);
+        Exported::start_with(&args)
+    }
+
+    /// `diskferry export ARGS... --listen 127.0.0.1:0`, once it serves.
+    pub fn start_with(args: &[&str]) -> Result<Exported> {
         let mut child = Command::new(bin("diskferry"))
-            .args(["export", source, "--listen", "127.0.0.1:0"])
-            .args(extra)
+            .arg("export")
+            .args(args)
+            .args(["--listen", "127.0.0.1:0"])
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())

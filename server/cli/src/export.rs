@@ -10,7 +10,10 @@ use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use diskferry_blockdev::{BlockDevice, CowDevice, HybridOptions, HybridVolume};
+use diskferry_blockdev::{BlockDevice, CowDevice, HybridOptions, HybridVolume, SliceDevice};
+use diskferry_fs::host::HostFs;
+use diskferry_fs::Filesystem;
+use diskferry_imaging::skeleton::SkeletonDisk;
 use diskferry_imaging::source::{open_source, open_target, SourceSpec};
 use diskferry_nbd::{Export, Exports, Limits, Server};
 
@@ -20,7 +23,13 @@ use crate::{human_bytes, images, runtime, session, ConnArgs};
 pub(crate) struct ExportArgs {
     /// What to serve: an image (raw, qcow2 — backing files followed —, VHDX, VHD, VMDK), a
     /// local disk, or DISK@HOST:PORT, a listening diskferry-client's disk
-    source: String,
+    #[arg(required_unless_present = "files")]
+    source: Option<String>,
+    /// Serve a skeleton disk instead: GPT and an ext4 whose metadata is built in memory and
+    /// whose file data is read from the files of DIR (a directory) or of IMAGE:PART (partition
+    /// PART of an image) — nothing is copied. Writable only with --redo ram:SIZE
+    #[arg(long, value_name = "DIR|IMAGE:PART", conflicts_with = "source")]
+    files: Option<String>,
     /// Address to serve NBD on. Loopback only: this NBD server offers no TLS yet, so reach it
     /// from another machine through an SSH tunnel (ssh -L 10809:127.0.0.1:10809 HOST)
     #[arg(long, default_value = "127.0.0.1:10809", value_name = "ADDR:PORT")]
@@ -82,11 +91,21 @@ pub(crate) fn run(args: &ExportArgs) -> Result<()> {
             args.listen
         );
     }
-    let spec = SourceSpec::parse(&args.source);
     let redo = args.redo.as_deref().map(Redo::parse).transpose()?;
     let rt = runtime()?;
-    let (device, what) = open_device(args, &spec, redo.as_ref(), rt.handle())?;
-    let name = args.name.clone().unwrap_or_else(|| default_name(&spec));
+    let (device, what, default) = match (&args.files, &args.source) {
+        (Some(files), _) => {
+            let (dev, what) = skeleton_device(files, args.writable, redo.as_ref())?;
+            (dev, what, default_name(&SourceSpec::Local(files.into())))
+        }
+        (None, Some(source)) => {
+            let spec = SourceSpec::parse(source);
+            let (dev, what) = open_device(args, source, &spec, redo.as_ref(), rt.handle())?;
+            (dev, what, default_name(&spec))
+        }
+        (None, None) => bail!("give SOURCE or --files"),
+    };
+    let name = args.name.clone().unwrap_or(default);
     let export = Export {
         name: name.clone(),
         description: what.clone(),
@@ -138,6 +157,7 @@ async fn stopped() -> Result<()> {
 /// The device served, and a line saying what it is.
 fn open_device(
     args: &ExportArgs,
+    source: &str,
     spec: &SourceSpec,
     redo: Option<&Redo>,
     rt: &tokio::runtime::Handle,
@@ -155,14 +175,14 @@ fn open_device(
         ),
         (SourceSpec::Remote { .. }, None) if args.writable => {
             let dev = open_target(spec, rt, session.as_ref(), reconnect)?;
-            Ok((dev, format!("{} (written in place)", args.source)))
+            Ok((dev, format!("{} (written in place)", source)))
         }
         (_, None) => {
             let dev = open_source(spec, rt, session.as_ref(), true, reconnect)?;
-            Ok((dev, format!("{} (read-only)", args.source)))
+            Ok((dev, format!("{} (read-only)", source)))
         }
         (SourceSpec::Local(path), Some(Redo::Qcow2(redo))) => {
-            Ok((qcow2_redo(path, redo)?, format!("{} with its writes in {}", args.source, redo.display())))
+            Ok((qcow2_redo(path, redo)?, format!("{} with its writes in {}", source, redo.display())))
         }
         (SourceSpec::Remote { .. }, Some(Redo::Qcow2(_))) => bail!(
             "a qcow2 redo log needs an image file to stand on; for a remote disk use --redo ram:SIZE[:SPILLFILE]"
@@ -171,7 +191,7 @@ fn open_device(
             let base = open_source(spec, rt, session.as_ref(), true, reconnect)?;
             let dev = ram_redo(base, *size, spill.clone())?;
             let spill = spill.as_ref().map(|p| format!(", then {}", p.display())).unwrap_or_default();
-            Ok((dev, format!("{} with its writes in memory (up to {}{spill})", args.source, human_bytes(*size))))
+            Ok((dev, format!("{} with its writes in memory (up to {}{spill})", source, human_bytes(*size))))
         }
     }
 }
@@ -189,6 +209,62 @@ fn ram_redo(
     };
     let top = HybridVolume::new(base.size(), options).context("the memory redo log")?;
     Ok(Arc::new(CowDevice::new(base, Arc::new(top))?))
+}
+
+/// A skeleton disk of `files` (a directory, or IMAGE:PART), under a memory redo when writable.
+fn skeleton_device(
+    files: &str,
+    writable: bool,
+    redo: Option<&Redo>,
+) -> Result<(Arc<dyn BlockDevice>, String)> {
+    let fs = files_source(files)?;
+    let (skeleton, stats) =
+        SkeletonDisk::build(fs).with_context(|| format!("building the skeleton of {files}"))?;
+    eprintln!(
+        "skeleton of {files}: {} files, {} directories, {} of file data mapped, {} of metadata in memory, ready in {:.2} s",
+        stats.files,
+        stats.dirs,
+        human_bytes(stats.mapped_bytes),
+        human_bytes(stats.metadata_bytes),
+        stats.elapsed.as_secs_f64()
+    );
+    for (path, why) in stats.skipped.iter().take(20) {
+        eprintln!("  left out {path}: {why}");
+    }
+    let skeleton: Arc<dyn BlockDevice> = Arc::new(skeleton);
+    match redo {
+        None if writable => bail!("a skeleton's files are never written: add --redo ram:SIZE[:SPILLFILE] to take the writes"),
+        None => Ok((skeleton, format!("skeleton of {files} (read-only)"))),
+        Some(Redo::Qcow2(_)) => bail!("a skeleton is not a file a qcow2 redo log can stand on: use --redo ram:SIZE[:SPILLFILE]"),
+        Some(Redo::Ram { size, spill }) => {
+            let dev = ram_redo(skeleton, *size, spill.clone())?;
+            Ok((dev, format!("skeleton of {files} with its writes in memory")))
+        }
+    }
+}
+
+/// The files a skeleton is made of: a host directory, or a partition of an image (IMAGE:PART).
+fn files_source(files: &str) -> Result<Arc<dyn Filesystem>> {
+    let path = Path::new(files);
+    if path.is_dir() {
+        return Ok(Arc::new(
+            HostFs::open(path).with_context(|| format!("reading {files}"))?,
+        ));
+    }
+    let Some((image, part)) = files.rsplit_once(':') else {
+        bail!("--files {files}: not a directory, and not IMAGE:PART");
+    };
+    let number: u32 = part
+        .parse()
+        .with_context(|| format!("--files {files}: PART is a partition number"))?;
+    let (_, disk) = diskferry_vdisk::open_image(Path::new(image), true)?;
+    let table = diskferry_partition::read_table(&*disk)?;
+    let Some(p) = table.partitions.iter().find(|p| p.number == number) else {
+        bail!("{image} has no partition {number}");
+    };
+    let slice = Arc::new(SliceDevice::new(disk, p.start, p.size)?);
+    let fs = diskferry_fs::open(slice).with_context(|| format!("partition {number} of {image}"))?;
+    Ok(Arc::from(fs))
 }
 
 /// The qcow2 overlay at `redo` on the image at `image`: created, or taken up again.

@@ -10,7 +10,7 @@ use diskferry_blockdev::BlockDevice;
 use diskferry_fs::ext4::write::{suggested_size, write_ext4, Ext4Options};
 use diskferry_fs::fat_write::{write_fat, FatOptions};
 use diskferry_fs::host::HostFs;
-use diskferry_fs::{tree, FileKind, Filesystem};
+use diskferry_fs::{tree, Filesystem};
 use diskferry_imaging::pipeline::PartialOutput;
 use diskferry_vdisk::{create_image, ImageFormat};
 
@@ -28,29 +28,9 @@ pub enum FsType {
 /// What a tree needs: bytes of file data (each file's allocated bytes rounded up to 4 KiB),
 /// and entries.
 fn tree_needs(src: &dyn Filesystem) -> Result<(u64, u64)> {
-    let (mut bytes, mut entries) = (0u64, 0u64);
-    let mut errors = Vec::new();
-    tree::walk(
-        src,
-        src.root(),
-        &mut |_, e| {
-            entries += 1;
-            if e.kind == FileKind::File {
-                // Sparse files need only their allocated blocks.
-                let m = src.metadata(e.node)?;
-                bytes += m.size.min(m.allocated).next_multiple_of(4096);
-            }
-            Ok(())
-        },
-        &mut |p, e| errors.push(format!("{p}: {e}")),
-    )?;
-    if let Some(first) = errors.first() {
-        bail!("cannot read the source tree: {first}");
-    }
-    Ok((bytes, entries))
+    tree::space_needed(src).map_err(|e| anyhow::anyhow!("cannot read the source tree: {e}"))
 }
 
-/// What either writer reports.
 struct Report {
     files: u64,
     dirs: u64,

@@ -7,6 +7,7 @@ pub mod inspect;
 pub mod jobs;
 pub mod pipeline;
 pub mod progress;
+pub mod skeleton;
 pub mod source;
 pub mod units;
 pub mod vmconfig;

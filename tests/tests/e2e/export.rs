@@ -377,3 +377,81 @@ fn dir_file(dir: &Path, name: &str, text: &str) -> std::path::PathBuf {
     std::fs::write(&path, text).unwrap();
     path
 }
+
+/// What `nbdcopy` copies of `url` into `dir/name`: the partition table checked by `sgdisk -v`,
+/// the first partition's ext4 checked by `e2fsck -fn`, mounted read-only by the kernel and
+/// compared with `tree` by `rsync -n -aHAXc` (content, owners, modes, hard links, ACLs,
+/// xattrs): nothing may differ.
+fn assert_skeleton_holds(url: &str, dir: &Path, name: &str, tree: &Path) {
+    let raw = dir.join(format!("{name}.raw"));
+    run_ok("nbdcopy", &[url, p(&raw)]);
+    let verify = run_ok("sgdisk", &["-v", p(&raw)]);
+    assert!(verify.contains("No problems found"), "{verify}");
+    let fs = diskferry_e2e::fixtures::extract(
+        &raw,
+        1 << 20,
+        std::fs::metadata(&raw).unwrap().len() - (2 << 20),
+        &dir.join(format!("{name}.ext4")),
+    );
+    let fsck = run_ok("e2fsck", &["-fn", p(&fs)]);
+    assert!(
+        !fsck.contains("UNEXPECTED") && !fsck.contains("Fix?"),
+        "{fsck}"
+    );
+    let mnt = dir.join(format!("{name}.mnt"));
+    std::fs::create_dir_all(&mnt).unwrap();
+    run_ok("mount", &["-o", "loop,ro", p(&fs), p(&mnt)]);
+    let diff = std::process::Command::new("rsync")
+        .args([
+            "-n",
+            "-aHAXc",
+            "--itemize-changes",
+            &format!("{}/", p(tree)),
+            &format!("{}/", p(&mnt)),
+        ])
+        .output()
+        .unwrap();
+    run_ok("umount", &[p(&mnt)]);
+    let listed = String::from_utf8_lossy(&diff.stdout);
+    assert!(
+        diff.status.success() && listed.trim().is_empty(),
+        "the skeleton differs from the tree:\n{listed}"
+    );
+}
+
+#[test]
+fn a_skeleton_of_a_directory_is_an_ext4_the_kernel_mounts_with_the_same_tree() {
+    let dir = tempfile::tempdir().unwrap();
+    let tree = diskferry_e2e::fixtures::linux_tree(dir.path());
+    let export = Exported::start_with(&["--files", p(&tree), "--name", "tree"]).unwrap();
+    assert_skeleton_holds(&export.url, dir.path(), "dir", &tree);
+    let (stopped, log) = export.stop();
+    assert!(stopped && log.contains("skeleton of"), "{log}");
+    assert!(log.contains("ready in"), "{log}");
+}
+
+#[test]
+fn a_skeleton_of_a_captures_partition_reads_its_files_and_takes_writes_in_memory() {
+    let dir = tempfile::tempdir().unwrap();
+    let tree = diskferry_e2e::fixtures::linux_tree(dir.path());
+    let disk = dir.path().join("capture.raw");
+    let offsets = diskferry_e2e::fixtures::gpt_disk(&disk, 72, &[(64, "8300", "root")]);
+    let fs = dir.path().join("root.ext4");
+    diskferry_e2e::fixtures::ext4_image(&tree, &fs, 64, "root");
+    diskferry_e2e::fixtures::place(&disk, offsets[0], &fs);
+    let before = sha256(&disk);
+    let files = format!("{}:1", p(&disk));
+    let export =
+        Exported::start_with(&["--files", &files, "--writable", "--redo", "ram:64M"]).unwrap();
+    assert_skeleton_holds(&export.url, dir.path(), "part", &tree);
+    qemu_io(&export.url, &["write -P 0x61 0 1M", "read -P 0x61 0 1M"]);
+    assert!(export.stop().0);
+    assert_eq!(sha256(&disk), before, "the capture's files are only read");
+    let (ok, _, err) = diskferry(&[
+        "export".as_ref(),
+        "--files".as_ref(),
+        tree.as_os_str(),
+        "--writable".as_ref(),
+    ]);
+    assert!(!ok && err.contains("--redo ram"), "{err}");
+}

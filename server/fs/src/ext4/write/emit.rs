@@ -31,7 +31,11 @@ pub(super) fn write_all(
             c.wrote(1);
         }
     }
-    copy_file_data(dev, job.source, &placed, job.geo.block_size)?;
+    if job.opts.map_file_data {
+        report.data_map = map_file_data(&placed, job.geo.block_size);
+    } else {
+        copy_file_data(dev, job.source, &placed, job.geo.block_size)?;
+    }
     let journal_i_block = write_journal(dev, job, &placed.journal, &mut inodes)?;
     if let Some(r) = &placed.resize {
         write_resize_inode(dev, job, r, &mut inodes)?;
@@ -284,6 +288,24 @@ fn copy_file_data(
         copy_through_read_at(dev, source, item, bs, &mut buf)?;
     }
     Ok(())
+}
+
+/// Where every file's data goes, by volume offset, instead of copying it.
+fn map_file_data(placed: &Placed, bs: u64) -> Vec<super::MappedData> {
+    let mut map: Vec<super::MappedData> = files(placed)
+        .flat_map(|item| {
+            item.extents
+                .iter()
+                .map(move |&(logical, physical, count)| super::MappedData {
+                    fs_offset: physical * bs,
+                    len: count * bs,
+                    node: item.src,
+                    file_offset: logical * bs,
+                })
+        })
+        .collect();
+    map.sort_by_key(|m| m.fs_offset);
+    map
 }
 
 /// Where the pieces `read_ranges` hands over go: they arrive in the order of the runs, each

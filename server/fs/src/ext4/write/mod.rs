@@ -101,6 +101,21 @@ pub struct Ext4Options {
     /// `placement_hint` says otherwise): deploying a capture keeps its layout, so deploys of
     /// successive captures differ only where files changed.
     pub keep_source_layout: bool,
+    /// Write no file data: record where each file's data goes (`Ext4Report::data_map`) and
+    /// leave those blocks unwritten — the metadata of a skeleton disk, whose data blocks are
+    /// read from the source's files when asked for.
+    pub map_file_data: bool,
+}
+
+/// Where a piece of a file's data lies in a filesystem written with `map_file_data`: bytes
+/// `fs_offset..fs_offset+len` of the volume hold the file's bytes from `file_offset` on (past
+/// the file's end they read as zeros).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MappedData {
+    pub fs_offset: u64,
+    pub len: u64,
+    pub node: NodeId,
+    pub file_offset: u64,
 }
 
 impl Default for Ext4Options {
@@ -122,6 +137,7 @@ impl Default for Ext4Options {
             reserved_percent: 5,
             counters: None,
             keep_source_layout: false,
+            map_file_data: false,
         }
     }
 }
@@ -144,6 +160,8 @@ pub struct Ext4Report {
     pub special: u64,
     pub bytes: u64,
     pub skipped: Vec<(String, String)>,
+    /// With `map_file_data`: every file's data pieces, by volume offset.
+    pub data_map: Vec<MappedData>,
 }
 
 /// mke2fs's default journal size for a filesystem of `blocks` 4 KiB-equivalent blocks.

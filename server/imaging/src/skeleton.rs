@@ -1,0 +1,249 @@
+//! Skeleton disks: a disk synthesized on the fly from a tree of files — a host directory, or
+//! a filesystem inside a capture — that holds only the partition table and the filesystem's
+//! metadata, while every file-data block is redirected to the file it belongs to. Nothing is
+//! copied: a backup of files becomes a bootable, mountable disk in the time it takes to lay
+//! out its metadata.
+//!
+//! The metadata comes from the ext4 writer itself, run with `map_file_data`: it plans and
+//! writes the filesystem as it always does, but instead of copying file data it reports
+//! where each file's data goes (`MappedData`). Those writes land in a [`HybridVolume`] the
+//! size of the disk (sparse: only metadata takes memory); the data map, sorted by disk
+//! offset, is the block-location cache reads go through: a read of a data block becomes a
+//! `read_at` of its file at the mapped offset.
+//!
+//! The layout: GPT, one Linux-filesystem partition from 1 MiB to 1 MiB before the end, ext4
+//! sized for the tree (`suggested_size`, as `mkfs` does). The skeleton is read-only; writes
+//! go to a redo layer over it (`CowDevice`).
+
+use std::ops::Range;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use diskferry_blockdev::{
+    BlockDevice, BlockError, Extent, HybridOptions, HybridVolume, Region, Result as BlockResult,
+    SliceDevice,
+};
+use diskferry_fs::ext4::write::{suggested_size, write_ext4, Ext4Options, MappedData};
+use diskferry_fs::{Filesystem, NodeId};
+use diskferry_partition::{gpt_types, Guid, Partition, PartitionTable, PartitionType, Scheme};
+
+const MIB: u64 = 1 << 20;
+
+#[derive(Debug, thiserror::Error)]
+pub enum SkeletonError {
+    #[error("reading the source tree: {0}")]
+    Tree(String),
+    #[error("the metadata volume: {0}")]
+    Volume(#[from] diskferry_blockdev::HybridError),
+    #[error("writing the partition table: {0}")]
+    Table(#[from] diskferry_partition::PartitionError),
+    #[error("laying out the ext4 metadata: {0}")]
+    Filesystem(#[from] diskferry_fs::FsError),
+    #[error("{0}")]
+    Block(#[from] BlockError),
+}
+
+/// What building a skeleton did.
+#[derive(Debug, Clone)]
+pub struct SkeletonStats {
+    pub files: u64,
+    pub dirs: u64,
+    /// File data the disk redirects to the source.
+    pub mapped_bytes: u64,
+    /// Bytes the metadata holds in memory.
+    pub metadata_bytes: u64,
+    /// From the first read of the tree to a disk ready to serve.
+    pub elapsed: Duration,
+    /// Entries the writer could not represent, with why.
+    pub skipped: Vec<(String, String)>,
+}
+
+/// A disk whose metadata is in memory and whose file data is read from the source's files.
+pub struct SkeletonDisk {
+    meta: Arc<HybridVolume>,
+    /// Sorted by `disk_offset`, disjoint.
+    map: Vec<Mapped>,
+    source: Arc<dyn Filesystem>,
+}
+
+/// A run of disk bytes that reads as a file's bytes.
+#[derive(Debug, Clone, Copy)]
+struct Mapped {
+    disk: u64,
+    len: u64,
+    node: NodeId,
+    file_offset: u64,
+}
+
+impl Mapped {
+    fn end(&self) -> u64 {
+        self.disk + self.len
+    }
+}
+
+impl SkeletonDisk {
+    /// Builds the skeleton of `source`'s whole tree.
+    pub fn build(
+        source: Arc<dyn Filesystem>,
+    ) -> Result<(SkeletonDisk, SkeletonStats), SkeletonError> {
+        let started = Instant::now();
+        let (data, entries) =
+            diskferry_fs::tree::space_needed(&*source).map_err(SkeletonError::Tree)?;
+        let fs_size = suggested_size(data, entries);
+        let disk_size = fs_size + 2 * MIB;
+        let meta = Arc::new(HybridVolume::new(
+            disk_size,
+            HybridOptions {
+                ram_limit: disk_size,
+                spill: None,
+            },
+        )?);
+        let table = gpt_with_one_partition(fs_size);
+        diskferry_partition::write_table(&*meta, &table)?;
+        let part: Arc<dyn BlockDevice> = Arc::new(SliceDevice::new(
+            Arc::clone(&meta) as Arc<dyn BlockDevice>,
+            MIB,
+            fs_size,
+        )?);
+        let opts = Ext4Options {
+            map_file_data: true,
+            label: Some("skeleton".into()),
+            ..Ext4Options::default()
+        };
+        let report = write_ext4(part, &*source, &opts)?;
+        let map: Vec<Mapped> = report
+            .data_map
+            .iter()
+            .map(|m: &MappedData| Mapped {
+                disk: MIB + m.fs_offset,
+                len: m.len,
+                node: m.node,
+                file_offset: m.file_offset,
+            })
+            .collect();
+        let stats = SkeletonStats {
+            files: report.files,
+            dirs: report.dirs,
+            mapped_bytes: map.iter().map(|m| m.len).sum(),
+            metadata_bytes: meta.stats().ram_bytes,
+            elapsed: started.elapsed(),
+            skipped: report.skipped,
+        };
+        Ok((SkeletonDisk { meta, map, source }, stats))
+    }
+
+    /// The mapped runs overlapping `range`, from the first on.
+    fn mapped_in(&self, range: Range<u64>) -> impl Iterator<Item = &Mapped> {
+        let first = self.map.partition_point(|m| m.end() <= range.start);
+        self.map[first..]
+            .iter()
+            .take_while(move |m| m.disk < range.end)
+    }
+
+    /// Reads `buf.len()` bytes of a mapped run from `at` (inside it): the file's bytes, zeros
+    /// past its end.
+    fn read_mapped(&self, m: &Mapped, buf: &mut [u8], at: u64) -> BlockResult<()> {
+        let offset = m.file_offset + (at - m.disk);
+        let mut done = 0;
+        while done < buf.len() {
+            let n = self
+                .source
+                .read_at(m.node, offset + done as u64, &mut buf[done..])
+                .map_err(|e| BlockError::Format(Box::new(e)))?;
+            if n == 0 {
+                break;
+            }
+            done += n;
+        }
+        buf[done..].fill(0);
+        Ok(())
+    }
+}
+
+impl BlockDevice for SkeletonDisk {
+    fn size(&self) -> u64 {
+        self.meta.size()
+    }
+
+    fn is_read_only(&self) -> bool {
+        true
+    }
+
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> BlockResult<()> {
+        diskferry_blockdev::check_range(self.size(), offset, buf.len() as u64)?;
+        let end = offset + buf.len() as u64;
+        let mut at = offset;
+        for m in self.mapped_in(offset..end) {
+            if m.disk > at {
+                let gap = (m.disk - offset) as usize;
+                self.meta
+                    .read_at(&mut buf[(at - offset) as usize..gap], at)?;
+                at = m.disk;
+            }
+            let stop = m.end().min(end);
+            self.read_mapped(
+                m,
+                &mut buf[(at - offset) as usize..(stop - offset) as usize],
+                at,
+            )?;
+            at = stop;
+        }
+        if at < end {
+            self.meta.read_at(&mut buf[(at - offset) as usize..], at)?;
+        }
+        Ok(())
+    }
+
+    /// Mapped runs are data; elsewhere, what the metadata volume holds.
+    fn block_status(&self, offset: u64, len: u64) -> BlockResult<Vec<Extent>> {
+        let end = offset.saturating_add(len).min(self.size());
+        if offset >= end {
+            return Ok(Vec::new());
+        }
+        if let Some(m) = self.mapped_in(offset..end).next() {
+            if m.disk <= offset {
+                let len = m.end().min(end) - offset;
+                return Ok(vec![Extent {
+                    offset,
+                    len,
+                    region: Region::Data,
+                }]);
+            }
+            return self.meta.block_status(offset, m.disk - offset);
+        }
+        self.meta.block_status(offset, end - offset)
+    }
+}
+
+/// A GPT with one Linux-filesystem partition of `fs_size` bytes at 1 MiB, fresh GUIDs.
+fn gpt_with_one_partition(fs_size: u64) -> PartitionTable {
+    PartitionTable {
+        scheme: Scheme::Gpt,
+        sector_size: 512,
+        disk_guid: Some(random_guid()),
+        mbr_signature: None,
+        partitions: vec![Partition {
+            number: 1,
+            start: MIB,
+            size: fs_size,
+            kind: PartitionType::Gpt(Guid::parse(gpt_types::LINUX_FILESYSTEM).expect("a GUID")),
+            guid: Some(random_guid()),
+            name: "skeleton".into(),
+            attributes: 0,
+            bootable: false,
+        }],
+        gpt_entries: 128,
+        mbr_extended: None,
+        warnings: Vec::new(),
+    }
+}
+
+/// A random (version 4) GUID (all zeros if the system has no randomness to give: still a
+/// valid table).
+fn random_guid() -> Guid {
+    let mut b = [0u8; 16];
+    let _ = getrandom::fill(&mut b);
+    b[7] = (b[7] & 0x0f) | 0x40;
+    b[8] = (b[8] & 0x3f) | 0x80;
+    Guid(b)
+}
