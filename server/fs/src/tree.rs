@@ -270,6 +270,34 @@ pub fn walk(
     Ok(())
 }
 
+/// What a tree needs of a new filesystem: bytes of file data (allocated blocks, 4 KiB-rounded:
+/// sparse files need only what they hold) and entries. The first entry that cannot be read
+/// is an error, with its path.
+pub fn space_needed(fs: &dyn Filesystem) -> std::result::Result<(u64, u64), String> {
+    let (mut bytes, mut entries) = (0u64, 0u64);
+    let mut first_error = None;
+    walk(
+        fs,
+        fs.root(),
+        &mut |_, e| {
+            entries += 1;
+            if e.kind == crate::FileKind::File {
+                let m = fs.metadata(e.node)?;
+                bytes += m.size.min(m.allocated).next_multiple_of(4096);
+            }
+            Ok(())
+        },
+        &mut |p, e| {
+            first_error.get_or_insert_with(|| format!("{p}: {e}"));
+        },
+    )
+    .map_err(|e| e.to_string())?;
+    match first_error {
+        Some(e) => Err(e),
+        None => Ok((bytes, entries)),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -377,33 +405,5 @@ mod tests {
             Err(WalkError::TooManyBytes { limit: 10 })
         ));
         assert!(w.next().is_none(), "the byte limit ends the walk");
-    }
-}
-
-/// What a tree needs of a new filesystem: bytes of file data (allocated blocks, 4 KiB-rounded:
-/// sparse files need only what they hold) and entries. The first entry that cannot be read
-/// is an error, with its path.
-pub fn space_needed(fs: &dyn Filesystem) -> std::result::Result<(u64, u64), String> {
-    let (mut bytes, mut entries) = (0u64, 0u64);
-    let mut first_error = None;
-    walk(
-        fs,
-        fs.root(),
-        &mut |_, e| {
-            entries += 1;
-            if e.kind == crate::FileKind::File {
-                let m = fs.metadata(e.node)?;
-                bytes += m.size.min(m.allocated).next_multiple_of(4096);
-            }
-            Ok(())
-        },
-        &mut |p, e| {
-            first_error.get_or_insert_with(|| format!("{p}: {e}"));
-        },
-    )
-    .map_err(|e| e.to_string())?;
-    match first_error {
-        Some(e) => Err(e),
-        None => Ok((bytes, entries)),
     }
 }
