@@ -13,7 +13,7 @@ use clap::Args;
 use diskferry_blockdev::{BlockDevice, CowDevice, HybridOptions, HybridVolume, SliceDevice};
 use diskferry_fs::host::HostFs;
 use diskferry_fs::Filesystem;
-use diskferry_imaging::skeleton::SkeletonDisk;
+use diskferry_imaging::skeleton::{SkeletonDisk, SkeletonStats};
 use diskferry_imaging::source::{open_source, open_target, SourceSpec};
 use diskferry_nbd::{Export, Exports, Limits, Server};
 
@@ -25,10 +25,12 @@ pub(crate) struct ExportArgs {
     /// local disk, or DISK@HOST:PORT, a listening diskferry-client's disk
     #[arg(required_unless_present = "files")]
     source: Option<String>,
-    /// Serve a skeleton disk instead: GPT and an ext4 whose metadata is built in memory and
-    /// whose file data is read from the files of DIR (a directory) or of IMAGE:PART (partition
-    /// PART of an image) — nothing is copied. Writable only with --redo ram:SIZE
-    #[arg(long, value_name = "DIR|IMAGE:PART", conflicts_with = "source")]
+    /// Serve a skeleton disk instead, whose filesystem metadata is built in memory and whose
+    /// file data is read from the source's files — nothing is copied: of DIR (a directory: GPT
+    /// and one ext4), of IMAGE (a captured disk: its table, boot code and other partitions
+    /// kept, each ext2/3/4 partition replaced by its skeleton, so it boots as the capture
+    /// does), or of IMAGE:PART (one partition's files). Writable only with --redo ram:SIZE
+    #[arg(long, value_name = "DIR|IMAGE|IMAGE:PART", conflicts_with = "source")]
     files: Option<String>,
     /// Address to serve NBD on. Loopback only: this NBD server offers no TLS yet, so reach it
     /// from another machine through an SSH tunnel (ssh -L 10809:127.0.0.1:10809 HOST)
@@ -217,9 +219,7 @@ fn skeleton_device(
     writable: bool,
     redo: Option<&Redo>,
 ) -> Result<(Arc<dyn BlockDevice>, String)> {
-    let fs = files_source(files)?;
-    let (skeleton, stats) =
-        SkeletonDisk::build(fs).with_context(|| format!("building the skeleton of {files}"))?;
+    let (skeleton, stats) = skeleton_of(files)?;
     eprintln!(
         "skeleton of {files}: {} files, {} directories, {} of file data mapped, {} of metadata in memory, ready in {:.2} s",
         stats.files,
@@ -243,16 +243,27 @@ fn skeleton_device(
     }
 }
 
-/// The files a skeleton is made of: a host directory, or a partition of an image (IMAGE:PART).
-fn files_source(files: &str) -> Result<Arc<dyn Filesystem>> {
+/// The skeleton of `files`: a host directory's tree, a whole captured disk (IMAGE: its table,
+/// boot code and other partitions kept, each ext2/3/4 replaced), or one partition's tree
+/// (IMAGE:PART).
+fn skeleton_of(files: &str) -> Result<(SkeletonDisk, SkeletonStats)> {
     let path = Path::new(files);
-    if path.is_dir() {
-        return Ok(Arc::new(
-            HostFs::open(path).with_context(|| format!("reading {files}"))?,
-        ));
-    }
+    let built = if path.is_dir() {
+        let tree = HostFs::open(path).with_context(|| format!("reading {files}"))?;
+        SkeletonDisk::of_tree(Arc::new(tree))
+    } else if path.is_file() {
+        let (_, disk) = diskferry_vdisk::open_image(path, true)?;
+        SkeletonDisk::of_disk(disk)
+    } else {
+        SkeletonDisk::of_tree(partition_files(files)?)
+    };
+    built.with_context(|| format!("building the skeleton of {files}"))
+}
+
+/// The filesystem of partition PART of IMAGE (`IMAGE:PART`).
+fn partition_files(files: &str) -> Result<Arc<dyn Filesystem>> {
     let Some((image, part)) = files.rsplit_once(':') else {
-        bail!("--files {files}: not a directory, and not IMAGE:PART");
+        bail!("--files {files}: not a directory, an image, or IMAGE:PART");
     };
     let number: u32 = part
         .parse()

@@ -58,15 +58,26 @@ pub struct SkeletonStats {
     pub skipped: Vec<(String, String)>,
 }
 
-/// A disk whose metadata is in memory and whose file data is read from the source's files.
+/// A disk whose filesystems' metadata is in memory and whose file data is read from the
+/// source's files; everything outside those filesystems (the partition table, boot code,
+/// gaps, other partitions) is read from `base`.
 pub struct SkeletonDisk {
+    base: Arc<dyn BlockDevice>,
+    /// Sorted by start, disjoint.
+    parts: Vec<SkeletonPart>,
+}
+
+/// One synthesized filesystem: its place on the disk, its metadata and its data map.
+struct SkeletonPart {
+    start: u64,
+    size: u64,
     meta: Arc<HybridVolume>,
-    /// Sorted by `disk_offset`, disjoint.
+    /// Partition-relative, sorted by `disk`, disjoint.
     map: Vec<Mapped>,
     source: Arc<dyn Filesystem>,
 }
 
-/// A run of disk bytes that reads as a file's bytes.
+/// A run of partition bytes that reads as a file's bytes.
 #[derive(Debug, Clone, Copy)]
 struct Mapped {
     disk: u64,
@@ -82,8 +93,8 @@ impl Mapped {
 }
 
 impl SkeletonDisk {
-    /// Builds the skeleton of `source`'s whole tree.
-    pub fn build(
+    /// The skeleton of `source`'s whole tree: GPT, one ext4 sized for the tree.
+    pub fn of_tree(
         source: Arc<dyn Filesystem>,
     ) -> Result<(SkeletonDisk, SkeletonStats), SkeletonError> {
         let started = Instant::now();
@@ -91,48 +102,132 @@ impl SkeletonDisk {
             diskferry_fs::tree::space_needed(&*source).map_err(SkeletonError::Tree)?;
         let fs_size = suggested_size(data, entries);
         let disk_size = fs_size + 2 * MIB;
-        let meta = Arc::new(HybridVolume::new(
+        let table_volume = HybridVolume::new(
             disk_size,
             HybridOptions {
-                ram_limit: disk_size,
+                ram_limit: 4 * MIB,
                 spill: None,
             },
-        )?);
-        let table = gpt_with_one_partition(fs_size);
-        diskferry_partition::write_table(&*meta, &table)?;
-        let part: Arc<dyn BlockDevice> = Arc::new(SliceDevice::new(
-            Arc::clone(&meta) as Arc<dyn BlockDevice>,
-            MIB,
-            fs_size,
-        )?);
+        )?;
+        diskferry_partition::write_table(&table_volume, &gpt_with_one_partition(fs_size))?;
         let opts = Ext4Options {
-            map_file_data: true,
             label: Some("skeleton".into()),
             ..Ext4Options::default()
         };
-        let report = write_ext4(part, &*source, &opts)?;
-        let map: Vec<Mapped> = report
+        let (part, report) = SkeletonPart::build(source, MIB, fs_size, opts)?;
+        let stats = SkeletonStats::of(&[(&part, &report)], started);
+        Ok((
+            SkeletonDisk {
+                base: Arc::new(table_volume),
+                parts: vec![part],
+            },
+            stats,
+        ))
+    }
+
+    /// The skeleton of a captured disk: its table, boot code, gaps and other partitions read
+    /// from `disk` as they are, each ext2/3/4 partition replaced by a skeleton with the same
+    /// size, identity (UUID, label, features) and file layout — so it boots as the capture
+    /// does. Partitions whose filesystem cannot be rebuilt file by file stay as they are.
+    pub fn of_disk(
+        disk: Arc<dyn BlockDevice>,
+    ) -> Result<(SkeletonDisk, SkeletonStats), SkeletonError> {
+        let started = Instant::now();
+        let table = diskferry_partition::read_table(&*disk)?;
+        let mut built = Vec::new();
+        for p in &table.partitions {
+            let slice: Arc<dyn BlockDevice> =
+                Arc::new(SliceDevice::new(Arc::clone(&disk), p.start, p.size)?);
+            let Ok(ext) = diskferry_fs::ext4::Ext4::open(slice) else {
+                continue;
+            };
+            if let Some(why) = ext.rebuild_obstacle() {
+                tracing::info!(partition = p.number, "kept as it is: {why}");
+                continue;
+            }
+            let mut opts = ext.format_options();
+            opts.keep_source_layout = true;
+            built.push(SkeletonPart::build(Arc::new(ext), p.start, p.size, opts)?);
+        }
+        let pairs: Vec<_> = built.iter().map(|(p, r)| (p, r)).collect();
+        let stats = SkeletonStats::of(&pairs, started);
+        let mut parts: Vec<SkeletonPart> = built.into_iter().map(|(p, _)| p).collect();
+        parts.sort_by_key(|p| p.start);
+        Ok((SkeletonDisk { base: disk, parts }, stats))
+    }
+}
+
+impl SkeletonStats {
+    fn of(
+        parts: &[(&SkeletonPart, &diskferry_fs::ext4::write::Ext4Report)],
+        started: Instant,
+    ) -> SkeletonStats {
+        let mut s = SkeletonStats {
+            files: 0,
+            dirs: 0,
+            mapped_bytes: 0,
+            metadata_bytes: 0,
+            elapsed: started.elapsed(),
+            skipped: Vec::new(),
+        };
+        for (part, report) in parts {
+            s.files += report.files;
+            s.dirs += report.dirs;
+            s.mapped_bytes += part.map.iter().map(|m| m.len).sum::<u64>();
+            s.metadata_bytes += part.meta.stats().ram_bytes;
+            s.skipped.extend(report.skipped.iter().cloned());
+        }
+        s
+    }
+}
+
+impl SkeletonPart {
+    /// Lays out the metadata of an ext4 of `size` bytes for `source` (at `start` on the disk).
+    fn build(
+        source: Arc<dyn Filesystem>,
+        start: u64,
+        size: u64,
+        opts: Ext4Options,
+    ) -> Result<(SkeletonPart, diskferry_fs::ext4::write::Ext4Report), SkeletonError> {
+        let meta = Arc::new(HybridVolume::new(
+            size,
+            HybridOptions {
+                ram_limit: size,
+                spill: None,
+            },
+        )?);
+        let opts = Ext4Options {
+            map_file_data: true,
+            ..opts
+        };
+        let report = write_ext4(Arc::clone(&meta) as Arc<dyn BlockDevice>, &*source, &opts)?;
+        let map = report
             .data_map
             .iter()
             .map(|m: &MappedData| Mapped {
-                disk: MIB + m.fs_offset,
+                disk: m.fs_offset,
                 len: m.len,
                 node: m.node,
                 file_offset: m.file_offset,
             })
             .collect();
-        let stats = SkeletonStats {
-            files: report.files,
-            dirs: report.dirs,
-            mapped_bytes: map.iter().map(|m| m.len).sum(),
-            metadata_bytes: meta.stats().ram_bytes,
-            elapsed: started.elapsed(),
-            skipped: report.skipped,
-        };
-        Ok((SkeletonDisk { meta, map, source }, stats))
+        Ok((
+            SkeletonPart {
+                start,
+                size,
+                meta,
+                map,
+                source,
+            },
+            report,
+        ))
     }
 
-    /// The mapped runs overlapping `range`, from the first on.
+    fn end(&self) -> u64 {
+        self.start + self.size
+    }
+
+    /// The mapped runs overlapping `range` (partition-relative), from the first on.
     fn mapped_in(&self, range: Range<u64>) -> impl Iterator<Item = &Mapped> {
         let first = self.map.partition_point(|m| m.end() <= range.start);
         self.map[first..]
@@ -158,26 +253,18 @@ impl SkeletonDisk {
         buf[done..].fill(0);
         Ok(())
     }
-}
 
-impl BlockDevice for SkeletonDisk {
-    fn size(&self) -> u64 {
-        self.meta.size()
-    }
-
-    fn is_read_only(&self) -> bool {
-        true
-    }
-
+    /// Reads partition bytes at `offset`: mapped runs from the files, the rest from the
+    /// metadata.
     fn read_at(&self, buf: &mut [u8], offset: u64) -> BlockResult<()> {
-        diskferry_blockdev::check_range(self.size(), offset, buf.len() as u64)?;
         let end = offset + buf.len() as u64;
         let mut at = offset;
         for m in self.mapped_in(offset..end) {
             if m.disk > at {
-                let gap = (m.disk - offset) as usize;
-                self.meta
-                    .read_at(&mut buf[(at - offset) as usize..gap], at)?;
+                self.meta.read_at(
+                    &mut buf[(at - offset) as usize..(m.disk - offset) as usize],
+                    at,
+                )?;
                 at = m.disk;
             }
             let stop = m.end().min(end);
@@ -194,12 +281,8 @@ impl BlockDevice for SkeletonDisk {
         Ok(())
     }
 
-    /// Mapped runs are data; elsewhere, what the metadata volume holds.
-    fn block_status(&self, offset: u64, len: u64) -> BlockResult<Vec<Extent>> {
-        let end = offset.saturating_add(len).min(self.size());
-        if offset >= end {
-            return Ok(Vec::new());
-        }
+    /// Mapped runs are data; elsewhere, what the metadata volume holds (partition-relative).
+    fn block_status(&self, offset: u64, end: u64) -> BlockResult<Vec<Extent>> {
         if let Some(m) = self.mapped_in(offset..end).next() {
             if m.disk <= offset {
                 let len = m.end().min(end) - offset;
@@ -212,6 +295,73 @@ impl BlockDevice for SkeletonDisk {
             return self.meta.block_status(offset, m.disk - offset);
         }
         self.meta.block_status(offset, end - offset)
+    }
+}
+
+impl SkeletonDisk {
+    /// The skeleton partition holding `offset`, or where the next one starts.
+    fn part_at(&self, offset: u64) -> Result<&SkeletonPart, u64> {
+        let i = self.parts.partition_point(|p| p.end() <= offset);
+        match self.parts.get(i) {
+            Some(p) if p.start <= offset => Ok(p),
+            Some(p) => Err(p.start),
+            None => Err(u64::MAX),
+        }
+    }
+}
+
+impl BlockDevice for SkeletonDisk {
+    fn size(&self) -> u64 {
+        self.base.size()
+    }
+
+    fn is_read_only(&self) -> bool {
+        true
+    }
+
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> BlockResult<()> {
+        diskferry_blockdev::check_range(self.size(), offset, buf.len() as u64)?;
+        let end = offset + buf.len() as u64;
+        let mut at = offset;
+        while at < end {
+            let piece = &mut buf[(at - offset) as usize..];
+            let n = match self.part_at(at) {
+                Ok(p) => {
+                    let n = (p.end().min(end) - at) as usize;
+                    p.read_at(&mut piece[..n], at - p.start)?;
+                    n
+                }
+                Err(next) => {
+                    let n = (next.min(end) - at) as usize;
+                    self.base.read_at(&mut piece[..n], at)?;
+                    n
+                }
+            };
+            at += n as u64;
+        }
+        Ok(())
+    }
+
+    /// Inside a skeleton partition: its mapped runs are data, the rest what its metadata
+    /// holds; outside: the base's status.
+    fn block_status(&self, offset: u64, len: u64) -> BlockResult<Vec<Extent>> {
+        let end = offset.saturating_add(len).min(self.size());
+        if offset >= end {
+            return Ok(Vec::new());
+        }
+        match self.part_at(offset) {
+            Ok(p) => {
+                let local = p.block_status(offset - p.start, p.end().min(end) - p.start)?;
+                Ok(local
+                    .into_iter()
+                    .map(|e| Extent {
+                        offset: e.offset + p.start,
+                        ..e
+                    })
+                    .collect())
+            }
+            Err(next) => self.base.block_status(offset, next.min(end) - offset),
+        }
     }
 }
 

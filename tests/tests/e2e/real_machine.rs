@@ -274,6 +274,33 @@ fn an_installed_debian_cut_off_mid_write_is_captured_smaller_and_boots_with_its_
         "the booted root is the shrunk one: {root_bytes} bytes"
     );
     boots_over_nbd_with_a_redo_log(&out, &m, w);
+    boots_from_a_skeleton_of_it(&out, &m, w);
+}
+
+/// A skeleton of the capture — its table, GRUB's boot code and gap and the swap kept, the
+/// root ext4 synthesized in memory with every file's data read from the capture's files —
+/// boots over NBD with its writes in memory; the capture never changes.
+fn boots_from_a_skeleton_of_it(capture: &Path, m: &InstalledDisk, w: &Path) {
+    let before = sha256(capture);
+    let export =
+        Exported::start_with(&["--files", p(capture), "--writable", "--redo", "ram:256M"]).unwrap();
+    let drive = format!("file={},format=raw,if=virtio", export.url);
+    let (marker, boot_time) =
+        Boot::start_drive(&drive, &w.join("skeleton-console.log")).finish(BOOT_LIMIT);
+    eprintln!(
+        "skeleton of the capture over NBD: booted to its marker in {:.1} s",
+        boot_time.as_secs_f64()
+    );
+    assert_marker(&marker, m, "skeleton of the capture");
+    let (stopped, log) = export.stop();
+    assert!(stopped, "{log}");
+    eprintln!(
+        "{}",
+        log.lines()
+            .find(|l| l.contains("skeleton of"))
+            .unwrap_or_default()
+    );
+    assert_eq!(sha256(capture), before, "the capture never changes");
 }
 
 /// The capture served by `diskferry export --writable --redo` boots over NBD; the system's
