@@ -28,20 +28,28 @@ pub(super) fn zero(dst: &dyn BlockDevice, range: Range<u64>) -> Result<(), Block
     Ok(())
 }
 
-/// A sparse temporary file of `size` bytes (removed when dropped), as a device.
+/// Bytes of a staged partition kept in memory before the rest spills to a temporary file.
+const STAGE_RAM: u64 = 512 << 20;
+
+/// A staging device of `size` bytes: the hybrid RAM-first volume, spilling past
+/// [`STAGE_RAM`] to a new file in the temporary directory (removed when dropped).
 pub(super) fn staging_device(size: u64) -> Result<Arc<dyn BlockDevice>, BlockError> {
-    let io = |source| BlockError::Io {
-        op: "create a staging file",
-        offset: None,
-        device: std::env::temp_dir().display().to_string(),
-        source,
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let spill = std::env::temp_dir().join(format!(
+        "diskferry-stage-{}-{n}-{:x}",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos())
+    ));
+    let options = diskferry_blockdev::HybridOptions {
+        ram_limit: STAGE_RAM,
+        spill: Some(spill),
     };
-    let file = tempfile::tempfile().map_err(io)?;
-    file.set_len(size).map_err(io)?;
-    let path = std::env::temp_dir().join("diskferry-staging");
-    Ok(Arc::new(diskferry_blockdev::FileDevice::from_file(
-        file, &path, true,
-    )?))
+    let volume = diskferry_blockdev::HybridVolume::new(size, options)
+        .map_err(|e| BlockError::Format(Box::new(e)))?;
+    Ok(Arc::new(volume))
 }
 
 /// Ranges to copy (`None`: file by file) and the bytes expected to be read.
