@@ -3,7 +3,9 @@
 //! benchmarks: `cargo run -p diskferry-e2e --example installer_disk -- OUT.raw`.
 
 fn main() {
-    let out = std::env::args_os().nth(1).expect("usage: installer_disk OUT.raw");
+    let out = std::env::args_os()
+        .nth(1)
+        .expect("usage: installer_disk OUT.raw");
     let work = tempfile::tempdir().expect("a temporary directory");
     let disk = diskferry_e2e::debian::installer_disk(work.path());
     std::fs::rename(&disk.disk, &out)
