@@ -11,9 +11,12 @@
 //! offset, is the block-location cache reads go through: a read of a data block becomes a
 //! `read_at` of its file at the mapped offset.
 //!
-//! The layout: GPT, one Linux-filesystem partition from 1 MiB to 1 MiB before the end, ext4
-//! sized for the tree (`suggested_size`, as `mkfs` does). The skeleton is read-only; writes
-//! go to a redo layer over it (`CowDevice`).
+//! Two layouts: of a tree ([`SkeletonDisk::of_tree`]), GPT with one Linux-filesystem
+//! partition from 1 MiB to 1 MiB before the end, ext4 sized for the tree (`suggested_size`, as
+//! `mkfs` does); of a captured disk ([`SkeletonDisk::of_disk`]), the capture itself with each
+//! ext2/3/4 partition replaced by its skeleton (same size, identity and file layout), so the
+//! table, boot code, gaps and other partitions are the capture's. The skeleton is read-only;
+//! writes go to a redo layer over it (`CowDevice`).
 
 use std::ops::Range;
 use std::sync::Arc;
