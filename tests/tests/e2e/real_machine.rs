@@ -277,50 +277,52 @@ fn an_installed_debian_cut_off_mid_write_is_captured_smaller_and_boots_with_its_
     boots_from_a_skeleton_of_it(&out, &m, w);
 }
 
-/// A skeleton of the capture — its table, GRUB's boot code and gap and the swap kept, the
-/// root ext4 synthesized in memory with every file's data read from the capture's files —
-/// boots over NBD with its writes in memory; the capture never changes.
-fn boots_from_a_skeleton_of_it(capture: &Path, m: &InstalledDisk, w: &Path) {
+/// Boots what `diskferry export ARGS` serves to its marker (`what` names it in messages) and
+/// stops the export cleanly; the capture's bytes never change. Returns the export's log.
+fn boots_exported(
+    capture: &Path,
+    args: &[&str],
+    m: &InstalledDisk,
+    console: &Path,
+    what: &str,
+) -> String {
     let before = sha256(capture);
-    let export =
-        Exported::start_with(&["--files", p(capture), "--writable", "--redo", "ram:256M"]).unwrap();
+    let export = Exported::start_with(args).unwrap();
     let drive = format!("file={},format=raw,if=virtio", export.url);
-    let (marker, boot_time) =
-        Boot::start_drive(&drive, &w.join("skeleton-console.log")).finish(BOOT_LIMIT);
+    let (marker, boot_time) = Boot::start_drive(&drive, console).finish(BOOT_LIMIT);
     eprintln!(
-        "skeleton of the capture over NBD: booted to its marker in {:.1} s",
+        "{what}: booted to its marker in {:.1} s",
         boot_time.as_secs_f64()
     );
-    assert_marker(&marker, m, "skeleton of the capture");
+    assert_marker(&marker, m, what);
     let (stopped, log) = export.stop();
-    assert!(stopped, "{log}");
+    assert!(stopped, "the export stops cleanly on SIGINT: {log}");
+    assert_eq!(sha256(capture), before, "the capture never changes");
+    log
+}
+
+/// A skeleton of the capture — its table, GRUB's boot code and gap and the swap kept, the
+/// root ext4 synthesized in memory with every file's data read from the capture's files —
+/// boots over NBD with its writes in memory.
+fn boots_from_a_skeleton_of_it(capture: &Path, m: &InstalledDisk, w: &Path) {
+    let args = ["--files", p(capture), "--writable", "--redo", "ram:256M"];
+    let what = "skeleton of the capture over NBD";
+    let log = boots_exported(capture, &args, m, &w.join("skeleton-console.log"), what);
     eprintln!(
         "{}",
         log.lines()
             .find(|l| l.contains("skeleton of"))
             .unwrap_or_default()
     );
-    assert_eq!(sha256(capture), before, "the capture never changes");
 }
 
 /// The capture served by `diskferry export --writable --redo` boots over NBD; the system's
-/// writes land in the redo log, a qcow2 overlay qemu-img checks, and the capture's bytes never
-/// change.
+/// writes land in the redo log, a qcow2 overlay qemu-img checks.
 fn boots_over_nbd_with_a_redo_log(capture: &Path, m: &InstalledDisk, w: &Path) {
-    let before = sha256(capture);
     let redo = w.join("redo.qcow2");
-    let export = Exported::start(p(capture), &["--writable", "--redo", p(&redo)]).unwrap();
-    let drive = format!("file={},format=raw,if=virtio", export.url);
-    let (marker, boot_time) =
-        Boot::start_drive(&drive, &w.join("nbd-console.log")).finish(BOOT_LIMIT);
-    eprintln!(
-        "capture over NBD with a redo log: booted to its marker in {:.1} s",
-        boot_time.as_secs_f64()
-    );
-    assert_marker(&marker, m, "captured disk over NBD");
-    let (stopped, log) = export.stop();
-    assert!(stopped, "the export stops cleanly on SIGINT: {log}");
-    assert_eq!(sha256(capture), before, "the capture never changes");
+    let args = [p(capture), "--writable", "--redo", p(&redo)];
+    let what = "capture over NBD with a redo log";
+    boots_exported(capture, &args, m, &w.join("nbd-console.log"), what);
     let check = run_ok("qemu-img", &["check", "-f", "qcow2", p(&redo)]);
     assert!(check.contains("No errors were found"), "{check}");
     let chain = run_ok("qemu-img", &["info", "--backing-chain", p(&redo)]);
