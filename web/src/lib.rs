@@ -61,7 +61,7 @@ pub struct AppState {
     /// When the captures directory was last rescanned.
     pub refreshed: std::sync::Mutex<Option<std::time::Instant>>,
     /// Where the captures are exported over NBD, once the server listens there.
-    pub nbd: std::sync::OnceLock<std::net::SocketAddr>,
+    pub nbd: std::sync::OnceLock<diskferry_nbd::ListenAddr>,
 }
 
 pub type SharedState = Arc<AppState>;

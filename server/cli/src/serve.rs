@@ -61,9 +61,10 @@ pub struct ServeArgs {
     advertise: Option<String>,
     /// Where the captures are exported over NBD, read-only, each under its path in the
     /// captures directory (nbd://127.0.0.1:10809/NAME.qcow2; the web UI's "Run it" shows how
-    /// to boot one). Loopback only: NBD has no TLS here yet. "off" exports nothing
+    /// to boot one). TCP on loopback only (NBD has no TLS here yet), or unix:PATH, a socket
+    /// only this server's user may connect to (mode 0600). "off" exports nothing
     /// [default: 127.0.0.1:10809, skipped with a warning when that port is taken]
-    #[arg(long, value_name = "ADDR:PORT|off")]
+    #[arg(long, value_name = "ADDR:PORT|unix:PATH|off")]
     nbd_listen: Option<String>,
     /// How the daemon writes its log on stderr (DISKFERRY_LOG filters it, default info)
     #[arg(long, value_enum, default_value_t = crate::logging::LogFormat::Text)]
@@ -141,39 +142,40 @@ fn server_tls(args: &ServeArgs, addr: SocketAddr) -> Result<Option<ServerTls>> {
     Ok(Some(tls))
 }
 
-/// The captures' NBD exports, unless "off": on the given loopback address (failing when it
-/// cannot be had), or on the default port when it is free.
+/// The captures' NBD exports, unless "off": on the given loopback address or Unix socket
+/// (failing when it cannot be had), or on the default port when it is free.
 fn start_nbd(listen: Option<&str>, state: &diskferry_web::SharedState) -> Result<()> {
-    let addr: SocketAddr = match listen {
+    use diskferry_nbd::ListenAddr;
+    let addr: ListenAddr = match listen {
         Some("off") => return Ok(()),
         Some(a) => a
             .parse()
-            .with_context(|| format!("--nbd-listen {a}: not ADDR:PORT or off"))?,
-        None => SocketAddr::from(([127, 0, 0, 1], 10809)),
+            .map_err(|e: String| anyhow::anyhow!("--nbd-listen {a}: {e} (or off)"))?,
+        None => ListenAddr::Tcp(SocketAddr::from(([127, 0, 0, 1], 10809))),
     };
-    if !addr.ip().is_loopback() {
+    if matches!(&addr, ListenAddr::Tcp(a) if !a.ip().is_loopback()) {
         anyhow::bail!(
-            "--nbd-listen {addr}: NBD exports have no TLS yet, so they listen on loopback only \
-             (reach them through an SSH tunnel)"
+            "--nbd-listen {addr:?}: NBD exports have no TLS yet, so TCP listens on loopback only \
+             (or give unix:PATH; reach them from elsewhere through an SSH tunnel)"
         );
     }
     let exports =
         diskferry_daemon::exports::CaptureExports::new(std::sync::Arc::clone(&state.catalog));
-    let server = match diskferry_nbd::Server::bind(addr, exports, diskferry_nbd::Limits::default())
-    {
-        Ok(s) => s,
-        Err(e) if listen.is_none() => {
-            tracing::warn!(
-                "captures are not exported over NBD: {e} (choose a port with --nbd-listen)"
-            );
-            return Ok(());
-        }
-        Err(e) => return Err(e.into()),
-    };
-    let addr = server.local_addr()?;
-    let _ = state.nbd.set(addr);
+    let server =
+        match diskferry_nbd::Server::bind_to(&addr, exports, diskferry_nbd::Limits::default()) {
+            Ok(s) => s,
+            Err(e) if listen.is_none() => {
+                tracing::warn!(
+                    "captures are not exported over NBD: {e} (choose a port with --nbd-listen)"
+                );
+                return Ok(());
+            }
+            Err(e) => return Err(e.into()),
+        };
+    let addr = server.listen_addr()?;
     // Tests and scripts read the address here.
-    tracing::info!("captures exported over NBD on nbd://{addr}/");
+    tracing::info!("captures exported over NBD on {}", addr.url(""));
+    let _ = state.nbd.set(addr);
     std::thread::Builder::new()
         .name("nbd exports".into())
         .spawn(move || server.run(&std::sync::atomic::AtomicBool::new(false)))?;

@@ -3,11 +3,10 @@
 //! for it (an overlay through its backing chain, which must stay inside the captures
 //! directory); and the VM that runs a capture from there ([`vm_for`]).
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 
 use diskferry_imaging::vmconfig::{firmware_of, is_windows, normalize_mac, VmConfig, VmDisk};
-use diskferry_nbd::{Export, ExportSource};
+use diskferry_nbd::{Export, ExportSource, ListenAddr};
 
 use crate::catalog::{CaptureRecord, Catalog};
 
@@ -70,7 +69,7 @@ fn description(rec: &CaptureRecord) -> String {
 /// A VM that runs `rec` from the server's NBD port `nbd`: firmware and devices from its
 /// analysis, NICs, memory and CPUs from the machine it was captured from (2 GiB and 2 CPUs
 /// when that is unknown).
-pub fn vm_for(catalog: &Catalog, rec: &CaptureRecord, nbd: SocketAddr) -> VmConfig {
+pub fn vm_for(catalog: &Catalog, rec: &CaptureRecord, nbd: &ListenAddr) -> VmConfig {
     let identity = rec
         .source_machine
         .as_deref()
@@ -99,10 +98,16 @@ pub fn vm_for(catalog: &Catalog, rec: &CaptureRecord, nbd: SocketAddr) -> VmConf
         memory_mib,
         cpus,
         macs,
-        disk: VmDisk::Nbd {
-            host: nbd.ip().to_string(),
-            port: nbd.port(),
-            export: rec.path.clone(),
+        disk: match nbd {
+            ListenAddr::Tcp(a) => VmDisk::Nbd {
+                host: a.ip().to_string(),
+                port: a.port(),
+                export: rec.path.clone(),
+            },
+            ListenAddr::Unix(socket) => VmDisk::NbdUnix {
+                socket: socket.clone(),
+                export: rec.path.clone(),
+            },
         },
     }
 }

@@ -32,6 +32,21 @@ pub enum VmDisk {
         port: u16,
         export: String,
     },
+    /// An NBD export on a Unix socket (the server's `--nbd-listen unix:PATH`).
+    NbdUnix { socket: PathBuf, export: String },
+}
+
+impl VmDisk {
+    /// The disk's NBD URL, when it is an export.
+    pub fn nbd_url(&self) -> Option<String> {
+        match self {
+            VmDisk::File { .. } => None,
+            VmDisk::Nbd { host, port, export } => Some(format!("nbd://{host}:{port}/{export}")),
+            VmDisk::NbdUnix { socket, export } => {
+                Some(format!("nbd+unix:///{export}?socket={}", socket.display()))
+            }
+        }
+    }
 }
 
 /// Everything a VM definition needs.
@@ -141,10 +156,15 @@ impl VmConfig {
                 xml(format),
                 xml(&path.to_string_lossy())
             ),
-            VmDisk::Nbd { host, port, export } => format!(
-                "    <disk type='network' device='disk'>\n      <driver name='qemu' type='raw'/>\n      <source protocol='nbd' name='{}'>\n        <host name='{}' port='{port}'/>\n      </source>\n{target}    </disk>\n",
-                xml(export),
-                xml(host)
+            VmDisk::Nbd { host, port, export } => network_disk(
+                export,
+                &format!("<host name='{}' port='{port}'/>", xml(host)),
+                &target,
+            ),
+            VmDisk::NbdUnix { socket, export } => network_disk(
+                export,
+                &format!("<host transport='unix' socket='{}'/>", xml(&socket.to_string_lossy())),
+                &target,
             ),
         }
     }
@@ -165,9 +185,7 @@ impl VmConfig {
         }
         let drive = match &self.disk {
             VmDisk::File { path, format } => format!("file={},format={format}", path.display()),
-            VmDisk::Nbd { host, port, export } => {
-                format!("file=nbd://{host}:{port}/{export},format=raw")
-            }
+            nbd => format!("file={},format=raw", nbd.nbd_url().expect("an export")),
         };
         if self.emulated_devices {
             a.extend(["-drive".into(), format!("{drive},if=none,id=disk0")]);
@@ -199,6 +217,14 @@ impl VmConfig {
             .collect::<Vec<_>>()
             .join(" ")
     }
+}
+
+/// A libvirt network disk of NBD export `export` reached through `host` (an XML element).
+fn network_disk(export: &str, host: &str, target: &str) -> String {
+    let source = format!("<source protocol='nbd' name='{}'>", xml(export));
+    format!(
+        "    <disk type='network' device='disk'>\n      <driver name='qemu' type='raw'/>\n      {source}\n        {host}\n      </source>\n{target}    </disk>\n"
+    )
 }
 
 fn xml(s: &str) -> String {

@@ -9,8 +9,8 @@
 //! client that stops reading its replies makes the writer time out; the writer then shuts the
 //! socket, which ends the reading thread too.
 
+use crate::socket::Stream;
 use std::io::{BufWriter, Write};
-use std::net::{Shutdown, TcpStream};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TryRecvError};
 
 use crate::transmission::{next_request, RequestSource, Session};
@@ -24,7 +24,7 @@ pub const BATCHES_QUEUED: usize = 2;
 /// Serves `session` until the client disconnects, replies going to `stream`.
 pub fn serve_pipelined<R: RequestSource>(
     reader: &mut R,
-    stream: &TcpStream,
+    stream: &Stream,
     session: &Session,
 ) -> Result<(), NbdError> {
     let (batches, queued) = sync_channel::<Vec<u8>>(BATCHES_QUEUED);
@@ -66,7 +66,7 @@ fn answer_requests<R: RequestSource>(
 
 /// The writer: sends batches, flushing whenever none is waiting; on a failed write it shuts
 /// the socket so the connection's reader stops too.
-fn send_batches(batches: Receiver<Vec<u8>>, stream: &TcpStream) {
+fn send_batches(batches: Receiver<Vec<u8>>, stream: &Stream) {
     let mut out = BufWriter::with_capacity(BATCH_BYTES, stream);
     let failed = loop {
         let next = match batches.try_recv() {
@@ -86,6 +86,6 @@ fn send_batches(batches: Receiver<Vec<u8>>, stream: &TcpStream) {
     };
     if let Some(e) = failed {
         tracing::warn!("sending NBD replies: {e}");
-        let _ = stream.shutdown(Shutdown::Both);
+        let _ = stream.shutdown();
     }
 }

@@ -8,6 +8,7 @@
 //!   with `base:allocation`; structured replies when negotiated);
 //! - [`concurrent`]: replies sent by a writer thread while further requests are executed;
 //! - [`server`]: the listener, connection limits and timeouts;
+//! - [`socket`]: TCP or Unix sockets (a Unix socket's permissions say who may connect);
 //! - [`export`]: the named devices served and their advertised flags.
 #![forbid(unsafe_code)]
 
@@ -16,17 +17,19 @@ pub mod export;
 pub mod handshake;
 pub mod proto;
 pub mod server;
+pub mod socket;
 pub mod transmission;
 
 pub use export::{Export, ExportSource, Exports};
 pub use server::{Limits, Server};
+pub use socket::ListenAddr;
 
 /// Why an NBD connection (or the server) stopped.
 #[derive(Debug, thiserror::Error)]
 pub enum NbdError {
-    #[error("cannot listen on {addr}: {source}")]
+    #[error("cannot listen on {addr:?}: {source}")]
     Bind {
-        addr: std::net::SocketAddr,
+        addr: socket::ListenAddr,
         source: std::io::Error,
     },
     #[error("connection: {0}")]

@@ -5,7 +5,7 @@
 //! no I/O for an hour must keep its disk.
 
 use std::io::{BufReader, Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 use crate::concurrent::serve_pipelined;
 use crate::export::ExportSource;
 use crate::handshake::negotiate;
+use crate::socket::{ListenAddr, Listener, Stream};
 use crate::transmission::{RequestSource, Session};
 use crate::NbdError;
 
@@ -38,19 +39,32 @@ impl Default for Limits {
 
 /// A bound NBD server.
 pub struct Server {
-    listener: TcpListener,
+    listener: Listener,
     exports: Arc<dyn ExportSource>,
     limits: Limits,
     active: Arc<AtomicUsize>,
 }
 
 impl Server {
+    /// Listens on a TCP address.
     pub fn bind(
         addr: SocketAddr,
         exports: impl ExportSource + 'static,
         limits: Limits,
     ) -> Result<Server, NbdError> {
-        let listener = TcpListener::bind(addr).map_err(|source| NbdError::Bind { addr, source })?;
+        Server::bind_to(&ListenAddr::Tcp(addr), exports, limits)
+    }
+
+    /// Listens on a TCP address or a Unix socket.
+    pub fn bind_to(
+        addr: &ListenAddr,
+        exports: impl ExportSource + 'static,
+        limits: Limits,
+    ) -> Result<Server, NbdError> {
+        let listener = Listener::bind(addr).map_err(|source| NbdError::Bind {
+            addr: addr.clone(),
+            source,
+        })?;
         Ok(Server {
             listener,
             exports: Arc::new(exports),
@@ -59,8 +73,17 @@ impl Server {
         })
     }
 
+    /// The TCP address it listens on (an error for a Unix socket).
     pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
-        self.listener.local_addr()
+        match self.listener.local()? {
+            ListenAddr::Tcp(a) => Ok(a),
+            ListenAddr::Unix(_) => Err(std::io::Error::other("listening on a Unix socket")),
+        }
+    }
+
+    /// Where it listens.
+    pub fn listen_addr(&self) -> std::io::Result<ListenAddr> {
+        self.listener.local()
     }
 
     /// Connections being served now.
@@ -71,11 +94,12 @@ impl Server {
     /// Accepts and serves connections until `stop` is set (checked after each accept; wake
     /// the listener with a connection to make it notice).
     pub fn run(&self, stop: &AtomicBool) {
-        for conn in self.listener.incoming() {
+        loop {
+            let conn = self.listener.accept();
             if stop.load(Ordering::SeqCst) {
                 return;
             }
-            let stream = match conn {
+            let (stream, peer) = match conn {
                 Ok(s) => s,
                 Err(e) => {
                     tracing::warn!("accepting an NBD connection: {e}");
@@ -83,14 +107,11 @@ impl Server {
                     continue;
                 }
             };
-            self.spawn(stream);
+            self.spawn(stream, peer);
         }
     }
 
-    fn spawn(&self, stream: TcpStream) {
-        let peer = stream
-            .peer_addr()
-            .map_or_else(|_| "?".into(), |a| a.to_string());
+    fn spawn(&self, stream: Stream, peer: String) {
         if self.active.fetch_add(1, Ordering::SeqCst) >= self.limits.max_connections {
             self.active.fetch_sub(1, Ordering::SeqCst);
             tracing::warn!(%peer, "refused: already {} NBD connections", self.limits.max_connections);
@@ -124,12 +145,7 @@ impl Server {
 }
 
 /// One connection: handshake within its deadline, then requests.
-fn connection(
-    stream: &TcpStream,
-    exports: &dyn ExportSource,
-    limits: Limits,
-) -> Result<(), NbdError> {
-    stream.set_nodelay(true)?;
+fn connection(stream: &Stream, exports: &dyn ExportSource, limits: Limits) -> Result<(), NbdError> {
     stream.set_write_timeout(Some(limits.stall))?;
     let deadline = Instant::now() + limits.handshake;
     let negotiated = {
@@ -149,7 +165,7 @@ fn connection(
 
 /// The handshake's stream: every read and write must finish before the deadline.
 struct Deadline<'a> {
-    stream: &'a TcpStream,
+    stream: &'a Stream,
     deadline: Instant,
 }
 
@@ -185,7 +201,7 @@ impl Write for Deadline<'_> {
 
 /// Requests: no timeout while idle, the stall timeout once a request started.
 struct RequestStream {
-    inner: BufReader<TcpStream>,
+    inner: BufReader<Stream>,
     stall: Duration,
 }
 

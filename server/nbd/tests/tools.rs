@@ -208,3 +208,26 @@ fn nbdinfo_lists_every_export_with_its_size() {
     assert!(info.contains("\"is_read_only\": false"), "{info}");
     assert!(info.contains("\"can_multi_conn\": true"), "{info}");
 }
+
+#[test]
+fn a_unix_socket_export_is_reachable_by_its_owner_only() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let image = qemu_image(dir.path());
+    let socket = dir.path().join("nbd.sock");
+    let addr = diskferry_nbd::ListenAddr::Unix(socket.clone());
+    let exports = Exports::new(vec![export("disk", open(&image), false)]);
+    let server = Server::bind_to(&addr, exports, Limits::default()).unwrap();
+    assert_eq!(server.listen_addr().unwrap(), addr);
+    std::thread::spawn(move || server.run(&AtomicBool::new(false)));
+    let mode = std::fs::metadata(&socket).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "only the server's user may connect");
+    let url = addr.url("disk");
+    assert!(url.starts_with("nbd+unix:///disk?socket="), "{url}");
+    run(Command::new("qemu-img")
+        .args(["compare", "-F", "qcow2"])
+        .arg(&url)
+        .arg(&image));
+    let info = run(Command::new("nbdinfo").arg(&url));
+    assert!(info.contains("is_read_only: true"), "{info}");
+}

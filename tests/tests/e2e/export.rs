@@ -455,3 +455,27 @@ fn a_skeleton_of_a_captures_partition_reads_its_files_and_takes_writes_in_memory
     ]);
     assert!(!ok && err.contains("--redo ram"), "{err}");
 }
+
+#[test]
+fn the_server_can_export_on_a_unix_socket_only_its_user_may_open() {
+    use std::os::unix::fs::PermissionsExt;
+    let data = tempfile::tempdir().unwrap();
+    let caps = data.path().join("captures");
+    std::fs::create_dir_all(&caps).unwrap();
+    let image = capture(&caps);
+    let socket = data.path().join("nbd.sock");
+    let listen = format!("unix:{}", p(&socket));
+    let server = Server::start_with(data.path(), &["--nbd-listen", &listen]).unwrap();
+    let mode = std::fs::metadata(&socket).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600);
+    let url = format!("nbd+unix:///capture.qcow2?socket={}", p(&socket));
+    run_ok("qemu-img", &["compare", "-F", "qcow2", &url, p(&image)]);
+    let list = server.get("/api/captures").json();
+    let id = list.as_array().unwrap()[0]["id"].as_i64().unwrap();
+    let vm = server.get(&format!("/api/captures/{id}/vm")).json();
+    assert_eq!(vm["nbd_url"], url.as_str());
+    let xml = vm["libvirt_xml"].as_str().unwrap();
+    assert!(xml.contains("transport='unix'"), "{xml}");
+    let file = dir_file(data.path(), "domain.xml", xml);
+    run_ok("virt-xml-validate", &[p(&file), "domain"]);
+}

@@ -7,7 +7,6 @@ use axum::extract::{Path, Query, State};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use diskferry_daemon::catalog::{chain_of, children_of, CaptureRecord, Relation};
-use diskferry_imaging::vmconfig::VmDisk;
 use serde::Serialize;
 
 use super::*;
@@ -227,7 +226,7 @@ pub(super) async fn get_vm(
     Path(id): Path<String>,
 ) -> Result<Response, Failure> {
     let c = capture_by_id(&state, &id).await?;
-    let Some(&nbd) = state.nbd.get() else {
+    let Some(nbd) = state.nbd.get().cloned() else {
         return Err(Failure::new(
             axum::http::StatusCode::CONFLICT,
             "this server exports no captures over NBD (it runs with --nbd-listen off)",
@@ -235,14 +234,14 @@ pub(super) async fn get_vm(
     };
     let st = Arc::clone(&state);
     let vm = tokio::task::spawn_blocking(move || {
-        diskferry_daemon::exports::vm_for(&st.catalog, &c, nbd)
+        diskferry_daemon::exports::vm_for(&st.catalog, &c, &nbd)
     })
     .await?;
-    let VmDisk::Nbd { host, port, export } = &vm.disk else {
+    let Some(url) = vm.disk.nbd_url() else {
         return Err(Failure::internal("a capture's VM boots from NBD"));
     };
     Ok(Json(serde_json::json!({
-        "nbd_url": format!("nbd://{host}:{port}/{export}"),
+        "nbd_url": url,
         "firmware": vm.firmware,
         "qemu": vm.qemu_command(),
         "libvirt_xml": vm.libvirt_xml(),

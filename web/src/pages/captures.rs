@@ -10,7 +10,7 @@ use axum::response::{Html, IntoResponse, Redirect, Response};
 use axum::routing::{get, post};
 use axum::{Extension, Router};
 use diskferry_daemon::catalog::Relation;
-use diskferry_imaging::vmconfig::{Firmware, VmConfig, VmDisk};
+use diskferry_imaging::vmconfig::{Firmware, VmConfig};
 use maud::{html, Markup};
 
 use super::layout::{bar, date, encode_query, human_bytes, page};
@@ -184,11 +184,11 @@ async fn detail(
     Path(id): Path<String>,
 ) -> PageResult {
     let (c, s) = api::capture_summary(&state, &id).await?;
-    let vm = match state.nbd.get().copied() {
+    let vm = match state.nbd.get().cloned() {
         Some(nbd) => {
             let (st, rec) = (std::sync::Arc::clone(&state), c.clone());
             let vm = tokio::task::spawn_blocking(move || {
-                diskferry_daemon::exports::vm_for(&st.catalog, &rec, nbd)
+                diskferry_daemon::exports::vm_for(&st.catalog, &rec, &nbd)
             });
             Some(
                 vm.await
@@ -283,9 +283,9 @@ fn run_section(vm: Option<&VmConfig>, id: i64) -> Markup {
         @match vm {
             None => p.hint { "This server exports no captures over NBD (it runs with --nbd-listen off)." },
             Some(vm) => {
-                @if let VmDisk::Nbd { host, port, export } = &vm.disk {
+                @if let Some(url) = vm.disk.nbd_url() {
                     dl.facts {
-                        dt { "NBD" } dd.mono { (format!("nbd://{host}:{port}/{export}")) }
+                        dt { "NBD" } dd.mono { (url) }
                         dt { "Firmware" } dd { (match vm.firmware { Firmware::Uefi => "UEFI (the disk has an EFI System Partition)", Firmware::Bios => "BIOS" }) }
                     }
                 }
