@@ -211,6 +211,18 @@ impl AllocationMap {
     pub fn used_blocks(&self) -> u64 {
         self.runs.iter().map(|r| r.1).sum()
     }
+
+    /// The runs as byte ranges of a volume of `size` bytes starting at byte `start` of its
+    /// disk (clipped to the volume's end; runs wholly past it are left out).
+    pub fn byte_ranges(&self, start: u64, size: u64) -> Vec<std::ops::Range<u64>> {
+        let bs = u64::from(self.block_size);
+        self.runs
+            .iter()
+            .map(|&(first, count)| (first * bs).min(size)..((first + count) * bs).min(size))
+            .filter(|r| r.start < r.end)
+            .map(|r| start + r.start..start + r.end)
+            .collect()
+    }
 }
 
 /// Counters a filesystem writer keeps up to date while it works, for progress displays:

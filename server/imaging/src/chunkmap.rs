@@ -276,10 +276,7 @@ fn filesystem_blocks(source: &Arc<dyn BlockDevice>) -> Vec<Range<u64>> {
         else {
             continue;
         };
-        let bs = u64::from(map.block_size);
-        out.extend(map.runs.iter().map(|&(first, count)| {
-            part.start + first * bs..part.start + ((first + count) * bs).min(part.size)
-        }));
+        out.extend(map.byte_ranges(part.start, part.size));
     }
     out
 }

@@ -229,13 +229,7 @@ fn in_use(stage: &Arc<dyn BlockDevice>) -> Vec<Range<u64>> {
         .ok()
         .and_then(|fs| fs.allocation_map().ok());
     match map {
-        Some(map) => {
-            let bs = u64::from(map.block_size);
-            map.runs
-                .iter()
-                .map(|&(first, n)| first * bs..((first + n) * bs).min(stage.size()))
-                .collect()
-        }
+        Some(map) => map.byte_ranges(0, stage.size()),
         None => std::iter::once(0..stage.size()).collect(),
     }
 }

@@ -67,12 +67,7 @@ pub(super) fn copy_plan(dev: &Arc<dyn BlockDevice>, m: Mode) -> Result<CopyPlan,
         Mode::Blocks => {
             let fs = fs::open(Arc::clone(dev)).map_err(PartError::Fs)?;
             let map = fs.allocation_map().map_err(PartError::Fs)?;
-            let bs = u64::from(map.block_size);
-            map.runs
-                .iter()
-                .map(|&(b, n)| b * bs..((b + n) * bs).min(dev.size()))
-                .filter(|r| r.start < r.end)
-                .collect()
+            map.byte_ranges(0, dev.size())
         }
         Mode::Sectors | Mode::Auto => data_ranges(&**dev).map_err(PartError::Read)?,
     };
