@@ -88,8 +88,9 @@ enum Command {
     ///
     /// The partition table is scaled to the target (the last partition follows when it is
     /// recreated file by file); a target too small is refused before anything is written, with
-    /// the numbers; every range is zeroed on the client before it is written; the result is
-    /// verified by reading it back through the filesystem readers.
+    /// the numbers; only the chunks that differ from the image are written (zeroed on the client
+    /// first; the new filesystems' free space is left as it is); the client hashes what it
+    /// wrote again, and every file is compared through the filesystem readers.
     Deploy(deploy::DeployArgs),
     /// Serve an image, a local disk or a client's disk over NBD (qemu, nbdcopy, nbdinfo)
     ///
