@@ -22,7 +22,8 @@ use crate::{human_bytes, images, runtime, session, ConnArgs};
 #[derive(Args)]
 pub(crate) struct ExportArgs {
     /// What to serve: an image (raw, qcow2 — backing files followed —, VHDX, VHD, VMDK), a
-    /// local disk, or DISK@HOST:PORT, a listening diskferry-client's disk
+    /// local disk, DISK@HOST:PORT, a listening diskferry-client's disk, or a machine held by a
+    /// server (MACHINE or DISK@MACHINE, with --data-dir or --server: the server serves it)
     #[arg(required_unless_present = "files")]
     source: Option<String>,
     /// Serve a skeleton disk instead, whose filesystem metadata is built in memory and whose
@@ -58,6 +59,10 @@ pub(crate) struct ExportArgs {
     max_connections: usize,
     #[command(flatten)]
     conn: ConnArgs,
+    /// A machine connected to a server (MACHINE or DISK@MACHINE: its name or MAC) is served
+    /// by that server, read-only, on its NBD port: this prints the URL
+    #[command(flatten)]
+    daemon: crate::machines::DaemonArgs,
 }
 
 /// Where writes go.
@@ -92,6 +97,12 @@ pub(crate) fn run(args: &ExportArgs) -> Result<()> {
              THIS_HOST",
             args.listen
         );
+    }
+    if let Some(source) = &args.source {
+        let spec = SourceSpec::parse(source);
+        if args.daemon.given() && matches!(&spec, SourceSpec::Local(p) if !p.exists()) {
+            return print_machine_export(args, source);
+        }
     }
     let redo = args.redo.as_deref().map(Redo::parse).transpose()?;
     let rt = runtime()?;
@@ -142,6 +153,24 @@ pub(crate) fn run(args: &ExportArgs) -> Result<()> {
         } else {
             ""
         }
+    );
+    Ok(())
+}
+
+/// A machine's disk is served by the server holding its connection: say where.
+fn print_machine_export(args: &ExportArgs, source: &str) -> Result<()> {
+    if args.writable || args.name.is_some() {
+        bail!(
+            "the server serves a machine's disk read-only under the name DISK@MACHINE: drop \
+             --writable and --name (for writes on top, qemu-img create -f qcow2 -F raw -b URL \
+             redo.qcow2)"
+        );
+    }
+    let url = crate::machines::machine_export_url(&args.daemon, source)?;
+    println!("{url}");
+    eprintln!(
+        "the server serves {source} read-only at that URL while the machine stays connected: \
+         qemu-img compare, nbdcopy, nbdinfo or qemu -drive file={url},format=raw,readonly=on"
     );
     Ok(())
 }

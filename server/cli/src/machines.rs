@@ -196,6 +196,42 @@ impl Daemon {
     }
 }
 
+/// The NBD URL at which the server serves a connected machine's disk (`MACHINE`, its only
+/// disk, or `DISK@MACHINE`), read-only.
+pub(crate) fn machine_export_url(args: &DaemonArgs, raw: &str) -> Result<String> {
+    let (disk, who) = match raw.rsplit_once('@') {
+        Some((d, w)) => (Some(d), w),
+        None => (None, raw),
+    };
+    let d = Daemon::find(args)?;
+    let m = d.call("GET", &format!("/api/machines/{}", segment(who)), None)?;
+    let exports: Vec<(&str, &str)> = m["nbd"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|e| Some((e["disk"].as_str()?, e["url"].as_str()?)))
+        .collect();
+    let disks = || exports.iter().map(|e| e.0).collect::<Vec<_>>().join(", ");
+    match (disk, exports.as_slice()) {
+        (_, []) => bail!(
+            "the server exports no disk of machine {who}: it must be connected with its \
+             approved agent (see `diskferry machines`), and the server must export over NBD \
+             (not --nbd-listen off)"
+        ),
+        (Some(disk), _) => exports
+            .iter()
+            .find(|e| e.0 == disk)
+            .map(|e| e.1.to_string())
+            .with_context(|| format!("machine {who} has no disk {disk}; its disks: {}", disks())),
+        (None, [only]) => Ok(only.1.to_string()),
+        (None, _) => bail!(
+            "machine {who} has {} disks; name one as DISK@{who}: {}",
+            exports.len(),
+            disks()
+        ),
+    }
+}
+
 /// The server at `url` (`http://HOST:PORT`, `https://HOST:PORT`, or a bare `HOST:PORT` as
 /// older servers wrote in serve.addr); an https one pinned to `pin`, or else to the
 /// certificate in `cert_file` (the server's own, with --data-dir).

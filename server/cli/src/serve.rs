@@ -61,7 +61,7 @@ pub struct ServeArgs {
     advertise: Option<String>,
     /// Where the captures are exported over NBD, read-only, each under its path in the
     /// captures directory (nbd://127.0.0.1:10809/NAME.qcow2; the web UI's "Run it" shows how
-    /// to boot one). TCP on loopback only (NBD has no TLS here yet), or unix:PATH, a socket
+    /// to boot one), and the disks of connected, approved machines as DISK@MACHINE. TCP on loopback only (NBD has no TLS here yet), or unix:PATH, a socket
     /// only this server's user may connect to (mode 0600). "off" exports nothing
     /// [default: 127.0.0.1:10809, skipped with a warning when that port is taken]
     #[arg(long, value_name = "ADDR:PORT|unix:PATH|off")]
@@ -159,8 +159,11 @@ fn start_nbd(listen: Option<&str>, state: &diskferry_web::SharedState) -> Result
              (or give unix:PATH; reach them from elsewhere through an SSH tunnel)"
         );
     }
-    let exports =
-        diskferry_daemon::exports::CaptureExports::new(std::sync::Arc::clone(&state.catalog));
+    let exports = diskferry_daemon::exports::ServerExports::new(
+        std::sync::Arc::clone(&state.catalog),
+        std::sync::Arc::clone(&state.jobs),
+        tokio::runtime::Handle::current(),
+    );
     let server =
         match diskferry_nbd::Server::bind_to(&addr, exports, diskferry_nbd::Limits::default()) {
             Ok(s) => s,

@@ -1,29 +1,33 @@
-//! The server's NBD exports: every capture in the catalog, read-only, under its path in the
-//! captures directory (`nbd://127.0.0.1:10809/web/monday.qcow2`), opened when a client asks
-//! for it (an overlay through its backing chain, which must stay inside the captures
-//! directory); and the VM that runs a capture from there ([`vm_for`]).
+//! The server's NBD exports, read-only, opened when a client names one: every capture in the
+//! catalog under its path in the captures directory (`nbd://127.0.0.1:10809/web/monday.qcow2`;
+//! an overlay through its backing chain, which must stay inside the captures directory), and
+//! every disk of a connected, approved machine as `DISK@MACHINE` (`nbd://…/sda@web01`: the
+//! live disk, read through the machine's agent link); and the VM that runs a capture from
+//! there ([`vm_for`]).
 
 use std::sync::Arc;
 
+use diskferry_blockdev::CancelFlag;
 use diskferry_imaging::vmconfig::{firmware_of, is_windows, normalize_mac, VmConfig, VmDisk};
 use diskferry_nbd::{Export, ExportSource, ListenAddr};
 
 use crate::catalog::{CaptureRecord, Catalog};
+use crate::jobs::Jobs;
 
-/// Captures, looked up in the catalog per client.
-pub struct CaptureExports {
+/// Captures, looked up in the catalog per client, then machines' disks.
+pub struct ServerExports {
     catalog: Arc<Catalog>,
+    jobs: Arc<Jobs>,
+    rt: tokio::runtime::Handle,
 }
 
-impl CaptureExports {
-    pub fn new(catalog: Arc<Catalog>) -> CaptureExports {
-        CaptureExports { catalog }
+impl ServerExports {
+    /// `rt` runs the machines' agent links.
+    pub fn new(catalog: Arc<Catalog>, jobs: Arc<Jobs>, rt: tokio::runtime::Handle) -> Self {
+        ServerExports { catalog, jobs, rt }
     }
-}
 
-impl ExportSource for CaptureExports {
-    /// There is no default export: a client names the capture.
-    fn find(&self, name: &str) -> Option<Export> {
+    fn capture(&self, name: &str) -> Option<Export> {
         let rec = self
             .catalog
             .captures()
@@ -46,16 +50,54 @@ impl ExportSource for CaptureExports {
         })
     }
 
+    fn machine_disk(&self, name: &str) -> Option<Export> {
+        let (disk, device) =
+            match self
+                .jobs
+                .open_machine_disk(name, &self.rt, &CancelFlag::default())
+            {
+                Ok(d) => d,
+                Err(e) => {
+                    tracing::info!(export = name, "not exported: {e}");
+                    return None;
+                }
+            };
+        Some(Export {
+            name: name.to_string(),
+            description: format!("{}, live, read-only", disk.describe()),
+            device,
+            writable: false,
+        })
+    }
+}
+
+impl ExportSource for ServerExports {
+    /// There is no default export: a client names the capture or the machine's disk.
+    fn find(&self, name: &str) -> Option<Export> {
+        if name.is_empty() {
+            return None;
+        }
+        self.capture(name).or_else(|| self.machine_disk(name))
+    }
+
     /// The captures a client can open (an overlay whose chain leaves the captures directory,
-    /// or an unreadable image, is not listed: `nbdinfo --list` opens every one it is told of).
+    /// or an unreadable image, is not listed: `nbdinfo --list` opens every one it is told of),
+    /// then the disks of the machines connected now.
     fn list(&self) -> Vec<(String, String)> {
         let captures = self.catalog.captures().unwrap_or_default();
         let dir = self.catalog.captures_dir();
-        captures
+        let mut out: Vec<(String, String)> = captures
             .iter()
             .filter(|c| self.catalog.open_capture(&dir.join(&c.path)).is_ok())
             .map(|c| (c.path.clone(), description(c)))
-            .collect()
+            .collect();
+        out.extend(
+            self.jobs
+                .machine_disks()
+                .into_iter()
+                .map(|d| (d.export, d.description)),
+        );
+        out
     }
 }
 

@@ -29,9 +29,12 @@ impl SourceSpec {
     /// else is a local path.
     pub fn parse(s: &str) -> SourceSpec {
         if let Some((disk, addr)) = s.rsplit_once('@') {
-            let port_ok = addr
-                .rsplit_once(':')
-                .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok());
+            // An IPv6 host is bracketed; a bare colon in the host is a MAC address (a machine
+            // a server holds: DISK@52:54:00:12:34:56), not HOST:PORT.
+            let port_ok = addr.rsplit_once(':').is_some_and(|(host, port)| {
+                let host_ok = host.starts_with('[') || !host.contains(':');
+                !host.is_empty() && host_ok && port.parse::<u16>().is_ok()
+            });
             if !disk.is_empty() && port_ok {
                 return SourceSpec::Remote {
                     disk: disk.to_string(),
@@ -203,6 +206,11 @@ mod tests {
         assert_eq!(
             SourceSpec::parse("@host:1"),
             SourceSpec::Local("@host:1".into())
+        );
+        // DISK@MAC names a machine held by a server, not a host and port.
+        assert_eq!(
+            SourceSpec::parse("sda@52:54:00:12:34:56"),
+            SourceSpec::Local("sda@52:54:00:12:34:56".into())
         );
     }
 }

@@ -342,3 +342,70 @@ fn a_capture_from_a_machine_survives_its_agent_restarting() {
     ]);
     assert!(ok, "{err}");
 }
+
+#[test]
+fn a_connected_machines_disk_is_exported_read_only_over_nbd() {
+    assert!(
+        !host_macs().is_empty(),
+        "this test needs a network interface with a MAC address"
+    );
+    let data = tempfile::tempdir().unwrap();
+    let (a, b) = (data.path().join("a.img"), data.path().join("b.img"));
+    diskferry_e2e::make_disk(&a, 64 << 20, &[(0, 3 << 20), (40 << 20, 1 << 20)]).unwrap();
+    diskferry_e2e::make_disk(&b, 32 << 20, &[(1 << 20, 2 << 20)]).unwrap();
+    let s = Server::start(data.path()).unwrap();
+    let nbd = s.nbd_addr.clone().expect("the server exports over NBD");
+    let _agent = Agent::start(&s.agent_addr, data.path(), &[&a, &b]);
+    assert!(wait_for(Duration::from_secs(20), || online(&s)));
+    let mac = machines(&s)[0]["macs"][0].as_str().unwrap().to_string();
+    let export = format!("{}@{mac}", a.display());
+    let url = format!("nbd://{nbd}/{export}");
+    // Not approved yet: nothing is listed or served.
+    assert_eq!(machines(&s)[0]["nbd"], serde_json::json!([]));
+    let refused = Command::new("nbdinfo").arg(&url).output().unwrap();
+    assert!(
+        !refused.status.success(),
+        "an unapproved machine's disk is not served"
+    );
+
+    approve(data.path(), &mac);
+    let m = s.get(&format!("/api/machines/{mac}")).json();
+    assert_eq!(m["nbd"][0]["url"], url.as_str(), "{m}");
+    assert_eq!(m["nbd"][1]["disk"], b.to_str().unwrap(), "{m}");
+    let listed = run_ok("nbdinfo", &["--list", &format!("nbd://{nbd}")]);
+    assert!(listed.contains(&export), "{listed}");
+    run_ok(
+        "qemu-img",
+        &[
+            "compare",
+            "-f",
+            "raw",
+            "-F",
+            "raw",
+            &url,
+            a.to_str().unwrap(),
+        ],
+    );
+    let before = std::fs::read(&a).unwrap();
+    let write = Command::new("qemu-io")
+        .args(["-f", "raw", "-c", "write -P 0x55 0 4096", &url])
+        .output()
+        .unwrap();
+    assert!(!write.status.success(), "the live disk is read-only");
+    assert_eq!(std::fs::read(&a).unwrap(), before);
+
+    // The CLI says where: the URL of the named disk; a machine of two disks needs the name.
+    let dd = ["--data-dir".as_ref(), data.path().as_os_str()];
+    let (ok, out, err) = diskferry(&[&["export".as_ref(), export.as_ref()][..], &dd].concat());
+    assert!(ok && out.trim() == url, "{out} {err}");
+    let (ok, _, err) = diskferry(&[&["export".as_ref(), mac.as_ref()][..], &dd].concat());
+    assert!(!ok && err.contains("has 2 disks"), "{err}");
+
+    // A name that is not a machine must not make the server dial out, even to a listening
+    // client that would serve it.
+    let key = data.path().join("server.key");
+    let client = diskferry_e2e::Client::start(&key, &["--disk", a.to_str().unwrap()]).unwrap();
+    let dial = format!("nbd://{nbd}/{}", client.source(&a));
+    let refused = Command::new("nbdinfo").arg(&dial).output().unwrap();
+    assert!(!refused.status.success(), "{dial} was served");
+}

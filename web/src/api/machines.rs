@@ -18,11 +18,33 @@ pub async fn machine_list(state: &SharedState) -> Result<Vec<serde_json::Value>,
     let st = Arc::clone(state);
     let list = tokio::task::spawn_blocking(move || st.catalog.machines()).await??;
     let online = state.agents.online();
+    let exports = match state.nbd.get() {
+        Some(nbd) => state
+            .jobs
+            .machine_disks()
+            .into_iter()
+            .map(|d| {
+                let url = nbd.url(&d.export);
+                (
+                    d.machine_id,
+                    serde_json::json!({"disk": d.disk, "url": url}),
+                )
+            })
+            .collect(),
+        None => Vec::new(),
+    };
     Ok(list
         .into_iter()
         .map(|m| {
             let mut v = serde_json::to_value(&m).unwrap_or_default();
             v["online"] = online.contains(&m.id).into();
+            // Its disks over NBD while it is connected and approved.
+            v["nbd"] = exports
+                .iter()
+                .filter(|(id, _)| *id == m.id)
+                .map(|(_, e)| e.clone())
+                .collect::<Vec<_>>()
+                .into();
             v
         })
         .collect())
@@ -30,6 +52,20 @@ pub async fn machine_list(state: &SharedState) -> Result<Vec<serde_json::Value>,
 
 pub(super) async fn machines(State(state): State<SharedState>) -> Result<Response, Failure> {
     Ok(Json(machine_list(&state).await?).into_response())
+}
+
+/// One machine, as the list shows it.
+pub(super) async fn machine(
+    State(state): State<SharedState>,
+    Path(key): Path<String>,
+) -> Result<Response, Failure> {
+    let rec = machine_by_key(&state, &key).await?;
+    let found = machine_list(&state)
+        .await?
+        .into_iter()
+        .find(|m| m["id"] == rec.id)
+        .ok_or_else(|| Failure::not_found(format!("machine {key:?} was just forgotten")))?;
+    Ok(Json(found).into_response())
 }
 
 /// The machine a URL names (registered name, MAC address or id), or a 404.

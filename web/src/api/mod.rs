@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use axum::http::header;
 use axum::response::IntoResponse;
-use axum::routing::{delete, get, post};
+use axum::routing::{get, post};
 
 mod captures;
 mod files;
@@ -49,7 +49,7 @@ pub fn routes() -> Router<SharedState> {
         .route("/jobs/{id}/cancel", post(cancel_job))
         .route("/jobs/{id}/events", get(job_events))
         .route("/machines", get(machines))
-        .route("/machines/{key}", delete(forget_machine))
+        .route("/machines/{key}", get(machine).delete(forget_machine))
         .route("/machines/{key}/name", post(name_machine))
         .route("/machines/{key}/approve", post(approve_machine))
         .route("/machines/{key}/power", post(power_machine))

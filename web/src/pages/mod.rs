@@ -228,6 +228,9 @@ async fn machines(
                                 @for d in hw["disks"].as_array().into_iter().flatten() {
                                     (text(&d["name"])) " " (layout::human_bytes(d["size"].as_u64().unwrap_or(0))) br;
                                 }
+                                @for e in m["nbd"].as_array().into_iter().flatten() {
+                                    span.hint title="The live disk, read-only, for qemu, nbdcopy or nbdinfo while the machine is connected" { "NBD " (text(&e["url"])) } br;
+                                }
                             }
                             td {
                                 (text(&m["state"])) @if m["online"] == true { " · " span.state.succeeded { "online" } }

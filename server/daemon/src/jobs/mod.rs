@@ -88,6 +88,17 @@ pub enum JobError {
     Catalog(#[from] CatalogError),
 }
 
+/// A connected machine's disk, exported as `DISK@MACHINE` (MACHINE: its name, else its first
+/// MAC address).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MachineDisk {
+    pub machine_id: i64,
+    /// The disk's name on its machine.
+    pub disk: String,
+    pub export: String,
+    pub description: String,
+}
+
 /// Why a running job failed.
 #[derive(Debug, thiserror::Error)]
 enum RunError {
@@ -213,6 +224,53 @@ impl Jobs {
             live: Mutex::new(HashMap::new()),
             names: OutputNames::default(),
         }
+    }
+
+    /// A connected, approved machine's disk (`MACHINE` or `DISK@MACHINE`), opened read-only
+    /// for an NBD export; `cancel` ends its waits. A listening client (`DISK@HOST:PORT`) is
+    /// refused: a name an NBD client sends must not make the server dial out.
+    pub fn open_machine_disk(
+        &self,
+        raw: &str,
+        rt: &tokio::runtime::Handle,
+        cancel: &CancelFlag,
+    ) -> Result<(JobDisk, Arc<dyn BlockDevice>), JobError> {
+        let disk = JobDisk::resolve(raw, &self.catalog, &self.agents)?;
+        if disk.machine().is_none() {
+            return Err(JobError::NotFound(format!(
+                "{raw:?} is not a known machine"
+            )));
+        }
+        let device = disk
+            .open(rt, &self.agents, &self.session, false, cancel)
+            .map_err(|e| JobError::Conflict(format!("{}: {e}", disk.describe())))?;
+        Ok((disk, device))
+    }
+
+    /// Every disk of every connected, approved machine, as an export names it.
+    pub fn machine_disks(&self) -> Vec<MachineDisk> {
+        let mut out = Vec::new();
+        for id in self.agents.online() {
+            let (Some(link), Ok(Some(m))) = (
+                self.agents.approved_link(id),
+                self.catalog.find_machine(&id.to_string()),
+            ) else {
+                continue;
+            };
+            let Some(label) = m.name.clone().or_else(|| m.macs.first().cloned()) else {
+                continue;
+            };
+            for d in &link.identity.disks {
+                out.push(MachineDisk {
+                    machine_id: id,
+                    disk: d.name.clone(),
+                    export: format!("{}@{label}", d.name),
+                    description: format!("disk {} of machine {label}, live, read-only", d.name),
+                });
+            }
+        }
+        out.sort_by(|a, b| a.export.cmp(&b.export));
+        out
     }
 
     fn live(&self) -> std::sync::MutexGuard<'_, HashMap<i64, Live>> {
