@@ -10,9 +10,8 @@ use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use diskferry_blockdev::{BlockDevice, CowDevice, HybridOptions, HybridVolume, SliceDevice};
+use diskferry_blockdev::{BlockDevice, CowDevice, HybridOptions, HybridVolume};
 use diskferry_fs::host::HostFs;
-use diskferry_fs::Filesystem;
 use diskferry_imaging::skeleton::{SkeletonDisk, SkeletonStats};
 use diskferry_imaging::source::{open_source, open_target, SourceSpec};
 use diskferry_nbd::{Export, Exports, Limits, Server};
@@ -29,8 +28,10 @@ pub(crate) struct ExportArgs {
     /// Serve a skeleton disk instead, whose filesystem metadata is built in memory and whose
     /// file data is read from the source's files — nothing is copied: of DIR (a directory: GPT
     /// and one ext4), of IMAGE (a captured disk: its table, boot code and other partitions
-    /// kept, each ext2/3/4 partition replaced by its skeleton, so it boots as the capture
-    /// does), or of IMAGE:PART (one partition's files). Writable only with --redo ram:SIZE
+    /// kept, each ext2/3/4 and FAT partition replaced by its skeleton, so it boots as the
+    /// capture does), or of IMAGE:PART (that partition's filesystem, same kind and identity,
+    /// on a GPT disk of its own; an EFI System Partition stays one). Writable only with
+    /// --redo ram:SIZE
     #[arg(long, value_name = "DIR|IMAGE|IMAGE:PART", conflicts_with = "source")]
     files: Option<String>,
     /// Address to serve NBD on. Loopback only: this NBD server offers no TLS yet, so reach it
@@ -273,8 +274,8 @@ fn skeleton_device(
 }
 
 /// The skeleton of `files`: a host directory's tree, a whole captured disk (IMAGE: its table,
-/// boot code and other partitions kept, each ext2/3/4 replaced), or one partition's tree
-/// (IMAGE:PART).
+/// boot code and other partitions kept, each ext2/3/4 and FAT replaced), or one partition
+/// (IMAGE:PART: the same filesystem on a disk of its own).
 fn skeleton_of(files: &str) -> Result<(SkeletonDisk, SkeletonStats)> {
     let path = Path::new(files);
     let built = if path.is_dir() {
@@ -284,27 +285,16 @@ fn skeleton_of(files: &str) -> Result<(SkeletonDisk, SkeletonStats)> {
         let (_, disk) = diskferry_vdisk::open_image(path, true)?;
         SkeletonDisk::of_disk(disk)
     } else {
-        SkeletonDisk::of_tree(partition_files(files)?)
+        let Some((image, part)) = files.rsplit_once(':') else {
+            bail!("--files {files}: not a directory, an image, or IMAGE:PART");
+        };
+        let number: u32 = part
+            .parse()
+            .with_context(|| format!("--files {files}: PART is a partition number"))?;
+        let (_, disk) = diskferry_vdisk::open_image(Path::new(image), true)?;
+        SkeletonDisk::of_partition(disk, number)
     };
     built.with_context(|| format!("building the skeleton of {files}"))
-}
-
-/// The filesystem of partition PART of IMAGE (`IMAGE:PART`).
-fn partition_files(files: &str) -> Result<Arc<dyn Filesystem>> {
-    let Some((image, part)) = files.rsplit_once(':') else {
-        bail!("--files {files}: not a directory, an image, or IMAGE:PART");
-    };
-    let number: u32 = part
-        .parse()
-        .with_context(|| format!("--files {files}: PART is a partition number"))?;
-    let (_, disk) = diskferry_vdisk::open_image(Path::new(image), true)?;
-    let table = diskferry_partition::read_table(&*disk)?;
-    let Some(p) = table.partitions.iter().find(|p| p.number == number) else {
-        bail!("{image} has no partition {number}");
-    };
-    let slice = Arc::new(SliceDevice::new(disk, p.start, p.size)?);
-    let fs = diskferry_fs::open(slice).with_context(|| format!("partition {number} of {image}"))?;
-    Ok(Arc::from(fs))
 }
 
 /// The qcow2 overlay at `redo` on the image at `image`: created, or taken up again.

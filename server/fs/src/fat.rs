@@ -206,6 +206,7 @@ impl Fat {
             counters: None,
             boot: self.boot.clone(),
             hidden_sectors: None,
+            map_file_data: false,
         }
     }
 

@@ -43,6 +43,10 @@ pub struct FatOptions {
     /// The partition's first 512-byte sector on its disk, for the boot sector's hidden
     /// sectors (else the source's, else 0).
     pub hidden_sectors: Option<u32>,
+    /// Copy no file data: allocate each file's clusters, write zeros there (which a sparse
+    /// target stores as nothing) and record where its data goes (`FatReport::data_map`) —
+    /// the metadata of a skeleton disk.
+    pub map_file_data: bool,
 }
 
 /// What was written.
@@ -53,6 +57,8 @@ pub struct FatReport {
     pub bytes: u64,
     /// Entries FAT cannot hold (symlinks, devices, ...) and entries that failed, with why.
     pub skipped: Vec<(String, String)>,
+    /// With `map_file_data`: where each file's data goes, sorted by volume offset.
+    pub data_map: Vec<super::MappedData>,
 }
 
 fn fat_err(what: &str, e: impl std::fmt::Display) -> FsError {
@@ -82,11 +88,40 @@ pub fn write_fat(
         .map_err(|_| FsError::Unsupported("FAT volumes end at 2 TiB".into()))?;
     let layout = format::Layout::plan(sectors, opts)?;
     format::format(&*dev, &layout, opts)?;
-    let (report, written) = populate(&dev, source, opts)?;
-    finish_entries(&dev, source, &written)?;
+    let (mut report, written) = populate(&dev, source, opts)?;
+    let entries = finish_entries(&dev, source, &written)?;
     format::finish_fsinfo(&dev, &layout)?;
     dev.flush()?;
+    if opts.map_file_data {
+        report.data_map = data_map(&dev, &written, &entries)?;
+    }
     Ok(report)
+}
+
+/// Where each written file's data lies in the new volume (`entries`: its path's node there).
+fn data_map(
+    dev: &Arc<dyn BlockDevice>,
+    written: &[(String, NodeId)],
+    entries: &std::collections::HashMap<String, NodeId>,
+) -> Result<Vec<super::MappedData>> {
+    let ours = super::fat::Fat::open(Arc::clone(dev))?;
+    let mut map = Vec::new();
+    for (path, node) in written {
+        let Some(&entry) = entries.get(path) else {
+            continue;
+        };
+        if ours.metadata(entry)?.kind != FileKind::File {
+            continue;
+        }
+        map.extend(ours.extents(entry)?.into_iter().map(|x| super::MappedData {
+            fs_offset: x.disk_offset,
+            len: x.len,
+            node: *node,
+            file_offset: x.file_offset,
+        }));
+    }
+    map.sort_by_key(|m| m.fs_offset);
+    Ok(map)
 }
 
 /// Copies the tree of `source` into the freshly formatted volume through `fatfs`; returns the
@@ -116,7 +151,12 @@ fn populate(
                     c.plan(1);
                     c.wrote(1);
                 }
-                match copy_entry(&fs.root_dir(), source, path, e, &mut buf, &mut report)? {
+                let copy = Copy {
+                    source,
+                    buf: &mut buf,
+                    zeros: opts.map_file_data,
+                };
+                match copy_entry(&fs.root_dir(), copy, path, e, &mut report)? {
                     Ok(()) => written.push((path.to_string(), e.node)),
                     Err(why) => report.skipped.push((path.to_string(), why)),
                 }
@@ -137,14 +177,32 @@ fn populate(
 
 type FatDir<'a> = fatfs::Dir<'a, BlockReader>;
 
+/// Where file bytes come from: the source, or zeros of the same length (`map_file_data`).
+struct Copy<'a> {
+    source: &'a dyn Filesystem,
+    buf: &'a mut [u8],
+    zeros: bool,
+}
+
+impl Copy<'_> {
+    /// Up to a buffer of the file's bytes at `at` (of `size`); 0 at its end.
+    fn next(&mut self, node: NodeId, at: u64, size: u64) -> Result<usize> {
+        if self.zeros {
+            let n = (size - at).min(self.buf.len() as u64) as usize;
+            self.buf[..n].fill(0);
+            return Ok(n);
+        }
+        self.source.read_at(node, at, self.buf)
+    }
+}
+
 /// Creates `e` (at `path`) in the new volume: `Ok(Err(why))` when it is skipped (a name or a
 /// kind FAT cannot hold, or `fatfs` refusing it), `Err` when the source fails.
 fn copy_entry(
     root: &FatDir<'_>,
-    source: &dyn Filesystem,
+    mut copy: Copy<'_>,
     path: &str,
     e: &DirEntry,
-    buf: &mut [u8],
     report: &mut FatReport,
 ) -> Result<std::result::Result<(), String>> {
     if std::str::from_utf8(&e.name).is_err() {
@@ -159,18 +217,18 @@ fn copy_entry(
             Err(err) => Ok(Err(err.to_string())),
         },
         FileKind::File => {
-            let meta = source.metadata(e.node)?;
+            let meta = copy.source.metadata(e.node)?;
             let mut file = match root.create_file(path) {
                 Ok(f) => f,
                 Err(err) => return Ok(Err(err.to_string())),
             };
             let mut at = 0u64;
             while at < meta.size {
-                let n = source.read_at(e.node, at, buf)?;
+                let n = copy.next(e.node, at, meta.size)?;
                 if n == 0 {
                     break;
                 }
-                file.write_all(&buf[..n])
+                file.write_all(&copy.buf[..n])
                     .map_err(|err| fat_err(path, err))?;
                 at += n as u64;
             }
@@ -184,12 +242,12 @@ fn copy_entry(
 }
 
 /// Finishes each entry written: attributes and times, and a directory's `.` and `..`. Our
-/// reader finds every entry in one walk.
+/// reader finds every entry in one walk; returns them (path → node in the new volume).
 fn finish_entries(
     dev: &Arc<dyn BlockDevice>,
     source: &dyn Filesystem,
     written: &[(String, NodeId)],
-) -> Result<()> {
+) -> Result<std::collections::HashMap<String, NodeId>> {
     let ours = super::fat::Fat::open(Arc::clone(dev))?;
     let mut entries = std::collections::HashMap::new();
     super::tree::walk(
@@ -218,7 +276,7 @@ fn finish_entries(
             fix_dot_entries(&**dev, &ours, entry, &raw, !path.contains('/'))?;
         }
     }
-    Ok(())
+    Ok(entries)
 }
 
 /// Gives the short entry `raw` the attributes and times of `meta`: DOS attributes as they are

@@ -188,6 +188,17 @@ pub struct FileExtent {
     pub unwritten: bool,
 }
 
+/// Where a piece of a file's data lies in a filesystem written with `map_file_data` (ext4 or
+/// FAT): bytes `fs_offset..fs_offset+len` of the volume hold the file's bytes from
+/// `file_offset` on (past the file's end they read as zeros).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MappedData {
+    pub fs_offset: u64,
+    pub len: u64,
+    pub node: NodeId,
+    pub file_offset: u64,
+}
+
 /// Volume-level facts.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VolumeInfo {

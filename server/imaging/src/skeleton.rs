@@ -4,18 +4,22 @@
 //! copied: a backup of files becomes a bootable, mountable disk in the time it takes to lay
 //! out its metadata.
 //!
-//! The metadata comes from the ext4 writer itself, run with `map_file_data`: it plans and
-//! writes the filesystem as it always does, but instead of copying file data it reports
-//! where each file's data goes (`MappedData`). Those writes land in a [`HybridVolume`] the
+//! The metadata comes from the ext4 or FAT writer itself, run with `map_file_data`: it plans
+//! and writes the filesystem as it always does, but instead of copying file data it reports
+//! where each file's data goes (`MappedData`; the FAT writer allocates the clusters with
+//! zeros, which the sparse volume stores as nothing). Those writes land in a [`HybridVolume`] the
 //! size of the disk (sparse: only metadata takes memory); the data map, sorted by disk
 //! offset, is the block-location cache reads go through: a read of a data block becomes a
 //! `read_at` of its file at the mapped offset.
 //!
-//! Two layouts: of a tree ([`SkeletonDisk::of_tree`]), GPT with one Linux-filesystem
+//! Three layouts: of a tree ([`SkeletonDisk::of_tree`]), GPT with one Linux-filesystem
 //! partition from 1 MiB to 1 MiB before the end, ext4 sized for the tree (`suggested_size`, as
-//! `mkfs` does); of a captured disk ([`SkeletonDisk::of_disk`]), the capture itself with each
-//! ext2/3/4 partition replaced by its skeleton (same size, identity and file layout), so the
-//! table, boot code, gaps and other partitions are the capture's. The skeleton is read-only;
+//! `mkfs` does); of one partition of a captured disk ([`SkeletonDisk::of_partition`]), GPT
+//! with one partition of its size and kind (an EFI System Partition stays one) holding the
+//! same filesystem (ext2/3/4 or FAT, same identity); of a captured disk
+//! ([`SkeletonDisk::of_disk`]), the capture itself with each ext2/3/4 and FAT partition
+//! replaced by its skeleton (same size, identity and file layout), so the table, boot code,
+//! gaps and other partitions are the capture's. The skeleton is read-only;
 //! writes go to a redo layer over it (`CowDevice`).
 
 use std::ops::Range;
@@ -26,8 +30,9 @@ use diskferry_blockdev::{
     BlockDevice, BlockError, Extent, HybridOptions, HybridVolume, Region, Result as BlockResult,
     SliceDevice,
 };
-use diskferry_fs::ext4::write::{suggested_size, write_ext4, Ext4Options, MappedData};
-use diskferry_fs::{Filesystem, NodeId};
+use diskferry_fs::ext4::write::{suggested_size, write_ext4, Ext4Options};
+use diskferry_fs::fat_write::{write_fat, FatOptions};
+use diskferry_fs::{Filesystem, MappedData, NodeId};
 use diskferry_partition::{gpt_types, Guid, Partition, PartitionTable, PartitionType, Scheme};
 
 const MIB: u64 = 1 << 20;
@@ -40,8 +45,12 @@ pub enum SkeletonError {
     Volume(#[from] diskferry_blockdev::HybridError),
     #[error("writing the partition table: {0}")]
     Table(#[from] diskferry_partition::PartitionError),
-    #[error("laying out the ext4 metadata: {0}")]
+    #[error("laying out the filesystem metadata: {0}")]
     Filesystem(#[from] diskferry_fs::FsError),
+    #[error("partition {0} is not in the table")]
+    NoPartition(u32),
+    #[error("partition {0} holds no ext2/3/4 or FAT filesystem a skeleton can be made of")]
+    NotRebuildable(u32),
     #[error("{0}")]
     Block(#[from] BlockError),
 }
@@ -112,12 +121,13 @@ impl SkeletonDisk {
                 spill: None,
             },
         )?;
-        diskferry_partition::write_table(&table_volume, &gpt_with_one_partition(fs_size))?;
         let opts = Ext4Options {
             label: Some("skeleton".into()),
             ..Ext4Options::default()
         };
-        let (part, report) = SkeletonPart::build(source, MIB, fs_size, opts)?;
+        let kind = PartitionType::Gpt(Guid::parse(gpt_types::LINUX_FILESYSTEM).expect("a GUID"));
+        diskferry_partition::write_table(&table_volume, &gpt_with_one_partition(fs_size, kind))?;
+        let (part, report) = SkeletonPart::build(source, MIB, fs_size, FsLayout::Ext4(opts))?;
         let stats = SkeletonStats::of(&[(&part, &report)], started);
         Ok((
             SkeletonDisk {
@@ -129,9 +139,10 @@ impl SkeletonDisk {
     }
 
     /// The skeleton of a captured disk: its table, boot code, gaps and other partitions read
-    /// from `disk` as they are, each ext2/3/4 partition replaced by a skeleton with the same
-    /// size, identity (UUID, label, features) and file layout — so it boots as the capture
-    /// does. Partitions whose filesystem cannot be rebuilt file by file stay as they are.
+    /// from `disk` as they are, each ext2/3/4 and FAT partition replaced by a skeleton with
+    /// the same size, identity (UUID or serial, label, features) and file layout — so it boots
+    /// as the capture does. Partitions whose filesystem cannot be rebuilt file by file stay as
+    /// they are.
     pub fn of_disk(
         disk: Arc<dyn BlockDevice>,
     ) -> Result<(SkeletonDisk, SkeletonStats), SkeletonError> {
@@ -141,16 +152,9 @@ impl SkeletonDisk {
         for p in &table.partitions {
             let slice: Arc<dyn BlockDevice> =
                 Arc::new(SliceDevice::new(Arc::clone(&disk), p.start, p.size)?);
-            let Ok(ext) = diskferry_fs::ext4::Ext4::open(slice) else {
-                continue;
-            };
-            if let Some(why) = ext.rebuild_obstacle() {
-                tracing::info!(partition = p.number, "kept as it is: {why}");
-                continue;
+            if let Some((source, layout)) = rebuildable(slice, p.number, p.start) {
+                built.push(SkeletonPart::build(source, p.start, p.size, layout)?);
             }
-            let mut opts = ext.format_options();
-            opts.keep_source_layout = true;
-            built.push(SkeletonPart::build(Arc::new(ext), p.start, p.size, opts)?);
         }
         let pairs: Vec<_> = built.iter().map(|(p, r)| (p, r)).collect();
         let stats = SkeletonStats::of(&pairs, started);
@@ -158,13 +162,97 @@ impl SkeletonDisk {
         parts.sort_by_key(|p| p.start);
         Ok((SkeletonDisk { base: disk, parts }, stats))
     }
+
+    /// The skeleton of partition `number` of a captured disk on a disk of its own: GPT with one
+    /// partition of the same size and kind (EFI System, Linux filesystem or basic data) at
+    /// 1 MiB, holding the same filesystem (ext2/3/4 or FAT) with the same identity.
+    pub fn of_partition(
+        disk: Arc<dyn BlockDevice>,
+        number: u32,
+    ) -> Result<(SkeletonDisk, SkeletonStats), SkeletonError> {
+        let started = Instant::now();
+        let table = diskferry_partition::read_table(&*disk)?;
+        let p = table
+            .partitions
+            .iter()
+            .find(|p| p.number == number)
+            .ok_or(SkeletonError::NoPartition(number))?;
+        let slice: Arc<dyn BlockDevice> = Arc::new(SliceDevice::new(disk, p.start, p.size)?);
+        let (source, layout) =
+            rebuildable(slice, number, MIB).ok_or(SkeletonError::NotRebuildable(number))?;
+        let kind = match (&layout, is_esp(&p.kind)) {
+            (_, true) => gpt_types::EFI_SYSTEM,
+            (FsLayout::Ext4(_), false) => gpt_types::LINUX_FILESYSTEM,
+            (FsLayout::Fat(_), false) => gpt_types::MICROSOFT_BASIC_DATA,
+        };
+        let kind = PartitionType::Gpt(Guid::parse(kind).expect("a GUID"));
+        let table_volume = HybridVolume::new(
+            p.size + 2 * MIB,
+            HybridOptions {
+                ram_limit: 4 * MIB,
+                spill: None,
+            },
+        )?;
+        diskferry_partition::write_table(&table_volume, &gpt_with_one_partition(p.size, kind))?;
+        let (part, report) = SkeletonPart::build(source, MIB, p.size, layout)?;
+        let stats = SkeletonStats::of(&[(&part, &report)], started);
+        Ok((
+            SkeletonDisk {
+                base: Arc::new(table_volume),
+                parts: vec![part],
+            },
+            stats,
+        ))
+    }
+}
+
+/// How a skeleton partition's filesystem is laid out.
+enum FsLayout {
+    Ext4(Ext4Options),
+    Fat(FatOptions),
+}
+
+/// The filesystem on `slice` (partition `number`, to sit at byte `start` of its disk) and the
+/// options that lay it out again with the same identity, when a skeleton can be made of it.
+fn rebuildable(
+    slice: Arc<dyn BlockDevice>,
+    number: u32,
+    start: u64,
+) -> Option<(Arc<dyn Filesystem>, FsLayout)> {
+    if let Ok(ext) = diskferry_fs::ext4::Ext4::open(Arc::clone(&slice)) {
+        if let Some(why) = ext.rebuild_obstacle() {
+            tracing::info!(partition = number, "kept as it is: {why}");
+            return None;
+        }
+        let mut opts = ext.format_options();
+        opts.keep_source_layout = true;
+        return Some((Arc::new(ext), FsLayout::Ext4(opts)));
+    }
+    let fat = diskferry_fs::fat::Fat::open(slice).ok()?;
+    let opts = FatOptions {
+        hidden_sectors: u32::try_from(start / 512).ok(),
+        ..fat.format_options()
+    };
+    Some((Arc::new(fat), FsLayout::Fat(opts)))
+}
+
+/// An EFI System Partition's type.
+fn is_esp(kind: &PartitionType) -> bool {
+    match kind {
+        PartitionType::Mbr(t) => *t == 0xef,
+        PartitionType::Gpt(g) => Guid::parse(gpt_types::EFI_SYSTEM).is_some_and(|esp| *g == esp),
+    }
+}
+
+/// What laying out one skeleton filesystem did.
+struct Built {
+    files: u64,
+    dirs: u64,
+    skipped: Vec<(String, String)>,
 }
 
 impl SkeletonStats {
-    fn of(
-        parts: &[(&SkeletonPart, &diskferry_fs::ext4::write::Ext4Report)],
-        started: Instant,
-    ) -> SkeletonStats {
+    fn of(parts: &[(&SkeletonPart, &Built)], started: Instant) -> SkeletonStats {
         let mut s = SkeletonStats {
             files: 0,
             dirs: 0,
@@ -185,13 +273,14 @@ impl SkeletonStats {
 }
 
 impl SkeletonPart {
-    /// Lays out the metadata of an ext4 of `size` bytes for `source` (at `start` on the disk).
+    /// Lays out the metadata of a filesystem of `size` bytes for `source` (at `start` on the
+    /// disk).
     fn build(
         source: Arc<dyn Filesystem>,
         start: u64,
         size: u64,
-        opts: Ext4Options,
-    ) -> Result<(SkeletonPart, diskferry_fs::ext4::write::Ext4Report), SkeletonError> {
+        layout: FsLayout,
+    ) -> Result<(SkeletonPart, Built), SkeletonError> {
         let meta = Arc::new(HybridVolume::new(
             size,
             HybridOptions {
@@ -199,13 +288,36 @@ impl SkeletonPart {
                 spill: None,
             },
         )?);
-        let opts = Ext4Options {
-            map_file_data: true,
-            ..opts
+        let dev = Arc::clone(&meta) as Arc<dyn BlockDevice>;
+        let (data_map, report) = match layout {
+            FsLayout::Ext4(opts) => {
+                let opts = Ext4Options {
+                    map_file_data: true,
+                    ..opts
+                };
+                let r = write_ext4(dev, &*source, &opts)?;
+                let built = Built {
+                    files: r.files,
+                    dirs: r.dirs,
+                    skipped: r.skipped,
+                };
+                (r.data_map, built)
+            }
+            FsLayout::Fat(opts) => {
+                let opts = FatOptions {
+                    map_file_data: true,
+                    ..opts
+                };
+                let r = write_fat(dev, &*source, &opts)?;
+                let built = Built {
+                    files: r.files,
+                    dirs: r.dirs,
+                    skipped: r.skipped,
+                };
+                (r.data_map, built)
+            }
         };
-        let report = write_ext4(Arc::clone(&meta) as Arc<dyn BlockDevice>, &*source, &opts)?;
-        let map = report
-            .data_map
+        let map = data_map
             .iter()
             .map(|m: &MappedData| Mapped {
                 disk: m.fs_offset,
@@ -368,8 +480,8 @@ impl BlockDevice for SkeletonDisk {
     }
 }
 
-/// A GPT with one Linux-filesystem partition of `fs_size` bytes at 1 MiB, fresh GUIDs.
-fn gpt_with_one_partition(fs_size: u64) -> PartitionTable {
+/// A GPT with one partition of type `kind` and `fs_size` bytes at 1 MiB, fresh GUIDs.
+fn gpt_with_one_partition(fs_size: u64, kind: PartitionType) -> PartitionTable {
     PartitionTable {
         scheme: Scheme::Gpt,
         sector_size: 512,
@@ -379,7 +491,7 @@ fn gpt_with_one_partition(fs_size: u64) -> PartitionTable {
             number: 1,
             start: MIB,
             size: fs_size,
-            kind: PartitionType::Gpt(Guid::parse(gpt_types::LINUX_FILESYSTEM).expect("a GUID")),
+            kind,
             guid: Some(random_guid()),
             name: "skeleton".into(),
             attributes: 0,

@@ -456,6 +456,93 @@ fn a_skeleton_of_a_captures_partition_reads_its_files_and_takes_writes_in_memory
     assert!(!ok && err.contains("--redo ram"), "{err}");
 }
 
+/// The files of the FAT volume at `offset` (`len` bytes) of `raw`, copied out by mtools into
+/// `to`, after `fsck.fat -n` found nothing to say; and its `blkid` identity (type, version,
+/// serial, label).
+fn fat_files(raw: &Path, offset: u64, len: u64, to: &Path) -> String {
+    let vol = diskferry_e2e::fixtures::extract(raw, offset, len, &to.with_extension("fat"));
+    let fsck = run_ok("fsck.fat", &["-n", p(&vol)]);
+    assert!(!fsck.contains("differ") && !fsck.contains("?"), "{fsck}");
+    std::fs::create_dir_all(to).unwrap();
+    let copied = std::process::Command::new("mcopy")
+        .env("MTOOLS_SKIP_CHECK", "1")
+        .args(["-s", "-n", "-i", p(&vol), "::/*", p(to)])
+        .output()
+        .unwrap();
+    assert!(copied.status.success(), "{copied:?}");
+    let id = run_ok("blkid", &["-p", "-o", "export", p(&vol)]);
+    id.lines()
+        .filter(|l| {
+            ["TYPE=", "VERSION=", "UUID=", "LABEL="]
+                .iter()
+                .any(|k| l.starts_with(k))
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// The file count a skeleton export's log reports (`skeleton of X: N files, ...`).
+fn skeleton_files(log: &str) -> u64 {
+    let line = log
+        .lines()
+        .find(|l| l.starts_with("skeleton of "))
+        .unwrap_or_else(|| panic!("no skeleton line in {log}"));
+    let (_, rest) = line.split_once(": ").unwrap();
+    rest.split(' ').next().unwrap().parse().unwrap()
+}
+
+#[test]
+fn skeletons_of_an_esp_are_fat_volumes_with_the_same_files_and_identity() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let disk = d.join("uefi.raw");
+    let offsets =
+        diskferry_e2e::fixtures::gpt_disk(&disk, 120, &[(40, "ef00", "EFI"), (64, "8300", "root")]);
+    let esp = d.join("esp.img");
+    diskferry_e2e::fixtures::fat_image(&esp, 32, 40, "ESP");
+    diskferry_e2e::fixtures::place(&disk, offsets[0], &esp);
+    let tree = diskferry_e2e::fixtures::linux_tree(d);
+    let root = d.join("root.ext4");
+    diskferry_e2e::fixtures::ext4_image(&tree, &root, 64, "root");
+    diskferry_e2e::fixtures::place(&disk, offsets[1], &root);
+    let before = sha256(&disk);
+    let original = fat_files(&esp, 0, 40 << 20, &d.join("original"));
+
+    // The ESP alone: a GPT whose one partition is an EFI System Partition.
+    let export = Exported::start_with(&["--files", &format!("{}:1", p(&disk))]).unwrap();
+    let raw = d.join("esp-skeleton.raw");
+    run_ok("nbdcopy", &[&export.url, p(&raw)]);
+    let (stopped, log) = export.stop();
+    assert!(stopped);
+    let esp_files = skeleton_files(&log);
+    assert_eq!(esp_files, 5, "{log}");
+    let verify = run_ok("sgdisk", &["-v", "-i", "1", p(&raw)]);
+    assert!(
+        verify.contains("No problems found") && verify.contains("EFI system partition"),
+        "{verify}"
+    );
+    let alone = fat_files(&raw, 1 << 20, 40 << 20, &d.join("alone"));
+    assert_eq!(alone, original, "the same FAT type, serial and label");
+    run_ok("diff", &["-r", p(&d.join("original")), p(&d.join("alone"))]);
+
+    // The whole disk: the ESP is a skeleton too, in its place.
+    let export = Exported::start_with(&["--files", p(&disk)]).unwrap();
+    let raw = d.join("disk-skeleton.raw");
+    run_ok("nbdcopy", &[&export.url, p(&raw)]);
+    let (_, log) = export.stop();
+    let root = Exported::start_with(&["--files", &format!("{}:2", p(&disk))]).unwrap();
+    let (_, root_log) = root.stop();
+    assert_eq!(
+        skeleton_files(&log),
+        esp_files + skeleton_files(&root_log),
+        "both partitions are skeletons: {log}"
+    );
+    let whole = fat_files(&raw, offsets[0], 40 << 20, &d.join("whole"));
+    assert_eq!(whole, original);
+    run_ok("diff", &["-r", p(&d.join("original")), p(&d.join("whole"))]);
+    assert_eq!(sha256(&disk), before, "the capture is only read");
+}
+
 #[test]
 fn the_server_can_export_on_a_unix_socket_only_its_user_may_open() {
     use std::os::unix::fs::PermissionsExt;

@@ -107,16 +107,7 @@ pub struct Ext4Options {
     pub map_file_data: bool,
 }
 
-/// Where a piece of a file's data lies in a filesystem written with `map_file_data`: bytes
-/// `fs_offset..fs_offset+len` of the volume hold the file's bytes from `file_offset` on (past
-/// the file's end they read as zeros).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct MappedData {
-    pub fs_offset: u64,
-    pub len: u64,
-    pub node: NodeId,
-    pub file_offset: u64,
-}
+pub use crate::MappedData;
 
 impl Default for Ext4Options {
     fn default() -> Self {
