@@ -109,3 +109,43 @@ bench_cleanup() {
   [ -n "$bench_work" ] && rm -rf "$bench_work"
   exit "$rc"
 }
+
+# --- network namespaces ------------------------------------------------------------------------
+# bench_net NS_A NS_B IF_A IF_B IP_A IP_B: two network namespaces joined by a veth pair (IF_A in
+# NS_A with IP_A/24, IF_B in NS_B with IP_B/24), loopback up in both; deleted at exit (after the
+# processes stopped), and with them the veth and its qdiscs.
+bench_net() {
+  ip netns add "$1"
+  ip netns add "$2"
+  bench_on_exit "ip netns del $1; ip netns del $2"
+  ip link add "$3" netns "$1" type veth peer name "$4" netns "$2"
+  ip -n "$1" addr add "$5/24" dev "$3"
+  ip -n "$2" addr add "$6/24" dev "$4"
+  ip -n "$1" link set lo up
+  ip -n "$2" link set lo up
+  ip -n "$1" link set "$3" up
+  ip -n "$2" link set "$4" up
+}
+
+# bench_rate NS IF RATE (1gbit, 10gbit, ...): tbf on IF in NS. The burst must hold at least one
+# 64 KiB GSO packet and rate/HZ bytes, or tbf cannot reach its rate between timer ticks; the
+# limit is the queue TCP may fill. Chosen by measuring dd | socat over the link at several
+# values (bench/net.sh's raw row reports what the link carried): 1 MB / 8 MB up to 1 Gbit/s,
+# 4 MB / 32 MB at 10 Gbit/s (10 MB bursts were no faster there).
+bench_rate() {
+  local burst=1mb limit=8mb
+  [ "$3" = 10gbit ] && burst=4mb limit=32mb
+  tc -n "$1" qdisc replace dev "$2" root tbf rate "$3" burst "$burst" limit "$limit"
+}
+
+# bench_wait_listen RUNNER PORT: wait (10 s at most) until something listens on PORT where
+# RUNNER (a function prefixing `ip netns exec NS`, or `env`) runs commands.
+bench_wait_listen() {
+  local _
+  for _ in $(seq 200); do
+    [ -n "$("$1" ss -Hltn "sport = :$2")" ] && return 0
+    sleep 0.05
+  done
+  echo "nothing listens on port $2" >&2
+  return 1
+}

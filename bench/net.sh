@@ -61,8 +61,6 @@ src=dfsrc$$
 srv=dfsrv$$
 src_ip=10.77.0.1
 srv_ip=10.77.0.2
-# Processes are stopped first (lib.sh), then the namespaces go, and with them veth and qdiscs.
-bench_on_exit "ip netns del $src; ip netns del $srv"
 
 diskferry=${CARGO_TARGET_DIR:-target}/release/diskferry
 client=$work/bin/diskferry-client
@@ -76,45 +74,18 @@ deploy/build-client.sh "$work/bin" >&2
 server_key=$("$diskferry" keygen "$work/key" 2>/dev/null) # the public half, for the clients
 
 # --- network -----------------------------------------------------------------------------------
-make_net() {
-  ip netns add "$src"
-  ip netns add "$srv"
-  ip link add vsrc netns "$src" type veth peer name vsrv netns "$srv"
-  in_src ip addr add "$src_ip/24" dev vsrc
-  in_srv ip addr add "$srv_ip/24" dev vsrv
-  in_src ip link set lo up
-  in_srv ip link set lo up
-  in_src ip link set vsrc up
-  in_srv ip link set vsrv up
-}
+make_net() { bench_net "$src" "$srv" vsrc vsrv "$src_ip" "$srv_ip"; }
 
-# set_link RATE (1gbit, 10gbit): tbf on both veth ends. The burst must hold at least one 64 KiB
-# GSO packet and rate/HZ bytes, or tbf cannot reach its rate between timer ticks; the limit is the
-# queue TCP may fill. Chosen by measuring dd | socat over the link at several values (the raw
-# row below reports what the link carried in this run): 1 MB / 8 MB at 1 Gbit/s, 4 MB / 32 MB at
-# 10 Gbit/s (10 MB bursts were no faster there).
+# set_link RATE (1gbit, 10gbit): tbf on both veth ends (lib.sh's bench_rate).
 set_link() {
-  local burst=1mb limit=8mb
-  [ "$1" = 10gbit ] && burst=4mb limit=32mb
-  tc -n "$src" qdisc replace dev vsrc root tbf rate "$1" burst "$burst" limit "$limit"
-  tc -n "$srv" qdisc replace dev vsrv root tbf rate "$1" burst "$burst" limit "$limit"
+  bench_rate "$src" vsrc "$1"
+  bench_rate "$srv" vsrv "$1"
 }
 
 # wire_bytes: source→server and server→source bytes so far (the source veth's counters).
 wire_bytes() {
   in_src cat /sys/class/net/vsrc/statistics/tx_bytes /sys/class/net/vsrc/statistics/rx_bytes |
     paste -sd' '
-}
-
-# wait_listen NS-RUNNER PORT: wait (10 s at most) until something listens on PORT there.
-wait_listen() {
-  local _
-  for _ in $(seq 200); do
-    [ -n "$("$1" ss -Hltn "sport = :$2")" ] && return 0
-    sleep 0.05
-  done
-  echo "nothing listens on port $2" >&2
-  return 1
 }
 
 # --- source disks ------------------------------------------------------------------------------
@@ -207,7 +178,7 @@ row_raw() {
   local mib
   mib=$([ "$LINK" = 10gbit ] && echo 4096 || echo 1024)
   bench_spawn raw-recv in_srv socat -b 1048576 -u "TCP-LISTEN:9001,bind=$srv_ip,reuseaddr" OPEN:/dev/null
-  wait_listen in_srv 9001
+  bench_wait_listen in_srv 9001
   measure in_src sh -c "dd if=/dev/zero bs=1M count=$mib status=none | socat -b 1048576 -u - TCP:$srv_ip:9001"
   R_note="$mib MiB of zeros"
 }
@@ -231,7 +202,7 @@ partclone_pipe() {
   bench_spawn pc-recv in_srv socat -b 1048576 -u "TCP-LISTEN:9000,bind=$srv_ip,reuseaddr" \
     "OPEN:$work/out.pc,creat,trunc"
   local recv=$bench_last_pid
-  wait_listen in_srv 9000
+  bench_wait_listen in_srv 9000
   measure send_and_wait "$recv" \
     "$pc -q -s '${3:-$2}' -o - 2>/dev/null | $1 | socat -b 1048576 -u - TCP:$srv_ip:9000"
   R_out=$(stat -c %s "$work/out.pc")
@@ -254,7 +225,7 @@ row_fog() {
 row_nbd() {
   bench_spawn nbd in_src qemu-nbd --read-only --persistent --format raw --export-name disk \
     --bind "$src_ip" --port 10809 "$2"
-  wait_listen in_src 10809
+  bench_wait_listen in_src 10809
   measure in_srv qemu-img convert -f raw -O qcow2 "nbd://$src_ip:10809/disk" "$work/out.qcow2"
   R_out=$(stat -c %s "$work/out.qcow2")
   qemu-img compare -q -f raw -F qcow2 "$2" "$work/out.qcow2" || R_note="COMPARE FAILED"
