@@ -11,6 +11,7 @@ pub mod fat;
 pub mod fat_write;
 pub mod host;
 pub mod ntfs;
+pub mod overlay;
 pub mod swap;
 pub mod tree;
 
