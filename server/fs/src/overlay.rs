@@ -52,6 +52,9 @@ enum Content {
     Dir,
 }
 
+/// A changed directory entry: `None` removes the name, `Some` puts that node under it.
+type Change = Option<(NodeId, FileKind)>;
+
 #[derive(Debug, Clone)]
 struct Added {
     meta: Metadata,
@@ -62,9 +65,8 @@ struct Added {
 pub struct TreeOverlay {
     base: Arc<dyn Filesystem>,
     added: Vec<Added>,
-    /// Per directory (a base one or an added one), its changed entries: `None` removes the
-    /// name, `Some` puts that node under it.
-    changes: HashMap<NodeId, BTreeMap<Vec<u8>, Option<(NodeId, FileKind)>>>,
+    /// Per directory (a base one or an added one), its changed entries.
+    changes: HashMap<NodeId, BTreeMap<Vec<u8>, Change>>,
     now: Timestamp,
 }
 
