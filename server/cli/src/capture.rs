@@ -51,6 +51,8 @@ pub(crate) struct CaptureArgs {
     #[arg(long, value_name = "PREVIOUS")]
     base: Option<PathBuf>,
     #[command(flatten)]
+    custom: crate::customize::CustomizeArgs,
+    #[command(flatten)]
     output: OutputArgs,
     #[command(flatten)]
     conn: ConnArgs,
@@ -60,7 +62,7 @@ pub(crate) struct CaptureArgs {
     daemon: machines::DaemonArgs,
 }
 
-/// How `capture` and `convert` write their output and read image sources.
+/// How `capture`, `convert` and `customize` write their output and read image sources.
 #[derive(Args)]
 pub(crate) struct OutputArgs {
     /// Image format of OUT [default: from OUT's extension, `.qcow2` → qcow2, `.vhdx` → vhdx,
@@ -157,6 +159,7 @@ pub(crate) fn run(args: CaptureArgs) -> Result<()> {
     let format = args.output.format_for(&args.out)?;
     let spec = SourceSpec::parse(&args.source);
     if matches!(&spec, SourceSpec::Local(p) if !p.exists()) && args.daemon.given() {
+        crate::customize::refuse_through_server(&args.custom, &args.out)?;
         return capture_through_server(&args);
     }
     let opts = match &spec {
@@ -172,6 +175,7 @@ pub(crate) fn run(args: CaptureArgs) -> Result<()> {
         args.conn.reconnect(),
     )?;
     let progress = progress_for(args.output.progress);
+    let transform = args.custom.transform(&src)?;
     let options = CaptureOptions {
         output: args.output.options(format),
         mode: args.mode.into(),
@@ -179,10 +183,14 @@ pub(crate) fn run(args: CaptureArgs) -> Result<()> {
         verify: args.verify,
         chunk_map: args.chunk_map,
         base: args.base.clone(),
+        transform,
     };
     let outcome =
         diskferry_imaging::capture(Arc::clone(&src), &args.out, &options, progress.as_ref())?;
     print_capture_summary(&outcome, format);
+    if let CaptureSummary::Partitions(report) = &outcome.summary {
+        crate::customize::print_changes(&report.partitions);
+    }
     Ok(())
 }
 

@@ -143,6 +143,7 @@ fn capture_and_verify(src: Arc<dyn BlockDevice>, out: &Path) -> Result<CaptureOu
         verify: true,
         chunk_map: false,
         base: None,
+        transform: None,
     };
     Ok(diskferry_imaging::capture(
         src,

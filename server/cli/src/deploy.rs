@@ -9,6 +9,7 @@ use std::sync::Arc;
 
 use anyhow::{Context, Result};
 use clap::Args;
+use diskferry_imaging::pipeline::DeployHow;
 use diskferry_imaging::source::{open_target, SourceSpec};
 
 use crate::{human_bytes, progress_for, ConnArgs, Mode, ProgressKind};
@@ -35,6 +36,8 @@ pub struct DeployArgs {
     #[arg(long)]
     follow_backing: bool,
     #[command(flatten)]
+    custom: crate::customize::CustomizeArgs,
+    #[command(flatten)]
     conn: ConnArgs,
     #[command(flatten)]
     daemon: crate::machines::DaemonArgs,
@@ -44,6 +47,7 @@ pub fn run(args: &DeployArgs) -> Result<()> {
     let spec = SourceSpec::parse(&args.target);
     let is_local_file = matches!(&spec, SourceSpec::Local(p) if p.exists());
     if !matches!(spec, SourceSpec::Remote { .. }) && !is_local_file {
+        crate::customize::refuse_through_server(&args.custom, &args.image)?;
         return deploy_through_server(args);
     }
     if args.reboot {
@@ -58,15 +62,20 @@ pub fn run(args: &DeployArgs) -> Result<()> {
     let rt = crate::runtime()?;
     let (_, image) = diskferry_vdisk::open_image(&args.image, args.follow_backing)
         .with_context(|| format!("cannot open the image {}", args.image.display()))?;
+    let how = DeployHow {
+        mode: args.mode.into(),
+        transform: args.custom.transform(&image)?,
+    };
     let target = open_target(&spec, rt.handle(), session.as_ref(), args.conn.reconnect())?;
     let progress = progress_for(args.progress);
     let report = diskferry_imaging::deploy(
         image,
         Arc::clone(&target),
         &args.target,
-        args.mode.into(),
+        &how,
         progress.as_ref(),
     )?;
+    crate::customize::print_changes(&report.disk.partitions);
     let written: u64 = report.disk.partitions.iter().map(|p| p.read).sum();
     let secs = report.disk.elapsed.as_secs_f64().max(1e-9);
     eprintln!(

@@ -3,6 +3,7 @@
 mod browse;
 mod capture;
 mod chain;
+mod customize;
 mod demo;
 mod deploy;
 mod export;
@@ -182,6 +183,13 @@ enum Command {
         #[command(flatten)]
         output: OutputArgs,
     },
+    /// A customized image of IMAGE: hostname, machine-id, SSH host keys, users, files,
+    /// network and first-boot commands from a SPEC, made while each Linux root is recreated
+    ///
+    /// IMAGE is never written. OUT is verified against IMAGE's tree with the same edits;
+    /// replaced files stay beside the new ones as *.diskferry-orig. See README
+    /// "Customization" for the SPEC.
+    Customize(customize::CustomizeCommand),
     /// Create a qcow2 overlay on BASE: reads come from BASE until written; BASE is never changed
     Overlay {
         /// The image to build on (raw or qcow2; referenced by its absolute path)
@@ -471,6 +479,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Demo { dir, size_mib } => demo::run(dir, size_mib),
         Command::Serve(args) => serve::run(&args),
         Command::Deploy(args) => deploy::run(&args),
+        Command::Customize(args) => customize::run(&args),
         Command::Machines { daemon } => machines::list(&daemon),
         Command::Machine { command, daemon } => machines::machine(&daemon, &command),
         Command::Info { image, json } => images::info(&image, json),

@@ -96,18 +96,52 @@ fn split(path: &str) -> Result<(Vec<&str>, &str)> {
     Ok((parents.to_vec(), last))
 }
 
+/// Edits made to a tree while a filesystem is recreated from it (customization,
+/// reconfiguration). Deterministic: applied twice to the same base it makes the same edits
+/// with the same times, because a deploy's verification applies it again to know what the
+/// target must hold.
+pub trait TreeTransform: Send + Sync {
+    /// The tree to write for partition `partition` whose filesystem is `base` — `base` with
+    /// the edits on top, and a line per change for people — or `None` to write `base` as it
+    /// is.
+    fn apply(
+        &self,
+        partition: u32,
+        base: Arc<dyn Filesystem>,
+    ) -> Result<Option<(TreeOverlay, Vec<String>)>>;
+
+    /// What the transform does, in a few words (for logs).
+    fn describe(&self) -> String;
+}
+
+impl std::fmt::Debug for dyn TreeTransform {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.describe())
+    }
+}
+
+/// Now, as edits date what they add.
+pub fn now() -> Timestamp {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64);
+    Timestamp { secs, nanos: 0 }
+}
+
 impl TreeOverlay {
-    /// `base` with no edits yet; what the edits add is dated now.
-    pub fn new(base: Arc<dyn Filesystem>) -> TreeOverlay {
-        let secs = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs() as i64);
+    /// `base` with no edits yet; what the edits add is dated `time`.
+    pub fn new(base: Arc<dyn Filesystem>, time: Timestamp) -> TreeOverlay {
         TreeOverlay {
             base,
             added: Vec::new(),
             changes: HashMap::new(),
-            now: Timestamp { secs, nanos: 0 },
+            now: time,
         }
+    }
+
+    /// The filesystem under the edits.
+    pub fn base(&self) -> &Arc<dyn Filesystem> {
+        &self.base
     }
 
     fn added(&self, node: NodeId) -> Result<&Added> {
@@ -447,7 +481,7 @@ mod tests {
     #[test]
     fn a_replaced_file_reads_anew_and_its_original_is_kept_beside_it() {
         let (dir, fs) = base();
-        let mut o = TreeOverlay::new(fs);
+        let mut o = TreeOverlay::new(fs, now());
         o.replace_file("/etc/hostname", b"new\n".to_vec(), ".diskferry-orig")
             .unwrap();
         assert_eq!(
@@ -480,7 +514,7 @@ mod tests {
     #[test]
     fn edits_add_remove_and_rename_entries() {
         let (_dir, fs) = base();
-        let mut o = TreeOverlay::new(fs);
+        let mut o = TreeOverlay::new(fs, now());
         o.remove("/etc/ssh/key").unwrap();
         o.create_dirs(
             "/etc/systemd/system/multi-user.target.wants",
@@ -513,7 +547,7 @@ mod tests {
     #[test]
     fn edits_never_follow_links_or_leave_the_tree() {
         let (_dir, fs) = base();
-        let mut o = TreeOverlay::new(fs);
+        let mut o = TreeOverlay::new(fs, now());
         let err = o
             .write_file("/link/planted", b"x".to_vec(), Attrs::root(0o644))
             .unwrap_err();
@@ -543,7 +577,7 @@ mod tests {
     #[test]
     fn an_ext4_written_from_an_overlay_holds_the_edits() {
         let (_dir, fs) = base();
-        let mut o = TreeOverlay::new(fs);
+        let mut o = TreeOverlay::new(fs, now());
         o.replace_file("/etc/hostname", b"web-07\n".to_vec(), ".diskferry-orig")
             .unwrap();
         let big: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();

@@ -8,16 +8,17 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use diskferry_blockdev::BlockDevice;
+use diskferry_fs::overlay::TreeTransform;
 use diskferry_partition::{self as partition, Scheme};
 
 use diskferry_vdisk::ImageFormat;
 
 use crate::chunkmap::{self, ChunkMap, ChunkMapError, Layout};
-use crate::pipeline::verify::{verify_disks, VerifyError, VerifyReport};
+use crate::pipeline::verify::{verify_disks_with, VerifyError, VerifyReport};
 use crate::pipeline::{
     capture_disk, capture_overlay, capture_sectors, deploy_disk, Base, CaptureError, CaptureStats,
-    DeployError, DeployReport, DiskCapture, DiskReport, IncrementalError, IncrementalStats, Mode,
-    OutputOptions, Previous,
+    DeployError, DeployHow, DeployReport, DiskCapture, DiskReport, IncrementalError,
+    IncrementalStats, Mode, OutputOptions, Previous,
 };
 use crate::progress::Progress;
 use crate::units::human_bytes;
@@ -39,6 +40,9 @@ pub struct CaptureOptions {
     /// an overlay of the changed chunks for a whole-disk base, else a new image that takes
     /// unchanged files from the base. The output always gets its own chunk map.
     pub base: Option<PathBuf>,
+    /// Edits made to the trees of partitions recreated file by file (customization); the
+    /// verification compares against the edited trees.
+    pub transform: Option<Arc<dyn TreeTransform>>,
 }
 
 /// How a capture went about it.
@@ -87,6 +91,8 @@ pub enum CaptureJobError {
     OverlayOnly { base: PathBuf },
     #[error("{base} was captured partition by partition: an incremental capture on it recreates the filesystems too (--mode auto or files, not sectors)")]
     PartitionsOnly { base: PathBuf },
+    #[error("customizing needs the partitions recreated file by file (--mode auto or files, a disk with a partition table), not a copy by {0}")]
+    CannotCustomize(&'static str),
 }
 
 /// Captures `source` into a new image at `out`: the whole disk by sectors when asked or when
@@ -107,13 +113,21 @@ pub fn capture(
         Some(b) => base_is_whole_disk(b, options, partitioned)?,
         None => options.mode == Mode::Sectors || !partitioned,
     };
+    if options.transform.is_some() && (whole_disk || options.mode == Mode::Blocks) {
+        let how = if options.mode == Mode::Blocks {
+            "blocks"
+        } else {
+            "sectors"
+        };
+        return Err(CaptureJobError::CannotCustomize(how));
+    }
     if !partitioned && options.mode != Mode::Sectors {
         tracing::info!("the source has no partition table: copying every non-zero sector");
     }
     let summary = capture_image(&source, out, options, base.as_ref(), whole_disk, progress)?;
     let chunk_map = write_chunk_map(&source, out, options, base.as_ref(), whole_disk)?;
     let verify = if options.verify {
-        Some(verify_output(&source, out)?)
+        Some(verify_output(&source, out, options.transform.as_deref())?)
     } else {
         None
     };
@@ -183,15 +197,24 @@ fn capture_image(
         mode: options.mode,
         size: options.size,
         previous: previous.as_ref(),
+        transform: options.transform.as_deref(),
     };
     let report = capture_disk(Arc::clone(source), out, &how, progress)?;
-    for p in &report.partitions {
-        tracing::info!(partition = p.number, "{p}");
-    }
+    log_partitions(&report.partitions);
     for n in &report.notes {
         tracing::warn!("{n}");
     }
     Ok(CaptureSummary::Partitions(report))
+}
+
+/// Each partition's line, and each change a customization made in it.
+fn log_partitions(partitions: &[crate::pipeline::PartitionReport]) {
+    for p in partitions {
+        tracing::info!(partition = p.number, "{p}");
+        for c in &p.changes {
+            tracing::info!(partition = p.number, "customized: {c}");
+        }
+    }
 }
 
 /// A partition-by-partition base opened for its files.
@@ -235,6 +258,7 @@ fn write_chunk_map(
 fn verify_output(
     source: &Arc<dyn BlockDevice>,
     out: &Path,
+    transform: Option<&dyn TreeTransform>,
 ) -> Result<VerifyReport, CaptureJobError> {
     tracing::info!("verifying");
     let (_, written) =
@@ -242,7 +266,7 @@ fn verify_output(
             path: out.to_path_buf(),
             source,
         })?;
-    let report = verify_disks(source, &written)?;
+    let report = verify_disks_with(source, &written, transform)?;
     for n in &report.notes {
         tracing::warn!("verify: {n}");
     }
@@ -266,12 +290,12 @@ fn verified(report: &VerifyReport) -> String {
 }
 
 /// Deploys `image` onto `target` (named `target_name` in messages): the image's table scaled
-/// to the target, each partition by `mode`, then verified by reading the target back.
+/// to the target, each partition as `how` says, then verified by reading the target back.
 pub fn deploy(
     image: Arc<dyn BlockDevice>,
     target: Arc<dyn BlockDevice>,
     target_name: &str,
-    mode: Mode,
+    how: &DeployHow,
     progress: &dyn Progress,
 ) -> Result<DeployReport, DeployError> {
     tracing::info!(
@@ -279,10 +303,8 @@ pub fn deploy(
         image.size(),
         target.size()
     );
-    let report = deploy_disk(image, target, target_name, mode, progress)?;
-    for p in &report.disk.partitions {
-        tracing::info!(partition = p.number, "{p}");
-    }
+    let report = deploy_disk(image, target, target_name, how, progress)?;
+    log_partitions(&report.disk.partitions);
     for n in report.disk.notes.iter().chain(&report.verify.notes) {
         tracing::warn!("{n}");
     }
@@ -309,6 +331,7 @@ mod tests {
             verify,
             chunk_map: false,
             base: None,
+            transform: None,
         }
     }
 

@@ -75,6 +75,7 @@ fn volumes_the_writer_cannot_recreate_are_copied_by_blocks_or_sectors_with_a_not
         verify: true,
         chunk_map: false,
         base: None,
+        transform: None,
     };
     let done = capture(source, &out, &options, &Silent).unwrap();
     let CaptureSummary::Partitions(report) = &done.summary else {

@@ -11,7 +11,7 @@ use diskferry_fs::ext4::write::{write_ext4, Ext4Options};
 use diskferry_fs::fat_write::{write_fat, FatOptions};
 use diskferry_fs::host::HostFs;
 use diskferry_imaging::pipeline::verify::verify_disks;
-use diskferry_imaging::pipeline::{Mode, OutputOptions};
+use diskferry_imaging::pipeline::{DeployHow, Mode, OutputOptions};
 use diskferry_imaging::progress::Silent;
 use diskferry_imaging::{capture, deploy, CaptureOptions, CaptureSummary};
 use diskferry_partition::{
@@ -83,6 +83,7 @@ fn files_mode_qcow2() -> CaptureOptions {
         verify: true,
         chunk_map: false,
         base: None,
+        transform: None,
     }
 }
 
@@ -114,7 +115,14 @@ fn a_partitioned_disk_is_captured_file_by_file_deployed_smaller_and_verified() {
     let mut boot = [0u8; 512];
     image.read_at(&mut boot, MIB).unwrap();
     assert_eq!(boot[28..32], ((MIB / 512) as u32).to_le_bytes());
-    let deployed = deploy(image, Arc::clone(&target), "memory", Mode::Auto, &Silent).unwrap();
+    let deployed = deploy(
+        image,
+        Arc::clone(&target),
+        "memory",
+        &DeployHow::mode(Mode::Auto),
+        &Silent,
+    )
+    .unwrap();
     assert_eq!(deployed.verify.differences, 0);
     let table = partition::read_table(&*target).unwrap();
     assert_eq!(table.partitions.len(), 2);

@@ -21,7 +21,7 @@ use std::sync::Arc;
 use diskferry_blockdev::NOT_HASHED;
 use diskferry_blockdev::{BlockDevice, FileDevice};
 use diskferry_imaging::chunkmap::{ChunkMap, Layout};
-use diskferry_imaging::pipeline::{IncrementalError, Mode, OutputOptions};
+use diskferry_imaging::pipeline::{DeployHow, IncrementalError, Mode, OutputOptions};
 use diskferry_imaging::progress::Silent;
 use diskferry_imaging::{capture, CaptureJobError, CaptureOptions, CaptureOutcome, CaptureSummary};
 use diskferry_vdisk::ImageFormat;
@@ -58,6 +58,7 @@ fn options(mode: Mode, base: Option<&Path>) -> CaptureOptions {
         verify: true,
         chunk_map: true,
         base: base.map(Path::to_path_buf),
+        transform: None,
     }
 }
 
@@ -363,7 +364,14 @@ fn differing_mib(a: &Path, b: &Path) -> usize {
 fn deploy_onto(image: &Path, target: &Path) -> diskferry_imaging::pipeline::DeployReport {
     let (_, image) = diskferry_vdisk::open_image(image, true).unwrap();
     let target: Arc<dyn BlockDevice> = Arc::new(FileDevice::open(target, true).unwrap());
-    diskferry_imaging::deploy(image, target, "target", Mode::Auto, &Silent).unwrap()
+    diskferry_imaging::deploy(
+        image,
+        target,
+        "target",
+        &DeployHow::mode(Mode::Auto),
+        &Silent,
+    )
+    .unwrap()
 }
 
 #[test]

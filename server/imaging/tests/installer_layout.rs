@@ -143,6 +143,7 @@ fn auto_qcow2(size: u64) -> CaptureOptions {
         verify: true,
         chunk_map: false,
         base: None,
+        transform: None,
     }
 }
 

@@ -360,6 +360,7 @@ impl Jobs {
             verify: req.verify,
             chunk_map: req.chunk_map.unwrap_or(true),
             base: None,
+            transform: None,
         };
         let work = Work::Capture(Box::new(CaptureWork {
             source: disk,
@@ -528,7 +529,8 @@ impl Jobs {
         let dst = self.open(target, rt, true, cancel)?;
         tracing::info!("image {}", image.display());
         let progress = self.progress_sink(id);
-        diskferry_imaging::deploy(img, dst, &target.describe(), mode, &progress)?;
+        let how = diskferry_imaging::pipeline::DeployHow::mode(mode);
+        diskferry_imaging::deploy(img, dst, &target.describe(), &how, &progress)?;
         if let (true, JobDisk::Machine { id: m, label, .. }) = (reboot, target) {
             let link = self
                 .agents

@@ -17,11 +17,30 @@ use super::capture::CopyError;
 use super::delta::{write_delta, Confirmed, ConfirmedView};
 use super::disk::{write_disk, CopyEnds, Destination, DiskReport, Mode, PartitionReport};
 use super::plan::{plan_disk, DiskPlan};
-use super::verify::{verify_disks, VerifyError, VerifyReport};
+use super::verify::{verify_disks_with, VerifyError, VerifyReport};
 use crate::progress::Progress;
 use crate::units::human_bytes;
 use diskferry_blockdev::{BlockDevice, SliceDevice};
 use diskferry_fs as fs;
+use diskferry_fs::overlay::TreeTransform;
+
+/// How a deploy goes: each partition by `mode`, with `transform`'s edits (customization) made
+/// to the trees of partitions recreated file by file.
+#[derive(Debug, Clone)]
+pub struct DeployHow {
+    pub mode: Mode,
+    pub transform: Option<Arc<dyn TreeTransform>>,
+}
+
+impl DeployHow {
+    /// Each partition by `mode`, nothing edited.
+    pub fn mode(mode: Mode) -> DeployHow {
+        DeployHow {
+            mode,
+            transform: None,
+        }
+    }
+}
 
 /// What a deploy did.
 #[derive(Debug)]
@@ -60,6 +79,9 @@ pub enum DeployError {
     Verify(#[source] VerifyError),
     #[error("verification after writing found {count} difference(s); first: {first}")]
     Differs { count: u64, first: String },
+    /// Nothing was written: edits need partitions recreated file by file.
+    #[error("{0}")]
+    CannotCustomize(String),
 }
 
 impl DeployError {
@@ -70,18 +92,22 @@ impl DeployError {
             DeployError::ReadOnly { .. }
                 | DeployError::CannotPlan { .. }
                 | DeployError::TooSmall { .. }
+                | DeployError::CannotCustomize(_)
         )
     }
 }
 
-/// Writes `image` onto `target` (named `target_name` in messages) and verifies it.
+/// Writes `image` onto `target` (named `target_name` in messages) as `how` says and verifies
+/// it.
 pub fn deploy_disk(
     image: Arc<dyn BlockDevice>,
     target: Arc<dyn BlockDevice>,
     target_name: &str,
-    mode: Mode,
+    how: &DeployHow,
     progress: &dyn Progress,
 ) -> Result<DeployReport, DeployError> {
+    let mode = how.mode;
+    let transform = how.transform.as_deref();
     let started = Instant::now();
     if target.is_read_only() {
         return Err(DeployError::ReadOnly {
@@ -91,6 +117,12 @@ pub fn deploy_disk(
     let name = Path::new(target_name);
     let unpartitioned = diskferry_partition::read_table(&*image)
         .is_ok_and(|t| t.scheme == diskferry_partition::Scheme::None);
+    if transform.is_some() && (unpartitioned || matches!(mode, Mode::Blocks | Mode::Sectors)) {
+        return Err(DeployError::CannotCustomize(format!(
+            "customizing needs the partitions recreated file by file (--mode auto or files), not {}",
+            if unpartitioned { "an image without a partition table" } else { mode.name() }
+        )));
+    }
     if unpartitioned {
         return deploy_whole_disk(&image, &target, target_name, started);
     }
@@ -111,10 +143,11 @@ pub fn deploy_disk(
         destination: Destination::UsedDisk,
         previous: None,
         confirmed: Some(&confirmed),
+        transform,
     };
     let (partitions, boot_bytes, notes) =
         write_disk(&ends, plan, progress).map_err(|e| DeployError::Failed(Box::new(e)))?;
-    let verify = verify_confirmed(&image, Arc::clone(&target), confirmed)?;
+    let verify = verify_confirmed(&image, Arc::clone(&target), confirmed, transform)?;
     Ok(DeployReport {
         disk: DiskReport {
             source_size: image.size(),
@@ -176,7 +209,7 @@ fn deploy_whole_disk(
             .expect("confirmed")
             .push((0..size, Arc::clone(image)));
     }
-    let verify = verify_confirmed(image, region, confirmed)?;
+    let verify = verify_confirmed(image, region, confirmed, None)?;
     Ok(DeployReport {
         disk: DiskReport {
             source_size: size,
@@ -190,6 +223,7 @@ fn deploy_whole_disk(
                 reused: 0,
                 sent: Some(delta.sent_bytes),
                 note: Some("no partition table: the image's data chunks, as a delta".into()),
+                changes: Vec::new(),
             }],
             boot_bytes: 0,
             notes: Vec::new(),
@@ -201,14 +235,16 @@ fn deploy_whole_disk(
 
 /// Compares `image` with `target` after writing: ranges the agent confirmed by hash are read
 /// from their stage, the rest of the target (every partition of a target that cannot hash,
-/// boot code, gaps) is read back. A difference is an error.
+/// boot code, gaps) is read back; the image's trees with `transform`'s edits. A difference is
+/// an error.
 fn verify_confirmed(
     image: &Arc<dyn BlockDevice>,
     target: Arc<dyn BlockDevice>,
     confirmed: Confirmed,
+    transform: Option<&dyn TreeTransform>,
 ) -> Result<VerifyReport, DeployError> {
     let view: Arc<dyn BlockDevice> = Arc::new(ConfirmedView::new(target, confirmed));
-    let verify = verify_disks(image, &view).map_err(DeployError::Verify)?;
+    let verify = verify_disks_with(image, &view, transform).map_err(DeployError::Verify)?;
     if verify.differences > 0 {
         return Err(DeployError::Differs {
             count: verify.differences,

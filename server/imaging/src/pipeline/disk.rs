@@ -27,11 +27,13 @@ use super::delta::{write_delta, Confirmed};
 use super::output::PartialOutput;
 use super::partition_copy::{
     capture_partition, copy_plan, staging_device, zero, Copied, LayoutFrom, Overall, PartError,
+    RebuildHow,
 };
 use super::plan::{outside_copies, plan_disk, DiskPlan, PartPlan};
 use super::reuse::Previous;
 use crate::progress::Progress;
 use diskferry_blockdev::{BlockDevice, BlockError, SliceDevice};
+use diskferry_fs::overlay::TreeTransform;
 use diskferry_partition::{self as partition, Partition, PartitionTable};
 use diskferry_vdisk::create_image;
 
@@ -70,6 +72,8 @@ pub struct PartitionReport {
     /// held, as hashes showed).
     pub sent: Option<u64>,
     pub note: Option<String>,
+    /// What a tree transform (customization) changed in its files, a line each.
+    pub changes: Vec<String>,
 }
 
 impl std::fmt::Display for PartitionReport {
@@ -93,6 +97,9 @@ impl std::fmt::Display for PartitionReport {
         }
         if let Some(sent) = self.sent {
             write!(f, ", {} sent", crate::units::human_bytes(sent))?;
+        }
+        if !self.changes.is_empty() {
+            write!(f, ", {} customization change(s)", self.changes.len())?;
         }
         if let Some(n) = &self.note {
             write!(f, " — {n}")?;
@@ -137,6 +144,8 @@ pub(super) struct CopyEnds<'a> {
     pub previous: Option<&'a Previous>,
     /// Deploys: where partitions confirmed equal to their stage by hash are recorded.
     pub confirmed: Option<&'a Confirmed>,
+    /// Edits made to the trees of partitions recreated file by file.
+    pub transform: Option<&'a dyn TreeTransform>,
 }
 
 impl CopyEnds<'_> {
@@ -215,6 +224,7 @@ pub(super) fn write_disk(
             reused: copied.reused,
             sent: copied.sent,
             note: pp.note,
+            changes: copied.changes,
         });
     }
     ends.dst.flush().map_err(|e| ends.write_err(e))?;
@@ -285,13 +295,17 @@ fn write_partition(
             .map_or(LayoutFrom::Fresh, LayoutFrom::Previous),
         _ => LayoutFrom::Fresh,
     };
+    let how = RebuildHow {
+        layout,
+        transform: ends.transform,
+    };
     if !ends.used_disk() {
-        return capture_partition(target, &pp.dev, &ddev, pp.kind, ranges, layout, progress)
+        return capture_partition(target, &pp.dev, &ddev, pp.kind, ranges, how, progress)
             .map_err(|e| ends.part_err(e, number));
     }
     // Built locally, then only the chunks that differ from what the disk holds are sent.
     let stage = staging_device(ddev.size()).map_err(werr)?;
-    let copied = capture_partition(target, &pp.dev, &stage, pp.kind, ranges, layout, progress)
+    let copied = capture_partition(target, &pp.dev, &stage, pp.kind, ranges, how, progress)
         .map_err(|e| ends.part_err(e, number))?;
     let delta = write_delta(&stage, &ddev).map_err(|e| match e {
         CopyError::Read(e) | CopyError::Write(e) => werr(e),
@@ -326,6 +340,8 @@ pub struct DiskCapture<'a> {
     /// The previous capture of this source: unchanged files of partitions recreated file by
     /// file are read there instead of the source.
     pub previous: Option<&'a Previous>,
+    /// Edits made to the trees of partitions recreated file by file (customization).
+    pub transform: Option<&'a dyn TreeTransform>,
 }
 
 /// Captures `src` into a new image at `out`, partition by partition.
@@ -340,6 +356,7 @@ pub fn capture_disk(
         mode,
         size,
         previous,
+        transform,
     } = *how;
     let started = Instant::now();
     let partial = super::output::partial_path_for(out);
@@ -376,6 +393,7 @@ pub fn capture_disk(
         destination: Destination::FreshImage,
         previous,
         confirmed: None,
+        transform,
     };
     let (partitions, boot_bytes, notes) = write_disk(&ends, plan, progress)?;
     drop(dst);

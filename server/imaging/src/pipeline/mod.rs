@@ -16,7 +16,7 @@ pub mod verify;
 mod writer;
 
 pub use capture::{capture_sectors, CaptureError, CaptureStats, OutputOptions};
-pub use deploy::{deploy_disk, DeployError, DeployReport};
+pub use deploy::{deploy_disk, DeployError, DeployHow, DeployReport};
 pub use disk::{capture_disk, DiskCapture, DiskReport, Mode, PartitionReport};
 pub use incremental::{capture_overlay, Base, IncrementalError, IncrementalStats};
 pub use output::{partial_path_for, OutputError, PartialOutput};

@@ -14,6 +14,7 @@ use super::disk::Mode;
 use super::reuse::{PreviousPartition, ReusingFs};
 use crate::progress::Progress;
 use diskferry_blockdev::{BlockDevice, BlockError};
+use diskferry_fs::overlay::TreeTransform;
 use diskferry_fs::{self as fs, FsKind};
 use diskferry_partition::Partition;
 
@@ -132,7 +133,7 @@ impl From<CopyError> for PartError {
 }
 
 /// What copying one partition took.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Default)]
 pub(super) struct Copied {
     /// Bytes read from the source.
     pub read: u64,
@@ -140,6 +141,8 @@ pub(super) struct Copied {
     pub reused: u64,
     /// Bytes sent to a used disk (deploys).
     pub sent: Option<u64>,
+    /// What a tree transform changed in the files (customization), a line each.
+    pub changes: Vec<String>,
 }
 
 /// How a rebuilt filesystem is laid out.
@@ -153,25 +156,34 @@ pub(super) enum LayoutFrom {
     Previous(PreviousPartition),
 }
 
+/// How a partition recreated file by file is written: its layout, and the edits made to its
+/// tree on the way.
+pub(super) struct RebuildHow<'a> {
+    pub layout: LayoutFrom,
+    pub transform: Option<&'a dyn TreeTransform>,
+}
+
 /// Copies one partition onto its place `p` in the destination — file by file when it has no
-/// `ranges`, laid out as `layout` says, else those ranges.
+/// `ranges`, as `how` says, else those ranges.
 pub(super) fn capture_partition(
     p: &Partition,
     src: &Arc<dyn BlockDevice>,
     dst: &Arc<dyn BlockDevice>,
     kind: FsKind,
     ranges: Option<Vec<Range<u64>>>,
-    layout: LayoutFrom,
+    how: RebuildHow<'_>,
     progress: &dyn Progress,
 ) -> Result<Copied, PartError> {
     let phase = format!("part {}", p.number);
     let Some(ranges) = ranges else {
         let rebuild = Rebuild {
             kind,
+            number: p.number,
             start_sector: p.start / 512,
             phase: &phase,
+            transform: how.transform,
         };
-        return rebuild_with_progress(src, dst, &rebuild, layout, progress);
+        return rebuild_with_progress(src, dst, &rebuild, how.layout, progress);
     };
     // Blocks and sectors: the ranges were worked out in the plan.
     let total: u64 = ranges.iter().map(|r| r.end - r.start).sum();
@@ -184,12 +196,15 @@ pub(super) fn capture_partition(
     })
 }
 
-/// What a file-by-file rebuild recreates: the filesystem family, the partition's first
-/// 512-byte sector (a FAT boot sector's hidden sectors) and the progress phase's name.
+/// What a file-by-file rebuild recreates: the filesystem family, the partition's number and
+/// first 512-byte sector (a FAT boot sector's hidden sectors), the progress phase's name and
+/// the edits to make to its tree.
 struct Rebuild<'a> {
     kind: FsKind,
+    number: u32,
     start_sector: u64,
     phase: &'a str,
+    transform: Option<&'a dyn TreeTransform>,
 }
 
 /// Recreates the filesystem file by file while a watcher reports progress: the bytes read from
@@ -213,10 +228,11 @@ fn rebuild_with_progress(
         r
     });
     progress.finish();
-    result.map(|reused| Copied {
+    result.map(|(reused, changes)| Copied {
         read: counting.read(),
         reused,
         sent: None,
+        changes,
     })
 }
 
@@ -246,8 +262,8 @@ fn watch_progress(
 
 /// The source's filesystem written anew onto `dst` with the source's parameters and identity
 /// (a FAT boot sector's hidden sectors: the partition's first 512-byte sector), laid out as
-/// `layout` says (the FAT writer always lays out afresh). Returns the bytes of unchanged
-/// files taken from a previous capture.
+/// `layout` says (the FAT writer always lays out afresh), with the transform's edits. Returns
+/// the bytes of unchanged files taken from a previous capture and the edits made.
 fn rebuild(
     source: Arc<dyn BlockDevice>,
     dst: &Arc<dyn BlockDevice>,
@@ -255,12 +271,12 @@ fn rebuild(
     layout: LayoutFrom,
     counters: &Arc<fs::WriteCounters>,
     progress: &dyn Progress,
-) -> Result<u64, PartError> {
+) -> Result<(u64, Vec<String>), PartError> {
     match what.kind {
         FsKind::Swap => {
             progress.start(what.phase, fs::swap::PAGE);
             fs::swap::recreate(&*source, &**dst).map_err(PartError::Fs)?;
-            Ok(0)
+            Ok((0, Vec::new()))
         }
         FsKind::Fat12 | FsKind::Fat16 | FsKind::Fat32 => {
             let fat = fs::fat::Fat::open(source).map_err(PartError::Fs)?;
@@ -268,7 +284,7 @@ fn rebuild(
             let mut opts = fat.format_options();
             opts.counters = Some(Arc::clone(counters));
             opts.hidden_sectors = u32::try_from(what.start_sector).ok();
-            with_previous(Box::new(fat), layout, |src| {
+            with_previous(Box::new(fat), layout, what, |src| {
                 fs::fat_write::write_fat(Arc::clone(dst), src, &opts).map(drop)
             })
         }
@@ -278,7 +294,7 @@ fn rebuild(
             let mut opts = ext.format_options();
             opts.counters = Some(Arc::clone(counters));
             opts.keep_source_layout = matches!(layout, LayoutFrom::Source);
-            with_previous(Box::new(ext), layout, |src| {
+            with_previous(Box::new(ext), layout, what, |src| {
                 fs::ext4::write::write_ext4(Arc::clone(dst), src, &opts).map(drop)
             })
         }
@@ -286,24 +302,46 @@ fn rebuild(
 }
 
 /// Runs `write` on the source filesystem, wrapped so unchanged files come from the previous
-/// capture when `layout` names one; returns the bytes taken from it.
+/// capture when `layout` names one, with the transform's edits on top; returns the bytes
+/// taken from the previous capture and the edits made.
 fn with_previous(
     source: Box<dyn fs::Filesystem>,
     layout: LayoutFrom,
+    what: &Rebuild<'_>,
     write: impl FnOnce(&dyn fs::Filesystem) -> fs::Result<()>,
-) -> Result<u64, PartError> {
-    let LayoutFrom::Previous(previous) = layout else {
-        write(&*source).map_err(PartError::Fs)?;
-        return Ok(0);
+) -> Result<(u64, Vec<String>), PartError> {
+    let (reusing, tree): (_, Arc<dyn fs::Filesystem>) = match layout {
+        LayoutFrom::Previous(previous) => {
+            let r = Arc::new(ReusingFs::new(source, previous));
+            (Some(Arc::clone(&r)), r)
+        }
+        _ => (None, Arc::from(source)),
     };
-    let reusing = ReusingFs::new(source, previous);
-    write(&reusing).map_err(PartError::Fs)?;
+    let edited = match what.transform {
+        Some(t) => t
+            .apply(what.number, Arc::clone(&tree))
+            .map_err(PartError::Fs)?,
+        None => None,
+    };
+    let changes = match edited {
+        Some((overlay, changes)) => {
+            write(&overlay).map_err(PartError::Fs)?;
+            changes
+        }
+        None => {
+            write(&*tree).map_err(PartError::Fs)?;
+            Vec::new()
+        }
+    };
+    let Some(reusing) = reusing else {
+        return Ok((0, changes));
+    };
     let (files, bytes) = reusing.reused();
     tracing::info!(
         "{files} unchanged files ({}) taken from the previous capture",
         crate::units::human_bytes(bytes)
     );
-    Ok(bytes)
+    Ok((bytes, changes))
 }
 
 /// A device that counts the bytes read through it.

@@ -11,6 +11,7 @@ use std::ops::Range;
 use std::sync::Arc;
 
 use diskferry_blockdev::{BlockDevice, BlockError, SliceDevice};
+use diskferry_fs::overlay::TreeTransform;
 use diskferry_fs::{self as fs, FileKind, Filesystem};
 use diskferry_partition as partition;
 
@@ -52,12 +53,25 @@ pub enum VerifyError {
         side: &'static str,
         source: partition::PartitionError,
     },
+    #[error("making the customization's edits to compare against: {0}")]
+    Edits(String),
 }
 
 /// Compares disk `b` against disk `a`.
 pub fn verify_disks(
     a: &Arc<dyn BlockDevice>,
     b: &Arc<dyn BlockDevice>,
+) -> Result<VerifyReport, VerifyError> {
+    verify_disks_with(a, b, None)
+}
+
+/// [`verify_disks`], `a`'s trees seen with `transform`'s edits: what a copy made with them
+/// must hold (partitions whose filesystem a copy cannot recreate file by file are compared as
+/// they are).
+pub fn verify_disks_with(
+    a: &Arc<dyn BlockDevice>,
+    b: &Arc<dyn BlockDevice>,
+    transform: Option<&dyn TreeTransform>,
 ) -> Result<VerifyReport, VerifyError> {
     let mut report = VerifyReport::default();
     let ta = partition::read_table(&**a).map_err(|source| VerifyError::Table {
@@ -104,14 +118,21 @@ pub fn verify_disks(
                 }
             })?,
         );
-        compare_volume(&da, &db, &format!("partition {}", pa.number), &mut report)?;
+        let edits = transform.map(|t| (t, pa.number));
+        compare_volume(
+            &da,
+            &db,
+            &format!("partition {}", pa.number),
+            edits,
+            &mut report,
+        )?;
     }
     if ta.partitions.is_empty() {
         if !tb.partitions.is_empty() {
             report.differ("the copy has a partition table, the source none".into());
         }
         // A bare filesystem, or sectors with no table: the whole disk is the volume.
-        compare_volume(a, b, "the whole disk", &mut report)?;
+        compare_volume(a, b, "the whole disk", None, &mut report)?;
     }
     if report.files_compared == 0 && report.bytes_compared == 0 && report.differences == 0 {
         let has_data = !super::capture::data_ranges(&**a)
@@ -195,10 +216,23 @@ fn compare_volume(
     da: &Arc<dyn BlockDevice>,
     db: &Arc<dyn BlockDevice>,
     label: &str,
+    edits: Option<(&dyn TreeTransform, u32)>,
     report: &mut VerifyReport,
 ) -> Result<(), VerifyError> {
     match (fs::open(Arc::clone(da)), fs::open(Arc::clone(db))) {
-        (Ok(fa), Ok(fb)) => compare_trees(&*fa, &*fb, label, report),
+        (Ok(fa), Ok(fb)) => {
+            let fa: Arc<dyn fs::Filesystem> = Arc::from(fa);
+            let edited = match edits {
+                Some((t, number)) if fa.rebuild_obstacle().is_none() => t
+                    .apply(number, Arc::clone(&fa))
+                    .map_err(|e| VerifyError::Edits(e.to_string()))?,
+                _ => None,
+            };
+            match edited {
+                Some((overlay, _)) => compare_trees(&overlay, &*fb, label, report),
+                None => compare_trees(&*fa, &*fb, label, report),
+            }
+        }
         (Ok(_), Err(e)) => report.differ(format!(
             "{label}: the copy's filesystem cannot be read: {e}"
         )),

@@ -1,0 +1,137 @@
+//! `--customize SPEC.toml` on `capture` and `deploy`, and `diskferry customize IMAGE OUT`:
+//! the SPEC read and checked before anything is written, the image checked to hold a Linux
+//! root to customize, and the changes made printed afterwards.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use diskferry_blockdev::BlockDevice;
+use diskferry_customize::Customization;
+use diskferry_fs::overlay::TreeTransform;
+use diskferry_imaging::pipeline::PartitionReport;
+
+/// The customization options of `capture`, `deploy` and `customize`.
+#[derive(Args, Default)]
+pub(crate) struct CustomizeArgs {
+    /// Customize the system on the way: a TOML SPEC of hostname, machine_id ("new" or
+    /// "empty"), ssh_host_keys ("regenerate" or "keep"), [[network]], [[users]], [[files]]
+    /// and first_boot commands (README "Customization"). Applied to each Linux root
+    /// partition as it is recreated file by file; the image itself never changes, replaced
+    /// files stay beside the new ones as *.diskferry-orig
+    #[arg(long, value_name = "SPEC.toml")]
+    pub(crate) customize: Option<PathBuf>,
+    /// What {name} in the SPEC stands for (a machine's name)
+    #[arg(long, value_name = "NAME", requires = "customize")]
+    pub(crate) machine_name: Option<String>,
+}
+
+impl CustomizeArgs {
+    /// The customization for `image`, when one is asked for: the SPEC parsed and rendered,
+    /// random material made, and `image` found to hold a Linux root — all before anything is
+    /// written.
+    pub(crate) fn transform(
+        &self,
+        image: &Arc<dyn BlockDevice>,
+    ) -> Result<Option<Arc<dyn TreeTransform>>> {
+        let Some(spec) = &self.customize else {
+            return Ok(None);
+        };
+        let roots = linux_roots(image);
+        if roots.is_empty() {
+            bail!("the image holds no Linux root filesystem (ext2/3/4 with /etc/os-release) to customize");
+        }
+        let c = Customization::from_file(spec, self.machine_name.as_deref())
+            .with_context(|| format!("--customize {}", spec.display()))?;
+        eprintln!(
+            "{} (partition {})",
+            c.describe(),
+            roots
+                .iter()
+                .map(u32::to_string)
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        Ok(Some(Arc::new(c)))
+    }
+}
+
+/// Partitions of `disk` holding a Linux system's root.
+fn linux_roots(disk: &Arc<dyn BlockDevice>) -> Vec<u32> {
+    let Ok((_, volumes)) = diskferry_imaging::inspect::volumes(disk) else {
+        return Vec::new();
+    };
+    volumes
+        .into_iter()
+        .filter(|(_, dev)| {
+            diskferry_fs::open(Arc::clone(dev))
+                .is_ok_and(|fs| diskferry_customize::is_linux_root(&*fs))
+        })
+        .map(|(p, _)| p.number)
+        .collect()
+}
+
+/// Each change a customization made, by partition.
+pub(crate) fn print_changes(partitions: &[PartitionReport]) {
+    for p in partitions {
+        for c in &p.changes {
+            eprintln!("  partition {}: {c}", p.number);
+        }
+    }
+}
+
+/// `diskferry customize IMAGE OUT`: a new image of IMAGE with the customization made.
+#[derive(Args)]
+pub(crate) struct CustomizeCommand {
+    /// The image to start from (never written)
+    image: PathBuf,
+    /// The customized image to write (written as OUT.partial and renamed when complete)
+    out: PathBuf,
+    #[command(flatten)]
+    custom: CustomizeArgs,
+    #[command(flatten)]
+    output: crate::capture::OutputArgs,
+}
+
+pub(crate) fn run(args: &CustomizeCommand) -> Result<()> {
+    if args.custom.customize.is_none() {
+        bail!("say what to customize: --customize SPEC.toml");
+    }
+    let format = args.output.format_for(&args.out)?;
+    let (_, image) = diskferry_vdisk::open_image(&args.image, args.output.follow_backing)
+        .with_context(|| format!("cannot open the image {}", args.image.display()))?;
+    let transform = args.custom.transform(&image)?;
+    let options = diskferry_imaging::CaptureOptions {
+        output: args.output.options(format),
+        mode: diskferry_imaging::pipeline::Mode::Auto,
+        size: None,
+        verify: true,
+        chunk_map: false,
+        base: None,
+        transform,
+    };
+    let progress = crate::progress_for(args.output.progress);
+    let outcome = diskferry_imaging::capture(image, &args.out, &options, progress.as_ref())?;
+    if let diskferry_imaging::CaptureSummary::Partitions(report) = &outcome.summary {
+        print_changes(&report.partitions);
+    }
+    eprintln!(
+        "customized {} into {} ({}); verified against the customized tree",
+        args.image.display(),
+        args.out.display(),
+        format.name()
+    );
+    Ok(())
+}
+
+/// Refuses a customization a path cannot take.
+pub(crate) fn refuse_through_server(custom: &CustomizeArgs, what: &Path) -> Result<()> {
+    if custom.customize.is_some() {
+        bail!(
+            "--customize is not taken by the server's jobs yet: deploy {} directly (DISK@HOST:PORT or a local disk), or make a customized image first with `diskferry customize`",
+            what.display()
+        );
+    }
+    Ok(())
+}
