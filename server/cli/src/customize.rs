@@ -28,6 +28,22 @@ pub(crate) struct CustomizeArgs {
 }
 
 impl CustomizeArgs {
+    /// The SPEC's text for a server's job (checked here first, so a bad one fails before the
+    /// request); the server renders `{name}` for its machine.
+    pub(crate) fn spec_text(&self) -> Result<Option<String>> {
+        let Some(path) = &self.customize else {
+            return Ok(None);
+        };
+        if self.machine_name.is_some() {
+            bail!("--machine-name is for local deploys: the server puts the machine's own name in {{name}}");
+        }
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        diskferry_customize::Spec::parse(&text)
+            .with_context(|| format!("--customize {}", path.display()))?;
+        Ok(Some(text))
+    }
+
     /// The customization for `image`, when one is asked for: the SPEC parsed and rendered,
     /// random material made, and `image` found to hold a Linux root — all before anything is
     /// written.
@@ -38,7 +54,7 @@ impl CustomizeArgs {
         let Some(spec) = &self.customize else {
             return Ok(None);
         };
-        let roots = linux_roots(image);
+        let roots = diskferry_imaging::inspect::linux_roots(image);
         if roots.is_empty() {
             bail!("the image holds no Linux root filesystem (ext2/3/4 with /etc/os-release) to customize");
         }
@@ -55,21 +71,6 @@ impl CustomizeArgs {
         );
         Ok(Some(Arc::new(c)))
     }
-}
-
-/// Partitions of `disk` holding a Linux system's root.
-fn linux_roots(disk: &Arc<dyn BlockDevice>) -> Vec<u32> {
-    let Ok((_, volumes)) = diskferry_imaging::inspect::volumes(disk) else {
-        return Vec::new();
-    };
-    volumes
-        .into_iter()
-        .filter(|(_, dev)| {
-            diskferry_fs::open(Arc::clone(dev))
-                .is_ok_and(|fs| diskferry_customize::is_linux_root(&*fs))
-        })
-        .map(|(p, _)| p.number)
-        .collect()
 }
 
 /// Each change a customization made, by partition.
@@ -129,7 +130,7 @@ pub(crate) fn run(args: &CustomizeCommand) -> Result<()> {
 pub(crate) fn refuse_through_server(custom: &CustomizeArgs, what: &Path) -> Result<()> {
     if custom.customize.is_some() {
         bail!(
-            "--customize is not taken by the server's jobs yet: deploy {} directly (DISK@HOST:PORT or a local disk), or make a customized image first with `diskferry customize`",
+            "the server's capture jobs take no --customize: capture {} as it is, then `diskferry customize` or deploy with --customize",
             what.display()
         );
     }

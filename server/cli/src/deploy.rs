@@ -47,7 +47,6 @@ pub fn run(args: &DeployArgs) -> Result<()> {
     let spec = SourceSpec::parse(&args.target);
     let is_local_file = matches!(&spec, SourceSpec::Local(p) if p.exists());
     if !matches!(spec, SourceSpec::Remote { .. }) && !is_local_file {
-        crate::customize::refuse_through_server(&args.custom, &args.image)?;
         return deploy_through_server(args);
     }
     if args.reboot {
@@ -119,10 +118,11 @@ fn deploy_through_server(args: &DeployArgs) -> Result<()> {
         _ => args.image.to_string_lossy().into_owned(),
     };
     let mode = diskferry_imaging::pipeline::Mode::from(args.mode).name();
+    let customize = args.custom.spec_text()?;
     let daemon = crate::machines::Daemon::find(&args.daemon)?;
     daemon.run_job(serde_json::json!({
         "kind": "deploy", "image": image, "target": args.target, "mode": mode,
-        "reboot": args.reboot,
+        "reboot": args.reboot, "customize": customize,
     }))?;
     eprintln!("deployed {image} onto {}", args.target);
     Ok(())

@@ -124,13 +124,7 @@ impl Customization {
     }
 }
 
-/// Whether `fs` holds the root of a Linux system.
-pub fn is_linux_root(fs: &dyn Filesystem) -> bool {
-    ["/etc/os-release", "/usr/lib/os-release"]
-        .iter()
-        .any(|p| fs.lookup(p).is_ok())
-        && fs.lookup("/etc").is_ok()
-}
+pub use diskferry_fs::is_linux_root;
 
 impl TreeTransform for Customization {
     fn apply(

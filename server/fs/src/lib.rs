@@ -200,6 +200,14 @@ pub struct MappedData {
     pub file_offset: u64,
 }
 
+/// Whether `fs` holds the root of a Linux system (`/etc` and an os-release file).
+pub fn is_linux_root(fs: &dyn Filesystem) -> bool {
+    ["/etc/os-release", "/usr/lib/os-release"]
+        .iter()
+        .any(|p| fs.lookup(p).is_ok())
+        && fs.lookup("/etc").is_ok()
+}
+
 /// Volume-level facts.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VolumeInfo {

@@ -13,7 +13,7 @@ fn p(path: &Path) -> &str {
 
 /// A GPT disk with one ext4 root holding the fixture tree plus the accounts, hosts and SSH
 /// host keys of a Debian system.
-fn linux_disk(dir: &Path) -> PathBuf {
+pub(crate) fn linux_disk(dir: &Path) -> PathBuf {
     let tree = fixtures::linux_tree(dir);
     std::fs::create_dir_all(tree.join("etc/ssh")).unwrap();
     for (path, text) in [
@@ -60,7 +60,7 @@ mode = "0640"
 "#;
 
 /// The root filesystem of a deployed or customized raw disk, cut out for the checkers.
-fn root_of(raw: &Path, dir: &Path, name: &str) -> PathBuf {
+pub(crate) fn root_of(raw: &Path, dir: &Path, name: &str) -> PathBuf {
     fixtures::extract(raw, 1 << 20, 64 << 20, &dir.join(format!("{name}.ext4")))
 }
 
@@ -74,7 +74,7 @@ fn debugfs(fs: &Path, request: &str) -> String {
     String::from_utf8(out.stdout).unwrap()
 }
 
-fn cat(fs: &Path, path: &str) -> String {
+pub(crate) fn cat(fs: &Path, path: &str) -> String {
     debugfs(fs, &format!("cat {path}"))
 }
 

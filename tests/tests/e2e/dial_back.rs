@@ -409,3 +409,76 @@ fn a_connected_machines_disk_is_exported_read_only_over_nbd() {
     let refused = Command::new("nbdinfo").arg(&dial).output().unwrap();
     assert!(!refused.status.success(), "{dial} was served");
 }
+
+#[test]
+fn a_deploy_job_customizes_the_machine_with_its_own_name() {
+    assert!(
+        !host_macs().is_empty(),
+        "this test needs a network interface with a MAC address"
+    );
+    let data = tempfile::tempdir().unwrap();
+    let d = data.path();
+    let golden = crate::customize::linux_disk(d);
+    let caps = d.join("captures");
+    std::fs::create_dir_all(&caps).unwrap();
+    run_ok(
+        "qemu-img",
+        &[
+            "convert",
+            "-O",
+            "qcow2",
+            golden.to_str().unwrap(),
+            caps.join("golden.qcow2").to_str().unwrap(),
+        ],
+    );
+    let target = d.join("target.raw");
+    std::fs::write(&target, vec![0u8; 72 << 20]).unwrap();
+    let s = Server::start(d).unwrap();
+    let _agent = Agent::start(&s.agent_addr, d, &[&target]);
+    assert!(wait_for(Duration::from_secs(20), || online(&s)));
+    let mac = machines(&s)[0]["macs"][0].as_str().unwrap().to_string();
+    approve(d, &mac);
+    let dd = ["--data-dir".as_ref(), d.as_os_str()];
+    let register = [
+        &[
+            "machine".as_ref(),
+            "register".as_ref(),
+            mac.as_ref(),
+            "web-09".as_ref(),
+        ][..],
+        &dd,
+    ]
+    .concat();
+    let (ok, _, err) = diskferry(&register);
+    assert!(ok, "{err}");
+
+    // A bad SPEC is refused before the job starts, naming the key.
+    let bad = serde_json::json!({
+        "kind": "deploy", "image": "golden.qcow2", "target": "web-09", "customize": "hostnme = 1",
+    });
+    let r = s.api("POST", "/api/jobs", bad.to_string().as_bytes());
+    assert!(
+        r.status == 400 && r.text().contains("hostnme"),
+        "{} {}",
+        r.status,
+        r.text()
+    );
+
+    let spec = "hostname = \"{name}\"\nmachine_id = \"new\"\n";
+    let job = serde_json::json!({
+        "kind": "deploy", "image": "golden.qcow2", "target": "web-09", "customize": spec,
+    });
+    let r = s.api("POST", "/api/jobs", job.to_string().as_bytes());
+    assert_eq!(r.status, 201, "{}", r.text());
+    let id = r.json()["id"].as_i64().unwrap();
+    let _ = s.get(&format!("/api/jobs/{id}/events")).text();
+    let j = s.get(&format!("/api/jobs/{id}")).json();
+    assert_eq!(j["state"], "succeeded", "{j}");
+    let log = j["log"].as_str().unwrap();
+    assert!(
+        log.contains("hostname: fixture-host → web-09") && log.contains("no differences"),
+        "{log}"
+    );
+    let root = crate::customize::root_of(&target, d, "web-09");
+    assert_eq!(crate::customize::cat(&root, "/etc/hostname"), "web-09\n");
+}

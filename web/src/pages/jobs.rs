@@ -82,8 +82,10 @@ async fn list(
                     option value="sectors" { "sectors" }
                 }
                 label.check { input type="checkbox" name="reboot" value="1"; " Reboot the machine when done" }
+                label for="customize" { "Customization (optional TOML SPEC)" }
+                textarea #customize name="customize" rows="6" spellcheck="false" placeholder="hostname = \"{name}\"\nmachine_id = \"new\"\nssh_host_keys = \"regenerate\"" {}
                 button type="submit" { "Deploy" }
-                p.hint { "Everything on the target disk is replaced. The partition table is scaled to the target; a disk too small is refused before anything is written. The result is verified by reading it back." }
+                p.hint { "Everything on the target disk is replaced. The partition table is scaled to the target; a disk too small is refused before anything is written. The result is verified by reading it back. A customization gives the deployed Linux system its own host name ({name} is the machine's registered name), machine-id, SSH host keys, users, files, network and first-boot commands (README \"Customization\"); a bad SPEC is refused before anything is written." }
             }
         }
         h2 { "History" }
@@ -126,6 +128,7 @@ async fn start(
         base: nonempty("base"),
         incremental: nonempty("incremental"),
         chunk_map: None,
+        customize: nonempty("customize"),
     })?;
     Ok(Redirect::to(&format!("/jobs/{id}")).into_response())
 }

@@ -16,6 +16,9 @@ use std::collections::{HashMap, VecDeque};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
+use diskferry_customize::{Customization, Spec};
+use diskferry_fs::overlay::TreeTransform;
+use diskferry_imaging::pipeline::DeployHow;
 use diskferry_protocol::SessionOptions;
 
 use diskferry_blockdev::{BlockDevice, CancelFlag, CancellableDevice};
@@ -71,6 +74,10 @@ pub struct JobRequest {
     /// capture always has one).
     #[serde(default)]
     pub chunk_map: Option<bool>,
+    /// Deploy: a customization SPEC (TOML, as `deploy --customize` reads); `{name}` is the
+    /// target machine's registered name.
+    #[serde(default)]
+    pub customize: Option<String>,
 }
 
 /// Why a job request was refused (nothing was started).
@@ -99,6 +106,29 @@ pub struct MachineDisk {
     pub description: String,
 }
 
+/// How a deploy of `img` goes: by `mode`, with the customization of `spec` (random material
+/// made now) when there is one — refused unless the image holds a Linux root.
+fn deploy_how(
+    img: &Arc<dyn BlockDevice>,
+    (mode, spec): (Mode, Option<&Spec>),
+) -> Result<DeployHow, RunError> {
+    let Some(spec) = spec else {
+        return Ok(DeployHow::mode(mode));
+    };
+    if diskferry_imaging::inspect::linux_roots(img).is_empty() {
+        return Err(RunError::Customize(
+            "the image holds no Linux root filesystem (ext2/3/4 with /etc/os-release) to customize"
+                .into(),
+        ));
+    }
+    let c = Customization::new(spec, None).map_err(|e| RunError::Customize(e.to_string()))?;
+    tracing::info!("{}", c.describe());
+    Ok(DeployHow {
+        mode,
+        transform: Some(Arc::new(c)),
+    })
+}
+
 /// Why a running job failed.
 #[derive(Debug, thiserror::Error)]
 enum RunError {
@@ -117,6 +147,8 @@ enum RunError {
     GoneBeforeReboot(String),
     #[error("reboot: {0}")]
     Reboot(#[source] diskferry_blockdev::BlockError),
+    #[error("customize: {0}")]
+    Customize(String),
     #[error("internal error: the job panicked ({0}); this is a bug, please report it")]
     Panicked(String),
 }
@@ -135,6 +167,8 @@ enum Work {
         target: JobDisk,
         mode: Mode,
         reboot: bool,
+        /// Rendered for the target machine.
+        customize: Option<Box<Spec>>,
     },
 }
 
@@ -390,17 +424,37 @@ impl Jobs {
                 ))
             })?;
         let disk = JobDisk::resolve(target, &self.catalog, &self.agents)?;
+        let customize = match req.customize.as_deref().filter(|t| !t.trim().is_empty()) {
+            Some(text) => Some(Box::new(self.customization_for(text, &disk)?)),
+            None => None,
+        };
         let params = serde_json::json!({
             "image": rec.name, "target": target, "mode": mode.name(), "reboot": req.reboot,
-            "source": rec.name, "output": target,
+            "source": rec.name, "output": target, "customized": customize.is_some(),
         });
         let work = Work::Deploy {
             image: self.catalog.capture_file(rec),
             target: disk,
             mode,
             reboot: req.reboot,
+            customize,
         };
         Ok((work, params))
+    }
+
+    /// A SPEC checked and rendered for `disk`'s machine (`{name}`: its registered name).
+    fn customization_for(&self, text: &str, disk: &JobDisk) -> Result<Spec, JobError> {
+        let invalid =
+            |e: diskferry_customize::SpecError| JobError::Invalid(format!("customize: {e}"));
+        let spec = Spec::parse(text).map_err(invalid)?;
+        let name = match disk.machine() {
+            Some(id) => self
+                .catalog
+                .find_machine(&id.to_string())?
+                .and_then(|m| m.name),
+            None => None,
+        };
+        spec.render(name.as_deref()).map_err(invalid)
     }
 
     /// Runs a job to its end on this (blocking) thread, inside its span, and records how it
@@ -465,7 +519,11 @@ impl Jobs {
                 target,
                 mode,
                 reboot,
-            } => self.run_deploy(id, rt, image, target, *mode, *reboot, cancel),
+                customize,
+            } => {
+                let how = (*mode, customize.as_deref());
+                self.run_deploy(id, rt, image, target, how, *reboot, cancel)
+            }
         }
     }
 
@@ -520,16 +578,16 @@ impl Jobs {
         rt: &tokio::runtime::Handle,
         image: &Path,
         target: &JobDisk,
-        mode: Mode,
+        how: (Mode, Option<&Spec>),
         reboot: bool,
         cancel: &CancelFlag,
     ) -> Result<(), RunError> {
         let img = self.catalog.open_capture(image)?;
         let img: Arc<dyn BlockDevice> = Arc::new(CancellableDevice::new(img, cancel.clone()));
+        let how = deploy_how(&img, how)?;
         let dst = self.open(target, rt, true, cancel)?;
         tracing::info!("image {}", image.display());
         let progress = self.progress_sink(id);
-        let how = diskferry_imaging::pipeline::DeployHow::mode(mode);
         diskferry_imaging::deploy(img, dst, &target.describe(), &how, &progress)?;
         if let (true, JobDisk::Machine { id: m, label, .. }) = (reboot, target) {
             let link = self

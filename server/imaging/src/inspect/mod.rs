@@ -48,6 +48,18 @@ pub struct VolumeReport {
     pub note: Option<String>,
 }
 
+/// Partitions of `disk` holding a Linux system's root (what a customization edits).
+pub fn linux_roots(disk: &Arc<dyn BlockDevice>) -> Vec<u32> {
+    let Ok((_, volumes)) = volumes(disk) else {
+        return Vec::new();
+    };
+    volumes
+        .into_iter()
+        .filter(|(_, dev)| fs::open(Arc::clone(dev)).is_ok_and(|f| fs::is_linux_root(&*f)))
+        .map(|(p, _)| p.number)
+        .collect()
+}
+
 /// A partition and the device that reads it.
 pub type Volume = (Partition, Arc<dyn BlockDevice>);
 
