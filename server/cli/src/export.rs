@@ -60,6 +60,10 @@ pub(crate) struct ExportArgs {
     max_connections: usize,
     #[command(flatten)]
     conn: ConnArgs,
+    /// With --customize, IMAGE is served as its skeleton (the filesystems recreated in
+    /// memory) with the customization made; the image never changes
+    #[command(flatten)]
+    custom: crate::customize::CustomizeArgs,
     /// A machine connected to a server (MACHINE or DISK@MACHINE: its name or MAC) is served
     /// by that server, read-only, on its NBD port: this prints the URL
     #[command(flatten)]
@@ -107,9 +111,22 @@ pub(crate) fn run(args: &ExportArgs) -> Result<()> {
     }
     let redo = args.redo.as_deref().map(Redo::parse).transpose()?;
     let rt = runtime()?;
-    let (device, what, default) = match (&args.files, &args.source) {
+    // A customized image is served as its skeleton: that is where its trees are recreated.
+    let files = match (&args.files, &args.source) {
+        (None, Some(source)) if args.custom.customize.is_some() => {
+            if !Path::new(source).is_file() {
+                bail!(
+                    "--customize applies to an image file (served as its skeleton), not {source}"
+                );
+            }
+            eprintln!("customizing: {source} is served as its skeleton");
+            Some(source.clone())
+        }
+        (files, _) => files.clone(),
+    };
+    let (device, what, default) = match (&files, &args.source) {
         (Some(files), _) => {
-            let (dev, what) = skeleton_device(files, args.writable, redo.as_ref())?;
+            let (dev, what) = skeleton_device(files, args, redo.as_ref())?;
             (dev, what, default_name(&SourceSpec::Local(files.into())))
         }
         (None, Some(source)) => {
@@ -246,10 +263,11 @@ fn ram_redo(
 /// A skeleton disk of `files` (a directory, or IMAGE:PART), under a memory redo when writable.
 fn skeleton_device(
     files: &str,
-    writable: bool,
+    args: &ExportArgs,
     redo: Option<&Redo>,
 ) -> Result<(Arc<dyn BlockDevice>, String)> {
-    let (skeleton, stats) = skeleton_of(files)?;
+    let writable = args.writable;
+    let (skeleton, stats) = skeleton_of(files, &args.custom)?;
     eprintln!(
         "skeleton of {files}: {} files, {} directories, {} of file data mapped, {} of metadata in memory, ready in {:.2} s",
         stats.files,
@@ -260,6 +278,9 @@ fn skeleton_device(
     );
     for (path, why) in stats.skipped.iter().take(20) {
         eprintln!("  left out {path}: {why}");
+    }
+    for c in &stats.changes {
+        eprintln!("  customized: {c}");
     }
     let skeleton: Arc<dyn BlockDevice> = Arc::new(skeleton);
     match redo {
@@ -276,14 +297,21 @@ fn skeleton_device(
 /// The skeleton of `files`: a host directory's tree, a whole captured disk (IMAGE: its table,
 /// boot code and other partitions kept, each ext2/3/4 and FAT replaced), or one partition
 /// (IMAGE:PART: the same filesystem on a disk of its own).
-fn skeleton_of(files: &str) -> Result<(SkeletonDisk, SkeletonStats)> {
+fn skeleton_of(
+    files: &str,
+    custom: &crate::customize::CustomizeArgs,
+) -> Result<(SkeletonDisk, SkeletonStats)> {
     let path = Path::new(files);
+    if custom.customize.is_some() && !path.is_file() {
+        bail!("--customize applies to a whole image's skeleton (--files IMAGE), not {files}");
+    }
     let built = if path.is_dir() {
         let tree = HostFs::open(path).with_context(|| format!("reading {files}"))?;
         SkeletonDisk::of_tree(Arc::new(tree))
     } else if path.is_file() {
         let (_, disk) = diskferry_vdisk::open_image(path, true)?;
-        SkeletonDisk::of_disk(disk)
+        let transform = custom.transform(&disk)?;
+        SkeletonDisk::of_disk_with(disk, transform.as_deref())
     } else {
         let Some((image, part)) = files.rsplit_once(':') else {
             bail!("--files {files}: not a directory, an image, or IMAGE:PART");

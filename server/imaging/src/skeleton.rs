@@ -32,6 +32,7 @@ use diskferry_blockdev::{
 };
 use diskferry_fs::ext4::write::{suggested_size, write_ext4, Ext4Options};
 use diskferry_fs::fat_write::{write_fat, FatOptions};
+use diskferry_fs::overlay::TreeTransform;
 use diskferry_fs::{Filesystem, MappedData, NodeId};
 use diskferry_partition::{gpt_types, Guid, Partition, PartitionTable, PartitionType, Scheme};
 
@@ -68,6 +69,8 @@ pub struct SkeletonStats {
     pub elapsed: Duration,
     /// Entries the writer could not represent, with why.
     pub skipped: Vec<(String, String)>,
+    /// What a customization changed, a line each.
+    pub changes: Vec<String>,
 }
 
 /// A disk whose filesystems' metadata is in memory and whose file data is read from the
@@ -146,6 +149,15 @@ impl SkeletonDisk {
     pub fn of_disk(
         disk: Arc<dyn BlockDevice>,
     ) -> Result<(SkeletonDisk, SkeletonStats), SkeletonError> {
+        Self::of_disk_with(disk, None)
+    }
+
+    /// [`SkeletonDisk::of_disk`] with `transform`'s edits (a customization) made to each
+    /// skeleton partition's tree; edited files read from memory.
+    pub fn of_disk_with(
+        disk: Arc<dyn BlockDevice>,
+        transform: Option<&dyn TreeTransform>,
+    ) -> Result<(SkeletonDisk, SkeletonStats), SkeletonError> {
         let started = Instant::now();
         let table = diskferry_partition::read_table(&*disk)?;
         let mut built = Vec::new();
@@ -153,7 +165,10 @@ impl SkeletonDisk {
             let slice: Arc<dyn BlockDevice> =
                 Arc::new(SliceDevice::new(Arc::clone(&disk), p.start, p.size)?);
             if let Some((source, layout)) = rebuildable(slice, p.number, p.start) {
-                built.push(SkeletonPart::build(source, p.start, p.size, layout)?);
+                let (source, changes) = edited(source, p.number, transform)?;
+                let (part, mut report) = SkeletonPart::build(source, p.start, p.size, layout)?;
+                report.changes = changes;
+                built.push((part, report));
             }
         }
         let pairs: Vec<_> = built.iter().map(|(p, r)| (p, r)).collect();
@@ -244,11 +259,28 @@ fn is_esp(kind: &PartitionType) -> bool {
     }
 }
 
+/// `source` with `transform`'s edits for partition `number`, and the changes made.
+fn edited(
+    source: Arc<dyn Filesystem>,
+    number: u32,
+    transform: Option<&dyn TreeTransform>,
+) -> Result<(Arc<dyn Filesystem>, Vec<String>), SkeletonError> {
+    let Some(t) = transform else {
+        return Ok((source, Vec::new()));
+    };
+    Ok(match t.apply(number, Arc::clone(&source))? {
+        Some((overlay, changes)) => (Arc::new(overlay), changes),
+        None => (source, Vec::new()),
+    })
+}
+
 /// What laying out one skeleton filesystem did.
 struct Built {
     files: u64,
     dirs: u64,
     skipped: Vec<(String, String)>,
+    /// What a transform changed in its tree.
+    changes: Vec<String>,
 }
 
 impl SkeletonStats {
@@ -260,6 +292,7 @@ impl SkeletonStats {
             metadata_bytes: 0,
             elapsed: started.elapsed(),
             skipped: Vec::new(),
+            changes: Vec::new(),
         };
         for (part, report) in parts {
             s.files += report.files;
@@ -267,6 +300,7 @@ impl SkeletonStats {
             s.mapped_bytes += part.map.iter().map(|m| m.len).sum::<u64>();
             s.metadata_bytes += part.meta.stats().ram_bytes;
             s.skipped.extend(report.skipped.iter().cloned());
+            s.changes.extend(report.changes.iter().cloned());
         }
         s
     }
@@ -300,6 +334,7 @@ impl SkeletonPart {
                     files: r.files,
                     dirs: r.dirs,
                     skipped: r.skipped,
+                    changes: Vec::new(),
                 };
                 (r.data_map, built)
             }
@@ -313,6 +348,7 @@ impl SkeletonPart {
                     files: r.files,
                     dirs: r.dirs,
                     skipped: r.skipped,
+                    changes: Vec::new(),
                 };
                 (r.data_map, built)
             }

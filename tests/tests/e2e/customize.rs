@@ -240,3 +240,45 @@ fn a_bad_spec_is_refused_before_anything_is_written() {
     ]);
     assert!(!ok && !out.exists(), "{err}");
 }
+
+#[test]
+fn an_exported_image_is_served_customized_as_its_skeleton() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let golden = linux_disk(d);
+    let before = std::fs::read(&golden).unwrap();
+    let spec = spec(
+        d,
+        "spec.toml",
+        "hostname = \"{name}\"\nmachine_id = \"new\"\n",
+    );
+    let export = diskferry_e2e::nbd::Exported::start(
+        p(&golden),
+        &["--customize", p(&spec), "--machine-name", "web-10"],
+    )
+    .unwrap();
+    let raw = d.join("served.raw");
+    run_ok("nbdcopy", &[&export.url, p(&raw)]);
+    let (stopped, log) = export.stop();
+    assert!(
+        stopped && log.contains("customized: hostname: fixture-host → web-10"),
+        "{log}"
+    );
+    let root = root_of(&raw, d, "served");
+    let fsck = run_ok("e2fsck", &["-fn", p(&root)]);
+    assert!(
+        !fsck.contains("UNEXPECTED") && !fsck.contains("Fix?"),
+        "{fsck}"
+    );
+    assert_eq!(cat(&root, "/etc/hostname"), "web-10\n");
+    assert_eq!(cat(&root, "/etc/hostname.diskferry-orig"), "fixture-host\n");
+    assert_ne!(
+        cat(&root, "/etc/machine-id"),
+        "0123456789abcdef0123456789abcdef\n"
+    );
+    assert_eq!(
+        std::fs::read(&golden).unwrap(),
+        before,
+        "the image is only read"
+    );
+}
