@@ -154,11 +154,51 @@ fn print_report(r: &DiskReport) {
             if !os.bootloaders.is_empty() {
                 println!("       boot: {}", os.bootloaders.join(", "));
             }
+            if let Some(sys) = &os.system {
+                print_system(sys);
+            }
         }
         if let Some(note) = &p.note {
             println!("       note: {note}");
         }
     }
+}
+
+/// A Linux system's hardware-dependent configuration, under its partition's line.
+fn print_system(sys: &diskferry_customize::SystemReport) {
+    for r in &sys.initramfs {
+        match &r.error {
+            Some(e) => println!("       initramfs {}: unreadable: {e}", r.path),
+            None => println!(
+                "       initramfs {} ({}, {}): storage {}; network {}",
+                r.path,
+                r.builder,
+                r.compression,
+                if r.storage_drivers.is_empty() {
+                    "-".into()
+                } else {
+                    r.storage_drivers.join(" ")
+                },
+                if r.network_drivers.is_empty() {
+                    "-".into()
+                } else {
+                    r.network_drivers.join(" ")
+                },
+            ),
+        }
+    }
+    let pinned = if sys.mac_pinned.is_empty() {
+        "not pinned to MAC addresses".to_string()
+    } else {
+        format!("pinned to MAC addresses in {}", sys.mac_pinned.join(", "))
+    };
+    println!("       network: {}, {pinned}", sys.network_tool);
+    let root = |r: &Option<String>| r.clone().unwrap_or_else(|| "-".into());
+    println!(
+        "       root named by: fstab {}, boot menu {}",
+        root(&sys.root_in_fstab),
+        root(&sys.root_in_boot_menu)
+    );
 }
 
 /// `ls`: a directory's entries (or one file), long format with `-l`, recursive with `-R`.

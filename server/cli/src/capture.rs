@@ -188,9 +188,6 @@ pub(crate) fn run(args: CaptureArgs) -> Result<()> {
     let outcome =
         diskferry_imaging::capture(Arc::clone(&src), &args.out, &options, progress.as_ref())?;
     print_capture_summary(&outcome, format);
-    if let CaptureSummary::Partitions(report) = &outcome.summary {
-        crate::customize::print_changes(&report.partitions);
-    }
     Ok(())
 }
 

@@ -8,9 +8,10 @@ use std::sync::Arc;
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use diskferry_blockdev::BlockDevice;
-use diskferry_customize::Customization;
+use std::collections::BTreeMap;
+
+use diskferry_customize::{Customization, Spec, TargetHardware};
 use diskferry_fs::overlay::TreeTransform;
-use diskferry_imaging::pipeline::PartitionReport;
 
 /// The customization options of `capture`, `deploy` and `customize`.
 #[derive(Args, Default)]
@@ -25,12 +26,26 @@ pub(crate) struct CustomizeArgs {
     /// What {name} in the SPEC stands for (a machine's name)
     #[arg(long, value_name = "NAME", requires = "customize")]
     pub(crate) machine_name: Option<String>,
+    /// Reconfigure the Linux system for other hardware (P2V, V2P): the storage and network
+    /// drivers it needs there added to its initramfs (and to /etc/initramfs-tools/modules or
+    /// a dracut conf for later rebuilds), /dev/sdX names in fstab and GRUB's menu turned into
+    /// UUIDs, network settings pinned to MAC addresses unpinned
+    #[arg(long, value_name = "virtio|ahci|nvme|hyperv|vmware")]
+    pub(crate) target_hardware: Option<TargetHardware>,
 }
 
 impl CustomizeArgs {
+    /// Whether anything is to be customized or reconfigured.
+    pub(crate) fn any(&self) -> bool {
+        self.customize.is_some() || self.target_hardware.is_some()
+    }
+
     /// The SPEC's text for a server's job (checked here first, so a bad one fails before the
     /// request); the server renders `{name}` for its machine.
     pub(crate) fn spec_text(&self) -> Result<Option<String>> {
+        if self.target_hardware.is_some() {
+            bail!("the server's deploy jobs take no --target-hardware yet: make a reconfigured image with `diskferry customize IMAGE OUT --target-hardware HW` and deploy that");
+        }
         let Some(path) = &self.customize else {
             return Ok(None);
         };
@@ -51,15 +66,21 @@ impl CustomizeArgs {
         &self,
         image: &Arc<dyn BlockDevice>,
     ) -> Result<Option<Arc<dyn TreeTransform>>> {
-        let Some(spec) = &self.customize else {
+        if !self.any() {
             return Ok(None);
-        };
+        }
         let roots = diskferry_imaging::inspect::linux_roots(image);
         if roots.is_empty() {
-            bail!("the image holds no Linux root filesystem (ext2/3/4 with /etc/os-release) to customize");
+            bail!("the image holds no Linux root filesystem (ext2/3/4 with /etc/os-release) to customize or reconfigure");
         }
-        let c = Customization::from_file(spec, self.machine_name.as_deref())
-            .with_context(|| format!("--customize {}", spec.display()))?;
+        let mut c = match &self.customize {
+            Some(spec) => Customization::from_file(spec, self.machine_name.as_deref())
+                .with_context(|| format!("--customize {}", spec.display()))?,
+            None => Customization::new(&Spec::default(), None)?,
+        };
+        if let Some(hw) = self.target_hardware {
+            c = c.with_target_hardware(hw, filesystem_uuids(image));
+        }
         eprintln!(
             "{} (partition {})",
             c.describe(),
@@ -73,16 +94,20 @@ impl CustomizeArgs {
     }
 }
 
-/// Each change a customization made, by partition.
-pub(crate) fn print_changes(partitions: &[PartitionReport]) {
-    for p in partitions {
-        for c in &p.changes {
-            eprintln!("  partition {}: {c}", p.number);
-        }
-    }
+/// The filesystem UUIDs of `disk`'s partitions, by number.
+fn filesystem_uuids(disk: &Arc<dyn BlockDevice>) -> BTreeMap<u32, String> {
+    diskferry_imaging::inspect::inspect(disk)
+        .map(|r| {
+            r.partitions
+                .into_iter()
+                .filter_map(|v| Some((v.number, v.uuid?)))
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
-/// `diskferry customize IMAGE OUT`: a new image of IMAGE with the customization made.
+/// `diskferry customize IMAGE OUT`: a new image of IMAGE with the customization (and
+/// reconfiguration) made.
 #[derive(Args)]
 pub(crate) struct CustomizeCommand {
     /// The image to start from (never written)
@@ -96,8 +121,8 @@ pub(crate) struct CustomizeCommand {
 }
 
 pub(crate) fn run(args: &CustomizeCommand) -> Result<()> {
-    if args.custom.customize.is_none() {
-        bail!("say what to customize: --customize SPEC.toml");
+    if !args.custom.any() {
+        bail!("say what to do: --customize SPEC.toml, --target-hardware HW, or both");
     }
     let format = args.output.format_for(&args.out)?;
     let (_, image) = diskferry_vdisk::open_image(&args.image, args.output.follow_backing)
@@ -113,10 +138,7 @@ pub(crate) fn run(args: &CustomizeCommand) -> Result<()> {
         transform,
     };
     let progress = crate::progress_for(args.output.progress);
-    let outcome = diskferry_imaging::capture(image, &args.out, &options, progress.as_ref())?;
-    if let diskferry_imaging::CaptureSummary::Partitions(report) = &outcome.summary {
-        print_changes(&report.partitions);
-    }
+    diskferry_imaging::capture(image, &args.out, &options, progress.as_ref())?;
     eprintln!(
         "customized {} into {} ({}); verified against the customized tree",
         args.image.display(),
@@ -128,9 +150,9 @@ pub(crate) fn run(args: &CustomizeCommand) -> Result<()> {
 
 /// Refuses a customization a path cannot take.
 pub(crate) fn refuse_through_server(custom: &CustomizeArgs, what: &Path) -> Result<()> {
-    if custom.customize.is_some() {
+    if custom.any() {
         bail!(
-            "the server's capture jobs take no --customize: capture {} as it is, then `diskferry customize` or deploy with --customize",
+            "the server's capture jobs take no --customize or --target-hardware: capture {} as it is, then `diskferry customize` or deploy with --customize",
             what.display()
         );
     }

@@ -74,7 +74,6 @@ pub fn run(args: &DeployArgs) -> Result<()> {
         &how,
         progress.as_ref(),
     )?;
-    crate::customize::print_changes(&report.disk.partitions);
     let written: u64 = report.disk.partitions.iter().map(|p| p.read).sum();
     let secs = report.disk.elapsed.as_secs_f64().max(1e-9);
     eprintln!(

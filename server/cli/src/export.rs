@@ -113,7 +113,7 @@ pub(crate) fn run(args: &ExportArgs) -> Result<()> {
     let rt = runtime()?;
     // A customized image is served as its skeleton: that is where its trees are recreated.
     let files = match (&args.files, &args.source) {
-        (None, Some(source)) if args.custom.customize.is_some() => {
+        (None, Some(source)) if args.custom.any() => {
             if !Path::new(source).is_file() {
                 bail!(
                     "--customize applies to an image file (served as its skeleton), not {source}"
@@ -302,7 +302,7 @@ fn skeleton_of(
     custom: &crate::customize::CustomizeArgs,
 ) -> Result<(SkeletonDisk, SkeletonStats)> {
     let path = Path::new(files);
-    if custom.customize.is_some() && !path.is_file() {
+    if custom.any() && !path.is_file() {
         bail!("--customize applies to a whole image's skeleton (--files IMAGE), not {files}");
     }
     let built = if path.is_dir() {

@@ -11,7 +11,11 @@
 
 #![forbid(unsafe_code)]
 
+mod analysis;
+mod cpio;
 mod edits;
+mod hardware;
+mod initramfs;
 mod network;
 mod spec;
 mod ssh;
@@ -22,6 +26,8 @@ use std::sync::{Arc, Mutex};
 use diskferry_fs::overlay::{TreeOverlay, TreeTransform};
 use diskferry_fs::{Filesystem, FsError, Timestamp};
 
+pub use analysis::{analyze, InitramfsReport, SystemReport};
+pub use hardware::TargetHardware;
 pub use spec::{MachineId, Network, Spec, SpecError, SshHostKeys, User};
 
 /// Suffix of the originals of replaced files.
@@ -48,6 +54,9 @@ pub struct Customization {
     time: Timestamp,
     machine_id: Option<String>,
     host_keys: Option<Vec<ssh::HostKey>>,
+    /// Reconfiguration for new hardware, with the source disk's filesystem UUIDs by
+    /// partition number.
+    hardware: Option<(TargetHardware, std::collections::BTreeMap<u32, String>)>,
     /// Partitions it was applied to.
     applied: Mutex<Vec<u32>>,
 }
@@ -77,8 +86,21 @@ impl Customization {
             time: diskferry_fs::overlay::now(),
             machine_id,
             host_keys,
+            hardware: None,
             applied: Mutex::new(Vec::new()),
         })
+    }
+
+    /// Also reconfigure the system for `hw` (drivers in the initramfs, root by UUID, network
+    /// unpinned from MAC addresses); `uuids`: the source disk's filesystem UUIDs by partition
+    /// number, for device names in fstab and GRUB's menu.
+    pub fn with_target_hardware(
+        mut self,
+        hw: TargetHardware,
+        uuids: std::collections::BTreeMap<u32, String>,
+    ) -> Customization {
+        self.hardware = Some((hw, uuids));
+        self
     }
 
     /// Parses the SPEC file at `path` and builds the customization for `machine`.
@@ -99,6 +121,10 @@ impl Customization {
     /// All the edits, onto `o`; a line per change.
     fn edit(&self, o: &mut TreeOverlay) -> Result<Vec<String>, CustomizeError> {
         let mut changes = Vec::new();
+        if let Some((hw, uuids)) = &self.hardware {
+            let mtime = u32::try_from(self.time.secs).unwrap_or(0);
+            changes.extend(hardware::reconfigure(o, *hw, uuids, mtime)?);
+        }
         if let Some(h) = &self.spec.hostname {
             changes.extend(edits::hostname(o, h)?);
         }
@@ -151,6 +177,9 @@ impl TreeTransform for Customization {
     fn describe(&self) -> String {
         let s = &self.spec;
         let mut parts = Vec::new();
+        if let Some((hw, _)) = &self.hardware {
+            parts.push(format!("reconfigured for {} hardware", hw.name()));
+        }
         if let Some(h) = &s.hostname {
             parts.push(format!("hostname {h}"));
         }

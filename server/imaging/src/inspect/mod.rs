@@ -152,12 +152,16 @@ fn volume_report(p: &Partition, dev: Arc<dyn BlockDevice>) -> VolumeReport {
     }
     match fs::open(dev) {
         Ok(fs) => {
+            let fs: Arc<dyn fs::Filesystem> = Arc::from(fs);
             let info = fs.info();
             report.label = Some(info.label);
             report.uuid = Some(info.uuid);
             report.block_size = Some(info.block_size);
             report.used_bytes = Some(info.used_bytes);
             report.os = os::detect(&*fs);
+            if let Some(os) = report.os.as_mut().filter(|o| o.family == "linux") {
+                os.system = Some(diskferry_customize::analyze(Arc::clone(&fs)));
+            }
             let notes: Vec<String> = fs
                 .view_notes()
                 .into_iter()

@@ -29,6 +29,10 @@ pub struct OsInfo {
     pub display_version: Option<String>,
     pub build: Option<String>,
     pub bootloaders: Vec<String>,
+    /// Linux: what moving it to other hardware depends on (initramfs drivers, network tool
+    /// and MAC pins, how the root is named).
+    #[serde(default)]
+    pub system: Option<diskferry_customize::SystemReport>,
 }
 
 fn read_text(fs: &dyn Filesystem, path: &str) -> Option<String> {
