@@ -544,9 +544,15 @@ fn install_grub(disk: &Path, work: &Path) {
     f.write_all_at(&core, 512).unwrap();
 }
 
-/// Runs `debugfs -R request` on a filesystem image; returns what it printed.
+/// Runs `debugfs -R request` on a filesystem image; returns what it printed on stdout (its
+/// banner goes to stderr).
 pub fn debugfs(fs: &Path, request: &str) -> String {
-    run_ok("debugfs", &["-R", request, p(fs)])
+    let out = Command::new("debugfs")
+        .args(["-R", request, p(fs)])
+        .output()
+        .expect("debugfs (Debian package e2fsprogs)");
+    assert!(out.status.success(), "debugfs {request}: {out:?}");
+    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 /// What the marker unit printed: its `key=value` lines, each value once, in order.
@@ -630,6 +636,24 @@ impl Boot {
 
     fn console(&self) -> String {
         String::from_utf8_lossy(&std::fs::read(&self.log).unwrap_or_default()).into_owned()
+    }
+
+    /// Waits for the initramfs to give up finding the root and drop to its shell (what a
+    /// system whose initramfs lacks the disk's driver does); stops the machine there and
+    /// returns the time from power-on. Panics with the console if it boots on or does not get
+    /// there within `limit`.
+    pub fn until_initramfs_shell(self, limit: Duration) -> Duration {
+        let shell = |c: &str| c.contains("Dropping to a shell!") || c.contains("(initramfs)");
+        let reached = wait_for(limit, || {
+            shell(&self.console()) || Marker::parse(&self.console()).is_some()
+        });
+        let console = self.console();
+        assert!(
+            reached && shell(&console),
+            "{} did not drop to the initramfs shell within {limit:?}:\n{console}",
+            self.log.display()
+        );
+        self.started.elapsed()
     }
 
     /// Waits for the machine to power itself off after its marker; returns the marker and the

@@ -5,6 +5,7 @@
 
 use std::path::{Path, PathBuf};
 
+use diskferry_e2e::debian::debugfs;
 use diskferry_e2e::{diskferry, fixtures, run_ok};
 
 fn p(path: &Path) -> &str {
@@ -62,16 +63,6 @@ mode = "0640"
 /// The root filesystem of a deployed or customized raw disk, cut out for the checkers.
 pub(crate) fn root_of(raw: &Path, dir: &Path, name: &str) -> PathBuf {
     fixtures::extract(raw, 1 << 20, 64 << 20, &dir.join(format!("{name}.ext4")))
-}
-
-/// What debugfs prints on stdout for `request` (its banner goes to stderr).
-fn debugfs(fs: &Path, request: &str) -> String {
-    let out = std::process::Command::new("debugfs")
-        .args(["-R", request, p(fs)])
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "debugfs {request}: {out:?}");
-    String::from_utf8(out.stdout).unwrap()
 }
 
 pub(crate) fn cat(fs: &Path, path: &str) -> String {

@@ -11,6 +11,7 @@ mod dial_back;
 mod export;
 mod fs_loops;
 mod get_safety;
+mod hardware;
 mod images_cli;
 mod incremental;
 mod inspect;

@@ -245,6 +245,7 @@ async fn detail(
         @if let Some(e) = &s.analysis_error { p.error { "This image could not be analysed: " (e) } }
         (chain_section(&s, &who))
         (run_section(vm.as_ref(), s.id))
+        @if let Some(a) = &c.analysis { (hardware_section(a)) }
         h2 { "Layout" }
         (bar(&segments))
         h2 { "Allocated vs virtual size" }
@@ -273,6 +274,45 @@ async fn detail(
         } }
     };
     render(&s.name, &who, body)
+}
+
+/// What moving each Linux system of the capture to other hardware depends on: the drivers
+/// its initramfs holds, its network tool and MAC pins, how it names its root.
+fn hardware_section(a: &diskferry_imaging::inspect::DiskReport) -> Markup {
+    let systems: Vec<_> = a
+        .partitions
+        .iter()
+        .filter_map(|p| Some((p.number, p.os.as_ref()?.system.as_ref()?)))
+        .collect();
+    let list = |v: &[String]| {
+        if v.is_empty() {
+            "none".to_string()
+        } else {
+            v.join(" ")
+        }
+    };
+    html! {
+        @if !systems.is_empty() {
+            h2 { "Hardware it depends on" }
+            @for (number, sys) in systems {
+                dl.facts {
+                    @for r in &sys.initramfs {
+                        dt { "Initramfs " (r.kernel) } dd {
+                            @match &r.error {
+                                Some(e) => { "unreadable: " (e) }
+                                None => { (r.builder) ", " (r.compression) ". Storage drivers: " (list(&r.storage_drivers)) ". Network drivers: " (list(&r.network_drivers)) "." }
+                            }
+                        }
+                    }
+                    dt { "Network (partition " (number) ")" } dd {
+                        (sys.network_tool) @if sys.mac_pinned.is_empty() { ", not pinned to MAC addresses" } @else { ", pinned to MAC addresses in " (sys.mac_pinned.join(", ")) }
+                    }
+                    dt { "Root named by" } dd { "fstab: " (sys.root_in_fstab.as_deref().unwrap_or("-")) ", boot menu: " (sys.root_in_boot_menu.as_deref().unwrap_or("-")) }
+                }
+            }
+            p.hint { "To run it on other hardware, deploy, export or customize it with --target-hardware virtio|ahci|nvme|hyperv|vmware: missing drivers are added to the initramfs, device-name roots become UUIDs and MAC pins are lifted (README \"Moving a system to other hardware\")." }
+        }
+    }
 }
 
 /// "Run it": the capture's NBD URL on this server, a qemu command line and a libvirt domain,

@@ -1,0 +1,125 @@
+//! Reconfiguration for other hardware (`--target-hardware`), proven by booting: the e2e
+//! Debian's initramfs is stripped of its virtio disk drivers with the Debian tools themselves
+//! (unmkinitramfs, depmod, cpio), so its capture drops to the initramfs shell on virtio under
+//! qemu; `diskferry customize --target-hardware virtio` puts the drivers back from the
+//! system's own modules and the same capture boots to its marker. lsinitramfs and debugfs
+//! judge the new initramfs and the recorded module list; the capture never changes.
+
+use std::path::Path;
+use std::time::Duration;
+
+use diskferry_e2e::debian::{debugfs, installer_disk, Boot, ROOT_MIB, ROOT_START_MIB};
+use diskferry_e2e::{diskferry, fixtures, run_ok, sh};
+
+fn p(path: &Path) -> &str {
+    path.to_str().unwrap()
+}
+
+/// Removes virtio_blk and virtio_scsi from the root's initramfs(es) with Debian's own tools,
+/// as a system installed on a SATA disk with `MODULES=dep` has none.
+fn strip_virtio_disk_drivers(disk: &Path, work: &Path) {
+    sh(&format!(
+        r#"
+        mnt={work}/mnt; x={work}/unpacked
+        mkdir -p $mnt
+        mount -o loop,offset={offset} {disk} $mnt
+        trap 'umount $mnt' EXIT
+        for initrd in $mnt/boot/initrd.img-*; do
+          v=${{initrd#$mnt/boot/initrd.img-}}
+          rm -rf $x; unmkinitramfs $initrd $x
+          find $x -name virtio_blk.ko -delete -o -name virtio_scsi.ko -delete
+          depmod -b $x $v
+          (cd $x && find . | cpio -o -H newc --quiet | gzip -c) > $initrd
+          ! lsinitramfs $initrd | grep -q virtio_blk
+        done
+        "#,
+        work = p(work),
+        disk = p(disk),
+        offset = ROOT_START_MIB << 20,
+    ));
+}
+
+/// The root filesystem of a qcow2 capture, as a file for debugfs.
+fn root_of(image: &Path, work: &Path) -> std::path::PathBuf {
+    let raw = work.join("fixed.raw");
+    run_ok("qemu-img", &["convert", "-O", "raw", p(image), p(&raw)]);
+    fixtures::extract(
+        &raw,
+        ROOT_START_MIB << 20,
+        ROOT_MIB << 20,
+        &work.join("fixed-root.ext4"),
+    )
+}
+
+#[test]
+fn a_capture_lacking_virtio_drivers_boots_on_virtio_once_reconfigured() {
+    let dir = tempfile::tempdir_in("/var/tmp").unwrap();
+    let w = dir.path();
+    let disk = installer_disk(w).disk;
+    strip_virtio_disk_drivers(&disk, w);
+    let capture = w.join("sata.qcow2");
+    let (ok, _, err) = diskferry(&[
+        "capture".as_ref(),
+        disk.as_os_str(),
+        capture.as_os_str(),
+        "--progress".as_ref(),
+        "none".as_ref(),
+    ]);
+    assert!(ok, "{err}");
+    let (ok, out, err) = diskferry(&["inspect".as_ref(), capture.as_os_str()]);
+    assert!(
+        ok && out.contains("initramfs /boot/initrd.img-") && !out.contains(" virtio_blk "),
+        "{out}{err}"
+    );
+    let before = std::fs::read(&capture).unwrap();
+
+    let plain = Boot::start(&capture, "qcow2", &w.join("plain.log"));
+    let to_shell = plain.until_initramfs_shell(Duration::from_secs(300));
+    eprintln!("the plain capture on virtio: initramfs shell after {to_shell:.1?}");
+
+    let fixed = w.join("virtio.qcow2");
+    let (ok, _, err) = diskferry(&[
+        "customize".as_ref(),
+        capture.as_os_str(),
+        fixed.as_os_str(),
+        "--target-hardware".as_ref(),
+        "virtio".as_ref(),
+        "--progress".as_ref(),
+        "none".as_ref(),
+    ]);
+    assert!(ok && err.contains("added virtio_blk, virtio_scsi"), "{err}");
+    let root = root_of(&fixed, w);
+    let modules = debugfs(&root, "cat /etc/initramfs-tools/modules");
+    assert!(modules.lines().any(|l| l == "virtio_blk"), "{modules}");
+    let initrd = w.join("initrd.img");
+    let listing = debugfs(&root, "ls -p /boot");
+    let name = listing
+        .lines()
+        .filter_map(|l| l.split('/').nth(5))
+        .find(|n| n.starts_with("initrd.img-") && !n.ends_with(".diskferry-orig"))
+        .unwrap_or_else(|| panic!("no initrd in {listing}"))
+        .to_string();
+    run_ok(
+        "debugfs",
+        &["-R", &format!("dump /boot/{name} {}", p(&initrd)), p(&root)],
+    );
+    let listed = run_ok("lsinitramfs", &[p(&initrd)]);
+    assert!(
+        listed.contains("kernel/drivers/block/virtio_blk.ko"),
+        "{listed}"
+    );
+
+    let (marker, booted) =
+        Boot::start(&fixed, "qcow2", &w.join("fixed.log")).finish(Duration::from_secs(400));
+    eprintln!("the reconfigured capture on virtio: marker after {booted:.1?}");
+    assert!(
+        marker.one("root").starts_with("/dev/vda1 ext4"),
+        "{:?}",
+        marker.one("root")
+    );
+    assert_eq!(
+        std::fs::read(&capture).unwrap(),
+        before,
+        "the capture is only read"
+    );
+}
