@@ -1,14 +1,14 @@
 //! Reconfiguration for other hardware (issue 18): the P2V fixture — a Debian on an AHCI disk
 //! whose initramfs holds only the AHCI driver and whose network is pinned to its MAC — is
 //! proved first: captured plainly with `diskferry capture`, it boots under QEMU TCG on AHCI to
-//! its marker (network up on its MAC, ahci loaded), and on virtio-blk its initramfs cannot find
-//! the root and drops to its shell.
+//! its marker (network up on its MAC, ahci loaded; with another MAC no address), and on
+//! virtio-blk its initramfs cannot find the root and drops to its shell.
 
 use std::path::Path;
 use std::time::Duration;
 
 use diskferry_e2e::debian::Marker;
-use diskferry_e2e::p2v::{ahci_disk, boot, Controller, Nic, Outcome, P2vDisk, HOSTNAME};
+use diskferry_e2e::p2v::{ahci_disk, boot, Controller, Nic, Outcome, P2vDisk, HOSTNAME, ROOT_UUID};
 use diskferry_e2e::{diskferry, run_ok};
 
 /// A TCG boot takes a minute or two alone; CI runs other tests beside it.
@@ -34,20 +34,44 @@ fn capture(disk: &P2vDisk, out: &Path) {
     assert!(check.contains("No errors were found"), "{check}");
 }
 
+/// Boots the capture on `controller` with `nic`; reports how it ended and how long it took.
+fn boot_capture(cap: &Path, controller: Controller, nic: Nic, log: &Path) -> Outcome {
+    let (outcome, took) = boot(cap, "qcow2", controller, nic, log).outcome(BOOT_LIMIT);
+    let (model, mac) = (nic.model, nic.mac);
+    let secs = took.as_secs_f64();
+    eprintln!("capture on {controller:?} with {model} {mac}: {outcome:?} in {secs:.1} s");
+    outcome
+}
+
+fn marker_of(outcome: Outcome) -> Marker {
+    match outcome {
+        Outcome::Marker(marker) => marker,
+        other => panic!("expected the marker: {other:?}"),
+    }
+}
+
+/// The `ip -br addr` entries of the network cards (loopback left out).
+fn nic_addresses(marker: &Marker) -> Vec<&str> {
+    let addr = marker.one("addr");
+    addr.split(';')
+        .filter(|l| !l.is_empty() && !l.starts_with("lo "))
+        .collect()
+}
+
 /// The marker of the machine on its own hardware: its name, root by UUID on the AHCI disk,
 /// the AHCI driver loaded, DHCP's address (qemu's user network gives 10.0.2.15) on its NIC.
 fn assert_home_marker(marker: &Marker) {
     assert_eq!(marker.one("hostname"), HOSTNAME);
-    assert_eq!(marker.one("uuid"), diskferry_e2e::p2v::ROOT_UUID);
+    assert_eq!(marker.one("uuid"), ROOT_UUID);
     assert_eq!(marker.one("root"), "/dev/sda1 ext4", "{:?}", marker.lines);
     let modules: Vec<&str> = marker.one("modules").split(',').collect();
     assert!(modules.contains(&"ahci"), "{modules:?}");
     assert!(!modules.contains(&"virtio_blk"), "{modules:?}");
-    let addr = marker.one("addr");
-    let nic = addr
-        .split(';')
-        .find(|l| !l.starts_with("lo ") && l.contains(" 10.0.2.15/24"));
-    assert!(nic.is_some(), "no DHCP address on the NIC: {addr}");
+    let nics = nic_addresses(marker);
+    assert!(
+        nics.len() == 1 && nics[0].contains(" UP 10.0.2.15/24 "),
+        "no DHCP address on the NIC: {nics:?}"
+    );
     assert_eq!(marker.all("hostkey").len(), 3, "{:?}", marker.lines);
     assert_eq!(marker.one("machine-id").len(), 32, "{:?}", marker.lines);
 }
@@ -65,34 +89,31 @@ fn the_p2v_fixture_boots_on_ahci_and_drops_to_the_initramfs_shell_on_virtio() {
     );
     let cap = w.join("cap.qcow2");
     capture(&disk, &cap);
+    let (home, other) = (disk.mac, VM_MAC);
 
-    let home = Nic {
+    let e1000 = |mac| Nic {
         model: "e1000",
-        mac: disk.mac,
+        mac,
     };
-    let ahci = boot(&cap, "qcow2", Controller::Ahci, home, &w.join("ahci.log"));
-    let (outcome, took) = ahci.outcome(BOOT_LIMIT);
-    eprintln!(
-        "capture on AHCI: {outcome:?} in {:.1} s",
-        took.as_secs_f64()
-    );
-    let Outcome::Marker(marker) = outcome else {
-        panic!("on AHCI: {outcome:?}")
-    };
+    let marker = marker_of(boot_capture(
+        &cap,
+        Controller::Ahci,
+        e1000(home),
+        &w.join("ahci.log"),
+    ));
     assert_home_marker(&marker);
+    // Its network configuration is pinned: a card with another MAC gets no address.
+    let log = w.join("ahci-other-mac.log");
+    let marker = marker_of(boot_capture(&cap, Controller::Ahci, e1000(other), &log));
+    let nics = nic_addresses(&marker);
+    assert!(nics.len() == 1 && !nics[0].contains("10.0.2."), "{nics:?}");
 
     let vm = Nic {
         model: "virtio-net-pci",
-        mac: VM_MAC,
+        mac: other,
     };
-    let virtio = boot(&cap, "qcow2", Controller::Virtio, vm, &w.join("virtio.log"));
-    let (outcome, took) = virtio.outcome(BOOT_LIMIT);
-    eprintln!(
-        "capture on virtio: {outcome:?} in {:.1} s",
-        took.as_secs_f64()
-    );
-    let Outcome::InitramfsShell(alert) = outcome else {
-        panic!("on virtio: {outcome:?}")
-    };
-    assert!(alert.contains(disk.root_uuid), "{alert}");
+    match boot_capture(&cap, Controller::Virtio, vm, &w.join("virtio.log")) {
+        Outcome::InitramfsShell(alert) => assert!(alert.contains(disk.root_uuid), "{alert}"),
+        marker => panic!("booted on virtio: {marker:?}"),
+    }
 }
