@@ -37,7 +37,7 @@ const DEBOOTSTRAP_ARGS: &[&str] = &[
     "--include=systemd-sysv,udev,linux-image-cloud-amd64,e2fsprogs",
 ];
 /// Run in the new root after debootstrap: what a disk image needs no copy of.
-const TRIM: &str = "rm -rf usr/share/doc/* usr/share/man/* var/cache/apt/*.bin \
+pub(crate) const TRIM: &str = "rm -rf usr/share/doc/* usr/share/man/* var/cache/apt/*.bin \
      var/cache/apt/archives/*.deb var/lib/apt/lists/*
      find usr/share/locale -mindepth 1 -maxdepth 1 ! -name locale.alias -exec rm -rf {} +";
 
@@ -98,7 +98,7 @@ pub struct InstalledDisk {
     pub built_cache: bool,
 }
 
-fn p(path: &Path) -> &str {
+pub(crate) fn p(path: &Path) -> &str {
     path.to_str().unwrap()
 }
 
@@ -117,31 +117,58 @@ fn fnv1a(text: &str) -> u64 {
     })
 }
 
+/// How a cached root is made: the tarball's name prefix (one per fixture: each removes only
+/// its own older tarballs), debootstrap's arguments, and a shell script then run in the new root
+/// (its working directory).
+pub(crate) struct Recipe<'a> {
+    pub prefix: &'a str,
+    pub debootstrap: &'a [&'a str],
+    pub post: &'a str,
+}
+
+/// This fixture's recipe: the debootstrapped root, trimmed.
+const RECIPE: Recipe = Recipe {
+    prefix: "debian",
+    debootstrap: DEBOOTSTRAP_ARGS,
+    post: TRIM,
+};
+
 /// The tarball of the debootstrapped root, built under a lock file when missing (another test
 /// process waits for it instead of building its own); returns it and whether it was built.
 pub fn root_tarball() -> (PathBuf, bool) {
+    cached_tarball(&RECIPE)
+}
+
+/// The tarball `recipe` makes from this machine's release, built under a lock file when
+/// missing; returns it and whether it was built.
+pub(crate) fn cached_tarball(recipe: &Recipe) -> (PathBuf, bool) {
     let dir = cache_dir();
     std::fs::create_dir_all(&dir).unwrap();
     let codename = os_release_codename(&std::fs::read_to_string("/etc/os-release").unwrap());
-    let recipe = format!("{codename} {DEBOOTSTRAP_ARGS:?} {TRIM}");
-    let tarball = dir.join(format!("debian-{codename}-{:016x}.tar", fnv1a(&recipe)));
-    let lock = std::fs::File::create(dir.join("debian.lock")).unwrap();
+    let hash = fnv1a(&format!(
+        "{codename} {:?} {}",
+        recipe.debootstrap, recipe.post
+    ));
+    let prefix = recipe.prefix;
+    let tarball = dir.join(format!("{prefix}-{codename}-{hash:016x}.tar"));
+    let lock = std::fs::File::create(dir.join(format!("{prefix}.lock"))).unwrap();
     lock.lock().unwrap();
     if tarball.exists() {
         return (tarball, false);
     }
     let mirror = apt_mirror(&codename, &apt_sources());
-    build_tarball(&dir, &codename, &mirror, &tarball);
+    build_tarball(recipe, &codename, &mirror, &tarball);
     (tarball, true)
 }
 
-/// debootstrap into a scratch directory beside the cache, trim, tar, rename into place (so a
-/// tarball that exists is complete).
-fn build_tarball(dir: &Path, codename: &str, mirror: &str, tarball: &Path) {
+/// debootstrap into a scratch directory beside the cache, run the recipe's script, tar, rename
+/// into place (so a tarball that exists is complete).
+fn build_tarball(recipe: &Recipe, codename: &str, mirror: &str, tarball: &Path) {
+    let dir = tarball.parent().unwrap();
     let scratch = tempfile::tempdir_in(dir).unwrap();
     let root = scratch.path().join("root");
     let out = Command::new("debootstrap")
-        .args(DEBOOTSTRAP_ARGS)
+        .args(recipe.debootstrap)
         .args([codename, p(&root), mirror])
         .output()
         .expect("debootstrap (Debian package debootstrap)");
@@ -153,24 +180,35 @@ fn build_tarball(dir: &Path, codename: &str, mirror: &str, tarball: &Path) {
     );
     let partial = scratch.path().join("root.tar");
     sh(&format!(
-        "cd {root}\n{TRIM}\ntar --numeric-owner --xattrs -C {root} -cf {partial} .",
+        "cd {root}\n{post}\ntar --numeric-owner --xattrs -C {root} -cf {partial} .",
         root = p(&root),
+        post = recipe.post,
         partial = p(&partial)
     ));
     std::fs::rename(&partial, tarball).unwrap();
-    remove_older_tarballs(dir, tarball);
+    remove_older_tarballs(dir, recipe.prefix, tarball);
 }
 
 /// Tarballs of earlier recipes are never used again: a changed package list leaves one 250 MiB
-/// file behind each time.
-fn remove_older_tarballs(dir: &Path, keep: &Path) {
+/// file behind each time. Only those of `prefix` go: another fixture's tarball stays.
+fn remove_older_tarballs(dir: &Path, prefix: &str, keep: &Path) {
     for entry in std::fs::read_dir(dir).unwrap().filter_map(|e| e.ok()) {
         let name = entry.file_name();
         let name = name.to_string_lossy();
-        if name.starts_with("debian-") && name.ends_with(".tar") && entry.path() != keep {
+        if is_tarball_of(prefix, &name) && entry.path() != keep {
             std::fs::remove_file(entry.path()).unwrap();
         }
     }
+}
+
+/// Whether `name` is a tarball `cached_tarball` names for `prefix`: `PREFIX-CODENAME-HASH.tar`
+/// (so prefix `debian` is not taken for `debian-p2v`).
+fn is_tarball_of(prefix: &str, name: &str) -> bool {
+    let rest = name.strip_prefix(prefix).and_then(|r| r.strip_prefix('-'));
+    let Some((codename, hash)) = rest.and_then(|r| r.strip_suffix(".tar")?.split_once('-')) else {
+        return false;
+    };
+    !codename.is_empty() && hash.len() == 16 && hash.bytes().all(|b| b.is_ascii_hexdigit())
 }
 
 /// `VERSION_CODENAME` of an os-release file.
@@ -248,38 +286,10 @@ fn deb822_mirror(codename: &str, text: &str) -> Option<String> {
 pub fn installer_disk(work: &Path) -> InstalledDisk {
     let (tarball, built_cache) = root_tarball();
     let tree = work.join("tree");
-    std::fs::create_dir_all(&tree).unwrap();
-    run_ok(
-        "tar",
-        &[
-            "--numeric-owner",
-            "--xattrs",
-            "-C",
-            p(&tree),
-            "-xf",
-            p(&tarball),
-        ],
-    );
+    extract_tarball(&tarball, &tree);
     configure(&tree);
     let root_fs = work.join("root.ext4");
-    run_ok(
-        "mke2fs",
-        &[
-            "-q",
-            "-t",
-            "ext4",
-            "-b",
-            "4096",
-            "-d",
-            p(&tree),
-            "-U",
-            ROOT_UUID,
-            "-L",
-            "debian-root",
-            p(&root_fs),
-            &format!("{ROOT_MIB}M"),
-        ],
-    );
+    make_ext4(&tree, ROOT_UUID, "debian-root", ROOT_MIB, &root_fs);
     std::fs::remove_dir_all(&tree).unwrap();
     let powercut = power_cut(work, &root_fs);
     let swap = work.join("swap.img");
@@ -302,6 +312,39 @@ pub fn installer_disk(work: &Path) -> InstalledDisk {
     }
 }
 
+/// Unpacks a root tarball into `tree` (made), owners and extended attributes kept.
+pub(crate) fn extract_tarball(tarball: &Path, tree: &Path) {
+    std::fs::create_dir_all(tree).unwrap();
+    let args = [
+        "--numeric-owner",
+        "--xattrs",
+        "-C",
+        p(tree),
+        "-xf",
+        p(tarball),
+    ];
+    run_ok("tar", &args);
+}
+
+/// Makes `out`, an ext4 filesystem of `mib` MiB (4 KiB blocks) holding `tree`, with `mke2fs -d`.
+pub(crate) fn make_ext4(tree: &Path, uuid: &str, label: &str, mib: u64, out: &Path) {
+    let size = format!("{mib}M");
+    let args = [
+        "-q",
+        "-t",
+        "ext4",
+        "-b",
+        "4096",
+        "-d",
+        p(tree),
+        "-U",
+        uuid,
+        "-L",
+        label,
+    ];
+    run_ok("mke2fs", &[&args[..], &[p(out), &size]].concat());
+}
+
 /// The installed system's own configuration: fstab naming root and swap by UUID, the marker
 /// unit enabled, units that only cost boot time disabled, GRUB's menu.
 fn configure(tree: &Path) {
@@ -317,8 +360,16 @@ fn configure(tree: &Path) {
         "etc/hosts",
         "127.0.0.1 localhost\n127.0.1.1 debian-installed\n",
     );
-    write("usr/local/sbin/diskferry-marker", MARKER_SCRIPT);
-    write("etc/systemd/system/diskferry-marker.service", MARKER_UNIT);
+    install_marker(tree, MARKER_SCRIPT, MARKER_UNIT);
+    write_grub_cfg(tree, ROOT_UUID);
+}
+
+/// Installs the marker script and its unit (enabled) in `tree`, and disables the units that
+/// only cost boot time.
+pub(crate) fn install_marker(tree: &Path, script: &str, unit: &str) {
+    let write = |path: &str, text: &str| std::fs::write(tree.join(path), text).unwrap();
+    write("usr/local/sbin/diskferry-marker", script);
+    write("etc/systemd/system/diskferry-marker.service", unit);
     let units = tree.join("etc/systemd/system");
     sh(&format!(
         "chmod 755 {script}
@@ -328,23 +379,28 @@ fn configure(tree: &Path) {
         units = p(&units),
         unneeded = UNNEEDED_UNITS.join(" "),
     ));
+}
+
+/// GRUB's menu in `tree`: the serial console, no delay, the kernel booted with its root by UUID.
+pub(crate) fn write_grub_cfg(tree: &Path, root_uuid: &str) {
     std::fs::create_dir_all(tree.join("boot/grub")).unwrap();
-    write(
-        "boot/grub/grub.cfg",
-        &format!(
+    std::fs::write(
+        tree.join("boot/grub/grub.cfg"),
+        format!(
             "serial --unit=0 --speed=115200
 terminal_output serial
 set timeout=0
 set default=0
 menuentry 'Debian GNU/Linux' {{
-  search --no-floppy --fs-uuid --set=root {ROOT_UUID}
+  search --no-floppy --fs-uuid --set=root {root_uuid}
   echo 'grub: loading linux'
-  linux /vmlinuz root=UUID={ROOT_UUID} ro console=ttyS0 quiet systemd.show_status=0 systemd.getty_auto=0
+  linux /vmlinuz root=UUID={root_uuid} ro console=ttyS0 quiet systemd.show_status=0 systemd.getty_auto=0
   initrd /initrd.img
 }}
 "
         ),
-    );
+    )
+    .unwrap();
 }
 
 /// Writes the power-cut files into a copy of `root_fs` with `debugfs -w`, then puts every block
@@ -475,7 +531,7 @@ fn journal_difference(before: &Path, after: &Path, work: &Path) {
 }
 
 /// Copies the data of the sparse `image` into `disk` at byte `offset`.
-fn place_data(disk: &Path, offset: u64, image: &Path) {
+pub(crate) fn place_data(disk: &Path, offset: u64, image: &Path) {
     let src = std::fs::File::open(image).unwrap();
     let dst = std::fs::OpenOptions::new().write(true).open(disk).unwrap();
     for_each_chunk(&src, &data_extents(&[image]), |at, data| {
@@ -505,7 +561,7 @@ fn partition(disk: &Path) {
 /// GRUB for BIOS on the MBR, as grub-install puts it: `boot.img`'s code in sector 0 (the
 /// partition table kept) and a `core.img` from grub-mkimage in the gap after it, which finds
 /// `/boot/grub` on the first partition.
-fn install_grub(disk: &Path, work: &Path) {
+pub(crate) fn install_grub(disk: &Path, work: &Path) {
     let grub = Path::new("/usr/lib/grub/i386-pc");
     let core = work.join("core.img");
     run_ok(
@@ -562,7 +618,7 @@ pub struct Marker {
 }
 
 impl Marker {
-    fn parse(console: &str) -> Option<Marker> {
+    pub(crate) fn parse(console: &str) -> Option<Marker> {
         if !console.contains("DISKFERRY-MARKER-END") {
             return None;
         }
@@ -602,9 +658,9 @@ impl Marker {
 /// logged to a file; killed when dropped.
 #[derive(Debug)]
 pub struct Boot {
-    child: Child,
-    log: PathBuf,
-    started: Instant,
+    pub(crate) child: Child,
+    pub(crate) log: PathBuf,
+    pub(crate) started: Instant,
 }
 
 impl Boot {
@@ -615,13 +671,17 @@ impl Boot {
 
     /// Boots the disk qemu's `-drive` option `drive` names (an NBD URL, say).
     pub fn start_drive(drive: &str, log: &Path) -> Boot {
+        Boot::spawn(&["-nic", "none", "-drive", drive], log)
+    }
+
+    /// Boots a machine whose disks and NICs are the qemu arguments `devices`.
+    pub(crate) fn spawn(devices: &[&str], log: &Path) -> Boot {
         let child = Command::new("qemu-system-x86_64")
             .args(["-accel", "tcg", "-m", "1024", "-nographic", "-no-reboot"])
-            .args(["-nic", "none", "-monitor", "none"])
+            .args(["-monitor", "none"])
             .arg("-serial")
             .arg(format!("file:{}", p(log)))
-            .arg("-drive")
-            .arg(drive)
+            .args(devices)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -634,7 +694,7 @@ impl Boot {
         }
     }
 
-    fn console(&self) -> String {
+    pub(crate) fn console(&self) -> String {
         String::from_utf8_lossy(&std::fs::read(&self.log).unwrap_or_default()).into_owned()
     }
 
@@ -692,6 +752,32 @@ mod tests {
                       Types: deb deb-src\nURIs: http://m/debian\nSuites: bookworm bookworm-updates\n"
             .to_string();
         assert_eq!(apt_mirror("bookworm", &[deb822]), "http://m/debian");
+    }
+
+    #[test]
+    fn each_fixture_removes_only_its_own_tarballs() {
+        let hash = "c72384fd33940924";
+        assert!(is_tarball_of(
+            "debian",
+            &format!("debian-bookworm-{hash}.tar")
+        ));
+        assert!(!is_tarball_of(
+            "debian",
+            &format!("p2v-debian-bookworm-{hash}.tar")
+        ));
+        assert!(!is_tarball_of(
+            "debian",
+            &format!("debian-p2v-bookworm-{hash}.tar")
+        ));
+        assert!(is_tarball_of(
+            "p2v-debian",
+            &format!("p2v-debian-bookworm-{hash}.tar")
+        ));
+        assert!(!is_tarball_of(
+            "p2v-debian",
+            &format!("debian-bookworm-{hash}.tar")
+        ));
+        assert!(!is_tarball_of("debian", "debian.lock"));
     }
 
     #[test]

@@ -15,6 +15,7 @@ pub mod fixtures;
 pub mod hive;
 pub mod http;
 pub mod nbd;
+pub mod p2v;
 pub mod trees;
 pub mod webdriver;
 

@@ -23,6 +23,7 @@ mod qcow2_overlay;
 mod qcow2_read;
 mod qcow2_write;
 mod real_machine;
+mod reconfigure;
 mod tftp;
 mod vhdx_log;
 mod vhdx_read;

@@ -1,0 +1,119 @@
+//! Reconfiguration for other hardware (issue 18): the P2V fixture — a Debian on an AHCI disk
+//! whose initramfs holds only the AHCI driver and whose network is pinned to its MAC — is
+//! proved first: captured plainly with `diskferry capture`, it boots under QEMU TCG on AHCI to
+//! its marker (network up on its MAC, ahci loaded; with another MAC no address), and on
+//! virtio-blk its initramfs cannot find the root and drops to its shell.
+
+use std::path::Path;
+use std::time::Duration;
+
+use diskferry_e2e::debian::Marker;
+use diskferry_e2e::p2v::{ahci_disk, boot, Controller, Nic, Outcome, P2vDisk, HOSTNAME, ROOT_UUID};
+use diskferry_e2e::{diskferry, run_ok};
+
+/// A TCG boot takes a minute or two alone; CI runs other tests beside it.
+const BOOT_LIMIT: Duration = Duration::from_secs(600);
+/// The MAC of the virtual machine the capture moves to: not the one its network is pinned to.
+const VM_MAC: &str = "52:54:00:d1:5c:02";
+
+fn p(path: &Path) -> &str {
+    path.to_str().unwrap()
+}
+
+/// A plain capture into qcow2 by the real CLI, checked by qemu-img.
+fn capture(disk: &P2vDisk, out: &Path) {
+    let (ok, stdout, stderr) = diskferry(&[
+        "capture".as_ref(),
+        disk.disk.as_os_str(),
+        out.as_os_str(),
+        "--progress".as_ref(),
+        "none".as_ref(),
+    ]);
+    assert!(ok, "capture failed:\n{stdout}{stderr}");
+    let check = run_ok("qemu-img", &["check", "-f", "qcow2", p(out)]);
+    assert!(check.contains("No errors were found"), "{check}");
+}
+
+/// Boots the capture on `controller` with `nic`; reports how it ended and how long it took.
+fn boot_capture(cap: &Path, controller: Controller, nic: Nic, log: &Path) -> Outcome {
+    let (outcome, took) = boot(cap, "qcow2", controller, nic, log).outcome(BOOT_LIMIT);
+    let (model, mac) = (nic.model, nic.mac);
+    let secs = took.as_secs_f64();
+    eprintln!("capture on {controller:?} with {model} {mac}: {outcome:?} in {secs:.1} s");
+    outcome
+}
+
+fn marker_of(outcome: Outcome) -> Marker {
+    match outcome {
+        Outcome::Marker(marker) => marker,
+        other => panic!("expected the marker: {other:?}"),
+    }
+}
+
+/// The `ip -br addr` entries of the network cards (loopback left out).
+fn nic_addresses(marker: &Marker) -> Vec<&str> {
+    let addr = marker.one("addr");
+    addr.split(';')
+        .filter(|l| !l.is_empty() && !l.starts_with("lo "))
+        .collect()
+}
+
+/// The marker of the machine on its own hardware: its name, root by UUID on the AHCI disk,
+/// the AHCI driver loaded, DHCP's address (qemu's user network gives 10.0.2.15) on its NIC.
+fn assert_home_marker(marker: &Marker) {
+    assert_eq!(marker.one("hostname"), HOSTNAME);
+    assert_eq!(marker.one("uuid"), ROOT_UUID);
+    assert_eq!(marker.one("root"), "/dev/sda1 ext4", "{:?}", marker.lines);
+    let modules: Vec<&str> = marker.one("modules").split(',').collect();
+    assert!(modules.contains(&"ahci"), "{modules:?}");
+    assert!(!modules.contains(&"virtio_blk"), "{modules:?}");
+    let nics = nic_addresses(marker);
+    assert!(
+        nics.len() == 1 && nics[0].contains(" UP 10.0.2.15/24 "),
+        "no DHCP address on the NIC: {nics:?}"
+    );
+    assert_eq!(marker.all("hostkey").len(), 3, "{:?}", marker.lines);
+    assert_eq!(marker.one("machine-id").len(), 32, "{:?}", marker.lines);
+}
+
+#[test]
+fn the_p2v_fixture_boots_on_ahci_and_drops_to_the_initramfs_shell_on_virtio() {
+    let work = tempfile::tempdir().unwrap();
+    let w = work.path();
+    let disk = ahci_disk(w);
+    eprintln!(
+        "fixture: kernel {}, cache built: {}, initramfs modules: {}",
+        disk.kernel_version,
+        disk.built_cache,
+        disk.initramfs_modules.join(",")
+    );
+    let cap = w.join("cap.qcow2");
+    capture(&disk, &cap);
+    let (home, other) = (disk.mac, VM_MAC);
+
+    let e1000 = |mac| Nic {
+        model: "e1000",
+        mac,
+    };
+    let marker = marker_of(boot_capture(
+        &cap,
+        Controller::Ahci,
+        e1000(home),
+        &w.join("ahci.log"),
+    ));
+    assert_home_marker(&marker);
+    // Its network configuration is pinned: a card with another MAC gets no address.
+    let log = w.join("ahci-other-mac.log");
+    let marker = marker_of(boot_capture(&cap, Controller::Ahci, e1000(other), &log));
+    let nics = nic_addresses(&marker);
+    assert!(nics.len() == 1 && !nics[0].contains("10.0.2."), "{nics:?}");
+
+    let vm = Nic {
+        model: "virtio-net-pci",
+        mac: other,
+    };
+    match boot_capture(&cap, Controller::Virtio, vm, &w.join("virtio.log")) {
+        Outcome::InitramfsShell(alert) => assert!(alert.contains(disk.root_uuid), "{alert}"),
+        marker => panic!("booted on virtio: {marker:?}"),
+    }
+}
