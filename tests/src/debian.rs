@@ -698,24 +698,6 @@ impl Boot {
         String::from_utf8_lossy(&std::fs::read(&self.log).unwrap_or_default()).into_owned()
     }
 
-    /// Waits for the initramfs to give up finding the root and drop to its shell (what a
-    /// system whose initramfs lacks the disk's driver does); stops the machine there and
-    /// returns the time from power-on. Panics with the console if it boots on or does not get
-    /// there within `limit`.
-    pub fn until_initramfs_shell(self, limit: Duration) -> Duration {
-        let shell = |c: &str| c.contains("Dropping to a shell!") || c.contains("(initramfs)");
-        let reached = wait_for(limit, || {
-            shell(&self.console()) || Marker::parse(&self.console()).is_some()
-        });
-        let console = self.console();
-        assert!(
-            reached && shell(&console),
-            "{} did not drop to the initramfs shell within {limit:?}:\n{console}",
-            self.log.display()
-        );
-        self.started.elapsed()
-    }
-
     /// Waits for the machine to power itself off after its marker; returns the marker and the
     /// time from power-on. Panics with the console if it does not within `limit`.
     pub fn finish(mut self, limit: Duration) -> (Marker, Duration) {

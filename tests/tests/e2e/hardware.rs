@@ -9,6 +9,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use diskferry_e2e::debian::{debugfs, installer_disk, Boot, ROOT_MIB, ROOT_START_MIB};
+use diskferry_e2e::p2v::Outcome;
 use diskferry_e2e::{diskferry, fixtures, run_ok, sh};
 
 fn p(path: &Path) -> &str {
@@ -74,7 +75,8 @@ fn a_capture_lacking_virtio_drivers_boots_on_virtio_once_reconfigured() {
     let before = std::fs::read(&capture).unwrap();
 
     let plain = Boot::start(&capture, "qcow2", &w.join("plain.log"));
-    let to_shell = plain.until_initramfs_shell(Duration::from_secs(300));
+    let (outcome, to_shell) = plain.outcome(Duration::from_secs(300));
+    assert!(matches!(outcome, Outcome::InitramfsShell(_)), "{outcome:?}");
     eprintln!("the plain capture on virtio: initramfs shell after {to_shell:.1?}");
 
     let fixed = w.join("virtio.qcow2");

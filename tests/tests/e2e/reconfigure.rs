@@ -116,4 +116,124 @@ fn the_p2v_fixture_boots_on_ahci_and_drops_to_the_initramfs_shell_on_virtio() {
         Outcome::InitramfsShell(alert) => assert!(alert.contains(disk.root_uuid), "{alert}"),
         marker => panic!("booted on virtio: {marker:?}"),
     }
+    let original = marker;
+    let before = std::fs::read(&cap).unwrap();
+
+    // Deployed to two VMs with --target-hardware virtio and each its own SPEC: both boot on
+    // virtio with their network up, each with its own name, machine-id, host keys, user, file.
+    let mut seen = Vec::new();
+    for name in ["web-a", "web-b"] {
+        let target = w.join(format!("{name}.raw"));
+        deploy_reconfigured(&cap, &target, name, w);
+        let log = w.join(format!("{name}.log"));
+        let (outcome, took) =
+            boot(&target, "raw", Controller::Virtio, vm, &log).outcome(BOOT_LIMIT);
+        eprintln!("{name} (deployed with --target-hardware virtio) on virtio: {took:.1?}");
+        let m = marker_of(outcome);
+        assert_eq!(m.one("hostname"), name);
+        assert_eq!(m.one("root"), "/dev/vda1 ext4", "{:?}", m.lines);
+        assert!(m.one("modules").split(',').any(|x| x == "virtio_blk"));
+        let nics = nic_addresses(&m);
+        assert!(
+            nics.len() == 1 && nics[0].contains(" UP 10.0.2.15/24 "),
+            "{nics:?}"
+        );
+        assert!(
+            m.one("users").split(',').any(|u| u == "alice"),
+            "{:?}",
+            m.lines
+        );
+        assert_eq!(m.one("file"), format!("made for {name}"));
+        let keys: Vec<String> = m.all("hostkey").iter().map(|k| k.to_string()).collect();
+        assert_eq!(keys.len(), 3, "{keys:?}");
+        seen.push((m.one("machine-id").to_string(), keys));
+    }
+    let home_keys: Vec<String> = original
+        .all("hostkey")
+        .iter()
+        .map(|k| k.to_string())
+        .collect();
+    assert_ne!(seen[0].0, seen[1].0, "each machine its own machine-id");
+    assert_ne!(seen[0].1, seen[1].1, "each machine its own host keys");
+    assert!(seen
+        .iter()
+        .all(|(_, k)| k.iter().all(|key| !home_keys.contains(key))));
+    assert_eq!(
+        std::fs::read(&cap).unwrap(),
+        before,
+        "the capture never changes"
+    );
+}
+
+/// `diskferry deploy CAP TARGET --target-hardware virtio --customize SPEC` onto a fresh
+/// target file, then `e2fsck -fn` and `lsinitramfs` on what it wrote.
+fn deploy_reconfigured(cap: &Path, target: &Path, name: &str, w: &Path) {
+    let spec = w.join(format!("{name}.toml"));
+    std::fs::write(
+        &spec,
+        r#"hostname = "{name}"
+machine_id = "new"
+ssh_host_keys = "regenerate"
+[[users]]
+name = "alice"
+authorized_keys = ["ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl alice@laptop"]
+[[files]]
+path = "/etc/diskferry-fixture-file"
+content = "made for {name}"
+"#,
+    )
+    .unwrap();
+    std::fs::File::create(target)
+        .unwrap()
+        .set_len(4 << 30)
+        .unwrap();
+    let (ok, _, err) = diskferry(&[
+        "deploy".as_ref(),
+        cap.as_os_str(),
+        target.as_os_str(),
+        "--target-hardware".as_ref(),
+        "virtio".as_ref(),
+        "--customize".as_ref(),
+        spec.as_os_str(),
+        "--machine-name".as_ref(),
+        name.as_ref(),
+        "--progress".as_ref(),
+        "none".as_ref(),
+    ]);
+    assert!(ok && err.contains("added virtio_blk"), "{err}");
+    let root = diskferry_e2e::fixtures::extract(
+        target,
+        1 << 20,
+        root_size(target),
+        &w.join(format!("{name}.ext4")),
+    );
+    let fsck = run_ok("e2fsck", &["-fn", p(&root)]);
+    assert!(
+        !fsck.contains("UNEXPECTED") && !fsck.contains("Fix?"),
+        "{fsck}"
+    );
+    let boot_dir = diskferry_e2e::debian::debugfs(&root, "ls -p /boot");
+    let initrd = boot_dir
+        .lines()
+        .filter_map(|l| l.split('/').nth(5))
+        .find(|n| n.starts_with("initrd.img-") && !n.ends_with(".diskferry-orig"))
+        .unwrap_or_else(|| panic!("no initrd in {boot_dir}"))
+        .to_string();
+    let copy = w.join(format!("{name}-initrd"));
+    diskferry_e2e::debian::debugfs(&root, &format!("dump /boot/{initrd} {}", p(&copy)));
+    let listed = run_ok("lsinitramfs", &[p(&copy)]);
+    assert!(
+        listed.contains("kernel/drivers/block/virtio_blk.ko"),
+        "{listed}"
+    );
+}
+
+/// The size of the first partition of the MBR disk at `disk`, from sfdisk.
+fn root_size(disk: &Path) -> u64 {
+    let json = run_ok("sfdisk", &["--json", p(disk)]);
+    let v: serde_json::Value = serde_json::from_str(&json[json.find('{').unwrap()..]).unwrap();
+    v["partitiontable"]["partitions"][0]["size"]
+        .as_u64()
+        .unwrap()
+        * 512
 }
