@@ -611,6 +611,24 @@ pub fn debugfs(fs: &Path, request: &str) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// What `lsinitramfs` lists of the initramfs in `/boot` of the ext4 image `root_fs` (the
+/// one in use: not a `*.diskferry-orig` kept beside it), dumped into `work`.
+pub fn initramfs_listing(root_fs: &Path, work: &Path) -> String {
+    let boot = debugfs(root_fs, "ls -p /boot");
+    let name = boot
+        .lines()
+        .filter_map(|l| l.split('/').nth(5))
+        .find(|n| n.starts_with("initrd.img-") && !n.ends_with(".diskferry-orig"))
+        .unwrap_or_else(|| panic!("no initrd in /boot: {boot}"))
+        .to_string();
+    let copy = work.join(format!(
+        "{}.{name}",
+        root_fs.file_name().unwrap().to_string_lossy()
+    ));
+    debugfs(root_fs, &format!("dump /boot/{name} {}", p(&copy)));
+    run_ok("lsinitramfs", &[p(&copy)])
+}
+
 /// What the marker unit printed: its `key=value` lines, each value once, in order.
 #[derive(Debug)]
 pub struct Marker {

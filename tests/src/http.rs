@@ -156,6 +156,16 @@ impl Server {
     pub fn get(&self, target: &str) -> Response {
         self.api("GET", target, b"")
     }
+
+    /// Starts a job (`POST /api/jobs`, which must answer 201), follows its events to the end
+    /// and returns its record, whatever state it ended in.
+    pub fn run_job(&self, body: &serde_json::Value) -> serde_json::Value {
+        let r = self.api("POST", "/api/jobs", body.to_string().as_bytes());
+        assert_eq!(r.status, 201, "{}", r.text());
+        let id = r.json()["id"].as_i64().unwrap();
+        let _ = self.get(&format!("/api/jobs/{id}/events")).text();
+        self.get(&format!("/api/jobs/{id}")).json()
+    }
 }
 
 impl Drop for Server {

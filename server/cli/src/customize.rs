@@ -8,8 +8,6 @@ use std::sync::Arc;
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use diskferry_blockdev::BlockDevice;
-use std::collections::BTreeMap;
-
 use diskferry_customize::{Customization, Spec, TargetHardware};
 use diskferry_fs::overlay::TreeTransform;
 
@@ -43,9 +41,6 @@ impl CustomizeArgs {
     /// The SPEC's text for a server's job (checked here first, so a bad one fails before the
     /// request); the server renders `{name}` for its machine.
     pub(crate) fn spec_text(&self) -> Result<Option<String>> {
-        if self.target_hardware.is_some() {
-            bail!("the server's deploy jobs take no --target-hardware yet: make a reconfigured image with `diskferry customize IMAGE OUT --target-hardware HW` and deploy that");
-        }
         let Some(path) = &self.customize else {
             return Ok(None);
         };
@@ -79,7 +74,7 @@ impl CustomizeArgs {
             None => Customization::new(&Spec::default(), None)?,
         };
         if let Some(hw) = self.target_hardware {
-            c = c.with_target_hardware(hw, filesystem_uuids(image));
+            c = c.with_target_hardware(hw, diskferry_imaging::inspect::filesystem_uuids(image));
         }
         eprintln!(
             "{} (partition {})",
@@ -92,18 +87,6 @@ impl CustomizeArgs {
         );
         Ok(Some(Arc::new(c)))
     }
-}
-
-/// The filesystem UUIDs of `disk`'s partitions, by number.
-fn filesystem_uuids(disk: &Arc<dyn BlockDevice>) -> BTreeMap<u32, String> {
-    diskferry_imaging::inspect::inspect(disk)
-        .map(|r| {
-            r.partitions
-                .into_iter()
-                .filter_map(|v| Some((v.number, v.uuid?)))
-                .collect()
-        })
-        .unwrap_or_default()
 }
 
 /// `diskferry customize IMAGE OUT`: a new image of IMAGE with the customization (and

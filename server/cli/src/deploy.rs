@@ -122,6 +122,7 @@ fn deploy_through_server(args: &DeployArgs) -> Result<()> {
     daemon.run_job(serde_json::json!({
         "kind": "deploy", "image": image, "target": args.target, "mode": mode,
         "reboot": args.reboot, "customize": customize,
+        "target_hardware": args.custom.target_hardware.map(|h| h.name()),
     }))?;
     eprintln!("deployed {image} onto {}", args.target);
     Ok(())

@@ -323,20 +323,14 @@ impl SkeletonPart {
             },
         )?);
         let dev = Arc::clone(&meta) as Arc<dyn BlockDevice>;
-        let (data_map, report) = match layout {
+        let (data_map, files, dirs, skipped) = match layout {
             FsLayout::Ext4(opts) => {
                 let opts = Ext4Options {
                     map_file_data: true,
                     ..opts
                 };
                 let r = write_ext4(dev, &*source, &opts)?;
-                let built = Built {
-                    files: r.files,
-                    dirs: r.dirs,
-                    skipped: r.skipped,
-                    changes: Vec::new(),
-                };
-                (r.data_map, built)
+                (r.data_map, r.files, r.dirs, r.skipped)
             }
             FsLayout::Fat(opts) => {
                 let opts = FatOptions {
@@ -344,14 +338,14 @@ impl SkeletonPart {
                     ..opts
                 };
                 let r = write_fat(dev, &*source, &opts)?;
-                let built = Built {
-                    files: r.files,
-                    dirs: r.dirs,
-                    skipped: r.skipped,
-                    changes: Vec::new(),
-                };
-                (r.data_map, built)
+                (r.data_map, r.files, r.dirs, r.skipped)
             }
+        };
+        let report = Built {
+            files,
+            dirs,
+            skipped,
+            changes: Vec::new(),
         };
         let map = data_map
             .iter()

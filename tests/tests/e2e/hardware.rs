@@ -8,7 +8,9 @@
 use std::path::Path;
 use std::time::Duration;
 
-use diskferry_e2e::debian::{debugfs, installer_disk, Boot, ROOT_MIB, ROOT_START_MIB};
+use diskferry_e2e::debian::{
+    debugfs, initramfs_listing, installer_disk, Boot, ROOT_MIB, ROOT_START_MIB,
+};
 use diskferry_e2e::p2v::Outcome;
 use diskferry_e2e::{diskferry, fixtures, run_ok, sh};
 
@@ -93,19 +95,7 @@ fn a_capture_lacking_virtio_drivers_boots_on_virtio_once_reconfigured() {
     let root = root_of(&fixed, w);
     let modules = debugfs(&root, "cat /etc/initramfs-tools/modules");
     assert!(modules.lines().any(|l| l == "virtio_blk"), "{modules}");
-    let initrd = w.join("initrd.img");
-    let listing = debugfs(&root, "ls -p /boot");
-    let name = listing
-        .lines()
-        .filter_map(|l| l.split('/').nth(5))
-        .find(|n| n.starts_with("initrd.img-") && !n.ends_with(".diskferry-orig"))
-        .unwrap_or_else(|| panic!("no initrd in {listing}"))
-        .to_string();
-    run_ok(
-        "debugfs",
-        &["-R", &format!("dump /boot/{name} {}", p(&initrd)), p(&root)],
-    );
-    let listed = run_ok("lsinitramfs", &[p(&initrd)]);
+    let listed = initramfs_listing(&root, w);
     assert!(
         listed.contains("kernel/drivers/block/virtio_blk.ko"),
         "{listed}"

@@ -120,11 +120,7 @@ fn approve(s: &Server, mac: &str) {
 /// Runs a job to its end; returns the job record and how long it took.
 fn job(s: &Server, body: serde_json::Value) -> (serde_json::Value, Duration) {
     let start = Instant::now();
-    let r = s.api("POST", "/api/jobs", body.to_string().as_bytes());
-    assert_eq!(r.status, 201, "{}", r.text());
-    let id = r.json()["id"].as_i64().unwrap();
-    let _ = s.get(&format!("/api/jobs/{id}/events"));
-    let j = s.get(&format!("/api/jobs/{id}")).json();
+    let j = s.run_job(&body);
     assert_eq!(j["state"], "succeeded", "{j}");
     (j, start.elapsed())
 }

@@ -212,16 +212,7 @@ content = "made for {name}"
         !fsck.contains("UNEXPECTED") && !fsck.contains("Fix?"),
         "{fsck}"
     );
-    let boot_dir = diskferry_e2e::debian::debugfs(&root, "ls -p /boot");
-    let initrd = boot_dir
-        .lines()
-        .filter_map(|l| l.split('/').nth(5))
-        .find(|n| n.starts_with("initrd.img-") && !n.ends_with(".diskferry-orig"))
-        .unwrap_or_else(|| panic!("no initrd in {boot_dir}"))
-        .to_string();
-    let copy = w.join(format!("{name}-initrd"));
-    diskferry_e2e::debian::debugfs(&root, &format!("dump /boot/{initrd} {}", p(&copy)));
-    let listed = run_ok("lsinitramfs", &[p(&copy)]);
+    let listed = diskferry_e2e::debian::initramfs_listing(&root, w);
     assert!(
         listed.contains("kernel/drivers/block/virtio_blk.ko"),
         "{listed}"

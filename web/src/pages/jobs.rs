@@ -82,6 +82,15 @@ async fn list(
                     option value="sectors" { "sectors" }
                 }
                 label.check { input type="checkbox" name="reboot" value="1"; " Reboot the machine when done" }
+                label for="target-hardware" { "Target hardware" }
+                select #target-hardware name="target_hardware" {
+                    option value="" selected { "as captured" }
+                    option value="virtio" { "virtio (KVM, QEMU, Proxmox)" }
+                    option value="ahci" { "AHCI (SATA)" }
+                    option value="nvme" { "NVMe" }
+                    option value="hyperv" { "Hyper-V" }
+                    option value="vmware" { "VMware" }
+                }
                 label for="customize" { "Customization (optional TOML SPEC)" }
                 textarea #customize name="customize" rows="6" spellcheck="false" placeholder="hostname = \"{name}\"\nmachine_id = \"new\"\nssh_host_keys = \"regenerate\"" {}
                 button type="submit" { "Deploy" }
@@ -129,6 +138,7 @@ async fn start(
         incremental: nonempty("incremental"),
         chunk_map: None,
         customize: nonempty("customize"),
+        target_hardware: nonempty("target_hardware"),
     })?;
     Ok(Redirect::to(&format!("/jobs/{id}")).into_response())
 }

@@ -16,7 +16,7 @@ use std::collections::{HashMap, VecDeque};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
-use diskferry_customize::{Customization, Spec};
+use diskferry_customize::{Customization, Spec, TargetHardware};
 use diskferry_fs::overlay::TreeTransform;
 use diskferry_imaging::pipeline::DeployHow;
 use diskferry_protocol::SessionOptions;
@@ -78,6 +78,10 @@ pub struct JobRequest {
     /// target machine's registered name.
     #[serde(default)]
     pub customize: Option<String>,
+    /// Deploy: reconfigure the Linux system for this hardware (virtio, ahci, nvme, hyperv,
+    /// vmware): drivers into its initramfs, root by UUID, network unpinned from MACs.
+    #[serde(default)]
+    pub target_hardware: Option<String>,
 }
 
 /// Why a job request was refused (nothing was started).
@@ -106,25 +110,35 @@ pub struct MachineDisk {
     pub description: String,
 }
 
-/// How a deploy of `img` goes: by `mode`, with the customization of `spec` (random material
-/// made now) when there is one — refused unless the image holds a Linux root.
-fn deploy_how(
-    img: &Arc<dyn BlockDevice>,
-    (mode, spec): (Mode, Option<&Spec>),
-) -> Result<DeployHow, RunError> {
-    let Some(spec) = spec else {
-        return Ok(DeployHow::mode(mode));
-    };
+/// A deploy's mode and the edits it makes.
+struct Edits<'a> {
+    mode: Mode,
+    spec: Option<&'a Spec>,
+    hardware: Option<TargetHardware>,
+}
+
+/// How a deploy of `img` goes: by its mode, with the customization of its SPEC (random
+/// material made now) and the reconfiguration for its hardware when asked — refused unless the
+/// image holds a Linux root.
+fn deploy_how(img: &Arc<dyn BlockDevice>, how: Edits<'_>) -> Result<DeployHow, RunError> {
+    if how.spec.is_none() && how.hardware.is_none() {
+        return Ok(DeployHow::mode(how.mode));
+    }
     if diskferry_imaging::inspect::linux_roots(img).is_empty() {
         return Err(RunError::Customize(
             "the image holds no Linux root filesystem (ext2/3/4 with /etc/os-release) to customize"
                 .into(),
         ));
     }
-    let c = Customization::new(spec, None).map_err(|e| RunError::Customize(e.to_string()))?;
+    let empty = Spec::default();
+    let mut c = Customization::new(how.spec.unwrap_or(&empty), None)
+        .map_err(|e| RunError::Customize(e.to_string()))?;
+    if let Some(hw) = how.hardware {
+        c = c.with_target_hardware(hw, diskferry_imaging::inspect::filesystem_uuids(img));
+    }
     tracing::info!("{}", c.describe());
     Ok(DeployHow {
-        mode,
+        mode: how.mode,
         transform: Some(Arc::new(c)),
     })
 }
@@ -169,6 +183,7 @@ enum Work {
         reboot: bool,
         /// Rendered for the target machine.
         customize: Option<Box<Spec>>,
+        hardware: Option<TargetHardware>,
     },
 }
 
@@ -428,9 +443,17 @@ impl Jobs {
             Some(text) => Some(Box::new(self.customization_for(text, &disk)?)),
             None => None,
         };
+        let hardware = match req.target_hardware.as_deref().filter(|h| !h.is_empty()) {
+            Some(h) => Some(
+                h.parse::<TargetHardware>()
+                    .map_err(|e| JobError::Invalid(format!("target_hardware: {e}")))?,
+            ),
+            None => None,
+        };
         let params = serde_json::json!({
             "image": rec.name, "target": target, "mode": mode.name(), "reboot": req.reboot,
             "source": rec.name, "output": target, "customized": customize.is_some(),
+            "target_hardware": hardware.map(TargetHardware::name),
         });
         let work = Work::Deploy {
             image: self.catalog.capture_file(rec),
@@ -438,6 +461,7 @@ impl Jobs {
             mode,
             reboot: req.reboot,
             customize,
+            hardware,
         };
         Ok((work, params))
     }
@@ -520,8 +544,13 @@ impl Jobs {
                 mode,
                 reboot,
                 customize,
+                hardware,
             } => {
-                let how = (*mode, customize.as_deref());
+                let how = Edits {
+                    mode: *mode,
+                    spec: customize.as_deref(),
+                    hardware: *hardware,
+                };
                 self.run_deploy(id, rt, image, target, how, *reboot, cancel)
             }
         }
@@ -578,7 +607,7 @@ impl Jobs {
         rt: &tokio::runtime::Handle,
         image: &Path,
         target: &JobDisk,
-        how: (Mode, Option<&Spec>),
+        how: Edits<'_>,
         reboot: bool,
         cancel: &CancelFlag,
     ) -> Result<(), RunError> {

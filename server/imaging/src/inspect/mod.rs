@@ -60,6 +60,19 @@ pub fn linux_roots(disk: &Arc<dyn BlockDevice>) -> Vec<u32> {
         .collect()
 }
 
+/// The filesystem UUIDs of `disk`'s partitions, by partition number (what device names in a
+/// system's configuration become when it is reconfigured).
+pub fn filesystem_uuids(disk: &Arc<dyn BlockDevice>) -> std::collections::BTreeMap<u32, String> {
+    inspect(disk)
+        .map(|r| {
+            r.partitions
+                .into_iter()
+                .filter_map(|v| Some((v.number, v.uuid?)))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 /// A partition and the device that reads it.
 pub type Volume = (Partition, Arc<dyn BlockDevice>);
 
