@@ -213,7 +213,7 @@ mod tests {
     fn root() -> (tempfile::TempDir, Arc<dyn Filesystem>) {
         let dir = tempfile::tempdir().unwrap();
         let r = dir.path();
-        for d in ["etc/ssh", "etc/netplan", "bin", "home"] {
+        for d in ["etc/ssh", "etc/netplan", "usr/bin", "home"] {
             std::fs::create_dir_all(r.join(d)).unwrap();
         }
         let files = [
@@ -227,11 +227,13 @@ mod tests {
             ("etc/ssh/ssh_host_ed25519_key", "old key"),
             ("etc/ssh/ssh_host_ed25519_key.pub", "old pub"),
             ("etc/netplan/01-netcfg.yaml", "network: {}\n"),
-            ("bin/bash", ""),
+            ("usr/bin/bash", ""),
         ];
         for (p, t) in files {
             std::fs::write(r.join(p), t).unwrap();
         }
+        // Merged /usr, as Debian 12 has it: edits never cross these links, lookups may.
+        std::os::unix::fs::symlink("usr/bin", r.join("bin")).unwrap();
         let fs: Arc<dyn Filesystem> = Arc::new(HostFs::open(r).unwrap());
         (dir, fs)
     }

@@ -33,7 +33,7 @@ pub fn tool_of(o: &TreeOverlay) -> Result<Tool, CustomizeError> {
     if has_files(o, "/etc/netplan", ".yaml")? {
         return Ok(Tool::Netplan);
     }
-    if o.stat("/usr/sbin/NetworkManager")?.is_some() {
+    if o.resolve("/usr/sbin/NetworkManager").is_ok() {
         return Ok(Tool::NetworkManager);
     }
     if o.read_file("/etc/network/interfaces", 1 << 20)?
@@ -207,7 +207,7 @@ fn enable_networkd(o: &mut TreeOverlay) -> Result<(), CustomizeError> {
         "/usr/lib/systemd/system/systemd-networkd.service",
     ]
     .into_iter()
-    .find(|p| o.stat(p).is_ok_and(|s| s.is_some()));
+    .find(|p| o.resolve(p).is_ok());
     let Some(unit) = unit else {
         return Ok(());
     };

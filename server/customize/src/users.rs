@@ -4,7 +4,7 @@
 //! `~/.ssh/authorized_keys` (0600, theirs).
 
 use diskferry_fs::overlay::{Attrs, TreeOverlay};
-use diskferry_fs::Timestamp;
+use diskferry_fs::{Filesystem, Timestamp};
 
 use crate::edits::{put_text, read_text};
 use crate::spec::User;
@@ -92,9 +92,8 @@ pub(crate) fn apply(
             };
             let shell = match &u.shell {
                 Some(s) => s.clone(),
-                None if o.stat("/bin/bash")?.is_some() || o.stat("/usr/bin/bash")?.is_some() => {
-                    "/bin/bash".into()
-                }
+                // Looking, not editing: /bin is a link to usr/bin on merged-/usr systems.
+                None if o.resolve("/bin/bash").is_ok() => "/bin/bash".into(),
                 None => "/bin/sh".into(),
             };
             let home = format!("/home/{}", u.name);

@@ -201,6 +201,11 @@ fn a_bad_spec_is_refused_before_anything_is_written() {
             "users[0].password_hash",
         ),
         ("hostname = \"{name}\"", "hostname: uses {name}"),
+        // Valid, but not for this system: found before the target is touched.
+        (
+            "[[users]]\nname = \"bob\"\ngroups = [\"wheel\"]",
+            "the system has no group wheel",
+        ),
     ] {
         let spec = spec(d, "bad.toml", text);
         let (ok, _, err) = diskferry(&[

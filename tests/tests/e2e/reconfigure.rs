@@ -200,7 +200,11 @@ content = "made for {name}"
         "--progress".as_ref(),
         "none".as_ref(),
     ]);
-    assert!(ok && err.contains("added virtio_blk"), "{err}");
+    let added = err.lines().find(|l| l.contains("customized: initramfs"));
+    assert!(
+        ok && added.is_some_and(|l| l.contains(" virtio_blk,")),
+        "{err}"
+    );
     let root = diskferry_e2e::fixtures::extract(
         target,
         1 << 20,

@@ -134,6 +134,9 @@ pub fn deploy_disk(
             source: Box::new(source),
         })?;
     check_fits(&plan, target_name)?;
+    if let Some(t) = transform {
+        check_edits(&plan, t)?;
+    }
     let scheme = plan.table.scheme.name();
     let confirmed = Confirmed::default();
     let ends = CopyEnds {
@@ -252,6 +255,23 @@ fn verify_confirmed(
         });
     }
     Ok(verify)
+}
+
+/// The edits applied once to every partition recreated file by file, before anything is
+/// written: an edit the image's system cannot take (a group it lacks, a path through a link)
+/// is refused while the target is still untouched.
+fn check_edits(plan: &DiskPlan, transform: &dyn TreeTransform) -> Result<(), DeployError> {
+    for pp in plan.parts.iter().filter(|pp| pp.mode == Mode::Files) {
+        let Ok(tree) = fs::open(Arc::clone(&pp.dev)) else {
+            continue;
+        };
+        transform
+            .apply(pp.part.number, Arc::from(tree))
+            .map_err(|e| {
+                DeployError::CannotCustomize(format!("partition {}: {e}", pp.part.number))
+            })?;
+    }
+    Ok(())
 }
 
 /// Every partition recreated file by file must have room for the source's used bytes in its
