@@ -1,8 +1,12 @@
-//! Reconfiguration for other hardware (issue 18): the P2V fixture — a Debian on an AHCI disk
-//! whose initramfs holds only the AHCI driver and whose network is pinned to its MAC — is
-//! proved first: captured plainly with `diskferry capture`, it boots under QEMU TCG on AHCI to
-//! its marker (network up on its MAC, ahci loaded; with another MAC no address), and on
-//! virtio-blk its initramfs cannot find the root and drops to its shell.
+//! Reconfiguration for other hardware and customization (issue 18), proven by booting. The
+//! P2V fixture — a Debian on an AHCI disk whose initramfs holds only the AHCI driver and whose
+//! network is pinned to its MAC — is proved first: captured plainly with `diskferry capture`,
+//! it boots under QEMU TCG on AHCI to its marker (network up on its MAC; with another MAC no
+//! address), and on virtio-blk its initramfs cannot find the root and drops to its shell. Then
+//! `diskferry deploy --target-hardware virtio --customize SPEC` writes it twice, each with its
+//! own SPEC: both targets pass `e2fsck -fn`, their initramfs lists virtio_blk (`lsinitramfs`),
+//! and both boot on virtio with the network up, each with its own host name, machine-id, SSH
+//! host keys, user and file; the capture never changes.
 
 use std::path::Path;
 use std::time::Duration;
@@ -77,7 +81,7 @@ fn assert_home_marker(marker: &Marker) {
 }
 
 #[test]
-fn the_p2v_fixture_boots_on_ahci_and_drops_to_the_initramfs_shell_on_virtio() {
+fn a_sata_debian_boots_on_virtio_once_deployed_reconfigured_and_customized() {
     let work = tempfile::tempdir().unwrap();
     let w = work.path();
     let disk = ahci_disk(w);
