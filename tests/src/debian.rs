@@ -50,10 +50,19 @@ echo "DISKFERRY-MARKER swaps=$(swapon --noheadings --raw --bytes --show=NAME,TYP
 echo "DISKFERRY-MARKER root=$(findmnt -n -o SOURCE,FSTYPE,SIZE --bytes / | tr -s ' ')"
 echo "DISKFERRY-MARKER-END"
 "#;
-const MARKER_UNIT: &str = "[Unit]
+/// The marker unit: runs the marker script once `after` is reached (and `wants` pulled in,
+/// when not empty), prints on the serial console, then powers the machine off.
+pub(crate) fn marker_unit(after: &str, wants: &str) -> String {
+    let wants = if wants.is_empty() {
+        String::new()
+    } else {
+        format!("Wants={wants}\n")
+    };
+    format!(
+        "[Unit]
 Description=diskferry test marker on the serial console
-After=local-fs.target swap.target
-SuccessAction=poweroff
+After={after}
+{wants}SuccessAction=poweroff
 FailureAction=poweroff
 
 [Service]
@@ -64,7 +73,9 @@ TTYPath=/dev/ttyS0
 
 [Install]
 WantedBy=multi-user.target
-";
+"
+    )
+}
 /// Units that only cost boot time here: the console login and the periodic jobs.
 const UNNEEDED_UNITS: &[&str] = &[
     "getty.target.wants/getty@tty1.service",
@@ -360,7 +371,11 @@ fn configure(tree: &Path) {
         "etc/hosts",
         "127.0.0.1 localhost\n127.0.1.1 debian-installed\n",
     );
-    install_marker(tree, MARKER_SCRIPT, MARKER_UNIT);
+    install_marker(
+        tree,
+        MARKER_SCRIPT,
+        &marker_unit("local-fs.target swap.target", ""),
+    );
     write_grub_cfg(tree, ROOT_UUID);
 }
 

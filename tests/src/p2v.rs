@@ -9,8 +9,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use crate::debian::{
-    cached_tarball, extract_tarball, install_grub, install_marker, make_ext4, p, place_data,
-    write_grub_cfg, Boot, Marker, Recipe, TRIM,
+    cached_tarball, extract_tarball, install_grub, install_marker, make_ext4, marker_unit, p,
+    place_data, write_grub_cfg, Boot, Marker, Recipe, TRIM,
 };
 use crate::{run_ok, sh, wait_for};
 
@@ -81,23 +81,6 @@ m users "$(getent passwd | awk -F: '$3 >= 1000 && $3 < 65534 {print $1}' | tr '\
 m file "$(cat /etc/diskferry-fixture-file 2>/dev/null)"
 echo "DISKFERRY-MARKER-END"
 "#;
-/// Runs once the network is up (or networkd gave up waiting for it).
-const MARKER_UNIT: &str = "[Unit]
-Description=diskferry test marker on the serial console
-After=local-fs.target network-online.target
-Wants=network-online.target
-SuccessAction=poweroff
-FailureAction=poweroff
-
-[Service]
-Type=oneshot
-ExecStart=/usr/local/sbin/diskferry-marker
-StandardOutput=tty
-TTYPath=/dev/ttyS0
-
-[Install]
-WantedBy=multi-user.target
-";
 /// network-online.target waits for networkd at most this long (its default is two minutes).
 const WAIT_ONLINE: &str = "[Service]
 ExecStart=
@@ -234,7 +217,14 @@ fn configure(tree: &Path) {
             "systemd-networkd",
         ],
     );
-    install_marker(tree, MARKER_SCRIPT, MARKER_UNIT);
+    install_marker(
+        tree,
+        MARKER_SCRIPT,
+        &marker_unit(
+            "local-fs.target network-online.target",
+            "network-online.target",
+        ),
+    );
     write_grub_cfg(tree, ROOT_UUID);
 }
 

@@ -116,29 +116,12 @@ impl SkeletonDisk {
         let (data, entries) =
             diskferry_fs::tree::space_needed(&*source).map_err(SkeletonError::Tree)?;
         let fs_size = suggested_size(data, entries);
-        let disk_size = fs_size + 2 * MIB;
-        let table_volume = HybridVolume::new(
-            disk_size,
-            HybridOptions {
-                ram_limit: 4 * MIB,
-                spill: None,
-            },
-        )?;
         let opts = Ext4Options {
             label: Some("skeleton".into()),
             ..Ext4Options::default()
         };
         let kind = PartitionType::Gpt(Guid::parse(gpt_types::LINUX_FILESYSTEM).expect("a GUID"));
-        diskferry_partition::write_table(&table_volume, &gpt_with_one_partition(fs_size, kind))?;
-        let (part, report) = SkeletonPart::build(source, MIB, fs_size, FsLayout::Ext4(opts))?;
-        let stats = SkeletonStats::of(&[(&part, &report)], started);
-        Ok((
-            SkeletonDisk {
-                base: Arc::new(table_volume),
-                parts: vec![part],
-            },
-            stats,
-        ))
+        single_partition(source, fs_size, kind, FsLayout::Ext4(opts), started)
     }
 
     /// The skeleton of a captured disk: its table, boot code, gaps and other partitions read
@@ -201,24 +184,36 @@ impl SkeletonDisk {
             (FsLayout::Fat(_), false) => gpt_types::MICROSOFT_BASIC_DATA,
         };
         let kind = PartitionType::Gpt(Guid::parse(kind).expect("a GUID"));
-        let table_volume = HybridVolume::new(
-            p.size + 2 * MIB,
-            HybridOptions {
-                ram_limit: 4 * MIB,
-                spill: None,
-            },
-        )?;
-        diskferry_partition::write_table(&table_volume, &gpt_with_one_partition(p.size, kind))?;
-        let (part, report) = SkeletonPart::build(source, MIB, p.size, layout)?;
-        let stats = SkeletonStats::of(&[(&part, &report)], started);
-        Ok((
-            SkeletonDisk {
-                base: Arc::new(table_volume),
-                parts: vec![part],
-            },
-            stats,
-        ))
+        single_partition(source, p.size, kind, layout, started)
     }
+}
+
+/// A GPT disk of one partition of `kind` at 1 MiB holding the skeleton of `source`, a
+/// filesystem of `fs_size` bytes laid out as `layout` says.
+fn single_partition(
+    source: Arc<dyn Filesystem>,
+    fs_size: u64,
+    kind: PartitionType,
+    layout: FsLayout,
+    started: Instant,
+) -> Result<(SkeletonDisk, SkeletonStats), SkeletonError> {
+    let table_volume = HybridVolume::new(
+        fs_size + 2 * MIB,
+        HybridOptions {
+            ram_limit: 4 * MIB,
+            spill: None,
+        },
+    )?;
+    diskferry_partition::write_table(&table_volume, &gpt_with_one_partition(fs_size, kind))?;
+    let (part, report) = SkeletonPart::build(source, MIB, fs_size, layout)?;
+    let stats = SkeletonStats::of(&[(&part, &report)], started);
+    Ok((
+        SkeletonDisk {
+            base: Arc::new(table_volume),
+            parts: vec![part],
+        },
+        stats,
+    ))
 }
 
 /// How a skeleton partition's filesystem is laid out.
