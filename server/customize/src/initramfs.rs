@@ -1,5 +1,6 @@
 //! An initramfs file as the kernel reads it: zero or more uncompressed cpio archives (early
-//! microcode), then the main archive, compressed (gzip or zstd here) or not. [`Initramfs`]
+//! microcode), then the main archive, compressed (gzip, zstd, xz, or lz4 in the kernel's
+//! legacy framing) or not. [`Initramfs`]
 //! keeps the early archives byte for byte and the main one as entries to edit; saving
 //! writes the early bytes and the main archive again, gzip-compressed (every kernel that
 //! boots an initramfs reads gzip, and `lsinitramfs`/`unmkinitramfs` find it by its magic).
@@ -15,6 +16,10 @@ pub const MAX_UNPACKED: u64 = 1 << 30;
 
 const GZIP: &[u8] = &[0x1f, 0x8b];
 const ZSTD: &[u8] = &[0x28, 0xb5, 0x2f, 0xfd];
+const XZ: &[u8] = &[0xfd, b'7', b'z', b'X', b'Z', 0];
+/// `lz4 -l`, the framing the kernel's initramfs unpacker reads: 8 MiB blocks.
+const LZ4_LEGACY: &[u8] = &[0x02, 0x21, 0x4c, 0x18];
+const LZ4_BLOCK: usize = 8 << 20;
 
 /// The compressions seen at the main archive's start.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -22,6 +27,8 @@ pub enum Compression {
     None,
     Gzip,
     Zstd,
+    Xz,
+    Lz4,
 }
 
 /// An initramfs opened for editing.
@@ -67,6 +74,63 @@ fn unzstd(mut data: &[u8]) -> Result<Vec<u8>, CustomizeError> {
     Ok(out)
 }
 
+/// A writer taking at most [`MAX_UNPACKED`] bytes.
+struct Capped(Vec<u8>);
+
+impl Write for Capped {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        if (self.0.len() + b.len()) as u64 > MAX_UNPACKED {
+            return Err(std::io::Error::other(format!(
+                "unpacks to more than {} MiB",
+                MAX_UNPACKED >> 20
+            )));
+        }
+        self.0.extend_from_slice(b);
+        Ok(b.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+fn unxz(mut data: &[u8]) -> Result<Vec<u8>, CustomizeError> {
+    let mut out = Capped(Vec::new());
+    lzma_rs::xz_decompress(&mut data, &mut out).map_err(|e| bad(format!("xz: {e}")))?;
+    Ok(out.0)
+}
+
+/// The blocks of a legacy lz4 stream (`[u32 size][block]`…, the magic again between
+/// concatenated streams), until a size no block can have.
+fn unlz4(data: &[u8]) -> Result<Vec<u8>, CustomizeError> {
+    let mut rest = &data[LZ4_LEGACY.len()..];
+    let mut out = Vec::new();
+    while rest.len() >= 4 {
+        if rest.starts_with(LZ4_LEGACY) {
+            rest = &rest[4..];
+            continue;
+        }
+        let size = u32::from_le_bytes([rest[0], rest[1], rest[2], rest[3]]) as usize;
+        if size == 0 || size > LZ4_BLOCK + LZ4_BLOCK / 255 + 16 {
+            break;
+        }
+        let block = rest
+            .get(4..4 + size)
+            .ok_or_else(|| bad("lz4: a block runs past the end"))?;
+        let chunk =
+            lz4_flex::block::decompress(block, LZ4_BLOCK).map_err(|e| bad(format!("lz4: {e}")))?;
+        if (out.len() + chunk.len()) as u64 > MAX_UNPACKED {
+            return Err(bad(format!(
+                "unpacks to more than {} MiB",
+                MAX_UNPACKED >> 20
+            )));
+        }
+        out.extend(chunk);
+        rest = &rest[4 + size..];
+    }
+    Ok(out)
+}
+
 impl Initramfs {
     pub fn parse(data: &[u8]) -> Result<Initramfs, CustomizeError> {
         let mut at = 0;
@@ -96,10 +160,14 @@ impl Initramfs {
             (Compression::Gzip, bounded(d)?)
         } else if rest.starts_with(ZSTD) {
             (Compression::Zstd, unzstd(rest)?)
+        } else if rest.starts_with(XZ) {
+            (Compression::Xz, unxz(rest)?)
+        } else if rest.starts_with(LZ4_LEGACY) {
+            (Compression::Lz4, unlz4(rest)?)
         } else {
             let magic: Vec<String> = rest.iter().take(6).map(|b| format!("{b:02x}")).collect();
             return Err(bad(format!(
-                "the main archive is compressed in a way not read here (magic {}): gzip, zstd or none",
+                "the main archive is compressed in a way not read here (magic {}): gzip, zstd, xz, lz4 or none",
                 magic.join(" ")
             )));
         };
@@ -182,12 +250,20 @@ mod tests {
 
     #[test]
     fn an_edited_initramfs_lists_its_new_files_with_lsinitramfs() {
-        for compress in ["zstd -q -c", "gzip -c", "cat"] {
+        for compress in [
+            "zstd -q -c",
+            "gzip -c",
+            "xz --check=crc32 -c",
+            "lz4 -l -q -c",
+            "cat",
+        ] {
             let dir = tempfile::tempdir().unwrap();
             let mut ramfs = Initramfs::parse(&debian_like(dir.path(), compress)).unwrap();
-            let want = match compress {
-                "cat" => Compression::None,
-                c if c.starts_with("zstd") => Compression::Zstd,
+            let want = match compress.split(' ').next() {
+                Some("cat") => Compression::None,
+                Some("zstd") => Compression::Zstd,
+                Some("xz") => Compression::Xz,
+                Some("lz4") => Compression::Lz4,
                 _ => Compression::Gzip,
             };
             assert_eq!(ramfs.compression, want);
@@ -229,6 +305,8 @@ mod tests {
     fn hostile_initramfs_files_are_errors_not_panics() {
         assert!(Initramfs::parse(b"").is_err());
         assert!(Initramfs::parse(b"BZh91AY&SY").is_err());
+        assert!(Initramfs::parse(&[0xfd, b'7', b'z', b'X', b'Z', 0, 1, 2]).is_err());
+        assert!(Initramfs::parse(&[0x02, 0x21, 0x4c, 0x18, 9, 0, 0, 0, 1, 2]).is_err());
         assert!(Initramfs::parse(&[0x1f, 0x8b, 8, 0, 0, 0, 0, 0, 0, 3, 1, 2, 3]).is_err());
         assert!(Initramfs::parse(&[0x28, 0xb5, 0x2f, 0xfd, 0, 0, 0]).is_err());
         assert!(Initramfs::parse(b"070701garbage").is_err());
