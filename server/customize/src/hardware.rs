@@ -92,13 +92,21 @@ pub(crate) fn module_name(path: &str) -> String {
     file.split(".ko").next().unwrap_or(file).replace('-', "_")
 }
 
+/// A module path as `modules.dep` should have it: relative, inside the modules directory.
+fn plain_path(path: &str) -> bool {
+    !path.is_empty() && !path.starts_with('/') && !path.split('/').any(|c| c == ".." || c.is_empty())
+}
+
 /// `modules.dep`: each module's path (relative to its modules directory) → its dependencies.
+/// Lines naming paths that leave the directory are left out (the file comes from the image).
 fn parse_dep(text: &str) -> BTreeMap<String, (String, Vec<String>)> {
     text.lines()
         .filter_map(|l| {
             let (path, deps) = l.split_once(':')?;
-            let deps = deps.split_whitespace().map(String::from).collect();
-            Some((module_name(path), (path.trim().to_string(), deps)))
+            let path = path.trim();
+            let deps: Vec<String> = deps.split_whitespace().map(String::from).collect();
+            (plain_path(path) && deps.iter().all(|d| plain_path(d)))
+                .then(|| (module_name(path), (path.to_string(), deps)))
         })
         .collect()
 }
@@ -240,10 +248,19 @@ fn add_drivers(
     let mut ramfs = Initramfs::parse(&read_system(o, &k.initrd)?)?;
     let prefix = modules_prefix(&ramfs, &k.version);
     let mut added = Vec::new();
+    let mut added_bytes = 0u64;
     for path in &paths {
         let name = format!("{prefix}{path}");
         if ramfs.find(&name).is_none() {
             let bytes = read_system(o, &format!("{}/{path}", k.modules))?;
+            added_bytes += bytes.len() as u64;
+            if added_bytes > crate::initramfs::MAX_UNPACKED {
+                return Err(CustomizeError::System(format!(
+                    "{}: the modules to add come to more than {} MiB",
+                    k.initrd,
+                    crate::initramfs::MAX_UNPACKED >> 20
+                )));
+            }
             ramfs.put(Entry::file(&name, 0o644, mtime, bytes));
             added.push(module_name(path));
         }
@@ -570,6 +587,8 @@ mod tests {
              kernel/drivers/virtio/virtio_pci.ko: kernel/drivers/virtio/virtio_pci_modern_dev.ko kernel/drivers/virtio/virtio.ko\n\
              kernel/drivers/virtio/virtio.ko:\nkernel/drivers/virtio/virtio_ring.ko:\nkernel/drivers/virtio/virtio_pci_modern_dev.ko:\n",
         );
+        let hostile = parse_dep("../../etc/shadow.ko:\nkernel/a.ko: /etc/passwd\nkernel//b.ko:\n");
+        assert!(hostile.is_empty(), "{hostile:?}");
         let builtin = BTreeSet::from(["sd_mod".to_string()]);
         let (paths, missing) = closure(
             &["virtio_blk", "virtio_pci", "sd_mod", "virtio_scsi"],
