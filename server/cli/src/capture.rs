@@ -159,7 +159,6 @@ pub(crate) fn run(args: CaptureArgs) -> Result<()> {
     let format = args.output.format_for(&args.out)?;
     let spec = SourceSpec::parse(&args.source);
     if matches!(&spec, SourceSpec::Local(p) if !p.exists()) && args.daemon.given() {
-        crate::customize::refuse_through_server(&args.custom, &args.out)?;
         return capture_through_server(&args);
     }
     let opts = match &spec {
@@ -272,7 +271,8 @@ fn capture_through_server(args: &CaptureArgs) -> Result<()> {
     let mode = DiskMode::from(args.mode).name();
     let mut request = serde_json::json!({
         "kind": "capture", "source": args.source, "output": name, "mode": mode,
-        "verify": args.verify,
+        "verify": args.verify, "customize": args.custom.spec_text()?,
+        "target_hardware": args.custom.target_hardware.map(|h| h.name()),
     });
     // The server names its captures by file name; without --base it builds on the machine's
     // latest capture of that disk when it has one (and writes a chunk map either way).

@@ -94,7 +94,9 @@ pub(crate) fn module_name(path: &str) -> String {
 
 /// A module path as `modules.dep` should have it: relative, inside the modules directory.
 fn plain_path(path: &str) -> bool {
-    !path.is_empty() && !path.starts_with('/') && !path.split('/').any(|c| c == ".." || c.is_empty())
+    !path.is_empty()
+        && !path.starts_with('/')
+        && !path.split('/').any(|c| c == ".." || c.is_empty())
 }
 
 /// `modules.dep`: each module's path (relative to its modules directory) → its dependencies.

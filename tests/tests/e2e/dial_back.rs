@@ -407,7 +407,7 @@ fn a_connected_machines_disk_is_exported_read_only_over_nbd() {
 }
 
 #[test]
-fn a_deploy_job_customizes_the_machine_with_its_own_name() {
+fn deploy_and_capture_jobs_customize_with_the_machines_own_name() {
     assert!(
         !host_macs().is_empty(),
         "this test needs a network interface with a MAC address"
@@ -489,4 +489,37 @@ fn a_deploy_job_customizes_the_machine_with_its_own_name() {
     );
     let root = crate::customize::root_of(&target, d, "web-09");
     assert_eq!(crate::customize::cat(&root, "/etc/hostname"), "web-09\n");
+
+    // A capture job customizes too: the machine's disk is read as it is, the capture holds
+    // the edits.
+    let job = serde_json::json!({
+        "kind": "capture", "source": "web-09", "output": "copy.qcow2",
+        "customize": "hostname = \"{name}-copy\"\n", "verify": true,
+    });
+    let j = s.run_job(&job);
+    assert_eq!(j["state"], "succeeded", "{j}");
+    let raw = d.join("copy.raw");
+    let copy = caps.join("copy.qcow2");
+    run_ok(
+        "qemu-img",
+        &[
+            "convert",
+            "-O",
+            "raw",
+            copy.to_str().unwrap(),
+            raw.to_str().unwrap(),
+        ],
+    );
+    let root = crate::customize::root_of(&raw, d, "copy");
+    assert_eq!(
+        crate::customize::cat(&root, "/etc/hostname"),
+        "web-09-copy\n"
+    );
+    assert_eq!(
+        crate::customize::cat(
+            &crate::customize::root_of(&target, d, "again"),
+            "/etc/hostname"
+        ),
+        "web-09\n"
+    );
 }

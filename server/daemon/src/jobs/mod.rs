@@ -74,12 +74,12 @@ pub struct JobRequest {
     /// capture always has one).
     #[serde(default)]
     pub chunk_map: Option<bool>,
-    /// Deploy: a customization SPEC (TOML, as `deploy --customize` reads); `{name}` is the
-    /// target machine's registered name.
+    /// Deploy and capture: a customization SPEC (TOML, as `--customize` reads) applied to the
+    /// Linux root as it is recreated; `{name}` is the machine's registered name.
     #[serde(default)]
     pub customize: Option<String>,
-    /// Deploy: reconfigure the Linux system for this hardware (virtio, ahci, nvme, hyperv,
-    /// vmware): drivers into its initramfs, root by UUID, network unpinned from MACs.
+    /// Deploy and capture: reconfigure the Linux system for this hardware (virtio, ahci, nvme,
+    /// hyperv, vmware): drivers into its initramfs, root by UUID, network unpinned from MACs.
     #[serde(default)]
     pub target_hardware: Option<String>,
 }
@@ -117,30 +117,40 @@ struct Edits<'a> {
     hardware: Option<TargetHardware>,
 }
 
-/// How a deploy of `img` goes: by its mode, with the customization of its SPEC (random
-/// material made now) and the reconfiguration for its hardware when asked — refused unless the
-/// image holds a Linux root.
+/// How a deploy of `img` goes: by its mode, with the customization and reconfiguration it
+/// asks for.
 fn deploy_how(img: &Arc<dyn BlockDevice>, how: Edits<'_>) -> Result<DeployHow, RunError> {
-    if how.spec.is_none() && how.hardware.is_none() {
-        return Ok(DeployHow::mode(how.mode));
+    Ok(DeployHow {
+        mode: how.mode,
+        transform: transform_for(img, how.spec, how.hardware)?,
+    })
+}
+
+/// The customization of `spec` (random material made now) and the reconfiguration for
+/// `hardware` of the Linux system on `disk`, when asked for — refused unless `disk` holds a
+/// Linux root.
+fn transform_for(
+    disk: &Arc<dyn BlockDevice>,
+    spec: Option<&Spec>,
+    hardware: Option<TargetHardware>,
+) -> Result<Option<Arc<dyn TreeTransform>>, RunError> {
+    if spec.is_none() && hardware.is_none() {
+        return Ok(None);
     }
-    if diskferry_imaging::inspect::linux_roots(img).is_empty() {
+    if diskferry_imaging::inspect::linux_roots(disk).is_empty() {
         return Err(RunError::Customize(
-            "the image holds no Linux root filesystem (ext2/3/4 with /etc/os-release) to customize"
+            "the disk holds no Linux root filesystem (ext2/3/4 with /etc/os-release) to customize"
                 .into(),
         ));
     }
     let empty = Spec::default();
-    let mut c = Customization::new(how.spec.unwrap_or(&empty), None)
+    let mut c = Customization::new(spec.unwrap_or(&empty), None)
         .map_err(|e| RunError::Customize(e.to_string()))?;
-    if let Some(hw) = how.hardware {
-        c = c.with_target_hardware(hw, diskferry_imaging::inspect::filesystem_uuids(img));
+    if let Some(hw) = hardware {
+        c = c.with_target_hardware(hw, diskferry_imaging::inspect::filesystem_uuids(disk));
     }
     tracing::info!("{}", c.describe());
-    Ok(DeployHow {
-        mode: how.mode,
-        transform: Some(Arc::new(c)),
-    })
+    Ok(Some(Arc::new(c)))
 }
 
 /// Why a running job failed.
@@ -193,6 +203,9 @@ struct CaptureWork {
     out: PathBuf,
     output: String,
     options: CaptureOptions,
+    /// Rendered for the source machine.
+    customize: Option<Box<Spec>>,
+    hardware: Option<TargetHardware>,
     plan: BasePlan,
     /// Holds the output name until the job (and this value) ends.
     _name: Reservation,
@@ -394,9 +407,11 @@ impl Jobs {
             (&disk.origin(), disk.disk()),
             (mode, format),
         )?;
+        let (customize, hardware) = self.edits_of(req, &disk)?;
         let params = serde_json::json!({
             "source": source, "output": output, "mode": mode.name(), "verify": req.verify,
             "incremental": plan.name(), "base": plan.first().map(|b| &b.name),
+            "customized": customize.is_some(), "target_hardware": hardware.map(TargetHardware::name),
         });
         let options = CaptureOptions {
             output: OutputOptions {
@@ -416,6 +431,8 @@ impl Jobs {
             out,
             output,
             options,
+            customize,
+            hardware,
             plan,
             _name: name,
         }));
@@ -439,17 +456,7 @@ impl Jobs {
                 ))
             })?;
         let disk = JobDisk::resolve(target, &self.catalog, &self.agents)?;
-        let customize = match req.customize.as_deref().filter(|t| !t.trim().is_empty()) {
-            Some(text) => Some(Box::new(self.customization_for(text, &disk)?)),
-            None => None,
-        };
-        let hardware = match req.target_hardware.as_deref().filter(|h| !h.is_empty()) {
-            Some(h) => Some(
-                h.parse::<TargetHardware>()
-                    .map_err(|e| JobError::Invalid(format!("target_hardware: {e}")))?,
-            ),
-            None => None,
-        };
+        let (customize, hardware) = self.edits_of(req, &disk)?;
         let params = serde_json::json!({
             "image": rec.name, "target": target, "mode": mode.name(), "reboot": req.reboot,
             "source": rec.name, "output": target, "customized": customize.is_some(),
@@ -464,6 +471,27 @@ impl Jobs {
             hardware,
         };
         Ok((work, params))
+    }
+
+    /// The request's customization (checked and rendered for `disk`'s machine) and target
+    /// hardware.
+    fn edits_of(
+        &self,
+        req: &JobRequest,
+        disk: &JobDisk,
+    ) -> Result<(Option<Box<Spec>>, Option<TargetHardware>), JobError> {
+        let customize = match req.customize.as_deref().filter(|t| !t.trim().is_empty()) {
+            Some(text) => Some(Box::new(self.customization_for(text, disk)?)),
+            None => None,
+        };
+        let hardware = match req.target_hardware.as_deref().filter(|h| !h.is_empty()) {
+            Some(h) => Some(
+                h.parse::<TargetHardware>()
+                    .map_err(|e| JobError::Invalid(format!("target_hardware: {e}")))?,
+            ),
+            None => None,
+        };
+        Ok((customize, hardware))
     }
 
     /// A SPEC checked and rendered for `disk`'s machine (`{name}`: its registered name).
@@ -644,8 +672,12 @@ impl Jobs {
         let src: Arc<dyn BlockDevice> = Arc::new(CancellableDevice::new(src, cancel.clone()));
         tracing::info!("capturing {} bytes to {}", src.size(), c.out.display());
         let progress = self.progress_sink(id);
+        let options = CaptureOptions {
+            transform: transform_for(&src, c.customize.as_deref(), c.hardware)?,
+            ..c.options.clone()
+        };
         let (outcome, fallback) =
-            chain::capture_on_plan(src, &c.out, &c.options, &c.plan, &progress)?;
+            chain::capture_on_plan(src, &c.out, &options, &c.plan, &progress)?;
         let made = Made::of(&outcome, &c.plan, fallback);
         tracing::info!("{}", made.line());
         self.catalogue_capture(c, &made);
