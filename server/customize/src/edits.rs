@@ -3,7 +3,7 @@
 //! oneshot systemd unit that runs them once and removes itself).
 
 use diskferry_fs::overlay::{Attrs, TreeOverlay};
-use diskferry_fs::FileKind;
+use diskferry_fs::{FileKind, Filesystem};
 
 use crate::{CustomizeError, MAX_CONFIG, ORIG_SUFFIX};
 
@@ -26,6 +26,24 @@ pub(crate) fn put_text(
         _ => o.write_file(path, text.into_bytes(), attrs)?,
     }
     Ok(())
+}
+
+/// Files of `dir` whose name ends with `suffix`.
+pub(crate) fn files_in(
+    o: &TreeOverlay,
+    dir: &str,
+    suffix: &str,
+) -> Result<Vec<String>, CustomizeError> {
+    let Some((node, FileKind::Dir)) = o.stat(dir)? else {
+        return Ok(Vec::new());
+    };
+    Ok(o.read_dir(node)?
+        .into_iter()
+        .filter(|e| e.kind == FileKind::File)
+        .map(|e| e.name_lossy())
+        .filter(|n| n.ends_with(suffix))
+        .map(|n| format!("{dir}/{n}"))
+        .collect())
 }
 
 /// 32 lowercase hex digits, as `/etc/machine-id` holds.
@@ -106,8 +124,8 @@ pub(crate) fn file(
     if !parent.is_empty() {
         o.create_dirs(parent, Attrs::root(0o755))?;
     }
-    let existed = o.stat(&f.path)?.is_some();
-    if let Some((_, FileKind::File)) = o.stat(&f.path)? {
+    let existing = o.stat(&f.path)?;
+    if let Some((_, FileKind::File)) = existing {
         o.rename(&f.path, &format!("{}{ORIG_SUFFIX}", f.path))?;
     }
     let attrs = Attrs {
@@ -119,7 +137,11 @@ pub(crate) fn file(
     Ok(vec![format!(
         "file {} {} ({} bytes, mode {mode:04o}, {}:{})",
         f.path,
-        if existed { "replaced" } else { "added" },
+        if existing.is_some() {
+            "replaced"
+        } else {
+            "added"
+        },
         f.content.len(),
         f.uid,
         f.gid

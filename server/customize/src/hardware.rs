@@ -14,13 +14,14 @@
 //!
 //! Every replaced file stays beside the new one as `*.diskferry-orig`.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::{Arc, Mutex};
 
 use diskferry_fs::overlay::{Attrs, TreeOverlay};
 use diskferry_fs::{FileKind, Filesystem};
 
 use crate::cpio::Entry;
-use crate::edits::{put_text, read_text};
+use crate::edits::{files_in, put_text, read_text};
 use crate::initramfs::Initramfs;
 use crate::{CustomizeError, ORIG_SUFFIX};
 
@@ -226,14 +227,58 @@ fn modules_prefix(ramfs: &Initramfs, version: &str) -> String {
         })
 }
 
-/// Adds what `hw` needs to kernel `k`'s initramfs; a line saying what was added (or that
-/// nothing was missing), and which of the target's modules the kernel does not have.
-fn add_drivers(
+/// One initramfs's reconfiguration: the new bytes (`None` when nothing was added) and the
+/// line saying what was done.
+pub(crate) type Drivers = (Option<Arc<[u8]>>, String);
+
+/// Initramfs files rebuilt so far, by `partition:path`.
+pub(crate) type Rebuilt = Mutex<HashMap<String, Drivers>>;
+
+/// How to reconfigure one partition's tree.
+pub(crate) struct How<'a> {
+    pub hw: TargetHardware,
+    /// The source disk's filesystem UUIDs by partition number.
+    pub uuids: &'a BTreeMap<u32, String>,
+    /// Dates what goes into initramfs archives.
+    pub mtime: u32,
+    pub partition: u32,
+    pub rebuilt: &'a Rebuilt,
+}
+
+/// [`add_drivers`], or what an earlier application of the same edits to the same partition
+/// made of this initramfs.
+fn add_drivers_once(
     o: &mut TreeOverlay,
+    k: &Kernel,
+    how: &How<'_>,
+) -> Result<String, CustomizeError> {
+    let key = format!("{}:{}", how.partition, k.initrd);
+    let cached = how.rebuilt.lock().ok().and_then(|m| m.get(&key).cloned());
+    let (bytes, line) = match cached {
+        Some(done) => done,
+        None => {
+            let done = add_drivers(o, k, how.hw, how.mtime)?;
+            if let Ok(mut m) = how.rebuilt.lock() {
+                m.insert(key, done.clone());
+            }
+            done
+        }
+    };
+    if let Some(bytes) = bytes {
+        o.replace_file(&k.initrd, bytes.to_vec(), ORIG_SUFFIX)?;
+    }
+    Ok(line)
+}
+
+/// What `hw` needs added to kernel `k`'s initramfs: the new initramfs (`None` when nothing
+/// was missing), and a line saying what was added and which of the target's modules the
+/// kernel does not have.
+fn add_drivers(
+    o: &TreeOverlay,
     k: &Kernel,
     hw: TargetHardware,
     mtime: u32,
-) -> Result<String, CustomizeError> {
+) -> Result<Drivers, CustomizeError> {
     let dep = parse_dep(&String::from_utf8_lossy(&read_system(
         o,
         &format!("{}/modules.dep", k.modules),
@@ -277,7 +322,10 @@ fn add_drivers(
         )
     };
     if added.is_empty() {
-        return Ok(format!("initramfs {}: nothing to add{lacking}", k.initrd));
+        return Ok((
+            None,
+            format!("initramfs {}: nothing to add{lacking}", k.initrd),
+        ));
     }
     for index in INDEXES {
         if let Ok(bytes) = read_system(o, &format!("{}/{index}", k.modules)) {
@@ -299,14 +347,14 @@ fn add_drivers(
         }
     }
     ramfs.put(Entry::file("conf/modules", 0o644, mtime, conf.into_bytes()));
-    o.replace_file(&k.initrd, ramfs.to_bytes()?, ORIG_SUFFIX)?;
     added.sort();
-    Ok(format!(
+    let line = format!(
         "initramfs {} ({}, written back gzip): added {}{lacking}",
         k.initrd,
         format!("{:?}", ramfs.compression).to_lowercase(),
         added.join(", ")
-    ))
+    );
+    Ok((Some(ramfs.to_bytes()?.into()), line))
 }
 
 /// The target's modules named where the system's initramfs builder reads them, so later
@@ -421,20 +469,6 @@ fn root_by_uuid(
     Ok(changes)
 }
 
-/// Files of `dir` whose name ends with `suffix`.
-fn files_in(o: &TreeOverlay, dir: &str, suffix: &str) -> Result<Vec<String>, CustomizeError> {
-    let Some((node, FileKind::Dir)) = o.stat(dir)? else {
-        return Ok(Vec::new());
-    };
-    Ok(o.read_dir(node)?
-        .into_iter()
-        .filter(|e| e.kind == FileKind::File)
-        .map(|e| e.name_lossy())
-        .filter(|n| n.ends_with(suffix))
-        .map(|n| format!("{dir}/{n}"))
-        .collect())
-}
-
 /// `text` with each line `pinned` says is a MAC pin replaced by what `rewrite` makes of it
 /// (`None` drops it); whether anything changed.
 fn unpin(
@@ -537,9 +571,7 @@ fn unpin_network(o: &mut TreeOverlay) -> Result<Vec<String>, CustomizeError> {
 /// filesystem UUIDs by partition number; `mtime` dates what goes into initramfs archives.
 pub(crate) fn reconfigure(
     o: &mut TreeOverlay,
-    hw: TargetHardware,
-    uuids: &BTreeMap<u32, String>,
-    mtime: u32,
+    how: &How<'_>,
 ) -> Result<Vec<String>, CustomizeError> {
     let mut changes = Vec::new();
     let ks = kernels(o);
@@ -547,12 +579,12 @@ pub(crate) fn reconfigure(
         changes.push("drivers: no kernel with an initramfs under /boot (is /boot a partition of its own? not reconfigured)".into());
     }
     for k in &ks {
-        changes.push(add_drivers(o, k, hw, mtime)?);
+        changes.push(add_drivers_once(o, k, how)?);
     }
     if !ks.is_empty() {
-        changes.push(record_modules(o, hw)?);
+        changes.push(record_modules(o, how.hw)?);
     }
-    changes.extend(root_by_uuid(o, uuids)?);
+    changes.extend(root_by_uuid(o, how.uuids)?);
     changes.extend(unpin_network(o)?);
     Ok(changes)
 }

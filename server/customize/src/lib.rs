@@ -59,6 +59,10 @@ pub struct Customization {
     hardware: Option<(TargetHardware, std::collections::BTreeMap<u32, String>)>,
     /// Partitions it was applied to.
     applied: Mutex<Vec<u32>>,
+    /// Initramfs files already rebuilt, by partition and path: a deploy applies the edits
+    /// three times (its check, the write, the verification) and unpacking, adding and
+    /// compressing again would be the same work each time.
+    initrds: hardware::Rebuilt,
 }
 
 impl std::fmt::Debug for Customization {
@@ -88,6 +92,7 @@ impl Customization {
             host_keys,
             hardware: None,
             applied: Mutex::new(Vec::new()),
+            initrds: Default::default(),
         })
     }
 
@@ -118,12 +123,18 @@ impl Customization {
         self.applied.lock().map(|a| a.clone()).unwrap_or_default()
     }
 
-    /// All the edits, onto `o`; a line per change.
-    fn edit(&self, o: &mut TreeOverlay) -> Result<Vec<String>, CustomizeError> {
+    /// All the edits, onto `o` (the tree of `partition`); a line per change.
+    fn edit(&self, o: &mut TreeOverlay, partition: u32) -> Result<Vec<String>, CustomizeError> {
         let mut changes = Vec::new();
         if let Some((hw, uuids)) = &self.hardware {
-            let mtime = u32::try_from(self.time.secs).unwrap_or(0);
-            changes.extend(hardware::reconfigure(o, *hw, uuids, mtime)?);
+            let how = hardware::How {
+                hw: *hw,
+                uuids,
+                mtime: u32::try_from(self.time.secs).unwrap_or(0),
+                partition,
+                rebuilt: &self.initrds,
+            };
+            changes.extend(hardware::reconfigure(o, &how)?);
         }
         if let Some(h) = &self.spec.hostname {
             changes.extend(edits::hostname(o, h)?);
@@ -162,7 +173,7 @@ impl TreeTransform for Customization {
             return Ok(None);
         }
         let mut o = TreeOverlay::new(base, self.time);
-        let changes = self.edit(&mut o).map_err(|e| match e {
+        let changes = self.edit(&mut o, partition).map_err(|e| match e {
             CustomizeError::Fs(e) => e,
             other => FsError::Unsupported(format!("customizing partition {partition}: {other}")),
         })?;

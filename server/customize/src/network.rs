@@ -5,7 +5,7 @@
 //! the SPEC lists, so a later customization replaces it.
 
 use diskferry_fs::overlay::{Attrs, TreeOverlay};
-use diskferry_fs::{FileKind, Filesystem};
+use diskferry_fs::Filesystem;
 
 use crate::spec::{normalize_mac, Network};
 use crate::CustomizeError;
@@ -19,18 +19,9 @@ pub enum Tool {
     Networkd,
 }
 
-fn has_files(o: &TreeOverlay, dir: &str, suffix: &str) -> Result<bool, CustomizeError> {
-    let Some((node, FileKind::Dir)) = o.stat(dir)? else {
-        return Ok(false);
-    };
-    Ok(o.read_dir(node)?
-        .iter()
-        .any(|e| e.name_lossy().ends_with(suffix)))
-}
-
 /// The tool configuring the system's network.
 pub fn tool_of(o: &TreeOverlay) -> Result<Tool, CustomizeError> {
-    if has_files(o, "/etc/netplan", ".yaml")? {
+    if !crate::edits::files_in(o, "/etc/netplan", ".yaml")?.is_empty() {
         return Ok(Tool::Netplan);
     }
     if o.resolve("/usr/sbin/NetworkManager").is_ok() {

@@ -63,14 +63,14 @@ pub fn linux_roots(disk: &Arc<dyn BlockDevice>) -> Vec<u32> {
 /// The filesystem UUIDs of `disk`'s partitions, by partition number (what device names in a
 /// system's configuration become when it is reconfigured).
 pub fn filesystem_uuids(disk: &Arc<dyn BlockDevice>) -> std::collections::BTreeMap<u32, String> {
-    inspect(disk)
-        .map(|r| {
-            r.partitions
-                .into_iter()
-                .filter_map(|v| Some((v.number, v.uuid?)))
-                .collect()
-        })
-        .unwrap_or_default()
+    // The filesystems' own identity only: a full `inspect` would also analyse each system.
+    let Ok((_, volumes)) = volumes(disk) else {
+        return Default::default();
+    };
+    volumes
+        .into_iter()
+        .filter_map(|(p, dev)| Some((p.number, fs::open(dev).ok()?.info().uuid)))
+        .collect()
 }
 
 /// A partition and the device that reads it.
