@@ -16,6 +16,7 @@ pub mod hive;
 pub mod http;
 pub mod nbd;
 pub mod p2v;
+pub mod pxe;
 pub mod trees;
 pub mod webdriver;
 

@@ -4,7 +4,9 @@
 //! `deploy/build-bootenv.sh` makes them).
 //!
 //! `/boot.ipxe` without a MAC answers a two-line script that asks again with the booting
-//! interface's MAC (`?mac=${netX/mac}`); with one, the script puts on the kernel command line the
+//! interface's MAC (`?mac=${netX/mac}`); with one, what the server knows of the machine decides
+//! ([`netboot::choose`]): a known machine with nothing to do gets a script that boots its local
+//! disk; any other gets the boot environment, with a script that puts on the kernel command line the
 //! dial-back address, the server's *public* key (the agent pins it) and a one-time enrollment
 //! token bound to that MAC. Nothing served here opens a client: the private key never leaves
 //! the server, and a token only lets an agent ask to be the machine with that MAC — a new
@@ -23,6 +25,7 @@ use axum::routing::get;
 use axum::Router;
 
 use diskferry_daemon::catalog::normalize_mac;
+use diskferry_daemon::netboot::{self, BootChoice, LocalBoot};
 
 use crate::error::Failure;
 use crate::SharedState;
@@ -31,6 +34,8 @@ use crate::SharedState;
 #[derive(Debug, Clone)]
 pub struct BootConfig {
     pub dir: PathBuf,
+    /// How a BIOS machine with nothing to do boots its disk.
+    pub local_boot: LocalBoot,
     /// The agent port's number (the host comes from the request).
     pub agent_port: u16,
     /// `HOST:PORT` to announce instead of the request's host with `agent_port`.
@@ -93,9 +98,19 @@ async fn script(
             let mac = normalize_mac(&mac).ok_or_else(|| {
                 Failure::bad_request("mac must be a MAC address such as 52:54:00:12:34:56")
             })?;
-            let token = state.tokens.issue(&mac);
-            tracing::debug!(%mac, "boot script with an enrollment token for {mac}");
-            boot_script(cfg, host, &token)
+            let st = std::sync::Arc::clone(&state);
+            let m = mac.clone();
+            match tokio::task::spawn_blocking(move || netboot::choose(&st.catalog, &m)).await?? {
+                BootChoice::Environment { reason } => {
+                    let token = state.tokens.issue(&mac);
+                    tracing::info!(%mac, "{mac} boots the imaging environment: {reason}");
+                    boot_script(cfg, host, &token)
+                }
+                BootChoice::LocalDisk { machine, reason } => {
+                    tracing::info!(%mac, "{mac} ({machine}) boots its local disk: {reason}");
+                    netboot::local_disk_script(&machine, &reason, cfg.local_boot)
+                }
+            }
         }
     };
     Ok(([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], body).into_response())

@@ -60,6 +60,8 @@ pub(crate) struct CaptureArgs {
     /// connection, into that server's captures under OUT's file name
     #[command(flatten)]
     daemon: machines::DaemonArgs,
+    #[command(flatten)]
+    when: crate::when::WhenArgs,
 }
 
 /// How `capture`, `convert` and `customize` write their output and read image sources.
@@ -161,6 +163,7 @@ pub(crate) fn run(args: CaptureArgs) -> Result<()> {
     if matches!(&spec, SourceSpec::Local(p) if !p.exists()) && args.daemon.given() {
         return capture_through_server(&args);
     }
+    crate::when::refuse_without_server(&args.when)?;
     let opts = match &spec {
         SourceSpec::Remote { .. } => Some(session(&args.conn)?),
         SourceSpec::Local(_) => None,
@@ -284,6 +287,9 @@ fn capture_through_server(args: &CaptureArgs) -> Result<()> {
         request["base"] = base.into();
     }
     let daemon = machines::Daemon::find(&args.daemon)?;
+    if args.when.submit(&daemon, &mut request)? {
+        return Ok(());
+    }
     let job = daemon.run_job(request)?;
     let summary = job["result"]["summary"].as_str().unwrap_or("done");
     eprintln!(

@@ -41,6 +41,8 @@ pub struct DeployArgs {
     conn: ConnArgs,
     #[command(flatten)]
     daemon: crate::machines::DaemonArgs,
+    #[command(flatten)]
+    when: crate::when::WhenArgs,
 }
 
 pub fn run(args: &DeployArgs) -> Result<()> {
@@ -54,6 +56,7 @@ pub fn run(args: &DeployArgs) -> Result<()> {
             "--reboot needs a machine deployed through a server (--data-dir or --server)"
         );
     }
+    crate::when::refuse_without_server(&args.when)?;
     let session = match &spec {
         SourceSpec::Remote { .. } => Some(crate::session(&args.conn)?),
         SourceSpec::Local(_) => None,
@@ -119,11 +122,15 @@ fn deploy_through_server(args: &DeployArgs) -> Result<()> {
     let mode = diskferry_imaging::pipeline::Mode::from(args.mode).name();
     let customize = args.custom.spec_text()?;
     let daemon = crate::machines::Daemon::find(&args.daemon)?;
-    daemon.run_job(serde_json::json!({
+    let mut request = serde_json::json!({
         "kind": "deploy", "image": image, "target": args.target, "mode": mode,
         "reboot": args.reboot, "customize": customize,
         "target_hardware": args.custom.target_hardware.map(|h| h.name()),
-    }))?;
+    });
+    if args.when.submit(&daemon, &mut request)? {
+        return Ok(());
+    }
+    daemon.run_job(request)?;
     eprintln!("deployed {image} onto {}", args.target);
     Ok(())
 }

@@ -1,4 +1,4 @@
-//! `diskferry machines` and `diskferry machine approve|forget|register|rename|reboot|poweroff`:
+//! `diskferry machines` and `diskferry machine approve|forget|register|rename|reboot|poweroff|wake`:
 //! the machine registry of a running `diskferry serve`, reached through its API (found with
 //! `--data-dir`, or `--server URL` and `--token-file`). An https server is trusted by its
 //! certificate's fingerprint: `--tls-fingerprint`, or `DATA_DIR/tls/cert.pem` with `--data-dir`.
@@ -57,12 +57,21 @@ pub enum MachineCommand {
         /// The machine: its name, a MAC address or its id
         machine: String,
     },
-    /// Accept a machine under a name (it becomes dormant: registered, disk undefined)
+    /// Register a machine under a name, also one that has never booted (by its MAC address)
+    ///
+    /// A machine registered before it ever boots is known: jobs can be queued for it (the
+    /// server wakes it with a magic packet and the job waits for it to connect), and its first
+    /// network boot through /boot.ipxe is approved. A registered machine with nothing to do
+    /// boots its own disk when it starts from the network.
     Register {
-        /// The machine: a MAC address or its id
+        /// The machine: a MAC address (known or not) or its id
         machine: String,
         /// Its name: up to 63 letters, digits, '-', '_' or '.', not a number or a MAC address
         name: String,
+        /// An address on its network, so Wake-on-LAN knows where to send before it first
+        /// connects (afterwards the address it connects from is used)
+        #[arg(long, value_name = "IP")]
+        address: Option<std::net::IpAddr>,
     },
     /// Give a registered machine another name
     Rename {
@@ -75,6 +84,15 @@ pub enum MachineCommand {
     ///
     /// The agent obeys only when started with --allow-power, as the boot environment does.
     Reboot {
+        /// The machine: its name, a MAC address or its id
+        machine: String,
+    },
+    /// Wake a machine with a Wake-on-LAN magic packet
+    ///
+    /// Sent to UDP port 9 at the broadcast address of the network of its last address (every
+    /// network of the server when none is known), or to `serve --wake-relay`. Jobs for a
+    /// machine that is not connected send it by themselves.
+    Wake {
         /// The machine: its name, a MAC address or its id
         machine: String,
     },
@@ -133,7 +151,7 @@ impl Daemon {
         Ok(Daemon { endpoint, token })
     }
 
-    fn call(
+    pub(crate) fn call(
         &self,
         method: &str,
         path: &str,
@@ -309,8 +327,12 @@ pub fn list(args: &DaemonArgs) -> Result<()> {
         if let Some(why) = m["pending"]["reason"].as_str() {
             let key: String = s(&m["pending"]["agent_key"]).chars().take(16).collect();
             state.push_str(&format!(", awaits approval: {why}, agent key {key}"));
-        } else if m["approved"] != true {
+        } else if m["approved"] != true && m["preregistered"] != true {
             state.push_str(", not approved");
+        }
+        let waiting = m["waiting_jobs"].as_array().map_or(0, Vec::len);
+        if waiting > 0 {
+            state.push_str(&format!(", {waiting} job(s) waiting"));
         }
         rows.push([
             m["name"]
@@ -366,7 +388,37 @@ pub fn machine(args: &DaemonArgs, cmd: &MachineCommand) -> Result<()> {
             )?;
             println!("machine {machine} forgotten");
         }
-        MachineCommand::Register { machine, name } | MachineCommand::Rename { machine, name } => {
+        MachineCommand::Register {
+            machine,
+            name,
+            address,
+        } if diskferry_daemon::catalog::normalize_mac(machine).is_some() => {
+            let m = d.call(
+                "POST",
+                "/api/machines",
+                Some(serde_json::json!({ "mac": machine, "name": name, "address": address })),
+            )?;
+            println!(
+                "machine {} is {name} ({}{})",
+                m["macs"][0].as_str().unwrap_or(machine),
+                m["state"].as_str().unwrap_or(""),
+                if m["preregistered"] == true {
+                    "; its first network boot is approved"
+                } else {
+                    ""
+                }
+            );
+        }
+        MachineCommand::Wake { machine } => {
+            let r = d.call(
+                "POST",
+                &format!("/api/machines/{}/wake", segment(machine)),
+                None,
+            )?;
+            println!("{}", r["sent"].as_str().unwrap_or("magic packet sent"));
+        }
+        MachineCommand::Register { machine, name, .. }
+        | MachineCommand::Rename { machine, name } => {
             let m = d.call(
                 "POST",
                 &format!("/api/machines/{}/name", segment(machine)),

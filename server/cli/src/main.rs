@@ -18,6 +18,7 @@ mod progress_bar;
 mod reference;
 mod serve;
 mod vm;
+mod when;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;

@@ -66,9 +66,30 @@ pub struct ServeArgs {
     /// [default: 127.0.0.1:10809, skipped with a warning when that port is taken]
     #[arg(long, value_name = "ADDR:PORT|unix:PATH|off")]
     nbd_listen: Option<String>,
+    /// How a BIOS machine with nothing to do leaves the network boot for its disk: "exit"
+    /// hands back to the firmware, which tries the next boot device; "sanboot" boots the first
+    /// hard disk from iPXE, for firmware that stops after a network boot returns. UEFI
+    /// machines always exit
+    #[arg(long, default_value = "exit", value_name = "exit|sanboot")]
+    local_boot: diskferry_daemon::netboot::LocalBoot,
+    /// Send Wake-on-LAN magic packets here instead of to the broadcast address of the
+    /// machine's network: a directed broadcast (10.2.0.255) or a relay on a routed network;
+    /// port 9 unless given; repeatable
+    #[arg(long, value_name = "ADDR[:PORT]", value_parser = parse_relay)]
+    wake_relay: Vec<SocketAddr>,
     /// How the daemon writes its log on stderr (DISKFERRY_LOG filters it, default info)
     #[arg(long, value_enum, default_value_t = crate::logging::LogFormat::Text)]
     pub log_format: crate::logging::LogFormat,
+}
+
+/// `ADDR` or `ADDR:PORT` (port 9 unless given).
+fn parse_relay(s: &str) -> Result<SocketAddr, String> {
+    s.parse::<SocketAddr>()
+        .or_else(|_| {
+            s.parse::<std::net::IpAddr>()
+                .map(|ip| SocketAddr::new(ip, diskferry_daemon::wake::WOL_PORT))
+        })
+        .map_err(|_| format!("{s:?} is not ADDR or ADDR:PORT"))
 }
 
 pub fn run(args: &ServeArgs) -> Result<()> {
@@ -94,12 +115,20 @@ async fn serve(args: &ServeArgs) -> Result<()> {
         })?;
     let agent_addr = agent_listener.local_addr()?;
     tokio::spawn(std::sync::Arc::clone(&state.agents).accept_loop(agent_listener));
+    state
+        .jobs
+        .set_wake_config(diskferry_daemon::wake::WakeConfig {
+            relays: args.wake_relay.clone(),
+        });
+    // Jobs waiting for their machine or their time, and schedules.
+    tokio::spawn(std::sync::Arc::clone(&state.jobs).dispatch_forever());
     let boot_dir = args
         .boot_dir
         .clone()
         .unwrap_or_else(|| args.data_dir.join("boot"));
     let _ = state.boot.set(diskferry_web::boot::BootConfig {
         dir: boot_dir.clone(),
+        local_boot: args.local_boot,
         agent_port: agent_addr.port(),
         advertise: args.advertise.clone(),
         server_key: startup.server_key,

@@ -188,7 +188,9 @@ impl Agents {
         if !credential.is_empty() && booted_mac.is_none() {
             tracing::warn!(%peer, "agent {peer} brought an unknown, used or expired enrollment token");
         }
-        let enrolled = self.enroll(&identity, conn.peer_key(), booted_mac).await?;
+        let enrolled = self
+            .enroll(&identity, conn.peer_key(), booted_mac, peer)
+            .await?;
         let _link_ticket = self.enrolled.admit(peer.ip())?;
         drop(ticket);
         self.log_enrolled(&enrolled, &identity, &conn, peer);
@@ -209,11 +211,17 @@ impl Agents {
         identity: &MachineIdentity,
         key: PublicKey,
         booted_mac: Option<String>,
+        peer: SocketAddr,
     ) -> Result<Enrolled, WelcomeError> {
         let catalog = Arc::clone(&self.catalog);
         let identity = identity.clone();
         Ok(tokio::task::spawn_blocking(move || {
-            catalog.enroll(&identity, &key.to_string(), booted_mac.as_deref())
+            let e = catalog.enroll(&identity, &key.to_string(), booted_mac.as_deref())?;
+            if e.approved {
+                // Wake-on-LAN finds the machine's network by it.
+                catalog.set_machine_address(e.machine_id, &peer.ip().to_string())?;
+            }
+            Ok::<_, crate::catalog::CatalogError>(e)
         })
         .await
         .map_err(|_| WelcomeError::Stopped)??)

@@ -234,6 +234,14 @@ fn another_machines_macs_get_no_job_and_no_bytes() {
     // token for A's MAC but other hardware, both wait for approval and get nothing.
     drop(real);
     assert!(wait_for(Duration::from_secs(20), || !online(&s, MAC_A)));
+    // A job waiting for A sends A's network boot to the environment, with a token: what an
+    // impostor would race for. (A known machine with nothing to do gets no token: it is sent to
+    // its own disk, fleet.rs.)
+    let waiting = start_job(
+        &s,
+        serde_json::json!({"kind": "capture", "source": MAC_A, "output": "later.qcow2", "wake": false}),
+    );
+    assert_eq!(waiting.status, 201, "{}", waiting.text());
     let (_, token) = boot_secrets(&s, MAC_A);
     let mut forged = Script::machine(&[MAC_A], "OTHER", 4 * MIB);
     forged.token = Some(token);

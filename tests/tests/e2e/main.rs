@@ -9,6 +9,7 @@ mod customize;
 mod deploy;
 mod dial_back;
 mod export;
+mod fleet;
 mod fs_loops;
 mod get_safety;
 mod hardware;

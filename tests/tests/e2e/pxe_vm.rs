@@ -11,95 +11,16 @@
 //! the kernel, the initramfs) and the marker on its kernel command line shows on the serial
 //! console. Times are printed for the report.
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use diskferry_e2e::fixtures::{
     ext4_image, extract, fat_image, gpt_disk, gpt_partition_range, linux_tree, place,
 };
 use diskferry_e2e::http::Server;
-use diskferry_e2e::{bin_dir, diskferry, run_ok, sh, wait_for};
+use diskferry_e2e::pxe::{bootable_disk, bootenv, Vm, MARKER};
+use diskferry_e2e::{diskferry, run_ok, wait_for};
 
 const MIB: u64 = 1 << 20;
-const MARKER: &str = "diskferry.marker=DEPLOYED-DISK-BOOTED";
-
-/// A QEMU process logging its serial console to a file; killed when dropped.
-struct Vm {
-    child: Child,
-    log: PathBuf,
-}
-
-impl Vm {
-    fn start(log: &Path, args: &[String]) -> Vm {
-        let out = std::fs::File::create(log).unwrap();
-        let child = Command::new("qemu-system-x86_64")
-            .args(["-accel", "tcg", "-m", "512", "-nographic", "-no-reboot"])
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(out.try_clone().unwrap())
-            .stderr(out)
-            .spawn()
-            .expect("qemu-system-x86_64 (Debian qemu-system-x86)");
-        Vm {
-            child,
-            log: log.to_path_buf(),
-        }
-    }
-
-    /// PXE-boots with one NIC of this MAC and the given raw disks.
-    fn pxe(log: &Path, http: &str, mac: &str, disks: &[&Path]) -> Vm {
-        let mut args = vec![
-            "-boot".to_string(),
-            "n".into(),
-            "-netdev".into(),
-            format!("user,id=n0,bootfile=http://10.0.2.2:{http}/boot.ipxe"),
-            "-device".into(),
-            format!("virtio-net-pci,netdev=n0,mac={mac}"),
-            // Entropy for the agent's key, as libvirt gives VMs by default.
-            "-device".into(),
-            "virtio-rng-pci".into(),
-        ];
-        for d in disks {
-            args.push("-drive".into());
-            args.push(format!("file={},format=raw,if=virtio", d.display()));
-        }
-        Vm::start(log, &args)
-    }
-
-    fn console(&self) -> String {
-        String::from_utf8_lossy(&std::fs::read(&self.log).unwrap_or_default()).into_owned()
-    }
-
-    fn wait_exit(&mut self, limit: Duration) -> bool {
-        wait_for(limit, || self.child.try_wait().ok().flatten().is_some())
-    }
-}
-
-impl Drop for Vm {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// The boot environment, built once per target directory.
-fn bootenv() -> PathBuf {
-    let dir = bin_dir().join("bootenv-test");
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
-    let out = Command::new("bash")
-        .arg(root.join("deploy/build-bootenv.sh"))
-        .arg(&dir)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "build-bootenv: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    eprintln!("{}", String::from_utf8_lossy(&out.stdout).trim());
-    dir
-}
 
 fn machine_online(s: &Server, mac: &str) -> bool {
     s.get("/api/machines")
@@ -123,34 +44,6 @@ fn job(s: &Server, body: serde_json::Value) -> (serde_json::Value, Duration) {
     let j = s.run_job(&body);
     assert_eq!(j["state"], "succeeded", "{j}");
     (j, start.elapsed())
-}
-
-/// An MBR disk with one active ext4 partition that extlinux boots: the kernel and initramfs
-/// of the boot environment, with the marker on the kernel command line.
-fn bootable_disk(path: &Path, boot: &Path, work: &Path) {
-    std::fs::File::create(path)
-        .unwrap()
-        .set_len(64 * MIB)
-        .unwrap();
-    sh(&format!(
-        "printf 'label: dos\\nlabel-id: 0x0b00710a\\nstart=2048, type=83, bootable\\n' | sfdisk --quiet {disk}
-         dd if=/usr/lib/syslinux/mbr/mbr.bin of={disk} bs=440 count=1 conv=notrunc status=none
-         part={work}/bootpart.ext4
-         truncate -s $(( (64 - 1) * 1048576 )) $part
-         mkfs.ext4 -q -O ^64bit,^metadata_csum -L BOOTME $part
-         mnt={work}/bootmnt; mkdir -p $mnt
-         mount -o loop $part $mnt
-         mkdir -p $mnt/boot/extlinux
-         cp {boot}/vmlinuz {boot}/initramfs.img $mnt/boot/
-         printf 'DEFAULT marker\\nPROMPT 0\\nTIMEOUT 1\\nLABEL marker\\n  KERNEL /boot/vmlinuz\\n  APPEND console=ttyS0 initrd=/boot/initramfs.img {marker}\\n' > $mnt/boot/extlinux/extlinux.conf
-         extlinux --install $mnt/boot/extlinux >/dev/null
-         umount $mnt
-         dd if=$part of={disk} bs=1M seek=1 conv=notrunc,sparse status=none",
-        disk = path.display(),
-        work = work.display(),
-        boot = boot.display(),
-        marker = MARKER,
-    ));
 }
 
 #[test]

@@ -93,6 +93,9 @@ fn api_browses_captures_and_refuses_what_it_must() {
         "/api/machines/{key}/approve",
         "/api/machines/{key}/name",
         "/api/machines/{key}/power",
+        "/api/machines/{key}/wake",
+        "/api/schedules",
+        "/api/schedules/{id}",
     ] {
         assert!(spec["paths"][p].is_object(), "OpenAPI describes {p}");
     }

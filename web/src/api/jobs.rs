@@ -1,5 +1,6 @@
-//! `/api/jobs`: start a capture or deploy job, list and read jobs, follow one with server-sent
-//! events, cancel it.
+//! `/api/jobs`: start a capture or deploy job (at once, at a time, or when its machine
+//! connects), list and read jobs, follow one with server-sent events, cancel it; and
+//! `/api/schedules`: recurring jobs.
 
 use std::sync::Arc;
 
@@ -32,6 +33,54 @@ pub(super) async fn start_job(
         Json(serde_json::json!({ "id": id })),
     )
         .into_response())
+}
+
+/// A recurring job: the request and when it recurs.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ScheduleBody {
+    every: String,
+    job: JobRequest,
+}
+
+pub(super) async fn add_schedule(
+    State(state): State<SharedState>,
+    body: Bytes,
+) -> Result<Response, Failure> {
+    let req: ScheduleBody = json_body(
+        &body,
+        r#"{"every": "sun 02:00", "job": {a job, as POST /api/jobs takes}}"#,
+    )?;
+    let st = Arc::clone(&state);
+    let id =
+        tokio::task::spawn_blocking(move || st.jobs.add_schedule(&req.job, &req.every)).await??;
+    let st = Arc::clone(&state);
+    let rec = tokio::task::spawn_blocking(move || st.catalog.schedule(id)).await??;
+    Ok((
+        StatusCode::CREATED,
+        [(header::LOCATION, format!("/api/schedules/{id}"))],
+        Json(rec),
+    )
+        .into_response())
+}
+
+pub(super) async fn list_schedules(State(state): State<SharedState>) -> Result<Response, Failure> {
+    let st = Arc::clone(&state);
+    let list = tokio::task::spawn_blocking(move || st.catalog.schedules()).await??;
+    Ok(Json(list).into_response())
+}
+
+pub(super) async fn delete_schedule(
+    State(state): State<SharedState>,
+    Path(id): Path<String>,
+) -> Result<Response, Failure> {
+    let id: i64 = parse_number("schedule id", &id)?;
+    let st = Arc::clone(&state);
+    if tokio::task::spawn_blocking(move || st.catalog.delete_schedule(id)).await?? {
+        Ok(StatusCode::NO_CONTENT.into_response())
+    } else {
+        Err(Failure::not_found(format!("no schedule with id {id}")))
+    }
 }
 
 /// The job a URL segment names, or a 400 (not a number) or 404 (no such job).
@@ -69,7 +118,7 @@ pub(super) async fn cancel_job(
     } else {
         Err(Failure::new(
             StatusCode::CONFLICT,
-            format!("job {id} is not running"),
+            format!("job {id} is neither running nor waiting"),
         ))
     }
 }

@@ -13,10 +13,41 @@ use super::*;
 use crate::error::Failure;
 use crate::SharedState;
 
-/// Machines with whether each is connected now.
+/// A machine's jobs: the last one that ran, those waiting for it and its schedules.
+fn machine_jobs(
+    catalog: &diskferry_daemon::catalog::Catalog,
+    id: i64,
+    schedules: &[diskferry_daemon::catalog::ScheduleRecord],
+) -> Result<serde_json::Value, diskferry_daemon::catalog::CatalogError> {
+    let last = catalog.last_job_of(id)?.map(|j| {
+        serde_json::json!({"id": j.id, "kind": j.kind, "state": j.state, "finished_at": j.finished_at})
+    });
+    let waiting: Vec<serde_json::Value> = catalog
+        .waiting_jobs_of(id)?
+        .into_iter()
+        .map(|j| serde_json::json!({"id": j.id, "kind": j.kind, "not_before": j.not_before, "woken_at": j.woken_at}))
+        .collect();
+    let scheduled: Vec<serde_json::Value> = schedules
+        .iter()
+        .filter(|s| s.machine_id == Some(id))
+        .map(|s| serde_json::json!({"id": s.id, "kind": s.kind, "every": s.every, "next_at": s.next_at}))
+        .collect();
+    Ok(serde_json::json!({"last_job": last, "waiting_jobs": waiting, "schedules": scheduled}))
+}
+
+/// Machines with whether each is connected now and their jobs.
 pub async fn machine_list(state: &SharedState) -> Result<Vec<serde_json::Value>, Failure> {
     let st = Arc::clone(state);
-    let list = tokio::task::spawn_blocking(move || st.catalog.machines()).await??;
+    let (list, jobs) = tokio::task::spawn_blocking(move || {
+        let list = st.catalog.machines()?;
+        let schedules = st.catalog.schedules()?;
+        let jobs = list
+            .iter()
+            .map(|m| machine_jobs(&st.catalog, m.id, &schedules))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok::<_, diskferry_daemon::catalog::CatalogError>((list, jobs))
+    })
+    .await??;
     let online = state.agents.online();
     let exports = match state.nbd.get() {
         Some(nbd) => state
@@ -35,8 +66,12 @@ pub async fn machine_list(state: &SharedState) -> Result<Vec<serde_json::Value>,
     };
     Ok(list
         .into_iter()
-        .map(|m| {
+        .zip(jobs)
+        .map(|(m, jobs)| {
             let mut v = serde_json::to_value(&m).unwrap_or_default();
+            for k in ["last_job", "waiting_jobs", "schedules"] {
+                v[k] = jobs[k].clone();
+            }
             v["online"] = online.contains(&m.id).into();
             // Its disks over NBD while it is connected and approved.
             v["nbd"] = exports
@@ -145,6 +180,78 @@ pub(super) async fn power_machine(
     Ok((
         StatusCode::ACCEPTED,
         Json(serde_json::json!({"done": req.action})),
+    )
+        .into_response())
+}
+
+/// What registering a machine before it boots takes.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RegisterBody {
+    pub mac: String,
+    pub name: String,
+    /// An address on its network, for Wake-on-LAN until it connects.
+    #[serde(default)]
+    pub address: Option<String>,
+}
+
+/// Registers a machine by MAC and name (a new one is known, and approved on its first PXE
+/// boot); shared by the API and the page.
+pub async fn register(state: &SharedState, body: RegisterBody) -> Result<i64, Failure> {
+    let address = match body
+        .address
+        .as_deref()
+        .map(str::trim)
+        .filter(|a| !a.is_empty())
+    {
+        Some(a) => Some(
+            a.parse::<std::net::IpAddr>()
+                .map_err(|_| Failure::bad_request(format!("address {a:?} is not an IP address")))?,
+        ),
+        None => None,
+    };
+    let st = Arc::clone(state);
+    let id = tokio::task::spawn_blocking(move || {
+        st.catalog.register_machine(&body.mac, &body.name, address)
+    })
+    .await??;
+    tracing::info!(machine = id, "machine {id} registered by an administrator");
+    Ok(id)
+}
+
+pub(super) async fn register_machine(
+    State(state): State<SharedState>,
+    body: Bytes,
+) -> Result<Response, Failure> {
+    let req: RegisterBody = json_body(
+        &body,
+        r#"{"mac": "52:54:00:12:34:56", "name": "lab-01", "address": "10.0.0.21" (optional)}"#,
+    )?;
+    let id = register(&state, req).await?;
+    let m = machine_by_key(&state, &id.to_string()).await?;
+    Ok((
+        StatusCode::CREATED,
+        [(axum::http::header::LOCATION, format!("/api/machines/{id}"))],
+        Json(m),
+    )
+        .into_response())
+}
+
+/// Sends a machine the Wake-on-LAN magic packet; shared by the API and the page.
+pub async fn wake(state: &SharedState, key: &str) -> Result<String, Failure> {
+    let st = Arc::clone(state);
+    let key = key.to_string();
+    Ok(tokio::task::spawn_blocking(move || st.jobs.wake_machine(&key)).await??)
+}
+
+pub(super) async fn wake_machine(
+    State(state): State<SharedState>,
+    Path(key): Path<String>,
+) -> Result<Response, Failure> {
+    let sent = wake(&state, &key).await?;
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(serde_json::json!({"sent": sent})),
     )
         .into_response())
 }

@@ -22,6 +22,18 @@ pub fn routes() -> Router<SharedState> {
         .route("/jobs", get(list).post(start))
         .route("/jobs/{id}", get(detail))
         .route("/jobs/{id}/cancel", post(cancel))
+        .route("/schedules/{id}/delete", post(delete_schedule))
+}
+
+/// The "when" fields both job forms share: a start time and a recurrence.
+fn when_fields() -> maud::Markup {
+    html! {
+        label for="at" { "Start (optional)" }
+        input #at name="at" placeholder="now, +30m, 02:00, 2026-12-06 02:00";
+        label for="every" { "Repeat (optional)" }
+        input #every name="every" placeholder="sun 02:00, daily 23:30, weekdays 06:00";
+        p.hint { "A job for a machine that is not connected waits for it and wakes it with a magic packet (Wake-on-LAN); it fails if the machine has not connected after 15 minutes. Times are the server's." }
+    }
 }
 
 async fn list(
@@ -29,10 +41,11 @@ async fn list(
     Extension(who): Extension<Identity>,
 ) -> Result<Html<String>, PageFailure> {
     let st = Arc::clone(&state);
-    let (jobs, captures) = tokio::task::spawn_blocking(move || {
+    let (jobs, captures, schedules) = tokio::task::spawn_blocking(move || {
         Ok::<_, diskferry_daemon::catalog::CatalogError>((
             st.catalog.jobs(200)?,
             st.catalog.captures()?,
+            st.catalog.schedules()?,
         ))
     })
     .await??;
@@ -58,6 +71,7 @@ async fn list(
                 option value="auto" { "incremental on the latest capture of this disk with a chunk map" }
             }
             label.check { input type="checkbox" name="verify" value="1" checked; " Verify afterwards" }
+            (when_fields())
             button type="submit" { "Start capture" }
             p.hint { "The client must hold the key in DATA_DIR/agent.key. The output's extension (.vhdx, .vhd, .vmdk, .qcow2, .img) sets the format." }
         }
@@ -93,9 +107,32 @@ async fn list(
                 }
                 label for="customize" { "Customization (optional TOML SPEC)" }
                 textarea #customize name="customize" rows="6" spellcheck="false" placeholder="hostname = \"{name}\"\nmachine_id = \"new\"\nssh_host_keys = \"regenerate\"" {}
+                (when_fields())
                 button type="submit" { "Deploy" }
                 p.hint { "Everything on the target disk is replaced. The partition table is scaled to the target; a disk too small is refused before anything is written. The result is verified by reading it back. A customization gives the deployed Linux system its own host name ({name} is the machine's registered name), machine-id, SSH host keys, users, files, network and first-boot commands (README \"Customization\"); a bad SPEC is refused before anything is written." }
             }
+        }
+        h2 #schedules { "Schedules" }
+        @if schedules.is_empty() { p.empty { "No recurring jobs." } } @else {
+            div.scroll { table.list {
+                thead { tr { th { "#" } th { "Kind" } th { "What" } th { "Every" } th { "Next" } th { "Last job" } th {} } }
+                tbody {
+                    @for sc in &schedules {
+                        tr {
+                            td { (sc.id) }
+                            td { (sc.kind) }
+                            td { (schedule_what(&sc.request)) }
+                            td { (sc.every) }
+                            td.schedule-next { (diskferry_daemon::jobs::show_time(sc.next_at)) }
+                            td { @if let Some(j) = sc.last_job.filter(|j| *j > 0) { a href=(format!("/jobs/{j}")) { (j) } } }
+                            td { form method="post" action=(format!("/schedules/{}/delete", sc.id)) {
+                                input type="hidden" name="csrf" value=(who.csrf());
+                                button.danger type="submit" { "Delete" }
+                            } }
+                        }
+                    }
+                }
+            } }
         }
         h2 { "History" }
         @if jobs.is_empty() { p.empty { "No jobs yet." } } @else {
@@ -107,7 +144,10 @@ async fn list(
                             td { a href=(format!("/jobs/{}", j.id)) { (j.id) } }
                             td { (j.kind) }
                             td { (j.params["source"].as_str().unwrap_or("")) " → " (j.params["output"].as_str().unwrap_or("")) }
-                            td { span class=(format!("state {}", j.state.name())) { (j.state.name()) } }
+                            td {
+                                span class=(format!("state {}", j.state.name())) { (j.state.name()) }
+                                @if j.waiting { " " span.hint { (waiting_note(j)) } }
+                            }
                             td { (date(j.created_at)) }
                         }
                     }
@@ -125,7 +165,7 @@ async fn start(
     let field = |k: &str| form.get(k).cloned().unwrap_or_default();
     let nonempty = |k: &str| Some(field(k).trim().to_string()).filter(|v| !v.is_empty());
     let kind = nonempty("kind").unwrap_or_else(|| "capture".into());
-    let id = state.jobs.start(JobRequest {
+    let req = JobRequest {
         kind,
         source: nonempty("source"),
         output: nonempty("output"),
@@ -139,8 +179,48 @@ async fn start(
         chunk_map: None,
         customize: nonempty("customize"),
         target_hardware: nonempty("target_hardware"),
-    })?;
+        at: nonempty("at"),
+        wake: None,
+        wait_minutes: None,
+    };
+    if let Some(every) = nonempty("every") {
+        state.jobs.add_schedule(&req, &every)?;
+        return Ok(Redirect::to("/jobs#schedules").into_response());
+    }
+    let id = state.jobs.start(req)?;
     Ok(Redirect::to(&format!("/jobs/{id}")).into_response())
+}
+
+async fn delete_schedule(
+    State(state): State<SharedState>,
+    Path(id): Path<String>,
+) -> Result<Response, PageFailure> {
+    let id: i64 = parse_number("schedule id", &id)?;
+    let st = Arc::clone(&state);
+    tokio::task::spawn_blocking(move || st.catalog.delete_schedule(id)).await??;
+    Ok(Redirect::to("/jobs#schedules").into_response())
+}
+
+/// What a scheduled request reads or writes.
+fn schedule_what(req: &serde_json::Value) -> String {
+    let s = |k: &str| req[k].as_str().unwrap_or("").to_string();
+    match req["kind"].as_str() {
+        Some("deploy") => format!("{} → {}", s("image"), s("target")),
+        _ => format!("{} → {}", s("source"), s("output")),
+    }
+}
+
+/// Why a waiting job waits, in a few words.
+fn waiting_note(j: &diskferry_daemon::catalog::JobRecord) -> String {
+    let now = diskferry_daemon::catalog::unix_now();
+    match (j.not_before, j.params["waiting_for"].as_str()) {
+        (Some(t), _) if t > now => format!("until {}", diskferry_daemon::jobs::show_time(t)),
+        (_, Some(m)) => match j.woken_at {
+            Some(_) => format!("for {m} (woken)"),
+            None => format!("for {m}"),
+        },
+        _ => "to start".into(),
+    }
 }
 
 async fn detail(

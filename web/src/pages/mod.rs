@@ -36,6 +36,8 @@ pub fn routes() -> Router<SharedState> {
         .route("/machines/{id}/name", post(name_machine))
         .route("/machines/{id}/approve", post(approve_machine))
         .route("/machines/{id}/forget", post(forget_machine))
+        .route("/machines/{id}/wake", post(wake_machine))
+        .route("/machines/register", post(register_machine))
         .merge(captures::routes())
         .merge(jobs::routes())
         .fallback(|| async { PageFailure(Failure::not_found("no such page")) })
@@ -210,12 +212,23 @@ async fn machines(
     let text = |v: &serde_json::Value| v.as_str().unwrap_or("").to_string();
     let body = html! {
         h1 { "Machines" }
+        form.job #register method="post" action="/machines/register" {
+            input type="hidden" name="csrf" value=(who.csrf());
+            label for="reg-mac" { "Add a machine: MAC address" }
+            input #reg-mac name="mac" required placeholder="52:54:00:12:34:56";
+            label for="reg-name" { "Name" }
+            input #reg-name name="name" required placeholder="lab-01";
+            label for="reg-address" { "Address (optional, for Wake-on-LAN)" }
+            input #reg-address name="address" placeholder="10.0.0.21";
+            button type="submit" { "Add" }
+            p.hint { "A machine added here is known before it boots: jobs can be queued for it (it is woken by a magic packet), and its first network boot is approved. A known machine with nothing to do boots its own disk when it starts from the network." }
+        }
         @if list.is_empty() {
             p.empty { "No machine has dialed in yet. Machines appear here when they boot the diskferry PXE environment and connect back to this server; a new machine waits for your approval before any job may use it." }
         } @else {
             p.hint { "Deploy replaces everything on the machine's disk (its only disk; for a machine with several, name the disk as DISK@MACHINE on the Jobs page). A capture is incremental on the disk's latest capture when it has one with a chunk map (a whole-disk base takes a .qcow2 overlay); a base found unusable gives way to a full capture." }
             div.scroll { table.list {
-                thead { tr { th { "Name" } th { "MAC addresses" } th { "Hardware" } th { "Disks" } th { "State" } th { "Last seen" } th {} } }
+                thead { tr { th { "Name" } th { "MAC addresses" } th { "Hardware" } th { "Disks" } th { "State" } th { "Jobs" } th { "Last seen" } th {} } }
                 tbody {
                     @for m in &list {
                         @let id = m["id"].as_i64().unwrap_or(0);
@@ -240,8 +253,15 @@ async fn machines(
                                     br; span.mono { "agent key " (text(&m["pending"]["agent_key"]).chars().take(16).collect::<String>()) }
                                 }
                             }
+                            td { (machine_jobs(m)) }
                             td { (m["last_seen"].as_i64().map(layout::date).unwrap_or_default()) }
                             td {
+                                @if m["online"] != true {
+                                    form.inline method="post" action=(format!("/machines/{id}/wake")) {
+                                        input type="hidden" name="csrf" value=(who.csrf());
+                                        button type="submit" title="Send the Wake-on-LAN magic packet" { "Wake" }
+                                    }
+                                }
                                 @if !m["pending"].is_null() {
                                     form.inline method="post" action=(format!("/machines/{id}/approve")) {
                                         input type="hidden" name="csrf" value=(who.csrf());
@@ -260,8 +280,9 @@ async fn machines(
                                 @for (source, base) in bases.iter().filter(|b| b.0 == id).map(|b| (&b.1, &b.2)) {
                                     (capture_form(&who, source, base.as_ref()))
                                 }
-                                @if m["online"] == true && m["approved"] == true && m["pending"].is_null() && !captures.is_empty() {
-                                    // Deploy: the machine's only disk, or name one on the jobs page.
+                                @if (m["approved"] == true || m["preregistered"] == true) && m["pending"].is_null() && !captures.is_empty() {
+                                    // Deploy: the machine's only disk, or name one on the jobs page; a
+                                    // machine that is not connected is woken and the job waits for it.
                                     form.inline method="post" action="/jobs" {
                                         input type="hidden" name="csrf" value=(who.csrf());
                                         input type="hidden" name="kind" value="deploy";
@@ -293,7 +314,8 @@ fn capture_bases(
 ) -> Result<Vec<(i64, String, Option<CaptureRecord>)>, JobError> {
     let mut out = Vec::new();
     for m in machines {
-        let usable = m["online"] == true && m["approved"] == true && m["pending"].is_null();
+        // A machine that is not connected gets the form too: its job waits for it.
+        let usable = m["approved"] == true && m["pending"].is_null();
         let macs: Vec<&str> = m["macs"]
             .as_array()
             .into_iter()
@@ -337,6 +359,57 @@ pub fn capture_form(who: &Identity, source: &str, base: Option<&CaptureRecord>) 
             button type="submit" { "Capture " (source) }
         }
     }
+}
+
+/// The machine's last job, the jobs waiting for it and its schedules.
+fn machine_jobs(m: &serde_json::Value) -> maud::Markup {
+    let show = |t: &serde_json::Value| {
+        t.as_i64()
+            .map(diskferry_daemon::jobs::show_time)
+            .unwrap_or_default()
+    };
+    html! {
+        @if let Some(j) = m["last_job"]["id"].as_i64() {
+            "last: " a href=(format!("/jobs/{j}")) { (m["last_job"]["kind"].as_str().unwrap_or("")) " #" (j) }
+            " " span class=(format!("state {}", m["last_job"]["state"].as_str().unwrap_or(""))) { (m["last_job"]["state"].as_str().unwrap_or("")) }
+            br;
+        }
+        @for j in m["waiting_jobs"].as_array().into_iter().flatten() {
+            "waiting: " a href=(format!("/jobs/{}", j["id"])) { (j["kind"].as_str().unwrap_or("")) " #" (j["id"]) }
+            " from " (show(&j["not_before"]))
+            @if !j["woken_at"].is_null() { " (woken)" }
+            br;
+        }
+        @for s in m["schedules"].as_array().into_iter().flatten() {
+            "every " (s["every"].as_str().unwrap_or("")) ": " (s["kind"].as_str().unwrap_or("")) ", next " (show(&s["next_at"]))
+            br;
+        }
+    }
+}
+
+async fn wake_machine(
+    State(state): State<SharedState>,
+    axum::extract::Path(id): axum::extract::Path<String>,
+) -> Result<Response, PageFailure> {
+    crate::api::wake(&state, &id).await?;
+    Ok(Redirect::to("/machines").into_response())
+}
+
+async fn register_machine(
+    State(state): State<SharedState>,
+    Form(form): Form<HashMap<String, String>>,
+) -> Result<Response, PageFailure> {
+    let field = |k: &str| form.get(k).cloned().unwrap_or_default();
+    crate::api::register(
+        &state,
+        crate::api::RegisterBody {
+            mac: field("mac"),
+            name: field("name"),
+            address: Some(field("address")),
+        },
+    )
+    .await?;
+    Ok(Redirect::to("/machines").into_response())
 }
 
 async fn approve_machine(

@@ -9,6 +9,10 @@
 //! - an enrollment token issued for one of the machine's MACs (a PXE boot through
 //!   `/boot.ipxe`) moves approval to the new key, if the machine was approved before and its
 //!   identity is unchanged;
+//! - a machine an administrator registered by MAC before it ever booted (`register_machine`)
+//!   is approved on its first enrollment with a token issued for one of its MACs — the
+//!   administrator vouched for the MAC, as FOG's manual host registration does — and its
+//!   announced identity becomes its own;
 //! - everything else — a new machine, a changed identity, an unknown key without a token —
 //!   waits for an administrator (`pending`), and the approved key, if any, keeps working.
 
@@ -219,13 +223,16 @@ impl Catalog {
         agent_key: &str,
         vouched: bool,
     ) -> Result<Enrolled, CatalogError> {
-        let (known, approved_key): (Option<String>, Option<String>) = db
+        let (known, approved_key, admit_first): (Option<String>, Option<String>, bool) = db
             .query_row(
-                "SELECT identity, approved_key FROM machines WHERE id = ?1",
+                "SELECT identity, approved_key, admit_first FROM machines WHERE id = ?1",
                 [id],
-                |r| Ok((r.get(0)?, r.get(1)?)),
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
             )
             .map_err(|e| self.sql(e))?;
+        if admit_first && approved_key.is_none() && vouched {
+            return self.admit_registered(db, id, identity, agent_key);
+        }
         let known: MachineIdentity = known
             .and_then(|k| serde_json::from_str(&k).ok())
             .unwrap_or_default();
@@ -259,6 +266,29 @@ impl Catalog {
             machine_id: id,
             approved: false,
             waiting: Some(reason),
+        })
+    }
+
+    /// Approves the first enrollment of a machine registered before it booted: its identity
+    /// (all its MACs) becomes the machine's.
+    fn admit_registered(
+        &self,
+        db: &rusqlite::Connection,
+        id: i64,
+        identity: &MachineIdentity,
+        agent_key: &str,
+    ) -> Result<Enrolled, CatalogError> {
+        let macs = checked_macs(identity, None)?;
+        self.store_identity(db, id, identity, &macs)?;
+        db.execute(
+            "UPDATE machines SET approved_key = ?2, pending = NULL, admit_first = 0 WHERE id = ?1",
+            rusqlite::params![id, agent_key],
+        )
+        .map_err(|e| self.sql(e))?;
+        Ok(Enrolled {
+            machine_id: id,
+            approved: true,
+            waiting: None,
         })
     }
 
@@ -469,6 +499,27 @@ mod tests {
         let reboot = c.enroll(&id, "fresh", Some("52:54:00:aa:00:01")).unwrap();
         assert!(reboot.approved);
         assert!(!c.is_approved_key(m, "real").unwrap(), "approval moved");
+    }
+
+    #[test]
+    fn a_machine_registered_before_it_boots_is_approved_on_its_first_pxe_enrollment() {
+        let (_d, c) = catalog();
+        let m = c
+            .register_machine("52:54:00:aa:00:01", "lab-01", None)
+            .unwrap();
+        let id = ident(&["52:54:00:aa:00:01", "52:54:00:aa:00:02"], "PC");
+        // Without a token (not booted through /boot.ipxe) it waits like any other.
+        let e = c.enroll(&id, "k1", None).unwrap();
+        assert!(!e.approved && e.machine_id == m);
+        let e = c.enroll(&id, "k1", Some("52:54:00:aa:00:01")).unwrap();
+        assert!(e.approved, "{e:?}");
+        let rec = c.machine(m).unwrap().unwrap();
+        assert!(!rec.preregistered && rec.pending.is_none());
+        assert_eq!(rec.macs, ["52:54:00:aa:00:01", "52:54:00:aa:00:02"]);
+        assert_eq!(c.find_machine("52:54:00:aa:00:02").unwrap().unwrap().id, m);
+        // Only the first: another key later needs what any approved machine needs.
+        let e = c.enroll(&id, "k2", None).unwrap();
+        assert!(!e.approved);
     }
 
     #[test]

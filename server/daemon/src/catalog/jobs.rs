@@ -1,6 +1,7 @@
 //! Jobs in the catalog: captures and deploys, their parameters, state, last progress event,
 //! log and error — so history survives restarts. A job that was running when the server
-//! stopped is marked `interrupted` on the next start.
+//! stopped is marked `interrupted` on the next start; jobs waiting for their machine or time
+//! (`queue.rs`) keep waiting.
 
 use rusqlite::{params, OptionalExtension, Row};
 use serde::Serialize;
@@ -69,12 +70,23 @@ pub struct JobRecord {
     pub error: Option<String>,
     /// What a finished job made (a capture: its output, base and incremental statistics).
     pub result: Option<serde_json::Value>,
+    /// The machine a waiting job is for.
+    pub machine_id: Option<i64>,
+    /// A waiting job starts no earlier than this (seconds since the epoch).
+    pub not_before: Option<i64>,
+    /// When the last magic packet was sent to wake its machine.
+    pub woken_at: Option<i64>,
+    /// The schedule that made it.
+    pub schedule_id: Option<i64>,
+    /// Whether it waits for its machine or its time (queued with its request kept).
+    pub waiting: bool,
 }
 
-const COLUMNS: &str =
-    "id, kind, state, params, created_at, started_at, finished_at, progress, log, error, result";
+pub(super) const COLUMNS: &str =
+    "id, kind, state, params, created_at, started_at, finished_at, progress, log,
+    error, result, machine_id, not_before, woken_at, schedule_id, request IS NOT NULL";
 
-fn from_row(row: &Row<'_>) -> rusqlite::Result<JobRecord> {
+pub(super) fn from_row(row: &Row<'_>) -> rusqlite::Result<JobRecord> {
     let params: String = row.get(3)?;
     let progress: Option<String> = row.get(7)?;
     Ok(JobRecord {
@@ -91,6 +103,11 @@ fn from_row(row: &Row<'_>) -> rusqlite::Result<JobRecord> {
         result: row
             .get::<_, Option<String>>(10)?
             .and_then(|r| serde_json::from_str(&r).ok()),
+        machine_id: row.get(11)?,
+        not_before: row.get(12)?,
+        woken_at: row.get(13)?,
+        schedule_id: row.get(14)?,
+        waiting: row.get(15)?,
     })
 }
 
@@ -204,17 +221,25 @@ impl Catalog {
         )
     }
 
-    /// Marks every job that was queued or running as interrupted (call once at start: no job
-    /// of an earlier server process is still running). Returns how many there were.
+    /// Marks every job that was running, or queued to start at once, as interrupted (call once
+    /// at start: no job of an earlier server process is still running), and the machines they
+    /// were running on as failed. Jobs waiting for their machine or their time keep waiting.
+    /// Returns how many were interrupted.
     pub fn interrupt_unfinished_jobs(&self) -> Result<usize, CatalogError> {
-        self.db()
-            .execute(
-                "UPDATE jobs SET state = 'interrupted', finished_at = ?1,
+        let db = self.db();
+        // Their machines were in the middle of them: what is on their disks is unknown.
+        db.execute(
+            "UPDATE machines SET state = 'failed' WHERE state = 'transitioning'",
+            [],
+        )
+        .map_err(|e| self.sql(e))?;
+        db.execute(
+            "UPDATE jobs SET state = 'interrupted', finished_at = ?1,
                     error = 'the server stopped while this job ran'
-                 WHERE state IN ('queued', 'running')",
-                [unix_now()],
-            )
-            .map_err(|e| self.sql(e))
+                 WHERE state = 'running' OR (state = 'queued' AND request IS NULL)",
+            [unix_now()],
+        )
+        .map_err(|e| self.sql(e))
     }
 }
 

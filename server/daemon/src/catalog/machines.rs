@@ -31,11 +31,16 @@ pub struct MachineRecord {
     pub agent_key: Option<String>,
     /// An enrollment awaiting an administrator.
     pub pending: Option<super::PendingApproval>,
+    /// Registered by an administrator before it first booted: its first enrollment through a
+    /// PXE token is approved.
+    pub preregistered: bool,
+    /// The address it last connected from, or the one it was registered with.
+    pub address: Option<String>,
 }
 
 /// The columns [`from_row`] reads, in order.
 const COLUMNS: &str = "m.id, m.name, m.macs, h.info, m.state, m.last_seen, m.created_at,
-    m.identity, m.approved_key, m.pending";
+    m.identity, m.approved_key, m.pending, m.admit_first, m.last_address";
 
 fn from_row(row: &Row<'_>) -> rusqlite::Result<MachineRecord> {
     let macs: String = row.get(2)?;
@@ -58,6 +63,8 @@ fn from_row(row: &Row<'_>) -> rusqlite::Result<MachineRecord> {
         pending: row
             .get::<_, Option<String>>(9)?
             .and_then(|p| serde_json::from_str(&p).ok()),
+        preregistered: row.get(10)?,
+        address: row.get(11)?,
     })
 }
 
@@ -197,19 +204,7 @@ impl Catalog {
 
     /// Registers a machine under `name` (unregistered machines become dormant) or renames it.
     pub fn name_machine(&self, id: i64, name: &str) -> Result<(), CatalogError> {
-        let name = name.trim();
-        let valid = !name.is_empty()
-            && name.len() <= 63
-            && name
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
-            && normalize_mac(name).is_none()
-            && name.parse::<i64>().is_err();
-        if !valid {
-            return Err(CatalogError::Invalid(format!(
-                "{name:?} is not a usable machine name: use up to 63 letters, digits, '-', '_' or '.', not a number or a MAC address"
-            )));
-        }
+        let name = checked_name(name)?;
         let db = self.db();
         let taken: Option<i64> = db
             .query_row(
@@ -238,6 +233,75 @@ impl Catalog {
         Ok(())
     }
 
+    /// Registers the machine with MAC address `mac` under `name` before it ever boots (as an
+    /// administrator adds a host by hand): a new machine is created, dormant and
+    /// `preregistered` — its first enrollment through a PXE token for that MAC is approved —
+    /// and a known one is named. `address` is where Wake-on-LAN finds its network until it
+    /// connects. Returns the machine's id.
+    pub fn register_machine(
+        &self,
+        mac: &str,
+        name: &str,
+        address: Option<std::net::IpAddr>,
+    ) -> Result<i64, CatalogError> {
+        let mac = normalize_mac(mac).ok_or_else(|| {
+            CatalogError::Invalid(format!(
+                "{mac:?} is not a MAC address (such as 52:54:00:12:34:56)"
+            ))
+        })?;
+        let id = match self.find_machine(&mac)? {
+            Some(m) => m.id,
+            None => {
+                checked_name(name)?;
+                let db = self.db();
+                let tx = db.unchecked_transaction().map_err(|e| self.sql(e))?;
+                tx.execute(
+                    "INSERT INTO machines (macs, state, created_at, admit_first)
+                     VALUES (?1, ?2, ?3, 1)",
+                    rusqlite::params![
+                        serde_json::json!([mac]).to_string(),
+                        state::DORMANT,
+                        super::unix_now()
+                    ],
+                )
+                .map_err(|e| self.sql(e))?;
+                let id = tx.last_insert_rowid();
+                tx.execute(
+                    "INSERT INTO machine_macs (mac, machine_id) VALUES (?1, ?2)",
+                    rusqlite::params![mac, id],
+                )
+                .map_err(|e| self.sql(e))?;
+                tx.commit().map_err(|e| self.sql(e))?;
+                id
+            }
+        };
+        if let Err(e) = self.name_machine(id, name) {
+            // A machine created just now must not stay behind nameless.
+            if self
+                .machine(id)?
+                .is_some_and(|m| m.name.is_none() && m.preregistered)
+            {
+                let _ = self.forget_machine(id);
+            }
+            return Err(e);
+        }
+        if let Some(addr) = address {
+            self.set_machine_address(id, &addr.to_string())?;
+        }
+        Ok(id)
+    }
+
+    /// Notes the address a machine connected from.
+    pub fn set_machine_address(&self, id: i64, address: &str) -> Result<(), CatalogError> {
+        self.db()
+            .execute(
+                "UPDATE machines SET last_address = ?2 WHERE id = ?1",
+                rusqlite::params![id, address],
+            )
+            .map_err(|e| self.sql(e))?;
+        Ok(())
+    }
+
     /// Sets a machine's state (see [`state`]).
     pub fn set_machine_state(&self, id: i64, new_state: &str) -> Result<(), CatalogError> {
         self.db()
@@ -247,6 +311,25 @@ impl Catalog {
             )
             .map_err(|e| self.sql(e))?;
         Ok(())
+    }
+}
+
+/// `name` trimmed, if it can name a machine.
+fn checked_name(name: &str) -> Result<&str, CatalogError> {
+    let name = name.trim();
+    let valid = !name.is_empty()
+        && name.len() <= 63
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+        && normalize_mac(name).is_none()
+        && name.parse::<i64>().is_err();
+    if valid {
+        Ok(name)
+    } else {
+        Err(CatalogError::Invalid(format!(
+            "{name:?} is not a usable machine name: use up to 63 letters, digits, '-', '_' or '.', not a number or a MAC address"
+        )))
     }
 }
 
@@ -300,5 +383,39 @@ pub(super) mod tests {
         assert!(c.name_machine(b, "bad name").is_err());
         c.name_machine(a, "web-02").unwrap();
         assert!(c.find_machine("web-01").unwrap().is_none());
+    }
+
+    #[test]
+    fn machines_registered_before_they_boot_are_known_by_mac() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = Catalog::open(dir.path()).unwrap();
+        let addr = "10.1.2.3".parse().ok();
+        let id = c
+            .register_machine("52-54-00-AA-00-09", "lab-09", addr)
+            .unwrap();
+        let m = c.find_machine("52:54:00:aa:00:09").unwrap().unwrap();
+        assert_eq!(m.id, id);
+        assert_eq!(m.name.as_deref(), Some("lab-09"));
+        assert_eq!(m.state, state::DORMANT);
+        assert!(m.preregistered && !m.approved);
+        assert_eq!(m.address.as_deref(), Some("10.1.2.3"));
+        // Registering a known MAC names that machine.
+        assert_eq!(
+            c.register_machine("52:54:00:aa:00:09", "lab-9", None)
+                .unwrap(),
+            id
+        );
+        assert!(c
+            .register_machine("52:54:00:aa:00:0a", "lab-9", None)
+            .is_err());
+        assert!(c.register_machine("not-a-mac", "x", None).is_err());
+        assert!(c
+            .register_machine("52:54:00:aa:00:0b", "bad name", None)
+            .is_err());
+        assert_eq!(
+            c.machines().unwrap().len(),
+            1,
+            "refused registrations leave nothing"
+        );
     }
 }

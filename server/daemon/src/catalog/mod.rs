@@ -10,6 +10,7 @@ mod chains;
 mod enroll;
 mod jobs;
 mod machines;
+mod queue;
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -23,6 +24,7 @@ pub use chains::{chain_of, children_of, Relation};
 pub use enroll::{Enrolled, IdentityLimits, PendingApproval, Refusal};
 pub use jobs::{JobRecord, JobState};
 pub use machines::{normalize_mac, state, IdentityDisk, MachineIdentity, MachineRecord};
+pub use queue::{QueuedJob, ScheduleRecord, WaitingJob};
 
 /// Why a catalog operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -146,6 +148,30 @@ const MIGRATIONS: &[&str] = &[
      ALTER TABLE captures ADD COLUMN map_mtime_ns INTEGER;
      ALTER TABLE captures ADD COLUMN incremental TEXT;
      ALTER TABLE jobs ADD COLUMN result TEXT",
+    // 5: fleet imaging. Machines an administrator registered before they ever booted
+    // (`admit_first`: their first enrollment through a PXE token is approved) and the address
+    // a machine last connected from (Wake-on-LAN finds its network by it). Jobs waiting for
+    // their machine or their time: the request as given (checked again when it starts), the
+    // machine, when it may start, when the last magic packet went out and the schedule that
+    // made it. Recurring schedules.
+    "ALTER TABLE machines ADD COLUMN admit_first INTEGER NOT NULL DEFAULT 0;
+     ALTER TABLE machines ADD COLUMN last_address TEXT;
+     ALTER TABLE jobs ADD COLUMN request TEXT;
+     ALTER TABLE jobs ADD COLUMN machine_id INTEGER;
+     ALTER TABLE jobs ADD COLUMN not_before INTEGER;
+     ALTER TABLE jobs ADD COLUMN woken_at INTEGER;
+     ALTER TABLE jobs ADD COLUMN schedule_id INTEGER;
+     CREATE INDEX jobs_waiting ON jobs (state, machine_id);
+     CREATE TABLE schedules (
+        id INTEGER PRIMARY KEY,
+        kind TEXT NOT NULL,
+        request TEXT NOT NULL,
+        machine_id INTEGER REFERENCES machines(id) ON DELETE CASCADE,
+        every TEXT NOT NULL,
+        next_at INTEGER NOT NULL,
+        created_at INTEGER NOT NULL,
+        last_job INTEGER
+     )",
 ];
 
 impl Catalog {

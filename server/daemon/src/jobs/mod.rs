@@ -11,6 +11,9 @@
 mod chain;
 mod disk;
 mod names;
+mod queue;
+pub mod when;
+pub use queue::show_time;
 
 use std::collections::{HashMap, VecDeque};
 use std::path::{Path, PathBuf};
@@ -36,7 +39,7 @@ pub use disk::{JobDisk, OpenError};
 use names::{OutputNames, Reservation};
 
 /// What a job request asks for (`POST /api/jobs`, the jobs page, the CLI through a server).
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct JobRequest {
     /// "capture" or "deploy".
@@ -82,6 +85,17 @@ pub struct JobRequest {
     /// hyperv, vmware): drivers into its initramfs, root by UUID, network unpinned from MACs.
     #[serde(default)]
     pub target_hardware: Option<String>,
+    /// When to start (`now`, `+30m`, `HH:MM`, `YYYY-MM-DD HH:MM` in the server's time zone,
+    /// or RFC 3339); a job for a machine that is not connected waits for it either way.
+    #[serde(default)]
+    pub at: Option<String>,
+    /// Wake the machine with a magic packet when it is not connected (default true).
+    #[serde(default)]
+    pub wake: Option<bool>,
+    /// How long a job waits for its machine to connect before it fails, in minutes
+    /// (default 15).
+    #[serde(default)]
+    pub wait_minutes: Option<u32>,
 }
 
 /// Why a job request was refused (nothing was started).
@@ -269,6 +283,8 @@ pub struct Jobs {
     live: Mutex<HashMap<i64, Live>>,
     /// Output names of running captures.
     names: OutputNames,
+    /// Where magic packets go.
+    wake: Mutex<crate::wake::WakeConfig>,
 }
 
 impl std::fmt::Debug for Jobs {
@@ -285,7 +301,13 @@ impl Jobs {
             agents,
             live: Mutex::new(HashMap::new()),
             names: OutputNames::default(),
+            wake: Mutex::default(),
         }
+    }
+
+    /// Sends magic packets as `wake` says from now on.
+    pub fn set_wake_config(&self, wake: crate::wake::WakeConfig) {
+        *self.wake.lock().unwrap_or_else(|e| e.into_inner()) = wake;
     }
 
     /// A connected, approved machine's disk (`MACHINE` or `DISK@MACHINE`), opened read-only
@@ -340,8 +362,21 @@ impl Jobs {
     }
 
     /// Checks a request, records the job and starts it on the blocking pool of the current
-    /// tokio runtime; returns its id.
+    /// tokio runtime — or, when its time (`at`) is ahead or its machine is not connected,
+    /// records it waiting ([`queue`]); returns its id.
     pub fn start(self: &Arc<Self>, req: JobRequest) -> Result<i64, JobError> {
+        match self.must_wait(&req)? {
+            Some(wait) => self.enqueue(&req, wait, None),
+            None => self.start_checked(req, None),
+        }
+    }
+
+    /// Checks a request and starts it, as job `existing` (a waiting job) or a new one.
+    fn start_checked(
+        self: &Arc<Self>,
+        req: JobRequest,
+        existing: Option<i64>,
+    ) -> Result<i64, JobError> {
         let mode = parse_mode(req.mode.as_deref())?;
         let (work, params) = match req.kind.as_str() {
             "capture" => self.check_capture(&req, mode)?,
@@ -363,7 +398,16 @@ impl Jobs {
                 ));
             }
         }
-        let id = self.catalog.create_job(&req.kind, &params)?;
+        let id = match existing {
+            Some(id) => {
+                self.catalog.set_job_params(id, &params)?;
+                id
+            }
+            None => self.catalog.create_job(&req.kind, &params)?,
+        };
+        if let Some(m) = work.machine() {
+            self.catalog.set_job_machine(id, m)?;
+        }
         let (events, _) = watch::channel(serde_json::json!({"state": "queued"}));
         let cancel = CancelFlag::default();
         let live = Live {
@@ -446,15 +490,7 @@ impl Jobs {
     ) -> Result<(Work, serde_json::Value), JobError> {
         let image = required(&req.image, "image", "deploy")?;
         let target = required(&req.target, "target", "deploy")?;
-        let captures = self.catalog.captures()?;
-        let rec = captures
-            .iter()
-            .find(|c| c.name == image || c.path == image || c.id.to_string() == image)
-            .ok_or_else(|| {
-                JobError::NotFound(format!(
-                    "no capture {image:?} in the catalog (give its id or name)"
-                ))
-            })?;
+        let rec = self.find_capture(image)?;
         let disk = JobDisk::resolve(target, &self.catalog, &self.agents)?;
         let (customize, hardware) = self.edits_of(req, &disk)?;
         let params = serde_json::json!({
@@ -463,7 +499,7 @@ impl Jobs {
             "target_hardware": hardware.map(TargetHardware::name),
         });
         let work = Work::Deploy {
-            image: self.catalog.capture_file(rec),
+            image: self.catalog.capture_file(&rec),
             target: disk,
             mode,
             reboot: req.reboot,
@@ -471,6 +507,19 @@ impl Jobs {
             hardware,
         };
         Ok((work, params))
+    }
+
+    /// The catalogued capture `image` names (its id, name or path).
+    fn find_capture(&self, image: &str) -> Result<crate::catalog::CaptureRecord, JobError> {
+        self.catalog
+            .captures()?
+            .into_iter()
+            .find(|c| c.name == image || c.path == image || c.id.to_string() == image)
+            .ok_or_else(|| {
+                JobError::NotFound(format!(
+                    "no capture {image:?} in the catalog (give its id or name)"
+                ))
+            })
     }
 
     /// The request's customization (checked and rendered for `disk`'s machine) and target
@@ -718,14 +767,17 @@ impl Jobs {
         }
     }
 
-    /// Asks a running job to stop; false when it is not running here.
+    /// Asks a running job to stop, or ends a waiting one; false when it is neither.
     pub fn cancel(&self, id: i64) -> bool {
         match self.live().get(&id) {
             Some(live) => {
                 live.cancel.cancel();
                 true
             }
-            None => false,
+            None => self
+                .catalog
+                .end_waiting_job(id, JobState::Cancelled, "cancelled")
+                .unwrap_or(false),
         }
     }
 
