@@ -1,4 +1,4 @@
-//! `diskferry machines` and `diskferry machine approve|forget|register|rename|reboot|poweroff|wake`:
+//! `diskferry machines` and `diskferry machine approve|forget|register|rename|groups|reboot|poweroff|wake`:
 //! the machine registry of a running `diskferry serve`, reached through its API (found with
 //! `--data-dir`, or `--server URL` and `--token-file`). An https server is trusted by its
 //! certificate's fingerprint: `--tls-fingerprint`, or `DATA_DIR/tls/cert.pem` with `--data-dir`.
@@ -95,6 +95,13 @@ pub enum MachineCommand {
     Wake {
         /// The machine: its name, a MAC address or its id
         machine: String,
+    },
+    /// Set the groups a machine belongs to (a classroom, a rack); none clears them
+    Groups {
+        /// The machine: its name, a MAC address or its id
+        machine: String,
+        /// Group names: up to 63 letters, digits, '-', '_' or '.' each; at most 16
+        groups: Vec<String>,
     },
     /// Power a connected machine off
     ///
@@ -335,9 +342,22 @@ pub fn list(args: &DaemonArgs) -> Result<()> {
             state.push_str(&format!(", {waiting} job(s) waiting"));
         }
         rows.push([
-            m["name"]
-                .as_str()
-                .map_or_else(|| format!("#{}", m["id"]), str::to_string),
+            {
+                let name = m["name"]
+                    .as_str()
+                    .map_or_else(|| format!("#{}", m["id"]), str::to_string);
+                let groups: Vec<String> = m["groups"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .map(s)
+                    .collect();
+                if groups.is_empty() {
+                    name
+                } else {
+                    format!("{name} [{}]", groups.join(","))
+                }
+            },
             m["macs"]
                 .as_array()
                 .map(|a| a.iter().map(s).collect::<Vec<_>>().join(","))
@@ -408,6 +428,23 @@ pub fn machine(args: &DaemonArgs, cmd: &MachineCommand) -> Result<()> {
                     ""
                 }
             );
+        }
+        MachineCommand::Groups { machine, groups } => {
+            let m = d.call(
+                "PUT",
+                &format!("/api/machines/{}/groups", segment(machine)),
+                Some(serde_json::json!({ "groups": groups })),
+            )?;
+            let now: Vec<&str> = m["groups"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|g| g.as_str())
+                .collect();
+            match now.as_slice() {
+                [] => println!("{machine} belongs to no group"),
+                g => println!("{machine} belongs to {}", g.join(", ")),
+            }
         }
         MachineCommand::Wake { machine } => {
             let r = d.call(

@@ -84,7 +84,16 @@ fn boot_scripts_follow_each_machines_state_and_jobs_wait_for_theirs() {
         ],
     );
     assert!(out.contains("first network boot is approved"), "{out}");
+    let out = cli(&data, &["machine", "groups", "lab-31", "room-4", "all"]);
+    assert!(out.contains("lab-31 belongs to all, room-4"), "{out}");
+    let r = s.api(
+        "PUT",
+        "/api/machines/lab-31/groups",
+        br#"{"groups": ["bad name"]}"#,
+    );
+    assert_eq!(r.status, 400, "{}", r.text());
     let m = s.get("/api/machines/lab-31").json();
+    assert_eq!(m["groups"], serde_json::json!(["all", "room-4"]));
     assert_eq!(m["preregistered"], true);
     assert_eq!(m["address"], "192.0.2.31");
     assert!(

@@ -94,6 +94,7 @@ fn api_browses_captures_and_refuses_what_it_must() {
         "/api/machines/{key}/name",
         "/api/machines/{key}/power",
         "/api/machines/{key}/wake",
+        "/api/machines/{key}/groups",
         "/api/schedules",
         "/api/schedules/{id}",
     ] {

@@ -237,6 +237,35 @@ pub(super) async fn register_machine(
         .into_response())
 }
 
+/// Sets the groups a machine belongs to; shared by the API and the page.
+pub async fn set_groups(
+    state: &SharedState,
+    key: &str,
+    groups: Vec<String>,
+) -> Result<i64, Failure> {
+    let m = machine_by_key(state, key).await?;
+    let st = Arc::clone(state);
+    tokio::task::spawn_blocking(move || st.catalog.set_machine_groups(m.id, &groups)).await??;
+    Ok(m.id)
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct GroupsBody {
+    groups: Vec<String>,
+}
+
+pub(super) async fn put_groups(
+    State(state): State<SharedState>,
+    Path(key): Path<String>,
+    body: Bytes,
+) -> Result<Response, Failure> {
+    let req: GroupsBody = json_body(&body, r#"{"groups": ["room-4", "all"]}"#)?;
+    let id = set_groups(&state, &key, req.groups).await?;
+    let m = machine_by_key(&state, &id.to_string()).await?;
+    Ok(Json(m).into_response())
+}
+
 /// Sends a machine the Wake-on-LAN magic packet; shared by the API and the page.
 pub async fn wake(state: &SharedState, key: &str) -> Result<String, Failure> {
     let st = Arc::clone(state);

@@ -50,6 +50,7 @@ pub fn routes() -> Router<SharedState> {
         .route("/jobs/{id}/events", get(job_events))
         .route("/machines", get(machines).post(register_machine))
         .route("/machines/{key}/wake", post(wake_machine))
+        .route("/machines/{key}/groups", axum::routing::put(put_groups))
         .route("/schedules", get(list_schedules).post(add_schedule))
         .route("/schedules/{id}", axum::routing::delete(delete_schedule))
         .route("/machines/{key}", get(machine).delete(forget_machine))

@@ -37,6 +37,7 @@ pub fn routes() -> Router<SharedState> {
         .route("/machines/{id}/approve", post(approve_machine))
         .route("/machines/{id}/forget", post(forget_machine))
         .route("/machines/{id}/wake", post(wake_machine))
+        .route("/machines/{id}/groups", post(groups_machine))
         .route("/machines/register", post(register_machine))
         .merge(captures::routes())
         .merge(jobs::routes())
@@ -234,7 +235,10 @@ async fn machines(
                         @let id = m["id"].as_i64().unwrap_or(0);
                         @let hw = &m["identity"];
                         tr {
-                            td { (m["name"].as_str().unwrap_or("(unregistered)")) }
+                            td {
+                                (m["name"].as_str().unwrap_or("(unregistered)"))
+                                @for g in m["groups"].as_array().into_iter().flatten() { " " span.hint { "[" (text(g)) "]" } }
+                            }
                             td.mono { (m["macs"].as_array().map(|a| a.iter().map(text).collect::<Vec<_>>().join(" ")).unwrap_or_default()) }
                             td { (text(&hw["vendor"])) " " (text(&hw["product"])) }
                             td.mono {
@@ -271,6 +275,11 @@ async fn machines(
                                 form.inline method="post" action=(format!("/machines/{id}/forget")) {
                                     input type="hidden" name="csrf" value=(who.csrf());
                                     button type="submit" { "Forget" }
+                                }
+                                form.inline method="post" action=(format!("/machines/{id}/groups")) {
+                                    input type="hidden" name="csrf" value=(who.csrf());
+                                    input name="groups" placeholder="groups, comma separated" aria-label="Groups" value=(m["groups"].as_array().map(|a| a.iter().map(text).collect::<Vec<_>>().join(", ")).unwrap_or_default());
+                                    button type="submit" { "Set groups" }
                                 }
                                 form.inline method="post" action=(format!("/machines/{id}/name")) {
                                     input type="hidden" name="csrf" value=(who.csrf());
@@ -385,6 +394,23 @@ fn machine_jobs(m: &serde_json::Value) -> maud::Markup {
             br;
         }
     }
+}
+
+async fn groups_machine(
+    State(state): State<SharedState>,
+    axum::extract::Path(id): axum::extract::Path<String>,
+    Form(form): Form<HashMap<String, String>>,
+) -> Result<Response, PageFailure> {
+    let groups = form
+        .get("groups")
+        .map_or("", String::as_str)
+        .split(',')
+        .map(str::trim)
+        .filter(|g| !g.is_empty())
+        .map(str::to_string)
+        .collect();
+    crate::api::set_groups(&state, &id, groups).await?;
+    Ok(Redirect::to("/machines").into_response())
 }
 
 async fn wake_machine(

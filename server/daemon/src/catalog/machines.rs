@@ -36,11 +36,15 @@ pub struct MachineRecord {
     pub preregistered: bool,
     /// The address it last connected from, or the one it was registered with.
     pub address: Option<String>,
+    /// The groups it belongs to (a classroom, a rack), sorted.
+    pub groups: Vec<String>,
 }
 
 /// The columns [`from_row`] reads, in order.
 const COLUMNS: &str = "m.id, m.name, m.macs, h.info, m.state, m.last_seen, m.created_at,
-    m.identity, m.approved_key, m.pending, m.admit_first, m.last_address";
+    m.identity, m.approved_key, m.pending, m.admit_first, m.last_address,
+    (SELECT json_group_array(name) FROM
+        (SELECT name FROM machine_groups g WHERE g.machine_id = m.id ORDER BY name))";
 
 fn from_row(row: &Row<'_>) -> rusqlite::Result<MachineRecord> {
     let macs: String = row.get(2)?;
@@ -65,6 +69,7 @@ fn from_row(row: &Row<'_>) -> rusqlite::Result<MachineRecord> {
             .and_then(|p| serde_json::from_str(&p).ok()),
         preregistered: row.get(10)?,
         address: row.get(11)?,
+        groups: serde_json::from_str(&row.get::<_, String>(12)?).unwrap_or_default(),
     })
 }
 
@@ -291,6 +296,45 @@ impl Catalog {
         Ok(id)
     }
 
+    /// Sets the groups a machine belongs to (none: it leaves every group).
+    pub fn set_machine_groups(&self, id: i64, groups: &[String]) -> Result<(), CatalogError> {
+        if groups.len() > MAX_GROUPS {
+            return Err(CatalogError::Invalid(format!(
+                "a machine belongs to at most {MAX_GROUPS} groups"
+            )));
+        }
+        let names = groups
+            .iter()
+            .map(|g| checked_name(g).map(str::to_string))
+            .collect::<Result<Vec<_>, _>>()?;
+        let db = self.db();
+        let tx = db.unchecked_transaction().map_err(|e| self.sql(e))?;
+        tx.execute("DELETE FROM machine_groups WHERE machine_id = ?1", [id])
+            .map_err(|e| self.sql(e))?;
+        for name in names {
+            tx.execute(
+                "INSERT OR IGNORE INTO machine_groups (machine_id, name) VALUES (?1, ?2)",
+                rusqlite::params![id, name],
+            )
+            .map_err(|e| self.sql(e))?;
+        }
+        tx.commit().map_err(|e| self.sql(e))
+    }
+
+    /// The machines of a group, by name.
+    pub fn group_members(&self, group: &str) -> Result<Vec<MachineRecord>, CatalogError> {
+        self.rows(
+            &self.db(),
+            &format!(
+                "SELECT {COLUMNS} FROM machines m LEFT JOIN hardware h ON h.id = m.hardware_id
+                 WHERE m.id IN (SELECT machine_id FROM machine_groups WHERE name = ?1)
+                 ORDER BY m.name IS NULL, m.name, m.id"
+            ),
+            [group],
+            from_row,
+        )
+    }
+
     /// Notes the address a machine connected from.
     pub fn set_machine_address(&self, id: i64, address: &str) -> Result<(), CatalogError> {
         self.db()
@@ -314,7 +358,10 @@ impl Catalog {
     }
 }
 
-/// `name` trimmed, if it can name a machine.
+/// Most groups one machine belongs to.
+pub const MAX_GROUPS: usize = 16;
+
+/// `name` trimmed, if it can name a machine (or a group).
 fn checked_name(name: &str) -> Result<&str, CatalogError> {
     let name = name.trim();
     let valid = !name.is_empty()
@@ -417,5 +464,36 @@ pub(super) mod tests {
             1,
             "refused registrations leave nothing"
         );
+    }
+
+    #[test]
+    fn machines_belong_to_groups() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = Catalog::open(dir.path()).unwrap();
+        let a = c
+            .register_machine("52:54:00:aa:00:01", "pc-01", None)
+            .unwrap();
+        let b = c
+            .register_machine("52:54:00:aa:00:02", "pc-02", None)
+            .unwrap();
+        c.set_machine_groups(a, &["room-4".into(), "all".into()])
+            .unwrap();
+        c.set_machine_groups(b, &["room-4".into()]).unwrap();
+        assert_eq!(c.machine(a).unwrap().unwrap().groups, ["all", "room-4"]);
+        let room: Vec<i64> = c
+            .group_members("room-4")
+            .unwrap()
+            .iter()
+            .map(|m| m.id)
+            .collect();
+        assert_eq!(room, [a, b]);
+        c.set_machine_groups(a, &[]).unwrap();
+        assert!(c.machine(a).unwrap().unwrap().groups.is_empty());
+        assert!(c.set_machine_groups(a, &["bad name".into()]).is_err());
+        assert!(c
+            .set_machine_groups(a, &vec!["g".to_string(); MAX_GROUPS + 1])
+            .is_err());
+        c.forget_machine(b).unwrap();
+        assert!(c.group_members("room-4").unwrap().is_empty());
     }
 }

@@ -153,7 +153,7 @@ const MIGRATIONS: &[&str] = &[
     // a machine last connected from (Wake-on-LAN finds its network by it). Jobs waiting for
     // their machine or their time: the request as given (checked again when it starts), the
     // machine, when it may start, when the last magic packet went out and the schedule that
-    // made it. Recurring schedules.
+    // made it. Recurring schedules. Groups of machines (a classroom, a rack).
     "ALTER TABLE machines ADD COLUMN admit_first INTEGER NOT NULL DEFAULT 0;
      ALTER TABLE machines ADD COLUMN last_address TEXT;
      ALTER TABLE jobs ADD COLUMN request TEXT;
@@ -162,6 +162,12 @@ const MIGRATIONS: &[&str] = &[
      ALTER TABLE jobs ADD COLUMN woken_at INTEGER;
      ALTER TABLE jobs ADD COLUMN schedule_id INTEGER;
      CREATE INDEX jobs_waiting ON jobs (state, machine_id);
+     CREATE TABLE machine_groups (
+        machine_id INTEGER NOT NULL REFERENCES machines(id) ON DELETE CASCADE,
+        name TEXT NOT NULL,
+        PRIMARY KEY (machine_id, name)
+     );
+     CREATE INDEX machine_groups_name ON machine_groups (name);
      CREATE TABLE schedules (
         id INTEGER PRIMARY KEY,
         kind TEXT NOT NULL,
