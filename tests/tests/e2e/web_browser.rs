@@ -254,3 +254,83 @@ fn browse_download_and_watch_a_capture_in_chromium() {
         b.source().unwrap()
     );
 }
+
+/// Logs in at `base` and lands on `path`.
+fn log_in(b: &Browser, s: &Server, base: &str, path: &str) {
+    b.goto(&format!("{base}{path}")).unwrap();
+    let field = b.find("#password").unwrap();
+    b.type_into(&field, s.password.trim()).unwrap();
+    b.click(&b.find("form.login button").unwrap()).unwrap();
+    wait_url(b, path);
+}
+
+#[test]
+fn machines_are_added_grouped_woken_and_scheduled_in_chromium() {
+    let data = tempfile::tempdir().unwrap();
+    // Magic packets go to a local port nobody reads, not onto this machine's networks.
+    let s = Server::start_with(data.path(), &["--wake-relay", "127.0.0.1:9"]).unwrap();
+    let base = format!("http://{}", s.addr);
+    let downloads = tempfile::tempdir().unwrap();
+    let b = Browser::start(downloads.path()).unwrap();
+    log_in(&b, &s, &base, "/machines");
+
+    // Add a machine before it ever boots.
+    b.type_into(&b.find("#reg-mac").unwrap(), "52-54-00-D1-5C-61")
+        .unwrap();
+    b.type_into(&b.find("#reg-name").unwrap(), "lab-61")
+        .unwrap();
+    b.type_into(&b.find("#reg-address").unwrap(), "192.0.2.61")
+        .unwrap();
+    b.click(&b.find("#register button").unwrap()).unwrap();
+    wait_source(&b, "52:54:00:d1:5c:61");
+    let m = s.get("/api/machines/lab-61").json();
+    assert_eq!(
+        (m["preregistered"].as_bool(), m["address"].as_str()),
+        (Some(true), Some("192.0.2.61"))
+    );
+
+    // Groups, then the Wake button.
+    let groups = b.find("input[name=groups]").unwrap();
+    b.type_into(&groups, "room-4, all").unwrap();
+    b.click(&b.find("form[action$='/groups'] button").unwrap())
+        .unwrap();
+    wait_source(&b, "[room-4]");
+    assert_eq!(
+        s.get("/api/machines/lab-61").json()["groups"],
+        serde_json::json!(["all", "room-4"])
+    );
+    b.click(&b.find("form[action$='/wake'] button").unwrap())
+        .unwrap();
+    wait_url(&b, "/machines");
+    shot(&b, "10-machines.png");
+
+    // A weekly capture of it from the jobs page, listed, then deleted.
+    b.goto(&format!("{base}/jobs")).unwrap();
+    b.type_into(&b.find("#source").unwrap(), "lab-61").unwrap();
+    b.type_into(&b.find("#output").unwrap(), "lab-61-weekly.qcow2")
+        .unwrap();
+    b.type_into(&b.find("#every").unwrap(), "sun 02:00")
+        .unwrap();
+    b.click(&b.find("form.job button").unwrap()).unwrap();
+    wait_source(&b, "lab-61 → lab-61-weekly.qcow2");
+    shot(&b, "11-schedules.png");
+    let list = s.get("/api/schedules").json();
+    assert_eq!(list[0]["every"], "sun 02:00", "{list}");
+    b.click(&b.find("#schedules + div form button").unwrap())
+        .unwrap();
+    assert!(wait_for(Duration::from_secs(20), || s
+        .get("/api/schedules")
+        .json()
+        .as_array()
+        .is_some_and(|a| a.is_empty())));
+    // A capture now waits for the machine, which the history says.
+    b.goto(&format!("{base}/jobs")).unwrap();
+    b.type_into(&b.find("#source").unwrap(), "lab-61").unwrap();
+    b.type_into(&b.find("#output").unwrap(), "lab-61.qcow2")
+        .unwrap();
+    b.click(&b.find("form.job button").unwrap()).unwrap();
+    wait_url(&b, "/jobs/");
+    wait_source(&b, "waiting for machine lab-61 to connect");
+    b.goto(&format!("{base}/jobs")).unwrap();
+    wait_source(&b, "for lab-61");
+}

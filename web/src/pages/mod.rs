@@ -213,17 +213,6 @@ async fn machines(
     let text = |v: &serde_json::Value| v.as_str().unwrap_or("").to_string();
     let body = html! {
         h1 { "Machines" }
-        form.job #register method="post" action="/machines/register" {
-            input type="hidden" name="csrf" value=(who.csrf());
-            label for="reg-mac" { "Add a machine: MAC address" }
-            input #reg-mac name="mac" required placeholder="52:54:00:12:34:56";
-            label for="reg-name" { "Name" }
-            input #reg-name name="name" required placeholder="lab-01";
-            label for="reg-address" { "Address (optional, for Wake-on-LAN)" }
-            input #reg-address name="address" placeholder="10.0.0.21";
-            button type="submit" { "Add" }
-            p.hint { "A machine added here is known before it boots: jobs can be queued for it (it is woken by a magic packet), and its first network boot is approved. A known machine with nothing to do boots its own disk when it starts from the network." }
-        }
         @if list.is_empty() {
             p.empty { "No machine has dialed in yet. Machines appear here when they boot the diskferry PXE environment and connect back to this server; a new machine waits for your approval before any job may use it." }
         } @else {
@@ -251,7 +240,8 @@ async fn machines(
                             }
                             td {
                                 (text(&m["state"])) @if m["online"] == true { " · " span.state.succeeded { "online" } }
-                                @if m["approved"] != true && m["pending"].is_null() { br; span.state.failed { "not approved" } }
+                                @if m["preregistered"] == true { br; span.hint { "added by hand: its first network boot is approved" } }
+                                @else if m["approved"] != true && m["pending"].is_null() { br; span.state.failed { "not approved" } }
                                 @if let Some(reason) = m["pending"]["reason"].as_str() {
                                     br; span.state.failed { "awaits approval" } ": " (reason)
                                     br; span.mono { "agent key " (text(&m["pending"]["agent_key"]).chars().take(16).collect::<String>()) }
@@ -307,6 +297,18 @@ async fn machines(
                     }
                 }
             } }
+        }
+        h2 { "Add a machine" }
+        form.job #register method="post" action="/machines/register" {
+            input type="hidden" name="csrf" value=(who.csrf());
+            label for="reg-mac" { "MAC address" }
+            input #reg-mac name="mac" required placeholder="52:54:00:12:34:56";
+            label for="reg-name" { "Name" }
+            input #reg-name name="name" required placeholder="lab-01";
+            label for="reg-address" { "Address (optional, for Wake-on-LAN)" }
+            input #reg-address name="address" placeholder="10.0.0.21";
+            button type="submit" { "Add" }
+            p.hint { "A machine added here is known before it boots: jobs can be queued for it (it is woken by a magic packet), and its first network boot is approved. A known machine with nothing to do boots its own disk when it starts from the network." }
         }
     };
     Ok(Html(
