@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
+use crate::http::Server;
 use crate::{bin_dir, sh, wait_for};
 
 const MIB: u64 = 1 << 20;
@@ -130,4 +131,18 @@ pub fn bootable_disk(path: &Path, boot: &Path, work: &Path) {
         boot = boot.display(),
         marker = MARKER,
     ));
+}
+
+/// `diskferry serve` on `data` for VMs under QEMU's user networking: its agent port on a free
+/// loopback port that the boot script names (10.0.2.2 reaches the host's loopback); returns
+/// the server and its HTTP port.
+pub fn server_for_vms(data: &Path) -> (Server, String) {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let s = Server::start_with_agent_port(data, &format!("127.0.0.1:{port}")).unwrap();
+    let http = s.addr.rsplit_once(':').unwrap().1.to_string();
+    (s, http)
 }

@@ -8,7 +8,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use diskferry_e2e::http::Server;
-use diskferry_e2e::pxe::{bootable_disk, bootenv, Vm, MARKER};
+use diskferry_e2e::pxe::{bootable_disk, bootenv, server_for_vms, Vm, MARKER};
 use diskferry_e2e::{diskferry, run_ok, sh, wait_for};
 
 /// `/boot.ipxe?mac=MAC`, as iPXE asks it.
@@ -371,13 +371,7 @@ fn a_machine_that_boots_from_the_network_first_comes_back_up_in_its_deployed_sys
         "none".as_ref(),
     ]);
     assert!(ok, "{err}");
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let s = Server::start_with_agent_port(&data, &format!("127.0.0.1:{port}")).unwrap();
-    let http = s.addr.rsplit_once(':').unwrap().1.to_string();
+    let (s, http) = server_for_vms(&data);
 
     // Known before it ever boots, with a deploy queued while it is off.
     let mac = "52:54:00:d1:5c:51";

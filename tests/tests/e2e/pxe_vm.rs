@@ -17,7 +17,7 @@ use diskferry_e2e::fixtures::{
     ext4_image, extract, fat_image, gpt_disk, gpt_partition_range, linux_tree, place,
 };
 use diskferry_e2e::http::Server;
-use diskferry_e2e::pxe::{bootable_disk, bootenv, Vm, MARKER};
+use diskferry_e2e::pxe::{bootable_disk, bootenv, server_for_vms, Vm, MARKER};
 use diskferry_e2e::{diskferry, run_ok, wait_for};
 
 const MIB: u64 = 1 << 20;
@@ -78,13 +78,7 @@ fn machines_boot_from_the_network_are_captured_deployed_and_boot_their_copy() {
     let boot_a = w.join("a-boot.img");
     bootable_disk(&boot_a, &boot, w);
 
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let s = Server::start_with_agent_port(&data, &format!("127.0.0.1:{port}")).unwrap();
-    let http = s.addr.rsplit_once(':').unwrap().1.to_string();
+    let (s, http) = server_for_vms(&data);
 
     // VM A: network boot, registration.
     let mac_a = "52:54:00:d1:5c:0a";
