@@ -17,6 +17,7 @@ pub mod http;
 pub mod nbd;
 pub mod p2v;
 pub mod trees;
+pub mod uefi;
 pub mod webdriver;
 
 /// The directory holding this build's binaries (target/debug or target/release).
