@@ -41,7 +41,7 @@ fn deploy(image: &Path, target: &Path, extra: &[&str]) -> String {
         "--progress".as_ref(),
         "none".as_ref(),
     ];
-    args.extend(extra.iter().map(|a| a.as_ref()));
+    args.extend(extra.iter().map(std::ffi::OsStr::new));
     let (ok, _, err) = diskferry(&args);
     assert!(ok, "deploy {extra:?}: {err}");
     err

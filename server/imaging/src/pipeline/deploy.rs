@@ -142,7 +142,10 @@ pub fn deploy_disk(
         )));
     }
     if unpartitioned {
-        let skipped = skipped(&image, Mode::Sectors).filter(|_| how.fallback_loader);
+        let skipped = how
+            .fallback_loader
+            .then(|| skipped(&image, Mode::Sectors))
+            .flatten();
         return deploy_whole_disk(&image, &target, target_name, started, skipped);
     }
     let plan =
