@@ -37,7 +37,7 @@ pub struct DeployArgs {
     follow_backing: bool,
     /// Do not add the EFI fallback loader. By default an EFI system partition recreated file
     /// by file that lacks \EFI\BOOT\BOOTX64.EFI gets one, copied from the system's own
-    /// loader (\EFI\<vendor>\shimx64.efi with its grubx64.efi and mmx64.efi, else
+    /// loader in \EFI\VENDOR\ (shimx64.efi with its grubx64.efi and mmx64.efi, else
     /// grubx64.efi; and grub.cfg), so firmware with blank boot variables still boots it. Turn
     /// it off to keep the partition exactly as captured: when the target's firmware must only
     /// boot through its own boot entries, or \EFI\BOOT is managed by other means (another
