@@ -18,6 +18,7 @@ pub mod nbd;
 pub mod p2v;
 pub mod pxe;
 pub mod trees;
+pub mod uefi;
 pub mod webdriver;
 
 /// The directory holding this build's binaries (target/debug or target/release).

@@ -35,6 +35,15 @@ pub struct DeployArgs {
     /// implicitly)
     #[arg(long)]
     follow_backing: bool,
+    /// Do not add the EFI fallback loader. By default an EFI system partition recreated file
+    /// by file that lacks \EFI\BOOT\BOOTX64.EFI gets one, copied from the system's own
+    /// loader in \EFI\VENDOR\ (shimx64.efi with its grubx64.efi and mmx64.efi, else
+    /// grubx64.efi; and grub.cfg), so firmware with blank boot variables still boots it. Turn
+    /// it off to keep the partition exactly as captured: when the target's firmware must only
+    /// boot through its own boot entries, or \EFI\BOOT is managed by other means (another
+    /// system's loader put there later)
+    #[arg(long)]
+    no_fallback_loader: bool,
     #[command(flatten)]
     custom: crate::customize::CustomizeArgs,
     #[command(flatten)]
@@ -67,6 +76,7 @@ pub fn run(args: &DeployArgs) -> Result<()> {
     let how = DeployHow {
         mode: args.mode.into(),
         transform: args.custom.transform(&image)?,
+        fallback_loader: !args.no_fallback_loader,
     };
     let target = open_target(&spec, rt.handle(), session.as_ref(), args.conn.reconnect())?;
     let progress = progress_for(args.progress);
@@ -99,6 +109,11 @@ fn deploy_through_server(args: &DeployArgs) -> Result<()> {
         anyhow::bail!(
             "{} is not DISK@HOST:PORT or an existing file; to deploy a machine, say which server holds it: --data-dir DIR or --server URL --token-file FILE",
             args.target
+        );
+    }
+    if args.no_fallback_loader {
+        anyhow::bail!(
+            "--no-fallback-loader is for deploys run here (DISK@HOST:PORT or a local file): a server's deploy jobs always add the EFI fallback loader where it is missing"
         );
     }
     // The server knows its captures by name.

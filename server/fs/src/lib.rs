@@ -6,6 +6,7 @@
 //! (the walk goes on), lengths are bounded before allocation, walks are bounded.
 
 pub mod detect;
+pub mod esp;
 pub mod ext4;
 pub mod fat;
 pub mod fat_write;
@@ -342,6 +343,12 @@ pub trait Filesystem: Send + Sync {
     /// captures, delta deploys). `None` by default: the writer lays out afresh.
     fn placement_hint(&self, _node: NodeId) -> Option<Vec<FileExtent>> {
         None
+    }
+
+    /// How many [`overlay::TreeOverlay`]s this view is made of (0: none): an overlay on
+    /// another marks the nodes it adds with a bit of its own.
+    fn overlay_depth(&self) -> u32 {
+        0
     }
 
     /// Finds `path` (`/`-separated, from the root; symlinks are not followed).

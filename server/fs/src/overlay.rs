@@ -7,7 +7,9 @@
 //! Paths are `/`-separated from the root and never follow symbolic links: an edit whose
 //! parent path crosses a link, leaves the tree (`..`) or names something that is not a
 //! directory is refused, so nothing an image holds can steer an edit elsewhere. Nodes the
-//! overlay adds have ids with the top bit set; base ids never have it (it is checked).
+//! overlay adds have ids with the top bit set; base ids never have it (it is checked). An
+//! overlay on an overlay (transforms applied in turn: [`Chain`]) marks its nodes with the next
+//! bit down, so both overlays' nodes stay apart.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -19,8 +21,12 @@ use super::{
     Timestamp, VolumeInfo,
 };
 
-/// Set in the ids of nodes the overlay adds.
+/// Set in the ids of nodes an overlay on a filesystem that is no overlay adds; one nested
+/// `n` deep uses the bit `n` places lower.
 const OVERLAY_BIT: NodeId = 1 << 63;
+/// Overlays nested deeper than this share a bit with the one below, which the base-id checks
+/// then refuse rather than mix up.
+const MAX_NESTING: u32 = 15;
 /// Longest name one directory entry may have (ext4's and most filesystems' limit).
 const MAX_NAME: usize = 255;
 
@@ -68,6 +74,8 @@ pub struct TreeOverlay {
     /// Per directory (a base one or an added one), its changed entries.
     changes: HashMap<NodeId, BTreeMap<Vec<u8>, Change>>,
     now: Timestamp,
+    /// The bit marking the nodes this overlay adds.
+    bit: NodeId,
 }
 
 impl std::fmt::Debug for TreeOverlay {
@@ -120,6 +128,60 @@ impl std::fmt::Debug for dyn TreeTransform {
     }
 }
 
+/// Two transforms applied in turn: the second to the tree the first made (a deploy's
+/// customization, then its fallback boot loader). The changes are the first's lines, then
+/// the second's; deterministic when both are.
+pub struct Chain {
+    first: Arc<dyn TreeTransform>,
+    second: Arc<dyn TreeTransform>,
+}
+
+impl Chain {
+    /// `first`, then `second`; either may be absent.
+    pub fn of(
+        first: Option<Arc<dyn TreeTransform>>,
+        second: Option<Arc<dyn TreeTransform>>,
+    ) -> Option<Arc<dyn TreeTransform>> {
+        match (first, second) {
+            (Some(first), Some(second)) => Some(Arc::new(Chain { first, second })),
+            (one, None) | (None, one) => one,
+        }
+    }
+}
+
+impl TreeTransform for Chain {
+    fn apply(
+        &self,
+        partition: u32,
+        base: Arc<dyn Filesystem>,
+    ) -> Result<Option<(TreeOverlay, Vec<String>)>> {
+        let Some((first, mut changes)) = self.first.apply(partition, Arc::clone(&base))? else {
+            return self.second.apply(partition, base);
+        };
+        let first = Arc::new(first);
+        match self
+            .second
+            .apply(partition, Arc::clone(&first) as Arc<dyn Filesystem>)?
+        {
+            Some((second, more)) => {
+                changes.extend(more);
+                Ok(Some((second, changes)))
+            }
+            // The first's overlay back, or (when the second kept a hold on it) a view of it
+            // with nothing more edited.
+            None => Ok(Some((
+                Arc::try_unwrap(first)
+                    .unwrap_or_else(|held| TreeOverlay::new(held, Timestamp { secs: 0, nanos: 0 })),
+                changes,
+            ))),
+        }
+    }
+
+    fn describe(&self) -> String {
+        format!("{}, then {}", self.first.describe(), self.second.describe())
+    }
+}
+
 /// Now, as edits date what they add.
 pub fn now() -> Timestamp {
     let secs = std::time::SystemTime::now()
@@ -131,12 +193,18 @@ pub fn now() -> Timestamp {
 impl TreeOverlay {
     /// `base` with no edits yet; what the edits add is dated `time`.
     pub fn new(base: Arc<dyn Filesystem>, time: Timestamp) -> TreeOverlay {
+        let bit = OVERLAY_BIT >> base.overlay_depth().min(MAX_NESTING);
         TreeOverlay {
             base,
             added: Vec::new(),
             changes: HashMap::new(),
             now: time,
+            bit,
         }
+    }
+
+    fn ours(&self, node: NodeId) -> bool {
+        node & self.bit != 0
     }
 
     /// The filesystem under the edits.
@@ -145,14 +213,14 @@ impl TreeOverlay {
     }
 
     fn added(&self, node: NodeId) -> Result<&Added> {
-        usize::try_from(node & !OVERLAY_BIT)
+        usize::try_from(node & !self.bit)
             .ok()
             .and_then(|i| self.added.get(i))
             .ok_or_else(|| FsError::NotFound(format!("overlay node {node:#x}")))
     }
 
-    fn base_id(node: NodeId) -> Result<NodeId> {
-        if node & OVERLAY_BIT != 0 {
+    fn base_id(&self, node: NodeId) -> Result<NodeId> {
+        if self.ours(node) {
             return Err(FsError::Unsupported(format!(
                 "node id {node:#x} of the base collides with the overlay's"
             )));
@@ -165,15 +233,18 @@ impl TreeOverlay {
         if let Some(change) = self.changes.get(&dir).and_then(|c| c.get(name)) {
             return Ok(*change);
         }
-        if dir & OVERLAY_BIT != 0 {
+        if self.ours(dir) {
             return Ok(None);
         }
-        Ok(self
+        match self
             .base
             .read_dir(dir)?
             .into_iter()
             .find(|e| e.name == name)
-            .map(|e| (e.node, e.kind)))
+        {
+            Some(e) => Ok(Some((self.base_id(e.node)?, e.kind))),
+            None => Ok(None),
+        }
     }
 
     /// The directory `parents` names, without following links.
@@ -195,7 +266,7 @@ impl TreeOverlay {
     }
 
     fn add(&mut self, kind: FileKind, size: u64, attrs: Attrs, content: Content) -> NodeId {
-        let node = OVERLAY_BIT | self.added.len() as NodeId;
+        let node = self.bit | self.added.len() as NodeId;
         self.added.push(Added {
             meta: Metadata {
                 node,
@@ -250,6 +321,33 @@ impl TreeOverlay {
     pub fn write_file(&mut self, path: &str, bytes: Vec<u8>, attrs: Attrs) -> Result<()> {
         let size = bytes.len() as u64;
         let node = self.add(FileKind::File, size, attrs, Content::File(bytes.into()));
+        self.put(path, Some((node, FileKind::File)))
+    }
+
+    /// Copies the regular file `from` (a node of this view) to `path` (its parent must
+    /// exist), replacing whatever was there, as `cp -p` would: the copy has the original's
+    /// mode, owner, attributes and times. A file over `limit` bytes is refused.
+    pub fn copy_file(&mut self, from: NodeId, path: &str, limit: u64) -> Result<()> {
+        let meta = self.metadata(from)?;
+        if meta.kind != FileKind::File {
+            return Err(FsError::Unsupported(format!(
+                "copying to {path:?}: the original is a {}, not a regular file",
+                meta.kind.name()
+            )));
+        }
+        let bytes = self.read_all(from, limit)?;
+        let node = self.bit | self.added.len() as NodeId;
+        let size = bytes.len() as u64;
+        self.added.push(Added {
+            meta: Metadata {
+                node,
+                size,
+                links: 1,
+                allocated: size,
+                ..meta
+            },
+            content: Content::File(bytes.into()),
+        });
         self.put(path, Some((node, FileKind::File)))
     }
 
@@ -328,7 +426,7 @@ impl Filesystem for TreeOverlay {
     }
 
     fn metadata(&self, node: NodeId) -> Result<Metadata> {
-        if node & OVERLAY_BIT != 0 {
+        if self.ours(node) {
             return Ok(self.added(node)?.meta.clone());
         }
         self.base.metadata(node)
@@ -336,12 +434,12 @@ impl Filesystem for TreeOverlay {
 
     fn read_dir(&self, dir: NodeId) -> Result<Vec<DirEntry>> {
         let changes = self.changes.get(&dir);
-        let mut out: Vec<DirEntry> = if dir & OVERLAY_BIT != 0 {
+        let mut out: Vec<DirEntry> = if self.ours(dir) {
             Vec::new()
         } else {
             let mut base = self.base.read_dir(dir)?;
             for e in &base {
-                Self::base_id(e.node)?;
+                self.base_id(e.node)?;
             }
             base.retain(|e| !changes.is_some_and(|c| c.contains_key(&e.name)));
             base
@@ -359,7 +457,7 @@ impl Filesystem for TreeOverlay {
     }
 
     fn read_at(&self, node: NodeId, offset: u64, buf: &mut [u8]) -> Result<usize> {
-        if node & OVERLAY_BIT == 0 {
+        if !self.ours(node) {
             return self.base.read_at(node, offset, buf);
         }
         let Content::File(bytes) = &self.added(node)?.content else {
@@ -376,7 +474,7 @@ impl Filesystem for TreeOverlay {
     }
 
     fn read_link(&self, node: NodeId) -> Result<Vec<u8>> {
-        if node & OVERLAY_BIT == 0 {
+        if !self.ours(node) {
             return self.base.read_link(node);
         }
         match &self.added(node)?.content {
@@ -386,14 +484,14 @@ impl Filesystem for TreeOverlay {
     }
 
     fn xattrs(&self, node: NodeId) -> Result<Vec<(String, Vec<u8>)>> {
-        if node & OVERLAY_BIT != 0 {
+        if self.ours(node) {
             return Ok(Vec::new());
         }
         self.base.xattrs(node)
     }
 
     fn security_descriptor(&self, node: NodeId) -> Result<Option<Vec<u8>>> {
-        if node & OVERLAY_BIT != 0 {
+        if self.ours(node) {
             return Ok(None);
         }
         self.base.security_descriptor(node)
@@ -401,7 +499,7 @@ impl Filesystem for TreeOverlay {
 
     /// Added files have no place on any disk: writers read them through `read_at`.
     fn extents(&self, node: NodeId) -> Result<Vec<FileExtent>> {
-        if node & OVERLAY_BIT != 0 {
+        if self.ours(node) {
             return Ok(Vec::new());
         }
         self.base.extents(node)
@@ -412,7 +510,7 @@ impl Filesystem for TreeOverlay {
     }
 
     fn data_ranges(&self, node: NodeId) -> Result<Vec<(u64, u64)>> {
-        if node & OVERLAY_BIT == 0 {
+        if !self.ours(node) {
             return self.base.data_ranges(node);
         }
         let size = self.added(node)?.meta.size;
@@ -439,8 +537,12 @@ impl Filesystem for TreeOverlay {
         self.base.device()
     }
 
+    fn overlay_depth(&self) -> u32 {
+        self.base.overlay_depth() + 1
+    }
+
     fn placement_hint(&self, node: NodeId) -> Option<Vec<FileExtent>> {
-        if node & OVERLAY_BIT != 0 {
+        if self.ours(node) {
             return None;
         }
         self.base.placement_hint(node)
@@ -572,6 +674,95 @@ mod tests {
         o.write_file("/link", b"now a file".to_vec(), Attrs::root(0o600))
             .unwrap();
         assert_eq!(o.read_file("/link", 100).unwrap().unwrap(), b"now a file");
+    }
+
+    /// Writes `/etc/<name>` and, when the tree has it, copies `/etc/<copies>` beside it.
+    struct Adds {
+        name: &'static str,
+        copies: Option<&'static str>,
+    }
+
+    impl TreeTransform for Adds {
+        fn apply(
+            &self,
+            _partition: u32,
+            base: Arc<dyn Filesystem>,
+        ) -> Result<Option<(TreeOverlay, Vec<String>)>> {
+            let mut o = TreeOverlay::new(base, Timestamp { secs: 7, nanos: 0 });
+            o.write_file(
+                &format!("/etc/{}", self.name),
+                self.name.as_bytes().to_vec(),
+                Attrs::root(0o600),
+            )?;
+            let mut changes = vec![format!("wrote {}", self.name)];
+            if let Some(c) = self.copies {
+                if let Some((node, FileKind::File)) = o.stat(&format!("/etc/{c}"))? {
+                    o.copy_file(node, &format!("/etc/{c}.copy"), 100)?;
+                    changes.push(format!("copied {c}"));
+                }
+            }
+            Ok(Some((o, changes)))
+        }
+
+        fn describe(&self) -> String {
+            format!("adds {}", self.name)
+        }
+    }
+
+    #[test]
+    fn a_chain_applies_the_second_transform_to_the_first_ones_tree() {
+        let (_dir, fs) = base();
+        let first: Arc<dyn TreeTransform> = Arc::new(Adds {
+            name: "one",
+            copies: None,
+        });
+        let second: Arc<dyn TreeTransform> = Arc::new(Adds {
+            name: "two",
+            copies: Some("one"),
+        });
+        assert!(Chain::of(None, None).is_none());
+        let only = Chain::of(None, Some(Arc::clone(&second))).unwrap();
+        assert_eq!(only.describe(), "adds two");
+        let chain = Chain::of(Some(first), Some(second)).unwrap();
+        assert_eq!(chain.describe(), "adds one, then adds two");
+        let (o, changes) = chain.apply(1, fs).unwrap().unwrap();
+        assert_eq!(changes, ["wrote one", "wrote two", "copied one"]);
+        assert_eq!(o.overlay_depth(), 2);
+        assert_eq!(
+            names(&o, "/etc"),
+            ["hostname", "one", "one.copy", "ssh", "two"]
+        );
+        assert_eq!(o.read_file("/etc/one.copy", 10).unwrap().unwrap(), b"one");
+        // The two overlays' nodes stay apart, through a writer too.
+        let dev: Arc<dyn BlockDevice> = Arc::new(diskferry_blockdev::MemoryDevice::new(16 << 20));
+        crate::ext4::write::write_ext4(Arc::clone(&dev), &o, &Default::default()).unwrap();
+        let ext = crate::ext4::Ext4::open(dev).unwrap();
+        let read = |p: &str| ext.read_all(ext.lookup(p).unwrap(), 1 << 20).unwrap();
+        assert_eq!(read("/etc/one"), b"one");
+        assert_eq!(read("/etc/two"), b"two");
+        assert_eq!(read("/etc/one.copy"), b"one");
+        assert_eq!(read("/etc/hostname"), b"old\n");
+    }
+
+    #[test]
+    fn a_copy_keeps_the_originals_metadata_and_is_bounded() {
+        let (_dir, fs) = base();
+        let mut o = TreeOverlay::new(Arc::clone(&fs), now());
+        let node = o.lookup("/etc/hostname").unwrap();
+        o.copy_file(node, "/data/hostname", 100).unwrap();
+        let (a, b) = (
+            fs.metadata(node).unwrap(),
+            o.metadata(o.lookup("/data/hostname").unwrap()).unwrap(),
+        );
+        assert_eq!(
+            (a.mode, a.uid, a.mtime, a.size),
+            (b.mode, b.uid, b.mtime, b.size)
+        );
+        assert!(o.copy_file(node, "/data/small", 3).is_err());
+        assert!(o
+            .copy_file(o.lookup("/etc").unwrap(), "/data/dir", 100)
+            .is_err());
+        assert!(o.stat("/data/small").unwrap().is_none());
     }
 
     #[test]

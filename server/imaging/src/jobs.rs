@@ -207,12 +207,13 @@ fn capture_image(
     Ok(CaptureSummary::Partitions(report))
 }
 
-/// Each partition's line, and each change a customization made in it.
+/// Each partition's line, and each change made in its files (customization, the EFI
+/// fallback loader).
 fn log_partitions(partitions: &[crate::pipeline::PartitionReport]) {
     for p in partitions {
         tracing::info!(partition = p.number, "{p}");
         for c in &p.changes {
-            tracing::info!(partition = p.number, "customized: {c}");
+            tracing::info!(partition = p.number, "changed: {c}");
         }
     }
 }

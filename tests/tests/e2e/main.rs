@@ -26,6 +26,7 @@ mod qcow2_write;
 mod real_machine;
 mod reconfigure;
 mod tftp;
+mod uefi_fallback;
 mod vhdx_log;
 mod vhdx_read;
 mod web_api;

@@ -204,7 +204,7 @@ content = "made for {name}"
         "--progress".as_ref(),
         "none".as_ref(),
     ]);
-    let added = err.lines().find(|l| l.contains("customized: initramfs"));
+    let added = err.lines().find(|l| l.contains("changed: initramfs"));
     assert!(
         ok && added.is_some_and(|l| l.contains(" virtio_blk,")),
         "{err}"

@@ -137,6 +137,7 @@ fn deploy_how(img: &Arc<dyn BlockDevice>, how: Edits<'_>) -> Result<DeployHow, R
     Ok(DeployHow {
         mode: how.mode,
         transform: transform_for(img, how.spec, how.hardware)?,
+        ..DeployHow::default()
     })
 }
 

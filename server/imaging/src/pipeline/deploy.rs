@@ -6,6 +6,9 @@
 //! equal to their local stage by hashes (`delta`) are read from the stage, everything else
 //! is read back from the target.
 //!
+//! Every deploy also gives EFI system partitions recreated file by file the firmware's
+//! fallback loader where it is missing (`deploy_edits`), unless turned off.
+//!
 //! A target too small for the data is refused before anything is written, with the numbers.
 
 use std::path::Path;
@@ -15,6 +18,7 @@ use std::time::Instant;
 use super::capture::CaptureError;
 use super::capture::CopyError;
 use super::delta::{write_delta, Confirmed, ConfirmedView};
+use super::deploy_edits::{deploy_edits, skipped};
 use super::disk::{write_disk, CopyEnds, Destination, DiskReport, Mode, PartitionReport};
 use super::plan::{plan_disk, DiskPlan};
 use super::verify::{verify_disks_with, VerifyError, VerifyReport};
@@ -25,19 +29,34 @@ use diskferry_fs as fs;
 use diskferry_fs::overlay::TreeTransform;
 
 /// How a deploy goes: each partition by `mode`, with `transform`'s edits (customization) made
-/// to the trees of partitions recreated file by file.
+/// to the trees of partitions recreated file by file, and — with `fallback_loader` — the EFI
+/// fallback loader added to EFI system partitions lacking it.
 #[derive(Debug, Clone)]
 pub struct DeployHow {
     pub mode: Mode,
     pub transform: Option<Arc<dyn TreeTransform>>,
+    /// Add `\EFI\BOOT\BOOTX64.EFI` (a copy of the system's own loader) where it is missing,
+    /// so firmware with blank boot variables finds a loader. On by default.
+    pub fallback_loader: bool,
+}
+
+impl Default for DeployHow {
+    /// Auto mode, nothing customized, the fallback loader added.
+    fn default() -> DeployHow {
+        DeployHow {
+            mode: Mode::Auto,
+            transform: None,
+            fallback_loader: true,
+        }
+    }
 }
 
 impl DeployHow {
-    /// Each partition by `mode`, nothing edited.
+    /// Each partition by `mode`, nothing customized (the fallback loader added).
     pub fn mode(mode: Mode) -> DeployHow {
         DeployHow {
             mode,
-            transform: None,
+            ..DeployHow::default()
         }
     }
 }
@@ -107,7 +126,6 @@ pub fn deploy_disk(
     progress: &dyn Progress,
 ) -> Result<DeployReport, DeployError> {
     let mode = how.mode;
-    let transform = how.transform.as_deref();
     let started = Instant::now();
     if target.is_read_only() {
         return Err(DeployError::ReadOnly {
@@ -117,14 +135,18 @@ pub fn deploy_disk(
     let name = Path::new(target_name);
     let unpartitioned = diskferry_partition::read_table(&*image)
         .is_ok_and(|t| t.scheme == diskferry_partition::Scheme::None);
-    if transform.is_some() && (unpartitioned || matches!(mode, Mode::Blocks | Mode::Sectors)) {
+    if how.transform.is_some() && (unpartitioned || matches!(mode, Mode::Blocks | Mode::Sectors)) {
         return Err(DeployError::CannotCustomize(format!(
             "customizing needs the partitions recreated file by file (--mode auto or files), not {}",
             if unpartitioned { "an image without a partition table" } else { mode.name() }
         )));
     }
     if unpartitioned {
-        return deploy_whole_disk(&image, &target, target_name, started);
+        let skipped = how
+            .fallback_loader
+            .then(|| skipped(&image, Mode::Sectors))
+            .flatten();
+        return deploy_whole_disk(&image, &target, target_name, started, skipped);
     }
     let plan =
         plan_disk(&image, mode, target.size(), name).map_err(|source| DeployError::CannotPlan {
@@ -134,6 +156,8 @@ pub fn deploy_disk(
             source: Box::new(source),
         })?;
     check_fits(&plan, target_name)?;
+    let (edits, skipped) = deploy_edits(&plan, how.transform.clone(), how.fallback_loader);
+    let transform = edits.as_deref();
     if let Some(t) = transform {
         check_edits(&plan, t)?;
     }
@@ -148,8 +172,9 @@ pub fn deploy_disk(
         confirmed: Some(&confirmed),
         transform,
     };
-    let (partitions, boot_bytes, notes) =
+    let (partitions, boot_bytes, mut notes) =
         write_disk(&ends, plan, progress).map_err(|e| DeployError::Failed(Box::new(e)))?;
+    notes.extend(skipped);
     let verify = verify_confirmed(&image, Arc::clone(&target), confirmed, transform)?;
     Ok(DeployReport {
         disk: DiskReport {
@@ -173,6 +198,7 @@ fn deploy_whole_disk(
     target: &Arc<dyn BlockDevice>,
     target_name: &str,
     started: Instant,
+    skipped: Option<String>,
 ) -> Result<DeployReport, DeployError> {
     let size = image.size();
     if target.size() < size {
@@ -229,7 +255,7 @@ fn deploy_whole_disk(
                 changes: Vec::new(),
             }],
             boot_bytes: 0,
-            notes: Vec::new(),
+            notes: skipped.into_iter().collect(),
             elapsed: started.elapsed(),
         },
         verify,

@@ -72,7 +72,8 @@ pub struct PartitionReport {
     /// held, as hashes showed).
     pub sent: Option<u64>,
     pub note: Option<String>,
-    /// What a tree transform (customization) changed in its files, a line each.
+    /// What a tree transform (customization, the EFI fallback loader) changed in its files,
+    /// a line each.
     pub changes: Vec<String>,
 }
 
@@ -99,7 +100,7 @@ impl std::fmt::Display for PartitionReport {
             write!(f, ", {} sent", crate::units::human_bytes(sent))?;
         }
         if !self.changes.is_empty() {
-            write!(f, ", {} customization change(s)", self.changes.len())?;
+            write!(f, ", {} change(s) to its files", self.changes.len())?;
         }
         if let Some(n) = &self.note {
             write!(f, " — {n}")?;

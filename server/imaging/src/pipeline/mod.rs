@@ -6,6 +6,7 @@
 pub mod capture;
 pub mod delta;
 pub mod deploy;
+mod deploy_edits;
 pub mod disk;
 pub mod incremental;
 mod output;
