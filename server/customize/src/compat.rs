@@ -577,6 +577,7 @@ mod tests {
                 "virtio_net",
                 "ahci",
                 "sd_mod",
+                "e1000e",
             ]),
             aliases,
             error: None,
