@@ -139,10 +139,9 @@ impl Pci {
             device: attr("device"),
             subsystem_vendor: attr("subsystem_vendor"),
             subsystem_device: attr("subsystem_device"),
-            driver: std::fs::read_link(dir.join("driver")).ok().and_then(|l| {
-                l.file_name()
-                    .map(|n| bounded_text(&n.to_string_lossy()))
-            }),
+            driver: std::fs::read_link(dir.join("driver"))
+                .ok()
+                .and_then(|l| l.file_name().map(|n| bounded_text(&n.to_string_lossy()))),
             modalias: attr("modalias"),
             slot,
         }
@@ -293,10 +292,38 @@ mod tests {
         let long = "x".repeat(10_000);
         let hostile_alias = format!("pci:\"\\\n\u{1}{long}");
         let devs = [
-            ("0000:00:00.0", "0x060000", "0x8086", "0x29c0", None, "pci:v00008086d000029C0sv00001AF4sd00001100bc06sc00i00"),
-            ("0000:00:04.0", "0x010000", "0x1af4", "0x1001", Some("virtio-pci"), "pci:v00001AF4d00001001sv00001AF4sd00000002bc01sc00i00"),
-            ("0000:00:03.0", "0x020000", "0x8086", "0x10d3", Some("e1000e"), "pci:v00008086d000010D3sv00008086sd00000000bc02sc00i00"),
-            ("0000:00:05.0", "0x0c0330", "0x1b36", "0x000d", Some("bad\"name"), hostile_alias.as_str()),
+            (
+                "0000:00:00.0",
+                "0x060000",
+                "0x8086",
+                "0x29c0",
+                None,
+                "pci:v00008086d000029C0sv00001AF4sd00001100bc06sc00i00",
+            ),
+            (
+                "0000:00:04.0",
+                "0x010000",
+                "0x1af4",
+                "0x1001",
+                Some("virtio-pci"),
+                "pci:v00001AF4d00001001sv00001AF4sd00000002bc01sc00i00",
+            ),
+            (
+                "0000:00:03.0",
+                "0x020000",
+                "0x8086",
+                "0x10d3",
+                Some("e1000e"),
+                "pci:v00008086d000010D3sv00008086sd00000000bc02sc00i00",
+            ),
+            (
+                "0000:00:05.0",
+                "0x0c0330",
+                "0x1b36",
+                "0x000d",
+                Some("bad\"name"),
+                hostile_alias.as_str(),
+            ),
         ];
         for (slot, class, vendor, device, driver, alias) in devs {
             let d = devices.join(slot);
@@ -336,10 +363,22 @@ mod tests {
         assert_eq!(pci.len(), 4);
         // Storage and network first, then by address.
         let slots: Vec<&str> = pci.iter().map(|d| d["slot"].as_str().unwrap()).collect();
-        assert_eq!(slots, ["0000:00:03.0", "0000:00:04.0", "0000:00:00.0", "0000:00:05.0"]);
+        assert_eq!(
+            slots,
+            [
+                "0000:00:03.0",
+                "0000:00:04.0",
+                "0000:00:00.0",
+                "0000:00:05.0"
+            ]
+        );
         let blk = &pci[1];
         assert_eq!(
-            (blk["class"].as_str(), blk["vendor"].as_str(), blk["device"].as_str()),
+            (
+                blk["class"].as_str(),
+                blk["vendor"].as_str(),
+                blk["device"].as_str()
+            ),
             (Some("0x010000"), Some("0x1af4"), Some("0x1001"))
         );
         assert_eq!(blk["driver"], "virtio-pci");
@@ -351,17 +390,30 @@ mod tests {
         let odd = &pci[3];
         assert_eq!(odd["driver"], "bad\"name");
         let alias = odd["modalias"].as_str().unwrap();
-        assert!(alias.len() <= MAX_FIELD && alias.starts_with("pci:\"\\\n\u{1}x"), "{alias:?}");
+        assert!(
+            alias.len() <= MAX_FIELD && alias.starts_with("pci:\"\\\n\u{1}x"),
+            "{alias:?}"
+        );
 
-        std::fs::write(dir.path().join("firmware/efi/efivars").join(SECURE_BOOT), [6, 0, 0, 0, 0]).unwrap();
+        std::fs::write(
+            dir.path().join("firmware/efi/efivars").join(SECURE_BOOT),
+            [6, 0, 0, 0, 0],
+        )
+        .unwrap();
         assert_eq!(hardware_doc(dir.path())["secure_boot"], false);
         std::fs::remove_file(dir.path().join("firmware/efi/efivars").join(SECURE_BOOT)).unwrap();
         assert!(hardware_doc(dir.path())["secure_boot"].is_null());
         std::fs::remove_dir_all(dir.path().join("firmware/efi")).unwrap();
         let doc = hardware_doc(dir.path());
-        assert_eq!((doc["firmware"].as_str(), doc["secure_boot"].is_null()), (Some("bios"), true));
+        assert_eq!(
+            (doc["firmware"].as_str(), doc["secure_boot"].is_null()),
+            (Some("bios"), true)
+        );
         std::fs::remove_dir_all(dir.path().join("firmware")).unwrap();
-        assert!(hardware_doc(dir.path())["firmware"].is_null(), "not a kernel's sysfs: unknown");
+        assert!(
+            hardware_doc(dir.path())["firmware"].is_null(),
+            "not a kernel's sysfs: unknown"
+        );
     }
 
     #[test]
@@ -372,7 +424,11 @@ mod tests {
             let d = devices.join(format!("0000:{:02x}:{:02x}.0", i / 32, i % 32));
             std::fs::create_dir_all(&d).unwrap();
             // The last few are storage controllers: they are kept.
-            let class = if i >= MAX_PCI + 30 { "0x010802" } else { "0x060400" };
+            let class = if i >= MAX_PCI + 30 {
+                "0x010802"
+            } else {
+                "0x060400"
+            };
             std::fs::write(d.join("class"), class).unwrap();
         }
         let doc = hardware_doc(dir.path());

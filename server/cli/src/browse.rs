@@ -194,7 +194,11 @@ fn print_system(sys: &diskferry_customize::SystemReport) {
             r.kernel,
             list(&r.builtin_storage),
             r.network_modules.len(),
-            if r.network_modules.is_empty() { "none" } else { "listed" },
+            if r.network_modules.is_empty() {
+                "none"
+            } else {
+                "listed"
+            },
         );
     }
     let pinned = if sys.mac_pinned.is_empty() {

@@ -461,7 +461,10 @@ fn kernel_findings(
     for d in devices.iter().filter(|d| d.is_network()) {
         for need in d.needs() {
             let c = candidates(&need, k);
-            if !c.iter().any(|m| k.modules.contains(m) || k.builtin.contains(m)) {
+            if !c
+                .iter()
+                .any(|m| k.modules.contains(m) || k.builtin.contains(m))
+            {
                 out.push(Finding::warn(format!(
                     "{at}: the network controller {} has no driver in this kernel{}: the system will start without it",
                     d.describe(),
@@ -478,7 +481,10 @@ fn wanted(c: &BTreeSet<String>) -> String {
     if c.is_empty() {
         String::new()
     } else {
-        format!(" (needs {})", c.iter().cloned().collect::<Vec<_>>().join(" or "))
+        format!(
+            " (needs {})",
+            c.iter().cloned().collect::<Vec<_>>().join(" or ")
+        )
     }
 }
 
@@ -539,7 +545,13 @@ mod tests {
     }
 
     fn virtio_blk() -> PciDevice {
-        pci("0x010000", "0x1af4", "0x1001", ("0x1af4", "0x0002"), "virtio-pci")
+        pci(
+            "0x010000",
+            "0x1af4",
+            "0x1001",
+            ("0x1af4", "0x0002"),
+            "virtio-pci",
+        )
     }
 
     fn ahci() -> PciDevice {
@@ -547,7 +559,13 @@ mod tests {
     }
 
     fn e1000e() -> PciDevice {
-        pci("0x020000", "0x8086", "0x10d3", ("0x8086", "0x0000"), "e1000e")
+        pci(
+            "0x020000",
+            "0x8086",
+            "0x10d3",
+            ("0x8086", "0x0000"),
+            "e1000e",
+        )
     }
 
     fn set(names: &[&str]) -> BTreeSet<String> {
@@ -635,7 +653,9 @@ mod tests {
             ..Default::default()
         };
         let f = check(&image(true, false), &unknown, None);
-        assert!(refusals(&f).is_empty() && f.iter().any(|f| f.reason.contains("firmware not checked")));
+        assert!(
+            refusals(&f).is_empty() && f.iter().any(|f| f.reason.contains("firmware not checked"))
+        );
     }
 
     #[test]
@@ -653,7 +673,12 @@ mod tests {
         ] {
             assert!(r[0].contains(part), "{part} in {}", r[0]);
         }
-        assert!(refusals(&check(&image(true, false), &m, Some(TargetHardware::Virtio))).is_empty());
+        assert!(refusals(&check(
+            &image(true, false),
+            &m,
+            Some(TargetHardware::Virtio)
+        ))
+        .is_empty());
         let r = check(&image(true, false), &m, Some(TargetHardware::Nvme));
         assert!(
             refusals(&r)[0].contains("--target-hardware nvme does not add it"),
@@ -664,20 +689,37 @@ mod tests {
         img.linux[0].kernels[0].builtin.insert("virtio_blk".into());
         assert!(refusals(&check(&img, &m, None)).is_empty());
         // The controller the initramfs has a driver for: fine.
-        assert!(refusals(&check(&image(true, false), &machine("bios", vec![ahci()]), None)).is_empty());
+        assert!(refusals(&check(
+            &image(true, false),
+            &machine("bios", vec![ahci()]),
+            None
+        ))
+        .is_empty());
     }
 
     #[test]
     fn virtio_scsi_needs_the_disk_driver_and_modern_ids_are_understood() {
         // Modern virtio-scsi (0x1048): virtio_scsi and sd_mod.
-        let scsi = pci("0x010000", "0x1af4", "0x1048", ("0x1af4", "0x1100"), "virtio-pci");
+        let scsi = pci(
+            "0x010000",
+            "0x1af4",
+            "0x1048",
+            ("0x1af4", "0x1100"),
+            "virtio-pci",
+        );
         let needs = scsi.needs();
         assert!(needs.contains(&Need::Alias("virtio:d00000008v00001AF4".into())));
         assert!(needs.contains(&Need::Module("sd_mod")));
         let r = check(&image(true, true), &machine("uefi", vec![scsi]), None);
         assert!(refusals(&r)[0].contains("needs virtio_scsi"), "{r:?}");
         // Modern virtio-blk (0x1042) takes no sd_mod.
-        let blk = pci("0x018000", "0x1af4", "0x1042", ("0x1af4", "0x1100"), "virtio-pci");
+        let blk = pci(
+            "0x018000",
+            "0x1af4",
+            "0x1042",
+            ("0x1af4", "0x1100"),
+            "virtio-pci",
+        );
         assert!(!blk.needs().contains(&Need::Module("sd_mod")));
         assert_eq!(
             blk.pci_modalias().unwrap(),
@@ -687,7 +729,13 @@ mod tests {
 
     #[test]
     fn unknown_controllers_are_refused_and_network_gaps_warned() {
-        let odd = pci("0x010400", "0x1000", "0x0079", ("0x1000", "0x9261"), "megaraid_sas");
+        let odd = pci(
+            "0x010400",
+            "0x1000",
+            "0x0079",
+            ("0x1000", "0x9261"),
+            "megaraid_sas",
+        );
         let r = check(&image(true, false), &machine("bios", vec![odd]), None);
         assert!(
             refusals(&r)
@@ -705,9 +753,13 @@ mod tests {
                 && f.reason.contains("needs e1000e")),
             "{f:?}"
         );
-        assert!(!check(&image(true, false), &machine("bios", vec![ahci(), e1000e()]), None)
-            .iter()
-            .any(|f| f.reason.contains("network")));
+        assert!(!check(
+            &image(true, false),
+            &machine("bios", vec![ahci(), e1000e()]),
+            None
+        )
+        .iter()
+        .any(|f| f.reason.contains("network")));
     }
 
     #[test]
@@ -720,12 +772,21 @@ mod tests {
         let f = check(&img, &m, None);
         assert!(refusals(&f).is_empty(), "{f:?}");
         assert!(f.iter().any(|f| f.reason.contains("no shim")), "{f:?}");
-        assert!(f.iter().any(|f| f.reason.contains("Windows 11 Pro: only the firmware")), "{f:?}");
+        assert!(
+            f.iter()
+                .any(|f| f.reason.contains("Windows 11 Pro: only the firmware")),
+            "{f:?}"
+        );
         img.firmware.shim = true;
-        assert!(!check(&img, &m, None).iter().any(|f| f.reason.contains("shim")));
+        assert!(!check(&img, &m, None)
+            .iter()
+            .any(|f| f.reason.contains("shim")));
         let mut img = image(true, true);
         img.linux[0].kernels[0].error = Some("no /lib/modules/6.1".into());
         let f = check(&img, &m, None);
-        assert!(refusals(&f).is_empty() && f.iter().any(|f| f.reason.contains("drivers not checked")), "{f:?}");
+        assert!(
+            refusals(&f).is_empty() && f.iter().any(|f| f.reason.contains("drivers not checked")),
+            "{f:?}"
+        );
     }
 }

@@ -184,10 +184,26 @@ mod tests {
     #[test]
     fn globs_match_as_fnmatch_does() {
         let cases = [
-            ("pci:v00001AF4d00001001sv*sd*bc*sc*i*", "pci:v00001AF4d00001001sv00001AF4sd00000002bc01sc00i00", true),
-            ("pci:v00001AF4d00001001sv*sd*bc*sc*i*", "pci:v00001AF4d00001000sv00001AF4sd00000002bc01sc00i00", false),
-            ("pci:v*d*sv*sd*bc01sc06i01*", "pci:v00008086d00002922sv00001AF4sd00001100bc01sc06i01", true),
-            ("pci:v*d*sv*sd*bc01sc06i01*", "pci:v00008086d00002922sv00001AF4sd00001100bc01sc06i02", false),
+            (
+                "pci:v00001AF4d00001001sv*sd*bc*sc*i*",
+                "pci:v00001AF4d00001001sv00001AF4sd00000002bc01sc00i00",
+                true,
+            ),
+            (
+                "pci:v00001AF4d00001001sv*sd*bc*sc*i*",
+                "pci:v00001AF4d00001000sv00001AF4sd00000002bc01sc00i00",
+                false,
+            ),
+            (
+                "pci:v*d*sv*sd*bc01sc06i01*",
+                "pci:v00008086d00002922sv00001AF4sd00001100bc01sc06i01",
+                true,
+            ),
+            (
+                "pci:v*d*sv*sd*bc01sc06i01*",
+                "pci:v00008086d00002922sv00001AF4sd00001100bc01sc06i02",
+                false,
+            ),
             ("virtio:d00000002v*", "virtio:d00000002v00001AF4", true),
             ("a?c", "abc", true),
             ("a?c", "ac", false),
@@ -253,6 +269,8 @@ mod tests {
         assert!(t
             .modules_for("pci:v00008086d00002922sv00001AF4sd00001100bc01sc06i01")
             .contains("ahci"));
-        assert!(t.modules_for("pci:v000010ECd00008139sv0sd0bc02sc00i00").is_empty());
+        assert!(t
+            .modules_for("pci:v000010ECd00008139sv0sd0bc02sc00i00")
+            .is_empty());
     }
 }

@@ -34,7 +34,10 @@ pub fn image_facts(image: &Arc<dyn BlockDevice>) -> Result<ImageFacts, Partition
                 kernels: linux_drivers(f),
             });
         } else if let Some(os) = inspect::os::detect(&*f).filter(|o| o.family == "windows") {
-            let name = os.name.or(os.pretty_name).unwrap_or_else(|| "Windows".into());
+            let name = os
+                .name
+                .or(os.pretty_name)
+                .unwrap_or_else(|| "Windows".into());
             facts.other.push((p.number, name));
         }
     }

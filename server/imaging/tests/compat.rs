@@ -22,7 +22,9 @@ const MIB: u64 = 1 << 20;
 const SYSLINUX_MBR: &str = "/usr/lib/syslinux/mbr/mbr.bin";
 
 fn sh(script: &str) {
-    run(Command::new("sh").env("MTOOLS_SKIP_CHECK", "1").args(["-ec", script]));
+    run(Command::new("sh")
+        .env("MTOOLS_SKIP_CHECK", "1")
+        .args(["-ec", script]));
 }
 
 fn open(disk: &Path) -> Arc<dyn BlockDevice> {
@@ -93,40 +95,59 @@ fn firmware_types_are_read_from_tables_boot_code_and_esps() {
 
     // UEFI only: sgdisk GPT (protective MBR without code), an ESP with GRUB's loader.
     let uefi = blank(w, "uefi.img");
-    run(Command::new("sgdisk").args(["-n1:2048:+32M", "-t1:EF00", "-n2:0:0", "-t2:8300"]).arg(&uefi));
+    run(Command::new("sgdisk")
+        .args(["-n1:2048:+32M", "-t1:EF00", "-n2:0:0", "-t2:8300"])
+        .arg(&uefi));
     esp(&uefi, &["debian/grubx64.efi", "BOOT/BOOTX64.EFI"]);
     let f = firmware(&uefi);
     assert!(!f.bios && f.uefi && !f.shim, "{f:?}");
     assert!(
-        f.evidence.iter().any(|e| e.contains("/EFI/debian/grubx64.efi")),
+        f.evidence
+            .iter()
+            .any(|e| e.contains("/EFI/debian/grubx64.efi")),
         "{f:?}"
     );
     run(Command::new("sgdisk").arg("-v").arg(&uefi));
 
     // An ESP without a loader boots nothing.
     let empty = blank(w, "empty-esp.img");
-    run(Command::new("sgdisk").args(["-n1:2048:+32M", "-t1:EF00"]).arg(&empty));
+    run(Command::new("sgdisk")
+        .args(["-n1:2048:+32M", "-t1:EF00"])
+        .arg(&empty));
     esp(&empty, &[]);
     let f = firmware(&empty);
-    assert!(!f.uefi && f.evidence.iter().any(|e| e.contains("holds no loader")), "{f:?}");
+    assert!(
+        !f.uefi && f.evidence.iter().any(|e| e.contains("holds no loader")),
+        "{f:?}"
+    );
 
     // Hybrid: BIOS boot partition, ESP with shim, boot code in the protective MBR.
     let hybrid = blank(w, "hybrid.img");
     run(Command::new("sgdisk")
-        .args(["-n1:2048:+32M", "-t1:EF00", "-n2:0:+1M", "-t2:EF02", "-n3:0:0", "-t3:8300"])
+        .args([
+            "-n1:2048:+32M",
+            "-t1:EF00",
+            "-n2:0:+1M",
+            "-t2:EF02",
+            "-n3:0:0",
+            "-t3:8300",
+        ])
         .arg(&hybrid));
     esp(&hybrid, &["debian/shimx64.efi", "debian/grubx64.efi"]);
     mbr_code(&hybrid);
     let f = firmware(&hybrid);
     assert!(f.bios && f.uefi && f.shim, "{f:?}");
-    assert!(f.evidence.iter().any(|e| e == "BIOS boot partition 2"), "{f:?}");
+    assert!(
+        f.evidence.iter().any(|e| e == "BIOS boot partition 2"),
+        "{f:?}"
+    );
     run(Command::new("sgdisk").arg("-v").arg(&hybrid));
 
     // An MBR disk whose ESP is type 0xEF: UEFI.
     let mbr_esp = blank(w, "mbr-esp.img");
-    run(Command::new("sfdisk")
-        .arg(&mbr_esp)
-        .stdin(std::fs::File::open(write(w, "esp.sfdisk", "label: dos\n1MiB,32MiB,ef\n")).unwrap()));
+    run(Command::new("sfdisk").arg(&mbr_esp).stdin(
+        std::fs::File::open(write(w, "esp.sfdisk", "label: dos\n1MiB,32MiB,ef\n")).unwrap(),
+    ));
     esp(&mbr_esp, &["BOOT/BOOTX64.EFI"]);
     assert!(firmware(&mbr_esp).uefi);
 
@@ -153,7 +174,11 @@ fn linux_root(w: &Path, in_initramfs: &[&str]) -> PathBuf {
     std::fs::create_dir_all(&m).unwrap();
     std::fs::create_dir_all(root.join("etc")).unwrap();
     std::fs::create_dir_all(root.join("boot")).unwrap();
-    std::fs::write(root.join("etc/os-release"), "ID=debian\nNAME=\"Debian GNU/Linux\"\n").unwrap();
+    std::fs::write(
+        root.join("etc/os-release"),
+        "ID=debian\nNAME=\"Debian GNU/Linux\"\n",
+    )
+    .unwrap();
     std::os::unix::fs::symlink("usr/lib", root.join("lib")).unwrap();
     std::fs::write(root.join(format!("boot/vmlinuz-{KERNEL}")), "kernel").unwrap();
     std::fs::write(
@@ -215,7 +240,11 @@ fn a_bios_image_without_virtio_drivers_is_refused_for_a_uefi_virtio_machine() {
     let w = dir.path();
     let root = linux_root(
         w,
-        &["kernel/drivers/ata/ahci.ko", "kernel/drivers/ata/libahci.ko", "kernel/drivers/virtio/virtio_pci.ko"],
+        &[
+            "kernel/drivers/ata/ahci.ko",
+            "kernel/drivers/ata/libahci.ko",
+            "kernel/drivers/virtio/virtio_pci.ko",
+        ],
     );
     let disk = blank(w, "linux.img");
     run(Command::new("sfdisk")
@@ -247,15 +276,27 @@ fn a_bios_image_without_virtio_drivers_is_refused_for_a_uefi_virtio_machine() {
     let r = refused(None);
     assert_eq!(r.len(), 2, "{r:#?}");
     assert!(r[0].contains("BIOS only"), "{r:#?}");
-    assert!(r[1].contains("needs virtio_blk") && r[1].contains("--target-hardware virtio"), "{r:#?}");
+    assert!(
+        r[1].contains("needs virtio_blk") && r[1].contains("--target-hardware virtio"),
+        "{r:#?}"
+    );
     let r = refused(Some(TargetHardware::Virtio));
     assert_eq!(r.len(), 1, "only the firmware is left: {r:#?}");
 
     // inspect reports the same facts.
     let report = inspect(&image).unwrap();
-    let sys = report.partitions[0].os.as_ref().unwrap().system.as_ref().unwrap();
+    let sys = report.partitions[0]
+        .os
+        .as_ref()
+        .unwrap()
+        .system
+        .as_ref()
+        .unwrap();
     let ramfs = &sys.initramfs[0];
-    assert!(ramfs.storage_drivers.contains(&"ahci".to_string()), "{ramfs:?}");
+    assert!(
+        ramfs.storage_drivers.contains(&"ahci".to_string()),
+        "{ramfs:?}"
+    );
     assert_eq!(ramfs.builtin_storage, ["libata", "sd_mod"]);
     assert_eq!(ramfs.network_modules, ["virtio_net"]);
 }

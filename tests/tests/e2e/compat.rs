@@ -41,7 +41,13 @@ fn capture(disk: &Path, out: &Path) {
 }
 
 /// `diskferry deploy IMAGE TARGET@CLIENT --key-file KEY [extra]`: (success, stderr).
-fn deploy(image: &Path, client: &Client, target: &Path, key: &Path, extra: &[&str]) -> (bool, String) {
+fn deploy(
+    image: &Path,
+    client: &Client,
+    target: &Path,
+    key: &Path,
+    extra: &[&str],
+) -> (bool, String) {
     let source = client.source(target);
     let mut args: Vec<&std::ffi::OsStr> = vec![
         "deploy".as_ref(),
@@ -59,11 +65,7 @@ fn deploy(image: &Path, client: &Client, target: &Path, key: &Path, extra: &[&st
 
 /// A target file of `mib` MiB full of random bytes, so any write shows in its hash.
 fn random_target(path: &Path, mib: u64) {
-    sh(&format!(
-        "head -c {} /dev/urandom > {}",
-        mib * MIB,
-        p(path)
-    ));
+    sh(&format!("head -c {} /dev/urandom > {}", mib * MIB, p(path)));
 }
 
 #[test]
@@ -83,7 +85,10 @@ fn a_bios_only_image_is_refused_for_a_uefi_machine_before_any_write_and_forced()
     let image = d.join("bios.qcow2");
     capture(&src, &image);
     let (ok, out, err) = diskferry(&["inspect".as_ref(), image.as_os_str()]);
-    assert!(ok && out.contains("boots with:     BIOS only"), "{out}{err}");
+    assert!(
+        ok && out.contains("boots with:     BIOS only"),
+        "{out}{err}"
+    );
 
     let key = make_key(d, "key");
     let target = d.join("target.img");
@@ -94,15 +99,13 @@ fn a_bios_only_image_is_refused_for_a_uefi_machine_before_any_write_and_forced()
         secure_boot: Some(false),
         pci: vec![VIRTIO_BLK, E1000],
     };
-    let client = Client::start_as(
-        &key,
-        &["--allow-write", "--disk", p(&target)],
-        &uefi,
-    )
-    .unwrap();
+    let client = Client::start_as(&key, &["--allow-write", "--disk", p(&target)], &uefi).unwrap();
 
     let (ok, err) = deploy(&image, &client, &target, &key, &[]);
-    assert!(!ok, "a BIOS-only image was deployed onto a UEFI machine: {err}");
+    assert!(
+        !ok,
+        "a BIOS-only image was deployed onto a UEFI machine: {err}"
+    );
     assert!(
         err.contains("nothing was written")
             && err.contains("boots with BIOS only")
@@ -114,7 +117,10 @@ fn a_bios_only_image_is_refused_for_a_uefi_machine_before_any_write_and_forced()
 
     let (ok, err) = deploy(&image, &client, &target, &key, &["--force"]);
     assert!(ok, "{err}");
-    assert!(err.contains("warning (--force): the image boots with BIOS only"), "{err}");
+    assert!(
+        err.contains("warning (--force): the image boots with BIOS only"),
+        "{err}"
+    );
     assert_ne!(sha(&target), before);
     let code = |path: &Path| {
         let bytes = std::fs::read(path).unwrap();
@@ -126,7 +132,11 @@ fn a_bios_only_image_is_refused_for_a_uefi_machine_before_any_write_and_forced()
         p(&target),
         p(&mbr)
     ));
-    assert_eq!(code(&mbr), code(Path::new(SYSLINUX_MBR)), "syslinux's boot code deployed");
+    assert_eq!(
+        code(&mbr),
+        code(Path::new(SYSLINUX_MBR)),
+        "syslinux's boot code deployed"
+    );
     run_ok("sfdisk", &["--verify", p(&target)]);
 }
 
@@ -140,7 +150,10 @@ fn a_capture_without_virtio_blk_is_refused_for_a_virtio_machine_unless_reconfigu
     capture(&disk, &image);
     std::fs::remove_file(&disk).unwrap();
     let (ok, out, err) = diskferry(&["inspect".as_ref(), image.as_os_str()]);
-    assert!(ok && out.contains("boots with:     BIOS only"), "{out}{err}");
+    assert!(
+        ok && out.contains("boots with:     BIOS only"),
+        "{out}{err}"
+    );
 
     let key = make_key(w, "key");
     let target = w.join("target.img");
@@ -159,12 +172,8 @@ fn a_capture_without_virtio_blk_is_refused_for_a_virtio_machine_unless_reconfigu
         secure_boot: None,
         pci: vec![VIRTIO_BLK, E1000],
     };
-    let client = Client::start_as(
-        &key,
-        &["--allow-write", "--disk", p(&target)],
-        &bios_virtio,
-    )
-    .unwrap();
+    let client =
+        Client::start_as(&key, &["--allow-write", "--disk", p(&target)], &bios_virtio).unwrap();
 
     let (ok, err) = deploy(&image, &client, &target, &key, &[]);
     assert!(!ok, "deployed without a virtio disk driver: {err}");
@@ -177,7 +186,13 @@ fn a_capture_without_virtio_blk_is_refused_for_a_virtio_machine_unless_reconfigu
     assert!(!err.contains("BIOS only"), "the firmware fits: {err}");
     assert_eq!(sha(&target), before, "the target's bytes are unchanged");
 
-    let (ok, err) = deploy(&image, &client, &target, &key, &["--target-hardware", "virtio"]);
+    let (ok, err) = deploy(
+        &image,
+        &client,
+        &target,
+        &key,
+        &["--target-hardware", "virtio"],
+    );
     assert!(ok, "{err}");
     assert!(!err.contains("refused"), "{err}");
     let root = extract(

@@ -585,7 +585,11 @@ mod tests {
         assert!(again.approved && again.waiting.is_none(), "{again:?}");
         let stored = c.machine(m).unwrap().unwrap().identity.unwrap();
         assert_eq!(stored.firmware.as_deref(), Some("uefi"));
-        assert_eq!(stored.pci.len(), 1, "the new facts are kept for the next deploy");
+        assert_eq!(
+            stored.pci.len(),
+            1,
+            "the new facts are kept for the next deploy"
+        );
     }
 
     #[test]

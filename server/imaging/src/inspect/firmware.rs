@@ -58,7 +58,10 @@ pub fn firmware(
             r.evidence.push(format!("BIOS boot partition {}", p.number));
         }
         let tableless_fat = table.scheme == Scheme::None
-            && matches!(fs::detect(&**dev), Ok(FsKind::Fat12 | FsKind::Fat16 | FsKind::Fat32));
+            && matches!(
+                fs::detect(&**dev),
+                Ok(FsKind::Fat12 | FsKind::Fat16 | FsKind::Fat32)
+            );
         if partition::is_efi_system(&p.kind) || tableless_fat {
             esp(p.number, dev, &mut r);
         }
@@ -89,7 +92,11 @@ fn volume_boot_code(disk: &Arc<dyn BlockDevice>, sector: &[u8; 512], r: &mut Fir
 
 /// Entries of `dir` whose names match `want` without regard to ASCII case, at most
 /// [`MAX_ENTRIES`] looked at.
-fn entries(f: &dyn Filesystem, dir: fs::NodeId, want: impl Fn(&str, FileKind) -> bool) -> Vec<(String, fs::NodeId)> {
+fn entries(
+    f: &dyn Filesystem,
+    dir: fs::NodeId,
+    want: impl Fn(&str, FileKind) -> bool,
+) -> Vec<(String, fs::NodeId)> {
     f.read_dir(dir)
         .unwrap_or_default()
         .into_iter()
@@ -114,7 +121,9 @@ fn esp(number: u32, dev: &Arc<dyn BlockDevice>, r: &mut FirmwareReport) {
     let mut loaders = Vec::new();
     for (efi, node) in entries(&*f, f.root(), |n, k| n == "efi" && k == FileKind::Dir) {
         for (vendor, vnode) in entries(&*f, node, |_, k| k == FileKind::Dir) {
-            for (file, _) in entries(&*f, vnode, |n, k| n.ends_with(".efi") && k == FileKind::File) {
+            for (file, _) in entries(&*f, vnode, |n, k| {
+                n.ends_with(".efi") && k == FileKind::File
+            }) {
                 let lower = file.to_ascii_lowercase();
                 r.shim |= lower.starts_with("shim") || lower == "bootmgfw.efi";
                 loaders.push(format!("/{efi}/{vendor}/{file}"));
