@@ -22,6 +22,9 @@ pub const MAX_PCI: usize = 256;
 const MAX_PCI_SCAN: usize = 4096;
 /// Longest value read from one sysfs attribute.
 pub const MAX_FIELD: usize = 128;
+/// Most bytes the PCI list takes in the document: half of what an identity may be, so the
+/// rest (MACs, DMI, disks) always fits.
+const PCI_BUDGET: usize = diskferry_protocol::MAX_IDENTITY / 2;
 /// The EFI variable holding the Secure Boot state: 4 attribute bytes, then 1 (on) or 0.
 const SECURE_BOOT: &str = "SecureBoot-8be4df61-93ca-11d2-aa0d-00e098032b8c";
 
@@ -85,12 +88,20 @@ fn collect_at(config: &Config, sys: &Path) -> String {
 fn hardware(out: &mut String, sys: &Path) {
     firmware(out, sys);
     out.push_str("\"pci\":[");
-    for (i, dev) in pci_devices(sys).iter().enumerate() {
-        if i > 0 {
-            out.push(',');
+    let mut listed = String::new();
+    for dev in pci_devices(sys) {
+        let mut one = String::new();
+        dev.push_json(&mut one);
+        // Escaped control bytes take six bytes each: the list is bounded as written.
+        if listed.len() + one.len() + 1 > PCI_BUDGET {
+            break;
         }
-        dev.push_json(out);
+        if !listed.is_empty() {
+            listed.push(',');
+        }
+        listed.push_str(&one);
     }
+    out.push_str(&listed);
     out.push(']');
 }
 
@@ -435,6 +446,35 @@ mod tests {
         let pci = doc["pci"].as_array().unwrap();
         assert_eq!(pci.len(), MAX_PCI);
         assert_eq!(pci.iter().filter(|d| d["class"] == "0x010802").count(), 10);
+    }
+
+    #[test]
+    fn hostile_values_keep_the_pci_list_within_its_budget() {
+        let dir = tempfile::tempdir().unwrap();
+        let devices = dir.path().join("bus/pci/devices");
+        // Control bytes escape to six bytes each: 256 devices × 8 such values would be 1.5 MB.
+        let nasty = "\u{1}".repeat(4096);
+        for i in 0..MAX_PCI {
+            let d = devices.join(format!("0000:{:02x}:{:02x}.0", i / 32, i % 32));
+            std::fs::create_dir_all(&d).unwrap();
+            for f in [
+                "class",
+                "vendor",
+                "device",
+                "subsystem_vendor",
+                "subsystem_device",
+                "modalias",
+            ] {
+                std::fs::write(d.join(f), &nasty).unwrap();
+            }
+        }
+        let mut s = String::from("{");
+        hardware(&mut s, dir.path());
+        s.push('}');
+        assert!(s.len() <= PCI_BUDGET + 64, "{} bytes", s.len());
+        let doc: serde_json::Value = serde_json::from_str(&s).unwrap();
+        let n = doc["pci"].as_array().unwrap().len();
+        assert!(n > 10 && n < MAX_PCI, "{n} devices");
     }
 
     #[test]

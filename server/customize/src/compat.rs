@@ -38,23 +38,28 @@ const MAX_INDEX: u64 = 64 << 20;
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PciDevice {
     /// The PCI address (`0000:00:04.0`).
-    #[serde(default)]
+    #[serde(default, deserialize_with = "text")]
     pub slot: String,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "text")]
     pub class: String,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "text")]
     pub vendor: String,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "text")]
     pub device: String,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "text")]
     pub subsystem_vendor: String,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "text")]
     pub subsystem_device: String,
     /// The driver bound to it now, in the boot environment.
     #[serde(default)]
     pub driver: Option<String>,
     #[serde(default)]
     pub modalias: Option<String>,
+}
+
+/// A text field that may be `null` (an agent that could not read it): empty.
+fn text<'de, D: serde::Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    Ok(Option::<String>::deserialize(d)?.unwrap_or_default())
 }
 
 fn hex(s: &str) -> Option<u32> {
@@ -630,6 +635,25 @@ mod tests {
             .filter(|f| f.refuses())
             .map(|f| f.reason.as_str())
             .collect()
+    }
+
+    #[test]
+    fn an_identity_document_gives_the_machine_facts() {
+        let doc = r#"{"hostname":"h","macs":["52:54:00:12:34:56"],"disks":[],
+            "firmware":"uefi","secure_boot":null,"pci":[{"slot":"0000:00:04.0","class":"0x010000",
+            "vendor":"0x1af4","device":"0x1001","subsystem_vendor":null,"subsystem_device":null,
+            "driver":null,"modalias":"pci:v00001AF4d00001001sv00001AF4sd00000002bc01sc00i00"}]}"#;
+        let m: MachineFacts = serde_json::from_str(doc).unwrap();
+        assert_eq!(m.firmware.as_deref(), Some("uefi"));
+        assert_eq!(m.secure_boot, None);
+        assert_eq!(m.pci[0].subsystem_vendor, "");
+        assert!(m.pci[0].is_storage() && m.pci[0].driver.is_none());
+        let old: MachineFacts = serde_json::from_str(r#"{"macs":[]}"#).unwrap();
+        assert_eq!(
+            old,
+            MachineFacts::default(),
+            "an older agent's identity: no facts"
+        );
     }
 
     #[test]

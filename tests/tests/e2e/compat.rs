@@ -58,7 +58,7 @@ fn deploy(
         "--progress".as_ref(),
         "none".as_ref(),
     ];
-    args.extend(extra.iter().map(|a| a.as_ref()));
+    args.extend(extra.iter().map(std::ffi::OsStr::new));
     let (ok, _, err) = diskferry(&args);
     (ok, err)
 }
