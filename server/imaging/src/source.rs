@@ -138,7 +138,8 @@ pub fn identify_listening(
         what: format!("the identity of the client at {addr}"),
         source,
     };
-    rt.block_on(tokio::time::timeout(IDENTIFY_TIMEOUT, conn.identify()))
+    // The timer is made inside the runtime: it needs its reactor.
+    rt.block_on(async { tokio::time::timeout(IDENTIFY_TIMEOUT, conn.identify()).await })
         .map_err(|_| {
             open(BlockError::Disconnected(format!(
                 "no answer to Identify within {} s",
