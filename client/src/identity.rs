@@ -1,17 +1,45 @@
-//! Who this machine is, for dial-back registration: MAC addresses of its network interfaces,
-//! DMI vendor/product/serial/UUID, CPU count, memory, hostname and the disks served — read
+//! Who this machine is, for dial-back registration and for the server's compatibility check
+//! before a deploy: MAC addresses of its network interfaces, DMI vendor/product/serial/UUID,
+//! CPU count, memory, hostname, the disks served, the firmware type (UEFI when
+//! `/sys/firmware/efi` exists), Secure Boot (efivarfs), and its PCI devices (class, ids,
+//! bound driver, modalias; at most [`MAX_PCI`], storage and network controllers first) — read
 //! from /sys and /proc, sent as one small JSON document (written by hand: the agent stays
-//! small).
+//! small). Every value read from sysfs is bounded ([`MAX_FIELD`]) and escaped.
+//!
+//! `DISKFERRY_SYSFS` (a test seam, not a user option) names another directory to read as
+//! /sys, so end-to-end tests can present a UEFI machine with a virtio disk controller.
 
 use std::fmt::Write as _;
-use std::path::Path;
+use std::io::Read as _;
+use std::path::{Path, PathBuf};
 
 use crate::disks;
 use crate::Config;
 
+/// Most PCI devices described.
+pub const MAX_PCI: usize = 256;
+/// Most entries of /sys/bus/pci/devices looked at.
+const MAX_PCI_SCAN: usize = 4096;
+/// Longest value read from one sysfs attribute.
+pub const MAX_FIELD: usize = 128;
+/// Most bytes the PCI list takes in the document: half of what an identity may be, so the
+/// rest (MACs, DMI, disks) always fits.
+const PCI_BUDGET: usize = diskferry_protocol::MAX_IDENTITY / 2;
+/// The EFI variable holding the Secure Boot state: 4 attribute bytes, then 1 (on) or 0.
+const SECURE_BOOT: &str = "SecureBoot-8be4df61-93ca-11d2-aa0d-00e098032b8c";
+
+/// Where sysfs is read: `/sys`, or `DISKFERRY_SYSFS` (tests).
+fn sysfs() -> PathBuf {
+    std::env::var_os("DISKFERRY_SYSFS").map_or_else(|| PathBuf::from("/sys"), PathBuf::from)
+}
+
 /// The identity document.
 pub fn collect(config: &Config) -> String {
-    let dmi = |f: &str| read_trimmed(&Path::new("/sys/class/dmi/id").join(f));
+    collect_at(config, &sysfs())
+}
+
+fn collect_at(config: &Config, sys: &Path) -> String {
+    let dmi = |f: &str| read_trimmed(&sys.join("class/dmi/id").join(f));
     let mut out = String::from("{");
     field(
         &mut out,
@@ -19,7 +47,7 @@ pub fn collect(config: &Config) -> String {
         read_trimmed(Path::new("/proc/sys/kernel/hostname")),
     );
     out.push_str("\"macs\":[");
-    for (i, mac) in macs().iter().enumerate() {
+    for (i, mac) in macs(sys).iter().enumerate() {
         if i > 0 {
             out.push(',');
         }
@@ -50,15 +78,133 @@ pub fn collect(config: &Config) -> String {
         let _ = write!(out, "\"read_only\":{}", info.read_only);
         out.push('}');
     }
-    out.push_str("]}");
+    out.push_str("],");
+    hardware(&mut out, sys);
+    out.push('}');
+    out
+}
+
+/// `"firmware":…,"secure_boot":…,"pci":[…]`: what a deploy's compatibility check asks.
+fn hardware(out: &mut String, sys: &Path) {
+    firmware(out, sys);
+    out.push_str("\"pci\":[");
+    let mut listed = String::new();
+    for dev in pci_devices(sys) {
+        let mut one = String::new();
+        dev.push_json(&mut one);
+        // Escaped control bytes take six bytes each: the list is bounded as written.
+        if listed.len() + one.len() + 1 > PCI_BUDGET {
+            break;
+        }
+        if !listed.is_empty() {
+            listed.push(',');
+        }
+        listed.push_str(&one);
+    }
+    out.push_str(&listed);
+    out.push(']');
+}
+
+/// `"firmware":"uefi"|"bios"|null,"secure_boot":true|false|null,`: UEFI when the kernel
+/// shows `firmware/efi`, BIOS when it shows `firmware` without it, unknown when sysfs has no
+/// `firmware` at all (not a kernel's sysfs).
+fn firmware(out: &mut String, sys: &Path) {
+    let efi = sys.join("firmware/efi");
+    let uefi = efi.is_dir();
+    let kind = match (uefi, sys.join("firmware").is_dir()) {
+        (true, _) => Some("uefi".to_string()),
+        (false, true) => Some("bios".to_string()),
+        (false, false) => None,
+    };
+    field(out, "firmware", kind);
+    let secure = uefi
+        .then(|| read_bounded(&efi.join("efivars").join(SECURE_BOOT)))
+        .flatten()
+        .and_then(|v| v.get(4).map(|&b| b == 1));
+    let _ = write!(
+        out,
+        "\"secure_boot\":{},",
+        secure.map_or("null".to_string(), |b| b.to_string())
+    );
+}
+
+/// One PCI function.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct Pci {
+    slot: String,
+    class: Option<String>,
+    vendor: Option<String>,
+    device: Option<String>,
+    subsystem_vendor: Option<String>,
+    subsystem_device: Option<String>,
+    driver: Option<String>,
+    modalias: Option<String>,
+}
+
+impl Pci {
+    fn read(dir: &Path, slot: String) -> Pci {
+        let attr = |name: &str| read_trimmed(&dir.join(name));
+        Pci {
+            class: attr("class"),
+            vendor: attr("vendor"),
+            device: attr("device"),
+            subsystem_vendor: attr("subsystem_vendor"),
+            subsystem_device: attr("subsystem_device"),
+            driver: std::fs::read_link(dir.join("driver"))
+                .ok()
+                .and_then(|l| l.file_name().map(|n| bounded_text(&n.to_string_lossy()))),
+            modalias: attr("modalias"),
+            slot,
+        }
+    }
+
+    /// Storage (class 0x01) and network (0x02) controllers sort first.
+    fn rank(&self) -> u8 {
+        match self.class.as_deref().map(|c| c.trim_start_matches("0x")) {
+            Some(c) if c.starts_with("01") || c.starts_with("02") => 0,
+            _ => 1,
+        }
+    }
+
+    fn push_json(&self, out: &mut String) {
+        out.push('{');
+        field(out, "slot", Some(self.slot.clone()));
+        field(out, "class", self.class.clone());
+        field(out, "vendor", self.vendor.clone());
+        field(out, "device", self.device.clone());
+        field(out, "subsystem_vendor", self.subsystem_vendor.clone());
+        field(out, "subsystem_device", self.subsystem_device.clone());
+        field(out, "driver", self.driver.clone());
+        field(out, "modalias", self.modalias.clone());
+        out.pop(); // the last comma
+        out.push('}');
+    }
+}
+
+/// The PCI functions under `sys`/bus/pci/devices: storage and network controllers first,
+/// then by address; at most [`MAX_PCI`].
+fn pci_devices(sys: &Path) -> Vec<Pci> {
+    let Ok(dir) = std::fs::read_dir(sys.join("bus/pci/devices")) else {
+        return Vec::new();
+    };
+    let mut out: Vec<Pci> = dir
+        .flatten()
+        .take(MAX_PCI_SCAN)
+        .map(|e| {
+            let slot = bounded_text(&e.file_name().to_string_lossy());
+            Pci::read(&e.path(), slot)
+        })
+        .collect();
+    out.sort_by(|a, b| (a.rank(), &a.slot).cmp(&(b.rank(), &b.slot)));
+    out.truncate(MAX_PCI);
     out
 }
 
 /// MAC addresses (lowercase, colon form) of interfaces that have one, loopback and all-zero
 /// addresses left out; sorted.
-pub fn macs() -> Vec<String> {
+pub fn macs(sys: &Path) -> Vec<String> {
     let mut out = Vec::new();
-    if let Ok(dir) = std::fs::read_dir("/sys/class/net") {
+    if let Ok(dir) = std::fs::read_dir(sys.join("class/net")) {
         for entry in dir.flatten() {
             if entry.file_name() == "lo" {
                 continue;
@@ -87,8 +233,30 @@ fn memory_bytes() -> u64 {
         .map_or(0, |kib| kib * 1024)
 }
 
+/// The first [`MAX_FIELD`] bytes of a file.
+fn read_bounded(path: &Path) -> Option<Vec<u8>> {
+    let mut buf = Vec::new();
+    std::fs::File::open(path)
+        .ok()?
+        .take(MAX_FIELD as u64)
+        .read_to_end(&mut buf)
+        .ok()?;
+    Some(buf)
+}
+
+/// `s` cut to at most [`MAX_FIELD`] bytes, at a character boundary.
+fn bounded_text(s: &str) -> String {
+    let mut end = s.len().min(MAX_FIELD);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    s[..end].to_string()
+}
+
+/// A sysfs attribute as text, trimmed; at most [`MAX_FIELD`] bytes read.
 fn read_trimmed(path: &Path) -> Option<String> {
-    let s = std::fs::read_to_string(path).ok()?;
+    let bytes = read_bounded(path)?;
+    let s = String::from_utf8_lossy(&bytes);
     let s = s.trim();
     (!s.is_empty()).then(|| s.to_string())
 }
@@ -123,6 +291,191 @@ fn push_str(out: &mut String, s: &str) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A fake sysfs: UEFI with Secure Boot on, a virtio disk, an e1000e NIC, a host bridge,
+    /// and a device whose values are hostile (quotes, control bytes, very long).
+    fn fake_sysfs(root: &Path, secure: u8) {
+        let efivars = root.join("firmware/efi/efivars");
+        std::fs::create_dir_all(&efivars).unwrap();
+        std::fs::write(efivars.join(SECURE_BOOT), [6, 0, 0, 0, secure]).unwrap();
+        let drivers = root.join("bus/pci/drivers");
+        let devices = root.join("bus/pci/devices");
+        let long = "x".repeat(10_000);
+        let hostile_alias = format!("pci:\"\\\n\u{1}{long}");
+        let devs = [
+            (
+                "0000:00:00.0",
+                "0x060000",
+                "0x8086",
+                "0x29c0",
+                None,
+                "pci:v00008086d000029C0sv00001AF4sd00001100bc06sc00i00",
+            ),
+            (
+                "0000:00:04.0",
+                "0x010000",
+                "0x1af4",
+                "0x1001",
+                Some("virtio-pci"),
+                "pci:v00001AF4d00001001sv00001AF4sd00000002bc01sc00i00",
+            ),
+            (
+                "0000:00:03.0",
+                "0x020000",
+                "0x8086",
+                "0x10d3",
+                Some("e1000e"),
+                "pci:v00008086d000010D3sv00008086sd00000000bc02sc00i00",
+            ),
+            (
+                "0000:00:05.0",
+                "0x0c0330",
+                "0x1b36",
+                "0x000d",
+                Some("bad\"name"),
+                hostile_alias.as_str(),
+            ),
+        ];
+        for (slot, class, vendor, device, driver, alias) in devs {
+            let d = devices.join(slot);
+            std::fs::create_dir_all(&d).unwrap();
+            for (f, v) in [
+                ("class", class),
+                ("vendor", vendor),
+                ("device", device),
+                ("subsystem_vendor", "0x1af4"),
+                ("subsystem_device", "0x0002"),
+                ("modalias", alias),
+            ] {
+                std::fs::write(d.join(f), format!("{v}\n")).unwrap();
+            }
+            if let Some(drv) = driver {
+                std::fs::create_dir_all(drivers.join(drv)).unwrap();
+                std::os::unix::fs::symlink(drivers.join(drv), d.join("driver")).unwrap();
+            }
+        }
+    }
+
+    fn hardware_doc(root: &Path) -> serde_json::Value {
+        let mut s = String::from("{");
+        hardware(&mut s, root);
+        s.push('}');
+        serde_json::from_str(&s).unwrap_or_else(|e| panic!("{e}: {s}"))
+    }
+
+    #[test]
+    fn firmware_secure_boot_and_pci_devices_come_from_sysfs() {
+        let dir = tempfile::tempdir().unwrap();
+        fake_sysfs(dir.path(), 1);
+        let doc = hardware_doc(dir.path());
+        assert_eq!(doc["firmware"], "uefi");
+        assert_eq!(doc["secure_boot"], true);
+        let pci = doc["pci"].as_array().unwrap();
+        assert_eq!(pci.len(), 4);
+        // Storage and network first, then by address.
+        let slots: Vec<&str> = pci.iter().map(|d| d["slot"].as_str().unwrap()).collect();
+        assert_eq!(
+            slots,
+            [
+                "0000:00:03.0",
+                "0000:00:04.0",
+                "0000:00:00.0",
+                "0000:00:05.0"
+            ]
+        );
+        let blk = &pci[1];
+        assert_eq!(
+            (
+                blk["class"].as_str(),
+                blk["vendor"].as_str(),
+                blk["device"].as_str()
+            ),
+            (Some("0x010000"), Some("0x1af4"), Some("0x1001"))
+        );
+        assert_eq!(blk["driver"], "virtio-pci");
+        assert_eq!(
+            blk["modalias"],
+            "pci:v00001AF4d00001001sv00001AF4sd00000002bc01sc00i00"
+        );
+        assert!(pci[2]["driver"].is_null());
+        let odd = &pci[3];
+        assert_eq!(odd["driver"], "bad\"name");
+        let alias = odd["modalias"].as_str().unwrap();
+        assert!(
+            alias.len() <= MAX_FIELD && alias.starts_with("pci:\"\\\n\u{1}x"),
+            "{alias:?}"
+        );
+
+        std::fs::write(
+            dir.path().join("firmware/efi/efivars").join(SECURE_BOOT),
+            [6, 0, 0, 0, 0],
+        )
+        .unwrap();
+        assert_eq!(hardware_doc(dir.path())["secure_boot"], false);
+        std::fs::remove_file(dir.path().join("firmware/efi/efivars").join(SECURE_BOOT)).unwrap();
+        assert!(hardware_doc(dir.path())["secure_boot"].is_null());
+        std::fs::remove_dir_all(dir.path().join("firmware/efi")).unwrap();
+        let doc = hardware_doc(dir.path());
+        assert_eq!(
+            (doc["firmware"].as_str(), doc["secure_boot"].is_null()),
+            (Some("bios"), true)
+        );
+        std::fs::remove_dir_all(dir.path().join("firmware")).unwrap();
+        assert!(
+            hardware_doc(dir.path())["firmware"].is_null(),
+            "not a kernel's sysfs: unknown"
+        );
+    }
+
+    #[test]
+    fn at_most_max_pci_devices_are_described() {
+        let dir = tempfile::tempdir().unwrap();
+        let devices = dir.path().join("bus/pci/devices");
+        for i in 0..MAX_PCI + 40 {
+            let d = devices.join(format!("0000:{:02x}:{:02x}.0", i / 32, i % 32));
+            std::fs::create_dir_all(&d).unwrap();
+            // The last few are storage controllers: they are kept.
+            let class = if i >= MAX_PCI + 30 {
+                "0x010802"
+            } else {
+                "0x060400"
+            };
+            std::fs::write(d.join("class"), class).unwrap();
+        }
+        let doc = hardware_doc(dir.path());
+        let pci = doc["pci"].as_array().unwrap();
+        assert_eq!(pci.len(), MAX_PCI);
+        assert_eq!(pci.iter().filter(|d| d["class"] == "0x010802").count(), 10);
+    }
+
+    #[test]
+    fn hostile_values_keep_the_pci_list_within_its_budget() {
+        let dir = tempfile::tempdir().unwrap();
+        let devices = dir.path().join("bus/pci/devices");
+        // Control bytes escape to six bytes each: 256 devices × 8 such values would be 1.5 MB.
+        let nasty = "\u{1}".repeat(4096);
+        for i in 0..MAX_PCI {
+            let d = devices.join(format!("0000:{:02x}:{:02x}.0", i / 32, i % 32));
+            std::fs::create_dir_all(&d).unwrap();
+            for f in [
+                "class",
+                "vendor",
+                "device",
+                "subsystem_vendor",
+                "subsystem_device",
+                "modalias",
+            ] {
+                std::fs::write(d.join(f), &nasty).unwrap();
+            }
+        }
+        let mut s = String::from("{");
+        hardware(&mut s, dir.path());
+        s.push('}');
+        assert!(s.len() <= PCI_BUDGET + 64, "{} bytes", s.len());
+        let doc: serde_json::Value = serde_json::from_str(&s).unwrap();
+        let n = doc["pci"].as_array().unwrap().len();
+        assert!(n > 10 && n < MAX_PCI, "{n} devices");
+    }
 
     #[test]
     fn strings_are_escaped() {

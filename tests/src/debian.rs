@@ -291,6 +291,30 @@ fn deb822_mirror(codename: &str, text: &str) -> Option<String> {
     })
 }
 
+/// Removes virtio_blk and virtio_scsi from the root's initramfs(es) with Debian's own tools,
+/// as a system installed on a SATA disk with `MODULES=dep` has none.
+pub fn strip_virtio_disk_drivers(disk: &Path, work: &Path) {
+    sh(&format!(
+        r#"
+        mnt={work}/mnt; x={work}/unpacked
+        mkdir -p $mnt
+        mount -o loop,offset={offset} {disk} $mnt
+        trap 'umount $mnt' EXIT
+        for initrd in $mnt/boot/initrd.img-*; do
+          v=${{initrd#$mnt/boot/initrd.img-}}
+          rm -rf $x; unmkinitramfs $initrd $x
+          find $x -name virtio_blk.ko -delete -o -name virtio_scsi.ko -delete
+          depmod -b $x $v
+          (cd $x && find . | cpio -o -H newc --quiet | gzip -c) > $initrd
+          ! lsinitramfs $initrd | grep -q virtio_blk
+        done
+        "#,
+        work = p(work),
+        disk = p(disk),
+        offset = ROOT_START_MIB << 20,
+    ));
+}
+
 /// Builds the installed disk in `work`: root tree from the cached tarball, configured (fstab by
 /// UUID, the marker unit, GRUB's menu), made into ext4 with `mke2fs -d`, given its power-cut
 /// transaction, placed with a swap area on an sfdisk-made MBR disk, GRUB written on the MBR.

@@ -17,6 +17,7 @@ pub mod http;
 pub mod nbd;
 pub mod p2v;
 pub mod pxe;
+pub mod sysfs;
 pub mod trees;
 pub mod uefi;
 pub mod webdriver;
@@ -68,10 +69,16 @@ pub fn bin(name: &str) -> PathBuf {
 }
 
 /// A running `diskferry-client`, killed when dropped.
+///
+/// It reads an empty directory as sysfs (`DISKFERRY_SYSFS`), so it reports no firmware and
+/// no PCI devices: the disks it serves are files, and the host's own firmware and controllers
+/// must not decide whether a deploy onto them is refused. [`Client::start_as`] gives it a
+/// machine to be ([`sysfs::FakeMachine`]).
 pub struct Client {
     pub child: Child,
     pub addr: String,
     stderr: Option<std::process::ChildStderr>,
+    _sysfs: tempfile::TempDir,
 }
 
 impl Client {
@@ -84,7 +91,26 @@ impl Client {
     /// Starts the client listening on `listen` (e.g. the address of one that was stopped),
     /// serving the holder of the server key file `key`.
     pub fn start_at(listen: &str, key: &Path, extra: &[&str]) -> Result<Client> {
+        Client::spawn(listen, key, extra, None)
+    }
+
+    /// Starts the client on 127.0.0.1:0 reporting `machine` as its firmware and devices.
+    pub fn start_as(key: &Path, extra: &[&str], machine: &sysfs::FakeMachine) -> Result<Client> {
+        Client::spawn("127.0.0.1:0", key, extra, Some(machine))
+    }
+
+    fn spawn(
+        listen: &str,
+        key: &Path,
+        extra: &[&str],
+        machine: Option<&sysfs::FakeMachine>,
+    ) -> Result<Client> {
+        let sysfs = tempfile::tempdir()?;
+        if let Some(m) = machine {
+            m.write(sysfs.path())?;
+        }
         let mut child = Command::new(bin("diskferry-client"))
+            .env("DISKFERRY_SYSFS", sysfs.path())
             .args(["--listen", listen, "--server-key", &public_key(key)])
             .args(extra)
             .stdin(Stdio::null())
@@ -103,6 +129,7 @@ impl Client {
             addr: addr.to_string(),
             child,
             stderr,
+            _sysfs: sysfs,
         })
     }
 

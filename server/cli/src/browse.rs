@@ -121,6 +121,10 @@ fn print_report(r: &DiskReport) {
     if let Some(s) = &r.mbr_signature {
         println!("MBR signature:  {s}");
     }
+    println!("boots with:     {}", r.firmware.summary());
+    if !r.firmware.evidence.is_empty() {
+        println!("                ({})", r.firmware.evidence.join("; "));
+    }
     for w in &r.warnings {
         println!("warning:        {w}");
     }
@@ -166,6 +170,13 @@ fn print_report(r: &DiskReport) {
 
 /// A Linux system's hardware-dependent configuration, under its partition's line.
 fn print_system(sys: &diskferry_customize::SystemReport) {
+    let list = |l: &[String]| {
+        if l.is_empty() {
+            "-".to_string()
+        } else {
+            l.join(" ")
+        }
+    };
     for r in &sys.initramfs {
         match &r.error {
             Some(e) => println!("       initramfs {}: unreadable: {e}", r.path),
@@ -174,18 +185,21 @@ fn print_system(sys: &diskferry_customize::SystemReport) {
                 r.path,
                 r.builder,
                 r.compression,
-                if r.storage_drivers.is_empty() {
-                    "-".into()
-                } else {
-                    r.storage_drivers.join(" ")
-                },
-                if r.network_drivers.is_empty() {
-                    "-".into()
-                } else {
-                    r.network_drivers.join(" ")
-                },
+                list(&r.storage_drivers),
+                list(&r.network_drivers),
             ),
         }
+        println!(
+            "       kernel {}: storage built in {}; {} network modules ({} with --json)",
+            r.kernel,
+            list(&r.builtin_storage),
+            r.network_modules.len(),
+            if r.network_modules.is_empty() {
+                "none"
+            } else {
+                "listed"
+            },
+        );
     }
     let pinned = if sys.mac_pinned.is_empty() {
         "not pinned to MAC addresses".to_string()

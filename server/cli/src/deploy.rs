@@ -3,6 +3,11 @@
 //! partition table scaled to the target, partitions by mode, verified by reading the target
 //! back. A machine registered with a running server (`MACHINE` or `DISK@MACHINE`) is deployed
 //! by that server, which holds its connection.
+//!
+//! Before writing to a listening client, its identity (firmware, Secure Boot, PCI devices)
+//! is asked and the image checked against it (`diskferry_imaging::compat`): a firmware the
+//! image cannot boot with, or a storage controller its kernels have no boot driver for, is
+//! refused unless `--force`.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -44,6 +49,13 @@ pub struct DeployArgs {
     /// system's loader put there later)
     #[arg(long)]
     no_fallback_loader: bool,
+    /// Write even when the compatibility check refuses: the target's firmware (BIOS or UEFI)
+    /// must be one the image boots with, and its storage controllers need a driver in the
+    /// image's initramfs or kernel, or one --target-hardware adds (a listening client is
+    /// asked; a machine through a server is judged by what its agent last announced); the
+    /// reasons are then printed as warnings
+    #[arg(long)]
+    force: bool,
     #[command(flatten)]
     custom: crate::customize::CustomizeArgs,
     #[command(flatten)]
@@ -78,6 +90,9 @@ pub fn run(args: &DeployArgs) -> Result<()> {
         transform: args.custom.transform(&image)?,
         fallback_loader: !args.no_fallback_loader,
     };
+    if let SourceSpec::Remote { addr, .. } = &spec {
+        check_compatibility(args, &image, addr, rt.handle(), session.as_ref())?;
+    }
     let target = open_target(&spec, rt.handle(), session.as_ref(), args.conn.reconnect())?;
     let progress = progress_for(args.progress);
     let report = diskferry_imaging::deploy(
@@ -100,6 +115,44 @@ pub fn run(args: &DeployArgs) -> Result<()> {
         (written + report.disk.boot_bytes) as f64 / secs / 1e6,
     );
     Ok(())
+}
+
+/// Asks the client at `addr` what it is and checks `image` against it: refusals end the
+/// deploy before anything is written, unless `--force` (then they are warnings).
+fn check_compatibility(
+    args: &DeployArgs,
+    image: &Arc<dyn diskferry_blockdev::BlockDevice>,
+    addr: &str,
+    rt: &tokio::runtime::Handle,
+    session: Option<&diskferry_protocol::SessionOptions>,
+) -> Result<()> {
+    let doc = diskferry_imaging::source::identify_listening(rt, addr, session)?;
+    let machine: diskferry_customize::compat::MachineFacts = serde_json::from_str(&doc)
+        .with_context(|| format!("the client at {addr} sent an unreadable identity"))?;
+    let findings =
+        diskferry_imaging::compat::check_deploy(image, &machine, args.custom.target_hardware);
+    let refused: Vec<&str> = findings
+        .iter()
+        .filter(|f| f.refuses())
+        .map(|f| f.reason.as_str())
+        .collect();
+    for f in findings.iter().filter(|f| !f.refuses()) {
+        eprintln!("diskferry: {f}");
+    }
+    if refused.is_empty() {
+        return Ok(());
+    }
+    if args.force {
+        for r in &refused {
+            eprintln!("diskferry: warning (--force): {r}");
+        }
+        return Ok(());
+    }
+    anyhow::bail!(
+        "the image does not fit {} (nothing was written):\n  - {}",
+        args.target,
+        refused.join("\n  - ")
+    )
 }
 
 /// A machine (`MACHINE` or `DISK@MACHINE`) is deployed by the server that holds its connection;
@@ -139,7 +192,7 @@ fn deploy_through_server(args: &DeployArgs) -> Result<()> {
     let daemon = crate::machines::Daemon::find(&args.daemon)?;
     let mut request = serde_json::json!({
         "kind": "deploy", "image": image, "target": args.target, "mode": mode,
-        "reboot": args.reboot, "customize": customize,
+        "reboot": args.reboot, "force": args.force, "customize": customize,
         "target_hardware": args.custom.target_hardware.map(|h| h.name()),
     });
     if args.when.submit(&daemon, &mut request)? {

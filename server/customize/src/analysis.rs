@@ -23,6 +23,14 @@ pub struct InitramfsReport {
     pub storage_drivers: Vec<String>,
     /// Modules under drivers/net.
     pub network_drivers: Vec<String>,
+    /// Storage drivers built into the kernel (`modules.builtin`): usable without the
+    /// initramfs carrying them.
+    #[serde(default)]
+    pub builtin_storage: Vec<String>,
+    /// Network modules the system has in `/lib/modules/VERSION` (loaded after the root is
+    /// mounted) and built in.
+    #[serde(default)]
+    pub network_modules: Vec<String>,
     /// Why it could not be read, when it could not.
     pub error: Option<String>,
 }
@@ -95,7 +103,40 @@ fn initramfs_report(o: &TreeOverlay, path: &str, kernel: &str, builder: &str) ->
         }
         Err(e) => r.error = Some(e.to_string()),
     }
+    kernel_modules(o, kernel, &mut r);
     r
+}
+
+/// The kernel's own storage drivers built in, and its network modules, from its indexes.
+fn kernel_modules(o: &TreeOverlay, kernel: &str, r: &mut InitramfsReport) {
+    let Some(dir) = crate::hardware::modules_dir(o, kernel) else {
+        return;
+    };
+    let paths = |index: &str| -> Vec<String> {
+        crate::compat::read_index(o, &dir, index)
+            .map(|t| {
+                t.lines()
+                    .filter_map(|l| l.split(':').next())
+                    .map(|p| p.trim().to_string())
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let builtin = paths("modules.builtin");
+    let named = |p: &String, storage| {
+        let p = format!("/{p}");
+        (classify(&p) == Some(storage)).then(|| crate::hardware::module_name(&p))
+    };
+    r.builtin_storage = builtin.iter().filter_map(|p| named(p, true)).collect();
+    r.network_modules = paths("modules.dep")
+        .iter()
+        .chain(&builtin)
+        .filter_map(|p| named(p, false))
+        .collect();
+    r.builtin_storage.sort();
+    r.builtin_storage.dedup();
+    r.network_modules.sort();
+    r.network_modules.dedup();
 }
 
 /// The report for the Linux root `fs` (its files only; nothing is written).

@@ -57,6 +57,15 @@ impl std::str::FromStr for TargetHardware {
 }
 
 impl TargetHardware {
+    /// Every target, in the order the command line lists them.
+    pub const ALL: [TargetHardware; 5] = [
+        TargetHardware::Virtio,
+        TargetHardware::Ahci,
+        TargetHardware::Nvme,
+        TargetHardware::Hyperv,
+        TargetHardware::Vmware,
+    ];
+
     pub fn name(self) -> &'static str {
         match self {
             TargetHardware::Virtio => "virtio",
@@ -102,7 +111,7 @@ fn plain_path(path: &str) -> bool {
 
 /// `modules.dep`: each module's path (relative to its modules directory) → its dependencies.
 /// Lines naming paths that leave the directory are left out (the file comes from the image).
-fn parse_dep(text: &str) -> BTreeMap<String, (String, Vec<String>)> {
+pub(crate) fn parse_dep(text: &str) -> BTreeMap<String, (String, Vec<String>)> {
     text.lines()
         .filter_map(|l| {
             let (path, deps) = l.split_once(':')?;
@@ -184,16 +193,21 @@ pub(crate) fn kernel_initrds(o: &TreeOverlay) -> Vec<(String, String)> {
         .collect()
 }
 
+/// Kernel `version`'s modules directory (`/lib/modules/V` or `/usr/lib/modules/V`).
+pub(crate) fn modules_dir(o: &TreeOverlay, version: &str) -> Option<String> {
+    [
+        format!("/lib/modules/{version}"),
+        format!("/usr/lib/modules/{version}"),
+    ]
+    .into_iter()
+    .find(|p| o.resolve(p).is_ok())
+}
+
 fn kernels(o: &TreeOverlay) -> Vec<Kernel> {
     kernel_initrds(o)
         .into_iter()
         .filter_map(|(version, initrd)| {
-            let modules = [
-                format!("/lib/modules/{version}"),
-                format!("/usr/lib/modules/{version}"),
-            ]
-            .into_iter()
-            .find(|p| o.resolve(p).is_ok())?;
+            let modules = modules_dir(o, &version)?;
             Some(Kernel {
                 version,
                 initrd,

@@ -12,10 +12,12 @@
 #![forbid(unsafe_code)]
 
 mod analysis;
+pub mod compat;
 mod cpio;
 mod edits;
 mod hardware;
 mod initramfs;
+pub mod modalias;
 mod network;
 mod spec;
 mod ssh;

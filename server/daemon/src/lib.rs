@@ -7,6 +7,7 @@
 
 pub mod agents;
 pub mod catalog;
+pub mod compat;
 pub mod enrollment;
 pub mod exports;
 pub mod joblog;

@@ -3,6 +3,7 @@
 //! web jobs) calls this crate; none of them decides how a disk is copied.
 
 pub mod chunkmap;
+pub mod compat;
 pub mod inspect;
 pub mod jobs;
 pub mod pipeline;

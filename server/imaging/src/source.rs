@@ -122,6 +122,33 @@ pub fn open_target(
     }
 }
 
+/// How long a client has to answer `Identify`.
+const IDENTIFY_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The identity document of the listening client at `addr` (its firmware, Secure Boot,
+/// PCI devices…: what a deploy's compatibility check asks), on a connection of its own.
+pub fn identify_listening(
+    rt: &tokio::runtime::Handle,
+    addr: &str,
+    session: Option<&SessionOptions>,
+) -> Result<String, SourceError> {
+    let session = session.ok_or_else(|| SourceError::NeedKey(addr.to_string()))?;
+    let conn = rt.block_on(Connection::connect(addr, session))?;
+    let open = |source| SourceError::Open {
+        what: format!("the identity of the client at {addr}"),
+        source,
+    };
+    // The timer is made inside the runtime: it needs its reactor.
+    rt.block_on(async { tokio::time::timeout(IDENTIFY_TIMEOUT, conn.identify()).await })
+        .map_err(|_| {
+            open(BlockError::Disconnected(format!(
+                "no answer to Identify within {} s",
+                IDENTIFY_TIMEOUT.as_secs()
+            )))
+        })?
+        .map_err(open)
+}
+
 /// A disk of a listening client: connect, open, and keep it across reconnects.
 fn open_listening(
     rt: &tokio::runtime::Handle,

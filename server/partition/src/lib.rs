@@ -18,7 +18,7 @@ use std::sync::Arc;
 use diskferry_blockdev::{BlockDevice, BlockError, SliceDevice};
 pub use gpt::Guid;
 pub use resize::{Anchor, Gap};
-pub use types::{gpt_types, is_bios_boot, type_name};
+pub use types::{gpt_types, is_bios_boot, is_efi_system, type_name};
 pub use write::write_table;
 
 #[derive(Debug, thiserror::Error)]

@@ -75,6 +75,14 @@ pub fn type_name(kind: &PartitionType) -> String {
     }
 }
 
+/// Whether `kind` is an EFI System Partition (GPT type `C12A7328-…` or MBR type 0xEF).
+pub fn is_efi_system(kind: &PartitionType) -> bool {
+    match kind {
+        PartitionType::Gpt(g) => Some(*g) == Guid::parse(gpt_types::EFI_SYSTEM),
+        PartitionType::Mbr(id) => *id == 0xef,
+    }
+}
+
 /// Whether `kind` is a BIOS boot partition (GRUB's core image, no filesystem).
 pub fn is_bios_boot(kind: &PartitionType) -> bool {
     matches!(kind, PartitionType::Gpt(g) if Some(*g) == Guid::parse(gpt_types::BIOS_BOOT))

@@ -9,37 +9,14 @@ use std::path::Path;
 use std::time::Duration;
 
 use diskferry_e2e::debian::{
-    debugfs, initramfs_listing, installer_disk, Boot, ROOT_MIB, ROOT_START_MIB,
+    debugfs, initramfs_listing, installer_disk, strip_virtio_disk_drivers, Boot, ROOT_MIB,
+    ROOT_START_MIB,
 };
 use diskferry_e2e::p2v::Outcome;
-use diskferry_e2e::{diskferry, fixtures, run_ok, sh};
+use diskferry_e2e::{diskferry, fixtures, run_ok};
 
 fn p(path: &Path) -> &str {
     path.to_str().unwrap()
-}
-
-/// Removes virtio_blk and virtio_scsi from the root's initramfs(es) with Debian's own tools,
-/// as a system installed on a SATA disk with `MODULES=dep` has none.
-fn strip_virtio_disk_drivers(disk: &Path, work: &Path) {
-    sh(&format!(
-        r#"
-        mnt={work}/mnt; x={work}/unpacked
-        mkdir -p $mnt
-        mount -o loop,offset={offset} {disk} $mnt
-        trap 'umount $mnt' EXIT
-        for initrd in $mnt/boot/initrd.img-*; do
-          v=${{initrd#$mnt/boot/initrd.img-}}
-          rm -rf $x; unmkinitramfs $initrd $x
-          find $x -name virtio_blk.ko -delete -o -name virtio_scsi.ko -delete
-          depmod -b $x $v
-          (cd $x && find . | cpio -o -H newc --quiet | gzip -c) > $initrd
-          ! lsinitramfs $initrd | grep -q virtio_blk
-        done
-        "#,
-        work = p(work),
-        disk = p(disk),
-        offset = ROOT_START_MIB << 20,
-    ));
 }
 
 /// The root filesystem of a qcow2 capture, as a file for debugfs.

@@ -5,6 +5,7 @@
 
 mod attacks;
 mod capture_modes;
+mod compat;
 mod customize;
 mod deploy;
 mod dial_back;

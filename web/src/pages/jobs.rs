@@ -96,6 +96,7 @@ async fn list(
                     option value="sectors" { "sectors" }
                 }
                 label.check { input type="checkbox" name="reboot" value="1"; " Reboot the machine when done" }
+                label.check { input type="checkbox" name="force" value="1"; " Deploy even if the compatibility check refuses (firmware, storage drivers)" }
                 label for="target-hardware" { "Target hardware" }
                 select #target-hardware name="target_hardware" {
                     option value="" selected { "as captured" }
@@ -174,6 +175,7 @@ async fn start(
         mode: nonempty("mode"),
         verify: form.contains_key("verify"),
         reboot: form.contains_key("reboot"),
+        force: form.contains_key("force"),
         base: nonempty("base"),
         incremental: nonempty("incremental"),
         chunk_map: None,

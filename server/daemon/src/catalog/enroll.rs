@@ -26,6 +26,8 @@ use super::{unix_now, Catalog, CatalogError};
 pub const MAX_MACS: usize = 16;
 /// Most disks one identity may announce.
 pub const MAX_DISKS: usize = 64;
+/// Most PCI devices one identity may announce.
+pub const MAX_PCI: usize = diskferry_customize::compat::MAX_PCI;
 /// Longest text field (hostname, serial, model...) in an identity.
 pub const MAX_TEXT: usize = 256;
 /// Most machines awaiting approval at once: a registration flood stops here.
@@ -44,6 +46,8 @@ pub enum Refusal {
     TooManyMacs(usize),
     #[error("it announced {0} disks; at most {MAX_DISKS} are accepted")]
     TooManyDisks(usize),
+    #[error("it announced {0} PCI devices; at most {MAX_PCI} are accepted")]
+    TooManyPci(usize),
     #[error("its {0} is longer than {MAX_TEXT} characters")]
     TooLong(&'static str),
     #[error("it announced MAC addresses of machines {0:?}; one agent is one machine, MAC sets are never merged")]
@@ -363,6 +367,9 @@ fn checked_macs(
     if identity.disks.len() > MAX_DISKS {
         return Err(Refusal::TooManyDisks(identity.disks.len()));
     }
+    if identity.pci.len() > MAX_PCI {
+        return Err(Refusal::TooManyPci(identity.pci.len()));
+    }
     check_text(identity)?;
     let mut macs: Vec<String> = identity
         .macs
@@ -389,6 +396,7 @@ fn check_text(id: &MachineIdentity) -> Result<(), Refusal> {
         ("product", id.product.as_deref()),
         ("serial number", id.serial.as_deref()),
         ("UUID", id.uuid.as_deref()),
+        ("firmware", id.firmware.as_deref()),
     ];
     let disks = id.disks.iter().flat_map(|d| {
         [
@@ -398,10 +406,12 @@ fn check_text(id: &MachineIdentity) -> Result<(), Refusal> {
         ]
     });
     let macs = id.macs.iter().map(|m| ("MAC address", Some(m.as_str())));
+    let pci = id.pci.iter().flat_map(|d| d.texts());
     match fields
         .into_iter()
         .chain(disks)
         .chain(macs)
+        .chain(pci)
         .find(|(_, v)| v.is_some_and(|v| v.len() > MAX_TEXT))
     {
         Some((what, _)) => Err(Refusal::TooLong(what)),
@@ -409,7 +419,9 @@ fn check_text(id: &MachineIdentity) -> Result<(), Refusal> {
     }
 }
 
-/// What differs between two identities, in words (hostname, CPUs and memory may change freely).
+/// What differs between two identities, in words (hostname, CPUs, memory, firmware, Secure
+/// Boot and PCI devices may change freely: they describe what a deploy must fit, not who the
+/// machine is).
 fn differences(old: &MachineIdentity, new: &MachineIdentity) -> Vec<&'static str> {
     let macs = |i: &MachineIdentity| {
         let mut m: Vec<String> = i.macs.iter().filter_map(|m| normalize_mac(m)).collect();
@@ -566,6 +578,69 @@ mod tests {
             c.enroll(&ident(&["nonsense"], "PC"), "k", None),
             Err(CatalogError::Refused(Refusal::NoMac))
         ));
+    }
+
+    #[test]
+    fn pci_devices_are_bounded() {
+        let (_d, c) = catalog();
+        let dev = diskferry_customize::compat::PciDevice {
+            class: "0x010000".into(),
+            ..Default::default()
+        };
+        let mut id = ident(&["52:54:00:aa:00:01"], "PC");
+        id.pci = vec![dev.clone(); MAX_PCI + 1];
+        assert!(matches!(
+            c.enroll(&id, "k", None),
+            Err(CatalogError::Refused(Refusal::TooManyPci(n))) if n == MAX_PCI + 1
+        ));
+        id.pci = vec![dev.clone(); MAX_PCI];
+        id.pci[7].modalias = Some("p".repeat(MAX_TEXT + 1));
+        assert!(matches!(
+            c.enroll(&id, "k", None),
+            Err(CatalogError::Refused(Refusal::TooLong("PCI modalias")))
+        ));
+        id.pci[7].modalias = None;
+        id.pci[3].driver = Some("d".repeat(MAX_TEXT + 1));
+        assert!(matches!(
+            c.enroll(&id, "k", None),
+            Err(CatalogError::Refused(Refusal::TooLong("PCI driver")))
+        ));
+        id.pci[3].driver = None;
+        id.firmware = Some("f".repeat(MAX_TEXT + 1));
+        assert!(matches!(
+            c.enroll(&id, "k", None),
+            Err(CatalogError::Refused(Refusal::TooLong("firmware")))
+        ));
+        id.firmware = Some("uefi".into());
+        assert!(c.enroll(&id, "k", None).is_ok());
+    }
+
+    #[test]
+    fn firmware_and_pci_changes_need_no_new_approval() {
+        let (_d, c) = catalog();
+        let mut id = ident(&["52:54:00:aa:00:01"], "PC");
+        id.firmware = Some("bios".into());
+        let m = c.enroll(&id, "key", None).unwrap().machine_id;
+        c.approve_machine(m).unwrap();
+        // The firmware switched to UEFI with Secure Boot, a controller was added.
+        id.firmware = Some("uefi".into());
+        id.secure_boot = Some(true);
+        id.pci.push(diskferry_customize::compat::PciDevice {
+            class: "0x010802".into(),
+            vendor: "0x144d".into(),
+            device: "0xa808".into(),
+            driver: Some("nvme".into()),
+            ..Default::default()
+        });
+        let again = c.enroll(&id, "key", None).unwrap();
+        assert!(again.approved && again.waiting.is_none(), "{again:?}");
+        let stored = c.machine(m).unwrap().unwrap().identity.unwrap();
+        assert_eq!(stored.firmware.as_deref(), Some("uefi"));
+        assert_eq!(
+            stored.pci.len(),
+            1,
+            "the new facts are kept for the next deploy"
+        );
     }
 
     #[test]

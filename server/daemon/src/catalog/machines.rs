@@ -134,6 +134,14 @@ pub struct MachineIdentity {
     pub memory: u64,
     #[serde(default)]
     pub disks: Vec<IdentityDisk>,
+    /// "uefi" or "bios" (deploy compatibility; not part of who the machine is).
+    #[serde(default)]
+    pub firmware: Option<String>,
+    #[serde(default)]
+    pub secure_boot: Option<bool>,
+    /// PCI devices, storage and network controllers first (at most `enroll::MAX_PCI`).
+    #[serde(default)]
+    pub pci: Vec<diskferry_customize::compat::PciDevice>,
 }
 
 /// A disk in a machine's identity.

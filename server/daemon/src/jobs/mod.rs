@@ -66,6 +66,10 @@ pub struct JobRequest {
     /// Deploy: reboot the machine when done.
     #[serde(default)]
     pub reboot: bool,
+    /// Deploy: write even when the compatibility check refuses (the machine's firmware or
+    /// storage controllers do not fit the image); the reasons are logged as warnings.
+    #[serde(default)]
+    pub force: bool,
     /// Capture: the capture to build on (its id or name); an unusable one fails the job.
     #[serde(default)]
     pub base: Option<String>,
@@ -188,6 +192,10 @@ enum RunError {
     Reboot(#[source] diskferry_blockdev::BlockError),
     #[error("customize: {0}")]
     Customize(String),
+    #[error(
+        "the image does not fit the machine (nothing was written; \"force\" deploys anyway): {0}"
+    )]
+    Incompatible(String),
     #[error("internal error: the job panicked ({0}); this is a bug, please report it")]
     Panicked(String),
 }
@@ -205,11 +213,19 @@ enum Work {
         image: PathBuf,
         target: JobDisk,
         mode: Mode,
-        reboot: bool,
+        after: AfterCheck,
         /// Rendered for the target machine.
         customize: Option<Box<Spec>>,
         hardware: Option<TargetHardware>,
     },
+}
+
+/// What a deploy does around its write: the compatibility check (skipped in effect by
+/// `force`) and the reboot.
+#[derive(Debug, Clone, Copy)]
+struct AfterCheck {
+    force: bool,
+    reboot: bool,
 }
 
 /// A checked capture.
@@ -496,6 +512,7 @@ impl Jobs {
         let (customize, hardware) = self.edits_of(req, &disk)?;
         let params = serde_json::json!({
             "image": rec.name, "target": target, "mode": mode.name(), "reboot": req.reboot,
+            "force": req.force,
             "source": rec.name, "output": target, "customized": customize.is_some(),
             "target_hardware": hardware.map(TargetHardware::name),
         });
@@ -503,7 +520,10 @@ impl Jobs {
             image: self.catalog.capture_file(&rec),
             target: disk,
             mode,
-            reboot: req.reboot,
+            after: AfterCheck {
+                force: req.force,
+                reboot: req.reboot,
+            },
             customize,
             hardware,
         };
@@ -581,6 +601,8 @@ impl Jobs {
             self.run_work(id, rt, &work, cancel)
         }))
         .unwrap_or_else(|panic| Err(RunError::Panicked(panic_message(&*panic))));
+        // A deploy refused before it wrote leaves the machine's disk as it was.
+        let untouched = matches!(result, Err(RunError::Incompatible(_)));
         let (job_state, error) = match result {
             Ok(()) => (JobState::Succeeded, None),
             Err(_) if cancel.is_cancelled() => (JobState::Cancelled, Some("cancelled".to_string())),
@@ -594,6 +616,7 @@ impl Jobs {
             // A capture leaves the machine as it was; a deploy leaves it deployed, or failed.
             let after = match (&work, &error) {
                 (Work::Capture(_), _) => before.as_str(),
+                (Work::Deploy { .. }, Some(_)) if untouched => before.as_str(),
                 (Work::Deploy { .. }, None) => state::DEPLOYED,
                 (Work::Deploy { .. }, Some(_)) => state::FAILED,
             };
@@ -620,7 +643,7 @@ impl Jobs {
                 image,
                 target,
                 mode,
-                reboot,
+                after,
                 customize,
                 hardware,
             } => {
@@ -629,7 +652,7 @@ impl Jobs {
                     spec: customize.as_deref(),
                     hardware: *hardware,
                 };
-                self.run_deploy(id, rt, image, target, how, *reboot, cancel)
+                self.run_deploy(id, rt, image, target, how, *after, cancel)
             }
         }
     }
@@ -686,17 +709,18 @@ impl Jobs {
         image: &Path,
         target: &JobDisk,
         how: Edits<'_>,
-        reboot: bool,
+        after: AfterCheck,
         cancel: &CancelFlag,
     ) -> Result<(), RunError> {
         let img = self.catalog.open_capture(image)?;
         let img: Arc<dyn BlockDevice> = Arc::new(CancellableDevice::new(img, cancel.clone()));
+        self.check_fit(&img, target, how.hardware, after.force)?;
         let how = deploy_how(&img, how)?;
         let dst = self.open(target, rt, true, cancel)?;
         tracing::info!("image {}", image.display());
         let progress = self.progress_sink(id);
         diskferry_imaging::deploy(img, dst, &target.describe(), &how, &progress)?;
-        if let (true, JobDisk::Machine { id: m, label, .. }) = (reboot, target) {
+        if let (true, JobDisk::Machine { id: m, label, .. }) = (after.reboot, target) {
             let link = self
                 .agents
                 .approved_link(*m)
@@ -709,6 +733,46 @@ impl Jobs {
             tracing::info!("reboot requested");
         }
         Ok(())
+    }
+
+    /// The compatibility check of a deploy onto a machine, by what its agent last announced:
+    /// warnings go to the log; refusals fail the job before anything is written, unless
+    /// `force` (then they are logged as warnings).
+    fn check_fit(
+        &self,
+        img: &Arc<dyn BlockDevice>,
+        target: &JobDisk,
+        hardware: Option<TargetHardware>,
+        force: bool,
+    ) -> Result<(), RunError> {
+        let Some(identity) = target
+            .machine()
+            .and_then(|m| self.catalog.machine(m).ok().flatten())
+            .and_then(|m| m.identity)
+        else {
+            return Ok(());
+        };
+        let findings = crate::compat::check_deploy(Arc::clone(img), &identity, hardware);
+        let (refused, warned): (Vec<_>, Vec<_>) = findings.iter().partition(|f| f.refuses());
+        for f in warned {
+            tracing::warn!("compatibility: {}", f.reason);
+        }
+        if refused.is_empty() {
+            return Ok(());
+        }
+        if force {
+            for f in &refused {
+                tracing::warn!("compatibility (forced): {}", f.reason);
+            }
+            return Ok(());
+        }
+        Err(RunError::Incompatible(
+            refused
+                .iter()
+                .map(|f| f.reason.as_str())
+                .collect::<Vec<_>>()
+                .join("; "),
+        ))
     }
 
     fn run_capture(

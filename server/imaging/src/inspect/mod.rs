@@ -3,6 +3,7 @@
 //! (see [`os`]). Everything is read through [`BlockDevice`]s, so the disk may be remote, local
 //! or an image.
 
+pub mod firmware;
 pub mod os;
 
 use std::sync::Arc;
@@ -24,6 +25,9 @@ pub struct DiskReport {
     pub mbr_signature: Option<String>,
     pub partitions: Vec<VolumeReport>,
     pub warnings: Vec<String>,
+    /// The firmware types it boots with.
+    #[serde(default)]
+    pub firmware: diskferry_customize::compat::FirmwareReport,
 }
 
 /// One partition (or the whole disk when it has no table).
@@ -107,6 +111,7 @@ pub fn volumes(
 /// Reads the table, every partition's filesystem and the OS each holds.
 pub fn inspect(disk: &Arc<dyn BlockDevice>) -> Result<DiskReport, partition::PartitionError> {
     let (table, vols) = volumes(disk)?;
+    let firmware = firmware::firmware(disk, &table, &vols);
     let partitions = vols
         .into_iter()
         .map(|(p, dev)| volume_report(&p, dev))
@@ -119,6 +124,7 @@ pub fn inspect(disk: &Arc<dyn BlockDevice>) -> Result<DiskReport, partition::Par
         mbr_signature: table.mbr_signature.map(|s| format!("{s:08x}")),
         partitions,
         warnings: table.warnings,
+        firmware,
     })
 }
 
