@@ -78,7 +78,7 @@ impl RateControl {
     }
 
     pub fn rate(&self) -> u64 {
-        self.rate as u64
+        self.rate.round() as u64
     }
 
     pub fn history(&self) -> &[RatePoint] {
@@ -104,14 +104,14 @@ impl RateControl {
             }
             None => {}
         }
-        if self.rate as u64 != before as u64 && self.history.len() < MAX_HISTORY {
+        if self.rate.round() as u64 != before.round() as u64 && self.history.len() < MAX_HISTORY {
             self.history.push(RatePoint {
                 at: now.duration_since(self.started),
-                rate: self.rate as u64,
+                rate: self.rate.round() as u64,
                 loss_ppm: worst_loss_ppm,
             });
         }
-        self.rate as u64
+        self.rate.round() as u64
     }
 }
 
