@@ -27,8 +27,9 @@ pub use state::{Action, Options, State, Stats, NACK_BUDGET};
 
 /// Largest write the receiver issues (contiguous packets are gathered up to this).
 pub const WRITE_BATCH: usize = 1 << 20;
-/// The socket receive buffer asked for: a burst of some 2800 full datagrams.
-pub const RECV_BUFFER: usize = 4 << 20;
+/// The socket receive buffer asked for: about a quarter of a second at 1 Gbit/s, so a receiver
+/// descheduled for a moment (a busy agent, a loaded host) does not lose the burst.
+pub const RECV_BUFFER: usize = 32 << 20;
 
 /// Where received data goes.
 pub trait TargetDisk {

@@ -49,7 +49,7 @@ impl Default for Options {
     fn default() -> Options {
         Options {
             report_interval: Duration::from_millis(50),
-            nack_holdoff: Duration::from_millis(250),
+            nack_holdoff: Duration::from_millis(500),
             sender_silence: Duration::from_secs(10),
             linger: Duration::from_secs(2),
             max_ranges: 1 << 16,

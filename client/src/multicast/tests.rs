@@ -107,7 +107,7 @@ fn nacks_cover_gaps_below_the_highest_seen_then_the_tail_after_end() {
     s.reports(now + Duration::from_millis(100), &mut out);
     assert_eq!(nacks(&out), vec![(10, 20)]);
     out.clear();
-    s.reports(now + Duration::from_millis(400), &mut out);
+    s.reports(now + Duration::from_millis(600), &mut out);
     assert_eq!(nacks(&out), vec![(2, 4), (6, 9), (10, 20)]);
 }
 
