@@ -143,7 +143,10 @@ multicast_session() { # kill-after-seconds or "": runs one session, sets R_time 
   done
   if [ -n "$1" ]; then
     sleep "$1"
-    kill "${pids[3]}"
+    # The spawned pid is a subshell running in_ns: kill it and what it started.
+    bench_found=()
+    bench_tree "${pids[3]}"
+    kill "${pids[3]}" "${bench_found[@]}"
   fi
   local failed=""
   for i in 0 1 2 3; do

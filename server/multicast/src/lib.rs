@@ -189,18 +189,20 @@ pub struct Session {
     keys: SessionKeys,
     socket: tokio::net::UdpSocket,
     local: SocketAddrV4,
+    gso: bool,
 }
 
 impl Session {
     /// Binds the session's socket. Call inside a tokio runtime.
     pub fn bind(config: SessionConfig, keys: SessionKeys) -> Result<Session, MulticastError> {
         config.check()?;
-        let (socket, local) = send::open_socket(&config)?;
+        let (socket, local, gso) = send::open_socket(&config)?;
         Ok(Session {
             config,
             keys,
             socket,
             local,
+            gso,
         })
     }
 
