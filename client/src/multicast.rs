@@ -68,7 +68,9 @@ impl TargetDisk for MemoryDisk {
     fn write_at(&self, data: &[u8], offset: u64) -> io::Result<()> {
         let mut disk = self.0.lock().expect("memory disk");
         let at = usize::try_from(offset).map_err(|_| io::ErrorKind::InvalidInput)?;
-        let end = at.checked_add(data.len()).ok_or(io::ErrorKind::InvalidInput)?;
+        let end = at
+            .checked_add(data.len())
+            .ok_or(io::ErrorKind::InvalidInput)?;
         disk.get_mut(at..end)
             .ok_or(io::ErrorKind::InvalidInput)?
             .copy_from_slice(data);
@@ -91,10 +93,7 @@ pub struct Network {
 #[derive(Debug, thiserror::Error)]
 pub enum ReceiveError {
     #[error("multicast socket ({op}): {source}")]
-    Socket {
-        op: &'static str,
-        source: io::Error,
-    },
+    Socket { op: &'static str, source: io::Error },
     #[error("writing the disk at offset {offset}: {source}")]
     Disk { offset: u64, source: io::Error },
     #[error("nothing valid from the sender for {0:?}")]
@@ -159,7 +158,12 @@ pub fn receive(
         }
         let n = match socket.recv_from(&mut buf) {
             Ok((n, _)) => n,
-            Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) =>
+            {
                 continue
             }
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
@@ -172,7 +176,8 @@ pub fn receive(
         if state.is_complete() && !was_complete {
             // Durable before saying so.
             writer.flush(disk)?;
-            disk.flush().map_err(|source| ReceiveError::Disk { offset: 0, source })?;
+            disk.flush()
+                .map_err(|source| ReceiveError::Disk { offset: 0, source })?;
             next_report = now;
         }
     }
@@ -240,7 +245,12 @@ struct Coalescer {
 }
 
 impl Coalescer {
-    fn push(&mut self, disk: &dyn TargetDisk, offset: u64, data: &[u8]) -> Result<(), ReceiveError> {
+    fn push(
+        &mut self,
+        disk: &dyn TargetDisk,
+        offset: u64,
+        data: &[u8],
+    ) -> Result<(), ReceiveError> {
         let contiguous = self.offset + self.buf.len() as u64 == offset;
         if !self.buf.is_empty() && (!contiguous || self.buf.len() + data.len() > WRITE_BATCH) {
             self.flush(disk)?;

@@ -166,13 +166,17 @@ pub struct Progress {
 }
 
 /// What a receiver sends to the sender.
+// A NACK's ranges are inline (1 KiB) so decoding a hostile datagram never allocates.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ReceiverPacket {
     Progress(Progress),
     /// These ranges are missing, please resend.
     Nack(NackRanges),
     /// Every packet is on the disk, flushed.
-    Done { received: u64 },
+    Done {
+        received: u64,
+    },
 }
 
 /// What the control connection hands one receiver before a session: enough to join, verify
@@ -287,7 +291,10 @@ pub fn encode_report(
             w.u64(p.received);
             w.u64(p.missing);
             w.u64(p.next_seq);
-            w.u32(p.loss_ppm.map_or(NO_LOSS_SAMPLE, |l| l.min(NO_LOSS_SAMPLE - 1)));
+            w.u32(
+                p.loss_ppm
+                    .map_or(NO_LOSS_SAMPLE, |l| l.min(NO_LOSS_SAMPLE - 1)),
+            );
         }
         ReceiverPacket::Nack(ranges) => {
             w.header(KIND_NACK, receiver, session);
@@ -383,9 +390,7 @@ pub fn decode_receiver(
             }
             ReceiverPacket::Nack(ranges)
         }
-        KIND_DONE => ReceiverPacket::Done {
-            received: r.u64()?,
-        },
+        KIND_DONE => ReceiverPacket::Done { received: r.u64()? },
         _ => return Err(Reject::BadKind),
     };
     r.finish()?;

@@ -173,7 +173,9 @@ mod tests {
         let mut model = vec![false; total as usize];
         let mut x = 12345u64;
         for _ in 0..20_000 {
-            x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            x = x
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
             let s = (x >> 33) % (total + 10);
             let expect = if s < total && !model[s as usize] {
                 model[s as usize] = true;

@@ -16,8 +16,8 @@
 use std::time::{Duration, Instant};
 
 use diskferry_protocol::multicast::{
-    decode_sender, Credentials, NackRanges, Progress, ReceiverPacket, SenderPacket,
-    SeqRange, MAX_NACK_RANGES,
+    decode_sender, Credentials, NackRanges, Progress, ReceiverPacket, SenderPacket, SeqRange,
+    MAX_NACK_RANGES,
 };
 
 use super::missing::{MissingSet, Taken};
@@ -244,8 +244,8 @@ impl State {
 
     fn progress(&mut self) -> Progress {
         let sampled = self.window_lost + self.window_seen;
-        let loss_ppm = (sampled >= LOSS_SAMPLE_MIN)
-            .then(|| (self.window_lost * 1_000_000 / sampled) as u32);
+        let loss_ppm =
+            (sampled >= LOSS_SAMPLE_MIN).then(|| (self.window_lost * 1_000_000 / sampled) as u32);
         if sampled >= LOSS_SAMPLE_MIN {
             self.window_lost = 0;
             self.window_seen = 0;

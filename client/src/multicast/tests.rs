@@ -24,7 +24,13 @@ fn creds(total: u64) -> Credentials {
 }
 
 fn data(seq: u64) -> Vec<u8> {
-    data_at(seq, seq * PAYLOAD as u64, &[seq as u8; PAYLOAD], &[3u8; 32], SESSION)
+    data_at(
+        seq,
+        seq * PAYLOAD as u64,
+        &[seq as u8; PAYLOAD],
+        &[3u8; 32],
+        SESSION,
+    )
 }
 
 fn data_at(seq: u64, offset: u64, payload: &[u8], key: &[u8; 32], session: u64) -> Vec<u8> {

@@ -114,7 +114,10 @@ fn credentials_round_trip_and_refuse_a_unicast_group() {
     assert_eq!(Credentials::decode(&raw[1..]), Err(Reject::Malformed));
     let mut unicast = c.clone();
     unicast.group = "10.1.2.3:5000".parse().unwrap();
-    assert_eq!(Credentials::decode(&unicast.encode()), Err(Reject::Malformed));
+    assert_eq!(
+        Credentials::decode(&unicast.encode()),
+        Err(Reject::Malformed)
+    );
     let mut many = c;
     many.receiver = MAX_RECEIVERS;
     assert_eq!(Credentials::decode(&many.encode()), Err(Reject::Malformed));

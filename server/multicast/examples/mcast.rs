@@ -52,8 +52,12 @@ type Flags = HashMap<String, String>;
 fn parse_flags(args: &[String]) -> Result<Flags> {
     let mut flags = HashMap::new();
     for pair in args.chunks(2) {
-        let [k, v] = pair else { bail!("flag {} has no value", pair[0]) };
-        let k = k.strip_prefix("--").with_context(|| format!("not a flag: {k}"))?;
+        let [k, v] = pair else {
+            bail!("flag {} has no value", pair[0])
+        };
+        let k = k
+            .strip_prefix("--")
+            .with_context(|| format!("not a flag: {k}"))?;
         flags.insert(k.to_owned(), v.clone());
     }
     Ok(flags)
@@ -183,7 +187,11 @@ fn recv(flags: &Flags) -> Result<()> {
     if let Some(expected) = flags.get("expect-b3") {
         let mine = file_hash(&disk_path)?;
         if mine.to_hex().as_str() != expected {
-            bail!("verify: {} hashes to {}, not {expected}", disk_path.display(), mine.to_hex());
+            bail!(
+                "verify: {} hashes to {}, not {expected}",
+                disk_path.display(),
+                mine.to_hex()
+            );
         }
         println!(
             "verified: BLAKE3 {} ({:.3} s after the start)",
@@ -205,7 +213,7 @@ fn hex(bytes: &[u8]) -> String {
 }
 
 fn unhex(s: &str) -> Result<Vec<u8>> {
-    if s.len() % 2 != 0 {
+    if !s.len().is_multiple_of(2) {
         bail!("odd hex length");
     }
     (0..s.len())

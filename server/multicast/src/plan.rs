@@ -66,7 +66,10 @@ impl Plan {
 
     /// Packet `seq`'s disk offset and length.
     pub fn packet(&self, seq: u64) -> Option<(u64, usize)> {
-        let i = self.extents.partition_point(|e| e.2 <= seq).checked_sub(1)?;
+        let i = self
+            .extents
+            .partition_point(|e| e.2 <= seq)
+            .checked_sub(1)?;
         let (offset, len, first) = self.extents[i];
         let within = (seq - first).checked_mul(MAX_PAYLOAD as u64)?;
         (within < len).then(|| {

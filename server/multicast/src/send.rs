@@ -24,7 +24,8 @@ use tokio::sync::mpsc;
 use crate::rate::{RateControl, TokenBucket};
 use crate::repair::{RepairQueue, Target};
 use crate::{
-    MulticastError, Outcome, Plan, ReceiverReport, Session, SessionConfig, SessionKeys, SessionReport,
+    MulticastError, Outcome, Plan, ReceiverReport, Session, SessionConfig, SessionKeys,
+    SessionReport,
 };
 
 /// Packets per first-pass read (about 1 MiB).
@@ -47,8 +48,8 @@ pub(crate) fn open_socket(
     config: &crate::SessionConfig,
 ) -> Result<(UdpSocket, SocketAddrV4, bool), MulticastError> {
     let err = |op| move |source| MulticastError::Socket { op, source };
-    let socket = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP))
-        .map_err(err("create"))?;
+    let socket =
+        Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP)).map_err(err("create"))?;
     socket
         .bind(&SocketAddr::V4(config.bind).into())
         .map_err(err("bind"))?;
@@ -269,8 +270,7 @@ impl Runner {
                         continue;
                     }
                 };
-                match decode_receiver(&buf[..n], session, |id| keys.get(usize::from(id)).copied())
-                {
+                match decode_receiver(&buf[..n], session, |id| keys.get(usize::from(id)).copied()) {
                     Ok((id, packet)) => {
                         let heard = Heard {
                             id,
@@ -349,7 +349,11 @@ impl Runner {
         for (id, s) in self.slots.iter_mut().enumerate() {
             if s.outcome.is_none() && now.duration_since(s.last_heard) > timeout {
                 s.outcome = Some(Outcome::Dropped);
-                tracing::warn!(receiver = id, ?timeout, "multicast receiver silent: dropped");
+                tracing::warn!(
+                    receiver = id,
+                    ?timeout,
+                    "multicast receiver silent: dropped"
+                );
             }
         }
     }
@@ -375,7 +379,9 @@ impl Runner {
                 let target = *target;
                 if let Some((seq, offset, range)) = chunk.next_packet() {
                     let data = std::mem::take(&mut chunk.data);
-                    let sent = self.send_data(seq, offset, &data[range], Some(target)).await;
+                    let sent = self
+                        .send_data(seq, offset, &data[range], Some(target))
+                        .await;
                     if let Some((chunk, _)) = self.repair_chunk.as_mut() {
                         chunk.data = data;
                     }
@@ -389,9 +395,11 @@ impl Runner {
                     return Ok(false);
                 }
                 let slots = &self.slots;
-                let batch = self
-                    .repairs
-                    .batch(|id| slots.get(usize::from(id)).is_some_and(|s| s.outcome.is_none()));
+                let batch = self.repairs.batch(|id| {
+                    slots
+                        .get(usize::from(id))
+                        .is_some_and(|s| s.outcome.is_none())
+                });
                 self.repair_runs
                     .extend(batch.into_iter().map(|r| (r.start, r.end, r.target)));
                 continue;
@@ -599,7 +607,12 @@ fn spawn_reader(
             let mut from = 0;
             while from < len {
                 let n = step.min(len - from);
-                let chunk = read_blocking(&*device, first + from / MAX_PAYLOAD as u64, offset + from, n);
+                let chunk = read_blocking(
+                    &*device,
+                    first + from / MAX_PAYLOAD as u64,
+                    offset + from,
+                    n,
+                );
                 let failed = chunk.is_err();
                 if tx.blocking_send(chunk).is_err() || failed {
                     return;

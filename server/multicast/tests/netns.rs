@@ -72,19 +72,56 @@ fn run(args: &[&str]) {
 /// joined to it by a veth pair, multicast routed onto the veth, both ends capped at 1 Gbit/s.
 fn network(ns: &mut Namespaces) -> (String, Vec<String>) {
     let hub = ns.add("hub");
-    run(&["ip", "-n", &hub, "link", "add", "br0", "type", "bridge", "mcast_snooping", "0"]);
+    run(&[
+        "ip",
+        "-n",
+        &hub,
+        "link",
+        "add",
+        "br0",
+        "type",
+        "bridge",
+        "mcast_snooping",
+        "0",
+    ]);
     run(&["ip", "-n", &hub, "link", "set", "br0", "up"]);
     let mut join = |name: &str, ip: &str| {
         let full = ns.add(name);
         let (inner, outer) = (format!("v{name}"), format!("h{name}"));
-        run(&["ip", "link", "add", &inner, "netns", &full, "type", "veth", "peer", "name", &outer, "netns", &hub]);
-        run(&["ip", "-n", &hub, "link", "set", &outer, "master", "br0", "up"]);
-        run(&["ip", "-n", &full, "addr", "add", &format!("{ip}/24"), "dev", &inner]);
+        run(&[
+            "ip", "link", "add", &inner, "netns", &full, "type", "veth", "peer", "name", &outer,
+            "netns", &hub,
+        ]);
+        run(&[
+            "ip", "-n", &hub, "link", "set", &outer, "master", "br0", "up",
+        ]);
+        run(&[
+            "ip",
+            "-n",
+            &full,
+            "addr",
+            "add",
+            &format!("{ip}/24"),
+            "dev",
+            &inner,
+        ]);
         run(&["ip", "-n", &full, "link", "set", "lo", "up"]);
         run(&["ip", "-n", &full, "link", "set", &inner, "up"]);
-        run(&["ip", "-n", &full, "route", "add", "224.0.0.0/4", "dev", &inner]);
+        run(&[
+            "ip",
+            "-n",
+            &full,
+            "route",
+            "add",
+            "224.0.0.0/4",
+            "dev",
+            &inner,
+        ]);
         for (n, dev) in [(&full, &inner), (&hub, &outer)] {
-            run(&["tc", "-n", n, "qdisc", "replace", "dev", dev, "root", "tbf", "rate", "1gbit", "burst", "1mb", "limit", "8mb"]);
+            run(&[
+                "tc", "-n", n, "qdisc", "replace", "dev", dev, "root", "tbf", "rate", "1gbit",
+                "burst", "1mb", "limit", "8mb",
+            ]);
         }
         full
     };
@@ -98,7 +135,12 @@ fn network(ns: &mut Namespaces) -> (String, Vec<String>) {
 /// The `mcast` example beside this test binary (cargo builds examples with the tests).
 fn driver() -> PathBuf {
     let exe = std::env::current_exe().unwrap();
-    let path = exe.parent().unwrap().parent().unwrap().join("examples/mcast");
+    let path = exe
+        .parent()
+        .unwrap()
+        .parent()
+        .unwrap()
+        .join("examples/mcast");
     assert!(
         path.exists(),
         "{} is missing: cargo build -p diskferry-multicast --example mcast",
@@ -207,17 +249,30 @@ fn four_receivers_one_lossy_one_killed_survivors_match_the_image() {
     // namespace: random bytes, and a header-shaped datagram without the right MAC.
     let sender_port = sender_port(dir.path());
     for target in [GROUP.to_owned(), format!("{SENDER_IP}:{sender_port}")] {
-        for payload in ["head -c 1400 /dev/urandom", "printf 'DFMC\\001\\001\\000\\000%01400d' 0"] {
+        for payload in [
+            "head -c 1400 /dev/urandom",
+            "printf 'DFMC\\001\\001\\000\\000%01400d' 0",
+        ] {
             run(&[
-                "ip", "netns", "exec", &receiver_ns[2], "sh", "-c",
-                &format!("for i in 1 2 3 4 5; do {payload} | socat -u - UDP4-DATAGRAM:{target}; done"),
+                "ip",
+                "netns",
+                "exec",
+                &receiver_ns[2],
+                "sh",
+                "-c",
+                &format!(
+                    "for i in 1 2 3 4 5; do {payload} | socat -u - UDP4-DATAGRAM:{target}; done"
+                ),
             ]);
         }
     }
     // Kill receiver 3 once the session is well under way.
     std::thread::sleep(Duration::from_millis(1200));
     let killed = &mut children.0[4];
-    assert!(killed.try_wait().unwrap().is_none(), "receiver 3 ended before the kill");
+    assert!(
+        killed.try_wait().unwrap().is_none(),
+        "receiver 3 ended before the kill"
+    );
     killed.kill().unwrap();
     let _ = killed.wait();
 
@@ -244,7 +299,10 @@ fn four_receivers_one_lossy_one_killed_survivors_match_the_image() {
     for (i, child) in all.enumerate() {
         let out = output_of(child);
         let text = String::from_utf8_lossy(&out.stdout);
-        eprintln!("receiver {i}: {text}{}", String::from_utf8_lossy(&out.stderr));
+        eprintln!(
+            "receiver {i}: {text}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         if i == 3 {
             continue;
         }
@@ -253,7 +311,10 @@ fn four_receivers_one_lossy_one_killed_survivors_match_the_image() {
             assert!(!text.contains(" 0 test-dropped"), "{text}");
         }
         if i == 0 {
-            assert!(!text.contains(" 0 rejected"), "forged data not counted: {text}");
+            assert!(
+                !text.contains(" 0 rejected"),
+                "forged data not counted: {text}"
+            );
         }
         let disk = dir.path().join(format!("disk{i}"));
         let cmp = Command::new("cmp").arg(&image).arg(&disk).output().unwrap();
