@@ -380,7 +380,7 @@ impl Runner {
                 if let Some((seq, offset, range)) = chunk.next_packet() {
                     let data = std::mem::take(&mut chunk.data);
                     let sent = self
-                        .send_data(seq, offset, &data[range], Some(target))
+                        .send_repair_packet(seq, offset, &data[range], target)
                         .await;
                     if let Some((chunk, _)) = self.repair_chunk.as_mut() {
                         chunk.data = data;
@@ -423,13 +423,13 @@ impl Runner {
         }
     }
 
-    /// Paces, seals and sends one data packet to the group or to one receiver.
-    async fn send_data(
+    /// Paces, seals and sends one repair packet to the group or to one receiver.
+    async fn send_repair_packet(
         &mut self,
         seq: u64,
         offset: u64,
         payload: &[u8],
-        repair: Option<Target>,
+        target: Target,
     ) -> Result<(), MulticastError> {
         let config = &self.config;
         let n = encode_data(
@@ -440,8 +440,8 @@ impl Runner {
             offset,
             payload,
         );
-        let dest = match repair {
-            Some(Target::Unicast(id)) => {
+        let dest = match target {
+            Target::Unicast(id) => {
                 let slot = &mut self.slots[usize::from(id)];
                 let Some(addr) = slot.addr else {
                     return Ok(());
@@ -449,11 +449,10 @@ impl Runner {
                 slot.unicast_bytes += payload.len() as u64;
                 addr
             }
-            Some(Target::Multicast) => {
+            Target::Multicast => {
                 self.multicast_repair_bytes += payload.len() as u64;
                 SocketAddr::V4(config.group)
             }
-            None => SocketAddr::V4(config.group),
         };
         self.pace(n as u64 + WIRE_OVERHEAD).await;
         self.send(n, dest).await
