@@ -7,6 +7,7 @@
 pub mod dialback;
 pub mod disks;
 pub mod identity;
+pub mod multicast;
 pub mod power;
 pub mod serve;
 

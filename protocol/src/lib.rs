@@ -13,6 +13,8 @@
 //! - [`compress`]: LZ4 for data payloads when both sides offer it, adaptive (off when the
 //!   link is faster than compression or the data does not shrink), bounded on decode.
 //! - [`stream`]: async frame reader/writer halves combining the two, for tokio sockets.
+//! - [`multicast`]: the datagrams of the multicast deploy path (data, end, NACK, progress,
+//!   done), each with a keyed-BLAKE3 MAC; codec only.
 //!
 //! This is the only crate that knows the wire byte order (big-endian, network order).
 #![forbid(unsafe_code)]
@@ -28,6 +30,7 @@ pub mod handshake;
 #[cfg(feature = "io")]
 pub mod key;
 pub mod message;
+pub mod multicast;
 #[cfg(feature = "io")]
 pub mod record;
 #[cfg(feature = "io")]
