@@ -6,17 +6,16 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use diskferry_blockdev::{BlockDevice, MemoryDevice, SliceDevice};
+use diskferry_blockdev::{BlockDevice, MemoryDevice};
 use diskferry_fs::ext4::write::{write_ext4, Ext4Options};
-use diskferry_fs::fat_write::{write_fat, FatOptions};
 use diskferry_fs::host::HostFs;
 use diskferry_imaging::pipeline::verify::verify_disks;
 use diskferry_imaging::pipeline::{DeployHow, Mode, OutputOptions};
 use diskferry_imaging::progress::Silent;
 use diskferry_imaging::{capture, deploy, CaptureOptions, CaptureSummary};
-use diskferry_partition::{
-    self as partition, gpt_types, Guid, Partition, PartitionTable, PartitionType, Scheme,
-};
+use diskferry_partition::{self as partition, Guid};
+
+mod common;
 use diskferry_vdisk::ImageFormat;
 
 const MIB: u64 = 1 << 20;
@@ -30,45 +29,11 @@ fn tree(dir: &Path) {
     }
 }
 
-fn gpt_part(number: u32, start: u64, size: u64, kind: &str) -> Partition {
-    Partition {
-        number,
-        start,
-        size,
-        kind: PartitionType::Gpt(Guid::parse(kind).unwrap()),
-        guid: Some(Guid::parse(&format!("1F2E3D4C-0000-4000-8000-00000000000{number}")).unwrap()),
-        name: format!("part{number}"),
-        attributes: 0,
-        bootable: false,
-    }
-}
-
 /// A 64 MiB GPT disk: a 16 MiB FAT partition and an ext4 partition to the end.
 fn sample_disk(dir: &Path) -> Arc<dyn BlockDevice> {
     let src = dir.join("tree");
     tree(&src);
-    let disk: Arc<dyn BlockDevice> = Arc::new(MemoryDevice::new((64 * MIB) as usize));
-    let table = PartitionTable {
-        scheme: Scheme::Gpt,
-        sector_size: 512,
-        disk_guid: Guid::parse("5D1F0A3E-7C44-4B8E-9A61-2F3B4C5D6E7F"),
-        mbr_signature: None,
-        partitions: vec![
-            gpt_part(1, MIB, 16 * MIB, gpt_types::EFI_SYSTEM),
-            gpt_part(2, 17 * MIB, 46 * MIB, gpt_types::LINUX_FILESYSTEM),
-        ],
-        gpt_entries: 128,
-        mbr_extended: None,
-        warnings: Vec::new(),
-    };
-    partition::write_table(&*disk, &table).unwrap();
-    let slice = |p: &Partition| -> Arc<dyn BlockDevice> {
-        Arc::new(SliceDevice::new(Arc::clone(&disk), p.start, p.size).unwrap())
-    };
-    let host = HostFs::open(&src).unwrap();
-    write_fat(slice(&table.partitions[0]), &host, &FatOptions::default()).unwrap();
-    write_ext4(slice(&table.partitions[1]), &host, &Ext4Options::default()).unwrap();
-    disk
+    common::gpt_fat_ext4(&src, &src)
 }
 
 fn files_mode_qcow2() -> CaptureOptions {

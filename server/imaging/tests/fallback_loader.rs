@@ -9,34 +9,17 @@ use std::path::Path;
 use std::sync::Arc;
 
 use diskferry_blockdev::{BlockDevice, MemoryDevice, SliceDevice};
-use diskferry_fs::ext4::write::{write_ext4, Ext4Options};
 use diskferry_fs::fat::Fat;
-use diskferry_fs::fat_write::{write_fat, FatOptions};
-use diskferry_fs::host::HostFs;
 use diskferry_fs::overlay::{Attrs, TreeOverlay, TreeTransform};
 use diskferry_fs::{Filesystem, Timestamp};
 use diskferry_imaging::deploy;
 use diskferry_imaging::pipeline::{DeployError, DeployHow, DeployReport, Mode};
 use diskferry_imaging::progress::Silent;
-use diskferry_partition::{
-    self as partition, gpt_types, Guid, Partition, PartitionTable, PartitionType, Scheme,
-};
+
+mod common;
 
 const MIB: u64 = 1 << 20;
 const GRUB: &[u8] = b"MZ grub core image";
-
-fn gpt_part(number: u32, start: u64, size: u64, kind: &str) -> Partition {
-    Partition {
-        number,
-        start,
-        size,
-        kind: PartitionType::Gpt(Guid::parse(kind).unwrap()),
-        guid: Some(Guid::parse(&format!("1F2E3D4C-0000-4000-8000-00000000000{number}")).unwrap()),
-        name: format!("part{number}"),
-        attributes: 0,
-        bootable: false,
-    }
-}
 
 /// A 64 MiB GPT disk: a 16 MiB ESP with `\EFI\debian\grubx64.efi`, an ext4 root after it;
 /// with `boot_code`, the ESP's boot sector holds a GRUB signature.
@@ -47,36 +30,7 @@ fn esp_disk(dir: &Path, boot_code: bool) -> Arc<dyn BlockDevice> {
     let root = dir.join("root");
     std::fs::create_dir_all(root.join("etc")).unwrap();
     std::fs::write(root.join("etc/os-release"), "ID=debian\n").unwrap();
-    let disk: Arc<dyn BlockDevice> = Arc::new(MemoryDevice::new((64 * MIB) as usize));
-    let table = PartitionTable {
-        scheme: Scheme::Gpt,
-        sector_size: 512,
-        disk_guid: Guid::parse("5D1F0A3E-7C44-4B8E-9A61-2F3B4C5D6E7F"),
-        mbr_signature: None,
-        partitions: vec![
-            gpt_part(1, MIB, 16 * MIB, gpt_types::EFI_SYSTEM),
-            gpt_part(2, 17 * MIB, 46 * MIB, gpt_types::LINUX_FILESYSTEM),
-        ],
-        gpt_entries: 128,
-        mbr_extended: None,
-        warnings: Vec::new(),
-    };
-    partition::write_table(&*disk, &table).unwrap();
-    let slice = |p: &Partition| -> Arc<dyn BlockDevice> {
-        Arc::new(SliceDevice::new(Arc::clone(&disk), p.start, p.size).unwrap())
-    };
-    write_fat(
-        slice(&table.partitions[0]),
-        &HostFs::open(&esp).unwrap(),
-        &FatOptions::default(),
-    )
-    .unwrap();
-    write_ext4(
-        slice(&table.partitions[1]),
-        &HostFs::open(&root).unwrap(),
-        &Ext4Options::default(),
-    )
-    .unwrap();
+    let disk = common::gpt_fat_ext4(&esp, &root);
     if boot_code {
         disk.write_at(b"GRUB", MIB + 0x100).unwrap();
     }

@@ -13,12 +13,21 @@ use diskferry_e2e::http::Server;
 use diskferry_e2e::{bin, diskferry, public_key, run_ok, wait_for};
 
 /// A dial-back client, killed when dropped.
-struct Agent(Child);
+struct Agent {
+    child: Child,
+    _sysfs: tempfile::TempDir,
+}
 
 impl Agent {
-    /// An agent of the server whose data directory is `data`, keeping its own key there.
+    /// An agent of the server whose data directory is `data`, keeping its own key there. It
+    /// announces this host's MACs but no firmware or PCI devices (its sysfs holds only
+    /// `class`), so a deploy's compatibility check has nothing to refuse on: the images here
+    /// are not made for this host's firmware.
     fn start(server: &str, data: &std::path::Path, disks: &[&std::path::Path]) -> Agent {
+        let sysfs = tempfile::tempdir().unwrap();
+        std::os::unix::fs::symlink("/sys/class", sysfs.path().join("class")).unwrap();
         let mut cmd = Command::new(bin("diskferry-client"));
+        cmd.env("DISKFERRY_SYSFS", sysfs.path());
         cmd.args(["--connect", server, "--allow-write", "--server-key"])
             .arg(public_key(&data.join("server.key")))
             .arg("--agent-key")
@@ -26,19 +35,21 @@ impl Agent {
         for d in disks {
             cmd.arg("--disk").arg(d);
         }
-        Agent(
-            cmd.stdout(Stdio::null())
+        Agent {
+            child: cmd
+                .stdout(Stdio::null())
                 .stderr(Stdio::null())
                 .spawn()
                 .unwrap(),
-        )
+            _sysfs: sysfs,
+        }
     }
 }
 
 impl Drop for Agent {
     fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 

@@ -141,9 +141,32 @@ fn machines_boot_from_the_network_are_captured_deployed_and_boot_their_copy() {
         vm_b.console()
     );
     approve(&s, mac_b);
-    let (j, t) = job(
-        &s,
-        serde_json::json!({"kind": "deploy", "image": "a.vhdx", "target": format!("/dev/vda@{mac_b}")}),
+    // A's first disk boots with UEFI only (an ESP with \EFI\BOOT\BOOTX64.EFI, no MBR code):
+    // B's agent, reading the VM's own sysfs, says SeaBIOS started it, so the deploy is
+    // refused before it writes; forced, it goes ahead.
+    let deploy_a = serde_json::json!({"kind": "deploy", "image": "a.vhdx", "target": format!("/dev/vda@{mac_b}")});
+    let refused = s.run_job(&deploy_a);
+    assert_eq!(refused["state"], "failed", "{refused}");
+    assert!(
+        refused["error"]
+            .as_str()
+            .unwrap()
+            .contains("this machine starts with BIOS"),
+        "{refused}"
+    );
+    assert!(
+        std::fs::read(&disk_b).unwrap().iter().all(|b| *b == 0),
+        "nothing was written"
+    );
+    let mut forced = deploy_a.clone();
+    forced["force"] = true.into();
+    let (j, t) = job(&s, forced);
+    assert!(
+        j["log"]
+            .as_str()
+            .unwrap()
+            .contains("compatibility (forced)"),
+        "{j}"
     );
     assert!(j["log"].as_str().unwrap().contains("no differences"), "{j}");
     let written: u64 = j["log"]
