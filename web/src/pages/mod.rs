@@ -502,11 +502,12 @@ mod tests {
             };
             catalog.record_capture(name, &rec).unwrap();
         }
-        let machine = |online: bool| {
+        let machine = |approved: bool| {
             serde_json::json!({"id": 4, "name": "web-01", "macs": ["52:54:00:00:00:01"],
-                "online": online, "approved": true, "pending": null,
+                "online": false, "approved": approved, "pending": null,
                 "identity": {"disks": [{"name": "sda"}, {"name": "sdb"}]}})
         };
+        // Offline, too: its capture waits for it and wakes it.
         let bases = capture_bases(&catalog, &[machine(true)]).unwrap();
         let names: Vec<(&str, Option<&str>)> = bases
             .iter()
