@@ -73,6 +73,16 @@ fn from_row(row: &Row<'_>) -> rusqlite::Result<MachineRecord> {
     })
 }
 
+impl MachineRecord {
+    /// How people and jobs name it: its name, else its first MAC address, else its id.
+    pub fn label(&self) -> String {
+        self.name
+            .clone()
+            .or_else(|| self.macs.first().cloned())
+            .unwrap_or_else(|| self.id.to_string())
+    }
+}
+
 impl Catalog {
     /// Every machine, registered ones first by name, then the rest by when they were last seen.
     pub fn machines(&self) -> Result<Vec<MachineRecord>, CatalogError> {

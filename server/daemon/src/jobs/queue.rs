@@ -85,10 +85,13 @@ impl Jobs {
                 if wait.not_before <= unix_now()
                     && m.state == crate::catalog::state::TRANSITIONING =>
             {
-                format!("waiting for machine {} to finish its current job", label(m))
+                format!(
+                    "waiting for machine {} to finish its current job",
+                    m.label()
+                )
             }
             Some(m) if wait.not_before <= unix_now() => {
-                format!("waiting for machine {} to connect", label(m))
+                format!("waiting for machine {} to connect", m.label())
             }
             _ => format!("waiting until {}", show_time(wait.not_before)),
         };
@@ -136,7 +139,7 @@ impl Jobs {
         };
         Ok(serde_json::json!({
             "source": source, "output": output, "mode": mode.name(),
-            "waiting_for": machine.map(label), "at": req.at,
+            "waiting_for": machine.map(MachineRecord::label), "at": req.at,
         }))
     }
 
@@ -176,11 +179,11 @@ impl Jobs {
         let last = m.address.as_deref().and_then(|a| a.parse().ok());
         let config = self.wake.lock().unwrap_or_else(|e| e.into_inner()).clone();
         let (dests, why) = crate::wake::wake(&config, &m.macs, last)
-            .map_err(|e| JobError::Conflict(format!("waking {}: {e}", label(m))))?;
+            .map_err(|e| JobError::Conflict(format!("waking {}: {e}", m.label())))?;
         let to: Vec<String> = dests.iter().map(|d| d.to_string()).collect();
         Ok(format!(
             "magic packet for {} ({}) sent to {} ({why})",
-            label(m),
+            m.label(),
             m.macs.join(", "),
             to.join(", ")
         ))
@@ -248,7 +251,7 @@ impl Jobs {
                 job.id,
                 &format!(
                     "machine {} did not connect within {minutes} minutes{woken}",
-                    label(&m)
+                    m.label()
                 ),
             );
         }
@@ -337,13 +340,6 @@ fn wait_minutes(req: &JobRequest) -> Result<u32, JobError> {
             "wait_minutes: {m} is not between 1 and {MAX_WAIT_MINUTES}"
         ))),
     }
-}
-
-fn label(m: &MachineRecord) -> String {
-    m.name
-        .clone()
-        .or_else(|| m.macs.first().cloned())
-        .unwrap_or_else(|| m.id.to_string())
 }
 
 /// A time for people, in the server's time zone.
