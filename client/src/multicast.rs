@@ -11,11 +11,12 @@
 //! the agent's `LocalDisk`, or memory in tests.
 
 mod missing;
+mod session;
 mod state;
 
 use std::io;
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, UdpSocket};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -23,6 +24,7 @@ use diskferry_localdisk::LocalDisk;
 use diskferry_protocol::multicast::{encode_report, Credentials, ReceiverPacket, MAX_DATAGRAM};
 
 pub use missing::{MissingSet, Taken};
+pub use session::{idle, Receiving};
 pub use state::{Action, Options, State, Stats, NACK_BUDGET};
 
 /// Largest write the receiver issues (contiguous packets are gathered up to this).
@@ -117,28 +119,87 @@ pub struct Report {
     pub recv_buffer: usize,
 }
 
+/// Shared with whoever watches a running receiver: `stop` ends it early, `received` counts
+/// the packets held so far.
+#[derive(Debug, Default)]
+pub struct Control {
+    pub stop: AtomicBool,
+    pub received: AtomicU64,
+}
+
+/// A receiver that has joined its group and not yet received anything.
+#[derive(Debug)]
+pub struct Joined {
+    creds: Credentials,
+    socket: UdpSocket,
+    recv_buffer: usize,
+    started: Instant,
+}
+
+impl Joined {
+    /// Binds the group's port, joins the group and sizes the receive buffer: once this
+    /// returns, every datagram the sender multicasts reaches the socket.
+    pub fn join(creds: &Credentials, network: &Network) -> Result<Joined, ReceiveError> {
+        let started = Instant::now();
+        let (socket, recv_buffer) = join(creds, network)?;
+        Ok(Joined {
+            creds: creds.clone(),
+            socket,
+            recv_buffer,
+            started,
+        })
+    }
+
+    /// Receives into `disk` until every packet is written and flushed and the sender has
+    /// heard so (or the linger time passed).
+    pub fn run(
+        self,
+        disk: &dyn TargetDisk,
+        options: Options,
+        control: &Control,
+    ) -> Result<Report, ReceiveError> {
+        run(self, disk, options, control)
+    }
+}
+
 /// Joins the session's group and receives into `disk` until every packet is written and
-/// flushed and the sender has heard so (or the linger time passed). `stop` ends it early.
+/// flushed and the sender has heard so (or the linger time passed). `control.stop` ends it
+/// early.
 pub fn receive(
     creds: &Credentials,
     disk: &dyn TargetDisk,
     network: &Network,
     options: Options,
-    stop: &AtomicBool,
+    control: &Control,
 ) -> Result<Report, ReceiveError> {
-    let started = Instant::now();
-    let (socket, recv_buffer) = join(creds, network)?;
+    Joined::join(creds, network)?.run(disk, options, control)
+}
+
+fn run(
+    joined: Joined,
+    disk: &dyn TargetDisk,
+    options: Options,
+    control: &Control,
+) -> Result<Report, ReceiveError> {
+    let Joined {
+        creds,
+        socket,
+        recv_buffer,
+        started,
+    } = joined;
     let mut state = State::new(creds.clone(), disk.size(), options.clone(), started);
     let mut writer = Coalescer::default();
     let mut buf = vec![0u8; MAX_DATAGRAM + 1];
     let mut reports = Vec::new();
     let mut next_report = started;
     loop {
-        if stop.load(Ordering::Relaxed) {
+        if control.stop.load(Ordering::Relaxed) {
             return Err(ReceiveError::Stopped);
         }
         let now = Instant::now();
         if now >= next_report {
+            let held = creds.total_packets - state.missing();
+            control.received.store(held, Ordering::Relaxed);
             if !state.is_complete() {
                 writer.flush(disk)?;
             }
@@ -181,6 +242,9 @@ pub fn receive(
             next_report = now;
         }
     }
+    control
+        .received
+        .store(creds.total_packets, Ordering::Relaxed);
     Ok(Report {
         stats: state.stats().clone(),
         elapsed: started.elapsed(),

@@ -34,6 +34,8 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 
 use crate::disks::{self, DiskError, DiskSpec, OpenDisk, MAX_STATUS_EXTENTS};
+use crate::multicast::{self, Receiving};
+use diskferry_protocol::multicast::Credentials;
 
 /// Replies are batched into one socket write until this many bytes are queued.
 const WRITE_BATCH: usize = 4 << 20;
@@ -166,6 +168,8 @@ struct Connection {
     max_payload: u32,
     /// Compresses read replies, when the session negotiated it.
     compressor: Option<Arc<Compressor>>,
+    /// This connection's multicast session, stopped when the connection ends.
+    multicast: Option<Receiving>,
 }
 
 impl Connection {
@@ -185,6 +189,7 @@ impl Connection {
             next_handle: 1,
             max_payload,
             compressor,
+            multicast: None,
         }
     }
 
@@ -258,6 +263,20 @@ impl Connection {
                 });
             }
             Request::Power { action } => self.power(cookie, action, permit),
+            Request::MulticastJoin {
+                handle,
+                credentials,
+            } => {
+                let r = self.join_multicast(handle, *credentials).await;
+                self.reply(cookie, r, permit);
+            }
+            Request::MulticastStatus => {
+                let status = self
+                    .multicast
+                    .as_ref()
+                    .map_or_else(multicast::idle, Receiving::status);
+                self.reply(cookie, Reply::Multicast(status), permit);
+            }
             disk_op @ (Request::Flush { .. }
             | Request::Discard { .. }
             | Request::BlockStatus { .. }
@@ -419,6 +438,36 @@ impl Connection {
             tokio::time::sleep(std::time::Duration::from_millis(500)).await;
             crate::power::act(action);
         });
+    }
+
+    /// Joins a multicast session into the disk behind `handle` (one session at a time).
+    async fn join_multicast(&mut self, handle: u32, creds: Credentials) -> Reply {
+        if self.multicast.as_ref().is_some_and(Receiving::is_running) {
+            return error(DiskError {
+                code: ErrorCode::Unsupported,
+                message: "a multicast session is already running on this connection".into(),
+            });
+        }
+        let disk = match open_disk(&self.handles, handle) {
+            Ok(d) => d,
+            Err(reply) => return reply,
+        };
+        let (session, group) = (creds.session, creds.group);
+        match tokio::task::spawn_blocking(move || Receiving::start(&creds, disk)).await {
+            Ok(Ok(receiving)) => {
+                crate::log(
+                    &self.config,
+                    format_args!("joined multicast session {session} on {group}"),
+                );
+                self.multicast = Some(receiving);
+                Reply::Done
+            }
+            Ok(Err(e)) => error(e),
+            Err(e) => error(DiskError {
+                code: ErrorCode::Io,
+                message: format!("join task failed: {e}"),
+            }),
+        }
     }
 
     /// Opens a served disk and gives it a handle (or says why not).

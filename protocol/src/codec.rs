@@ -18,8 +18,10 @@ use tokio_util::codec::{Decoder, Encoder};
 use crate::chunks::{ChunkHash, MAX_HASHES};
 use crate::compress::{self, Codec, PREFIX_LEN};
 use crate::message::{
-    BlockState, DiskInfo, ErrorCode, Extent, Message, PowerAction, Reply, Request, MAX_IDENTITY,
+    BlockState, DiskInfo, ErrorCode, Extent, Message, MulticastState, MulticastStatus, PowerAction,
+    Reply, Request, MAX_IDENTITY,
 };
+use crate::multicast::Credentials;
 use crate::{ProtocolError, FRAME_SLACK, MAX_PAYLOAD_LIMIT};
 
 /// Bytes before the body: length, kind, cookie.
@@ -39,6 +41,8 @@ mod kind {
     pub const WRITE_ZEROES: u8 = 0x0b;
     pub const WRITE_Z: u8 = 0x0c;
     pub const HASH_CHUNKS: u8 = 0x0d;
+    pub const MULTICAST_JOIN: u8 = 0x0e;
+    pub const MULTICAST_STATUS: u8 = 0x0f;
     pub const DISKS: u8 = 0x81;
     pub const OPENED: u8 = 0x82;
     pub const DATA: u8 = 0x83;
@@ -47,6 +51,7 @@ mod kind {
     pub const IDENTITY: u8 = 0x86;
     pub const DATA_Z: u8 = 0x87;
     pub const HASHES: u8 = 0x88;
+    pub const MULTICAST: u8 = 0x89;
     pub const ERROR: u8 = 0xff;
 }
 
@@ -282,11 +287,20 @@ fn encode_request(cookie: u64, request: &Request, dst: &mut BytesMut) -> Result<
         Request::Power { .. } => kind::POWER,
         Request::WriteZeroes { .. } => kind::WRITE_ZEROES,
         Request::HashChunks { .. } => kind::HASH_CHUNKS,
+        Request::MulticastJoin { .. } => kind::MULTICAST_JOIN,
+        Request::MulticastStatus => kind::MULTICAST_STATUS,
     };
     dst.put_u8(kind);
     dst.put_u64(cookie);
     match request {
-        Request::ListDisks | Request::Identify => {}
+        Request::ListDisks | Request::Identify | Request::MulticastStatus => {}
+        Request::MulticastJoin {
+            handle,
+            credentials,
+        } => {
+            dst.put_u32(*handle);
+            dst.put_slice(&credentials.encode());
+        }
         Request::Power { action } => dst.put_u8(match action {
             PowerAction::Reboot => 1,
             PowerAction::Poweroff => 2,
@@ -352,6 +366,7 @@ fn encode_reply(cookie: u64, reply: &Reply, dst: &mut BytesMut) -> Result<(), Pr
         Reply::Status(_) => kind::STATUS,
         Reply::Identity(_) => kind::IDENTITY,
         Reply::Hashes(_) => kind::HASHES,
+        Reply::Multicast(_) => kind::MULTICAST,
         Reply::Error { .. } => kind::ERROR,
     };
     dst.put_u8(kind);
@@ -413,6 +428,17 @@ fn encode_reply(cookie: u64, reply: &Reply, dst: &mut BytesMut) -> Result<(), Pr
             }
             dst.put_u32(hashes.len() as u32);
             hashes.iter().for_each(|h| dst.put_slice(h));
+        }
+        Reply::Multicast(status) => {
+            dst.put_u8(match status.state {
+                MulticastState::Idle => 0,
+                MulticastState::Running => 1,
+                MulticastState::Done => 2,
+                MulticastState::Failed => 3,
+            });
+            dst.put_u64(status.received);
+            dst.put_u64(status.total);
+            put_str(dst, &status.message)?;
         }
         Reply::Error { code, message } => {
             dst.put_u16(code.to_u16());
@@ -574,6 +600,14 @@ fn decode_request(kind: u8, b: &mut Body) -> Result<Request, ProtocolError> {
             chunk: b.u32("chunk size")?,
         },
         kind::IDENTIFY => Request::Identify,
+        kind::MULTICAST_STATUS => Request::MulticastStatus,
+        kind::MULTICAST_JOIN => Request::MulticastJoin {
+            handle: b.u32("handle")?,
+            credentials: Box::new(
+                Credentials::decode(&b.rest())
+                    .map_err(|e| ProtocolError::malformed(format!("multicast credentials: {e}")))?,
+            ),
+        },
         kind::POWER => Request::Power {
             action: match b.u8("power action")? {
                 1 => PowerAction::Reboot,
@@ -616,6 +650,22 @@ fn decode_reply(kind: u8, b: &mut Body) -> Result<Reply, ProtocolError> {
         kind::DONE => Reply::Done,
         kind::STATUS => Reply::Status(decode_extents(b)?),
         kind::HASHES => Reply::Hashes(decode_hashes(b)?),
+        kind::MULTICAST => Reply::Multicast(MulticastStatus {
+            state: match b.u8("multicast state")? {
+                0 => MulticastState::Idle,
+                1 => MulticastState::Running,
+                2 => MulticastState::Done,
+                3 => MulticastState::Failed,
+                n => {
+                    return Err(ProtocolError::malformed(format!(
+                        "unknown multicast state {n}"
+                    )))
+                }
+            },
+            received: b.u64("packets received")?,
+            total: b.u64("packets in the session")?,
+            message: b.string("multicast message")?,
+        }),
         kind::ERROR => Reply::Error {
             code: ErrorCode::from_u16(b.u16("error code")?),
             message: b.string("error message")?,

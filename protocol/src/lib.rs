@@ -46,8 +46,8 @@ pub use handshake::{Session, SessionOptions};
 #[cfg(feature = "io")]
 pub use key::{KeyError, PublicKey, StaticKey};
 pub use message::{
-    BlockState, DiskInfo, ErrorCode, Extent, Message, PowerAction, Reply, Request, Role,
-    MAX_IDENTITY,
+    BlockState, DiskInfo, ErrorCode, Extent, Message, MulticastState, MulticastStatus, PowerAction,
+    Reply, Request, Role, MAX_IDENTITY,
 };
 
 /// Protocol versions this build speaks (inclusive range).

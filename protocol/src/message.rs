@@ -73,6 +73,15 @@ pub enum Request {
     Power {
         action: PowerAction,
     },
+    /// Join a multicast deploy session ([`crate::multicast`]) and receive it into the disk
+    /// opened writable as `handle`. Answered with [`Reply::Done`] once the group is joined;
+    /// the session then runs on its own, one per connection, and ends with the connection.
+    MulticastJoin {
+        handle: u32,
+        credentials: Box<crate::multicast::Credentials>,
+    },
+    /// How this connection's multicast session is going: answered with [`Reply::Multicast`].
+    MulticastStatus,
 }
 
 /// What a [`Request::Power`] asks for.
@@ -107,10 +116,37 @@ pub enum Reply {
     /// The machine's identity as a JSON document (at most [`MAX_IDENTITY`] bytes): MAC
     /// addresses, DMI vendor/product/serial/UUID, CPUs, memory, disks.
     Identity(String),
+    /// The state of the connection's multicast session.
+    Multicast(MulticastStatus),
     Error {
         code: ErrorCode,
         message: String,
     },
+}
+
+/// Where a connection's multicast session is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MulticastState {
+    /// No session was joined on this connection.
+    Idle,
+    Running,
+    /// Every packet is on the disk, flushed.
+    Done,
+    /// The session ended without every packet (the message says why): the server falls back
+    /// to writing this disk by unicast.
+    Failed,
+}
+
+/// A [`Reply::Multicast`]: the session's state and packet counts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MulticastStatus {
+    pub state: MulticastState,
+    /// Packets held so far.
+    pub received: u64,
+    /// Packets in the session.
+    pub total: u64,
+    /// Why it failed (empty otherwise).
+    pub message: String,
 }
 
 /// A disk as the client sees it.

@@ -1,9 +1,10 @@
 //! Frame codec: round trips under every split, and hostile input that must be rejected.
 
 use bytes::{BufMut, Bytes, BytesMut};
+use diskferry_protocol::multicast::Credentials;
 use diskferry_protocol::{
-    BlockState, DiskInfo, ErrorCode, Extent, FrameCodec, Message, PowerAction, ProtocolError,
-    Reply, Request,
+    BlockState, DiskInfo, ErrorCode, Extent, FrameCodec, Message, MulticastState, MulticastStatus,
+    PowerAction, ProtocolError, Reply, Request,
 };
 use rand::{Rng, SeedableRng};
 use tokio_util::codec::{Decoder, Encoder};
@@ -29,6 +30,35 @@ fn samples() -> Vec<Message> {
                 offset: 1 << 20,
                 len: 1 << 40,
             },
+        },
+        Message::Request {
+            cookie: 105,
+            request: Request::MulticastJoin {
+                handle: 3,
+                credentials: Box::new(credentials()),
+            },
+        },
+        Message::Request {
+            cookie: 106,
+            request: Request::MulticastStatus,
+        },
+        Message::Reply {
+            cookie: 106,
+            reply: Reply::Multicast(MulticastStatus {
+                state: MulticastState::Failed,
+                received: 17,
+                total: 1 << 40,
+                message: "nothing valid from the sender for 10s".into(),
+            }),
+        },
+        Message::Reply {
+            cookie: 107,
+            reply: Reply::Multicast(MulticastStatus {
+                state: MulticastState::Running,
+                received: 0,
+                total: 0,
+                message: String::new(),
+            }),
         },
         Message::Request {
             cookie: 102,
@@ -178,6 +208,18 @@ fn samples() -> Vec<Message> {
             },
         },
     ]
+}
+
+fn credentials() -> Credentials {
+    Credentials {
+        session: 9,
+        receiver: 3,
+        group: "239.255.0.9:5500".parse().unwrap(),
+        sender: "10.0.0.1:40000".parse().unwrap(),
+        total_packets: 1 << 30,
+        data_key: [1; 32],
+        report_key: [2; 32],
+    }
 }
 
 fn encode_all(msgs: &[Message]) -> BytesMut {
@@ -416,4 +458,27 @@ fn a_hash_list_longer_than_the_limit_or_the_frame_is_refused() {
             "{count} hashes claimed, {hashes} sent: {got:?}"
         );
     }
+}
+
+#[test]
+fn bad_multicast_credentials_and_states_are_refused() {
+    let raw = credentials().encode();
+    let mut join = vec![0, 0, 0, 3];
+    join.extend_from_slice(&raw);
+    assert!(decode_one(frame(0x0e, &join)).unwrap().is_some());
+    // Short, long, or naming a group that is not multicast.
+    assert!(decode_one(frame(0x0e, &join[..join.len() - 1])).is_err());
+    let mut long = join.clone();
+    long.push(0);
+    assert!(decode_one(frame(0x0e, &long)).is_err());
+    let mut unicast = join.clone();
+    unicast[4 + 10] = 10;
+    assert!(decode_one(frame(0x0e, &unicast)).is_err());
+    // A state past the last one.
+    let mut status = vec![4u8];
+    status.extend_from_slice(&[0; 16]);
+    status.extend_from_slice(&[0, 0]);
+    assert!(decode_one(frame(0x89, &status)).is_err());
+    status[0] = 2;
+    assert!(decode_one(frame(0x89, &status)).unwrap().is_some());
 }

@@ -15,6 +15,7 @@ pub mod fixtures;
 pub mod hive;
 pub mod http;
 pub mod nbd;
+pub mod netns;
 pub mod p2v;
 pub mod pxe;
 pub mod sysfs;
@@ -91,12 +92,31 @@ impl Client {
     /// Starts the client listening on `listen` (e.g. the address of one that was stopped),
     /// serving the holder of the server key file `key`.
     pub fn start_at(listen: &str, key: &Path, extra: &[&str]) -> Result<Client> {
-        Client::spawn(listen, key, extra, None)
+        Client::spawn(listen, key, extra, None, &Where::default())
+    }
+
+    /// Starts the client in network namespace `netns`, listening on `listen`, with extra
+    /// environment variables (test seams).
+    pub fn start_in(
+        netns: &str,
+        listen: &str,
+        key: &Path,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Result<Client> {
+        let at = Where {
+            netns: Some(netns.to_owned()),
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        };
+        Client::spawn(listen, key, extra, None, &at)
     }
 
     /// Starts the client on 127.0.0.1:0 reporting `machine` as its firmware and devices.
     pub fn start_as(key: &Path, extra: &[&str], machine: &sysfs::FakeMachine) -> Result<Client> {
-        Client::spawn("127.0.0.1:0", key, extra, Some(machine))
+        Client::spawn("127.0.0.1:0", key, extra, Some(machine), &Where::default())
     }
 
     fn spawn(
@@ -104,12 +124,22 @@ impl Client {
         key: &Path,
         extra: &[&str],
         machine: Option<&sysfs::FakeMachine>,
+        at: &Where,
     ) -> Result<Client> {
         let sysfs = tempfile::tempdir()?;
         if let Some(m) = machine {
             m.write(sysfs.path())?;
         }
-        let mut child = Command::new(bin("diskferry-client"))
+        let mut command = match &at.netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns]).arg(bin("diskferry-client"));
+                c
+            }
+            None => Command::new(bin("diskferry-client")),
+        };
+        let mut child = command
+            .envs(at.env.iter().map(|(k, v)| (k, v)))
             .env("DISKFERRY_SYSFS", sysfs.path())
             .args(["--listen", listen, "--server-key", &public_key(key)])
             .args(extra)
@@ -148,6 +178,13 @@ impl Client {
         }
         log
     }
+}
+
+/// Where a client runs: a network namespace, extra environment.
+#[derive(Debug, Default)]
+struct Where {
+    netns: Option<String>,
+    env: Vec<(String, String)>,
 }
 
 impl Drop for Client {

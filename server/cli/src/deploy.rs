@@ -22,24 +22,26 @@ use crate::{human_bytes, progress_for, ConnArgs, Mode, ProgressKind};
 #[derive(Args)]
 pub struct DeployArgs {
     /// The image to deploy (qcow2, VHDX, VHD, VMDK or raw; a capture)
-    image: PathBuf,
+    pub(crate) image: PathBuf,
     /// Where: DISK@HOST:PORT (a client started with --allow-write), a local raw file or block
     /// device, or a machine (MACHINE or DISK@MACHINE: its name or MAC) through the server that
-    /// holds it (--data-dir or --server; IMAGE is then one of that server's captures)
-    target: String,
+    /// holds it (--data-dir or --server; IMAGE is then one of that server's captures). Not
+    /// given with --multicast
+    #[arg(required_unless_present = "multicast", conflicts_with = "multicast")]
+    target: Option<String>,
     /// How to copy each partition (auto: files for ext4/FAT, blocks for NTFS, sectors else)
     #[arg(long, value_enum, default_value_t = Mode::Auto)]
-    mode: Mode,
+    pub(crate) mode: Mode,
     /// Progress display
     #[arg(long, value_enum, default_value_t = ProgressKind::Bar)]
-    progress: ProgressKind,
+    pub(crate) progress: ProgressKind,
     /// Reboot the machine when done (machines deployed through a server)
     #[arg(long)]
-    reboot: bool,
+    pub(crate) reboot: bool,
     /// Read a qcow2 overlay (an incremental capture) through its backing file(s) (never done
     /// implicitly)
     #[arg(long)]
-    follow_backing: bool,
+    pub(crate) follow_backing: bool,
     /// Do not add the EFI fallback loader. By default an EFI system partition recreated file
     /// by file that lacks \EFI\BOOT\BOOTX64.EFI gets one, copied from the system's own
     /// loader in \EFI\VENDOR\ (shimx64.efi with its grubx64.efi and mmx64.efi, else
@@ -48,29 +50,34 @@ pub struct DeployArgs {
     /// boot through its own boot entries, or \EFI\BOOT is managed by other means (another
     /// system's loader put there later)
     #[arg(long)]
-    no_fallback_loader: bool,
+    pub(crate) no_fallback_loader: bool,
     /// Write even when the compatibility check refuses: the target's firmware (BIOS or UEFI)
     /// must be one the image boots with, and its storage controllers need a driver in the
     /// image's initramfs or kernel, or one --target-hardware adds (a listening client is
     /// asked; a machine through a server is judged by what its agent last announced); the
     /// reasons are then printed as warnings
     #[arg(long)]
-    force: bool,
+    pub(crate) force: bool,
     #[command(flatten)]
-    custom: crate::customize::CustomizeArgs,
+    pub(crate) custom: crate::customize::CustomizeArgs,
     #[command(flatten)]
-    conn: ConnArgs,
+    pub(crate) conn: ConnArgs,
     #[command(flatten)]
-    daemon: crate::machines::DaemonArgs,
+    pub(crate) daemon: crate::machines::DaemonArgs,
     #[command(flatten)]
-    when: crate::when::WhenArgs,
+    pub(crate) when: crate::when::WhenArgs,
+    #[command(flatten)]
+    pub(crate) multicast: crate::multicast::MulticastArgs,
 }
 
 pub fn run(args: &DeployArgs) -> Result<()> {
-    let spec = SourceSpec::parse(&args.target);
+    let Some(target) = args.target.as_deref() else {
+        return crate::multicast::run(args);
+    };
+    let spec = SourceSpec::parse(target);
     let is_local_file = matches!(&spec, SourceSpec::Local(p) if p.exists());
     if !matches!(spec, SourceSpec::Remote { .. }) && !is_local_file {
-        return deploy_through_server(args);
+        return deploy_through_server(args, target);
     }
     if args.reboot {
         anyhow::bail!(
@@ -91,24 +98,19 @@ pub fn run(args: &DeployArgs) -> Result<()> {
         fallback_loader: !args.no_fallback_loader,
     };
     if let SourceSpec::Remote { addr, .. } = &spec {
-        check_compatibility(args, &image, addr, rt.handle(), session.as_ref())?;
+        check_compatibility(args, target, &image, addr, rt.handle(), session.as_ref())?;
     }
-    let target = open_target(&spec, rt.handle(), session.as_ref(), args.conn.reconnect())?;
+    let dst = open_target(&spec, rt.handle(), session.as_ref(), args.conn.reconnect())?;
     let progress = progress_for(args.progress);
-    let report = diskferry_imaging::deploy(
-        image,
-        Arc::clone(&target),
-        &args.target,
-        &how,
-        progress.as_ref(),
-    )?;
+    let report =
+        diskferry_imaging::deploy(image, Arc::clone(&dst), target, &how, progress.as_ref())?;
     let written: u64 = report.disk.partitions.iter().map(|p| p.read).sum();
     let secs = report.disk.elapsed.as_secs_f64().max(1e-9);
     eprintln!(
         "deployed {} ({} table) onto {} ({}): {} copied, {:.1} s, {:.0} MB/s",
         args.image.display(),
         report.disk.scheme,
-        args.target,
+        target,
         human_bytes(report.disk.output_size),
         human_bytes(written + report.disk.boot_bytes),
         secs,
@@ -119,8 +121,9 @@ pub fn run(args: &DeployArgs) -> Result<()> {
 
 /// Asks the client at `addr` what it is and checks `image` against it: refusals end the
 /// deploy before anything is written, unless `--force` (then they are warnings).
-fn check_compatibility(
+pub(crate) fn check_compatibility(
     args: &DeployArgs,
+    target: &str,
     image: &Arc<dyn diskferry_blockdev::BlockDevice>,
     addr: &str,
     rt: &tokio::runtime::Handle,
@@ -150,18 +153,18 @@ fn check_compatibility(
     }
     anyhow::bail!(
         "the image does not fit {} (nothing was written):\n  - {}",
-        args.target,
+        target,
         refused.join("\n  - ")
     )
 }
 
 /// A machine (`MACHINE` or `DISK@MACHINE`) is deployed by the server that holds its connection;
 /// the image must be one of that server's captures.
-fn deploy_through_server(args: &DeployArgs) -> Result<()> {
+fn deploy_through_server(args: &DeployArgs, target: &str) -> Result<()> {
     if !args.daemon.given() {
         anyhow::bail!(
             "{} is not DISK@HOST:PORT or an existing file; to deploy a machine, say which server holds it: --data-dir DIR or --server URL --token-file FILE",
-            args.target
+            target
         );
     }
     if args.no_fallback_loader {
@@ -191,7 +194,7 @@ fn deploy_through_server(args: &DeployArgs) -> Result<()> {
     let customize = args.custom.spec_text()?;
     let daemon = crate::machines::Daemon::find(&args.daemon)?;
     let mut request = serde_json::json!({
-        "kind": "deploy", "image": image, "target": args.target, "mode": mode,
+        "kind": "deploy", "image": image, "target": target, "mode": mode,
         "reboot": args.reboot, "force": args.force, "customize": customize,
         "target_hardware": args.custom.target_hardware.map(|h| h.name()),
     });
@@ -199,6 +202,6 @@ fn deploy_through_server(args: &DeployArgs) -> Result<()> {
         return Ok(());
     }
     daemon.run_job(request)?;
-    eprintln!("deployed {image} onto {}", args.target);
+    eprintln!("deployed {image} onto {target}");
     Ok(())
 }

@@ -12,6 +12,7 @@ mod images;
 mod logging;
 mod machines;
 mod mkfs;
+mod multicast;
 mod progress_bar;
 // Only the README test renders the reference.
 #[cfg(test)]

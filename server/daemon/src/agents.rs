@@ -175,8 +175,9 @@ impl Agents {
         peer: SocketAddr,
         ticket: diskferry_protocol::admission::Ticket,
     ) -> Result<(), WelcomeError> {
+        let local = stream.local_addr().ok();
         let (conn, credential) =
-            Connection::accept(stream, &self.session, peer.to_string()).await?;
+            Connection::accept(stream, &self.session, peer.to_string(), local).await?;
         let doc = tokio::time::timeout(IDENTIFY_TIMEOUT, conn.identify())
             .await
             .map_err(|_| WelcomeError::IdentifyTimeout)?

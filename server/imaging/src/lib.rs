@@ -6,6 +6,7 @@ pub mod chunkmap;
 pub mod compat;
 pub mod inspect;
 pub mod jobs;
+pub mod multicast;
 pub mod pipeline;
 pub mod progress;
 pub mod skeleton;

@@ -20,13 +20,12 @@
 use std::collections::HashMap;
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use diskferry_blockdev::{BlockDevice, FileDevice, Region};
-use diskferry_client::multicast::{receive, Network, Options};
+use diskferry_client::multicast::{receive, Control, Network, Options};
 use diskferry_localdisk::LocalDisk;
 use diskferry_multicast::{Outcome, Plan, Session, SessionConfig, SessionKeys};
 use diskferry_protocol::multicast::Credentials;
@@ -168,7 +167,7 @@ fn recv(flags: &Flags) -> Result<()> {
         &disk,
         &Network::default(),
         options,
-        &AtomicBool::new(false),
+        &Control::default(),
     )?;
     let s = &report.stats;
     println!(

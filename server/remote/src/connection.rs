@@ -68,6 +68,8 @@ struct Shared {
     peer: String,
     /// The peer's static key, proven by the handshake.
     peer_key: PublicKey,
+    /// Our end of the transport, when it is a socket: the address the peer reached us at.
+    local: Option<std::net::SocketAddr>,
     /// When the peer last made progress: a frame arrived, or a request was sent while none
     /// was outstanding.
     progress: Mutex<Instant>,
@@ -132,20 +134,24 @@ impl Connection {
                     addr: addr.to_string(),
                     source,
                 })?;
+        let local = stream.local_addr().ok();
         Ok(Connection::start(
             stream,
             session,
             addr.to_string(),
             opts.reply_timeout,
+            local,
         ))
     }
 
-    /// Authenticates a client that connected to us (dial-back mode); also returns the
-    /// credential it presented (an enrollment token, or nothing).
+    /// Authenticates a client that connected to us (dial-back mode) over `io`, whose local
+    /// end is `local` when it is a socket; also returns the credential it presented (an
+    /// enrollment token, or nothing).
     pub async fn accept<S>(
         mut io: S,
         opts: &SessionOptions,
         peer: String,
+        local: Option<std::net::SocketAddr>,
     ) -> Result<(Connection, Vec<u8>), ConnectError>
     where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
@@ -159,9 +165,15 @@ impl Connection {
                 })?;
         let credential = std::mem::take(&mut session.credential);
         Ok((
-            Connection::start(io, session, peer, opts.reply_timeout),
+            Connection::start(io, session, peer, opts.reply_timeout, local),
             credential,
         ))
+    }
+
+    /// Our address on the connection's socket: where the peer reached us (a multicast
+    /// session's sender binds it, so agents' reports come back the way they connected).
+    pub fn local_addr(&self) -> Option<std::net::SocketAddr> {
+        self.shared.local
     }
 
     /// The peer's static key, as the handshake proved it.
@@ -174,6 +186,7 @@ impl Connection {
         session: diskferry_protocol::Session,
         peer: String,
         reply_timeout: Duration,
+        local: Option<std::net::SocketAddr>,
     ) -> Connection
     where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
@@ -190,6 +203,7 @@ impl Connection {
             compression: session.compression,
             peer,
             peer_key: session.peer_key,
+            local,
             progress: Mutex::new(Instant::now()),
         });
         tokio::spawn(watch_stalls(Arc::downgrade(&shared), reply_timeout));
@@ -505,6 +519,7 @@ pub(super) fn unexpected(op: &'static str, offset: Option<u64>, reply: Reply) ->
                 Reply::Status(_) => "status",
                 Reply::Hashes(_) => "hashes",
                 Reply::Identity(_) => "identity",
+                Reply::Multicast(_) => "multicast status",
                 Reply::Error { .. } => "error",
             };
             BlockError::Protocol(format!("unexpected {kind} reply to {op}"))

@@ -15,7 +15,8 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use diskferry_protocol::chunks::{self, ChunkHash};
-use diskferry_protocol::{BlockState, Reply, Request};
+use diskferry_protocol::multicast::Credentials;
+use diskferry_protocol::{BlockState, MulticastStatus, Reply, Request};
 
 pub use connection::{Completion, ConnectError, Connection};
 pub use reconnect::{DialAddr, ReconnectingDisk, Redial, RedialError};
@@ -144,6 +145,32 @@ impl RemoteDisk {
     /// The disk's name on the client.
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    /// The connection this disk was opened on.
+    pub fn connection(&self) -> &Connection {
+        &self.conn
+    }
+
+    /// Asks the agent to join a multicast deploy session and receive it into this disk
+    /// (opened writable). Returns once it has joined the group.
+    pub fn multicast_join(&self, credentials: &Credentials) -> Result<()> {
+        if self.read_only {
+            return Err(BlockError::ReadOnly);
+        }
+        let request = Request::MulticastJoin {
+            handle: self.handle,
+            credentials: Box::new(credentials.clone()),
+        };
+        expect_done(self.call(request), "multicast join", None)
+    }
+
+    /// Where the agent's multicast session on this connection is.
+    pub fn multicast_status(&self) -> Result<MulticastStatus> {
+        match self.call(Request::MulticastStatus)? {
+            Reply::Multicast(status) => Ok(status),
+            other => Err(unexpected("multicast status", None, other)),
+        }
     }
 
     /// Submits a read whose reply lands in a oneshot.

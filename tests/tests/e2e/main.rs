@@ -19,6 +19,7 @@ mod incremental;
 mod inspect;
 mod mkfs_ext4;
 mod mkfs_fat;
+mod multicast;
 mod partition_write;
 mod pxe_vm;
 mod qcow2_overlay;

@@ -222,16 +222,18 @@ fn changed_in_use(
 /// The byte ranges of the blocks the stage's filesystem uses (of a swap area: its header; the
 /// other pages are scratch), or the whole stage when nothing of the kind opens on it.
 fn in_use(stage: &Arc<dyn BlockDevice>) -> Vec<Range<u64>> {
+    in_use_known(stage).unwrap_or_else(|| std::iter::once(0..stage.size()).collect())
+}
+
+/// The byte ranges of the blocks the stage's filesystem (or swap area) uses, when one opens.
+pub(crate) fn in_use_known(stage: &Arc<dyn BlockDevice>) -> Option<Vec<Range<u64>>> {
     if diskferry_fs::swap::read_identity(&**stage).is_ok() {
-        return std::iter::once(0..diskferry_fs::swap::PAGE).collect();
+        return Some(std::iter::once(0..diskferry_fs::swap::PAGE).collect());
     }
     let map = diskferry_fs::open(Arc::clone(stage))
         .ok()
-        .and_then(|fs| fs.allocation_map().ok());
-    match map {
-        Some(map) => map.byte_ranges(0, stage.size()),
-        None => std::iter::once(0..stage.size()).collect(),
-    }
+        .and_then(|fs| fs.allocation_map().ok())?;
+    Some(map.byte_ranges(0, stage.size()))
 }
 
 /// The chunks of `run` whose bytes differ between `stage` and `target`, joined; `None` when

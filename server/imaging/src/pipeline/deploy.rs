@@ -101,6 +101,10 @@ pub enum DeployError {
     /// Nothing was written: edits need partitions recreated file by file.
     #[error("{0}")]
     CannotCustomize(String),
+    /// Nothing was written to any machine: the server could not make the disk a multicast
+    /// deploy sends (its staging file).
+    #[error("building the disk to send on the server: {0}")]
+    Stage(String),
 }
 
 impl DeployError {
@@ -112,6 +116,7 @@ impl DeployError {
                 | DeployError::CannotPlan { .. }
                 | DeployError::TooSmall { .. }
                 | DeployError::CannotCustomize(_)
+                | DeployError::Stage(_)
         )
     }
 }

@@ -1,0 +1,185 @@
+//! The disk a multicast deploy sends, built once on the server: the ordinary deploy run onto
+//! a sparse file of the smallest target's size (files-mode partitions recreated there, the
+//! table scaled, verified by reading the file back through the filesystem readers), while a
+//! wrapper notes every range the deploy wrote or zeroed.
+//!
+//! What every target must then hold is those ranges plus the blocks each recreated
+//! filesystem uses (a used block that is all zeros was never written onto the zeroed file, but
+//! on a used disk it must be zeroed). Of that, the ranges where the file holds data are sent;
+//! the rest is zeroed by each agent on its side, so no zeros cross the network. Free blocks
+//! of the new filesystems are left as they were, exactly as a single deploy leaves them.
+
+use std::ops::Range;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use diskferry_blockdev::{BlockDevice, Extent, FileDevice, Result, SliceDevice};
+use diskferry_protocol::chunks::ChunkHash;
+
+use super::ranges::{intersect, normalize, subtract};
+use crate::pipeline::{deploy_disk, DeployError, DeployHow, DeployReport};
+use crate::progress::Progress;
+
+/// A staged disk and what targets must hold of it.
+pub struct Staged {
+    pub device: Arc<dyn BlockDevice>,
+    /// Ranges sent (the file holds data there), sorted and disjoint.
+    pub data: Vec<Range<u64>>,
+    /// Ranges each agent zeroes, disjoint from `data`.
+    pub zero: Vec<Range<u64>>,
+    /// The deploy onto the file, with its verification.
+    pub report: DeployReport,
+    /// Removed when dropped.
+    _file: tempfile::TempPath,
+}
+
+impl std::fmt::Debug for Staged {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Staged")
+            .field("data", &self.data.len())
+            .field("zero", &self.zero.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Staged {
+    /// Every range a target must hold, sorted.
+    pub fn must_hold(&self) -> Vec<Range<u64>> {
+        normalize(self.data.iter().chain(&self.zero).cloned().collect())
+    }
+}
+
+/// Deploys `image` onto a new sparse file of `size` bytes in `dir` and works out what is sent.
+pub fn stage(
+    image: Arc<dyn BlockDevice>,
+    size: u64,
+    how: &DeployHow,
+    dir: &Path,
+    progress: &dyn Progress,
+) -> std::result::Result<Staged, DeployError> {
+    let io = |source: std::io::Error| DeployError::Stage(source.to_string());
+    let file = tempfile::Builder::new()
+        .prefix(".multicast-stage-")
+        .tempfile_in(dir)
+        .map_err(io)?;
+    file.as_file().set_len(size).map_err(io)?;
+    let path = file.into_temp_path();
+    let device: Arc<dyn BlockDevice> =
+        Arc::new(FileDevice::open(&path, true).map_err(|e| DeployError::Stage(e.to_string()))?);
+    let touched = Arc::new(Touched::new(Arc::clone(&device)));
+    let report = deploy_disk(
+        image,
+        Arc::clone(&touched) as Arc<dyn BlockDevice>,
+        "the multicast stage",
+        how,
+        progress,
+    )?;
+    let mut must = touched.take();
+    must.extend(blocks_in_use(&device));
+    let must = normalize(must);
+    let held = crate::pipeline::capture::data_ranges(&*device)
+        .map_err(|e| DeployError::Stage(e.to_string()))?;
+    let data = intersect(&must, &normalize(held));
+    let zero = subtract(&must, &data);
+    Ok(Staged {
+        device,
+        data,
+        zero,
+        report,
+        _file: path,
+    })
+}
+
+/// The blocks each partition's filesystem uses, on the staged disk, widened to the chunks a
+/// delta write handles (partitions without a filesystem we read add nothing: what was written
+/// of them is in the recorded ranges).
+fn blocks_in_use(device: &Arc<dyn BlockDevice>) -> Vec<Range<u64>> {
+    let Ok(table) = diskferry_partition::read_table(&**device) else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for p in &table.partitions {
+        let Ok(slice) = SliceDevice::new(Arc::clone(device), p.start, p.size) else {
+            continue;
+        };
+        let slice: Arc<dyn BlockDevice> = Arc::new(slice);
+        if let Some(used) = crate::pipeline::delta::in_use_known(&slice) {
+            out.extend(used.into_iter().map(|r| p.start + r.start..p.start + r.end));
+        }
+    }
+    out
+}
+
+/// A device that notes every range written or zeroed through it.
+struct Touched {
+    inner: Arc<dyn BlockDevice>,
+    ranges: Mutex<Vec<Range<u64>>>,
+}
+
+impl Touched {
+    fn new(inner: Arc<dyn BlockDevice>) -> Touched {
+        Touched {
+            inner,
+            ranges: Mutex::new(Vec::new()),
+        }
+    }
+
+    fn note(&self, offset: u64, len: u64) {
+        let mut ranges = self.ranges.lock().unwrap_or_else(|e| e.into_inner());
+        match ranges.last_mut() {
+            Some(last) if last.end == offset => last.end += len,
+            _ => ranges.push(offset..offset + len),
+        }
+        // Bounded: long runs of scattered writes are joined as they come.
+        if ranges.len() >= 1 << 20 {
+            let joined = normalize(std::mem::take(&mut *ranges));
+            *ranges = joined;
+        }
+    }
+
+    fn take(&self) -> Vec<Range<u64>> {
+        std::mem::take(&mut *self.ranges.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+}
+
+impl BlockDevice for Touched {
+    fn size(&self) -> u64 {
+        self.inner.size()
+    }
+    fn logical_sector_size(&self) -> u32 {
+        self.inner.logical_sector_size()
+    }
+    fn is_read_only(&self) -> bool {
+        false
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        self.inner.read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
+        self.inner.write_at(buf, offset)?;
+        self.note(offset, buf.len() as u64);
+        Ok(())
+    }
+    fn flush(&self) -> Result<()> {
+        self.inner.flush()
+    }
+    fn write_zeroes(&self, offset: u64, len: u64) -> Result<()> {
+        self.inner.write_zeroes(offset, len)?;
+        self.note(offset, len);
+        Ok(())
+    }
+    fn block_status(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {
+        self.inner.block_status(offset, len)
+    }
+    fn chunk_hashes(&self, offset: u64, len: u64, chunk: u32) -> Result<Vec<ChunkHash>> {
+        self.inner.chunk_hashes(offset, len, chunk)
+    }
+    fn read_ranges(
+        &self,
+        ranges: &[Range<u64>],
+        sink: &mut dyn FnMut(u64, Bytes) -> Result<()>,
+    ) -> Result<()> {
+        self.inner.read_ranges(ranges, sink)
+    }
+}
