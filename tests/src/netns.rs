@@ -11,6 +11,10 @@ pub struct Bridge {
     pub members: Vec<String>,
     /// The members' IPv4 addresses, in the same order.
     pub addrs: Vec<String>,
+    /// This namespace's own address on the bridge, once [`Bridge::join_host`] made one.
+    pub host_addr: Option<String>,
+    net: u32,
+    prefix: String,
 }
 
 impl Bridge {
@@ -24,6 +28,9 @@ impl Bridge {
             names: Vec::new(),
             members: Vec::new(),
             addrs: Vec::new(),
+            host_addr: None,
+            net,
+            prefix: prefix.clone(),
         };
         let hub = b.add(&format!("{prefix}-hub"));
         ip(&[
@@ -69,6 +76,38 @@ impl Bridge {
             b.addrs.push(addr);
         }
         b
+    }
+
+    /// Joins the test's own namespace to the bridge (10.X.0.1, capped at `rate`), so a
+    /// server started the ordinary way reaches the members; returns that address. The link
+    /// goes away with the hub.
+    pub fn join_host(&mut self, rate: &str) -> String {
+        let hub = format!("{}-hub", self.prefix);
+        let (inner, outer) = (
+            format!("dfh{}", std::process::id() % 100_000),
+            "hhost".to_string(),
+        );
+        let _ = Command::new("ip").args(["link", "del", &inner]).output();
+        ip(&[
+            "link", "add", &inner, "type", "veth", "peer", "name", &outer, "netns", &hub,
+        ]);
+        ip(&["-n", &hub, "link", "set", &outer, "master", "br0", "up"]);
+        let addr = format!("10.{}.0.1", self.net);
+        ip(&["addr", "add", &format!("{addr}/24"), "dev", &inner]);
+        ip(&["link", "set", &inner, "up"]);
+        for (ns, dev) in [(None, &inner), (Some(&hub), &outer)] {
+            let mut args = vec!["tc"];
+            if let Some(n) = ns {
+                args.extend(["-n", n]);
+            }
+            args.extend([
+                "qdisc", "replace", "dev", dev, "root", "tbf", "rate", rate, "burst", "1mb",
+                "limit", "8mb",
+            ]);
+            run(&args);
+        }
+        self.host_addr = Some(addr.clone());
+        addr
     }
 
     fn add(&mut self, name: &str) -> String {

@@ -26,6 +26,7 @@ function followJob(box) {
     }
     if (e.state === "succeeded") { $("job-progress").value = 100; $("job-percent").textContent = "100.0 %"; }
     if (p.phase) $("job-phase").textContent = p.phase;
+    if (p.machines) showMachines(p.machines);
     if (p.rate !== undefined) $("job-rate").textContent = fmtBytes(p.rate) + "/s";
     if (p.eta_s !== undefined) $("job-eta").textContent = p.eta_s === null ? "—" : Math.round(p.eta_s) + " s";
     if (e.log_tail) {
@@ -46,6 +47,21 @@ function followJob(box) {
     }
   };
   es.onerror = () => { es.close(); setTimeout(() => location.reload(), 2000); };
+}
+
+// A multicast job's per-machine rows (rendered by the page, updated here).
+function showMachines(machines) {
+  const table = document.getElementById("job-machines");
+  if (!table) { location.reload(); return; }
+  for (const m of machines) {
+    const row = Array.from(table.querySelectorAll("tbody tr")).find((r) => r.dataset.machine === m.name);
+    if (!row) continue;
+    const phase = row.querySelector(".phase span");
+    phase.textContent = m.phase; phase.className = "state " + m.phase;
+    row.querySelector("progress").value = m.total > 0 ? (100 * m.done) / m.total : 0;
+    row.querySelector(".delivery").textContent = m.delivery || "";
+    row.querySelector(".error").textContent = m.error || "";
+  }
 }
 
 // j/k or arrows move through rows, Enter opens, Backspace or h goes up a directory.

@@ -27,7 +27,7 @@ pub struct DeployArgs {
     /// device, or a machine (MACHINE or DISK@MACHINE: its name or MAC) through the server that
     /// holds it (--data-dir or --server; IMAGE is then one of that server's captures). Not
     /// given with --multicast
-    #[arg(required_unless_present = "multicast", conflicts_with = "multicast")]
+    #[arg(required_unless_present_any = ["multicast", "group"], conflicts_with_all = ["multicast", "group"])]
     target: Option<String>,
     /// How to copy each partition (auto: files for ext4/FAT, blocks for NTFS, sectors else)
     #[arg(long, value_enum, default_value_t = Mode::Auto)]
@@ -172,8 +172,26 @@ fn deploy_through_server(args: &DeployArgs, target: &str) -> Result<()> {
             "--no-fallback-loader is for deploys run here (DISK@HOST:PORT or a local file): a server's deploy jobs always add the EFI fallback loader where it is missing"
         );
     }
-    // The server knows its captures by name.
-    let image = match args.daemon.captures_dir() {
+    let image = server_image_name(args)?;
+    let mode = diskferry_imaging::pipeline::Mode::from(args.mode).name();
+    let customize = args.custom.spec_text()?;
+    let daemon = crate::machines::Daemon::find(&args.daemon)?;
+    let mut request = serde_json::json!({
+        "kind": "deploy", "image": image, "target": target, "mode": mode,
+        "reboot": args.reboot, "force": args.force, "customize": customize,
+        "target_hardware": args.custom.target_hardware.map(|h| h.name()),
+    });
+    if args.when.submit(&daemon, &mut request)? {
+        return Ok(());
+    }
+    daemon.run_job(request)?;
+    eprintln!("deployed {image} onto {target}");
+    Ok(())
+}
+
+/// IMAGE as the server knows it: by name among its captures.
+pub(crate) fn server_image_name(args: &DeployArgs) -> Result<String> {
+    Ok(match args.daemon.captures_dir() {
         Some(dir)
             if args.image.starts_with(&dir)
                 || args.image.parent() == Some(std::path::Path::new("")) =>
@@ -189,19 +207,5 @@ fn deploy_through_server(args: &DeployArgs, target: &str) -> Result<()> {
             dir.display()
         ),
         _ => args.image.to_string_lossy().into_owned(),
-    };
-    let mode = diskferry_imaging::pipeline::Mode::from(args.mode).name();
-    let customize = args.custom.spec_text()?;
-    let daemon = crate::machines::Daemon::find(&args.daemon)?;
-    let mut request = serde_json::json!({
-        "kind": "deploy", "image": image, "target": target, "mode": mode,
-        "reboot": args.reboot, "force": args.force, "customize": customize,
-        "target_hardware": args.custom.target_hardware.map(|h| h.name()),
-    });
-    if args.when.submit(&daemon, &mut request)? {
-        return Ok(());
-    }
-    daemon.run_job(request)?;
-    eprintln!("deployed {image} onto {target}");
-    Ok(())
+    })
 }

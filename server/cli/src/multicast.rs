@@ -24,10 +24,24 @@ use crate::{human_bytes, progress_for};
 pub(crate) struct MulticastArgs {
     /// Deploy to many machines at once, sending the image once over UDP multicast: a
     /// comma-separated list of DISK@HOST:PORT (clients started with --allow-write, on this
-    /// network segment). The image is built once here for the smallest disk; machines the
+    /// network segment), or of machines (MACHINE or DISK@MACHINE) of the server given by
+    /// --data-dir or --server. The image is built once for the smallest disk; machines the
     /// session leaves behind get it by unicast; every disk is verified by hashes
-    #[arg(long, value_delimiter = ',', value_name = "TARGETS")]
+    #[arg(
+        long,
+        value_delimiter = ',',
+        value_name = "TARGETS",
+        conflicts_with = "group"
+    )]
     pub multicast: Vec<String>,
+    /// Multicast deploy to every machine of this group (`diskferry machine groups`), through
+    /// the server given by --data-dir or --server; the job waits for them all to connect
+    /// (waking them), and after --wait minutes starts with those that came
+    #[arg(long, value_name = "NAME")]
+    pub group: Option<String>,
+    /// Minutes a server's multicast job waits for its machines [default: 15]
+    #[arg(long, value_name = "MINUTES")]
+    wait: Option<u32>,
     /// The multicast group to send to [default: one in 239.255.0.0/16 picked per session]
     #[arg(long, value_name = "ADDR", requires = "multicast")]
     multicast_group: Option<Ipv4Addr>,
@@ -40,7 +54,7 @@ pub(crate) struct MulticastArgs {
     multicast_bind: Option<Ipv4Addr>,
     /// Most megabits a second to send; the rate also adapts to the slowest machine's loss
     /// [default: 1000]
-    #[arg(long, value_name = "MBIT", requires = "multicast")]
+    #[arg(long, value_name = "MBIT")]
     max_rate: Option<u64>,
     /// Seconds a machine may stay silent before the session goes on without it (it then gets
     /// the image by unicast, if it still answers)
@@ -56,6 +70,13 @@ pub(crate) struct MulticastArgs {
 /// Runs a multicast deploy to the listening clients `--multicast` names.
 pub(crate) fn run(args: &DeployArgs) -> Result<()> {
     let m = &args.multicast;
+    let direct = !m.multicast.is_empty()
+        && m.multicast
+            .iter()
+            .all(|t| matches!(SourceSpec::parse(t), SourceSpec::Remote { .. }));
+    if !direct {
+        return through_server(args);
+    }
     let specs = parse_targets(&m.multicast)?;
     crate::when::refuse_without_server(&args.when)?;
     if args.reboot {
@@ -110,6 +131,43 @@ pub(crate) fn run(args: &DeployArgs) -> Result<()> {
             failed.join(", ")
         );
     }
+    Ok(())
+}
+
+/// A multicast job of the server that holds the machines: `--multicast MACHINE,…` or
+/// `--group NAME`.
+fn through_server(args: &DeployArgs) -> Result<()> {
+    let m = &args.multicast;
+    if !args.daemon.given() {
+        bail!(
+            "--multicast to machines (not DISK@HOST:PORT) and --group need the server that holds them: --data-dir DIR or --server URL --token-file FILE"
+        );
+    }
+    if args.no_fallback_loader {
+        bail!("--no-fallback-loader is for deploys run here: a server's jobs always add the EFI fallback loader where it is missing");
+    }
+    let image = crate::deploy::server_image_name(args)?;
+    let daemon = crate::machines::Daemon::find(&args.daemon)?;
+    let mut request = serde_json::json!({
+        "kind": "multicast", "image": image,
+        "mode": diskferry_imaging::pipeline::Mode::from(args.mode).name(),
+        "reboot": args.reboot, "force": args.force, "customize": args.custom.spec_text()?,
+        "target_hardware": args.custom.target_hardware.map(|h| h.name()),
+        "max_rate_mbit": m.max_rate, "wait_minutes": m.wait,
+    });
+    match &m.group {
+        Some(g) => request["group"] = g.clone().into(),
+        None => request["targets"] = m.multicast.clone().into(),
+    }
+    if args.when.submit(&daemon, &mut request)? {
+        return Ok(());
+    }
+    let what = m
+        .group
+        .as_ref()
+        .map_or_else(|| m.multicast.join(", "), |g| format!("group {g}"));
+    daemon.run_job(request)?;
+    eprintln!("deployed {image} onto {what} by multicast");
     Ok(())
 }
 

@@ -218,3 +218,201 @@ fn four_machines_one_lossy_one_frozen_one_killed_the_others_verify() {
         String::from_utf8_lossy(&cmp.stdout)
     );
 }
+
+/// A dial-back agent in a namespace of the bridge, killed when dropped. It announces no
+/// firmware or PCI devices (its sysfs holds only `class`): the test image is not made for
+/// this host, and the compatibility check must have nothing to refuse.
+struct Agent {
+    child: std::process::Child,
+    _sysfs: tempfile::TempDir,
+}
+
+impl Agent {
+    fn start(
+        net: &Bridge,
+        member: usize,
+        server: &str,
+        data: &Path,
+        disk: &Path,
+        drop: &str,
+    ) -> Agent {
+        let sysfs = tempfile::tempdir().unwrap();
+        std::os::unix::fs::symlink("/sys/class", sysfs.path().join("class")).unwrap();
+        let child = net
+            .command(member, &bin("diskferry-client"))
+            .env("DISKFERRY_SYSFS", sysfs.path())
+            .env("DISKFERRY_TEST_MULTICAST_DROP", drop)
+            .args(["--connect", server, "--allow-write", "--server-key"])
+            .arg(diskferry_e2e::public_key(&data.join("server.key")))
+            .arg("--agent-key")
+            .arg(data.join(format!("agent-{member}.key")))
+            .arg("--disk")
+            .arg(disk)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        Agent {
+            child,
+            _sysfs: sysfs,
+        }
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn cli(data: &Path, args: &[&str]) -> String {
+    let mut all: Vec<&std::ffi::OsStr> = args.iter().map(|a| a.as_ref()).collect();
+    all.extend(["--data-dir".as_ref(), data.as_os_str()]);
+    let (ok, out, err) = diskferry(&all);
+    assert!(ok, "diskferry {args:?}: {err}");
+    out
+}
+
+/// The MAC address of member `i`'s link.
+fn member_mac(net: &Bridge, i: usize) -> String {
+    let out = run_ok(
+        "ip",
+        &["-n", &net.members[i], "link", "show", &format!("vm{i}")],
+    );
+    out.split_whitespace()
+        .skip_while(|w| *w != "link/ether")
+        .nth(1)
+        .unwrap()
+        .to_string()
+}
+
+fn machines(s: &diskferry_e2e::http::Server) -> Vec<serde_json::Value> {
+    s.get("/api/machines").json().as_array().unwrap().clone()
+}
+
+#[test]
+fn a_group_is_deployed_by_one_multicast_job_that_waits_for_its_last_machine() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let (image, tree) = golden(d);
+    let mut net = Bridge::new(3, "1gbit");
+    let host = net.join_host("1gbit");
+    let data = d.join("data");
+    std::fs::create_dir_all(data.join("captures")).unwrap();
+    std::fs::copy(&image, data.join("captures/golden.vhdx")).unwrap();
+    let s =
+        diskferry_e2e::http::Server::start_with(&data, &["--agent-listen", &format!("{host}:0")])
+            .unwrap();
+    let disks: Vec<_> = (0..3)
+        .map(|i| {
+            let disk = d.join(format!("machine{i}.img"));
+            std::fs::File::create(&disk)
+                .unwrap()
+                .set_len(160 * MIB)
+                .unwrap();
+            disk
+        })
+        .collect();
+
+    // Two machines are up and approved; the third is only registered, and asleep.
+    let mut agents = vec![
+        Agent::start(&net, 0, &s.agent_addr, &data, &disks[0], "0"),
+        Agent::start(&net, 1, &s.agent_addr, &data, &disks[1], "0"),
+    ];
+    assert!(diskferry_e2e::wait_for(Duration::from_secs(60), || {
+        let m = machines(&s);
+        m.len() == 2 && m.iter().all(|m| m["online"] == true)
+    }));
+    for (i, m) in machines(&s).iter().enumerate() {
+        let id = m["id"].to_string();
+        cli(&data, &["machine", "approve", &id]);
+        cli(&data, &["machine", "rename", &id, &format!("lab-{i}")]);
+        cli(&data, &["machine", "groups", &id, "lab"]);
+    }
+    let mac = member_mac(&net, 2);
+    cli(&data, &["machine", "register", &mac, "lab-2"]);
+    cli(&data, &["machine", "groups", "lab-2", "lab"]);
+
+    // One job for the group: it waits for lab-2 (waking it), then runs.
+    let mut deploy = std::process::Command::new(bin("diskferry"))
+        .args([
+            "deploy",
+            "golden.vhdx",
+            "--group",
+            "lab",
+            "--progress",
+            "none",
+        ])
+        .arg("--data-dir")
+        .arg(&data)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let job = |s: &diskferry_e2e::http::Server| {
+        let id = s.get("/api/jobs").json().as_array()?.first()?["id"].as_i64()?;
+        Some(s.get(&format!("/api/jobs/{id}")).json())
+    };
+    assert!(
+        diskferry_e2e::wait_for(Duration::from_secs(30), || {
+            job(&s).is_some_and(|j| {
+                let log = j["log"].as_str().unwrap_or("");
+                j["waiting"] == true
+                    && log.contains("waiting for machines lab-2")
+                    && log.contains("magic packet for lab-2")
+            })
+        }),
+        "the job should wait for lab-2 and wake it: {:?}",
+        job(&s)
+    );
+    agents.push(Agent::start(&net, 2, &s.agent_addr, &data, &disks[2], "2"));
+    assert!(diskferry_e2e::wait_for(Duration::from_secs(60), || {
+        machines(&s)
+            .iter()
+            .any(|m| m["name"] == "lab-2" && m["online"] == true)
+    }));
+    cli(&data, &["machine", "approve", "lab-2"]);
+
+    let deadline = Instant::now() + Duration::from_secs(300);
+    let status = loop {
+        if let Some(st) = deploy.try_wait().unwrap() {
+            break st;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the multicast job ran past its deadline"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let out = deploy.wait_with_output().unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let j = job(&s).unwrap();
+    assert!(status.success(), "{text}\n{j:#}");
+    assert_eq!(j["kind"], "multicast");
+    assert_eq!(j["state"], "succeeded", "{j:#}");
+    let ms = j["result"]["machines"].as_array().unwrap();
+    assert_eq!(ms.len(), 3, "{j:#}");
+    for m in ms {
+        assert_eq!(m["phase"], "done", "{m}");
+        assert_eq!(m["delivery"], "multicast", "{m}");
+    }
+    assert_eq!(j["waiting"], false, "{j:#}");
+    for m in machines(&s) {
+        assert_eq!(m["state"], "deployed", "{m}");
+    }
+    // The job's page lists every machine with its phase and how its data came.
+    let page = s.get(&format!("/jobs/{}", j["id"])).text();
+    assert!(page.contains("id=\"job-machines\""), "{page}");
+    for name in ["lab-0", "lab-1", "lab-2"] {
+        assert!(page.contains(&format!("data-machine=\"{name}\"")), "{page}");
+    }
+    assert!(!page.contains("class=\"state failed\""), "{page}");
+    for (i, disk) in disks.iter().enumerate() {
+        check_disk(disk, &tree, d, &format!("lab{i}"));
+    }
+}

@@ -25,6 +25,46 @@ pub fn routes() -> Router<SharedState> {
         .route("/schedules/{id}/delete", post(delete_schedule))
 }
 
+/// The form of a multicast deploy: one capture onto many machines at once.
+fn multicast_form(
+    who: &Identity,
+    captures: &[diskferry_daemon::catalog::CaptureRecord],
+    groups: &[String],
+) -> maud::Markup {
+    html! {
+        h2 #multicast { "Deploy to many machines at once (multicast)" }
+        form.job method="post" action="/jobs" {
+            input type="hidden" name="csrf" value=(who.csrf());
+            input type="hidden" name="kind" value="multicast";
+            label for="mc-image" { "Capture" }
+            select #mc-image name="image" {
+                @for c in captures { option value=(c.id) { (c.name) } }
+            }
+            label for="mc-group" { "Group" }
+            select #mc-group name="group" {
+                option value="" selected { "— the machines listed below —" }
+                @for g in groups { option value=(g) { (g) } }
+            }
+            label for="mc-targets" { "Or machines (names or MACs, comma-separated)" }
+            input #mc-targets name="targets" placeholder="lab-01, lab-02, /dev/nvme0n1@lab-03";
+            label for="mc-mode" { "Mode" }
+            select #mc-mode name="mode" {
+                option value="auto" selected { "auto" }
+                option value="files" { "files" }
+                option value="blocks" { "blocks" }
+                option value="sectors" { "sectors" }
+            }
+            label for="mc-rate" { "Most megabits a second (optional)" }
+            input #mc-rate name="max_rate_mbit" inputmode="numeric" placeholder="1000";
+            label.check { input type="checkbox" name="reboot" value="1"; " Reboot each machine when done" }
+            label.check { input type="checkbox" name="force" value="1"; " Deploy even if the compatibility check refuses" }
+            (when_fields())
+            button type="submit" { "Deploy to all" }
+            p.hint { "The capture is built once on the server and sent once over UDP multicast to every machine (their agents join the session over their encrypted connections; every datagram carries the session's MAC). Machines that miss data ask for it again; a machine the session leaves behind gets the image by unicast. Every machine is verified by hashes afterwards. The job waits until all machines are connected (waking them); after 15 minutes it starts with those that came. A customization with {name} cannot be multicast." }
+        }
+    }
+}
+
 /// The "when" fields both job forms share: a start time and a recurrence.
 fn when_fields() -> maud::Markup {
     html! {
@@ -41,11 +81,12 @@ async fn list(
     Extension(who): Extension<Identity>,
 ) -> Result<Html<String>, PageFailure> {
     let st = Arc::clone(&state);
-    let (jobs, captures, schedules) = tokio::task::spawn_blocking(move || {
+    let (jobs, captures, schedules, groups) = tokio::task::spawn_blocking(move || {
         Ok::<_, diskferry_daemon::catalog::CatalogError>((
             st.catalog.jobs(200)?,
             st.catalog.captures()?,
             st.catalog.schedules()?,
+            st.catalog.group_names()?,
         ))
     })
     .await??;
@@ -113,6 +154,7 @@ async fn list(
                 p.hint { "Everything on the target disk is replaced. The partition table is scaled to the target; a disk too small is refused before anything is written. The result is verified by reading it back. A customization gives the deployed Linux system its own host name ({name} is the machine's registered name), machine-id, SSH host keys, users, files, network and first-boot commands (README \"Customization\"); a bad SPEC is refused before anything is written." }
             }
         }
+        @if !captures.is_empty() { (multicast_form(&who, &captures, &groups)) }
         h2 #schedules { "Schedules" }
         @if schedules.is_empty() { p.empty { "No recurring jobs." } } @else {
             div.scroll { table.list {
@@ -184,6 +226,17 @@ async fn start(
         at: nonempty("at"),
         wake: None,
         wait_minutes: None,
+        targets: nonempty("targets").map(|t| {
+            t.split([',', ' ', '\n'])
+                .map(str::trim)
+                .filter(|t| !t.is_empty())
+                .map(String::from)
+                .collect()
+        }),
+        group: nonempty("group"),
+        max_rate_mbit: nonempty("max_rate_mbit")
+            .map(|r| parse_number("max rate", &r))
+            .transpose()?,
     };
     if let Some(every) = nonempty("every") {
         state.jobs.add_schedule(&req, &every)?;
@@ -208,6 +261,21 @@ fn schedule_what(req: &serde_json::Value) -> String {
     let s = |k: &str| req[k].as_str().unwrap_or("").to_string();
     match req["kind"].as_str() {
         Some("deploy") => format!("{} → {}", s("image"), s("target")),
+        Some("multicast") => match req["group"].as_str() {
+            Some(g) => format!("{} → group {g} (multicast)", s("image")),
+            None => format!(
+                "{} → {} (multicast)",
+                s("image"),
+                req["targets"]
+                    .as_array()
+                    .map(|t| t
+                        .iter()
+                        .filter_map(|v| v.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", "))
+                    .unwrap_or_default()
+            ),
+        },
         _ => format!("{} → {}", s("source"), s("output")),
     }
 }
@@ -279,6 +347,7 @@ async fn detail(
                 }
             }
         }
+        @if let Some(ms) = machines_of(&job) { (machines_table(ms)) }
         @if let Some(e) = &job.error { p.error #job-error { (e) } }
         @if running {
             form #job-cancel method="post" action=(format!("/jobs/{}/cancel", job.id)) {
@@ -304,4 +373,36 @@ async fn cancel(
     let id: i64 = parse_number("job id", &id)?;
     state.jobs.cancel(id);
     Ok(Redirect::to(&format!("/jobs/{id}")).into_response())
+}
+
+/// A multicast job's machines: from its result once it ended, else its latest progress.
+fn machines_of(job: &diskferry_daemon::catalog::JobRecord) -> Option<&Vec<serde_json::Value>> {
+    job.result
+        .as_ref()
+        .and_then(|r| r["machines"].as_array())
+        .or_else(|| job.progress.as_ref().and_then(|p| p["machines"].as_array()))
+}
+
+/// One row per machine of a multicast job: its phase, progress, how its data came, errors.
+/// `app.js` updates it from the live events.
+fn machines_table(machines: &[serde_json::Value]) -> maud::Markup {
+    html! {
+        h2 { "Machines" }
+        div.scroll { table.list #job-machines {
+            thead { tr { th { "Machine" } th { "Phase" } th { "Progress" } th { "Delivery" } th { "Error" } } }
+            tbody {
+                @for m in machines {
+                    @let (done, total) = (m["done"].as_u64().unwrap_or(0), m["total"].as_u64().unwrap_or(0));
+                    @let pct = if total > 0 { 100.0 * done as f64 / total as f64 } else { 0.0 };
+                    tr data-machine=(m["name"].as_str().unwrap_or("")) {
+                        td.mono { (m["name"].as_str().unwrap_or("")) }
+                        td.phase { span class=(format!("state {}", m["phase"].as_str().unwrap_or(""))) { (m["phase"].as_str().unwrap_or("")) } }
+                        td { progress max="100" value=(format!("{pct:.1}")) { (format!("{pct:.0}")) "%" } }
+                        td.delivery { (m["delivery"].as_str().unwrap_or("")) }
+                        td.error { (m["error"].as_str().unwrap_or("")) }
+                    }
+                }
+            }
+        } }
+    }
 }

@@ -84,7 +84,8 @@ pub struct JobRecord {
 
 pub(super) const COLUMNS: &str =
     "id, kind, state, params, created_at, started_at, finished_at, progress, log,
-    error, result, machine_id, not_before, woken_at, schedule_id, request IS NOT NULL";
+    error, result, machine_id, not_before, woken_at, schedule_id,
+    request IS NOT NULL AND state = 'queued'";
 
 pub(super) fn from_row(row: &Row<'_>) -> rusqlite::Result<JobRecord> {
     let params: String = row.get(3)?;

@@ -339,6 +339,19 @@ impl Catalog {
         tx.commit().map_err(|e| self.sql(e))
     }
 
+    /// Every group that has a machine, sorted.
+    pub fn group_names(&self) -> Result<Vec<String>, CatalogError> {
+        let db = self.db();
+        let mut stmt = db
+            .prepare("SELECT DISTINCT name FROM machine_groups ORDER BY name")
+            .map_err(|e| self.sql(e))?;
+        let names = stmt
+            .query_map([], |r| r.get(0))
+            .and_then(Iterator::collect)
+            .map_err(|e| self.sql(e));
+        names
+    }
+
     /// The machines of a group, by name.
     pub fn group_members(&self, group: &str) -> Result<Vec<MachineRecord>, CatalogError> {
         self.rows(
@@ -497,6 +510,7 @@ pub(super) mod tests {
         c.set_machine_groups(a, &["room-4".into(), "all".into()])
             .unwrap();
         c.set_machine_groups(b, &["room-4".into()]).unwrap();
+        assert_eq!(c.group_names().unwrap(), ["all", "room-4"]);
         assert_eq!(c.machine(a).unwrap().unwrap().groups, ["all", "room-4"]);
         let room: Vec<i64> = c
             .group_members("room-4")

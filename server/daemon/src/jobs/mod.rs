@@ -10,6 +10,7 @@
 
 mod chain;
 mod disk;
+mod multicast;
 mod names;
 mod queue;
 pub mod when;
@@ -42,7 +43,7 @@ use names::{OutputNames, Reservation};
 #[derive(Debug, Clone, Default, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct JobRequest {
-    /// "capture" or "deploy".
+    /// "capture", "deploy" or "multicast" (one capture onto many machines at once).
     pub kind: String,
     /// Capture: what to read — a machine (name or MAC), `DISK@MACHINE`, or `DISK@HOST:PORT`
     /// of a listening client.
@@ -100,6 +101,16 @@ pub struct JobRequest {
     /// (default 15).
     #[serde(default)]
     pub wait_minutes: Option<u32>,
+    /// Multicast: the machines (`MACHINE` or `DISK@MACHINE`).
+    #[serde(default)]
+    pub targets: Option<Vec<String>>,
+    /// Multicast: every machine of this group.
+    #[serde(default)]
+    pub group: Option<String>,
+    /// Multicast: most megabits a second to send (the rate also adapts to the slowest
+    /// machine).
+    #[serde(default)]
+    pub max_rate_mbit: Option<u64>,
 }
 
 /// Why a job request was refused (nothing was started).
@@ -196,6 +207,8 @@ enum RunError {
         "the image does not fit the machine (nothing was written; \"force\" deploys anyway): {0}"
     )]
     Incompatible(String),
+    #[error("{0}")]
+    Multicast(String),
     #[error("internal error: the job panicked ({0}); this is a bug, please report it")]
     Panicked(String),
 }
@@ -218,6 +231,7 @@ enum Work {
         customize: Option<Box<Spec>>,
         hardware: Option<TargetHardware>,
     },
+    Multicast(Box<multicast::MulticastWork>),
 }
 
 /// What a deploy does around its write: the compatibility check (skipped in effect by
@@ -247,6 +261,8 @@ impl Work {
         match self {
             Work::Capture(c) => c.source.machine(),
             Work::Deploy { target, .. } => target.machine(),
+            // Its machines' states are kept by the job itself.
+            Work::Multicast(_) => None,
         }
     }
 }
@@ -398,9 +414,10 @@ impl Jobs {
         let (work, params) = match req.kind.as_str() {
             "capture" => self.check_capture(&req, mode)?,
             "deploy" => self.check_deploy(&req, mode)?,
+            "multicast" => self.check_multicast(&req, mode)?,
             other => {
                 return Err(JobError::Invalid(format!(
-                    "unknown job kind {other:?}: use \"capture\" or \"deploy\""
+                    "unknown job kind {other:?}: use \"capture\", \"deploy\" or \"multicast\""
                 )))
             }
         };
@@ -619,6 +636,7 @@ impl Jobs {
                 (Work::Deploy { .. }, Some(_)) if untouched => before.as_str(),
                 (Work::Deploy { .. }, None) => state::DEPLOYED,
                 (Work::Deploy { .. }, Some(_)) => state::FAILED,
+                (Work::Multicast(_), _) => before.as_str(),
             };
             let _ = self.catalog.set_machine_state(*m, after);
         }
@@ -639,6 +657,7 @@ impl Jobs {
     ) -> Result<(), RunError> {
         match work {
             Work::Capture(c) => self.run_capture(id, rt, c, cancel),
+            Work::Multicast(w) => self.run_multicast(id, rt, w, cancel),
             Work::Deploy {
                 image,
                 target,

@@ -16,11 +16,11 @@ use super::{output_format, parse_mode, required, JobError, JobRequest, Jobs};
 use crate::catalog::{unix_now, JobState, MachineRecord, QueuedJob, WaitingJob};
 
 /// How long a job waits for its machine unless the request says.
-const DEFAULT_WAIT_MINUTES: u32 = 15;
+pub(super) const DEFAULT_WAIT_MINUTES: u32 = 15;
 /// The longest wait a request may ask for.
 const MAX_WAIT_MINUTES: u32 = 24 * 60;
 /// Magic packets for a waiting machine go out this often.
-const REWAKE_SECS: i64 = 60;
+pub(super) const REWAKE_SECS: i64 = 60;
 /// The dispatcher's pace.
 const TICK: Duration = Duration::from_secs(1);
 
@@ -38,9 +38,12 @@ impl Jobs {
         let now = unix_now();
         let not_before = start_time(req, now)?;
         let machine = self.request_machine(req)?;
-        let unavailable = machine.as_ref().is_some_and(|m| {
-            self.agents.link(m.id).is_none() || m.state == crate::catalog::state::TRANSITIONING
-        });
+        let unavailable = match req.kind.as_str() {
+            "multicast" => self.multicast_unavailable(req)?,
+            _ => machine.as_ref().is_some_and(|m| {
+                self.agents.link(m.id).is_none() || m.state == crate::catalog::state::TRANSITIONING
+            }),
+        };
         Ok((not_before > now || unavailable).then_some(Wait {
             machine,
             not_before,
@@ -52,9 +55,11 @@ impl Jobs {
         let raw = match req.kind.as_str() {
             "capture" => required(&req.source, "source", "capture")?,
             "deploy" => required(&req.target, "target", "deploy")?,
+            // Many machines: the job keeps track of them itself.
+            "multicast" => return Ok(None),
             other => {
                 return Err(JobError::Invalid(format!(
-                    "unknown job kind {other:?}: use \"capture\" or \"deploy\""
+                    "unknown job kind {other:?}: use \"capture\", \"deploy\" or \"multicast\""
                 )))
             }
         };
@@ -93,6 +98,10 @@ impl Jobs {
             Some(m) if wait.not_before <= unix_now() => {
                 format!("waiting for machine {} to connect", m.label())
             }
+            None if wait.not_before <= unix_now() => match params["waiting_for"].as_str() {
+                Some(away) => format!("waiting for machines {away} to connect"),
+                None => "waiting for its machines to finish their current jobs".into(),
+            },
             _ => format!("waiting until {}", show_time(wait.not_before)),
         };
         let _ = self.catalog.append_job_log(id, &line);
@@ -110,6 +119,7 @@ impl Jobs {
         let mode = parse_mode(req.mode.as_deref())?;
         wait_minutes(req)?;
         let (what, place) = match req.kind.as_str() {
+            "multicast" => return self.check_multicast_offline(req),
             "capture" => {
                 let output = required(&req.output, "output", "capture")?;
                 output_format(output)?;
@@ -175,7 +185,7 @@ impl Jobs {
         self.wake(&m)
     }
 
-    fn wake(&self, m: &MachineRecord) -> Result<String, JobError> {
+    pub(super) fn wake(&self, m: &MachineRecord) -> Result<String, JobError> {
         let last = m.address.as_deref().and_then(|a| a.parse().ok());
         let config = self.wake.lock().unwrap_or_else(|e| e.into_inner()).clone();
         let (dests, why) = crate::wake::wake(&config, &m.macs, last)
@@ -229,6 +239,9 @@ impl Jobs {
             Ok(r) => r,
             Err(e) => return self.fail_waiting(job.id, &format!("unreadable request: {e}")),
         };
+        if req.kind == "multicast" {
+            return self.dispatch_multicast(job, req, now);
+        }
         let machine = match job.machine_id.map(|id| self.catalog.machine(id)) {
             Some(Ok(Some(m))) => Some(m),
             Some(Ok(None)) => return self.fail_waiting(job.id, "its machine was forgotten"),
@@ -265,7 +278,7 @@ impl Jobs {
     }
 
     /// Starts a waiting job whose machine is there; a busy machine keeps it waiting.
-    fn start_waiting(self: &Arc<Self>, id: i64, req: JobRequest) {
+    pub(super) fn start_waiting(self: &Arc<Self>, id: i64, req: JobRequest) {
         match self.start_checked(req, Some(id)) {
             Ok(_) => tracing::info!(job_id = id, "waiting job {id} starts"),
             Err(JobError::Conflict(why)) => {
@@ -275,7 +288,7 @@ impl Jobs {
         }
     }
 
-    fn fail_waiting(&self, id: i64, why: &str) {
+    pub(super) fn fail_waiting(&self, id: i64, why: &str) {
         tracing::warn!(job_id = id, "waiting job {id} failed: {why}");
         let _ = self.catalog.append_job_log(id, why);
         let _ = self.catalog.end_waiting_job(id, JobState::Failed, why);
@@ -332,7 +345,7 @@ fn start_time(req: &JobRequest, now: i64) -> Result<i64, JobError> {
         .map_err(|e| JobError::Invalid(format!("at: {e}")))
 }
 
-fn wait_minutes(req: &JobRequest) -> Result<u32, JobError> {
+pub(super) fn wait_minutes(req: &JobRequest) -> Result<u32, JobError> {
     match req.wait_minutes {
         None => Ok(DEFAULT_WAIT_MINUTES),
         Some(m) if (1..=MAX_WAIT_MINUTES).contains(&m) => Ok(m),
