@@ -15,6 +15,11 @@
 #                deploy does) before it exits; timed until the last process exits; then cmp
 #   multicast, one killed   the same, receiver 3 killed $KILL_AT s in: the others must finish
 #                (the sender drops it after its 5 s silence timeout) and match the image
+#   deploy --multicast   the product: `diskferry deploy IMAGE --multicast T0,…,T3` from the server
+#                ns to four `diskferry-client --allow-write --listen` (client 1 dropping 2 % of
+#                the data packets through DISKFERRY_TEST_MULTICAST_DROP): compatibility checks,
+#                the image staged once on the server (in $work), each disk zeroed where it must
+#                read as zeros, the session, each disk verified by its agent's hashes; then cmp
 # Image: $SIZE_MIB MiB (default 1024): random data with a 64 MiB hole after the first 7/8 (zeros
 # a deploy does not send), in /dev/shm like the disks.
 #
@@ -162,6 +167,26 @@ multicast_session() { # kill-after-seconds or "": runs one session, sets R_time 
 }
 
 row_multicast() { multicast_session ""; }
+
+row_deploy_multicast() {
+  fresh_disks
+  local i drop port targets="" t0
+  for i in 0 1 2 3; do
+    drop=0
+    [ "$i" = 1 ] && drop=2
+    bench_spawn "client$i" in_ns "r$i" env DISKFERRY_TEST_MULTICAST_DROP="$drop" "$client" \
+      --listen "10.78.0.$((10 + i)):0" --server-key "$server_key" --disk "$work/d$i" --allow-write
+    port=$(bench_wait_port "client$i" "10.78.0.$((10 + i))")
+    targets+="${targets:+,}$work/d$i@10.78.0.$((10 + i)):$port"
+  done
+  t0=$(now)
+  bench_run in_ns s env TMPDIR="$work" "$diskferry" deploy "$image" --multicast "$targets" \
+    --key-file "$work/key" --progress none 2>"$work/mdeploy.err" || R_note+="the deploy failed; "
+  R_time=$(echo "$(now) - $t0" | bc -l)
+  bench_stop_all
+  R_note+=$(check_disks 0 1 2 3)
+  R_detail=$(grep -v "warning:" "$work/mdeploy.err")
+}
 row_multicast_kill() {
   multicast_session "$kill_at"
   grep -q "receiver 3: Dropped" "$work/sender.out" || R_note+="receiver 3 not reported dropped; "
@@ -174,20 +199,21 @@ declare -A label=(
   [unicast4]="unicast: diskferry deploy to 4 agents in sequence"
   [multicast]="multicast to 4 receivers (one dropping 2 %)"
   [multicast_kill]="multicast to 4, receiver 3 killed mid-session"
+  [deploy_multicast]="diskferry deploy --multicast to 4 agents (one dropping 2 %)"
 )
 declare -A times
 rows=""
 details=""
-for row in unicast unicast4 multicast multicast_kill; do
+for row in unicast unicast4 multicast multicast_kill deploy_multicast; do
   echo "== $row" >&2
   R_time="" R_note="" R_detail=""
   "row_$row"
   bench_stop_all
   times[$row]=$R_time
   rows+="| ${label[$row]} | $(printf %.2f "$R_time") | RATIO_$row | ${R_note:-all disks equal the image (cmp)} |"$'\n'
-  [ -n "$R_detail" ] && details+="#### ${label[$row]}: the sender's report"$'\n\n```\n'"$R_detail"$'\n```\n\n'
+  [ -n "$R_detail" ] && details+="#### ${label[$row]}: what it reported"$'\n\n```\n'"$R_detail"$'\n```\n\n'
 done
-for row in unicast unicast4 multicast multicast_kill; do
+for row in unicast unicast4 multicast multicast_kill deploy_multicast; do
   r1=$(echo "${times[$row]} / ${times[unicast]}" | bc -l)
   r4=$(echo "${times[$row]} / ${times[unicast4]}" | bc -l)
   rows=${rows/RATIO_$row/$(printf '%.2f× / %.2f×' "$r1" "$r4")}

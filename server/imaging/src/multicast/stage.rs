@@ -68,6 +68,7 @@ pub fn stage(
     let device: Arc<dyn BlockDevice> =
         Arc::new(FileDevice::open(&path, true).map_err(|e| DeployError::Stage(e.to_string()))?);
     let touched = Arc::new(Touched::new(Arc::clone(&device)));
+    let image_size = image.size();
     let report = deploy_disk(
         image,
         Arc::clone(&touched) as Arc<dyn BlockDevice>,
@@ -76,7 +77,13 @@ pub fn stage(
         progress,
     )?;
     let mut must = touched.take();
-    must.extend(blocks_in_use(&device));
+    match blocks_in_use(&device) {
+        Some(used) => must.extend(used),
+        // An image without a partition table lands whole on the disk's first bytes: all of
+        // them must read as the image does, zeros included (a single deploy writes those that
+        // differ).
+        None => must.push(0..image_size.min(size)),
+    }
     let must = normalize(must);
     let held = crate::pipeline::capture::data_ranges(&*device)
         .map_err(|e| DeployError::Stage(e.to_string()))?;
@@ -91,13 +98,14 @@ pub fn stage(
     })
 }
 
-/// The blocks each partition's filesystem uses, on the staged disk, widened to the chunks a
-/// delta write handles (partitions without a filesystem we read add nothing: what was written
-/// of them is in the recorded ranges).
-fn blocks_in_use(device: &Arc<dyn BlockDevice>) -> Vec<Range<u64>> {
-    let Ok(table) = diskferry_partition::read_table(&**device) else {
-        return Vec::new();
-    };
+/// The blocks each partition's filesystem uses, on the staged disk (partitions without a
+/// filesystem we read add nothing: what was written of them is in the recorded ranges);
+/// `None` when the disk has no partition table.
+fn blocks_in_use(device: &Arc<dyn BlockDevice>) -> Option<Vec<Range<u64>>> {
+    let table = diskferry_partition::read_table(&**device).ok()?;
+    if table.scheme == diskferry_partition::Scheme::None {
+        return None;
+    }
     let mut out = Vec::new();
     for p in &table.partitions {
         let Ok(slice) = SliceDevice::new(Arc::clone(device), p.start, p.size) else {
@@ -108,7 +116,7 @@ fn blocks_in_use(device: &Arc<dyn BlockDevice>) -> Vec<Range<u64>> {
             out.extend(used.into_iter().map(|r| p.start + r.start..p.start + r.end));
         }
     }
-    out
+    Some(out)
 }
 
 /// A device that notes every range written or zeroed through it.
@@ -181,5 +189,30 @@ impl BlockDevice for Touched {
         sink: &mut dyn FnMut(u64, Bytes) -> Result<()>,
     ) -> Result<()> {
         self.inner.read_ranges(ranges, sink)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::progress::Silent;
+    use diskferry_blockdev::MemoryDevice;
+
+    #[test]
+    fn an_image_without_a_table_is_held_whole_its_zeros_zeroed_not_sent() {
+        let mib = 1usize << 20;
+        let mut data = vec![0u8; 4 * mib];
+        data[..mib].fill(0x5a);
+        data[3 * mib..].fill(0xa5);
+        let image: Arc<dyn BlockDevice> = Arc::new(MemoryDevice::read_only(data));
+        let dir = tempfile::tempdir().unwrap();
+        let staged = stage(image, 6 * mib as u64, &DeployHow::default(), dir.path(), &Silent).unwrap();
+        let m = mib as u64;
+        assert_eq!(staged.data, vec![0..m, 3 * m..4 * m]);
+        assert_eq!(staged.zero, vec![m..3 * m], "the image's zeros must be zeroed on a used disk");
+        assert_eq!(staged.must_hold(), vec![0..4 * m], "the disk past the image is left alone");
+        let mut back = vec![0u8; mib];
+        staged.device.read_at(&mut back, 3 * m).unwrap();
+        assert!(back.iter().all(|&b| b == 0xa5));
     }
 }
