@@ -136,8 +136,8 @@ pub struct SessionSummary {
 /// What a multicast deploy did.
 #[derive(Debug)]
 pub struct MulticastReport {
-    /// The deploy onto the server's stage, verified.
-    pub stage: DeployReport,
+    /// The deploy onto the server's stage, verified (`None`: the image was sent as it is).
+    pub stage: Option<DeployReport>,
     pub data_bytes: u64,
     pub zero_bytes: u64,
     pub session: Option<SessionSummary>,
@@ -186,7 +186,8 @@ pub fn multicast_deploy(
     let size = targets.iter().map(|t| t.disk.size()).min().unwrap_or(0);
     let staged = stage::stage(image, size, &how.deploy, &how.stage_dir, progress)?;
     tracing::info!(
-        "staged: {} to send, {} for each machine to zero",
+        "staged in {:.1} s: {} to send, {} for each machine to zero",
+        started.elapsed().as_secs_f64(),
         crate::units::human_bytes(ranges::bytes(&staged.data)),
         crate::units::human_bytes(ranges::bytes(&staged.zero))
     );

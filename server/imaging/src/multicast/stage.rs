@@ -28,10 +28,10 @@ pub struct Staged {
     pub data: Vec<Range<u64>>,
     /// Ranges each agent zeroes, disjoint from `data`.
     pub zero: Vec<Range<u64>>,
-    /// The deploy onto the file, with its verification.
-    pub report: DeployReport,
+    /// The deploy onto the file, with its verification (`None`: the image itself is sent).
+    pub report: Option<DeployReport>,
     /// Removed when dropped.
-    _file: tempfile::TempPath,
+    _file: Option<tempfile::TempPath>,
 }
 
 impl std::fmt::Debug for Staged {
@@ -51,6 +51,8 @@ impl Staged {
 }
 
 /// Deploys `image` onto a new sparse file of `size` bytes in `dir` and works out what is sent.
+/// An image without a partition table and without edits is sent as it is: a deploy would
+/// copy it byte for byte onto the disk's first bytes.
 pub fn stage(
     image: Arc<dyn BlockDevice>,
     size: u64,
@@ -58,6 +60,11 @@ pub fn stage(
     dir: &Path,
     progress: &dyn Progress,
 ) -> std::result::Result<Staged, DeployError> {
+    let whole = diskferry_partition::read_table(&*image)
+        .is_ok_and(|t| t.scheme == diskferry_partition::Scheme::None);
+    if whole && how.transform.is_none() && image.size() <= size {
+        return as_is(image);
+    }
     let io = |source: std::io::Error| DeployError::Stage(source.to_string());
     let file = tempfile::Builder::new()
         .prefix(".multicast-stage-")
@@ -93,8 +100,25 @@ pub fn stage(
         device,
         data,
         zero,
-        report,
-        _file: path,
+        report: Some(report),
+        _file: Some(path),
+    })
+}
+
+/// A table-less image as its own stage: all of it must be held, its data ranges sent.
+fn as_is(image: Arc<dyn BlockDevice>) -> std::result::Result<Staged, DeployError> {
+    let must = [0..image.size()];
+    let held = crate::pipeline::capture::data_ranges(&*image)
+        .map_err(|e| DeployError::Stage(e.to_string()))?;
+    let data = intersect(&must, &normalize(held));
+    let zero = subtract(&must, &data);
+    tracing::info!("the image has no partition table: it is sent as it is");
+    Ok(Staged {
+        device: image,
+        data,
+        zero,
+        report: None,
+        _file: None,
     })
 }
 
@@ -196,21 +220,38 @@ impl BlockDevice for Touched {
 mod tests {
     use super::*;
     use crate::progress::Silent;
-    use diskferry_blockdev::MemoryDevice;
 
     #[test]
-    fn an_image_without_a_table_is_held_whole_its_zeros_zeroed_not_sent() {
+    fn an_image_without_a_table_is_sent_as_it_is_its_holes_zeroed() {
+        use std::os::unix::fs::FileExt;
         let mib = 1usize << 20;
-        let mut data = vec![0u8; 4 * mib];
-        data[..mib].fill(0x5a);
-        data[3 * mib..].fill(0xa5);
-        let image: Arc<dyn BlockDevice> = Arc::new(MemoryDevice::read_only(data));
         let dir = tempfile::tempdir().unwrap();
-        let staged = stage(image, 6 * mib as u64, &DeployHow::default(), dir.path(), &Silent).unwrap();
+        // A sparse raw image: data, a 2 MiB hole, data.
+        let path = dir.path().join("image.raw");
+        let file = std::fs::File::create(&path).unwrap();
+        file.write_all_at(&vec![0x5a; mib], 0).unwrap();
+        file.write_all_at(&vec![0xa5; mib], 3 * mib as u64).unwrap();
+        let image: Arc<dyn BlockDevice> = Arc::new(FileDevice::open(&path, false).unwrap());
+        let staged = stage(
+            image,
+            6 * mib as u64,
+            &DeployHow::default(),
+            dir.path(),
+            &Silent,
+        )
+        .unwrap();
         let m = mib as u64;
         assert_eq!(staged.data, vec![0..m, 3 * m..4 * m]);
-        assert_eq!(staged.zero, vec![m..3 * m], "the image's zeros must be zeroed on a used disk");
-        assert_eq!(staged.must_hold(), vec![0..4 * m], "the disk past the image is left alone");
+        assert_eq!(
+            staged.zero,
+            vec![m..3 * m],
+            "the image's zeros must be zeroed on a used disk"
+        );
+        assert_eq!(
+            staged.must_hold(),
+            vec![0..4 * m],
+            "the disk past the image is left alone"
+        );
         let mut back = vec![0u8; mib];
         staged.device.read_at(&mut back, 3 * m).unwrap();
         assert!(back.iter().all(|&b| b == 0xa5));
