@@ -107,11 +107,12 @@ pub fn stage(
 
 /// A table-less image as its own stage: all of it must be held, its data ranges sent.
 fn as_is(image: Arc<dyn BlockDevice>) -> std::result::Result<Staged, DeployError> {
-    let must = [0..image.size()];
+    let whole = 0..image.size();
+    let must = std::slice::from_ref(&whole);
     let held = crate::pipeline::capture::data_ranges(&*image)
         .map_err(|e| DeployError::Stage(e.to_string()))?;
-    let data = intersect(&must, &normalize(held));
-    let zero = subtract(&must, &data);
+    let data = intersect(must, &normalize(held));
+    let zero = subtract(must, &data);
     tracing::info!("the image has no partition table: it is sent as it is");
     Ok(Staged {
         device: image,
