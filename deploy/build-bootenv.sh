@@ -25,7 +25,7 @@ trap 'rm -rf "$work"' EXIT
 # of these, a VM can wait minutes).
 modules=(virtio_pci virtio_net virtio_blk virtio_scsi virtio_rng tpm_tis e1000 e1000e igb ixgbe r8169 tg3 bnx2
   ahci ata_piix nvme sd_mod sr_mod usb-storage uas xhci_pci ehci_pci megaraid_sas mpt3sas
-  hpsa vmw_pvscsi vmxnet3 hv_netvsc hv_storvsc af_packet)
+  hpsa vmw_pvscsi vmxnet3 hv_netvsc hv_storvsc af_packet efivarfs)
 
 echo "== the static client" >&2
 deploy/build-client.sh "$work/client" >&2
@@ -108,6 +108,10 @@ say() { echo "diskferry: $*" > /dev/console; }
 dmesg -n 1
 say "boot environment starting ($(uname -r))"
 for m in $(cat /etc/modules.load); do insmod "/lib/modules/$m" 2>/dev/null; done
+# UEFI machines: their variables, for the boot entry a deploy registers (--allow-firmware).
+if [ -d /sys/firmware/efi/efivars ]; then
+  mount -t efivarfs efivarfs /sys/firmware/efi/efivars 2>/dev/null || say "efivarfs did not mount: no boot entries"
+fi
 server=; serverkey=; token=
 for arg in $(cat /proc/cmdline); do
   case "$arg" in
@@ -149,7 +153,7 @@ umask 077
 say "dialling $server (server key $(echo "$serverkey" | cut -c1-16))"
 while :; do
   DISKFERRY_TOKEN=$token diskferry-client --connect "$server" --server-key "$serverkey" \
-    --agent-key /run/diskferry-agent.key --allow-write --allow-power
+    --agent-key /run/diskferry-agent.key --allow-write --allow-power --allow-firmware
   say "diskferry-client exited with status $?; restarting in 5 s"
   sleep 5
 done

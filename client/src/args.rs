@@ -18,6 +18,8 @@ OPTIONS:
                            reconnect with backoff whenever the connection is lost
     --allow-power          Obey the server's reboot and power-off requests (the PXE boot
                            environment sets this)
+    --allow-firmware       Write the UEFI boot entry the server asks for after a deploy
+                           (efivarfs; the PXE boot environment sets this)
     --server-key KEY       The server's public key: 64 hex digits, or a file holding them
                            (`diskferry keygen --public` prints it; also taken from the
                            DISKFERRY_SERVER_KEY environment variable). Only the holder of
@@ -50,6 +52,7 @@ exits cleanly on SIGINT or SIGTERM.
 pub struct Args {
     pub endpoint: Endpoint,
     pub allow_power: bool,
+    pub allow_firmware: bool,
     /// The server's public key: hex digits or a file.
     pub server_key: String,
     pub agent_key: Option<PathBuf>,
@@ -106,6 +109,7 @@ pub fn parse(mut it: impl Iterator<Item = OsString>) -> Result<Command, ArgsErro
     let mut listen = None;
     let mut connect = None;
     let mut allow_power = false;
+    let mut allow_firmware = false;
     let mut server_key = std::env::var("DISKFERRY_SERVER_KEY").ok();
     let mut agent_key = None;
     let mut token = std::env::var("DISKFERRY_TOKEN").ok();
@@ -132,6 +136,7 @@ pub fn parse(mut it: impl Iterator<Item = OsString>) -> Result<Command, ArgsErro
             "--listen" => listen = Some(value("--listen")?.to_string_lossy().into_owned()),
             "--connect" => connect = Some(value("--connect")?.to_string_lossy().into_owned()),
             "--allow-power" => allow_power = true,
+            "--allow-firmware" => allow_firmware = true,
             "--key-file" => return Err(ArgsError::KeyFileGone),
             "--server-key" => {
                 server_key = Some(value("--server-key")?.to_string_lossy().into_owned())
@@ -170,6 +175,7 @@ pub fn parse(mut it: impl Iterator<Item = OsString>) -> Result<Command, ArgsErro
     Ok(Command::Run(Args {
         endpoint,
         allow_power,
+        allow_firmware,
         server_key,
         agent_key,
         token: token.filter(|t| !t.is_empty()),

@@ -87,6 +87,7 @@ mod tests {
             max_inflight: 1 << 20,
             quiet: true,
             allow_power: false,
+            allow_firmware: false,
         })
     }
 

@@ -6,6 +6,7 @@
 
 pub mod dialback;
 pub mod disks;
+pub mod efi;
 pub mod identity;
 pub mod multicast;
 pub mod power;

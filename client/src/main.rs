@@ -139,6 +139,7 @@ async fn run(args: args::Args) -> Result<(), RunError> {
         max_inflight: args.max_inflight,
         quiet: false,
         allow_power: args.allow_power,
+        allow_firmware: args.allow_firmware,
     });
 
     // Signal handlers exist before anyone is told we are ready: a SIGTERM right after the

@@ -62,6 +62,8 @@ pub struct Config {
     pub quiet: bool,
     /// Obey `Power` requests (reboot, power off): only the boot environment asks for this.
     pub allow_power: bool,
+    /// Obey `SetBootEntry` (write UEFI boot variables): only the boot environment asks.
+    pub allow_firmware: bool,
 }
 
 /// What the writer task sends, with the in-flight budget it releases once written.
@@ -270,6 +272,9 @@ impl Connection {
                 let r = self.join_multicast(handle, *credentials).await;
                 self.reply(cookie, r, permit);
             }
+            Request::SetBootEntry { load_option } => {
+                self.set_boot_entry(cookie, load_option, permit)
+            }
             Request::MulticastStatus => {
                 let status = self
                     .multicast
@@ -437,6 +442,28 @@ impl Connection {
             // Let the reply reach the server first.
             tokio::time::sleep(std::time::Duration::from_millis(500)).await;
             crate::power::act(action);
+        });
+    }
+
+    /// Writes a UEFI boot entry, if this client may.
+    fn set_boot_entry(&self, cookie: u64, option: Bytes, permit: OwnedSemaphorePermit) {
+        if !self.config.allow_firmware {
+            let refused = error(DiskError {
+                code: ErrorCode::PermissionDenied,
+                message:
+                    "this client was started without --allow-firmware: it writes no boot entries"
+                        .into(),
+            });
+            return self.reply(cookie, refused, permit);
+        }
+        let config = Arc::clone(&self.config);
+        run(&self.tx, cookie, permit, move || {
+            let number = crate::efi::set_boot_entry(&option)?;
+            crate::log(
+                &config,
+                format_args!("boot entry Boot{number:04X} written, first in the boot order"),
+            );
+            Ok(Reply::BootEntry(number))
         });
     }
 

@@ -218,6 +218,7 @@ async fn requests_larger_than_the_whole_budget_are_still_answered() {
         max_inflight: 1,
         quiet: true,
         allow_power: false,
+        allow_firmware: false,
     });
     let (ours, theirs) = tokio::io::duplex(16 << 20);
     let agent = tokio::spawn(diskferry_client::serve::serve(theirs, config));

@@ -19,7 +19,7 @@ use crate::chunks::{ChunkHash, MAX_HASHES};
 use crate::compress::{self, Codec, PREFIX_LEN};
 use crate::message::{
     BlockState, DiskInfo, ErrorCode, Extent, Message, MulticastState, MulticastStatus, PowerAction,
-    Reply, Request, MAX_IDENTITY,
+    Reply, Request, MAX_IDENTITY, MAX_LOAD_OPTION,
 };
 use crate::multicast::Credentials;
 use crate::{ProtocolError, FRAME_SLACK, MAX_PAYLOAD_LIMIT};
@@ -43,6 +43,7 @@ mod kind {
     pub const HASH_CHUNKS: u8 = 0x0d;
     pub const MULTICAST_JOIN: u8 = 0x0e;
     pub const MULTICAST_STATUS: u8 = 0x0f;
+    pub const SET_BOOT_ENTRY: u8 = 0x10;
     pub const DISKS: u8 = 0x81;
     pub const OPENED: u8 = 0x82;
     pub const DATA: u8 = 0x83;
@@ -52,6 +53,7 @@ mod kind {
     pub const DATA_Z: u8 = 0x87;
     pub const HASHES: u8 = 0x88;
     pub const MULTICAST: u8 = 0x89;
+    pub const BOOT_ENTRY: u8 = 0x8a;
     pub const ERROR: u8 = 0xff;
 }
 
@@ -289,6 +291,7 @@ fn encode_request(cookie: u64, request: &Request, dst: &mut BytesMut) -> Result<
         Request::HashChunks { .. } => kind::HASH_CHUNKS,
         Request::MulticastJoin { .. } => kind::MULTICAST_JOIN,
         Request::MulticastStatus => kind::MULTICAST_STATUS,
+        Request::SetBootEntry { .. } => kind::SET_BOOT_ENTRY,
     };
     dst.put_u8(kind);
     dst.put_u64(cookie);
@@ -300,6 +303,10 @@ fn encode_request(cookie: u64, request: &Request, dst: &mut BytesMut) -> Result<
         } => {
             dst.put_u32(*handle);
             dst.put_slice(&credentials.encode());
+        }
+        Request::SetBootEntry { load_option } => {
+            check_load_option_len(load_option.len())?;
+            dst.put_slice(load_option);
         }
         Request::Power { action } => dst.put_u8(match action {
             PowerAction::Reboot => 1,
@@ -367,6 +374,7 @@ fn encode_reply(cookie: u64, reply: &Reply, dst: &mut BytesMut) -> Result<(), Pr
         Reply::Identity(_) => kind::IDENTITY,
         Reply::Hashes(_) => kind::HASHES,
         Reply::Multicast(_) => kind::MULTICAST,
+        Reply::BootEntry(_) => kind::BOOT_ENTRY,
         Reply::Error { .. } => kind::ERROR,
     };
     dst.put_u8(kind);
@@ -429,6 +437,7 @@ fn encode_reply(cookie: u64, reply: &Reply, dst: &mut BytesMut) -> Result<(), Pr
             dst.put_u32(hashes.len() as u32);
             hashes.iter().for_each(|h| dst.put_slice(h));
         }
+        Reply::BootEntry(number) => dst.put_u16(*number),
         Reply::Multicast(status) => {
             dst.put_u8(match status.state {
                 MulticastState::Idle => 0,
@@ -601,6 +610,11 @@ fn decode_request(kind: u8, b: &mut Body) -> Result<Request, ProtocolError> {
         },
         kind::IDENTIFY => Request::Identify,
         kind::MULTICAST_STATUS => Request::MulticastStatus,
+        kind::SET_BOOT_ENTRY => {
+            let load_option = b.rest();
+            check_load_option_len(load_option.len())?;
+            Request::SetBootEntry { load_option }
+        }
         kind::MULTICAST_JOIN => Request::MulticastJoin {
             handle: b.u32("handle")?,
             credentials: Box::new(
@@ -650,6 +664,7 @@ fn decode_reply(kind: u8, b: &mut Body) -> Result<Reply, ProtocolError> {
         kind::DONE => Reply::Done,
         kind::STATUS => Reply::Status(decode_extents(b)?),
         kind::HASHES => Reply::Hashes(decode_hashes(b)?),
+        kind::BOOT_ENTRY => Reply::BootEntry(b.u16("boot entry number")?),
         kind::MULTICAST => Reply::Multicast(MulticastStatus {
             state: match b.u8("multicast state")? {
                 0 => MulticastState::Idle,
@@ -672,6 +687,15 @@ fn decode_reply(kind: u8, b: &mut Body) -> Result<Reply, ProtocolError> {
         },
         other => return Err(ProtocolError::UnknownKind(other)),
     })
+}
+
+fn check_load_option_len(len: usize) -> Result<(), ProtocolError> {
+    if len > MAX_LOAD_OPTION {
+        return Err(ProtocolError::malformed(format!(
+            "a load option of {len} bytes is larger than {MAX_LOAD_OPTION}"
+        )));
+    }
+    Ok(())
 }
 
 fn decode_disks(b: &mut Body) -> Result<Vec<DiskInfo>, ProtocolError> {

@@ -47,7 +47,7 @@ pub use handshake::{Session, SessionOptions};
 pub use key::{KeyError, PublicKey, StaticKey};
 pub use message::{
     BlockState, DiskInfo, ErrorCode, Extent, Message, MulticastState, MulticastStatus, PowerAction,
-    Reply, Request, Role, MAX_IDENTITY,
+    Reply, Request, Role, MAX_IDENTITY, MAX_LOAD_OPTION,
 };
 
 /// Protocol versions this build speaks (inclusive range).

@@ -82,7 +82,17 @@ pub enum Request {
     },
     /// How this connection's multicast session is going: answered with [`Reply::Multicast`].
     MulticastStatus,
+    /// Add a UEFI boot entry holding `load_option` (an `EFI_LOAD_OPTION`: attributes, file
+    /// path list length, description, device path; at most [`MAX_LOAD_OPTION`] bytes) and put
+    /// it first in `BootOrder`; answered with [`Reply::BootEntry`]. Only agents started with
+    /// `--allow-firmware` obey.
+    SetBootEntry {
+        load_option: Bytes,
+    },
 }
+
+/// Largest load option a [`Request::SetBootEntry`] may carry.
+pub const MAX_LOAD_OPTION: usize = 4096;
 
 /// What a [`Request::Power`] asks for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -118,6 +128,8 @@ pub enum Reply {
     Identity(String),
     /// The state of the connection's multicast session.
     Multicast(MulticastStatus),
+    /// The number of the boot entry a [`Request::SetBootEntry`] wrote (`Boot####`).
+    BootEntry(u16),
     Error {
         code: ErrorCode,
         message: String,

@@ -42,6 +42,16 @@ fn samples() -> Vec<Message> {
             cookie: 106,
             request: Request::MulticastStatus,
         },
+        Message::Request {
+            cookie: 108,
+            request: Request::SetBootEntry {
+                load_option: Bytes::from_static(b"\x01\0\0\0\x04\0d\0\0\0\x7f\xff\x04\0"),
+            },
+        },
+        Message::Reply {
+            cookie: 108,
+            reply: Reply::BootEntry(0x0004),
+        },
         Message::Reply {
             cookie: 106,
             reply: Reply::Multicast(MulticastStatus {

@@ -336,6 +336,7 @@ fn start_agent(disk: &Path, server: PublicKey) -> Result<String> {
         max_inflight: 64 << 20,
         quiet: true,
         allow_power: false,
+        allow_firmware: false,
     });
     std::thread::Builder::new()
         .name("demo-agent".into())

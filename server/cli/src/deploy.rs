@@ -51,6 +51,13 @@ pub struct DeployArgs {
     /// system's loader put there later)
     #[arg(long)]
     pub(crate) no_fallback_loader: bool,
+    /// Do not register a UEFI boot entry. By default, once the disk verified, the machine's
+    /// agent is asked to add a boot entry for the deployed system's loader (\EFI\VENDOR\
+    /// shimx64.efi, else grubx64.efi, on a GPT disk's EFI system partition) first in the
+    /// firmware's boot order, as grub-install does; agents started without --allow-firmware
+    /// and BIOS machines write none (a note says so)
+    #[arg(long)]
+    pub(crate) no_boot_entry: bool,
     /// Write even when the compatibility check refuses: the target's firmware (BIOS or UEFI)
     /// must be one the image boots with, and its storage controllers need a driver in the
     /// image's initramfs or kernel, or one --target-hardware adds (a listening client is
@@ -104,6 +111,15 @@ pub fn run(args: &DeployArgs) -> Result<()> {
     let progress = progress_for(args.progress);
     let report =
         diskferry_imaging::deploy(image, Arc::clone(&dst), target, &how, progress.as_ref())?;
+    if let (false, SourceSpec::Remote { addr, .. }, Some(session)) =
+        (args.no_boot_entry, &spec, &session)
+    {
+        let line = rt
+            .block_on(diskferry_remote::Connection::connect(addr, session))
+            .map(|conn| diskferry_imaging::boot_entry::register(&conn, &dst))
+            .unwrap_or_else(|e| format!("no UEFI boot entry registered: {e}"));
+        eprintln!("{line}");
+    }
     let written: u64 = report.disk.partitions.iter().map(|p| p.read).sum();
     let secs = report.disk.elapsed.as_secs_f64().max(1e-9);
     eprintln!(
@@ -167,11 +183,6 @@ fn deploy_through_server(args: &DeployArgs, target: &str) -> Result<()> {
             target
         );
     }
-    if args.no_fallback_loader {
-        anyhow::bail!(
-            "--no-fallback-loader is for deploys run here (DISK@HOST:PORT or a local file): a server's deploy jobs always add the EFI fallback loader where it is missing"
-        );
-    }
     let image = server_image_name(args)?;
     let mode = diskferry_imaging::pipeline::Mode::from(args.mode).name();
     let customize = args.custom.spec_text()?;
@@ -180,6 +191,7 @@ fn deploy_through_server(args: &DeployArgs, target: &str) -> Result<()> {
         "kind": "deploy", "image": image, "target": target, "mode": mode,
         "reboot": args.reboot, "force": args.force, "customize": customize,
         "target_hardware": args.custom.target_hardware.map(|h| h.name()),
+        "fallback_loader": !args.no_fallback_loader, "boot_entry": !args.no_boot_entry,
     });
     if args.when.submit(&daemon, &mut request)? {
         return Ok(());

@@ -113,6 +113,7 @@ pub(crate) fn run(args: &DeployArgs) -> Result<()> {
     how.bind = m.multicast_bind;
     how.max_rate = m.max_rate.map(|mbit| mbit.saturating_mul(125_000));
     how.receiver_timeout = Duration::from_secs(m.receiver_timeout.max(1));
+    how.boot_entries = !args.no_boot_entry;
     let progress = progress_for(args.progress);
     let report = multicast_deploy(
         image,
@@ -143,9 +144,6 @@ fn through_server(args: &DeployArgs) -> Result<()> {
             "--multicast to machines (not DISK@HOST:PORT) and --group need the server that holds them: --data-dir DIR or --server URL --token-file FILE"
         );
     }
-    if args.no_fallback_loader {
-        bail!("--no-fallback-loader is for deploys run here: a server's jobs always add the EFI fallback loader where it is missing");
-    }
     let image = crate::deploy::server_image_name(args)?;
     let daemon = crate::machines::Daemon::find(&args.daemon)?;
     let mut request = serde_json::json!({
@@ -154,6 +152,7 @@ fn through_server(args: &DeployArgs) -> Result<()> {
         "reboot": args.reboot, "force": args.force, "customize": args.custom.spec_text()?,
         "target_hardware": args.custom.target_hardware.map(|h| h.name()),
         "max_rate_mbit": m.max_rate, "wait_minutes": m.wait,
+        "fallback_loader": !args.no_fallback_loader, "boot_entry": !args.no_boot_entry,
     });
     match &m.group {
         Some(g) => request["group"] = g.clone().into(),

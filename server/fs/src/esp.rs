@@ -110,6 +110,33 @@ pub fn lacks_fallback(fs: &dyn Filesystem) -> bool {
     !matches!(need(fs), Ok(Need::Nothing))
 }
 
+/// The loader a boot entry for `fs` names, as firmware paths are written
+/// (`\EFI\debian\shimx64.efi`): the vendor's shim when it has one with its GRUB, else its
+/// GRUB; `None` when `fs` is not an EFI system partition holding one.
+pub fn vendor_loader(fs: &dyn Filesystem) -> Result<Option<String>> {
+    if !matches!(
+        fs.info().kind,
+        FsKind::Fat12 | FsKind::Fat16 | FsKind::Fat32
+    ) {
+        return Ok(None);
+    }
+    let root = fs.read_dir(fs.root())?;
+    let Some(efi) = find(&root, "EFI").filter(|e| e.kind == FileKind::Dir) else {
+        return Ok(None);
+    };
+    let efi_name = String::from_utf8_lossy(&efi.name).into_owned();
+    let Some(vendor) = vendors(fs, &fs.read_dir(efi.node)?)?.into_iter().next() else {
+        return Ok(None);
+    };
+    let wanted = if vendor.shim { SHIM } else { GRUB };
+    let loader = file(&vendor.entries, wanted).expect("vendors() found it");
+    Ok(Some(format!(
+        "\\{efi_name}\\{}\\{}",
+        vendor.name,
+        String::from_utf8_lossy(&loader.name)
+    )))
+}
+
 /// The entry of `entries` named `name` up to ASCII case (the first by raw name when a
 /// damaged directory holds several).
 fn find<'a>(entries: &'a [DirEntry], name: &str) -> Option<&'a DirEntry> {

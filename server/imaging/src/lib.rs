@@ -2,6 +2,7 @@
 //! sources a job reads from and the progress events it reports. Every front end (the CLI, the
 //! web jobs) calls this crate; none of them decides how a disk is copied.
 
+pub mod boot_entry;
 pub mod chunkmap;
 pub mod compat;
 pub mod inspect;

@@ -372,6 +372,18 @@ impl Connection {
     }
 
     /// The machine's identity document (JSON), from a dial-back agent.
+    /// Asks the agent to write a UEFI boot entry holding `load_option`, first in the boot
+    /// order; returns its number.
+    pub async fn set_boot_entry(&self, load_option: Vec<u8>) -> Result<u16, BlockError> {
+        let request = Request::SetBootEntry {
+            load_option: load_option.into(),
+        };
+        match self.call(request).await? {
+            Reply::BootEntry(n) => Ok(n),
+            other => Err(unexpected("set boot entry", None, other)),
+        }
+    }
+
     pub async fn identify(&self) -> Result<String, BlockError> {
         match self.call(Request::Identify).await? {
             Reply::Identity(doc) => Ok(doc),
@@ -520,6 +532,7 @@ pub(super) fn unexpected(op: &'static str, offset: Option<u64>, reply: Reply) ->
                 Reply::Hashes(_) => "hashes",
                 Reply::Identity(_) => "identity",
                 Reply::Multicast(_) => "multicast status",
+                Reply::BootEntry(_) => "boot entry",
                 Reply::Error { .. } => "error",
             };
             BlockError::Protocol(format!("unexpected {kind} reply to {op}"))

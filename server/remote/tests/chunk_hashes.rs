@@ -30,6 +30,7 @@ async fn start_agent(disk: &Path, server: &StaticKey) -> String {
         max_inflight: 64 << 20,
         quiet: true,
         allow_power: false,
+        allow_firmware: false,
     });
     tokio::spawn(diskferry_client::accept_loop(listener, config, 4));
     addr

@@ -56,12 +56,21 @@ fn multicast_form(
             }
             label for="mc-rate" { "Most megabits a second (optional)" }
             input #mc-rate name="max_rate_mbit" inputmode="numeric" placeholder="1000";
+            (boot_checkboxes())
             label.check { input type="checkbox" name="reboot" value="1"; " Reboot each machine when done" }
             label.check { input type="checkbox" name="force" value="1"; " Deploy even if the compatibility check refuses" }
             (when_fields())
             button type="submit" { "Deploy to all" }
             p.hint { "The capture is built once on the server and sent once over UDP multicast to every machine (their agents join the session over their encrypted connections; every datagram carries the session's MAC). Machines that miss data ask for it again; a machine the session leaves behind gets the image by unicast. Every machine is verified by hashes afterwards. The job waits until all machines are connected (waking them); after 15 minutes it starts with those that came. A customization with {name} cannot be multicast." }
         }
+    }
+}
+
+/// The boot checkboxes both deploy forms share: the EFI fallback loader and the boot entry.
+fn boot_checkboxes() -> maud::Markup {
+    html! {
+        label.check { input type="checkbox" name="fallback_loader" value="1" checked; " Add the EFI fallback loader (\\EFI\\BOOT\\BOOTX64.EFI) where it is missing" }
+        label.check { input type="checkbox" name="boot_entry" value="1" checked; " Register a UEFI boot entry for the deployed system (agents started with --allow-firmware)" }
     }
 }
 
@@ -136,6 +145,7 @@ async fn list(
                     option value="blocks" { "blocks" }
                     option value="sectors" { "sectors" }
                 }
+                (boot_checkboxes())
                 label.check { input type="checkbox" name="reboot" value="1"; " Reboot the machine when done" }
                 label.check { input type="checkbox" name="force" value="1"; " Deploy even if the compatibility check refuses (firmware, storage drivers)" }
                 label for="target-hardware" { "Target hardware" }
@@ -208,6 +218,8 @@ async fn start(
     let field = |k: &str| form.get(k).cloned().unwrap_or_default();
     let nonempty = |k: &str| Some(field(k).trim().to_string()).filter(|v| !v.is_empty());
     let kind = nonempty("kind").unwrap_or_else(|| "capture".into());
+    // The deploy forms carry the two boot checkboxes (unchecked ones are not sent).
+    let writes = kind == "deploy" || kind == "multicast";
     let req = JobRequest {
         kind,
         source: nonempty("source"),
@@ -237,6 +249,8 @@ async fn start(
         max_rate_mbit: nonempty("max_rate_mbit")
             .map(|r| parse_number("max rate", &r))
             .transpose()?,
+        fallback_loader: writes.then(|| form.contains_key("fallback_loader")),
+        boot_entry: writes.then(|| form.contains_key("boot_entry")),
     };
     if let Some(every) = nonempty("every") {
         state.jobs.add_schedule(&req, &every)?;

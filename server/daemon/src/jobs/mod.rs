@@ -111,6 +111,14 @@ pub struct JobRequest {
     /// machine).
     #[serde(default)]
     pub max_rate_mbit: Option<u64>,
+    /// Deploy and multicast: add the EFI fallback loader (`\EFI\BOOT\BOOTX64.EFI`) to EFI
+    /// system partitions lacking it (default true).
+    #[serde(default)]
+    pub fallback_loader: Option<bool>,
+    /// Deploy and multicast: register a UEFI boot entry for the deployed system on UEFI
+    /// machines whose agent allows it (`--allow-firmware`; default true).
+    #[serde(default)]
+    pub boot_entry: Option<bool>,
 }
 
 /// Why a job request was refused (nothing was started).
@@ -144,6 +152,7 @@ struct Edits<'a> {
     mode: Mode,
     spec: Option<&'a Spec>,
     hardware: Option<TargetHardware>,
+    fallback_loader: bool,
 }
 
 /// How a deploy of `img` goes: by its mode, with the customization and reconfiguration it
@@ -152,7 +161,7 @@ fn deploy_how(img: &Arc<dyn BlockDevice>, how: Edits<'_>) -> Result<DeployHow, R
     Ok(DeployHow {
         mode: how.mode,
         transform: transform_for(img, how.spec, how.hardware)?,
-        ..DeployHow::default()
+        fallback_loader: how.fallback_loader,
     })
 }
 
@@ -240,6 +249,19 @@ enum Work {
 struct AfterCheck {
     force: bool,
     reboot: bool,
+    fallback_loader: bool,
+    boot_entry: bool,
+}
+
+impl AfterCheck {
+    fn of(req: &JobRequest) -> AfterCheck {
+        AfterCheck {
+            force: req.force,
+            reboot: req.reboot,
+            fallback_loader: req.fallback_loader != Some(false),
+            boot_entry: req.boot_entry != Some(false),
+        }
+    }
 }
 
 /// A checked capture.
@@ -537,10 +559,7 @@ impl Jobs {
             image: self.catalog.capture_file(&rec),
             target: disk,
             mode,
-            after: AfterCheck {
-                force: req.force,
-                reboot: req.reboot,
-            },
+            after: AfterCheck::of(req),
             customize,
             hardware,
         };
@@ -670,6 +689,7 @@ impl Jobs {
                     mode: *mode,
                     spec: customize.as_deref(),
                     hardware: *hardware,
+                    fallback_loader: after.fallback_loader,
                 };
                 self.run_deploy(id, rt, image, target, how, *after, cancel)
             }
@@ -738,7 +758,10 @@ impl Jobs {
         let dst = self.open(target, rt, true, cancel)?;
         tracing::info!("image {}", image.display());
         let progress = self.progress_sink(id);
-        diskferry_imaging::deploy(img, dst, &target.describe(), &how, &progress)?;
+        diskferry_imaging::deploy(img, Arc::clone(&dst), &target.describe(), &how, &progress)?;
+        if let (true, Some(m)) = (after.boot_entry, target.machine()) {
+            self.register_boot_entry(m, &dst);
+        }
         if let (true, JobDisk::Machine { id: m, label, .. }) = (after.reboot, target) {
             let link = self
                 .agents
@@ -752,6 +775,26 @@ impl Jobs {
             tracing::info!("reboot requested");
         }
         Ok(())
+    }
+
+    /// Registers the deployed system's UEFI boot entry on machine `m`, when it announced UEFI
+    /// firmware; the outcome goes to the log.
+    fn register_boot_entry(&self, m: i64, disk: &Arc<dyn BlockDevice>) {
+        let uefi = self
+            .catalog
+            .machine(m)
+            .ok()
+            .flatten()
+            .and_then(|r| r.identity)
+            .and_then(|i| i.firmware)
+            .is_some_and(|f| f == "uefi");
+        let Some(link) = self.agents.approved_link(m).filter(|_| uefi) else {
+            return;
+        };
+        tracing::info!(
+            "{}",
+            diskferry_imaging::boot_entry::register(&link.connection, disk)
+        );
     }
 
     /// The compatibility check of a deploy onto a machine, by what its agent last announced:

@@ -188,10 +188,7 @@ impl Jobs {
             image_name: rec.name.clone(),
             machines,
             mode,
-            after: AfterCheck {
-                force: req.force,
-                reboot: req.reboot,
-            },
+            after: AfterCheck::of(req),
             spec,
             hardware,
             max_rate: req.max_rate_mbit.map(|m| m.saturating_mul(125_000)),
@@ -286,6 +283,7 @@ impl Jobs {
                 mode: w.mode,
                 spec: w.spec.as_deref(),
                 hardware: w.hardware,
+                fallback_loader: w.after.fallback_loader,
             },
         )?;
         let targets = self.open_all(rt, w, cancel)?;
@@ -306,6 +304,7 @@ impl Jobs {
         let mut mhow = MulticastHow::new(how);
         mhow.stage_dir = self.catalog.data_dir().to_path_buf();
         mhow.max_rate = w.max_rate;
+        mhow.boot_entries = w.after.boot_entry;
         let progress = self.progress_sink(id);
         let watch = JobWatch { jobs: self, id };
         let report = match multicast_deploy(img, &targets, &mhow, &progress, &watch) {

@@ -26,6 +26,7 @@ pub async fn start_agent(disk: &Path, server: &StaticKey, allow_write: bool) -> 
         max_inflight: 64 << 20,
         quiet: true,
         allow_power: false,
+        allow_firmware: false,
     });
     tokio::spawn(diskferry_client::accept_loop(listener, config, 4));
     addr

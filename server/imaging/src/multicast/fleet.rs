@@ -26,10 +26,16 @@ pub(super) struct Fleet<'a> {
     pub staged: &'a Staged,
     states: Mutex<Vec<MachineState>>,
     watch: &'a dyn Watch,
+    boot_entries: bool,
 }
 
 impl<'a> Fleet<'a> {
-    pub fn new(targets: &'a [Target], staged: &'a Staged, watch: &'a dyn Watch) -> Fleet<'a> {
+    pub fn new(
+        targets: &'a [Target],
+        staged: &'a Staged,
+        watch: &'a dyn Watch,
+        boot_entries: bool,
+    ) -> Fleet<'a> {
         let total = ranges::bytes(&staged.data);
         let states = targets
             .iter()
@@ -47,6 +53,7 @@ impl<'a> Fleet<'a> {
             staged,
             states: Mutex::new(states),
             watch,
+            boot_entries,
         }
     }
 
@@ -128,6 +135,11 @@ impl<'a> Fleet<'a> {
         verify(&*self.staged.device, &*t.disk, &self.staged.must_hold())?;
         if t.disk.size() > self.staged.device.size() {
             move_gpt_backup(&*self.staged.device, &*t.disk)?;
+        }
+        if self.boot_entries {
+            let disk: Arc<dyn BlockDevice> = Arc::clone(&t.disk) as Arc<dyn BlockDevice>;
+            let line = crate::boot_entry::register(t.disk.connection(), &disk);
+            tracing::info!(machine = %t.name, "{line}");
         }
         self.set(i, |s| {
             s.phase = Phase::Done;

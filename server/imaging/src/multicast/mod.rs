@@ -65,6 +65,8 @@ pub struct MulticastHow {
     pub receiver_timeout: Duration,
     /// Where the staged disk is made (a sparse file of the smallest target's size).
     pub stage_dir: PathBuf,
+    /// Register each machine's UEFI boot entry once its disk verified (agents that may).
+    pub boot_entries: bool,
 }
 
 impl MulticastHow {
@@ -79,6 +81,7 @@ impl MulticastHow {
             max_rate: None,
             receiver_timeout: Duration::from_secs(5),
             stage_dir: std::env::temp_dir(),
+            boot_entries: true,
         }
     }
 }
@@ -191,7 +194,7 @@ pub fn multicast_deploy(
         crate::units::human_bytes(ranges::bytes(&staged.data)),
         crate::units::human_bytes(ranges::bytes(&staged.zero))
     );
-    let fleet = Fleet::new(targets, &staged, watch);
+    let fleet = Fleet::new(targets, &staged, watch, how.boot_entries);
     fleet.zero_all();
     let (session, outcomes) = send::multicast(&fleet, how, bind);
     fleet.finish_all(&outcomes);
