@@ -239,6 +239,25 @@ pub fn gpt_disk(disk: &Path, size_mib: u64, parts: &[(u64, &str, &str)]) -> Vec<
     offsets
 }
 
+/// A GPT disk of `size_mib` at `disk`: a 40 MiB FAT32 ESP, then a 96 MiB ext4 root holding a
+/// copy of `tree` (last, so a deploy can shrink or grow it). Returns the root filesystem image
+/// (for its identity) and the partitions' offsets.
+pub fn esp_root_disk(disk: &Path, tree: &Path, size_mib: u64) -> (PathBuf, Vec<u64>) {
+    let dir = disk.parent().unwrap();
+    let ext4 = dir.join("root.ext4");
+    ext4_image(tree, &ext4, 96, "rootfs");
+    let fat = dir.join("esp.fat");
+    fat_image(&fat, 32, 40, "ESP");
+    let offsets = gpt_disk(
+        disk,
+        size_mib,
+        &[(40, "ef00", "EFI system"), (96, "8300", "root")],
+    );
+    place(disk, offsets[0], &fat);
+    place(disk, offsets[1], &ext4);
+    (ext4, offsets)
+}
+
 /// An MBR disk with signature 0x12345678: two primaries, then an extended partition with
 /// two logical ones; `sizes` are the four filesystem partitions in MiB and `ids` their
 /// types. Returns their offsets (partitions 1, 2, 5, 6).

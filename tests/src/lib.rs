@@ -351,6 +351,16 @@ pub fn diskferry(args: &[&std::ffi::OsStr]) -> (bool, String, String) {
     )
 }
 
+/// `diskferry ARGS --data-dir DATA` (a command of the server on `data`), which must succeed;
+/// returns its standard output.
+pub fn cli_with_data(data: &Path, args: &[&str]) -> String {
+    let mut all: Vec<&std::ffi::OsStr> = args.iter().map(|a| a.as_ref()).collect();
+    all.extend(["--data-dir".as_ref(), data.as_os_str()]);
+    let (ok, out, err) = diskferry(&all);
+    assert!(ok, "diskferry {args:?}: {err}");
+    out
+}
+
 /// Waits until `cond` holds or `limit` passes; returns whether it held.
 pub fn wait_for(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
     let start = Instant::now();

@@ -164,8 +164,14 @@ pub fn boot_uefi(disk: &Path, work: &Path, log: &Path) -> Boot {
         log.file_name().unwrap().to_string_lossy()
     ));
     std::fs::copy(OVMF_VARS, &vars).expect("OVMF's blank variables (Debian package ovmf)");
+    boot_uefi_with_vars(disk, &vars, log)
+}
+
+/// A TCG boot of `disk` (raw, writes to a snapshot) under OVMF with the variable store
+/// `vars` (kept: what the firmware and the system write to it stays), without a network.
+pub fn boot_uefi_with_vars(disk: &Path, vars: &Path, log: &Path) -> Boot {
     let code = format!("if=pflash,format=raw,readonly=on,file={OVMF_CODE}");
-    let vars = format!("if=pflash,format=raw,file={}", p(&vars));
+    let vars = format!("if=pflash,format=raw,file={}", p(vars));
     let drive = format!("file={},format=raw,if=virtio,snapshot=on", p(disk));
     Boot::spawn(
         &[

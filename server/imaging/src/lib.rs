@@ -10,6 +10,7 @@ pub mod jobs;
 pub mod multicast;
 pub mod pipeline;
 pub mod progress;
+pub mod ranges;
 pub mod skeleton;
 pub mod source;
 pub mod units;

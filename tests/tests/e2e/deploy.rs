@@ -5,9 +5,7 @@
 
 use std::path::Path;
 
-use diskferry_e2e::fixtures::{
-    ext4_image, extract, fat_image, gpt_disk, gpt_partition_range, linux_tree, place,
-};
+use diskferry_e2e::fixtures::{esp_root_disk, extract, gpt_partition_range, linux_tree};
 use diskferry_e2e::{diskferry, make_key, run_ok, sh, Client};
 
 const MIB: u64 = 1 << 20;
@@ -22,18 +20,8 @@ fn an_image_deploys_onto_a_smaller_disk_of_a_listening_client_and_checks_clean()
     let d = dir.path();
     // Source: GPT, a FAT32 ESP and an ext4 root (last, so it can shrink), captured to VHDX.
     let tree = linux_tree(d);
-    let ext4 = d.join("root.ext4");
-    ext4_image(&tree, &ext4, 96, "rootfs");
-    let fat = d.join("esp.fat");
-    fat_image(&fat, 32, 40, "ESP");
     let src = d.join("src.img");
-    let offsets = gpt_disk(
-        &src,
-        140,
-        &[(40, "ef00", "EFI system"), (96, "8300", "root")],
-    );
-    place(&src, offsets[0], &fat);
-    place(&src, offsets[1], &ext4);
+    let (ext4, offsets) = esp_root_disk(&src, &tree, 140);
     let image = d.join("golden.vhdx");
     let (ok, _, err) = diskferry(&["capture".as_ref(), src.as_os_str(), image.as_os_str()]);
     assert!(ok, "{err}");

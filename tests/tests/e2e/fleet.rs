@@ -53,13 +53,7 @@ fn post(s: &Server, path: &str, body: serde_json::Value) -> diskferry_e2e::http:
     s.api("POST", path, body.to_string().as_bytes())
 }
 
-fn cli(data: &Path, args: &[&str]) -> String {
-    let mut all: Vec<&std::ffi::OsStr> = args.iter().map(|a| a.as_ref()).collect();
-    all.extend(["--data-dir".as_ref(), data.as_os_str()]);
-    let (ok, out, err) = diskferry(&all);
-    assert!(ok, "diskferry {args:?}: {err}");
-    out
-}
+use diskferry_e2e::cli_with_data as cli;
 
 #[test]
 fn boot_scripts_follow_each_machines_state_and_jobs_wait_for_theirs() {

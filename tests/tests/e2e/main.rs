@@ -4,6 +4,7 @@
 //! area with a filter, e.g. `cargo nextest run -p diskferry-e2e -E 'test(/^pxe_vm::/)'`.
 
 mod attacks;
+mod boot_entry;
 mod capture_modes;
 mod compat;
 mod customize;

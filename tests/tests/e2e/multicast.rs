@@ -13,11 +13,9 @@ use std::path::Path;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use diskferry_e2e::fixtures::{
-    ext4_image, extract, fat_image, gpt_disk, gpt_partition_range, linux_tree, place,
-};
+use diskferry_e2e::fixtures::{esp_root_disk, extract, gpt_partition_range, linux_tree};
 use diskferry_e2e::netns::Bridge;
-use diskferry_e2e::{bin, diskferry, make_key, run_ok, sh, Client};
+use diskferry_e2e::{bin, cli_with_data as cli, diskferry, make_key, run_ok, sh, Client};
 
 const MIB: u64 = 1 << 20;
 const GROUP: &str = "239.255.61.1";
@@ -32,18 +30,8 @@ fn golden(d: &Path) -> (std::path::PathBuf, std::path::PathBuf) {
         40 * MIB,
         tree.display()
     ));
-    let ext4 = d.join("root.ext4");
-    ext4_image(&tree, &ext4, 96, "rootfs");
-    let fat = d.join("esp.fat");
-    fat_image(&fat, 32, 40, "ESP");
     let src = d.join("src.img");
-    let offsets = gpt_disk(
-        &src,
-        140,
-        &[(40, "ef00", "EFI system"), (96, "8300", "root")],
-    );
-    place(&src, offsets[0], &fat);
-    place(&src, offsets[1], &ext4);
+    esp_root_disk(&src, &tree, 140);
     let image = d.join("golden.vhdx");
     let (ok, _, err) = diskferry(&["capture".as_ref(), src.as_os_str(), image.as_os_str()]);
     assert!(ok, "{err}");
@@ -264,14 +252,6 @@ impl Drop for Agent {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
-}
-
-fn cli(data: &Path, args: &[&str]) -> String {
-    let mut all: Vec<&std::ffi::OsStr> = args.iter().map(|a| a.as_ref()).collect();
-    all.extend(["--data-dir".as_ref(), data.as_os_str()]);
-    let (ok, out, err) = diskferry(&all);
-    assert!(ok, "diskferry {args:?}: {err}");
-    out
 }
 
 /// The MAC address of member `i`'s link.

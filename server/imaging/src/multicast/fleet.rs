@@ -11,9 +11,10 @@ use diskferry_multicast::Outcome;
 use diskferry_protocol::chunks::MAX_HASHES;
 use diskferry_protocol::MulticastState;
 
-use super::{ranges, MachineState, Phase, Staged, Target, Watch};
+use super::{MachineState, Phase, Staged, Target, Watch};
 use crate::pipeline::capture::CopyError;
 use crate::progress::Silent;
+use crate::ranges;
 
 /// Chunk size of the verification's hashes.
 const VERIFY_CHUNK: u32 = 1 << 20;

@@ -20,7 +20,6 @@
 //! was written and whether it verified.
 
 mod fleet;
-mod ranges;
 mod stage;
 
 mod send;
@@ -36,6 +35,7 @@ use serde::Serialize;
 
 use crate::pipeline::{DeployError, DeployHow, DeployReport};
 use crate::progress::{Progress, Silent};
+use crate::ranges;
 use fleet::Fleet;
 pub use stage::Staged;
 

@@ -17,9 +17,9 @@ use bytes::Bytes;
 use diskferry_blockdev::{BlockDevice, Extent, FileDevice, Result, SliceDevice};
 use diskferry_protocol::chunks::ChunkHash;
 
-use super::ranges::{intersect, normalize, subtract};
 use crate::pipeline::{deploy_disk, DeployError, DeployHow, DeployReport};
 use crate::progress::Progress;
+use crate::ranges::{intersect, normalize, subtract};
 
 /// A staged disk and what targets must hold of it.
 pub struct Staged {

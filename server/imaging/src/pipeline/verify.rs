@@ -183,7 +183,7 @@ fn compare_outside(
         } else {
             format!("bytes outside partitions at {}", c.from.start)
         };
-        compare_ranges(&sa, &sb, &merge(ranges), &label, report)?;
+        compare_ranges(&sa, &sb, &crate::ranges::normalize(ranges), &label, report)?;
     }
     for r in left_out {
         let data = super::capture::data_bytes_in(a, &r).map_err(side_a)?;
@@ -195,19 +195,6 @@ fn compare_outside(
         }
     }
     Ok(())
-}
-
-/// Sorted, overlapping or touching ranges joined.
-fn merge(mut ranges: Vec<Range<u64>>) -> Vec<Range<u64>> {
-    ranges.sort_by_key(|r| r.start);
-    let mut out: Vec<Range<u64>> = Vec::with_capacity(ranges.len());
-    for r in ranges {
-        match out.last_mut() {
-            Some(last) if r.start <= last.end => last.end = last.end.max(r.end),
-            _ => out.push(r),
-        }
-    }
-    out
 }
 
 /// One volume: file by file where both sides hold a filesystem we read, else the first

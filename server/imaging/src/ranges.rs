@@ -1,5 +1,6 @@
-//! Sorted, disjoint byte ranges: union, intersection and difference, as a multicast deploy
-//! needs them to split what each disk must hold into what is sent and what is zeroed.
+//! Sorted, disjoint byte ranges: union, intersection and difference (a multicast deploy
+//! splits what each disk must hold into what is sent and what is zeroed; verification joins
+//! the ranges it compares).
 
 use std::ops::Range;
 
