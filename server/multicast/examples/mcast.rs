@@ -1,6 +1,6 @@
-//! A driver for the multicast data path, for the integration test and `bench/multicast.sh`
-//! until the daemon's deploy jobs and the agent's control connection carry sessions. It plays
-//! both roles, one per process (each in its own network namespace):
+//! A driver for the multicast data path alone, for its own test (`tests/netns.rs`) and the
+//! data-path rows of `bench/multicast.sh` (deploys go through `diskferry deploy --multicast`).
+//! It plays both roles, one per process (each in its own network namespace):
 //!
 //! ```text
 //! mcast send --image IMG --group 239.1.1.1:5500 --bind 10.0.0.1 --receivers 4 --dir DIR

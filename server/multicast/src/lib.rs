@@ -1,9 +1,9 @@
 //! The sending side of a multicast deploy: one image streamed once to every machine of a group.
 //!
-//! The caller (the daemon's deploy job, next to its unicast path) plans the session from the
-//! extents it would otherwise write one machine at a time ([`Plan`]; files-mode partitions are
-//! built once on the server and streamed as blocks), binds a [`Session`], hands each machine's
-//! agent its [`Credentials`] over the authenticated control connection, and runs the session.
+//! The caller (`diskferry_imaging::multicast`, for the CLI and the daemon's multicast jobs)
+//! plans the session from the extents of the disk it staged once on the server ([`Plan`]),
+//! binds a [`Session`], hands each machine's agent its [`Credentials`] over the authenticated
+//! control connection (`MulticastJoin`), and runs the session.
 //! The run streams every packet once to the group, repairs what receivers report missing
 //! ([`repair`]: by multicast when two or more miss a range, by unicast otherwise), paces to a
 //! rate that follows the slowest live receiver ([`rate`]), drops a receiver silent for longer
