@@ -75,6 +75,7 @@ fn collect_at(config: &Config, sys: &Path) -> String {
         let _ = write!(out, "\"size\":{},", info.size);
         field(&mut out, "model", Some(info.model));
         field(&mut out, "serial", Some(info.serial));
+        field(&mut out, "controller", controller(&d.path, sys));
         let _ = write!(out, "\"read_only\":{}", info.read_only);
         out.push('}');
     }
@@ -82,6 +83,31 @@ fn collect_at(config: &Config, sys: &Path) -> String {
     hardware(&mut out, sys);
     out.push('}');
     out
+}
+
+/// The PCI address of the controller behind the block device at `path` (`0000:00:04.0`):
+/// the last PCI function on the way from `block/NAME/device` to the root of sysfs's device
+/// tree; `None` for a file, or a device not on PCI.
+fn controller(path: &Path, sys: &Path) -> Option<String> {
+    let dev = std::fs::canonicalize(path).ok()?;
+    let name = dev.strip_prefix("/dev").ok()?.to_str()?;
+    let real = std::fs::canonicalize(sys.join("block").join(name).join("device")).ok()?;
+    real.components()
+        .rev()
+        .filter_map(|c| c.as_os_str().to_str())
+        .find(|c| is_pci_slot(c))
+        .map(bounded_text)
+}
+
+/// `dddd:bb:dd.f` in hex.
+fn is_pci_slot(s: &str) -> bool {
+    let b = s.as_bytes();
+    b.len() == 12
+        && b.iter().enumerate().all(|(i, &c)| match i {
+            4 | 7 => c == b':',
+            10 => c == b'.',
+            _ => c.is_ascii_hexdigit(),
+        })
 }
 
 /// `"firmware":…,"secure_boot":…,"pci":[…]`: what a deploy's compatibility check asks.
@@ -354,6 +380,36 @@ mod tests {
                 std::os::unix::fs::symlink(drivers.join(drv), d.join("driver")).unwrap();
             }
         }
+    }
+
+    #[test]
+    fn a_disk_names_the_pci_controller_it_hangs_off() {
+        let dir = tempfile::tempdir().unwrap();
+        let sys = dir.path();
+        let dev = sys.join("devices/pci0000:00/0000:00:04.0/virtio1/block/vda");
+        std::fs::create_dir_all(&dev).unwrap();
+        std::fs::create_dir_all(sys.join("block/null0")).unwrap();
+        std::os::unix::fs::symlink(
+            sys.join("devices/pci0000:00/0000:00:04.0/virtio1"),
+            sys.join("block/null0/device"),
+        )
+        .unwrap();
+        // /dev/null stands for the block device: its name is looked up under block/.
+        assert_eq!(
+            controller(Path::new("/dev/null"), sys).unwrap_or_default(),
+            ""
+        );
+        std::fs::rename(sys.join("block/null0"), sys.join("block/null")).unwrap();
+        assert_eq!(
+            controller(Path::new("/dev/null"), sys).as_deref(),
+            Some("0000:00:04.0")
+        );
+        assert_eq!(controller(&dev, sys), None, "not under /dev");
+        assert!(
+            is_pci_slot("0000:00:1f.2")
+                && !is_pci_slot("pci0000:00")
+                && !is_pci_slot("0000:00:1g.2")
+        );
     }
 
     fn hardware_doc(root: &Path) -> serde_json::Value {

@@ -148,6 +148,11 @@ pub(crate) fn check_compatibility(
     let doc = diskferry_imaging::source::identify_listening(rt, addr, session)?;
     let machine: diskferry_customize::compat::MachineFacts = serde_json::from_str(&doc)
         .with_context(|| format!("the client at {addr} sent an unreadable identity"))?;
+    let disk = match SourceSpec::parse(target) {
+        SourceSpec::Remote { disk, .. } => disk,
+        SourceSpec::Local(_) => String::new(),
+    };
+    let machine = machine.writing(&disk);
     let findings =
         diskferry_imaging::compat::check_deploy(image, &machine, args.custom.target_hardware);
     let refused: Vec<&str> = findings

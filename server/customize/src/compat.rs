@@ -187,6 +187,53 @@ pub struct MachineFacts {
     pub secure_boot: Option<bool>,
     #[serde(default)]
     pub pci: Vec<PciDevice>,
+    /// The disks the agent serves, with their controllers.
+    #[serde(default)]
+    pub disks: Vec<DiskFact>,
+    /// The PCI address of the controller of the disk being written, when known: only that
+    /// storage controller needs a boot driver ([`MachineFacts::writing`]).
+    #[serde(skip)]
+    pub target_controller: Option<String>,
+}
+
+/// A disk the agent serves.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiskFact {
+    #[serde(default)]
+    pub name: String,
+    #[serde(default)]
+    pub controller: Option<String>,
+}
+
+impl MachineFacts {
+    /// The facts for writing the disk named `disk`: its controller, when the agent said
+    /// which, is the one storage controller the image must boot from.
+    pub fn writing(mut self, disk: &str) -> MachineFacts {
+        self.target_controller = self
+            .disks
+            .iter()
+            .find(|d| d.name == disk)
+            .and_then(|d| d.controller.clone());
+        self
+    }
+
+    /// The PCI devices a deploy depends on: every network controller, and the storage
+    /// controller of the disk being written when it is known and listed (else every one).
+    fn devices(&self) -> Vec<PciDevice> {
+        let listed = &self.pci[..self.pci.len().min(MAX_PCI)];
+        let target = self
+            .target_controller
+            .as_deref()
+            .filter(|slot| listed.iter().any(|d| d.is_storage() && d.slot == *slot));
+        listed
+            .iter()
+            .filter(|d| match target {
+                Some(slot) => !d.is_storage() || d.slot == slot,
+                None => true,
+            })
+            .cloned()
+            .collect()
+    }
 }
 
 /// The firmware types an image boots with, and why we think so.
@@ -378,7 +425,7 @@ pub fn check(
             "the machine reported no PCI devices (an older agent?): drivers not checked".into(),
         ));
     }
-    let devices = &machine.pci[..machine.pci.len().min(MAX_PCI)];
+    let devices = &machine.devices();
     for system in &image.linux {
         if system.kernels.is_empty() {
             out.push(Finding::warn(format!(
@@ -627,6 +674,7 @@ mod tests {
             firmware: Some(firmware.into()),
             secure_boot: Some(false),
             pci,
+            ..MachineFacts::default()
         }
     }
 
@@ -707,6 +755,22 @@ mod tests {
         assert!(
             refusals(&r)[0].contains("--target-hardware nvme does not add it"),
             "{r:?}"
+        );
+        // Another storage controller the image lacks a driver for does not matter when the
+        // disk written hangs off the virtio one.
+        let mut two = machine("bios", vec![virtio_blk(), ahci()]);
+        two.pci[1].slot = "0000:00:1f.2".into();
+        two.disks = vec![DiskFact {
+            name: "/dev/sda".into(),
+            controller: Some("0000:00:1f.2".into()),
+        }];
+        assert_eq!(refusals(&check(&image(true, false), &two, None)).len(), 1);
+        let on_ahci = two.clone().writing("/dev/sda");
+        assert!(refusals(&check(&image(true, false), &on_ahci, None)).is_empty());
+        let unknown = two.writing("/dev/nvme0n1");
+        assert_eq!(
+            refusals(&check(&image(true, false), &unknown, None)).len(),
+            1
         );
         // Built into the kernel: fine.
         let mut img = image(true, false);

@@ -5,7 +5,7 @@
 use std::sync::Arc;
 
 use diskferry_blockdev::BlockDevice;
-use diskferry_customize::compat::{Finding, MachineFacts};
+use diskferry_customize::compat::{DiskFact, Finding, MachineFacts};
 use diskferry_customize::TargetHardware;
 
 use crate::catalog::MachineIdentity;
@@ -16,19 +16,30 @@ pub fn machine_facts(identity: &MachineIdentity) -> MachineFacts {
         firmware: identity.firmware.clone(),
         secure_boot: identity.secure_boot,
         pci: identity.pci.clone(),
+        disks: identity
+            .disks
+            .iter()
+            .map(|d| DiskFact {
+                name: d.name.clone(),
+                controller: d.controller.clone(),
+            })
+            .collect(),
+        target_controller: None,
     }
 }
 
 /// Everything wrong (`Severity::Refuse`: the job should fail unless forced) or worth
-/// logging (`Severity::Warn`) about deploying `image` onto the machine `identity` describes,
-/// reconfigured for `hw` when the job asks for it. Reads the image (its table, ESPs and
-/// Linux roots' module indexes and initramfs); blocking.
+/// logging (`Severity::Warn`) about deploying `image` onto `disk` of the machine `identity`
+/// describes, reconfigured for `hw` when the job asks for it. Reads the image (its table,
+/// ESPs and Linux roots' module indexes and initramfs); blocking.
 pub fn check_deploy(
     image: Arc<dyn BlockDevice>,
     identity: &MachineIdentity,
+    disk: &str,
     hw: Option<TargetHardware>,
 ) -> Vec<Finding> {
-    diskferry_imaging::compat::check_deploy(&image, &machine_facts(identity), hw)
+    let facts = machine_facts(identity).writing(disk);
+    diskferry_imaging::compat::check_deploy(&image, &facts, hw)
 }
 
 #[cfg(test)]

@@ -265,6 +265,7 @@ fn a_bios_image_without_virtio_drivers_is_refused_for_a_uefi_virtio_machine() {
         firmware: Some("uefi".into()),
         secure_boot: Some(false),
         pci: vec![virtio_disk()],
+        ..MachineFacts::default()
     };
     let refused = |hw| -> Vec<String> {
         check_deploy(&image, &uefi_virtio, hw)

@@ -165,6 +165,9 @@ pub struct IdentityDisk {
     pub serial: String,
     #[serde(default)]
     pub read_only: bool,
+    /// The PCI address of its controller (deploys check that controller's driver).
+    #[serde(default)]
+    pub controller: Option<String>,
 }
 
 /// `52-54-00-AB-cd-EF` or `5254.00ab.cdef` → `52:54:00:ab:cd:ef`; `None` if not a MAC.

@@ -814,7 +814,8 @@ impl Jobs {
         else {
             return Ok(());
         };
-        let findings = crate::compat::check_deploy(Arc::clone(img), &identity, hardware);
+        let findings =
+            crate::compat::check_deploy(Arc::clone(img), &identity, target.disk(), hardware);
         let (refused, warned): (Vec<_>, Vec<_>) = findings.iter().partition(|f| f.refuses());
         for f in warned {
             tracing::warn!("compatibility: {}", f.reason);
