@@ -189,21 +189,31 @@ fn deploy_through_server(args: &DeployArgs, target: &str) -> Result<()> {
         );
     }
     let image = server_image_name(args)?;
-    let mode = diskferry_imaging::pipeline::Mode::from(args.mode).name();
-    let customize = args.custom.spec_text()?;
     let daemon = crate::machines::Daemon::find(&args.daemon)?;
-    let mut request = serde_json::json!({
-        "kind": "deploy", "image": image, "target": target, "mode": mode,
-        "reboot": args.reboot, "force": args.force, "customize": customize,
-        "target_hardware": args.custom.target_hardware.map(|h| h.name()),
-        "fallback_loader": !args.no_fallback_loader, "boot_entry": !args.no_boot_entry,
-    });
+    let mut request = server_request(args, "deploy", &image)?;
+    request["target"] = target.into();
     if args.when.submit(&daemon, &mut request)? {
         return Ok(());
     }
     daemon.run_job(request)?;
     eprintln!("deployed {image} onto {target}");
     Ok(())
+}
+
+/// A server job writing `image` (`kind` deploy or multicast) as the options say; the caller
+/// adds where.
+pub(crate) fn server_request(
+    args: &DeployArgs,
+    kind: &str,
+    image: &str,
+) -> Result<serde_json::Value> {
+    Ok(serde_json::json!({
+        "kind": kind, "image": image,
+        "mode": diskferry_imaging::pipeline::Mode::from(args.mode).name(),
+        "reboot": args.reboot, "force": args.force, "customize": args.custom.spec_text()?,
+        "target_hardware": args.custom.target_hardware.map(|h| h.name()),
+        "fallback_loader": !args.no_fallback_loader, "boot_entry": !args.no_boot_entry,
+    }))
 }
 
 /// IMAGE as the server knows it: by name among its captures.

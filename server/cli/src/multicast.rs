@@ -146,14 +146,9 @@ fn through_server(args: &DeployArgs) -> Result<()> {
     }
     let image = crate::deploy::server_image_name(args)?;
     let daemon = crate::machines::Daemon::find(&args.daemon)?;
-    let mut request = serde_json::json!({
-        "kind": "multicast", "image": image,
-        "mode": diskferry_imaging::pipeline::Mode::from(args.mode).name(),
-        "reboot": args.reboot, "force": args.force, "customize": args.custom.spec_text()?,
-        "target_hardware": args.custom.target_hardware.map(|h| h.name()),
-        "max_rate_mbit": m.max_rate, "wait_minutes": m.wait,
-        "fallback_loader": !args.no_fallback_loader, "boot_entry": !args.no_boot_entry,
-    });
+    let mut request = crate::deploy::server_request(args, "multicast", &image)?;
+    request["max_rate_mbit"] = m.max_rate.into();
+    request["wait_minutes"] = m.wait.into();
     match &m.group {
         Some(g) => request["group"] = g.clone().into(),
         None => request["targets"] = m.multicast.clone().into(),

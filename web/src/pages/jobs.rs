@@ -47,13 +47,7 @@ fn multicast_form(
             }
             label for="mc-targets" { "Or machines (names or MACs, comma-separated)" }
             input #mc-targets name="targets" placeholder="lab-01, lab-02, /dev/nvme0n1@lab-03";
-            label for="mc-mode" { "Mode" }
-            select #mc-mode name="mode" {
-                option value="auto" selected { "auto" }
-                option value="files" { "files" }
-                option value="blocks" { "blocks" }
-                option value="sectors" { "sectors" }
-            }
+            (deploy_mode("mc-mode"))
             label for="mc-rate" { "Most megabits a second (optional)" }
             input #mc-rate name="max_rate_mbit" inputmode="numeric" placeholder="1000";
             (boot_checkboxes())
@@ -62,6 +56,19 @@ fn multicast_form(
             (when_fields())
             button type="submit" { "Deploy to all" }
             p.hint { "The capture is built once on the server and sent once over UDP multicast to every machine (their agents join the session over their encrypted connections; every datagram carries the session's MAC). Machines that miss data ask for it again; a machine the session leaves behind gets the image by unicast. Every machine is verified by hashes afterwards. The job waits until all machines are connected (waking them); after 15 minutes it starts with those that came. A customization with {name} cannot be multicast." }
+        }
+    }
+}
+
+/// The mode select both deploy forms share.
+fn deploy_mode(id: &str) -> maud::Markup {
+    html! {
+        label for=(id) { "Mode" }
+        select id=(id) name="mode" {
+            option value="auto" selected { "auto" }
+            option value="files" { "files" }
+            option value="blocks" { "blocks" }
+            option value="sectors" { "sectors" }
         }
     }
 }
@@ -138,13 +145,7 @@ async fn list(
                 }
                 label for="target" { "Target disk" }
                 input #target name="target" required placeholder="web-01, /dev/sda@web-01 or /dev/sda@192.0.2.10:7700";
-                label for="deploy-mode" { "Mode" }
-                select #deploy-mode name="mode" {
-                    option value="auto" selected { "auto" }
-                    option value="files" { "files" }
-                    option value="blocks" { "blocks" }
-                    option value="sectors" { "sectors" }
-                }
+                (deploy_mode("deploy-mode"))
                 (boot_checkboxes())
                 label.check { input type="checkbox" name="reboot" value="1"; " Reboot the machine when done" }
                 label.check { input type="checkbox" name="force" value="1"; " Deploy even if the compatibility check refuses (firmware, storage drivers)" }

@@ -590,13 +590,7 @@ impl Jobs {
             Some(text) => Some(Box::new(self.customization_for(text, disk)?)),
             None => None,
         };
-        let hardware = match req.target_hardware.as_deref().filter(|h| !h.is_empty()) {
-            Some(h) => Some(
-                h.parse::<TargetHardware>()
-                    .map_err(|e| JobError::Invalid(format!("target_hardware: {e}")))?,
-            ),
-            None => None,
-        };
+        let hardware = target_hardware(req)?;
         Ok((customize, hardware))
     }
 
@@ -913,6 +907,18 @@ impl Jobs {
     pub fn subscribe(&self, id: i64) -> Option<watch::Receiver<serde_json::Value>> {
         self.live().get(&id).map(|l| l.events.subscribe())
     }
+}
+
+/// The hardware a request reconfigures for (`target_hardware`), checked.
+fn target_hardware(req: &JobRequest) -> Result<Option<TargetHardware>, JobError> {
+    req.target_hardware
+        .as_deref()
+        .filter(|h| !h.is_empty())
+        .map(|h| {
+            h.parse::<TargetHardware>()
+                .map_err(|e| JobError::Invalid(format!("target_hardware: {e}")))
+        })
+        .transpose()
 }
 
 /// The image format an output name asks for; the name must be a plain file name.

@@ -126,10 +126,7 @@ impl Jobs {
         self.find_capture(image)?;
         let machines = self.multicast_machines(req)?;
         self.multicast_spec(req)?;
-        if let Some(h) = req.target_hardware.as_deref().filter(|h| !h.is_empty()) {
-            h.parse::<TargetHardware>()
-                .map_err(|e| JobError::Invalid(format!("target_hardware: {e}")))?;
-        }
+        super::target_hardware(req)?;
         let away: Vec<String> = machines
             .iter()
             .filter(|(m, _)| self.agents.approved_link(m.id).is_none())
@@ -169,13 +166,7 @@ impl Jobs {
             machines.push((id, label, disk));
         }
         let spec = self.multicast_spec(req)?;
-        let hardware = match req.target_hardware.as_deref().filter(|h| !h.is_empty()) {
-            Some(h) => Some(
-                h.parse::<TargetHardware>()
-                    .map_err(|e| JobError::Invalid(format!("target_hardware: {e}")))?,
-            ),
-            None => None,
-        };
+        let hardware = super::target_hardware(req)?;
         let labels: Vec<&str> = machines.iter().map(|(_, l, _)| l.as_str()).collect();
         let params = serde_json::json!({
             "image": rec.name, "targets": labels, "group": req.group, "mode": mode.name(),

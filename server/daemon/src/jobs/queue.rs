@@ -9,7 +9,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use diskferry_customize::{Spec, TargetHardware};
+use diskferry_customize::Spec;
 
 use super::when::{self, Every};
 use super::{output_format, parse_mode, required, JobError, JobRequest, Jobs};
@@ -139,10 +139,7 @@ impl Jobs {
                 .and_then(|s| s.render(name))
                 .map_err(invalid)?;
         }
-        if let Some(h) = req.target_hardware.as_deref().filter(|h| !h.is_empty()) {
-            h.parse::<TargetHardware>()
-                .map_err(|e| JobError::Invalid(format!("target_hardware: {e}")))?;
-        }
+        super::target_hardware(req)?;
         let (source, output) = match req.kind.as_str() {
             "capture" => (place, what),
             _ => (what, place),

@@ -69,6 +69,15 @@ impl<'a> Fleet<'a> {
         self.watch.machines(&states);
     }
 
+    /// Changes every machine's state (`change(i, state)`) and tells the watcher once.
+    pub fn set_all(&self, mut change: impl FnMut(usize, &mut MachineState)) {
+        let mut states = self.states.lock().unwrap_or_else(|e| e.into_inner());
+        for (i, s) in states.iter_mut().enumerate() {
+            change(i, s);
+        }
+        self.watch.machines(&states);
+    }
+
     /// Machines not failed so far.
     pub fn live(&self) -> Vec<usize> {
         let states = self.states.lock().unwrap_or_else(|e| e.into_inner());
@@ -178,17 +187,11 @@ impl<'a> Fleet<'a> {
     }
 }
 
-/// Zeroes `ranges` on `disk` (a remote agent zeroes on its side), in pieces of at most 1 GiB.
-pub(super) fn zero(disk: &dyn BlockDevice, ranges: &[Range<u64>]) -> Result<(), BlockError> {
-    for r in ranges {
-        let mut at = r.start;
-        while at < r.end {
-            let n = (r.end - at).min(1 << 30);
-            disk.write_zeroes(at, n)?;
-            at += n;
-        }
-    }
-    Ok(())
+/// Zeroes `ranges` on `disk` (a remote agent zeroes on its side).
+fn zero(disk: &dyn BlockDevice, ranges: &[Range<u64>]) -> Result<(), BlockError> {
+    ranges
+        .iter()
+        .try_for_each(|r| crate::pipeline::partition_copy::zero(disk, r.clone()))
 }
 
 /// Compares the hashes of `ranges` on `disk` (computed by its agent) with the stage's.

@@ -102,20 +102,22 @@ fn run(
     Ok((report, group))
 }
 
-/// Asks each agent how far it is.
+/// Asks each agent how far it is, then tells the watcher once.
 fn follow(fleet: &Fleet<'_>, live: &[usize]) {
+    let mut received = vec![None; fleet.targets.len()];
     for &i in live {
-        let Ok(status) = fleet.targets[i].disk.multicast_status() else {
-            continue;
-        };
-        if status.state == MulticastState::Idle || status.total == 0 {
-            continue;
-        }
-        fleet.set(i, |s| {
-            s.done = (u128::from(s.total) * u128::from(status.received) / u128::from(status.total))
-                as u64;
-        });
+        received[i] = fleet.targets[i]
+            .disk
+            .multicast_status()
+            .ok()
+            .filter(|s| s.state != MulticastState::Idle && s.total > 0)
+            .map(|s| (s.received, s.total));
     }
+    fleet.set_all(|i, s| {
+        if let Some((got, of)) = received[i] {
+            s.done = (u128::from(s.total) * u128::from(got) / u128::from(of)) as u64;
+        }
+    });
 }
 
 fn session_id() -> Result<u64, MulticastError> {

@@ -10,7 +10,7 @@ mod deploy_edits;
 pub mod disk;
 pub mod incremental;
 mod output;
-mod partition_copy;
+pub(crate) mod partition_copy;
 mod plan;
 pub mod reuse;
 pub mod verify;

@@ -19,7 +19,7 @@ use diskferry_fs::{self as fs, FsKind};
 use diskferry_partition::Partition;
 
 /// Zeroes a range of `dst` in pieces of at most 1 GiB (the client zeroes on its side).
-pub(super) fn zero(dst: &dyn BlockDevice, range: Range<u64>) -> Result<(), BlockError> {
+pub(crate) fn zero(dst: &dyn BlockDevice, range: Range<u64>) -> Result<(), BlockError> {
     let mut at = range.start;
     while at < range.end {
         let n = (range.end - at).min(1 << 30);
