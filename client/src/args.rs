@@ -37,6 +37,13 @@ OPTIONS:
                            Without it: every whole disk in /sys/block except loop, RAM,
                            optical (sr) and floppy (fd) devices
     --allow-write          Permit writes (deploys). Without it every write is refused
+    --live                 Live mode, for an agent running inside the machine's own system:
+                           the server may deploy a new system into one pinned file of the
+                           running system (see --live-file) and switch to it at the next
+                           boot. Writes are allowed inside that file and nowhere else, even
+                           without --allow-write. The file's filesystem must be ext4 or XFS
+                           directly on a disk this agent serves (not btrfs, LVM or LUKS)
+    --live-file PATH       Where the live file goes [default: /diskferry-live]
     --plaintext            Accept an unencrypted transport if the server asks for it too
                            (authentication with the key still happens)
     --max-inflight BYTES   Cap on request payload bytes in flight per connection
@@ -62,6 +69,8 @@ pub struct Args {
     pub allow_write: bool,
     pub plaintext: bool,
     pub max_inflight: u32,
+    /// Live mode: the live file's path.
+    pub live: Option<PathBuf>,
 }
 
 /// Where connections come from.
@@ -98,6 +107,8 @@ pub enum ArgsError {
     NoServerKey,
     #[error("--key-file is gone: agents no longer hold a shared secret. Give the server's public key with --server-key (see `diskferry keygen --public`)")]
     KeyFileGone,
+    #[error("--live-file is for live mode: add --live")]
+    LiveFileWithoutLive,
     #[error("--max-connections must be a number from 1 to 1024, got {0:?}")]
     MaxConnections(OsString),
 }
@@ -118,6 +129,8 @@ pub fn parse(mut it: impl Iterator<Item = OsString>) -> Result<Command, ArgsErro
     let mut allow_write = false;
     let mut plaintext = false;
     let mut max_inflight: u32 = 64 << 20;
+    let mut live = false;
+    let mut live_file = None;
     while let Some(arg) = it.next() {
         let arg = arg.into_string().map_err(ArgsError::NotUtf8)?;
         let (flag, inline) = match arg.split_once('=') {
@@ -154,6 +167,8 @@ pub fn parse(mut it: impl Iterator<Item = OsString>) -> Result<Command, ArgsErro
             "--disk" => disks.push(PathBuf::from(value("--disk")?)),
             "--allow-write" => allow_write = true,
             "--plaintext" => plaintext = true,
+            "--live" => live = true,
+            "--live-file" => live_file = Some(PathBuf::from(value("--live-file")?)),
             "--max-inflight" => {
                 let v = value("--max-inflight")?;
                 max_inflight = v
@@ -184,6 +199,13 @@ pub fn parse(mut it: impl Iterator<Item = OsString>) -> Result<Command, ArgsErro
         allow_write,
         plaintext,
         max_inflight,
+        live: match (live, live_file) {
+            (true, file) => {
+                Some(file.unwrap_or_else(|| PathBuf::from(diskferry_client::live::DEFAULT_FILE)))
+            }
+            (false, Some(_)) => return Err(ArgsError::LiveFileWithoutLive),
+            (false, None) => None,
+        },
     }))
 }
 

@@ -88,6 +88,7 @@ mod tests {
             quiet: true,
             allow_power: false,
             allow_firmware: false,
+            live: None,
         })
     }
 

@@ -6,12 +6,16 @@
 use std::io;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use bytes::BytesMut;
 use diskferry_localdisk::{LocalDisk, Region};
 use diskferry_protocol::chunks::{self, ChunkHash};
 use diskferry_protocol::stream::{data_reply_buffer, DATA_HEADROOM};
 use diskferry_protocol::{BlockState, DiskInfo, ErrorCode, Extent};
+
+use crate::live::direct::DirectWriter;
+use crate::live::Live;
 
 /// Most extents one BlockStatus reply carries; the requester asks again for the rest.
 pub(crate) const MAX_STATUS_EXTENTS: usize = 4096;
@@ -119,6 +123,17 @@ pub struct OpenDisk {
     disk: LocalDisk,
     pub size: u64,
     pub writable: bool,
+    /// On a live agent: writes are checked against the pinned file and go direct.
+    live: Option<LiveDisk>,
+}
+
+/// A disk written by a live agent: only inside its pinned file, with direct I/O.
+#[derive(Debug)]
+struct LiveDisk {
+    live: Arc<Live>,
+    /// The disk's device number (0 for a regular file: never holds the live file).
+    devno: u64,
+    direct: DirectWriter,
 }
 
 /// An error answered to the requester.
@@ -151,14 +166,48 @@ impl DiskError {
 }
 
 impl OpenDisk {
-    pub fn open(spec: &DiskSpec, writable: bool) -> Result<OpenDisk, DiskError> {
+    /// Opens the disk; `live` (a live agent's) restricts writes to its pinned file.
+    pub fn open(
+        spec: &DiskSpec,
+        writable: bool,
+        live: Option<Arc<Live>>,
+    ) -> Result<OpenDisk, DiskError> {
         let disk =
             LocalDisk::open(&spec.path, writable).map_err(|e| DiskError::io("open", 0, e))?;
+        let live = match live.filter(|_| writable) {
+            Some(live) => {
+                let meta =
+                    std::fs::metadata(&spec.path).map_err(|e| DiskError::io("open", 0, e))?;
+                let devno = if meta.file_type().is_block_device() {
+                    meta.rdev()
+                } else {
+                    0
+                };
+                let sector = describe(spec, true).map_or(512, |i| i.logical_sector);
+                let direct = DirectWriter::open(&spec.path, sector)
+                    .map_err(|e| DiskError::io("open for direct I/O", 0, e))?;
+                Some(LiveDisk {
+                    live,
+                    devno,
+                    direct,
+                })
+            }
+            None => None,
+        };
         Ok(OpenDisk {
             size: disk.size(),
             writable,
             disk,
+            live,
         })
+    }
+
+    /// A live agent's check that the range lies in its pinned file.
+    fn check_live(&self, offset: u64, len: u64) -> Result<(), DiskError> {
+        match &self.live {
+            Some(l) => l.live.check_write(l.devno, offset, len),
+            None => Ok(()),
+        }
     }
 
     fn check_range(&self, offset: u64, len: u64) -> Result<(), DiskError> {
@@ -203,14 +252,20 @@ impl OpenDisk {
     pub fn write(&self, offset: u64, data: &[u8]) -> Result<(), DiskError> {
         self.check_writable()?;
         self.check_range(offset, data.len() as u64)?;
-        self.disk
-            .write_all_at(data, offset)
-            .map_err(|e| DiskError::io("write", offset, e))
+        self.check_live(offset, data.len() as u64)?;
+        match &self.live {
+            Some(l) => l.direct.write_at(data, offset),
+            None => self.disk.write_all_at(data, offset),
+        }
+        .map_err(|e| DiskError::io("write", offset, e))
     }
 
     pub fn flush(&self) -> Result<(), DiskError> {
         if !self.writable {
             return Ok(());
+        }
+        if let Some(l) = &self.live {
+            l.direct.sync().map_err(|e| DiskError::io("flush", 0, e))?;
         }
         self.disk.sync().map_err(|e| DiskError::io("flush", 0, e))
     }
@@ -218,6 +273,7 @@ impl OpenDisk {
     pub fn discard(&self, offset: u64, len: u64) -> Result<(), DiskError> {
         self.check_writable()?;
         self.check_range(offset, len)?;
+        self.check_live(offset, len)?;
         self.disk
             .punch_hole(offset, len)
             .map_err(|e| DiskError::io("discard", offset, e))
@@ -227,6 +283,7 @@ impl OpenDisk {
     pub fn write_zeroes(&self, offset: u64, len: u64) -> Result<(), DiskError> {
         self.check_writable()?;
         self.check_range(offset, len)?;
+        self.check_live(offset, len)?;
         self.disk
             .zero_range(offset, len)
             .map_err(|e| DiskError::io("write zeroes", offset, e))

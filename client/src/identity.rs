@@ -29,7 +29,7 @@ const PCI_BUDGET: usize = diskferry_protocol::MAX_IDENTITY / 2;
 const SECURE_BOOT: &str = "SecureBoot-8be4df61-93ca-11d2-aa0d-00e098032b8c";
 
 /// Where sysfs is read: `/sys`, or `DISKFERRY_SYSFS` (tests).
-fn sysfs() -> PathBuf {
+pub(crate) fn sysfs() -> PathBuf {
     std::env::var_os("DISKFERRY_SYSFS").map_or_else(|| PathBuf::from("/sys"), PathBuf::from)
 }
 
@@ -280,7 +280,7 @@ fn bounded_text(s: &str) -> String {
 }
 
 /// A sysfs attribute as text, trimmed; at most [`MAX_FIELD`] bytes read.
-fn read_trimmed(path: &Path) -> Option<String> {
+pub(crate) fn read_trimmed(path: &Path) -> Option<String> {
     let bytes = read_bounded(path)?;
     let s = String::from_utf8_lossy(&bytes);
     let s = s.trim();

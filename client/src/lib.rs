@@ -8,6 +8,7 @@ pub mod dialback;
 pub mod disks;
 pub mod efi;
 pub mod identity;
+pub mod live;
 pub mod multicast;
 pub mod power;
 pub mod serve;

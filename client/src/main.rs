@@ -11,6 +11,7 @@ use std::io;
 use std::process::ExitCode;
 use std::sync::Arc;
 
+use diskferry_client::live::Live;
 use diskferry_client::{accept_loop, dial_loop, disks, Config};
 use diskferry_protocol::{KeyError, PublicKey, SessionOptions, StaticKey};
 use tokio::net::TcpListener;
@@ -132,6 +133,18 @@ async fn run(args: args::Args) -> Result<(), RunError> {
     let mut session = SessionOptions::agent(agent_key, server_key);
     session.plaintext = args.plaintext;
     session.credential = args.token.clone().unwrap_or_default().into_bytes();
+    let live = args.live.map(|path| {
+        let live = Live::new(path, &disks);
+        log!(
+            "live mode: the server may deploy into {} ({}); writes go nowhere else",
+            live.path().display(),
+            match live.pinned_size() {
+                Some(size) => format!("pinned already, {size} bytes"),
+                None => "not made yet".into(),
+            }
+        );
+        Arc::new(live)
+    });
     let config = Arc::new(Config {
         disks,
         allow_write: args.allow_write,
@@ -140,6 +153,7 @@ async fn run(args: args::Args) -> Result<(), RunError> {
         quiet: false,
         allow_power: args.allow_power,
         allow_firmware: args.allow_firmware,
+        live,
     });
 
     // Signal handlers exist before anyone is told we are ready: a SIGTERM right after the

@@ -34,6 +34,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 
 use crate::disks::{self, DiskError, DiskSpec, OpenDisk, MAX_STATUS_EXTENTS};
+use crate::live::{Live, LiveError};
 use crate::multicast::{self, Receiving};
 use diskferry_protocol::multicast::Credentials;
 
@@ -64,6 +65,8 @@ pub struct Config {
     pub allow_power: bool,
     /// Obey `SetBootEntry` (write UEFI boot variables): only the boot environment asks.
     pub allow_firmware: bool,
+    /// Live mode (`--live`): the live file, and writes only into it.
+    pub live: Option<Arc<Live>>,
 }
 
 /// What the writer task sends, with the in-flight budget it releases once written.
@@ -275,6 +278,12 @@ impl Connection {
             Request::SetBootEntry { load_option } => {
                 self.set_boot_entry(cookie, load_option, permit)
             }
+            Request::LivePrepare { size } => self.live(cookie, permit, move |live, disks| {
+                live.prepare(size, disks).map(Reply::LiveMap)
+            }),
+            Request::LiveRemove => {
+                self.live(cookie, permit, |live, _| live.remove().map(|_| Reply::Done))
+            }
             Request::MulticastStatus => {
                 let status = self
                     .multicast
@@ -445,6 +454,37 @@ impl Connection {
         });
     }
 
+    /// Runs a live-file operation on the blocking pool, if this agent is live.
+    fn live(
+        &self,
+        cookie: u64,
+        permit: OwnedSemaphorePermit,
+        op: impl FnOnce(&Live, &[DiskSpec]) -> Result<Reply, LiveError> + Send + 'static,
+    ) {
+        let config = Arc::clone(&self.config);
+        run(&self.tx, cookie, permit, move || {
+            let live = config.live.as_deref().ok_or(LiveError::NotLive)?;
+            let reply = op(live, &config.disks)?;
+            crate::log(
+                &config,
+                format_args!(
+                    "live file {}: {}",
+                    live.path().display(),
+                    match &reply {
+                        Reply::LiveMap(m) => format!(
+                            "pinned, {} bytes in {} runs on {}",
+                            m.size(),
+                            m.runs.len(),
+                            m.disk
+                        ),
+                        _ => "removed".into(),
+                    }
+                ),
+            );
+            Ok(reply)
+        });
+    }
+
     /// Writes a UEFI boot entry, if this client may.
     fn set_boot_entry(&self, cookie: u64, option: Bytes, permit: OwnedSemaphorePermit) {
         if !self.config.allow_firmware {
@@ -500,7 +540,7 @@ impl Connection {
     /// Opens a served disk and gives it a handle (or says why not).
     async fn open(&mut self, name: &str, writable: bool) -> Reply {
         let config = &self.config;
-        if writable && !config.allow_write {
+        if writable && !config.allow_write && config.live.is_none() {
             return error(DiskError {
                 code: ErrorCode::ReadOnly,
                 message: "this client is read-only; start it with --allow-write to permit writes"
@@ -514,7 +554,9 @@ impl Connection {
             });
         };
         let info = disks::describe(&spec, config.allow_write);
-        let opened = tokio::task::spawn_blocking(move || OpenDisk::open(&spec, writable)).await;
+        let live = config.live.clone();
+        let opened =
+            tokio::task::spawn_blocking(move || OpenDisk::open(&spec, writable, live)).await;
         match (opened, info) {
             (Ok(Ok(disk)), Ok(info)) => {
                 let handle = self.next_handle;

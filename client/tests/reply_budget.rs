@@ -219,6 +219,7 @@ async fn requests_larger_than_the_whole_budget_are_still_answered() {
         quiet: true,
         allow_power: false,
         allow_firmware: false,
+        live: None,
     });
     let (ours, theirs) = tokio::io::duplex(16 << 20);
     let agent = tokio::spawn(diskferry_client::serve::serve(theirs, config));

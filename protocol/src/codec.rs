@@ -18,8 +18,8 @@ use tokio_util::codec::{Decoder, Encoder};
 use crate::chunks::{ChunkHash, MAX_HASHES};
 use crate::compress::{self, Codec, PREFIX_LEN};
 use crate::message::{
-    BlockState, DiskInfo, ErrorCode, Extent, Message, MulticastState, MulticastStatus, PowerAction,
-    Reply, Request, MAX_IDENTITY, MAX_LOAD_OPTION,
+    BlockState, DiskInfo, DiskRun, ErrorCode, Extent, LiveMap, Message, MulticastState,
+    MulticastStatus, PowerAction, Reply, Request, MAX_IDENTITY, MAX_LIVE_EXTENTS, MAX_LOAD_OPTION,
 };
 use crate::multicast::Credentials;
 use crate::{ProtocolError, FRAME_SLACK, MAX_PAYLOAD_LIMIT};
@@ -44,6 +44,8 @@ mod kind {
     pub const MULTICAST_JOIN: u8 = 0x0e;
     pub const MULTICAST_STATUS: u8 = 0x0f;
     pub const SET_BOOT_ENTRY: u8 = 0x10;
+    pub const LIVE_PREPARE: u8 = 0x11;
+    pub const LIVE_REMOVE: u8 = 0x12;
     pub const DISKS: u8 = 0x81;
     pub const OPENED: u8 = 0x82;
     pub const DATA: u8 = 0x83;
@@ -54,11 +56,14 @@ mod kind {
     pub const HASHES: u8 = 0x88;
     pub const MULTICAST: u8 = 0x89;
     pub const BOOT_ENTRY: u8 = 0x8a;
+    pub const LIVE_MAP: u8 = 0x8b;
     pub const ERROR: u8 = 0xff;
 }
 
 /// Encoded size of one extent in a Status reply.
 const EXTENT_LEN: usize = 9;
+/// One run of a [`LiveMap`]: offset and length.
+const RUN_LEN: usize = 16;
 /// One chunk hash in a [`Reply::Hashes`].
 const HASH_LEN: usize = 32;
 /// Smallest encoded DiskInfo (all strings empty).
@@ -292,11 +297,15 @@ fn encode_request(cookie: u64, request: &Request, dst: &mut BytesMut) -> Result<
         Request::MulticastJoin { .. } => kind::MULTICAST_JOIN,
         Request::MulticastStatus => kind::MULTICAST_STATUS,
         Request::SetBootEntry { .. } => kind::SET_BOOT_ENTRY,
+        Request::LivePrepare { .. } => kind::LIVE_PREPARE,
+        Request::LiveRemove => kind::LIVE_REMOVE,
     };
     dst.put_u8(kind);
     dst.put_u64(cookie);
     match request {
-        Request::ListDisks | Request::Identify | Request::MulticastStatus => {}
+        Request::ListDisks | Request::Identify | Request::MulticastStatus | Request::LiveRemove => {
+        }
+        Request::LivePrepare { size } => dst.put_u64(*size),
         Request::MulticastJoin {
             handle,
             credentials,
@@ -375,6 +384,7 @@ fn encode_reply(cookie: u64, reply: &Reply, dst: &mut BytesMut) -> Result<(), Pr
         Reply::Hashes(_) => kind::HASHES,
         Reply::Multicast(_) => kind::MULTICAST,
         Reply::BootEntry(_) => kind::BOOT_ENTRY,
+        Reply::LiveMap(_) => kind::LIVE_MAP,
         Reply::Error { .. } => kind::ERROR,
     };
     dst.put_u8(kind);
@@ -438,6 +448,17 @@ fn encode_reply(cookie: u64, reply: &Reply, dst: &mut BytesMut) -> Result<(), Pr
             hashes.iter().for_each(|h| dst.put_slice(h));
         }
         Reply::BootEntry(number) => dst.put_u16(*number),
+        Reply::LiveMap(map) => {
+            check_live_runs(map.runs.len())?;
+            put_str(dst, &map.disk)?;
+            put_str(dst, &map.path)?;
+            dst.put_u32(map.block_size);
+            dst.put_u32(map.runs.len() as u32);
+            for r in &map.runs {
+                dst.put_u64(r.offset);
+                dst.put_u64(r.len);
+            }
+        }
         Reply::Multicast(status) => {
             dst.put_u8(match status.state {
                 MulticastState::Idle => 0,
@@ -610,6 +631,10 @@ fn decode_request(kind: u8, b: &mut Body) -> Result<Request, ProtocolError> {
         },
         kind::IDENTIFY => Request::Identify,
         kind::MULTICAST_STATUS => Request::MulticastStatus,
+        kind::LIVE_PREPARE => Request::LivePrepare {
+            size: b.u64("live file size")?,
+        },
+        kind::LIVE_REMOVE => Request::LiveRemove,
         kind::SET_BOOT_ENTRY => {
             let load_option = b.rest();
             check_load_option_len(load_option.len())?;
@@ -665,6 +690,7 @@ fn decode_reply(kind: u8, b: &mut Body) -> Result<Reply, ProtocolError> {
         kind::STATUS => Reply::Status(decode_extents(b)?),
         kind::HASHES => Reply::Hashes(decode_hashes(b)?),
         kind::BOOT_ENTRY => Reply::BootEntry(b.u16("boot entry number")?),
+        kind::LIVE_MAP => Reply::LiveMap(decode_live_map(b)?),
         kind::MULTICAST => Reply::Multicast(MulticastStatus {
             state: match b.u8("multicast state")? {
                 0 => MulticastState::Idle,
@@ -696,6 +722,36 @@ fn check_load_option_len(len: usize) -> Result<(), ProtocolError> {
         )));
     }
     Ok(())
+}
+
+fn check_live_runs(n: usize) -> Result<(), ProtocolError> {
+    if n > MAX_LIVE_EXTENTS {
+        return Err(ProtocolError::malformed(format!(
+            "a live map of {n} runs has more than {MAX_LIVE_EXTENTS}"
+        )));
+    }
+    Ok(())
+}
+
+fn decode_live_map(b: &mut Body) -> Result<LiveMap, ProtocolError> {
+    let disk = b.string("live disk")?;
+    let path = b.string("live file path")?;
+    let block_size = b.u32("live block size")?;
+    let n = b.count(RUN_LEN, "live map")?;
+    check_live_runs(n)?;
+    let mut runs = Vec::with_capacity(n);
+    for _ in 0..n {
+        runs.push(DiskRun {
+            offset: b.u64("run offset")?,
+            len: b.u64("run length")?,
+        });
+    }
+    Ok(LiveMap {
+        disk,
+        path,
+        block_size,
+        runs,
+    })
 }
 
 fn decode_disks(b: &mut Body) -> Result<Vec<DiskInfo>, ProtocolError> {

@@ -46,8 +46,9 @@ pub use handshake::{Session, SessionOptions};
 #[cfg(feature = "io")]
 pub use key::{KeyError, PublicKey, StaticKey};
 pub use message::{
-    BlockState, DiskInfo, ErrorCode, Extent, Message, MulticastState, MulticastStatus, PowerAction,
-    Reply, Request, Role, MAX_IDENTITY, MAX_LOAD_OPTION,
+    BlockState, DiskInfo, DiskRun, ErrorCode, Extent, LiveMap, Message, MulticastState,
+    MulticastStatus, PowerAction, Reply, Request, Role, MAX_IDENTITY, MAX_LIVE_EXTENTS,
+    MAX_LOAD_OPTION,
 };
 
 /// Protocol versions this build speaks (inclusive range).

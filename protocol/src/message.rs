@@ -89,6 +89,16 @@ pub enum Request {
     SetBootEntry {
         load_option: Bytes,
     },
+    /// Create and pin the live file (agents started with `--live`): an ordinary file of
+    /// `size` bytes in the running system's filesystem, allocated, made immutable, and mapped
+    /// to the disk sectors holding it. Answered with [`Reply::LiveMap`]; writes to the disk
+    /// are then allowed inside the map and nowhere else. Asking again with the same size
+    /// answers the map of the file already pinned.
+    LivePrepare {
+        size: u64,
+    },
+    /// Unpin and delete the live file; its space returns to the running system.
+    LiveRemove,
 }
 
 /// Largest load option a [`Request::SetBootEntry`] may carry.
@@ -130,10 +140,43 @@ pub enum Reply {
     Multicast(MulticastStatus),
     /// The number of the boot entry a [`Request::SetBootEntry`] wrote (`Boot####`).
     BootEntry(u16),
+    /// Where the live file of a [`Request::LivePrepare`] lies on its disk.
+    LiveMap(LiveMap),
     Error {
         code: ErrorCode,
         message: String,
     },
+}
+
+/// Most pieces a [`LiveMap`] may have: a file in more pieces is refused as too fragmented.
+pub const MAX_LIVE_EXTENTS: usize = 4096;
+
+/// The live file's file-to-sector map: which disk holds it and, in file order, the runs of
+/// disk bytes holding its bytes (the file's offsets follow from the order: the runs cover it
+/// from 0 without gaps).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LiveMap {
+    /// The served disk holding the file (the name [`Request::Open`] takes).
+    pub disk: String,
+    /// The file's path in the running system.
+    pub path: String,
+    /// The filesystem's block size: every run starts and ends on it.
+    pub block_size: u32,
+    pub runs: Vec<DiskRun>,
+}
+
+/// `len` bytes of the disk from `offset`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DiskRun {
+    pub offset: u64,
+    pub len: u64,
+}
+
+impl LiveMap {
+    /// The file's size: the sum of its runs.
+    pub fn size(&self) -> u64 {
+        self.runs.iter().map(|r| r.len).sum()
+    }
 }
 
 /// Where a connection's multicast session is.

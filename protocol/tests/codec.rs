@@ -3,8 +3,8 @@
 use bytes::{BufMut, Bytes, BytesMut};
 use diskferry_protocol::multicast::Credentials;
 use diskferry_protocol::{
-    BlockState, DiskInfo, ErrorCode, Extent, FrameCodec, Message, MulticastState, MulticastStatus,
-    PowerAction, ProtocolError, Reply, Request,
+    BlockState, DiskInfo, DiskRun, ErrorCode, Extent, FrameCodec, LiveMap, Message, MulticastState,
+    MulticastStatus, PowerAction, ProtocolError, Reply, Request, MAX_LIVE_EXTENTS,
 };
 use rand::{Rng, SeedableRng};
 use tokio_util::codec::{Decoder, Encoder};
@@ -51,6 +51,32 @@ fn samples() -> Vec<Message> {
         Message::Reply {
             cookie: 108,
             reply: Reply::BootEntry(0x0004),
+        },
+        Message::Request {
+            cookie: 109,
+            request: Request::LivePrepare { size: 3 << 30 },
+        },
+        Message::Request {
+            cookie: 110,
+            request: Request::LiveRemove,
+        },
+        Message::Reply {
+            cookie: 109,
+            reply: Reply::LiveMap(LiveMap {
+                disk: "/dev/vda".into(),
+                path: "/diskferry-live".into(),
+                block_size: 4096,
+                runs: vec![
+                    DiskRun {
+                        offset: 1 << 30,
+                        len: 2 << 30,
+                    },
+                    DiskRun {
+                        offset: 5 << 30,
+                        len: 1 << 30,
+                    },
+                ],
+            }),
         },
         Message::Reply {
             cookie: 106,
@@ -491,4 +517,50 @@ fn bad_multicast_credentials_and_states_are_refused() {
     assert!(decode_one(frame(0x89, &status)).is_err());
     status[0] = 2;
     assert!(decode_one(frame(0x89, &status)).unwrap().is_some());
+}
+
+#[test]
+fn a_live_map_with_more_runs_than_the_limit_or_the_frame_is_refused() {
+    let mut body = BytesMut::new();
+    for s in ["/dev/vda", "/diskferry-live"] {
+        body.put_u16(s.len() as u16);
+        body.put_slice(s.as_bytes());
+    }
+    body.put_u32(4096);
+    // Claims more runs than the frame holds.
+    let mut short = body.clone();
+    short.put_u32(1000);
+    short.put_u64(0);
+    assert!(decode_one(frame(0x8b, &short)).is_err());
+    // More runs than any live map may have, all present.
+    let mut long = body.clone();
+    long.put_u32(MAX_LIVE_EXTENTS as u32 + 1);
+    for i in 0..=MAX_LIVE_EXTENTS as u64 {
+        long.put_u64(i << 20);
+        long.put_u64(4096);
+    }
+    let err = FrameCodec::new(1 << 20)
+        .decode(&mut frame(0x8b, &long))
+        .unwrap_err();
+    assert!(err.to_string().contains("more than"), "{err}");
+    // The encoder refuses to send one.
+    let map = LiveMap {
+        disk: "/dev/vda".into(),
+        path: "/x".into(),
+        block_size: 4096,
+        runs: vec![
+            DiskRun {
+                offset: 0,
+                len: 4096
+            };
+            MAX_LIVE_EXTENTS + 1
+        ],
+    };
+    let msg = Message::Reply {
+        cookie: 1,
+        reply: Reply::LiveMap(map),
+    };
+    assert!(FrameCodec::new(1 << 20)
+        .encode(&msg, &mut BytesMut::new())
+        .is_err());
 }

@@ -337,6 +337,7 @@ fn start_agent(disk: &Path, server: PublicKey) -> Result<String> {
         quiet: true,
         allow_power: false,
         allow_firmware: false,
+        live: None,
     });
     std::thread::Builder::new()
         .name("demo-agent".into())

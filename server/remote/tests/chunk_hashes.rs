@@ -31,6 +31,7 @@ async fn start_agent(disk: &Path, server: &StaticKey) -> String {
         quiet: true,
         allow_power: false,
         allow_firmware: false,
+        live: None,
     });
     tokio::spawn(diskferry_client::accept_loop(listener, config, 4));
     addr

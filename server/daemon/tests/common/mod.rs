@@ -27,6 +27,7 @@ pub async fn start_agent(disk: &Path, server: &StaticKey, allow_write: bool) -> 
         quiet: true,
         allow_power: false,
         allow_firmware: false,
+        live: None,
     });
     tokio::spawn(diskferry_client::accept_loop(listener, config, 4));
     addr

@@ -1,0 +1,264 @@
+//! Live mode (`--live`): the agent runs inside the machine's own running system, and a new
+//! system is written into one file of it while it keeps running.
+//!
+//! [`Live::prepare`] creates that file (`--live-file`, `/diskferry-live` by default) at the
+//! size the server asks for, allocated in full and pinned (immutable), and answers its
+//! file-to-sector map: the disk holding it and, in file order, the disk runs holding its
+//! bytes. From then on writes to that disk are allowed inside the map and nowhere else
+//! ([`Live::check_write`]); they go to the disk with direct I/O ([`direct`]), so the running
+//! system's page cache is neither filled nor consulted. The old filesystem never reads the
+//! file (its extents stay unwritten to it) and cannot move or free it, so what is written
+//! there survives until [`Live::remove`] gives the space back.
+//!
+//! The agent still knows no filesystem: it asks the kernel (`statfs`, `FIEMAP`, sysfs) and
+//! refuses when the answer cannot be trusted to be disk sectors — btrfs, device-mapper
+//! (LUKS, LVM), RAID, encrypted or inline data, a disk this agent does not serve, a file in
+//! more than [`diskferry_protocol::MAX_LIVE_EXTENTS`] pieces — leaving nothing behind.
+
+pub mod device;
+pub mod direct;
+mod pin;
+
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use diskferry_protocol::{DiskRun, ErrorCode, LiveMap};
+
+use crate::disks::{DiskError, DiskSpec};
+
+/// Where the live file goes when `--live-file` does not say.
+pub const DEFAULT_FILE: &str = "/diskferry-live";
+
+/// Why a live file cannot be made, mapped or removed.
+#[derive(Debug, thiserror::Error)]
+pub enum LiveError {
+    #[error("this agent was not started with --live: it writes no live file")]
+    NotLive,
+    #[error("{path} cannot hold a live system: {why}")]
+    Unstable { path: String, why: String },
+    #[error("the live file would be on {device}, a {what}: its offsets are not disk sectors")]
+    Layered { device: String, what: String },
+    #[error("device {device} is not a block device in sysfs")]
+    NotABlockDevice { device: String },
+    #[error("cannot read {path} in sysfs")]
+    Sysfs { path: String },
+    #[error("the live file would be on disk {disk}, which this agent does not serve (give it with --disk)")]
+    NotServed { disk: String },
+    #[error("not enough free space for a live file of {size} bytes ({free} bytes free)")]
+    NoSpace { size: u64, free: u64 },
+    #[error("the free space is too fragmented: a live file of {size} bytes needs more than {most} pieces")]
+    Fragmented { size: u64, most: usize },
+    #[error("a live file size must be a positive multiple of 4096 bytes, not {0}")]
+    BadSize(u64),
+    #[error("a live file of {pinned} bytes is already pinned at {path}; remove it first (diskferry deploy --rollback)")]
+    AlreadyPinned { path: String, pinned: u64 },
+    #[error("{path} moved on the disk while it was being pinned")]
+    Moved { path: String },
+    #[error("cannot {what}: {source}")]
+    Io {
+        what: String,
+        source: std::io::Error,
+    },
+}
+
+impl From<LiveError> for DiskError {
+    fn from(e: LiveError) -> DiskError {
+        let code = match &e {
+            LiveError::NotLive => ErrorCode::PermissionDenied,
+            LiveError::Io { .. } => ErrorCode::Io,
+            LiveError::NotABlockDevice { .. } | LiveError::NotServed { .. } => ErrorCode::NotFound,
+            _ => ErrorCode::Unsupported,
+        };
+        DiskError {
+            code,
+            message: e.to_string(),
+        }
+    }
+}
+
+/// The pinned file: its map, and the device number of the disk holding it.
+#[derive(Debug, Clone)]
+struct Pinned {
+    map: LiveMap,
+    disk: u64,
+    /// The map's runs in disk order, merged where they touch.
+    sorted: Vec<DiskRun>,
+}
+
+/// A live agent's file and what it allows.
+#[derive(Debug)]
+pub struct Live {
+    path: PathBuf,
+    /// `/sys`, or a fake one in tests.
+    sysfs: PathBuf,
+    pinned: Mutex<Option<Pinned>>,
+}
+
+impl Live {
+    /// Live mode with the file at `path`. A file left pinned there by an earlier run is taken
+    /// up again; a half-made one (its temporary name) is removed.
+    pub fn new(path: PathBuf, served: &[DiskSpec]) -> Live {
+        Live::with_sysfs(path, crate::identity::sysfs(), served)
+    }
+
+    /// [`Live::new`], reading sysfs at `sysfs`.
+    pub fn with_sysfs(path: PathBuf, sysfs: PathBuf, served: &[DiskSpec]) -> Live {
+        let _ = std::fs::remove_file(pin::partial(&path));
+        let live = Live {
+            path,
+            sysfs,
+            pinned: Mutex::new(None),
+        };
+        if let Ok(Some(p)) = live.adopt(served) {
+            *live.lock() = Some(p);
+        }
+        live
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The size of the pinned file, if one is.
+    pub fn pinned_size(&self) -> Option<u64> {
+        self.lock().as_ref().map(|p| p.map.size())
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Option<Pinned>> {
+        self.pinned.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The map of the file pinned at the path by an earlier run, if there is one.
+    fn adopt(&self, served: &[DiskSpec]) -> Result<Option<Pinned>, LiveError> {
+        let Ok(file) = std::fs::File::open(&self.path) else {
+            return Ok(None);
+        };
+        if !pin::is_pinned(&file) {
+            return Ok(None);
+        }
+        let size = file.metadata().map(|m| m.len()).unwrap_or(0);
+        let (holder, disk_name, block_size) = self.place(served)?;
+        let runs = pin::map(&file, &self.path, size, &holder)?;
+        Ok(Some(self.pinned_map(
+            holder.disk,
+            disk_name,
+            block_size,
+            runs,
+        )))
+    }
+
+    /// The disk the file's directory is on (refused unless served here), its served name,
+    /// and the filesystem's block size.
+    fn place(&self, served: &[DiskSpec]) -> Result<(device::Holder, String, u32), LiveError> {
+        let dir = self.path.parent().unwrap_or(Path::new("/"));
+        let block_size = pin::check_filesystem(dir)?;
+        let holder = device::holder(pin::device_of(dir)?, &self.sysfs)?;
+        let name = served_name(served, holder.disk).ok_or_else(|| LiveError::NotServed {
+            disk: format!("/dev/{}", holder.disk_name),
+        })?;
+        Ok((holder, name, block_size))
+    }
+
+    fn pinned_map(&self, disk: u64, name: String, block_size: u32, runs: Vec<DiskRun>) -> Pinned {
+        let mut sorted = runs.clone();
+        sorted.sort_by_key(|r| r.offset);
+        let mut merged: Vec<DiskRun> = Vec::with_capacity(sorted.len());
+        for r in sorted {
+            match merged.last_mut() {
+                Some(m) if m.offset + m.len == r.offset => m.len += r.len,
+                _ => merged.push(r),
+            }
+        }
+        Pinned {
+            map: LiveMap {
+                disk: name,
+                path: self.path.display().to_string(),
+                block_size,
+                runs,
+            },
+            disk,
+            sorted: merged,
+        }
+    }
+
+    /// Creates and pins a file of `size` bytes, or answers the map of the one pinned when it
+    /// has that size.
+    pub fn prepare(&self, size: u64, served: &[DiskSpec]) -> Result<LiveMap, LiveError> {
+        let mut pinned = self.lock();
+        if let Some(p) = pinned.as_ref() {
+            if p.map.size() == size {
+                return Ok(p.map.clone());
+            }
+            return Err(LiveError::AlreadyPinned {
+                path: self.path.display().to_string(),
+                pinned: p.map.size(),
+            });
+        }
+        if size == 0 || !size.is_multiple_of(4096) {
+            return Err(LiveError::BadSize(size));
+        }
+        let (holder, name, block_size) = self.place(served)?;
+        let dir = self.path.parent().unwrap_or(Path::new("/"));
+        let free = pin::free_bytes(dir)?;
+        if free < size {
+            return Err(LiveError::NoSpace { size, free });
+        }
+        let runs = pin::create(&self.path, size, &holder)?;
+        let p = self.pinned_map(holder.disk, name, block_size, runs);
+        let map = p.map.clone();
+        *pinned = Some(p);
+        Ok(map)
+    }
+
+    /// Unpins and deletes the file; true when there was one.
+    pub fn remove(&self) -> Result<bool, LiveError> {
+        let mut pinned = self.lock();
+        let removed = pin::remove(&self.path)?;
+        *pinned = None;
+        Ok(removed)
+    }
+
+    /// Whether `len` bytes from `offset` of the disk with device number `disk` lie inside the
+    /// pinned file; the error says why not.
+    pub fn check_write(&self, disk: u64, offset: u64, len: u64) -> Result<(), DiskError> {
+        let pinned = self.lock();
+        let refused = |why: String| DiskError {
+            code: ErrorCode::PermissionDenied,
+            message: format!("live mode: {why}"),
+        };
+        let Some(p) = pinned.as_ref() else {
+            return Err(refused(
+                "no live file is pinned: nothing may be written".into(),
+            ));
+        };
+        if p.disk != disk {
+            return Err(refused(format!(
+                "the live file is on {}, not this disk",
+                p.map.disk
+            )));
+        }
+        let end = offset
+            .checked_add(len)
+            .ok_or_else(|| refused("range overflows".into()))?;
+        // The run holding `offset` (runs are sorted, disjoint and merged).
+        let i = p.sorted.partition_point(|r| r.offset + r.len <= offset);
+        match p.sorted.get(i) {
+            Some(r) if r.offset <= offset && end <= r.offset + r.len => Ok(()),
+            _ => Err(refused(format!(
+                "bytes {offset}..{end} are not all inside the live file: only its sectors may be written"
+            ))),
+        }
+    }
+}
+
+/// The served name of the disk with device number `disk`.
+fn served_name(served: &[DiskSpec], disk: u64) -> Option<String> {
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    served.iter().find_map(|d| {
+        let m = std::fs::metadata(&d.path).ok()?;
+        (m.file_type().is_block_device() && m.rdev() == disk).then(|| d.name.clone())
+    })
+}
+
+#[cfg(test)]
+mod tests;
