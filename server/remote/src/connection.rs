@@ -16,7 +16,7 @@ use diskferry_protocol::compress::Codec;
 use diskferry_protocol::handshake::{initiate, respond};
 use diskferry_protocol::stream::split;
 use diskferry_protocol::{
-    DiskInfo, Message, ProtocolError, PublicKey, Reply, Request, SessionOptions,
+    DiskInfo, LiveMap, Message, ProtocolError, PublicKey, Reply, Request, SessionOptions,
 };
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
@@ -371,7 +371,6 @@ impl Connection {
         }
     }
 
-    /// The machine's identity document (JSON), from a dial-back agent.
     /// Asks the agent to write a UEFI boot entry holding `load_option`, first in the boot
     /// order; returns its number.
     pub async fn set_boot_entry(&self, load_option: Vec<u8>) -> Result<u16, BlockError> {
@@ -384,6 +383,24 @@ impl Connection {
         }
     }
 
+    /// Asks a live agent to create and pin its live file of `size` bytes (or answer the map
+    /// of the one pinned at that size): where on which disk the file's bytes lie.
+    pub async fn live_prepare(&self, size: u64) -> Result<LiveMap, BlockError> {
+        match self.call(Request::LivePrepare { size }).await? {
+            Reply::LiveMap(map) => Ok(map),
+            other => Err(unexpected("prepare the live file", None, other)),
+        }
+    }
+
+    /// Asks a live agent to unpin and delete its live file.
+    pub async fn live_remove(&self) -> Result<(), BlockError> {
+        match self.call(Request::LiveRemove).await? {
+            Reply::Done => Ok(()),
+            other => Err(unexpected("remove the live file", None, other)),
+        }
+    }
+
+    /// The machine's identity document (JSON), from a dial-back agent.
     pub async fn identify(&self) -> Result<String, BlockError> {
         match self.call(Request::Identify).await? {
             Reply::Identity(doc) => Ok(doc),
@@ -533,6 +550,7 @@ pub(super) fn unexpected(op: &'static str, offset: Option<u64>, reply: Reply) ->
                 Reply::Identity(_) => "identity",
                 Reply::Multicast(_) => "multicast status",
                 Reply::BootEntry(_) => "boot entry",
+                Reply::LiveMap(_) => "live map",
                 Reply::Error { .. } => "error",
             };
             BlockError::Protocol(format!("unexpected {kind} reply to {op}"))

@@ -6,7 +6,7 @@ use super::super::super::{FileKind, Filesystem, FsError, Result, Timestamp};
 use super::super::ondisk::{inode, journal_sb};
 use super::layout::Allocator;
 use super::place::Placed;
-use super::resize::{ResizeInode, RESIZE_INO};
+use super::resize::MappedInode;
 use super::tables::{self, Inodes};
 use super::{
     csum, own_metadata, xattr, Ext4Report, Extent, Item, Job, JournalFeatures, COPIED_FLAGS,
@@ -37,8 +37,8 @@ pub(super) fn write_all(
         copy_file_data(dev, job.source, &placed, job.geo.block_size)?;
     }
     let journal_i_block = write_journal(dev, job, &placed.journal, &mut inodes)?;
-    if let Some(r) = &placed.resize {
-        write_resize_inode(dev, job, r, &mut inodes)?;
+    for m in &placed.mapped {
+        write_mapped_inode(dev, job, m, &mut inodes)?;
     }
     let dirs: Vec<u32> = placed
         .order
@@ -164,19 +164,24 @@ fn inode_bytes(inode_size: u64, item: &Item, blocks_512: u64, flags: u32) -> Vec
     b
 }
 
-/// Writes the resize inode's blocks and adds the inode.
-fn write_resize_inode(
+/// Writes a block-mapped inode's blocks and adds the inode.
+fn write_mapped_inode(
     dev: &dyn BlockDevice,
     job: &Job,
-    r: &ResizeInode,
+    m: &MappedInode,
     inodes: &mut Inodes,
 ) -> Result<()> {
-    for (nr, block) in &r.blocks {
+    for (nr, block) in &m.blocks {
         dev.write_at(block, nr * job.geo.block_size)?;
     }
-    let mut raw = inode_bytes(job.geo.inode_size, &r.item, r.blocks_512, 0);
-    csum::set_inode(job.id.csum_seed, RESIZE_INO, &mut raw);
-    inodes.insert(RESIZE_INO, raw);
+    let mut raw = inode_bytes(job.geo.inode_size, &m.item, m.blocks_512, 0);
+    if m.typeless {
+        inode::MODE.set(&mut raw, 0);
+        inode::LINKS_COUNT.set(&mut raw, 0);
+        raw[inode::GOOD_OLD_SIZE..].fill(0);
+    }
+    csum::set_inode(job.id.csum_seed, m.ino, &mut raw);
+    inodes.insert(m.ino, raw);
     Ok(())
 }
 

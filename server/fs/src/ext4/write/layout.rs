@@ -22,6 +22,9 @@ pub struct Geometry {
     /// Blocks reserved after each descriptor table for online growth (resize_inode).
     pub reserved_gdt: u64,
     pub log_groups_per_flex: u32,
+    /// Blocks the filesystem must never use or write (first, count), sorted and disjoint:
+    /// they are listed in the bad-block inode.
+    pub bad: Vec<(u64, u64)>,
     /// Per group: block bitmap, inode bitmap, inode table.
     pub block_bitmap: Vec<u64>,
     pub inode_bitmap: Vec<u64>,
@@ -122,6 +125,7 @@ impl Geometry {
             gdt_blocks: (groups * desc_size).div_ceil(block_size),
             reserved_gdt: 0,
             log_groups_per_flex: 4,
+            bad: Vec::new(),
             block_bitmap: Vec::new(),
             inode_bitmap: Vec::new(),
             inode_table: Vec::new(),
@@ -134,6 +138,38 @@ impl Geometry {
     /// a block's worth of pointers, as the resize inode's index holds).
     pub fn with_reserved_gdt(mut self, n: u64) -> Result<Geometry> {
         self.reserved_gdt = n.min(self.block_size / 4);
+        self.log_groups_per_flex = 4;
+        self.place_flex_groups()?;
+        Ok(self)
+    }
+
+    /// The same geometry keeping off `bad` blocks (first, count): the metadata is placed
+    /// around them. Refused when they touch the primary superblock or descriptor table.
+    pub fn with_bad_blocks(mut self, bad: &[(u64, u64)]) -> Result<Geometry> {
+        if bad.is_empty() {
+            return Ok(self);
+        }
+        let mut ranges: Vec<(u64, u64)> = bad
+            .iter()
+            .filter(|r| r.1 > 0)
+            .map(|&(b, n)| (b, n.min(self.blocks.saturating_sub(b))))
+            .filter(|r| r.1 > 0)
+            .collect();
+        ranges.sort_unstable();
+        let mut merged: Vec<(u64, u64)> = Vec::with_capacity(ranges.len());
+        for (b, n) in ranges {
+            match merged.last_mut() {
+                Some(m) if b <= m.0 + m.1 => m.1 = m.1.max(b + n - m.0),
+                _ => merged.push((b, n)),
+            }
+        }
+        let head = self.first_data_block + self.backup_len(0);
+        if merged.first().is_some_and(|r| r.0 < head) {
+            return Err(FsError::Unsupported(format!(
+                "blocks below {head} (the superblock and group descriptors) cannot be bad"
+            )));
+        }
+        self.bad = merged;
         self.log_groups_per_flex = 4;
         self.place_flex_groups()?;
         Ok(self)
@@ -154,8 +190,9 @@ impl Geometry {
         Ok(())
     }
 
-    /// Places each flex group's bitmaps and inode tables after its first group's backup;
-    /// false when they do not fit that group.
+    /// Places each flex group's bitmaps and inode tables after its first group's backup,
+    /// packed, around bad blocks; false when they do not fit that group (without bad blocks)
+    /// or the filesystem.
     fn place(&mut self) -> bool {
         self.block_bitmap.clear();
         self.inode_bitmap.clear();
@@ -167,17 +204,63 @@ impl Geometry {
         }
         for g0 in (0..self.groups).step_by(flex as usize) {
             let members = flex.min(self.groups - g0);
-            let start = self.group_start(g0) + self.backup_len(g0);
-            if start + members * (2 + itable) > self.group_start(g0) + self.group_len(g0) {
-                return false;
+            let mut at = self.group_start(g0) + self.backup_len(g0);
+            let limit = if self.bad.is_empty() {
+                self.group_start(g0) + self.group_len(g0)
+            } else {
+                self.blocks
+            };
+            for (len, list) in [(1, 0), (1, 1), (itable, 2)] {
+                for _ in 0..members {
+                    let Some(b) = self.free_run(at, len, limit) else {
+                        return false;
+                    };
+                    match list {
+                        0 => self.block_bitmap.push(b),
+                        1 => self.inode_bitmap.push(b),
+                        _ => self.inode_table.push(b),
+                    }
+                    at = b + len;
+                }
             }
-            self.block_bitmap.extend((0..members).map(|i| start + i));
-            self.inode_bitmap
-                .extend((0..members).map(|i| start + members + i));
-            self.inode_table
-                .extend((0..members).map(|i| start + 2 * members + i * itable));
         }
         true
+    }
+
+    /// The first block from `from` starting `len` blocks that end by `limit` and hold no bad
+    /// block and no superblock backup.
+    fn free_run(&self, mut from: u64, len: u64, limit: u64) -> Option<u64> {
+        loop {
+            let end = from + len;
+            if end > limit {
+                return None;
+            }
+            match self.obstacle(from, end) {
+                Some(past) => from = past,
+                None => return Some(from),
+            }
+        }
+    }
+
+    /// The end of the first bad range or backup that `from..end` overlaps, if any.
+    fn obstacle(&self, from: u64, end: u64) -> Option<u64> {
+        let i = self.bad.partition_point(|r| r.0 + r.1 <= from);
+        if let Some(&(b, n)) = self.bad.get(i).filter(|r| r.0 < end) {
+            return Some(b + n);
+        }
+        let group =
+            |b: u64| (b.max(self.first_data_block) - self.first_data_block) / self.blocks_per_group;
+        (group(from)..=group(end - 1)).find_map(|g| {
+            let start = self.group_start(g);
+            let past = start + self.backup_len(g);
+            (start < end && from < past).then_some(past)
+        })
+    }
+
+    /// Whether any of `len` blocks from `from` is bad.
+    pub fn touches_bad(&self, from: u64, len: u64) -> bool {
+        let i = self.bad.partition_point(|r| r.0 + r.1 <= from);
+        self.bad.get(i).is_some_and(|r| r.0 < from + len)
     }
 
     pub fn group_start(&self, g: u64) -> u64 {
@@ -220,6 +303,9 @@ impl Geometry {
             mark(self.block_bitmap[g as usize], 1);
             mark(self.inode_bitmap[g as usize], 1);
             mark(self.inode_table[g as usize], self.itable_blocks());
+        }
+        for &(b, n) in &self.bad {
+            mark(b, n);
         }
         used
     }

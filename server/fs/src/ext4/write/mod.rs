@@ -25,6 +25,7 @@
 //! signedness, inode count, reserved GDT blocks, last mount point, journal size and journal
 //! features.
 
+mod badblocks;
 pub mod csum;
 mod dir;
 mod emit;
@@ -105,6 +106,11 @@ pub struct Ext4Options {
     /// leave those blocks unwritten — the metadata of a skeleton disk, whose data blocks are
     /// read from the source's files when asked for.
     pub map_file_data: bool,
+    /// Blocks (first, count) the filesystem must never use or write: listed in its bad-block
+    /// inode, with the metadata placed around them (a live deploy's range holds blocks of
+    /// the running system's other files). No resize inode is made with them, and superblock
+    /// backups that fall on them are not written.
+    pub bad_blocks: Vec<(u64, u64)>,
 }
 
 pub use crate::MappedData;
@@ -129,6 +135,7 @@ impl Default for Ext4Options {
             counters: None,
             keep_source_layout: false,
             map_file_data: false,
+            bad_blocks: Vec::new(),
         }
     }
 }
@@ -349,7 +356,12 @@ fn geometry(dev: &dyn BlockDevice, opts: &Ext4Options, next_ino: u32) -> Result<
             inodes,
             opts.bytes_per_inode,
         )?
-        .with_reserved_gdt(opts.reserved_gdt_blocks)
+        .with_reserved_gdt(if opts.bad_blocks.is_empty() {
+            opts.reserved_gdt_blocks
+        } else {
+            0
+        })?
+        .with_bad_blocks(&opts.bad_blocks)
     };
     let needed = u64::from(next_ino).max(opts.min_inodes);
     let by_size = dev.size() / opts.bytes_per_inode.max(1024);

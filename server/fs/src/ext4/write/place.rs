@@ -9,10 +9,11 @@ use std::collections::{HashMap, HashSet, VecDeque};
 
 use super::super::super::{FileExtent, FileKind, Filesystem, Result};
 use super::super::ondisk::inode;
+use super::badblocks::bad_blocks_inode;
 use super::dir::{directory_blocks, Shape};
 use super::extent::extent_tree;
 use super::layout::Allocator;
-use super::resize::{resize_inode, ResizeInode};
+use super::resize::{resize_inode, MappedInode};
 use super::{
     csum, default_journal_blocks, xattr, Ext4Report, Extent, Item, Job, INLINE_XATTRS_AT,
     MAX_EXTENT, ROOT_INO,
@@ -26,8 +27,9 @@ pub(super) struct Placed {
     /// followed by its other entries).
     pub order: Vec<u32>,
     pub journal: Vec<Extent>,
-    /// The resize inode, with reserved GDT blocks.
-    pub resize: Option<ResizeInode>,
+    /// The resize inode (with reserved GDT blocks) and the bad-block inode (with bad
+    /// blocks).
+    pub mapped: Vec<MappedInode>,
     pub alloc: Allocator,
 }
 
@@ -47,7 +49,10 @@ pub(super) fn place(
         report,
     };
     let journal = p.journal()?;
-    let resize = resize_inode(&job.geo, &mut p.alloc)?;
+    let mapped = resize_inode(&job.geo, &mut p.alloc)?
+        .into_iter()
+        .chain(bad_blocks_inode(&job.geo, &mut p.alloc)?)
+        .collect();
     p.hinted()?;
     p.tree()?;
     for ino in p.order.clone() {
@@ -57,7 +62,7 @@ pub(super) fn place(
         items: p.items,
         order: p.order,
         journal,
-        resize,
+        mapped,
         alloc: p.alloc,
     })
 }

@@ -12,18 +12,22 @@ use super::{own_metadata, Item};
 /// Inode 7.
 pub(super) const RESIZE_INO: u32 = 7;
 
-/// The resize inode's blocks: (block number, contents), and the inode before its
-/// checksum (without the extents flag: it is block-mapped).
-pub(super) struct ResizeInode {
+/// A block-mapped inode the writer makes itself (the resize inode, the bad-block inode):
+/// its number, its blocks to write (block number, contents), and the inode before its
+/// checksum (without the extents flag).
+pub(super) struct MappedInode {
+    pub ino: u32,
     pub blocks: Vec<(u64, Vec<u8>)>,
     pub item: Item,
     /// Blocks it owns, in 512-byte units (`i_blocks`).
     pub blocks_512: u64,
+    /// Mode and link count 0, no extra fields: how mke2fs writes the bad-block inode.
+    pub typeless: bool,
 }
 
 /// The resize inode for `geo`, its double-indirect block taken from `alloc`; `None` without
 /// reserved GDT blocks.
-pub(super) fn resize_inode(geo: &Geometry, alloc: &mut Allocator) -> Result<Option<ResizeInode>> {
+pub(super) fn resize_inode(geo: &Geometry, alloc: &mut Allocator) -> Result<Option<MappedInode>> {
     if geo.reserved_gdt == 0 {
         return Ok(None);
     }
@@ -51,9 +55,11 @@ pub(super) fn resize_inode(geo: &Geometry, alloc: &mut Allocator) -> Result<Opti
     item.size = size;
     // i_block[13]: the double-indirect pointer.
     item.i_block[13 * 4..14 * 4].copy_from_slice(&(dind_at as u32).to_le_bytes());
-    Ok(Some(ResizeInode {
+    Ok(Some(MappedInode {
+        ino: RESIZE_INO,
         blocks,
         item,
         blocks_512: owned * bs / 512,
+        typeless: false,
     }))
 }

@@ -283,6 +283,10 @@ fn write_superblocks(dev: &dyn BlockDevice, job: &Job, primary: &[u8], gdt: &[u8
         } else {
             (geo.group_start(g) * bs, (geo.group_start(g) + 1) * bs)
         };
+        if g > 0 && geo.touches_bad(geo.group_start(g), geo.backup_len(g)) {
+            // mke2fs leaves such a backup too; e2fsck notes it and uses the others.
+            continue;
+        }
         dev.write_at(&copy, sb_at)?;
         dev.write_at(gdt, gdt_at)?;
     }
