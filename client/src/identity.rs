@@ -80,6 +80,17 @@ fn collect_at(config: &Config, sys: &Path) -> String {
         out.push('}');
     }
     out.push_str("],");
+    if let Some(live) = &config.live {
+        out.push_str("\"live\":{");
+        field(&mut out, "token", live.token());
+        field(&mut out, "file", Some(live.path().display().to_string()));
+        let _ = write!(
+            out,
+            "\"pinned\":{}}},",
+            live.pinned_size()
+                .map_or_else(|| "null".into(), |s| s.to_string())
+        );
+    }
     hardware(&mut out, sys);
     out.push('}');
     out

@@ -279,11 +279,34 @@ impl Connection {
                 self.set_boot_entry(cookie, load_option, permit)
             }
             Request::LivePrepare { size } => self.live(cookie, permit, move |live, disks| {
-                live.prepare(size, disks).map(Reply::LiveMap)
+                let map = live.prepare(size, disks)?;
+                let done = format!(
+                    "live file {} pinned: {} bytes in {} runs on {}",
+                    map.path,
+                    map.size(),
+                    map.runs.len(),
+                    map.disk
+                );
+                Ok((Reply::LiveMap(map), done))
             }),
-            Request::LiveRemove => {
-                self.live(cookie, permit, |live, _| live.remove().map(|_| Reply::Done))
-            }
+            Request::LiveRemove => self.live(cookie, permit, |live, _| {
+                let removed = live.remove()?;
+                let done = format!("live file {} removed: {removed}", live.path().display());
+                Ok((Reply::Done, done))
+            }),
+            Request::LiveBoot { menu } => self.live(cookie, permit, move |live, _| {
+                live.boot_once(&menu)?;
+                let done = if menu.is_empty() {
+                    "GRUB menu of the live system removed"
+                } else {
+                    "GRUB boots the live system once at the next boot"
+                };
+                Ok((Reply::Done, done.into()))
+            }),
+            Request::LiveCommit { committed } => self.live(cookie, permit, move |live, _| {
+                live.commit(committed)?;
+                Ok((Reply::Done, format!("this system committed: {committed}")))
+            }),
             Request::MulticastStatus => {
                 let status = self
                     .multicast
@@ -454,33 +477,18 @@ impl Connection {
         });
     }
 
-    /// Runs a live-file operation on the blocking pool, if this agent is live.
+    /// Runs a live operation on the blocking pool, if this agent is live; logs what it did.
     fn live(
         &self,
         cookie: u64,
         permit: OwnedSemaphorePermit,
-        op: impl FnOnce(&Live, &[DiskSpec]) -> Result<Reply, LiveError> + Send + 'static,
+        op: impl FnOnce(&Live, &[DiskSpec]) -> Result<(Reply, String), LiveError> + Send + 'static,
     ) {
         let config = Arc::clone(&self.config);
         run(&self.tx, cookie, permit, move || {
             let live = config.live.as_deref().ok_or(LiveError::NotLive)?;
-            let reply = op(live, &config.disks)?;
-            crate::log(
-                &config,
-                format_args!(
-                    "live file {}: {}",
-                    live.path().display(),
-                    match &reply {
-                        Reply::LiveMap(m) => format!(
-                            "pinned, {} bytes in {} runs on {}",
-                            m.size(),
-                            m.runs.len(),
-                            m.disk
-                        ),
-                        _ => "removed".into(),
-                    }
-                ),
-            );
+            let (reply, done) = op(live, &config.disks)?;
+            crate::log(&config, format_args!("{done}"));
             Ok(reply)
         });
     }

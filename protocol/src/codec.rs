@@ -19,7 +19,8 @@ use crate::chunks::{ChunkHash, MAX_HASHES};
 use crate::compress::{self, Codec, PREFIX_LEN};
 use crate::message::{
     BlockState, DiskInfo, DiskRun, ErrorCode, Extent, LiveMap, Message, MulticastState,
-    MulticastStatus, PowerAction, Reply, Request, MAX_IDENTITY, MAX_LIVE_EXTENTS, MAX_LOAD_OPTION,
+    MulticastStatus, PowerAction, Reply, Request, MAX_IDENTITY, MAX_LIVE_EXTENTS, MAX_LIVE_MENU,
+    MAX_LOAD_OPTION,
 };
 use crate::multicast::Credentials;
 use crate::{ProtocolError, FRAME_SLACK, MAX_PAYLOAD_LIMIT};
@@ -46,6 +47,8 @@ mod kind {
     pub const SET_BOOT_ENTRY: u8 = 0x10;
     pub const LIVE_PREPARE: u8 = 0x11;
     pub const LIVE_REMOVE: u8 = 0x12;
+    pub const LIVE_BOOT: u8 = 0x13;
+    pub const LIVE_COMMIT: u8 = 0x14;
     pub const DISKS: u8 = 0x81;
     pub const OPENED: u8 = 0x82;
     pub const DATA: u8 = 0x83;
@@ -299,6 +302,8 @@ fn encode_request(cookie: u64, request: &Request, dst: &mut BytesMut) -> Result<
         Request::SetBootEntry { .. } => kind::SET_BOOT_ENTRY,
         Request::LivePrepare { .. } => kind::LIVE_PREPARE,
         Request::LiveRemove => kind::LIVE_REMOVE,
+        Request::LiveBoot { .. } => kind::LIVE_BOOT,
+        Request::LiveCommit { .. } => kind::LIVE_COMMIT,
     };
     dst.put_u8(kind);
     dst.put_u64(cookie);
@@ -306,6 +311,11 @@ fn encode_request(cookie: u64, request: &Request, dst: &mut BytesMut) -> Result<
         Request::ListDisks | Request::Identify | Request::MulticastStatus | Request::LiveRemove => {
         }
         Request::LivePrepare { size } => dst.put_u64(*size),
+        Request::LiveBoot { menu } => {
+            check_menu_len(menu.len())?;
+            dst.put_slice(menu.as_bytes());
+        }
+        Request::LiveCommit { committed } => dst.put_u8(u8::from(*committed)),
         Request::MulticastJoin {
             handle,
             credentials,
@@ -635,6 +645,17 @@ fn decode_request(kind: u8, b: &mut Body) -> Result<Request, ProtocolError> {
             size: b.u64("live file size")?,
         },
         kind::LIVE_REMOVE => Request::LiveRemove,
+        kind::LIVE_BOOT => {
+            let raw = b.rest();
+            check_menu_len(raw.len())?;
+            Request::LiveBoot {
+                menu: String::from_utf8(raw.to_vec())
+                    .map_err(|_| ProtocolError::malformed("a live menu is not UTF-8"))?,
+            }
+        }
+        kind::LIVE_COMMIT => Request::LiveCommit {
+            committed: b.bool("commit flag")?,
+        },
         kind::SET_BOOT_ENTRY => {
             let load_option = b.rest();
             check_load_option_len(load_option.len())?;
@@ -719,6 +740,15 @@ fn check_load_option_len(len: usize) -> Result<(), ProtocolError> {
     if len > MAX_LOAD_OPTION {
         return Err(ProtocolError::malformed(format!(
             "a load option of {len} bytes is larger than {MAX_LOAD_OPTION}"
+        )));
+    }
+    Ok(())
+}
+
+fn check_menu_len(len: usize) -> Result<(), ProtocolError> {
+    if len > MAX_LIVE_MENU {
+        return Err(ProtocolError::malformed(format!(
+            "a live menu of {len} bytes is larger than {MAX_LIVE_MENU}"
         )));
     }
     Ok(())

@@ -48,7 +48,7 @@ pub use key::{KeyError, PublicKey, StaticKey};
 pub use message::{
     BlockState, DiskInfo, DiskRun, ErrorCode, Extent, LiveMap, Message, MulticastState,
     MulticastStatus, PowerAction, Reply, Request, Role, MAX_IDENTITY, MAX_LIVE_EXTENTS,
-    MAX_LOAD_OPTION,
+    MAX_LIVE_MENU, MAX_LOAD_OPTION,
 };
 
 /// Protocol versions this build speaks (inclusive range).

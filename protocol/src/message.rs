@@ -99,7 +99,21 @@ pub enum Request {
     },
     /// Unpin and delete the live file; its space returns to the running system.
     LiveRemove,
+    /// Install `menu` (GRUB script, at most [`MAX_LIVE_MENU`] bytes) as the running system's
+    /// custom GRUB menu and boot its `diskferry-live` entry once (`next_entry`); an empty menu
+    /// undoes it. Live agents only.
+    LiveBoot {
+        menu: String,
+    },
+    /// Mark the running (live-deployed) system committed, so its GRUB entry becomes the
+    /// default — or no longer. Live agents only.
+    LiveCommit {
+        committed: bool,
+    },
 }
+
+/// Largest menu a [`Request::LiveBoot`] may carry.
+pub const MAX_LIVE_MENU: usize = 64 << 10;
 
 /// Largest load option a [`Request::SetBootEntry`] may carry.
 pub const MAX_LOAD_OPTION: usize = 4096;

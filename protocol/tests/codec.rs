@@ -60,6 +60,26 @@ fn samples() -> Vec<Message> {
             cookie: 110,
             request: Request::LiveRemove,
         },
+        Message::Request {
+            cookie: 111,
+            request: Request::LiveBoot {
+                menu: "menuentry \"x\" --id diskferry-live { linux /vmlinuz }".into(),
+            },
+        },
+        Message::Request {
+            cookie: 112,
+            request: Request::LiveCommit { committed: true },
+        },
+        Message::Request {
+            cookie: 111,
+            request: Request::LiveBoot {
+                menu: "menuentry \"x\" --id diskferry-live { linux /vmlinuz }".into(),
+            },
+        },
+        Message::Request {
+            cookie: 112,
+            request: Request::LiveCommit { committed: true },
+        },
         Message::Reply {
             cookie: 109,
             reply: Reply::LiveMap(LiveMap {

@@ -50,6 +50,11 @@ impl DirectWriter {
         self.file.write_all_at(aligned, offset)
     }
 
+    /// The disk's logical sector size.
+    pub fn sector(&self) -> u64 {
+        self.sector
+    }
+
     /// Waits until the device has everything written (its cache flushed).
     pub fn sync(&self) -> io::Result<()> {
         self.file.sync_all()

@@ -17,7 +17,9 @@
 
 pub mod device;
 pub mod direct;
+pub mod grub;
 mod pin;
+pub mod table;
 
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
@@ -52,6 +54,10 @@ pub enum LiveError {
     BadSize(u64),
     #[error("a live file of {pinned} bytes is already pinned at {path}; remove it first (diskferry deploy --rollback)")]
     AlreadyPinned { path: String, pinned: u64 },
+    #[error("cannot switch GRUB: {why}")]
+    Grub { why: String },
+    #[error("a GRUB menu of {0} bytes is larger than {max}", max = grub::MAX_MENU)]
+    MenuTooLarge(usize),
     #[error("{path} moved on the disk while it was being pinned")]
     Moved { path: String },
     #[error("cannot {what}: {source}")]
@@ -89,6 +95,9 @@ struct Pinned {
 #[derive(Debug)]
 pub struct Live {
     path: PathBuf,
+    /// The running system's root, where its GRUB and kernel command line are (`/`; another
+    /// directory in tests).
+    root: PathBuf,
     /// `/sys`, or a fake one in tests.
     sysfs: PathBuf,
     pinned: Mutex<Option<Pinned>>,
@@ -98,14 +107,15 @@ impl Live {
     /// Live mode with the file at `path`. A file left pinned there by an earlier run is taken
     /// up again; a half-made one (its temporary name) is removed.
     pub fn new(path: PathBuf, served: &[DiskSpec]) -> Live {
-        Live::with_sysfs(path, crate::identity::sysfs(), served)
+        Live::with_system(path, PathBuf::from("/"), crate::identity::sysfs(), served)
     }
 
-    /// [`Live::new`], reading sysfs at `sysfs`.
-    pub fn with_sysfs(path: PathBuf, sysfs: PathBuf, served: &[DiskSpec]) -> Live {
+    /// [`Live::new`], the running system's root at `root` and sysfs at `sysfs`.
+    pub fn with_system(path: PathBuf, root: PathBuf, sysfs: PathBuf, served: &[DiskSpec]) -> Live {
         let _ = std::fs::remove_file(pin::partial(&path));
         let live = Live {
             path,
+            root,
             sysfs,
             pinned: Mutex::new(None),
         };
@@ -216,6 +226,40 @@ impl Live {
         let removed = pin::remove(&self.path)?;
         *pinned = None;
         Ok(removed)
+    }
+
+    /// Installs the live system's GRUB `menu` and boots it once; an empty menu undoes it.
+    pub fn boot_once(&self, menu: &str) -> Result<(), LiveError> {
+        if menu.len() > grub::MAX_MENU {
+            return Err(LiveError::MenuTooLarge(menu.len()));
+        }
+        grub::switch(&self.root, menu)
+    }
+
+    /// Marks the running system committed (its GRUB entry becomes the default), or not.
+    pub fn commit(&self, committed: bool) -> Result<(), LiveError> {
+        grub::commit(&self.root, committed)
+    }
+
+    /// The live deploy token the running kernel was booted with, if any.
+    pub fn token(&self) -> Option<String> {
+        grub::token(&self.root)
+    }
+
+    /// Whether writing `data` at `offset` of disk `disk` is a partition-table write allowed
+    /// while a file is pinned on that disk ([`table`]): `sector0` is the disk's sector 0 now.
+    pub fn allows_table_write(
+        &self,
+        disk: u64,
+        offset: u64,
+        data: &[u8],
+        sector0: &[u8],
+        size: u64,
+        sector: u64,
+    ) -> bool {
+        let pinned = self.lock();
+        pinned.as_ref().is_some_and(|p| p.disk == disk)
+            && table::is_table_write(offset, data, sector0, size, sector)
     }
 
     /// Whether `len` bytes from `offset` of the disk with device number `disk` lie inside the

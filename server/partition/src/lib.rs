@@ -8,6 +8,7 @@
 
 pub mod gpt;
 pub mod mbr;
+pub mod nested;
 pub mod ondisk;
 mod resize;
 mod types;

@@ -92,6 +92,28 @@ fn gpt_array_sectors(entries: u32, sector: u64) -> u64 {
 /// Writes `table` onto `disk`, checking first that every partition fits its usable area and
 /// none overlap.
 pub fn write_table(disk: &dyn BlockDevice, table: &PartitionTable) -> Result<()> {
+    check_layout(disk, table, None)?;
+    match table.scheme {
+        Scheme::Gpt => write_gpt(disk, table),
+        Scheme::Mbr => write_mbr(disk, table),
+        Scheme::None => Ok(()),
+    }
+}
+
+/// Writes a GPT `table` in which partition `nested` lies inside another one (see
+/// [`crate::nested`]); the others must not overlap.
+pub(crate) fn write_gpt_nested(
+    disk: &dyn BlockDevice,
+    table: &PartitionTable,
+    nested: u32,
+) -> Result<()> {
+    check_layout(disk, table, Some(nested))?;
+    write_gpt(disk, table)
+}
+
+/// Every partition sector aligned, inside the usable area, and apart from the others — but
+/// `nested`, which must lie wholly inside one other partition.
+fn check_layout(disk: &dyn BlockDevice, table: &PartitionTable, nested: Option<u32>) -> Result<()> {
     let sector = u64::from(table.sector_size);
     if sector != u64::from(disk.logical_sector_size()) && disk.logical_sector_size() != 512 {
         return Err(invalid(format!(
@@ -100,7 +122,28 @@ pub fn write_table(disk: &dyn BlockDevice, table: &PartitionTable) -> Result<()>
         )));
     }
     let (first, end) = table.usable_range(disk.size());
-    let mut sorted: Vec<&Partition> = table.partitions.iter().collect();
+    if let Some(n) = nested {
+        let inner = table
+            .partitions
+            .iter()
+            .find(|p| p.number == n)
+            .ok_or_else(|| invalid(format!("no partition {n} to nest")))?;
+        let holders = table
+            .partitions
+            .iter()
+            .filter(|p| p.number != n && p.start <= inner.start && inner.end() <= p.end())
+            .count();
+        if holders != 1 {
+            return Err(invalid(format!(
+                "partition {n} does not lie inside exactly one other partition"
+            )));
+        }
+    }
+    let mut sorted: Vec<&Partition> = table
+        .partitions
+        .iter()
+        .filter(|p| Some(p.number) != nested)
+        .collect();
     sorted.sort_by_key(|p| p.start);
     for (i, p) in sorted.iter().enumerate() {
         if p.start % sector != 0 || p.size % sector != 0 || p.size == 0 {
@@ -126,11 +169,7 @@ pub fn write_table(disk: &dyn BlockDevice, table: &PartitionTable) -> Result<()>
             }
         }
     }
-    match table.scheme {
-        Scheme::Gpt => write_gpt(disk, table),
-        Scheme::Mbr => write_mbr(disk, table),
-        Scheme::None => Ok(()),
-    }
+    Ok(())
 }
 
 /// The GPT entry array of `table`, `array_sectors` long, entry `number - 1` per partition.
@@ -249,7 +288,7 @@ fn write_gpt(disk: &dyn BlockDevice, table: &PartitionTable) -> Result<()> {
 }
 
 /// A 16-byte MBR entry (CHS fields set to the LBA-only marker).
-fn mbr_entry(bootable: bool, id: u8, first_lba: u64, sectors: u64) -> Result<[u8; 16]> {
+pub(crate) fn mbr_entry(bootable: bool, id: u8, first_lba: u64, sectors: u64) -> Result<[u8; 16]> {
     let (Ok(first), Ok(count)) = (u32::try_from(first_lba), u32::try_from(sectors)) else {
         return Err(invalid(format!(
             "a partition at sector {first_lba} of {sectors} sectors is beyond what MBR can address"

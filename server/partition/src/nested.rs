@@ -1,0 +1,146 @@
+//! A partition lying inside another one: how a live deploy makes its new system, written
+//! into a file of the running system's partition, a partition the kernel and GRUB find —
+//! and how it goes away again.
+//!
+//! Only the table changes, as little as it can: on a GPT the new entry goes in the first free
+//! slot, named [`NESTED_NAME`], and the table is written as [`crate::write_table`] writes it
+//! (backup first); on an MBR it goes in a free primary slot of sector 0 (type 0x83), and
+//! nothing else is written — the extended boot records of logical partitions stay as they
+//! are. Boot code is never touched.
+
+use super::ondisk::{mbr as layout, mbr_entry};
+use super::write::{mbr_entry as encode_entry, write_gpt_nested};
+use super::{
+    gpt_types, read_table, Guid, Partition, PartitionError, PartitionType, Result, Scheme,
+};
+use diskferry_blockdev::BlockDevice;
+
+/// The GPT name of a nested partition.
+pub const NESTED_NAME: &str = "diskferry-live";
+/// The MBR system ID of a nested partition (Linux).
+const LINUX: u8 = 0x83;
+
+fn invalid(why: String) -> PartitionError {
+    PartitionError::Damaged(why)
+}
+
+/// Adds a partition of `size` bytes at byte `start` of `disk`, inside the partition holding
+/// that range; returns its number (the kernel's `sdaN`). An entry already there for the same
+/// range is kept, one for another range replaced.
+pub fn add_nested(disk: &dyn BlockDevice, start: u64, size: u64, guid: Guid) -> Result<u32> {
+    remove_nested_except(disk, Some((start, size)))?;
+    let table = read_table(disk)?;
+    if let Some(p) = table
+        .partitions
+        .iter()
+        .find(|p| p.start == start && p.size == size && is_nested(&table.partitions, p))
+    {
+        return Ok(p.number);
+    }
+    let sector = u64::from(table.sector_size);
+    if !start.is_multiple_of(sector) || !size.is_multiple_of(sector) || size == 0 {
+        return Err(invalid(format!("{start}+{size} is not whole sectors")));
+    }
+    match table.scheme {
+        Scheme::Gpt => {
+            let number = (1..=table.gpt_entries.max(128))
+                .find(|n| table.partitions.iter().all(|p| p.number != *n))
+                .ok_or_else(|| invalid("the GPT has no free entry".into()))?;
+            let mut table = table;
+            table.partitions.push(Partition {
+                number,
+                start,
+                size,
+                kind: PartitionType::Gpt(Guid::parse(gpt_types::LINUX_FILESYSTEM).expect("a GUID")),
+                guid: Some(guid),
+                name: NESTED_NAME.into(),
+                attributes: 0,
+                bootable: false,
+            });
+            write_gpt_nested(disk, &table, number)?;
+            Ok(number)
+        }
+        Scheme::Mbr => {
+            let mut sector0 = vec![0u8; layout::LEN];
+            disk.read_at(&mut sector0, 0)?;
+            let slot = (0..4)
+                .find(|&i| mbr_entry::SYSTEM_ID.get(layout::ENTRIES.get(&sector0, i)) == 0)
+                .ok_or_else(|| {
+                    invalid("the MBR has no free primary slot (all four are used)".into())
+                })?;
+            let holders = table
+                .partitions
+                .iter()
+                .filter(|p| p.start <= start && start + size <= p.end())
+                .count();
+            if holders != 1 {
+                return Err(invalid(format!(
+                    "{start}+{size} does not lie inside exactly one partition"
+                )));
+            }
+            let e = encode_entry(false, LINUX, start / sector, size / sector)?;
+            layout::ENTRIES
+                .get_mut(&mut sector0, slot)
+                .copy_from_slice(&e);
+            disk.write_at(&sector0, 0)?;
+            disk.flush()?;
+            Ok(slot as u32 + 1)
+        }
+        Scheme::None => Err(invalid("the disk has no partition table".into())),
+    }
+}
+
+/// Removes the nested partitions (on a GPT, those named [`NESTED_NAME`]); returns their
+/// numbers.
+pub fn remove_nested(disk: &dyn BlockDevice) -> Result<Vec<u32>> {
+    remove_nested_except(disk, None)
+}
+
+/// Whether `p` lies inside another of `all` (and is named as a nested one on a GPT).
+fn is_nested(all: &[Partition], p: &Partition) -> bool {
+    let inside = all.iter().any(|o| {
+        o.number != p.number && o.start <= p.start && p.end() <= o.end() && o.size > p.size
+    });
+    let named = matches!(p.kind, PartitionType::Mbr(_)) || p.name == NESTED_NAME;
+    inside && named
+}
+
+/// Removes nested partitions but one covering `keep` (start, size).
+fn remove_nested_except(disk: &dyn BlockDevice, keep: Option<(u64, u64)>) -> Result<Vec<u32>> {
+    let mut table = read_table(disk)?;
+    let gone: Vec<u32> = table
+        .partitions
+        .iter()
+        .filter(|p| is_nested(&table.partitions, p) && keep != Some((p.start, p.size)))
+        .map(|p| p.number)
+        .collect();
+    if gone.is_empty() {
+        return Ok(gone);
+    }
+    match table.scheme {
+        Scheme::Gpt => {
+            table.partitions.retain(|p| !gone.contains(&p.number));
+            let kept = table
+                .partitions
+                .iter()
+                .find(|p| is_nested(&table.partitions, p))
+                .map(|p| p.number);
+            match kept {
+                Some(n) => write_gpt_nested(disk, &table, n)?,
+                None => super::write_table(disk, &table)?,
+            }
+        }
+        _ => {
+            let mut sector0 = vec![0u8; layout::LEN];
+            disk.read_at(&mut sector0, 0)?;
+            for n in gone.iter().filter(|n| (1..=4).contains(*n)) {
+                layout::ENTRIES
+                    .get_mut(&mut sector0, *n as usize - 1)
+                    .fill(0);
+            }
+            disk.write_at(&sector0, 0)?;
+            disk.flush()?;
+        }
+    }
+    Ok(gone)
+}
