@@ -47,8 +47,8 @@ pub use handshake::{Session, SessionOptions};
 pub use key::{KeyError, PublicKey, StaticKey};
 pub use message::{
     BlockState, DiskInfo, DiskRun, ErrorCode, Extent, LiveMap, Message, MulticastState,
-    MulticastStatus, PowerAction, Reply, Request, Role, MAX_IDENTITY, MAX_LIVE_EXTENTS,
-    MAX_LIVE_MENU, MAX_LOAD_OPTION,
+    MulticastStatus, PowerAction, Reply, Request, Role, LIVE_COMMITTED, LIVE_ENTRY_ID,
+    MAX_IDENTITY, MAX_LIVE_EXTENTS, MAX_LIVE_MENU, MAX_LOAD_OPTION,
 };
 
 /// Protocol versions this build speaks (inclusive range).

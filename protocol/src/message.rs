@@ -114,6 +114,11 @@ pub enum Request {
 
 /// Largest menu a [`Request::LiveBoot`] may carry.
 pub const MAX_LIVE_MENU: usize = 64 << 10;
+/// The GRUB menu entry id of a live system (what `next_entry` names).
+pub const LIVE_ENTRY_ID: &str = "diskferry-live";
+/// The file a committed live system keeps in its root (path from the root): its GRUB entry
+/// is then the default.
+pub const LIVE_COMMITTED: &str = "etc/diskferry/live-committed";
 
 /// Largest load option a [`Request::SetBootEntry`] may carry.
 pub const MAX_LOAD_OPTION: usize = 4096;

@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 use super::LiveError;
 
 /// The menu entry's id, which `next_entry` names.
-pub const ENTRY_ID: &str = "diskferry-live";
+pub use diskferry_protocol::LIVE_ENTRY_ID as ENTRY_ID;
 /// The first line of a custom.cfg this agent wrote.
 const OURS: &str = "# diskferry live deploy";
 /// The first line of a GRUB environment block, and its size.
@@ -181,7 +181,7 @@ pub fn token(root: &Path) -> Option<String> {
 
 /// The marker a committed live system keeps in its own root: its GRUB entry is then the
 /// default (the menu checks for it).
-pub const COMMITTED: &str = "etc/diskferry/live-committed";
+pub use diskferry_protocol::LIVE_COMMITTED as COMMITTED;
 
 /// Marks the running system committed (or not).
 pub fn commit(root: &Path, committed: bool) -> Result<(), LiveError> {

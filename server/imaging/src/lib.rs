@@ -7,6 +7,7 @@ pub mod chunkmap;
 pub mod compat;
 pub mod inspect;
 pub mod jobs;
+pub mod live;
 pub mod multicast;
 pub mod pipeline;
 pub mod progress;

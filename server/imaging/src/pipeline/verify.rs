@@ -280,7 +280,12 @@ fn compare_ranges(
 }
 
 /// Every entry of `a` looked up in `b` and compared.
-fn compare_trees(a: &dyn Filesystem, b: &dyn Filesystem, label: &str, report: &mut VerifyReport) {
+pub(crate) fn compare_trees(
+    a: &dyn Filesystem,
+    b: &dyn Filesystem,
+    label: &str,
+    report: &mut VerifyReport,
+) {
     let mut found = Vec::new();
     let mut problems = Vec::new();
     let walked = fs::tree::walk(

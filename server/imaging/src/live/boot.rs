@@ -1,0 +1,236 @@
+//! Switching a machine to its live system, and back.
+//!
+//! **Switch**: a partition entry covering the live system's range is added, nested inside
+//! the running system's partition ([`diskferry_partition::nested`]), so the kernel and GRUB
+//! find the new filesystem; then the running system's agent installs a GRUB menu entry for
+//! it ([`menu`]) and boots it once (`next_entry`, as `grub-reboot` does). The entry finds the
+//! new root by UUID, starts its kernel with `panic=10` (a new system that cannot start
+//! reboots into the old one, whose GRUB no longer names it) and `diskferry.live=TOKEN`, by
+//! which the new system's agent shows it is the live system that booted.
+//!
+//! **Commit**: the new system's agent marks its root committed; the menu, which looks for
+//! that mark, then makes the entry the default.
+//!
+//! **Rollback** ([`undo`]), from the old system: the nested entry removed, the GRUB menu of
+//! the running system restored, the live file unpinned and deleted — the old system exactly
+//! as it was.
+
+use std::sync::Arc;
+
+use diskferry_blockdev::BlockDevice;
+use diskferry_fs::Filesystem;
+use diskferry_partition::nested::{add_nested, remove_nested};
+use diskferry_partition::Guid;
+use diskferry_protocol::{Reply, Request, LIVE_COMMITTED, LIVE_ENTRY_ID};
+use diskferry_remote::Connection;
+
+use super::{LiveDeployError, Window};
+
+/// Where the live system's kernel and initrd are, and the kernel's arguments, as the new
+/// system's own GRUB menu gives them (else Debian's `/vmlinuz` and `/initrd.img` links).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Kernel {
+    pub linux: String,
+    pub initrd: Option<String>,
+    /// Arguments other than `root=` and `BOOT_IMAGE=`.
+    pub args: Vec<String>,
+}
+
+/// The kernel the new system's tree boots.
+pub fn kernel(tree: &dyn Filesystem) -> Kernel {
+    let from_menu = ["/boot/grub/grub.cfg", "/boot/grub2/grub.cfg"]
+        .iter()
+        .find_map(|p| {
+            let node = tree.lookup(p).ok()?;
+            let text = tree.read_all(node, 1 << 20).ok()?;
+            first_entry(&String::from_utf8_lossy(&text))
+        });
+    let links = Kernel {
+        linux: "/vmlinuz".into(),
+        initrd: tree
+            .resolve("/initrd.img")
+            .ok()
+            .map(|_| "/initrd.img".into()),
+        args: vec!["ro".into()],
+    };
+    match from_menu {
+        // Debian keeps /vmlinuz pointing at the newest kernel: it survives kernel updates.
+        Some(k) if tree.resolve("/vmlinuz").is_ok() => Kernel {
+            args: k.args,
+            ..links
+        },
+        Some(k) => k,
+        None => links,
+    }
+}
+
+/// The first menu entry's `linux` and `initrd` lines of a grub.cfg.
+fn first_entry(cfg: &str) -> Option<Kernel> {
+    let mut linux: Option<(String, Vec<String>)> = None;
+    for line in cfg.lines().map(str::trim) {
+        let mut words = line.split_whitespace();
+        match (words.next(), &linux) {
+            (Some("linux" | "linux16" | "linuxefi"), None) => {
+                let path = words.next()?.to_string();
+                let args = words
+                    .filter(|w| !w.starts_with("root=") && !w.starts_with("BOOT_IMAGE="))
+                    .map(str::to_string)
+                    .collect();
+                linux = Some((path, args));
+            }
+            (Some("initrd" | "initrd16" | "initrdefi"), Some((path, args))) => {
+                return Some(Kernel {
+                    linux: path.clone(),
+                    initrd: words.next().map(str::to_string),
+                    args: args.clone(),
+                });
+            }
+            _ => {}
+        }
+    }
+    linux.map(|(linux, args)| Kernel {
+        linux,
+        initrd: None,
+        args,
+    })
+}
+
+/// The GRUB script the running system's agent installs: the `diskferry-live` entry, made the
+/// default once the new system is committed.
+pub fn menu(kernel: &Kernel, uuid: &str, token: &str, title: &str) -> String {
+    let title: String = title
+        .chars()
+        .filter(|c| !matches!(c, '"' | '\\' | '$' | '\n'))
+        .collect();
+    let search = format!("search --no-floppy --fs-uuid --set=diskferry_live {uuid}");
+    let args = kernel.args.join(" ");
+    let initrd = kernel
+        .initrd
+        .as_ref()
+        .map(|i| format!("\n    initrd ($diskferry_live){i}"))
+        .unwrap_or_default();
+    format!(
+        "insmod part_msdos\ninsmod part_gpt\ninsmod ext2\n\
+         {search}\n\
+         if [ -f ($diskferry_live)/{committed} ]; then\n    set default={id}\nfi\n\
+         menuentry \"{title} (diskferry live)\" --id {id} {{\n    \
+         {search}\n    \
+         linux ($diskferry_live){linux} root=UUID={uuid} {args} panic=10 diskferry.live={token}{initrd}\n}}\n",
+        committed = LIVE_COMMITTED,
+        id = LIVE_ENTRY_ID,
+        linux = kernel.linux,
+    )
+}
+
+/// A random token naming one live deploy.
+pub fn new_token() -> String {
+    let mut b = [0u8; 12];
+    getrandom::fill(&mut b).expect("the system's random source");
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// Adds the partition entry for `window` on `disk` and has the running system boot `menu`
+/// once; returns the new partition's number.
+pub fn switch(
+    conn: &Connection,
+    disk: &Arc<dyn BlockDevice>,
+    window: &Window,
+    menu: &str,
+) -> Result<u32, LiveDeployError> {
+    let mut guid = [0u8; 16];
+    getrandom::fill(&mut guid).map_err(|e| LiveDeployError::Boot(e.to_string()))?;
+    guid[7] = (guid[7] & 0x0F) | 0x40;
+    let sector = u64::from(disk.logical_sector_size());
+    let number = add_nested(
+        &**disk,
+        window.start,
+        window.len / sector * sector,
+        Guid(guid),
+    )
+    .map_err(|e| LiveDeployError::Boot(format!("adding the partition entry: {e}")))?;
+    if let Err(e) = call(conn, Request::LiveBoot { menu: menu.into() }) {
+        let _ = remove_nested(&**disk);
+        return Err(LiveDeployError::Boot(e));
+    }
+    Ok(number)
+}
+
+/// Undoes a live deploy from the old system: the nested entry, the GRUB menu and the live
+/// file; returns what was done.
+pub fn undo(
+    conn: &Connection,
+    disk: &Arc<dyn BlockDevice>,
+) -> Result<Vec<String>, LiveDeployError> {
+    let mut done = Vec::new();
+    let removed = remove_nested(&**disk)
+        .map_err(|e| LiveDeployError::Boot(format!("removing the partition entry: {e}")))?;
+    if !removed.is_empty() {
+        done.push(format!("partition entry {removed:?} removed"));
+    }
+    call(
+        conn,
+        Request::LiveBoot {
+            menu: String::new(),
+        },
+    )
+    .map_err(LiveDeployError::Boot)?;
+    done.push("GRUB menu restored".into());
+    call(conn, Request::LiveRemove).map_err(LiveDeployError::Agent)?;
+    done.push("live file removed, its space given back".into());
+    Ok(done)
+}
+
+/// Marks the running live system committed.
+pub fn commit(conn: &Connection) -> Result<(), LiveDeployError> {
+    call(conn, Request::LiveCommit { committed: true }).map_err(LiveDeployError::Agent)
+}
+
+fn call(conn: &Connection, request: Request) -> Result<(), String> {
+    match conn.call_blocking(request) {
+        Ok(Reply::Done) => Ok(()),
+        Ok(Reply::Error { message, .. }) => Err(message),
+        Ok(other) => Err(format!("unexpected answer {other:?}")),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const DEBIAN: &str = "menuentry 'Debian GNU/Linux' --class debian {\n\
+        \tload_video\n\tinsmod ext2\n\tsearch --no-floppy --fs-uuid --set=root 1234\n\
+        \techo 'Loading Linux 6.1.0-18-cloud-amd64 ...'\n\
+        \tlinux\t/boot/vmlinuz-6.1.0-18-cloud-amd64 root=UUID=1234 ro console=ttyS0 quiet\n\
+        \techo 'Loading initial ramdisk ...'\n\tinitrd\t/boot/initrd.img-6.1.0-18-cloud-amd64\n}\n\
+        menuentry 'Debian, recovery' {\n\tlinux /boot/vmlinuz-old root=UUID=1234 single\n}\n";
+
+    #[test]
+    fn the_first_entry_gives_the_kernel_and_its_arguments() {
+        let k = first_entry(DEBIAN).unwrap();
+        assert_eq!(k.linux, "/boot/vmlinuz-6.1.0-18-cloud-amd64");
+        assert_eq!(
+            k.initrd.as_deref(),
+            Some("/boot/initrd.img-6.1.0-18-cloud-amd64")
+        );
+        assert_eq!(k.args, ["ro", "console=ttyS0", "quiet"]);
+        assert_eq!(first_entry("set default=0\n"), None);
+    }
+
+    #[test]
+    fn the_menu_boots_the_new_root_by_uuid_with_the_token_and_a_panic_timeout() {
+        let k = first_entry(DEBIAN).unwrap();
+        let m = menu(&k, "abcd-ef", "0123456789ab", "golden \"v2\"");
+        assert!(m.contains("--id diskferry-live"), "{m}");
+        assert!(
+            m.contains("menuentry \"golden v2 (diskferry live)\""),
+            "{m}"
+        );
+        assert!(m.contains(
+            "linux ($diskferry_live)/boot/vmlinuz-6.1.0-18-cloud-amd64 root=UUID=abcd-ef ro console=ttyS0 quiet panic=10 diskferry.live=0123456789ab"
+        ), "{m}");
+        assert!(m.contains("initrd ($diskferry_live)/boot/initrd.img-6.1.0-18-cloud-amd64"));
+        assert!(m.contains("if [ -f ($diskferry_live)/etc/diskferry/live-committed ]"));
+        assert_eq!(new_token().len(), 24);
+    }
+}

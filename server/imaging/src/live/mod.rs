@@ -1,0 +1,260 @@
+//! Live deploys: a new Linux system written into one pinned file of a running one, whose
+//! agent runs inside it with `--live`, then booted once and kept or rolled back.
+//!
+//! 1. The image's Linux root is picked ([`pick_root`]) and sized ([`default_size`], or as
+//!    asked).
+//! 2. The agent creates and pins a file of that size and answers its file-to-sector map
+//!    (`LivePrepare`).
+//! 3. The new filesystem's place is the disk range the file covers ([`window`]): blocks of
+//!    the range the file does not own are the running system's, and the new ext4 lists them
+//!    as bad (the writer keeps its metadata off them and never writes them; the agent
+//!    refuses writes outside the file anyway).
+//! 4. The image's root is written there file by file, with the image's identity (UUID,
+//!    label, features) and any customization, then read back and compared with the source.
+//! 5. The boot is switched ([`boot`]): a partition entry covering the range, and a GRUB menu
+//!    entry booted once.
+//!
+//! If anything fails before the boot is switched, the file is removed again: the running
+//! system is as it was.
+
+pub mod boot;
+pub mod window;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use diskferry_blockdev::{BlockDevice, SliceDevice};
+use diskferry_fs::ext4::write::{suggested_size, write_ext4};
+use diskferry_fs::ext4::Ext4;
+use diskferry_fs::overlay::TreeTransform;
+use diskferry_fs::{self as fs, Filesystem};
+use diskferry_protocol::{LiveMap, Reply, Request};
+use diskferry_remote::{Connection, Redial};
+
+use crate::inspect;
+use crate::pipeline::verify::{compare_trees, VerifyReport};
+use crate::progress::Progress;
+use crate::source::{open_on_connection, Patience, SourceError};
+pub use window::{window, Window, WindowError};
+
+/// Block size of a live root filesystem.
+const BLOCK: u64 = 4096;
+
+/// Why a live deploy stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum LiveDeployError {
+    #[error(
+        "the image holds no Linux root filesystem (ext2/3/4 with /etc/os-release) to deploy live"
+    )]
+    NoRoot,
+    #[error(
+        "the image holds {0} Linux root filesystems (partitions {1}); a live deploy writes one"
+    )]
+    ManyRoots(usize, String),
+    #[error("the image's root filesystem: {0}")]
+    Source(String),
+    #[error("the agent: {0}")]
+    Agent(String),
+    #[error(transparent)]
+    Window(#[from] WindowError),
+    #[error(transparent)]
+    Open(#[from] SourceError),
+    #[error("writing the live system: {0}")]
+    Write(String),
+    #[error(
+        "the live system read back differs from the image ({differences} differences): {first}"
+    )]
+    Differs { differences: u64, first: String },
+    #[error("switching the boot: {0}")]
+    Boot(String),
+}
+
+/// How to deploy.
+#[derive(Default)]
+pub struct LiveOptions {
+    /// The live file's size; [`default_size`] when not given.
+    pub size: Option<u64>,
+    /// Customization of the new system (and the files a live deploy adds to it).
+    pub transform: Option<Arc<dyn TreeTransform>>,
+}
+
+/// The agent to deploy through: a connection for its live requests, and how to open its disk
+/// (reconnecting as every deploy does).
+pub struct LiveTarget<'a> {
+    pub rt: &'a tokio::runtime::Handle,
+    pub conn: &'a Connection,
+    pub redial: Arc<dyn Redial>,
+    pub reconnect: Patience,
+}
+
+/// What a live deploy wrote.
+pub struct LiveWritten {
+    /// The image's root partition.
+    pub partition: u32,
+    pub map: LiveMap,
+    pub window: Window,
+    /// The new filesystem's UUID.
+    pub uuid: String,
+    pub verify: VerifyReport,
+    pub elapsed: Duration,
+    /// The disk, open for writing (through the agent's guard).
+    pub disk: Arc<dyn BlockDevice>,
+}
+
+/// The image's one Linux root: its partition number and filesystem.
+pub fn pick_root(
+    image: &Arc<dyn BlockDevice>,
+) -> Result<(u32, Arc<dyn Filesystem>), LiveDeployError> {
+    let (_, volumes) =
+        inspect::volumes(image).map_err(|e| LiveDeployError::Source(e.to_string()))?;
+    let mut roots: Vec<(u32, Arc<dyn Filesystem>)> = volumes
+        .into_iter()
+        .filter_map(|(p, dev)| {
+            let ext = Ext4::open(dev).ok()?;
+            fs::is_linux_root(&ext).then(|| (p.number, Arc::new(ext) as Arc<dyn Filesystem>))
+        })
+        .collect();
+    match roots.len() {
+        0 => Err(LiveDeployError::NoRoot),
+        1 => Ok(roots.remove(0)),
+        n => Err(LiveDeployError::ManyRoots(
+            n,
+            roots
+                .iter()
+                .map(|r| r.0.to_string())
+                .collect::<Vec<_>>()
+                .join(", "),
+        )),
+    }
+}
+
+/// The live file's size when none is asked for: half again what the tree needs (room for the
+/// new system to run), whole MiB.
+pub fn default_size(root: &dyn Filesystem) -> Result<u64, LiveDeployError> {
+    let (data, entries) = fs::tree::space_needed(root).map_err(LiveDeployError::Source)?;
+    Ok((suggested_size(data, entries) * 3 / 2).next_multiple_of(1 << 20))
+}
+
+/// Writes the image's root into a live file of the agent's running system and reads it
+/// back; the boot is not switched yet ([`boot::switch`]). On failure the file is removed.
+pub fn write(
+    image: &Arc<dyn BlockDevice>,
+    target: &LiveTarget<'_>,
+    opts: &LiveOptions,
+    progress: &dyn Progress,
+) -> Result<LiveWritten, LiveDeployError> {
+    let started = Instant::now();
+    let (partition, root) = pick_root(image)?;
+    let source = Ext4::open(volume(image, partition)?)
+        .map_err(|e| LiveDeployError::Source(e.to_string()))?;
+    let size = match opts.size {
+        Some(s) => s.next_multiple_of(BLOCK),
+        None => default_size(&source)?,
+    };
+    let map = prepare(target.conn, size)?;
+    let written = write_into(&map, &source, root, target, opts, progress);
+    if written.is_err() {
+        // Nothing of the running system changed but the file: give its space back.
+        let _ = target.conn.call_blocking(Request::LiveRemove);
+    }
+    let (window, uuid, verify, disk) = written?;
+    Ok(LiveWritten {
+        partition,
+        map,
+        window,
+        uuid,
+        verify,
+        elapsed: started.elapsed(),
+        disk,
+    })
+}
+
+/// The device of the image's partition `number`.
+fn volume(
+    image: &Arc<dyn BlockDevice>,
+    number: u32,
+) -> Result<Arc<dyn BlockDevice>, LiveDeployError> {
+    let (_, volumes) =
+        inspect::volumes(image).map_err(|e| LiveDeployError::Source(e.to_string()))?;
+    volumes
+        .into_iter()
+        .find(|(p, _)| p.number == number)
+        .map(|(_, dev)| dev)
+        .ok_or_else(|| LiveDeployError::Source(format!("partition {number} is gone")))
+}
+
+/// Asks the agent for a pinned file of `size` bytes.
+pub fn prepare(conn: &Connection, size: u64) -> Result<LiveMap, LiveDeployError> {
+    match conn.call_blocking(Request::LivePrepare { size }) {
+        Ok(Reply::LiveMap(map)) => Ok(map),
+        Ok(Reply::Error { message, .. }) => Err(LiveDeployError::Agent(message)),
+        Ok(other) => Err(LiveDeployError::Agent(format!(
+            "unexpected answer {other:?}"
+        ))),
+        Err(e) => Err(LiveDeployError::Agent(e.to_string())),
+    }
+}
+
+type Written = (Window, String, VerifyReport, Arc<dyn BlockDevice>);
+
+fn write_into(
+    map: &LiveMap,
+    source: &Ext4,
+    root: Arc<dyn Filesystem>,
+    target: &LiveTarget<'_>,
+    opts: &LiveOptions,
+    progress: &dyn Progress,
+) -> Result<Written, LiveDeployError> {
+    let window = window(&map.runs, BLOCK)?;
+    let disk = open_on_connection(
+        target.rt,
+        target.conn,
+        &map.disk,
+        true,
+        Arc::clone(&target.redial),
+        target.reconnect.clone(),
+    )?;
+    let slice: Arc<dyn BlockDevice> = Arc::new(
+        SliceDevice::new(Arc::clone(&disk), window.start, window.len)
+            .map_err(|e| LiveDeployError::Write(e.to_string()))?,
+    );
+    let tree: Arc<dyn Filesystem> = match &opts.transform {
+        Some(t) => match t
+            .apply(0, Arc::clone(&root))
+            .map_err(|e| LiveDeployError::Source(e.to_string()))?
+        {
+            Some((overlay, _)) => Arc::new(overlay),
+            None => root,
+        },
+        None => root,
+    };
+    let counters = Arc::new(fs::WriteCounters::default());
+    let mut ext4 = source.format_options();
+    ext4.bad_blocks = window.bad.clone();
+    ext4.counters = Some(Arc::clone(&counters));
+    progress.start(
+        "writing the live system",
+        fs::Filesystem::info(source).used_bytes,
+    );
+    write_ext4(Arc::clone(&slice), &*tree, &ext4)
+        .map_err(|e| LiveDeployError::Write(e.to_string()))?;
+    progress.finish();
+    let (files, _) = counters.get();
+    progress.files(files, files);
+    let written = Ext4::open(Arc::clone(&slice))
+        .map_err(|e| LiveDeployError::Write(format!("reading it back: {e}")))?;
+    let mut verify = VerifyReport::default();
+    compare_trees(&*tree, &written, "live root", &mut verify);
+    if verify.differences > 0 || verify.files_compared == 0 {
+        return Err(LiveDeployError::Differs {
+            differences: verify.differences.max(1),
+            first: verify
+                .listed
+                .first()
+                .cloned()
+                .unwrap_or_else(|| "nothing was compared".into()),
+        });
+    }
+    let uuid = fs::Filesystem::info(&written).uuid;
+    Ok((window, uuid, verify, disk))
+}
