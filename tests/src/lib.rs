@@ -114,6 +114,19 @@ impl Client {
         Client::spawn(listen, key, extra, None, &at)
     }
 
+    /// Starts the client on 127.0.0.1:0 with extra environment variables (test seams; they
+    /// may replace the client's own `DISKFERRY_SYSFS`).
+    pub fn start_with(key: &Path, extra: &[&str], env: &[(&str, &str)]) -> Result<Client> {
+        let at = Where {
+            netns: None,
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        };
+        Client::spawn("127.0.0.1:0", key, extra, None, &at)
+    }
+
     /// Starts the client on 127.0.0.1:0 reporting `machine` as its firmware and devices.
     pub fn start_as(key: &Path, extra: &[&str], machine: &sysfs::FakeMachine) -> Result<Client> {
         Client::spawn("127.0.0.1:0", key, extra, Some(machine), &Where::default())
@@ -139,8 +152,8 @@ impl Client {
             None => Command::new(bin("diskferry-client")),
         };
         let mut child = command
-            .envs(at.env.iter().map(|(k, v)| (k, v)))
             .env("DISKFERRY_SYSFS", sysfs.path())
+            .envs(at.env.iter().map(|(k, v)| (k, v)))
             .args(["--listen", listen, "--server-key", &public_key(key)])
             .args(extra)
             .stdin(Stdio::null())

@@ -106,8 +106,12 @@ pub struct Live {
 impl Live {
     /// Live mode with the file at `path`. A file left pinned there by an earlier run is taken
     /// up again; a half-made one (its temporary name) is removed.
+    /// The running system's root is `/`, or `DISKFERRY_LIVE_ROOT` (a test seam, as
+    /// `DISKFERRY_SYSFS` is for sysfs).
     pub fn new(path: PathBuf, served: &[DiskSpec]) -> Live {
-        Live::with_system(path, PathBuf::from("/"), crate::identity::sysfs(), served)
+        let root = std::env::var_os("DISKFERRY_LIVE_ROOT")
+            .map_or_else(|| PathBuf::from("/"), PathBuf::from);
+        Live::with_system(path, root, crate::identity::sysfs(), served)
     }
 
     /// [`Live::new`], the running system's root at `root` and sysfs at `sysfs`.

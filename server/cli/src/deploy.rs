@@ -75,12 +75,20 @@ pub struct DeployArgs {
     pub(crate) when: crate::when::WhenArgs,
     #[command(flatten)]
     pub(crate) multicast: crate::multicast::MulticastArgs,
+    #[command(flatten)]
+    pub(crate) live: crate::live::LiveArgs,
 }
 
 pub fn run(args: &DeployArgs) -> Result<()> {
     let Some(target) = args.target.as_deref() else {
+        if args.live.live {
+            anyhow::bail!("--live deploys to one machine: DISK@HOST:PORT");
+        }
         return crate::multicast::run(args);
     };
+    if args.live.live {
+        return crate::live::deploy(args, target);
+    }
     let spec = SourceSpec::parse(target);
     let is_local_file = matches!(&spec, SourceSpec::Local(p) if p.exists());
     if !matches!(spec, SourceSpec::Remote { .. }) && !is_local_file {

@@ -9,6 +9,7 @@ mod deploy;
 mod export;
 mod extract;
 mod images;
+mod live;
 mod logging;
 mod machines;
 mod mkfs;
@@ -119,6 +120,12 @@ enum Command {
         #[command(flatten)]
         daemon: machines::DaemonArgs,
     },
+    /// Where a machine's live deploy is, and finishing it: commit or roll back
+    ///
+    /// HOST:PORT is the machine's agent (diskferry-client --live). Without --commit or
+    /// --rollback, says whether the machine runs its old system (with a live system waiting
+    /// for the next boot), a live-deployed one, or neither.
+    Live(live::LiveCommandArgs),
     /// Register, rename, reboot or power off a machine known to a running server
     Machine {
         #[command(subcommand)]
@@ -376,6 +383,13 @@ pub(crate) struct ConnArgs {
 }
 
 impl ConnArgs {
+    /// The server's private key file, or how to give one.
+    pub(crate) fn key_file(&self) -> Result<&Path> {
+        self.key_file.as_deref().context(
+            "the server key is needed to talk to a client: pass --key-file FILE or set DISKFERRY_KEY_FILE (make one with `diskferry keygen FILE`)",
+        )
+    }
+
     pub(crate) fn reconnect(&self) -> std::time::Duration {
         std::time::Duration::from_secs(self.reconnect_for)
     }
@@ -481,6 +495,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Demo { dir, size_mib } => demo::run(dir, size_mib),
         Command::Serve(args) => serve::run(&args),
         Command::Deploy(args) => deploy::run(&args),
+        Command::Live(args) => live::run(&args),
         Command::Customize(args) => customize::run(&args),
         Command::Machines { daemon } => machines::list(&daemon),
         Command::Machine { command, daemon } => machines::machine(&daemon, &command),
@@ -585,10 +600,7 @@ pub(crate) fn runtime() -> Result<tokio::runtime::Runtime> {
 }
 
 pub(crate) fn session(conn: &ConnArgs) -> Result<SessionOptions> {
-    let Some(path) = &conn.key_file else {
-        bail!("the server key is needed to talk to a client: pass --key-file FILE or set DISKFERRY_KEY_FILE (make one with `diskferry keygen FILE`)")
-    };
-    let mut opts = SessionOptions::controller(StaticKey::from_file(path)?);
+    let mut opts = SessionOptions::controller(StaticKey::from_file(conn.key_file()?)?);
     opts.plaintext = conn.plaintext;
     Ok(opts)
 }

@@ -18,6 +18,7 @@ mod hardware;
 mod images_cli;
 mod incremental;
 mod inspect;
+mod live;
 mod mkfs_ext4;
 mod mkfs_fat;
 mod multicast;

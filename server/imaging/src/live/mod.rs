@@ -17,7 +17,9 @@
 //! If anything fails before the boot is switched, the file is removed again: the running
 //! system is as it was.
 
+pub mod agent;
 pub mod boot;
+mod padded;
 pub mod window;
 
 use std::sync::Arc;
@@ -67,6 +69,10 @@ pub enum LiveDeployError {
     Differs { differences: u64, first: String },
     #[error("switching the boot: {0}")]
     Boot(String),
+    #[error("the live file is on {actual}, not on {asked}: name that disk")]
+    OtherDisk { asked: String, actual: String },
+    #[error("the agent is not in live mode: start diskferry-client with --live inside the running system")]
+    NotLive,
 }
 
 /// How to deploy.
@@ -76,6 +82,8 @@ pub struct LiveOptions {
     pub size: Option<u64>,
     /// Customization of the new system (and the files a live deploy adds to it).
     pub transform: Option<Arc<dyn TreeTransform>>,
+    /// The disk the user named: the live file must be on it.
+    pub disk: Option<String>,
 }
 
 /// The agent to deploy through: a connection for its live requests, and how to open its disk
@@ -99,6 +107,8 @@ pub struct LiveWritten {
     pub elapsed: Duration,
     /// The disk, open for writing (through the agent's guard).
     pub disk: Arc<dyn BlockDevice>,
+    /// The kernel the new system boots.
+    pub kernel: boot::Kernel,
 }
 
 /// The image's one Linux root: its partition number and filesystem.
@@ -157,7 +167,7 @@ pub fn write(
         // Nothing of the running system changed but the file: give its space back.
         let _ = target.conn.call_blocking(Request::LiveRemove);
     }
-    let (window, uuid, verify, disk) = written?;
+    let (window, uuid, verify, disk, kernel) = written?;
     Ok(LiveWritten {
         partition,
         map,
@@ -166,6 +176,7 @@ pub fn write(
         verify,
         elapsed: started.elapsed(),
         disk,
+        kernel,
     })
 }
 
@@ -183,6 +194,27 @@ fn volume(
         .ok_or_else(|| LiveDeployError::Source(format!("partition {number} is gone")))
 }
 
+/// Zeroes every block of the window the file owns (the agent zeroes them itself): what the
+/// running system left in its free space must neither show through the new filesystem
+/// (blocks the writer leaves unwritten because they are zeros, the rest of a file's last
+/// block) nor be taken for another filesystem's signature.
+fn zero_owned(slice: &dyn BlockDevice, window: &Window) -> Result<(), LiveDeployError> {
+    let mut at = 0;
+    let bad = window
+        .bad
+        .iter()
+        .map(|&(b, n)| (b * window.block, n * window.block));
+    for (from, len) in bad.chain(std::iter::once((window.len, 0))) {
+        if from > at {
+            slice
+                .write_zeroes(at, from - at)
+                .map_err(|e| LiveDeployError::Write(format!("zeroing the live file: {e}")))?;
+        }
+        at = from + len;
+    }
+    Ok(())
+}
+
 /// Asks the agent for a pinned file of `size` bytes.
 pub fn prepare(conn: &Connection, size: u64) -> Result<LiveMap, LiveDeployError> {
     match conn.call_blocking(Request::LivePrepare { size }) {
@@ -195,7 +227,13 @@ pub fn prepare(conn: &Connection, size: u64) -> Result<LiveMap, LiveDeployError>
     }
 }
 
-type Written = (Window, String, VerifyReport, Arc<dyn BlockDevice>);
+type Written = (
+    Window,
+    String,
+    VerifyReport,
+    Arc<dyn BlockDevice>,
+    boot::Kernel,
+);
 
 fn write_into(
     map: &LiveMap,
@@ -205,6 +243,12 @@ fn write_into(
     opts: &LiveOptions,
     progress: &dyn Progress,
 ) -> Result<Written, LiveDeployError> {
+    if let Some(asked) = opts.disk.as_ref().filter(|d| **d != map.disk) {
+        return Err(LiveDeployError::OtherDisk {
+            asked: asked.clone(),
+            actual: map.disk.clone(),
+        });
+    }
     let window = window(&map.runs, BLOCK)?;
     let disk = open_on_connection(
         target.rt,
@@ -218,6 +262,8 @@ fn write_into(
         SliceDevice::new(Arc::clone(&disk), window.start, window.len)
             .map_err(|e| LiveDeployError::Write(e.to_string()))?,
     );
+    zero_owned(&*slice, &window)?;
+    let slice: Arc<dyn BlockDevice> = Arc::new(padded::SectorWrites::new(slice));
     let tree: Arc<dyn Filesystem> = match &opts.transform {
         Some(t) => match t
             .apply(0, Arc::clone(&root))
@@ -256,5 +302,50 @@ fn write_into(
         });
     }
     let uuid = fs::Filesystem::info(&written).uuid;
-    Ok((window, uuid, verify, disk))
+    Ok((window, uuid, verify, disk, boot::kernel(&*tree)))
+}
+
+/// What a live agent says of itself (the `live` part of its identity).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LiveState {
+    /// The token the running kernel was booted with: a live system that came up.
+    pub token: Option<String>,
+    /// The pinned live file's size, when one is.
+    pub pinned: Option<u64>,
+}
+
+/// Asks the agent what it is; `Err(NotLive)` when it is not in live mode.
+pub fn state(conn: &Connection) -> Result<LiveState, LiveDeployError> {
+    let doc = match conn.call_blocking(Request::Identify) {
+        Ok(Reply::Identity(doc)) => doc,
+        Ok(other) => {
+            return Err(LiveDeployError::Agent(format!(
+                "unexpected answer {other:?}"
+            )))
+        }
+        Err(e) => return Err(LiveDeployError::Agent(e.to_string())),
+    };
+    parse_state(&doc)
+}
+
+/// The `live` part of an identity document.
+pub fn parse_state(doc: &str) -> Result<LiveState, LiveDeployError> {
+    let v: serde_json::Value =
+        serde_json::from_str(doc).map_err(|e| LiveDeployError::Agent(format!("identity: {e}")))?;
+    let live = v
+        .get("live")
+        .filter(|l| l.is_object())
+        .ok_or(LiveDeployError::NotLive)?;
+    Ok(LiveState {
+        token: live["token"].as_str().map(str::to_string),
+        pinned: live["pinned"].as_u64(),
+    })
+}
+
+/// The map of the file the agent has pinned, if it has one.
+pub fn pinned_map(conn: &Connection) -> Result<Option<LiveMap>, LiveDeployError> {
+    match state(conn)?.pinned {
+        Some(size) => prepare(conn, size).map(Some),
+        None => Ok(None),
+    }
 }

@@ -1,0 +1,299 @@
+//! Live deploys from the command line: `diskferry deploy IMAGE DISK@HOST:PORT --live` writes
+//! the image's Linux root into a pinned file of the machine's running system (its agent
+//! started with `--live`), switches its boot to the new system once, and — with
+//! `--live-wait` — waits for the reboot: the new system's agent confirming commits it, the
+//! old system coming back rolls it back. `diskferry live HOST:PORT` shows where a machine
+//! is, and `--commit` / `--rollback` finish by hand.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use diskferry_fs::overlay::Chain;
+use diskferry_imaging::live::{self, agent::LiveAgent, boot, LiveOptions, LiveTarget};
+use diskferry_imaging::source::SourceSpec;
+use diskferry_protocol::{PowerAction, Reply, Request, StaticKey};
+use diskferry_remote::{Connection, DialAddr};
+
+use crate::deploy::DeployArgs;
+use crate::{human_bytes, progress_for, ConnArgs};
+
+/// The live-deploy options of `deploy`.
+#[derive(Args, Default)]
+pub(crate) struct LiveArgs {
+    /// Deploy into the machine's running Linux system: its agent (diskferry-client --live,
+    /// running inside it) pins a file the size of the new root, the image's root is written
+    /// into the disk sectors under that file, and GRUB boots the new system once at the next
+    /// reboot. Nothing else of the running system changes; it stays bootable until the new
+    /// system is committed (see --live-wait and `diskferry live`)
+    #[arg(long)]
+    pub(crate) live: bool,
+    /// Size of the live file: bytes or with a unit (K, M, G, T) [default: one and a half
+    /// times what the image's root needs]
+    #[arg(long, value_name = "SIZE", requires = "live")]
+    live_size: Option<String>,
+    /// The diskferry-client binary the new system gets, to confirm it came up (a static
+    /// build from deploy/build-client.sh runs anywhere) [default: diskferry-client next to
+    /// this program]
+    #[arg(long, value_name = "PATH", requires = "live")]
+    live_agent: Option<PathBuf>,
+    /// Then wait up to MINUTES for the machine to reboot (--reboot reboots it): when the new
+    /// system's agent answers, commit it (GRUB's default from then on); when the old system
+    /// comes back instead, roll back (the exit status is then non-zero)
+    #[arg(long, value_name = "MINUTES", requires = "live")]
+    live_wait: Option<u64>,
+}
+
+/// `diskferry live HOST:PORT`: where a machine's live deploy is.
+#[derive(Args)]
+pub(crate) struct LiveCommandArgs {
+    /// The agent's address (diskferry-client --live), HOST:PORT
+    addr: String,
+    /// Make the running live system the default (run while it is up)
+    #[arg(long, conflicts_with = "rollback")]
+    commit: bool,
+    /// Go back to the old system: from the old system, remove the live system (its
+    /// partition entry, GRUB entry and file); from the live system, un-commit it, so the
+    /// next boot starts the old one (then run --rollback there)
+    #[arg(long)]
+    rollback: bool,
+    #[command(flatten)]
+    conn: ConnArgs,
+}
+
+/// `deploy IMAGE DISK@HOST:PORT --live`.
+pub(crate) fn deploy(args: &DeployArgs, target: &str) -> Result<()> {
+    let SourceSpec::Remote { disk, addr } = SourceSpec::parse(target) else {
+        bail!("--live deploys to DISK@HOST:PORT: the agent running inside the machine's system (diskferry-client --live)");
+    };
+    let session = crate::session(&args.conn)?;
+    let rt = crate::runtime()?;
+    let (_, image) = diskferry_vdisk::open_image(&args.image, args.follow_backing)
+        .with_context(|| format!("cannot open the image {}", args.image.display()))?;
+    let conn = rt
+        .block_on(Connection::connect(&addr, &session))
+        .with_context(|| format!("cannot reach the agent at {addr}"))?;
+    live::state(&conn)?;
+    let agent = live_agent(&args.live, &addr, &args.conn)?;
+    let opts = LiveOptions {
+        size: args
+            .live
+            .live_size
+            .as_deref()
+            .map(crate::images::parse_size)
+            .transpose()?,
+        transform: Chain::of(args.custom.transform(&image)?, Some(Arc::new(agent))),
+        disk: Some(disk),
+    };
+    let target = LiveTarget {
+        rt: rt.handle(),
+        conn: &conn,
+        redial: Arc::new(DialAddr {
+            addr: addr.clone(),
+            session: session.clone(),
+        }),
+        reconnect: args.conn.reconnect().into(),
+    };
+    let progress = progress_for(args.progress);
+    let written = live::write(&image, &target, &opts, progress.as_ref())?;
+    let token = boot::new_token();
+    let title = args
+        .image
+        .file_stem()
+        .map_or_else(|| "image".into(), |s| s.to_string_lossy().into_owned());
+    let menu = boot::menu(&written.kernel, &written.uuid, &token, &title);
+    let number = match boot::switch(&conn, &written.disk, &written.window, &menu) {
+        Ok(n) => n,
+        Err(e) => {
+            let _ = conn.call_blocking(Request::LiveRemove);
+            return Err(e.into());
+        }
+    };
+    let w = &written.window;
+    eprintln!(
+        "live system written into {} on {}: {} at byte {} ({} of it the file's, {} bad blocks), partition {number}, UUID {}; {} files compared, {:.1} s",
+        written.map.path,
+        written.map.disk,
+        human_bytes(w.len),
+        w.start,
+        human_bytes(w.own()),
+        w.bad.iter().map(|b| b.1).sum::<u64>(),
+        written.uuid,
+        written.verify.files_compared,
+        written.elapsed.as_secs_f64(),
+    );
+    eprintln!("GRUB starts it once at the next boot; the running system is unchanged and stays the default until it is committed");
+    if args.reboot {
+        reboot(&conn)?;
+    }
+    match args.live.live_wait {
+        Some(minutes) => wait_and_finish(&rt, &addr, &session, conn, &token, minutes),
+        None => {
+            eprintln!("reboot the machine; once the new system is up: diskferry live {addr} --commit (or --rollback)");
+            Ok(())
+        }
+    }
+}
+
+/// The agent the new system gets: the binary asked for, or the one next to this program,
+/// listening on the old agent's port and trusting this server's key.
+fn live_agent(args: &LiveArgs, addr: &str, conn: &ConnArgs) -> Result<LiveAgent> {
+    let path = match &args.live_agent {
+        Some(p) => p.clone(),
+        None => std::env::current_exe()?
+            .parent()
+            .map(|d| d.join("diskferry-client"))
+            .context("where this program is")?,
+    };
+    let binary = std::fs::read(&path).with_context(|| {
+        format!(
+            "cannot read the agent for the new system, {} (give --live-agent PATH)",
+            path.display()
+        )
+    })?;
+    let port = addr
+        .rsplit_once(':')
+        .and_then(|(_, p)| p.parse::<u16>().ok())
+        .with_context(|| format!("{addr} has no port"))?;
+    let key = StaticKey::from_file(conn.key_file()?)?.public().to_string();
+    Ok(LiveAgent::new(binary, port, &key))
+}
+
+/// Asks the agent to reboot its machine.
+fn reboot(conn: &Connection) -> Result<()> {
+    match conn.call_blocking(Request::Power {
+        action: PowerAction::Reboot,
+    }) {
+        Ok(Reply::Done) => {
+            eprintln!("rebooting the machine");
+            Ok(())
+        }
+        Ok(Reply::Error { message, .. }) => {
+            bail!("cannot reboot the machine: {message} (reboot it by hand)")
+        }
+        Ok(other) => bail!("cannot reboot the machine: unexpected answer {other:?}"),
+        Err(e) => bail!("cannot reboot the machine: {e}"),
+    }
+}
+
+/// How often the agent is asked while waiting.
+const POLL: Duration = Duration::from_secs(2);
+
+/// Waits for the old system to go away, then for an agent to answer at `addr`: the live
+/// system (its token) is committed, the old system rolled back.
+fn wait_and_finish(
+    rt: &tokio::runtime::Runtime,
+    addr: &str,
+    session: &diskferry_protocol::SessionOptions,
+    old: Connection,
+    token: &str,
+    minutes: u64,
+) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(minutes * 60);
+    eprintln!("waiting for the machine to reboot (up to {minutes} min)");
+    while live::state(&old).is_ok() {
+        if Instant::now() > deadline {
+            bail!("the machine did not reboot within {minutes} min; the live system stays ready for the next boot");
+        }
+        std::thread::sleep(POLL);
+    }
+    drop(old);
+    loop {
+        if Instant::now() > deadline {
+            bail!("no agent answered at {addr} within {minutes} min of the deploy");
+        }
+        let conn = match rt.block_on(Connection::connect(addr, session)) {
+            Ok(c) => c,
+            Err(_) => {
+                std::thread::sleep(POLL);
+                continue;
+            }
+        };
+        let Ok(state) = live::state(&conn) else {
+            std::thread::sleep(POLL);
+            continue;
+        };
+        if state.token.as_deref() == Some(token) {
+            boot::commit(&conn)?;
+            eprintln!("the new system is up and confirmed it: committed (GRUB starts it by default from now on)");
+            return Ok(());
+        }
+        let done = roll_back(rt, addr, session, &conn)?;
+        bail!(
+            "the old system came back instead of the new one: rolled back ({})",
+            done.join("; ")
+        );
+    }
+}
+
+/// Removes the live system from the old one (its partition entry, GRUB menu and file).
+fn roll_back(
+    rt: &tokio::runtime::Runtime,
+    addr: &str,
+    session: &diskferry_protocol::SessionOptions,
+    conn: &Connection,
+) -> Result<Vec<String>> {
+    let Some(map) = live::pinned_map(conn)? else {
+        return Ok(vec!["nothing was pinned".into()]);
+    };
+    let redial = Arc::new(DialAddr {
+        addr: addr.to_string(),
+        session: session.clone(),
+    });
+    let disk = diskferry_imaging::source::open_on_connection(
+        rt.handle(),
+        conn,
+        &map.disk,
+        true,
+        redial,
+        Duration::from_secs(30),
+    )?;
+    Ok(boot::undo(conn, &disk)?)
+}
+
+/// `diskferry live HOST:PORT [--commit | --rollback]`.
+pub(crate) fn run(args: &LiveCommandArgs) -> Result<()> {
+    let session = crate::session(&args.conn)?;
+    let rt = crate::runtime()?;
+    let conn = rt
+        .block_on(Connection::connect(&args.addr, &session))
+        .with_context(|| format!("cannot reach the agent at {}", args.addr))?;
+    let state = live::state(&conn)?;
+    match (&state.token, args.commit, args.rollback) {
+        (Some(_), true, _) => {
+            boot::commit(&conn)?;
+            println!("committed: GRUB starts this system by default");
+        }
+        (None, true, _) => {
+            bail!("the running system is not a live-deployed one: boot the new system first")
+        }
+        (Some(_), _, true) => {
+            call(&conn, Request::LiveCommit { committed: false })?;
+            println!("un-committed: the next boot starts the old system; run --rollback there to remove this one");
+        }
+        (None, _, true) => {
+            let done = roll_back(&rt, &args.addr, &session, &conn)?;
+            println!("rolled back: {}", done.join("; "));
+        }
+        (token, false, false) => print_state(token.as_deref(), state.pinned),
+    }
+    Ok(())
+}
+
+fn print_state(token: Option<&str>, pinned: Option<u64>) {
+    match (token, pinned) {
+        (Some(t), _) => println!("running a live-deployed system (token {t}); commit it with --commit"),
+        (None, Some(size)) => println!("running the old system, with a live file of {} pinned: a live system waits for the next boot (or --rollback)", human_bytes(size)),
+        (None, None) => println!("running its own system; no live deploy in progress"),
+    }
+}
+
+fn call(conn: &Connection, request: Request) -> Result<()> {
+    match conn.call_blocking(request)? {
+        Reply::Done => Ok(()),
+        Reply::Error { message, .. } => bail!("{message}"),
+        other => bail!("unexpected answer {other:?}"),
+    }
+}

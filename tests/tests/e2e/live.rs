@@ -1,0 +1,471 @@
+//! Live deploys onto a running system, with the real binaries: the "running system" is an
+//! ext4 partition of an MBR disk image, mounted by the kernel (a loop device at the
+//! partition's offset), its agent started with `--live` serving the whole disk (a second
+//! loop device over the same file). This kernel does not scan loop devices for partitions,
+//! so the agent is shown the partition in a fake sysfs (`DISKFERRY_SYSFS`) — the data path
+//! is real: the file is pinned by the kernel's ext4, mapped by FIEMAP, and written through
+//! the whole-disk device at the partition's offset plus the file's offsets.
+//!
+//! Checked with tools nobody here wrote: `sfdisk --json` (the nested partition entry), the
+//! new filesystem cut out of the disk at that entry's range by `e2fsck -fn` and the
+//! kernel's loop mount compared with `rsync -c` against the image's tree; the running
+//! system's filesystem by `e2fsck -fn` and a hash of every file before and after; and a
+//! rollback leaves sector 0, GRUB's files and the free space exactly as they were.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use diskferry_e2e::{bin, diskferry, fixtures, make_key, run_ok, sh, Client};
+
+const MIB: u64 = 1 << 20;
+const OLD_UUID: &str = "01d5e5e5-0000-4000-8000-00000000a01d";
+
+/// GRUB's generated menu, as far as a live switch needs it: `next_entry` honoured once,
+/// custom.cfg read at the end.
+const GRUB_CFG: &str = r#"if [ -s $prefix/grubenv ]; then
+  load_env
+fi
+if [ "${next_entry}" ] ; then
+   set default="${next_entry}"
+   set next_entry=
+   save_env next_entry
+   set boot_once=true
+else
+   set default="0"
+fi
+menuentry 'Debian GNU/Linux' --class debian {
+	linux	/boot/vmlinuz-6.1.0-21-amd64 root=UUID=old ro quiet
+	initrd	/boot/initrd.img-6.1.0-21-amd64
+}
+if [ -f  ${config_directory}/custom.cfg ]; then
+  source ${config_directory}/custom.cfg
+elif [ -z "${config_directory}" -a -f  $prefix/custom.cfg ]; then
+  source $prefix/custom.cfg
+fi
+"#;
+
+/// The running system: its disk image, the two loop devices and where its root is mounted.
+struct OldSystem {
+    dir: PathBuf,
+    disk: PathBuf,
+    whole: String,
+    part: String,
+    mnt: PathBuf,
+    sysfs: PathBuf,
+    mounted: bool,
+}
+
+impl OldSystem {
+    /// A 1 GiB MBR disk whose one partition (from 1 MiB) holds a small Linux root with
+    /// GRUB's files, mounted.
+    fn new(dir: &Path) -> OldSystem {
+        let disk = dir.join("old.img");
+        std::fs::File::create(&disk)
+            .unwrap()
+            .set_len(1024 * MIB)
+            .unwrap();
+        let mut sfdisk = Command::new("sfdisk")
+            .args(["-q", disk.to_str().unwrap()])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        use std::io::Write;
+        sfdisk
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(b"label: dos\nlabel-id: 0x0ddba11\nstart=2048, type=83, bootable\n")
+            .unwrap();
+        assert!(sfdisk.wait().unwrap().success());
+        let d = disk.to_str().unwrap();
+        let whole = run_ok("losetup", &["-f", "--show", d]).trim().to_string();
+        let part = run_ok(
+            "losetup",
+            &[
+                "-f",
+                "--show",
+                "-o",
+                &MIB.to_string(),
+                "--sizelimit",
+                &(1023 * MIB).to_string(),
+                d,
+            ],
+        )
+        .trim()
+        .to_string();
+        let mnt = dir.join("old-root");
+        std::fs::create_dir(&mnt).unwrap();
+        let mut old = OldSystem {
+            dir: dir.to_path_buf(),
+            disk,
+            whole,
+            part,
+            mnt,
+            sysfs: dir.join("sysfs"),
+            mounted: false,
+        };
+        run_ok(
+            "mkfs.ext4",
+            &["-q", "-b", "4096", "-U", OLD_UUID, &old.part],
+        );
+        old.mount();
+        let m = old.mnt.display().to_string();
+        sh(&format!(
+            r#"
+            mkdir -p {m}/etc {m}/boot/grub {m}/home/user/data {m}/var/log
+            printf 'ID=debian\nVERSION_ID="12"\n' > {m}/etc/os-release
+            echo old-host > {m}/etc/hostname
+            for i in $(seq 1 40); do head -c $((i * 7919)) /dev/urandom > {m}/home/user/data/f$i; done
+            head -c 30000000 /dev/urandom > {m}/var/log/big.log
+            # Free space that held data: the live file may land on it.
+            head -c 300000000 /dev/urandom > {m}/deleted.bin
+            sync
+            rm {m}/deleted.bin
+            sync
+            "#
+        ));
+        std::fs::write(old.mnt.join("boot/grub/grub.cfg"), GRUB_CFG).unwrap();
+        let mut env = b"# GRUB Environment Block\n".to_vec();
+        env.resize(1024, b'#');
+        std::fs::write(old.mnt.join("boot/grub/grubenv"), env).unwrap();
+        old.fake_sysfs();
+        old
+    }
+
+    /// sysfs as a kernel that scanned the whole-disk loop device would show it: the mounted
+    /// device is its partition 1, starting at sector 2048.
+    fn fake_sysfs(&self) {
+        let devno = |dev: &str| {
+            run_ok("stat", &["-L", "-c", "%Hr:%Lr", dev])
+                .trim()
+                .to_string()
+        };
+        let (whole, part) = (devno(&self.whole), devno(&self.part));
+        let name = Path::new(&self.whole)
+            .file_name()
+            .unwrap()
+            .to_str()
+            .unwrap()
+            .to_string();
+        let disk_dir = self.sysfs.join("devices/virtual/block").join(&name);
+        let part_dir = disk_dir.join(format!("{name}p1"));
+        std::fs::create_dir_all(&part_dir).unwrap();
+        std::fs::write(disk_dir.join("dev"), format!("{whole}\n")).unwrap();
+        std::fs::write(part_dir.join("partition"), "1\n").unwrap();
+        std::fs::write(part_dir.join("start"), "2048\n").unwrap();
+        std::fs::create_dir_all(self.sysfs.join("dev/block")).unwrap();
+        std::os::unix::fs::symlink(&part_dir, self.sysfs.join("dev/block").join(&part)).unwrap();
+        std::os::unix::fs::symlink(&disk_dir, self.sysfs.join("dev/block").join(&whole)).unwrap();
+    }
+
+    fn mount(&mut self) {
+        run_ok("mount", &[&self.part, self.mnt.to_str().unwrap()]);
+        self.mounted = true;
+    }
+
+    /// `e2fsck -fn` of the running system's filesystem (unmounted for it, mounted again).
+    fn fsck(&mut self) {
+        run_ok("umount", &[self.mnt.to_str().unwrap()]);
+        self.mounted = false;
+        run_ok("e2fsck", &["-fn", &self.part]);
+        self.mount();
+    }
+
+    /// SHA-256 of every file but GRUB's and the live file's, by path.
+    fn hashes(&self) -> String {
+        let out = Command::new("sh")
+            .arg("-c")
+            .arg("find . -xdev -type f ! -path ./diskferry-live ! -path './boot/grub/*' -print0 | sort -z | xargs -0 sha256sum")
+            .current_dir(&self.mnt)
+            .output()
+            .unwrap();
+        assert!(out.status.success());
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    fn free(&self) -> u64 {
+        run_ok("df", &["--output=avail", "-B1", self.mnt.to_str().unwrap()])
+            .lines()
+            .nth(1)
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap()
+    }
+
+    fn sector0(&self) -> Vec<u8> {
+        use std::os::unix::fs::FileExt;
+        let mut b = vec![0u8; 512];
+        std::fs::File::open(&self.disk)
+            .unwrap()
+            .read_exact_at(&mut b, 0)
+            .unwrap();
+        b
+    }
+
+    /// The agent, live, serving the whole disk, its GRUB root the mounted filesystem.
+    fn agent(&self, key: &Path, live: bool) -> Client {
+        let file = self.mnt.join("diskferry-live");
+        let file = file.to_str().unwrap();
+        let mut args = vec!["--disk", &self.whole, "--allow-power"];
+        if live {
+            args.extend(["--live", "--live-file", file]);
+        }
+        Client::start_with(
+            key,
+            &args,
+            &[
+                ("DISKFERRY_SYSFS", self.sysfs.to_str().unwrap()),
+                ("DISKFERRY_LIVE_ROOT", self.mnt.to_str().unwrap()),
+            ],
+        )
+        .unwrap()
+    }
+}
+
+impl Drop for OldSystem {
+    fn drop(&mut self) {
+        if self.mounted {
+            let _ = Command::new("umount").arg(&self.mnt).status();
+        }
+        for dev in [&self.part, &self.whole] {
+            let _ = Command::new("losetup").args(["-d", dev]).status();
+        }
+        let _ = &self.dir;
+    }
+}
+
+/// The image to deploy: a GPT disk whose root holds the fixture Linux tree, with a GRUB
+/// menu and Debian's /vmlinuz link. Returns the disk and the tree.
+fn new_image(dir: &Path) -> (PathBuf, PathBuf) {
+    let tree = fixtures::linux_tree(dir);
+    std::fs::create_dir_all(tree.join("boot/grub")).unwrap();
+    std::fs::write(
+        tree.join("boot/grub/grub.cfg"),
+        "menuentry 'Debian GNU/Linux' {\n\tlinux\t/boot/vmlinuz-6.1.0-21-amd64 root=UUID=x ro console=ttyS0\n}\n",
+    )
+    .unwrap();
+    std::os::unix::fs::symlink("boot/vmlinuz-6.1.0-21-amd64", tree.join("vmlinuz")).unwrap();
+    let root = dir.join("new-root.ext4");
+    fixtures::ext4_image(&tree, &root, 96, "newroot");
+    let disk = dir.join("golden.img");
+    let offsets = fixtures::gpt_disk(&disk, 128, &[(96, "8300", "root")]);
+    fixtures::place(&disk, offsets[0], &root);
+    (disk, tree)
+}
+
+fn uuid_of(fs: &Path) -> String {
+    run_ok(
+        "blkid",
+        &["-o", "value", "-s", "UUID", fs.to_str().unwrap()],
+    )
+    .trim()
+    .to_string()
+}
+
+fn cli(args: &[&str]) -> (bool, String) {
+    let args: Vec<&std::ffi::OsStr> = args.iter().map(std::ffi::OsStr::new).collect();
+    let (ok, out, err) = diskferry(&args);
+    (ok, out + &err)
+}
+
+/// The nested partition 2 of the old disk: (start, size) in bytes, from sfdisk.
+fn nested_partition(disk: &Path) -> Option<(u64, u64)> {
+    let json: serde_json::Value =
+        serde_json::from_str(&run_ok("sfdisk", &["--json", disk.to_str().unwrap()])).unwrap();
+    json["partitiontable"]["partitions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["node"].as_str().unwrap().ends_with('2'))
+        .map(|p| {
+            (
+                p["start"].as_u64().unwrap() * 512,
+                p["size"].as_u64().unwrap() * 512,
+            )
+        })
+}
+
+#[test]
+fn a_running_system_receives_a_new_one_in_a_pinned_file_and_rolls_it_back_unchanged() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = make_key(dir.path(), "server.key");
+    let (image, tree) = new_image(dir.path());
+    let new_uuid = uuid_of(&dir.path().join("new-root.ext4"));
+    let mut old = OldSystem::new(dir.path());
+    let (hashes, free, sector0) = (old.hashes(), old.free(), old.sector0());
+    let agent = old.agent(&key, true);
+    let k = key.to_str().unwrap();
+    let target = format!("{}@{}", old.whole, agent.addr);
+
+    let (ok, log) = cli(&[
+        "deploy",
+        image.to_str().unwrap(),
+        &target,
+        "--live",
+        "--live-size",
+        "200M",
+        "--key-file",
+        k,
+        "--progress",
+        "none",
+    ]);
+    assert!(ok, "{log}");
+    assert!(log.contains("partition 2"), "{log}");
+
+    // The table has a new entry inside the running system's partition.
+    let (start, size) = nested_partition(&old.disk).expect("partition 2");
+    assert!(
+        start >= MIB && start + size <= 1024 * MIB && size >= 200 * MIB,
+        "{start}+{size}"
+    );
+    assert_eq!(old.sector0()[..440], sector0[..440], "boot code untouched");
+
+    // Cut out at that range, the new filesystem is the image's root, by e2fsck and rsync.
+    let cut = fixtures::extract(&old.disk, start, size, &dir.path().join("cut.ext4"));
+    run_ok("e2fsck", &["-fn", cut.to_str().unwrap()]);
+    assert_eq!(uuid_of(&cut), new_uuid, "the image's identity");
+    let cut_mnt = dir.path().join("cut-mnt");
+    std::fs::create_dir(&cut_mnt).unwrap();
+    run_ok(
+        "mount",
+        &[
+            "-o",
+            "loop,ro",
+            cut.to_str().unwrap(),
+            cut_mnt.to_str().unwrap(),
+        ],
+    );
+    let diff = Command::new("rsync")
+        .args([
+            "-rlptgoDcni",
+            "--delete",
+            "--exclude=/usr/local/",
+            "--exclude=/etc/systemd/",
+            "--exclude=/var/lib/",
+            "--exclude=/lost+found/",
+        ])
+        .arg(format!("{}/", tree.display()))
+        .arg(format!("{}/", cut_mnt.display()))
+        .output()
+        .unwrap();
+    let agent_bin = std::fs::read(cut_mnt.join("usr/local/sbin/diskferry-client"));
+    let unit =
+        std::fs::read_to_string(cut_mnt.join("etc/systemd/system/diskferry-live-agent.service"));
+    let wanted = std::fs::read_link(
+        cut_mnt.join("etc/systemd/system/multi-user.target.wants/diskferry-live-agent.service"),
+    );
+    run_ok("umount", &[cut_mnt.to_str().unwrap()]);
+    let changes = String::from_utf8_lossy(&diff.stdout);
+    assert!(
+        diff.status.success() && changes.trim().is_empty(),
+        "rsync -c found differences:\n{changes}"
+    );
+    assert_eq!(
+        wanted.unwrap(),
+        Path::new("/etc/systemd/system/diskferry-live-agent.service"),
+        "enabled"
+    );
+    assert_eq!(
+        agent_bin.unwrap(),
+        std::fs::read(bin("diskferry-client")).unwrap()
+    );
+    assert!(unit.unwrap().contains(&format!(
+        "--listen 0.0.0.0:{}",
+        agent.addr.rsplit(':').next().unwrap()
+    )));
+
+    // GRUB boots it once; the running system is as it was, its filesystem clean.
+    let custom = std::fs::read_to_string(old.mnt.join("boot/grub/custom.cfg")).unwrap();
+    assert!(
+        custom.contains("--id diskferry-live") && custom.contains(&new_uuid),
+        "{custom}"
+    );
+    assert!(
+        custom.contains("linux ($diskferry_live)/vmlinuz root=UUID="),
+        "{custom}"
+    );
+    let env = std::fs::read_to_string(old.mnt.join("boot/grub/grubenv")).unwrap();
+    assert!(
+        env.contains("next_entry=diskferry-live\n") && env.len() == 1024,
+        "{env}"
+    );
+    assert_eq!(old.hashes(), hashes);
+    old.fsck();
+    let (_, state) = cli(&["live", &agent.addr, "--key-file", k]);
+    assert!(
+        state.contains("running the old system, with a live file"),
+        "{state}"
+    );
+
+    // Rolled back: sector 0, GRUB's files and the free space are as before.
+    let (ok, log) = cli(&["live", &agent.addr, "--rollback", "--key-file", k]);
+    assert!(ok && log.contains("rolled back"), "{log}");
+    assert_eq!(nested_partition(&old.disk), None);
+    assert!(old.sector0() == sector0, "sector 0 as it was");
+    assert!(!old.mnt.join("boot/grub/custom.cfg").exists());
+    let env = std::fs::read_to_string(old.mnt.join("boot/grub/grubenv")).unwrap();
+    assert!(!env.contains("next_entry"), "{env}");
+    assert!(!old.mnt.join("diskferry-live").exists());
+    assert_eq!(old.hashes(), hashes);
+    assert!(
+        old.free() >= free,
+        "free space given back: {} < {free}",
+        old.free()
+    );
+    old.fsck();
+    agent.stop();
+}
+
+#[test]
+fn refusals_say_why_and_change_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = make_key(dir.path(), "server.key");
+    let (image, _) = new_image(dir.path());
+    let old = OldSystem::new(dir.path());
+    let (hashes, sector0) = (old.hashes(), old.sector0());
+    let k = key.to_str().unwrap();
+    let img = image.to_str().unwrap();
+
+    let agent = old.agent(&key, true);
+    let target = format!("{}@{}", old.whole, agent.addr);
+    let (ok, log) = cli(&[
+        "deploy",
+        img,
+        &target,
+        "--live",
+        "--live-size",
+        "2G",
+        "--key-file",
+        k,
+    ]);
+    assert!(!ok && log.contains("not enough free space"), "{log}");
+    let (ok, log) = cli(&[
+        "deploy",
+        img,
+        &format!("/dev/nowhere@{}", agent.addr),
+        "--live",
+        "--key-file",
+        k,
+    ]);
+    assert!(!ok && log.contains("not on /dev/nowhere"), "{log}");
+    agent.stop();
+
+    let plain = old.agent(&key, false);
+    let (ok, log) = cli(&[
+        "deploy",
+        img,
+        &format!("{}@{}", old.whole, plain.addr),
+        "--live",
+        "--key-file",
+        k,
+    ]);
+    assert!(!ok && log.contains("not in live mode"), "{log}");
+    plain.stop();
+
+    assert!(old.sector0() == sector0);
+    assert!(!old.mnt.join("diskferry-live").exists());
+    assert!(!old.mnt.join("boot/grub/custom.cfg").exists());
+    assert_eq!(old.hashes(), hashes);
+}
