@@ -470,10 +470,11 @@ impl Connection {
             &self.config,
             format_args!("{action:?} requested by the server"),
         );
+        let graceful = self.config.live.is_some();
         tokio::spawn(async move {
             // Let the reply reach the server first.
             tokio::time::sleep(std::time::Duration::from_millis(500)).await;
-            crate::power::act(action);
+            tokio::task::spawn_blocking(move || crate::power::act(action, graceful));
         });
     }
 

@@ -116,9 +116,24 @@ pub enum Request {
 pub const MAX_LIVE_MENU: usize = 64 << 10;
 /// The GRUB menu entry id of a live system (what `next_entry` names).
 pub const LIVE_ENTRY_ID: &str = "diskferry-live";
-/// The file a committed live system keeps in its root (path from the root): its GRUB entry
-/// is then the default.
-pub const LIVE_COMMITTED: &str = "etc/diskferry/live-committed";
+/// A live system's state file (path from its root): a GRUB script of
+/// [`LIVE_STATE_SIZE`] bytes setting `diskferry_committed` to 0 or 1, made by the deploy and
+/// rewritten in place by the agent (GRUB reads it without the journal), which the running
+/// system's menu sources: committed, the live system's entry is the default.
+pub const LIVE_STATE: &str = "etc/diskferry/live.cfg";
+/// The state file's size.
+pub const LIVE_STATE_SIZE: usize = 1024;
+
+/// The state file's content, committed or not: the assignment, then `#` lines to the size.
+pub fn live_state(committed: bool) -> Vec<u8> {
+    let mut b = format!("set diskferry_committed={}\n", u8::from(committed)).into_bytes();
+    while b.len() < LIVE_STATE_SIZE {
+        let line = (LIVE_STATE_SIZE - b.len()).min(64);
+        b.extend(std::iter::repeat_n(b'#', line - 1));
+        b.push(b'\n');
+    }
+    b
+}
 
 /// Largest load option a [`Request::SetBootEntry`] may carry.
 pub const MAX_LOAD_OPTION: usize = 4096;

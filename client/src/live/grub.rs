@@ -12,6 +12,8 @@ use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
+use diskferry_protocol::{live_state, LIVE_STATE, LIVE_STATE_SIZE};
+
 use super::LiveError;
 
 /// The menu entry's id, which `next_entry` names.
@@ -179,27 +181,39 @@ pub fn token(root: &Path) -> Option<String> {
         .map(str::to_string)
 }
 
-/// The marker a committed live system keeps in its own root: its GRUB entry is then the
-/// default (the menu checks for it).
-pub use diskferry_protocol::LIVE_COMMITTED as COMMITTED;
-
-/// Marks the running system committed (or not).
+/// Marks the running system committed (or not): its state file, made by the deploy, is
+/// rewritten in place, where GRUB reads it whether or not the journal was written back.
 pub fn commit(root: &Path, committed: bool) -> Result<(), LiveError> {
-    let marker = root.join(COMMITTED);
-    let dir = marker.parent().expect("a parent");
-    if committed {
-        std::fs::create_dir_all(dir).map_err(|e| io_error("create", dir, e))?;
-        std::fs::write(&marker, b"committed by diskferry\n")
-            .and_then(|()| std::fs::File::open(&marker)?.sync_all())
-            .map_err(|e| io_error("write", &marker, e))?;
-    } else {
-        match std::fs::remove_file(&marker) {
-            Ok(()) => {}
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(e) => return Err(io_error("remove", &marker, e)),
-        }
+    let path = root.join(LIVE_STATE);
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&path)
+        .map_err(|e| LiveError::Grub {
+            why: format!(
+                "{} is missing ({e}): this is not a live-deployed system",
+                path.display()
+            ),
+        })?;
+    let mut now = vec![0u8; LIVE_STATE_SIZE];
+    let read = file
+        .read_at(&mut now, 0)
+        .map_err(|e| io_error("read", &path, e))?;
+    let len = file
+        .metadata()
+        .map_err(|e| io_error("stat", &path, e))?
+        .len();
+    if read != LIVE_STATE_SIZE
+        || len != LIVE_STATE_SIZE as u64
+        || !now.starts_with(b"set diskferry_committed=")
+    {
+        return Err(LiveError::Grub {
+            why: format!("{} is not a live state file", path.display()),
+        });
     }
-    sync(dir)
+    file.write_all_at(&live_state(committed), 0)
+        .and_then(|()| file.sync_data())
+        .map_err(|e| io_error("write", &path, e))
 }
 
 #[cfg(test)]
@@ -287,7 +301,7 @@ mod tests {
     }
 
     #[test]
-    fn the_token_comes_from_the_kernel_command_line_and_commit_marks_the_root() {
+    fn the_token_comes_from_the_kernel_command_line_and_commit_rewrites_the_state_in_place() {
         let root = tempfile::tempdir().unwrap();
         std::fs::create_dir(root.path().join("proc")).unwrap();
         std::fs::write(
@@ -298,10 +312,28 @@ mod tests {
         assert_eq!(token(root.path()).as_deref(), Some("ab12CD"));
         std::fs::write(root.path().join("proc/cmdline"), "diskferry.live=a/b\n").unwrap();
         assert_eq!(token(root.path()), None);
+        assert!(
+            commit(root.path(), true).is_err(),
+            "not a live-deployed system"
+        );
+        let state = root.path().join(LIVE_STATE);
+        std::fs::create_dir_all(state.parent().unwrap()).unwrap();
+        std::fs::write(&state, live_state(false)).unwrap();
+        let inode = std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(&state).unwrap());
         commit(root.path(), true).unwrap();
-        assert!(root.path().join(COMMITTED).exists());
+        let text = std::fs::read_to_string(&state).unwrap();
+        assert!(text.starts_with("set diskferry_committed=1\n") && text.len() == LIVE_STATE_SIZE);
+        let meta = std::fs::metadata(&state).unwrap();
+        assert_eq!(
+            std::os::unix::fs::MetadataExt::ino(&meta),
+            inode,
+            "rewritten in place"
+        );
         commit(root.path(), false).unwrap();
-        commit(root.path(), false).unwrap();
-        assert!(!root.path().join(COMMITTED).exists());
+        assert!(std::fs::read_to_string(&state)
+            .unwrap()
+            .starts_with("set diskferry_committed=0\n"));
+        std::fs::write(&state, "rm -rf /\n").unwrap();
+        assert!(commit(root.path(), true).is_err(), "not a state file");
     }
 }

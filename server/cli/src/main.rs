@@ -26,7 +26,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use capture::{CaptureArgs, Format, OutputArgs};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use diskferry_imaging::pipeline::Mode as DiskMode;

@@ -343,6 +343,7 @@ fn a_running_system_receives_a_new_one_in_a_pinned_file_and_rolls_it_back_unchan
             "--delete",
             "--exclude=/usr/local/",
             "--exclude=/etc/systemd/",
+            "--exclude=/etc/diskferry/",
             "--exclude=/var/lib/",
             "--exclude=/lost+found/",
         ])
@@ -353,6 +354,7 @@ fn a_running_system_receives_a_new_one_in_a_pinned_file_and_rolls_it_back_unchan
     let agent_bin = std::fs::read(cut_mnt.join("usr/local/sbin/diskferry-client"));
     let unit =
         std::fs::read_to_string(cut_mnt.join("etc/systemd/system/diskferry-live-agent.service"));
+    let state = std::fs::read_to_string(cut_mnt.join("etc/diskferry/live.cfg"));
     let wanted = std::fs::read_link(
         cut_mnt.join("etc/systemd/system/multi-user.target.wants/diskferry-live-agent.service"),
     );
@@ -361,6 +363,10 @@ fn a_running_system_receives_a_new_one_in_a_pinned_file_and_rolls_it_back_unchan
     assert!(
         diff.status.success() && changes.trim().is_empty(),
         "rsync -c found differences:\n{changes}"
+    );
+    assert!(
+        state.unwrap().starts_with("set diskferry_committed=0\n"),
+        "uncommitted"
     );
     assert_eq!(
         wanted.unwrap(),

@@ -1,6 +1,7 @@
 //! The agent a live system is given, so it can say it came up: the diskferry-client binary
 //! and a systemd unit that starts it at boot in live mode, listening where the old system's
-//! agent listened and trusting the same server key. The new system's agent confirms the
+//! agent listened and trusting the same server key; and the state file its commit rewrites
+//! in place (`diskferry_protocol::LIVE_STATE`, made uncommitted). The new system's agent confirms the
 //! live boot (its kernel carries the deploy's token), is told to commit, and stays, so the
 //! machine can be live-deployed again.
 
@@ -8,6 +9,7 @@ use std::sync::Arc;
 
 use diskferry_fs::overlay::{now, Attrs, TreeOverlay, TreeTransform};
 use diskferry_fs::{Filesystem, Result};
+use diskferry_protocol::{live_state, LIVE_STATE};
 
 /// Where the binary goes in the new system.
 pub const BINARY: &str = "/usr/local/sbin/diskferry-client";
@@ -30,7 +32,7 @@ impl LiveAgent {
              After=network-online.target\n\
              Wants=network-online.target\n\n\
              [Service]\n\
-             ExecStart={BINARY} --listen 0.0.0.0:{port} --server-key {server_key} --live --agent-key /var/lib/diskferry/agent.key\n\
+             ExecStart={BINARY} --listen 0.0.0.0:{port} --server-key {server_key} --live --allow-power --agent-key /var/lib/diskferry/agent.key\n\
              Restart=always\n\
              RestartSec=2\n\n\
              [Install]\n\
@@ -53,6 +55,12 @@ impl LiveAgent {
         o.symlink(
             &format!("/etc/systemd/system/multi-user.target.wants/{UNIT}"),
             &unit,
+        )?;
+        o.create_dirs("/etc/diskferry", dir)?;
+        o.write_file(
+            &format!("/{LIVE_STATE}"),
+            live_state(false),
+            Attrs::root(0o644),
         )
     }
 }

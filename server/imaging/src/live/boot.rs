@@ -21,7 +21,7 @@ use diskferry_blockdev::BlockDevice;
 use diskferry_fs::Filesystem;
 use diskferry_partition::nested::{add_nested, remove_nested};
 use diskferry_partition::Guid;
-use diskferry_protocol::{Reply, Request, LIVE_COMMITTED, LIVE_ENTRY_ID};
+use diskferry_protocol::{Reply, Request, LIVE_ENTRY_ID, LIVE_STATE};
 use diskferry_remote::Connection;
 
 use super::{LiveDeployError, Window};
@@ -112,11 +112,12 @@ pub fn menu(kernel: &Kernel, uuid: &str, token: &str, title: &str) -> String {
     format!(
         "insmod part_msdos\ninsmod part_gpt\ninsmod ext2\n\
          {search}\n\
-         if [ -f ($diskferry_live)/{committed} ]; then\n    set default={id}\nfi\n\
+         if [ -f ($diskferry_live)/{state} ]; then\n    source ($diskferry_live)/{state}\nfi\n\
+         if [ \"${{diskferry_committed}}\" = 1 ]; then\n    set default={id}\nfi\n\
          menuentry \"{title} (diskferry live)\" --id {id} {{\n    \
          {search}\n    \
          linux ($diskferry_live){linux} root=UUID={uuid} {args} panic=10 diskferry.live={token}{initrd}\n}}\n",
-        committed = LIVE_COMMITTED,
+        state = LIVE_STATE,
         id = LIVE_ENTRY_ID,
         linux = kernel.linux,
     )
@@ -230,7 +231,16 @@ mod tests {
             "linux ($diskferry_live)/boot/vmlinuz-6.1.0-18-cloud-amd64 root=UUID=abcd-ef ro console=ttyS0 quiet panic=10 diskferry.live=0123456789ab"
         ), "{m}");
         assert!(m.contains("initrd ($diskferry_live)/boot/initrd.img-6.1.0-18-cloud-amd64"));
-        assert!(m.contains("if [ -f ($diskferry_live)/etc/diskferry/live-committed ]"));
+        assert!(
+            m.contains("source ($diskferry_live)/etc/diskferry/live.cfg"),
+            "{m}"
+        );
+        assert!(
+            m.contains(
+                "if [ \"${diskferry_committed}\" = 1 ]; then\n    set default=diskferry-live"
+            ),
+            "{m}"
+        );
         assert_eq!(new_token().len(), 24);
     }
 }
