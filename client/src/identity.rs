@@ -84,6 +84,14 @@ fn collect_at(config: &Config, sys: &Path) -> String {
         out.push_str("\"live\":{");
         field(&mut out, "token", live.token());
         field(&mut out, "file", Some(live.path().display().to_string()));
+        let endpoint = live.endpoint();
+        for how in ["listen", "connect"] {
+            let addr = endpoint
+                .as_ref()
+                .filter(|e| e.0 == how)
+                .map(|e| e.1.clone());
+            field(&mut out, how, addr);
+        }
         let _ = write!(
             out,
             "\"pinned\":{}}},",

@@ -166,6 +166,9 @@ async fn run(args: args::Args) -> Result<(), RunError> {
         args::Endpoint::Listen(addr) => addr.clone(),
         args::Endpoint::Connect(server) => {
             log!("dialling {server}");
+            if let Some(live) = &config.live {
+                live.set_endpoint("connect", server.clone());
+            }
             return tokio::select! {
                 () = dial_loop(server.clone(), config) => Ok(()),
                 _ = interrupt.recv() => { log!("interrupted; exiting"); Ok(()) }
@@ -179,6 +182,9 @@ async fn run(args: args::Args) -> Result<(), RunError> {
     };
     let listener = TcpListener::bind(&listen).await.map_err(listening)?;
     let local = listener.local_addr().map_err(listening)?;
+    if let Some(live) = &config.live {
+        live.set_endpoint("listen", local.to_string());
+    }
     // Scripts wait for this exact line on stdout.
     println!("listening on {local}");
     tokio::select! {

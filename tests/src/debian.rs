@@ -580,7 +580,7 @@ pub(crate) fn place_data(disk: &Path, offset: u64, image: &Path) {
 
 /// A sparse disk with the installer's MBR: root (active) first, an extended partition to the
 /// end holding the swap as logical partition 5.
-fn partition(disk: &Path) {
+pub(crate) fn partition(disk: &Path) {
     std::fs::File::create(disk)
         .unwrap()
         .set_len(DISK_MIB * MIB)
@@ -601,32 +601,36 @@ fn partition(disk: &Path) {
 /// partition table kept) and a `core.img` from grub-mkimage in the gap after it, which finds
 /// `/boot/grub` on the first partition.
 pub(crate) fn install_grub(disk: &Path, work: &Path) {
+    install_grub_with(disk, work, &[]);
+}
+
+/// [`install_grub`], with `extra` modules in the core image (a menu that reads and saves
+/// GRUB's environment needs `loadenv` and `test`).
+pub(crate) fn install_grub_with(disk: &Path, work: &Path, extra: &[&str]) {
     let grub = Path::new("/usr/lib/grub/i386-pc");
     let core = work.join("core.img");
-    run_ok(
-        "grub-mkimage",
-        &[
-            "-O",
-            "i386-pc",
-            "-d",
-            p(grub),
-            "-o",
-            p(&core),
-            "-p",
-            "(hd0,msdos1)/boot/grub",
-            "biosdisk",
-            "part_msdos",
-            "ext2",
-            "normal",
-            "linux",
-            "search",
-            "search_fs_uuid",
-            "serial",
-            "terminal",
-            "echo",
-            "configfile",
-        ],
-    );
+    let args = [
+        "-O",
+        "i386-pc",
+        "-d",
+        p(grub),
+        "-o",
+        p(&core),
+        "-p",
+        "(hd0,msdos1)/boot/grub",
+        "biosdisk",
+        "part_msdos",
+        "ext2",
+        "normal",
+        "linux",
+        "search",
+        "search_fs_uuid",
+        "serial",
+        "terminal",
+        "echo",
+        "configfile",
+    ];
+    run_ok("grub-mkimage", &[&args[..], extra].concat());
     let core = std::fs::read(&core).unwrap();
     assert!(
         512 + core.len() as u64 <= ROOT_START_MIB * MIB,

@@ -14,6 +14,7 @@ pub mod debian;
 pub mod fixtures;
 pub mod hive;
 pub mod http;
+pub mod live_vm;
 pub mod nbd;
 pub mod netns;
 pub mod p2v;

@@ -101,6 +101,9 @@ pub struct Live {
     /// `/sys`, or a fake one in tests.
     sysfs: PathBuf,
     pinned: Mutex<Option<Pinned>>,
+    /// How this agent is reached: `("listen", address bound)` or `("connect", server)`; the
+    /// live system's agent is started the same way.
+    endpoint: Mutex<Option<(&'static str, String)>>,
 }
 
 impl Live {
@@ -122,6 +125,7 @@ impl Live {
             root,
             sysfs,
             pinned: Mutex::new(None),
+            endpoint: Mutex::new(None),
         };
         if let Ok(Some(p)) = live.adopt(served) {
             *live.lock() = Some(p);
@@ -131,6 +135,19 @@ impl Live {
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// Records how this agent is reached (`"listen"` or `"connect"`, and the address).
+    pub fn set_endpoint(&self, how: &'static str, addr: String) {
+        *self.endpoint.lock().unwrap_or_else(|e| e.into_inner()) = Some((how, addr));
+    }
+
+    /// How this agent is reached, once known.
+    pub fn endpoint(&self) -> Option<(&'static str, String)> {
+        self.endpoint
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     /// The size of the pinned file, if one is.

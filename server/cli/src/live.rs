@@ -59,6 +59,13 @@ pub(crate) struct LiveCommandArgs {
     /// next boot starts the old one (then run --rollback there)
     #[arg(long)]
     rollback: bool,
+    /// Then reboot the machine (its agent must allow it: --allow-power, as the agent a live
+    /// deploy gives the new system does)
+    #[arg(long, conflicts_with = "poweroff")]
+    reboot: bool,
+    /// Then power the machine off (cleanly, through its init system)
+    #[arg(long)]
+    poweroff: bool,
     #[command(flatten)]
     conn: ConnArgs,
 }
@@ -75,8 +82,8 @@ pub(crate) fn deploy(args: &DeployArgs, target: &str) -> Result<()> {
     let conn = rt
         .block_on(Connection::connect(&addr, &session))
         .with_context(|| format!("cannot reach the agent at {addr}"))?;
-    live::state(&conn)?;
-    let agent = live_agent(&args.live, &addr, &args.conn)?;
+    let state = live::state(&conn)?;
+    let agent = live_agent(&args.live, state.endpoint, &args.conn)?;
     let opts = LiveOptions {
         size: args
             .live
@@ -126,7 +133,7 @@ pub(crate) fn deploy(args: &DeployArgs, target: &str) -> Result<()> {
     );
     eprintln!("GRUB starts it once at the next boot; the running system is unchanged and stays the default until it is committed");
     if args.reboot {
-        reboot(&conn)?;
+        power(&conn, PowerAction::Reboot)?;
     }
     match args.live.live_wait {
         Some(minutes) => wait_and_finish(&rt, &addr, &session, conn, &token, minutes),
@@ -138,8 +145,12 @@ pub(crate) fn deploy(args: &DeployArgs, target: &str) -> Result<()> {
 }
 
 /// The agent the new system gets: the binary asked for, or the one next to this program,
-/// listening on the old agent's port and trusting this server's key.
-fn live_agent(args: &LiveArgs, addr: &str, conn: &ConnArgs) -> Result<LiveAgent> {
+/// reached as the old system's agent is and trusting this server's key.
+fn live_agent(
+    args: &LiveArgs,
+    endpoint: Option<(String, String)>,
+    conn: &ConnArgs,
+) -> Result<LiveAgent> {
     let path = match &args.live_agent {
         Some(p) => p.clone(),
         None => std::env::current_exe()?
@@ -153,28 +164,27 @@ fn live_agent(args: &LiveArgs, addr: &str, conn: &ConnArgs) -> Result<LiveAgent>
             path.display()
         )
     })?;
-    let port = addr
-        .rsplit_once(':')
-        .and_then(|(_, p)| p.parse::<u16>().ok())
-        .with_context(|| format!("{addr} has no port"))?;
+    let (how, addr) = endpoint.context("the agent does not say how it is reached: update it")?;
     let key = StaticKey::from_file(conn.key_file()?)?.public().to_string();
-    Ok(LiveAgent::new(binary, port, &key))
+    Ok(LiveAgent::new(binary, &how, &addr, &key))
 }
 
-/// Asks the agent to reboot its machine.
-fn reboot(conn: &Connection) -> Result<()> {
-    match conn.call_blocking(Request::Power {
-        action: PowerAction::Reboot,
-    }) {
+/// Asks the agent to reboot or power off its machine.
+fn power(conn: &Connection, action: PowerAction) -> Result<()> {
+    let verb = match action {
+        PowerAction::Reboot => "reboot",
+        PowerAction::Poweroff => "power off",
+    };
+    match conn.call_blocking(Request::Power { action }) {
         Ok(Reply::Done) => {
-            eprintln!("rebooting the machine");
+            eprintln!("the machine is going to {verb}");
             Ok(())
         }
         Ok(Reply::Error { message, .. }) => {
-            bail!("cannot reboot the machine: {message} (reboot it by hand)")
+            bail!("cannot {verb} the machine: {message} (do it by hand)")
         }
-        Ok(other) => bail!("cannot reboot the machine: unexpected answer {other:?}"),
-        Err(e) => bail!("cannot reboot the machine: {e}"),
+        Ok(other) => bail!("cannot {verb} the machine: unexpected answer {other:?}"),
+        Err(e) => bail!("cannot {verb} the machine: {e}"),
     }
 }
 
@@ -279,7 +289,11 @@ pub(crate) fn run(args: &LiveCommandArgs) -> Result<()> {
         }
         (token, false, false) => print_state(token.as_deref(), state.pinned),
     }
-    Ok(())
+    match (args.reboot, args.poweroff) {
+        (true, _) => power(&conn, PowerAction::Reboot),
+        (_, true) => power(&conn, PowerAction::Poweroff),
+        _ => Ok(()),
+    }
 }
 
 fn print_state(token: Option<&str>, pinned: Option<u64>) {

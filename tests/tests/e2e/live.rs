@@ -377,10 +377,11 @@ fn a_running_system_receives_a_new_one_in_a_pinned_file_and_rolls_it_back_unchan
         agent_bin.unwrap(),
         std::fs::read(bin("diskferry-client")).unwrap()
     );
-    assert!(unit.unwrap().contains(&format!(
-        "--listen 0.0.0.0:{}",
-        agent.addr.rsplit(':').next().unwrap()
-    )));
+    let unit = unit.unwrap();
+    assert!(
+        unit.contains(&format!("--listen {} ", agent.addr)),
+        "{unit}"
+    );
 
     // GRUB boots it once; the running system is as it was, its filesystem clean.
     let custom = std::fs::read_to_string(old.mnt.join("boot/grub/custom.cfg")).unwrap();

@@ -19,6 +19,7 @@ mod images_cli;
 mod incremental;
 mod inspect;
 mod live;
+mod live_vm;
 mod mkfs_ext4;
 mod mkfs_fat;
 mod multicast;

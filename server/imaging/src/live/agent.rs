@@ -24,15 +24,15 @@ pub struct LiveAgent {
 }
 
 impl LiveAgent {
-    /// The agent `binary`, listening on `port` and trusting `server_key` (hex).
-    pub fn new(binary: Vec<u8>, port: u16, server_key: &str) -> LiveAgent {
+    /// The agent `binary`, reached as the old system's agent is (`how` is `listen` or
+    /// `connect`, `addr` its address) and trusting `server_key` (hex).
+    pub fn new(binary: Vec<u8>, how: &str, addr: &str, server_key: &str) -> LiveAgent {
         let unit = format!(
             "[Unit]\n\
              Description=diskferry agent (put here by a live deploy)\n\
-             After=network-online.target\n\
-             Wants=network-online.target\n\n\
+             After=network.target\n\n\
              [Service]\n\
-             ExecStart={BINARY} --listen 0.0.0.0:{port} --server-key {server_key} --live --allow-power --agent-key /var/lib/diskferry/agent.key\n\
+             ExecStart={BINARY} --{how} {addr} --server-key {server_key} --live --allow-power --agent-key /var/lib/diskferry/agent.key\n\
              Restart=always\n\
              RestartSec=2\n\n\
              [Install]\n\

@@ -312,6 +312,8 @@ pub struct LiveState {
     pub token: Option<String>,
     /// The pinned live file's size, when one is.
     pub pinned: Option<u64>,
+    /// How the agent is reached: `("listen", bound address)` or `("connect", server)`.
+    pub endpoint: Option<(String, String)>,
 }
 
 /// Asks the agent what it is; `Err(NotLive)` when it is not in live mode.
@@ -336,9 +338,13 @@ pub fn parse_state(doc: &str) -> Result<LiveState, LiveDeployError> {
         .get("live")
         .filter(|l| l.is_object())
         .ok_or(LiveDeployError::NotLive)?;
+    let endpoint = ["listen", "connect"]
+        .iter()
+        .find_map(|how| Some((how.to_string(), live[*how].as_str()?.to_string())));
     Ok(LiveState {
         token: live["token"].as_str().map(str::to_string),
         pinned: live["pinned"].as_u64(),
+        endpoint,
     })
 }
 

@@ -1,0 +1,233 @@
+//! Live deploys onto a running Debian under qemu (TCG), end to end with the real binaries:
+//! the machine's own agent (started with `--live` at boot) receives another Debian while
+//! the old system keeps printing its marker, reboots once into it (GRUB's `next_entry`), the
+//! new system's agent confirms and the deploy commits, and from then on the machine boots
+//! the new system by default. A broken image (its kernel panics: no usable initrd) brings
+//! the old system back at the next boot, and the deploy rolls back: the old system's files
+//! are as they were. `e2fsck -fn` judges both filesystems; `sfdisk` the table.
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use diskferry_e2e::live_vm::{self, Vm, NEW_UUID, OLD_UUID};
+use diskferry_e2e::{diskferry, make_key, public_key, run_ok, wait_for};
+
+const MIB: u64 = 1 << 20;
+/// How long a boot under TCG may take, to the agent answering.
+const BOOT: Duration = Duration::from_secs(300);
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn cli(args: &[&str]) -> (bool, String) {
+    let args: Vec<&std::ffi::OsStr> = args.iter().map(std::ffi::OsStr::new).collect();
+    let (ok, out, err) = diskferry(&args);
+    (ok, out + &err)
+}
+
+/// Waits until the agent at `addr` answers `diskferry live` with a line containing `says`.
+fn wait_agent(addr: &str, key: &str, says: &str, vm: &Vm) -> String {
+    let mut last = String::new();
+    let up = wait_for(BOOT, || {
+        let (ok, out) = cli(&["live", addr, "--key-file", key]);
+        last = out;
+        ok && last.contains(says)
+    });
+    assert!(
+        up,
+        "the agent at {addr} never said {says:?}; last: {last}\nconsole:\n{}",
+        vm.console()
+    );
+    last
+}
+
+/// The partitions sfdisk sees: (node suffix, start, size) in bytes.
+fn partitions(disk: &Path) -> Vec<(String, u64, u64)> {
+    let json: serde_json::Value =
+        serde_json::from_str(&run_ok("sfdisk", &["--json", disk.to_str().unwrap()])).unwrap();
+    json["partitiontable"]["partitions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| {
+            let node = p["node"].as_str().unwrap();
+            (
+                node.trim_start_matches(disk.to_str().unwrap()).to_string(),
+                p["start"].as_u64().unwrap() * 512,
+                p["size"].as_u64().unwrap() * 512,
+            )
+        })
+        .collect()
+}
+
+/// `e2fsck -fn` of the filesystem at `start..start+size` of `disk`, cut out.
+fn fsck_at(disk: &Path, start: u64, size: u64, work: &Path, name: &str) {
+    let cut = diskferry_e2e::fixtures::extract(disk, start, size, &work.join(name));
+    run_ok("e2fsck", &["-fn", cut.to_str().unwrap()]);
+    std::fs::remove_file(cut).unwrap();
+}
+
+/// Runs `diskferry deploy IMAGE /dev/vda@ADDR --live --reboot --live-wait` to its end.
+fn deploy_live(image: &Path, addr: &str, key: &str) -> (bool, String) {
+    let out = Command::new(diskferry_e2e::bin("diskferry"))
+        .args([
+            "deploy",
+            image.to_str().unwrap(),
+            &format!("/dev/vda@{addr}"),
+        ])
+        .args([
+            "--live",
+            "--reboot",
+            "--live-wait",
+            "15",
+            "--progress",
+            "none",
+            "--key-file",
+            key,
+        ])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    (out.status.success(), text)
+}
+
+#[test]
+fn a_running_debian_is_replaced_live_boots_the_new_one_once_commits_it_and_keeps_it() {
+    let work = tempfile::tempdir_in("/var/tmp").unwrap();
+    let w = work.path();
+    let key = make_key(w, "server.key");
+    let k = key.to_str().unwrap();
+    let disks = live_vm::build(w, &public_key(&key));
+    let port = free_port();
+    let addr = format!("127.0.0.1:{port}");
+    let mut vm = Vm::start(&disks.old, port, &w.join("console.log"));
+    let (_, root) = vm.wait_marker("old", 0, BOOT);
+    assert_eq!(root, OLD_UUID);
+    wait_agent(&addr, k, "running its own system", &vm);
+
+    let before = vm.markers().len();
+    let (ok, log) = deploy_live(&disks.new_image, &addr, k);
+    assert!(ok, "{log}\nconsole:\n{}", vm.console());
+    assert!(log.contains("committed"), "{log}");
+    // The old system kept running while its disk received the new one.
+    let markers = vm.markers();
+    let first_new = markers
+        .iter()
+        .position(|(n, _)| n == "new")
+        .expect("the new system ran");
+    assert!(
+        first_new - before >= 5,
+        "only {} old markers during the deploy",
+        first_new - before
+    );
+    assert_eq!(
+        markers[first_new].1, NEW_UUID,
+        "findmnt / is the new filesystem"
+    );
+
+    // Committed: the next boot starts the new system again, by default.
+    let (_, out) = cli(&["live", &addr, "--key-file", k]);
+    assert!(out.contains("running a live-deployed system"), "{out}");
+    let seen = vm.markers().len();
+    let (ok, out) = cli(&["live", &addr, "--key-file", k, "--reboot"]);
+    assert!(ok, "{out}");
+    let (_, root) = vm.wait_marker("new", seen + 1, BOOT);
+    assert_eq!(root, NEW_UUID);
+    assert!(
+        !vm.markers().iter().skip(seen).any(|(n, _)| n == "old"),
+        "the old system started again:\n{}",
+        vm.console()
+    );
+    wait_agent(&addr, k, "running a live-deployed system", &vm);
+    let (ok, out) = cli(&["live", &addr, "--key-file", k, "--poweroff"]);
+    assert!(ok, "{out}");
+    assert!(
+        vm.wait_poweroff(Duration::from_secs(120)),
+        "{}",
+        vm.console()
+    );
+
+    // Both filesystems are clean; the new one lies inside the old one's partition (slot 2
+    // holds the extended partition: the new one took slot 3).
+    let parts = partitions(&disks.old);
+    let old = parts.iter().find(|p| p.0 == "1").unwrap();
+    let new = parts
+        .iter()
+        .find(|p| p.0 == "3")
+        .expect("the live partition");
+    assert!(
+        old.1 <= new.1 && new.1 + new.2 <= old.1 + old.2,
+        "{parts:?}"
+    );
+    fsck_at(&disks.old, old.1, old.2, w, "old.ext4");
+    fsck_at(&disks.old, new.1, new.2, w, "new.ext4");
+    assert!(old.1 == MIB);
+}
+
+#[test]
+fn a_live_image_that_panics_brings_the_old_system_back_unchanged() {
+    let work = tempfile::tempdir_in("/var/tmp").unwrap();
+    let w = work.path();
+    let key = make_key(w, "server.key");
+    let k = key.to_str().unwrap();
+    let disks = live_vm::build(w, &public_key(&key));
+    let tree = ["srv", "usr", "etc/systemd"];
+    let hashes = live_vm::hashes(&disks.old, MIB, &tree, w);
+    let table = partitions(&disks.old);
+    let port = free_port();
+    let addr = format!("127.0.0.1:{port}");
+    let mut vm = Vm::start(&disks.old, port, &w.join("console.log"));
+    vm.wait_marker("old", 0, BOOT);
+    wait_agent(&addr, k, "running its own system", &vm);
+
+    let before = vm.markers().len();
+    let (ok, log) = deploy_live(&disks.broken_image, &addr, k);
+    assert!(
+        !ok && log.contains("rolled back"),
+        "{log}\nconsole:\n{}",
+        vm.console()
+    );
+    let console = vm.console();
+    assert!(
+        console.contains("Kernel panic"),
+        "the new kernel panicked:\n{console}"
+    );
+    assert!(!vm.markers().iter().any(|(n, _)| n == "broken"));
+    let (_, root) = vm.wait_marker("old", before, BOOT);
+    assert_eq!(root, OLD_UUID);
+    wait_agent(&addr, k, "running its own system", &vm);
+    let (ok, out) = cli(&["live", &addr, "--key-file", k, "--poweroff"]);
+    assert!(ok, "{out}");
+    assert!(
+        vm.wait_poweroff(Duration::from_secs(120)),
+        "{}",
+        vm.console()
+    );
+
+    assert_eq!(
+        partitions(&disks.old),
+        table,
+        "the partition table as it was"
+    );
+    assert_eq!(
+        live_vm::hashes(&disks.old, MIB, &tree, w),
+        hashes,
+        "the old system's files"
+    );
+    let old = &table[0];
+    fsck_at(&disks.old, old.1, old.2, w, "old.ext4");
+    let root = live_vm::hashes(&disks.old, MIB, &["."], w);
+    assert!(!root.contains("./diskferry-live"), "the live file is gone");
+    assert!(
+        !root.contains("./boot/grub/custom.cfg"),
+        "GRUB's custom menu is gone"
+    );
+}
