@@ -289,11 +289,50 @@ fn nested_partition(disk: &Path) -> Option<(u64, u64)> {
 
 #[test]
 fn a_running_system_receives_a_new_one_in_a_pinned_file_and_rolls_it_back_unchanged() {
+    let (log, bad) = round_trip(false, 200);
+    assert!(log.contains(" 0 bad blocks"), "{log}");
+    assert!(bad.contains("Blockcount: 0\n"), "{bad}");
+}
+
+#[test]
+fn in_fragmented_free_space_the_running_system_s_blocks_become_bad_blocks_and_stay_untouched() {
+    let (log, bad) = round_trip(true, 150);
+    let listed: u64 = bad
+        .lines()
+        .find_map(|l| l.strip_prefix("TOTAL: "))
+        .and_then(|n| n.trim().parse().ok())
+        .expect("debugfs lists inode 1's blocks");
+    assert!(
+        listed > 100,
+        "the running system's blocks in the range are listed:\n{bad}\n{log}"
+    );
+    assert!(!log.contains(" 0 bad blocks"), "{log}");
+}
+
+/// Fills the running system's free space with 19 MiB files, each followed by a 1 MiB one,
+/// then deletes the large ones: free space in 19 MiB pieces between files that stay.
+fn fragment(old: &OldSystem) {
+    sh(&format!(
+        "mkdir {m}/fill; i=0
+         while head -c 19M /dev/urandom > {m}/fill/a$i 2>/dev/null && head -c 1M /dev/urandom > {m}/fill/b$i 2>/dev/null; do i=$((i + 1)); done
+         rm -f {m}/fill/a*; sync",
+        m = old.mnt.display()
+    ));
+}
+
+/// Deploys the image live into a running system (its free space fragmented first, when
+/// asked) with a live file of `size_mib`, checks everything, rolls back and checks that
+/// nothing changed; returns the deploy's log and `debugfs`' view of the new filesystem's
+/// bad-block inode.
+fn round_trip(fragmented: bool, size_mib: u64) -> (String, String) {
     let dir = tempfile::tempdir().unwrap();
     let key = make_key(dir.path(), "server.key");
     let (image, tree) = new_image(dir.path());
     let new_uuid = uuid_of(&dir.path().join("new-root.ext4"));
     let mut old = OldSystem::new(dir.path());
+    if fragmented {
+        fragment(&old);
+    }
     let (hashes, free, sector0) = (old.hashes(), old.free(), old.sector0());
     let agent = old.agent(&key, true);
     let k = key.to_str().unwrap();
@@ -305,7 +344,7 @@ fn a_running_system_receives_a_new_one_in_a_pinned_file_and_rolls_it_back_unchan
         &target,
         "--live",
         "--live-size",
-        "200M",
+        &format!("{size_mib}M"),
         "--key-file",
         k,
         "--progress",
@@ -313,11 +352,12 @@ fn a_running_system_receives_a_new_one_in_a_pinned_file_and_rolls_it_back_unchan
     ]);
     assert!(ok, "{log}");
     assert!(log.contains("partition 2"), "{log}");
+    let deployed = log;
 
     // The table has a new entry inside the running system's partition.
     let (start, size) = nested_partition(&old.disk).expect("partition 2");
     assert!(
-        start >= MIB && start + size <= 1024 * MIB && size >= 200 * MIB,
+        start >= MIB && start + size <= 1024 * MIB && size >= size_mib * MIB,
         "{start}+{size}"
     );
     assert_eq!(old.sector0()[..440], sector0[..440], "boot code untouched");
@@ -326,6 +366,7 @@ fn a_running_system_receives_a_new_one_in_a_pinned_file_and_rolls_it_back_unchan
     let cut = fixtures::extract(&old.disk, start, size, &dir.path().join("cut.ext4"));
     run_ok("e2fsck", &["-fn", cut.to_str().unwrap()]);
     assert_eq!(uuid_of(&cut), new_uuid, "the image's identity");
+    let bad = run_ok("debugfs", &["-R", "stat <1>", cut.to_str().unwrap()]);
     let cut_mnt = dir.path().join("cut-mnt");
     std::fs::create_dir(&cut_mnt).unwrap();
     run_ok(
@@ -423,6 +464,7 @@ fn a_running_system_receives_a_new_one_in_a_pinned_file_and_rolls_it_back_unchan
     );
     old.fsck();
     agent.stop();
+    (deployed, bad)
 }
 
 #[test]
