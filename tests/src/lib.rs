@@ -351,7 +351,14 @@ pub fn allocated(path: &Path) -> u64 {
     std::fs::metadata(path).unwrap().blocks() * 512
 }
 
-/// Runs `diskferry` with arguments; returns (success, stderr).
+/// `diskferry ARGS`: whether it succeeded, and what it printed (stdout, then stderr).
+pub fn cli(args: &[&str]) -> (bool, String) {
+    let args: Vec<&std::ffi::OsStr> = args.iter().map(std::ffi::OsStr::new).collect();
+    let (ok, out, err) = diskferry(&args);
+    (ok, out + &err)
+}
+
+/// Runs `diskferry` with arguments; returns (success, stdout, stderr).
 pub fn diskferry(args: &[&std::ffi::OsStr]) -> (bool, String, String) {
     let out = Command::new(bin("diskferry"))
         .args(args)

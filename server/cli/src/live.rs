@@ -12,9 +12,13 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use diskferry_fs::overlay::Chain;
-use diskferry_imaging::live::{self, agent::LiveAgent, boot, LiveOptions, LiveTarget};
+use diskferry_imaging::live::flow::{self, Outcome};
+use diskferry_imaging::live::{
+    self, agent::LiveAgent, boot, LiveDeployError, LiveOptions, LiveTarget,
+};
+use diskferry_imaging::source::open_on_connection;
 use diskferry_imaging::source::SourceSpec;
-use diskferry_protocol::{PowerAction, Reply, Request, StaticKey};
+use diskferry_protocol::{PowerAction, Reply, Request, SessionOptions, StaticKey};
 use diskferry_remote::{Connection, DialAddr};
 
 use crate::deploy::DeployArgs;
@@ -104,43 +108,88 @@ pub(crate) fn deploy(args: &DeployArgs, target: &str) -> Result<()> {
         reconnect: args.conn.reconnect().into(),
     };
     let progress = progress_for(args.progress);
-    let written = live::write(&image, &target, &opts, progress.as_ref())?;
-    let token = boot::new_token();
     let title = args
         .image
         .file_stem()
         .map_or_else(|| "image".into(), |s| s.to_string_lossy().into_owned());
-    let menu = boot::menu(&written.kernel, &written.uuid, &token, &title);
-    let number = match boot::switch(&conn, &written.disk, &written.window, &menu) {
-        Ok(n) => n,
-        Err(e) => {
-            let _ = conn.call_blocking(Request::LiveRemove);
-            return Err(e.into());
-        }
+    let deployed = flow::deploy(&image, &target, &opts, &title, progress.as_ref())?;
+    report(&deployed);
+    if args.reboot {
+        power(&conn, PowerAction::Reboot)?;
+    }
+    let Some(minutes) = args.live.live_wait else {
+        eprintln!("reboot the machine; once the new system is up: diskferry live {addr} --commit (or --rollback)");
+        return Ok(());
     };
-    let w = &written.window;
+    let again = Again {
+        rt: &rt,
+        addr: &addr,
+        session: &session,
+    };
+    let deadline = Instant::now() + Duration::from_secs(minutes * 60);
+    let phase = |what: &str| eprintln!("{what}");
+    match flow::finish(conn, &again, &deployed.token, deadline, &phase)? {
+        Outcome::Committed => {
+            eprintln!("the new system is up and confirmed it: committed (GRUB starts it by default from now on)");
+            Ok(())
+        }
+        Outcome::RolledBack(done) => bail!(
+            "the old system came back instead of the new one: rolled back ({})",
+            done.join("; ")
+        ),
+    }
+}
+
+/// What was written, for people.
+fn report(d: &flow::Deployed) {
+    let (w, written) = (&d.written.window, &d.written);
     eprintln!(
-        "live system written into {} on {}: {} at byte {} ({} of it the file's, {} bad blocks), partition {number}, UUID {}; {} files compared, {:.1} s",
+        "live system written into {} on {}: {} at byte {} ({} of it the file's, {} bad blocks), partition {}, UUID {}; {} files compared, {:.1} s",
         written.map.path,
         written.map.disk,
         human_bytes(w.len),
         w.start,
         human_bytes(w.own()),
         w.bad.iter().map(|b| b.1).sum::<u64>(),
+        d.partition,
         written.uuid,
         written.verify.files_compared,
         written.elapsed.as_secs_f64(),
     );
     eprintln!("GRUB starts it once at the next boot; the running system is unchanged and stays the default until it is committed");
-    if args.reboot {
-        power(&conn, PowerAction::Reboot)?;
+}
+
+/// The machine's agent at a listening address, dialled again.
+struct Again<'a> {
+    rt: &'a tokio::runtime::Runtime,
+    addr: &'a str,
+    session: &'a SessionOptions,
+}
+
+impl flow::Redialer for Again<'_> {
+    fn connect(&self) -> Option<Connection> {
+        self.rt
+            .block_on(Connection::connect(self.addr, self.session))
+            .ok()
     }
-    match args.live.live_wait {
-        Some(minutes) => wait_and_finish(&rt, &addr, &session, conn, &token, minutes),
-        None => {
-            eprintln!("reboot the machine; once the new system is up: diskferry live {addr} --commit (or --rollback)");
-            Ok(())
-        }
+
+    fn open_disk(
+        &self,
+        conn: &Connection,
+        disk: &str,
+    ) -> Result<Arc<dyn diskferry_blockdev::BlockDevice>, LiveDeployError> {
+        let redial = Arc::new(DialAddr {
+            addr: self.addr.to_string(),
+            session: self.session.clone(),
+        });
+        Ok(open_on_connection(
+            self.rt.handle(),
+            conn,
+            disk,
+            true,
+            redial,
+            Duration::from_secs(30),
+        )?)
     }
 }
 
@@ -188,81 +237,6 @@ fn power(conn: &Connection, action: PowerAction) -> Result<()> {
     }
 }
 
-/// How often the agent is asked while waiting.
-const POLL: Duration = Duration::from_secs(2);
-
-/// Waits for the old system to go away, then for an agent to answer at `addr`: the live
-/// system (its token) is committed, the old system rolled back.
-fn wait_and_finish(
-    rt: &tokio::runtime::Runtime,
-    addr: &str,
-    session: &diskferry_protocol::SessionOptions,
-    old: Connection,
-    token: &str,
-    minutes: u64,
-) -> Result<()> {
-    let deadline = Instant::now() + Duration::from_secs(minutes * 60);
-    eprintln!("waiting for the machine to reboot (up to {minutes} min)");
-    while live::state(&old).is_ok() {
-        if Instant::now() > deadline {
-            bail!("the machine did not reboot within {minutes} min; the live system stays ready for the next boot");
-        }
-        std::thread::sleep(POLL);
-    }
-    drop(old);
-    loop {
-        if Instant::now() > deadline {
-            bail!("no agent answered at {addr} within {minutes} min of the deploy");
-        }
-        let conn = match rt.block_on(Connection::connect(addr, session)) {
-            Ok(c) => c,
-            Err(_) => {
-                std::thread::sleep(POLL);
-                continue;
-            }
-        };
-        let Ok(state) = live::state(&conn) else {
-            std::thread::sleep(POLL);
-            continue;
-        };
-        if state.token.as_deref() == Some(token) {
-            boot::commit(&conn)?;
-            eprintln!("the new system is up and confirmed it: committed (GRUB starts it by default from now on)");
-            return Ok(());
-        }
-        let done = roll_back(rt, addr, session, &conn)?;
-        bail!(
-            "the old system came back instead of the new one: rolled back ({})",
-            done.join("; ")
-        );
-    }
-}
-
-/// Removes the live system from the old one (its partition entry, GRUB menu and file).
-fn roll_back(
-    rt: &tokio::runtime::Runtime,
-    addr: &str,
-    session: &diskferry_protocol::SessionOptions,
-    conn: &Connection,
-) -> Result<Vec<String>> {
-    let Some(map) = live::pinned_map(conn)? else {
-        return Ok(vec!["nothing was pinned".into()]);
-    };
-    let redial = Arc::new(DialAddr {
-        addr: addr.to_string(),
-        session: session.clone(),
-    });
-    let disk = diskferry_imaging::source::open_on_connection(
-        rt.handle(),
-        conn,
-        &map.disk,
-        true,
-        redial,
-        Duration::from_secs(30),
-    )?;
-    Ok(boot::undo(conn, &disk)?)
-}
-
 /// `diskferry live HOST:PORT [--commit | --rollback]`.
 pub(crate) fn run(args: &LiveCommandArgs) -> Result<()> {
     let session = crate::session(&args.conn)?;
@@ -284,7 +258,12 @@ pub(crate) fn run(args: &LiveCommandArgs) -> Result<()> {
             println!("un-committed: the next boot starts the old system; run --rollback there to remove this one");
         }
         (None, _, true) => {
-            let done = roll_back(&rt, &args.addr, &session, &conn)?;
+            let again = Again {
+                rt: &rt,
+                addr: &args.addr,
+                session: &session,
+            };
+            let done = flow::roll_back(&conn, &again)?;
             println!("rolled back: {}", done.join("; "));
         }
         (token, false, false) => print_state(token.as_deref(), state.pinned),

@@ -15,7 +15,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use diskferry_e2e::{bin, diskferry, fixtures, make_key, run_ok, sh, Client};
+use diskferry_e2e::{bin, cli, fixtures, make_key, run_ok, sh, Client};
 
 const MIB: u64 = 1 << 20;
 const OLD_UUID: &str = "01d5e5e5-0000-4000-8000-00000000a01d";
@@ -264,12 +264,6 @@ fn uuid_of(fs: &Path) -> String {
     .to_string()
 }
 
-fn cli(args: &[&str]) -> (bool, String) {
-    let args: Vec<&std::ffi::OsStr> = args.iter().map(std::ffi::OsStr::new).collect();
-    let (ok, out, err) = diskferry(&args);
-    (ok, out + &err)
-}
-
 /// The nested partition 2 of the old disk: (start, size) in bytes, from sfdisk.
 fn nested_partition(disk: &Path) -> Option<(u64, u64)> {
     let json: serde_json::Value =
@@ -309,15 +303,46 @@ fn in_fragmented_free_space_the_running_system_s_blocks_become_bad_blocks_and_st
     assert!(!log.contains(" 0 bad blocks"), "{log}");
 }
 
-/// Fills the running system's free space with 19 MiB files, each followed by a 1 MiB one,
-/// then deletes the large ones: free space in 19 MiB pieces between files that stay.
+/// Fills the running system's free space with 19 MiB files, each followed by a 1 MiB one of
+/// random bytes, then deletes the large ones: free space in 19 MiB pieces between files that
+/// stay. One process allocates them all (`fallocate`, in order): ext4 starts each file's
+/// search where the process's last one ended, so the pieces alternate as written.
 fn fragment(old: &OldSystem) {
-    sh(&format!(
-        "mkdir {m}/fill; i=0
-         while head -c 19M /dev/urandom > {m}/fill/a$i 2>/dev/null && head -c 1M /dev/urandom > {m}/fill/b$i 2>/dev/null; do i=$((i + 1)); done
-         rm -f {m}/fill/a*; sync",
-        m = old.mnt.display()
-    ));
+    let script = r#"
+import os, sys
+d = os.path.join(sys.argv[1], "fill")
+os.mkdir(d)
+i = 0
+while True:
+    try:
+        for name, size in (("a%d" % i, 19 << 20), ("b%d" % i, 1 << 20)):
+            fd = os.open(os.path.join(d, name), os.O_WRONLY | os.O_CREAT, 0o644)
+            try:
+                os.posix_fallocate(fd, 0, size)
+                if name[0] == "b":
+                    os.pwrite(fd, os.urandom(size), 0)
+                    os.fsync(fd)
+            finally:
+                os.close(fd)
+    except OSError:
+        break
+    i += 1
+for name in os.listdir(d):
+    if name[0] == "a":
+        os.unlink(os.path.join(d, name))
+os.sync()
+"#;
+    let out = Command::new("python3")
+        .arg("-c")
+        .arg(script)
+        .arg(&old.mnt)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 /// Deploys the image live into a running system (its free space fragmented first, when

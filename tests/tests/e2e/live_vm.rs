@@ -11,7 +11,7 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use diskferry_e2e::live_vm::{self, Vm, NEW_UUID, OLD_UUID};
-use diskferry_e2e::{diskferry, make_key, public_key, run_ok, wait_for};
+use diskferry_e2e::{cli, make_key, public_key, run_ok, wait_for};
 
 const MIB: u64 = 1 << 20;
 /// How long a boot under TCG may take, to the agent answering.
@@ -23,12 +23,6 @@ fn free_port() -> u16 {
         .local_addr()
         .unwrap()
         .port()
-}
-
-fn cli(args: &[&str]) -> (bool, String) {
-    let args: Vec<&std::ffi::OsStr> = args.iter().map(std::ffi::OsStr::new).collect();
-    let (ok, out, err) = diskferry(&args);
-    (ok, out + &err)
 }
 
 /// Waits until the agent at `addr` answers `diskferry live` with a line containing `says`.
@@ -99,19 +93,53 @@ fn deploy_live(image: &Path, addr: &str, key: &str) -> (bool, String) {
     (out.status.success(), text)
 }
 
+/// A machine's disks and server key in a work directory.
+struct Machine {
+    work: tempfile::TempDir,
+    key: std::path::PathBuf,
+    disks: live_vm::LiveDisks,
+}
+
+impl Machine {
+    fn new() -> Machine {
+        let work = tempfile::tempdir_in("/var/tmp").unwrap();
+        let key = make_key(work.path(), "server.key");
+        let disks = live_vm::build(work.path(), &public_key(&key));
+        Machine { work, key, disks }
+    }
+
+    fn k(&self) -> &str {
+        self.key.to_str().unwrap()
+    }
+
+    /// Boots the old system until its agent answers; the machine and its agent's address.
+    fn boot(&self) -> (Vm, String) {
+        let port = free_port();
+        let addr = format!("127.0.0.1:{port}");
+        let vm = Vm::start(&self.disks.old, port, &self.work.path().join("console.log"));
+        let (_, root) = vm.wait_marker("old", 0, BOOT);
+        assert_eq!(root, OLD_UUID);
+        wait_agent(&addr, self.k(), "running its own system", &vm);
+        (vm, addr)
+    }
+
+    /// Powers the machine off through its agent and waits for it.
+    fn power_off(&self, vm: &mut Vm, addr: &str) {
+        let (ok, out) = cli(&["live", addr, "--key-file", self.k(), "--poweroff"]);
+        assert!(ok, "{out}");
+        assert!(
+            vm.wait_poweroff(Duration::from_secs(120)),
+            "{}",
+            vm.console()
+        );
+    }
+}
+
 #[test]
 fn a_running_debian_is_replaced_live_boots_the_new_one_once_commits_it_and_keeps_it() {
-    let work = tempfile::tempdir_in("/var/tmp").unwrap();
-    let w = work.path();
-    let key = make_key(w, "server.key");
-    let k = key.to_str().unwrap();
-    let disks = live_vm::build(w, &public_key(&key));
-    let port = free_port();
-    let addr = format!("127.0.0.1:{port}");
-    let mut vm = Vm::start(&disks.old, port, &w.join("console.log"));
-    let (_, root) = vm.wait_marker("old", 0, BOOT);
-    assert_eq!(root, OLD_UUID);
-    wait_agent(&addr, k, "running its own system", &vm);
+    let m = Machine::new();
+    let (w, k, disks) = (m.work.path(), m.k(), &m.disks);
+    let (mut vm, addr) = m.boot();
 
     let before = vm.markers().len();
     let (ok, log) = deploy_live(&disks.new_image, &addr, k);
@@ -147,13 +175,7 @@ fn a_running_debian_is_replaced_live_boots_the_new_one_once_commits_it_and_keeps
         vm.console()
     );
     wait_agent(&addr, k, "running a live-deployed system", &vm);
-    let (ok, out) = cli(&["live", &addr, "--key-file", k, "--poweroff"]);
-    assert!(ok, "{out}");
-    assert!(
-        vm.wait_poweroff(Duration::from_secs(120)),
-        "{}",
-        vm.console()
-    );
+    m.power_off(&mut vm, &addr);
 
     // Both filesystems are clean; the new one lies inside the old one's partition (slot 2
     // holds the extended partition: the new one took slot 3).
@@ -174,19 +196,12 @@ fn a_running_debian_is_replaced_live_boots_the_new_one_once_commits_it_and_keeps
 
 #[test]
 fn a_live_image_that_panics_brings_the_old_system_back_unchanged() {
-    let work = tempfile::tempdir_in("/var/tmp").unwrap();
-    let w = work.path();
-    let key = make_key(w, "server.key");
-    let k = key.to_str().unwrap();
-    let disks = live_vm::build(w, &public_key(&key));
+    let m = Machine::new();
+    let (w, k, disks) = (m.work.path(), m.k(), &m.disks);
     let tree = ["srv", "usr", "etc/systemd"];
     let hashes = live_vm::hashes(&disks.old, MIB, &tree, w);
     let table = partitions(&disks.old);
-    let port = free_port();
-    let addr = format!("127.0.0.1:{port}");
-    let mut vm = Vm::start(&disks.old, port, &w.join("console.log"));
-    vm.wait_marker("old", 0, BOOT);
-    wait_agent(&addr, k, "running its own system", &vm);
+    let (mut vm, addr) = m.boot();
 
     let before = vm.markers().len();
     let (ok, log) = deploy_live(&disks.broken_image, &addr, k);
@@ -204,13 +219,7 @@ fn a_live_image_that_panics_brings_the_old_system_back_unchanged() {
     let (_, root) = vm.wait_marker("old", before, BOOT);
     assert_eq!(root, OLD_UUID);
     wait_agent(&addr, k, "running its own system", &vm);
-    let (ok, out) = cli(&["live", &addr, "--key-file", k, "--poweroff"]);
-    assert!(ok, "{out}");
-    assert!(
-        vm.wait_poweroff(Duration::from_secs(120)),
-        "{}",
-        vm.console()
-    );
+    m.power_off(&mut vm, &addr);
 
     assert_eq!(
         partitions(&disks.old),

@@ -13,12 +13,15 @@
 //!    label, features) and any customization, then read back and compared with the source.
 //! 5. The boot is switched ([`boot`]): a partition entry covering the range, and a GRUB menu
 //!    entry booted once.
+//! 6. After the reboot, [`flow::finish`] commits when the new system's agent answers, or
+//!    rolls back when the old one does.
 //!
 //! If anything fails before the boot is switched, the file is removed again: the running
 //! system is as it was.
 
 pub mod agent;
 pub mod boot;
+pub mod flow;
 mod padded;
 pub mod window;
 
@@ -73,6 +76,8 @@ pub enum LiveDeployError {
     OtherDisk { asked: String, actual: String },
     #[error("the agent is not in live mode: start diskferry-client with --live inside the running system")]
     NotLive,
+    #[error("{0}")]
+    Timeout(&'static str),
 }
 
 /// How to deploy.

@@ -1,0 +1,128 @@
+//! A live deploy from end to end, for every front end: written and switched ([`deploy`]),
+//! then — once the machine reboots — finished ([`finish`]): committed when the new system's
+//! agent answers with the deploy's token, rolled back when the old system's answers instead.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use diskferry_blockdev::BlockDevice;
+use diskferry_protocol::Request;
+use diskferry_remote::Connection;
+
+use super::{
+    boot, pinned_map, state, write, LiveDeployError, LiveOptions, LiveTarget, LiveWritten,
+};
+use crate::progress::Progress;
+
+/// A live system written and booted once at the next boot.
+pub struct Deployed {
+    pub written: LiveWritten,
+    /// The new partition's number.
+    pub partition: u32,
+    /// What the new system's kernel is booted with, so its agent can show it came up.
+    pub token: String,
+}
+
+/// Writes `image`'s root into the agent's running system and switches its boot to it once
+/// (`title` names the GRUB entry). On failure the running system is as it was.
+pub fn deploy(
+    image: &Arc<dyn BlockDevice>,
+    target: &LiveTarget<'_>,
+    opts: &LiveOptions,
+    title: &str,
+    progress: &dyn Progress,
+) -> Result<Deployed, LiveDeployError> {
+    let written = write(image, target, opts, progress)?;
+    let token = boot::new_token();
+    let menu = boot::menu(&written.kernel, &written.uuid, &token, title);
+    match boot::switch(target.conn, &written.disk, &written.window, &menu) {
+        Ok(partition) => Ok(Deployed {
+            written,
+            partition,
+            token,
+        }),
+        Err(e) => {
+            let _ = target.conn.call_blocking(Request::LiveRemove);
+            Err(e)
+        }
+    }
+}
+
+/// How a live deploy ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// The new system came up and is the default from now on.
+    Committed,
+    /// The old system came back; what was undone.
+    RolledBack(Vec<String>),
+}
+
+/// How to reach the machine again, and its disk, after it rebooted.
+pub trait Redialer {
+    /// A new connection to the machine's agent, when one answers now.
+    fn connect(&self) -> Option<Connection>;
+    /// `disk` opened writable on `conn`.
+    fn open_disk(
+        &self,
+        conn: &Connection,
+        disk: &str,
+    ) -> Result<Arc<dyn BlockDevice>, LiveDeployError>;
+}
+
+/// How often the machine is asked while waiting.
+const POLL: Duration = Duration::from_secs(2);
+
+/// Waits until `deadline` for the machine to go away (its reboot) and come back: the new
+/// system (its agent shows `token`) is committed, the old one rolled back. `phase` hears
+/// where the wait is.
+pub fn finish(
+    old: Connection,
+    again: &dyn Redialer,
+    token: &str,
+    deadline: Instant,
+    phase: &dyn Fn(&str),
+) -> Result<Outcome, LiveDeployError> {
+    phase("waiting for the machine to reboot");
+    while state(&old).is_ok() {
+        if Instant::now() > deadline {
+            return Err(LiveDeployError::Timeout(
+                "the machine did not reboot; the live system stays ready for its next boot",
+            ));
+        }
+        std::thread::sleep(POLL);
+    }
+    drop(old);
+    phase("waiting for the machine to come back");
+    loop {
+        if Instant::now() > deadline {
+            return Err(LiveDeployError::Timeout(
+                "no agent answered after the reboot",
+            ));
+        }
+        let Some(conn) = again.connect() else {
+            std::thread::sleep(POLL);
+            continue;
+        };
+        let Ok(now) = state(&conn) else {
+            std::thread::sleep(POLL);
+            continue;
+        };
+        if now.token.as_deref() == Some(token) {
+            phase("the new system is up: committing");
+            boot::commit(&conn)?;
+            return Ok(Outcome::Committed);
+        }
+        phase("the old system came back: rolling back");
+        return roll_back(&conn, again).map(Outcome::RolledBack);
+    }
+}
+
+/// Removes the live system from the old one (its partition entry, GRUB menu and file);
+/// returns what was done.
+pub fn roll_back(conn: &Connection, again: &dyn Redialer) -> Result<Vec<String>, LiveDeployError> {
+    let Some(map) = pinned_map(conn)? else {
+        return Ok(vec!["nothing was pinned".into()]);
+    };
+    let disk = again.open_disk(conn, &map.disk)?;
+    boot::undo(conn, &disk)
+}
