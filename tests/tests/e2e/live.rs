@@ -543,3 +543,61 @@ fn refusals_say_why_and_change_nothing() {
     assert!(!old.mnt.join("boot/grub/custom.cfg").exists());
     assert_eq!(old.hashes(), hashes);
 }
+
+#[test]
+fn a_server_s_live_job_switches_the_running_system_and_shows_where_it_stands() {
+    let dir = tempfile::tempdir().unwrap();
+    let (image, _) = new_image(dir.path());
+    let data = dir.path().join("data");
+    std::fs::create_dir_all(data.join("captures")).unwrap();
+    std::fs::copy(&image, data.join("captures/golden.img")).unwrap();
+    let server = diskferry_e2e::http::Server::start(&data).unwrap();
+    let key = data.join("server.key");
+    let old = OldSystem::new(dir.path());
+    let (hashes, sector0) = (old.hashes(), old.sector0());
+    let agent = old.agent(&key, true);
+    let target = format!("{}@{}", old.whole, agent.addr);
+
+    // A machine name is not a live agent: refused before anything runs.
+    let r = server.api(
+        "POST",
+        "/api/jobs",
+        serde_json::json!({"kind": "live", "image": "golden.img", "target": "no-such-machine"})
+            .to_string()
+            .as_bytes(),
+    );
+    assert!(r.status >= 400 && r.status < 500, "{}", r.text());
+
+    let job = server.run_job(&serde_json::json!({
+        "kind": "live", "image": "golden.img", "target": target,
+        "live_size_mib": 200, "live_wait_minutes": 0,
+    }));
+    assert_eq!(job["state"], "succeeded", "{job:#}");
+    assert_eq!(job["params"]["live"], "switched", "{job:#}");
+    let log = job["log"].to_string();
+    assert!(log.contains("GRUB starts it once"), "{log}");
+    let (start, size) = nested_partition(&old.disk).expect("partition 2");
+    assert!(size >= 200 * MIB && start >= MIB);
+    assert!(
+        std::fs::read_to_string(old.mnt.join("boot/grub/custom.cfg"))
+            .unwrap()
+            .contains("--id diskferry-live")
+    );
+    let page = server.get(&format!("/jobs/{}", job["id"])).text();
+    assert!(
+        page.contains("switched"),
+        "the job page says where it stands"
+    );
+
+    let (ok, out) = cli(&[
+        "live",
+        &agent.addr,
+        "--rollback",
+        "--key-file",
+        key.to_str().unwrap(),
+    ]);
+    assert!(ok, "{out}");
+    assert!(old.sector0() == sector0);
+    assert_eq!(old.hashes(), hashes);
+    agent.stop();
+}

@@ -60,6 +60,33 @@ fn multicast_form(
     }
 }
 
+/// The form of a live deploy: a capture's Linux root into a running Linux system.
+fn live_form(
+    who: &Identity,
+    captures: &[diskferry_daemon::catalog::CaptureRecord],
+) -> maud::Markup {
+    html! {
+        h2 #live { "Deploy into a running Linux system (live)" }
+        form.job method="post" action="/jobs" {
+            input type="hidden" name="csrf" value=(who.csrf());
+            input type="hidden" name="kind" value="live";
+            label for="live-image" { "Capture" }
+            select #live-image name="image" {
+                @for c in captures { option value=(c.id) { (c.name) } }
+            }
+            label for="live-target" { "Disk of a live agent" }
+            input #live-target name="target" required placeholder="/dev/sda@192.0.2.10:7700";
+            label for="live-size" { "Live file size in MiB (optional)" }
+            input #live-size name="live_size_mib" inputmode="numeric" placeholder="one and a half times what the root needs";
+            label for="live-wait" { "Minutes to wait for the reboot (0: do not wait)" }
+            input #live-wait name="live_wait_minutes" inputmode="numeric" value="30";
+            label.check { input type="checkbox" name="reboot" value="1" checked; " Reboot the machine into the new system" }
+            button type="submit" { "Deploy live" }
+            p.hint { "The machine's agent runs inside its system (diskferry-client --listen … --live). It pins a file of the running system, the capture's Linux root is written into the disk sectors under it, and GRUB starts the new system once at the next boot. When the new system's agent answers, the deploy is committed (GRUB's default from then on); when the old system comes back instead, it is rolled back and left exactly as it was. The job shows where it stands: writing, switched, rebooting, committed or rolled back." }
+        }
+    }
+}
+
 /// The mode select both deploy forms share.
 fn deploy_mode(id: &str) -> maud::Markup {
     html! {
@@ -166,6 +193,7 @@ async fn list(
             }
         }
         @if !captures.is_empty() { (multicast_form(&who, &captures, &groups)) }
+        @if !captures.is_empty() { (live_form(&who, &captures)) }
         h2 #schedules { "Schedules" }
         @if schedules.is_empty() { p.empty { "No recurring jobs." } } @else {
             div.scroll { table.list {
@@ -200,6 +228,7 @@ async fn list(
                             td { (j.params["source"].as_str().unwrap_or("")) " → " (j.params["output"].as_str().unwrap_or("")) }
                             td {
                                 span class=(format!("state {}", j.state.name())) { (j.state.name()) }
+                                @if let Some(live) = j.params["live"].as_str() { " " span.live { "live: " (live) } }
                                 @if j.waiting { " " span.hint { (waiting_note(j)) } }
                             }
                             td { (date(j.created_at)) }
@@ -252,6 +281,12 @@ async fn start(
             .transpose()?,
         fallback_loader: writes.then(|| form.contains_key("fallback_loader")),
         boot_entry: writes.then(|| form.contains_key("boot_entry")),
+        live_size_mib: nonempty("live_size_mib")
+            .map(|m| parse_number("live file size", &m))
+            .transpose()?,
+        live_wait_minutes: nonempty("live_wait_minutes")
+            .map(|m| parse_number("minutes to wait", &m))
+            .transpose()?,
     };
     if let Some(every) = nonempty("every") {
         state.jobs.add_schedule(&req, &every)?;
@@ -276,6 +311,7 @@ fn schedule_what(req: &serde_json::Value) -> String {
     let s = |k: &str| req[k].as_str().unwrap_or("").to_string();
     match req["kind"].as_str() {
         Some("deploy") => format!("{} → {}", s("image"), s("target")),
+        Some("live") => format!("{} → {} (live)", s("image"), s("target")),
         Some("multicast") => match req["group"].as_str() {
             Some(g) => format!("{} → group {g} (multicast)", s("image")),
             None => format!(
@@ -343,6 +379,9 @@ async fn detail(
             dt { "Output" } dd.mono { (job.params["output"].as_str().unwrap_or("")) }
             dt { "Mode" } dd { (job.params["mode"].as_str().unwrap_or("")) }
             dt { "State" } dd { span #job-state class=(format!("state {}", job.state.name())) { (job.state.name()) } }
+            @if let Some(live) = job.params["live"].as_str() {
+                dt { "Live deploy" } dd #job-live { (live) }
+            }
             @if let Some(r) = &job.result {
                 dt { "Result" } dd { (r["summary"].as_str().unwrap_or("")) }
                 @if let Some(why) = r["fallback"].as_str() {

@@ -10,6 +10,7 @@
 
 mod chain;
 mod disk;
+mod live;
 mod multicast;
 mod names;
 mod queue;
@@ -43,7 +44,8 @@ use names::{OutputNames, Reservation};
 #[derive(Debug, Clone, Default, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct JobRequest {
-    /// "capture", "deploy" or "multicast" (one capture onto many machines at once).
+    /// "capture", "deploy", "multicast" (one capture onto many machines at once) or "live"
+    /// (a capture's Linux root into the running system of a listening live agent).
     pub kind: String,
     /// Capture: what to read — a machine (name or MAC), `DISK@MACHINE`, or `DISK@HOST:PORT`
     /// of a listening client.
@@ -119,6 +121,14 @@ pub struct JobRequest {
     /// machines whose agent allows it (`--allow-firmware`; default true).
     #[serde(default)]
     pub boot_entry: Option<bool>,
+    /// Live: the live file's size in MiB (default: one and a half times what the root needs).
+    #[serde(default)]
+    pub live_size_mib: Option<u64>,
+    /// Live: minutes to wait for the machine to reboot into the new system (committed) or
+    /// back into the old one (rolled back); 0 ends the job once the boot is switched
+    /// (default 30).
+    #[serde(default)]
+    pub live_wait_minutes: Option<u32>,
 }
 
 /// Why a job request was refused (nothing was started).
@@ -218,6 +228,8 @@ enum RunError {
     Incompatible(String),
     #[error("{0}")]
     Multicast(String),
+    #[error("{0}")]
+    Live(String),
     #[error("internal error: the job panicked ({0}); this is a bug, please report it")]
     Panicked(String),
 }
@@ -241,6 +253,7 @@ enum Work {
         hardware: Option<TargetHardware>,
     },
     Multicast(Box<multicast::MulticastWork>),
+    Live(Box<live::LiveWork>),
 }
 
 /// What a deploy does around its write: the compatibility check (skipped in effect by
@@ -285,6 +298,8 @@ impl Work {
             Work::Deploy { target, .. } => target.machine(),
             // Its machines' states are kept by the job itself.
             Work::Multicast(_) => None,
+            // A listening agent: no catalogued machine.
+            Work::Live(_) => None,
         }
     }
 }
@@ -437,9 +452,10 @@ impl Jobs {
             "capture" => self.check_capture(&req, mode)?,
             "deploy" => self.check_deploy(&req, mode)?,
             "multicast" => self.check_multicast(&req, mode)?,
+            "live" => self.check_live(&req)?,
             other => {
                 return Err(JobError::Invalid(format!(
-                    "unknown job kind {other:?}: use \"capture\", \"deploy\" or \"multicast\""
+                    "unknown job kind {other:?}: use \"capture\", \"deploy\", \"multicast\" or \"live\""
                 )))
             }
         };
@@ -566,6 +582,34 @@ impl Jobs {
         Ok((work, params))
     }
 
+    fn check_live(&self, req: &JobRequest) -> Result<(Work, serde_json::Value), JobError> {
+        let image = required(&req.image, "image", "live")?;
+        let target = required(&req.target, "target", "live")?;
+        let rec = self.find_capture(image)?;
+        let disk = JobDisk::resolve(target, &self.catalog, &self.agents)?;
+        let (customize, hardware) = self.edits_of(req, &disk)?;
+        let (disk_name, addr, size, wait_minutes) = live::check(req, &disk)?;
+        let params = serde_json::json!({
+            "image": rec.name, "target": target, "reboot": req.reboot,
+            "source": rec.name, "output": target, "customized": customize.is_some(),
+            "target_hardware": hardware.map(TargetHardware::name),
+            "live_size_mib": req.live_size_mib, "live_wait_minutes": wait_minutes,
+            "live": "queued",
+        });
+        let work = Work::Live(Box::new(live::LiveWork {
+            image: self.catalog.capture_file(&rec),
+            title: rec.name.clone(),
+            disk: disk_name,
+            addr,
+            size,
+            reboot: req.reboot,
+            wait_minutes,
+            customize,
+            hardware,
+        }));
+        Ok((work, params))
+    }
+
     /// The catalogued capture `image` names (its id, name or path).
     fn find_capture(&self, image: &str) -> Result<crate::catalog::CaptureRecord, JobError> {
         self.catalog
@@ -649,7 +693,7 @@ impl Jobs {
                 (Work::Deploy { .. }, Some(_)) if untouched => before.as_str(),
                 (Work::Deploy { .. }, None) => state::DEPLOYED,
                 (Work::Deploy { .. }, Some(_)) => state::FAILED,
-                (Work::Multicast(_), _) => before.as_str(),
+                (Work::Multicast(_) | Work::Live(_), _) => before.as_str(),
             };
             let _ = self.catalog.set_machine_state(*m, after);
         }
@@ -671,6 +715,7 @@ impl Jobs {
         match work {
             Work::Capture(c) => self.run_capture(id, rt, c, cancel),
             Work::Multicast(w) => self.run_multicast(id, rt, w, cancel),
+            Work::Live(w) => self.run_live(id, rt, w),
             Work::Deploy {
                 image,
                 target,
