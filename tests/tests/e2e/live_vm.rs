@@ -143,6 +143,7 @@ fn a_running_debian_is_replaced_live_boots_the_new_one_once_commits_it_and_keeps
 
     let before = vm.markers().len();
     let (ok, log) = deploy_live(&disks.new_image, &addr, k);
+    eprintln!("{log}");
     assert!(ok, "{log}\nconsole:\n{}", vm.console());
     assert!(log.contains("committed"), "{log}");
     // The old system kept running while its disk received the new one.
