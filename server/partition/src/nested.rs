@@ -3,13 +3,13 @@
 //! and how it goes away again.
 //!
 //! Only the table changes, as little as it can: on a GPT the new entry goes in the first free
-//! slot, named [`NESTED_NAME`], and the table is written as [`crate::write_table`] writes it
-//! (backup first); on an MBR it goes in a free primary slot of sector 0 (type 0x83), and
-//! nothing else is written — the extended boot records of logical partitions stay as they
-//! are. Boot code is never touched.
+//! slot, named [`NESTED_NAME`], patched into both entry arrays where they are, with both
+//! headers' checksums updated and every other header field kept (backup first); on an MBR it
+//! goes in a free primary slot of sector 0 (type 0x83), and nothing else is written — the
+//! extended boot records of logical partitions stay as they are. Boot code is never touched.
 
-use super::ondisk::{mbr as layout, mbr_entry};
-use super::write::{mbr_entry as encode_entry, write_gpt_nested};
+use super::ondisk::{crc32_with_zero_field, gpt_entry, gpt_header, mbr as layout, mbr_entry};
+use super::write::{check_nested, mbr_entry as encode_entry};
 use super::{
     gpt_types, read_table, Guid, Partition, PartitionError, PartitionType, Result, Scheme,
 };
@@ -47,7 +47,7 @@ pub fn add_nested(disk: &dyn BlockDevice, start: u64, size: u64, guid: Guid) -> 
                 .find(|n| table.partitions.iter().all(|p| p.number != *n))
                 .ok_or_else(|| invalid("the GPT has no free entry".into()))?;
             let mut table = table;
-            table.partitions.push(Partition {
+            let p = Partition {
                 number,
                 start,
                 size,
@@ -56,8 +56,10 @@ pub fn add_nested(disk: &dyn BlockDevice, start: u64, size: u64, guid: Guid) -> 
                 name: NESTED_NAME.into(),
                 attributes: 0,
                 bootable: false,
-            });
-            write_gpt_nested(disk, &table, number)?;
+            };
+            table.partitions.push(p.clone());
+            check_nested(disk, &table, number)?;
+            patch_gpt(disk, sector, number, Some(&p))?;
             Ok(number)
         }
         Scheme::Mbr => {
@@ -107,7 +109,7 @@ fn is_nested(all: &[Partition], p: &Partition) -> bool {
 
 /// Removes nested partitions but one covering `keep` (start, size).
 fn remove_nested_except(disk: &dyn BlockDevice, keep: Option<(u64, u64)>) -> Result<Vec<u32>> {
-    let mut table = read_table(disk)?;
+    let table = read_table(disk)?;
     let gone: Vec<u32> = table
         .partitions
         .iter()
@@ -119,15 +121,9 @@ fn remove_nested_except(disk: &dyn BlockDevice, keep: Option<(u64, u64)>) -> Res
     }
     match table.scheme {
         Scheme::Gpt => {
-            table.partitions.retain(|p| !gone.contains(&p.number));
-            let kept = table
-                .partitions
-                .iter()
-                .find(|p| is_nested(&table.partitions, p))
-                .map(|p| p.number);
-            match kept {
-                Some(n) => write_gpt_nested(disk, &table, n)?,
-                None => super::write_table(disk, &table)?,
+            let sector = u64::from(table.sector_size);
+            for n in &gone {
+                patch_gpt(disk, sector, *n, None)?;
             }
         }
         _ => {
@@ -143,4 +139,67 @@ fn remove_nested_except(disk: &dyn BlockDevice, keep: Option<(u64, u64)>) -> Res
         }
     }
     Ok(gone)
+}
+
+/// Sets entry `number` of both GPT entry arrays to `p` (or clears it), where the headers say
+/// the arrays are, and updates the arrays' and headers' checksums; the backup first.
+fn patch_gpt(
+    disk: &dyn BlockDevice,
+    sector: u64,
+    number: u32,
+    p: Option<&Partition>,
+) -> Result<()> {
+    let primary = read_header(disk, sector, 1)?;
+    let backup_lba = gpt_header::ALTERNATE_LBA.get(&primary);
+    let backup = read_header(disk, sector, backup_lba)?;
+    for (lba, mut header) in [(backup_lba, backup), (1, primary)] {
+        let at = gpt_header::PARTITION_ENTRY_LBA.get(&header) * sector;
+        let entries = gpt_header::NUMBER_OF_PARTITION_ENTRIES.get(&header);
+        if gpt_header::SIZE_OF_PARTITION_ENTRY.get(&header) != gpt_entry::LEN as u32
+            || number == 0
+            || number > entries
+            || entries > 4096
+        {
+            return Err(invalid(format!("the GPT has no usable entry {number}")));
+        }
+        let used = entries as usize * gpt_entry::LEN;
+        let mut array = vec![0u8; (used as u64).next_multiple_of(sector) as usize];
+        disk.read_at(&mut array, at)?;
+        let e =
+            &mut array[(number as usize - 1) * gpt_entry::LEN..number as usize * gpt_entry::LEN];
+        e.fill(0);
+        if let Some(p) = p {
+            let PartitionType::Gpt(ty) = p.kind else {
+                return Err(invalid("an MBR type in a GPT".into()));
+            };
+            gpt_entry::TYPE_GUID.set(e, ty);
+            gpt_entry::UNIQUE_GUID.set(e, p.guid.unwrap_or_default());
+            gpt_entry::STARTING_LBA.set(e, p.start / sector);
+            gpt_entry::ENDING_LBA.set(e, p.end() / sector - 1);
+            gpt_entry::NAME.set(e, &p.name);
+        }
+        gpt_header::PARTITION_ENTRY_ARRAY_CRC32.set(&mut header, crc32fast::hash(&array[..used]));
+        let len =
+            (gpt_header::HEADER_SIZE.get(&header) as usize).clamp(gpt_header::LEN, header.len());
+        let crc = crc32_with_zero_field(&header[..len], gpt_header::HEADER_CRC32);
+        gpt_header::HEADER_CRC32.set(&mut header, crc);
+        disk.write_at(&array, at)?;
+        disk.write_at(&header, lba * sector)?;
+    }
+    disk.flush()?;
+    Ok(())
+}
+
+/// The GPT header sector at `lba`, checked to be one.
+fn read_header(disk: &dyn BlockDevice, sector: u64, lba: u64) -> Result<Vec<u8>> {
+    let mut h = vec![0u8; sector as usize];
+    disk.read_at(&mut h, lba * sector)?;
+    if gpt_header::SIGNATURE.get(&h) != *gpt_header::SIGNATURE_VALUE
+        || gpt_header::MY_LBA.get(&h) != lba
+    {
+        return Err(invalid(format!(
+            "no GPT header at sector {lba}: repair the table first (sgdisk -v)"
+        )));
+    }
+    Ok(h)
 }

@@ -100,15 +100,14 @@ pub fn write_table(disk: &dyn BlockDevice, table: &PartitionTable) -> Result<()>
     }
 }
 
-/// Writes a GPT `table` in which partition `nested` lies inside another one (see
+/// Checks a `table` in which partition `nested` lies inside another one (see
 /// [`crate::nested`]); the others must not overlap.
-pub(crate) fn write_gpt_nested(
+pub(crate) fn check_nested(
     disk: &dyn BlockDevice,
     table: &PartitionTable,
     nested: u32,
 ) -> Result<()> {
-    check_layout(disk, table, Some(nested))?;
-    write_gpt(disk, table)
+    check_layout(disk, table, Some(nested))
 }
 
 /// Every partition sector aligned, inside the usable area, and apart from the others — but

@@ -133,7 +133,11 @@ fn a_gpt_gets_a_named_entry_inside_root_and_loses_it_again() {
     );
     let dev = FileDevice::open(&path, true).unwrap();
     let before = read_table(&dev).unwrap();
-    let code = bytes(&path, 0, 440);
+    let size = 2048 * MIB;
+    let (primary, backup) = (
+        bytes(&path, 0, 34 * 512),
+        bytes(&path, size - 33 * 512, 33 * 512),
+    );
 
     let n = add_nested(&dev, 512 * MIB, 256 * MIB, Guid([9; 16])).unwrap();
     assert_eq!(n, 4);
@@ -153,7 +157,14 @@ fn a_gpt_gets_a_named_entry_inside_root_and_loses_it_again() {
     assert_eq!(remove_nested(&dev).unwrap(), vec![4]);
     dev.flush().unwrap();
     assert_eq!(read_table(&dev).unwrap(), before, "the table as it was");
-    assert!(bytes(&path, 0, 440) == code, "boot code untouched");
+    assert!(
+        bytes(&path, 0, 34 * 512) == primary,
+        "the primary table, byte for byte"
+    );
+    assert!(
+        bytes(&path, size - 33 * 512, 33 * 512) == backup,
+        "the backup, byte for byte"
+    );
     let verify = tool("sgdisk", &["-v", p]);
     assert!(verify.contains("No problems found"), "{verify}");
 }

@@ -59,6 +59,22 @@ impl OldSystem {
     /// A 1 GiB MBR disk whose one partition (from 1 MiB) holds a small Linux root with
     /// GRUB's files, mounted.
     fn new(dir: &Path) -> OldSystem {
+        OldSystem::with_table(
+            dir,
+            "label: dos\nlabel-id: 0x0ddba11\nstart=2048, type=83, bootable\n",
+        )
+    }
+
+    /// The same on a GPT disk (a BIOS boot partition's code in sector 0 kept as it is).
+    fn gpt(dir: &Path) -> OldSystem {
+        OldSystem::with_table(
+            dir,
+            "label: gpt\nlabel-id: 0DDBA110-0000-4000-8000-000000000001\nstart=2048, type=0FC63DAF-8483-4772-8E79-3D69D8477DE4, name=root\n",
+        )
+    }
+
+    /// The disk partitioned by the sfdisk `script` (one partition from sector 2048).
+    fn with_table(dir: &Path, script: &str) -> OldSystem {
         let disk = dir.join("old.img");
         std::fs::File::create(&disk)
             .unwrap()
@@ -75,20 +91,29 @@ impl OldSystem {
             .stdin
             .take()
             .unwrap()
-            .write_all(b"label: dos\nlabel-id: 0x0ddba11\nstart=2048, type=83, bootable\n")
+            .write_all(script.as_bytes())
             .unwrap();
         assert!(sfdisk.wait().unwrap().success());
         let d = disk.to_str().unwrap();
         let whole = run_ok("losetup", &["-f", "--show", d]).trim().to_string();
+        // Partition 1 exactly as the table has it (a GPT's backup follows it).
+        let json: serde_json::Value =
+            serde_json::from_str(&run_ok("sfdisk", &["--json", d])).unwrap();
+        let p1 = &json["partitiontable"]["partitions"][0];
+        let (start, size) = (p1["start"].as_u64().unwrap(), p1["size"].as_u64().unwrap());
+        assert_eq!(
+            start, 2048,
+            "the fake sysfs says partition 1 starts at sector 2048"
+        );
         let part = run_ok(
             "losetup",
             &[
                 "-f",
                 "--show",
                 "-o",
-                &MIB.to_string(),
+                &(start * 512).to_string(),
                 "--sizelimit",
-                &(1023 * MIB).to_string(),
+                &(size * 512).to_string(),
                 d,
             ],
         )
@@ -289,6 +314,12 @@ fn a_running_system_receives_a_new_one_in_a_pinned_file_and_rolls_it_back_unchan
 }
 
 #[test]
+fn a_gpt_running_system_gets_a_named_entry_through_the_agent_s_table_guard() {
+    let (log, _) = round_trip_on(OldSystem::gpt, false, 200);
+    assert!(log.contains("partition 2"), "{log}");
+}
+
+#[test]
 fn in_fragmented_free_space_the_running_system_s_blocks_become_bad_blocks_and_stay_untouched() {
     let (log, bad) = round_trip(true, 150);
     let listed: u64 = bad
@@ -350,11 +381,21 @@ os.sync()
 /// nothing changed; returns the deploy's log and `debugfs`' view of the new filesystem's
 /// bad-block inode.
 fn round_trip(fragmented: bool, size_mib: u64) -> (String, String) {
+    round_trip_on(OldSystem::new, fragmented, size_mib)
+}
+
+/// [`round_trip`] on the running system `make` builds.
+fn round_trip_on(
+    make: fn(&Path) -> OldSystem,
+    fragmented: bool,
+    size_mib: u64,
+) -> (String, String) {
     let dir = tempfile::tempdir().unwrap();
     let key = make_key(dir.path(), "server.key");
     let (image, tree) = new_image(dir.path());
     let new_uuid = uuid_of(&dir.path().join("new-root.ext4"));
-    let mut old = OldSystem::new(dir.path());
+    let mut old = make(dir.path());
+    let table = run_ok("sfdisk", &["--dump", old.disk.to_str().unwrap()]);
     if fragmented {
         fragment(&old);
     }
@@ -477,6 +518,11 @@ fn round_trip(fragmented: bool, size_mib: u64) -> (String, String) {
     assert!(ok && log.contains("rolled back"), "{log}");
     assert_eq!(nested_partition(&old.disk), None);
     assert!(old.sector0() == sector0, "sector 0 as it was");
+    assert_eq!(
+        run_ok("sfdisk", &["--dump", old.disk.to_str().unwrap()]),
+        table,
+        "the table as it was"
+    );
     assert!(!old.mnt.join("boot/grub/custom.cfg").exists());
     let env = std::fs::read_to_string(old.mnt.join("boot/grub/grubenv")).unwrap();
     assert!(!env.contains("next_entry"), "{env}");
