@@ -215,7 +215,7 @@ fn live_agent(
     })?;
     let (how, addr) = endpoint.context("the agent does not say how it is reached: update it")?;
     let key = StaticKey::from_file(conn.key_file()?)?.public().to_string();
-    Ok(LiveAgent::new(binary, &how, &addr, &key))
+    Ok(LiveAgent::new(binary, &how, &addr, &key, None))
 }
 
 /// Asks the agent to reboot or power off its machine.

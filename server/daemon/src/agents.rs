@@ -114,6 +114,12 @@ impl Agents {
         }
     }
 
+    /// A one-time enrollment token for the machine with `mac`, as the boot endpoint hands
+    /// out: a live deploy gives it to the new system's agent, whose new key it vouches for.
+    pub fn issue_token(&self, mac: &str) -> String {
+        self.tokens.issue(mac)
+    }
+
     fn links(&self) -> std::sync::MutexGuard<'_, HashMap<i64, AgentLink>> {
         self.links.lock().unwrap_or_else(|e| e.into_inner())
     }

@@ -647,3 +647,166 @@ fn a_server_s_live_job_switches_the_running_system_and_shows_where_it_stands() {
     assert_eq!(old.hashes(), hashes);
     agent.stop();
 }
+
+/// An agent of the running system (or of the new one, when its root is elsewhere) that dials
+/// back to a server, killed when dropped.
+struct Dialling(std::process::Child);
+
+impl Dialling {
+    fn start(
+        old: &OldSystem,
+        server: &str,
+        data: &Path,
+        key: &Path,
+        root: &Path,
+        token: Option<&str>,
+    ) -> Dialling {
+        let mut cmd = Command::new(bin("diskferry-client"));
+        cmd.args(["--connect", server, "--server-key"])
+            .arg(diskferry_e2e::public_key(&data.join("server.key")))
+            .arg("--agent-key")
+            .arg(key)
+            .args(["--disk", &old.whole, "--live", "--live-file"])
+            .arg(old.mnt.join("diskferry-live"))
+            .env("DISKFERRY_SYSFS", &old.sysfs)
+            .env("DISKFERRY_LIVE_ROOT", root)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null());
+        if let Some(t) = token {
+            cmd.args(["--token", t]);
+        }
+        Dialling(cmd.spawn().unwrap())
+    }
+}
+
+impl Drop for Dialling {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn a_machine_that_dials_back_is_live_deployed_and_its_new_system_commits_with_its_token() {
+    let dir = tempfile::tempdir().unwrap();
+    let (image, _) = new_image(dir.path());
+    let data = dir.path().join("data");
+    std::fs::create_dir_all(data.join("captures")).unwrap();
+    std::fs::copy(&image, data.join("captures/golden.img")).unwrap();
+    let server = diskferry_e2e::http::Server::start(&data).unwrap();
+    let old = OldSystem::new(dir.path());
+    // The machine's MACs and DMI are this host's.
+    std::os::unix::fs::symlink("/sys/class", old.sysfs.join("class")).unwrap();
+    let old_agent = Dialling::start(
+        &old,
+        &server.agent_addr,
+        &data,
+        &dir.path().join("old.key"),
+        &old.mnt,
+        None,
+    );
+    let mut mac = String::new();
+    assert!(diskferry_e2e::wait_for(
+        std::time::Duration::from_secs(30),
+        || {
+            let list = server.get("/api/machines").json();
+            mac = list[0]["macs"][0].as_str().unwrap_or_default().to_string();
+            !mac.is_empty()
+        }
+    ));
+    let r = server.api("POST", &format!("/api/machines/{mac}/approve"), b"");
+    assert!(r.status < 300, "{}", r.text());
+
+    let r = server.api(
+        "POST",
+        "/api/jobs",
+        serde_json::json!({
+            "kind": "live", "image": "golden.img", "target": format!("{}@{mac}", old.whole),
+            "live_size_mib": 200, "live_wait_minutes": 5,
+        })
+        .to_string()
+        .as_bytes(),
+    );
+    assert_eq!(r.status, 201, "{}", r.text());
+    let id = r.json()["id"].as_i64().unwrap();
+    let job = |s: &diskferry_e2e::http::Server| s.get(&format!("/api/jobs/{id}")).json();
+    assert!(
+        diskferry_e2e::wait_for(std::time::Duration::from_secs(120), || job(&server)
+            ["params"]["live"]
+            == "switched"),
+        "{:#}",
+        job(&server)
+    );
+
+    // "Reboot": the old system's agent goes; the new system's comes up with what the deploy
+    // gave it — the unit's enrollment token, and the deploy's token on its kernel command line.
+    drop(old_agent);
+    let (start, size) = nested_partition(&old.disk).expect("the live partition");
+    let cut = fixtures::extract(&old.disk, start, size, &dir.path().join("cut.ext4"));
+    let c = cut.to_str().unwrap();
+    let unit = run_ok(
+        "debugfs",
+        &[
+            "-R",
+            "cat /etc/systemd/system/diskferry-live-agent.service",
+            c,
+        ],
+    );
+    assert!(
+        unit.contains(&format!("--connect {}", server.agent_addr)),
+        "{unit}"
+    );
+    let enrollment = unit
+        .split("--token ")
+        .nth(1)
+        .and_then(|t| t.split_whitespace().next())
+        .expect("an enrollment token");
+    let menu = std::fs::read_to_string(old.mnt.join("boot/grub/custom.cfg")).unwrap();
+    let live_token = menu
+        .split("diskferry.live=")
+        .nth(1)
+        .and_then(|t| t.split_whitespace().next())
+        .unwrap();
+    let new_root = dir.path().join("new-root");
+    std::fs::create_dir_all(new_root.join("proc")).unwrap();
+    std::fs::create_dir_all(new_root.join("etc/diskferry")).unwrap();
+    std::fs::write(
+        new_root.join("proc/cmdline"),
+        format!("root=UUID=x ro diskferry.live={live_token}\n"),
+    )
+    .unwrap();
+    run_ok(
+        "debugfs",
+        &[
+            "-R",
+            &format!(
+                "dump /etc/diskferry/live.cfg {}",
+                new_root.join("etc/diskferry/live.cfg").display()
+            ),
+            c,
+        ],
+    );
+    let _new_agent = Dialling::start(
+        &old,
+        &server.agent_addr,
+        &data,
+        &dir.path().join("new.key"),
+        &new_root,
+        Some(enrollment),
+    );
+
+    assert!(
+        diskferry_e2e::wait_for(std::time::Duration::from_secs(120), || job(&server)
+            ["state"]
+            != "running"),
+        "{:#}",
+        job(&server)
+    );
+    let done = job(&server);
+    assert_eq!(done["state"], "succeeded", "{done:#}");
+    assert_eq!(done["params"]["live"], "committed", "{done:#}");
+    let state = std::fs::read_to_string(new_root.join("etc/diskferry/live.cfg")).unwrap();
+    assert!(state.starts_with("set diskferry_committed=1\n"), "{state}");
+    let machine = server.get("/api/machines").json();
+    assert_eq!(machine[0]["state"], "deployed", "{machine:#}");
+}

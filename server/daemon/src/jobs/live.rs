@@ -1,12 +1,16 @@
 //! Live deploy jobs (`"kind": "live"`): a capture's Linux root written into the running
-//! system of a machine whose agent listens in live mode (`DISK@HOST:PORT`), booted once, and
-//! — when the job waits (`live_wait_minutes`) — committed when the new system's agent answers
-//! or rolled back when the old system's does. The job's parameters carry where it stands
-//! (`"live": "writing" | "switched" | "rebooting" | "committed" | "rolled back"`), so the API
-//! and the jobs page show it; the steps go to the job's log. Everything is done by
-//! `diskferry_imaging::live`, as for the CLI.
+//! system of a machine whose agent runs in live mode — a listening agent (`DISK@HOST:PORT`)
+//! or a machine that dials back (`MACHINE`, `DISK@MACHINE`) — booted once, and, when the job
+//! waits (`live_wait_minutes`), committed when the new system's agent answers or rolled back
+//! when the old system's does. The new system's agent is started as the old one was; one
+//! that dials back brings a one-time enrollment token (as a network-booted machine's does),
+//! so its new key is taken as the machine's. The job's parameters carry where it stands
+//! (`"live": "writing" | "switched" | "rebooting" | "committed" | "rolled back"`) for the API
+//! and the pages; the steps go to its log. Everything is done by `diskferry_imaging::live`,
+//! as for the CLI.
 
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -18,9 +22,10 @@ use diskferry_imaging::live::flow::{self, Outcome, Redialer};
 use diskferry_imaging::live::{self, LiveDeployError, LiveOptions, LiveTarget};
 use diskferry_imaging::source::open_on_connection;
 use diskferry_protocol::PowerAction;
-use diskferry_remote::{Connection, DialAddr};
+use diskferry_remote::{Connection, DialAddr, Redial};
 
 use super::{transform_for, JobDisk, JobError, JobRequest, Jobs, RunError};
+use crate::agents::{AgentRedial, Agents};
 
 /// How long a live job waits for the machine to reboot and answer, by default.
 const DEFAULT_WAIT_MINUTES: u32 = 30;
@@ -29,49 +34,62 @@ const DEFAULT_WAIT_MINUTES: u32 = 30;
 pub(super) struct LiveWork {
     pub image: PathBuf,
     pub title: String,
-    /// The listening agent's disk and address.
-    pub disk: String,
-    pub addr: String,
+    pub target: JobDisk,
     pub size: Option<u64>,
     pub reboot: bool,
     /// Minutes to wait for the outcome; 0: end once the boot is switched.
     pub wait_minutes: u32,
     pub customize: Option<Box<Spec>>,
     pub hardware: Option<TargetHardware>,
+    /// Set once the new system is committed (the machine is then deployed).
+    pub committed: AtomicBool,
 }
 
-/// The live-deploy part of a request: the listening agent it names.
-pub(super) fn check(
-    req: &JobRequest,
-    target: &JobDisk,
-) -> Result<(String, String, Option<u64>, u32), JobError> {
-    let JobDisk::Listening { disk, addr } = target else {
-        return Err(JobError::Invalid(
-            "a live deploy reaches a listening agent in live mode: give \"target\" as DISK@HOST:PORT (diskferry-client --listen … --live inside the running system)".into(),
-        ));
-    };
+/// The live-deploy part of a request: the size and the wait.
+pub(super) fn check(req: &JobRequest) -> Result<(Option<u64>, u32), JobError> {
     let size = req.live_size_mib.map(|m| m << 20);
     if size == Some(0) {
         return Err(JobError::Invalid(
             "\"live_size_mib\" must be above 0".into(),
         ));
     }
-    let wait = req.live_wait_minutes.unwrap_or(DEFAULT_WAIT_MINUTES);
-    Ok((disk.clone(), addr.clone(), size, wait))
+    Ok((size, req.live_wait_minutes.unwrap_or(DEFAULT_WAIT_MINUTES)))
 }
 
-/// The listening agent at an address, dialled again after the machine's reboot.
+/// How the machine is reached again after its reboot: at its listening address, or when it
+/// dials back with an approved key.
 struct Again<'a> {
     rt: &'a tokio::runtime::Handle,
-    addr: &'a str,
+    target: &'a JobDisk,
+    agents: &'a Arc<Agents>,
     session: &'a diskferry_protocol::SessionOptions,
+}
+
+impl Again<'_> {
+    fn redial(&self) -> Arc<dyn Redial> {
+        match self.target {
+            JobDisk::Listening { addr, .. } => Arc::new(DialAddr {
+                addr: addr.clone(),
+                session: self.session.clone(),
+            }),
+            JobDisk::Machine { id, label, .. } => Arc::new(AgentRedial {
+                agents: Arc::clone(self.agents),
+                machine_id: *id,
+                label: label.clone(),
+            }),
+        }
+    }
 }
 
 impl Redialer for Again<'_> {
     fn connect(&self) -> Option<Connection> {
-        self.rt
-            .block_on(Connection::connect(self.addr, self.session))
-            .ok()
+        match self.target {
+            JobDisk::Listening { addr, .. } => self
+                .rt
+                .block_on(Connection::connect(addr, self.session))
+                .ok(),
+            JobDisk::Machine { id, .. } => self.agents.approved_link(*id).map(|l| l.connection),
+        }
     }
 
     fn open_disk(
@@ -90,15 +108,6 @@ impl Redialer for Again<'_> {
     }
 }
 
-impl Again<'_> {
-    fn redial(&self) -> Arc<DialAddr> {
-        Arc::new(DialAddr {
-            addr: self.addr.to_string(),
-            session: self.session.clone(),
-        })
-    }
-}
-
 impl Jobs {
     pub(super) fn run_live(
         self: &Arc<Self>,
@@ -106,23 +115,23 @@ impl Jobs {
         rt: &tokio::runtime::Handle,
         w: &LiveWork,
     ) -> Result<(), RunError> {
-        let stage = |what: &str| self.set_live_stage(id, what);
         let img = self.catalog.open_capture(&w.image)?;
         let again = Again {
             rt,
-            addr: &w.addr,
+            target: &w.target,
+            agents: &self.agents,
             session: &self.session,
         };
-        let conn = again
-            .connect()
-            .ok_or_else(|| RunError::Live(format!("cannot reach the agent at {}", w.addr)))?;
+        let conn = again.connect().ok_or_else(|| {
+            RunError::Live(format!("cannot reach the agent of {}", w.target.describe()))
+        })?;
         let state = live::state(&conn).map_err(live_error)?;
-        let agent = agent_for(state.endpoint, &self.session)?;
+        let agent = self.agent_for(&w.target, state.endpoint)?;
         let edits = transform_for(&img, w.customize.as_deref(), w.hardware)?;
         let opts = LiveOptions {
             size: w.size,
             transform: Chain::of(edits, Some(Arc::new(agent))),
-            disk: Some(w.disk.clone()),
+            disk: Some(w.target.disk().to_string()),
         };
         let target = LiveTarget {
             rt,
@@ -130,7 +139,7 @@ impl Jobs {
             redial: again.redial(),
             reconnect: Duration::from_secs(300).into(),
         };
-        stage("writing");
+        self.set_live_stage(id, "writing");
         let progress = self.progress_sink(id);
         let deployed =
             flow::deploy(&img, &target, &opts, &w.title, &progress).map_err(live_error)?;
@@ -145,12 +154,12 @@ impl Jobs {
             deployed.partition,
             deployed.written.uuid
         );
-        stage("switched");
+        self.set_live_stage(id, "switched");
         if w.reboot {
             rt.block_on(conn.power(PowerAction::Reboot))
                 .map_err(RunError::Reboot)?;
             tracing::info!("reboot requested");
-            stage("rebooting");
+            self.set_live_stage(id, "rebooting");
         }
         if w.wait_minutes == 0 {
             return Ok(());
@@ -159,12 +168,13 @@ impl Jobs {
         let phase = |what: &str| tracing::info!("{what}");
         match flow::finish(conn, &again, &deployed.token, deadline, &phase).map_err(live_error)? {
             Outcome::Committed => {
-                stage("committed");
+                self.set_live_stage(id, "committed");
+                w.committed.store(true, Ordering::Release);
                 tracing::info!("the new system came up and is GRUB's default from now on");
                 Ok(())
             }
             Outcome::RolledBack(done) => {
-                stage("rolled back");
+                self.set_live_stage(id, "rolled back");
                 Err(RunError::Live(format!(
                     "the old system came back instead of the new one: rolled back ({})",
                     done.join("; ")
@@ -175,46 +185,52 @@ impl Jobs {
 
     /// Records where a live job stands in its parameters.
     fn set_live_stage(&self, id: i64, stage: &str) {
-        let params = self
+        let mut params = self
             .catalog
             .job(id)
             .ok()
             .flatten()
             .map(|j| j.params)
             .unwrap_or_else(|| serde_json::json!({}));
-        let mut params = params;
         params["live"] = serde_json::Value::from(stage);
         if let Err(e) = self.catalog.set_job_params(id, &params) {
             tracing::warn!("the job's live stage is not recorded: {e}");
         }
     }
-}
 
-/// The agent the new system gets: the diskferry-client next to this program, started as the
-/// old agent was, trusting this server.
-fn agent_for(
-    endpoint: Option<(String, String)>,
-    session: &diskferry_protocol::SessionOptions,
-) -> Result<LiveAgent, RunError> {
-    let path = std::env::current_exe()
-        .ok()
-        .and_then(|e| e.parent().map(|d| d.join("diskferry-client")))
-        .ok_or_else(|| RunError::Live("where this program is".into()))?;
-    let binary = std::fs::read(&path).map_err(|e| {
-        RunError::Live(format!(
-            "the agent for the new system, {}: {e} (put diskferry-client beside diskferry)",
-            path.display()
-        ))
-    })?;
-    let (how, addr) = endpoint.ok_or_else(|| {
-        RunError::Live("the agent does not say how it is reached: update it".into())
-    })?;
-    Ok(LiveAgent::new(
-        binary,
-        &how,
-        &addr,
-        &session.key.public().to_string(),
-    ))
+    /// The agent the new system gets: the diskferry-client next to this program, started as
+    /// the old agent was, trusting this server; one that dials back brings an enrollment
+    /// token for the machine's first MAC address (usable for 15 minutes: past that, its new
+    /// key waits for approval).
+    fn agent_for(
+        &self,
+        target: &JobDisk,
+        endpoint: Option<(String, String)>,
+    ) -> Result<LiveAgent, RunError> {
+        let path = std::env::current_exe()
+            .ok()
+            .and_then(|e| e.parent().map(|d| d.join("diskferry-client")))
+            .ok_or_else(|| RunError::Live("where this program is".into()))?;
+        let binary = std::fs::read(&path).map_err(|e| {
+            RunError::Live(format!(
+                "the agent for the new system, {}: {e} (put diskferry-client beside diskferry)",
+                path.display()
+            ))
+        })?;
+        let (how, addr) = endpoint.ok_or_else(|| {
+            RunError::Live("the agent does not say how it is reached: update it".into())
+        })?;
+        let token = match target.machine() {
+            Some(m) if how == "connect" => self
+                .catalog
+                .machine(m)?
+                .and_then(|r| r.macs.first().cloned())
+                .map(|mac| self.agents.issue_token(&mac)),
+            _ => None,
+        };
+        let key = self.session.key.public().to_string();
+        Ok(LiveAgent::new(binary, &how, &addr, &key, token.as_deref()))
+    }
 }
 
 fn live_error(e: LiveDeployError) -> RunError {

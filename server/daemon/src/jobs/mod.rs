@@ -298,8 +298,7 @@ impl Work {
             Work::Deploy { target, .. } => target.machine(),
             // Its machines' states are kept by the job itself.
             Work::Multicast(_) => None,
-            // A listening agent: no catalogued machine.
-            Work::Live(_) => None,
+            Work::Live(w) => w.target.machine(),
         }
     }
 }
@@ -588,7 +587,7 @@ impl Jobs {
         let rec = self.find_capture(image)?;
         let disk = JobDisk::resolve(target, &self.catalog, &self.agents)?;
         let (customize, hardware) = self.edits_of(req, &disk)?;
-        let (disk_name, addr, size, wait_minutes) = live::check(req, &disk)?;
+        let (size, wait_minutes) = live::check(req)?;
         let params = serde_json::json!({
             "image": rec.name, "target": target, "reboot": req.reboot,
             "source": rec.name, "output": target, "customized": customize.is_some(),
@@ -599,13 +598,13 @@ impl Jobs {
         let work = Work::Live(Box::new(live::LiveWork {
             image: self.catalog.capture_file(&rec),
             title: rec.name.clone(),
-            disk: disk_name,
-            addr,
+            target: disk,
             size,
             reboot: req.reboot,
             wait_minutes,
             customize,
             hardware,
+            committed: Default::default(),
         }));
         Ok((work, params))
     }
@@ -693,6 +692,9 @@ impl Jobs {
                 (Work::Deploy { .. }, Some(_)) if untouched => before.as_str(),
                 (Work::Deploy { .. }, None) => state::DEPLOYED,
                 (Work::Deploy { .. }, Some(_)) => state::FAILED,
+                (Work::Live(w), _) if w.committed.load(std::sync::atomic::Ordering::Acquire) => {
+                    state::DEPLOYED
+                }
                 (Work::Multicast(_) | Work::Live(_), _) => before.as_str(),
             };
             let _ = self.catalog.set_machine_state(*m, after);

@@ -57,8 +57,7 @@ impl Jobs {
             "deploy" => required(&req.target, "target", "deploy")?,
             // Many machines: the job keeps track of them itself.
             "multicast" => return Ok(None),
-            // A listening agent in live mode: no catalogued machine to wait for.
-            "live" => return Ok(None),
+            "live" => required(&req.target, "target", "live")?,
             other => {
                 return Err(JobError::Invalid(format!(
                     "unknown job kind {other:?}: use \"capture\", \"deploy\", \"multicast\" or \"live\""

@@ -25,14 +25,22 @@ pub struct LiveAgent {
 
 impl LiveAgent {
     /// The agent `binary`, reached as the old system's agent is (`how` is `listen` or
-    /// `connect`, `addr` its address) and trusting `server_key` (hex).
-    pub fn new(binary: Vec<u8>, how: &str, addr: &str, server_key: &str) -> LiveAgent {
+    /// `connect`, `addr` its address) and trusting `server_key` (hex); a dialling agent
+    /// presents `token` (a server's enrollment token, which vouches for its new key).
+    pub fn new(
+        binary: Vec<u8>,
+        how: &str,
+        addr: &str,
+        server_key: &str,
+        token: Option<&str>,
+    ) -> LiveAgent {
+        let token = token.map(|t| format!(" --token {t}")).unwrap_or_default();
         let unit = format!(
             "[Unit]\n\
              Description=diskferry agent (put here by a live deploy)\n\
              After=network.target\n\n\
              [Service]\n\
-             ExecStart={BINARY} --{how} {addr} --server-key {server_key} --live --allow-power --agent-key /var/lib/diskferry/agent.key\n\
+             ExecStart={BINARY} --{how} {addr} --server-key {server_key} --live --allow-power --agent-key /var/lib/diskferry/agent.key{token}\n\
              Restart=always\n\
              RestartSec=2\n\n\
              [Install]\n\
