@@ -15,7 +15,7 @@ use diskferry_protocol::stream::{data_reply_buffer, DATA_HEADROOM};
 use diskferry_protocol::{BlockState, DiskInfo, ErrorCode, Extent};
 
 use crate::live::direct::DirectWriter;
-use crate::live::Live;
+use crate::live::{Live, TableWrite};
 
 /// Most extents one BlockStatus reply carries; the requester asks again for the rest.
 pub(crate) const MAX_STATUS_EXTENTS: usize = 4096;
@@ -202,29 +202,30 @@ impl OpenDisk {
         })
     }
 
-    /// A live agent's exception: a partition-table write while its file is pinned here.
-    fn is_table_write(&self, offset: u64, data: &[u8]) -> bool {
+    /// Runs `io` (a write, zeroing or discard of `len` bytes at `offset`), on a live agent
+    /// only inside its pinned file — or, with `data` given, as a partition-table write — and
+    /// with the file kept while it runs.
+    fn guarded(
+        &self,
+        offset: u64,
+        len: u64,
+        data: Option<&[u8]>,
+        io: impl FnOnce() -> Result<(), DiskError>,
+    ) -> Result<(), DiskError> {
         let Some(l) = &self.live else {
-            return false;
+            return io();
         };
         let mut sector0 = vec![0u8; 512];
-        self.disk.read_exact_at(&mut sector0, 0).is_ok()
-            && l.live.allows_table_write(
-                l.devno,
-                offset,
+        let table = match data {
+            Some(data) if self.disk.read_exact_at(&mut sector0, 0).is_ok() => Some(TableWrite {
                 data,
-                &sector0,
-                self.size,
-                l.direct.sector(),
-            )
-    }
-
-    /// A live agent's check that the range lies in its pinned file.
-    fn check_live(&self, offset: u64, len: u64) -> Result<(), DiskError> {
-        match &self.live {
-            Some(l) => l.live.check_write(l.devno, offset, len),
-            None => Ok(()),
-        }
+                sector0: &sector0,
+                disk_size: self.size,
+                sector: l.direct.sector(),
+            }),
+            _ => None,
+        };
+        l.live.guarded(l.devno, offset, len, table, io)
     }
 
     fn check_range(&self, offset: u64, len: u64) -> Result<(), DiskError> {
@@ -269,16 +270,13 @@ impl OpenDisk {
     pub fn write(&self, offset: u64, data: &[u8]) -> Result<(), DiskError> {
         self.check_writable()?;
         self.check_range(offset, data.len() as u64)?;
-        if let Err(e) = self.check_live(offset, data.len() as u64) {
-            if !self.is_table_write(offset, data) {
-                return Err(e);
+        self.guarded(offset, data.len() as u64, Some(data), || {
+            match &self.live {
+                Some(l) => l.direct.write_at(data, offset),
+                None => self.disk.write_all_at(data, offset),
             }
-        }
-        match &self.live {
-            Some(l) => l.direct.write_at(data, offset),
-            None => self.disk.write_all_at(data, offset),
-        }
-        .map_err(|e| DiskError::io("write", offset, e))
+            .map_err(|e| DiskError::io("write", offset, e))
+        })
     }
 
     pub fn flush(&self) -> Result<(), DiskError> {
@@ -294,20 +292,22 @@ impl OpenDisk {
     pub fn discard(&self, offset: u64, len: u64) -> Result<(), DiskError> {
         self.check_writable()?;
         self.check_range(offset, len)?;
-        self.check_live(offset, len)?;
-        self.disk
-            .punch_hole(offset, len)
-            .map_err(|e| DiskError::io("discard", offset, e))
+        self.guarded(offset, len, None, || {
+            self.disk
+                .punch_hole(offset, len)
+                .map_err(|e| DiskError::io("discard", offset, e))
+        })
     }
 
     /// Makes the range read as zeros, here on the client (nothing crosses the wire).
     pub fn write_zeroes(&self, offset: u64, len: u64) -> Result<(), DiskError> {
         self.check_writable()?;
         self.check_range(offset, len)?;
-        self.check_live(offset, len)?;
-        self.disk
-            .zero_range(offset, len)
-            .map_err(|e| DiskError::io("write zeroes", offset, e))
+        self.guarded(offset, len, None, || {
+            self.disk
+                .zero_range(offset, len)
+                .map_err(|e| DiskError::io("write zeroes", offset, e))
+        })
     }
 
     /// BLAKE3 of each `chunk`-byte piece of `offset..offset+len` (the last one shorter), as

@@ -92,8 +92,8 @@ pub enum Request {
     /// Create and pin the live file (agents started with `--live`): an ordinary file of
     /// `size` bytes in the running system's filesystem, allocated, made immutable, and mapped
     /// to the disk sectors holding it. Answered with [`Reply::LiveMap`]; writes to the disk
-    /// are then allowed inside the map and nowhere else. Asking again with the same size
-    /// answers the map of the file already pinned.
+    /// are then allowed inside the map and nowhere else. Size 0 asks for the map of the file
+    /// pinned; a pinned file is never handed out again to be written (refused).
     LivePrepare {
         size: u64,
     },

@@ -22,7 +22,7 @@ mod pin;
 pub mod table;
 
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Mutex, RwLock};
 
 use diskferry_protocol::{DiskRun, ErrorCode, LiveMap};
 
@@ -50,9 +50,11 @@ pub enum LiveError {
     NoSpace { size: u64, free: u64 },
     #[error("the free space is too fragmented: a live file of {size} bytes needs more than {most} pieces")]
     Fragmented { size: u64, most: usize },
+    #[error("no live file is pinned here")]
+    NothingPinned,
     #[error("a live file size must be a positive multiple of 4096 bytes, not {0}")]
     BadSize(u64),
-    #[error("a live file of {pinned} bytes is already pinned at {path}; remove it first (diskferry deploy --rollback)")]
+    #[error("a live file of {pinned} bytes is already pinned at {path}: a live system is switched to, committed or being written; roll it back first (diskferry live HOST:PORT --rollback)")]
     AlreadyPinned { path: String, pinned: u64 },
     #[error("cannot switch GRUB: {why}")]
     Grub { why: String },
@@ -72,7 +74,9 @@ impl From<LiveError> for DiskError {
         let code = match &e {
             LiveError::NotLive => ErrorCode::PermissionDenied,
             LiveError::Io { .. } => ErrorCode::Io,
-            LiveError::NotABlockDevice { .. } | LiveError::NotServed { .. } => ErrorCode::NotFound,
+            LiveError::NotABlockDevice { .. }
+            | LiveError::NotServed { .. }
+            | LiveError::NothingPinned => ErrorCode::NotFound,
             _ => ErrorCode::Unsupported,
         };
         DiskError {
@@ -100,7 +104,8 @@ pub struct Live {
     root: PathBuf,
     /// `/sys`, or a fake one in tests.
     sysfs: PathBuf,
-    pinned: Mutex<Option<Pinned>>,
+    /// Writes hold it for reading while they run; pinning and removing take it for writing.
+    pinned: RwLock<Option<Pinned>>,
     /// How this agent is reached: `("listen", address bound)` or `("connect", server)`; the
     /// live system's agent is started the same way.
     endpoint: Mutex<Option<(&'static str, String)>>,
@@ -124,11 +129,11 @@ impl Live {
             path,
             root,
             sysfs,
-            pinned: Mutex::new(None),
+            pinned: RwLock::new(None),
             endpoint: Mutex::new(None),
         };
         if let Ok(Some(p)) = live.adopt(served) {
-            *live.lock() = Some(p);
+            *live.pinned_mut() = Some(p);
         }
         live
     }
@@ -152,11 +157,15 @@ impl Live {
 
     /// The size of the pinned file, if one is.
     pub fn pinned_size(&self) -> Option<u64> {
-        self.lock().as_ref().map(|p| p.map.size())
+        self.pinned().as_ref().map(|p| p.map.size())
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Option<Pinned>> {
-        self.pinned.lock().unwrap_or_else(|e| e.into_inner())
+    fn pinned(&self) -> std::sync::RwLockReadGuard<'_, Option<Pinned>> {
+        self.pinned.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn pinned_mut(&self) -> std::sync::RwLockWriteGuard<'_, Option<Pinned>> {
+        self.pinned.write().unwrap_or_else(|e| e.into_inner())
     }
 
     /// The map of the file pinned at the path by an earlier run, if there is one.
@@ -212,20 +221,23 @@ impl Live {
         }
     }
 
-    /// Creates and pins a file of `size` bytes, or answers the map of the one pinned when it
-    /// has that size.
+    /// Creates and pins a file of `size` bytes; `size` 0 answers the map of the file pinned.
+    /// A pinned file is never handed out again to be written: it holds a live system
+    /// switched to, committed, or being written by another deploy.
     pub fn prepare(&self, size: u64, served: &[DiskSpec]) -> Result<LiveMap, LiveError> {
-        let mut pinned = self.lock();
-        if let Some(p) = pinned.as_ref() {
-            if p.map.size() == size {
-                return Ok(p.map.clone());
+        let mut pinned = self.pinned_mut();
+        match (pinned.as_ref(), size) {
+            (Some(p), 0) => return Ok(p.map.clone()),
+            (None, 0) => return Err(LiveError::NothingPinned),
+            (Some(p), _) => {
+                return Err(LiveError::AlreadyPinned {
+                    path: self.path.display().to_string(),
+                    pinned: p.map.size(),
+                })
             }
-            return Err(LiveError::AlreadyPinned {
-                path: self.path.display().to_string(),
-                pinned: p.map.size(),
-            });
+            (None, _) => {}
         }
-        if size == 0 || !size.is_multiple_of(4096) {
+        if !size.is_multiple_of(4096) {
             return Err(LiveError::BadSize(size));
         }
         let (holder, name, block_size) = self.place(served)?;
@@ -241,12 +253,12 @@ impl Live {
         Ok(map)
     }
 
-    /// Unpins and deletes the file; true when there was one.
+    /// Unpins and deletes the file; true when there was one. Writes in flight finish first,
+    /// and none is allowed from the moment the file starts going.
     pub fn remove(&self) -> Result<bool, LiveError> {
-        let mut pinned = self.lock();
-        let removed = pin::remove(&self.path)?;
+        let mut pinned = self.pinned_mut();
         *pinned = None;
-        Ok(removed)
+        pin::remove(&self.path)
     }
 
     /// Installs the live system's GRUB `menu` and boots it once; an empty menu undoes it.
@@ -267,26 +279,19 @@ impl Live {
         grub::token(&self.root)
     }
 
-    /// Whether writing `data` at `offset` of disk `disk` is a partition-table write allowed
-    /// while a file is pinned on that disk ([`table`]): `sector0` is the disk's sector 0 now.
-    pub fn allows_table_write(
+    /// Runs `io`, a write of `len` bytes at `offset` of disk `disk`, if it lies inside the
+    /// pinned file — or is a partition-table write (`table`: its bytes, the disk's sector 0
+    /// now, the disk's size and sector size) while a file is pinned on that disk; the file
+    /// cannot be removed while `io` runs. The error says why not.
+    pub fn guarded<T>(
         &self,
         disk: u64,
         offset: u64,
-        data: &[u8],
-        sector0: &[u8],
-        size: u64,
-        sector: u64,
-    ) -> bool {
-        let pinned = self.lock();
-        pinned.as_ref().is_some_and(|p| p.disk == disk)
-            && table::is_table_write(offset, data, sector0, size, sector)
-    }
-
-    /// Whether `len` bytes from `offset` of the disk with device number `disk` lie inside the
-    /// pinned file; the error says why not.
-    pub fn check_write(&self, disk: u64, offset: u64, len: u64) -> Result<(), DiskError> {
-        let pinned = self.lock();
+        len: u64,
+        table: Option<TableWrite<'_>>,
+        io: impl FnOnce() -> Result<T, DiskError>,
+    ) -> Result<T, DiskError> {
+        let pinned = self.pinned();
         let refused = |why: String| DiskError {
             code: ErrorCode::PermissionDenied,
             message: format!("live mode: {why}"),
@@ -307,13 +312,30 @@ impl Live {
             .ok_or_else(|| refused("range overflows".into()))?;
         // The run holding `offset` (runs are sorted, disjoint and merged).
         let i = p.sorted.partition_point(|r| r.offset + r.len <= offset);
-        match p.sorted.get(i) {
-            Some(r) if r.offset <= offset && end <= r.offset + r.len => Ok(()),
-            _ => Err(refused(format!(
+        let inside = p
+            .sorted
+            .get(i)
+            .is_some_and(|r| r.offset <= offset && end <= r.offset + r.len);
+        let a_table = table.is_some_and(|t| {
+            table::is_table_write(offset, t.data, t.sector0, t.disk_size, t.sector)
+        });
+        if !inside && !a_table {
+            return Err(refused(format!(
                 "bytes {offset}..{end} are not all inside the live file: only its sectors may be written"
-            ))),
+            )));
         }
+        io()
     }
+}
+
+/// A write that may be a partition-table write ([`Live::guarded`]).
+#[derive(Debug, Clone, Copy)]
+pub struct TableWrite<'a> {
+    pub data: &'a [u8],
+    /// The disk's sector 0 now.
+    pub sector0: &'a [u8],
+    pub disk_size: u64,
+    pub sector: u64,
 }
 
 /// The served name of the disk with device number `disk`.

@@ -61,12 +61,12 @@ pub fn check_filesystem(dir: &Path) -> Result<u32, LiveError> {
         })
 }
 
-/// Bytes free on the filesystem holding `dir`, counting the blocks reserved for root (the
-/// agent runs as root).
+/// Bytes free on the filesystem holding `dir` for ordinary users: the blocks reserved for
+/// root stay for the running system, which must go on working while the file is pinned.
 pub fn free_bytes(dir: &Path) -> Result<u64, LiveError> {
     let vfs =
         rustix::fs::statvfs(dir).map_err(|e| io_error("read the free space of", dir, e.into()))?;
-    Ok(vfs.f_bfree.saturating_mul(vfs.f_frsize))
+    Ok(vfs.f_bavail.saturating_mul(vfs.f_frsize))
 }
 
 /// The temporary name a live file is built under.

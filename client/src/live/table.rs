@@ -27,9 +27,12 @@ pub fn is_table_write(offset: u64, data: &[u8], sector0: &[u8], size: u64, secto
     }
     let mut from = offset;
     if offset == 0 {
+        // The boot code stays, and so does what the disk is: a sector 0 that added or dropped
+        // a protective entry would open (or hide) the GPT areas below.
         let keeps_code = data.len() >= 512
             && data[..BOOT_CODE] == sector0[..BOOT_CODE]
-            && data[510..512] == [0x55, 0xAA];
+            && data[510..512] == [0x55, 0xAA]
+            && is_gpt(&data[..512]) == is_gpt(sector0);
         if !keeps_code {
             return false;
         }
@@ -71,6 +74,12 @@ mod tests {
         let mut new = now.clone();
         new[446 + 16 * 2 + 4] = 0x83;
         assert!(is_table_write(0, &new, &now, SIZE, 512));
+        let mut protective = now.clone();
+        protective[446 + 16 * 2 + 4] = 0xEE;
+        assert!(
+            !is_table_write(0, &protective, &now, SIZE, 512),
+            "an MBR cannot be turned into a GPT to reach the sectors after it"
+        );
         new[10] ^= 1;
         assert!(
             !is_table_write(0, &new, &now, SIZE, 512),

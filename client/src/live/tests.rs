@@ -198,9 +198,16 @@ fn a_pinned_file_maps_to_the_sectors_its_filesystem_gives_it_and_only_those_are_
     // A restarted agent takes the pinned file up again with the same map.
     let again = fs.live();
     assert_eq!(again.pinned_size(), Some(24 << 20));
-    assert_eq!(again.prepare(24 << 20, &[fs.spec()]).unwrap(), map);
-    let e = again.prepare(8 << 20, &[fs.spec()]).unwrap_err();
-    assert!(matches!(e, LiveError::AlreadyPinned { .. }), "{e}");
+    assert_eq!(
+        again.prepare(0, &[fs.spec()]).unwrap(),
+        map,
+        "size 0 asks for the map"
+    );
+    // A pinned file is never handed out again to be written, whatever the size.
+    for size in [24 << 20, 8 << 20] {
+        let e = again.prepare(size, &[fs.spec()]).unwrap_err();
+        assert!(matches!(e, LiveError::AlreadyPinned { .. }), "{e}");
+    }
 
     // Removing gives the space back, and nothing may be written any more.
     let free_before = pin::free_bytes(&fs.mnt).unwrap();
@@ -209,8 +216,12 @@ fn a_pinned_file_maps_to_the_sectors_its_filesystem_gives_it_and_only_those_are_
     assert_eq!(fs.entries(), ["keep.txt"]);
     assert!(pin::free_bytes(&fs.mnt).unwrap() >= free_before + (24 << 20));
     assert!(again
-        .check_write(map_disk(&fs), first.offset, 4096)
+        .guarded(map_disk(&fs), first.offset, 4096, None, || Ok(()))
         .is_err());
+    assert!(matches!(
+        again.prepare(0, &[fs.spec()]),
+        Err(LiveError::NothingPinned)
+    ));
     fs.fsck_clean();
 }
 
@@ -251,6 +262,8 @@ fn a_file_on_a_disk_the_agent_does_not_serve_or_without_room_is_refused() {
         "not enough free space",
     );
     refused(&live, 4097, &[fs.spec()], &fs.mnt, "multiple of 4096");
+    let e = live.prepare(0, &[fs.spec()]).unwrap_err();
+    assert!(matches!(e, LiveError::NothingPinned), "{e}");
     fs.fsck_clean();
 }
 

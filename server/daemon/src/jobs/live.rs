@@ -47,12 +47,13 @@ pub(super) struct LiveWork {
 
 /// The live-deploy part of a request: the size and the wait.
 pub(super) fn check(req: &JobRequest) -> Result<(Option<u64>, u32), JobError> {
-    let size = req.live_size_mib.map(|m| m << 20);
-    if size == Some(0) {
-        return Err(JobError::Invalid(
-            "\"live_size_mib\" must be above 0".into(),
-        ));
-    }
+    let size =
+        match req.live_size_mib {
+            Some(m) => Some(m.checked_mul(1 << 20).filter(|s| *s > 0).ok_or_else(|| {
+                JobError::Invalid("\"live_size_mib\" must be a size above 0".into())
+            })?),
+            None => None,
+        };
     Ok((size, req.live_wait_minutes.unwrap_or(DEFAULT_WAIT_MINUTES)))
 }
 

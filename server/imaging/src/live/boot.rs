@@ -123,6 +123,62 @@ pub fn menu(kernel: &Kernel, uuid: &str, token: &str, title: &str) -> String {
     )
 }
 
+/// Refuses, before anything is written, a running system a live system cannot be added to:
+/// one whose file is not inside a partition, one that itself runs from a live partition (its
+/// root nested in another: its firmware boots another system's GRUB), one whose root has the
+/// image's filesystem UUID (GRUB and the kernel would find the running root for the new one),
+/// or a table without a free entry.
+pub fn check_host(
+    disk: &Arc<dyn BlockDevice>,
+    window: &Window,
+    uuid: &str,
+) -> Result<(), LiveDeployError> {
+    let refuse = |why: String| Err(LiveDeployError::Boot(why));
+    let table = diskferry_partition::read_table(&**disk)
+        .map_err(|e| LiveDeployError::Boot(format!("reading the partition table: {e}")))?;
+    let end = window.start + window.len;
+    let Some(host) = table
+        .partitions
+        .iter()
+        .filter(|p| p.start <= window.start && end <= p.end())
+        .min_by_key(|p| p.size)
+    else {
+        return refuse("the live file is not inside a partition of the disk's table".into());
+    };
+    if table
+        .partitions
+        .iter()
+        .any(|o| o.number != host.number && o.start <= host.start && host.end() <= o.end())
+    {
+        return refuse(format!(
+            "the running system runs from a live partition ({} inside another): live-deploy from the system it was deployed from (after a rollback), or by network boot",
+            host.number
+        ));
+    }
+    if let Ok(fs) = diskferry_partition::open_partition(Arc::clone(disk), host)
+        .map_err(|e| e.to_string())
+        .and_then(|slice| diskferry_fs::open(Arc::new(slice)).map_err(|e| e.to_string()))
+    {
+        if fs.info().uuid.eq_ignore_ascii_case(uuid) {
+            return refuse(format!(
+                "the running system's filesystem has the image's UUID {uuid}: the new system could not be told from it at boot; deploy an image with another identity"
+            ));
+        }
+    }
+    let used = table.partitions.iter().filter(|p| p.number <= 4).count()
+        + usize::from(table.mbr_extended.is_some());
+    let full = match table.scheme {
+        diskferry_partition::Scheme::Gpt => {
+            table.partitions.len() >= table.gpt_entries.max(128) as usize
+        }
+        _ => used >= 4,
+    };
+    if full {
+        return refuse("the partition table has no free entry for the live system".into());
+    }
+    Ok(())
+}
+
 /// A random token naming one live deploy.
 pub fn new_token() -> String {
     let mut b = [0u8; 12];

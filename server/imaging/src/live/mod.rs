@@ -263,6 +263,7 @@ fn write_into(
         Arc::clone(&target.redial),
         target.reconnect.clone(),
     )?;
+    boot::check_host(&disk, &window, &fs::Filesystem::info(source).uuid)?;
     let slice: Arc<dyn BlockDevice> = Arc::new(
         SliceDevice::new(Arc::clone(&disk), window.start, window.len)
             .map_err(|e| LiveDeployError::Write(e.to_string()))?,
@@ -281,6 +282,8 @@ fn write_into(
     };
     let counters = Arc::new(fs::WriteCounters::default());
     let mut ext4 = source.format_options();
+    // The window's bad blocks are counted in BLOCK-sized blocks: the writer must use them.
+    ext4.block_size = BLOCK;
     ext4.bad_blocks = window.bad.clone();
     ext4.counters = Some(Arc::clone(&counters));
     progress.start(
@@ -353,10 +356,10 @@ pub fn parse_state(doc: &str) -> Result<LiveState, LiveDeployError> {
     })
 }
 
-/// The map of the file the agent has pinned, if it has one.
+/// The map of the file the agent has pinned, if it has one (`LivePrepare` of size 0).
 pub fn pinned_map(conn: &Connection) -> Result<Option<LiveMap>, LiveDeployError> {
     match state(conn)?.pinned {
-        Some(size) => prepare(conn, size).map(Some),
+        Some(_) => prepare(conn, 0).map(Some),
         None => Ok(None),
     }
 }

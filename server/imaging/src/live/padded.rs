@@ -40,6 +40,7 @@ impl BlockDevice for SectorWrites {
     }
 
     fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
+        diskferry_blockdev::check_range(self.size(), offset, buf.len() as u64)?;
         let s = self.sector;
         let start = offset / s * s;
         let end = (offset + buf.len() as u64)

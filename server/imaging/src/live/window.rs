@@ -41,6 +41,9 @@ pub enum WindowError {
 /// inside a run is bad.
 pub fn window(runs: &[DiskRun], block: u64) -> Result<Window, WindowError> {
     let mut sorted: Vec<DiskRun> = runs.iter().copied().filter(|r| r.len > 0).collect();
+    if sorted.iter().any(|r| r.offset.checked_add(r.len).is_none()) {
+        return Err(WindowError::Empty);
+    }
     sorted.sort_by_key(|r| r.offset);
     let first = sorted.first().ok_or(WindowError::Empty)?;
     let start = first.offset;
@@ -79,7 +82,7 @@ pub fn window(runs: &[DiskRun], block: u64) -> Result<Window, WindowError> {
         bad,
     };
     let own = window.own();
-    let percent = own * 100 / window.len.max(1);
+    let percent = (u128::from(own) * 100 / u128::from(window.len.max(1))) as u64;
     if window.len == 0 || percent < MIN_COVERAGE_PERCENT {
         return Err(WindowError::Scattered {
             span: end - start,

@@ -20,18 +20,18 @@ pub(super) fn bad_blocks_inode(
     geo: &Geometry,
     alloc: &mut Allocator,
 ) -> Result<Option<MappedInode>> {
-    let list: Vec<u64> = geo.bad.iter().flat_map(|&(b, n)| b..b + n).collect();
-    if list.is_empty() {
+    let count: u64 = geo.bad.iter().map(|r| r.1).sum();
+    if count == 0 {
         return Ok(None);
     }
     let bs = geo.block_size;
     let per_block = (bs / 4) as usize;
-    if list.len() > DIRECT + per_block + per_block * per_block {
+    if count > (DIRECT + per_block + per_block * per_block) as u64 {
         return Err(FsError::Unsupported(format!(
-            "{} bad blocks are more than one bad-block inode lists",
-            list.len()
+            "{count} bad blocks are more than one bad-block inode lists"
         )));
     }
+    let list: Vec<u64> = geo.bad.iter().flat_map(|&(b, n)| b..b + n).collect();
     let mut i_block = [0u8; super::inode::I_BLOCK_LEN];
     for (i, b) in list.iter().take(DIRECT).enumerate() {
         put(&mut i_block, i, *b);

@@ -202,9 +202,12 @@ impl Geometry {
         if (0..self.groups).any(|g| self.backup_len(g) > self.group_len(g)) {
             return false;
         }
+        // Where the metadata placed so far ends: bad blocks may push a flex group's metadata
+        // past the start of the next one, which must then start after it.
+        let mut placed_to = 0;
         for g0 in (0..self.groups).step_by(flex as usize) {
             let members = flex.min(self.groups - g0);
-            let mut at = self.group_start(g0) + self.backup_len(g0);
+            let mut at = (self.group_start(g0) + self.backup_len(g0)).max(placed_to);
             let limit = if self.bad.is_empty() {
                 self.group_start(g0) + self.group_len(g0)
             } else {
@@ -223,6 +226,7 @@ impl Geometry {
                     at = b + len;
                 }
             }
+            placed_to = at;
         }
         true
     }
