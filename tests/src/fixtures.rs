@@ -405,3 +405,26 @@ pub fn extract(raw: &Path, offset: u64, len: u64, to: &Path) -> PathBuf {
     }
     to.to_path_buf()
 }
+
+/// The partitions `sfdisk --json` sees on `disk`: (partition number as a string, start,
+/// size), bytes.
+pub fn sfdisk_partitions(disk: &Path) -> Vec<(String, u64, u64)> {
+    let json: serde_json::Value =
+        serde_json::from_str(&run_ok("sfdisk", &["--json", p(disk)])).unwrap();
+    json["partitiontable"]["partitions"]
+        .as_array()
+        .map(|parts| {
+            parts
+                .iter()
+                .map(|part| {
+                    let node = part["node"].as_str().unwrap_or_default();
+                    (
+                        node.trim_start_matches(p(disk)).to_string(),
+                        part["start"].as_u64().unwrap_or(0) * 512,
+                        part["size"].as_u64().unwrap_or(0) * 512,
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}

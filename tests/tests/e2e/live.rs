@@ -291,19 +291,10 @@ fn uuid_of(fs: &Path) -> String {
 
 /// The nested partition 2 of the old disk: (start, size) in bytes, from sfdisk.
 fn nested_partition(disk: &Path) -> Option<(u64, u64)> {
-    let json: serde_json::Value =
-        serde_json::from_str(&run_ok("sfdisk", &["--json", disk.to_str().unwrap()])).unwrap();
-    json["partitiontable"]["partitions"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|p| p["node"].as_str().unwrap().ends_with('2'))
-        .map(|p| {
-            (
-                p["start"].as_u64().unwrap() * 512,
-                p["size"].as_u64().unwrap() * 512,
-            )
-        })
+    fixtures::sfdisk_partitions(disk)
+        .into_iter()
+        .find(|p| p.0 == "2")
+        .map(|p| (p.1, p.2))
 }
 
 #[test]
@@ -590,14 +581,19 @@ fn refusals_say_why_and_change_nothing() {
     assert_eq!(old.hashes(), hashes);
 }
 
+/// A server whose data directory (`dir/data`) holds the image as capture `golden.img`.
+fn server_with_image(dir: &Path) -> (diskferry_e2e::http::Server, PathBuf) {
+    let (image, _) = new_image(dir);
+    let data = dir.join("data");
+    std::fs::create_dir_all(data.join("captures")).unwrap();
+    std::fs::copy(&image, data.join("captures/golden.img")).unwrap();
+    (diskferry_e2e::http::Server::start(&data).unwrap(), data)
+}
+
 #[test]
 fn a_server_s_live_job_switches_the_running_system_and_shows_where_it_stands() {
     let dir = tempfile::tempdir().unwrap();
-    let (image, _) = new_image(dir.path());
-    let data = dir.path().join("data");
-    std::fs::create_dir_all(data.join("captures")).unwrap();
-    std::fs::copy(&image, data.join("captures/golden.img")).unwrap();
-    let server = diskferry_e2e::http::Server::start(&data).unwrap();
+    let (server, data) = server_with_image(dir.path());
     let key = data.join("server.key");
     let old = OldSystem::new(dir.path());
     let (hashes, sector0) = (old.hashes(), old.sector0());
@@ -689,11 +685,7 @@ impl Drop for Dialling {
 #[test]
 fn a_machine_that_dials_back_is_live_deployed_and_its_new_system_commits_with_its_token() {
     let dir = tempfile::tempdir().unwrap();
-    let (image, _) = new_image(dir.path());
-    let data = dir.path().join("data");
-    std::fs::create_dir_all(data.join("captures")).unwrap();
-    std::fs::copy(&image, data.join("captures/golden.img")).unwrap();
-    let server = diskferry_e2e::http::Server::start(&data).unwrap();
+    let (server, data) = server_with_image(dir.path());
     let old = OldSystem::new(dir.path());
     // The machine's MACs and DMI are this host's.
     std::os::unix::fs::symlink("/sys/class", old.sysfs.join("class")).unwrap();

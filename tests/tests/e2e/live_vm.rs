@@ -41,25 +41,6 @@ fn wait_agent(addr: &str, key: &str, says: &str, vm: &Vm) -> String {
     last
 }
 
-/// The partitions sfdisk sees: (node suffix, start, size) in bytes.
-fn partitions(disk: &Path) -> Vec<(String, u64, u64)> {
-    let json: serde_json::Value =
-        serde_json::from_str(&run_ok("sfdisk", &["--json", disk.to_str().unwrap()])).unwrap();
-    json["partitiontable"]["partitions"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|p| {
-            let node = p["node"].as_str().unwrap();
-            (
-                node.trim_start_matches(disk.to_str().unwrap()).to_string(),
-                p["start"].as_u64().unwrap() * 512,
-                p["size"].as_u64().unwrap() * 512,
-            )
-        })
-        .collect()
-}
-
 /// `e2fsck -fn` of the filesystem at `start..start+size` of `disk`, cut out.
 fn fsck_at(disk: &Path, start: u64, size: u64, work: &Path, name: &str) {
     let cut = diskferry_e2e::fixtures::extract(disk, start, size, &work.join(name));
@@ -180,7 +161,7 @@ fn a_running_debian_is_replaced_live_boots_the_new_one_once_commits_it_and_keeps
 
     // Both filesystems are clean; the new one lies inside the old one's partition (slot 2
     // holds the extended partition: the new one took slot 3).
-    let parts = partitions(&disks.old);
+    let parts = diskferry_e2e::fixtures::sfdisk_partitions(&disks.old);
     let old = parts.iter().find(|p| p.0 == "1").unwrap();
     let new = parts
         .iter()
@@ -201,7 +182,7 @@ fn a_live_image_that_panics_brings_the_old_system_back_unchanged() {
     let (w, k, disks) = (m.work.path(), m.k(), &m.disks);
     let tree = ["srv", "usr", "etc/systemd"];
     let hashes = live_vm::hashes(&disks.old, MIB, &tree, w);
-    let table = partitions(&disks.old);
+    let table = diskferry_e2e::fixtures::sfdisk_partitions(&disks.old);
     let (mut vm, addr) = m.boot();
 
     let before = vm.markers().len();
@@ -223,7 +204,7 @@ fn a_live_image_that_panics_brings_the_old_system_back_unchanged() {
     m.power_off(&mut vm, &addr);
 
     assert_eq!(
-        partitions(&disks.old),
+        diskferry_e2e::fixtures::sfdisk_partitions(&disks.old),
         table,
         "the partition table as it was"
     );
