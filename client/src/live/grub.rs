@@ -170,6 +170,15 @@ fn encode_env(vars: &[(String, String)]) -> Option<Vec<u8>> {
     Some(b)
 }
 
+/// The running kernel's boot id (`/proc/sys/kernel/random/boot_id`): it changes at every
+/// boot, so the server tells a reboot from a dropped connection.
+pub fn boot_id(root: &Path) -> Option<String> {
+    let id = std::fs::read_to_string(root.join("proc/sys/kernel/random/boot_id")).ok()?;
+    let id = id.trim();
+    (id.len() <= 64 && id.chars().all(|c| c.is_ascii_hexdigit() || c == '-'))
+        .then(|| id.to_string())
+}
+
 /// The live deploy token on the running kernel's command line (`diskferry.live=TOKEN`): the
 /// live system's GRUB entry passes it, so the server knows it booted.
 pub fn token(root: &Path) -> Option<String> {
@@ -310,6 +319,16 @@ mod tests {
         )
         .unwrap();
         assert_eq!(token(root.path()).as_deref(), Some("ab12CD"));
+        assert_eq!(boot_id(root.path()), None);
+        std::fs::create_dir_all(root.path().join("proc/sys/kernel/random")).unwrap();
+        let id = root.path().join("proc/sys/kernel/random/boot_id");
+        std::fs::write(&id, "6d1f0c2e-3b1a-4c55-9a5e-0f2d3c4b5a69\n").unwrap();
+        assert_eq!(
+            boot_id(root.path()).as_deref(),
+            Some("6d1f0c2e-3b1a-4c55-9a5e-0f2d3c4b5a69")
+        );
+        std::fs::write(&id, "\"not an id\"\n").unwrap();
+        assert_eq!(boot_id(root.path()), None);
         std::fs::write(root.path().join("proc/cmdline"), "diskferry.live=a/b\n").unwrap();
         assert_eq!(token(root.path()), None);
         assert!(

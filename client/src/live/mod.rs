@@ -274,6 +274,11 @@ impl Live {
         grub::commit(&self.root, committed)
     }
 
+    /// The running kernel's boot id.
+    pub fn boot_id(&self) -> Option<String> {
+        grub::boot_id(&self.root)
+    }
+
     /// The live deploy token the running kernel was booted with, if any.
     pub fn token(&self) -> Option<String> {
         grub::token(&self.root)

@@ -83,6 +83,9 @@ pub fn finish(
     phase: &dyn Fn(&str),
 ) -> Result<Outcome, LiveDeployError> {
     phase("waiting for the machine to reboot");
+    // The boot the deploy ran in: an agent answering from it again lost its connection (a
+    // network blip, a restarted agent) but the machine did not reboot.
+    let booted = state(&old).ok().and_then(|s| s.boot);
     while state(&old).is_ok() {
         if Instant::now() > deadline {
             return Err(LiveDeployError::Timeout(
@@ -111,6 +114,11 @@ pub fn finish(
             phase("the new system is up: committing");
             boot::commit(&conn)?;
             return Ok(Outcome::Committed);
+        }
+        if booted.is_some() && now.boot == booted {
+            // Still the boot the deploy ran in: wait for the reboot.
+            std::thread::sleep(POLL);
+            continue;
         }
         phase("the old system came back: rolling back");
         return roll_back(&conn, again).map(Outcome::RolledBack);

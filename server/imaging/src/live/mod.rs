@@ -322,6 +322,8 @@ pub struct LiveState {
     pub pinned: Option<u64>,
     /// How the agent is reached: `("listen", bound address)` or `("connect", server)`.
     pub endpoint: Option<(String, String)>,
+    /// The running kernel's boot id: a new one after every boot.
+    pub boot: Option<String>,
 }
 
 /// Asks the agent what it is; `Err(NotLive)` when it is not in live mode.
@@ -353,6 +355,7 @@ pub fn parse_state(doc: &str) -> Result<LiveState, LiveDeployError> {
         token: live["token"].as_str().map(str::to_string),
         pinned: live["pinned"].as_u64(),
         endpoint,
+        boot: live["boot"].as_str().map(str::to_string),
     })
 }
 
