@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use diskferry_blockdev::BlockDevice;
+use diskferry_blockdev::{BlockDevice, CancelFlag, CancellableDevice};
 use diskferry_customize::{Spec, TargetHardware};
 use diskferry_fs::overlay::Chain;
 use diskferry_imaging::live::agent::LiveAgent;
@@ -115,8 +115,12 @@ impl Jobs {
         id: i64,
         rt: &tokio::runtime::Handle,
         w: &LiveWork,
+        cancel: &CancelFlag,
     ) -> Result<(), RunError> {
+        // Cancelling stops the writing (the file is then removed); once the boot is switched
+        // the job runs to its end.
         let img = self.catalog.open_capture(&w.image)?;
+        let img: Arc<dyn BlockDevice> = Arc::new(CancellableDevice::new(img, cancel.clone()));
         let again = Again {
             rt,
             target: &w.target,

@@ -717,7 +717,7 @@ impl Jobs {
         match work {
             Work::Capture(c) => self.run_capture(id, rt, c, cancel),
             Work::Multicast(w) => self.run_multicast(id, rt, w, cancel),
-            Work::Live(w) => self.run_live(id, rt, w),
+            Work::Live(w) => self.run_live(id, rt, w, cancel),
             Work::Deploy {
                 image,
                 target,

@@ -59,7 +59,8 @@ impl LiveAgent {
         o.create_dirs("/etc/systemd/system/multi-user.target.wants", dir)?;
         o.write_file(BINARY, self.binary.to_vec(), Attrs::root(0o755))?;
         let unit = format!("/etc/systemd/system/{UNIT}");
-        o.write_file(&unit, self.unit.clone().into_bytes(), Attrs::root(0o644))?;
+        // Root-only: it may hold a one-time enrollment token.
+        o.write_file(&unit, self.unit.clone().into_bytes(), Attrs::root(0o600))?;
         o.symlink(
             &format!("/etc/systemd/system/multi-user.target.wants/{UNIT}"),
             &unit,

@@ -309,8 +309,14 @@ fn write_into(
                 .unwrap_or_else(|| "nothing was compared".into()),
         });
     }
-    let uuid = fs::Filesystem::info(&written).uuid;
-    Ok((window, uuid, verify, disk, boot::kernel(&*tree)))
+    let info = fs::Filesystem::info(&written);
+    // The partition covers the filesystem, not a short last group the writer left out: a
+    // later resize2fs must not grow into blocks of the window it never owned.
+    let window = Window {
+        len: info.total_bytes.min(window.len),
+        ..window
+    };
+    Ok((window, info.uuid, verify, disk, boot::kernel(&*tree)))
 }
 
 /// What a live agent says of itself (the `live` part of its identity).
