@@ -215,16 +215,17 @@ impl OpenDisk {
         let Some(l) = &self.live else {
             return io();
         };
-        let mut sector0 = vec![0u8; 512];
-        let table = match data {
-            Some(data) if self.disk.read_exact_at(&mut sector0, 0).is_ok() => Some(TableWrite {
-                data,
-                sector0: &sector0,
-                disk_size: self.size,
-                sector: l.direct.sector(),
-            }),
-            _ => None,
+        // Sector 0 is read only for a write outside the file (a table write, or a refusal).
+        let sector0 = || {
+            let mut s = vec![0u8; 512];
+            self.disk.read_exact_at(&mut s, 0).ok().map(|()| s)
         };
+        let table = data.map(|data| TableWrite {
+            data,
+            sector0: &sector0,
+            disk_size: self.size,
+            sector: l.direct.sector(),
+        });
         l.live.guarded(l.devno, offset, len, table, io)
     }
 

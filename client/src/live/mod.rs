@@ -5,8 +5,9 @@
 //! size the server asks for, allocated in full and pinned (immutable), and answers its
 //! file-to-sector map: the disk holding it and, in file order, the disk runs holding its
 //! bytes. From then on writes to that disk are allowed inside the map and nowhere else
-//! ([`Live::check_write`]); they go to the disk with direct I/O ([`direct`]), so the running
-//! system's page cache is neither filled nor consulted. The old filesystem never reads the
+//! ([`Live::guarded`], which holds the pin while the write runs); they go to the disk with
+//! direct I/O ([`direct`]), so the running system's page cache is neither filled nor
+//! consulted. The old filesystem never reads the
 //! file (its extents stay unwritten to it) and cannot move or free it, so what is written
 //! there survives until [`Live::remove`] gives the space back.
 //!
@@ -321,10 +322,14 @@ impl Live {
             .sorted
             .get(i)
             .is_some_and(|r| r.offset <= offset && end <= r.offset + r.len);
-        let a_table = table.is_some_and(|t| {
-            table::is_table_write(offset, t.data, t.sector0, t.disk_size, t.sector)
-        });
-        if !inside && !a_table {
+        let a_table = || {
+            table.is_some_and(|t| {
+                (t.sector0)().is_some_and(|s0| {
+                    table::is_table_write(offset, t.data, &s0, t.disk_size, t.sector)
+                })
+            })
+        };
+        if !inside && !a_table() {
             return Err(refused(format!(
                 "bytes {offset}..{end} are not all inside the live file: only its sectors may be written"
             )));
@@ -334,11 +339,11 @@ impl Live {
 }
 
 /// A write that may be a partition-table write ([`Live::guarded`]).
-#[derive(Debug, Clone, Copy)]
+#[derive(Clone, Copy)]
 pub struct TableWrite<'a> {
     pub data: &'a [u8],
-    /// The disk's sector 0 now.
-    pub sector0: &'a [u8],
+    /// Reads the disk's sector 0 now (only for a write outside the file).
+    pub sector0: &'a dyn Fn() -> Option<Vec<u8>>,
     pub disk_size: u64,
     pub sector: u64,
 }

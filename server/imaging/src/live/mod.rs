@@ -117,16 +117,14 @@ pub struct LiveWritten {
 }
 
 /// The image's one Linux root: its partition number and filesystem.
-pub fn pick_root(
-    image: &Arc<dyn BlockDevice>,
-) -> Result<(u32, Arc<dyn Filesystem>), LiveDeployError> {
+pub fn pick_root(image: &Arc<dyn BlockDevice>) -> Result<(u32, Arc<Ext4>), LiveDeployError> {
     let (_, volumes) =
         inspect::volumes(image).map_err(|e| LiveDeployError::Source(e.to_string()))?;
-    let mut roots: Vec<(u32, Arc<dyn Filesystem>)> = volumes
+    let mut roots: Vec<(u32, Arc<Ext4>)> = volumes
         .into_iter()
         .filter_map(|(p, dev)| {
             let ext = Ext4::open(dev).ok()?;
-            fs::is_linux_root(&ext).then(|| (p.number, Arc::new(ext) as Arc<dyn Filesystem>))
+            fs::is_linux_root(&ext).then(|| (p.number, Arc::new(ext)))
         })
         .collect();
     match roots.len() {
@@ -159,15 +157,13 @@ pub fn write(
     progress: &dyn Progress,
 ) -> Result<LiveWritten, LiveDeployError> {
     let started = Instant::now();
-    let (partition, root) = pick_root(image)?;
-    let source = Ext4::open(volume(image, partition)?)
-        .map_err(|e| LiveDeployError::Source(e.to_string()))?;
+    let (partition, source) = pick_root(image)?;
     let size = match opts.size {
         Some(s) => s.next_multiple_of(BLOCK),
-        None => default_size(&source)?,
+        None => default_size(&*source)?,
     };
     let map = prepare(target.conn, size)?;
-    let written = write_into(&map, &source, root, target, opts, progress);
+    let written = write_into(&map, &source, target, opts, progress);
     if written.is_err() {
         // Nothing of the running system changed but the file: give its space back.
         let _ = target.conn.call_blocking(Request::LiveRemove);
@@ -183,20 +179,6 @@ pub fn write(
         disk,
         kernel,
     })
-}
-
-/// The device of the image's partition `number`.
-fn volume(
-    image: &Arc<dyn BlockDevice>,
-    number: u32,
-) -> Result<Arc<dyn BlockDevice>, LiveDeployError> {
-    let (_, volumes) =
-        inspect::volumes(image).map_err(|e| LiveDeployError::Source(e.to_string()))?;
-    volumes
-        .into_iter()
-        .find(|(p, _)| p.number == number)
-        .map(|(_, dev)| dev)
-        .ok_or_else(|| LiveDeployError::Source(format!("partition {number} is gone")))
 }
 
 /// Zeroes every block of the window the file owns (the agent zeroes them itself): what the
@@ -242,8 +224,7 @@ type Written = (
 
 fn write_into(
     map: &LiveMap,
-    source: &Ext4,
-    root: Arc<dyn Filesystem>,
+    source: &Arc<Ext4>,
     target: &LiveTarget<'_>,
     opts: &LiveOptions,
     progress: &dyn Progress,
@@ -263,13 +244,14 @@ fn write_into(
         Arc::clone(&target.redial),
         target.reconnect.clone(),
     )?;
-    boot::check_host(&disk, &window, &fs::Filesystem::info(source).uuid)?;
+    boot::check_host(&disk, &window, &fs::Filesystem::info(&**source).uuid)?;
     let slice: Arc<dyn BlockDevice> = Arc::new(
         SliceDevice::new(Arc::clone(&disk), window.start, window.len)
             .map_err(|e| LiveDeployError::Write(e.to_string()))?,
     );
     zero_owned(&*slice, &window)?;
     let slice: Arc<dyn BlockDevice> = Arc::new(padded::SectorWrites::new(slice));
+    let root: Arc<dyn Filesystem> = Arc::clone(source) as Arc<dyn Filesystem>;
     let tree: Arc<dyn Filesystem> = match &opts.transform {
         Some(t) => match t
             .apply(0, Arc::clone(&root))
@@ -288,7 +270,7 @@ fn write_into(
     ext4.counters = Some(Arc::clone(&counters));
     progress.start(
         "writing the live system",
-        fs::Filesystem::info(source).used_bytes,
+        fs::Filesystem::info(&**source).used_bytes,
     );
     write_ext4(Arc::clone(&slice), &*tree, &ext4)
         .map_err(|e| LiveDeployError::Write(e.to_string()))?;
