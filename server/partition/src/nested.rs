@@ -7,6 +7,12 @@
 //! headers' checksums updated and every other header field kept (backup first); on an MBR it
 //! goes in a free primary slot of sector 0 (type 0x83), and nothing else is written — the
 //! extended boot records of logical partitions stay as they are. Boot code is never touched.
+//!
+//! Once the new system is committed it can take the disk over
+//! (`diskferry_imaging::live::takeover`): the nested entry and the one holding it swap their
+//! ranges ([`swap_ranges`]) — the slot GRUB's core image names (by
+//! number) then holds the new filesystem — and, once the machine booted that way, the old
+//! entry goes ([`remove_entry`]): the old filesystem is gone and its space is free.
 
 use super::ondisk::{crc32_with_zero_field, gpt_entry, gpt_header, mbr as layout, mbr_entry};
 use super::write::{check_nested, mbr_entry as encode_entry};
@@ -141,6 +147,75 @@ fn remove_nested_except(disk: &dyn BlockDevice, keep: Option<(u64, u64)>) -> Res
     Ok(gone)
 }
 
+/// Swaps the ranges of entries `a` and `b` (both primary on an MBR); everything else of each
+/// entry (type, flags, GUIDs, name) stays in its slot. Doing it twice undoes it.
+pub fn swap_ranges(disk: &dyn BlockDevice, a: u32, b: u32) -> Result<()> {
+    let table = read_table(disk)?;
+    for n in [a, b] {
+        if !table.partitions.iter().any(|p| p.number == n) {
+            return Err(invalid(format!("the table has no partition {n}")));
+        }
+    }
+    match table.scheme {
+        Scheme::Gpt => patch_gpt_arrays(disk, u64::from(table.sector_size), a.max(b), |array| {
+            let slot = |n: u32| (n as usize - 1) * gpt_entry::LEN;
+            for field in [gpt_entry::STARTING_LBA, gpt_entry::ENDING_LBA] {
+                let (x, y) = (field.get(&array[slot(a)..]), field.get(&array[slot(b)..]));
+                field.set(&mut array[slot(a)..], y);
+                field.set(&mut array[slot(b)..], x);
+            }
+        }),
+        Scheme::Mbr => patch_mbr(disk, [a, b], |sector0| {
+            let (ea, eb) = (a as usize - 1, b as usize - 1);
+            let (x, y) = (
+                layout::ENTRIES.get(sector0, ea).to_vec(),
+                layout::ENTRIES.get(sector0, eb).to_vec(),
+            );
+            // The range: CHS start (1..4), CHS end (5..8), LBA and sectors (8..16).
+            let range = |e: &[u8]| [e[1..4].to_vec(), e[5..16].to_vec()];
+            for (slot, from) in [(ea, &y), (eb, &x)] {
+                let [chs, rest] = range(from);
+                let e = layout::ENTRIES.get_mut(sector0, slot);
+                e[1..4].copy_from_slice(&chs);
+                e[5..16].copy_from_slice(&rest);
+            }
+        }),
+        Scheme::None => Err(invalid("the disk has no partition table".into())),
+    }
+}
+
+/// Removes entry `number` (a primary one on an MBR).
+pub fn remove_entry(disk: &dyn BlockDevice, number: u32) -> Result<()> {
+    let table = read_table(disk)?;
+    if !table.partitions.iter().any(|p| p.number == number) {
+        return Err(invalid(format!("the table has no partition {number}")));
+    }
+    match table.scheme {
+        Scheme::Gpt => patch_gpt(disk, u64::from(table.sector_size), number, None),
+        Scheme::Mbr => patch_mbr(disk, [number, number], |sector0| {
+            layout::ENTRIES
+                .get_mut(sector0, number as usize - 1)
+                .fill(0);
+        }),
+        Scheme::None => Err(invalid("the disk has no partition table".into())),
+    }
+}
+
+/// Edits the primary entries `slots` of sector 0 with `edit` and writes it back.
+fn patch_mbr(disk: &dyn BlockDevice, slots: [u32; 2], edit: impl FnOnce(&mut [u8])) -> Result<()> {
+    if let Some(n) = slots.iter().find(|n| !(1..=4).contains(*n)) {
+        return Err(invalid(format!(
+            "partition {n} is a logical one: only primary entries are changed here"
+        )));
+    }
+    let mut sector0 = vec![0u8; layout::LEN];
+    disk.read_at(&mut sector0, 0)?;
+    edit(&mut sector0);
+    disk.write_at(&sector0, 0)?;
+    disk.flush()?;
+    Ok(())
+}
+
 /// Sets entry `number` of both GPT entry arrays to `p` (or clears it), where the headers say
 /// the arrays are, and updates the arrays' and headers' checksums; the backup first.
 fn patch_gpt(
@@ -149,6 +224,37 @@ fn patch_gpt(
     number: u32,
     p: Option<&Partition>,
 ) -> Result<()> {
+    if let Some(Partition {
+        kind: PartitionType::Mbr(_),
+        ..
+    }) = p
+    {
+        return Err(invalid("an MBR type in a GPT".into()));
+    }
+    patch_gpt_arrays(disk, sector, number, |array| {
+        let e =
+            &mut array[(number as usize - 1) * gpt_entry::LEN..number as usize * gpt_entry::LEN];
+        e.fill(0);
+        if let Some(p) = p {
+            if let PartitionType::Gpt(ty) = p.kind {
+                gpt_entry::TYPE_GUID.set(e, ty);
+            }
+            gpt_entry::UNIQUE_GUID.set(e, p.guid.unwrap_or_default());
+            gpt_entry::STARTING_LBA.set(e, p.start / sector);
+            gpt_entry::ENDING_LBA.set(e, p.end() / sector - 1);
+            gpt_entry::NAME.set(e, &p.name);
+        }
+    })
+}
+
+/// Applies `edit` to both GPT entry arrays (which must have entry `highest`), where the
+/// headers say they are, and updates the arrays' and headers' checksums; the backup first.
+fn patch_gpt_arrays(
+    disk: &dyn BlockDevice,
+    sector: u64,
+    highest: u32,
+    edit: impl Fn(&mut [u8]),
+) -> Result<()> {
     let primary = read_header(disk, sector, 1)?;
     let backup_lba = gpt_header::ALTERNATE_LBA.get(&primary);
     let backup = read_header(disk, sector, backup_lba)?;
@@ -156,28 +262,16 @@ fn patch_gpt(
         let at = gpt_header::PARTITION_ENTRY_LBA.get(&header) * sector;
         let entries = gpt_header::NUMBER_OF_PARTITION_ENTRIES.get(&header);
         if gpt_header::SIZE_OF_PARTITION_ENTRY.get(&header) != gpt_entry::LEN as u32
-            || number == 0
-            || number > entries
+            || highest == 0
+            || highest > entries
             || entries > 4096
         {
-            return Err(invalid(format!("the GPT has no usable entry {number}")));
+            return Err(invalid(format!("the GPT has no usable entry {highest}")));
         }
         let used = entries as usize * gpt_entry::LEN;
         let mut array = vec![0u8; (used as u64).next_multiple_of(sector) as usize];
         disk.read_at(&mut array, at)?;
-        let e =
-            &mut array[(number as usize - 1) * gpt_entry::LEN..number as usize * gpt_entry::LEN];
-        e.fill(0);
-        if let Some(p) = p {
-            let PartitionType::Gpt(ty) = p.kind else {
-                return Err(invalid("an MBR type in a GPT".into()));
-            };
-            gpt_entry::TYPE_GUID.set(e, ty);
-            gpt_entry::UNIQUE_GUID.set(e, p.guid.unwrap_or_default());
-            gpt_entry::STARTING_LBA.set(e, p.start / sector);
-            gpt_entry::ENDING_LBA.set(e, p.end() / sector - 1);
-            gpt_entry::NAME.set(e, &p.name);
-        }
+        edit(&mut array[..used]);
         gpt_header::PARTITION_ENTRY_ARRAY_CRC32.set(&mut header, crc32fast::hash(&array[..used]));
         let len =
             (gpt_header::HEADER_SIZE.get(&header) as usize).clamp(gpt_header::LEN, header.len());

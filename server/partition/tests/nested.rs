@@ -1,13 +1,17 @@
 //! Nested partitions (a live deploy's new system inside the running system's partition),
 //! judged by util-linux and gdisk: `sfdisk --json` and `sgdisk -i` see the new entry where
 //! it was put, nothing else of the disk changes (boot code, extended boot records, the other
-//! entries), and removing it gives back the table as it was, byte for byte.
+//! entries), and removing it gives back the table as it was, byte for byte. A take-over
+//! (the nested entry and its holder swap ranges, then the holder's goes) leaves a table both
+//! tools accept, each slot keeping its flags and names.
 
 use std::path::Path;
 use std::process::Command;
 
 use diskferry_blockdev::{BlockDevice, FileDevice};
-use diskferry_partition::nested::{add_nested, remove_nested, NESTED_NAME};
+use diskferry_partition::nested::{
+    add_nested, remove_entry, remove_nested, swap_ranges, NESTED_NAME,
+};
 use diskferry_partition::{read_table, Guid};
 
 const MIB: u64 = 1 << 20;
@@ -182,4 +186,135 @@ fn a_range_across_two_partitions_is_refused() {
     let dev = FileDevice::open(&path, true).unwrap();
     assert!(add_nested(&dev, 150 * MIB, 100 * MIB, Guid([1; 16])).is_err());
     assert_eq!(read_table(&dev).unwrap().partitions.len(), 2);
+}
+
+/// `sfdisk --json`'s partitions: (number, start sector, sectors, bootable).
+fn sfdisk_entries(path: &Path) -> Vec<(u32, u64, u64, bool)> {
+    let json: serde_json::Value =
+        serde_json::from_str(&tool("sfdisk", &["--json", path.to_str().unwrap()])).unwrap();
+    json["partitiontable"]["partitions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| {
+            let node = p["node"].as_str().unwrap();
+            let n = node[node.trim_end_matches(|c: char| c.is_ascii_digit()).len()..]
+                .parse()
+                .unwrap();
+            (
+                n,
+                p["start"].as_u64().unwrap(),
+                p["size"].as_u64().unwrap(),
+                p["bootable"].as_bool().unwrap_or(false),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn an_mbr_taken_over_holds_the_nested_range_in_the_old_slot_and_frees_the_rest() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("disk.img");
+    std::fs::File::create(&path)
+        .unwrap()
+        .set_len(4096 * MIB)
+        .unwrap();
+    sfdisk(&path, "label: dos\nstart=2048, size=6289408, type=83, bootable\nstart=6291456, type=5\nstart=6293504, type=82\n");
+    let dev = FileDevice::open(&path, true).unwrap();
+    add_nested(&dev, 1024 * MIB, 512 * MIB, Guid([7; 16])).unwrap();
+    let nested = bytes(&path, 0, 512);
+    let ebr = bytes(&path, 6_291_456 * 512, 512);
+
+    swap_ranges(&dev, 1, 3).unwrap();
+    let e = sfdisk_entries(&path);
+    assert!(
+        e.contains(&(1, 2 * 1024 * 1024, 1024 * 1024, true)),
+        "{e:?}"
+    );
+    assert!(e.contains(&(3, 2048, 6_289_408, false)), "{e:?}");
+    swap_ranges(&dev, 1, 3).unwrap();
+    assert!(
+        bytes(&path, 0, 512) == nested,
+        "swapped back, byte for byte"
+    );
+
+    swap_ranges(&dev, 1, 3).unwrap();
+    remove_entry(&dev, 3).unwrap();
+    let e = sfdisk_entries(&path);
+    assert_eq!(
+        e,
+        [
+            (1, 2 * 1024 * 1024, 1024 * 1024, true),
+            (2, 6_291_456, 2_097_152, false),
+            (5, 6_293_504, 2_095_104, false)
+        ]
+    );
+    assert!(bytes(&path, 6_291_456 * 512, 512) == ebr, "the EBR kept");
+    // util-linux sees the old partition's space, around the new one, as free.
+    let free = tool("sfdisk", &["-F", path.to_str().unwrap()]);
+    assert!(free.contains("2048 2097151 2095104"), "{free}");
+    assert!(
+        remove_entry(&dev, 5).is_err(),
+        "logical entries are not changed"
+    );
+    assert!(swap_ranges(&dev, 1, 4).is_err(), "no partition 4");
+}
+
+#[test]
+fn a_gpt_taken_over_keeps_names_and_guids_in_their_slots_and_checks_out() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("disk.img");
+    std::fs::File::create(&path)
+        .unwrap()
+        .set_len(2048 * MIB)
+        .unwrap();
+    let p = path.to_str().unwrap();
+    tool(
+        "sgdisk",
+        &[
+            "-n",
+            "1:1M:+1M",
+            "-t",
+            "1:ef02",
+            "-n",
+            "2:0:+1500M",
+            "-t",
+            "2:8300",
+            "-c",
+            "2:root",
+            "-n",
+            "3:0:0",
+            "-t",
+            "3:8200",
+            p,
+        ],
+    );
+    let dev = FileDevice::open(&path, true).unwrap();
+    add_nested(&dev, 512 * MIB, 256 * MIB, Guid([9; 16])).unwrap();
+    let guid = |n: &str| {
+        tool("sgdisk", &["-i", n, p])
+            .lines()
+            .find(|l| l.starts_with("Partition unique GUID"))
+            .unwrap()
+            .to_string()
+    };
+    let (root_guid, nested_guid) = (guid("2"), guid("4"));
+
+    swap_ranges(&dev, 2, 4).unwrap();
+    let two = tool("sgdisk", &["-i", "2", p]);
+    assert!(two.contains("First sector: 1048576 "), "{two}");
+    assert!(two.contains("Partition name: 'root'"), "{two}");
+    assert_eq!(guid("2"), root_guid);
+    assert_eq!(guid("4"), nested_guid);
+
+    remove_entry(&dev, 4).unwrap();
+    let verify = tool("sgdisk", &["-v", p]);
+    assert!(verify.contains("No problems found"), "{verify}");
+    let table = read_table(&dev).unwrap();
+    let numbers: Vec<u32> = table.partitions.iter().map(|p| p.number).collect();
+    assert_eq!(numbers, [1, 2, 3]);
+    assert_eq!(
+        (table.partitions[1].start, table.partitions[1].size),
+        (512 * MIB, 256 * MIB)
+    );
 }
