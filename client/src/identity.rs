@@ -83,6 +83,7 @@ fn collect_at(config: &Config, sys: &Path) -> String {
     if let Some(live) = &config.live {
         out.push_str("\"live\":{");
         field(&mut out, "token", live.token());
+        field(&mut out, "root", live.booted_root());
         field(&mut out, "boot", live.boot_id());
         field(&mut out, "file", Some(live.path().display().to_string()));
         let endpoint = live.endpoint();

@@ -117,6 +117,19 @@ fi
     std::fs::write(tree.join("boot/grub/grubenv"), env).unwrap();
 }
 
+/// GRUB's modules in `/boot/grub/i386-pc`, as `grub-install` copies them there (the core
+/// image loads what it lacks from them).
+fn grub_modules(tree: &Path) {
+    let to = tree.join("boot/grub/i386-pc");
+    std::fs::create_dir_all(&to).unwrap();
+    for e in std::fs::read_dir("/usr/lib/grub/i386-pc").unwrap() {
+        let path = e.unwrap().path();
+        if path.extension().is_some_and(|x| x == "mod" || x == "lst") {
+            std::fs::copy(&path, to.join(path.file_name().unwrap())).unwrap();
+        }
+    }
+}
+
 /// The disks of a live deploy test.
 pub struct LiveDisks {
     /// The old machine's MBR disk: GRUB, root (partition 1), swap (partition 5), its agent.
@@ -133,6 +146,7 @@ pub fn build(work: &Path, server_key: &str) -> LiveDisks {
     extract_tarball(&tarball, &tree);
     configure(&tree, OLD_UUID, "old");
     grub_cfg(&tree, OLD_UUID);
+    grub_modules(&tree);
     agent(&tree, server_key);
     let root = work.join("old-root.ext4");
     make_ext4(&tree, OLD_UUID, "old-root", ROOT_MIB, &root);

@@ -190,6 +190,18 @@ pub fn token(root: &Path) -> Option<String> {
         .map(str::to_string)
 }
 
+/// The `root=` argument of the running kernel's command line (`UUID=…`, `/dev/sda1`): which
+/// filesystem the boot loader started, so the server tells a system taken over from the one
+/// before it.
+pub fn booted_root(root: &Path) -> Option<String> {
+    let cmdline = std::fs::read_to_string(root.join("proc/cmdline")).ok()?;
+    cmdline
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("root="))
+        .filter(|r| r.len() <= 128 && r.chars().all(|c| c.is_ascii_graphic() && c != '"'))
+        .map(str::to_string)
+}
+
 /// Marks the running system committed (or not): its state file, made by the deploy, is
 /// rewritten in place, where GRUB reads it whether or not the journal was written back.
 pub fn commit(root: &Path, committed: bool) -> Result<(), LiveError> {
@@ -319,6 +331,7 @@ mod tests {
         )
         .unwrap();
         assert_eq!(token(root.path()).as_deref(), Some("ab12CD"));
+        assert_eq!(booted_root(root.path()).as_deref(), Some("UUID=x"));
         assert_eq!(boot_id(root.path()), None);
         std::fs::create_dir_all(root.path().join("proc/sys/kernel/random")).unwrap();
         let id = root.path().join("proc/sys/kernel/random/boot_id");
@@ -331,6 +344,7 @@ mod tests {
         assert_eq!(boot_id(root.path()), None);
         std::fs::write(root.path().join("proc/cmdline"), "diskferry.live=a/b\n").unwrap();
         assert_eq!(token(root.path()), None);
+        assert_eq!(booted_root(root.path()), None);
         assert!(
             commit(root.path(), true).is_err(),
             "not a live-deployed system"

@@ -285,10 +285,16 @@ impl Live {
         grub::token(&self.root)
     }
 
+    /// The root the running kernel was booted with (`root=` of its command line).
+    pub fn booted_root(&self) -> Option<String> {
+        grub::booted_root(&self.root)
+    }
+
     /// Runs `io`, a write of `len` bytes at `offset` of disk `disk`, if it lies inside the
     /// pinned file — or is a partition-table write (`table`: its bytes, the disk's sector 0
-    /// now, the disk's size and sector size) while a file is pinned on that disk; the file
-    /// cannot be removed while `io` runs. The error says why not.
+    /// now, the disk's size and sector size) on the pinned file's disk, or on any disk when
+    /// none is pinned (a live system taking its disk over); the file cannot be removed while
+    /// `io` runs. The error says why not.
     pub fn guarded<T>(
         &self,
         disk: u64,
@@ -302,9 +308,23 @@ impl Live {
             code: ErrorCode::PermissionDenied,
             message: format!("live mode: {why}"),
         };
+        let end = offset
+            .checked_add(len)
+            .ok_or_else(|| refused("range overflows".into()))?;
+        let a_table = || {
+            table.is_some_and(|t| {
+                (t.sector0)().is_some_and(|s0| {
+                    table::is_table_write(offset, t.data, &s0, t.disk_size, t.sector)
+                })
+            })
+        };
         let Some(p) = pinned.as_ref() else {
+            // A live system taking its disk over rewrites the table, and nothing else.
+            if a_table() {
+                return io();
+            }
             return Err(refused(
-                "no live file is pinned: nothing may be written".into(),
+                "no live file is pinned: nothing but the partition table may be written".into(),
             ));
         };
         if p.disk != disk {
@@ -313,22 +333,12 @@ impl Live {
                 p.map.disk
             )));
         }
-        let end = offset
-            .checked_add(len)
-            .ok_or_else(|| refused("range overflows".into()))?;
         // The run holding `offset` (runs are sorted, disjoint and merged).
         let i = p.sorted.partition_point(|r| r.offset + r.len <= offset);
         let inside = p
             .sorted
             .get(i)
             .is_some_and(|r| r.offset <= offset && end <= r.offset + r.len);
-        let a_table = || {
-            table.is_some_and(|t| {
-                (t.sector0)().is_some_and(|s0| {
-                    table::is_table_write(offset, t.data, &s0, t.disk_size, t.sector)
-                })
-            })
-        };
         if !inside && !a_table() {
             return Err(refused(format!(
                 "bytes {offset}..{end} are not all inside the live file: only its sectors may be written"

@@ -218,6 +218,26 @@ fn a_pinned_file_maps_to_the_sectors_its_filesystem_gives_it_and_only_those_are_
     assert!(again
         .guarded(map_disk(&fs), first.offset, 4096, None, || Ok(()))
         .is_err());
+    // With nothing pinned the partition table may still change (a live system taking its
+    // disk over), and only it: sector 0 with its boot code kept.
+    let mut sector0 = vec![0u8; 512];
+    sector0[510..].copy_from_slice(&[0x55, 0xAA]);
+    let mut table = sector0.clone();
+    table[446 + 4] = 0x83;
+    let read0 = || Some(sector0.clone());
+    let write = |data: &[u8], offset| {
+        let t = super::TableWrite {
+            data,
+            sector0: &read0,
+            disk_size: 1 << 30,
+            sector: 512,
+        };
+        again.guarded(map_disk(&fs), offset, data.len() as u64, Some(t), || Ok(()))
+    };
+    assert!(write(&table, 0).is_ok(), "a table write");
+    assert!(write(&table, 4096).is_err(), "not the table");
+    table[0] = 0xEB;
+    assert!(write(&table, 0).is_err(), "boot code changed");
     assert!(matches!(
         again.prepare(0, &[fs.spec()]),
         Err(LiveError::NothingPinned)

@@ -2,8 +2,9 @@
 //! the image's Linux root into a pinned file of the machine's running system (its agent
 //! started with `--live`), switches its boot to the new system once, and — with
 //! `--live-wait` — waits for the reboot: the new system's agent confirming commits it, the
-//! old system coming back rolls it back. `diskferry live HOST:PORT` shows where a machine
-//! is, and `--commit` / `--rollback` finish by hand.
+//! old system coming back rolls it back; then the new system takes the disk over (unless
+//! `--keep-old`). `diskferry live HOST:PORT` shows where a machine is, and `--commit`,
+//! `--rollback` and `--take-over` finish by hand.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -13,6 +14,7 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 use diskferry_fs::overlay::Chain;
 use diskferry_imaging::live::flow::{self, Outcome};
+use diskferry_imaging::live::takeover::{self, TakeOver};
 use diskferry_imaging::live::{
     self, agent::LiveAgent, boot, LiveDeployError, LiveOptions, LiveTarget,
 };
@@ -48,6 +50,13 @@ pub(crate) struct LiveArgs {
     /// comes back instead, roll back (the exit status is then non-zero)
     #[arg(long, value_name = "MINUTES", requires = "live")]
     live_wait: Option<u64>,
+    /// Once committed, keep the old system as the boot host (its GRUB menu boots the new one
+    /// by default; it can still be chosen). Without it the new system takes the disk over:
+    /// the partition entries are swapped so GRUB boots the new system from its own files,
+    /// the machine reboots once more, and the old system's partition (its files, and the
+    /// pinned file that held the new one) is removed: its space is free
+    #[arg(long, requires = "live_wait")]
+    keep_old: bool,
 }
 
 /// `diskferry live HOST:PORT`: where a machine's live deploy is.
@@ -58,6 +67,16 @@ pub(crate) struct LiveCommandArgs {
     /// Make the running live system the default (run while it is up)
     #[arg(long, conflicts_with = "rollback")]
     commit: bool,
+    /// Have the committed live system (running now) take the disk DISK over: its partition
+    /// entry and the old system's swap, the machine reboots through the new system's own
+    /// GRUB files, and the old system's partition is removed (its space is then free). If
+    /// GRUB finds its files by UUID rather than partition number, the swap is undone and the
+    /// old system stays the boot host
+    #[arg(long, value_name = "DISK", conflicts_with_all = ["rollback", "reboot", "poweroff"])]
+    take_over: Option<String>,
+    /// How long --take-over waits for the machine to come back
+    #[arg(long, value_name = "MINUTES", default_value_t = 15)]
+    wait: u64,
     /// Go back to the old system: from the old system, remove the live system (its
     /// partition entry, GRUB entry and file); from the live system, un-commit it, so the
     /// next boot starts the old one (then run --rollback there)
@@ -131,7 +150,12 @@ pub(crate) fn deploy(args: &DeployArgs, target: &str) -> Result<()> {
     match flow::finish(conn, &again, &deployed.token, deadline, &phase)? {
         Outcome::Committed => {
             eprintln!("the new system is up and confirmed it: committed (GRUB starts it by default from now on)");
-            Ok(())
+            if args.live.keep_old {
+                return Ok(());
+            }
+            let conn = flow::Redialer::connect(&again)
+                .context("the new system's agent stopped answering before the take-over")?;
+            take_over(conn, &again, &deployed.written.map.disk, deadline)
         }
         Outcome::RolledBack(done) => bail!(
             "the old system came back instead of the new one: rolled back ({})",
@@ -157,6 +181,9 @@ fn report(d: &flow::Deployed) {
         written.elapsed.as_secs_f64(),
     );
     eprintln!("GRUB starts it once at the next boot; the running system is unchanged and stays the default until it is committed");
+    if let Err(why) = &written.own_loader {
+        eprintln!("the new system got no boot loader of its own, so it cannot take the disk over once committed: {why}");
+    }
 }
 
 /// The machine's agent at a listening address, dialled again.
@@ -245,6 +272,15 @@ pub(crate) fn run(args: &LiveCommandArgs) -> Result<()> {
         .block_on(Connection::connect(&args.addr, &session))
         .with_context(|| format!("cannot reach the agent at {}", args.addr))?;
     let state = live::state(&conn)?;
+    let again = Again {
+        rt: &rt,
+        addr: &args.addr,
+        session: &session,
+    };
+    if let Some(disk) = &args.take_over {
+        let deadline = Instant::now() + Duration::from_secs(args.wait * 60);
+        return take_over(conn, &again, disk, deadline);
+    }
     match (&state.token, args.commit, args.rollback) {
         (Some(_), true, _) => {
             boot::commit(&conn)?;
@@ -258,11 +294,6 @@ pub(crate) fn run(args: &LiveCommandArgs) -> Result<()> {
             println!("un-committed: the next boot starts the old system; run --rollback there to remove this one");
         }
         (None, _, true) => {
-            let again = Again {
-                rt: &rt,
-                addr: &args.addr,
-                session: &session,
-            };
             let done = flow::roll_back(&conn, &again)?;
             println!("rolled back: {}", done.join("; "));
         }
@@ -273,6 +304,23 @@ pub(crate) fn run(args: &LiveCommandArgs) -> Result<()> {
         (_, true) => power(&conn, PowerAction::Poweroff),
         _ => Ok(()),
     }
+}
+
+/// Has the committed live system `conn` reaches take `disk` over, and says how it went.
+fn take_over(conn: Connection, again: &Again<'_>, disk: &str, deadline: Instant) -> Result<()> {
+    let phase = |what: &str| eprintln!("{what}");
+    match takeover::take_over(conn, again, disk, deadline, &phase)? {
+        TakeOver::Done { partition, freed } => {
+            eprintln!(
+                "taken over: the new system is partition {partition} and boots through its own GRUB; the old system's partition is gone, {} of it free",
+                human_bytes(freed)
+            );
+        }
+        TakeOver::Kept(why) => eprintln!(
+            "not taken over, nothing changed: {why}; the old system's GRUB boots the new one by default"
+        ),
+    }
+    Ok(())
 }
 
 fn print_state(token: Option<&str>, pinned: Option<u64>) {

@@ -120,6 +120,7 @@ impl Machine {
 fn a_running_debian_is_replaced_live_boots_the_new_one_once_commits_it_and_keeps_it() {
     let m = Machine::new();
     let (w, k, disks) = (m.work.path(), m.k(), &m.disks);
+    let table_before = diskferry_e2e::fixtures::sfdisk_partitions(&disks.old);
     let (mut vm, addr) = m.boot();
 
     let before = vm.markers().len();
@@ -127,6 +128,7 @@ fn a_running_debian_is_replaced_live_boots_the_new_one_once_commits_it_and_keeps
     eprintln!("{log}");
     assert!(ok, "{log}\nconsole:\n{}", vm.console());
     assert!(log.contains("committed"), "{log}");
+    assert!(log.contains("taken over"), "{log}");
     // The old system kept running while its disk received the new one.
     let markers = vm.markers();
     let first_new = markers
@@ -143,9 +145,8 @@ fn a_running_debian_is_replaced_live_boots_the_new_one_once_commits_it_and_keeps
         "findmnt / is the new filesystem"
     );
 
-    // Committed: the next boot starts the new system again, by default.
-    let (_, out) = cli(&["live", &addr, "--key-file", k]);
-    assert!(out.contains("running a live-deployed system"), "{out}");
+    // Committed and taken over: the next boot starts the new system again, through its own
+    // GRUB files.
     let seen = vm.markers().len();
     let (ok, out) = cli(&["live", &addr, "--key-file", k, "--reboot"]);
     assert!(ok, "{out}");
@@ -156,24 +157,31 @@ fn a_running_debian_is_replaced_live_boots_the_new_one_once_commits_it_and_keeps
         "the old system started again:\n{}",
         vm.console()
     );
-    wait_agent(&addr, k, "running a live-deployed system", &vm);
+    wait_agent(&addr, k, "running its own system", &vm);
     m.power_off(&mut vm, &addr);
 
-    // Both filesystems are clean; the new one lies inside the old one's partition (slot 2
-    // holds the extended partition: the new one took slot 3).
+    // The new system holds slot 1 (where GRUB's core image looks), inside the old
+    // partition's range; the old partition is gone (slot 2 is the extended one, 5 the swap),
+    // and its space around the new system is free.
     let parts = diskferry_e2e::fixtures::sfdisk_partitions(&disks.old);
-    let old = parts.iter().find(|p| p.0 == "1").unwrap();
-    let new = parts
-        .iter()
-        .find(|p| p.0 == "3")
-        .expect("the live partition");
+    let numbers: Vec<&str> = parts.iter().map(|p| p.0.as_str()).collect();
+    assert_eq!(numbers, ["1", "2", "5"], "{parts:?}");
+    let new = &parts[0];
+    let old = &table_before[0];
     assert!(
-        old.1 <= new.1 && new.1 + new.2 <= old.1 + old.2,
-        "{parts:?}"
+        old.1 < new.1 && new.1 + new.2 <= old.1 + old.2,
+        "{parts:?} inside {old:?}"
     );
-    fsck_at(&disks.old, old.1, old.2, w, "old.ext4");
+    let free = diskferry_e2e::run_ok("sfdisk", &["-F", disks.old.to_str().unwrap()]);
+    assert!(
+        free.lines()
+            .any(|l| l.trim_start().starts_with(&format!("{} ", old.1 / 512))),
+        "the old partition's start is free:\n{free}"
+    );
     fsck_at(&disks.old, new.1, new.2, w, "new.ext4");
-    assert!(old.1 == MIB);
+    // The old filesystem's bytes, no longer a partition, were never written by the new
+    // system (it lived in the pinned file): still clean.
+    fsck_at(&disks.old, old.1, old.2, w, "old.ext4");
 }
 
 #[test]

@@ -81,8 +81,9 @@ fn live_form(
             label for="live-wait" { "Minutes to wait for the reboot (0: do not wait)" }
             input #live-wait name="live_wait_minutes" inputmode="numeric" value="30";
             label.check { input type="checkbox" name="reboot" value="1" checked; " Reboot the machine into the new system" }
+            label.check { input type="checkbox" name="live_keep_old" value="1"; " Once committed, keep the old system (no take-over)" }
             button type="submit" { "Deploy live" }
-            p.hint { "The machine's agent runs inside its system (diskferry-client --listen … --live). It pins a file of the running system, the capture's Linux root is written into the disk sectors under it, and GRUB starts the new system once at the next boot. When the new system's agent answers, the deploy is committed (GRUB's default from then on); when the old system comes back instead, it is rolled back and left exactly as it was. The job shows where it stands: writing, switched, rebooting, committed or rolled back." }
+            p.hint { "The machine's agent runs inside its system (diskferry-client --listen … --live). It pins a file of the running system, the capture's Linux root is written into the disk sectors under it, and GRUB starts the new system once at the next boot. When the new system's agent answers, the deploy is committed (GRUB's default from then on); when the old system comes back instead, it is rolled back and left exactly as it was. Once committed, the new system takes the disk over: it reboots once more through GRUB files of its own, and the old system's partition is removed, its space freed (unless you keep the old system). The job shows where it stands: writing, switched, rebooting, committed, taking over, taken over or rolled back." }
         }
     }
 }
@@ -250,6 +251,7 @@ async fn start(
     let kind = nonempty("kind").unwrap_or_else(|| "capture".into());
     // The deploy forms carry the two boot checkboxes (unchecked ones are not sent).
     let writes = kind == "deploy" || kind == "multicast";
+    let live = kind == "live";
     let req = JobRequest {
         kind,
         source: nonempty("source"),
@@ -287,6 +289,7 @@ async fn start(
         live_wait_minutes: nonempty("live_wait_minutes")
             .map(|m| parse_number("minutes to wait", &m))
             .transpose()?,
+        live_keep_old: live.then(|| form.contains_key("live_keep_old")),
     };
     if let Some(every) = nonempty("every") {
         state.jobs.add_schedule(&req, &every)?;

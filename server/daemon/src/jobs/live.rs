@@ -4,9 +4,11 @@
 //! waits (`live_wait_minutes`), committed when the new system's agent answers or rolled back
 //! when the old system's does. The new system's agent is started as the old one was; one
 //! that dials back brings a one-time enrollment token (as a network-booted machine's does),
-//! so its new key is taken as the machine's. The job's parameters carry where it stands
-//! (`"live": "writing" | "switched" | "rebooting" | "committed" | "rolled back"`) for the API
-//! and the pages; the steps go to its log. Everything is done by `diskferry_imaging::live`,
+//! so its new key is taken as the machine's. Once committed the new system takes the disk
+//! over (unless `live_keep_old`), rebooting once more. The job's parameters carry where it
+//! stands (`"live": "writing" | "switched" | "rebooting" | "committed" | "taking over" |
+//! "taken over" | "committed, old system kept" | "rolled back"`) for the API and the pages;
+//! the steps go to its log. Everything is done by `diskferry_imaging::live`,
 //! as for the CLI.
 
 use std::path::PathBuf;
@@ -19,6 +21,7 @@ use diskferry_customize::{Spec, TargetHardware};
 use diskferry_fs::overlay::Chain;
 use diskferry_imaging::live::agent::LiveAgent;
 use diskferry_imaging::live::flow::{self, Outcome, Redialer};
+use diskferry_imaging::live::takeover::{self, TakeOver};
 use diskferry_imaging::live::{self, LiveDeployError, LiveOptions, LiveTarget};
 use diskferry_imaging::source::open_on_connection;
 use diskferry_protocol::PowerAction;
@@ -39,6 +42,8 @@ pub(super) struct LiveWork {
     pub reboot: bool,
     /// Minutes to wait for the outcome; 0: end once the boot is switched.
     pub wait_minutes: u32,
+    /// Once committed, keep the old system as the boot host (no take-over).
+    pub keep_old: bool,
     pub customize: Option<Box<Spec>>,
     pub hardware: Option<TargetHardware>,
     /// Set once the new system is committed (the machine is then deployed).
@@ -176,7 +181,10 @@ impl Jobs {
                 self.set_live_stage(id, "committed");
                 w.committed.store(true, Ordering::Release);
                 tracing::info!("the new system came up and is GRUB's default from now on");
-                Ok(())
+                if w.keep_old {
+                    return Ok(());
+                }
+                self.take_over(id, &again, w.target.disk(), deadline)
             }
             Outcome::RolledBack(done) => {
                 self.set_live_stage(id, "rolled back");
@@ -186,6 +194,33 @@ impl Jobs {
                 )))
             }
         }
+    }
+
+    /// Has the committed new system take its disk over; "taken over" or, when it cannot
+    /// (nothing changed), "committed, old system kept".
+    fn take_over(
+        &self,
+        id: i64,
+        again: &Again<'_>,
+        disk: &str,
+        deadline: Instant,
+    ) -> Result<(), RunError> {
+        let conn = again.connect().ok_or_else(|| {
+            RunError::Live("the new system's agent stopped answering before the take-over".into())
+        })?;
+        self.set_live_stage(id, "taking over");
+        let phase = |what: &str| tracing::info!("{what}");
+        match takeover::take_over(conn, again, disk, deadline, &phase).map_err(live_error)? {
+            TakeOver::Done { partition, freed } => {
+                self.set_live_stage(id, "taken over");
+                tracing::info!("taken over: the new system is partition {partition} and boots through its own GRUB; the old system's partition is gone ({freed} bytes free)");
+            }
+            TakeOver::Kept(why) => {
+                self.set_live_stage(id, "committed, old system kept");
+                tracing::warn!("not taken over, nothing changed: {why}");
+            }
+        }
+        Ok(())
     }
 
     /// Records where a live job stands in its parameters.

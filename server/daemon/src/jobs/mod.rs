@@ -129,6 +129,10 @@ pub struct JobRequest {
     /// (default 30).
     #[serde(default)]
     pub live_wait_minutes: Option<u32>,
+    /// Live: once committed, keep the old system as the boot host instead of having the new
+    /// system take the disk over (default false: taken over, the old partition removed).
+    #[serde(default)]
+    pub live_keep_old: Option<bool>,
 }
 
 /// Why a job request was refused (nothing was started).
@@ -588,12 +592,13 @@ impl Jobs {
         let disk = JobDisk::resolve(target, &self.catalog, &self.agents)?;
         let (customize, hardware) = self.edits_of(req, &disk)?;
         let (size, wait_minutes) = live::check(req)?;
+        let keep_old = req.live_keep_old.unwrap_or(false);
         let params = serde_json::json!({
             "image": rec.name, "target": target, "reboot": req.reboot,
             "source": rec.name, "output": target, "customized": customize.is_some(),
             "target_hardware": hardware.map(TargetHardware::name),
             "live_size_mib": req.live_size_mib, "live_wait_minutes": wait_minutes,
-            "live": "queued",
+            "live_keep_old": keep_old, "live": "queued",
         });
         let work = Work::Live(Box::new(live::LiveWork {
             image: self.catalog.capture_file(&rec),
@@ -602,6 +607,7 @@ impl Jobs {
             size,
             reboot: req.reboot,
             wait_minutes,
+            keep_old,
             customize,
             hardware,
             committed: Default::default(),

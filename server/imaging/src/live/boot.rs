@@ -95,13 +95,18 @@ fn first_entry(cfg: &str) -> Option<Kernel> {
     })
 }
 
+/// `title` without what would end or expand a double-quoted GRUB word.
+pub fn clean_title(title: &str) -> String {
+    title
+        .chars()
+        .filter(|c| !matches!(c, '"' | '\\' | '$' | '\n'))
+        .collect()
+}
+
 /// The GRUB script the running system's agent installs: the `diskferry-live` entry, made the
 /// default once the new system is committed.
 pub fn menu(kernel: &Kernel, uuid: &str, token: &str, title: &str) -> String {
-    let title: String = title
-        .chars()
-        .filter(|c| !matches!(c, '"' | '\\' | '$' | '\n'))
-        .collect();
+    let title = clean_title(title);
     let search = format!("search --no-floppy --fs-uuid --set=diskferry_live {uuid}");
     let args = kernel.args.join(" ");
     let initrd = kernel
@@ -127,12 +132,13 @@ pub fn menu(kernel: &Kernel, uuid: &str, token: &str, title: &str) -> String {
 /// one whose file is not inside a partition, one that itself runs from a live partition (its
 /// root nested in another: its firmware boots another system's GRUB), one whose root has the
 /// image's filesystem UUID (GRUB and the kernel would find the running root for the new one),
-/// or a table without a free entry.
+/// or a table without a free entry. Answers the running system's filesystem, when it can be
+/// read.
 pub fn check_host(
     disk: &Arc<dyn BlockDevice>,
     window: &Window,
     uuid: &str,
-) -> Result<(), LiveDeployError> {
+) -> Result<Option<Box<dyn Filesystem>>, LiveDeployError> {
     let refuse = |why: String| Err(LiveDeployError::Boot(why));
     let table = diskferry_partition::read_table(&**disk)
         .map_err(|e| LiveDeployError::Boot(format!("reading the partition table: {e}")))?;
@@ -155,10 +161,11 @@ pub fn check_host(
             host.number
         ));
     }
-    if let Ok(fs) = diskferry_partition::open_partition(Arc::clone(disk), host)
+    let host_fs = diskferry_partition::open_partition(Arc::clone(disk), host)
         .map_err(|e| e.to_string())
         .and_then(|slice| diskferry_fs::open(Arc::new(slice)).map_err(|e| e.to_string()))
-    {
+        .ok();
+    if let Some(fs) = &host_fs {
         if fs.info().uuid.eq_ignore_ascii_case(uuid) {
             return refuse(format!(
                 "the running system's filesystem has the image's UUID {uuid}: the new system could not be told from it at boot; deploy an image with another identity"
@@ -176,7 +183,7 @@ pub fn check_host(
     if full {
         return refuse("the partition table has no free entry for the live system".into());
     }
-    Ok(())
+    Ok(host_fs)
 }
 
 /// A random token naming one live deploy.

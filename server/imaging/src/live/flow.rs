@@ -1,6 +1,7 @@
 //! A live deploy from end to end, for every front end: written and switched ([`deploy`]),
 //! then — once the machine reboots — finished ([`finish`]): committed when the new system's
-//! agent answers with the deploy's token, rolled back when the old system's answers instead.
+//! agent answers with the deploy's token, rolled back when the old system's answers instead;
+//! and then, unless asked not to, the new system takes the disk over ([`super::takeover`]).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -10,7 +11,8 @@ use diskferry_protocol::Request;
 use diskferry_remote::Connection;
 
 use super::{
-    boot, pinned_map, state, write, LiveDeployError, LiveOptions, LiveTarget, LiveWritten,
+    boot, pinned_map, state, write, LiveDeployError, LiveOptions, LiveState, LiveTarget,
+    LiveWritten,
 };
 use crate::progress::Progress;
 
@@ -82,15 +84,34 @@ pub fn finish(
     deadline: Instant,
     phase: &dyn Fn(&str),
 ) -> Result<Outcome, LiveDeployError> {
+    let not_rebooted = "the machine did not reboot; the live system stays ready for its next boot";
+    let (conn, now) = wait_reboot(old, again, deadline, not_rebooted, phase)?;
+    if now.token.as_deref() == Some(token) {
+        phase("the new system is up: committing");
+        boot::commit(&conn)?;
+        return Ok(Outcome::Committed);
+    }
+    phase("the old system came back: rolling back");
+    roll_back(&conn, again).map(Outcome::RolledBack)
+}
+
+/// Waits until `deadline` for the machine `old` reaches to reboot (`not_rebooted` says what
+/// it means when it does not) and for its agent to answer again from a new boot; that
+/// connection, and what the agent says.
+pub fn wait_reboot(
+    old: Connection,
+    again: &dyn Redialer,
+    deadline: Instant,
+    not_rebooted: &'static str,
+    phase: &dyn Fn(&str),
+) -> Result<(Connection, LiveState), LiveDeployError> {
     phase("waiting for the machine to reboot");
-    // The boot the deploy ran in: an agent answering from it again lost its connection (a
-    // network blip, a restarted agent) but the machine did not reboot.
+    // The boot the machine is in now: an agent answering from it again lost its connection
+    // (a network blip, a restarted agent) but the machine did not reboot.
     let booted = state(&old).ok().and_then(|s| s.boot);
     while state(&old).is_ok() {
         if Instant::now() > deadline {
-            return Err(LiveDeployError::Timeout(
-                "the machine did not reboot; the live system stays ready for its next boot",
-            ));
+            return Err(LiveDeployError::Timeout(not_rebooted));
         }
         std::thread::sleep(POLL);
     }
@@ -106,22 +127,12 @@ pub fn finish(
             std::thread::sleep(POLL);
             continue;
         };
-        let Ok(now) = state(&conn) else {
-            std::thread::sleep(POLL);
-            continue;
-        };
-        if now.token.as_deref() == Some(token) {
-            phase("the new system is up: committing");
-            boot::commit(&conn)?;
-            return Ok(Outcome::Committed);
+        match state(&conn) {
+            // Still the boot it was in: wait for the reboot.
+            Ok(now) if booted.is_some() && now.boot == booted => std::thread::sleep(POLL),
+            Ok(now) => return Ok((conn, now)),
+            Err(_) => std::thread::sleep(POLL),
         }
-        if booted.is_some() && now.boot == booted {
-            // Still the boot the deploy ran in: wait for the reboot.
-            std::thread::sleep(POLL);
-            continue;
-        }
-        phase("the old system came back: rolling back");
-        return roll_back(&conn, again).map(Outcome::RolledBack);
     }
 }
 

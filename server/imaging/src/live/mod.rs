@@ -22,7 +22,9 @@
 pub mod agent;
 pub mod boot;
 pub mod flow;
+pub mod loader;
 mod padded;
+pub mod takeover;
 pub mod window;
 
 use std::sync::Arc;
@@ -114,6 +116,9 @@ pub struct LiveWritten {
     pub disk: Arc<dyn BlockDevice>,
     /// The kernel the new system boots.
     pub kernel: boot::Kernel,
+    /// Whether the new system got its own boot loader ([`loader`]), so it can take the disk
+    /// over once committed; why not.
+    pub own_loader: Result<(), String>,
 }
 
 /// The image's one Linux root: its partition number and filesystem.
@@ -168,7 +173,14 @@ pub fn write(
         // Nothing of the running system changed but the file: give its space back.
         let _ = target.conn.call_blocking(Request::LiveRemove);
     }
-    let (window, uuid, verify, disk, kernel) = written?;
+    let Written {
+        window,
+        uuid,
+        verify,
+        disk,
+        kernel,
+        own_loader,
+    } = written?;
     Ok(LiveWritten {
         partition,
         map,
@@ -178,6 +190,7 @@ pub fn write(
         elapsed: started.elapsed(),
         disk,
         kernel,
+        own_loader,
     })
 }
 
@@ -214,13 +227,14 @@ pub fn prepare(conn: &Connection, size: u64) -> Result<LiveMap, LiveDeployError>
     }
 }
 
-type Written = (
-    Window,
-    String,
-    VerifyReport,
-    Arc<dyn BlockDevice>,
-    boot::Kernel,
-);
+struct Written {
+    window: Window,
+    uuid: String,
+    verify: VerifyReport,
+    disk: Arc<dyn BlockDevice>,
+    kernel: boot::Kernel,
+    own_loader: Result<(), String>,
+}
 
 fn write_into(
     map: &LiveMap,
@@ -244,7 +258,8 @@ fn write_into(
         Arc::clone(&target.redial),
         target.reconnect.clone(),
     )?;
-    boot::check_host(&disk, &window, &fs::Filesystem::info(&**source).uuid)?;
+    let uuid = fs::Filesystem::info(&**source).uuid;
+    let host = boot::check_host(&disk, &window, &uuid)?;
     let slice: Arc<dyn BlockDevice> = Arc::new(
         SliceDevice::new(Arc::clone(&disk), window.start, window.len)
             .map_err(|e| LiveDeployError::Write(e.to_string()))?,
@@ -262,6 +277,8 @@ fn write_into(
         },
         None => root,
     };
+    let kernel = boot::kernel(&*tree);
+    let (tree, own_loader) = with_own_loader(tree, host.as_deref(), &kernel, &uuid)?;
     let counters = Arc::new(fs::WriteCounters::default());
     let mut ext4 = source.format_options();
     // The window's bad blocks are counted in BLOCK-sized blocks: the writer must use them.
@@ -298,7 +315,38 @@ fn write_into(
         len: info.total_bytes.min(window.len),
         ..window
     };
-    Ok((window, info.uuid, verify, disk, boot::kernel(&*tree)))
+    Ok(Written {
+        window,
+        uuid: info.uuid,
+        verify,
+        disk,
+        kernel,
+        own_loader,
+    })
+}
+
+/// Whether a live system has its own boot loader; why not.
+type OwnLoader = Result<(), String>;
+
+/// `tree` with its own boot loader ([`loader`]) when the running system's (`host`) can be
+/// copied; else `tree` as it is, and why not.
+fn with_own_loader(
+    tree: Arc<dyn Filesystem>,
+    host: Option<&dyn Filesystem>,
+    kernel: &boot::Kernel,
+    uuid: &str,
+) -> Result<(Arc<dyn Filesystem>, OwnLoader), LiveDeployError> {
+    let kit = match host.map(loader::kit) {
+        Some(Ok(kit)) => kit,
+        Some(Err(why)) => return Ok((tree, Err(why))),
+        None => {
+            let why = "the running system's filesystem cannot be read here".to_string();
+            return Ok((tree, Err(why)));
+        }
+    };
+    let menu = loader::menu(&kit, kernel, uuid, &loader::system_name(&*tree));
+    let with = loader::add(tree, &kit, menu).map_err(|e| LiveDeployError::Source(e.to_string()))?;
+    Ok((Arc::new(with), Ok(())))
 }
 
 /// What a live agent says of itself (the `live` part of its identity).
@@ -312,6 +360,8 @@ pub struct LiveState {
     pub endpoint: Option<(String, String)>,
     /// The running kernel's boot id: a new one after every boot.
     pub boot: Option<String>,
+    /// The `root=` the running kernel was booted with (`UUID=…`).
+    pub root: Option<String>,
 }
 
 /// Asks the agent what it is; `Err(NotLive)` when it is not in live mode.
@@ -344,6 +394,7 @@ pub fn parse_state(doc: &str) -> Result<LiveState, LiveDeployError> {
         pinned: live["pinned"].as_u64(),
         endpoint,
         boot: live["boot"].as_str().map(str::to_string),
+        root: live["root"].as_str().map(str::to_string),
     })
 }
 
