@@ -607,8 +607,25 @@ pub(crate) fn install_grub(disk: &Path, work: &Path) {
 /// [`install_grub`], with `extra` modules in the core image (a menu that reads and saves
 /// GRUB's environment needs `loadenv` and `test`).
 pub(crate) fn install_grub_with(disk: &Path, work: &Path, extra: &[&str]) {
+    install_grub_config(disk, work, extra, None);
+}
+
+/// [`install_grub_with`], the core image finding `/boot/grub` on the filesystem with UUID
+/// `by_uuid` (an embedded `search.fs_uuid`, as grub-install writes when it cannot name the
+/// partition) rather than on partition 1.
+pub(crate) fn install_grub_config(disk: &Path, work: &Path, extra: &[&str], by_uuid: Option<&str>) {
     let grub = Path::new("/usr/lib/grub/i386-pc");
     let core = work.join("core.img");
+    let config = work.join("load.cfg");
+    let mut embedded: Vec<&str> = Vec::new();
+    if let Some(uuid) = by_uuid {
+        std::fs::write(
+            &config,
+            format!("search.fs_uuid {uuid} root hd0,msdos1\nset prefix=($root)'/boot/grub'\n"),
+        )
+        .unwrap();
+        embedded = vec!["-c", p(&config)];
+    }
     let args = [
         "-O",
         "i386-pc",
@@ -630,7 +647,7 @@ pub(crate) fn install_grub_with(disk: &Path, work: &Path, extra: &[&str]) {
         "echo",
         "configfile",
     ];
-    run_ok("grub-mkimage", &[&args[..], extra].concat());
+    run_ok("grub-mkimage", &[&args[..], extra, &embedded].concat());
     let core = std::fs::read(&core).unwrap();
     assert!(
         512 + core.len() as u64 <= ROOT_START_MIB * MIB,

@@ -11,7 +11,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use crate::debian::{
-    extract_tarball, install_grub_with, install_marker, make_ext4, p, partition, place_data,
+    extract_tarball, install_grub_config, install_marker, make_ext4, p, partition, place_data,
     root_tarball, ROOT_MIB, ROOT_START_MIB, SWAP_START_MIB, SWAP_UUID,
 };
 use crate::{bin, run_ok, sh, wait_for};
@@ -139,8 +139,17 @@ pub struct LiveDisks {
     pub broken_image: PathBuf,
 }
 
+/// How the old machine's GRUB core image finds its files.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum CoreImage {
+    /// On partition 1, by number (`(hd0,msdos1)/boot/grub`: grub-install's usual prefix).
+    ByPartition,
+    /// On the old root filesystem, by its UUID (an embedded `search.fs_uuid`).
+    ByUuid,
+}
+
 /// Builds the old machine's disk (its agent trusting `server_key`, hex) and the images.
-pub fn build(work: &Path, server_key: &str) -> LiveDisks {
+pub fn build(work: &Path, server_key: &str, core: CoreImage) -> LiveDisks {
     let (tarball, _) = root_tarball();
     let tree = work.join("old-tree");
     extract_tarball(&tarball, &tree);
@@ -163,7 +172,9 @@ pub fn build(work: &Path, server_key: &str) -> LiveDisks {
     run_ok("mkswap", &["-U", SWAP_UUID, p(&swap)]);
     place_data(&old, SWAP_START_MIB * MIB, &swap);
     std::fs::remove_file(&swap).unwrap();
-    install_grub_with(&old, work, &["loadenv", "test", "part_gpt"]);
+    let by_uuid = (core == CoreImage::ByUuid).then_some(OLD_UUID);
+    let modules = ["loadenv", "test", "part_gpt"];
+    install_grub_config(&old, work, &modules, by_uuid);
     LiveDisks {
         old,
         new_image: image(work, &tarball, NEW_UUID, "new", false),

@@ -4,13 +4,16 @@
 //! new system's agent confirms and the deploy commits, and from then on the machine boots
 //! the new system by default. A broken image (its kernel panics: no usable initrd) brings
 //! the old system back at the next boot, and the deploy rolls back: the old system's files
-//! are as they were. `e2fsck -fn` judges both filesystems; `sfdisk` the table.
+//! are as they were. Once committed, the new system takes the disk over: it boots through
+//! GRUB files of its own, and the old partition is removed; a GRUB core image that finds its
+//! files by UUID (not partition number) cannot be taken over, and the old system stays the
+//! boot host with nothing changed. `e2fsck -fn` judges both filesystems; `sfdisk` the table.
 
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use diskferry_e2e::live_vm::{self, Vm, NEW_UUID, OLD_UUID};
+use diskferry_e2e::live_vm::{self, CoreImage, Vm, NEW_UUID, OLD_UUID};
 use diskferry_e2e::{cli, make_key, public_key, run_ok, wait_for};
 
 const MIB: u64 = 1 << 20;
@@ -82,10 +85,10 @@ struct Machine {
 }
 
 impl Machine {
-    fn new() -> Machine {
+    fn new(core: CoreImage) -> Machine {
         let work = tempfile::tempdir_in("/var/tmp").unwrap();
         let key = make_key(work.path(), "server.key");
-        let disks = live_vm::build(work.path(), &public_key(&key));
+        let disks = live_vm::build(work.path(), &public_key(&key), core);
         Machine { work, key, disks }
     }
 
@@ -118,7 +121,7 @@ impl Machine {
 
 #[test]
 fn a_running_debian_is_replaced_live_boots_the_new_one_once_commits_it_and_keeps_it() {
-    let m = Machine::new();
+    let m = Machine::new(CoreImage::ByPartition);
     let (w, k, disks) = (m.work.path(), m.k(), &m.disks);
     let table_before = diskferry_e2e::fixtures::sfdisk_partitions(&disks.old);
     let (mut vm, addr) = m.boot();
@@ -186,7 +189,7 @@ fn a_running_debian_is_replaced_live_boots_the_new_one_once_commits_it_and_keeps
 
 #[test]
 fn a_live_image_that_panics_brings_the_old_system_back_unchanged() {
-    let m = Machine::new();
+    let m = Machine::new(CoreImage::ByPartition);
     let (w, k, disks) = (m.work.path(), m.k(), &m.disks);
     let tree = ["srv", "usr", "etc/systemd"];
     let hashes = live_vm::hashes(&disks.old, MIB, &tree, w);
@@ -229,4 +232,40 @@ fn a_live_image_that_panics_brings_the_old_system_back_unchanged() {
         !root.contains("./boot/grub/custom.cfg"),
         "GRUB's custom menu is gone"
     );
+}
+
+#[test]
+fn a_core_image_finding_grub_by_uuid_is_not_taken_over_and_the_old_system_stays_boot_host() {
+    let m = Machine::new(CoreImage::ByUuid);
+    let (w, k, disks) = (m.work.path(), m.k(), &m.disks);
+    let table_before = diskferry_e2e::fixtures::sfdisk_partitions(&disks.old);
+    let (mut vm, addr) = m.boot();
+
+    let (ok, log) = deploy_live(&disks.new_image, &addr, k);
+    eprintln!("{log}");
+    assert!(ok, "{log}\nconsole:\n{}", vm.console());
+    assert!(log.contains("committed"), "{log}");
+    assert!(
+        log.contains("not taken over") && log.contains("by UUID"),
+        "{log}"
+    );
+    // The take-over's reboot went through the old menu, which boots the committed system.
+    let new_boots = vm.markers().iter().filter(|(n, _)| n == "new").count();
+    assert!(
+        new_boots >= 2,
+        "two boots of the new system:\n{}",
+        vm.console()
+    );
+    wait_agent(&addr, k, "running a live-deployed system", &vm);
+    m.power_off(&mut vm, &addr);
+
+    // The swap was undone: the old root is partition 1 again, the new system 3 inside it.
+    let parts = diskferry_e2e::fixtures::sfdisk_partitions(&disks.old);
+    let numbers: Vec<&str> = parts.iter().map(|p| p.0.as_str()).collect();
+    assert_eq!(numbers, ["1", "2", "3", "5"], "{parts:?}");
+    assert_eq!(parts[0], table_before[0]);
+    let (old, new) = (&parts[0], &parts[2]);
+    assert!(old.1 < new.1 && new.1 + new.2 <= old.1 + old.2, "{parts:?}");
+    fsck_at(&disks.old, old.1, old.2, w, "old.ext4");
+    fsck_at(&disks.old, new.1, new.2, w, "new.ext4");
 }
