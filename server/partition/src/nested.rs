@@ -258,6 +258,9 @@ fn patch_gpt_arrays(
     let primary = read_header(disk, sector, 1)?;
     let backup_lba = gpt_header::ALTERNATE_LBA.get(&primary);
     let backup = read_header(disk, sector, backup_lba)?;
+    // The backup as it was (where its array is, the array, its header), put back should the
+    // primary fail: the two tables never stay different.
+    let mut undo: Option<(u64, Vec<u8>, Vec<u8>)> = None;
     for (lba, mut header) in [(backup_lba, backup), (1, primary)] {
         let at = gpt_header::PARTITION_ENTRY_LBA.get(&header) * sector;
         let entries = gpt_header::NUMBER_OF_PARTITION_ENTRIES.get(&header);
@@ -271,14 +274,25 @@ fn patch_gpt_arrays(
         let used = entries as usize * gpt_entry::LEN;
         let mut array = vec![0u8; (used as u64).next_multiple_of(sector) as usize];
         disk.read_at(&mut array, at)?;
+        let original = (at, array.clone(), header.clone());
         edit(&mut array[..used]);
         gpt_header::PARTITION_ENTRY_ARRAY_CRC32.set(&mut header, crc32fast::hash(&array[..used]));
         let len =
             (gpt_header::HEADER_SIZE.get(&header) as usize).clamp(gpt_header::LEN, header.len());
         let crc = crc32_with_zero_field(&header[..len], gpt_header::HEADER_CRC32);
         gpt_header::HEADER_CRC32.set(&mut header, crc);
-        disk.write_at(&array, at)?;
-        disk.write_at(&header, lba * sector)?;
+        let written = disk
+            .write_at(&array, at)
+            .and_then(|()| disk.write_at(&header, lba * sector));
+        if let Err(e) = written {
+            if let Some((at, array, header)) = undo.take() {
+                let _ = disk.write_at(&array, at);
+                let _ = disk.write_at(&header, backup_lba * sector);
+                let _ = disk.flush();
+            }
+            return Err(e.into());
+        }
+        undo = Some(original);
     }
     disk.flush()?;
     Ok(())

@@ -318,3 +318,52 @@ fn a_gpt_taken_over_keeps_names_and_guids_in_their_slots_and_checks_out() {
         (512 * MIB, 256 * MIB)
     );
 }
+
+/// A disk whose writes below `fail_below` fail (a primary GPT that cannot be written).
+struct FailingPrimary {
+    inner: FileDevice,
+    fail_below: u64,
+}
+
+impl BlockDevice for FailingPrimary {
+    fn size(&self) -> u64 {
+        self.inner.size()
+    }
+    fn is_read_only(&self) -> bool {
+        false
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> diskferry_blockdev::Result<()> {
+        self.inner.read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> diskferry_blockdev::Result<()> {
+        if offset < self.fail_below {
+            return Err(diskferry_blockdev::BlockError::ReadOnly);
+        }
+        self.inner.write_at(buf, offset)
+    }
+}
+
+#[test]
+fn a_gpt_whose_primary_cannot_be_written_keeps_its_backup_as_it_was() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("disk.img");
+    std::fs::File::create(&path)
+        .unwrap()
+        .set_len(1024 * MIB)
+        .unwrap();
+    let p = path.to_str().unwrap();
+    tool("sgdisk", &["-n", "1:1M:0", "-t", "1:8300", p]);
+    let size = 1024 * MIB;
+    let backup = bytes(&path, size - 33 * 512, 33 * 512);
+    let dev = FailingPrimary {
+        inner: FileDevice::open(&path, true).unwrap(),
+        fail_below: 34 * 512,
+    };
+    assert!(add_nested(&dev, 512 * MIB, 256 * MIB, Guid([3; 16])).is_err());
+    assert!(
+        bytes(&path, size - 33 * 512, 33 * 512) == backup,
+        "the backup put back as it was"
+    );
+    let verify = tool("sgdisk", &["-v", p]);
+    assert!(verify.contains("No problems found"), "{verify}");
+}
