@@ -27,7 +27,7 @@ const ENV_SIZE: usize = 1024;
 pub const MAX_MENU: usize = 64 << 10;
 
 /// The GRUB directory under `root` whose grub.cfg reads custom.cfg and honours `next_entry`.
-fn grub_dir(root: &Path) -> Result<PathBuf, LiveError> {
+pub fn grub_dir(root: &Path) -> Result<PathBuf, LiveError> {
     let refuse = |why: String| LiveError::Grub { why };
     for dir in ["boot/grub", "boot/grub2"] {
         let dir = root.join(dir);

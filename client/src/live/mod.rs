@@ -267,7 +267,28 @@ impl Live {
         if menu.len() > grub::MAX_MENU {
             return Err(LiveError::MenuTooLarge(menu.len()));
         }
+        if !menu.is_empty() {
+            self.check_grub_env()?;
+        }
         grub::switch(&self.root, menu)
+    }
+
+    /// GRUB clears a one-time boot by rewriting its environment block where it lies: only on
+    /// a plain filesystem (ext2/3/4, XFS) of a plain disk partition. On btrfs, LVM, RAID or an
+    /// encrypted `/boot` it cannot, and a new system that fails would be booted again and
+    /// again instead of the old one: refused.
+    fn check_grub_env(&self) -> Result<(), LiveError> {
+        let dir = grub::grub_dir(&self.root)?;
+        let refuse = |e: LiveError| LiveError::Grub {
+            why: format!(
+                "GRUB could not clear a one-time boot in {}: {e}",
+                dir.display()
+            ),
+        };
+        pin::check_filesystem(&dir).map_err(refuse)?;
+        let dev = pin::device_of(&dir).map_err(refuse)?;
+        device::holder(dev, &self.sysfs).map_err(refuse)?;
+        Ok(())
     }
 
     /// Marks the running system committed (its GRUB entry becomes the default), or not.

@@ -301,6 +301,58 @@ fn btrfs_and_filesystems_without_disk_sectors_are_refused() {
     refused(&live, 8 << 20, &[], tmp.path(), "not ext4 or XFS");
 }
 
+/// A GRUB directory under `root` as Debian generates it where a switch looks.
+fn grub_files(root: &Path) -> PathBuf {
+    let grub = root.join("boot/grub");
+    std::fs::create_dir_all(&grub).unwrap();
+    std::fs::write(
+        grub.join("grub.cfg"),
+        "if [ \"${next_entry}\" ] ; then\n  set default=\"${next_entry}\"\nfi\nsource $prefix/custom.cfg\n",
+    )
+    .unwrap();
+    let mut env = b"# GRUB Environment Block\n".to_vec();
+    env.resize(1024, b'#');
+    std::fs::write(grub.join("grubenv"), env).unwrap();
+    grub
+}
+
+#[test]
+fn a_one_time_boot_is_refused_where_grub_could_not_clear_it() {
+    // On btrfs GRUB cannot rewrite grubenv: next_entry would stay, and a failing new system
+    // would be booted again and again.
+    let btrfs = Mounted::new("mkfs.btrfs", &["-q", "-f"], 128);
+    let grub = grub_files(&btrfs.mnt);
+    let live = Live::with_system(
+        btrfs.mnt.join("diskferry-live"),
+        btrfs.mnt.clone(),
+        PathBuf::from("/sys"),
+        &[btrfs.spec()],
+    );
+    let env = std::fs::read(grub.join("grubenv")).unwrap();
+    let e = live.boot_once("menuentry x {}").unwrap_err();
+    assert!(
+        e.to_string().contains("could not clear a one-time boot"),
+        "{e}"
+    );
+    assert!(e.to_string().contains("btrfs"), "{e}");
+    assert!(!grub.join("custom.cfg").exists(), "nothing written");
+    assert_eq!(std::fs::read(grub.join("grubenv")).unwrap(), env);
+
+    // On a plain ext4 it is switched, and undone.
+    let ext4 = Mounted::ext4(64);
+    let grub = grub_files(&ext4.mnt);
+    let live = Live::with_system(
+        ext4.mnt.join("diskferry-live"),
+        ext4.mnt.clone(),
+        PathBuf::from("/sys"),
+        &[ext4.spec()],
+    );
+    live.boot_once("menuentry x {}").unwrap();
+    assert!(grub.join("custom.cfg").exists());
+    live.boot_once("").unwrap();
+    assert!(!grub.join("custom.cfg").exists());
+}
+
 /// The file's disk runs as XFS's own block map ioctl reports them (`xfs_bmap`, 512-byte
 /// units), in file order.
 fn xfs_bmap_runs(path: &Path) -> Vec<DiskRun> {
