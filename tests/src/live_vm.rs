@@ -3,8 +3,9 @@
 //! GRUB's menu as Debian generates it where it matters (the environment block loaded, a
 //! one-time `next_entry` honoured and cleared, custom.cfg read at the end); and the images
 //! deployed onto it: a different Debian, and a broken one whose initrd is garbage, so its
-//! kernel panics. Each system prints `DISKFERRY-LIVE name=… root=UUID n=…` on the serial
-//! console every two seconds for as long as it runs.
+//! kernel panics. Each system prints `DISKFERRY-LIVE name=… root=UUID fw=bios|uefi n=…` on
+//! the serial console every two seconds for as long as it runs. The old machine boots with
+//! BIOS from an MBR disk, or with UEFI (OVMF) from a GPT disk ([`CoreImage`]).
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -28,7 +29,7 @@ const IMAGE_ROOT_MIB: u64 = 1024;
 /// The marker: one line every two seconds, forever.
 fn marker_script(name: &str) -> String {
     format!(
-        "#!/bin/sh\nn=0\nwhile true; do\n  echo \"DISKFERRY-LIVE name={name} root=$(findmnt -n -o UUID /) n=$n\"\n  n=$((n + 1))\n  sleep 2\ndone\n"
+        "#!/bin/sh\nn=0\nfw=bios\n[ -d /sys/firmware/efi ] && fw=uefi\nwhile true; do\n  echo \"DISKFERRY-LIVE name={name} root=$(findmnt -n -o UUID /) fw=$fw n=$n\"\n  n=$((n + 1))\n  sleep 2\ndone\n"
     )
 }
 
@@ -117,12 +118,12 @@ fi
     std::fs::write(tree.join("boot/grub/grubenv"), env).unwrap();
 }
 
-/// GRUB's modules in `/boot/grub/i386-pc`, as `grub-install` copies them there (the core
-/// image loads what it lacks from them).
-fn grub_modules(tree: &Path) {
-    let to = tree.join("boot/grub/i386-pc");
+/// GRUB's modules of `platform` (from `from`) in `/boot/grub/PLATFORM`, as `grub-install`
+/// copies them there (the core image loads what it lacks from them).
+fn grub_modules(tree: &Path, from: &str, platform: &str) {
+    let to = tree.join("boot/grub").join(platform);
     std::fs::create_dir_all(&to).unwrap();
-    for e in std::fs::read_dir("/usr/lib/grub/i386-pc").unwrap() {
+    for e in std::fs::read_dir(from).unwrap() {
         let path = e.unwrap().path();
         if path.extension().is_some_and(|x| x == "mod" || x == "lst") {
             std::fs::copy(&path, to.join(path.file_name().unwrap())).unwrap();
@@ -137,16 +138,28 @@ pub struct LiveDisks {
     /// Deployable images: a different Debian, and one that panics.
     pub new_image: PathBuf,
     pub broken_image: PathBuf,
+    /// qemu's firmware arguments (none: SeaBIOS).
+    pub firmware: Vec<String>,
 }
 
-/// How the old machine's GRUB core image finds its files.
+/// How the old machine boots: which firmware, and how its GRUB core image finds its files.
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub enum CoreImage {
-    /// On partition 1, by number (`(hd0,msdos1)/boot/grub`: grub-install's usual prefix).
+    /// BIOS, an MBR disk; on partition 1, by number (`(hd0,msdos1)/boot/grub`: grub-install's
+    /// usual prefix).
     ByPartition,
-    /// On the old root filesystem, by its UUID (an embedded `search.fs_uuid`).
+    /// BIOS, an MBR disk; on the old root filesystem, by its UUID (an embedded
+    /// `search.fs_uuid`).
     ByUuid,
+    /// UEFI (OVMF), a GPT disk: an ESP whose `\EFI\BOOT\BOOTX64.EFI` is GRUB finding the
+    /// root by UUID, as Debian's x86_64-efi core image does; the root, then swap.
+    Uefi,
 }
+
+/// Sizes of the UEFI machine's GPT partitions, in MiB: ESP, root, swap.
+const UEFI_PARTS: [u64; 3] = [100, 2600, 255];
+/// GRUB's UEFI platform directory (Debian package grub-efi-amd64-bin).
+const GRUB_EFI: &str = "/usr/lib/grub/x86_64-efi";
 
 /// Builds the old machine's disk (its agent trusting `server_key`, hex) and the images.
 pub fn build(work: &Path, server_key: &str, core: CoreImage) -> LiveDisks {
@@ -155,8 +168,29 @@ pub fn build(work: &Path, server_key: &str, core: CoreImage) -> LiveDisks {
     extract_tarball(&tarball, &tree);
     configure(&tree, OLD_UUID, "old");
     grub_cfg(&tree, OLD_UUID);
-    grub_modules(&tree);
     agent(&tree, server_key);
+    if core == CoreImage::Uefi {
+        grub_modules(&tree, GRUB_EFI, "x86_64-efi");
+        let old = uefi_disk(work, &tree);
+        std::fs::remove_dir_all(&tree).unwrap();
+        let vars = work.join("vars.fd");
+        std::fs::copy(crate::uefi::OVMF_VARS, &vars).expect("OVMF (Debian package ovmf)");
+        return LiveDisks {
+            old,
+            new_image: image(work, &tarball, NEW_UUID, "new", false),
+            broken_image: image(work, &tarball, BROKEN_UUID, "broken", true),
+            firmware: vec![
+                "-drive".into(),
+                format!(
+                    "if=pflash,format=raw,readonly=on,file={}",
+                    crate::uefi::OVMF_CODE
+                ),
+                "-drive".into(),
+                format!("if=pflash,format=raw,file={}", p(&vars)),
+            ],
+        };
+    }
+    grub_modules(&tree, "/usr/lib/grub/i386-pc", "i386-pc");
     let root = work.join("old-root.ext4");
     make_ext4(&tree, OLD_UUID, "old-root", ROOT_MIB, &root);
     std::fs::remove_dir_all(&tree).unwrap();
@@ -179,7 +213,73 @@ pub fn build(work: &Path, server_key: &str, core: CoreImage) -> LiveDisks {
         old,
         new_image: image(work, &tarball, NEW_UUID, "new", false),
         broken_image: image(work, &tarball, BROKEN_UUID, "broken", true),
+        firmware: Vec::new(),
     }
+}
+
+/// The UEFI machine's GPT disk: an ESP with GRUB as the removable-media loader (OVMF starts it
+/// with blank variables), the root made from `tree`, and swap.
+fn uefi_disk(work: &Path, tree: &Path) -> PathBuf {
+    let [esp_mib, root_mib, swap_mib] = UEFI_PARTS;
+    let root = work.join("old-root.ext4");
+    make_ext4(tree, OLD_UUID, "old-root", root_mib, &root);
+    let load_cfg = work.join("load.cfg");
+    std::fs::write(
+        &load_cfg,
+        format!("search.fs_uuid {OLD_UUID} root\nset prefix=($root)'/boot/grub'\n"),
+    )
+    .unwrap();
+    let core = work.join("grubx64.efi");
+    run_ok(
+        "grub-mkimage",
+        &[
+            "-O",
+            "x86_64-efi",
+            "-d",
+            GRUB_EFI,
+            "-c",
+            p(&load_cfg),
+            "-p",
+            "",
+            "-o",
+            p(&core),
+            "part_gpt",
+            "ext2",
+            "search_fs_uuid",
+        ],
+    );
+    let esp = work.join("esp.fat");
+    std::fs::File::create(&esp)
+        .unwrap()
+        .set_len(esp_mib * MIB)
+        .unwrap();
+    run_ok("mkfs.fat", &["-F", "32", "-n", "ESP", p(&esp)]);
+    run_ok("mmd", &["-i", p(&esp), "::/EFI", "::/EFI/BOOT"]);
+    run_ok(
+        "mcopy",
+        &["-i", p(&esp), p(&core), "::/EFI/BOOT/BOOTX64.EFI"],
+    );
+    let swap = work.join("swap.img");
+    std::fs::File::create(&swap)
+        .unwrap()
+        .set_len(swap_mib * MIB)
+        .unwrap();
+    run_ok("mkswap", &["-U", SWAP_UUID, p(&swap)]);
+    let disk = work.join("old.img");
+    let offsets = crate::fixtures::gpt_disk(
+        &disk,
+        UEFI_PARTS.iter().sum::<u64>() + 2,
+        &[
+            (esp_mib, "ef00", "EFI system partition"),
+            (root_mib, "8300", "old-root"),
+            (swap_mib, "8200", "swap"),
+        ],
+    );
+    for (at, part) in offsets.iter().zip([&esp, &root, &swap]) {
+        place_data(&disk, *at, part);
+        std::fs::remove_file(part).unwrap();
+    }
+    disk
 }
 
 /// The old system's agent: this build's diskferry-client, started at boot in live mode.
@@ -240,7 +340,8 @@ pub struct Vm {
 }
 
 impl Vm {
-    pub fn start(disk: &Path, host_port: u16, log: &Path) -> Vm {
+    pub fn start(disks: &LiveDisks, host_port: u16, log: &Path) -> Vm {
+        let disk = &disks.old;
         let child = Command::new("qemu-system-x86_64")
             .args([
                 "-accel",
@@ -251,6 +352,7 @@ impl Vm {
                 "-monitor",
                 "none",
             ])
+            .args(&disks.firmware)
             .arg("-serial")
             .arg(format!("file:{}", p(log)))
             .arg("-drive")

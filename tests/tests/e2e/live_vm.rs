@@ -100,7 +100,7 @@ impl Machine {
     fn boot(&self) -> (Vm, String) {
         let port = free_port();
         let addr = format!("127.0.0.1:{port}");
-        let vm = Vm::start(&self.disks.old, port, &self.work.path().join("console.log"));
+        let vm = Vm::start(&self.disks, port, &self.work.path().join("console.log"));
         let (_, root) = vm.wait_marker("old", 0, BOOT);
         assert_eq!(root, OLD_UUID);
         wait_agent(&addr, self.k(), "running its own system", &vm);
@@ -265,6 +265,50 @@ fn a_core_image_finding_grub_by_uuid_is_not_taken_over_and_the_old_system_stays_
     assert_eq!(numbers, ["1", "2", "3", "5"], "{parts:?}");
     assert_eq!(parts[0], table_before[0]);
     let (old, new) = (&parts[0], &parts[2]);
+    assert!(old.1 < new.1 && new.1 + new.2 <= old.1 + old.2, "{parts:?}");
+    fsck_at(&disks.old, old.1, old.2, w, "old.ext4");
+    fsck_at(&disks.old, new.1, new.2, w, "new.ext4");
+}
+
+#[test]
+fn a_uefi_machine_is_replaced_live_and_keeps_the_old_system_as_boot_host() {
+    let m = Machine::new(CoreImage::Uefi);
+    let (w, k, disks) = (m.work.path(), m.k(), &m.disks);
+    let (mut vm, addr) = m.boot();
+    assert!(vm.console().contains("fw=uefi"), "{}", vm.console());
+
+    let before = vm.markers().len();
+    let (ok, log) = deploy_live(&disks.new_image, &addr, k);
+    eprintln!("{log}");
+    assert!(ok, "{log}\nconsole:\n{}", vm.console());
+    assert!(log.contains("committed"), "{log}");
+    // UEFI GRUB finds its files by UUID: no take-over, the old system stays the boot host.
+    assert!(log.contains("not taken over"), "{log}");
+    let markers = vm.markers();
+    let first_new = markers.iter().position(|(n, _)| n == "new").unwrap();
+    assert!(first_new - before >= 5, "the old system kept running");
+    assert_eq!(markers[first_new].1, NEW_UUID);
+
+    // Committed: a reboot starts the new system again, through the old GRUB menu.
+    let seen = vm.markers().len();
+    let (ok, out) = cli(&["live", &addr, "--key-file", k, "--reboot"]);
+    assert!(ok, "{out}");
+    let (_, root) = vm.wait_marker("new", seen + 1, BOOT);
+    assert_eq!(root, NEW_UUID);
+    wait_agent(&addr, k, "running a live-deployed system", &vm);
+    m.power_off(&mut vm, &addr);
+
+    // A GPT entry named diskferry-live inside the root's; gdisk finds only the overlap.
+    let info = run_ok("sgdisk", &["-i", "4", disks.old.to_str().unwrap()]);
+    assert!(info.contains("Partition name: 'diskferry-live'"), "{info}");
+    let verify = Command::new("sgdisk")
+        .args(["-v", disks.old.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&verify.stdout);
+    assert!(!text.to_lowercase().contains("crc"), "{text}");
+    let parts = diskferry_e2e::fixtures::sfdisk_partitions(&disks.old);
+    let (old, new) = (&parts[1], &parts[3]);
     assert!(old.1 < new.1 && new.1 + new.2 <= old.1 + old.2, "{parts:?}");
     fsck_at(&disks.old, old.1, old.2, w, "old.ext4");
     fsck_at(&disks.old, new.1, new.2, w, "new.ext4");
