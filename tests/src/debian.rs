@@ -597,6 +597,19 @@ pub(crate) fn partition(disk: &Path) {
     ));
 }
 
+/// GRUB's modules of `platform` (from `from`) in `/boot/grub/PLATFORM`, as `grub-install`
+/// copies them there (the core image loads what it lacks from them).
+pub(crate) fn grub_modules(tree: &Path, from: &str, platform: &str) {
+    let to = tree.join("boot/grub").join(platform);
+    std::fs::create_dir_all(&to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let path = e.unwrap().path();
+        if path.extension().is_some_and(|x| x == "mod" || x == "lst") {
+            std::fs::copy(&path, to.join(path.file_name().unwrap())).unwrap();
+        }
+    }
+}
+
 /// GRUB for BIOS on the MBR, as grub-install puts it: `boot.img`'s code in sector 0 (the
 /// partition table kept) and a `core.img` from grub-mkimage in the gap after it, which finds
 /// `/boot/grub` on the first partition.

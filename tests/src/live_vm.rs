@@ -12,9 +12,10 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use crate::debian::{
-    extract_tarball, install_grub_config, install_marker, make_ext4, p, partition, place_data,
-    root_tarball, ROOT_MIB, ROOT_START_MIB, SWAP_START_MIB, SWAP_UUID,
+    extract_tarball, grub_modules, install_grub_config, install_marker, make_ext4, p, partition,
+    place_data, root_tarball, ROOT_MIB, ROOT_START_MIB, SWAP_START_MIB, SWAP_UUID,
 };
+use crate::uefi::GRUB_EFI;
 use crate::{bin, run_ok, sh, wait_for};
 
 const MIB: u64 = 1 << 20;
@@ -118,19 +119,6 @@ fi
     std::fs::write(tree.join("boot/grub/grubenv"), env).unwrap();
 }
 
-/// GRUB's modules of `platform` (from `from`) in `/boot/grub/PLATFORM`, as `grub-install`
-/// copies them there (the core image loads what it lacks from them).
-fn grub_modules(tree: &Path, from: &str, platform: &str) {
-    let to = tree.join("boot/grub").join(platform);
-    std::fs::create_dir_all(&to).unwrap();
-    for e in std::fs::read_dir(from).unwrap() {
-        let path = e.unwrap().path();
-        if path.extension().is_some_and(|x| x == "mod" || x == "lst") {
-            std::fs::copy(&path, to.join(path.file_name().unwrap())).unwrap();
-        }
-    }
-}
-
 /// The disks of a live deploy test.
 pub struct LiveDisks {
     /// The old machine's MBR disk: GRUB, root (partition 1), swap (partition 5), its agent.
@@ -158,8 +146,6 @@ pub enum CoreImage {
 
 /// Sizes of the UEFI machine's GPT partitions, in MiB: ESP, root, swap.
 const UEFI_PARTS: [u64; 3] = [100, 2600, 255];
-/// GRUB's UEFI platform directory (Debian package grub-efi-amd64-bin).
-const GRUB_EFI: &str = "/usr/lib/grub/x86_64-efi";
 
 /// Builds the old machine's disk (its agent trusting `server_key`, hex) and the images.
 pub fn build(work: &Path, server_key: &str, core: CoreImage) -> LiveDisks {
@@ -223,42 +209,9 @@ fn uefi_disk(work: &Path, tree: &Path) -> PathBuf {
     let [esp_mib, root_mib, swap_mib] = UEFI_PARTS;
     let root = work.join("old-root.ext4");
     make_ext4(tree, OLD_UUID, "old-root", root_mib, &root);
-    let load_cfg = work.join("load.cfg");
-    std::fs::write(
-        &load_cfg,
-        format!("search.fs_uuid {OLD_UUID} root\nset prefix=($root)'/boot/grub'\n"),
-    )
-    .unwrap();
-    let core = work.join("grubx64.efi");
-    run_ok(
-        "grub-mkimage",
-        &[
-            "-O",
-            "x86_64-efi",
-            "-d",
-            GRUB_EFI,
-            "-c",
-            p(&load_cfg),
-            "-p",
-            "",
-            "-o",
-            p(&core),
-            "part_gpt",
-            "ext2",
-            "search_fs_uuid",
-        ],
-    );
+    let core = crate::uefi::grub_core(work, OLD_UUID);
     let esp = work.join("esp.fat");
-    std::fs::File::create(&esp)
-        .unwrap()
-        .set_len(esp_mib * MIB)
-        .unwrap();
-    run_ok("mkfs.fat", &["-F", "32", "-n", "ESP", p(&esp)]);
-    run_ok("mmd", &["-i", p(&esp), "::/EFI", "::/EFI/BOOT"]);
-    run_ok(
-        "mcopy",
-        &["-i", p(&esp), p(&core), "::/EFI/BOOT/BOOTX64.EFI"],
-    );
+    crate::uefi::make_esp(&esp, &core, esp_mib, "::/EFI/BOOT/BOOTX64.EFI");
     let swap = work.join("swap.img");
     std::fs::File::create(&swap)
         .unwrap()

@@ -12,8 +12,8 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use crate::debian::{
-    extract_tarball, install_marker, make_ext4, marker_unit, place_data, root_tarball,
-    write_grub_cfg, Boot,
+    extract_tarball, grub_modules, install_marker, make_ext4, marker_unit, place_data,
+    root_tarball, write_grub_cfg, Boot,
 };
 use crate::{run_ok, wait_for};
 
@@ -28,7 +28,7 @@ pub const ROOT_UUID: &str = "5eed0f15-0000-4000-8000-0000000ef100";
 /// The ESP's volume serial (mkfs.fat -i).
 const ESP_SERIAL: &str = "5EED0E51";
 /// GRUB's platform directory (Debian package grub-efi-amd64-bin).
-const GRUB_EFI: &str = "/usr/lib/grub/x86_64-efi";
+pub(crate) const GRUB_EFI: &str = "/usr/lib/grub/x86_64-efi";
 /// The firmware's code and its blank variable store (Debian package ovmf).
 pub const OVMF_CODE: &str = "/usr/share/OVMF/OVMF_CODE_4M.fd";
 pub const OVMF_VARS: &str = "/usr/share/OVMF/OVMF_VARS_4M.fd";
@@ -70,22 +70,13 @@ pub fn uefi_disk(work: &Path) -> UefiDisk {
     install_marker(&tree, MARKER_SCRIPT, &marker_unit("local-fs.target", ""));
     write_grub_cfg(&tree, ROOT_UUID);
     // grub-install copies the platform's modules next to grub.cfg.
-    let modules = tree.join("boot/grub/x86_64-efi");
-    std::fs::create_dir_all(&modules).unwrap();
-    for e in std::fs::read_dir(GRUB_EFI).expect("GRUB's x86_64-efi directory (grub-efi-amd64-bin)")
-    {
-        let path = e.unwrap().path();
-        let keep = path.extension().is_some_and(|x| x == "mod" || x == "lst");
-        if keep {
-            std::fs::copy(&path, modules.join(path.file_name().unwrap())).unwrap();
-        }
-    }
+    grub_modules(&tree, GRUB_EFI, "x86_64-efi");
     let root_fs = work.join("root.ext4");
     make_ext4(&tree, ROOT_UUID, "debian-root", ROOT_MIB, &root_fs);
     std::fs::remove_dir_all(&tree).unwrap();
-    let grub = grub_core(work);
+    let grub = grub_core(work, ROOT_UUID);
     let esp = work.join("esp.fat");
-    make_esp(&esp, &grub);
+    make_esp(&esp, &grub, ESP_MIB, "::/EFI/debian/grubx64.efi");
     let disk = work.join("disk.img");
     let offsets = crate::fixtures::gpt_disk(
         &disk,
@@ -110,11 +101,11 @@ pub fn uefi_disk(work: &Path) -> UefiDisk {
 /// GRUB's core image as grub-install makes it for x86_64-efi when `/boot/grub` is on
 /// another filesystem than the ESP: an embedded configuration that finds the root by UUID
 /// and sets the prefix there, and the modules to read it (the rest load from the prefix).
-fn grub_core(work: &Path) -> PathBuf {
+pub(crate) fn grub_core(work: &Path, root_uuid: &str) -> PathBuf {
     let load_cfg = work.join("load.cfg");
     std::fs::write(
         &load_cfg,
-        format!("search.fs_uuid {ROOT_UUID} root\nset prefix=($root)'/boot/grub'\n"),
+        format!("search.fs_uuid {root_uuid} root\nset prefix=($root)'/boot/grub'\n"),
     )
     .unwrap();
     let core = work.join("grubx64.efi");
@@ -139,21 +130,20 @@ fn grub_core(work: &Path) -> PathBuf {
     core
 }
 
-/// The ESP: FAT32 holding `\EFI\debian\grubx64.efi` only, as grub-install leaves it.
-fn make_esp(esp: &Path, grub: &Path) {
+/// An ESP of `mib` MiB: FAT32 holding `grub` at `at` (`::/EFI/debian/grubx64.efi` as
+/// grub-install leaves it, or the removable-media path) and nothing else.
+pub(crate) fn make_esp(esp: &Path, grub: &Path, mib: u64, at: &str) {
     std::fs::File::create(esp)
         .unwrap()
-        .set_len(ESP_MIB * MIB)
+        .set_len(mib * MIB)
         .unwrap();
     run_ok(
         "mkfs.fat",
         &["-F", "32", "-n", "ESP", "-i", ESP_SERIAL, p(esp)],
     );
-    run_ok("mmd", &["-i", p(esp), "::/EFI", "::/EFI/debian"]);
-    run_ok(
-        "mcopy",
-        &["-i", p(esp), p(grub), "::/EFI/debian/grubx64.efi"],
-    );
+    let dir = &at[..at.rfind('/').unwrap()];
+    run_ok("mmd", &["-i", p(esp), "::/EFI", dir]);
+    run_ok("mcopy", &["-i", p(esp), p(grub), at]);
 }
 
 /// A TCG boot of `disk` (raw, writes to a snapshot) under OVMF with a fresh copy of the blank

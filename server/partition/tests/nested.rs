@@ -54,14 +54,46 @@ fn bytes(path: &Path, at: u64, len: usize) -> Vec<u8> {
     b
 }
 
+/// A sparse disk image of `mib` MiB in `dir`.
+fn sparse(dir: &Path, mib: u64) -> std::path::PathBuf {
+    let path = dir.join("disk.img");
+    std::fs::File::create(&path)
+        .unwrap()
+        .set_len(mib * MIB)
+        .unwrap();
+    path
+}
+
+/// A 2 GiB GPT disk in `dir`: a BIOS boot partition, a 1500 MiB root named "root", swap.
+fn bios_gpt(dir: &Path) -> std::path::PathBuf {
+    let path = sparse(dir, 2048);
+    tool(
+        "sgdisk",
+        &[
+            "-n",
+            "1:1M:+1M",
+            "-t",
+            "1:ef02",
+            "-n",
+            "2:0:+1500M",
+            "-t",
+            "2:8300",
+            "-c",
+            "2:root",
+            "-n",
+            "3:0:0",
+            "-t",
+            "3:8200",
+            path.to_str().unwrap(),
+        ],
+    );
+    path
+}
+
 #[test]
 fn an_mbr_gets_a_primary_entry_inside_root_and_loses_it_again_with_nothing_else_changed() {
     let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("disk.img");
-    std::fs::File::create(&path)
-        .unwrap()
-        .set_len(4096 * MIB)
-        .unwrap();
+    let path = sparse(dir.path(), 4096);
     // The Debian installer's layout: root, then an extended partition holding swap.
     sfdisk(&path, "label: dos\nstart=2048, size=6289408, type=83, bootable\nstart=6291456, type=5\nstart=6293504, type=82\n");
     // Boot code, as GRUB leaves it, and the swap's extended boot record.
@@ -111,30 +143,8 @@ fn an_mbr_gets_a_primary_entry_inside_root_and_loses_it_again_with_nothing_else_
 #[test]
 fn a_gpt_gets_a_named_entry_inside_root_and_loses_it_again() {
     let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("disk.img");
-    std::fs::File::create(&path)
-        .unwrap()
-        .set_len(2048 * MIB)
-        .unwrap();
+    let path = bios_gpt(dir.path());
     let p = path.to_str().unwrap();
-    tool(
-        "sgdisk",
-        &[
-            "-n",
-            "1:1M:+1M",
-            "-t",
-            "1:ef02",
-            "-n",
-            "2:0:+1500M",
-            "-t",
-            "2:8300",
-            "-n",
-            "3:0:0",
-            "-t",
-            "3:8200",
-            p,
-        ],
-    );
     let dev = FileDevice::open(&path, true).unwrap();
     let before = read_table(&dev).unwrap();
     let size = 2048 * MIB;
@@ -176,11 +186,7 @@ fn a_gpt_gets_a_named_entry_inside_root_and_loses_it_again() {
 #[test]
 fn a_range_across_two_partitions_is_refused() {
     let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("disk.img");
-    std::fs::File::create(&path)
-        .unwrap()
-        .set_len(512 * MIB)
-        .unwrap();
+    let path = sparse(dir.path(), 512);
     let p = path.to_str().unwrap();
     tool("sgdisk", &["-n", "1:1M:+200M", "-n", "2:0:0", p]);
     let dev = FileDevice::open(&path, true).unwrap();
@@ -214,11 +220,7 @@ fn sfdisk_entries(path: &Path) -> Vec<(u32, u64, u64, bool)> {
 #[test]
 fn an_mbr_taken_over_holds_the_nested_range_in_the_old_slot_and_frees_the_rest() {
     let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("disk.img");
-    std::fs::File::create(&path)
-        .unwrap()
-        .set_len(4096 * MIB)
-        .unwrap();
+    let path = sparse(dir.path(), 4096);
     sfdisk(&path, "label: dos\nstart=2048, size=6289408, type=83, bootable\nstart=6291456, type=5\nstart=6293504, type=82\n");
     let dev = FileDevice::open(&path, true).unwrap();
     add_nested(&dev, 1024 * MIB, 512 * MIB, Guid([7; 16])).unwrap();
@@ -263,32 +265,8 @@ fn an_mbr_taken_over_holds_the_nested_range_in_the_old_slot_and_frees_the_rest()
 #[test]
 fn a_gpt_taken_over_keeps_names_and_guids_in_their_slots_and_checks_out() {
     let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("disk.img");
-    std::fs::File::create(&path)
-        .unwrap()
-        .set_len(2048 * MIB)
-        .unwrap();
+    let path = bios_gpt(dir.path());
     let p = path.to_str().unwrap();
-    tool(
-        "sgdisk",
-        &[
-            "-n",
-            "1:1M:+1M",
-            "-t",
-            "1:ef02",
-            "-n",
-            "2:0:+1500M",
-            "-t",
-            "2:8300",
-            "-c",
-            "2:root",
-            "-n",
-            "3:0:0",
-            "-t",
-            "3:8200",
-            p,
-        ],
-    );
     let dev = FileDevice::open(&path, true).unwrap();
     add_nested(&dev, 512 * MIB, 256 * MIB, Guid([9; 16])).unwrap();
     let guid = |n: &str| {
@@ -346,11 +324,7 @@ impl BlockDevice for FailingPrimary {
 #[test]
 fn a_gpt_whose_primary_cannot_be_written_keeps_its_backup_as_it_was() {
     let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("disk.img");
-    std::fs::File::create(&path)
-        .unwrap()
-        .set_len(1024 * MIB)
-        .unwrap();
+    let path = sparse(dir.path(), 1024);
     let p = path.to_str().unwrap();
     tool("sgdisk", &["-n", "1:1M:0", "-t", "1:8300", p]);
     let size = 1024 * MIB;
