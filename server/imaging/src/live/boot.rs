@@ -249,7 +249,8 @@ pub fn commit(conn: &Connection) -> Result<(), LiveDeployError> {
     call(conn, Request::LiveCommit { committed: true }).map_err(LiveDeployError::Agent)
 }
 
-fn call(conn: &Connection, request: Request) -> Result<(), String> {
+/// Asks the agent for `request`, which it answers `Done` or with an error (said).
+pub(super) fn call(conn: &Connection, request: Request) -> Result<(), String> {
     match conn.call_blocking(request) {
         Ok(Reply::Done) => Ok(()),
         Ok(Reply::Error { message, .. }) => Err(message),

@@ -18,11 +18,11 @@ use std::time::Instant;
 use diskferry_blockdev::BlockDevice;
 use diskferry_partition::nested::{remove_entry, swap_ranges};
 use diskferry_partition::{read_table, Partition, Scheme};
-use diskferry_protocol::{PowerAction, Reply, Request};
+use diskferry_protocol::{PowerAction, Request};
 use diskferry_remote::Connection;
 
 use super::flow::{wait_reboot, Redialer};
-use super::{loader, state, LiveDeployError, LiveState};
+use super::{boot, loader, state, LiveDeployError, LiveState};
 
 /// How a take-over ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -126,7 +126,12 @@ pub fn take_over(
         swap_ranges(&*dev, h, n)
             .map_err(|e| LiveDeployError::Boot(format!("swapping entries {h} and {n} back: {e}")))
     };
-    if let Err(e) = power(&conn, PowerAction::Reboot) {
+    if let Err(e) = boot::call(
+        &conn,
+        Request::Power {
+            action: PowerAction::Reboot,
+        },
+    ) {
         swapped_back(&conn)?;
         return Ok(TakeOver::Kept(format!("cannot reboot the machine: {e}")));
     }
@@ -158,15 +163,6 @@ pub fn take_over(
         "GRUB did not start the new system from its own files (its core image finds the old filesystem by UUID, not by partition number): the entries are as they were, and the old system stays the boot host"
             .into(),
     ))
-}
-
-fn power(conn: &Connection, action: PowerAction) -> Result<(), String> {
-    match conn.call_blocking(Request::Power { action }) {
-        Ok(Reply::Done) => Ok(()),
-        Ok(Reply::Error { message, .. }) => Err(message),
-        Ok(other) => Err(format!("unexpected answer {other:?}")),
-        Err(e) => Err(e.to_string()),
-    }
 }
 
 #[cfg(test)]
