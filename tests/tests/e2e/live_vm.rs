@@ -92,6 +92,16 @@ impl Machine {
         Machine { work, key, disks }
     }
 
+    /// A BIOS machine whose agent trusts a server running from `work`'s `data` directory
+    /// (its key made there first, which the server then takes up).
+    fn for_server(work: tempfile::TempDir) -> Machine {
+        let data = work.path().join("data");
+        std::fs::create_dir_all(data.join("captures")).unwrap();
+        let key = make_key(&data, "server.key");
+        let disks = live_vm::build(work.path(), &public_key(&key), CoreImage::ByPartition);
+        Machine { work, key, disks }
+    }
+
     fn k(&self) -> &str {
         self.key.to_str().unwrap()
     }
@@ -312,4 +322,63 @@ fn a_uefi_machine_is_replaced_live_and_keeps_the_old_system_as_boot_host() {
     assert!(old.1 < new.1 && new.1 + new.2 <= old.1 + old.2, "{parts:?}");
     fsck_at(&disks.old, old.1, old.2, w, "old.ext4");
     fsck_at(&disks.old, new.1, new.2, w, "new.ext4");
+}
+
+#[test]
+fn a_server_job_replaces_a_running_debian_live_and_the_new_system_takes_the_disk_over() {
+    let m = Machine::for_server(tempfile::tempdir_in("/var/tmp").unwrap());
+    let (w, k, disks) = (m.work.path(), m.k(), &m.disks);
+    let data = w.join("data");
+    run_ok(
+        "cp",
+        &[
+            "--sparse=always",
+            disks.new_image.to_str().unwrap(),
+            data.join("captures/new.img").to_str().unwrap(),
+        ],
+    );
+    let server = diskferry_e2e::http::Server::start(&data).unwrap();
+    let (mut vm, addr) = m.boot();
+
+    let r = server.api(
+        "POST",
+        "/api/jobs",
+        serde_json::json!({
+            "kind": "live", "image": "new.img", "target": format!("/dev/vda@{addr}"),
+            "reboot": true, "live_wait_minutes": 15,
+        })
+        .to_string()
+        .as_bytes(),
+    );
+    assert_eq!(r.status, 201, "{}", r.text());
+    let id = r.json()["id"].as_i64().unwrap();
+    let job = || server.get(&format!("/api/jobs/{id}")).json();
+    let ended = wait_for(Duration::from_secs(900), || {
+        !matches!(job()["state"].as_str(), Some("queued" | "running"))
+    });
+    let done = job();
+    assert!(ended, "{done:#}\nconsole:\n{}", vm.console());
+    assert_eq!(
+        done["state"],
+        "succeeded",
+        "{done:#}\nconsole:\n{}",
+        vm.console()
+    );
+    assert_eq!(done["params"]["live"], "taken over", "{done:#}");
+    let log = done["log"].as_str().unwrap();
+    assert!(log.contains("the old system's partition is gone"), "{log}");
+    let page = server.get(&format!("/jobs/{id}")).text();
+    assert!(page.contains("taken over"), "the job page shows the stage");
+
+    assert_eq!(
+        vm.markers().last().map(|m| m.1.as_str()),
+        Some(NEW_UUID),
+        "the new system runs"
+    );
+    wait_agent(&addr, k, "running its own system", &vm);
+    m.power_off(&mut vm, &addr);
+    let parts = diskferry_e2e::fixtures::sfdisk_partitions(&disks.old);
+    let numbers: Vec<&str> = parts.iter().map(|p| p.0.as_str()).collect();
+    assert_eq!(numbers, ["1", "2", "5"], "{parts:?}");
+    fsck_at(&disks.old, parts[0].1, parts[0].2, w, "new.ext4");
 }
