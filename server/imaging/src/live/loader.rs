@@ -28,6 +28,9 @@ const NORMAL: &str = "/boot/grub/i386-pc/normal.mod";
 /// Bounds on what is copied.
 const MAX_BYTES: u64 = 64 << 20;
 const MAX_FILES: usize = 8192;
+/// GRUB's directory is two levels deep (`i386-pc/`, `locale/`, `fonts/`); a running system
+/// that nests deeper is not GRUB's, and is not followed.
+const MAX_DEPTH: usize = 4;
 
 /// GRUB's files of the running system.
 pub struct Kit {
@@ -50,7 +53,7 @@ pub fn kit(old: &dyn Filesystem) -> Result<Kit, String> {
         terminal: Vec::new(),
     };
     let mut total = 0;
-    collect(old, dir, "", &mut kit.files, &mut total)?;
+    collect(old, dir, "", 0, &mut kit.files, &mut total)?;
     if let Ok(node) = old.lookup(&format!("{GRUB}/grub.cfg")) {
         let cfg = old
             .read_all(node, 1 << 20)
@@ -69,9 +72,15 @@ fn collect(
     fs: &dyn Filesystem,
     dir: NodeId,
     rel: &str,
+    depth: usize,
     out: &mut Vec<(String, Option<Vec<u8>>, u32)>,
     total: &mut u64,
 ) -> Result<(), String> {
+    if depth > MAX_DEPTH {
+        return Err(format!(
+            "{GRUB}{rel} is nested deeper than GRUB's own files"
+        ));
+    }
     let entries = fs
         .read_dir(dir)
         .map_err(|e| format!("reading {GRUB}{rel}: {e}"))?;
@@ -88,7 +97,7 @@ fn collect(
         match e.kind {
             FileKind::Dir => {
                 out.push((path.clone(), None, mode));
-                collect(fs, e.node, &path, out, total)?;
+                collect(fs, e.node, &path, depth + 1, out, total)?;
             }
             FileKind::File => {
                 let bytes = fs
@@ -242,5 +251,45 @@ mod tests {
             "{m}"
         );
         assert!(skipped("custom.cfg.diskferry-orig") && !skipped("i386-pc"));
+    }
+
+    /// A running system's root: GRUB's files, and `nested` directories under `/boot/grub`.
+    fn old_root(nested: usize) -> (tempfile::TempDir, diskferry_fs::host::HostFs) {
+        let dir = tempfile::tempdir().unwrap();
+        let grub = dir.path().join("boot/grub");
+        std::fs::create_dir_all(grub.join("i386-pc")).unwrap();
+        std::fs::write(grub.join("i386-pc/normal.mod"), "module").unwrap();
+        std::fs::write(grub.join("grub.cfg"), "serial --unit=0\n").unwrap();
+        std::fs::write(grub.join("grubenv"), [b'#'; 1024]).unwrap();
+        let mut deep = grub.clone();
+        for i in 0..nested {
+            deep.push(format!("d{i}"));
+        }
+        std::fs::create_dir_all(deep).unwrap();
+        let fs = diskferry_fs::host::HostFs::open(dir.path()).unwrap();
+        (dir, fs)
+    }
+
+    #[test]
+    fn the_kit_copies_grub_s_files_but_the_menus_and_stops_at_a_hostile_depth() {
+        let (_d, old) = old_root(0);
+        let kit = kit(&old).unwrap();
+        let mut paths: Vec<&str> = kit.files.iter().map(|f| f.0.as_str()).collect();
+        paths.sort_unstable();
+        assert_eq!(paths, ["/i386-pc", "/i386-pc/normal.mod"]);
+        assert_eq!(kit.terminal, ["serial --unit=0"]);
+        let (_d, deep) = old_root(12);
+        let e = kit_error(&deep);
+        assert!(e.contains("nested deeper"), "{e}");
+        let bare = tempfile::tempdir().unwrap();
+        let none = diskferry_fs::host::HostFs::open(bare.path()).unwrap();
+        assert!(kit_error(&none).contains("BIOS GRUB"));
+    }
+
+    fn kit_error(fs: &dyn Filesystem) -> String {
+        match kit(fs) {
+            Ok(_) => panic!("a kit was made"),
+            Err(e) => e,
+        }
     }
 }
