@@ -326,12 +326,18 @@ fn a_job_for_a_sleeping_machine_sends_the_magic_packet_to_its_network() {
         "the listener in the machine's network got no magic packet: {:?}",
         std::fs::read(&received).unwrap_or_default()
     );
-    let job = s.get(&format!("/api/jobs/{id}")).json();
-    let log = job["log"].as_str().unwrap();
+    // The job's log says so once the packet is out: it may be read a moment before.
+    let job = || s.get(&format!("/api/jobs/{id}")).json();
+    let said = |job: &serde_json::Value| {
+        let log = job["log"].as_str().unwrap_or_default();
+        log.contains(&format!("sent to 10.213.{n}.255:9")) && log.contains(&ns.host_if)
+    };
     assert!(
-        log.contains(&format!("sent to 10.213.{n}.255:9")) && log.contains(&ns.host_if),
-        "{log}"
+        wait_for(Duration::from_secs(10), || said(&job())),
+        "{:#}",
+        job()
     );
+    let job = job();
     assert_eq!(job["state"], "queued", "it still waits for the machine");
     // By hand, too (the listener appends each datagram).
     let before = std::fs::read(&received).unwrap().len();
