@@ -202,6 +202,14 @@ pub fn booted_root(root: &Path) -> Option<String> {
         .map(str::to_string)
 }
 
+/// Whether the running system is a committed live system (its state file says so).
+pub fn is_committed(root: &Path) -> bool {
+    let mut head = [0u8; 64];
+    std::fs::File::open(root.join(LIVE_STATE))
+        .and_then(|f| f.read_at(&mut head, 0))
+        .is_ok_and(|n| head[..n].starts_with(b"set diskferry_committed=1\n"))
+}
+
 /// Marks the running system committed (or not): its state file, made by the deploy, is
 /// rewritten in place, where GRUB reads it whether or not the journal was written back.
 pub fn commit(root: &Path, committed: bool) -> Result<(), LiveError> {

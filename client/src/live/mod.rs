@@ -313,9 +313,9 @@ impl Live {
 
     /// Runs `io`, a write of `len` bytes at `offset` of disk `disk`, if it lies inside the
     /// pinned file — or is a partition-table write (`table`: its bytes, the disk's sector 0
-    /// now, the disk's size and sector size) on the pinned file's disk, or on any disk when
-    /// none is pinned (a live system taking its disk over); the file cannot be removed while
-    /// `io` runs. The error says why not.
+    /// now, the disk's size and sector size) on the pinned file's disk, or — none pinned — on
+    /// the disk of a committed live system's root (taking its disk over); the file cannot be
+    /// removed while `io` runs. The error says why not.
     pub fn guarded<T>(
         &self,
         disk: u64,
@@ -340,12 +340,13 @@ impl Live {
             })
         };
         let Some(p) = pinned.as_ref() else {
-            // A live system taking its disk over rewrites the table, and nothing else.
-            if a_table() {
+            // A committed live system taking its disk over rewrites that disk's table, and
+            // nothing else.
+            if self.may_take_over(disk) && a_table() {
                 return io();
             }
             return Err(refused(
-                "no live file is pinned: nothing but the partition table may be written".into(),
+                "no live file is pinned: nothing may be written (but, from a committed live system, its own disk's partition table)".into(),
             ));
         };
         if p.disk != disk {
@@ -366,6 +367,17 @@ impl Live {
             )));
         }
         io()
+    }
+}
+
+impl Live {
+    /// Whether this is a committed live system whose root is on disk `disk`: the one case a
+    /// live agent with nothing pinned writes (its partition table).
+    fn may_take_over(&self, disk: u64) -> bool {
+        grub::is_committed(&self.root)
+            && pin::device_of(&self.root)
+                .and_then(|dev| device::holder(dev, &self.sysfs))
+                .is_ok_and(|h| h.disk == disk)
     }
 }
 

@@ -218,26 +218,53 @@ fn a_pinned_file_maps_to_the_sectors_its_filesystem_gives_it_and_only_those_are_
     assert!(again
         .guarded(map_disk(&fs), first.offset, 4096, None, || Ok(()))
         .is_err());
-    // With nothing pinned the partition table may still change (a live system taking its
-    // disk over), and only it: sector 0 with its boot code kept.
+    // With nothing pinned, only a committed live system may change its own disk's
+    // partition table (taking the disk over), and nothing else: sector 0 with its boot code
+    // kept.
     let mut sector0 = vec![0u8; 512];
     sector0[510..].copy_from_slice(&[0x55, 0xAA]);
     let mut table = sector0.clone();
     table[446 + 4] = 0x83;
     let read0 = || Some(sector0.clone());
-    let write = |data: &[u8], offset| {
+    let write = |live: &Live, data: &[u8], disk, offset| {
         let t = super::TableWrite {
             data,
             sector0: &read0,
             disk_size: 1 << 30,
             sector: 512,
         };
-        again.guarded(map_disk(&fs), offset, data.len() as u64, Some(t), || Ok(()))
+        live.guarded(disk, offset, data.len() as u64, Some(t), || Ok(()))
     };
-    assert!(write(&table, 0).is_ok(), "a table write");
-    assert!(write(&table, 4096).is_err(), "not the table");
+    let disk = map_disk(&fs);
+    let system = || {
+        Live::with_system(
+            fs.mnt.join("diskferry-live"),
+            fs.mnt.clone(),
+            PathBuf::from("/sys"),
+            &[fs.spec()],
+        )
+    };
+    std::fs::create_dir_all(fs.mnt.join("etc/diskferry")).unwrap();
+    let state = fs.mnt.join(diskferry_protocol::LIVE_STATE);
+    std::fs::write(&state, diskferry_protocol::live_state(false)).unwrap();
+    assert!(write(&system(), &table, disk, 0).is_err(), "not committed");
+    std::fs::write(&state, diskferry_protocol::live_state(true)).unwrap();
+    let committed = system();
+    assert!(write(&committed, &table, disk, 0).is_ok(), "a table write");
+    assert!(
+        write(&committed, &table, disk + 1, 0).is_err(),
+        "another disk"
+    );
+    assert!(
+        write(&committed, &table, disk, 4096).is_err(),
+        "not the table"
+    );
     table[0] = 0xEB;
-    assert!(write(&table, 0).is_err(), "boot code changed");
+    assert!(
+        write(&committed, &table, disk, 0).is_err(),
+        "boot code changed"
+    );
+    std::fs::remove_dir_all(fs.mnt.join("etc")).unwrap();
     assert!(matches!(
         again.prepare(0, &[fs.spec()]),
         Err(LiveError::NothingPinned)

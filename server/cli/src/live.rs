@@ -71,8 +71,9 @@ pub(crate) struct LiveCommandArgs {
     /// entry and the old system's swap, the machine reboots through the new system's own
     /// GRUB files, and the old system's partition is removed (its space is then free). If
     /// GRUB finds its files by UUID rather than partition number, the swap is undone and the
-    /// old system stays the boot host
-    #[arg(long, value_name = "DISK", conflicts_with_all = ["rollback", "reboot", "poweroff"])]
+    /// old system stays the boot host. Run again after a take-over that was cut short, it
+    /// finishes it
+    #[arg(long, value_name = "DISK", conflicts_with_all = ["commit", "rollback", "reboot", "poweroff"])]
     take_over: Option<String>,
     /// How long --take-over waits for the machine to come back
     #[arg(long, value_name = "MINUTES", default_value_t = 15)]
@@ -155,6 +156,8 @@ pub(crate) fn deploy(args: &DeployArgs, target: &str) -> Result<()> {
             }
             let conn = flow::Redialer::connect(&again)
                 .context("the new system's agent stopped answering before the take-over")?;
+            // The take-over's reboot gets a wait of its own.
+            let deadline = Instant::now() + Duration::from_secs(minutes * 60);
             take_over(conn, &again, &deployed.written.map.disk, deadline)
         }
         Outcome::RolledBack(done) => bail!(
@@ -316,9 +319,9 @@ fn take_over(conn: Connection, again: &Again<'_>, disk: &str, deadline: Instant)
                 human_bytes(freed)
             );
         }
-        TakeOver::Kept(why) => eprintln!(
-            "not taken over, nothing changed: {why}; the old system's GRUB boots the new one by default"
-        ),
+        TakeOver::Kept(why) => {
+            eprintln!("not taken over: {why}; the old system's GRUB boots the new one by default")
+        }
     }
     Ok(())
 }

@@ -258,11 +258,46 @@ fn patch_gpt_arrays(
     let primary = read_header(disk, sector, 1)?;
     let backup_lba = gpt_header::ALTERNATE_LBA.get(&primary);
     let backup = read_header(disk, sector, backup_lba)?;
-    // The backup as it was (where its array is, the array, its header), put back should the
-    // primary fail: the two tables never stay different.
-    let mut undo: Option<(u64, Vec<u8>, Vec<u8>)> = None;
-    for (lba, mut header) in [(backup_lba, backup), (1, primary)] {
-        let at = gpt_header::PARTITION_ENTRY_LBA.get(&header) * sector;
+    // Both tables are read and checked before either is written.
+    let tables = [(backup_lba, backup), (1, primary)]
+        .into_iter()
+        .map(|(lba, header)| GptCopy::read(disk, sector, lba, header, highest))
+        .collect::<Result<Vec<_>>>()?;
+    for (i, table) in tables.iter().enumerate() {
+        if let Err(e) = table.write_edited(disk, sector, &edit) {
+            // Put back what was written (the backup, or a half-written primary): the two
+            // tables never stay different.
+            for t in &tables[..=i] {
+                t.restore(disk, sector);
+            }
+            let _ = disk.flush();
+            return Err(e);
+        }
+    }
+    disk.flush()?;
+    Ok(())
+}
+
+/// One copy of a GPT as it was read: its header's LBA, the header, where its entry array is,
+/// the array (whole sectors) and how much of it is entries.
+struct GptCopy {
+    lba: u64,
+    header: Vec<u8>,
+    at: u64,
+    array: Vec<u8>,
+    used: usize,
+}
+
+impl GptCopy {
+    /// Reads the entry array `header` (at `lba`) names, checked to hold entry `highest` and
+    /// to lie on the disk.
+    fn read(
+        disk: &dyn BlockDevice,
+        sector: u64,
+        lba: u64,
+        header: Vec<u8>,
+        highest: u32,
+    ) -> Result<GptCopy> {
         let entries = gpt_header::NUMBER_OF_PARTITION_ENTRIES.get(&header);
         if gpt_header::SIZE_OF_PARTITION_ENTRY.get(&header) != gpt_entry::LEN as u32
             || highest == 0
@@ -272,30 +307,57 @@ fn patch_gpt_arrays(
             return Err(invalid(format!("the GPT has no usable entry {highest}")));
         }
         let used = entries as usize * gpt_entry::LEN;
-        let mut array = vec![0u8; (used as u64).next_multiple_of(sector) as usize];
+        let len = (used as u64).next_multiple_of(sector);
+        let at = gpt_header::PARTITION_ENTRY_LBA
+            .get(&header)
+            .checked_mul(sector)
+            .filter(|at| at.checked_add(len).is_some_and(|end| end <= disk.size()))
+            .ok_or_else(|| {
+                invalid(format!(
+                    "the GPT header at sector {lba} puts its entries off the disk"
+                ))
+            })?;
+        let mut array = vec![0u8; len as usize];
         disk.read_at(&mut array, at)?;
-        let original = (at, array.clone(), header.clone());
-        edit(&mut array[..used]);
-        gpt_header::PARTITION_ENTRY_ARRAY_CRC32.set(&mut header, crc32fast::hash(&array[..used]));
+        if crc32fast::hash(&array[..used]) != gpt_header::PARTITION_ENTRY_ARRAY_CRC32.get(&header) {
+            return Err(invalid(format!(
+                "the GPT entries of the header at sector {lba} fail their checksum: repair the table first (sgdisk -v)"
+            )));
+        }
+        Ok(GptCopy {
+            lba,
+            header,
+            at,
+            array,
+            used,
+        })
+    }
+
+    /// Writes this copy with `edit` applied, its checksums updated.
+    fn write_edited(
+        &self,
+        disk: &dyn BlockDevice,
+        sector: u64,
+        edit: &impl Fn(&mut [u8]),
+    ) -> Result<()> {
+        let (mut array, mut header) = (self.array.clone(), self.header.clone());
+        edit(&mut array[..self.used]);
+        gpt_header::PARTITION_ENTRY_ARRAY_CRC32
+            .set(&mut header, crc32fast::hash(&array[..self.used]));
         let len =
             (gpt_header::HEADER_SIZE.get(&header) as usize).clamp(gpt_header::LEN, header.len());
         let crc = crc32_with_zero_field(&header[..len], gpt_header::HEADER_CRC32);
         gpt_header::HEADER_CRC32.set(&mut header, crc);
-        let written = disk
-            .write_at(&array, at)
-            .and_then(|()| disk.write_at(&header, lba * sector));
-        if let Err(e) = written {
-            if let Some((at, array, header)) = undo.take() {
-                let _ = disk.write_at(&array, at);
-                let _ = disk.write_at(&header, backup_lba * sector);
-                let _ = disk.flush();
-            }
-            return Err(e.into());
-        }
-        undo = Some(original);
+        disk.write_at(&array, self.at)?;
+        disk.write_at(&header, self.lba * sector)?;
+        Ok(())
     }
-    disk.flush()?;
-    Ok(())
+
+    /// Writes this copy back as it was read (best effort: the disk already failed once).
+    fn restore(&self, disk: &dyn BlockDevice, sector: u64) {
+        let _ = disk.write_at(&self.array, self.at);
+        let _ = disk.write_at(&self.header, self.lba * sector);
+    }
 }
 
 /// The GPT header sector at `lba`, checked to be one.

@@ -341,3 +341,28 @@ fn a_gpt_whose_primary_cannot_be_written_keeps_its_backup_as_it_was() {
     let verify = tool("sgdisk", &["-v", p]);
     assert!(verify.contains("No problems found"), "{verify}");
 }
+
+#[test]
+fn a_gpt_whose_entries_fail_their_checksum_is_refused_before_anything_is_written() {
+    use std::os::unix::fs::FileExt;
+    let dir = tempfile::tempdir().unwrap();
+    let path = bios_gpt(dir.path());
+    let size = 2048 * MIB;
+    // One byte of an unused entry of the primary array (LBA 2 on).
+    let f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+    f.write_all_at(&[0x5a], 2 * 512 + 100 * 128).unwrap();
+    let (primary, backup) = (
+        bytes(&path, 0, 34 * 512),
+        bytes(&path, size - 33 * 512, 33 * 512),
+    );
+    let dev = FileDevice::open(&path, true).unwrap();
+    assert!(add_nested(&dev, 512 * MIB, 256 * MIB, Guid([3; 16])).is_err());
+    assert!(
+        bytes(&path, 0, 34 * 512) == primary,
+        "the primary untouched"
+    );
+    assert!(
+        bytes(&path, size - 33 * 512, 33 * 512) == backup,
+        "the backup untouched"
+    );
+}

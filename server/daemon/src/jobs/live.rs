@@ -184,6 +184,8 @@ impl Jobs {
                 if w.keep_old {
                     return Ok(());
                 }
+                // The take-over's reboot gets a wait of its own.
+                let deadline = Instant::now() + Duration::from_secs(u64::from(w.wait_minutes) * 60);
                 self.take_over(id, &again, w.target.disk(), deadline)
             }
             Outcome::RolledBack(done) => {
@@ -217,7 +219,7 @@ impl Jobs {
             }
             TakeOver::Kept(why) => {
                 self.set_live_stage(id, "committed, old system kept");
-                tracing::warn!("not taken over, nothing changed: {why}");
+                tracing::warn!("not taken over: {why}");
             }
         }
         Ok(())

@@ -85,7 +85,10 @@ pub fn finish(
     phase: &dyn Fn(&str),
 ) -> Result<Outcome, LiveDeployError> {
     let not_rebooted = "the machine did not reboot; the live system stays ready for its next boot";
-    let (conn, now) = wait_reboot(old, again, deadline, not_rebooted, phase)?;
+    // The boot the deploy ran in: an agent answering from it again lost its connection (a
+    // network blip, a restarted agent) but the machine did not reboot.
+    let booted = state(&old).ok().and_then(|s| s.boot);
+    let (conn, now) = wait_reboot(old, again, booted, deadline, not_rebooted, phase)?;
     if now.token.as_deref() == Some(token) {
         phase("the new system is up: committing");
         boot::commit(&conn)?;
@@ -96,19 +99,18 @@ pub fn finish(
 }
 
 /// Waits until `deadline` for the machine `old` reaches to reboot (`not_rebooted` says what
-/// it means when it does not) and for its agent to answer again from a new boot; that
-/// connection, and what the agent says.
+/// it means when it does not) and for its agent to answer again from a boot other than
+/// `booted` (the boot id read before the reboot was asked for); that connection, and what the
+/// agent says.
 pub fn wait_reboot(
     old: Connection,
     again: &dyn Redialer,
+    booted: Option<String>,
     deadline: Instant,
     not_rebooted: &'static str,
     phase: &dyn Fn(&str),
 ) -> Result<(Connection, LiveState), LiveDeployError> {
     phase("waiting for the machine to reboot");
-    // The boot the machine is in now: an agent answering from it again lost its connection
-    // (a network blip, a restarted agent) but the machine did not reboot.
-    let booted = state(&old).ok().and_then(|s| s.boot);
     while state(&old).is_ok() {
         if Instant::now() > deadline {
             return Err(LiveDeployError::Timeout(not_rebooted));

@@ -28,13 +28,17 @@ const NORMAL: &str = "/boot/grub/i386-pc/normal.mod";
 /// Bounds on what is copied.
 const MAX_BYTES: u64 = 64 << 20;
 const MAX_FILES: usize = 8192;
-/// GRUB's directory is two levels deep (`i386-pc/`, `locale/`, `fonts/`); a running system
-/// that nests deeper is not GRUB's, and is not followed.
+/// GRUB's directory is two levels deep (`i386-pc/`, `locale/`, `fonts/`); one that nests
+/// deeper is not GRUB's as grub-install makes it, and no kit is made of it.
 const MAX_DEPTH: usize = 4;
+/// Bounds on the terminal lines taken from the running system's menu.
+const MAX_TERMINAL_LINES: usize = 16;
+const MAX_LINE: usize = 256;
 
 /// GRUB's files of the running system.
 pub struct Kit {
-    /// Paths under `/boot/grub`, with their bytes (`None`: a directory) and modes.
+    /// Paths under `/boot/grub`, with their bytes (`None`: a directory) and modes (0755 for
+    /// directories, 0644 for files: nothing of the old system's setuid or writable bits).
     files: Vec<(String, Option<Vec<u8>>, u32)>,
     /// The top-level terminal and timeout lines of its grub.cfg.
     terminal: Vec<String>,
@@ -86,17 +90,17 @@ fn collect(
         .map_err(|e| format!("reading {GRUB}{rel}: {e}"))?;
     for e in entries {
         let name = e.name_lossy();
-        if name == "." || name == ".." || (rel.is_empty() && skipped(&name)) || name.contains('/') {
+        let odd = name.is_empty() || name == "." || name == ".." || name.contains(['/', '\0']);
+        if odd || (rel.is_empty() && skipped(&name)) {
             continue;
         }
         let path = format!("{rel}/{name}");
         if out.len() >= MAX_FILES {
             return Err(format!("{GRUB} holds more than {MAX_FILES} files"));
         }
-        let mode = fs.metadata(e.node).map_err(|e| e.to_string())?.mode;
         match e.kind {
             FileKind::Dir => {
-                out.push((path.clone(), None, mode));
+                out.push((path.clone(), None, 0o755));
                 collect(fs, e.node, &path, depth + 1, out, total)?;
             }
             FileKind::File => {
@@ -107,7 +111,7 @@ fn collect(
                 if *total > MAX_BYTES {
                     return Err(format!("{GRUB} holds more than {MAX_BYTES} bytes"));
                 }
-                out.push((path, Some(bytes), mode));
+                out.push((path, Some(bytes), 0o644));
             }
             _ => {}
         }
@@ -115,10 +119,12 @@ fn collect(
     Ok(())
 }
 
-/// A grub.cfg's top-level terminal and timeout settings (before its first entry).
+/// A grub.cfg's top-level terminal and timeout settings (before its first entry). They are
+/// the running system's, which the copied modules already trust to boot the machine.
 fn terminal_lines(cfg: &str) -> Vec<String> {
     cfg.lines()
         .take_while(|l| !l.starts_with("menuentry") && !l.starts_with("submenu"))
+        .filter(|l| l.len() <= MAX_LINE)
         .filter(|l| {
             [
                 "serial ",
@@ -129,6 +135,7 @@ fn terminal_lines(cfg: &str) -> Vec<String> {
             .iter()
             .any(|p| l.starts_with(p))
         })
+        .take(MAX_TERMINAL_LINES)
         .map(str::to_string)
         .collect()
 }

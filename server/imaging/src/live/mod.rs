@@ -278,7 +278,7 @@ fn write_into(
         None => root,
     };
     let kernel = boot::kernel(&*tree);
-    let (tree, own_loader) = with_own_loader(tree, host.as_deref(), &kernel, &uuid)?;
+    let (tree, own_loader) = with_own_loader(tree, host.as_deref(), &kernel, &uuid);
     let counters = Arc::new(fs::WriteCounters::default());
     let mut ext4 = source.format_options();
     // The window's bad blocks are counted in BLOCK-sized blocks: the writer must use them.
@@ -335,18 +335,24 @@ fn with_own_loader(
     host: Option<&dyn Filesystem>,
     kernel: &boot::Kernel,
     uuid: &str,
-) -> Result<(Arc<dyn Filesystem>, OwnLoader), LiveDeployError> {
+) -> (Arc<dyn Filesystem>, OwnLoader) {
     let kit = match host.map(loader::kit) {
         Some(Ok(kit)) => kit,
-        Some(Err(why)) => return Ok((tree, Err(why))),
+        Some(Err(why)) => return (tree, Err(why)),
         None => {
             let why = "the running system's filesystem cannot be read here".to_string();
-            return Ok((tree, Err(why)));
+            return (tree, Err(why));
         }
     };
     let menu = loader::menu(&kit, kernel, uuid, &loader::system_name(&*tree));
-    let with = loader::add(tree, &kit, menu).map_err(|e| LiveDeployError::Source(e.to_string()))?;
-    Ok((Arc::new(with), Ok(())))
+    match loader::add(Arc::clone(&tree), &kit, menu) {
+        Ok(with) => (Arc::new(with), Ok(())),
+        // The image's /boot or /boot/grub is not a plain directory, say: it deploys as it is.
+        Err(e) => (
+            tree,
+            Err(format!("adding GRUB's files to the new system: {e}")),
+        ),
+    }
 }
 
 /// What a live agent says of itself (the `live` part of its identity).

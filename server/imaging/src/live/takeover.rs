@@ -12,24 +12,31 @@
 //!    filesystem. If it comes up *with* the token, GRUB found the old filesystem by its UUID
 //!    (a core image with an embedded `search`) and booted it through the old menu: the swap
 //!    is undone, and the old system stays the boot host, as after a plain commit.
+//!
+//! A take-over cut short after the swap (the wait ran out) leaves the machine booting the new
+//! system through its own menu; run again from there, it removes the old entry.
 
 use std::time::Instant;
 
 use diskferry_blockdev::BlockDevice;
 use diskferry_partition::nested::{remove_entry, swap_ranges};
 use diskferry_partition::{read_table, Partition, Scheme};
-use diskferry_protocol::{PowerAction, Request};
+use diskferry_protocol::{PowerAction, Request, LIVE_STATE};
 use diskferry_remote::Connection;
 
 use super::flow::{wait_reboot, Redialer};
 use super::{boot, loader, state, LiveDeployError, LiveState};
+
+/// How a committed live system's state file starts (`diskferry_protocol::live_state(true)`).
+const COMMITTED: &str = "set diskferry_committed=1";
 
 /// How a take-over ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum TakeOver {
     /// The new system is partition `partition`; `freed` bytes of the old one's are free.
     Done { partition: u32, freed: u64 },
-    /// Nothing changed; why the old system stays the boot host.
+    /// The partition table is as it was (swapped back, if it was swapped); why the old system
+    /// stays the boot host.
     Kept(String),
 }
 
@@ -53,10 +60,13 @@ fn plan(disk: &std::sync::Arc<dyn BlockDevice>) -> Result<Plan, String> {
         })
         .collect();
     let [(host, nested)] = pairs[..] else {
-        return Err(format!(
-            "the disk has {} partitions nested in others, not the one a live deploy adds",
-            pairs.len()
-        ));
+        return Err(match pairs.len() {
+            0 => "no partition lies inside another: nothing to take over (taken over already?)"
+                .into(),
+            n => format!(
+                "the disk has {n} partitions nested in others, not the one a live deploy adds"
+            ),
+        });
     };
     if table.scheme == Scheme::Mbr && (host.number > 4 || nested.number > 4) {
         return Err(format!(
@@ -68,15 +78,20 @@ fn plan(disk: &std::sync::Arc<dyn BlockDevice>) -> Result<Plan, String> {
         .map_err(|e| e.to_string())
         .and_then(|slice| diskferry_fs::open(std::sync::Arc::new(slice)).map_err(|e| e.to_string()))
         .map_err(|e| format!("reading the live system's filesystem: {e}"))?;
-    let own = fs
-        .lookup("/boot/grub/grub.cfg")
-        .and_then(|n| fs.read_all(n, 4096))
-        .is_ok_and(|b| b.starts_with(loader::HEADER.as_bytes()));
-    if !own {
+    let starts = |path: &str, with: &str| {
+        let mut head = vec![0u8; with.len()];
+        fs.lookup(path)
+            .and_then(|n| fs.read_at(n, 0, &mut head))
+            .is_ok_and(|got| got == head.len() && head == with.as_bytes())
+    };
+    if !starts("/boot/grub/grub.cfg", loader::HEADER) {
         return Err(
             "the live system has no boot loader of its own (it was deployed without the old system's GRUB files)"
                 .into(),
         );
+    }
+    if !starts(&format!("/{LIVE_STATE}"), COMMITTED) {
+        return Err("the live system is not committed: commit it first".into());
     }
     Ok(Plan {
         host: host.clone(),
@@ -94,7 +109,8 @@ fn booted_from(s: &LiveState, uuid: &str) -> bool {
 }
 
 /// Takes `disk` over for the committed live system `conn` reaches (rebooting the machine
-/// once, waiting until `deadline`); `phase` hears where it is.
+/// once, waiting until `deadline`); `phase` hears where it is. Run again after one that was
+/// cut short (the machine then runs the new system through its own menu), it finishes it.
 pub fn take_over(
     conn: Connection,
     again: &dyn Redialer,
@@ -107,24 +123,36 @@ pub fn take_over(
         Ok(p) => p,
         Err(why) => return Ok(TakeOver::Kept(why)),
     };
-    if !booted_from(&state(&conn)?, &plan.uuid) {
+    let now = state(&conn)?;
+    if !booted_from(&now, &plan.uuid) {
         return Ok(TakeOver::Kept(format!(
             "the running system is not the live one (root UUID {}): take over from it",
             plan.uuid
         )));
     }
     let (h, n) = (plan.host.number, plan.nested.number);
+    if now.token.is_none() {
+        // Its own menu started it: the entries were swapped by a take-over cut short, and
+        // `h` holds the old system now.
+        return finish(&dev, &plan, h, n, phase);
+    }
     if let Err(e) = swap_ranges(&*dev, h, n) {
-        return Ok(TakeOver::Kept(format!("swapping entries {h} and {n}: {e}")));
+        return Ok(TakeOver::Kept(format!(
+            "swapping entries {h} and {n}: {e}; the table is as it was"
+        )));
     }
     drop(dev);
     phase(&format!(
         "partition {h} now holds the new system, {n} the old one: rebooting through the new system's own GRUB files"
     ));
-    let swapped_back = |conn: &Connection| -> Result<(), LiveDeployError> {
+    let swapped = |what: String| {
+        LiveDeployError::Boot(format!(
+            "{what}; partition entries {h} and {n} are swapped: the next boot starts the new system through its own GRUB files — once it is up, run the take-over again (diskferry live HOST:PORT --take-over {disk}) to finish it; do not roll back"
+        ))
+    };
+    let swap_back = |conn: &Connection| -> Result<(), LiveDeployError> {
         let dev = again.open_disk(conn, disk)?;
-        swap_ranges(&*dev, h, n)
-            .map_err(|e| LiveDeployError::Boot(format!("swapping entries {h} and {n} back: {e}")))
+        swap_ranges(&*dev, h, n).map_err(|e| swapped(format!("swapping them back: {e}")))
     };
     if let Err(e) = boot::call(
         &conn,
@@ -132,37 +160,41 @@ pub fn take_over(
             action: PowerAction::Reboot,
         },
     ) {
-        swapped_back(&conn)?;
-        return Ok(TakeOver::Kept(format!("cannot reboot the machine: {e}")));
+        swap_back(&conn)?;
+        return Ok(TakeOver::Kept(format!(
+            "cannot reboot the machine ({e}); the entries are swapped back, as they were"
+        )));
     }
-    let (conn, now) = wait_reboot(
-        conn,
-        again,
-        deadline,
-        "the machine did not reboot to take its disk over",
-        phase,
-    )
-    .map_err(|e| {
-        LiveDeployError::Boot(format!(
-            "{e}; partition entries {h} and {n} are swapped (swap them back with sfdisk or sgdisk to boot through the old system's GRUB)"
-        ))
-    })?;
+    let not_rebooted = "the machine did not reboot to take its disk over";
+    let (conn, now) = wait_reboot(conn, again, now.boot, deadline, not_rebooted, phase)
+        .map_err(|e| swapped(e.to_string()))?;
     if now.token.is_none() && booted_from(&now, &plan.uuid) {
         let dev = again.open_disk(&conn, disk)?;
-        remove_entry(&*dev, n).map_err(|e| {
-            LiveDeployError::Boot(format!("removing the old system's entry {n}: {e}"))
-        })?;
-        phase("the new system booted through its own GRUB: the old system's partition is gone");
-        return Ok(TakeOver::Done {
-            partition: h,
-            freed: plan.host.size - plan.nested.size,
-        });
+        return finish(&dev, &plan, n, h, phase);
     }
-    swapped_back(&conn)?;
+    swap_back(&conn)?;
     Ok(TakeOver::Kept(
-        "GRUB did not start the new system from its own files (its core image finds the old filesystem by UUID, not by partition number): the entries are as they were, and the old system stays the boot host"
+        "GRUB did not start the new system from its own files (its core image finds the old filesystem by UUID, not by partition number): the entries are swapped back, as they were, and the old system stays the boot host"
             .into(),
     ))
+}
+
+/// Removes the old system's entry `old` (the new system is `new`): the take-over's end.
+fn finish(
+    dev: &std::sync::Arc<dyn BlockDevice>,
+    plan: &Plan,
+    old: u32,
+    new: u32,
+    phase: &dyn Fn(&str),
+) -> Result<TakeOver, LiveDeployError> {
+    remove_entry(&**dev, old).map_err(|e| {
+        LiveDeployError::Boot(format!("removing the old system's entry {old}: {e}"))
+    })?;
+    phase("the new system booted through its own GRUB: the old system's partition is gone");
+    Ok(TakeOver::Done {
+        partition: new,
+        freed: plan.host.size - plan.nested.size,
+    })
 }
 
 #[cfg(test)]
