@@ -46,9 +46,10 @@ pub use handshake::{Session, SessionOptions};
 #[cfg(feature = "io")]
 pub use key::{KeyError, PublicKey, StaticKey};
 pub use message::{
-    live_state, BlockState, DiskInfo, DiskRun, ErrorCode, Extent, LiveMap, Message, MulticastState,
-    MulticastStatus, PowerAction, Reply, Request, Role, LIVE_ENTRY_ID, LIVE_STATE, LIVE_STATE_SIZE,
-    MAX_IDENTITY, MAX_LIVE_EXTENTS, MAX_LIVE_MENU, MAX_LOAD_OPTION,
+    is_live_committed, live_state, BlockState, DiskInfo, DiskRun, ErrorCode, Extent, LiveMap,
+    Message, MulticastState, MulticastStatus, PowerAction, Reply, Request, Role, LIVE_COMMITTED,
+    LIVE_ENTRY_ID, LIVE_STATE, LIVE_STATE_SIZE, MAX_IDENTITY, MAX_LIVE_EXTENTS, MAX_LIVE_MENU,
+    MAX_LOAD_OPTION,
 };
 
 /// Protocol versions this build speaks (inclusive range).

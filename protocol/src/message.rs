@@ -124,6 +124,14 @@ pub const LIVE_STATE: &str = "etc/diskferry/live.cfg";
 /// The state file's size.
 pub const LIVE_STATE_SIZE: usize = 1024;
 
+/// The first line of a committed state file.
+pub const LIVE_COMMITTED: &str = "set diskferry_committed=1\n";
+
+/// Whether a state file's bytes (or their start) say committed.
+pub fn is_live_committed(state: &[u8]) -> bool {
+    state.starts_with(LIVE_COMMITTED.as_bytes())
+}
+
 /// The state file's content, committed or not: the assignment, then `#` lines to the size.
 pub fn live_state(committed: bool) -> Vec<u8> {
     let mut b = format!("set diskferry_committed={}\n", u8::from(committed)).into_bytes();

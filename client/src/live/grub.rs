@@ -12,7 +12,7 @@ use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
-use diskferry_protocol::{live_state, LIVE_STATE, LIVE_STATE_SIZE};
+use diskferry_protocol::{is_live_committed, live_state, LIVE_STATE, LIVE_STATE_SIZE};
 
 use super::LiveError;
 
@@ -207,7 +207,7 @@ pub fn is_committed(root: &Path) -> bool {
     let mut head = [0u8; 64];
     std::fs::File::open(root.join(LIVE_STATE))
         .and_then(|f| f.read_at(&mut head, 0))
-        .is_ok_and(|n| head[..n].starts_with(b"set diskferry_committed=1\n"))
+        .is_ok_and(|n| is_live_committed(&head[..n]))
 }
 
 /// Marks the running system committed (or not): its state file, made by the deploy, is

@@ -193,7 +193,7 @@ impl Live {
     fn place(&self, served: &[DiskSpec]) -> Result<(device::Holder, String, u32), LiveError> {
         let dir = self.path.parent().unwrap_or(Path::new("/"));
         let block_size = pin::check_filesystem(dir)?;
-        let holder = device::holder(pin::device_of(dir)?, &self.sysfs)?;
+        let holder = self.disk_under(dir)?;
         let name = served_name(served, holder.disk).ok_or_else(|| LiveError::NotServed {
             disk: format!("/dev/{}", holder.disk_name),
         })?;
@@ -286,9 +286,13 @@ impl Live {
             ),
         };
         pin::check_filesystem(&dir).map_err(refuse)?;
-        let dev = pin::device_of(&dir).map_err(refuse)?;
-        device::holder(dev, &self.sysfs).map_err(refuse)?;
+        self.disk_under(&dir).map_err(refuse)?;
         Ok(())
+    }
+
+    /// The disk under the filesystem holding `path` (refused when layered: dm, md).
+    fn disk_under(&self, path: &Path) -> Result<device::Holder, LiveError> {
+        device::holder(pin::device_of(path)?, &self.sysfs)
     }
 
     /// Marks the running system committed (its GRUB entry becomes the default), or not.
@@ -374,10 +378,7 @@ impl Live {
     /// Whether this is a committed live system whose root is on disk `disk`: the one case a
     /// live agent with nothing pinned writes (its partition table).
     fn may_take_over(&self, disk: u64) -> bool {
-        grub::is_committed(&self.root)
-            && pin::device_of(&self.root)
-                .and_then(|dev| device::holder(dev, &self.sysfs))
-                .is_ok_and(|h| h.disk == disk)
+        grub::is_committed(&self.root) && self.disk_under(&self.root).is_ok_and(|h| h.disk == disk)
     }
 }
 

@@ -34,12 +34,7 @@ fn multicast_form(
     html! {
         h2 #multicast { "Deploy to many machines at once (multicast)" }
         form.job method="post" action="/jobs" {
-            input type="hidden" name="csrf" value=(who.csrf());
-            input type="hidden" name="kind" value="multicast";
-            label for="mc-image" { "Capture" }
-            select #mc-image name="image" {
-                @for c in captures { option value=(c.id) { (c.name) } }
-            }
+            (deploy_head(who, "multicast", "mc-image", captures))
             label for="mc-group" { "Group" }
             select #mc-group name="group" {
                 option value="" selected { "— the machines listed below —" }
@@ -68,12 +63,7 @@ fn live_form(
     html! {
         h2 #live { "Deploy into a running Linux system (live)" }
         form.job method="post" action="/jobs" {
-            input type="hidden" name="csrf" value=(who.csrf());
-            input type="hidden" name="kind" value="live";
-            label for="live-image" { "Capture" }
-            select #live-image name="image" {
-                @for c in captures { option value=(c.id) { (c.name) } }
-            }
+            (deploy_head(who, "live", "live-image", captures))
             label for="live-target" { "Disk of a live agent" }
             input #live-target name="target" required placeholder="/dev/sda@192.0.2.10:7700";
             label for="live-size" { "Live file size in MiB (optional)" }
@@ -84,6 +74,24 @@ fn live_form(
             label.check { input type="checkbox" name="live_keep_old" value="1"; " Once committed, keep the old system (no take-over)" }
             button type="submit" { "Deploy live" }
             p.hint { "The machine's agent runs inside its system (diskferry-client --listen … --live). It pins a file of the running system, the capture's Linux root is written into the disk sectors under it, and GRUB starts the new system once at the next boot. When the new system's agent answers, the deploy is committed (GRUB's default from then on); when the old system comes back instead, it is rolled back and left exactly as it was. Once committed, the new system takes the disk over: it reboots once more through GRUB files of its own, and the old system's partition is removed, its space freed (unless you keep the old system). The job shows where it stands: writing, switched, rebooting, committed, taking over, taken over or rolled back." }
+        }
+    }
+}
+
+/// The start every deploy form shares: its token and kind, and the capture to deploy (a
+/// select with id `id`).
+fn deploy_head(
+    who: &Identity,
+    kind: &str,
+    id: &str,
+    captures: &[diskferry_daemon::catalog::CaptureRecord],
+) -> maud::Markup {
+    html! {
+        input type="hidden" name="csrf" value=(who.csrf());
+        input type="hidden" name="kind" value=(kind);
+        label for=(id) { "Capture" }
+        select id=(id) name="image" {
+            @for c in captures { option value=(c.id) { (c.name) } }
         }
     }
 }
@@ -165,12 +173,7 @@ async fn list(
             p.empty { "No captures to deploy yet." }
         } @else {
             form.job method="post" action="/jobs" {
-                input type="hidden" name="csrf" value=(who.csrf());
-                input type="hidden" name="kind" value="deploy";
-                label for="image" { "Capture" }
-                select #image name="image" {
-                    @for c in &captures { option value=(c.id) { (c.name) } }
-                }
+                (deploy_head(&who, "deploy", "image", &captures))
                 label for="target" { "Target disk" }
                 input #target name="target" required placeholder="web-01, /dev/sda@web-01 or /dev/sda@192.0.2.10:7700";
                 (deploy_mode("deploy-mode"))

@@ -21,14 +21,11 @@ use std::time::Instant;
 use diskferry_blockdev::BlockDevice;
 use diskferry_partition::nested::{remove_entry, swap_ranges};
 use diskferry_partition::{read_table, Partition, Scheme};
-use diskferry_protocol::{PowerAction, Request, LIVE_STATE};
+use diskferry_protocol::{PowerAction, Request, LIVE_COMMITTED, LIVE_STATE};
 use diskferry_remote::Connection;
 
 use super::flow::{wait_reboot, Redialer};
 use super::{boot, loader, state, LiveDeployError, LiveState};
-
-/// How a committed live system's state file starts (`diskferry_protocol::live_state(true)`).
-const COMMITTED: &str = "set diskferry_committed=1";
 
 /// How a take-over ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -90,7 +87,7 @@ fn plan(disk: &std::sync::Arc<dyn BlockDevice>) -> Result<Plan, String> {
                 .into(),
         );
     }
-    if !starts(&format!("/{LIVE_STATE}"), COMMITTED) {
+    if !starts(&format!("/{LIVE_STATE}"), LIVE_COMMITTED) {
         return Err("the live system is not committed: commit it first".into());
     }
     Ok(Plan {
