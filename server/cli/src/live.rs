@@ -15,13 +15,10 @@ use clap::Args;
 use diskferry_fs::overlay::Chain;
 use diskferry_imaging::live::flow::{self, Outcome};
 use diskferry_imaging::live::takeover::{self, TakeOver};
-use diskferry_imaging::live::{
-    self, agent::LiveAgent, boot, LiveDeployError, LiveOptions, LiveTarget,
-};
-use diskferry_imaging::source::open_on_connection;
+use diskferry_imaging::live::{self, agent::LiveAgent, boot, LiveOptions, LiveTarget};
 use diskferry_imaging::source::SourceSpec;
-use diskferry_protocol::{PowerAction, Reply, Request, SessionOptions, StaticKey};
-use diskferry_remote::{Connection, DialAddr};
+use diskferry_protocol::{PowerAction, Reply, Request, StaticKey};
+use diskferry_remote::Connection;
 
 use crate::deploy::DeployArgs;
 use crate::{human_bytes, progress_for, ConnArgs};
@@ -118,13 +115,15 @@ pub(crate) fn deploy(args: &DeployArgs, target: &str) -> Result<()> {
         transform: Chain::of(args.custom.transform(&image)?, Some(Arc::new(agent))),
         disk: Some(disk),
     };
+    let again = flow::Listening {
+        rt: rt.handle(),
+        addr: &addr,
+        session: &session,
+    };
     let target = LiveTarget {
         rt: rt.handle(),
         conn: &conn,
-        redial: Arc::new(DialAddr {
-            addr: addr.clone(),
-            session: session.clone(),
-        }),
+        redial: again.redial(),
         reconnect: args.conn.reconnect().into(),
     };
     let progress = progress_for(args.progress);
@@ -140,11 +139,6 @@ pub(crate) fn deploy(args: &DeployArgs, target: &str) -> Result<()> {
     let Some(minutes) = args.live.live_wait else {
         eprintln!("reboot the machine; once the new system is up: diskferry live {addr} --commit (or --rollback)");
         return Ok(());
-    };
-    let again = Again {
-        rt: &rt,
-        addr: &addr,
-        session: &session,
     };
     let deadline = Instant::now() + Duration::from_secs(minutes * 60);
     let phase = |what: &str| eprintln!("{what}");
@@ -186,40 +180,6 @@ fn report(d: &flow::Deployed) {
     eprintln!("GRUB starts it once at the next boot; the running system is unchanged and stays the default until it is committed");
     if let Err(why) = &written.own_loader {
         eprintln!("the new system got no boot loader of its own, so it cannot take the disk over once committed: {why}");
-    }
-}
-
-/// The machine's agent at a listening address, dialled again.
-struct Again<'a> {
-    rt: &'a tokio::runtime::Runtime,
-    addr: &'a str,
-    session: &'a SessionOptions,
-}
-
-impl flow::Redialer for Again<'_> {
-    fn connect(&self) -> Option<Connection> {
-        self.rt
-            .block_on(Connection::connect(self.addr, self.session))
-            .ok()
-    }
-
-    fn open_disk(
-        &self,
-        conn: &Connection,
-        disk: &str,
-    ) -> Result<Arc<dyn diskferry_blockdev::BlockDevice>, LiveDeployError> {
-        let redial = Arc::new(DialAddr {
-            addr: self.addr.to_string(),
-            session: self.session.clone(),
-        });
-        Ok(open_on_connection(
-            self.rt.handle(),
-            conn,
-            disk,
-            true,
-            redial,
-            Duration::from_secs(30),
-        )?)
     }
 }
 
@@ -275,8 +235,8 @@ pub(crate) fn run(args: &LiveCommandArgs) -> Result<()> {
         .block_on(Connection::connect(&args.addr, &session))
         .with_context(|| format!("cannot reach the agent at {}", args.addr))?;
     let state = live::state(&conn)?;
-    let again = Again {
-        rt: &rt,
+    let again = flow::Listening {
+        rt: rt.handle(),
         addr: &args.addr,
         session: &session,
     };
@@ -310,7 +270,12 @@ pub(crate) fn run(args: &LiveCommandArgs) -> Result<()> {
 }
 
 /// Has the committed live system `conn` reaches take `disk` over, and says how it went.
-fn take_over(conn: Connection, again: &Again<'_>, disk: &str, deadline: Instant) -> Result<()> {
+fn take_over(
+    conn: Connection,
+    again: &flow::Listening<'_>,
+    disk: &str,
+    deadline: Instant,
+) -> Result<()> {
     let phase = |what: &str| eprintln!("{what}");
     match takeover::take_over(conn, again, disk, deadline, &phase)? {
         TakeOver::Done { partition, freed } => {

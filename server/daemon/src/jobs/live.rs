@@ -25,7 +25,7 @@ use diskferry_imaging::live::takeover::{self, TakeOver};
 use diskferry_imaging::live::{self, LiveDeployError, LiveOptions, LiveTarget};
 use diskferry_imaging::source::open_on_connection;
 use diskferry_protocol::PowerAction;
-use diskferry_remote::{Connection, DialAddr, Redial};
+use diskferry_remote::{Connection, Redial};
 
 use super::{transform_for, JobDisk, JobError, JobRequest, Jobs, RunError};
 use crate::agents::{AgentRedial, Agents};
@@ -72,12 +72,18 @@ struct Again<'a> {
 }
 
 impl Again<'_> {
+    /// The listening agent, as the CLI reaches one.
+    fn listening<'s>(&'s self, addr: &'s str) -> flow::Listening<'s> {
+        flow::Listening {
+            rt: self.rt,
+            addr,
+            session: self.session,
+        }
+    }
+
     fn redial(&self) -> Arc<dyn Redial> {
         match self.target {
-            JobDisk::Listening { addr, .. } => Arc::new(DialAddr {
-                addr: addr.clone(),
-                session: self.session.clone(),
-            }),
+            JobDisk::Listening { addr, .. } => self.listening(addr).redial(),
             JobDisk::Machine { id, label, .. } => Arc::new(AgentRedial {
                 agents: Arc::clone(self.agents),
                 machine_id: *id,
@@ -90,10 +96,7 @@ impl Again<'_> {
 impl Redialer for Again<'_> {
     fn connect(&self) -> Option<Connection> {
         match self.target {
-            JobDisk::Listening { addr, .. } => self
-                .rt
-                .block_on(Connection::connect(addr, self.session))
-                .ok(),
+            JobDisk::Listening { addr, .. } => self.listening(addr).connect(),
             JobDisk::Machine { id, .. } => self.agents.approved_link(*id).map(|l| l.connection),
         }
     }

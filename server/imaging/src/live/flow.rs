@@ -71,6 +71,46 @@ pub trait Redialer {
     ) -> Result<Arc<dyn BlockDevice>, LiveDeployError>;
 }
 
+/// A listening agent, dialled again at its address (with a session of `session`).
+pub struct Listening<'a> {
+    pub rt: &'a tokio::runtime::Handle,
+    pub addr: &'a str,
+    pub session: &'a diskferry_protocol::SessionOptions,
+}
+
+impl Listening<'_> {
+    /// How a disk opened on it reconnects.
+    pub fn redial(&self) -> Arc<dyn diskferry_remote::Redial> {
+        Arc::new(diskferry_remote::DialAddr {
+            addr: self.addr.to_string(),
+            session: self.session.clone(),
+        })
+    }
+}
+
+impl Redialer for Listening<'_> {
+    fn connect(&self) -> Option<Connection> {
+        self.rt
+            .block_on(Connection::connect(self.addr, self.session))
+            .ok()
+    }
+
+    fn open_disk(
+        &self,
+        conn: &Connection,
+        disk: &str,
+    ) -> Result<Arc<dyn BlockDevice>, LiveDeployError> {
+        Ok(crate::source::open_on_connection(
+            self.rt,
+            conn,
+            disk,
+            true,
+            self.redial(),
+            Duration::from_secs(30),
+        )?)
+    }
+}
+
 /// How often the machine is asked while waiting.
 const POLL: Duration = Duration::from_secs(2);
 
